@@ -1,0 +1,1 @@
+"""One inference engine: paged KV cache, prefix cache, continuous batching, chunked prefill."""

@@ -1,0 +1,50 @@
+"""Greedy / temperature / top-k / top-p sampling with per-request seeds.
+
+A seeded request draws each token from a generator seeded by (seed, output index), so its output does not
+depend on what else is in the batch or on preemption and recompute.
+"""
+from __future__ import annotations
+
+import torch
+
+from disagg.protocol import SamplingParams
+
+_MASK64 = (1 << 63) - 1
+
+
+def _token_seed(seed: int, index: int) -> int:
+    return (seed * 6364136223846793005 + index * 1442695040888963407 + 1) & _MASK64
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
+           generator: torch.Generator | None = None) -> list[int]:
+    """One token per row of `logits` [B, V]; `output_indices[i]` is how many tokens row i has generated so far."""
+    tokens = logits.argmax(dim=-1)
+    stochastic = [i for i, p in enumerate(params) if not p.greedy]
+    if not stochastic:
+        return tokens.tolist()
+    rows = logits[stochastic].float()
+    temps = torch.tensor([params[i].temperature for i in stochastic], dtype=torch.float32, device=rows.device)
+    rows = rows / temps[:, None]
+    top_ks = [params[i].top_k for i in stochastic]
+    if any(k > 0 for k in top_ks):
+        vocab = rows.shape[-1]
+        k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks], device=rows.device)
+        kth = torch.sort(rows, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+        rows = rows.masked_fill(rows < kth, float("-inf"))
+    top_ps = torch.tensor([params[i].top_p for i in stochastic], dtype=torch.float32, device=rows.device)
+    if bool((top_ps < 1).any()):
+        sorted_logits, order = torch.sort(rows, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the mass strictly before it already reaches top_p (the first token always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= top_ps[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        rows = torch.full_like(rows, float("-inf")).scatter(1, order, sorted_logits)
+    probs = torch.softmax(rows, dim=-1).cpu()
+    for j, i in enumerate(stochastic):
+        seed = params[i].seed
+        gen = generator
+        if seed is not None:
+            gen = torch.Generator().manual_seed(_token_seed(seed, output_indices[i]))
+        tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen))
+    return tokens.tolist()

@@ -1,0 +1,66 @@
+"""Per-request state inside one engine."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from disagg.protocol import SamplingParams, hash_block_tokens
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    block_size: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    token_ids: list[int] = field(init=False)
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks of token_ids
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    first_token_time: float | None = None
+    # incremental detokenization state (engine-owned)
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+    num_emitted_tokens: int = 0
+    num_emitted_chars: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        self.prefix_offset = self.read_offset = len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def update_block_hashes(self) -> None:
+        """Extend `block_hashes` to cover every full block of token_ids."""
+        bs = self.block_size
+        for i in range(len(self.block_hashes), self.num_tokens // bs):
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            self.block_hashes.append(hash_block_tokens(parent, self.token_ids[i * bs:(i + 1) * bs]))

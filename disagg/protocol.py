@@ -1,0 +1,157 @@
+"""Wire-level types shared by workers, router and bench.
+
+Everything that crosses a process boundary is a dataclass here with an explicit msgpack schema
+(`to_wire` / `from_wire`): field names are checked, nothing is pickled.  The block-hash function lives
+here too, because workers, router and bench must agree on it bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import msgpack
+
+# ---------------------------------------------------------------------------------------------- block hashing
+_ROOT_PARENT = b"disagg-root-v1\x00\x00"
+
+
+def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
+    """Chained content hash of one KV block: hash(parent block's hash, this block's token ids).
+
+    Deterministic across processes and machines (blake2b, not Python's salted `hash`), 64-bit unsigned so it
+    fits msgpack's uint64 and a numpy/torch int column.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(_ROOT_PARENT if parent_hash is None else parent_hash.to_bytes(8, "little"))
+    h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))
+    return int.from_bytes(h.digest(), "little")
+
+
+def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, parent_hash: int | None = None) -> list[int]:
+    """Hashes of every *full* block of `token_ids`; a trailing partial block has no hash."""
+    hashes: list[int] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent_hash = hash_block_tokens(parent_hash, token_ids[start:start + block_size])
+        hashes.append(parent_hash)
+    return hashes
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (OpenAI names where they exist). Validated on construction."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1: disabled
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens > 0,
+             f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
+            (_is_number(self.temperature) and self.temperature >= 0,
+             f"temperature must be >= 0, got {self.temperature!r}"),
+            (_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+             f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}"),
+            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
+            (all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids must be integers"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown sampling parameters: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# ---------------------------------------------------------------------------------------------- messages
+class WireMessage:
+    """Mixin: a dataclass that travels as a msgpack map with a `type` tag and exactly its own fields."""
+
+    TYPE: ClassVar[str]
+
+    def to_wire(self) -> bytes:
+        body = {f.name: _encode_field(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        body["type"] = self.TYPE
+        return msgpack.packb(body, use_bin_type=True)
+
+    @classmethod
+    def from_wire(cls, payload: bytes):
+        data = msgpack.unpackb(payload, raw=False)
+        if not isinstance(data, dict) or data.pop("type", None) != cls.TYPE:
+            raise ValueError(f"not a {cls.__name__} message")
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        if set(data) != names:
+            raise ValueError(f"{cls.__name__}: fields {sorted(set(data) ^ names)} missing or unexpected")
+        if "sampling" in data:
+            data["sampling"] = SamplingParams.from_dict(data["sampling"])
+        return cls(**data)
+
+
+def _encode_field(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value
+
+
+@dataclass
+class Request(WireMessage):
+    """A tokenized generation request as the router hands it to a worker."""
+
+    TYPE: ClassVar[str] = "request"
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class TokenDelta(WireMessage):
+    """New output of one request since the last delta; `finish_reason` is set on the last one."""
+
+    TYPE: ClassVar[str] = "token_delta"
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class KVEvent(WireMessage):
+    """A change in which blocks a worker holds. `stored` lists hashes in chain order with their parent."""
+
+    TYPE: ClassVar[str] = "kv_event"
+    kind: str  # "stored" | "removed" | "cleared"
+    block_hashes: list[int]
+    parent_hash: int | None = None
+    tier: str = "device"
