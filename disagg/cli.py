@@ -1,0 +1,60 @@
+"""`disagg` command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from disagg.config import EngineConfig
+    from disagg.engine.engine import LLMEngine
+    from disagg.protocol import SamplingParams
+
+    t0 = time.perf_counter()
+    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, max_model_len=args.max_model_len))
+    print(f"loaded {engine.config.model} on {engine.device} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    prompts = []
+    for text in args.prompt:
+        if args.raw or engine.tokenizer is None or not engine.tokenizer.chat_template:
+            prompts.append(text)
+        else:
+            prompts.append(engine.tokenizer.encode_chat([{"role": "user", "content": text}]))
+    t0 = time.perf_counter()
+    results = engine.generate(prompts, sampling)
+    elapsed = time.perf_counter() - t0
+    total = sum(len(r.token_ids) for r in results)
+    for text, r in zip(args.prompt, results):
+        print(f">>> {text}\n{r.text}\n[{len(r.token_ids)} tokens, finish={r.finish_reason}, "
+              f"ttft={r.ttft_s * 1000:.0f} ms]")
+    print(f"{total} tokens in {elapsed:.2f}s = {total / elapsed:.1f} tokens/s "
+          f"({len(results)} request(s) batched)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disagg", description="Disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate completions locally with one engine")
+    gen.add_argument("prompt", nargs="+", help="prompt text (several prompts are batched together)")
+    gen.add_argument("--model", default="", help="HF-format model directory (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--device", default="auto")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--max-model-len", type=int, default=2048)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
+    gen.set_defaults(func=_generate)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

