@@ -19,6 +19,7 @@ class EngineConfig:
     max_model_len: int = 2048  # prompt + output tokens; capped by the model's max_position_embeddings
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    kv_lease_timeout_s: float = 30.0  # prefill role: held blocks are freed if no reader shows up in time
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

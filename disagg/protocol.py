@@ -155,3 +155,20 @@ class KVEvent(WireMessage):
     block_hashes: list[int]
     parent_hash: int | None = None
     tier: str = "device"
+
+
+@dataclass
+class PrefillResult(WireMessage):
+    """What a prefill worker hands the decode side: where the request's KV blocks are and the first token.
+
+    The blocks stay held on the prefill worker until the decode side's read completes (its NIXL notification
+    names `request_id`) or the lease runs out.
+    """
+
+    TYPE: ClassVar[str] = "prefill_result"
+    request_id: str
+    agent_name: str
+    block_ids: list[int]
+    num_prompt_tokens: int
+    first_token: int
+    finish_reason: str | None = None

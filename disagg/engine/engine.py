@@ -10,13 +10,14 @@ import torch
 
 from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool
+from disagg.engine.handoff import ImportPlan, LeaseTable, plan_import
 from disagg.engine.kv_cache import bytes_per_block
 from disagg.engine.model import ModelConfig
 from disagg.engine.runner import ModelRunner
 from disagg.engine.scheduler import Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer
-from disagg.protocol import KVEvent, SamplingParams, TokenDelta
+from disagg.protocol import KVEvent, PrefillResult, SamplingParams, TokenDelta
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,12 +73,24 @@ class LLMEngine:
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
+        self.leases = LeaseTable(self.pool, config.kv_lease_timeout_s)  # prefill role: blocks awaiting a reader
+        self.importing: dict[str, Sequence] = {}  # decode role: prompts whose KV is being read from a peer
         self.stats = EngineStats()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt: str | list[int],
-                    sampling: SamplingParams | dict | None = None) -> None:
-        """Validate and queue a request. Bad input raises ValueError and leaves the engine untouched."""
+                    sampling: SamplingParams | dict | None = None, hold_kv: bool = False) -> None:
+        """Validate and queue a request. Bad input raises ValueError and leaves the engine untouched.
+
+        hold_kv (prefill role): when the request finishes, its blocks are leased for a decode worker to read.
+        """
+        seq = self._new_sequence(request_id, prompt, sampling)
+        seq.hold_kv = hold_kv
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request_id: str, prompt: str | list[int],
+                      sampling: SamplingParams | dict | None) -> Sequence:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(sampling, dict):
@@ -96,9 +109,7 @@ class LLMEngine:
                              f"(prompt + at least one generated token)")
         if sampling.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
-        seq = Sequence(request_id, token_ids, sampling, self.config.block_size)
-        self.seqs[request_id] = seq
-        self.scheduler.add(seq)
+        return Sequence(request_id, token_ids, sampling, self.config.block_size)
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -113,8 +124,54 @@ class LLMEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
+        if self.importing.pop(request_id, None) is not None:
+            self.pool.free(seq.block_ids)
+            seq.block_ids = []
         self.scheduler.finish(seq, "abort")
         return True
+
+    # ------------------------------------------------------------------ prefill role
+    def prefill_result(self, request_id: str, agent_name: str, first_token: int,
+                       finish_reason: str | None) -> PrefillResult:
+        """Describe a finished hold_kv request's leased blocks for the decode side."""
+        lease = self.leases.leases[request_id]
+        return PrefillResult(request_id=request_id, agent_name=agent_name, block_ids=list(lease.block_ids),
+                             num_prompt_tokens=lease.num_tokens, first_token=first_token,
+                             finish_reason=finish_reason)
+
+    # ------------------------------------------------------------------ decode role
+    def import_remote(self, request_id: str, prompt: list[int], sampling: SamplingParams | dict | None,
+                      result: PrefillResult) -> ImportPlan:
+        """Reserve blocks for a remotely prefilled prompt; the caller reads `plan.remote_blocks` into
+        `plan.local_blocks`, then calls commit_import (or abort_import). Raises NoFreeBlocksError if short."""
+        seq = self._new_sequence(request_id, prompt, sampling)
+        if result.num_prompt_tokens != seq.num_prompt_tokens:
+            raise ValueError("prefill result does not match the prompt")
+        plan = plan_import(seq, self.pool, result.block_ids)
+        self.scheduler.stats.prefix_query_tokens += seq.num_prompt_tokens
+        self.scheduler.stats.prefix_hit_tokens += seq.num_cached_tokens
+        seq.token_ids.append(result.first_token)
+        self.seqs[request_id] = seq
+        self.importing[request_id] = seq
+        return plan
+
+    def commit_import(self, request_id: str) -> TokenDelta:
+        """The KV has landed: the sequence joins the batch and its first token (from prefill) is emitted."""
+        seq = self.importing.pop(request_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.first_token_time = time.monotonic()
+        self.scheduler.add_computed(seq)
+        self.stats.generated_tokens += 1
+        return self._process_token(seq, seq.token_ids[-1])
+
+    def abort_import(self, request_id: str) -> None:
+        """The read failed: drop the reserved blocks and prefill locally instead (recompute)."""
+        seq = self.importing.pop(request_id)
+        self.pool.free(seq.block_ids)
+        seq.block_ids, seq.num_computed_tokens, seq.num_registered_blocks = [], 0, 0
+        seq.num_cached_tokens = 0
+        del seq.token_ids[seq.num_prompt_tokens:]
+        self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -159,6 +216,9 @@ class LLMEngine:
                     seq.text = seq.text[:cut]
                     reason = "stop"
         if reason is not None:
+            if seq.hold_kv:
+                self.leases.hold(seq.request_id, seq.block_ids, seq.num_prompt_tokens)
+                seq.block_ids = []
             self.scheduler.finish(seq, reason)
             del self.seqs[seq.request_id]
         # Hold back text that could be the start of a stop string until it is decided.

@@ -48,6 +48,12 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_computed(self, seq: Sequence) -> None:
+        """Queue a sequence whose prompt KV is already in its blocks (imported): it resumes at the head."""
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.register_full_blocks(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -134,9 +140,9 @@ class Scheduler:
         """Advance computed counts and offer newly full blocks to the prefix cache."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            self._register_full_blocks(seq)
+            self.register_full_blocks(seq)
 
-    def _register_full_blocks(self, seq: Sequence) -> None:
+    def register_full_blocks(self, seq: Sequence) -> None:
         full = seq.num_computed_tokens // self.block_size
         if full <= seq.num_registered_blocks:
             return

@@ -31,6 +31,7 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     first_token_time: float | None = None
+    hold_kv: bool = False  # prefill role: keep the blocks (leased) when finished, for the decode side to read
     # incremental detokenization state (engine-owned)
     text: str = ""
     prefix_offset: int = 0

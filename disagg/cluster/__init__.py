@@ -1,0 +1,1 @@
+"""Ray shells around the engine: worker actors, the client-side coordinator, cluster launch."""

@@ -1,0 +1,1 @@
+"""Moving KV blocks between workers: the KVTransport interface and its NIXL implementation."""

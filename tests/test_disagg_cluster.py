@@ -1,0 +1,156 @@
+"""Prefill and decode workers as real Ray actors moving KV over real NIXL agents (UCX, DRAM, loopback)."""
+import asyncio
+import time
+
+import pytest
+import ray
+
+from disagg.cluster.actors import DecodeWorker, PrefillWorker
+from disagg.cluster.launch import ClusterConfig, LocalCluster
+from disagg.config import EngineConfig
+from disagg.engine.engine import LLMEngine
+from disagg.protocol import PrefillResult, Request, SamplingParams, TokenDelta
+
+BLOCK = 16
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def engine_cfg(tiny_llama_dir):
+    return dict(model=str(tiny_llama_dir), num_blocks=96, block_size=BLOCK, num_threads=1, max_model_len=512)
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, engine_cfg):
+    c = LocalCluster(ClusterConfig(num_prefill=1, num_decode=1, engine=engine_cfg, transfer_timeout_s=5))
+    yield c
+    c.shutdown()
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def _wait_for(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _all_blocks_free(cluster):
+    return all(s["free_blocks"] == s["num_blocks"] and s["leases"] == 0 for s in cluster.stats())
+
+
+def test_disaggregated_output_equals_aggregated_engine(cluster, engine_cfg):
+    shared = list(range(100, 148))  # 3 shared blocks
+    prompts = [shared + list(range(3, 3 + n)) for n in (1, 9, 20, 40)] + [list(range(200, 205)), list(range(7, 70))]
+    sampling = [GREEDY, GREEDY, SamplingParams(max_tokens=8, temperature=0.8, seed=7, ignore_eos=True)] + [GREEDY] * 3
+    reference = LLMEngine(EngineConfig(**engine_cfg)).generate(prompts, sampling)
+
+    async def go():
+        return await asyncio.gather(*[cluster.client.complete(Request(f"eq-{i}", p, s))
+                                      for i, (p, s) in enumerate(zip(prompts, sampling))])
+    results = _run(go())
+    assert [r[0] for r in results] == [r.token_ids for r in reference]
+    assert _wait_for(lambda: _all_blocks_free(cluster))
+    prefill, decode = cluster.stats()
+    assert decode["reads"] > 0 and decode["transfer_failures"] == 0 and prefill["leases_expired"] == 0
+
+
+def test_decode_reads_only_the_blocks_it_lacks(cluster):
+    block_bytes = ray.get(cluster.decode[0].kv_block_bytes.remote())
+    prefix = list(range(300, 300 + 4 * BLOCK))  # 4 full blocks
+
+    def bytes_read():
+        return cluster.stats()[1]["bytes_read"]
+
+    before = bytes_read()
+    _run(cluster.client.complete(Request("bytes-1", prefix + [1, 2, 3], GREEDY)))
+    assert bytes_read() - before == 5 * block_bytes  # nothing cached yet: 4 full blocks + the partial one
+    before = bytes_read()
+    _run(cluster.client.complete(Request("bytes-2", prefix + list(range(20, 40)), GREEDY)))
+    # 4 prefix blocks are in the decode worker's prefix cache now: only the 2 blocks of the new tail move
+    assert bytes_read() - before == 2 * block_bytes
+    assert cluster.stats()[1]["prefix_hit_tokens"] >= 4 * BLOCK
+    assert _wait_for(lambda: _all_blocks_free(cluster))
+
+
+def _stream(decode, request, prefill_bytes):
+    async def go():
+        tokens = []
+        async for ref in decode.generate.remote(request.to_wire(), prefill_bytes):
+            tokens += TokenDelta.from_wire(await ref).token_ids
+        return tokens
+    return _run(go())
+
+
+def test_read_error_falls_back_to_recompute_and_frees_everything(cluster, engine_cfg):
+    prompt = list(range(400, 450))
+    expected = LLMEngine(EngineConfig(**engine_cfg)).generate([prompt], GREEDY)[0].token_ids
+    request = Request("bad-read", prompt, GREEDY)
+    result = PrefillResult.from_wire(ray.get(cluster.prefill[0].prefill.remote(request.to_wire())))
+    assert cluster.stats()[0]["leases"] == 1
+    result.block_ids = [10_000 + b for b in result.block_ids]  # addresses outside the peer's registered cache
+    failures = cluster.stats()[1]["transfer_failures"]
+    assert _stream(cluster.decode[0], request, result.to_wire()) == expected
+    assert cluster.stats()[1]["transfer_failures"] == failures + 1
+    assert ray.get(cluster.prefill[0].release.remote("bad-read"))  # the coordinator's cleanup path
+    assert _wait_for(lambda: _all_blocks_free(cluster))
+
+
+def test_killed_prefill_peer_falls_back_to_recompute(ray_session, cluster, engine_cfg):
+    doomed = PrefillWorker.remote("prefill-doomed", engine_cfg, 3.0)
+    ray.get(doomed.ready.remote())
+    ray.get(cluster.decode[0].add_peer.remote(ray.get(doomed.layout.remote())))
+    prompt = list(range(450, 490))
+    expected = LLMEngine(EngineConfig(**engine_cfg)).generate([prompt], GREEDY)[0].token_ids
+    request = Request("dead-peer", prompt, GREEDY)
+    result = ray.get(doomed.prefill.remote(request.to_wire()))
+    ray.kill(doomed)
+    time.sleep(0.5)
+    assert _stream(cluster.decode[0], request, result) == expected
+    assert cluster.stats()[1]["transfer_failures"] >= 1
+    assert _wait_for(lambda: _all_blocks_free(cluster))
+
+
+def test_lease_expires_when_no_reader_comes(ray_session, engine_cfg):
+    worker = PrefillWorker.remote("prefill-lease", {**engine_cfg, "kv_lease_timeout_s": 0.5}, 3.0)
+    ray.get(worker.prefill.remote(Request("orphan", list(range(10, 50)), GREEDY).to_wire()))
+    assert ray.get(worker.stats.remote())["leases"] == 1
+    assert _wait_for(lambda: ray.get(worker.stats.remote())["leases_expired"] == 1, timeout=5)
+    stats = ray.get(worker.stats.remote())
+    assert stats["free_blocks"] == stats["num_blocks"]
+    ray.kill(worker)
+
+
+def test_cancel_mid_stream_frees_blocks_on_both_workers(cluster):
+    async def go():
+        stream = cluster.client.generate(Request("cancel-me", list(range(460, 500)),
+                                                 SamplingParams(max_tokens=400, temperature=0, ignore_eos=True)))
+        got = 0
+        async for delta in stream:
+            got += len(delta.token_ids)
+            if got >= 3:
+                break
+        await stream.aclose()
+        return got
+    assert _run(go()) == 3
+    assert _wait_for(lambda: _all_blocks_free(cluster))
+    assert cluster.stats()[1]["running"] == 0
+
+
+def test_bad_request_is_rejected_and_workers_keep_serving(cluster):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        _run(cluster.client.complete(Request("empty", [], GREEDY)))
+    tokens, _, reason = _run(cluster.client.complete(Request("after-bad", [5, 6, 7], GREEDY)))
+    assert len(tokens) == 12 and reason == "length"
