@@ -16,29 +16,29 @@ def test_paired_runs_merge_only_when_both_sides_are_consecutive():
 
 
 def test_plan_regions_cover_exactly_the_requested_blocks_in_every_layer():
-    src_kv = torch.arange(3 * 8 * 2 * 4, dtype=torch.float32).view(3, 8, 2, 4)
-    dst_kv = torch.zeros(3, 6, 2, 4)
+    src_kv = torch.arange(8 * 3 * 2 * 4, dtype=torch.float32).view(8, 3, 2, 4)  # [blocks, layers, 2, ...]
+    dst_kv = torch.zeros(6, 3, 2, 4)
     src = KVLayout.of(src_kv, "p", b"")
     dst = KVLayout.of(dst_kv, "d", b"")
     src_ids, dst_ids = [1, 2, 5], [0, 1, 4]
     a, b = plan_regions(src, dst, src_ids, dst_ids)
-    assert len(a) == len(b) == 3 * 2  # 2 runs per layer
+    assert len(a) == len(b) == 2  # two runs, each covering every layer
     assert [n for _, n in a] == [n for _, n in b]
     # emulate the copy with the planned addresses and check it against tensor indexing
     src_bytes = src_kv.view(torch.uint8).flatten()
     dst_bytes = dst_kv.view(torch.uint8).flatten()
     for (sa, n), (da, _) in zip(a, b):
         dst_bytes[da - dst.base_addr:da - dst.base_addr + n] = src_bytes[sa - src.base_addr:sa - src.base_addr + n]
-    assert torch.equal(dst_kv[:, dst_ids], src_kv[:, src_ids])
-    assert dst_kv[:, [2, 3, 5]].abs().sum() == 0
+    assert torch.equal(dst_kv[dst_ids], src_kv[src_ids])
+    assert dst_kv[[2, 3, 5]].abs().sum() == 0
 
 
 def test_plan_regions_rejects_out_of_range_and_mismatched_layouts():
-    src = KVLayout.of(torch.zeros(2, 4, 8), "p", b"")
+    src = KVLayout.of(torch.zeros(4, 2, 8), "p", b"")
     with pytest.raises(TransferError, match="out of range"):
         plan_regions(src, src, [4], [0])
     with pytest.raises(TransferError, match="different KV layouts"):
-        plan_regions(src, KVLayout.of(torch.zeros(3, 4, 8), "d", b""), [0], [0])
+        plan_regions(src, KVLayout.of(torch.zeros(4, 3, 8), "d", b""), [0], [0])
 
 
 def test_layout_roundtrips_through_msgpack():

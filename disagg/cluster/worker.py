@@ -48,7 +48,8 @@ class EngineWorker:
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{config.name}")
         self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
         self._loop_task: asyncio.Task | None = None
-        self.counters = {"transfer_failures": 0, "fallback_no_blocks": 0, "reads": 0, "local_only_imports": 0}
+        self.counters = {"transfer_failures": 0, "fallback_no_blocks": 0, "reads": 0, "local_only_imports": 0,
+                         "read_seconds": 0.0}
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
@@ -162,13 +163,15 @@ class EngineWorker:
         self._queues[rid].put_nowait(delta)
 
     async def _read(self, peer: str, remote: list[int], local: list[int], request_id: str) -> None:
+        start = time.monotonic()
         handle = await self._call(self.transport.read, peer, remote, local, request_id.encode())
         self.counters["reads"] += 1
-        deadline = time.monotonic() + self.config.transfer_timeout_s
+        deadline = start + self.config.transfer_timeout_s
         try:
             while True:
                 state = await self._call(self.transport.poll, handle)
                 if state == TransferState.DONE:
+                    self.counters["read_seconds"] += time.monotonic() - start
                     return
                 if state == TransferState.FAILED:
                     raise TransferError(f"read from {peer} failed")
@@ -191,5 +194,4 @@ class EngineWorker:
         return await self._call(collect)
 
     async def kv_block_bytes(self) -> int:
-        layout = self.transport.layout()
-        return layout.block_bytes * layout.num_layers
+        return self.transport.layout().block_bytes

@@ -164,11 +164,11 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [T, hidden] for the flattened batch; kv_cache is [layers, blocks, 2, BS, KVH, D]."""
+        """Hidden states [T, hidden] for the flattened batch; kv_cache is [blocks, layers, 2, BS, KVH, D]."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_cache[i], meta)
+            x = layer(x, cos, sin, kv_cache[:, i], meta)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,9 @@
 """KVTransport: how a decode worker reads KV blocks out of a prefill worker's cache.
 
-The cache tensor is [layers, blocks, 2, block_size, kv_heads, head_dim], so one (layer, block) - K and V - is one
-contiguous region of `block_bytes`, and consecutive block ids in a layer are adjacent.  `plan_regions` turns a
+The cache tensor is [blocks, layers, 2, block_size, kv_heads, head_dim], so one block - K and V of every layer -
+is one contiguous region of `block_bytes`, and consecutive block ids are adjacent.  `plan_regions` turns a
 (remote ids -> local ids) mapping into paired (address, length) regions, merging runs that are consecutive on
-both sides: one descriptor per layer per run, not per block.
+both sides: one descriptor per run of blocks.
 """
 from __future__ import annotations
 
@@ -37,22 +37,17 @@ class KVLayout(WireMessage):
     base_addr: int
     num_layers: int
     num_blocks: int
-    block_bytes: int  # one (layer, block): K and V
+    block_bytes: int  # one block: K and V of every layer
     mem_type: str  # "DRAM" | "VRAM"
     device_id: int
-
-    @property
-    def layer_stride(self) -> int:
-        return self.num_blocks * self.block_bytes
 
     @classmethod
     def of(cls, kv: torch.Tensor, agent_name: str, agent_metadata: bytes) -> "KVLayout":
         if not kv.is_contiguous():
             raise ValueError("the KV cache must be one contiguous tensor")
-        num_layers, num_blocks = kv.shape[0], kv.shape[1]
+        num_blocks, num_layers = kv.shape[0], kv.shape[1]
         return cls(agent_name=agent_name, agent_metadata=agent_metadata, base_addr=kv.data_ptr(),
-                   num_layers=num_layers, num_blocks=num_blocks,
-                   block_bytes=kv[0, 0].numel() * kv.element_size(),
+                   num_layers=num_layers, num_blocks=num_blocks, block_bytes=kv[0].numel() * kv.element_size(),
                    mem_type="VRAM" if kv.is_cuda else "DRAM", device_id=kv.device.index or 0)
 
 
@@ -71,18 +66,15 @@ def paired_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, 
 
 def plan_regions(src: KVLayout, dst: KVLayout, src_ids: list[int],
                  dst_ids: list[int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Paired (addr, len) lists for copying blocks src_ids of `src` into dst_ids of `dst`, every layer."""
+    """Paired (addr, len) lists for copying blocks src_ids of `src` into dst_ids of `dst` (all layers)."""
     if (src.num_layers, src.block_bytes) != (dst.num_layers, dst.block_bytes):
         raise TransferError("peers have different KV layouts (layers or block bytes); a pack step is needed")
     for ids, layout in ((src_ids, src), (dst_ids, dst)):
         if any(not 0 <= b < layout.num_blocks for b in ids):
             raise TransferError(f"block id out of range for {layout.agent_name} ({layout.num_blocks} blocks)")
-    src_regions, dst_regions = [], []
     runs = paired_runs(src_ids, dst_ids)
-    for layer in range(src.num_layers):
-        for s, d, n in runs:
-            src_regions.append((src.base_addr + layer * src.layer_stride + s * src.block_bytes, n * src.block_bytes))
-            dst_regions.append((dst.base_addr + layer * dst.layer_stride + d * dst.block_bytes, n * dst.block_bytes))
+    src_regions = [(src.base_addr + s * src.block_bytes, n * src.block_bytes) for s, _, n in runs]
+    dst_regions = [(dst.base_addr + d * dst.block_bytes, n * dst.block_bytes) for _, d, n in runs]
     return src_regions, dst_regions
 
 
