@@ -50,14 +50,17 @@ def _wait(transport, handle) -> None:
         raise RuntimeError("transfer failed")
 
 
-def _time_reads(fn, repeats: int) -> list[float]:
-    fn()  # warm-up (connection set-up, page faults)
-    out = []
+def _time_interleaved(fns: dict, repeats: int) -> dict[str, list[float]]:
+    """Time each method once per round, rounds repeated: drift on a shared machine hits all methods alike."""
+    for fn in fns.values():
+        fn()  # warm-up (connection set-up, page faults)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def bench_shape(name, shape, token_counts, repeats) -> list[dict]:
@@ -97,10 +100,13 @@ def bench_shape(name, shape, token_counts, repeats) -> list[dict]:
 
         flat_src = src_copy.view(-1)[: nbytes // src_copy.element_size()]
         flat_dst = dst_kv.view(-1)[: nbytes // dst_kv.element_size()]
-        t_scattered = _time_reads(lambda: ours(scattered_src, scattered_dst), repeats)
-        t_consecutive = _time_reads(lambda: ours(list(range(n)), list(range(n, 2 * n))), repeats)
-        t_raw = _time_reads(raw, repeats)
-        t_memcpy = _time_reads(lambda: flat_dst.copy_(flat_src), repeats)
+        times = _time_interleaved({
+            "scattered": lambda: ours(scattered_src, scattered_dst),
+            "consecutive": lambda: ours(list(range(n)), list(range(n, 2 * n))),
+            "raw": raw,
+            "memcpy": lambda: flat_dst.copy_(flat_src),
+        }, repeats)
+        t_scattered, t_consecutive, t_raw, t_memcpy = (times[k] for k in ("scattered", "consecutive", "raw", "memcpy"))
         gbps = lambda ts: nbytes / percentile(ts, 50) / 1e9  # noqa: E731
         rows.append({"shape": name, "tokens": tokens, "MiB": nbytes / 2**20,
                      "ours_scattered_GB_s": gbps(t_scattered), "ours_consecutive_GB_s": gbps(t_consecutive),
