@@ -172,3 +172,25 @@ class PrefillResult(WireMessage):
     num_prompt_tokens: int
     first_token: int
     finish_reason: str | None = None
+
+
+@dataclass
+class KVEventBatch(WireMessage):
+    """KV events a worker publishes, numbered per worker so the router can spot a gap (and ask for a snapshot).
+
+    A batch with `snapshot=True` replaces everything the router knew of the worker: `events` then holds one
+    `stored` event with every hash the worker currently caches.
+    """
+
+    TYPE: ClassVar[str] = "kv_event_batch"
+    worker: str
+    seq_no: int
+    events: list[dict]
+    snapshot: bool = False
+
+    @classmethod
+    def of(cls, worker: str, seq_no: int, events: list[KVEvent], snapshot: bool = False) -> "KVEventBatch":
+        return cls(worker, seq_no, [dataclasses.asdict(e) for e in events], snapshot)
+
+    def kv_events(self) -> list[KVEvent]:
+        return [KVEvent(**e) for e in self.events]
