@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     gen.set_defaults(func=_generate)
+    from disagg.cluster.launch import build_parser, serve
+    srv = sub.add_parser("serve", help="start workers + router on Ray and serve the OpenAI-compatible API")
+    build_parser(srv)
+    srv.set_defaults(func=serve)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

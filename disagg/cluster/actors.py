@@ -6,6 +6,8 @@ from typing import Any
 import ray
 
 from disagg.cluster.worker import EngineWorker, WorkerConfig
+from disagg.protocol import KVEventBatch
+from disagg.router.server import RouterConfig, RouterServer
 
 
 class _RoleWorker(EngineWorker):
@@ -30,3 +32,34 @@ class DecodeWorker(_RoleWorker):
 @ray.remote(num_cpus=0)
 class AggregatedWorker(_RoleWorker):
     ROLE = "both"
+
+
+@ray.remote(num_cpus=0, max_concurrency=8)
+class RouterActor:
+    """Hosts the router core and the OpenAI-compatible HTTP server; workers publish KV events to it."""
+
+    def __init__(self, config: dict[str, Any], prefill: dict[str, Any], decode: dict[str, Any]) -> None:
+        self._workers = {**prefill, **decode}
+        self.server = RouterServer(RouterConfig(**config), prefill, decode, self._request_snapshot)
+        self.url = self.server.start()
+
+    def _request_snapshot(self, worker: str) -> None:
+        # Runs on the actor's thread pool; the reply is applied when it arrives.
+        batch = ray.get(self._workers[worker].kv_snapshot.remote(), timeout=30)
+        self.server.core.on_kv_events(KVEventBatch.from_wire(batch))
+
+    def get_url(self) -> str:
+        return self.url
+
+    def publish_kv_events(self, batch: bytes) -> bool:
+        return self.server.publish_kv_events(batch)
+
+    def decisions(self, n: int = 100) -> list[dict[str, Any]]:
+        return self.server.core.recent_decisions(n)
+
+    def index_size(self) -> dict[str, int]:
+        core = self.server.core
+        return {name: len(core.index.blocks_of(name)) for name in core.loads}
+
+    def stop(self) -> None:
+        self.server.stop()

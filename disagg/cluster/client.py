@@ -31,34 +31,44 @@ class DisaggClient:
 
     async def generate(self, request: Request) -> AsyncIterator[TokenDelta]:
         prefill, decode = self._pick()
-        result = None
-        if prefill is not None:
-            try:
-                result = await prefill.prefill.remote(request.to_wire())
-            except RayActorError as exc:  # prefill worker gone: the decode worker prefills locally
-                log.warning("prefill worker unavailable (%s); decoding worker prefills %s", exc, request.request_id)
-        stream = decode.generate.remote(request.to_wire(), result)
-        finished = False
-        try:
-            async for ref in stream:
-                delta = TokenDelta.from_wire(await ref)
-                finished = delta.finished
-                yield delta
-        finally:
-            if not finished:
-                ray.cancel(stream)
-                await decode.abort.remote(request.request_id)
-            if result is not None:
-                try:  # normally already released by the read's notification; this covers every other path
-                    await prefill.release.remote(request.request_id)
-                except RayActorError:
-                    pass
+        async for delta in stream_request(request, prefill, decode):
+            yield delta
 
     async def complete(self, request: Request) -> tuple[list[int], str, str]:
         """Collect a whole completion: (token ids, text, finish reason)."""
-        tokens, text, reason = [], "", ""
-        async for delta in self.generate(request):
-            tokens += delta.token_ids
-            text += delta.text
-            reason = delta.finish_reason or reason
-        return tokens, text, reason
+        return await collect(self.generate(request))
+
+
+async def collect(deltas: AsyncIterator[TokenDelta]) -> tuple[list[int], str, str]:
+    tokens, text, reason = [], "", ""
+    async for delta in deltas:
+        tokens += delta.token_ids
+        text += delta.text
+        reason = delta.finish_reason or reason
+    return tokens, text, reason
+
+
+async def stream_request(request: Request, prefill: Any | None, decode: Any) -> AsyncIterator[TokenDelta]:
+    """One request through a chosen prefill worker (None: the decode worker prefills) and decode worker."""
+    result = None
+    if prefill is not None:
+        try:
+            result = await prefill.prefill.remote(request.to_wire())
+        except RayActorError as exc:  # prefill worker gone: the decode worker prefills locally
+            log.warning("prefill worker unavailable (%s); decoding worker prefills %s", exc, request.request_id)
+    stream = decode.generate.remote(request.to_wire(), result)
+    finished = False
+    try:
+        async for ref in stream:
+            delta = TokenDelta.from_wire(await ref)
+            finished = delta.finished
+            yield delta
+    finally:
+        if not finished:
+            ray.cancel(stream)
+            await decode.abort.remote(request.request_id)
+        if result is not None:
+            try:  # normally already released by the read's notification; this covers every other path
+                await prefill.release.remote(request.request_id)
+            except RayActorError:
+                pass

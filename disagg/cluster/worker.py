@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator
 from disagg.config import EngineConfig
 from disagg.engine.block_pool import NoFreeBlocksError
 from disagg.engine.engine import LLMEngine
-from disagg.protocol import PrefillResult, Request, TokenDelta
+from disagg.protocol import KVEvent, KVEventBatch, PrefillResult, Request, TokenDelta
 from disagg.transfer.base import KVLayout, TransferError, TransferState
 from disagg.transfer.nixl import NixlTransport
 
@@ -48,6 +48,8 @@ class EngineWorker:
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{config.name}")
         self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
         self._loop_task: asyncio.Task | None = None
+        self._event_sink: Any = None  # the router actor; receives KVEventBatch messages
+        self._event_seq = -1
         self.counters = {"transfer_failures": 0, "fallback_no_blocks": 0, "reads": 0, "local_only_imports": 0,
                          "read_seconds": 0.0}
 
@@ -61,10 +63,12 @@ class EngineWorker:
     async def _run(self) -> None:
         while True:
             try:
-                deltas, busy = await self._call(self._tick)
+                deltas, events, busy = await self._call(self._tick)
             except Exception:  # never let one bad step kill the worker's loop
                 log.exception("engine step failed")
-                deltas, busy = [], False
+                deltas, events, busy = [], None, False
+            if events is not None and self._event_sink is not None:
+                self._event_sink.publish_kv_events.remote(events.to_wire())
             for delta in deltas:
                 queue = self._queues.get(delta.request_id)
                 if queue is not None:
@@ -72,14 +76,20 @@ class EngineWorker:
             if not busy:
                 await asyncio.sleep(self.config.idle_sleep_s)
 
-    def _tick(self) -> tuple[list[TokenDelta], bool]:
-        """Executor thread: release leases the decode side is done with, expire stale ones, run one step."""
+    def _tick(self) -> tuple[list[TokenDelta], KVEventBatch | None, bool]:
+        """Executor thread: release leases the decode side is done with, expire stale ones, run one step,
+        and collect the KV events since the last tick as one numbered batch."""
         for message in self.transport.notifications():
             self.engine.leases.release(message.decode())
         self.engine.leases.expire()
-        if not self.engine.has_unfinished():
-            return [], False
-        return self.engine.step(), True
+        busy = self.engine.has_unfinished()
+        deltas = self.engine.step() if busy else []
+        events = self.engine.drain_kv_events()
+        batch = None
+        if events:  # numbered even with no sink yet: the router then sees a gap and asks for a snapshot
+            self._event_seq += 1
+            batch = KVEventBatch.of(self.config.name, self._event_seq, events)
+        return deltas, batch, busy
 
     # ------------------------------------------------------------------ control plane (msgpack in and out)
     async def ready(self) -> str:
@@ -88,6 +98,17 @@ class EngineWorker:
 
     async def layout(self) -> bytes:
         return self.transport.layout().to_wire()
+
+    async def set_event_sink(self, sink: Any) -> None:
+        self._event_sink = sink
+
+    async def kv_snapshot(self) -> bytes:
+        """Every block hash cached here now, numbered as the last batch published (events are idempotent)."""
+        def snapshot() -> bytes:
+            hashes = self.engine.pool.cached_hashes()
+            return KVEventBatch.of(self.config.name, self._event_seq, [KVEvent("stored", hashes)],
+                                   snapshot=True).to_wire()
+        return await self._call(snapshot)
 
     async def add_peer(self, layout: bytes) -> None:
         await self._call(self.transport.add_peer, KVLayout.from_wire(layout))

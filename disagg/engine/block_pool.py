@@ -61,6 +61,9 @@ class BlockPool:
             hits.append(block_id)
         return hits
 
+    def cached_hashes(self) -> list[int]:
+        return list(self._cached)
+
     def is_free(self, block_id: int) -> bool:
         return block_id in self._free
 

@@ -1,0 +1,73 @@
+"""The router service: RouterCore + the FastAPI app served by uvicorn (uvloop) on its own thread.
+
+Hosted inside the router Ray actor (see cluster/actors.py); Ray-agnostic itself apart from the worker handles
+it is given, so tests can also run it in-process.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import uvicorn
+
+from disagg.engine.model import ModelConfig
+from disagg.engine.tokenizer import Tokenizer
+from disagg.protocol import KVEventBatch
+from disagg.router.api import ApiConfig, build_app
+from disagg.router.policy import PolicyConfig
+from disagg.router.router import RouterCore
+
+
+@dataclass
+class RouterConfig:
+    model: str  # model directory (tokenizer, chat template, context length)
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: pick a free port
+    policy: dict[str, Any] = field(default_factory=dict)  # PolicyConfig fields
+    block_size: int = 16
+    max_model_len: int = 2048
+    served_model_name: str = ""  # "" = the model directory's name
+    api_key: str | None = None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class RouterServer:
+    def __init__(self, config: RouterConfig, prefill: dict[str, Any], decode: dict[str, Any],
+                 request_snapshot: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        model_dir = Path(config.model)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        max_len = min(config.max_model_len, ModelConfig.from_dir(model_dir).max_position_embeddings)
+        self.core = RouterCore(prefill, decode, PolicyConfig(**config.policy), config.block_size, request_snapshot)
+        name = config.served_model_name or model_dir.name
+        self.app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key))
+        port = config.port or free_port(config.host)
+        self.url = f"http://{config.host}:{port}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=port, loop="uvloop",
+                                                     http="httptools", log_level="warning", access_log=False))
+        self._thread = threading.Thread(target=self._server.run, name="router-http", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"HTTP server did not start on {self.url}")
+            time.sleep(0.02)
+        return self.url
+
+    def publish_kv_events(self, batch: bytes) -> bool:
+        return self.core.on_kv_events(KVEventBatch.from_wire(batch))
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
