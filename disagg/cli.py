@@ -34,6 +34,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_BENCH_TOOLS = {
+    "replay": ("bench.replay", "replay a trace against any OpenAI-compatible URL"),
+    "compare": ("bench.compare", "start cluster configurations and compare them on one workload"),
+    "agent": ("bench.traces.agent", "write generated agent sessions as a JSONL trace"),
+    "simulate": ("bench.sim.run", "drive the real router with simulated workers (16-256)"),
+    "calibrate": ("bench.sim.calibrate", "fit the simulated workers' time model to the real engine"),
+}
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(_BENCH_TOOLS[args.tool][0])
+    return module.main(args.rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     srv = sub.add_parser("serve", help="start workers + router on Ray and serve the OpenAI-compatible API")
     build_parser(srv)
     srv.set_defaults(func=serve)
+    bench = sub.add_parser("bench", help="bench harness: replay traces, compare configurations, simulate",
+                           add_help=False)
+    bench.add_argument("tool", choices=sorted(_BENCH_TOOLS), help="; ".join(f"{k}: {v[1]}" for k, v in
+                                                                       sorted(_BENCH_TOOLS.items())))
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

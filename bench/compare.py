@@ -1,0 +1,145 @@
+"""Configuration sweep: replay one workload against several cluster configurations that this harness starts
+itself (aggregated round-robin, aggregated kv-routing, disaggregated kv-routing at P:D ratios), at one or more
+load levels, and write one comparison report (JSON, markdown, TTFT CDF, goodput vs rate, per-config bars).
+
+Every (configuration, load) run gets a fresh cluster, so no run inherits another's prefix cache.
+
+    disagg bench compare --agent coding_agent --sessions 12 --configs agg-rr=0x2:round_robin,disagg-kv=1x1:kv
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bench.replay import ReplayResult, add_replay_args, replay, replay_config
+from bench.report import SLO, write_report
+from bench.workload import load_workload
+
+DEFAULT_CONFIGS = "agg-rr=0x2:round_robin,agg-kv=0x2:kv,disagg-kv=1x1:kv"
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    name: str
+    num_prefill: int
+    num_decode: int
+    policy: str
+
+    @property
+    def workers(self) -> int:
+        return self.num_prefill + self.num_decode
+
+
+def parse_configs(text: str) -> list[ClusterSpec]:
+    """'name=PxD:policy,...' -> specs; P=0 means aggregated workers."""
+    specs = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            name, rest = part.split("=")
+            shape, policy = rest.split(":")
+            p, d = (int(x) for x in shape.lower().split("x"))
+        except ValueError as exc:
+            raise ValueError(f"bad config {part!r}: expected name=PxD:policy, e.g. disagg-kv=1x1:kv") from exc
+        if d < 1 or p < 0:
+            raise ValueError(f"bad config {part!r}: need at least one decode worker")
+        if policy not in ("kv", "round_robin", "least_loaded"):
+            raise ValueError(f"bad config {part!r}: policy must be kv, round_robin or least_loaded")
+        specs.append(ClusterSpec(name, p, d, policy))
+    if not specs:
+        raise ValueError("no configurations given")
+    return specs
+
+
+def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, warmup: bool = True) -> ReplayResult:
+    from disagg.cluster.launch import ClusterConfig, Service
+
+    service = Service(ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=dict(engine)),
+                      {"policy": {"kind": spec.policy, "seed": 0}, "port": 0})
+    try:
+        if warmup:  # one tiny request per worker pays first-call costs outside the measurement
+            _warm(service.url, replay_cfg.vocab_size, spec.workers)
+        return asyncio.run(replay(trace, replace(replay_cfg, url=service.url)))
+    finally:
+        service.shutdown()
+
+
+def _warm(url: str, vocab_size: int, n: int) -> None:
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as client:
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        for i in range(n):
+            prompt = [(1000 + 7 * i + j) % vocab_size for j in range(40)]
+            client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2,
+                                                 "ignore_eos": True}).raise_for_status()
+
+
+def model_vocab_size(model_dir: str) -> int:
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disagg bench compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"name=PxD:policy,... (default {DEFAULT_CONFIGS})")
+    parser.add_argument("--rates", default="1", help="load levels: multipliers on the trace's pace, e.g. 0.5,1,2")
+    parser.add_argument("--model", default="", help="model directory (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache per worker")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--out", default="bench/results/compare")
+    add_replay_args(parser)
+    args = parser.parse_args(argv)
+    specs = parse_configs(args.configs)
+    rates = [float(r) for r in args.rates.split(",")]
+
+    import ray
+
+    from disagg.model_store import default_model_dir
+    model = args.model or str(default_model_dir())
+    args.vocab_size = model_vocab_size(model)
+    if args.max_input_tokens is None:  # keep prompt + output inside the context; longer prompts keep their prefix
+        args.max_input_tokens = args.max_model_len - (args.max_output_tokens or 256) - 1
+    if args.max_output_tokens is None:
+        args.max_output_tokens = 256
+    trace, scale, workload = load_workload(args)
+    engine = {"model": model, "kv_cache_memory_mb": args.kv_cache_mb, "max_model_len": args.max_model_len,
+              "num_threads": args.threads}
+    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    runs, records = [], {}
+    try:
+        for rate in rates:
+            rate_scale = replace(scale, time_scale=scale.time_scale * rate)
+            cfg = replay_config(args, "", rate_scale)
+            if cfg.arrival != "trace":
+                cfg = replace(cfg, rate=args.rate * rate)
+            for spec in specs:
+                label = spec.name if len(rates) == 1 else f"{spec.name} @{rate:g}x"
+                t0 = time.perf_counter()
+                result = run_one(spec, engine, trace, cfg)
+                metrics = result.metrics(slo)
+                runs.append({"label": label, "config": spec.name, "rate": rate, "prefill_workers": spec.num_prefill,
+                             "decode_workers": spec.num_decode, "policy": spec.policy, "metrics": metrics})
+                records[label] = result.records
+                print(f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, goodput "
+                      f"{metrics['request_goodput']:.3f} req/s, TTFT p50 {metrics['median_ttft_ms']:.0f} ms "
+                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    finally:
+        ray.shutdown()
+    meta = {"title": f"configuration comparison on {workload['name']}", "workload": workload,
+            "scale": scale.describe(), "settings": {"engine": engine, "rates": rates, "configs": args.configs,
+                                                     "arrival": args.arrival, "rate": args.rate}}
+    paths = write_report(args.out, runs, meta, records)
+    print(paths["markdown"].read_text())
+    print(json.dumps([{"label": r["label"], "goodput": r["metrics"]["request_goodput"],
+                       "failed": r["metrics"]["failed"]} for r in runs], indent=2))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0 if all(r["metrics"]["failed"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,267 @@
+"""Replay a trace against any OpenAI-compatible endpoint: open loop, streaming, bounded in count and time.
+
+Requests go out at the trace's timestamps (scaled by --time-scale), or at a fixed or Poisson --rate.  Requests
+that belong to an agent session (session_id) are sent in turn order: turn k leaves think_time after turn k-1
+finished, so a slow server slows its own agents down, as real agents would.  Prompts are token ids
+(/v1/completions), so no tokenizer is needed on this side and prefix sharing is exact.
+
+    python -m bench.replay --url http://127.0.0.1:8000 --trace mooncake_conversation_trace.jsonl --limit 50
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from bench.report import SLO, RequestRecord, compute_metrics, write_report
+from bench.traces.record import TraceRequest, TraceScale
+from bench.workload import add_workload_args, load_workload
+
+
+@dataclass
+class ReplayConfig:
+    url: str
+    model: str | None = None  # None: the first model the endpoint lists
+    vocab_size: int = 49152  # token ids are drawn below this (SmolLM2's vocabulary by default)
+    scale: TraceScale = field(default_factory=TraceScale)
+    arrival: str = "trace"  # "trace" | "fixed" | "poisson"; the latter two pace requests (or sessions) at `rate`
+    rate: float | None = None
+    max_requests: int | None = None
+    max_duration_s: float | None = None  # nothing is sent after this; requests in flight may finish
+    request_timeout_s: float = 600.0
+    ignore_eos: bool = True  # generate exactly the trace's output length
+    api_key: str | None = None
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arrival not in ("trace", "fixed", "poisson"):
+            raise ValueError(f"arrival must be trace, fixed or poisson, not {self.arrival!r}")
+        if self.arrival != "trace" and not (self.rate and self.rate > 0):
+            raise ValueError(f"arrival={self.arrival} needs a positive rate")
+
+
+@dataclass
+class ReplayResult:
+    records: list[RequestRecord]
+    duration_s: float
+    not_sent: int
+    prefix_cache: dict[str, float] | None
+    model: str
+
+    def metrics(self, slo: SLO) -> dict[str, Any]:
+        m = compute_metrics(self.records, max(self.duration_s, 1e-9), slo, self.prefix_cache)
+        m["not_sent"] = self.not_sent
+        return m
+
+
+def _units(trace: list[TraceRequest]) -> list[list[int]]:
+    """Indices grouped into send units: one per session (in turn order) or one per lone request."""
+    sessions: dict[str, list[int]] = {}
+    units: list[list[int]] = []
+    for i, r in enumerate(trace):
+        if r.session_id is None:
+            units.append([i])
+        elif r.session_id in sessions:
+            sessions[r.session_id].append(i)
+        else:
+            sessions[r.session_id] = [i]
+            units.append(sessions[r.session_id])
+    for idx in sessions.values():
+        idx.sort(key=lambda i: trace[i].turn or 0)
+    return units
+
+
+def _arrivals(trace: list[TraceRequest], units: list[list[int]], cfg: ReplayConfig) -> list[float]:
+    if cfg.arrival == "fixed":
+        return [i / cfg.rate for i in range(len(units))]
+    if cfg.arrival == "poisson":
+        rng, t, out = random.Random(cfg.seed), 0.0, []
+        for _ in units:
+            out.append(t)
+            t += rng.expovariate(cfg.rate)
+        return out
+    t0 = min(r.timestamp_ms for r in trace)
+    return [cfg.scale.seconds(trace[u[0]].timestamp_ms - t0) for u in units]
+
+
+async def _send(client: httpx.AsyncClient, cfg: ReplayConfig, model: str, prompt: list[int],
+                record: RequestRecord, t0: float) -> None:
+    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": record.max_tokens, "temperature": 0.0,
+                            "stream": True, "stream_options": {"include_usage": True}}
+    if cfg.ignore_eos:
+        body["ignore_eos"] = True
+    start = time.perf_counter()
+    record.start_s = start - t0
+    try:
+        await asyncio.wait_for(_stream(client, body, record, start), cfg.request_timeout_s)
+    except asyncio.TimeoutError:
+        record.error = f"timed out after {cfg.request_timeout_s:g}s"
+    except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
+        record.error = f"{type(exc).__name__}: {exc}"
+
+
+async def _stream(client: httpx.AsyncClient, body: dict[str, Any], record: RequestRecord, start: float) -> None:
+    async with client.stream("POST", "/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            record.error = f"HTTP {resp.status_code}: {_error_message((await resp.aread()).decode(errors='replace'))}"
+            return
+        last, chunks, usage = start, 0, None
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            obj = json.loads(data)
+            if "error" in obj:
+                record.error = f"stream error: {_error_message(data)}"
+                return
+            if obj.get("usage"):
+                usage = obj["usage"].get("completion_tokens")
+            for choice in obj.get("choices") or []:
+                if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    if record.ttft_s is None:
+                        record.ttft_s = now - start
+                    else:
+                        record.itl_s.append(now - last)
+                    last, chunks = now, chunks + 1
+        record.output_tokens = usage if usage is not None else chunks
+        if record.ttft_s is None:
+            record.error = "no tokens streamed"
+        else:
+            record.e2e_s = time.perf_counter() - start
+
+
+def _error_message(text: str) -> str:
+    try:
+        return json.loads(text)["error"]["message"][:200]
+    except (ValueError, KeyError, TypeError):
+        return text[:200]
+
+
+async def scrape_prefix_cache(client: httpx.AsyncClient) -> dict[str, float] | None:
+    """Prefix-cache query/hit token counters from /metrics (ours: disagg:*, vLLM: vllm:*), summed."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        resp = await client.get("/metrics")
+    except httpx.HTTPError:
+        return None
+    if resp.status_code != 200:
+        return None
+    totals = {"queries": 0.0, "hits": 0.0}
+    found = False
+    for family in text_string_to_metric_families(resp.text):
+        for key in totals:
+            if family.name.endswith(f"prefix_cache_{key}"):
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        totals[key] += sample.value
+                        found = True
+    return totals if found else None
+
+
+async def discover_model(client: httpx.AsyncClient) -> str:
+    resp = await client.get("/v1/models")
+    resp.raise_for_status()
+    return resp.json()["data"][0]["id"]
+
+
+async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
+    if cfg.max_requests is not None:
+        trace = sorted(trace, key=lambda r: r.timestamp_ms)[:cfg.max_requests]
+    if not trace:
+        raise ValueError("the trace is empty")
+    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(base_url=cfg.url.rstrip("/"), headers=headers, limits=limits,
+                                 timeout=httpx.Timeout(cfg.request_timeout_s, connect=30.0)) as client:
+        model = cfg.model or await discover_model(client)
+        before = await scrape_prefix_cache(client)
+        units = _units(trace)
+        arrivals = _arrivals(trace, units, cfg)
+        records: dict[int, RequestRecord] = {}
+        bar = tqdm(total=len(trace), desc="replay", unit="req", disable=not cfg.progress, leave=False)
+        t0 = time.perf_counter()
+        deadline = t0 + cfg.max_duration_s if cfg.max_duration_s else float("inf")
+
+        async def run_unit(unit: list[int], at: float) -> None:
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            for k, i in enumerate(unit):
+                req = trace[i]
+                if k:
+                    await asyncio.sleep(cfg.scale.seconds(req.think_time_ms))
+                if time.perf_counter() >= deadline:
+                    return
+                record = RequestRecord(i, cfg.scale.input_len(req), cfg.scale.output_len(req), 0.0,
+                                       req.session_id, req.turn)
+                records[i] = record
+                await _send(client, cfg, model, cfg.scale.prompt(req, cfg.vocab_size, salt=i), record, t0)
+                bar.update(1)
+
+        await asyncio.gather(*(run_unit(u, a) for u, a in zip(units, arrivals)))
+        bar.close()
+        ends = [t0 + r.start_s + (r.e2e_s or 0.0) for r in records.values()]
+        duration = (max(ends) if ends else time.perf_counter()) - t0
+        after = await scrape_prefix_cache(client)
+    prefix = None
+    if before is not None and after is not None:
+        queries = after["queries"] - before["queries"]
+        hits = after["hits"] - before["hits"]
+        prefix = {"query_tokens": queries, "hit_tokens": hits, "hit_ratio": hits / queries if queries else 0.0}
+    ordered = [records[i] for i in sorted(records)]
+    return ReplayResult(ordered, duration, len(trace) - len(ordered), prefix, model)
+
+
+def add_replay_args(p: argparse.ArgumentParser) -> None:
+    add_workload_args(p)
+    p.add_argument("--arrival", default="trace", choices=["trace", "fixed", "poisson"])
+    p.add_argument("--rate", type=float, default=None, help="requests (sessions) per second for fixed/poisson")
+    p.add_argument("--max-duration", type=float, default=None, help="send nothing after this many seconds")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def replay_config(args: argparse.Namespace, url: str, scale: TraceScale) -> ReplayConfig:
+    return ReplayConfig(url=url, model=getattr(args, "model_name", None), vocab_size=args.vocab_size, scale=scale,
+                        arrival=args.arrival, rate=args.rate, max_duration_s=args.max_duration,
+                        request_timeout_s=args.timeout, ignore_eos=not args.no_ignore_eos,
+                        api_key=getattr(args, "api_key", None), seed=args.seed, progress=not args.no_progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disagg bench replay", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--model-name", default=None, help="model id to request (default: the first listed)")
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--label", default="replay")
+    parser.add_argument("--out", default="bench/results/replay")
+    add_replay_args(parser)
+    args = parser.parse_args(argv)
+    trace, scale, workload = load_workload(args)
+    result = asyncio.run(replay(trace, replay_config(args, args.url, scale)))
+    metrics = result.metrics(SLO(args.slo_ttft_ms, args.slo_tpot_ms))
+    runs = [{"label": args.label, "metrics": metrics}]
+    paths = write_report(args.out, runs, {"title": f"replay of {workload['name']} against {args.url}",
+                                          "workload": workload, "scale": scale.describe(), "model": result.model},
+                         {args.label: result.records})
+    print(paths["markdown"].read_text())
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0 if metrics["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

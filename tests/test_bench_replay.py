@@ -1,0 +1,90 @@
+"""The bench harness end to end on a real local cluster (Ray actors, router HTTP endpoint, NIXL): a short scaled
+Mooncake replay through `disagg bench compare` (two configurations, zero errors, report + plots), and agent
+sessions replayed turn by turn against a running service."""
+import asyncio
+import json
+
+import pytest
+import ray
+
+from bench import compare
+from bench.replay import ReplayConfig, replay
+from bench.report import SLO
+from bench.traces import agent
+from bench.traces.record import TraceScale
+from disagg.cli import main as cli_main
+
+
+def test_compare_replays_a_scaled_trace_with_zero_errors_and_writes_report(tmp_path, smollm_dir):
+    out = tmp_path / "cmp"
+    rc = cli_main(["bench", "compare", "--trace", "mooncake_conversation_trace.jsonl", "--limit", "24",
+                   "--configs", "agg-kv=0x1:kv,disagg-kv=1x1:kv", "--time-scale", "20", "--max-output-tokens", "4",
+                   "--max-input-tokens", "256", "--kv-cache-mb", "96", "--max-model-len", "1024", "--model", str(smollm_dir),
+                   "--out", str(out), "--no-progress"])
+    assert rc == 0
+    assert not ray.is_initialized()  # the harness cleaned up after itself
+    result = json.loads((out / "result.json").read_text())
+    assert [r["label"] for r in result["runs"]] == ["agg-kv", "disagg-kv"]
+    for run in result["runs"]:
+        m = run["metrics"]
+        assert (m["completed"], m["failed"], m["not_sent"]) == (24, 0, 0), m["errors"]
+        assert m["total_output_tokens"] == sum(r["max_tokens"] for r in result["requests"][run["label"]])
+        assert m["mean_ttft_ms"] > 0 and m["p99_e2el_ms"] >= m["median_e2el_ms"]
+        # the trace's first requests share hash_id 0 (one 16-token block each): the router's metrics see hits
+        assert m["prefix_cache"]["query_tokens"] > 0 and m["prefix_cache"]["hit_tokens"] > 0
+    assert result["scale"]["length_factor"] == 1 / 32 and result["scale"]["time_scale"] == 20
+    assert "| disagg-kv |" in (out / "report.md").read_text()
+    for png in ("ttft_cdf.png", "comparison.png", "goodput_vs_rate.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def service(smollm_dir):
+    from disagg.cluster.launch import ClusterConfig, Service
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    svc = Service(ClusterConfig(num_prefill=0, num_decode=1,
+                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=96, max_model_len=1024,
+                                            num_threads=1)),
+                  {"port": 0, "policy": {"kind": "kv"}})
+    yield svc
+    svc.shutdown()
+    ray.shutdown()
+
+
+def test_agent_sessions_send_each_turn_after_the_previous_one_plus_think_time(service):
+    trace = agent.generate({"short_chat": 1}, 4, 2.0, seed=1)
+    scale = TraceScale(block_tokens=16, output_scale=0.01, time_scale=10, max_output_tokens=3)
+    result = asyncio.run(replay(trace, ReplayConfig(url=service.url, scale=scale, progress=False)))
+    m = result.metrics(SLO())
+    assert m["completed"] == len(trace) and m["failed"] == 0, m["errors"]
+    by_session: dict[str, list] = {}
+    for rec in result.records:
+        by_session.setdefault(rec.session_id, []).append(rec)
+    assert len(by_session) == 4
+    think = {(r.session_id, r.turn): scale.seconds(r.think_time_ms) for r in trace}
+    for recs in by_session.values():
+        recs.sort(key=lambda r: r.turn)
+        for prev, cur in zip(recs, recs[1:]):
+            assert cur.start_s >= prev.start_s + prev.e2e_s + think[(cur.session_id, cur.turn)] - 1e-3
+    # later turns extend earlier ones: the worker's prefix cache serves part of them
+    assert m["prefix_cache"]["hit_ratio"] > 0.3
+
+
+def test_replay_counts_server_rejections_as_errors_and_keeps_going(service):
+    trace = agent.generate({"short_chat": 1}, 2, 5.0, seed=2)[:3]
+    scale = TraceScale(block_tokens=512, output_scale=1.0, max_output_tokens=4)  # prompts far past the context
+    result = asyncio.run(replay(trace, ReplayConfig(url=service.url, scale=scale, progress=False)))
+    assert all(r.error and "HTTP 400" in r.error and "context length" in r.error for r in result.records)
+    ok = asyncio.run(replay(trace, ReplayConfig(url=service.url, scale=TraceScale(max_output_tokens=2),
+                                                progress=False, arrival="fixed", rate=50.0)))
+    assert all(r.ok for r in ok.records)
+
+
+def test_replay_config_rejects_bad_arrival():
+    with pytest.raises(ValueError, match="needs a positive rate"):
+        ReplayConfig(url="http://127.0.0.1:1", arrival="poisson")
+    with pytest.raises(ValueError, match="arrival must be"):
+        ReplayConfig(url="http://127.0.0.1:1", arrival="sometimes")
+    with pytest.raises(ValueError, match="name=PxD:policy"):
+        compare.parse_configs("agg-rr=2:round_robin")
