@@ -47,19 +47,27 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None) -> None:
+    def __init__(self, config: EngineConfig | None = None, runner: Any = None,
+                 model_config: ModelConfig | None = None) -> None:
+        """runner + model_config: a stand-in for the model (the bench's simulated workers): nothing is loaded,
+        the config's model directory is not read, and config.num_blocks sizes the pool."""
         self.config = config = config or EngineConfig()
-        if not config.model:
+        simulated = runner is not None
+        if simulated and (model_config is None or not config.num_blocks):
+            raise ValueError("a stand-in runner needs model_config and config.num_blocks")
+        if not simulated and not config.model:
             from disagg.model_store import default_model_dir
             config.model = str(default_model_dir())
         model_dir = Path(config.model)
-        self.device = resolve_device(config.device)
-        if config.num_threads and self.device.type == "cpu":
+        self.device = torch.device("cpu") if simulated else resolve_device(config.device)
+        if config.num_threads and self.device.type == "cpu" and not simulated:
             torch.set_num_threads(config.num_threads)
         dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
-        self.model_config = mc = ModelConfig.from_dir(model_dir)
-        self.tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
+        self.model_config = mc = model_config if simulated else ModelConfig.from_dir(model_dir)
+        self.tokenizer = None
+        if not simulated and (model_dir / "tokenizer.json").exists():
+            self.tokenizer = Tokenizer.from_dir(model_dir)
         self.max_model_len = min(config.max_model_len, mc.max_position_embeddings)
         bs = config.block_size
         num_blocks = config.num_blocks or (config.kv_cache_memory_mb << 20) // bytes_per_block(mc, bs, dtype)
@@ -68,7 +76,7 @@ class LLMEngine:
                              f"max_model_len={self.max_model_len}; raise num_blocks or lower max_model_len")
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model_dir, mc, num_blocks, bs, self.device, dtype)
+        self.runner = runner or ModelRunner(model_dir, mc, num_blocks, bs, self.device, dtype)
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)

@@ -21,6 +21,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class LoadTicket:
+    """One in-flight request's share of its workers' load."""
+
+    prefilling: str
+    decode: str
+    num_prompt_tokens: int
+    blocks: int
+    queued: bool = True
+
+
+@dataclass
 class RoutedRequest:
     request_id: str
     decision: Decision
@@ -62,35 +73,50 @@ class RouterCore:
             self.decisions.append(RoutedRequest(request.request_id, decision))
         return decision
 
+    # ------------------------------------------------------------------ load accounting
+    def begin(self, decision: Decision, num_prompt_tokens: int) -> "LoadTicket":
+        """Count a dispatched request against its workers until `end` (the prompt is queued prefill work until
+        its first token)."""
+        ticket = LoadTicket(decision.prefill_worker or decision.decode_worker, decision.decode_worker,
+                            num_prompt_tokens, -(-num_prompt_tokens // self.block_size))
+        with self._lock:
+            self.loads[ticket.prefilling].queued_prefill_tokens += num_prompt_tokens
+            self.loads[ticket.decode].active_requests += 1
+            self.loads[ticket.decode].active_blocks += ticket.blocks
+        return ticket
+
+    def progress(self, ticket: "LoadTicket", num_generated: int) -> None:
+        """`num_generated` tokens are out: the prompt left the prefill queue; the request holds more blocks."""
+        blocks = -(-(ticket.num_prompt_tokens + num_generated) // self.block_size)
+        with self._lock:
+            if ticket.queued:
+                self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
+                ticket.queued = False
+            self.loads[ticket.decode].active_blocks += blocks - ticket.blocks
+        ticket.blocks = blocks
+
+    def end(self, ticket: "LoadTicket") -> None:
+        with self._lock:
+            if ticket.queued:
+                self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
+                ticket.queued = False
+            self.loads[ticket.decode].active_requests -= 1
+            self.loads[ticket.decode].active_blocks -= ticket.blocks
+            ticket.blocks = 0
+
+    # ------------------------------------------------------------------ serving
     async def generate(self, request: Request, session: str | None = None) -> AsyncIterator[TokenDelta]:
         decision = self.route(request, session)
-        n_prompt = len(request.prompt_token_ids)
-        prompt_blocks = -(-n_prompt // self.block_size)
-        prefilling = decision.prefill_worker or decision.decode_worker
-        decode_load = self.loads[decision.decode_worker]
-        with self._lock:
-            self.loads[prefilling].queued_prefill_tokens += n_prompt
-            decode_load.active_requests += 1
-            decode_load.active_blocks += prompt_blocks
+        ticket = self.begin(decision, len(request.prompt_token_ids))
         prefill_handle = self.prefill[decision.prefill_worker] if decision.prefill_worker else None
-        queued, blocks, generated = True, prompt_blocks, 0
+        generated = 0
         try:
             async for delta in stream_request(request, prefill_handle, self.decode[decision.decode_worker]):
                 generated += len(delta.token_ids)
-                now_blocks = -(-(n_prompt + generated) // self.block_size)
-                with self._lock:
-                    if queued:  # past the first token: the prompt is no longer queued prefill work
-                        self.loads[prefilling].queued_prefill_tokens -= n_prompt
-                        queued = False
-                    decode_load.active_blocks += now_blocks - blocks
-                blocks = now_blocks
+                self.progress(ticket, generated)
                 yield delta
         finally:
-            with self._lock:
-                if queued:
-                    self.loads[prefilling].queued_prefill_tokens -= n_prompt
-                decode_load.active_requests -= 1
-                decode_load.active_blocks -= blocks
+            self.end(ticket)
 
     def decision_of(self, request_id: str) -> Decision | None:
         with self._lock:

@@ -1,0 +1,174 @@
+"""Fit the simulated workers' StepTimeModel to the real engine, then check how well the simulator predicts it.
+
+1. Calibration: the real LLMEngine (default model, in-process, 1 thread) runs a grid of batches (prompt lengths
+   x concurrency, with shared prefixes and decode-heavy phases); every step's features and wall time are fitted.
+2. Validation (a different workload): the first --validate requests of the scaled Mooncake conversation trace
+   arrive at their timestamps at the real engine (wall clock) and at a simulated one-worker cluster (virtual
+   time, same engine settings, the fitted model); per-request TTFT / E2E and the makespan are compared.
+
+    disagg bench calibrate --out bench/results/time_model.json
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from typing import Any
+
+from bench.common import emit, mean, percentile, print_table
+from bench.sim.timemodel import StepTimeModel, batch_features
+from bench.traces import loaders
+from bench.traces.record import TraceRequest, TraceScale
+
+
+class _Recorder:
+    """Wraps the real runner: remembers the features of the batch each step executes."""
+
+    def __init__(self, runner: Any) -> None:
+        self.runner, self.features = runner, None
+
+    def execute(self, batch):
+        self.features = batch_features(batch)
+        return self.runner.execute(batch)
+
+
+def _engine(args: argparse.Namespace):
+    from disagg.config import EngineConfig
+    from disagg.engine.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, kv_cache_memory_mb=args.kv_cache_mb,
+                                    max_model_len=args.max_model_len,
+                                    max_num_batched_tokens=args.max_num_batched_tokens))
+    engine.runner = _Recorder(engine.runner)
+    return engine
+
+
+def _timed_step(engine) -> tuple[list, float, list[float] | None]:
+    engine.runner.features = None
+    t0 = time.perf_counter()
+    deltas = engine.step()
+    return deltas, time.perf_counter() - t0, engine.runner.features
+
+
+def calibrate(engine, seed: int = 0) -> tuple[list[list[float]], list[float]]:
+    from disagg.protocol import SamplingParams
+
+    rng = random.Random(seed)
+    vocab = engine.model_config.vocab_size
+    xs, ys = [], []
+    grid = [(1, 64, 32), (4, 128, 24), (8, 300, 16), (16, 40, 32), (2, 900, 8), (32, 100, 16), (6, 500, 12)]
+    shared = [rng.randrange(256, vocab) for _ in range(256)]
+    for g, (n, length, out) in enumerate(grid):
+        for i in range(n):
+            prefix = shared[:rng.choice([0, 64, 128, 256])] if length > 256 else []
+            prompt = prefix + [rng.randrange(256, vocab) for _ in range(length - len(prefix))]
+            engine.add_request(f"cal-{g}-{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True))
+        while engine.has_unfinished():
+            _, seconds, features = _timed_step(engine)
+            if features is not None:
+                xs.append(features)
+                ys.append(seconds)
+    return xs, ys
+
+
+def run_real(engine, trace: list[TraceRequest], scale: TraceScale) -> dict[str, dict[str, float]]:
+    """Wall-clock replay on the real engine; returns {request: {start, ttft, e2e}} in seconds."""
+    from bench.sim.cluster import sampling_for
+
+    vocab = engine.model_config.vocab_size
+    t_base = min(r.timestamp_ms for r in trace)
+    pending = sorted(range(len(trace)), key=lambda i: trace[i].timestamp_ms)
+    out: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    while pending or engine.has_unfinished():
+        now = time.perf_counter() - t0
+        while pending and scale.seconds(trace[pending[0]].timestamp_ms - t_base) <= now:
+            i = pending.pop(0)
+            prompt = scale.prompt(trace[i], vocab, salt=i)[:engine.max_model_len - 1]
+            rid = f"r{i}"
+            engine.add_request(rid, prompt, sampling_for(max(1, min(scale.output_len(trace[i]),
+                                                                    engine.max_model_len - len(prompt)))))
+            out[rid] = {"start": scale.seconds(trace[i].timestamp_ms - t_base)}
+        if not engine.has_unfinished():
+            time.sleep(max(0.0, scale.seconds(trace[pending[0]].timestamp_ms - t_base) - now))
+            continue
+        deltas, _, _ = _timed_step(engine)
+        t = time.perf_counter() - t0
+        for d in deltas:
+            rec = out[d.request_id]
+            rec.setdefault("ttft", t - rec["start"])
+            if d.finished:
+                rec["e2e"] = t - rec["start"]
+    return out
+
+
+def run_sim(trace: list[TraceRequest], scale: TraceScale, model: StepTimeModel, engine) -> dict[str, dict]:
+    from bench.sim.cluster import SimClusterConfig
+    from bench.sim.run import simulate
+
+    cfg = SimClusterConfig(num_prefill=0, num_decode=1, policy={"kind": "kv"}, num_blocks=engine.pool.num_blocks,
+                           block_size=engine.config.block_size, max_num_seqs=engine.config.max_num_seqs,
+                           max_num_batched_tokens=engine.config.max_num_batched_tokens,
+                           max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
+    result = simulate(trace, scale, cfg, model)
+    return {f"r{r.index}": {"start": r.start_s, "ttft": r.ttft_s, "e2e": r.e2e_s} for r in result.records}
+
+
+def compare(real: dict[str, dict], sim: dict[str, dict]) -> list[dict[str, Any]]:
+    rows = []
+    for key in ("ttft", "e2e"):
+        r = [real[k][key] for k in real]
+        s = [sim[k][key] for k in real]
+        for stat, fn in (("mean", mean), ("p50", lambda v: percentile(v, 50)), ("p90", lambda v: percentile(v, 90))):
+            rows.append({"metric": f"{key} {stat} (ms)", "real": fn(r) * 1000, "simulated": fn(s) * 1000,
+                         "sim / real": fn(s) / fn(r)})
+        per_request = [abs(b - a) / a for a, b in zip(r, s) if a > 0]
+        rows.append({"metric": f"{key} per-request |error| median", "real": float("nan"), "simulated": float("nan"),
+                     "sim / real": percentile(per_request, 50)})
+    makespan_r = max(v["start"] + v["e2e"] for v in real.values())
+    makespan_s = max(v["start"] + v["e2e"] for v in sim.values())
+    rows.append({"metric": "makespan (ms)", "real": makespan_r * 1000, "simulated": makespan_s * 1000,
+                 "sim / real": makespan_s / makespan_r})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disagg bench calibrate", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--kv-cache-mb", type=int, default=256)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--transfer-gbps", type=float, default=5.2, help="KV transfer bandwidth, GB/s "
+                        "(bench/kv_transfer.py measured ~5.2 GB/s over NIXL on loopback)")
+    parser.add_argument("--validate", type=int, default=40, help="conversation-trace requests in the check")
+    parser.add_argument("--time-scale", type=float, default=0.1)
+    parser.add_argument("--out", default="bench/results/time_model.json")
+    args = parser.parse_args(argv)
+    from disagg.engine.kv_cache import bytes_per_block
+
+    engine = _engine(args)
+    xs, ys = calibrate(engine)
+    model = StepTimeModel.fit(xs, ys, transfer_bandwidth=args.transfer_gbps * 1e9,
+                              bytes_per_block=bytes_per_block(engine.model_config, engine.config.block_size,
+                                                              engine.runner.runner.dtype),
+                              source=f"fitted on {len(ys)} steps of {engine.config.model} "
+                                     f"({args.threads} thread(s))")
+    residual = [abs(model.predict(x) - y) / y for x, y in zip(xs, ys)]
+    print_table([{k: v for k, v in model.__dict__.items() if k != "source"}], "fitted step-time model (seconds)")
+    model.save(args.out)
+    trace = loaders.load("mooncake_conversation_trace.jsonl", args.validate)
+    scale = TraceScale(block_tokens=16, time_scale=args.time_scale, max_output_tokens=64)
+    engine.pool.reset_prefix_cache()  # the check starts cold, like the simulated worker
+    real = run_real(engine, trace, scale)
+    sim = run_sim(trace, scale, model, engine)
+    rows = compare(real, sim)
+    print_table(rows, f"simulator vs real engine: first {args.validate} conversation-trace requests "
+                      f"(scale 1/32, time scale {args.time_scale})")
+    emit({"model": model.__dict__, "fit_steps": len(ys), "fit_median_abs_rel_error": percentile(residual, 50),
+          "validation": rows, "settings": vars(args)}, args.out.replace(".json", "_report.json"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

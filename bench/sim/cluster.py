@@ -1,0 +1,200 @@
+"""A simulated cluster in virtual time: engines with the real block pool, scheduler, KV events and KV handoff
+(leases, import of only the missing blocks), a stand-in runner priced by a StepTimeModel, and the real
+RouterCore deciding every request from the KV events the workers publish.
+
+Event loop: each worker runs one step at a time; a step's state changes apply when it starts and its tokens are
+delivered when its modelled duration has passed.  KV events reach the router `event_delay_s` after the step.
+A disaggregated request is prefilled (max_tokens=1, blocks leased) on a prefill worker, its missing blocks cross
+at the model's transfer bandwidth, then the decode worker commits the import and emits the first token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from disagg.config import EngineConfig
+from disagg.engine.block_pool import NoFreeBlocksError
+from disagg.engine.engine import LLMEngine
+from disagg.protocol import Request, SamplingParams, TokenDelta
+from disagg.router.policy import PolicyConfig
+from disagg.router.router import LoadTicket, RouterCore
+
+from bench.sim.runner import SimRunner, sim_model_config
+from bench.sim.timemodel import StepTimeModel
+
+
+@dataclass
+class SimClusterConfig:
+    num_prefill: int = 0  # 0: aggregated workers
+    num_decode: int = 16
+    policy: dict[str, Any] = field(default_factory=dict)  # PolicyConfig fields
+    num_blocks: int = 4096  # KV blocks per worker
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int = 2048
+    vocab_size: int = 49152
+    event_delay_s: float = 0.001
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._queue: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._queue, (max(when, self.now), next(self._order), fn))
+
+    def run(self, until: float = float("inf")) -> None:
+        while self._queue and self._queue[0][0] <= until:
+            self.now, _, fn = heapq.heappop(self._queue)
+            fn()
+
+
+class SimWorker:
+    def __init__(self, name: str, engine: LLMEngine, cluster: "SimCluster") -> None:
+        self.name, self.engine, self.cluster = name, engine, cluster
+        self.busy = False
+        self.busy_seconds = 0.0
+        self._seq_no = -1
+
+    def kick(self) -> None:
+        if self.busy or not self.engine.has_unfinished():
+            return
+        steps = self.engine.stats.steps
+        deltas = self.engine.step()
+        if self.engine.stats.steps == steps:  # nothing could be scheduled: wait for the next change
+            self._publish()
+            return
+        duration = self.engine.runner.last_step_s
+        self.busy = True
+        self.busy_seconds += duration
+        self.cluster.loop.at(self.cluster.loop.now + duration, lambda: self._step_done(deltas))
+
+    def _step_done(self, deltas: list[TokenDelta]) -> None:
+        self.busy = False
+        self._publish()
+        for delta in deltas:
+            self.cluster.deliver(self, delta)
+        self.kick()
+
+    def _publish(self) -> None:
+        from disagg.protocol import KVEventBatch
+
+        events = self.engine.drain_kv_events()
+        if events:
+            self._seq_no += 1
+            batch = KVEventBatch.of(self.name, self._seq_no, events)
+            loop = self.cluster.loop
+            loop.at(loop.now + self.cluster.config.event_delay_s, lambda: self.cluster.router.on_kv_events(batch))
+
+
+@dataclass
+class _Flight:
+    request: Request
+    ticket: LoadTicket
+    prefill: SimWorker | None
+    decode: SimWorker
+    on_token: Callable[[float, TokenDelta], None]
+    generated: int = 0
+    prefill_counted: bool = False  # the prompt's prefix-cache outcome was recorded where it was computed
+
+
+class SimCluster:
+    def __init__(self, config: SimClusterConfig, model: StepTimeModel) -> None:
+        self.config, self.model = config, model
+        self.loop = EventLoop()
+        mc = sim_model_config(config.vocab_size, config.max_model_len)
+        engine_cfg = EngineConfig(model="simulated", block_size=config.block_size, num_blocks=config.num_blocks,
+                                  max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_model_len=config.max_model_len, kv_lease_timeout_s=1e9)
+
+        def worker(name: str) -> SimWorker:
+            engine = LLMEngine(dataclasses.replace(engine_cfg), SimRunner(model, config.vocab_size), mc)
+            return SimWorker(name, engine, self)
+
+        self.prefill = {f"prefill-{i}": worker(f"prefill-{i}") for i in range(config.num_prefill)}
+        self.decode = {f"decode-{i}": worker(f"decode-{i}") for i in range(config.num_decode)}
+        self.router = RouterCore(dict.fromkeys(self.prefill), dict.fromkeys(self.decode),
+                                 PolicyConfig(**config.policy), block_size=config.block_size)
+        self._flights: dict[str, _Flight] = {}
+        self.counters = {"remote_prefills": 0, "transferred_blocks": 0, "fallback_no_blocks": 0}
+        self._queries = self._hits = 0
+
+    @property
+    def workers(self) -> list[SimWorker]:
+        return [*self.prefill.values(), *self.decode.values()]
+
+    def submit(self, request: Request, on_token: Callable[[float, TokenDelta], None],
+               session: str | None = None) -> None:
+        """Route and start a request now; on_token(time, delta) is called for every token (the last is finished)."""
+        decision = self.router.route(request, session)
+        ticket = self.router.begin(decision, len(request.prompt_token_ids))
+        decode = self.decode[decision.decode_worker]
+        prefill = self.prefill[decision.prefill_worker] if decision.prefill_worker else None
+        self._flights[request.request_id] = _Flight(request, ticket, prefill, decode, on_token)
+        if prefill is None:
+            decode.engine.add_request(request.request_id, request.prompt_token_ids, request.sampling)
+            decode.kick()
+            return
+        self.counters["remote_prefills"] += 1
+        first = dataclasses.replace(request.sampling, max_tokens=1, stop=[])
+        prefill.engine.add_request(request.request_id, request.prompt_token_ids, first, hold_kv=True)
+        prefill.kick()
+
+    def deliver(self, worker: SimWorker, delta: TokenDelta) -> None:
+        flight = self._flights.get(delta.request_id)
+        if flight is None:
+            return
+        if not flight.prefill_counted:
+            self._queries += len(flight.request.prompt_token_ids)
+            self._hits += delta.num_cached_tokens
+            flight.prefill_counted = True
+        if worker is flight.prefill:
+            self._hand_off(flight, delta.token_ids[0])
+            return
+        flight.generated += len(delta.token_ids)
+        self.router.progress(flight.ticket, flight.generated)
+        if delta.finished:
+            self.router.end(flight.ticket)
+            del self._flights[delta.request_id]
+        flight.on_token(self.loop.now, delta)
+
+    def _hand_off(self, flight: _Flight, first_token: int) -> None:
+        rid, prefill, decode = flight.request.request_id, flight.prefill, flight.decode
+        result = prefill.engine.prefill_result(rid, prefill.name, first_token, None)
+        try:
+            plan = decode.engine.import_remote(rid, flight.request.prompt_token_ids, flight.request.sampling, result)
+        except NoFreeBlocksError:  # as the real worker does: prefill again locally
+            self.counters["fallback_no_blocks"] += 1
+            prefill.engine.leases.release(rid)
+            decode.engine.add_request(rid, flight.request.prompt_token_ids, flight.request.sampling)
+            decode.kick()
+            prefill.kick()
+            return
+        self.counters["transferred_blocks"] += len(plan.remote_blocks)
+
+        def landed() -> None:
+            prefill.engine.leases.release(rid)
+            prefill.kick()
+            self.deliver(decode, decode.engine.commit_import(rid))
+            decode.kick()
+
+        self.loop.at(self.loop.now + self.model.transfer_time(len(plan.remote_blocks)), landed)
+
+    def run(self, until: float = float("inf")) -> None:
+        self.loop.run(until)
+
+    def prefix_cache(self) -> dict[str, float]:
+        """Prompt tokens looked up / found in the prefix cache of the worker that computed the prefill."""
+        q, h = self._queries, self._hits
+        return {"query_tokens": q, "hit_tokens": h, "hit_ratio": h / q if q else 0.0}
+
+
+def sampling_for(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
