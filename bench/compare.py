@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
-from bench.report import SLO, write_report
+from bench.report import SLO, parse_slos, write_report
 from bench.workload import load_workload
 
 DEFAULT_CONFIGS = "agg-rr=0x2:round_robin,agg-kv=0x2:kv,disagg-kv=1x1:kv"
@@ -29,27 +29,43 @@ class ClusterSpec:
     num_prefill: int
     num_decode: int
     policy: str
+    policy_args: tuple[tuple[str, float], ...] = ()  # PolicyConfig overrides, e.g. min_remote_prefill_tokens
 
     @property
     def workers(self) -> int:
         return self.num_prefill + self.num_decode
 
+    def policy_config(self) -> dict[str, Any]:
+        return {"kind": self.policy, "seed": 0, **dict(self.policy_args)}
+
 
 def parse_configs(text: str) -> list[ClusterSpec]:
-    """'name=PxD:policy,...' -> specs; P=0 means aggregated workers."""
+    """'name=PxD:policy[:key=value...],...' -> specs; P=0 means aggregated workers; key=value items override
+    PolicyConfig fields (e.g. disagg16=1x1:kv:min_remote_prefill_tokens=16)."""
+    from dataclasses import fields
+
+    from disagg.router.policy import PolicyConfig
+
+    numeric = {f.name for f in fields(PolicyConfig)} - {"kind", "seed"}
     specs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
-            name, rest = part.split("=")
-            shape, policy = rest.split(":")
+            name, rest = part.split("=", 1)
+            shape, policy, *extra = rest.split(":")
             p, d = (int(x) for x in shape.lower().split("x"))
+            overrides = tuple((k, float(v)) for k, v in (item.split("=") for item in extra))
         except ValueError as exc:
-            raise ValueError(f"bad config {part!r}: expected name=PxD:policy, e.g. disagg-kv=1x1:kv") from exc
+            raise ValueError(f"bad config {part!r}: expected name=PxD:policy[:key=value...], "
+                             f"e.g. disagg-kv=1x1:kv") from exc
         if d < 1 or p < 0:
             raise ValueError(f"bad config {part!r}: need at least one decode worker")
         if policy not in ("kv", "round_robin", "least_loaded"):
             raise ValueError(f"bad config {part!r}: policy must be kv, round_robin or least_loaded")
-        specs.append(ClusterSpec(name, p, d, policy))
+        unknown = {k for k, _ in overrides} - numeric
+        if unknown:
+            raise ValueError(f"bad config {part!r}: unknown policy setting(s) {sorted(unknown)}; "
+                             f"known: {sorted(numeric)}")
+        specs.append(ClusterSpec(name, p, d, policy, overrides))
     if not specs:
         raise ValueError("no configurations given")
     return specs
@@ -59,7 +75,7 @@ def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, 
     from disagg.cluster.launch import ClusterConfig, Service
 
     service = Service(ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=dict(engine)),
-                      {"policy": {"kind": spec.policy, "seed": 0}, "port": 0})
+                      {"policy": spec.policy_config(), "port": 0})
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement
             _warm(service.url, replay_cfg.vocab_size, spec.workers)
@@ -121,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                 label = spec.name if len(rates) == 1 else f"{spec.name} @{rate:g}x"
                 t0 = time.perf_counter()
                 result = run_one(spec, engine, trace, cfg)
-                metrics = result.metrics(slo)
+                metrics = result.metrics(slo, parse_slos(args.extra_slos))
                 runs.append({"label": label, "config": spec.name, "rate": rate, "prefill_workers": spec.num_prefill,
-                             "decode_workers": spec.num_decode, "policy": spec.policy, "metrics": metrics})
+                             "decode_workers": spec.num_decode, "policy": spec.policy_config(), "metrics": metrics})
                 records[label] = result.records
                 print(f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, goodput "
                       f"{metrics['request_goodput']:.3f} req/s, TTFT p50 {metrics['median_ttft_ms']:.0f} ms "

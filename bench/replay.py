@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from bench.report import SLO, RequestRecord, compute_metrics, write_report
+from bench.report import SLO, RequestRecord, compute_metrics, parse_slos, write_report
 from bench.traces.record import TraceRequest, TraceScale
 from bench.workload import add_workload_args, load_workload
 
@@ -56,8 +56,8 @@ class ReplayResult:
     prefix_cache: dict[str, float] | None
     model: str
 
-    def metrics(self, slo: SLO) -> dict[str, Any]:
-        m = compute_metrics(self.records, max(self.duration_s, 1e-9), slo, self.prefix_cache)
+    def metrics(self, slo: SLO, extra_slos: list[SLO] | None = None) -> dict[str, Any]:
+        m = compute_metrics(self.records, max(self.duration_s, 1e-9), slo, self.prefix_cache, extra_slos)
         m["not_sent"] = self.not_sent
         return m
 
@@ -230,6 +230,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    p.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
     p.add_argument("--no-progress", action="store_true")
 
@@ -252,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trace, scale, workload = load_workload(args)
     result = asyncio.run(replay(trace, replay_config(args, args.url, scale)))
-    metrics = result.metrics(SLO(args.slo_ttft_ms, args.slo_tpot_ms))
+    metrics = result.metrics(SLO(args.slo_ttft_ms, args.slo_tpot_ms), parse_slos(args.extra_slos))
     runs = [{"label": args.label, "metrics": metrics}]
     paths = write_report(args.out, runs, {"title": f"replay of {workload['name']} against {args.url}",
                                           "workload": workload, "scale": scale.describe(), "model": result.model},

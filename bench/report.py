@@ -69,9 +69,27 @@ def _std(values: list[float]) -> float:
     return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
 
 
+def parse_slos(text: str | None) -> list[SLO]:
+    """'5000/500,10000/1000' -> [SLO(5000, 500), SLO(10000, 1000)] (TTFT ms / TPOT ms)."""
+    out = []
+    for part in filter(None, (p.strip() for p in (text or "").split(","))):
+        try:
+            ttft, tpot = part.split("/")
+            out.append(SLO(float(ttft), float(tpot)))
+        except ValueError as exc:
+            raise ValueError(f"bad SLO {part!r}: expected TTFT_MS/TPOT_MS, e.g. 5000/500") from exc
+    return out
+
+
+def slo_key(slo: SLO) -> str:
+    return f"ttft<={slo.ttft_ms:g}ms,tpot<={slo.tpot_ms:g}ms"
+
+
 def compute_metrics(records: list[RequestRecord], duration_s: float, slo: SLO,
-                    prefix_cache: dict[str, float] | None = None) -> dict[str, Any]:
-    """Aggregate figures over a run.  `duration_s` is wall time from the first send to the last completion."""
+                    prefix_cache: dict[str, float] | None = None,
+                    extra_slos: list[SLO] | None = None) -> dict[str, Any]:
+    """Aggregate figures over a run.  `duration_s` is wall time from the first send to the last completion.
+    Goodput is reported for `slo` and, under "goodput_at", for each of `extra_slos` too."""
     if duration_s <= 0:
         raise ValueError("duration_s must be positive")
     done = [r for r in records if r.ok]
@@ -90,6 +108,7 @@ def compute_metrics(records: list[RequestRecord], duration_s: float, slo: SLO,
         "total_token_throughput": (in_tokens + out_tokens) / duration_s,
         "request_goodput": len(good) / duration_s, "goodput_fraction": len(good) / len(records) if records else 0.0,
         "slo": asdict(slo), "errors": errors,
+        "goodput_at": {slo_key(x): sum(x.met(r) for r in done) / duration_s for x in [slo, *(extra_slos or [])]},
     }
     metrics.update(_stats("ttft", [r.ttft_s for r in done if r.ttft_s is not None]))
     metrics.update(_stats("tpot", [t for r in done if (t := r.tpot_s) is not None]))
@@ -113,7 +132,8 @@ _TABLE_COLUMNS = [("completed", "done", "{:d}"), ("failed", "errors", "{:d}"),
 
 def markdown_table(runs: list[dict[str, Any]]) -> str:
     """One row per run: each run is {"label": str, "metrics": compute_metrics(...)}; times in ms."""
-    header = ["run"] + [title for _, title, _ in _TABLE_COLUMNS] + ["prefix hit"]
+    extra = [k for k in (runs[0]["metrics"].get("goodput_at") or {})][1:] if runs else []
+    header = ["run"] + [title for _, title, _ in _TABLE_COLUMNS] + ["prefix hit"] + [f"goodput {k}" for k in extra]
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for run in runs:
         m = run["metrics"]
@@ -123,6 +143,7 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
             cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
         hit = (m.get("prefix_cache") or {}).get("hit_ratio")
         cells.append("-" if hit is None else f"{hit:.1%}")
+        cells.extend(f"{m['goodput_at'][k]:.3f}" for k in extra)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -160,3 +181,38 @@ def _jsonable(x: Any) -> Any:
     if hasattr(x, "__dict__"):
         return vars(x)
     return str(x)
+
+
+def rescore(result_json: str | Path, slo: SLO, extra_slos: list[SLO], out_dir: str | Path) -> dict[str, Path]:
+    """Recompute every run of a saved result.json under other SLOs (from its per-request records)."""
+    data = json.loads(Path(result_json).read_text())
+    records = {label: [RequestRecord(**r) for r in recs] for label, recs in (data.get("requests") or {}).items()}
+    if not records:
+        raise ValueError(f"{result_json} has no per-request records to rescore")
+    runs = []
+    for run in data["runs"]:
+        old = run["metrics"]
+        m = compute_metrics(records[run["label"]], old["duration"], slo, old.get("prefix_cache"), extra_slos)
+        m.update({k: v for k, v in old.items() if k not in m})  # not_sent, sim counters
+        runs.append({**run, "metrics": m})
+    meta = {k: v for k, v in data.items() if k not in ("runs", "requests")}
+    return write_report(out_dir, runs, meta, records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.report", description="re-score a saved result.json")
+    parser.add_argument("result")
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    parser.add_argument("--extra-slos", default="5000/500")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    paths = rescore(args.result, SLO(args.slo_ttft_ms, args.slo_tpot_ms), parse_slos(args.extra_slos), args.out)
+    print(paths["markdown"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench.report import SLO, RequestRecord, compute_metrics, markdown_table, write_report
+from bench.report import SLO, RequestRecord, compute_metrics, markdown_table, parse_slos, rescore, write_report
 
 
 def _records():
@@ -22,7 +22,7 @@ def _records():
 
 def test_metrics_equal_hand_computed_values():
     m = compute_metrics(_records(), duration_s=2.0, slo=SLO(ttft_ms=250, tpot_ms=80),
-                        prefix_cache={"hit_ratio": 0.25})
+                        prefix_cache={"hit_ratio": 0.25}, extra_slos=parse_slos("500/100"))
     assert (m["completed"], m["failed"], m["num_prompts"]) == (3, 1, 4)
     assert m["total_input_tokens"] == 60 and m["total_output_tokens"] == 7
     assert m["request_throughput"] == pytest.approx(1.5)
@@ -43,6 +43,8 @@ def test_metrics_equal_hand_computed_values():
     assert m["request_goodput"] == pytest.approx(1.0)
     assert m["goodput_fraction"] == pytest.approx(0.5)
     assert m["errors"] == {"HTTP 400: too long": 1}
+    # a looser SLO (TTFT <= 500, TPOT <= 100): b now meets it too (TPOT exactly 100)
+    assert m["goodput_at"] == {"ttft<=250ms,tpot<=80ms": pytest.approx(1.0), "ttft<=500ms,tpot<=100ms": pytest.approx(1.5)}
     assert m["prefix_cache"]["hit_ratio"] == 0.25
 
 
@@ -64,6 +66,16 @@ def test_report_files(tmp_path):
     for key in ("ttft_cdf", "comparison", "goodput_vs_rate"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown_table(runs).count("\n") == 3
+    again = rescore(paths["json"], SLO(ttft_ms=250, tpot_ms=80), parse_slos("500/100"), tmp_path / "re")
+    rescored = json.loads(again["json"].read_text())["runs"][0]["metrics"]
+    assert rescored["request_goodput"] == pytest.approx(1.0)  # a and c in 2 s; see the hand-computed test
+    assert "goodput ttft<=500ms,tpot<=100ms" in again["markdown"].read_text()
+
+
+def test_bad_slo_text_is_a_clear_error():
+    with pytest.raises(ValueError, match="TTFT_MS/TPOT_MS"):
+        parse_slos("5000")
+    assert parse_slos("") == []
 
 
 def test_duration_must_be_positive():

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from bench.compare import parse_configs
 from bench.replay import _units
-from bench.report import SLO, RequestRecord, compute_metrics, write_report
+from bench.report import SLO, RequestRecord, compute_metrics, parse_slos, write_report
 from bench.sim.cluster import SimCluster, SimClusterConfig, sampling_for
 from bench.sim.timemodel import StepTimeModel
 from bench.traces.record import TraceRequest, TraceScale
@@ -31,8 +31,8 @@ class SimResult:
     prefix_cache: dict[str, float]
     counters: dict[str, Any]
 
-    def metrics(self, slo: SLO) -> dict[str, Any]:
-        m = compute_metrics(self.records, max(self.duration_s, 1e-9), slo, self.prefix_cache)
+    def metrics(self, slo: SLO, extra_slos: list[SLO] | None = None) -> dict[str, Any]:
+        m = compute_metrics(self.records, max(self.duration_s, 1e-9), slo, self.prefix_cache, extra_slos)
         m["sim"] = self.counters
         return m
 
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    parser.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     parser.add_argument("--out", default="bench/results/simulate")
     parser.add_argument("--no-progress", action="store_true")
     add_workload_args(parser)
@@ -112,15 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         rate_scale = TraceScale(**{**scale.__dict__, "time_scale": scale.time_scale * rate})
         for spec in parse_configs(args.configs):
             cfg = SimClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode,
-                                   policy={"kind": spec.policy, "seed": 0}, num_blocks=args.num_blocks,
+                                   policy=spec.policy_config(), num_blocks=args.num_blocks,
                                    max_model_len=args.max_model_len,
                                    max_num_batched_tokens=args.max_num_batched_tokens, vocab_size=args.vocab_size)
             t0 = time.perf_counter()
             result = simulate(trace, rate_scale, cfg, model, progress=not args.no_progress)
-            m = result.metrics(slo)
+            m = result.metrics(slo, parse_slos(args.extra_slos))
             label = spec.name if len(rates) == 1 else f"{spec.name} @{rate:g}x"
             runs.append({"label": label, "config": spec.name, "rate": rate, "prefill_workers": spec.num_prefill,
-                         "decode_workers": spec.num_decode, "policy": spec.policy, "metrics": m})
+                         "decode_workers": spec.num_decode, "policy": spec.policy_config(), "metrics": m})
             records[label] = result.records
             print(f"[{label}] {m['completed']}/{m['num_prompts']} ok, goodput {m['request_goodput']:.3f} req/s, "
                   f"TTFT p50 {m['median_ttft_ms']:.0f} ms, hit {m['prefix_cache']['hit_ratio']:.1%} "
