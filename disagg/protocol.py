@@ -7,12 +7,51 @@ here too, because workers, router and bench must agree on it bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
 import msgpack
+
+# ---------------------------------------------------------------------------------------------- enums
+# str-valued so they travel through msgpack as plain strings and compare equal to them.
+class Role(str, enum.Enum):
+    """What a worker does: prefill only, decode only (reads KV from prefill workers), or both (aggregated)."""
+
+    PREFILL = "prefill"
+    DECODE = "decode"
+    BOTH = "both"
+
+    @property
+    def decodes(self) -> bool:
+        return self is not Role.PREFILL
+
+    @property
+    def prefills(self) -> bool:
+        return self is not Role.DECODE
+
+
+class Tier(str, enum.Enum):
+    """Where a KV block lives, fastest first."""
+
+    DEVICE = "device"
+    CPU = "cpu"
+    DISK = "disk"
+
+
+class EventKind(str, enum.Enum):
+    STORED = "stored"
+    REMOVED = "removed"
+    CLEARED = "cleared"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
 
 # ---------------------------------------------------------------------------------------------- block hashing
 _ROOT_PARENT = b"disagg-root-v1\x00\x00"
@@ -121,12 +160,33 @@ def _encode_field(value: Any) -> Any:
 
 @dataclass
 class Request(WireMessage):
-    """A tokenized generation request as the router hands it to a worker."""
+    """A tokenized generation request as the router hands it to a worker.
+
+    `resume_token_ids`: output tokens the client already received from a worker that died (migration).  The new
+    worker recomputes prompt + these tokens and continues with output index len(resume_token_ids), so greedy and
+    seeded sampling produce exactly the tokens the first worker would have; `resume_num_chars` is how much of
+    their text the client has seen, so the stream continues with no duplicate and no missing character.
+    `session_id` / `kv_retention_s`: an agent session and how long its KV should stay pinned in the worker's CPU
+    tier after this turn (None: no pin).
+    """
 
     TYPE: ClassVar[str] = "request"
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    resume_token_ids: list[int] = field(default_factory=list)
+    resume_num_chars: int = 0
+    session_id: str | None = None
+    kv_retention_s: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose KV must exist before the next one is sampled (prompt + resumed output)."""
+        return len(self.prompt_token_ids) + len(self.resume_token_ids)
+
+    def resumed(self, token_ids: list[int], num_chars: int) -> "Request":
+        """This request continued after `token_ids` (output already delivered, `num_chars` of text)."""
+        return dataclasses.replace(self, resume_token_ids=list(token_ids), resume_num_chars=num_chars)
 
 
 @dataclass
@@ -137,7 +197,7 @@ class TokenDelta(WireMessage):
     request_id: str
     token_ids: list[int]
     text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # a FinishReason value
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
 
@@ -151,27 +211,55 @@ class KVEvent(WireMessage):
     """A change in which blocks a worker holds. `stored` lists hashes in chain order with their parent."""
 
     TYPE: ClassVar[str] = "kv_event"
-    kind: str  # "stored" | "removed" | "cleared"
+    kind: EventKind
     block_hashes: list[int]
     parent_hash: int | None = None
-    tier: str = "device"
+    tier: Tier = Tier.DEVICE
+
+    def __post_init__(self) -> None:
+        self.kind, self.tier = EventKind(self.kind), Tier(self.tier)
 
 
 @dataclass
 class PrefillResult(WireMessage):
-    """What a prefill worker hands the decode side: where the request's KV blocks are and the first token.
+    """What one worker hands another: where a request's KV blocks are (and, after a prefill, the first token).
 
-    The blocks stay held on the prefill worker until the decode side's read completes (its NIXL notification
-    names `request_id`) or the lease runs out.
+    `regions[i]` says which of the owner's registered regions block `block_ids[i]` is in (Tier.DEVICE: its KV
+    cache; Tier.CPU: its CPU tier).  The blocks hold the KV of the first `num_tokens` tokens of prompt + resumed
+    output; `first_token` is set when the owner ran the prefill (None: only a prefix is offered, the reader
+    computes the rest).  The blocks stay held on the owner until the reader's NIXL notification (naming
+    `request_id`) or the lease runs out.
     """
 
     TYPE: ClassVar[str] = "prefill_result"
     request_id: str
     agent_name: str
     block_ids: list[int]
-    num_prompt_tokens: int
-    first_token: int
+    regions: list[str]
+    num_tokens: int
+    first_token: int | None = None
     finish_reason: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens the owner found cached instead of computing
+
+
+@dataclass
+class Heartbeat(WireMessage):
+    """A worker's answer to the router's liveness probe: who it is (a restart changes `incarnation`), whether its
+    step loop progresses, and the load/latency figures the router and /metrics use."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    worker: str
+    incarnation: str
+    role: str
+    pid: int
+    node_id: str
+    steps: int  # engine steps completed so far
+    has_work: bool
+    step_busy_s: float  # how long the current step has been running (0: none running)
+    consecutive_step_failures: int
+    agent_name: str  # the NIXL agent of this incarnation
+    counters: dict[str, float] = field(default_factory=dict)  # cumulative figures for /metrics
+    gauges: dict[str, float] = field(default_factory=dict)  # current levels (blocks in use, queue lengths)
 
 
 @dataclass
@@ -179,7 +267,7 @@ class KVEventBatch(WireMessage):
     """KV events a worker publishes, numbered per worker so the router can spot a gap (and ask for a snapshot).
 
     A batch with `snapshot=True` replaces everything the router knew of the worker: `events` then holds one
-    `stored` event with every hash the worker currently caches.
+    `stored` event per tier with every hash the worker currently holds there.
     """
 
     TYPE: ClassVar[str] = "kv_event_batch"

@@ -1,23 +1,32 @@
-"""The engine: admits requests, runs scheduler -> runner steps, applies stop rules, emits TokenDeltas and KVEvents."""
+"""The engine: admits requests, runs scheduler -> runner steps, applies stop rules, emits TokenDeltas and KVEvents.
+
+Also the engine's side of moving KV between workers: it leases blocks for a reader (`hold_kv` requests and
+`export_prefix`), and accepts another worker's KV for a request (`add_request(remote=...)`: the scheduler reads
+it through the KV connector before computing anything).  A request can resume after output a client already
+received from a worker that died (`resume_token_ids`).
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
+from typing import Sequence as Sequence_
 
 import torch
 
 from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool
-from disagg.engine.handoff import ImportPlan, LeaseTable, plan_import
+from disagg.engine.handoff import LeaseTable
 from disagg.engine.kv_cache import bytes_per_block
 from disagg.engine.model import ModelConfig
 from disagg.engine.runner import ModelRunner
-from disagg.engine.scheduler import Scheduler
+from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer
-from disagg.protocol import KVEvent, PrefillResult, SamplingParams, TokenDelta
+from disagg.kv.connector import KVConnector, KVSource
+from disagg.kv.store import TieredStore
+from disagg.protocol import FinishReason, KVEvent, PrefillResult, Request, SamplingParams, Tier, TokenDelta
 
 
 def resolve_device(name: str) -> torch.device:
@@ -50,7 +59,10 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, runner: Any = None,
                  model_config: ModelConfig | None = None) -> None:
         """runner + model_config: a stand-in for the model (the bench's simulated workers): nothing is loaded,
-        the config's model directory is not read, and config.num_blocks sizes the pool."""
+        the config's model directory is not read, and config.num_blocks sizes the pool.
+
+        KV sources besides the device prefix cache (a peer over the transport, the CPU/disk tiers) are injected
+        afterwards with `attach`; without them the engine is a plain single-node engine."""
         self.config = config = config or EngineConfig()
         simulated = runner is not None
         if simulated and (model_config is None or not config.num_blocks):
@@ -64,6 +76,7 @@ class LLMEngine:
             torch.set_num_threads(config.num_threads)
         dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
                  "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+        self.dtype = dtype
         self.model_config = mc = model_config if simulated else ModelConfig.from_dir(model_dir)
         self.tokenizer = None
         if not simulated and (model_dir / "tokenizer.json").exists():
@@ -75,27 +88,64 @@ class LLMEngine:
             raise ValueError(f"KV cache of {num_blocks} blocks x {bs} tokens cannot hold one sequence of "
                              f"max_model_len={self.max_model_len}; raise num_blocks or lower max_model_len")
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens)
+        self.connector = KVConnector(self.pool, bs, load_timeout_s=config.kv_load_timeout_s)
+        self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens, self.connector)
         self.runner = runner or ModelRunner(model_dir, mc, num_blocks, bs, self.device, dtype)
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
-        self.leases = LeaseTable(self.pool, config.kv_lease_timeout_s)  # prefill role: blocks awaiting a reader
-        self.importing: dict[str, Sequence] = {}  # decode role: prompts whose KV is being read from a peer
+        self.leases = LeaseTable(self.pool, config.kv_lease_timeout_s)  # blocks a peer is about to read
         self.stats = EngineStats()
+        self.prefill_s_per_token: float | None = None  # measured, for "is loading cheaper than recomputing"
+
+    # ------------------------------------------------------------------ wiring
+    @property
+    def kv_tensor(self) -> torch.Tensor | None:
+        cache = getattr(self.runner, "kv_cache", None)
+        return cache.tensor if cache is not None else None
+
+    def attach(self, peer: KVSource | None = None, tiers: TieredStore | None = None) -> None:
+        """Inject the KV sources: a PeerSource (reads over the worker's transport) and/or a TieredStore."""
+        self.connector.peer = peer
+        self.connector.tiers = tiers
+        self.leases.release_cpu = tiers.release_export if tiers is not None else None
+
+    @property
+    def tiers(self) -> TieredStore | None:
+        return self.connector.tiers
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt: str | list[int],
-                    sampling: SamplingParams | dict | None = None, hold_kv: bool = False) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], sampling: SamplingParams | dict | None = None,
+                    *, hold_kv: bool = False, remote: PrefillResult | None = None,
+                    resume_token_ids: Sequence_[int] = (), resume_num_chars: int = 0,
+                    session_id: str | None = None, kv_retention_s: float | None = None) -> None:
         """Validate and queue a request. Bad input raises ValueError and leaves the engine untouched.
 
-        hold_kv (prefill role): when the request finishes, its blocks are leased for a decode worker to read.
+        hold_kv: when the request finishes, its blocks are leased for another worker to read (prefill role).
+        remote: another worker's KV for this prompt (its prefill result): read before computing anything.
+        resume_token_ids / resume_num_chars: output already delivered by a worker that died (migration).
+        session_id / kv_retention_s: pin the session's blocks in the CPU tier for that long when done.
         """
         seq = self._new_sequence(request_id, prompt, sampling)
-        seq.hold_kv = hold_kv
+        if resume_token_ids:
+            self._resume(seq, list(resume_token_ids), resume_num_chars)
+        if remote is not None and remote.num_tokens != seq.num_tokens and remote.first_token is not None:
+            raise ValueError(f"prefill result covers {remote.num_tokens} tokens, the request has {seq.num_tokens}")
+        seq.hold_kv, seq.remote = hold_kv, remote
+        seq.session_id, seq.kv_retention_s = session_id, kv_retention_s
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
+        if kv_retention_s and session_id and self.tiers is not None and self.tiers.is_pinned_session(session_id):
+            seq.update_block_hashes()  # the next turn of a pinned session: bring its prefix back now
+            self.connector.prefetch(seq.block_hashes[:(seq.num_tokens - 1) // self.config.block_size])
+
+    def add(self, request: Request, *, hold_kv: bool = False, remote: PrefillResult | None = None) -> None:
+        """add_request for a wire Request."""
+        self.add_request(request.request_id, request.prompt_token_ids, request.sampling, hold_kv=hold_kv,
+                         remote=remote, resume_token_ids=request.resume_token_ids,
+                         resume_num_chars=request.resume_num_chars, session_id=request.session_id,
+                         kv_retention_s=request.kv_retention_s)
 
     def _new_sequence(self, request_id: str, prompt: str | list[int],
                       sampling: SamplingParams | dict | None) -> Sequence:
@@ -109,15 +159,33 @@ class LLMEngine:
         token_ids = self._tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt is empty")
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        self._check_ids(token_ids, "prompt")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "
                              f"(prompt + at least one generated token)")
         if sampling.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
         return Sequence(request_id, token_ids, sampling, self.config.block_size)
+
+    def _check_ids(self, token_ids: list[int], what: str) -> None:
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"{what} token ids must be integers in [0, {vocab})")
+
+    def _resume(self, seq: Sequence, tokens: list[int], num_chars: int) -> None:
+        """Continue after output a client already has: recompute it, rebuild its text, emit only what is new."""
+        self._check_ids(tokens, "resumed")
+        if len(tokens) >= seq.sampling.max_tokens or seq.num_prompt_tokens + len(tokens) >= self.max_model_len:
+            raise ValueError("a resumed request must have room for at least one more token")
+        for token in tokens:
+            seq.token_ids.append(token)
+            if self.tokenizer is not None:
+                text, seq.prefix_offset, seq.read_offset = self.tokenizer.decode_incremental(
+                    seq.token_ids, seq.prefix_offset, seq.read_offset)
+                seq.text += text
+        if not 0 <= num_chars <= len(seq.text):
+            raise ValueError(f"resume_num_chars={num_chars} but the resumed tokens decode to {len(seq.text)}")
+        seq.num_emitted_chars = num_chars
 
     def _tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -132,70 +200,61 @@ class LLMEngine:
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
-        if self.importing.pop(request_id, None) is not None:
-            self.pool.free(seq.block_ids)
-            seq.block_ids = []
-        self.scheduler.finish(seq, "abort")
+        self.scheduler.finish(seq, FinishReason.ABORT.value)
         return True
 
-    # ------------------------------------------------------------------ prefill role
+    # ------------------------------------------------------------------ offering KV to other workers
     def prefill_result(self, request_id: str, agent_name: str, first_token: int,
-                       finish_reason: str | None) -> PrefillResult:
-        """Describe a finished hold_kv request's leased blocks for the decode side."""
+                       finish_reason: str | None, num_cached_tokens: int = 0) -> PrefillResult:
+        """Describe a finished hold_kv request's leased blocks for the reader."""
         lease = self.leases.leases[request_id]
         return PrefillResult(request_id=request_id, agent_name=agent_name, block_ids=list(lease.block_ids),
-                             num_prompt_tokens=lease.num_tokens, first_token=first_token,
-                             finish_reason=finish_reason)
+                             regions=list(lease.regions), num_tokens=lease.num_tokens, first_token=first_token,
+                             finish_reason=finish_reason, num_cached_tokens=num_cached_tokens)
 
-    # ------------------------------------------------------------------ decode role
-    def import_remote(self, request_id: str, prompt: list[int], sampling: SamplingParams | dict | None,
-                      result: PrefillResult) -> ImportPlan:
-        """Reserve blocks for a remotely prefilled prompt; the caller reads `plan.remote_blocks` into
-        `plan.local_blocks`, then calls commit_import (or abort_import). Raises NoFreeBlocksError if short."""
-        seq = self._new_sequence(request_id, prompt, sampling)
-        if result.num_prompt_tokens != seq.num_prompt_tokens:
-            raise ValueError("prefill result does not match the prompt")
-        plan = plan_import(seq, self.pool, result.block_ids)
-        self.scheduler.stats.prefix_query_tokens += seq.num_prompt_tokens
-        self.scheduler.stats.prefix_hit_tokens += seq.num_cached_tokens
-        seq.token_ids.append(result.first_token)
-        self.seqs[request_id] = seq
-        self.importing[request_id] = seq
-        return plan
+    def export_prefix(self, request_id: str, block_hashes: list[int], agent_name: str) -> PrefillResult | None:
+        """Lease the leading `block_hashes` this worker holds on the device or in its CPU tier, for a peer to
+        read instead of recomputing them; None if it holds none."""
+        hits = self.pool.lookup_prefix(block_hashes)
+        self.pool.touch(hits)
+        slots = self.tiers.export(block_hashes[len(hits):]) if self.tiers is not None else []
+        if not hits and not slots:
+            return None
+        regions = [Tier.DEVICE.value] * len(hits) + [Tier.CPU.value] * len(slots)
+        n = len(hits) + len(slots)
+        self.leases.hold(request_id, hits + slots, n * self.config.block_size, regions=regions)
+        return PrefillResult(request_id, agent_name, hits + slots, regions, n * self.config.block_size)
 
-    def commit_import(self, request_id: str) -> TokenDelta:
-        """The KV has landed: the sequence joins the batch and its first token (from prefill) is emitted."""
-        seq = self.importing.pop(request_id)
-        seq.num_computed_tokens = seq.num_prompt_tokens
-        seq.first_token_time = time.monotonic()
-        self.scheduler.add_computed(seq)
-        self.stats.generated_tokens += 1
-        return self._process_token(seq, seq.token_ids[-1])
-
-    def abort_import(self, request_id: str) -> None:
-        """The read failed: drop the reserved blocks and prefill locally instead (recompute)."""
-        seq = self.importing.pop(request_id)
-        self.pool.free(seq.block_ids)
-        seq.block_ids, seq.num_computed_tokens, seq.num_registered_blocks = [], 0, 0
-        seq.num_cached_tokens = 0
-        del seq.token_ids[seq.num_prompt_tokens:]
-        self.scheduler.add(seq)
-
+    # ------------------------------------------------------------------ state
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     def drain_kv_events(self) -> list[KVEvent]:
-        return self.pool.drain_events()
+        return self.pool.drain_events() + self.connector.drain_events()
+
+    def kv_hashes(self) -> dict[Tier, list[int]]:
+        """Every block hash held now, per tier (a snapshot for the router)."""
+        out = {Tier.DEVICE: self.pool.cached_hashes()}
+        if self.tiers is not None:
+            out.update(self.tiers.tier_hashes())
+        return out
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[TokenDelta]:
+        self.connector.tick()
         batch = self.scheduler.schedule()
+        deltas = [self._process_token(seq, seq.token_ids[-1], imported=True) for seq in batch.imported]
+        if batch.imported and any(seq.is_finished for seq in batch.seqs):  # max_tokens=1: done with the first
+            keep = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
+            batch.seqs = [batch.seqs[i] for i in keep]
+            batch.num_new_tokens = [batch.num_new_tokens[i] for i in keep]
         if not batch.seqs:
-            return []
+            return deltas
+        t0 = time.perf_counter()
         sampled = self.runner.execute(batch)
+        self._measure(batch, time.perf_counter() - t0)
         self.scheduler.on_step_done(batch)
         self.stats.steps += 1
-        deltas = []
         now = time.monotonic()
         for row, token in sampled.items():
             seq = batch.seqs[row]
@@ -206,14 +265,26 @@ class LLMEngine:
             deltas.append(self._process_token(seq, token))
         return deltas
 
-    def _process_token(self, seq: Sequence, token: int) -> TokenDelta:
+    def _measure(self, batch: ScheduledBatch, seconds: float) -> None:
+        tokens = batch.total_tokens
+        if tokens < self.config.block_size:  # decode-only steps say little about prefill cost
+            return
+        per_token = seconds / tokens
+        old = self.prefill_s_per_token
+        self.prefill_s_per_token = per_token if old is None else 0.8 * old + 0.2 * per_token
+        self.connector.recompute_s_per_block = self.prefill_s_per_token * self.config.block_size
+
+    def _process_token(self, seq: Sequence, token: int, imported: bool = False) -> TokenDelta:
         sp = seq.sampling
         reason = None
         visible = True
+        if imported:
+            seq.first_token_time = time.monotonic()
+            self.stats.generated_tokens += 1
         if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
-            reason, visible = "stop", False
+            reason, visible = FinishReason.STOP.value, False
         elif len(seq.output_token_ids) >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
+            reason = FinishReason.LENGTH.value
         if self.tokenizer is not None and visible:
             new_text, seq.prefix_offset, seq.read_offset = self.tokenizer.decode_incremental(
                 seq.token_ids, seq.prefix_offset, seq.read_offset)
@@ -222,13 +293,9 @@ class LLMEngine:
                 cut = seq.text.find(stop, max(0, seq.num_emitted_chars - len(stop)))
                 if cut != -1:
                     seq.text = seq.text[:cut]
-                    reason = "stop"
+                    reason = FinishReason.STOP.value
         if reason is not None:
-            if seq.hold_kv:
-                self.leases.hold(seq.request_id, seq.block_ids, seq.num_prompt_tokens)
-                seq.block_ids = []
-            self.scheduler.finish(seq, reason)
-            del self.seqs[seq.request_id]
+            self._retire(seq, reason)
         # Hold back text that could be the start of a stop string until it is decided.
         hold = 0 if reason else max((len(s) - 1 for s in sp.stop), default=0)
         emit_to = max(seq.num_emitted_chars, len(seq.text) - hold)
@@ -236,6 +303,17 @@ class LLMEngine:
         seq.num_emitted_chars = emit_to
         return TokenDelta(request_id=seq.request_id, token_ids=[token], text=text, finish_reason=reason,
                           num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        if seq.kv_retention_s and seq.session_id and self.tiers is not None:
+            seq.update_block_hashes()
+            self.tiers.pin(seq.session_id, seq.block_hashes[:seq.num_registered_blocks], seq.kv_retention_s)
+        if seq.hold_kv:
+            # the KV of every token but the last sampled one is in the blocks (the last has no KV yet)
+            self.leases.hold(seq.request_id, seq.block_ids, seq.num_tokens - 1)
+            seq.block_ids = []
+        self.scheduler.finish(seq, reason)
+        del self.seqs[seq.request_id]
 
     # ------------------------------------------------------------------ offline convenience
     def generate(self, prompts: Iterable[str | list[int]],

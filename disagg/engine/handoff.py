@@ -1,41 +1,51 @@
-"""KV handoff between a prefill engine and a decode engine (the scheduler side of the KV connector).
+"""Leases: blocks an owner holds for another worker to read (a finished prefill, or a prefix it offers).
 
-Prefill side: a finished `hold_kv` request's blocks move into a `Lease` instead of being freed; the lease ends
-when the decode side's read completes (`release`) or when it expires (the reader vanished).
-Decode side: `plan_import` reserves destination blocks for a remotely prefilled prompt - locally cached prefix
-blocks are reused, only the rest are read - and `commit_import` / `abort_import` end the transfer.
+A lease ends when the reader's NIXL notification names it (`release`), or when it expires (the reader
+vanished).  A lease may mix device blocks (freed on release) and CPU-tier slots (unreferenced on release);
+`regions[i]` says which `block_ids[i]` is.  The reading side is the KV connector (`disagg/kv/`).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from disagg.engine.block_pool import BlockPool
-from disagg.engine.sequence import Sequence
+from disagg.protocol import Tier
 
 
 @dataclass
 class Lease:
     block_ids: list[int]
-    num_tokens: int  # tokens whose KV the blocks hold (the prompt)
+    num_tokens: int  # tokens whose KV the blocks hold
     deadline: float
+    regions: list[str] = field(default_factory=list)
 
 
 class LeaseTable:
-    def __init__(self, pool: BlockPool, timeout_s: float) -> None:
+    def __init__(self, pool: BlockPool, timeout_s: float,
+                 release_cpu: Callable[[list[int]], None] | None = None) -> None:
         self.pool = pool
         self.timeout_s = timeout_s
+        self.release_cpu = release_cpu
         self.leases: dict[str, Lease] = {}
         self.num_expired = 0
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int) -> None:
-        self.leases[request_id] = Lease(block_ids, num_tokens, time.monotonic() + self.timeout_s)
+    def hold(self, request_id: str, block_ids: list[int], num_tokens: int, regions: list[str] | None = None) -> None:
+        if request_id in self.leases:  # a second offer under the same id replaces the first
+            self.release(request_id)
+        regions = regions or [Tier.DEVICE.value] * len(block_ids)
+        self.leases[request_id] = Lease(list(block_ids), num_tokens, time.monotonic() + self.timeout_s, regions)
 
     def release(self, request_id: str) -> bool:
         lease = self.leases.pop(request_id, None)
         if lease is None:
             return False
-        self.pool.free(lease.block_ids)
+        device = [b for b, r in zip(lease.block_ids, lease.regions) if r == Tier.DEVICE.value]
+        cpu = [b for b, r in zip(lease.block_ids, lease.regions) if r == Tier.CPU.value]
+        self.pool.free(device)
+        if cpu and self.release_cpu is not None:
+            self.release_cpu(cpu)
         return True
 
     def expire(self, now: float | None = None) -> list[str]:
@@ -45,34 +55,3 @@ class LeaseTable:
             self.release(rid)
         self.num_expired += len(expired)
         return expired
-
-
-@dataclass
-class ImportPlan:
-    """Read remote_blocks[i] into local_blocks[i]; `num_local_hit_blocks` leading blocks were already here."""
-
-    request_id: str
-    remote_blocks: list[int]
-    local_blocks: list[int]
-    num_local_hit_blocks: int
-
-
-def plan_import(seq: Sequence, pool: BlockPool, remote_block_ids: list[int]) -> ImportPlan:
-    """Reserve every prompt block for `seq` (prefix hits + fresh blocks); raises NoFreeBlocksError if short."""
-    bs = seq.block_size
-    num_blocks = -(-seq.num_prompt_tokens // bs)
-    if len(remote_block_ids) != num_blocks:
-        raise ValueError(f"prefill sent {len(remote_block_ids)} blocks for a {seq.num_prompt_tokens}-token prompt")
-    seq.update_block_hashes()
-    full_prompt_blocks = seq.num_prompt_tokens // bs
-    hits = pool.lookup_prefix(seq.block_hashes[:full_prompt_blocks])
-    pool.touch(hits)
-    try:
-        fresh = pool.allocate(num_blocks - len(hits))
-    except Exception:
-        pool.free(hits)
-        raise
-    seq.block_ids = hits + fresh
-    seq.num_registered_blocks = len(hits)
-    seq.num_cached_tokens = len(hits) * bs
-    return ImportPlan(seq.request_id, remote_block_ids[len(hits):], fresh, len(hits))

@@ -1,17 +1,28 @@
-"""Continuous batching with chunked prefill and preemption by recompute (vLLM v1 style, one token budget).
+"""Continuous batching with chunked prefill and preemption by recompute (vLLM v1 style, one token budget), with
+loading KV as a scheduler state.
 
-Each step: running sequences first (each decode needs 1 token, an unfinished prefill takes the rest of its prompt
-up to the budget), then waiting ones in arrival order while budget, sequence slots and blocks last.  A sequence
-that cannot get a block preempts the most recently admitted running sequence: its blocks are freed (full blocks
-stay in the prefix cache, so the recompute is usually cheap) and it goes back to the head of the queue.
+Each step: finished KV loads rejoin the queue, then running sequences (each decode needs 1 token, an unfinished
+prefill takes the rest of its prompt up to the budget), then waiting ones in arrival order while budget,
+sequence slots and blocks last.  When a waiting sequence is admitted, its leading blocks come from the device
+prefix cache; past those, the KV connector may offer more (a peer's prefill result, the CPU or disk tier):
+then blocks are reserved, the load starts and the sequence waits in WAITING_FOR_KV, polled every step, without
+holding up the queue behind it.  A finished load puts it back at the head with its computed tokens advanced; a
+failed one (or the failed part of one) is recomputed.  A sequence that cannot get a block preempts the most
+recently admitted running sequence: its blocks are freed (full blocks stay in the prefix cache, so the
+recompute is usually cheap) and it goes back to the head of the queue.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from disagg.engine.block_pool import BlockPool
+from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.engine.sequence import Sequence, SequenceStatus
+from disagg.errors import TransferFailed
+from disagg.kv.connector import KVConnector, KVLoad, LoadState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -19,6 +30,7 @@ class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    imported: list[Sequence] = field(default_factory=list)  # a peer's prefill landed: emit its first token
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -32,34 +44,38 @@ class ScheduledBatch:
 class SchedulerStats:
     num_preemptions: int = 0
     prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_hit_tokens: int = 0  # of which found cached
+    prefix_hit_tokens: int = 0  # of which found cached on the device
+    loaded_tokens: int = 0  # of which loaded from a peer or a tier instead of computed
+    failed_loads: int = 0  # loads that (partly) failed and were recomputed
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 connector: KVConnector | None = None) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.connector = connector or KVConnector(pool, block_size)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.loading: list[Sequence] = []
         self.stats = SchedulerStats()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def add_computed(self, seq: Sequence) -> None:
-        """Queue a sequence whose prompt KV is already in its blocks (imported): it resumes at the head."""
-        seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
-        self.register_full_blocks(seq)
-
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.running) + len(self.loading)
 
     # ------------------------------------------------------------------ one step
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        self._poll_loads(batch)
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -78,24 +94,17 @@ class Scheduler:
                 i += 1
         if batch.preempted:
             return batch  # memory is short: admit nothing new this step
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while self.waiting and budget > 0 and self.num_active < self.max_num_seqs:
             seq = self.waiting[0]
-            hits = self._lookup_prefix(seq) if not seq.block_ids else []
-            computed = len(hits) * self.block_size if hits else seq.num_computed_tokens
-            n = min(seq.num_tokens - computed, budget)
-            if hits:
-                self.pool.touch(hits)
-            if not self._reserve(seq, n, extra_blocks=hits, computed=computed):
-                if hits:
-                    self.pool.free(hits)
+            n = self._admit(seq, budget)
+            if n is None:
                 break
-            if hits:
-                seq.block_ids = hits + seq.block_ids
-                seq.num_computed_tokens = computed
-                seq.num_registered_blocks = len(hits)
-            if seq.num_preemptions == 0 and seq.first_token_time is None:
-                seq.num_cached_tokens = computed
             self.waiting.popleft()
+            if seq.status is SequenceStatus.WAITING_FOR_KV:
+                continue
+            if seq.pending_first_token:  # a peer's prefill result: its first token goes out now
+                seq.pending_first_token = False
+                batch.imported.append(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
@@ -103,14 +112,106 @@ class Scheduler:
             budget -= n
         return batch
 
+    def _admit(self, seq: Sequence, budget: int) -> int | None:
+        """Reserve what the head of the queue needs: the tokens it computes this step (0 when it starts a KV
+        load instead), or None if the pool is short."""
+        hits: list[int] = []
+        if not seq.block_ids:
+            hits = self._lookup_prefix(seq)
+            load = self.connector.plan(seq, len(hits))
+            if load is not None:
+                return self._start_load(seq, hits, load)
+            if seq.remote is not None:
+                self._remote_already_cached(seq)
+        computed = len(hits) * self.block_size if hits else seq.num_computed_tokens
+        n = min(seq.num_tokens - computed, budget)
+        if hits:
+            self.pool.touch(hits)
+        if not self._reserve(seq, n, extra_blocks=hits, computed=computed):
+            if hits:
+                self.pool.free(hits)
+            return None
+        if hits:
+            seq.block_ids = hits + seq.block_ids
+            seq.num_computed_tokens = computed
+            seq.num_registered_blocks = len(hits)
+        if seq.num_preemptions == 0 and seq.first_token_time is None and seq.credited_tokens is None:
+            seq.num_cached_tokens = min(computed, seq.num_prompt_tokens)
+        return n
+
     def _lookup_prefix(self, seq: Sequence) -> list[int]:
         seq.update_block_hashes()
-        # Leave at least one token to compute so the step yields logits for the next token.
-        usable = (seq.num_tokens - 1) // self.block_size
+        if seq.remote is not None and seq.remote.first_token is not None:
+            usable = seq.remote.num_tokens // self.block_size  # the first token is known: every full block counts
+        else:  # leave at least one token to compute so the step yields logits for the next token
+            usable = (seq.num_tokens - 1) // self.block_size
         hits = self.pool.lookup_prefix(seq.block_hashes[:usable])
         self.stats.prefix_query_tokens += seq.num_prompt_tokens
         self.stats.prefix_hit_tokens += min(len(hits) * self.block_size, seq.num_prompt_tokens)
         return hits
+
+    def _remote_already_cached(self, seq: Sequence) -> None:
+        """Every block the peer offered is in the local prefix cache: nothing to read; let the peer go."""
+        result = seq.remote
+        self.connector.remote_without_read(seq)
+        seq.remote = None
+        seq.credited_tokens = result.num_cached_tokens if result.first_token is not None else result.num_tokens
+        seq.num_cached_tokens = min(seq.credited_tokens, seq.num_prompt_tokens)
+        if result.first_token is not None:
+            seq.token_ids.append(result.first_token)
+            seq.pending_first_token = True
+
+    def _start_load(self, seq: Sequence, hits: list[int], load: KVLoad) -> int | None:
+        self.pool.touch(hits)
+        try:
+            dst = self.pool.allocate(load.num_blocks)
+        except NoFreeBlocksError:
+            self.pool.free(hits)
+            return None
+        seq.block_ids = hits + dst
+        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_registered_blocks = len(hits)
+        load.dst_block_ids = dst
+        seq.kv_load = load
+        seq.status = SequenceStatus.WAITING_FOR_KV
+        self.loading.append(seq)
+        try:
+            self.connector.start(load)
+        except (TransferFailed, OSError) as exc:  # could not even start: handled as a failed load next step
+            log.warning("KV load for %s failed to start: %s", seq.request_id, exc)
+        return 0
+
+    def _poll_loads(self, batch: ScheduledBatch) -> None:
+        for seq in list(self.loading):
+            load: KVLoad = seq.kv_load
+            state = self.connector.poll(load)
+            if state is LoadState.PENDING:
+                continue
+            self.loading.remove(seq)
+            seq.kv_load = None
+            remote = seq.remote
+            if state is LoadState.DONE and load.num_ok_blocks == load.num_blocks:
+                seq.num_computed_tokens = load.num_tokens
+                if load.first_token is not None:
+                    seq.token_ids.append(load.first_token)
+                    seq.pending_first_token = True
+                if remote is not None:  # credit what the peer did not compute, not what was read
+                    seq.credited_tokens = remote.num_cached_tokens if load.first_token is not None else \
+                        remote.num_tokens
+            else:
+                self.stats.failed_loads += 1
+                good = load.first_block + load.num_ok_blocks
+                if not self.connector.release_failed(load):
+                    seq.block_ids = seq.block_ids[:good]  # the connector keeps the rest until no write can land
+                seq.num_computed_tokens = good * self.block_size
+            seq.remote = None
+            self.stats.loaded_tokens += seq.num_computed_tokens - load.first_block * self.block_size
+            self.register_full_blocks(seq)
+            if seq.num_preemptions == 0 and seq.first_token_time is None:
+                credited = seq.num_computed_tokens if seq.credited_tokens is None else seq.credited_tokens
+                seq.num_cached_tokens = min(credited, seq.num_prompt_tokens)
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
 
     def _reserve(self, seq: Sequence, n: int, extra_blocks: list[int] | None = None,
                  computed: int | None = None) -> bool:
@@ -137,7 +238,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ after the model ran
     def on_step_done(self, batch: ScheduledBatch) -> None:
-        """Advance computed counts and offer newly full blocks to the prefix cache."""
+        """Advance computed counts and offer newly full blocks to the prefix cache (and the tiers)."""
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
             self.register_full_blocks(seq)
@@ -150,6 +251,7 @@ class Scheduler:
         start = seq.num_registered_blocks
         parent = seq.block_hashes[start - 1] if start else None
         self.pool.cache_blocks(seq.block_ids[start:full], seq.block_hashes[start:full], parent)
+        self.connector.on_computed(seq.block_ids[start:full], seq.block_hashes[start:full])
         seq.num_registered_blocks = full
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -158,6 +260,12 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status == SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        elif seq.status == SequenceStatus.WAITING_FOR_KV:
+            self.loading.remove(seq)
+            load: KVLoad = seq.kv_load
+            self.connector.cancel(load)  # its destination blocks: freed now or once no write can land
+            seq.block_ids = seq.block_ids[:load.first_block]
+            seq.kv_load = None
         if seq.block_ids:
             self.pool.free(seq.block_ids)
             seq.block_ids = []

@@ -5,11 +5,14 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from disagg.protocol import SamplingParams, hash_block_tokens
+from typing import Any
+
+from disagg.protocol import PrefillResult, SamplingParams, hash_block_tokens
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_KV = "waiting_for_kv"  # blocks reserved, KV being loaded (peer read, CPU or disk tier)
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -27,11 +30,17 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of the full blocks of token_ids
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    num_cached_tokens: int = 0  # prompt tokens not computed for this request (prefix cache, tiers, a peer)
     num_preemptions: int = 0
     finish_reason: str | None = None
     first_token_time: float | None = None
     hold_kv: bool = False  # prefill role: keep the blocks (leased) when finished, for the decode side to read
+    remote: PrefillResult | None = None  # KV offered by another worker, read before this sequence computes
+    kv_load: Any = None  # the KVLoad in flight while status is WAITING_FOR_KV
+    pending_first_token: bool = False  # the last token came with a peer's KV and has not been emitted yet
+    credited_tokens: int | None = None  # prompt tokens a peer saved from compute (reported as cached)
+    session_id: str | None = None
+    kv_retention_s: float | None = None  # pin this session's blocks in the CPU tier for this long when done
     # incremental detokenization state (engine-owned)
     text: str = ""
     prefix_offset: int = 0

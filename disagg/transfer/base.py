@@ -1,9 +1,10 @@
-"""KVTransport: how a decode worker reads KV blocks out of a prefill worker's cache.
+"""KVTransport: how one worker reads KV blocks out of another worker's registered memory.
 
-The cache tensor is [blocks, layers, 2, block_size, kv_heads, head_dim], so one block - K and V of every layer -
-is one contiguous region of `block_bytes`, and consecutive block ids are adjacent.  `plan_regions` turns a
-(remote ids -> local ids) mapping into paired (address, length) regions, merging runs that are consecutive on
-both sides: one descriptor per run of blocks.
+A worker registers up to two regions, both block-major with the same per-block layout: its device KV cache
+(Tier.DEVICE) and its CPU tier (Tier.CPU).  One block - K and V of every layer - is one contiguous region of
+`block_bytes`, and consecutive block ids are adjacent, so `plan_regions` turns (remote region, remote id) ->
+local id pairs into (address, length) descriptors, merging runs that are consecutive on both sides: one
+descriptor per run of blocks.  Reads always land in the reader's device cache.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from disagg.protocol import WireMessage
+from disagg.errors import TransferFailed
+from disagg.protocol import Tier, WireMessage
 
 
 class TransferState(enum.Enum):
@@ -23,32 +25,51 @@ class TransferState(enum.Enum):
     FAILED = "failed"
 
 
-class TransferError(RuntimeError):
-    pass
+TransferError = TransferFailed  # the transfer layer's name for the project-wide error
 
 
 @dataclass
-class KVLayout(WireMessage):
-    """What a peer needs to address this worker's KV cache, sent once per pair."""
-
-    TYPE: ClassVar[str] = "kv_layout"
-    agent_name: str
-    agent_metadata: bytes
+class KVRegion:
     base_addr: int
-    num_layers: int
     num_blocks: int
-    block_bytes: int  # one block: K and V of every layer
     mem_type: str  # "DRAM" | "VRAM"
     device_id: int
 
     @classmethod
-    def of(cls, kv: torch.Tensor, agent_name: str, agent_metadata: bytes) -> "KVLayout":
-        if not kv.is_contiguous():
-            raise ValueError("the KV cache must be one contiguous tensor")
-        num_blocks, num_layers = kv.shape[0], kv.shape[1]
-        return cls(agent_name=agent_name, agent_metadata=agent_metadata, base_addr=kv.data_ptr(),
-                   num_layers=num_layers, num_blocks=num_blocks, block_bytes=kv[0].numel() * kv.element_size(),
-                   mem_type="VRAM" if kv.is_cuda else "DRAM", device_id=kv.device.index or 0)
+    def of(cls, tensor: torch.Tensor) -> "KVRegion":
+        if not tensor.is_contiguous():
+            raise ValueError("a registered KV region must be one contiguous tensor")
+        return cls(tensor.data_ptr(), tensor.shape[0], "VRAM" if tensor.is_cuda else "DRAM",
+                   tensor.device.index or 0)
+
+
+@dataclass
+class KVLayout(WireMessage):
+    """What a peer needs to address this worker's KV memory, sent once per pair (and again after a restart)."""
+
+    TYPE: ClassVar[str] = "kv_layout"
+    agent_name: str
+    agent_metadata: bytes
+    num_layers: int
+    block_bytes: int  # one block: K and V of every layer
+    regions: dict[str, dict]  # Tier value -> KVRegion fields
+
+    @classmethod
+    def of(cls, kv: torch.Tensor, agent_name: str, agent_metadata: bytes,
+           cpu_tier: torch.Tensor | None = None) -> "KVLayout":
+        regions = {Tier.DEVICE.value: KVRegion.of(kv).__dict__}
+        if cpu_tier is not None:
+            if cpu_tier.shape[1:] != kv.shape[1:] or cpu_tier.dtype != kv.dtype:
+                raise ValueError("the CPU tier must have the device cache's block layout")
+            regions[Tier.CPU.value] = KVRegion.of(cpu_tier).__dict__
+        return cls(agent_name=agent_name, agent_metadata=agent_metadata, num_layers=kv.shape[1],
+                   block_bytes=kv[0].numel() * kv.element_size(), regions=regions)
+
+    def region(self, tier: Tier | str) -> KVRegion:
+        fields = self.regions.get(Tier(tier).value)
+        if fields is None:
+            raise TransferFailed(f"{self.agent_name} has no {Tier(tier).value} region")
+        return KVRegion(**fields)
 
 
 def paired_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
@@ -64,36 +85,65 @@ def paired_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, 
     return runs
 
 
-def plan_regions(src: KVLayout, dst: KVLayout, src_ids: list[int],
-                 dst_ids: list[int]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Paired (addr, len) lists for copying blocks src_ids of `src` into dst_ids of `dst` (all layers)."""
+@dataclass
+class RegionPlan:
+    """The descriptors of one transfer: everything that reads from one remote memory type."""
+
+    src_mem_type: str
+    src_device_id: int
+    src: list[tuple[int, int]]  # (addr, len)
+    dst: list[tuple[int, int]]
+
+
+def plan_regions(src: KVLayout, dst: KVLayout, src_refs: list[tuple[str, int]],
+                 dst_ids: list[int]) -> list[RegionPlan]:
+    """Descriptor lists for copying blocks `src_refs` ((region, id) on `src`) into `dst_ids` of dst's device
+    cache, one plan per remote memory type (a DRAM-only host needs one transfer for device and CPU blocks)."""
     if (src.num_layers, src.block_bytes) != (dst.num_layers, dst.block_bytes):
-        raise TransferError("peers have different KV layouts (layers or block bytes); a pack step is needed")
-    for ids, layout in ((src_ids, src), (dst_ids, dst)):
-        if any(not 0 <= b < layout.num_blocks for b in ids):
-            raise TransferError(f"block id out of range for {layout.agent_name} ({layout.num_blocks} blocks)")
-    runs = paired_runs(src_ids, dst_ids)
-    src_regions = [(src.base_addr + s * src.block_bytes, n * src.block_bytes) for s, _, n in runs]
-    dst_regions = [(dst.base_addr + d * dst.block_bytes, n * dst.block_bytes) for _, d, n in runs]
-    return src_regions, dst_regions
+        raise TransferFailed("peers have different KV layouts (layers or block bytes); a pack step is needed")
+    if len(src_refs) != len(dst_ids):
+        raise ValueError("source and destination block lists differ in length")
+    local = dst.region(Tier.DEVICE)
+    if any(not 0 <= b < local.num_blocks for b in dst_ids):
+        raise TransferFailed(f"block id out of range for {dst.agent_name} ({local.num_blocks} blocks)")
+    plans: dict[tuple[str, int], RegionPlan] = {}
+    groups: dict[str, tuple[list[int], list[int]]] = {}
+    for (tier, b), d in zip(src_refs, dst_ids):
+        ids = groups.setdefault(Tier(tier).value, ([], []))
+        ids[0].append(b)
+        ids[1].append(d)
+    bb = src.block_bytes
+    for tier, (s_ids, d_ids) in groups.items():
+        region = src.region(tier)
+        if any(not 0 <= b < region.num_blocks for b in s_ids):
+            raise TransferFailed(f"block id out of range for {src.agent_name}'s {tier} region "
+                                 f"({region.num_blocks} blocks)")
+        plan = plans.setdefault((region.mem_type, region.device_id),
+                                RegionPlan(region.mem_type, region.device_id, [], []))
+        for s, d, n in paired_runs(s_ids, d_ids):
+            plan.src.append((region.base_addr + s * bb, n * bb))
+            plan.dst.append((local.base_addr + d * bb, n * bb))
+    return list(plans.values())
 
 
 class KVTransport(ABC):
-    """One per worker. The decode side calls `read`; the prefill side sees the read's notification."""
+    """One per worker. A reader calls `read`; the owner sees the read's notification when it completes."""
 
     bytes_read: int = 0
 
     @abstractmethod
-    def register(self, kv: torch.Tensor) -> None: ...
+    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None) -> None: ...
 
     @abstractmethod
     def layout(self) -> KVLayout: ...
 
     @abstractmethod
-    def add_peer(self, layout: KVLayout) -> None: ...
+    def set_peers(self, layouts: list[KVLayout]) -> None:
+        """Make exactly these peers known (adding new agents, removing ones no longer listed: a restarted
+        worker's old incarnation is dropped, which fails any transfer still waiting on it)."""
 
     @abstractmethod
-    def read(self, peer: str, remote_blocks: list[int], local_blocks: list[int], notify: bytes) -> Any:
+    def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
         """Start copying the peer's blocks into ours; `notify` reaches the peer when the read completes."""
 
     @abstractmethod
@@ -109,3 +159,13 @@ class KVTransport(ABC):
     @abstractmethod
     def notifications(self) -> list[bytes]:
         """Messages peers attached to reads of our memory that have completed since the last call."""
+
+    def add_peer(self, layout: KVLayout) -> None:
+        """Add one peer, keeping the others."""
+        self.set_peers([*self.peer_layouts(), layout])
+
+    def peer_layouts(self) -> list[KVLayout]:
+        return []
+
+    def close(self) -> None:
+        """Release the agent (shutdown)."""

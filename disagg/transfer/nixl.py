@@ -1,17 +1,23 @@
 """KVTransport over NIXL (UCX backend): DRAM on CPU, VRAM on GPU.
 
-One agent per worker; the whole KV tensor is registered once.  Reads are initiated by the decode side with a
-notification that NIXL delivers to the prefill side when the data has landed.  On CPU, UCX runs over shared
-memory / TCP on loopback; the defaults below are what was verified to work between processes on one host.
+One agent per worker incarnation (its name carries the incarnation, so a restarted worker is a new agent and a
+stale PrefillResult can never address the new process's memory).  The KV cache and the CPU tier are registered
+once.  Reads are initiated by the reader with a notification that NIXL delivers to the owner when the data has
+landed; a read that spans two remote memory types (VRAM cache + DRAM tier on a GPU host) is two NIXL transfers,
+and the notification is then sent once both are done.  On CPU, UCX runs over shared memory / TCP on loopback.
 """
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from disagg.transfer.base import KVLayout, KVTransport, TransferError, TransferState, plan_regions
+
+log = logging.getLogger(__name__)
 
 # UCX on a GPU-less host: pick transports that exist here (shared memory, TCP, self) and keep UCX from probing
 # for CUDA/IB devices.  setdefault so an operator's own UCX_* settings win.
@@ -27,6 +33,14 @@ def _import_nixl():
     return nixl_agent, nixl_agent_config
 
 
+@dataclass
+class _Read:
+    peer: str
+    handles: list[Any]
+    notify: bytes | None  # sent by hand once every transfer is done (multi-transfer reads only)
+    done: set[int] = field(default_factory=set)
+
+
 class NixlTransport(KVTransport):
     def __init__(self, name: str, device: torch.device | None = None) -> None:
         if device is None or device.type == "cpu":
@@ -37,70 +51,96 @@ class NixlTransport(KVTransport):
         self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
         self._layout: KVLayout | None = None
         self._peers: dict[str, KVLayout] = {}
-        self._reg = None
+        self._regs: list[Any] = []
         self.bytes_read = 0
         self.num_reads = 0
 
-    def register(self, kv: torch.Tensor) -> None:
-        if self._reg is not None:
-            raise RuntimeError("KV cache already registered")
-        self._reg = self.agent.get_reg_descs(kv)
-        self.agent.register_memory(self._reg)
-        self._layout = KVLayout.of(kv, self.name, self.agent.get_agent_metadata())
+    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None) -> None:
+        if self._regs:
+            raise RuntimeError("KV memory already registered")
+        for tensor in filter(lambda t: t is not None, (kv, cpu_tier)):
+            reg = self.agent.get_reg_descs(tensor)
+            self.agent.register_memory(reg)
+            self._regs.append(reg)
+        self._layout = KVLayout.of(kv, self.name, self.agent.get_agent_metadata(), cpu_tier)
 
     def layout(self) -> KVLayout:
         if self._layout is None:
             raise RuntimeError("register the KV cache first")
         return self._layout
 
-    def add_peer(self, layout: KVLayout) -> None:
-        if layout.agent_name in self._peers:
-            return
-        name = self.agent.add_remote_agent(layout.agent_metadata)
-        name = name.decode() if isinstance(name, bytes) else name
-        if name != layout.agent_name:
-            raise TransferError(f"peer metadata names {name!r}, layout says {layout.agent_name!r}")
-        self._peers[name] = layout
+    def peer_layouts(self) -> list[KVLayout]:
+        return list(self._peers.values())
 
-    def remove_peer(self, name: str) -> None:
-        if self._peers.pop(name, None) is not None:
-            self.agent.remove_remote_agent(name)
+    def set_peers(self, layouts: list[KVLayout]) -> None:
+        wanted = {lay.agent_name: lay for lay in layouts if lay.agent_name != self.name}
+        for name in [n for n in self._peers if n not in wanted]:
+            self._peers.pop(name)
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception as exc:  # NIXL raises its own types; a peer already gone is fine
+                log.info("removing NIXL peer %s: %s", name, exc)
+        for name, lay in wanted.items():
+            if name in self._peers:
+                continue
+            added = self.agent.add_remote_agent(lay.agent_metadata)
+            added = added.decode() if isinstance(added, bytes) else added
+            if added != name:
+                raise TransferError(f"peer metadata names {added!r}, layout says {name!r}")
+            self._peers[name] = lay
 
-    def read(self, peer: str, remote_blocks: list[int], local_blocks: list[int], notify: bytes) -> Any:
+    def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
         remote = self._peers.get(peer)
         if remote is None:
             raise TransferError(f"unknown peer {peer!r}")
-        local = self.layout()
-        src, dst = plan_regions(remote, local, remote_blocks, local_blocks)
-        if not src:
+        plans = plan_regions(remote, self.layout(), remote_refs, local_blocks)
+        if not plans:
             raise TransferError("nothing to read")
-        local_descs = self.agent.get_xfer_descs([(a, n, local.device_id) for a, n in dst], local.mem_type)
-        remote_descs = self.agent.get_xfer_descs([(a, n, remote.device_id) for a, n in src], remote.mem_type)
+        local = self.layout().region("device")
+        single = len(plans) == 1
+        read = _Read(peer, [], None if single else notify)
         try:
-            handle = self.agent.initialize_xfer("READ", local_descs, remote_descs, peer, notify)
-            state = self.agent.transfer(handle)
+            for plan in plans:
+                local_descs = self.agent.get_xfer_descs([(a, n, local.device_id) for a, n in plan.dst],
+                                                        local.mem_type)
+                remote_descs = self.agent.get_xfer_descs([(a, n, plan.src_device_id) for a, n in plan.src],
+                                                         plan.src_mem_type)
+                handle = self.agent.initialize_xfer("READ", local_descs, remote_descs, peer,
+                                                    notify if single else b"")
+                read.handles.append(handle)
+                if self.agent.transfer(handle) == "ERR":
+                    raise TransferError(f"NIXL read from {peer} failed to post")
         except Exception as exc:  # NIXL raises its own error types from the bindings
+            self.release(read)
+            if isinstance(exc, TransferError):
+                raise
             raise TransferError(f"NIXL read from {peer} failed to start: {exc}") from exc
-        if state == "ERR":
-            self.agent.release_xfer_handle(handle)
-            raise TransferError(f"NIXL read from {peer} failed to post")
         self.num_reads += 1
-        self.bytes_read += sum(n for _, n in dst)
-        return handle
+        self.bytes_read += sum(n for plan in plans for _, n in plan.dst)
+        return read
 
-    def poll(self, handle: Any) -> TransferState:
-        state = self.agent.check_xfer_state(handle)
-        if state == "DONE":
-            return TransferState.DONE
-        if state == "ERR":
-            return TransferState.FAILED
-        return TransferState.PENDING
+    def poll(self, handle: _Read) -> TransferState:
+        for i, h in enumerate(handle.handles):
+            if i in handle.done:
+                continue
+            state = self.agent.check_xfer_state(h)
+            if state == "ERR":
+                return TransferState.FAILED
+            if state != "DONE":
+                return TransferState.PENDING
+            handle.done.add(i)
+        if handle.notify is not None:
+            self.notify(handle.peer, handle.notify)
+            handle.notify = None
+        return TransferState.DONE
 
-    def release(self, handle: Any) -> None:
-        try:
-            self.agent.release_xfer_handle(handle)
-        except Exception:  # a handle of a failed or dead-peer transfer may refuse release; nothing leaks locally
-            pass
+    def release(self, handle: _Read) -> None:
+        for h in handle.handles:
+            try:
+                self.agent.release_xfer_handle(h)
+            except Exception as exc:  # a handle of a failed or dead-peer transfer may refuse release
+                log.debug("release of a NIXL handle failed: %s", exc)
+        handle.handles = []
 
     def notify(self, peer: str, message: bytes) -> None:
         if peer not in self._peers:

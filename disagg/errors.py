@@ -1,0 +1,64 @@
+"""One error hierarchy for the whole project.
+
+Every error a request can meet is a `DisaggError` subclass that says what kind of failure it is; the HTTP layer
+maps the class to a status code and an OpenAI-style body in one place (`router/http_errors.py`).  Inside the
+cluster, `WorkerLost` and `TransferFailed` are recoverable: the router migrates the request or falls back to
+local prefill / recompute; only when no fallback is left does a client see `ServiceUnavailable`.
+"""
+from __future__ import annotations
+
+
+class DisaggError(Exception):
+    """Base class.  `param` / `code` fill the OpenAI error body's fields of the same names."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class InvalidRequest(DisaggError, ValueError):
+    """The client's input is wrong (bad field, prompt too long, ...). A ValueError too, so engine-level
+    validation (which raises ValueError) and API-level validation end up in the same place."""
+
+
+class NotFound(DisaggError):
+    """An unknown model or route."""
+
+
+class Unauthorized(DisaggError):
+    """Missing or wrong API key."""
+
+
+class Overloaded(DisaggError):
+    """The service is saturated and sheds this request (429 with Retry-After)."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = "overloaded",
+                 param: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnavailable(DisaggError):
+    """No worker that could serve the request is alive (or every fallback is spent)."""
+
+
+class WorkerLost(DisaggError):
+    """A worker died, hung or was taken out of routing while serving a request; the router migrates it."""
+
+    def __init__(self, message: str, *, worker: str = "", code: str | None = "worker_lost") -> None:
+        super().__init__(message, code=code)
+        self.worker = worker
+
+
+class TransferFailed(DisaggError, RuntimeError):
+    """A KV transfer failed or timed out; the receiving side recomputes."""
+
+
+class DeadlineExceeded(DisaggError, TimeoutError):
+    """A call past its deadline (prefill, KV read, stream start, snapshot)."""
+
+
+class InternalError(DisaggError):
+    """A bug or an unexpected failure: a JSON 500, never a plain-text one."""

@@ -1,0 +1,171 @@
+"""Disk tier: one file per KV block under `<root>/<engine fingerprint>/`, written atomically, verified on load.
+
+File = 48-byte header + payload (the block's bytes in the cache's block layout):
+
+    magic "DKVB" | version u16 | pad | fingerprint 16 ascii | block hash u64 | payload bytes u64 | crc32 u32 | pad
+
+Writes go to a temp file that is renamed over the final name only when complete (optionally fsynced first), and
+the block joins the index - and is announced to the router - only after the rename: a failed write (disk full,
+I/O error) leaves nothing a lookup can see.  A load re-checks everything: magic, version, fingerprint, hash,
+length and checksum; any mismatch (a bit flip, a truncated file, a file from another model or layout, a file
+gone missing) is a `CorruptBlock`, which the store turns into a miss (recompute) and a counter, never into KV.
+
+On start the directory is scanned (temp files left by a crash are deleted) and every well-formed block file is
+indexed again, least recently modified first, so a restarted worker serves its previous prefixes from disk.
+
+Thread model: `write_file` / `read_file` do I/O and touch no shared state (they run on the store's I/O
+threads); the index is only changed by the engine thread (`commit`, `forget`, `evict_for`).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+_MAGIC = b"DKVB"
+_VERSION = 1
+_HEADER = struct.Struct("<4sH2x16sQQI4x")
+HEADER_BYTES = _HEADER.size
+_SUFFIX = ".kv"
+
+
+class CorruptBlock(Exception):
+    """A block file that must not be used; `reason` is one of: missing, truncated, foreign, checksum, header."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class DiskTier:
+    def __init__(self, root: str | Path, fingerprint: str, capacity_bytes: int, block_bytes: int,
+                 fsync: bool = False, opener: Callable[..., object] = open) -> None:
+        if len(fingerprint) != 16:
+            raise ValueError("fingerprint must be 16 hex characters")
+        self.dir = Path(root) / fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        self.capacity_bytes = capacity_bytes
+        self.block_bytes = block_bytes
+        self.file_bytes = HEADER_BYTES + block_bytes
+        self.fsync = fsync
+        self._open = opener  # injectable so tests can simulate a full or failing disk
+        self._index: OrderedDict[int, None] = OrderedDict()  # hash -> (LRU order)
+        self.num_rescanned = 0
+        self.num_discarded_on_scan = 0
+        self._scan()
+
+    # ------------------------------------------------------------------ index (engine thread)
+    def _scan(self) -> None:
+        entries = []
+        for path in self.dir.iterdir():
+            if path.name.endswith(".tmp"):  # a write that never committed
+                path.unlink(missing_ok=True)
+                continue
+            if not path.name.endswith(_SUFFIX):
+                continue
+            try:
+                block_hash = int(path.name[:-len(_SUFFIX)], 16)
+                stat = path.stat()
+            except (ValueError, OSError):
+                continue
+            if stat.st_size != self.file_bytes:  # truncated or another layout: not worth a slot
+                path.unlink(missing_ok=True)
+                self.num_discarded_on_scan += 1
+                continue
+            entries.append((stat.st_mtime_ns, block_hash))
+        for _, block_hash in sorted(entries):
+            self._index[block_hash] = None
+        self.num_rescanned = len(self._index)
+        for block_hash in self.evict_for(0):
+            pass  # a smaller capacity than last time: drop the oldest
+
+    def __contains__(self, block_hash: int) -> bool:
+        return block_hash in self._index
+
+    def hashes(self) -> list[int]:
+        return list(self._index)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._index)
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self._index) * self.file_bytes
+
+    def touch(self, block_hash: int) -> None:
+        if block_hash in self._index:
+            self._index.move_to_end(block_hash)
+
+    def commit(self, block_hash: int) -> bool:
+        """A write completed (the file is in place): index it. False if it was already indexed."""
+        if block_hash in self._index:
+            return False
+        self._index[block_hash] = None
+        return True
+
+    def forget(self, block_hash: int) -> None:
+        """Drop a block (corrupt, or evicted) from the index and the disk."""
+        self._index.pop(block_hash, None)
+        self.path(block_hash).unlink(missing_ok=True)
+
+    def evict_for(self, incoming_bytes: int) -> list[int]:
+        """Delete least recently used blocks until `incoming_bytes` more fit; returns the evicted hashes."""
+        evicted = []
+        while self._index and self.used_bytes + incoming_bytes > self.capacity_bytes:
+            block_hash, _ = self._index.popitem(last=False)
+            self.path(block_hash).unlink(missing_ok=True)
+            evicted.append(block_hash)
+        return evicted
+
+    def path(self, block_hash: int) -> Path:
+        return self.dir / f"{block_hash:016x}{_SUFFIX}"
+
+    # ------------------------------------------------------------------ I/O (any thread)
+    def write_file(self, block_hash: int, payload: bytes | memoryview) -> None:
+        """Write atomically (temp + rename). Raises OSError; on failure nothing is left behind."""
+        if len(payload) != self.block_bytes:
+            raise ValueError(f"payload of {len(payload)} bytes, blocks have {self.block_bytes}")
+        header = _HEADER.pack(_MAGIC, _VERSION, self.fingerprint.encode(), block_hash, len(payload),
+                              zlib.crc32(payload))
+        final = self.path(block_hash)
+        tmp = final.with_name(f"{final.name}.{os.getpid()}.{id(payload):x}.tmp")
+        try:
+            with self._open(tmp, "wb") as f:
+                f.write(header)
+                f.write(payload)
+                if self.fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def read_file(self, block_hash: int) -> memoryview:
+        """The verified payload of a block (a writable buffer); raises CorruptBlock when the file must not be
+        used."""
+        try:
+            with open(self.path(block_hash), "rb", buffering=0) as f:
+                data = bytearray(self.file_bytes + 1)  # one spare byte: a longer file shows as too long
+                size = f.readinto(data)
+        except FileNotFoundError:
+            raise CorruptBlock("missing", str(self.path(block_hash))) from None
+        data = memoryview(data)[:size]
+        if len(data) < HEADER_BYTES:
+            raise CorruptBlock("truncated", f"{len(data)} bytes")
+        magic, version, fingerprint, stored_hash, length, crc = _HEADER.unpack_from(data)  # type: ignore[misc]
+        if magic != _MAGIC or version != _VERSION:
+            raise CorruptBlock("header", f"magic {magic!r} version {version}")
+        if fingerprint.decode(errors="replace") != self.fingerprint or stored_hash != block_hash:
+            raise CorruptBlock("foreign", f"fingerprint {fingerprint!r}, hash {stored_hash:016x}")
+        payload = data[HEADER_BYTES:]
+        if length != self.block_bytes or len(payload) != length:
+            raise CorruptBlock("truncated", f"{len(payload)} of {length} payload bytes")
+        if zlib.crc32(payload) != crc:
+            raise CorruptBlock("checksum", f"block {block_hash:016x}")
+        return payload

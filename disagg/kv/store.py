@@ -1,0 +1,428 @@
+"""TieredStore: the CPU and disk tiers behind one worker, as a KV source (loads) and sink (write-through stores).
+
+Policy:
+  * store    every newly computed full block is copied device -> CPU right after the step that computed it
+             (write-through, the copy off the step's critical path: the store holds a reference on the device
+             block until the copy completes, so the block cannot be reused meanwhile and stays readable).  A
+             block becomes visible to lookups - and is announced to the router - only when its copy completed.
+  * demote   when free CPU slots fall under the low watermark, least recently used unpinned blocks are written
+             to disk (if there is a disk tier and they are not there yet) and then leave the CPU tier; while the
+             write runs they stay readable in CPU memory.  Without a disk tier they are simply dropped.
+  * load     a sequence's leading blocks missing on the device are copied back from CPU (a slice copy) or read
+             from disk (on an I/O thread into a staging buffer, verified, then copied in by the scheduler thread,
+             so a load abandoned past its deadline can never write into a reused block).
+  * pin      a session's blocks can be pinned for a TTL: pinned blocks are never demoted or evicted from the CPU
+             tier.  Pins are per session, expire on time and fit a per-worker budget (oldest pins go first).
+
+Every change to what a tier holds becomes a KVEvent tagged with the tier; `drain_events` hands them to the worker.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from disagg.kv.connector import KVLoad, KVSource, LoadState, SourceKind
+from disagg.kv.copier import BlockCopier, CopyJob
+from disagg.kv.cpu_tier import CpuTier
+from disagg.kv.disk_tier import CorruptBlock, DiskTier
+from disagg.protocol import EventKind, KVEvent, Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TierConfig:
+    """Sizes and knobs of one worker's tiers (defaults suit a laptop)."""
+
+    cpu_bytes: int = 256 << 20
+    disk_dir: str = ""  # "" = no disk tier
+    disk_bytes: int = 1 << 30
+    disk_fsync: bool = False  # fsync each block file before the rename (durable across power loss; slower)
+    low_watermark: float = 0.05  # keep this fraction of CPU slots free by demoting ahead of need
+    pin_budget_fraction: float = 0.5  # at most this fraction of CPU slots pinned by sessions
+    io_threads: int = 2
+    ewma_alpha: float = 0.2  # smoothing of the measured per-block load times
+
+    def __post_init__(self) -> None:
+        if self.cpu_bytes < 0 or self.disk_bytes < 0:
+            raise ValueError("tier sizes must be >= 0")
+        if not 0 <= self.low_watermark < 1 or not 0 <= self.pin_budget_fraction <= 1:
+            raise ValueError("low_watermark in [0, 1), pin_budget_fraction in [0, 1]")
+
+
+@dataclass
+class TierStats:
+    query_blocks: int = 0  # blocks looked up in the tiers (after a device miss)
+    hit_blocks: Counter = field(default_factory=Counter)  # per tier
+    loaded_blocks: Counter = field(default_factory=Counter)
+    load_seconds: Counter = field(default_factory=Counter)
+    loads: Counter = field(default_factory=Counter)
+    stored_blocks: Counter = field(default_factory=Counter)
+    bytes_stored: Counter = field(default_factory=Counter)
+    bytes_loaded: Counter = field(default_factory=Counter)
+    evictions: Counter = field(default_factory=Counter)
+    corrupt: Counter = field(default_factory=Counter)  # by reason: checksum, truncated, foreign, missing, header
+    store_skipped: int = 0  # no CPU slot could be freed for a store
+    write_failures: int = 0
+    failed_loads: int = 0
+
+
+@dataclass
+class _TierLoad:
+    cpu_job: CopyJob | None
+    cpu_slots: list[int]
+    disk_future: Future | None
+    disk_positions: list[int]  # indices into the load's blocks that come from disk
+    slots_released: bool = False
+
+
+@dataclass
+class _Store:
+    job: CopyJob
+    device_blocks: list[int]
+    hashes: list[int]
+    slots: list[int]
+
+
+class TieredStore(KVSource):
+    kind = SourceKind.TIERS
+
+    def __init__(self, config: TierConfig, pool: Any, device_kv: torch.Tensor, fingerprint: str,
+                 disk_opener: Any = open) -> None:
+        self.config = config
+        self.pool = pool
+        self.device_kv = device_kv
+        block_shape = tuple(device_kv.shape[1:])
+        block_bytes = device_kv[0].numel() * device_kv.element_size()
+        num_slots = config.cpu_bytes // block_bytes
+        if num_slots < 1:
+            raise ValueError(f"cpu tier of {config.cpu_bytes} bytes holds no {block_bytes}-byte block")
+        self.cpu = CpuTier(num_slots, block_shape, device_kv.dtype, pin_memory=device_kv.is_cuda)
+        self.disk = (DiskTier(config.disk_dir, fingerprint, config.disk_bytes, block_bytes, config.disk_fsync,
+                              disk_opener) if config.disk_dir else None)
+        self.copier = BlockCopier(device_kv.device)
+        self._io = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="kv-disk")
+        self.pin_budget = int(num_slots * config.pin_budget_fraction)
+        self.stats = TierStats()
+        self.load_s_per_block: dict[Tier, float] = {}
+        self._events: list[KVEvent] = []
+        self._stores: list[_Store] = []
+        self._storing: set[int] = set()  # hashes whose store copy is in flight
+        self._demoting: dict[int, tuple[Future, int]] = {}  # hash -> (write future, cpu slot)
+        self._pins: dict[str, tuple[float, list[int]]] = {}  # session -> (expiry, hashes)
+        self._pinned: Counter = Counter()  # hash -> sessions pinning it
+        if self.disk is not None and self.disk.num_blocks:
+            self._events.append(KVEvent(EventKind.STORED, self.disk.hashes(), tier=Tier.DISK))
+
+    # ------------------------------------------------------------------ lookups
+    def lookup(self, block_hashes: list[int], count: bool = True) -> list[Tier]:
+        """The tier of each of the leading `block_hashes` held in CPU or on disk (CPU preferred)."""
+        tiers: list[Tier] = []
+        for h in block_hashes:
+            if h in self.cpu:
+                tiers.append(Tier.CPU)
+            elif self.disk is not None and h in self.disk:
+                tiers.append(Tier.DISK)
+            else:
+                break
+        if count and block_hashes:
+            self.stats.query_blocks += len(block_hashes)
+            self.stats.hit_blocks.update(tiers)
+        return tiers
+
+    def tier_hashes(self) -> dict[Tier, list[int]]:
+        out = {Tier.CPU: self.cpu.hashes()}
+        if self.disk is not None:
+            out[Tier.DISK] = self.disk.hashes()
+        return out
+
+    # ------------------------------------------------------------------ loads (KVSource)
+    def start(self, load: KVLoad) -> None:
+        cpu_src, cpu_dst, disk_pos = [], [], []
+        for i, (tier, h) in enumerate(zip(load.tiers, load.block_hashes)):
+            if tier is Tier.CPU:
+                slot = self.cpu.slot_of(h)
+                if slot is None:  # evicted between plan and start: load only the run before it
+                    load.tiers, load.block_hashes = load.tiers[:i], load.block_hashes[:i]
+                    break
+                self.cpu.ref(slot)
+                self.cpu.touch(h)
+                cpu_src.append(slot)
+                cpu_dst.append(load.dst_block_ids[i])
+            else:
+                disk_pos.append(i)
+        job = self.copier.copy(self.cpu.tensor, cpu_src, self.device_kv, cpu_dst) if cpu_src else None
+        future = None
+        if disk_pos:
+            hashes = [load.block_hashes[i] for i in disk_pos]
+            future = self._io.submit(self._read_many, hashes)
+        load.handle = _TierLoad(job, cpu_src, future, disk_pos)
+
+    def _read_many(self, hashes: list[int]) -> list[memoryview | CorruptBlock]:
+        """I/O thread: verified payloads in order, stopping after the first bad block."""
+        out: list[bytes | CorruptBlock] = []
+        for h in hashes:
+            try:
+                out.append(self.disk.read_file(h))
+            except CorruptBlock as exc:
+                out.append(exc)
+                break
+        return out
+
+    def poll(self, load: KVLoad) -> LoadState:
+        tl: _TierLoad = load.handle
+        if (tl.cpu_job is not None and not tl.cpu_job.done()) or (
+                tl.disk_future is not None and not tl.disk_future.done()):
+            return LoadState.PENDING
+        if tl.cpu_job is not None:
+            tl.cpu_job.wait()  # re-raises a failed copy
+        self._release_slots(tl)
+        bad = len(load.block_hashes)
+        if tl.disk_future is not None:
+            payloads = tl.disk_future.result()
+            for i, payload in zip(tl.disk_positions, payloads):
+                if isinstance(payload, CorruptBlock):
+                    self._on_corrupt(load.block_hashes[i], payload)
+                    bad = i
+                    break
+                self._copy_in(payload, load.dst_block_ids[i])
+                self.disk.touch(load.block_hashes[i])
+            else:
+                if len(payloads) < len(tl.disk_positions):
+                    bad = tl.disk_positions[len(payloads)]
+        load.num_ok_blocks = min(bad, len(load.block_hashes))
+        self._account(load)
+        return LoadState.DONE
+
+    def _copy_in(self, payload: memoryview, dst_block: int) -> None:
+        src = torch.frombuffer(payload, dtype=torch.uint8)
+        self.device_kv[dst_block].view(-1).view(torch.uint8).copy_(src)
+
+    def _account(self, load: KVLoad) -> None:
+        n = load.num_ok_blocks
+        if n == 0:
+            self.stats.failed_loads += 1
+            return
+        tiers = load.tiers[:n]
+        elapsed = time.monotonic() - load.started
+        tier = Tier.DISK if Tier.DISK in tiers else Tier.CPU
+        self.stats.loads[tier] += 1
+        self.stats.load_seconds[tier] += elapsed
+        for t in tiers:
+            self.stats.loaded_blocks[t] += 1
+            self.stats.bytes_loaded[t] += self.cpu.block_bytes
+        a = self.config.ewma_alpha
+        per_block = elapsed / n
+        old = self.load_s_per_block.get(tier)
+        self.load_s_per_block[tier] = per_block if old is None else (1 - a) * old + a * per_block
+        if n < len(load.block_hashes):
+            self.stats.failed_loads += 1
+
+    def _on_corrupt(self, block_hash: int, exc: CorruptBlock) -> None:
+        log.warning("disk KV block %016x unusable (%s): recomputing", block_hash, exc)
+        self.stats.corrupt[exc.reason] += 1
+        if block_hash in self.disk:
+            self.disk.forget(block_hash)
+            self._events.append(KVEvent(EventKind.REMOVED, [block_hash], tier=Tier.DISK))
+
+    def _release_slots(self, tl: _TierLoad) -> None:
+        if not tl.slots_released:
+            for slot in tl.cpu_slots:
+                self.cpu.unref(slot)
+            tl.slots_released = True
+
+    def abandon(self, load: KVLoad) -> bool:
+        tl: _TierLoad | None = load.handle
+        if tl is None:
+            return True
+        if tl.cpu_job is not None and not tl.cpu_job.done():
+            return False  # a copy thread may still write the destination blocks
+        self._release_slots(tl)
+        return True  # disk payloads only reach device blocks in poll(), on this thread
+
+    def settled(self, load: KVLoad) -> bool:
+        tl: _TierLoad = load.handle
+        if tl.cpu_job is not None and not tl.cpu_job.done():
+            return False
+        self._release_slots(tl)
+        return True
+
+    # ------------------------------------------------------------------ stores (write-through)
+    def store(self, block_ids: list[int], block_hashes: list[int]) -> None:
+        blocks, hashes, slots = [], [], []
+        for b, h in zip(block_ids, block_hashes):
+            if h in self.cpu or h in self._storing or h in hashes:
+                continue
+            slot = self.cpu.reserve()
+            if slot is None:
+                slot = self._evict_one()
+            if slot is None:
+                self.stats.store_skipped += 1
+                continue
+            blocks.append(b)
+            hashes.append(h)
+            slots.append(slot)
+        if not blocks:
+            return
+        self.pool.touch(blocks)  # held until the copy completes: not reusable, still readable
+        self._storing.update(hashes)
+        self._stores.append(_Store(self.copier.copy(self.device_kv, blocks, self.cpu.tensor, slots), blocks,
+                                   hashes, slots))
+
+    def _evict_one(self) -> int | None:
+        victims = self.cpu.victims(1, self._keep)
+        if not victims:
+            return None
+        self._drop_cpu(victims[0])
+        return self.cpu.reserve()
+
+    def _keep(self, block_hash: int) -> bool:
+        return block_hash in self._pinned or block_hash in self._demoting
+
+    def _drop_cpu(self, block_hash: int) -> None:
+        self.cpu.drop(block_hash)
+        self.stats.evictions[Tier.CPU] += 1
+        self._events.append(KVEvent(EventKind.REMOVED, [block_hash], tier=Tier.CPU))
+
+    def _finish_stores(self, wait: bool = False) -> None:
+        pending = []
+        for st in self._stores:
+            if not (wait or st.job.done()):
+                pending.append(st)
+                continue
+            st.job.wait()
+            self.pool.free(st.device_blocks)
+            committed = [h for h, slot in zip(st.hashes, st.slots) if self.cpu.commit(h, slot)]
+            self._storing.difference_update(st.hashes)
+            if committed:
+                self.stats.stored_blocks[Tier.CPU] += len(committed)
+                self.stats.bytes_stored[Tier.CPU] += len(committed) * self.cpu.block_bytes
+                self._events.append(KVEvent(EventKind.STORED, committed, tier=Tier.CPU))
+        self._stores = pending
+
+    # ------------------------------------------------------------------ demotion to disk
+    def _demote(self) -> None:
+        want = int(self.cpu.num_slots * self.config.low_watermark) - self.cpu.num_free - len(self._demoting)
+        if want > 0:
+            self.demote(want)
+
+    def demote(self, n: int | None = None) -> None:
+        """Start moving the n (None: all) least recently used unpinned CPU blocks to disk (or drop them)."""
+        for h in self.cpu.victims(self.cpu.num_slots if n is None else n, self._keep):
+            if self.disk is None or h in self.disk:
+                self._drop_cpu(h)
+                continue
+            slot = self.cpu.slot_of(h)
+            self.cpu.ref(slot)
+            payload = memoryview(self.cpu.tensor[slot].view(-1).view(torch.uint8).numpy())
+            self._demoting[h] = (self._io.submit(self.disk.write_file, h, payload), slot)
+
+    def _finish_demotions(self, wait: bool = False) -> None:
+        for h, (future, slot) in list(self._demoting.items()):
+            if not (wait or future.done()):
+                continue
+            del self._demoting[h]
+            self.cpu.unref(slot)
+            try:
+                future.result()
+            except (OSError, ValueError) as exc:
+                self.stats.write_failures += 1
+                log.warning("disk tier write of %016x failed (%s); block stays in CPU", h, exc)
+                continue
+            evicted = self.disk.evict_for(self.disk.file_bytes)
+            if evicted:
+                self.stats.evictions[Tier.DISK] += len(evicted)
+                self._events.append(KVEvent(EventKind.REMOVED, evicted, tier=Tier.DISK))
+            if self.disk.commit(h):
+                self.stats.stored_blocks[Tier.DISK] += 1
+                self.stats.bytes_stored[Tier.DISK] += self.disk.block_bytes
+                self._events.append(KVEvent(EventKind.STORED, [h], tier=Tier.DISK))
+            if h in self.cpu and not self.cpu.is_referenced(slot) and h not in self._pinned:
+                self._drop_cpu(h)
+
+    # ------------------------------------------------------------------ pins
+    def pin(self, session: str, block_hashes: list[int], ttl_s: float, now: float | None = None) -> int:
+        """Pin a session's blocks for ttl_s (replacing its previous pin); returns how many blocks are pinned."""
+        now = time.monotonic() if now is None else now
+        self.unpin(session)
+        hashes = list(dict.fromkeys(block_hashes))[:self.pin_budget]
+        while self._pins and len(self._pinned) + sum(1 for h in hashes if h not in self._pinned) > self.pin_budget:
+            oldest = min(self._pins, key=lambda s: self._pins[s][0])
+            self.unpin(oldest)
+        if not hashes:
+            return 0
+        self._pins[session] = (now + ttl_s, hashes)
+        self._pinned.update(hashes)
+        return len(hashes)
+
+    def unpin(self, session: str) -> None:
+        entry = self._pins.pop(session, None)
+        if entry is not None:
+            self._pinned.subtract(entry[1])
+            self._pinned = +self._pinned  # drop zero counts
+
+    def expire_pins(self, now: float | None = None) -> int:
+        now = time.monotonic() if now is None else now
+        expired = [s for s, (deadline, _) in self._pins.items() if deadline <= now]
+        for s in expired:
+            self.unpin(s)
+        return len(expired)
+
+    def is_pinned_session(self, session: str) -> bool:
+        return session in self._pins
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        return len(self._pinned)
+
+    # ------------------------------------------------------------------ peers: CPU slots read over NIXL
+    def export(self, block_hashes: list[int]) -> list[int]:
+        """Reference the CPU slots of the leading `block_hashes` held in CPU (for a peer's read)."""
+        slots = []
+        for h in block_hashes:
+            slot = self.cpu.slot_of(h)
+            if slot is None:
+                break
+            self.cpu.ref(slot)
+            slots.append(slot)
+        return slots
+
+    def release_export(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.cpu.unref(slot)
+
+    # ------------------------------------------------------------------ upkeep
+    def tick(self) -> None:
+        self._finish_stores()
+        self._finish_demotions()
+        self.expire_pins()
+        self._demote()
+
+    def flush(self) -> None:
+        """Wait for every store and demotion in flight (tests, shutdown)."""
+        self._finish_stores(wait=True)
+        self._finish_demotions(wait=True)
+
+    def drain_events(self) -> list[KVEvent]:
+        events, self._events = self._events, []
+        return events
+
+    def gauges(self) -> dict[str, float]:
+        g = {"cpu_blocks": self.cpu.num_committed, "cpu_capacity_blocks": self.cpu.num_slots,
+             "pinned_blocks": self.num_pinned_blocks, "pinned_sessions": len(self._pins),
+             "stores_in_flight": len(self._stores), "demotions_in_flight": len(self._demoting)}
+        if self.disk is not None:
+            g.update(disk_blocks=self.disk.num_blocks, disk_bytes=self.disk.used_bytes,
+                     disk_capacity_bytes=self.disk.capacity_bytes)
+        return g
+
+    def shutdown(self) -> None:
+        self.flush()
+        self._io.shutdown(wait=True)
+        self.copier.shutdown()
