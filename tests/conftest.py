@@ -1,10 +1,13 @@
 """Shared fixtures. Triton runs in interpreter mode on machines without a GPU (set before any kernel import)."""
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Workers' disk KV tiers go to a scratch directory, never the user's cache (Ray workers inherit this).
+os.environ.setdefault("DISAGG_KV_ROOT", tempfile.mkdtemp(prefix="disagg-test-kv-"))
 
 import pytest  # noqa: E402
 

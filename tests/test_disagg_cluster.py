@@ -17,7 +17,7 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -28,8 +28,10 @@ def engine_cfg(tiny_llama_dir):
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_session, engine_cfg):
-    c = LocalCluster(ClusterConfig(num_prefill=1, num_decode=1, engine=engine_cfg, transfer_timeout_s=5))
+def cluster(ray_session, engine_cfg, tmp_path_factory):
+    tiers = {"cpu_bytes": 4 << 20, "disk_root": str(tmp_path_factory.mktemp("kv"))}
+    c = LocalCluster(ClusterConfig(num_prefill=1, num_decode=1, engine=engine_cfg, transfer_timeout_s=5,
+                                   tiers=tiers))
     yield c
     c.shutdown()
 
@@ -48,7 +50,8 @@ def _wait_for(predicate, timeout=10.0):
 
 
 def _all_blocks_free(cluster):
-    return all(s["free_blocks"] == s["num_blocks"] and s["leases"] == 0 for s in cluster.stats())
+    return all(s["free_blocks"] == s["num_blocks"] and s["leases"] == 0 and s["adopted_blocks"] == 0
+               for s in cluster.stats())
 
 
 def test_disaggregated_output_equals_aggregated_engine(cluster, engine_cfg):
@@ -109,9 +112,11 @@ def test_read_error_falls_back_to_recompute_and_frees_everything(cluster, engine
 
 
 def test_killed_prefill_peer_falls_back_to_recompute(ray_session, cluster, engine_cfg):
-    doomed = PrefillWorker.remote("prefill-doomed", engine_cfg, 3.0)
+    doomed = PrefillWorker.options(max_restarts=0).remote("prefill-doomed", engine_cfg, transfer_timeout_s=3.0,
+                                                          tiers=None)
     ray.get(doomed.ready.remote())
-    ray.get(cluster.decode[0].add_peer.remote(ray.get(doomed.layout.remote())))
+    layouts = ray.get([w.layout.remote() for w in [*cluster.workers, doomed]])
+    ray.get(cluster.decode[0].set_peers.remote(layouts))
     prompt = list(range(450, 490))
     expected = LLMEngine(EngineConfig(**engine_cfg)).generate([prompt], GREEDY)[0].token_ids
     request = Request("dead-peer", prompt, GREEDY)
@@ -124,7 +129,8 @@ def test_killed_prefill_peer_falls_back_to_recompute(ray_session, cluster, engin
 
 
 def test_lease_expires_when_no_reader_comes(ray_session, engine_cfg):
-    worker = PrefillWorker.remote("prefill-lease", {**engine_cfg, "kv_lease_timeout_s": 0.5}, 3.0)
+    worker = PrefillWorker.remote("prefill-lease", {**engine_cfg, "kv_lease_timeout_s": 0.5}, transfer_timeout_s=3.0,
+                                  tiers=None)
     ray.get(worker.prefill.remote(Request("orphan", list(range(10, 50)), GREEDY).to_wire()))
     assert ray.get(worker.stats.remote())["leases"] == 1
     assert _wait_for(lambda: ray.get(worker.stats.remote())["leases_expired"] == 1, timeout=5)

@@ -10,7 +10,7 @@ import pytest
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.kv.disk_tier import HEADER_BYTES, CorruptBlock, DiskTier
+from disagg.kv.disk_tier import HEADER_BYTES, CorruptBlock, DiskTier, DiskTierBusy
 from disagg.kv.store import TierConfig
 from disagg.protocol import EventKind, SamplingParams, Tier, hash_prompt_blocks
 from tests.kvutil import Node, run, settle, tokens
@@ -101,7 +101,7 @@ def _corruptions():
         path.write_bytes(path.read_bytes()[:HEADER_BYTES + 10])
 
     def foreign(tier, h):  # the same block written by an engine with another fingerprint
-        other = DiskTier(tier.dir.parent, "f" * 16, tier.capacity_bytes, tier.block_bytes)
+        other = DiskTier(tier.dir.parent.parent / "other-engine", "f" * 16, tier.capacity_bytes, tier.block_bytes)
         payload = tier.read_file(h)
         other.write_file(h, payload)
         shutil.copy(other.path(h), tier.path(h))
@@ -243,11 +243,15 @@ def test_disk_tier_rejects_bad_payloads_and_scans_only_good_files(tmp_path):
         tier.write_file(8, b"short")
     (tier.dir / "0000000000000009.kv").write_bytes(b"garbage")  # wrong size: discarded on scan
     (tier.dir / "000000000000000a.kv.123.tmp").write_bytes(b"x")  # an interrupted write
+    with pytest.raises(DiskTierBusy):  # one live owner per directory
+        DiskTier(tmp_path, "0" * 16, capacity_bytes=10_000, block_bytes=100)
+    tier.close()
     again = DiskTier(tmp_path, "0" * 16, capacity_bytes=10_000, block_bytes=100)
     assert again.hashes() == [7] and again.num_discarded_on_scan == 1
     assert sorted(p.name for p in again.dir.iterdir()) == ["0000000000000007.kv"]
     with pytest.raises(CorruptBlock, match="missing"):
         again.read_file(99)
+    again.close()
     small = DiskTier(tmp_path, "0" * 16, capacity_bytes=2 * (HEADER_BYTES + 100), block_bytes=100)
     for h in (1, 2, 3):
         small.write_file(h, bytes(100))

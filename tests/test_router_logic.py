@@ -2,7 +2,7 @@
 import hypothesis.strategies as st
 from hypothesis import given, settings
 
-from disagg.protocol import KVEvent, KVEventBatch, hash_prompt_blocks
+from disagg.protocol import KVEvent, KVEventBatch, Tier, hash_prompt_blocks
 from disagg.router.index import PrefixIndex
 from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
 
@@ -11,17 +11,21 @@ def _batch(worker, seq, *events, snapshot=False):
     return KVEventBatch.of(worker, seq, list(events), snapshot)
 
 
+def _totals(matches):
+    return {w: m.total for w, m in matches.items()}
+
+
 def test_longest_prefix_match_per_worker():
     idx = PrefixIndex()
     hashes = hash_prompt_blocks(list(range(64)), 16)  # 4 blocks
     assert idx.apply(_batch("a", 0, KVEvent("stored", hashes[:3])))
     assert idx.apply(_batch("b", 0, KVEvent("stored", hashes[:1])))
-    assert idx.match(hashes) == {"a": 3, "b": 1}
-    assert idx.match(hash_prompt_blocks(list(range(1, 65)), 16)) == {}
+    assert _totals(idx.match(hashes)) == {"a": 3, "b": 1}
+    assert _totals(idx.match(hash_prompt_blocks(list(range(1, 65)), 16))) == {}
     assert idx.apply(_batch("a", 1, KVEvent("removed", [hashes[1]])))
-    assert idx.match(hashes) == {"a": 1, "b": 1}  # a chain broken at block 1 stops the match there
+    assert _totals(idx.match(hashes)) == {"a": 1, "b": 1}  # a chain broken at block 1 stops the match there
     assert idx.apply(_batch("b", 1, KVEvent("cleared", [])))
-    assert idx.match(hashes) == {"a": 1}
+    assert _totals(idx.match(hashes)) == {"a": 1}
 
 
 def test_gap_requires_snapshot_and_snapshot_recovers():
@@ -32,9 +36,9 @@ def test_gap_requires_snapshot_and_snapshot_recovers():
     assert idx.needs_snapshot("w")
     assert not idx.apply(_batch("w", 3, KVEvent("stored", h[2:])))  # still refused until the snapshot
     assert idx.apply(_batch("w", 3, KVEvent("stored", h), snapshot=True))
-    assert not idx.needs_snapshot("w") and idx.match(h) == {"w": 3}
+    assert not idx.needs_snapshot("w") and _totals(idx.match(h)) == {"w": 3}
     assert idx.apply(_batch("w", 4, KVEvent("removed", h[2:])))
-    assert idx.match(h) == {"w": 2}
+    assert _totals(idx.match(h)) == {"w": 2}
 
 
 def test_worker_restart_resets_sequence_and_is_detected():
@@ -51,7 +55,7 @@ def test_memory_bound_drops_oldest_entries():
     h = hash_prompt_blocks(list(range(16 * 25)), 16)
     idx.apply(_batch("w", 0, KVEvent("stored", h)))
     assert idx.num_blocks == 10 and len(idx.blocks_of("w")) == 10
-    assert idx.match(h) == {}  # the head of the chain was evicted: never over-report
+    assert _totals(idx.match(h)) == {}  # the head of the chain was evicted: never over-report
 
 
 @settings(max_examples=200, deadline=None)
@@ -75,6 +79,49 @@ def test_index_equals_ground_truth_after_random_event_streams(stream):
     for h in range(31):
         holders = {w for w, b in truth.items() if h in b}
         assert set(idx.match([h])) == holders
+
+
+def _engine_walk(held: dict[str, set[int]], chain: list[int]) -> tuple[int, int, int]:
+    """How an engine serves `chain`: its device run, then blocks from CPU (preferred) or disk."""
+    device = cpu = disk = 0
+    i = 0
+    while i < len(chain) and chain[i] in held["device"]:
+        device, i = device + 1, i + 1
+    while i < len(chain) and (chain[i] in held["cpu"] or chain[i] in held["disk"]):
+        if chain[i] in held["cpu"]:
+            cpu += 1
+        else:
+            disk += 1
+        i += 1
+    return device, cpu, disk
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), st.sampled_from(["stored", "removed", "cleared"]),
+                          st.sampled_from(["device", "cpu", "disk"]), st.lists(st.integers(0, 11), max_size=6)),
+                max_size=80),
+       st.lists(st.integers(0, 11), min_size=1, max_size=8))
+def test_tiered_index_matches_what_each_engine_would_serve(stream, chain):
+    idx = PrefixIndex()
+    truth = {w: {"device": set(), "cpu": set(), "disk": set()} for w in "ab"}
+    seq = {"a": 0, "b": 0}
+    for worker, kind, tier, hashes in stream:
+        assert idx.apply(_batch(worker, seq[worker], KVEvent(kind, hashes, tier=tier)))
+        seq[worker] += 1
+        if kind == "stored":
+            truth[worker][tier] |= set(hashes)
+        elif kind == "removed":
+            truth[worker][tier] -= set(hashes)
+        else:
+            truth[worker][tier].clear()
+    matches = idx.match(chain)
+    for worker, held in truth.items():
+        for tier, blocks in held.items():
+            assert idx.blocks_of(worker, Tier(tier)) == blocks
+        expected = _engine_walk(held, chain)
+        m = matches.get(worker)
+        got = (m.device, m.cpu, m.disk) if m else (0, 0, 0)
+        assert got == expected, (worker, held, chain)
 
 
 def _loads(*names):

@@ -3,9 +3,7 @@ import pytest
 import torch
 
 from disagg.engine.block_pool import BlockPool
-from disagg.engine.handoff import LeaseTable, plan_import
-from disagg.engine.sequence import Sequence
-from disagg.protocol import SamplingParams, hash_prompt_blocks
+from disagg.engine.handoff import LeaseTable
 from disagg.transfer.base import KVLayout, TransferError, paired_runs, plan_regions
 
 
@@ -21,43 +19,47 @@ def test_plan_regions_cover_exactly_the_requested_blocks_in_every_layer():
     src = KVLayout.of(src_kv, "p", b"")
     dst = KVLayout.of(dst_kv, "d", b"")
     src_ids, dst_ids = [1, 2, 5], [0, 1, 4]
-    a, b = plan_regions(src, dst, src_ids, dst_ids)
+    (plan,) = plan_regions(src, dst, [("device", b) for b in src_ids], dst_ids)
+    a, b = plan.src, plan.dst
     assert len(a) == len(b) == 2  # two runs, each covering every layer
     assert [n for _, n in a] == [n for _, n in b]
     # emulate the copy with the planned addresses and check it against tensor indexing
     src_bytes = src_kv.view(torch.uint8).flatten()
     dst_bytes = dst_kv.view(torch.uint8).flatten()
+    sbase, dbase = src.region("device").base_addr, dst.region("device").base_addr
     for (sa, n), (da, _) in zip(a, b):
-        dst_bytes[da - dst.base_addr:da - dst.base_addr + n] = src_bytes[sa - src.base_addr:sa - src.base_addr + n]
+        dst_bytes[da - dbase:da - dbase + n] = src_bytes[sa - sbase:sa - sbase + n]
     assert torch.equal(dst_kv[dst_ids], src_kv[src_ids])
     assert dst_kv[[2, 3, 5]].abs().sum() == 0
+
+
+def test_plan_regions_reads_device_and_cpu_tier_blocks_in_one_plan_on_a_dram_host():
+    kv, tier, dst_kv = torch.zeros(8, 2, 4), torch.arange(4 * 2 * 4, dtype=torch.float32).view(4, 2, 4), torch.zeros(8, 2, 4)
+    src = KVLayout.of(kv, "p", b"", cpu_tier=tier)
+    dst = KVLayout.of(dst_kv, "d", b"")
+    plans = plan_regions(src, dst, [("device", 3), ("cpu", 1), ("cpu", 2)], [0, 1, 2])
+    assert len(plans) == 1 and plans[0].src_mem_type == "DRAM"  # both regions are host memory here
+    cpu_base = src.region("cpu").base_addr
+    assert (cpu_base + 1 * src.block_bytes, 2 * src.block_bytes) in plans[0].src  # the cpu run merged
+    with pytest.raises(TransferError, match="no cpu region"):
+        plan_regions(dst, src, [("cpu", 0)], [0])
+    with pytest.raises(ValueError, match="block layout"):
+        KVLayout.of(kv, "p", b"", cpu_tier=torch.zeros(4, 3, 4))
 
 
 def test_plan_regions_rejects_out_of_range_and_mismatched_layouts():
     src = KVLayout.of(torch.zeros(4, 2, 8), "p", b"")
     with pytest.raises(TransferError, match="out of range"):
-        plan_regions(src, src, [4], [0])
+        plan_regions(src, src, [("device", 4)], [0])
+    with pytest.raises(TransferError, match="out of range"):
+        plan_regions(src, src, [("device", 0)], [9])
     with pytest.raises(TransferError, match="different KV layouts"):
-        plan_regions(src, KVLayout.of(torch.zeros(4, 3, 8), "d", b""), [0], [0])
+        plan_regions(src, KVLayout.of(torch.zeros(4, 3, 8), "d", b""), [("device", 0)], [0])
 
 
 def test_layout_roundtrips_through_msgpack():
     layout = KVLayout.of(torch.zeros(2, 4, 8), "p", b"\x00meta")
     assert KVLayout.from_wire(layout.to_wire()) == layout
-
-
-def test_plan_import_reuses_local_prefix_blocks():
-    pool = BlockPool(16)
-    prompt = list(range(40))  # 2 full blocks + 8 tokens with block size 16
-    cached = pool.allocate(1)
-    pool.cache_blocks(cached, hash_prompt_blocks(prompt, 16)[:1], None)
-    pool.free(cached)
-    seq = Sequence("r", prompt, SamplingParams(), 16)
-    plan = plan_import(seq, pool, remote_block_ids=[7, 8, 9])
-    assert plan.num_local_hit_blocks == 1 and plan.remote_blocks == [8, 9]
-    assert seq.block_ids[0] == cached[0] and seq.block_ids[1:] == plan.local_blocks
-    with pytest.raises(ValueError, match="blocks for a"):
-        plan_import(Sequence("s", prompt, SamplingParams(), 16), pool, [1])
 
 
 def test_leases_release_once_and_expire():
@@ -69,3 +71,14 @@ def test_leases_release_once_and_expire():
     assert leases.expire(now=0) == []
     assert leases.expire(now=1e12) == ["b"] and leases.num_expired == 1
     assert pool.num_free_blocks == 8
+
+
+def test_leases_mixing_device_blocks_and_cpu_slots_release_both():
+    pool = BlockPool(4)
+    released = []
+    leases = LeaseTable(pool, timeout_s=10, release_cpu=released.extend)
+    blocks = pool.allocate(2)
+    leases.hold("x", blocks + [7, 8], 64, regions=["device", "device", "cpu", "cpu"])
+    assert pool.num_free_blocks == 2
+    assert leases.release("x")
+    assert pool.num_free_blocks == 4 and released == [7, 8]

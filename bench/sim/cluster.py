@@ -4,8 +4,9 @@ RouterCore deciding every request from the KV events the workers publish.
 
 Event loop: each worker runs one step at a time; a step's state changes apply when it starts and its tokens are
 delivered when its modelled duration has passed.  KV events reach the router `event_delay_s` after the step.
-A disaggregated request is prefilled (max_tokens=1, blocks leased) on a prefill worker, its missing blocks cross
-at the model's transfer bandwidth, then the decode worker commits the import and emits the first token.
+A disaggregated request is prefilled (max_tokens=1, blocks leased) on a prefill worker, then handed to the decode
+worker's engine with the prefill result, exactly as the real worker does: its KV connector reads the missing
+blocks through a SimPeerSource priced at the model's transfer bandwidth, then emits the first token.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from disagg.config import EngineConfig
-from disagg.engine.block_pool import NoFreeBlocksError
 from disagg.engine.engine import LLMEngine
+from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import LoadTicket, RouterCore
@@ -67,8 +68,12 @@ class SimWorker:
             return
         steps = self.engine.stats.steps
         deltas = self.engine.step()
-        if self.engine.stats.steps == steps:  # nothing could be scheduled: wait for the next change
-            self._publish()
+        if self.engine.stats.steps == steps:  # no model step ran: KV arrived (its first token goes out now,
+            self._publish()                   # the model runs on the next kick), or waiting for KV or memory
+            for delta in deltas:
+                self.cluster.deliver(self, delta)
+            if deltas:
+                self.kick()
             return
         duration = self.engine.runner.last_step_s
         self.busy = True
@@ -93,6 +98,41 @@ class SimWorker:
             loop.at(loop.now + self.cluster.config.event_delay_s, lambda: self.cluster.router.on_kv_events(batch))
 
 
+class SimPeerSource(_Notifier):
+    """A peer read in virtual time: done after the time model's transfer time; the owner's lease is released
+    when the data has landed, as a NIXL notification would."""
+
+    kind = SourceKind.PEER
+
+    def __init__(self, cluster: "SimCluster", worker: SimWorker) -> None:
+        self.cluster, self.worker = cluster, worker
+
+    def start(self, load: KVLoad) -> None:
+        result = load.handle
+        loop = self.cluster.loop
+        done_at = loop.now + self.cluster.model.transfer_time(load.num_blocks)
+        self.cluster.counters["transferred_blocks"] += load.num_blocks
+        load.handle = (result, done_at)
+
+        def landed() -> None:
+            self.cluster.release_lease(result.agent_name, load.request_id)
+            self.worker.kick()
+
+        loop.at(done_at, landed)
+
+    def poll(self, load: KVLoad) -> LoadState:
+        if self.cluster.loop.now < load.handle[1]:
+            return LoadState.PENDING
+        load.num_ok_blocks = load.num_blocks
+        return LoadState.DONE
+
+    def abandon(self, load: KVLoad) -> bool:
+        return True
+
+    def notify_done(self, result: Any, request_id: str) -> None:
+        self.cluster.release_lease(result.agent_name, request_id)
+
+
 @dataclass
 class _Flight:
     request: Request
@@ -112,18 +152,21 @@ class SimCluster:
         engine_cfg = EngineConfig(model="simulated", block_size=config.block_size, num_blocks=config.num_blocks,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=config.max_model_len, kv_lease_timeout_s=1e9)
+                                  max_model_len=config.max_model_len, kv_lease_timeout_s=1e9,
+                                  kv_load_timeout_s=1e9)  # virtual time: loads are priced, not timed out
 
         def worker(name: str) -> SimWorker:
             engine = LLMEngine(dataclasses.replace(engine_cfg), SimRunner(model, config.vocab_size), mc)
-            return SimWorker(name, engine, self)
+            sim_worker = SimWorker(name, engine, self)
+            engine.attach(peer=SimPeerSource(self, sim_worker))
+            return sim_worker
 
         self.prefill = {f"prefill-{i}": worker(f"prefill-{i}") for i in range(config.num_prefill)}
         self.decode = {f"decode-{i}": worker(f"decode-{i}") for i in range(config.num_decode)}
         self.router = RouterCore(dict.fromkeys(self.prefill), dict.fromkeys(self.decode),
                                  PolicyConfig(**config.policy), block_size=config.block_size)
         self._flights: dict[str, _Flight] = {}
-        self.counters = {"remote_prefills": 0, "transferred_blocks": 0, "fallback_no_blocks": 0}
+        self.counters = {"remote_prefills": 0, "transferred_blocks": 0}
         self._queries = self._hits = 0
 
     @property
@@ -156,7 +199,7 @@ class SimCluster:
             self._hits += delta.num_cached_tokens
             flight.prefill_counted = True
         if worker is flight.prefill:
-            self._hand_off(flight, delta.token_ids[0])
+            self._hand_off(flight, delta)
             return
         flight.generated += len(delta.token_ids)
         self.router.progress(flight.ticket, flight.generated)
@@ -165,27 +208,18 @@ class SimCluster:
             del self._flights[delta.request_id]
         flight.on_token(self.loop.now, delta)
 
-    def _hand_off(self, flight: _Flight, first_token: int) -> None:
+    def _hand_off(self, flight: _Flight, first: TokenDelta) -> None:
+        """The prefill worker's first token is out: the decode worker reads the KV through its connector (a
+        SimPeerSource pricing the transfer), then emits that token and decodes."""
         rid, prefill, decode = flight.request.request_id, flight.prefill, flight.decode
-        result = prefill.engine.prefill_result(rid, prefill.name, first_token, None)
-        try:
-            plan = decode.engine.import_remote(rid, flight.request.prompt_token_ids, flight.request.sampling, result)
-        except NoFreeBlocksError:  # as the real worker does: prefill again locally
-            self.counters["fallback_no_blocks"] += 1
-            prefill.engine.leases.release(rid)
-            decode.engine.add_request(rid, flight.request.prompt_token_ids, flight.request.sampling)
-            decode.kick()
-            prefill.kick()
-            return
-        self.counters["transferred_blocks"] += len(plan.remote_blocks)
+        result = prefill.engine.prefill_result(rid, prefill.name, first.token_ids[0], None, first.num_cached_tokens)
+        decode.engine.add(flight.request, remote=result)
+        decode.kick()
 
-        def landed() -> None:
-            prefill.engine.leases.release(rid)
-            prefill.kick()
-            self.deliver(decode, decode.engine.commit_import(rid))
-            decode.kick()
-
-        self.loop.at(self.loop.now + self.model.transfer_time(len(plan.remote_blocks)), landed)
+    def release_lease(self, owner: str, request_id: str) -> None:
+        worker = self.prefill.get(owner) or self.decode.get(owner)
+        if worker is not None and worker.engine.leases.release(request_id):
+            worker.kick()
 
     def run(self, until: float = float("inf")) -> None:
         self.loop.run(until)

@@ -1,61 +1,76 @@
-"""Ray actor classes: one engine worker per actor, its role fixed by the class."""
+"""Ray actor classes: one engine worker per actor (its role fixed by the class, so `ps` shows
+`ray::PrefillWorker` / `ray::DecodeWorker`), and the router actor hosting the HTTP endpoint.
+
+Restarts are Ray's: every actor is created with max_restarts (see launch.py) and max_task_retries=0, so a call
+in flight when a process dies fails at once (the router migrates the request) and Ray brings the actor back
+with the same constructor arguments - a worker as a new incarnation that the router's supervisor wires back in,
+the router on the same port.
+"""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ray
 
+from disagg.cluster.handles import RayWorkerHandle
 from disagg.cluster.worker import EngineWorker, WorkerConfig
-from disagg.protocol import KVEventBatch
+from disagg.protocol import Role
 from disagg.router.server import RouterConfig, RouterServer
 
 
 class _RoleWorker(EngineWorker):
-    ROLE = "both"
+    ROLE = Role.BOTH
 
-    def __init__(self, name: str, engine: dict[str, Any], transfer_timeout_s: float = 10.0) -> None:
-        super().__init__(WorkerConfig(name=name, role=self.ROLE, engine=engine,
-                                      transfer_timeout_s=transfer_timeout_s))
+    def __init__(self, name: str, engine: dict[str, Any], **options: Any) -> None:
+        super().__init__(WorkerConfig(name=name, role=self.ROLE, engine=engine, **options))
+        self.node_id = ray.get_runtime_context().get_node_id()
 
 
 # num_cpus=0: the engines size their own torch thread pools; Ray's CPU accounting would only serialize them.
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_task_retries=0)
 class PrefillWorker(_RoleWorker):
-    ROLE = "prefill"
+    ROLE = Role.PREFILL
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_task_retries=0)
 class DecodeWorker(_RoleWorker):
-    ROLE = "decode"
+    ROLE = Role.DECODE
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_task_retries=0)
 class AggregatedWorker(_RoleWorker):
-    ROLE = "both"
+    ROLE = Role.BOTH
 
 
-@ray.remote(num_cpus=0, max_concurrency=8)
+@ray.remote(num_cpus=0, max_concurrency=8, max_task_retries=0)
 class RouterActor:
     """Hosts the router core and the OpenAI-compatible HTTP server; workers publish KV events to it."""
 
     def __init__(self, config: dict[str, Any], prefill: dict[str, Any], decode: dict[str, Any]) -> None:
-        self._workers = {**prefill, **decode}
-        self.server = RouterServer(RouterConfig(**config), prefill, decode, self._request_snapshot)
+        node = ray.get_runtime_context().get_node_id()
+        self.server = RouterServer(RouterConfig(**config),
+                                   {n: RayWorkerHandle(n, a, node) for n, a in prefill.items()},
+                                   {n: RayWorkerHandle(n, a, node) for n, a in decode.items()})
         self.url = self.server.start()
-
-    def _request_snapshot(self, worker: str) -> None:
-        # Runs on the actor's thread pool; the reply is applied when it arrives.
-        batch = ray.get(self._workers[worker].kv_snapshot.remote(), timeout=30)
-        self.server.core.on_kv_events(KVEventBatch.from_wire(batch))
 
     def get_url(self) -> str:
         return self.url
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def publish_kv_events(self, batch: bytes) -> bool:
         return self.server.publish_kv_events(batch)
 
     def decisions(self, n: int = 100) -> list[dict[str, Any]]:
         return self.server.core.recent_decisions(n)
+
+    def health(self) -> dict[str, Any]:
+        core = self.server.core
+        return {"workers": {n: {"state": w.state.value, "reason": w.reason, "incarnation": w.incarnation,
+                                "restarts": w.restarts} for n, w in core.health.workers.items()},
+                "events": core.health.recent_events(200), "counters": dict(core.counters)}
 
     def index_size(self) -> dict[str, int]:
         core = self.server.core

@@ -7,6 +7,7 @@ Also the entrypoint for `disagg serve` and for `ray job submit -- python -m disa
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -19,6 +20,8 @@ import ray
 
 from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker, RouterActor
 from disagg.cluster.client import DisaggClient
+from disagg.cluster.worker import worker_tiers
+from disagg.router.server import free_port
 
 
 @dataclass
@@ -26,8 +29,21 @@ class ClusterConfig:
     num_prefill: int = 1  # 0: aggregated workers (each prefills and decodes)
     num_decode: int = 1
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields for every worker
+    tiers: dict[str, Any] | None = field(default_factory=dict)  # TierConfig fields; None: no CPU/disk tiers
     address: str | None = None  # None: start an embedded local Ray cluster (or join RAY_ADDRESS)
     transfer_timeout_s: float = 10.0
+    max_restarts: int = -1  # per worker actor (-1: always restart)
+    fault_injection: bool = False  # workers accept inject_fault() (chaos benchmark, tests)
+
+
+def init_ray(address: str | None) -> None:
+    """Join `address` (or RAY_ADDRESS), or start a local cluster whose node IP is loopback."""
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, include_dashboard=False)
+    else:
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
 
 
 class LocalCluster:
@@ -35,23 +51,28 @@ class LocalCluster:
         self.config = config = config or ClusterConfig()
         if config.num_decode <= 0 or config.num_prefill < 0:
             raise ValueError("need num_decode >= 1 and num_prefill >= 0")
-        if not ray.is_initialized():
-            ray.init(address=config.address, include_dashboard=False)
+        init_ray(config.address)
         if not config.engine.get("model"):  # resolve once, so every worker and the router agree
             from disagg.model_store import default_model_dir
             config.engine = {**config.engine, "model": str(default_model_dir())}
         tag = uuid.uuid4().hex[:6]
         decode_cls = DecodeWorker if config.num_prefill else AggregatedWorker
-        self.prefill_by_name = {f"prefill-{i}-{tag}": None for i in range(config.num_prefill)}
-        self.decode_by_name = {f"decode-{i}-{tag}": None for i in range(config.num_decode)}
-        for name in self.prefill_by_name:
-            self.prefill_by_name[name] = PrefillWorker.remote(name, config.engine, config.transfer_timeout_s)
-        for name in self.decode_by_name:
-            self.decode_by_name[name] = decode_cls.remote(name, config.engine, config.transfer_timeout_s)
+        options = {"transfer_timeout_s": config.transfer_timeout_s, "fault_injection": config.fault_injection}
+        self.prefill_by_name: dict[str, Any] = {}
+        self.decode_by_name: dict[str, Any] = {}
+        for i in range(config.num_prefill):
+            self.prefill_by_name[f"prefill-{i}-{tag}"] = PrefillWorker.options(
+                max_restarts=config.max_restarts).remote(f"prefill-{i}-{tag}", config.engine,
+                                                         tiers=worker_tiers(config.tiers, f"prefill-{i}"), **options)
+        kind = "decode" if config.num_prefill else "worker"
+        for i in range(config.num_decode):
+            self.decode_by_name[f"decode-{i}-{tag}"] = decode_cls.options(
+                max_restarts=config.max_restarts).remote(f"decode-{i}-{tag}", config.engine,
+                                                         tiers=worker_tiers(config.tiers, f"{kind}-{i}"), **options)
         ray.get([w.ready.remote() for w in self.workers])
-        layouts = ray.get([p.layout.remote() for p in self.prefill])
-        ray.get([d.add_peer.remote(layout) for d in self.decode for layout in layouts])
-        self.client = DisaggClient(self.prefill, self.decode)
+        layouts = ray.get([w.layout.remote() for w in self.workers])
+        ray.get([w.set_peers.remote(layouts) for w in self.workers])  # every worker can read every other
+        self.client = DisaggClient(self.prefill_by_name, self.decode_by_name)
 
     @property
     def prefill(self) -> list[Any]:
@@ -65,33 +86,42 @@ class LocalCluster:
     def workers(self) -> list[Any]:
         return self.prefill + self.decode
 
+    @property
+    def workers_by_name(self) -> dict[str, Any]:
+        return {**self.prefill_by_name, **self.decode_by_name}
+
     def stats(self) -> list[dict[str, Any]]:
         return ray.get([w.stats.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for worker in self.workers:
-            ray.kill(worker)
+            ray.kill(worker, no_restart=True)
         self.prefill_by_name, self.decode_by_name = {}, {}
 
 
 class Service:
-    """A LocalCluster plus the router actor serving the OpenAI-compatible API."""
+    """A LocalCluster plus the router actor serving the OpenAI-compatible API (restarted on the same port if it
+    dies)."""
 
-    def __init__(self, cluster: ClusterConfig, router: dict[str, Any] | None = None) -> None:
+    def __init__(self, cluster: ClusterConfig, router: dict[str, Any] | None = None,
+                 router_max_restarts: int = -1) -> None:
         self.cluster = LocalCluster(cluster)
         engine = self.cluster.config.engine
         router_config = {"block_size": engine.get("block_size", 16), "max_model_len": engine.get("max_model_len", 2048),
                          **(router or {}), "model": engine["model"]}
-        self.router = RouterActor.remote(router_config, self.cluster.prefill_by_name, self.cluster.decode_by_name)
+        if not router_config.get("port"):  # pick it now, so a restarted router binds the same one
+            router_config["port"] = free_port(router_config.get("host", "127.0.0.1"))
+        self.router = RouterActor.options(max_restarts=router_max_restarts).remote(
+            router_config, self.cluster.prefill_by_name, self.cluster.decode_by_name)
         self.url = ray.get(self.router.get_url.remote())
         ray.get([w.set_event_sink.remote(self.router) for w in self.cluster.workers])
 
     def shutdown(self) -> None:
         try:
             ray.get(self.router.stop.remote(), timeout=10)
-        except Exception:  # the router may already be gone; the workers still get killed
-            pass
-        ray.kill(self.router)
+        except (ray.exceptions.RayError, TimeoutError) as exc:  # the router may already be gone
+            print(f"router stop: {type(exc).__name__}", file=sys.stderr)
+        ray.kill(self.router, no_restart=True)
         self.cluster.shutdown()
 
 
@@ -122,9 +152,24 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--cpu-tier-mb", type=int, default=256, help="CPU-memory KV tier per worker (0: no tiers)")
+    p.add_argument("--disk-tier-dir", default=None,
+                   help="root of the disk KV tier (a directory per worker; default ~/.cache/disagg/kv; '' = none)")
+    p.add_argument("--disk-tier-mb", type=int, default=1024, help="disk KV tier per worker")
+    p.add_argument("--max-migrations", type=int, default=3, help="times a request may move to another worker")
     p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
     p.add_argument("--question", default="What is the capital of France?")
     return p
+
+
+def tier_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """TierConfig fields from the command line (the disk directory gets one sub-directory per worker)."""
+    if args.cpu_tier_mb <= 0:
+        return None
+    tiers: dict[str, Any] = {"cpu_bytes": args.cpu_tier_mb << 20, "disk_bytes": args.disk_tier_mb << 20}
+    if args.disk_tier_dir is not None:
+        tiers["disk_root"] = args.disk_tier_dir
+    return tiers
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -134,9 +179,9 @@ def serve(args: argparse.Namespace) -> int:
         engine["model"] = args.model
     t0 = time.perf_counter()
     service = Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine,
-                                    address=args.address),
+                                    address=args.address, tiers=tier_options(args)),
                       {"policy": {"kind": args.policy}, "host": args.host, "port": args.port,
-                       "api_key": args.api_key})
+                       "api_key": args.api_key, "core": {"max_migrations": args.max_migrations}})
     model_name = service.cluster.config.engine["model"].rstrip("/").split("/")[-1]
     print(f"disagg serving {model_name} at {service.url}/v1 ({args.prefill} prefill, {args.decode} decode, "
           f"policy {args.policy}; started in {time.perf_counter() - t0:.1f}s)", flush=True)

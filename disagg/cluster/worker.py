@@ -1,57 +1,129 @@
 """An engine worker as an asyncio service: the body of the Ray actor (Ray-free, so it can be driven directly).
 
-All engine and NIXL calls run on one executor thread, in order, so the engine is never touched concurrently; the
-event loop only routes TokenDeltas to per-request queues.  Roles:
-  prefill  `prefill()` runs a request to its first token and leases the blocks until the decode side has read
-           them (NIXL notification) or the lease expires.
-  decode   `generate(request, prefill_result)` reads the blocks it lacks over NIXL, then decodes and streams;
-           a failed or timed-out read falls back to prefilling locally.
-  both     `generate(request)` with no prefill result: an ordinary aggregated engine.
+All engine and transport calls run on one executor thread, in order, so the engine is never touched
+concurrently; the event loop only routes TokenDeltas to per-request queues and answers heartbeats (without
+waiting for the engine thread, so a stuck step still gets reported).  The transport and the KV tiers are
+injected (factories), so tests can run a worker on in-process fakes.
+
+Roles (a Role, fixed per worker):
+  prefill  `prefill()` runs a request to its first token and leases the blocks until the reader has read them
+           (its NIXL notification) or the lease expires.
+  decode   `generate(request, remote)` reads the blocks it lacks from the owner named in `remote` (through the
+           engine's KV connector, as a scheduler state), then decodes and streams; a failed or timed-out read
+           falls back to computing locally.
+  both     `generate(request)` with no remote KV: an ordinary aggregated engine.
+Any role can `export_prefix()`: lease the blocks of a prompt prefix it holds (device or CPU tier) for a peer.
+
+Lifecycle: constructed (engine loaded, KV memory registered with a new NIXL agent named after this incarnation)
+-> `ready()` starts the step loop -> the router's supervisor wires peers (`set_peers`) and pulls a KV snapshot
+-> serving.  A process that dies is restarted by Ray and goes through the same steps as a new incarnation.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
+import os
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, AsyncIterator
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 from disagg.config import EngineConfig
-from disagg.engine.block_pool import NoFreeBlocksError
 from disagg.engine.engine import LLMEngine
-from disagg.protocol import KVEvent, KVEventBatch, PrefillResult, Request, TokenDelta
-from disagg.transfer.base import KVLayout, TransferError, TransferState
-from disagg.transfer.nixl import NixlTransport
+from disagg.kv.disk_tier import DiskTierBusy
+from disagg.kv.fingerprint import engine_fingerprint
+from disagg.kv.peer import PeerSource
+from disagg.kv.store import TierConfig, TieredStore
+from disagg.model_store import cache_root
+from disagg.protocol import Heartbeat, KVEvent, KVEventBatch, PrefillResult, Request, Role, TokenDelta
+from disagg.transfer.base import KVLayout, KVTransport
+from disagg.transfer.fake import Fault, FaultyTransport
 
 log = logging.getLogger(__name__)
-ROLES = ("prefill", "decode", "both")
 
 
 @dataclasses.dataclass
 class WorkerConfig:
     name: str
-    role: str = "both"
+    role: Role = Role.BOTH
     engine: dict[str, Any] = dataclasses.field(default_factory=dict)  # EngineConfig fields
-    transfer_timeout_s: float = 10.0
+    # TierConfig fields (plus `disk_root`: a directory with one disk tier per worker); None: no tiers
+    tiers: dict[str, Any] | None = dataclasses.field(default_factory=dict)
+    transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed
     idle_sleep_s: float = 0.002
+    fault_injection: bool = False  # accept inject_fault() (chaos benchmark, tests)
+    metrics_interval_s: float = 0.1  # how often the engine thread refreshes the figures heartbeats carry
+
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)
+
+
+def worker_tiers(tiers: dict[str, Any] | None, slot: str) -> dict[str, Any] | None:
+    """A worker's TierConfig fields: its disk tier is `<disk_root>/<slot>` (a stable name per position, so the
+    next run of the same layout serves the previous run's prefixes from disk).  The default root is
+    $DISAGG_KV_ROOT, else ~/.cache/disagg/kv."""
+    if tiers is None:
+        return None
+    fields = dict(tiers)
+    root = fields.pop("disk_root", None)
+    if "disk_dir" not in fields:
+        if root is None:
+            root = os.environ.get("DISAGG_KV_ROOT") or str(cache_root() / "kv")
+        fields["disk_dir"] = str(Path(root) / slot) if root else ""
+    return fields
+
+
+def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
+    """The worker's CPU (and disk) tier; config.tiers None or cpu_bytes 0 turns tiers off."""
+    if config.tiers is None:
+        return None
+    fields = worker_tiers(config.tiers, config.name)
+    if fields.get("cpu_bytes", 1) == 0:
+        return None
+    kv = engine.kv_tensor
+    model_dir = Path(engine.config.model) if engine.config.model else None
+    fingerprint = engine_fingerprint(model_dir, str(engine.dtype), engine.config.block_size, tuple(kv.shape[1:]))
+    try:
+        return TieredStore(TierConfig(**fields), engine.pool, kv, fingerprint)
+    except DiskTierBusy:  # another live worker owns the directory: use one of our own
+        fields["disk_dir"] = f"{fields['disk_dir']}-{uuid.uuid4().hex[:6]}"
+        log.warning("disk tier directory busy; using %s", fields["disk_dir"])
+        return TieredStore(TierConfig(**fields), engine.pool, kv, fingerprint)
+
+
+def nixl_transport(name: str, engine: LLMEngine) -> KVTransport:
+    from disagg.transfer.nixl import NixlTransport
+    return NixlTransport(name, engine.device)
 
 
 class EngineWorker:
-    def __init__(self, config: WorkerConfig) -> None:
-        if config.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {config.role!r}")
+    def __init__(self, config: WorkerConfig,
+                 transport_factory: Callable[[str, LLMEngine], KVTransport] = nixl_transport,
+                 tier_factory: Callable[[LLMEngine, WorkerConfig], TieredStore | None] = build_tiers) -> None:
         self.config = config
-        self.engine = LLMEngine(EngineConfig(**config.engine))
-        self.transport = NixlTransport(config.name, self.engine.device)
-        self.transport.register(self.engine.runner.kv_cache.tensor)
+        self.incarnation = uuid.uuid4().hex[:8]
+        self.agent_name = f"{config.name}-{self.incarnation}"
+        self.engine = LLMEngine(EngineConfig(**{"kv_load_timeout_s": config.transfer_timeout_s, **config.engine}))
+        self.tiers = tier_factory(self.engine, config)
+        transport = transport_factory(self.agent_name, self.engine)
+        self.transport: KVTransport = FaultyTransport(transport) if config.fault_injection else transport
+        self.transport.register(self.engine.kv_tensor, self.tiers.cpu.tensor if self.tiers is not None else None)
+        self.peer = PeerSource(self.transport)
+        self.engine.attach(peer=self.peer, tiers=self.tiers)
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{config.name}")
-        self._queues: dict[str, asyncio.Queue[TokenDelta]] = {}
+        self._queues: dict[str, asyncio.Queue[TokenDelta | BaseException]] = {}
         self._loop_task: asyncio.Task | None = None
         self._event_sink: Any = None  # the router actor; receives KVEventBatch messages
         self._event_seq = -1
-        self.counters = {"transfer_failures": 0, "fallback_no_blocks": 0, "reads": 0, "local_only_imports": 0,
-                         "read_seconds": 0.0}
+        self._step_started: float | None = None
+        self._steps = 0
+        self._failures = 0  # consecutive failed ticks
+        self.node_id = ""
+        self.counters = {"step_failures": 0, "events_published": 0, "publish_failures": 0}
+        self._metrics: tuple[dict[str, float], dict[str, float]] = ({}, {})  # refreshed by the engine thread
+        self._metrics_at = 0.0
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
@@ -63,89 +135,169 @@ class EngineWorker:
     async def _run(self) -> None:
         while True:
             try:
-                deltas, events, busy = await self._call(self._tick)
-            except Exception:  # never let one bad step kill the worker's loop
-                log.exception("engine step failed")
-                deltas, events, busy = [], None, False
+                deltas, events = await self._call(self._tick)
+                self._failures = 0
+            except Exception:  # reported through heartbeats; the supervisor restarts a worker that keeps failing
+                self._failures += 1
+                self.counters["step_failures"] += 1
+                log.exception("engine step failed (%d in a row)", self._failures)
+                deltas, events = [], None
+                await asyncio.sleep(0.05 * min(self._failures, 20))
             if events is not None and self._event_sink is not None:
-                self._event_sink.publish_kv_events.remote(events.to_wire())
+                self._publish(events)
             for delta in deltas:
                 queue = self._queues.get(delta.request_id)
                 if queue is not None:
                     queue.put_nowait(delta)
-            if not busy:
+            if not deltas:
                 await asyncio.sleep(self.config.idle_sleep_s)
 
-    def _tick(self) -> tuple[list[TokenDelta], KVEventBatch | None, bool]:
-        """Executor thread: release leases the decode side is done with, expire stale ones, run one step,
-        and collect the KV events since the last tick as one numbered batch."""
+    def _publish(self, batch: KVEventBatch) -> None:
+        try:
+            self._event_sink.publish_kv_events.remote(batch.to_wire())
+            self.counters["events_published"] += 1
+        except Exception as exc:  # the router may be restarting; it pulls a snapshot when it sees the gap
+            self.counters["publish_failures"] += 1
+            log.info("publishing KV events failed: %s", exc)
+
+    def _tick(self) -> tuple[list[TokenDelta], KVEventBatch | None]:
+        """Executor thread: release leases readers are done with, expire stale ones, run one step, and collect
+        the KV events since the last tick as one numbered batch."""
         for message in self.transport.notifications():
             self.engine.leases.release(message.decode())
         self.engine.leases.expire()
-        busy = self.engine.has_unfinished()
-        deltas = self.engine.step() if busy else []
+        self._step_started = time.monotonic()
+        try:
+            deltas = self.engine.step()
+        finally:
+            self._step_started = None
+        self._steps += 1
+        if time.monotonic() - self._metrics_at > self.config.metrics_interval_s:
+            self._metrics = (self._counters(), self._gauges())  # read by heartbeats from the event loop
+            self._metrics_at = time.monotonic()
         events = self.engine.drain_kv_events()
         batch = None
         if events:  # numbered even with no sink yet: the router then sees a gap and asks for a snapshot
             self._event_seq += 1
             batch = KVEventBatch.of(self.config.name, self._event_seq, events)
-        return deltas, batch, busy
+        return deltas, batch
 
     # ------------------------------------------------------------------ control plane (msgpack in and out)
     async def ready(self) -> str:
         self._ensure_loop()
         return self.config.name
 
+    def heartbeat(self) -> bytes:
+        """Answered on the event loop, never waiting for the engine thread."""
+        self._ensure_loop()
+        e = self.engine
+        started = self._step_started
+        return Heartbeat(worker=self.config.name, incarnation=self.incarnation, role=self.config.role.value,
+                         pid=os.getpid(), node_id=self.node_id, steps=self._steps, has_work=e.has_unfinished(),
+                         step_busy_s=time.monotonic() - started if started is not None else 0.0,
+                         consecutive_step_failures=self._failures, agent_name=self.agent_name,
+                         counters=self._metrics[0], gauges=self._metrics[1]).to_wire()
+
+    def _counters(self) -> dict[str, float]:
+        e, s, c = self.engine, self.engine.scheduler.stats, self.engine.connector.stats
+        out = {"steps": self._steps, "generated_tokens": e.stats.generated_tokens,
+               "preemptions": s.num_preemptions, "prefix_query_tokens": s.prefix_query_tokens,
+               "prefix_hit_tokens": s.prefix_hit_tokens, "loaded_tokens": s.loaded_tokens,
+               "failed_loads": s.failed_loads, "leases_expired": e.leases.num_expired,
+               "transfer_bytes": self.transport.bytes_read, "transfer_reads": self.peer.num_reads,
+               "transfer_failures": self.peer.num_failures, "transfer_seconds": self.peer.read_seconds,
+               **{k: float(v) for k, v in self.counters.items()}}
+        for kind, n in c.loaded_blocks.items():
+            out[f"loaded_blocks:{kind}"] = n
+        if self.tiers is not None:
+            t = self.tiers.stats
+            out["tier_query_blocks"] = t.query_blocks
+            for name, counter in (("hit_blocks", t.hit_blocks), ("loaded_blocks", t.loaded_blocks),
+                                  ("stored_blocks", t.stored_blocks), ("bytes_stored", t.bytes_stored),
+                                  ("bytes_loaded", t.bytes_loaded), ("evictions", t.evictions),
+                                  ("load_seconds", t.load_seconds), ("loads", t.loads)):
+                for tier, v in counter.items():
+                    out[f"tier_{name}:{tier.value}"] = float(v)
+            for reason, v in t.corrupt.items():
+                out[f"tier_corrupt:{reason}"] = float(v)
+            out["tier_write_failures"] = t.write_failures
+            out["tier_store_skipped"] = t.store_skipped
+        return out
+
+    def _gauges(self) -> dict[str, float]:
+        e = self.engine
+        out = {"kv_blocks_total": e.pool.num_blocks, "kv_blocks_free": e.pool.num_free_blocks,
+               "kv_blocks_cached": e.pool.num_cached_blocks, "running": len(e.scheduler.running),
+               "waiting": len(e.scheduler.waiting), "loading": len(e.scheduler.loading),
+               "leases": len(e.leases.leases), "adopted_blocks": e.connector.num_adopted_blocks}
+        if e.prefill_s_per_token is not None:
+            out["prefill_s_per_token"] = e.prefill_s_per_token
+        if self.tiers is not None:
+            out.update({f"tier_{k}": float(v) for k, v in self.tiers.gauges().items()})
+            for tier, v in self.tiers.load_s_per_block.items():
+                out[f"tier_load_s_per_block:{tier.value}"] = v
+        return out
+
     async def layout(self) -> bytes:
         return self.transport.layout().to_wire()
+
+    async def set_peers(self, layouts: list[bytes]) -> None:
+        await self._call(self.transport.set_peers, [KVLayout.from_wire(b) for b in layouts])
 
     async def set_event_sink(self, sink: Any) -> None:
         self._event_sink = sink
 
     async def kv_snapshot(self) -> bytes:
-        """Every block hash cached here now, numbered as the last batch published (events are idempotent)."""
+        """Every block hash held now, per tier, numbered as the last batch published (events are idempotent)."""
         def snapshot() -> bytes:
-            hashes = self.engine.pool.cached_hashes()
-            return KVEventBatch.of(self.config.name, self._event_seq, [KVEvent("stored", hashes)],
-                                   snapshot=True).to_wire()
+            events = [KVEvent("stored", hashes, tier=tier) for tier, hashes in self.engine.kv_hashes().items()]
+            return KVEventBatch.of(self.config.name, self._event_seq, events, snapshot=True).to_wire()
         return await self._call(snapshot)
-
-    async def add_peer(self, layout: bytes) -> None:
-        await self._call(self.transport.add_peer, KVLayout.from_wire(layout))
 
     async def prefill(self, request: bytes) -> bytes:
         """Run the prompt to its first token; the blocks stay leased for the decode worker."""
         req = Request.from_wire(request)
         queue = self._open(req.request_id)
         try:
-            first = dataclasses.replace(req.sampling, max_tokens=1, stop=[])
-            await self._call(self.engine.add_request, req.request_id, req.prompt_token_ids, first, True)
-            delta = await queue.get()
+            first = dataclasses.replace(req.sampling, max_tokens=len(req.resume_token_ids) + 1, stop=[])
+            await self._call(lambda: self.engine.add(dataclasses.replace(req, sampling=first), hold_kv=True))
+            delta = await self._get(queue)
         finally:
             self._queues.pop(req.request_id, None)
-        result = await self._call(self.engine.prefill_result, req.request_id, self.config.name,
-                                  delta.token_ids[0], None)
+        result = await self._call(self.engine.prefill_result, req.request_id, self.agent_name, delta.token_ids[0],
+                                  None, delta.num_cached_tokens)
         return result.to_wire()
 
+    async def export_prefix(self, request: bytes) -> bytes | None:
+        """Lease the leading blocks of the request's prompt held here (device or CPU tier) for a peer's read."""
+        req = Request.from_wire(request)
+
+        def export() -> bytes | None:
+            from disagg.protocol import hash_prompt_blocks
+            tokens = req.prompt_token_ids + req.resume_token_ids
+            usable = (len(tokens) - 1) // self.engine.config.block_size
+            hashes = hash_prompt_blocks(tokens, self.engine.config.block_size)[:usable]
+            result = self.engine.export_prefix(req.request_id, hashes, self.agent_name)
+            return result.to_wire() if result is not None else None
+        return await self._call(export)
+
     async def release(self, request_id: str) -> bool:
-        """Free a request's leased blocks now (cancellation, or the decode side failed over)."""
+        """Free a request's leased blocks now (cancellation, or the reader fell back)."""
         return await self._call(self.engine.leases.release, request_id)
 
     async def abort(self, request_id: str) -> bool:
         return await self._call(self.engine.abort, request_id)
 
-    async def generate(self, request: bytes, prefill: bytes | None = None) -> AsyncIterator[bytes]:
-        """Stream TokenDeltas (msgpack) for a request; with `prefill`, its KV is read from that worker first."""
+    async def generate(self, request: bytes, remote: bytes | None = None) -> AsyncIterator[bytes]:
+        """Stream TokenDeltas (msgpack) for a request; with `remote`, its KV is read from that worker first."""
         req = Request.from_wire(request)
+        result = PrefillResult.from_wire(remote) if remote is not None else None
         queue = self._open(req.request_id)
         finished = False
         try:
-            if prefill is None:
-                await self._call(self.engine.add_request, req.request_id, req.prompt_token_ids, req.sampling)
-            else:
-                await self._import(req, PrefillResult.from_wire(prefill))
+            await self._call(lambda: self.engine.add(req, remote=result))
             while not finished:
-                delta = await queue.get()
+                delta = await self._get(queue)
                 finished = delta.finished
                 yield delta.to_wire()
         finally:
@@ -153,66 +305,50 @@ class EngineWorker:
             if not finished:  # the caller went away: free the blocks
                 await self._call(self.engine.abort, req.request_id)
 
+    async def _get(self, queue: asyncio.Queue) -> TokenDelta:
+        item = await queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     def _open(self, request_id: str) -> asyncio.Queue:
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._ensure_loop()
-        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()  # bounded by the request's max_tokens (one delta per token)
         self._queues[request_id] = queue
         return queue
 
-    async def _import(self, req: Request, result: PrefillResult) -> None:
-        rid = req.request_id
-        try:
-            plan = await self._call(self.engine.import_remote, rid, req.prompt_token_ids, req.sampling, result)
-        except NoFreeBlocksError:
-            self.counters["fallback_no_blocks"] += 1
-            await self._call(self.engine.add_request, rid, req.prompt_token_ids, req.sampling)
-            return
-        try:
-            if plan.remote_blocks:
-                await self._read(result.agent_name, plan.remote_blocks, plan.local_blocks, rid)
-            else:  # every block was already cached here: tell the prefill side it can let go
-                self.counters["local_only_imports"] += 1
-                await self._call(self.transport.notify, result.agent_name, rid.encode())
-        except (TransferError, asyncio.TimeoutError, RuntimeError) as exc:
-            log.warning("KV read for %s from %s failed (%s); prefilling locally", rid, result.agent_name, exc)
-            self.counters["transfer_failures"] += 1
-            await self._call(self.engine.abort_import, rid)
-            return
-        delta = await self._call(self.engine.commit_import, rid)
-        self._queues[rid].put_nowait(delta)
+    # ------------------------------------------------------------------ operations
+    def pid(self) -> int:
+        return os.getpid()
 
-    async def _read(self, peer: str, remote: list[int], local: list[int], request_id: str) -> None:
-        start = time.monotonic()
-        handle = await self._call(self.transport.read, peer, remote, local, request_id.encode())
-        self.counters["reads"] += 1
-        deadline = start + self.config.transfer_timeout_s
-        try:
-            while True:
-                state = await self._call(self.transport.poll, handle)
-                if state == TransferState.DONE:
-                    self.counters["read_seconds"] += time.monotonic() - start
-                    return
-                if state == TransferState.FAILED:
-                    raise TransferError(f"read from {peer} failed")
-                if time.monotonic() > deadline:
-                    raise TransferError(f"read from {peer} timed out after {self.config.transfer_timeout_s}s")
-                await asyncio.sleep(0.0005)
-        finally:
-            await self._call(self.transport.release, handle)
+    def inject_fault(self, fault: str, count: int = 1, hang_s: float = 30.0) -> None:
+        if not isinstance(self.transport, FaultyTransport):
+            raise ValueError("fault injection is off for this worker (WorkerConfig.fault_injection)")
+        self.transport.inject(Fault(fault), count, hang_s)
 
     async def stats(self) -> dict[str, Any]:
         def collect() -> dict[str, Any]:
             e = self.engine
-            return {"name": self.config.name, "role": self.config.role, "num_blocks": e.pool.num_blocks,
-                    "free_blocks": e.pool.num_free_blocks, "leases": len(e.leases.leases),
-                    "leases_expired": e.leases.num_expired, "running": len(e.scheduler.running),
-                    "waiting": len(e.scheduler.waiting), "bytes_read": self.transport.bytes_read,
+            return {"name": self.config.name, "role": self.config.role.value, "incarnation": self.incarnation,
+                    "num_blocks": e.pool.num_blocks, "free_blocks": e.pool.num_free_blocks,
+                    "leases": len(e.leases.leases), "leases_expired": e.leases.num_expired,
+                    "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
+                    "loading": len(e.scheduler.loading), "adopted_blocks": e.connector.num_adopted_blocks,
+                    "bytes_read": self.transport.bytes_read, "reads": self.peer.num_reads,
+                    "transfer_failures": self.peer.num_failures, "local_only_imports": self.peer.num_notify_only,
                     "prefix_hit_tokens": e.scheduler.stats.prefix_hit_tokens,
                     "prefix_query_tokens": e.scheduler.stats.prefix_query_tokens,
-                    "preemptions": e.scheduler.stats.num_preemptions, **self.counters}
+                    "loaded_tokens": e.scheduler.stats.loaded_tokens, "failed_loads": e.scheduler.stats.failed_loads,
+                    "preemptions": e.scheduler.stats.num_preemptions, "steps": self._steps,
+                    "tiers": self.tiers.gauges() if self.tiers is not None else None}
         return await self._call(collect)
+
+    async def flush_tiers(self) -> None:
+        """Wait for the tiers' stores and demotions in flight (tests, benchmarks)."""
+        if self.tiers is not None:
+            await self._call(self.tiers.flush)
 
     async def kv_block_bytes(self) -> int:
         return self.transport.layout().block_bytes

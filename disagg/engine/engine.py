@@ -242,6 +242,11 @@ class LLMEngine:
     # ------------------------------------------------------------------ one step
     def step(self) -> list[TokenDelta]:
         self.connector.tick()
+        arrived = self.scheduler.poll_loads()
+        if arrived:  # a peer's prefill landed: its first token goes out now, the model runs on the next call
+            for seq in arrived:
+                seq.pending_first_token = False
+            return [self._process_token(seq, seq.token_ids[-1], imported=True) for seq in arrived]
         batch = self.scheduler.schedule()
         deltas = [self._process_token(seq, seq.token_ids[-1], imported=True) for seq in batch.imported]
         if batch.imported and any(seq.is_finished for seq in batch.seqs):  # max_tokens=1: done with the first

@@ -75,7 +75,7 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        self._poll_loads(batch)
+        self.poll_loads()
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
@@ -181,7 +181,10 @@ class Scheduler:
             log.warning("KV load for %s failed to start: %s", seq.request_id, exc)
         return 0
 
-    def _poll_loads(self, batch: ScheduledBatch) -> None:
+    def poll_loads(self) -> list[Sequence]:
+        """Move finished loads back to the head of the queue; returns those that came with a peer's first token
+        (the engine emits it at once, so a disaggregated request's TTFT does not wait for a decode step)."""
+        with_token = []
         for seq in list(self.loading):
             load: KVLoad = seq.kv_load
             state = self.connector.poll(load)
@@ -212,6 +215,9 @@ class Scheduler:
                 seq.num_cached_tokens = min(credited, seq.num_prompt_tokens)
             seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
+            if seq.pending_first_token:
+                with_token.append(seq)
+        return with_token
 
     def _reserve(self, seq: Sequence, n: int, extra_blocks: list[int] | None = None,
                  computed: int | None = None) -> bool:

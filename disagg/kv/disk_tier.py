@@ -18,6 +18,7 @@ threads); the index is only changed by the engine thread (`commit`, `forget`, `e
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 import zlib
@@ -30,6 +31,10 @@ _VERSION = 1
 _HEADER = struct.Struct("<4sH2x16sQQI4x")
 HEADER_BYTES = _HEADER.size
 _SUFFIX = ".kv"
+
+
+class DiskTierBusy(OSError):
+    """Another live process owns this disk tier directory."""
 
 
 class CorruptBlock(Exception):
@@ -47,6 +52,14 @@ class DiskTier:
             raise ValueError("fingerprint must be 16 hex characters")
         self.dir = Path(root) / fingerprint
         self.dir.mkdir(parents=True, exist_ok=True)
+        # one owner per directory (two workers sharing it would evict each other's files); the lock dies with
+        # the process, so a restarted worker takes its directory back
+        self._lock = open(Path(root) / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise DiskTierBusy(f"{root} is in use by another process") from None
         self.fingerprint = fingerprint
         self.capacity_bytes = capacity_bytes
         self.block_bytes = block_bytes
@@ -57,6 +70,9 @@ class DiskTier:
         self.num_rescanned = 0
         self.num_discarded_on_scan = 0
         self._scan()
+
+    def close(self) -> None:
+        self._lock.close()
 
     # ------------------------------------------------------------------ index (engine thread)
     def _scan(self) -> None:

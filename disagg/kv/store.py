@@ -426,3 +426,5 @@ class TieredStore(KVSource):
         self.flush()
         self._io.shutdown(wait=True)
         self.copier.shutdown()
+        if self.disk is not None:
+            self.disk.close()

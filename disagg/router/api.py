@@ -1,6 +1,10 @@
-"""OpenAI-compatible HTTP API (FastAPI): /v1/completions, /v1/chat/completions (SSE), /v1/models, /health,
-/metrics.  Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}} with a 4xx status.
-A client that disconnects cancels its request on every worker involved.
+"""OpenAI-compatible HTTP API (FastAPI): /v1/completions, /v1/chat/completions (SSE), /v1/models, probes
+(/livez, /readyz, /health) and /metrics.
+
+Errors are OpenAI-shaped (router/http_errors.py maps the project's error classes to statuses in one place); an
+unexpected exception is a JSON 500, never a plain-text one.  A streaming request is only answered with 200 once
+its first token exists, so a request that cannot be served gets a real status (503, 400, ...); a failure after
+that is an SSE error event, and the stream ends.  A client that disconnects cancels its request on every worker.
 """
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
@@ -18,10 +23,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from disagg.engine.tokenizer import Tokenizer
+from disagg.errors import DisaggError, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
 from disagg.protocol import Request, SamplingParams, TokenDelta
+from disagg.router.http_errors import error_response, sse_error, unexpected
 from disagg.router.router import RouterCore
 from disagg.router.schemas import ChatCompletionRequest, CompletionRequest
 from disagg.telemetry import RouterMetrics
+
+SESSION_HEADER = "x-session-id"
 
 
 @dataclass
@@ -29,58 +38,88 @@ class ApiConfig:
     model_name: str
     max_model_len: int
     api_key: str | None = None
+    disconnect_poll_s: float = 0.25
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-
-
-def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status,
-                        content={"error": {"message": message, "type": type_, "param": param, "code": code}})
+class _ClientGone(Exception):
+    pass
 
 
 def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> FastAPI:
-    app = FastAPI(title="disagg", docs_url=None, redoc_url=None)
-    metrics = RouterMetrics()
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        if core.supervisor is not None:
+            core.supervisor.start()
+        yield
+        if core.supervisor is not None:
+            await core.supervisor.stop()
+
+    app = FastAPI(title="disagg", docs_url=None, redoc_url=None, lifespan=lifespan)
+    metrics = RouterMetrics(core)
     app.state.metrics = metrics
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: HTTPRequest, exc: APIError):
-        return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+    @app.exception_handler(DisaggError)
+    async def _disagg_error(_: HTTPRequest, exc: DisaggError):
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: HTTPRequest, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if first.get("type") == "json_invalid":
-            return _error(400, "request body is not valid JSON", code="invalid_json")
+            return error_response(InvalidRequest("request body is not valid JSON", code="invalid_json"))
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
-        return _error(400, message, param=".".join(loc) or None, code=first.get("type"))
+        return error_response(InvalidRequest(message, param=".".join(loc) or None, code=first.get("type")))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: HTTPRequest, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), "not_found_error" if exc.status_code == 404 else
-                      "invalid_request_error")
+        if exc.status_code == 404:
+            return error_response(NotFound(str(exc.detail)))
+        if exc.status_code < 500:  # e.g. 405 method not allowed: keep the status, OpenAI-shaped body
+            body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
+                              "code": None}}
+            return JSONResponse(status_code=exc.status_code, content=body)
+        return error_response(unexpected(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: HTTPRequest, exc: Exception):
+        return error_response(unexpected(exc))
 
     @app.middleware("http")
     async def _auth_and_count(request: HTTPRequest, call_next):
         if config.api_key and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-                response = _error(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
                 metrics.requests.labels(request.url.path, "401").inc()
-                return response
+                return error_response(Unauthorized("invalid or missing API key", code="invalid_api_key"))
         response = await call_next(request)
         metrics.requests.labels(request.url.path, str(response.status_code)).inc()
         return response
 
+    # ------------------------------------------------------------------ probes
+    def _status() -> dict[str, Any]:
+        workers = {n: {"role": w.role.value, "state": w.state.value, "reason": w.reason, "restarts": w.restarts}
+                   for n, w in core.health.workers.items()}
+        live = core.health.live_counts()
+        return {"live": live, "decode_workers": live["decode"] + live["both"], "prefill_workers": live["prefill"],
+                "workers": workers}
+
+    @app.get("/livez")
+    async def livez():
+        return {"status": "alive"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not core.health.any_decoder_ready():
+            return error_response(ServiceUnavailable("no decode worker is alive", code="no_workers"))
+        return {"status": "ready"}
+
     @app.get("/health")
     async def health():
-        return {"status": "ok", "decode_workers": len(core.decode), "prefill_workers": len(core.prefill)}
+        status = _status()
+        if not core.health.any_decoder_ready():
+            return error_response(ServiceUnavailable("no decode worker is alive", code="no_workers"),
+                                  extra={"status": "unavailable", **status})
+        return {"status": "ok", **status}
 
     @app.get("/metrics")
     async def prometheus():
@@ -91,42 +130,43 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "disagg", "max_model_len": config.max_model_len}]}
 
+    # ------------------------------------------------------------------ validation
     def _check_model(name: str) -> None:
         if name != config.model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "not_found_error", "model",
-                           "model_not_found")
+            raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
     def _sampling(body, max_tokens: int | None, prompt_len: int) -> SamplingParams:
         if prompt_len >= config.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {config.max_model_len} tokens. However, "
-                                f"your prompt has {prompt_len} tokens.", param="prompt",
-                           code="context_length_exceeded")
+            raise InvalidRequest(f"This model's maximum context length is {config.max_model_len} tokens. However, "
+                                 f"your prompt has {prompt_len} tokens.", param="prompt",
+                                 code="context_length_exceeded")
         room = config.max_model_len - prompt_len
         if max_tokens is None:
             max_tokens = room
         elif max_tokens > room:
-            raise APIError(400, f"max_tokens={max_tokens} is too large: the prompt has {prompt_len} tokens and "
-                                f"the context holds {config.max_model_len}.", param="max_tokens",
-                           code="context_length_exceeded")
+            raise InvalidRequest(f"max_tokens={max_tokens} is too large: the prompt has {prompt_len} tokens and "
+                                 f"the context holds {config.max_model_len}.", param="max_tokens",
+                                 code="context_length_exceeded")
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                                   top_k=body.top_k, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos)
         except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
+            raise InvalidRequest(str(exc)) from exc
 
     def _tokenize_prompt(prompt: str | list[int] | list[str]) -> list[int]:
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
             if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported", param="prompt")
+                raise InvalidRequest("only one prompt per request is supported", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
             if not prompt:
-                raise APIError(400, "prompt is empty", param="prompt")
+                raise InvalidRequest("prompt is empty", param="prompt")
             return tokenizer.encode(prompt)
         if any(t < 0 or t >= tokenizer.vocab_size for t in prompt):
-            raise APIError(400, f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
+            raise InvalidRequest(f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
         return list(prompt)
 
+    # ------------------------------------------------------------------ generation endpoints
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
         _check_model(body.model)
@@ -140,35 +180,57 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         try:
             ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from exc
+            raise InvalidRequest(str(exc), param="messages") from exc
         sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, len(ids))
         return await _serve("chatcmpl", "chat.completion", body, ids, sampling, http, chat=True)
 
     async def _serve(prefix: str, kind: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest,
                      chat: bool):
-        request = Request(f"{prefix}-{uuid.uuid4().hex}", ids, sampling)
+        session = http.headers.get(SESSION_HEADER) or body.user
+        retention = body.kv_retention.ttl_s if body.kv_retention is not None else None
+        request = Request(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, session_id=session,
+                          kv_retention_s=retention)
         created = int(time.time())
-        stream = _timed(core.generate(request, session=body.user), len(ids), request.request_id)
+        stream = _timed(core.generate(request, session=session, on_route=metrics.on_route), len(ids))
+        try:
+            first = await _until_disconnect(stream.__anext__(), http)
+        except _ClientGone:
+            await stream.aclose()
+            return error_response(InvalidRequest("client closed the request", code="client_closed"))
+        except StopAsyncIteration:
+            raise ServiceUnavailable("the request ended without output", code="empty_stream") from None
+        except BaseException:
+            await stream.aclose()
+            raise
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_sse(stream, request.request_id, kind, created, chat, usage, len(ids)),
+            return StreamingResponse(_sse(first, stream, request.request_id, kind, created, chat, usage, len(ids)),
                                      media_type="text/event-stream")
-        task = asyncio.ensure_future(_collect(stream))
-        while not task.done():  # a client that hangs up cancels the request on every worker
-            await asyncio.wait({task}, timeout=0.25)
-            if not task.done() and await http.is_disconnected():
-                task.cancel()
-                return _error(499, "client closed the request", code="client_closed")
-        text, n_out, reason = task.result()
+        try:
+            text, n_out, reason, cached = await _until_disconnect(_collect(first, stream), http)
+        except _ClientGone:
+            await stream.aclose()
+            return error_response(InvalidRequest("client closed the request", code="client_closed"))
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         return {"id": request.request_id, "object": kind, "created": created, "model": config.model_name,
-                "choices": [choice], "usage": _usage(len(ids), n_out)}
+                "choices": [choice], "usage": _usage(len(ids), n_out, cached)}
 
-    async def _timed(deltas: AsyncIterator[TokenDelta], n_prompt: int, request_id: str) -> AsyncIterator[TokenDelta]:
+    async def _until_disconnect(awaitable, http: HTTPRequest):
+        """Await `awaitable`; if the client hangs up meanwhile, cancel it and raise _ClientGone."""
+        task = asyncio.ensure_future(awaitable)
+        while not task.done():
+            await asyncio.wait({task}, timeout=config.disconnect_poll_s)
+            if not task.done() and await http.is_disconnected():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise _ClientGone()
+        return task.result()
+
+    async def _timed(deltas: AsyncIterator[TokenDelta], n_prompt: int) -> AsyncIterator[TokenDelta]:
         start = last = time.monotonic()
         first = True
         metrics.running.inc()
@@ -180,10 +242,6 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                     metrics.ttft.observe(now - start)
                     metrics.prefix_cache_queries.inc(n_prompt)
                     metrics.prefix_cache_hits.inc(delta.num_cached_tokens)
-                    decision = core.decision_of(request_id)
-                    if decision is not None:
-                        metrics.routed.labels(decision.decode_worker,
-                                              "disaggregated" if decision.prefill_worker else "local").inc()
                     first = False
                 else:
                     metrics.itl.observe(now - last)
@@ -194,19 +252,17 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         finally:
             metrics.running.dec()
 
-    async def _collect(deltas: AsyncIterator[TokenDelta]) -> tuple[str, int, str]:
-        text, n_out, reason = "", 0, "stop"
-        try:
+    async def _collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> tuple[str, int, str, int]:
+        text, n_out, reason = first.text, len(first.token_ids), first.finish_reason or "stop"
+        if not first.finished:
             async for delta in deltas:
                 text += delta.text
                 n_out += len(delta.token_ids)
                 reason = delta.finish_reason or reason
-        except ValueError as exc:  # the worker refused the request
-            raise APIError(400, str(exc)) from exc
-        return text, n_out, reason
+        return text, n_out, reason, first.num_cached_tokens
 
-    async def _sse(deltas: AsyncIterator[TokenDelta], rid: str, kind: str, created: int, chat: bool,
-                   include_usage: bool, n_prompt: int) -> AsyncIterator[str]:
+    async def _sse(first: TokenDelta, deltas: AsyncIterator[TokenDelta], rid: str, kind: str, created: int,
+                   chat: bool, include_usage: bool, n_prompt: int) -> AsyncIterator[str]:
         chunk_kind = "chat.completion.chunk" if chat else "text_completion"
         n_out = 0
 
@@ -217,10 +273,16 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
+        async def all_deltas() -> AsyncIterator[TokenDelta]:
+            yield first
+            if not first.finished:
+                async for delta in deltas:
+                    yield delta
+
         try:
             if chat:
                 yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            async for delta in deltas:
+            async for delta in all_deltas():
                 n_out += len(delta.token_ids)
                 if chat:
                     choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
@@ -230,15 +292,18 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                 if delta.text or delta.finish_reason:
                     yield chunk([choice])
             if include_usage:
-                yield chunk([], _usage(n_prompt, n_out))
+                yield chunk([], _usage(n_prompt, n_out, first.num_cached_tokens))
             yield "data: [DONE]\n\n"
-        except ValueError as exc:
-            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'invalid_request_error'}})}\n\n"
+        except DisaggError as exc:
+            yield sse_error(exc)
+        except Exception as exc:  # never a silently cut stream: the client gets an error event
+            yield sse_error(unexpected(exc))
         finally:
             await deltas.aclose()
 
     return app
 
 
-def _usage(n_prompt: int, n_out: int) -> dict[str, int]:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+def _usage(n_prompt: int, n_out: int, cached: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": cached}}

@@ -1,60 +1,96 @@
-"""Routing policy: which decode worker serves a request, and whether its prefill runs remotely.
+"""Routing policy: which decode worker serves a request, where its prefill runs, and whether a prefix is pulled
+from a peer.
 
 Cost of worker w (lower is better), in block units so the terms are comparable:
 
-    cost(w) = overlap_weight * uncached_prefill_blocks(w)     prefill work left after w's cached prefix
-            + active_blocks(w)                                KV the worker's in-flight requests hold
-            + queue_weight * queued_prefill_blocks(w)         prefill work already waiting on w
+    cost(w) = overlap_weight * (uncached_blocks(w)                prefill work left after w's cached prefix
+                                + sum_tier tier_blocks(w) * c_tier(w))   loading from CPU / disk, priced as a
+                                                                  fraction of recomputing (capped at 1: a tier
+                                                                  slower than prefill is worth nothing)
+            + active_blocks(w)                                    KV the worker's in-flight requests hold
+            + queue_weight * queued_prefill_blocks(w)             prefill work already waiting on w
             - affinity_bonus   if the request's session last went to w
 
-Dynamo's KV router uses the first two terms; the queue term keeps a worker with a hot prefix from being buried
-under a burst, and the session term keeps multi-turn conversations together even before their blocks are
-indexed.  Ties (or near-ties, with temperature > 0) are broken by a softmax over -cost / temperature.
+c_tier(w) is the worker's measured load time per block over its measured prefill time per block (from its
+heartbeats), or the configured prior until measured.  Dynamo's KV router uses the first and third terms; the
+queue term keeps a worker with a hot prefix from being buried under a burst, the session term keeps multi-turn
+conversations together before their blocks are indexed.  Ties (or near-ties, with temperature > 0) are broken
+by a softmax over -cost / temperature.
 
 Conditional disaggregation: prefill runs on a prefill worker only when the uncached part is long enough to be
-worth a transfer (>= min_remote_prefill_tokens) and some prefill worker is below its queue limit.
+worth a transfer (>= min_remote_prefill_tokens) and some prefill worker is below its queue limit.  Otherwise
+the decode worker prefills locally, and if another worker holds a longer prefix in device memory or its CPU tier
+(at least min_peer_pull_blocks more), the decode worker reads that prefix from it instead of recomputing it.
 """
 from __future__ import annotations
 
+import enum
 import itertools
 import math
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
+
+from disagg.protocol import Tier
+from disagg.router.index import TierMatch
+
+
+class PolicyKind(str, enum.Enum):
+    KV = "kv"
+    ROUND_ROBIN = "round_robin"
+    LEAST_LOADED = "least_loaded"
 
 
 @dataclass
 class PolicyConfig:
-    kind: str = "kv"  # "kv" | "round_robin" | "least_loaded"
+    kind: PolicyKind = PolicyKind.KV
     overlap_weight: float = 1.0
     queue_weight: float = 1.0
     affinity_bonus: float = 4.0  # blocks
     temperature: float = 0.0  # 0: argmin, random among exact ties
     min_remote_prefill_tokens: int = 64
     max_prefill_queue_tokens: int = 8192  # a prefill worker with more queued prompt tokens counts as saturated
+    cpu_load_cost: float = 0.05  # prior cost of loading a block from CPU, as a fraction of recomputing it
+    disk_load_cost: float = 0.3  # same for disk
+    peer_pull: bool = True
+    min_peer_pull_blocks: int = 4
+    max_sessions: int = 100_000  # bound of the session -> worker table (least recently used dropped)
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("kv", "round_robin", "least_loaded"):
-            raise ValueError(f"unknown policy {self.kind!r}: kv, round_robin or least_loaded")
+        try:
+            self.kind = PolicyKind(self.kind)
+        except ValueError:
+            raise ValueError(f"unknown policy {self.kind!r}: kv, round_robin or least_loaded") from None
 
 
 @dataclass
 class WorkerLoad:
-    """What the router tracks per worker from its own dispatches (exact, no polling)."""
+    """What the router tracks per worker from its own dispatches (exact, no polling), plus measured costs."""
 
     name: str
     active_requests: int = 0
     active_blocks: int = 0  # blocks held by in-flight requests (prompt + output so far, estimated)
     queued_prefill_tokens: int = 0  # prompt tokens dispatched but not yet past their first token
+    tier_cost: dict[Tier, float] = field(default_factory=dict)  # measured load/recompute ratio per tier
 
 
 @dataclass
 class Decision:
     decode_worker: str
     prefill_worker: str | None  # None: prefill on the decode worker
-    overlap_blocks: int  # cached prefix blocks on the chosen decode worker
+    overlap_blocks: int  # cached prefix blocks the decode worker serves from (any tier)
     costs: dict[str, float] = field(default_factory=dict)
     reason: str = ""
+    match: TierMatch = field(default_factory=TierMatch)  # the decode worker's match, per tier
+    peer_worker: str | None = None  # pull this worker's cached prefix instead of recomputing it
+    peer_blocks: int = 0
+
+
+def _as_match(value: TierMatch | int | None) -> TierMatch:
+    if isinstance(value, TierMatch):
+        return value
+    return TierMatch(device=value or 0, exportable=value or 0)
 
 
 class RoutingPolicy:
@@ -64,34 +100,50 @@ class RoutingPolicy:
         self._rng = random.Random(self.config.seed)
         self._rr_decode = itertools.count()
         self._rr_prefill = itertools.count()
-        self._sessions: dict[str, str] = {}
+        self._sessions: OrderedDict[str, str] = OrderedDict()
 
-    def choose(self, num_tokens: int, matches: dict[str, int], decode: list[WorkerLoad],
+    def choose(self, num_tokens: int, matches: dict[str, TierMatch | int], decode: list[WorkerLoad],
                prefill: list[WorkerLoad], session: str | None = None) -> Decision:
         if not decode:
             raise ValueError("no decode workers")
+        tm = {name: _as_match(m) for name, m in matches.items()}
         num_blocks = -(-num_tokens // self.block_size)
         kind = self.config.kind
-        if kind == "round_robin":
+        if kind is PolicyKind.ROUND_ROBIN:
             chosen = decode[next(self._rr_decode) % len(decode)]
             costs = {}
-        elif kind == "least_loaded":
+        elif kind is PolicyKind.LEAST_LOADED:
             costs = {w.name: float(w.active_requests) for w in decode}
             chosen = self._pick(decode, costs)
         else:
-            costs = {w.name: self._cost(w, num_blocks, matches.get(w.name, 0), session) for w in decode}
+            costs = {w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session) for w in decode}
             chosen = self._pick(decode, costs)
-        overlap = matches.get(chosen.name, 0)
+        match = tm.get(chosen.name, TierMatch())
         if session:
-            self._sessions[session] = chosen.name
-        prefill_worker, reason = self._choose_prefill(num_tokens - overlap * self.block_size, num_blocks,
-                                                      matches, prefill)
-        return Decision(chosen.name, prefill_worker, overlap, costs, reason)
+            self._remember(session, chosen.name)
+        prefill_worker, reason = self._choose_prefill(num_tokens - match.total * self.block_size, num_blocks,
+                                                      tm, prefill)
+        decision = Decision(chosen.name, prefill_worker, match.total, costs, reason, match)
+        if prefill_worker is None and kind is PolicyKind.KV and self.config.peer_pull:
+            self._consider_peer(decision, tm, num_tokens)
+        return decision
 
-    def _cost(self, w: WorkerLoad, num_blocks: int, overlap: int, session: str | None) -> float:
+    def _remember(self, session: str, worker: str) -> None:
+        self._sessions[session] = worker
+        self._sessions.move_to_end(session)
+        while len(self._sessions) > self.config.max_sessions:
+            self._sessions.popitem(last=False)
+
+    def _tier_factor(self, w: WorkerLoad, tier: Tier) -> float:
+        prior = self.config.cpu_load_cost if tier is Tier.CPU else self.config.disk_load_cost
+        return min(1.0, w.tier_cost.get(tier, prior))
+
+    def _cost(self, w: WorkerLoad, num_blocks: int, m: TierMatch, session: str | None) -> float:
         c = self.config
+        uncached = num_blocks - m.total + m.cpu * self._tier_factor(w, Tier.CPU) + \
+            m.disk * self._tier_factor(w, Tier.DISK)
         queued = w.queued_prefill_tokens / self.block_size
-        cost = c.overlap_weight * (num_blocks - overlap) + w.active_blocks + c.queue_weight * queued
+        cost = c.overlap_weight * uncached + w.active_blocks + c.queue_weight * queued
         if session is not None and self._sessions.get(session) == w.name:
             cost -= c.affinity_bonus
         return cost
@@ -105,7 +157,7 @@ class RoutingPolicy:
         best = min(costs[w.name] for w in workers)
         return self._rng.choice([w for w in workers if costs[w.name] == best])
 
-    def _choose_prefill(self, uncached_tokens: int, num_blocks: int, matches: dict[str, int],
+    def _choose_prefill(self, uncached_tokens: int, num_blocks: int, matches: dict[str, TierMatch],
                         prefill: list[WorkerLoad]) -> tuple[str | None, str]:
         if not prefill:
             return None, "aggregated"
@@ -114,8 +166,21 @@ class RoutingPolicy:
         available = [w for w in prefill if w.queued_prefill_tokens < self.config.max_prefill_queue_tokens]
         if not available:
             return None, "local prefill: prefill workers saturated"
-        if self.config.kind == "round_robin":
+        if self.config.kind is PolicyKind.ROUND_ROBIN:
             return available[next(self._rr_prefill) % len(available)].name, "remote prefill"
-        costs = {w.name: (num_blocks - matches.get(w.name, 0)) + w.queued_prefill_tokens / self.block_size
-                 for w in available}
+        costs = {w.name: (num_blocks - matches.get(w.name, TierMatch()).total) +
+                 w.queued_prefill_tokens / self.block_size for w in available}
         return self._pick(available, costs).name, "remote prefill"
+
+    def _consider_peer(self, decision: Decision, matches: dict[str, TierMatch], num_tokens: int) -> None:
+        usable = (num_tokens - 1) // self.block_size  # the decode worker computes at least the last token
+        own = decision.match.total
+        best, gain = None, 0
+        for name, m in matches.items():
+            n = min(m.exportable, usable)
+            if name != decision.decode_worker and n - own > gain:
+                best, gain = name, n - own
+        if best is not None and gain >= self.config.min_peer_pull_blocks:
+            decision.peer_worker = best
+            decision.peer_blocks = own + gain
+            decision.reason += f"; pull {gain} prefix blocks from {best}"

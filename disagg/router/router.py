@@ -1,23 +1,48 @@
-"""Router core: worker registry, KV index upkeep, per-request routing and load accounting.
+"""Router core: worker registry and health, KV index upkeep, per-request routing, load accounting, and serving a
+request through its workers with fallbacks and migration.
 
-Thread-safe (one lock): the HTTP server's event loop routes requests while the router actor's thread applies
-KV event batches.  Worker handles are opaque here (Ray actor handles in production); `stream_request` does
-the actual prefill -> transfer -> decode call chain.
+No Ray and no HTTP here: workers are `WorkerHandle`s (router/handles.py).  Thread-safe (one lock): the HTTP
+server's event loop routes requests while the router actor's threads apply KV event batches.
+
+Serving one request (`generate`):
+  1. route it (only READY workers count); no decode-capable worker READY -> ServiceUnavailable (503);
+  2. remote prefill on the chosen prefill worker, with a deadline; if it fails or times out the decode worker
+     prefills locally (and the prefill worker's lease, if any, is released) - or, when the policy chose a peer
+     pull, the peer's cached prefix is offered to the decode worker;
+  3. stream from the decode worker: the first delta within `stream_start_timeout_s`; while streaming, the
+     worker's death (the health supervisor takes it out of routing) or a broken stream raises WorkerLost;
+  4. on WorkerLost the request migrates: routed again as prompt + the tokens the client already has
+     (`Request.resumed`), so the stream continues with no duplicate and no missing token, up to
+     `max_migrations` times; then, or when no decode-capable worker is left, ServiceUnavailable.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from disagg.cluster.client import stream_request
-from disagg.protocol import KVEventBatch, Request, TokenDelta, hash_prompt_blocks
+from disagg.errors import DeadlineExceeded, InvalidRequest, ServiceUnavailable, TransferFailed, WorkerLost
+from disagg.protocol import KVEventBatch, Request, Role, TokenDelta, hash_prompt_blocks
+from disagg.router.handles import WorkerHandle
+from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterCoreConfig:
+    prefill_timeout_s: float = 120.0  # remote prefill not answered by then: the decode worker prefills locally
+    export_timeout_s: float = 5.0  # a peer's prefix offer
+    stream_start_timeout_s: float = 300.0  # first delta from the decode worker (its queue included)
+    release_timeout_s: float = 5.0
+    max_migrations: int = 3  # per request; then the client gets an explicit error
+    max_decisions: int = 10_000  # bound of the decision log
+    death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing
 
 
 @dataclass
@@ -38,43 +63,66 @@ class RoutedRequest:
 
 
 class RouterCore:
-    def __init__(self, prefill: dict[str, Any], decode: dict[str, Any], policy: PolicyConfig | None = None,
-                 block_size: int = 16, request_snapshot: Callable[[str], None] | None = None) -> None:
+    def __init__(self, prefill: dict[str, WorkerHandle | None], decode: dict[str, WorkerHandle | None],
+                 policy: PolicyConfig | None = None, block_size: int = 16, config: RouterCoreConfig | None = None,
+                 health: HealthConfig | None = None) -> None:
         if not decode:
             raise ValueError("the router needs at least one decode (or aggregated) worker")
         self.prefill, self.decode = prefill, decode
+        self.handles: dict[str, WorkerHandle | None] = {**prefill, **decode}
+        self.config = config or RouterCoreConfig()
         self.block_size = block_size
         self.policy = RoutingPolicy(policy, block_size)
         self.index = PrefixIndex()
-        self.loads = {name: WorkerLoad(name) for name in [*prefill, *decode]}
+        self.loads = {name: WorkerLoad(name) for name in self.handles}
         for name in self.loads:
             self.index.add_worker(name)
-        self.decisions: deque[RoutedRequest] = deque(maxlen=10_000)
-        self._request_snapshot = request_snapshot
+        decode_role = Role.DECODE if prefill else Role.BOTH
+        roles = {**{n: Role.PREFILL for n in prefill}, **{n: decode_role for n in decode}}
+        self.health = HealthMonitor(health or HealthConfig(), roles, on_change=self._on_health_change)
+        self.supervisor: Supervisor | None = None
+        if all(h is not None for h in self.handles.values()):
+            self.supervisor = Supervisor(self.health, self.handles, self.on_kv_events, self.index_needs_snapshot)
+        self.decisions: deque[RoutedRequest] = deque(maxlen=self.config.max_decisions)
+        self.counters: Counter = Counter()  # migrations, fallbacks, requests by path (see telemetry)
         self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ health
+    def _on_health_change(self, name: str, old: WorkerState, new: WorkerState) -> None:
+        with self._lock:  # requests streaming from a dead worker notice within death_poll_s (see _next)
+            if new is WorkerState.DEAD:
+                self.index.remove_worker(name)
+            elif new is WorkerState.READY:
+                self.index.add_worker(name)
+
+    def index_needs_snapshot(self, name: str) -> bool:
+        with self._lock:
+            return self.index.has_worker(name) and self.index.needs_snapshot(name)
 
     # ------------------------------------------------------------------ KV events
     def on_kv_events(self, batch: KVEventBatch) -> bool:
-        """Apply a worker's batch; on a gap, ask that worker for a snapshot. Returns whether it applied."""
+        """Apply a worker's batch (a gap flags the worker for a snapshot, which the supervisor fetches).
+        Batches from workers out of routing are dropped: their index entries were cleared on purpose."""
+        if batch.worker not in self.health.workers or self.health.workers[batch.worker].state is WorkerState.DEAD:
+            return False
         with self._lock:
-            applied = self.index.apply(batch)
-        if not applied and not batch.snapshot and self._request_snapshot is not None:
-            self._request_snapshot(batch.worker)
-        return applied
+            return self.index.apply(batch)
 
     # ------------------------------------------------------------------ routing
     def route(self, request: Request, session: str | None = None) -> Decision:
-        hashes = hash_prompt_blocks(request.prompt_token_ids, self.block_size)
+        hashes = hash_prompt_blocks(request.prompt_token_ids + request.resume_token_ids, self.block_size)
+        decode = [self.loads[n] for n in self.decode if self.health.routable(n)]
+        if not decode:
+            raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
+        prefill = [self.loads[n] for n in self.prefill if self.health.routable(n)]
         with self._lock:
             matches = self.index.match(hashes)
-            decision = self.policy.choose(len(request.prompt_token_ids), matches,
-                                          [self.loads[n] for n in self.decode], [self.loads[n] for n in self.prefill],
-                                          session)
+            decision = self.policy.choose(request.num_tokens, matches, decode, prefill, session)
             self.decisions.append(RoutedRequest(request.request_id, decision))
         return decision
 
     # ------------------------------------------------------------------ load accounting
-    def begin(self, decision: Decision, num_prompt_tokens: int) -> "LoadTicket":
+    def begin(self, decision: Decision, num_prompt_tokens: int) -> LoadTicket:
         """Count a dispatched request against its workers until `end` (the prompt is queued prefill work until
         its first token)."""
         ticket = LoadTicket(decision.prefill_worker or decision.decode_worker, decision.decode_worker,
@@ -85,7 +133,7 @@ class RouterCore:
             self.loads[ticket.decode].active_blocks += ticket.blocks
         return ticket
 
-    def progress(self, ticket: "LoadTicket", num_generated: int) -> None:
+    def progress(self, ticket: LoadTicket, num_generated: int) -> None:
         """`num_generated` tokens are out: the prompt left the prefill queue; the request holds more blocks."""
         blocks = -(-(ticket.num_prompt_tokens + num_generated) // self.block_size)
         with self._lock:
@@ -95,7 +143,7 @@ class RouterCore:
             self.loads[ticket.decode].active_blocks += blocks - ticket.blocks
         ticket.blocks = blocks
 
-    def end(self, ticket: "LoadTicket") -> None:
+    def end(self, ticket: LoadTicket) -> None:
         with self._lock:
             if ticket.queued:
                 self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
@@ -105,19 +153,117 @@ class RouterCore:
             ticket.blocks = 0
 
     # ------------------------------------------------------------------ serving
-    async def generate(self, request: Request, session: str | None = None) -> AsyncIterator[TokenDelta]:
-        decision = self.route(request, session)
-        ticket = self.begin(decision, len(request.prompt_token_ids))
-        prefill_handle = self.prefill[decision.prefill_worker] if decision.prefill_worker else None
+    async def generate(self, request: Request, session: str | None = None,
+                       on_route: Callable[[Decision], None] | None = None) -> AsyncIterator[TokenDelta]:
+        """Serve a request end to end, migrating it if its decode worker is lost (see the module docstring)."""
+        sent: list[int] = []
+        sent_chars = 0
+        attempt = request
+        for migration in range(self.config.max_migrations + 1):
+            decision = self.route(attempt, session)
+            if on_route is not None:
+                on_route(decision)
+            ticket = self.begin(decision, attempt.num_tokens)
+            try:
+                async for delta in self._serve(attempt, decision, ticket, migrated=migration > 0):
+                    sent += delta.token_ids
+                    sent_chars += len(delta.text)
+                    yield delta
+                return
+            except WorkerLost as exc:
+                log.warning("request %s lost %s after %d tokens (%s)", request.request_id, decision.decode_worker,
+                            len(sent), exc.message)
+                self.counters["migrations"] += 1
+                attempt = request.resumed(sent, sent_chars)
+            finally:
+                self.end(ticket)
+        raise ServiceUnavailable(f"request lost its worker {self.config.max_migrations + 1} times; giving up",
+                                 code="migration_limit")
+
+    async def _serve(self, request: Request, decision: Decision, ticket: LoadTicket,
+                     migrated: bool) -> AsyncIterator[TokenDelta]:
+        decode = self.handles[decision.decode_worker]
+        remote, owner = await self._remote_kv(request, decision)
+        if migrated:
+            path = "migrated"
+        elif remote is None:
+            path = "fallback" if (decision.prefill_worker or decision.peer_worker) else "local"
+        else:
+            path = "disaggregated" if decision.prefill_worker else "peer_prefix"
+        self.counters[f"path:{path}"] += 1
+        stream = decode.generate(request, remote)
+        timeout: float | None = self.config.stream_start_timeout_s
         generated = 0
         try:
-            async for delta in stream_request(request, prefill_handle, self.decode[decision.decode_worker]):
+            while True:
+                delta = await self._next(stream, timeout, decision.decode_worker)
+                timeout = None
                 generated += len(delta.token_ids)
                 self.progress(ticket, generated)
                 yield delta
+                if delta.finished:
+                    return
         finally:
-            self.end(ticket)
+            await stream.aclose()
+            if owner is not None:
+                await self._release(owner, request.request_id)
 
+    async def _next(self, stream: AsyncIterator[TokenDelta], timeout: float | None, worker: str) -> TokenDelta:
+        """The next delta; WorkerLost if the worker is taken out of routing meanwhile, the stream breaks, or the
+        first delta does not come within `timeout`."""
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        step = asyncio.ensure_future(stream.__anext__())
+        try:
+            while True:
+                if self.health.workers[worker].state is WorkerState.DEAD:
+                    raise WorkerLost(f"{worker} died while streaming", worker=worker)
+                wait = self.config.death_poll_s
+                if deadline is not None:
+                    wait = min(wait, deadline - asyncio.get_running_loop().time())
+                    if wait <= 0:
+                        raise WorkerLost(f"no first token from {worker} within {timeout:.0f}s", worker=worker,
+                                         code="stream_start_timeout")
+                done, _ = await asyncio.wait({step}, timeout=wait)
+                if done:
+                    try:
+                        return step.result()
+                    except StopAsyncIteration:
+                        raise WorkerLost(f"{worker} ended the stream early", worker=worker) from None
+        finally:
+            if not step.done():
+                step.cancel()
+                await asyncio.gather(step, return_exceptions=True)
+
+    async def _remote_kv(self, request: Request, decision: Decision) -> tuple[Any, WorkerHandle | None]:
+        """The KV another worker contributes: a remote prefill's result, or a peer's cached prefix (or none)."""
+        name = decision.prefill_worker or decision.peer_worker
+        if name is None:
+            return None, None
+        handle = self.handles[name]
+        try:
+            if decision.prefill_worker:
+                result = await handle.prefill(request, self.config.prefill_timeout_s)
+            else:
+                result = await handle.export_prefix(request, self.config.export_timeout_s)
+        except InvalidRequest:
+            raise
+        except (WorkerLost, DeadlineExceeded, TransferFailed) as exc:
+            kind = "prefill" if decision.prefill_worker else "peer_prefix"
+            self.counters[f"fallback:{kind}"] += 1
+            log.warning("%s on %s failed for %s (%s); computing on %s", kind, name, request.request_id,
+                        exc.message, decision.decode_worker)
+            await self._release(handle, request.request_id)
+            return None, None
+        return result, (handle if result is not None else None)
+
+    async def _release(self, handle: WorkerHandle, request_id: str) -> None:
+        """Best effort: normally the read's notification already released it; a dead owner's lease died with it."""
+        try:
+            await asyncio.wait_for(handle.release(request_id), self.config.release_timeout_s)
+        except (WorkerLost, DeadlineExceeded, asyncio.TimeoutError) as exc:
+            log.info("release of %s on %s: %s", request_id, handle.name, exc)
+
+    # ------------------------------------------------------------------ introspection
     def decision_of(self, request_id: str) -> Decision | None:
         with self._lock:
             for routed in reversed(self.decisions):  # recent requests sit at the end
@@ -129,4 +275,6 @@ class RouterCore:
         with self._lock:
             items = list(self.decisions)[-n:]
         return [{"request_id": r.request_id, "decode": r.decision.decode_worker, "prefill": r.decision.prefill_worker,
-                 "overlap_blocks": r.decision.overlap_blocks, "reason": r.decision.reason} for r in items]
+                 "overlap_blocks": r.decision.overlap_blocks, "reason": r.decision.reason,
+                 "peer": r.decision.peer_worker, "device_blocks": r.decision.match.device,
+                 "cpu_blocks": r.decision.match.cpu, "disk_blocks": r.decision.match.disk} for r in items]

@@ -11,6 +11,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class KVRetention(BaseModel):
+    """Keep this request's KV (prompt + output) pinned in the serving worker's CPU tier for `ttl_s` seconds, so
+    the next turn of the same session (`user` or the X-Session-ID header) finds it without recompute."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    ttl_s: float = Field(gt=0, le=3600)
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str
@@ -27,6 +35,7 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     frequency_penalty: Literal[0, 0.0] = 0.0
     presence_penalty: Literal[0, 0.0] = 0.0
+    kv_retention: KVRetention | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -1,4 +1,5 @@
-"""The router service: RouterCore + the FastAPI app served by uvicorn (uvloop) on its own thread.
+"""The router service: RouterCore + the FastAPI app served by uvicorn (uvloop) on its own thread, and the health
+supervisor running on that same event loop.
 
 Hosted inside the router Ray actor (see cluster/actors.py); Ray-agnostic itself apart from the worker handles
 it is given, so tests can also run it in-process.
@@ -10,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import uvicorn
 
@@ -18,20 +19,26 @@ from disagg.engine.model import ModelConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.protocol import KVEventBatch
 from disagg.router.api import ApiConfig, build_app
+from disagg.router.handles import WorkerHandle
+from disagg.router.health import HealthConfig
 from disagg.router.policy import PolicyConfig
-from disagg.router.router import RouterCore
+from disagg.router.router import RouterCore, RouterCoreConfig
 
 
 @dataclass
 class RouterConfig:
     model: str  # model directory (tokenizer, chat template, context length)
     host: str = "127.0.0.1"
-    port: int = 8000  # 0: pick a free port
+    port: int = 8000  # 0: pick a free port (the launcher picks one up front so a restart keeps it)
     policy: dict[str, Any] = field(default_factory=dict)  # PolicyConfig fields
+    core: dict[str, Any] = field(default_factory=dict)  # RouterCoreConfig fields (deadlines, migrations)
+    health: dict[str, Any] = field(default_factory=dict)  # HealthConfig fields
     block_size: int = 16
     max_model_len: int = 2048
     served_model_name: str = ""  # "" = the model directory's name
     api_key: str | None = None
+    start_timeout_s: float = 30.0
+    stop_timeout_s: float = 10.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -41,13 +48,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RouterServer:
-    def __init__(self, config: RouterConfig, prefill: dict[str, Any], decode: dict[str, Any],
-                 request_snapshot: Callable[[str], None] | None = None) -> None:
+    def __init__(self, config: RouterConfig, prefill: dict[str, WorkerHandle], decode: dict[str, WorkerHandle]) -> None:
         self.config = config
         model_dir = Path(config.model)
         tokenizer = Tokenizer.from_dir(model_dir)
         max_len = min(config.max_model_len, ModelConfig.from_dir(model_dir).max_position_embeddings)
-        self.core = RouterCore(prefill, decode, PolicyConfig(**config.policy), config.block_size, request_snapshot)
+        self.core = RouterCore(prefill, decode, PolicyConfig(**config.policy), config.block_size,
+                               RouterCoreConfig(**config.core), HealthConfig(**config.health))
         name = config.served_model_name or model_dir.name
         self.app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key))
         port = config.port or free_port(config.host)
@@ -56,9 +63,9 @@ class RouterServer:
                                                      http="httptools", log_level="warning", access_log=False))
         self._thread = threading.Thread(target=self._server.run, name="router-http", daemon=True)
 
-    def start(self, timeout_s: float = 30.0) -> str:
+    def start(self) -> str:
         self._thread.start()
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + self.config.start_timeout_s
         while not self._server.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError(f"HTTP server did not start on {self.url}")
@@ -70,4 +77,4 @@ class RouterServer:
 
     def stop(self) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=self.config.stop_timeout_s)

@@ -1,0 +1,39 @@
+"""WorkerHandle: what the router core needs from a worker, as a protocol (no Ray here).
+
+`cluster/handles.py` implements it over Ray actor handles; tests implement it in-process.  Every call either
+returns, or raises one of the project's errors: `WorkerLost` (the worker is dead or unreachable),
+`DeadlineExceeded` (no answer in time), `InvalidRequest` (the worker refused the input).
+"""
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, TokenDelta
+
+
+class WorkerHandle(Protocol):
+    name: str
+
+    async def heartbeat(self, timeout_s: float) -> Heartbeat: ...
+
+    async def prefill(self, request: Request, timeout_s: float) -> PrefillResult: ...
+
+    async def export_prefix(self, request: Request, timeout_s: float) -> PrefillResult | None:
+        """Lease the leading blocks of the request's prompt this worker holds (device or CPU tier)."""
+
+    def generate(self, request: Request, remote: PrefillResult | None) -> AsyncIterator[TokenDelta]:
+        """Stream the request's deltas; closing the iterator early aborts the request on the worker."""
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def release(self, request_id: str) -> None:
+        """Free a lease this worker holds for `request_id` (the reader fell back, or was cancelled)."""
+
+    async def kv_snapshot(self, timeout_s: float) -> KVEventBatch: ...
+
+    async def layout(self, timeout_s: float) -> bytes: ...
+
+    async def set_peers(self, layouts: list[bytes], timeout_s: float) -> None: ...
+
+    async def kill(self) -> None:
+        """Kill the worker's process so it restarts (stuck or failing workers)."""

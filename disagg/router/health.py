@@ -1,0 +1,264 @@
+"""Worker liveness: heartbeats, actor death, stuck or failing step loops -> out of routing, restart, rejoin.
+
+`HealthMonitor` is the pure state machine (clock injected, unit-tested without a cluster); `Supervisor` runs it:
+one probe loop per worker on the router's event loop, calling the worker's `heartbeat` through its handle.
+
+    READY    --heartbeat fails: worker dead (actor died)------------------> DEAD
+    READY    --no heartbeat for liveness_timeout_s (hung, SIGSTOP)--------> DEAD
+    READY    --step running > stuck_step_s, or max_step_failures failed-> DEAD + kill
+    DEAD     --still no heartbeat after restart_after_s-----------------> kill (once per incarnation)
+    any      --heartbeat from a new incarnation (restarted)-------------> STARTING: rewire NIXL peers, snapshot
+    STARTING --rewired and snapshot applied-----------------------------> READY
+    DEAD     --the same incarnation answers again (it was only slow)----> STARTING (its index was dropped)
+
+Restarts are Ray's (worker actors have max_restarts): a dead process comes back by itself with a new
+incarnation; the supervisor only kills processes that are alive but useless (hung, stuck, failing) so that Ray
+restarts them.  Entering DEAD takes the worker out of routing and out of the prefix index at once and wakes the
+requests streaming from it, which migrate (see router.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from disagg.errors import DeadlineExceeded, DisaggError, WorkerLost
+from disagg.protocol import Heartbeat, Role
+from disagg.router.handles import WorkerHandle
+
+log = logging.getLogger(__name__)
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"  # restarted (or rejoining): being wired back, not routed to yet
+    READY = "ready"
+    DEAD = "dead"  # out of routing until it rejoins
+
+
+class Action(enum.Enum):
+    NONE = "none"
+    SNAPSHOT = "snapshot"  # first sighting: pull its KV state into the index
+    REJOIN = "rejoin"  # rewire peers, snapshot, then READY
+    KILL = "kill"  # alive but useless: kill the process so it restarts
+
+
+@dataclass
+class HealthConfig:
+    heartbeat_interval_s: float = 0.2
+    heartbeat_timeout_s: float = 0.5
+    liveness_timeout_s: float = 1.2  # no successful heartbeat for this long: out of routing
+    restart_after_s: float = 6.0  # unresponsive (not dead) for this long: kill it so Ray restarts it
+    stuck_step_s: float = 60.0  # one engine step running this long: stuck
+    max_step_failures: int = 3  # consecutive failed engine steps: drain and restart
+    rejoin_timeout_s: float = 30.0
+    snapshot_timeout_s: float = 10.0
+    max_events: int = 1000  # bound of the health event log
+
+
+@dataclass
+class WorkerHealth:
+    name: str
+    role: Role
+    state: WorkerState = WorkerState.READY
+    since: float = 0.0
+    reason: str = ""
+    incarnation: str | None = None
+    last_ok: float | None = None
+    killed_incarnation: str | None = None
+    restarts: int = 0
+    heartbeat: Heartbeat | None = None
+
+
+@dataclass
+class HealthEvent:
+    wall_time: float
+    worker: str
+    state: str
+    reason: str
+    incarnation: str | None
+
+
+class HealthMonitor:
+    def __init__(self, config: HealthConfig, roles: dict[str, Role], clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[str, WorkerState, WorkerState], None] | None = None) -> None:
+        self.config = config
+        self.clock = clock
+        now = clock()
+        self.workers = {name: WorkerHealth(name, role, since=now, last_ok=now) for name, role in roles.items()}
+        self.events: deque[HealthEvent] = deque(maxlen=config.max_events)
+        self._on_change = on_change
+
+    # ------------------------------------------------------------------ inputs
+    def on_heartbeat(self, name: str, hb: Heartbeat, now: float | None = None) -> Action:
+        now = self.clock() if now is None else now
+        w = self.workers[name]
+        w.heartbeat = hb
+        if w.incarnation is None:  # first sighting (the router itself may have restarted)
+            w.incarnation, w.last_ok = hb.incarnation, now
+            return Action.SNAPSHOT
+        if hb.incarnation != w.incarnation:
+            w.incarnation, w.last_ok = hb.incarnation, now
+            w.restarts += 1
+            self._set(w, WorkerState.STARTING, "restarted", now)
+            return Action.REJOIN
+        if hb.incarnation == w.killed_incarnation:
+            return Action.NONE  # answering on its way out; wait for the new incarnation
+        w.last_ok = now
+        if hb.consecutive_step_failures >= self.config.max_step_failures:
+            return self._kill(w, f"{hb.consecutive_step_failures} engine steps failed in a row", now)
+        if hb.has_work and hb.step_busy_s > self.config.stuck_step_s:
+            return self._kill(w, f"engine step running for {hb.step_busy_s:.0f}s", now)
+        if w.state is WorkerState.DEAD:  # it was only slow: its index entries were dropped, so rejoin
+            self._set(w, WorkerState.STARTING, "answering again", now)
+            return Action.REJOIN
+        return Action.NONE
+
+    def on_failure(self, name: str, error: DisaggError, now: float | None = None) -> Action:
+        """A heartbeat failed: `WorkerLost` (the process is gone) or `DeadlineExceeded` (no answer)."""
+        now = self.clock() if now is None else now
+        w = self.workers[name]
+        silent = now - (w.last_ok if w.last_ok is not None else now)
+        if isinstance(error, WorkerLost):
+            if w.state is not WorkerState.DEAD:
+                self._set(w, WorkerState.DEAD, f"process died: {error.message[:120]}", now)
+            return Action.NONE  # Ray restarts it
+        if w.state is not WorkerState.DEAD and silent >= self.config.liveness_timeout_s:
+            self._set(w, WorkerState.DEAD, f"no heartbeat for {silent:.1f}s", now)
+        if silent >= self.config.restart_after_s and w.incarnation != w.killed_incarnation:
+            w.killed_incarnation = w.incarnation
+            self._log(w, f"unresponsive for {silent:.1f}s: killing it", now)
+            return Action.KILL
+        return Action.NONE
+
+    def mark_ready(self, name: str, reason: str = "rejoined") -> None:
+        w = self.workers[name]
+        if w.state is not WorkerState.READY:
+            self._set(w, WorkerState.READY, reason, self.clock())
+
+    def _kill(self, w: WorkerHealth, reason: str, now: float) -> Action:
+        w.killed_incarnation = w.incarnation
+        self._set(w, WorkerState.DEAD, reason, now)
+        return Action.KILL
+
+    def _set(self, w: WorkerHealth, state: WorkerState, reason: str, now: float) -> None:
+        old = w.state
+        w.state, w.since, w.reason = state, now, reason
+        self._log(w, reason, now)
+        if old is not state and self._on_change is not None:
+            self._on_change(w.name, old, state)
+
+    def _log(self, w: WorkerHealth, reason: str, now: float) -> None:
+        self.events.append(HealthEvent(time.time(), w.name, w.state.value, reason, w.incarnation))
+        log.warning("worker %s: %s (%s)", w.name, w.state.value, reason)
+
+    # ------------------------------------------------------------------ queries
+    def routable(self, name: str) -> bool:
+        return self.workers[name].state is WorkerState.READY
+
+    def live_counts(self) -> dict[str, int]:
+        counts = {role.value: 0 for role in Role}
+        for w in self.workers.values():
+            if w.state is WorkerState.READY:
+                counts[w.role.value] += 1
+        return counts
+
+    def any_decoder_ready(self) -> bool:
+        return any(w.state is WorkerState.READY and w.role.decodes for w in self.workers.values())
+
+    def recent_events(self, n: int = 100) -> list[dict]:
+        return [e.__dict__ for e in list(self.events)[-n:]]
+
+
+class Supervisor:
+    """Runs the monitor: one probe loop per worker; rewires and snapshots rejoining workers; kills useless ones."""
+
+    def __init__(self, monitor: HealthMonitor, handles: dict[str, WorkerHandle],
+                 apply_snapshot: Callable[[object], None], needs_snapshot: Callable[[str], bool]) -> None:
+        self.monitor = monitor
+        self.config = monitor.config
+        self.handles = handles
+        self._apply_snapshot = apply_snapshot
+        self._needs_snapshot = needs_snapshot
+        self._tasks: list[asyncio.Task] = []
+        self._busy: set[str] = set()  # workers with a rejoin or snapshot in flight
+        self.failures = 0  # unexpected errors inside the loops (bounded: each is logged once per kind)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._probe_loop(name)) for name in self.handles]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _probe_loop(self, name: str) -> None:
+        while True:
+            try:
+                await self.probe(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stop liveness checking of this worker
+                self.failures += 1
+                log.exception("health probe of %s failed unexpectedly", name)
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    async def probe(self, name: str) -> Action:
+        handle = self.handles[name]
+        try:
+            hb = await handle.heartbeat(self.config.heartbeat_timeout_s)
+        except (WorkerLost, DeadlineExceeded) as exc:
+            action = self.monitor.on_failure(name, exc)
+        else:
+            action = self.monitor.on_heartbeat(name, hb)
+            if action is Action.NONE and self._needs_snapshot(name) and name not in self._busy:
+                action = Action.SNAPSHOT
+        await self._act(name, action)
+        return action
+
+    async def _act(self, name: str, action: Action) -> None:
+        if action is Action.KILL:
+            try:
+                await self.handles[name].kill()
+            except DisaggError as exc:
+                log.warning("killing %s: %s", name, exc)
+        elif action in (Action.REJOIN, Action.SNAPSHOT) and name not in self._busy:
+            self._busy.add(name)
+            coro = self._rejoin(name) if action is Action.REJOIN else self._snapshot(name)
+            asyncio.get_running_loop().create_task(self._guard(name, coro))
+
+    async def _guard(self, name: str, coro) -> None:
+        try:
+            await asyncio.wait_for(coro, self.config.rejoin_timeout_s)
+        except (DisaggError, asyncio.TimeoutError) as exc:
+            log.warning("rejoin/snapshot of %s failed: %s (retried on its next heartbeat)", name, exc)
+        finally:
+            self._busy.discard(name)
+
+    async def _rejoin(self, name: str) -> None:
+        await self.rewire()
+        await self._snapshot(name)
+        self.monitor.mark_ready(name)
+
+    async def _snapshot(self, name: str) -> None:
+        batch = await self.handles[name].kv_snapshot(self.config.snapshot_timeout_s)
+        self._apply_snapshot(batch)
+
+    async def rewire(self) -> None:
+        """Give every reachable worker the NIXL layouts of every reachable worker (a restarted one has a new
+        agent; peers drop the old one)."""
+        timeout = self.config.snapshot_timeout_s
+        names = [n for n, w in self.monitor.workers.items() if w.state is not WorkerState.DEAD]
+        results = await asyncio.gather(*(self.handles[n].layout(timeout) for n in names), return_exceptions=True)
+        layouts = [r for r in results if isinstance(r, bytes)]
+        reachable = [n for n, r in zip(names, results) if isinstance(r, bytes)]
+        results = await asyncio.gather(*(self.handles[n].set_peers(layouts, timeout) for n in reachable),
+                                       return_exceptions=True)
+        for n, r in zip(reachable, results):
+            if isinstance(r, BaseException) and not isinstance(r, DisaggError):
+                raise r

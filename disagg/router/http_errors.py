@@ -1,0 +1,61 @@
+"""The one place where the project's errors become HTTP: status code + OpenAI-style error body.
+
+    {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
+
+Types follow OpenAI's (clients key their retry logic off the status: 429 and 5xx are retried by the official
+clients, 4xx are not).  A 429 carries `Retry-After`.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from fastapi.responses import JSONResponse
+
+from disagg.errors import (DeadlineExceeded, DisaggError, InternalError, InvalidRequest, NotFound, Overloaded,
+                           ServiceUnavailable, TransferFailed, Unauthorized, WorkerLost)
+
+# (status, OpenAI error type) per error class; the first matching class in order wins
+_TABLE: list[tuple[type[DisaggError], int, str]] = [
+    (InvalidRequest, 400, "invalid_request_error"),
+    (Unauthorized, 401, "authentication_error"),
+    (NotFound, 404, "not_found_error"),
+    (Overloaded, 429, "rate_limit_error"),
+    (ServiceUnavailable, 503, "server_error"),
+    (WorkerLost, 503, "server_error"),
+    (TransferFailed, 503, "server_error"),
+    (DeadlineExceeded, 504, "server_error"),
+    (InternalError, 500, "server_error"),
+]
+
+
+def status_and_type(exc: DisaggError) -> tuple[int, str]:
+    for cls, status, type_ in _TABLE:
+        if isinstance(exc, cls):
+            return status, type_
+    return 500, "server_error"
+
+
+def error_body(exc: DisaggError) -> dict:
+    _, type_ = status_and_type(exc)
+    return {"error": {"message": exc.message, "type": type_, "param": exc.param, "code": exc.code}}
+
+
+def error_response(exc: DisaggError, extra: dict | None = None) -> JSONResponse:
+    status, _ = status_and_type(exc)
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+    content = error_body(exc)
+    if extra:
+        content.update(extra)
+    return JSONResponse(status_code=status, content=content, headers=headers)
+
+
+def sse_error(exc: DisaggError) -> str:
+    """The error as one SSE event (what a stream sends when it fails after its headers went out)."""
+    return f"data: {json.dumps(error_body(exc))}\n\n"
+
+
+def unexpected(exc: BaseException) -> InternalError:
+    return InternalError(f"internal error: {type(exc).__name__}")
