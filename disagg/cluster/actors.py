@@ -47,11 +47,13 @@ class AggregatedWorker(_RoleWorker):
 class RouterActor:
     """Hosts the router core and the OpenAI-compatible HTTP server; workers publish KV events to it."""
 
-    def __init__(self, config: dict[str, Any], prefill: dict[str, Any], decode: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], prefill: list[str], decode: list[str]) -> None:
+        """Workers are named actors, looked up by name: the constructor's arguments stay small and inline, so
+        Ray can always restart the router with them."""
         node = ray.get_runtime_context().get_node_id()
         self.server = RouterServer(RouterConfig(**config),
-                                   {n: RayWorkerHandle(n, a, node) for n, a in prefill.items()},
-                                   {n: RayWorkerHandle(n, a, node) for n, a in decode.items()})
+                                   {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
+                                   {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode})
         self.url = self.server.start()
 
     def get_url(self) -> str:

@@ -61,14 +61,14 @@ class LocalCluster:
         self.prefill_by_name: dict[str, Any] = {}
         self.decode_by_name: dict[str, Any] = {}
         for i in range(config.num_prefill):
-            self.prefill_by_name[f"prefill-{i}-{tag}"] = PrefillWorker.options(
-                max_restarts=config.max_restarts).remote(f"prefill-{i}-{tag}", config.engine,
-                                                         tiers=worker_tiers(config.tiers, f"prefill-{i}"), **options)
+            name = f"prefill-{i}-{tag}"
+            self.prefill_by_name[name] = PrefillWorker.options(name=name, max_restarts=config.max_restarts).remote(
+                name, config.engine, tiers=worker_tiers(config.tiers, f"prefill-{i}"), **options)
         kind = "decode" if config.num_prefill else "worker"
         for i in range(config.num_decode):
-            self.decode_by_name[f"decode-{i}-{tag}"] = decode_cls.options(
-                max_restarts=config.max_restarts).remote(f"decode-{i}-{tag}", config.engine,
-                                                         tiers=worker_tiers(config.tiers, f"{kind}-{i}"), **options)
+            name = f"decode-{i}-{tag}"
+            self.decode_by_name[name] = decode_cls.options(name=name, max_restarts=config.max_restarts).remote(
+                name, config.engine, tiers=worker_tiers(config.tiers, f"{kind}-{i}"), **options)
         ray.get([w.ready.remote() for w in self.workers])
         layouts = ray.get([w.layout.remote() for w in self.workers])
         ray.get([w.set_peers.remote(layouts) for w in self.workers])  # every worker can read every other
@@ -112,7 +112,7 @@ class Service:
         if not router_config.get("port"):  # pick it now, so a restarted router binds the same one
             router_config["port"] = free_port(router_config.get("host", "127.0.0.1"))
         self.router = RouterActor.options(max_restarts=router_max_restarts).remote(
-            router_config, self.cluster.prefill_by_name, self.cluster.decode_by_name)
+            router_config, list(self.cluster.prefill_by_name), list(self.cluster.decode_by_name))
         self.url = ray.get(self.router.get_url.remote())
         ray.get([w.set_event_sink.remote(self.router) for w in self.cluster.workers])
 

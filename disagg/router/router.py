@@ -234,6 +234,22 @@ class RouterCore:
                 step.cancel()
                 await asyncio.gather(step, return_exceptions=True)
 
+    async def _while_alive(self, call, worker: str):
+        """Await a worker call, giving up with WorkerLost as soon as the worker is taken out of routing (a hung
+        worker's call would otherwise sit out its whole deadline)."""
+        task = asyncio.ensure_future(call)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.config.death_poll_s)
+                if done:
+                    return task.result()
+                if self.health.workers[worker].state is WorkerState.DEAD:
+                    raise WorkerLost(f"{worker} died during the call", worker=worker)
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
     async def _remote_kv(self, request: Request, decision: Decision) -> tuple[Any, WorkerHandle | None]:
         """The KV another worker contributes: a remote prefill's result, or a peer's cached prefix (or none)."""
         name = decision.prefill_worker or decision.peer_worker
@@ -242,9 +258,10 @@ class RouterCore:
         handle = self.handles[name]
         try:
             if decision.prefill_worker:
-                result = await handle.prefill(request, self.config.prefill_timeout_s)
+                call = handle.prefill(request, self.config.prefill_timeout_s)
             else:
-                result = await handle.export_prefix(request, self.config.export_timeout_s)
+                call = handle.export_prefix(request, self.config.export_timeout_s)
+            result = await self._while_alive(call, name)
         except InvalidRequest:
             raise
         except (WorkerLost, DeadlineExceeded, TransferFailed) as exc:

@@ -1,0 +1,84 @@
+"""The liveness state machine on a fake clock: deaths, hangs, stuck and failing step loops, restarts, rejoin."""
+from disagg.errors import DeadlineExceeded, WorkerLost
+from disagg.protocol import Heartbeat, Role
+from disagg.router.health import Action, HealthConfig, HealthMonitor, WorkerState
+
+CFG = HealthConfig(liveness_timeout_s=1.2, restart_after_s=6.0, stuck_step_s=60.0, max_step_failures=3,
+                   max_events=50)
+
+
+def _hb(incarnation="i1", **kw):
+    fields = dict(worker="w", incarnation=incarnation, role="both", pid=1, node_id="n", steps=10, has_work=False,
+                  step_busy_s=0.0, consecutive_step_failures=0, agent_name=f"w-{incarnation}")
+    fields.update(kw)
+    return Heartbeat(**fields)
+
+
+def _monitor():
+    changes = []
+    clock = [0.0]
+    m = HealthMonitor(CFG, {"w": Role.BOTH, "p": Role.PREFILL}, clock=lambda: clock[0],
+                      on_change=lambda name, old, new: changes.append((name, old, new)))
+    return m, clock, changes
+
+
+def test_first_heartbeat_asks_for_a_snapshot_and_keeps_routing():
+    m, _, changes = _monitor()
+    assert m.on_heartbeat("w", _hb(), now=0.1) is Action.SNAPSHOT
+    assert m.on_heartbeat("w", _hb(), now=0.3) is Action.NONE
+    assert m.routable("w") and not changes
+
+
+def test_a_dead_process_leaves_routing_at_once_and_is_not_killed():
+    m, _, changes = _monitor()
+    m.on_heartbeat("w", _hb(), now=0.0)
+    assert m.on_failure("w", WorkerLost("actor died"), now=0.2) is Action.NONE
+    assert not m.routable("w") and changes == [("w", WorkerState.READY, WorkerState.DEAD)]
+    assert m.on_failure("w", DeadlineExceeded("restarting"), now=7.0) is Action.KILL  # still nothing after 7 s
+    assert m.live_counts() == {"prefill": 1, "decode": 0, "both": 0} and not m.any_decoder_ready()
+
+
+def test_a_hung_worker_leaves_routing_after_the_liveness_timeout_then_is_killed_once():
+    m, _, changes = _monitor()
+    m.on_heartbeat("w", _hb(), now=0.0)
+    assert m.on_failure("w", DeadlineExceeded("t"), now=0.7) is Action.NONE and m.routable("w")
+    assert m.on_failure("w", DeadlineExceeded("t"), now=1.3) is Action.NONE and not m.routable("w")
+    assert m.on_failure("w", DeadlineExceeded("t"), now=5.9) is Action.NONE
+    assert m.on_failure("w", DeadlineExceeded("t"), now=6.1) is Action.KILL
+    assert m.on_failure("w", DeadlineExceeded("t"), now=6.5) is Action.NONE  # one kill per incarnation
+    assert m.on_heartbeat("w", _hb("i1"), now=6.6) is Action.NONE  # the killed incarnation answering: ignored
+    assert m.on_heartbeat("w", _hb("i2"), now=9.0) is Action.REJOIN  # Ray restarted it
+    assert m.workers["w"].state is WorkerState.STARTING and m.workers["w"].restarts == 1
+    m.mark_ready("w")
+    assert m.routable("w")
+    assert [new for _, _, new in changes] == [WorkerState.DEAD, WorkerState.STARTING, WorkerState.READY]
+
+
+def test_stuck_and_failing_step_loops_are_killed():
+    m, _, _ = _monitor()
+    m.on_heartbeat("w", _hb(), now=0.0)
+    assert m.on_heartbeat("w", _hb(has_work=True, step_busy_s=59.0), now=1.0) is Action.NONE
+    assert m.on_heartbeat("w", _hb(has_work=True, step_busy_s=61.0), now=2.0) is Action.KILL
+    assert not m.routable("w") and "step running" in m.workers["w"].reason
+    m2, _, _ = _monitor()
+    m2.on_heartbeat("w", _hb(), now=0.0)
+    assert m2.on_heartbeat("w", _hb(consecutive_step_failures=2), now=0.5) is Action.NONE
+    assert m2.on_heartbeat("w", _hb(consecutive_step_failures=3), now=1.0) is Action.KILL
+    assert "failed in a row" in m2.workers["w"].reason
+
+
+def test_a_slow_worker_that_answers_again_rejoins():
+    m, _, _ = _monitor()
+    m.on_heartbeat("w", _hb(), now=0.0)
+    m.on_failure("w", DeadlineExceeded("t"), now=2.0)
+    assert m.workers["w"].state is WorkerState.DEAD
+    assert m.on_heartbeat("w", _hb(), now=2.5) is Action.REJOIN  # its index entries were dropped
+    assert m.workers["w"].state is WorkerState.STARTING
+
+
+def test_event_log_is_bounded():
+    m, _, _ = _monitor()
+    m.on_heartbeat("w", _hb("i0"), now=0.0)
+    for i in range(1, 200):
+        m.on_heartbeat("w", _hb(f"i{i}"), now=float(i))
+    assert len(m.events) == CFG.max_events and m.workers["w"].restarts == 199
