@@ -40,6 +40,9 @@ class ReplayConfig:
     api_key: str | None = None
     seed: int = 0
     progress: bool = True
+    record_text: bool = False  # keep each output's text (chaos runs compare it with a no-fault run)
+    session_hints: bool = False  # send agent sessions' ids (`user`) and a KV retention pin (`kv_retention`)
+    kv_retention_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.arrival not in ("trace", "fixed", "poisson"):
@@ -55,6 +58,7 @@ class ReplayResult:
     not_sent: int
     prefix_cache: dict[str, float] | None
     model: str
+    started_at: float = 0.0  # wall clock (time.time()) of the run's t=0, to line records up with other logs
 
     def metrics(self, slo: SLO, extra_slos: list[SLO] | None = None) -> dict[str, Any]:
         m = compute_metrics(self.records, max(self.duration_s, 1e-9), slo, self.prefix_cache, extra_slos)
@@ -98,6 +102,11 @@ async def _send(client: httpx.AsyncClient, cfg: ReplayConfig, model: str, prompt
                             "stream": True, "stream_options": {"include_usage": True}}
     if cfg.ignore_eos:
         body["ignore_eos"] = True
+    if cfg.session_hints and record.session_id is not None:
+        body["user"] = record.session_id
+        body["kv_retention"] = {"ttl_s": cfg.kv_retention_s}
+    if cfg.record_text:
+        record.text = ""
     start = time.perf_counter()
     record.start_s = start - t0
     try:
@@ -124,10 +133,16 @@ async def _stream(client: httpx.AsyncClient, body: dict[str, Any], record: Reque
             if "error" in obj:
                 record.error = f"stream error: {_error_message(data)}"
                 return
+            record.request_id = record.request_id or obj.get("id")
             if obj.get("usage"):
                 usage = obj["usage"].get("completion_tokens")
+                cached = (obj["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
+                record.cached_tokens = cached if cached is not None else record.cached_tokens
             for choice in obj.get("choices") or []:
-                if choice.get("text") or (choice.get("delta") or {}).get("content"):
+                piece = choice.get("text") or (choice.get("delta") or {}).get("content")
+                if piece and record.text is not None:
+                    record.text += piece
+                if piece:
                     now = time.perf_counter()
                     if record.ttft_s is None:
                         record.ttft_s = now - start
@@ -192,6 +207,7 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
         records: dict[int, RequestRecord] = {}
         bar = tqdm(total=len(trace), desc="replay", unit="req", disable=not cfg.progress, leave=False)
         t0 = time.perf_counter()
+        started_at = time.time()
         deadline = t0 + cfg.max_duration_s if cfg.max_duration_s else float("inf")
 
         async def run_unit(unit: list[int], at: float) -> None:
@@ -219,7 +235,7 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
         hits = after["hits"] - before["hits"]
         prefix = {"query_tokens": queries, "hit_tokens": hits, "hit_ratio": hits / queries if queries else 0.0}
     ordered = [records[i] for i in sorted(records)]
-    return ReplayResult(ordered, duration, len(trace) - len(ordered), prefix, model)
+    return ReplayResult(ordered, duration, len(trace) - len(ordered), prefix, model, started_at)
 
 
 def add_replay_args(p: argparse.ArgumentParser) -> None:
@@ -232,6 +248,9 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
+    p.add_argument("--session-hints", action="store_true",
+                   help="send each agent session's id (`user`) and a KV retention pin (`kv_retention`)")
+    p.add_argument("--kv-retention-s", type=float, default=300.0, help="pin TTL sent with --session-hints")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -239,7 +258,8 @@ def replay_config(args: argparse.Namespace, url: str, scale: TraceScale) -> Repl
     return ReplayConfig(url=url, model=getattr(args, "model_name", None), vocab_size=args.vocab_size, scale=scale,
                         arrival=args.arrival, rate=args.rate, max_duration_s=args.max_duration,
                         request_timeout_s=args.timeout, ignore_eos=not args.no_ignore_eos,
-                        api_key=getattr(args, "api_key", None), seed=args.seed, progress=not args.no_progress)
+                        api_key=getattr(args, "api_key", None), seed=args.seed, progress=not args.no_progress,
+                        session_hints=args.session_hints, kv_retention_s=args.kv_retention_s)
 
 
 def main(argv: list[str] | None = None) -> int:

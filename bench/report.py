@@ -28,6 +28,9 @@ class RequestRecord:
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)
     error: str | None = None
+    request_id: str | None = None  # the server's id (from the stream's chunks)
+    text: str | None = None  # the output text, when the replay records it (chaos runs compare outputs)
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
 
     @property
     def ok(self) -> bool:

@@ -40,6 +40,7 @@ _BENCH_TOOLS = {
     "agent": ("bench.traces.agent", "write generated agent sessions as a JSONL trace"),
     "simulate": ("bench.sim.run", "drive the real router with simulated workers (16-256)"),
     "calibrate": ("bench.sim.calibrate", "fit the simulated workers' time model to the real engine"),
+    "chaos": ("bench.chaos", "replay a workload while killing, stopping and breaking workers; recovery report"),
 }
 
 

@@ -1,0 +1,347 @@
+"""`disagg bench chaos`: replay one workload twice against one cluster - clean, then while faults are injected on
+a schedule - and report, per fault: requests lost, outputs that differ from the clean run (a wrong, missing or
+duplicated token changes the text), latency the fault added to the requests it touched, the longest stall they
+saw, time until the faulted worker was out of routing and until it served again (against a worker's measured
+cold start), router endpoint downtime, and the blocks, leases or adopted blocks left over at the end.
+
+Faults: kill-decode / kill-prefill (SIGKILL of the worker process), stop-decode / stop-prefill (SIGSTOP: a hung
+process the supervisor must detect and kill), kill-router (SIGKILL of the router actor), read-fail / read-hang
+(NIXL reads on a decode worker fail, or hang past their deadline, via the worker's fault-injection transport).
+The workload is greedy with ignore_eos, so the clean run is the reference for every output.
+
+    disagg bench chaos --agent coding_agent --sessions 6 --session-rate 0.5 --prefill 1 --decode 2 \\
+        --faults kill-decode,kill-prefill,stop-decode,read-fail,read-hang,kill-router --out bench/results/chaos
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import percentile
+from bench.replay import ReplayResult, add_replay_args, replay, replay_config
+from bench.report import RequestRecord
+from bench.workload import load_workload
+
+FAULTS = ("kill-decode", "kill-prefill", "stop-decode", "stop-prefill", "kill-router", "read-fail", "read-hang")
+
+
+@dataclass
+class Fault:
+    kind: str
+    target: str
+    at: float  # wall clock
+    out_of_routing_s: float | None = None
+    serving_again_s: float | None = None
+    endpoint_back_s: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Observer:
+    """Polls the router for health events and routing decisions (they live in the router process, which a
+    kill-router fault wipes: what was seen before is kept here)."""
+
+    router: Any
+    interval_s: float = 0.25
+    events: dict[tuple, dict] = field(default_factory=dict)
+    decisions: dict[str, list[dict]] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)
+    _last: dict[str, float] = field(default_factory=dict)
+    _base: dict[str, float] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="chaos-observer", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        import ray
+
+        while not self._stop.wait(self.interval_s):
+            try:
+                health = ray.get(self.router.health.remote(), timeout=2)
+                decisions = ray.get(self.router.decisions.remote(2000), timeout=2)
+            except (ray.exceptions.RayError, TimeoutError):
+                continue  # the router is down or restarting
+            for e in health["events"]:
+                self.events[(e["worker"], e["state"], e["wall_time"])] = e
+            for name, value in health["counters"].items():  # a restarted router counts from 0 again
+                last = self._last.get(name, 0)
+                if value < last:
+                    self._base[name] = self._base.get(name, 0) + last
+                self._last[name] = value
+                self.counters[name] = self._base.get(name, 0) + value
+            seen: dict[str, int] = {}
+            for d in decisions:
+                rid = d["request_id"]
+                seen[rid] = seen.get(rid, 0) + 1
+                entries = self.decisions.setdefault(rid, [])
+                if len(entries) < seen[rid]:
+                    entries.append(d)
+
+    def first_event(self, worker: str, state: str, after: float) -> float | None:
+        times = [t for (w, s, t) in self.events if w == worker and s == state and t >= after]
+        return min(times) if times else None
+
+
+def _signal(actor: Any, sig: signal.Signals) -> int:
+    import ray
+
+    pid = ray.get(actor.pid.remote(), timeout=10)
+    os.kill(pid, sig)
+    return pid
+
+
+def inject(kind: str, service: Any, rng: random.Random, hang_s: float) -> Fault:
+    import ray
+
+    cluster = service.cluster
+    role = "prefill" if kind.endswith("prefill") else "decode"
+    pool = cluster.prefill_by_name if role == "prefill" else cluster.decode_by_name
+    if kind == "kill-router":
+        fault = Fault(kind, "router", time.time())
+        _signal(service.router, signal.SIGKILL)
+        return fault
+    if not pool:
+        raise ValueError(f"{kind}: this cluster has no {role} worker")
+    name = rng.choice(sorted(pool))
+    fault = Fault(kind, name, time.time())
+    if kind.startswith("kill"):
+        _signal(pool[name], signal.SIGKILL)
+    elif kind.startswith("stop"):
+        _signal(pool[name], signal.SIGSTOP)
+    elif kind == "read-fail":
+        ray.get(pool[name].inject_fault.remote("read_fail", 3), timeout=10)
+    elif kind == "read-hang":
+        ray.get(pool[name].inject_fault.remote("read_hang", 2, hang_s), timeout=10)
+    else:
+        raise ValueError(f"unknown fault {kind!r}; known: {', '.join(FAULTS)}")
+    return fault
+
+
+def await_recovery(fault: Fault, service: Any, observer: Observer, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    if fault.kind == "kill-router":
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{service.url}/livez", timeout=0.5).status_code == 200:
+                    fault.endpoint_back_s = time.time() - fault.at
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        fault.note = "endpoint not back in time"
+        return
+    if fault.kind.startswith("read"):
+        return  # the worker stays in routing; the requests fall back
+    while time.time() < deadline:
+        dead = observer.first_event(fault.target, "dead", fault.at)
+        ready = observer.first_event(fault.target, "ready", dead) if dead is not None else None
+        if dead is not None:
+            fault.out_of_routing_s = dead - fault.at
+        if ready is not None:
+            fault.serving_again_s = ready - fault.at
+            return
+        time.sleep(0.1)
+    fault.note = "worker not back in time"
+
+
+def measure_cold_start(service: Any) -> float:
+    """Seconds for a fresh worker actor (same engine) to load and answer ready()."""
+    import ray
+
+    from disagg.cluster.actors import AggregatedWorker
+
+    t0 = time.perf_counter()
+    probe = AggregatedWorker.options(max_restarts=0).remote("cold-start-probe", service.cluster.config.engine,
+                                                            tiers=None)
+    ray.get(probe.ready.remote(), timeout=300)
+    elapsed = time.perf_counter() - t0
+    ray.kill(probe)
+    return elapsed
+
+
+def _affected(fault: Fault, records: list[RequestRecord], started_at: float, observer: Observer,
+              window_s: float) -> list[RequestRecord]:
+    """Requests in flight between the fault and the moment the target was out of routing (or, for read faults,
+    within `window_s` of it) that were routed through the target."""
+    t = fault.at - started_at
+    if not fault.kind.startswith("read"):
+        window_s = (fault.out_of_routing_s or fault.endpoint_back_s or 2.0) + 0.5
+    out = []
+    for r in records:
+        end = r.start_s + (r.e2e_s if r.e2e_s is not None else 1e9)
+        if not (r.start_s <= t + window_s and end >= t):
+            continue
+        routes = observer.decisions.get(r.request_id or "", [])
+        if fault.target == "router" or any(fault.target in (d["decode"], d["prefill"], d.get("peer"))
+                                           for d in routes):
+            out.append(r)
+    return out
+
+
+def analyse(faults: list[Fault], clean: ReplayResult, faulted: ReplayResult, observer: Observer,
+            cold_start_s: float, window_s: float) -> list[dict[str, Any]]:
+    reference = {r.index: r for r in clean.records}
+    rows = []
+    for fault in faults:
+        hit = _affected(fault, faulted.records, faulted.started_at, observer, window_s)
+        lost = [r for r in hit if not r.ok]
+        wrong = [r for r in hit if r.ok and r.text != reference[r.index].text]
+        added = [r.e2e_s - reference[r.index].e2e_s for r in hit if r.ok and reference[r.index].ok]
+        stall = [max(r.itl_s, default=0.0) for r in hit if r.ok]
+        # what re-prefilling prompt + output costs, estimated from the clean run's TTFT for the prompt alone
+        over = [max(r.itl_s, default=0.0) - reference[r.index].ttft_s * (r.prompt_tokens + r.output_tokens) /
+                max(1, r.prompt_tokens) for r in hit if r.ok and reference[r.index].ttft_s is not None]
+        rows.append({"fault": fault.kind, "target": fault.target, "affected": len(hit), "lost": len(lost),
+                     "wrong_output": len(wrong), "added_latency_p50_ms": percentile(added, 50) * 1000,
+                     "added_latency_p99_ms": percentile(added, 99) * 1000,
+                     "max_stall_p99_ms": percentile(stall, 99) * 1000,
+                     "stall_over_reprefill_p99_ms": percentile(over, 99) * 1000,
+                     "out_of_routing_s": fault.out_of_routing_s, "serving_again_s": fault.serving_again_s,
+                     "cold_start_s": cold_start_s if fault.serving_again_s is not None else None,
+                     "endpoint_back_s": fault.endpoint_back_s, "note": fault.note})
+    return rows
+
+
+def leftovers(service: Any, settle_s: float) -> list[dict[str, Any]]:
+    """Each worker's blocks held, leases and adopted blocks once the run has drained (0 everywhere = no leak)."""
+    import ray
+
+    deadline = time.time() + settle_s
+    while True:
+        stats = ray.get([w.stats.remote() for w in service.cluster.workers], timeout=60)
+        rows = [{"worker": s["name"], "blocks_held": s["num_blocks"] - s["free_blocks"], "leases": s["leases"],
+                 "adopted_blocks": s["adopted_blocks"], "running": s["running"]} for s in stats]
+        if all(not (r["blocks_held"] or r["leases"] or r["adopted_blocks"]) for r in rows) or time.time() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from bench.compare import _warm, model_vocab_size
+    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.model_store import default_model_dir
+
+    model = args.model or str(default_model_dir())
+    args.vocab_size = model_vocab_size(model)
+    trace, scale, workload = load_workload(args)
+    engine = {"model": model, "kv_cache_memory_mb": args.kv_cache_mb, "max_model_len": args.max_model_len,
+              "num_threads": args.threads}
+    faults_wanted = [f for f in args.faults.split(",") if f]
+    unknown = set(faults_wanted) - set(FAULTS)
+    if unknown:
+        raise SystemExit(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
+    import tempfile
+
+    service = Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine,
+                                    fault_injection=True, transfer_timeout_s=args.read_timeout,
+                                    tiers={"disk_root": tempfile.mkdtemp(prefix="chaos-kv-")}),
+                      {"port": 0, "policy": {"kind": "kv", "min_remote_prefill_tokens": 16}})
+    observer = Observer(service.router)
+    try:
+        cold_start = measure_cold_start(service)
+        _warm(service.url, args.vocab_size, args.prefill + args.decode)
+        cfg = replace(replay_config(args, service.url, scale), record_text=True)
+        clean = asyncio.run(replay(trace, cfg))
+        observer.start()
+        box: dict[str, ReplayResult] = {}
+        runner = threading.Thread(target=lambda: box.setdefault("r", asyncio.run(replay(trace, cfg))))
+        runner.start()
+        rng, faults, t0 = random.Random(args.seed), [], time.time()
+        for k, kind in enumerate(faults_wanted):
+            time.sleep(max(0.0, t0 + (k + 1) * args.fault_interval - time.time()))
+            if not runner.is_alive():
+                break
+            fault = inject(kind, service, rng, args.read_timeout * 3)
+            print(f"[chaos] {kind} on {fault.target}", flush=True)
+            await_recovery(fault, service, observer, args.recovery_timeout)
+            faults.append(fault)
+        runner.join()
+        time.sleep(1.0)
+        observer.stop()
+        faulted = box["r"]
+        rows = analyse(faults, clean, faulted, observer, cold_start, args.read_timeout * 2)
+        reference = {r.index: r for r in clean.records}
+        summary = {"requests": len(faulted.records), "lost": sum(not r.ok for r in faulted.records),
+                   "wrong_output": sum(r.ok and r.text != reference[r.index].text for r in faulted.records),
+                   "clean_failed": sum(not r.ok for r in clean.records),
+                   "migrations": observer.counters.get("migrations", 0),
+                   "fallbacks": {k: v for k, v in observer.counters.items() if k.startswith("fallback")},
+                   "cold_start_s": cold_start}
+        return {"workload": workload, "scale": scale.describe(), "faults": rows, "summary": summary,
+                "leftovers": leftovers(service, args.settle),
+                "settings": {"prefill": args.prefill, "decode": args.decode, "fault_interval": args.fault_interval,
+                             "read_timeout": args.read_timeout, "engine": engine}}
+    finally:
+        observer.stop()
+        service.shutdown()
+        ray.shutdown()
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cols = ["fault", "target", "affected", "lost", "wrong_output", "added_latency_p50_ms", "added_latency_p99_ms",
+            "max_stall_p99_ms", "stall_over_reprefill_p99_ms", "out_of_routing_s", "serving_again_s", "cold_start_s", "endpoint_back_s"]
+
+    def fmt(v: Any) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return "-"
+        return f"{v:,.2f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(row[c]) for c in cols) + " |" for row in result["faults"]]
+    s = result["summary"]
+    lines += ["", f"Whole run: {s['requests']} requests, {s['lost']} lost, {s['wrong_output']} with an output that "
+              f"differs from the clean run; {s['migrations']:.0f} migrations; fallbacks {s['fallbacks']}.",
+              "Leftovers after draining: " + ", ".join(f"{r['worker']}: {r['blocks_held']} blocks, {r['leases']} "
+                                                     f"leases, {r['adopted_blocks']} adopted"
+                                                     for r in result["leftovers"])]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disagg bench chaos", description=__doc__.splitlines()[0])
+    parser.add_argument("--prefill", type=int, default=1)
+    parser.add_argument("--decode", type=int, default=2)
+    parser.add_argument("--faults", default="kill-decode,kill-prefill,stop-decode,read-fail,read-hang,kill-router")
+    parser.add_argument("--fault-interval", type=float, default=20.0, help="seconds between faults")
+    parser.add_argument("--recovery-timeout", type=float, default=90.0)
+    parser.add_argument("--read-timeout", type=float, default=3.0, help="workers' KV read deadline")
+    parser.add_argument("--settle", type=float, default=30.0, help="seconds to wait for blocks to come back")
+    parser.add_argument("--model", default="")
+    parser.add_argument("--kv-cache-mb", type=int, default=128)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="bench/results/chaos")
+    add_replay_args(parser)
+    args = parser.parse_args(argv)
+    if args.max_output_tokens is None:
+        args.max_output_tokens = 64
+    if args.max_input_tokens is None:
+        args.max_input_tokens = args.max_model_len - args.max_output_tokens - 1
+    result = run_chaos(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    text = markdown(result)
+    (out / "report.md").write_text(text + "\n")
+    print(text)
+    return 0 if result["summary"]["lost"] == 0 and result["summary"]["wrong_output"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
