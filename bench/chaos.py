@@ -179,16 +179,23 @@ def _affected(fault: Fault, records: list[RequestRecord], started_at: float, obs
     """Requests in flight between the fault and the moment the target was out of routing (or, for read faults,
     within `window_s` of it) that were routed through the target."""
     t = fault.at - started_at
-    if not fault.kind.startswith("read"):
+    reads = fault.kind.startswith("read")
+    if not reads:
         window_s = (fault.out_of_routing_s or fault.endpoint_back_s or 2.0) + 0.5
     out = []
     for r in records:
         end = r.start_s + (r.e2e_s if r.e2e_s is not None else 1e9)
-        if not (r.start_s <= t + window_s and end >= t):
+        if reads:  # injected read faults hit reads that start after the injection: disaggregated requests
+            if not t <= r.start_s <= t + window_s:
+                continue
+        elif not (r.start_s <= t + window_s and end >= t):
             continue
         routes = observer.decisions.get(r.request_id or "", [])
-        if fault.target == "router" or any(fault.target in (d["decode"], d["prefill"], d.get("peer"))
-                                           for d in routes):
+        if fault.target == "router":
+            out.append(r)
+        elif reads and any(d["decode"] == fault.target and d["prefill"] for d in routes):
+            out.append(r)
+        elif not reads and any(fault.target in (d["decode"], d["prefill"], d.get("peer")) for d in routes):
             out.append(r)
     return out
 

@@ -1,11 +1,16 @@
-"""Router benchmark: decision latency at scale, and prefix-hit ratio of routing policies on real traces.
+"""Router benchmark: decision latency at scale, and the prefix-hit ratio of routing policies on the real traces,
+with and without CPU / disk tiers behind each worker.
 
 1. Latency: RouterCore.route() (block hashing + index match + policy) with 64 workers and 100k indexed blocks.
-2. Hit ratio: the Mooncake traces replayed through the real RouterCore (same index and policy code) in front of
-   simulated workers: each has a real BlockPool (LRU prefix cache of --blocks blocks, one block per trace
-   hash_id) and publishes real KV events to the router; no model runs.  A request holds its blocks while in
-   flight for a simple time model (prefill --prefill-tok-s tokens/s over its uncached part, --tpot-ms per output
-   token), so load terms in the policy see real concurrency.  The oracle is an infinite cache shared by all.
+2. Hit ratio: the Mooncake traces replayed in timestamp order through the real RouterCore in front of simulated
+   workers.  Each worker has a real BlockPool (LRU prefix cache of --blocks blocks, one block per trace hash_id)
+   and, with tiers, a CPU tier and a disk tier modelled as LRU sets of hashes: write-through to CPU for every
+   computed block (as the real TieredStore does), CPU overflow demoted to disk.  Workers publish real, tier-tagged
+   KV events; a request's computed blocks are announced when its prefill would have finished, not at admission.
+   A request holds its blocks while in flight: prefill at --prefill-tok-s over its uncached part (tier hits cost
+   --cpu-load-cost / --disk-load-cost of computing), then --tpot-ms per output token, so the policy's load terms
+   see real concurrency.  Hit ratio = prompt blocks served from any cache (device, CPU, disk) / prompt blocks;
+   the device column counts device hits only.  The oracle is an infinite cache shared by all workers.
 
     .venv/bin/python -m bench.router
 """
@@ -13,14 +18,16 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import itertools
 import json
 import random
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from bench.common import emit, percentile, print_table
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
-from disagg.protocol import KVEvent, KVEventBatch, Request, hash_prompt_blocks
+from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
 
@@ -65,25 +72,86 @@ def load_trace(path: Path, limit: int | None) -> list[dict]:
     return rows[:limit] if limit else rows
 
 
+class _LRU:
+    """A tier modelled as an LRU set of block hashes with a capacity in blocks."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.items: OrderedDict[int, None] = OrderedDict()
+
+    def __contains__(self, h: int) -> bool:
+        return h in self.items
+
+    def put(self, h: int) -> list[int]:
+        """Insert or refresh `h`; returns what fell out."""
+        if h in self.items:
+            self.items.move_to_end(h)
+            return []
+        self.items[h] = None
+        out = []
+        while len(self.items) > self.capacity:
+            out.append(self.items.popitem(last=False)[0])
+        return out
+
+
 class SimWorker:
-    """A worker stand-in: real block pool and KV events, no model."""
+    """A worker stand-in: real block pool and KV events, optional CPU/disk tiers, no model."""
 
-    def __init__(self, name: str, num_blocks: int) -> None:
+    def __init__(self, name: str, num_blocks: int, cpu_blocks: int = 0, disk_blocks: int = 0) -> None:
         self.name, self.pool, self.seq_no = name, BlockPool(num_blocks), -1
+        self.cpu = _LRU(cpu_blocks) if cpu_blocks else None
+        self.disk = _LRU(disk_blocks) if disk_blocks else None
+        self._events: list[KVEvent] = []
 
-    def admit(self, hashes: list[int]) -> tuple[int, list[int]]:
+    def admit(self, hashes: list[int]) -> tuple[int, int, int, list[int], list[int]]:
+        """(device hits, cpu hits, disk hits, blocks held, blocks to compute) for a new request, as the engine
+        would serve it: device prefix first, then the tiers, then compute."""
         hits = self.pool.lookup_prefix(hashes)
         self.pool.touch(hits)
+        n_cpu = n_disk = 0
+        for h in hashes[len(hits):]:
+            if self.cpu is not None and h in self.cpu:
+                n_cpu += 1
+            elif self.disk is not None and h in self.disk:
+                n_disk += 1
+            else:
+                break
+        loaded = n_cpu + n_disk
         try:
             fresh = self.pool.allocate(len(hashes) - len(hits))
         except NoFreeBlocksError:  # everything is in flight: serve uncached, cache nothing
-            return len(hits), hits
-        parent = hashes[len(hits) - 1] if hits else None
-        self.pool.cache_blocks(fresh, hashes[len(hits):], parent)
-        return len(hits), hits + fresh
+            return len(hits), 0, 0, hits, []
+        start = len(hits)
+        if loaded:  # loaded blocks are in the device cache at once
+            self._cache(fresh[:loaded], hashes[start:start + loaded], hashes[start - 1] if start else None)
+        return len(hits), n_cpu, n_disk, hits + fresh, fresh[loaded:]
+
+    def prefill_done(self, blocks: list[int], hashes: list[int], parent: int | None) -> None:
+        """The computed blocks become cached (and stored to CPU): announced now, not at admission."""
+        self._cache(blocks, hashes, parent)
+
+    def _cache(self, blocks: list[int], hashes: list[int], parent: int | None) -> None:
+        self.pool.cache_blocks(blocks, hashes, parent)
+        if self.cpu is None:
+            return
+        stored, demoted = [], []
+        for h in hashes:
+            if h not in self.cpu:
+                stored.append(h)
+            for out in self.cpu.put(h):
+                demoted.append(out)
+        self._events.append(KVEvent(EventKind.STORED, stored, tier=Tier.CPU))
+        if demoted:
+            self._events.append(KVEvent(EventKind.REMOVED, demoted, tier=Tier.CPU))
+            if self.disk is not None:
+                dropped = [o for h in demoted for o in self.disk.put(h)]
+                self._events.append(KVEvent(EventKind.STORED, demoted, tier=Tier.DISK))
+                if dropped:
+                    self._events.append(KVEvent(EventKind.REMOVED, dropped, tier=Tier.DISK))
 
     def events(self) -> KVEventBatch | None:
-        events = self.pool.drain_events()
+        events = self.pool.drain_events() + self._events
+        self._events = []
         if not events:
             return None
         self.seq_no += 1
@@ -91,36 +159,68 @@ class SimWorker:
 
 
 def replay(trace: list[dict], policy: str, num_workers: int, blocks_per_worker: int, prefill_tok_s: float,
-           tpot_ms: float, block_tokens: int = 512) -> dict:
-    workers = {f"w{i}": SimWorker(f"w{i}", blocks_per_worker) for i in range(num_workers)}
-    core = RouterCore({}, {n: None for n in workers}, PolicyConfig(kind=policy, seed=0), block_size=1)
-    in_flight: list[tuple[float, int, str, list[int], int]] = []
-    total = hit = 0
-    for i, row in enumerate(trace):
-        now = row["timestamp"] / 1000
-        while in_flight and in_flight[0][0] <= now:
-            _, _, name, blocks, n = heapq.heappop(in_flight)
-            workers[name].pool.free(blocks)
-            load = core.loads[name]
-            load.active_requests -= 1
-            load.active_blocks -= n
-        ids = row["hash_ids"]  # one id per 512-token block; as "tokens" with block_size=1 each is one block
-        decision = core.route(Request(f"q{i}", ids))
-        worker = workers[decision.decode_worker]
-        n_hit, blocks = worker.admit(hash_prompt_blocks(ids, 1))  # the router's chained hashes, as a worker has
-        hashes = ids
+           tpot_ms: float, block_tokens: int = 512, cpu_blocks: int = 0, disk_blocks: int = 0,
+           cpu_load_cost: float = 0.05, disk_load_cost: float = 0.3, policy_args: dict | None = None) -> dict:
+    workers = {f"w{i}": SimWorker(f"w{i}", blocks_per_worker, cpu_blocks, disk_blocks) for i in range(num_workers)}
+    config = PolicyConfig(kind=policy, seed=0, peer_pull=False, cpu_load_cost=cpu_load_cost,
+                          disk_load_cost=disk_load_cost, **(policy_args or {}))
+    core = RouterCore({}, {n: None for n in workers}, config, block_size=1)
+    pending: list[tuple[float, int, str, tuple]] = []  # (time, order, kind, payload)
+    order = itertools.count()
+    totals = {"blocks": 0, "device": 0, "cpu": 0, "disk": 0}
+
+    def publish(worker: SimWorker) -> None:
         batch = worker.events()
         if batch is not None:
             core.on_kv_events(batch)
-        total += len(hashes)
-        hit += n_hit
-        uncached_tokens = max(0, row["input_length"] - n_hit * block_tokens)
-        duration = uncached_tokens / prefill_tok_s + row["output_length"] * tpot_ms / 1000
-        load = core.loads[decision.decode_worker]
-        load.active_requests += 1
-        load.active_blocks += len(blocks)
-        heapq.heappush(in_flight, (now + duration, i, decision.decode_worker, blocks, len(blocks)))
-    return {"policy": policy, "hit_ratio": hit / total}
+
+    def advance(now: float) -> None:
+        while pending and pending[0][0] <= now:
+            _, _, kind, payload = heapq.heappop(pending)
+            if kind == "prefilled":
+                name, blocks, hashes, parent, ticket = payload
+                workers[name].prefill_done(blocks, hashes, parent)
+                core.progress(ticket, 1)
+                publish(workers[name])
+            else:
+                name, blocks, ticket = payload
+                workers[name].pool.free(blocks)
+                core.end(ticket)
+                publish(workers[name])
+
+    imbalance: list[float] = []  # max / mean in-flight blocks over workers, sampled at each arrival
+    for i, row in enumerate(trace):
+        now = row["timestamp"] / 1000
+        advance(now)
+        held = [core.loads[n].active_blocks for n in workers]
+        if sum(held):
+            imbalance.append(max(held) * len(held) / sum(held))
+        ids = row["hash_ids"]  # one id per 512-token block; as "tokens" with block_size=1 each is one block
+        hashes = hash_prompt_blocks(ids, 1)  # the router's chained hashes, as a worker has
+        request = Request(f"q{i}", ids)
+        decision = core.route(request, hashes=hashes)
+        ticket = core.begin(decision, len(ids), hashes)
+        worker = workers[decision.decode_worker]
+        n_dev, n_cpu, n_disk, held, compute = worker.admit(hashes)
+        publish(worker)
+        totals["blocks"] += len(hashes)
+        totals["device"] += n_dev
+        totals["cpu"] += n_cpu
+        totals["disk"] += n_disk
+        uncached_tokens = max(0, row["input_length"] - (n_dev + n_cpu + n_disk) * block_tokens)
+        prefill_s = (uncached_tokens + (n_cpu * cpu_load_cost + n_disk * disk_load_cost) * block_tokens) / prefill_tok_s
+        done_at = now + prefill_s
+        first = n_dev + n_cpu + n_disk
+        heapq.heappush(pending, (done_at, next(order), "prefilled",
+                                 (worker.name, compute, hashes[first:first + len(compute)],
+                                  hashes[first - 1] if first else None, ticket)))
+        heapq.heappush(pending, (done_at + row["output_length"] * tpot_ms / 1000, next(order), "done",
+                                 (worker.name, held, ticket)))
+    advance(float("inf"))
+    b = totals["blocks"]
+    return {"policy": policy, "hit_ratio": (totals["device"] + totals["cpu"] + totals["disk"]) / b,
+            "device": totals["device"] / b, "cpu": totals["cpu"] / b, "disk": totals["disk"] / b,
+            "load_max_over_mean": sum(imbalance) / len(imbalance) if imbalance else float("nan")}
 
 
 def oracle(trace: list[dict]) -> dict:
@@ -141,7 +241,9 @@ def oracle(trace: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--blocks", type=int, default=4096, help="prefix-cache blocks per simulated worker")
+    parser.add_argument("--blocks", type=int, default=4096, help="device prefix-cache blocks per simulated worker")
+    parser.add_argument("--cpu-blocks", default="0,16384", help="CPU tier sizes to compare (blocks per worker)")
+    parser.add_argument("--disk-blocks", type=int, default=65536, help="disk tier per worker when a CPU tier is on")
     parser.add_argument("--prefill-tok-s", type=float, default=20_000)
     parser.add_argument("--tpot-ms", type=float, default=30)
     parser.add_argument("--limit", type=int, default=None, help="first N requests of each trace")
@@ -154,13 +256,19 @@ def main() -> None:
     results = {"latency": latency, "hit_ratio": {}}
     for name in ("mooncake_conversation_trace.jsonl", "mooncake_synthetic_trace.jsonl"):
         trace = load_trace(TRACES / name, args.limit)
-        rows = [replay(trace, p, args.workers, args.blocks, args.prefill_tok_s, args.tpot_ms)
-                for p in ("kv", "round_robin", "least_loaded")] + [oracle(trace)]
-        rr = rows[1]["hit_ratio"]
+        rows = []
+        for cpu in (int(c) for c in args.cpu_blocks.split(",")):
+            disk = args.disk_blocks if cpu else 0
+            for p in ("kv", "round_robin", "least_loaded"):
+                row = replay(trace, p, args.workers, args.blocks, args.prefill_tok_s, args.tpot_ms,
+                             cpu_blocks=cpu, disk_blocks=disk)
+                rows.append({"tiers": f"cpu {cpu} + disk {disk}" if cpu else "device only", **row})
+        rows.append({"tiers": "-", **oracle(trace), "device": None, "cpu": None, "disk": None})
+        best = rows[-1]["hit_ratio"]
         for row in rows:
-            row["vs_round_robin"] = row["hit_ratio"] / rr if rr else float("nan")
+            row["vs_oracle"] = row["hit_ratio"] / best if best else float("nan")
         print_table(rows, f"prefix-hit ratio, {name} ({len(trace)} requests, {args.workers} workers x "
-                          f"{args.blocks} blocks)")
+                          f"{args.blocks} device blocks)")
         results["hit_ratio"][name] = rows
     results["settings"] = vars(args)
     emit(results, args.out)

@@ -15,10 +15,10 @@ from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, Rol
 from disagg.transfer.fake import LocalTransport
 
 
-def local_worker(name: str, model_dir, role: Role = Role.BOTH, **engine) -> EngineWorker:
+def local_worker(name: str, model_dir, role: Role = Role.BOTH, tiers: dict | None = None, **engine) -> EngineWorker:
     cfg = dict(model=str(model_dir), num_blocks=64, block_size=16, max_model_len=512, num_threads=1)
     cfg.update(engine)
-    return EngineWorker(WorkerConfig(name=name, role=role, engine=cfg, tiers=None, transfer_timeout_s=2.0),
+    return EngineWorker(WorkerConfig(name=name, role=role, engine=cfg, tiers=tiers, transfer_timeout_s=2.0),
                         transport_factory=lambda agent, _engine: LocalTransport(agent))
 
 
@@ -97,3 +97,12 @@ class LocalWorkerHandle:
     def restart(self, worker: EngineWorker) -> None:
         """What Ray does after a death: the same handle now reaches a new incarnation."""
         self.worker, self.dead, self.hung = worker, False, False
+
+
+class LocalSink:
+    """Stands in for the router actor handle a worker publishes KV events to (`sink.publish_kv_events.remote`)."""
+
+    def __init__(self, core) -> None:
+        from types import SimpleNamespace
+
+        self.publish_kv_events = SimpleNamespace(remote=lambda data: core.on_kv_events(KVEventBatch.from_wire(data)))

@@ -110,3 +110,18 @@ def test_calibration_fits_and_validates_against_a_real_engine(tmp_path, tiny_lla
     report = json.loads((tmp_path / "tm_report.json").read_text())
     ratio = {row["metric"]: row["sim / real"] for row in report["validation"]}
     assert 0.1 < ratio["makespan (ms)"] < 10  # a sanity bound only: timing on a shared CPU is noisy
+
+
+def test_simulated_kills_migrate_requests_and_every_request_completes():
+    from bench.sim.faults import SimChaos, window_goodput
+    from bench.report import SLO
+
+    trace = agent.generate({"coding_agent": 1}, 30, 4.0, seed=1)
+    scale = TraceScale(block_tokens=16, max_output_tokens=32)
+    cfg = SimClusterConfig(num_prefill=2, num_decode=6, num_blocks=512, policy={"kind": "kv", "seed": 0})
+    chaos = SimChaos(kill_fraction=0.25, at_s=5.0, detect_s=1.3, restart_s=8.5, seed=2)
+    result = simulate(trace, scale, cfg, MODEL, chaos=chaos)
+    assert len(result.counters["killed"]) == 2 and result.counters["migrations"] > 0
+    assert all(r.ok and r.output_tokens == r.max_tokens for r in result.records)  # nothing lost, nothing short
+    windows = window_goodput(result.records, chaos, SLO(1e9, 1e9), result.duration_s)
+    assert sum(w["requests"] for w in windows.values()) == len(trace)

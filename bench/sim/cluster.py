@@ -61,10 +61,12 @@ class SimWorker:
         self.name, self.engine, self.cluster = name, engine, cluster
         self.busy = False
         self.busy_seconds = 0.0
+        self.alive = True
+        self.incarnation = 0  # bumped by a kill: callbacks of the dead incarnation are dropped
         self._seq_no = -1
 
     def kick(self) -> None:
-        if self.busy or not self.engine.has_unfinished():
+        if not self.alive or self.busy or not self.engine.has_unfinished():
             return
         steps = self.engine.stats.steps
         deltas = self.engine.step()
@@ -78,9 +80,12 @@ class SimWorker:
         duration = self.engine.runner.last_step_s
         self.busy = True
         self.busy_seconds += duration
-        self.cluster.loop.at(self.cluster.loop.now + duration, lambda: self._step_done(deltas))
+        incarnation = self.incarnation
+        self.cluster.loop.at(self.cluster.loop.now + duration, lambda: self._step_done(deltas, incarnation))
 
-    def _step_done(self, deltas: list[TokenDelta]) -> None:
+    def _step_done(self, deltas: list[TokenDelta], incarnation: int) -> None:
+        if incarnation != self.incarnation:
+            return  # this process was killed mid-step
         self.busy = False
         self._publish()
         for delta in deltas:
@@ -114,9 +119,12 @@ class SimPeerSource(_Notifier):
         self.cluster.counters["transferred_blocks"] += load.num_blocks
         load.handle = (result, done_at)
 
+        incarnation = self.worker.incarnation
+
         def landed() -> None:
             self.cluster.release_lease(result.agent_name, load.request_id)
-            self.worker.kick()
+            if self.worker.incarnation == incarnation:
+                self.worker.kick()
 
         loop.at(done_at, landed)
 
@@ -140,8 +148,11 @@ class _Flight:
     prefill: SimWorker | None
     decode: SimWorker
     on_token: Callable[[float, TokenDelta], None]
+    session: str | None = None
     generated: int = 0
     prefill_counted: bool = False  # the prompt's prefix-cache outcome was recorded where it was computed
+    handed_off: bool = False  # the prefill worker's part is done
+    sent: list[int] = field(default_factory=list)  # tokens delivered so far (a migration resumes after them)
 
 
 class SimCluster:
@@ -155,10 +166,11 @@ class SimCluster:
                                   max_model_len=config.max_model_len, kv_lease_timeout_s=1e9,
                                   kv_load_timeout_s=1e9)  # virtual time: loads are priced, not timed out
 
+        self._engine_cfg, self._mc = engine_cfg, mc
+
         def worker(name: str) -> SimWorker:
-            engine = LLMEngine(dataclasses.replace(engine_cfg), SimRunner(model, config.vocab_size), mc)
-            sim_worker = SimWorker(name, engine, self)
-            engine.attach(peer=SimPeerSource(self, sim_worker))
+            sim_worker = SimWorker(name, self._new_engine(), self)
+            sim_worker.engine.attach(peer=SimPeerSource(self, sim_worker))
             return sim_worker
 
         self.prefill = {f"prefill-{i}": worker(f"prefill-{i}") for i in range(config.num_prefill)}
@@ -169,25 +181,66 @@ class SimCluster:
         self.counters = {"remote_prefills": 0, "transferred_blocks": 0}
         self._queries = self._hits = 0
 
+    def _new_engine(self) -> LLMEngine:
+        return LLMEngine(dataclasses.replace(self._engine_cfg), SimRunner(self.model, self.config.vocab_size),
+                         self._mc)
+
     @property
     def workers(self) -> list[SimWorker]:
         return [*self.prefill.values(), *self.decode.values()]
 
+    # ------------------------------------------------------------------ faults (see bench/sim/faults.py)
+    def kill_worker(self, name: str, detect_s: float, restart_s: float) -> None:
+        """Kill a worker now: its work is lost; `detect_s` later the router's health monitor takes it out of
+        routing and its requests migrate (resumed after the tokens already delivered), as the real router
+        does; `restart_s` after the kill it rejoins as a new incarnation with an empty cache."""
+        worker = next(w for w in self.workers if w.name == name)
+        worker.alive, worker.busy = False, False
+        worker.incarnation += 1
+        self.loop.at(self.loop.now + detect_s, lambda: self._detected(worker))
+        self.loop.at(self.loop.now + restart_s, lambda: self._restarted(worker))
+
+    def _detected(self, worker: SimWorker) -> None:
+        from disagg.errors import WorkerLost
+
+        self.router.health.on_failure(worker.name, WorkerLost(f"{worker.name} killed"))
+        for rid, flight in list(self._flights.items()):
+            if flight.decode is worker or (flight.prefill is worker and not flight.handed_off):
+                self.counters["migrations"] = self.counters.get("migrations", 0) + 1
+                self.router.end(flight.ticket)
+                del self._flights[rid]
+                resumed = flight.request.resumed(flight.sent, 0)
+                self.submit(resumed, flight.on_token, flight.session, _carry=flight)
+
+    def _restarted(self, worker: SimWorker) -> None:
+        from disagg.protocol import Heartbeat
+
+        worker.engine = self._new_engine()
+        worker.engine.attach(peer=SimPeerSource(self, worker))
+        worker.alive, worker._seq_no = True, -1
+        hb = Heartbeat(worker.name, f"sim-{worker.incarnation}", "both", 0, "", 0, False, 0.0, 0, worker.name)
+        self.router.health.on_heartbeat(worker.name, hb)
+        self.router.health.mark_ready(worker.name)
+
     def submit(self, request: Request, on_token: Callable[[float, TokenDelta], None],
-               session: str | None = None) -> None:
+               session: str | None = None, _carry: _Flight | None = None) -> None:
         """Route and start a request now; on_token(time, delta) is called for every token (the last is finished)."""
-        decision = self.router.route(request, session)
-        ticket = self.router.begin(decision, len(request.prompt_token_ids))
+        hashes = self.router.block_hashes(request)
+        decision = self.router.route(request, session, hashes)
+        ticket = self.router.begin(decision, request.num_tokens, hashes)
         decode = self.decode[decision.decode_worker]
         prefill = self.prefill[decision.prefill_worker] if decision.prefill_worker else None
-        self._flights[request.request_id] = _Flight(request, ticket, prefill, decode, on_token)
+        flight = _Flight(request, ticket, prefill, decode, on_token, session)
+        if _carry is not None:  # a migrated request keeps what it already delivered
+            flight.sent, flight.prefill_counted = _carry.sent, _carry.prefill_counted
+        self._flights[request.request_id] = flight
         if prefill is None:
-            decode.engine.add_request(request.request_id, request.prompt_token_ids, request.sampling)
+            decode.engine.add(request)
             decode.kick()
             return
         self.counters["remote_prefills"] += 1
-        first = dataclasses.replace(request.sampling, max_tokens=1, stop=[])
-        prefill.engine.add_request(request.request_id, request.prompt_token_ids, first, hold_kv=True)
+        first = dataclasses.replace(request.sampling, max_tokens=len(request.resume_token_ids) + 1, stop=[])
+        prefill.engine.add(dataclasses.replace(request, sampling=first), hold_kv=True)
         prefill.kick()
 
     def deliver(self, worker: SimWorker, delta: TokenDelta) -> None:
@@ -198,9 +251,13 @@ class SimCluster:
             self._queries += len(flight.request.prompt_token_ids)
             self._hits += delta.num_cached_tokens
             flight.prefill_counted = True
-        if worker is flight.prefill:
+        if worker is flight.prefill and not flight.handed_off:
+            flight.handed_off = True
             self._hand_off(flight, delta)
             return
+        if worker is not flight.decode:
+            return  # a dead incarnation's late output
+        flight.sent += delta.token_ids
         flight.generated += len(delta.token_ids)
         self.router.progress(flight.ticket, flight.generated)
         if delta.finished:

@@ -18,6 +18,7 @@ from bench.compare import parse_configs
 from bench.replay import _units
 from bench.report import SLO, RequestRecord, compute_metrics, parse_slos, write_report
 from bench.sim.cluster import SimCluster, SimClusterConfig, sampling_for
+from bench.sim.faults import SimChaos, window_goodput
 from bench.sim.timemodel import StepTimeModel
 from bench.traces.record import TraceRequest, TraceScale
 from bench.workload import add_workload_args, load_workload
@@ -38,10 +39,11 @@ class SimResult:
 
 
 def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterConfig, model: StepTimeModel,
-             arrival_rate: float | None = None, progress: bool = False) -> SimResult:
+             arrival_rate: float | None = None, progress: bool = False, chaos: SimChaos | None = None) -> SimResult:
     """Open-loop replay in virtual time: requests at the trace's (scaled) timestamps, or at a fixed arrival_rate;
-    agent turns wait for the previous turn plus think time, as in bench.replay."""
+    agent turns wait for the previous turn plus think time, as in bench.replay.  `chaos`: kill workers mid-run."""
     cluster = SimCluster(config, model)
+    victims = chaos.schedule(cluster) if chaos is not None else []
     loop = cluster.loop
     units = _units(trace)
     t0 = min(r.timestamp_ms for r in trace)
@@ -83,7 +85,7 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
     for i in missing:  # cannot happen unless a request can never fit; reported, not hidden
         records.setdefault(i, RequestRecord(i, 0, 0, 0.0)).error = "never completed in simulation"
     ends = [r.start_s + r.e2e_s for r in records.values() if r.e2e_s is not None]
-    counters = dict(cluster.counters, workers=len(cluster.workers),
+    counters = dict(cluster.counters, workers=len(cluster.workers), killed=victims,
                     busy_fraction=sum(w.busy_seconds for w in cluster.workers) / (len(cluster.workers) * max(ends)),
                     preemptions=sum(w.engine.scheduler.stats.num_preemptions for w in cluster.workers))
     return SimResult([records[i] for i in sorted(records)], max(ends), cluster.prefix_cache(), counters)
@@ -102,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     parser.add_argument("--out", default="bench/results/simulate")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--kill-fraction", type=float, default=0.0,
+                        help="chaos: kill this fraction of the workers at --kill-at (0: no chaos)")
+    parser.add_argument("--kill-at", type=float, default=60.0, help="chaos: virtual seconds into the run")
+    parser.add_argument("--detect-s", type=float, default=SimChaos.detect_s)
+    parser.add_argument("--restart-s", type=float, default=SimChaos.restart_s)
     add_workload_args(parser)
     args = parser.parse_args(argv)
     trace, scale, workload = load_workload(args)
@@ -117,8 +124,18 @@ def main(argv: list[str] | None = None) -> int:
                                    max_model_len=args.max_model_len,
                                    max_num_batched_tokens=args.max_num_batched_tokens, vocab_size=args.vocab_size)
             t0 = time.perf_counter()
-            result = simulate(trace, rate_scale, cfg, model, progress=not args.no_progress)
+            chaos = SimChaos(args.kill_fraction, args.kill_at, args.detect_s, args.restart_s, args.seed) \
+                if args.kill_fraction > 0 else None
+            result = simulate(trace, rate_scale, cfg, model, progress=not args.no_progress, chaos=chaos)
             m = result.metrics(slo, parse_slos(args.extra_slos))
+            if chaos is not None:  # the same windows of the same run without faults, for reference
+                m["chaos"] = window_goodput(result.records, chaos, slo, result.duration_s)
+                clean = simulate(trace, rate_scale, cfg, model)
+                m["chaos_baseline"] = window_goodput(clean.records, chaos, slo, result.duration_s)
+                print(f"[{spec.name}] chaos: killed {result.counters['killed']}, migrations "
+                      f"{result.counters.get('migrations', 0)}; goodput before/during/after " +
+                      " / ".join(f"{w['goodput']:.2f}" for w in m["chaos"].values()) + " (no faults: " +
+                      " / ".join(f"{w['goodput']:.2f}" for w in m["chaos_baseline"].values()) + ")", flush=True)
             label = spec.name if len(rates) == 1 else f"{spec.name} @{rate:g}x"
             runs.append({"label": label, "config": spec.name, "rate": rate, "prefill_workers": spec.num_prefill,
                          "decode_workers": spec.num_decode, "policy": spec.policy_config(), "metrics": m})

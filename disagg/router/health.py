@@ -177,12 +177,14 @@ class Supervisor:
     """Runs the monitor: one probe loop per worker; rewires and snapshots rejoining workers; kills useless ones."""
 
     def __init__(self, monitor: HealthMonitor, handles: dict[str, WorkerHandle],
-                 apply_snapshot: Callable[[object], None], needs_snapshot: Callable[[str], bool]) -> None:
+                 apply_snapshot: Callable[[object], None], needs_snapshot: Callable[[str], bool],
+                 on_heartbeat: Callable[[str, Heartbeat], None] | None = None) -> None:
         self.monitor = monitor
         self.config = monitor.config
         self.handles = handles
         self._apply_snapshot = apply_snapshot
         self._needs_snapshot = needs_snapshot
+        self._on_heartbeat = on_heartbeat
         self._tasks: list[asyncio.Task] = []
         self._busy: set[str] = set()  # workers with a rejoin or snapshot in flight
         self.failures = 0  # unexpected errors inside the loops (bounded: each is logged once per kind)
@@ -216,6 +218,8 @@ class Supervisor:
             action = self.monitor.on_failure(name, exc)
         else:
             action = self.monitor.on_heartbeat(name, hb)
+            if self._on_heartbeat is not None:
+                self._on_heartbeat(name, hb)
             if action is Action.NONE and self._needs_snapshot(name) and name not in self._busy:
                 action = Action.SNAPSHOT
         await self._act(name, action)

@@ -7,7 +7,9 @@ Cost of worker w (lower is better), in block units so the terms are comparable:
                                 + sum_tier tier_blocks(w) * c_tier(w))   loading from CPU / disk, priced as a
                                                                   fraction of recomputing (capped at 1: a tier
                                                                   slower than prefill is worth nothing)
-            + active_blocks(w)                                    KV the worker's in-flight requests hold
+            + active_blocks(w) + new_blocks(w)                    KV the worker's in-flight requests hold (shared
+                                                                  prompt blocks once) plus the request's blocks
+                                                                  not already among them
             + queue_weight * queued_prefill_blocks(w)             prefill work already waiting on w
             - affinity_bonus   if the request's session last went to w
 
@@ -28,7 +30,7 @@ import enum
 import itertools
 import math
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from disagg.protocol import Tier
@@ -44,7 +46,9 @@ class PolicyKind(str, enum.Enum):
 @dataclass
 class PolicyConfig:
     kind: PolicyKind = PolicyKind.KV
-    overlap_weight: float = 1.0
+    # an uncached block weighs 6 blocks of decode load: measured on both Mooncake traces (bench/router.py), 1 (the
+    # Dynamo default) left a quarter of the hits behind at almost the same load balance (docs/benchmarks.md)
+    overlap_weight: float = 6.0
     queue_weight: float = 1.0
     affinity_bonus: float = 4.0  # blocks
     temperature: float = 0.0  # 0: argmin, random among exact ties
@@ -66,13 +70,39 @@ class PolicyConfig:
 
 @dataclass
 class WorkerLoad:
-    """What the router tracks per worker from its own dispatches (exact, no polling), plus measured costs."""
+    """What the router tracks per worker from its own dispatches (exact, no polling), plus measured costs.
+
+    `active_blocks` counts the KV in-flight requests hold with shared prompt blocks counted once (as the worker's
+    block pool holds them once): `active_hashes` refcounts the full prompt blocks by hash, `private_blocks`
+    counts the rest (partial blocks, output)."""
 
     name: str
     active_requests: int = 0
-    active_blocks: int = 0  # blocks held by in-flight requests (prompt + output so far, estimated)
+    active_blocks: int = 0
     queued_prefill_tokens: int = 0  # prompt tokens dispatched but not yet past their first token
     tier_cost: dict[Tier, float] = field(default_factory=dict)  # measured load/recompute ratio per tier
+    active_hashes: Counter = field(default_factory=Counter)
+    private_blocks: int = 0
+
+    def add_blocks(self, hashes: list[int], private: int) -> None:
+        self.active_hashes.update(hashes)
+        self.private_blocks += private
+        self.active_blocks = len(self.active_hashes) + self.private_blocks
+
+    def remove_blocks(self, hashes: list[int], private: int) -> None:
+        counts = self.active_hashes
+        for h in hashes:
+            left = counts[h] - 1
+            if left > 0:
+                counts[h] = left
+            else:
+                counts.pop(h, None)
+        self.private_blocks -= private
+        self.active_blocks = len(counts) + self.private_blocks
+
+    def shared_blocks(self, hashes: frozenset[int]) -> int:
+        """How many of a request's prompt blocks this worker's in-flight requests already hold."""
+        return len(hashes & self.active_hashes.keys()) if self.active_hashes else 0
 
 
 @dataclass
@@ -103,7 +133,8 @@ class RoutingPolicy:
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
     def choose(self, num_tokens: int, matches: dict[str, TierMatch | int], decode: list[WorkerLoad],
-               prefill: list[WorkerLoad], session: str | None = None) -> Decision:
+               prefill: list[WorkerLoad], session: str | None = None,
+               block_hashes: frozenset[int] = frozenset()) -> Decision:
         if not decode:
             raise ValueError("no decode workers")
         tm = {name: _as_match(m) for name, m in matches.items()}
@@ -116,7 +147,8 @@ class RoutingPolicy:
             costs = {w.name: float(w.active_requests) for w in decode}
             chosen = self._pick(decode, costs)
         else:
-            costs = {w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session) for w in decode}
+            costs = {w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session, block_hashes)
+                     for w in decode}
             chosen = self._pick(decode, costs)
         match = tm.get(chosen.name, TierMatch())
         if session:
@@ -138,12 +170,15 @@ class RoutingPolicy:
         prior = self.config.cpu_load_cost if tier is Tier.CPU else self.config.disk_load_cost
         return min(1.0, w.tier_cost.get(tier, prior))
 
-    def _cost(self, w: WorkerLoad, num_blocks: int, m: TierMatch, session: str | None) -> float:
+    def _cost(self, w: WorkerLoad, num_blocks: int, m: TierMatch, session: str | None,
+              block_hashes: frozenset[int]) -> float:
         c = self.config
         uncached = num_blocks - m.total + m.cpu * self._tier_factor(w, Tier.CPU) + \
             m.disk * self._tier_factor(w, Tier.DISK)
         queued = w.queued_prefill_tokens / self.block_size
-        cost = c.overlap_weight * uncached + w.active_blocks + c.queue_weight * queued
+        # decode load after admitting it here: what is held now, plus the request's blocks not already held
+        decode = w.active_blocks + num_blocks - w.shared_blocks(block_hashes)
+        cost = c.overlap_weight * uncached + decode + c.queue_weight * queued
         if session is not None and self._sessions.get(session) == w.name:
             cost -= c.affinity_bonus
         return cost

@@ -21,11 +21,11 @@ import asyncio
 import logging
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from disagg.errors import DeadlineExceeded, InvalidRequest, ServiceUnavailable, TransferFailed, WorkerLost
-from disagg.protocol import KVEventBatch, Request, Role, TokenDelta, hash_prompt_blocks
+from disagg.protocol import Heartbeat, KVEventBatch, Request, Role, Tier, TokenDelta, hash_prompt_blocks
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
@@ -54,6 +54,7 @@ class LoadTicket:
     num_prompt_tokens: int
     blocks: int
     queued: bool = True
+    hashes: list[int] = field(default_factory=list)  # its full prompt blocks (shared ones count once per worker)
 
 
 @dataclass
@@ -82,7 +83,8 @@ class RouterCore:
         self.health = HealthMonitor(health or HealthConfig(), roles, on_change=self._on_health_change)
         self.supervisor: Supervisor | None = None
         if all(h is not None for h in self.handles.values()):
-            self.supervisor = Supervisor(self.health, self.handles, self.on_kv_events, self.index_needs_snapshot)
+            self.supervisor = Supervisor(self.health, self.handles, self.on_kv_events, self.index_needs_snapshot,
+                                         self.on_heartbeat)
         self.decisions: deque[RoutedRequest] = deque(maxlen=self.config.max_decisions)
         self.counters: Counter = Counter()  # migrations, fallbacks, requests by path (see telemetry)
         self._lock = threading.Lock()
@@ -94,6 +96,20 @@ class RouterCore:
                 self.index.remove_worker(name)
             elif new is WorkerState.READY:
                 self.index.add_worker(name)
+
+    def on_heartbeat(self, name: str, hb: Heartbeat) -> None:
+        """Measured costs from a worker's heartbeat: each tier's load time per block over its prefill time per
+        block (the policy treats a tier at >= 1 as worth nothing)."""
+        per_token = hb.gauges.get("prefill_s_per_token")
+        if not per_token:
+            return
+        recompute = per_token * self.block_size
+        costs = {}
+        for tier in (Tier.CPU, Tier.DISK):
+            load = hb.gauges.get(f"tier_load_s_per_block:{tier.value}")
+            if load is not None:
+                costs[tier] = load / recompute
+        self.loads[name].tier_cost = costs
 
     def index_needs_snapshot(self, name: str) -> bool:
         with self._lock:
@@ -109,28 +125,35 @@ class RouterCore:
             return self.index.apply(batch)
 
     # ------------------------------------------------------------------ routing
-    def route(self, request: Request, session: str | None = None) -> Decision:
-        hashes = hash_prompt_blocks(request.prompt_token_ids + request.resume_token_ids, self.block_size)
+    def block_hashes(self, request: Request) -> list[int]:
+        """The request's full blocks (prompt + resumed output), hashed as the workers hash them."""
+        return hash_prompt_blocks(request.prompt_token_ids + request.resume_token_ids, self.block_size)
+
+    def route(self, request: Request, session: str | None = None, hashes: list[int] | None = None) -> Decision:
+        hashes = self.block_hashes(request) if hashes is None else hashes
         decode = [self.loads[n] for n in self.decode if self.health.routable(n)]
         if not decode:
             raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
         prefill = [self.loads[n] for n in self.prefill if self.health.routable(n)]
         with self._lock:
             matches = self.index.match(hashes)
-            decision = self.policy.choose(request.num_tokens, matches, decode, prefill, session)
+            decision = self.policy.choose(request.num_tokens, matches, decode, prefill, session, frozenset(hashes))
             self.decisions.append(RoutedRequest(request.request_id, decision))
         return decision
 
     # ------------------------------------------------------------------ load accounting
-    def begin(self, decision: Decision, num_prompt_tokens: int) -> LoadTicket:
+    def begin(self, decision: Decision, num_prompt_tokens: int, hashes: list[int] | None = None) -> LoadTicket:
         """Count a dispatched request against its workers until `end` (the prompt is queued prefill work until
-        its first token)."""
+        its first token).  `hashes`: its full prompt blocks, so blocks shared with other in-flight requests on
+        the same worker count once (omitted: every block counts)."""
+        hashes = list(hashes or [])
         ticket = LoadTicket(decision.prefill_worker or decision.decode_worker, decision.decode_worker,
-                            num_prompt_tokens, -(-num_prompt_tokens // self.block_size))
+                            num_prompt_tokens, -(-num_prompt_tokens // self.block_size), hashes=hashes)
         with self._lock:
             self.loads[ticket.prefilling].queued_prefill_tokens += num_prompt_tokens
-            self.loads[ticket.decode].active_requests += 1
-            self.loads[ticket.decode].active_blocks += ticket.blocks
+            load = self.loads[ticket.decode]
+            load.active_requests += 1
+            load.add_blocks(hashes, ticket.blocks - len(hashes))
         return ticket
 
     def progress(self, ticket: LoadTicket, num_generated: int) -> None:
@@ -140,7 +163,7 @@ class RouterCore:
             if ticket.queued:
                 self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
                 ticket.queued = False
-            self.loads[ticket.decode].active_blocks += blocks - ticket.blocks
+            self.loads[ticket.decode].add_blocks([], blocks - ticket.blocks)
         ticket.blocks = blocks
 
     def end(self, ticket: LoadTicket) -> None:
@@ -148,9 +171,11 @@ class RouterCore:
             if ticket.queued:
                 self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
                 ticket.queued = False
-            self.loads[ticket.decode].active_requests -= 1
-            self.loads[ticket.decode].active_blocks -= ticket.blocks
+            load = self.loads[ticket.decode]
+            load.active_requests -= 1
+            load.remove_blocks(ticket.hashes, ticket.blocks - len(ticket.hashes))
             ticket.blocks = 0
+            ticket.hashes = []
 
     # ------------------------------------------------------------------ serving
     async def generate(self, request: Request, session: str | None = None,
@@ -160,10 +185,11 @@ class RouterCore:
         sent_chars = 0
         attempt = request
         for migration in range(self.config.max_migrations + 1):
-            decision = self.route(attempt, session)
+            hashes = self.block_hashes(attempt)
+            decision = self.route(attempt, session, hashes)
             if on_route is not None:
                 on_route(decision)
-            ticket = self.begin(decision, attempt.num_tokens)
+            ticket = self.begin(decision, attempt.num_tokens, hashes)
             try:
                 async for delta in self._serve(attempt, decision, ticket, migrated=migration > 0):
                     sent += delta.token_ids

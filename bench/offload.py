@@ -1,0 +1,230 @@
+"""Offload bandwidth: the TieredStore's store and load paths per tier against raw copies of the same bytes, timed
+in interleaved rounds in one process, plus NIXL's POSIX backend as the alternative disk path.
+
+Rows (N blocks of one model's KV block shape):
+  cpu store   device cache -> CPU tier (write-through copy, commit)      vs  torch copy_ of the same bytes
+  cpu load    CPU tier -> device cache (KVLoad through the store)          vs  torch copy_
+  disk store  CPU tier -> disk (demotion: header, crc32, temp + rename)    vs  plain write() of one file per block,
+                                                                               and NIXL POSIX (open, register, WRITE,
+                                                                               deregister, rename per block)
+  disk load   disk -> device cache (read, verify, copy in)                 vs  plain read() of the same files,
+                                                                               and NIXL POSIX READ into memory
+The disk rows read through the page cache (dropping it needs privileges the CI machine does not have); their
+ratios compare like with like, the absolute GB/s are memory-bound, not the device's.
+
+    .venv/bin/python -m bench.offload --blocks 128 --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import emit, print_table
+from disagg.engine.block_pool import BlockPool
+from disagg.kv.connector import KVLoad, LoadState, SourceKind
+from disagg.kv.store import TierConfig, TieredStore
+from disagg.protocol import Tier
+
+SHAPES = {"smollm2-135m (fp32)": ((30, 2, 16, 3, 64), torch.float32),
+          "llama-3.2-1b (bf16)": ((16, 2, 16, 8, 64), torch.bfloat16)}
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+class Rig:
+    """One TieredStore over a device cache of `n` filled blocks, on a scratch directory."""
+
+    def __init__(self, n: int, shape: tuple[int, ...], dtype: torch.dtype, root: Path) -> None:
+        self.n = n
+        self.kv = torch.randn((n, *shape), dtype=torch.float32).to(dtype)
+        self.pool = BlockPool(n)
+        block_bytes = self.kv[0].numel() * self.kv.element_size()
+        self.bytes = n * block_bytes
+        self.block_bytes = block_bytes
+        self.root = root
+        self.config = TierConfig(cpu_bytes=(n + 1) * block_bytes, disk_dir=str(root / "disk"),
+                                 disk_bytes=4 * n * (block_bytes + 64), low_watermark=0.0)
+        self.store = TieredStore(self.config, self.pool, self.kv, "0123456789abcdef")
+        self.round = 0
+
+    def hashes(self) -> list[int]:
+        return [self.round * 1_000_003 + i + 1 for i in range(self.n)]
+
+    def cpu_store(self) -> float:
+        self.round += 1
+        ids = list(range(self.n))
+        t0 = time.perf_counter()
+        held = self.pool.allocate(self.n)
+        self.store.store(held, self.hashes())
+        self.store.flush()
+        elapsed = time.perf_counter() - t0
+        self.pool.free(held)
+        assert len(held) == len(ids) and self.store.cpu.num_committed >= self.n
+        return elapsed
+
+    def _load(self, tier: Tier) -> float:
+        hashes = self.hashes()
+        load = KVLoad("bench", SourceKind.TIERS, 0, self.n, self.n * 16, time.monotonic() + 600,
+                      block_hashes=hashes, tiers=[tier] * self.n, dst_block_ids=list(range(self.n)))
+        t0 = time.perf_counter()
+        self.store.start(load)
+        while self.store.poll(load) is LoadState.PENDING:
+            time.sleep(0.0002)
+        elapsed = time.perf_counter() - t0
+        assert load.num_ok_blocks == self.n, f"{tier}: {load.num_ok_blocks} of {self.n} blocks loaded"
+        return elapsed
+
+    def cpu_load(self) -> float:
+        return self._load(Tier.CPU)
+
+    def disk_store(self) -> float:
+        t0 = time.perf_counter()
+        self.store.demote()
+        self.store.flush()
+        elapsed = time.perf_counter() - t0
+        assert self.store.disk.num_blocks >= self.n and self.store.cpu.num_committed == 0
+        return elapsed
+
+    def disk_load(self) -> float:
+        return self._load(Tier.DISK)
+
+
+def raw_memcpy(src: torch.Tensor) -> float:
+    dst = torch.empty_like(src)
+    t0 = time.perf_counter()
+    dst.copy_(src)
+    return time.perf_counter() - t0
+
+
+def raw_file_write(kv: torch.Tensor, d: Path) -> float:
+    d.mkdir(parents=True, exist_ok=True)
+    views = [memoryview(kv[i].view(-1).view(torch.uint8).numpy()) for i in range(kv.shape[0])]
+    t0 = time.perf_counter()
+    for i, view in enumerate(views):
+        with open(d / f"{i}.raw", "wb") as f:
+            f.write(view)
+    return time.perf_counter() - t0
+
+
+def raw_file_read(n: int, block_bytes: int, d: Path) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        buf = bytearray(block_bytes)
+        with open(d / f"{i}.raw", "rb", buffering=0) as f:
+            f.readinto(buf)
+    return time.perf_counter() - t0
+
+
+class NixlPosix:
+    """NIXL's POSIX backend moving the same blocks between memory and one file per block."""
+
+    def __init__(self, kv: torch.Tensor, d: Path) -> None:
+        from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+        self.kv, self.d = kv, d
+        d.mkdir(parents=True, exist_ok=True)
+        self.agent = nixl_agent(f"posix-bench-{os.getpid()}", nixl_agent_config(backends=["POSIX"]))
+        self.agent.register_memory(kv)
+        self.bb = kv[0].numel() * kv.element_size()
+        self.mem = self.agent.get_xfer_descs([(kv[i].data_ptr(), self.bb, 0) for i in range(kv.shape[0])], "DRAM")
+
+    def _xfer(self, op: str, fds: list[int]) -> None:
+        files = self.agent.get_xfer_descs([(0, self.bb, fd) for fd in fds], "FILE")
+        handle = self.agent.initialize_xfer(op, self.mem, files, self.agent.name)
+        self.agent.transfer(handle)
+        while (state := self.agent.check_xfer_state(handle)) not in ("DONE", "ERR"):
+            pass
+        self.agent.release_xfer_handle(handle)
+        if state == "ERR":
+            raise RuntimeError(f"NIXL POSIX {op} failed")
+
+    def write(self) -> float:
+        """What a NIXL disk tier would do: per block open a temp file, register it, WRITE, deregister, rename."""
+        n = self.kv.shape[0]
+        t0 = time.perf_counter()
+        fds = [os.open(self.d / f"{i}.tmp", os.O_RDWR | os.O_CREAT | os.O_TRUNC) for i in range(n)]
+        for fd in fds:
+            os.ftruncate(fd, self.bb)
+        reg = self.agent.register_memory([(0, self.bb, fd, f"b{i}") for i, fd in enumerate(fds)], "FILE")
+        self._xfer("WRITE", fds)
+        self.agent.deregister_memory(reg)
+        for i, fd in enumerate(fds):
+            os.close(fd)
+            os.replace(self.d / f"{i}.tmp", self.d / f"{i}.blk")
+        return time.perf_counter() - t0
+
+    def read(self) -> float:
+        n = self.kv.shape[0]
+        t0 = time.perf_counter()
+        fds = [os.open(self.d / f"{i}.blk", os.O_RDONLY) for i in range(n)]
+        reg = self.agent.register_memory([(0, self.bb, fd, f"b{i}") for i, fd in enumerate(fds)], "FILE")
+        self._xfer("READ", fds)
+        self.agent.deregister_memory(reg)
+        for fd in fds:
+            os.close(fd)
+        return time.perf_counter() - t0
+
+
+def bench_shape(name: str, shape: tuple[int, ...], dtype: torch.dtype, n: int, repeats: int) -> list[dict]:
+    root = Path(tempfile.mkdtemp(prefix="offload-bench-"))
+    times: dict[str, list[float]] = {k: [] for k in ("cpu_store", "cpu_load", "disk_store", "disk_load", "memcpy",
+                                                      "raw_write", "raw_read", "nixl_write", "nixl_read")}
+    try:
+        rig = Rig(n, shape, dtype, root)
+        nixl = NixlPosix(rig.kv, root / "nixl")
+        for _ in range(repeats):  # interleaved: every method sees the same machine state in each round
+            times["cpu_store"].append(rig.cpu_store())
+            times["memcpy"].append(raw_memcpy(rig.kv))
+            times["cpu_load"].append(rig.cpu_load())
+            times["disk_store"].append(rig.disk_store())
+            times["raw_write"].append(raw_file_write(rig.kv, root / "raw"))
+            times["nixl_write"].append(nixl.write())
+            times["disk_load"].append(rig.disk_load())
+            times["raw_read"].append(raw_file_read(n, rig.block_bytes, root / "raw"))
+            times["nixl_read"].append(nixl.read())
+            shutil.rmtree(rig.store.disk.dir)  # the next round writes fresh files
+            rig.store.disk.dir.mkdir()
+            rig.store.disk._index.clear()
+        med = {k: _gbps(rig.bytes, statistics.median(v)) for k, v in times.items()}
+        rig.store.shutdown()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    mib = rig.bytes / 2**20
+    return [
+        {"shape": name, "path": "cpu store", "MiB": mib, "ours GB/s": med["cpu_store"], "raw GB/s": med["memcpy"],
+         "ours / raw": med["cpu_store"] / med["memcpy"], "NIXL POSIX GB/s": None},
+        {"shape": name, "path": "cpu load", "MiB": mib, "ours GB/s": med["cpu_load"], "raw GB/s": med["memcpy"],
+         "ours / raw": med["cpu_load"] / med["memcpy"], "NIXL POSIX GB/s": None},
+        {"shape": name, "path": "disk store", "MiB": mib, "ours GB/s": med["disk_store"],
+         "raw GB/s": med["raw_write"], "ours / raw": med["disk_store"] / med["raw_write"],
+         "NIXL POSIX GB/s": med["nixl_write"]},
+        {"shape": name, "path": "disk load", "MiB": mib, "ours GB/s": med["disk_load"], "raw GB/s": med["raw_read"],
+         "ours / raw": med["disk_load"] / med["raw_read"], "NIXL POSIX GB/s": med["nixl_read"]},
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default="bench/results/offload.json")
+    args = parser.parse_args(argv)
+    rows = []
+    for name, (shape, dtype) in SHAPES.items():
+        rows += bench_shape(name, shape, dtype, args.blocks, args.repeats)
+    print_table(rows, f"offload bandwidth, {args.blocks} blocks, median of {args.repeats} interleaved rounds")
+    emit({"rows": rows, "settings": vars(args)}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Tier-aware routing: the policy prices CPU / disk hits by their measured cost, the router learns those costs from
+heartbeats, and a decode worker pulls a prefix out of a peer's CPU tier (over the transport) instead of
+recomputing it, with the peer's lease released and the output unchanged."""
+import asyncio
+import time
+
+from disagg.config import EngineConfig
+from disagg.engine.engine import LLMEngine
+from disagg.protocol import Heartbeat, Request, SamplingParams, Tier
+from disagg.router.index import TierMatch
+from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
+from disagg.router.router import RouterCore
+from tests.fakes import LocalSink, LocalWorkerHandle, local_worker
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def _loads(*names, **kw):
+    return [WorkerLoad(n, **kw) for n in names]
+
+
+def test_policy_prices_tier_hits_by_their_cost():
+    policy = RoutingPolicy(PolicyConfig(seed=0, overlap_weight=1.0), block_size=16)
+    matches = {"dev": TierMatch(device=8), "cpu": TierMatch(cpu=8), "disk": TierMatch(disk=8)}
+    workers = _loads("dev", "cpu", "disk", "none")
+    assert policy.choose(160, matches, workers, []).decode_worker == "dev"
+    busy_dev = [WorkerLoad("dev", active_blocks=3), *_loads("cpu", "disk", "none")]
+    assert policy.choose(160, matches, busy_dev, []).decode_worker == "cpu"  # 8 x 0.05 < 3 blocks of load
+    costs = policy.choose(160, matches, _loads("cpu", "disk", "none"), []).costs
+    assert costs["cpu"] < costs["disk"] < costs["none"]  # priors: CPU 0.05, disk 0.3 of recomputing
+    slow = [WorkerLoad("disk", tier_cost={Tier.DISK: 1.7}), *_loads("none")]  # measured slower than prefill
+    costs = policy.choose(160, {"disk": TierMatch(disk=8)}, slow, []).costs
+    assert costs["disk"] == costs["none"]  # a tier slower than recomputing is worth nothing
+
+
+def test_router_learns_tier_costs_from_heartbeats():
+    core = RouterCore({}, {"w": None}, block_size=16)
+    hb = Heartbeat("w", "i", "both", 1, "", 0, False, 0.0, 0, "w-i",
+                   gauges={"prefill_s_per_token": 0.002, "tier_load_s_per_block:cpu": 0.0016,
+                           "tier_load_s_per_block:disk": 0.064})
+    core.on_heartbeat("w", hb)
+    assert core.loads["w"].tier_cost[Tier.CPU] == 0.0016 / (0.002 * 16)  # 0.05 of recomputing a block
+    assert core.loads["w"].tier_cost[Tier.DISK] == 2.0
+
+
+def test_decode_worker_pulls_a_prefix_from_a_peers_cpu_tier(tiny_llama_dir, tmp_path):
+    tiers = {"cpu_bytes": 2 << 20, "disk_root": ""}
+    a = LocalWorkerHandle(local_worker("a", tiny_llama_dir, tiers=tiers))
+    b = LocalWorkerHandle(local_worker("b", tiny_llama_dir, tiers=tiers))
+    prompt = list(range(40, 40 + 96)) + [7, 8, 9]  # 6 full blocks + 3 tokens
+    reference = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, max_model_len=512))
+    expected = reference.generate([prompt], GREEDY)[0].token_ids
+
+    async def go():
+        core = RouterCore({}, {"a": a, "b": b}, PolicyConfig(seed=0, min_peer_pull_blocks=2), 16)
+        for h in (a, b):
+            await h.worker.set_event_sink(LocalSink(core))
+        layouts = [await a.layout(1), await b.layout(1)]
+        await a.set_peers(layouts, 1)
+        await b.set_peers(layouts, 1)
+        core.loads["b"].active_blocks = 10_000  # keep the first request on a
+        tokens = [t async for d in core.generate(Request("warm", prompt, GREEDY)) for t in d.token_ids]
+        assert tokens == expected
+        await a.worker.flush_tiers()
+        assert a.worker.engine.pool.reset_prefix_cache()  # a keeps the prefix only in its CPU tier now
+        deadline = time.monotonic() + 5
+        while len(core.index.blocks_of("a", Tier.CPU)) < 6 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        core.loads["b"].active_blocks = 0
+        core.loads["a"].active_blocks = 10_000  # now a is busy: the request goes to b, which pulls from a
+        pulled = [t async for d in core.generate(Request("pull", prompt, GREEDY)) for t in d.token_ids]
+        decision = core.recent_decisions()[-1]
+        b_stats, a_stats = await b.worker.stats(), await a.worker.stats()
+        return pulled, decision, b_stats, a_stats
+    pulled, decision, b_stats, a_stats = asyncio.run(go())
+    assert pulled == expected
+    assert decision["decode"] == "b" and decision["peer"] == "a" and decision["cpu_blocks"] == 0
+    assert b_stats["reads"] == 1 and b_stats["loaded_tokens"] == 96  # 6 blocks read out of a's CPU tier
+    assert a_stats["leases"] == 0  # the read's notification released a's export lease
