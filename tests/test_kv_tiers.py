@@ -137,17 +137,17 @@ def test_disk_load_past_its_deadline_is_a_miss(tiny_llama_dir, tmp_path, monkeyp
     _serve(node, "warm")
     _drop_device_cache(node)
     _demote_everything(node)
-    real_read = node.store.disk.read_file
+    real_read = node.store.disk.read_into
 
-    def slow_read(h):  # stands in for a stalled disk (cannot be produced on demand here)
+    def slow_read(h, out):  # stands in for a stalled disk (cannot be produced on demand here)
         time.sleep(0.6)
-        return real_read(h)
+        return real_read(h, out)
 
-    monkeypatch.setattr(node.store.disk, "read_file", slow_read)
+    monkeypatch.setattr(node.store.disk, "read_into", slow_read)
     out = _serve(node, "slow")
     assert tokens(out) == expected
     assert node.engine.scheduler.stats.failed_loads == 1 and out[0].num_cached_tokens == 0
-    assert settle([node])
+    assert settle([node])  # the late reads landed in blocks held back until they finished, then freed
 
 
 def test_failed_disk_write_is_never_visible(tiny_llama_dir, tmp_path):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.engine.sequence import Sequence, SequenceStatus
 from disagg.errors import TransferFailed
-from disagg.kv.connector import KVConnector, KVLoad, LoadState
+from disagg.kv.connector import KVConnector, KVLoad, LoadState, SourceKind
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +203,7 @@ class Scheduler:
                         remote.num_tokens
             else:
                 self.stats.failed_loads += 1
+                seq.tier_load_failed = load.kind is SourceKind.TIERS
                 good = load.first_block + load.num_ok_blocks
                 if not self.connector.release_failed(load):
                     seq.block_ids = seq.block_ids[:good]  # the connector keeps the rest until no write can land

@@ -39,6 +39,7 @@ class Sequence:
     kv_load: Any = None  # the KVLoad in flight while status is WAITING_FOR_KV
     pending_first_token: bool = False  # the last token came with a peer's KV and has not been emitted yet
     credited_tokens: int | None = None  # prompt tokens a peer saved from compute (reported as cached)
+    tier_load_failed: bool = False  # a CPU/disk load failed (corrupt, too slow): recompute, do not retry it
     session_id: str | None = None
     kv_retention_s: float | None = None  # pin this session's blocks in the CPU tier for this long when done
     # incremental detokenization state (engine-owned)

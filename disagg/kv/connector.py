@@ -134,7 +134,7 @@ class KVConnector:
         """A load for the blocks of `seq` after its `num_hit_blocks` device hits, or None."""
         if seq.remote is not None:
             return self._plan_peer(seq, num_hit_blocks)
-        if self.tiers is None:
+        if self.tiers is None or seq.tier_load_failed:  # after a failed tier load, compute (never retry it)
             return None
         usable = (seq.num_tokens - 1) // self.block_size  # leave one token to compute (it yields the logits)
         hashes = seq.block_hashes[num_hit_blocks:usable]

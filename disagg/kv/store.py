@@ -77,9 +77,12 @@ class TierStats:
 class _TierLoad:
     cpu_job: CopyJob | None
     cpu_slots: list[int]
-    disk_future: Future | None
-    disk_positions: list[int]  # indices into the load's blocks that come from disk
+    disk_futures: list[Future]  # one per chunk of disk positions, each read in order on an I/O thread
+    disk_chunks: list[list[int]]  # indices into the load's blocks that come from disk, per future
     slots_released: bool = False
+
+    def pending(self) -> bool:
+        return (self.cpu_job is not None and not self.cpu_job.done()) or not all(f.done() for f in self.disk_futures)
 
 
 @dataclass
@@ -107,6 +110,7 @@ class TieredStore(KVSource):
         self.disk = (DiskTier(config.disk_dir, fingerprint, config.disk_bytes, block_bytes, config.disk_fsync,
                               disk_opener) if config.disk_dir else None)
         self.copier = BlockCopier(device_kv.device)
+        self._direct = not device_kv.is_cuda  # disk blocks are read straight into (host) device blocks
         self._io = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="kv-disk")
         self.pin_budget = int(num_slots * config.pin_budget_fraction)
         self.stats = TierStats()
@@ -158,18 +162,24 @@ class TieredStore(KVSource):
             else:
                 disk_pos.append(i)
         job = self.copier.copy(self.cpu.tensor, cpu_src, self.device_kv, cpu_dst) if cpu_src else None
-        future = None
-        if disk_pos:
-            hashes = [load.block_hashes[i] for i in disk_pos]
-            future = self._io.submit(self._read_many, hashes)
-        load.handle = _TierLoad(job, cpu_src, future, disk_pos)
+        n = max(1, min(self.config.io_threads, len(disk_pos)))
+        chunks = [disk_pos[k * len(disk_pos) // n:(k + 1) * len(disk_pos) // n] for k in range(n)] if disk_pos else []
+        futures = [self._io.submit(self._read_chunk, [load.block_hashes[i] for i in chunk],
+                                   [load.dst_block_ids[i] for i in chunk]) for chunk in chunks]
+        load.handle = _TierLoad(job, cpu_src, futures, chunks)
 
-    def _read_many(self, hashes: list[int]) -> list[memoryview | CorruptBlock]:
-        """I/O thread: verified payloads in order, stopping after the first bad block."""
-        out: list[bytes | CorruptBlock] = []
-        for h in hashes:
+    def _read_chunk(self, hashes: list[int], dst_blocks: list[int]) -> list[memoryview | None | CorruptBlock]:
+        """I/O thread: read blocks in order, stopping after the first bad one.  On a CPU device a block is read
+        straight into its destination block and verified there (None); on a GPU into a host buffer that poll()
+        copies in."""
+        out: list[memoryview | None | CorruptBlock] = []
+        for h, dst in zip(hashes, dst_blocks):
             try:
-                out.append(self.disk.read_file(h))
+                if self._direct:
+                    self.disk.read_into(h, memoryview(self.device_kv[dst].view(-1).view(torch.uint8).numpy()))
+                    out.append(None)
+                else:
+                    out.append(self.disk.read_file(h))
             except CorruptBlock as exc:
                 out.append(exc)
                 break
@@ -177,25 +187,26 @@ class TieredStore(KVSource):
 
     def poll(self, load: KVLoad) -> LoadState:
         tl: _TierLoad = load.handle
-        if (tl.cpu_job is not None and not tl.cpu_job.done()) or (
-                tl.disk_future is not None and not tl.disk_future.done()):
+        if tl.pending():
             return LoadState.PENDING
         if tl.cpu_job is not None:
             tl.cpu_job.wait()  # re-raises a failed copy
         self._release_slots(tl)
         bad = len(load.block_hashes)
-        if tl.disk_future is not None:
-            payloads = tl.disk_future.result()
-            for i, payload in zip(tl.disk_positions, payloads):
-                if isinstance(payload, CorruptBlock):
+        results: dict[int, memoryview | None | CorruptBlock] = {}
+        for chunk, future in zip(tl.disk_chunks, tl.disk_futures):
+            results.update(zip(chunk, future.result()))
+        for i in sorted(i for chunk in tl.disk_chunks for i in chunk):
+            payload = results.get(i, CorruptBlock("missing", "not read after an earlier failure"))
+            if isinstance(payload, CorruptBlock):
+                if i in results:
                     self._on_corrupt(load.block_hashes[i], payload)
-                    bad = i
-                    break
-                self._copy_in(payload, load.dst_block_ids[i])
+                bad = min(bad, i)
+                continue
+            if i < bad:
+                if payload is not None:
+                    self._copy_in(payload, load.dst_block_ids[i])
                 self.disk.touch(load.block_hashes[i])
-            else:
-                if len(payloads) < len(tl.disk_positions):
-                    bad = tl.disk_positions[len(payloads)]
         load.num_ok_blocks = min(bad, len(load.block_hashes))
         self._account(load)
         return LoadState.DONE
@@ -241,17 +252,15 @@ class TieredStore(KVSource):
         tl: _TierLoad | None = load.handle
         if tl is None:
             return True
-        if tl.cpu_job is not None and not tl.cpu_job.done():
-            return False  # a copy thread may still write the destination blocks
+        writing = (tl.cpu_job is not None and not tl.cpu_job.done()) or (
+            self._direct and not all(f.done() for f in tl.disk_futures))
+        if writing:
+            return False  # a copy or read thread may still write the destination blocks
         self._release_slots(tl)
-        return True  # disk payloads only reach device blocks in poll(), on this thread
+        return True  # staged disk payloads only reach device blocks in poll(), on this thread
 
     def settled(self, load: KVLoad) -> bool:
-        tl: _TierLoad = load.handle
-        if tl.cpu_job is not None and not tl.cpu_job.done():
-            return False
-        self._release_slots(tl)
-        return True
+        return self.abandon(load)
 
     # ------------------------------------------------------------------ stores (write-through)
     def store(self, block_ids: list[int], block_hashes: list[int]) -> None:
