@@ -18,9 +18,15 @@ from typing import Any
 
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from bench.report import SLO, parse_slos, write_report
+from bench.session_hits import next_turn_hits
 from bench.workload import load_workload
 
 DEFAULT_CONFIGS = "agg-rr=0x2:round_robin,agg-kv=0x2:kv,disagg-kv=1x1:kv"
+
+
+# config-spec settings that are not PolicyConfig fields
+CLUSTER_KEYS = {"cpu_tier_mb": "CPU KV tier per worker in MiB (0: no tiers)",
+                "hints": "1: the replay sends session ids and KV retention pins"}
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,8 @@ class ClusterSpec:
     num_decode: int
     policy: str
     policy_args: tuple[tuple[str, float], ...] = ()  # PolicyConfig overrides, e.g. min_remote_prefill_tokens
+    cpu_tier_mb: int | None = None  # None: the product's default tiers
+    hints: bool = False
 
     @property
     def workers(self) -> int:
@@ -38,15 +46,25 @@ class ClusterSpec:
     def policy_config(self) -> dict[str, Any]:
         return {"kind": self.policy, "seed": 0, **dict(self.policy_args)}
 
+    def tiers(self, disk_root: str) -> dict[str, Any] | None:
+        """Worker tier settings: a fresh disk directory per run, so no run inherits another's prefix cache."""
+        if self.cpu_tier_mb == 0:
+            return None
+        tiers: dict[str, Any] = {"disk_root": disk_root}
+        if self.cpu_tier_mb is not None:
+            tiers["cpu_bytes"] = self.cpu_tier_mb << 20
+        return tiers
+
 
 def parse_configs(text: str) -> list[ClusterSpec]:
     """'name=PxD:policy[:key=value...],...' -> specs; P=0 means aggregated workers; key=value items override
-    PolicyConfig fields (e.g. disagg16=1x1:kv:min_remote_prefill_tokens=16)."""
+    PolicyConfig fields (e.g. disagg16=1x1:kv:min_remote_prefill_tokens=16) or set CLUSTER_KEYS
+    (e.g. agg-tiers=0x2:kv:cpu_tier_mb=256:hints=1)."""
     from dataclasses import fields
 
     from disagg.router.policy import PolicyConfig
 
-    numeric = {f.name for f in fields(PolicyConfig)} - {"kind", "seed"}
+    numeric = {f.name for f in fields(PolicyConfig)} - {"kind", "seed"} | set(CLUSTER_KEYS)
     specs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         try:
@@ -65,23 +83,33 @@ def parse_configs(text: str) -> list[ClusterSpec]:
         if unknown:
             raise ValueError(f"bad config {part!r}: unknown policy setting(s) {sorted(unknown)}; "
                              f"known: {sorted(numeric)}")
-        specs.append(ClusterSpec(name, p, d, policy, overrides))
+        cluster = {k: v for k, v in overrides if k in CLUSTER_KEYS}
+        overrides = tuple((k, v) for k, v in overrides if k not in CLUSTER_KEYS)
+        cpu_mb = int(cluster["cpu_tier_mb"]) if "cpu_tier_mb" in cluster else None
+        specs.append(ClusterSpec(name, p, d, policy, overrides, cpu_mb, bool(cluster.get("hints", 0))))
     if not specs:
         raise ValueError("no configurations given")
     return specs
 
 
 def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, warmup: bool = True) -> ReplayResult:
+    import shutil
+    import tempfile
+
     from disagg.cluster.launch import ClusterConfig, Service
 
-    service = Service(ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=dict(engine)),
+    disk_root = tempfile.mkdtemp(prefix="compare-kv-")
+    service = Service(ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=dict(engine),
+                                    tiers=spec.tiers(disk_root)),
                       {"policy": spec.policy_config(), "port": 0})
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement
             _warm(service.url, replay_cfg.vocab_size, spec.workers)
-        return asyncio.run(replay(trace, replace(replay_cfg, url=service.url)))
+        cfg = replace(replay_cfg, url=service.url, session_hints=replay_cfg.session_hints or spec.hints)
+        return asyncio.run(replay(trace, cfg))
     finally:
         service.shutdown()
+        shutil.rmtree(disk_root, ignore_errors=True)
 
 
 def _warm(url: str, vocab_size: int, n: int) -> None:
@@ -138,12 +166,16 @@ def main(argv: list[str] | None = None) -> int:
                 t0 = time.perf_counter()
                 result = run_one(spec, engine, trace, cfg)
                 metrics = result.metrics(slo, parse_slos(args.extra_slos))
+                sessions = next_turn_hits(trace, rate_scale, result.records, args.vocab_size)
+                if sessions is not None:
+                    metrics["next_turn"] = sessions
                 runs.append({"label": label, "config": spec.name, "rate": rate, "prefill_workers": spec.num_prefill,
                              "decode_workers": spec.num_decode, "policy": spec.policy_config(), "metrics": metrics})
                 records[label] = result.records
+                turn_hit = f", next-turn hit {sessions['hit_ratio']:.1%}" if sessions else ""
                 print(f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, goodput "
-                      f"{metrics['request_goodput']:.3f} req/s, TTFT p50 {metrics['median_ttft_ms']:.0f} ms "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+                      f"{metrics['request_goodput']:.3f} req/s, TTFT p50 {metrics['median_ttft_ms']:.0f} ms"
+                      f"{turn_hit} ({time.perf_counter() - t0:.0f}s)", flush=True)
     finally:
         ray.shutdown()
     meta = {"title": f"configuration comparison on {workload['name']}", "workload": workload,

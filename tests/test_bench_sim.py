@@ -125,3 +125,21 @@ def test_simulated_kills_migrate_requests_and_every_request_completes():
     assert all(r.ok and r.output_tokens == r.max_tokens for r in result.records)  # nothing lost, nothing short
     windows = window_goodput(result.records, chaos, SLO(1e9, 1e9), result.duration_s)
     assert sum(w["requests"] for w in windows.values()) == len(trace)
+
+
+def test_simulated_tiers_and_pins_serve_agent_turns_from_cpu():
+    from bench.session_hits import next_turn_hits
+
+    trace = agent.generate({"coding_agent": 1}, 12, 2.0, seed=3)
+    scale = TraceScale(block_tokens=16, max_input_tokens=900, max_output_tokens=16)
+    results = {}
+    for name, tiers in (("device", 0), ("tiers", 2048)):
+        cfg = SimClusterConfig(num_decode=2, num_blocks=64, max_model_len=1024, policy={"kind": "kv", "seed": 0},
+                               cpu_tier_blocks=tiers, disk_tier_blocks=0, session_hints=bool(tiers))
+        result = simulate(trace, scale, cfg, MODEL)
+        assert all(r.ok for r in result.records)
+        results[name] = result
+    hits = {k: next_turn_hits(trace, scale, v.records, 49152) for k, v in results.items()}
+    assert hits["tiers"]["hit_ratio"] >= 0.95 and hits["device"]["hit_ratio"] < 0.8
+    ttft = {k: sorted(r.ttft_s for r in v.records)[len(v.records) // 2] for k, v in results.items()}
+    assert ttft["tiers"] < ttft["device"]

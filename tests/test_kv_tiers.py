@@ -258,3 +258,20 @@ def test_disk_tier_rejects_bad_payloads_and_scans_only_good_files(tmp_path):
         small.evict_for(small.file_bytes)
         small.commit(h)
     assert small.num_blocks == 2 and 7 not in small and 3 in small
+
+
+def test_prefetch_never_takes_blocks_the_pool_does_not_have(tiny_llama_dir, tmp_path):
+    node = Node(tiny_llama_dir, tiers=_tiers(tmp_path, disk=False), num_blocks=40)
+    prompt = list(range(10, 10 + 16 * 12))  # 12 full blocks
+    _serve(node, "warm", prompt)
+    hashes = hash_prompt_blocks(prompt, 16)
+    pool = node.engine.pool
+    held = pool.allocate(36)  # every empty block and the LRU tail of the prefix: 4 cached-free blocks remain
+    pool.free(held[:1])  # plus one empty block
+    assert pool.num_free_blocks == 5 and len(pool.lookup_prefix(hashes)) == 4
+    # the 4 prefix hits are pinned while prefetch allocates: 1 block is really free, half of it is nothing
+    assert node.engine.connector.prefetch(hashes) == 0
+    pool.free(held[1:])
+    assert node.engine.connector.prefetch(hashes) == 8  # room now: the 8 missing blocks come back from CPU
+    node.store.flush()
+    assert settle([node])

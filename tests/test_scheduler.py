@@ -69,3 +69,24 @@ def test_prefix_hit_skips_cached_blocks_but_leaves_one_token():
     sched.add(c)
     batch = _run_step(sched)
     assert c.num_cached_tokens == 8 and batch.num_new_tokens[-1] == 1
+
+
+def test_waiting_sequences_holding_loaded_blocks_cannot_starve_the_head():
+    """KV that arrived by a load leaves its sequence queued with blocks held; if the head of the queue cannot
+    get blocks and nothing runs to free any, the queued holders give theirs back (no deadlock)."""
+    pool = BlockPool(10)
+    sched = Scheduler(pool, 4, max_num_seqs=8, max_num_batched_tokens=100)
+    head, holder = _seq("head", 24), _seq("holder", 20)  # head needs 6 blocks
+    holder.block_ids = pool.allocate(5)  # as a finished load leaves it: blocks held, computed, waiting
+    holder.num_computed_tokens = 20
+    sched.add(head)
+    sched.add(holder)
+    batch = _run_step(sched)
+    assert [s.request_id for s in batch.seqs] == ["head"] and batch.num_new_tokens == [24]
+    assert holder.block_ids == [] and holder.num_computed_tokens == 0  # recomputes (or re-hits) later
+    while sched.has_unfinished():
+        for seq in list(sched.running):
+            if len(seq.output_token_ids) >= 2:
+                sched.finish(seq, "length")
+        _run_step(sched)
+    assert pool.num_free_blocks == 10

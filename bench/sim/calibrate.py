@@ -132,6 +132,35 @@ def compare(real: dict[str, dict], sim: dict[str, dict]) -> list[dict[str, Any]]
     return rows
 
 
+def tier_load_times(engine, blocks: int = 64, repeats: int = 3) -> tuple[float, float]:
+    """Seconds per block the real TieredStore takes to load CPU -> device and disk -> device, for this engine's
+    block shape (median of `repeats` rounds of `blocks` blocks)."""
+    import shutil
+    import statistics
+    import tempfile
+    from pathlib import Path
+
+    from bench.offload import Rig
+
+    kv = engine.runner.runner.kv_cache.tensor
+    root = Path(tempfile.mkdtemp(prefix="calibrate-tiers-"))
+    try:
+        rig = Rig(blocks, tuple(kv.shape[1:]), kv.dtype, root)
+        cpu, disk = [], []
+        for _ in range(repeats):
+            rig.cpu_store()
+            cpu.append(rig.cpu_load())
+            rig.disk_store()
+            disk.append(rig.disk_load())
+            shutil.rmtree(rig.store.disk.dir)
+            rig.store.disk.dir.mkdir()
+            rig.store.disk._index.clear()
+        rig.store.shutdown()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return statistics.median(cpu) / blocks, statistics.median(disk) / blocks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg bench calibrate", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="")
@@ -154,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               engine.runner.runner.dtype),
                               source=f"fitted on {len(ys)} steps of {engine.config.model} "
                                      f"({args.threads} thread(s))")
+    model.cpu_load_s_per_block, model.disk_load_s_per_block = tier_load_times(engine)
     residual = [abs(model.predict(x) - y) / y for x, y in zip(xs, ys)]
     print_table([{k: v for k, v in model.__dict__.items() if k != "source"}], "fitted step-time model (seconds)")
     model.save(args.out)

@@ -24,6 +24,7 @@ from disagg.router.policy import PolicyConfig
 from disagg.router.router import LoadTicket, RouterCore
 
 from bench.sim.runner import SimRunner, sim_model_config
+from bench.sim.tiers import SimTiers
 from bench.sim.timemodel import StepTimeModel
 
 
@@ -39,6 +40,10 @@ class SimClusterConfig:
     max_model_len: int = 2048
     vocab_size: int = 49152
     event_delay_s: float = 0.001
+    cpu_tier_blocks: int = 0  # CPU KV tier per worker (0: no tiers)
+    disk_tier_blocks: int = 0
+    session_hints: bool = False  # requests carry their agent session and a KV retention pin (as replay does)
+    kv_retention_s: float = 300.0
 
 
 class EventLoop:
@@ -170,7 +175,7 @@ class SimCluster:
 
         def worker(name: str) -> SimWorker:
             sim_worker = SimWorker(name, self._new_engine(), self)
-            sim_worker.engine.attach(peer=SimPeerSource(self, sim_worker))
+            self._attach(sim_worker)
             return sim_worker
 
         self.prefill = {f"prefill-{i}": worker(f"prefill-{i}") for i in range(config.num_prefill)}
@@ -180,6 +185,16 @@ class SimCluster:
         self._flights: dict[str, _Flight] = {}
         self.counters = {"remote_prefills": 0, "transferred_blocks": 0}
         self._queries = self._hits = 0
+
+    def _attach(self, worker: SimWorker, disk: Any = None) -> None:
+        tiers = None
+        if self.config.cpu_tier_blocks:
+            tiers = SimTiers(self.config.cpu_tier_blocks, self.config.disk_tier_blocks,
+                             self.model.cpu_load_s_per_block, self.model.disk_load_s_per_block,
+                             lambda: self.loop.now, self.loop.at, worker.kick)
+            if disk is not None:  # a restarted worker finds its disk tier again
+                tiers.disk = disk
+        worker.engine.attach(peer=SimPeerSource(self, worker), tiers=tiers)
 
     def _new_engine(self) -> LLMEngine:
         return LLMEngine(dataclasses.replace(self._engine_cfg), SimRunner(self.model, self.config.vocab_size),
@@ -215,8 +230,9 @@ class SimCluster:
     def _restarted(self, worker: SimWorker) -> None:
         from disagg.protocol import Heartbeat
 
+        old_tiers = worker.engine.tiers
         worker.engine = self._new_engine()
-        worker.engine.attach(peer=SimPeerSource(self, worker))
+        self._attach(worker, disk=old_tiers.disk if old_tiers is not None else None)
         worker.alive, worker._seq_no = True, -1
         hb = Heartbeat(worker.name, f"sim-{worker.incarnation}", "both", 0, "", 0, False, 0.0, 0, worker.name)
         self.router.health.on_heartbeat(worker.name, hb)

@@ -63,6 +63,7 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
         def on_token(now: float, delta: TokenDelta) -> None:
             if record.ttft_s is None:
                 record.ttft_s = now - record.start_s
+                record.cached_tokens = delta.num_cached_tokens  # what the API reports as cached_tokens
             else:
                 record.itl_s.append(now - last[0])
             last[0] = now
@@ -74,7 +75,10 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
                     nxt = trace[unit[k + 1]]
                     loop.at(now + scale.seconds(nxt.think_time_ms), lambda: send(unit, k + 1))
 
-        cluster.submit(Request(f"r{i}", prompt, sampling_for(max_tokens)), on_token, session=req.session_id)
+        hints = config.session_hints and req.session_id is not None  # what `bench replay --session-hints` sends
+        request = Request(f"r{i}", prompt, sampling_for(max_tokens), session_id=req.session_id if hints else None,
+                          kv_retention_s=config.kv_retention_s if hints else None)
+        cluster.submit(request, on_token, session=req.session_id if hints else None)
 
     for n, unit in enumerate(units):
         at = n / arrival_rate if arrival_rate else scale.seconds(trace[unit[0]].timestamp_ms - t0)
@@ -107,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-fraction", type=float, default=0.0,
                         help="chaos: kill this fraction of the workers at --kill-at (0: no chaos)")
     parser.add_argument("--kill-at", type=float, default=60.0, help="chaos: virtual seconds into the run")
+    parser.add_argument("--cpu-tier-mb", type=int, default=256, help="CPU KV tier per worker (disagg serve's "
+                        "default; 0: no tiers); a config's cpu_tier_mb=N overrides it")
+    parser.add_argument("--disk-tier-mb", type=int, default=1024)
+    parser.add_argument("--session-hints", action="store_true", help="send session ids and KV retention pins")
     parser.add_argument("--detect-s", type=float, default=SimChaos.detect_s)
     parser.add_argument("--restart-s", type=float, default=SimChaos.restart_s)
     add_workload_args(parser)
@@ -119,10 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     for rate in rates:
         rate_scale = TraceScale(**{**scale.__dict__, "time_scale": scale.time_scale * rate})
         for spec in parse_configs(args.configs):
+            cpu_mb = args.cpu_tier_mb if spec.cpu_tier_mb is None else spec.cpu_tier_mb  # as `disagg serve`
             cfg = SimClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode,
                                    policy=spec.policy_config(), num_blocks=args.num_blocks,
                                    max_model_len=args.max_model_len,
-                                   max_num_batched_tokens=args.max_num_batched_tokens, vocab_size=args.vocab_size)
+                                   max_num_batched_tokens=args.max_num_batched_tokens, vocab_size=args.vocab_size,
+                                   cpu_tier_blocks=(cpu_mb << 20) // model.bytes_per_block,
+                                   disk_tier_blocks=(args.disk_tier_mb << 20) // model.bytes_per_block if cpu_mb else 0,
+                                   session_hints=spec.hints or args.session_hints)
             t0 = time.perf_counter()
             chaos = SimChaos(args.kill_fraction, args.kill_at, args.detect_s, args.restart_s, args.seed) \
                 if args.kill_fraction > 0 else None

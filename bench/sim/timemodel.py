@@ -34,6 +34,8 @@ class StepTimeModel:
     transfer_latency: float = 0.002
     transfer_bandwidth: float = 5e9  # bytes/s
     bytes_per_block: int = 737_280  # SmolLM2-135M, fp32, 16-token blocks
+    cpu_load_s_per_block: float = 55e-6  # TieredStore CPU -> device, per block (bench/offload.py: 13.4 GB/s)
+    disk_load_s_per_block: float = 97e-6  # TieredStore disk -> device, per block (7.6 GB/s, page-cached)
     source: str = "default guess"
 
     def predict(self, features: list[float]) -> float:

@@ -257,7 +257,8 @@ class LLMEngine:
             return deltas
         t0 = time.perf_counter()
         sampled = self.runner.execute(batch)
-        self._measure(batch, time.perf_counter() - t0)
+        # a stand-in runner (simulation) reports the step's modelled duration; a real one is timed
+        self._measure(batch, getattr(self.runner, "last_step_s", time.perf_counter() - t0))
         self.scheduler.on_step_done(batch)
         self.stats.steps += 1
         now = time.monotonic()

@@ -98,6 +98,8 @@ class Scheduler:
             seq = self.waiting[0]
             n = self._admit(seq, budget)
             if n is None:
+                if not self.running and self._release_waiting_blocks(keep=seq):
+                    continue  # nothing runs that could free blocks: take them from sequences queued behind
                 break
             self.waiting.popleft()
             if seq.status is SequenceStatus.WAITING_FOR_KV:
@@ -232,6 +234,18 @@ class Scheduler:
             return False
         seq.block_ids.extend(self.pool.allocate(need))
         return True
+
+    def _release_waiting_blocks(self, keep: Sequence) -> bool:
+        """Free the blocks held by waiting sequences other than `keep` (KV that arrived by a load; its full
+        blocks stay in the prefix cache, so they usually hit again).  False if none held any."""
+        freed = False
+        for seq in reversed(self.waiting):
+            if seq is not keep and seq.block_ids:
+                self.pool.free(seq.block_ids)
+                seq.block_ids = []
+                seq.num_computed_tokens = seq.num_registered_blocks = 0
+                freed = True
+        return freed
 
     def _preempt(self, seq: Sequence) -> None:
         self.pool.free(seq.block_ids)

@@ -177,12 +177,14 @@ class KVConnector:
         n_dev = len(hits)
         hashes = block_hashes[n_dev:]
         tiers = self.tiers.lookup(hashes, count=False)
-        n = min(len(tiers), self.pool.num_free_blocks // 2)
-        if n == 0:
+        if not tiers:
             return 0
         self.pool.touch(hits)  # so the allocation below cannot evict the prefix it continues
-        dst = self.pool.allocate(n)
+        n = min(len(tiers), self.pool.num_free_blocks // 2)
+        dst = self.pool.allocate(n) if n else []
         self.pool.free(hits)
+        if not n:
+            return 0
         load = KVLoad(f"prefetch-{n_dev}-{hashes[0]:x}", SourceKind.TIERS, n_dev, n, 0,
                       time.monotonic() + self.load_timeout_s, block_hashes=hashes[:n], tiers=tiers[:n],
                       dst_block_ids=dst, parent_hash=block_hashes[n_dev - 1] if n_dev else None)
