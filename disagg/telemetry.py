@@ -63,6 +63,28 @@ class ClusterCollector:
         yield restarts
         yield from gauges.values()
         yield from counters.values()
+        yield from self._admission()
+
+    def _admission(self) -> Iterator[Metric]:
+        queue = self.core.admission.queue
+        depth = GaugeMetricFamily("disagg:queue_depth", "Requests waiting in the router's admission queue",
+                                  labels=["priority", "tenant"])
+        for (priority, tenant), n in sorted(queue.depth().items()):
+            depth.add_metric([str(priority), tenant], n)
+        yield depth
+        tokens = GaugeMetricFamily("disagg:queue_tokens", "Prompt tokens waiting in the admission queue")
+        tokens.add_metric([], queue.queued_tokens)
+        yield tokens
+        rejected = CounterMetricFamily("disagg:rejected_requests", "Requests refused with 429, by reason",
+                                       labels=["reason"])
+        for reason, n in queue.rejected.items():
+            rejected.add_metric([reason], n)
+        yield rejected
+        served = CounterMetricFamily("disagg:tenant_served_tokens", "Prompt + generated tokens served per tenant",
+                                     labels=["tenant"])
+        for tenant, n in sorted(queue.served_tokens.items()):
+            served.add_metric([tenant], n)
+        yield served
 
     @staticmethod
     def _add(families: dict, cls: type, key: str, worker: str, value: float) -> None:
@@ -94,6 +116,8 @@ class RouterMetrics:
                              registry=r)
         self.itl = Histogram("disagg:inter_token_latency_seconds", "Gaps between streamed tokens",
                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.queue_wait = Histogram("disagg:queue_wait_seconds", "Time requests waited in the admission queue",
+                                    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
         if core is not None:
             r.register(ClusterCollector(core))
 

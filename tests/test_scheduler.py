@@ -90,3 +90,21 @@ def test_waiting_sequences_holding_loaded_blocks_cannot_starve_the_head():
                 sched.finish(seq, "length")
         _run_step(sched)
     assert pool.num_free_blocks == 10
+
+
+def test_queued_holders_give_up_blocks_before_a_running_sequence_is_preempted():
+    pool = BlockPool(8)
+    sched = Scheduler(pool, 4, max_num_seqs=8, max_num_batched_tokens=100)
+    runner = _seq("runner", 16)  # 4 blocks
+    sched.add(runner)
+    _run_step(sched)  # running, 4 blocks, its first sampled token needs a 5th block next step
+    holder = _seq("holder", 16)
+    holder.block_ids, holder.num_computed_tokens = pool.allocate(4), 16  # a finished load, queued
+    sched.waiting.append(holder)
+    assert pool.num_free_blocks == 0
+    batch = _run_step(sched)
+    assert batch.seqs[0] is runner and batch.num_new_tokens[0] == 1 and not batch.preempted
+    assert sched.stats.num_preemptions == 0
+    # the holder gave its blocks back; it re-admits behind the runner, its prefix found in the prefix cache
+    # (the same tokens as the runner's prompt: 3 of its 4 blocks hit, the last token is computed)
+    assert batch.seqs[1:] == [holder] and batch.num_new_tokens[1] == 4

@@ -77,3 +77,34 @@ def test_decode_worker_pulls_a_prefix_from_a_peers_cpu_tier(tiny_llama_dir, tmp_
     assert decision["decode"] == "b" and decision["peer"] == "a" and decision["cpu_blocks"] == 0
     assert b_stats["reads"] == 1 and b_stats["loaded_tokens"] == 96  # 6 blocks read out of a's CPU tier
     assert a_stats["leases"] == 0  # the read's notification released a's export lease
+
+
+def test_metrics_show_per_worker_tier_figures_with_their_values(tiny_llama_dir):
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from disagg.telemetry import RouterMetrics
+
+    a = LocalWorkerHandle(local_worker("a", tiny_llama_dir, tiers={"cpu_bytes": 2 << 20, "disk_root": ""}))
+    prompt = list(range(60, 60 + 80))  # 5 full blocks
+
+    async def go():
+        core = RouterCore({}, {"a": a}, PolicyConfig(seed=0), 16)
+        for _ in range(2):
+            async for _ in core.generate(Request(f"r{_}", prompt, GREEDY)):
+                pass
+            await a.worker.flush_tiers()
+            assert a.worker.engine.pool.reset_prefix_cache()  # the second request loads from the CPU tier
+        await asyncio.sleep(0.2)  # the engine thread refreshes the heartbeat figures every 0.1 s
+        await core.supervisor.probe("a")  # one heartbeat carries the worker's figures to the router
+        return core, await a.worker.stats()
+    core, stats = asyncio.run(go())
+    samples = {(s.name, s.labels.get("worker"), s.labels.get("detail")): s.value
+               for fam in text_string_to_metric_families(generate_latest(RouterMetrics(core).registry).decode())
+               for s in fam.samples}
+    assert samples[("disagg:worker_tier_loaded_blocks_total", "a", "cpu")] == 4  # the 5th block is computed
+    assert samples[("disagg:worker_tier_hit_blocks_total", "a", "cpu")] == 4
+    assert samples[("disagg:worker_tier_stored_blocks_total", "a", "cpu")] == 5
+    assert samples[("disagg:worker_loaded_tokens_total", "a", "")] == stats["loaded_tokens"] == 64
+    assert samples[("disagg:worker_kv_blocks_total", "a", "")] == 64
+    assert samples[("disagg:worker_state", "a", None)] == 1

@@ -73,13 +73,13 @@ class SimWorker:
     def kick(self) -> None:
         if not self.alive or self.busy or not self.engine.has_unfinished():
             return
-        steps = self.engine.stats.steps
+        steps, preemptions = self.engine.stats.steps, self.engine.scheduler.stats.num_preemptions
         deltas = self.engine.step()
         if self.engine.stats.steps == steps:  # no model step ran: KV arrived (its first token goes out now,
-            self._publish()                   # the model runs on the next kick), or waiting for KV or memory
-            for delta in deltas:
+            self._publish()                   # the model runs on the next kick), a preemption freed memory,
+            for delta in deltas:              # or the worker waits for KV or memory (the next event kicks it)
                 self.cluster.deliver(self, delta)
-            if deltas:
+            if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
                 self.kick()
             return
         duration = self.engine.runner.last_step_s

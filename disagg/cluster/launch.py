@@ -157,9 +157,37 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="root of the disk KV tier (a directory per worker; default ~/.cache/disagg/kv; '' = none)")
     p.add_argument("--disk-tier-mb", type=int, default=1024, help="disk KV tier per worker")
     p.add_argument("--max-migrations", type=int, default=3, help="times a request may move to another worker")
+    p.add_argument("--api-keys", default=None,
+                   help="JSON file {\"KEY\": \"TENANT\", ...}: several keys, each naming a tenant for fair sharing")
+    p.add_argument("--tenant-weights", default="", help="TENANT=WEIGHT,...: fair-share weights (default 1)")
+    p.add_argument("--queue-max-requests", type=int, default=1024, help="admission queue bound (429 beyond)")
+    p.add_argument("--queue-deadline-s", type=float, default=60.0,
+                   help="a request that cannot start within this gets 429 (per request: body field deadline_s)")
     p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
     p.add_argument("--question", default="What is the capital of France?")
     return p
+
+
+def _api_keys(path: str | None) -> dict[str, str] | None:
+    if not path:
+        return None
+    import json
+
+    keys = json.loads(open(path).read())
+    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
+        raise ValueError(f"{path}: expected a JSON object mapping API keys to tenant names")
+    return keys
+
+
+def _weights(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        tenant, _, weight = item.partition("=")
+        try:
+            out[tenant] = float(weight)
+        except ValueError:
+            raise ValueError(f"bad tenant weight {item!r}: expected TENANT=WEIGHT") from None
+    return out
 
 
 def tier_options(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -181,7 +209,11 @@ def serve(args: argparse.Namespace) -> int:
     service = Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine,
                                     address=args.address, tiers=tier_options(args)),
                       {"policy": {"kind": args.policy}, "host": args.host, "port": args.port,
-                       "api_key": args.api_key, "core": {"max_migrations": args.max_migrations}})
+                       "api_key": args.api_key, "api_keys": _api_keys(args.api_keys),
+                       "core": {"max_migrations": args.max_migrations},
+                       "admission": {"max_queued_requests": args.queue_max_requests,
+                                     "default_deadline_s": args.queue_deadline_s,
+                                     "tenant_weights": _weights(args.tenant_weights)}})
     model_name = service.cluster.config.engine["model"].rstrip("/").split("/")[-1]
     print(f"disagg serving {model_name} at {service.url}/v1 ({args.prefill} prefill, {args.decode} decode, "
           f"policy {args.policy}; started in {time.perf_counter() - t0:.1f}s)", flush=True)

@@ -82,6 +82,8 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self._reserve(seq, n):
+                if self._release_waiting_blocks(keep=None):
+                    continue  # queued sequences give up loaded blocks before a running one is preempted
                 victim = self.running.pop()
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -235,7 +237,7 @@ class Scheduler:
         seq.block_ids.extend(self.pool.allocate(need))
         return True
 
-    def _release_waiting_blocks(self, keep: Sequence) -> bool:
+    def _release_waiting_blocks(self, keep: Sequence | None) -> bool:
         """Free the blocks held by waiting sequences other than `keep` (KV that arrived by a load; its full
         blocks stay in the prefix cache, so they usually hit again).  False if none held any."""
         freed = False

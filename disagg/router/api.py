@@ -31,14 +31,27 @@ from disagg.router.schemas import ChatCompletionRequest, CompletionRequest
 from disagg.telemetry import RouterMetrics
 
 SESSION_HEADER = "x-session-id"
+TENANT_HEADER = "x-tenant-id"
+PRIORITY_HEADER = "x-priority"
 
 
 @dataclass
 class ApiConfig:
     model_name: str
     max_model_len: int
-    api_key: str | None = None
+    api_key: str | None = None  # one key for everyone (tenant "default")
+    api_keys: dict[str, str] | None = None  # key -> tenant name
     disconnect_poll_s: float = 0.25
+
+    def tenant_of(self, authorization: str, tenant_header: str | None) -> str | None:
+        """The caller's tenant, or None if the key is wrong. Without configured keys the X-Tenant-ID header
+        (or "default") names it."""
+        key = authorization[7:] if authorization.startswith("Bearer ") else None
+        if self.api_keys:
+            return self.api_keys.get(key or "")
+        if self.api_key:
+            return "default" if key == self.api_key else None
+        return tenant_header or "default"
 
 
 class _ClientGone(Exception):
@@ -48,14 +61,17 @@ class _ClientGone(Exception):
 def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        core.admission.start()
         if core.supervisor is not None:
             core.supervisor.start()
         yield
         if core.supervisor is not None:
             await core.supervisor.stop()
+        await core.admission.stop()
 
     app = FastAPI(title="disagg", docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = RouterMetrics(core)
+    core.on_queue_wait = metrics.queue_wait.observe
     app.state.metrics = metrics
 
     @app.exception_handler(DisaggError)
@@ -85,15 +101,7 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
     async def _unexpected(_: HTTPRequest, exc: Exception):
         return error_response(unexpected(exc))
 
-    @app.middleware("http")
-    async def _auth_and_count(request: HTTPRequest, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-                metrics.requests.labels(request.url.path, "401").inc()
-                return error_response(Unauthorized("invalid or missing API key", code="invalid_api_key"))
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path, str(response.status_code)).inc()
-        return response
+    app.add_middleware(_AuthAndCount, config=config, metrics=metrics)
 
     # ------------------------------------------------------------------ probes
     def _status() -> dict[str, Any]:
@@ -191,7 +199,16 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         request = Request(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, session_id=session,
                           kv_retention_s=retention)
         created = int(time.time())
-        stream = _timed(core.generate(request, session=session, on_route=metrics.on_route), len(ids))
+        tenant = getattr(http.state, "tenant", "default")
+        running = {"counted": False}
+
+        def on_route(decision) -> None:  # left the admission queue: now it runs
+            metrics.on_route(decision)
+            if not running["counted"]:
+                running["counted"] = True
+                metrics.running.inc()
+        stream = _timed(core.generate(request, session=session, on_route=on_route, tenant=tenant,
+                                      priority=_priority(body, http), deadline_s=body.deadline_s), len(ids), running)
         try:
             first = await _until_disconnect(stream.__anext__(), http)
         except _ClientGone:
@@ -219,6 +236,20 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         return {"id": request.request_id, "object": kind, "created": created, "model": config.model_name,
                 "choices": [choice], "usage": _usage(len(ids), n_out, cached)}
 
+    def _priority(body, http: HTTPRequest) -> int:
+        if body.priority is not None:
+            return body.priority
+        header = http.headers.get(PRIORITY_HEADER)
+        if header is None:
+            return 0
+        try:
+            value = int(header)
+        except ValueError:
+            raise InvalidRequest(f"{PRIORITY_HEADER} must be an integer", param="priority") from None
+        if not -100 <= value <= 100:
+            raise InvalidRequest(f"{PRIORITY_HEADER} must be in [-100, 100]", param="priority")
+        return value
+
     async def _until_disconnect(awaitable, http: HTTPRequest):
         """Await `awaitable`; if the client hangs up meanwhile, cancel it and raise _ClientGone."""
         task = asyncio.ensure_future(awaitable)
@@ -230,10 +261,10 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                 raise _ClientGone()
         return task.result()
 
-    async def _timed(deltas: AsyncIterator[TokenDelta], n_prompt: int) -> AsyncIterator[TokenDelta]:
+    async def _timed(deltas: AsyncIterator[TokenDelta], n_prompt: int,
+                     running: dict[str, bool]) -> AsyncIterator[TokenDelta]:
         start = last = time.monotonic()
         first = True
-        metrics.running.inc()
         metrics.prompt_tokens.inc(n_prompt)
         try:
             async for delta in deltas:
@@ -250,7 +281,8 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                 yield delta
             metrics.e2e.observe(time.monotonic() - start)
         finally:
-            metrics.running.dec()
+            if running["counted"]:
+                metrics.running.dec()
 
     async def _collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> tuple[str, int, str, int]:
         text, n_out, reason = first.text, len(first.token_ids), first.finish_reason or "stop"
@@ -302,6 +334,40 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
             await deltas.aclose()
 
     return app
+
+
+class _AuthAndCount:
+    """API key -> tenant (401 if wrong) and a request counter by endpoint and status.  A plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoint."""
+
+    def __init__(self, app, config: ApiConfig, metrics: RouterMetrics) -> None:
+        self.app, self.config, self.metrics = app, config, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path.startswith("/v1/"):
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            tenant = self.config.tenant_of(headers.get("authorization", ""), headers.get(TENANT_HEADER))
+            if tenant is None:
+                self.metrics.requests.labels(path, "401").inc()
+                await error_response(Unauthorized("invalid or missing API key", code="invalid_api_key"))(
+                    scope, receive, send)
+                return
+            scope.setdefault("state", {})["tenant"] = tenant
+        status = {"code": 500}
+
+        async def send_and_note(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.metrics.requests.labels(path, str(status["code"])).inc()
 
 
 def _usage(n_prompt: int, n_out: int, cached: int = 0) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Callable
 
 from disagg.errors import DeadlineExceeded, InvalidRequest, ServiceUnavailable, TransferFailed, WorkerLost
 from disagg.protocol import Heartbeat, KVEventBatch, Request, Role, Tier, TokenDelta, hash_prompt_blocks
+from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RouterCoreConfig:
+    rescore_on_dispatch: bool = True  # a queued request is routed when it leaves the queue (fresh index state)
     prefill_timeout_s: float = 120.0  # remote prefill not answered by then: the decode worker prefills locally
     export_timeout_s: float = 5.0  # a peer's prefix offer
     stream_start_timeout_s: float = 300.0  # first delta from the decode worker (its queue included)
@@ -66,7 +68,8 @@ class RoutedRequest:
 class RouterCore:
     def __init__(self, prefill: dict[str, WorkerHandle | None], decode: dict[str, WorkerHandle | None],
                  policy: PolicyConfig | None = None, block_size: int = 16, config: RouterCoreConfig | None = None,
-                 health: HealthConfig | None = None) -> None:
+                 health: HealthConfig | None = None, admission: AdmissionConfig | None = None,
+                 capacity: CapacityConfig | None = None) -> None:
         if not decode:
             raise ValueError("the router needs at least one decode (or aggregated) worker")
         self.prefill, self.decode = prefill, decode
@@ -85,6 +88,10 @@ class RouterCore:
         if all(h is not None for h in self.handles.values()):
             self.supervisor = Supervisor(self.health, self.handles, self.on_kv_events, self.index_needs_snapshot,
                                          self.on_heartbeat)
+        self.capacity = capacity or CapacityConfig()
+        self.admission = AdmissionControl(AdmissionQueue(admission), self._can_dispatch, self._queue_wait)
+        self.on_queue_wait: Callable[[float], None] | None = None  # metrics hook (seconds spent queued)
+        self._dispatching: str | None = None  # dispatched, not yet counted by begin()
         self.decisions: deque[RoutedRequest] = deque(maxlen=self.config.max_decisions)
         self.counters: Counter = Counter()  # migrations, fallbacks, requests by path (see telemetry)
         self._lock = threading.Lock()
@@ -129,9 +136,11 @@ class RouterCore:
         """The request's full blocks (prompt + resumed output), hashed as the workers hash them."""
         return hash_prompt_blocks(request.prompt_token_ids + request.resume_token_ids, self.block_size)
 
-    def route(self, request: Request, session: str | None = None, hashes: list[int] | None = None) -> Decision:
+    def route(self, request: Request, session: str | None = None, hashes: list[int] | None = None,
+              only: Callable[[str], bool] | None = None) -> Decision:
+        """Choose the workers for a request among READY ones (and, with `only`, those it accepts)."""
         hashes = self.block_hashes(request) if hashes is None else hashes
-        decode = [self.loads[n] for n in self.decode if self.health.routable(n)]
+        decode = [self.loads[n] for n in self.decode if self.health.routable(n) and (only is None or only(n))]
         if not decode:
             raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
         prefill = [self.loads[n] for n in self.prefill if self.health.routable(n)]
@@ -177,34 +186,110 @@ class RouterCore:
             ticket.blocks = 0
             ticket.hashes = []
 
+    # ------------------------------------------------------------------ admission
+    def _room_to_decode(self, name: str, blocks: int) -> bool:
+        load, cap = self.loads[name], self.capacity
+        if load.active_requests == 0:
+            return True  # an idle worker always takes one request, however large
+        hb = self.health.workers[name].heartbeat
+        total = hb.gauges.get("kv_blocks_total") if hb is not None else None
+        return load.active_requests < cap.max_running and (
+            total is None or load.active_blocks + blocks <= total * cap.max_kv_fraction)
+
+    def _room_to_prefill(self, name: str) -> bool:
+        queued = self.loads[name].queued_prefill_tokens
+        return queued == 0 or queued < self.capacity.max_prefill_queue_tokens
+
+    def has_room(self, name: str, num_tokens: int) -> bool:
+        """Whether decode worker `name` can take a request now: KV and slot room, and prefill room on it or on a
+        prefill worker (separate prefill and decode saturation)."""
+        if not self.health.routable(name) or not self._room_to_decode(name, -(-num_tokens // self.block_size)):
+            return False
+        return self._room_to_prefill(name) or any(
+            self.health.routable(p) and self._room_to_prefill(p) for p in self.prefill)
+
+    def _can_dispatch(self, entry: Entry) -> bool:
+        if self._dispatching:  # one at a time: the next waits until this one's load is counted (begin)
+            return False
+        if entry.worker is not None:  # routed on arrival: wait for that worker
+            ok = self.has_room(entry.worker, entry.tokens)
+        else:
+            ok = any(self.has_room(n, entry.tokens) for n in self.decode)
+        if ok:
+            self._dispatching = entry.request_id
+        return ok
+
+    def _dispatched(self, request_id: str) -> None:
+        if self._dispatching == request_id:
+            self._dispatching = None
+            self.admission.pump()
+
+    def _route_with_room(self, request: Request, session: str | None, hashes: list[int]) -> Decision:
+        """Route among the workers with room (fresh index state); if none has room any more (a worker just
+        died), among every READY worker."""
+        try:
+            return self.route(request, session, hashes, only=lambda n: self.has_room(n, request.num_tokens))
+        except ServiceUnavailable:
+            return self.route(request, session, hashes)
+
+    def _queue_wait(self, seconds: float) -> None:
+        if self.on_queue_wait is not None:
+            self.on_queue_wait(seconds)
+
     # ------------------------------------------------------------------ serving
     async def generate(self, request: Request, session: str | None = None,
-                       on_route: Callable[[Decision], None] | None = None) -> AsyncIterator[TokenDelta]:
-        """Serve a request end to end, migrating it if its decode worker is lost (see the module docstring)."""
+                       on_route: Callable[[Decision], None] | None = None, tenant: str = "default",
+                       priority: int = 0, deadline_s: float | None = None) -> AsyncIterator[TokenDelta]:
+        """Serve a request end to end: wait in the admission queue until a worker has room (or be refused with
+        Overloaded), then route, stream, and migrate if its decode worker is lost (see the module docstring)."""
+        if not self.health.any_decoder_ready():
+            raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
+        queue = self.admission.queue
+        now = queue.clock()
+        limit = min(deadline_s or queue.config.default_deadline_s, queue.config.max_deadline_s)
+        entry = Entry(request.request_id, tenant, priority, request.num_tokens, now, now + limit)
+        first_decision = None
+        if not self.config.rescore_on_dispatch:
+            first_decision = self.route(request, session)
+            entry.worker = first_decision.decode_worker
+        try:
+            await self.admission.admit(entry)
+        except BaseException:
+            self._dispatched(request.request_id)
+            raise
         sent: list[int] = []
         sent_chars = 0
         attempt = request
-        for migration in range(self.config.max_migrations + 1):
-            hashes = self.block_hashes(attempt)
-            decision = self.route(attempt, session, hashes)
-            if on_route is not None:
-                on_route(decision)
-            ticket = self.begin(decision, attempt.num_tokens, hashes)
-            try:
-                async for delta in self._serve(attempt, decision, ticket, migrated=migration > 0):
-                    sent += delta.token_ids
-                    sent_chars += len(delta.text)
-                    yield delta
-                return
-            except WorkerLost as exc:
-                log.warning("request %s lost %s after %d tokens (%s)", request.request_id, decision.decode_worker,
-                            len(sent), exc.message)
-                self.counters["migrations"] += 1
-                attempt = request.resumed(sent, sent_chars)
-            finally:
-                self.end(ticket)
-        raise ServiceUnavailable(f"request lost its worker {self.config.max_migrations + 1} times; giving up",
-                                 code="migration_limit")
+        try:
+            for migration in range(self.config.max_migrations + 1):
+                hashes = self.block_hashes(attempt)
+                if migration == 0 and first_decision is not None:
+                    decision = first_decision
+                else:
+                    decision = self._route_with_room(attempt, session, hashes)
+                if on_route is not None:
+                    on_route(decision)
+                ticket = self.begin(decision, attempt.num_tokens, hashes)
+                self._dispatched(request.request_id)
+                try:
+                    async for delta in self._serve(attempt, decision, ticket, migrated=migration > 0):
+                        sent += delta.token_ids
+                        sent_chars += len(delta.text)
+                        queue.charge(tenant, len(delta.token_ids))
+                        yield delta
+                    return
+                except WorkerLost as exc:
+                    log.warning("request %s lost %s after %d tokens (%s)", request.request_id,
+                                decision.decode_worker, len(sent), exc.message)
+                    self.counters["migrations"] += 1
+                    attempt = request.resumed(sent, sent_chars)
+                finally:
+                    self.end(ticket)
+            raise ServiceUnavailable(f"request lost its worker {self.config.max_migrations + 1} times; giving up",
+                                     code="migration_limit")
+        finally:
+            self._dispatched(request.request_id)
+            self.admission.pump()  # its capacity is free again
 
     async def _serve(self, request: Request, decision: Decision, ticket: LoadTicket,
                      migrated: bool) -> AsyncIterator[TokenDelta]:
@@ -226,6 +311,8 @@ class RouterCore:
                 timeout = None
                 generated += len(delta.token_ids)
                 self.progress(ticket, generated)
+                if generated == len(delta.token_ids):
+                    self.admission.pump()  # the prompt left the prefill queue
                 yield delta
                 if delta.finished:
                     return

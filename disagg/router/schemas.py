@@ -36,6 +36,8 @@ class _Sampling(BaseModel):
     frequency_penalty: Literal[0, 0.0] = 0.0
     presence_penalty: Literal[0, 0.0] = 0.0
     kv_retention: KVRetention | None = None
+    priority: int | None = Field(default=None, ge=-100, le=100)  # higher = more important (X-Priority header too)
+    deadline_s: float | None = Field(default=None, gt=0)  # must start within this, else 429 (server default)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -18,6 +18,7 @@ import uvicorn
 from disagg.engine.model import ModelConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.protocol import KVEventBatch
+from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.api import ApiConfig, build_app
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig
@@ -37,6 +38,9 @@ class RouterConfig:
     max_model_len: int = 2048
     served_model_name: str = ""  # "" = the model directory's name
     api_key: str | None = None
+    api_keys: dict[str, str] | None = None  # key -> tenant (several keys, one tenant each)
+    admission: dict[str, Any] = field(default_factory=dict)  # AdmissionConfig fields (limits, deadlines, weights)
+    capacity: dict[str, Any] = field(default_factory=dict)  # CapacityConfig fields (saturation thresholds)
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
 
@@ -54,9 +58,10 @@ class RouterServer:
         tokenizer = Tokenizer.from_dir(model_dir)
         max_len = min(config.max_model_len, ModelConfig.from_dir(model_dir).max_position_embeddings)
         self.core = RouterCore(prefill, decode, PolicyConfig(**config.policy), config.block_size,
-                               RouterCoreConfig(**config.core), HealthConfig(**config.health))
+                               RouterCoreConfig(**config.core), HealthConfig(**config.health),
+                               AdmissionConfig(**config.admission), CapacityConfig(**config.capacity))
         name = config.served_model_name or model_dir.name
-        self.app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key))
+        self.app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys))
         port = config.port or free_port(config.host)
         self.url = f"http://{config.host}:{port}"
         self._server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=port, loop="uvloop",
