@@ -41,6 +41,7 @@ _BENCH_TOOLS = {
     "simulate": ("bench.sim.run", "drive the real router with simulated workers (16-256)"),
     "calibrate": ("bench.sim.calibrate", "fit the simulated workers' time model to the real engine"),
     "chaos": ("bench.chaos", "replay a workload while killing, stopping and breaking workers; recovery report"),
+    "overload": ("bench.overload", "admission control under 0.5x-4x load, two tenants, priorities"),
 }
 
 

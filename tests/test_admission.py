@@ -143,3 +143,15 @@ def test_jain_index():
     assert jain_index([1, 1]) == 1.0
     assert jain_index([1, 0]) == 0.5
     assert jain_index([10, 1]) == pytest.approx(121 / 202)
+
+
+def test_wait_estimate_follows_fair_share_so_a_light_tenant_is_not_refused_for_a_heavy_ones_backlog():
+    q, _ = _q()
+    for i in range(100):
+        q.submit(_e(f"h{i}", "heavy", tokens=100))
+    # the light tenant comes in at the band's level: fair sharing serves it after ~its own tokens of heavy's
+    assert q.tokens_ahead(0, 100, "light") == 100  # 0 behind + 100 (its request, weight 1:1) of heavy's queue
+    assert q.tokens_ahead(0, 100, "heavy") == 10_000  # heavy waits behind all of its own queue
+    q.submit(_e("l0", "light", tokens=100))
+    assert q.tokens_ahead(0, 100, "light") == 100 + 200  # its own queued request + heavy's share of both
+    assert q.tokens_ahead(5, 100, "x") == 0 and q.tokens_ahead(-5, 1, "x") == 10_100  # higher / lower band

@@ -160,3 +160,22 @@ def test_bad_request_is_rejected_and_workers_keep_serving(cluster):
         _run(cluster.client.complete(Request("empty", [], GREEDY)))
     tokens, _, reason = _run(cluster.client.complete(Request("after-bad", [5, 6, 7], GREEDY)))
     assert len(tokens) == 12 and reason == "length"
+
+
+def test_a_peer_reads_a_prefix_out_of_another_workers_cpu_tier_over_nixl(cluster, engine_cfg):
+    owner, reader = cluster.prefill[0], cluster.decode[0]
+    prefix = [(7 * i) % 500 + 3 for i in range(5 * BLOCK)]
+    warm = Request("cpu-warm", prefix + [1, 2], GREEDY)
+    ray.get(owner.prefill.remote(warm.to_wire()))
+    ray.get(owner.release.remote("cpu-warm"))
+    ray.get(owner.flush_tiers.remote())
+    assert ray.get(owner.clear_device_cache.remote())  # the prefix now lives only in the owner's CPU tier
+    request = Request("cpu-pull", prefix + list(range(40, 60)), GREEDY)
+    offer = PrefillResult.from_wire(ray.get(owner.export_prefix.remote(request.to_wire())))
+    assert offer.regions == ["cpu"] * 5 and offer.first_token is None and offer.num_tokens == 5 * BLOCK
+    reads = cluster.stats()[1]["reads"]
+    expected = LLMEngine(EngineConfig(**engine_cfg)).generate([request.prompt_token_ids], GREEDY)[0].token_ids
+    assert _stream(reader, request, offer.to_wire()) == expected
+    stats = cluster.stats()
+    assert stats[1]["reads"] == reads + 1 and stats[1]["transfer_failures"] == 0
+    assert _wait_for(lambda: _all_blocks_free(cluster))  # the read's notification released the owner's lease

@@ -20,9 +20,11 @@ from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
 from disagg.protocol import Request, SamplingParams, TokenDelta
+from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import LoadTicket, RouterCore
 
+from bench.sim.admission import SimAdmission
 from bench.sim.runner import SimRunner, sim_model_config
 from bench.sim.tiers import SimTiers
 from bench.sim.timemodel import StepTimeModel
@@ -44,6 +46,8 @@ class SimClusterConfig:
     disk_tier_blocks: int = 0
     session_hints: bool = False  # requests carry their agent session and a KV retention pin (as replay does)
     kv_retention_s: float = 300.0
+    admission: dict[str, Any] | None = None  # AdmissionConfig fields: the router's queue (None: dispatch at once)
+    capacity: dict[str, Any] = field(default_factory=dict)  # CapacityConfig fields
 
 
 class EventLoop:
@@ -181,7 +185,10 @@ class SimCluster:
         self.prefill = {f"prefill-{i}": worker(f"prefill-{i}") for i in range(config.num_prefill)}
         self.decode = {f"decode-{i}": worker(f"decode-{i}") for i in range(config.num_decode)}
         self.router = RouterCore(dict.fromkeys(self.prefill), dict.fromkeys(self.decode),
-                                 PolicyConfig(**config.policy), block_size=config.block_size)
+                                 PolicyConfig(**config.policy), block_size=config.block_size,
+                                 admission=AdmissionConfig(**(config.admission or {})),
+                                 capacity=CapacityConfig(**config.capacity))
+        self.admission = SimAdmission(self) if config.admission is not None else None
         self._flights: dict[str, _Flight] = {}
         self.counters = {"remote_prefills": 0, "transferred_blocks": 0}
         self._queries = self._hits = 0
@@ -225,7 +232,7 @@ class SimCluster:
                 self.router.end(flight.ticket)
                 del self._flights[rid]
                 resumed = flight.request.resumed(flight.sent, 0)
-                self.submit(resumed, flight.on_token, flight.session, _carry=flight)
+                self.dispatch(resumed, flight.on_token, flight.session, _carry=flight)
 
     def _restarted(self, worker: SimWorker) -> None:
         from disagg.protocol import Heartbeat
@@ -238,9 +245,19 @@ class SimCluster:
         self.router.health.on_heartbeat(worker.name, hb)
         self.router.health.mark_ready(worker.name)
 
-    def submit(self, request: Request, on_token: Callable[[float, TokenDelta], None],
-               session: str | None = None, _carry: _Flight | None = None) -> None:
-        """Route and start a request now; on_token(time, delta) is called for every token (the last is finished)."""
+    def submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None = None,
+               on_reject: Callable[[float, Exception], None] | None = None, tenant: str = "default",
+               priority: int = 0) -> None:
+        """Start a request: through the admission queue if there is one (on_reject(time, error) if it is
+        refused), else at once.  on_token(time, delta) is called for every token (the last is finished)."""
+        if self.admission is None:
+            self.dispatch(request, on_token, session)
+            return
+        self.admission.submit(request, on_token, session, on_reject or (lambda now, exc: None), tenant, priority)
+
+    def dispatch(self, request: Request, on_token: Callable[[float, TokenDelta], None],
+                 session: str | None = None, _carry: _Flight | None = None) -> None:
+        """Route and start a request now."""
         hashes = self.router.block_hashes(request)
         decision = self.router.route(request, session, hashes)
         ticket = self.router.begin(decision, request.num_tokens, hashes)
@@ -274,12 +291,15 @@ class SimCluster:
         if worker is not flight.decode:
             return  # a dead incarnation's late output
         flight.sent += delta.token_ids
+        first = flight.generated == 0
         flight.generated += len(delta.token_ids)
         self.router.progress(flight.ticket, flight.generated)
         if delta.finished:
             self.router.end(flight.ticket)
             del self._flights[delta.request_id]
         flight.on_token(self.loop.now, delta)
+        if self.admission is not None and (first or delta.finished):
+            self.admission.pump()  # prefill or decode capacity was freed
 
     def _hand_off(self, flight: _Flight, first: TokenDelta) -> None:
         """The prefill worker's first token is out: the decode worker reads the KV through its connector (a

@@ -24,6 +24,8 @@ class TraceRequest:
     session_id: str | None = None
     turn: int | None = None
     think_time_ms: float = 0.0
+    tenant: str | None = None  # who sends it (admission control's fair share); None: the default tenant
+    priority: int = 0  # higher = more important
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {"timestamp": self.timestamp_ms, "input_length": self.input_length,

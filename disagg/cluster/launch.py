@@ -161,6 +161,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="JSON file {\"KEY\": \"TENANT\", ...}: several keys, each naming a tenant for fair sharing")
     p.add_argument("--tenant-weights", default="", help="TENANT=WEIGHT,...: fair-share weights (default 1)")
     p.add_argument("--queue-max-requests", type=int, default=1024, help="admission queue bound (429 beyond)")
+    p.add_argument("--max-running", type=int, default=64, help="admission: in-flight requests per worker")
+    p.add_argument("--max-prefill-queue-tokens", type=int, default=4096,
+                   help="admission: prompt tokens queued on a worker before it counts as saturated")
     p.add_argument("--queue-deadline-s", type=float, default=60.0,
                    help="a request that cannot start within this gets 429 (per request: body field deadline_s)")
     p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
@@ -211,6 +214,8 @@ def serve(args: argparse.Namespace) -> int:
                       {"policy": {"kind": args.policy}, "host": args.host, "port": args.port,
                        "api_key": args.api_key, "api_keys": _api_keys(args.api_keys),
                        "core": {"max_migrations": args.max_migrations},
+                       "capacity": {"max_running": args.max_running,
+                                    "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
                        "admission": {"max_queued_requests": args.queue_max_requests,
                                      "default_deadline_s": args.queue_deadline_s,
                                      "tenant_weights": _weights(args.tenant_weights)}})

@@ -345,6 +345,10 @@ class EngineWorker:
                     "tiers": self.tiers.gauges() if self.tiers is not None else None}
         return await self._call(collect)
 
+    async def clear_device_cache(self) -> bool:
+        """Drop the device prefix cache (refused while blocks are in use); the tiers keep what they hold."""
+        return await self._call(self.engine.pool.reset_prefix_cache)
+
     async def flush_tiers(self) -> None:
         """Wait for the tiers' stores and demotions in flight (tests, benchmarks)."""
         if self.tiers is not None:

@@ -97,7 +97,7 @@ class AdmissionQueue:
         entry itself is refused (queue full with nothing lower to shed, or its estimated wait is past its
         deadline)."""
         cfg = self.config
-        wait = self.estimated_wait(entry.priority, entry.tokens)
+        wait = self.estimated_wait(entry.priority, entry.tokens, entry.tenant)
         if wait is not None and entry.arrived + wait > entry.deadline:
             raise self._refuse(entry, Rejection.DEADLINE, wait,
                                f"the queue ahead would take ~{wait:.1f}s, past this request's deadline")
@@ -167,7 +167,8 @@ class AdmissionQueue:
             for queue in band.values():
                 for entry in [e for e in queue if e.deadline <= now]:
                     self._remove(entry)
-                    entry.rejection = self._refuse(entry, Rejection.DEADLINE, self.estimated_wait(entry.priority, 0),
+                    wait = self.estimated_wait(entry.priority, 0, entry.tenant)
+                    entry.rejection = self._refuse(entry, Rejection.DEADLINE, wait,
                                                    "could not start before its deadline")
                     entry.state = EntryState.REJECTED
                     out.append(entry)
@@ -222,10 +223,30 @@ class AdmissionQueue:
         span = max(now - self._dispatches[0][0], 1.0)
         return sum(t for _, t in self._dispatches) / span
 
-    def estimated_wait(self, priority: int, tokens: int) -> float | None:
-        """Seconds until a new request of this band would start, from the tokens queued ahead of it (same or
-        higher band) and the measured dispatch rate; None when nothing is queued ahead or no rate is known."""
-        ahead = sum(e.tokens for p, band in self._bands.items() if p >= priority for q in band.values() for e in q)
+    def tokens_ahead(self, priority: int, tokens: int, tenant: str | None = None) -> float:
+        """Prompt tokens that would be dispatched before a new request of `tenant` in this band: everything in
+        higher bands, the tenant's own queue, and of every other tenant in the band what fair sharing serves it
+        first - what it is behind by, plus its weighted share of the tokens the newcomer's tenant has queued."""
+        ahead = float(sum(e.tokens for p, band in self._bands.items() if p > priority for q in band.values() for e in q))
+        band = self._bands.get(priority, {})
+        if tenant is None:
+            return ahead + sum(e.tokens for q in band.values() for e in q)
+        own = sum(e.tokens for e in band.get(tenant, ()))
+        active = [self._counters.get(t, 0.0) for t, q in band.items() if q and t != tenant]
+        mine = max(self._counters.get(tenant, 0.0), min(active)) if active else self._counters.get(tenant, 0.0)
+        w_mine = self.config.weight(tenant)
+        for other, queue in band.items():
+            if other == tenant or not queue:
+                continue
+            w = self.config.weight(other)
+            owed = max(0.0, mine - self._counters.get(other, 0.0)) * w + (own + tokens) * w / w_mine
+            ahead += min(sum(e.tokens for e in queue), owed)
+        return ahead + own
+
+    def estimated_wait(self, priority: int, tokens: int, tenant: str | None = None) -> float | None:
+        """Seconds until a new request would start, from the tokens ahead of it (`tokens_ahead`) and the measured
+        dispatch rate; None when nothing is ahead or no rate is known yet."""
+        ahead = self.tokens_ahead(priority, tokens, tenant)
         if ahead == 0:
             return None
         rate = self.dispatch_rate()

@@ -1,0 +1,308 @@
+"""`disagg bench overload`: what admission control does under overload, on a real cluster.
+
+1. capacity: the completion rate of the cluster when saturated (admission on), in requests/s of one fixed shape;
+2. sweep: Poisson arrivals at 0.5x-4x that capacity, with admission control (the router queues, sheds with 429
+   when a request cannot start within its deadline = the TTFT SLO) and without it (every request dispatched at
+   once; the workers queue everything): goodput under the SLOs, 429s and how fast they come back;
+3. tenants: two tenants of equal weight, one sending 10x the other's requests, 2x capacity in total: tokens
+   served to each against their max-min fair allocation (Jain's index) and the light tenant's TTFT p99 against
+   its unloaded p99;
+4. priority: 10% of the traffic at priority 10 while the rest (priority 0) brings the total to 2x capacity:
+   the urgent requests' TTFT p99 against unloaded.
+
+    disagg bench overload --decode 2 --duration 30 --out bench/results/overload
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import percentile
+from disagg.router.admission import jain_index
+
+
+@dataclass
+class Shot:
+    tenant: str
+    priority: int
+    start: float
+    status: int = 0  # 200, 429, ... (0: transport error)
+    answered_s: float | None = None  # headers back (a 429's latency)
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    tokens: int = 0
+    prompt_tokens: int = 0
+
+
+async def _shot(client: httpx.AsyncClient, model: str, shot: Shot, prompt: list[int], max_tokens: int) -> Shot:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
+            "stream": True, "priority": shot.priority}
+    headers = {"X-Tenant-ID": shot.tenant}
+    t0 = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            shot.status, shot.answered_s = r.status_code, time.perf_counter() - t0
+            if r.status_code != 200:
+                await r.aread()
+                return shot
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if "error" in data:
+                    shot.status = 599
+                    return shot
+                if data["choices"] and data["choices"][0]["text"]:
+                    shot.tokens += 1
+                    if shot.ttft_s is None:
+                        shot.ttft_s = time.perf_counter() - t0
+        shot.prompt_tokens = len(prompt)
+        shot.e2e_s = time.perf_counter() - t0
+    except httpx.HTTPError:
+        shot.status = 0
+    return shot
+
+
+async def open_loop(url: str, model: str, streams: list[tuple[str, int, float]], duration_s: float,
+                    prompt_tokens: int, max_tokens: int, seed: int = 0) -> list[Shot]:
+    """Poisson arrivals for each (tenant, priority, rate) stream over `duration_s`; every prompt distinct."""
+    rng = random.Random(seed)
+    plan: list[tuple[float, str, int]] = []
+    for tenant, priority, rate in streams:
+        t = rng.expovariate(rate)
+        while t < duration_s:
+            plan.append((t, tenant, priority))
+            t += rng.expovariate(rate)
+    plan.sort()
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0, connect=30.0), limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def fire(i: int, at: float, tenant: str, priority: int) -> Shot:
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            prompt = [(7919 * i + 31 * j + seed) % 40000 + 300 for j in range(prompt_tokens)]
+            return await _shot(client, model, Shot(tenant, priority, at), prompt, max_tokens)
+        return list(await asyncio.gather(*(fire(i, at, t, p) for i, (at, t, p) in enumerate(plan))))
+
+
+def summarize(shots: list[Shot], duration_s: float, ttft_slo: float, tpot_slo: float) -> dict[str, Any]:
+    ok = [s for s in shots if s.status == 200 and s.e2e_s is not None]
+    good = [s for s in ok if s.ttft_s is not None and s.ttft_s <= ttft_slo and
+            (s.tokens < 2 or (s.e2e_s - s.ttft_s) / (s.tokens - 1) <= tpot_slo)]
+    refused = [s for s in shots if s.status == 429]
+    return {"sent": len(shots), "completed": len(ok), "rejected_429": len(refused),
+            "failed_other": len(shots) - len(ok) - len(refused), "goodput": len(good) / duration_s,
+            "throughput": len(ok) / duration_s, "ttft_p50_ms": percentile([s.ttft_s for s in ok], 50) * 1000,
+            "ttft_p99_ms": percentile([s.ttft_s for s in ok], 99) * 1000,
+            "reject_p50_ms": percentile([s.answered_s for s in refused], 50) * 1000,
+            "reject_p99_ms": percentile([s.answered_s for s in refused], 99) * 1000}
+
+
+def _service(args: argparse.Namespace, admission: bool):
+    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.model_store import default_model_dir
+
+    engine = {"model": args.model or str(default_model_dir()), "kv_cache_memory_mb": 256, "num_threads": 1}
+    router: dict[str, Any] = {"port": 0}
+    if admission:  # queue deadline = the TTFT SLO; saturation thresholds sized for the SLOs on this machine
+        router["admission"] = {"default_deadline_s": args.slo_ttft_s}
+        router["capacity"] = {"max_running": args.max_running,
+                              "max_prefill_queue_tokens": args.max_prefill_queue_tokens}
+    else:  # the old behaviour: dispatch everything at once, workers queue without bound
+        router["admission"] = {"max_queued_requests": 10**9, "max_queued_tokens": 10**12,
+                               "default_deadline_s": 3600, "max_deadline_s": 3600}
+        router["capacity"] = {"max_running": 10**9, "max_prefill_queue_tokens": 10**12, "max_kv_fraction": 1e9}
+    return Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine), router)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from bench.compare import _warm
+
+    out: dict[str, Any] = {"settings": vars(args)}
+    model = None
+    slo = (args.slo_ttft_s, args.slo_tpot_s)
+    try:
+        svc = _service(args, admission=True)
+        _warm(svc.url, 49152, args.prefill + args.decode)
+        model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]
+
+        def go(streams, duration, seed=0):
+            return asyncio.run(open_loop(svc.url, model, streams, duration, args.prompt_tokens, args.output_tokens,
+                                         seed))
+        # unloaded: one stream at a tenth of a guess, to know the no-queue TTFT
+        unloaded = go([("light", 0, 0.2), ("urgent", 10, 0.2)], args.duration / 2)
+        base = {t: percentile([s.ttft_s for s in unloaded if s.tenant == t and s.ttft_s is not None], 99) * 1000
+                for t in ("light", "urgent")}
+        # capacity: the completion rate when far over-subscribed (admission keeps the workers at their limit)
+        sat = go([("default", 0, args.saturate_rate)], args.duration)
+        capacity = summarize(sat, args.duration, *slo)["throughput"]
+        out["unloaded_ttft_p99_ms"], out["capacity_req_s"] = base, capacity
+        print(f"[overload] capacity {capacity:.2f} req/s; unloaded TTFT p99 {base}", flush=True)
+        # tenants: heavy sends 10x the light tenant's requests, 2x capacity in total
+        light_rate = 2 * capacity / 11
+        shots = go([("heavy", 0, 10 * light_rate), ("light", 0, light_rate)], args.duration, seed=1)
+        out["tenants"] = tenant_fairness(shots, args.prompt_tokens + args.output_tokens, base["light"])
+        print(f"[overload] tenants {out['tenants']}", flush=True)
+        # priority: 10% urgent, background bringing the total to 2x
+        shots = go([("bg", 0, 1.8 * capacity), ("urgent", 10, 0.2 * capacity)], args.duration, seed=2)
+        urgent = [s for s in shots if s.tenant == "urgent"]
+        out["priority"] = {"urgent": summarize(urgent, args.duration, *slo),
+                           "background": summarize([s for s in shots if s.tenant == "bg"], args.duration, *slo),
+                           "urgent_ttft_p99_over_unloaded": percentile(
+                               [s.ttft_s for s in urgent if s.ttft_s is not None], 99) * 1000 / base["urgent"]}
+        print(f"[overload] priority {out['priority']}", flush=True)
+        out["sweep"] = {"admission": sweep(go, capacity, args, slo)}
+        svc.shutdown()
+        svc = _service(args, admission=False)
+        _warm(svc.url, 49152, args.prefill + args.decode)
+        out["sweep"]["no_admission"] = sweep(go, capacity, args, slo)
+        svc.shutdown()
+    finally:
+        ray.shutdown()
+    return out
+
+
+def sweep(go, capacity: float, args: argparse.Namespace, slo: tuple[float, float]) -> list[dict[str, Any]]:
+    rows = []
+    for load in (float(x) for x in args.loads.split(",")):
+        shots = go([("default", 0, load * capacity)], args.duration, seed=int(load * 10))
+        row = {"load": load, **summarize(shots, args.duration, *slo)}
+        print(f"[overload] load {load}x: {row}", flush=True)
+        rows.append(row)
+    peak = max(r["goodput"] for r in rows) or float("nan")
+    for r in rows:
+        r["goodput_vs_peak"] = r["goodput"] / peak
+    return rows
+
+
+def tenant_fairness(shots: list[Shot], per_request_tokens: int, light_base_ms: float) -> dict[str, Any]:
+    """Tokens served per tenant against their max-min fair allocation of what was served (equal weights: the
+    light tenant, asking for less than half, is owed all it asked for; the heavy one the rest)."""
+    served = {t: sum(s.prompt_tokens + s.tokens for s in shots if s.tenant == t and s.status == 200)
+              for t in ("heavy", "light")}
+    sent = {t: sum(1 for s in shots if s.tenant == t) for t in ("heavy", "light")}
+    total = sum(served.values()) or 1
+    owed_light = min(sent["light"] * per_request_tokens, total / 2)
+    fair = {"light": owed_light / total, "heavy": 1 - owed_light / total}
+    share = {t: served[t] / total for t in served}
+    light = [s for s in shots if s.tenant == "light"]
+    p99 = percentile([s.ttft_s for s in light if s.ttft_s is not None], 99) * 1000
+    return {"sent": sent, "served_tokens": served, "share": share, "fair_share": fair,
+            "share_error": {t: share[t] / fair[t] - 1 for t in share},
+            "jain_index_vs_fair": jain_index([share[t] / fair[t] for t in share]),
+            "light_completed": sum(s.status == 200 for s in light),
+            "light_rejected": sum(s.status == 429 for s in light),
+            "light_ttft_p99_ms": p99, "light_ttft_p99_over_unloaded": p99 / light_base_ms}
+
+
+# ---------------------------------------------------------------------- the same study in the simulator
+def _synthetic(streams: list[tuple[str, int, float]], duration_s: float, prompt_tokens: int, output_tokens: int,
+               seed: int) -> list:
+    """Poisson arrivals of one request shape as a trace (no hash_ids: every prompt is distinct)."""
+    from bench.traces.record import TraceRequest
+
+    rng = random.Random(seed)
+    out = []
+    for tenant, priority, rate in streams:
+        t = rng.expovariate(rate)
+        while t < duration_s:
+            out.append(TraceRequest(t * 1000, prompt_tokens, output_tokens, tenant=tenant, priority=priority))
+            t += rng.expovariate(rate)
+    return sorted(out, key=lambda r: r.timestamp_ms)
+
+
+def _sim_summary(records, trace, duration_s: float, slo) -> dict[str, Any]:
+    shots = []
+    for r, req in zip(records, trace):
+        status = 200 if r.ok else (429 if (r.error or "").startswith("HTTP 429") else 0)
+        shots.append(Shot(req.tenant or "default", req.priority, r.start_s, status, 0.0, r.ttft_s, r.e2e_s,
+                          r.output_tokens, r.prompt_tokens))
+    return shots
+
+
+def run_sim(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.sim.cluster import SimClusterConfig
+    from bench.sim.run import simulate
+    from bench.sim.timemodel import StepTimeModel
+    from bench.traces.record import TraceScale
+
+    model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
+    scale = TraceScale(block_tokens=512, native_block=512)  # lengths as given
+    slo = (args.slo_ttft_s, args.slo_tpot_s)
+
+    def go(streams, duration, admission=True, seed=0):
+        trace = _synthetic(streams, duration, args.prompt_tokens, args.output_tokens, seed)
+        cfg = SimClusterConfig(num_prefill=args.prefill * args.simulate // 2, num_decode=args.simulate,
+                               num_blocks=364, policy={"kind": "kv", "seed": 0},
+                               admission={"default_deadline_s": args.slo_ttft_s} if admission else None,
+                               capacity={"max_running": args.max_running,
+                                         "max_prefill_queue_tokens": args.max_prefill_queue_tokens})
+        result = simulate(trace, scale, cfg, model)
+        return _sim_summary(result.records, trace, duration, slo)
+    out: dict[str, Any] = {"settings": vars(args)}
+    unloaded = go([("light", 0, 0.1 * args.simulate), ("urgent", 10, 0.1 * args.simulate)], args.duration)
+    base = {t: percentile([s.ttft_s for s in unloaded if s.tenant == t and s.ttft_s is not None], 99) * 1000
+            for t in ("light", "urgent")}
+    capacity = summarize(go([("default", 0, args.saturate_rate * args.simulate)], args.duration), args.duration,
+                         *slo)["throughput"]
+    out["unloaded_ttft_p99_ms"], out["capacity_req_s"] = base, capacity
+    light_rate = 2 * capacity / 11
+    shots = go([("heavy", 0, 10 * light_rate), ("light", 0, light_rate)], args.duration, seed=1)
+    out["tenants"] = tenant_fairness(shots, args.prompt_tokens + args.output_tokens, base["light"])
+    shots = go([("bg", 0, 1.8 * capacity), ("urgent", 10, 0.2 * capacity)], args.duration, seed=2)
+    urgent = [s for s in shots if s.tenant == "urgent"]
+    out["priority"] = {"urgent": summarize(urgent, args.duration, *slo),
+                       "urgent_ttft_p99_over_unloaded": percentile(
+                           [s.ttft_s for s in urgent if s.ttft_s is not None], 99) * 1000 / base["urgent"]}
+    out["sweep"] = {}
+    for mode, admission in (("admission", True), ("no_admission", False)):
+        rows = []
+        for load in (float(x) for x in args.loads.split(",")):
+            shots = go([("default", 0, load * capacity)], args.duration, admission, seed=int(load * 10))
+            rows.append({"load": load, **summarize(shots, args.duration, *slo)})
+        peak = max(r["goodput"] for r in rows) or float("nan")
+        for r in rows:
+            r["goodput_vs_peak"] = r["goodput"] / peak
+        out["sweep"][mode] = rows
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="disagg bench overload", description=__doc__.splitlines()[0])
+    parser.add_argument("--prefill", type=int, default=0)
+    parser.add_argument("--decode", type=int, default=2)
+    parser.add_argument("--model", default="")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
+    parser.add_argument("--loads", default="0.5,1,2,4", help="multiples of the measured capacity")
+    parser.add_argument("--saturate-rate", type=float, default=20.0, help="arrivals/s used to measure capacity")
+    parser.add_argument("--prompt-tokens", type=int, default=200)
+    parser.add_argument("--output-tokens", type=int, default=16)
+    parser.add_argument("--max-running", type=int, default=8, help="admission: in-flight requests per worker")
+    parser.add_argument("--max-prefill-queue-tokens", type=int, default=800,
+                        help="admission: queued prompt tokens per worker")
+    parser.add_argument("--slo-ttft-s", type=float, default=2.0)
+    parser.add_argument("--slo-tpot-s", type=float, default=0.2)
+    parser.add_argument("--simulate", type=int, default=0,
+                        help="run the same study in the simulator with this many decode workers (0: real cluster)")
+    parser.add_argument("--time-model", default=None, help="simulator step-time model (disagg bench calibrate)")
+    parser.add_argument("--out", default="bench/results/overload")
+    args = parser.parse_args(argv)
+    result = run_sim(args) if args.simulate else run(args)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""The router's admission queue in front of a simulated cluster, in virtual time: the real AdmissionQueue (bands,
+tenant fair share, deadlines, shedding) and the real RouterCore capacity checks (`has_room`); requests leave the
+queue when a worker has room, exactly as `RouterCore.generate` lets them, and refused ones are reported the way
+the HTTP API reports them (429)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from disagg.errors import Overloaded
+from disagg.protocol import Request, TokenDelta
+from disagg.router.admission import Entry
+
+
+class SimAdmission:
+    def __init__(self, cluster: Any, tick_s: float = 0.05) -> None:
+        self.cluster = cluster
+        self.router = cluster.router
+        self.queue = self.router.admission.queue
+        self.queue.clock = lambda: cluster.loop.now  # virtual time
+        self.tick_s = tick_s
+        self._pending: dict[str, tuple[Request, Callable, str | None]] = {}
+        self._rejects: dict[str, Callable[[float, Overloaded], None]] = {}
+        self._ticking = False
+
+    def submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None,
+               on_reject: Callable[[float, Overloaded], None], tenant: str = "default", priority: int = 0,
+               deadline_s: float | None = None) -> None:
+        now = self.cluster.loop.now
+        cfg = self.queue.config
+        limit = min(deadline_s or cfg.default_deadline_s, cfg.max_deadline_s)
+        entry = Entry(request.request_id, tenant, priority, request.num_tokens, now, now + limit)
+        try:
+            shed = self.queue.submit(entry)
+        except Overloaded as exc:
+            on_reject(now, exc)
+            return
+        for victim in shed:
+            self._reject(victim)
+        self._pending[entry.request_id] = (request, on_token, session)
+        self._rejects[entry.request_id] = on_reject
+        self.pump()
+        self._arm()
+
+    def _reject(self, entry: Entry) -> None:
+        self._pending.pop(entry.request_id, None)
+        on_reject = self._rejects.pop(entry.request_id, None)
+        if on_reject is not None:
+            on_reject(self.cluster.loop.now, entry.rejection)
+
+    def pump(self) -> None:
+        def can(entry: Entry) -> bool:
+            return any(self.router.has_room(n, entry.tokens) for n in self.router.decode)
+        while (entry := self.queue.pop_next(can)) is not None:
+            request, on_token, session = self._pending.pop(entry.request_id)
+            self._rejects.pop(entry.request_id, None)
+            self.cluster.dispatch(request, on_token, session)
+
+    def _arm(self) -> None:
+        if not self._ticking and len(self.queue):
+            self._ticking = True
+            self.cluster.loop.at(self.cluster.loop.now + self.tick_s, self._tick)
+
+    def _tick(self) -> None:
+        self._ticking = False
+        for entry in self.queue.expire():
+            self._reject(entry)
+        self.pump()
+        self._arm()
