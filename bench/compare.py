@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bench import stages
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from bench.report import SLO, parse_slos, write_report
 from bench.session_hits import next_turn_hits
@@ -92,15 +93,17 @@ def parse_configs(text: str) -> list[ClusterSpec]:
     return specs
 
 
-def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, warmup: bool = True) -> ReplayResult:
+def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, warmup: bool = True,
+            trace_dir: str | None = None) -> ReplayResult:
     import shutil
     import tempfile
 
     from disagg.cluster.launch import ClusterConfig, Service
 
     disk_root = tempfile.mkdtemp(prefix="compare-kv-")
+    tracing = {"file_dir": trace_dir} if trace_dir else None
     service = Service(ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=dict(engine),
-                                    tiers=spec.tiers(disk_root)),
+                                    tiers=spec.tiers(disk_root), tracing=tracing),
                       {"policy": spec.policy_config(), "port": 0})
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", default="bench/results/compare")
+    parser.add_argument("--trace-dir", default=None,
+                        help="trace every request (spans as JSON lines here) and add a per-stage breakdown")
     add_replay_args(parser)
     args = parser.parse_args(argv)
     specs = parse_configs(args.configs)
@@ -164,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             for spec in specs:
                 label = spec.name if len(rates) == 1 else f"{spec.name} @{rate:g}x"
                 t0 = time.perf_counter()
-                result = run_one(spec, engine, trace, cfg)
+                trace_dir = str(Path(args.trace_dir) / label.replace(" ", "_")) if args.trace_dir else None
+                result = run_one(spec, engine, trace, cfg, trace_dir=trace_dir)
                 metrics = result.metrics(slo, parse_slos(args.extra_slos))
+                if trace_dir:
+                    time.sleep(1.0)  # the span files are written by background exporters
+                    metrics["stages"] = stages.breakdown(result.records, stages.load_spans(trace_dir))
                 sessions = next_turn_hits(trace, rate_scale, result.records, args.vocab_size)
                 if sessions is not None:
                     metrics["next_turn"] = sessions
@@ -182,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
             "scale": scale.describe(), "settings": {"engine": engine, "rates": rates, "configs": args.configs,
                                                      "arrival": args.arrival, "rate": args.rate}}
     paths = write_report(args.out, runs, meta, records)
+    staged = {r["label"]: r["metrics"]["stages"] for r in runs if "stages" in r["metrics"]}
+    if staged:
+        text = "\n\n".join(stages.markdown(label, result) for label, result in staged.items())
+        (Path(args.out) / "stages.md").write_text(text + "\n")
+        paths["stages"] = stages.plot(staged, Path(args.out) / "stages.png")
+        print(text)
     print(paths["markdown"].read_text())
     print(json.dumps([{"label": r["label"], "goodput": r["metrics"]["request_goodput"],
                        "failed": r["metrics"]["failed"]} for r in runs], indent=2))

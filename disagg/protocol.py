@@ -178,6 +178,8 @@ class Request(WireMessage):
     resume_num_chars: int = 0
     session_id: str | None = None
     kv_retention_s: float | None = None
+    priority: int = 0  # higher = more important; a worker's queue serves higher priorities first
+    trace_context: dict[str, str] = field(default_factory=dict)  # W3C traceparent/tracestate of the request's span
 
     @property
     def num_tokens(self) -> int:

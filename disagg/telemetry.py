@@ -116,6 +116,10 @@ class RouterMetrics:
                              registry=r)
         self.itl = Histogram("disagg:inter_token_latency_seconds", "Gaps between streamed tokens",
                              buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
+        self.staleness = Histogram("disagg:route_staleness_tokens", "Prompt tokens the router expected the "
+                                   "computing worker to find cached minus what it found (>0: the index was stale "
+                                   "or optimistic, <0: it under-reported)",
+                                   buckets=(-1024, -256, -64, -16, -1, 0, 16, 64, 256, 1024, 4096), registry=r)
         self.queue_wait = Histogram("disagg:queue_wait_seconds", "Time requests waited in the admission queue",
                                     buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
         if core is not None:

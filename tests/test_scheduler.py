@@ -108,3 +108,12 @@ def test_queued_holders_give_up_blocks_before_a_running_sequence_is_preempted():
     # the holder gave its blocks back; it re-admits behind the runner, its prefix found in the prefix cache
     # (the same tokens as the runner's prompt: 3 of its 4 blocks hit, the last token is computed)
     assert batch.seqs[1:] == [holder] and batch.num_new_tokens[1] == 4
+
+
+def test_higher_priority_joins_the_queue_ahead_of_lower_ones():
+    sched = Scheduler(BlockPool(64), 4, max_num_seqs=1, max_num_batched_tokens=100)
+    for rid, prio in [("a", 0), ("b", 0), ("urgent", 5), ("c", -1), ("urgent2", 5)]:
+        seq = _seq(rid, 4)
+        seq.priority = prio
+        sched.add(seq)
+    assert [s.request_id for s in sched.waiting] == ["urgent", "urgent2", "a", "b", "c"]

@@ -77,15 +77,24 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
 
         hints = config.session_hints and req.session_id is not None  # what `bench replay --session-hints` sends
         request = Request(f"r{i}", prompt, sampling_for(max_tokens), session_id=req.session_id if hints else None,
-                          kv_retention_s=config.kv_retention_s if hints else None)
-        cluster.submit(request, on_token, session=req.session_id if hints else None)
+                          kv_retention_s=config.kv_retention_s if hints else None, priority=req.priority)
+        def on_reject(now: float, exc: Exception) -> None:  # a 429, as the replay records it
+            record.error = f"HTTP 429: {exc}"
+            bar.update(1)
+            if k + 1 < len(unit):
+                nxt = trace[unit[k + 1]]
+                loop.at(now + scale.seconds(nxt.think_time_ms), lambda: send(unit, k + 1))
+
+        cluster.submit(request, on_token, session=req.session_id if hints else None, on_reject=on_reject,
+                       tenant=req.tenant or "default", priority=req.priority)
 
     for n, unit in enumerate(units):
         at = n / arrival_rate if arrival_rate else scale.seconds(trace[unit[0]].timestamp_ms - t0)
         loop.at(at, lambda unit=unit: send(unit, 0))
     cluster.run()
     bar.close()
-    missing = [i for i in range(len(trace)) if i not in records or records[i].e2e_s is None]
+    missing = [i for i in range(len(trace)) if i not in records or (records[i].e2e_s is None and
+                                                                      records[i].error is None)]
     for i in missing:  # cannot happen unless a request can never fit; reported, not hidden
         records.setdefault(i, RequestRecord(i, 0, 0, 0.0)).error = "never completed in simulation"
     ends = [r.start_s + r.e2e_s for r in records.values() if r.e2e_s is not None]

@@ -34,6 +34,7 @@ class ClusterConfig:
     transfer_timeout_s: float = 10.0
     max_restarts: int = -1  # per worker actor (-1: always restart)
     fault_injection: bool = False  # workers accept inject_fault() (chaos benchmark, tests)
+    tracing: dict[str, Any] | None = None  # TracingConfig fields for the workers (and the router, via Service)
 
 
 def init_ray(address: str | None) -> None:
@@ -57,7 +58,8 @@ class LocalCluster:
             config.engine = {**config.engine, "model": str(default_model_dir())}
         tag = uuid.uuid4().hex[:6]
         decode_cls = DecodeWorker if config.num_prefill else AggregatedWorker
-        options = {"transfer_timeout_s": config.transfer_timeout_s, "fault_injection": config.fault_injection}
+        options = {"transfer_timeout_s": config.transfer_timeout_s, "fault_injection": config.fault_injection,
+                   "tracing": config.tracing}
         self.prefill_by_name: dict[str, Any] = {}
         self.decode_by_name: dict[str, Any] = {}
         for i in range(config.num_prefill):
@@ -109,6 +111,8 @@ class Service:
         engine = self.cluster.config.engine
         router_config = {"block_size": engine.get("block_size", 16), "max_model_len": engine.get("max_model_len", 2048),
                          **(router or {}), "model": engine["model"]}
+        if self.cluster.config.tracing and "tracing" not in router_config:
+            router_config["tracing"] = self.cluster.config.tracing
         if not router_config.get("port"):  # pick it now, so a restarted router binds the same one
             router_config["port"] = free_port(router_config.get("host", "127.0.0.1"))
         self.router = RouterActor.options(max_restarts=router_max_restarts).remote(
@@ -166,6 +170,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="admission: prompt tokens queued on a worker before it counts as saturated")
     p.add_argument("--queue-deadline-s", type=float, default=60.0,
                    help="a request that cannot start within this gets 429 (per request: body field deadline_s)")
+    p.add_argument("--otlp-endpoint", default=None,
+                   help="export OpenTelemetry spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces (off by default)")
+    p.add_argument("--trace-sample-ratio", type=float, default=1.0, help="share of new traces sampled")
+    p.add_argument("--trace-dir", default=None, help="also write spans as JSON lines into this directory")
     p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
     p.add_argument("--question", default="What is the capital of France?")
     return p
@@ -209,8 +217,12 @@ def serve(args: argparse.Namespace) -> int:
     if args.model:
         engine["model"] = args.model
     t0 = time.perf_counter()
+    tracing = None
+    if args.otlp_endpoint or args.trace_dir:
+        tracing = {"otlp_endpoint": args.otlp_endpoint, "file_dir": args.trace_dir,
+                   "sampling_ratio": args.trace_sample_ratio}
     service = Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine,
-                                    address=args.address, tiers=tier_options(args)),
+                                    address=args.address, tiers=tier_options(args), tracing=tracing),
                       {"policy": {"kind": args.policy}, "host": args.host, "port": args.port,
                        "api_key": args.api_key, "api_keys": _api_keys(args.api_keys),
                        "core": {"max_migrations": args.max_migrations},

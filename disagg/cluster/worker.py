@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+from disagg.cluster.spans import WorkerSpans
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.disk_tier import DiskTierBusy
@@ -38,6 +39,7 @@ from disagg.kv.peer import PeerSource
 from disagg.kv.store import TierConfig, TieredStore
 from disagg.model_store import cache_root
 from disagg.protocol import Heartbeat, KVEvent, KVEventBatch, PrefillResult, Request, Role, TokenDelta
+from disagg.tracing import TracingConfig
 from disagg.transfer.base import KVLayout, KVTransport
 from disagg.transfer.fake import Fault, FaultyTransport
 
@@ -54,6 +56,7 @@ class WorkerConfig:
     transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed
     idle_sleep_s: float = 0.002
     fault_injection: bool = False  # accept inject_fault() (chaos benchmark, tests)
+    tracing: dict[str, Any] | None = None  # TracingConfig fields; None: no spans
     metrics_interval_s: float = 0.1  # how often the engine thread refreshes the figures heartbeats carry
 
     def __post_init__(self) -> None:
@@ -112,6 +115,9 @@ class EngineWorker:
         self.transport.register(self.engine.kv_tensor, self.tiers.cpu.tensor if self.tiers is not None else None)
         self.peer = PeerSource(self.transport)
         self.engine.attach(peer=self.peer, tiers=self.tiers)
+        self.spans = WorkerSpans(config.name, config.role, TracingConfig(**(config.tracing or {})))
+        if self.spans.enabled:
+            self.engine.on_finish = self.spans.record
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{config.name}")
         self._queues: dict[str, asyncio.Queue[TokenDelta | BaseException]] = {}
         self._loop_task: asyncio.Task | None = None

@@ -98,6 +98,7 @@ class LLMEngine:
         self.leases = LeaseTable(self.pool, config.kv_lease_timeout_s)  # blocks a peer is about to read
         self.stats = EngineStats()
         self.prefill_s_per_token: float | None = None  # measured, for "is loading cheaper than recomputing"
+        self.on_finish: Any = None  # called (seq, reason) when a traced request finishes (the worker's spans)
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -119,7 +120,8 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], sampling: SamplingParams | dict | None = None,
                     *, hold_kv: bool = False, remote: PrefillResult | None = None,
                     resume_token_ids: Sequence_[int] = (), resume_num_chars: int = 0,
-                    session_id: str | None = None, kv_retention_s: float | None = None) -> None:
+                    session_id: str | None = None, kv_retention_s: float | None = None, priority: int = 0,
+                    trace_context: dict[str, str] | None = None) -> None:
         """Validate and queue a request. Bad input raises ValueError and leaves the engine untouched.
 
         hold_kv: when the request finishes, its blocks are leased for another worker to read (prefill role).
@@ -132,8 +134,9 @@ class LLMEngine:
             self._resume(seq, list(resume_token_ids), resume_num_chars)
         if remote is not None and remote.num_tokens != seq.num_tokens and remote.first_token is not None:
             raise ValueError(f"prefill result covers {remote.num_tokens} tokens, the request has {seq.num_tokens}")
-        seq.hold_kv, seq.remote = hold_kv, remote
+        seq.hold_kv, seq.remote, seq.priority = hold_kv, remote, priority
         seq.session_id, seq.kv_retention_s = session_id, kv_retention_s
+        seq.trace_context = trace_context or {}
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         if kv_retention_s and session_id and self.tiers is not None and self.tiers.is_pinned_session(session_id):
@@ -145,7 +148,8 @@ class LLMEngine:
         self.add_request(request.request_id, request.prompt_token_ids, request.sampling, hold_kv=hold_kv,
                          remote=remote, resume_token_ids=request.resume_token_ids,
                          resume_num_chars=request.resume_num_chars, session_id=request.session_id,
-                         kv_retention_s=request.kv_retention_s)
+                         kv_retention_s=request.kv_retention_s, priority=request.priority,
+                         trace_context=request.trace_context)
 
     def _new_sequence(self, request_id: str, prompt: str | list[int],
                       sampling: SamplingParams | dict | None) -> Sequence:
@@ -311,6 +315,9 @@ class LLMEngine:
                           num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
 
     def _retire(self, seq: Sequence, reason: str) -> None:
+        seq.finish_time = time.monotonic()
+        if self.on_finish is not None and seq.trace_context:
+            self.on_finish(seq, reason)
         if seq.kv_retention_s and seq.session_id and self.tiers is not None:
             seq.update_block_hashes()
             self.tiers.pin(seq.session_id, seq.block_hashes[:seq.num_registered_blocks], seq.kv_retention_s)

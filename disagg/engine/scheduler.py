@@ -14,6 +14,7 @@ recompute is usually cheap) and it goes back to the head of the queue.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -63,6 +64,12 @@ class Scheduler:
         self.stats = SchedulerStats()
 
     def add(self, seq: Sequence) -> None:
+        """Queue a new sequence: after every waiting one of its priority or higher (FIFO within a priority)."""
+        if self.waiting and seq.priority > self.waiting[-1].priority:
+            for i, other in enumerate(self.waiting):
+                if other.priority < seq.priority:
+                    self.waiting.insert(i, seq)
+                    return
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -109,6 +116,8 @@ class Scheduler:
             if seq.pending_first_token:  # a peer's prefill result: its first token goes out now
                 seq.pending_first_token = False
                 batch.imported.append(seq)
+            if seq.scheduled_time is None:
+                seq.scheduled_time = time.monotonic()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
@@ -177,6 +186,9 @@ class Scheduler:
         seq.num_registered_blocks = len(hits)
         load.dst_block_ids = dst
         seq.kv_load = load
+        seq.load_start, seq.load_kind, seq.load_blocks = time.monotonic(), load.kind.value, load.num_blocks
+        if seq.scheduled_time is None:
+            seq.scheduled_time = seq.load_start
         seq.status = SequenceStatus.WAITING_FOR_KV
         self.loading.append(seq)
         try:
@@ -196,6 +208,8 @@ class Scheduler:
                 continue
             self.loading.remove(seq)
             seq.kv_load = None
+            seq.load_end = time.monotonic()
+            seq.load_failed = not (state is LoadState.DONE and load.num_ok_blocks == load.num_blocks)
             remote = seq.remote
             if state is LoadState.DONE and load.num_ok_blocks == load.num_blocks:
                 seq.num_computed_tokens = load.num_tokens

@@ -40,6 +40,16 @@ class Sequence:
     pending_first_token: bool = False  # the last token came with a peer's KV and has not been emitted yet
     credited_tokens: int | None = None  # prompt tokens a peer saved from compute (reported as cached)
     tier_load_failed: bool = False  # a CPU/disk load failed (corrupt, too slow): recompute, do not retry it
+    priority: int = 0  # higher = more important: queued ahead of lower priorities
+    trace_context: dict[str, str] = field(default_factory=dict)  # the request's span (tracing)
+    # timeline (time.monotonic), for tracing: first admission, KV load, finish
+    scheduled_time: float | None = None
+    load_start: float | None = None
+    load_end: float | None = None
+    load_kind: str | None = None  # "peer" | "tiers"
+    load_blocks: int = 0
+    load_failed: bool = False
+    finish_time: float | None = None
     session_id: str | None = None
     kv_retention_s: float | None = None  # pin this session's blocks in the CPU tier for this long when done
     # incremental detokenization state (engine-owned)

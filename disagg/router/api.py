@@ -22,6 +22,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from opentelemetry import trace
+
+from disagg import tracing as tr
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import DisaggError, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
 from disagg.protocol import Request, SamplingParams, TokenDelta
@@ -59,6 +62,7 @@ class _ClientGone(Exception):
 
 
 def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> FastAPI:
+    tracer = core.tracer
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         core.admission.start()
@@ -196,19 +200,23 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                      chat: bool):
         session = http.headers.get(SESSION_HEADER) or body.user
         retention = body.kv_retention.ttl_s if body.kv_retention is not None else None
+        priority = _priority(body, http)
         request = Request(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, session_id=session,
-                          kv_retention_s=retention)
+                          kv_retention_s=retention, priority=priority)
         created = int(time.time())
         tenant = getattr(http.state, "tenant", "default")
-        running = {"counted": False}
+        running = {"counted": False, "predicted": None}
+        span = _request_span(chat, body, request, sampling, http, session)
 
         def on_route(decision) -> None:  # left the admission queue: now it runs
             metrics.on_route(decision)
             if not running["counted"]:
                 running["counted"] = True
+                running["predicted"] = decision.predicted_cached_tokens(len(ids), core.block_size)
                 metrics.running.inc()
         stream = _timed(core.generate(request, session=session, on_route=on_route, tenant=tenant,
-                                      priority=_priority(body, http), deadline_s=body.deadline_s), len(ids), running)
+                                      priority=priority, deadline_s=body.deadline_s, span=span), len(ids), running,
+                        span)
         try:
             first = await _until_disconnect(stream.__anext__(), http)
         except _ClientGone:
@@ -261,10 +269,26 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                 raise _ClientGone()
         return task.result()
 
-    async def _timed(deltas: AsyncIterator[TokenDelta], n_prompt: int,
-                     running: dict[str, bool]) -> AsyncIterator[TokenDelta]:
+    def _request_span(chat: bool, body, request: Request, sampling: SamplingParams, http: HTTPRequest,
+                      session: str | None) -> trace.Span:
+        """The request's span (SERVER), continuing the client's trace when it sent a traceparent."""
+        operation = "chat" if chat else "text_completion"
+        attributes = {tr.OPERATION: operation, tr.PROVIDER_NAME: tr.PROVIDER, tr.REQUEST_MODEL: config.model_name,
+                      tr.REQUEST_MAX_TOKENS: sampling.max_tokens, tr.REQUEST_TEMPERATURE: sampling.temperature,
+                      tr.REQUEST_TOP_P: sampling.top_p, tr.REQUEST_STREAM: bool(body.stream),
+                      tr.RESPONSE_ID: request.request_id, tr.USAGE_INPUT_TOKENS: len(request.prompt_token_ids)}
+        if sampling.seed is not None:
+            attributes[tr.REQUEST_SEED] = sampling.seed
+        if session:
+            attributes[tr.CONVERSATION_ID] = session
+        return tracer.start_span(f"{operation} {config.model_name}", context=tr.extract(dict(http.headers)),
+                                 kind=trace.SpanKind.SERVER, attributes=attributes)
+
+    async def _timed(deltas: AsyncIterator[TokenDelta], n_prompt: int, running: dict[str, Any],
+                     span: trace.Span) -> AsyncIterator[TokenDelta]:
         start = last = time.monotonic()
         first = True
+        n_out, reasons = 0, []
         metrics.prompt_tokens.inc(n_prompt)
         try:
             async for delta in deltas:
@@ -273,16 +297,28 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                     metrics.ttft.observe(now - start)
                     metrics.prefix_cache_queries.inc(n_prompt)
                     metrics.prefix_cache_hits.inc(delta.num_cached_tokens)
+                    if running["predicted"] is not None:
+                        metrics.staleness.observe(running["predicted"] - delta.num_cached_tokens)
+                    span.set_attribute(tr.USAGE_CACHE_READ_INPUT_TOKENS, delta.num_cached_tokens)
                     first = False
                 else:
                     metrics.itl.observe(now - last)
                 last = now
+                n_out += len(delta.token_ids)
+                if delta.finish_reason:
+                    reasons.append(delta.finish_reason)
                 metrics.generation_tokens.inc(len(delta.token_ids))
                 yield delta
             metrics.e2e.observe(time.monotonic() - start)
+        except BaseException as exc:
+            span.record_exception(exc)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+            raise
         finally:
             if running["counted"]:
                 metrics.running.dec()
+            span.set_attributes({tr.USAGE_OUTPUT_TOKENS: n_out, tr.RESPONSE_FINISH_REASONS: reasons})
+            span.end()
 
     async def _collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> tuple[str, int, str, int]:
         text, n_out, reason = first.text, len(first.token_ids), first.finish_reason or "stop"

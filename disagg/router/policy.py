@@ -115,6 +115,13 @@ class Decision:
     match: TierMatch = field(default_factory=TierMatch)  # the decode worker's match, per tier
     peer_worker: str | None = None  # pull this worker's cached prefix instead of recomputing it
     peer_blocks: int = 0
+    prefill_cached_blocks: int = 0  # what the index says the chosen prefill worker holds of the prompt
+
+    def predicted_cached_tokens(self, num_tokens: int, block_size: int) -> int:
+        """Prompt tokens the router expects the computing worker to find cached (the engine always computes at
+        least the last token)."""
+        blocks = self.prefill_cached_blocks if self.prefill_worker else max(self.match.total, self.peer_blocks)
+        return min(blocks * block_size, num_tokens - 1)
 
 
 def _as_match(value: TierMatch | int | None) -> TierMatch:
@@ -156,6 +163,8 @@ class RoutingPolicy:
         prefill_worker, reason = self._choose_prefill(num_tokens - match.total * self.block_size, num_blocks,
                                                       tm, prefill)
         decision = Decision(chosen.name, prefill_worker, match.total, costs, reason, match)
+        if prefill_worker is not None:
+            decision.prefill_cached_blocks = tm.get(prefill_worker, TierMatch()).total
         if prefill_worker is None and kind is PolicyKind.KV and self.config.peer_pull:
             self._consider_peer(decision, tm, num_tokens)
         return decision

@@ -18,11 +18,14 @@ Serving one request (`generate`):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
+
+from opentelemetry import trace
 
 from disagg.errors import DeadlineExceeded, InvalidRequest, ServiceUnavailable, TransferFailed, WorkerLost
 from disagg.protocol import Heartbeat, KVEventBatch, Request, Role, Tier, TokenDelta, hash_prompt_blocks
@@ -31,6 +34,7 @@ from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
+from disagg.tracing import inject
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +73,7 @@ class RouterCore:
     def __init__(self, prefill: dict[str, WorkerHandle | None], decode: dict[str, WorkerHandle | None],
                  policy: PolicyConfig | None = None, block_size: int = 16, config: RouterCoreConfig | None = None,
                  health: HealthConfig | None = None, admission: AdmissionConfig | None = None,
-                 capacity: CapacityConfig | None = None) -> None:
+                 capacity: CapacityConfig | None = None, tracer: trace.Tracer | None = None) -> None:
         if not decode:
             raise ValueError("the router needs at least one decode (or aggregated) worker")
         self.prefill, self.decode = prefill, decode
@@ -88,6 +92,7 @@ class RouterCore:
         if all(h is not None for h in self.handles.values()):
             self.supervisor = Supervisor(self.health, self.handles, self.on_kv_events, self.index_needs_snapshot,
                                          self.on_heartbeat)
+        self.tracer = tracer or trace.NoOpTracer()
         self.capacity = capacity or CapacityConfig()
         self.admission = AdmissionControl(AdmissionQueue(admission), self._can_dispatch, self._queue_wait)
         self.on_queue_wait: Callable[[float], None] | None = None  # metrics hook (seconds spent queued)
@@ -239,11 +244,18 @@ class RouterCore:
     # ------------------------------------------------------------------ serving
     async def generate(self, request: Request, session: str | None = None,
                        on_route: Callable[[Decision], None] | None = None, tenant: str = "default",
-                       priority: int = 0, deadline_s: float | None = None) -> AsyncIterator[TokenDelta]:
+                       priority: int = 0, deadline_s: float | None = None,
+                       span: trace.Span | None = None) -> AsyncIterator[TokenDelta]:
         """Serve a request end to end: wait in the admission queue until a worker has room (or be refused with
-        Overloaded), then route, stream, and migrate if its decode worker is lost (see the module docstring)."""
+        Overloaded), then route, stream, and migrate if its decode worker is lost (see the module docstring).
+        `span`: the request's span; the router's stages become its children, the workers' too (its context
+        travels in the Request)."""
         if not self.health.any_decoder_ready():
             raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
+        span = span or trace.INVALID_SPAN
+        ctx = trace.set_span_in_context(span)
+        if span.is_recording():
+            request = dataclasses.replace(request, trace_context=inject(span))
         queue = self.admission.queue
         now = queue.clock()
         limit = min(deadline_s or queue.config.default_deadline_s, queue.config.max_deadline_s)
@@ -252,27 +264,35 @@ class RouterCore:
         if not self.config.rescore_on_dispatch:
             first_decision = self.route(request, session)
             entry.worker = first_decision.decode_worker
+        queued = self.tracer.start_span("router.queue", context=ctx, attributes={
+            "disagg.tenant": tenant, "disagg.priority": priority})
         try:
             await self.admission.admit(entry)
-        except BaseException:
+        except BaseException as exc:
             self._dispatched(request.request_id)
+            queued.set_attribute("disagg.rejected", type(exc).__name__)
             raise
+        finally:
+            queued.end()
         sent: list[int] = []
         sent_chars = 0
         attempt = request
         try:
             for migration in range(self.config.max_migrations + 1):
                 hashes = self.block_hashes(attempt)
-                if migration == 0 and first_decision is not None:
-                    decision = first_decision
-                else:
-                    decision = self._route_with_room(attempt, session, hashes)
+                with self.tracer.start_as_current_span("router.route", context=ctx) as routing:
+                    if migration == 0 and first_decision is not None:
+                        decision = first_decision
+                    else:
+                        decision = self._route_with_room(attempt, session, hashes)
+                    if routing.is_recording():
+                        routing.set_attributes(_decision_attributes(decision))
                 if on_route is not None:
                     on_route(decision)
                 ticket = self.begin(decision, attempt.num_tokens, hashes)
                 self._dispatched(request.request_id)
                 try:
-                    async for delta in self._serve(attempt, decision, ticket, migrated=migration > 0):
+                    async for delta in self._serve(attempt, decision, ticket, migrated=migration > 0, span=span):
                         sent += delta.token_ids
                         sent_chars += len(delta.text)
                         queue.charge(tenant, len(delta.token_ids))
@@ -282,6 +302,8 @@ class RouterCore:
                     log.warning("request %s lost %s after %d tokens (%s)", request.request_id,
                                 decision.decode_worker, len(sent), exc.message)
                     self.counters["migrations"] += 1
+                    span.add_event("migration", {"disagg.worker": decision.decode_worker,
+                                                 "disagg.tokens_delivered": len(sent)})
                     attempt = request.resumed(sent, sent_chars)
                 finally:
                     self.end(ticket)
@@ -291,10 +313,10 @@ class RouterCore:
             self._dispatched(request.request_id)
             self.admission.pump()  # its capacity is free again
 
-    async def _serve(self, request: Request, decision: Decision, ticket: LoadTicket,
-                     migrated: bool) -> AsyncIterator[TokenDelta]:
+    async def _serve(self, request: Request, decision: Decision, ticket: LoadTicket, migrated: bool,
+                     span: trace.Span = trace.INVALID_SPAN) -> AsyncIterator[TokenDelta]:
         decode = self.handles[decision.decode_worker]
-        remote, owner = await self._remote_kv(request, decision)
+        remote, owner = await self._remote_kv(request, decision, span)
         if migrated:
             path = "migrated"
         elif remote is None:
@@ -363,7 +385,8 @@ class RouterCore:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _remote_kv(self, request: Request, decision: Decision) -> tuple[Any, WorkerHandle | None]:
+    async def _remote_kv(self, request: Request, decision: Decision,
+                         span: trace.Span = trace.INVALID_SPAN) -> tuple[Any, WorkerHandle | None]:
         """The KV another worker contributes: a remote prefill's result, or a peer's cached prefix (or none)."""
         name = decision.prefill_worker or decision.peer_worker
         if name is None:
@@ -380,6 +403,7 @@ class RouterCore:
         except (WorkerLost, DeadlineExceeded, TransferFailed) as exc:
             kind = "prefill" if decision.prefill_worker else "peer_prefix"
             self.counters[f"fallback:{kind}"] += 1
+            span.add_event("fallback", {"disagg.kind": kind, "disagg.worker": name, "disagg.error": exc.message})
             log.warning("%s on %s failed for %s (%s); computing on %s", kind, name, request.request_id,
                         exc.message, decision.decode_worker)
             await self._release(handle, request.request_id)
@@ -408,3 +432,10 @@ class RouterCore:
                  "overlap_blocks": r.decision.overlap_blocks, "reason": r.decision.reason,
                  "peer": r.decision.peer_worker, "device_blocks": r.decision.match.device,
                  "cpu_blocks": r.decision.match.cpu, "disk_blocks": r.decision.match.disk} for r in items]
+
+
+def _decision_attributes(d: Decision) -> dict[str, Any]:
+    return {"disagg.decode_worker": d.decode_worker, "disagg.prefill_worker": d.prefill_worker or "",
+            "disagg.peer_worker": d.peer_worker or "", "disagg.reason": d.reason,
+            "disagg.cached_blocks.device": d.match.device, "disagg.cached_blocks.cpu": d.match.cpu,
+            "disagg.cached_blocks.disk": d.match.disk}

@@ -24,6 +24,7 @@ from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore, RouterCoreConfig
+from disagg.tracing import TracingConfig, make_tracer
 
 
 @dataclass
@@ -41,6 +42,7 @@ class RouterConfig:
     api_keys: dict[str, str] | None = None  # key -> tenant (several keys, one tenant each)
     admission: dict[str, Any] = field(default_factory=dict)  # AdmissionConfig fields (limits, deadlines, weights)
     capacity: dict[str, Any] = field(default_factory=dict)  # CapacityConfig fields (saturation thresholds)
+    tracing: dict[str, Any] = field(default_factory=dict)  # TracingConfig fields (OTLP endpoint, sampling)
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
 
@@ -59,7 +61,8 @@ class RouterServer:
         max_len = min(config.max_model_len, ModelConfig.from_dir(model_dir).max_position_embeddings)
         self.core = RouterCore(prefill, decode, PolicyConfig(**config.policy), config.block_size,
                                RouterCoreConfig(**config.core), HealthConfig(**config.health),
-                               AdmissionConfig(**config.admission), CapacityConfig(**config.capacity))
+                               AdmissionConfig(**config.admission), CapacityConfig(**config.capacity),
+                               make_tracer(TracingConfig(**config.tracing), "router"))
         name = config.served_model_name or model_dir.name
         self.app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys))
         port = config.port or free_port(config.host)

@@ -1,0 +1,103 @@
+"""Per-stage latency breakdown from the spans a traced run wrote (JSON lines, `--trace-dir`): for each request, how
+long it spent queued in the router, being routed, queued and computing its prefill, moving KV, queued and
+computing its decode - joined with the client's own end-to-end time, so the remainder ("other": HTTP, RPC hops,
+tokenization) is explicit and the stages plus "other" add up to the measured E2E."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench.common import percentile
+from bench.report import RequestRecord
+
+STAGES = ("router.queue", "router.route", "prefill.queue", "prefill.compute", "kv.transfer", "decode.queue",
+          "decode.compute")
+
+
+def load_spans(directory: str | Path) -> list[dict[str, Any]]:
+    spans = []
+    for path in sorted(Path(directory).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                spans.append(json.loads(line))
+    return spans
+
+
+def per_request(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """request id -> {"trace_id", "root": span, "stages": {stage: seconds}, "spans": [...]}."""
+    by_trace: dict[str, list[dict]] = defaultdict(list)
+    for span in spans:
+        by_trace[span["trace_id"]].append(span)
+    out = {}
+    for trace_id, group in by_trace.items():
+        roots = [s for s in group if "gen_ai.response.id" in s["attributes"]]
+        if not roots:
+            continue
+        root = roots[0]
+        stages = {name: 0.0 for name in STAGES}
+        for s in group:
+            if s["name"] in stages:
+                stages[s["name"]] += (s["end_ns"] - s["start_ns"]) / 1e9
+        out[root["attributes"]["gen_ai.response.id"]] = {"trace_id": trace_id, "root": root, "stages": stages,
+                                                         "spans": group}
+    return out
+
+
+def breakdown(records: list[RequestRecord], spans: list[dict[str, Any]]) -> dict[str, Any]:
+    """p50 / p99 of every stage over the completed requests that have a trace, plus "other" (client E2E minus
+    the stages) and the share of requests whose stages add up to their E2E within 2%."""
+    traced = per_request(spans)
+    rows: dict[str, list[float]] = defaultdict(list)
+    within, matched = 0, 0
+    for r in records:
+        t = traced.get(r.request_id or "")
+        if not r.ok or t is None:
+            continue
+        matched += 1
+        total = sum(t["stages"].values())
+        other = r.e2e_s - total
+        for name, seconds in t["stages"].items():
+            rows[name].append(seconds)
+        rows["other"].append(other)
+        rows["e2e"].append(r.e2e_s)
+        within += abs(other) <= 0.02 * r.e2e_s
+    table = {name: {"p50_ms": percentile(v, 50) * 1000, "p99_ms": percentile(v, 99) * 1000,
+                    "mean_ms": sum(v) / len(v) * 1000 if v else float("nan")} for name, v in rows.items()}
+    return {"requests": len(records), "traced": matched, "stages": table,
+            "within_2pct_of_e2e": within / matched if matched else float("nan")}
+
+
+def markdown(label: str, result: dict[str, Any]) -> str:
+    head = "| stage | mean ms | p50 ms | p99 ms |\n|---|---:|---:|---:|"
+    lines = [f"**{label}**: {result['traced']} of {result['requests']} requests traced; stages + other within 2% "
+             f"of E2E for {result['within_2pct_of_e2e']:.0%}", "", head]
+    for name in (*STAGES, "other", "e2e"):
+        s = result["stages"].get(name)
+        if s is not None:
+            lines.append(f"| {name} | {s['mean_ms']:,.1f} | {s['p50_ms']:,.1f} | {s['p99_ms']:,.1f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """Stacked bars of the mean time per stage, one bar per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    bottom = [0.0] * len(labels)
+    for name in (*STAGES, "other"):
+        values = [results[lab]["stages"].get(name, {}).get("mean_ms", 0.0) for lab in labels]
+        ax.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("mean time per request (ms)")
+    ax.set_title("where a request's time goes")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,61 @@
+"""Tracing on a real cluster: 1 prefill + 2 decode Ray workers, the router actor, HTTP clients.  Every request
+yields one connected trace with every stage, the client's traceparent is honoured, and the stage breakdown the
+bench computes adds up to the client's end-to-end time."""
+import time
+
+import httpx
+import pytest
+import ray
+
+from bench import stages
+from bench.report import RequestRecord
+from disagg.cluster.launch import ClusterConfig, Service
+
+
+@pytest.fixture(scope="module")
+def traced(smollm_dir, tmp_path_factory):
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    spans_dir = tmp_path_factory.mktemp("spans")
+    svc = Service(ClusterConfig(num_prefill=1, num_decode=2, tiers=None, tracing={"file_dir": str(spans_dir)},
+                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
+                  {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
+    yield svc, spans_dir
+    svc.shutdown()
+    ray.shutdown()
+
+
+def test_every_request_is_one_connected_trace_with_every_stage(traced, smollm_dir):
+    svc, spans_dir = traced
+    client_trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    records = []
+    with httpx.Client(base_url=svc.url, timeout=120) as http:
+        for i in range(6):
+            headers = {"traceparent": f"00-{client_trace}-00f067aa0ba902b7-01"} if i == 0 else {}
+            body = {"model": smollm_dir.name, "prompt": [(41 * i + 7 * j) % 40000 + 300 for j in range(80)],
+                    "max_tokens": 8, "ignore_eos": True, "temperature": 0}
+            t0 = time.perf_counter()
+            r = http.post("/v1/completions", json=body, headers=headers)
+            assert r.status_code == 200
+            rec = RequestRecord(i, 80, 8, 0.0, e2e_s=time.perf_counter() - t0, ttft_s=0.0, output_tokens=8)
+            rec.request_id = r.json()["id"]
+            records.append(rec)
+    time.sleep(1.5)  # exporters flush every 200 ms
+    spans = stages.load_spans(spans_dir)
+    traces = stages.per_request(spans)
+    assert set(traces) == {r.request_id for r in records}  # 100% of requests produced a trace
+    for rid, t in traces.items():
+        names = {s["name"] for s in t["spans"]}
+        for stage in stages.STAGES:
+            assert stage in names, (rid, stage, names)
+        root = t["root"]
+        assert all(s["parent_id"] == root["span_id"] for s in t["spans"] if s is not root)  # connected
+        services = {s["service"] for s in t["spans"]}
+        assert services == {"disagg-router", "disagg-worker"}
+        workers = {s["attributes"].get("disagg.worker") for s in t["spans"] if s["service"] == "disagg-worker"}
+        assert len(workers) == 2  # the prefill worker and one decode worker
+        assert root["attributes"]["gen_ai.usage.output_tokens"] == 8
+        assert root["attributes"]["gen_ai.request.model"] == smollm_dir.name
+    assert traces[records[0].request_id]["trace_id"] == client_trace  # the client's trace continues here
+    result = stages.breakdown(records, spans)
+    assert result["traced"] == 6 and result["within_2pct_of_e2e"] >= 5 / 6
+    assert result["stages"]["prefill.compute"]["p50_ms"] > 0 and result["stages"]["kv.transfer"]["p50_ms"] > 0
