@@ -173,9 +173,10 @@ def test_a_peer_reads_a_prefix_out_of_another_workers_cpu_tier_over_nixl(cluster
     request = Request("cpu-pull", prefix + list(range(40, 60)), GREEDY)
     offer = PrefillResult.from_wire(ray.get(owner.export_prefix.remote(request.to_wire())))
     assert offer.regions == ["cpu"] * 5 and offer.first_token is None and offer.num_tokens == 5 * BLOCK
-    reads = cluster.stats()[1]["reads"]
+    before = cluster.stats()[1]
     expected = LLMEngine(EngineConfig(**engine_cfg)).generate([request.prompt_token_ids], GREEDY)[0].token_ids
     assert _stream(reader, request, offer.to_wire()) == expected
-    stats = cluster.stats()
-    assert stats[1]["reads"] == reads + 1 and stats[1]["transfer_failures"] == 0
+    after = cluster.stats()[1]
+    assert after["reads"] == before["reads"] + 1 and after["transfer_failures"] == before["transfer_failures"]
+    assert after["loaded_tokens"] - before["loaded_tokens"] == 5 * BLOCK
     assert _wait_for(lambda: _all_blocks_free(cluster))  # the read's notification released the owner's lease

@@ -33,12 +33,12 @@ from typing import Any, AsyncIterator, Callable
 from disagg.cluster.spans import WorkerSpans
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.kv.disk_tier import DiskTierBusy
+from disagg.kv.disk_tier import CORRUPT_REASONS, DiskTierBusy
 from disagg.kv.fingerprint import engine_fingerprint
 from disagg.kv.peer import PeerSource
 from disagg.kv.store import TierConfig, TieredStore
 from disagg.model_store import cache_root
-from disagg.protocol import Heartbeat, KVEvent, KVEventBatch, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import Heartbeat, KVEvent, KVEventBatch, PrefillResult, Request, Role, Tier, TokenDelta
 from disagg.tracing import TracingConfig
 from disagg.transfer.base import KVLayout, KVTransport
 from disagg.transfer.fake import Fault, FaultyTransport
@@ -215,17 +215,17 @@ class EngineWorker:
                **{k: float(v) for k, v in self.counters.items()}}
         for kind, n in c.loaded_blocks.items():
             out[f"loaded_blocks:{kind}"] = n
-        if self.tiers is not None:
+        if self.tiers is not None:  # every tier and reason reported, zeros included (dashboards need the series)
             t = self.tiers.stats
             out["tier_query_blocks"] = t.query_blocks
             for name, counter in (("hit_blocks", t.hit_blocks), ("loaded_blocks", t.loaded_blocks),
                                   ("stored_blocks", t.stored_blocks), ("bytes_stored", t.bytes_stored),
                                   ("bytes_loaded", t.bytes_loaded), ("evictions", t.evictions),
                                   ("load_seconds", t.load_seconds), ("loads", t.loads)):
-                for tier, v in counter.items():
-                    out[f"tier_{name}:{tier.value}"] = float(v)
-            for reason, v in t.corrupt.items():
-                out[f"tier_corrupt:{reason}"] = float(v)
+                for tier in (Tier.CPU, Tier.DISK):
+                    out[f"tier_{name}:{tier.value}"] = float(counter.get(tier, 0))
+            for reason in CORRUPT_REASONS:
+                out[f"tier_corrupt:{reason}"] = float(t.corrupt.get(reason, 0))
             out["tier_write_failures"] = t.write_failures
             out["tier_store_skipped"] = t.store_skipped
         return out

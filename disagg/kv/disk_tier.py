@@ -41,6 +41,9 @@ class DiskTierBusy(OSError):
     """Another live process owns this disk tier directory."""
 
 
+CORRUPT_REASONS = ("missing", "truncated", "foreign", "checksum", "header")
+
+
 class CorruptBlock(Exception):
     """A block file that must not be used; `reason` is one of: missing, truncated, foreign, checksum, header."""
 
