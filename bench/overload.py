@@ -93,12 +93,16 @@ async def open_loop(url: str, model: str, streams: list[tuple[str, int, float]],
         return list(await asyncio.gather(*(fire(i, at, t, p) for i, (at, t, p) in enumerate(plan))))
 
 
-def summarize(shots: list[Shot], duration_s: float, ttft_slo: float, tpot_slo: float) -> dict[str, Any]:
+def summarize(shots: list[Shot], arrivals_s: float, ttft_slo: float, tpot_slo: float) -> dict[str, Any]:
+    """Goodput and throughput per second of the whole run: from the first arrival to the last answer (a
+    backlog that outlives the arrivals counts against the rate)."""
+    ends = [s.start + (s.e2e_s if s.e2e_s is not None else (s.answered_s or 0.0)) for s in shots]
+    duration_s = max([arrivals_s, *ends])
     ok = [s for s in shots if s.status == 200 and s.e2e_s is not None]
     good = [s for s in ok if s.ttft_s is not None and s.ttft_s <= ttft_slo and
             (s.tokens < 2 or (s.e2e_s - s.ttft_s) / (s.tokens - 1) <= tpot_slo)]
     refused = [s for s in shots if s.status == 429]
-    return {"sent": len(shots), "completed": len(ok), "rejected_429": len(refused),
+    return {"sent": len(shots), "completed": len(ok), "rejected_429": len(refused), "duration_s": duration_s,
             "failed_other": len(shots) - len(ok) - len(refused), "goodput": len(good) / duration_s,
             "throughput": len(ok) / duration_s, "ttft_p50_ms": percentile([s.ttft_s for s in ok], 50) * 1000,
             "ttft_p99_ms": percentile([s.ttft_s for s in ok], 99) * 1000,
@@ -113,7 +117,7 @@ def _service(args: argparse.Namespace, admission: bool):
     engine = {"model": args.model or str(default_model_dir()), "kv_cache_memory_mb": 256, "num_threads": 1}
     router: dict[str, Any] = {"port": 0}
     if admission:  # queue deadline = the TTFT SLO; saturation thresholds sized for the SLOs on this machine
-        router["admission"] = {"default_deadline_s": args.slo_ttft_s}
+        router["admission"] = {"default_deadline_s": args.queue_deadline_s}
         router["capacity"] = {"max_running": args.max_running,
                               "max_prefill_queue_tokens": args.max_prefill_queue_tokens}
     else:  # the old behaviour: dispatch everything at once, workers queue without bound
@@ -244,7 +248,7 @@ def run_sim(args: argparse.Namespace) -> dict[str, Any]:
         trace = _synthetic(streams, duration, args.prompt_tokens, args.output_tokens, seed)
         cfg = SimClusterConfig(num_prefill=args.prefill * args.simulate // 2, num_decode=args.simulate,
                                num_blocks=364, policy={"kind": "kv", "seed": 0},
-                               admission={"default_deadline_s": args.slo_ttft_s} if admission else None,
+                               admission={"default_deadline_s": args.queue_deadline_s} if admission else None,
                                capacity={"max_running": args.max_running,
                                          "max_prefill_queue_tokens": args.max_prefill_queue_tokens})
         result = simulate(trace, scale, cfg, model)
@@ -288,10 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--max-running", type=int, default=8, help="admission: in-flight requests per worker")
-    parser.add_argument("--max-prefill-queue-tokens", type=int, default=800,
+    parser.add_argument("--max-prefill-queue-tokens", type=int, default=400,
                         help="admission: queued prompt tokens per worker")
+    parser.add_argument("--queue-deadline-s", type=float, default=1.0,
+                        help="admission: a request that cannot start within this is refused (the TTFT SLO minus "
+                             "the time a prefill takes, so admitted requests can still meet it)")
     parser.add_argument("--slo-ttft-s", type=float, default=2.0)
-    parser.add_argument("--slo-tpot-s", type=float, default=0.2)
+    parser.add_argument("--slo-tpot-s", type=float, default=0.5)
     parser.add_argument("--simulate", type=int, default=0,
                         help="run the same study in the simulator with this many decode workers (0: real cluster)")
     parser.add_argument("--time-model", default=None, help="simulator step-time model (disagg bench calibrate)")

@@ -53,8 +53,9 @@ def test_fair_share_follows_weights():
         q.submit(_e(f"a{i}", "A"))
     for i in range(1, 4):
         q.submit(_e(f"b{i}", "B"))
-    # A's counter grows by 100/3 per request, B's by 100: A gets 3 requests for each of B's while both wait
-    assert _drain(q) == ["a1", "b1", "a2", "a3", "a4", "b2", "a5", "a6", "b3"]
+    # A's counter grows by 100/3 per request, B's by 100: A gets 3 requests for each of B's while both wait.
+    # Ties (0 = 0, then 100 = 100) go to the tenant with less queued: B (3 < 6, then 2 < 3)
+    assert _drain(q) == ["b1", "a1", "a2", "a3", "b2", "a4", "a5", "a6", "b3"]
 
 
 def test_generated_tokens_count_and_an_idle_tenant_banks_no_credit():
@@ -105,6 +106,15 @@ def test_deadline_estimate_refuses_at_once_with_retry_after():
     assert exc.value.code == "deadline" and exc.value.retry_after_s == pytest.approx(4.0)
     q.submit(_e("patient", tokens=10, now=2.0, deadline=7.0))  # 5 s of patience is enough
     assert q.estimated_wait(priority=10, tokens=1) is None  # nothing queued in a higher band
+
+
+def test_expiry_empties_whole_bands_and_tenants_safely():
+    q, clock = _q()
+    for i, (tenant, prio) in enumerate([("a", 0), ("b", 0), ("a", 3), ("c", -2)]):
+        q.submit(_e(f"r{i}", tenant, priority=prio, deadline=1.0))
+    clock.now = 2.0
+    assert sorted(e.request_id for e in q.expire()) == ["r0", "r1", "r2", "r3"]
+    assert len(q) == 0 and q.depth() == {} and q.rejected["deadline"] == 4
 
 
 def test_queued_requests_expire_and_cancelled_ones_leave_at_once():

@@ -117,3 +117,17 @@ def test_higher_priority_joins_the_queue_ahead_of_lower_ones():
         seq.priority = prio
         sched.add(seq)
     assert [s.request_id for s in sched.waiting] == ["urgent", "urgent2", "a", "b", "c"]
+
+
+def test_running_high_priority_prefill_takes_the_step_budget_first():
+    sched = Scheduler(BlockPool(64), 4, max_num_seqs=8, max_num_batched_tokens=24)
+    background = _seq("background", 40)
+    sched.add(background)
+    _run_step(sched)  # 24 of background's 40 prompt tokens
+    urgent = Sequence("urgent", list(range(100, 116)), SamplingParams(max_tokens=4), 4)  # nothing in common
+    urgent.priority = 5
+    sched.add(urgent)
+    batch = _run_step(sched)  # background finishes its prompt (16), urgent gets the 8 tokens left
+    assert [s.request_id for s in batch.seqs] == ["background", "urgent"] and batch.num_new_tokens == [16, 8]
+    batch = _run_step(sched)  # now urgent's prefill comes first, background's decode after it
+    assert [s.request_id for s in batch.seqs] == ["urgent", "background"] and batch.num_new_tokens == [8, 1]

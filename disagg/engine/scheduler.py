@@ -84,6 +84,8 @@ class Scheduler:
         batch = ScheduledBatch()
         self.poll_loads()
         budget = self.max_num_batched_tokens
+        if any(seq.priority for seq in self.running):
+            self.running.sort(key=lambda s: -s.priority)  # higher priorities take the step's budget first (stable)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]

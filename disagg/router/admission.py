@@ -162,16 +162,12 @@ class AdmissionQueue:
     def expire(self, now: float | None = None) -> list[Entry]:
         """Refuse queued entries whose deadline passed."""
         now = self.clock() if now is None else now
-        out = []
-        for band in self._bands.values():
-            for queue in band.values():
-                for entry in [e for e in queue if e.deadline <= now]:
-                    self._remove(entry)
-                    wait = self.estimated_wait(entry.priority, 0, entry.tenant)
-                    entry.rejection = self._refuse(entry, Rejection.DEADLINE, wait,
-                                                   "could not start before its deadline")
-                    entry.state = EntryState.REJECTED
-                    out.append(entry)
+        out = [e for band in self._bands.values() for q in band.values() for e in q if e.deadline <= now]
+        for entry in out:  # removing empties the queue dicts: collect first
+            self._remove(entry)
+            wait = self.estimated_wait(entry.priority, 0, entry.tenant)
+            entry.rejection = self._refuse(entry, Rejection.DEADLINE, wait, "could not start before its deadline")
+            entry.state = EntryState.REJECTED
         return out
 
     def pop_next(self, can_dispatch: Callable[[Entry], bool]) -> Entry | None:
@@ -179,8 +175,10 @@ class AdmissionQueue:
         None if the queue is empty or that entry must wait for capacity (strict: nothing overtakes it)."""
         for priority in sorted((p for p, band in self._bands.items() if any(band.values())), reverse=True):
             band = self._bands[priority]
+            # smallest counter first; on a tie (a tenant lifted to the band's level when it came back) the one
+            # with less queued goes first, then the oldest request
             tenant = min((t for t, q in band.items() if q),
-                         key=lambda t: (self._counters.get(t, 0.0), band[t][0].order))
+                         key=lambda t: (self._counters.get(t, 0.0), len(band[t]), band[t][0].order))
             entry = band[tenant][0]
             if not can_dispatch(entry):
                 return None
@@ -279,6 +277,7 @@ class CapacityConfig:
     max_prefill_queue_tokens: int = 4096  # prompt tokens dispatched to a worker and not yet past their first token
     max_kv_fraction: float = 0.9  # of the worker's KV blocks (from its heartbeats) held by in-flight requests
     max_running: int = 64  # in-flight requests per decode worker
+    priority_headroom: float = 0.25  # requests with priority > 0 may fill workers this much beyond the limits
 
 
 class AdmissionControl:

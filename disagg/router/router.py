@@ -192,34 +192,37 @@ class RouterCore:
             ticket.hashes = []
 
     # ------------------------------------------------------------------ admission
-    def _room_to_decode(self, name: str, blocks: int) -> bool:
+    def _room_to_decode(self, name: str, blocks: int, scale: float) -> bool:
         load, cap = self.loads[name], self.capacity
         if load.active_requests == 0:
             return True  # an idle worker always takes one request, however large
         hb = self.health.workers[name].heartbeat
         total = hb.gauges.get("kv_blocks_total") if hb is not None else None
-        return load.active_requests < cap.max_running and (
-            total is None or load.active_blocks + blocks <= total * cap.max_kv_fraction)
+        return load.active_requests < cap.max_running * scale and (
+            total is None or load.active_blocks + blocks <= total * min(1.0, cap.max_kv_fraction * scale))
 
-    def _room_to_prefill(self, name: str) -> bool:
+    def _room_to_prefill(self, name: str, scale: float) -> bool:
         queued = self.loads[name].queued_prefill_tokens
-        return queued == 0 or queued < self.capacity.max_prefill_queue_tokens
+        return queued == 0 or queued < self.capacity.max_prefill_queue_tokens * scale
 
-    def has_room(self, name: str, num_tokens: int) -> bool:
+    def has_room(self, name: str, num_tokens: int, priority: int = 0) -> bool:
         """Whether decode worker `name` can take a request now: KV and slot room, and prefill room on it or on a
-        prefill worker (separate prefill and decode saturation)."""
-        if not self.health.routable(name) or not self._room_to_decode(name, -(-num_tokens // self.block_size)):
+        prefill worker (separate prefill and decode saturation).  Requests with priority > 0 may use the
+        headroom above the limits, so urgent work does not wait for a slot behind background load."""
+        scale = 1.0 + (self.capacity.priority_headroom if priority > 0 else 0.0)
+        if not self.health.routable(name) or not self._room_to_decode(name, -(-num_tokens // self.block_size),
+                                                                     scale):
             return False
-        return self._room_to_prefill(name) or any(
-            self.health.routable(p) and self._room_to_prefill(p) for p in self.prefill)
+        return self._room_to_prefill(name, scale) or any(
+            self.health.routable(p) and self._room_to_prefill(p, scale) for p in self.prefill)
 
     def _can_dispatch(self, entry: Entry) -> bool:
         if self._dispatching:  # one at a time: the next waits until this one's load is counted (begin)
             return False
         if entry.worker is not None:  # routed on arrival: wait for that worker
-            ok = self.has_room(entry.worker, entry.tokens)
+            ok = self.has_room(entry.worker, entry.tokens, entry.priority)
         else:
-            ok = any(self.has_room(n, entry.tokens) for n in self.decode)
+            ok = any(self.has_room(n, entry.tokens, entry.priority) for n in self.decode)
         if ok:
             self._dispatching = entry.request_id
         return ok
@@ -229,11 +232,13 @@ class RouterCore:
             self._dispatching = None
             self.admission.pump()
 
-    def _route_with_room(self, request: Request, session: str | None, hashes: list[int]) -> Decision:
+    def _route_with_room(self, request: Request, session: str | None, hashes: list[int],
+                         priority: int = 0) -> Decision:
         """Route among the workers with room (fresh index state); if none has room any more (a worker just
         died), among every READY worker."""
         try:
-            return self.route(request, session, hashes, only=lambda n: self.has_room(n, request.num_tokens))
+            return self.route(request, session, hashes,
+                              only=lambda n: self.has_room(n, request.num_tokens, priority))
         except ServiceUnavailable:
             return self.route(request, session, hashes)
 
@@ -284,7 +289,7 @@ class RouterCore:
                     if migration == 0 and first_decision is not None:
                         decision = first_decision
                     else:
-                        decision = self._route_with_room(attempt, session, hashes)
+                        decision = self._route_with_room(attempt, session, hashes, priority)
                     if routing.is_recording():
                         routing.set_attributes(_decision_attributes(decision))
                 if on_route is not None:
