@@ -8,7 +8,9 @@
    served to each against their max-min fair allocation (Jain's index) and the light tenant's TTFT p99 against
    its unloaded p99;
 4. priority: 10% of the traffic at priority 10 while the rest (priority 0) brings the total to 2x capacity:
-   the urgent requests' TTFT p99 against unloaded.
+   the urgent requests' TTFT p99 against unloaded;
+5. (simulator only) rescore: prompts sharing prefixes at 2x capacity, a queued request routed when it leaves
+   the queue vs when it arrives: prefix-cache hit ratio and goodput.
 
     disagg bench overload --decode 2 --duration 30 --out bench/results/overload
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import time
@@ -211,16 +214,26 @@ def tenant_fairness(shots: list[Shot], per_request_tokens: int, light_base_ms: f
 
 # ---------------------------------------------------------------------- the same study in the simulator
 def _synthetic(streams: list[tuple[str, int, float]], duration_s: float, prompt_tokens: int, output_tokens: int,
-               seed: int) -> list:
-    """Poisson arrivals of one request shape as a trace (no hash_ids: every prompt is distinct)."""
+               seed: int, prefixes: int = 0, shared_blocks: int = 0) -> list:
+    """Poisson arrivals of one request shape as a trace (16-token hash blocks).  prefixes=0: every prompt
+    distinct; else each prompt starts with one of `prefixes` shared prefixes of `shared_blocks` blocks (documents,
+    system prompts) and ends with its own blocks, so where a request is routed decides its cache hits."""
     from bench.traces.record import TraceRequest
 
     rng = random.Random(seed)
     out = []
+    blocks = -(-prompt_tokens // 16)
+    unique = itertools.count(1 << 30)
     for tenant, priority, rate in streams:
         t = rng.expovariate(rate)
         while t < duration_s:
-            out.append(TraceRequest(t * 1000, prompt_tokens, output_tokens, tenant=tenant, priority=priority))
+            hash_ids: list[int] = []
+            if prefixes:
+                group = rng.randrange(prefixes)
+                hash_ids = [group * shared_blocks + j for j in range(shared_blocks)] + \
+                    [next(unique) for _ in range(blocks - shared_blocks)]
+            out.append(TraceRequest(t * 1000, prompt_tokens, output_tokens, hash_ids=hash_ids, tenant=tenant,
+                                    priority=priority))
             t += rng.expovariate(rate)
     return sorted(out, key=lambda r: r.timestamp_ms)
 
@@ -241,17 +254,21 @@ def run_sim(args: argparse.Namespace) -> dict[str, Any]:
     from bench.traces.record import TraceScale
 
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    scale = TraceScale(block_tokens=512, native_block=512)  # lengths as given
+    scale = TraceScale(block_tokens=16, native_block=16)  # lengths as given
     slo = (args.slo_ttft_s, args.slo_tpot_s)
 
-    def go(streams, duration, admission=True, seed=0):
-        trace = _synthetic(streams, duration, args.prompt_tokens, args.output_tokens, seed)
+    def go(streams, duration, admission=True, seed=0, rescore=True, prefixes=0, stats=None):
+        trace = _synthetic(streams, duration, args.prompt_tokens, args.output_tokens, seed, prefixes,
+                           args.shared_blocks)
         cfg = SimClusterConfig(num_prefill=args.prefill * args.simulate // 2, num_decode=args.simulate,
                                num_blocks=364, policy={"kind": "kv", "seed": 0},
                                admission={"default_deadline_s": args.queue_deadline_s} if admission else None,
                                capacity={"max_running": args.max_running,
-                                         "max_prefill_queue_tokens": args.max_prefill_queue_tokens})
+                                         "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
+                               rescore_on_dispatch=rescore)
         result = simulate(trace, scale, cfg, model)
+        if stats is not None:
+            stats.update(result.prefix_cache)
         return _sim_summary(result.records, trace, duration, slo)
     out: dict[str, Any] = {"settings": vars(args)}
     unloaded = go([("light", 0, 0.1 * args.simulate), ("urgent", 10, 0.1 * args.simulate)], args.duration)
@@ -278,6 +295,20 @@ def run_sim(args: argparse.Namespace) -> dict[str, Any]:
         for r in rows:
             r["goodput_vs_peak"] = r["goodput"] / peak
         out["sweep"][mode] = rows
+    out["rescore"] = rescore_study(go, capacity, args, slo)
+    return out
+
+
+def rescore_study(go, capacity: float, args: argparse.Namespace, slo: tuple[float, float]) -> dict[str, Any]:
+    """Issue 11 item 4: with prompts that share prefixes, at 2x capacity, route a queued request when it leaves
+    the queue (fresh index, only workers with room) vs when it arrives (and wait for that worker)."""
+    out = {}
+    for mode, rescore in (("rescore_on_dispatch", True), ("route_on_arrival", False)):
+        stats: dict[str, float] = {}
+        shots = go([("default", 0, 2 * capacity)], args.duration, seed=3, rescore=rescore,
+                   prefixes=args.prefixes or 4 * args.simulate, stats=stats)
+        out[mode] = {**summarize(shots, args.duration, *slo), "hit_ratio": stats.get("hit_ratio")}
+        print(f"[overload] rescore {mode}: {out[mode]}", flush=True)
     return out
 
 
@@ -302,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simulate", type=int, default=0,
                         help="run the same study in the simulator with this many decode workers (0: real cluster)")
     parser.add_argument("--time-model", default=None, help="simulator step-time model (disagg bench calibrate)")
+    parser.add_argument("--prefixes", type=int, default=0,
+                        help="simulator rescore study: shared prefixes (0: 4 per decode worker)")
+    parser.add_argument("--shared-blocks", type=int, default=8, help="16-token blocks each shared prefix spans")
     parser.add_argument("--out", default="bench/results/overload")
     args = parser.parse_args(argv)
     result = run_sim(args) if args.simulate else run(args)

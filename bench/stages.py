@@ -44,22 +44,26 @@ def per_request(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         # the router's span minus its stages: calls and replies crossing processes (Ray RPCs), tokenization,
         # the SSE writes - measured by the spans' edges, not estimated
         stages["transit"] = max(0.0, (root["end_ns"] - root["start_ns"]) / 1e9 - sum(stages.values()))
+        present = frozenset(s["name"] for s in group if s["name"] in STAGES)
         out[root["attributes"]["gen_ai.response.id"]] = {"trace_id": trace_id, "root": root, "stages": stages,
-                                                         "spans": group}
+                                                         "spans": group, "present": present}
     return out
 
 
 def breakdown(records: list[RequestRecord], spans: list[dict[str, Any]]) -> dict[str, Any]:
     """p50 / p99 of every stage over the completed requests that have a trace, plus "other" (client E2E minus
-    the stages) and the share of requests whose stages add up to their E2E within 2%."""
+    the stages) and the share of requests whose stages add up to their E2E within 2%, and of those whose one
+    trace holds every stage (meaningful for a disaggregated configuration: a local prefill has no prefill or
+    transfer span)."""
     traced = per_request(spans)
     rows: dict[str, list[float]] = defaultdict(list)
-    within, matched = 0, 0
+    within, matched, complete = 0, 0, 0
     for r in records:
         t = traced.get(r.request_id or "")
         if not r.ok or t is None:
             continue
         matched += 1
+        complete += t["present"] == frozenset(STAGES)
         total = sum(t["stages"].values())
         other = r.e2e_s - total
         for name, seconds in t["stages"].items():
@@ -70,13 +74,15 @@ def breakdown(records: list[RequestRecord], spans: list[dict[str, Any]]) -> dict
     table = {name: {"p50_ms": percentile(v, 50) * 1000, "p99_ms": percentile(v, 99) * 1000,
                     "mean_ms": sum(v) / len(v) * 1000 if v else float("nan")} for name, v in rows.items()}
     return {"requests": len(records), "traced": matched, "stages": table,
-            "within_2pct_of_e2e": within / matched if matched else float("nan")}
+            "within_2pct_of_e2e": within / matched if matched else float("nan"),
+            "every_stage": complete / matched if matched else float("nan")}
 
 
 def markdown(label: str, result: dict[str, Any]) -> str:
     head = "| stage | mean ms | p50 ms | p99 ms |\n|---|---:|---:|---:|"
-    lines = [f"**{label}**: {result['traced']} of {result['requests']} requests traced; stages + other within 2% "
-             f"of E2E for {result['within_2pct_of_e2e']:.0%}", "", head]
+    lines = [f"**{label}**: {result['traced']} of {result['requests']} requests traced, "
+             f"{result.get('every_stage', float('nan')):.0%} with every stage in one trace; stages + transit within "
+             f"2% of the client's E2E for {result['within_2pct_of_e2e']:.0%}", "", head]
     for name in (*STAGES, "transit", "other", "e2e"):
         s = result["stages"].get(name)
         if s is not None:

@@ -75,6 +75,8 @@ def test_kv_events_drive_the_real_router_to_the_holder():
         _finish(cluster, [(f"q{i}", prefix + [2 + i] * 3, 2)])
         assert cluster.router.decision_of(f"q{i}").decode_worker == holder
     assert cluster.prefix_cache()["hit_ratio"] > 0.8
+    # the router predicted every hit exactly (10 cached blocks of each 163-token prompt; nothing for the first)
+    assert cluster.staleness == [0] * 7 and cluster.staleness_summary()["exact"] == 1.0
 
 
 def test_agent_workload_kv_routing_beats_round_robin_on_hits_at_16_workers():

@@ -108,3 +108,17 @@ def test_metrics_show_per_worker_tier_figures_with_their_values(tiny_llama_dir):
     assert samples[("disagg:worker_loaded_tokens_total", "a", "")] == stats["loaded_tokens"] == 64
     assert samples[("disagg:worker_kv_blocks_total", "a", "")] == 64
     assert samples[("disagg:worker_state", "a", None)] == 1
+
+
+def test_priority_headroom_adds_whole_slots_above_the_running_limit():
+    from disagg.router.admission import CapacityConfig
+
+    core = RouterCore({}, {"w": None}, block_size=16, capacity=CapacityConfig(max_running=4, priority_headroom=0.25))
+    core.loads["w"].active_requests = 4
+    assert not core.has_room("w", 16, priority=0)  # saturated for normal work
+    assert core.has_room("w", 16, priority=5)  # one extra slot for urgent work
+    core.loads["w"].active_requests = 5
+    assert not core.has_room("w", 16, priority=5)
+    small = RouterCore({}, {"w": None}, block_size=16, capacity=CapacityConfig(max_running=1, priority_headroom=0.25))
+    small.loads["w"].active_requests = 1
+    assert not small.has_room("w", 16, priority=5)  # 1.25 slots is one slot

@@ -1,13 +1,15 @@
 """The router's admission queue in front of a simulated cluster, in virtual time: the real AdmissionQueue (bands,
 tenant fair share, deadlines, shedding) and the real RouterCore capacity checks (`has_room`); requests leave the
-queue when a worker has room, exactly as `RouterCore.generate` lets them, and refused ones are reported the way
-the HTTP API reports them (429)."""
+queue when a worker has room (with the same priority headroom), and are routed then among the workers with room,
+exactly as `RouterCore.generate` does; with `rescore_on_dispatch` off they are routed on arrival and wait for that
+worker.  Refused ones are reported the way the HTTP API reports them (429)."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 from disagg.errors import Overloaded
 from disagg.protocol import Request, TokenDelta
+from disagg.router.policy import Decision
 from disagg.router.admission import Entry
 
 
@@ -18,7 +20,7 @@ class SimAdmission:
         self.queue = self.router.admission.queue
         self.queue.clock = lambda: cluster.loop.now  # virtual time
         self.tick_s = tick_s
-        self._pending: dict[str, tuple[Request, Callable, str | None]] = {}
+        self._pending: dict[str, tuple[Request, Callable, str | None, Decision | None]] = {}
         self._rejects: dict[str, Callable[[float, Overloaded], None]] = {}
         self._ticking = False
 
@@ -29,6 +31,10 @@ class SimAdmission:
         cfg = self.queue.config
         limit = min(deadline_s or cfg.default_deadline_s, cfg.max_deadline_s)
         entry = Entry(request.request_id, tenant, priority, request.num_tokens, now, now + limit)
+        decision = None
+        if not self.router.config.rescore_on_dispatch:
+            decision = self.router.route(request, session)
+            entry.worker = decision.decode_worker
         try:
             shed = self.queue.submit(entry)
         except Overloaded as exc:
@@ -36,7 +42,7 @@ class SimAdmission:
             return
         for victim in shed:
             self._reject(victim)
-        self._pending[entry.request_id] = (request, on_token, session)
+        self._pending[entry.request_id] = (request, on_token, session, decision)
         self._rejects[entry.request_id] = on_reject
         self.pump()
         self._arm()
@@ -48,12 +54,17 @@ class SimAdmission:
             on_reject(self.cluster.loop.now, entry.rejection)
 
     def pump(self) -> None:
+        router = self.router
+
         def can(entry: Entry) -> bool:
-            return any(self.router.has_room(n, entry.tokens) for n in self.router.decode)
+            if entry.worker is not None:
+                return router.has_room(entry.worker, entry.tokens, entry.priority)
+            return any(router.has_room(n, entry.tokens, entry.priority) for n in router.decode)
         while (entry := self.queue.pop_next(can)) is not None:
-            request, on_token, session = self._pending.pop(entry.request_id)
+            request, on_token, session, decision = self._pending.pop(entry.request_id)
             self._rejects.pop(entry.request_id, None)
-            self.cluster.dispatch(request, on_token, session)
+            self.cluster.dispatch(request, on_token, session, decision=decision,
+                                  only=lambda n, e=entry: router.has_room(n, e.tokens, e.priority))
 
     def _arm(self) -> None:
         if not self._ticking and len(self.queue):

@@ -22,7 +22,8 @@ from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.policy import PolicyConfig
-from disagg.router.router import LoadTicket, RouterCore
+from disagg.router.policy import Decision
+from disagg.router.router import LoadTicket, RouterCore, RouterCoreConfig
 
 from bench.sim.admission import SimAdmission
 from bench.sim.runner import SimRunner, sim_model_config
@@ -48,6 +49,7 @@ class SimClusterConfig:
     kv_retention_s: float = 300.0
     admission: dict[str, Any] | None = None  # AdmissionConfig fields: the router's queue (None: dispatch at once)
     capacity: dict[str, Any] = field(default_factory=dict)  # CapacityConfig fields
+    rescore_on_dispatch: bool = True  # False: a queued request keeps the worker chosen on arrival
 
 
 class EventLoop:
@@ -162,6 +164,7 @@ class _Flight:
     prefill_counted: bool = False  # the prompt's prefix-cache outcome was recorded where it was computed
     handed_off: bool = False  # the prefill worker's part is done
     sent: list[int] = field(default_factory=list)  # tokens delivered so far (a migration resumes after them)
+    predicted: int = 0  # cached prompt tokens the router expected (its staleness is predicted - found)
 
 
 class SimCluster:
@@ -186,12 +189,14 @@ class SimCluster:
         self.decode = {f"decode-{i}": worker(f"decode-{i}") for i in range(config.num_decode)}
         self.router = RouterCore(dict.fromkeys(self.prefill), dict.fromkeys(self.decode),
                                  PolicyConfig(**config.policy), block_size=config.block_size,
+                                 config=RouterCoreConfig(rescore_on_dispatch=config.rescore_on_dispatch),
                                  admission=AdmissionConfig(**(config.admission or {})),
                                  capacity=CapacityConfig(**config.capacity))
         self.admission = SimAdmission(self) if config.admission is not None else None
         self._flights: dict[str, _Flight] = {}
         self.counters = {"remote_prefills": 0, "transferred_blocks": 0}
         self._queries = self._hits = 0
+        self.staleness: list[int] = []  # per request: predicted - found cached tokens (as the API's histogram)
 
     def _attach(self, worker: SimWorker, disk: Any = None) -> None:
         tiers = None
@@ -256,14 +261,18 @@ class SimCluster:
         self.admission.submit(request, on_token, session, on_reject or (lambda now, exc: None), tenant, priority)
 
     def dispatch(self, request: Request, on_token: Callable[[float, TokenDelta], None],
-                 session: str | None = None, _carry: _Flight | None = None) -> None:
-        """Route and start a request now."""
+                 session: str | None = None, _carry: _Flight | None = None, decision: Decision | None = None,
+                 only: Callable[[str], bool] | None = None) -> None:
+        """Start a request now: with `decision` if it was routed on arrival, else routed now (among the workers
+        `only` admits, as the router's queue does when it dispatches)."""
         hashes = self.router.block_hashes(request)
-        decision = self.router.route(request, session, hashes)
+        if decision is None:
+            decision = self.router.route(request, session, hashes, only=only)
         ticket = self.router.begin(decision, request.num_tokens, hashes)
         decode = self.decode[decision.decode_worker]
         prefill = self.prefill[decision.prefill_worker] if decision.prefill_worker else None
-        flight = _Flight(request, ticket, prefill, decode, on_token, session)
+        flight = _Flight(request, ticket, prefill, decode, on_token, session,
+                         predicted=decision.predicted_cached_tokens(request.num_tokens, self.router.block_size))
         if _carry is not None:  # a migrated request keeps what it already delivered
             flight.sent, flight.prefill_counted = _carry.sent, _carry.prefill_counted
         self._flights[request.request_id] = flight
@@ -284,6 +293,7 @@ class SimCluster:
             self._queries += len(flight.request.prompt_token_ids)
             self._hits += delta.num_cached_tokens
             flight.prefill_counted = True
+            self.staleness.append(flight.predicted - delta.num_cached_tokens)
         if worker is flight.prefill and not flight.handed_off:
             flight.handed_off = True
             self._hand_off(flight, delta)
@@ -321,6 +331,21 @@ class SimCluster:
         """Prompt tokens looked up / found in the prefix cache of the worker that computed the prefill."""
         q, h = self._queries, self._hits
         return {"query_tokens": q, "hit_tokens": h, "hit_ratio": h / q if q else 0.0}
+
+    def staleness_summary(self) -> dict[str, Any] | None:
+        """The router's prediction error over the run (predicted - found cached tokens, per request): the shares
+        exact / over- / under-predicted, as `bench replay` reports them, plus percentiles of the error."""
+        errors = sorted(self.staleness)
+        if not errors:
+            return None
+        n = len(errors)
+
+        def pct(p: float) -> int:
+            return errors[min(n - 1, int(p / 100 * n))]
+        return {"requests": n, "exact": sum(e == 0 for e in errors) / n,
+                "over_predicted": sum(e > 0 for e in errors) / n, "under_predicted": sum(e < 0 for e in errors) / n,
+                "error_tokens_p1": pct(1), "error_tokens_p50": pct(50), "error_tokens_p99": pct(99),
+                "mean_abs_error_tokens": sum(abs(e) for e in errors) / n}
 
 
 def sampling_for(max_tokens: int) -> SamplingParams:

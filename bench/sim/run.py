@@ -99,9 +99,18 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
         records.setdefault(i, RequestRecord(i, 0, 0, 0.0)).error = "never completed in simulation"
     ends = [r.start_s + r.e2e_s for r in records.values() if r.e2e_s is not None]
     counters = dict(cluster.counters, workers=len(cluster.workers), killed=victims,
+                    staleness=cluster.staleness_summary(),
                     busy_fraction=sum(w.busy_seconds for w in cluster.workers) / (len(cluster.workers) * max(ends)),
                     preemptions=sum(w.engine.scheduler.stats.num_preemptions for w in cluster.workers))
     return SimResult([records[i] for i in sorted(records)], max(ends), cluster.prefix_cache(), counters)
+
+
+def _stale(m: dict[str, Any]) -> str:
+    st = m["sim"].get("staleness")
+    if not st:
+        return ""
+    return (f", staleness exact {st['exact']:.0%} over {st['over_predicted']:.0%} under {st['under_predicted']:.0%}"
+            f" (error p1/p50/p99 {st['error_tokens_p1']}/{st['error_tokens_p50']}/{st['error_tokens_p99']} tokens)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                          "decode_workers": spec.num_decode, "policy": spec.policy_config(), "metrics": m})
             records[label] = result.records
             print(f"[{label}] {m['completed']}/{m['num_prompts']} ok, goodput {m['request_goodput']:.3f} req/s, "
-                  f"TTFT p50 {m['median_ttft_ms']:.0f} ms, hit {m['prefix_cache']['hit_ratio']:.1%} "
+                  f"TTFT p50 {m['median_ttft_ms']:.0f} ms, hit {m['prefix_cache']['hit_ratio']:.1%}{_stale(m)} "
                   f"(simulated {result.duration_s:.0f}s in {time.perf_counter() - t0:.1f}s)", flush=True)
     meta = {"title": f"simulated comparison on {workload['name']}", "workload": workload,
             "scale": scale.describe(), "settings": {"time_model": model.__dict__, "configs": args.configs,

@@ -15,8 +15,8 @@ of the service, not 10x.
 
 Deadlines: a request must *start* within its deadline (server default, overridable per request).  On arrival
 the queue estimates the wait from the tokens queued ahead of it (same or higher band) and the measured dispatch
-rate; if the estimate is past the deadline the request is refused at once (429 with a Retry-After from the same
-estimate).  A request still queued at its deadline is refused then.
+rate; if the estimate is past `admit_within` (80%) of the deadline the request is refused at once (429 with a
+Retry-After from the same estimate).  A request still queued at its deadline is refused then.
 
 Pure logic (clock injected, no asyncio): the router core wraps it (router.py) and decides capacity.
 """
@@ -51,6 +51,10 @@ class AdmissionConfig:
     rate_window_s: float = 10.0  # the dispatch rate behind wait estimates is measured over this window
     min_rate_samples: int = 5  # no early refusal before this many dispatches were measured
     min_retry_after_s: float = 1.0
+    # refuse on arrival when the estimated wait passes this fraction of the request's deadline: the estimate
+    # errs both ways under bursty dispatch, and a request refused at its deadline has waited for nothing (its 429
+    # comes late); the rest of the deadline absorbs the error
+    admit_within: float = 0.8
 
     def weight(self, tenant: str) -> float:
         return max(1e-6, self.tenant_weights.get(tenant, 1.0))
@@ -98,7 +102,7 @@ class AdmissionQueue:
         deadline)."""
         cfg = self.config
         wait = self.estimated_wait(entry.priority, entry.tokens, entry.tenant)
-        if wait is not None and entry.arrived + wait > entry.deadline:
+        if wait is not None and wait > (entry.deadline - entry.arrived) * cfg.admit_within:
             raise self._refuse(entry, Rejection.DEADLINE, wait,
                                f"the queue ahead would take ~{wait:.1f}s, past this request's deadline")
         victims: list[Entry] = []
@@ -277,7 +281,7 @@ class CapacityConfig:
     max_prefill_queue_tokens: int = 4096  # prompt tokens dispatched to a worker and not yet past their first token
     max_kv_fraction: float = 0.9  # of the worker's KV blocks (from its heartbeats) held by in-flight requests
     max_running: int = 64  # in-flight requests per decode worker
-    priority_headroom: float = 0.25  # requests with priority > 0 may fill workers this much beyond the limits
+    priority_headroom: float = 0.25  # priority > 0 may fill workers this much beyond the limits (whole slots)
 
 
 class AdmissionControl:

@@ -198,7 +198,8 @@ class RouterCore:
             return True  # an idle worker always takes one request, however large
         hb = self.health.workers[name].heartbeat
         total = hb.gauges.get("kv_blocks_total") if hb is not None else None
-        return load.active_requests < cap.max_running * scale and (
+        # whole slots: a 25% headroom on a 1-slot worker is no extra slot
+        return load.active_requests < int(cap.max_running * scale) and (
             total is None or load.active_blocks + blocks <= total * min(1.0, cap.max_kv_fraction * scale))
 
     def _room_to_prefill(self, name: str, scale: float) -> bool:
