@@ -43,6 +43,7 @@ class Shot:
     e2e_s: float | None = None
     tokens: int = 0
     prompt_tokens: int = 0
+    reject_code: str = ""  # the 429's error code: queue_full / shed / deadline (on arrival) / expired (queued)
 
 
 async def _shot(client: httpx.AsyncClient, model: str, shot: Shot, prompt: list[int], max_tokens: int) -> Shot:
@@ -55,6 +56,8 @@ async def _shot(client: httpx.AsyncClient, model: str, shot: Shot, prompt: list[
             shot.status, shot.answered_s = r.status_code, time.perf_counter() - t0
             if r.status_code != 200:
                 await r.aread()
+                if r.status_code == 429:
+                    shot.reject_code = r.json()["error"].get("code") or ""
                 return shot
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -109,8 +112,23 @@ def summarize(shots: list[Shot], arrivals_s: float, ttft_slo: float, tpot_slo: f
             "failed_other": len(shots) - len(ok) - len(refused), "goodput": len(good) / duration_s,
             "throughput": len(ok) / duration_s, "ttft_p50_ms": percentile([s.ttft_s for s in ok], 50) * 1000,
             "ttft_p99_ms": percentile([s.ttft_s for s in ok], 99) * 1000,
+            "tpot_p99_ms": percentile([(s.e2e_s - s.ttft_s) / (s.tokens - 1) for s in ok
+                                       if s.ttft_s is not None and s.tokens > 1], 99) * 1000,
+            "met_ttft": sum(s.ttft_s is not None and s.ttft_s <= ttft_slo for s in ok),
             "reject_p50_ms": percentile([s.answered_s for s in refused], 50) * 1000,
-            "reject_p99_ms": percentile([s.answered_s for s in refused], 99) * 1000}
+            "reject_p99_ms": percentile([s.answered_s for s in refused], 99) * 1000,
+            **_reject_split(refused)}
+
+
+def _reject_split(refused: list[Shot]) -> dict[str, Any]:
+    """429s refused on arrival (queue full, or the wait estimate past the deadline) come back at once; those
+    that waited in the queue (shed by a higher band, or still queued at their deadline) come back later."""
+    waited = {"shed", "expired"}
+    arrival = [s.answered_s for s in refused if s.reject_code not in waited]
+    queued = [s.answered_s for s in refused if s.reject_code in waited]
+    return {"rejected_on_arrival": len(arrival), "rejected_while_queued": len(queued),
+            "reject_on_arrival_p99_ms": percentile(arrival, 99) * 1000,
+            "reject_while_queued_p50_ms": percentile(queued, 50) * 1000}
 
 
 def _service(args: argparse.Namespace, admission: bool):
@@ -143,9 +161,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _warm(svc.url, 49152, args.prefill + args.decode)
         model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]
 
+        out["router_after_phase"] = after = {}
+
         def go(streams, duration, seed=0):
-            return asyncio.run(open_loop(svc.url, model, streams, duration, args.prompt_tokens, args.output_tokens,
-                                         seed))
+            shots = asyncio.run(open_loop(svc.url, model, streams, duration, args.prompt_tokens,
+                                          args.output_tokens, seed))
+            key = f"{len(after)}:{streams[0][0]}"
+            after[key] = _router_state(svc)  # restarts or leftovers would skew the later phases
+            print(f"[overload] router after {key}: {after[key]}", flush=True)
+            return shots
         # unloaded: one stream at a tenth of a guess, to know the no-queue TTFT
         unloaded = go([("light", 0, 0.2), ("urgent", 10, 0.2)], args.duration / 2)
         base = {t: percentile([s.ttft_s for s in unloaded if s.tenant == t and s.ttft_s is not None], 99) * 1000
@@ -177,6 +201,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         ray.shutdown()
     return out
+
+
+def _router_state(svc) -> dict[str, Any]:
+    import ray
+
+    health = ray.get(svc.router.health.remote())
+    return {"states": {n: w["state"] for n, w in health["workers"].items()},
+            "restarts": sum(w["restarts"] for w in health["workers"].values()),
+            "busy": {n: load for n, load in health["loads"].items() if any(load.values())}}
 
 
 def sweep(go, capacity: float, args: argparse.Namespace, slo: tuple[float, float]) -> list[dict[str, Any]]:
@@ -242,8 +275,8 @@ def _sim_summary(records, trace, duration_s: float, slo) -> dict[str, Any]:
     shots = []
     for r, req in zip(records, trace):
         status = 200 if r.ok else (429 if (r.error or "").startswith("HTTP 429") else 0)
-        shots.append(Shot(req.tenant or "default", req.priority, r.start_s, status, 0.0, r.ttft_s, r.e2e_s,
-                          r.output_tokens, r.prompt_tokens))
+        shots.append(Shot(req.tenant or "default", req.priority, r.start_s, status, r.refused_s or 0.0, r.ttft_s,
+                          r.e2e_s, r.output_tokens, r.prompt_tokens, r.refusal_code or ""))
     return shots
 
 

@@ -31,6 +31,8 @@ class RequestRecord:
     request_id: str | None = None  # the server's id (from the stream's chunks)
     text: str | None = None  # the output text, when the replay records it (chaos runs compare outputs)
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
+    refused_s: float | None = None  # when refused (429): how long after start_s the refusal came
+    refusal_code: str | None = None  # the 429's error code (queue_full, shed, deadline, expired)
 
     @property
     def ok(self) -> bool:

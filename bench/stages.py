@@ -1,8 +1,9 @@
 """Per-stage latency breakdown from the spans a traced run wrote (JSON lines, `--trace-dir`): for each request, how
 long it spent queued in the router, being routed, queued and computing its prefill, moving KV, queued and
-computing its decode, and in transit between processes (the router's span minus those stages) - joined with the
-client's own end-to-end time: what is left ("other") is the client <-> router HTTP hop, and the stages add up to
-the measured E2E within 2% when the spans account for the request's time."""
+computing its decode, and in transit (the router's span minus those stages: RPCs, and waits for an engine
+thread that no stage covers) - joined with the client's own end-to-end time: what is left ("other") is the
+client <-> router HTTP hop, and the stages add up to the measured E2E within 2% when the spans account for the
+request's time."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,8 @@ from bench.report import RequestRecord
 
 STAGES = ("router.queue", "router.route", "prefill.queue", "prefill.compute", "kv.transfer", "decode.queue",
           "decode.compute")
+# a request the router prefilled on its decode worker (local prefill) has no transfer and no separate decode queue
+LOCAL_STAGES = frozenset(STAGES) - {"kv.transfer", "decode.queue"}
 
 
 def load_spans(directory: str | Path) -> list[dict[str, Any]]:
@@ -45,25 +48,28 @@ def per_request(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         # the SSE writes - measured by the spans' edges, not estimated
         stages["transit"] = max(0.0, (root["end_ns"] - root["start_ns"]) / 1e9 - sum(stages.values()))
         present = frozenset(s["name"] for s in group if s["name"] in STAGES)
+        routes = [s for s in group if s["name"] == "router.route"]
+        remote = bool(routes) and bool(routes[-1]["attributes"].get("disagg.prefill_worker"))
         out[root["attributes"]["gen_ai.response.id"]] = {"trace_id": trace_id, "root": root, "stages": stages,
-                                                         "spans": group, "present": present}
+                                                         "spans": group, "present": present, "remote": remote}
     return out
 
 
 def breakdown(records: list[RequestRecord], spans: list[dict[str, Any]]) -> dict[str, Any]:
     """p50 / p99 of every stage over the completed requests that have a trace, plus "other" (client E2E minus
     the stages) and the share of requests whose stages add up to their E2E within 2%, and of those whose one
-    trace holds every stage (meaningful for a disaggregated configuration: a local prefill has no prefill or
-    transfer span)."""
+    trace holds every stage of the path the router chose: all of them for a remote prefill, all but
+    kv.transfer and decode.queue for a local one (the router prefills locally when it is cheaper)."""
     traced = per_request(spans)
     rows: dict[str, list[float]] = defaultdict(list)
-    within, matched, complete = 0, 0, 0
+    within, matched, complete, remote = 0, 0, 0, 0
     for r in records:
         t = traced.get(r.request_id or "")
         if not r.ok or t is None:
             continue
         matched += 1
-        complete += t["present"] == frozenset(STAGES)
+        remote += t["remote"]
+        complete += t["present"] >= (frozenset(STAGES) if t["remote"] else LOCAL_STAGES)
         total = sum(t["stages"].values())
         other = r.e2e_s - total
         for name, seconds in t["stages"].items():
@@ -75,13 +81,15 @@ def breakdown(records: list[RequestRecord], spans: list[dict[str, Any]]) -> dict
                     "mean_ms": sum(v) / len(v) * 1000 if v else float("nan")} for name, v in rows.items()}
     return {"requests": len(records), "traced": matched, "stages": table,
             "within_2pct_of_e2e": within / matched if matched else float("nan"),
-            "every_stage": complete / matched if matched else float("nan")}
+            "every_stage": complete / matched if matched else float("nan"),
+            "remote_prefill": remote / matched if matched else float("nan")}
 
 
 def markdown(label: str, result: dict[str, Any]) -> str:
     head = "| stage | mean ms | p50 ms | p99 ms |\n|---|---:|---:|---:|"
     lines = [f"**{label}**: {result['traced']} of {result['requests']} requests traced, "
-             f"{result.get('every_stage', float('nan')):.0%} with every stage in one trace; stages + transit within "
+             f"{result.get('every_stage', float('nan')):.0%} with every stage of their path in one trace "
+             f"({result.get('remote_prefill', float('nan')):.0%} prefilled remotely); stages + transit within "
              f"2% of the client's E2E for {result['within_2pct_of_e2e']:.0%}", "", head]
     for name in (*STAGES, "transit", "other", "e2e"):
         s = result["stages"].get(name)

@@ -1,5 +1,6 @@
 """What tracing costs: per request in isolation (microseconds of span work), and end to end on a real cluster
-(tracing off vs on at 100% sampling, interleaved rounds of the same workload, in one run).
+(tracing off vs on at 100% sampling, interleaved rounds of the same workload, in one run): TTFT at a moderate
+Poisson rate, and throughput when saturated (the completion rate under far more arrivals than it serves).
 
     .venv/bin/python -m bench.trace_overhead --rounds 3 --out bench/results/trace_overhead.json
 """
@@ -85,9 +86,13 @@ def end_to_end(args: argparse.Namespace) -> list[dict[str, Any]]:
                 shots = asyncio.run(open_loop(svc.url, model, [("default", 0, args.rate)], args.duration,
                                               args.prompt_tokens, args.output_tokens, seed=r))
                 s = summarize(shots, args.duration, 1e9, 1e9)
+                # saturated: far more arrivals than the cluster serves, so the completion rate is its capacity
+                sat = asyncio.run(open_loop(svc.url, model, [("default", 0, args.saturate_rate)],
+                                            args.saturate_duration, args.prompt_tokens, args.output_tokens,
+                                            seed=100 + r))
                 rows.append({"round": r, "tracing": "on" if traced else "off", "completed": s["completed"],
-                             "throughput": s["throughput"], "ttft_p50_ms": s["ttft_p50_ms"],
-                             "ttft_p99_ms": s["ttft_p99_ms"]})
+                             "throughput": summarize(sat, args.saturate_duration, 1e9, 1e9)["throughput"],
+                             "ttft_p50_ms": s["ttft_p50_ms"], "ttft_p99_ms": s["ttft_p99_ms"]})
                 print(rows[-1], flush=True)
                 svc.shutdown()
     finally:
@@ -100,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000, help="micro benchmark: requests per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="end to end: interleaved off/on rounds (0: skip)")
     parser.add_argument("--rate", type=float, default=0.8, help="end to end: requests/s (Poisson)")
-    parser.add_argument("--duration", type=float, default=40.0)
+    parser.add_argument("--duration", type=float, default=40.0, help="end to end: seconds of arrivals for TTFT")
+    parser.add_argument("--saturate-rate", type=float, default=6.0, help="end to end: arrivals/s for throughput")
+    parser.add_argument("--saturate-duration", type=float, default=20.0)
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--out", default="bench/results/trace_overhead.json")

@@ -214,3 +214,28 @@ def test_restarted_prefill_worker_is_rewired_and_stale_results_cannot_be_read(ti
     tokens, core = asyncio.run(go())
     assert tokens == _reference(tiny_llama_dir, GREEDY)
     assert core.recent_decisions()[-1]["prefill"] == "p"
+
+
+def test_a_slow_lease_release_does_not_hold_back_the_end_of_the_stream(tiny_llama_dir):
+    """The router's safety-net release of a remote prefill's lease runs off the request's path: a prefill
+    worker busy with a long step (here: a release that takes 2 s) must not delay the client's last chunk."""
+    class SlowRelease(LocalWorkerHandle):
+        async def release(self, request_id: str) -> None:
+            await asyncio.sleep(2.0)
+            await super().release(request_id)
+
+    p = SlowRelease(local_worker("p", tiny_llama_dir, Role.PREFILL))
+    d = LocalWorkerHandle(local_worker("d", tiny_llama_dir, Role.DECODE))
+
+    async def go():
+        await _wire(p, d)
+        core = _core({"p": p}, {"d": d})
+        t0 = time.monotonic()
+        tokens = await _stream(core, Request("r", PROMPT, GREEDY))
+        elapsed = time.monotonic() - t0
+        assert core.recent_decisions()[-1]["prefill"] == "p"  # it went through the remote prefill
+        assert await _baseline([p, d])
+        return tokens, elapsed
+    tokens, elapsed = asyncio.run(go())
+    assert tokens == _reference(tiny_llama_dir, GREEDY)
+    assert elapsed < 1.5, elapsed  # the 2 s release did not sit between the last token and the end

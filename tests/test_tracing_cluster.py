@@ -58,6 +58,6 @@ def test_every_request_is_one_connected_trace_with_every_stage(traced, smollm_di
     assert traces[records[0].request_id]["trace_id"] == client_trace  # the client's trace continues here
     result = stages.breakdown(records, spans)
     assert result["traced"] == 6 and result["within_2pct_of_e2e"] == 1.0  # the spans account for E2E
-    assert result["every_stage"] == 1.0
+    assert result["every_stage"] == 1.0 and result["remote_prefill"] == 1.0
     assert result["stages"]["transit"]["p50_ms"] < 0.05 * result["stages"]["e2e"]["p50_ms"]
     assert result["stages"]["prefill.compute"]["p50_ms"] > 0 and result["stages"]["kv.transfer"]["p50_ms"] > 0

@@ -23,7 +23,8 @@ from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.policy import PolicyConfig
 from disagg.router.policy import Decision
-from disagg.router.router import LoadTicket, RouterCore, RouterCoreConfig
+from disagg.router.load import LoadTicket
+from disagg.router.router import RouterCore, RouterCoreConfig
 
 from bench.sim.admission import SimAdmission
 from bench.sim.runner import SimRunner, sim_model_config

@@ -80,6 +80,7 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
                           kv_retention_s=config.kv_retention_s if hints else None, priority=req.priority)
         def on_reject(now: float, exc: Exception) -> None:  # a 429, as the replay records it
             record.error = f"HTTP 429: {exc}"
+            record.refused_s, record.refusal_code = now - record.start_s, getattr(exc, "code", None)
             bar.update(1)
             if k + 1 < len(unit):
                 nxt = trace[unit[k + 1]]

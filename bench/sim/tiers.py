@@ -8,7 +8,7 @@ from collections import Counter, OrderedDict
 from typing import Any, Callable
 
 from disagg.kv.connector import KVLoad, KVSource, LoadState, SourceKind
-from disagg.kv.store import TierStats
+from disagg.kv.tier_config import TierStats
 from disagg.protocol import EventKind, KVEvent, Tier
 
 

@@ -72,7 +72,10 @@ class RouterActor:
         core = self.server.core
         return {"workers": {n: {"state": w.state.value, "reason": w.reason, "incarnation": w.incarnation,
                                 "restarts": w.restarts} for n, w in core.health.workers.items()},
-                "events": core.health.recent_events(200), "counters": dict(core.counters)}
+                "events": core.health.recent_events(200), "counters": dict(core.counters),
+                "loads": {n: {"active_requests": load.active_requests, "active_blocks": load.active_blocks,
+                              "queued_prefill_tokens": load.queued_prefill_tokens}
+                          for n, load in core.loads.items()}}
 
     def index_size(self) -> dict[str, int]:
         core = self.server.core

@@ -262,16 +262,21 @@ class EngineWorker:
 
     async def prefill(self, request: bytes) -> bytes:
         """Run the prompt to its first token; the blocks stay leased for the decode worker."""
+        received = time.monotonic()  # the engine thread may be mid-step: waiting for it is queueing here
         req = Request.from_wire(request)
         queue = self._open(req.request_id)
         try:
             first = dataclasses.replace(req.sampling, max_tokens=len(req.resume_token_ids) + 1, stop=[])
-            await self._call(lambda: self.engine.add(dataclasses.replace(req, sampling=first), hold_kv=True))
+            await self._call(lambda: self.engine.add(dataclasses.replace(req, sampling=first), hold_kv=True,
+                                                     arrival_time=received))
             delta = await self._get(queue)
         finally:
             self._queues.pop(req.request_id, None)
-        result = await self._call(self.engine.prefill_result, req.request_id, self.agent_name, delta.token_ids[0],
-                                  None, delta.num_cached_tokens)
+        # read on the event loop, not behind the engine thread's next step (seconds, with long prefills in it):
+        # the step that produced `delta` created the lease, and only the engine thread removes leases (when the
+        # reader is done, or after their TTL), so this dict lookup and copy of immutable lists cannot race
+        result = self.engine.prefill_result(req.request_id, self.agent_name, delta.token_ids[0], None,
+                                            delta.num_cached_tokens)
         return result.to_wire()
 
     async def export_prefix(self, request: bytes) -> bytes | None:
@@ -296,12 +301,13 @@ class EngineWorker:
 
     async def generate(self, request: bytes, remote: bytes | None = None) -> AsyncIterator[bytes]:
         """Stream TokenDeltas (msgpack) for a request; with `remote`, its KV is read from that worker first."""
+        received = time.monotonic()
         req = Request.from_wire(request)
         result = PrefillResult.from_wire(remote) if remote is not None else None
         queue = self._open(req.request_id)
         finished = False
         try:
-            await self._call(lambda: self.engine.add(req, remote=result))
+            await self._call(lambda: self.engine.add(req, remote=result, arrival_time=received))
             while not finished:
                 delta = await self._get(queue)
                 finished = delta.finished

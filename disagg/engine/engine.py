@@ -121,13 +121,15 @@ class LLMEngine:
                     *, hold_kv: bool = False, remote: PrefillResult | None = None,
                     resume_token_ids: Sequence_[int] = (), resume_num_chars: int = 0,
                     session_id: str | None = None, kv_retention_s: float | None = None, priority: int = 0,
-                    trace_context: dict[str, str] | None = None) -> None:
+                    trace_context: dict[str, str] | None = None, arrival_time: float | None = None) -> None:
         """Validate and queue a request. Bad input raises ValueError and leaves the engine untouched.
 
         hold_kv: when the request finishes, its blocks are leased for another worker to read (prefill role).
         remote: another worker's KV for this prompt (its prefill result): read before computing anything.
         resume_token_ids / resume_num_chars: output already delivered by a worker that died (migration).
         session_id / kv_retention_s: pin the session's blocks in the CPU tier for that long when done.
+        arrival_time: when the request reached this worker (time.monotonic(); default now): a worker stamps
+        it on receipt, so the time waiting for the engine thread counts as queueing.
         """
         seq = self._new_sequence(request_id, prompt, sampling)
         if resume_token_ids:
@@ -137,19 +139,22 @@ class LLMEngine:
         seq.hold_kv, seq.remote, seq.priority = hold_kv, remote, priority
         seq.session_id, seq.kv_retention_s = session_id, kv_retention_s
         seq.trace_context = trace_context or {}
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
         if kv_retention_s and session_id and self.tiers is not None and self.tiers.is_pinned_session(session_id):
             seq.update_block_hashes()  # the next turn of a pinned session: bring its prefix back now
             self.connector.prefetch(seq.block_hashes[:(seq.num_tokens - 1) // self.config.block_size])
 
-    def add(self, request: Request, *, hold_kv: bool = False, remote: PrefillResult | None = None) -> None:
+    def add(self, request: Request, *, hold_kv: bool = False, remote: PrefillResult | None = None,
+            arrival_time: float | None = None) -> None:
         """add_request for a wire Request."""
         self.add_request(request.request_id, request.prompt_token_ids, request.sampling, hold_kv=hold_kv,
                          remote=remote, resume_token_ids=request.resume_token_ids,
                          resume_num_chars=request.resume_num_chars, session_id=request.session_id,
                          kv_retention_s=request.kv_retention_s, priority=request.priority,
-                         trace_context=request.trace_context)
+                         trace_context=request.trace_context, arrival_time=arrival_time)
 
     def _new_sequence(self, request_id: str, prompt: str | list[int],
                       sampling: SamplingParams | dict | None) -> Sequence:

@@ -37,7 +37,8 @@ from disagg.errors import Overloaded
 class Rejection(str, enum.Enum):
     QUEUE_FULL = "queue_full"  # no room, and nothing of a lower band to shed
     SHED = "shed"  # pushed out by a higher-priority request
-    DEADLINE = "deadline"  # could not start in time (estimated on arrival, or reached while queued)
+    DEADLINE = "deadline"  # estimated on arrival not to start in time (refused at once)
+    EXPIRED = "expired"  # still queued at its deadline (refused then)
 
 
 @dataclass
@@ -170,7 +171,7 @@ class AdmissionQueue:
         for entry in out:  # removing empties the queue dicts: collect first
             self._remove(entry)
             wait = self.estimated_wait(entry.priority, 0, entry.tenant)
-            entry.rejection = self._refuse(entry, Rejection.DEADLINE, wait, "could not start before its deadline")
+            entry.rejection = self._refuse(entry, Rejection.EXPIRED, wait, "could not start before its deadline")
             entry.state = EntryState.REJECTED
         return out
 

@@ -72,6 +72,7 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         if core.supervisor is not None:
             await core.supervisor.stop()
         await core.admission.stop()
+        await core.drain_releases()
 
     app = FastAPI(title="disagg", docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = RouterMetrics(core)

@@ -32,6 +32,7 @@ import math
 import random
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 from disagg.protocol import Tier
 from disagg.router.index import TierMatch
@@ -116,6 +117,13 @@ class Decision:
     peer_worker: str | None = None  # pull this worker's cached prefix instead of recomputing it
     peer_blocks: int = 0
     prefill_cached_blocks: int = 0  # what the index says the chosen prefill worker holds of the prompt
+
+    def span_attributes(self) -> dict[str, Any]:
+        """The decision as attributes of the request's `router.route` span."""
+        return {"disagg.decode_worker": self.decode_worker, "disagg.prefill_worker": self.prefill_worker or "",
+                "disagg.peer_worker": self.peer_worker or "", "disagg.reason": self.reason,
+                "disagg.cached_blocks.device": self.match.device, "disagg.cached_blocks.cpu": self.match.cpu,
+                "disagg.cached_blocks.disk": self.match.disk}
 
     def predicted_cached_tokens(self, num_tokens: int, block_size: int) -> int:
         """Prompt tokens the router expects the computing worker to find cached (the engine always computes at

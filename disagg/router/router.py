@@ -1,5 +1,5 @@
-"""Router core: worker registry and health, KV index upkeep, per-request routing, load accounting, and serving a
-request through its workers with fallbacks and migration.
+"""Router core: worker registry and health, KV index upkeep, per-request routing, load accounting (router/load.py), and
+serving a request through its workers with fallbacks and migration.
 
 No Ray and no HTTP here: workers are `WorkerHandle`s (router/handles.py).  Thread-safe (one lock): the HTTP
 server's event loop routes requests while the router actor's threads apply KV event batches.
@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import threading
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from opentelemetry import trace
@@ -33,6 +33,7 @@ from disagg.router.admission import AdmissionConfig, AdmissionControl, Admission
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
+from disagg.router.load import LoadBook, LoadTicket
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.tracing import inject
 
@@ -46,21 +47,10 @@ class RouterCoreConfig:
     export_timeout_s: float = 5.0  # a peer's prefix offer
     stream_start_timeout_s: float = 300.0  # first delta from the decode worker (its queue included)
     release_timeout_s: float = 5.0
+    max_background_releases: int = 4096  # lease releases in flight off the request path (then callers wait)
     max_migrations: int = 3  # per request; then the client gets an explicit error
     max_decisions: int = 10_000  # bound of the decision log
     death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing
-
-
-@dataclass
-class LoadTicket:
-    """One in-flight request's share of its workers' load."""
-
-    prefilling: str
-    decode: str
-    num_prompt_tokens: int
-    blocks: int
-    queued: bool = True
-    hashes: list[int] = field(default_factory=list)  # its full prompt blocks (shared ones count once per worker)
 
 
 @dataclass
@@ -100,6 +90,11 @@ class RouterCore:
         self.decisions: deque[RoutedRequest] = deque(maxlen=self.config.max_decisions)
         self.counters: Counter = Counter()  # migrations, fallbacks, requests by path (see telemetry)
         self._lock = threading.Lock()
+        self._releases: dict[str, asyncio.Task] = {}  # background lease releases by request id, until done
+        self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
+        # load accounting and saturation (router/load.py); the simulator and bench/router.py drive them too
+        self.begin, self.progress, self.end, self.has_room = (self.book.begin, self.book.progress, self.book.end,
+                                                              self.book.has_room)
 
     # ------------------------------------------------------------------ health
     def _on_health_change(self, name: str, old: WorkerState, new: WorkerState) -> None:
@@ -155,68 +150,7 @@ class RouterCore:
             self.decisions.append(RoutedRequest(request.request_id, decision))
         return decision
 
-    # ------------------------------------------------------------------ load accounting
-    def begin(self, decision: Decision, num_prompt_tokens: int, hashes: list[int] | None = None) -> LoadTicket:
-        """Count a dispatched request against its workers until `end` (the prompt is queued prefill work until
-        its first token).  `hashes`: its full prompt blocks, so blocks shared with other in-flight requests on
-        the same worker count once (omitted: every block counts)."""
-        hashes = list(hashes or [])
-        ticket = LoadTicket(decision.prefill_worker or decision.decode_worker, decision.decode_worker,
-                            num_prompt_tokens, -(-num_prompt_tokens // self.block_size), hashes=hashes)
-        with self._lock:
-            self.loads[ticket.prefilling].queued_prefill_tokens += num_prompt_tokens
-            load = self.loads[ticket.decode]
-            load.active_requests += 1
-            load.add_blocks(hashes, ticket.blocks - len(hashes))
-        return ticket
-
-    def progress(self, ticket: LoadTicket, num_generated: int) -> None:
-        """`num_generated` tokens are out: the prompt left the prefill queue; the request holds more blocks."""
-        blocks = -(-(ticket.num_prompt_tokens + num_generated) // self.block_size)
-        with self._lock:
-            if ticket.queued:
-                self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
-                ticket.queued = False
-            self.loads[ticket.decode].add_blocks([], blocks - ticket.blocks)
-        ticket.blocks = blocks
-
-    def end(self, ticket: LoadTicket) -> None:
-        with self._lock:
-            if ticket.queued:
-                self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
-                ticket.queued = False
-            load = self.loads[ticket.decode]
-            load.active_requests -= 1
-            load.remove_blocks(ticket.hashes, ticket.blocks - len(ticket.hashes))
-            ticket.blocks = 0
-            ticket.hashes = []
-
     # ------------------------------------------------------------------ admission
-    def _room_to_decode(self, name: str, blocks: int, scale: float) -> bool:
-        load, cap = self.loads[name], self.capacity
-        if load.active_requests == 0:
-            return True  # an idle worker always takes one request, however large
-        hb = self.health.workers[name].heartbeat
-        total = hb.gauges.get("kv_blocks_total") if hb is not None else None
-        # whole slots: a 25% headroom on a 1-slot worker is no extra slot
-        return load.active_requests < int(cap.max_running * scale) and (
-            total is None or load.active_blocks + blocks <= total * min(1.0, cap.max_kv_fraction * scale))
-
-    def _room_to_prefill(self, name: str, scale: float) -> bool:
-        queued = self.loads[name].queued_prefill_tokens
-        return queued == 0 or queued < self.capacity.max_prefill_queue_tokens * scale
-
-    def has_room(self, name: str, num_tokens: int, priority: int = 0) -> bool:
-        """Whether decode worker `name` can take a request now: KV and slot room, and prefill room on it or on a
-        prefill worker (separate prefill and decode saturation).  Requests with priority > 0 may use the
-        headroom above the limits, so urgent work does not wait for a slot behind background load."""
-        scale = 1.0 + (self.capacity.priority_headroom if priority > 0 else 0.0)
-        if not self.health.routable(name) or not self._room_to_decode(name, -(-num_tokens // self.block_size),
-                                                                     scale):
-            return False
-        return self._room_to_prefill(name, scale) or any(
-            self.health.routable(p) and self._room_to_prefill(p, scale) for p in self.prefill)
-
     def _can_dispatch(self, entry: Entry) -> bool:
         if self._dispatching:  # one at a time: the next waits until this one's load is counted (begin)
             return False
@@ -292,7 +226,7 @@ class RouterCore:
                     else:
                         decision = self._route_with_room(attempt, session, hashes, priority)
                     if routing.is_recording():
-                        routing.set_attributes(_decision_attributes(decision))
+                        routing.set_attributes(decision.span_attributes())
                 if on_route is not None:
                     on_route(decision)
                 ticket = self.begin(decision, attempt.num_tokens, hashes)
@@ -322,6 +256,8 @@ class RouterCore:
     async def _serve(self, request: Request, decision: Decision, ticket: LoadTicket, migrated: bool,
                      span: trace.Span = trace.INVALID_SPAN) -> AsyncIterator[TokenDelta]:
         decode = self.handles[decision.decode_worker]
+        if (pending := self._releases.get(request.request_id)) is not None:
+            await pending  # a migrated request's earlier lease goes first: a late release would free the new one
         remote, owner = await self._remote_kv(request, decision, span)
         if migrated:
             path = "migrated"
@@ -347,7 +283,7 @@ class RouterCore:
         finally:
             await stream.aclose()
             if owner is not None:
-                await self._release(owner, request.request_id)
+                await self._release_soon(owner, request.request_id)
 
     async def _next(self, stream: AsyncIterator[TokenDelta], timeout: float | None, worker: str) -> TokenDelta:
         """The next delta; WorkerLost if the worker is taken out of routing meanwhile, the stream breaks, or the
@@ -412,9 +348,25 @@ class RouterCore:
             span.add_event("fallback", {"disagg.kind": kind, "disagg.worker": name, "disagg.error": exc.message})
             log.warning("%s on %s failed for %s (%s); computing on %s", kind, name, request.request_id,
                         exc.message, decision.decode_worker)
-            await self._release(handle, request.request_id)
+            await self._release_soon(handle, request.request_id)
             return None, None
         return result, (handle if result is not None else None)
+
+    async def _release_soon(self, handle: WorkerHandle, request_id: str) -> None:
+        """Release off the request's path: the owner answers between engine steps (seconds, with long prefills
+        in them), and the client's last chunk or its local-prefill fallback must not wait for that.  Bounded:
+        past `max_background_releases` in flight, the caller waits for this one."""
+        if len(self._releases) >= self.config.max_background_releases:
+            await self._release(handle, request_id)
+            return
+        task = asyncio.get_running_loop().create_task(self._release(handle, request_id))
+        self._releases[request_id] = task
+        task.add_done_callback(lambda t: self._releases.pop(request_id, None) if self._releases.get(
+            request_id) is t else None)
+
+    async def drain_releases(self) -> None:
+        """On shutdown: let background releases finish (each is bounded by `release_timeout_s`)."""
+        await asyncio.gather(*self._releases.values(), return_exceptions=True)
 
     async def _release(self, handle: WorkerHandle, request_id: str) -> None:
         """Best effort: normally the read's notification already released it; a dead owner's lease died with it."""
@@ -438,10 +390,3 @@ class RouterCore:
                  "overlap_blocks": r.decision.overlap_blocks, "reason": r.decision.reason,
                  "peer": r.decision.peer_worker, "device_blocks": r.decision.match.device,
                  "cpu_blocks": r.decision.match.cpu, "disk_blocks": r.decision.match.disk} for r in items]
-
-
-def _decision_attributes(d: Decision) -> dict[str, Any]:
-    return {"disagg.decode_worker": d.decode_worker, "disagg.prefill_worker": d.prefill_worker or "",
-            "disagg.peer_worker": d.peer_worker or "", "disagg.reason": d.reason,
-            "disagg.cached_blocks.device": d.match.device, "disagg.cached_blocks.cpu": d.match.cpu,
-            "disagg.cached_blocks.disk": d.match.disk}

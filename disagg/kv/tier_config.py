@@ -1,0 +1,43 @@
+"""A worker's tier settings (TierConfig) and the counters its TieredStore keeps (TierStats, read by heartbeats and
+the simulator)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TierConfig:
+    """Sizes and knobs of one worker's tiers (defaults suit a laptop)."""
+
+    cpu_bytes: int = 256 << 20
+    disk_dir: str = ""  # "" = no disk tier
+    disk_bytes: int = 1 << 30
+    disk_fsync: bool = False  # fsync each block file before the rename (durable across power loss; slower)
+    low_watermark: float = 0.05  # keep this fraction of CPU slots free by demoting ahead of need
+    pin_budget_fraction: float = 0.5  # at most this fraction of CPU slots pinned by sessions
+    io_threads: int = 2
+    ewma_alpha: float = 0.2  # smoothing of the measured per-block load times
+
+    def __post_init__(self) -> None:
+        if self.cpu_bytes < 0 or self.disk_bytes < 0:
+            raise ValueError("tier sizes must be >= 0")
+        if not 0 <= self.low_watermark < 1 or not 0 <= self.pin_budget_fraction <= 1:
+            raise ValueError("low_watermark in [0, 1), pin_budget_fraction in [0, 1]")
+
+
+@dataclass
+class TierStats:
+    query_blocks: int = 0  # blocks looked up in the tiers (after a device miss)
+    hit_blocks: Counter = field(default_factory=Counter)  # per tier
+    loaded_blocks: Counter = field(default_factory=Counter)
+    load_seconds: Counter = field(default_factory=Counter)
+    loads: Counter = field(default_factory=Counter)
+    stored_blocks: Counter = field(default_factory=Counter)
+    bytes_stored: Counter = field(default_factory=Counter)
+    bytes_loaded: Counter = field(default_factory=Counter)
+    evictions: Counter = field(default_factory=Counter)
+    corrupt: Counter = field(default_factory=Counter)  # by reason: checksum, truncated, foreign, missing, header
+    store_skipped: int = 0  # no CPU slot could be freed for a store
+    write_failures: int = 0
+    failed_loads: int = 0
