@@ -8,13 +8,11 @@ that is an SSE error event, and the stream ends.  A client that disconnects canc
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -22,20 +20,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from opentelemetry import trace
-
-from disagg import tracing as tr
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import DisaggError, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
-from disagg.protocol import Request, SamplingParams, TokenDelta
-from disagg.router.http_errors import error_response, sse_error, unexpected
+from disagg.protocol import Request, SamplingParams
+from disagg.router.api_inputs import check_model, priority_of, sampling_params, tokenize_prompt
+from disagg.router.api_stream import ClientGone, collect, request_span, sse, timed, until_disconnect, usage
+from disagg.router.http_errors import error_response, unexpected
 from disagg.router.router import RouterCore
 from disagg.router.schemas import ChatCompletionRequest, CompletionRequest
 from disagg.telemetry import RouterMetrics
 
 SESSION_HEADER = "x-session-id"
 TENANT_HEADER = "x-tenant-id"
-PRIORITY_HEADER = "x-priority"
 
 
 @dataclass
@@ -57,10 +53,6 @@ class ApiConfig:
         return tenant_header or "default"
 
 
-class _ClientGone(Exception):
-    pass
-
-
 def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> FastAPI:
     tracer = core.tracer
     @asynccontextmanager
@@ -79,33 +71,7 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
     core.on_queue_wait = metrics.queue_wait.observe
     app.state.metrics = metrics
 
-    @app.exception_handler(DisaggError)
-    async def _disagg_error(_: HTTPRequest, exc: DisaggError):
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: HTTPRequest, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(InvalidRequest("request body is not valid JSON", code="invalid_json"))
-        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
-        return error_response(InvalidRequest(message, param=".".join(loc) or None, code=first.get("type")))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: HTTPRequest, exc: StarletteHTTPException):
-        if exc.status_code == 404:
-            return error_response(NotFound(str(exc.detail)))
-        if exc.status_code < 500:  # e.g. 405 method not allowed: keep the status, OpenAI-shaped body
-            body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
-                              "code": None}}
-            return JSONResponse(status_code=exc.status_code, content=body)
-        return error_response(unexpected(exc))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: HTTPRequest, exc: Exception):
-        return error_response(unexpected(exc))
-
+    _install_error_handlers(app)
     app.add_middleware(_AuthAndCount, config=config, metrics=metrics)
 
     # ------------------------------------------------------------------ probes
@@ -143,71 +109,38 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
                                             "owned_by": "disagg", "max_model_len": config.max_model_len}]}
 
-    # ------------------------------------------------------------------ validation
-    def _check_model(name: str) -> None:
-        if name != config.model_name:
-            raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
-
-    def _sampling(body, max_tokens: int | None, prompt_len: int) -> SamplingParams:
-        if prompt_len >= config.max_model_len:
-            raise InvalidRequest(f"This model's maximum context length is {config.max_model_len} tokens. However, "
-                                 f"your prompt has {prompt_len} tokens.", param="prompt",
-                                 code="context_length_exceeded")
-        room = config.max_model_len - prompt_len
-        if max_tokens is None:
-            max_tokens = room
-        elif max_tokens > room:
-            raise InvalidRequest(f"max_tokens={max_tokens} is too large: the prompt has {prompt_len} tokens and "
-                                 f"the context holds {config.max_model_len}.", param="max_tokens",
-                                 code="context_length_exceeded")
-        try:
-            return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                                  top_k=body.top_k, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from exc
-
-    def _tokenize_prompt(prompt: str | list[int] | list[str]) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise InvalidRequest("only one prompt per request is supported", param="prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequest("prompt is empty", param="prompt")
-            return tokenizer.encode(prompt)
-        if any(t < 0 or t >= tokenizer.vocab_size for t in prompt):
-            raise InvalidRequest(f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
-        return list(prompt)
-
     # ------------------------------------------------------------------ generation endpoints
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        _check_model(body.model)
-        ids = _tokenize_prompt(body.prompt)
-        sampling = _sampling(body, body.max_tokens if body.max_tokens is not None else 16, len(ids))
+        check_model(body.model, config.model_name)
+        ids = tokenize_prompt(body.prompt, tokenizer)
+        sampling = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, len(ids),
+                                   config.max_model_len)
         return await _serve("cmpl", "text_completion", body, ids, sampling, http, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
-        _check_model(body.model)
+        check_model(body.model, config.model_name)
         try:
             ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="messages") from exc
-        sampling = _sampling(body, body.max_completion_tokens or body.max_tokens, len(ids))
+        sampling = sampling_params(body, body.max_completion_tokens or body.max_tokens, len(ids),
+                                   config.max_model_len)
         return await _serve("chatcmpl", "chat.completion", body, ids, sampling, http, chat=True)
 
     async def _serve(prefix: str, kind: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest,
                      chat: bool):
         session = http.headers.get(SESSION_HEADER) or body.user
         retention = body.kv_retention.ttl_s if body.kv_retention is not None else None
-        priority = _priority(body, http)
+        priority = priority_of(body, http.headers)
         request = Request(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, session_id=session,
                           kv_retention_s=retention, priority=priority)
         created = int(time.time())
         tenant = getattr(http.state, "tenant", "default")
         running = {"counted": False, "predicted": None}
-        span = _request_span(chat, body, request, sampling, http, session)
+        span = request_span(tracer, config.model_name, chat, bool(body.stream), request, sampling, http.headers,
+                            session)
 
         def on_route(decision) -> None:  # left the admission queue: now it runs
             metrics.on_route(decision)
@@ -215,12 +148,11 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                 running["counted"] = True
                 running["predicted"] = decision.predicted_cached_tokens(len(ids), core.block_size)
                 metrics.running.inc()
-        stream = _timed(core.generate(request, session=session, on_route=on_route, tenant=tenant,
-                                      priority=priority, deadline_s=body.deadline_s, span=span), len(ids), running,
-                        span)
+        stream = timed(core.generate(request, session=session, on_route=on_route, tenant=tenant, priority=priority,
+                                     deadline_s=body.deadline_s, span=span), len(ids), running, span, metrics)
         try:
-            first = await _until_disconnect(stream.__anext__(), http)
-        except _ClientGone:
+            first = await until_disconnect(stream.__anext__(), http, config.disconnect_poll_s)
+        except ClientGone:
             await stream.aclose()
             return error_response(InvalidRequest("client closed the request", code="client_closed"))
         except StopAsyncIteration:
@@ -229,12 +161,13 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
             await stream.aclose()
             raise
         if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_sse(first, stream, request.request_id, kind, created, chat, usage, len(ids)),
-                                     media_type="text/event-stream")
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(sse(first, stream, request.request_id, config.model_name, created, chat,
+                                         include_usage, len(ids)), media_type="text/event-stream")
         try:
-            text, n_out, reason, cached = await _until_disconnect(_collect(first, stream), http)
-        except _ClientGone:
+            text, n_out, reason, cached = await until_disconnect(collect(first, stream), http,
+                                                                  config.disconnect_poll_s)
+        except ClientGone:
             await stream.aclose()
             return error_response(InvalidRequest("client closed the request", code="client_closed"))
         choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
@@ -243,132 +176,7 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         else:
             choice["text"] = text
         return {"id": request.request_id, "object": kind, "created": created, "model": config.model_name,
-                "choices": [choice], "usage": _usage(len(ids), n_out, cached)}
-
-    def _priority(body, http: HTTPRequest) -> int:
-        if body.priority is not None:
-            return body.priority
-        header = http.headers.get(PRIORITY_HEADER)
-        if header is None:
-            return 0
-        try:
-            value = int(header)
-        except ValueError:
-            raise InvalidRequest(f"{PRIORITY_HEADER} must be an integer", param="priority") from None
-        if not -100 <= value <= 100:
-            raise InvalidRequest(f"{PRIORITY_HEADER} must be in [-100, 100]", param="priority")
-        return value
-
-    async def _until_disconnect(awaitable, http: HTTPRequest):
-        """Await `awaitable`; if the client hangs up meanwhile, cancel it and raise _ClientGone."""
-        task = asyncio.ensure_future(awaitable)
-        while not task.done():
-            await asyncio.wait({task}, timeout=config.disconnect_poll_s)
-            if not task.done() and await http.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise _ClientGone()
-        return task.result()
-
-    def _request_span(chat: bool, body, request: Request, sampling: SamplingParams, http: HTTPRequest,
-                      session: str | None) -> trace.Span:
-        """The request's span (SERVER), continuing the client's trace when it sent a traceparent."""
-        operation = "chat" if chat else "text_completion"
-        attributes = {tr.OPERATION: operation, tr.PROVIDER_NAME: tr.PROVIDER, tr.REQUEST_MODEL: config.model_name,
-                      tr.REQUEST_MAX_TOKENS: sampling.max_tokens, tr.REQUEST_TEMPERATURE: sampling.temperature,
-                      tr.REQUEST_TOP_P: sampling.top_p, tr.REQUEST_STREAM: bool(body.stream),
-                      tr.RESPONSE_ID: request.request_id, tr.USAGE_INPUT_TOKENS: len(request.prompt_token_ids)}
-        if sampling.seed is not None:
-            attributes[tr.REQUEST_SEED] = sampling.seed
-        if session:
-            attributes[tr.CONVERSATION_ID] = session
-        return tracer.start_span(f"{operation} {config.model_name}", context=tr.extract(dict(http.headers)),
-                                 kind=trace.SpanKind.SERVER, attributes=attributes)
-
-    async def _timed(deltas: AsyncIterator[TokenDelta], n_prompt: int, running: dict[str, Any],
-                     span: trace.Span) -> AsyncIterator[TokenDelta]:
-        start = last = time.monotonic()
-        first = True
-        n_out, reasons = 0, []
-        metrics.prompt_tokens.inc(n_prompt)
-        try:
-            async for delta in deltas:
-                now = time.monotonic()
-                if first:
-                    metrics.ttft.observe(now - start)
-                    metrics.prefix_cache_queries.inc(n_prompt)
-                    metrics.prefix_cache_hits.inc(delta.num_cached_tokens)
-                    if running["predicted"] is not None:
-                        metrics.staleness.observe(running["predicted"] - delta.num_cached_tokens)
-                    span.set_attribute(tr.USAGE_CACHE_READ_INPUT_TOKENS, delta.num_cached_tokens)
-                    first = False
-                else:
-                    metrics.itl.observe(now - last)
-                last = now
-                n_out += len(delta.token_ids)
-                if delta.finish_reason:
-                    reasons.append(delta.finish_reason)
-                metrics.generation_tokens.inc(len(delta.token_ids))
-                yield delta
-            metrics.e2e.observe(time.monotonic() - start)
-        except BaseException as exc:
-            span.record_exception(exc)
-            span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
-            raise
-        finally:
-            if running["counted"]:
-                metrics.running.dec()
-            span.set_attributes({tr.USAGE_OUTPUT_TOKENS: n_out, tr.RESPONSE_FINISH_REASONS: reasons})
-            span.end()
-
-    async def _collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> tuple[str, int, str, int]:
-        text, n_out, reason = first.text, len(first.token_ids), first.finish_reason or "stop"
-        if not first.finished:
-            async for delta in deltas:
-                text += delta.text
-                n_out += len(delta.token_ids)
-                reason = delta.finish_reason or reason
-        return text, n_out, reason, first.num_cached_tokens
-
-    async def _sse(first: TokenDelta, deltas: AsyncIterator[TokenDelta], rid: str, kind: str, created: int,
-                   chat: bool, include_usage: bool, n_prompt: int) -> AsyncIterator[str]:
-        chunk_kind = "chat.completion.chunk" if chat else "text_completion"
-        n_out = 0
-
-        def chunk(choices: list, usage: dict | None = None) -> str:
-            body = {"id": rid, "object": chunk_kind, "created": created, "model": config.model_name,
-                    "choices": choices}
-            if usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
-
-        async def all_deltas() -> AsyncIterator[TokenDelta]:
-            yield first
-            if not first.finished:
-                async for delta in deltas:
-                    yield delta
-
-        try:
-            if chat:
-                yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            async for delta in all_deltas():
-                n_out += len(delta.token_ids)
-                if chat:
-                    choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                              "finish_reason": delta.finish_reason}
-                else:
-                    choice = {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason, "logprobs": None}
-                if delta.text or delta.finish_reason:
-                    yield chunk([choice])
-            if include_usage:
-                yield chunk([], _usage(n_prompt, n_out, first.num_cached_tokens))
-            yield "data: [DONE]\n\n"
-        except DisaggError as exc:
-            yield sse_error(exc)
-        except Exception as exc:  # never a silently cut stream: the client gets an error event
-            yield sse_error(unexpected(exc))
-        finally:
-            await deltas.aclose()
+                "choices": [choice], "usage": usage(len(ids), n_out, cached)}
 
     return app
 
@@ -407,6 +215,31 @@ class _AuthAndCount:
             self.metrics.requests.labels(path, str(status["code"])).inc()
 
 
-def _usage(n_prompt: int, n_out: int, cached: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI-shaped JSON body with its status (router/http_errors.py)."""
+    @app.exception_handler(DisaggError)
+    async def _disagg_error(_: HTTPRequest, exc: DisaggError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: HTTPRequest, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(InvalidRequest("request body is not valid JSON", code="invalid_json"))
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+        return error_response(InvalidRequest(message, param=".".join(loc) or None, code=first.get("type")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: HTTPRequest, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(NotFound(str(exc.detail)))
+        if exc.status_code < 500:  # e.g. 405 method not allowed: keep the status, OpenAI-shaped body
+            body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
+                              "code": None}}
+            return JSONResponse(status_code=exc.status_code, content=body)
+        return error_response(unexpected(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: HTTPRequest, exc: Exception):
+        return error_response(unexpected(exc))

@@ -1,0 +1,148 @@
+"""The response side of the HTTP API: the request's span, a delta stream timed into the router's metrics, and the
+two ways a request's deltas reach the client (one JSON body, or SSE chunks that end with `[DONE]` or an error
+event - never a silently cut stream).  A client that hangs up is noticed while we wait (ClientGone)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, AsyncIterator, Awaitable, Mapping
+
+from fastapi import Request as HTTPRequest
+from opentelemetry import trace
+
+from disagg import tracing as tr
+from disagg.errors import DisaggError
+from disagg.protocol import Request, SamplingParams, TokenDelta
+from disagg.router.http_errors import sse_error, unexpected
+from disagg.telemetry import RouterMetrics
+
+
+class ClientGone(Exception):
+    pass
+
+
+async def until_disconnect(awaitable: Awaitable, http: HTTPRequest, poll_s: float):
+    """Await `awaitable`; if the client hangs up meanwhile, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(awaitable)
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll_s)
+        if not task.done() and await http.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone()
+    return task.result()
+
+
+def request_span(tracer: trace.Tracer, model: str, chat: bool, stream: bool, request: Request,
+                 sampling: SamplingParams, headers: Mapping[str, str], session: str | None) -> trace.Span:
+    """The request's span (SERVER, GenAI semconv attributes), continuing the client's trace when it sent a
+    traceparent."""
+    operation = "chat" if chat else "text_completion"
+    attributes = {tr.OPERATION: operation, tr.PROVIDER_NAME: tr.PROVIDER, tr.REQUEST_MODEL: model,
+                  tr.REQUEST_MAX_TOKENS: sampling.max_tokens, tr.REQUEST_TEMPERATURE: sampling.temperature,
+                  tr.REQUEST_TOP_P: sampling.top_p, tr.REQUEST_STREAM: stream,
+                  tr.RESPONSE_ID: request.request_id, tr.USAGE_INPUT_TOKENS: len(request.prompt_token_ids)}
+    if sampling.seed is not None:
+        attributes[tr.REQUEST_SEED] = sampling.seed
+    if session:
+        attributes[tr.CONVERSATION_ID] = session
+    return tracer.start_span(f"{operation} {model}", context=tr.extract(dict(headers)), kind=trace.SpanKind.SERVER,
+                             attributes=attributes)
+
+
+async def timed(deltas: AsyncIterator[TokenDelta], n_prompt: int, running: dict[str, Any], span: trace.Span,
+                metrics: RouterMetrics) -> AsyncIterator[TokenDelta]:
+    """Pass the deltas through, observing TTFT, ITL, E2E, tokens, prefix hits and routing staleness; end the
+    request's span with its usage (and the exception, if the stream failed)."""
+    start = last = time.monotonic()
+    first = True
+    n_out, reasons = 0, []
+    metrics.prompt_tokens.inc(n_prompt)
+    try:
+        async for delta in deltas:
+            now = time.monotonic()
+            if first:
+                metrics.ttft.observe(now - start)
+                metrics.prefix_cache_queries.inc(n_prompt)
+                metrics.prefix_cache_hits.inc(delta.num_cached_tokens)
+                if running["predicted"] is not None:
+                    metrics.staleness.observe(running["predicted"] - delta.num_cached_tokens)
+                span.set_attribute(tr.USAGE_CACHE_READ_INPUT_TOKENS, delta.num_cached_tokens)
+                first = False
+            else:
+                metrics.itl.observe(now - last)
+            last = now
+            n_out += len(delta.token_ids)
+            if delta.finish_reason:
+                reasons.append(delta.finish_reason)
+            metrics.generation_tokens.inc(len(delta.token_ids))
+            yield delta
+        metrics.e2e.observe(time.monotonic() - start)
+    except BaseException as exc:
+        span.record_exception(exc)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+        raise
+    finally:
+        if running["counted"]:
+            metrics.running.dec()
+        span.set_attributes({tr.USAGE_OUTPUT_TOKENS: n_out, tr.RESPONSE_FINISH_REASONS: reasons})
+        span.end()
+
+
+async def collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> tuple[str, int, str, int]:
+    """A non-streaming answer: (text, output tokens, finish reason, cached prompt tokens)."""
+    text, n_out, reason = first.text, len(first.token_ids), first.finish_reason or "stop"
+    if not first.finished:
+        async for delta in deltas:
+            text += delta.text
+            n_out += len(delta.token_ids)
+            reason = delta.finish_reason or reason
+    return text, n_out, reason, first.num_cached_tokens
+
+
+def usage(n_prompt: int, n_out: int, cached: int = 0) -> dict[str, Any]:
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def sse(first: TokenDelta, deltas: AsyncIterator[TokenDelta], rid: str, model: str, created: int,
+              chat: bool, include_usage: bool, n_prompt: int) -> AsyncIterator[str]:
+    """OpenAI SSE chunks for a stream whose first delta is already here; `[DONE]` at the end, or an error event
+    if the stream fails after the 200 went out."""
+    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    n_out = 0
+
+    def chunk(choices: list, use: dict | None = None) -> str:
+        body = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": choices}
+        if use is not None:
+            body["usage"] = use
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def all_deltas() -> AsyncIterator[TokenDelta]:
+        yield first
+        if not first.finished:
+            async for delta in deltas:
+                yield delta
+
+    try:
+        if chat:
+            yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        async for delta in all_deltas():
+            n_out += len(delta.token_ids)
+            if chat:
+                choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
+                          "finish_reason": delta.finish_reason}
+            else:
+                choice = {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason, "logprobs": None}
+            if delta.text or delta.finish_reason:
+                yield chunk([choice])
+        if include_usage:
+            yield chunk([], usage(n_prompt, n_out, first.num_cached_tokens))
+        yield "data: [DONE]\n\n"
+    except DisaggError as exc:
+        yield sse_error(exc)
+    except Exception as exc:  # never a silently cut stream: the client gets an error event
+        yield sse_error(unexpected(exc))
+    finally:
+        await deltas.aclose()
