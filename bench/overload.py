@@ -24,7 +24,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 
@@ -77,16 +77,21 @@ async def _shot(client: httpx.AsyncClient, model: str, shot: Shot, prompt: list[
     return shot
 
 
+def _poisson(rng: random.Random, rate: float, duration_s: float) -> Iterator[float]:
+    """Arrival times of a Poisson process of `rate` per second within [0, duration_s)."""
+    t = rng.expovariate(rate)
+    while t < duration_s:
+        yield t
+        t += rng.expovariate(rate)
+
+
 async def open_loop(url: str, model: str, streams: list[tuple[str, int, float]], duration_s: float,
                     prompt_tokens: int, max_tokens: int, seed: int = 0) -> list[Shot]:
     """Poisson arrivals for each (tenant, priority, rate) stream over `duration_s`; every prompt distinct."""
     rng = random.Random(seed)
     plan: list[tuple[float, str, int]] = []
     for tenant, priority, rate in streams:
-        t = rng.expovariate(rate)
-        while t < duration_s:
-            plan.append((t, tenant, priority))
-            t += rng.expovariate(rate)
+        plan += [(t, tenant, priority) for t in _poisson(rng, rate, duration_s)]
     plan.sort()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(300.0, connect=30.0), limits=limits) as client:
@@ -258,8 +263,7 @@ def _synthetic(streams: list[tuple[str, int, float]], duration_s: float, prompt_
     blocks = -(-prompt_tokens // 16)
     unique = itertools.count(1 << 30)
     for tenant, priority, rate in streams:
-        t = rng.expovariate(rate)
-        while t < duration_s:
+        for t in _poisson(rng, rate, duration_s):  # lazily: the prefix draws interleave with the arrival draws
             hash_ids: list[int] = []
             if prefixes:
                 group = rng.randrange(prefixes)
@@ -267,7 +271,6 @@ def _synthetic(streams: list[tuple[str, int, float]], duration_s: float, prompt_
                     [next(unique) for _ in range(blocks - shared_blocks)]
             out.append(TraceRequest(t * 1000, prompt_tokens, output_tokens, hash_ids=hash_ids, tenant=tenant,
                                     priority=priority))
-            t += rng.expovariate(rate)
     return sorted(out, key=lambda r: r.timestamp_ms)
 
 

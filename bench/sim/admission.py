@@ -1,7 +1,7 @@
 """The router's admission queue in front of a simulated cluster, in virtual time: the real AdmissionQueue (bands,
 tenant fair share, deadlines, shedding) and the real RouterCore capacity checks (`has_room`); requests leave the
-queue when a worker has room (with the same priority headroom), and are routed then among the workers with room,
-exactly as `RouterCore.generate` does; with `rescore_on_dispatch` off they are routed on arrival and wait for that
+queue when a worker has room (`RouterCore.room_for`, with the same priority headroom), and are routed then among
+the workers with room (`RouterCore.route_with_room`), exactly as `RouterCore.generate` does; with `rescore_on_dispatch` off they are routed on arrival and wait for that
 worker.  Refused ones are reported the way the HTTP API reports them (429)."""
 from __future__ import annotations
 
@@ -54,17 +54,10 @@ class SimAdmission:
             on_reject(self.cluster.loop.now, entry.rejection)
 
     def pump(self) -> None:
-        router = self.router
-
-        def can(entry: Entry) -> bool:
-            if entry.worker is not None:
-                return router.has_room(entry.worker, entry.tokens, entry.priority)
-            return any(router.has_room(n, entry.tokens, entry.priority) for n in router.decode)
-        while (entry := self.queue.pop_next(can)) is not None:
+        while (entry := self.queue.pop_next(self.router.room_for)) is not None:
             request, on_token, session, decision = self._pending.pop(entry.request_id)
             self._rejects.pop(entry.request_id, None)
-            self.cluster.dispatch(request, on_token, session, decision=decision,
-                                  only=lambda n, e=entry: router.has_room(n, e.tokens, e.priority))
+            self.cluster.dispatch(request, on_token, session, decision=decision, priority=entry.priority)
 
     def _arm(self) -> None:
         if not self._ticking and len(self.queue):

@@ -263,12 +263,14 @@ class SimCluster:
 
     def dispatch(self, request: Request, on_token: Callable[[float, TokenDelta], None],
                  session: str | None = None, _carry: _Flight | None = None, decision: Decision | None = None,
-                 only: Callable[[str], bool] | None = None) -> None:
-        """Start a request now: with `decision` if it was routed on arrival, else routed now (among the workers
-        `only` admits, as the router's queue does when it dispatches)."""
+                 priority: int | None = None) -> None:
+        """Start a request now: with `decision` if it was routed on arrival, else routed now (with `priority`:
+        out of the admission queue, among the workers with room, as the router's queue dispatches)."""
         hashes = self.router.block_hashes(request)
-        if decision is None:
-            decision = self.router.route(request, session, hashes, only=only)
+        if decision is None and priority is not None:
+            decision = self.router.route_with_room(request, session, hashes, priority)
+        elif decision is None:
+            decision = self.router.route(request, session, hashes)
         ticket = self.router.begin(decision, request.num_tokens, hashes)
         decode = self.decode[decision.decode_worker]
         prefill = self.prefill[decision.prefill_worker] if decision.prefill_worker else None

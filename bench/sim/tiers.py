@@ -8,7 +8,7 @@ from collections import Counter, OrderedDict
 from typing import Any, Callable
 
 from disagg.kv.connector import KVLoad, KVSource, LoadState, SourceKind
-from disagg.kv.tier_config import TierStats
+from disagg.kv.tier_config import TierStats, leading_tiers
 from disagg.protocol import EventKind, KVEvent, Tier
 
 
@@ -31,17 +31,9 @@ class SimTiers(KVSource):
 
     # ------------------------------------------------------------------ lookups and loads
     def lookup(self, block_hashes: list[int], count: bool = True) -> list[Tier]:
-        tiers: list[Tier] = []
-        for h in block_hashes:
-            if h in self.cpu:
-                tiers.append(Tier.CPU)
-            elif h in self.disk:
-                tiers.append(Tier.DISK)
-            else:
-                break
+        tiers = leading_tiers(block_hashes, self.cpu, self.disk)
         if count and block_hashes:
-            self.stats.query_blocks += len(block_hashes)
-            self.stats.hit_blocks.update(tiers)
+            self.stats.count_lookup(len(block_hashes), tiers)
         return tiers
 
     def start(self, load: KVLoad) -> None:

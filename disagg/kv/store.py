@@ -31,7 +31,7 @@ from disagg.kv.connector import KVLoad, KVSource, LoadState, SourceKind
 from disagg.kv.copier import BlockCopier, CopyJob
 from disagg.kv.cpu_tier import CpuTier
 from disagg.kv.disk_tier import CorruptBlock, DiskTier
-from disagg.kv.tier_config import TierConfig, TierStats
+from disagg.kv.tier_config import TierConfig, TierStats, leading_tiers
 from disagg.protocol import EventKind, KVEvent, Tier
 
 log = logging.getLogger(__name__)
@@ -91,17 +91,9 @@ class TieredStore(KVSource):
     # ------------------------------------------------------------------ lookups
     def lookup(self, block_hashes: list[int], count: bool = True) -> list[Tier]:
         """The tier of each of the leading `block_hashes` held in CPU or on disk (CPU preferred)."""
-        tiers: list[Tier] = []
-        for h in block_hashes:
-            if h in self.cpu:
-                tiers.append(Tier.CPU)
-            elif self.disk is not None and h in self.disk:
-                tiers.append(Tier.DISK)
-            else:
-                break
+        tiers = leading_tiers(block_hashes, self.cpu, self.disk)
         if count and block_hashes:
-            self.stats.query_blocks += len(block_hashes)
-            self.stats.hit_blocks.update(tiers)
+            self.stats.count_lookup(len(block_hashes), tiers)
         return tiers
 
     def tier_hashes(self) -> dict[Tier, list[int]]:

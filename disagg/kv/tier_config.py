@@ -1,9 +1,12 @@
-"""A worker's tier settings (TierConfig) and the counters its TieredStore keeps (TierStats, read by heartbeats and
-the simulator)."""
+"""A worker's tier settings (TierConfig), the counters its TieredStore keeps (TierStats, read by heartbeats and
+the simulator), and the lookup rule both the store and the simulated tiers follow (`leading_tiers`)."""
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Container
+
+from disagg.protocol import Tier
 
 
 @dataclass
@@ -41,3 +44,20 @@ class TierStats:
     store_skipped: int = 0  # no CPU slot could be freed for a store
     write_failures: int = 0
     failed_loads: int = 0
+
+    def count_lookup(self, num_queried: int, tiers: list[Tier]) -> None:
+        self.query_blocks += num_queried
+        self.hit_blocks.update(tiers)
+
+
+def leading_tiers(block_hashes: list[int], cpu: Container[int], disk: Container[int] | None) -> list[Tier]:
+    """The tier of each leading block the tiers hold (CPU before disk), up to the first one neither holds."""
+    tiers: list[Tier] = []
+    for h in block_hashes:
+        if h in cpu:
+            tiers.append(Tier.CPU)
+        elif disk is not None and h in disk:
+            tiers.append(Tier.DISK)
+        else:
+            break
+    return tiers

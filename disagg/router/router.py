@@ -151,13 +151,17 @@ class RouterCore:
         return decision
 
     # ------------------------------------------------------------------ admission
+    def room_for(self, entry: Entry) -> bool:
+        """Whether a queued request can be dispatched now: its worker has room (routed on arrival), or any
+        decode worker has (routed when dispatched)."""
+        if entry.worker is not None:
+            return self.has_room(entry.worker, entry.tokens, entry.priority)
+        return any(self.has_room(n, entry.tokens, entry.priority) for n in self.decode)
+
     def _can_dispatch(self, entry: Entry) -> bool:
         if self._dispatching:  # one at a time: the next waits until this one's load is counted (begin)
             return False
-        if entry.worker is not None:  # routed on arrival: wait for that worker
-            ok = self.has_room(entry.worker, entry.tokens, entry.priority)
-        else:
-            ok = any(self.has_room(n, entry.tokens, entry.priority) for n in self.decode)
+        ok = self.room_for(entry)
         if ok:
             self._dispatching = entry.request_id
         return ok
@@ -167,7 +171,7 @@ class RouterCore:
             self._dispatching = None
             self.admission.pump()
 
-    def _route_with_room(self, request: Request, session: str | None, hashes: list[int],
+    def route_with_room(self, request: Request, session: str | None, hashes: list[int],
                          priority: int = 0) -> Decision:
         """Route among the workers with room (fresh index state); if none has room any more (a worker just
         died), among every READY worker."""
@@ -224,7 +228,7 @@ class RouterCore:
                     if migration == 0 and first_decision is not None:
                         decision = first_decision
                     else:
-                        decision = self._route_with_room(attempt, session, hashes, priority)
+                        decision = self.route_with_room(attempt, session, hashes, priority)
                     if routing.is_recording():
                         routing.set_attributes(decision.span_attributes())
                 if on_route is not None:
