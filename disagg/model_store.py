@@ -29,14 +29,35 @@ def cache_root() -> Path:
 def default_model_dir() -> Path:
     """The default model's HF directory, converting it on first use (safe against concurrent callers)."""
     target = cache_root() / "models" / DEFAULT_MODEL_NAME
-    if (target / "config.json").exists():
+    if (target / "config.json").exists() and _complete(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (target / "config.json").exists():
             _convert_gguf(_gguf_source(), target)
+        elif not _complete(target):
+            _name_architecture(target)
     return target
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+
+
+def _complete(model_dir: Path) -> bool:
+    """Whether config.json names the model class: without `architectures`, vLLM loads the directory as an
+    embedding model and NVIDIA Dynamo refuses it."""
+    return bool(json.loads((model_dir / "config.json").read_text()).get("architectures"))
+
+
+def _name_architecture(model_dir: Path) -> None:
+    """Repair a directory written before `architectures` was recorded (atomic rewrite of config.json)."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = [_ARCHITECTURES[config["model_type"]]]
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, path)
 
 
 def _gguf_source() -> Path:
@@ -66,6 +87,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
                  if not (tied and k == "lm_head.weight")}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
+        config["architectures"] = [type(model).__name__]
         config.pop("quantization_config", None)
         config.pop("_model_name_or_path", None)
         config["source"] = f"{_GGUF_PACKAGE} wheel: {name} (de-quantized to float32)"

@@ -79,6 +79,9 @@ def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, parent_hash: i
 
 
 # ---------------------------------------------------------------------------------------------- sampling
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
+
+
 @dataclass
 class SamplingParams:
     """Per-request generation settings (OpenAI names where they exist). Validated on construction."""
@@ -91,6 +94,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,6 +110,9 @@ class SamplingParams:
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
             (all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids must be integers"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                       and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -202,6 +209,10 @@ class TokenDelta(WireMessage):
     finish_reason: str | None = None  # a FinishReason value
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # per token of `token_ids`, when the request asked for logprobs: [token_id, logprob, [[id, logprob], ...]]
+    # (the top alternatives, most likely first); computed from the model's raw distribution (before temperature,
+    # top-k/top-p), as vLLM and OpenAI report them
+    logprobs: list[list] | None = None
 
     @property
     def finished(self) -> bool:
@@ -242,6 +253,7 @@ class PrefillResult(WireMessage):
     first_token: int | None = None
     finish_reason: str | None = None
     num_cached_tokens: int = 0  # prompt tokens the owner found cached instead of computing
+    first_logprobs: list | None = None  # the first token's logprob entry (TokenDelta.logprobs), when asked
 
 
 @dataclass

@@ -276,7 +276,8 @@ class EngineWorker:
         # the step that produced `delta` created the lease, and only the engine thread removes leases (when the
         # reader is done, or after their TTL), so this dict lookup and copy of immutable lists cannot race
         result = self.engine.prefill_result(req.request_id, self.agent_name, delta.token_ids[0], None,
-                                            delta.num_cached_tokens)
+                                            delta.num_cached_tokens,
+                                            first_logprobs=delta.logprobs[0] if delta.logprobs else None)
         return result.to_wire()
 
     async def export_prefix(self, request: bytes) -> bytes | None:

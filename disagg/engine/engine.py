@@ -137,6 +137,8 @@ class LLMEngine:
         if remote is not None and remote.num_tokens != seq.num_tokens and remote.first_token is not None:
             raise ValueError(f"prefill result covers {remote.num_tokens} tokens, the request has {seq.num_tokens}")
         seq.hold_kv, seq.remote, seq.priority = hold_kv, remote, priority
+        if remote is not None and remote.first_token is not None:
+            seq.imported_logprobs = remote.first_logprobs
         seq.session_id, seq.kv_retention_s = session_id, kv_retention_s
         seq.trace_context = trace_context or {}
         if arrival_time is not None:
@@ -214,12 +216,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ offering KV to other workers
     def prefill_result(self, request_id: str, agent_name: str, first_token: int,
-                       finish_reason: str | None, num_cached_tokens: int = 0) -> PrefillResult:
+                       finish_reason: str | None, num_cached_tokens: int = 0,
+                       first_logprobs: list | None = None) -> PrefillResult:
         """Describe a finished hold_kv request's leased blocks for the reader."""
         lease = self.leases.leases[request_id]
         return PrefillResult(request_id=request_id, agent_name=agent_name, block_ids=list(lease.block_ids),
                              regions=list(lease.regions), num_tokens=lease.num_tokens, first_token=first_token,
-                             finish_reason=finish_reason, num_cached_tokens=num_cached_tokens)
+                             finish_reason=finish_reason, num_cached_tokens=num_cached_tokens,
+                             first_logprobs=first_logprobs)
 
     def export_prefix(self, request_id: str, block_hashes: list[int], agent_name: str) -> PrefillResult | None:
         """Lease the leading `block_hashes` this worker holds on the device or in its CPU tier, for a peer to
@@ -271,13 +275,14 @@ class LLMEngine:
         self.scheduler.on_step_done(batch)
         self.stats.steps += 1
         now = time.monotonic()
+        logprobs = getattr(self.runner, "last_logprobs", {})
         for row, token in sampled.items():
             seq = batch.seqs[row]
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.token_ids.append(token)
             self.stats.generated_tokens += 1
-            deltas.append(self._process_token(seq, token))
+            deltas.append(self._process_token(seq, token, logprobs=logprobs.get(row)))
         return deltas
 
     def _measure(self, batch: ScheduledBatch, seconds: float) -> None:
@@ -289,13 +294,15 @@ class LLMEngine:
         self.prefill_s_per_token = per_token if old is None else 0.8 * old + 0.2 * per_token
         self.connector.recompute_s_per_block = self.prefill_s_per_token * self.config.block_size
 
-    def _process_token(self, seq: Sequence, token: int, imported: bool = False) -> TokenDelta:
+    def _process_token(self, seq: Sequence, token: int, imported: bool = False,
+                       logprobs: list | None = None) -> TokenDelta:
         sp = seq.sampling
         reason = None
         visible = True
         if imported:
             seq.first_token_time = time.monotonic()
             self.stats.generated_tokens += 1
+            logprobs = seq.imported_logprobs
         if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_token_ids):
             reason, visible = FinishReason.STOP.value, False
         elif len(seq.output_token_ids) >= sp.max_tokens or seq.num_tokens >= self.max_model_len:
@@ -317,7 +324,8 @@ class LLMEngine:
         text = seq.text[seq.num_emitted_chars:emit_to]
         seq.num_emitted_chars = emit_to
         return TokenDelta(request_id=seq.request_id, token_ids=[token], text=text, finish_reason=reason,
-                          num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+                          num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
+                          logprobs=[logprobs] if logprobs is not None and sp.logprobs is not None else None)
 
     def _retire(self, seq: Sequence, reason: str) -> None:
         seq.finish_time = time.monotonic()

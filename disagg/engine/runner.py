@@ -8,7 +8,7 @@ import torch
 from disagg.engine.attention import AttentionMetadata, select_backend
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding
-from disagg.engine.sampler import sample
+from disagg.engine.sampler import logprob_entries, sample
 from disagg.engine.scheduler import ScheduledBatch
 
 
@@ -25,6 +25,7 @@ class ModelRunner:
         self.model = model.to(dtype).eval()
         self.model.rotary.inv_freq = self.model.rotary.inv_freq.float()
         self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device)
+        self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat input ids, positions, metadata, and the batch rows whose last token yields a next-token sample."""
@@ -73,9 +74,13 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         """Run one step; returns {batch row: sampled token} for rows that produce a token."""
+        self.last_logprobs = {}
         logits, rows = self.compute_logits(batch)
         if not rows:
             return {}
         seqs = [batch.seqs[r] for r in rows]
-        tokens = sample(logits, [s.sampling for s in seqs], [s.num_tokens - s.num_prompt_tokens for s in seqs])
+        params = [s.sampling for s in seqs]
+        tokens = sample(logits, params, [s.num_tokens - s.num_prompt_tokens for s in seqs])
+        entries = logprob_entries(logits, tokens, params)
+        self.last_logprobs = {r: e for r, e in zip(rows, entries) if e is not None}
         return dict(zip(rows, tokens))

@@ -48,3 +48,24 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: l
             gen = torch.Generator().manual_seed(_token_seed(seed, output_indices[i]))
         tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen))
     return tokens.tolist()
+
+
+def logprob_entries(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]) -> list[list | None]:
+    """Per row: None if its request asked for no logprobs, else [token, logprob, [[id, logprob], ...top k]].
+
+    Log-probabilities of the model's raw distribution (log_softmax of the logits, before temperature and
+    top-k/top-p), like vLLM's default and OpenAI's; one log_softmax for the rows that asked.
+    """
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[list | None] = [None] * len(params)
+    if not wanted:
+        return out
+    logp = torch.log_softmax(logits[wanted].float(), dim=-1)
+    k = max(params[i].logprobs or 0 for i in wanted)
+    top_vals, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logp.device)).squeeze(1)
+    chosen_l, vals_l, ids_l = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
+    for j, i in enumerate(wanted):
+        n = params[i].logprobs or 0
+        out[i] = [tokens[i], chosen_l[j], [[ids_l[j][r], vals_l[j][r]] for r in range(n)]]
+    return out

@@ -39,6 +39,7 @@ class Sequence:
     kv_load: Any = None  # the KVLoad in flight while status is WAITING_FOR_KV
     pending_first_token: bool = False  # the last token came with a peer's KV and has not been emitted yet
     credited_tokens: int | None = None  # prompt tokens a peer saved from compute (reported as cached)
+    imported_logprobs: list | None = None  # the logprob entry of a peer's first token (when asked)
     tier_load_failed: bool = False  # a CPU/disk load failed (corrupt, too slow): recompute, do not retry it
     priority: int = 0  # higher = more important: queued ahead of lower priorities
     trace_context: dict[str, str] = field(default_factory=dict)  # the request's span (tracing)

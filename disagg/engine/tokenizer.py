@@ -45,7 +45,9 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **extra: Any) -> str:
+        """Render `messages` through the model's template; `extra` are further template variables (`tools`)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use a plain completion prompt")
 
@@ -57,10 +59,10 @@ class Tokenizer:
         env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+    def encode_chat(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
+        return self.encode(self.apply_chat_template(messages, **extra), add_special_tokens=False)
 
     def decode_incremental(self, ids: list[int], prefix_offset: int, read_offset: int) -> tuple[str, int, int]:
         """New text since `read_offset`, decoding a small window so multi-token characters come out whole.

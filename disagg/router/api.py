@@ -23,7 +23,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import DisaggError, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
 from disagg.protocol import Request, SamplingParams
-from disagg.router.api_inputs import check_model, priority_of, sampling_params, tokenize_prompt
+from disagg.router.api_inputs import chat_prompt, check_model, priority_of, sampling_params, tokenize_prompt
+from disagg.router.api_shape import AnswerShape
 from disagg.router.api_stream import ClientGone, collect, request_span, sse, timed, until_disconnect, usage
 from disagg.router.http_errors import error_response, unexpected
 from disagg.router.router import RouterCore
@@ -115,22 +116,23 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         check_model(body.model, config.model_name)
         ids = tokenize_prompt(body.prompt, tokenizer)
         sampling = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, len(ids),
-                                   config.max_model_len)
-        return await _serve("cmpl", "text_completion", body, ids, sampling, http, chat=False)
+                                   config.max_model_len, logprobs=body.logprobs)
+        shape = AnswerShape(tokenizer, chat=False, logprobs=body.logprobs is not None)
+        return await _serve("cmpl", "text_completion", body, ids, sampling, http, shape)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         check_model(body.model, config.model_name)
-        try:
-            ids = tokenizer.encode_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), param="messages") from exc
+        ids, tools = chat_prompt(body, tokenizer)
         sampling = sampling_params(body, body.max_completion_tokens or body.max_tokens, len(ids),
-                                   config.max_model_len)
-        return await _serve("chatcmpl", "chat.completion", body, ids, sampling, http, chat=True)
+                                   config.max_model_len, logprobs=body.logprobs_k())
+        shape = AnswerShape(tokenizer, chat=True, logprobs=body.logprobs, tools=tools,
+                            parallel_tool_calls=body.parallel_tool_calls is not False)
+        return await _serve("chatcmpl", "chat.completion", body, ids, sampling, http, shape)
 
     async def _serve(prefix: str, kind: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest,
-                     chat: bool):
+                     shape: AnswerShape):
+        chat = shape.chat
         session = http.headers.get(SESSION_HEADER) or body.user
         retention = body.kv_retention.ttl_s if body.kv_retention is not None else None
         priority = priority_of(body, http.headers)
@@ -162,21 +164,16 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
             raise
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(sse(first, stream, request.request_id, config.model_name, created, chat,
+            return StreamingResponse(sse(first, stream, request.request_id, config.model_name, created, shape,
                                          include_usage, len(ids)), media_type="text/event-stream")
         try:
-            text, n_out, reason, cached = await until_disconnect(collect(first, stream), http,
-                                                                  config.disconnect_poll_s)
+            answer = await until_disconnect(collect(first, stream), http, config.disconnect_poll_s)
         except ClientGone:
             await stream.aclose()
             return error_response(InvalidRequest("client closed the request", code="client_closed"))
-        choice: dict[str, Any] = {"index": 0, "finish_reason": reason, "logprobs": None}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
         return {"id": request.request_id, "object": kind, "created": created, "model": config.model_name,
-                "choices": [choice], "usage": usage(len(ids), n_out, cached)}
+                "choices": [shape.final_choice(answer)],
+                "usage": usage(len(ids), answer.num_tokens, answer.num_cached_tokens)}
 
     return app
 

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import InvalidRequest, NotFound
 from disagg.protocol import SamplingParams
+from disagg.router.tools import template_messages, template_parses_hermes
 
 PRIORITY_HEADER = "x-priority"
 
@@ -17,7 +18,8 @@ def check_model(name: str, served: str) -> None:
         raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
 
-def sampling_params(body: Any, max_tokens: int | None, prompt_len: int, max_model_len: int) -> SamplingParams:
+def sampling_params(body: Any, max_tokens: int | None, prompt_len: int, max_model_len: int,
+                    logprobs: int | None = None) -> SamplingParams:
     """The request's sampling parameters; max_tokens None = what the context has room for."""
     if prompt_len >= max_model_len:
         raise InvalidRequest(f"This model's maximum context length is {max_model_len} tokens. However, "
@@ -31,7 +33,8 @@ def sampling_params(body: Any, max_tokens: int | None, prompt_len: int, max_mode
                              code="context_length_exceeded")
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos)
+                              top_k=body.top_k, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos,
+                              logprobs=logprobs)
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
 
@@ -64,3 +67,17 @@ def priority_of(body: Any, headers: Mapping[str, str]) -> int:
     if not -100 <= value <= 100:
         raise InvalidRequest(f"{PRIORITY_HEADER} must be in [-100, 100]", param="priority")
     return value
+
+
+def chat_prompt(body: Any, tokenizer: Tokenizer) -> tuple[list[int], set[str] | None]:
+    """The chat request's prompt token ids (tools shown to the model through the template, or described in the
+    system message when the template has no tool support), and the tool names to parse out of the answer (None:
+    do not parse)."""
+    tools = body.offered_tools()
+    messages, extra = template_messages([m.for_template() for m in body.messages], tools, tokenizer.chat_template)
+    try:
+        ids = tokenizer.encode_chat(messages, **extra)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="messages") from exc
+    parse = tools and template_parses_hermes(tokenizer.chat_template)
+    return ids, ({t["function"]["name"] for t in tools} if parse else None)

@@ -14,6 +14,7 @@ from opentelemetry import trace
 from disagg import tracing as tr
 from disagg.errors import DisaggError
 from disagg.protocol import Request, SamplingParams, TokenDelta
+from disagg.router.api_shape import AnswerShape, Collected
 from disagg.router.http_errors import sse_error, unexpected
 from disagg.telemetry import RouterMetrics
 
@@ -90,15 +91,14 @@ async def timed(deltas: AsyncIterator[TokenDelta], n_prompt: int, running: dict[
         span.end()
 
 
-async def collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> tuple[str, int, str, int]:
-    """A non-streaming answer: (text, output tokens, finish reason, cached prompt tokens)."""
-    text, n_out, reason = first.text, len(first.token_ids), first.finish_reason or "stop"
+async def collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> Collected:
+    """A non-streaming answer: every delta of the request, gathered."""
+    answer = Collected(num_cached_tokens=first.num_cached_tokens)
+    answer.add(first)
     if not first.finished:
         async for delta in deltas:
-            text += delta.text
-            n_out += len(delta.token_ids)
-            reason = delta.finish_reason or reason
-    return text, n_out, reason, first.num_cached_tokens
+            answer.add(delta)
+    return answer
 
 
 def usage(n_prompt: int, n_out: int, cached: int = 0) -> dict[str, Any]:
@@ -107,10 +107,10 @@ def usage(n_prompt: int, n_out: int, cached: int = 0) -> dict[str, Any]:
 
 
 async def sse(first: TokenDelta, deltas: AsyncIterator[TokenDelta], rid: str, model: str, created: int,
-              chat: bool, include_usage: bool, n_prompt: int) -> AsyncIterator[str]:
+              shape: AnswerShape, include_usage: bool, n_prompt: int) -> AsyncIterator[str]:
     """OpenAI SSE chunks for a stream whose first delta is already here; `[DONE]` at the end, or an error event
     if the stream fails after the 200 went out."""
-    chunk_kind = "chat.completion.chunk" if chat else "text_completion"
+    chunk_kind = "chat.completion.chunk" if shape.chat else "text_completion"
     n_out = 0
 
     def chunk(choices: list, use: dict | None = None) -> str:
@@ -126,16 +126,12 @@ async def sse(first: TokenDelta, deltas: AsyncIterator[TokenDelta], rid: str, mo
                 yield delta
 
     try:
-        if chat:
+        if shape.chat:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         async for delta in all_deltas():
             n_out += len(delta.token_ids)
-            if chat:
-                choice = {"index": 0, "delta": {"content": delta.text} if delta.text else {},
-                          "finish_reason": delta.finish_reason}
-            else:
-                choice = {"index": 0, "text": delta.text, "finish_reason": delta.finish_reason, "logprobs": None}
-            if delta.text or delta.finish_reason:
+            choice = shape.stream_choice(delta)
+            if choice is not None:
                 yield chunk([choice])
         if include_usage:
             yield chunk([], usage(n_prompt, n_out, first.num_cached_tokens))
