@@ -1,4 +1,5 @@
 """Bench workloads: loader round-trips, hash_id -> tokens determinism and prefix consistency, agent sessions."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -45,6 +46,64 @@ def test_bad_csv_is_a_clear_error(tmp_path, text, match):
     (tmp_path / "bad.csv").write_text(text)
     with pytest.raises(ValueError, match=match):
         loaders.load(tmp_path / "bad.csv")
+
+
+AZURE_2023 = """TIMESTAMP,ContextTokens,GeneratedTokens
+2023-11-16 18:15:46.6805900,374,44
+2023-11-16 18:15:50.9951690,396,109
+2023-11-16 18:15:51.0000000,879,31
+"""
+AZURE_2024 = """TIMESTAMP,ContextTokens,GeneratedTokens
+2024-05-10 00:00:00.009930+00:00,2162,5
+2024-05-10 00:00:00.054988+00:00,2399,8
+2024-05-10 00:00:01.204988+00:00,198,12
+"""
+BURSTGPT = """Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type
+5,ChatGPT,472,18,490,Conversation log
+45,ChatGPT,1087,357,1444,Conversation log
+46.5,GPT-4,200,0,200,API log
+118,GPT-4,417,276,693,API log
+"""
+
+
+def test_azure_traces_load_with_datetime_timestamps(tmp_path):
+    (tmp_path / "AzureLLMInferenceTrace_conv.csv").write_text(AZURE_2023)
+    trace = loaders.load(tmp_path / "AzureLLMInferenceTrace_conv.csv")
+    assert [(r.input_length, r.output_length) for r in trace] == [(374, 44), (396, 109), (879, 31)]
+    assert [round(r.timestamp_ms, 3) for r in trace] == [0.0, 4314.579, 4319.41]  # ms from the first request
+    (tmp_path / "AzureLLMInferenceTrace_code_1week.csv").write_text(AZURE_2024)
+    trace = loaders.load(tmp_path / "AzureLLMInferenceTrace_code_1week.csv")
+    assert [round(r.timestamp_ms, 3) for r in trace] == [0.0, 45.058, 1195.058]
+    assert [r.input_length for r in trace] == [2162, 2399, 198] and trace[0].hash_ids == []
+
+
+def test_burstgpt_loads_in_seconds_and_skips_failed_requests(tmp_path):
+    (tmp_path / "BurstGPT_1.csv").write_text(BURSTGPT)
+    trace = loaders.load(tmp_path / "BurstGPT_1.csv")
+    assert [(r.timestamp_ms, r.input_length, r.output_length) for r in trace] == \
+        [(0.0, 472, 18), (40000.0, 1087, 357), (113000.0, 417, 276)]
+
+
+def test_azure_and_burstgpt_traces_run_through_the_bench_cli(tmp_path):
+    for name, text in (("azure.csv", AZURE_2024), ("burst.csv", BURSTGPT)):
+        (tmp_path / name).write_text(text)
+        out = subprocess.run([sys.executable, "-m", "disagg.cli", "bench", "simulate", "--trace",
+                              str(tmp_path / name), "--rates", "1", "--configs", "agg-kv=0x2:kv", "--no-progress",
+                              "--out", str(tmp_path / name[:-4])], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        result = json.loads((tmp_path / name[:-4] / "result.json").read_text())
+        assert result["workload"]["requests"] == 3
+        assert result["runs"][0]["metrics"]["completed"] == 3
+
+
+@pytest.mark.parametrize("name,text", [("t.parquet", "PAR1"), ("t.jsonl", '{"ts": 1, "prompt": "hi"}\n'),
+                                       ("t.csv", "when,model,tokens\n1,a,2\n")])
+def test_unknown_format_lists_the_supported_ones(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match="supported trace formats") as err:
+        loaders.load(tmp_path / name)
+    assert all(f.value in str(err.value) for f in loaders.TraceFormat)
 
 
 def test_bad_jsonl_names_the_line(tmp_path):
