@@ -1,4 +1,5 @@
 """`disagg` command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,9 @@ def _generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     engine = LLMEngine(EngineConfig(model=args.model, device=args.device, max_model_len=args.max_model_len))
     print(f"loaded {engine.config.model} on {engine.device} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=args.seed)
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
     prompts = []
     for text in args.prompt:
         if args.raw or engine.tokenizer is None or not engine.tokenizer.chat_template:
@@ -27,10 +29,11 @@ def _generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     total = sum(len(r.token_ids) for r in results)
     for text, r in zip(args.prompt, results):
-        print(f">>> {text}\n{r.text}\n[{len(r.token_ids)} tokens, finish={r.finish_reason}, "
-              f"ttft={r.ttft_s * 1000:.0f} ms]")
-    print(f"{total} tokens in {elapsed:.2f}s = {total / elapsed:.1f} tokens/s "
-          f"({len(results)} request(s) batched)")
+        print(
+            f">>> {text}\n{r.text}\n[{len(r.token_ids)} tokens, finish={r.finish_reason}, "
+            f"ttft={r.ttft_s * 1000:.0f} ms]"
+        )
+    print(f"{total} tokens in {elapsed:.2f}s = {total / elapsed:.1f} tokens/s ({len(results)} request(s) batched)")
     return 0
 
 
@@ -67,13 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     gen.set_defaults(func=_generate)
     from disagg.cluster.launch import build_parser, serve
+
     srv = sub.add_parser("serve", help="start workers + router on Ray and serve the OpenAI-compatible API")
     build_parser(srv)
     srv.set_defaults(func=serve)
-    bench = sub.add_parser("bench", help="bench harness: replay traces, compare configurations, simulate",
-                           add_help=False)
-    bench.add_argument("tool", choices=sorted(_BENCH_TOOLS), help="; ".join(f"{k}: {v[1]}" for k, v in
-                                                                       sorted(_BENCH_TOOLS.items())))
+    bench = sub.add_parser(
+        "bench", help="bench harness: replay traces, compare configurations, simulate", add_help=False
+    )
+    bench.add_argument(
+        "tool", choices=sorted(_BENCH_TOOLS), help="; ".join(f"{k}: {v[1]}" for k, v in sorted(_BENCH_TOOLS.items()))
+    )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)

@@ -1,4 +1,5 @@
 """Configuration: one dataclass per component. Defaults run on a laptop CPU."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

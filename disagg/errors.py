@@ -5,6 +5,7 @@ maps the class to a status code and an OpenAI-style body in one place (`router/h
 cluster, `WorkerLost` and `TransferFailed` are recoverable: the router migrates the request or falls back to
 local prefill / recompute; only when no fallback is left does a client see `ServiceUnavailable`.
 """
+
 from __future__ import annotations
 
 
@@ -34,8 +35,9 @@ class Unauthorized(DisaggError):
 class Overloaded(DisaggError):
     """The service is saturated and sheds this request (429 with Retry-After)."""
 
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = "overloaded",
-                 param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float = 1.0, code: str | None = "overloaded", param: str | None = None
+    ) -> None:
         super().__init__(message, param=param, code=code)
         self.retry_after_s = retry_after_s
 

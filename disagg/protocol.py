@@ -4,16 +4,19 @@ Everything that crosses a process boundary is a dataclass here with an explicit 
 (`to_wire` / `from_wire`): field names are checked, nothing is pickled.  The block-hash function lives
 here too, because workers, router and bench must agree on it bit for bit.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import enum
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import msgpack
+
 
 # ---------------------------------------------------------------------------------------------- enums
 # str-valued so they travel through msgpack as plain strings and compare equal to them.
@@ -73,7 +76,7 @@ def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, parent_hash: i
     """Hashes of every *full* block of `token_ids`; a trailing partial block has no hash."""
     hashes: list[int] = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent_hash = hash_block_tokens(parent_hash, token_ids[start:start + block_size])
+        parent_hash = hash_block_tokens(parent_hash, token_ids[start : start + block_size])
         hashes.append(parent_hash)
     return hashes
 
@@ -100,19 +103,31 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens > 0,
-             f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
-            (_is_number(self.temperature) and self.temperature >= 0,
-             f"temperature must be >= 0, got {self.temperature!r}"),
+            (
+                isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens > 0,
+                f"max_tokens must be a positive integer, got {self.max_tokens!r}",
+            ),
+            (
+                _is_number(self.temperature) and self.temperature >= 0,
+                f"temperature must be >= 0, got {self.temperature!r}",
+            ),
             (_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
-             f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}"),
+            (
+                isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
+                f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}",
+            ),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
             (all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids must be integers"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
-                                       and 0 <= self.logprobs <= MAX_LOGPROBS),
-             f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"),
+            (
+                self.logprobs is None
+                or (
+                    isinstance(self.logprobs, int)
+                    and not isinstance(self.logprobs, bool)
+                    and 0 <= self.logprobs <= MAX_LOGPROBS
+                ),
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -123,7 +138,7 @@ class SamplingParams:
         return self.temperature == 0
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -160,7 +175,7 @@ class WireMessage:
 
 
 def _encode_field(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return value
 
@@ -193,7 +208,7 @@ class Request(WireMessage):
         """Tokens whose KV must exist before the next one is sampled (prompt + resumed output)."""
         return len(self.prompt_token_ids) + len(self.resume_token_ids)
 
-    def resumed(self, token_ids: list[int], num_chars: int) -> "Request":
+    def resumed(self, token_ids: list[int], num_chars: int) -> Request:
         """This request continued after `token_ids` (output already delivered, `num_chars` of text)."""
         return dataclasses.replace(self, resume_token_ids=list(token_ids), resume_num_chars=num_chars)
 
@@ -291,7 +306,7 @@ class KVEventBatch(WireMessage):
     snapshot: bool = False
 
     @classmethod
-    def of(cls, worker: str, seq_no: int, events: list[KVEvent], snapshot: bool = False) -> "KVEventBatch":
+    def of(cls, worker: str, seq_no: int, events: list[KVEvent], snapshot: bool = False) -> KVEventBatch:
         return cls(worker, seq_no, [dataclasses.asdict(e) for e in events], snapshot)
 
     def kv_events(self) -> list[KVEvent]:

@@ -9,10 +9,12 @@ Two kinds:
 Aggregating worker figures in the router (instead of Ray's metrics export) keeps one scrape target that works
 the same under `disagg serve`, `ray job submit` and KubeRay, and needs no Ray metrics agent.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,10 +34,16 @@ class ClusterCollector:
         migrations = CounterMetricFamily("disagg:migrations", "Requests moved to another worker mid-stream")
         migrations.add_metric([], core.counters.get("migrations", 0))
         yield migrations
-        paths = CounterMetricFamily("disagg:requests_by_path", "Served requests by how their prefill ran "
-                                    "(disaggregated, local, peer_prefix, fallback, migrated)", labels=["path"])
-        fallbacks = CounterMetricFamily("disagg:fallbacks", "Remote prefill / peer prefix failures that fell "
-                                        "back to computing on the decode worker", labels=["kind"])
+        paths = CounterMetricFamily(
+            "disagg:requests_by_path",
+            "Served requests by how their prefill ran (disaggregated, local, peer_prefix, fallback, migrated)",
+            labels=["path"],
+        )
+        fallbacks = CounterMetricFamily(
+            "disagg:fallbacks",
+            "Remote prefill / peer prefix failures that fell back to computing on the decode worker",
+            labels=["kind"],
+        )
         for key, value in sorted(core.counters.items()):
             if key.startswith("path:"):
                 paths.add_metric([key[5:]], value)
@@ -43,10 +51,12 @@ class ClusterCollector:
                 fallbacks.add_metric([key[9:]], value)
         yield paths
         yield fallbacks
-        state = GaugeMetricFamily("disagg:worker_state", "1 for the state each worker is in",
-                                  labels=["worker", "role", "state"])
-        restarts = CounterMetricFamily("disagg:worker_restarts", "Worker restarts seen by the router",
-                                       labels=["worker"])
+        state = GaugeMetricFamily(
+            "disagg:worker_state", "1 for the state each worker is in", labels=["worker", "role", "state"]
+        )
+        restarts = CounterMetricFamily(
+            "disagg:worker_restarts", "Worker restarts seen by the router", labels=["worker"]
+        )
         gauges: dict[str, GaugeMetricFamily] = {}
         counters: dict[str, CounterMetricFamily] = {}
         for name, w in core.health.workers.items():
@@ -67,21 +77,24 @@ class ClusterCollector:
 
     def _admission(self) -> Iterator[Metric]:
         queue = self.core.admission.queue
-        depth = GaugeMetricFamily("disagg:queue_depth", "Requests waiting in the router's admission queue",
-                                  labels=["priority", "tenant"])
+        depth = GaugeMetricFamily(
+            "disagg:queue_depth", "Requests waiting in the router's admission queue", labels=["priority", "tenant"]
+        )
         for (priority, tenant), n in sorted(queue.depth().items()):
             depth.add_metric([str(priority), tenant], n)
         yield depth
         tokens = GaugeMetricFamily("disagg:queue_tokens", "Prompt tokens waiting in the admission queue")
         tokens.add_metric([], queue.queued_tokens)
         yield tokens
-        rejected = CounterMetricFamily("disagg:rejected_requests", "Requests refused with 429, by reason",
-                                       labels=["reason"])
+        rejected = CounterMetricFamily(
+            "disagg:rejected_requests", "Requests refused with 429, by reason", labels=["reason"]
+        )
         for reason, n in queue.rejected.items():
             rejected.add_metric([reason], n)
         yield rejected
-        served = CounterMetricFamily("disagg:tenant_served_tokens", "Prompt + generated tokens served per tenant",
-                                     labels=["tenant"])
+        served = CounterMetricFamily(
+            "disagg:tenant_served_tokens", "Prompt + generated tokens served per tenant", labels=["tenant"]
+        )
         for tenant, n in sorted(queue.served_tokens.items()):
             served.add_metric([tenant], n)
         yield served
@@ -92,8 +105,9 @@ class ClusterCollector:
         metric = f"disagg:worker_{_SAFE.sub('_', base)}"
         family = families.get(metric)
         if family is None:
-            family = families[metric] = cls(metric, f"Worker figure '{base}' from heartbeats",
-                                            labels=["worker", "detail"])
+            family = families[metric] = cls(
+                metric, f"Worker figure '{base}' from heartbeats", labels=["worker", "detail"]
+            )
         family.add_metric([worker, label], value)
 
 
@@ -101,27 +115,45 @@ class RouterMetrics:
     def __init__(self, core: Any = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("disagg:requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
+        self.requests = Counter(
+            "disagg:requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("disagg:prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("disagg:generation_tokens", "Generated tokens", registry=r)
-        self.prefix_cache_queries = Counter("disagg:prefix_cache_queries", "Prompt tokens looked up in the "
-                                            "serving worker's prefix cache", registry=r)
-        self.prefix_cache_hits = Counter("disagg:prefix_cache_hits", "Prompt tokens not computed for the request "
-                                         "(device prefix cache, CPU/disk tier, or a peer's KV)", registry=r)
+        self.prefix_cache_queries = Counter(
+            "disagg:prefix_cache_queries", "Prompt tokens looked up in the serving worker's prefix cache", registry=r
+        )
+        self.prefix_cache_hits = Counter(
+            "disagg:prefix_cache_hits",
+            "Prompt tokens not computed for the request (device prefix cache, CPU/disk tier, or a peer's KV)",
+            registry=r,
+        )
         self.routed = Counter("disagg:routed_requests", "Routing decisions", ["decode_worker", "mode"], registry=r)
         self.running = Gauge("disagg:num_requests_running", "Requests in flight", registry=r)
         self.ttft = Histogram("disagg:time_to_first_token_seconds", "TTFT", buckets=_LATENCY_BUCKETS, registry=r)
-        self.e2e = Histogram("disagg:e2e_request_latency_seconds", "End-to-end latency", buckets=_LATENCY_BUCKETS,
-                             registry=r)
-        self.itl = Histogram("disagg:inter_token_latency_seconds", "Gaps between streamed tokens",
-                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5), registry=r)
-        self.staleness = Histogram("disagg:route_staleness_tokens", "Prompt tokens the router expected the "
-                                   "computing worker to find cached minus what it found (>0: the index was stale "
-                                   "or optimistic, <0: it under-reported)",
-                                   buckets=(-1024, -256, -64, -16, -1, 0, 16, 64, 256, 1024, 4096), registry=r)
-        self.queue_wait = Histogram("disagg:queue_wait_seconds", "Time requests waited in the admission queue",
-                                    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        self.e2e = Histogram(
+            "disagg:e2e_request_latency_seconds", "End-to-end latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "disagg:inter_token_latency_seconds",
+            "Gaps between streamed tokens",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.staleness = Histogram(
+            "disagg:route_staleness_tokens",
+            "Prompt tokens the router expected the "
+            "computing worker to find cached minus what it found (>0: the index was stale "
+            "or optimistic, <0: it under-reported)",
+            buckets=(-1024, -256, -64, -16, -1, 0, 16, 64, 256, 1024, 4096),
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "disagg:queue_wait_seconds",
+            "Time requests waited in the admission queue",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
         if core is not None:
             r.register(ClusterCollector(core))
 

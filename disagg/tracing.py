@@ -19,15 +19,17 @@ Spans (see docs/architecture.md for their timing): "{operation} {model}" (the re
 router.queue, router.route, then per worker prefill.queue, prefill.compute, kv.transfer, decode.queue,
 decode.compute; events: migration, fallback, preemption.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -92,12 +94,19 @@ class JsonLinesExporter(SpanExporter):
 
 def span_dict(span: ReadableSpan) -> dict[str, Any]:
     ctx, parent = span.context, span.parent
-    return {"name": span.name, "trace_id": f"{ctx.trace_id:032x}", "span_id": f"{ctx.span_id:016x}",
-            "parent_id": f"{parent.span_id:016x}" if parent is not None else None,
-            "start_ns": span.start_time, "end_ns": span.end_time, "attributes": dict(span.attributes or {}),
-            "events": [{"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})}
-                       for e in span.events],
-            "service": span.resource.attributes.get("service.name")}
+    return {
+        "name": span.name,
+        "trace_id": f"{ctx.trace_id:032x}",
+        "span_id": f"{ctx.span_id:016x}",
+        "parent_id": f"{parent.span_id:016x}" if parent is not None else None,
+        "start_ns": span.start_time,
+        "end_ns": span.end_time,
+        "attributes": dict(span.attributes or {}),
+        "events": [
+            {"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})} for e in span.events
+        ],
+        "service": span.resource.attributes.get("service.name"),
+    }
 
 
 def make_tracer(config: TracingConfig | None, service: str, exporter: SpanExporter | None = None) -> trace.Tracer:
@@ -115,9 +124,14 @@ def make_tracer(config: TracingConfig | None, service: str, exporter: SpanExport
 
         exporters.append(OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=config.export_timeout_s))
     for e in exporters:
-        provider.add_span_processor(BatchSpanProcessor(e, max_queue_size=config.max_queue_size,
-                                                       schedule_delay_millis=200,
-                                                       export_timeout_millis=int(config.export_timeout_s * 1000)))
+        provider.add_span_processor(
+            BatchSpanProcessor(
+                e,
+                max_queue_size=config.max_queue_size,
+                schedule_delay_millis=200,
+                export_timeout_millis=int(config.export_timeout_s * 1000),
+            )
+        )
     return provider.get_tracer("disagg", schema_url=SEMCONV_SCHEMA_URL)
 
 

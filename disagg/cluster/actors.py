@@ -6,6 +6,7 @@ in flight when a process dies fails at once (the router migrates the request) an
 with the same constructor arguments - a worker as a new incarnation that the router's supervisor wires back in,
 the router on the same port.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,7 +44,7 @@ class AggregatedWorker(_RoleWorker):
     ROLE = Role.BOTH
 
 
-@ray.remote(num_cpus=0, max_concurrency=8, max_task_retries=0)
+@ray.remote(num_cpus=0, max_concurrency=8, max_task_retries=0)  # type: ignore[call-overload]  # ray's stubs
 class RouterActor:
     """Hosts the router core and the OpenAI-compatible HTTP server; workers publish KV events to it."""
 
@@ -51,9 +52,11 @@ class RouterActor:
         """Workers are named actors, looked up by name: the constructor's arguments stay small and inline, so
         Ray can always restart the router with them."""
         node = ray.get_runtime_context().get_node_id()
-        self.server = RouterServer(RouterConfig(**config),
-                                   {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
-                                   {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode})
+        self.server = RouterServer(
+            RouterConfig(**config),
+            {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
+            {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode},
+        )
         self.url = self.server.start()
 
     def get_url(self) -> str:
@@ -70,12 +73,22 @@ class RouterActor:
 
     def health(self) -> dict[str, Any]:
         core = self.server.core
-        return {"workers": {n: {"state": w.state.value, "reason": w.reason, "incarnation": w.incarnation,
-                                "restarts": w.restarts} for n, w in core.health.workers.items()},
-                "events": core.health.recent_events(200), "counters": dict(core.counters),
-                "loads": {n: {"active_requests": load.active_requests, "active_blocks": load.active_blocks,
-                              "queued_prefill_tokens": load.queued_prefill_tokens}
-                          for n, load in core.loads.items()}}
+        return {
+            "workers": {
+                n: {"state": w.state.value, "reason": w.reason, "incarnation": w.incarnation, "restarts": w.restarts}
+                for n, w in core.health.workers.items()
+            },
+            "events": core.health.recent_events(200),
+            "counters": dict(core.counters),
+            "loads": {
+                n: {
+                    "active_requests": load.active_requests,
+                    "active_blocks": load.active_blocks,
+                    "queued_prefill_tokens": load.queued_prefill_tokens,
+                }
+                for n, load in core.loads.items()
+            },
+        }
 
     def index_size(self) -> dict[str, int]:
         core = self.server.core

@@ -5,9 +5,11 @@ supervisor: requests go through a prefill worker (if any) and a decode worker, w
 migration; cancelling the async iterator aborts the request on the decode worker and releases the prefill
 worker's lease.
 """
+
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from disagg.cluster.handles import RayWorkerHandle
 from disagg.protocol import Request, TokenDelta
@@ -16,13 +18,16 @@ from disagg.router.router import RouterCore
 
 
 class DisaggClient:
-    def __init__(self, prefill_workers: dict[str, Any], decode_workers: dict[str, Any],
-                 policy: PolicyConfig | None = None) -> None:
+    def __init__(
+        self, prefill_workers: dict[str, Any], decode_workers: dict[str, Any], policy: PolicyConfig | None = None
+    ) -> None:
         if not decode_workers:
             raise ValueError("at least one decode (or aggregated) worker is needed")
-        self.core = RouterCore({n: RayWorkerHandle(n, a) for n, a in prefill_workers.items()},
-                               {n: RayWorkerHandle(n, a) for n, a in decode_workers.items()},
-                               policy or PolicyConfig(kind=PolicyKind.ROUND_ROBIN, min_remote_prefill_tokens=0))
+        self.core = RouterCore(
+            {n: RayWorkerHandle(n, a) for n, a in prefill_workers.items()},
+            {n: RayWorkerHandle(n, a) for n, a in decode_workers.items()},
+            policy or PolicyConfig(kind=PolicyKind.ROUND_ROBIN, min_remote_prefill_tokens=0),
+        )
 
     def generate(self, request: Request) -> AsyncIterator[TokenDelta]:
         return self.core.generate(request)

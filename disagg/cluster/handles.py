@@ -5,13 +5,15 @@ process crashed -> WorkerLost; no answer in time -> DeadlineExceeded; the worker
 ValueError inside the actor) -> InvalidRequest.  `kill` SIGKILLs the worker's process directly when it runs on
 this node (instant, even for a SIGSTOPped process), else asks Ray to kill it; either way Ray restarts it.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
 import signal
-from typing import Any, AsyncIterator
+from collections.abc import AsyncGenerator
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
@@ -73,7 +75,7 @@ class RayWorkerHandle:
         data = await self._call("export_prefix", request.to_wire(), timeout_s=timeout_s)
         return PrefillResult.from_wire(data) if data is not None else None
 
-    async def generate(self, request: Request, remote: PrefillResult | None) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request: Request, remote: PrefillResult | None) -> AsyncGenerator[TokenDelta, None]:
         stream = self.actor.generate.remote(request.to_wire(), remote.to_wire() if remote is not None else None)
         finished = False
         try:
@@ -92,8 +94,9 @@ class RayWorkerHandle:
             if not finished:
                 ray.cancel(stream)
                 try:  # the worker frees the request's blocks; if it is gone they went with it
-                    await asyncio.wait_for(asyncio.wrap_future(self.actor.abort.remote(request.request_id).future()),
-                                           5.0)
+                    await asyncio.wait_for(
+                        asyncio.wrap_future(self.actor.abort.remote(request.request_id).future()), 5.0
+                    )
                 except (asyncio.TimeoutError, *_LOST, RayTaskError) as exc:
                     log.info("abort of %s on %s: %s", request.request_id, self.name, type(exc).__name__)
 

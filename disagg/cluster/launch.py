@@ -4,6 +4,7 @@
 Also the entrypoint for `disagg serve` and for `ray job submit -- python -m disagg.cluster.launch ...`
 (inside a Ray job, `ray.init()` joins the job's cluster through RAY_ADDRESS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,22 +56,28 @@ class LocalCluster:
         init_ray(config.address)
         if not config.engine.get("model"):  # resolve once, so every worker and the router agree
             from disagg.model_store import default_model_dir
+
             config.engine = {**config.engine, "model": str(default_model_dir())}
         tag = uuid.uuid4().hex[:6]
         decode_cls = DecodeWorker if config.num_prefill else AggregatedWorker
-        options = {"transfer_timeout_s": config.transfer_timeout_s, "fault_injection": config.fault_injection,
-                   "tracing": config.tracing}
+        options = {
+            "transfer_timeout_s": config.transfer_timeout_s,
+            "fault_injection": config.fault_injection,
+            "tracing": config.tracing,
+        }
         self.prefill_by_name: dict[str, Any] = {}
         self.decode_by_name: dict[str, Any] = {}
         for i in range(config.num_prefill):
             name = f"prefill-{i}-{tag}"
-            self.prefill_by_name[name] = PrefillWorker.options(name=name, max_restarts=config.max_restarts).remote(
-                name, config.engine, tiers=worker_tiers(config.tiers, f"prefill-{i}"), **options)
+            self.prefill_by_name[name] = PrefillWorker.options(  # type: ignore[attr-defined]  # added by @ray.remote
+                name=name, max_restarts=config.max_restarts
+            ).remote(name, config.engine, tiers=worker_tiers(config.tiers, f"prefill-{i}"), **options)
         kind = "decode" if config.num_prefill else "worker"
         for i in range(config.num_decode):
             name = f"decode-{i}-{tag}"
-            self.decode_by_name[name] = decode_cls.options(name=name, max_restarts=config.max_restarts).remote(
-                name, config.engine, tiers=worker_tiers(config.tiers, f"{kind}-{i}"), **options)
+            self.decode_by_name[name] = decode_cls.options(  # type: ignore[union-attr]  # added by @ray.remote
+                name=name, max_restarts=config.max_restarts
+            ).remote(name, config.engine, tiers=worker_tiers(config.tiers, f"{kind}-{i}"), **options)
         ray.get([w.ready.remote() for w in self.workers])
         layouts = ray.get([w.layout.remote() for w in self.workers])
         ray.get([w.set_peers.remote(layouts) for w in self.workers])  # every worker can read every other
@@ -105,18 +112,24 @@ class Service:
     """A LocalCluster plus the router actor serving the OpenAI-compatible API (restarted on the same port if it
     dies)."""
 
-    def __init__(self, cluster: ClusterConfig, router: dict[str, Any] | None = None,
-                 router_max_restarts: int = -1) -> None:
+    def __init__(
+        self, cluster: ClusterConfig, router: dict[str, Any] | None = None, router_max_restarts: int = -1
+    ) -> None:
         self.cluster = LocalCluster(cluster)
         engine = self.cluster.config.engine
-        router_config = {"block_size": engine.get("block_size", 16), "max_model_len": engine.get("max_model_len", 2048),
-                         **(router or {}), "model": engine["model"]}
+        router_config = {
+            "block_size": engine.get("block_size", 16),
+            "max_model_len": engine.get("max_model_len", 2048),
+            **(router or {}),
+            "model": engine["model"],
+        }
         if self.cluster.config.tracing and "tracing" not in router_config:
             router_config["tracing"] = self.cluster.config.tracing
         if not router_config.get("port"):  # pick it now, so a restarted router binds the same one
             router_config["port"] = free_port(router_config.get("host", "127.0.0.1"))
-        self.router = RouterActor.options(max_restarts=router_max_restarts).remote(
-            router_config, list(self.cluster.prefill_by_name), list(self.cluster.decode_by_name))
+        self.router = RouterActor.options(  # type: ignore[attr-defined]  # added by @ray.remote
+            max_restarts=router_max_restarts
+        ).remote(router_config, list(self.cluster.prefill_by_name), list(self.cluster.decode_by_name))
         self.url = ray.get(self.router.get_url.remote())
         ray.get([w.set_event_sink.remote(self.router) for w in self.cluster.workers])
 
@@ -135,12 +148,17 @@ def smoke_test(url: str, model: str, api_key: str | None, question: str) -> None
 
     client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "none")
     t0 = time.perf_counter()
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
-                                           max_tokens=64, temperature=0)
+    reply = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": question}], max_tokens=64, temperature=0
+    )
     elapsed = time.perf_counter() - t0
+    if reply.usage is None:
+        raise RuntimeError("the endpoint answered without usage")
     n = reply.usage.completion_tokens
-    print(f">>> {question}\n{reply.choices[0].message.content}\n"
-          f"[{n} tokens in {elapsed:.2f}s = {n / elapsed:.1f} tokens/s, finish={reply.choices[0].finish_reason}]")
+    print(
+        f">>> {question}\n{reply.choices[0].message.content}\n"
+        f"[{n} tokens in {elapsed:.2f}s = {n / elapsed:.1f} tokens/s, finish={reply.choices[0].finish_reason}]"
+    )
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -157,21 +175,38 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--cpu-tier-mb", type=int, default=256, help="CPU-memory KV tier per worker (0: no tiers)")
-    p.add_argument("--disk-tier-dir", default=None,
-                   help="root of the disk KV tier (a directory per worker; default ~/.cache/disagg/kv; '' = none)")
+    p.add_argument(
+        "--disk-tier-dir",
+        default=None,
+        help="root of the disk KV tier (a directory per worker; default ~/.cache/disagg/kv; '' = none)",
+    )
     p.add_argument("--disk-tier-mb", type=int, default=1024, help="disk KV tier per worker")
     p.add_argument("--max-migrations", type=int, default=3, help="times a request may move to another worker")
-    p.add_argument("--api-keys", default=None,
-                   help="JSON file {\"KEY\": \"TENANT\", ...}: several keys, each naming a tenant for fair sharing")
+    p.add_argument(
+        "--api-keys",
+        default=None,
+        help='JSON file {"KEY": "TENANT", ...}: several keys, each naming a tenant for fair sharing',
+    )
     p.add_argument("--tenant-weights", default="", help="TENANT=WEIGHT,...: fair-share weights (default 1)")
     p.add_argument("--queue-max-requests", type=int, default=1024, help="admission queue bound (429 beyond)")
     p.add_argument("--max-running", type=int, default=64, help="admission: in-flight requests per worker")
-    p.add_argument("--max-prefill-queue-tokens", type=int, default=4096,
-                   help="admission: prompt tokens queued on a worker before it counts as saturated")
-    p.add_argument("--queue-deadline-s", type=float, default=60.0,
-                   help="a request that cannot start within this gets 429 (per request: body field deadline_s)")
-    p.add_argument("--otlp-endpoint", default=None,
-                   help="export OpenTelemetry spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces (off by default)")
+    p.add_argument(
+        "--max-prefill-queue-tokens",
+        type=int,
+        default=4096,
+        help="admission: prompt tokens queued on a worker before it counts as saturated",
+    )
+    p.add_argument(
+        "--queue-deadline-s",
+        type=float,
+        default=60.0,
+        help="a request that cannot start within this gets 429 (per request: body field deadline_s)",
+    )
+    p.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        help="export OpenTelemetry spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces (off by default)",
+    )
     p.add_argument("--trace-sample-ratio", type=float, default=1.0, help="share of new traces sampled")
     p.add_argument("--trace-dir", default=None, help="also write spans as JSON lines into this directory")
     p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
@@ -212,28 +247,47 @@ def tier_options(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    engine = {"kv_cache_memory_mb": args.kv_cache_mb, "max_model_len": args.max_model_len,
-              "num_threads": args.threads}
+    engine = {"kv_cache_memory_mb": args.kv_cache_mb, "max_model_len": args.max_model_len, "num_threads": args.threads}
     if args.model:
         engine["model"] = args.model
     t0 = time.perf_counter()
     tracing = None
     if args.otlp_endpoint or args.trace_dir:
-        tracing = {"otlp_endpoint": args.otlp_endpoint, "file_dir": args.trace_dir,
-                   "sampling_ratio": args.trace_sample_ratio}
-    service = Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine,
-                                    address=args.address, tiers=tier_options(args), tracing=tracing),
-                      {"policy": {"kind": args.policy}, "host": args.host, "port": args.port,
-                       "api_key": args.api_key, "api_keys": _api_keys(args.api_keys),
-                       "core": {"max_migrations": args.max_migrations},
-                       "capacity": {"max_running": args.max_running,
-                                    "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
-                       "admission": {"max_queued_requests": args.queue_max_requests,
-                                     "default_deadline_s": args.queue_deadline_s,
-                                     "tenant_weights": _weights(args.tenant_weights)}})
+        tracing = {
+            "otlp_endpoint": args.otlp_endpoint,
+            "file_dir": args.trace_dir,
+            "sampling_ratio": args.trace_sample_ratio,
+        }
+    service = Service(
+        ClusterConfig(
+            num_prefill=args.prefill,
+            num_decode=args.decode,
+            engine=engine,
+            address=args.address,
+            tiers=tier_options(args),
+            tracing=tracing,
+        ),
+        {
+            "policy": {"kind": args.policy},
+            "host": args.host,
+            "port": args.port,
+            "api_key": args.api_key,
+            "api_keys": _api_keys(args.api_keys),
+            "core": {"max_migrations": args.max_migrations},
+            "capacity": {"max_running": args.max_running, "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
+            "admission": {
+                "max_queued_requests": args.queue_max_requests,
+                "default_deadline_s": args.queue_deadline_s,
+                "tenant_weights": _weights(args.tenant_weights),
+            },
+        },
+    )
     model_name = service.cluster.config.engine["model"].rstrip("/").split("/")[-1]
-    print(f"disagg serving {model_name} at {service.url}/v1 ({args.prefill} prefill, {args.decode} decode, "
-          f"policy {args.policy}; started in {time.perf_counter() - t0:.1f}s)", flush=True)
+    print(
+        f"disagg serving {model_name} at {service.url}/v1 ({args.prefill} prefill, {args.decode} decode, "
+        f"policy {args.policy}; started in {time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
     try:
         if args.smoke_test:
             smoke_test(service.url, model_name, args.api_key, args.question)

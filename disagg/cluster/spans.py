@@ -7,15 +7,21 @@ engine thread from plain timestamps, so nothing OpenTelemetry runs inside the sc
     computes its own prefill  prefill.queue, [kv.transfer for CPU/disk tier loads], prefill.compute,
                               decode.compute (first token -> finish)
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from opentelemetry import trace
-
 from disagg.protocol import Role
-from disagg.tracing import (USAGE_CACHE_READ_INPUT_TOKENS, USAGE_INPUT_TOKENS, USAGE_OUTPUT_TOKENS, Clock,
-                            TracingConfig, extract, make_tracer)
+from disagg.tracing import (
+    USAGE_CACHE_READ_INPUT_TOKENS,
+    USAGE_INPUT_TOKENS,
+    USAGE_OUTPUT_TOKENS,
+    Clock,
+    TracingConfig,
+    extract,
+    make_tracer,
+)
 
 
 class WorkerSpans:
@@ -28,9 +34,12 @@ class WorkerSpans:
     def _span(self, name: str, ctx: Any, start: float | None, end: float | None, **attributes: Any) -> None:
         if start is None or end is None:
             return
-        span = self.tracer.start_span(name, context=ctx, start_time=self.clock.ns(start),
-                                      attributes={"disagg.worker": self.worker, "disagg.role": self.role.value,
-                                                  **attributes})
+        span = self.tracer.start_span(
+            name,
+            context=ctx,
+            start_time=self.clock.ns(start),
+            attributes={"disagg.worker": self.worker, "disagg.role": self.role.value, **attributes},
+        )
         span.end(end_time=self.clock.ns(max(start, end)))
 
     def record(self, seq: Any, reason: str) -> None:
@@ -41,13 +50,25 @@ class WorkerSpans:
         usage = {USAGE_INPUT_TOKENS: seq.num_prompt_tokens, USAGE_CACHE_READ_INPUT_TOKENS: seq.num_cached_tokens}
         if seq.hold_kv:  # a remote prefill for another worker
             self._span("prefill.queue", ctx, seq.arrival_time, seq.scheduled_time)
-            self._span("prefill.compute", ctx, seq.scheduled_time, first, **usage,
-                       **{"disagg.preemptions": seq.num_preemptions})
+            self._span(
+                "prefill.compute",
+                ctx,
+                seq.scheduled_time,
+                first,
+                **usage,
+                **{"disagg.preemptions": seq.num_preemptions},
+            )
             return
-        load = {"disagg.kv.source": seq.load_kind or "", "disagg.kv.blocks": seq.load_blocks,
-                "disagg.kv.failed": seq.load_failed}
-        done_attrs = {USAGE_OUTPUT_TOKENS: len(seq.output_token_ids), "disagg.finish_reason": reason,
-                      "disagg.preemptions": seq.num_preemptions}
+        load = {
+            "disagg.kv.source": seq.load_kind or "",
+            "disagg.kv.blocks": seq.load_blocks,
+            "disagg.kv.failed": seq.load_failed,
+        }
+        done_attrs = {
+            USAGE_OUTPUT_TOKENS: len(seq.output_token_ids),
+            "disagg.finish_reason": reason,
+            "disagg.preemptions": seq.num_preemptions,
+        }
         if seq.load_kind == "peer":  # its prefill ran elsewhere: queue, read, decode
             self._span("decode.queue", ctx, seq.arrival_time, seq.load_start)
             self._span("kv.transfer", ctx, seq.load_start, seq.load_end, **load)

@@ -18,6 +18,7 @@ Lifecycle: constructed (engine loaded, KV memory registered with a new NIXL agen
 -> `ready()` starts the step loop -> the router's supervisor wires peers (`set_peers`) and pulls a KV snapshot
 -> serving.  A process that dies is restarted by Ray and goes through the same steps as a new incarnation.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,9 +27,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from disagg.cluster.spans import WorkerSpans
 from disagg.config import EngineConfig
@@ -38,7 +40,7 @@ from disagg.kv.fingerprint import engine_fingerprint
 from disagg.kv.peer import PeerSource
 from disagg.kv.store import TierConfig, TieredStore
 from disagg.model_store import cache_root
-from disagg.protocol import Heartbeat, KVEvent, KVEventBatch, PrefillResult, Request, Role, Tier, TokenDelta
+from disagg.protocol import EventKind, Heartbeat, KVEvent, KVEventBatch, PrefillResult, Request, Role, Tier, TokenDelta
 from disagg.tracing import TracingConfig
 from disagg.transfer.base import KVLayout, KVTransport
 from disagg.transfer.fake import Fault, FaultyTransport
@@ -83,9 +85,12 @@ def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
     if config.tiers is None:
         return None
     fields = worker_tiers(config.tiers, config.name)
+    assert fields is not None
     if fields.get("cpu_bytes", 1) == 0:
         return None
     kv = engine.kv_tensor
+    if kv is None:
+        raise ValueError("KV tiers need an engine with a KV cache tensor")
     model_dir = Path(engine.config.model) if engine.config.model else None
     fingerprint = engine_fingerprint(model_dir, str(engine.dtype), engine.config.block_size, tuple(kv.shape[1:]))
     try:
@@ -98,13 +103,17 @@ def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
 
 def nixl_transport(name: str, engine: LLMEngine) -> KVTransport:
     from disagg.transfer.nixl import NixlTransport
+
     return NixlTransport(name, engine.device)
 
 
 class EngineWorker:
-    def __init__(self, config: WorkerConfig,
-                 transport_factory: Callable[[str, LLMEngine], KVTransport] = nixl_transport,
-                 tier_factory: Callable[[LLMEngine, WorkerConfig], TieredStore | None] = build_tiers) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        transport_factory: Callable[[str, LLMEngine], KVTransport] = nixl_transport,
+        tier_factory: Callable[[LLMEngine, WorkerConfig], TieredStore | None] = build_tiers,
+    ) -> None:
         self.config = config
         self.incarnation = uuid.uuid4().hex[:8]
         self.agent_name = f"{config.name}-{self.incarnation}"
@@ -112,7 +121,9 @@ class EngineWorker:
         self.tiers = tier_factory(self.engine, config)
         transport = transport_factory(self.agent_name, self.engine)
         self.transport: KVTransport = FaultyTransport(transport) if config.fault_injection else transport
-        self.transport.register(self.engine.kv_tensor, self.tiers.cpu.tensor if self.tiers is not None else None)
+        kv = self.engine.kv_tensor
+        assert kv is not None  # a worker's engine always runs a real model
+        self.transport.register(kv, self.tiers.cpu.tensor if self.tiers is not None else None)
         self.peer = PeerSource(self.transport)
         self.engine.attach(peer=self.peer, tiers=self.tiers)
         self.spans = WorkerSpans(config.name, config.role, TracingConfig(**(config.tracing or {})))
@@ -198,30 +209,53 @@ class EngineWorker:
         self._ensure_loop()
         e = self.engine
         started = self._step_started
-        return Heartbeat(worker=self.config.name, incarnation=self.incarnation, role=self.config.role.value,
-                         pid=os.getpid(), node_id=self.node_id, steps=self._steps, has_work=e.has_unfinished(),
-                         step_busy_s=time.monotonic() - started if started is not None else 0.0,
-                         consecutive_step_failures=self._failures, agent_name=self.agent_name,
-                         counters=self._metrics[0], gauges=self._metrics[1]).to_wire()
+        return Heartbeat(
+            worker=self.config.name,
+            incarnation=self.incarnation,
+            role=self.config.role.value,
+            pid=os.getpid(),
+            node_id=self.node_id,
+            steps=self._steps,
+            has_work=e.has_unfinished(),
+            step_busy_s=time.monotonic() - started if started is not None else 0.0,
+            consecutive_step_failures=self._failures,
+            agent_name=self.agent_name,
+            counters=self._metrics[0],
+            gauges=self._metrics[1],
+        ).to_wire()
 
     def _counters(self) -> dict[str, float]:
         e, s, c = self.engine, self.engine.scheduler.stats, self.engine.connector.stats
-        out = {"steps": self._steps, "generated_tokens": e.stats.generated_tokens,
-               "preemptions": s.num_preemptions, "prefix_query_tokens": s.prefix_query_tokens,
-               "prefix_hit_tokens": s.prefix_hit_tokens, "loaded_tokens": s.loaded_tokens,
-               "failed_loads": s.failed_loads, "leases_expired": e.leases.num_expired,
-               "transfer_bytes": self.transport.bytes_read, "transfer_reads": self.peer.num_reads,
-               "transfer_failures": self.peer.num_failures, "transfer_seconds": self.peer.read_seconds,
-               **{k: float(v) for k, v in self.counters.items()}}
+        out = {
+            "steps": self._steps,
+            "generated_tokens": e.stats.generated_tokens,
+            "preemptions": s.num_preemptions,
+            "prefix_query_tokens": s.prefix_query_tokens,
+            "prefix_hit_tokens": s.prefix_hit_tokens,
+            "loaded_tokens": s.loaded_tokens,
+            "failed_loads": s.failed_loads,
+            "leases_expired": e.leases.num_expired,
+            "transfer_bytes": self.transport.bytes_read,
+            "transfer_reads": self.peer.num_reads,
+            "transfer_failures": self.peer.num_failures,
+            "transfer_seconds": self.peer.read_seconds,
+            **{k: float(v) for k, v in self.counters.items()},
+        }
         for kind, n in c.loaded_blocks.items():
             out[f"loaded_blocks:{kind}"] = n
         if self.tiers is not None:  # every tier and reason reported, zeros included (dashboards need the series)
             t = self.tiers.stats
             out["tier_query_blocks"] = t.query_blocks
-            for name, counter in (("hit_blocks", t.hit_blocks), ("loaded_blocks", t.loaded_blocks),
-                                  ("stored_blocks", t.stored_blocks), ("bytes_stored", t.bytes_stored),
-                                  ("bytes_loaded", t.bytes_loaded), ("evictions", t.evictions),
-                                  ("load_seconds", t.load_seconds), ("loads", t.loads)):
+            for name, counter in (
+                ("hit_blocks", t.hit_blocks),
+                ("loaded_blocks", t.loaded_blocks),
+                ("stored_blocks", t.stored_blocks),
+                ("bytes_stored", t.bytes_stored),
+                ("bytes_loaded", t.bytes_loaded),
+                ("evictions", t.evictions),
+                ("load_seconds", t.load_seconds),
+                ("loads", t.loads),
+            ):
                 for tier in (Tier.CPU, Tier.DISK):
                     out[f"tier_{name}:{tier.value}"] = float(counter.get(tier, 0))
             for reason in CORRUPT_REASONS:
@@ -232,10 +266,16 @@ class EngineWorker:
 
     def _gauges(self) -> dict[str, float]:
         e = self.engine
-        out = {"kv_blocks_total": e.pool.num_blocks, "kv_blocks_free": e.pool.num_free_blocks,
-               "kv_blocks_cached": e.pool.num_cached_blocks, "running": len(e.scheduler.running),
-               "waiting": len(e.scheduler.waiting), "loading": len(e.scheduler.loading),
-               "leases": len(e.leases.leases), "adopted_blocks": e.connector.num_adopted_blocks}
+        out: dict[str, float] = {
+            "kv_blocks_total": e.pool.num_blocks,
+            "kv_blocks_free": e.pool.num_free_blocks,
+            "kv_blocks_cached": e.pool.num_cached_blocks,
+            "running": len(e.scheduler.running),
+            "waiting": len(e.scheduler.waiting),
+            "loading": len(e.scheduler.loading),
+            "leases": len(e.leases.leases),
+            "adopted_blocks": e.connector.num_adopted_blocks,
+        }
         if e.prefill_s_per_token is not None:
             out["prefill_s_per_token"] = e.prefill_s_per_token
         if self.tiers is not None:
@@ -255,9 +295,11 @@ class EngineWorker:
 
     async def kv_snapshot(self) -> bytes:
         """Every block hash held now, per tier, numbered as the last batch published (events are idempotent)."""
+
         def snapshot() -> bytes:
-            events = [KVEvent("stored", hashes, tier=tier) for tier, hashes in self.engine.kv_hashes().items()]
+            events = [KVEvent(EventKind.STORED, hashes, tier=tier) for tier, hashes in self.engine.kv_hashes().items()]
             return KVEventBatch.of(self.config.name, self._event_seq, events, snapshot=True).to_wire()
+
         return await self._call(snapshot)
 
     async def prefill(self, request: bytes) -> bytes:
@@ -267,17 +309,23 @@ class EngineWorker:
         queue = self._open(req.request_id)
         try:
             first = dataclasses.replace(req.sampling, max_tokens=len(req.resume_token_ids) + 1, stop=[])
-            await self._call(lambda: self.engine.add(dataclasses.replace(req, sampling=first), hold_kv=True,
-                                                     arrival_time=received))
+            await self._call(
+                lambda: self.engine.add(dataclasses.replace(req, sampling=first), hold_kv=True, arrival_time=received)
+            )
             delta = await self._get(queue)
         finally:
             self._queues.pop(req.request_id, None)
         # read on the event loop, not behind the engine thread's next step (seconds, with long prefills in it):
         # the step that produced `delta` created the lease, and only the engine thread removes leases (when the
         # reader is done, or after their TTL), so this dict lookup and copy of immutable lists cannot race
-        result = self.engine.prefill_result(req.request_id, self.agent_name, delta.token_ids[0], None,
-                                            delta.num_cached_tokens,
-                                            first_logprobs=delta.logprobs[0] if delta.logprobs else None)
+        result = self.engine.prefill_result(
+            req.request_id,
+            self.agent_name,
+            delta.token_ids[0],
+            None,
+            delta.num_cached_tokens,
+            first_logprobs=delta.logprobs[0] if delta.logprobs else None,
+        )
         return result.to_wire()
 
     async def export_prefix(self, request: bytes) -> bytes | None:
@@ -286,11 +334,13 @@ class EngineWorker:
 
         def export() -> bytes | None:
             from disagg.protocol import hash_prompt_blocks
+
             tokens = req.prompt_token_ids + req.resume_token_ids
             usable = (len(tokens) - 1) // self.engine.config.block_size
             hashes = hash_prompt_blocks(tokens, self.engine.config.block_size)[:usable]
             result = self.engine.export_prefix(req.request_id, hashes, self.agent_name)
             return result.to_wire() if result is not None else None
+
         return await self._call(export)
 
     async def release(self, request_id: str) -> bool:
@@ -344,18 +394,31 @@ class EngineWorker:
     async def stats(self) -> dict[str, Any]:
         def collect() -> dict[str, Any]:
             e = self.engine
-            return {"name": self.config.name, "role": self.config.role.value, "incarnation": self.incarnation,
-                    "num_blocks": e.pool.num_blocks, "free_blocks": e.pool.num_free_blocks,
-                    "leases": len(e.leases.leases), "leases_expired": e.leases.num_expired,
-                    "running": len(e.scheduler.running), "waiting": len(e.scheduler.waiting),
-                    "loading": len(e.scheduler.loading), "adopted_blocks": e.connector.num_adopted_blocks,
-                    "bytes_read": self.transport.bytes_read, "reads": self.peer.num_reads,
-                    "transfer_failures": self.peer.num_failures, "local_only_imports": self.peer.num_notify_only,
-                    "prefix_hit_tokens": e.scheduler.stats.prefix_hit_tokens,
-                    "prefix_query_tokens": e.scheduler.stats.prefix_query_tokens,
-                    "loaded_tokens": e.scheduler.stats.loaded_tokens, "failed_loads": e.scheduler.stats.failed_loads,
-                    "preemptions": e.scheduler.stats.num_preemptions, "steps": self._steps,
-                    "tiers": self.tiers.gauges() if self.tiers is not None else None}
+            return {
+                "name": self.config.name,
+                "role": self.config.role.value,
+                "incarnation": self.incarnation,
+                "num_blocks": e.pool.num_blocks,
+                "free_blocks": e.pool.num_free_blocks,
+                "leases": len(e.leases.leases),
+                "leases_expired": e.leases.num_expired,
+                "running": len(e.scheduler.running),
+                "waiting": len(e.scheduler.waiting),
+                "loading": len(e.scheduler.loading),
+                "adopted_blocks": e.connector.num_adopted_blocks,
+                "bytes_read": self.transport.bytes_read,
+                "reads": self.peer.num_reads,
+                "transfer_failures": self.peer.num_failures,
+                "local_only_imports": self.peer.num_notify_only,
+                "prefix_hit_tokens": e.scheduler.stats.prefix_hit_tokens,
+                "prefix_query_tokens": e.scheduler.stats.prefix_query_tokens,
+                "loaded_tokens": e.scheduler.stats.loaded_tokens,
+                "failed_loads": e.scheduler.stats.failed_loads,
+                "preemptions": e.scheduler.stats.num_preemptions,
+                "steps": self._steps,
+                "tiers": self.tiers.gauges() if self.tiers is not None else None,
+            }
+
         return await self._call(collect)
 
     async def clear_device_cache(self) -> bool:

@@ -3,6 +3,7 @@
 The runner builds one `AttentionMetadata` per step (shared by every layer).  The backend is chosen once at
 start-up from the device: the torch reference path on CPU, the Triton kernels on CUDA.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,11 +32,13 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 meta: AttentionMetadata) -> None: ...
+    def write_kv(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> None: ...
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-               scale: float) -> torch.Tensor: ...
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor: ...
 
 
 class TorchAttentionBackend:
@@ -50,8 +53,9 @@ class TorchAttentionBackend:
     def attend(self, q, k_cache, v_cache, meta, scale):
         if meta.decode_only:
             return paged_decode_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        return prefill_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.query_start_list,
-                                     meta.seq_lens_list, scale)
+        return prefill_attention_ref(
+            q, k_cache, v_cache, meta.block_tables, meta.query_start_list, meta.seq_lens_list, scale
+        )
 
 
 class TritonAttentionBackend(TorchAttentionBackend):
@@ -60,8 +64,9 @@ class TritonAttentionBackend(TorchAttentionBackend):
     def attend(self, q, k_cache, v_cache, meta, scale):
         if meta.decode_only:
             return paged_decode_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        return prefill_attention_triton(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc,
-                                        meta.seq_lens, scale, meta.max_query_len)
+        return prefill_attention_triton(
+            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale, meta.max_query_len
+        )
 
 
 def select_backend(device: torch.device) -> AttentionBackend:

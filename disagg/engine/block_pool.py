@@ -7,12 +7,13 @@ A block is in exactly one of three states:
 Free blocks (both kinds) sit in one ordered queue; empty ones go to the front so they are reused before any
 cached block is evicted.  Every change to the set of cached hashes is recorded as a KVEvent for the router.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from disagg.protocol import KVEvent
+from disagg.protocol import EventKind, KVEvent
 
 
 @dataclass
@@ -84,7 +85,7 @@ class BlockPool:
             block.ref_count = 1
             ids.append(block_id)
         if evicted:
-            self._events.append(KVEvent(kind="removed", block_hashes=evicted))
+            self._events.append(KVEvent(kind=EventKind.REMOVED, block_hashes=evicted))
         return ids
 
     def touch(self, block_ids: list[int]) -> None:
@@ -123,10 +124,10 @@ class BlockPool:
                     run_parent = parent_hash if i == 0 else block_hashes[i - 1]
                 run.append(h)
             elif run:
-                self._events.append(KVEvent(kind="stored", block_hashes=run, parent_hash=run_parent))
+                self._events.append(KVEvent(kind=EventKind.STORED, block_hashes=run, parent_hash=run_parent))
                 run = []
         if run:
-            self._events.append(KVEvent(kind="stored", block_hashes=run, parent_hash=run_parent))
+            self._events.append(KVEvent(kind=EventKind.STORED, block_hashes=run, parent_hash=run_parent))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached-free block. Refused (False) while any block is in use, as in vLLM."""
@@ -135,7 +136,7 @@ class BlockPool:
         for block in self.blocks:
             block.block_hash = None
         self._cached.clear()
-        self._events.append(KVEvent(kind="cleared", block_hashes=[]))
+        self._events.append(KVEvent(kind=EventKind.CLEARED, block_hashes=[]))
         return True
 
     def drain_events(self) -> list[KVEvent]:

@@ -5,13 +5,15 @@ Also the engine's side of moving KV between workers: it leases blocks for a read
 it through the KV connector before computing anything).  A request can resume after output a client already
 received from a worker that died (`resume_token_ids`).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
-from typing import Sequence as Sequence_
+from typing import Any
 
 import torch
 
@@ -56,8 +58,9 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig | None = None, runner: Any = None,
-                 model_config: ModelConfig | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig | None = None, runner: Any = None, model_config: ModelConfig | None = None
+    ) -> None:
         """runner + model_config: a stand-in for the model (the bench's simulated workers): nothing is loaded,
         the config's model directory is not read, and config.num_blocks sizes the pool.
 
@@ -69,15 +72,21 @@ class LLMEngine:
             raise ValueError("a stand-in runner needs model_config and config.num_blocks")
         if not simulated and not config.model:
             from disagg.model_store import default_model_dir
+
             config.model = str(default_model_dir())
         model_dir = Path(config.model)
         self.device = torch.device("cpu") if simulated else resolve_device(config.device)
         if config.num_threads and self.device.type == "cpu" and not simulated:
             torch.set_num_threads(config.num_threads)
-        dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                 "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[config.dtype]
+        dtype = {
+            "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[config.dtype]
         self.dtype = dtype
-        self.model_config = mc = model_config if simulated else ModelConfig.from_dir(model_dir)
+        mc = model_config if model_config is not None and simulated else ModelConfig.from_dir(model_dir)
+        self.model_config: ModelConfig = mc
         self.tokenizer = None
         if not simulated and (model_dir / "tokenizer.json").exists():
             self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -85,8 +94,10 @@ class LLMEngine:
         bs = config.block_size
         num_blocks = config.num_blocks or (config.kv_cache_memory_mb << 20) // bytes_per_block(mc, bs, dtype)
         if num_blocks * bs < self.max_model_len:
-            raise ValueError(f"KV cache of {num_blocks} blocks x {bs} tokens cannot hold one sequence of "
-                             f"max_model_len={self.max_model_len}; raise num_blocks or lower max_model_len")
+            raise ValueError(
+                f"KV cache of {num_blocks} blocks x {bs} tokens cannot hold one sequence of "
+                f"max_model_len={self.max_model_len}; raise num_blocks or lower max_model_len"
+            )
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.connector = KVConnector(self.pool, bs, load_timeout_s=config.kv_load_timeout_s)
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens, self.connector)
@@ -117,11 +128,22 @@ class LLMEngine:
         return self.connector.tiers
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt: str | list[int], sampling: SamplingParams | dict | None = None,
-                    *, hold_kv: bool = False, remote: PrefillResult | None = None,
-                    resume_token_ids: Sequence_[int] = (), resume_num_chars: int = 0,
-                    session_id: str | None = None, kv_retention_s: float | None = None, priority: int = 0,
-                    trace_context: dict[str, str] | None = None, arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        sampling: SamplingParams | dict | None = None,
+        *,
+        hold_kv: bool = False,
+        remote: PrefillResult | None = None,
+        resume_token_ids: Sequence_[int] = (),
+        resume_num_chars: int = 0,
+        session_id: str | None = None,
+        kv_retention_s: float | None = None,
+        priority: int = 0,
+        trace_context: dict[str, str] | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         """Validate and queue a request. Bad input raises ValueError and leaves the engine untouched.
 
         hold_kv: when the request finishes, its blocks are leased for another worker to read (prefill role).
@@ -147,19 +169,35 @@ class LLMEngine:
         self.scheduler.add(seq)
         if kv_retention_s and session_id and self.tiers is not None and self.tiers.is_pinned_session(session_id):
             seq.update_block_hashes()  # the next turn of a pinned session: bring its prefix back now
-            self.connector.prefetch(seq.block_hashes[:(seq.num_tokens - 1) // self.config.block_size])
+            self.connector.prefetch(seq.block_hashes[: (seq.num_tokens - 1) // self.config.block_size])
 
-    def add(self, request: Request, *, hold_kv: bool = False, remote: PrefillResult | None = None,
-            arrival_time: float | None = None) -> None:
+    def add(
+        self,
+        request: Request,
+        *,
+        hold_kv: bool = False,
+        remote: PrefillResult | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         """add_request for a wire Request."""
-        self.add_request(request.request_id, request.prompt_token_ids, request.sampling, hold_kv=hold_kv,
-                         remote=remote, resume_token_ids=request.resume_token_ids,
-                         resume_num_chars=request.resume_num_chars, session_id=request.session_id,
-                         kv_retention_s=request.kv_retention_s, priority=request.priority,
-                         trace_context=request.trace_context, arrival_time=arrival_time)
+        self.add_request(
+            request.request_id,
+            request.prompt_token_ids,
+            request.sampling,
+            hold_kv=hold_kv,
+            remote=remote,
+            resume_token_ids=request.resume_token_ids,
+            resume_num_chars=request.resume_num_chars,
+            session_id=request.session_id,
+            kv_retention_s=request.kv_retention_s,
+            priority=request.priority,
+            trace_context=request.trace_context,
+            arrival_time=arrival_time,
+        )
 
-    def _new_sequence(self, request_id: str, prompt: str | list[int],
-                      sampling: SamplingParams | dict | None) -> Sequence:
+    def _new_sequence(
+        self, request_id: str, prompt: str | list[int], sampling: SamplingParams | dict | None
+    ) -> Sequence:
         if request_id in self.seqs:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(sampling, dict):
@@ -172,8 +210,10 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         self._check_ids(token_ids, "prompt")
         if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "
-                             f"(prompt + at least one generated token)")
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "
+                f"(prompt + at least one generated token)"
+            )
         if sampling.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
         return Sequence(request_id, token_ids, sampling, self.config.block_size)
@@ -192,7 +232,8 @@ class LLMEngine:
             seq.token_ids.append(token)
             if self.tokenizer is not None:
                 text, seq.prefix_offset, seq.read_offset = self.tokenizer.decode_incremental(
-                    seq.token_ids, seq.prefix_offset, seq.read_offset)
+                    seq.token_ids, seq.prefix_offset, seq.read_offset
+                )
                 seq.text += text
         if not 0 <= num_chars <= len(seq.text):
             raise ValueError(f"resume_num_chars={num_chars} but the resumed tokens decode to {len(seq.text)}")
@@ -215,22 +256,35 @@ class LLMEngine:
         return True
 
     # ------------------------------------------------------------------ offering KV to other workers
-    def prefill_result(self, request_id: str, agent_name: str, first_token: int,
-                       finish_reason: str | None, num_cached_tokens: int = 0,
-                       first_logprobs: list | None = None) -> PrefillResult:
+    def prefill_result(
+        self,
+        request_id: str,
+        agent_name: str,
+        first_token: int,
+        finish_reason: str | None,
+        num_cached_tokens: int = 0,
+        first_logprobs: list | None = None,
+    ) -> PrefillResult:
         """Describe a finished hold_kv request's leased blocks for the reader."""
         lease = self.leases.leases[request_id]
-        return PrefillResult(request_id=request_id, agent_name=agent_name, block_ids=list(lease.block_ids),
-                             regions=list(lease.regions), num_tokens=lease.num_tokens, first_token=first_token,
-                             finish_reason=finish_reason, num_cached_tokens=num_cached_tokens,
-                             first_logprobs=first_logprobs)
+        return PrefillResult(
+            request_id=request_id,
+            agent_name=agent_name,
+            block_ids=list(lease.block_ids),
+            regions=list(lease.regions),
+            num_tokens=lease.num_tokens,
+            first_token=first_token,
+            finish_reason=finish_reason,
+            num_cached_tokens=num_cached_tokens,
+            first_logprobs=first_logprobs,
+        )
 
     def export_prefix(self, request_id: str, block_hashes: list[int], agent_name: str) -> PrefillResult | None:
         """Lease the leading `block_hashes` this worker holds on the device or in its CPU tier, for a peer to
         read instead of recomputing them; None if it holds none."""
         hits = self.pool.lookup_prefix(block_hashes)
         self.pool.touch(hits)
-        slots = self.tiers.export(block_hashes[len(hits):]) if self.tiers is not None else []
+        slots = self.tiers.export(block_hashes[len(hits) :]) if self.tiers is not None else []
         if not hits and not slots:
             return None
         regions = [Tier.DEVICE.value] * len(hits) + [Tier.CPU.value] * len(slots)
@@ -294,8 +348,9 @@ class LLMEngine:
         self.prefill_s_per_token = per_token if old is None else 0.8 * old + 0.2 * per_token
         self.connector.recompute_s_per_block = self.prefill_s_per_token * self.config.block_size
 
-    def _process_token(self, seq: Sequence, token: int, imported: bool = False,
-                       logprobs: list | None = None) -> TokenDelta:
+    def _process_token(
+        self, seq: Sequence, token: int, imported: bool = False, logprobs: list | None = None
+    ) -> TokenDelta:
         sp = seq.sampling
         reason = None
         visible = True
@@ -309,7 +364,8 @@ class LLMEngine:
             reason = FinishReason.LENGTH.value
         if self.tokenizer is not None and visible:
             new_text, seq.prefix_offset, seq.read_offset = self.tokenizer.decode_incremental(
-                seq.token_ids, seq.prefix_offset, seq.read_offset)
+                seq.token_ids, seq.prefix_offset, seq.read_offset
+            )
             seq.text += new_text
             for stop in sp.stop:
                 cut = seq.text.find(stop, max(0, seq.num_emitted_chars - len(stop)))
@@ -321,11 +377,17 @@ class LLMEngine:
         # Hold back text that could be the start of a stop string until it is decided.
         hold = 0 if reason else max((len(s) - 1 for s in sp.stop), default=0)
         emit_to = max(seq.num_emitted_chars, len(seq.text) - hold)
-        text = seq.text[seq.num_emitted_chars:emit_to]
+        text = seq.text[seq.num_emitted_chars : emit_to]
         seq.num_emitted_chars = emit_to
-        return TokenDelta(request_id=seq.request_id, token_ids=[token], text=text, finish_reason=reason,
-                          num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens,
-                          logprobs=[logprobs] if logprobs is not None and sp.logprobs is not None else None)
+        return TokenDelta(
+            request_id=seq.request_id,
+            token_ids=[token],
+            text=text,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            logprobs=[logprobs] if logprobs is not None and sp.logprobs is not None else None,
+        )
 
     def _retire(self, seq: Sequence, reason: str) -> None:
         seq.finish_time = time.monotonic()
@@ -333,7 +395,7 @@ class LLMEngine:
             self.on_finish(seq, reason)
         if seq.kv_retention_s and seq.session_id and self.tiers is not None:
             seq.update_block_hashes()
-            self.tiers.pin(seq.session_id, seq.block_hashes[:seq.num_registered_blocks], seq.kv_retention_s)
+            self.tiers.pin(seq.session_id, seq.block_hashes[: seq.num_registered_blocks], seq.kv_retention_s)
         if seq.hold_kv:
             # the KV of every token but the last sampled one is in the blocks (the last has no KV yet)
             self.leases.hold(seq.request_id, seq.block_ids, seq.num_tokens - 1)
@@ -342,8 +404,9 @@ class LLMEngine:
         del self.seqs[seq.request_id]
 
     # ------------------------------------------------------------------ offline convenience
-    def generate(self, prompts: Iterable[str | list[int]],
-                 sampling: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: Iterable[str | list[int]], sampling: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Completion]:
         """Run prompts to completion together (continuous batching) and return them in input order."""
         prompts = list(prompts)
         params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(prompts)
@@ -358,7 +421,16 @@ class LLMEngine:
             for delta in self.step():
                 if delta.request_id in texts:
                     texts[delta.request_id] += delta.text
-        return [Completion(s.request_id, s.prompt_token_ids, s.output_token_ids, texts[s.request_id],
-                           s.finish_reason or "", s.num_cached_tokens,
-                           ttft_s=(s.first_token_time or start) - start, e2e_s=time.monotonic() - start)
-                for s in seqs]
+        return [
+            Completion(
+                s.request_id,
+                s.prompt_token_ids,
+                s.output_token_ids,
+                texts[s.request_id],
+                s.finish_reason or "",
+                s.num_cached_tokens,
+                ttft_s=(s.first_token_time or start) - start,
+                e2e_s=time.monotonic() - start,
+            )
+            for s in seqs
+        ]

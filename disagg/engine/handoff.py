@@ -4,11 +4,12 @@ A lease ends when the reader's NIXL notification names it (`release`), or when i
 vanished).  A lease may mix device blocks (freed on release) and CPU-tier slots (unreferenced on release);
 `regions[i]` says which `block_ids[i]` is.  The reading side is the KV connector (`disagg/kv/`).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from disagg.engine.block_pool import BlockPool
 from disagg.protocol import Tier
@@ -23,8 +24,9 @@ class Lease:
 
 
 class LeaseTable:
-    def __init__(self, pool: BlockPool, timeout_s: float,
-                 release_cpu: Callable[[list[int]], None] | None = None) -> None:
+    def __init__(
+        self, pool: BlockPool, timeout_s: float, release_cpu: Callable[[list[int]], None] | None = None
+    ) -> None:
         self.pool = pool
         self.timeout_s = timeout_s
         self.release_cpu = release_cpu

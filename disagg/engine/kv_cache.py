@@ -4,6 +4,7 @@ Block-major so that one block - K and V of every layer - is one contiguous regio
 descriptor or an offload copy moves (one descriptor per block instead of one per layer and block, which measured
 2-4x faster over NIXL for scattered blocks; see docs/benchmarks.md).  Layer i is the strided view `tensor[:, i]`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,12 +18,14 @@ def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> in
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.tensor = torch.zeros(num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim,
-                                  dtype=dtype, device=device)
+        self.tensor = torch.zeros(
+            num_blocks, cfg.num_layers, 2, block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device
+        )
 
     @property
     def nbytes(self) -> int:

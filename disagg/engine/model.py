@@ -3,6 +3,7 @@
 Loads an HF-format directory: `config.json` + `*.safetensors`.  Q/K/V and gate/up projections are fused at load
 time (one matmul each); attention goes through the backend chosen once at start-up (see attention.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
+    def from_dir(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: a model directory needs an HF config.json")
@@ -88,6 +89,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Non-interleaved (rotate-half) RoPE, as HF Llama computes it."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
@@ -116,8 +119,9 @@ class Attention(nn.Module):
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = _rotate(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = _rotate(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
@@ -162,8 +166,9 @@ class CausalLM(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """Hidden states [T, hidden] for the flattened batch; kv_cache is [blocks, layers, 2, BS, KVH, D]."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)
@@ -185,7 +190,9 @@ class CausalLM(nn.Module):
         cfg = self.config
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         fused = {  # HF name fragment -> (our name fragment, row offset, rows)
-            "q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv), "v_proj": ("qkv_proj", q + kv, kv),
+            "q_proj": ("qkv_proj", 0, q),
+            "k_proj": ("qkv_proj", q, kv),
+            "v_proj": ("qkv_proj", q + kv, kv),
             "gate_proj": ("gate_up_proj", 0, cfg.intermediate_size),
             "up_proj": ("gate_up_proj", cfg.intermediate_size, cfg.intermediate_size),
         }
@@ -203,14 +210,14 @@ class CausalLM(nn.Module):
                         if part in fused:
                             new_part, offset, rows = fused[part]
                             target = target.replace(part, new_part)
-                            params[target][offset:offset + rows].copy_(tensor)
+                            params[target][offset : offset + rows].copy_(tensor)
                             loaded.add(f"{target}:{part}")
                         elif target in params:
                             params[target].copy_(tensor)
                             loaded.add(target)
                         else:
                             raise ValueError(f"unexpected weight {name} in {file.name}")
-        expected = set()
+        expected: set[str] = set()
         for name in params:
             part = name.split(".")[-2]
             if part in ("qkv_proj", "gate_up_proj"):

@@ -1,4 +1,5 @@
 """Model runner: turns a scheduled batch into flat tensors + attention metadata, runs the model, samples."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,8 +14,15 @@ from disagg.engine.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model_dir: str | Path, model_config: ModelConfig, num_blocks: int, block_size: int,
-                 device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        model_config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.backend = select_backend(device)  # the one place the device path is chosen
         with torch.device("meta"):

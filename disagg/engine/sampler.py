@@ -3,6 +3,7 @@
 A seeded request draws each token from a generator seeded by (seed, output index), so its output does not
 depend on what else is in the batch or on preemption and recompute.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,12 @@ def _token_seed(seed: int, index: int) -> int:
     return (seed * 6364136223846793005 + index * 1442695040888963407 + 1) & _MASK64
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int],
-           generator: torch.Generator | None = None) -> list[int]:
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    output_indices: list[int],
+    generator: torch.Generator | None = None,
+) -> list[int]:
     """One token per row of `logits` [B, V]; `output_indices[i]` is how many tokens row i has generated so far."""
     tokens = logits.argmax(dim=-1)
     stochastic = [i for i, p in enumerate(params) if not p.greedy]
@@ -62,7 +67,7 @@ def logprob_entries(logits: torch.Tensor, tokens: list[int], params: list[Sampli
         return out
     logp = torch.log_softmax(logits[wanted].float(), dim=-1)
     k = max(params[i].logprobs or 0 for i in wanted)
-    top_vals, top_ids = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    top_vals, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
     chosen = logp.gather(1, torch.tensor([[tokens[i]] for i in wanted], device=logp.device)).squeeze(1)
     chosen_l, vals_l, ids_l = chosen.tolist(), top_vals.tolist(), top_ids.tolist()
     for j, i in enumerate(wanted):

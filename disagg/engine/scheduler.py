@@ -11,6 +11,7 @@ failed one (or the failed part of one) is recomputed.  A sequence that cannot ge
 recently admitted running sequence: its blocks are freed (full blocks stay in the prefix cache, so the
 recompute is usually cheap) and it goes back to the head of the queue.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,14 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 connector: KVConnector | None = None) -> None:
+    def __init__(
+        self,
+        pool: BlockPool,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        connector: KVConnector | None = None,
+    ) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -107,8 +114,8 @@ class Scheduler:
             return batch  # memory is short: admit nothing new this step
         while self.waiting and budget > 0 and self.num_active < self.max_num_seqs:
             seq = self.waiting[0]
-            n = self._admit(seq, budget)
-            if n is None:
+            admitted = self._admit(seq, budget)
+            if admitted is None:
                 if not self.running and self._release_waiting_blocks(keep=seq):
                     continue  # nothing runs that could free blocks: take them from sequences queued behind
                 break
@@ -123,8 +130,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.seqs.append(seq)
-            batch.num_new_tokens.append(n)
-            budget -= n
+            batch.num_new_tokens.append(admitted)
+            budget -= admitted
         return batch
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
@@ -168,6 +175,7 @@ class Scheduler:
     def _remote_already_cached(self, seq: Sequence) -> None:
         """Every block the peer offered is in the local prefix cache: nothing to read; let the peer go."""
         result = seq.remote
+        assert result is not None  # only called for a sequence with a peer's offer
         self.connector.remote_without_read(seq)
         seq.remote = None
         seq.credited_tokens = result.num_cached_tokens if result.first_token is not None else result.num_tokens
@@ -219,8 +227,9 @@ class Scheduler:
                     seq.token_ids.append(load.first_token)
                     seq.pending_first_token = True
                 if remote is not None:  # credit what the peer did not compute, not what was read
-                    seq.credited_tokens = remote.num_cached_tokens if load.first_token is not None else \
-                        remote.num_tokens
+                    seq.credited_tokens = (
+                        remote.num_cached_tokens if load.first_token is not None else remote.num_tokens
+                    )
             else:
                 self.stats.failed_loads += 1
                 seq.tier_load_failed = load.kind is SourceKind.TIERS
@@ -240,8 +249,9 @@ class Scheduler:
                 with_token.append(seq)
         return with_token
 
-    def _reserve(self, seq: Sequence, n: int, extra_blocks: list[int] | None = None,
-                 computed: int | None = None) -> bool:
+    def _reserve(
+        self, seq: Sequence, n: int, extra_blocks: list[int] | None = None, computed: int | None = None
+    ) -> bool:
         """Allocate the blocks `seq` needs to hold `n` more tokens; False if the pool is short."""
         have = len(seq.block_ids) + len(extra_blocks or [])
         computed = seq.num_computed_tokens if computed is None else computed
@@ -303,7 +313,7 @@ class Scheduler:
             self.loading.remove(seq)
             load: KVLoad = seq.kv_load
             self.connector.cancel(load)  # its destination blocks: freed now or once no write can land
-            seq.block_ids = seq.block_ids[:load.first_block]
+            seq.block_ids = seq.block_ids[: load.first_block]
             seq.kv_load = None
         if seq.block_ids:
             self.pool.free(seq.block_ids)

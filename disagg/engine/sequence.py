@@ -1,10 +1,10 @@
 """Per-request state inside one engine."""
+
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-
 from typing import Any
 
 from disagg.protocol import PrefillResult, SamplingParams, hash_block_tokens
@@ -74,7 +74,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:
@@ -85,4 +85,4 @@ class Sequence:
         bs = self.block_size
         for i in range(len(self.block_hashes), self.num_tokens // bs):
             parent = self.block_hashes[-1] if self.block_hashes else None
-            self.block_hashes.append(hash_block_tokens(parent, self.token_ids[i * bs:(i + 1) * bs]))
+            self.block_hashes.append(hash_block_tokens(parent, self.token_ids[i * bs : (i + 1) * bs]))

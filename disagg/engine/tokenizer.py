@@ -1,4 +1,5 @@
 """Tokenizer and chat template, loaded offline from the model directory (tokenizer.json + jinja template)."""
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ class Tokenizer:
         self.vocab_size = tokenizer.get_vocab_size()
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "Tokenizer":
+    def from_dir(cls, model_dir: str | Path) -> Tokenizer:
         model_dir = Path(model_dir)
         path = model_dir / "tokenizer.json"
         if not path.exists():
@@ -45,8 +46,9 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **extra: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
         """Render `messages` through the model's template; `extra` are further template variables (`tools`)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use a plain completion prompt")
@@ -58,8 +60,12 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False, **kw)
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **extra,
+        )
 
     def encode_chat(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
         return self.encode(self.apply_chat_template(messages, **extra), add_special_tokens=False)
@@ -72,5 +78,5 @@ class Tokenizer:
         prefix_text = self.decode(ids[prefix_offset:read_offset])
         full_text = self.decode(ids[prefix_offset:])
         if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            return full_text[len(prefix_text):], read_offset, len(ids)
+            return full_text[len(prefix_text) :], read_offset, len(ids)
         return "", prefix_offset, read_offset

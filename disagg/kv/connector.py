@@ -19,6 +19,7 @@ Going out: `on_computed` offers newly computed full blocks to the tiers (write-t
 critical path while the connector holds a reference on the device blocks), and `drain_events` returns the
 tiers' stored/removed events for the router, tagged with their tier.
 """
+
 from __future__ import annotations
 
 import enum
@@ -87,7 +88,7 @@ class KVSource(ABC):
         """For an abandoned load whose blocks were kept: True once no write can land any more."""
         return True
 
-    def tick(self) -> None:
+    def tick(self) -> None:  # noqa: B027 - optional hook: most sources have no background work
         """Background progress (stores, demotions, expiries); called once per engine tick."""
 
 
@@ -115,8 +116,9 @@ class KVConnector:
     may be None.
     """
 
-    def __init__(self, pool: Any, block_size: int, peer: KVSource | None = None, tiers: Any = None,
-                 load_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, pool: Any, block_size: int, peer: KVSource | None = None, tiers: Any = None, load_timeout_s: float = 10.0
+    ) -> None:
         self.pool = pool
         self.block_size = block_size
         self.peer = peer
@@ -142,8 +144,16 @@ class KVConnector:
         n = next((i for i, t in enumerate(tiers) if not self.worth_loading(t)), len(tiers))
         if n == 0:
             return None
-        return KVLoad(seq.request_id, SourceKind.TIERS, num_hit_blocks, n, (num_hit_blocks + n) * self.block_size,
-                      time.monotonic() + self.load_timeout_s, block_hashes=hashes[:n], tiers=tiers)
+        return KVLoad(
+            seq.request_id,
+            SourceKind.TIERS,
+            num_hit_blocks,
+            n,
+            (num_hit_blocks + n) * self.block_size,
+            time.monotonic() + self.load_timeout_s,
+            block_hashes=hashes[:n],
+            tiers=tiers,
+        )
 
     def worth_loading(self, tier: Tier) -> bool:
         """A tier whose measured load time per block is above recomputing a block is not worth loading from."""
@@ -158,9 +168,16 @@ class KVConnector:
         total = -(-result.num_tokens // self.block_size)
         if num_hit_blocks >= total:
             return None
-        return KVLoad(seq.request_id, SourceKind.PEER, num_hit_blocks, total - num_hit_blocks, result.num_tokens,
-                      time.monotonic() + self.load_timeout_s, first_token=result.first_token,
-                      handle=result)
+        return KVLoad(
+            seq.request_id,
+            SourceKind.PEER,
+            num_hit_blocks,
+            total - num_hit_blocks,
+            result.num_tokens,
+            time.monotonic() + self.load_timeout_s,
+            first_token=result.first_token,
+            handle=result,
+        )
 
     def remote_without_read(self, seq: Any) -> None:
         """Every block a peer offered was cached here already: let the owner release its lease."""
@@ -185,9 +202,18 @@ class KVConnector:
         self.pool.free(hits)
         if not n:
             return 0
-        load = KVLoad(f"prefetch-{n_dev}-{hashes[0]:x}", SourceKind.TIERS, n_dev, n, 0,
-                      time.monotonic() + self.load_timeout_s, block_hashes=hashes[:n], tiers=tiers[:n],
-                      dst_block_ids=dst, parent_hash=block_hashes[n_dev - 1] if n_dev else None)
+        load = KVLoad(
+            f"prefetch-{n_dev}-{hashes[0]:x}",
+            SourceKind.TIERS,
+            n_dev,
+            n,
+            0,
+            time.monotonic() + self.load_timeout_s,
+            block_hashes=hashes[:n],
+            tiers=tiers[:n],
+            dst_block_ids=dst,
+            parent_hash=block_hashes[n_dev - 1] if n_dev else None,
+        )
         self.tiers.start(load)
         self._prefetches.append(load)
         return n
@@ -249,7 +275,7 @@ class KVConnector:
     def release_failed(self, load: KVLoad) -> bool:
         """After FAILED (or a partial DONE): may the sequence reuse the blocks that did not arrive? If not, the
         connector adopts them (the caller must drop them from the sequence without freeing)."""
-        tail = load.dst_block_ids[load.num_ok_blocks:]
+        tail = load.dst_block_ids[load.num_ok_blocks :]
         if not tail:
             return True
         if self.source(load).abandon(load):

@@ -10,17 +10,19 @@ worker's NIXL agent by the worker so peers can READ slots directly.  A slot is i
 
 Pure bookkeeping plus the tensor; the TieredStore decides what to store, evict and demote.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
 class CpuTier:
-    def __init__(self, num_slots: int, block_shape: tuple[int, ...], dtype: torch.dtype,
-                 pin_memory: bool = False) -> None:
+    def __init__(
+        self, num_slots: int, block_shape: tuple[int, ...], dtype: torch.dtype, pin_memory: bool = False
+    ) -> None:
         if num_slots <= 0:
             raise ValueError("the CPU tier needs at least one slot")
         self.num_slots = num_slots
@@ -83,7 +85,7 @@ class CpuTier:
 
     def victims(self, n: int, keep: Callable[[int], bool]) -> list[int]:
         """Up to n least-recently-used hashes that may leave: not referenced and not kept (pinned / demoting)."""
-        out = []
+        out: list[int] = []
         for h, slot in self._index.items():
             if len(out) >= n:
                 break

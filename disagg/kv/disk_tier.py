@@ -19,14 +19,16 @@ indexed again, least recently modified first, so a restarted worker serves its p
 Thread model: `write_file` / `read_file` do I/O and touch no shared state (they run on the store's I/O
 threads); the index is only changed by the engine thread (`commit`, `forget`, `evict_for`).
 """
+
 from __future__ import annotations
 
 import fcntl
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import xxhash
 
@@ -53,8 +55,15 @@ class CorruptBlock(Exception):
 
 
 class DiskTier:
-    def __init__(self, root: str | Path, fingerprint: str, capacity_bytes: int, block_bytes: int,
-                 fsync: bool = False, opener: Callable[..., object] = open) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        fingerprint: str,
+        capacity_bytes: int,
+        block_bytes: int,
+        fsync: bool = False,
+        opener: Callable[..., Any] = open,
+    ) -> None:
         if len(fingerprint) != 16:
             raise ValueError("fingerprint must be 16 hex characters")
         self.dir = Path(root) / fingerprint
@@ -91,7 +100,7 @@ class DiskTier:
             if not path.name.endswith(_SUFFIX):
                 continue
             try:
-                block_hash = int(path.name[:-len(_SUFFIX)], 16)
+                block_hash = int(path.name[: -len(_SUFFIX)], 16)
                 stat = path.stat()
             except (ValueError, OSError):
                 continue
@@ -103,7 +112,7 @@ class DiskTier:
         for _, block_hash in sorted(entries):
             self._index[block_hash] = None
         self.num_rescanned = len(self._index)
-        for block_hash in self.evict_for(0):
+        for _ in self.evict_for(0):
             pass  # a smaller capacity than last time: drop the oldest
 
     def __contains__(self, block_hash: int) -> bool:
@@ -153,8 +162,9 @@ class DiskTier:
         """Write atomically (temp + rename). Raises OSError; on failure nothing is left behind."""
         if len(payload) != self.block_bytes:
             raise ValueError(f"payload of {len(payload)} bytes, blocks have {self.block_bytes}")
-        header = _HEADER.pack(_MAGIC, _VERSION, self.fingerprint.encode(), block_hash, len(payload),
-                              xxhash.xxh3_64_intdigest(payload))
+        header = _HEADER.pack(
+            _MAGIC, _VERSION, self.fingerprint.encode(), block_hash, len(payload), xxhash.xxh3_64_intdigest(payload)
+        )
         final = self.path(block_hash)
         tmp = final.with_name(f"{final.name}.{os.getpid()}.{id(payload):x}.tmp")
         try:

@@ -6,6 +6,7 @@ MiB (cheap, and changes with any re-quantization or fine-tune that rewrites the 
 the per-block KV shape, and KV_LAYOUT_VERSION (bumped whenever the block layout changes).  Disk blocks live under
 a directory named by it and carry it in every file header.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,12 +16,15 @@ KV_LAYOUT_VERSION = 1  # [blocks, layers, 2, block_size, kv_heads, head_dim], bl
 _EDGE_BYTES = 1 << 20
 
 
-def engine_fingerprint(model_dir: str | Path | None, dtype: str, block_size: int, block_shape: tuple[int, ...],
-                       model_identity: str = "") -> str:
+def engine_fingerprint(
+    model_dir: str | Path | None, dtype: str, block_size: int, block_shape: tuple[int, ...], model_identity: str = ""
+) -> str:
     """16 hex characters. `model_dir` None: a stand-in model (simulation), identified by `model_identity`."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(f"layout={KV_LAYOUT_VERSION};dtype={dtype};block={block_size};shape={tuple(block_shape)};"
-             f"id={model_identity}".encode())
+    h.update(
+        f"layout={KV_LAYOUT_VERSION};dtype={dtype};block={block_size};shape={tuple(block_shape)};"
+        f"id={model_identity}".encode()
+    )
     if model_dir is not None:
         root = Path(model_dir)
         config = root / "config.json"

@@ -9,6 +9,7 @@ cancelled) may still complete and write into the destination blocks, so the conn
 the transfer settles: DONE or FAILED, or the peer is removed from the agent (which fails its transfers), or
 `orphan_timeout_s` passes (then the handle is released and the blocks freed, logged).
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,10 +49,11 @@ class PeerSource(_Notifier):
         read = _PeerRead(result)
         load.handle = read
         first = load.first_block
-        refs = list(zip(result.regions[first:first + load.num_blocks], result.block_ids[first:first + load.num_blocks]))
+        refs = list(
+            zip(result.regions[first : first + load.num_blocks], result.block_ids[first : first + load.num_blocks])
+        )
         try:
-            read.handle = self.transport.read(result.agent_name, refs, load.dst_block_ids,
-                                              load.request_id.encode())
+            read.handle = self.transport.read(result.agent_name, refs, load.dst_block_ids, load.request_id.encode())
         except TransferFailed:
             self.num_failures += 1
             raise
@@ -90,8 +92,11 @@ class PeerSource(_Notifier):
             self._release(read)
             return True
         if time.monotonic() - (read.abandoned_at or 0.0) > self.orphan_timeout_s:
-            log.warning("KV read from %s for %s never settled; releasing its handle and blocks",
-                        read.result.agent_name, load.request_id)
+            log.warning(
+                "KV read from %s for %s never settled; releasing its handle and blocks",
+                read.result.agent_name,
+                load.request_id,
+            )
             self._release(read)
             return True
         return False

@@ -16,6 +16,7 @@ Policy:
 
 Every change to what a tier holds becomes a KVEvent tagged with the tier; `drain_events` hands them to the worker.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,9 @@ class _Store:
 class TieredStore(KVSource):
     kind = SourceKind.TIERS
 
-    def __init__(self, config: TierConfig, pool: Any, device_kv: torch.Tensor, fingerprint: str,
-                 disk_opener: Any = open) -> None:
+    def __init__(
+        self, config: TierConfig, pool: Any, device_kv: torch.Tensor, fingerprint: str, disk_opener: Any = open
+    ) -> None:
         self.config = config
         self.pool = pool
         self.device_kv = device_kv
@@ -71,8 +73,11 @@ class TieredStore(KVSource):
         if num_slots < 1:
             raise ValueError(f"cpu tier of {config.cpu_bytes} bytes holds no {block_bytes}-byte block")
         self.cpu = CpuTier(num_slots, block_shape, device_kv.dtype, pin_memory=device_kv.is_cuda)
-        self.disk = (DiskTier(config.disk_dir, fingerprint, config.disk_bytes, block_bytes, config.disk_fsync,
-                              disk_opener) if config.disk_dir else None)
+        self.disk = (
+            DiskTier(config.disk_dir, fingerprint, config.disk_bytes, block_bytes, config.disk_fsync, disk_opener)
+            if config.disk_dir
+            else None
+        )
         self.copier = BlockCopier(device_kv.device)
         self._direct = not device_kv.is_cuda  # disk blocks are read straight into (host) device blocks
         self._io = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="kv-disk")
@@ -87,6 +92,12 @@ class TieredStore(KVSource):
         self._pinned: Counter = Counter()  # hash -> sessions pinning it
         if self.disk is not None and self.disk.num_blocks:
             self._events.append(KVEvent(EventKind.STORED, self.disk.hashes(), tier=Tier.DISK))
+
+    @property
+    def _disk(self) -> DiskTier:
+        """The disk tier, on paths only reached when it exists."""
+        assert self.disk is not None, "disk tier used while off"
+        return self.disk
 
     # ------------------------------------------------------------------ lookups
     def lookup(self, block_hashes: list[int], count: bool = True) -> list[Tier]:
@@ -119,9 +130,13 @@ class TieredStore(KVSource):
                 disk_pos.append(i)
         job = self.copier.copy(self.cpu.tensor, cpu_src, self.device_kv, cpu_dst) if cpu_src else None
         n = max(1, min(self.config.io_threads, len(disk_pos)))
-        chunks = [disk_pos[k * len(disk_pos) // n:(k + 1) * len(disk_pos) // n] for k in range(n)] if disk_pos else []
-        futures = [self._io.submit(self._read_chunk, [load.block_hashes[i] for i in chunk],
-                                   [load.dst_block_ids[i] for i in chunk]) for chunk in chunks]
+        chunks = [disk_pos[k * len(disk_pos) // n : (k + 1) * len(disk_pos) // n] for k in range(n)] if disk_pos else []
+        futures = [
+            self._io.submit(
+                self._read_chunk, [load.block_hashes[i] for i in chunk], [load.dst_block_ids[i] for i in chunk]
+            )
+            for chunk in chunks
+        ]
         load.handle = _TierLoad(job, cpu_src, futures, chunks)
 
     def _read_chunk(self, hashes: list[int], dst_blocks: list[int]) -> list[memoryview | None | CorruptBlock]:
@@ -132,10 +147,10 @@ class TieredStore(KVSource):
         for h, dst in zip(hashes, dst_blocks):
             try:
                 if self._direct:
-                    self.disk.read_into(h, memoryview(self.device_kv[dst].view(-1).view(torch.uint8).numpy()))
+                    self._disk.read_into(h, self.device_kv[dst].view(-1).view(torch.uint8).numpy().data)
                     out.append(None)
                 else:
-                    out.append(self.disk.read_file(h))
+                    out.append(self._disk.read_file(h))
             except CorruptBlock as exc:
                 out.append(exc)
                 break
@@ -162,7 +177,7 @@ class TieredStore(KVSource):
             if i < bad:
                 if payload is not None:
                     self._copy_in(payload, load.dst_block_ids[i])
-                self.disk.touch(load.block_hashes[i])
+                self._disk.touch(load.block_hashes[i])
         load.num_ok_blocks = min(bad, len(load.block_hashes))
         self._account(load)
         return LoadState.DONE
@@ -194,7 +209,7 @@ class TieredStore(KVSource):
     def _on_corrupt(self, block_hash: int, exc: CorruptBlock) -> None:
         log.warning("disk KV block %016x unusable (%s): recomputing", block_hash, exc)
         self.stats.corrupt[exc.reason] += 1
-        if block_hash in self.disk:
+        if self.disk is not None and block_hash in self.disk:
             self.disk.forget(block_hash)
             self._events.append(KVEvent(EventKind.REMOVED, [block_hash], tier=Tier.DISK))
 
@@ -209,7 +224,8 @@ class TieredStore(KVSource):
         if tl is None:
             return True
         writing = (tl.cpu_job is not None and not tl.cpu_job.done()) or (
-            self._direct and not all(f.done() for f in tl.disk_futures))
+            self._direct and not all(f.done() for f in tl.disk_futures)
+        )
         if writing:
             return False  # a copy or read thread may still write the destination blocks
         self._release_slots(tl)
@@ -237,8 +253,9 @@ class TieredStore(KVSource):
             return
         self.pool.touch(blocks)  # held until the copy completes: not reusable, still readable
         self._storing.update(hashes)
-        self._stores.append(_Store(self.copier.copy(self.device_kv, blocks, self.cpu.tensor, slots), blocks,
-                                   hashes, slots))
+        self._stores.append(
+            _Store(self.copier.copy(self.device_kv, blocks, self.cpu.tensor, slots), blocks, hashes, slots)
+        )
 
     def _evict_one(self) -> int | None:
         victims = self.cpu.victims(1, self._keep)
@@ -284,8 +301,9 @@ class TieredStore(KVSource):
                 self._drop_cpu(h)
                 continue
             slot = self.cpu.slot_of(h)
+            assert slot is not None  # a victim is a committed CPU block
             self.cpu.ref(slot)
-            payload = memoryview(self.cpu.tensor[slot].view(-1).view(torch.uint8).numpy())
+            payload = self.cpu.tensor[slot].view(-1).view(torch.uint8).numpy().data
             self._demoting[h] = (self._io.submit(self.disk.write_file, h, payload), slot)
 
     def _finish_demotions(self, wait: bool = False) -> None:
@@ -300,13 +318,14 @@ class TieredStore(KVSource):
                 self.stats.write_failures += 1
                 log.warning("disk tier write of %016x failed (%s); block stays in CPU", h, exc)
                 continue
-            evicted = self.disk.evict_for(self.disk.file_bytes)
+            disk = self._disk
+            evicted = disk.evict_for(disk.file_bytes)
             if evicted:
                 self.stats.evictions[Tier.DISK] += len(evicted)
                 self._events.append(KVEvent(EventKind.REMOVED, evicted, tier=Tier.DISK))
-            if self.disk.commit(h):
+            if disk.commit(h):
                 self.stats.stored_blocks[Tier.DISK] += 1
-                self.stats.bytes_stored[Tier.DISK] += self.disk.block_bytes
+                self.stats.bytes_stored[Tier.DISK] += disk.block_bytes
                 self._events.append(KVEvent(EventKind.STORED, [h], tier=Tier.DISK))
             if h in self.cpu and not self.cpu.is_referenced(slot) and h not in self._pinned:
                 self._drop_cpu(h)
@@ -316,7 +335,7 @@ class TieredStore(KVSource):
         """Pin a session's blocks for ttl_s (replacing its previous pin); returns how many blocks are pinned."""
         now = time.monotonic() if now is None else now
         self.unpin(session)
-        hashes = list(dict.fromkeys(block_hashes))[:self.pin_budget]
+        hashes = list(dict.fromkeys(block_hashes))[: self.pin_budget]
         while self._pins and len(self._pinned) + sum(1 for h in hashes if h not in self._pinned) > self.pin_budget:
             oldest = min(self._pins, key=lambda s: self._pins[s][0])
             self.unpin(oldest)
@@ -379,12 +398,20 @@ class TieredStore(KVSource):
         return events
 
     def gauges(self) -> dict[str, float]:
-        g = {"cpu_blocks": self.cpu.num_committed, "cpu_capacity_blocks": self.cpu.num_slots,
-             "pinned_blocks": self.num_pinned_blocks, "pinned_sessions": len(self._pins),
-             "stores_in_flight": len(self._stores), "demotions_in_flight": len(self._demoting)}
+        g: dict[str, float] = {
+            "cpu_blocks": self.cpu.num_committed,
+            "cpu_capacity_blocks": self.cpu.num_slots,
+            "pinned_blocks": self.num_pinned_blocks,
+            "pinned_sessions": len(self._pins),
+            "stores_in_flight": len(self._stores),
+            "demotions_in_flight": len(self._demoting),
+        }
         if self.disk is not None:
-            g.update(disk_blocks=self.disk.num_blocks, disk_bytes=self.disk.used_bytes,
-                     disk_capacity_bytes=self.disk.capacity_bytes)
+            g.update(
+                disk_blocks=self.disk.num_blocks,
+                disk_bytes=self.disk.used_bytes,
+                disk_capacity_bytes=self.disk.capacity_bytes,
+            )
         return g
 
     def shutdown(self) -> None:

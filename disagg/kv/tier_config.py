@@ -1,10 +1,11 @@
 """A worker's tier settings (TierConfig), the counters its TieredStore keeps (TierStats, read by heartbeats and
 the simulator), and the lookup rule both the store and the simulated tiers follow (`leading_tiers`)."""
+
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Container
+from typing import Protocol
 
 from disagg.protocol import Tier
 
@@ -34,7 +35,7 @@ class TierStats:
     query_blocks: int = 0  # blocks looked up in the tiers (after a device miss)
     hit_blocks: Counter = field(default_factory=Counter)  # per tier
     loaded_blocks: Counter = field(default_factory=Counter)
-    load_seconds: Counter = field(default_factory=Counter)
+    load_seconds: defaultdict[Tier, float] = field(default_factory=lambda: defaultdict(float))
     loads: Counter = field(default_factory=Counter)
     stored_blocks: Counter = field(default_factory=Counter)
     bytes_stored: Counter = field(default_factory=Counter)
@@ -50,7 +51,11 @@ class TierStats:
         self.hit_blocks.update(tiers)
 
 
-def leading_tiers(block_hashes: list[int], cpu: Container[int], disk: Container[int] | None) -> list[Tier]:
+class HoldsBlocks(Protocol):
+    def __contains__(self, block_hash: int, /) -> bool: ...
+
+
+def leading_tiers(block_hashes: list[int], cpu: HoldsBlocks, disk: HoldsBlocks | None) -> list[Tier]:
     """The tier of each leading block the tiers hold (CPU before disk), up to the first one neither holds."""
     tiers: list[Tier] = []
     for h in block_hashes:

@@ -20,6 +20,7 @@ Retry-After from the same estimate).  A request still queued at its deadline is 
 
 Pure logic (clock injected, no asyncio): the router core wraps it (router.py) and decides capacity.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,8 @@ import itertools
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from disagg.errors import Overloaded
 
@@ -78,7 +79,7 @@ class Entry:
     deadline: float
     state: EntryState = EntryState.QUEUED
     rejection: Overloaded | None = None
-    waiter: object = None  # set by the async wrapper (a future resolved on dispatch or rejection)
+    waiter: asyncio.Future[None] | None = None  # set by the async wrapper (a future resolved on dispatch or rejection)
     order: int = 0
     worker: str | None = None  # routed on arrival (rescore off): dispatched only when this worker has room
 
@@ -104,8 +105,12 @@ class AdmissionQueue:
         cfg = self.config
         wait = self.estimated_wait(entry.priority, entry.tokens, entry.tenant)
         if wait is not None and wait > (entry.deadline - entry.arrived) * cfg.admit_within:
-            raise self._refuse(entry, Rejection.DEADLINE, wait,
-                               f"the queue ahead would take ~{wait:.1f}s, past this request's deadline")
+            raise self._refuse(
+                entry,
+                Rejection.DEADLINE,
+                wait,
+                f"the queue ahead would take ~{wait:.1f}s, past this request's deadline",
+            )
         victims: list[Entry] = []
         n, tokens = self.num_queued + 1, self.queued_tokens + entry.tokens
         candidates = self._shed_order(below=entry.priority)
@@ -117,8 +122,9 @@ class AdmissionQueue:
             n, tokens = n - 1, tokens - victim.tokens
         for victim in victims:
             self._remove(victim)
-            victim.rejection = self._refuse(victim, Rejection.SHED, wait,
-                                            "shed from the queue for higher-priority requests")
+            victim.rejection = self._refuse(
+                victim, Rejection.SHED, wait, "shed from the queue for higher-priority requests"
+            )
             victim.state = EntryState.REJECTED
         entry.order = next(self._order)
         band = self._bands.setdefault(entry.priority, {})
@@ -182,8 +188,10 @@ class AdmissionQueue:
             band = self._bands[priority]
             # smallest counter first; on a tie (a tenant lifted to the band's level when it came back) the one
             # with less queued goes first, then the oldest request
-            tenant = min((t for t, q in band.items() if q),
-                         key=lambda t: (self._counters.get(t, 0.0), len(band[t]), band[t][0].order))
+            tenant = min(
+                (t for t, q in band.items() if q),
+                key=lambda t: (self._counters.get(t, 0.0), len(band[t]), band[t][0].order),
+            )
             entry = band[tenant][0]
             if not can_dispatch(entry):
                 return None
@@ -230,7 +238,9 @@ class AdmissionQueue:
         """Prompt tokens that would be dispatched before a new request of `tenant` in this band: everything in
         higher bands, the tenant's own queue, and of every other tenant in the band what fair sharing serves it
         first - what it is behind by, plus its weighted share of the tokens the newcomer's tenant has queued."""
-        ahead = float(sum(e.tokens for p, band in self._bands.items() if p > priority for q in band.values() for e in q))
+        ahead = float(
+            sum(e.tokens for p, band in self._bands.items() if p > priority for q in band.values() for e in q)
+        )
         band = self._bands.get(priority, {})
         if tenant is None:
             return ahead + sum(e.tokens for q in band.values() for e in q)
@@ -289,13 +299,18 @@ class AdmissionControl:
     """The queue on an event loop: `admit` waits until the request is dispatched (or raises Overloaded); a pump
     dispatches queue heads whenever capacity may have freed, and a timer refuses requests past their deadline."""
 
-    def __init__(self, queue: AdmissionQueue, can_dispatch: Callable[[Entry], bool],
-                 on_wait: Callable[[float], None] | None = None, tick_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        queue: AdmissionQueue,
+        can_dispatch: Callable[[Entry], bool],
+        on_wait: Callable[[float], None] | None = None,
+        tick_s: float = 0.05,
+    ) -> None:
         self.queue = queue
         self._can_dispatch = can_dispatch
         self._on_wait = on_wait  # observes each dispatched request's queueing time
         self.tick_s = tick_s
-        self._timer = None
+        self._timer: asyncio.Task[None] | None = None
 
     async def admit(self, entry: Entry) -> None:
         for victim in self.queue.submit(entry):  # raises Overloaded if the entry itself is refused

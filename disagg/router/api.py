@@ -6,6 +6,7 @@ unexpected exception is a JSON 500, never a plain-text one.  A streaming request
 its first token exists, so a request that cannot be served gets a real status (503, 400, ...); a failure after
 that is an SSE error event, and the stream ends.  A client that disconnects cancels its request on every worker.
 """
+
 from __future__ import annotations
 
 import time
@@ -14,7 +15,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -56,6 +58,7 @@ class ApiConfig:
 
 def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> FastAPI:
     tracer = core.tracer
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         core.admission.start()
@@ -77,11 +80,17 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
 
     # ------------------------------------------------------------------ probes
     def _status() -> dict[str, Any]:
-        workers = {n: {"role": w.role.value, "state": w.state.value, "reason": w.reason, "restarts": w.restarts}
-                   for n, w in core.health.workers.items()}
+        workers = {
+            n: {"role": w.role.value, "state": w.state.value, "reason": w.reason, "restarts": w.restarts}
+            for n, w in core.health.workers.items()
+        }
         live = core.health.live_counts()
-        return {"live": live, "decode_workers": live["decode"] + live["both"], "prefill_workers": live["prefill"],
-                "workers": workers}
+        return {
+            "live": live,
+            "decode_workers": live["decode"] + live["both"],
+            "prefill_workers": live["prefill"],
+            "workers": workers,
+        }
 
     @app.get("/livez")
     async def livez():
@@ -97,8 +106,10 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
     async def health():
         status = _status()
         if not core.health.any_decoder_ready():
-            return error_response(ServiceUnavailable("no decode worker is alive", code="no_workers"),
-                                  extra={"status": "unavailable", **status})
+            return error_response(
+                ServiceUnavailable("no decode worker is alive", code="no_workers"),
+                extra={"status": "unavailable", **status},
+            )
         return {"status": "ok", **status}
 
     @app.get("/metrics")
@@ -107,16 +118,31 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "disagg", "max_model_len": config.max_model_len}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "disagg",
+                    "max_model_len": config.max_model_len,
+                }
+            ],
+        }
 
     # ------------------------------------------------------------------ generation endpoints
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
         check_model(body.model, config.model_name)
         ids = tokenize_prompt(body.prompt, tokenizer)
-        sampling = sampling_params(body, body.max_tokens if body.max_tokens is not None else 16, len(ids),
-                                   config.max_model_len, logprobs=body.logprobs)
+        sampling = sampling_params(
+            body,
+            body.max_tokens if body.max_tokens is not None else 16,
+            len(ids),
+            config.max_model_len,
+            logprobs=body.logprobs,
+        )
         shape = AnswerShape(tokenizer, chat=False, logprobs=body.logprobs is not None)
         return await _serve("cmpl", "text_completion", body, ids, sampling, http, shape)
 
@@ -124,25 +150,43 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         check_model(body.model, config.model_name)
         ids, tools = chat_prompt(body, tokenizer)
-        sampling = sampling_params(body, body.max_completion_tokens or body.max_tokens, len(ids),
-                                   config.max_model_len, logprobs=body.logprobs_k())
-        shape = AnswerShape(tokenizer, chat=True, logprobs=body.logprobs, tools=tools,
-                            parallel_tool_calls=body.parallel_tool_calls is not False)
+        sampling = sampling_params(
+            body,
+            body.max_completion_tokens or body.max_tokens,
+            len(ids),
+            config.max_model_len,
+            logprobs=body.logprobs_k(),
+        )
+        shape = AnswerShape(
+            tokenizer,
+            chat=True,
+            logprobs=body.logprobs,
+            tools=tools,
+            parallel_tool_calls=body.parallel_tool_calls is not False,
+        )
         return await _serve("chatcmpl", "chat.completion", body, ids, sampling, http, shape)
 
-    async def _serve(prefix: str, kind: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest,
-                     shape: AnswerShape):
+    async def _serve(
+        prefix: str, kind: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest, shape: AnswerShape
+    ):
         chat = shape.chat
         session = http.headers.get(SESSION_HEADER) or body.user
         retention = body.kv_retention.ttl_s if body.kv_retention is not None else None
         priority = priority_of(body, http.headers)
-        request = Request(f"{prefix}-{uuid.uuid4().hex}", ids, sampling, session_id=session,
-                          kv_retention_s=retention, priority=priority)
+        request = Request(
+            f"{prefix}-{uuid.uuid4().hex}",
+            ids,
+            sampling,
+            session_id=session,
+            kv_retention_s=retention,
+            priority=priority,
+        )
         created = int(time.time())
         tenant = getattr(http.state, "tenant", "default")
         running = {"counted": False, "predicted": None}
-        span = request_span(tracer, config.model_name, chat, bool(body.stream), request, sampling, http.headers,
-                            session)
+        span = request_span(
+            tracer, config.model_name, chat, bool(body.stream), request, sampling, http.headers, session
+        )
 
         def on_route(decision) -> None:  # left the admission queue: now it runs
             metrics.on_route(decision)
@@ -150,8 +194,22 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                 running["counted"] = True
                 running["predicted"] = decision.predicted_cached_tokens(len(ids), core.block_size)
                 metrics.running.inc()
-        stream = timed(core.generate(request, session=session, on_route=on_route, tenant=tenant, priority=priority,
-                                     deadline_s=body.deadline_s, span=span), len(ids), running, span, metrics)
+
+        stream = timed(
+            core.generate(
+                request,
+                session=session,
+                on_route=on_route,
+                tenant=tenant,
+                priority=priority,
+                deadline_s=body.deadline_s,
+                span=span,
+            ),
+            len(ids),
+            running,
+            span,
+            metrics,
+        )
         try:
             first = await until_disconnect(stream.__anext__(), http, config.disconnect_poll_s)
         except ClientGone:
@@ -164,16 +222,23 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
             raise
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(sse(first, stream, request.request_id, config.model_name, created, shape,
-                                         include_usage, len(ids)), media_type="text/event-stream")
+            return StreamingResponse(
+                sse(first, stream, request.request_id, config.model_name, created, shape, include_usage, len(ids)),
+                media_type="text/event-stream",
+            )
         try:
             answer = await until_disconnect(collect(first, stream), http, config.disconnect_poll_s)
         except ClientGone:
             await stream.aclose()
             return error_response(InvalidRequest("client closed the request", code="client_closed"))
-        return {"id": request.request_id, "object": kind, "created": created, "model": config.model_name,
-                "choices": [shape.final_choice(answer)],
-                "usage": usage(len(ids), answer.num_tokens, answer.num_cached_tokens)}
+        return {
+            "id": request.request_id,
+            "object": kind,
+            "created": created,
+            "model": config.model_name,
+            "choices": [shape.final_choice(answer)],
+            "usage": usage(len(ids), answer.num_tokens, answer.num_cached_tokens),
+        }
 
     return app
 
@@ -196,7 +261,8 @@ class _AuthAndCount:
             if tenant is None:
                 self.metrics.requests.labels(path, "401").inc()
                 await error_response(Unauthorized("invalid or missing API key", code="invalid_api_key"))(
-                    scope, receive, send)
+                    scope, receive, send
+                )
                 return
             scope.setdefault("state", {})["tenant"] = tenant
         status = {"code": 500}
@@ -214,6 +280,7 @@ class _AuthAndCount:
 
 def _install_error_handlers(app: FastAPI) -> None:
     """Every error leaves as an OpenAI-shaped JSON body with its status (router/http_errors.py)."""
+
     @app.exception_handler(DisaggError)
     async def _disagg_error(_: HTTPRequest, exc: DisaggError):
         return error_response(exc)
@@ -232,8 +299,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             return error_response(NotFound(str(exc.detail)))
         if exc.status_code < 500:  # e.g. 405 method not allowed: keep the status, OpenAI-shaped body
-            body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
-                              "code": None}}
+            body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
             return JSONResponse(status_code=exc.status_code, content=body)
         return error_response(unexpected(exc))
 

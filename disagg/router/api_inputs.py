@@ -1,9 +1,11 @@
 """Request validation for the HTTP API: model name, prompt tokens, sampling parameters against the context
 length, and the priority (body field or header).  Every problem is an InvalidRequest / NotFound (400 / 404 with
 an OpenAI error body, mapped in router/http_errors.py); nothing here touches the router."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import InvalidRequest, NotFound
@@ -18,23 +20,38 @@ def check_model(name: str, served: str) -> None:
         raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
 
-def sampling_params(body: Any, max_tokens: int | None, prompt_len: int, max_model_len: int,
-                    logprobs: int | None = None) -> SamplingParams:
+def sampling_params(
+    body: Any, max_tokens: int | None, prompt_len: int, max_model_len: int, logprobs: int | None = None
+) -> SamplingParams:
     """The request's sampling parameters; max_tokens None = what the context has room for."""
     if prompt_len >= max_model_len:
-        raise InvalidRequest(f"This model's maximum context length is {max_model_len} tokens. However, "
-                             f"your prompt has {prompt_len} tokens.", param="prompt", code="context_length_exceeded")
+        raise InvalidRequest(
+            f"This model's maximum context length is {max_model_len} tokens. However, "
+            f"your prompt has {prompt_len} tokens.",
+            param="prompt",
+            code="context_length_exceeded",
+        )
     room = max_model_len - prompt_len
     if max_tokens is None:
         max_tokens = room
     elif max_tokens > room:
-        raise InvalidRequest(f"max_tokens={max_tokens} is too large: the prompt has {prompt_len} tokens and "
-                             f"the context holds {max_model_len}.", param="max_tokens",
-                             code="context_length_exceeded")
+        raise InvalidRequest(
+            f"max_tokens={max_tokens} is too large: the prompt has {prompt_len} tokens and "
+            f"the context holds {max_model_len}.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     try:
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              top_k=body.top_k, seed=body.seed, stop=body.stop_list(), ignore_eos=body.ignore_eos,
-                              logprobs=logprobs)
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            top_k=body.top_k,
+            seed=body.seed,
+            stop=body.stop_list(),
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+        )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
 
@@ -48,9 +65,10 @@ def tokenize_prompt(prompt: str | list[int] | list[str], tokenizer: Tokenizer) -
         if not prompt:
             raise InvalidRequest("prompt is empty", param="prompt")
         return tokenizer.encode(prompt)
-    if any(t < 0 or t >= tokenizer.vocab_size for t in prompt):
+    ids = [t for t in prompt if isinstance(t, int)]
+    if len(ids) != len(prompt) or any(t < 0 or t >= tokenizer.vocab_size for t in ids):
         raise InvalidRequest(f"prompt token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
-    return list(prompt)
+    return ids
 
 
 def priority_of(body: Any, headers: Mapping[str, str]) -> int:

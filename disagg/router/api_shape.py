@@ -4,6 +4,7 @@ One `AnswerShape` per request turns the engine's TokenDeltas into choices - all 
 (`final_choice`), or delta by delta for SSE (`stream_choice` then `stream_end`).  Logprob entries come from the
 sampler (`[token, logprob, [[id, logprob], ...]]`); their token strings are decoded here, where the tokenizer is.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,8 +35,15 @@ class Collected:
 
 
 class AnswerShape:
-    def __init__(self, tokenizer: Tokenizer, *, chat: bool, logprobs: bool = False,
-                 tools: set[str] | None = None, parallel_tool_calls: bool = True) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        chat: bool,
+        logprobs: bool = False,
+        tools: set[str] | None = None,
+        parallel_tool_calls: bool = True,
+    ) -> None:
         self.tokenizer, self.chat, self.logprobs = tokenizer, chat, logprobs
         self.tools, self.parallel = tools, parallel_tool_calls
         self._stream = ToolCallStream(tools, parallel_tool_calls) if tools else None
@@ -57,21 +65,32 @@ class AnswerShape:
         if not self.logprobs:
             return None
         if self.chat:
-            return {"content": [{**self._chat_entry(t, lp), "top_logprobs": [self._chat_entry(i, v) for i, v in top]}
-                                for t, lp, top in entries], "refusal": None}
+            return {
+                "content": [
+                    {**self._chat_entry(t, lp), "top_logprobs": [self._chat_entry(i, v) for i, v in top]}
+                    for t, lp, top in entries
+                ],
+                "refusal": None,
+            }
         tokens, offsets = [], []
         for t, _, _ in entries:
             tokens.append(self._token(t))
             offsets.append(self._text_offset)
             self._text_offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{self._token(i): v for i, v in top} for _, _, top in entries],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{self._token(i): v for i, v in top} for _, _, top in entries],
+            "text_offset": offsets,
+        }
 
     # ------------------------------------------------------------------ one JSON answer
     def final_choice(self, answer: Collected) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": answer.finish_reason,
-                                  "logprobs": self.logprobs_json(answer.logprobs)}
+        choice: dict[str, Any] = {
+            "index": 0,
+            "finish_reason": answer.finish_reason,
+            "logprobs": self.logprobs_json(answer.logprobs),
+        }
         if not self.chat:
             choice["text"] = answer.text
             return choice
@@ -80,8 +99,7 @@ class AnswerShape:
         if parsed is not None:
             content, calls = parsed
             calls = calls if self.parallel else calls[:1]
-            message = {"role": "assistant", "content": content or None,
-                       "tool_calls": [c.to_openai() for c in calls]}
+            message = {"role": "assistant", "content": content or None, "tool_calls": [c.to_openai() for c in calls]}
             choice["finish_reason"] = TOOL_CALLS
         choice["message"] = message
         return choice

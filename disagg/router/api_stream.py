@@ -1,12 +1,14 @@
 """The response side of the HTTP API: the request's span, a delta stream timed into the router's metrics, and the
 two ways a request's deltas reach the client (one JSON body, or SSE chunks that end with `[DONE]` or an error
 event - never a silently cut stream).  A client that hangs up is noticed while we wait (ClientGone)."""
+
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from typing import Any, AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from typing import Any
 
 from fastapi import Request as HTTPRequest
 from opentelemetry import trace
@@ -35,25 +37,46 @@ async def until_disconnect(awaitable: Awaitable, http: HTTPRequest, poll_s: floa
     return task.result()
 
 
-def request_span(tracer: trace.Tracer, model: str, chat: bool, stream: bool, request: Request,
-                 sampling: SamplingParams, headers: Mapping[str, str], session: str | None) -> trace.Span:
+def request_span(
+    tracer: trace.Tracer,
+    model: str,
+    chat: bool,
+    stream: bool,
+    request: Request,
+    sampling: SamplingParams,
+    headers: Mapping[str, str],
+    session: str | None,
+) -> trace.Span:
     """The request's span (SERVER, GenAI semconv attributes), continuing the client's trace when it sent a
     traceparent."""
     operation = "chat" if chat else "text_completion"
-    attributes = {tr.OPERATION: operation, tr.PROVIDER_NAME: tr.PROVIDER, tr.REQUEST_MODEL: model,
-                  tr.REQUEST_MAX_TOKENS: sampling.max_tokens, tr.REQUEST_TEMPERATURE: sampling.temperature,
-                  tr.REQUEST_TOP_P: sampling.top_p, tr.REQUEST_STREAM: stream,
-                  tr.RESPONSE_ID: request.request_id, tr.USAGE_INPUT_TOKENS: len(request.prompt_token_ids)}
+    attributes: dict[str, Any] = {
+        tr.OPERATION: operation,
+        tr.PROVIDER_NAME: tr.PROVIDER,
+        tr.REQUEST_MODEL: model,
+        tr.REQUEST_MAX_TOKENS: sampling.max_tokens,
+        tr.REQUEST_TEMPERATURE: sampling.temperature,
+        tr.REQUEST_TOP_P: sampling.top_p,
+        tr.REQUEST_STREAM: stream,
+        tr.RESPONSE_ID: request.request_id,
+        tr.USAGE_INPUT_TOKENS: len(request.prompt_token_ids),
+    }
     if sampling.seed is not None:
         attributes[tr.REQUEST_SEED] = sampling.seed
     if session:
         attributes[tr.CONVERSATION_ID] = session
-    return tracer.start_span(f"{operation} {model}", context=tr.extract(dict(headers)), kind=trace.SpanKind.SERVER,
-                             attributes=attributes)
+    return tracer.start_span(
+        f"{operation} {model}", context=tr.extract(dict(headers)), kind=trace.SpanKind.SERVER, attributes=attributes
+    )
 
 
-async def timed(deltas: AsyncIterator[TokenDelta], n_prompt: int, running: dict[str, Any], span: trace.Span,
-                metrics: RouterMetrics) -> AsyncIterator[TokenDelta]:
+async def timed(
+    deltas: AsyncGenerator[TokenDelta, None],
+    n_prompt: int,
+    running: dict[str, Any],
+    span: trace.Span,
+    metrics: RouterMetrics,
+) -> AsyncGenerator[TokenDelta, None]:
     """Pass the deltas through, observing TTFT, ITL, E2E, tokens, prefix hits and routing staleness; end the
     request's span with its usage (and the exception, if the stream failed)."""
     start = last = time.monotonic()
@@ -102,12 +125,24 @@ async def collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> Colle
 
 
 def usage(n_prompt: int, n_out: int, cached: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": n_out,
+        "total_tokens": n_prompt + n_out,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
-async def sse(first: TokenDelta, deltas: AsyncIterator[TokenDelta], rid: str, model: str, created: int,
-              shape: AnswerShape, include_usage: bool, n_prompt: int) -> AsyncIterator[str]:
+async def sse(
+    first: TokenDelta,
+    deltas: AsyncGenerator[TokenDelta, None],
+    rid: str,
+    model: str,
+    created: int,
+    shape: AnswerShape,
+    include_usage: bool,
+    n_prompt: int,
+) -> AsyncIterator[str]:
     """OpenAI SSE chunks for a stream whose first delta is already here; `[DONE]` at the end, or an error event
     if the stream fails after the 200 went out."""
     chunk_kind = "chat.completion.chunk" if shape.chat else "text_completion"

@@ -4,9 +4,11 @@
 returns, or raises one of the project's errors: `WorkerLost` (the worker is dead or unreachable),
 `DeadlineExceeded` (no answer in time), `InvalidRequest` (the worker refused the input).
 """
+
 from __future__ import annotations
 
-from typing import AsyncIterator, Protocol
+from collections.abc import AsyncGenerator
+from typing import Protocol
 
 from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, TokenDelta
 
@@ -21,7 +23,7 @@ class WorkerHandle(Protocol):
     async def export_prefix(self, request: Request, timeout_s: float) -> PrefillResult | None:
         """Lease the leading blocks of the request's prompt this worker holds (device or CPU tier)."""
 
-    def generate(self, request: Request, remote: PrefillResult | None) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: Request, remote: PrefillResult | None) -> AsyncGenerator[TokenDelta, None]:
         """Stream the request's deltas; closing the iterator early aborts the request on the worker."""
 
     async def abort(self, request_id: str) -> None: ...

@@ -16,6 +16,7 @@ incarnation; the supervisor only kills processes that are alive but useless (hun
 restarts them.  Entering DEAD takes the worker out of routing and out of the prefix index at once and wakes the
 requests streaming from it, which migrate (see router.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,11 +24,11 @@ import enum
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from disagg.errors import DeadlineExceeded, DisaggError, WorkerLost
-from disagg.protocol import Heartbeat, Role
+from disagg.protocol import Heartbeat, KVEventBatch, Role
 from disagg.router.handles import WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,13 @@ class HealthEvent:
 
 
 class HealthMonitor:
-    def __init__(self, config: HealthConfig, roles: dict[str, Role], clock: Callable[[], float] = time.monotonic,
-                 on_change: Callable[[str, WorkerState, WorkerState], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: HealthConfig,
+        roles: dict[str, Role],
+        clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[str, WorkerState, WorkerState], None] | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
         now = clock()
@@ -176,9 +182,14 @@ class HealthMonitor:
 class Supervisor:
     """Runs the monitor: one probe loop per worker; rewires and snapshots rejoining workers; kills useless ones."""
 
-    def __init__(self, monitor: HealthMonitor, handles: dict[str, WorkerHandle],
-                 apply_snapshot: Callable[[object], None], needs_snapshot: Callable[[str], bool],
-                 on_heartbeat: Callable[[str, Heartbeat], None] | None = None) -> None:
+    def __init__(
+        self,
+        monitor: HealthMonitor,
+        handles: Mapping[str, WorkerHandle],
+        apply_snapshot: Callable[[KVEventBatch], object],
+        needs_snapshot: Callable[[str], bool],
+        on_heartbeat: Callable[[str, Heartbeat], None] | None = None,
+    ) -> None:
         self.monitor = monitor
         self.config = monitor.config
         self.handles = handles
@@ -261,8 +272,9 @@ class Supervisor:
         results = await asyncio.gather(*(self.handles[n].layout(timeout) for n in names), return_exceptions=True)
         layouts = [r for r in results if isinstance(r, bytes)]
         reachable = [n for n, r in zip(names, results) if isinstance(r, bytes)]
-        results = await asyncio.gather(*(self.handles[n].set_peers(layouts, timeout) for n in reachable),
-                                       return_exceptions=True)
-        for n, r in zip(reachable, results):
+        acks = await asyncio.gather(
+            *(self.handles[n].set_peers(layouts, timeout) for n in reachable), return_exceptions=True
+        )
+        for r in acks:
             if isinstance(r, BaseException) and not isinstance(r, DisaggError):
                 raise r

@@ -5,6 +5,7 @@
 Types follow OpenAI's (clients key their retry logic off the status: 429 and 5xx are retried by the official
 clients, 4xx are not).  A 429 carries `Retry-After`.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,18 @@ import math
 
 from fastapi.responses import JSONResponse
 
-from disagg.errors import (DeadlineExceeded, DisaggError, InternalError, InvalidRequest, NotFound, Overloaded,
-                           ServiceUnavailable, TransferFailed, Unauthorized, WorkerLost)
+from disagg.errors import (
+    DeadlineExceeded,
+    DisaggError,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    ServiceUnavailable,
+    TransferFailed,
+    Unauthorized,
+    WorkerLost,
+)
 
 # (status, OpenAI error type) per error class; the first matching class in order wins
 _TABLE: list[tuple[type[DisaggError], int, str]] = [

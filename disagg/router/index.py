@@ -9,6 +9,7 @@ numbers; a gap (or a restart, seq_no back to 0) makes `apply` return False and t
 snapshot.  Memory is bounded by `max_blocks` entries: past it, the oldest-stored hashes are dropped (the index
 may under-report, never over-report a hit).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict

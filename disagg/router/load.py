@@ -10,11 +10,12 @@ is under `max_running` requests and `max_kv_fraction` of its KV blocks (from its
 prompt can be prefilled on it or on a prefill worker under `max_prefill_queue_tokens`.  Priority > 0 may use
 `priority_headroom` above those limits (whole slots).  Pure logic (no Ray, no asyncio).
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from disagg.router.admission import CapacityConfig
 from disagg.router.health import HealthMonitor
@@ -34,8 +35,15 @@ class LoadTicket:
 
 
 class LoadBook:
-    def __init__(self, loads: dict[str, WorkerLoad], health: HealthMonitor, capacity: CapacityConfig,
-                 block_size: int, prefill: Iterable[str], lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        loads: dict[str, WorkerLoad],
+        health: HealthMonitor,
+        capacity: CapacityConfig,
+        block_size: int,
+        prefill: Iterable[str],
+        lock: threading.Lock,
+    ) -> None:
         self.loads, self.health, self.capacity = loads, health, capacity
         self.block_size = block_size
         self.prefill = list(prefill)
@@ -47,8 +55,13 @@ class LoadBook:
         its first token).  `hashes`: its full prompt blocks, so blocks shared with other in-flight requests on
         the same worker count once (omitted: every block counts)."""
         hashes = list(hashes or [])
-        ticket = LoadTicket(decision.prefill_worker or decision.decode_worker, decision.decode_worker,
-                            num_prompt_tokens, -(-num_prompt_tokens // self.block_size), hashes=hashes)
+        ticket = LoadTicket(
+            decision.prefill_worker or decision.decode_worker,
+            decision.decode_worker,
+            num_prompt_tokens,
+            -(-num_prompt_tokens // self.block_size),
+            hashes=hashes,
+        )
         with self._lock:
             self.loads[ticket.prefilling].queued_prefill_tokens += num_prompt_tokens
             load = self.loads[ticket.decode]
@@ -83,11 +96,11 @@ class LoadBook:
         prefill worker.  Requests with priority > 0 may use the headroom above the limits, so urgent work does
         not wait for a slot behind background load."""
         scale = 1.0 + (self.capacity.priority_headroom if priority > 0 else 0.0)
-        if not self.health.routable(name) or not self._room_to_decode(name, -(-num_tokens // self.block_size),
-                                                                     scale):
+        if not self.health.routable(name) or not self._room_to_decode(name, -(-num_tokens // self.block_size), scale):
             return False
         return self._room_to_prefill(name, scale) or any(
-            self.health.routable(p) and self._room_to_prefill(p, scale) for p in self.prefill)
+            self.health.routable(p) and self._room_to_prefill(p, scale) for p in self.prefill
+        )
 
     def _room_to_decode(self, name: str, blocks: int, scale: float) -> bool:
         load, cap = self.loads[name], self.capacity
@@ -97,7 +110,8 @@ class LoadBook:
         total = hb.gauges.get("kv_blocks_total") if hb is not None else None
         # whole slots: a 25% headroom on a 1-slot worker is no extra slot
         return load.active_requests < int(cap.max_running * scale) and (
-            total is None or load.active_blocks + blocks <= total * min(1.0, cap.max_kv_fraction * scale))
+            total is None or load.active_blocks + blocks <= total * min(1.0, cap.max_kv_fraction * scale)
+        )
 
     def _room_to_prefill(self, name: str, scale: float) -> bool:
         queued = self.loads[name].queued_prefill_tokens

@@ -24,6 +24,7 @@ worth a transfer (>= min_remote_prefill_tokens) and some prefill worker is below
 the decode worker prefills locally, and if another worker holds a longer prefix in device memory or its CPU tier
 (at least min_peer_pull_blocks more), the decode worker reads that prefix from it instead of recomputing it.
 """
+
 from __future__ import annotations
 
 import enum
@@ -31,6 +32,7 @@ import itertools
 import math
 import random
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,10 +122,15 @@ class Decision:
 
     def span_attributes(self) -> dict[str, Any]:
         """The decision as attributes of the request's `router.route` span."""
-        return {"disagg.decode_worker": self.decode_worker, "disagg.prefill_worker": self.prefill_worker or "",
-                "disagg.peer_worker": self.peer_worker or "", "disagg.reason": self.reason,
-                "disagg.cached_blocks.device": self.match.device, "disagg.cached_blocks.cpu": self.match.cpu,
-                "disagg.cached_blocks.disk": self.match.disk}
+        return {
+            "disagg.decode_worker": self.decode_worker,
+            "disagg.prefill_worker": self.prefill_worker or "",
+            "disagg.peer_worker": self.peer_worker or "",
+            "disagg.reason": self.reason,
+            "disagg.cached_blocks.device": self.match.device,
+            "disagg.cached_blocks.cpu": self.match.cpu,
+            "disagg.cached_blocks.disk": self.match.disk,
+        }
 
     def predicted_cached_tokens(self, num_tokens: int, block_size: int) -> int:
         """Prompt tokens the router expects the computing worker to find cached (the engine always computes at
@@ -147,9 +154,15 @@ class RoutingPolicy:
         self._rr_prefill = itertools.count()
         self._sessions: OrderedDict[str, str] = OrderedDict()
 
-    def choose(self, num_tokens: int, matches: dict[str, TierMatch | int], decode: list[WorkerLoad],
-               prefill: list[WorkerLoad], session: str | None = None,
-               block_hashes: frozenset[int] = frozenset()) -> Decision:
+    def choose(
+        self,
+        num_tokens: int,
+        matches: Mapping[str, TierMatch | int],
+        decode: list[WorkerLoad],
+        prefill: list[WorkerLoad],
+        session: str | None = None,
+        block_hashes: frozenset[int] = frozenset(),
+    ) -> Decision:
         if not decode:
             raise ValueError("no decode workers")
         tm = {name: _as_match(m) for name, m in matches.items()}
@@ -162,14 +175,16 @@ class RoutingPolicy:
             costs = {w.name: float(w.active_requests) for w in decode}
             chosen = self._pick(decode, costs)
         else:
-            costs = {w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session, block_hashes)
-                     for w in decode}
+            costs = {
+                w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session, block_hashes) for w in decode
+            }
             chosen = self._pick(decode, costs)
         match = tm.get(chosen.name, TierMatch())
         if session:
             self._remember(session, chosen.name)
-        prefill_worker, reason = self._choose_prefill(num_tokens - match.total * self.block_size, num_blocks,
-                                                      tm, prefill)
+        prefill_worker, reason = self._choose_prefill(
+            num_tokens - match.total * self.block_size, num_blocks, tm, prefill
+        )
         decision = Decision(chosen.name, prefill_worker, match.total, costs, reason, match)
         if prefill_worker is not None:
             decision.prefill_cached_blocks = tm.get(prefill_worker, TierMatch()).total
@@ -187,11 +202,13 @@ class RoutingPolicy:
         prior = self.config.cpu_load_cost if tier is Tier.CPU else self.config.disk_load_cost
         return min(1.0, w.tier_cost.get(tier, prior))
 
-    def _cost(self, w: WorkerLoad, num_blocks: int, m: TierMatch, session: str | None,
-              block_hashes: frozenset[int]) -> float:
+    def _cost(
+        self, w: WorkerLoad, num_blocks: int, m: TierMatch, session: str | None, block_hashes: frozenset[int]
+    ) -> float:
         c = self.config
-        uncached = num_blocks - m.total + m.cpu * self._tier_factor(w, Tier.CPU) + \
-            m.disk * self._tier_factor(w, Tier.DISK)
+        uncached = (
+            num_blocks - m.total + m.cpu * self._tier_factor(w, Tier.CPU) + m.disk * self._tier_factor(w, Tier.DISK)
+        )
         queued = w.queued_prefill_tokens / self.block_size
         # decode load after admitting it here: what is held now, plus the request's blocks not already held
         decode = w.active_blocks + num_blocks - w.shared_blocks(block_hashes)
@@ -209,8 +226,9 @@ class RoutingPolicy:
         best = min(costs[w.name] for w in workers)
         return self._rng.choice([w for w in workers if costs[w.name] == best])
 
-    def _choose_prefill(self, uncached_tokens: int, num_blocks: int, matches: dict[str, TierMatch],
-                        prefill: list[WorkerLoad]) -> tuple[str | None, str]:
+    def _choose_prefill(
+        self, uncached_tokens: int, num_blocks: int, matches: dict[str, TierMatch], prefill: list[WorkerLoad]
+    ) -> tuple[str | None, str]:
         if not prefill:
             return None, "aggregated"
         if uncached_tokens < self.config.min_remote_prefill_tokens:
@@ -220,8 +238,10 @@ class RoutingPolicy:
             return None, "local prefill: prefill workers saturated"
         if self.config.kind is PolicyKind.ROUND_ROBIN:
             return available[next(self._rr_prefill) % len(available)].name, "remote prefill"
-        costs = {w.name: (num_blocks - matches.get(w.name, TierMatch()).total) +
-                 w.queued_prefill_tokens / self.block_size for w in available}
+        costs = {
+            w.name: (num_blocks - matches.get(w.name, TierMatch()).total) + w.queued_prefill_tokens / self.block_size
+            for w in available
+        }
         return self._pick(available, costs).name, "remote prefill"
 
     def _consider_peer(self, decision: Decision, matches: dict[str, TierMatch], num_tokens: int) -> None:

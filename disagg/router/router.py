@@ -15,6 +15,7 @@ Serving one request (`generate`):
      (`Request.resumed`), so the stream continues with no duplicate and no missing token, up to
      `max_migrations` times; then, or when no decode-capable worker is left, ServiceUnavailable.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,13 +23,23 @@ import dataclasses
 import logging
 import threading
 from collections import Counter, deque
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from opentelemetry import trace
 
 from disagg.errors import DeadlineExceeded, InvalidRequest, ServiceUnavailable, TransferFailed, WorkerLost
-from disagg.protocol import Heartbeat, KVEventBatch, Request, Role, Tier, TokenDelta, hash_prompt_blocks
+from disagg.protocol import (
+    Heartbeat,
+    KVEventBatch,
+    PrefillResult,
+    Request,
+    Role,
+    Tier,
+    TokenDelta,
+    hash_prompt_blocks,
+)
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
@@ -60,10 +71,18 @@ class RoutedRequest:
 
 
 class RouterCore:
-    def __init__(self, prefill: dict[str, WorkerHandle | None], decode: dict[str, WorkerHandle | None],
-                 policy: PolicyConfig | None = None, block_size: int = 16, config: RouterCoreConfig | None = None,
-                 health: HealthConfig | None = None, admission: AdmissionConfig | None = None,
-                 capacity: CapacityConfig | None = None, tracer: trace.Tracer | None = None) -> None:
+    def __init__(
+        self,
+        prefill: Mapping[str, WorkerHandle | None],
+        decode: Mapping[str, WorkerHandle | None],
+        policy: PolicyConfig | None = None,
+        block_size: int = 16,
+        config: RouterCoreConfig | None = None,
+        health: HealthConfig | None = None,
+        admission: AdmissionConfig | None = None,
+        capacity: CapacityConfig | None = None,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         if not decode:
             raise ValueError("the router needs at least one decode (or aggregated) worker")
         self.prefill, self.decode = prefill, decode
@@ -79,9 +98,11 @@ class RouterCore:
         roles = {**{n: Role.PREFILL for n in prefill}, **{n: decode_role for n in decode}}
         self.health = HealthMonitor(health or HealthConfig(), roles, on_change=self._on_health_change)
         self.supervisor: Supervisor | None = None
-        if all(h is not None for h in self.handles.values()):
-            self.supervisor = Supervisor(self.health, self.handles, self.on_kv_events, self.index_needs_snapshot,
-                                         self.on_heartbeat)
+        live = {n: h for n, h in self.handles.items() if h is not None}
+        if len(live) == len(self.handles):  # only a router with a handle for every worker supervises them
+            self.supervisor = Supervisor(
+                self.health, live, self.on_kv_events, self.index_needs_snapshot, self.on_heartbeat
+            )
         self.tracer = tracer or trace.NoOpTracer()
         self.capacity = capacity or CapacityConfig()
         self.admission = AdmissionControl(AdmissionQueue(admission), self._can_dispatch, self._queue_wait)
@@ -93,8 +114,12 @@ class RouterCore:
         self._releases: dict[str, asyncio.Task] = {}  # background lease releases by request id, until done
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         # load accounting and saturation (router/load.py); the simulator and bench/router.py drive them too
-        self.begin, self.progress, self.end, self.has_room = (self.book.begin, self.book.progress, self.book.end,
-                                                              self.book.has_room)
+        self.begin, self.progress, self.end, self.has_room = (
+            self.book.begin,
+            self.book.progress,
+            self.book.end,
+            self.book.has_room,
+        )
 
     # ------------------------------------------------------------------ health
     def _on_health_change(self, name: str, old: WorkerState, new: WorkerState) -> None:
@@ -136,8 +161,13 @@ class RouterCore:
         """The request's full blocks (prompt + resumed output), hashed as the workers hash them."""
         return hash_prompt_blocks(request.prompt_token_ids + request.resume_token_ids, self.block_size)
 
-    def route(self, request: Request, session: str | None = None, hashes: list[int] | None = None,
-              only: Callable[[str], bool] | None = None) -> Decision:
+    def route(
+        self,
+        request: Request,
+        session: str | None = None,
+        hashes: list[int] | None = None,
+        only: Callable[[str], bool] | None = None,
+    ) -> Decision:
         """Choose the workers for a request among READY ones (and, with `only`, those it accepts)."""
         hashes = self.block_hashes(request) if hashes is None else hashes
         decode = [self.loads[n] for n in self.decode if self.health.routable(n) and (only is None or only(n))]
@@ -171,13 +201,11 @@ class RouterCore:
             self._dispatching = None
             self.admission.pump()
 
-    def route_with_room(self, request: Request, session: str | None, hashes: list[int],
-                         priority: int = 0) -> Decision:
+    def route_with_room(self, request: Request, session: str | None, hashes: list[int], priority: int = 0) -> Decision:
         """Route among the workers with room (fresh index state); if none has room any more (a worker just
         died), among every READY worker."""
         try:
-            return self.route(request, session, hashes,
-                              only=lambda n: self.has_room(n, request.num_tokens, priority))
+            return self.route(request, session, hashes, only=lambda n: self.has_room(n, request.num_tokens, priority))
         except ServiceUnavailable:
             return self.route(request, session, hashes)
 
@@ -186,10 +214,16 @@ class RouterCore:
             self.on_queue_wait(seconds)
 
     # ------------------------------------------------------------------ serving
-    async def generate(self, request: Request, session: str | None = None,
-                       on_route: Callable[[Decision], None] | None = None, tenant: str = "default",
-                       priority: int = 0, deadline_s: float | None = None,
-                       span: trace.Span | None = None) -> AsyncIterator[TokenDelta]:
+    async def generate(
+        self,
+        request: Request,
+        session: str | None = None,
+        on_route: Callable[[Decision], None] | None = None,
+        tenant: str = "default",
+        priority: int = 0,
+        deadline_s: float | None = None,
+        span: trace.Span | None = None,
+    ) -> AsyncGenerator[TokenDelta, None]:
         """Serve a request end to end: wait in the admission queue until a worker has room (or be refused with
         Overloaded), then route, stream, and migrate if its decode worker is lost (see the module docstring).
         `span`: the request's span; the router's stages become its children, the workers' too (its context
@@ -208,8 +242,9 @@ class RouterCore:
         if not self.config.rescore_on_dispatch:
             first_decision = self.route(request, session)
             entry.worker = first_decision.decode_worker
-        queued = self.tracer.start_span("router.queue", context=ctx, attributes={
-            "disagg.tenant": tenant, "disagg.priority": priority})
+        queued = self.tracer.start_span(
+            "router.queue", context=ctx, attributes={"disagg.tenant": tenant, "disagg.priority": priority}
+        )
         try:
             await self.admission.admit(entry)
         except BaseException as exc:
@@ -243,23 +278,36 @@ class RouterCore:
                         yield delta
                     return
                 except WorkerLost as exc:
-                    log.warning("request %s lost %s after %d tokens (%s)", request.request_id,
-                                decision.decode_worker, len(sent), exc.message)
+                    log.warning(
+                        "request %s lost %s after %d tokens (%s)",
+                        request.request_id,
+                        decision.decode_worker,
+                        len(sent),
+                        exc.message,
+                    )
                     self.counters["migrations"] += 1
-                    span.add_event("migration", {"disagg.worker": decision.decode_worker,
-                                                 "disagg.tokens_delivered": len(sent)})
+                    span.add_event(
+                        "migration", {"disagg.worker": decision.decode_worker, "disagg.tokens_delivered": len(sent)}
+                    )
                     attempt = request.resumed(sent, sent_chars)
                 finally:
                     self.end(ticket)
-            raise ServiceUnavailable(f"request lost its worker {self.config.max_migrations + 1} times; giving up",
-                                     code="migration_limit")
+            raise ServiceUnavailable(
+                f"request lost its worker {self.config.max_migrations + 1} times; giving up", code="migration_limit"
+            )
         finally:
             self._dispatched(request.request_id)
             self.admission.pump()  # its capacity is free again
 
-    async def _serve(self, request: Request, decision: Decision, ticket: LoadTicket, migrated: bool,
-                     span: trace.Span = trace.INVALID_SPAN) -> AsyncIterator[TokenDelta]:
-        decode = self.handles[decision.decode_worker]
+    async def _serve(
+        self,
+        request: Request,
+        decision: Decision,
+        ticket: LoadTicket,
+        migrated: bool,
+        span: trace.Span = trace.INVALID_SPAN,
+    ) -> AsyncGenerator[TokenDelta, None]:
+        decode = self._handle(decision.decode_worker)
         if (pending := self._releases.get(request.request_id)) is not None:
             await pending  # a migrated request's earlier lease goes first: a late release would free the new one
         remote, owner = await self._remote_kv(request, decision, span)
@@ -289,7 +337,7 @@ class RouterCore:
             if owner is not None:
                 await self._release_soon(owner, request.request_id)
 
-    async def _next(self, stream: AsyncIterator[TokenDelta], timeout: float | None, worker: str) -> TokenDelta:
+    async def _next(self, stream: AsyncGenerator[TokenDelta, None], timeout: float | None, worker: str) -> TokenDelta:
         """The next delta; WorkerLost if the worker is taken out of routing meanwhile, the stream breaks, or the
         first delta does not come within `timeout`."""
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
@@ -302,8 +350,11 @@ class RouterCore:
                 if deadline is not None:
                     wait = min(wait, deadline - asyncio.get_running_loop().time())
                     if wait <= 0:
-                        raise WorkerLost(f"no first token from {worker} within {timeout:.0f}s", worker=worker,
-                                         code="stream_start_timeout")
+                        raise WorkerLost(
+                            f"no first token from {worker} within {timeout:.0f}s",
+                            worker=worker,
+                            code="stream_start_timeout",
+                        )
                 done, _ = await asyncio.wait({step}, timeout=wait)
                 if done:
                     try:
@@ -331,14 +382,22 @@ class RouterCore:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def _remote_kv(self, request: Request, decision: Decision,
-                         span: trace.Span = trace.INVALID_SPAN) -> tuple[Any, WorkerHandle | None]:
+    def _handle(self, name: str) -> WorkerHandle:
+        handle = self.handles[name]
+        if handle is None:
+            raise ServiceUnavailable(f"worker {name} has no handle (a routing-only router)", code="no_handle")
+        return handle
+
+    async def _remote_kv(
+        self, request: Request, decision: Decision, span: trace.Span = trace.INVALID_SPAN
+    ) -> tuple[Any, WorkerHandle | None]:
         """The KV another worker contributes: a remote prefill's result, or a peer's cached prefix (or none)."""
         name = decision.prefill_worker or decision.peer_worker
         if name is None:
             return None, None
-        handle = self.handles[name]
+        handle = self._handle(name)
         try:
+            call: Awaitable[PrefillResult | None]
             if decision.prefill_worker:
                 call = handle.prefill(request, self.config.prefill_timeout_s)
             else:
@@ -350,8 +409,14 @@ class RouterCore:
             kind = "prefill" if decision.prefill_worker else "peer_prefix"
             self.counters[f"fallback:{kind}"] += 1
             span.add_event("fallback", {"disagg.kind": kind, "disagg.worker": name, "disagg.error": exc.message})
-            log.warning("%s on %s failed for %s (%s); computing on %s", kind, name, request.request_id,
-                        exc.message, decision.decode_worker)
+            log.warning(
+                "%s on %s failed for %s (%s); computing on %s",
+                kind,
+                name,
+                request.request_id,
+                exc.message,
+                decision.decode_worker,
+            )
             await self._release_soon(handle, request.request_id)
             return None, None
         return result, (handle if result is not None else None)
@@ -365,8 +430,9 @@ class RouterCore:
             return
         task = asyncio.get_running_loop().create_task(self._release(handle, request_id))
         self._releases[request_id] = task
-        task.add_done_callback(lambda t: self._releases.pop(request_id, None) if self._releases.get(
-            request_id) is t else None)
+        task.add_done_callback(
+            lambda t: self._releases.pop(request_id, None) if self._releases.get(request_id) is t else None
+        )
 
     async def drain_releases(self) -> None:
         """On shutdown: let background releases finish (each is bounded by `release_timeout_s`)."""
@@ -390,7 +456,17 @@ class RouterCore:
     def recent_decisions(self, n: int = 100) -> list[dict[str, Any]]:
         with self._lock:
             items = list(self.decisions)[-n:]
-        return [{"request_id": r.request_id, "decode": r.decision.decode_worker, "prefill": r.decision.prefill_worker,
-                 "overlap_blocks": r.decision.overlap_blocks, "reason": r.decision.reason,
-                 "peer": r.decision.peer_worker, "device_blocks": r.decision.match.device,
-                 "cpu_blocks": r.decision.match.cpu, "disk_blocks": r.decision.match.disk} for r in items]
+        return [
+            {
+                "request_id": r.request_id,
+                "decode": r.decision.decode_worker,
+                "prefill": r.decision.prefill_worker,
+                "overlap_blocks": r.decision.overlap_blocks,
+                "reason": r.decision.reason,
+                "peer": r.decision.peer_worker,
+                "device_blocks": r.decision.match.device,
+                "cpu_blocks": r.decision.match.cpu,
+                "disk_blocks": r.decision.match.disk,
+            }
+            for r in items
+        ]

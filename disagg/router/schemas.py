@@ -1,4 +1,5 @@
 """OpenAI request bodies (pydantic). Unknown fields are rejected; supported-but-ignored fields must be default."""
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -35,8 +36,8 @@ class _Sampling(BaseModel):
     n: Literal[1] = 1
     user: str | None = None
     ignore_eos: bool = False
-    frequency_penalty: Literal[0, 0.0] = 0.0
-    presence_penalty: Literal[0, 0.0] = 0.0
+    frequency_penalty: Literal[0] = 0  # 0 and 0.0 both validate (1 == 1.0 for Literal); others are a 400
+    presence_penalty: Literal[0] = 0
     kv_retention: KVRetention | None = None
     priority: int | None = Field(default=None, ge=-100, le=100)  # higher = more important (X-Priority header too)
     deadline_s: float | None = Field(default=None, gt=0)  # must start within this, else 429 (server default)
@@ -84,7 +85,7 @@ class ChatMessage(BaseModel):
     refusal: str | None = None  # assistant turns echoed back by clients
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatMessage":
+    def _check(self) -> ChatMessage:
         if self.content is None and not (self.role == "assistant" and (self.tool_calls or self.refusal)):
             raise ValueError("content may be null only in an assistant message with tool_calls")
         if self.role == "tool" and not self.tool_call_id:
@@ -153,15 +154,19 @@ class ChatCompletionRequest(_Sampling):
     store: bool | None = None  # accepted; this server stores no completions
 
     @model_validator(mode="after")
-    def _check(self) -> "ChatCompletionRequest":
+    def _check(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         if self.tool_choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice 'required' or a named function needs constrained (guided) decoding, "
-                             "which this server does not do; use 'auto' or 'none'")
+            raise ValueError(
+                "tool_choice 'required' or a named function needs constrained (guided) decoding, "
+                "which this server does not do; use 'auto' or 'none'"
+            )
         if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError(f"response_format {self.response_format.type!r} needs constrained (guided) decoding, "
-                             "which this server does not do; only {'type': 'text'} is supported")
+            raise ValueError(
+                f"response_format {self.response_format.type!r} needs constrained (guided) decoding, "
+                "which this server does not do; only {'type': 'text'} is supported"
+            )
         return self
 
     def logprobs_k(self) -> int | None:

@@ -4,6 +4,7 @@ supervisor running on that same event loop.
 Hosted inside the router Ray actor (see cluster/actors.py); Ray-agnostic itself apart from the worker handles
 it is given, so tests can also run it in-process.
 """
+
 from __future__ import annotations
 
 import socket
@@ -59,16 +60,32 @@ class RouterServer:
         model_dir = Path(config.model)
         tokenizer = Tokenizer.from_dir(model_dir)
         max_len = min(config.max_model_len, ModelConfig.from_dir(model_dir).max_position_embeddings)
-        self.core = RouterCore(prefill, decode, PolicyConfig(**config.policy), config.block_size,
-                               RouterCoreConfig(**config.core), HealthConfig(**config.health),
-                               AdmissionConfig(**config.admission), CapacityConfig(**config.capacity),
-                               make_tracer(TracingConfig(**config.tracing), "router"))
+        self.core = RouterCore(
+            prefill,
+            decode,
+            PolicyConfig(**config.policy),
+            config.block_size,
+            RouterCoreConfig(**config.core),
+            HealthConfig(**config.health),
+            AdmissionConfig(**config.admission),
+            CapacityConfig(**config.capacity),
+            make_tracer(TracingConfig(**config.tracing), "router"),
+        )
         name = config.served_model_name or model_dir.name
         self.app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys))
         port = config.port or free_port(config.host)
         self.url = f"http://{config.host}:{port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=config.host, port=port, loop="uvloop",
-                                                     http="httptools", log_level="warning", access_log=False))
+        self._server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host=config.host,
+                port=port,
+                loop="uvloop",
+                http="httptools",
+                log_level="warning",
+                access_log=False,
+            )
+        )
         self._thread = threading.Thread(target=self._server.run, name="router-http", daemon=True)
 
     def start(self) -> str:

@@ -14,6 +14,7 @@ Qwen2.5, Hermes 2/3 and our fallback) when the template uses it.  `ToolCallStrea
 SSE: text before the first `<tool_call>` streams as content; from there on it is held until the end, then
 returned as tool calls (or, if it does not parse, as content: nothing the model wrote is lost).
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,9 @@ _FALLBACK_SYSTEM = (
     "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}"
-    "\n</tool_call>")
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}'
+    "\n</tool_call>"
+)
 
 
 def template_handles_tools(template: str | None) -> bool:
@@ -48,17 +50,25 @@ def _arguments_object(arguments: str) -> Any:
         return arguments  # the template shows it as text
 
 
-def template_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-                      template: str | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def template_messages(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, template: str | None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(messages, extra template variables) for rendering `messages` with `tools` through `template`."""
     if template_handles_tools(template):
         out = []
         for m in messages:
             m = dict(m)
             if m.get("tool_calls"):
-                m["tool_calls"] = [{**c, "function": {"name": c["function"]["name"],
-                                                      "arguments": _arguments_object(c["function"]["arguments"])}}
-                                   for c in m["tool_calls"]]
+                m["tool_calls"] = [
+                    {
+                        **c,
+                        "function": {
+                            "name": c["function"]["name"],
+                            "arguments": _arguments_object(c["function"]["arguments"]),
+                        },
+                    }
+                    for c in m["tool_calls"]
+                ]
             if m.get("content") is None:
                 m["content"] = ""
             out.append(m)
@@ -71,9 +81,14 @@ def _as_hermes_text(messages: list[dict[str, Any]], tools: list[dict[str, Any]] 
     for m in messages:
         content = m.get("content") or ""
         if m.get("tool_calls"):
-            calls = "\n".join(f"{TOOL_CALL_START}\n" + json.dumps(
-                {"name": c["function"]["name"], "arguments": _arguments_object(c["function"]["arguments"])})
-                + f"\n{TOOL_CALL_END}" for c in m["tool_calls"])
+            calls = "\n".join(
+                f"{TOOL_CALL_START}\n"
+                + json.dumps(
+                    {"name": c["function"]["name"], "arguments": _arguments_object(c["function"]["arguments"])}
+                )
+                + f"\n{TOOL_CALL_END}"
+                for c in m["tool_calls"]
+            )
             content = f"{content}\n{calls}" if content else calls
         if m["role"] == "tool":
             content = f"<tool_response>\n{content}\n</tool_response>"
@@ -94,8 +109,11 @@ class ToolCall:
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
     def to_openai(self, index: int | None = None) -> dict[str, Any]:
-        body: dict[str, Any] = {"id": self.id, "type": "function",
-                                "function": {"name": self.name, "arguments": self.arguments}}
+        body: dict[str, Any] = {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
         if index is not None:
             body["index"] = index
         return body
@@ -110,7 +128,7 @@ def parse_tool_calls(text: str, allowed: set[str]) -> tuple[str, list[ToolCall]]
     calls, pos = [], start
     while text.startswith(TOOL_CALL_START, pos):
         end = text.find(TOOL_CALL_END, pos)
-        body = text[pos + len(TOOL_CALL_START):end if end != -1 else len(text)].strip()
+        body = text[pos + len(TOOL_CALL_START) : end if end != -1 else len(text)].strip()
         try:
             call = json.loads(body)
         except json.JSONDecodeError:
@@ -145,9 +163,15 @@ class ToolCallStream:
         if start != -1:
             out, self.held = self.held[:start], self.held[start:]
         else:  # hold back a tail that could be the start of "<tool_call>"
-            keep = next((k for k in range(min(len(TOOL_CALL_START) - 1, len(self.held)), 0, -1)
-                         if TOOL_CALL_START.startswith(self.held[-k:])), 0)
-            out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+            keep = next(
+                (
+                    k
+                    for k in range(min(len(TOOL_CALL_START) - 1, len(self.held)), 0, -1)
+                    if TOOL_CALL_START.startswith(self.held[-k:])
+                ),
+                0,
+            )
+            out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
         self.content += out
         return out
 

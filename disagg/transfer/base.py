@@ -6,6 +6,7 @@ A worker registers up to two regions, both block-major with the same per-block l
 local id pairs into (address, length) descriptors, merging runs that are consecutive on both sides: one
 descriptor per run of blocks.  Reads always land in the reader's device cache.
 """
+
 from __future__ import annotations
 
 import enum
@@ -36,11 +37,10 @@ class KVRegion:
     device_id: int
 
     @classmethod
-    def of(cls, tensor: torch.Tensor) -> "KVRegion":
+    def of(cls, tensor: torch.Tensor) -> KVRegion:
         if not tensor.is_contiguous():
             raise ValueError("a registered KV region must be one contiguous tensor")
-        return cls(tensor.data_ptr(), tensor.shape[0], "VRAM" if tensor.is_cuda else "DRAM",
-                   tensor.device.index or 0)
+        return cls(tensor.data_ptr(), tensor.shape[0], "VRAM" if tensor.is_cuda else "DRAM", tensor.device.index or 0)
 
 
 @dataclass
@@ -55,15 +55,21 @@ class KVLayout(WireMessage):
     regions: dict[str, dict]  # Tier value -> KVRegion fields
 
     @classmethod
-    def of(cls, kv: torch.Tensor, agent_name: str, agent_metadata: bytes,
-           cpu_tier: torch.Tensor | None = None) -> "KVLayout":
+    def of(
+        cls, kv: torch.Tensor, agent_name: str, agent_metadata: bytes, cpu_tier: torch.Tensor | None = None
+    ) -> KVLayout:
         regions = {Tier.DEVICE.value: KVRegion.of(kv).__dict__}
         if cpu_tier is not None:
             if cpu_tier.shape[1:] != kv.shape[1:] or cpu_tier.dtype != kv.dtype:
                 raise ValueError("the CPU tier must have the device cache's block layout")
             regions[Tier.CPU.value] = KVRegion.of(cpu_tier).__dict__
-        return cls(agent_name=agent_name, agent_metadata=agent_metadata, num_layers=kv.shape[1],
-                   block_bytes=kv[0].numel() * kv.element_size(), regions=regions)
+        return cls(
+            agent_name=agent_name,
+            agent_metadata=agent_metadata,
+            num_layers=kv.shape[1],
+            block_bytes=kv[0].numel() * kv.element_size(),
+            regions=regions,
+        )
 
     def region(self, tier: Tier | str) -> KVRegion:
         fields = self.regions.get(Tier(tier).value)
@@ -95,8 +101,7 @@ class RegionPlan:
     dst: list[tuple[int, int]]
 
 
-def plan_regions(src: KVLayout, dst: KVLayout, src_refs: list[tuple[str, int]],
-                 dst_ids: list[int]) -> list[RegionPlan]:
+def plan_regions(src: KVLayout, dst: KVLayout, src_refs: list[tuple[str, int]], dst_ids: list[int]) -> list[RegionPlan]:
     """Descriptor lists for copying blocks `src_refs` ((region, id) on `src`) into `dst_ids` of dst's device
     cache, one plan per remote memory type (a DRAM-only host needs one transfer for device and CPU blocks)."""
     if (src.num_layers, src.block_bytes) != (dst.num_layers, dst.block_bytes):
@@ -116,10 +121,12 @@ def plan_regions(src: KVLayout, dst: KVLayout, src_refs: list[tuple[str, int]],
     for tier, (s_ids, d_ids) in groups.items():
         region = src.region(tier)
         if any(not 0 <= b < region.num_blocks for b in s_ids):
-            raise TransferFailed(f"block id out of range for {src.agent_name}'s {tier} region "
-                                 f"({region.num_blocks} blocks)")
-        plan = plans.setdefault((region.mem_type, region.device_id),
-                                RegionPlan(region.mem_type, region.device_id, [], []))
+            raise TransferFailed(
+                f"block id out of range for {src.agent_name}'s {tier} region ({region.num_blocks} blocks)"
+            )
+        plan = plans.setdefault(
+            (region.mem_type, region.device_id), RegionPlan(region.mem_type, region.device_id, [], [])
+        )
         for s, d, n in paired_runs(s_ids, d_ids):
             plan.src.append((region.base_addr + s * bb, n * bb))
             plan.dst.append((local.base_addr + d * bb, n * bb))
@@ -167,5 +174,5 @@ class KVTransport(ABC):
     def peer_layouts(self) -> list[KVLayout]:
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: a transport without an agent has nothing to free
         """Release the agent (shutdown)."""

@@ -6,6 +6,7 @@ the blocks on its first poll.  It lets the engine's KV seam and the worker be te
 `FaultyTransport`: wraps any transport and makes its next reads fail or hang on demand (the chaos benchmark and
 the fault tests inject NIXL read failures and hangs through it; a hung read completes only when released).
 """
+
 from __future__ import annotations
 
 import enum
@@ -20,7 +21,7 @@ from disagg.kv.copier import copy_blocks
 from disagg.protocol import Tier
 from disagg.transfer.base import KVLayout, KVTransport, TransferError, TransferState, plan_regions
 
-_REGISTRY: dict[str, "LocalTransport"] = {}
+_REGISTRY: dict[str, LocalTransport] = {}
 _LOCK = threading.Lock()
 
 

@@ -6,6 +6,7 @@ once.  Reads are initiated by the reader with a notification that NIXL delivers 
 landed; a read that spans two remote memory types (VRAM cache + DRAM tier on a GPU host) is two NIXL transfers,
 and the notification is then sent once both are done.  On CPU, UCX runs over shared memory / TCP on loopback.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,12 @@ log = logging.getLogger(__name__)
 
 # UCX on a GPU-less host: pick transports that exist here (shared memory, TCP, self) and keep UCX from probing
 # for CUDA/IB devices.  setdefault so an operator's own UCX_* settings win.
-_CPU_UCX_ENV = {"UCX_TLS": "sm,tcp,self", "UCX_NET_DEVICES": "lo", "UCX_WARN_UNUSED_ENV_VARS": "n",
-                "UCX_LOG_LEVEL": "error"}
+_CPU_UCX_ENV = {
+    "UCX_TLS": "sm,tcp,self",
+    "UCX_NET_DEVICES": "lo",
+    "UCX_WARN_UNUSED_ENV_VARS": "n",
+    "UCX_LOG_LEVEL": "error",
+}
 
 
 def _import_nixl():
@@ -101,12 +106,11 @@ class NixlTransport(KVTransport):
         read = _Read(peer, [], None if single else notify)
         try:
             for plan in plans:
-                local_descs = self.agent.get_xfer_descs([(a, n, local.device_id) for a, n in plan.dst],
-                                                        local.mem_type)
-                remote_descs = self.agent.get_xfer_descs([(a, n, plan.src_device_id) for a, n in plan.src],
-                                                         plan.src_mem_type)
-                handle = self.agent.initialize_xfer("READ", local_descs, remote_descs, peer,
-                                                    notify if single else b"")
+                local_descs = self.agent.get_xfer_descs([(a, n, local.device_id) for a, n in plan.dst], local.mem_type)
+                remote_descs = self.agent.get_xfer_descs(
+                    [(a, n, plan.src_device_id) for a, n in plan.src], plan.src_mem_type
+                )
+                handle = self.agent.initialize_xfer("READ", local_descs, remote_descs, peer, notify if single else b"")
                 read.handles.append(handle)
                 if self.agent.transfer(handle) == "ERR":
                     raise TransferError(f"NIXL read from {peer} failed to post")
