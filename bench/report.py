@@ -121,6 +121,10 @@ def compute_metrics(records: list[RequestRecord], duration_s: float, slo: SLO,
     metrics.update(_stats("e2el", [r.e2e_s for r in done]))
     if prefix_cache:
         metrics["prefix_cache"] = prefix_cache
+    reported = [r for r in done if r.cached_tokens is not None]
+    if reported:  # the OpenAI usage field: comparable across servers that fill it (ours, vLLM's)
+        metrics["usage_cached_ratio"] = sum(r.cached_tokens or 0 for r in reported) / max(
+            1, sum(r.prompt_tokens for r in reported))
     return metrics
 
 
@@ -138,7 +142,8 @@ _TABLE_COLUMNS = [("completed", "done", "{:d}"), ("failed", "errors", "{:d}"),
 def markdown_table(runs: list[dict[str, Any]]) -> str:
     """One row per run: each run is {"label": str, "metrics": compute_metrics(...)}; times in ms."""
     extra = [k for k in (runs[0]["metrics"].get("goodput_at") or {})][1:] if runs else []
-    header = ["run"] + [title for _, title, _ in _TABLE_COLUMNS] + ["prefix hit"] + [f"goodput {k}" for k in extra]
+    header = (["run"] + [title for _, title, _ in _TABLE_COLUMNS] + ["prefix hit (metrics)", "cached (usage)"]
+              + [f"goodput {k}" for k in extra])
     lines = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
     for run in runs:
         m = run["metrics"]
@@ -148,6 +153,8 @@ def markdown_table(runs: list[dict[str, Any]]) -> str:
             cells.append("-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v))
         hit = (m.get("prefix_cache") or {}).get("hit_ratio")
         cells.append("-" if hit is None else f"{hit:.1%}")
+        cached = m.get("usage_cached_ratio")
+        cells.append("-" if cached is None else f"{cached:.1%}")
         cells.extend(f"{m['goodput_at'][k]:.3f}" for k in extra)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

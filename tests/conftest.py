@@ -6,6 +6,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# UCX carries KV over loopback only in tests (the product's default picks every interface that is up); Ray
+# workers inherit this.
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
 # Workers' disk KV tiers go to a scratch directory, never the user's cache (Ray workers inherit this).
 os.environ.setdefault("DISAGG_KV_ROOT", tempfile.mkdtemp(prefix="disagg-test-kv-"))
 

@@ -36,6 +36,12 @@ class ClusterConfig:
     max_restarts: int = -1  # per worker actor (-1: always restart)
     fault_injection: bool = False  # workers accept inject_fault() (chaos benchmark, tests)
     tracing: dict[str, Any] | None = None  # TracingConfig fields for the workers (and the router, via Service)
+    transport: dict[str, Any] = field(default_factory=dict)  # TransportConfig fields (UCX devices) for the workers
+    # Ray custom resources each actor needs, to place roles on nodes that offer them (multi-node clusters,
+    # KubeRay groups); empty: anywhere
+    prefill_resources: dict[str, float] = field(default_factory=dict)
+    decode_resources: dict[str, float] = field(default_factory=dict)
+    router_resources: dict[str, float] = field(default_factory=dict)
 
 
 def init_ray(address: str | None) -> None:
@@ -64,19 +70,20 @@ class LocalCluster:
             "transfer_timeout_s": config.transfer_timeout_s,
             "fault_injection": config.fault_injection,
             "tracing": config.tracing,
+            "transport": config.transport,
         }
         self.prefill_by_name: dict[str, Any] = {}
         self.decode_by_name: dict[str, Any] = {}
         for i in range(config.num_prefill):
             name = f"prefill-{i}-{tag}"
             self.prefill_by_name[name] = PrefillWorker.options(  # type: ignore[attr-defined]  # added by @ray.remote
-                name=name, max_restarts=config.max_restarts
+                name=name, max_restarts=config.max_restarts, resources=config.prefill_resources or None
             ).remote(name, config.engine, tiers=worker_tiers(config.tiers, f"prefill-{i}"), **options)
         kind = "decode" if config.num_prefill else "worker"
         for i in range(config.num_decode):
             name = f"decode-{i}-{tag}"
             self.decode_by_name[name] = decode_cls.options(  # type: ignore[union-attr]  # added by @ray.remote
-                name=name, max_restarts=config.max_restarts
+                name=name, max_restarts=config.max_restarts, resources=config.decode_resources or None
             ).remote(name, config.engine, tiers=worker_tiers(config.tiers, f"{kind}-{i}"), **options)
         ray.get([w.ready.remote() for w in self.workers])
         layouts = ray.get([w.layout.remote() for w in self.workers])
@@ -128,7 +135,7 @@ class Service:
         if not router_config.get("port"):  # pick it now, so a restarted router binds the same one
             router_config["port"] = free_port(router_config.get("host", "127.0.0.1"))
         self.router = RouterActor.options(  # type: ignore[attr-defined]  # added by @ray.remote
-            max_restarts=router_max_restarts
+            max_restarts=router_max_restarts, resources=self.cluster.config.router_resources or None
         ).remote(router_config, list(self.cluster.prefill_by_name), list(self.cluster.decode_by_name))
         self.url = ray.get(self.router.get_url.remote())
         ray.get([w.set_event_sink.remote(self.router) for w in self.cluster.workers])
@@ -174,6 +181,20 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
+    p.add_argument(
+        "--ucx-net-devices",
+        default="auto",
+        help="network devices UCX carries KV over: auto (every interface that is up with an IPv4 address), "
+        "or a UCX list such as lo, eth0, mlx5_0:1 (UCX_NET_DEVICES in the environment wins over auto)",
+    )
+    for role in ("router", "prefill", "decode"):
+        p.add_argument(
+            f"--{role}-resources",
+            type=_resources,
+            default={},
+            help=f'Ray custom resources each {role} actor needs, as JSON (e.g. {{"disagg_{role}": 1}})',
+        )
     p.add_argument("--cpu-tier-mb", type=int, default=256, help="CPU-memory KV tier per worker (0: no tiers)")
     p.add_argument(
         "--disk-tier-dir",
@@ -236,6 +257,15 @@ def _weights(text: str) -> dict[str, float]:
     return out
 
 
+def _resources(text: str) -> dict[str, float]:
+    import json
+
+    value = json.loads(text)
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of resource amounts, got {text!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
 def tier_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """TierConfig fields from the command line (the disk directory gets one sub-directory per worker)."""
     if args.cpu_tier_mb <= 0:
@@ -246,11 +276,15 @@ def tier_options(args: argparse.Namespace) -> dict[str, Any] | None:
     return tiers
 
 
-def serve(args: argparse.Namespace) -> int:
-    engine = {"kv_cache_memory_mb": args.kv_cache_mb, "max_model_len": args.max_model_len, "num_threads": args.threads}
+def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    engine = {
+        "kv_cache_memory_mb": args.kv_cache_mb,
+        "max_model_len": args.max_model_len,
+        "num_threads": args.threads,
+        "block_size": args.block_size,
+    }
     if args.model:
         engine["model"] = args.model
-    t0 = time.perf_counter()
     tracing = None
     if args.otlp_endpoint or args.trace_dir:
         tracing = {
@@ -258,15 +292,24 @@ def serve(args: argparse.Namespace) -> int:
             "file_dir": args.trace_dir,
             "sampling_ratio": args.trace_sample_ratio,
         }
+    return ClusterConfig(
+        num_prefill=args.prefill,
+        num_decode=args.decode,
+        engine=engine,
+        address=args.address,
+        tiers=tier_options(args),
+        tracing=tracing,
+        transport={"ucx_net_devices": args.ucx_net_devices},
+        prefill_resources=args.prefill_resources,
+        decode_resources=args.decode_resources,
+        router_resources=args.router_resources,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
     service = Service(
-        ClusterConfig(
-            num_prefill=args.prefill,
-            num_decode=args.decode,
-            engine=engine,
-            address=args.address,
-            tiers=tier_options(args),
-            tracing=tracing,
-        ),
+        cluster_config_from_args(args),
         {
             "policy": {"kind": args.policy},
             "host": args.host,

@@ -60,6 +60,7 @@ class WorkerConfig:
     fault_injection: bool = False  # accept inject_fault() (chaos benchmark, tests)
     tracing: dict[str, Any] | None = None  # TracingConfig fields; None: no spans
     metrics_interval_s: float = 0.1  # how often the engine thread refreshes the figures heartbeats carry
+    transport: dict[str, Any] = dataclasses.field(default_factory=dict)  # TransportConfig fields (nixl_transport)
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)
@@ -101,17 +102,17 @@ def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
         return TieredStore(TierConfig(**fields), engine.pool, kv, fingerprint)
 
 
-def nixl_transport(name: str, engine: LLMEngine) -> KVTransport:
-    from disagg.transfer.nixl import NixlTransport
+def nixl_transport(name: str, engine: LLMEngine, config: dict[str, Any] | None = None) -> KVTransport:
+    from disagg.transfer.nixl import NixlTransport, TransportConfig
 
-    return NixlTransport(name, engine.device)
+    return NixlTransport(name, engine.device, TransportConfig(**(config or {})))
 
 
 class EngineWorker:
     def __init__(
         self,
         config: WorkerConfig,
-        transport_factory: Callable[[str, LLMEngine], KVTransport] = nixl_transport,
+        transport_factory: Callable[[str, LLMEngine], KVTransport] | None = None,
         tier_factory: Callable[[LLMEngine, WorkerConfig], TieredStore | None] = build_tiers,
     ) -> None:
         self.config = config
@@ -119,7 +120,10 @@ class EngineWorker:
         self.agent_name = f"{config.name}-{self.incarnation}"
         self.engine = LLMEngine(EngineConfig(**{"kv_load_timeout_s": config.transfer_timeout_s, **config.engine}))
         self.tiers = tier_factory(self.engine, config)
-        transport = transport_factory(self.agent_name, self.engine)
+        if transport_factory is None:  # NIXL, configured by the worker's config
+            transport = nixl_transport(self.agent_name, self.engine, config.transport)
+        else:
+            transport = transport_factory(self.agent_name, self.engine)
         self.transport: KVTransport = FaultyTransport(transport) if config.fault_injection else transport
         kv = self.engine.kv_tensor
         assert kv is not None  # a worker's engine always runs a real model

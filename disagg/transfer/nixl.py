@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +25,45 @@ log = logging.getLogger(__name__)
 # for CUDA/IB devices.  setdefault so an operator's own UCX_* settings win.
 _CPU_UCX_ENV = {
     "UCX_TLS": "sm,tcp,self",
-    "UCX_NET_DEVICES": "lo",
     "UCX_WARN_UNUSED_ENV_VARS": "n",
     "UCX_LOG_LEVEL": "error",
 }
+AUTO = "auto"
+
+
+@dataclass
+class TransportConfig:
+    """Which network devices UCX may carry KV over.
+
+    `ucx_net_devices`: "auto" picks every interface that is up and has an IPv4 address (loopback included), so
+    workers on different hosts reach each other - unless UCX_NET_DEVICES is already set in the environment,
+    which then wins; any other value (a UCX device list: "lo", "eth0", "mlx5_0:1,eth0") is used as given.
+    """
+
+    ucx_net_devices: str = AUTO
+
+
+def detect_net_devices() -> str:
+    """Interfaces that are up and carry an IPv4 address, as a UCX device list (loopback last)."""
+    import psutil
+
+    stats = psutil.net_if_stats()
+    names = [
+        name
+        for name, addrs in psutil.net_if_addrs().items()
+        if name in stats and stats[name].isup and any(a.family == socket.AF_INET for a in addrs)
+    ]
+    names.sort(key=lambda n: (n == "lo", n))
+    return ",".join(names) or "lo"
+
+
+def apply_ucx_devices(config: TransportConfig) -> str:
+    """Set UCX_NET_DEVICES for this process's agents (before the first one is created); returns it."""
+    if config.ucx_net_devices != AUTO:
+        os.environ["UCX_NET_DEVICES"] = config.ucx_net_devices
+    else:
+        os.environ.setdefault("UCX_NET_DEVICES", detect_net_devices())
+    return os.environ["UCX_NET_DEVICES"]
 
 
 def _import_nixl():
@@ -47,10 +83,12 @@ class _Read:
 
 
 class NixlTransport(KVTransport):
-    def __init__(self, name: str, device: torch.device | None = None) -> None:
+    def __init__(self, name: str, device: torch.device | None = None, config: TransportConfig | None = None) -> None:
         if device is None or device.type == "cpu":
             for key, value in _CPU_UCX_ENV.items():
                 os.environ.setdefault(key, value)
+        self.net_devices = apply_ucx_devices(config or TransportConfig())
+        log.info("NIXL agent %s: UCX_NET_DEVICES=%s", name, self.net_devices)
         nixl_agent, nixl_agent_config = _import_nixl()
         self.name = name
         self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))

