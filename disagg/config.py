@@ -20,6 +20,7 @@ class EngineConfig:
     max_model_len: int = 2048  # prompt + output tokens; capped by the model's max_position_embeddings
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
+    cpu_prepack: bool = True  # CPU: pre-pack linear weights for oneDNN (2-3x faster GEMMs at batch 8-32)
     kv_lease_timeout_s: float = 30.0  # blocks held for a reader are freed if no reader shows up in time
     kv_load_timeout_s: float = 10.0  # a KV load (peer read, disk) not done by then is recomputed instead
 

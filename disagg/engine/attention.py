@@ -11,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from kernels.paged_attention import paged_decode_attention_sdpa, paged_decode_attention_triton
 from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 
 
@@ -52,10 +52,40 @@ class TorchAttentionBackend:
 
     def attend(self, q, k_cache, v_cache, meta, scale):
         if meta.decode_only:
-            return paged_decode_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        return prefill_attention_ref(
-            q, k_cache, v_cache, meta.block_tables, meta.query_start_list, meta.seq_lens_list, scale
+            return paged_decode_attention_sdpa(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        starts = meta.query_start_list
+        single = [i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] == 1]
+        if len(single) < 2:  # nothing to batch: one SDPA call per sequence
+            return prefill_attention_ref(
+                q, k_cache, v_cache, meta.block_tables, meta.query_start_list, meta.seq_lens_list, scale
+            )
+        return self._mixed(q, k_cache, v_cache, meta, scale, single)
+
+    @staticmethod
+    def _mixed(q, k_cache, v_cache, meta, scale, single):
+        """A step with decode rows and prefill chunks: the decode rows in one batched call, the chunks each."""
+        starts = meta.query_start_list
+        out = torch.empty_like(q)
+        rows = torch.tensor([starts[i] for i in single], device=q.device)
+        picked = torch.tensor(single, device=q.device)
+        out[rows] = paged_decode_attention_sdpa(
+            q[rows], k_cache, v_cache, meta.block_tables[picked], meta.seq_lens[picked], scale
         )
+        chunks = [i for i in range(len(starts) - 1) if starts[i + 1] - starts[i] > 1]
+        sub_starts = [0]
+        for i in chunks:
+            sub_starts.append(sub_starts[-1] + starts[i + 1] - starts[i])
+        flat = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in chunks]).to(q.device)
+        out[flat] = prefill_attention_ref(
+            q[flat],
+            k_cache,
+            v_cache,
+            meta.block_tables[torch.tensor(chunks, device=q.device)],
+            sub_starts,
+            [meta.seq_lens_list[i] for i in chunks],
+            scale,
+        )
+        return out
 
 
 class TritonAttentionBackend(TorchAttentionBackend):

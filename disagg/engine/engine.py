@@ -101,7 +101,9 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
         self.connector = KVConnector(self.pool, bs, load_timeout_s=config.kv_load_timeout_s)
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens, self.connector)
-        self.runner = runner or ModelRunner(model_dir, mc, num_blocks, bs, self.device, dtype)
+        self.runner = runner or ModelRunner(
+            model_dir, mc, num_blocks, bs, self.device, dtype, prepack=config.cpu_prepack
+        )
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)

@@ -8,7 +8,7 @@ import torch
 
 from disagg.engine.attention import AttentionMetadata, select_backend
 from disagg.engine.kv_cache import KVCache
-from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding
+from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
 from disagg.engine.sampler import logprob_entries, sample
 from disagg.engine.scheduler import ScheduledBatch
 
@@ -22,6 +22,7 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         dtype: torch.dtype,
+        prepack: bool = True,
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.backend = select_backend(device)  # the one place the device path is chosen
@@ -32,6 +33,8 @@ class ModelRunner:
         model.load_weights(model_dir)
         self.model = model.to(dtype).eval()
         self.model.rotary.inv_freq = self.model.rotary.inv_freq.float()
+        if prepack and can_prepack(device, dtype):
+            self.model.prepack()
         self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device)
         self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked
 
