@@ -51,6 +51,7 @@ class ClusterCollector:
                 fallbacks.add_metric([key[9:]], value)
         yield paths
         yield fallbacks
+        yield from _planner_metrics(core)
         state = GaugeMetricFamily(
             "disagg:worker_state", "1 for the state each worker is in", labels=["worker", "role", "state"]
         )
@@ -160,3 +161,30 @@ class RouterMetrics:
     def on_route(self, decision: Any) -> None:
         mode = "disaggregated" if decision.prefill_worker else ("peer_prefix" if decision.peer_worker else "local")
         self.routed.labels(decision.decode_worker, mode).inc()
+
+
+def _planner_metrics(core: Any) -> Iterator[Metric]:
+    """Role changes (manual or planned) and the planner's decisions with their reasons."""
+    changes = CounterMetricFamily(
+        "disagg:role_changes", "Workers moved between roles at runtime", labels=["from", "to"]
+    )
+    for key, value in sorted(core.counters.items()):
+        if key.startswith("role_change:"):
+            old, _, new = key[len("role_change:") :].partition("->")
+            changes.add_metric([old, new], value)
+    yield changes
+    planner = getattr(core, "planner", None)
+    enabled = GaugeMetricFamily("disagg:planner_enabled", "1 when the planner loop runs")
+    enabled.add_metric([], 1.0 if planner is not None and planner.config.enabled else 0.0)
+    yield enabled
+    moves = CounterMetricFamily(
+        "disagg:planner_moves", "Role changes the planner made", labels=["from", "to", "reason"]
+    )
+    holds = CounterMetricFamily("disagg:planner_holds", "Planner rounds without a move, by reason", labels=["reason"])
+    if planner is not None:
+        for (old, new, reason), n in sorted(planner.moves.items()):
+            moves.add_metric([old, new, reason], n)
+        for reason, n in sorted(planner.holds.items()):
+            holds.add_metric([reason], n)
+    yield moves
+    yield holds

@@ -90,6 +90,9 @@ class LocalWorkerHandle:
     async def set_peers(self, layouts: list[bytes], timeout_s: float) -> None:
         await self._guard(self.worker.set_peers(layouts), timeout_s)
 
+    async def set_role(self, role, timeout_s: float) -> None:
+        await self._guard(self.worker.set_role(role.value), timeout_s)
+
     async def kill(self) -> None:
         self.kills += 1
         self.dead = True

@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
 from disagg.errors import DeadlineExceeded, DisaggError, InternalError, InvalidRequest, WorkerLost
-from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, TokenDelta
+from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, Role, TokenDelta
 
 log = logging.getLogger(__name__)
 _LOST = (RayActorError, WorkerCrashedError, ObjectLostError)
@@ -114,6 +114,9 @@ class RayWorkerHandle:
 
     async def set_peers(self, layouts: list[bytes], timeout_s: float) -> None:
         await self._call("set_peers", layouts, timeout_s=timeout_s)
+
+    async def set_role(self, role: Role, timeout_s: float) -> None:
+        await self._call("set_role", role.value, timeout_s=timeout_s)
 
     async def kill(self) -> None:
         if self._pid is not None and self._worker_node and self._worker_node == self.node_id:

@@ -228,6 +228,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         default=None,
         help="export OpenTelemetry spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces (off by default)",
     )
+    p.add_argument(
+        "--planner",
+        action="store_true",
+        help="let the planner move workers between prefill and decode at runtime to keep the SLOs below",
+    )
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="planner: TTFT objective")
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0, help="planner: TPOT objective")
     p.add_argument("--trace-sample-ratio", type=float, default=1.0, help="share of new traces sampled")
     p.add_argument("--trace-dir", default=None, help="also write spans as JSON lines into this directory")
     p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
@@ -317,6 +324,11 @@ def serve(args: argparse.Namespace) -> int:
             "api_key": args.api_key,
             "api_keys": _api_keys(args.api_keys),
             "core": {"max_migrations": args.max_migrations},
+            "planner": {
+                "enabled": args.planner,
+                "ttft_slo_s": args.slo_ttft_ms / 1000,
+                "tpot_slo_s": args.slo_tpot_ms / 1000,
+            },
             "capacity": {"max_running": args.max_running, "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
             "admission": {
                 "max_queued_requests": args.queue_max_requests,

@@ -294,6 +294,13 @@ class EngineWorker:
     async def set_peers(self, layouts: list[bytes]) -> None:
         await self._call(self.transport.set_peers, [KVLayout.from_wire(b) for b in layouts])
 
+    async def set_role(self, role: str) -> None:
+        """The router moved this worker to `role` (router/roles.py): heartbeats and spans say so from now on.
+        The engine serves every kind of call whatever the role; the router decides which ones it gets."""
+        self.config.role = Role(role)
+        self.spans.role = self.config.role
+        log.info("%s: role is now %s", self.config.name, role)
+
     async def set_event_sink(self, sink: Any) -> None:
         self._event_sink = sink
 

@@ -24,13 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import DisaggError, InvalidRequest, NotFound, ServiceUnavailable, Unauthorized
-from disagg.protocol import Request, SamplingParams
+from disagg.protocol import Request, Role, SamplingParams
 from disagg.router.api_inputs import chat_prompt, check_model, priority_of, sampling_params, tokenize_prompt
 from disagg.router.api_shape import AnswerShape
 from disagg.router.api_stream import ClientGone, collect, request_span, sse, timed, until_disconnect, usage
 from disagg.router.http_errors import error_response, unexpected
 from disagg.router.router import RouterCore
-from disagg.router.schemas import ChatCompletionRequest, CompletionRequest
+from disagg.router.schemas import ChatCompletionRequest, CompletionRequest, RoleChangeBody
 from disagg.telemetry import RouterMetrics
 
 SESSION_HEADER = "x-session-id"
@@ -64,7 +64,11 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         core.admission.start()
         if core.supervisor is not None:
             core.supervisor.start()
+        if core.planner is not None:
+            core.planner.start()
         yield
+        if core.planner is not None:
+            await core.planner.stop()
         if core.supervisor is not None:
             await core.supervisor.stop()
         await core.admission.stop()
@@ -111,6 +115,20 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
                 extra={"status": "unavailable", **status},
             )
         return {"status": "ok", **status}
+
+    # ------------------------------------------------------------------ roles (router/roles.py, disagg/planner/)
+    @app.get("/admin/roles")
+    async def roles():
+        return {
+            "roles": {n: w.role.value for n, w in core.health.workers.items()},
+            "changes": [r.as_dict() for r in core.roles.records],
+            "planner": core.planner.status() if core.planner is not None else None,
+        }
+
+    @app.post("/admin/workers/{name}/role")
+    async def change_role(name: str, body: RoleChangeBody):
+        record = await core.roles.change(name, Role(body.role), reason=body.reason)
+        return record.as_dict()
 
     @app.get("/metrics")
     async def prometheus():
@@ -255,7 +273,7 @@ class _AuthAndCount:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if path.startswith("/v1/"):
+        if path.startswith(("/v1/", "/admin/")):
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             tenant = self.config.tenant_of(headers.get("authorization", ""), headers.get(TENANT_HEADER))
             if tenant is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
-from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, TokenDelta
+from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, Role, TokenDelta
 
 
 class WorkerHandle(Protocol):
@@ -36,6 +36,9 @@ class WorkerHandle(Protocol):
     async def layout(self, timeout_s: float) -> bytes: ...
 
     async def set_peers(self, layouts: list[bytes], timeout_s: float) -> None: ...
+
+    async def set_role(self, role: Role, timeout_s: float) -> None:
+        """The worker's role changed (router/roles.py): it reports it in heartbeats and spans from now on."""
 
     async def kill(self) -> None:
         """Kill the worker's process so it restarts (stuck or failing workers)."""

@@ -14,6 +14,8 @@ prompt can be prefilled on it or on a prefill worker under `max_prefill_queue_to
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -116,3 +118,31 @@ class LoadBook:
     def _room_to_prefill(self, name: str, scale: float) -> bool:
         queued = self.loads[name].queued_prefill_tokens
         return queued == 0 or queued < self.capacity.max_prefill_queue_tokens * scale
+
+
+@dataclass
+class LatencyWindow:
+    """TTFT and TPOT of recently finished requests (bounded), for SLO attainment over a time window."""
+
+    max_samples: int = 4096
+    samples: deque = field(default_factory=deque)  # (finished_at, ttft_s, tpot_s | None)
+
+    def record(self, started: float, first_token: float, finished: float, num_tokens: int) -> None:
+        tpot = (finished - first_token) / (num_tokens - 1) if num_tokens > 1 else None
+        self.samples.append((finished, first_token - started, tpot))
+        while len(self.samples) > self.max_samples:
+            self.samples.popleft()
+
+    def attainment(
+        self, ttft_s: float, tpot_s: float, window_s: float, now: float | None = None
+    ) -> tuple[float | None, float | None, int]:
+        """(share of requests finished within the last `window_s` that met the TTFT SLO, the same for TPOT,
+        how many finished); None when none finished."""
+        now = time.monotonic() if now is None else now
+        recent = [s for s in self.samples if s[0] >= now - window_s]
+        if not recent:
+            return None, None, 0
+        tpots = [s[2] for s in recent if s[2] is not None]
+        ttft_ok = sum(s[1] <= ttft_s for s in recent) / len(recent)
+        tpot_ok = sum(t <= tpot_s for t in tpots) / len(tpots) if tpots else None
+        return ttft_ok, tpot_ok, len(recent)

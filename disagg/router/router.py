@@ -44,8 +44,9 @@ from disagg.router.admission import AdmissionConfig, AdmissionControl, Admission
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
-from disagg.router.load import LoadBook, LoadTicket
+from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
+from disagg.router.roles import RoleChanger
 from disagg.tracing import inject
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class RouterCore:
     ) -> None:
         if not decode:
             raise ValueError("the router needs at least one decode (or aggregated) worker")
-        self.prefill, self.decode = prefill, decode
+        self.prefill, self.decode = dict(prefill), dict(decode)  # routing sets; roles move workers between them
         self.handles: dict[str, WorkerHandle | None] = {**prefill, **decode}
         self.config = config or RouterCoreConfig()
         self.block_size = block_size
@@ -113,6 +114,9 @@ class RouterCore:
         self._lock = threading.Lock()
         self._releases: dict[str, asyncio.Task] = {}  # background lease releases by request id, until done
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
+        self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
+        self.roles = RoleChanger(self)
+        self.planner: Any = None  # a PlannerLoop (disagg/planner/) when the service runs one
         # load accounting and saturation (router/load.py); the simulator and bench/router.py drive them too
         self.begin, self.progress, self.end, self.has_room = (
             self.book.begin,
@@ -132,6 +136,7 @@ class RouterCore:
     def on_heartbeat(self, name: str, hb: Heartbeat) -> None:
         """Measured costs from a worker's heartbeat: each tier's load time per block over its prefill time per
         block (the policy treats a tier at >= 1 as worth nothing)."""
+        self.roles.reconcile(name, hb.role)
         per_token = hb.gauges.get("prefill_s_per_token")
         if not per_token:
             return
@@ -142,6 +147,16 @@ class RouterCore:
             if load is not None:
                 costs[tier] = load / recompute
         self.loads[name].tier_cost = costs
+
+    # ------------------------------------------------------------------ roles (router/roles.py drives changes)
+    def set_routing_role(self, name: str, role: Role) -> None:
+        """Route `name` as `role` from now on: prefill-only workers take remote prefills, the others decode
+        (and prefill their own prompts).  Its in-flight work and its load accounting are untouched."""
+        with self._lock:
+            handle = self.prefill.pop(name) if name in self.prefill else self.decode.pop(name)
+            (self.prefill if role is Role.PREFILL else self.decode)[name] = handle
+            self.health.workers[name].role = role
+            self.book.prefill = list(self.prefill)
 
     def index_needs_snapshot(self, name: str) -> bool:
         with self._lock:
@@ -255,6 +270,7 @@ class RouterCore:
             queued.end()
         sent: list[int] = []
         sent_chars = 0
+        first_at: float | None = None
         attempt = request
         try:
             for migration in range(self.config.max_migrations + 1):
@@ -272,10 +288,12 @@ class RouterCore:
                 self._dispatched(request.request_id)
                 try:
                     async for delta in self._serve(attempt, decision, ticket, migrated=migration > 0, span=span):
+                        first_at = first_at or queue.clock()
                         sent += delta.token_ids
                         sent_chars += len(delta.text)
                         queue.charge(tenant, len(delta.token_ids))
                         yield delta
+                    self.latency.record(now, first_at or queue.clock(), queue.clock(), len(sent))
                     return
                 except WorkerLost as exc:
                     log.warning(

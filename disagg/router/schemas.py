@@ -177,3 +177,11 @@ class ChatCompletionRequest(_Sampling):
         if not self.tools or self.tool_choice == "none":
             return None
         return [t.model_dump(exclude_none=True) for t in self.tools]
+
+
+class RoleChangeBody(BaseModel):
+    """POST /admin/workers/{name}/role: move a worker to another role at runtime (router/roles.py)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["prefill", "decode", "both"]
+    reason: str = "manual"

@@ -18,6 +18,8 @@ import uvicorn
 
 from disagg.engine.model import ModelConfig
 from disagg.engine.tokenizer import Tokenizer
+from disagg.planner.loop import PlannerLoop
+from disagg.planner.policy import PlannerConfig
 from disagg.protocol import KVEventBatch
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.api import ApiConfig, build_app
@@ -44,6 +46,7 @@ class RouterConfig:
     admission: dict[str, Any] = field(default_factory=dict)  # AdmissionConfig fields (limits, deadlines, weights)
     capacity: dict[str, Any] = field(default_factory=dict)  # CapacityConfig fields (saturation thresholds)
     tracing: dict[str, Any] = field(default_factory=dict)  # TracingConfig fields (OTLP endpoint, sampling)
+    planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig fields (enabled, SLOs, hysteresis)
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
 
@@ -71,6 +74,7 @@ class RouterServer:
             CapacityConfig(**config.capacity),
             make_tracer(TracingConfig(**config.tracing), "router"),
         )
+        self.core.planner = PlannerLoop(self.core, PlannerConfig(**config.planner))
         name = config.served_model_name or model_dir.name
         self.app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys))
         port = config.port or free_port(config.host)

@@ -1,0 +1,226 @@
+"""The planner's decision: given what the router measures now, should one worker change role, and why.
+
+Pure logic (no Ray, no asyncio, clock passed in): `Planner.decide(signals)` returns at most one `Move` per call.
+
+Signals are the router's own exact accounting (prompt tokens queued for prefill per worker, requests decoding
+per worker, KV blocks in use from heartbeats) and SLO attainment over a window of finished requests.
+
+Rules, in order (each move keeps at least `min_decode` decode-capable workers and `min_prefill` prefill ones):
+1. TTFT is missed (attainment < target) or prefill is backed up (estimated prefill wait > `prefill_wait_high_s`)
+   while decode has slack (TPOT met, load < `decode_load_high`): a decode worker becomes a prefill worker -
+   the least loaded one, so the fewest streams drain.
+2. TPOT is missed or decode is saturated (load > `decode_load_high`) while prefill has slack (wait <
+   `prefill_wait_low_s`): a prefill worker becomes a decode worker - the one with the shortest queue.
+3. Prefill workers idle (wait ~0, TTFT met) while decode is busier than `decode_load_low`: one moves to decode
+   (disaggregation that does not pay is undone; with no prefill worker left every decode worker prefills its
+   own prompts, i.e. aggregated serving).
+Both short at once: no move helps (capacity, not the split, is missing); the reason says so.
+
+Hysteresis: a move must be asked for `confirm_rounds` rounds in a row; at most one move per `cooldown_s`; a
+worker stays in a role at least `min_dwell_s`; and a worker
+reverses a move (back to the role it just left) at most once per `reversal_window_s` - so no flapping.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from disagg.protocol import Role
+
+
+class Reason(str, enum.Enum):
+    TTFT_MISSED = "ttft_missed"
+    PREFILL_BACKLOG = "prefill_backlog"
+    TPOT_MISSED = "tpot_missed"
+    DECODE_SATURATED = "decode_saturated"
+    PREFILL_IDLE = "prefill_idle"
+
+
+class Hold(str, enum.Enum):
+    """Why no move was made (exported as a metric label, logged when it changes)."""
+
+    DISABLED = "disabled"
+    NO_DATA = "no_data"
+    BALANCED = "balanced"
+    SATURATED = "saturated"  # both sides short: adding to one starves the other
+    COOLDOWN = "cooldown"
+    NO_CANDIDATE = "no_candidate"  # a move is wanted but every candidate is pinned by min counts or hysteresis
+    CONFIRMING = "confirming"  # a move is wanted, not yet for confirm_rounds rounds in a row
+
+
+@dataclass
+class PlannerConfig:
+    enabled: bool = False  # off unless turned on (`disagg serve --planner`)
+    interval_s: float = 2.0
+    window_s: float = 30.0  # SLO attainment over requests finished in this window
+    min_samples: int = 8  # fewer finished requests in the window: attainment is not judged
+    ttft_slo_s: float = 2.0
+    tpot_slo_s: float = 0.2
+    target_attainment: float = 0.9
+    prefill_wait_high_s: float = 1.0  # estimated wait for the queued prompts above this: prefill is short
+    prefill_wait_low_s: float = 0.2  # below this prefill has slack
+    decode_load_high: float = 0.85  # share of max_running (or of KV) above this: decode is short
+    decode_load_low: float = 0.5
+    confirm_rounds: int = 3  # a move is made only after this many rounds in a row asked for it
+    cooldown_s: float = 10.0  # between two moves anywhere
+    min_dwell_s: float = 20.0  # a worker keeps a role at least this long
+    reversal_window_s: float = 120.0  # at most one reversal per worker in this window
+    min_decode: int = 1
+    min_prefill: int = 0
+
+
+@dataclass
+class WorkerSignal:
+    name: str
+    role: Role
+    routable: bool
+    queued_prefill_tokens: int
+    active_requests: int
+    max_running: int
+    kv_fraction: float | None = None  # KV blocks in use / total, from heartbeats
+    prefill_tokens_per_s: float | None = None  # measured by the worker
+
+    @property
+    def decode_load(self) -> float:
+        load = self.active_requests / max(1, self.max_running)
+        return max(load, self.kv_fraction or 0.0)
+
+
+@dataclass
+class Signals:
+    now: float
+    workers: list[WorkerSignal]
+    ttft_attainment: float | None
+    tpot_attainment: float | None
+    finished: int  # requests finished in the window
+    default_prefill_tokens_per_s: float = 2000.0  # until a worker has measured its own
+
+    def prefill_workers(self) -> list[WorkerSignal]:
+        return [w for w in self.workers if w.routable and w.role is Role.PREFILL]
+
+    def decode_workers(self) -> list[WorkerSignal]:
+        return [w for w in self.workers if w.routable and w.role.decodes]
+
+    def prefill_wait_s(self) -> float:
+        """Estimated wait of the prompts queued for prefill: on the prefill workers if there are any, else on the
+        decode workers (which then prefill their own), each at its measured speed."""
+        pool = self.prefill_workers() or self.decode_workers()
+        if not pool:
+            return 0.0
+        waits = [w.queued_prefill_tokens / (w.prefill_tokens_per_s or self.default_prefill_tokens_per_s) for w in pool]
+        return sum(waits) / len(waits)
+
+    def decode_load(self) -> float:
+        decoders = self.decode_workers()
+        return sum(w.decode_load for w in decoders) / len(decoders) if decoders else 0.0
+
+
+@dataclass
+class Move:
+    worker: str
+    old: Role
+    new: Role
+    reason: Reason
+    detail: str
+
+
+@dataclass
+class _History:
+    roles: deque = field(default_factory=lambda: deque(maxlen=8))  # (time, old, new)
+    reversals: deque = field(default_factory=lambda: deque(maxlen=8))  # times
+
+
+class Planner:
+    def __init__(self, config: PlannerConfig | None = None) -> None:
+        self.config = config or PlannerConfig()
+        self.last_move_at: float | None = None
+        self.history: dict[str, _History] = {}
+        self.last_hold: Hold | None = None
+        self._streak: tuple[Role | None, int] = (None, 0)  # the direction asked for, rounds in a row
+
+    # ------------------------------------------------------------------ the decision
+    def decide(self, s: Signals) -> Move | Hold:
+        cfg = self.config
+        if not cfg.enabled:
+            return Hold.DISABLED
+        judged = s.finished >= cfg.min_samples
+        ttft_bad = judged and s.ttft_attainment is not None and s.ttft_attainment < cfg.target_attainment
+        tpot_bad = judged and s.tpot_attainment is not None and s.tpot_attainment < cfg.target_attainment
+        wait, load = s.prefill_wait_s(), s.decode_load()
+        prefill_short = ttft_bad or wait > cfg.prefill_wait_high_s
+        decode_short = tpot_bad or load > cfg.decode_load_high
+        if prefill_short and decode_short:
+            self._streak = (None, 0)
+            return Hold.SATURATED
+        if not judged and not (prefill_short or decode_short):
+            return Hold.NO_DATA
+        detail = (
+            f"ttft_ok={_pct(s.ttft_attainment)} tpot_ok={_pct(s.tpot_attainment)} "
+            f"prefill_wait={wait:.2f}s decode_load={load:.2f}"
+        )
+        wanted: tuple[Role, Reason] | None = None
+        if prefill_short:
+            wanted = (Role.PREFILL, Reason.TTFT_MISSED if ttft_bad else Reason.PREFILL_BACKLOG)
+        elif decode_short and wait < cfg.prefill_wait_low_s:
+            wanted = (Role.DECODE, Reason.TPOT_MISSED if tpot_bad else Reason.DECODE_SATURATED)
+        elif (
+            s.prefill_workers() and wait < cfg.prefill_wait_low_s * 0.1 and not ttft_bad and load > cfg.decode_load_low
+        ):
+            wanted = (Role.DECODE, Reason.PREFILL_IDLE)
+        direction = wanted[0] if wanted is not None else None
+        streak = self._streak[1] + 1 if direction is not None and direction is self._streak[0] else 1
+        self._streak = (direction, streak)
+        if wanted is None:
+            return Hold.BALANCED
+        if streak < cfg.confirm_rounds:
+            return Hold.CONFIRMING
+        if self.last_move_at is not None and s.now - self.last_move_at < cfg.cooldown_s:
+            return Hold.COOLDOWN
+        worker = self._candidate(s, wanted[0])
+        if worker is None:
+            return Hold.NO_CANDIDATE
+        return Move(worker.name, worker.role, wanted[0], wanted[1], detail)
+
+    def _candidate(self, s: Signals, to: Role) -> WorkerSignal | None:
+        cfg = self.config
+        if to is Role.PREFILL:
+            pool = s.decode_workers()
+            if len(pool) <= cfg.min_decode:
+                return None
+            ranked = sorted(pool, key=lambda w: (w.active_requests, w.name))
+        else:
+            pool = s.prefill_workers()
+            if len(pool) <= cfg.min_prefill:
+                return None
+            ranked = sorted(pool, key=lambda w: (w.queued_prefill_tokens, w.name))
+        return next((w for w in ranked if self._may_move(w.name, w.role, to, s.now)), None)
+
+    def _may_move(self, name: str, old: Role, new: Role, now: float) -> bool:
+        h = self.history.get(name)
+        if h is None or not h.roles:
+            return True
+        last_at, last_old, _ = h.roles[-1]
+        if now - last_at < self.config.min_dwell_s:
+            return False
+        reversal = new is last_old
+        return not (reversal and any(now - t < self.config.reversal_window_s for t in h.reversals))
+
+    # ------------------------------------------------------------------ bookkeeping
+    def applied(self, move: Move, now: float) -> None:
+        """Record a move that was carried out (hysteresis counts only real changes)."""
+        h = self.history.setdefault(move.worker, _History())
+        if h.roles and move.new is h.roles[-1][1]:
+            h.reversals.append(now)
+        h.roles.append((now, move.old, move.new))
+        self.last_move_at = now
+        self._streak = (None, 0)
+
+    def reversals_within(self, name: str, window_s: float, now: float) -> int:
+        h = self.history.get(name)
+        return sum(now - t < window_s for t in h.reversals) if h else 0
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"

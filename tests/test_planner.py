@@ -1,0 +1,138 @@
+"""The planner's decisions on synthetic signals (pure logic, hand-checked), its hysteresis bound, and the
+latency window it reads SLO attainment from."""
+import pytest
+
+from disagg.planner.policy import Hold, Move, Planner, PlannerConfig, Reason, Signals, WorkerSignal
+from disagg.protocol import Role
+from disagg.router.load import LatencyWindow
+
+ON = dict(enabled=True, min_samples=4, cooldown_s=10, min_dwell_s=20, reversal_window_s=120, confirm_rounds=1)
+
+
+def w(name, role, queued=0, active=0, max_running=8, tok_s=1000.0):
+    return WorkerSignal(name, role, True, queued, active, max_running, None, tok_s)
+
+
+def signals(workers, ttft=1.0, tpot=1.0, finished=50, now=100.0):
+    return Signals(now, workers, ttft, tpot, finished)
+
+
+def test_off_by_default_and_says_so():
+    assert Planner().decide(signals([w("p", Role.PREFILL), w("d", Role.DECODE)])) is Hold.DISABLED
+
+
+def test_ttft_missed_moves_the_least_loaded_decoder_to_prefill():
+    s = signals([w("p0", Role.PREFILL, queued=3000), w("d0", Role.DECODE, active=3), w("d1", Role.DECODE, active=1)],
+                ttft=0.5, tpot=0.99)
+    move = Planner(PlannerConfig(**ON)).decide(s)
+    assert isinstance(move, Move)
+    assert (move.worker, move.old, move.new, move.reason) == ("d1", Role.DECODE, Role.PREFILL, Reason.TTFT_MISSED)
+    assert "ttft_ok=50%" in move.detail
+
+
+def test_tpot_missed_moves_the_prefill_worker_with_the_shortest_queue_to_decode():
+    s = signals([w("p0", Role.PREFILL, queued=100), w("p1", Role.PREFILL, queued=0), w("d0", Role.DECODE, active=8)],
+                ttft=1.0, tpot=0.6)
+    move = Planner(PlannerConfig(**ON)).decide(s)
+    assert (move.worker, move.new, move.reason) == ("p1", Role.DECODE, Reason.TPOT_MISSED)
+
+
+def test_prefill_backlog_without_slo_data_still_moves():
+    # 4000 queued tokens at 1000 tok/s = 4 s of wait > 1 s: prefill is short even before requests finish
+    s = signals([w("p0", Role.PREFILL, queued=4000), w("d0", Role.DECODE, active=1), w("d1", Role.DECODE)],
+                ttft=None, tpot=None, finished=0)
+    move = Planner(PlannerConfig(**ON)).decide(s)
+    assert (move.worker, move.new, move.reason) == ("d1", Role.PREFILL, Reason.PREFILL_BACKLOG)
+
+
+def test_both_short_is_saturation_not_a_move():
+    s = signals([w("p0", Role.PREFILL, queued=5000), w("d0", Role.DECODE, active=8)], ttft=0.3, tpot=0.3)
+    assert Planner(PlannerConfig(**ON)).decide(s) is Hold.SATURATED
+
+
+def test_idle_prefill_workers_go_to_decode_when_decode_is_busy():
+    s = signals([w("p0", Role.PREFILL), w("d0", Role.DECODE, active=5), w("d1", Role.DECODE, active=5)])
+    move = Planner(PlannerConfig(**ON)).decide(s)
+    assert (move.worker, move.new, move.reason) == ("p0", Role.DECODE, Reason.PREFILL_IDLE)
+    quiet = signals([w("p0", Role.PREFILL), w("d0", Role.DECODE, active=1)])
+    assert Planner(PlannerConfig(**ON)).decide(quiet) is Hold.BALANCED
+
+
+def test_the_last_decoder_never_leaves_decode():
+    s = signals([w("p0", Role.PREFILL, queued=9000), w("d0", Role.DECODE)], ttft=0.2, tpot=1.0)
+    assert Planner(PlannerConfig(**ON)).decide(s) is Hold.NO_CANDIDATE
+
+
+def test_cooldown_and_dwell_after_a_move():
+    planner = Planner(PlannerConfig(**ON))
+    workers = [w("p0", Role.PREFILL, queued=3000), w("d0", Role.DECODE), w("d1", Role.DECODE, active=2)]
+    move = planner.decide(signals(workers, ttft=0.5, now=100))
+    planner.applied(move, 100)
+    assert planner.decide(signals(workers, ttft=0.5, now=105)) is Hold.COOLDOWN
+    # past the cooldown another decoder may go, but not d0 back within its dwell time
+    workers = [w("p0", Role.PREFILL), w("d0", Role.PREFILL), w("d1", Role.DECODE, active=8), w("d2", Role.DECODE,
+                                                                                              active=8)]
+    back = planner.decide(signals(workers, tpot=0.5, now=111))
+    assert isinstance(back, Move) and back.worker == "p0"  # d0 must dwell 20 s
+
+
+def _flipping_run(cfg: PlannerConfig, period_rounds: int, rounds: int = 900):
+    """Signals that flip between prefill-hungry and decode-hungry every `period_rounds` rounds of 2 s."""
+    planner = Planner(cfg)
+    roles = {"a": Role.PREFILL, "b": Role.DECODE, "c": Role.DECODE}
+    moves = []
+    for i in range(rounds):
+        now = 100.0 + 2 * i
+        prefill_hungry = (i // period_rounds) % 2 == 0
+        workers = [w(n, r, queued=5000 if (prefill_hungry and r is Role.PREFILL) else 0,
+                     active=8 if (not prefill_hungry and r.decodes) else 1) for n, r in roles.items()]
+        decision = planner.decide(signals(workers, ttft=0.5 if prefill_hungry else 1.0,
+                                          tpot=1.0 if prefill_hungry else 0.5, now=now))
+        if isinstance(decision, Move):
+            planner.applied(decision, now)
+            roles[decision.worker] = decision.new
+            moves.append((now, decision))
+    return planner, moves
+
+
+def test_signals_flipping_every_round_move_nothing():
+    _, moves = _flipping_run(PlannerConfig(**{**ON, "confirm_rounds": 3}), period_rounds=1)
+    assert moves == []
+
+
+@pytest.mark.parametrize("period_rounds", [3, 10, 60])
+def test_hysteresis_bound_at_most_one_reversal_per_worker_per_window(period_rounds):
+    """Load that swings back and forth for 30 simulated minutes: moves are at least a cooldown apart and no
+    worker reverses twice within the reversal window."""
+    cfg = PlannerConfig(**{**ON, "confirm_rounds": 3})
+    planner, moves = _flipping_run(cfg, period_rounds)
+    assert moves, "swinging load must still move workers"
+    times = [t for t, _ in moves]
+    assert all(b - a >= cfg.cooldown_s for a, b in zip(times, times[1:]))
+    for name, history in planner.history.items():
+        reversals = list(history.reversals)
+        assert all(b - a >= cfg.reversal_window_s for a, b in zip(reversals, reversals[1:])), name
+    # and in any window, per worker: at most one reversal (checked on the full move list)
+    for name in ("a", "b", "c"):
+        mine = [(t, m) for t, m in moves if m.worker == name]
+        rev = [t for (t0, m0), (t, m) in zip(mine, mine[1:]) if m.new is m0.old]
+        assert all(b - a >= cfg.reversal_window_s for a, b in zip(rev, rev[1:])), (name, rev)
+
+
+def test_a_move_needs_confirmation_rounds():
+    planner = Planner(PlannerConfig(**{**ON, "confirm_rounds": 3}))
+    workers = [w("p0", Role.PREFILL, queued=3000), w("d0", Role.DECODE), w("d1", Role.DECODE)]
+    assert planner.decide(signals(workers, ttft=0.5, now=100)) is Hold.CONFIRMING
+    assert planner.decide(signals(workers, ttft=0.5, now=102)) is Hold.CONFIRMING
+    assert isinstance(planner.decide(signals(workers, ttft=0.5, now=104)), Move)
+
+
+def test_latency_window_attainment():
+    window = LatencyWindow()
+    window.record(0.0, 0.5, 2.5, 21)  # TTFT 0.5 s, TPOT 0.1 s
+    window.record(0.0, 3.0, 3.0, 1)  # TTFT 3 s, no TPOT (one token)
+    window.record(5.0, 5.2, 9.2, 11)  # TTFT 0.2 s, TPOT 0.4 s
+    ttft, tpot, n = window.attainment(ttft_s=1.0, tpot_s=0.2, window_s=100, now=10)
+    assert (ttft, tpot, n) == (pytest.approx(2 / 3), 0.5, 3)
+    assert window.attainment(1.0, 0.2, window_s=2, now=10) == (1.0, 0.0, 1)  # only the last one is recent
+    assert window.attainment(1.0, 0.2, window_s=1, now=100) == (None, None, 0)
