@@ -27,7 +27,8 @@ DEFAULT_CONFIGS = "agg-rr=0x2:round_robin,agg-kv=0x2:kv,disagg-kv=1x1:kv"
 
 # config-spec settings that are not PolicyConfig fields
 CLUSTER_KEYS = {"cpu_tier_mb": "CPU KV tier per worker in MiB (0: no tiers)",
-                "hints": "1: the replay sends session ids and KV retention pins"}
+                "hints": "1: the replay sends session ids and KV retention pins",
+                "planner": "1: the planner moves workers between prefill and decode at runtime (the run's SLO)"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,13 @@ class ClusterSpec:
     policy_args: tuple[tuple[str, float], ...] = ()  # PolicyConfig overrides, e.g. min_remote_prefill_tokens
     cpu_tier_mb: int | None = None  # None: the product's default tiers
     hints: bool = False
+    planner: bool = False
+
+    def planner_config(self, slo: Any) -> dict[str, Any] | None:
+        """PlannerConfig fields for this run (judged against the run's SLO), or None for a static split."""
+        if not self.planner:
+            return None
+        return {"enabled": True, "ttft_slo_s": slo.ttft_ms / 1000, "tpot_slo_s": slo.tpot_ms / 1000}
 
     @property
     def workers(self) -> int:
@@ -87,14 +95,15 @@ def parse_configs(text: str) -> list[ClusterSpec]:
         cluster = {k: v for k, v in overrides if k in CLUSTER_KEYS}
         overrides = tuple((k, v) for k, v in overrides if k not in CLUSTER_KEYS)
         cpu_mb = int(cluster["cpu_tier_mb"]) if "cpu_tier_mb" in cluster else None
-        specs.append(ClusterSpec(name, p, d, policy, overrides, cpu_mb, bool(cluster.get("hints", 0))))
+        specs.append(ClusterSpec(name, p, d, policy, overrides, cpu_mb, bool(cluster.get("hints", 0)),
+                                 bool(cluster.get("planner", 0))))
     if not specs:
         raise ValueError("no configurations given")
     return specs
 
 
 def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, warmup: bool = True,
-            trace_dir: str | None = None) -> ReplayResult:
+            trace_dir: str | None = None, slo: Any = None) -> ReplayResult:
     import shutil
     import tempfile
 
@@ -104,12 +113,18 @@ def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, 
     tracing = {"file_dir": trace_dir} if trace_dir else None
     service = Service(ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=dict(engine),
                                     tiers=spec.tiers(disk_root), tracing=tracing),
-                      {"policy": spec.policy_config(), "port": 0})
+                      {"policy": spec.policy_config(), "port": 0,
+                       "planner": spec.planner_config(slo) or {}})
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement
             _warm(service.url, replay_cfg.vocab_size, spec.workers)
         cfg = replace(replay_cfg, url=service.url, session_hints=replay_cfg.session_hints or spec.hints)
-        return asyncio.run(replay(trace, cfg))
+        result = asyncio.run(replay(trace, cfg))
+        if spec.planner:
+            import httpx
+
+            result.role_changes = httpx.get(f"{service.url}/admin/roles", timeout=30).json()["changes"]
+        return result
     finally:
         service.shutdown()
         shutil.rmtree(disk_root, ignore_errors=True)
@@ -170,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
                 label = spec.name if len(rates) == 1 else f"{spec.name} @{rate:g}x"
                 t0 = time.perf_counter()
                 trace_dir = str(Path(args.trace_dir) / label.replace(" ", "_")) if args.trace_dir else None
-                result = run_one(spec, engine, trace, cfg, trace_dir=trace_dir)
+                result = run_one(spec, engine, trace, cfg, trace_dir=trace_dir, slo=slo)
                 metrics = result.metrics(slo, parse_slos(args.extra_slos))
                 if trace_dir:
                     time.sleep(1.0)  # the span files are written by background exporters
                     metrics["stages"] = stages.breakdown(result.records, stages.load_spans(trace_dir))
+                if result.role_changes is not None:
+                    metrics["role_changes"] = result.role_changes
                 sessions = next_turn_hits(trace, rate_scale, result.records, args.vocab_size)
                 if sessions is not None:
                     metrics["next_turn"] = sessions

@@ -60,6 +60,7 @@ class ReplayResult:
     model: str
     started_at: float = 0.0  # wall clock (time.time()) of the run's t=0, to line records up with other logs
     staleness: dict[str, Any] | None = None  # the router's prediction error of cached tokens (our server only)
+    role_changes: list[dict] | None = None  # workers moved between roles during the run (planner runs)
 
     def metrics(self, slo: SLO, extra_slos: list[SLO] | None = None) -> dict[str, Any]:
         m = compute_metrics(self.records, max(self.duration_s, 1e-9), slo, self.prefix_cache, extra_slos)

@@ -21,28 +21,36 @@ def test_off_by_default_and_says_so():
     assert Planner().decide(signals([w("p", Role.PREFILL), w("d", Role.DECODE)])) is Hold.DISABLED
 
 
-def test_ttft_missed_moves_the_least_loaded_decoder_to_prefill():
-    s = signals([w("p0", Role.PREFILL, queued=3000), w("d0", Role.DECODE, active=3), w("d1", Role.DECODE, active=1)],
-                ttft=0.5, tpot=0.99)
+def test_tpot_missed_with_prefill_interference_moves_the_least_loaded_decoder_to_prefill():
+    # decode workers are prefilling prompts themselves (tokens queued on them) and TPOT suffers: isolate prefill
+    s = signals([w("p0", Role.PREFILL), w("d0", Role.DECODE, queued=800, active=3), w("d1", Role.DECODE, active=1)],
+                ttft=0.99, tpot=0.5)
     move = Planner(PlannerConfig(**ON)).decide(s)
     assert isinstance(move, Move)
-    assert (move.worker, move.old, move.new, move.reason) == ("d1", Role.DECODE, Role.PREFILL, Reason.TTFT_MISSED)
-    assert "ttft_ok=50%" in move.detail
+    assert (move.worker, move.old, move.new, move.reason) == ("d1", Role.DECODE, Role.PREFILL,
+                                                              Reason.PREFILL_INTERFERENCE)
+    assert "tpot_ok=50%" in move.detail and "decoders_prefilling=800tok" in move.detail
 
 
-def test_tpot_missed_moves_the_prefill_worker_with_the_shortest_queue_to_decode():
+def test_tpot_missed_without_interference_adds_a_decoder():
     s = signals([w("p0", Role.PREFILL, queued=100), w("p1", Role.PREFILL, queued=0), w("d0", Role.DECODE, active=8)],
                 ttft=1.0, tpot=0.6)
     move = Planner(PlannerConfig(**ON)).decide(s)
-    assert (move.worker, move.new, move.reason) == ("p1", Role.DECODE, Reason.TPOT_MISSED)
+    assert (move.worker, move.new, move.reason) == ("p1", Role.DECODE, Reason.DECODE_SATURATED)
 
 
-def test_prefill_backlog_without_slo_data_still_moves():
-    # 4000 queued tokens at 1000 tok/s = 4 s of wait > 1 s: prefill is short even before requests finish
-    s = signals([w("p0", Role.PREFILL, queued=4000), w("d0", Role.DECODE, active=1), w("d1", Role.DECODE)],
-                ttft=None, tpot=None, finished=0)
+def test_ttft_missed_at_the_prefill_queue_moves_towards_aggregation():
+    """Prompts wait at the prefill-only workers while decode workers have room: a decode worker prefills its own
+    prompts as fast as a prefill worker would, so the prefill-only queue is what hurts - shrink it."""
+    s = signals([w("p0", Role.PREFILL, queued=4000), w("p1", Role.PREFILL, queued=5000), w("d0", Role.DECODE)],
+                ttft=None, tpot=None, finished=0)  # 4.5 s of estimated wait: backlog even before SLO data
     move = Planner(PlannerConfig(**ON)).decide(s)
-    assert (move.worker, move.new, move.reason) == ("d1", Role.PREFILL, Reason.PREFILL_BACKLOG)
+    assert (move.worker, move.new, move.reason) == ("p0", Role.DECODE, Reason.PREFILL_BACKLOG)
+
+
+def test_already_aggregated_and_only_ttft_missed_holds():
+    s = signals([w("d0", Role.DECODE, queued=3000), w("d1", Role.DECODE, queued=3000)], ttft=0.5, tpot=0.99)
+    assert Planner(PlannerConfig(**ON)).decide(s) is Hold.BALANCED
 
 
 def test_both_short_is_saturation_not_a_move():
@@ -59,19 +67,19 @@ def test_idle_prefill_workers_go_to_decode_when_decode_is_busy():
 
 
 def test_the_last_decoder_never_leaves_decode():
-    s = signals([w("p0", Role.PREFILL, queued=9000), w("d0", Role.DECODE)], ttft=0.2, tpot=1.0)
+    s = signals([w("p0", Role.PREFILL), w("d0", Role.DECODE, queued=900, active=8)], ttft=1.0, tpot=0.2)
     assert Planner(PlannerConfig(**ON)).decide(s) is Hold.NO_CANDIDATE
 
 
 def test_cooldown_and_dwell_after_a_move():
     planner = Planner(PlannerConfig(**ON))
-    workers = [w("p0", Role.PREFILL, queued=3000), w("d0", Role.DECODE), w("d1", Role.DECODE, active=2)]
-    move = planner.decide(signals(workers, ttft=0.5, now=100))
+    workers = [w("p0", Role.PREFILL), w("d0", Role.DECODE, queued=500), w("d1", Role.DECODE, queued=500, active=2)]
+    move = planner.decide(signals(workers, tpot=0.5, now=100))
+    assert move.worker == "d0"
     planner.applied(move, 100)
-    assert planner.decide(signals(workers, ttft=0.5, now=105)) is Hold.COOLDOWN
-    # past the cooldown another decoder may go, but not d0 back within its dwell time
-    workers = [w("p0", Role.PREFILL), w("d0", Role.PREFILL), w("d1", Role.DECODE, active=8), w("d2", Role.DECODE,
-                                                                                              active=8)]
+    assert planner.decide(signals(workers, tpot=0.5, now=105)) is Hold.COOLDOWN
+    # past the cooldown decode is full: a prefill worker goes back to decode, but not d0 within its dwell time
+    workers = [w("p0", Role.PREFILL), w("d0", Role.PREFILL), w("d1", Role.DECODE, active=8)]
     back = planner.decide(signals(workers, tpot=0.5, now=111))
     assert isinstance(back, Move) and back.worker == "p0"  # d0 must dwell 20 s
 
@@ -83,11 +91,13 @@ def _flipping_run(cfg: PlannerConfig, period_rounds: int, rounds: int = 900):
     moves = []
     for i in range(rounds):
         now = 100.0 + 2 * i
-        prefill_hungry = (i // period_rounds) % 2 == 0
-        workers = [w(n, r, queued=5000 if (prefill_hungry and r is Role.PREFILL) else 0,
-                     active=8 if (not prefill_hungry and r.decodes) else 1) for n, r in roles.items()]
-        decision = planner.decide(signals(workers, ttft=0.5 if prefill_hungry else 1.0,
-                                          tpot=1.0 if prefill_hungry else 0.5, now=now))
+        # phase A: TPOT suffers from prompts prefilled on decode workers (wants a prefill worker);
+        # phase B: prompts pile up at the prefill workers while TPOT is fine (wants one fewer)
+        phase_a = (i // period_rounds) % 2 == 0
+        workers = [w(n, r, queued=(600 if phase_a else 0) if r.decodes else (0 if phase_a else 5000), active=2)
+                   for n, r in roles.items()]
+        decision = planner.decide(signals(workers, ttft=1.0 if phase_a else 0.5, tpot=0.5 if phase_a else 1.0,
+                                          now=now))
         if isinstance(decision, Move):
             planner.applied(decision, now)
             roles[decision.worker] = decision.new
@@ -124,7 +134,8 @@ def test_a_move_needs_confirmation_rounds():
     workers = [w("p0", Role.PREFILL, queued=3000), w("d0", Role.DECODE), w("d1", Role.DECODE)]
     assert planner.decide(signals(workers, ttft=0.5, now=100)) is Hold.CONFIRMING
     assert planner.decide(signals(workers, ttft=0.5, now=102)) is Hold.CONFIRMING
-    assert isinstance(planner.decide(signals(workers, ttft=0.5, now=104)), Move)
+    move = planner.decide(signals(workers, ttft=0.5, now=104))
+    assert isinstance(move, Move) and move.reason is Reason.PREFILL_BACKLOG
 
 
 def test_latency_window_attainment():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import itertools
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,7 +44,14 @@ class SimClusterConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
     vocab_size: int = 49152
-    event_delay_s: float = 0.001
+    event_delay_s: float = 0.001  # KV events reach the router this long after the step that made them ...
+    event_jitter_s: float = 0.0  # ... plus up to this much more (independently per batch: batches can reorder,
+    # and a gap makes the router take a snapshot, as the real router actor does)
+    snapshot_delay_s: float = 0.05  # the blocking snapshot pull a gap triggers
+    link_contention: bool = True  # KV reads into one worker share its link (one at a time)
+    cores: int = 0  # CPU cores the workers share (0: each worker has its own); steps stretch when oversubscribed
+    threads_per_worker: int = 1
+    planner: dict[str, Any] | None = None  # PlannerConfig fields: roles change at runtime (None: static split)
     cpu_tier_blocks: int = 0  # CPU KV tier per worker (0: no tiers)
     disk_tier_blocks: int = 0
     session_hints: bool = False  # requests carry their agent session and a KV retention pin (as replay does)
@@ -62,6 +70,9 @@ class EventLoop:
     def at(self, when: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._queue, (max(when, self.now), next(self._order), fn))
 
+    def pending(self) -> bool:
+        return bool(self._queue)
+
     def run(self, until: float = float("inf")) -> None:
         while self._queue and self._queue[0][0] <= until:
             self.now, _, fn = heapq.heappop(self._queue)
@@ -76,6 +87,8 @@ class SimWorker:
         self.alive = True
         self.incarnation = 0  # bumped by a kill: callbacks of the dead incarnation are dropped
         self._seq_no = -1
+        self.link_free_at = 0.0  # its inbound KV link is busy until then
+        self.snapshot_pending = False
 
     def kick(self) -> None:
         if not self.alive or self.busy or not self.engine.has_unfinished():
@@ -89,7 +102,7 @@ class SimWorker:
             if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
                 self.kick()
             return
-        duration = self.engine.runner.last_step_s
+        duration = self.engine.runner.last_step_s * self.cluster.contention()
         self.busy = True
         self.busy_seconds += duration
         incarnation = self.incarnation
@@ -111,8 +124,7 @@ class SimWorker:
         if events:
             self._seq_no += 1
             batch = KVEventBatch.of(self.name, self._seq_no, events)
-            loop = self.cluster.loop
-            loop.at(loop.now + self.cluster.config.event_delay_s, lambda: self.cluster.router.on_kv_events(batch))
+            self.cluster.send_events(self, batch)
 
 
 class SimPeerSource(_Notifier):
@@ -127,7 +139,9 @@ class SimPeerSource(_Notifier):
     def start(self, load: KVLoad) -> None:
         result = load.handle
         loop = self.cluster.loop
-        done_at = loop.now + self.cluster.model.transfer_time(load.num_blocks)
+        start_at = max(loop.now, self.worker.link_free_at) if self.cluster.config.link_contention else loop.now
+        done_at = start_at + self.cluster.model.transfer_time(load.num_blocks)
+        self.worker.link_free_at = done_at
         self.cluster.counters["transferred_blocks"] += load.num_blocks
         load.handle = (result, done_at)
 
@@ -197,6 +211,7 @@ class SimCluster:
         self._flights: dict[str, _Flight] = {}
         self.counters = {"remote_prefills": 0, "transferred_blocks": 0}
         self._queries = self._hits = 0
+        self._rng = random.Random(0)
         self.staleness: list[int] = []  # per request: predicted - found cached tokens (as the API's histogram)
 
     def _attach(self, worker: SimWorker, disk: Any = None) -> None:
@@ -216,6 +231,48 @@ class SimCluster:
     @property
     def workers(self) -> list[SimWorker]:
         return [*self.prefill.values(), *self.decode.values()]
+
+    def worker(self, name: str) -> SimWorker:
+        return self.prefill[name] if name in self.prefill else self.decode[name]
+
+    def contention(self) -> float:
+        """How much slower a step runs because busy workers share the cores (1: no contention)."""
+        cores = self.config.cores
+        if not cores:
+            return 1.0
+        busy = 1 + sum(w.busy for w in self.workers)
+        return max(1.0, busy * self.config.threads_per_worker / cores)
+
+    def send_events(self, worker: SimWorker, batch: Any) -> None:
+        """Deliver a worker's KV event batch after the configured delay (and jitter, so batches may arrive out of
+        order); a gap makes the router need a snapshot, which arrives `snapshot_delay_s` later."""
+        cfg = self.config
+        delay = cfg.event_delay_s + (self._rng.uniform(0, cfg.event_jitter_s) if cfg.event_jitter_s else 0.0)
+
+        def arrive() -> None:
+            self.router.on_kv_events(batch)
+            if self.router.index_needs_snapshot(worker.name) and not worker.snapshot_pending:
+                worker.snapshot_pending = True
+                self.loop.at(self.loop.now + cfg.snapshot_delay_s, lambda: self._snapshot(worker))
+
+        self.loop.at(self.loop.now + delay, arrive)
+
+    def _snapshot(self, worker: SimWorker) -> None:
+        from disagg.protocol import EventKind, KVEvent, KVEventBatch
+
+        worker.snapshot_pending = False
+        events = [KVEvent(EventKind.STORED, hashes, tier=tier) for tier, hashes in worker.engine.kv_hashes().items()]
+        self.router.on_kv_events(KVEventBatch.of(worker.name, worker._seq_no, events, snapshot=True))
+        self.counters["snapshots"] = self.counters.get("snapshots", 0) + 1
+
+    def set_role(self, name: str, role: Any) -> None:
+        """Move a worker to another role now (router/roles.py's routing step; its in-flight work finishes in
+        place, as the real worker's does)."""
+        from disagg.protocol import Role
+
+        worker = self.prefill.pop(name, None) or self.decode.pop(name)
+        (self.prefill if role is Role.PREFILL else self.decode)[name] = worker
+        self.router.set_routing_role(name, role)
 
     # ------------------------------------------------------------------ faults (see bench/sim/faults.py)
     def kill_worker(self, name: str, detect_s: float, restart_s: float) -> None:
@@ -272,8 +329,8 @@ class SimCluster:
         elif decision is None:
             decision = self.router.route(request, session, hashes)
         ticket = self.router.begin(decision, request.num_tokens, hashes)
-        decode = self.decode[decision.decode_worker]
-        prefill = self.prefill[decision.prefill_worker] if decision.prefill_worker else None
+        decode = self.worker(decision.decode_worker)
+        prefill = self.worker(decision.prefill_worker) if decision.prefill_worker else None
         flight = _Flight(request, ticket, prefill, decode, on_token, session,
                          predicted=decision.predicted_cached_tokens(request.num_tokens, self.router.block_size))
         if _carry is not None:  # a migrated request keeps what it already delivered

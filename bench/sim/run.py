@@ -19,9 +19,11 @@ from bench.replay import _units
 from bench.report import SLO, RequestRecord, compute_metrics, parse_slos, write_report
 from bench.sim.cluster import SimCluster, SimClusterConfig, sampling_for
 from bench.sim.faults import SimChaos, window_goodput
+from bench.sim.planner import SimPlanner
 from bench.sim.timemodel import StepTimeModel
 from bench.traces.record import TraceRequest, TraceScale
 from bench.workload import add_workload_args, load_workload
+from disagg.planner.policy import PlannerConfig
 from disagg.protocol import Request, TokenDelta
 
 
@@ -44,6 +46,7 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
     agent turns wait for the previous turn plus think time, as in bench.replay.  `chaos`: kill workers mid-run."""
     cluster = SimCluster(config, model)
     victims = chaos.schedule(cluster) if chaos is not None else []
+    planner = SimPlanner(cluster, PlannerConfig(**config.planner)) if config.planner else None
     loop = cluster.loop
     units = _units(trace)
     t0 = min(r.timestamp_ms for r in trace)
@@ -70,6 +73,9 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
             record.output_tokens += len(delta.token_ids)
             if delta.finished:
                 record.e2e_s = now - record.start_s
+                # the router's SLO window, as the real router records every finished request (planner input)
+                cluster.router.latency.record(record.start_s, record.start_s + record.ttft_s, now,
+                                              record.output_tokens)
                 bar.update(1)
                 if k + 1 < len(unit):
                     nxt = trace[unit[k + 1]]
@@ -92,6 +98,8 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
     for n, unit in enumerate(units):
         at = n / arrival_rate if arrival_rate else scale.seconds(trace[unit[0]].timestamp_ms - t0)
         loop.at(at, lambda unit=unit: send(unit, 0))
+    if planner is not None:
+        planner.start()
     cluster.run()
     bar.close()
     missing = [i for i in range(len(trace)) if i not in records or (records[i].e2e_s is None and
@@ -103,6 +111,9 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
                     staleness=cluster.staleness_summary(),
                     busy_fraction=sum(w.busy_seconds for w in cluster.workers) / (len(cluster.workers) * max(ends)),
                     preemptions=sum(w.engine.scheduler.stats.num_preemptions for w in cluster.workers))
+    if planner is not None:
+        counters["role_changes"] = [e.__dict__ for e in planner.timeline]
+        counters["final_split"] = [len(cluster.prefill), len(cluster.decode)]
     return SimResult([records[i] for i in sorted(records)], max(ends), cluster.prefix_cache(), counters)
 
 
@@ -153,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                                    max_num_batched_tokens=args.max_num_batched_tokens, vocab_size=args.vocab_size,
                                    cpu_tier_blocks=(cpu_mb << 20) // model.bytes_per_block,
                                    disk_tier_blocks=(args.disk_tier_mb << 20) // model.bytes_per_block if cpu_mb else 0,
-                                   session_hints=spec.hints or args.session_hints)
+                                   session_hints=spec.hints or args.session_hints, planner=spec.planner_config(slo))
             t0 = time.perf_counter()
             chaos = SimChaos(args.kill_fraction, args.kill_at, args.detect_s, args.restart_s, args.seed) \
                 if args.kill_fraction > 0 else None

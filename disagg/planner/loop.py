@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def collect_signals(core: RouterCore, config: PlannerConfig, now: float | None = None) -> Signals:
+def collect_signals(
+    core: RouterCore, config: PlannerConfig, now: float | None = None, default_prefill_tokens_per_s: float = 2000.0
+) -> Signals:
     now = time.monotonic() if now is None else now
     workers = []
     for name, health in core.health.workers.items():
@@ -43,7 +45,7 @@ def collect_signals(core: RouterCore, config: PlannerConfig, now: float | None =
             )
         )
     ttft, tpot, finished = core.latency.attainment(config.ttft_slo_s, config.tpot_slo_s, config.window_s, now)
-    return Signals(now, workers, ttft, tpot, finished)
+    return Signals(now, workers, ttft, tpot, finished, default_prefill_tokens_per_s)
 
 
 class PlannerLoop:

@@ -5,17 +5,20 @@ Pure logic (no Ray, no asyncio, clock passed in): `Planner.decide(signals)` retu
 Signals are the router's own exact accounting (prompt tokens queued for prefill per worker, requests decoding
 per worker, KV blocks in use from heartbeats) and SLO attainment over a window of finished requests.
 
-Rules, in order (each move keeps at least `min_decode` decode-capable workers and `min_prefill` prefill ones):
-1. TTFT is missed (attainment < target) or prefill is backed up (estimated prefill wait > `prefill_wait_high_s`)
-   while decode has slack (TPOT met, load < `decode_load_high`): a decode worker becomes a prefill worker -
-   the least loaded one, so the fewest streams drain.
-2. TPOT is missed or decode is saturated (load > `decode_load_high`) while prefill has slack (wait <
-   `prefill_wait_low_s`): a prefill worker becomes a decode worker - the one with the shortest queue.
-3. Prefill workers idle (wait ~0, TTFT met) while decode is busier than `decode_load_low`: one moves to decode
-   (disaggregation that does not pay is undone; with no prefill worker left every decode worker prefills its
-   own prompts, i.e. aggregated serving).
-Both short at once: no move helps (capacity, not the split, is missing); the reason says so.
-
+What a role buys here: a decode worker also prefills its own prompts (when the router keeps them local), so a
+prefill-only worker adds no compute - it isolates prefill from decode steps, which protects TPOT, at the price
+of a queue in front of it.  Rules, in order (each move keeps at least `min_decode` decode-capable workers and
+`min_prefill` prefill ones):
+1. TTFT missed and TPOT missed: capacity, not the split, is short - no move helps (hold, reason "saturated").
+2. TPOT missed (attainment < target, or decode load > `decode_load_high`) while decode workers are prefilling
+   prompts themselves (prompt tokens queued on them: prefill interference): a decode worker becomes a prefill
+   worker - the least loaded one, so the fewest streams drain.
+3. TPOT missed without interference (decode is simply full): a prefill worker with the shortest queue becomes a
+   decode worker.
+4. TTFT missed, or prompts wait at the prefill workers (estimated wait > `prefill_wait_high_s`), while TPOT is met:
+   the prefill-only queue is the bottleneck and decode workers have room to prefill their own prompts - a prefill
+   worker becomes a decode worker (towards aggregated serving).
+5. Prefill workers idle (estimated wait ~0) while decode is busier than `decode_load_low`: one moves to decode.
 Hysteresis: a move must be asked for `confirm_rounds` rounds in a row; at most one move per `cooldown_s`; a
 worker stays in a role at least `min_dwell_s`; and a worker
 reverses a move (back to the role it just left) at most once per `reversal_window_s` - so no flapping.
@@ -31,10 +34,9 @@ from disagg.protocol import Role
 
 
 class Reason(str, enum.Enum):
-    TTFT_MISSED = "ttft_missed"
-    PREFILL_BACKLOG = "prefill_backlog"
-    TPOT_MISSED = "tpot_missed"
-    DECODE_SATURATED = "decode_saturated"
+    PREFILL_INTERFERENCE = "prefill_interference"  # TPOT suffers from prompts prefilled on decode workers
+    DECODE_SATURATED = "decode_saturated"  # TPOT suffers, decode is simply full
+    PREFILL_BACKLOG = "prefill_backlog"  # TTFT suffers from the queue at the prefill-only workers
     PREFILL_IDLE = "prefill_idle"
 
 
@@ -149,25 +151,27 @@ class Planner:
         ttft_bad = judged and s.ttft_attainment is not None and s.ttft_attainment < cfg.target_attainment
         tpot_bad = judged and s.tpot_attainment is not None and s.tpot_attainment < cfg.target_attainment
         wait, load = s.prefill_wait_s(), s.decode_load()
-        prefill_short = ttft_bad or wait > cfg.prefill_wait_high_s
         decode_short = tpot_bad or load > cfg.decode_load_high
-        if prefill_short and decode_short:
+        prefill_short = ttft_bad or (bool(s.prefill_workers()) and wait > cfg.prefill_wait_high_s)
+        if ttft_bad and tpot_bad:
             self._streak = (None, 0)
             return Hold.SATURATED
         if not judged and not (prefill_short or decode_short):
             return Hold.NO_DATA
         detail = (
             f"ttft_ok={_pct(s.ttft_attainment)} tpot_ok={_pct(s.tpot_attainment)} "
-            f"prefill_wait={wait:.2f}s decode_load={load:.2f}"
+            f"prefill_wait={wait:.2f}s decode_load={load:.2f} "
+            f"decoders_prefilling={sum(w.queued_prefill_tokens for w in s.decode_workers())}tok"
         )
+        interference = any(w.queued_prefill_tokens for w in s.decode_workers())
         wanted: tuple[Role, Reason] | None = None
-        if prefill_short:
-            wanted = (Role.PREFILL, Reason.TTFT_MISSED if ttft_bad else Reason.PREFILL_BACKLOG)
-        elif decode_short and wait < cfg.prefill_wait_low_s:
-            wanted = (Role.DECODE, Reason.TPOT_MISSED if tpot_bad else Reason.DECODE_SATURATED)
-        elif (
-            s.prefill_workers() and wait < cfg.prefill_wait_low_s * 0.1 and not ttft_bad and load > cfg.decode_load_low
-        ):
+        if decode_short and interference:
+            wanted = (Role.PREFILL, Reason.PREFILL_INTERFERENCE)
+        elif decode_short and s.prefill_workers():
+            wanted = (Role.DECODE, Reason.DECODE_SATURATED)
+        elif prefill_short and s.prefill_workers():
+            wanted = (Role.DECODE, Reason.PREFILL_BACKLOG)
+        elif s.prefill_workers() and wait < cfg.prefill_wait_low_s * 0.1 and load > cfg.decode_load_low:
             wanted = (Role.DECODE, Reason.PREFILL_IDLE)
         direction = wanted[0] if wanted is not None else None
         streak = self._streak[1] + 1 if direction is not None and direction is self._streak[0] else 1
