@@ -48,6 +48,12 @@ _BENCH_TOOLS = {
 }
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from bench.plan import main as plan_main
+
+    return plan_main(args.rest)
+
+
 def _bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -74,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     srv = sub.add_parser("serve", help="start workers + router on Ray and serve the OpenAI-compatible API")
     build_parser(srv)
     srv.set_defaults(func=serve)
+    plan = sub.add_parser(
+        "plan", help="rank prefill:decode splits for a workload and SLOs (calibrated simulator)", add_help=False
+    )
+    plan.add_argument("rest", nargs=argparse.REMAINDER)
+    plan.set_defaults(func=_plan)
     bench = sub.add_parser(
         "bench", help="bench harness: replay traces, compare configurations, simulate", add_help=False
     )
@@ -82,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its own parser takes every option (argparse's REMAINDER would stop at "--x")
+        return _plan(argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -117,6 +117,42 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
     return SimResult([records[i] for i in sorted(records)], max(ends), cluster.prefix_cache(), counters)
 
 
+def num_blocks(args: argparse.Namespace, model: StepTimeModel) -> int:
+    """KV blocks per simulated worker: --num-blocks, else what a real worker's --kv-cache-mb holds."""
+    return args.num_blocks or (args.kv_cache_mb << 20) // model.bytes_per_block
+
+
+def sim_config(spec: Any, args: argparse.Namespace, model: StepTimeModel, slo: SLO) -> SimClusterConfig:
+    """The simulated cluster for one config spec, sized like the real one (`disagg serve` / `bench compare`)."""
+    cpu_mb = args.cpu_tier_mb if spec.cpu_tier_mb is None else spec.cpu_tier_mb  # as `disagg serve`
+    return SimClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, policy=spec.policy_config(),
+                            num_blocks=num_blocks(args, model), max_model_len=args.max_model_len,
+                            max_num_batched_tokens=args.max_num_batched_tokens, vocab_size=args.vocab_size,
+                            cpu_tier_blocks=(cpu_mb << 20) // model.bytes_per_block,
+                            disk_tier_blocks=(args.disk_tier_mb << 20) // model.bytes_per_block if cpu_mb else 0,
+                            session_hints=spec.hints or args.session_hints, planner=spec.planner_config(slo),
+                            event_delay_s=args.event_delay_ms / 1000, event_jitter_s=args.event_jitter_ms / 1000,
+                            cores=args.cores, threads_per_worker=args.threads)
+
+
+def add_sim_args(parser: argparse.ArgumentParser) -> None:
+    """The simulated cluster's sizing and fidelity knobs (shared by `bench simulate` and `disagg plan`)."""
+    parser.add_argument("--time-model", default=None, help="JSON from `disagg bench calibrate` (default: built-in)")
+    parser.add_argument("--num-blocks", type=int, default=0, help="KV blocks per simulated worker (0: from "
+                        "--kv-cache-mb, as a real worker sizes its cache)")
+    parser.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache per worker (bench compare's default)")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--cpu-tier-mb", type=int, default=256, help="CPU KV tier per worker (disagg serve's "
+                        "default; 0: no tiers); a config's cpu_tier_mb=N overrides it")
+    parser.add_argument("--disk-tier-mb", type=int, default=1024)
+    parser.add_argument("--session-hints", action="store_true", help="send session ids and KV retention pins")
+    parser.add_argument("--event-delay-ms", type=float, default=2.0, help="KV events reach the router after this")
+    parser.add_argument("--event-jitter-ms", type=float, default=5.0, help="plus up to this (batches may reorder)")
+    parser.add_argument("--cores", type=int, default=0, help="CPU cores all workers share (0: one set each)")
+    parser.add_argument("--threads", type=int, default=1, help="compute threads per worker (with --cores)")
+
+
 def _stale(m: dict[str, Any]) -> str:
     st = m["sim"].get("staleness")
     if not st:
@@ -129,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg bench simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="agg-rr=0x16:round_robin,agg-kv=0x16:kv,disagg-kv=4x12:kv")
     parser.add_argument("--rates", default="1", help="load levels: multipliers on the trace's pace")
-    parser.add_argument("--time-model", default=None, help="JSON from `disagg bench calibrate` (default: built-in)")
-    parser.add_argument("--num-blocks", type=int, default=4096, help="KV blocks per simulated worker")
-    parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    add_sim_args(parser)
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
     parser.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
@@ -141,10 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-fraction", type=float, default=0.0,
                         help="chaos: kill this fraction of the workers at --kill-at (0: no chaos)")
     parser.add_argument("--kill-at", type=float, default=60.0, help="chaos: virtual seconds into the run")
-    parser.add_argument("--cpu-tier-mb", type=int, default=256, help="CPU KV tier per worker (disagg serve's "
-                        "default; 0: no tiers); a config's cpu_tier_mb=N overrides it")
-    parser.add_argument("--disk-tier-mb", type=int, default=1024)
-    parser.add_argument("--session-hints", action="store_true", help="send session ids and KV retention pins")
     parser.add_argument("--detect-s", type=float, default=SimChaos.detect_s)
     parser.add_argument("--restart-s", type=float, default=SimChaos.restart_s)
     add_workload_args(parser)
@@ -157,14 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for rate in rates:
         rate_scale = TraceScale(**{**scale.__dict__, "time_scale": scale.time_scale * rate})
         for spec in parse_configs(args.configs):
-            cpu_mb = args.cpu_tier_mb if spec.cpu_tier_mb is None else spec.cpu_tier_mb  # as `disagg serve`
-            cfg = SimClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode,
-                                   policy=spec.policy_config(), num_blocks=args.num_blocks,
-                                   max_model_len=args.max_model_len,
-                                   max_num_batched_tokens=args.max_num_batched_tokens, vocab_size=args.vocab_size,
-                                   cpu_tier_blocks=(cpu_mb << 20) // model.bytes_per_block,
-                                   disk_tier_blocks=(args.disk_tier_mb << 20) // model.bytes_per_block if cpu_mb else 0,
-                                   session_hints=spec.hints or args.session_hints, planner=spec.planner_config(slo))
+            cfg = sim_config(spec, args, model, slo)
             t0 = time.perf_counter()
             chaos = SimChaos(args.kill_fraction, args.kill_at, args.detect_s, args.restart_s, args.seed) \
                 if args.kill_fraction > 0 else None
@@ -187,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(simulated {result.duration_s:.0f}s in {time.perf_counter() - t0:.1f}s)", flush=True)
     meta = {"title": f"simulated comparison on {workload['name']}", "workload": workload,
             "scale": scale.describe(), "settings": {"time_model": model.__dict__, "configs": args.configs,
-                                                     "rates": rates, "num_blocks": args.num_blocks}}
+                                                     "rates": rates, "num_blocks": num_blocks(args, model)}}
     paths = write_report(args.out, runs, meta, records)
     print(paths["markdown"].read_text())
     print(json.dumps([{"label": r["label"], "goodput": r["metrics"]["request_goodput"]} for r in runs], indent=2))
