@@ -62,7 +62,9 @@ def aiperf_metrics(artifacts: Path) -> dict[str, float]:
         return float(entry[stat])
 
     return {"ttft_mean_ms": pick("time_to_first_token", "avg"), "ttft_p50_ms": pick("time_to_first_token", "p50"),
-            "itl_mean_ms": pick("inter_token_latency", "avg"),
+            # AIPerf's ITL is per request (latency - TTFT) / (output tokens - 1): our TPOT's definition
+            "tpot_mean_ms": pick("inter_token_latency", "avg"),
+            "chunk_gap_mean_ms": pick("inter_chunk_latency", "avg"),
             "output_tok_s": pick("output_token_throughput", "avg"),
             "requests": pick("request_count", "avg")}
 
@@ -71,12 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.aiperf_check", description=__doc__.splitlines()[0])
     p.add_argument("--aiperf", required=True, help="the aiperf executable of its own venv")
     p.add_argument("--model", default="")
-    p.add_argument("--requests", type=int, default=40)
-    p.add_argument("--interval-ms", type=float, default=1000.0, help="one request every this many ms")
+    p.add_argument("--requests", type=int, default=30)
+    p.add_argument("--interval-ms", type=float, default=3000.0, help="one request every this many ms")
     p.add_argument("--input-tokens", type=int, default=256)
     p.add_argument("--output-tokens", type=int, default=32)
-    p.add_argument("--cpus", default="0,1")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cpus", default="0", help="CPUs the server runs on")
+    p.add_argument("--client-cpus", default="1", help="CPUs both clients run on (apart from the server's: a client "
+                   "that competes with the server for cores slows the server it measures)")
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--port", type=int, default=8200)
     p.add_argument("--out", default="bench/results/aiperf")
     args = p.parse_args(argv)
@@ -96,13 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     proc = start(system, args.cpus, out)
     try:
         wait_ready(system, proc, 600)
-        cfg = ReplayConfig(url=system.url, model=model.name, scale=TraceScale(block_tokens=16), progress=False)
+        # the trace's own lengths (AIPerf does not scale them): one hash_id = 512 tokens, outputs x1
+        scale = TraceScale(block_tokens=512, output_scale=1.0)
+        cfg = ReplayConfig(url=system.url, model=model.name, scale=scale, progress=False)
+        client_cpus = {int(c) for c in args.client_cpus.split(",")}
+        os.sched_setaffinity(0, client_cpus)
         ours = asyncio.run(replay(trace, cfg)).metrics(SLO(10_000, 1_000))
         tokenizer = hf_cache_for(model, out / "hf")
         env = {**os.environ, "HF_HOME": str(out / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         artifacts = out / "aiperf"
         shutil.rmtree(artifacts, ignore_errors=True)
-        cmd = [args.aiperf, "profile", "--model", model.name, "--tokenizer", tokenizer, "--url", system.url,
+        cmd = ["taskset", "-c", args.client_cpus, args.aiperf, "profile", "--model", model.name, "--tokenizer", tokenizer, "--url", system.url,
                "--endpoint-type", "completions", "--streaming", "--input-file", str(trace_file),
                "--custom-dataset-type", "mooncake_trace", "--fixed-schedule", "--extra-inputs", "ignore_eos:true",
                "--use-server-token-count", "--output-artifact-dir", str(artifacts), "--ui-type", "none",
@@ -117,13 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop(proc)
     mine = {"ttft_mean_ms": ours["mean_ttft_ms"], "ttft_p50_ms": ours["median_ttft_ms"],
-            "itl_mean_ms": ours["mean_itl_ms"], "output_tok_s": ours["output_throughput"],
+            "tpot_mean_ms": ours["mean_tpot_ms"], "chunk_gap_mean_ms": ours["mean_itl_ms"],
+            "output_tok_s": ours["output_throughput"],
             "requests": ours["completed"]}
     rows = {k: {"disagg_harness": mine[k], "aiperf": theirs[k], "ratio": mine[k] / theirs[k] if theirs[k] else None}
             for k in mine}
     result = {"workload": {"requests": args.requests, "interval_ms": args.interval_ms,
                            "input_tokens": args.input_tokens, "output_tokens": args.output_tokens},
-              "command": " ".join(cmd), "rows": rows}
+              "server_cpus": args.cpus, "client_cpus": args.client_cpus, "command": " ".join(cmd), "rows": rows}
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

@@ -1,0 +1,103 @@
+"""Cluster-level check of the simulator: the same workloads, loads and configurations on the real cluster (Ray,
+HTTP, this machine's cores) and in the simulator (calibrated time model, the workers sharing the same cores),
+side by side: TTFT p50 / p90 and goodput, their ratios, and whether both rank the configurations alike.
+
+    .venv/bin/python -m bench.sim.validate --time-model bench/results/time_model.json --out bench/results/validate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.compare import parse_configs, run_one
+from bench.replay import ReplayConfig
+from bench.report import SLO
+from bench.sim.run import add_sim_args, sim_config, simulate
+from bench.sim.timemodel import StepTimeModel
+from bench.traces import agent, loaders
+from bench.traces.record import TraceScale
+
+KEYS = ("median_ttft_ms", "p90_ttft_ms", "request_goodput")
+
+
+def workloads(args: argparse.Namespace) -> dict[str, tuple[list, TraceScale]]:
+    cap = dict(max_input_tokens=args.max_model_len - 257, max_output_tokens=256)
+    conv = loaders.load("mooncake_conversation_trace.jsonl", args.conv_limit)
+    sessions = agent.generate(agent.parse_mix("coding_agent"), args.sessions, args.session_rate, seed=0)
+    return {"agent": (sessions, TraceScale(block_tokens=16, **cap)),
+            "conversation": (conv, TraceScale(block_tokens=16, time_scale=args.conv_time_scale, **cap))}
+
+
+def ranking(rows: dict[str, dict[str, Any]]) -> list[str]:
+    return sorted(rows, key=lambda name: -rows[name]["request_goodput"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.sim.validate", description=__doc__.splitlines()[0])
+    p.add_argument("--configs", default="agg-kv=0x2:kv,disagg-kv=1x1:kv,dynamic=1x1:kv:planner=1")
+    p.add_argument("--rates", default="1,2")
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--session-rate", type=float, default=0.2)
+    p.add_argument("--conv-limit", type=int, default=40)
+    p.add_argument("--conv-time-scale", type=float, default=0.1)
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    p.add_argument("--vocab-size", type=int, default=49152)
+    p.add_argument("--only", default="agent,conversation")
+    p.add_argument("--out", default="bench/results/validate")
+    add_sim_args(p)
+    args = p.parse_args(argv)
+    if not args.cores:
+        args.cores = 2  # this machine: the real workers share 2 cores
+    model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
+    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    specs = parse_configs(args.configs)
+    from disagg.model_store import default_model_dir
+
+    engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": args.kv_cache_mb,
+              "max_model_len": args.max_model_len, "num_threads": args.threads}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    for wname, (trace, scale) in workloads(args).items():
+        if wname not in args.only.split(","):
+            continue
+        for rate in (float(r) for r in args.rates.split(",")):
+            rscale = replace(scale, time_scale=scale.time_scale * rate)
+            for spec in specs:
+                cfg = ReplayConfig(url="", scale=rscale, progress=False, vocab_size=args.vocab_size)
+                real = run_one(spec, engine, trace, cfg, slo=slo).metrics(slo)
+                sim = simulate(trace, rscale, sim_config(spec, args, model, slo), model).metrics(slo)
+                row = {"workload": wname, "rate": rate, "config": spec.name,
+                       "real": {k: real[k] for k in KEYS}, "sim": {k: sim[k] for k in KEYS},
+                       "ratio": {k: sim[k] / real[k] if real[k] else None for k in KEYS},
+                       "real_failed": real["failed"], "role_changes_real": len(real.get("role_changes", []))}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                (out / "rows.json").write_text(json.dumps(rows, indent=2))
+    lines = ["| workload | load | config | TTFT p50 real / sim | TTFT p90 real / sim | goodput real / sim |",
+             "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        a, b = r["real"], r["sim"]
+        lines.append(f"| {r['workload']} | {r['rate']:g}x | {r['config']} | {a['median_ttft_ms']:,.0f} / "
+                     f"{b['median_ttft_ms']:,.0f} | {a['p90_ttft_ms']:,.0f} / {b['p90_ttft_ms']:,.0f} | "
+                     f"{a['request_goodput']:.3f} / {b['request_goodput']:.3f} |")
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["rate"]), []).append(r)
+    for (wname, rate), group in groups.items():
+        real_rank = ranking({r["config"]: r["real"] for r in group})
+        sim_rank = ranking({r["config"]: r["sim"] for r in group})
+        lines.append(f"\n{wname} {rate:g}x: real ranking {real_rank}, simulated {sim_rank}"
+                     f"{' (same)' if real_rank == sim_rank else ' (DIFFERENT)'}")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
