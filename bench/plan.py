@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra-slos", default="", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     p.add_argument("--budget", type=int, default=12, help="disaggregated splits to simulate at most")
     p.add_argument("--dynamic", action="store_true", help="also rank the planner, starting from the best split")
+    p.add_argument("--dynamic-from", default="", help="PxD the planner starts from (default: the best static split)")
     p.add_argument("--out", default="bench/results/plan")
     add_sim_args(p)
     add_workload_args(p)
@@ -131,10 +132,13 @@ def main(argv: list[str] | None = None) -> int:
           f"(SLO TTFT {slo.ttft_ms:g} ms, TPOT {slo.tpot_ms:g} ms; time model: {model.source})", flush=True)
     search.run(ClusterSpec(f"agg-kv 0x{args.workers}", 0, args.workers, "kv"))
     search.splits(args.workers, args.budget)
-    if args.dynamic:
-        static = ranking(list(search.results.values()))[0]
-        search.run(ClusterSpec(f"dynamic from {static['prefill']}x{static['decode']}", static["prefill"],
-                               static["decode"], "kv", planner=True))
+    if args.dynamic or args.dynamic_from:
+        if args.dynamic_from:
+            start_p, start_d = (int(x) for x in args.dynamic_from.lower().split("x"))
+        else:
+            best = ranking(list(search.results.values()))[0]
+            start_p, start_d = best["prefill"], best["decode"]
+        search.run(ClusterSpec(f"dynamic from {start_p}x{start_d}", start_p, start_d, "kv", planner=True))
     ranked = ranking(list(search.results.values()))
     text = markdown(ranked)
     why = reason(ranked)

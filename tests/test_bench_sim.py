@@ -111,7 +111,10 @@ def test_calibration_fits_and_validates_against_a_real_engine(tmp_path, tiny_lla
     assert model.per_token > 0 and model.base >= 0 and "fitted on" in model.source
     report = json.loads((tmp_path / "tm_report.json").read_text())
     ratio = {row["metric"]: row["sim / real"] for row in report["validation"]}
-    assert 0.1 < ratio["makespan (ms)"] < 10  # a sanity bound only: timing on a shared CPU is noisy
+    # what the fitted model achieves here (measured 1.00-1.13 for the makespan, 0.93-1.08 for TTFT p50 and E2E
+    # p50), with room for a noisy shared CPU
+    assert 0.7 < ratio["makespan (ms)"] < 1.4
+    assert 0.6 < ratio["e2e p50 (ms)"] < 1.6
 
 
 def test_simulated_kills_migrate_requests_and_every_request_completes():

@@ -52,6 +52,11 @@ class SimClusterConfig:
     cores: int = 0  # CPU cores the workers share (0: each worker has its own); steps stretch when oversubscribed
     threads_per_worker: int = 1
     planner: dict[str, Any] | None = None  # PlannerConfig fields: roles change at runtime (None: static split)
+    # what a real cluster on one machine adds (fitted by bench/sim/validate.py on one real run): a fixed cost per
+    # request before it reaches a worker (HTTP, router, RPC), and slower steps (the router, HTTP server and Ray
+    # share the cores with the engines)
+    request_overhead_s: float = 0.0
+    step_slowdown: float = 1.0
     cpu_tier_blocks: int = 0  # CPU KV tier per worker (0: no tiers)
     disk_tier_blocks: int = 0
     session_hints: bool = False  # requests carry their agent session and a KV retention pin (as replay does)
@@ -102,7 +107,7 @@ class SimWorker:
             if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
                 self.kick()
             return
-        duration = self.engine.runner.last_step_s * self.cluster.contention()
+        duration = self.engine.runner.last_step_s * self.cluster.contention() * self.cluster.config.step_slowdown
         self.busy = True
         self.busy_seconds += duration
         incarnation = self.incarnation
@@ -314,7 +319,11 @@ class SimCluster:
         """Start a request: through the admission queue if there is one (on_reject(time, error) if it is
         refused), else at once.  on_token(time, delta) is called for every token (the last is finished)."""
         if self.admission is None:
-            self.dispatch(request, on_token, session)
+            if self.config.request_overhead_s:
+                self.loop.at(self.loop.now + self.config.request_overhead_s,
+                             lambda: self.dispatch(request, on_token, session))
+            else:
+                self.dispatch(request, on_token, session)
             return
         self.admission.submit(request, on_token, session, on_reject or (lambda now, exc: None), tenant, priority)
 

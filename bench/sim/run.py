@@ -132,7 +132,8 @@ def sim_config(spec: Any, args: argparse.Namespace, model: StepTimeModel, slo: S
                             disk_tier_blocks=(args.disk_tier_mb << 20) // model.bytes_per_block if cpu_mb else 0,
                             session_hints=spec.hints or args.session_hints, planner=spec.planner_config(slo),
                             event_delay_s=args.event_delay_ms / 1000, event_jitter_s=args.event_jitter_ms / 1000,
-                            cores=args.cores, threads_per_worker=args.threads)
+                            cores=args.cores, threads_per_worker=args.threads,
+                            request_overhead_s=args.request_overhead_ms / 1000, step_slowdown=args.step_slowdown)
 
 
 def add_sim_args(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +152,10 @@ def add_sim_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--event-jitter-ms", type=float, default=5.0, help="plus up to this (batches may reorder)")
     parser.add_argument("--cores", type=int, default=0, help="CPU cores all workers share (0: one set each)")
     parser.add_argument("--threads", type=int, default=1, help="compute threads per worker (with --cores)")
+    parser.add_argument("--request-overhead-ms", type=float, default=0.0,
+                        help="fixed cost per request before a worker sees it (HTTP, router, RPC; fitted on a real run)")
+    parser.add_argument("--step-slowdown", type=float, default=1.0,
+                        help="factor on step times for what shares the machine with the engines (fitted likewise)")
 
 
 def _stale(m: dict[str, Any]) -> str:

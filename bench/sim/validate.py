@@ -32,6 +32,22 @@ def workloads(args: argparse.Namespace) -> dict[str, tuple[list, TraceScale]]:
             "conversation": (conv, TraceScale(block_tokens=16, time_scale=args.conv_time_scale, **cap))}
 
 
+def fit_overheads(trace: list, scale: TraceScale, spec: Any, args: argparse.Namespace, model: StepTimeModel,
+                  slo: SLO, real: dict[str, float]) -> tuple[float, float]:
+    """Grid search of (request overhead ms, step slowdown) minimising the summed |log(sim / real)| of TTFT p50,
+    TTFT p90 and goodput on one real run."""
+    import math
+
+    best = (float("inf"), 0.0, 1.0)
+    for overhead in (0, 50, 100, 150, 200, 250, 300, 400):
+        for slowdown in (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5):
+            args.request_overhead_ms, args.step_slowdown = overhead, slowdown
+            sim = simulate(trace, scale, sim_config(spec, args, model, slo), model).metrics(slo)
+            err = sum(abs(math.log(max(sim[k], 1e-9) / max(real[k], 1e-9))) for k in KEYS)
+            best = min(best, (err, overhead, slowdown))
+    return best[1], best[2]
+
+
 def ranking(rows: dict[str, dict[str, Any]]) -> list[str]:
     return sorted(rows, key=lambda name: -rows[name]["request_goodput"])
 
@@ -49,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=49152)
     p.add_argument("--only", default="agent,conversation")
     p.add_argument("--out", default="bench/results/validate")
+    p.add_argument("--resim", default="", help="rows.json of an earlier run: reuse its real results, simulate again")
+    p.add_argument("--fit", default="", help="WORKLOAD:RATE:CONFIG - fit --request-overhead-ms and --step-slowdown "
+                   "on that one real run (grid search), then check every other run with them")
     add_sim_args(p)
     args = p.parse_args(argv)
     if not args.cores:
@@ -63,19 +82,39 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for wname, (trace, scale) in workloads(args).items():
+    stored = {(r["workload"], r["rate"], r["config"]): r for r in json.loads(Path(args.resim).read_text())} \
+        if args.resim else {}
+    loads = workloads(args)
+    if args.fit:
+        fit_workload, fit_rate, fit_config = args.fit.split(":")
+        trace, scale = loads[fit_workload]
+        spec = next(s for s in specs if s.name == fit_config)
+        real_row = stored[(fit_workload, float(fit_rate), fit_config)]["real"]
+        args.request_overhead_ms, args.step_slowdown = fit_overheads(
+            trace, replace(scale, time_scale=scale.time_scale * float(fit_rate)), spec, args, model, slo, real_row)
+        print(f"fitted on {args.fit}: request overhead {args.request_overhead_ms:.0f} ms, step slowdown "
+              f"{args.step_slowdown:.2f}", flush=True)
+    for wname, (trace, scale) in loads.items():
         if wname not in args.only.split(","):
             continue
         for rate in (float(r) for r in args.rates.split(",")):
             rscale = replace(scale, time_scale=scale.time_scale * rate)
             for spec in specs:
-                cfg = ReplayConfig(url="", scale=rscale, progress=False, vocab_size=args.vocab_size)
-                real = run_one(spec, engine, trace, cfg, slo=slo).metrics(slo)
+                key = (wname, rate, spec.name)
+                if key in stored:
+                    real_keys = stored[key]["real"]
+                else:
+                    cfg = ReplayConfig(url="", scale=rscale, progress=False, vocab_size=args.vocab_size)
+                    real_keys = {k: v for k, v in run_one(spec, engine, trace, cfg, slo=slo).metrics(slo).items()
+                                 if k in KEYS}
                 sim = simulate(trace, rscale, sim_config(spec, args, model, slo), model).metrics(slo)
-                row = {"workload": wname, "rate": rate, "config": spec.name,
+                real = real_keys
+                row = {"workload": wname, "rate": rate, "config": spec.name, "fitted_on": f"{wname}:{rate:g}:"
+                       f"{spec.name}" == args.fit.replace(".0:", ":") if args.fit else False,
                        "real": {k: real[k] for k in KEYS}, "sim": {k: sim[k] for k in KEYS},
                        "ratio": {k: sim[k] / real[k] if real[k] else None for k in KEYS},
-                       "real_failed": real["failed"], "role_changes_real": len(real.get("role_changes", []))}
+                       "sim_settings": {"request_overhead_ms": args.request_overhead_ms,
+                                        "step_slowdown": args.step_slowdown}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 (out / "rows.json").write_text(json.dumps(rows, indent=2))

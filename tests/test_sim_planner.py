@@ -1,0 +1,109 @@
+"""The simulator side of issue 14: role changes and the planner in virtual time (nothing lost, roles follow),
+the fidelity knobs (event jitter makes the router pull snapshots, KV reads share a link, shared cores slow steps),
+`disagg plan` ranking, and the load-step harness."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.compare import ClusterSpec
+from bench.planner_step import _reversals, recovery_s, step_workload
+from bench.report import SLO
+from bench.sim.cluster import SimCluster, SimClusterConfig, sampling_for
+from bench.sim.run import simulate
+from bench.sim.timemodel import StepTimeModel
+from bench.traces import agent
+from bench.traces.record import TraceScale
+from disagg.protocol import Request, Role
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = StepTimeModel()
+SCALE = TraceScale(block_tokens=16, max_input_tokens=1791, max_output_tokens=256)
+
+
+def _trace(sessions=30, rate=1.0):
+    return agent.generate(agent.parse_mix("coding_agent:2,short_chat:1"), sessions, rate, seed=0)
+
+
+def test_role_change_mid_run_loses_nothing_and_routing_follows():
+    cluster = SimCluster(SimClusterConfig(num_prefill=1, num_decode=2, num_blocks=512), MODEL)
+    done: dict[str, int] = {}
+
+    def submit(i: int) -> None:
+        prompt = [(7 * i + j) % 4000 + 1 for j in range(300)]
+        cluster.submit(Request(f"r{i}", prompt, sampling_for(20)),
+                       lambda now, d, i=i: done.__setitem__(f"r{i}", done.get(f"r{i}", 0) + len(d.token_ids)))
+
+    for i in range(6):
+        cluster.loop.at(0.01 * i, lambda i=i: submit(i))
+    cluster.loop.at(0.2, lambda: cluster.set_role("prefill-0", Role.DECODE))  # mid-flight
+    for i in range(6, 12):
+        cluster.loop.at(0.3 + 0.01 * i, lambda i=i: submit(i))
+    cluster.run()
+    assert done == {f"r{i}": 20 for i in range(12)}
+    assert cluster.prefill == {} and set(cluster.decode) == {"prefill-0", "decode-0", "decode-1"}
+    assert cluster.router.health.workers["prefill-0"].role is Role.DECODE
+    assert all(load.active_requests == 0 and load.queued_prefill_tokens == 0 for load in cluster.router.loads.values())
+
+
+def test_planner_in_simulation_moves_and_never_reverses_twice_in_its_window():
+    spec = ClusterSpec("dyn", 2, 6, "kv", planner=True)
+    config = SimClusterConfig(num_prefill=2, num_decode=6, num_blocks=364, planner=spec.planner_config(SLO(2000, 200)))
+    scale = TraceScale(**{**SCALE.__dict__, "time_scale": 3.0})
+    result = simulate(_trace(40), scale, config, MODEL)
+    assert all(r.ok for r in result.records)
+    changes = result.counters["role_changes"]
+    assert changes, "a 2P:6D split at 3x this load is prefill-queue bound: the planner must move"
+    assert all(c["reason"] in ("prefill_backlog", "prefill_idle", "decode_saturated", "prefill_interference")
+               for c in changes)
+    times = [c["time_s"] for c in changes]
+    assert all(b - a >= 10 for a, b in zip(times, times[1:]))  # the cooldown
+    assert max(_reversals(changes).values(), default=0) <= 1  # well inside a 120 s window for this short run
+    assert sum(result.counters["final_split"]) == 8
+
+
+def test_event_jitter_reorders_batches_and_the_router_pulls_snapshots():
+    trace = _trace(20)
+    calm = simulate(trace, SCALE, SimClusterConfig(num_prefill=0, num_decode=4, num_blocks=364), MODEL)
+    jitter = simulate(trace, SCALE, SimClusterConfig(num_prefill=0, num_decode=4, num_blocks=364,
+                                                     event_jitter_s=0.05, snapshot_delay_s=0.05), MODEL)
+    assert calm.counters.get("snapshots", 0) == 0
+    assert jitter.counters["snapshots"] > 0
+    assert all(r.ok for r in jitter.records)
+
+
+def test_link_contention_and_shared_cores_slow_things_down():
+    trace = _trace(20)
+    base = dict(num_prefill=1, num_decode=3, num_blocks=364)
+    free = simulate(trace, SCALE, SimClusterConfig(**base, link_contention=False), MODEL)
+    shared = simulate(trace, SCALE, SimClusterConfig(**base, cores=2), MODEL)
+    mean = lambda res: sum(r.ttft_s for r in res.records) / len(res.records)  # noqa: E731
+    assert mean(shared) > mean(free) * 1.1  # 4 workers on 2 cores: steps stretch when they run together
+
+
+def test_disagg_plan_ranks_splits_and_says_why(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "disagg.cli", "plan", "--agent", "coding_agent", "--sessions", "12",
+                          "--session-rate", "0.5", "--workers", "4", "--dynamic", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    configs = [r["config"] for r in plan["ranking"]]
+    assert {"agg-kv 0x4", "disagg 1x3", "disagg 2x2", "disagg 3x1"} <= set(configs)
+    assert any(c.startswith("dynamic from") for c in configs)
+    goodputs = [r["goodput"] for r in plan["ranking"]]
+    assert goodputs == sorted(goodputs, reverse=True)
+    assert plan["reason"].startswith(f"{configs[0]} wins")
+    assert "| rank | config |" in out.stdout
+
+
+def test_step_workload_and_recovery_measure():
+    trace = step_workload("short_chat", rate=1.0, phase_s=20, factor=2.0)
+    first = [r for r in trace if r.timestamp_ms < 20_000 and not r.session_id.startswith("b")]
+    second = [r for r in trace if r.session_id.startswith("b")]
+    assert second and first and min(r.timestamp_ms for r in second) >= 20_000
+    # the second phase's private blocks never collide with the first's
+    private = lambda rs: {h for r in rs for h in r.hash_ids if h >= 2_000_000_000}  # noqa: E731
+    assert not private(first) & private(second)
+    series = [{"t": t, "attainment": a} for t, a in [(0, 1.0), (10, 0.5), (20, 0.8), (30, 0.95), (40, 0.93)]]
+    assert recovery_s(series, step_s=10, target=0.9) == 20
+    assert recovery_s(series[:3], step_s=10, target=0.9) is None
