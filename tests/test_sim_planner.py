@@ -3,6 +3,8 @@ the fidelity knobs (event jitter makes the router pull snapshots, KV reads share
 `disagg plan` ranking, and the load-step harness."""
 import json
 import subprocess
+
+import pytest
 import sys
 from pathlib import Path
 
@@ -72,13 +74,43 @@ def test_event_jitter_reorders_batches_and_the_router_pulls_snapshots():
     assert all(r.ok for r in jitter.records)
 
 
-def test_link_contention_and_shared_cores_slow_things_down():
-    trace = _trace(20)
+def test_shared_cores_slow_steps_down():
+    trace = _trace(30)
+    busy = TraceScale(**{**SCALE.__dict__, "time_scale": 4.0})
     base = dict(num_prefill=1, num_decode=3, num_blocks=364)
-    free = simulate(trace, SCALE, SimClusterConfig(**base, link_contention=False), MODEL)
-    shared = simulate(trace, SCALE, SimClusterConfig(**base, cores=2), MODEL)
-    mean = lambda res: sum(r.ttft_s for r in res.records) / len(res.records)  # noqa: E731
-    assert mean(shared) > mean(free) * 1.1  # 4 workers on 2 cores: steps stretch when they run together
+    mean = lambda res: sum(r.e2e_s for r in res.records) / len(res.records)  # noqa: E731
+    alone = simulate(trace, busy, SimClusterConfig(**base), MODEL)
+    shared = simulate(trace, busy, SimClusterConfig(**base, cores=2), MODEL)
+    assert mean(shared) > mean(alone) * 1.1  # 4 workers on 2 cores: steps stretch when they run together
+    cluster = SimCluster(SimClusterConfig(**base, cores=2), MODEL)
+    assert cluster.contention() == 1.0  # a step starting alone (1 of 2 cores)
+    for w in cluster.workers[:3]:
+        w.busy = True
+    assert cluster.contention() == 2.0  # 4 single-thread workers running on 2 cores
+
+
+
+def _first_tokens(link_contention: bool) -> list[float]:
+    """Two long prompts prefilled together on one prefill worker, both read into the one decode worker."""
+    # steps cost ~1 ms, a read of 15 blocks ~0.11 s: the reads decide when the first tokens come out
+    slow_link = StepTimeModel(base=0.001, per_token=1e-6, per_seq=0.0, per_attn=0.0, transfer_latency=0.0,
+                              transfer_bandwidth=1e8)
+    cluster = SimCluster(SimClusterConfig(num_prefill=1, num_decode=1, num_blocks=512,
+                                          link_contention=link_contention), slow_link)
+    firsts: dict[str, float] = {}
+    for i in range(2):
+        prompt = [(13 * i + j) % 4000 + 1 for j in range(241)]  # 15 full blocks
+        cluster.submit(Request(f"r{i}", prompt, sampling_for(4)),
+                       lambda now, d, i=i: firsts.setdefault(f"r{i}", now))
+    cluster.run()
+    return sorted(firsts.values())
+
+
+def test_kv_reads_into_one_worker_share_its_link():
+    shared, free = _first_tokens(True), _first_tokens(False)
+    read = 15 * StepTimeModel().bytes_per_block / 1e8
+    assert free[1] - free[0] < read / 2  # both reads at once: the two first tokens come together
+    assert shared[1] - shared[0] == pytest.approx(read, rel=0.2)  # the second read waits for the first
 
 
 def test_disagg_plan_ranks_splits_and_says_why(tmp_path):
