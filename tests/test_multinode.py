@@ -2,6 +2,7 @@
 `ray start --address`, both on 127.0.0.1), the prefill worker placed on one node and the decode worker on the
 other by Ray custom resources, and a disaggregated request whose KV crosses nodes over NIXL (UCX kept on `lo`
 by the transport configuration, as tests must)."""
+import json
 import os
 import re
 import shutil
@@ -12,15 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
-import ray
 
-from disagg.cluster.launch import ClusterConfig, Service
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.protocol import Heartbeat, SamplingParams
+from disagg.protocol import SamplingParams
 
 BIN = Path(sys.executable).parent
 PROMPT = [{"role": "user", "content": "Write three sentences about lighthouses, their keepers, and the sea at "
@@ -64,11 +61,8 @@ def two_nodes():
         time.sleep(3)
         procs.append(_ray(f"--address={address}", '--resources={"node_b": 4}', env=env))
         _wait_nodes(address, 2, env)
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        ray.init(address=address)
-        yield address
+        yield address, env
     finally:
-        ray.shutdown()
         for proc in reversed(procs):
             try:
                 os.killpg(proc.pid, 15)
@@ -78,33 +72,55 @@ def two_nodes():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+# The driver runs in a fresh process: a pytest process that already ran (and shut down) a local Ray instance
+# cannot place actors on an external cluster it joins afterwards (Ray keeps per-process state), as a real
+# `disagg serve --address` process never has to.
+DRIVER = r"""
+import json, re, sys
+import httpx, openai, ray
+from disagg.cluster.launch import ClusterConfig, Service
+from disagg.protocol import Heartbeat
+
+address, model_dir, prompt = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+ray.init(address=address, _node_ip_address="127.0.0.1")
+engine = dict(model=model_dir, kv_cache_memory_mb=128, num_threads=1)
+service = Service(ClusterConfig(num_prefill=1, num_decode=1, engine=engine, address=address,
+                                prefill_resources={"node_a": 1}, decode_resources={"node_b": 1},
+                                router_resources={"node_a": 1}, transport={"ucx_net_devices": "lo"}),
+                  {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
+try:
+    [prefill] = service.cluster.prefill_by_name.values()
+    [decode] = service.cluster.decode_by_name.values()
+    nodes = [Heartbeat.from_wire(ray.get(w.heartbeat.remote())).node_id for w in (prefill, decode)]
+    client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="x", max_retries=0, timeout=120)
+    before = httpx.get(f"{service.url}/metrics").text
+    reply = client.chat.completions.create(model=model_dir.rstrip("/").split("/")[-1], messages=prompt,
+                                           max_tokens=24, temperature=0)
+    after = httpx.get(f"{service.url}/metrics").text
+    counters = Heartbeat.from_wire(ray.get(decode.heartbeat.remote())).counters
+    print("RESULT " + json.dumps({"nodes": nodes, "text": reply.choices[0].message.content,
+                                  "before": before, "after": after, "counters": counters}))
+finally:
+    service.shutdown()
+    ray.shutdown()
+"""
+
+
 def test_disaggregated_request_crosses_nodes(two_nodes, smollm_dir):
-    engine = dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)
-    service = Service(ClusterConfig(num_prefill=1, num_decode=1, engine=engine, address=two_nodes,
-                                    prefill_resources={"node_a": 1}, decode_resources={"node_b": 1},
-                                    router_resources={"node_a": 1}, transport={"ucx_net_devices": "lo"}),
-                      {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
-    try:
-        [prefill] = service.cluster.prefill_by_name.values()
-        [decode] = service.cluster.decode_by_name.values()
-        nodes = {Heartbeat.from_wire(ray.get(w.heartbeat.remote())).node_id for w in (prefill, decode)}
-        assert len(nodes) == 2, "prefill and decode workers must sit on different nodes"
-        client = openai.OpenAI(base_url=f"{service.url}/v1", api_key="x", max_retries=0, timeout=120)
-        model = smollm_dir.name
-        before = httpx.get(f"{service.url}/metrics").text
-        reply = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=24, temperature=0)
-        after = httpx.get(f"{service.url}/metrics").text
-        local = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, max_model_len=512))
-        expected = local.generate([local.tokenizer.encode_chat(PROMPT)],
-                                  SamplingParams(max_tokens=24, temperature=0))[0]
-        assert reply.choices[0].message.content == expected.text
-        # the KV really moved (a failed read would count as path="fallback" and recompute on the decode node)
-        assert _count(after, "disaggregated") == _count(before, "disaggregated") + 1
-        assert _count(after, "fallback") == _count(before, "fallback")
-        counters = Heartbeat.from_wire(ray.get(decode.heartbeat.remote())).counters
-        assert counters["transfer_bytes"] > 0 and counters["failed_loads"] == 0  # read over NIXL from node_a
-    finally:
-        service.shutdown()
+    address, env = two_nodes
+    run = subprocess.run([sys.executable, "-c", DRIVER, address, str(smollm_dir), json.dumps(PROMPT)],
+                         env={**env, "UCX_NET_DEVICES": "lo"}, capture_output=True, text=True, timeout=600)
+    line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert run.returncode == 0 and line, run.stderr[-4000:]
+    out = json.loads(line[0][len("RESULT "):])
+    assert len(set(out["nodes"])) == 2, "prefill and decode workers must sit on different nodes"
+    local = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, max_model_len=512))
+    expected = local.generate([local.tokenizer.encode_chat(PROMPT)], SamplingParams(max_tokens=24, temperature=0))[0]
+    assert out["text"] == expected.text
+    # the KV really moved (a failed read would count as path="fallback" and recompute on the decode node)
+    assert _count(out["after"], "disaggregated") == _count(out["before"], "disaggregated") + 1
+    assert _count(out["after"], "fallback") == _count(out["before"], "fallback")
+    assert out["counters"]["transfer_bytes"] > 0 and out["counters"]["failed_loads"] == 0  # read over NIXL
 
 
 def _count(metrics: str, path: str) -> float:
