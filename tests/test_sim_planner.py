@@ -80,8 +80,8 @@ def test_shared_cores_slow_steps_down():
     base = dict(num_prefill=1, num_decode=3, num_blocks=364)
     mean = lambda res: sum(r.e2e_s for r in res.records) / len(res.records)  # noqa: E731
     alone = simulate(trace, busy, SimClusterConfig(**base), MODEL)
-    shared = simulate(trace, busy, SimClusterConfig(**base, cores=2), MODEL)
-    assert mean(shared) > mean(alone) * 1.1  # 4 workers on 2 cores: steps stretch when they run together
+    shared = simulate(trace, busy, SimClusterConfig(**base, cores=1), MODEL)
+    assert mean(shared) > mean(alone) * 1.3  # 4 workers on 1 core: steps stretch when they run together
     cluster = SimCluster(SimClusterConfig(**base, cores=2), MODEL)
     assert cluster.contention() == 1.0  # a step starting alone (1 of 2 cores)
     for w in cluster.workers[:3]:
