@@ -90,6 +90,11 @@ def reason(ranked: list[dict[str, Any]]) -> str:
         return f"{best['config']} is the only configuration"
     second = ranked[1]
     gain = best["goodput"] / second["goodput"] - 1 if second["goodput"] else float("inf")
+    if gain < 0.01:
+        close = [r["config"] for r in ranked if r["goodput"] >= best["goodput"] * 0.99]
+        return (f"{len(close)} configurations are within 1% of the best goodput ({best['goodput']:.3f} req/s): "
+                f"{', '.join(close)}; the load does not separate them (every one serves it within the SLO or "
+                f"misses it alike); {best['config']} is listed first")
     what = "TTFT" if second["ttft_miss"] - best["ttft_miss"] >= second["tpot_miss"] - best["tpot_miss"] else "TPOT"
     return (f"{best['config']} wins: goodput {best['goodput']:.3f} req/s vs {second['config']} "
             f"{second['goodput']:.3f} ({gain:+.0%}); the runner-up misses {what} more often (TTFT on "

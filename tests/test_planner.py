@@ -39,18 +39,29 @@ def test_tpot_missed_without_interference_adds_a_decoder():
     assert (move.worker, move.new, move.reason) == ("p1", Role.DECODE, Reason.DECODE_SATURATED)
 
 
-def test_ttft_missed_at_the_prefill_queue_moves_towards_aggregation():
-    """Prompts wait at the prefill-only workers while decode workers have room: a decode worker prefills its own
-    prompts as fast as a prefill worker would, so the prefill-only queue is what hurts - shrink it."""
-    s = signals([w("p0", Role.PREFILL, queued=4000), w("p1", Role.PREFILL, queued=5000), w("d0", Role.DECODE)],
-                ttft=None, tpot=None, finished=0)  # 4.5 s of estimated wait: backlog even before SLO data
+def test_prompts_waiting_at_the_prefill_workers_add_a_prefill_worker():
+    """The router keeps long prompts on the prefill pool while it is under its queue limit: when they wait there
+    and decode has room, the pool grows."""
+    s = signals([w("p0", Role.PREFILL, queued=4000), w("d0", Role.DECODE, active=2), w("d1", Role.DECODE)],
+                ttft=None, tpot=None, finished=0)  # 4 s of estimated wait: backlog even before SLO data
     move = Planner(PlannerConfig(**ON)).decide(s)
-    assert (move.worker, move.new, move.reason) == ("p0", Role.DECODE, Reason.PREFILL_BACKLOG)
+    assert (move.workers, move.new, move.reason) == (["d1"], Role.PREFILL, Reason.PREFILL_BACKLOG)
 
 
-def test_already_aggregated_and_only_ttft_missed_holds():
-    s = signals([w("d0", Role.DECODE, queued=3000), w("d1", Role.DECODE, queued=3000)], ttft=0.5, tpot=0.99)
-    assert Planner(PlannerConfig(**ON)).decide(s) is Hold.BALANCED
+def test_a_large_cluster_moves_a_share_of_its_workers_at_once():
+    workers = [w(f"p{i}", Role.PREFILL, queued=6000) for i in range(16)] + \
+        [w(f"d{i:02d}", Role.DECODE, active=i % 3) for i in range(48)]
+    move = Planner(PlannerConfig(**ON)).decide(signals(workers, ttft=0.6, tpot=0.99))
+    assert move.new is Role.PREFILL and len(move.workers) == 6  # 10% of 64
+    assert all(n.startswith("d") for n in move.workers)  # the least loaded decoders
+    assert {n for n in move.workers} <= {f"d{i:02d}" for i in range(48) if i % 3 == 0}
+
+
+def test_aggregated_and_ttft_missed_splits_off_a_prefill_worker():
+    s = signals([w("d0", Role.DECODE, queued=3000), w("d1", Role.DECODE, queued=3000, active=1)], ttft=0.5,
+                tpot=0.99)
+    move = Planner(PlannerConfig(**ON)).decide(s)
+    assert (move.workers, move.new, move.reason) == (["d0"], Role.PREFILL, Reason.PREFILL_BACKLOG)
 
 
 def test_both_short_is_saturation_not_a_move():
@@ -92,12 +103,11 @@ def _flipping_run(cfg: PlannerConfig, period_rounds: int, rounds: int = 900):
     for i in range(rounds):
         now = 100.0 + 2 * i
         # phase A: TPOT suffers from prompts prefilled on decode workers (wants a prefill worker);
-        # phase B: prompts pile up at the prefill workers while TPOT is fine (wants one fewer)
+        # phase B: TPOT suffers because decode is full, nothing prefills there (wants a decode worker)
         phase_a = (i // period_rounds) % 2 == 0
-        workers = [w(n, r, queued=(600 if phase_a else 0) if r.decodes else (0 if phase_a else 5000), active=2)
+        workers = [w(n, r, queued=600 if (phase_a and r.decodes) else 0, active=2 if phase_a else 8)
                    for n, r in roles.items()]
-        decision = planner.decide(signals(workers, ttft=1.0 if phase_a else 0.5, tpot=0.5 if phase_a else 1.0,
-                                          now=now))
+        decision = planner.decide(signals(workers, ttft=1.0, tpot=0.5, now=now))
         if isinstance(decision, Move):
             planner.applied(decision, now)
             roles[decision.worker] = decision.new
@@ -135,7 +145,7 @@ def test_a_move_needs_confirmation_rounds():
     assert planner.decide(signals(workers, ttft=0.5, now=100)) is Hold.CONFIRMING
     assert planner.decide(signals(workers, ttft=0.5, now=102)) is Hold.CONFIRMING
     move = planner.decide(signals(workers, ttft=0.5, now=104))
-    assert isinstance(move, Move) and move.reason is Reason.PREFILL_BACKLOG
+    assert isinstance(move, Move) and move.reason is Reason.PREFILL_BACKLOG and move.new is Role.PREFILL
 
 
 def test_latency_window_attainment():

@@ -38,10 +38,11 @@ class SimPlanner:
         signals = collect_signals(self.cluster.router, self.config, loop.now, self.prefill_tokens_per_s)
         decision = self.planner.decide(signals)
         if isinstance(decision, Move):
-            self.cluster.set_role(decision.worker, decision.new)
+            for name in decision.workers:
+                self.cluster.set_role(name, decision.new)
+                self.timeline.append(RoleEvent(loop.now, name, decision.old.value, decision.new.value,
+                                               decision.reason.value, decision.detail))
             self.planner.applied(decision, loop.now)
-            self.timeline.append(RoleEvent(loop.now, decision.worker, decision.old.value, decision.new.value,
-                                           decision.reason.value, decision.detail))
         if loop.pending():  # other work is scheduled: keep planning; else the run is over
             loop.at(loop.now + self.config.interval_s, self.tick)
 
