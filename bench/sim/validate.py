@@ -101,18 +101,21 @@ def main(argv: list[str] | None = None) -> int:
             rscale = replace(scale, time_scale=scale.time_scale * rate)
             for spec in specs:
                 key = (wname, rate, spec.name)
+                changes = None
                 if key in stored:
                     real_keys = stored[key]["real"]
                 else:
                     cfg = ReplayConfig(url="", scale=rscale, progress=False, vocab_size=args.vocab_size)
-                    real_keys = {k: v for k, v in run_one(spec, engine, trace, cfg, slo=slo).metrics(slo).items()
-                                 if k in KEYS}
+                    result = run_one(spec, engine, trace, cfg, slo=slo)
+                    real_keys = {k: v for k, v in result.metrics(slo).items() if k in KEYS}
+                    changes = result.role_changes
                 sim = simulate(trace, rscale, sim_config(spec, args, model, slo), model).metrics(slo)
                 real = real_keys
                 row = {"workload": wname, "rate": rate, "config": spec.name, "fitted_on": f"{wname}:{rate:g}:"
                        f"{spec.name}" == args.fit.replace(".0:", ":") if args.fit else False,
                        "real": {k: real[k] for k in KEYS}, "sim": {k: sim[k] for k in KEYS},
                        "ratio": {k: sim[k] / real[k] if real[k] else None for k in KEYS},
+                       "role_changes_real": changes,
                        "sim_settings": {"request_overhead_ms": args.request_overhead_ms,
                                         "step_slowdown": args.step_slowdown}}
                 rows.append(row)
