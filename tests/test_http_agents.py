@@ -6,12 +6,10 @@ import json
 
 import openai
 import pytest
-import ray
 import torch
 from transformers import AutoModelForCausalLM
 
 from agentconv import WEATHER_TOOL, weather_conversation
-from disagg.cluster.launch import ClusterConfig, Service
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.tokenizer import Tokenizer
@@ -25,14 +23,8 @@ LONG_QUESTION = [{"role": "user", "content": "In two sentences, explain why the 
 
 
 @pytest.fixture(scope="module")
-def service(smollm_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    svc = Service(ClusterConfig(num_prefill=1, num_decode=1,
-                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
-                  {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
-    yield svc
-    svc.shutdown()
-    ray.shutdown()
+def service(pd_service):
+    return pd_service
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import httpx
 import pytest
 import ray
 
-from disagg.cluster.launch import ClusterConfig, Service
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.protocol import Heartbeat, SamplingParams
@@ -23,14 +22,8 @@ def _prompt(i: int) -> list[dict]:  # > 16 tokens: routed to the prefill worker 
 
 
 @pytest.fixture(scope="module")
-def service(smollm_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    svc = Service(ClusterConfig(num_prefill=1, num_decode=1,
-                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
-                  {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
-    yield svc
-    svc.shutdown()
-    ray.shutdown()
+def service(pd_service):
+    return pd_service
 
 
 @pytest.fixture(scope="module")
