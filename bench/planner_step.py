@@ -28,8 +28,9 @@ _PHASE_ID_SHIFT = 100_000_000  # keeps the second phase's private hash_ids apart
 def step_workload(mix: str, rate: float, phase_s: float, factor: float, seed: int = 0) -> list[TraceRequest]:
     """Sessions at `rate`/s for `phase_s`, then at `rate * factor`/s for another `phase_s`."""
     profiles = agent.parse_mix(mix)
-    first = [r for r in agent.generate(profiles, max(1, int(rate * phase_s)), rate, seed)
-             if r.timestamp_ms < phase_s * 1000 or r.turn]
+    base = agent.generate(profiles, max(1, int(rate * phase_s)), rate, seed)
+    started = {r.session_id for r in base if r.turn == 0 and r.timestamp_ms < phase_s * 1000}
+    first = [r for r in base if r.session_id in started]  # whole sessions that start before the step
     second = agent.generate(profiles, max(1, int(rate * factor * phase_s)), rate * factor, seed + 1)
     shifted = [dataclasses.replace(r, timestamp_ms=r.timestamp_ms + phase_s * 1000, session_id=f"b{r.session_id}",
                                    hash_ids=[h + _PHASE_ID_SHIFT if h >= 2_000_000_000 else h for h in r.hash_ids])
