@@ -157,3 +157,24 @@ def test_latency_window_attainment():
     assert (ttft, tpot, n) == (pytest.approx(2 / 3), 0.5, 3)
     assert window.attainment(1.0, 0.2, window_s=2, now=10) == (1.0, 0.0, 1)  # only the last one is recent
     assert window.attainment(1.0, 0.2, window_s=1, now=100) == (None, None, 0)
+
+
+def test_the_loop_carries_out_every_worker_of_a_move():
+    """A move of several workers (a large cluster's step) changes all of them, not only the first: the router's
+    routing sets, health roles and the planner's metrics follow for each one."""
+    import asyncio
+
+    from disagg.planner.loop import PlannerLoop
+    from disagg.router.router import RouterCore
+
+    core = RouterCore({}, dict.fromkeys(["d0", "d1", "d2", "d3"]))
+    loop = PlannerLoop(core, PlannerConfig(enabled=True))
+    move = Move(["d1", "d3"], Role.BOTH, Role.PREFILL, Reason.PREFILL_BACKLOG, "test")
+    loop.planner.decide = lambda signals: move  # the decision is tested above; here only its execution
+    assert asyncio.run(loop.step()) is move
+    assert sorted(core.prefill) == ["d1", "d3"] and sorted(core.decode) == ["d0", "d2"]
+    assert {n: core.health.workers[n].role for n in core.handles} == {
+        "d0": Role.BOTH, "d1": Role.PREFILL, "d2": Role.BOTH, "d3": Role.PREFILL
+    }
+    assert [r.worker for r in core.roles.records] == ["d1", "d3"]
+    assert loop.moves[("both", "prefill", "prefill_backlog")] == 2

@@ -103,13 +103,16 @@ class PlannerLoop:
         self.planner.last_hold = None
         log.info(
             "planner: %s %s -> %s because %s (%s)",
-            decision.worker,
+            ",".join(decision.workers),
             decision.old.value,
             decision.new.value,
             decision.reason.value,
             decision.detail,
         )
         self.planner.applied(decision, now)  # counted before the drain: hysteresis covers the whole change
-        self.moves[(decision.old.value, decision.new.value, decision.reason.value)] += 1
-        await self.core.roles.change(decision.worker, decision.new, reason=decision.reason.value)
+        self.moves[(decision.old.value, decision.new.value, decision.reason.value)] += len(decision.workers)
+        # every worker of the move changes together: their drains overlap instead of adding up
+        await asyncio.gather(
+            *(self.core.roles.change(name, decision.new, reason=decision.reason.value) for name in decision.workers)
+        )
         return decision
