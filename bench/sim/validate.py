@@ -3,12 +3,17 @@ HTTP, this machine's cores) and in the simulator (calibrated time model, the wor
 side by side: TTFT p50 / p90 and goodput, their ratios, and whether both rank the configurations alike.
 
     .venv/bin/python -m bench.sim.validate --time-model bench/results/time_model.json --out bench/results/validate
+
+Real runs on 2 shared cores are noisy (10-40% between two runs of one configuration), so `--repeats N` runs each
+real point N times and `--prior ROWS.json[@CONFIG+CONFIG]` adds the real samples of earlier runs; a point's real
+figure is then the median of its samples, reported with their range.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +53,43 @@ def fit_overheads(trace: list, scale: TraceScale, spec: Any, args: argparse.Name
     return best[1], best[2]
 
 
+def prior_samples(specs: list[str]) -> dict[tuple[str, float, str], list[dict[str, Any]]]:
+    """Real samples of earlier validate runs: `path` or `path@config+config` (only those configurations: a
+    configuration whose code changed since must not be mixed in)."""
+    samples: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    for spec in specs:
+        path, _, names = spec.partition("@")
+        keep = set(names.split("+")) if names else None
+        for r in json.loads(Path(path).read_text()):
+            if keep is None or r["config"] in keep:
+                got = r.get("real_samples") or [dict(r["real"], role_changes=r.get("role_changes_real"))]
+                samples.setdefault((r["workload"], r["rate"], r["config"]), []).extend(got)
+    return samples
+
+
+def median_of(samples: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: statistics.median(s[k] for s in samples) for k in KEYS}
+
+
+def dynamic_line(group: list[dict[str, Any]]) -> list[str]:
+    """Dynamic against the best static configuration: medians, and whether the samples' ranges overlap (if they
+    do, this many runs cannot tell the two apart)."""
+    dyn = [r for r in group if "planner" in r["config"] or r["config"] == "dynamic"]
+    static = [r for r in group if r not in dyn]
+    if not dyn or not static:
+        return []
+    best = max(static, key=lambda r: r["real"]["request_goodput"])
+    d, b = dyn[0], best
+    d_good = [s["request_goodput"] for s in d["real_samples"]]
+    b_good = [s["request_goodput"] for s in b["real_samples"]]
+    overlap = min(d_good) <= max(b_good) and min(b_good) <= max(d_good)
+    ratio = d["real"]["request_goodput"] / b["real"]["request_goodput"] if b["real"]["request_goodput"] else None
+    return [f"  dynamic / best static ({b['config']}) median goodput: "
+            f"{ratio:.2f}x" if ratio is not None else "  best static goodput 0",
+            f"  ranges {'overlap' if overlap else 'apart'}: dynamic {min(d_good):.3f}-{max(d_good):.3f}, "
+            f"{b['config']} {min(b_good):.3f}-{max(b_good):.3f}"]
+
+
 def ranking(rows: dict[str, dict[str, Any]]) -> list[str]:
     return sorted(rows, key=lambda name: -rows[name]["request_goodput"])
 
@@ -65,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=49152)
     p.add_argument("--only", default="agent,conversation")
     p.add_argument("--out", default="bench/results/validate")
+    p.add_argument("--repeats", type=int, default=1, help="real runs per point (their median is compared)")
+    p.add_argument("--prior", action="append", default=[], help="ROWS.json[@CONFIG+CONFIG]: earlier real samples "
+                   "to add to each point (only the named configurations)")
     p.add_argument("--resim", default="", help="rows.json of an earlier run: reuse its real results, simulate again")
     p.add_argument("--fit", default="", help="WORKLOAD:RATE:CONFIG - fit --request-overhead-ms and --step-slowdown "
                    "on that one real run (grid search), then check every other run with them")
@@ -84,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     stored = {(r["workload"], r["rate"], r["config"]): r for r in json.loads(Path(args.resim).read_text())} \
         if args.resim else {}
+    prior = prior_samples(args.prior)
     loads = workloads(args)
     if args.fit:
         fit_workload, fit_rate, fit_config = args.fit.split(":")
@@ -101,33 +147,37 @@ def main(argv: list[str] | None = None) -> int:
             rscale = replace(scale, time_scale=scale.time_scale * rate)
             for spec in specs:
                 key = (wname, rate, spec.name)
-                changes = None
+                samples = list(prior.get(key, []))
                 if key in stored:
-                    real_keys = stored[key]["real"]
+                    samples = stored[key].get("real_samples") or [stored[key]["real"]]
                 else:
-                    cfg = ReplayConfig(url="", scale=rscale, progress=False, vocab_size=args.vocab_size)
-                    result = run_one(spec, engine, trace, cfg, slo=slo)
-                    real_keys = {k: v for k, v in result.metrics(slo).items() if k in KEYS}
-                    changes = result.role_changes
+                    for _ in range(args.repeats):
+                        cfg = ReplayConfig(url="", scale=rscale, progress=False, vocab_size=args.vocab_size)
+                        result = run_one(spec, engine, trace, cfg, slo=slo)
+                        metrics = result.metrics(slo)
+                        samples.append({**{k: metrics[k] for k in KEYS}, "role_changes": result.role_changes})
+                changes = [s.get("role_changes") for s in samples]
                 sim = simulate(trace, rscale, sim_config(spec, args, model, slo), model).metrics(slo)
-                real = real_keys
+                real = median_of(samples)
                 row = {"workload": wname, "rate": rate, "config": spec.name, "fitted_on": f"{wname}:{rate:g}:"
                        f"{spec.name}" == args.fit.replace(".0:", ":") if args.fit else False,
                        "real": {k: real[k] for k in KEYS}, "sim": {k: sim[k] for k in KEYS},
                        "ratio": {k: sim[k] / real[k] if real[k] else None for k in KEYS},
-                       "role_changes_real": changes,
+                       "real_samples": samples, "role_changes_real": changes,
                        "sim_settings": {"request_overhead_ms": args.request_overhead_ms,
                                         "step_slowdown": args.step_slowdown}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 (out / "rows.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| workload | load | config | TTFT p50 real / sim | TTFT p90 real / sim | goodput real / sim |",
-             "|---|---:|---|---:|---:|---:|"]
+    lines = ["| workload | load | config | real runs | TTFT p50 real / sim | TTFT p90 real / sim | goodput real "
+             "(range) / sim |", "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["real"], r["sim"]
-        lines.append(f"| {r['workload']} | {r['rate']:g}x | {r['config']} | {a['median_ttft_ms']:,.0f} / "
-                     f"{b['median_ttft_ms']:,.0f} | {a['p90_ttft_ms']:,.0f} / {b['p90_ttft_ms']:,.0f} | "
-                     f"{a['request_goodput']:.3f} / {b['request_goodput']:.3f} |")
+        good = [s["request_goodput"] for s in r["real_samples"]]
+        lines.append(f"| {r['workload']} | {r['rate']:g}x | {r['config']} | {len(good)} | "
+                     f"{a['median_ttft_ms']:,.0f} / {b['median_ttft_ms']:,.0f} | {a['p90_ttft_ms']:,.0f} / "
+                     f"{b['p90_ttft_ms']:,.0f} | {a['request_goodput']:.3f} ({min(good):.3f}-{max(good):.3f}) / "
+                     f"{b['request_goodput']:.3f} |")
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["workload"], r["rate"]), []).append(r)
@@ -136,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         sim_rank = ranking({r["config"]: r["sim"] for r in group})
         lines.append(f"\n{wname} {rate:g}x: real ranking {real_rank}, simulated {sim_rank}"
                      f"{' (same)' if real_rank == sim_rank else ' (DIFFERENT)'}")
+        lines.extend(dynamic_line(group))
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
