@@ -3,10 +3,10 @@ the fidelity knobs (event jitter makes the router pull snapshots, KV reads share
 `disagg plan` ranking, and the load-step harness."""
 import json
 import subprocess
-
-import pytest
 import sys
 from pathlib import Path
+
+import pytest
 
 from bench.compare import ClusterSpec
 from bench.planner_step import _reversals, recovery_s, step_workload
@@ -87,6 +87,32 @@ def test_shared_cores_slow_steps_down():
     for w in cluster.workers[:3]:
         w.busy = True
     assert cluster.contention() == 2.0  # 4 single-thread workers running on 2 cores
+
+
+def test_measured_machine_costs_co_run_and_serving_cpu():
+    """The shared-core model with what bench/sim/machine.py measures: a step pays the co-run factor only while
+    another worker computes, and the serving processes' CPU (per request, per streamed token, as a rate over the
+    last window) takes cores from the engines."""
+    from bench.sim.cores import CoresConfig, SharedCores
+
+    cores = SharedCores(CoresConfig(cores=2, corun_slowdown=1.5, cpu_per_request_s=0.01, cpu_per_token_s=0.002))
+    assert cores.slowdown(1, now=0.0) == 1.0  # alone, nothing served yet
+    assert cores.slowdown(2, now=0.0) == 1.5  # two engines on two cores: co-run only
+    for i in range(100):  # 100 requests x 200 tokens within one second: 1 + 40 CPU seconds per second
+        cores.on_request(i / 100)
+        cores.on_tokens(i / 100, 200)
+    assert cores.serving_cores(0.99) == pytest.approx(41.0)
+    assert cores.slowdown(2, now=0.99) == pytest.approx((2 + 41.0) / 2 * 1.5)
+    assert cores.serving_cores(2.5) == 0.0  # the window moved past them
+    assert SharedCores(CoresConfig(cores=0, corun_slowdown=3.0)).slowdown(4, now=0.0) == 1.0  # nothing shared
+
+    trace = _trace(30)
+    busy = TraceScale(**{**SCALE.__dict__, "time_scale": 4.0})
+    base = dict(num_prefill=0, num_decode=2, num_blocks=364, cores=2)
+    mean = lambda res: sum(r.e2e_s for r in res.records) / len(res.records)  # noqa: E731
+    plain = simulate(trace, busy, SimClusterConfig(**base), MODEL)
+    loaded = simulate(trace, busy, SimClusterConfig(**base, corun_slowdown=1.5, serving_cpu_per_token_s=0.005), MODEL)
+    assert mean(loaded) > mean(plain) * 1.2
 
 
 

@@ -28,6 +28,7 @@ from disagg.router.load import LoadTicket
 from disagg.router.router import RouterCore, RouterCoreConfig
 
 from bench.sim.admission import SimAdmission
+from bench.sim.cores import CoresConfig, SharedCores
 from bench.sim.runner import SimRunner, sim_model_config
 from bench.sim.tiers import SimTiers
 from bench.sim.timemodel import StepTimeModel
@@ -51,6 +52,9 @@ class SimClusterConfig:
     link_contention: bool = True  # KV reads into one worker share its link (one at a time)
     cores: int = 0  # CPU cores the workers share (0: each worker has its own); steps stretch when oversubscribed
     threads_per_worker: int = 1
+    corun_slowdown: float = 1.0  # with shared cores: a step's factor while another worker computes (bench/sim/cores.py)
+    serving_cpu_per_request_s: float = 0.0  # with shared cores: CPU the router, HTTP, Ray and client spend ...
+    serving_cpu_per_token_s: float = 0.0  # ... per request and per streamed token (bench/sim/machine.py measures)
     planner: dict[str, Any] | None = None  # PlannerConfig fields: roles change at runtime (None: static split)
     # what a real cluster on one machine adds (fitted by bench/sim/validate.py on one real run): a fixed cost per
     # request before it reaches a worker (HTTP, router, RPC), and slower steps (the router, HTTP server and Ray
@@ -218,6 +222,8 @@ class SimCluster:
         self._queries = self._hits = 0
         self._rng = random.Random(0)
         self.staleness: list[int] = []  # per request: predicted - found cached tokens (as the API's histogram)
+        self.cores = SharedCores(CoresConfig(config.cores, config.threads_per_worker, config.corun_slowdown,
+                                             config.serving_cpu_per_request_s, config.serving_cpu_per_token_s))
 
     def _attach(self, worker: SimWorker, disk: Any = None) -> None:
         tiers = None
@@ -241,12 +247,10 @@ class SimCluster:
         return self.prefill[name] if name in self.prefill else self.decode[name]
 
     def contention(self) -> float:
-        """How much slower a step runs because busy workers share the cores (1: no contention)."""
-        cores = self.config.cores
-        if not cores:
+        """How much slower a step starting now runs because the workers share the cores (1: no contention)."""
+        if not self.config.cores:
             return 1.0
-        busy = 1 + sum(w.busy for w in self.workers)
-        return max(1.0, busy * self.config.threads_per_worker / cores)
+        return self.cores.slowdown(1 + sum(w.busy for w in self.workers), self.loop.now)
 
     def send_events(self, worker: SimWorker, batch: Any) -> None:
         """Deliver a worker's KV event batch after the configured delay (and jitter, so batches may arrive out of
@@ -332,6 +336,8 @@ class SimCluster:
                  priority: int | None = None) -> None:
         """Start a request now: with `decision` if it was routed on arrival, else routed now (with `priority`:
         out of the admission queue, among the workers with room, as the router's queue dispatches)."""
+        if _carry is None:
+            self.cores.on_request(self.loop.now)
         hashes = self.router.block_hashes(request)
         if decision is None and priority is not None:
             decision = self.router.route_with_room(request, session, hashes, priority)
@@ -370,6 +376,7 @@ class SimCluster:
         if worker is not flight.decode:
             return  # a dead incarnation's late output
         flight.sent += delta.token_ids
+        self.cores.on_tokens(self.loop.now, len(delta.token_ids))
         first = flight.generated == 0
         flight.generated += len(delta.token_ids)
         self.router.progress(flight.ticket, flight.generated)

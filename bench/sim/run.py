@@ -10,6 +10,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -132,8 +133,24 @@ def sim_config(spec: Any, args: argparse.Namespace, model: StepTimeModel, slo: S
                             disk_tier_blocks=(args.disk_tier_mb << 20) // model.bytes_per_block if cpu_mb else 0,
                             session_hints=spec.hints or args.session_hints, planner=spec.planner_config(slo),
                             event_delay_s=args.event_delay_ms / 1000, event_jitter_s=args.event_jitter_ms / 1000,
-                            cores=args.cores, threads_per_worker=args.threads,
-                            request_overhead_s=args.request_overhead_ms / 1000, step_slowdown=args.step_slowdown)
+                            cores=args.cores, threads_per_worker=args.threads, step_slowdown=args.step_slowdown,
+                            **machine_settings(args))
+
+
+def machine_settings(args: argparse.Namespace) -> dict[str, float]:
+    """What the shared machine adds (bench/sim/machine.py's measurements, `--machine-model`); an explicit
+    --request-overhead-ms wins over the measured one."""
+    out = {"request_overhead_s": args.request_overhead_ms / 1000}
+    path = getattr(args, "machine_model", "")
+    if path:
+        measured = json.loads(Path(path).read_text())
+        cluster = measured["cluster"]
+        out["corun_slowdown"] = measured.get("corun", {}).get("corun_slowdown", 1.0)
+        out["serving_cpu_per_request_s"] = cluster["serving_cpu_s_per_request"]
+        out["serving_cpu_per_token_s"] = cluster["serving_cpu_s_per_token"]
+        if not args.request_overhead_ms:
+            out["request_overhead_s"] = max(0.0, cluster["request_overhead_ms"]) / 1000
+    return out
 
 
 def add_sim_args(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +171,8 @@ def add_sim_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="compute threads per worker (with --cores)")
     parser.add_argument("--request-overhead-ms", type=float, default=0.0,
                         help="fixed cost per request before a worker sees it (HTTP, router, RPC; fitted on a real run)")
+    parser.add_argument("--machine-model", default="", help="JSON from bench.sim.machine: the measured co-run "
+                        "slowdown, request overhead and serving CPU of this machine (with --cores)")
     parser.add_argument("--step-slowdown", type=float, default=1.0,
                         help="factor on step times for what shares the machine with the engines (fitted likewise)")
 

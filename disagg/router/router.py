@@ -6,7 +6,7 @@ server's event loop routes requests while the router actor's threads apply KV ev
 
 Serving one request (`generate`):
   1. route it (only READY workers count); no decode-capable worker READY -> ServiceUnavailable (503);
-  2. remote prefill on the chosen prefill worker, with a deadline; if it fails or times out the decode worker
+  2. (steps 2 and 3: one attempt, router/attempt.py) remote prefill on the chosen prefill worker, with a deadline; if it fails or times out the decode worker
      prefills locally (and the prefill worker's lease, if any, is released) - or, when the policy chose a peer
      pull, the peer's cached prefix is offered to the decode worker;
   3. stream from the decode worker: the first delta within `stream_start_timeout_s`; while streaming, the
@@ -18,22 +18,20 @@ Serving one request (`generate`):
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import threading
 from collections import Counter, deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
 
-from disagg.errors import DeadlineExceeded, InvalidRequest, ServiceUnavailable, TransferFailed, WorkerLost
+from disagg.errors import ServiceUnavailable, WorkerLost
 from disagg.protocol import (
     Heartbeat,
     KVEventBatch,
-    PrefillResult,
     Request,
     Role,
     Tier,
@@ -41,10 +39,11 @@ from disagg.protocol import (
     hash_prompt_blocks,
 )
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
+from disagg.router.attempt import AttemptRunner
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
-from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
+from disagg.router.load import LatencyWindow, LoadBook
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.roles import RoleChanger
 from disagg.tracing import inject
@@ -112,10 +111,10 @@ class RouterCore:
         self.decisions: deque[RoutedRequest] = deque(maxlen=self.config.max_decisions)
         self.counters: Counter = Counter()  # migrations, fallbacks, requests by path (see telemetry)
         self._lock = threading.Lock()
-        self._releases: dict[str, asyncio.Task] = {}  # background lease releases by request id, until done
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
         self.roles = RoleChanger(self)
+        self.attempts = AttemptRunner(self)  # the worker calls of one attempt (router/attempt.py)
         self.planner: Any = None  # a PlannerLoop (disagg/planner/) when the service runs one
         # load accounting and saturation (router/load.py); the simulator and bench/router.py drive them too
         self.begin, self.progress, self.end, self.has_room = (
@@ -287,7 +286,9 @@ class RouterCore:
                 ticket = self.begin(decision, attempt.num_tokens, hashes)
                 self._dispatched(request.request_id)
                 try:
-                    async for delta in self._serve(attempt, decision, ticket, migrated=migration > 0, span=span):
+                    async for delta in self.attempts.serve(
+                        attempt, decision, ticket, migrated=migration > 0, span=span
+                    ):
                         first_at = first_at or queue.clock()
                         sent += delta.token_ids
                         sent_chars += len(delta.text)
@@ -317,151 +318,9 @@ class RouterCore:
             self._dispatched(request.request_id)
             self.admission.pump()  # its capacity is free again
 
-    async def _serve(
-        self,
-        request: Request,
-        decision: Decision,
-        ticket: LoadTicket,
-        migrated: bool,
-        span: trace.Span = trace.INVALID_SPAN,
-    ) -> AsyncGenerator[TokenDelta, None]:
-        decode = self._handle(decision.decode_worker)
-        if (pending := self._releases.get(request.request_id)) is not None:
-            await pending  # a migrated request's earlier lease goes first: a late release would free the new one
-        remote, owner = await self._remote_kv(request, decision, span)
-        if migrated:
-            path = "migrated"
-        elif remote is None:
-            path = "fallback" if (decision.prefill_worker or decision.peer_worker) else "local"
-        else:
-            path = "disaggregated" if decision.prefill_worker else "peer_prefix"
-        self.counters[f"path:{path}"] += 1
-        stream = decode.generate(request, remote)
-        timeout: float | None = self.config.stream_start_timeout_s
-        generated = 0
-        try:
-            while True:
-                delta = await self._next(stream, timeout, decision.decode_worker)
-                timeout = None
-                generated += len(delta.token_ids)
-                self.progress(ticket, generated)
-                if generated == len(delta.token_ids):
-                    self.admission.pump()  # the prompt left the prefill queue
-                yield delta
-                if delta.finished:
-                    return
-        finally:
-            await stream.aclose()
-            if owner is not None:
-                await self._release_soon(owner, request.request_id)
-
-    async def _next(self, stream: AsyncGenerator[TokenDelta, None], timeout: float | None, worker: str) -> TokenDelta:
-        """The next delta; WorkerLost if the worker is taken out of routing meanwhile, the stream breaks, or the
-        first delta does not come within `timeout`."""
-        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        step = asyncio.ensure_future(stream.__anext__())
-        try:
-            while True:
-                if self.health.workers[worker].state is WorkerState.DEAD:
-                    raise WorkerLost(f"{worker} died while streaming", worker=worker)
-                wait = self.config.death_poll_s
-                if deadline is not None:
-                    wait = min(wait, deadline - asyncio.get_running_loop().time())
-                    if wait <= 0:
-                        raise WorkerLost(
-                            f"no first token from {worker} within {timeout:.0f}s",
-                            worker=worker,
-                            code="stream_start_timeout",
-                        )
-                done, _ = await asyncio.wait({step}, timeout=wait)
-                if done:
-                    try:
-                        return step.result()
-                    except StopAsyncIteration:
-                        raise WorkerLost(f"{worker} ended the stream early", worker=worker) from None
-        finally:
-            if not step.done():
-                step.cancel()
-                await asyncio.gather(step, return_exceptions=True)
-
-    async def _while_alive(self, call, worker: str):
-        """Await a worker call, giving up with WorkerLost as soon as the worker is taken out of routing (a hung
-        worker's call would otherwise sit out its whole deadline)."""
-        task = asyncio.ensure_future(call)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self.config.death_poll_s)
-                if done:
-                    return task.result()
-                if self.health.workers[worker].state is WorkerState.DEAD:
-                    raise WorkerLost(f"{worker} died during the call", worker=worker)
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-
-    def _handle(self, name: str) -> WorkerHandle:
-        handle = self.handles[name]
-        if handle is None:
-            raise ServiceUnavailable(f"worker {name} has no handle (a routing-only router)", code="no_handle")
-        return handle
-
-    async def _remote_kv(
-        self, request: Request, decision: Decision, span: trace.Span = trace.INVALID_SPAN
-    ) -> tuple[Any, WorkerHandle | None]:
-        """The KV another worker contributes: a remote prefill's result, or a peer's cached prefix (or none)."""
-        name = decision.prefill_worker or decision.peer_worker
-        if name is None:
-            return None, None
-        handle = self._handle(name)
-        try:
-            call: Awaitable[PrefillResult | None]
-            if decision.prefill_worker:
-                call = handle.prefill(request, self.config.prefill_timeout_s)
-            else:
-                call = handle.export_prefix(request, self.config.export_timeout_s)
-            result = await self._while_alive(call, name)
-        except InvalidRequest:
-            raise
-        except (WorkerLost, DeadlineExceeded, TransferFailed) as exc:
-            kind = "prefill" if decision.prefill_worker else "peer_prefix"
-            self.counters[f"fallback:{kind}"] += 1
-            span.add_event("fallback", {"disagg.kind": kind, "disagg.worker": name, "disagg.error": exc.message})
-            log.warning(
-                "%s on %s failed for %s (%s); computing on %s",
-                kind,
-                name,
-                request.request_id,
-                exc.message,
-                decision.decode_worker,
-            )
-            await self._release_soon(handle, request.request_id)
-            return None, None
-        return result, (handle if result is not None else None)
-
-    async def _release_soon(self, handle: WorkerHandle, request_id: str) -> None:
-        """Release off the request's path: the owner answers between engine steps (seconds, with long prefills
-        in them), and the client's last chunk or its local-prefill fallback must not wait for that.  Bounded:
-        past `max_background_releases` in flight, the caller waits for this one."""
-        if len(self._releases) >= self.config.max_background_releases:
-            await self._release(handle, request_id)
-            return
-        task = asyncio.get_running_loop().create_task(self._release(handle, request_id))
-        self._releases[request_id] = task
-        task.add_done_callback(
-            lambda t: self._releases.pop(request_id, None) if self._releases.get(request_id) is t else None
-        )
-
     async def drain_releases(self) -> None:
-        """On shutdown: let background releases finish (each is bounded by `release_timeout_s`)."""
-        await asyncio.gather(*self._releases.values(), return_exceptions=True)
-
-    async def _release(self, handle: WorkerHandle, request_id: str) -> None:
-        """Best effort: normally the read's notification already released it; a dead owner's lease died with it."""
-        try:
-            await asyncio.wait_for(handle.release(request_id), self.config.release_timeout_s)
-        except (WorkerLost, DeadlineExceeded, asyncio.TimeoutError) as exc:
-            log.info("release of %s on %s: %s", request_id, handle.name, exc)
+        """On shutdown: let background lease releases finish (each is bounded by `release_timeout_s`)."""
+        await self.attempts.drain_releases()
 
     # ------------------------------------------------------------------ introspection
     def decision_of(self, request_id: str) -> Decision | None:

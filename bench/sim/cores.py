@@ -1,0 +1,61 @@
+"""The CPU cores a simulated cluster's workers share, when they share a machine (SimClusterConfig.cores > 0).
+
+A step of one worker runs slower than the calibrated engine alone on an idle core by
+    oversubscription  max(1, (busy workers x threads + serving cores) / cores)
+  x co-run            `corun_slowdown` while another worker is busy too (two engines on separate cores still
+                      share memory bandwidth and caches; measured by bench/sim/machine.py)
+where "serving cores" is the CPU the router actor, its HTTP server, Ray and the client burn, as a rate over the last
+`window_s`: `cpu_per_request_s` per request dispatched plus `cpu_per_token_s` per token streamed (measured too).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass
+class CoresConfig:
+    cores: int = 0  # 0: each worker has cores of its own, nothing is shared
+    threads_per_worker: int = 1
+    corun_slowdown: float = 1.0
+    cpu_per_request_s: float = 0.0
+    cpu_per_token_s: float = 0.0
+    window_s: float = 1.0
+    max_events: int = 100_000  # bound of the serving-CPU window
+
+
+class SharedCores:
+    def __init__(self, config: CoresConfig) -> None:
+        self.config = config
+        self._spent: deque[tuple[float, float]] = deque(maxlen=config.max_events)  # (time, CPU seconds)
+        self._sum = 0.0
+
+    def charge(self, now: float, cpu_s: float) -> None:
+        if self.config.cores and cpu_s:
+            if len(self._spent) == self._spent.maxlen:
+                self._sum -= self._spent[0][1]
+            self._spent.append((now, cpu_s))
+            self._sum += cpu_s
+
+    def on_request(self, now: float) -> None:
+        self.charge(now, self.config.cpu_per_request_s)
+
+    def on_tokens(self, now: float, n: int) -> None:
+        self.charge(now, self.config.cpu_per_token_s * n)
+
+    def serving_cores(self, now: float) -> float:
+        while self._spent and self._spent[0][0] < now - self.config.window_s:
+            self._sum -= self._spent.popleft()[1]
+        if not self._spent:
+            self._sum = 0.0  # no float residue once the window is empty
+        return max(0.0, self._sum) / self.config.window_s
+
+    def slowdown(self, busy_workers: int, now: float) -> float:
+        """Factor on a step that starts now while `busy_workers` workers (itself included) are computing."""
+        cfg = self.config
+        if not cfg.cores:
+            return 1.0
+        demand = busy_workers * cfg.threads_per_worker + self.serving_cores(now)
+        corun = cfg.corun_slowdown if busy_workers > 1 else 1.0
+        return max(1.0, demand / cfg.cores) * corun

@@ -1,0 +1,185 @@
+"""Measure what this machine adds to the engine's calibrated step times when a whole cluster shares it, so the
+simulator can model it instead of fitting two constants to one real run (bench/sim/validate.py --fit).
+
+Three measurements, each of a real process on this machine:
+1. Co-run slowdown: the calibration grid's steps (bench/sim/calibrate.py) on one engine process alone, then on two
+   engine processes at once, each pinned to its own core (as two workers run here).  Two engines on separate
+   cores still share memory bandwidth and caches; the ratio of summed step times is the factor a step pays while
+   another worker is busy.
+2. Request overhead: sequential tiny requests (8-token prompt, 1 output token) through the real HTTP endpoint of a
+   2-worker cluster at idle; TTFT minus the engine's predicted step time is what the HTTP server, router, Ray RPCs
+   and the client add to every request.
+3. Serving CPU: CPU seconds of every process (router actor, the client, Ray's own daemons; engine workers apart)
+   while the agent workload runs on that cluster, per request and per generated token: the share of the cores
+   the engines do not get.
+
+    .venv/bin/python -m bench.sim.machine --time-model bench/results/time_model.json --out bench/results/machine.json
+
+Its JSON feeds `--machine-model` of the simulator (`bench simulate`, `disagg plan`, `bench.sim.validate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench.sim.timemodel import StepTimeModel
+
+
+# ---------------------------------------------------------------------- 1. co-run slowdown
+def _grid_seconds(core: int, threads: int, barrier: Any, out: Any) -> None:
+    os.sched_setaffinity(0, {core})
+    from bench.sim.calibrate import _engine, calibrate
+
+    args = argparse.Namespace(
+        model="", threads=threads, kv_cache_mb=256, max_model_len=2048, max_num_batched_tokens=512
+    )
+    engine = _engine(args)
+    calibrate(engine, seed=1)  # warm-up: first-call costs, oneDNN primitive caches
+    engine.pool.reset_prefix_cache()
+    barrier.wait()
+    _, ys = calibrate(engine)
+    out.put((core, sum(ys), len(ys)))
+
+
+def corun(threads: int = 1) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    result: dict[str, float] = {}
+    for n in (1, 2):
+        barrier, out = ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_grid_seconds, args=(core, threads, barrier, out)) for core in range(n)]
+        for p in procs:
+            p.start()
+        got = [out.get(timeout=900) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        result[f"grid_s_{n}"] = statistics.mean(s for _, s, _ in got)
+        result["steps"] = got[0][2]
+    result["corun_slowdown"] = result["grid_s_2"] / result["grid_s_1"]
+    return result
+
+
+# ---------------------------------------------------------------------- 2 and 3: on a real 2-worker cluster
+def _group(proc: psutil.Process) -> str:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return "gone"
+    if proc.pid == os.getpid():
+        return "client"
+    if "Worker" in cmd and "ray::" in cmd and "Router" not in cmd:
+        return "engines"
+    if "RouterActor" in cmd:
+        return "router"
+    if "ray" in cmd:
+        return "ray"
+    return "other"
+
+
+def cpu_by_group() -> dict[int, tuple[str, float]]:
+    snap: dict[int, tuple[str, float]] = {}
+    for proc in psutil.process_iter():
+        try:
+            t = proc.cpu_times()
+            snap[proc.pid] = (_group(proc), t.user + t.system + t.children_user + t.children_system)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return snap
+
+
+def cpu_delta(before: dict, after: dict) -> dict[str, float]:
+    groups: dict[str, float] = {}
+    for pid, (group, t) in after.items():
+        groups[group] = groups.get(group, 0.0) + t - before.get(pid, (group, 0.0))[1]
+    return groups
+
+
+def tiny_requests(url: str, n: int) -> list[float]:
+    import httpx
+
+    ttfts = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        for i in range(n):
+            body = {"model": model, "prompt": [100 + i, 200, 300, 400, 500, 600, 700, 800 + i], "max_tokens": 1,
+                    "stream": True, "ignore_eos": True}
+            t0 = time.perf_counter()
+            with client.stream("POST", "/v1/completions", json=body) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        ttfts.append(time.perf_counter() - t0)
+                        break
+                for _ in resp.iter_lines():
+                    pass
+    return ttfts
+
+
+def cluster_costs(model: StepTimeModel, requests: int, sessions: int, session_rate: float) -> dict[str, Any]:
+    from bench.compare import parse_configs
+    from bench.replay import ReplayConfig, replay
+    from bench.traces import agent
+    from bench.traces.record import TraceScale
+    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.model_store import default_model_dir
+
+    spec = parse_configs("agg-kv=0x2:kv")[0]
+    engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": 256, "max_model_len": 2048, "num_threads": 1}
+    service = Service(ClusterConfig(num_prefill=0, num_decode=2, engine=engine), {"policy": spec.policy_config(),
+                                                                                  "port": 0})
+    try:
+        tiny_requests(service.url, 5)  # warm-up
+        ttfts = tiny_requests(service.url, requests)
+        step = model.predict([1.0, 8.0, 1.0, 8 * 8 / 1000])  # the 8-token prompt's one prefill step
+        trace = agent.generate(agent.parse_mix("coding_agent"), sessions, session_rate, seed=0)
+        cfg = ReplayConfig(url=service.url, scale=TraceScale(block_tokens=16, max_input_tokens=1791,
+                                                             max_output_tokens=256), progress=False)
+        before, t0 = cpu_by_group(), time.perf_counter()
+        result = asyncio.run(replay(trace, cfg))
+        after, wall = cpu_by_group(), time.perf_counter() - t0
+    finally:
+        service.shutdown()
+    cpu = cpu_delta(before, after)
+    done = [r for r in result.records if r.ok]
+    tokens = sum(r.output_tokens for r in done)
+    serving = sum(v for k, v in cpu.items() if k not in ("engines", "gone"))
+    return {"tiny_ttft_ms": {"p50": statistics.median(ttfts) * 1000, "mean": statistics.mean(ttfts) * 1000},
+            "predicted_step_ms": step * 1000,
+            "request_overhead_ms": (statistics.median(ttfts) - step) * 1000,
+            "run": {"wall_s": wall, "requests": len(done), "output_tokens": tokens, "cpu_s": cpu},
+            "serving_cpu_s_per_request": serving / max(1, len(done)),
+            "serving_cpu_s_per_token": serving / max(1, tokens),
+            "serving_cores_mean": serving / wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.sim.machine", description=__doc__.splitlines()[0])
+    p.add_argument("--time-model", default="bench/results/time_model.json")
+    p.add_argument("--requests", type=int, default=30, help="sequential tiny requests for the request overhead")
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--session-rate", type=float, default=0.2)
+    p.add_argument("--skip-corun", action="store_true")
+    p.add_argument("--out", default="bench/results/machine.json")
+    args = p.parse_args(argv)
+    model = StepTimeModel.load(args.time_model)
+    out: dict[str, Any] = {"cores": len(os.sched_getaffinity(0))}
+    if not args.skip_corun:
+        out["corun"] = corun()
+        print(json.dumps(out["corun"]), flush=True)
+    out["cluster"] = cluster_costs(model, args.requests, args.sessions, args.session_rate)
+    print(json.dumps(out["cluster"], indent=2), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
