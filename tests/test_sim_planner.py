@@ -105,6 +105,7 @@ def test_measured_machine_costs_co_run_and_serving_cpu():
     assert cores.slowdown(2, now=0.99) == pytest.approx((2 + 41.0) / 2 * 1.5)
     assert cores.serving_cores(2.5) == 0.0  # the window moved past them
     assert SharedCores(CoresConfig(cores=0, corun_slowdown=3.0)).slowdown(4, now=0.0) == 1.0  # nothing shared
+    assert SharedCores(CoresConfig(cores=2, idle_serving_cores=0.5)).slowdown(2, now=0.0) == 1.25  # Ray's daemons
 
     trace = _trace(30)
     busy = TraceScale(**{**SCALE.__dict__, "time_scale": 4.0})

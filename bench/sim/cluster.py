@@ -55,6 +55,7 @@ class SimClusterConfig:
     corun_slowdown: float = 1.0  # with shared cores: a step's factor while another worker computes (bench/sim/cores.py)
     serving_cpu_per_request_s: float = 0.0  # with shared cores: CPU the router, HTTP, Ray and client spend ...
     serving_cpu_per_token_s: float = 0.0  # ... per request and per streamed token (bench/sim/machine.py measures)
+    idle_serving_cores: float = 0.0  # ... and with no request at all
     planner: dict[str, Any] | None = None  # PlannerConfig fields: roles change at runtime (None: static split)
     # what a real cluster on one machine adds (fitted by bench/sim/validate.py on one real run): a fixed cost per
     # request before it reaches a worker (HTTP, router, RPC), and slower steps (the router, HTTP server and Ray
@@ -223,7 +224,8 @@ class SimCluster:
         self._rng = random.Random(0)
         self.staleness: list[int] = []  # per request: predicted - found cached tokens (as the API's histogram)
         self.cores = SharedCores(CoresConfig(config.cores, config.threads_per_worker, config.corun_slowdown,
-                                             config.serving_cpu_per_request_s, config.serving_cpu_per_token_s))
+                                             config.serving_cpu_per_request_s, config.serving_cpu_per_token_s,
+                                             config.idle_serving_cores))
 
     def _attach(self, worker: SimWorker, disk: Any = None) -> None:
         tiers = None

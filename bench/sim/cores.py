@@ -4,7 +4,7 @@ A step of one worker runs slower than the calibrated engine alone on an idle cor
     oversubscription  max(1, (busy workers x threads + serving cores) / cores)
   x co-run            `corun_slowdown` while another worker is busy too (two engines on separate cores still
                       share memory bandwidth and caches; measured by bench/sim/machine.py)
-where "serving cores" is the CPU the router actor, its HTTP server, Ray and the client burn, as a rate over the last
+where "serving cores" is a constant idle share plus the CPU the router actor, its HTTP server, Ray and the client burn, as a rate over the last
 `window_s`: `cpu_per_request_s` per request dispatched plus `cpu_per_token_s` per token streamed (measured too).
 """
 
@@ -21,6 +21,7 @@ class CoresConfig:
     corun_slowdown: float = 1.0
     cpu_per_request_s: float = 0.0
     cpu_per_token_s: float = 0.0
+    idle_serving_cores: float = 0.0  # what the serving processes burn with no request at all (Ray's daemons)
     window_s: float = 1.0
     max_events: int = 100_000  # bound of the serving-CPU window
 
@@ -49,7 +50,7 @@ class SharedCores:
             self._sum -= self._spent.popleft()[1]
         if not self._spent:
             self._sum = 0.0  # no float residue once the window is empty
-        return max(0.0, self._sum) / self.config.window_s
+        return self.config.idle_serving_cores + max(0.0, self._sum) / self.config.window_s
 
     def slowdown(self, busy_workers: int, now: float) -> float:
         """Factor on a step that starts now while `busy_workers` workers (itself included) are computing."""

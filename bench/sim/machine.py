@@ -9,9 +9,9 @@ Three measurements, each of a real process on this machine:
 2. Request overhead: sequential tiny requests (8-token prompt, 1 output token) through the real HTTP endpoint of a
    2-worker cluster at idle; TTFT minus the engine's predicted step time is what the HTTP server, router, Ray RPCs
    and the client add to every request.
-3. Serving CPU: CPU seconds of every process (router actor, the client, Ray's own daemons; engine workers apart)
-   while the agent workload runs on that cluster, per request and per generated token: the share of the cores
-   the engines do not get.
+3. Serving CPU: CPU seconds of every process (router actor, the client, Ray's own daemons; engine workers apart):
+   per request from the tiny requests, and per generated token from the rest while the agent workload runs on
+   that cluster - the share of the cores the engines do not get.
 
     .venv/bin/python -m bench.sim.machine --time-model bench/results/time_model.json --out bench/results/machine.json
 
@@ -25,7 +25,9 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -123,7 +125,9 @@ def tiny_requests(url: str, n: int) -> list[float]:
     return ttfts
 
 
-def cluster_costs(model: StepTimeModel, requests: int, sessions: int, session_rate: float) -> dict[str, Any]:
+def cluster_costs(
+    model: StepTimeModel, requests: int, sessions: int, session_rate: float, idle_s: float = 5.0
+) -> dict[str, Any]:
     from bench.compare import parse_configs
     from bench.replay import ReplayConfig, replay
     from bench.traces import agent
@@ -131,13 +135,19 @@ def cluster_costs(model: StepTimeModel, requests: int, sessions: int, session_ra
     from disagg.cluster.launch import ClusterConfig, Service
     from disagg.model_store import default_model_dir
 
-    spec = parse_configs("agg-kv=0x2:kv")[0]
+    spec = parse_configs("agg-kv=0x2:kv")[0]  # as bench.sim.validate runs it (bench/compare.py run_one)
     engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": 256, "max_model_len": 2048, "num_threads": 1}
-    service = Service(ClusterConfig(num_prefill=0, num_decode=2, engine=engine), {"policy": spec.policy_config(),
-                                                                                  "port": 0})
+    disk_root = tempfile.mkdtemp(prefix="machine-kv-")
+    cluster = ClusterConfig(num_prefill=0, num_decode=2, engine=engine, tiers=spec.tiers(disk_root))
+    service = Service(cluster, {"policy": spec.policy_config(), "port": 0})
     try:
         tiny_requests(service.url, 5)  # warm-up
+        idle_before, t_idle = cpu_by_group(), time.perf_counter()
+        time.sleep(idle_s)  # what Ray and the router burn with no request at all
+        idle_cpu, idle_wall = cpu_delta(idle_before, cpu_by_group()), time.perf_counter() - t_idle
+        tiny_before, t_tiny = cpu_by_group(), time.perf_counter()
         ttfts = tiny_requests(service.url, requests)
+        tiny_cpu, tiny_wall = cpu_delta(tiny_before, cpu_by_group()), time.perf_counter() - t_tiny
         step = model.predict([1.0, 8.0, 1.0, 8 * 8 / 1000])  # the 8-token prompt's one prefill step
         trace = agent.generate(agent.parse_mix("coding_agent"), sessions, session_rate, seed=0)
         cfg = ReplayConfig(url=service.url, scale=TraceScale(block_tokens=16, max_input_tokens=1791,
@@ -147,17 +157,28 @@ def cluster_costs(model: StepTimeModel, requests: int, sessions: int, session_ra
         after, wall = cpu_by_group(), time.perf_counter() - t0
     finally:
         service.shutdown()
+        shutil.rmtree(disk_root, ignore_errors=True)
     cpu = cpu_delta(before, after)
     done = [r for r in result.records if r.ok]
     tokens = sum(r.output_tokens for r in done)
-    serving = sum(v for k, v in cpu.items() if k not in ("engines", "gone"))
+    idle = _serving(idle_cpu) / idle_wall  # cores, always
+    serving = _serving(cpu) - idle * wall
+    # a request's fixed serving CPU from the tiny requests (one token each); the run's remainder is per token
+    per_request = max(0.0, _serving(tiny_cpu) - idle * tiny_wall) / max(1, requests)
+    per_token = max(0.0, serving - per_request * len(done)) / max(1, tokens)
     return {"tiny_ttft_ms": {"p50": statistics.median(ttfts) * 1000, "mean": statistics.mean(ttfts) * 1000},
             "predicted_step_ms": step * 1000,
             "request_overhead_ms": (statistics.median(ttfts) - step) * 1000,
+            "idle_cpu_s": idle_cpu, "idle_wall_s": idle_wall, "idle_serving_cores": idle,
+            "tiny_cpu_s": tiny_cpu,
             "run": {"wall_s": wall, "requests": len(done), "output_tokens": tokens, "cpu_s": cpu},
-            "serving_cpu_s_per_request": serving / max(1, len(done)),
-            "serving_cpu_s_per_token": serving / max(1, tokens),
-            "serving_cores_mean": serving / wall}
+            "serving_cpu_s_per_request": per_request,
+            "serving_cpu_s_per_token": per_token,
+            "serving_cores_mean": serving / wall + idle}
+
+
+def _serving(cpu: dict[str, float]) -> float:
+    return sum(v for k, v in cpu.items() if k not in ("engines", "gone"))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -148,6 +148,7 @@ def machine_settings(args: argparse.Namespace) -> dict[str, float]:
         out["corun_slowdown"] = measured.get("corun", {}).get("corun_slowdown", 1.0)
         out["serving_cpu_per_request_s"] = cluster["serving_cpu_s_per_request"]
         out["serving_cpu_per_token_s"] = cluster["serving_cpu_s_per_token"]
+        out["idle_serving_cores"] = cluster["idle_serving_cores"]
         if not args.request_overhead_ms:
             out["request_overhead_s"] = max(0.0, cluster["request_overhead_ms"]) / 1000
     return out
