@@ -177,4 +177,5 @@ def test_the_loop_carries_out_every_worker_of_a_move():
         "d0": Role.BOTH, "d1": Role.PREFILL, "d2": Role.BOTH, "d3": Role.PREFILL
     }
     assert [r.worker for r in core.roles.records] == ["d1", "d3"]
+    assert all(r.detail == "test" and r.reason == "prefill_backlog" for r in core.roles.records)
     assert loop.moves[("both", "prefill", "prefill_backlog")] == 2

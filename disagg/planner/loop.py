@@ -113,6 +113,9 @@ class PlannerLoop:
         self.moves[(decision.old.value, decision.new.value, decision.reason.value)] += len(decision.workers)
         # every worker of the move changes together: their drains overlap instead of adding up
         await asyncio.gather(
-            *(self.core.roles.change(name, decision.new, reason=decision.reason.value) for name in decision.workers)
+            *(
+                self.core.roles.change(name, decision.new, reason=decision.reason.value, detail=decision.detail)
+                for name in decision.workers
+            )
         )
         return decision

@@ -60,6 +60,8 @@ class RoleChange:
     state: ChangeState = ChangeState.ROUTING
     finished: float | None = None
     announced: bool = False
+    detail: str = ""  # the planner's signals when it decided (empty for a manual change)
+    at: float = field(default_factory=time.time)  # wall clock, to line changes up with a run's records
 
     def as_dict(self) -> dict:
         return {
@@ -70,6 +72,8 @@ class RoleChange:
             "state": self.state.value,
             "seconds": (self.finished or time.monotonic()) - self.started,
             "announced": self.announced,
+            "detail": self.detail,
+            "at": self.at,
         }
 
 
@@ -103,9 +107,9 @@ class RoleChanger:
             raise InvalidRequest("the last decode-capable worker cannot stop decoding", param="role")
         return health.role
 
-    async def change(self, name: str, new: Role, reason: str = "manual") -> RoleChange:
+    async def change(self, name: str, new: Role, reason: str = "manual", detail: str = "") -> RoleChange:
         old = self.validate(name, new)
-        record = RoleChange(name, old, new, reason)
+        record = RoleChange(name, old, new, reason, detail=detail)
         self.in_flight[name] = record
         self.records.append(record)
         try:

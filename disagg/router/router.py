@@ -6,11 +6,12 @@ server's event loop routes requests while the router actor's threads apply KV ev
 
 Serving one request (`generate`):
   1. route it (only READY workers count); no decode-capable worker READY -> ServiceUnavailable (503);
-  2. (steps 2 and 3: one attempt, router/attempt.py) remote prefill on the chosen prefill worker, with a deadline; if it fails or times out the decode worker
+  2. remote prefill on the chosen prefill worker, with a deadline; if it fails or times out the decode worker
      prefills locally (and the prefill worker's lease, if any, is released) - or, when the policy chose a peer
      pull, the peer's cached prefix is offered to the decode worker;
   3. stream from the decode worker: the first delta within `stream_start_timeout_s`; while streaming, the
-     worker's death (the health supervisor takes it out of routing) or a broken stream raises WorkerLost;
+     worker's death (the health supervisor takes it out of routing) or a broken stream raises WorkerLost
+     (steps 2 and 3 are one attempt: router/attempt.py);
   4. on WorkerLost the request migrates: routed again as prompt + the tokens the client already has
      (`Request.resumed`), so the stream continues with no duplicate and no missing token, up to
      `max_migrations` times; then, or when no decode-capable worker is left, ServiceUnavailable.
