@@ -70,11 +70,26 @@ def test_both_short_is_saturation_not_a_move():
 
 
 def test_idle_prefill_workers_go_to_decode_when_decode_is_busy():
-    s = signals([w("p0", Role.PREFILL), w("d0", Role.DECODE, active=5), w("d1", Role.DECODE, active=5)])
+    s = signals([w("p0", Role.PREFILL), w("p1", Role.PREFILL), w("d0", Role.DECODE, active=5),
+                 w("d1", Role.DECODE, active=5)])
     move = Planner(PlannerConfig(**ON)).decide(s)
-    assert (move.worker, move.new, move.reason) == ("p0", Role.DECODE, Reason.PREFILL_IDLE)
+    assert (move.workers, move.new, move.reason) == (["p0"], Role.DECODE, Reason.PREFILL_IDLE)
     quiet = signals([w("p0", Role.PREFILL), w("d0", Role.DECODE, active=1)])
     assert Planner(PlannerConfig(**ON)).decide(quiet) is Hold.BALANCED
+
+
+def test_only_a_measured_tpot_miss_ends_disaggregation():
+    """The last prefill worker stays on load proxies (decode KV nearly full, prefill idle) while TPOT is met, and
+    leaves when TPOT is missed; a large move keeps one prefill worker unless TPOT is missed."""
+    full = [w("p0", Role.PREFILL, queued=100), w("d0", Role.DECODE, active=7)]  # decode load 0.875 > 0.85
+    assert Planner(PlannerConfig(**ON)).decide(signals(full, tpot=0.95)) is Hold.LAST_PREFILL
+    idle = [w("p0", Role.PREFILL), w("d0", Role.DECODE, active=5)]
+    assert Planner(PlannerConfig(**ON)).decide(signals(idle)) is Hold.LAST_PREFILL
+    move = Planner(PlannerConfig(**ON)).decide(signals(full, tpot=0.6))
+    assert (move.workers, move.new, move.reason) == (["p0"], Role.DECODE, Reason.DECODE_SATURATED)
+    many = [w(f"p{i}", Role.PREFILL) for i in range(3)] + [w(f"d{i}", Role.DECODE, active=7) for i in range(27)]
+    move = Planner(PlannerConfig(**ON)).decide(signals(many))  # 10% of 30 = 3, the whole prefill pool
+    assert move.new is Role.DECODE and move.workers == ["p0", "p1"]
 
 
 def test_the_last_decoder_never_leaves_decode():

@@ -20,6 +20,9 @@ of a queue in front of it.  Rules, in order (each move keeps at least `min_decod
    bottleneck - decode workers become prefill workers. (Measured: at 64 workers and 4x the agent load, 16P:48D
    misses TTFT on 22% of requests and 41P:23D meets it; moving the other way halved goodput.)
 5. Prefill workers idle (estimated wait ~0) while decode is busier than `decode_load_low`: they move to decode.
+The last prefill worker leaves (ending disaggregation) only when TPOT is measured to be missed, not on a load
+proxy (KV use, idle prefill): measured on 2 workers with the agent workload, the planner moved it on KV use
+alone in 2 of 3 runs and those runs served worse than the run that kept it (1.55 and 1.34 vs 1.69 req/s).
 A move takes up to `step_fraction` of the workers at once (at least one), so a large cluster crosses a wide gap
 in a few rounds.
 Hysteresis: a move must be asked for `confirm_rounds` rounds in a row; at most one move per `cooldown_s`; a
@@ -53,6 +56,7 @@ class Hold(str, enum.Enum):
     COOLDOWN = "cooldown"
     NO_CANDIDATE = "no_candidate"  # a move is wanted but every candidate is pinned by min counts or hysteresis
     CONFIRMING = "confirming"  # a move is wanted, not yet for confirm_rounds rounds in a row
+    LAST_PREFILL = "last_prefill"  # only a measured TPOT miss ends disaggregation, not a load proxy
 
 
 @dataclass
@@ -191,6 +195,10 @@ class Planner:
         if self.last_move_at is not None and s.now - self.last_move_at < cfg.cooldown_s:
             return Hold.COOLDOWN
         chosen = self._candidates(s, wanted[0])
+        if wanted[0] is Role.DECODE and not tpot_bad and len(chosen) >= len(s.prefill_workers()):
+            chosen = chosen[: len(s.prefill_workers()) - 1]
+            if not chosen:
+                return Hold.LAST_PREFILL
         if not chosen:
             return Hold.NO_CANDIDATE
         return Move([w.name for w in chosen], chosen[0].role, wanted[0], wanted[1], detail)
