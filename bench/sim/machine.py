@@ -115,13 +115,14 @@ def tiny_requests(url: str, n: int) -> list[float]:
             body = {"model": model, "prompt": [100 + i, 200, 300, 400, 500, 600, 700, 800 + i], "max_tokens": 1,
                     "stream": True, "ignore_eos": True}
             t0 = time.perf_counter()
+            first = None
             with client.stream("POST", "/v1/completions", json=body) as resp:
-                for line in resp.iter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        ttfts.append(time.perf_counter() - t0)
-                        break
-                for _ in resp.iter_lines():
-                    pass
+                for line in resp.iter_lines():  # read to the end: the request is over only then
+                    if first is None and line.startswith("data: ") and line != "data: [DONE]":
+                        first = time.perf_counter() - t0
+            if first is None:
+                raise RuntimeError(f"no token in the answer to tiny request {i}")
+            ttfts.append(first)
     return ttfts
 
 

@@ -188,6 +188,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help="network devices UCX carries KV over: auto (every interface that is up with an IPv4 address), "
         "or a UCX list such as lo, eth0, mlx5_0:1 (UCX_NET_DEVICES in the environment wins over auto)",
     )
+    p.add_argument(
+        "--nixl-progress-delay-us",
+        type=int,
+        default=1000,
+        help="longest sleep of the NIXL progress thread between wake-ups (it wakes at once on transfers); "
+        "0 is NIXL's own setting, which spins one core per worker",
+    )
     for role in ("router", "prefill", "decode"):
         p.add_argument(
             f"--{role}-resources",
@@ -306,7 +313,7 @@ def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
         address=args.address,
         tiers=tier_options(args),
         tracing=tracing,
-        transport={"ucx_net_devices": args.ucx_net_devices},
+        transport={"ucx_net_devices": args.ucx_net_devices, "progress_delay_us": args.nixl_progress_delay_us},
         prefill_resources=args.prefill_resources,
         decode_resources=args.decode_resources,
         router_resources=args.router_resources,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +39,15 @@ class TransportConfig:
     `ucx_net_devices`: "auto" picks every interface that is up and has an IPv4 address (loopback included), so
     workers on different hosts reach each other - unless UCX_NET_DEVICES is already set in the environment,
     which then wins; any other value (a UCX device list: "lo", "eth0", "mlx5_0:1,eth0") is used as given.
+
+    `progress_delay_us`: the longest the NIXL UCX progress thread sleeps in poll() between wake-ups (it wakes at
+    once on UCX events).  NIXL's Python API passes 0, and its thread then spins in poll(timeout=0): one whole
+    core per agent, idle or not (measured: 100% of a core at idle, 1.7% with 1,000 us).  On a host where the
+    workers share few cores those spinning threads took the cores from the engines.  0 keeps NIXL's behaviour.
     """
 
     ucx_net_devices: str = AUTO
+    progress_delay_us: int = 1000
 
 
 def detect_net_devices() -> str:
@@ -68,10 +75,39 @@ def apply_ucx_devices(config: TransportConfig) -> str:
 
 def _import_nixl():
     try:
-        from nixl_cu12._api import nixl_agent, nixl_agent_config  # the wheel `nixl-cu12` installs
+        from nixl_cu12 import _api  # the wheel `nixl-cu12` installs
     except ImportError:
-        from nixl._api import nixl_agent, nixl_agent_config  # the `nixl` meta package
-    return nixl_agent, nixl_agent_config
+        from nixl import _api  # type: ignore[no-redef]  # the `nixl` meta package
+    return _api
+
+
+_AGENT_LOCK = threading.Lock()
+
+
+def make_agent(name: str, progress_delay_us: int) -> Any:
+    """A NIXL agent with the UCX backend whose progress thread sleeps up to `progress_delay_us` in poll().
+
+    nixl_agent's constructor builds its nixlAgentConfig and sets `pthrDelay = 0` itself, with no parameter for
+    it; so for the duration of the constructor its bindings' config class is one that keeps the larger of that
+    0 and ours (the bindings' own class, subclassed: nothing else changes).  Under a lock: the swap is global."""
+    api = _import_nixl()
+    if progress_delay_us <= 0:
+        return api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+    bindings = api.nixlBind
+    base = bindings.nixlAgentConfig
+
+    class _Config(base):  # type: ignore[misc, valid-type]
+        def __setattr__(self, key: str, value: Any) -> None:
+            if key == "pthrDelay":
+                value = max(int(value), progress_delay_us)
+            super().__setattr__(key, value)
+
+    with _AGENT_LOCK:
+        bindings.nixlAgentConfig = _Config
+        try:
+            return api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+        finally:
+            bindings.nixlAgentConfig = base
 
 
 @dataclass
@@ -87,11 +123,11 @@ class NixlTransport(KVTransport):
         if device is None or device.type == "cpu":
             for key, value in _CPU_UCX_ENV.items():
                 os.environ.setdefault(key, value)
-        self.net_devices = apply_ucx_devices(config or TransportConfig())
+        config = config or TransportConfig()
+        self.net_devices = apply_ucx_devices(config)
         log.info("NIXL agent %s: UCX_NET_DEVICES=%s", name, self.net_devices)
-        nixl_agent, nixl_agent_config = _import_nixl()
         self.name = name
-        self.agent = nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        self.agent = make_agent(name, config.progress_delay_us)
         self._layout: KVLayout | None = None
         self._peers: dict[str, KVLayout] = {}
         self._regs: list[Any] = []
