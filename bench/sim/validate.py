@@ -74,19 +74,22 @@ def median_of(samples: list[dict[str, Any]]) -> dict[str, float]:
 def dynamic_line(group: list[dict[str, Any]]) -> list[str]:
     """Dynamic against the best static configuration: medians, and whether the samples' ranges overlap (if they
     do, this many runs cannot tell the two apart)."""
-    dyn = [r for r in group if "planner" in r["config"] or r["config"] == "dynamic"]
+    dyn = [r for r in group if "planner" in r["config"] or r["config"] in ("dynamic", "planned")]
     static = [r for r in group if r not in dyn]
     if not dyn or not static:
         return []
     best = max(static, key=lambda r: r["real"]["request_goodput"])
-    d, b = dyn[0], best
+    return [line for d in dyn for line in _against(d, best)]
+
+
+def _against(d: dict[str, Any], b: dict[str, Any]) -> list[str]:
     d_good = [s["request_goodput"] for s in d["real_samples"]]
     b_good = [s["request_goodput"] for s in b["real_samples"]]
     overlap = min(d_good) <= max(b_good) and min(b_good) <= max(d_good)
     ratio = d["real"]["request_goodput"] / b["real"]["request_goodput"] if b["real"]["request_goodput"] else None
-    return [f"  dynamic / best static ({b['config']}) median goodput: "
-            f"{ratio:.2f}x" if ratio is not None else "  best static goodput 0",
-            f"  ranges {'overlap' if overlap else 'apart'}: dynamic {min(d_good):.3f}-{max(d_good):.3f}, "
+    head = f"  {d['config']} (starts {d.get('split', '?')}) / best static ({b['config']}) median goodput: "
+    return [head + (f"{ratio:.2f}x" if ratio is not None else "n/a (best static goodput 0)"),
+            f"  ranges {'overlap' if overlap else 'apart'}: {d['config']} {min(d_good):.3f}-{max(d_good):.3f}, "
             f"{b['config']} {min(b_good):.3f}-{max(b_good):.3f}"]
 
 
@@ -107,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=49152)
     p.add_argument("--only", default="agent,conversation")
     p.add_argument("--out", default="bench/results/validate")
+    p.add_argument("--planned", action="store_true", help="add 'planned': the static split the simulator ranks first "
+                   "at that point (as `disagg plan` would), started with the planner on")
+    p.add_argument("--run", default="", help="configurations to run for real (default: all); the others take "
+                   "their samples from --prior only")
     p.add_argument("--repeats", type=int, default=1, help="real runs per point (their median is compared)")
     p.add_argument("--prior", action="append", default=[], help="ROWS.json[@CONFIG+CONFIG]: earlier real samples "
                    "to add to each point (only the named configurations)")
@@ -145,25 +152,32 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for rate in (float(r) for r in args.rates.split(",")):
             rscale = replace(scale, time_scale=scale.time_scale * rate)
-            for spec in specs:
+            simulated: dict[str, dict[str, Any]] = {}
+            for spec in [*specs, None] if args.planned else specs:
+                if spec is None:  # after the static configurations: start from the simulator's first choice
+                    best = max((s for s in specs if not s.planner), key=lambda s: simulated[s.name]["request_goodput"])
+                    spec = replace(best, name="planned", planner=True)
+                    print(f"{wname} {rate:g}x: planned start {best.name} ({best.num_prefill}x{best.num_decode})")
                 key = (wname, rate, spec.name)
                 samples = list(prior.get(key, []))
                 if key in stored:
                     samples = stored[key].get("real_samples") or [stored[key]["real"]]
                 else:
-                    for _ in range(args.repeats):
+                    for _ in range(args.repeats if not args.run or spec.name in args.run.split(",") else 0):
                         cfg = ReplayConfig(url="", scale=rscale, progress=False, vocab_size=args.vocab_size)
                         result = run_one(spec, engine, trace, cfg, slo=slo)
                         metrics = result.metrics(slo)
                         samples.append({**{k: metrics[k] for k in KEYS}, "role_changes": result.role_changes})
                 changes = [s.get("role_changes") for s in samples]
                 sim = simulate(trace, rscale, sim_config(spec, args, model, slo), model).metrics(slo)
+                simulated[spec.name] = sim
                 real = median_of(samples)
                 row = {"workload": wname, "rate": rate, "config": spec.name, "fitted_on": f"{wname}:{rate:g}:"
                        f"{spec.name}" == args.fit.replace(".0:", ":") if args.fit else False,
                        "real": {k: real[k] for k in KEYS}, "sim": {k: sim[k] for k in KEYS},
                        "ratio": {k: sim[k] / real[k] if real[k] else None for k in KEYS},
                        "real_samples": samples, "role_changes_real": changes,
+                       "split": f"{spec.num_prefill}x{spec.num_decode}",
                        "sim_settings": {"request_overhead_ms": args.request_overhead_ms,
                                         "step_slowdown": args.step_slowdown}}
                 rows.append(row)
