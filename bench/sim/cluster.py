@@ -223,9 +223,11 @@ class SimCluster:
         self._queries = self._hits = 0
         self._rng = random.Random(0)
         self.staleness: list[int] = []  # per request: predicted - found cached tokens (as the API's histogram)
-        self.cores = SharedCores(CoresConfig(config.cores, config.threads_per_worker, config.corun_slowdown,
-                                             config.serving_cpu_per_request_s, config.serving_cpu_per_token_s,
-                                             config.idle_serving_cores))
+        self.cores = SharedCores(CoresConfig(cores=config.cores, threads_per_worker=config.threads_per_worker,
+                                             corun_slowdown=config.corun_slowdown,
+                                             cpu_per_request_s=config.serving_cpu_per_request_s,
+                                             cpu_per_token_s=config.serving_cpu_per_token_s,
+                                             idle_serving_cores=config.idle_serving_cores))
 
     def _attach(self, worker: SimWorker, disk: Any = None) -> None:
         tiers = None

@@ -29,6 +29,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,13 @@ def cpu_delta(before: dict, after: dict) -> dict[str, float]:
     return groups
 
 
+def cpu_during(fn: Callable[[], Any]) -> tuple[Any, dict[str, float], float]:
+    """fn()'s result, the CPU seconds every process group spent while it ran, and the wall seconds it took."""
+    before, t0 = cpu_by_group(), time.perf_counter()
+    result = fn()
+    return result, cpu_delta(before, cpu_by_group()), time.perf_counter() - t0
+
+
 def tiny_requests(url: str, n: int) -> list[float]:
     import httpx
 
@@ -143,23 +151,16 @@ def cluster_costs(
     service = Service(cluster, {"policy": spec.policy_config(), "port": 0})
     try:
         tiny_requests(service.url, 5)  # warm-up
-        idle_before, t_idle = cpu_by_group(), time.perf_counter()
-        time.sleep(idle_s)  # what Ray and the router burn with no request at all
-        idle_cpu, idle_wall = cpu_delta(idle_before, cpu_by_group()), time.perf_counter() - t_idle
-        tiny_before, t_tiny = cpu_by_group(), time.perf_counter()
-        ttfts = tiny_requests(service.url, requests)
-        tiny_cpu, tiny_wall = cpu_delta(tiny_before, cpu_by_group()), time.perf_counter() - t_tiny
+        _, idle_cpu, idle_wall = cpu_during(lambda: time.sleep(idle_s))  # what Ray and the router burn at rest
+        ttfts, tiny_cpu, tiny_wall = cpu_during(lambda: tiny_requests(service.url, requests))
         step = model.predict([1.0, 8.0, 1.0, 8 * 8 / 1000])  # the 8-token prompt's one prefill step
         trace = agent.generate(agent.parse_mix("coding_agent"), sessions, session_rate, seed=0)
         cfg = ReplayConfig(url=service.url, scale=TraceScale(block_tokens=16, max_input_tokens=1791,
                                                              max_output_tokens=256), progress=False)
-        before, t0 = cpu_by_group(), time.perf_counter()
-        result = asyncio.run(replay(trace, cfg))
-        after, wall = cpu_by_group(), time.perf_counter() - t0
+        result, cpu, wall = cpu_during(lambda: asyncio.run(replay(trace, cfg)))
     finally:
         service.shutdown()
         shutil.rmtree(disk_root, ignore_errors=True)
-    cpu = cpu_delta(before, after)
     done = [r for r in result.records if r.ok]
     tokens = sum(r.output_tokens for r in done)
     idle = _serving(idle_cpu) / idle_wall  # cores, always

@@ -74,7 +74,7 @@ def median_of(samples: list[dict[str, Any]]) -> dict[str, float]:
 def dynamic_line(group: list[dict[str, Any]]) -> list[str]:
     """Dynamic against the best static configuration: medians, and whether the samples' ranges overlap (if they
     do, this many runs cannot tell the two apart)."""
-    dyn = [r for r in group if "planner" in r["config"] or r["config"] in ("dynamic", "planned")]
+    dyn = [r for r in group if r["dynamic"]]
     static = [r for r in group if r not in dyn]
     if not dyn or not static:
         return []
@@ -177,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                        "real": {k: real[k] for k in KEYS}, "sim": {k: sim[k] for k in KEYS},
                        "ratio": {k: sim[k] / real[k] if real[k] else None for k in KEYS},
                        "real_samples": samples, "role_changes_real": changes,
-                       "split": f"{spec.num_prefill}x{spec.num_decode}",
+                       "split": f"{spec.num_prefill}x{spec.num_decode}", "dynamic": spec.planner,
                        "sim_settings": {"request_overhead_ms": args.request_overhead_ms,
-                                        "step_slowdown": args.step_slowdown}}
+                                        "step_slowdown": args.step_slowdown, "machine_model": args.machine_model}}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 (out / "rows.json").write_text(json.dumps(rows, indent=2))

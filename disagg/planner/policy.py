@@ -194,16 +194,17 @@ class Planner:
             return Hold.CONFIRMING
         if self.last_move_at is not None and s.now - self.last_move_at < cfg.cooldown_s:
             return Hold.COOLDOWN
-        chosen = self._candidates(s, wanted[0])
-        if wanted[0] is Role.DECODE and not tpot_bad and len(chosen) >= len(s.prefill_workers()):
-            chosen = chosen[: len(s.prefill_workers()) - 1]
-            if not chosen:
-                return Hold.LAST_PREFILL
+        # only a measured TPOT miss ends disaggregation: otherwise the prefill pool keeps at least one worker
+        keep_prefill = cfg.min_prefill if tpot_bad else max(cfg.min_prefill, 1)
+        chosen = self._candidates(s, wanted[0], keep_prefill)
         if not chosen:
-            return Hold.NO_CANDIDATE
+            ending = wanted[0] is Role.DECODE and bool(self._candidates(s, Role.DECODE, cfg.min_prefill))
+            return Hold.LAST_PREFILL if ending else Hold.NO_CANDIDATE
         return Move([w.name for w in chosen], chosen[0].role, wanted[0], wanted[1], detail)
 
-    def _candidates(self, s: Signals, to: Role) -> list[WorkerSignal]:
+    def _candidates(self, s: Signals, to: Role, keep_prefill: int) -> list[WorkerSignal]:
+        """Up to one step of workers that may move to `to`, keeping `min_decode` decode-capable workers and
+        `keep_prefill` prefill ones."""
         cfg = self.config
         if to is Role.PREFILL:
             pool = s.decode_workers()
@@ -211,7 +212,7 @@ class Planner:
             ranked = sorted(pool, key=lambda w: (w.active_requests, w.name))
         else:
             pool = s.prefill_workers()
-            spare = len(pool) - cfg.min_prefill
+            spare = len(pool) - keep_prefill
             ranked = sorted(pool, key=lambda w: (w.queued_prefill_tokens, w.name))
         step = max(1, int(len(s.workers) * cfg.step_fraction))
         eligible = [w for w in ranked if w.role is ranked[0].role and self._may_move(w.name, w.role, to, s.now)]

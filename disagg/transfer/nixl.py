@@ -9,10 +9,12 @@ and the notification is then sent once both are done.  On CPU, UCX runs over sha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,27 +87,33 @@ _AGENT_LOCK = threading.Lock()
 
 
 def make_agent(name: str, progress_delay_us: int) -> Any:
-    """A NIXL agent with the UCX backend whose progress thread sleeps up to `progress_delay_us` in poll().
-
-    nixl_agent's constructor builds its nixlAgentConfig and sets `pthrDelay = 0` itself, with no parameter for
-    it; so for the duration of the constructor its bindings' config class is one that keeps the larger of that
-    0 and ours (the bindings' own class, subclassed: nothing else changes).  Under a lock: the swap is global."""
+    """A NIXL agent with the UCX backend whose progress thread sleeps up to `progress_delay_us` in poll()."""
     api = _import_nixl()
-    if progress_delay_us <= 0:
+    with _progress_delay(api.nixlBind, progress_delay_us):
         return api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
-    bindings = api.nixlBind
+
+
+@contextlib.contextmanager
+def _progress_delay(bindings: Any, delay_us: int) -> Iterator[None]:
+    """nixl_agent's constructor builds its nixlAgentConfig and sets `pthrDelay = 0` itself, with no parameter for
+    it; so while this is held, its bindings' config class is one that keeps the larger of that 0 and `delay_us`
+    (the bindings' own class, subclassed: nothing else changes).  Under a lock: the swap is global.  A delay of 0
+    changes nothing."""
+    if delay_us <= 0:
+        yield
+        return
     base = bindings.nixlAgentConfig
 
     class _Config(base):  # type: ignore[misc, valid-type]
         def __setattr__(self, key: str, value: Any) -> None:
             if key == "pthrDelay":
-                value = max(int(value), progress_delay_us)
+                value = max(int(value), delay_us)
             super().__setattr__(key, value)
 
     with _AGENT_LOCK:
         bindings.nixlAgentConfig = _Config
         try:
-            return api.nixl_agent(name, api.nixl_agent_config(backends=["UCX"]))
+            yield
         finally:
             bindings.nixlAgentConfig = base
 
