@@ -125,10 +125,10 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
     """TTFT of a disaggregated request on a 1P+1D cluster (default model) and the KV read inside it."""
     import ray
 
-    from disagg.cluster.launch import ClusterConfig, LocalCluster
+    from disagg.cluster.launch import ClusterConfig, LocalCluster, init_ray
     from disagg.protocol import Request, SamplingParams
 
-    ray.init(include_dashboard=False, log_to_driver=False)
+    init_ray(None)  # a local cluster on loopback
     cluster = LocalCluster(ClusterConfig(engine=dict(kv_cache_memory_mb=512, num_threads=1,
                                                      max_num_batched_tokens=2048)))
     decode = cluster.decode[0]

@@ -2,7 +2,12 @@
 import os
 import tempfile
 
-import torch
+# Ray (2.60) maps a node IP of 127.0.0.1 to the host's outward address unless its cluster mode is off: off here,
+# so every raylet, GCS and worker of a test binds and talks on loopback (read when ray is first imported; Ray's
+# subprocesses and `ray start` inherit it).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

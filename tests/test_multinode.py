@@ -1,5 +1,6 @@
 """Beyond one machine: a two-node Ray cluster (a head started with `ray start --head`, a second raylet joined with
-`ray start --address`, both on 127.0.0.1), the prefill worker placed on one node and the decode worker on the
+`ray start --address`, both given --node-ip-address=127.0.0.1, which Ray's cluster mode maps to this host's own
+address), the prefill worker placed on one node and the decode worker on the
 other by Ray custom resources, and a disaggregated request whose KV crosses nodes over NIXL (UCX kept on `lo`
 by the transport configuration, as tests must)."""
 import json
@@ -52,7 +53,10 @@ def _wait_nodes(address: str, n: int, env: dict, timeout_s: float = 120) -> None
 def two_nodes():
     gcs = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="mn", dir="/tmp")  # short: Ray's unix socket paths must stay < 108 bytes
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    # a second raylet needs Ray's cluster mode (conftest turns it off to keep single-node tests on loopback); in
+    # it Ray maps 127.0.0.1 to this host's own address, so the traffic still never leaves the host
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     head = _ray("--head", f"--port={gcs}", "--include-dashboard=false", f"--temp-dir={temp_dir}",
                 '--resources={"node_a": 4}', env=env)
     address = f"127.0.0.1:{gcs}"

@@ -9,8 +9,11 @@ from disagg.router.load import LatencyWindow
 ON = dict(enabled=True, min_samples=4, cooldown_s=10, min_dwell_s=20, reversal_window_s=120, confirm_rounds=1)
 
 
+LIMIT = 4096  # CapacityConfig.max_prefill_queue_tokens: the router sends no more remote prefills past it
+
+
 def w(name, role, queued=0, active=0, max_running=8, tok_s=1000.0):
-    return WorkerSignal(name, role, True, queued, active, max_running, None, tok_s)
+    return WorkerSignal(name, role, True, queued, active, max_running, None, tok_s, prefill_queue_limit=LIMIT)
 
 
 def signals(workers, ttft=1.0, tpot=1.0, finished=50, now=100.0):
@@ -23,13 +26,27 @@ def test_off_by_default_and_says_so():
 
 def test_tpot_missed_with_prefill_interference_moves_the_least_loaded_decoder_to_prefill():
     # decode workers are prefilling prompts themselves (tokens queued on them) and TPOT suffers: isolate prefill
-    s = signals([w("p0", Role.PREFILL), w("d0", Role.DECODE, queued=800, active=3), w("d1", Role.DECODE, active=1)],
-                ttft=0.99, tpot=0.5)
+    # because the prefill pool is full (the router keeps prompts local only then, or when they are short)
+    s = signals([w("p0", Role.PREFILL, queued=LIMIT), w("d0", Role.DECODE, queued=800, active=3),
+                 w("d1", Role.DECODE, active=1)], ttft=0.99, tpot=0.5)
     move = Planner(PlannerConfig(**ON)).decide(s)
     assert isinstance(move, Move)
     assert (move.worker, move.old, move.new, move.reason) == ("d1", Role.DECODE, Role.PREFILL,
                                                               Reason.PREFILL_INTERFERENCE)
     assert "tpot_ok=50%" in move.detail and "decoders_prefilling=800tok" in move.detail
+
+
+def test_prompts_decode_workers_keep_by_design_are_no_interference_a_split_can_fix():
+    """The prefill pool has room: the prompts on decode workers are ones the router keeps local (short, mostly
+    cached), and more prefill workers would not take them.  TPOT is missed, so decode is short: the pool gives a
+    worker to decode instead (measured: counting them drained 41P:23D to 63P:1D at a 50 ms TPOT SLO)."""
+    workers = [w("p0", Role.PREFILL, queued=600), w("p1", Role.PREFILL, queued=100),  # 0.35 s of wait
+               w("d0", Role.DECODE, queued=800, active=3), w("d1", Role.DECODE, queued=60, active=1)]
+    move = Planner(PlannerConfig(**ON)).decide(signals(workers, ttft=0.99, tpot=0.5))
+    assert (move.workers, move.new, move.reason) == (["p1"], Role.DECODE, Reason.DECODE_SATURATED)
+    # and none when the prompts left would wait past prefill_wait_high_s (1 s): 1.7 s already
+    deep = [w("p0", Role.PREFILL, queued=1700), w("p1", Role.PREFILL, queued=1700), *workers[2:]]
+    assert Planner(PlannerConfig(**ON)).decide(signals(deep, ttft=0.99, tpot=0.5)) is Hold.PREFILL_HEADROOM
 
 
 def test_tpot_missed_without_interference_adds_a_decoder():
@@ -48,13 +65,31 @@ def test_prompts_waiting_at_the_prefill_workers_add_a_prefill_worker():
     assert (move.workers, move.new, move.reason) == (["d1"], Role.PREFILL, Reason.PREFILL_BACKLOG)
 
 
-def test_a_large_cluster_moves_a_share_of_its_workers_at_once():
-    workers = [w(f"p{i}", Role.PREFILL, queued=6000) for i in range(16)] + \
+def _cluster64(queued: int) -> list[WorkerSignal]:
+    return [w(f"p{i}", Role.PREFILL, queued=queued) for i in range(16)] + \
         [w(f"d{i:02d}", Role.DECODE, active=i % 3) for i in range(48)]
-    move = Planner(PlannerConfig(**ON)).decide(signals(workers, ttft=0.6, tpot=0.99))
-    assert move.new is Role.PREFILL and len(move.workers) == 6  # 10% of 64
+
+
+def test_a_large_cluster_moves_a_share_of_its_workers_at_once():
+    move = Planner(PlannerConfig(**ON)).decide(signals(_cluster64(queued=1500), ttft=0.6, tpot=0.99))
+    assert move.new is Role.PREFILL and len(move.workers) == 6  # 1.5 s of wait: one step, 10% of 64
     assert all(n.startswith("d") for n in move.workers)  # the least loaded decoders
     assert {n for n in move.workers} <= {f"d{i:02d}" for i in range(48) if i % 3 == 0}
+
+
+@pytest.mark.parametrize("queued, moved", [(2500, 12), (3900, 18), (6000, 24), (20000, 24)])
+def test_a_deeper_prefill_backlog_moves_more_workers_at_once(queued, moved):
+    """k x prefill_wait_high_s of estimated wait (1,000 tokens/s per worker) moves k steps of 6, at most 4."""
+    move = Planner(PlannerConfig(**ON)).decide(signals(_cluster64(queued), ttft=0.99, tpot=0.99))
+    assert (move.new, move.reason, len(move.workers)) == (Role.PREFILL, Reason.PREFILL_BACKLOG, moved)
+
+
+def test_ttft_misses_with_no_prompt_waiting_now_move_nothing():
+    """The window's TTFT misses are history: once the prefill queue has drained, a move would overshoot."""
+    planner = Planner(PlannerConfig(**ON))
+    assert planner.decide(signals(_cluster64(queued=100), ttft=0.6, tpot=0.99)) is Hold.BALANCED  # 0.1 s of wait
+    move = planner.decide(signals(_cluster64(queued=400), ttft=0.6, tpot=0.99))  # 0.4 s: still waiting
+    assert (move.new, move.reason, len(move.workers)) == (Role.PREFILL, Reason.PREFILL_BACKLOG, 6)
 
 
 def test_aggregated_and_ttft_missed_splits_off_a_prefill_worker():
@@ -93,13 +128,15 @@ def test_only_a_measured_tpot_miss_ends_disaggregation():
 
 
 def test_the_last_decoder_never_leaves_decode():
-    s = signals([w("p0", Role.PREFILL), w("d0", Role.DECODE, queued=900, active=8)], ttft=1.0, tpot=0.2)
+    s = signals([w("p0", Role.PREFILL, queued=LIMIT), w("d0", Role.DECODE, queued=900, active=8)], ttft=1.0,
+                tpot=0.2)
     assert Planner(PlannerConfig(**ON)).decide(s) is Hold.NO_CANDIDATE
 
 
 def test_cooldown_and_dwell_after_a_move():
     planner = Planner(PlannerConfig(**ON))
-    workers = [w("p0", Role.PREFILL), w("d0", Role.DECODE, queued=500), w("d1", Role.DECODE, queued=500, active=2)]
+    workers = [w("p0", Role.PREFILL, queued=LIMIT), w("d0", Role.DECODE, queued=500),
+               w("d1", Role.DECODE, queued=500, active=2)]
     move = planner.decide(signals(workers, tpot=0.5, now=100))
     assert move.worker == "d0"
     planner.applied(move, 100)
@@ -117,10 +154,10 @@ def _flipping_run(cfg: PlannerConfig, period_rounds: int, rounds: int = 900):
     moves = []
     for i in range(rounds):
         now = 100.0 + 2 * i
-        # phase A: TPOT suffers from prompts prefilled on decode workers (wants a prefill worker);
-        # phase B: TPOT suffers because decode is full, nothing prefills there (wants a decode worker)
+        # phase A: TPOT suffers from prompts prefilled on decode workers, the prefill pool full (wants a prefill
+        # worker); phase B: TPOT suffers because decode is full, nothing prefills there (wants a decode worker)
         phase_a = (i // period_rounds) % 2 == 0
-        workers = [w(n, r, queued=600 if (phase_a and r.decodes) else 0, active=2 if phase_a else 8)
+        workers = [w(n, r, queued=(600 if r.decodes else LIMIT) if phase_a else 0, active=2 if phase_a else 8)
                    for n, r in roles.items()]
         decision = planner.decide(signals(workers, ttft=1.0, tpot=0.5, now=now))
         if isinstance(decision, Move):
@@ -194,3 +231,17 @@ def test_the_loop_carries_out_every_worker_of_a_move():
     assert [r.worker for r in core.roles.records] == ["d1", "d3"]
     assert all(r.detail == "test" and r.reason == "prefill_backlog" for r in core.roles.records)
     assert loop.moves[("both", "prefill", "prefill_backlog")] == 2
+
+
+@pytest.mark.parametrize("active, moved", [(50, 19), (84, 0)])
+def test_a_backlog_move_leaves_the_decode_workers_below_their_high_water_mark(active, moved):
+    """The router fills the prefill pool to its queue limit whenever prompts outrun it, so the backlog alone never
+    says stop: decode workers at load L leave only while the rest stay under decode_load_high (0.85)."""
+    workers = [w(f"p{i}", Role.PREFILL, queued=6000) for i in range(16)] + \
+        [w(f"d{i:02d}", Role.DECODE, active=active, max_running=100) for i in range(48)]
+    decision = Planner(PlannerConfig(**ON)).decide(signals(workers, ttft=0.99, tpot=0.99))
+    if moved:  # load 0.5: int(48 x (1 - 0.5 / 0.85)) = 19 of the 24 the 6 s backlog asks for
+        assert (decision.new, decision.reason, len(decision.workers)) == (Role.PREFILL, Reason.PREFILL_BACKLOG, moved)
+        assert 0.5 * 48 / (48 - moved) <= 0.85
+    else:  # load 0.84: one worker fewer would put the other 47 past 0.85
+        assert decision is Hold.DECODE_HEADROOM

@@ -166,3 +166,41 @@ def test_step_workload_and_recovery_measure():
     series = [{"t": t, "attainment": a} for t, a in [(0, 1.0), (10, 0.5), (20, 0.8), (30, 0.95), (40, 0.93)]]
     assert recovery_s(series, step_s=10, target=0.9) == 20
     assert recovery_s(series[:3], step_s=10, target=0.9) is None
+
+
+def test_simulated_workers_heartbeat_their_kv_size_and_the_router_queues_for_kv_room():
+    """As a real worker's heartbeat does, a simulated worker tells the router its KV size, so the router's
+    KV-room check (max_kv_fraction of the blocks) binds and the admission queue holds what does not fit; with no
+    heartbeat the router would dispatch all four at once."""
+    cluster = SimCluster(SimClusterConfig(num_prefill=0, num_decode=1, num_blocks=64, max_model_len=1024,
+                                          admission={}), MODEL)
+    assert cluster.router.health.workers["decode-0"].heartbeat.gauges["kv_blocks_total"] == 64
+    in_flight: list[int] = []
+    done: dict[str, int] = {}
+
+    def on_token(now, d, i):
+        in_flight.append(cluster.router.loads["decode-0"].active_requests)
+        done[f"r{i}"] = done.get(f"r{i}", 0) + len(d.token_ids)
+
+    for i in range(4):  # 25 blocks each: two fit under 0.9 x 64 blocks, a third does not
+        prompt = [(11 * i + j) % 4000 + 1 for j in range(400)]
+        cluster.submit(Request(f"r{i}", prompt, sampling_for(8)), lambda now, d, i=i: on_token(now, d, i))
+    cluster.run()
+    assert done == {f"r{i}": 8 for i in range(4)}
+    assert max(in_flight) == 2
+
+
+def test_handoff_cost_delays_a_remote_first_token_and_charges_serving_cpu():
+    def first_token(**extra) -> tuple[float, float]:
+        cluster = SimCluster(SimClusterConfig(num_prefill=1, num_decode=1, num_blocks=512, cores=2, **extra), MODEL)
+        first: list[float] = []
+        prompt = [(5 * j) % 4000 + 1 for j in range(300)]  # above min_remote_prefill_tokens: prefilled remotely
+        cluster.submit(Request("r", prompt, sampling_for(2)), lambda now, d: first.append(now))
+        cluster.run()
+        assert cluster.counters["remote_prefills"] == 1
+        return first[0], cluster.cores._sum
+
+    plain, plain_cpu = first_token()
+    slow, slow_cpu = first_token(handoff_overhead_s=0.05, serving_cpu_per_handoff_s=0.004)
+    assert slow - plain == pytest.approx(0.05, abs=1e-6)
+    assert slow_cpu - plain_cpu == pytest.approx(0.004)

@@ -49,6 +49,7 @@ class SimClusterConfig:
     event_jitter_s: float = 0.0  # ... plus up to this much more (independently per batch: batches can reorder,
     # and a gap makes the router take a snapshot, as the real router actor does)
     snapshot_delay_s: float = 0.05  # the blocking snapshot pull a gap triggers
+    heartbeat_interval_s: float = 0.2  # the router's health probe (HealthConfig): KV size and prefill speed
     link_contention: bool = True  # KV reads into one worker share its link (one at a time)
     cores: int = 0  # CPU cores the workers share (0: each worker has its own); steps stretch when oversubscribed
     threads_per_worker: int = 1
@@ -56,6 +57,9 @@ class SimClusterConfig:
     serving_cpu_per_request_s: float = 0.0  # with shared cores: CPU the router, HTTP, Ray and client spend ...
     serving_cpu_per_token_s: float = 0.0  # ... per request and per streamed token (bench/sim/machine.py measures)
     idle_serving_cores: float = 0.0  # ... and with no request at all
+    serving_cpu_per_handoff_s: float = 0.0  # ... and more per remote prefill (a second worker call, the NIXL read)
+    handoff_overhead_s: float = 0.0  # fixed cost of handing a remote prefill to the decode worker, beyond the
+    # transfer itself (the prefill call returning, the decode call, the read's set-up; bench/sim/machine.py)
     planner: dict[str, Any] | None = None  # PlannerConfig fields: roles change at runtime (None: static split)
     # what a real cluster on one machine adds (fitted by bench/sim/validate.py on one real run): a fixed cost per
     # request before it reaches a worker (HTTP, router, RPC), and slower steps (the router, HTTP server and Ray
@@ -98,6 +102,7 @@ class SimWorker:
         self.incarnation = 0  # bumped by a kill: callbacks of the dead incarnation are dropped
         self._seq_no = -1
         self.link_free_at = 0.0  # its inbound KV link is busy until then
+        self.heartbeat_at = -float("inf")
         self.snapshot_pending = False
 
     def kick(self) -> None:
@@ -123,9 +128,26 @@ class SimWorker:
             return  # this process was killed mid-step
         self.busy = False
         self._publish()
+        if self.cluster.loop.now - self.heartbeat_at >= self.cluster.config.heartbeat_interval_s:
+            self.heartbeat()
         for delta in deltas:
             self.cluster.deliver(self, delta)
         self.kick()
+
+    def heartbeat(self) -> None:
+        """What the router's health probe reads from a real worker (cluster/worker.py heartbeat): its KV size
+        (the router's KV-room check and the planner's decode KV use divide by it) and measured prefill speed.
+        Sent at start and after a step once per heartbeat interval: between steps these figures do not change."""
+        from disagg.protocol import Heartbeat
+
+        e = self.engine
+        gauges = {"kv_blocks_total": float(e.pool.num_blocks), "kv_blocks_free": float(e.pool.num_free_blocks)}
+        if e.prefill_s_per_token is not None:
+            gauges["prefill_s_per_token"] = e.prefill_s_per_token
+        hb = Heartbeat(self.name, f"sim-{self.incarnation}", "both", 0, "", e.stats.steps, e.has_unfinished(), 0.0,
+                       0, self.name, gauges=gauges)
+        self.heartbeat_at = self.cluster.loop.now
+        self.cluster.router.health.on_heartbeat(self.name, hb, self.cluster.loop.now)
 
     def _publish(self) -> None:
         from disagg.protocol import KVEventBatch
@@ -218,6 +240,8 @@ class SimCluster:
                                  admission=AdmissionConfig(**(config.admission or {})),
                                  capacity=CapacityConfig(**config.capacity))
         self.admission = SimAdmission(self) if config.admission is not None else None
+        for w in self.workers:
+            w.heartbeat()
         self._flights: dict[str, _Flight] = {}
         self.counters = {"remote_prefills": 0, "transferred_blocks": 0}
         self._queries = self._hits = 0
@@ -227,6 +251,7 @@ class SimCluster:
                                              corun_slowdown=config.corun_slowdown,
                                              cpu_per_request_s=config.serving_cpu_per_request_s,
                                              cpu_per_token_s=config.serving_cpu_per_token_s,
+                                             cpu_per_handoff_s=config.serving_cpu_per_handoff_s,
                                              idle_serving_cores=config.idle_serving_cores))
 
     def _attach(self, worker: SimWorker, disk: Any = None) -> None:
@@ -311,14 +336,11 @@ class SimCluster:
                 self.dispatch(resumed, flight.on_token, flight.session, _carry=flight)
 
     def _restarted(self, worker: SimWorker) -> None:
-        from disagg.protocol import Heartbeat
-
         old_tiers = worker.engine.tiers
         worker.engine = self._new_engine()
         self._attach(worker, disk=old_tiers.disk if old_tiers is not None else None)
         worker.alive, worker._seq_no = True, -1
-        hb = Heartbeat(worker.name, f"sim-{worker.incarnation}", "both", 0, "", 0, False, 0.0, 0, worker.name)
-        self.router.health.on_heartbeat(worker.name, hb)
+        worker.heartbeat()  # a new incarnation: the router sees the restart
         self.router.health.mark_ready(worker.name)
 
     def submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None = None,
@@ -326,14 +348,18 @@ class SimCluster:
                priority: int = 0) -> None:
         """Start a request: through the admission queue if there is one (on_reject(time, error) if it is
         refused), else at once.  on_token(time, delta) is called for every token (the last is finished)."""
+        if self.config.request_overhead_s:  # HTTP, the router's parsing, the RPC: before the queue sees it
+            self.loop.at(self.loop.now + self.config.request_overhead_s,
+                         lambda: self._submit(request, on_token, session, on_reject, tenant, priority))
+        else:
+            self._submit(request, on_token, session, on_reject, tenant, priority)
+
+    def _submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None,
+                on_reject: Callable[[float, Exception], None] | None, tenant: str, priority: int) -> None:
         if self.admission is None:
-            if self.config.request_overhead_s:
-                self.loop.at(self.loop.now + self.config.request_overhead_s,
-                             lambda: self.dispatch(request, on_token, session))
-            else:
-                self.dispatch(request, on_token, session)
-            return
-        self.admission.submit(request, on_token, session, on_reject or (lambda now, exc: None), tenant, priority)
+            self.dispatch(request, on_token, session)
+        else:
+            self.admission.submit(request, on_token, session, on_reject or (lambda now, exc: None), tenant, priority)
 
     def dispatch(self, request: Request, on_token: Callable[[float, TokenDelta], None],
                  session: str | None = None, _carry: _Flight | None = None, decision: Decision | None = None,
@@ -396,8 +422,18 @@ class SimCluster:
         SimPeerSource pricing the transfer), then emits that token and decodes."""
         rid, prefill, decode = flight.request.request_id, flight.prefill, flight.decode
         result = prefill.engine.prefill_result(rid, prefill.name, first.token_ids[0], None, first.num_cached_tokens)
-        decode.engine.add(flight.request, remote=result)
-        decode.kick()
+        self.cores.on_handoff(self.loop.now)
+        incarnation = decode.incarnation
+
+        def start() -> None:
+            if self._flights.get(rid) is not flight or decode.incarnation != incarnation:
+                return  # the decode worker died meanwhile: the request migrated (its own new flight)
+            decode.engine.add(flight.request, remote=result)
+            decode.kick()
+        if self.config.handoff_overhead_s:
+            self.loop.at(self.loop.now + self.config.handoff_overhead_s, start)
+        else:
+            start()
 
     def release_lease(self, owner: str, request_id: str) -> None:
         worker = self.prefill.get(owner) or self.decode.get(owner)

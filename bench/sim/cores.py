@@ -5,7 +5,8 @@ A step of one worker runs slower than the calibrated engine alone on an idle cor
   x co-run            `corun_slowdown` while another worker is busy too (two engines on separate cores still
                       share memory bandwidth and caches; measured by bench/sim/machine.py)
 where "serving cores" is a constant idle share plus the CPU the router actor, its HTTP server, Ray and the client burn, as a rate over the last
-`window_s`: `cpu_per_request_s` per request dispatched plus `cpu_per_token_s` per token streamed (measured too).
+`window_s`: `cpu_per_request_s` per request dispatched, `cpu_per_handoff_s` more per remote prefill handed to a decode
+worker, and `cpu_per_token_s` per token streamed (measured too).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class CoresConfig:
     corun_slowdown: float = 1.0
     cpu_per_request_s: float = 0.0
     cpu_per_token_s: float = 0.0
+    cpu_per_handoff_s: float = 0.0
     idle_serving_cores: float = 0.0  # what the serving processes burn with no request at all (Ray's daemons)
     window_s: float = 1.0
     max_events: int = 100_000  # bound of the serving-CPU window
@@ -41,6 +43,9 @@ class SharedCores:
 
     def on_request(self, now: float) -> None:
         self.charge(now, self.config.cpu_per_request_s)
+
+    def on_handoff(self, now: float) -> None:
+        self.charge(now, self.config.cpu_per_handoff_s)
 
     def on_tokens(self, now: float, n: int) -> None:
         self.charge(now, self.config.cpu_per_token_s * n)

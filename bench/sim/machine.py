@@ -12,8 +12,12 @@ Three measurements, each of a real process on this machine:
 3. Serving CPU: CPU seconds of every process (router actor, the client, Ray's own daemons; engine workers apart):
    per request from the tiny requests, and per generated token from the rest while the agent workload runs on
    that cluster - the share of the cores the engines do not get.
+4. Hand-off: on a real 1 prefill + 1 decode cluster, the fixed cost of the disaggregated path (prefill call back
+   to the router, decode call, the NIXL read's set-up and notification) and its serving CPU, from remote-length
+   prompts against local-length ones.
 
     .venv/bin/python -m bench.sim.machine --time-model bench/results/time_model.json --out bench/results/machine.json
+    .venv/bin/python -m bench.sim.machine --parts handoff   # one part again; the others are kept from --out
 
 Its JSON feeds `--machine-model` of the simulator (`bench simulate`, `disagg plan`, `bench.sim.validate`).
 """
@@ -71,6 +75,39 @@ def corun(threads: int = 1) -> dict[str, float]:
     return result
 
 
+def _engine_ttfts(lengths: list[int], n: int, out: Any) -> None:
+    """The engine alone (1 thread, no Ray, no HTTP): seconds from add() to a 1-token request's end, n distinct
+    prompts per length (as tiny_requests sends them)."""
+    from bench.sim.calibrate import _engine
+    from disagg.protocol import Request, SamplingParams
+
+    args = argparse.Namespace(model="", threads=1, kv_cache_mb=256, max_model_len=2048, max_num_batched_tokens=512)
+    engine = _engine(args)
+    result: dict[int, list[float]] = {}
+    for length in lengths:
+        times = []
+        for i in range(n + 3):  # the first 3 warm up
+            prompt = [5000 + 100 * length + i, *(200 + 37 * j for j in range(1, length))]
+            engine.add(Request(f"t{length}-{i}", prompt, SamplingParams(max_tokens=1, ignore_eos=True)))
+            t0 = time.perf_counter()
+            while engine.has_unfinished():
+                engine.step()
+            times.append(time.perf_counter() - t0)
+        result[length] = times[3:]
+    out.put(result)
+
+
+def engine_ttfts(lengths: list[int], n: int) -> dict[int, float]:
+    """Median of _engine_ttfts per length, in a fresh process (the measuring process stays free of torch)."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_engine_ttfts, args=(lengths, n, out))
+    proc.start()
+    got = out.get(timeout=600)
+    proc.join(timeout=60)
+    return {length: statistics.median(times) for length, times in got.items()}
+
+
 # ---------------------------------------------------------------------- 2 and 3: on a real 2-worker cluster
 def _group(proc: psutil.Process) -> str:
     try:
@@ -113,15 +150,17 @@ def cpu_during(fn: Callable[[], Any]) -> tuple[Any, dict[str, float], float]:
     return result, cpu_delta(before, cpu_by_group()), time.perf_counter() - t0
 
 
-def tiny_requests(url: str, n: int) -> list[float]:
+def tiny_requests(url: str, n: int, prompt_tokens: int = 8, first_id: int = 100) -> list[float]:
+    """TTFT of n sequential 1-token requests with distinct prompt_tokens-long prompts (no prefix is shared: the
+    first token differs)."""
     import httpx
 
     ttfts = []
     with httpx.Client(base_url=url, timeout=60) as client:
         model = client.get("/v1/models").json()["data"][0]["id"]
         for i in range(n):
-            body = {"model": model, "prompt": [100 + i, 200, 300, 400, 500, 600, 700, 800 + i], "max_tokens": 1,
-                    "stream": True, "ignore_eos": True}
+            prompt = [first_id + i, *(200 + 37 * j for j in range(1, prompt_tokens))]
+            body = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": True, "ignore_eos": True}
             t0 = time.perf_counter()
             first = None
             with client.stream("POST", "/v1/completions", json=body) as resp:
@@ -179,6 +218,74 @@ def cluster_costs(
             "serving_cores_mean": serving / wall + idle}
 
 
+def handoff_costs(model: StepTimeModel, requests: int, prompt_tokens: int = 128, idle_s: float = 5.0) -> dict[str, Any]:
+    """What the disaggregated path adds to a request, on a real 1 prefill + 1 decode cluster at idle.
+
+    8-token prompts stay on the decode worker (below the policy's min_remote_prefill_tokens); prompt_tokens-long
+    ones are prefilled remotely, then the decode worker reads their KV over NIXL.  The remote TTFT minus the local
+    one, minus the difference of the engine's own times for the two (measured alone, before the cluster starts)
+    and the predicted transfer, is the hand-off's fixed cost: the prefill call returning to the router, the decode
+    call, the NIXL read's set-up and its notification.  Every remote request is checked to have taken the
+    disaggregated path (the router's own counter)."""
+    from bench.compare import parse_configs
+    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.model_store import default_model_dir
+
+    alone = engine_ttfts([8, prompt_tokens], requests)
+    spec = parse_configs("disagg-kv=1x1:kv")[0]
+    engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": 256, "max_model_len": 2048, "num_threads": 1}
+    disk_root = tempfile.mkdtemp(prefix="machine-kv-")
+    cluster = ClusterConfig(num_prefill=1, num_decode=1, engine=engine, tiers=spec.tiers(disk_root))
+    service = Service(cluster, {"policy": spec.policy_config(), "port": 0})
+    try:
+        tiny_requests(service.url, 5, prompt_tokens, first_id=3000)  # warm-up of both paths
+        tiny_requests(service.url, 5, 8, first_id=4000)
+        _, idle_cpu, idle_wall = cpu_during(lambda: time.sleep(idle_s))
+        local, local_cpu, local_wall = cpu_during(lambda: tiny_requests(service.url, requests, 8, first_id=100))
+        before = _paths(service.url)
+        remote, remote_cpu, remote_wall = cpu_during(
+            lambda: tiny_requests(service.url, requests, prompt_tokens, first_id=1000))
+        after = _paths(service.url)
+    finally:
+        service.shutdown()
+        shutil.rmtree(disk_root, ignore_errors=True)
+    went_remote = after.get("disaggregated", 0) - before.get("disaggregated", 0)
+    if went_remote != requests:
+        raise RuntimeError(f"{went_remote} of {requests} {prompt_tokens}-token requests were prefilled remotely")
+    step_local, step_remote = alone[8], alone[prompt_tokens]
+    blocks = -(-prompt_tokens // 16)
+    transfer = model.transfer_time(blocks)
+    idle = _serving(idle_cpu) / idle_wall
+    cpu_local = max(0.0, _serving(local_cpu) - idle * local_wall) / requests
+    cpu_remote = max(0.0, _serving(remote_cpu) - idle * remote_wall) / requests
+    gap = statistics.median(remote) - statistics.median(local)
+    return {"prompt_tokens": prompt_tokens, "requests": requests,
+            "local_ttft_ms": {"p50": statistics.median(local) * 1000, "mean": statistics.mean(local) * 1000},
+            "remote_ttft_ms": {"p50": statistics.median(remote) * 1000, "mean": statistics.mean(remote) * 1000},
+            "engine_alone_ms": {"local": step_local * 1000, "remote": step_remote * 1000},
+            "predicted_step_ms": {"local": model.predict([1.0, 8.0, 1.0, 0.064]) * 1000,
+                                  "remote": model.predict([1.0, prompt_tokens, 1.0, prompt_tokens**2 / 1000]) * 1000},
+            "local_overhead_ms": (statistics.median(local) - step_local) * 1000,
+            "predicted_transfer_ms": transfer * 1000,
+            "handoff_overhead_ms": (gap - (step_remote - step_local) - transfer) * 1000,
+            "serving_cpu_s_per_request": {"local": cpu_local, "remote": cpu_remote},
+            "serving_cpu_s_per_handoff": max(0.0, cpu_remote - cpu_local)}
+
+
+def _paths(url: str) -> dict[str, float]:
+    """The router's requests_by_path counter, by path."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        if family.name == "disagg:requests_by_path":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["path"]] = sample.value
+    return out
+
+
 def _serving(cpu: dict[str, float]) -> float:
     return sum(v for k, v in cpu.items() if k not in ("engines", "gone"))
 
@@ -189,16 +296,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=30, help="sequential tiny requests for the request overhead")
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--session-rate", type=float, default=0.2)
-    p.add_argument("--skip-corun", action="store_true")
+    p.add_argument("--parts", default="corun,cluster,handoff", help="which measurements to take; the others are "
+                   "kept from --out if it exists")
     p.add_argument("--out", default="bench/results/machine.json")
     args = p.parse_args(argv)
     model = StepTimeModel.load(args.time_model)
-    out: dict[str, Any] = {"cores": len(os.sched_getaffinity(0))}
-    if not args.skip_corun:
+    parts = args.parts.split(",")
+    out: dict[str, Any] = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    out["cores"] = len(os.sched_getaffinity(0))
+    if "corun" in parts:
         out["corun"] = corun()
         print(json.dumps(out["corun"]), flush=True)
-    out["cluster"] = cluster_costs(model, args.requests, args.sessions, args.session_rate)
-    print(json.dumps(out["cluster"], indent=2), flush=True)
+    if "cluster" in parts:
+        out["cluster"] = cluster_costs(model, args.requests, args.sessions, args.session_rate)
+        print(json.dumps(out["cluster"], indent=2), flush=True)
+    if "handoff" in parts:
+        out["handoff"] = handoff_costs(model, args.requests)
+        print(json.dumps(out["handoff"], indent=2), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     return 0

@@ -134,10 +134,11 @@ def sim_config(spec: Any, args: argparse.Namespace, model: StepTimeModel, slo: S
                             session_hints=spec.hints or args.session_hints, planner=spec.planner_config(slo),
                             event_delay_s=args.event_delay_ms / 1000, event_jitter_s=args.event_jitter_ms / 1000,
                             cores=args.cores, threads_per_worker=args.threads, step_slowdown=args.step_slowdown,
+                            admission=None if getattr(args, "no_admission", False) else {},
                             **machine_settings(args))
 
 
-def machine_settings(args: argparse.Namespace) -> dict[str, float]:
+def machine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What the shared machine adds (bench/sim/machine.py's measurements, `--machine-model`); an explicit
     --request-overhead-ms wins over the measured one."""
     out = {"request_overhead_s": args.request_overhead_ms / 1000}
@@ -151,6 +152,10 @@ def machine_settings(args: argparse.Namespace) -> dict[str, float]:
         out["idle_serving_cores"] = cluster["idle_serving_cores"]
         if not args.request_overhead_ms:
             out["request_overhead_s"] = max(0.0, cluster["request_overhead_ms"]) / 1000
+        handoff = measured.get("handoff")
+        if handoff is not None:  # the disaggregated path's extra cost (machine.py's 4th measurement)
+            out["handoff_overhead_s"] = max(0.0, handoff["handoff_overhead_ms"]) / 1000
+            out["serving_cpu_per_handoff_s"] = handoff["serving_cpu_s_per_handoff"]
     return out
 
 
@@ -174,6 +179,8 @@ def add_sim_args(parser: argparse.ArgumentParser) -> None:
                         help="fixed cost per request before a worker sees it (HTTP, router, RPC; fitted on a real run)")
     parser.add_argument("--machine-model", default="", help="JSON from bench.sim.machine: the measured co-run "
                         "slowdown, request overhead and serving CPU of this machine (with --cores)")
+    parser.add_argument("--no-admission", action="store_true", help="dispatch every request on arrival (the real "
+                        "router always queues a request until a worker has room: its admission defaults)")
     parser.add_argument("--step-slowdown", type=float, default=1.0,
                         help="factor on step times for what shares the machine with the engines (fitted likewise)")
 

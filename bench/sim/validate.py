@@ -23,6 +23,7 @@ from bench.replay import ReplayConfig
 from bench.report import SLO
 from bench.sim.run import add_sim_args, sim_config, simulate
 from bench.sim.timemodel import StepTimeModel
+from bench.stages import load_spans, per_request
 from bench.traces import agent, loaders
 from bench.traces.record import TraceScale
 
@@ -93,6 +94,30 @@ def _against(d: dict[str, Any], b: dict[str, Any]) -> list[str]:
             f"{b['config']} {min(b_good):.3f}-{max(b_good):.3f}"]
 
 
+def remote_by_index(records: list, spans_dir: str) -> dict[int, bool]:
+    """Whether the real router prefilled each request remotely, from the run's spans (bench/stages.py)."""
+    traced = per_request(load_spans(spans_dir))
+    return {r.index: traced[r.request_id]["remote"] for r in records if r.ok and r.request_id in traced}
+
+
+def per_request_ratio(samples: list[dict[str, Any]], sim_ttft: dict[int, float | None],
+                      remote: bool | None = None) -> float | None:
+    """Median over requests of simulated / real TTFT, request by request (the same trace index), then the median
+    over real runs: unlike the ratio of two medians, it does not jump when a two-humped TTFT distribution (local
+    prefills fast, remote ones slower) puts its median in the gap between the humps.  With `remote`, only the
+    requests the real router sent that way (traced runs).  None when no real run recorded its requests."""
+    ratios = []
+    for sample in samples:
+        real = {int(i): t for i, t in (sample.get("ttft_by_index") or {}).items()}
+        if remote is not None:
+            paths = {int(i): r for i, r in (sample.get("remote_by_index") or {}).items()}
+            real = {i: t for i, t in real.items() if paths.get(i) is remote}
+        pairs = [sim_ttft[i] / t for i, t in real.items() if t and sim_ttft.get(i)]
+        if pairs:
+            ratios.append(statistics.median(pairs))
+    return statistics.median(ratios) if ratios else None
+
+
 def ranking(rows: dict[str, dict[str, Any]]) -> list[str]:
     return sorted(rows, key=lambda name: -rows[name]["request_goodput"])
 
@@ -117,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="real runs per point (their median is compared)")
     p.add_argument("--prior", action="append", default=[], help="ROWS.json[@CONFIG+CONFIG]: earlier real samples "
                    "to add to each point (only the named configurations)")
+    p.add_argument("--trace", action="store_true", help="trace the real runs (spans under --out/spans) and compare "
+                   "TTFT per prefill path: remote and local requests apart")
     p.add_argument("--resim", default="", help="rows.json of an earlier run: reuse its real results, simulate again")
     p.add_argument("--fit", default="", help="WORKLOAD:RATE:CONFIG - fit --request-overhead-ms and --step-slowdown "
                    "on that one real run (grid search), then check every other run with them")
@@ -165,11 +192,20 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     for _ in range(args.repeats if not args.run or spec.name in args.run.split(",") else 0):
                         cfg = ReplayConfig(url="", scale=rscale, progress=False, vocab_size=args.vocab_size)
-                        result = run_one(spec, engine, trace, cfg, slo=slo)
+                        spans = str(out / "spans" / f"{wname}-{rate:g}x-{spec.name}-{len(samples)}") \
+                            if args.trace else None
+                        result = run_one(spec, engine, trace, cfg, slo=slo, trace_dir=spans)
                         metrics = result.metrics(slo)
-                        samples.append({**{k: metrics[k] for k in KEYS}, "role_changes": result.role_changes})
+                        samples.append({**{k: metrics[k] for k in KEYS}, "role_changes": result.role_changes,
+                                        "ttft_by_index": {r.index: r.ttft_s for r in result.records if r.ok},
+                                        "remote_by_index": remote_by_index(result.records, spans) if spans else {}})
                 changes = [s.get("role_changes") for s in samples]
-                sim = simulate(trace, rscale, sim_config(spec, args, model, slo), model).metrics(slo)
+                sim_result = simulate(trace, rscale, sim_config(spec, args, model, slo), model)
+                sim = sim_result.metrics(slo)
+                sim_ttft = {r.index: r.ttft_s for r in sim_result.records if r.ok}
+                per_request = per_request_ratio(samples, sim_ttft)
+                per_path = {path: per_request_ratio(samples, sim_ttft, remote=path == "remote")
+                            for path in ("remote", "local")}
                 simulated[spec.name] = sim
                 real = median_of(samples)
                 row = {"workload": wname, "rate": rate, "config": spec.name, "fitted_on": f"{wname}:{rate:g}:"
@@ -177,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                        "real": {k: real[k] for k in KEYS}, "sim": {k: sim[k] for k in KEYS},
                        "ratio": {k: sim[k] / real[k] if real[k] else None for k in KEYS},
                        "real_samples": samples, "role_changes_real": changes,
+                       "per_request_ttft_ratio": per_request, "per_path_ttft_ratio": per_path,
                        "split": f"{spec.num_prefill}x{spec.num_decode}", "dynamic": spec.planner,
                        "sim_settings": {"request_overhead_ms": args.request_overhead_ms,
                                         "step_slowdown": args.step_slowdown, "machine_model": args.machine_model}}
@@ -184,14 +221,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
                 (out / "rows.json").write_text(json.dumps(rows, indent=2))
     lines = ["| workload | load | config | real runs | TTFT p50 real / sim | TTFT p90 real / sim | goodput real "
-             "(range) / sim |", "|---|---:|---|---:|---:|---:|---:|"]
+             "(range) / sim | per-request TTFT sim / real |", "|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         a, b = r["real"], r["sim"]
         good = [s["request_goodput"] for s in r["real_samples"]]
+        pr = r.get("per_request_ttft_ratio")
         lines.append(f"| {r['workload']} | {r['rate']:g}x | {r['config']} | {len(good)} | "
                      f"{a['median_ttft_ms']:,.0f} / {b['median_ttft_ms']:,.0f} | {a['p90_ttft_ms']:,.0f} / "
                      f"{b['p90_ttft_ms']:,.0f} | {a['request_goodput']:.3f} ({min(good):.3f}-{max(good):.3f}) / "
-                     f"{b['request_goodput']:.3f} |")
+                     f"{b['request_goodput']:.3f} | {'-' if pr is None else f'{pr:.2f}'} |")
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["workload"], r["rate"]), []).append(r)
@@ -201,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"\n{wname} {rate:g}x: real ranking {real_rank}, simulated {sim_rank}"
                      f"{' (same)' if real_rank == sim_rank else ' (DIFFERENT)'}")
         lines.extend(dynamic_line(group))
+        for r in group:
+            paths = {k: v for k, v in (r.get("per_path_ttft_ratio") or {}).items() if v is not None}
+            if paths:
+                lines.append(f"  {r['config']}: per-request TTFT sim / real by the real router's path: "
+                             + ", ".join(f"{k} {v:.2f}" for k, v in paths.items()))
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray._private import ray_constants  # the one knob that keeps a local cluster on loopback (init_ray)
 
 from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker, RouterActor
 from disagg.cluster.client import DisaggClient
@@ -51,6 +52,9 @@ def init_ray(address: str | None) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, include_dashboard=False)
     else:
+        # Ray maps 127.0.0.1 to the host's outward address (services.resolve_ip_for_localhost) unless its cluster
+        # mode is off; a cluster started here is reached by no other host, so it stays on loopback
+        ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
 
 

@@ -42,6 +42,7 @@ def collect_signals(
                 max_running=core.capacity.max_running,
                 kv_fraction=load.active_blocks / total if total else None,
                 prefill_tokens_per_s=1.0 / per_token if per_token else None,
+                prefill_queue_limit=core.capacity.max_prefill_queue_tokens,
             )
         )
     ttft, tpot, finished = core.latency.attainment(config.ttft_slo_s, config.tpot_slo_s, config.window_s, now)

@@ -11,20 +11,29 @@ of a queue in front of it.  Rules, in order (each move keeps at least `min_decod
 `min_prefill` prefill ones):
 1. TTFT missed and TPOT missed: capacity, not the split, is short - no move helps (hold, reason "saturated").
 2. TPOT missed (attainment < target, or decode load > `decode_load_high`) while decode workers are prefilling
-   prompts themselves (prompt tokens queued on them: prefill interference): decode workers become prefill
-   workers - the least loaded ones, so the fewest streams drain.
-3. TPOT missed without interference (decode is simply full): prefill workers with the shortest queues become
-   decode workers.
-4. TTFT missed, or prompts wait at the prefill workers (estimated wait > `prefill_wait_high_s`), while TPOT is met:
-   the router keeps long prompts on the prefill pool while it is under its queue limit, so that pool is the
-   bottleneck - decode workers become prefill workers. (Measured: at 64 workers and 4x the agent load, 16P:48D
-   misses TTFT on 22% of requests and 41P:23D meets it; moving the other way halved goodput.)
+   prompts themselves (prompt tokens queued on them: prefill interference) because the prefill pool is full
+   (every prefill worker at its queue limit, or none): decode workers become prefill workers - the least loaded
+   ones, so the fewest streams drain.  While the pool has room, the prompts decode workers prefill are the ones
+   the router keeps local by design (short, or mostly cached): more prefill workers would not take them.  At 4x
+   the agent load with a 50 ms TPOT SLO, counting those drained the best split 41P:23D to 63P:1D (goodput
+   52 -> 12 req/s).
+3. TPOT missed without fixable interference (decode is simply full): prefill workers with the shortest queues
+   become decode workers, never so many that the prompts' estimated wait passes `prefill_wait_high_s`.
+4. Prompts wait at the prefill workers (estimated wait > `prefill_wait_high_s`), or TTFT is missed while prompts
+   still wait (> `prefill_wait_low_s`), and TPOT is met: the router keeps long prompts on the prefill pool while
+   it is under its queue limit, so that pool is the bottleneck - decode workers become prefill workers.
+   (Measured: at 64 workers and 4x the agent load, 16P:48D misses TTFT on 22% of requests and 41P:23D meets it;
+   moving the other way halved goodput.)  A TTFT miss alone is history (the window holds the last 30 s): with
+   no prompt waiting now, another prefill worker would not help.  At 8x the planner kept moving decode workers
+   to prefill on the window's misses after the queue had drained, and overshot to 52P:12D.
 5. Prefill workers idle (estimated wait ~0) while decode is busier than `decode_load_low`: they move to decode.
 The last prefill worker leaves (ending disaggregation) only when TPOT is measured to be missed, not on a load
 proxy (KV use, idle prefill): measured on 2 workers with the agent workload, the planner moved it on KV use
 alone in 2 of 3 runs and those runs served worse than the run that kept it (1.55 and 1.34 vs 1.69 req/s).
 A move takes up to `step_fraction` of the workers at once (at least one), so a large cluster crosses a wide gap
-in a few rounds.
+in a few rounds; a prefill backlog k times `prefill_wait_high_s` takes up to k such steps at once (at most
+`max_step_multiple`): a backlog that deep needs that many more prefill workers, and waiting one cooldown per
+step let it grow (at 8x the agent load, 16P:48D needed 5 rounds, 50 s, to reach the split that serves it).
 Hysteresis: a move must be asked for `confirm_rounds` rounds in a row; at most one move per `cooldown_s`; a
 worker stays in a role at least `min_dwell_s`; and a worker
 reverses a move (back to the role it just left) at most once per `reversal_window_s` - so no flapping.
@@ -57,6 +66,8 @@ class Hold(str, enum.Enum):
     NO_CANDIDATE = "no_candidate"  # a move is wanted but every candidate is pinned by min counts or hysteresis
     CONFIRMING = "confirming"  # a move is wanted, not yet for confirm_rounds rounds in a row
     LAST_PREFILL = "last_prefill"  # only a measured TPOT miss ends disaggregation, not a load proxy
+    DECODE_HEADROOM = "decode_headroom"  # prefill is short, but fewer decode workers would be overloaded
+    PREFILL_HEADROOM = "prefill_headroom"  # decode is short, but fewer prefill workers would let prompts wait
 
 
 @dataclass
@@ -74,6 +85,7 @@ class PlannerConfig:
     decode_load_low: float = 0.5
     confirm_rounds: int = 3  # a move is made only after this many rounds in a row asked for it
     step_fraction: float = 0.1  # workers moved at once, as a share of the cluster (at least 1)
+    max_step_multiple: int = 4  # a prefill backlog k x prefill_wait_high_s deep moves up to k steps at once
     cooldown_s: float = 10.0  # between two moves anywhere
     min_dwell_s: float = 20.0  # a worker keeps a role at least this long
     reversal_window_s: float = 120.0  # at most one reversal per worker in this window
@@ -91,6 +103,7 @@ class WorkerSignal:
     max_running: int
     kv_fraction: float | None = None  # KV blocks in use / total, from heartbeats
     prefill_tokens_per_s: float | None = None  # measured by the worker
+    prefill_queue_limit: int | None = None  # the router sends no more remote prefills past this (CapacityConfig)
 
     @property
     def decode_load(self) -> float:
@@ -121,6 +134,13 @@ class Signals:
             return 0.0
         waits = [w.queued_prefill_tokens / (w.prefill_tokens_per_s or self.default_prefill_tokens_per_s) for w in pool]
         return sum(waits) / len(waits)
+
+    def prefill_pool_full(self) -> bool:
+        """No prefill worker can take a remote prefill now (or there is none): prompts stay on decode workers."""
+        return all(
+            w.prefill_queue_limit is not None and w.queued_prefill_tokens >= w.prefill_queue_limit
+            for w in self.prefill_workers()
+        )
 
     def decode_load(self) -> float:
         decoders = self.decode_workers()
@@ -164,7 +184,8 @@ class Planner:
         tpot_bad = judged and s.tpot_attainment is not None and s.tpot_attainment < cfg.target_attainment
         wait, load = s.prefill_wait_s(), s.decode_load()
         decode_short = tpot_bad or load > cfg.decode_load_high
-        prefill_short = ttft_bad or (bool(s.prefill_workers()) and wait > cfg.prefill_wait_high_s)
+        backlog = bool(s.prefill_workers()) and wait > cfg.prefill_wait_high_s
+        prefill_short = backlog or (ttft_bad and wait > cfg.prefill_wait_low_s)
         if ttft_bad and tpot_bad:
             self._streak = (None, 0)
             return Hold.SATURATED
@@ -175,7 +196,7 @@ class Planner:
             f"prefill_wait={wait:.2f}s decode_load={load:.2f} "
             f"decoders_prefilling={sum(w.queued_prefill_tokens for w in s.decode_workers())}tok"
         )
-        interference = any(w.queued_prefill_tokens for w in s.decode_workers())
+        interference = s.prefill_pool_full() and any(w.queued_prefill_tokens for w in s.decode_workers())
         wanted: tuple[Role, Reason] | None = None
         if decode_short and interference:
             wanted = (Role.PREFILL, Reason.PREFILL_INTERFERENCE)
@@ -196,14 +217,41 @@ class Planner:
             return Hold.COOLDOWN
         # only a measured TPOT miss ends disaggregation: otherwise the prefill pool keeps at least one worker
         keep_prefill = cfg.min_prefill if tpot_bad else max(cfg.min_prefill, 1)
-        chosen = self._candidates(s, wanted[0], keep_prefill)
+        steps, cap = 1, None
+        if wanted[1] is Reason.PREFILL_BACKLOG:
+            if backlog:
+                steps = min(cfg.max_step_multiple, int(wait / cfg.prefill_wait_high_s))
+            cap = self._decode_headroom(s, load)
+            if cap == 0:
+                return Hold.DECODE_HEADROOM
+        elif wanted[1] is Reason.DECODE_SATURATED:
+            cap = self._prefill_headroom(s, wait)
+            if cap == 0:
+                return Hold.PREFILL_HEADROOM
+        chosen = self._candidates(s, wanted[0], keep_prefill, steps)[:cap]
         if not chosen:
             ending = wanted[0] is Role.DECODE and bool(self._candidates(s, Role.DECODE, cfg.min_prefill))
             return Hold.LAST_PREFILL if ending else Hold.NO_CANDIDATE
         return Move([w.name for w in chosen], chosen[0].role, wanted[0], wanted[1], detail)
 
-    def _candidates(self, s: Signals, to: Role, keep_prefill: int) -> list[WorkerSignal]:
-        """Up to one step of workers that may move to `to`, keeping `min_decode` decode-capable workers and
+    def _decode_headroom(self, s: Signals, load: float) -> int:
+        """How many decode workers can leave for prefill before the rest pass `decode_load_high` (their load
+        spread over fewer workers).  The router fills the prefill pool up to its queue limit whenever prompts
+        arrive faster than it drains, so a prefill backlog alone never says when to stop: at 8x the agent load
+        the planner kept moving decode workers until 6 were left at 84% load."""
+        n = len(s.decode_workers())
+        return n if load <= 0 else max(0, int(n * (1 - load / self.config.decode_load_high)))
+
+    def _prefill_headroom(self, s: Signals, wait: float) -> int:
+        """How many prefill workers can leave for decode before the queued prompts' estimated wait (spread over
+        fewer workers) passes `prefill_wait_high_s`; not a bound on ending disaggregation (no pool left to wait)."""
+        n = len(s.prefill_workers())
+        if n <= 1 or wait <= 0:  # the last prefill worker leaving ends disaggregation: the LAST_PREFILL rule's call
+            return n
+        return max(0, int(n * (1 - wait / self.config.prefill_wait_high_s)))
+
+    def _candidates(self, s: Signals, to: Role, keep_prefill: int, steps: int = 1) -> list[WorkerSignal]:
+        """Up to `steps` steps of workers that may move to `to`, keeping `min_decode` decode-capable workers and
         `keep_prefill` prefill ones."""
         cfg = self.config
         if to is Role.PREFILL:
@@ -214,7 +262,7 @@ class Planner:
             pool = s.prefill_workers()
             spare = len(pool) - keep_prefill
             ranked = sorted(pool, key=lambda w: (w.queued_prefill_tokens, w.name))
-        step = max(1, int(len(s.workers) * cfg.step_fraction))
+        step = max(1, int(len(s.workers) * cfg.step_fraction)) * max(1, steps)
         eligible = [w for w in ranked if w.role is ranked[0].role and self._may_move(w.name, w.role, to, s.now)]
         return eligible[: max(0, min(step, spare))]
 
