@@ -58,8 +58,8 @@ def test_planner_in_simulation_moves_and_never_reverses_twice_in_its_window():
     assert changes, "a 2P:6D split at 3x this load is prefill-queue bound: the planner must move"
     assert all(c["reason"] in ("prefill_backlog", "prefill_idle", "decode_saturated", "prefill_interference")
                for c in changes)
-    times = [c["time_s"] for c in changes]
-    assert all(b - a >= 10 for a, b in zip(times, times[1:]))  # the cooldown
+    times = sorted({c["time_s"] for c in changes})  # one move may carry several workers (a deep backlog)
+    assert all(b - a >= 10 for a, b in zip(times, times[1:]))  # the cooldown between moves
     assert max(_reversals(changes).values(), default=0) <= 1  # well inside a 120 s window for this short run
     assert sum(result.counters["final_split"]) == 8
 
@@ -67,8 +67,10 @@ def test_planner_in_simulation_moves_and_never_reverses_twice_in_its_window():
 def test_event_jitter_reorders_batches_and_the_router_pulls_snapshots():
     trace = _trace(20)
     calm = simulate(trace, SCALE, SimClusterConfig(num_prefill=0, num_decode=4, num_blocks=364), MODEL)
+    # jitter far above a step's duration, so batches reorder in every run: with 0.05 s some runs had none (this
+    # small simulation is not reproducible across processes yet - see docs/benchmarks.md, simulator accuracy)
     jitter = simulate(trace, SCALE, SimClusterConfig(num_prefill=0, num_decode=4, num_blocks=364,
-                                                     event_jitter_s=0.05, snapshot_delay_s=0.05), MODEL)
+                                                     event_jitter_s=0.3, snapshot_delay_s=0.05), MODEL)
     assert calm.counters.get("snapshots", 0) == 0
     assert jitter.counters["snapshots"] > 0
     assert all(r.ok for r in jitter.records)
