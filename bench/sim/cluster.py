@@ -235,7 +235,9 @@ class SimCluster:
         self.prefill = {f"prefill-{i}": worker(f"prefill-{i}") for i in range(config.num_prefill)}
         self.decode = {f"decode-{i}": worker(f"decode-{i}") for i in range(config.num_decode)}
         self.router = RouterCore(dict.fromkeys(self.prefill), dict.fromkeys(self.decode),
-                                 PolicyConfig(**config.policy), block_size=config.block_size,
+                                 # seeded unless the config says otherwise: ties between equal workers are broken
+                                 # at random, and an unseeded draw made runs differ (the first request's worker)
+                                 PolicyConfig(**{"seed": 0, **config.policy}), block_size=config.block_size,
                                  config=RouterCoreConfig(rescore_on_dispatch=config.rescore_on_dispatch),
                                  admission=AdmissionConfig(**(config.admission or {})),
                                  capacity=CapacityConfig(**config.capacity))
