@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -33,7 +34,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,29 @@ import psutil
 
 from bench.sim.timemodel import StepTimeModel
 
+# the workers' engine settings everywhere below (bench/compare.py's defaults, as bench.sim.validate runs them)
+KV_CACHE_MB, MAX_MODEL_LEN, MAX_BATCHED_TOKENS = 256, 2048, 512
+
+
+def _local_engine(threads: int) -> Any:
+    """An engine in this process, as bench/sim/calibrate.py builds it (its runner records the steps)."""
+    from bench.sim.calibrate import _engine
+
+    return _engine(argparse.Namespace(model="", threads=threads, kv_cache_mb=KV_CACHE_MB, max_model_len=MAX_MODEL_LEN,
+                                      max_num_batched_tokens=MAX_BATCHED_TOKENS))
+
+
+def _prefill_step(model: StepTimeModel, tokens: int) -> float:
+    """The predicted step of one request's whole `tokens`-long prompt."""
+    return model.predict([1.0, float(tokens), 1.0, tokens * tokens / 1000])
+
 
 # ---------------------------------------------------------------------- 1. co-run slowdown
 def _grid_seconds(core: int, threads: int, barrier: Any, out: Any) -> None:
     os.sched_setaffinity(0, {core})
-    from bench.sim.calibrate import _engine, calibrate
+    from bench.sim.calibrate import calibrate
 
-    args = argparse.Namespace(
-        model="", threads=threads, kv_cache_mb=256, max_model_len=2048, max_num_batched_tokens=512
-    )
-    engine = _engine(args)
+    engine = _local_engine(threads)
     calibrate(engine, seed=1)  # warm-up: first-call costs, oneDNN primitive caches
     engine.pool.reset_prefix_cache()
     barrier.wait()
@@ -78,11 +92,9 @@ def corun(threads: int = 1) -> dict[str, float]:
 def _engine_ttfts(lengths: list[int], n: int, out: Any) -> None:
     """The engine alone (1 thread, no Ray, no HTTP): seconds from add() to a 1-token request's end, n distinct
     prompts per length (as tiny_requests sends them)."""
-    from bench.sim.calibrate import _engine
     from disagg.protocol import Request, SamplingParams
 
-    args = argparse.Namespace(model="", threads=1, kv_cache_mb=256, max_model_len=2048, max_num_batched_tokens=512)
-    engine = _engine(args)
+    engine = _local_engine(threads=1)
     result: dict[int, list[float]] = {}
     for length in lengths:
         times = []
@@ -173,33 +185,44 @@ def tiny_requests(url: str, n: int, prompt_tokens: int = 8, first_id: int = 100)
     return ttfts
 
 
-def cluster_costs(
-    model: StepTimeModel, requests: int, sessions: int, session_rate: float, idle_s: float = 5.0
-) -> dict[str, Any]:
+@contextlib.contextmanager
+def _service(config_spec: str) -> Iterator[Any]:
+    """A real cluster serving HTTP for one `bench compare` config spec (as bench.sim.validate runs it through
+    bench/compare.py run_one: the same engine settings and a fresh disk-tier directory), shut down after."""
     from bench.compare import parse_configs
-    from bench.replay import ReplayConfig, replay
-    from bench.traces import agent
-    from bench.traces.record import TraceScale
     from disagg.cluster.launch import ClusterConfig, Service
     from disagg.model_store import default_model_dir
 
-    spec = parse_configs("agg-kv=0x2:kv")[0]  # as bench.sim.validate runs it (bench/compare.py run_one)
-    engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": 256, "max_model_len": 2048, "num_threads": 1}
+    spec = parse_configs(config_spec)[0]
+    engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": KV_CACHE_MB, "max_model_len": MAX_MODEL_LEN,
+              "num_threads": 1}
     disk_root = tempfile.mkdtemp(prefix="machine-kv-")
-    cluster = ClusterConfig(num_prefill=0, num_decode=2, engine=engine, tiers=spec.tiers(disk_root))
+    cluster = ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=engine,
+                            tiers=spec.tiers(disk_root))
     service = Service(cluster, {"policy": spec.policy_config(), "port": 0})
     try:
+        yield service
+    finally:
+        service.shutdown()
+        shutil.rmtree(disk_root, ignore_errors=True)
+
+
+def cluster_costs(
+    model: StepTimeModel, requests: int, sessions: int, session_rate: float, idle_s: float = 5.0
+) -> dict[str, Any]:
+    from bench.replay import ReplayConfig, replay
+    from bench.traces import agent
+    from bench.traces.record import TraceScale
+
+    with _service("agg-kv=0x2:kv") as service:
         tiny_requests(service.url, 5)  # warm-up
         _, idle_cpu, idle_wall = cpu_during(lambda: time.sleep(idle_s))  # what Ray and the router burn at rest
         ttfts, tiny_cpu, tiny_wall = cpu_during(lambda: tiny_requests(service.url, requests))
-        step = model.predict([1.0, 8.0, 1.0, 8 * 8 / 1000])  # the 8-token prompt's one prefill step
+        step = _prefill_step(model, 8)  # the 8-token prompt's one prefill step
         trace = agent.generate(agent.parse_mix("coding_agent"), sessions, session_rate, seed=0)
         cfg = ReplayConfig(url=service.url, scale=TraceScale(block_tokens=16, max_input_tokens=1791,
                                                              max_output_tokens=256), progress=False)
         result, cpu, wall = cpu_during(lambda: asyncio.run(replay(trace, cfg)))
-    finally:
-        service.shutdown()
-        shutil.rmtree(disk_root, ignore_errors=True)
     done = [r for r in result.records if r.ok]
     tokens = sum(r.output_tokens for r in done)
     idle = _serving(idle_cpu) / idle_wall  # cores, always
@@ -227,17 +250,8 @@ def handoff_costs(model: StepTimeModel, requests: int, prompt_tokens: int = 128,
     and the predicted transfer, is the hand-off's fixed cost: the prefill call returning to the router, the decode
     call, the NIXL read's set-up and its notification.  Every remote request is checked to have taken the
     disaggregated path (the router's own counter)."""
-    from bench.compare import parse_configs
-    from disagg.cluster.launch import ClusterConfig, Service
-    from disagg.model_store import default_model_dir
-
     alone = engine_ttfts([8, prompt_tokens], requests)
-    spec = parse_configs("disagg-kv=1x1:kv")[0]
-    engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": 256, "max_model_len": 2048, "num_threads": 1}
-    disk_root = tempfile.mkdtemp(prefix="machine-kv-")
-    cluster = ClusterConfig(num_prefill=1, num_decode=1, engine=engine, tiers=spec.tiers(disk_root))
-    service = Service(cluster, {"policy": spec.policy_config(), "port": 0})
-    try:
+    with _service("disagg-kv=1x1:kv") as service:
         tiny_requests(service.url, 5, prompt_tokens, first_id=3000)  # warm-up of both paths
         tiny_requests(service.url, 5, 8, first_id=4000)
         _, idle_cpu, idle_wall = cpu_during(lambda: time.sleep(idle_s))
@@ -246,9 +260,6 @@ def handoff_costs(model: StepTimeModel, requests: int, prompt_tokens: int = 128,
         remote, remote_cpu, remote_wall = cpu_during(
             lambda: tiny_requests(service.url, requests, prompt_tokens, first_id=1000))
         after = _paths(service.url)
-    finally:
-        service.shutdown()
-        shutil.rmtree(disk_root, ignore_errors=True)
     went_remote = after.get("disaggregated", 0) - before.get("disaggregated", 0)
     if went_remote != requests:
         raise RuntimeError(f"{went_remote} of {requests} {prompt_tokens}-token requests were prefilled remotely")
@@ -263,8 +274,8 @@ def handoff_costs(model: StepTimeModel, requests: int, prompt_tokens: int = 128,
             "local_ttft_ms": {"p50": statistics.median(local) * 1000, "mean": statistics.mean(local) * 1000},
             "remote_ttft_ms": {"p50": statistics.median(remote) * 1000, "mean": statistics.mean(remote) * 1000},
             "engine_alone_ms": {"local": step_local * 1000, "remote": step_remote * 1000},
-            "predicted_step_ms": {"local": model.predict([1.0, 8.0, 1.0, 0.064]) * 1000,
-                                  "remote": model.predict([1.0, prompt_tokens, 1.0, prompt_tokens**2 / 1000]) * 1000},
+            "predicted_step_ms": {"local": _prefill_step(model, 8) * 1000,
+                                  "remote": _prefill_step(model, prompt_tokens) * 1000},
             "local_overhead_ms": (statistics.median(local) - step_local) * 1000,
             "predicted_transfer_ms": transfer * 1000,
             "handoff_overhead_ms": (gap - (step_remote - step_local) - transfer) * 1000,

@@ -239,16 +239,15 @@ class Planner:
         spread over fewer workers).  The router fills the prefill pool up to its queue limit whenever prompts
         arrive faster than it drains, so a prefill backlog alone never says when to stop: at 8x the agent load
         the planner kept moving decode workers until 6 were left at 84% load."""
-        n = len(s.decode_workers())
-        return n if load <= 0 else max(0, int(n * (1 - load / self.config.decode_load_high)))
+        return _room(len(s.decode_workers()), load, self.config.decode_load_high)
 
     def _prefill_headroom(self, s: Signals, wait: float) -> int:
         """How many prefill workers can leave for decode before the queued prompts' estimated wait (spread over
         fewer workers) passes `prefill_wait_high_s`; not a bound on ending disaggregation (no pool left to wait)."""
         n = len(s.prefill_workers())
-        if n <= 1 or wait <= 0:  # the last prefill worker leaving ends disaggregation: the LAST_PREFILL rule's call
+        if n <= 1:  # the last prefill worker leaving ends disaggregation: the LAST_PREFILL rule's call
             return n
-        return max(0, int(n * (1 - wait / self.config.prefill_wait_high_s)))
+        return _room(n, wait, self.config.prefill_wait_high_s)
 
     def _candidates(self, s: Signals, to: Role, keep_prefill: int, steps: int = 1) -> list[WorkerSignal]:
         """Up to `steps` steps of workers that may move to `to`, keeping `min_decode` decode-capable workers and
@@ -290,6 +289,12 @@ class Planner:
     def reversals_within(self, name: str, window_s: float, now: float) -> int:
         h = self.history.get(name)
         return sum(now - t < window_s for t in h.reversals) if h else 0
+
+
+def _room(n: int, level: float, high: float) -> int:
+    """How many of `n` workers can leave a pool whose per-worker level (load, wait) then rises as n / remaining,
+    before it passes `high`: all of them at level 0."""
+    return n if level <= 0 else max(0, int(n * (1 - level / high)))
 
 
 def _pct(x: float | None) -> str:
