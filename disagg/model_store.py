@@ -129,7 +129,7 @@ def make_tiny_model(path: str | Path, model_type: str = "llama", seed: int = 0, 
         model_type
     ]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**shape)).to(torch.float32)
+    model = model_cls(config_cls(**shape)).float()
     with torch.no_grad():  # a wider weight spread than HF's init, so logits are far from ties
         for p in model.parameters():
             if p.dim() > 1:

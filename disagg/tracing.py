@@ -26,6 +26,7 @@ import json
 import os
 import threading
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,7 @@ def make_tracer(config: TracingConfig | None, service: str, exporter: SpanExport
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         exporters.append(OTLPSpanExporter(endpoint=config.otlp_endpoint, timeout=config.export_timeout_s))
+    _PROVIDERS[tracer := provider.get_tracer("disagg", schema_url=SEMCONV_SCHEMA_URL)] = provider
     for e in exporters:
         provider.add_span_processor(
             BatchSpanProcessor(
@@ -132,7 +134,18 @@ def make_tracer(config: TracingConfig | None, service: str, exporter: SpanExport
                 export_timeout_millis=int(config.export_timeout_s * 1000),
             )
         )
-    return provider.get_tracer("disagg", schema_url=SEMCONV_SCHEMA_URL)
+    return tracer
+
+
+# the provider behind each tracer make_tracer built (for flush); weak, so a dropped tracer takes its provider along
+_PROVIDERS: weakref.WeakKeyDictionary[trace.Tracer, TracerProvider] = weakref.WeakKeyDictionary()
+
+
+def flush(tracer: trace.Tracer, timeout_s: float = 10.0) -> bool:
+    """Export every span `tracer` has ended so far (its batch processors otherwise export every 200 ms); True once
+    done within `timeout_s`. A no-op tracer has nothing to flush."""
+    provider = _PROVIDERS.get(tracer)
+    return provider is None or provider.force_flush(int(timeout_s * 1000))
 
 
 def inject(span: trace.Span) -> dict[str, str]:

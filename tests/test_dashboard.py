@@ -36,8 +36,15 @@ def test_every_dashboard_query_names_an_exported_metric(tiny_llama_dir):
                 pass
             await worker.worker.flush_tiers()
             worker.worker.engine.pool.reset_prefix_cache()
-        await asyncio.sleep(0.2)
-        await core.supervisor.probe("w")
+        # the CPU-tier hit must be in the worker's heartbeat before the scrape: probe until it is (bounded)
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            await core.supervisor.probe("w")
+            hb = core.health.workers["w"].heartbeat
+            if hb is not None and any(k.startswith("tier_hit_blocks:") and v for k, v in hb.counters.items()):
+                break
+            assert asyncio.get_running_loop().time() < deadline, "no tier hit reached the heartbeat"
+            await asyncio.sleep(0.02)
         metrics.ttft.observe(0.1)  # the HTTP layer observes these; here no HTTP request ran
         metrics.requests.labels("/v1/completions", "200").inc()
         return generate_latest(metrics.registry).decode()

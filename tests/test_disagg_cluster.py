@@ -122,10 +122,18 @@ def test_killed_prefill_peer_falls_back_to_recompute(ray_session, cluster, engin
     request = Request("dead-peer", prompt, GREEDY)
     result = ray.get(doomed.prefill.remote(request.to_wire()))
     ray.kill(doomed)
-    time.sleep(0.5)
+    assert _wait_for(lambda: _is_dead(doomed))  # its NIXL agent is gone before the read
     assert _stream(cluster.decode[0], request, result) == expected
     assert cluster.stats()[1]["transfer_failures"] >= 1
     assert _wait_for(lambda: _all_blocks_free(cluster))
+
+
+def _is_dead(actor) -> bool:
+    try:
+        ray.get(actor.pid.remote(), timeout=5)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
 
 
 def test_lease_expires_when_no_reader_comes(ray_session, engine_cfg):

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
-from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+from disagg_kernels.paged_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from disagg_kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 
 
 def _paged_cache(num_blocks, block_size, kv_heads, head_dim, seed):

@@ -62,7 +62,7 @@ def two_nodes():
     address = f"127.0.0.1:{gcs}"
     procs = [head]
     try:
-        time.sleep(3)
+        _wait_nodes(address, 1, env)  # the head answers before the second node joins it
         procs.append(_ray(f"--address={address}", '--resources={"node_b": 4}', env=env))
         _wait_nodes(address, 2, env)
         yield address, env

@@ -3,6 +3,7 @@ worker becomes a decode worker and back while streams are in flight.  No request
 the no-change reference, the router's accounting and the workers' pools come back to baseline, and the workers
 announce their new roles."""
 import asyncio
+import json
 import time
 
 import httpx
@@ -29,44 +30,70 @@ def service(pd_service):
 @pytest.fixture(scope="module")
 def reference(smollm_dir):
     engine = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128))
-    prompts = [engine.tokenizer.encode_chat(_prompt(i)) for i in range(8)]
+    prompts = [engine.tokenizer.encode_chat(_prompt(i)) for i in range(WAVES[-1].stop)]
     return [c.text for c in engine.generate(prompts, SamplingParams(max_tokens=40, temperature=0))]
 
 
-async def _chat(client: httpx.AsyncClient, model: str, i: int) -> str:
+WAVES = (range(0, 4), range(4, 8), range(8, 10))  # before, between and after the two changes
+
+
+async def _chat(client: httpx.AsyncClient, model: str, i: int, progress: dict[int, int]) -> str:
     body = {"model": model, "messages": _prompt(i), "max_tokens": 40, "temperature": 0, "stream": True}
     text = ""
     async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
         assert resp.status_code == 200, await resp.aread()
         async for line in resp.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                import json
                 chunk = json.loads(line[6:])
                 assert "error" not in chunk, chunk
                 text += chunk["choices"][0]["delta"].get("content") or ""
+                progress[i] = progress.get(i, 0) + 1
     return text
 
 
-async def _round_trip(url: str, model: str, worker: str) -> tuple[list[str], list[dict]]:
-    """Eight streams; after the first tokens flow, the prefill worker becomes a decode worker; a second wave
-    runs in the new layout; then it goes back to prefill while the third wave streams."""
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        first = [asyncio.create_task(_chat(client, model, i)) for i in range(4)]
-        await asyncio.sleep(1.0)
+async def _until(predicate, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def _round_trip(service, model: str, worker: str) -> tuple[list[str], list[dict], list[dict]]:
+    """Wave 1 streams; once each has its first token, the prefill worker becomes a decode worker; wave 2 is
+    routed in the new layout and, once a stream decodes on the changed worker, it goes back to prefill: that
+    change must drain (wait for the streams decoding on it) before it is announced.  Wave 3 runs after."""
+    async def loads() -> dict:
+        return (await asyncio.to_thread(ray.get, service.router.health.remote()))["loads"][worker]
+
+    progress: dict[int, int] = {}
+    async with httpx.AsyncClient(base_url=service.url, timeout=300) as client:
+        first = [asyncio.create_task(_chat(client, model, i, progress)) for i in WAVES[0]]
+
+        async def first_tokens() -> bool:
+            return all(progress.get(i, 0) > 0 for i in WAVES[0])
+        await _until(first_tokens, "wave 1's first tokens")
+        assert not all(t.done() for t in first)  # streams are in flight across the change
         to_decode = await client.post(f"/admin/workers/{worker}/role", json={"role": "decode", "reason": "test"})
-        second = [asyncio.create_task(_chat(client, model, i)) for i in range(4, 6)]
+        second = [asyncio.create_task(_chat(client, model, i, progress)) for i in WAVES[1]]
+
+        async def decoding_on_worker() -> bool:
+            return (await loads())["active_requests"] > 0
+        await _until(decoding_on_worker, "a wave-2 stream decoding on the changed worker")
         to_prefill = await client.post(f"/admin/workers/{worker}/role", json={"role": "prefill", "reason": "test"})
-        third = [asyncio.create_task(_chat(client, model, i)) for i in range(6, 8)]
+        after_drain = await loads()  # DRAINING returned: nothing of the decode role may be left on the worker
+        third = [asyncio.create_task(_chat(client, model, i, progress)) for i in WAVES[2]]
         texts = await asyncio.gather(*first, *second, *third)
-        return list(texts), [to_decode.json(), to_prefill.json()]
+        return list(texts), [to_decode.json(), to_prefill.json()], [after_drain]
 
 
 def test_role_change_under_load_loses_nothing(service, reference, smollm_dir):
     [prefill] = service.cluster.prefill_by_name
-    texts, changes = asyncio.run(_round_trip(service.url, smollm_dir.name, prefill))
+    texts, changes, (after_drain,) = asyncio.run(_round_trip(service, smollm_dir.name, prefill))
     assert texts == reference
     assert [(c["from"], c["to"], c["state"], c["announced"]) for c in changes] == [
         ("prefill", "decode", "done", True), ("decode", "prefill", "done", True)]
+    # the change back waited for the streams decoding on the worker: none was left when it returned
+    assert after_drain["active_requests"] == 0, after_drain
     roles = httpx.get(f"{service.url}/admin/roles").json()
     assert roles["roles"][prefill] == "prefill" and len(roles["changes"]) == 2
     metrics = httpx.get(f"{service.url}/metrics").text
@@ -80,7 +107,7 @@ def test_role_change_under_load_loses_nothing(service, reference, smollm_dir):
         if all(b.gauges["kv_blocks_free"] == b.gauges["kv_blocks_total"] and b.gauges["leases"] == 0
                for b in beats.values()):
             break
-        time.sleep(0.5)
+        time.sleep(0.1)
     assert all(b.gauges["kv_blocks_free"] == b.gauges["kv_blocks_total"] for b in beats.values()), \
         {n: b.gauges for n, b in beats.items()}
     assert all(b.gauges["leases"] == 0 and b.gauges["running"] == 0 for b in beats.values())

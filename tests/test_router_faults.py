@@ -21,6 +21,14 @@ PROMPT = list(range(20, 70))
 FAST = HealthConfig(heartbeat_interval_s=0.05, heartbeat_timeout_s=0.1, liveness_timeout_s=0.3, restart_after_s=30)
 
 
+async def _until(predicate, timeout_s: float = 5.0) -> None:
+    """Wait (bounded) for a condition the supervisor's loop makes true."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
 def _reference(model_dir, sampling, prompt=PROMPT):
     engine = LLMEngine(EngineConfig(model=str(model_dir), num_blocks=64, block_size=16, max_model_len=512))
     return engine.generate([prompt], sampling)[0].token_ids
@@ -135,8 +143,7 @@ def test_last_decode_worker_lost_gives_an_explicit_error_then_serves_after_resta
                     a.dead = True
             with pytest.raises(ServiceUnavailable):
                 await _stream(core, Request("r1", PROMPT, GREEDY), kill_after_three)
-            await asyncio.sleep(0.2)  # the supervisor sees the death
-            assert not core.health.any_decoder_ready()
+            await _until(lambda: not core.health.any_decoder_ready())  # the supervisor sees the death
             with pytest.raises(ServiceUnavailable, match="no decode worker"):
                 await _stream(core, Request("r2", PROMPT, GREEDY))
             a.restart(local_worker("a", tiny_llama_dir))  # Ray's restart: a new incarnation behind the handle
@@ -190,11 +197,11 @@ def test_restarted_prefill_worker_is_rewired_and_stale_results_cannot_be_read(ti
         core = _core({"p": p}, {"d": d})
         core.supervisor.start()
         try:
-            await asyncio.sleep(0.2)
+            await _until(lambda: core.health.workers["p"].incarnation is not None)  # the first probe answered
             old_agent = p.worker.agent_name
             stale = await p.prefill(Request("stale", PROMPT, GREEDY), 5.0)
             p.dead = True
-            await asyncio.sleep(0.2)
+            await _until(lambda: core.health.workers["p"].state is WorkerState.DEAD)
             p.restart(local_worker("p", tiny_llama_dir, Role.PREFILL))
             deadline = time.monotonic() + 5
             while not core.health.routable("p") and time.monotonic() < deadline:

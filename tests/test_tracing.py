@@ -1,7 +1,9 @@
 """Tracing: GenAI semantic-convention names (pinned), W3C context across processes, one connected trace per
 request with every stage (in-process workers with real engines; the real cluster is in test_tracing_cluster.py),
-and a dead collector that costs requests nothing."""
+and a hung collector that costs requests nothing."""
 import asyncio
+import socket
+import threading
 import time
 
 from opentelemetry import trace
@@ -63,8 +65,9 @@ def _traced_cluster(model_dir):
     return core, (p, d1, d2), router_spans, worker_spans
 
 
-def _flush(*exporters):
-    time.sleep(0.5)  # the batch processors export every 200 ms
+def _flush(core, handles):
+    for tracer in (core.tracer, *(h.worker.spans.tracer for h in handles)):
+        assert tr.flush(tracer)
 
 
 def test_one_connected_trace_per_request_with_every_stage(tiny_llama_dir):
@@ -84,7 +87,7 @@ def test_one_connected_trace_per_request_with_every_stage(tiny_llama_dir):
             roots.append(root)
         return roots
     roots = asyncio.run(go())
-    _flush()
+    _flush(core, handles)
     spans = list(router_spans.get_finished_spans()) + list(worker_spans.get_finished_spans())
     for root in roots:
         tid = root.get_span_context().trace_id
@@ -104,8 +107,36 @@ def test_one_connected_trace_per_request_with_every_stage(tiny_llama_dir):
         assert by_name["router.route"].attributes["disagg.prefill_worker"] == "p"
 
 
-def test_a_dead_collector_costs_requests_nothing(tiny_llama_dir):
-    dead = tr.TracingConfig(otlp_endpoint="http://127.0.0.1:9/v1/traces", export_timeout_s=0.5)
+class SilentCollector:
+    """A collector that accepts connections and never reads or answers (a hung OTLP endpoint): an export to it
+    blocks for its whole timeout.  (A closed port refuses at once, so it cannot tell a synchronous exporter from
+    a background one.)"""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1/traces"
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)  # held open, never read
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.accepted:
+            conn.close()
+
+
+def test_a_hung_collector_costs_requests_nothing(tiny_llama_dir):
+    collector = SilentCollector()
+    # each export to it would block for 3 s: a request that waited for even one export would show it
+    hung = tr.TracingConfig(otlp_endpoint=collector.url, export_timeout_s=3.0)
     w = LocalWorkerHandle(local_worker("w", tiny_llama_dir))
 
     async def go(tracer):
@@ -119,7 +150,15 @@ def test_a_dead_collector_costs_requests_nothing(tiny_llama_dir):
             root.end()
             out.append(tokens)
         return out, time.perf_counter() - t0
-    traced, traced_s = asyncio.run(go(tr.make_tracer(dead, "router")))
-    plain, plain_s = asyncio.run(go(trace.NoOpTracer()))
+    try:
+        traced, traced_s = asyncio.run(go(tr.make_tracer(hung, "router")))
+        plain, plain_s = asyncio.run(go(trace.NoOpTracer()))
+        # the exporter really tried the hung collector (so the timing below says something)
+        deadline = time.monotonic() + 10
+        while not collector.accepted and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert collector.accepted, "no export reached the collector"
+    finally:
+        collector.close()
     assert traced == plain and all(len(t) == 6 for t in traced)
-    assert traced_s < plain_s + 1.0  # exports fail on a background thread; requests do not wait for them
+    assert traced_s < plain_s + 1.0, (traced_s, plain_s)  # exports block a background thread, never a request

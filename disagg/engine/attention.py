@@ -11,8 +11,8 @@ from typing import Protocol
 
 import torch
 
-from kernels.paged_attention import paged_decode_attention_sdpa, paged_decode_attention_triton
-from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+from disagg_kernels.paged_attention import paged_decode_attention_sdpa, paged_decode_attention_triton
+from disagg_kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 
 
 @dataclass

@@ -1,0 +1,69 @@
+"""The project's import graph, read from the source (no imports run): which modules each module of a package
+imports, at module level or inside functions, with relative imports resolved.  Used by the layout tests."""
+from __future__ import annotations
+
+import ast
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Every module `path` names in an import statement (absolute names; `from a import b` gives `a` and `a.b`)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+@cache
+def graph(package: str = "disagg") -> dict[str, frozenset[str]]:
+    """module -> the modules it imports, for every module under `package`."""
+    return {module_name(p): frozenset(_imports_of(p)) for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def top_levels(imports: frozenset[str]) -> set[str]:
+    return {name.split(".")[0] for name in imports}
+
+
+def importers_of(top_level: str, under: str, package: str = "disagg") -> dict[str, set[str]]:
+    """The modules under `under` (a dotted prefix) that import `top_level` directly: module -> its imports of it."""
+    return {
+        mod: {i for i in imports if i.split(".")[0] == top_level}
+        for mod, imports in graph(package).items()
+        if (mod == under or mod.startswith(under + ".")) and top_level in top_levels(imports)
+    }
+
+
+def reachable(start: str, package: str = "disagg") -> set[str]:
+    """The project modules `start` imports, directly or through other project modules."""
+    g = graph(package)
+    seen, todo = set(), [start]
+    while todo:
+        mod = todo.pop()
+        for imp in g.get(mod, ()):
+            # `from a import b` names `a.b`, which is a module only when a file of that name exists
+            target = imp if imp in g else imp.rpartition(".")[0] if imp.rpartition(".")[0] in g else None
+            if target is not None and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
