@@ -37,7 +37,12 @@ git clone -q "$repo" "$work/main"
 cd "$work/main"
 if [ -n "$uncapped" ]; then
     say "dropping the upper bounds from pyproject.toml (this clone only)"
-    sed -i -E 's/^(    "[A-Za-z0-9_.\[\]-]+>=[^,"]+),<[^"]+"/\1"/' pyproject.toml
+    "$PYTHON" - <<'PY'
+import re
+from pathlib import Path
+path = Path("pyproject.toml")
+path.write_text(re.sub(r'^(    "[^"<>]+>=[^,"]+),<[^"]+"', r'\1"', path.read_text(), flags=re.M))
+PY
     grep -nE '^    "[^"]+<' pyproject.toml && { echo "test-latest.sh: an upper bound is left" >&2; exit 1; }
 fi
 say "creating a venv with the newest allowed versions (pip's resolver, CPU torch pin kept)"
