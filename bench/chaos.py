@@ -1,8 +1,10 @@
 """`disagg bench chaos`: replay one workload twice against one cluster - clean, then while faults are injected on
 a schedule - and report, per fault: requests lost, outputs that differ from the clean run (a wrong, missing or
 duplicated token changes the text), latency the fault added to the requests it touched, the longest stall they
-saw, time until the faulted worker was out of routing and until it served again (against a worker's measured
-cold start), router endpoint downtime, and the blocks, leases or adopted blocks left over at the end.
+saw, time until the faulted worker was out of routing and until it served again (the end of the first request
+that started after the fault and succeeded through it - not the READY event, also reported - against a worker's
+measured cold start), router endpoint downtime, and the blocks, leases or adopted blocks left over at the end.
+Each fault kind is injected --injections times (default 3); `by_kind` gives the median and the worst.
 
 Faults: kill-decode / kill-prefill (SIGKILL of the worker process), stop-decode / stop-prefill (SIGSTOP: a hung
 process the supervisor must detect and kill), kill-router (SIGKILL of the router actor), read-fail / read-hang
@@ -20,9 +22,10 @@ import json
 import os
 import random
 import signal
+import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,8 @@ class Fault:
     target: str
     at: float  # wall clock
     out_of_routing_s: float | None = None
-    serving_again_s: float | None = None
+    ready_s: float | None = None  # the router's READY event for the restarted worker
+    serving_again_s: float | None = None  # the first successful request served through it after the fault
     endpoint_back_s: float | None = None
     note: str = ""
 
@@ -152,8 +156,8 @@ def await_recovery(fault: Fault, service: Any, observer: Observer, timeout_s: fl
         ready = observer.first_event(fault.target, "ready", dead) if dead is not None else None
         if dead is not None:
             fault.out_of_routing_s = dead - fault.at
-        if ready is not None:
-            fault.serving_again_s = ready - fault.at
+        if ready is not None:  # routable again; "serving again" is the first request it then serves (analyse)
+            fault.ready_s = ready - fault.at
             return
         time.sleep(0.1)
     fault.note = "worker not back in time"
@@ -218,10 +222,44 @@ def analyse(faults: list[Fault], clean: ReplayResult, faulted: ReplayResult, obs
                      "added_latency_p99_ms": percentile(added, 99) * 1000,
                      "max_stall_p99_ms": percentile(stall, 99) * 1000,
                      "stall_over_reprefill_p99_ms": percentile(over, 99) * 1000,
-                     "out_of_routing_s": fault.out_of_routing_s, "serving_again_s": fault.serving_again_s,
+                     "out_of_routing_s": fault.out_of_routing_s, "ready_s": fault.ready_s,
+                     "serving_again_s": fault.serving_again_s,
                      "cold_start_s": cold_start_s if fault.serving_again_s is not None else None,
                      "endpoint_back_s": fault.endpoint_back_s, "note": fault.note})
     return rows
+
+
+def serving_again(fault: Fault, records: list[RequestRecord], started_at: float, observer: Observer
+                  ) -> float | None:
+    """Seconds from the fault to the end of the first request that started after it, succeeded, and was served
+    through the faulted worker (its last routing decision names it) - or, for the router, through the endpoint.
+    None for read faults (the worker never leaves routing) or when no such request came."""
+    if fault.kind.startswith("read"):
+        return None
+    ends = []
+    for r in records:
+        if not r.ok or started_at + r.start_s < fault.at:
+            continue
+        routes = observer.decisions.get(r.request_id or "", [])
+        if fault.target == "router" or (routes and fault.target in (routes[-1]["decode"], routes[-1]["prefill"])):
+            ends.append(started_at + r.start_s + (r.e2e_s or 0.0))
+    return min(ends) - fault.at if ends else None
+
+
+def by_kind(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per fault kind, over its injections: how many, the median and the worst of each recovery figure, and the
+    total lost / wrong (None where no injection produced the figure)."""
+    out: dict[str, dict[str, Any]] = {}
+    for kind in dict.fromkeys(r["fault"] for r in rows):
+        mine = [r for r in rows if r["fault"] == kind]
+        entry: dict[str, Any] = {"injections": len(mine), "lost": sum(r["lost"] for r in mine),
+                                 "wrong_output": sum(r["wrong_output"] for r in mine)}
+        for key in ("out_of_routing_s", "ready_s", "serving_again_s", "endpoint_back_s", "max_stall_p99_ms"):
+            values = [r[key] for r in mine if r.get(key) is not None and r[key] == r[key]]
+            entry[key] = {"median": statistics.median(values), "worst": max(values), "n": len(values)} \
+                if values else None
+        out[kind] = entry
+    return out
 
 
 def leftovers(service: Any, settle_s: float) -> list[dict[str, Any]]:
@@ -250,8 +288,9 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     trace, scale, workload = load_workload(args)
     engine = {"model": model, "kv_cache_memory_mb": args.kv_cache_mb, "max_model_len": args.max_model_len,
               "num_threads": args.threads}
-    faults_wanted = [f for f in args.faults.split(",") if f]
-    unknown = set(faults_wanted) - set(FAULTS)
+    kinds = [f for f in args.faults.split(",") if f]
+    faults_wanted = kinds * args.injections  # every kind injected --injections times, the kinds interleaved
+    unknown = set(kinds) - set(FAULTS)
     if unknown:
         raise SystemExit(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
     import tempfile
@@ -283,6 +322,8 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(1.0)
         observer.stop()
         faulted = box["r"]
+        for fault in faults:
+            fault.serving_again_s = serving_again(fault, faulted.records, faulted.started_at, observer)
         rows = analyse(faults, clean, faulted, observer, cold_start, args.read_timeout * 2)
         reference = {r.index: r for r in clean.records}
         summary = {"requests": len(faulted.records), "lost": sum(not r.ok for r in faulted.records),
@@ -291,7 +332,8 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
                    "migrations": observer.counters.get("migrations", 0),
                    "fallbacks": {k: v for k, v in observer.counters.items() if k.startswith("fallback")},
                    "cold_start_s": cold_start}
-        return {"workload": workload, "scale": scale.describe(), "faults": rows, "summary": summary,
+        return {"workload": workload, "scale": scale.describe(), "faults": rows, "by_kind": by_kind(rows),
+                "summary": summary,
                 "leftovers": leftovers(service, args.settle),
                 "settings": {"prefill": args.prefill, "decode": args.decode, "fault_interval": args.fault_interval,
                              "read_timeout": args.read_timeout, "engine": engine}}
@@ -303,7 +345,8 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     cols = ["fault", "target", "affected", "lost", "wrong_output", "added_latency_p50_ms", "added_latency_p99_ms",
-            "max_stall_p99_ms", "stall_over_reprefill_p99_ms", "out_of_routing_s", "serving_again_s", "cold_start_s", "endpoint_back_s"]
+            "max_stall_p99_ms", "stall_over_reprefill_p99_ms", "out_of_routing_s", "ready_s", "serving_again_s",
+            "cold_start_s", "endpoint_back_s"]
 
     def fmt(v: Any) -> str:
         if v is None or (isinstance(v, float) and v != v):
@@ -326,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode", type=int, default=2)
     parser.add_argument("--faults", default="kill-decode,kill-prefill,stop-decode,read-fail,read-hang,kill-router")
     parser.add_argument("--fault-interval", type=float, default=20.0, help="seconds between faults")
+    parser.add_argument("--injections", type=int, default=3, help="times each fault kind is injected")
     parser.add_argument("--recovery-timeout", type=float, default=90.0)
     parser.add_argument("--read-timeout", type=float, default=3.0, help="workers' KV read deadline")
     parser.add_argument("--settle", type=float, default=30.0, help="seconds to wait for blocks to come back")

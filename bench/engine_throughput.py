@@ -119,6 +119,16 @@ def spread(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": values}
 
 
+def verdict(ours: list[float], theirs: list[float], goal: float = 1.0) -> str:
+    """"met" only when every run of ours beats every run of theirs (times the goal ratio): the ranges of the
+    interleaved repeats do not overlap; "missed" when every run of ours falls short; else "not resolved"."""
+    if min(ours) > goal * max(theirs):
+        return "met"
+    if max(ours) < goal * min(theirs):
+        return "missed"
+    return "not resolved"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="")
@@ -165,7 +175,7 @@ def main() -> None:
         if theirs[n]:
             v = spread([r["output_tok_s"] for r in theirs[n]])
             row.update(vllm_tok_s=v["median"], vllm_min=v["min"], vllm_max=v["max"],
-                       vs_vllm=tok_s["median"] / v["median"],
+                       vs_vllm=tok_s["median"] / v["median"], verdict=verdict(tok_s["runs"], v["runs"]),
                        same_tokens_as_vllm=all(o["token_ids"] == t["token_ids"] for o, t in zip(ours[n], theirs[n])),
                        vllm_weight_gbs=weights * v["median"] / n / 1e9)
         rows.append(row)

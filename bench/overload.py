@@ -3,7 +3,9 @@
 1. capacity: the completion rate of the cluster when saturated (admission on), in requests/s of one fixed shape;
 2. sweep: Poisson arrivals at 0.5x-4x that capacity, with admission control (the router queues, sheds with 429
    when a request cannot start within its deadline = the TTFT SLO) and without it (every request dispatched at
-   once; the workers queue everything): goodput under the SLOs, 429s and how fast they come back;
+   once; the workers queue everything): goodput under the SLOs in req/s, 429s and how fast they come back.
+   Each arm runs --repeats times on a fresh cluster, the arms interleaved; medians with their range, and both
+   arms divided by one reference (the no-admission arm's peak, same run);
 3. tenants: two tenants of equal weight, one sending 10x the other's requests, 2x capacity in total: tokens
    served to each against their max-min fair allocation (Jain's index) and the light tenant's TTFT p99 against
    its unloaded p99;
@@ -22,13 +24,15 @@ import itertools
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 
 from bench.common import percentile
+from bench.sweeps import ARMS, aggregate_sweeps, rescore_study
 from disagg.router.admission import jain_index
 
 
@@ -197,12 +201,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "urgent_ttft_p99_over_unloaded": percentile(
                                [s.ttft_s for s in urgent if s.ttft_s is not None], 99) * 1000 / base["urgent"]}
         print(f"[overload] priority {out['priority']}", flush=True)
-        out["sweep"] = {"admission": sweep(go, capacity, args, slo)}
         svc.shutdown()
-        svc = _service(args, admission=False)
-        _warm(svc.url, 49152, args.prefill + args.decode)
-        out["sweep"]["no_admission"] = sweep(go, capacity, args, slo)
-        svc.shutdown()
+        out["sweep"] = interleaved_sweeps(args, capacity, slo, model)
     finally:
         ray.shutdown()
     return out
@@ -217,17 +217,38 @@ def _router_state(svc) -> dict[str, Any]:
             "busy": {n: load for n, load in health["loads"].items() if any(load.values())}}
 
 
-def sweep(go, capacity: float, args: argparse.Namespace, slo: tuple[float, float]) -> list[dict[str, Any]]:
+def sweep(go, capacity: float, args: argparse.Namespace, slo: tuple[float, float], seed: int = 0
+          ) -> list[dict[str, Any]]:
+    """One pass over the loads: absolute goodput (req/s) per load."""
     rows = []
     for load in (float(x) for x in args.loads.split(",")):
-        shots = go([("default", 0, load * capacity)], args.duration, seed=int(load * 10))
+        shots = go([("default", 0, load * capacity)], args.duration, seed=seed * 1000 + int(load * 10))
         row = {"load": load, **summarize(shots, args.duration, *slo)}
         print(f"[overload] load {load}x: {row}", flush=True)
         rows.append(row)
-    peak = max(r["goodput"] for r in rows) or float("nan")
-    for r in rows:
-        r["goodput_vs_peak"] = r["goodput"] / peak
     return rows
+
+
+def interleaved_sweeps(args: argparse.Namespace, capacity: float, slo: tuple[float, float], model: str
+                       ) -> dict[str, Any]:
+    """Both arms, `args.repeats` times, interleaved (the arm that goes first alternates), each pass on a fresh
+    cluster, so neither arm inherits the other's caches, queues or warm-up."""
+    from bench.compare import _warm
+
+    runs: dict[str, list[list[dict[str, Any]]]] = {arm: [] for arm in ARMS}
+    for rep in range(args.repeats):
+        for arm in (ARMS if rep % 2 == 0 else ARMS[::-1]):
+            svc = _service(args, admission=arm == "admission")
+            try:
+                _warm(svc.url, 49152, args.prefill + args.decode)
+                print(f"[overload] sweep {arm}, repeat {rep + 1}/{args.repeats}", flush=True)
+                runs[arm].append(sweep(lambda streams, duration, seed=0, url=svc.url: asyncio.run(open_loop(
+                    url, model, streams, duration, args.prompt_tokens, args.output_tokens, seed)),
+                    capacity, args, slo, seed=rep))
+            finally:
+                svc.shutdown()
+    return aggregate_sweeps(runs)
+
 
 
 def tenant_fairness(shots: list[Shot], per_request_tokens: int, light_base_ms: float) -> dict[str, Any]:
@@ -321,31 +342,15 @@ def run_sim(args: argparse.Namespace) -> dict[str, Any]:
     out["priority"] = {"urgent": summarize(urgent, args.duration, *slo),
                        "urgent_ttft_p99_over_unloaded": percentile(
                            [s.ttft_s for s in urgent if s.ttft_s is not None], 99) * 1000 / base["urgent"]}
-    out["sweep"] = {}
-    for mode, admission in (("admission", True), ("no_admission", False)):
-        rows = []
-        for load in (float(x) for x in args.loads.split(",")):
-            shots = go([("default", 0, load * capacity)], args.duration, admission, seed=int(load * 10))
-            rows.append({"load": load, **summarize(shots, args.duration, *slo)})
-        peak = max(r["goodput"] for r in rows) or float("nan")
-        for r in rows:
-            r["goodput_vs_peak"] = r["goodput"] / peak
-        out["sweep"][mode] = rows
+    runs: dict[str, list[list[dict[str, Any]]]] = {arm: [] for arm in ARMS}
+    for rep in range(args.repeats):  # a fresh simulated cluster every pass; seeds differ per repeat
+        for arm in (ARMS if rep % 2 == 0 else ARMS[::-1]):
+            runs[arm].append(sweep(lambda streams, duration, seed=0, arm=arm: go(
+                streams, duration, arm == "admission", seed=seed), capacity, args, slo, seed=rep))
+    out["sweep"] = aggregate_sweeps(runs)
     out["rescore"] = rescore_study(go, capacity, args, slo)
     return out
 
-
-def rescore_study(go, capacity: float, args: argparse.Namespace, slo: tuple[float, float]) -> dict[str, Any]:
-    """Issue 11 item 4: with prompts that share prefixes, at 2x capacity, route a queued request when it leaves
-    the queue (fresh index, only workers with room) vs when it arrives (and wait for that worker)."""
-    out = {}
-    for mode, rescore in (("rescore_on_dispatch", True), ("route_on_arrival", False)):
-        stats: dict[str, float] = {}
-        shots = go([("default", 0, 2 * capacity)], args.duration, seed=3, rescore=rescore,
-                   prefixes=args.prefixes or 4 * args.simulate, stats=stats)
-        out[mode] = {**summarize(shots, args.duration, *slo), "hit_ratio": stats.get("hit_ratio")}
-        print(f"[overload] rescore {mode}: {out[mode]}", flush=True)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefixes", type=int, default=0,
                         help="simulator rescore study: shared prefixes (0: 4 per decode worker)")
     parser.add_argument("--shared-blocks", type=int, default=8, help="16-token blocks each shared prefix spans")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="passes of each sweep arm (fresh cluster each, arms interleaved); medians with range")
     parser.add_argument("--out", default="bench/results/overload")
     args = parser.parse_args(argv)
     result = run_sim(args) if args.simulate else run(args)

@@ -1,8 +1,9 @@
 """`disagg plan`: pick the prefill:decode split for a workload, a worker count and TTFT/TPOT SLOs.
 
 Every configuration worth trying runs through the calibrated simulator (bench/sim/): aggregated KV routing
-(0xN), disaggregated splits PxD searched coarse to fine (a grid over P, then halving the step around the best
-until it is 1 or the budget is spent), and, with --dynamic, the planner starting from the best static split.
+(0xN), disaggregated splits PxD searched coarse to fine (a grid over P, halving the step around the best, then
++-1 until the best split's neighbours are both measured; --exhaustive: every split), and, with --dynamic, the
+planner starting from the best static split.
 The ranking is by goodput (requests per second meeting both SLOs), ties broken by TTFT p90; the reason line says
 what separates the best from the runner-up (which SLO the runner-up misses, and how often).
 
@@ -46,6 +47,7 @@ class Search:
     def __init__(self, args: argparse.Namespace, trace: list, scale: TraceScale, model: StepTimeModel, slo: SLO):
         self.args, self.trace, self.scale, self.model, self.slo = args, trace, scale, model, slo
         self.results: dict[str, dict[str, Any]] = {}
+        self.budget_bound = False  # whether the last split search stopped at its budget
 
     def run(self, spec: ClusterSpec) -> dict[str, Any]:
         if spec.name in self.results:
@@ -64,20 +66,33 @@ class Search:
               f"{row['ttft_p90_ms']:,.0f} ms, TPOT p90 {row['tpot_p90_ms']:,.1f} ms", flush=True)
         return row
 
-    def splits(self, workers: int, budget: int) -> None:
-        """Coarse grid over P, then refine around the best split by halving the step."""
+    def splits(self, workers: int, budget: int = 0, exhaustive: bool = False) -> dict[int, dict[str, Any]]:
+        """Every split (`exhaustive`), or a coarse grid over P, then halving the step around the best, then
+        climbing at +-1 until both neighbours of the best split are measured: the best is then a local optimum
+        at one-worker resolution.  `budget` > 0 caps the splits simulated (the result says if it bound)."""
         def spec(p: int) -> ClusterSpec:
             return ClusterSpec(f"disagg {p}x{workers - p}", p, workers - p, "kv")
 
-        grid = split_grid(workers)
-        rows = {p: self.run(spec(p)) for p in grid[:budget]}
+        def room() -> bool:
+            return budget <= 0 or len(rows) < budget
+
+        grid = list(range(1, workers)) if exhaustive else split_grid(workers)
+        rows: dict[int, dict[str, Any]] = {}
+        for p in grid:
+            if room():
+                rows[p] = self.run(spec(p))
         step = grid[1] - grid[0] if len(grid) > 1 else 1
-        while step > 1 and len(rows) < budget:
+        while rows and room():
             best = max(rows, key=lambda p: (rows[p]["goodput"], -rows[p]["ttft_p90_ms"]))
             step = max(1, step // 2)
-            for p in (best - step, best + step):
-                if 1 <= p < workers and p not in rows and len(rows) < budget:
+            todo = [p for p in (best - step, best + step) if 1 <= p < workers and p not in rows]
+            if step == 1 and not todo:
+                break  # the best split's neighbours are both measured
+            for p in todo:
+                if room():
                     rows[p] = self.run(spec(p))
+        self.budget_bound = not room()
+        return rows
 
 
 def ranking(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--extra-slos", default="", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
-    p.add_argument("--budget", type=int, default=12, help="disaggregated splits to simulate at most")
+    p.add_argument("--budget", type=int, default=0,
+                   help="disaggregated splits to simulate at most (0: as many as the search needs)")
+    p.add_argument("--exhaustive", action="store_true", help="simulate every split 1..workers-1")
     p.add_argument("--dynamic", action="store_true", help="also rank the planner, starting from the best split")
     p.add_argument("--dynamic-from", default="", help="PxD the planner starts from (default: the best static split)")
     p.add_argument("--out", default="bench/results/plan")
@@ -136,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"planning {args.workers} workers for {workload['name']} at {args.rate:g}x "
           f"(SLO TTFT {slo.ttft_ms:g} ms, TPOT {slo.tpot_ms:g} ms; time model: {model.source})", flush=True)
     search.run(ClusterSpec(f"agg-kv 0x{args.workers}", 0, args.workers, "kv"))
-    search.splits(args.workers, args.budget)
+    search.splits(args.workers, args.budget, exhaustive=args.exhaustive)
     if args.dynamic or args.dynamic_from:
         if args.dynamic_from:
             start_p, start_d = (int(x) for x in args.dynamic_from.lower().split("x"))

@@ -1,5 +1,6 @@
 """The planner under a load step, in simulation: agent sessions arrive at a base rate, then at twice that rate.
-The same run with a static split (the best one for the base load) and with the planner starting from it:
+The same run with a static split (by default the best one for this workload, searched to +-1 worker like `disagg
+plan`) and with the planner starting from it:
 SLO attainment in windows over time, when it is back above 90% after the step, the role changes (and reversals),
 and a plot of goodput over time with the role changes marked.
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare import ClusterSpec
+from bench.plan import Search, ranking
 from bench.report import SLO, RequestRecord
 from bench.sim.run import add_sim_args, sim_config, simulate
 from bench.sim.timemodel import StepTimeModel
@@ -80,10 +82,25 @@ def plot(series: dict[str, list[dict]], changes: list[dict], step_s: float, path
     plt.close(fig)
 
 
+def static_split(args: argparse.Namespace, trace: list, scale: TraceScale, model: StepTimeModel,
+                 slo: SLO) -> tuple[int, int]:
+    """The static split to compare with: `--start PxD`, or by default the best static split for this very
+    workload (the step included), found by `disagg plan`'s search down to +-1 worker."""
+    if args.start and args.start != "best":
+        prefill, decode = (int(x) for x in args.start.lower().split("x"))
+        return prefill, decode
+    search = Search(argparse.Namespace(**{**vars(args), "extra_slos": ""}), trace, scale, model, slo)
+    best = ranking(list(search.splits(args.workers).values()))[0]
+    print(f"[static] best static split for the step workload: {best['config']} ({len(search.results)} simulated)",
+          flush=True)
+    return best["prefill"], best["decode"]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.planner_step", description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=64)
-    p.add_argument("--start", default="", help="initial PxD (default: a quarter of the workers on prefill)")
+    p.add_argument("--start", default="best",
+                   help="static PxD, also the planner's start (default: the best static split for this workload)")
     p.add_argument("--mix", default="coding_agent:2,deep_research:1,short_chat:1")
     p.add_argument("--rate", type=float, default=2.0, help="sessions/s before the step")
     p.add_argument("--factor", type=float, default=2.0)
@@ -99,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     trace = step_workload(args.mix, args.rate, args.phase_s, args.factor)
     scale = TraceScale(block_tokens=16, max_input_tokens=args.max_model_len - 257, max_output_tokens=256)
-    prefill, decode = (int(x) for x in args.start.split("x")) if args.start else (args.workers // 4,
-                                                                                  args.workers - args.workers // 4)
+    prefill, decode = static_split(args, trace, scale, model, slo)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     series, summary, changes = {}, {}, []

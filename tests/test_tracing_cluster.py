@@ -59,8 +59,11 @@ def test_every_request_is_one_connected_trace_with_every_stage(traced, smollm_di
         assert root["attributes"]["gen_ai.request.model"] == smollm_dir.name
     assert traces[records[0].request_id]["trace_id"] == client_trace  # the client's trace continues here
     result = stages.breakdown(records, spans)
-    assert result["traced"] == 6 and result["within_2pct_of_e2e"] == 1.0  # the spans account for E2E
-    assert result["stages"]["other"]["p99_ms"] < 25  # and the HTTP hop outside them stays a few ms
+    assert result["traced"] == 6
+    assert result["named_within_2pct_of_e2e"] >= 5 / 6  # measured here: 6 of 6 (18 ms unaccounted of 1.9 s)
+    # the named stages account for the client's E2E: what they leave (compared, not derived) is small
+    assert result["stages"]["unaccounted"]["p50_ms"] < 0.05 * result["stages"]["e2e"]["p50_ms"]
+    assert result["stages"]["other"]["p99_ms"] < 25  # and the HTTP hop outside the router's span stays a few ms
     assert result["every_stage"] == 1.0 and result["remote_prefill"] == 1.0
     assert result["stages"]["transit"]["p50_ms"] < 0.05 * result["stages"]["e2e"]["p50_ms"]
     assert result["stages"]["prefill.compute"]["p50_ms"] > 0 and result["stages"]["kv.transfer"]["p50_ms"] > 0

@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-at", type=float, default=60.0, help="chaos: virtual seconds into the run")
     parser.add_argument("--detect-s", type=float, default=SimChaos.detect_s)
     parser.add_argument("--restart-s", type=float, default=SimChaos.restart_s)
+    parser.add_argument("--chaos-result", default="",
+                        help="take --detect-s / --restart-s from a `disagg bench chaos` result.json (SIGKILL medians)")
     add_workload_args(parser)
     args = parser.parse_args(argv)
     trace, scale, workload = load_workload(args)
@@ -220,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         for spec in parse_configs(args.configs):
             cfg = sim_config(spec, args, model, slo)
             t0 = time.perf_counter()
-            chaos = SimChaos(args.kill_fraction, args.kill_at, args.detect_s, args.restart_s, args.seed) \
-                if args.kill_fraction > 0 else None
+            chaos = None
+            if args.kill_fraction > 0 and args.chaos_result:
+                chaos = SimChaos.measured(args.chaos_result, kill_fraction=args.kill_fraction, at_s=args.kill_at,
+                                          seed=args.seed)
+            elif args.kill_fraction > 0:
+                chaos = SimChaos(args.kill_fraction, args.kill_at, args.detect_s, args.restart_s, args.seed)
             result = simulate(trace, rate_scale, cfg, model, progress=not args.no_progress, chaos=chaos)
             m = result.metrics(slo, parse_slos(args.extra_slos))
             if chaos is not None:  # the same windows of the same run without faults, for reference
