@@ -11,14 +11,27 @@
 from __future__ import annotations
 
 import argparse
+import platform
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import emit, mean, percentile, print_table
 from bench.sim.timemodel import StepTimeModel, batch_features
 from bench.traces import loaders
 from bench.traces.record import TraceRequest, TraceScale
+
+
+def cpu_model() -> str:
+    """The CPU's model name (every figure states the CPU it was measured on)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 class _Recorder:
@@ -181,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     model = StepTimeModel.fit(xs, ys, transfer_bandwidth=args.transfer_gbps * 1e9,
                               bytes_per_block=bytes_per_block(engine.model_config, engine.config.block_size,
                                                               engine.runner.runner.dtype),
-                              source=f"fitted on {len(ys)} steps of {engine.config.model} "
-                                     f"({args.threads} thread(s))")
+                              # the model's folder name, not its path: the file is committed and machines differ
+                              source=f"fitted on {len(ys)} steps of {Path(engine.config.model).name} "
+                                     f"({args.threads} thread(s), {cpu_model()})")
     model.cpu_load_s_per_block, model.disk_load_s_per_block = tier_load_times(engine)
     residual = [abs(model.predict(x) - y) / y for x, y in zip(xs, ys)]
     print_table([{k: v for k, v in model.__dict__.items() if k != "source"}], "fitted step-time model (seconds)")
