@@ -336,7 +336,8 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
                 "summary": summary,
                 "leftovers": leftovers(service, args.settle),
                 "settings": {"prefill": args.prefill, "decode": args.decode, "fault_interval": args.fault_interval,
-                             "read_timeout": args.read_timeout, "engine": engine}}
+                             "read_timeout": args.read_timeout,
+                             "engine": {**engine, "model": Path(model).name}}}  # the folder, not this machine's path
     finally:
         observer.stop()
         service.shutdown()
