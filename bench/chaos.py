@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -179,16 +180,17 @@ def measure_cold_start(service: Any) -> float:
 
 
 def _affected(fault: Fault, records: list[RequestRecord], started_at: float, observer: Observer,
-              window_s: float) -> list[RequestRecord]:
+              window_s: float, expected_e2e: dict[int, float]) -> list[RequestRecord]:
     """Requests in flight between the fault and the moment the target was out of routing (or, for read faults,
-    within `window_s` of it) that were routed through the target."""
+    within `window_s` of it) that were routed through the target.  A failed request is in flight for as long as
+    the clean run took to serve it (`expected_e2e`), not forever (or it is charged to every later fault)."""
     t = fault.at - started_at
     reads = fault.kind.startswith("read")
     if not reads:
         window_s = (fault.out_of_routing_s or fault.endpoint_back_s or 2.0) + 0.5
     out = []
     for r in records:
-        end = r.start_s + (r.e2e_s if r.e2e_s is not None else 1e9)
+        end = r.start_s + (r.e2e_s if r.e2e_s is not None else expected_e2e.get(r.index, 0.0))
         if reads:  # injected read faults hit reads that start after the injection: disaggregated requests
             if not t <= r.start_s <= t + window_s:
                 continue
@@ -209,7 +211,8 @@ def analyse(faults: list[Fault], clean: ReplayResult, faulted: ReplayResult, obs
     reference = {r.index: r for r in clean.records}
     rows = []
     for fault in faults:
-        hit = _affected(fault, faulted.records, faulted.started_at, observer, window_s)
+        hit = _affected(fault, faulted.records, faulted.started_at, observer, window_s,
+                        {i: r.e2e_s for i, r in reference.items() if r.e2e_s is not None})
         lost = [r for r in hit if not r.ok]
         wrong = [r for r in hit if r.ok and r.text != reference[r.index].text]
         added = [r.e2e_s - reference[r.index].e2e_s for r in hit if r.ok and reference[r.index].ok]
@@ -236,9 +239,11 @@ def serving_again(fault: Fault, records: list[RequestRecord], started_at: float,
     None for read faults (the worker never leaves routing) or when no such request came."""
     if fault.kind.startswith("read"):
         return None
+    # routed to it before its death was seen: such requests fell back or migrated; count only later ones
+    since = fault.at + (fault.out_of_routing_s or 0.0)
     ends = []
     for r in records:
-        if not r.ok or started_at + r.start_s < fault.at:
+        if not r.ok or started_at + r.start_s < since:
             continue
         routes = observer.decisions.get(r.request_id or "", [])
         if fault.target == "router" or (routes and fault.target in (routes[-1]["decode"], routes[-1]["prefill"])):
@@ -293,8 +298,6 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(kinds) - set(FAULTS)
     if unknown:
         raise SystemExit(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
-    import tempfile
-
     service = Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine,
                                     fault_injection=True, transfer_timeout_s=args.read_timeout,
                                     tiers={"disk_root": tempfile.mkdtemp(prefix="chaos-kv-")}),

@@ -84,6 +84,11 @@ def test_chaos_serving_again_is_the_first_successful_request_through_the_worker(
                RequestRecord(3, 8, 4, 13.0, e2e_s=1.0, request_id="other"),
                RequestRecord(4, 8, 4, 20.0, e2e_s=2.5, request_id="served")]
     assert serving_again(fault, records, t0, observer) == 12.5  # the end of "served", not a READY event
+    # a request routed to the worker before its death was seen (it fell back elsewhere) does not count
+    fault.out_of_routing_s = 1.3
+    assert serving_again(fault, records, t0, observer) == 12.5
+    records.insert(0, RequestRecord(5, 8, 4, 10.5, e2e_s=0.5, request_id="served"))  # before it left routing
+    assert serving_again(fault, records, t0, observer) == 12.5
     assert serving_again(Fault("read-fail", "d0", at=t0), records, t0, observer) is None
     rows = [{"fault": "kill-decode", "lost": 0, "wrong_output": 0, "serving_again_s": v, "out_of_routing_s": 1.3,
              "ready_s": None, "endpoint_back_s": None, "max_stall_p99_ms": 10.0} for v in (12.0, 20.0, 14.0)]
