@@ -1,0 +1,138 @@
+"""The request state machine on its own: every transition of `Flight`, the actions it asks for in order, and the
+events it refuses.  Both drivers (the asyncio router and the simulator) are tested elsewhere against it."""
+import pytest
+
+from disagg.errors import DeadlineExceeded, ServiceUnavailable, WorkerLost
+from disagg.protocol import PrefillResult, Request, SamplingParams, TokenDelta
+from disagg.router.flight import (
+    Abort,
+    Admitted,
+    ChargeTenant,
+    CountFallback,
+    CountMigration,
+    CountPath,
+    Delta,
+    Emit,
+    EndLoad,
+    Fail,
+    FetchKV,
+    Flight,
+    FlightState,
+    IllegalEvent,
+    KVFailed,
+    KVReady,
+    KVSourceKind,
+    Lost,
+    PumpAdmission,
+    RecordLatency,
+    ReleaseLease,
+    ReportProgress,
+    RouteAttempt,
+    Routed,
+    ServePath,
+    StartDecode,
+)
+from disagg.router.load import LoadTicket
+from disagg.router.policy import Decision
+
+REQ = Request("r1", [1, 2, 3, 4], SamplingParams(max_tokens=4))
+
+
+def _ticket(decode="d0"):
+    return LoadTicket(prefilling=decode, decode=decode, num_prompt_tokens=4, blocks=1)
+
+
+def _result():
+    return PrefillResult("r1", "p0", [0], [], 4, first_token=7)
+
+
+def _kinds(actions):
+    return [type(a) for a in actions]
+
+
+def _routed(flight, decode="d0", prefill=None, peer=None):
+    return flight.on(Routed(Decision(decode, prefill, 0, peer_worker=peer), _ticket(decode)))
+
+
+def test_local_request_streams_and_finishes_with_its_bookkeeping_in_order():
+    flight = Flight(REQ, tenant="t", arrival=1.0)
+    assert flight.on(Admitted(1.5)) == [RouteAttempt(REQ, 0)]
+    actions = _routed(flight)
+    assert actions == [CountPath(ServePath.LOCAL), StartDecode("d0", REQ, None)]
+    assert flight.state is FlightState.STREAMING
+    first = flight.on(Delta(TokenDelta("r1", [5], "a"), 2.0))
+    assert _kinds(first) == [ReportProgress, PumpAdmission, ChargeTenant, Emit]
+    last = flight.on(Delta(TokenDelta("r1", [6, 7], "bc", finish_reason="length"), 3.0))
+    assert _kinds(last) == [ReportProgress, ChargeTenant, Emit, RecordLatency, EndLoad, PumpAdmission]
+    assert last[0].generated == 3 and last[1] == ChargeTenant("t", 2)
+    assert last[3] == RecordLatency(1.0, 2.0, 3.0, 3)
+    assert flight.state is FlightState.DONE and flight.sent == [5, 6, 7]
+
+
+def test_remote_prefill_hands_off_then_releases_the_owner_when_done():
+    flight = Flight(REQ)
+    flight.on(Admitted(0.0))
+    assert _routed(flight, prefill="p0") == [FetchKV("p0", REQ, KVSourceKind.PREFILL)]
+    assert flight.state is FlightState.PREFILLING
+    result = _result()
+    assert flight.on(KVReady(result)) == [CountPath(ServePath.DISAGGREGATED), StartDecode("d0", REQ, result)]
+    assert flight.state is FlightState.HANDING_OFF
+    flight.on(Delta(TokenDelta("r1", [7]), 1.0))
+    assert flight.state is FlightState.STREAMING
+    done = flight.on(Delta(TokenDelta("r1", [8], finish_reason="stop"), 2.0))
+    assert ReleaseLease("p0") in done and flight.state is FlightState.DONE
+
+
+def test_a_failed_remote_prefill_falls_back_to_a_local_prefill_and_releases_the_lease():
+    flight = Flight(REQ)
+    flight.on(Admitted(0.0))
+    _routed(flight, prefill="p0")
+    error = DeadlineExceeded("prefill took too long")
+    actions = flight.on(KVFailed(error))
+    assert actions == [CountFallback(KVSourceKind.PREFILL, "p0", error), ReleaseLease("p0"),
+                       CountPath(ServePath.FALLBACK), StartDecode("d0", REQ, None)]
+    done = flight.on(Delta(TokenDelta("r1", [1], finish_reason="stop"), 1.0))
+    assert not any(isinstance(a, ReleaseLease) for a in done)  # released once, at the fallback
+
+
+def test_a_peer_with_nothing_to_offer_is_a_fallback_without_a_lease():
+    flight = Flight(REQ)
+    flight.on(Admitted(0.0))
+    assert _routed(flight, peer="d1") == [FetchKV("d1", REQ, KVSourceKind.PEER_PREFIX)]
+    assert flight.on(KVReady(None)) == [CountPath(ServePath.FALLBACK), StartDecode("d0", REQ, None)]
+    assert flight.owner is None
+
+
+def test_a_lost_decode_worker_migrates_resumed_after_the_delivered_tokens():
+    flight = Flight(REQ, max_migrations=1)
+    flight.on(Admitted(0.0))
+    _routed(flight, prefill="p0")
+    flight.on(KVReady(_result()))
+    flight.on(Delta(TokenDelta("r1", [5, 6], "xy"), 1.0))
+    actions = flight.on(Lost("d0", WorkerLost("d0 died", worker="d0")))
+    resumed = REQ.resumed([5, 6], 2)
+    assert actions == [CountMigration("d0", 2), ReleaseLease("p0"), EndLoad(_ticket()), RouteAttempt(resumed, 1)]
+    assert flight.state is FlightState.MIGRATING
+    assert _routed(flight, decode="d1") == [CountPath(ServePath.MIGRATED), StartDecode("d1", resumed, None)]
+    # the second attempt's first output is its first again (the prefill queue), the latency covers both
+    first = flight.on(Delta(TokenDelta("r1", [7]), 2.0))
+    assert PumpAdmission() in first and first[0].generated == 1
+    # past the limit: an explicit error, the load ended
+    actions = flight.on(Lost("d1", WorkerLost("d1 died", worker="d1")))
+    assert _kinds(actions) == [CountMigration, EndLoad, PumpAdmission, Fail]
+    assert isinstance(actions[-1].error, ServiceUnavailable) and actions[-1].error.code == "migration_limit"
+    assert flight.state is FlightState.FAILED
+
+
+def test_abort_ends_the_load_once_and_events_out_of_order_are_refused():
+    flight = Flight(REQ)
+    with pytest.raises(IllegalEvent):
+        flight.on(Delta(TokenDelta("r1", [1]), 0.0))  # nothing was started
+    flight.on(Admitted(0.0))
+    _routed(flight, prefill="p0")
+    with pytest.raises(IllegalEvent):
+        flight.on(Admitted(0.0))
+    assert _kinds(flight.on(Abort())) == [EndLoad, PumpAdmission]
+    assert flight.on(Abort()) == [] and flight.state is FlightState.FAILED
+    with pytest.raises(IllegalEvent):
+        flight.on(KVReady(_result()))
