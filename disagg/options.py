@@ -1,0 +1,130 @@
+"""Command-line options generated from config dataclasses: the dataclass is the one source of a setting's default
+and help, and every CLI (`disagg serve`, `disagg plan`, `disagg bench ...`) builds its options from it.
+
+    add_options(parser, EngineConfig, prefix="engine-")  ->  --engine-max-model-len ...
+    config = from_options(EngineConfig, args, prefix="engine-")
+
+A field's help is `field(metadata={"help": ...})`; `metadata={"cli": False}` keeps it off the command line;
+`metadata={"flag": "--kv-cache-mb"}` names the option when the field's name would read badly.  Scalars (int,
+float, str, bool as --x/--no-x, enums by value, and their optionals) become options; other fields are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_SCALARS = (int, float, str)
+
+
+def _scalar(annotation: Any) -> tuple[type | None, bool]:
+    """(the scalar type a field parses as, whether None is allowed); (None, _) when it is not a scalar."""
+    optional = False
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(annotation))
+        if len(args) != 1:
+            return None, optional
+        annotation = args[0]
+    if annotation is bool or annotation in _SCALARS:
+        return annotation, optional
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return annotation, optional
+    return None, optional
+
+
+def option_name(f: dataclasses.Field, prefix: str = "") -> str:
+    return f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def add_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    *,
+    prefix: str = "",
+    skip: typing.Collection[str] = (),
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """One option per scalar field of `cls` (`defaults` overrides a field's default for this CLI only: say why
+    where you call it)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("cli", True):
+            continue
+        kind, optional = _scalar(hints[f.name])
+        if kind is None:
+            continue
+        default = (defaults or {}).get(f.name, _default(f))
+        text = f.metadata.get("help", "")
+        dest = (prefix + f.name).replace("-", "_")
+        name = option_name(f, prefix)
+        if kind is bool:
+            parser.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
+        elif isinstance(kind, type) and issubclass(kind, enum.Enum):
+            choices = [m.value for m in kind]
+            parser.add_argument(
+                name,
+                dest=dest,
+                type=_enum_parser(kind),
+                default=default,
+                help=f"{text} (one of {', '.join(map(str, choices))}; default {_show(default)})",
+            )
+        else:
+            parser.add_argument(
+                name,
+                dest=dest,
+                type=_optional(kind) if optional else kind,
+                default=default,
+                help=f"{text} (default {_show(default)})".strip(),
+            )
+
+
+def from_options(cls: type[T], args: argparse.Namespace, *, prefix: str = "", **overrides: Any) -> T:
+    """Build `cls` from parsed options (fields without an option keep their defaults; `overrides` win)."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        dest = (prefix + f.name).replace("-", "_")
+        if hasattr(args, dest):
+            values[f.name] = getattr(args, dest)
+    values.update(overrides)
+    return cls(**values)
+
+
+def _show(value: Any) -> str:
+    return value.value if isinstance(value, enum.Enum) else repr(value)
+
+
+def _optional(kind: type) -> typing.Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("", "none") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _enum_parser(kind: type[enum.Enum]) -> typing.Callable[[str], enum.Enum]:
+    def parse(text: str) -> enum.Enum:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not one of {', '.join(str(m.value) for m in kind)}"
+            ) from None
+
+    parse.__name__ = kind.__name__
+    return parse
