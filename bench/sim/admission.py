@@ -20,7 +20,7 @@ class SimAdmission:
         self.queue = self.router.admission.queue
         self.queue.clock = lambda: cluster.loop.now  # virtual time
         self.tick_s = tick_s
-        self._pending: dict[str, tuple[Request, Callable, str | None, Decision | None]] = {}
+        self._pending: dict[str, tuple[Request, Callable, str | None, Decision | None, Entry]] = {}
         self._rejects: dict[str, Callable[[float, Overloaded], None]] = {}
         self._ticking = False
 
@@ -42,7 +42,7 @@ class SimAdmission:
             return
         for victim in shed:
             self._reject(victim)
-        self._pending[entry.request_id] = (request, on_token, session, decision)
+        self._pending[entry.request_id] = (request, on_token, session, decision, entry)
         self._rejects[entry.request_id] = on_reject
         self.pump()
         self._arm()
@@ -55,9 +55,10 @@ class SimAdmission:
 
     def pump(self) -> None:
         while (entry := self.queue.pop_next(self.router.room_for)) is not None:
-            request, on_token, session, decision = self._pending.pop(entry.request_id)
+            request, on_token, session, decision, _ = self._pending.pop(entry.request_id)
             self._rejects.pop(entry.request_id, None)
-            self.cluster.dispatch(request, on_token, session, decision=decision, priority=entry.priority)
+            self.cluster.dispatch(request, on_token, session, decision=decision, priority=entry.priority,
+                                  tenant=entry.tenant, arrival=entry.arrived)
 
     def _arm(self) -> None:
         if not self._ticking and len(self.queue):

@@ -24,11 +24,11 @@ from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.policy import PolicyConfig
 from disagg.router.policy import Decision
-from disagg.router.load import LoadTicket
 from disagg.router.router import RouterCore, RouterCoreConfig
 
 from bench.sim.admission import SimAdmission
 from bench.sim.cores import CoresConfig, SharedCores
+from bench.sim.flights import SimFlights
 from bench.sim.runner import SimRunner, sim_model_config
 from bench.sim.tiers import SimTiers
 from bench.sim.timemodel import StepTimeModel
@@ -199,21 +199,6 @@ class SimPeerSource(_Notifier):
         self.cluster.release_lease(result.agent_name, request_id)
 
 
-@dataclass
-class _Flight:
-    request: Request
-    ticket: LoadTicket
-    prefill: SimWorker | None
-    decode: SimWorker
-    on_token: Callable[[float, TokenDelta], None]
-    session: str | None = None
-    generated: int = 0
-    prefill_counted: bool = False  # the prompt's prefix-cache outcome was recorded where it was computed
-    handed_off: bool = False  # the prefill worker's part is done
-    sent: list[int] = field(default_factory=list)  # tokens delivered so far (a migration resumes after them)
-    predicted: int = 0  # cached prompt tokens the router expected (its staleness is predicted - found)
-
-
 class SimCluster:
     def __init__(self, config: SimClusterConfig, model: StepTimeModel) -> None:
         self.config, self.model = config, model
@@ -244,7 +229,7 @@ class SimCluster:
         self.admission = SimAdmission(self) if config.admission is not None else None
         for w in self.workers:
             w.heartbeat()
-        self._flights: dict[str, _Flight] = {}
+        self.flights = SimFlights(self)  # each request's Flight (disagg/router/flight.py), driven in virtual time
         self.counters = {"remote_prefills": 0, "transferred_blocks": 0}
         self._queries = self._hits = 0
         self._rng = random.Random(0)
@@ -329,13 +314,7 @@ class SimCluster:
         from disagg.errors import WorkerLost
 
         self.router.health.on_failure(worker.name, WorkerLost(f"{worker.name} killed"))
-        for rid, flight in list(self._flights.items()):
-            if flight.decode is worker or (flight.prefill is worker and not flight.handed_off):
-                self.counters["migrations"] = self.counters.get("migrations", 0) + 1
-                self.router.end(flight.ticket)
-                del self._flights[rid]
-                resumed = flight.request.resumed(flight.sent, 0)
-                self.dispatch(resumed, flight.on_token, flight.session, _carry=flight)
+        self.flights.worker_lost(worker.name)
 
     def _restarted(self, worker: SimWorker) -> None:
         old_tiers = worker.engine.tiers
@@ -359,83 +338,27 @@ class SimCluster:
     def _submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None,
                 on_reject: Callable[[float, Exception], None] | None, tenant: str, priority: int) -> None:
         if self.admission is None:
-            self.dispatch(request, on_token, session)
+            self.dispatch(request, on_token, session, tenant=tenant, arrival=self.loop.now)
         else:
             self.admission.submit(request, on_token, session, on_reject or (lambda now, exc: None), tenant, priority)
 
     def dispatch(self, request: Request, on_token: Callable[[float, TokenDelta], None],
-                 session: str | None = None, _carry: _Flight | None = None, decision: Decision | None = None,
-                 priority: int | None = None) -> None:
-        """Start a request now: with `decision` if it was routed on arrival, else routed now (with `priority`:
-        out of the admission queue, among the workers with room, as the router's queue dispatches)."""
-        if _carry is None:
-            self.cores.on_request(self.loop.now)
-        hashes = self.router.block_hashes(request)
-        if decision is None and priority is not None:
-            decision = self.router.route_with_room(request, session, hashes, priority)
-        elif decision is None:
-            decision = self.router.route(request, session, hashes)
-        ticket = self.router.begin(decision, request.num_tokens, hashes)
-        decode = self.worker(decision.decode_worker)
-        prefill = self.worker(decision.prefill_worker) if decision.prefill_worker else None
-        flight = _Flight(request, ticket, prefill, decode, on_token, session,
-                         predicted=decision.predicted_cached_tokens(request.num_tokens, self.router.block_size))
-        if _carry is not None:  # a migrated request keeps what it already delivered
-            flight.sent, flight.prefill_counted = _carry.sent, _carry.prefill_counted
-        self._flights[request.request_id] = flight
-        if prefill is None:
-            decode.engine.add(request)
-            decode.kick()
-            return
-        self.counters["remote_prefills"] += 1
-        first = dataclasses.replace(request.sampling, max_tokens=len(request.resume_token_ids) + 1, stop=[])
-        prefill.engine.add(dataclasses.replace(request, sampling=first), hold_kv=True)
-        prefill.kick()
+                 session: str | None = None, decision: Decision | None = None, priority: int | None = None,
+                 tenant: str = "default", arrival: float | None = None) -> None:
+        """Start a request now (it reached the router at `arrival`): with `decision` if it was routed on arrival,
+        else routed now (with `priority`: out of the admission queue, among the workers with room)."""
+        self.cores.on_request(self.loop.now)
+        arrival = self.loop.now if arrival is None else arrival
+        self.flights.start(request, on_token, session, arrival, tenant, decision, priority)
 
     def deliver(self, worker: SimWorker, delta: TokenDelta) -> None:
-        flight = self._flights.get(delta.request_id)
-        if flight is None:
-            return
-        if not flight.prefill_counted:
-            self._queries += len(flight.request.prompt_token_ids)
-            self._hits += delta.num_cached_tokens
-            flight.prefill_counted = True
-            self.staleness.append(flight.predicted - delta.num_cached_tokens)
-        if worker is flight.prefill and not flight.handed_off:
-            flight.handed_off = True
-            self._hand_off(flight, delta)
-            return
-        if worker is not flight.decode:
-            return  # a dead incarnation's late output
-        flight.sent += delta.token_ids
-        self.cores.on_tokens(self.loop.now, len(delta.token_ids))
-        first = flight.generated == 0
-        flight.generated += len(delta.token_ids)
-        self.router.progress(flight.ticket, flight.generated)
-        if delta.finished:
-            self.router.end(flight.ticket)
-            del self._flights[delta.request_id]
-        flight.on_token(self.loop.now, delta)
-        if self.admission is not None and (first or delta.finished):
-            self.admission.pump()  # prefill or decode capacity was freed
+        self.flights.deliver(worker, delta)
 
-    def _hand_off(self, flight: _Flight, first: TokenDelta) -> None:
-        """The prefill worker's first token is out: the decode worker reads the KV through its connector (a
-        SimPeerSource pricing the transfer), then emits that token and decodes."""
-        rid, prefill, decode = flight.request.request_id, flight.prefill, flight.decode
-        result = prefill.engine.prefill_result(rid, prefill.name, first.token_ids[0], None, first.num_cached_tokens)
-        self.cores.on_handoff(self.loop.now)
-        incarnation = decode.incarnation
-
-        def start() -> None:
-            if self._flights.get(rid) is not flight or decode.incarnation != incarnation:
-                return  # the decode worker died meanwhile: the request migrated (its own new flight)
-            decode.engine.add(flight.request, remote=result)
-            decode.kick()
-        if self.config.handoff_overhead_s:
-            self.loop.at(self.loop.now + self.config.handoff_overhead_s, start)
-        else:
-            start()
+    def count_prefix(self, prompt_tokens: int, cached_tokens: int, predicted: int) -> None:
+        """A prompt's prefix-cache outcome where it was computed, and the router's prediction error for it."""
+        self._queries += prompt_tokens
+        self._hits += cached_tokens
+        self.staleness.append(predicted - cached_tokens)
 
     def release_lease(self, owner: str, request_id: str) -> None:
         worker = self.prefill.get(owner) or self.decode.get(owner)
