@@ -192,8 +192,8 @@ def test_prefill_sigkill_and_sigstop_requests_complete_and_blocks_return(service
         health = ray.get(service.router.health.remote())
         counters = RouterCounters.from_wire(health["counters"])
         # the faulted prompts went remote, and at least one fell back to a local prefill when the worker went
-        prefill = FallbackKind.PREFILL
-        assert counters.fallbacks.get(prefill, 0) > before.fallbacks.get(prefill, 0), counters
+        kind = FallbackKind.PREFILL
+        assert counters.fallbacks.get(kind, 0) > before.fallbacks.get(kind, 0), counters
         for text, reason, err, _ in results:
             assert err is None and reason == "length", err
         # the same requests again, served without a fault (locally from the decode workers' cache): same text
