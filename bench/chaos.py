@@ -36,6 +36,7 @@ from bench.common import percentile
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from bench.report import RequestRecord
 from bench.workload import load_workload
+from disagg.protocol import RouterCounters, WorkerStats
 
 FAULTS = ("kill-decode", "kill-prefill", "stop-decode", "stop-prefill", "kill-router", "read-fail", "read-hang")
 
@@ -61,9 +62,9 @@ class Observer:
     interval_s: float = 0.25
     events: dict[tuple, dict] = field(default_factory=dict)
     decisions: dict[str, list[dict]] = field(default_factory=dict)
-    counters: dict[str, float] = field(default_factory=dict)
-    _last: dict[str, float] = field(default_factory=dict)
-    _base: dict[str, float] = field(default_factory=dict)
+    counters: RouterCounters = field(default_factory=RouterCounters)  # summed over router restarts
+    _last: RouterCounters = field(default_factory=RouterCounters)
+    _base: RouterCounters = field(default_factory=RouterCounters)
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
@@ -83,12 +84,11 @@ class Observer:
                 continue  # the router is down or restarting
             for e in health["events"]:
                 self.events[(e["worker"], e["state"], e["wall_time"])] = e
-            for name, value in health["counters"].items():  # a restarted router counts from 0 again
-                last = self._last.get(name, 0)
-                if value < last:
-                    self._base[name] = self._base.get(name, 0) + last
-                self._last[name] = value
-                self.counters[name] = self._base.get(name, 0) + value
+            now = RouterCounters.from_wire(health["counters"])
+            if _dropped(now, self._last):  # a restarted router counts from 0 again
+                self._base = _summed(self._base, self._last)
+            self._last = now
+            self.counters = _summed(self._base, now)
             seen: dict[str, int] = {}
             for d in decisions:
                 rid = d["request_id"]
@@ -267,15 +267,34 @@ def by_kind(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _summed(a: RouterCounters, b: RouterCounters) -> RouterCounters:
+    roles = {old: dict(to) for old, to in a.role_changes.items()}
+    for old, to in b.role_changes.items():
+        for new, n in to.items():
+            roles.setdefault(old, {})[new] = roles.get(old, {}).get(new, 0) + n
+    paths = {k: a.paths.get(k, 0) + b.paths.get(k, 0) for k in {**a.paths, **b.paths}}
+    fallbacks = {k: a.fallbacks.get(k, 0) + b.fallbacks.get(k, 0) for k in {**a.fallbacks, **b.fallbacks}}
+    return RouterCounters(a.migrations + b.migrations, paths, fallbacks, roles)
+
+
+def _dropped(now: RouterCounters, before: RouterCounters) -> bool:
+    """Whether some count went down: the router restarted (its counts start from 0 again)."""
+    return (now.migrations < before.migrations
+            or any(now.paths.get(k, 0) < n for k, n in before.paths.items())
+            or any(now.fallbacks.get(k, 0) < n for k, n in before.fallbacks.items()))
+
+
 def leftovers(service: Any, settle_s: float) -> list[dict[str, Any]]:
     """Each worker's blocks held, leases and adopted blocks once the run has drained (0 everywhere = no leak)."""
     import ray
 
     deadline = time.time() + settle_s
     while True:
-        stats = ray.get([w.stats.remote() for w in service.cluster.workers], timeout=60)
-        rows = [{"worker": s["name"], "blocks_held": s["num_blocks"] - s["free_blocks"], "leases": s["leases"],
-                 "adopted_blocks": s["adopted_blocks"], "running": s["running"]} for s in stats]
+        workers = service.cluster.workers_by_name
+        answers = ray.get([w.stats.remote() for w in workers.values()], timeout=60)
+        stats = {name: WorkerStats.from_wire(a) for name, a in zip(workers, answers)}
+        rows = [{"worker": name, "blocks_held": s.kv_blocks_total - s.kv_blocks_free, "leases": s.leases,
+                 "adopted_blocks": s.adopted_blocks, "running": s.running} for name, s in stats.items()]
         if all(not (r["blocks_held"] or r["leases"] or r["adopted_blocks"]) for r in rows) or time.time() > deadline:
             return rows
         time.sleep(0.5)
@@ -332,8 +351,8 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
         summary = {"requests": len(faulted.records), "lost": sum(not r.ok for r in faulted.records),
                    "wrong_output": sum(r.ok and r.text != reference[r.index].text for r in faulted.records),
                    "clean_failed": sum(not r.ok for r in clean.records),
-                   "migrations": observer.counters.get("migrations", 0),
-                   "fallbacks": {k: v for k, v in observer.counters.items() if k.startswith("fallback")},
+                   "migrations": observer.counters.migrations,
+                   "fallbacks": {f"fallback:{k.value}": n for k, n in observer.counters.fallbacks.items()},
                    "cold_start_s": cold_start}
         return {"workload": workload, "scale": scale.describe(), "faults": rows, "by_kind": by_kind(rows),
                 "summary": summary,

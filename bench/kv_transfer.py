@@ -126,7 +126,7 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
     import ray
 
     from disagg.cluster.launch import ClusterConfig, LocalCluster, init_ray
-    from disagg.protocol import Request, SamplingParams
+    from disagg.protocol import Request, SamplingParams, WorkerStats
 
     init_ray(None)  # a local cluster on loopback
     cluster = LocalCluster(ClusterConfig(engine=dict(kv_cache_memory_mb=512, num_threads=1,
@@ -136,12 +136,12 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
 
     async def one(i):
         prompt = [(i * 7919 + j * 31) % 40000 + 100 for j in range(prompt_tokens)]  # no shared prefix
-        before = ray.get(decode.stats.remote())["read_seconds"]
+        before = WorkerStats.from_wire(ray.get(decode.stats.remote())).transfer_seconds
         t0 = time.perf_counter()
         async for _ in cluster.client.generate(Request(f"t{i}", prompt, SamplingParams(max_tokens=1))):
             ttfts.append(time.perf_counter() - t0)
             break
-        reads.append(ray.get(decode.stats.remote())["read_seconds"] - before)
+        reads.append(WorkerStats.from_wire(ray.get(decode.stats.remote())).transfer_seconds - before)
 
     for i in range(requests + 1):
         asyncio.run(one(i))

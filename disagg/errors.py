@@ -64,3 +64,8 @@ class DeadlineExceeded(DisaggError, TimeoutError):
 
 class InternalError(DisaggError):
     """A bug or an unexpected failure: a JSON 500, never a plain-text one."""
+
+
+class WireFormatError(DisaggError, ValueError):
+    """A message from another process that does not match its schema (disagg/protocol.py): unknown or missing
+    fields, a value of the wrong type, an unknown enum value, or bytes that are not msgpack at all."""

@@ -1,8 +1,13 @@
 """Wire-level types shared by workers, router and bench.
 
 Everything that crosses a process boundary is a dataclass here with an explicit msgpack schema
-(`to_wire` / `from_wire`): field names are checked, nothing is pickled.  The block-hash function lives
-here too, because workers, router and bench must agree on it bit for bit.
+(`to_wire` / `from_wire`): field names are checked, every value is checked against its annotation and
+enums come back as enums (also as map keys), nothing is pickled; anything else raises `WireFormatError`.
+The block-hash function lives here too, because workers, router and bench must agree on it bit for bit.
+
+Telemetry is typed as well: a worker's figures travel as `WorkerStats` (inside its `Heartbeat`), the router's
+own as `RouterCounters`; labels are enum keys (`Tier`, `SourceKind`, `CorruptReason`, `ServePath`, ...), never
+text folded into a key.
 """
 
 from __future__ import annotations
@@ -15,7 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import msgpack
+from disagg.sampling import MAX_LOGPROBS as MAX_LOGPROBS  # re-exported: requests carry SamplingParams
+from disagg.sampling import SamplingParams as SamplingParams
+from disagg.wire import WireMessage as WireMessage  # re-exported: transfer/ messages derive from it
 
 
 # ---------------------------------------------------------------------------------------------- enums
@@ -55,6 +62,51 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"
     ABORT = "abort"
 
+    def __str__(self) -> str:  # text output (logs, CLI) shows "stop" as the engine's plain strings did
+        return self.value
+
+
+class SourceKind(str, enum.Enum):
+    """Where a KV load reads from (the KV connector's sources; a label of `WorkerStats.loaded_blocks`)."""
+
+    PEER = "peer"  # another worker's memory over the transport
+    TIERS = "tiers"  # this worker's CPU / disk tiers
+
+
+class CorruptReason(str, enum.Enum):
+    """Why a disk-tier block file was refused."""
+
+    MISSING = "missing"
+    TRUNCATED = "truncated"
+    FOREIGN = "foreign"
+    CHECKSUM = "checksum"
+    HEADER = "header"
+
+
+class WorkerState(str, enum.Enum):
+    """A worker as the router's health monitor sees it (router/health.py drives the transitions)."""
+
+    STARTING = "starting"  # restarted (or rejoining): being wired back, not routed to yet
+    READY = "ready"
+    DEAD = "dead"  # out of routing until it rejoins
+
+
+class ServePath(str, enum.Enum):
+    """How a served request's prefill ran."""
+
+    DISAGGREGATED = "disaggregated"  # on a prefill worker, KV read by the decode worker
+    LOCAL = "local"  # on the decode worker
+    PEER_PREFIX = "peer_prefix"  # a peer's cached prefix read, the rest computed locally
+    FALLBACK = "fallback"  # the remote prefill / peer prefix failed: computed locally
+    MIGRATED = "migrated"  # a request resumed on another worker after its worker was lost
+
+
+class FallbackKind(str, enum.Enum):
+    """What failed when a request fell back to computing on its decode worker."""
+
+    PREFILL = "prefill"
+    PEER_PREFIX = "peer_prefix"
+
 
 # ---------------------------------------------------------------------------------------------- block hashing
 _ROOT_PARENT = b"disagg-root-v1\x00\x00"
@@ -81,105 +133,8 @@ def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, parent_hash: i
     return hashes
 
 
-# ---------------------------------------------------------------------------------------------- sampling
-MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
-
-
-@dataclass
-class SamplingParams:
-    """Per-request generation settings (OpenAI names where they exist). Validated on construction."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1  # -1: disabled
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the k most likely
-
-    def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        checks = [
-            (
-                isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens > 0,
-                f"max_tokens must be a positive integer, got {self.max_tokens!r}",
-            ),
-            (
-                _is_number(self.temperature) and self.temperature >= 0,
-                f"temperature must be >= 0, got {self.temperature!r}",
-            ),
-            (_is_number(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (
-                isinstance(self.top_k, int) and (self.top_k == -1 or self.top_k >= 1),
-                f"top_k must be -1 (disabled) or >= 1, got {self.top_k!r}",
-            ),
-            (self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop must be a list of non-empty strings"),
-            (all(isinstance(t, int) for t in self.stop_token_ids), "stop_token_ids must be integers"),
-            (
-                self.logprobs is None
-                or (
-                    isinstance(self.logprobs, int)
-                    and not isinstance(self.logprobs, bool)
-                    and 0 <= self.logprobs <= MAX_LOGPROBS
-                ),
-                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown sampling parameters: {sorted(unknown)}")
-        return cls(**data)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 # ---------------------------------------------------------------------------------------------- messages
-class WireMessage:
-    """Mixin: a dataclass that travels as a msgpack map with a `type` tag and exactly its own fields."""
-
-    TYPE: ClassVar[str]
-
-    def to_wire(self) -> bytes:
-        body = {f.name: _encode_field(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        body["type"] = self.TYPE
-        return msgpack.packb(body, use_bin_type=True)
-
-    @classmethod
-    def from_wire(cls, payload: bytes):
-        data = msgpack.unpackb(payload, raw=False)
-        if not isinstance(data, dict) or data.pop("type", None) != cls.TYPE:
-            raise ValueError(f"not a {cls.__name__} message")
-        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        if set(data) != names:
-            raise ValueError(f"{cls.__name__}: fields {sorted(set(data) ^ names)} missing or unexpected")
-        if "sampling" in data:
-            data["sampling"] = SamplingParams.from_dict(data["sampling"])
-        return cls(**data)
-
-
-def _encode_field(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    return value
-
-
+# (the msgpack codec they share: disagg/wire.py)
 @dataclass
 class Request(WireMessage):
     """A tokenized generation request as the router hands it to a worker.
@@ -221,13 +176,17 @@ class TokenDelta(WireMessage):
     request_id: str
     token_ids: list[int]
     text: str = ""
-    finish_reason: str | None = None  # a FinishReason value
+    finish_reason: FinishReason | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     # per token of `token_ids`, when the request asked for logprobs: [token_id, logprob, [[id, logprob], ...]]
     # (the top alternatives, most likely first); computed from the model's raw distribution (before temperature,
     # top-k/top-p), as vLLM and OpenAI report them
     logprobs: list[list] | None = None
+
+    def __post_init__(self) -> None:  # the engine hands its reasons over as plain strings
+        if self.finish_reason is not None:
+            self.finish_reason = FinishReason(self.finish_reason)
 
     @property
     def finished(self) -> bool:
@@ -263,23 +222,131 @@ class PrefillResult(WireMessage):
     request_id: str
     agent_name: str
     block_ids: list[int]
-    regions: list[str]
+    regions: list[str]  # Tier values
     num_tokens: int
     first_token: int | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     num_cached_tokens: int = 0  # prompt tokens the owner found cached instead of computing
     first_logprobs: list | None = None  # the first token's logprob entry (TokenDelta.logprobs), when asked
+
+    def __post_init__(self) -> None:  # the engine keeps its reasons as plain strings
+        if self.finish_reason is not None:
+            self.finish_reason = FinishReason(self.finish_reason)
+
+
+# ---------------------------------------------------------------------------------------------- telemetry
+class StatKind(str, enum.Enum):
+    """How /metrics exports a `WorkerStats` field (disagg/telemetry.py)."""
+
+    COUNTER = "counter"  # cumulative since the worker started
+    GAUGE = "gauge"  # a current level
+
+
+def _stat(kind: StatKind, default: Any = 0) -> Any:
+    if default is dict:
+        return field(default_factory=dict, metadata={"kind": kind})
+    return field(default=default, metadata={"kind": kind})
+
+
+def stat_kind(f: dataclasses.Field) -> StatKind:
+    return f.metadata["kind"]
+
+
+_C, _G = StatKind.COUNTER, StatKind.GAUGE
+
+
+@dataclass
+class WorkerStats(WireMessage):
+    """A worker's figures (built by cluster/worker.py, by the simulator for its router; read by the router's
+    load checks, the planner, and /metrics as `disagg:worker_<field>{worker, detail}`: a map's key is `detail`).
+
+    The `tier_*` fields are None (maps empty) on a worker without CPU/disk tiers; with tiers, every tier and
+    reason is reported, zeros included (dashboards need the series).  `loaded_blocks` lists the sources used.
+    """
+
+    TYPE: ClassVar[str] = "worker_stats"
+    steps: int = _stat(_C)
+    generated_tokens: int = _stat(_C)
+    preemptions: int = _stat(_C)
+    prefix_query_tokens: int = _stat(_C)
+    prefix_hit_tokens: int = _stat(_C)
+    loaded_tokens: int = _stat(_C)
+    failed_loads: int = _stat(_C)
+    leases_expired: int = _stat(_C)
+    transfer_bytes: int = _stat(_C)
+    transfer_reads: int = _stat(_C)
+    transfer_failures: int = _stat(_C)
+    transfer_seconds: float = _stat(_C, 0.0)
+    local_only_imports: int = _stat(_C)  # prefill results taken with nothing to read (only a notification)
+    step_failures: int = _stat(_C)
+    events_published: int = _stat(_C)
+    publish_failures: int = _stat(_C)
+    loaded_blocks: dict[SourceKind, int] = _stat(_C, dict)
+    tier_query_blocks: int | None = _stat(_C, None)
+    tier_hit_blocks: dict[Tier, int] = _stat(_C, dict)
+    tier_loaded_blocks: dict[Tier, int] = _stat(_C, dict)
+    tier_stored_blocks: dict[Tier, int] = _stat(_C, dict)
+    tier_bytes_stored: dict[Tier, int] = _stat(_C, dict)
+    tier_bytes_loaded: dict[Tier, int] = _stat(_C, dict)
+    tier_evictions: dict[Tier, int] = _stat(_C, dict)
+    tier_load_seconds: dict[Tier, float] = _stat(_C, dict)
+    tier_loads: dict[Tier, int] = _stat(_C, dict)
+    tier_corrupt: dict[CorruptReason, int] = _stat(_C, dict)
+    tier_write_failures: int | None = _stat(_C, None)
+    tier_store_skipped: int | None = _stat(_C, None)
+    kv_blocks_total: int = _stat(_G)
+    kv_blocks_free: int = _stat(_G)
+    kv_blocks_cached: int = _stat(_G)
+    running: int = _stat(_G)
+    waiting: int = _stat(_G)
+    loading: int = _stat(_G)
+    leases: int = _stat(_G)
+    adopted_blocks: int = _stat(_G)
+    prefill_s_per_token: float | None = _stat(_G, None)  # None until the engine measured a prefill
+    tier_cpu_blocks: int | None = _stat(_G, None)
+    tier_cpu_capacity_blocks: int | None = _stat(_G, None)
+    tier_pinned_blocks: int | None = _stat(_G, None)
+    tier_pinned_sessions: int | None = _stat(_G, None)
+    tier_stores_in_flight: int | None = _stat(_G, None)
+    tier_demotions_in_flight: int | None = _stat(_G, None)
+    tier_disk_blocks: int | None = _stat(_G, None)  # the disk figures: None without a disk tier
+    tier_disk_bytes: int | None = _stat(_G, None)
+    tier_disk_capacity_bytes: int | None = _stat(_G, None)
+    tier_load_s_per_block: dict[Tier, float] = _stat(_G, dict)  # measured tiers only
+
+
+@dataclass
+class RouterCounters(WireMessage):
+    """The router core's own counts (/metrics: disagg:migrations, disagg:requests_by_path{path},
+    disagg:fallbacks{kind}, disagg:role_changes{from,to}); the router actor's `health()` sends them too."""
+
+    TYPE: ClassVar[str] = "router_counters"
+    migrations: int = 0
+    paths: dict[ServePath, int] = field(default_factory=dict)  # requests served, by how their prefill ran
+    fallbacks: dict[FallbackKind, int] = field(default_factory=dict)
+    role_changes: dict[Role, dict[Role, int]] = field(default_factory=dict)  # from -> to -> count
+
+    def served(self, path: ServePath) -> None:
+        self.paths[path] = self.paths.get(path, 0) + 1
+
+    def fell_back(self, kind: FallbackKind) -> None:
+        self.fallbacks[kind] = self.fallbacks.get(kind, 0) + 1
+
+    def role_changed(self, old: Role, new: Role) -> None:
+        to = self.role_changes.setdefault(old, {})
+        to[new] = to.get(new, 0) + 1
 
 
 @dataclass
 class Heartbeat(WireMessage):
     """A worker's answer to the router's liveness probe: who it is (a restart changes `incarnation`), whether its
-    step loop progresses, and the load/latency figures the router and /metrics use."""
+    step loop progresses, and the load/latency figures the router and /metrics use (`stats`; None until the
+    worker's engine thread first measured them)."""
 
     TYPE: ClassVar[str] = "heartbeat"
     worker: str
     incarnation: str
-    role: str
+    role: Role
     pid: int
     node_id: str
     steps: int  # engine steps completed so far
@@ -287,8 +354,10 @@ class Heartbeat(WireMessage):
     step_busy_s: float  # how long the current step has been running (0: none running)
     consecutive_step_failures: int
     agent_name: str  # the NIXL agent of this incarnation
-    counters: dict[str, float] = field(default_factory=dict)  # cumulative figures for /metrics
-    gauges: dict[str, float] = field(default_factory=dict)  # current levels (blocks in use, queue lengths)
+    stats: WorkerStats | None = None
+
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)
 
 
 @dataclass
@@ -302,12 +371,14 @@ class KVEventBatch(WireMessage):
     TYPE: ClassVar[str] = "kv_event_batch"
     worker: str
     seq_no: int
-    events: list[dict]
+    events: list[KVEvent]
     snapshot: bool = False
 
     @classmethod
     def of(cls, worker: str, seq_no: int, events: list[KVEvent], snapshot: bool = False) -> KVEventBatch:
-        return cls(worker, seq_no, [dataclasses.asdict(e) for e in events], snapshot)
+        # copies: the batch may be applied later (the simulator delays it) while the worker keeps going
+        copies = [dataclasses.replace(e, block_hashes=list(e.block_hashes)) for e in events]
+        return cls(worker, seq_no, copies, snapshot)
 
     def kv_events(self) -> list[KVEvent]:
-        return [KVEvent(**e) for e in self.events]
+        return list(self.events)

@@ -2,118 +2,167 @@
 
 Two kinds:
   * the HTTP front end's own: requests, tokens, TTFT/ITL/E2E histograms, prefix-cache counters, routing;
-  * the cluster's, collected at scrape time (no extra polling): the router core's counters (migrations,
-    fallbacks, requests by path) and every worker's figures from its latest heartbeat, labelled by worker
-    (KV blocks, running/waiting, preemptions, steps, transfer bytes and failures, per-tier hits, bytes, load
-    times, checksum failures, pins) plus each worker's health state and restart count.
+  * the cluster's, collected at scrape time (no extra polling) from a typed `ClusterSnapshot` the router side
+    hands in (router/metrics_view.py builds it from the router core): the core's `RouterCounters` (migrations,
+    fallbacks, requests by path, role changes), every worker's `WorkerStats` from its latest heartbeat, labelled
+    by worker (`disagg:worker_<field>{worker, detail}`: a map field's key is `detail`, "" for a plain figure),
+    each worker's health state and restart count, the admission queue and the planner's decisions.
+This module knows the snapshot types only (disagg/protocol.py and the views below), never the router core.
 Aggregating worker figures in the router (instead of Ray's metrics export) keeps one scrape target that works
 the same under `disagg serve`, `ray job submit` and KubeRay, and needs no Ray metrics agent.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
+import dataclasses
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from disagg.protocol import Role, RouterCounters, StatKind, WorkerState, WorkerStats, stat_kind
+
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_SAFE = re.compile(r"[^a-zA-Z0-9_]")
+
+
+@dataclass
+class WorkerView:
+    name: str
+    role: Role
+    state: WorkerState
+    restarts: int
+    stats: WorkerStats | None  # None until its first measured heartbeat
+
+
+@dataclass
+class QueueView:
+    """The router's admission queue."""
+
+    depth: Mapping[tuple[int, str], int]  # (priority, tenant) -> requests waiting
+    queued_tokens: int
+    rejected: Mapping[str, int]  # refusal reason -> count
+    served_tokens: Mapping[str, float]  # tenant -> tokens
+
+
+@dataclass
+class PlannerView:
+    enabled: bool
+    moves: Mapping[tuple[str, str, str], int]  # (from, to, reason) -> workers moved
+    holds: Mapping[str, int]  # hold reason -> rounds
+
+
+@dataclass
+class ClusterSnapshot:
+    counters: RouterCounters
+    workers: list[WorkerView]
+    queue: QueueView
+    planner: PlannerView | None  # None: no planner in this service
 
 
 class ClusterCollector:
-    """Router core counters and worker heartbeat figures, read when /metrics is scraped."""
+    """The cluster's figures, read from a fresh snapshot each time /metrics is scraped."""
 
-    def __init__(self, core: Any) -> None:
-        self.core = core
+    def __init__(self, snapshot: Callable[[], ClusterSnapshot]) -> None:
+        self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        core = self.core
-        migrations = CounterMetricFamily("disagg:migrations", "Requests moved to another worker mid-stream")
-        migrations.add_metric([], core.counters.get("migrations", 0))
-        yield migrations
-        paths = CounterMetricFamily(
-            "disagg:requests_by_path",
-            "Served requests by how their prefill ran (disaggregated, local, peer_prefix, fallback, migrated)",
-            labels=["path"],
-        )
-        fallbacks = CounterMetricFamily(
-            "disagg:fallbacks",
-            "Remote prefill / peer prefix failures that fell back to computing on the decode worker",
-            labels=["kind"],
-        )
-        for key, value in sorted(core.counters.items()):
-            if key.startswith("path:"):
-                paths.add_metric([key[5:]], value)
-            elif key.startswith("fallback:"):
-                fallbacks.add_metric([key[9:]], value)
-        yield paths
-        yield fallbacks
-        yield from _planner_metrics(core)
-        state = GaugeMetricFamily(
-            "disagg:worker_state", "1 for the state each worker is in", labels=["worker", "role", "state"]
-        )
-        restarts = CounterMetricFamily(
-            "disagg:worker_restarts", "Worker restarts seen by the router", labels=["worker"]
-        )
-        gauges: dict[str, GaugeMetricFamily] = {}
-        counters: dict[str, CounterMetricFamily] = {}
-        for name, w in core.health.workers.items():
-            state.add_metric([name, w.role.value, w.state.value], 1)
-            restarts.add_metric([name], w.restarts)
-            hb = w.heartbeat
-            if hb is None:
-                continue
-            for key, value in hb.gauges.items():
-                self._add(gauges, GaugeMetricFamily, key, name, value)
-            for key, value in hb.counters.items():
-                self._add(counters, CounterMetricFamily, key, name, value)
-        yield state
-        yield restarts
-        yield from gauges.values()
-        yield from counters.values()
-        yield from self._admission()
+        snap = self.snapshot()
+        yield from router_metrics(snap.counters)
+        yield from planner_metrics(snap.counters, snap.planner)
+        yield from worker_metrics(snap.workers)
+        yield from queue_metrics(snap.queue)
 
-    def _admission(self) -> Iterator[Metric]:
-        queue = self.core.admission.queue
-        depth = GaugeMetricFamily(
-            "disagg:queue_depth", "Requests waiting in the router's admission queue", labels=["priority", "tenant"]
-        )
-        for (priority, tenant), n in sorted(queue.depth().items()):
-            depth.add_metric([str(priority), tenant], n)
-        yield depth
-        tokens = GaugeMetricFamily("disagg:queue_tokens", "Prompt tokens waiting in the admission queue")
-        tokens.add_metric([], queue.queued_tokens)
-        yield tokens
-        rejected = CounterMetricFamily(
-            "disagg:rejected_requests", "Requests refused with 429, by reason", labels=["reason"]
-        )
-        for reason, n in queue.rejected.items():
-            rejected.add_metric([reason], n)
-        yield rejected
-        served = CounterMetricFamily(
-            "disagg:tenant_served_tokens", "Prompt + generated tokens served per tenant", labels=["tenant"]
-        )
-        for tenant, n in sorted(queue.served_tokens.items()):
-            served.add_metric([tenant], n)
-        yield served
 
-    @staticmethod
-    def _add(families: dict, cls: type, key: str, worker: str, value: float) -> None:
-        base, _, label = key.partition(":")
-        metric = f"disagg:worker_{_SAFE.sub('_', base)}"
-        family = families.get(metric)
-        if family is None:
-            family = families[metric] = cls(
-                metric, f"Worker figure '{base}' from heartbeats", labels=["worker", "detail"]
-            )
-        family.add_metric([worker, label], value)
+def router_metrics(counters: RouterCounters) -> Iterator[Metric]:
+    migrations = CounterMetricFamily("disagg:migrations", "Requests moved to another worker mid-stream")
+    migrations.add_metric([], counters.migrations)
+    yield migrations
+    paths = CounterMetricFamily(
+        "disagg:requests_by_path",
+        "Served requests by how their prefill ran (disaggregated, local, peer_prefix, fallback, migrated)",
+        labels=["path"],
+    )
+    for path, n in sorted(counters.paths.items()):
+        paths.add_metric([path.value], n)
+    yield paths
+    fallbacks = CounterMetricFamily(
+        "disagg:fallbacks",
+        "Remote prefill / peer prefix failures that fell back to computing on the decode worker",
+        labels=["kind"],
+    )
+    for kind, n in sorted(counters.fallbacks.items()):
+        fallbacks.add_metric([kind.value], n)
+    yield fallbacks
+
+
+def worker_metrics(workers: list[WorkerView]) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "disagg:worker_state", "1 for the state each worker is in", labels=["worker", "role", "state"]
+    )
+    restarts = CounterMetricFamily("disagg:worker_restarts", "Worker restarts seen by the router", labels=["worker"])
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+    for w in workers:
+        state.add_metric([w.name, w.role.value, w.state.value], 1)
+        restarts.add_metric([w.name], w.restarts)
+        if w.stats is not None:
+            _add_worker_stats(families, w.name, w.stats)
+    yield state
+    yield restarts
+    yield from families.values()
+
+
+def _add_worker_stats(
+    families: dict[str, CounterMetricFamily | GaugeMetricFamily], worker: str, stats: WorkerStats
+) -> None:
+    """One family per WorkerStats field (`disagg:worker_<field>`); a map's keys are the `detail` label, a plain
+    figure has detail "", a figure the worker does not have (None: no tiers, no disk) is left out."""
+    for f in dataclasses.fields(stats):
+        value = getattr(stats, f.name)
+        if value is None:
+            continue
+        items = value.items() if isinstance(value, dict) else [("", value)]
+        for key, v in items:
+            family = families.get(f.name)
+            if family is None:
+                cls = CounterMetricFamily if stat_kind(f) is StatKind.COUNTER else GaugeMetricFamily
+                family = families[f.name] = cls(
+                    f"disagg:worker_{f.name}", f"Worker figure '{f.name}' from heartbeats", labels=["worker", "detail"]
+                )
+            family.add_metric([worker, key.value if isinstance(key, enum.Enum) else key], v)
+
+
+def queue_metrics(queue: QueueView) -> Iterator[Metric]:
+    depth = GaugeMetricFamily(
+        "disagg:queue_depth", "Requests waiting in the router's admission queue", labels=["priority", "tenant"]
+    )
+    for (priority, tenant), n in sorted(queue.depth.items()):
+        depth.add_metric([str(priority), tenant], n)
+    yield depth
+    tokens = GaugeMetricFamily("disagg:queue_tokens", "Prompt tokens waiting in the admission queue")
+    tokens.add_metric([], queue.queued_tokens)
+    yield tokens
+    rejected = CounterMetricFamily(
+        "disagg:rejected_requests", "Requests refused with 429, by reason", labels=["reason"]
+    )
+    for reason, n in queue.rejected.items():
+        rejected.add_metric([reason], n)
+    yield rejected
+    served = CounterMetricFamily(
+        "disagg:tenant_served_tokens", "Prompt + generated tokens served per tenant", labels=["tenant"]
+    )
+    for tenant, tokens_served in sorted(queue.served_tokens.items()):
+        served.add_metric([tenant], tokens_served)
+    yield served
 
 
 class RouterMetrics:
-    def __init__(self, core: Any = None) -> None:
+    """The front end's metrics, plus the cluster's when given a snapshot source (the router's composition root
+    passes `cluster_snapshot` of its core: router/metrics_view.py)."""
+
+    def __init__(self, cluster: Callable[[], ClusterSnapshot] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -155,35 +204,33 @@ class RouterMetrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
-        if core is not None:
-            r.register(ClusterCollector(core))
+        if cluster is not None:
+            r.register(ClusterCollector(cluster))
 
     def on_route(self, decision: Any) -> None:
         mode = "disaggregated" if decision.prefill_worker else ("peer_prefix" if decision.peer_worker else "local")
         self.routed.labels(decision.decode_worker, mode).inc()
 
 
-def _planner_metrics(core: Any) -> Iterator[Metric]:
+def planner_metrics(counters: RouterCounters, planner: PlannerView | None) -> Iterator[Metric]:
     """Role changes (manual or planned) and the planner's decisions with their reasons."""
     changes = CounterMetricFamily(
         "disagg:role_changes", "Workers moved between roles at runtime", labels=["from", "to"]
     )
-    for key, value in sorted(core.counters.items()):
-        if key.startswith("role_change:"):
-            old, _, new = key[len("role_change:") :].partition("->")
-            changes.add_metric([old, new], value)
+    for old, to in sorted(counters.role_changes.items()):
+        for new, n in sorted(to.items()):
+            changes.add_metric([old.value, new.value], n)
     yield changes
-    planner = getattr(core, "planner", None)
     enabled = GaugeMetricFamily("disagg:planner_enabled", "1 when the planner loop runs")
-    enabled.add_metric([], 1.0 if planner is not None and planner.config.enabled else 0.0)
+    enabled.add_metric([], 1.0 if planner is not None and planner.enabled else 0.0)
     yield enabled
     moves = CounterMetricFamily(
         "disagg:planner_moves", "Role changes the planner made", labels=["from", "to", "reason"]
     )
     holds = CounterMetricFamily("disagg:planner_holds", "Planner rounds without a move, by reason", labels=["reason"])
     if planner is not None:
-        for (old, new, reason), n in sorted(planner.moves.items()):
-            moves.add_metric([old, new, reason], n)
+        for (source, target, reason), n in sorted(planner.moves.items()):
+            moves.add_metric([source, target, reason], n)
         for reason, n in sorted(planner.holds.items()):
             holds.add_metric([reason], n)
     yield moves

@@ -9,6 +9,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.protocol import Request, SamplingParams
+from disagg.router.metrics_view import cluster_snapshot
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
 from disagg.telemetry import RouterMetrics
@@ -30,7 +31,7 @@ def test_every_dashboard_query_names_an_exported_metric(tiny_llama_dir):
 
     async def go():
         core = RouterCore({}, {"w": worker}, PolicyConfig(seed=0), 16)
-        metrics = RouterMetrics(core)
+        metrics = RouterMetrics(lambda: cluster_snapshot(core))
         for i in range(2):
             async for _ in core.generate(Request(f"r{i}", prompt, SamplingParams(max_tokens=4, temperature=0))):
                 pass
@@ -41,7 +42,7 @@ def test_every_dashboard_query_names_an_exported_metric(tiny_llama_dir):
         while True:
             await core.supervisor.probe("w")
             hb = core.health.workers["w"].heartbeat
-            if hb is not None and any(k.startswith("tier_hit_blocks:") and v for k, v in hb.counters.items()):
+            if hb is not None and hb.stats is not None and any(hb.stats.tier_hit_blocks.values()):
                 break
             assert asyncio.get_running_loop().time() < deadline, "no tier hit reached the heartbeat"
             await asyncio.sleep(0.02)

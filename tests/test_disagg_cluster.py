@@ -9,7 +9,7 @@ from disagg.cluster.actors import DecodeWorker, PrefillWorker
 from disagg.cluster.launch import ClusterConfig, LocalCluster
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.protocol import PrefillResult, Request, SamplingParams, TokenDelta
+from disagg.protocol import PrefillResult, Request, SamplingParams, TokenDelta, WorkerStats
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -50,7 +50,7 @@ def _wait_for(predicate, timeout=10.0):
 
 
 def _all_blocks_free(cluster):
-    return all(s["free_blocks"] == s["num_blocks"] and s["leases"] == 0 and s["adopted_blocks"] == 0
+    return all(s.kv_blocks_free == s.kv_blocks_total and s.leases == 0 and s.adopted_blocks == 0
                for s in cluster.stats())
 
 
@@ -67,7 +67,7 @@ def test_disaggregated_output_equals_aggregated_engine(cluster, engine_cfg):
     assert [r[0] for r in results] == [r.token_ids for r in reference]
     assert _wait_for(lambda: _all_blocks_free(cluster))
     prefill, decode = cluster.stats()
-    assert decode["reads"] > 0 and decode["transfer_failures"] == 0 and prefill["leases_expired"] == 0
+    assert decode.transfer_reads > 0 and decode.transfer_failures == 0 and prefill.leases_expired == 0
 
 
 def test_decode_reads_only_the_blocks_it_lacks(cluster):
@@ -75,7 +75,7 @@ def test_decode_reads_only_the_blocks_it_lacks(cluster):
     prefix = list(range(300, 300 + 4 * BLOCK))  # 4 full blocks
 
     def bytes_read():
-        return cluster.stats()[1]["bytes_read"]
+        return cluster.stats()[1].transfer_bytes
 
     before = bytes_read()
     _run(cluster.client.complete(Request("bytes-1", prefix + [1, 2, 3], GREEDY)))
@@ -84,7 +84,7 @@ def test_decode_reads_only_the_blocks_it_lacks(cluster):
     _run(cluster.client.complete(Request("bytes-2", prefix + list(range(20, 40)), GREEDY)))
     # 4 prefix blocks are in the decode worker's prefix cache now: only the 2 blocks of the new tail move
     assert bytes_read() - before == 2 * block_bytes
-    assert cluster.stats()[1]["prefix_hit_tokens"] >= 4 * BLOCK
+    assert cluster.stats()[1].prefix_hit_tokens >= 4 * BLOCK
     assert _wait_for(lambda: _all_blocks_free(cluster))
 
 
@@ -102,11 +102,11 @@ def test_read_error_falls_back_to_recompute_and_frees_everything(cluster, engine
     expected = LLMEngine(EngineConfig(**engine_cfg)).generate([prompt], GREEDY)[0].token_ids
     request = Request("bad-read", prompt, GREEDY)
     result = PrefillResult.from_wire(ray.get(cluster.prefill[0].prefill.remote(request.to_wire())))
-    assert cluster.stats()[0]["leases"] == 1
+    assert cluster.stats()[0].leases == 1
     result.block_ids = [10_000 + b for b in result.block_ids]  # addresses outside the peer's registered cache
-    failures = cluster.stats()[1]["transfer_failures"]
+    failures = cluster.stats()[1].transfer_failures
     assert _stream(cluster.decode[0], request, result.to_wire()) == expected
-    assert cluster.stats()[1]["transfer_failures"] == failures + 1
+    assert cluster.stats()[1].transfer_failures == failures + 1
     assert ray.get(cluster.prefill[0].release.remote("bad-read"))  # the coordinator's cleanup path
     assert _wait_for(lambda: _all_blocks_free(cluster))
 
@@ -124,7 +124,7 @@ def test_killed_prefill_peer_falls_back_to_recompute(ray_session, cluster, engin
     ray.kill(doomed)
     assert _wait_for(lambda: _is_dead(doomed))  # its NIXL agent is gone before the read
     assert _stream(cluster.decode[0], request, result) == expected
-    assert cluster.stats()[1]["transfer_failures"] >= 1
+    assert cluster.stats()[1].transfer_failures >= 1
     assert _wait_for(lambda: _all_blocks_free(cluster))
 
 
@@ -140,10 +140,11 @@ def test_lease_expires_when_no_reader_comes(ray_session, engine_cfg):
     worker = PrefillWorker.remote("prefill-lease", {**engine_cfg, "kv_lease_timeout_s": 0.5}, transfer_timeout_s=3.0,
                                   tiers=None)
     ray.get(worker.prefill.remote(Request("orphan", list(range(10, 50)), GREEDY).to_wire()))
-    assert ray.get(worker.stats.remote())["leases"] == 1
-    assert _wait_for(lambda: ray.get(worker.stats.remote())["leases_expired"] == 1, timeout=5)
-    stats = ray.get(worker.stats.remote())
-    assert stats["free_blocks"] == stats["num_blocks"]
+    def stats():
+        return WorkerStats.from_wire(ray.get(worker.stats.remote()))
+    assert stats().leases == 1
+    assert _wait_for(lambda: stats().leases_expired == 1, timeout=5)
+    assert stats().kv_blocks_free == stats().kv_blocks_total
     ray.kill(worker)
 
 
@@ -160,7 +161,7 @@ def test_cancel_mid_stream_frees_blocks_on_both_workers(cluster):
         return got
     assert _run(go()) == 3
     assert _wait_for(lambda: _all_blocks_free(cluster))
-    assert cluster.stats()[1]["running"] == 0
+    assert cluster.stats()[1].running == 0
 
 
 def test_bad_request_is_rejected_and_workers_keep_serving(cluster):
@@ -185,6 +186,6 @@ def test_a_peer_reads_a_prefix_out_of_another_workers_cpu_tier_over_nixl(cluster
     expected = LLMEngine(EngineConfig(**engine_cfg)).generate([request.prompt_token_ids], GREEDY)[0].token_ids
     assert _stream(reader, request, offer.to_wire()) == expected
     after = cluster.stats()[1]
-    assert after["reads"] == before["reads"] + 1 and after["transfer_failures"] == before["transfer_failures"]
-    assert after["loaded_tokens"] - before["loaded_tokens"] == 5 * BLOCK
+    assert after.transfer_reads == before.transfer_reads + 1 and after.transfer_failures == before.transfer_failures
+    assert after.loaded_tokens - before.loaded_tokens == 5 * BLOCK
     assert _wait_for(lambda: _all_blocks_free(cluster))  # the read's notification released the owner's lease

@@ -20,6 +20,7 @@ import pytest
 import ray
 
 from disagg.cluster.launch import ClusterConfig, Service
+from disagg.protocol import FallbackKind, RouterCounters
 
 FAST_HEALTH = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 0.5, "liveness_timeout_s": 1.0,
                "restart_after_s": 2.0}
@@ -114,8 +115,8 @@ def _all_free(service):
             stats = service.cluster.stats()
         except ray.exceptions.RayError:
             return False
-        return all(s["free_blocks"] == s["num_blocks"] and not s["leases"] and not s["adopted_blocks"]
-                   and not s["running"] for s in stats)
+        return all(s.kv_blocks_free == s.kv_blocks_total and not s.leases and not s.adopted_blocks
+                   and not s.running for s in stats)
     return check
 
 
@@ -137,7 +138,7 @@ def test_decode_sigkill_mid_stream_migrates_every_stream_exactly(service, smollm
         os.kill(pid, signal.SIGKILL)
     faulted = asyncio.run(_run_all(service.url, bodies, kill))
     health = ray.get(service.router.health.remote())
-    assert health["counters"].get("migrations", 0) >= 1, health  # at least one stream was on the victim
+    assert RouterCounters.from_wire(health["counters"]).migrations >= 1, health  # a stream was on the victim
     for (ref_text, _, _, _), (text, reason, err, _) in zip(reference, faulted):
         assert err is None and reason == "length"
         assert text == ref_text  # no duplicate, no missing token
@@ -177,7 +178,7 @@ def test_prefill_sigkill_and_sigstop_requests_complete_and_blocks_return(service
                      60)
         bodies = [{**_body(model, i, stream=True), "prompt": _fresh_prompt(round_, i), "max_tokens": 8}
                   for i in range(3)]
-        before = ray.get(service.router.health.remote())["counters"]
+        before = RouterCounters.from_wire(ray.get(service.router.health.remote())["counters"])
         pid = _pid(prefill)
         killed_at = []
 
@@ -189,9 +190,10 @@ def test_prefill_sigkill_and_sigstop_requests_complete_and_blocks_return(service
             os.kill(pid, sig)
         results = asyncio.run(_run_all(service.url, bodies, fault, after_chunks=0, wait_for_streams=False))
         health = ray.get(service.router.health.remote())
-        counters = health["counters"]
+        counters = RouterCounters.from_wire(health["counters"])
         # the faulted prompts went remote, and at least one fell back to a local prefill when the worker went
-        assert counters.get("fallback:prefill", 0) > before.get("fallback:prefill", 0), counters
+        kind = FallbackKind.PREFILL
+        assert counters.fallbacks.get(kind, 0) > before.fallbacks.get(kind, 0), counters
         for text, reason, err, _ in results:
             assert err is None and reason == "length", err
         # the same requests again, served without a fault (locally from the decode workers' cache): same text

@@ -177,7 +177,7 @@ def test_bad_input_table_returns_openai_errors_and_server_stays_healthy(service,
 
 def _all_free(service):
     stats = service.cluster.stats()
-    return all(s["free_blocks"] == s["num_blocks"] and s["leases"] == 0 and s["running"] == 0 for s in stats)
+    return all(s.kv_blocks_free == s.kv_blocks_total and s.leases == 0 and s.running == 0 for s in stats)
 
 
 def test_client_disconnect_cancels_everywhere(service, model_name):

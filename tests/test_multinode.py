@@ -101,7 +101,8 @@ try:
     reply = client.chat.completions.create(model=model_dir.rstrip("/").split("/")[-1], messages=prompt,
                                            max_tokens=24, temperature=0)
     after = httpx.get(f"{service.url}/metrics").text
-    counters = Heartbeat.from_wire(ray.get(decode.heartbeat.remote())).counters
+    stats = Heartbeat.from_wire(ray.get(decode.heartbeat.remote())).stats
+    counters = {"transfer_bytes": stats.transfer_bytes, "failed_loads": stats.failed_loads} if stats else {}
     print("RESULT " + json.dumps({"nodes": nodes, "text": reply.choices[0].message.content,
                                   "before": before, "after": after, "counters": counters}))
 finally:

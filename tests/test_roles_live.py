@@ -104,13 +104,13 @@ def test_role_change_under_load_loses_nothing(service, reference, smollm_dir):
     while time.monotonic() < deadline:
         beats = {n: Heartbeat.from_wire(ray.get(w.heartbeat.remote()))
                  for n, w in {**service.cluster.prefill_by_name, **service.cluster.decode_by_name}.items()}
-        if all(b.gauges["kv_blocks_free"] == b.gauges["kv_blocks_total"] and b.gauges["leases"] == 0
+        if all(b.stats.kv_blocks_free == b.stats.kv_blocks_total and b.stats.leases == 0
                for b in beats.values()):
             break
         time.sleep(0.1)
-    assert all(b.gauges["kv_blocks_free"] == b.gauges["kv_blocks_total"] for b in beats.values()), \
-        {n: b.gauges for n, b in beats.items()}
-    assert all(b.gauges["leases"] == 0 and b.gauges["running"] == 0 for b in beats.values())
+    assert all(b.stats.kv_blocks_free == b.stats.kv_blocks_total for b in beats.values()), \
+        {n: b.stats for n, b in beats.items()}
+    assert all(b.stats.leases == 0 and b.stats.running == 0 for b in beats.values())
     assert beats[prefill].role == "prefill"
     health = httpx.get(f"{service.url}/health").json()
     assert health["prefill_workers"] == 1 and health["decode_workers"] == 1

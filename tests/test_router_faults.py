@@ -9,7 +9,7 @@ import pytest
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.errors import ServiceUnavailable
-from disagg.protocol import Request, Role, SamplingParams
+from disagg.protocol import FallbackKind, Request, Role, SamplingParams, ServePath, WorkerStats
 from disagg.router.health import HealthConfig, WorkerState
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore, RouterCoreConfig
@@ -58,8 +58,8 @@ async def _baseline(handles, timeout=5.0):
     """Every worker back to no blocks held, no leases, nothing adopted."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        stats = [await h.worker.stats() for h in handles]
-        if all(s["free_blocks"] == s["num_blocks"] and not s["leases"] and not s["adopted_blocks"] for s in stats):
+        stats = [WorkerStats.from_wire(await h.worker.stats()) for h in handles]
+        if all(s.kv_blocks_free == s.kv_blocks_total and not s.leases and not s.adopted_blocks for s in stats):
             return True
         await asyncio.sleep(0.05)
     return False
@@ -81,7 +81,7 @@ def test_decode_death_mid_stream_migrates_with_the_no_fault_output(tiny_llama_di
         return tokens, core
     tokens, core = asyncio.run(go())
     assert tokens == _reference(tiny_llama_dir, sampling)
-    assert core.counters["migrations"] == 1 and core.counters["path:migrated"] == 1
+    assert core.counters.migrations == 1 and core.counters.paths[ServePath.MIGRATED] == 1
     assert [d["decode"] for d in core.recent_decisions()] == ["a", "b"]
 
 
@@ -98,12 +98,12 @@ def test_disaggregated_request_migrates_through_a_remote_prefill_of_prompt_plus_
                 d1.dead = True
         tokens = await _stream(core, Request("r", PROMPT, SEEDED), kill_after_seven)
         assert await _baseline([p, d2])
-        return tokens, core, (await d2.worker.stats())
+        return tokens, core, WorkerStats.from_wire(await d2.worker.stats())
     tokens, core, d2_stats = asyncio.run(go())
     assert tokens == _reference(tiny_llama_dir, SEEDED)
     second = core.recent_decisions()[-1]
     assert second["decode"] == "d2" and second["prefill"] == "p"  # prompt + 7 tokens prefilled remotely
-    assert d2_stats["reads"] == 1 and d2_stats["transfer_failures"] == 0
+    assert d2_stats.transfer_reads == 1 and d2_stats.transfer_failures == 0
 
 
 def test_hung_worker_is_taken_out_by_heartbeats_and_its_stream_moves(tiny_llama_dir):
@@ -128,7 +128,7 @@ def test_hung_worker_is_taken_out_by_heartbeats_and_its_stream_moves(tiny_llama_
     tokens, core, out_of_routing = asyncio.run(go())
     assert tokens == _reference(tiny_llama_dir, GREEDY)
     assert core.health.workers["a"].state is WorkerState.DEAD and 0 < out_of_routing < 1.0
-    assert core.counters["migrations"] == 1
+    assert core.counters.migrations == 1
 
 
 def test_last_decode_worker_lost_gives_an_explicit_error_then_serves_after_restart(tiny_llama_dir):
@@ -185,7 +185,7 @@ def test_prefill_failure_falls_back_to_local_prefill(tiny_llama_dir, fault):
         return tokens, core
     tokens, core = asyncio.run(go())
     assert tokens == _reference(tiny_llama_dir, GREEDY)
-    assert core.counters["fallback:prefill"] == 1 and core.counters["path:fallback"] == 1
+    assert core.counters.fallbacks[FallbackKind.PREFILL] == 1 and core.counters.paths[ServePath.FALLBACK] == 1
 
 
 def test_restarted_prefill_worker_is_rewired_and_stale_results_cannot_be_read(tiny_llama_dir):
@@ -214,7 +214,7 @@ def test_restarted_prefill_worker_is_rewired_and_stale_results_cannot_be_read(ti
             async for delta in d.generate(Request("stale", PROMPT, GREEDY), stale):
                 tokens += delta.token_ids
             assert tokens == _reference(tiny_llama_dir, GREEDY)
-            assert (await d.worker.stats())["transfer_failures"] == 1
+            assert WorkerStats.from_wire(await d.worker.stats()).transfer_failures == 1
             return await _stream(core, Request("fresh", PROMPT, GREEDY)), core
         finally:
             await core.supervisor.stop()

@@ -30,7 +30,7 @@ def _send(service, model, suffix):
 
 
 def _hits(service):
-    return {s["name"]: s["prefix_hit_tokens"] for s in service.cluster.stats()}
+    return {name: s.prefix_hit_tokens for name, s in zip(service.cluster.workers_by_name, service.cluster.stats())}
 
 
 def _run_workload(service, model):

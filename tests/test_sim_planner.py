@@ -183,7 +183,7 @@ def test_simulated_workers_heartbeat_their_kv_size_and_the_router_queues_for_kv_
     heartbeat the router would dispatch all four at once."""
     cluster = SimCluster(SimClusterConfig(num_prefill=0, num_decode=1, num_blocks=64, max_model_len=1024,
                                           admission={}), MODEL)
-    assert cluster.router.health.workers["decode-0"].heartbeat.gauges["kv_blocks_total"] == 64
+    assert cluster.router.health.workers["decode-0"].stats.kv_blocks_total == 64
     in_flight: list[int] = []
     done: dict[str, int] = {}
 

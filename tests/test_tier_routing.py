@@ -6,7 +6,7 @@ import time
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.protocol import Heartbeat, Request, SamplingParams, Tier
+from disagg.protocol import Heartbeat, Request, Role, SamplingParams, Tier, WorkerStats
 from disagg.router.index import TierMatch
 from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.router import RouterCore
@@ -35,9 +35,8 @@ def test_policy_prices_tier_hits_by_their_cost():
 
 def test_router_learns_tier_costs_from_heartbeats():
     core = RouterCore({}, {"w": None}, block_size=16)
-    hb = Heartbeat("w", "i", "both", 1, "", 0, False, 0.0, 0, "w-i",
-                   gauges={"prefill_s_per_token": 0.002, "tier_load_s_per_block:cpu": 0.0016,
-                           "tier_load_s_per_block:disk": 0.064})
+    stats = WorkerStats(prefill_s_per_token=0.002, tier_load_s_per_block={Tier.CPU: 0.0016, Tier.DISK: 0.064})
+    hb = Heartbeat("w", "i", Role.BOTH, 1, "", 0, False, 0.0, 0, "w-i", stats=stats)
     core.on_heartbeat("w", hb)
     assert core.loads["w"].tier_cost[Tier.CPU] == 0.0016 / (0.002 * 16)  # 0.05 of recomputing a block
     assert core.loads["w"].tier_cost[Tier.DISK] == 2.0
@@ -70,19 +69,20 @@ def test_decode_worker_pulls_a_prefix_from_a_peers_cpu_tier(tiny_llama_dir, tmp_
         core.loads["a"].active_blocks = 10_000  # now a is busy: the request goes to b, which pulls from a
         pulled = [t async for d in core.generate(Request("pull", prompt, GREEDY)) for t in d.token_ids]
         decision = core.recent_decisions()[-1]
-        b_stats, a_stats = await b.worker.stats(), await a.worker.stats()
+        b_stats, a_stats = WorkerStats.from_wire(await b.worker.stats()), WorkerStats.from_wire(await a.worker.stats())
         return pulled, decision, b_stats, a_stats
     pulled, decision, b_stats, a_stats = asyncio.run(go())
     assert pulled == expected
     assert decision["decode"] == "b" and decision["peer"] == "a" and decision["cpu_blocks"] == 0
-    assert b_stats["reads"] == 1 and b_stats["loaded_tokens"] == 96  # 6 blocks read out of a's CPU tier
-    assert a_stats["leases"] == 0  # the read's notification released a's export lease
+    assert b_stats.transfer_reads == 1 and b_stats.loaded_tokens == 96  # 6 blocks read out of a's CPU tier
+    assert a_stats.leases == 0  # the read's notification released a's export lease
 
 
 def test_metrics_show_per_worker_tier_figures_with_their_values(tiny_llama_dir):
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
+    from disagg.router.metrics_view import cluster_snapshot
     from disagg.telemetry import RouterMetrics
 
     a = LocalWorkerHandle(local_worker("a", tiny_llama_dir, tiers={"cpu_bytes": 2 << 20, "disk_root": ""}))
@@ -97,15 +97,15 @@ def test_metrics_show_per_worker_tier_figures_with_their_values(tiny_llama_dir):
             assert a.worker.engine.pool.reset_prefix_cache()  # the second request loads from the CPU tier
         await asyncio.sleep(0.2)  # the engine thread refreshes the heartbeat figures every 0.1 s
         await core.supervisor.probe("a")  # one heartbeat carries the worker's figures to the router
-        return core, await a.worker.stats()
+        return core, WorkerStats.from_wire(await a.worker.stats())
     core, stats = asyncio.run(go())
     samples = {(s.name, s.labels.get("worker"), s.labels.get("detail")): s.value
-               for fam in text_string_to_metric_families(generate_latest(RouterMetrics(core).registry).decode())
+               for fam in text_string_to_metric_families(generate_latest(RouterMetrics(lambda: cluster_snapshot(core)).registry).decode())
                for s in fam.samples}
     assert samples[("disagg:worker_tier_loaded_blocks_total", "a", "cpu")] == 4  # the 5th block is computed
     assert samples[("disagg:worker_tier_hit_blocks_total", "a", "cpu")] == 4
     assert samples[("disagg:worker_tier_stored_blocks_total", "a", "cpu")] == 5
-    assert samples[("disagg:worker_loaded_tokens_total", "a", "")] == stats["loaded_tokens"] == 64
+    assert samples[("disagg:worker_loaded_tokens_total", "a", "")] == stats.loaded_tokens == 64
     assert samples[("disagg:worker_kv_blocks_total", "a", "")] == 64
     assert samples[("disagg:worker_state", "a", None)] == 1
 

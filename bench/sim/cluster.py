@@ -138,14 +138,13 @@ class SimWorker:
         """What the router's health probe reads from a real worker (cluster/worker.py heartbeat): its KV size
         (the router's KV-room check and the planner's decode KV use divide by it) and measured prefill speed.
         Sent at start and after a step once per heartbeat interval: between steps these figures do not change."""
-        from disagg.protocol import Heartbeat
+        from disagg.protocol import Heartbeat, Role, WorkerStats
 
         e = self.engine
-        gauges = {"kv_blocks_total": float(e.pool.num_blocks), "kv_blocks_free": float(e.pool.num_free_blocks)}
-        if e.prefill_s_per_token is not None:
-            gauges["prefill_s_per_token"] = e.prefill_s_per_token
-        hb = Heartbeat(self.name, f"sim-{self.incarnation}", "both", 0, "", e.stats.steps, e.has_unfinished(), 0.0,
-                       0, self.name, gauges=gauges)
+        stats = WorkerStats(kv_blocks_total=e.pool.num_blocks, kv_blocks_free=e.pool.num_free_blocks,
+                            prefill_s_per_token=e.prefill_s_per_token)
+        hb = Heartbeat(self.name, f"sim-{self.incarnation}", Role.BOTH, 0, "", e.stats.steps, e.has_unfinished(), 0.0,
+                       0, self.name, stats=stats)
         self.heartbeat_at = self.cluster.loop.now
         self.cluster.router.health.on_heartbeat(self.name, hb, self.cluster.loop.now)
 

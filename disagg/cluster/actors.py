@@ -79,7 +79,7 @@ class RouterActor:
                 for n, w in core.health.workers.items()
             },
             "events": core.health.recent_events(200),
-            "counters": dict(core.counters),
+            "counters": core.counters.to_wire(),  # a RouterCounters message
             "loads": {
                 n: {
                     "active_requests": load.active_requests,

@@ -23,6 +23,7 @@ from ray._private import ray_constants  # the one knob that keeps a local cluste
 from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker, RouterActor
 from disagg.cluster.client import DisaggClient
 from disagg.cluster.worker import worker_tiers
+from disagg.protocol import WorkerStats
 from disagg.router.server import free_port
 
 
@@ -110,8 +111,9 @@ class LocalCluster:
     def workers_by_name(self) -> dict[str, Any]:
         return {**self.prefill_by_name, **self.decode_by_name}
 
-    def stats(self) -> list[dict[str, Any]]:
-        return ray.get([w.stats.remote() for w in self.workers])
+    def stats(self) -> list[WorkerStats]:
+        """Every worker's figures now, in `workers` order."""
+        return [WorkerStats.from_wire(b) for b in ray.get([w.stats.remote() for w in self.workers])]
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -33,14 +33,25 @@ from pathlib import Path
 from typing import Any
 
 from disagg.cluster.spans import WorkerSpans
+from disagg.cluster.worker_stats import LoopCounts, worker_stats
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.kv.disk_tier import CORRUPT_REASONS, DiskTierBusy
+from disagg.kv.disk_tier import DiskTierBusy
 from disagg.kv.fingerprint import engine_fingerprint
 from disagg.kv.peer import PeerSource
 from disagg.kv.store import TierConfig, TieredStore
 from disagg.model_store import cache_root
-from disagg.protocol import EventKind, Heartbeat, KVEvent, KVEventBatch, PrefillResult, Request, Role, Tier, TokenDelta
+from disagg.protocol import (
+    EventKind,
+    Heartbeat,
+    KVEvent,
+    KVEventBatch,
+    PrefillResult,
+    Request,
+    Role,
+    TokenDelta,
+    WorkerStats,
+)
 from disagg.tracing import TracingConfig
 from disagg.transfer.base import KVLayout, KVTransport
 from disagg.transfer.fake import Fault, FaultyTransport
@@ -142,9 +153,9 @@ class EngineWorker:
         self._steps = 0
         self._failures = 0  # consecutive failed ticks
         self.node_id = ""
-        self.counters = {"step_failures": 0, "events_published": 0, "publish_failures": 0}
-        self._metrics: tuple[dict[str, float], dict[str, float]] = ({}, {})  # refreshed by the engine thread
-        self._metrics_at = 0.0
+        self.counts = LoopCounts()
+        self._stats: WorkerStats | None = None  # refreshed by the engine thread, read by heartbeats
+        self._stats_at = 0.0
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
@@ -160,7 +171,7 @@ class EngineWorker:
                 self._failures = 0
             except Exception:  # reported through heartbeats; the supervisor restarts a worker that keeps failing
                 self._failures += 1
-                self.counters["step_failures"] += 1
+                self.counts.step_failures += 1
                 log.exception("engine step failed (%d in a row)", self._failures)
                 deltas, events = [], None
                 await asyncio.sleep(0.05 * min(self._failures, 20))
@@ -176,9 +187,9 @@ class EngineWorker:
     def _publish(self, batch: KVEventBatch) -> None:
         try:
             self._event_sink.publish_kv_events.remote(batch.to_wire())
-            self.counters["events_published"] += 1
+            self.counts.events_published += 1
         except Exception as exc:  # the router may be restarting; it pulls a snapshot when it sees the gap
-            self.counters["publish_failures"] += 1
+            self.counts.publish_failures += 1
             log.info("publishing KV events failed: %s", exc)
 
     def _tick(self) -> tuple[list[TokenDelta], KVEventBatch | None]:
@@ -193,9 +204,9 @@ class EngineWorker:
         finally:
             self._step_started = None
         self._steps += 1
-        if time.monotonic() - self._metrics_at > self.config.metrics_interval_s:
-            self._metrics = (self._counters(), self._gauges())  # read by heartbeats from the event loop
-            self._metrics_at = time.monotonic()
+        if time.monotonic() - self._stats_at > self.config.metrics_interval_s:
+            self._stats = self._build_stats()  # read by heartbeats from the event loop
+            self._stats_at = time.monotonic()
         events = self.engine.drain_kv_events()
         batch = None
         if events:  # numbered even with no sink yet: the router then sees a gap and asks for a snapshot
@@ -216,7 +227,7 @@ class EngineWorker:
         return Heartbeat(
             worker=self.config.name,
             incarnation=self.incarnation,
-            role=self.config.role.value,
+            role=self.config.role,
             pid=os.getpid(),
             node_id=self.node_id,
             steps=self._steps,
@@ -224,69 +235,12 @@ class EngineWorker:
             step_busy_s=time.monotonic() - started if started is not None else 0.0,
             consecutive_step_failures=self._failures,
             agent_name=self.agent_name,
-            counters=self._metrics[0],
-            gauges=self._metrics[1],
+            stats=self._stats,
         ).to_wire()
 
-    def _counters(self) -> dict[str, float]:
-        e, s, c = self.engine, self.engine.scheduler.stats, self.engine.connector.stats
-        out = {
-            "steps": self._steps,
-            "generated_tokens": e.stats.generated_tokens,
-            "preemptions": s.num_preemptions,
-            "prefix_query_tokens": s.prefix_query_tokens,
-            "prefix_hit_tokens": s.prefix_hit_tokens,
-            "loaded_tokens": s.loaded_tokens,
-            "failed_loads": s.failed_loads,
-            "leases_expired": e.leases.num_expired,
-            "transfer_bytes": self.transport.bytes_read,
-            "transfer_reads": self.peer.num_reads,
-            "transfer_failures": self.peer.num_failures,
-            "transfer_seconds": self.peer.read_seconds,
-            **{k: float(v) for k, v in self.counters.items()},
-        }
-        for kind, n in c.loaded_blocks.items():
-            out[f"loaded_blocks:{kind}"] = n
-        if self.tiers is not None:  # every tier and reason reported, zeros included (dashboards need the series)
-            t = self.tiers.stats
-            out["tier_query_blocks"] = t.query_blocks
-            for name, counter in (
-                ("hit_blocks", t.hit_blocks),
-                ("loaded_blocks", t.loaded_blocks),
-                ("stored_blocks", t.stored_blocks),
-                ("bytes_stored", t.bytes_stored),
-                ("bytes_loaded", t.bytes_loaded),
-                ("evictions", t.evictions),
-                ("load_seconds", t.load_seconds),
-                ("loads", t.loads),
-            ):
-                for tier in (Tier.CPU, Tier.DISK):
-                    out[f"tier_{name}:{tier.value}"] = float(counter.get(tier, 0))
-            for reason in CORRUPT_REASONS:
-                out[f"tier_corrupt:{reason}"] = float(t.corrupt.get(reason, 0))
-            out["tier_write_failures"] = t.write_failures
-            out["tier_store_skipped"] = t.store_skipped
-        return out
-
-    def _gauges(self) -> dict[str, float]:
-        e = self.engine
-        out: dict[str, float] = {
-            "kv_blocks_total": e.pool.num_blocks,
-            "kv_blocks_free": e.pool.num_free_blocks,
-            "kv_blocks_cached": e.pool.num_cached_blocks,
-            "running": len(e.scheduler.running),
-            "waiting": len(e.scheduler.waiting),
-            "loading": len(e.scheduler.loading),
-            "leases": len(e.leases.leases),
-            "adopted_blocks": e.connector.num_adopted_blocks,
-        }
-        if e.prefill_s_per_token is not None:
-            out["prefill_s_per_token"] = e.prefill_s_per_token
-        if self.tiers is not None:
-            out.update({f"tier_{k}": float(v) for k, v in self.tiers.gauges().items()})
-            for tier, v in self.tiers.load_s_per_block.items():
-                out[f"tier_load_s_per_block:{tier.value}"] = v
-        return out
+    def _build_stats(self) -> WorkerStats:
+        """Engine thread only (cluster/worker_stats.py)."""
+        return worker_stats(self.engine, self.transport, self.peer, self.tiers, self.counts, self._steps)
 
     async def layout(self) -> bytes:
         return self.transport.layout().to_wire()
@@ -402,35 +356,9 @@ class EngineWorker:
             raise ValueError("fault injection is off for this worker (WorkerConfig.fault_injection)")
         self.transport.inject(Fault(fault), count, hang_s)
 
-    async def stats(self) -> dict[str, Any]:
-        def collect() -> dict[str, Any]:
-            e = self.engine
-            return {
-                "name": self.config.name,
-                "role": self.config.role.value,
-                "incarnation": self.incarnation,
-                "num_blocks": e.pool.num_blocks,
-                "free_blocks": e.pool.num_free_blocks,
-                "leases": len(e.leases.leases),
-                "leases_expired": e.leases.num_expired,
-                "running": len(e.scheduler.running),
-                "waiting": len(e.scheduler.waiting),
-                "loading": len(e.scheduler.loading),
-                "adopted_blocks": e.connector.num_adopted_blocks,
-                "bytes_read": self.transport.bytes_read,
-                "reads": self.peer.num_reads,
-                "transfer_failures": self.peer.num_failures,
-                "local_only_imports": self.peer.num_notify_only,
-                "prefix_hit_tokens": e.scheduler.stats.prefix_hit_tokens,
-                "prefix_query_tokens": e.scheduler.stats.prefix_query_tokens,
-                "loaded_tokens": e.scheduler.stats.loaded_tokens,
-                "failed_loads": e.scheduler.stats.failed_loads,
-                "preemptions": e.scheduler.stats.num_preemptions,
-                "steps": self._steps,
-                "tiers": self.tiers.gauges() if self.tiers is not None else None,
-            }
-
-        return await self._call(collect)
+    async def stats(self) -> bytes:
+        """This worker's figures now (a `WorkerStats` message, the heartbeat's assembly, measured afresh)."""
+        return (await self._call(self._build_stats)).to_wire()
 
     async def clear_device_cache(self) -> bool:
         """Drop the device prefix cache (refused while blocks are in use); the tiers keep what they hold."""

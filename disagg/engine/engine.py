@@ -276,7 +276,7 @@ class LLMEngine:
             regions=list(lease.regions),
             num_tokens=lease.num_tokens,
             first_token=first_token,
-            finish_reason=finish_reason,
+            finish_reason=FinishReason(finish_reason) if finish_reason is not None else None,
             num_cached_tokens=num_cached_tokens,
             first_logprobs=first_logprobs,
         )
@@ -385,7 +385,7 @@ class LLMEngine:
             request_id=seq.request_id,
             token_ids=[token],
             text=text,
-            finish_reason=reason,
+            finish_reason=FinishReason(reason) if reason is not None else None,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=[logprobs] if logprobs is not None and sp.logprobs is not None else None,

@@ -28,7 +28,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from disagg.protocol import KVEvent, Tier
+from disagg.protocol import KVEvent, SourceKind, Tier  # SourceKind: also a WorkerStats label
 
 
 class LoadState(enum.Enum):
@@ -37,11 +37,6 @@ class LoadState(enum.Enum):
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
-
-
-class SourceKind(str, enum.Enum):
-    PEER = "peer"  # another worker's memory over the transport
-    TIERS = "tiers"  # this worker's CPU / disk tiers
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from disagg.planner.policy import Hold, Move, Planner, PlannerConfig, Signals, WorkerSignal
-from disagg.router.health import WorkerState
+from disagg.protocol import WorkerState
 
 if TYPE_CHECKING:
     from disagg.router.router import RouterCore
@@ -29,9 +29,9 @@ def collect_signals(
     workers = []
     for name, health in core.health.workers.items():
         load = core.loads[name]
-        hb = health.heartbeat
-        total = hb.gauges.get("kv_blocks_total") if hb is not None else None
-        per_token = hb.gauges.get("prefill_s_per_token") if hb is not None else None
+        stats = health.stats
+        total = stats.kv_blocks_total if stats is not None else None
+        per_token = stats.prefill_s_per_token if stats is not None else None
         workers.append(
             WorkerSignal(
                 name=name,

@@ -29,6 +29,7 @@ from disagg.router.api_inputs import chat_prompt, check_model, priority_of, samp
 from disagg.router.api_shape import AnswerShape
 from disagg.router.api_stream import ClientGone, collect, request_span, sse, timed, until_disconnect, usage
 from disagg.router.http_errors import error_response, unexpected
+from disagg.router.metrics_view import cluster_snapshot
 from disagg.router.router import RouterCore
 from disagg.router.schemas import ChatCompletionRequest, CompletionRequest, RoleChangeBody
 from disagg.telemetry import RouterMetrics
@@ -75,7 +76,7 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
         await core.drain_releases()
 
     app = FastAPI(title="disagg", docs_url=None, redoc_url=None, lifespan=lifespan)
-    metrics = RouterMetrics(core)
+    metrics = RouterMetrics(lambda: cluster_snapshot(core))
     core.on_queue_wait = metrics.queue_wait.observe
     app.state.metrics = metrics
 

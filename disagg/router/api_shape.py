@@ -109,7 +109,7 @@ class AnswerShape:
         """The choice of one chunk for `delta`, or None when it carries nothing to send yet."""
         logprobs = self.logprobs_json(delta.logprobs or []) if delta.logprobs else None
         text = self._stream.feed(delta.text) if self._stream is not None else delta.text
-        reason = delta.finish_reason
+        reason: str | None = delta.finish_reason
         calls: list[ToolCall] = []
         if reason and self._stream is not None:
             rest, calls = self._stream.finish()

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 
 from disagg.errors import DeadlineExceeded, InvalidRequest, ServiceUnavailable, TransferFailed, WorkerLost
-from disagg.protocol import PrefillResult, Request, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import WorkerState
 from disagg.router.load import LoadTicket
@@ -47,12 +47,12 @@ class AttemptRunner:
             await pending  # a migrated request's earlier lease goes first: a late release would free the new one
         remote, owner = await self._remote_kv(request, decision, span)
         if migrated:
-            path = "migrated"
+            path = ServePath.MIGRATED
         elif remote is None:
-            path = "fallback" if (decision.prefill_worker or decision.peer_worker) else "local"
+            path = ServePath.FALLBACK if (decision.prefill_worker or decision.peer_worker) else ServePath.LOCAL
         else:
-            path = "disaggregated" if decision.prefill_worker else "peer_prefix"
-        self.core.counters[f"path:{path}"] += 1
+            path = ServePath.DISAGGREGATED if decision.prefill_worker else ServePath.PEER_PREFIX
+        self.core.counters.served(path)
         stream = decode.generate(request, remote)
         timeout: float | None = self.core.config.stream_start_timeout_s
         generated = 0
@@ -141,12 +141,12 @@ class AttemptRunner:
         except InvalidRequest:
             raise
         except (WorkerLost, DeadlineExceeded, TransferFailed) as exc:
-            kind = "prefill" if decision.prefill_worker else "peer_prefix"
-            self.core.counters[f"fallback:{kind}"] += 1
-            span.add_event("fallback", {"disagg.kind": kind, "disagg.worker": name, "disagg.error": exc.message})
+            kind = FallbackKind.PREFILL if decision.prefill_worker else FallbackKind.PEER_PREFIX
+            self.core.counters.fell_back(kind)
+            span.add_event("fallback", {"disagg.kind": kind.value, "disagg.worker": name, "disagg.error": exc.message})
             log.warning(
                 "%s on %s failed for %s (%s); computing on %s",
-                kind,
+                kind.value,
                 name,
                 request.request_id,
                 exc.message,

@@ -28,16 +28,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from disagg.errors import DeadlineExceeded, DisaggError, WorkerLost
-from disagg.protocol import Heartbeat, KVEventBatch, Role
+from disagg.protocol import Heartbeat, KVEventBatch, Role, WorkerState, WorkerStats
 from disagg.router.handles import WorkerHandle
 
 log = logging.getLogger(__name__)
-
-
-class WorkerState(str, enum.Enum):
-    STARTING = "starting"  # restarted (or rejoining): being wired back, not routed to yet
-    READY = "ready"
-    DEAD = "dead"  # out of routing until it rejoins
 
 
 class Action(enum.Enum):
@@ -72,6 +66,11 @@ class WorkerHealth:
     killed_incarnation: str | None = None
     restarts: int = 0
     heartbeat: Heartbeat | None = None
+
+    @property
+    def stats(self) -> WorkerStats | None:
+        """The figures of its latest heartbeat (None before the first one, or before it measured any)."""
+        return self.heartbeat.stats if self.heartbeat is not None else None
 
 
 @dataclass

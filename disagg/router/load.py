@@ -108,8 +108,8 @@ class LoadBook:
         load, cap = self.loads[name], self.capacity
         if load.active_requests == 0:
             return True  # an idle worker always takes one request, however large
-        hb = self.health.workers[name].heartbeat
-        total = hb.gauges.get("kv_blocks_total") if hb is not None else None
+        stats = self.health.workers[name].stats
+        total = stats.kv_blocks_total if stats is not None else None
         # whole slots: a 25% headroom on a 1-slot worker is no extra slot
         return load.active_requests < int(cap.max_running * scale) and (
             total is None or load.active_blocks + blocks <= total * min(1.0, cap.max_kv_fraction * scale)

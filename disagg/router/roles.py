@@ -133,7 +133,7 @@ class RoleChanger:
             record.state.value,
             record.finished - record.started,
         )
-        self.core.counters[f"role_change:{old.value}->{new.value}"] += 1
+        self.core.counters.role_changed(old, new)
         return record
 
     async def announce(self, name: str, role: Role) -> bool:
@@ -147,11 +147,11 @@ class RoleChanger:
             log.warning("could not announce role %s to %s: %s", role.value, name, exc)
             return False
 
-    def reconcile(self, name: str, reported: str) -> None:
+    def reconcile(self, name: str, reported: Role) -> None:
         """A heartbeat reported `reported`: if that is not the role the router assigned (a worker that restarted
         after a change), tell it again in the background."""
         assigned = self.core.health.workers[name].role
-        if reported == assigned.value or name in self.in_flight:
+        if reported is assigned or name in self.in_flight:
             return
         loop = asyncio.get_running_loop()
         loop.create_task(self.announce(name, assigned))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections import Counter, deque
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +35,7 @@ from disagg.protocol import (
     KVEventBatch,
     Request,
     Role,
+    RouterCounters,
     Tier,
     TokenDelta,
     hash_prompt_blocks,
@@ -110,7 +111,7 @@ class RouterCore:
         self.on_queue_wait: Callable[[float], None] | None = None  # metrics hook (seconds spent queued)
         self._dispatching: str | None = None  # dispatched, not yet counted by begin()
         self.decisions: deque[RoutedRequest] = deque(maxlen=self.config.max_decisions)
-        self.counters: Counter = Counter()  # migrations, fallbacks, requests by path (see telemetry)
+        self.counters = RouterCounters()  # migrations, fallbacks, requests by path, role changes (/metrics)
         self._lock = threading.Lock()
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
@@ -137,13 +138,14 @@ class RouterCore:
         """Measured costs from a worker's heartbeat: each tier's load time per block over its prefill time per
         block (the policy treats a tier at >= 1 as worth nothing)."""
         self.roles.reconcile(name, hb.role)
-        per_token = hb.gauges.get("prefill_s_per_token")
-        if not per_token:
+        stats = hb.stats
+        per_token = stats.prefill_s_per_token if stats is not None else None
+        if stats is None or not per_token:
             return
         recompute = per_token * self.block_size
         costs = {}
         for tier in (Tier.CPU, Tier.DISK):
-            load = hb.gauges.get(f"tier_load_s_per_block:{tier.value}")
+            load = stats.tier_load_s_per_block.get(tier)
             if load is not None:
                 costs[tier] = load / recompute
         self.loads[name].tier_cost = costs
@@ -305,7 +307,7 @@ class RouterCore:
                         len(sent),
                         exc.message,
                     )
-                    self.counters["migrations"] += 1
+                    self.counters.migrations += 1
                     span.add_event(
                         "migration", {"disagg.worker": decision.decode_worker, "disagg.tokens_delivered": len(sent)}
                     )
