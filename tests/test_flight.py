@@ -3,7 +3,7 @@ events it refuses.  Both drivers (the asyncio router and the simulator) are test
 import pytest
 
 from disagg.errors import DeadlineExceeded, ServiceUnavailable, WorkerLost
-from disagg.protocol import PrefillResult, Request, SamplingParams, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, SamplingParams, ServePath, TokenDelta
 from disagg.router.flight import (
     Abort,
     Admitted,
@@ -21,7 +21,6 @@ from disagg.router.flight import (
     IllegalEvent,
     KVFailed,
     KVReady,
-    KVSourceKind,
     Lost,
     PumpAdmission,
     RecordLatency,
@@ -29,7 +28,6 @@ from disagg.router.flight import (
     ReportProgress,
     RouteAttempt,
     Routed,
-    ServePath,
     StartDecode,
 )
 from disagg.router.load import LoadTicket
@@ -72,7 +70,7 @@ def test_local_request_streams_and_finishes_with_its_bookkeeping_in_order():
 def test_remote_prefill_hands_off_then_releases_the_owner_when_done():
     flight = Flight(REQ)
     flight.on(Admitted(0.0))
-    assert _routed(flight, prefill="p0") == [FetchKV("p0", REQ, KVSourceKind.PREFILL)]
+    assert _routed(flight, prefill="p0") == [FetchKV("p0", REQ, FallbackKind.PREFILL)]
     assert flight.state is FlightState.PREFILLING
     result = _result()
     assert flight.on(KVReady(result)) == [CountPath(ServePath.DISAGGREGATED), StartDecode("d0", REQ, result)]
@@ -89,7 +87,7 @@ def test_a_failed_remote_prefill_falls_back_to_a_local_prefill_and_releases_the_
     _routed(flight, prefill="p0")
     error = DeadlineExceeded("prefill took too long")
     actions = flight.on(KVFailed(error))
-    assert actions == [CountFallback(KVSourceKind.PREFILL, "p0", error), ReleaseLease("p0"),
+    assert actions == [CountFallback(FallbackKind.PREFILL, "p0", error), ReleaseLease("p0"),
                        CountPath(ServePath.FALLBACK), StartDecode("d0", REQ, None)]
     done = flight.on(Delta(TokenDelta("r1", [1], finish_reason="stop"), 1.0))
     assert not any(isinstance(a, ReleaseLease) for a in done)  # released once, at the fallback
@@ -98,7 +96,7 @@ def test_a_failed_remote_prefill_falls_back_to_a_local_prefill_and_releases_the_
 def test_a_peer_with_nothing_to_offer_is_a_fallback_without_a_lease():
     flight = Flight(REQ)
     flight.on(Admitted(0.0))
-    assert _routed(flight, peer="d1") == [FetchKV("d1", REQ, KVSourceKind.PEER_PREFIX)]
+    assert _routed(flight, peer="d1") == [FetchKV("d1", REQ, FallbackKind.PEER_PREFIX)]
     assert flight.on(KVReady(None)) == [CountPath(ServePath.FALLBACK), StartDecode("d0", REQ, None)]
     assert flight.owner is None
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from disagg.errors import WorkerLost
-from disagg.protocol import Request, TokenDelta
+from disagg.protocol import FallbackKind, Request, TokenDelta
 from disagg.router.flight import (
     Action,
     Admitted,
@@ -43,7 +43,6 @@ from disagg.router.flight import (
     FlightState,
     KVFailed,
     KVReady,
-    KVSourceKind,
     Lost,
     PumpAdmission,
     RecordLatency,
@@ -152,11 +151,13 @@ class SimFlights:
         elif isinstance(action, RecordLatency):
             router.latency.record(action.arrival, action.first_token, action.end, action.tokens)
         elif isinstance(action, CountMigration):
+            router.counters.migrations += 1
             cluster.counters["migrations"] = cluster.counters.get("migrations", 0) + 1
         elif isinstance(action, CountFallback):
+            router.counters.fell_back(action.source)
             cluster.counters["fallbacks"] = cluster.counters.get("fallbacks", 0) + 1
         elif isinstance(action, CountPath):
-            pass  # the request's path is the router's telemetry; the simulator's result counts its own events
+            router.counters.served(action.path)
         elif isinstance(action, Fail):
             cluster.counters["failed"] = cluster.counters.get("failed", 0) + 1
 
@@ -174,7 +175,7 @@ class SimFlights:
         self._run(sf, sf.flight.on(Routed(decision, ticket)))
 
     def _fetch(self, sf: SimFlight, action: FetchKV) -> None:
-        if action.source is KVSourceKind.PEER_PREFIX:  # not modelled: the peer offers nothing (module docstring)
+        if action.source is FallbackKind.PEER_PREFIX:  # not modelled: the peer offers nothing (module docstring)
             self._run(sf, sf.flight.on(KVReady(None)))
             return
         prefill = self.cluster.worker(action.worker)

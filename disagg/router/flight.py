@@ -30,7 +30,7 @@ import enum
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, ServiceUnavailable
-from disagg.protocol import PrefillResult, Request, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
 from disagg.router.load import LoadTicket
 from disagg.router.policy import Decision
 
@@ -47,23 +47,6 @@ class FlightState(enum.Enum):
 
 
 LIVE = frozenset({FlightState.ROUTED, FlightState.PREFILLING, FlightState.HANDING_OFF, FlightState.STREAMING})
-
-
-class ServePath(enum.Enum):
-    """How an attempt got its prompt's KV (the router's `requests_by_path` counter)."""
-
-    LOCAL = "local"  # prefilled on the decode worker (the policy chose so)
-    DISAGGREGATED = "disaggregated"  # prefilled on a prefill worker, read by the decode worker
-    PEER_PREFIX = "peer_prefix"  # a peer's cached prefix read, the rest computed locally
-    FALLBACK = "fallback"  # remote KV was chosen and failed: prefilled locally after all
-    MIGRATED = "migrated"  # a later attempt after the decode worker was lost
-
-
-class KVSourceKind(enum.Enum):
-    """Where remote KV comes from (the fallback counter's label)."""
-
-    PREFILL = "prefill"
-    PEER_PREFIX = "peer_prefix"
 
 
 # ---------------------------------------------------------------------------------------------------- events
@@ -129,7 +112,7 @@ class FetchKV:
 
     worker: str
     request: Request
-    source: KVSourceKind
+    source: FallbackKind
 
 
 @dataclass(frozen=True)
@@ -148,7 +131,7 @@ class CountPath:
 
 @dataclass(frozen=True)
 class CountFallback:
-    source: KVSourceKind
+    source: FallbackKind
     worker: str
     error: DisaggError
 
@@ -287,7 +270,7 @@ class Flight:
         self.state = FlightState.ROUTED
         source = event.decision.prefill_worker or event.decision.peer_worker
         if source is not None:
-            kind = KVSourceKind.PREFILL if event.decision.prefill_worker else KVSourceKind.PEER_PREFIX
+            kind = FallbackKind.PREFILL if event.decision.prefill_worker else FallbackKind.PEER_PREFIX
             self.state = FlightState.PREFILLING
             return [FetchKV(source, self.current, kind)]
         return self._start(None, ServePath.LOCAL)
@@ -304,15 +287,17 @@ class Flight:
         assert self.decision is not None
         source = self.decision.prefill_worker or self.decision.peer_worker
         assert source is not None
-        kind = KVSourceKind.PREFILL if self.decision.prefill_worker else KVSourceKind.PEER_PREFIX
+        kind = FallbackKind.PREFILL if self.decision.prefill_worker else FallbackKind.PEER_PREFIX
         self.owner = None
         return [CountFallback(kind, source, error), ReleaseLease(source), *self._start(None, ServePath.FALLBACK)]
 
     def _start(self, remote: PrefillResult | None, path: ServePath) -> list[Action]:
         assert self.decision is not None
         self.state = FlightState.HANDING_OFF if remote is not None else FlightState.STREAMING
-        return [CountPath(ServePath.MIGRATED if self.attempt else path),
-                StartDecode(self.decision.decode_worker, self.current, remote)]
+        return [
+            CountPath(ServePath.MIGRATED if self.attempt else path),
+            StartDecode(self.decision.decode_worker, self.current, remote),
+        ]
 
     def _delta(self, delta: TokenDelta, now: float) -> list[Action]:
         assert self.ticket is not None
@@ -329,8 +314,12 @@ class Flight:
         actions += [ChargeTenant(self.tenant, n), Emit(delta)]
         if delta.finished:
             self.state = FlightState.DONE
-            actions += [*self._release(), RecordLatency(self.arrival, self.first_token_at, now, len(self.sent)),
-                        EndLoad(self.ticket), PumpAdmission()]
+            actions += [
+                *self._release(),
+                RecordLatency(self.arrival, self.first_token_at, now, len(self.sent)),
+                EndLoad(self.ticket),
+                PumpAdmission(),
+            ]
         return actions
 
     def _lost(self, event: Lost) -> list[Action]:
