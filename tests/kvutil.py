@@ -10,7 +10,7 @@ from disagg.kv.fingerprint import engine_fingerprint
 from disagg.kv.peer import PeerSource
 from disagg.kv.store import TierConfig, TieredStore
 from disagg.protocol import TokenDelta
-from disagg.transfer.fake import FaultyTransport, LocalTransport
+from tests.fake_transport import FaultyTransport, LocalTransport
 
 _names = itertools.count()
 

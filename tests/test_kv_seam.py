@@ -9,7 +9,7 @@ from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.sequence import SequenceStatus
 from disagg.protocol import SamplingParams
-from disagg.transfer.fake import Fault
+from tests.fake_transport import Fault
 from tests.kvutil import Node, connect, run, settle, text, tokens
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)

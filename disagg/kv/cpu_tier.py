@@ -58,9 +58,6 @@ class CpuTier:
         """A free slot for a store (None if none is free)."""
         return self._free.pop() if self._free else None
 
-    def unreserve(self, slot: int) -> None:
-        self._free.append(slot)
-
     def commit(self, block_hash: int, slot: int) -> bool:
         """The store into `slot` completed: make it visible. False (slot freed) if the hash is already here."""
         if block_hash in self._index:
