@@ -35,8 +35,8 @@ class Node:
 
     def tick(self) -> list[TokenDelta]:
         for message in self.transport.notifications():
-            self.engine.leases.release(message.decode())
-        self.engine.leases.expire()
+            self.engine.connector.release_lease(message.decode())
+        self.engine.connector.expire_leases()
         return self.engine.step()
 
     def baseline_free(self) -> bool:

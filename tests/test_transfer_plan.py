@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from disagg.engine.block_pool import BlockPool
-from disagg.engine.handoff import LeaseTable
+from disagg.kv.leases import LeaseTable
 from disagg.errors import TransferFailed
 from disagg.transfer.base import KVLayout, paired_runs, plan_regions
 

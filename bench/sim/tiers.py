@@ -7,14 +7,12 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from typing import Any, Callable
 
-from disagg.kv.connector import KVLoad, KVSource, LoadState, SourceKind
+from disagg.kv.load import KVLoad, KVTiers, LoadState
 from disagg.kv.tier_config import TierStats, leading_tiers
 from disagg.protocol import EventKind, KVEvent, Tier
 
 
-class SimTiers(KVSource):
-    kind = SourceKind.TIERS
-
+class SimTiers(KVTiers):
     def __init__(self, cpu_blocks: int, disk_blocks: int, cpu_s: float, disk_s: float, clock: Callable[[], float],
                  at: Callable[[float, Callable[[], None]], None], wake: Callable[[], None],
                  pin_budget_fraction: float = 0.5) -> None:

@@ -127,7 +127,8 @@ class EngineWorker:
         assert kv is not None  # a worker's engine always runs a real model
         self.transport.register(kv, self.tiers.cpu.tensor if self.tiers is not None else None)
         self.peer = PeerSource(self.transport)
-        self.engine.attach(peer=self.peer, tiers=self.tiers)
+        self.connector = self.engine.connector  # both sides of the KV seam: loads in, leases out
+        self.connector.attach(peer=self.peer, tiers=self.tiers)
         self.spans = WorkerSpans(config.name, config.role, TracingConfig(**(config.tracing or {})))
         if self.spans.enabled:
             self.engine.on_finish = self.spans.record
@@ -183,8 +184,8 @@ class EngineWorker:
         """Executor thread: release leases readers are done with, expire stale ones, run one step, and collect
         the KV events since the last tick as one numbered batch."""
         for message in self.transport.notifications():
-            self.engine.leases.release(message.decode())
-        self.engine.leases.expire()
+            self.connector.release_lease(message.decode())
+        self.connector.expire_leases()
         self._step_started = time.monotonic()
         try:
             deltas = self.engine.step()
@@ -354,7 +355,7 @@ class EngineWorker:
 
     async def release(self, request_id: str) -> bool:
         """Free a request's leased blocks now (cancellation, or the reader fell back)."""
-        return await self._call(self.engine.leases.release, request_id)
+        return await self._call(self.connector.release_lease, request_id)
 
     async def abort(self, request_id: str) -> bool:
         return await self._call(self.engine.abort, request_id)

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from disagg.kv.connector import KVLoad, KVSource, LoadState, SourceKind
 from disagg.kv.copier import BlockCopier, CopyJob
 from disagg.kv.cpu_tier import CpuTier
 from disagg.kv.disk_tier import CorruptBlock, DiskTier
+from disagg.kv.load import KVLoad, KVTiers, LoadState
 from disagg.kv.tier_config import TierConfig, TierStats, leading_tiers
 from disagg.protocol import EventKind, KVEvent, Tier
 
@@ -58,9 +58,7 @@ class _Store:
     slots: list[int]
 
 
-class TieredStore(KVSource):
-    kind = SourceKind.TIERS
-
+class TieredStore(KVTiers):
     def __init__(
         self, config: TierConfig, pool: Any, device_kv: torch.Tensor, fingerprint: str, disk_opener: Any = open
     ) -> None:
