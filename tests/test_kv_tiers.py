@@ -283,3 +283,32 @@ def test_prefetch_never_takes_blocks_the_pool_does_not_have(tiny_llama_dir, tmp_
     assert node.engine.connector.prefetch(hashes) == 8  # room now: the 8 missing blocks come back from CPU
     node.store.flush()
     assert settle([node])
+
+
+def test_tier_index_rules_without_io_or_threads():
+    index = TierIndex(LruBlocks(), LruBlocks(capacity=2), pin_budget=2)
+    for h in (1, 2, 3):
+        index.cpu.add(h)
+    index.stored(Tier.CPU, [1, 2, 3])
+    index.commit_disk(4)
+    assert index.lookup([1, 2, 4, 9]) == [Tier.CPU, Tier.CPU, Tier.DISK]  # CPU before disk, up to a miss
+    assert index.pin("s", [1, 2], ttl_s=5, now=100.0) == 2
+    index.touch(Tier.CPU, 3)
+    assert index.cpu_victims(3) == [3]  # 1 and 2 are pinned
+    index.unpin("s")
+    assert index.cpu_victims(3, keep=lambda h: h == 3) == [1, 2]  # LRU order, the caller's keep honoured
+    index.pin("s", [1], ttl_s=5, now=100.0)
+    assert index.expire_pins(now=104.9) == 0 and index.expire_pins(now=105.0) == 1  # the caller's clock
+    index.drop_cpu([1])
+    evicted, added = index.commit_disk(5)
+    evicted2, _ = index.commit_disk(6)
+    assert added and evicted == [] and evicted2 == [4]  # room made first, least recently used out
+    kinds = [(e.kind, e.tier, e.block_hashes) for e in index.drain_events()]
+    assert kinds == [
+        (EventKind.STORED, Tier.CPU, [1, 2, 3]),
+        (EventKind.STORED, Tier.DISK, [4]),
+        (EventKind.REMOVED, Tier.CPU, [1]),
+        (EventKind.STORED, Tier.DISK, [5]),
+        (EventKind.REMOVED, Tier.DISK, [4]),
+        (EventKind.STORED, Tier.DISK, [6]),
+    ] and index.drain_events() == []
