@@ -44,3 +44,8 @@ def test_no_product_module_imports_a_test_double():
     doubles = {m: sorted(i for i in imports if is_double(i)) for m, imports in graph().items()}
     assert not any(doubles.values()), {m: d for m, d in doubles.items() if d}
     assert not [m for m in graph() if is_double(m)]  # and no test double lives in the product package
+
+
+def test_the_engine_kv_dependency_runs_one_way():
+    assert _imports_under("disagg.engine", "disagg.kv")  # the detector: the engine holds a KV connector
+    assert _imports_under("disagg.kv", "disagg.engine") == {}  # kv types the engine's objects by Protocols
