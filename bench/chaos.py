@@ -318,7 +318,8 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
     service = Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine,
-                                    fault_injection=True, transfer_timeout_s=args.read_timeout,
+                                    transport_wrapper="tests.fake_transport:FaultyTransport",
+                                    transfer_timeout_s=args.read_timeout,
                                     tiers={"disk_root": tempfile.mkdtemp(prefix="chaos-kv-")}),
                       {"port": 0, "policy": {"kind": "kv", "min_remote_prefill_tokens": 16}})
     observer = Observer(service.router)

@@ -71,7 +71,7 @@ class Rig:
         self.store.flush()
         elapsed = time.perf_counter() - t0
         self.pool.free(held)
-        assert len(held) == len(ids) and self.store.cpu.num_committed >= self.n
+        assert len(held) == len(ids) and len(self.store.index.cpu) >= self.n
         return elapsed
 
     def _load(self, tier: Tier) -> float:
@@ -94,7 +94,7 @@ class Rig:
         self.store.demote()
         self.store.flush()
         elapsed = time.perf_counter() - t0
-        assert self.store.disk.num_blocks >= self.n and self.store.cpu.num_committed == 0
+        assert len(self.store.index.disk) >= self.n and len(self.store.index.cpu) == 0
         return elapsed
 
     def disk_load(self) -> float:
@@ -208,7 +208,7 @@ def bench_shape(name: str, shape: tuple[int, ...], dtype: torch.dtype, n: int, r
             times["nixl_read"].append(nixl.read())
             shutil.rmtree(rig.store.disk.dir)  # the next round writes fresh files
             rig.store.disk.dir.mkdir()
-            rig.store.disk._index.clear()
+            rig.store.index.disk.clear()
         med = {k: _gbps(rig.bytes, statistics.median(v)) for k, v in times.items()}
         rig.store.shutdown()
     finally:

@@ -12,7 +12,7 @@ from typing import AsyncIterator
 from disagg.cluster.worker import EngineWorker, WorkerConfig
 from disagg.errors import DeadlineExceeded, WorkerLost
 from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, Role, TokenDelta
-from disagg.transfer.fake import LocalTransport
+from tests.fake_transport import LocalTransport
 
 
 def local_worker(name: str, model_dir, role: Role = Role.BOTH, tiers: dict | None = None, **engine) -> EngineWorker:

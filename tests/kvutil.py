@@ -10,7 +10,7 @@ from disagg.kv.fingerprint import engine_fingerprint
 from disagg.kv.peer import PeerSource
 from disagg.kv.store import TierConfig, TieredStore
 from disagg.protocol import TokenDelta
-from disagg.transfer.fake import FaultyTransport, LocalTransport
+from tests.fake_transport import FaultyTransport, LocalTransport
 
 _names = itertools.count()
 
@@ -35,8 +35,8 @@ class Node:
 
     def tick(self) -> list[TokenDelta]:
         for message in self.transport.notifications():
-            self.engine.leases.release(message.decode())
-        self.engine.leases.expire()
+            self.engine.connector.release_lease(message.decode())
+        self.engine.connector.expire_leases()
         return self.engine.step()
 
     def baseline_free(self) -> bool:

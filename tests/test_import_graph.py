@@ -18,3 +18,34 @@ def test_the_router_imports_no_ray_directly_or_through_other_modules():
         for m in routers
     }
     assert not any(leaks.values()), {m: d for m, d in leaks.items() if d}
+
+
+def _imports_under(prefix: str, package: str) -> dict[str, set[str]]:
+    """Modules under `prefix` that import something under `package`: module -> those imports."""
+    hits = {
+        mod: {i for i in imports if i == package or i.startswith(package + ".")}
+        for mod, imports in graph().items()
+        if mod == prefix or mod.startswith(prefix + ".")
+    }
+    return {mod: found for mod, found in hits.items() if found}
+
+
+def test_kv_uses_the_transport_it_is_given_and_transfer_knows_nothing_of_kv():
+    assert _imports_under("disagg.kv", "disagg.transfer")  # the detector: kv/peer.py reads through a transport
+    assert _imports_under("disagg.transfer", "disagg.kv") == {}
+    assert "disagg.kv.connector" not in reachable("disagg.transfer.nixl")
+
+
+def test_no_product_module_imports_a_test_double():
+    def is_double(name: str) -> bool:
+        parts = name.split(".")
+        return parts[0] == "tests" or any(p.startswith("fake") for p in parts)
+
+    doubles = {m: sorted(i for i in imports if is_double(i)) for m, imports in graph().items()}
+    assert not any(doubles.values()), {m: d for m, d in doubles.items() if d}
+    assert not [m for m in graph() if is_double(m)]  # and no test double lives in the product package
+
+
+def test_the_engine_kv_dependency_runs_one_way():
+    assert _imports_under("disagg.engine", "disagg.kv")  # the detector: the engine holds a KV connector
+    assert _imports_under("disagg.kv", "disagg.engine") == {}  # kv types the engine's objects by Protocols

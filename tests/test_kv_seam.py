@@ -9,7 +9,7 @@ from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.sequence import SequenceStatus
 from disagg.protocol import SamplingParams
-from disagg.transfer.fake import Fault
+from tests.fake_transport import Fault
 from tests.kvutil import Node, connect, run, settle, text, tokens
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
@@ -140,3 +140,29 @@ def test_resume_rejects_what_cannot_continue(tiny_llama_dir):
     with pytest.raises(ValueError, match="resumed token ids"):
         engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=8), resume_token_ids=[10**6])
     assert not engine.has_unfinished()
+
+
+def test_a_worker_gets_its_fault_injector_by_name_and_refuses_without_one(tiny_llama_dir):
+    from disagg.cluster.worker import EngineWorker, WorkerConfig
+    from disagg.transfer.factory import resolve_wrapper
+    from tests.fake_transport import FaultyTransport, LocalTransport
+
+    engine = dict(model=str(tiny_llama_dir), num_blocks=64, block_size=16, max_model_len=512, num_threads=1)
+
+    def worker(name, **options):
+        return EngineWorker(WorkerConfig(name=name, engine=engine, tiers=None, **options),
+                            transport_factory=lambda agent, _engine: LocalTransport(agent))
+
+    faulty = worker("w-faulty", transport_wrapper="tests.fake_transport:FaultyTransport")  # as a Ray actor gets it
+    plain = worker("w-plain")
+    try:
+        assert isinstance(faulty.transport, FaultyTransport)
+        faulty.inject_fault("read_fail", 2)
+        assert len(faulty.transport._faults) == 2
+        with pytest.raises(ValueError, match="injects no faults"):
+            plain.inject_fault("read_fail")
+        with pytest.raises(ValueError, match="package.module:attribute"):
+            resolve_wrapper("tests.fake_transport.FaultyTransport")
+    finally:
+        faulty.transport.close()
+        plain.transport.close()

@@ -12,6 +12,7 @@ from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.disk_tier import HEADER_BYTES, CorruptBlock, DiskTier, DiskTierBusy
 from disagg.kv.store import TierConfig
+from disagg.kv.tier_index import LruBlocks, TierIndex
 from disagg.protocol import EventKind, SamplingParams, Tier, hash_prompt_blocks
 from tests.kvutil import Node, run, settle, tokens
 
@@ -55,7 +56,7 @@ def test_round_trip_device_cpu_disk_device_equals_no_cache(tiny_llama_dir, tmp_p
     expected = _no_cache(tiny_llama_dir, PROMPT)
     assert tokens(_serve(node, "first")) == expected
     hashes = hash_prompt_blocks(PROMPT, 16)
-    assert all(h in node.store.cpu for h in hashes)  # write-through: every computed block reached the CPU tier
+    assert all(h in node.store.index.cpu for h in hashes)  # write-through: every computed block reached the CPU tier
 
     _drop_device_cache(node)
     out = _serve(node, "from-cpu")
@@ -65,7 +66,8 @@ def test_round_trip_device_cpu_disk_device_equals_no_cache(tiny_llama_dir, tmp_p
 
     _drop_device_cache(node)
     _demote_everything(node)
-    assert all(h in node.store.disk for h in hashes[:4]) and not any(h in node.store.cpu for h in hashes[:4])
+    assert all(node.store.index.on_disk(h) for h in hashes[:4])
+    assert not any(h in node.store.index.cpu for h in hashes[:4])
     out = _serve(node, "from-disk")
     assert tokens(out) == expected
     assert node.store.stats.loaded_blocks[Tier.DISK] == 4 and out[0].num_cached_tokens == 64
@@ -125,7 +127,7 @@ def test_corrupt_disk_block_is_a_counted_miss_never_wrong_tokens(tiny_llama_dir,
     assert tokens(out) == expected
     assert node.store.stats.corrupt[reason] == 1
     assert node.store.stats.loaded_blocks[Tier.DISK] == 2  # the two blocks before it were still used
-    assert hashes[2] not in node.store.disk  # forgotten, and the router told
+    assert not node.store.index.on_disk(hashes[2])  # forgotten, and the router told
     assert out[0].num_cached_tokens == 32
     assert settle([node])
 
@@ -162,7 +164,7 @@ def test_failed_disk_write_is_never_visible(tiny_llama_dir, tmp_path):
     _drop_device_cache(node)
     _demote_everything(node)
     assert node.store.stats.write_failures >= 4
-    assert node.store.disk.num_blocks == 0 and not list(node.store.disk.dir.iterdir())  # no temp file left
+    assert len(node.store.index.disk) == 0 and not list(node.store.disk.dir.iterdir())  # no temp file left
     events = node.engine.drain_kv_events()
     assert not any(e.tier is Tier.DISK and e.kind is EventKind.STORED for e in events)
     assert node.store.lookup(hash_prompt_blocks(PROMPT, 16)) == [Tier.CPU] * 5  # the blocks stayed in memory
@@ -175,13 +177,13 @@ def test_restarted_worker_serves_previous_prefixes_from_disk(tiny_llama_dir, tmp
     for i, p in enumerate(prompts):
         _serve(node, f"p{i}", p)
     _demote_everything(node)
-    on_disk = node.store.disk.num_blocks
+    on_disk = len(node.store.index.disk)
     assert on_disk >= 15
     node.store.shutdown()
     del node
 
     restarted = Node(tiny_llama_dir, tiers=_tiers(tmp_path))  # same disk directory, fresh process state
-    assert restarted.store.disk.num_blocks >= 0.95 * on_disk
+    assert len(restarted.store.index.disk) >= 0.95 * on_disk
     events = restarted.engine.drain_kv_events()
     assert any(e.tier is Tier.DISK and e.kind is EventKind.STORED and len(e.block_hashes) >= 0.95 * on_disk
                for e in events)  # re-announced to the router
@@ -197,17 +199,17 @@ def test_pins_keep_a_session_in_cpu_and_expire_on_time(tiny_llama_dir, tmp_path)
     node.store.flush()
     node.engine.step()
     pinned = hash_prompt_blocks(PROMPT, 16)
-    assert node.store.num_pinned_blocks == 5 and all(h in node.store.cpu for h in pinned)
+    assert node.store.num_pinned_blocks == 5 and all(h in node.store.index.cpu for h in pinned)
     for i in range(4):  # other traffic that would push an unpinned session out of an 8-block CPU tier
         _serve(node, f"other{i}", [(7 * j + 100 * i) % 500 + 3 for j in range(64)])
-    assert all(h in node.store.cpu for h in pinned)
+    assert all(h in node.store.index.cpu for h in pinned)
     t0 = time.monotonic()
     while node.store.num_pinned_blocks and time.monotonic() - t0 < 3:
         node.tick()
         time.sleep(0.05)
     assert node.store.num_pinned_blocks == 0 and time.monotonic() - t0 <= 1.0 + 1.0  # TTL + 1 s
     assert settle([node])
-    assert node.store.cpu.num_committed <= node.store.cpu.num_slots and not node.store.cpu._refs
+    assert len(node.store.index.cpu) <= node.store.cpu.num_slots and not node.store.cpu._refs
 
 
 def test_pin_budget_drops_the_oldest_session(tiny_llama_dir, tmp_path):
@@ -238,7 +240,7 @@ def test_next_turn_of_a_pinned_session_is_prefetched(tiny_llama_dir, tmp_path):
 def test_disk_tier_rejects_bad_payloads_and_scans_only_good_files(tmp_path):
     tier = DiskTier(tmp_path, "0" * 16, capacity_bytes=10_000, block_bytes=100)
     tier.write_file(7, bytes(range(100)))
-    assert tier.commit(7) and bytes(tier.read_file(7)) == bytes(range(100))
+    assert bytes(tier.read_file(7)) == bytes(range(100))
     with pytest.raises(ValueError):
         tier.write_file(8, b"short")
     (tier.dir / "0000000000000009.kv").write_bytes(b"garbage")  # wrong size: discarded on scan
@@ -247,17 +249,23 @@ def test_disk_tier_rejects_bad_payloads_and_scans_only_good_files(tmp_path):
         DiskTier(tmp_path, "0" * 16, capacity_bytes=10_000, block_bytes=100)
     tier.close()
     again = DiskTier(tmp_path, "0" * 16, capacity_bytes=10_000, block_bytes=100)
-    assert again.hashes() == [7] and again.num_discarded_on_scan == 1
+    assert again.scanned == [7] and again.num_discarded_on_scan == 1
     assert sorted(p.name for p in again.dir.iterdir()) == ["0000000000000007.kv"]
     with pytest.raises(CorruptBlock, match="missing"):
         again.read_file(99)
     again.close()
     small = DiskTier(tmp_path, "0" * 16, capacity_bytes=2 * (HEADER_BYTES + 100), block_bytes=100)
+    assert small.capacity_blocks == 2
+    index = TierIndex(LruBlocks(), LruBlocks(small.capacity_blocks), pin_budget=0)  # the store's bookkeeping
+    assert index.restore_disk(small.scanned) == []
     for h in (1, 2, 3):
         small.write_file(h, bytes(100))
-        small.evict_for(small.file_bytes)
-        small.commit(h)
-    assert small.num_blocks == 2 and 7 not in small and 3 in small
+        evicted, added = index.commit_disk(h)
+        assert added
+        for old in evicted:
+            small.delete(old)
+    assert len(index.disk) == 2 and not index.on_disk(7) and index.on_disk(3)
+    assert sorted(p.name for p in small.dir.iterdir() if p.suffix == ".kv") == [f"{h:016x}.kv" for h in (2, 3)]
 
 
 def test_prefetch_never_takes_blocks_the_pool_does_not_have(tiny_llama_dir, tmp_path):
@@ -275,3 +283,32 @@ def test_prefetch_never_takes_blocks_the_pool_does_not_have(tiny_llama_dir, tmp_
     assert node.engine.connector.prefetch(hashes) == 8  # room now: the 8 missing blocks come back from CPU
     node.store.flush()
     assert settle([node])
+
+
+def test_tier_index_rules_without_io_or_threads():
+    index = TierIndex(LruBlocks(), LruBlocks(capacity=2), pin_budget=2)
+    for h in (1, 2, 3):
+        index.cpu.add(h)
+    index.stored(Tier.CPU, [1, 2, 3])
+    index.commit_disk(4)
+    assert index.lookup([1, 2, 4, 9]) == [Tier.CPU, Tier.CPU, Tier.DISK]  # CPU before disk, up to a miss
+    assert index.pin("s", [1, 2], ttl_s=5, now=100.0) == 2
+    index.touch(Tier.CPU, 3)
+    assert index.cpu_victims(3) == [3]  # 1 and 2 are pinned
+    index.unpin("s")
+    assert index.cpu_victims(3, keep=lambda h: h == 3) == [1, 2]  # LRU order, the caller's keep honoured
+    index.pin("s", [1], ttl_s=5, now=100.0)
+    assert index.expire_pins(now=104.9) == 0 and index.expire_pins(now=105.0) == 1  # the caller's clock
+    index.drop_cpu([1])
+    evicted, added = index.commit_disk(5)
+    evicted2, _ = index.commit_disk(6)
+    assert added and evicted == [] and evicted2 == [4]  # room made first, least recently used out
+    kinds = [(e.kind, e.tier, e.block_hashes) for e in index.drain_events()]
+    assert kinds == [
+        (EventKind.STORED, Tier.CPU, [1, 2, 3]),
+        (EventKind.STORED, Tier.DISK, [4]),
+        (EventKind.REMOVED, Tier.CPU, [1]),
+        (EventKind.STORED, Tier.DISK, [5]),
+        (EventKind.REMOVED, Tier.DISK, [4]),
+        (EventKind.STORED, Tier.DISK, [6]),
+    ] and index.drain_events() == []

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from disagg.engine.block_pool import BlockPool
-from disagg.engine.handoff import LeaseTable
-from disagg.transfer.base import KVLayout, TransferError, paired_runs, plan_regions
+from disagg.kv.leases import LeaseTable
+from disagg.errors import TransferFailed
+from disagg.transfer.base import KVLayout, paired_runs, plan_regions
 
 
 def test_paired_runs_merge_only_when_both_sides_are_consecutive():
@@ -41,7 +42,7 @@ def test_plan_regions_reads_device_and_cpu_tier_blocks_in_one_plan_on_a_dram_hos
     assert len(plans) == 1 and plans[0].src_mem_type == "DRAM"  # both regions are host memory here
     cpu_base = src.region("cpu").base_addr
     assert (cpu_base + 1 * src.block_bytes, 2 * src.block_bytes) in plans[0].src  # the cpu run merged
-    with pytest.raises(TransferError, match="no cpu region"):
+    with pytest.raises(TransferFailed, match="no cpu region"):
         plan_regions(dst, src, [("cpu", 0)], [0])
     with pytest.raises(ValueError, match="block layout"):
         KVLayout.of(kv, "p", b"", cpu_tier=torch.zeros(4, 3, 4))
@@ -49,11 +50,11 @@ def test_plan_regions_reads_device_and_cpu_tier_blocks_in_one_plan_on_a_dram_hos
 
 def test_plan_regions_rejects_out_of_range_and_mismatched_layouts():
     src = KVLayout.of(torch.zeros(4, 2, 8), "p", b"")
-    with pytest.raises(TransferError, match="out of range"):
+    with pytest.raises(TransferFailed, match="out of range"):
         plan_regions(src, src, [("device", 4)], [0])
-    with pytest.raises(TransferError, match="out of range"):
+    with pytest.raises(TransferFailed, match="out of range"):
         plan_regions(src, src, [("device", 0)], [9])
-    with pytest.raises(TransferError, match="different KV layouts"):
+    with pytest.raises(TransferFailed, match="different KV layouts"):
         plan_regions(src, KVLayout.of(torch.zeros(4, 3, 8), "d", b""), [("device", 0)], [0])
 
 

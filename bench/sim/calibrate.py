@@ -167,7 +167,7 @@ def tier_load_times(engine, blocks: int = 64, repeats: int = 3) -> tuple[float, 
             disk.append(rig.disk_load())
             shutil.rmtree(rig.store.disk.dir)
             rig.store.disk.dir.mkdir()
-            rig.store.disk._index.clear()
+            rig.store.index.disk.clear()
         rig.store.shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -1,47 +1,57 @@
-"""CPU and disk tiers for simulated workers, in virtual time: the TieredStore's policy (write-through to CPU,
-LRU demotion to disk, pins per session with a TTL and a budget) over sets of block hashes, with load times from
-the time model (calibrated against the real TieredStore by `disagg bench calibrate`).  The engine's KV connector
-drives it exactly as it drives the real store: lookup, start, poll, store, pin, events."""
+"""CPU and disk tiers for simulated workers, in virtual time: the TieredStore's bookkeeping - the pure tier index
+(disagg/kv/tier_index.py: lookup, LRU, pins per session with a TTL and a budget, events) - with nothing to move:
+write-through to CPU and LRU demotion to disk happen at once, and load times come from the time model
+(calibrated against the real TieredStore by `disagg bench calibrate`).  The engine's KV connector drives it
+exactly as it drives the real store: lookup, start, poll, store, pin, events.
+
+Where the simulated tiers differ from the store (kept as they were, the golden runs depend on them): a store
+fills the CPU tier past its size and then demotes the least recently used unpinned blocks straight to disk (the
+store keeps free slots by demoting in the background, and drops a block when a store finds no free slot); a
+store touches blocks already in CPU; disk capacity counts blocks, and a block demoted again is refreshed there
+(`TierIndex.demote_to_disk`)."""
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from disagg.kv.connector import KVLoad, KVSource, LoadState, SourceKind
-from disagg.kv.tier_config import TierStats, leading_tiers
-from disagg.protocol import EventKind, KVEvent, Tier
+from disagg.kv.load import KVLoad, KVTiers, LoadState
+from disagg.kv.tier_config import TierStats
+from disagg.kv.tier_index import LruBlocks, TierIndex
+from disagg.protocol import KVEvent, Tier
 
 
-class SimTiers(KVSource):
-    kind = SourceKind.TIERS
-
+class SimTiers(KVTiers):
     def __init__(self, cpu_blocks: int, disk_blocks: int, cpu_s: float, disk_s: float, clock: Callable[[], float],
                  at: Callable[[float, Callable[[], None]], None], wake: Callable[[], None],
                  pin_budget_fraction: float = 0.5) -> None:
-        self.cpu: OrderedDict[int, None] = OrderedDict()
-        self.disk: OrderedDict[int, None] = OrderedDict()
         self.cpu_blocks, self.disk_blocks = cpu_blocks, disk_blocks
+        self.index = TierIndex(LruBlocks(), LruBlocks(disk_blocks), int(cpu_blocks * pin_budget_fraction))
         self.load_s_per_block = {Tier.CPU: cpu_s, Tier.DISK: disk_s}
         self._clock, self._at, self._wake = clock, at, wake
-        self.pin_budget = int(cpu_blocks * pin_budget_fraction)
-        self.stats = TierStats()
-        self._events: list[KVEvent] = []
-        self._pins: dict[str, tuple[float, list[int]]] = {}
-        self._pinned: Counter = Counter()
+
+    @property
+    def stats(self) -> TierStats:
+        return self.index.stats
+
+    @property
+    def disk(self) -> LruBlocks:
+        """The disk tier's index: a restarted worker finds it again (the simulated cluster hands it over)."""
+        assert self.index.disk is not None
+        return self.index.disk
+
+    @disk.setter
+    def disk(self, blocks: LruBlocks) -> None:
+        self.index.disk = blocks
 
     # ------------------------------------------------------------------ lookups and loads
     def lookup(self, block_hashes: list[int], count: bool = True) -> list[Tier]:
-        tiers = leading_tiers(block_hashes, self.cpu, self.disk)
-        if count and block_hashes:
-            self.stats.count_lookup(len(block_hashes), tiers)
-        return tiers
+        return self.index.lookup(block_hashes, count)
 
     def start(self, load: KVLoad) -> None:
         seconds = sum(self.load_s_per_block[t] for t in load.tiers)
         load.handle = self._clock() + seconds
         for h in load.block_hashes:
-            if h in self.cpu:
-                self.cpu.move_to_end(h)
+            self.index.cpu.touch(h)
         self._at(load.handle, self._wake)
 
     def poll(self, load: KVLoad) -> LoadState:
@@ -57,78 +67,43 @@ class SimTiers(KVSource):
 
     # ------------------------------------------------------------------ stores, demotion, pins
     def store(self, block_ids: list[int], block_hashes: list[int]) -> None:
-        stored = []
+        cpu, stored = self.index.cpu, []
         for h in block_hashes:
-            if h in self.cpu:
-                self.cpu.move_to_end(h)
+            if h in cpu:
+                cpu.touch(h)
                 continue
-            self.cpu[h] = None
+            cpu.add(h)
             stored.append(h)
         if stored:
-            self.stats.stored_blocks[Tier.CPU] += len(stored)
-            self._events.append(KVEvent(EventKind.STORED, stored, tier=Tier.CPU))
-        self._evict_cpu()
-
-    def _evict_cpu(self) -> None:
-        demoted = []
-        while len(self.cpu) > self.cpu_blocks:
-            victim = next((h for h in self.cpu if h not in self._pinned), None)
-            if victim is None:
-                break
-            del self.cpu[victim]
-            demoted.append(victim)
+            self.index.stored(Tier.CPU, stored)
+        demoted = self.index.cpu_victims(len(cpu) - self.cpu_blocks)  # past the size: LRU unpinned blocks leave
         if not demoted:
             return
-        self.stats.evictions[Tier.CPU] += len(demoted)
-        self._events.append(KVEvent(EventKind.REMOVED, demoted, tier=Tier.CPU))
-        if not self.disk_blocks:
-            return
-        fresh = [h for h in demoted if h not in self.disk]
-        for h in demoted:
-            self.disk[h] = None
-            self.disk.move_to_end(h)
-        dropped = []
-        while len(self.disk) > self.disk_blocks:
-            dropped.append(self.disk.popitem(last=False)[0])
-        if fresh:
-            self._events.append(KVEvent(EventKind.STORED, fresh, tier=Tier.DISK))
-        if dropped:
-            self._events.append(KVEvent(EventKind.REMOVED, dropped, tier=Tier.DISK))
+        self.index.drop_cpu(demoted)
+        if self.disk_blocks:
+            self.index.demote_to_disk(demoted)
 
     def pin(self, session: str, block_hashes: list[int], ttl_s: float, now: float | None = None) -> int:
-        self.unpin(session)
-        hashes = list(dict.fromkeys(block_hashes))[:self.pin_budget]
-        while self._pins and len(self._pinned) + sum(h not in self._pinned for h in hashes) > self.pin_budget:
-            self.unpin(min(self._pins, key=lambda s: self._pins[s][0]))
-        if hashes:
-            self._pins[session] = (self._clock() + ttl_s, hashes)
-            self._pinned.update(hashes)
-        return len(hashes)
+        return self.index.pin(session, block_hashes, ttl_s, self._clock())
 
     def unpin(self, session: str) -> None:
-        entry = self._pins.pop(session, None)
-        if entry is not None:
-            self._pinned.subtract(entry[1])
-            self._pinned = +self._pinned
+        self.index.unpin(session)
 
     def is_pinned_session(self, session: str) -> bool:
-        return session in self._pins
+        return self.index.is_pinned_session(session)
 
     @property
     def num_pinned_blocks(self) -> int:
-        return len(self._pinned)
+        return self.index.num_pinned_blocks
 
     def tick(self) -> None:
-        now = self._clock()
-        for session in [s for s, (deadline, _) in self._pins.items() if deadline <= now]:
-            self.unpin(session)
+        self.index.expire_pins(self._clock())
 
     def drain_events(self) -> list[KVEvent]:
-        events, self._events = self._events, []
-        return events
+        return self.index.drain_events()
 
     def tier_hashes(self) -> dict[Tier, list[int]]:
-        return {Tier.CPU: list(self.cpu), Tier.DISK: list(self.disk)}
+        return self.index.tier_hashes()
 
     def export(self, block_hashes: list[int]) -> list[int]:
         return []  # peers do not read simulated CPU tiers (peer pulls are off in the simulator)
@@ -137,7 +112,8 @@ class SimTiers(KVSource):
         pass
 
     def gauges(self) -> dict[str, Any]:
-        return {"cpu_blocks": len(self.cpu), "disk_blocks": len(self.disk), "pinned_blocks": len(self._pinned)}
+        return {"cpu_blocks": len(self.index.cpu), "disk_blocks": len(self.disk),
+                "pinned_blocks": self.index.num_pinned_blocks}
 
     def flush(self) -> None:
         pass

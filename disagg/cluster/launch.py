@@ -36,7 +36,7 @@ class ClusterConfig:
     address: str | None = None  # None: start an embedded local Ray cluster (or join RAY_ADDRESS)
     transfer_timeout_s: float = 10.0
     max_restarts: int = -1  # per worker actor (-1: always restart)
-    fault_injection: bool = False  # workers accept inject_fault() (chaos benchmark, tests)
+    transport_wrapper: str = ""  # WorkerConfig.transport_wrapper (the chaos benchmark's fault injector)
     tracing: dict[str, Any] | None = None  # TracingConfig fields for the workers (and the router, via Service)
     transport: dict[str, Any] = field(default_factory=dict)  # TransportConfig fields (UCX devices) for the workers
     # Ray custom resources each actor needs, to place roles on nodes that offer them (multi-node clusters,
@@ -73,7 +73,7 @@ class LocalCluster:
         decode_cls = DecodeWorker if config.num_prefill else AggregatedWorker
         options = {
             "transfer_timeout_s": config.transfer_timeout_s,
-            "fault_injection": config.fault_injection,
+            "transport_wrapper": config.transport_wrapper,
             "tracing": config.tracing,
             "transport": config.transport,
         }

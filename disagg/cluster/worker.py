@@ -54,7 +54,7 @@ from disagg.protocol import (
 )
 from disagg.tracing import TracingConfig
 from disagg.transfer.base import KVLayout, KVTransport
-from disagg.transfer.fake import Fault, FaultyTransport
+from disagg.transfer.factory import FaultInjector, nixl_transport, resolve_wrapper
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,12 @@ class WorkerConfig:
     tiers: dict[str, Any] | None = dataclasses.field(default_factory=dict)
     transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed
     idle_sleep_s: float = 0.002
-    fault_injection: bool = False  # accept inject_fault() (chaos benchmark, tests)
+    # "package.module:attribute" of a callable wrapping the worker's transport, resolved in the worker's process
+    # (the chaos benchmark names a fault injector from tests/fake_transport.py); "": none
+    transport_wrapper: str = ""
     tracing: dict[str, Any] | None = None  # TracingConfig fields; None: no spans
     metrics_interval_s: float = 0.1  # how often the engine thread refreshes the figures heartbeats carry
-    transport: dict[str, Any] = dataclasses.field(default_factory=dict)  # TransportConfig fields (nixl_transport)
+    transport: dict[str, Any] = dataclasses.field(default_factory=dict)  # TransportConfig fields (NIXL)
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)
@@ -113,12 +115,6 @@ def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
         return TieredStore(TierConfig(**fields), engine.pool, kv, fingerprint)
 
 
-def nixl_transport(name: str, engine: LLMEngine, config: dict[str, Any] | None = None) -> KVTransport:
-    from disagg.transfer.nixl import NixlTransport, TransportConfig
-
-    return NixlTransport(name, engine.device, TransportConfig(**(config or {})))
-
-
 class EngineWorker:
     def __init__(
         self,
@@ -132,15 +128,18 @@ class EngineWorker:
         self.engine = LLMEngine(EngineConfig(**{"kv_load_timeout_s": config.transfer_timeout_s, **config.engine}))
         self.tiers = tier_factory(self.engine, config)
         if transport_factory is None:  # NIXL, configured by the worker's config
-            transport = nixl_transport(self.agent_name, self.engine, config.transport)
+            transport = nixl_transport(self.agent_name, self.engine.device, config.transport)
         else:
             transport = transport_factory(self.agent_name, self.engine)
-        self.transport: KVTransport = FaultyTransport(transport) if config.fault_injection else transport
+        if config.transport_wrapper:
+            transport = resolve_wrapper(config.transport_wrapper)(transport)
+        self.transport: KVTransport = transport
         kv = self.engine.kv_tensor
         assert kv is not None  # a worker's engine always runs a real model
         self.transport.register(kv, self.tiers.cpu.tensor if self.tiers is not None else None)
         self.peer = PeerSource(self.transport)
-        self.engine.attach(peer=self.peer, tiers=self.tiers)
+        self.connector = self.engine.connector  # both sides of the KV seam: loads in, leases out
+        self.connector.attach(peer=self.peer, tiers=self.tiers)
         self.spans = WorkerSpans(config.name, config.role, TracingConfig(**(config.tracing or {})))
         if self.spans.enabled:
             self.engine.on_finish = self.spans.record
@@ -196,8 +195,8 @@ class EngineWorker:
         """Executor thread: release leases readers are done with, expire stale ones, run one step, and collect
         the KV events since the last tick as one numbered batch."""
         for message in self.transport.notifications():
-            self.engine.leases.release(message.decode())
-        self.engine.leases.expire()
+            self.connector.release_lease(message.decode())
+        self.connector.expire_leases()
         self._step_started = time.monotonic()
         try:
             deltas = self.engine.step()
@@ -310,7 +309,7 @@ class EngineWorker:
 
     async def release(self, request_id: str) -> bool:
         """Free a request's leased blocks now (cancellation, or the reader fell back)."""
-        return await self._call(self.engine.leases.release, request_id)
+        return await self._call(self.connector.release_lease, request_id)
 
     async def abort(self, request_id: str) -> bool:
         return await self._call(self.engine.abort, request_id)
@@ -352,9 +351,9 @@ class EngineWorker:
         return os.getpid()
 
     def inject_fault(self, fault: str, count: int = 1, hang_s: float = 30.0) -> None:
-        if not isinstance(self.transport, FaultyTransport):
-            raise ValueError("fault injection is off for this worker (WorkerConfig.fault_injection)")
-        self.transport.inject(Fault(fault), count, hang_s)
+        if not isinstance(self.transport, FaultInjector):
+            raise ValueError("this worker's transport injects no faults (WorkerConfig.transport_wrapper)")
+        self.transport.inject(fault, count, hang_s)
 
     async def stats(self) -> bytes:
         """This worker's figures now (a `WorkerStats` message, the heartbeat's assembly, measured afresh)."""

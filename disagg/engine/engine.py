@@ -1,9 +1,9 @@
 """The engine: admits requests, runs scheduler -> runner steps, applies stop rules, emits TokenDeltas and KVEvents.
 
-Also the engine's side of moving KV between workers: it leases blocks for a reader (`hold_kv` requests and
-`export_prefix`), and accepts another worker's KV for a request (`add_request(remote=...)`: the scheduler reads
-it through the KV connector before computing anything).  A request can resume after output a client already
-received from a worker that died (`resume_token_ids`).
+Moving KV between workers goes through the engine's KV connector (disagg/kv/connector.py), both ways: it leases
+blocks for a reader (`hold_kv` requests and `export_prefix`), and loads another worker's KV for a request
+(`add_request(remote=...)`: the scheduler reads it through the connector before computing anything).  A request
+can resume after output a client already received from a worker that died (`resume_token_ids`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ import torch
 
 from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool
-from disagg.engine.handoff import LeaseTable
 from disagg.engine.kv_cache import bytes_per_block
 from disagg.engine.model import ModelConfig
 from disagg.engine.runner import ModelRunner
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer
-from disagg.kv.connector import KVConnector, KVSource
-from disagg.kv.store import TieredStore
+from disagg.kv.connector import KVConnector, KVSource, KVTiers
 from disagg.protocol import FinishReason, KVEvent, PrefillResult, Request, SamplingParams, Tier, TokenDelta
 
 
@@ -99,7 +97,9 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len}; raise num_blocks or lower max_model_len"
             )
         self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
-        self.connector = KVConnector(self.pool, bs, load_timeout_s=config.kv_load_timeout_s)
+        self.connector = KVConnector(
+            self.pool, bs, load_timeout_s=config.kv_load_timeout_s, lease_timeout_s=config.kv_lease_timeout_s
+        )
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens, self.connector)
         self.runner = runner or ModelRunner(
             model_dir, mc, num_blocks, bs, self.device, dtype, prepack=config.cpu_prepack
@@ -108,7 +108,7 @@ class LLMEngine:
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
-        self.leases = LeaseTable(self.pool, config.kv_lease_timeout_s)  # blocks a peer is about to read
+        self.leases = self.connector.leases  # blocks a peer is about to read (the connector's export side)
         self.stats = EngineStats()
         self.prefill_s_per_token: float | None = None  # measured, for "is loading cheaper than recomputing"
         self.on_finish: Any = None  # called (seq, reason) when a traced request finishes (the worker's spans)
@@ -119,14 +119,12 @@ class LLMEngine:
         cache = getattr(self.runner, "kv_cache", None)
         return cache.tensor if cache is not None else None
 
-    def attach(self, peer: KVSource | None = None, tiers: TieredStore | None = None) -> None:
-        """Inject the KV sources: a PeerSource (reads over the worker's transport) and/or a TieredStore."""
-        self.connector.peer = peer
-        self.connector.tiers = tiers
-        self.leases.release_cpu = tiers.release_export if tiers is not None else None
+    def attach(self, peer: KVSource | None = None, tiers: KVTiers | None = None) -> None:
+        """Inject the KV sources: a PeerSource (reads over the worker's transport) and/or the tiers."""
+        self.connector.attach(peer, tiers)
 
     @property
-    def tiers(self) -> TieredStore | None:
+    def tiers(self) -> KVTiers | None:
         return self.connector.tiers
 
     # ------------------------------------------------------------------ requests
@@ -267,32 +265,15 @@ class LLMEngine:
         num_cached_tokens: int = 0,
         first_logprobs: list | None = None,
     ) -> PrefillResult:
-        """Describe a finished hold_kv request's leased blocks for the reader."""
-        lease = self.leases.leases[request_id]
-        return PrefillResult(
-            request_id=request_id,
-            agent_name=agent_name,
-            block_ids=list(lease.block_ids),
-            regions=list(lease.regions),
-            num_tokens=lease.num_tokens,
-            first_token=first_token,
-            finish_reason=FinishReason(finish_reason) if finish_reason is not None else None,
-            num_cached_tokens=num_cached_tokens,
-            first_logprobs=first_logprobs,
+        """Describe a finished hold_kv request's leased blocks for the reader (the connector's export side)."""
+        return self.connector.prefill_result(
+            request_id, agent_name, first_token, finish_reason, num_cached_tokens, first_logprobs
         )
 
     def export_prefix(self, request_id: str, block_hashes: list[int], agent_name: str) -> PrefillResult | None:
         """Lease the leading `block_hashes` this worker holds on the device or in its CPU tier, for a peer to
         read instead of recomputing them; None if it holds none."""
-        hits = self.pool.lookup_prefix(block_hashes)
-        self.pool.touch(hits)
-        slots = self.tiers.export(block_hashes[len(hits) :]) if self.tiers is not None else []
-        if not hits and not slots:
-            return None
-        regions = [Tier.DEVICE.value] * len(hits) + [Tier.CPU.value] * len(slots)
-        n = len(hits) + len(slots)
-        self.leases.hold(request_id, hits + slots, n * self.config.block_size, regions=regions)
-        return PrefillResult(request_id, agent_name, hits + slots, regions, n * self.config.block_size)
+        return self.connector.export_prefix(request_id, block_hashes, agent_name)
 
     # ------------------------------------------------------------------ state
     def has_unfinished(self) -> bool:
@@ -395,12 +376,7 @@ class LLMEngine:
         seq.finish_time = time.monotonic()
         if self.on_finish is not None and seq.trace_context:
             self.on_finish(seq, reason)
-        if seq.kv_retention_s and seq.session_id and self.tiers is not None:
-            seq.update_block_hashes()
-            self.tiers.pin(seq.session_id, seq.block_hashes[: seq.num_registered_blocks], seq.kv_retention_s)
-        if seq.hold_kv:
-            # the KV of every token but the last sampled one is in the blocks (the last has no KV yet)
-            self.leases.hold(seq.request_id, seq.block_ids, seq.num_tokens - 1)
+        if self.connector.request_finished(seq):  # leased for a reader (hold_kv): the connector's blocks now
             seq.block_ids = []
         self.scheduler.finish(seq, reason)
         del self.seqs[seq.request_id]

@@ -30,8 +30,3 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
-
-    def block_region(self, block_id: int) -> tuple[int, int]:
-        """(address, length) of one block across all layers."""
-        view = self.tensor[block_id]
-        return view.data_ptr(), view.numel() * view.element_size()

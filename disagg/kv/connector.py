@@ -1,11 +1,14 @@
-"""The KV seam: where a sequence's KV blocks come from besides the device prefix cache, and where they go.
+"""The KV seam: one connector per engine owns both directions of KV besides the device prefix cache.
 
-The scheduler asks one question when it admits a sequence: "past the blocks my device pool already caches,
-which leading blocks of this sequence can be *loaded* instead of computed, and from where?"
-(`KVConnector.plan`).  The sources are a peer worker's memory read over the transport (a prefill worker's
-result, or a prefix another worker offers) and this worker's own tiers (CPU memory, disk).  The answer is a
-`KVLoad`; the scheduler reserves device blocks for it, `start`s it and parks the sequence in
-SequenceStatus.WAITING_FOR_KV (a scheduler state, not a side table), polling it every step:
+Named after vLLM v1's KV connector (its scheduler side) and SGLang's KVPoll.
+
+Import (loading).  The scheduler asks one question when it admits a sequence: "past the blocks my device pool
+already caches, which leading blocks of this sequence can be *loaded* instead of computed, and from where?"
+(`KVConnector.plan`, vLLM's get_num_new_matched_tokens).  The sources (kv/load.py's KVSource) are a peer worker's
+memory read over the transport (a prefill worker's result, or a prefix another worker offers) and this worker's
+own tiers (CPU memory, disk).  The answer is a `KVLoad`; the scheduler reserves device blocks for it, `start`s it
+and parks the sequence in SequenceStatus.WAITING_FOR_KV (a scheduler state, not a side table), polling it every
+step:
 
     plan -> start -> poll: PENDING ... -> DONE     the blocks hold KV; the sequence continues after them
                                        -> FAILED   (error, checksum, deadline) the sequence recomputes
@@ -15,76 +18,28 @@ Ownership of the destination blocks is explicit: while a load is PENDING its blo
 thread or a remote read, so on FAILED or cancel the connector keeps (`adopts`) the blocks whose write may still
 land and frees them once the source says the write is over: no block is reused under a late write, none leaks.
 
-Going out: `on_computed` offers newly computed full blocks to the tiers (write-through, copied off the step's
-critical path while the connector holds a reference on the device blocks), and `drain_events` returns the
-tiers' stored/removed events for the router, tagged with their tier.
+Export (offering).  `request_finished` (as vLLM's: the connector may keep a finished request's blocks) leases a
+`hold_kv` request's blocks for the reader and pins a session's blocks in the CPU tier; `export_prefix` leases
+the leading blocks of a prompt held on the device or in the CPU tier; `prefill_result` describes a lease for
+the reader; `release_lease` (the reader's notification) and `expire_leases` end leases (kv/leases.py).
+`on_computed` offers newly computed full blocks to the tiers (write-through, copied off the step's critical path
+while the tiers hold a reference on the device blocks), and `drain_events` returns the tiers' stored/removed
+events for the router, tagged with their tier.
+
+The engine's pool and sequences are typed by kv/seam.py's Protocols: kv imports nothing from disagg/engine.
 """
 
 from __future__ import annotations
 
-import enum
 import time
-from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
 
-from disagg.protocol import KVEvent, SourceKind, Tier  # SourceKind: also a WorkerStats label
+from disagg.kv.leases import LeaseTable
+from disagg.kv.load import KVLoad, KVSource, KVTiers, LoadState, SourceKind, _Notifier
+from disagg.kv.seam import BlockPool, Sequence
+from disagg.protocol import FinishReason, KVEvent, PrefillResult, Tier
 
-
-class LoadState(enum.Enum):
-    """What the scheduler sees when it polls a load (SGLang's KVPoll, reduced to what a scheduler acts on)."""
-
-    PENDING = "pending"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass
-class KVLoad:
-    """One in-flight load of some of a sequence's blocks into its device blocks."""
-
-    request_id: str
-    kind: SourceKind
-    first_block: int  # index in the sequence's block list of the first loaded block
-    num_blocks: int
-    num_tokens: int  # the sequence's computed tokens once every block has arrived
-    deadline: float
-    block_hashes: list[int] = field(default_factory=list)  # tier loads: hashes of the loaded blocks
-    tiers: list[Tier] = field(default_factory=list)  # tier loads: where each block comes from
-    dst_block_ids: list[int] = field(default_factory=list)  # set by the scheduler before start
-    started: float = field(default_factory=time.monotonic)
-    state: LoadState = LoadState.PENDING
-    num_ok_blocks: int = 0  # leading blocks that arrived intact (== num_blocks on full success)
-    first_token: int | None = None  # a peer's prefill result: the token it sampled after these blocks
-    handle: Any = None  # the source's own state
-    accounted: bool = False  # counted in ConnectorStats
-    parent_hash: int | None = None  # hash of the block before the first loaded one (prefetch: for its event)
-
-
-class KVSource(ABC):
-    """A place KV blocks are loaded from into the device cache."""
-
-    kind: SourceKind
-
-    @abstractmethod
-    def start(self, load: KVLoad) -> None:
-        """Issue the copy/read of `load` into `load.dst_block_ids`."""
-
-    @abstractmethod
-    def poll(self, load: KVLoad) -> LoadState:
-        """Progress the load; on DONE/FAILED `load.num_ok_blocks` says how many leading blocks are intact."""
-
-    @abstractmethod
-    def abandon(self, load: KVLoad) -> bool:
-        """Give up on a load (failed past its deadline, or cancelled). True if its destination blocks can be
-        reused now; False if a write may still land (the connector then keeps them until `settled`)."""
-
-    def settled(self, load: KVLoad) -> bool:
-        """For an abandoned load whose blocks were kept: True once no write can land any more."""
-        return True
-
-    def tick(self) -> None:  # noqa: B027 - optional hook: most sources have no background work
-        """Background progress (stores, demotions, expiries); called once per engine tick."""
+__all__ = ["ConnectorStats", "KVConnector", "KVLoad", "KVSource", "KVTiers", "LoadState", "SourceKind", "_Notifier"]
 
 
 @dataclass
@@ -97,28 +52,30 @@ class ConnectorStats:
     prefetched_blocks: int = 0
 
 
-class _Notifier(KVSource):
-    """A source that can tell a peer 'nothing to read' (PeerSource)."""
-
-    @abstractmethod
-    def notify_done(self, result: Any, request_id: str) -> None: ...
-
-
 class KVConnector:
-    """Scheduler side of the seam: plans loads from a peer result or the tiers, tracks them, owns adopted blocks.
+    """Both sides of the seam: plans loads from a peer result or the tiers, tracks them, owns adopted blocks
+    (import); leases blocks for readers, pins sessions, writes through to the tiers (export).
 
-    `pool` is the engine's BlockPool; `peer` (a PeerSource) and `tiers` (a TieredStore) are injected and either
-    may be None.
+    `pool` is the engine's block pool; `peer` (a PeerSource) and `tiers` (a KVTiers) are injected (`attach`) and
+    either may be None.
     """
 
     def __init__(
-        self, pool: Any, block_size: int, peer: KVSource | None = None, tiers: Any = None, load_timeout_s: float = 10.0
+        self,
+        pool: BlockPool,
+        block_size: int,
+        peer: KVSource | None = None,
+        tiers: KVTiers | None = None,
+        load_timeout_s: float = 10.0,
+        lease_timeout_s: float = 30.0,
     ) -> None:
         self.pool = pool
         self.block_size = block_size
-        self.peer = peer
-        self.tiers = tiers
+        self.peer: KVSource | None = None
+        self.tiers: KVTiers | None = None
         self.load_timeout_s = load_timeout_s
+        self.leases = LeaseTable(pool, lease_timeout_s)  # blocks a peer is about to read
+        self.attach(peer, tiers)
         self.stats = ConnectorStats()
         self._adopted: list[tuple[KVSource, KVLoad, list[int]]] = []  # blocks freed once the source settles
         self._prefetches: list[KVLoad] = []
@@ -126,8 +83,14 @@ class KVConnector:
         self.probe_every = 50
         self._skipped_slow = 0
 
-    # ------------------------------------------------------------------ planning
-    def plan(self, seq: Any, num_hit_blocks: int) -> KVLoad | None:
+    def attach(self, peer: KVSource | None = None, tiers: KVTiers | None = None) -> None:
+        """Inject the KV sources: a PeerSource (reads over the worker's transport) and/or the tiers."""
+        self.peer = peer
+        self.tiers = tiers
+        self.leases.release_cpu = tiers.release_export if tiers is not None else None
+
+    # ------------------------------------------------------------------ import: planning
+    def plan(self, seq: Sequence, num_hit_blocks: int) -> KVLoad | None:
         """A load for the blocks of `seq` after its `num_hit_blocks` device hits, or None."""
         if seq.remote is not None:
             return self._plan_peer(seq, num_hit_blocks)
@@ -152,14 +115,15 @@ class KVConnector:
 
     def worth_loading(self, tier: Tier) -> bool:
         """A tier whose measured load time per block is above recomputing a block is not worth loading from."""
-        measured = self.tiers.load_s_per_block.get(tier)
+        measured = self.tiers.load_s_per_block.get(tier) if self.tiers is not None else None
         if measured is None or self.recompute_s_per_block is None or measured < self.recompute_s_per_block:
             return True
         self._skipped_slow += 1  # every so often load anyway, so the measurement can recover
         return self._skipped_slow % self.probe_every == 0
 
-    def _plan_peer(self, seq: Any, num_hit_blocks: int) -> KVLoad | None:
+    def _plan_peer(self, seq: Sequence, num_hit_blocks: int) -> KVLoad | None:
         result = seq.remote
+        assert result is not None  # plan() routes only sequences with a peer's result here
         total = -(-result.num_tokens // self.block_size)
         if num_hit_blocks >= total:
             return None
@@ -174,9 +138,9 @@ class KVConnector:
             handle=result,
         )
 
-    def remote_without_read(self, seq: Any) -> None:
+    def remote_without_read(self, seq: Sequence) -> None:
         """Every block a peer offered was cached here already: let the owner release its lease."""
-        if isinstance(self.peer, _Notifier):
+        if isinstance(self.peer, _Notifier) and seq.remote is not None:
             self.peer.notify_done(seq.remote, seq.request_id)
 
     def prefetch(self, block_hashes: list[int]) -> int:
@@ -213,14 +177,14 @@ class KVConnector:
         self._prefetches.append(load)
         return n
 
-    def _finish_prefetches(self) -> None:
+    def _finish_prefetches(self, tiers: KVTiers) -> None:
         still = []
         for load in self._prefetches:
-            state = self.tiers.poll(load)
+            state = tiers.poll(load)
             if state is LoadState.PENDING and time.monotonic() <= load.deadline:
                 still.append(load)
                 continue
-            if state is LoadState.PENDING and not self.tiers.abandon(load):
+            if state is LoadState.PENDING and not tiers.abandon(load):
                 self._adopt(load, load.dst_block_ids)
                 continue
             ok = load.num_ok_blocks if state is LoadState.DONE else 0
@@ -230,9 +194,9 @@ class KVConnector:
             self.stats.prefetched_blocks += ok
         self._prefetches = still
 
-    # ------------------------------------------------------------------ running loads
+    # ------------------------------------------------------------------ import: running loads
     def source(self, load: KVLoad) -> KVSource:
-        src = self.peer if load.kind is SourceKind.PEER else self.tiers
+        src: KVSource | None = self.peer if load.kind is SourceKind.PEER else self.tiers
         if src is None:
             raise RuntimeError(f"no {load.kind.value} source configured")
         return src
@@ -290,7 +254,7 @@ class KVConnector:
         self._adopted.append((self.source(load), load, block_ids))
         self.stats.adopted_blocks += len(block_ids)
 
-    # ------------------------------------------------------------------ writes and upkeep
+    # ------------------------------------------------------------------ export: write-through, upkeep
     def on_computed(self, block_ids: list[int], block_hashes: list[int]) -> None:
         """Full blocks whose KV was just computed (or loaded from a peer): offer them to the tiers."""
         if self.tiers is not None and block_ids:
@@ -299,8 +263,8 @@ class KVConnector:
     def tick(self) -> None:
         for src in filter(None, (self.peer, self.tiers)):
             src.tick()
-        if self._prefetches:
-            self._finish_prefetches()
+        if self._prefetches and self.tiers is not None:
+            self._finish_prefetches(self.tiers)
         if self._adopted:
             still = []
             for src, load, blocks in self._adopted:
@@ -317,3 +281,61 @@ class KVConnector:
 
     def drain_events(self) -> list[KVEvent]:
         return self.tiers.drain_events() if self.tiers is not None else []
+
+    # ------------------------------------------------------------------ export: leases and pins
+    def request_finished(self, seq: Sequence) -> bool:
+        """A request is done: pin its session's blocks in the CPU tier (kv_retention_s), and lease its blocks for
+        the reader if it holds KV for one.  True when the connector took the blocks (leased: the caller must not
+        free them)."""
+        if seq.kv_retention_s and seq.session_id and self.tiers is not None:
+            seq.update_block_hashes()
+            self.tiers.pin(seq.session_id, seq.block_hashes[: seq.num_registered_blocks], seq.kv_retention_s)
+        if not seq.hold_kv:
+            return False
+        # the KV of every token but the last sampled one is in the blocks (the last has no KV yet)
+        self.leases.hold(seq.request_id, seq.block_ids, seq.num_tokens - 1)
+        return True
+
+    def prefill_result(
+        self,
+        request_id: str,
+        agent_name: str,
+        first_token: int,
+        finish_reason: str | None,
+        num_cached_tokens: int = 0,
+        first_logprobs: list | None = None,
+    ) -> PrefillResult:
+        """Describe a finished hold_kv request's leased blocks for the reader."""
+        lease = self.leases.leases[request_id]
+        return PrefillResult(
+            request_id=request_id,
+            agent_name=agent_name,
+            block_ids=list(lease.block_ids),
+            regions=list(lease.regions),
+            num_tokens=lease.num_tokens,
+            first_token=first_token,
+            finish_reason=FinishReason(finish_reason) if finish_reason is not None else None,
+            num_cached_tokens=num_cached_tokens,
+            first_logprobs=first_logprobs,
+        )
+
+    def export_prefix(self, request_id: str, block_hashes: list[int], agent_name: str) -> PrefillResult | None:
+        """Lease the leading `block_hashes` this worker holds on the device or in its CPU tier, for a peer to
+        read instead of recomputing them; None if it holds none."""
+        hits = self.pool.lookup_prefix(block_hashes)
+        self.pool.touch(hits)
+        slots = self.tiers.export(block_hashes[len(hits) :]) if self.tiers is not None else []
+        if not hits and not slots:
+            return None
+        regions = [Tier.DEVICE.value] * len(hits) + [Tier.CPU.value] * len(slots)
+        n = len(hits) + len(slots)
+        self.leases.hold(request_id, hits + slots, n * self.block_size, regions=regions)
+        return PrefillResult(request_id, agent_name, hits + slots, regions, n * self.block_size)
+
+    def release_lease(self, request_id: str) -> bool:
+        """The reader is done with a lease (its notification), or gave up on it: free its blocks now."""
+        return self.leases.release(request_id)
+
+    def expire_leases(self, now: float | None = None) -> list[str]:
+        """End the leases whose reader vanished (past their TTL)."""
+        return self.leases.expire(now)

@@ -1,20 +1,18 @@
-"""CPU tier: host-memory block slots in the device cache's block-major layout, indexed by block hash.
+"""CPU tier memory: host-memory block slots in the device cache's block-major layout.
 
 One tensor [slots, layers, 2, block_size, kv_heads, head_dim] (pinned on CUDA hosts), registered with the
-worker's NIXL agent by the worker so peers can READ slots directly.  A slot is in one of four states:
+worker's NIXL agent by the worker so peers can READ slots directly.  A slot is in one of three states:
 
     free       on the free list
-    writing    reserved for a store whose copy has not completed: invisible to lookups
-    committed  holds a block's KV under its hash: in the LRU index, visible to lookups
-    (any committed slot may also be referenced: read by a load, a peer or a demotion; never evicted then)
+    writing    reserved for a store whose copy has not completed: not in the tier index, invisible to lookups
+    committed  holds a block's KV; the tier index (kv/tier_index.py) maps its hash to the slot
+    (any committed slot may also be referenced: read by a load, a peer or a demotion; never freed then)
 
-Pure bookkeeping plus the tensor; the TieredStore decides what to store, evict and demote.
+Memory and slot bookkeeping only; which hash lives where, and what to store, evict and demote, is the tier
+index's and the TieredStore's.
 """
 
 from __future__ import annotations
-
-from collections import OrderedDict
-from collections.abc import Callable
 
 import torch
 
@@ -29,49 +27,24 @@ class CpuTier:
         self.tensor = torch.zeros((num_slots, *block_shape), dtype=dtype, pin_memory=pin_memory)
         self.block_bytes = self.tensor[0].numel() * self.tensor.element_size()
         self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
-        self._index: OrderedDict[int, int] = OrderedDict()  # hash -> slot, least recently used first
         self._refs: dict[int, int] = {}  # slot -> references (loads, peer reads, demotions in flight)
 
-    # ------------------------------------------------------------------ queries
     @property
     def num_free(self) -> int:
         return len(self._free)
 
-    @property
-    def num_committed(self) -> int:
-        return len(self._index)
-
-    def slot_of(self, block_hash: int) -> int | None:
-        return self._index.get(block_hash)
-
-    def __contains__(self, block_hash: int) -> bool:
-        return block_hash in self._index
-
-    def hashes(self) -> list[int]:
-        return list(self._index)
-
     def is_referenced(self, slot: int) -> bool:
         return self._refs.get(slot, 0) > 0
 
-    # ------------------------------------------------------------------ mutations
     def reserve(self) -> int | None:
         """A free slot for a store (None if none is free)."""
         return self._free.pop() if self._free else None
 
-    def unreserve(self, slot: int) -> None:
+    def release(self, slot: int) -> None:
+        """A slot's block left the tier (or its store was a duplicate): free it."""
+        if self.is_referenced(slot):
+            raise RuntimeError(f"freeing CPU slot {slot} while it is being read")
         self._free.append(slot)
-
-    def commit(self, block_hash: int, slot: int) -> bool:
-        """The store into `slot` completed: make it visible. False (slot freed) if the hash is already here."""
-        if block_hash in self._index:
-            self._free.append(slot)
-            return False
-        self._index[block_hash] = slot
-        return True
-
-    def touch(self, block_hash: int) -> None:
-        if block_hash in self._index:
-            self._index.move_to_end(block_hash)
 
     def ref(self, slot: int) -> None:
         self._refs[slot] = self._refs.get(slot, 0) + 1
@@ -82,20 +55,3 @@ class CpuTier:
             self._refs[slot] = left
         else:
             del self._refs[slot]
-
-    def victims(self, n: int, keep: Callable[[int], bool]) -> list[int]:
-        """Up to n least-recently-used hashes that may leave: not referenced and not kept (pinned / demoting)."""
-        out: list[int] = []
-        for h, slot in self._index.items():
-            if len(out) >= n:
-                break
-            if not self.is_referenced(slot) and not keep(h):
-                out.append(h)
-        return out
-
-    def drop(self, block_hash: int) -> None:
-        """Forget a committed, unreferenced block and free its slot."""
-        slot = self._index.pop(block_hash)
-        if self.is_referenced(slot):
-            raise RuntimeError(f"dropping CPU slot {slot} while it is being read")
-        self._free.append(slot)

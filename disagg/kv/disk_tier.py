@@ -14,10 +14,12 @@ length and checksum; any mismatch (a bit flip, a truncated file, a file from ano
 gone missing) is a `CorruptBlock`, which the store turns into a miss (recompute) and a counter, never into KV.
 
 On start the directory is scanned (temp files left by a crash are deleted) and every well-formed block file is
-indexed again, least recently modified first, so a restarted worker serves its previous prefixes from disk.
+listed (`scanned`), least recently modified first, for the tier index (kv/tier_index.py) to take back, so a
+restarted worker serves its previous prefixes from disk.  Which blocks the tier holds, in what LRU order, is the
+tier index's: this class only keeps the files.
 
 Thread model: `write_file` / `read_file` do I/O and touch no shared state (they run on the store's I/O
-threads); the index is only changed by the engine thread (`commit`, `forget`, `evict_for`).
+threads); files are only deleted by the engine thread (`delete`, for blocks the index evicted or found corrupt).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,16 +83,16 @@ class DiskTier:
         self.file_bytes = HEADER_BYTES + block_bytes
         self.fsync = fsync
         self._open = opener  # injectable so tests can simulate a full or failing disk
-        self._index: OrderedDict[int, None] = OrderedDict()  # hash -> (LRU order)
-        self.num_rescanned = 0
         self.num_discarded_on_scan = 0
-        self._scan()
+        self.scanned = self._scan()  # blocks found on start, oldest first: the tier index takes them from here
+        self.num_rescanned = len(self.scanned)
 
     def close(self) -> None:
         self._lock.close()
 
-    # ------------------------------------------------------------------ index (engine thread)
-    def _scan(self) -> None:
+    # ------------------------------------------------------------------ files (engine thread)
+    def _scan(self) -> list[int]:
+        """The hashes of the well-formed block files here, least recently modified first."""
         entries = []
         for path in self.dir.iterdir():
             if path.name.endswith(".tmp"):  # a write that never committed
@@ -109,50 +110,15 @@ class DiskTier:
                 self.num_discarded_on_scan += 1
                 continue
             entries.append((stat.st_mtime_ns, block_hash))
-        for _, block_hash in sorted(entries):
-            self._index[block_hash] = None
-        self.num_rescanned = len(self._index)
-        for _ in self.evict_for(0):
-            pass  # a smaller capacity than last time: drop the oldest
-
-    def __contains__(self, block_hash: int) -> bool:
-        return block_hash in self._index
-
-    def hashes(self) -> list[int]:
-        return list(self._index)
+        return [block_hash for _, block_hash in sorted(entries)]
 
     @property
-    def num_blocks(self) -> int:
-        return len(self._index)
+    def capacity_blocks(self) -> int:
+        return self.capacity_bytes // self.file_bytes
 
-    @property
-    def used_bytes(self) -> int:
-        return len(self._index) * self.file_bytes
-
-    def touch(self, block_hash: int) -> None:
-        if block_hash in self._index:
-            self._index.move_to_end(block_hash)
-
-    def commit(self, block_hash: int) -> bool:
-        """A write completed (the file is in place): index it. False if it was already indexed."""
-        if block_hash in self._index:
-            return False
-        self._index[block_hash] = None
-        return True
-
-    def forget(self, block_hash: int) -> None:
-        """Drop a block (corrupt, or evicted) from the index and the disk."""
-        self._index.pop(block_hash, None)
+    def delete(self, block_hash: int) -> None:
+        """Remove a block's file (evicted, or found corrupt)."""
         self.path(block_hash).unlink(missing_ok=True)
-
-    def evict_for(self, incoming_bytes: int) -> list[int]:
-        """Delete least recently used blocks until `incoming_bytes` more fit; returns the evicted hashes."""
-        evicted = []
-        while self._index and self.used_bytes + incoming_bytes > self.capacity_bytes:
-            block_hash, _ = self._index.popitem(last=False)
-            self.path(block_hash).unlink(missing_ok=True)
-            evicted.append(block_hash)
-        return evicted
 
     def path(self, block_hash: int) -> Path:
         return self.dir / f"{block_hash:016x}{_SUFFIX}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from disagg.errors import TransferFailed
-from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
+from disagg.kv.load import KVLoad, LoadState, SourceKind, _Notifier
 from disagg.protocol import PrefillResult
 from disagg.transfer.base import KVTransport, TransferState
 

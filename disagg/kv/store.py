@@ -1,5 +1,10 @@
 """TieredStore: the CPU and disk tiers behind one worker, as a KV source (loads) and sink (write-through stores).
 
+It is the I/O mover over a pure tier index (kv/tier_index.py: what each tier holds, LRU, pins, and the KVEvents,
+tagged with their tier, that `drain_events` hands to the worker): it owns the CPU tier's memory (kv/cpu_tier.py),
+the disk tier's files (kv/disk_tier.py), the block copier (device <-> CPU, off the engine thread) and the disk
+I/O threads, and changes the index when a move completes.
+
 Policy:
   * store    every newly computed full block is copied device -> CPU right after the step that computed it
              (write-through, the copy off the step's critical path: the store holds a reference on the device
@@ -13,27 +18,27 @@ Policy:
              so a load abandoned past its deadline can never write into a reused block).
   * pin      a session's blocks can be pinned for a TTL: pinned blocks are never demoted or evicted from the CPU
              tier.  Pins are per session, expire on time and fit a per-worker budget (oldest pins go first).
-
-Every change to what a tier holds becomes a KVEvent tagged with the tier; `drain_events` hands them to the worker.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from disagg.kv.connector import KVLoad, KVSource, LoadState, SourceKind
 from disagg.kv.copier import BlockCopier, CopyJob
 from disagg.kv.cpu_tier import CpuTier
 from disagg.kv.disk_tier import CorruptBlock, DiskTier
-from disagg.kv.tier_config import TierConfig, TierStats, leading_tiers
-from disagg.protocol import EventKind, KVEvent, Tier
+from disagg.kv.load import KVLoad, KVTiers, LoadState
+from disagg.kv.seam import BlockPool
+from disagg.kv.tier_config import TierConfig, TierStats
+from disagg.kv.tier_index import LruBlocks, TierIndex
+from disagg.protocol import KVEvent, Tier
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +63,14 @@ class _Store:
     slots: list[int]
 
 
-class TieredStore(KVSource):
-    kind = SourceKind.TIERS
-
+class TieredStore(KVTiers):
     def __init__(
-        self, config: TierConfig, pool: Any, device_kv: torch.Tensor, fingerprint: str, disk_opener: Any = open
+        self,
+        config: TierConfig,
+        pool: BlockPool,
+        device_kv: torch.Tensor,
+        fingerprint: str,
+        disk_opener: Callable[..., Any] = open,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -81,17 +89,23 @@ class TieredStore(KVSource):
         self.copier = BlockCopier(device_kv.device)
         self._direct = not device_kv.is_cuda  # disk blocks are read straight into (host) device blocks
         self._io = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="kv-disk")
-        self.pin_budget = int(num_slots * config.pin_budget_fraction)
-        self.stats = TierStats()
+        disk_index = LruBlocks(self.disk.capacity_blocks) if self.disk is not None else None
+        self.index = TierIndex(LruBlocks(), disk_index, int(num_slots * config.pin_budget_fraction))
+        if self.disk is not None:  # take back what a previous run left on disk (past a smaller capacity: deleted)
+            for h in self.index.restore_disk(self.disk.scanned):
+                self.disk.delete(h)
         self.load_s_per_block: dict[Tier, float] = {}
-        self._events: list[KVEvent] = []
         self._stores: list[_Store] = []
         self._storing: set[int] = set()  # hashes whose store copy is in flight
         self._demoting: dict[int, tuple[Future, int]] = {}  # hash -> (write future, cpu slot)
-        self._pins: dict[str, tuple[float, list[int]]] = {}  # session -> (expiry, hashes)
-        self._pinned: Counter = Counter()  # hash -> sessions pinning it
-        if self.disk is not None and self.disk.num_blocks:
-            self._events.append(KVEvent(EventKind.STORED, self.disk.hashes(), tier=Tier.DISK))
+
+    @property
+    def stats(self) -> TierStats:
+        return self.index.stats
+
+    @property
+    def pin_budget(self) -> int:
+        return self.index.pin_budget
 
     @property
     def _disk(self) -> DiskTier:
@@ -102,28 +116,22 @@ class TieredStore(KVSource):
     # ------------------------------------------------------------------ lookups
     def lookup(self, block_hashes: list[int], count: bool = True) -> list[Tier]:
         """The tier of each of the leading `block_hashes` held in CPU or on disk (CPU preferred)."""
-        tiers = leading_tiers(block_hashes, self.cpu, self.disk)
-        if count and block_hashes:
-            self.stats.count_lookup(len(block_hashes), tiers)
-        return tiers
+        return self.index.lookup(block_hashes, count)
 
     def tier_hashes(self) -> dict[Tier, list[int]]:
-        out = {Tier.CPU: self.cpu.hashes()}
-        if self.disk is not None:
-            out[Tier.DISK] = self.disk.hashes()
-        return out
+        return self.index.tier_hashes()
 
     # ------------------------------------------------------------------ loads (KVSource)
     def start(self, load: KVLoad) -> None:
         cpu_src, cpu_dst, disk_pos = [], [], []
         for i, (tier, h) in enumerate(zip(load.tiers, load.block_hashes)):
             if tier is Tier.CPU:
-                slot = self.cpu.slot_of(h)
+                slot = self.index.cpu.get(h)
                 if slot is None:  # evicted between plan and start: load only the run before it
                     load.tiers, load.block_hashes = load.tiers[:i], load.block_hashes[:i]
                     break
                 self.cpu.ref(slot)
-                self.cpu.touch(h)
+                self.index.touch(Tier.CPU, h)
                 cpu_src.append(slot)
                 cpu_dst.append(load.dst_block_ids[i])
             else:
@@ -177,7 +185,7 @@ class TieredStore(KVSource):
             if i < bad:
                 if payload is not None:
                     self._copy_in(payload, load.dst_block_ids[i])
-                self._disk.touch(load.block_hashes[i])
+                self.index.touch(Tier.DISK, load.block_hashes[i])
         load.num_ok_blocks = min(bad, len(load.block_hashes))
         self._account(load)
         return LoadState.DONE
@@ -187,31 +195,17 @@ class TieredStore(KVSource):
         self.device_kv[dst_block].view(-1).view(torch.uint8).copy_(src)
 
     def _account(self, load: KVLoad) -> None:
-        n = load.num_ok_blocks
-        if n == 0:
-            self.stats.failed_loads += 1
-            return
-        tiers = load.tiers[:n]
-        elapsed = time.monotonic() - load.started
-        tier = Tier.DISK if Tier.DISK in tiers else Tier.CPU
-        self.stats.loads[tier] += 1
-        self.stats.load_seconds[tier] += elapsed
-        for t in tiers:
-            self.stats.loaded_blocks[t] += 1
-            self.stats.bytes_loaded[t] += self.cpu.block_bytes
-        a = self.config.ewma_alpha
-        per_block = elapsed / n
-        old = self.load_s_per_block.get(tier)
-        self.load_s_per_block[tier] = per_block if old is None else (1 - a) * old + a * per_block
-        if n < len(load.block_hashes):
-            self.stats.failed_loads += 1
+        n, elapsed = load.num_ok_blocks, time.monotonic() - load.started
+        tier = self.stats.count_load(load.tiers[:n], len(load.block_hashes), elapsed, self.cpu.block_bytes)
+        if tier is not None:  # the slowest tier of the load: its measured time per block
+            a, per_block, old = self.config.ewma_alpha, elapsed / n, self.load_s_per_block.get(tier)
+            self.load_s_per_block[tier] = per_block if old is None else (1 - a) * old + a * per_block
 
     def _on_corrupt(self, block_hash: int, exc: CorruptBlock) -> None:
         log.warning("disk KV block %016x unusable (%s): recomputing", block_hash, exc)
         self.stats.corrupt[exc.reason] += 1
-        if self.disk is not None and block_hash in self.disk:
-            self.disk.forget(block_hash)
-            self._events.append(KVEvent(EventKind.REMOVED, [block_hash], tier=Tier.DISK))
+        if self.index.forget_disk(block_hash):
+            self._disk.delete(block_hash)
 
     def _release_slots(self, tl: _TierLoad) -> None:
         if not tl.slots_released:
@@ -238,7 +232,7 @@ class TieredStore(KVSource):
     def store(self, block_ids: list[int], block_hashes: list[int]) -> None:
         blocks, hashes, slots = [], [], []
         for b, h in zip(block_ids, block_hashes):
-            if h in self.cpu or h in self._storing or h in hashes:
+            if h in self.index.cpu or h in self._storing or h in hashes:
                 continue
             slot = self.cpu.reserve()
             if slot is None:
@@ -258,19 +252,22 @@ class TieredStore(KVSource):
         )
 
     def _evict_one(self) -> int | None:
-        victims = self.cpu.victims(1, self._keep)
+        victims = self.index.cpu_victims(1, self._keep)
         if not victims:
             return None
         self._drop_cpu(victims[0])
         return self.cpu.reserve()
 
     def _keep(self, block_hash: int) -> bool:
-        return block_hash in self._pinned or block_hash in self._demoting
+        """Besides pinned blocks: a block being read (a load, a peer, its demotion) stays in CPU."""
+        slot = self.index.cpu.get(block_hash)
+        return block_hash in self._demoting or (slot is not None and self.cpu.is_referenced(slot))
 
     def _drop_cpu(self, block_hash: int) -> None:
-        self.cpu.drop(block_hash)
-        self.stats.evictions[Tier.CPU] += 1
-        self._events.append(KVEvent(EventKind.REMOVED, [block_hash], tier=Tier.CPU))
+        slot = self.index.cpu.get(block_hash)
+        assert slot is not None  # only committed blocks are dropped
+        self.cpu.release(slot)
+        self.index.drop_cpu([block_hash])
 
     def _finish_stores(self, wait: bool = False) -> None:
         pending = []
@@ -280,13 +277,20 @@ class TieredStore(KVSource):
                 continue
             st.job.wait()
             self.pool.free(st.device_blocks)
-            committed = [h for h, slot in zip(st.hashes, st.slots) if self.cpu.commit(h, slot)]
+            committed = [h for h, slot in zip(st.hashes, st.slots) if self._commit_cpu(h, slot)]
             self._storing.difference_update(st.hashes)
             if committed:
-                self.stats.stored_blocks[Tier.CPU] += len(committed)
                 self.stats.bytes_stored[Tier.CPU] += len(committed) * self.cpu.block_bytes
-                self._events.append(KVEvent(EventKind.STORED, committed, tier=Tier.CPU))
+                self.index.stored(Tier.CPU, committed)
         self._stores = pending
+
+    def _commit_cpu(self, block_hash: int, slot: int) -> bool:
+        """The store into `slot` completed: make it visible.  False (slot freed) if the hash is already here."""
+        if block_hash in self.index.cpu:
+            self.cpu.release(slot)
+            return False
+        self.index.cpu.add(block_hash, slot)
+        return True
 
     # ------------------------------------------------------------------ demotion to disk
     def _demote(self) -> None:
@@ -296,11 +300,11 @@ class TieredStore(KVSource):
 
     def demote(self, n: int | None = None) -> None:
         """Start moving the n (None: all) least recently used unpinned CPU blocks to disk (or drop them)."""
-        for h in self.cpu.victims(self.cpu.num_slots if n is None else n, self._keep):
-            if self.disk is None or h in self.disk:
+        for h in self.index.cpu_victims(self.cpu.num_slots if n is None else n, self._keep):
+            if self.disk is None or self.index.on_disk(h):
                 self._drop_cpu(h)
                 continue
-            slot = self.cpu.slot_of(h)
+            slot = self.index.cpu.get(h)
             assert slot is not None  # a victim is a committed CPU block
             self.cpu.ref(slot)
             payload = self.cpu.tensor[slot].view(-1).view(torch.uint8).numpy().data
@@ -319,58 +323,32 @@ class TieredStore(KVSource):
                 log.warning("disk tier write of %016x failed (%s); block stays in CPU", h, exc)
                 continue
             disk = self._disk
-            evicted = disk.evict_for(disk.file_bytes)
-            if evicted:
-                self.stats.evictions[Tier.DISK] += len(evicted)
-                self._events.append(KVEvent(EventKind.REMOVED, evicted, tier=Tier.DISK))
-            if disk.commit(h):
-                self.stats.stored_blocks[Tier.DISK] += 1
+            evicted, added = self.index.commit_disk(h)
+            for old in evicted:
+                disk.delete(old)
+            if added:
                 self.stats.bytes_stored[Tier.DISK] += disk.block_bytes
-                self._events.append(KVEvent(EventKind.STORED, [h], tier=Tier.DISK))
-            if h in self.cpu and not self.cpu.is_referenced(slot) and h not in self._pinned:
+            if h in self.index.cpu and not self.cpu.is_referenced(slot) and not self.index.is_pinned(h):
                 self._drop_cpu(h)
 
     # ------------------------------------------------------------------ pins
     def pin(self, session: str, block_hashes: list[int], ttl_s: float, now: float | None = None) -> int:
         """Pin a session's blocks for ttl_s (replacing its previous pin); returns how many blocks are pinned."""
-        now = time.monotonic() if now is None else now
-        self.unpin(session)
-        hashes = list(dict.fromkeys(block_hashes))[: self.pin_budget]
-        while self._pins and len(self._pinned) + sum(1 for h in hashes if h not in self._pinned) > self.pin_budget:
-            oldest = min(self._pins, key=lambda s: self._pins[s][0])
-            self.unpin(oldest)
-        if not hashes:
-            return 0
-        self._pins[session] = (now + ttl_s, hashes)
-        self._pinned.update(hashes)
-        return len(hashes)
-
-    def unpin(self, session: str) -> None:
-        entry = self._pins.pop(session, None)
-        if entry is not None:
-            self._pinned.subtract(entry[1])
-            self._pinned = +self._pinned  # drop zero counts
-
-    def expire_pins(self, now: float | None = None) -> int:
-        now = time.monotonic() if now is None else now
-        expired = [s for s, (deadline, _) in self._pins.items() if deadline <= now]
-        for s in expired:
-            self.unpin(s)
-        return len(expired)
+        return self.index.pin(session, block_hashes, ttl_s, time.monotonic() if now is None else now)
 
     def is_pinned_session(self, session: str) -> bool:
-        return session in self._pins
+        return self.index.is_pinned_session(session)
 
     @property
     def num_pinned_blocks(self) -> int:
-        return len(self._pinned)
+        return self.index.num_pinned_blocks
 
     # ------------------------------------------------------------------ peers: CPU slots read over NIXL
     def export(self, block_hashes: list[int]) -> list[int]:
         """Reference the CPU slots of the leading `block_hashes` held in CPU (for a peer's read)."""
         slots = []
         for h in block_hashes:
-            slot = self.cpu.slot_of(h)
+            slot = self.index.cpu.get(h)
             if slot is None:
                 break
             self.cpu.ref(slot)
@@ -385,7 +363,7 @@ class TieredStore(KVSource):
     def tick(self) -> None:
         self._finish_stores()
         self._finish_demotions()
-        self.expire_pins()
+        self.index.expire_pins(time.monotonic())
         self._demote()
 
     def flush(self) -> None:
@@ -394,22 +372,21 @@ class TieredStore(KVSource):
         self._finish_demotions(wait=True)
 
     def drain_events(self) -> list[KVEvent]:
-        events, self._events = self._events, []
-        return events
+        return self.index.drain_events()
 
     def gauges(self) -> dict[str, float]:
         g: dict[str, float] = {
-            "cpu_blocks": self.cpu.num_committed,
+            "cpu_blocks": len(self.index.cpu),
             "cpu_capacity_blocks": self.cpu.num_slots,
             "pinned_blocks": self.num_pinned_blocks,
-            "pinned_sessions": len(self._pins),
+            "pinned_sessions": self.index.num_pinned_sessions,
             "stores_in_flight": len(self._stores),
             "demotions_in_flight": len(self._demoting),
         }
-        if self.disk is not None:
+        if self.disk is not None and self.index.disk is not None:
             g.update(
-                disk_blocks=self.disk.num_blocks,
-                disk_bytes=self.disk.used_bytes,
+                disk_blocks=len(self.index.disk),
+                disk_bytes=len(self.index.disk) * self.disk.file_bytes,
                 disk_capacity_bytes=self.disk.capacity_bytes,
             )
         return g

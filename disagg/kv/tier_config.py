@@ -50,6 +50,22 @@ class TierStats:
         self.query_blocks += num_queried
         self.hit_blocks.update(tiers)
 
+    def count_load(self, ok_tiers: list[Tier], num_blocks: int, seconds: float, block_bytes: int) -> Tier | None:
+        """A load of `num_blocks` finished with the leading `ok_tiers` intact; returns the tier it is counted
+        under (disk if any block came from disk), None if nothing arrived."""
+        if not ok_tiers:
+            self.failed_loads += 1
+            return None
+        tier = Tier.DISK if Tier.DISK in ok_tiers else Tier.CPU
+        self.loads[tier] += 1
+        self.load_seconds[tier] += seconds
+        for t in ok_tiers:
+            self.loaded_blocks[t] += 1
+            self.bytes_loaded[t] += block_bytes
+        if len(ok_tiers) < num_blocks:
+            self.failed_loads += 1
+        return tier
+
 
 class HoldsBlocks(Protocol):
     def __contains__(self, block_hash: int, /) -> bool: ...

@@ -26,9 +26,6 @@ class TransferState(enum.Enum):
     FAILED = "failed"
 
 
-TransferError = TransferFailed  # the transfer layer's name for the project-wide error
-
-
 @dataclass
 class KVRegion:
     base_addr: int

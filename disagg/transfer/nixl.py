@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from disagg.transfer.base import KVLayout, KVTransport, TransferError, TransferState, plan_regions
+from disagg.errors import TransferFailed
+from disagg.transfer.base import KVLayout, KVTransport, TransferState, plan_regions
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +174,16 @@ class NixlTransport(KVTransport):
             added = self.agent.add_remote_agent(lay.agent_metadata)
             added = added.decode() if isinstance(added, bytes) else added
             if added != name:
-                raise TransferError(f"peer metadata names {added!r}, layout says {name!r}")
+                raise TransferFailed(f"peer metadata names {added!r}, layout says {name!r}")
             self._peers[name] = lay
 
     def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
         remote = self._peers.get(peer)
         if remote is None:
-            raise TransferError(f"unknown peer {peer!r}")
+            raise TransferFailed(f"unknown peer {peer!r}")
         plans = plan_regions(remote, self.layout(), remote_refs, local_blocks)
         if not plans:
-            raise TransferError("nothing to read")
+            raise TransferFailed("nothing to read")
         local = self.layout().region("device")
         single = len(plans) == 1
         read = _Read(peer, [], None if single else notify)
@@ -195,12 +196,12 @@ class NixlTransport(KVTransport):
                 handle = self.agent.initialize_xfer("READ", local_descs, remote_descs, peer, notify if single else b"")
                 read.handles.append(handle)
                 if self.agent.transfer(handle) == "ERR":
-                    raise TransferError(f"NIXL read from {peer} failed to post")
+                    raise TransferFailed(f"NIXL read from {peer} failed to post")
         except Exception as exc:  # NIXL raises its own error types from the bindings
             self.release(read)
-            if isinstance(exc, TransferError):
+            if isinstance(exc, TransferFailed):
                 raise
-            raise TransferError(f"NIXL read from {peer} failed to start: {exc}") from exc
+            raise TransferFailed(f"NIXL read from {peer} failed to start: {exc}") from exc
         self.num_reads += 1
         self.bytes_read += sum(n for plan in plans for _, n in plan.dst)
         return read
@@ -230,7 +231,7 @@ class NixlTransport(KVTransport):
 
     def notify(self, peer: str, message: bytes) -> None:
         if peer not in self._peers:
-            raise TransferError(f"unknown peer {peer!r}")
+            raise TransferFailed(f"unknown peer {peer!r}")
         self.agent.send_notif(peer, message)
 
     def notifications(self) -> list[bytes]:

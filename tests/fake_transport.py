@@ -1,10 +1,13 @@
-"""In-process transports for tests and fault injection.
+"""In-process transports for tests and fault injection (test doubles: the product never imports them).
 
 `LocalTransport`: peers are other LocalTransport objects in the same process (a shared registry); a read copies
-the blocks on its first poll.  It lets the engine's KV seam and the worker be tested without NIXL.
+the blocks on its first poll.  It lets the engine's KV seam and the worker be tested without NIXL.  It is no
+product transport: workers always live in separate processes, and only NIXL reaches another process.
 
 `FaultyTransport`: wraps any transport and makes its next reads fail or hang on demand (the chaos benchmark and
-the fault tests inject NIXL read failures and hangs through it; a hung read completes only when released).
+the fault tests inject NIXL read failures and hangs through it; a hung read completes only when released).  A
+worker in another process (a Ray actor) gets it by name: `WorkerConfig.transport_wrapper =
+"tests.fake_transport:FaultyTransport"`, resolved in that process at start-up (disagg/transfer/factory.py).
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from typing import Any
 
 import torch
 
+from disagg.errors import TransferFailed
 from disagg.kv.copier import copy_blocks
 from disagg.protocol import Tier
-from disagg.transfer.base import KVLayout, KVTransport, TransferError, TransferState, plan_regions
+from disagg.transfer.base import KVLayout, KVTransport, TransferState, plan_regions
 
 _REGISTRY: dict[str, LocalTransport] = {}
 _LOCK = threading.Lock()
@@ -64,7 +68,7 @@ class LocalTransport(KVTransport):
 
     def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
         if peer not in self._peers:
-            raise TransferError(f"unknown peer {peer!r}")
+            raise TransferFailed(f"unknown peer {peer!r}")
         plan_regions(self._peers[peer], self.layout(), remote_refs, local_blocks)  # same checks as NIXL
         return _LocalRead(peer, list(remote_refs), list(local_blocks), notify)
 
@@ -91,7 +95,7 @@ class LocalTransport(KVTransport):
         with _LOCK:
             owner = _REGISTRY.get(peer)
         if owner is None or peer not in self._peers:
-            raise TransferError(f"unknown peer {peer!r}")
+            raise TransferFailed(f"unknown peer {peer!r}")
         owner._notifs.append(message)
 
     def notifications(self) -> list[bytes]:
@@ -145,7 +149,7 @@ class FaultyTransport(KVTransport):
             fault, hang_s = self._faults.pop(0)
             self.injected[fault.value] += 1
             if fault is Fault.READ_FAIL:
-                raise TransferError(f"injected read failure from {peer}")
+                raise TransferFailed(f"injected read failure from {peer}")
             return _Hung(time.monotonic() + hang_s)
         return self.inner.read(peer, remote_refs, local_blocks, notify)
 

@@ -2,7 +2,8 @@
 
 A lease ends when the reader's NIXL notification names it (`release`), or when it expires (the reader
 vanished).  A lease may mix device blocks (freed on release) and CPU-tier slots (unreferenced on release);
-`regions[i]` says which `block_ids[i]` is.  The reading side is the KV connector (`disagg/kv/`).
+`regions[i]` says which `block_ids[i]` is.  The KV connector owns the table (its export side, kv/connector.py);
+the reading side is the same connector on the other worker.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from disagg.engine.block_pool import BlockPool
+from disagg.kv.seam import BlockPool
 from disagg.protocol import Tier
 
 
