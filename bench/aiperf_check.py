@@ -23,9 +23,9 @@ from pathlib import Path
 
 from bench.peers import System, start, stop, wait_ready
 from bench.replay import ReplayConfig, replay
-from bench.report import SLO
-from bench.traces import loaders
-from bench.traces.record import TraceRequest, TraceScale
+from disagg.workload import loaders
+from disagg.workload.metrics import SLO
+from disagg.workload.record import TraceRequest, TraceScale
 
 REPO = Path(__file__).resolve().parents[1]
 _SNAPSHOT = "0" * 40

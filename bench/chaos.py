@@ -32,10 +32,9 @@ from typing import Any
 
 import httpx
 
-from bench.common import percentile
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
-from bench.report import RequestRecord
-from bench.workload import load_workload
+from disagg.workload.metrics import RequestRecord, percentile
+from disagg.workload.options import load_workload
 
 FAULTS = ("kill-decode", "kill-prefill", "stop-decode", "stop-prefill", "kill-router", "read-fail", "read-hang")
 

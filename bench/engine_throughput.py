@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
-from bench.common import emit, mean, percentile, print_table
+from bench.common import emit, print_table
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
+from disagg.engine.runner import ModelRunner, load_model
 from disagg.protocol import SamplingParams
+from disagg.workload.metrics import mean, percentile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,8 +113,8 @@ def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> floa
     return x.numel() * 4 / best / 1e9
 
 
-def weight_bytes_per_token(engine: LLMEngine) -> int:
-    return engine.runner.model.weight_bytes_per_token()
+def weight_bytes_per_token(runner: ModelRunner) -> int:
+    return runner.model.weight_bytes_per_token()
 
 
 def spread(values: list[float]) -> dict:
@@ -146,7 +148,9 @@ def main() -> None:
         raise SystemExit(f"--threads {args.threads} but this process may run on {len(cpus)} CPUs")
     bind = ",".join(str(c) for c in sorted(cpus)[: args.threads])
 
-    engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=max(args.concurrency), num_threads=args.threads))
+    config = EngineConfig(model=args.model, max_num_seqs=max(args.concurrency), num_threads=args.threads)
+    runner, tokenizer = load_model(config)
+    engine = LLMEngine(config, runner, tokenizer)
     run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
     hf = run_hf_sequential(engine.config.model, make_prompts(engine, args.hf_requests), args.max_tokens)
     prompts_by_n = {n: make_prompts(engine, n) for n in args.concurrency}
@@ -163,7 +167,7 @@ def main() -> None:
         if vllm is not None:
             vllm.close()
     bandwidth = read_bandwidth_gbs(args.threads)
-    weights = weight_bytes_per_token(engine)
+    weights = weight_bytes_per_token(runner)
     rows = []
     for n in args.concurrency:
         tok_s = spread([r["output_tok_s"] for r in ours[n]])

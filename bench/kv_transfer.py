@@ -17,9 +17,10 @@ import time
 
 import torch
 
-from bench.common import emit, mean, percentile, print_table
+from bench.common import emit, print_table
 from disagg.transfer.base import KVLayout, TransferState
 from disagg.transfer.nixl import NixlTransport
+from disagg.workload.metrics import mean, percentile
 
 SHAPES = {  # layers, kv_heads, head_dim, dtype
     "smollm2-135m (fp32)": (30, 3, 64, torch.float32),

@@ -31,9 +31,9 @@ from typing import Any
 
 import httpx
 
-from bench.common import percentile
 from bench.sweeps import ARMS, aggregate_sweeps, rescore_study
 from disagg.router.admission import jain_index
+from disagg.workload.metrics import percentile
 
 
 @dataclass
@@ -277,7 +277,7 @@ def _synthetic(streams: list[tuple[str, int, float]], duration_s: float, prompt_
     """Poisson arrivals of one request shape as a trace (16-token hash blocks).  prefixes=0: every prompt
     distinct; else each prompt starts with one of `prefixes` shared prefixes of `shared_blocks` blocks (documents,
     system prompts) and ends with its own blocks, so where a request is routed decides its cache hits."""
-    from bench.traces.record import TraceRequest
+    from disagg.workload.record import TraceRequest
 
     rng = random.Random(seed)
     out = []
@@ -305,10 +305,10 @@ def _sim_summary(records, trace, duration_s: float, slo) -> dict[str, Any]:
 
 
 def run_sim(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.sim.cluster import SimClusterConfig
-    from bench.sim.run import simulate
-    from bench.sim.timemodel import StepTimeModel
-    from bench.traces.record import TraceScale
+    from disagg.sim.cluster import SimClusterConfig
+    from disagg.sim.run import simulate
+    from disagg.sim.timemodel import StepTimeModel
+    from disagg.workload.record import TraceScale
 
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
     scale = TraceScale(block_tokens=16, native_block=16)  # lengths as given

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import httpx
 
-from bench.report import SLO, parse_slos, write_report
 from bench.replay import ReplayConfig, replay
-from bench.traces import agent, loaders
-from bench.traces.record import TraceScale
+from disagg.workload import agent, loaders
+from disagg.workload.metrics import SLO, parse_slos
+from disagg.workload.record import TraceScale
+from disagg.workload.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 

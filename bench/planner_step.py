@@ -16,13 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.compare import ClusterSpec
-from bench.plan import Search, ranking
-from bench.report import SLO, RequestRecord
-from bench.sim.run import add_sim_args, sim_config, simulate
-from bench.sim.timemodel import StepTimeModel
-from bench.traces import agent
-from bench.traces.record import TraceRequest, TraceScale
+from disagg.planning.search import Search, ranking
+from disagg.planning.spec import ClusterSpec
+from disagg.sim.run import add_sim_args, sim_config, simulate
+from disagg.sim.timemodel import StepTimeModel
+from disagg.workload import agent
+from disagg.workload.metrics import SLO, RequestRecord
+from disagg.workload.record import TraceRequest, TraceScale
 
 _PHASE_ID_SHIFT = 100_000_000  # keeps the second phase's private hash_ids apart from the first's
 

@@ -20,9 +20,10 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from bench.report import SLO, RequestRecord, compute_metrics, parse_slos, write_report
-from bench.traces.record import TraceRequest, TraceScale
-from bench.workload import add_workload_args, load_workload
+from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
+from disagg.workload.options import add_workload_args, load_workload
+from disagg.workload.record import TraceRequest, TraceScale, send_units
+from disagg.workload.report import write_report
 
 
 @dataclass
@@ -68,23 +69,6 @@ class ReplayResult:
         if self.staleness is not None:
             m["staleness"] = self.staleness
         return m
-
-
-def _units(trace: list[TraceRequest]) -> list[list[int]]:
-    """Indices grouped into send units: one per session (in turn order) or one per lone request."""
-    sessions: dict[str, list[int]] = {}
-    units: list[list[int]] = []
-    for i, r in enumerate(trace):
-        if r.session_id is None:
-            units.append([i])
-        elif r.session_id in sessions:
-            sessions[r.session_id].append(i)
-        else:
-            sessions[r.session_id] = [i]
-            units.append(sessions[r.session_id])
-    for idx in sessions.values():
-        idx.sort(key=lambda i: trace[i].turn or 0)
-    return units
 
 
 def _arrivals(trace: list[TraceRequest], units: list[list[int]], cfg: ReplayConfig) -> list[float]:
@@ -241,7 +225,7 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
         model = cfg.model or await discover_model(client)
         before = await scrape_prefix_cache(client)
         stale_before = await scrape_staleness(client)
-        units = _units(trace)
+        units = send_units(trace)
         arrivals = _arrivals(trace, units, cfg)
         records: dict[int, RequestRecord] = {}
         bar = tqdm(total=len(trace), desc="replay", unit="req", disable=not cfg.progress, leave=False)

@@ -33,10 +33,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import emit, percentile, print_table
+from bench.common import emit, print_table
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
 from disagg.router.policy import PolicyConfig
+from disagg.workload.metrics import percentile
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces"
 TRACE_NAMES = ("mooncake_synthetic_trace.jsonl", "mooncake_conversation_trace.jsonl")

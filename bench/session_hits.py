@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.report import RequestRecord
-from bench.traces.record import TraceRequest, TraceScale
+from disagg.workload.metrics import RequestRecord
+from disagg.workload.record import TraceRequest, TraceScale
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -12,8 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile
-from bench.report import RequestRecord
+from disagg.workload.metrics import RequestRecord, percentile
 
 STAGES = ("router.queue", "router.route", "prefill.queue", "prefill.compute", "kv.transfer", "decode.queue",
           "decode.compute")

@@ -17,10 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, mean, percentile, print_table
-from bench.sim.timemodel import StepTimeModel, batch_features
-from bench.traces import loaders
-from bench.traces.record import TraceRequest, TraceScale
+import torch
+
+from bench.common import emit, print_table
+from disagg.config import EngineConfig
+from disagg.engine.engine import LLMEngine
+from disagg.engine.kv_cache import KVCache
+from disagg.engine.model import ModelConfig
+from disagg.engine.runner import ModelRunner, load_model
+from disagg.engine.scheduler import ScheduledBatch
+from disagg.protocol import TokenDelta
+from disagg.sim.timemodel import StepTimeModel, batch_features
+from disagg.workload import loaders
+from disagg.workload.metrics import mean, percentile
+from disagg.workload.record import TraceRequest, TraceScale
 
 
 def cpu_model() -> str:
@@ -35,32 +45,61 @@ def cpu_model() -> str:
 
 
 class _Recorder:
-    """Wraps the real runner: remembers the features of the batch each step executes."""
+    """A Runner around the real one: remembers the features of the batch each step executes."""
 
-    def __init__(self, runner: Any) -> None:
-        self.runner, self.features = runner, None
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.features: list[float] | None = None
 
-    def execute(self, batch):
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.runner.model_config
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    @property
+    def kv_cache(self) -> KVCache:
+        return self.runner.kv_cache
+
+    @property
+    def last_step_s(self) -> float:
+        return self.runner.last_step_s
+
+    @property
+    def last_logprobs(self) -> dict[int, list]:
+        return self.runner.last_logprobs
+
+    def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.features = batch_features(batch)
         return self.runner.execute(batch)
 
 
-def _engine(args: argparse.Namespace):
-    from disagg.config import EngineConfig
-    from disagg.engine.engine import LLMEngine
-
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, kv_cache_memory_mb=args.kv_cache_mb,
-                                    max_model_len=args.max_model_len,
-                                    max_num_batched_tokens=args.max_num_batched_tokens))
-    engine.runner = _Recorder(engine.runner)
-    return engine
+def _engine(args: argparse.Namespace) -> LLMEngine:
+    """The real engine in this process, its runner recording each step's batch features."""
+    config = EngineConfig(model=args.model, num_threads=args.threads, kv_cache_memory_mb=args.kv_cache_mb,
+                          max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens)
+    runner, tokenizer = load_model(config)
+    return LLMEngine(config, _Recorder(runner), tokenizer)
 
 
-def _timed_step(engine) -> tuple[list, float, list[float] | None]:
-    engine.runner.features = None
+def _timed_step(engine: LLMEngine) -> tuple[list[TokenDelta], float, list[float] | None]:
+    recorder = engine.runner
+    if not isinstance(recorder, _Recorder):
+        raise TypeError("calibration needs an engine from _engine() (its runner records the batches)")
+    recorder.features = None
     t0 = time.perf_counter()
     deltas = engine.step()
-    return deltas, time.perf_counter() - t0, engine.runner.features
+    return deltas, time.perf_counter() - t0, recorder.features
 
 
 def calibrate(engine, seed: int = 0) -> tuple[list[list[float]], list[float]]:
@@ -86,7 +125,7 @@ def calibrate(engine, seed: int = 0) -> tuple[list[list[float]], list[float]]:
 
 def run_real(engine, trace: list[TraceRequest], scale: TraceScale) -> dict[str, dict[str, float]]:
     """Wall-clock replay on the real engine; returns {request: {start, ttft, e2e}} in seconds."""
-    from bench.sim.cluster import sampling_for
+    from disagg.sim.cluster import sampling_for
 
     vocab = engine.model_config.vocab_size
     t_base = min(r.timestamp_ms for r in trace)
@@ -116,8 +155,8 @@ def run_real(engine, trace: list[TraceRequest], scale: TraceScale) -> dict[str, 
 
 
 def run_sim(trace: list[TraceRequest], scale: TraceScale, model: StepTimeModel, engine) -> dict[str, dict]:
-    from bench.sim.cluster import SimClusterConfig
-    from bench.sim.run import simulate
+    from disagg.sim.cluster import SimClusterConfig
+    from disagg.sim.run import simulate
 
     cfg = SimClusterConfig(num_prefill=0, num_decode=1, policy={"kind": "kv"}, num_blocks=engine.pool.num_blocks,
                            block_size=engine.config.block_size, max_num_seqs=engine.config.max_num_seqs,
@@ -155,7 +194,8 @@ def tier_load_times(engine, blocks: int = 64, repeats: int = 3) -> tuple[float, 
 
     from bench.offload import Rig
 
-    kv = engine.runner.runner.kv_cache.tensor
+    kv = engine.kv_tensor
+    assert kv is not None  # the real runner holds the device KV cache
     root = Path(tempfile.mkdtemp(prefix="calibrate-tiers-"))
     try:
         rig = Rig(blocks, tuple(kv.shape[1:]), kv.dtype, root)
@@ -193,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     xs, ys = calibrate(engine)
     model = StepTimeModel.fit(xs, ys, transfer_bandwidth=args.transfer_gbps * 1e9,
                               bytes_per_block=bytes_per_block(engine.model_config, engine.config.block_size,
-                                                              engine.runner.runner.dtype),
+                                                              engine.dtype),
                               # the model's folder name, not its path: the file is committed and machines differ
                               source=f"fitted on {len(ys)} steps of {Path(engine.config.model).name} "
                                      f"({args.threads} thread(s), {cpu_model()})")

@@ -40,7 +40,7 @@ from typing import Any
 
 import psutil
 
-from bench.sim.timemodel import StepTimeModel
+from disagg.sim.timemodel import StepTimeModel
 
 # the workers' engine settings everywhere below (bench/compare.py's defaults, as bench.sim.validate runs them)
 KV_CACHE_MB, MAX_MODEL_LEN, MAX_BATCHED_TOKENS = 256, 2048, 512
@@ -189,9 +189,9 @@ def tiny_requests(url: str, n: int, prompt_tokens: int = 8, first_id: int = 100)
 def _service(config_spec: str) -> Iterator[Any]:
     """A real cluster serving HTTP for one `bench compare` config spec (as bench.sim.validate runs it through
     bench/compare.py run_one: the same engine settings and a fresh disk-tier directory), shut down after."""
-    from bench.compare import parse_configs
     from disagg.cluster.launch import ClusterConfig, Service
     from disagg.model_store import default_model_dir
+    from disagg.planning.spec import parse_configs
 
     spec = parse_configs(config_spec)[0]
     engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": KV_CACHE_MB, "max_model_len": MAX_MODEL_LEN,
@@ -211,8 +211,8 @@ def cluster_costs(
     model: StepTimeModel, requests: int, sessions: int, session_rate: float, idle_s: float = 5.0
 ) -> dict[str, Any]:
     from bench.replay import ReplayConfig, replay
-    from bench.traces import agent
-    from bench.traces.record import TraceScale
+    from disagg.workload import agent
+    from disagg.workload.record import TraceScale
 
     with _service("agg-kv=0x2:kv") as service:
         tiny_requests(service.url, 5)  # warm-up

@@ -18,14 +18,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.compare import parse_configs, run_one
+from bench.compare import run_one
 from bench.replay import ReplayConfig
-from bench.report import SLO
-from bench.sim.run import add_sim_args, sim_config, simulate
-from bench.sim.timemodel import StepTimeModel
 from bench.stages import load_spans, per_request
-from bench.traces import agent, loaders
-from bench.traces.record import TraceScale
+from disagg.planning.spec import parse_configs
+from disagg.sim.run import add_sim_args, sim_config, simulate
+from disagg.sim.timemodel import StepTimeModel
+from disagg.workload import agent, loaders
+from disagg.workload.metrics import SLO
+from disagg.workload.record import TraceScale
 
 KEYS = ("median_ttft_ms", "p90_ttft_ms", "request_goodput")
 

@@ -14,24 +14,23 @@ import dataclasses
 import heapq
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
-from disagg.router.policy import PolicyConfig
-from disagg.router.policy import Decision
 from disagg.router.load import LoadTicket
+from disagg.router.policy import Decision, PolicyConfig
 from disagg.router.router import RouterCore, RouterCoreConfig
-
-from bench.sim.admission import SimAdmission
-from bench.sim.cores import CoresConfig, SharedCores
-from bench.sim.runner import SimRunner, sim_model_config
-from bench.sim.tiers import SimTiers
-from bench.sim.timemodel import StepTimeModel
+from disagg.sim.admission import SimAdmission
+from disagg.sim.cores import CoresConfig, SharedCores
+from disagg.sim.runner import SimRunner, sim_model_config
+from disagg.sim.tiers import SimTiers
+from disagg.sim.timemodel import StepTimeModel
 
 
 @dataclass
@@ -94,8 +93,8 @@ class EventLoop:
 
 
 class SimWorker:
-    def __init__(self, name: str, engine: LLMEngine, cluster: "SimCluster") -> None:
-        self.name, self.engine, self.cluster = name, engine, cluster
+    def __init__(self, name: str, engine: LLMEngine, runner: SimRunner, cluster: SimCluster) -> None:
+        self.name, self.engine, self.runner, self.cluster = name, engine, runner, cluster
         self.busy = False
         self.busy_seconds = 0.0
         self.alive = True
@@ -117,7 +116,7 @@ class SimWorker:
             if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
                 self.kick()
             return
-        duration = self.engine.runner.last_step_s * self.cluster.contention() * self.cluster.config.step_slowdown
+        duration = self.runner.last_step_s * self.cluster.contention() * self.cluster.config.step_slowdown
         self.busy = True
         self.busy_seconds += duration
         incarnation = self.incarnation
@@ -165,7 +164,7 @@ class SimPeerSource(_Notifier):
 
     kind = SourceKind.PEER
 
-    def __init__(self, cluster: "SimCluster", worker: SimWorker) -> None:
+    def __init__(self, cluster: SimCluster, worker: SimWorker) -> None:
         self.cluster, self.worker = cluster, worker
 
     def start(self, load: KVLoad) -> None:
@@ -228,7 +227,7 @@ class SimCluster:
         self._engine_cfg, self._mc = engine_cfg, mc
 
         def worker(name: str) -> SimWorker:
-            sim_worker = SimWorker(name, self._new_engine(), self)
+            sim_worker = SimWorker(name, *self._new_engine(), self)
             self._attach(sim_worker)
             return sim_worker
 
@@ -266,9 +265,9 @@ class SimCluster:
                 tiers.disk = disk
         worker.engine.attach(peer=SimPeerSource(self, worker), tiers=tiers)
 
-    def _new_engine(self) -> LLMEngine:
-        return LLMEngine(dataclasses.replace(self._engine_cfg), SimRunner(self.model, self.config.vocab_size),
-                         self._mc)
+    def _new_engine(self) -> tuple[LLMEngine, SimRunner]:
+        runner = SimRunner(self.model, self._mc, self.config.num_blocks)
+        return LLMEngine(dataclasses.replace(self._engine_cfg), runner), runner
 
     @property
     def workers(self) -> list[SimWorker]:
@@ -339,7 +338,7 @@ class SimCluster:
 
     def _restarted(self, worker: SimWorker) -> None:
         old_tiers = worker.engine.tiers
-        worker.engine = self._new_engine()
+        worker.engine, worker.runner = self._new_engine()
         self._attach(worker, disk=old_tiers.disk if old_tiers is not None else None)
         worker.alive, worker._seq_no = True, -1
         worker.heartbeat()  # a new incarnation: the router sees the restart

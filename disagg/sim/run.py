@@ -15,17 +15,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.compare import parse_configs
-from bench.replay import _units
-from bench.report import SLO, RequestRecord, compute_metrics, parse_slos, write_report
-from bench.sim.cluster import SimCluster, SimClusterConfig, sampling_for
-from bench.sim.faults import SimChaos, window_goodput
-from bench.sim.planner import SimPlanner
-from bench.sim.timemodel import StepTimeModel
-from bench.traces.record import TraceRequest, TraceScale
-from bench.workload import add_workload_args, load_workload
 from disagg.planner.policy import PlannerConfig
+from disagg.planning.spec import parse_configs
 from disagg.protocol import Request, TokenDelta
+from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
+from disagg.sim.faults import SimChaos, window_goodput
+from disagg.sim.planner import SimPlanner
+from disagg.sim.timemodel import StepTimeModel
+from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
+from disagg.workload.options import add_workload_args, load_workload
+from disagg.workload.record import TraceRequest, TraceScale, send_units
+from disagg.workload.report import write_report
 
 
 @dataclass
@@ -49,7 +49,7 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
     victims = chaos.schedule(cluster) if chaos is not None else []
     planner = SimPlanner(cluster, PlannerConfig(**config.planner)) if config.planner else None
     loop = cluster.loop
-    units = _units(trace)
+    units = send_units(trace)
     t0 = min(r.timestamp_ms for r in trace)
     records: dict[int, RequestRecord] = {}
     bar = tqdm(total=len(trace), desc="simulate", unit="req", disable=not progress, leave=False)

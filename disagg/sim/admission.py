@@ -5,12 +5,13 @@ the workers with room (`RouterCore.route_with_room`), exactly as `RouterCore.gen
 worker.  Refused ones are reported the way the HTTP API reports them (429)."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from disagg.errors import Overloaded
 from disagg.protocol import Request, TokenDelta
-from disagg.router.policy import Decision
 from disagg.router.admission import Entry
+from disagg.router.policy import Decision
 
 
 class SimAdmission:

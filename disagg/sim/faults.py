@@ -3,7 +3,7 @@ during and after (the same detection and restart behaviour as the real router: o
 in-flight requests migrate resumed after their delivered tokens, the worker rejoins empty after `restart_s`).
 The defaults are the figures `disagg bench chaos` measured on the real cluster (docs/benchmarks.md, SIGKILL rows);
 `SimChaos.measured(result.json)` takes them from a chaos run's result file instead (median over the SIGKILL
-injections), which is what `bench.sim.run --chaos-result` does."""
+injections), which is what `disagg.sim.run --chaos-result` does."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.report import SLO, RequestRecord
+from disagg.workload.metrics import SLO, RequestRecord
 
 
 @dataclass

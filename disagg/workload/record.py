@@ -5,7 +5,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.traces.tokens import prompt_tokens
+from disagg.workload.tokens import prompt_tokens
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TraceRequest:
         return row
 
     @classmethod
-    def from_json(cls, row: dict[str, Any]) -> "TraceRequest":
+    def from_json(cls, row: dict[str, Any]) -> TraceRequest:
         missing = {"timestamp", "input_length", "output_length"} - row.keys()
         if missing:
             raise ValueError(f"trace record lacks {sorted(missing)}: {row}")
@@ -95,3 +95,21 @@ class TraceScale:
                 "output_scale": self.length_factor if self.output_scale is None else self.output_scale,
                 "time_scale": self.time_scale, "max_input_tokens": self.max_input_tokens,
                 "max_output_tokens": self.max_output_tokens}
+
+
+def send_units(trace: list[TraceRequest]) -> list[list[int]]:
+    """Indices grouped into send units: one per session (in turn order) or one per lone request.  A replayer sends
+    a unit's first request at its arrival time and each later turn after the previous one finished."""
+    sessions: dict[str, list[int]] = {}
+    units: list[list[int]] = []
+    for i, r in enumerate(trace):
+        if r.session_id is None:
+            units.append([i])
+        elif r.session_id in sessions:
+            sessions[r.session_id].append(i)
+        else:
+            sessions[r.session_id] = [i]
+            units.append(sessions[r.session_id])
+    for idx in sessions.values():
+        idx.sort(key=lambda i: trace[i].turn or 0)
+    return units

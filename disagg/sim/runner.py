@@ -1,20 +1,28 @@
-"""The model stand-in for a simulated engine: samples deterministic tokens and prices each step."""
+"""The model stand-in for a simulated engine (a `Runner`, disagg/engine/runner.py): samples deterministic tokens
+and prices each step with the step-time model; it holds no KV memory."""
 from __future__ import annotations
 
 import zlib
 
+import torch
+
 from disagg.engine.model import ModelConfig
 from disagg.engine.scheduler import ScheduledBatch
-
-from bench.sim.timemodel import StepTimeModel
+from disagg.sim.timemodel import StepTimeModel
 
 
 class SimRunner:
-    """Duck-types ModelRunner.execute; `last_step_s` is the modelled duration of the step just executed."""
+    """A Runner whose `last_step_s` is the modelled duration of the step just executed (virtual time)."""
 
-    def __init__(self, model: StepTimeModel, vocab_size: int) -> None:
-        self.model, self.vocab_size = model, vocab_size
+    device = torch.device("cpu")
+    dtype = torch.float32
+    kv_cache = None  # block ids are bookkeeping only: no KV tensor to read or copy
+
+    def __init__(self, model: StepTimeModel, model_config: ModelConfig, num_blocks: int) -> None:
+        self.model, self.model_config, self.num_blocks = model, model_config, num_blocks
+        self.vocab_size = model_config.vocab_size
         self.last_step_s = 0.0
+        self.last_logprobs: dict[int, list] = {}  # simulated requests ask for no logprobs
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.last_step_s = self.model.step_time(batch)

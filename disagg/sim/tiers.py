@@ -5,7 +5,8 @@ drives it exactly as it drives the real store: lookup, start, poll, store, pin, 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from disagg.kv.connector import KVLoad, KVSource, LoadState, SourceKind
 from disagg.kv.tier_config import TierStats, leading_tiers

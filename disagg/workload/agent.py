@@ -10,7 +10,7 @@ Block identity follows the real cache: a block that is full in turn k keeps its 
 partial block of turn k changes content when text is appended, so it gets a new id.  Sampling is log-uniform
 between each range's bounds.  Everything is deterministic for a given seed.
 
-    python -m bench.traces.agent --profile coding_agent --sessions 50 --rate 0.5 --out agent.jsonl
+    python -m disagg.workload.agent --profile coding_agent --sessions 50 --rate 0.5 --out agent.jsonl
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
-from bench.traces.record import TraceRequest
+from disagg.workload.record import TraceRequest
 
 NATIVE_BLOCK = 512
 _SHARED_ID_BASE = 1_000_000_000  # system-prompt blocks: 1e9 + profile index * 1e6 + i
@@ -125,7 +125,7 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.traces.loaders import write_jsonl
+    from disagg.workload.loaders import write_jsonl
 
     parser = argparse.ArgumentParser(prog="disagg bench agent", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="coding_agent",

@@ -48,7 +48,7 @@ class StepTimeModel:
         return self.transfer_latency + num_blocks * self.bytes_per_block / self.transfer_bandwidth if num_blocks else 0.0
 
     @classmethod
-    def fit(cls, features: list[list[float]], seconds: list[float], **extra) -> "StepTimeModel":
+    def fit(cls, features: list[list[float]], seconds: list[float], **extra) -> StepTimeModel:
         coef = nnls(np.asarray(features, dtype=float), np.asarray(seconds, dtype=float))
         return cls(**dict(zip(FEATURES, (float(c) for c in coef))), **extra)
 
@@ -57,7 +57,7 @@ class StepTimeModel:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "StepTimeModel":
+    def load(cls, path: str | Path) -> StepTimeModel:
         return cls(**json.loads(Path(path).read_text()))
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bench.traces import agent, loaders
-from bench.traces.record import TraceRequest, TraceScale
+from disagg.workload import agent, loaders
+from disagg.workload.record import TraceRequest, TraceScale
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.traces.record import TraceRequest
+from disagg.workload.record import TraceRequest
 
 TRACES_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
 
