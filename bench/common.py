@@ -1,4 +1,5 @@
 """Helpers shared by benchmarks: table + JSON output (percentiles and means: disagg/workload/metrics.py)."""
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ Every (configuration, load) run gets a fresh cluster, so no run inherits another
 
     disagg bench compare --agent coding_agent --sessions 12 --configs agg-rr=0x2:round_robin,disagg-kv=1x1:kv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,15 @@ from disagg.workload.report import write_report
 DEFAULT_CONFIGS = "agg-rr=0x2:round_robin,agg-kv=0x2:kv,disagg-kv=1x1:kv"
 
 
-def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, warmup: bool = True,
-            trace_dir: str | None = None, slo: Any = None) -> ReplayResult:
+def run_one(
+    spec: ClusterSpec,
+    engine: dict[str, Any],
+    trace: list,
+    replay_cfg,
+    warmup: bool = True,
+    trace_dir: str | None = None,
+    slo: Any = None,
+) -> ReplayResult:
     import shutil
     import tempfile
 
@@ -36,10 +44,16 @@ def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, 
 
     disk_root = tempfile.mkdtemp(prefix="compare-kv-")
     tracing = {"file_dir": trace_dir} if trace_dir else None
-    service = Service(ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=dict(engine),
-                                    tiers=spec.tiers(disk_root), tracing=tracing),
-                      {"policy": spec.policy_config(), "port": 0,
-                       "planner": spec.planner_config(slo) or {}})
+    service = Service(
+        ClusterConfig(
+            num_prefill=spec.num_prefill,
+            num_decode=spec.num_decode,
+            engine=dict(engine),
+            tiers=spec.tiers(disk_root),
+            tracing=tracing,
+        ),
+        {"policy": spec.policy_config(), "port": 0, "planner": spec.planner_config(slo) or {}},
+    )
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement
             _warm(service.url, replay_cfg.vocab_size, spec.workers)
@@ -62,8 +76,9 @@ def _warm(url: str, vocab_size: int, n: int) -> None:
         model = client.get("/v1/models").json()["data"][0]["id"]
         for i in range(n):
             prompt = [(1000 + 7 * i + j) % vocab_size for j in range(40)]
-            client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2,
-                                                 "ignore_eos": True}).raise_for_status()
+            client.post(
+                "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2, "ignore_eos": True}
+            ).raise_for_status()
 
 
 def model_vocab_size(model_dir: str) -> int:
@@ -79,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", default="bench/results/compare")
-    parser.add_argument("--trace-dir", default=None,
-                        help="trace every request (spans as JSON lines here) and add a per-stage breakdown")
+    parser.add_argument(
+        "--trace-dir", default=None, help="trace every request (spans as JSON lines here) and add a per-stage breakdown"
+    )
     add_replay_args(parser)
     args = parser.parse_args(argv)
     specs = parse_configs(args.configs)
@@ -89,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from disagg.model_store import default_model_dir
+
     model = args.model or str(default_model_dir())
     args.vocab_size = model_vocab_size(model)
     if args.max_input_tokens is None:  # keep prompt + output inside the context; longer prompts keep their prefix
@@ -96,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_output_tokens is None:
         args.max_output_tokens = 256
     trace, scale, workload = load_workload(args)
-    engine = {"model": model, "kv_cache_memory_mb": args.kv_cache_mb, "max_model_len": args.max_model_len,
-              "num_threads": args.threads}
+    engine = {
+        "model": model,
+        "kv_cache_memory_mb": args.kv_cache_mb,
+        "max_model_len": args.max_model_len,
+        "num_threads": args.threads,
+    }
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     runs, records = [], {}
     try:
@@ -120,18 +141,39 @@ def main(argv: list[str] | None = None) -> int:
                 sessions = next_turn_hits(trace, rate_scale, result.records, args.vocab_size)
                 if sessions is not None:
                     metrics["next_turn"] = sessions
-                runs.append({"label": label, "config": spec.name, "rate": rate, "prefill_workers": spec.num_prefill,
-                             "decode_workers": spec.num_decode, "policy": spec.policy_config(), "metrics": metrics})
+                runs.append(
+                    {
+                        "label": label,
+                        "config": spec.name,
+                        "rate": rate,
+                        "prefill_workers": spec.num_prefill,
+                        "decode_workers": spec.num_decode,
+                        "policy": spec.policy_config(),
+                        "metrics": metrics,
+                    }
+                )
                 records[label] = result.records
                 turn_hit = f", next-turn hit {sessions['hit_ratio']:.1%}" if sessions else ""
-                print(f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, goodput "
-                      f"{metrics['request_goodput']:.3f} req/s, TTFT p50 {metrics['median_ttft_ms']:.0f} ms"
-                      f"{turn_hit} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(
+                    f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, goodput "
+                    f"{metrics['request_goodput']:.3f} req/s, TTFT p50 {metrics['median_ttft_ms']:.0f} ms"
+                    f"{turn_hit} ({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
-    meta = {"title": f"configuration comparison on {workload['name']}", "workload": workload,
-            "scale": scale.describe(), "settings": {"engine": engine, "rates": rates, "configs": args.configs,
-                                                     "arrival": args.arrival, "rate": args.rate}}
+    meta = {
+        "title": f"configuration comparison on {workload['name']}",
+        "workload": workload,
+        "scale": scale.describe(),
+        "settings": {
+            "engine": engine,
+            "rates": rates,
+            "configs": args.configs,
+            "arrival": args.arrival,
+            "rate": args.rate,
+        },
+    }
     paths = write_report(args.out, runs, meta, records)
     staged = {r["label"]: r["metrics"]["stages"] for r in runs if "stages" in r["metrics"]}
     if staged:
@@ -140,8 +182,15 @@ def main(argv: list[str] | None = None) -> int:
         paths["stages"] = stages.plot(staged, Path(args.out) / "stages.png")
         print(text)
     print(paths["markdown"].read_text())
-    print(json.dumps([{"label": r["label"], "goodput": r["metrics"]["request_goodput"],
-                       "failed": r["metrics"]["failed"]} for r in runs], indent=2))
+    print(
+        json.dumps(
+            [
+                {"label": r["label"], "goodput": r["metrics"]["request_goodput"], "failed": r["metrics"]["failed"]}
+                for r in runs
+            ],
+            indent=2,
+        )
+    )
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0 if all(r["metrics"]["failed"] == 0 for r in runs) else 1
 

@@ -7,6 +7,7 @@ Also measures the transfer's share of TTFT for a disaggregated request on a real
 
     .venv/bin/python -m bench.kv_transfer
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,22 +102,33 @@ def bench_shape(name, shape, token_counts, repeats) -> list[dict]:
 
         flat_src = src_copy.view(-1)[: nbytes // src_copy.element_size()]
         flat_dst = dst_kv.view(-1)[: nbytes // dst_kv.element_size()]
-        times = _time_interleaved({
-            "scattered": lambda: ours(scattered_src, scattered_dst),
-            "consecutive": lambda: ours(list(range(n)), list(range(n, 2 * n))),
-            "raw": raw,
-            "memcpy": lambda: flat_dst.copy_(flat_src),
-        }, repeats)
+        times = _time_interleaved(
+            {
+                "scattered": lambda: ours(scattered_src, scattered_dst),
+                "consecutive": lambda: ours(list(range(n)), list(range(n, 2 * n))),
+                "raw": raw,
+                "memcpy": lambda: flat_dst.copy_(flat_src),
+            },
+            repeats,
+        )
         t_scattered, t_consecutive, t_raw, t_memcpy = (times[k] for k in ("scattered", "consecutive", "raw", "memcpy"))
         gbps = lambda ts: nbytes / percentile(ts, 50) / 1e9  # noqa: E731
-        rows.append({"shape": name, "tokens": tokens, "MiB": nbytes / 2**20,
-                     "ours_scattered_GB_s": gbps(t_scattered), "ours_consecutive_GB_s": gbps(t_consecutive),
-                     "raw_nixl_GB_s": gbps(t_raw), "memcpy_GB_s": gbps(t_memcpy),
-                     "scattered_vs_raw": percentile(t_raw, 50) / percentile(t_scattered, 50),
-                     "consecutive_vs_raw": percentile(t_raw, 50) / percentile(t_consecutive, 50),
-                     "ours_scattered_p50_ms": percentile(t_scattered, 50) * 1e3,
-                     "ours_scattered_p99_ms": percentile(t_scattered, 99) * 1e3,
-                     "descriptors_scattered": n})
+        rows.append(
+            {
+                "shape": name,
+                "tokens": tokens,
+                "MiB": nbytes / 2**20,
+                "ours_scattered_GB_s": gbps(t_scattered),
+                "ours_consecutive_GB_s": gbps(t_consecutive),
+                "raw_nixl_GB_s": gbps(t_raw),
+                "memcpy_GB_s": gbps(t_memcpy),
+                "scattered_vs_raw": percentile(t_raw, 50) / percentile(t_scattered, 50),
+                "consecutive_vs_raw": percentile(t_raw, 50) / percentile(t_consecutive, 50),
+                "ours_scattered_p50_ms": percentile(t_scattered, 50) * 1e3,
+                "ours_scattered_p99_ms": percentile(t_scattered, 99) * 1e3,
+                "descriptors_scattered": n,
+            }
+        )
     parent.send("stop")
     owner.join(10)
     return rows
@@ -130,8 +142,9 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
     from disagg.protocol import Request, SamplingParams
 
     init_ray(None)  # a local cluster on loopback
-    cluster = LocalCluster(ClusterConfig(engine=dict(kv_cache_memory_mb=512, num_threads=1,
-                                                     max_num_batched_tokens=2048)))
+    cluster = LocalCluster(
+        ClusterConfig(engine=dict(kv_cache_memory_mb=512, num_threads=1, max_num_batched_tokens=2048))
+    )
     decode = cluster.decode[0]
     ttfts, reads = [], []
 
@@ -149,8 +162,12 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
     ttfts, reads = ttfts[1:], reads[1:]  # first request warms up
     cluster.shutdown()
     ray.shutdown()
-    return {"prompt_tokens": prompt_tokens, "ttft_mean_ms": mean(ttfts) * 1e3, "kv_read_mean_ms": mean(reads) * 1e3,
-            "transfer_share_of_ttft": mean(reads) / mean(ttfts)}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "ttft_mean_ms": mean(ttfts) * 1e3,
+        "kv_read_mean_ms": mean(reads) * 1e3,
+        "transfer_share_of_ttft": mean(reads) / mean(ttfts),
+    }
 
 
 def main() -> None:

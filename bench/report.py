@@ -1,5 +1,6 @@
 """Re-score a saved benchmark result under other SLOs (`python -m bench.report`): recomputes every run's metrics
 from its per-request records and writes the report again."""
+
 from __future__ import annotations
 
 import json

@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         "bench", help="bench harness: replay traces, compare configurations, simulate", add_help=False
     )
     described = {name: _PRODUCT_TOOLS[name][1] if name in _PRODUCT_TOOLS else "bench harness" for name in bench_tools()}
-    bench.add_argument("tool", choices=sorted(described), help="; ".join(f"{k}: {v}" for k, v in sorted(described.items())))
+    bench.add_argument(
+        "tool", choices=sorted(described), help="; ".join(f"{k}: {v}" for k, v in sorted(described.items()))
+    )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
     argv = sys.argv[1:] if argv is None else argv

@@ -8,6 +8,7 @@
 
     disagg bench calibrate --out bench/results/time_model.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,13 @@ class _Recorder:
 
 def _engine(args: argparse.Namespace) -> LLMEngine:
     """The real engine in this process, its runner recording each step's batch features."""
-    config = EngineConfig(model=args.model, num_threads=args.threads, kv_cache_memory_mb=args.kv_cache_mb,
-                          max_model_len=args.max_model_len, max_num_batched_tokens=args.max_num_batched_tokens)
+    config = EngineConfig(
+        model=args.model,
+        num_threads=args.threads,
+        kv_cache_memory_mb=args.kv_cache_mb,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     runner, tokenizer = load_model(config)
     return LLMEngine(config, _Recorder(runner), tokenizer)
 
@@ -112,7 +118,7 @@ def calibrate(engine, seed: int = 0) -> tuple[list[list[float]], list[float]]:
     shared = [rng.randrange(256, vocab) for _ in range(256)]
     for g, (n, length, out) in enumerate(grid):
         for i in range(n):
-            prefix = shared[:rng.choice([0, 64, 128, 256])] if length > 256 else []
+            prefix = shared[: rng.choice([0, 64, 128, 256])] if length > 256 else []
             prompt = prefix + [rng.randrange(256, vocab) for _ in range(length - len(prefix))]
             engine.add_request(f"cal-{g}-{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True))
         while engine.has_unfinished():
@@ -136,10 +142,11 @@ def run_real(engine, trace: list[TraceRequest], scale: TraceScale) -> dict[str, 
         now = time.perf_counter() - t0
         while pending and scale.seconds(trace[pending[0]].timestamp_ms - t_base) <= now:
             i = pending.pop(0)
-            prompt = scale.prompt(trace[i], vocab, salt=i)[:engine.max_model_len - 1]
+            prompt = scale.prompt(trace[i], vocab, salt=i)[: engine.max_model_len - 1]
             rid = f"r{i}"
-            engine.add_request(rid, prompt, sampling_for(max(1, min(scale.output_len(trace[i]),
-                                                                    engine.max_model_len - len(prompt)))))
+            engine.add_request(
+                rid, prompt, sampling_for(max(1, min(scale.output_len(trace[i]), engine.max_model_len - len(prompt))))
+            )
             out[rid] = {"start": scale.seconds(trace[i].timestamp_ms - t_base)}
         if not engine.has_unfinished():
             time.sleep(max(0.0, scale.seconds(trace[pending[0]].timestamp_ms - t_base) - now))
@@ -158,10 +165,17 @@ def run_sim(trace: list[TraceRequest], scale: TraceScale, model: StepTimeModel, 
     from disagg.sim.cluster import SimClusterConfig
     from disagg.sim.run import simulate
 
-    cfg = SimClusterConfig(num_prefill=0, num_decode=1, policy={"kind": "kv"}, num_blocks=engine.pool.num_blocks,
-                           block_size=engine.config.block_size, max_num_seqs=engine.config.max_num_seqs,
-                           max_num_batched_tokens=engine.config.max_num_batched_tokens,
-                           max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
+    cfg = SimClusterConfig(
+        num_prefill=0,
+        num_decode=1,
+        policy={"kind": "kv"},
+        num_blocks=engine.pool.num_blocks,
+        block_size=engine.config.block_size,
+        max_num_seqs=engine.config.max_num_seqs,
+        max_num_batched_tokens=engine.config.max_num_batched_tokens,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.model_config.vocab_size,
+    )
     result = simulate(trace, scale, cfg, model)
     return {f"r{r.index}": {"start": r.start_s, "ttft": r.ttft_s, "e2e": r.e2e_s} for r in result.records}
 
@@ -172,15 +186,33 @@ def compare(real: dict[str, dict], sim: dict[str, dict]) -> list[dict[str, Any]]
         r = [real[k][key] for k in real]
         s = [sim[k][key] for k in real]
         for stat, fn in (("mean", mean), ("p50", lambda v: percentile(v, 50)), ("p90", lambda v: percentile(v, 90))):
-            rows.append({"metric": f"{key} {stat} (ms)", "real": fn(r) * 1000, "simulated": fn(s) * 1000,
-                         "sim / real": fn(s) / fn(r)})
+            rows.append(
+                {
+                    "metric": f"{key} {stat} (ms)",
+                    "real": fn(r) * 1000,
+                    "simulated": fn(s) * 1000,
+                    "sim / real": fn(s) / fn(r),
+                }
+            )
         per_request = [abs(b - a) / a for a, b in zip(r, s) if a > 0]
-        rows.append({"metric": f"{key} per-request |error| median", "real": float("nan"), "simulated": float("nan"),
-                     "sim / real": percentile(per_request, 50)})
+        rows.append(
+            {
+                "metric": f"{key} per-request |error| median",
+                "real": float("nan"),
+                "simulated": float("nan"),
+                "sim / real": percentile(per_request, 50),
+            }
+        )
     makespan_r = max(v["start"] + v["e2e"] for v in real.values())
     makespan_s = max(v["start"] + v["e2e"] for v in sim.values())
-    rows.append({"metric": "makespan (ms)", "real": makespan_r * 1000, "simulated": makespan_s * 1000,
-                 "sim / real": makespan_s / makespan_r})
+    rows.append(
+        {
+            "metric": "makespan (ms)",
+            "real": makespan_r * 1000,
+            "simulated": makespan_s * 1000,
+            "sim / real": makespan_s / makespan_r,
+        }
+    )
     return rows
 
 
@@ -221,8 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-mb", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--transfer-gbps", type=float, default=5.2, help="KV transfer bandwidth, GB/s "
-                        "(bench/kv_transfer.py measured ~5.2 GB/s over NIXL on loopback)")
+    parser.add_argument(
+        "--transfer-gbps",
+        type=float,
+        default=5.2,
+        help="KV transfer bandwidth, GB/s (bench/kv_transfer.py measured ~5.2 GB/s over NIXL on loopback)",
+    )
     parser.add_argument("--validate", type=int, default=40, help="conversation-trace requests in the check")
     parser.add_argument("--time-scale", type=float, default=0.1)
     parser.add_argument("--out", default="bench/results/time_model.json")
@@ -231,12 +267,15 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = _engine(args)
     xs, ys = calibrate(engine)
-    model = StepTimeModel.fit(xs, ys, transfer_bandwidth=args.transfer_gbps * 1e9,
-                              bytes_per_block=bytes_per_block(engine.model_config, engine.config.block_size,
-                                                              engine.dtype),
-                              # the model's folder name, not its path: the file is committed and machines differ
-                              source=f"fitted on {len(ys)} steps of {Path(engine.config.model).name} "
-                                     f"({args.threads} thread(s), {cpu_model()})")
+    model = StepTimeModel.fit(
+        xs,
+        ys,
+        transfer_bandwidth=args.transfer_gbps * 1e9,
+        bytes_per_block=bytes_per_block(engine.model_config, engine.config.block_size, engine.dtype),
+        # the model's folder name, not its path: the file is committed and machines differ
+        source=f"fitted on {len(ys)} steps of {Path(engine.config.model).name} "
+        f"({args.threads} thread(s), {cpu_model()})",
+    )
     model.cpu_load_s_per_block, model.disk_load_s_per_block = tier_load_times(engine)
     residual = [abs(model.predict(x) - y) / y for x, y in zip(xs, ys)]
     print_table([{k: v for k, v in model.__dict__.items() if k != "source"}], "fitted step-time model (seconds)")
@@ -247,10 +286,21 @@ def main(argv: list[str] | None = None) -> int:
     real = run_real(engine, trace, scale)
     sim = run_sim(trace, scale, model, engine)
     rows = compare(real, sim)
-    print_table(rows, f"simulator vs real engine: first {args.validate} conversation-trace requests "
-                      f"(scale 1/32, time scale {args.time_scale})")
-    emit({"model": model.__dict__, "fit_steps": len(ys), "fit_median_abs_rel_error": percentile(residual, 50),
-          "validation": rows, "settings": vars(args)}, args.out.replace(".json", "_report.json"))
+    print_table(
+        rows,
+        f"simulator vs real engine: first {args.validate} conversation-trace requests "
+        f"(scale 1/32, time scale {args.time_scale})",
+    )
+    emit(
+        {
+            "model": model.__dict__,
+            "fit_steps": len(ys),
+            "fit_median_abs_rel_error": percentile(residual, 50),
+            "validation": rows,
+            "settings": vars(args),
+        },
+        args.out.replace(".json", "_report.json"),
+    )
     return 0
 
 

@@ -33,8 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--extra-slos", default="", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
-    p.add_argument("--budget", type=int, default=0,
-                   help="disaggregated splits to simulate at most (0: as many as the search needs)")
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=0,
+        help="disaggregated splits to simulate at most (0: as many as the search needs)",
+    )
     p.add_argument("--exhaustive", action="store_true", help="simulate every split 1..workers-1")
     p.add_argument("--dynamic", action="store_true", help="also rank the planner, starting from the best split")
     p.add_argument("--dynamic-from", default="", help="PxD the planner starts from (default: the best static split)")
@@ -47,8 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     search = Search(args, trace, scale, model, slo)
-    print(f"planning {args.workers} workers for {workload['name']} at {args.rate:g}x "
-          f"(SLO TTFT {slo.ttft_ms:g} ms, TPOT {slo.tpot_ms:g} ms; time model: {model.source})", flush=True)
+    print(
+        f"planning {args.workers} workers for {workload['name']} at {args.rate:g}x "
+        f"(SLO TTFT {slo.ttft_ms:g} ms, TPOT {slo.tpot_ms:g} ms; time model: {model.source})",
+        flush=True,
+    )
     search.run(ClusterSpec(f"agg-kv 0x{args.workers}", 0, args.workers, "kv"))
     search.splits(args.workers, args.budget, exhaustive=args.exhaustive)
     if args.dynamic or args.dynamic_from:
@@ -64,9 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     print(text + "\n\n" + why)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps({"workload": workload, "scale": scale.describe(), "rate": args.rate,
-                                               "workers": args.workers, "slo": slo.__dict__, "reason": why,
-                                               "time_model": model.__dict__, "ranking": ranked}, indent=2))
+    (out / "plan.json").write_text(
+        json.dumps(
+            {
+                "workload": workload,
+                "scale": scale.describe(),
+                "rate": args.rate,
+                "workers": args.workers,
+                "slo": slo.__dict__,
+                "reason": why,
+                "time_model": model.__dict__,
+                "ranking": ranked,
+            },
+            indent=2,
+        )
+    )
     (out / "plan.md").write_text(text + "\n\n" + why + "\n")
     return 0
 

@@ -43,21 +43,36 @@ class Search:
         result = simulate(self.trace, self.scale, sim_config(spec, self.args, self.model, self.slo), self.model)
         m = result.metrics(self.slo, parse_slos(self.args.extra_slos))
         ttft_miss, tpot_miss = miss_shares(result.records, self.slo)
-        row = {"config": spec.name, "prefill": spec.num_prefill, "decode": spec.num_decode,
-               "dynamic": spec.planner, "goodput": m["request_goodput"], "slo_met": m["goodput_fraction"],
-               "ttft_p50_ms": m["median_ttft_ms"], "ttft_p90_ms": m["p90_ttft_ms"],
-               "tpot_p50_ms": m["median_tpot_ms"], "tpot_p90_ms": m["p90_tpot_ms"],
-               "cached": m.get("usage_cached_ratio"), "ttft_miss": ttft_miss, "tpot_miss": tpot_miss,
-               "role_changes": len(m["sim"].get("role_changes", [])), "final_split": m["sim"].get("final_split")}
+        row = {
+            "config": spec.name,
+            "prefill": spec.num_prefill,
+            "decode": spec.num_decode,
+            "dynamic": spec.planner,
+            "goodput": m["request_goodput"],
+            "slo_met": m["goodput_fraction"],
+            "ttft_p50_ms": m["median_ttft_ms"],
+            "ttft_p90_ms": m["p90_ttft_ms"],
+            "tpot_p50_ms": m["median_tpot_ms"],
+            "tpot_p90_ms": m["p90_tpot_ms"],
+            "cached": m.get("usage_cached_ratio"),
+            "ttft_miss": ttft_miss,
+            "tpot_miss": tpot_miss,
+            "role_changes": len(m["sim"].get("role_changes", [])),
+            "final_split": m["sim"].get("final_split"),
+        }
         self.results[spec.name] = row
-        print(f"  {spec.name:>16}: goodput {row['goodput']:.3f} req/s, SLO met {row['slo_met']:.0%}, TTFT p90 "
-              f"{row['ttft_p90_ms']:,.0f} ms, TPOT p90 {row['tpot_p90_ms']:,.1f} ms", flush=True)
+        print(
+            f"  {spec.name:>16}: goodput {row['goodput']:.3f} req/s, SLO met {row['slo_met']:.0%}, TTFT p90 "
+            f"{row['ttft_p90_ms']:,.0f} ms, TPOT p90 {row['tpot_p90_ms']:,.1f} ms",
+            flush=True,
+        )
         return row
 
     def splits(self, workers: int, budget: int = 0, exhaustive: bool = False) -> dict[int, dict[str, Any]]:
         """Every split (`exhaustive`), or a coarse grid over P, then halving the step around the best, then
         climbing at +-1 until both neighbours of the best split are measured: the best is then a local optimum
         at one-worker resolution.  `budget` > 0 caps the splits simulated (the result says if it bound)."""
+
         def spec(p: int) -> ClusterSpec:
             return ClusterSpec(f"disagg {p}x{workers - p}", p, workers - p, "kv")
 
@@ -95,23 +110,31 @@ def reason(ranked: list[dict[str, Any]]) -> str:
     gain = best["goodput"] / second["goodput"] - 1 if second["goodput"] else float("inf")
     if gain < 0.01:
         close = [r["config"] for r in ranked if r["goodput"] >= best["goodput"] * 0.99]
-        return (f"{len(close)} configurations are within 1% of the best goodput ({best['goodput']:.3f} req/s): "
-                f"{', '.join(close)}; the load does not separate them (every one serves it within the SLO or "
-                f"misses it alike); {best['config']} is listed first")
+        return (
+            f"{len(close)} configurations are within 1% of the best goodput ({best['goodput']:.3f} req/s): "
+            f"{', '.join(close)}; the load does not separate them (every one serves it within the SLO or "
+            f"misses it alike); {best['config']} is listed first"
+        )
     what = "TTFT" if second["ttft_miss"] - best["ttft_miss"] >= second["tpot_miss"] - best["tpot_miss"] else "TPOT"
-    return (f"{best['config']} wins: goodput {best['goodput']:.3f} req/s vs {second['config']} "
-            f"{second['goodput']:.3f} ({gain:+.0%}); the runner-up misses {what} more often (TTFT on "
-            f"{second['ttft_miss']:.0%} / TPOT on {second['tpot_miss']:.0%} of requests, against "
-            f"{best['ttft_miss']:.0%} / {best['tpot_miss']:.0%})")
+    return (
+        f"{best['config']} wins: goodput {best['goodput']:.3f} req/s vs {second['config']} "
+        f"{second['goodput']:.3f} ({gain:+.0%}); the runner-up misses {what} more often (TTFT on "
+        f"{second['ttft_miss']:.0%} / TPOT on {second['tpot_miss']:.0%} of requests, against "
+        f"{best['ttft_miss']:.0%} / {best['tpot_miss']:.0%})"
+    )
 
 
 def markdown(ranked: list[dict[str, Any]]) -> str:
-    head = ("| rank | config | goodput req/s | SLO met | TTFT p50 | TTFT p90 | TPOT p50 | TPOT p90 | cached | "
-            "misses TTFT / TPOT | role changes |")
+    head = (
+        "| rank | config | goodput req/s | SLO met | TTFT p50 | TTFT p90 | TPOT p50 | TPOT p90 | cached | "
+        "misses TTFT / TPOT | role changes |"
+    )
     lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for i, r in enumerate(ranked, 1):
         cached = "-" if r["cached"] is None else f"{r['cached']:.0%}"
-        lines.append(f"| {i} | {r['config']} | {r['goodput']:.3f} | {r['slo_met']:.0%} | {r['ttft_p50_ms']:,.0f} | "
-                     f"{r['ttft_p90_ms']:,.0f} | {r['tpot_p50_ms']:,.1f} | {r['tpot_p90_ms']:,.1f} | {cached} | "
-                     f"{r['ttft_miss']:.0%} / {r['tpot_miss']:.0%} | {r['role_changes']} |")
+        lines.append(
+            f"| {i} | {r['config']} | {r['goodput']:.3f} | {r['slo_met']:.0%} | {r['ttft_p50_ms']:,.0f} | "
+            f"{r['ttft_p90_ms']:,.0f} | {r['tpot_p50_ms']:,.1f} | {r['tpot_p90_ms']:,.1f} | {cached} | "
+            f"{r['ttft_miss']:.0%} / {r['tpot_miss']:.0%} | {r['role_changes']} |"
+        )
     return "\n".join(lines)

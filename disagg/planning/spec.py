@@ -2,6 +2,7 @@
 ...]" names one cluster configuration (P prefill and D decode workers, a routing policy, PolicyConfig overrides and
 cluster settings), and a ClusterSpec turns into the settings of the runtime's own configs (policy, planner, KV
 tiers) for a real cluster (`disagg bench compare`) or a simulated one (`disagg bench simulate`, `disagg plan`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -11,9 +12,11 @@ from disagg.router.policy import PolicyConfig
 from disagg.workload.metrics import SLO
 
 # config-spec settings that are not PolicyConfig fields
-CLUSTER_KEYS = {"cpu_tier_mb": "CPU KV tier per worker in MiB (0: no tiers)",
-                "hints": "1: the replay sends session ids and KV retention pins",
-                "planner": "1: the planner moves workers between prefill and decode at runtime (the run's SLO)"}
+CLUSTER_KEYS = {
+    "cpu_tier_mb": "CPU KV tier per worker in MiB (0: no tiers)",
+    "hints": "1: the replay sends session ids and KV retention pins",
+    "planner": "1: the planner moves workers between prefill and decode at runtime (the run's SLO)",
+}
 
 
 @dataclass(frozen=True)
@@ -63,21 +66,26 @@ def parse_configs(text: str) -> list[ClusterSpec]:
             p, d = (int(x) for x in shape.lower().split("x"))
             overrides = tuple((k, float(v)) for k, v in (item.split("=") for item in extra))
         except ValueError as exc:
-            raise ValueError(f"bad config {part!r}: expected name=PxD:policy[:key=value...], "
-                             f"e.g. disagg-kv=1x1:kv") from exc
+            raise ValueError(
+                f"bad config {part!r}: expected name=PxD:policy[:key=value...], e.g. disagg-kv=1x1:kv"
+            ) from exc
         if d < 1 or p < 0:
             raise ValueError(f"bad config {part!r}: need at least one decode worker")
         if policy not in ("kv", "round_robin", "least_loaded"):
             raise ValueError(f"bad config {part!r}: policy must be kv, round_robin or least_loaded")
         unknown = {k for k, _ in overrides} - numeric
         if unknown:
-            raise ValueError(f"bad config {part!r}: unknown policy setting(s) {sorted(unknown)}; "
-                             f"known: {sorted(numeric)}")
+            raise ValueError(
+                f"bad config {part!r}: unknown policy setting(s) {sorted(unknown)}; known: {sorted(numeric)}"
+            )
         cluster = {k: v for k, v in overrides if k in CLUSTER_KEYS}
         overrides = tuple((k, v) for k, v in overrides if k not in CLUSTER_KEYS)
         cpu_mb = int(cluster["cpu_tier_mb"]) if "cpu_tier_mb" in cluster else None
-        specs.append(ClusterSpec(name, p, d, policy, overrides, cpu_mb, bool(cluster.get("hints", 0)),
-                                 bool(cluster.get("planner", 0))))
+        specs.append(
+            ClusterSpec(
+                name, p, d, policy, overrides, cpu_mb, bool(cluster.get("hints", 0)), bool(cluster.get("planner", 0))
+            )
+        )
     if not specs:
         raise ValueError("no configurations given")
     return specs

@@ -3,6 +3,7 @@ tenant fair share, deadlines, shedding) and the real RouterCore capacity checks 
 queue when a worker has room (`RouterCore.room_for`, with the same priority headroom), and are routed then among
 the workers with room (`RouterCore.route_with_room`), exactly as `RouterCore.generate` does; with `rescore_on_dispatch` off they are routed on arrival and wait for that
 worker.  Refused ones are reported the way the HTTP API reports them (429)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -25,9 +26,16 @@ class SimAdmission:
         self._rejects: dict[str, Callable[[float, Overloaded], None]] = {}
         self._ticking = False
 
-    def submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None,
-               on_reject: Callable[[float, Overloaded], None], tenant: str = "default", priority: int = 0,
-               deadline_s: float | None = None) -> None:
+    def submit(
+        self,
+        request: Request,
+        on_token: Callable[[float, TokenDelta], None],
+        session: str | None,
+        on_reject: Callable[[float, Overloaded], None],
+        tenant: str = "default",
+        priority: int = 0,
+        deadline_s: float | None = None,
+    ) -> None:
         now = self.cluster.loop.now
         cfg = self.queue.config
         limit = min(deadline_s or cfg.default_deadline_s, cfg.max_deadline_s)

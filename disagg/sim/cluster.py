@@ -8,6 +8,7 @@ A disaggregated request is prefilled (max_tokens=1, blocks leased) on a prefill 
 worker's engine with the prefill result, exactly as the real worker does: its KV connector reads the missing
 blocks through a SimPeerSource priced at the model's transfer bandwidth, then emits the first token.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -110,8 +111,8 @@ class SimWorker:
         steps, preemptions = self.engine.stats.steps, self.engine.scheduler.stats.num_preemptions
         deltas = self.engine.step()
         if self.engine.stats.steps == steps:  # no model step ran: KV arrived (its first token goes out now,
-            self._publish()                   # the model runs on the next kick), a preemption freed memory,
-            for delta in deltas:              # or the worker waits for KV or memory (the next event kicks it)
+            self._publish()  # the model runs on the next kick), a preemption freed memory,
+            for delta in deltas:  # or the worker waits for KV or memory (the next event kicks it)
                 self.cluster.deliver(self, delta)
             if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
                 self.kick()
@@ -143,8 +144,19 @@ class SimWorker:
         gauges = {"kv_blocks_total": float(e.pool.num_blocks), "kv_blocks_free": float(e.pool.num_free_blocks)}
         if e.prefill_s_per_token is not None:
             gauges["prefill_s_per_token"] = e.prefill_s_per_token
-        hb = Heartbeat(self.name, f"sim-{self.incarnation}", "both", 0, "", e.stats.steps, e.has_unfinished(), 0.0,
-                       0, self.name, gauges=gauges)
+        hb = Heartbeat(
+            self.name,
+            f"sim-{self.incarnation}",
+            "both",
+            0,
+            "",
+            e.stats.steps,
+            e.has_unfinished(),
+            0.0,
+            0,
+            self.name,
+            gauges=gauges,
+        )
         self.heartbeat_at = self.cluster.loop.now
         self.cluster.router.health.on_heartbeat(self.name, hb, self.cluster.loop.now)
 
@@ -218,11 +230,16 @@ class SimCluster:
         self.config, self.model = config, model
         self.loop = EventLoop()
         mc = sim_model_config(config.vocab_size, config.max_model_len)
-        engine_cfg = EngineConfig(model="simulated", block_size=config.block_size, num_blocks=config.num_blocks,
-                                  max_num_seqs=config.max_num_seqs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=config.max_model_len, kv_lease_timeout_s=1e9,
-                                  kv_load_timeout_s=1e9)  # virtual time: loads are priced, not timed out
+        engine_cfg = EngineConfig(
+            model="simulated",
+            block_size=config.block_size,
+            num_blocks=config.num_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            kv_lease_timeout_s=1e9,
+            kv_load_timeout_s=1e9,
+        )  # virtual time: loads are priced, not timed out
 
         self._engine_cfg, self._mc = engine_cfg, mc
 
@@ -233,13 +250,17 @@ class SimCluster:
 
         self.prefill = {f"prefill-{i}": worker(f"prefill-{i}") for i in range(config.num_prefill)}
         self.decode = {f"decode-{i}": worker(f"decode-{i}") for i in range(config.num_decode)}
-        self.router = RouterCore(dict.fromkeys(self.prefill), dict.fromkeys(self.decode),
-                                 # seeded unless the config says otherwise: ties between equal workers are broken
-                                 # at random, and an unseeded draw made runs differ (the first request's worker)
-                                 PolicyConfig(**{"seed": 0, **config.policy}), block_size=config.block_size,
-                                 config=RouterCoreConfig(rescore_on_dispatch=config.rescore_on_dispatch),
-                                 admission=AdmissionConfig(**(config.admission or {})),
-                                 capacity=CapacityConfig(**config.capacity))
+        self.router = RouterCore(
+            dict.fromkeys(self.prefill),
+            dict.fromkeys(self.decode),
+            # seeded unless the config says otherwise: ties between equal workers are broken
+            # at random, and an unseeded draw made runs differ (the first request's worker)
+            PolicyConfig(**{"seed": 0, **config.policy}),
+            block_size=config.block_size,
+            config=RouterCoreConfig(rescore_on_dispatch=config.rescore_on_dispatch),
+            admission=AdmissionConfig(**(config.admission or {})),
+            capacity=CapacityConfig(**config.capacity),
+        )
         self.admission = SimAdmission(self) if config.admission is not None else None
         for w in self.workers:
             w.heartbeat()
@@ -248,19 +269,30 @@ class SimCluster:
         self._queries = self._hits = 0
         self._rng = random.Random(0)
         self.staleness: list[int] = []  # per request: predicted - found cached tokens (as the API's histogram)
-        self.cores = SharedCores(CoresConfig(cores=config.cores, threads_per_worker=config.threads_per_worker,
-                                             corun_slowdown=config.corun_slowdown,
-                                             cpu_per_request_s=config.serving_cpu_per_request_s,
-                                             cpu_per_token_s=config.serving_cpu_per_token_s,
-                                             cpu_per_handoff_s=config.serving_cpu_per_handoff_s,
-                                             idle_serving_cores=config.idle_serving_cores))
+        self.cores = SharedCores(
+            CoresConfig(
+                cores=config.cores,
+                threads_per_worker=config.threads_per_worker,
+                corun_slowdown=config.corun_slowdown,
+                cpu_per_request_s=config.serving_cpu_per_request_s,
+                cpu_per_token_s=config.serving_cpu_per_token_s,
+                cpu_per_handoff_s=config.serving_cpu_per_handoff_s,
+                idle_serving_cores=config.idle_serving_cores,
+            )
+        )
 
     def _attach(self, worker: SimWorker, disk: Any = None) -> None:
         tiers = None
         if self.config.cpu_tier_blocks:
-            tiers = SimTiers(self.config.cpu_tier_blocks, self.config.disk_tier_blocks,
-                             self.model.cpu_load_s_per_block, self.model.disk_load_s_per_block,
-                             lambda: self.loop.now, self.loop.at, worker.kick)
+            tiers = SimTiers(
+                self.config.cpu_tier_blocks,
+                self.config.disk_tier_blocks,
+                self.model.cpu_load_s_per_block,
+                self.model.disk_load_s_per_block,
+                lambda: self.loop.now,
+                self.loop.at,
+                worker.kick,
+            )
             if disk is not None:  # a restarted worker finds its disk tier again
                 tiers.disk = disk
         worker.engine.attach(peer=SimPeerSource(self, worker), tiers=tiers)
@@ -344,27 +376,48 @@ class SimCluster:
         worker.heartbeat()  # a new incarnation: the router sees the restart
         self.router.health.mark_ready(worker.name)
 
-    def submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None = None,
-               on_reject: Callable[[float, Exception], None] | None = None, tenant: str = "default",
-               priority: int = 0) -> None:
+    def submit(
+        self,
+        request: Request,
+        on_token: Callable[[float, TokenDelta], None],
+        session: str | None = None,
+        on_reject: Callable[[float, Exception], None] | None = None,
+        tenant: str = "default",
+        priority: int = 0,
+    ) -> None:
         """Start a request: through the admission queue if there is one (on_reject(time, error) if it is
         refused), else at once.  on_token(time, delta) is called for every token (the last is finished)."""
         if self.config.request_overhead_s:  # HTTP, the router's parsing, the RPC: before the queue sees it
-            self.loop.at(self.loop.now + self.config.request_overhead_s,
-                         lambda: self._submit(request, on_token, session, on_reject, tenant, priority))
+            self.loop.at(
+                self.loop.now + self.config.request_overhead_s,
+                lambda: self._submit(request, on_token, session, on_reject, tenant, priority),
+            )
         else:
             self._submit(request, on_token, session, on_reject, tenant, priority)
 
-    def _submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None,
-                on_reject: Callable[[float, Exception], None] | None, tenant: str, priority: int) -> None:
+    def _submit(
+        self,
+        request: Request,
+        on_token: Callable[[float, TokenDelta], None],
+        session: str | None,
+        on_reject: Callable[[float, Exception], None] | None,
+        tenant: str,
+        priority: int,
+    ) -> None:
         if self.admission is None:
             self.dispatch(request, on_token, session)
         else:
             self.admission.submit(request, on_token, session, on_reject or (lambda now, exc: None), tenant, priority)
 
-    def dispatch(self, request: Request, on_token: Callable[[float, TokenDelta], None],
-                 session: str | None = None, _carry: _Flight | None = None, decision: Decision | None = None,
-                 priority: int | None = None) -> None:
+    def dispatch(
+        self,
+        request: Request,
+        on_token: Callable[[float, TokenDelta], None],
+        session: str | None = None,
+        _carry: _Flight | None = None,
+        decision: Decision | None = None,
+        priority: int | None = None,
+    ) -> None:
         """Start a request now: with `decision` if it was routed on arrival, else routed now (with `priority`:
         out of the admission queue, among the workers with room, as the router's queue dispatches)."""
         if _carry is None:
@@ -377,8 +430,15 @@ class SimCluster:
         ticket = self.router.begin(decision, request.num_tokens, hashes)
         decode = self.worker(decision.decode_worker)
         prefill = self.worker(decision.prefill_worker) if decision.prefill_worker else None
-        flight = _Flight(request, ticket, prefill, decode, on_token, session,
-                         predicted=decision.predicted_cached_tokens(request.num_tokens, self.router.block_size))
+        flight = _Flight(
+            request,
+            ticket,
+            prefill,
+            decode,
+            on_token,
+            session,
+            predicted=decision.predicted_cached_tokens(request.num_tokens, self.router.block_size),
+        )
         if _carry is not None:  # a migrated request keeps what it already delivered
             flight.sent, flight.prefill_counted = _carry.sent, _carry.prefill_counted
         self._flights[request.request_id] = flight
@@ -431,6 +491,7 @@ class SimCluster:
                 return  # the decode worker died meanwhile: the request migrated (its own new flight)
             decode.engine.add(flight.request, remote=result)
             decode.kick()
+
         if self.config.handoff_overhead_s:
             self.loop.at(self.loop.now + self.config.handoff_overhead_s, start)
         else:
@@ -459,10 +520,17 @@ class SimCluster:
 
         def pct(p: float) -> int:
             return errors[min(n - 1, int(p / 100 * n))]
-        return {"requests": n, "exact": sum(e == 0 for e in errors) / n,
-                "over_predicted": sum(e > 0 for e in errors) / n, "under_predicted": sum(e < 0 for e in errors) / n,
-                "error_tokens_p1": pct(1), "error_tokens_p50": pct(50), "error_tokens_p99": pct(99),
-                "mean_abs_error_tokens": sum(abs(e) for e in errors) / n}
+
+        return {
+            "requests": n,
+            "exact": sum(e == 0 for e in errors) / n,
+            "over_predicted": sum(e > 0 for e in errors) / n,
+            "under_predicted": sum(e < 0 for e in errors) / n,
+            "error_tokens_p1": pct(1),
+            "error_tokens_p50": pct(50),
+            "error_tokens_p99": pct(99),
+            "mean_abs_error_tokens": sum(abs(e) for e in errors) / n,
+        }
 
 
 def sampling_for(max_tokens: int) -> SamplingParams:

@@ -1,5 +1,6 @@
 """The model stand-in for a simulated engine (a `Runner`, disagg/engine/runner.py): samples deterministic tokens
 and prices each step with the step-time model; it holds no KV memory."""
+
 from __future__ import annotations
 
 import zlib
@@ -36,7 +37,19 @@ class SimRunner:
 
 def sim_model_config(vocab_size: int = 49152, max_len: int = 8192) -> ModelConfig:
     """Only vocab, context and EOS matter to the engine's bookkeeping; the shape is SmolLM2-135M's."""
-    return ModelConfig(model_type="llama", vocab_size=vocab_size, hidden_size=576, intermediate_size=1536,
-                       num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
-                       rope_theta=10000.0, max_position_embeddings=max_len, tie_word_embeddings=True,
-                       attention_bias=False, eos_token_ids=[])
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        eos_token_ids=[],
+    )

@@ -2,6 +2,7 @@
 LRU demotion to disk, pins per session with a TTL and a budget) over sets of block hashes, with load times from
 the time model (calibrated against the real TieredStore by `disagg bench calibrate`).  The engine's KV connector
 drives it exactly as it drives the real store: lookup, start, poll, store, pin, events."""
+
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
@@ -16,9 +17,17 @@ from disagg.protocol import EventKind, KVEvent, Tier
 class SimTiers(KVSource):
     kind = SourceKind.TIERS
 
-    def __init__(self, cpu_blocks: int, disk_blocks: int, cpu_s: float, disk_s: float, clock: Callable[[], float],
-                 at: Callable[[float, Callable[[], None]], None], wake: Callable[[], None],
-                 pin_budget_fraction: float = 0.5) -> None:
+    def __init__(
+        self,
+        cpu_blocks: int,
+        disk_blocks: int,
+        cpu_s: float,
+        disk_s: float,
+        clock: Callable[[], float],
+        at: Callable[[float, Callable[[], None]], None],
+        wake: Callable[[], None],
+        pin_budget_fraction: float = 0.5,
+    ) -> None:
         self.cpu: OrderedDict[int, None] = OrderedDict()
         self.disk: OrderedDict[int, None] = OrderedDict()
         self.cpu_blocks, self.disk_blocks = cpu_blocks, disk_blocks
@@ -98,7 +107,7 @@ class SimTiers(KVSource):
 
     def pin(self, session: str, block_hashes: list[int], ttl_s: float, now: float | None = None) -> int:
         self.unpin(session)
-        hashes = list(dict.fromkeys(block_hashes))[:self.pin_budget]
+        hashes = list(dict.fromkeys(block_hashes))[: self.pin_budget]
         while self._pins and len(self._pinned) + sum(h not in self._pinned for h in hashes) > self.pin_budget:
             self.unpin(min(self._pins, key=lambda s: self._pins[s][0]))
         if hashes:

@@ -6,6 +6,7 @@ new_tokens is the step's token count (prefill chunks + one per decode), seqs the
 term counts query x key pairs (in thousands).  A KV transfer between workers costs
 transfer_latency + bytes / transfer_bandwidth.  Fitted by least squares with non-negative coefficients.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,7 +46,9 @@ class StepTimeModel:
         return self.predict(batch_features(batch))
 
     def transfer_time(self, num_blocks: int) -> float:
-        return self.transfer_latency + num_blocks * self.bytes_per_block / self.transfer_bandwidth if num_blocks else 0.0
+        return (
+            self.transfer_latency + num_blocks * self.bytes_per_block / self.transfer_bandwidth if num_blocks else 0.0
+        )
 
     @classmethod
     def fit(cls, features: list[list[float]], seconds: list[float], **extra) -> StepTimeModel:

@@ -10,6 +10,7 @@
 Times become milliseconds from the first request.  CSV traces have no hash_ids: every prompt is unique (no prefix
 sharing is claimed).
 """
+
 from __future__ import annotations
 
 import csv
@@ -157,7 +158,7 @@ def _datetime_s(text: str) -> float:
     if "." in text:  # Azure 2023 writes 7 fractional digits; Python parses at most 6
         head, _, tail = text.partition(".")
         digits = "".join(c for c in tail if c.isdigit())
-        zone = tail[len(digits):]
+        zone = tail[len(digits) :]
         text = f"{head}.{digits[:6]}{zone}"
     stamp = datetime.fromisoformat(text)
     if stamp.tzinfo is None:

@@ -1,6 +1,7 @@
 """Serving metrics: per-request records (a replay's or the simulator's) -> latency percentiles, throughput, and
 goodput under TTFT/TPOT SLOs.  Field names follow `vllm bench serve` result files; disagg/workload/report.py writes
 them out."""
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,7 @@ class SLO:
 
 def _stats(name: str, values_s: list[float]) -> dict[str, float]:
     ms = [v * 1000 for v in values_s]
-    out = {f"mean_{name}_ms": mean(ms), f"median_{name}_ms": percentile(ms, 50),
-           f"std_{name}_ms": _std(ms)}
+    out = {f"mean_{name}_ms": mean(ms), f"median_{name}_ms": percentile(ms, 50), f"std_{name}_ms": _std(ms)}
     for p in PERCENTILES:
         out[f"p{p}_{name}_ms"] = percentile(ms, p)
     return out
@@ -101,9 +101,13 @@ def slo_key(slo: SLO) -> str:
     return f"ttft<={slo.ttft_ms:g}ms,tpot<={slo.tpot_ms:g}ms"
 
 
-def compute_metrics(records: list[RequestRecord], duration_s: float, slo: SLO,
-                    prefix_cache: dict[str, float] | None = None,
-                    extra_slos: list[SLO] | None = None) -> dict[str, Any]:
+def compute_metrics(
+    records: list[RequestRecord],
+    duration_s: float,
+    slo: SLO,
+    prefix_cache: dict[str, float] | None = None,
+    extra_slos: list[SLO] | None = None,
+) -> dict[str, Any]:
     """Aggregate figures over a run.  `duration_s` is wall time from the first send to the last completion.
     Goodput is reported for `slo` and, under "goodput_at", for each of `extra_slos` too."""
     if duration_s <= 0:
@@ -118,12 +122,19 @@ def compute_metrics(records: list[RequestRecord], duration_s: float, slo: SLO,
         key = (r.error or "no response")[:120]
         errors[key] = errors.get(key, 0) + 1
     metrics: dict[str, Any] = {
-        "duration": duration_s, "num_prompts": len(records), "completed": len(done), "failed": len(failed),
-        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
-        "request_throughput": len(done) / duration_s, "output_throughput": out_tokens / duration_s,
+        "duration": duration_s,
+        "num_prompts": len(records),
+        "completed": len(done),
+        "failed": len(failed),
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
+        "request_throughput": len(done) / duration_s,
+        "output_throughput": out_tokens / duration_s,
         "total_token_throughput": (in_tokens + out_tokens) / duration_s,
-        "request_goodput": len(good) / duration_s, "goodput_fraction": len(good) / len(records) if records else 0.0,
-        "slo": asdict(slo), "errors": errors,
+        "request_goodput": len(good) / duration_s,
+        "goodput_fraction": len(good) / len(records) if records else 0.0,
+        "slo": asdict(slo),
+        "errors": errors,
         "goodput_at": {slo_key(x): sum(x.met(r) for r in done) / duration_s for x in [slo, *(extra_slos or [])]},
     }
     metrics.update(_stats("ttft", [r.ttft_s for r in done if r.ttft_s is not None]))
@@ -135,5 +146,6 @@ def compute_metrics(records: list[RequestRecord], duration_s: float, slo: SLO,
     reported = [r for r in done if r.cached_tokens is not None]
     if reported:  # the OpenAI usage field: comparable across servers that fill it (ours, vLLM's)
         metrics["usage_cached_ratio"] = sum(r.cached_tokens or 0 for r in reported) / max(
-            1, sum(r.prompt_tokens for r in reported))
+            1, sum(r.prompt_tokens for r in reported)
+        )
     return metrics
