@@ -21,7 +21,7 @@ from bench import stages
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from bench.session_hits import next_turn_hits
 from disagg.planning.spec import ClusterSpec, parse_configs
-from disagg.workload.metrics import SLO, parse_slos
+from disagg.workload.metrics import SLO, RequestRecord, parse_slos
 from disagg.workload.options import load_workload
 from disagg.workload.report import write_report
 
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         "num_threads": args.threads,
     }
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
-    runs, records = [], {}
+    runs: list[dict[str, Any]] = []
+    records: dict[str, list[RequestRecord]] = {}
     try:
         for rate in rates:
             rate_scale = replace(scale, time_scale=scale.time_scale * rate)

@@ -92,7 +92,7 @@ def bench_shape(name, shape, token_counts, repeats) -> list[dict]:
             _wait(dst, handle)
             dst.release(handle)
 
-        def raw():  # the same byte count as one contiguous region on each side
+        def raw(nbytes: int = nbytes) -> None:  # the same byte count as one contiguous region on each side
             ld = agent.get_xfer_descs([(local.base_addr, nbytes, 0)], "DRAM")
             rd = agent.get_xfer_descs([(remote.base_addr, nbytes, 0)], "DRAM")
             handle = agent.initialize_xfer("READ", ld, rd, remote.agent_name, b"")
@@ -104,15 +104,16 @@ def bench_shape(name, shape, token_counts, repeats) -> list[dict]:
         flat_dst = dst_kv.view(-1)[: nbytes // dst_kv.element_size()]
         times = _time_interleaved(
             {
-                "scattered": lambda: ours(scattered_src, scattered_dst),
-                "consecutive": lambda: ours(list(range(n)), list(range(n, 2 * n))),
+                # defaults bind this iteration's values (each closure runs before the loop moves on)
+                "scattered": lambda src=scattered_src, dst=scattered_dst: ours(src, dst),
+                "consecutive": lambda n=n: ours(list(range(n)), list(range(n, 2 * n))),
                 "raw": raw,
-                "memcpy": lambda: flat_dst.copy_(flat_src),
+                "memcpy": lambda src=flat_src, dst=flat_dst: dst.copy_(src),
             },
             repeats,
         )
         t_scattered, t_consecutive, t_raw, t_memcpy = (times[k] for k in ("scattered", "consecutive", "raw", "memcpy"))
-        gbps = lambda ts: nbytes / percentile(ts, 50) / 1e9  # noqa: E731
+        gbps = lambda ts, nbytes=nbytes: nbytes / percentile(ts, 50) / 1e9  # noqa: E731
         rows.append(
             {
                 "shape": name,

@@ -1,8 +1,9 @@
 """The router's admission queue in front of a simulated cluster, in virtual time: the real AdmissionQueue (bands,
 tenant fair share, deadlines, shedding) and the real RouterCore capacity checks (`has_room`); requests leave the
 queue when a worker has room (`RouterCore.room_for`, with the same priority headroom), and are routed then among
-the workers with room (`RouterCore.route_with_room`), exactly as `RouterCore.generate` does; with `rescore_on_dispatch` off they are routed on arrival and wait for that
-worker.  Refused ones are reported the way the HTTP API reports them (429)."""
+the workers with room (`RouterCore.route_with_room`), exactly as `RouterCore.generate` does; with
+`rescore_on_dispatch` off they are routed on arrival and wait for that worker.  Refused ones are reported the way
+the HTTP API reports them (429)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class SimAdmission:
     def _reject(self, entry: Entry) -> None:
         self._pending.pop(entry.request_id, None)
         on_reject = self._rejects.pop(entry.request_id, None)
-        if on_reject is not None:
+        if on_reject is not None and entry.rejection is not None:  # the queue sets it when it sheds or expires
             on_reject(self.cluster.loop.now, entry.rejection)
 
     def pump(self) -> None:

@@ -17,11 +17,12 @@ import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
+from disagg.kv.store import TieredStore
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.load import LoadTicket
@@ -295,7 +296,9 @@ class SimCluster:
             )
             if disk is not None:  # a restarted worker finds its disk tier again
                 tiers.disk = disk
-        worker.engine.attach(peer=SimPeerSource(self, worker), tiers=tiers)
+        # SimTiers has the TieredStore surface the engine and its connector use (lookup/start/poll/store/pin/
+        # export...), in virtual time; the cast goes once the engine's attach takes a named tier protocol
+        worker.engine.attach(peer=SimPeerSource(self, worker), tiers=cast("TieredStore | None", tiers))
 
     def _new_engine(self) -> tuple[LLMEngine, SimRunner]:
         runner = SimRunner(self.model, self._mc, self.config.num_blocks)
@@ -482,6 +485,7 @@ class SimCluster:
         """The prefill worker's first token is out: the decode worker reads the KV through its connector (a
         SimPeerSource pricing the transfer), then emits that token and decodes."""
         rid, prefill, decode = flight.request.request_id, flight.prefill, flight.decode
+        assert prefill is not None  # only a remote prefill hands off
         result = prefill.engine.prefill_result(rid, prefill.name, first.token_ids[0], None, first.num_cached_tokens)
         self.cores.on_handoff(self.loop.now)
         incarnation = decode.incarnation

@@ -8,6 +8,7 @@ and report it exactly like a real run: `disagg bench simulate`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ def simulate(
 
     for n, unit in enumerate(units):
         at = n / arrival_rate if arrival_rate else scale.seconds(trace[unit[0]].timestamp_ms - t0)
-        loop.at(at, lambda unit=unit: send(unit, 0))
+        loop.at(at, functools.partial(send, unit, 0))
     if planner is not None:
         planner.start()
     cluster.run()
@@ -129,7 +130,7 @@ def simulate(
     for i in missing:  # cannot happen unless a request can never fit; reported, not hidden
         records.setdefault(i, RequestRecord(i, 0, 0, 0.0)).error = "never completed in simulation"
     ends = [r.start_s + r.e2e_s for r in records.values() if r.e2e_s is not None]
-    counters = dict(
+    counters: dict[str, Any] = dict(
         cluster.counters,
         workers=len(cluster.workers),
         killed=victims,
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     rates = [float(r) for r in args.rates.split(",")]
-    runs, records = [], {}
+    runs: list[dict[str, Any]] = []
+    records: dict[str, list[RequestRecord]] = {}
     for rate in rates:
         rate_scale = TraceScale(**{**scale.__dict__, "time_scale": scale.time_scale * rate})
         for spec in parse_configs(args.configs):

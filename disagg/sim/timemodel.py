@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -51,9 +52,10 @@ class StepTimeModel:
         )
 
     @classmethod
-    def fit(cls, features: list[list[float]], seconds: list[float], **extra) -> StepTimeModel:
+    def fit(cls, features: list[list[float]], seconds: list[float], **extra: Any) -> StepTimeModel:
         coef = nnls(np.asarray(features, dtype=float), np.asarray(seconds, dtype=float))
-        return cls(**dict(zip(FEATURES, (float(c) for c in coef))), **extra)
+        base, per_token, per_seq, per_attn = (float(c) for c in coef)
+        return cls(base=base, per_token=per_token, per_seq=per_seq, per_attn=per_attn, **extra)
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

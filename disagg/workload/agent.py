@@ -123,6 +123,7 @@ def generate(profiles: dict[str, float], num_sessions: int, session_rate: float,
         ctx = _Context(shared, p.system_tokens, next_id)
         ctx.append(round(_log_uniform(rng, p.user_tokens)))
         now, turns = start, round(_log_uniform(rng, p.turns))
+        last_output = 0  # the previous turn's output (read from the second turn on)
         for turn in range(turns):
             think = 0.0
             if turn:

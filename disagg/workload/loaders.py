@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import enum
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def load_csv(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
         rows = rows[1:]
     else:
         cols = {"timestamp": 0, "input": 1, "output": 2}
-    to_ms = {TraceFormat.AZURE: _datetime_s, TraceFormat.BURSTGPT: float}.get(fmt)
+    parsers: dict[TraceFormat, Callable[[str], float]] = {TraceFormat.AZURE: _datetime_s, TraceFormat.BURSTGPT: float}
+    to_ms = parsers.get(fmt)
     out: list[TraceRequest] = []
     origin = None
     for lineno, row in enumerate(rows, 2):

@@ -53,7 +53,7 @@ class RequestRecord:
     @property
     def tpot_s(self) -> float | None:
         """Mean time per output token after the first (None for a single-token output)."""
-        if not self.ok or self.output_tokens < 2 or self.ttft_s is None:
+        if not self.ok or self.output_tokens < 2 or self.ttft_s is None or self.e2e_s is None:
             return None
         return (self.e2e_s - self.ttft_s) / (self.output_tokens - 1)
 
@@ -140,7 +140,7 @@ def compute_metrics(
     metrics.update(_stats("ttft", [r.ttft_s for r in done if r.ttft_s is not None]))
     metrics.update(_stats("tpot", [t for r in done if (t := r.tpot_s) is not None]))
     metrics.update(_stats("itl", [gap for r in done for gap in r.itl_s]))
-    metrics.update(_stats("e2el", [r.e2e_s for r in done]))
+    metrics.update(_stats("e2el", [r.e2e_s for r in done if r.e2e_s is not None]))
     if prefix_cache:
         metrics["prefix_cache"] = prefix_cache
     reported = [r for r in done if r.cached_tokens is not None]
