@@ -171,7 +171,7 @@ def measure_cold_start(service: Any) -> float:
     from disagg.cluster.actors import AggregatedWorker
 
     t0 = time.perf_counter()
-    probe = AggregatedWorker.options(max_restarts=0).remote(
+    probe = AggregatedWorker.options(max_restarts=0).remote(  # type: ignore[attr-defined]  # added by @ray.remote
         "cold-start-probe", service.cluster.config.engine, tiers=None
     )
     ray.get(probe.ready.remote(), timeout=300)
@@ -234,14 +234,20 @@ def analyse(
         )
         lost = [r for r in hit if not r.ok]
         wrong = [r for r in hit if r.ok and r.text != reference[r.index].text]
-        added = [r.e2e_s - reference[r.index].e2e_s for r in hit if r.ok and reference[r.index].ok]
+        added = [
+            e2e - ref_e2e
+            for r in hit
+            if r.ok
+            and reference[r.index].ok
+            and (e2e := r.e2e_s) is not None
+            and (ref_e2e := reference[r.index].e2e_s) is not None
+        ]
         stall = [max(r.itl_s, default=0.0) for r in hit if r.ok]
         # what re-prefilling prompt + output costs, estimated from the clean run's TTFT for the prompt alone
         over = [
-            max(r.itl_s, default=0.0)
-            - reference[r.index].ttft_s * (r.prompt_tokens + r.output_tokens) / max(1, r.prompt_tokens)
+            max(r.itl_s, default=0.0) - ref_ttft * (r.prompt_tokens + r.output_tokens) / max(1, r.prompt_tokens)
             for r in hit
-            if r.ok and reference[r.index].ttft_s is not None
+            if r.ok and (ref_ttft := reference[r.index].ttft_s) is not None
         ]
         rows.append(
             {

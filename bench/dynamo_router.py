@@ -47,11 +47,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from bench.common import print_table
 from bench.router import TRACES, CoreRouter, SimConfig, load_trace, oracle, run_replay
 from disagg.protocol import EventKind, KVEventBatch
-from disagg.router.policy import PolicyConfig
+from disagg.router.policy import PolicyConfig, PolicyKind
 
 REPO = Path(__file__).resolve().parents[1]
 SENTINEL_TOKEN = 2**32 - 1  # a block (block size 1: one token) no trace has; flipped to fence each worker's events
@@ -210,7 +211,7 @@ def cpu_model() -> str:
 
 
 def core_router(names: list[str], weight: float, temperature: float) -> CoreRouter:
-    config = PolicyConfig(kind="kv", seed=0, peer_pull=False, overlap_weight=weight, temperature=temperature)
+    config = PolicyConfig(kind=PolicyKind.KV, seed=0, peer_pull=False, overlap_weight=weight, temperature=temperature)
     return CoreRouter(names, config)
 
 
@@ -242,7 +243,7 @@ def compare(args: argparse.Namespace) -> dict:
     sim = SimConfig(args.workers, args.blocks, args.prefill_tok_s, args.tpot_ms)
     names = args.traces.split(",")
     dynamo = run_dynamo(args, sim, names) if args.dynamo_python else None
-    results = {"cpu": cpu_model(), "sim": asdict(sim), "traces": {}}
+    results: dict[str, Any] = {"cpu": cpu_model(), "sim": asdict(sim), "traces": {}}
     if dynamo:
         results["dynamo"] = {k: v for k, v in dynamo.items() if k != "traces"}
     for name in names:
@@ -287,7 +288,7 @@ def main() -> None:
     os.environ.setdefault("DYN_LOG", "error")  # the service logs every selection at info
     sim = SimConfig(**json.loads(args.sim))
     loop = asyncio.new_event_loop()
-    results = {
+    results: dict[str, Any] = {
         "version": version("ai-dynamo-runtime"),
         "router": "dynamo.llm.SelectionService (DefaultWorkerSelector)",
         "traces": {},

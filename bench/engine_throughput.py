@@ -49,10 +49,13 @@ TOPICS = [
 
 
 def make_prompts(engine: LLMEngine, n: int) -> list[list[int]]:
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise SystemExit(f"{engine.config.model} has no tokenizer.json: chat prompts need one")
     prompts = []
     for i in range(n):
         text = f"Tell me {i % 5 + 2} interesting facts about {TOPICS[i % len(TOPICS)]}."
-        prompts.append(engine.tokenizer.encode_chat([{"role": "user", "content": text}]))
+        prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]))
     return prompts
 
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from bench.common import emit, print_table
+from disagg.protocol import Tier
 from disagg.transfer.base import KVLayout, TransferState
 from disagg.transfer.nixl import NixlTransport
 from disagg.workload.metrics import mean, percentile
@@ -93,8 +94,8 @@ def bench_shape(name, shape, token_counts, repeats) -> list[dict]:
             dst.release(handle)
 
         def raw(nbytes: int = nbytes) -> None:  # the same byte count as one contiguous region on each side
-            ld = agent.get_xfer_descs([(local.base_addr, nbytes, 0)], "DRAM")
-            rd = agent.get_xfer_descs([(remote.base_addr, nbytes, 0)], "DRAM")
+            ld = agent.get_xfer_descs([(local.region(Tier.DEVICE).base_addr, nbytes, 0)], "DRAM")
+            rd = agent.get_xfer_descs([(remote.region(Tier.DEVICE).base_addr, nbytes, 0)], "DRAM")
             handle = agent.initialize_xfer("READ", ld, rd, remote.agent_name, b"")
             agent.transfer(handle)
             _wait(dst, handle)

@@ -33,6 +33,7 @@ import torch
 from bench.common import emit, print_table
 from disagg.engine.block_pool import BlockPool
 from disagg.kv.connector import KVLoad, LoadState, SourceKind
+from disagg.kv.disk_tier import DiskTier
 from disagg.kv.store import TierConfig, TieredStore
 from disagg.protocol import Tier
 
@@ -65,6 +66,18 @@ class Rig:
         )
         self.store = TieredStore(self.config, self.pool, self.kv, "0123456789abcdef")
         self.round = 0
+
+    @property
+    def disk(self) -> DiskTier:
+        disk = self.store.disk
+        assert disk is not None, "the rig's TierConfig has a disk directory"
+        return disk
+
+    def clear_disk(self) -> None:
+        """Drop the disk tier's files and index: the next round writes fresh ones."""
+        shutil.rmtree(self.disk.dir)
+        self.disk.dir.mkdir()
+        self.disk._index.clear()
 
     def hashes(self) -> list[int]:
         return [self.round * 1_000_003 + i + 1 for i in range(self.n)]
@@ -110,7 +123,7 @@ class Rig:
         self.store.demote()
         self.store.flush()
         elapsed = time.perf_counter() - t0
-        assert self.store.disk.num_blocks >= self.n and self.store.cpu.num_committed == 0
+        assert self.disk.num_blocks >= self.n and self.store.cpu.num_committed == 0
         return elapsed
 
     def disk_load(self) -> float:
@@ -138,7 +151,7 @@ def raw_file_write(kv: torch.Tensor, d: Path, threads: int) -> float:
     uses, so the ratio compares the work per byte and not the parallelism."""
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True, exist_ok=True)
-    views = [memoryview(kv[i].view(-1).view(torch.uint8).numpy()) for i in range(kv.shape[0])]
+    views = [kv[i].view(-1).view(torch.uint8).numpy().data for i in range(kv.shape[0])]
 
     def write(i: int) -> None:
         with open(d / f"{i}.raw", "wb") as f:
@@ -236,9 +249,7 @@ def bench_shape(name: str, shape: tuple[int, ...], dtype: torch.dtype, n: int, r
             times["disk_load"].append(rig.disk_load())
             times["raw_read"].append(raw_file_read(n, rig.block_bytes, root / "raw", rig.config.io_threads))
             times["nixl_read"].append(nixl.read())
-            shutil.rmtree(rig.store.disk.dir)  # the next round writes fresh files
-            rig.store.disk.dir.mkdir()
-            rig.store.disk._index.clear()
+            rig.clear_disk()  # the next round writes fresh files
         med = {k: _gbps(rig.bytes, statistics.median(v)) for k, v in times.items()}
         rig.store.shutdown()
     finally:

@@ -130,12 +130,10 @@ def summarize(shots: list[Shot], arrivals_s: float, ttft_slo: float, tpot_slo: f
     ends = [s.start + (s.e2e_s if s.e2e_s is not None else (s.answered_s or 0.0)) for s in shots]
     duration_s = max([arrivals_s, *ends])
     ok = [s for s in shots if s.status == 200 and s.e2e_s is not None]
+    # (e2e_s, ttft_s) of the completed ones: every completed stream has both
+    times = [(s, s.e2e_s, s.ttft_s) for s in ok if s.e2e_s is not None and s.ttft_s is not None]
     good = [
-        s
-        for s in ok
-        if s.ttft_s is not None
-        and s.ttft_s <= ttft_slo
-        and (s.tokens < 2 or (s.e2e_s - s.ttft_s) / (s.tokens - 1) <= tpot_slo)
+        s for s, e2e, ttft in times if ttft <= ttft_slo and (s.tokens < 2 or (e2e - ttft) / (s.tokens - 1) <= tpot_slo)
     ]
     refused = [s for s in shots if s.status == 429]
     return {
@@ -146,15 +144,12 @@ def summarize(shots: list[Shot], arrivals_s: float, ttft_slo: float, tpot_slo: f
         "failed_other": len(shots) - len(ok) - len(refused),
         "goodput": len(good) / duration_s,
         "throughput": len(ok) / duration_s,
-        "ttft_p50_ms": percentile([s.ttft_s for s in ok], 50) * 1000,
-        "ttft_p99_ms": percentile([s.ttft_s for s in ok], 99) * 1000,
-        "tpot_p99_ms": percentile(
-            [(s.e2e_s - s.ttft_s) / (s.tokens - 1) for s in ok if s.ttft_s is not None and s.tokens > 1], 99
-        )
-        * 1000,
+        "ttft_p50_ms": percentile([ttft for _, _, ttft in times], 50) * 1000,
+        "ttft_p99_ms": percentile([ttft for _, _, ttft in times], 99) * 1000,
+        "tpot_p99_ms": percentile([(e2e - ttft) / (s.tokens - 1) for s, e2e, ttft in times if s.tokens > 1], 99) * 1000,
         "met_ttft": sum(s.ttft_s is not None and s.ttft_s <= ttft_slo for s in ok),
-        "reject_p50_ms": percentile([s.answered_s for s in refused], 50) * 1000,
-        "reject_p99_ms": percentile([s.answered_s for s in refused], 99) * 1000,
+        "reject_p50_ms": percentile([s.answered_s for s in refused if s.answered_s is not None], 50) * 1000,
+        "reject_p99_ms": percentile([s.answered_s for s in refused if s.answered_s is not None], 99) * 1000,
         **_reject_split(refused),
     }
 
@@ -163,8 +158,9 @@ def _reject_split(refused: list[Shot]) -> dict[str, Any]:
     """429s refused on arrival (queue full, or the wait estimate past the deadline) come back at once; those
     that waited in the queue (shed by a higher band, or still queued at their deadline) come back later."""
     waited = {"shed", "expired"}
-    arrival = [s.answered_s for s in refused if s.reject_code not in waited]
-    queued = [s.answered_s for s in refused if s.reject_code in waited]
+    answered = [(s, s.answered_s) for s in refused if s.answered_s is not None]  # a 429 always has its headers
+    arrival = [t for s, t in answered if s.reject_code not in waited]
+    queued = [t for s, t in answered if s.reject_code in waited]
     return {
         "rejected_on_arrival": len(arrival),
         "rejected_while_queued": len(queued),
@@ -209,7 +205,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _warm(svc.url, 49152, args.prefill + args.decode)
         model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]
 
-        out["router_after_phase"] = after = {}
+        after: dict[str, Any] = {}
+        out["router_after_phase"] = after
 
         def go(streams, duration, seed=0):
             shots = asyncio.run(
@@ -371,7 +368,7 @@ def _synthetic(
     return sorted(out, key=lambda r: r.timestamp_ms)
 
 
-def _sim_summary(records, trace, duration_s: float, slo) -> dict[str, Any]:
+def _sim_summary(records, trace, duration_s: float, slo) -> list[Shot]:
     shots = []
     for r, req in zip(records, trace):
         status = 200 if r.ok else (429 if (r.error or "").startswith("HTTP 429") else 0)

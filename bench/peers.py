@@ -24,12 +24,13 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from bench.replay import ReplayConfig, replay
 from disagg.workload import agent, loaders
-from disagg.workload.metrics import SLO, parse_slos
+from disagg.workload.metrics import SLO, RequestRecord, parse_slos
 from disagg.workload.record import TraceScale
 from disagg.workload.report import write_report
 
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     slo, extra = SLO(args.slo_ttft_ms, args.slo_tpot_ms), parse_slos(args.extra_slos)
     loads = workloads(args)
-    runs, records = [], {}
+    runs: list[dict[str, Any]] = []
+    records: dict[str, list[RequestRecord]] = {}
     for system in systems(args, model, served):
         proc = start(system, args.cpus, out)
         try:

@@ -73,13 +73,14 @@ class ReplayResult:
 
 
 def _arrivals(trace: list[TraceRequest], units: list[list[int]], cfg: ReplayConfig) -> list[float]:
+    rate = cfg.rate or 0.0  # positive for fixed and poisson arrivals (ReplayConfig checks)
     if cfg.arrival == "fixed":
-        return [i / cfg.rate for i in range(len(units))]
+        return [i / rate for i in range(len(units))]
     if cfg.arrival == "poisson":
         rng, t, out = random.Random(cfg.seed), 0.0, []
         for _ in units:
             out.append(t)
-            t += rng.expovariate(cfg.rate)
+            t += rng.expovariate(rate)
         return out
     t0 = min(r.timestamp_ms for r in trace)
     return [cfg.scale.seconds(trace[u[0]].timestamp_ms - t0) for u in units]

@@ -37,7 +37,8 @@ from pathlib import Path
 from bench.common import emit, print_table
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
-from disagg.router.policy import PolicyConfig
+from disagg.router.load import LoadTicket
+from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.workload.metrics import percentile
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces"
@@ -58,7 +59,7 @@ def bench_latency(num_workers: int, num_blocks: int, decisions: int, seed: int =
         chains.append(tokens)
         hashes = hash_prompt_blocks(tokens, 16)
         for w in rng.sample(names, rng.randint(1, 3)):
-            core.on_kv_events(KVEventBatch.of(w, seq[w], [KVEvent("stored", hashes)]))
+            core.on_kv_events(KVEventBatch.of(w, seq[w], [KVEvent(EventKind.STORED, hashes)]))
             seq[w] += 1
     with_hash, index_only = [], []
     for i in range(decisions):
@@ -205,14 +206,14 @@ class CoreRouter:
 
         self.core = RouterCore({}, {n: None for n in names}, config, block_size=1)
 
-    def route(self, i: int, ids: list[int], hashes: list[int]) -> tuple[str, object]:
+    def route(self, i: int, ids: list[int], hashes: list[int]) -> tuple[str, LoadTicket]:
         decision = self.core.route(Request(f"q{i}", ids), hashes=hashes)
         return decision.decode_worker, self.core.begin(decision, len(ids), hashes)
 
-    def prefilled(self, ticket: object) -> None:
+    def prefilled(self, ticket: LoadTicket) -> None:
         self.core.progress(ticket, 1)
 
-    def finished(self, ticket: object) -> None:
+    def finished(self, ticket: LoadTicket) -> None:
         self.core.end(ticket)
 
     def kv_events(self, batch: KVEventBatch) -> None:
@@ -290,7 +291,7 @@ def run_replay(router, trace: list[dict], sim: SimConfig) -> dict:
 
 def replay(trace: list[dict], policy: str, sim: SimConfig, policy_args: dict | None = None) -> dict:
     config = PolicyConfig(
-        kind=policy,
+        kind=PolicyKind(policy),
         seed=0,
         peer_pull=False,
         cpu_load_cost=sim.cpu_load_cost,

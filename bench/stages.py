@@ -79,7 +79,7 @@ def breakdown(records: list[RequestRecord], spans: list[dict[str, Any]]) -> dict
     within, matched, complete, remote = 0, 0, 0, 0
     for r in records:
         t = traced.get(r.request_id or "")
-        if not r.ok or t is None:
+        if not r.ok or r.e2e_s is None or t is None:
             continue
         matched += 1
         remote += t["remote"]

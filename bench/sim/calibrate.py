@@ -237,9 +237,7 @@ def tier_load_times(engine, blocks: int = 64, repeats: int = 3) -> tuple[float, 
             cpu.append(rig.cpu_load())
             rig.disk_store()
             disk.append(rig.disk_load())
-            shutil.rmtree(rig.store.disk.dir)
-            rig.store.disk.dir.mkdir()
-            rig.store.disk._index.clear()
+            rig.clear_disk()
         rig.store.shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)

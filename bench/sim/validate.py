@@ -21,7 +21,7 @@ from typing import Any
 from bench.compare import run_one
 from bench.replay import ReplayConfig
 from bench.stages import load_spans, per_request
-from disagg.planning.spec import parse_configs
+from disagg.planning.spec import ClusterSpec, parse_configs
 from disagg.sim.run import add_sim_args, sim_config, simulate
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent, loaders
@@ -223,11 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         for rate in (float(r) for r in args.rates.split(",")):
             rscale = replace(scale, time_scale=scale.time_scale * rate)
             simulated: dict[str, dict[str, Any]] = {}
-            for spec in [*specs, None] if args.planned else specs:
-                if spec is None:  # after the static configurations: start from the simulator's first choice
+            order: list[ClusterSpec | None] = [*specs, None] if args.planned else [*specs]
+            for entry in order:
+                if entry is None:  # after the static configurations: start from the simulator's first choice
                     best = max((s for s in specs if not s.planner), key=lambda s: simulated[s.name]["request_goodput"])
                     spec = replace(best, name="planned", planner=True)
                     print(f"{wname} {rate:g}x: planned start {best.name} ({best.num_prefill}x{best.num_decode})")
+                else:
+                    spec = entry
                 key = (wname, rate, spec.name)
                 samples = list(prior.get(key, []))
                 if key in stored:
