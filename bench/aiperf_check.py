@@ -23,9 +23,9 @@ from pathlib import Path
 
 from bench.peers import System, start, stop, wait_ready
 from bench.replay import ReplayConfig, replay
-from bench.report import SLO
-from bench.traces import loaders
-from bench.traces.record import TraceRequest, TraceScale
+from disagg.workload import loaders
+from disagg.workload.metrics import SLO
+from disagg.workload.record import TraceRequest, TraceScale
 
 REPO = Path(__file__).resolve().parents[1]
 _SNAPSHOT = "0" * 40
@@ -37,8 +37,13 @@ def hf_cache_for(model_dir: Path, cache: Path) -> str:
     entry = cache / "hub" / f"models--{repo.replace('/', '--')}"
     snap = entry / "snapshots" / _SNAPSHOT
     snap.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "config.json", "special_tokens_map.json",
-                 "chat_template.jinja"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    ):
         if (model_dir / name).exists():
             shutil.copy(model_dir / name, snap / name)
     (entry / "refs").mkdir(exist_ok=True)
@@ -61,12 +66,15 @@ def aiperf_metrics(artifacts: Path) -> dict[str, float]:
         entry = records[tag] if isinstance(records, dict) else next(r for r in records if r.get("tag") == tag)
         return float(entry[stat])
 
-    return {"ttft_mean_ms": pick("time_to_first_token", "avg"), "ttft_p50_ms": pick("time_to_first_token", "p50"),
-            # AIPerf's ITL is per request (latency - TTFT) / (output tokens - 1): our TPOT's definition
-            "tpot_mean_ms": pick("inter_token_latency", "avg"),
-            "chunk_gap_mean_ms": pick("inter_chunk_latency", "avg"),
-            "output_tok_s": pick("output_token_throughput", "avg"),
-            "requests": pick("request_count", "avg")}
+    return {
+        "ttft_mean_ms": pick("time_to_first_token", "avg"),
+        "ttft_p50_ms": pick("time_to_first_token", "p50"),
+        # AIPerf's ITL is per request (latency - TTFT) / (output tokens - 1): our TPOT's definition
+        "tpot_mean_ms": pick("inter_token_latency", "avg"),
+        "chunk_gap_mean_ms": pick("inter_chunk_latency", "avg"),
+        "output_tok_s": pick("output_token_throughput", "avg"),
+        "requests": pick("request_count", "avg"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-tokens", type=int, default=256)
     p.add_argument("--output-tokens", type=int, default=32)
     p.add_argument("--cpus", default="0", help="CPUs the server runs on")
-    p.add_argument("--client-cpus", default="1", help="CPUs both clients run on (apart from the server's: a client "
-                   "that competes with the server for cores slows the server it measures)")
+    p.add_argument(
+        "--client-cpus",
+        default="1",
+        help="CPUs both clients run on (apart from the server's: a client "
+        "that competes with the server for cores slows the server it measures)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--port", type=int, default=8200)
     p.add_argument("--out", default="bench/results/aiperf")
@@ -93,9 +105,29 @@ def main(argv: list[str] | None = None) -> int:
     trace = workload(args.requests, args.interval_ms, args.input_tokens, args.output_tokens)
     trace_file = out / "trace.jsonl"
     loaders.write_jsonl(trace, trace_file)
-    system = System("disagg-agg", ["python", "-m", "disagg.cli", "serve", "--model", str(model), "--prefill", "0",
-                                   "--decode", "1", "--threads", str(args.threads), "--port", str(args.port),
-                                   "--cpu-tier-mb", "0"], {}, args.port)
+    system = System(
+        "disagg-agg",
+        [
+            "python",
+            "-m",
+            "disagg.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--prefill",
+            "0",
+            "--decode",
+            "1",
+            "--threads",
+            str(args.threads),
+            "--port",
+            str(args.port),
+            "--cpu-tier-mb",
+            "0",
+        ],
+        {},
+        args.port,
+    )
     system.command[0] = str(REPO / ".venv" / "bin" / "python")
     proc = start(system, args.cpus, out)
     try:
@@ -110,11 +142,36 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "HF_HOME": str(out / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         artifacts = out / "aiperf"
         shutil.rmtree(artifacts, ignore_errors=True)
-        cmd = ["taskset", "-c", args.client_cpus, args.aiperf, "profile", "--model", model.name, "--tokenizer", tokenizer, "--url", system.url,
-               "--endpoint-type", "completions", "--streaming", "--input-file", str(trace_file),
-               "--custom-dataset-type", "mooncake_trace", "--fixed-schedule", "--extra-inputs", "ignore_eos:true",
-               "--use-server-token-count", "--output-artifact-dir", str(artifacts), "--ui-type", "none",
-               "--random-seed", "0"]
+        cmd = [
+            "taskset",
+            "-c",
+            args.client_cpus,
+            args.aiperf,
+            "profile",
+            "--model",
+            model.name,
+            "--tokenizer",
+            tokenizer,
+            "--url",
+            system.url,
+            "--endpoint-type",
+            "completions",
+            "--streaming",
+            "--input-file",
+            str(trace_file),
+            "--custom-dataset-type",
+            "mooncake_trace",
+            "--fixed-schedule",
+            "--extra-inputs",
+            "ignore_eos:true",
+            "--use-server-token-count",
+            "--output-artifact-dir",
+            str(artifacts),
+            "--ui-type",
+            "none",
+            "--random-seed",
+            "0",
+        ]
         t0 = time.monotonic()
         run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
         (out / "aiperf.log").write_text(run.stdout + run.stderr)
@@ -124,15 +181,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aiperf ran {time.monotonic() - t0:.0f} s")
     finally:
         stop(proc)
-    mine = {"ttft_mean_ms": ours["mean_ttft_ms"], "ttft_p50_ms": ours["median_ttft_ms"],
-            "tpot_mean_ms": ours["mean_tpot_ms"], "chunk_gap_mean_ms": ours["mean_itl_ms"],
-            "output_tok_s": ours["output_throughput"],
-            "requests": ours["completed"]}
-    rows = {k: {"disagg_harness": mine[k], "aiperf": theirs[k], "ratio": mine[k] / theirs[k] if theirs[k] else None}
-            for k in mine}
-    result = {"workload": {"requests": args.requests, "interval_ms": args.interval_ms,
-                           "input_tokens": args.input_tokens, "output_tokens": args.output_tokens},
-              "server_cpus": args.cpus, "client_cpus": args.client_cpus, "command": " ".join(cmd), "rows": rows}
+    mine = {
+        "ttft_mean_ms": ours["mean_ttft_ms"],
+        "ttft_p50_ms": ours["median_ttft_ms"],
+        "tpot_mean_ms": ours["mean_tpot_ms"],
+        "chunk_gap_mean_ms": ours["mean_itl_ms"],
+        "output_tok_s": ours["output_throughput"],
+        "requests": ours["completed"],
+    }
+    rows = {
+        k: {"disagg_harness": mine[k], "aiperf": theirs[k], "ratio": mine[k] / theirs[k] if theirs[k] else None}
+        for k in mine
+    }
+    result = {
+        "workload": {
+            "requests": args.requests,
+            "interval_ms": args.interval_ms,
+            "input_tokens": args.input_tokens,
+            "output_tokens": args.output_tokens,
+        },
+        "server_cpus": args.cpus,
+        "client_cpus": args.client_cpus,
+        "command": " ".join(cmd),
+        "rows": rows,
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

@@ -14,6 +14,7 @@ The workload is greedy with ignore_eos, so the clean run is the reference for ev
     disagg bench chaos --agent coding_agent --sessions 6 --session-rate 0.5 --prefill 1 --decode 2 \\
         --faults kill-decode,kill-prefill,stop-decode,read-fail,read-hang,kill-router --out bench/results/chaos
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,10 @@ from typing import Any
 
 import httpx
 
-from bench.common import percentile
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
-from bench.report import RequestRecord
-from bench.workload import load_workload
 from disagg.protocol import RouterCounters, WorkerStats
+from disagg.workload.metrics import RequestRecord, percentile
+from disagg.workload.options import load_workload
 
 FAULTS = ("kill-decode", "kill-prefill", "stop-decode", "stop-prefill", "kill-router", "read-fail", "read-hang")
 
@@ -171,16 +171,23 @@ def measure_cold_start(service: Any) -> float:
     from disagg.cluster.actors import AggregatedWorker
 
     t0 = time.perf_counter()
-    probe = AggregatedWorker.options(max_restarts=0).remote("cold-start-probe", service.cluster.config.engine,
-                                                            tiers=None)
+    probe = AggregatedWorker.options(max_restarts=0).remote(  # type: ignore[attr-defined]  # added by @ray.remote
+        "cold-start-probe", service.cluster.config.engine, tiers=None
+    )
     ray.get(probe.ready.remote(), timeout=300)
     elapsed = time.perf_counter() - t0
     ray.kill(probe)
     return elapsed
 
 
-def _affected(fault: Fault, records: list[RequestRecord], started_at: float, observer: Observer,
-              window_s: float, expected_e2e: dict[int, float]) -> list[RequestRecord]:
+def _affected(
+    fault: Fault,
+    records: list[RequestRecord],
+    started_at: float,
+    observer: Observer,
+    window_s: float,
+    expected_e2e: dict[int, float],
+) -> list[RequestRecord]:
     """Requests in flight between the fault and the moment the target was out of routing (or, for read faults,
     within `window_s` of it) that were routed through the target.  A failed request is in flight for as long as
     the clean run took to serve it (`expected_e2e`), not forever (or it is charged to every later fault)."""
@@ -206,34 +213,65 @@ def _affected(fault: Fault, records: list[RequestRecord], started_at: float, obs
     return out
 
 
-def analyse(faults: list[Fault], clean: ReplayResult, faulted: ReplayResult, observer: Observer,
-            cold_start_s: float, window_s: float) -> list[dict[str, Any]]:
+def analyse(
+    faults: list[Fault],
+    clean: ReplayResult,
+    faulted: ReplayResult,
+    observer: Observer,
+    cold_start_s: float,
+    window_s: float,
+) -> list[dict[str, Any]]:
     reference = {r.index: r for r in clean.records}
     rows = []
     for fault in faults:
-        hit = _affected(fault, faulted.records, faulted.started_at, observer, window_s,
-                        {i: r.e2e_s for i, r in reference.items() if r.e2e_s is not None})
+        hit = _affected(
+            fault,
+            faulted.records,
+            faulted.started_at,
+            observer,
+            window_s,
+            {i: r.e2e_s for i, r in reference.items() if r.e2e_s is not None},
+        )
         lost = [r for r in hit if not r.ok]
         wrong = [r for r in hit if r.ok and r.text != reference[r.index].text]
-        added = [r.e2e_s - reference[r.index].e2e_s for r in hit if r.ok and reference[r.index].ok]
+        added = [
+            e2e - ref_e2e
+            for r in hit
+            if r.ok
+            and reference[r.index].ok
+            and (e2e := r.e2e_s) is not None
+            and (ref_e2e := reference[r.index].e2e_s) is not None
+        ]
         stall = [max(r.itl_s, default=0.0) for r in hit if r.ok]
         # what re-prefilling prompt + output costs, estimated from the clean run's TTFT for the prompt alone
-        over = [max(r.itl_s, default=0.0) - reference[r.index].ttft_s * (r.prompt_tokens + r.output_tokens) /
-                max(1, r.prompt_tokens) for r in hit if r.ok and reference[r.index].ttft_s is not None]
-        rows.append({"fault": fault.kind, "target": fault.target, "affected": len(hit), "lost": len(lost),
-                     "wrong_output": len(wrong), "added_latency_p50_ms": percentile(added, 50) * 1000,
-                     "added_latency_p99_ms": percentile(added, 99) * 1000,
-                     "max_stall_p99_ms": percentile(stall, 99) * 1000,
-                     "stall_over_reprefill_p99_ms": percentile(over, 99) * 1000,
-                     "out_of_routing_s": fault.out_of_routing_s, "ready_s": fault.ready_s,
-                     "serving_again_s": fault.serving_again_s,
-                     "cold_start_s": cold_start_s if fault.serving_again_s is not None else None,
-                     "endpoint_back_s": fault.endpoint_back_s, "note": fault.note})
+        over = [
+            max(r.itl_s, default=0.0) - ref_ttft * (r.prompt_tokens + r.output_tokens) / max(1, r.prompt_tokens)
+            for r in hit
+            if r.ok and (ref_ttft := reference[r.index].ttft_s) is not None
+        ]
+        rows.append(
+            {
+                "fault": fault.kind,
+                "target": fault.target,
+                "affected": len(hit),
+                "lost": len(lost),
+                "wrong_output": len(wrong),
+                "added_latency_p50_ms": percentile(added, 50) * 1000,
+                "added_latency_p99_ms": percentile(added, 99) * 1000,
+                "max_stall_p99_ms": percentile(stall, 99) * 1000,
+                "stall_over_reprefill_p99_ms": percentile(over, 99) * 1000,
+                "out_of_routing_s": fault.out_of_routing_s,
+                "ready_s": fault.ready_s,
+                "serving_again_s": fault.serving_again_s,
+                "cold_start_s": cold_start_s if fault.serving_again_s is not None else None,
+                "endpoint_back_s": fault.endpoint_back_s,
+                "note": fault.note,
+            }
+        )
     return rows
 
 
-def serving_again(fault: Fault, records: list[RequestRecord], started_at: float, observer: Observer
-                  ) -> float | None:
+def serving_again(fault: Fault, records: list[RequestRecord], started_at: float, observer: Observer) -> float | None:
     """Seconds from the fault to the end of the first request that started after it, succeeded, and was served
     through the faulted worker (its last routing decision names it) - or, for the router, through the endpoint.
     None for read faults (the worker never leaves routing) or when no such request came."""
@@ -257,12 +295,16 @@ def by_kind(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for kind in dict.fromkeys(r["fault"] for r in rows):
         mine = [r for r in rows if r["fault"] == kind]
-        entry: dict[str, Any] = {"injections": len(mine), "lost": sum(r["lost"] for r in mine),
-                                 "wrong_output": sum(r["wrong_output"] for r in mine)}
+        entry: dict[str, Any] = {
+            "injections": len(mine),
+            "lost": sum(r["lost"] for r in mine),
+            "wrong_output": sum(r["wrong_output"] for r in mine),
+        }
         for key in ("out_of_routing_s", "ready_s", "serving_again_s", "endpoint_back_s", "max_stall_p99_ms"):
             values = [r[key] for r in mine if r.get(key) is not None and r[key] == r[key]]
-            entry[key] = {"median": statistics.median(values), "worst": max(values), "n": len(values)} \
-                if values else None
+            entry[key] = (
+                {"median": statistics.median(values), "worst": max(values), "n": len(values)} if values else None
+            )
         out[kind] = entry
     return out
 
@@ -279,9 +321,11 @@ def _summed(a: RouterCounters, b: RouterCounters) -> RouterCounters:
 
 def _dropped(now: RouterCounters, before: RouterCounters) -> bool:
     """Whether some count went down: the router restarted (its counts start from 0 again)."""
-    return (now.migrations < before.migrations
-            or any(now.paths.get(k, 0) < n for k, n in before.paths.items())
-            or any(now.fallbacks.get(k, 0) < n for k, n in before.fallbacks.items()))
+    return (
+        now.migrations < before.migrations
+        or any(now.paths.get(k, 0) < n for k, n in before.paths.items())
+        or any(now.fallbacks.get(k, 0) < n for k, n in before.fallbacks.items())
+    )
 
 
 def leftovers(service: Any, settle_s: float) -> list[dict[str, Any]]:
@@ -293,8 +337,16 @@ def leftovers(service: Any, settle_s: float) -> list[dict[str, Any]]:
         workers = service.cluster.workers_by_name
         answers = ray.get([w.stats.remote() for w in workers.values()], timeout=60)
         stats = {name: WorkerStats.from_wire(a) for name, a in zip(workers, answers)}
-        rows = [{"worker": name, "blocks_held": s.kv_blocks_total - s.kv_blocks_free, "leases": s.leases,
-                 "adopted_blocks": s.adopted_blocks, "running": s.running} for name, s in stats.items()]
+        rows = [
+            {
+                "worker": name,
+                "blocks_held": s.kv_blocks_total - s.kv_blocks_free,
+                "leases": s.leases,
+                "adopted_blocks": s.adopted_blocks,
+                "running": s.running,
+            }
+            for name, s in stats.items()
+        ]
         if all(not (r["blocks_held"] or r["leases"] or r["adopted_blocks"]) for r in rows) or time.time() > deadline:
             return rows
         time.sleep(0.5)
@@ -310,18 +362,28 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     model = args.model or str(default_model_dir())
     args.vocab_size = model_vocab_size(model)
     trace, scale, workload = load_workload(args)
-    engine = {"model": model, "kv_cache_memory_mb": args.kv_cache_mb, "max_model_len": args.max_model_len,
-              "num_threads": args.threads}
+    engine = {
+        "model": model,
+        "kv_cache_memory_mb": args.kv_cache_mb,
+        "max_model_len": args.max_model_len,
+        "num_threads": args.threads,
+    }
     kinds = [f for f in args.faults.split(",") if f]
     faults_wanted = kinds * args.injections  # every kind injected --injections times, the kinds interleaved
     unknown = set(kinds) - set(FAULTS)
     if unknown:
         raise SystemExit(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
-    service = Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine,
-                                    transport_wrapper="tests.fake_transport:FaultyTransport",
-                                    transfer_timeout_s=args.read_timeout,
-                                    tiers={"disk_root": tempfile.mkdtemp(prefix="chaos-kv-")}),
-                      {"port": 0, "policy": {"kind": "kv", "min_remote_prefill_tokens": 16}})
+    service = Service(
+        ClusterConfig(
+            num_prefill=args.prefill,
+            num_decode=args.decode,
+            engine=engine,
+            transport_wrapper="tests.fake_transport:FaultyTransport",
+            transfer_timeout_s=args.read_timeout,
+            tiers={"disk_root": tempfile.mkdtemp(prefix="chaos-kv-")},
+        ),
+        {"port": 0, "policy": {"kind": "kv", "min_remote_prefill_tokens": 16}},
+    )
     observer = Observer(service.router)
     try:
         cold_start = measure_cold_start(service)
@@ -349,18 +411,30 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
             fault.serving_again_s = serving_again(fault, faulted.records, faulted.started_at, observer)
         rows = analyse(faults, clean, faulted, observer, cold_start, args.read_timeout * 2)
         reference = {r.index: r for r in clean.records}
-        summary = {"requests": len(faulted.records), "lost": sum(not r.ok for r in faulted.records),
-                   "wrong_output": sum(r.ok and r.text != reference[r.index].text for r in faulted.records),
-                   "clean_failed": sum(not r.ok for r in clean.records),
-                   "migrations": observer.counters.migrations,
-                   "fallbacks": {f"fallback:{k.value}": n for k, n in observer.counters.fallbacks.items()},
-                   "cold_start_s": cold_start}
-        return {"workload": workload, "scale": scale.describe(), "faults": rows, "by_kind": by_kind(rows),
-                "summary": summary,
-                "leftovers": leftovers(service, args.settle),
-                "settings": {"prefill": args.prefill, "decode": args.decode, "fault_interval": args.fault_interval,
-                             "read_timeout": args.read_timeout,
-                             "engine": {**engine, "model": Path(model).name}}}  # the folder, not this machine's path
+        summary = {
+            "requests": len(faulted.records),
+            "lost": sum(not r.ok for r in faulted.records),
+            "wrong_output": sum(r.ok and r.text != reference[r.index].text for r in faulted.records),
+            "clean_failed": sum(not r.ok for r in clean.records),
+            "migrations": observer.counters.migrations,
+            "fallbacks": {f"fallback:{k.value}": n for k, n in observer.counters.fallbacks.items()},
+            "cold_start_s": cold_start,
+        }
+        return {
+            "workload": workload,
+            "scale": scale.describe(),
+            "faults": rows,
+            "by_kind": by_kind(rows),
+            "summary": summary,
+            "leftovers": leftovers(service, args.settle),
+            "settings": {
+                "prefill": args.prefill,
+                "decode": args.decode,
+                "fault_interval": args.fault_interval,
+                "read_timeout": args.read_timeout,
+                "engine": {**engine, "model": Path(model).name},
+            },
+        }  # the folder, not this machine's path
     finally:
         observer.stop()
         service.shutdown()
@@ -368,22 +442,41 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    cols = ["fault", "target", "affected", "lost", "wrong_output", "added_latency_p50_ms", "added_latency_p99_ms",
-            "max_stall_p99_ms", "stall_over_reprefill_p99_ms", "out_of_routing_s", "ready_s", "serving_again_s",
-            "cold_start_s", "endpoint_back_s"]
+    cols = [
+        "fault",
+        "target",
+        "affected",
+        "lost",
+        "wrong_output",
+        "added_latency_p50_ms",
+        "added_latency_p99_ms",
+        "max_stall_p99_ms",
+        "stall_over_reprefill_p99_ms",
+        "out_of_routing_s",
+        "ready_s",
+        "serving_again_s",
+        "cold_start_s",
+        "endpoint_back_s",
+    ]
 
     def fmt(v: Any) -> str:
         if v is None or (isinstance(v, float) and v != v):
             return "-"
         return f"{v:,.2f}" if isinstance(v, float) else str(v)
+
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(row[c]) for c in cols) + " |" for row in result["faults"]]
     s = result["summary"]
-    lines += ["", f"Whole run: {s['requests']} requests, {s['lost']} lost, {s['wrong_output']} with an output that "
-              f"differs from the clean run; {s['migrations']:.0f} migrations; fallbacks {s['fallbacks']}.",
-              "Leftovers after draining: " + ", ".join(f"{r['worker']}: {r['blocks_held']} blocks, {r['leases']} "
-                                                     f"leases, {r['adopted_blocks']} adopted"
-                                                     for r in result["leftovers"])]
+    lines += [
+        "",
+        f"Whole run: {s['requests']} requests, {s['lost']} lost, {s['wrong_output']} with an output that "
+        f"differs from the clean run; {s['migrations']:.0f} migrations; fallbacks {s['fallbacks']}.",
+        "Leftovers after draining: "
+        + ", ".join(
+            f"{r['worker']}: {r['blocks_held']} blocks, {r['leases']} leases, {r['adopted_blocks']} adopted"
+            for r in result["leftovers"]
+        ),
+    ]
     return "\n".join(lines)
 
 

@@ -1,23 +1,10 @@
-"""Helpers shared by benchmarks: percentiles, table + JSON output."""
+"""Helpers shared by benchmarks: table + JSON output (percentiles and means: disagg/workload/metrics.py)."""
+
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = (len(ordered) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def mean(values: list[float]) -> float:
-    return statistics.fmean(values) if values else float("nan")
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:

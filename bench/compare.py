@@ -6,104 +6,37 @@ Every (configuration, load) run gets a fresh cluster, so no run inherits another
 
     disagg bench compare --agent coding_agent --sessions 12 --configs agg-rr=0x2:round_robin,disagg-kv=1x1:kv
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench import stages
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
-from bench.report import SLO, parse_slos, write_report
 from bench.session_hits import next_turn_hits
-from bench.workload import load_workload
+from disagg.planning.spec import ClusterSpec, parse_configs
+from disagg.workload.metrics import SLO, RequestRecord, parse_slos
+from disagg.workload.options import load_workload
+from disagg.workload.report import write_report
 
 DEFAULT_CONFIGS = "agg-rr=0x2:round_robin,agg-kv=0x2:kv,disagg-kv=1x1:kv"
 
 
-# config-spec settings that are not PolicyConfig fields
-CLUSTER_KEYS = {"cpu_tier_mb": "CPU KV tier per worker in MiB (0: no tiers)",
-                "hints": "1: the replay sends session ids and KV retention pins",
-                "planner": "1: the planner moves workers between prefill and decode at runtime (the run's SLO)"}
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    name: str
-    num_prefill: int
-    num_decode: int
-    policy: str
-    policy_args: tuple[tuple[str, float], ...] = ()  # PolicyConfig overrides, e.g. min_remote_prefill_tokens
-    cpu_tier_mb: int | None = None  # None: the product's default tiers
-    hints: bool = False
-    planner: bool = False
-
-    def planner_config(self, slo: Any) -> dict[str, Any] | None:
-        """PlannerConfig fields for this run (judged against the run's SLO), or None for a static split."""
-        if not self.planner:
-            return None
-        return {"enabled": True, "ttft_slo_s": slo.ttft_ms / 1000, "tpot_slo_s": slo.tpot_ms / 1000}
-
-    @property
-    def workers(self) -> int:
-        return self.num_prefill + self.num_decode
-
-    def policy_config(self) -> dict[str, Any]:
-        return {"kind": self.policy, "seed": 0, **dict(self.policy_args)}
-
-    def tiers(self, disk_root: str) -> dict[str, Any] | None:
-        """Worker tier settings: a fresh disk directory per run, so no run inherits another's prefix cache."""
-        if self.cpu_tier_mb == 0:
-            return None
-        tiers: dict[str, Any] = {"disk_root": disk_root}
-        if self.cpu_tier_mb is not None:
-            tiers["cpu_bytes"] = self.cpu_tier_mb << 20
-        return tiers
-
-
-def parse_configs(text: str) -> list[ClusterSpec]:
-    """'name=PxD:policy[:key=value...],...' -> specs; P=0 means aggregated workers; key=value items override
-    PolicyConfig fields (e.g. disagg16=1x1:kv:min_remote_prefill_tokens=16) or set CLUSTER_KEYS
-    (e.g. agg-tiers=0x2:kv:cpu_tier_mb=256:hints=1)."""
-    from dataclasses import fields
-
-    from disagg.router.policy import PolicyConfig
-
-    numeric = {f.name for f in fields(PolicyConfig)} - {"kind", "seed"} | set(CLUSTER_KEYS)
-    specs = []
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        try:
-            name, rest = part.split("=", 1)
-            shape, policy, *extra = rest.split(":")
-            p, d = (int(x) for x in shape.lower().split("x"))
-            overrides = tuple((k, float(v)) for k, v in (item.split("=") for item in extra))
-        except ValueError as exc:
-            raise ValueError(f"bad config {part!r}: expected name=PxD:policy[:key=value...], "
-                             f"e.g. disagg-kv=1x1:kv") from exc
-        if d < 1 or p < 0:
-            raise ValueError(f"bad config {part!r}: need at least one decode worker")
-        if policy not in ("kv", "round_robin", "least_loaded"):
-            raise ValueError(f"bad config {part!r}: policy must be kv, round_robin or least_loaded")
-        unknown = {k for k, _ in overrides} - numeric
-        if unknown:
-            raise ValueError(f"bad config {part!r}: unknown policy setting(s) {sorted(unknown)}; "
-                             f"known: {sorted(numeric)}")
-        cluster = {k: v for k, v in overrides if k in CLUSTER_KEYS}
-        overrides = tuple((k, v) for k, v in overrides if k not in CLUSTER_KEYS)
-        cpu_mb = int(cluster["cpu_tier_mb"]) if "cpu_tier_mb" in cluster else None
-        specs.append(ClusterSpec(name, p, d, policy, overrides, cpu_mb, bool(cluster.get("hints", 0)),
-                                 bool(cluster.get("planner", 0))))
-    if not specs:
-        raise ValueError("no configurations given")
-    return specs
-
-
-def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, warmup: bool = True,
-            trace_dir: str | None = None, slo: Any = None) -> ReplayResult:
+def run_one(
+    spec: ClusterSpec,
+    engine: dict[str, Any],
+    trace: list,
+    replay_cfg,
+    warmup: bool = True,
+    trace_dir: str | None = None,
+    slo: Any = None,
+) -> ReplayResult:
     import shutil
     import tempfile
 
@@ -111,10 +44,16 @@ def run_one(spec: ClusterSpec, engine: dict[str, Any], trace: list, replay_cfg, 
 
     disk_root = tempfile.mkdtemp(prefix="compare-kv-")
     tracing = {"file_dir": trace_dir} if trace_dir else None
-    service = Service(ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=dict(engine),
-                                    tiers=spec.tiers(disk_root), tracing=tracing),
-                      {"policy": spec.policy_config(), "port": 0,
-                       "planner": spec.planner_config(slo) or {}})
+    service = Service(
+        ClusterConfig(
+            num_prefill=spec.num_prefill,
+            num_decode=spec.num_decode,
+            engine=dict(engine),
+            tiers=spec.tiers(disk_root),
+            tracing=tracing,
+        ),
+        {"policy": spec.policy_config(), "port": 0, "planner": spec.planner_config(slo) or {}},
+    )
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement
             _warm(service.url, replay_cfg.vocab_size, spec.workers)
@@ -137,8 +76,9 @@ def _warm(url: str, vocab_size: int, n: int) -> None:
         model = client.get("/v1/models").json()["data"][0]["id"]
         for i in range(n):
             prompt = [(1000 + 7 * i + j) % vocab_size for j in range(40)]
-            client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2,
-                                                 "ignore_eos": True}).raise_for_status()
+            client.post(
+                "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 2, "ignore_eos": True}
+            ).raise_for_status()
 
 
 def model_vocab_size(model_dir: str) -> int:
@@ -154,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", default="bench/results/compare")
-    parser.add_argument("--trace-dir", default=None,
-                        help="trace every request (spans as JSON lines here) and add a per-stage breakdown")
+    parser.add_argument(
+        "--trace-dir", default=None, help="trace every request (spans as JSON lines here) and add a per-stage breakdown"
+    )
     add_replay_args(parser)
     args = parser.parse_args(argv)
     specs = parse_configs(args.configs)
@@ -164,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from disagg.model_store import default_model_dir
+
     model = args.model or str(default_model_dir())
     args.vocab_size = model_vocab_size(model)
     if args.max_input_tokens is None:  # keep prompt + output inside the context; longer prompts keep their prefix
@@ -171,10 +113,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_output_tokens is None:
         args.max_output_tokens = 256
     trace, scale, workload = load_workload(args)
-    engine = {"model": model, "kv_cache_memory_mb": args.kv_cache_mb, "max_model_len": args.max_model_len,
-              "num_threads": args.threads}
+    engine = {
+        "model": model,
+        "kv_cache_memory_mb": args.kv_cache_mb,
+        "max_model_len": args.max_model_len,
+        "num_threads": args.threads,
+    }
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
-    runs, records = [], {}
+    runs: list[dict[str, Any]] = []
+    records: dict[str, list[RequestRecord]] = {}
     try:
         for rate in rates:
             rate_scale = replace(scale, time_scale=scale.time_scale * rate)
@@ -195,18 +142,39 @@ def main(argv: list[str] | None = None) -> int:
                 sessions = next_turn_hits(trace, rate_scale, result.records, args.vocab_size)
                 if sessions is not None:
                     metrics["next_turn"] = sessions
-                runs.append({"label": label, "config": spec.name, "rate": rate, "prefill_workers": spec.num_prefill,
-                             "decode_workers": spec.num_decode, "policy": spec.policy_config(), "metrics": metrics})
+                runs.append(
+                    {
+                        "label": label,
+                        "config": spec.name,
+                        "rate": rate,
+                        "prefill_workers": spec.num_prefill,
+                        "decode_workers": spec.num_decode,
+                        "policy": spec.policy_config(),
+                        "metrics": metrics,
+                    }
+                )
                 records[label] = result.records
                 turn_hit = f", next-turn hit {sessions['hit_ratio']:.1%}" if sessions else ""
-                print(f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, goodput "
-                      f"{metrics['request_goodput']:.3f} req/s, TTFT p50 {metrics['median_ttft_ms']:.0f} ms"
-                      f"{turn_hit} ({time.perf_counter() - t0:.0f}s)", flush=True)
+                print(
+                    f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, goodput "
+                    f"{metrics['request_goodput']:.3f} req/s, TTFT p50 {metrics['median_ttft_ms']:.0f} ms"
+                    f"{turn_hit} ({time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
-    meta = {"title": f"configuration comparison on {workload['name']}", "workload": workload,
-            "scale": scale.describe(), "settings": {"engine": engine, "rates": rates, "configs": args.configs,
-                                                     "arrival": args.arrival, "rate": args.rate}}
+    meta = {
+        "title": f"configuration comparison on {workload['name']}",
+        "workload": workload,
+        "scale": scale.describe(),
+        "settings": {
+            "engine": engine,
+            "rates": rates,
+            "configs": args.configs,
+            "arrival": args.arrival,
+            "rate": args.rate,
+        },
+    }
     paths = write_report(args.out, runs, meta, records)
     staged = {r["label"]: r["metrics"]["stages"] for r in runs if "stages" in r["metrics"]}
     if staged:
@@ -215,8 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         paths["stages"] = stages.plot(staged, Path(args.out) / "stages.png")
         print(text)
     print(paths["markdown"].read_text())
-    print(json.dumps([{"label": r["label"], "goodput": r["metrics"]["request_goodput"],
-                       "failed": r["metrics"]["failed"]} for r in runs], indent=2))
+    print(
+        json.dumps(
+            [
+                {"label": r["label"], "goodput": r["metrics"]["request_goodput"], "failed": r["metrics"]["failed"]}
+                for r in runs
+            ],
+            indent=2,
+        )
+    )
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0 if all(r["metrics"]["failed"] == 0 for r in runs) else 1
 

@@ -32,6 +32,7 @@ every event published so far (each worker that published since the last decision
 the replay polls overlap_scores until every flip shows), so Dynamo decides on the same cache state our
 RouterCore does.  Dynamo's softmax sampling is unseeded: rows with temperature > 0 vary from run to run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,11 +47,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 from bench.common import print_table
 from bench.router import TRACES, CoreRouter, SimConfig, load_trace, oracle, run_replay
 from disagg.protocol import EventKind, KVEventBatch
-from disagg.router.policy import PolicyConfig
+from disagg.router.policy import PolicyConfig, PolicyKind
 
 REPO = Path(__file__).resolve().parents[1]
 SENTINEL_TOKEN = 2**32 - 1  # a block (block size 1: one token) no trace has; flipped to fence each worker's events
@@ -79,8 +81,15 @@ class DynamoRouter:
             socket = zmq.Context.instance().socket(zmq.PUB)
             port = socket.bind_to_random_port("tcp://127.0.0.1")
             self.sockets[name] = socket
-            self._call(self.service.upsert_worker, {"worker_id": self.ids[name], "endpoint": name, "block_size": 1,
-                                                    "kv_events_endpoint": f"tcp://127.0.0.1:{port}"})
+            self._call(
+                self.service.upsert_worker,
+                {
+                    "worker_id": self.ids[name],
+                    "endpoint": name,
+                    "block_size": 1,
+                    "kv_events_endpoint": f"tcp://127.0.0.1:{port}",
+                },
+            )
         self._connect()
 
     def _call(self, method: Callable, *args):
@@ -160,8 +169,9 @@ class DynamoRouter:
             socket.close(linger=0)
 
 
-def sweep(make_router: Callable, trace: list[dict], sim: SimConfig, weights: list[float],
-          temperatures: list[float]) -> list[dict]:
+def sweep(
+    make_router: Callable, trace: list[dict], sim: SimConfig, weights: list[float], temperatures: list[float]
+) -> list[dict]:
     """One replay per (overlap weight, temperature); make_router(names, weight, temperature) builds the router."""
     rows = []
     for weight in weights:
@@ -171,9 +181,15 @@ def sweep(make_router: Callable, trace: list[dict], sim: SimConfig, weights: lis
             row = run_replay(router, trace, sim)
             if hasattr(router, "close"):
                 router.close()
-            rows.append({"overlap_weight": weight, "temperature": temperature, "hit_ratio": row["hit_ratio"],
-                         "load_max_over_mean": row["load_max_over_mean"],
-                         "replay_s": round(time.perf_counter() - t0, 1)})
+            rows.append(
+                {
+                    "overlap_weight": weight,
+                    "temperature": temperature,
+                    "hit_ratio": row["hit_ratio"],
+                    "load_max_over_mean": row["load_max_over_mean"],
+                    "replay_s": round(time.perf_counter() - t0, 1),
+                }
+            )
             print(json.dumps({"router": type(router).__name__, **rows[-1]}), file=sys.stderr, flush=True)
     return rows
 
@@ -195,7 +211,7 @@ def cpu_model() -> str:
 
 
 def core_router(names: list[str], weight: float, temperature: float) -> CoreRouter:
-    config = PolicyConfig(kind="kv", seed=0, peer_pull=False, overlap_weight=weight, temperature=temperature)
+    config = PolicyConfig(kind=PolicyKind.KV, seed=0, peer_pull=False, overlap_weight=weight, temperature=temperature)
     return CoreRouter(names, config)
 
 
@@ -203,8 +219,21 @@ def run_dynamo(args: argparse.Namespace, sim: SimConfig, names: list[str]) -> di
     """This module under Dynamo's interpreter, same grid and workers; its JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "dynamo.json"
-        cmd = [args.dynamo_python, "-m", "bench.dynamo_router", "--traces", ",".join(names), "--weights",
-               args.weights, "--temperatures", args.temperatures, "--sim", json.dumps(asdict(sim)), "--out", str(out)]
+        cmd = [
+            args.dynamo_python,
+            "-m",
+            "bench.dynamo_router",
+            "--traces",
+            ",".join(names),
+            "--weights",
+            args.weights,
+            "--temperatures",
+            args.temperatures,
+            "--sim",
+            json.dumps(asdict(sim)),
+            "--out",
+            str(out),
+        ]
         subprocess.run(cmd + (["--limit", str(args.limit)] if args.limit else []), cwd=REPO, check=True)
         return json.loads(out.read_text())
 
@@ -214,20 +243,31 @@ def compare(args: argparse.Namespace) -> dict:
     sim = SimConfig(args.workers, args.blocks, args.prefill_tok_s, args.tpot_ms)
     names = args.traces.split(",")
     dynamo = run_dynamo(args, sim, names) if args.dynamo_python else None
-    results = {"cpu": cpu_model(), "sim": asdict(sim), "traces": {}}
+    results: dict[str, Any] = {"cpu": cpu_model(), "sim": asdict(sim), "traces": {}}
     if dynamo:
         results["dynamo"] = {k: v for k, v in dynamo.items() if k != "traces"}
     for name in names:
         trace = load_trace(TRACES / name, args.limit)
         ours = sweep(core_router, trace, sim, floats(args.weights), floats(args.temperatures))
         theirs = dynamo["traces"][name] if dynamo else []
-        table = [{"weight": r["overlap_weight"], "temp": r["temperature"], "ours hit": r["hit_ratio"],
-                  "ours load": r["load_max_over_mean"]} for r in ours]
+        table = [
+            {
+                "weight": r["overlap_weight"],
+                "temp": r["temperature"],
+                "ours hit": r["hit_ratio"],
+                "ours load": r["load_max_over_mean"],
+            }
+            for r in ours
+        ]
         for row, d in zip(table, theirs):
             row.update({"dynamo hit": d["hit_ratio"], "dynamo load": d["load_max_over_mean"]})
         print_table(table, f"{name} ({len(trace)} requests): device only, {sim.workers} workers x {sim.blocks} blocks")
-        entry = {"requests": len(trace), "oracle": oracle(trace)["hit_ratio"], "disagg": ours,
-                 "best": {"disagg": best(ours)}}
+        entry = {
+            "requests": len(trace),
+            "oracle": oracle(trace)["hit_ratio"],
+            "disagg": ours,
+            "best": {"disagg": best(ours)},
+        }
         if theirs:
             entry["dynamo"], entry["best"]["dynamo"] = theirs, best(theirs)
         print_table([{"router": k, **v} for k, v in entry["best"].items()], f"{name}: each router at its best")
@@ -248,8 +288,11 @@ def main() -> None:
     os.environ.setdefault("DYN_LOG", "error")  # the service logs every selection at info
     sim = SimConfig(**json.loads(args.sim))
     loop = asyncio.new_event_loop()
-    results = {"version": version("ai-dynamo-runtime"), "router": "dynamo.llm.SelectionService (DefaultWorkerSelector)",
-               "traces": {}}
+    results: dict[str, Any] = {
+        "version": version("ai-dynamo-runtime"),
+        "router": "dynamo.llm.SelectionService (DefaultWorkerSelector)",
+        "traces": {},
+    }
     for name in args.traces.split(","):
         trace = load_trace(TRACES / name, args.limit)
         make = lambda names, weight, temperature: DynamoRouter(names, weight, temperature, loop)

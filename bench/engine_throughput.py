@@ -6,6 +6,7 @@ process.  HF's sequential throughput does not depend on concurrency, so it is me
     .venv/bin/python -m bench.engine_throughput --concurrency 1 8 32 --max-tokens 64 --repeats 3 \\
         --vllm-python /tmp/vllmenv/bin/python
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,22 +19,43 @@ from pathlib import Path
 
 import torch
 
-from bench.common import emit, mean, percentile, print_table
+from bench.common import emit, print_table
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
+from disagg.engine.runner import ModelRunner, load_model
 from disagg.protocol import SamplingParams
+from disagg.workload.metrics import mean, percentile
 
 REPO = Path(__file__).resolve().parents[1]
 
-TOPICS = ["the ocean", "a violin", "prime numbers", "volcanoes", "the moon", "bread", "rivers", "owls",
-          "chess", "glaciers", "bicycles", "tea", "lighthouses", "bees", "deserts", "clocks"]
+TOPICS = [
+    "the ocean",
+    "a violin",
+    "prime numbers",
+    "volcanoes",
+    "the moon",
+    "bread",
+    "rivers",
+    "owls",
+    "chess",
+    "glaciers",
+    "bicycles",
+    "tea",
+    "lighthouses",
+    "bees",
+    "deserts",
+    "clocks",
+]
 
 
 def make_prompts(engine: LLMEngine, n: int) -> list[list[int]]:
+    tokenizer = engine.tokenizer
+    if tokenizer is None:
+        raise SystemExit(f"{engine.config.model} has no tokenizer.json: chat prompts need one")
     prompts = []
     for i in range(n):
         text = f"Tell me {i % 5 + 2} interesting facts about {TOPICS[i % len(TOPICS)]}."
-        prompts.append(engine.tokenizer.encode_chat([{"role": "user", "content": text}]))
+        prompts.append(tokenizer.encode_chat([{"role": "user", "content": text}]))
     return prompts
 
 
@@ -45,9 +67,14 @@ def run_engine(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> 
     elapsed = time.perf_counter() - t0
     tokens = sum(len(r.token_ids) for r in results)
     ttfts = [r.ttft_s for r in results]
-    return {"output_tok_s": tokens / elapsed, "ttft_mean_ms": mean(ttfts) * 1e3,
-            "ttft_p99_ms": percentile(ttfts, 99) * 1e3, "wall_s": elapsed, "output_tokens": tokens,
-            "token_ids": [r.token_ids for r in results]}
+    return {
+        "output_tok_s": tokens / elapsed,
+        "ttft_mean_ms": mean(ttfts) * 1e3,
+        "ttft_p99_ms": percentile(ttfts, 99) * 1e3,
+        "wall_s": elapsed,
+        "output_tokens": tokens,
+        "token_ids": [r.token_ids for r in results],
+    }
 
 
 def run_hf_sequential(model_dir: str, prompts: list[list[int]], max_tokens: int) -> dict:
@@ -73,17 +100,28 @@ class VllmBaseline:
     """bench/vllm_baseline.py in its own virtualenv, kept loaded so its runs interleave with ours."""
 
     def __init__(self, python: str, model: str, max_tokens: int, cpus: str, kv_gib: int = 2) -> None:
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(kv_gib), "VLLM_CPU_OMP_THREADS_BIND": cpus,
-               "VLLM_LOGGING_LEVEL": "WARNING", "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen([python, "-m", "bench.vllm_baseline", model, str(max_tokens)], cwd=REPO,
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        env = {
+            **os.environ,
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
+            "VLLM_CPU_OMP_THREADS_BIND": cpus,
+            "VLLM_LOGGING_LEVEL": "WARNING",
+            "PYTHONPATH": str(REPO),
+        }
+        self.proc = subprocess.Popen(
+            [python, "-m", "bench.vllm_baseline", model, str(max_tokens)],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self._expect("VLLM_READY")
 
     def _expect(self, prefix: str) -> str:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if line.startswith(prefix):
-                return line[len(prefix):].strip()
+                return line[len(prefix) :].strip()
         raise RuntimeError(f"vLLM baseline exited with {self.proc.wait()}")
 
     def run(self, prompts: list[list[int]]) -> dict:
@@ -111,8 +149,8 @@ def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> floa
     return x.numel() * 4 / best / 1e9
 
 
-def weight_bytes_per_token(engine: LLMEngine) -> int:
-    return engine.runner.model.weight_bytes_per_token()
+def weight_bytes_per_token(runner: ModelRunner) -> int:
+    return runner.model.weight_bytes_per_token()
 
 
 def spread(values: list[float]) -> dict:
@@ -120,7 +158,7 @@ def spread(values: list[float]) -> dict:
 
 
 def verdict(ours: list[float], theirs: list[float], goal: float = 1.0) -> str:
-    """"met" only when every run of ours beats every run of theirs (times the goal ratio): the ranges of the
+    """ "met" only when every run of ours beats every run of theirs (times the goal ratio): the ranges of the
     interleaved repeats do not overlap; "missed" when every run of ours falls short; else "not resolved"."""
     if min(ours) > goal * max(theirs):
         return "met"
@@ -137,8 +175,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side per concurrency")
     parser.add_argument("--threads", type=int, default=2, help="compute threads on each side")
     parser.add_argument("--hf-requests", type=int, default=4, help="requests in the sequential HF baseline")
-    parser.add_argument("--vllm-python", default="",
-                        help="python of a virtualenv with vllm-cpu: adds vLLM as a second baseline")
+    parser.add_argument(
+        "--vllm-python", default="", help="python of a virtualenv with vllm-cpu: adds vLLM as a second baseline"
+    )
     parser.add_argument("--out", default="bench/results/engine_throughput.json")
     args = parser.parse_args()
     cpus = os.sched_getaffinity(0)
@@ -146,7 +185,9 @@ def main() -> None:
         raise SystemExit(f"--threads {args.threads} but this process may run on {len(cpus)} CPUs")
     bind = ",".join(str(c) for c in sorted(cpus)[: args.threads])
 
-    engine = LLMEngine(EngineConfig(model=args.model, max_num_seqs=max(args.concurrency), num_threads=args.threads))
+    config = EngineConfig(model=args.model, max_num_seqs=max(args.concurrency), num_threads=args.threads)
+    runner, tokenizer = load_model(config)
+    engine = LLMEngine(config, runner, tokenizer)
     run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
     hf = run_hf_sequential(engine.config.model, make_prompts(engine, args.hf_requests), args.max_tokens)
     prompts_by_n = {n: make_prompts(engine, n) for n in args.concurrency}
@@ -163,34 +204,60 @@ def main() -> None:
         if vllm is not None:
             vllm.close()
     bandwidth = read_bandwidth_gbs(args.threads)
-    weights = weight_bytes_per_token(engine)
+    weights = weight_bytes_per_token(runner)
     rows = []
     for n in args.concurrency:
         tok_s = spread([r["output_tok_s"] for r in ours[n]])
-        row = {"concurrency": n, "disagg_tok_s": tok_s["median"], "disagg_min": tok_s["min"],
-               "disagg_max": tok_s["max"], "hf_seq_tok_s": hf["output_tok_s"],
-               "disagg_ttft_mean_ms": statistics.median(r["ttft_mean_ms"] for r in ours[n]),
-               # weight bytes read per second at this step rate (each step reads every weight once)
-               "disagg_weight_gbs": weights * tok_s["median"] / n / 1e9}
+        row = {
+            "concurrency": n,
+            "disagg_tok_s": tok_s["median"],
+            "disagg_min": tok_s["min"],
+            "disagg_max": tok_s["max"],
+            "hf_seq_tok_s": hf["output_tok_s"],
+            "disagg_ttft_mean_ms": statistics.median(r["ttft_mean_ms"] for r in ours[n]),
+            # weight bytes read per second at this step rate (each step reads every weight once)
+            "disagg_weight_gbs": weights * tok_s["median"] / n / 1e9,
+        }
         if theirs[n]:
             v = spread([r["output_tok_s"] for r in theirs[n]])
-            row.update(vllm_tok_s=v["median"], vllm_min=v["min"], vllm_max=v["max"],
-                       vs_vllm=tok_s["median"] / v["median"], verdict=verdict(tok_s["runs"], v["runs"]),
-                       same_tokens_as_vllm=all(o["token_ids"] == t["token_ids"] for o, t in zip(ours[n], theirs[n])),
-                       vllm_weight_gbs=weights * v["median"] / n / 1e9)
+            row.update(
+                vllm_tok_s=v["median"],
+                vllm_min=v["min"],
+                vllm_max=v["max"],
+                vs_vllm=tok_s["median"] / v["median"],
+                verdict=verdict(tok_s["runs"], v["runs"]),
+                same_tokens_as_vllm=all(o["token_ids"] == t["token_ids"] for o, t in zip(ours[n], theirs[n])),
+                vllm_weight_gbs=weights * v["median"] / n / 1e9,
+            )
         rows.append(row)
-    print_table(rows, f"engine throughput, {engine.config.model.split('/')[-1]}, {args.max_tokens} output tokens, "
-                      f"median of {args.repeats} interleaved runs")
-    emit({"benchmark": "engine_throughput", "model": engine.config.model, "device": str(engine.device),
-          "max_tokens": args.max_tokens, "threads": args.threads, "cpus": bind,
-          "binding": {"disagg": f"torch intra-op threads={args.threads}, process affinity {sorted(cpus)}",
-                      "vllm": f"VLLM_CPU_OMP_THREADS_BIND={bind} (one OpenMP thread pinned per core)"},
-          "read_bandwidth_gbs": bandwidth, "weight_bytes_per_token": weights, "hf_baseline": hf,
-          "rows": rows, "runs": {"disagg": {n: [{k: v for k, v in r.items() if k != "token_ids"} for r in ours[n]]
-                                            for n in ours},
-                                 "vllm": {n: [{k: v for k, v in r.items() if k != "token_ids"} for r in theirs[n]]
-                                          for n in theirs}}},
-         args.out)
+    print_table(
+        rows,
+        f"engine throughput, {engine.config.model.split('/')[-1]}, {args.max_tokens} output tokens, "
+        f"median of {args.repeats} interleaved runs",
+    )
+    emit(
+        {
+            "benchmark": "engine_throughput",
+            "model": engine.config.model,
+            "device": str(engine.device),
+            "max_tokens": args.max_tokens,
+            "threads": args.threads,
+            "cpus": bind,
+            "binding": {
+                "disagg": f"torch intra-op threads={args.threads}, process affinity {sorted(cpus)}",
+                "vllm": f"VLLM_CPU_OMP_THREADS_BIND={bind} (one OpenMP thread pinned per core)",
+            },
+            "read_bandwidth_gbs": bandwidth,
+            "weight_bytes_per_token": weights,
+            "hf_baseline": hf,
+            "rows": rows,
+            "runs": {
+                "disagg": {n: [{k: v for k, v in r.items() if k != "token_ids"} for r in ours[n]] for n in ours},
+                "vllm": {n: [{k: v for k, v in r.items() if k != "token_ids"} for r in theirs[n]] for n in theirs},
+            },
+        },
+        args.out,
+    )
 
 
 if __name__ == "__main__":

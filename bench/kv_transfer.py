@@ -7,6 +7,7 @@ Also measures the transfer's share of TTFT for a disaggregated request on a real
 
     .venv/bin/python -m bench.kv_transfer
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,11 @@ import time
 
 import torch
 
-from bench.common import emit, mean, percentile, print_table
+from bench.common import emit, print_table
+from disagg.protocol import Tier
 from disagg.transfer.base import KVLayout, TransferState
 from disagg.transfer.nixl import NixlTransport
+from disagg.workload.metrics import mean, percentile
 
 SHAPES = {  # layers, kv_heads, head_dim, dtype
     "smollm2-135m (fp32)": (30, 3, 64, torch.float32),
@@ -90,9 +93,9 @@ def bench_shape(name, shape, token_counts, repeats) -> list[dict]:
             _wait(dst, handle)
             dst.release(handle)
 
-        def raw():  # the same byte count as one contiguous region on each side
-            ld = agent.get_xfer_descs([(local.base_addr, nbytes, 0)], "DRAM")
-            rd = agent.get_xfer_descs([(remote.base_addr, nbytes, 0)], "DRAM")
+        def raw(nbytes: int = nbytes) -> None:  # the same byte count as one contiguous region on each side
+            ld = agent.get_xfer_descs([(local.region(Tier.DEVICE).base_addr, nbytes, 0)], "DRAM")
+            rd = agent.get_xfer_descs([(remote.region(Tier.DEVICE).base_addr, nbytes, 0)], "DRAM")
             handle = agent.initialize_xfer("READ", ld, rd, remote.agent_name, b"")
             agent.transfer(handle)
             _wait(dst, handle)
@@ -100,22 +103,34 @@ def bench_shape(name, shape, token_counts, repeats) -> list[dict]:
 
         flat_src = src_copy.view(-1)[: nbytes // src_copy.element_size()]
         flat_dst = dst_kv.view(-1)[: nbytes // dst_kv.element_size()]
-        times = _time_interleaved({
-            "scattered": lambda: ours(scattered_src, scattered_dst),
-            "consecutive": lambda: ours(list(range(n)), list(range(n, 2 * n))),
-            "raw": raw,
-            "memcpy": lambda: flat_dst.copy_(flat_src),
-        }, repeats)
+        times = _time_interleaved(
+            {
+                # defaults bind this iteration's values (each closure runs before the loop moves on)
+                "scattered": lambda src=scattered_src, dst=scattered_dst: ours(src, dst),
+                "consecutive": lambda n=n: ours(list(range(n)), list(range(n, 2 * n))),
+                "raw": raw,
+                "memcpy": lambda src=flat_src, dst=flat_dst: dst.copy_(src),
+            },
+            repeats,
+        )
         t_scattered, t_consecutive, t_raw, t_memcpy = (times[k] for k in ("scattered", "consecutive", "raw", "memcpy"))
-        gbps = lambda ts: nbytes / percentile(ts, 50) / 1e9  # noqa: E731
-        rows.append({"shape": name, "tokens": tokens, "MiB": nbytes / 2**20,
-                     "ours_scattered_GB_s": gbps(t_scattered), "ours_consecutive_GB_s": gbps(t_consecutive),
-                     "raw_nixl_GB_s": gbps(t_raw), "memcpy_GB_s": gbps(t_memcpy),
-                     "scattered_vs_raw": percentile(t_raw, 50) / percentile(t_scattered, 50),
-                     "consecutive_vs_raw": percentile(t_raw, 50) / percentile(t_consecutive, 50),
-                     "ours_scattered_p50_ms": percentile(t_scattered, 50) * 1e3,
-                     "ours_scattered_p99_ms": percentile(t_scattered, 99) * 1e3,
-                     "descriptors_scattered": n})
+        gbps = lambda ts, nbytes=nbytes: nbytes / percentile(ts, 50) / 1e9  # noqa: E731
+        rows.append(
+            {
+                "shape": name,
+                "tokens": tokens,
+                "MiB": nbytes / 2**20,
+                "ours_scattered_GB_s": gbps(t_scattered),
+                "ours_consecutive_GB_s": gbps(t_consecutive),
+                "raw_nixl_GB_s": gbps(t_raw),
+                "memcpy_GB_s": gbps(t_memcpy),
+                "scattered_vs_raw": percentile(t_raw, 50) / percentile(t_scattered, 50),
+                "consecutive_vs_raw": percentile(t_raw, 50) / percentile(t_consecutive, 50),
+                "ours_scattered_p50_ms": percentile(t_scattered, 50) * 1e3,
+                "ours_scattered_p99_ms": percentile(t_scattered, 99) * 1e3,
+                "descriptors_scattered": n,
+            }
+        )
     parent.send("stop")
     owner.join(10)
     return rows
@@ -129,8 +144,9 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
     from disagg.protocol import Request, SamplingParams, WorkerStats
 
     init_ray(None)  # a local cluster on loopback
-    cluster = LocalCluster(ClusterConfig(engine=dict(kv_cache_memory_mb=512, num_threads=1,
-                                                     max_num_batched_tokens=2048)))
+    cluster = LocalCluster(
+        ClusterConfig(engine=dict(kv_cache_memory_mb=512, num_threads=1, max_num_batched_tokens=2048))
+    )
     decode = cluster.decode[0]
     ttfts, reads = [], []
 
@@ -148,8 +164,12 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
     ttfts, reads = ttfts[1:], reads[1:]  # first request warms up
     cluster.shutdown()
     ray.shutdown()
-    return {"prompt_tokens": prompt_tokens, "ttft_mean_ms": mean(ttfts) * 1e3, "kv_read_mean_ms": mean(reads) * 1e3,
-            "transfer_share_of_ttft": mean(reads) / mean(ttfts)}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "ttft_mean_ms": mean(ttfts) * 1e3,
+        "kv_read_mean_ms": mean(reads) * 1e3,
+        "transfer_share_of_ttft": mean(reads) / mean(ttfts),
+    }
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ ratios compare like with like, the absolute GB/s are memory-bound, not the devic
 
     .venv/bin/python -m bench.offload --blocks 128 --repeats 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,11 +33,14 @@ import torch
 from bench.common import emit, print_table
 from disagg.engine.block_pool import BlockPool
 from disagg.kv.connector import KVLoad, LoadState, SourceKind
+from disagg.kv.disk_tier import DiskTier
 from disagg.kv.store import TierConfig, TieredStore
 from disagg.protocol import Tier
 
-SHAPES = {"smollm2-135m (fp32)": ((30, 2, 16, 3, 64), torch.float32),
-          "llama-3.2-1b (bf16)": ((16, 2, 16, 8, 64), torch.bfloat16)}
+SHAPES = {
+    "smollm2-135m (fp32)": ((30, 2, 16, 3, 64), torch.float32),
+    "llama-3.2-1b (bf16)": ((16, 2, 16, 8, 64), torch.bfloat16),
+}
 
 
 def _gbps(nbytes: int, seconds: float) -> float:
@@ -54,10 +58,27 @@ class Rig:
         self.bytes = n * block_bytes
         self.block_bytes = block_bytes
         self.root = root
-        self.config = TierConfig(cpu_bytes=(n + 1) * block_bytes, disk_dir=str(root / "disk"),
-                                 disk_bytes=4 * n * (block_bytes + 64), low_watermark=0.0)
+        self.config = TierConfig(
+            cpu_bytes=(n + 1) * block_bytes,
+            disk_dir=str(root / "disk"),
+            disk_bytes=4 * n * (block_bytes + 64),
+            low_watermark=0.0,
+        )
         self.store = TieredStore(self.config, self.pool, self.kv, "0123456789abcdef")
         self.round = 0
+
+    @property
+    def disk(self) -> DiskTier:
+        disk = self.store.disk
+        assert disk is not None, "the rig's TierConfig has a disk directory"
+        return disk
+
+    def clear_disk(self) -> None:
+        """Drop the disk tier's files and index: the next round writes fresh ones."""
+        shutil.rmtree(self.disk.dir)
+        self.disk.dir.mkdir()
+        assert self.store.index.disk is not None
+        self.store.index.disk.clear()
 
     def hashes(self) -> list[int]:
         return [self.round * 1_000_003 + i + 1 for i in range(self.n)]
@@ -76,8 +97,17 @@ class Rig:
 
     def _load(self, tier: Tier) -> float:
         hashes = self.hashes()
-        load = KVLoad("bench", SourceKind.TIERS, 0, self.n, self.n * 16, time.monotonic() + 600,
-                      block_hashes=hashes, tiers=[tier] * self.n, dst_block_ids=list(range(self.n)))
+        load = KVLoad(
+            "bench",
+            SourceKind.TIERS,
+            0,
+            self.n,
+            self.n * 16,
+            time.monotonic() + 600,
+            block_hashes=hashes,
+            tiers=[tier] * self.n,
+            dst_block_ids=list(range(self.n)),
+        )
         t0 = time.perf_counter()
         self.store.start(load)
         while self.store.poll(load) is LoadState.PENDING:
@@ -94,7 +124,8 @@ class Rig:
         self.store.demote()
         self.store.flush()
         elapsed = time.perf_counter() - t0
-        assert len(self.store.index.disk) >= self.n and len(self.store.index.cpu) == 0
+        disk = self.store.index.disk
+        assert disk is not None and len(disk) >= self.n and len(self.store.index.cpu) == 0
         return elapsed
 
     def disk_load(self) -> float:
@@ -122,11 +153,12 @@ def raw_file_write(kv: torch.Tensor, d: Path, threads: int) -> float:
     uses, so the ratio compares the work per byte and not the parallelism."""
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True, exist_ok=True)
-    views = [memoryview(kv[i].view(-1).view(torch.uint8).numpy()) for i in range(kv.shape[0])]
+    views = [kv[i].view(-1).view(torch.uint8).numpy().data for i in range(kv.shape[0])]
 
     def write(i: int) -> None:
         with open(d / f"{i}.raw", "wb") as f:
             f.write(views[i])
+
     return _on_threads(threads, len(views), write)
 
 
@@ -135,6 +167,7 @@ def raw_file_read(n: int, block_bytes: int, d: Path, threads: int) -> float:
         buf = bytearray(block_bytes)
         with open(d / f"{i}.raw", "rb", buffering=0) as f:
             f.readinto(buf)
+
     return _on_threads(threads, n, read)
 
 
@@ -190,8 +223,20 @@ class NixlPosix:
 
 def bench_shape(name: str, shape: tuple[int, ...], dtype: torch.dtype, n: int, repeats: int) -> list[dict]:
     root = Path(tempfile.mkdtemp(prefix="offload-bench-"))
-    times: dict[str, list[float]] = {k: [] for k in ("cpu_store", "cpu_load", "disk_store", "disk_load", "memcpy",
-                                                      "raw_write", "raw_read", "nixl_write", "nixl_read")}
+    times: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "cpu_store",
+            "cpu_load",
+            "disk_store",
+            "disk_load",
+            "memcpy",
+            "raw_write",
+            "raw_read",
+            "nixl_write",
+            "nixl_read",
+        )
+    }
     try:
         rig = Rig(n, shape, dtype, root)
         nixl = NixlPosix(rig.kv, root / "nixl")
@@ -206,9 +251,7 @@ def bench_shape(name: str, shape: tuple[int, ...], dtype: torch.dtype, n: int, r
             times["disk_load"].append(rig.disk_load())
             times["raw_read"].append(raw_file_read(n, rig.block_bytes, root / "raw", rig.config.io_threads))
             times["nixl_read"].append(nixl.read())
-            shutil.rmtree(rig.store.disk.dir)  # the next round writes fresh files
-            rig.store.disk.dir.mkdir()
-            rig.store.index.disk.clear()
+            rig.clear_disk()  # the next round writes fresh files
         med = {k: _gbps(rig.bytes, statistics.median(v)) for k, v in times.items()}
         rig.store.shutdown()
     finally:
@@ -218,12 +261,24 @@ def bench_shape(name: str, shape: tuple[int, ...], dtype: torch.dtype, n: int, r
     def row(path: str, ours: str, raw: str, nixl: str | None) -> dict:
         # the ratio per interleaved round (same machine state), then its median and range
         ratios = [r / o for o, r in zip(times[ours], times[raw])]
-        return {"shape": name, "path": path, "MiB": mib, "ours GB/s": med[ours], "raw GB/s": med[raw],
-                "ours / raw": statistics.median(ratios), "ratio min": min(ratios), "ratio max": max(ratios),
-                "NIXL POSIX GB/s": med[nixl] if nixl else None}
-    return [row("cpu store", "cpu_store", "memcpy", None), row("cpu load", "cpu_load", "memcpy", None),
-            row("disk store", "disk_store", "raw_write", "nixl_write"),
-            row("disk load", "disk_load", "raw_read", "nixl_read")]
+        return {
+            "shape": name,
+            "path": path,
+            "MiB": mib,
+            "ours GB/s": med[ours],
+            "raw GB/s": med[raw],
+            "ours / raw": statistics.median(ratios),
+            "ratio min": min(ratios),
+            "ratio max": max(ratios),
+            "NIXL POSIX GB/s": med[nixl] if nixl else None,
+        }
+
+    return [
+        row("cpu store", "cpu_store", "memcpy", None),
+        row("cpu load", "cpu_load", "memcpy", None),
+        row("disk store", "disk_store", "raw_write", "nixl_write"),
+        row("disk load", "disk_load", "raw_read", "nixl_read"),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@
 
     disagg bench overload --decode 2 --duration 30 --out bench/results/overload
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,9 @@ from typing import Any
 
 import httpx
 
-from bench.common import percentile
 from bench.sweeps import ARMS, aggregate_sweeps, rescore_study
 from disagg.router.admission import jain_index
+from disagg.workload.metrics import percentile
 
 
 @dataclass
@@ -51,8 +52,15 @@ class Shot:
 
 
 async def _shot(client: httpx.AsyncClient, model: str, shot: Shot, prompt: list[int], max_tokens: int) -> Shot:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0,
-            "stream": True, "priority": shot.priority}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "priority": shot.priority,
+    }
     headers = {"X-Tenant-ID": shot.tenant}
     t0 = time.perf_counter()
     try:
@@ -89,8 +97,15 @@ def _poisson(rng: random.Random, rate: float, duration_s: float) -> Iterator[flo
         t += rng.expovariate(rate)
 
 
-async def open_loop(url: str, model: str, streams: list[tuple[str, int, float]], duration_s: float,
-                    prompt_tokens: int, max_tokens: int, seed: int = 0) -> list[Shot]:
+async def open_loop(
+    url: str,
+    model: str,
+    streams: list[tuple[str, int, float]],
+    duration_s: float,
+    prompt_tokens: int,
+    max_tokens: int,
+    seed: int = 0,
+) -> list[Shot]:
     """Poisson arrivals for each (tenant, priority, rate) stream over `duration_s`; every prompt distinct."""
     rng = random.Random(seed)
     plan: list[tuple[float, str, int]] = []
@@ -105,6 +120,7 @@ async def open_loop(url: str, model: str, streams: list[tuple[str, int, float]],
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
             prompt = [(7919 * i + 31 * j + seed) % 40000 + 300 for j in range(prompt_tokens)]
             return await _shot(client, model, Shot(tenant, priority, at), prompt, max_tokens)
+
         return list(await asyncio.gather(*(fire(i, at, t, p) for i, (at, t, p) in enumerate(plan))))
 
 
@@ -114,30 +130,43 @@ def summarize(shots: list[Shot], arrivals_s: float, ttft_slo: float, tpot_slo: f
     ends = [s.start + (s.e2e_s if s.e2e_s is not None else (s.answered_s or 0.0)) for s in shots]
     duration_s = max([arrivals_s, *ends])
     ok = [s for s in shots if s.status == 200 and s.e2e_s is not None]
-    good = [s for s in ok if s.ttft_s is not None and s.ttft_s <= ttft_slo and
-            (s.tokens < 2 or (s.e2e_s - s.ttft_s) / (s.tokens - 1) <= tpot_slo)]
+    # (e2e_s, ttft_s) of the completed ones: every completed stream has both
+    times = [(s, s.e2e_s, s.ttft_s) for s in ok if s.e2e_s is not None and s.ttft_s is not None]
+    good = [
+        s for s, e2e, ttft in times if ttft <= ttft_slo and (s.tokens < 2 or (e2e - ttft) / (s.tokens - 1) <= tpot_slo)
+    ]
     refused = [s for s in shots if s.status == 429]
-    return {"sent": len(shots), "completed": len(ok), "rejected_429": len(refused), "duration_s": duration_s,
-            "failed_other": len(shots) - len(ok) - len(refused), "goodput": len(good) / duration_s,
-            "throughput": len(ok) / duration_s, "ttft_p50_ms": percentile([s.ttft_s for s in ok], 50) * 1000,
-            "ttft_p99_ms": percentile([s.ttft_s for s in ok], 99) * 1000,
-            "tpot_p99_ms": percentile([(s.e2e_s - s.ttft_s) / (s.tokens - 1) for s in ok
-                                       if s.ttft_s is not None and s.tokens > 1], 99) * 1000,
-            "met_ttft": sum(s.ttft_s is not None and s.ttft_s <= ttft_slo for s in ok),
-            "reject_p50_ms": percentile([s.answered_s for s in refused], 50) * 1000,
-            "reject_p99_ms": percentile([s.answered_s for s in refused], 99) * 1000,
-            **_reject_split(refused)}
+    return {
+        "sent": len(shots),
+        "completed": len(ok),
+        "rejected_429": len(refused),
+        "duration_s": duration_s,
+        "failed_other": len(shots) - len(ok) - len(refused),
+        "goodput": len(good) / duration_s,
+        "throughput": len(ok) / duration_s,
+        "ttft_p50_ms": percentile([ttft for _, _, ttft in times], 50) * 1000,
+        "ttft_p99_ms": percentile([ttft for _, _, ttft in times], 99) * 1000,
+        "tpot_p99_ms": percentile([(e2e - ttft) / (s.tokens - 1) for s, e2e, ttft in times if s.tokens > 1], 99) * 1000,
+        "met_ttft": sum(s.ttft_s is not None and s.ttft_s <= ttft_slo for s in ok),
+        "reject_p50_ms": percentile([s.answered_s for s in refused if s.answered_s is not None], 50) * 1000,
+        "reject_p99_ms": percentile([s.answered_s for s in refused if s.answered_s is not None], 99) * 1000,
+        **_reject_split(refused),
+    }
 
 
 def _reject_split(refused: list[Shot]) -> dict[str, Any]:
     """429s refused on arrival (queue full, or the wait estimate past the deadline) come back at once; those
     that waited in the queue (shed by a higher band, or still queued at their deadline) come back later."""
     waited = {"shed", "expired"}
-    arrival = [s.answered_s for s in refused if s.reject_code not in waited]
-    queued = [s.answered_s for s in refused if s.reject_code in waited]
-    return {"rejected_on_arrival": len(arrival), "rejected_while_queued": len(queued),
-            "reject_on_arrival_p99_ms": percentile(arrival, 99) * 1000,
-            "reject_while_queued_p50_ms": percentile(queued, 50) * 1000}
+    answered = [(s, s.answered_s) for s in refused if s.answered_s is not None]  # a 429 always has its headers
+    arrival = [t for s, t in answered if s.reject_code not in waited]
+    queued = [t for s, t in answered if s.reject_code in waited]
+    return {
+        "rejected_on_arrival": len(arrival),
+        "rejected_while_queued": len(queued),
+        "reject_on_arrival_p99_ms": percentile(arrival, 99) * 1000,
+        "reject_while_queued_p50_ms": percentile(queued, 50) * 1000,
+    }
 
 
 def _service(args: argparse.Namespace, admission: bool):
@@ -148,11 +177,17 @@ def _service(args: argparse.Namespace, admission: bool):
     router: dict[str, Any] = {"port": 0}
     if admission:  # queue deadline = the TTFT SLO; saturation thresholds sized for the SLOs on this machine
         router["admission"] = {"default_deadline_s": args.queue_deadline_s}
-        router["capacity"] = {"max_running": args.max_running,
-                              "max_prefill_queue_tokens": args.max_prefill_queue_tokens}
+        router["capacity"] = {
+            "max_running": args.max_running,
+            "max_prefill_queue_tokens": args.max_prefill_queue_tokens,
+        }
     else:  # the old behaviour: dispatch everything at once, workers queue without bound
-        router["admission"] = {"max_queued_requests": 10**9, "max_queued_tokens": 10**12,
-                               "default_deadline_s": 3600, "max_deadline_s": 3600}
+        router["admission"] = {
+            "max_queued_requests": 10**9,
+            "max_queued_tokens": 10**12,
+            "default_deadline_s": 3600,
+            "max_deadline_s": 3600,
+        }
         router["capacity"] = {"max_running": 10**9, "max_prefill_queue_tokens": 10**12, "max_kv_fraction": 1e9}
     return Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine), router)
 
@@ -170,19 +205,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _warm(svc.url, 49152, args.prefill + args.decode)
         model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]
 
-        out["router_after_phase"] = after = {}
+        after: dict[str, Any] = {}
+        out["router_after_phase"] = after
 
         def go(streams, duration, seed=0):
-            shots = asyncio.run(open_loop(svc.url, model, streams, duration, args.prompt_tokens,
-                                          args.output_tokens, seed))
+            shots = asyncio.run(
+                open_loop(svc.url, model, streams, duration, args.prompt_tokens, args.output_tokens, seed)
+            )
             key = f"{len(after)}:{streams[0][0]}"
             after[key] = _router_state(svc)  # restarts or leftovers would skew the later phases
             print(f"[overload] router after {key}: {after[key]}", flush=True)
             return shots
+
         # unloaded: one stream at a tenth of a guess, to know the no-queue TTFT
         unloaded = go([("light", 0, 0.2), ("urgent", 10, 0.2)], args.duration / 2)
-        base = {t: percentile([s.ttft_s for s in unloaded if s.tenant == t and s.ttft_s is not None], 99) * 1000
-                for t in ("light", "urgent")}
+        base = {
+            t: percentile([s.ttft_s for s in unloaded if s.tenant == t and s.ttft_s is not None], 99) * 1000
+            for t in ("light", "urgent")
+        }
         # capacity: the completion rate when far over-subscribed (admission keeps the workers at their limit)
         sat = go([("default", 0, args.saturate_rate)], args.duration)
         capacity = summarize(sat, args.duration, *slo)["throughput"]
@@ -196,10 +236,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # priority: 10% urgent, background bringing the total to 2x
         shots = go([("bg", 0, 1.8 * capacity), ("urgent", 10, 0.2 * capacity)], args.duration, seed=2)
         urgent = [s for s in shots if s.tenant == "urgent"]
-        out["priority"] = {"urgent": summarize(urgent, args.duration, *slo),
-                           "background": summarize([s for s in shots if s.tenant == "bg"], args.duration, *slo),
-                           "urgent_ttft_p99_over_unloaded": percentile(
-                               [s.ttft_s for s in urgent if s.ttft_s is not None], 99) * 1000 / base["urgent"]}
+        out["priority"] = {
+            "urgent": summarize(urgent, args.duration, *slo),
+            "background": summarize([s for s in shots if s.tenant == "bg"], args.duration, *slo),
+            "urgent_ttft_p99_over_unloaded": percentile([s.ttft_s for s in urgent if s.ttft_s is not None], 99)
+            * 1000
+            / base["urgent"],
+        }
         print(f"[overload] priority {out['priority']}", flush=True)
         svc.shutdown()
         out["sweep"] = interleaved_sweeps(args, capacity, slo, model)
@@ -212,13 +255,16 @@ def _router_state(svc) -> dict[str, Any]:
     import ray
 
     health = ray.get(svc.router.health.remote())
-    return {"states": {n: w["state"] for n, w in health["workers"].items()},
-            "restarts": sum(w["restarts"] for w in health["workers"].values()),
-            "busy": {n: load for n, load in health["loads"].items() if any(load.values())}}
+    return {
+        "states": {n: w["state"] for n, w in health["workers"].items()},
+        "restarts": sum(w["restarts"] for w in health["workers"].values()),
+        "busy": {n: load for n, load in health["loads"].items() if any(load.values())},
+    }
 
 
-def sweep(go, capacity: float, args: argparse.Namespace, slo: tuple[float, float], seed: int = 0
-          ) -> list[dict[str, Any]]:
+def sweep(
+    go, capacity: float, args: argparse.Namespace, slo: tuple[float, float], seed: int = 0
+) -> list[dict[str, Any]]:
     """One pass over the loads: absolute goodput (req/s) per load."""
     rows = []
     for load in (float(x) for x in args.loads.split(",")):
@@ -229,33 +275,43 @@ def sweep(go, capacity: float, args: argparse.Namespace, slo: tuple[float, float
     return rows
 
 
-def interleaved_sweeps(args: argparse.Namespace, capacity: float, slo: tuple[float, float], model: str
-                       ) -> dict[str, Any]:
+def interleaved_sweeps(
+    args: argparse.Namespace, capacity: float, slo: tuple[float, float], model: str
+) -> dict[str, Any]:
     """Both arms, `args.repeats` times, interleaved (the arm that goes first alternates), each pass on a fresh
     cluster, so neither arm inherits the other's caches, queues or warm-up."""
     from bench.compare import _warm
 
     runs: dict[str, list[list[dict[str, Any]]]] = {arm: [] for arm in ARMS}
     for rep in range(args.repeats):
-        for arm in (ARMS if rep % 2 == 0 else ARMS[::-1]):
+        for arm in ARMS if rep % 2 == 0 else ARMS[::-1]:
             svc = _service(args, admission=arm == "admission")
             try:
                 _warm(svc.url, 49152, args.prefill + args.decode)
                 print(f"[overload] sweep {arm}, repeat {rep + 1}/{args.repeats}", flush=True)
-                runs[arm].append(sweep(lambda streams, duration, seed=0, url=svc.url: asyncio.run(open_loop(
-                    url, model, streams, duration, args.prompt_tokens, args.output_tokens, seed)),
-                    capacity, args, slo, seed=rep))
+                runs[arm].append(
+                    sweep(
+                        lambda streams, duration, seed=0, url=svc.url: asyncio.run(
+                            open_loop(url, model, streams, duration, args.prompt_tokens, args.output_tokens, seed)
+                        ),
+                        capacity,
+                        args,
+                        slo,
+                        seed=rep,
+                    )
+                )
             finally:
                 svc.shutdown()
     return aggregate_sweeps(runs)
 
 
-
 def tenant_fairness(shots: list[Shot], per_request_tokens: int, light_base_ms: float) -> dict[str, Any]:
     """Tokens served per tenant against their max-min fair allocation of what was served (equal weights: the
     light tenant, asking for less than half, is owed all it asked for; the heavy one the rest)."""
-    served = {t: sum(s.prompt_tokens + s.tokens for s in shots if s.tenant == t and s.status == 200)
-              for t in ("heavy", "light")}
+    served = {
+        t: sum(s.prompt_tokens + s.tokens for s in shots if s.tenant == t and s.status == 200)
+        for t in ("heavy", "light")
+    }
     sent = {t: sum(1 for s in shots if s.tenant == t) for t in ("heavy", "light")}
     total = sum(served.values()) or 1
     owed_light = min(sent["light"] * per_request_tokens, total / 2)
@@ -263,21 +319,34 @@ def tenant_fairness(shots: list[Shot], per_request_tokens: int, light_base_ms: f
     share = {t: served[t] / total for t in served}
     light = [s for s in shots if s.tenant == "light"]
     p99 = percentile([s.ttft_s for s in light if s.ttft_s is not None], 99) * 1000
-    return {"sent": sent, "served_tokens": served, "share": share, "fair_share": fair,
-            "share_error": {t: share[t] / fair[t] - 1 for t in share},
-            "jain_index_vs_fair": jain_index([share[t] / fair[t] for t in share]),
-            "light_completed": sum(s.status == 200 for s in light),
-            "light_rejected": sum(s.status == 429 for s in light),
-            "light_ttft_p99_ms": p99, "light_ttft_p99_over_unloaded": p99 / light_base_ms}
+    return {
+        "sent": sent,
+        "served_tokens": served,
+        "share": share,
+        "fair_share": fair,
+        "share_error": {t: share[t] / fair[t] - 1 for t in share},
+        "jain_index_vs_fair": jain_index([share[t] / fair[t] for t in share]),
+        "light_completed": sum(s.status == 200 for s in light),
+        "light_rejected": sum(s.status == 429 for s in light),
+        "light_ttft_p99_ms": p99,
+        "light_ttft_p99_over_unloaded": p99 / light_base_ms,
+    }
 
 
 # ---------------------------------------------------------------------- the same study in the simulator
-def _synthetic(streams: list[tuple[str, int, float]], duration_s: float, prompt_tokens: int, output_tokens: int,
-               seed: int, prefixes: int = 0, shared_blocks: int = 0) -> list:
+def _synthetic(
+    streams: list[tuple[str, int, float]],
+    duration_s: float,
+    prompt_tokens: int,
+    output_tokens: int,
+    seed: int,
+    prefixes: int = 0,
+    shared_blocks: int = 0,
+) -> list:
     """Poisson arrivals of one request shape as a trace (16-token hash blocks).  prefixes=0: every prompt
     distinct; else each prompt starts with one of `prefixes` shared prefixes of `shared_blocks` blocks (documents,
     system prompts) and ends with its own blocks, so where a request is routed decides its cache hits."""
-    from bench.traces.record import TraceRequest
+    from disagg.workload.record import TraceRequest
 
     rng = random.Random(seed)
     out = []
@@ -288,69 +357,102 @@ def _synthetic(streams: list[tuple[str, int, float]], duration_s: float, prompt_
             hash_ids: list[int] = []
             if prefixes:
                 group = rng.randrange(prefixes)
-                hash_ids = [group * shared_blocks + j for j in range(shared_blocks)] + \
-                    [next(unique) for _ in range(blocks - shared_blocks)]
-            out.append(TraceRequest(t * 1000, prompt_tokens, output_tokens, hash_ids=hash_ids, tenant=tenant,
-                                    priority=priority))
+                hash_ids = [group * shared_blocks + j for j in range(shared_blocks)] + [
+                    next(unique) for _ in range(blocks - shared_blocks)
+                ]
+            out.append(
+                TraceRequest(
+                    t * 1000, prompt_tokens, output_tokens, hash_ids=hash_ids, tenant=tenant, priority=priority
+                )
+            )
     return sorted(out, key=lambda r: r.timestamp_ms)
 
 
-def _sim_summary(records, trace, duration_s: float, slo) -> dict[str, Any]:
+def _sim_summary(records, trace, duration_s: float, slo) -> list[Shot]:
     shots = []
     for r, req in zip(records, trace):
         status = 200 if r.ok else (429 if (r.error or "").startswith("HTTP 429") else 0)
-        shots.append(Shot(req.tenant or "default", req.priority, r.start_s, status, r.refused_s or 0.0, r.ttft_s,
-                          r.e2e_s, r.output_tokens, r.prompt_tokens, r.refusal_code or ""))
+        shots.append(
+            Shot(
+                req.tenant or "default",
+                req.priority,
+                r.start_s,
+                status,
+                r.refused_s or 0.0,
+                r.ttft_s,
+                r.e2e_s,
+                r.output_tokens,
+                r.prompt_tokens,
+                r.refusal_code or "",
+            )
+        )
     return shots
 
 
 def run_sim(args: argparse.Namespace) -> dict[str, Any]:
-    from bench.sim.cluster import SimClusterConfig
-    from bench.sim.run import simulate
-    from bench.sim.timemodel import StepTimeModel
-    from bench.traces.record import TraceScale
+    from disagg.sim.cluster import SimClusterConfig
+    from disagg.sim.run import simulate
+    from disagg.sim.timemodel import StepTimeModel
+    from disagg.workload.record import TraceScale
 
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
     scale = TraceScale(block_tokens=16, native_block=16)  # lengths as given
     slo = (args.slo_ttft_s, args.slo_tpot_s)
 
     def go(streams, duration, admission=True, seed=0, rescore=True, prefixes=0, stats=None):
-        trace = _synthetic(streams, duration, args.prompt_tokens, args.output_tokens, seed, prefixes,
-                           args.shared_blocks)
-        cfg = SimClusterConfig(num_prefill=args.prefill * args.simulate // 2, num_decode=args.simulate,
-                               num_blocks=364, policy={"kind": "kv", "seed": 0},
-                               admission={"default_deadline_s": args.queue_deadline_s} if admission else None,
-                               capacity={"max_running": args.max_running,
-                                         "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
-                               rescore_on_dispatch=rescore)
+        trace = _synthetic(
+            streams, duration, args.prompt_tokens, args.output_tokens, seed, prefixes, args.shared_blocks
+        )
+        cfg = SimClusterConfig(
+            num_prefill=args.prefill * args.simulate // 2,
+            num_decode=args.simulate,
+            num_blocks=364,
+            policy={"kind": "kv", "seed": 0},
+            admission={"default_deadline_s": args.queue_deadline_s} if admission else None,
+            capacity={"max_running": args.max_running, "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
+            rescore_on_dispatch=rescore,
+        )
         result = simulate(trace, scale, cfg, model)
         if stats is not None:
             stats.update(result.prefix_cache)
         return _sim_summary(result.records, trace, duration, slo)
+
     out: dict[str, Any] = {"settings": vars(args)}
     unloaded = go([("light", 0, 0.1 * args.simulate), ("urgent", 10, 0.1 * args.simulate)], args.duration)
-    base = {t: percentile([s.ttft_s for s in unloaded if s.tenant == t and s.ttft_s is not None], 99) * 1000
-            for t in ("light", "urgent")}
-    capacity = summarize(go([("default", 0, args.saturate_rate * args.simulate)], args.duration), args.duration,
-                         *slo)["throughput"]
+    base = {
+        t: percentile([s.ttft_s for s in unloaded if s.tenant == t and s.ttft_s is not None], 99) * 1000
+        for t in ("light", "urgent")
+    }
+    capacity = summarize(go([("default", 0, args.saturate_rate * args.simulate)], args.duration), args.duration, *slo)[
+        "throughput"
+    ]
     out["unloaded_ttft_p99_ms"], out["capacity_req_s"] = base, capacity
     light_rate = 2 * capacity / 11
     shots = go([("heavy", 0, 10 * light_rate), ("light", 0, light_rate)], args.duration, seed=1)
     out["tenants"] = tenant_fairness(shots, args.prompt_tokens + args.output_tokens, base["light"])
     shots = go([("bg", 0, 1.8 * capacity), ("urgent", 10, 0.2 * capacity)], args.duration, seed=2)
     urgent = [s for s in shots if s.tenant == "urgent"]
-    out["priority"] = {"urgent": summarize(urgent, args.duration, *slo),
-                       "urgent_ttft_p99_over_unloaded": percentile(
-                           [s.ttft_s for s in urgent if s.ttft_s is not None], 99) * 1000 / base["urgent"]}
+    out["priority"] = {
+        "urgent": summarize(urgent, args.duration, *slo),
+        "urgent_ttft_p99_over_unloaded": percentile([s.ttft_s for s in urgent if s.ttft_s is not None], 99)
+        * 1000
+        / base["urgent"],
+    }
     runs: dict[str, list[list[dict[str, Any]]]] = {arm: [] for arm in ARMS}
     for rep in range(args.repeats):  # a fresh simulated cluster every pass; seeds differ per repeat
-        for arm in (ARMS if rep % 2 == 0 else ARMS[::-1]):
-            runs[arm].append(sweep(lambda streams, duration, seed=0, arm=arm: go(
-                streams, duration, arm == "admission", seed=seed), capacity, args, slo, seed=rep))
+        for arm in ARMS if rep % 2 == 0 else ARMS[::-1]:
+            runs[arm].append(
+                sweep(
+                    lambda streams, duration, seed=0, arm=arm: go(streams, duration, arm == "admission", seed=seed),
+                    capacity,
+                    args,
+                    slo,
+                    seed=rep,
+                )
+            )
     out["sweep"] = aggregate_sweeps(runs)
     out["rescore"] = rescore_study(go, capacity, args, slo)
     return out
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,21 +466,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--output-tokens", type=int, default=16)
     parser.add_argument("--max-running", type=int, default=8, help="admission: in-flight requests per worker")
-    parser.add_argument("--max-prefill-queue-tokens", type=int, default=400,
-                        help="admission: queued prompt tokens per worker")
-    parser.add_argument("--queue-deadline-s", type=float, default=1.0,
-                        help="admission: a request that cannot start within this is refused (the TTFT SLO minus "
-                             "the time a prefill takes, so admitted requests can still meet it)")
+    parser.add_argument(
+        "--max-prefill-queue-tokens", type=int, default=400, help="admission: queued prompt tokens per worker"
+    )
+    parser.add_argument(
+        "--queue-deadline-s",
+        type=float,
+        default=1.0,
+        help="admission: a request that cannot start within this is refused (the TTFT SLO minus "
+        "the time a prefill takes, so admitted requests can still meet it)",
+    )
     parser.add_argument("--slo-ttft-s", type=float, default=2.0)
     parser.add_argument("--slo-tpot-s", type=float, default=0.5)
-    parser.add_argument("--simulate", type=int, default=0,
-                        help="run the same study in the simulator with this many decode workers (0: real cluster)")
+    parser.add_argument(
+        "--simulate",
+        type=int,
+        default=0,
+        help="run the same study in the simulator with this many decode workers (0: real cluster)",
+    )
     parser.add_argument("--time-model", default=None, help="simulator step-time model (disagg bench calibrate)")
-    parser.add_argument("--prefixes", type=int, default=0,
-                        help="simulator rescore study: shared prefixes (0: 4 per decode worker)")
+    parser.add_argument(
+        "--prefixes", type=int, default=0, help="simulator rescore study: shared prefixes (0: 4 per decode worker)"
+    )
     parser.add_argument("--shared-blocks", type=int, default=8, help="16-token blocks each shared prefix spans")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="passes of each sweep arm (fresh cluster each, arms interleaved); medians with range")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="passes of each sweep arm (fresh cluster each, arms interleaved); medians with range",
+    )
     parser.add_argument("--out", default="bench/results/overload")
     args = parser.parse_args(argv)
     result = run_sim(args) if args.simulate else run(args)

@@ -24,13 +24,15 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from bench.report import SLO, parse_slos, write_report
 from bench.replay import ReplayConfig, replay
-from bench.traces import agent, loaders
-from bench.traces.record import TraceScale
+from disagg.workload import agent, loaders
+from disagg.workload.metrics import SLO, RequestRecord, parse_slos
+from disagg.workload.record import TraceScale
+from disagg.workload.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,28 +60,88 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
     }
     out = []
     if args.vllm_python:
-        out.append(System("vllm", [args.vllm_python, "-m", "bench.vllm_serve", model, "--host", "127.0.0.1",
-                                   "--port", str(args.port), "--served-model-name", served, "--dtype", "float32",
-                                   "--block-size", str(args.block_size), "--max-model-len", str(args.max_model_len),
-                                   "--enable-prefix-caching", "--max-num-seqs", str(args.max_num_seqs),
-                                   "--gpu-memory-utilization", "0.5", "--enable-prompt-tokens-details"], vllm_env,
-                          args.port))
-    disagg = [sys.executable, "-m", "disagg.cli", "serve", "--model", model, "--port", str(args.port + 1),
-              "--block-size", str(args.block_size), "--max-model-len", str(args.max_model_len),
-              "--kv-cache-mb", str(args.kv_cache_mb), "--cpu-tier-mb", "0", "--max-running", str(args.max_num_seqs)]
-    out.append(System("disagg-agg", [*disagg, "--prefill", "0", "--decode", "1", "--threads", str(args.threads)],
-                      common_env, args.port + 1))
+        out.append(
+            System(
+                "vllm",
+                [
+                    args.vllm_python,
+                    "-m",
+                    "bench.vllm_serve",
+                    model,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(args.port),
+                    "--served-model-name",
+                    served,
+                    "--dtype",
+                    "float32",
+                    "--block-size",
+                    str(args.block_size),
+                    "--max-model-len",
+                    str(args.max_model_len),
+                    "--enable-prefix-caching",
+                    "--max-num-seqs",
+                    str(args.max_num_seqs),
+                    "--gpu-memory-utilization",
+                    "0.5",
+                    "--enable-prompt-tokens-details",
+                ],
+                vllm_env,
+                args.port,
+            )
+        )
+    disagg = [
+        sys.executable,
+        "-m",
+        "disagg.cli",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(args.port + 1),
+        "--block-size",
+        str(args.block_size),
+        "--max-model-len",
+        str(args.max_model_len),
+        "--kv-cache-mb",
+        str(args.kv_cache_mb),
+        "--cpu-tier-mb",
+        "0",
+        "--max-running",
+        str(args.max_num_seqs),
+    ]
+    out.append(
+        System(
+            "disagg-agg",
+            [*disagg, "--prefill", "0", "--decode", "1", "--threads", str(args.threads)],
+            common_env,
+            args.port + 1,
+        )
+    )
     per_worker = max(1, args.threads // 2)
-    out.append(System("disagg-1p1d", [*disagg, "--prefill", "1", "--decode", "1", "--threads", str(per_worker)],
-                      common_env, args.port + 1))
+    out.append(
+        System(
+            "disagg-1p1d",
+            [*disagg, "--prefill", "1", "--decode", "1", "--threads", str(per_worker)],
+            common_env,
+            args.port + 1,
+        )
+    )
     wanted = set(args.systems.split(","))
     return [s for s in out if s.name in wanted]
 
 
 def start(system: System, cpus: str, log_dir: Path) -> subprocess.Popen:
     log = open(log_dir / f"{system.name}.log", "w")
-    return subprocess.Popen(["taskset", "-c", cpus, *system.command], cwd=REPO, env={**os.environ, **system.env},
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        ["taskset", "-c", cpus, *system.command],
+        cwd=REPO,
+        env={**os.environ, **system.env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def wait_ready(system: System, proc: subprocess.Popen, timeout_s: float) -> None:
@@ -110,11 +172,18 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def workloads(args: argparse.Namespace) -> dict[str, tuple[list, TraceScale]]:
-    cap = dict(max_input_tokens=args.max_model_len - args.max_output_tokens - 1,
-               max_output_tokens=args.max_output_tokens)
+    cap = dict(
+        max_input_tokens=args.max_model_len - args.max_output_tokens - 1, max_output_tokens=args.max_output_tokens
+    )
     conv = loaders.load(args.trace, args.limit)
-    out = {"conversation": (conv, TraceScale(block_tokens=args.block_tokens, output_scale=args.output_scale,
-                                             time_scale=args.time_scale, **cap))}
+    out = {
+        "conversation": (
+            conv,
+            TraceScale(
+                block_tokens=args.block_tokens, output_scale=args.output_scale, time_scale=args.time_scale, **cap
+            ),
+        )
+    }
     sessions = agent.generate(agent.parse_mix(args.agent), args.sessions, args.session_rate, seed=0)
     out["agent"] = (sessions, TraceScale(block_tokens=args.block_tokens, output_scale=args.output_scale, **cap))
     return {k: v for k, v in out.items() if k in args.workloads.split(",")}
@@ -158,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     slo, extra = SLO(args.slo_ttft_ms, args.slo_tpot_ms), parse_slos(args.extra_slos)
     loads = workloads(args)
-    runs, records = [], {}
+    runs: list[dict[str, Any]] = []
+    records: dict[str, list[RequestRecord]] = {}
     for system in systems(args, model, served):
         proc = start(system, args.cpus, out)
         try:
@@ -173,14 +243,20 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({"label": label, "system": system.name, "workload": wname, "metrics": metrics})
                 records[label] = result.records
                 hit = (metrics.get("prefix_cache") or {}).get("hit_ratio")
-                print(f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, TTFT mean "
-                      f"{metrics['mean_ttft_ms']:.0f} ms, ITL mean {metrics['mean_itl_ms']:.0f} ms, goodput "
-                      f"{metrics['request_goodput']:.3f} req/s, prefix hit {hit}, cached (usage) "
-                      f"{metrics.get('usage_cached_ratio')}", flush=True)
+                print(
+                    f"[{label}] {metrics['completed']}/{metrics['num_prompts']} ok, TTFT mean "
+                    f"{metrics['mean_ttft_ms']:.0f} ms, ITL mean {metrics['mean_itl_ms']:.0f} ms, goodput "
+                    f"{metrics['request_goodput']:.3f} req/s, prefix hit {hit}, cached (usage) "
+                    f"{metrics.get('usage_cached_ratio')}",
+                    flush=True,
+                )
         finally:
             stop(proc)
-    meta = {"title": "peers side by side", "settings": {k: v for k, v in vars(args).items()},
-            "workloads": {k: {"requests": len(t), "scale": s.describe()} for k, (t, s) in loads.items()}}
+    meta = {
+        "title": "peers side by side",
+        "settings": {k: v for k, v in vars(args).items()},
+        "workloads": {k: {"requests": len(t), "scale": s.describe()} for k, (t, s) in loads.items()},
+    }
     paths = write_report(out, runs, meta, records)
     print(paths["markdown"].read_text())
     print(json.dumps([{"label": r["label"], "failed": r["metrics"]["failed"]} for r in runs]))

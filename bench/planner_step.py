@@ -16,13 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench.compare import ClusterSpec
-from bench.plan import Search, ranking
-from bench.report import SLO, RequestRecord
-from bench.sim.run import add_sim_args, sim_config, simulate
-from bench.sim.timemodel import StepTimeModel
-from bench.traces import agent
-from bench.traces.record import TraceRequest, TraceScale
+from disagg.planning.search import Search, ranking
+from disagg.planning.spec import ClusterSpec
+from disagg.sim.run import add_sim_args, sim_config, simulate
+from disagg.sim.timemodel import StepTimeModel
+from disagg.workload import agent
+from disagg.workload.metrics import SLO, RequestRecord
+from disagg.workload.record import TraceRequest, TraceScale
 
 _PHASE_ID_SHIFT = 100_000_000  # keeps the second phase's private hash_ids apart from the first's
 
@@ -34,9 +34,15 @@ def step_workload(mix: str, rate: float, phase_s: float, factor: float, seed: in
     started = {r.session_id for r in base if r.turn == 0 and r.timestamp_ms < phase_s * 1000}
     first = [r for r in base if r.session_id in started]  # whole sessions that start before the step
     second = agent.generate(profiles, max(1, int(rate * factor * phase_s)), rate * factor, seed + 1)
-    shifted = [dataclasses.replace(r, timestamp_ms=r.timestamp_ms + phase_s * 1000, session_id=f"b{r.session_id}",
-                                   hash_ids=[h + _PHASE_ID_SHIFT if h >= 2_000_000_000 else h for h in r.hash_ids])
-               for r in second]
+    shifted = [
+        dataclasses.replace(
+            r,
+            timestamp_ms=r.timestamp_ms + phase_s * 1000,
+            session_id=f"b{r.session_id}",
+            hash_ids=[h + _PHASE_ID_SHIFT if h >= 2_000_000_000 else h for h in r.hash_ids],
+        )
+        for r in second
+    ]
     return sorted(first + shifted, key=lambda r: r.timestamp_ms)
 
 
@@ -47,8 +53,14 @@ def attainment_over_time(records: list[RequestRecord], slo: SLO, window_s: float
     while t < end_s:
         batch = [r for r in records if t <= r.start_s < t + window_s]
         met = sum(r.ok and slo.met(r) for r in batch)
-        out.append({"t": t, "requests": len(batch), "attainment": met / len(batch) if batch else None,
-                    "goodput": met / window_s})
+        out.append(
+            {
+                "t": t,
+                "requests": len(batch),
+                "attainment": met / len(batch) if batch else None,
+                "goodput": met / window_s,
+            }
+        )
         t += window_s
     return out
 
@@ -82,8 +94,9 @@ def plot(series: dict[str, list[dict]], changes: list[dict], step_s: float, path
     plt.close(fig)
 
 
-def static_split(args: argparse.Namespace, trace: list, scale: TraceScale, model: StepTimeModel,
-                 slo: SLO) -> tuple[int, int]:
+def static_split(
+    args: argparse.Namespace, trace: list, scale: TraceScale, model: StepTimeModel, slo: SLO
+) -> tuple[int, int]:
     """The static split to compare with: `--start PxD`, or by default the best static split for this very
     workload (the step included), found by `disagg plan`'s search down to +-1 worker."""
     if args.start and args.start != "best":
@@ -91,16 +104,21 @@ def static_split(args: argparse.Namespace, trace: list, scale: TraceScale, model
         return prefill, decode
     search = Search(argparse.Namespace(**{**vars(args), "extra_slos": ""}), trace, scale, model, slo)
     best = ranking(list(search.splits(args.workers).values()))[0]
-    print(f"[static] best static split for the step workload: {best['config']} ({len(search.results)} simulated)",
-          flush=True)
+    print(
+        f"[static] best static split for the step workload: {best['config']} ({len(search.results)} simulated)",
+        flush=True,
+    )
     return best["prefill"], best["decode"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.planner_step", description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=64)
-    p.add_argument("--start", default="best",
-                   help="static PxD, also the planner's start (default: the best static split for this workload)")
+    p.add_argument(
+        "--start",
+        default="best",
+        help="static PxD, also the planner's start (default: the best static split for this workload)",
+    )
     p.add_argument("--mix", default="coding_agent:2,deep_research:1,short_chat:1")
     p.add_argument("--rate", type=float, default=2.0, help="sessions/s before the step")
     p.add_argument("--factor", type=float, default=2.0)
@@ -127,20 +145,26 @@ def main(argv: list[str] | None = None) -> int:
         s = attainment_over_time(result.records, slo, args.window_s, end)
         series[f"{label} {prefill}x{decode}" + (" + planner" if planner else "")] = s
         m = result.metrics(slo)
-        run: dict[str, Any] = {"goodput": m["request_goodput"], "slo_met": m["goodput_fraction"],
-                               "recovery_s": recovery_s(s, args.phase_s, 0.9),
-                               "before_step": [w["attainment"] for w in s if w["t"] < args.phase_s]}
+        run: dict[str, Any] = {
+            "goodput": m["request_goodput"],
+            "slo_met": m["goodput_fraction"],
+            "recovery_s": recovery_s(s, args.phase_s, 0.9),
+            "before_step": [w["attainment"] for w in s if w["t"] < args.phase_s],
+        }
         if planner:
             changes = m["sim"].get("role_changes", [])
-            run.update(role_changes=changes, final_split=m["sim"].get("final_split"),
-                       reversals=_reversals(changes))
+            run.update(role_changes=changes, final_split=m["sim"].get("final_split"), reversals=_reversals(changes))
         summary[label] = run
-        print(f"[{label}] goodput {run['goodput']:.2f} req/s, SLO met {run['slo_met']:.0%}, back above 90% "
-              f"{run['recovery_s']} s after the step" + (f", {len(changes)} role changes, final split "
-                                                         f"{run.get('final_split')}" if planner else ""), flush=True)
+        print(
+            f"[{label}] goodput {run['goodput']:.2f} req/s, SLO met {run['slo_met']:.0%}, back above 90% "
+            f"{run['recovery_s']} s after the step"
+            + (f", {len(changes)} role changes, final split {run.get('final_split')}" if planner else ""),
+            flush=True,
+        )
     plot(series, changes, args.phase_s, out / "planner_step.png")
-    (out / "result.json").write_text(json.dumps({"summary": summary, "series": series, "settings": vars(args)},
-                                                indent=2, default=str))
+    (out / "result.json").write_text(
+        json.dumps({"summary": summary, "series": series, "settings": vars(args)}, indent=2, default=str)
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ finished, so a slow server slows its own agents down, as real agents would.  Pro
 
     python -m bench.replay --url http://127.0.0.1:8000 --trace mooncake_conversation_trace.jsonl --limit 50
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,10 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from bench.report import SLO, RequestRecord, compute_metrics, parse_slos, write_report
-from bench.traces.record import TraceRequest, TraceScale
-from bench.workload import add_workload_args, load_workload
+from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
+from disagg.workload.options import add_workload_args, load_workload
+from disagg.workload.record import TraceRequest, TraceScale, send_units
+from disagg.workload.report import write_report
 
 
 @dataclass
@@ -70,40 +72,31 @@ class ReplayResult:
         return m
 
 
-def _units(trace: list[TraceRequest]) -> list[list[int]]:
-    """Indices grouped into send units: one per session (in turn order) or one per lone request."""
-    sessions: dict[str, list[int]] = {}
-    units: list[list[int]] = []
-    for i, r in enumerate(trace):
-        if r.session_id is None:
-            units.append([i])
-        elif r.session_id in sessions:
-            sessions[r.session_id].append(i)
-        else:
-            sessions[r.session_id] = [i]
-            units.append(sessions[r.session_id])
-    for idx in sessions.values():
-        idx.sort(key=lambda i: trace[i].turn or 0)
-    return units
-
-
 def _arrivals(trace: list[TraceRequest], units: list[list[int]], cfg: ReplayConfig) -> list[float]:
+    rate = cfg.rate or 0.0  # positive for fixed and poisson arrivals (ReplayConfig checks)
     if cfg.arrival == "fixed":
-        return [i / cfg.rate for i in range(len(units))]
+        return [i / rate for i in range(len(units))]
     if cfg.arrival == "poisson":
         rng, t, out = random.Random(cfg.seed), 0.0, []
         for _ in units:
             out.append(t)
-            t += rng.expovariate(cfg.rate)
+            t += rng.expovariate(rate)
         return out
     t0 = min(r.timestamp_ms for r in trace)
     return [cfg.scale.seconds(trace[u[0]].timestamp_ms - t0) for u in units]
 
 
-async def _send(client: httpx.AsyncClient, cfg: ReplayConfig, model: str, prompt: list[int],
-                record: RequestRecord, t0: float) -> None:
-    body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": record.max_tokens, "temperature": 0.0,
-                            "stream": True, "stream_options": {"include_usage": True}}
+async def _send(
+    client: httpx.AsyncClient, cfg: ReplayConfig, model: str, prompt: list[int], record: RequestRecord, t0: float
+) -> None:
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": record.max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     if cfg.ignore_eos:
         body["ignore_eos"] = True
     if cfg.session_hints and record.session_id is not None:
@@ -219,8 +212,13 @@ def staleness_summary(before: dict[float, float] | None, after: dict[float, floa
     at_or_below = lambda le: diff.get(le, 0.0)  # noqa: E731 (cumulative counts)
     under = at_or_below(-1.0)
     exact = at_or_below(0.0) - under
-    return {"requests": total, "exact": exact / total, "under_predicted": under / total,
-            "over_predicted": (total - at_or_below(0.0)) / total, "cumulative_buckets": diff}
+    return {
+        "requests": total,
+        "exact": exact / total,
+        "under_predicted": under / total,
+        "over_predicted": (total - at_or_below(0.0)) / total,
+        "cumulative_buckets": diff,
+    }
 
 
 async def discover_model(client: httpx.AsyncClient) -> str:
@@ -231,17 +229,21 @@ async def discover_model(client: httpx.AsyncClient) -> str:
 
 async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
     if cfg.max_requests is not None:
-        trace = sorted(trace, key=lambda r: r.timestamp_ms)[:cfg.max_requests]
+        trace = sorted(trace, key=lambda r: r.timestamp_ms)[: cfg.max_requests]
     if not trace:
         raise ValueError("the trace is empty")
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-    async with httpx.AsyncClient(base_url=cfg.url.rstrip("/"), headers=headers, limits=limits,
-                                 timeout=httpx.Timeout(cfg.request_timeout_s, connect=30.0)) as client:
+    async with httpx.AsyncClient(
+        base_url=cfg.url.rstrip("/"),
+        headers=headers,
+        limits=limits,
+        timeout=httpx.Timeout(cfg.request_timeout_s, connect=30.0),
+    ) as client:
         model = cfg.model or await discover_model(client)
         before = await scrape_prefix_cache(client)
         stale_before = await scrape_staleness(client)
-        units = _units(trace)
+        units = send_units(trace)
         arrivals = _arrivals(trace, units, cfg)
         records: dict[int, RequestRecord] = {}
         bar = tqdm(total=len(trace), desc="replay", unit="req", disable=not cfg.progress, leave=False)
@@ -257,8 +259,9 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
                     await asyncio.sleep(cfg.scale.seconds(req.think_time_ms))
                 if time.perf_counter() >= deadline:
                     return
-                record = RequestRecord(i, cfg.scale.input_len(req), cfg.scale.output_len(req), 0.0,
-                                       req.session_id, req.turn)
+                record = RequestRecord(
+                    i, cfg.scale.input_len(req), cfg.scale.output_len(req), 0.0, req.session_id, req.turn
+                )
                 records[i] = record
                 await _send(client, cfg, model, cfg.scale.prompt(req, cfg.vocab_size, salt=i), record, t0)
                 bar.update(1)
@@ -288,18 +291,32 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-tpot-ms", type=float, default=200.0)
     p.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
-    p.add_argument("--session-hints", action="store_true",
-                   help="send each agent session's id (`user`) and a KV retention pin (`kv_retention`)")
+    p.add_argument(
+        "--session-hints",
+        action="store_true",
+        help="send each agent session's id (`user`) and a KV retention pin (`kv_retention`)",
+    )
     p.add_argument("--kv-retention-s", type=float, default=300.0, help="pin TTL sent with --session-hints")
     p.add_argument("--no-progress", action="store_true")
 
 
 def replay_config(args: argparse.Namespace, url: str, scale: TraceScale) -> ReplayConfig:
-    return ReplayConfig(url=url, model=getattr(args, "model_name", None), vocab_size=args.vocab_size, scale=scale,
-                        arrival=args.arrival, rate=args.rate, max_duration_s=args.max_duration,
-                        request_timeout_s=args.timeout, ignore_eos=not args.no_ignore_eos,
-                        api_key=getattr(args, "api_key", None), seed=args.seed, progress=not args.no_progress,
-                        session_hints=args.session_hints, kv_retention_s=args.kv_retention_s)
+    return ReplayConfig(
+        url=url,
+        model=getattr(args, "model_name", None),
+        vocab_size=args.vocab_size,
+        scale=scale,
+        arrival=args.arrival,
+        rate=args.rate,
+        max_duration_s=args.max_duration,
+        request_timeout_s=args.timeout,
+        ignore_eos=not args.no_ignore_eos,
+        api_key=getattr(args, "api_key", None),
+        seed=args.seed,
+        progress=not args.no_progress,
+        session_hints=args.session_hints,
+        kv_retention_s=args.kv_retention_s,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -315,9 +332,17 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(replay(trace, replay_config(args, args.url, scale)))
     metrics = result.metrics(SLO(args.slo_ttft_ms, args.slo_tpot_ms), parse_slos(args.extra_slos))
     runs = [{"label": args.label, "metrics": metrics}]
-    paths = write_report(args.out, runs, {"title": f"replay of {workload['name']} against {args.url}",
-                                          "workload": workload, "scale": scale.describe(), "model": result.model},
-                         {args.label: result.records})
+    paths = write_report(
+        args.out,
+        runs,
+        {
+            "title": f"replay of {workload['name']} against {args.url}",
+            "workload": workload,
+            "scale": scale.describe(),
+            "model": result.model,
+        },
+        {args.label: result.records},
+    )
     print(paths["markdown"].read_text())
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -21,6 +21,7 @@ with and without CPU / disk tiers behind each worker, and like-for-like against 
     .venv/bin/python -m bench.router
     .venv/bin/python -m bench.router --dynamo-python /tmp/dynenv/bin/python   # see bench/dynamo_router.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,10 +34,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.common import emit, percentile, print_table
+from bench.common import emit, print_table
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
-from disagg.router.policy import PolicyConfig
+from disagg.router.load import LoadTicket
+from disagg.router.policy import PolicyConfig, PolicyKind
+from disagg.workload.metrics import percentile
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces"
 TRACE_NAMES = ("mooncake_synthetic_trace.jsonl", "mooncake_conversation_trace.jsonl")
@@ -56,12 +59,12 @@ def bench_latency(num_workers: int, num_blocks: int, decisions: int, seed: int =
         chains.append(tokens)
         hashes = hash_prompt_blocks(tokens, 16)
         for w in rng.sample(names, rng.randint(1, 3)):
-            core.on_kv_events(KVEventBatch.of(w, seq[w], [KVEvent("stored", hashes)]))
+            core.on_kv_events(KVEventBatch.of(w, seq[w], [KVEvent(EventKind.STORED, hashes)]))
             seq[w] += 1
     with_hash, index_only = [], []
     for i in range(decisions):
         chain = rng.choice(chains)
-        prompt = chain[:16 * rng.randint(1, chain_len)] + [rng.randrange(50_000) for _ in range(rng.randint(1, 40))]
+        prompt = chain[: 16 * rng.randint(1, chain_len)] + [rng.randrange(50_000) for _ in range(rng.randint(1, 40))]
         request = Request(f"r{i}", prompt)
         t0 = time.perf_counter()
         core.route(request)
@@ -71,10 +74,15 @@ def bench_latency(num_workers: int, num_blocks: int, decisions: int, seed: int =
         matches = core.index.match(hashes)
         core.policy.choose(len(prompt), matches, [core.loads[n] for n in names], [])
         index_only.append(time.perf_counter() - t0)
-    return {"workers": num_workers, "indexed_blocks": core.index.num_blocks, "decisions": decisions,
-            "p50_us": percentile(with_hash, 50) * 1e6, "p99_us": percentile(with_hash, 99) * 1e6,
-            "p50_us_excl_hashing": percentile(index_only, 50) * 1e6,
-            "p99_us_excl_hashing": percentile(index_only, 99) * 1e6}
+    return {
+        "workers": num_workers,
+        "indexed_blocks": core.index.num_blocks,
+        "decisions": decisions,
+        "p50_us": percentile(with_hash, 50) * 1e6,
+        "p99_us": percentile(with_hash, 99) * 1e6,
+        "p50_us_excl_hashing": percentile(index_only, 50) * 1e6,
+        "p99_us_excl_hashing": percentile(index_only, 99) * 1e6,
+    }
 
 
 def load_trace(path: Path, limit: int | None) -> list[dict]:
@@ -119,7 +127,7 @@ class SimWorker:
         hits = self.pool.lookup_prefix(hashes)
         self.pool.touch(hits)
         n_cpu = n_disk = 0
-        for h in hashes[len(hits):]:
+        for h in hashes[len(hits) :]:
             if self.cpu is not None and h in self.cpu:
                 n_cpu += 1
             elif self.disk is not None and h in self.disk:
@@ -133,7 +141,7 @@ class SimWorker:
             return len(hits), 0, 0, hits, []
         start = len(hits)
         if loaded:  # loaded blocks are in the device cache at once
-            self._cache(fresh[:loaded], hashes[start:start + loaded], hashes[start - 1] if start else None)
+            self._cache(fresh[:loaded], hashes[start : start + loaded], hashes[start - 1] if start else None)
         return len(hits), n_cpu, n_disk, hits + fresh, fresh[loaded:]
 
     def prefill_done(self, blocks: list[int], hashes: list[int], parent: int | None) -> None:
@@ -198,14 +206,14 @@ class CoreRouter:
 
         self.core = RouterCore({}, {n: None for n in names}, config, block_size=1)
 
-    def route(self, i: int, ids: list[int], hashes: list[int]) -> tuple[str, object]:
+    def route(self, i: int, ids: list[int], hashes: list[int]) -> tuple[str, LoadTicket]:
         decision = self.core.route(Request(f"q{i}", ids), hashes=hashes)
         return decision.decode_worker, self.core.begin(decision, len(ids), hashes)
 
-    def prefilled(self, ticket: object) -> None:
+    def prefilled(self, ticket: LoadTicket) -> None:
         self.core.progress(ticket, 1)
 
-    def finished(self, ticket: object) -> None:
+    def finished(self, ticket: LoadTicket) -> None:
         self.core.end(ticket)
 
     def kv_events(self, batch: KVEventBatch) -> None:
@@ -258,21 +266,38 @@ def run_replay(router, trace: list[dict], sim: SimConfig) -> dict:
         loading = (n_cpu * sim.cpu_load_cost + n_disk * sim.disk_load_cost) * sim.block_tokens
         done_at = now + (uncached_tokens + loading) / sim.prefill_tok_s
         first = n_dev + n_cpu + n_disk
-        heapq.heappush(pending, (done_at, next(order), "prefilled",
-                                 (name, compute, hashes[first:first + len(compute)],
-                                  hashes[first - 1] if first else None, ticket)))
-        heapq.heappush(pending, (done_at + row["output_length"] * sim.tpot_ms / 1000, next(order), "done",
-                                 (name, held, ticket)))
+        heapq.heappush(
+            pending,
+            (
+                done_at,
+                next(order),
+                "prefilled",
+                (name, compute, hashes[first : first + len(compute)], hashes[first - 1] if first else None, ticket),
+            ),
+        )
+        heapq.heappush(
+            pending, (done_at + row["output_length"] * sim.tpot_ms / 1000, next(order), "done", (name, held, ticket))
+        )
     advance(float("inf"))
     b = totals["blocks"]
-    return {"hit_ratio": (totals["device"] + totals["cpu"] + totals["disk"]) / b,
-            "device": totals["device"] / b, "cpu": totals["cpu"] / b, "disk": totals["disk"] / b,
-            "load_max_over_mean": sum(imbalance) / len(imbalance) if imbalance else float("nan")}
+    return {
+        "hit_ratio": (totals["device"] + totals["cpu"] + totals["disk"]) / b,
+        "device": totals["device"] / b,
+        "cpu": totals["cpu"] / b,
+        "disk": totals["disk"] / b,
+        "load_max_over_mean": sum(imbalance) / len(imbalance) if imbalance else float("nan"),
+    }
 
 
 def replay(trace: list[dict], policy: str, sim: SimConfig, policy_args: dict | None = None) -> dict:
-    config = PolicyConfig(kind=policy, seed=0, peer_pull=False, cpu_load_cost=sim.cpu_load_cost,
-                          disk_load_cost=sim.disk_load_cost, **(policy_args or {}))
+    config = PolicyConfig(
+        kind=PolicyKind(policy),
+        seed=0,
+        peer_pull=False,
+        cpu_load_cost=sim.cpu_load_cost,
+        disk_load_cost=sim.disk_load_cost,
+        **(policy_args or {}),
+    )
     return {"policy": policy, **run_replay(CoreRouter(sim.names(), config), trace, sim)}
 
 
@@ -299,8 +324,14 @@ def policies(args: argparse.Namespace) -> dict:
         trace = load_trace(TRACES / name, args.limit)
         rows = []
         for cpu in (int(c) for c in args.cpu_blocks.split(",")):
-            sim = SimConfig(args.workers, args.blocks, args.prefill_tok_s, args.tpot_ms, cpu_blocks=cpu,
-                            disk_blocks=args.disk_blocks if cpu else 0)
+            sim = SimConfig(
+                args.workers,
+                args.blocks,
+                args.prefill_tok_s,
+                args.tpot_ms,
+                cpu_blocks=cpu,
+                disk_blocks=args.disk_blocks if cpu else 0,
+            )
             for p in ("kv", "round_robin", "least_loaded"):
                 row = replay(trace, p, sim)
                 rows.append({"tiers": f"cpu {cpu} + disk {sim.disk_blocks}" if cpu else "device only", **row})
@@ -308,8 +339,10 @@ def policies(args: argparse.Namespace) -> dict:
         top = rows[-1]["hit_ratio"]
         for row in rows:
             row["vs_oracle"] = row["hit_ratio"] / top if top else float("nan")
-        print_table(rows, f"prefix-hit ratio, {name} ({len(trace)} requests, {args.workers} workers x "
-                          f"{args.blocks} device blocks)")
+        print_table(
+            rows,
+            f"prefix-hit ratio, {name} ({len(trace)} requests, {args.workers} workers x {args.blocks} device blocks)",
+        )
         results["hit_ratio"][name] = rows
     return results
 
@@ -329,8 +362,11 @@ def main() -> None:
     parser.add_argument("--weights", default="1,2,4,6,8", help="grid: overlap weights")
     parser.add_argument("--temperatures", default="0,0.5,1", help="grid: temperatures")
     parser.add_argument("--traces", default=",".join(TRACE_NAMES), help="grid: trace files, in run order")
-    parser.add_argument("--out", default=None, help="default bench/results/router.json (router_vs_dynamo.json "
-                                                    "with --grid / --dynamo-python)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="default bench/results/router.json (router_vs_dynamo.json with --grid / --dynamo-python)",
+    )
     args = parser.parse_args()
     grid = args.grid or bool(args.dynamo_python)
     if grid:

@@ -5,12 +5,13 @@ Turn k's reusable prefix is the full blocks its prompt shares with turn k-1's pr
 turn's KV that the new prompt repeats); the served part is what the server reported as cached
 (`usage.prompt_tokens_details.cached_tokens`), capped at that prefix.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-from bench.report import RequestRecord
-from bench.traces.record import TraceRequest, TraceScale
+from disagg.workload.metrics import RequestRecord
+from disagg.workload.record import TraceRequest, TraceScale
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -22,8 +23,9 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def next_turn_hits(trace: list[TraceRequest], scale: TraceScale, records: list[RequestRecord], vocab_size: int,
-                   block_size: int = 16) -> dict[str, Any] | None:
+def next_turn_hits(
+    trace: list[TraceRequest], scale: TraceScale, records: list[RequestRecord], vocab_size: int, block_size: int = 16
+) -> dict[str, Any] | None:
     """Aggregate next-turn hit ratio (served / reusable tokens) over every later turn that completed, with the
     share of turns that got >= 95% of their reusable prefix; None if the workload has no sessions."""
     by_index = {r.index: r for r in records}
@@ -40,7 +42,9 @@ def next_turn_hits(trace: list[TraceRequest], scale: TraceScale, records: list[R
             rec = by_index.get(cur)
             if rec is None or not rec.ok or rec.cached_tokens is None:
                 continue
-            shared = _common_prefix(scale.prompt(trace[prev], vocab_size, prev), scale.prompt(trace[cur], vocab_size, cur))
+            shared = _common_prefix(
+                scale.prompt(trace[prev], vocab_size, prev), scale.prompt(trace[cur], vocab_size, cur)
+            )
             reusable = min(shared, len(scale.prompt(trace[cur], vocab_size, cur)) - 1) // block_size * block_size
             if reusable <= 0:
                 continue
@@ -51,5 +55,10 @@ def next_turn_hits(trace: list[TraceRequest], scale: TraceScale, records: list[R
             full += served >= 0.95 * reusable
     if not turns:
         return None
-    return {"turns": turns, "reusable_tokens": reusable_total, "served_tokens": served_total,
-            "hit_ratio": served_total / reusable_total, "turns_at_95pct": full / turns}
+    return {
+        "turns": turns,
+        "reusable_tokens": reusable_total,
+        "served_tokens": served_total,
+        "hit_ratio": served_total / reusable_total,
+        "turns_at_95pct": full / turns,
+    }

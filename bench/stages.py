@@ -5,6 +5,7 @@ reported, not absorbed: "unaccounted" = E2E - sum(named stages), split into "tra
 named stages: RPCs, tokenization, SSE writes, waits for an engine thread that no stage covers) and "other" (E2E
 minus the router's span: the client <-> router HTTP hop).  "named stages within 2% of E2E" is the share of
 requests whose named stages alone come within 2% of the client's E2E: nothing derived from E2E is in that sum."""
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,17 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.common import percentile
-from bench.report import RequestRecord
+from disagg.workload.metrics import RequestRecord, percentile
 
-STAGES = ("router.queue", "router.route", "prefill.queue", "prefill.compute", "kv.transfer", "decode.queue",
-          "decode.compute")
+STAGES = (
+    "router.queue",
+    "router.route",
+    "prefill.queue",
+    "prefill.compute",
+    "kv.transfer",
+    "decode.queue",
+    "decode.compute",
+)
 # a request the router prefilled on its decode worker (local prefill) has no transfer and no separate decode queue
 LOCAL_STAGES = frozenset(STAGES) - {"kv.transfer", "decode.queue"}
 
@@ -49,9 +56,15 @@ def per_request(spans: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         routes = [s for s in group if s["name"] == "router.route"]
         remote = bool(routes) and bool(routes[-1]["attributes"].get("disagg.prefill_worker"))
         root_s = (root["end_ns"] - root["start_ns"]) / 1e9
-        out[root["attributes"]["gen_ai.response.id"]] = {"trace_id": trace_id, "root": root, "root_s": root_s,
-                                                         "stages": stages,
-                                                         "spans": group, "present": present, "remote": remote}
+        out[root["attributes"]["gen_ai.response.id"]] = {
+            "trace_id": trace_id,
+            "root": root,
+            "root_s": root_s,
+            "stages": stages,
+            "spans": group,
+            "present": present,
+            "remote": remote,
+        }
     return out
 
 
@@ -66,7 +79,7 @@ def breakdown(records: list[RequestRecord], spans: list[dict[str, Any]]) -> dict
     within, matched, complete, remote = 0, 0, 0, 0
     for r in records:
         t = traced.get(r.request_id or "")
-        if not r.ok or t is None:
+        if not r.ok or r.e2e_s is None or t is None:
             continue
         matched += 1
         remote += t["remote"]
@@ -80,21 +93,35 @@ def breakdown(records: list[RequestRecord], spans: list[dict[str, Any]]) -> dict
         rows["other"].append(r.e2e_s - t["root_s"])
         rows["e2e"].append(r.e2e_s)
         within += abs(unaccounted) <= 0.02 * r.e2e_s
-    table = {name: {"p50_ms": percentile(v, 50) * 1000, "p99_ms": percentile(v, 99) * 1000,
-                    "mean_ms": sum(v) / len(v) * 1000 if v else float("nan")} for name, v in rows.items()}
-    return {"requests": len(records), "traced": matched, "stages": table,
-            "named_within_2pct_of_e2e": within / matched if matched else float("nan"),
-            "every_stage": complete / matched if matched else float("nan"),
-            "remote_prefill": remote / matched if matched else float("nan")}
+    table = {
+        name: {
+            "p50_ms": percentile(v, 50) * 1000,
+            "p99_ms": percentile(v, 99) * 1000,
+            "mean_ms": sum(v) / len(v) * 1000 if v else float("nan"),
+        }
+        for name, v in rows.items()
+    }
+    return {
+        "requests": len(records),
+        "traced": matched,
+        "stages": table,
+        "named_within_2pct_of_e2e": within / matched if matched else float("nan"),
+        "every_stage": complete / matched if matched else float("nan"),
+        "remote_prefill": remote / matched if matched else float("nan"),
+    }
 
 
 def markdown(label: str, result: dict[str, Any]) -> str:
     head = "| stage | mean ms | p50 ms | p99 ms |\n|---|---:|---:|---:|"
-    lines = [f"**{label}**: {result['traced']} of {result['requests']} requests traced, "
-             f"{result.get('every_stage', float('nan')):.0%} with every stage of their path in one trace "
-             f"({result.get('remote_prefill', float('nan')):.0%} prefilled remotely); the named stages alone come "
-             f"within 2% of the client's E2E for {result['named_within_2pct_of_e2e']:.0%}; unaccounted = E2E - "
-             "named stages = transit (inside the router's span) + other (the HTTP hop)", "", head]
+    lines = [
+        f"**{label}**: {result['traced']} of {result['requests']} requests traced, "
+        f"{result.get('every_stage', float('nan')):.0%} with every stage of their path in one trace "
+        f"({result.get('remote_prefill', float('nan')):.0%} prefilled remotely); the named stages alone come "
+        f"within 2% of the client's E2E for {result['named_within_2pct_of_e2e']:.0%}; unaccounted = E2E - "
+        "named stages = transit (inside the router's span) + other (the HTTP hop)",
+        "",
+        head,
+    ]
     for name in (*STAGES, "unaccounted", "transit", "other", "e2e"):
         s = result["stages"].get(name)
         if s is not None:

@@ -1,5 +1,6 @@
 """A/B studies of the overload benchmark: repeated sweeps (medians with their range over interleaved passes, both
 arms against one reference) and the rescore study."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,16 +16,25 @@ def aggregate_sweeps(runs: dict[str, list[list[dict[str, Any]]]]) -> dict[str, A
     load), measured in the same run.  (Dividing each arm by its own peak made "holds 0.9 of peak" true by
     definition for whichever arm it described.)"""
     reference = statistics.median(max(r["goodput"] for r in rows) for rows in runs["no_admission"])
-    out: dict[str, Any] = {"reference_goodput": reference,
-                           "reference": "no-admission peak goodput (median over repeats), same run"}
+    out: dict[str, Any] = {
+        "reference_goodput": reference,
+        "reference": "no-admission peak goodput (median over repeats), same run",
+    }
     for arm, passes in runs.items():
         table = []
         for i, row in enumerate(passes[0]):
             values = [p[i]["goodput"] for p in passes]
             median = statistics.median(values)
-            table.append({"load": row["load"], "goodput": median, "goodput_min": min(values),
-                          "goodput_max": max(values), "goodput_vs_reference": median / reference if reference
-                          else float("nan"), "passes": [p[i] for p in passes]})
+            table.append(
+                {
+                    "load": row["load"],
+                    "goodput": median,
+                    "goodput_min": min(values),
+                    "goodput_max": max(values),
+                    "goodput_vs_reference": median / reference if reference else float("nan"),
+                    "passes": [p[i] for p in passes],
+                }
+            )
         out[arm] = table
     return out
 
@@ -37,8 +47,14 @@ def rescore_study(go, capacity: float, args: argparse.Namespace, slo: tuple[floa
     out = {}
     for mode, rescore in (("rescore_on_dispatch", True), ("route_on_arrival", False)):
         stats: dict[str, float] = {}
-        shots = go([("default", 0, 2 * capacity)], args.duration, seed=3, rescore=rescore,
-                   prefixes=args.prefixes or 4 * args.simulate, stats=stats)
+        shots = go(
+            [("default", 0, 2 * capacity)],
+            args.duration,
+            seed=3,
+            rescore=rescore,
+            prefixes=args.prefixes or 4 * args.simulate,
+            stats=stats,
+        )
         out[mode] = {**summarize(shots, args.duration, *slo), "hit_ratio": stats.get("hit_ratio")}
         print(f"[overload] rescore {mode}: {out[mode]}", flush=True)
     return out

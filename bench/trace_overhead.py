@@ -4,6 +4,7 @@ Poisson rate, and throughput when saturated (the completion rate under far more 
 
     .venv/bin/python -m bench.trace_overhead --rounds 3 --out bench/results/trace_overhead.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,33 @@ def per_request_cost(tracer: trace.Tracer, worker: WorkerSpans, n: int) -> float
     now = time.monotonic()
     t0 = time.perf_counter()
     for i in range(n):
-        root = tracer.start_span("text_completion model", kind=trace.SpanKind.SERVER,
-                                 attributes={tr.RESPONSE_ID: f"r{i}", tr.USAGE_INPUT_TOKENS: 200})
+        root = tracer.start_span(
+            "text_completion model",
+            kind=trace.SpanKind.SERVER,
+            attributes={tr.RESPONSE_ID: f"r{i}", tr.USAGE_INPUT_TOKENS: 200},
+        )
         ctx = trace.set_span_in_context(root)
         carrier = tr.inject(root) if root.is_recording() else {}
         tracer.start_span("router.queue", context=ctx).end()
         with tracer.start_as_current_span("router.route", context=ctx):
             pass
-        seq = SimpleNamespace(trace_context=carrier, first_token_time=now + 0.5, finish_time=now + 1.0,
-                              num_prompt_tokens=200, num_cached_tokens=0, hold_kv=False, load_kind="peer",
-                              load_blocks=13, load_failed=False, arrival_time=now, load_start=now + 0.01,
-                              load_end=now + 0.02, scheduled_time=now + 0.01, output_token_ids=[0] * 16,
-                              num_preemptions=0)
+        seq = SimpleNamespace(
+            trace_context=carrier,
+            first_token_time=now + 0.5,
+            finish_time=now + 1.0,
+            num_prompt_tokens=200,
+            num_cached_tokens=0,
+            hold_kv=False,
+            load_kind="peer",
+            load_blocks=13,
+            load_failed=False,
+            arrival_time=now,
+            load_start=now + 0.01,
+            load_end=now + 0.02,
+            scheduled_time=now + 0.01,
+            output_token_ids=[0] * 16,
+            num_preemptions=0,
+        )
         if worker.enabled:
             worker.record(seq, "length")
         root.end()
@@ -50,16 +66,23 @@ def per_request_cost(tracer: trace.Tracer, worker: WorkerSpans, n: int) -> float
 def micro(n: int) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        setups = {"off (no-op tracer)": tr.TracingConfig(),
-                  "on, JSON-lines files": tr.TracingConfig(file_dir=d),
-                  "on, OTLP to a dead collector": tr.TracingConfig(otlp_endpoint="http://127.0.0.1:9/v1/traces",
-                                                                   export_timeout_s=0.5)}
+        setups = {
+            "off (no-op tracer)": tr.TracingConfig(),
+            "on, JSON-lines files": tr.TracingConfig(file_dir=d),
+            "on, OTLP to a dead collector": tr.TracingConfig(
+                otlp_endpoint="http://127.0.0.1:9/v1/traces", export_timeout_s=0.5
+            ),
+        }
         for name, cfg in setups.items():
             tracer = tr.make_tracer(cfg, "router")
             worker = WorkerSpans("w", Role.DECODE, cfg)
             per_request_cost(tracer, worker, 200)  # warm up
-            rows.append({"setting": name, "us_per_request": statistics.median(
-                per_request_cost(tracer, worker, n) for _ in range(3))})
+            rows.append(
+                {
+                    "setting": name,
+                    "us_per_request": statistics.median(per_request_cost(tracer, worker, n) for _ in range(3)),
+                }
+            )
     return rows
 
 
@@ -76,23 +99,52 @@ def end_to_end(args: argparse.Namespace) -> list[dict[str, Any]]:
         for r in range(args.rounds):
             for traced in (False, True):
                 d = tempfile.mkdtemp(prefix="trace-overhead-")
-                svc = Service(ClusterConfig(num_prefill=1, num_decode=1, tiers=None,
-                                            tracing={"file_dir": d} if traced else None,
-                                            engine=dict(model=str(default_model_dir()), kv_cache_memory_mb=256,
-                                                        num_threads=1)),
-                              {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
+                svc = Service(
+                    ClusterConfig(
+                        num_prefill=1,
+                        num_decode=1,
+                        tiers=None,
+                        tracing={"file_dir": d} if traced else None,
+                        engine=dict(model=str(default_model_dir()), kv_cache_memory_mb=256, num_threads=1),
+                    ),
+                    {"port": 0, "policy": {"min_remote_prefill_tokens": 16}},
+                )
                 _warm(svc.url, 49152, 2)
                 model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]
-                shots = asyncio.run(open_loop(svc.url, model, [("default", 0, args.rate)], args.duration,
-                                              args.prompt_tokens, args.output_tokens, seed=r))
+                shots = asyncio.run(
+                    open_loop(
+                        svc.url,
+                        model,
+                        [("default", 0, args.rate)],
+                        args.duration,
+                        args.prompt_tokens,
+                        args.output_tokens,
+                        seed=r,
+                    )
+                )
                 s = summarize(shots, args.duration, 1e9, 1e9)
                 # saturated: far more arrivals than the cluster serves, so the completion rate is its capacity
-                sat = asyncio.run(open_loop(svc.url, model, [("default", 0, args.saturate_rate)],
-                                            args.saturate_duration, args.prompt_tokens, args.output_tokens,
-                                            seed=100 + r))
-                rows.append({"round": r, "tracing": "on" if traced else "off", "completed": s["completed"],
-                             "throughput": summarize(sat, args.saturate_duration, 1e9, 1e9)["throughput"],
-                             "ttft_p50_ms": s["ttft_p50_ms"], "ttft_p99_ms": s["ttft_p99_ms"]})
+                sat = asyncio.run(
+                    open_loop(
+                        svc.url,
+                        model,
+                        [("default", 0, args.saturate_rate)],
+                        args.saturate_duration,
+                        args.prompt_tokens,
+                        args.output_tokens,
+                        seed=100 + r,
+                    )
+                )
+                rows.append(
+                    {
+                        "round": r,
+                        "tracing": "on" if traced else "off",
+                        "completed": s["completed"],
+                        "throughput": summarize(sat, args.saturate_duration, 1e9, 1e9)["throughput"],
+                        "ttft_p50_ms": s["ttft_p50_ms"],
+                        "ttft_p99_ms": s["ttft_p99_ms"],
+                    }
+                )
                 print(rows[-1], flush=True)
                 svc.shutdown()
     finally:

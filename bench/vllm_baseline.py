@@ -24,8 +24,15 @@ def main() -> None:
     model, max_tokens = sys.argv[1], int(sys.argv[2])
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0,
-              gpu_memory_utilization=0.5, block_size=32)
+    llm = LLM(
+        model=model,
+        dtype="float32",
+        max_model_len=2048,
+        enforce_eager=True,
+        seed=0,
+        gpu_memory_utilization=0.5,
+        block_size=32,
+    )
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     llm.generate([{"prompt_token_ids": [1, 2, 3, 4]}], params, use_tqdm=False)  # warm-up
     print("VLLM_READY", flush=True)
@@ -35,9 +42,17 @@ def main() -> None:
         t0 = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         elapsed = time.perf_counter() - t0
-        print("VLLM_RESULT " + json.dumps({
-            "output_tok_s": sum(len(o.outputs[0].token_ids) for o in out) / elapsed, "wall_s": elapsed,
-            "token_ids": [list(o.outputs[0].token_ids) for o in out]}), flush=True)
+        print(
+            "VLLM_RESULT "
+            + json.dumps(
+                {
+                    "output_tok_s": sum(len(o.outputs[0].token_ids) for o in out) / elapsed,
+                    "wall_s": elapsed,
+                    "token_ids": [list(o.outputs[0].token_ids) for o in out],
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

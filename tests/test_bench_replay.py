@@ -7,12 +7,12 @@ import json
 import pytest
 import ray
 
-from bench import compare
 from bench.replay import ReplayConfig, replay
-from bench.report import SLO
-from bench.traces import agent
-from bench.traces.record import TraceScale
 from disagg.cli import main as cli_main
+from disagg.planning.spec import parse_configs
+from disagg.workload import agent
+from disagg.workload.metrics import SLO
+from disagg.workload.record import TraceScale
 
 
 def test_compare_replays_a_scaled_trace_with_zero_errors_and_writes_report(tmp_path, smollm_dir):
@@ -87,4 +87,4 @@ def test_replay_config_rejects_bad_arrival():
     with pytest.raises(ValueError, match="arrival must be"):
         ReplayConfig(url="http://127.0.0.1:1", arrival="sometimes")
     with pytest.raises(ValueError, match="name=PxD:policy"):
-        compare.parse_configs("agg-rr=2:round_robin")
+        parse_configs("agg-rr=2:round_robin")

@@ -4,7 +4,9 @@ import math
 
 import pytest
 
-from bench.report import SLO, RequestRecord, compute_metrics, markdown_table, parse_slos, rescore, write_report
+from bench.report import rescore
+from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
+from disagg.workload.report import markdown_table, write_report
 
 
 def _records():

@@ -1,19 +1,18 @@
 """Simulated workers: time-model fit, the virtual-time cluster's bookkeeping (real pools, schedulers, KV events,
 handoff), the real router driven at scale, and calibration against a real (tiny) engine."""
 import json
-import random
 import time
 
 import numpy as np
 import pytest
 
 from bench.sim import calibrate
-from bench.sim.cluster import SimCluster, SimClusterConfig, sampling_for
-from bench.sim.run import simulate
-from bench.sim.timemodel import StepTimeModel, nnls
-from bench.traces import agent, loaders
-from bench.traces.record import TraceScale
 from disagg.protocol import Request
+from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
+from disagg.sim.run import simulate
+from disagg.sim.timemodel import StepTimeModel, nnls
+from disagg.workload import agent, loaders
+from disagg.workload.record import TraceScale
 
 MODEL = StepTimeModel(base=0.01, per_token=0.001, per_seq=0.002, per_attn=0.0, transfer_latency=0.005,
                       transfer_bandwidth=1e9, bytes_per_block=1_000_000)
@@ -118,8 +117,8 @@ def test_calibration_fits_and_validates_against_a_real_engine(tmp_path, tiny_lla
 
 
 def test_simulated_kills_migrate_requests_and_every_request_completes():
-    from bench.sim.faults import SimChaos, window_goodput
-    from bench.report import SLO
+    from disagg.sim.faults import SimChaos, window_goodput
+    from disagg.workload.metrics import SLO
 
     trace = agent.generate({"coding_agent": 1}, 30, 4.0, seed=1)
     scale = TraceScale(block_tokens=16, max_output_tokens=32)

@@ -5,11 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from bench.traces import agent, loaders
-from bench.traces.record import TraceRequest, TraceScale
-from bench.traces.tokens import block_tokens, prompt_tokens
+from disagg.workload import agent, loaders
+from disagg.workload.record import TraceRequest, TraceScale
+from disagg.workload.tokens import block_tokens, prompt_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +120,7 @@ def test_missing_trace_is_a_clear_error():
 
 def test_block_tokens_are_deterministic_across_processes():
     here = block_tokens(12345, 16, 49152)
-    code = "from bench.traces.tokens import block_tokens; print(block_tokens(12345, 16, 49152))"
+    code = "from disagg.workload.tokens import block_tokens; print(block_tokens(12345, 16, 49152))"
     there = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert there.stdout.strip() == str(here)
     assert block_tokens(12346, 16, 49152) != here

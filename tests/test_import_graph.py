@@ -1,4 +1,7 @@
-"""Layout rules read from the import graph (tests/importgraph.py): the routing core knows nothing of Ray."""
+"""Layout rules read from the import graph (tests/importgraph.py): the routing core knows nothing of Ray; the
+product (disagg/) never imports the bench lab (bench/); the simulator, planning and workloads reach no Ray and no
+HTTP stack."""
+
 from tests.importgraph import graph, importers_of, reachable, top_levels
 
 
@@ -13,10 +16,7 @@ def test_the_router_imports_no_ray_directly_or_through_other_modules():
     assert importers_of("ray", "disagg.router") == {}
     routers = [m for m in graph() if m == "disagg.router" or m.startswith("disagg.router.")]
     assert routers
-    leaks = {
-        m: sorted(dep for dep in reachable(m) if "ray" in top_levels(graph()[dep]))
-        for m in routers
-    }
+    leaks = {m: sorted(dep for dep in reachable(m) if "ray" in top_levels(graph()[dep])) for m in routers}
     assert not any(leaks.values()), {m: d for m, d in leaks.items() if d}
 
 
@@ -49,3 +49,46 @@ def test_no_product_module_imports_a_test_double():
 def test_the_engine_kv_dependency_runs_one_way():
     assert _imports_under("disagg.engine", "disagg.kv")  # the detector: the engine holds a KV connector
     assert _imports_under("disagg.kv", "disagg.engine") == {}  # kv types the engine's objects by Protocols
+
+
+def _dynamic_imports(package: str = "disagg") -> dict[str, set[str]]:
+    """Module names given as string literals to importlib.import_module / __import__ under `package`."""
+    import ast
+
+    from tests.importgraph import ROOT
+
+    found: dict[str, set[str]] = {}
+    for path in (ROOT / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                if name in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+                    found.setdefault(str(path.relative_to(ROOT)), set()).add(node.args[0].value)
+    return found
+
+
+def test_the_product_never_imports_the_bench_lab():
+    # directly or through other modules (the graph holds only disagg's modules, so a transitive path to bench/
+    # would show as some disagg module importing it), nor by name at run time
+    products = list(graph())
+    assert "disagg.sim.run" in products and "disagg.planning.cli" in products
+    leaks = {m: sorted(d for d in reachable(m) | {m} if "bench" in top_levels(graph()[d])) for m in products}
+    assert not any(leaks.values()), {m: d for m, d in leaks.items() if d}
+    named = {p: names for p, names in _dynamic_imports().items() if any(n.split(".")[0] == "bench" for n in names)}
+    assert named == {}
+
+
+def test_the_simulator_and_planning_reach_no_ray_and_no_http_stack():
+    shells = {"ray", "fastapi", "starlette", "uvicorn", "httpx"}
+    cores = [m for m in graph() if m.startswith(("disagg.sim", "disagg.planning", "disagg.workload"))]
+    assert "disagg.sim.cluster" in cores
+    leaks = {
+        m: sorted(
+            f"{dep}: {sorted(top_levels(graph()[dep]) & shells)}"
+            for dep in reachable(m) | {m}
+            if top_levels(graph()[dep]) & shells
+        )
+        for m in cores
+    }
+    assert not any(leaks.values()), {m: d for m, d in leaks.items() if d}

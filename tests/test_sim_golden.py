@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import ClusterSpec
-from bench.report import SLO
-from bench.sim.cluster import SimClusterConfig
-from bench.sim.faults import SimChaos
-from bench.sim.run import simulate
-from bench.sim.timemodel import StepTimeModel
-from bench.traces import agent
-from bench.traces.record import TraceScale
+from disagg.planning.spec import ClusterSpec
+from disagg.sim.cluster import SimClusterConfig
+from disagg.sim.faults import SimChaos
+from disagg.sim.run import simulate
+from disagg.sim.timemodel import StepTimeModel
+from disagg.workload import agent
+from disagg.workload.metrics import SLO
+from disagg.workload.record import TraceScale
 
 GOLDEN = Path(__file__).parent / "data" / "sim_golden.json"
 MODEL = StepTimeModel()

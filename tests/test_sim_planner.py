@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.compare import ClusterSpec
 from bench.planner_step import _reversals, recovery_s, step_workload
-from bench.report import SLO
-from bench.sim.cluster import SimCluster, SimClusterConfig, sampling_for
-from bench.sim.run import simulate
-from bench.sim.timemodel import StepTimeModel
-from bench.traces import agent
-from bench.traces.record import TraceScale
+from disagg.planning.spec import ClusterSpec
 from disagg.protocol import Request, Role
+from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
+from disagg.sim.run import simulate
+from disagg.sim.timemodel import StepTimeModel
+from disagg.workload import agent
+from disagg.workload.metrics import SLO
+from disagg.workload.record import TraceScale
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = StepTimeModel()
@@ -102,7 +102,7 @@ def test_measured_machine_costs_co_run_and_serving_cpu():
     """The shared-core model with what bench/sim/machine.py measures: a step pays the co-run factor only while
     another worker computes, and the serving processes' CPU (per request, per streamed token, as a rate over the
     last window) takes cores from the engines."""
-    from bench.sim.cores import CoresConfig, SharedCores
+    from disagg.sim.cores import CoresConfig, SharedCores
 
     cores = SharedCores(CoresConfig(cores=2, corun_slowdown=1.5, cpu_per_request_s=0.01, cpu_per_token_s=0.002))
     assert cores.slowdown(1, now=0.0) == 1.0  # alone, nothing served yet

@@ -8,7 +8,7 @@ import pytest
 import ray
 
 from bench import stages
-from bench.report import RequestRecord
+from disagg.workload.metrics import RequestRecord
 from disagg.cluster.launch import ClusterConfig, Service
 
 

@@ -1,3 +1,3 @@
-"""Simulated workers: the real engine bookkeeping (block pool, scheduler, KV events, KV handoff) with the model
-forward replaced by a calibrated step-time model, driven in virtual time so the real router can be exercised
-with 16-256 workers on one CPU."""
+"""Real-cluster experiments around the simulator (disagg/sim/): fitting its step-time model to the real engine
+(`calibrate`, `disagg bench calibrate`), measuring what a shared machine adds (`machine`) and checking the simulator
+against real runs (`validate`)."""

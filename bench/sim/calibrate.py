@@ -8,6 +8,7 @@
 
     disagg bench calibrate --out bench/results/time_model.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import emit, mean, percentile, print_table
-from bench.sim.timemodel import StepTimeModel, batch_features
-from bench.traces import loaders
-from bench.traces.record import TraceRequest, TraceScale
+import torch
+
+from bench.common import emit, print_table
+from disagg.config import EngineConfig
+from disagg.engine.engine import LLMEngine
+from disagg.engine.kv_cache import KVCache
+from disagg.engine.model import ModelConfig
+from disagg.engine.runner import ModelRunner, load_model
+from disagg.engine.scheduler import ScheduledBatch
+from disagg.protocol import TokenDelta
+from disagg.sim.timemodel import StepTimeModel, batch_features
+from disagg.workload import loaders
+from disagg.workload.metrics import mean, percentile
+from disagg.workload.record import TraceRequest, TraceScale
 
 
 def cpu_model() -> str:
@@ -35,32 +46,66 @@ def cpu_model() -> str:
 
 
 class _Recorder:
-    """Wraps the real runner: remembers the features of the batch each step executes."""
+    """A Runner around the real one: remembers the features of the batch each step executes."""
 
-    def __init__(self, runner: Any) -> None:
-        self.runner, self.features = runner, None
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.features: list[float] | None = None
 
-    def execute(self, batch):
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.runner.model_config
+
+    @property
+    def num_blocks(self) -> int:
+        return self.runner.num_blocks
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    @property
+    def kv_cache(self) -> KVCache:
+        return self.runner.kv_cache
+
+    @property
+    def last_step_s(self) -> float:
+        return self.runner.last_step_s
+
+    @property
+    def last_logprobs(self) -> dict[int, list]:
+        return self.runner.last_logprobs
+
+    def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.features = batch_features(batch)
         return self.runner.execute(batch)
 
 
-def _engine(args: argparse.Namespace):
-    from disagg.config import EngineConfig
-    from disagg.engine.engine import LLMEngine
+def _engine(args: argparse.Namespace) -> LLMEngine:
+    """The real engine in this process, its runner recording each step's batch features."""
+    config = EngineConfig(
+        model=args.model,
+        num_threads=args.threads,
+        kv_cache_memory_mb=args.kv_cache_mb,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+    runner, tokenizer = load_model(config)
+    return LLMEngine(config, _Recorder(runner), tokenizer)
 
-    engine = LLMEngine(EngineConfig(model=args.model, num_threads=args.threads, kv_cache_memory_mb=args.kv_cache_mb,
-                                    max_model_len=args.max_model_len,
-                                    max_num_batched_tokens=args.max_num_batched_tokens))
-    engine.runner = _Recorder(engine.runner)
-    return engine
 
-
-def _timed_step(engine) -> tuple[list, float, list[float] | None]:
-    engine.runner.features = None
+def _timed_step(engine: LLMEngine) -> tuple[list[TokenDelta], float, list[float] | None]:
+    recorder = engine.runner
+    if not isinstance(recorder, _Recorder):
+        raise TypeError("calibration needs an engine from _engine() (its runner records the batches)")
+    recorder.features = None
     t0 = time.perf_counter()
     deltas = engine.step()
-    return deltas, time.perf_counter() - t0, engine.runner.features
+    return deltas, time.perf_counter() - t0, recorder.features
 
 
 def calibrate(engine, seed: int = 0) -> tuple[list[list[float]], list[float]]:
@@ -73,7 +118,7 @@ def calibrate(engine, seed: int = 0) -> tuple[list[list[float]], list[float]]:
     shared = [rng.randrange(256, vocab) for _ in range(256)]
     for g, (n, length, out) in enumerate(grid):
         for i in range(n):
-            prefix = shared[:rng.choice([0, 64, 128, 256])] if length > 256 else []
+            prefix = shared[: rng.choice([0, 64, 128, 256])] if length > 256 else []
             prompt = prefix + [rng.randrange(256, vocab) for _ in range(length - len(prefix))]
             engine.add_request(f"cal-{g}-{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True))
         while engine.has_unfinished():
@@ -86,7 +131,7 @@ def calibrate(engine, seed: int = 0) -> tuple[list[list[float]], list[float]]:
 
 def run_real(engine, trace: list[TraceRequest], scale: TraceScale) -> dict[str, dict[str, float]]:
     """Wall-clock replay on the real engine; returns {request: {start, ttft, e2e}} in seconds."""
-    from bench.sim.cluster import sampling_for
+    from disagg.sim.cluster import sampling_for
 
     vocab = engine.model_config.vocab_size
     t_base = min(r.timestamp_ms for r in trace)
@@ -97,10 +142,11 @@ def run_real(engine, trace: list[TraceRequest], scale: TraceScale) -> dict[str, 
         now = time.perf_counter() - t0
         while pending and scale.seconds(trace[pending[0]].timestamp_ms - t_base) <= now:
             i = pending.pop(0)
-            prompt = scale.prompt(trace[i], vocab, salt=i)[:engine.max_model_len - 1]
+            prompt = scale.prompt(trace[i], vocab, salt=i)[: engine.max_model_len - 1]
             rid = f"r{i}"
-            engine.add_request(rid, prompt, sampling_for(max(1, min(scale.output_len(trace[i]),
-                                                                    engine.max_model_len - len(prompt)))))
+            engine.add_request(
+                rid, prompt, sampling_for(max(1, min(scale.output_len(trace[i]), engine.max_model_len - len(prompt))))
+            )
             out[rid] = {"start": scale.seconds(trace[i].timestamp_ms - t_base)}
         if not engine.has_unfinished():
             time.sleep(max(0.0, scale.seconds(trace[pending[0]].timestamp_ms - t_base) - now))
@@ -116,13 +162,20 @@ def run_real(engine, trace: list[TraceRequest], scale: TraceScale) -> dict[str, 
 
 
 def run_sim(trace: list[TraceRequest], scale: TraceScale, model: StepTimeModel, engine) -> dict[str, dict]:
-    from bench.sim.cluster import SimClusterConfig
-    from bench.sim.run import simulate
+    from disagg.sim.cluster import SimClusterConfig
+    from disagg.sim.run import simulate
 
-    cfg = SimClusterConfig(num_prefill=0, num_decode=1, policy={"kind": "kv"}, num_blocks=engine.pool.num_blocks,
-                           block_size=engine.config.block_size, max_num_seqs=engine.config.max_num_seqs,
-                           max_num_batched_tokens=engine.config.max_num_batched_tokens,
-                           max_model_len=engine.max_model_len, vocab_size=engine.model_config.vocab_size)
+    cfg = SimClusterConfig(
+        num_prefill=0,
+        num_decode=1,
+        policy={"kind": "kv"},
+        num_blocks=engine.pool.num_blocks,
+        block_size=engine.config.block_size,
+        max_num_seqs=engine.config.max_num_seqs,
+        max_num_batched_tokens=engine.config.max_num_batched_tokens,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.model_config.vocab_size,
+    )
     result = simulate(trace, scale, cfg, model)
     return {f"r{r.index}": {"start": r.start_s, "ttft": r.ttft_s, "e2e": r.e2e_s} for r in result.records}
 
@@ -133,15 +186,33 @@ def compare(real: dict[str, dict], sim: dict[str, dict]) -> list[dict[str, Any]]
         r = [real[k][key] for k in real]
         s = [sim[k][key] for k in real]
         for stat, fn in (("mean", mean), ("p50", lambda v: percentile(v, 50)), ("p90", lambda v: percentile(v, 90))):
-            rows.append({"metric": f"{key} {stat} (ms)", "real": fn(r) * 1000, "simulated": fn(s) * 1000,
-                         "sim / real": fn(s) / fn(r)})
+            rows.append(
+                {
+                    "metric": f"{key} {stat} (ms)",
+                    "real": fn(r) * 1000,
+                    "simulated": fn(s) * 1000,
+                    "sim / real": fn(s) / fn(r),
+                }
+            )
         per_request = [abs(b - a) / a for a, b in zip(r, s) if a > 0]
-        rows.append({"metric": f"{key} per-request |error| median", "real": float("nan"), "simulated": float("nan"),
-                     "sim / real": percentile(per_request, 50)})
+        rows.append(
+            {
+                "metric": f"{key} per-request |error| median",
+                "real": float("nan"),
+                "simulated": float("nan"),
+                "sim / real": percentile(per_request, 50),
+            }
+        )
     makespan_r = max(v["start"] + v["e2e"] for v in real.values())
     makespan_s = max(v["start"] + v["e2e"] for v in sim.values())
-    rows.append({"metric": "makespan (ms)", "real": makespan_r * 1000, "simulated": makespan_s * 1000,
-                 "sim / real": makespan_s / makespan_r})
+    rows.append(
+        {
+            "metric": "makespan (ms)",
+            "real": makespan_r * 1000,
+            "simulated": makespan_s * 1000,
+            "sim / real": makespan_s / makespan_r,
+        }
+    )
     return rows
 
 
@@ -155,7 +226,8 @@ def tier_load_times(engine, blocks: int = 64, repeats: int = 3) -> tuple[float, 
 
     from bench.offload import Rig
 
-    kv = engine.runner.runner.kv_cache.tensor
+    kv = engine.kv_tensor
+    assert kv is not None  # the real runner holds the device KV cache
     root = Path(tempfile.mkdtemp(prefix="calibrate-tiers-"))
     try:
         rig = Rig(blocks, tuple(kv.shape[1:]), kv.dtype, root)
@@ -165,9 +237,7 @@ def tier_load_times(engine, blocks: int = 64, repeats: int = 3) -> tuple[float, 
             cpu.append(rig.cpu_load())
             rig.disk_store()
             disk.append(rig.disk_load())
-            shutil.rmtree(rig.store.disk.dir)
-            rig.store.disk.dir.mkdir()
-            rig.store.index.disk.clear()
+            rig.clear_disk()
         rig.store.shutdown()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -181,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-mb", type=int, default=256)
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--transfer-gbps", type=float, default=5.2, help="KV transfer bandwidth, GB/s "
-                        "(bench/kv_transfer.py measured ~5.2 GB/s over NIXL on loopback)")
+    parser.add_argument(
+        "--transfer-gbps",
+        type=float,
+        default=5.2,
+        help="KV transfer bandwidth, GB/s (bench/kv_transfer.py measured ~5.2 GB/s over NIXL on loopback)",
+    )
     parser.add_argument("--validate", type=int, default=40, help="conversation-trace requests in the check")
     parser.add_argument("--time-scale", type=float, default=0.1)
     parser.add_argument("--out", default="bench/results/time_model.json")
@@ -191,12 +265,15 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = _engine(args)
     xs, ys = calibrate(engine)
-    model = StepTimeModel.fit(xs, ys, transfer_bandwidth=args.transfer_gbps * 1e9,
-                              bytes_per_block=bytes_per_block(engine.model_config, engine.config.block_size,
-                                                              engine.runner.runner.dtype),
-                              # the model's folder name, not its path: the file is committed and machines differ
-                              source=f"fitted on {len(ys)} steps of {Path(engine.config.model).name} "
-                                     f"({args.threads} thread(s), {cpu_model()})")
+    model = StepTimeModel.fit(
+        xs,
+        ys,
+        transfer_bandwidth=args.transfer_gbps * 1e9,
+        bytes_per_block=bytes_per_block(engine.model_config, engine.config.block_size, engine.dtype),
+        # the model's folder name, not its path: the file is committed and machines differ
+        source=f"fitted on {len(ys)} steps of {Path(engine.config.model).name} "
+        f"({args.threads} thread(s), {cpu_model()})",
+    )
     model.cpu_load_s_per_block, model.disk_load_s_per_block = tier_load_times(engine)
     residual = [abs(model.predict(x) - y) / y for x, y in zip(xs, ys)]
     print_table([{k: v for k, v in model.__dict__.items() if k != "source"}], "fitted step-time model (seconds)")
@@ -207,10 +284,21 @@ def main(argv: list[str] | None = None) -> int:
     real = run_real(engine, trace, scale)
     sim = run_sim(trace, scale, model, engine)
     rows = compare(real, sim)
-    print_table(rows, f"simulator vs real engine: first {args.validate} conversation-trace requests "
-                      f"(scale 1/32, time scale {args.time_scale})")
-    emit({"model": model.__dict__, "fit_steps": len(ys), "fit_median_abs_rel_error": percentile(residual, 50),
-          "validation": rows, "settings": vars(args)}, args.out.replace(".json", "_report.json"))
+    print_table(
+        rows,
+        f"simulator vs real engine: first {args.validate} conversation-trace requests "
+        f"(scale 1/32, time scale {args.time_scale})",
+    )
+    emit(
+        {
+            "model": model.__dict__,
+            "fit_steps": len(ys),
+            "fit_median_abs_rel_error": percentile(residual, 50),
+            "validation": rows,
+            "settings": vars(args),
+        },
+        args.out.replace(".json", "_report.json"),
+    )
     return 0
 
 

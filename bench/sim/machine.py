@@ -40,7 +40,7 @@ from typing import Any
 
 import psutil
 
-from bench.sim.timemodel import StepTimeModel
+from disagg.sim.timemodel import StepTimeModel
 
 # the workers' engine settings everywhere below (bench/compare.py's defaults, as bench.sim.validate runs them)
 KV_CACHE_MB, MAX_MODEL_LEN, MAX_BATCHED_TOKENS = 256, 2048, 512
@@ -50,8 +50,15 @@ def _local_engine(threads: int) -> Any:
     """An engine in this process, as bench/sim/calibrate.py builds it (its runner records the steps)."""
     from bench.sim.calibrate import _engine
 
-    return _engine(argparse.Namespace(model="", threads=threads, kv_cache_mb=KV_CACHE_MB, max_model_len=MAX_MODEL_LEN,
-                                      max_num_batched_tokens=MAX_BATCHED_TOKENS))
+    return _engine(
+        argparse.Namespace(
+            model="",
+            threads=threads,
+            kv_cache_mb=KV_CACHE_MB,
+            max_model_len=MAX_MODEL_LEN,
+            max_num_batched_tokens=MAX_BATCHED_TOKENS,
+        )
+    )
 
 
 def _prefill_step(model: StepTimeModel, tokens: int) -> float:
@@ -189,16 +196,21 @@ def tiny_requests(url: str, n: int, prompt_tokens: int = 8, first_id: int = 100)
 def _service(config_spec: str) -> Iterator[Any]:
     """A real cluster serving HTTP for one `bench compare` config spec (as bench.sim.validate runs it through
     bench/compare.py run_one: the same engine settings and a fresh disk-tier directory), shut down after."""
-    from bench.compare import parse_configs
     from disagg.cluster.launch import ClusterConfig, Service
     from disagg.model_store import default_model_dir
+    from disagg.planning.spec import parse_configs
 
     spec = parse_configs(config_spec)[0]
-    engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": KV_CACHE_MB, "max_model_len": MAX_MODEL_LEN,
-              "num_threads": 1}
+    engine = {
+        "model": str(default_model_dir()),
+        "kv_cache_memory_mb": KV_CACHE_MB,
+        "max_model_len": MAX_MODEL_LEN,
+        "num_threads": 1,
+    }
     disk_root = tempfile.mkdtemp(prefix="machine-kv-")
-    cluster = ClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=engine,
-                            tiers=spec.tiers(disk_root))
+    cluster = ClusterConfig(
+        num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=engine, tiers=spec.tiers(disk_root)
+    )
     service = Service(cluster, {"policy": spec.policy_config(), "port": 0})
     try:
         yield service
@@ -211,8 +223,8 @@ def cluster_costs(
     model: StepTimeModel, requests: int, sessions: int, session_rate: float, idle_s: float = 5.0
 ) -> dict[str, Any]:
     from bench.replay import ReplayConfig, replay
-    from bench.traces import agent
-    from bench.traces.record import TraceScale
+    from disagg.workload import agent
+    from disagg.workload.record import TraceScale
 
     with _service("agg-kv=0x2:kv") as service:
         tiny_requests(service.url, 5)  # warm-up
@@ -220,8 +232,11 @@ def cluster_costs(
         ttfts, tiny_cpu, tiny_wall = cpu_during(lambda: tiny_requests(service.url, requests))
         step = _prefill_step(model, 8)  # the 8-token prompt's one prefill step
         trace = agent.generate(agent.parse_mix("coding_agent"), sessions, session_rate, seed=0)
-        cfg = ReplayConfig(url=service.url, scale=TraceScale(block_tokens=16, max_input_tokens=1791,
-                                                             max_output_tokens=256), progress=False)
+        cfg = ReplayConfig(
+            url=service.url,
+            scale=TraceScale(block_tokens=16, max_input_tokens=1791, max_output_tokens=256),
+            progress=False,
+        )
         result, cpu, wall = cpu_during(lambda: asyncio.run(replay(trace, cfg)))
     done = [r for r in result.records if r.ok]
     tokens = sum(r.output_tokens for r in done)
@@ -230,15 +245,19 @@ def cluster_costs(
     # a request's fixed serving CPU from the tiny requests (one token each); the run's remainder is per token
     per_request = max(0.0, _serving(tiny_cpu) - idle * tiny_wall) / max(1, requests)
     per_token = max(0.0, serving - per_request * len(done)) / max(1, tokens)
-    return {"tiny_ttft_ms": {"p50": statistics.median(ttfts) * 1000, "mean": statistics.mean(ttfts) * 1000},
-            "predicted_step_ms": step * 1000,
-            "request_overhead_ms": (statistics.median(ttfts) - step) * 1000,
-            "idle_cpu_s": idle_cpu, "idle_wall_s": idle_wall, "idle_serving_cores": idle,
-            "tiny_cpu_s": tiny_cpu,
-            "run": {"wall_s": wall, "requests": len(done), "output_tokens": tokens, "cpu_s": cpu},
-            "serving_cpu_s_per_request": per_request,
-            "serving_cpu_s_per_token": per_token,
-            "serving_cores_mean": serving / wall + idle}
+    return {
+        "tiny_ttft_ms": {"p50": statistics.median(ttfts) * 1000, "mean": statistics.mean(ttfts) * 1000},
+        "predicted_step_ms": step * 1000,
+        "request_overhead_ms": (statistics.median(ttfts) - step) * 1000,
+        "idle_cpu_s": idle_cpu,
+        "idle_wall_s": idle_wall,
+        "idle_serving_cores": idle,
+        "tiny_cpu_s": tiny_cpu,
+        "run": {"wall_s": wall, "requests": len(done), "output_tokens": tokens, "cpu_s": cpu},
+        "serving_cpu_s_per_request": per_request,
+        "serving_cpu_s_per_token": per_token,
+        "serving_cores_mean": serving / wall + idle,
+    }
 
 
 def handoff_costs(model: StepTimeModel, requests: int, prompt_tokens: int = 128, idle_s: float = 5.0) -> dict[str, Any]:
@@ -258,7 +277,8 @@ def handoff_costs(model: StepTimeModel, requests: int, prompt_tokens: int = 128,
         local, local_cpu, local_wall = cpu_during(lambda: tiny_requests(service.url, requests, 8, first_id=100))
         before = _paths(service.url)
         remote, remote_cpu, remote_wall = cpu_during(
-            lambda: tiny_requests(service.url, requests, prompt_tokens, first_id=1000))
+            lambda: tiny_requests(service.url, requests, prompt_tokens, first_id=1000)
+        )
         after = _paths(service.url)
     went_remote = after.get("disaggregated", 0) - before.get("disaggregated", 0)
     if went_remote != requests:
@@ -270,17 +290,22 @@ def handoff_costs(model: StepTimeModel, requests: int, prompt_tokens: int = 128,
     cpu_local = max(0.0, _serving(local_cpu) - idle * local_wall) / requests
     cpu_remote = max(0.0, _serving(remote_cpu) - idle * remote_wall) / requests
     gap = statistics.median(remote) - statistics.median(local)
-    return {"prompt_tokens": prompt_tokens, "requests": requests,
-            "local_ttft_ms": {"p50": statistics.median(local) * 1000, "mean": statistics.mean(local) * 1000},
-            "remote_ttft_ms": {"p50": statistics.median(remote) * 1000, "mean": statistics.mean(remote) * 1000},
-            "engine_alone_ms": {"local": step_local * 1000, "remote": step_remote * 1000},
-            "predicted_step_ms": {"local": _prefill_step(model, 8) * 1000,
-                                  "remote": _prefill_step(model, prompt_tokens) * 1000},
-            "local_overhead_ms": (statistics.median(local) - step_local) * 1000,
-            "predicted_transfer_ms": transfer * 1000,
-            "handoff_overhead_ms": (gap - (step_remote - step_local) - transfer) * 1000,
-            "serving_cpu_s_per_request": {"local": cpu_local, "remote": cpu_remote},
-            "serving_cpu_s_per_handoff": max(0.0, cpu_remote - cpu_local)}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "requests": requests,
+        "local_ttft_ms": {"p50": statistics.median(local) * 1000, "mean": statistics.mean(local) * 1000},
+        "remote_ttft_ms": {"p50": statistics.median(remote) * 1000, "mean": statistics.mean(remote) * 1000},
+        "engine_alone_ms": {"local": step_local * 1000, "remote": step_remote * 1000},
+        "predicted_step_ms": {
+            "local": _prefill_step(model, 8) * 1000,
+            "remote": _prefill_step(model, prompt_tokens) * 1000,
+        },
+        "local_overhead_ms": (statistics.median(local) - step_local) * 1000,
+        "predicted_transfer_ms": transfer * 1000,
+        "handoff_overhead_ms": (gap - (step_remote - step_local) - transfer) * 1000,
+        "serving_cpu_s_per_request": {"local": cpu_local, "remote": cpu_remote},
+        "serving_cpu_s_per_handoff": max(0.0, cpu_remote - cpu_local),
+    }
 
 
 def _paths(url: str) -> dict[str, float]:
@@ -307,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=30, help="sequential tiny requests for the request overhead")
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--session-rate", type=float, default=0.2)
-    p.add_argument("--parts", default="corun,cluster,handoff", help="which measurements to take; the others are "
-                   "kept from --out if it exists")
+    p.add_argument(
+        "--parts",
+        default="corun,cluster,handoff",
+        help="which measurements to take; the others are kept from --out if it exists",
+    )
     p.add_argument("--out", default="bench/results/machine.json")
     args = p.parse_args(argv)
     model = StepTimeModel.load(args.time_model)

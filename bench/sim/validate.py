@@ -18,14 +18,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.compare import parse_configs, run_one
+from bench.compare import run_one
 from bench.replay import ReplayConfig
-from bench.report import SLO
-from bench.sim.run import add_sim_args, sim_config, simulate
-from bench.sim.timemodel import StepTimeModel
 from bench.stages import load_spans, per_request
-from bench.traces import agent, loaders
-from bench.traces.record import TraceScale
+from disagg.planning.spec import ClusterSpec, parse_configs
+from disagg.sim.run import add_sim_args, sim_config, simulate
+from disagg.sim.timemodel import StepTimeModel
+from disagg.workload import agent, loaders
+from disagg.workload.metrics import SLO
+from disagg.workload.record import TraceScale
 
 KEYS = ("median_ttft_ms", "p90_ttft_ms", "request_goodput")
 
@@ -34,12 +35,21 @@ def workloads(args: argparse.Namespace) -> dict[str, tuple[list, TraceScale]]:
     cap = dict(max_input_tokens=args.max_model_len - 257, max_output_tokens=256)
     conv = loaders.load("mooncake_conversation_trace.jsonl", args.conv_limit)
     sessions = agent.generate(agent.parse_mix("coding_agent"), args.sessions, args.session_rate, seed=0)
-    return {"agent": (sessions, TraceScale(block_tokens=16, **cap)),
-            "conversation": (conv, TraceScale(block_tokens=16, time_scale=args.conv_time_scale, **cap))}
+    return {
+        "agent": (sessions, TraceScale(block_tokens=16, **cap)),
+        "conversation": (conv, TraceScale(block_tokens=16, time_scale=args.conv_time_scale, **cap)),
+    }
 
 
-def fit_overheads(trace: list, scale: TraceScale, spec: Any, args: argparse.Namespace, model: StepTimeModel,
-                  slo: SLO, real: dict[str, float]) -> tuple[float, float]:
+def fit_overheads(
+    trace: list,
+    scale: TraceScale,
+    spec: Any,
+    args: argparse.Namespace,
+    model: StepTimeModel,
+    slo: SLO,
+    real: dict[str, float],
+) -> tuple[float, float]:
     """Grid search of (request overhead ms, step slowdown) minimising the summed |log(sim / real)| of TTFT p50,
     TTFT p90 and goodput on one real run."""
     import math
@@ -89,9 +99,11 @@ def _against(d: dict[str, Any], b: dict[str, Any]) -> list[str]:
     overlap = min(d_good) <= max(b_good) and min(b_good) <= max(d_good)
     ratio = d["real"]["request_goodput"] / b["real"]["request_goodput"] if b["real"]["request_goodput"] else None
     head = f"  {d['config']} (starts {d.get('split', '?')}) / best static ({b['config']}) median goodput: "
-    return [head + (f"{ratio:.2f}x" if ratio is not None else "n/a (best static goodput 0)"),
-            f"  ranges {'overlap' if overlap else 'apart'}: {d['config']} {min(d_good):.3f}-{max(d_good):.3f}, "
-            f"{b['config']} {min(b_good):.3f}-{max(b_good):.3f}"]
+    return [
+        head + (f"{ratio:.2f}x" if ratio is not None else "n/a (best static goodput 0)"),
+        f"  ranges {'overlap' if overlap else 'apart'}: {d['config']} {min(d_good):.3f}-{max(d_good):.3f}, "
+        f"{b['config']} {min(b_good):.3f}-{max(b_good):.3f}",
+    ]
 
 
 def remote_by_index(records: list, spans_dir: str) -> dict[int, bool]:
@@ -100,8 +112,9 @@ def remote_by_index(records: list, spans_dir: str) -> dict[int, bool]:
     return {r.index: traced[r.request_id]["remote"] for r in records if r.ok and r.request_id in traced}
 
 
-def per_request_ratio(samples: list[dict[str, Any]], sim_ttft: dict[int, float | None],
-                      remote: bool | None = None) -> float | None:
+def per_request_ratio(
+    samples: list[dict[str, Any]], sim_ttft: dict[int, float | None], remote: bool | None = None
+) -> float | None:
     """Median over requests of simulated / real TTFT, request by request (the same trace index), then the median
     over real runs: unlike the ratio of two medians, it does not jump when a two-humped TTFT distribution (local
     prefills fast, remote ones slower) puts its median in the gap between the humps.  With `remote`, only the
@@ -135,18 +148,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab-size", type=int, default=49152)
     p.add_argument("--only", default="agent,conversation")
     p.add_argument("--out", default="bench/results/validate")
-    p.add_argument("--planned", action="store_true", help="add 'planned': the static split the simulator ranks first "
-                   "at that point (as `disagg plan` would), started with the planner on")
-    p.add_argument("--run", default="", help="configurations to run for real (default: all); the others take "
-                   "their samples from --prior only")
+    p.add_argument(
+        "--planned",
+        action="store_true",
+        help="add 'planned': the static split the simulator ranks first "
+        "at that point (as `disagg plan` would), started with the planner on",
+    )
+    p.add_argument(
+        "--run",
+        default="",
+        help="configurations to run for real (default: all); the others take their samples from --prior only",
+    )
     p.add_argument("--repeats", type=int, default=1, help="real runs per point (their median is compared)")
-    p.add_argument("--prior", action="append", default=[], help="ROWS.json[@CONFIG+CONFIG]: earlier real samples "
-                   "to add to each point (only the named configurations)")
-    p.add_argument("--trace", action="store_true", help="trace the real runs (spans under --out/spans) and compare "
-                   "TTFT per prefill path: remote and local requests apart")
+    p.add_argument(
+        "--prior",
+        action="append",
+        default=[],
+        help="ROWS.json[@CONFIG+CONFIG]: earlier real samples to add to each point (only the named configurations)",
+    )
+    p.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace the real runs (spans under --out/spans) and compare "
+        "TTFT per prefill path: remote and local requests apart",
+    )
     p.add_argument("--resim", default="", help="rows.json of an earlier run: reuse its real results, simulate again")
-    p.add_argument("--fit", default="", help="WORKLOAD:RATE:CONFIG - fit --request-overhead-ms and --step-slowdown "
-                   "on that one real run (grid search), then check every other run with them")
+    p.add_argument(
+        "--fit",
+        default="",
+        help="WORKLOAD:RATE:CONFIG - fit --request-overhead-ms and --step-slowdown "
+        "on that one real run (grid search), then check every other run with them",
+    )
     add_sim_args(p)
     args = p.parse_args(argv)
     if not args.cores:
@@ -156,13 +188,20 @@ def main(argv: list[str] | None = None) -> int:
     specs = parse_configs(args.configs)
     from disagg.model_store import default_model_dir
 
-    engine = {"model": str(default_model_dir()), "kv_cache_memory_mb": args.kv_cache_mb,
-              "max_model_len": args.max_model_len, "num_threads": args.threads}
+    engine = {
+        "model": str(default_model_dir()),
+        "kv_cache_memory_mb": args.kv_cache_mb,
+        "max_model_len": args.max_model_len,
+        "num_threads": args.threads,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    stored = {(r["workload"], r["rate"], r["config"]): r for r in json.loads(Path(args.resim).read_text())} \
-        if args.resim else {}
+    stored = (
+        {(r["workload"], r["rate"], r["config"]): r for r in json.loads(Path(args.resim).read_text())}
+        if args.resim
+        else {}
+    )
     prior = prior_samples(args.prior)
     loads = workloads(args)
     if args.fit:
@@ -171,20 +210,27 @@ def main(argv: list[str] | None = None) -> int:
         spec = next(s for s in specs if s.name == fit_config)
         real_row = stored[(fit_workload, float(fit_rate), fit_config)]["real"]
         args.request_overhead_ms, args.step_slowdown = fit_overheads(
-            trace, replace(scale, time_scale=scale.time_scale * float(fit_rate)), spec, args, model, slo, real_row)
-        print(f"fitted on {args.fit}: request overhead {args.request_overhead_ms:.0f} ms, step slowdown "
-              f"{args.step_slowdown:.2f}", flush=True)
+            trace, replace(scale, time_scale=scale.time_scale * float(fit_rate)), spec, args, model, slo, real_row
+        )
+        print(
+            f"fitted on {args.fit}: request overhead {args.request_overhead_ms:.0f} ms, step slowdown "
+            f"{args.step_slowdown:.2f}",
+            flush=True,
+        )
     for wname, (trace, scale) in loads.items():
         if wname not in args.only.split(","):
             continue
         for rate in (float(r) for r in args.rates.split(",")):
             rscale = replace(scale, time_scale=scale.time_scale * rate)
             simulated: dict[str, dict[str, Any]] = {}
-            for spec in [*specs, None] if args.planned else specs:
-                if spec is None:  # after the static configurations: start from the simulator's first choice
+            order: list[ClusterSpec | None] = [*specs, None] if args.planned else [*specs]
+            for entry in order:
+                if entry is None:  # after the static configurations: start from the simulator's first choice
                     best = max((s for s in specs if not s.planner), key=lambda s: simulated[s.name]["request_goodput"])
                     spec = replace(best, name="planned", planner=True)
                     print(f"{wname} {rate:g}x: planned start {best.name} ({best.num_prefill}x{best.num_decode})")
+                else:
+                    spec = entry
                 key = (wname, rate, spec.name)
                 samples = list(prior.get(key, []))
                 if key in stored:
@@ -192,58 +238,85 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     for _ in range(args.repeats if not args.run or spec.name in args.run.split(",") else 0):
                         cfg = ReplayConfig(url="", scale=rscale, progress=False, vocab_size=args.vocab_size)
-                        spans = str(out / "spans" / f"{wname}-{rate:g}x-{spec.name}-{len(samples)}") \
-                            if args.trace else None
+                        spans = (
+                            str(out / "spans" / f"{wname}-{rate:g}x-{spec.name}-{len(samples)}") if args.trace else None
+                        )
                         result = run_one(spec, engine, trace, cfg, slo=slo, trace_dir=spans)
                         metrics = result.metrics(slo)
-                        samples.append({**{k: metrics[k] for k in KEYS}, "role_changes": result.role_changes,
-                                        "ttft_by_index": {r.index: r.ttft_s for r in result.records if r.ok},
-                                        "remote_by_index": remote_by_index(result.records, spans) if spans else {}})
+                        samples.append(
+                            {
+                                **{k: metrics[k] for k in KEYS},
+                                "role_changes": result.role_changes,
+                                "ttft_by_index": {r.index: r.ttft_s for r in result.records if r.ok},
+                                "remote_by_index": remote_by_index(result.records, spans) if spans else {},
+                            }
+                        )
                 changes = [s.get("role_changes") for s in samples]
                 sim_result = simulate(trace, rscale, sim_config(spec, args, model, slo), model)
                 sim = sim_result.metrics(slo)
                 sim_ttft = {r.index: r.ttft_s for r in sim_result.records if r.ok}
                 per_request = per_request_ratio(samples, sim_ttft)
-                per_path = {path: per_request_ratio(samples, sim_ttft, remote=path == "remote")
-                            for path in ("remote", "local")}
+                per_path = {
+                    path: per_request_ratio(samples, sim_ttft, remote=path == "remote") for path in ("remote", "local")
+                }
                 simulated[spec.name] = sim
                 real = median_of(samples)
-                row = {"workload": wname, "rate": rate, "config": spec.name, "fitted_on": f"{wname}:{rate:g}:"
-                       f"{spec.name}" == args.fit.replace(".0:", ":") if args.fit else False,
-                       "real": {k: real[k] for k in KEYS}, "sim": {k: sim[k] for k in KEYS},
-                       "ratio": {k: sim[k] / real[k] if real[k] else None for k in KEYS},
-                       "real_samples": samples, "role_changes_real": changes,
-                       "per_request_ttft_ratio": per_request, "per_path_ttft_ratio": per_path,
-                       "split": f"{spec.num_prefill}x{spec.num_decode}", "dynamic": spec.planner,
-                       "sim_settings": {"request_overhead_ms": args.request_overhead_ms,
-                                        "step_slowdown": args.step_slowdown, "machine_model": args.machine_model}}
+                row = {
+                    "workload": wname,
+                    "rate": rate,
+                    "config": spec.name,
+                    "fitted_on": f"{wname}:{rate:g}:{spec.name}" == args.fit.replace(".0:", ":") if args.fit else False,
+                    "real": {k: real[k] for k in KEYS},
+                    "sim": {k: sim[k] for k in KEYS},
+                    "ratio": {k: sim[k] / real[k] if real[k] else None for k in KEYS},
+                    "real_samples": samples,
+                    "role_changes_real": changes,
+                    "per_request_ttft_ratio": per_request,
+                    "per_path_ttft_ratio": per_path,
+                    "split": f"{spec.num_prefill}x{spec.num_decode}",
+                    "dynamic": spec.planner,
+                    "sim_settings": {
+                        "request_overhead_ms": args.request_overhead_ms,
+                        "step_slowdown": args.step_slowdown,
+                        "machine_model": args.machine_model,
+                    },
+                }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 (out / "rows.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| workload | load | config | real runs | TTFT p50 real / sim | TTFT p90 real / sim | goodput real "
-             "(range) / sim | per-request TTFT sim / real |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| workload | load | config | real runs | TTFT p50 real / sim | TTFT p90 real / sim | goodput real "
+        "(range) / sim | per-request TTFT sim / real |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         a, b = r["real"], r["sim"]
         good = [s["request_goodput"] for s in r["real_samples"]]
         pr = r.get("per_request_ttft_ratio")
-        lines.append(f"| {r['workload']} | {r['rate']:g}x | {r['config']} | {len(good)} | "
-                     f"{a['median_ttft_ms']:,.0f} / {b['median_ttft_ms']:,.0f} | {a['p90_ttft_ms']:,.0f} / "
-                     f"{b['p90_ttft_ms']:,.0f} | {a['request_goodput']:.3f} ({min(good):.3f}-{max(good):.3f}) / "
-                     f"{b['request_goodput']:.3f} | {'-' if pr is None else f'{pr:.2f}'} |")
+        lines.append(
+            f"| {r['workload']} | {r['rate']:g}x | {r['config']} | {len(good)} | "
+            f"{a['median_ttft_ms']:,.0f} / {b['median_ttft_ms']:,.0f} | {a['p90_ttft_ms']:,.0f} / "
+            f"{b['p90_ttft_ms']:,.0f} | {a['request_goodput']:.3f} ({min(good):.3f}-{max(good):.3f}) / "
+            f"{b['request_goodput']:.3f} | {'-' if pr is None else f'{pr:.2f}'} |"
+        )
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["workload"], r["rate"]), []).append(r)
     for (wname, rate), group in groups.items():
         real_rank = ranking({r["config"]: r["real"] for r in group})
         sim_rank = ranking({r["config"]: r["sim"] for r in group})
-        lines.append(f"\n{wname} {rate:g}x: real ranking {real_rank}, simulated {sim_rank}"
-                     f"{' (same)' if real_rank == sim_rank else ' (DIFFERENT)'}")
+        lines.append(
+            f"\n{wname} {rate:g}x: real ranking {real_rank}, simulated {sim_rank}"
+            f"{' (same)' if real_rank == sim_rank else ' (DIFFERENT)'}"
+        )
         lines.extend(dynamic_line(group))
         for r in group:
             paths = {k: v for k, v in (r.get("per_path_ttft_ratio") or {}).items() if v is not None}
             if paths:
-                lines.append(f"  {r['config']}: per-request TTFT sim / real by the real router's path: "
-                             + ", ".join(f"{k} {v:.2f}" for k, v in paths.items()))
+                lines.append(
+                    f"  {r['config']}: per-request TTFT sim / real by the real router's path: "
+                    + ", ".join(f"{k} {v:.2f}" for k, v in paths.items())
+                )
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -12,27 +12,19 @@ import time
 from collections.abc import Iterable
 from collections.abc import Sequence as Sequence_
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool
-from disagg.engine.kv_cache import bytes_per_block
 from disagg.engine.model import ModelConfig
-from disagg.engine.runner import ModelRunner
+from disagg.engine.runner import Runner, check_kv_capacity, load_model
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer
 from disagg.kv.connector import KVConnector, KVSource, KVTiers
 from disagg.protocol import FinishReason, KVEvent, PrefillResult, Request, SamplingParams, Tier, TokenDelta
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -57,53 +49,30 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig | None = None, runner: Any = None, model_config: ModelConfig | None = None
+        self, config: EngineConfig | None = None, runner: Runner | None = None, tokenizer: Tokenizer | None = None
     ) -> None:
-        """runner + model_config: a stand-in for the model (the bench's simulated workers): nothing is loaded,
-        the config's model directory is not read, and config.num_blocks sizes the pool.
+        """runner: the model behind the engine, chosen by the caller.  None: the real model of config.model
+        (`load_model`: weights on config.device, its KV cache, its tokenizer); the simulator passes its SimRunner
+        (nothing is loaded, no tokenizer).  The block pool covers the runner's KV blocks.
 
         KV sources besides the device prefix cache (a peer over the transport, the CPU/disk tiers) are injected
         afterwards with `attach`; without them the engine is a plain single-node engine."""
         self.config = config = config or EngineConfig()
-        simulated = runner is not None
-        if simulated and (model_config is None or not config.num_blocks):
-            raise ValueError("a stand-in runner needs model_config and config.num_blocks")
-        if not simulated and not config.model:
-            from disagg.model_store import default_model_dir
-
-            config.model = str(default_model_dir())
-        model_dir = Path(config.model)
-        self.device = torch.device("cpu") if simulated else resolve_device(config.device)
-        if config.num_threads and self.device.type == "cpu" and not simulated:
-            torch.set_num_threads(config.num_threads)
-        dtype = {
-            "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-            "float32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-        }[config.dtype]
-        self.dtype = dtype
-        mc = model_config if model_config is not None and simulated else ModelConfig.from_dir(model_dir)
-        self.model_config: ModelConfig = mc
-        self.tokenizer = None
-        if not simulated and (model_dir / "tokenizer.json").exists():
-            self.tokenizer = Tokenizer.from_dir(model_dir)
+        if runner is None:
+            runner, tokenizer = load_model(config)
+        self.runner: Runner = runner
+        self.device, self.dtype = runner.device, runner.dtype
+        self.model_config: ModelConfig = runner.model_config
+        mc = self.model_config
+        self.tokenizer = tokenizer
         self.max_model_len = min(config.max_model_len, mc.max_position_embeddings)
         bs = config.block_size
-        num_blocks = config.num_blocks or (config.kv_cache_memory_mb << 20) // bytes_per_block(mc, bs, dtype)
-        if num_blocks * bs < self.max_model_len:
-            raise ValueError(
-                f"KV cache of {num_blocks} blocks x {bs} tokens cannot hold one sequence of "
-                f"max_model_len={self.max_model_len}; raise num_blocks or lower max_model_len"
-            )
-        self.pool = BlockPool(num_blocks, config.enable_prefix_caching)
+        check_kv_capacity(runner.num_blocks, bs, self.max_model_len)
+        self.pool = BlockPool(runner.num_blocks, config.enable_prefix_caching)
         self.connector = KVConnector(
             self.pool, bs, load_timeout_s=config.kv_load_timeout_s, lease_timeout_s=config.kv_lease_timeout_s
         )
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens, self.connector)
-        self.runner = runner or ModelRunner(
-            model_dir, mc, num_blocks, bs, self.device, dtype, prepack=config.cpu_prepack
-        )
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -116,7 +85,7 @@ class LLMEngine:
     # ------------------------------------------------------------------ wiring
     @property
     def kv_tensor(self) -> torch.Tensor | None:
-        cache = getattr(self.runner, "kv_cache", None)
+        cache = self.runner.kv_cache
         return cache.tensor if cache is not None else None
 
     def attach(self, peer: KVSource | None = None, tiers: KVTiers | None = None) -> None:
@@ -305,14 +274,12 @@ class LLMEngine:
             batch.num_new_tokens = [batch.num_new_tokens[i] for i in keep]
         if not batch.seqs:
             return deltas
-        t0 = time.perf_counter()
         sampled = self.runner.execute(batch)
-        # a stand-in runner (simulation) reports the step's modelled duration; a real one is timed
-        self._measure(batch, getattr(self.runner, "last_step_s", time.perf_counter() - t0))
+        self._measure(batch, self.runner.last_step_s)  # measured, or modelled by a stand-in (simulation)
         self.scheduler.on_step_done(batch)
         self.stats.steps += 1
         now = time.monotonic()
-        logprobs = getattr(self.runner, "last_logprobs", {})
+        logprobs = self.runner.last_logprobs
         for row, token in sampled.items():
             seq = batch.seqs[row]
             if seq.first_token_time is None:

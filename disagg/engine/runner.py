@@ -1,16 +1,105 @@
-"""Model runner: turns a scheduled batch into flat tensors + attention metadata, runs the model, samples."""
+"""The engine's model seam: the `Runner` protocol (what the engine needs of a model: run a scheduled batch, how
+long the step took, the rows' logprobs, the KV cache it holds), and its real implementation, `ModelRunner`: turns
+a scheduled batch into flat tensors + attention metadata, runs the model, samples.  `load_model` builds one from an
+EngineConfig (device, threads, weights, KV cache size, tokenizer).  The simulator's stand-in is disagg/sim/runner.py.
+"""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from disagg.config import EngineConfig
 from disagg.engine.attention import AttentionMetadata, select_backend
-from disagg.engine.kv_cache import KVCache
+from disagg.engine.kv_cache import KVCache, bytes_per_block
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
 from disagg.engine.sampler import logprob_entries, sample
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.engine.tokenizer import Tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Runner(Protocol):
+    """The model behind an engine.  It holds the KV memory (`num_blocks` blocks of the engine's block size) that
+    the engine's block pool hands out."""
+
+    @property
+    def model_config(self) -> ModelConfig: ...
+
+    @property
+    def num_blocks(self) -> int: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def kv_cache(self) -> KVCache | None:
+        """The device KV cache (what peers read and tiers copy), or None for a stand-in that holds no KV."""
+        ...
+
+    @property
+    def last_step_s(self) -> float:
+        """How long the last `execute` took: measured, or modelled by a stand-in (virtual time)."""
+        ...
+
+    @property
+    def last_logprobs(self) -> dict[int, list]:
+        """{batch row: logprob entry} of the last step, for the rows whose request asked for logprobs."""
+        ...
+
+    def execute(self, batch: ScheduledBatch) -> dict[int, int]:
+        """Run one step; returns {batch row: sampled token} for the rows that produce a token."""
+        ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
+    """KV blocks of config.block_size tokens: config.num_blocks, else what config.kv_cache_memory_mb holds."""
+    return config.num_blocks or (config.kv_cache_memory_mb << 20) // bytes_per_block(
+        model_config, config.block_size, dtype
+    )
+
+
+def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int) -> None:
+    if num_blocks * block_size < max_model_len:
+        raise ValueError(
+            f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
+            f"max_model_len={max_model_len}; raise num_blocks or lower max_model_len"
+        )
+
+
+def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
+    """The real model of config.model (default: the bundled SmolLM2; written back to config.model) on
+    config.device, with its KV cache and its tokenizer (None when the directory has none)."""
+    if not config.model:
+        from disagg.model_store import default_model_dir
+
+        config.model = str(default_model_dir())
+    model_dir = Path(config.model)
+    device = resolve_device(config.device)
+    if config.num_threads and device.type == "cpu":
+        torch.set_num_threads(config.num_threads)
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto if config.dtype == "auto" else _DTYPES[config.dtype]
+    mc = ModelConfig.from_dir(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
+    num_blocks = kv_blocks(config, mc, dtype)
+    # before loading weights: a cache that cannot hold one sequence fails fast
+    check_kv_capacity(num_blocks, config.block_size, min(config.max_model_len, mc.max_position_embeddings))
+    runner = ModelRunner(model_dir, mc, num_blocks, config.block_size, device, dtype, prepack=config.cpu_prepack)
+    return runner, tokenizer
 
 
 class ModelRunner:
@@ -25,6 +114,7 @@ class ModelRunner:
         prepack: bool = True,
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        self.model_config, self.num_blocks = model_config, num_blocks
         self.backend = select_backend(device)  # the one place the device path is chosen
         with torch.device("meta"):
             model = CausalLM(model_config, self.backend)
@@ -37,6 +127,7 @@ class ModelRunner:
             self.model.prepack()
         self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device)
         self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked
+        self.last_step_s = 0.0
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat input ids, positions, metadata, and the batch rows whose last token yields a next-token sample."""
@@ -85,6 +176,13 @@ class ModelRunner:
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         """Run one step; returns {batch row: sampled token} for rows that produce a token."""
+        t0 = time.perf_counter()
+        try:
+            return self._execute(batch)
+        finally:
+            self.last_step_s = time.perf_counter() - t0
+
+    def _execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.last_logprobs = {}
         logits, rows = self.compute_logits(batch)
         if not rows:

@@ -1,5 +1,6 @@
 """hash_id -> token ids, deterministically: the same id gives the same tokens in every process and run, so
 requests that share leading hash_ids share a token prefix (and hence KV blocks) exactly as the trace says."""
+
 from __future__ import annotations
 
 import hashlib
@@ -17,8 +18,9 @@ def token_range(vocab_size: int) -> tuple[int, int]:
 def block_tokens(hash_id: int, n: int, vocab_size: int) -> list[int]:
     """The n tokens of block `hash_id` (a seeded PRNG keyed by the id; stable across Python versions)."""
     lo, hi = token_range(vocab_size)
-    seed = int.from_bytes(hashlib.blake2b(hash_id.to_bytes(16, "little", signed=True), digest_size=8).digest(),
-                          "little")
+    seed = int.from_bytes(
+        hashlib.blake2b(hash_id.to_bytes(16, "little", signed=True), digest_size=8).digest(), "little"
+    )
     rng = random.Random(seed)
     return [rng.randrange(lo, hi) for _ in range(n)]
 
@@ -37,6 +39,6 @@ def prompt_tokens(hash_ids: list[int], length: int, per_block: int, vocab_size: 
     if length > len(hash_ids) * per_block:
         raise ValueError(f"{len(hash_ids)} blocks of {per_block} tokens cannot hold a {length}-token prompt")
     out: list[int] = []
-    for h in hash_ids[:-(-length // per_block)]:
+    for h in hash_ids[: -(-length // per_block)]:
         out.extend(block_tokens(h, per_block, vocab_size))
     return out[:length]

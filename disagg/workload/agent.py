@@ -10,8 +10,9 @@ Block identity follows the real cache: a block that is full in turn k keeps its 
 partial block of turn k changes content when text is appended, so it gets a new id.  Sampling is log-uniform
 between each range's bounds.  Everything is deterministic for a given seed.
 
-    python -m bench.traces.agent --profile coding_agent --sessions 50 --rate 0.5 --out agent.jsonl
+    python -m disagg.workload.agent --profile coding_agent --sessions 50 --rate 0.5 --out agent.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
-from bench.traces.record import TraceRequest
+from disagg.workload.record import TraceRequest
 
 NATIVE_BLOCK = 512
 _SHARED_ID_BASE = 1_000_000_000  # system-prompt blocks: 1e9 + profile index * 1e6 + i
@@ -38,17 +39,41 @@ class AgentProfile:
     max_context_tokens: int  # a session ends before its context would grow past this
 
 
-PROFILES: dict[str, AgentProfile] = {p.name: p for p in (
-    AgentProfile("short_chat", system_tokens=1024, user_tokens=(50, 300), turns=(2, 5),
-                 tool_output_tokens=(30, 200), output_tokens=(100, 400), think_time_s=(2.0, 10.0),
-                 max_context_tokens=16_384),
-    AgentProfile("coding_agent", system_tokens=6144, user_tokens=(200, 800), turns=(6, 20),
-                 tool_output_tokens=(500, 4000), output_tokens=(80, 400), think_time_s=(0.5, 5.0),
-                 max_context_tokens=49_152),
-    AgentProfile("deep_research", system_tokens=3072, user_tokens=(100, 400), turns=(15, 40),
-                 tool_output_tokens=(1000, 3000), output_tokens=(50, 250), think_time_s=(1.0, 8.0),
-                 max_context_tokens=65_536),
-)}
+PROFILES: dict[str, AgentProfile] = {
+    p.name: p
+    for p in (
+        AgentProfile(
+            "short_chat",
+            system_tokens=1024,
+            user_tokens=(50, 300),
+            turns=(2, 5),
+            tool_output_tokens=(30, 200),
+            output_tokens=(100, 400),
+            think_time_s=(2.0, 10.0),
+            max_context_tokens=16_384,
+        ),
+        AgentProfile(
+            "coding_agent",
+            system_tokens=6144,
+            user_tokens=(200, 800),
+            turns=(6, 20),
+            tool_output_tokens=(500, 4000),
+            output_tokens=(80, 400),
+            think_time_s=(0.5, 5.0),
+            max_context_tokens=49_152,
+        ),
+        AgentProfile(
+            "deep_research",
+            system_tokens=3072,
+            user_tokens=(100, 400),
+            turns=(15, 40),
+            tool_output_tokens=(1000, 3000),
+            output_tokens=(50, 250),
+            think_time_s=(1.0, 8.0),
+            max_context_tokens=65_536,
+        ),
+    )
+}
 
 
 class _Context:
@@ -91,11 +116,14 @@ def generate(profiles: dict[str, float], num_sessions: int, session_rate: float,
     for s in range(num_sessions):
         start += rng.expovariate(session_rate)
         p = PROFILES[rng.choices(names, weights)[0]]
-        shared = [_SHARED_ID_BASE + list(PROFILES).index(p.name) * 1_000_000 + i
-                  for i in range(-(-p.system_tokens // NATIVE_BLOCK))]
+        shared = [
+            _SHARED_ID_BASE + list(PROFILES).index(p.name) * 1_000_000 + i
+            for i in range(-(-p.system_tokens // NATIVE_BLOCK))
+        ]
         ctx = _Context(shared, p.system_tokens, next_id)
         ctx.append(round(_log_uniform(rng, p.user_tokens)))
         now, turns = start, round(_log_uniform(rng, p.turns))
+        last_output = 0  # the previous turn's output (read from the second turn on)
         for turn in range(turns):
             think = 0.0
             if turn:
@@ -107,10 +135,17 @@ def generate(profiles: dict[str, float], num_sessions: int, session_rate: float,
                 think = _log_uniform(rng, p.think_time_s)
                 now += think
             last_output = round(_log_uniform(rng, p.output_tokens))
-            out.append(TraceRequest(timestamp_ms=round(now * 1000, 3), input_length=ctx.length,
-                                    output_length=last_output, hash_ids=list(ctx.ids),
-                                    session_id=f"{p.name}-{seed}-{s}", turn=turn,
-                                    think_time_ms=round(think * 1000, 3)))
+            out.append(
+                TraceRequest(
+                    timestamp_ms=round(now * 1000, 3),
+                    input_length=ctx.length,
+                    output_length=last_output,
+                    hash_ids=list(ctx.ids),
+                    session_id=f"{p.name}-{seed}-{s}",
+                    turn=turn,
+                    think_time_ms=round(think * 1000, 3),
+                )
+            )
     out.sort(key=lambda r: (r.timestamp_ms, r.session_id, r.turn))
     return out
 
@@ -125,11 +160,14 @@ def parse_mix(text: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.traces.loaders import write_jsonl
+    from disagg.workload.loaders import write_jsonl
 
     parser = argparse.ArgumentParser(prog="disagg bench agent", description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="coding_agent",
-                        help=f"profile or weighted mix, e.g. coding_agent:2,short_chat:1 ({', '.join(PROFILES)})")
+    parser.add_argument(
+        "--profile",
+        default="coding_agent",
+        help=f"profile or weighted mix, e.g. coding_agent:2,short_chat:1 ({', '.join(PROFILES)})",
+    )
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--rate", type=float, default=0.5, help="new sessions per second (Poisson)")
     parser.add_argument("--seed", type=int, default=0)

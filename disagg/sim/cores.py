@@ -4,9 +4,9 @@ A step of one worker runs slower than the calibrated engine alone on an idle cor
     oversubscription  max(1, (busy workers x threads + serving cores) / cores)
   x co-run            `corun_slowdown` while another worker is busy too (two engines on separate cores still
                       share memory bandwidth and caches; measured by bench/sim/machine.py)
-where "serving cores" is a constant idle share plus the CPU the router actor, its HTTP server, Ray and the client burn, as a rate over the last
-`window_s`: `cpu_per_request_s` per request dispatched, `cpu_per_handoff_s` more per remote prefill handed to a decode
-worker, and `cpu_per_token_s` per token streamed (measured too).
+where "serving cores" is a constant idle share plus the CPU the router actor, its HTTP server, Ray and the client
+burn, as a rate over the last `window_s`: `cpu_per_request_s` per request dispatched, `cpu_per_handoff_s` more per
+remote prefill handed to a decode worker, and `cpu_per_token_s` per token streamed (measured too).
 """
 
 from __future__ import annotations

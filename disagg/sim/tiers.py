@@ -9,6 +9,7 @@ fills the CPU tier past its size and then demotes the least recently used unpinn
 store keeps free slots by demoting in the background, and drops a block when a store finds no free slot); a
 store touches blocks already in CPU; disk capacity counts blocks, and a block demoted again is refreshed there
 (`TierIndex.demote_to_disk`)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -21,9 +22,17 @@ from disagg.protocol import KVEvent, Tier
 
 
 class SimTiers(KVTiers):
-    def __init__(self, cpu_blocks: int, disk_blocks: int, cpu_s: float, disk_s: float, clock: Callable[[], float],
-                 at: Callable[[float, Callable[[], None]], None], wake: Callable[[], None],
-                 pin_budget_fraction: float = 0.5) -> None:
+    def __init__(
+        self,
+        cpu_blocks: int,
+        disk_blocks: int,
+        cpu_s: float,
+        disk_s: float,
+        clock: Callable[[], float],
+        at: Callable[[float, Callable[[], None]], None],
+        wake: Callable[[], None],
+        pin_budget_fraction: float = 0.5,
+    ) -> None:
         self.cpu_blocks, self.disk_blocks = cpu_blocks, disk_blocks
         self.index = TierIndex(LruBlocks(), LruBlocks(disk_blocks), int(cpu_blocks * pin_budget_fraction))
         self.load_s_per_block = {Tier.CPU: cpu_s, Tier.DISK: disk_s}
@@ -112,8 +121,11 @@ class SimTiers(KVTiers):
         pass
 
     def gauges(self) -> dict[str, Any]:
-        return {"cpu_blocks": len(self.index.cpu), "disk_blocks": len(self.disk),
-                "pinned_blocks": self.index.num_pinned_blocks}
+        return {
+            "cpu_blocks": len(self.index.cpu),
+            "disk_blocks": len(self.disk),
+            "pinned_blocks": self.index.num_pinned_blocks,
+        }
 
     def flush(self) -> None:
         pass

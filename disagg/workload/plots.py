@@ -1,4 +1,5 @@
 """PNG plots for bench reports (matplotlib, headless)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,7 +35,8 @@ def plot_goodput_vs_rate(runs: list[dict[str, Any]], path: Path) -> Path:
     for run in runs:
         if "rate" in run:
             by_config.setdefault(run.get("config", run["label"]), []).append(
-                (run["rate"], run["metrics"]["request_goodput"]))
+                (run["rate"], run["metrics"]["request_goodput"])
+            )
     for config, points in by_config.items():
         points.sort()
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=config)
@@ -51,8 +53,12 @@ def plot_goodput_vs_rate(runs: list[dict[str, Any]], path: Path) -> Path:
 
 def plot_comparison(runs: list[dict[str, Any]], path: Path) -> Path:
     labels = [run["label"] for run in runs]
-    panels = [("request_goodput", "goodput (req/s)"), ("output_throughput", "output tok/s"),
-              ("p90_ttft_ms", "TTFT p90 (ms)"), ("mean_tpot_ms", "TPOT mean (ms)")]
+    panels = [
+        ("request_goodput", "goodput (req/s)"),
+        ("output_throughput", "output tok/s"),
+        ("p90_ttft_ms", "TTFT p90 (ms)"),
+        ("mean_tpot_ms", "TPOT mean (ms)"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), max(3.5, 0.35 * len(labels) + 2)))
     for ax, (key, title) in zip(axes, panels):
         values = [run["metrics"].get(key) or 0.0 for run in runs]

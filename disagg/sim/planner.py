@@ -2,6 +2,7 @@
 (disagg/planner/loop.py: the router's exact load accounting and SLO attainment over a window) and moves at most
 one worker between prefill and decode through SimCluster.set_role.  The timeline of moves is kept for reports
 and plots."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,8 +41,11 @@ class SimPlanner:
         if isinstance(decision, Move):
             for name in decision.workers:
                 self.cluster.set_role(name, decision.new)
-                self.timeline.append(RoleEvent(loop.now, name, decision.old.value, decision.new.value,
-                                               decision.reason.value, decision.detail))
+                self.timeline.append(
+                    RoleEvent(
+                        loop.now, name, decision.old.value, decision.new.value, decision.reason.value, decision.detail
+                    )
+                )
             self.planner.applied(decision, loop.now)
         if loop.pending():  # other work is scheduled: keep planning; else the run is over
             loop.at(loop.now + self.config.interval_s, self.tick)

@@ -4,9 +4,11 @@ and report it exactly like a real run: `disagg bench simulate`.
     disagg bench simulate --trace mooncake_conversation_trace.jsonl --configs agg-rr=0x16:round_robin,\\
         disagg-kv=4x12:kv --time-model bench/results/time_model.json --rates 1,2,4
 """
+
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from dataclasses import dataclass
@@ -15,17 +17,17 @@ from typing import Any
 
 from tqdm import tqdm
 
-from bench.compare import parse_configs
-from bench.replay import _units
-from bench.report import SLO, RequestRecord, compute_metrics, parse_slos, write_report
-from bench.sim.cluster import SimCluster, SimClusterConfig, sampling_for
-from bench.sim.faults import SimChaos, window_goodput
-from bench.sim.planner import SimPlanner
-from bench.sim.timemodel import StepTimeModel
-from bench.traces.record import TraceRequest, TraceScale
-from bench.workload import add_workload_args, load_workload
 from disagg.planner.policy import PlannerConfig
+from disagg.planning.spec import parse_configs
 from disagg.protocol import Request, TokenDelta
+from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
+from disagg.sim.faults import SimChaos, window_goodput
+from disagg.sim.planner import SimPlanner
+from disagg.sim.timemodel import StepTimeModel
+from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
+from disagg.workload.options import add_workload_args, load_workload
+from disagg.workload.record import TraceRequest, TraceScale, send_units
+from disagg.workload.report import write_report
 
 
 @dataclass
@@ -41,15 +43,22 @@ class SimResult:
         return m
 
 
-def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterConfig, model: StepTimeModel,
-             arrival_rate: float | None = None, progress: bool = False, chaos: SimChaos | None = None) -> SimResult:
+def simulate(
+    trace: list[TraceRequest],
+    scale: TraceScale,
+    config: SimClusterConfig,
+    model: StepTimeModel,
+    arrival_rate: float | None = None,
+    progress: bool = False,
+    chaos: SimChaos | None = None,
+) -> SimResult:
     """Open-loop replay in virtual time: requests at the trace's (scaled) timestamps, or at a fixed arrival_rate;
     agent turns wait for the previous turn plus think time, as in bench.replay.  `chaos`: kill workers mid-run."""
     cluster = SimCluster(config, model)
     victims = chaos.schedule(cluster) if chaos is not None else []
     planner = SimPlanner(cluster, PlannerConfig(**config.planner)) if config.planner else None
     loop = cluster.loop
-    units = _units(trace)
+    units = send_units(trace)
     t0 = min(r.timestamp_ms for r in trace)
     records: dict[int, RequestRecord] = {}
     bar = tqdm(total=len(trace), desc="simulate", unit="req", disable=not progress, leave=False)
@@ -80,8 +89,15 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
                     loop.at(now + scale.seconds(nxt.think_time_ms), lambda: send(unit, k + 1))
 
         hints = config.session_hints and req.session_id is not None  # what `bench replay --session-hints` sends
-        request = Request(f"r{i}", prompt, sampling_for(max_tokens), session_id=req.session_id if hints else None,
-                          kv_retention_s=config.kv_retention_s if hints else None, priority=req.priority)
+        request = Request(
+            f"r{i}",
+            prompt,
+            sampling_for(max_tokens),
+            session_id=req.session_id if hints else None,
+            kv_retention_s=config.kv_retention_s if hints else None,
+            priority=req.priority,
+        )
+
         def on_reject(now: float, exc: Exception) -> None:  # a 429, as the replay records it
             record.error = f"HTTP 429: {exc}"
             record.refused_s, record.refusal_code = now - record.start_s, getattr(exc, "code", None)
@@ -90,25 +106,36 @@ def simulate(trace: list[TraceRequest], scale: TraceScale, config: SimClusterCon
                 nxt = trace[unit[k + 1]]
                 loop.at(now + scale.seconds(nxt.think_time_ms), lambda: send(unit, k + 1))
 
-        cluster.submit(request, on_token, session=req.session_id if hints else None, on_reject=on_reject,
-                       tenant=req.tenant or "default", priority=req.priority)
+        cluster.submit(
+            request,
+            on_token,
+            session=req.session_id if hints else None,
+            on_reject=on_reject,
+            tenant=req.tenant or "default",
+            priority=req.priority,
+        )
 
     for n, unit in enumerate(units):
         at = n / arrival_rate if arrival_rate else scale.seconds(trace[unit[0]].timestamp_ms - t0)
-        loop.at(at, lambda unit=unit: send(unit, 0))
+        loop.at(at, functools.partial(send, unit, 0))
     if planner is not None:
         planner.start()
     cluster.run()
     bar.close()
-    missing = [i for i in range(len(trace)) if i not in records or (records[i].e2e_s is None and
-                                                                      records[i].error is None)]
+    missing = [
+        i for i in range(len(trace)) if i not in records or (records[i].e2e_s is None and records[i].error is None)
+    ]
     for i in missing:  # cannot happen unless a request can never fit; reported, not hidden
         records.setdefault(i, RequestRecord(i, 0, 0, 0.0)).error = "never completed in simulation"
     ends = [r.start_s + r.e2e_s for r in records.values() if r.e2e_s is not None]
-    counters = dict(cluster.counters, workers=len(cluster.workers), killed=victims,
-                    staleness=cluster.staleness_summary(),
-                    busy_fraction=sum(w.busy_seconds for w in cluster.workers) / (len(cluster.workers) * max(ends)),
-                    preemptions=sum(w.engine.scheduler.stats.num_preemptions for w in cluster.workers))
+    counters: dict[str, Any] = dict(
+        cluster.counters,
+        workers=len(cluster.workers),
+        killed=victims,
+        staleness=cluster.staleness_summary(),
+        busy_fraction=sum(w.busy_seconds for w in cluster.workers) / (len(cluster.workers) * max(ends)),
+        preemptions=sum(w.engine.scheduler.stats.num_preemptions for w in cluster.workers),
+    )
     if planner is not None:
         counters["role_changes"] = [e.__dict__ for e in planner.timeline]
         counters["final_split"] = [len(cluster.prefill), len(cluster.decode)]
@@ -123,16 +150,26 @@ def num_blocks(args: argparse.Namespace, model: StepTimeModel) -> int:
 def sim_config(spec: Any, args: argparse.Namespace, model: StepTimeModel, slo: SLO) -> SimClusterConfig:
     """The simulated cluster for one config spec, sized like the real one (`disagg serve` / `bench compare`)."""
     cpu_mb = args.cpu_tier_mb if spec.cpu_tier_mb is None else spec.cpu_tier_mb  # as `disagg serve`
-    return SimClusterConfig(num_prefill=spec.num_prefill, num_decode=spec.num_decode, policy=spec.policy_config(),
-                            num_blocks=num_blocks(args, model), max_model_len=args.max_model_len,
-                            max_num_batched_tokens=args.max_num_batched_tokens, vocab_size=args.vocab_size,
-                            cpu_tier_blocks=(cpu_mb << 20) // model.bytes_per_block,
-                            disk_tier_blocks=(args.disk_tier_mb << 20) // model.bytes_per_block if cpu_mb else 0,
-                            session_hints=spec.hints or args.session_hints, planner=spec.planner_config(slo),
-                            event_delay_s=args.event_delay_ms / 1000, event_jitter_s=args.event_jitter_ms / 1000,
-                            cores=args.cores, threads_per_worker=args.threads, step_slowdown=args.step_slowdown,
-                            admission=None if getattr(args, "no_admission", False) else {},
-                            **machine_settings(args))
+    return SimClusterConfig(
+        num_prefill=spec.num_prefill,
+        num_decode=spec.num_decode,
+        policy=spec.policy_config(),
+        num_blocks=num_blocks(args, model),
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        vocab_size=args.vocab_size,
+        cpu_tier_blocks=(cpu_mb << 20) // model.bytes_per_block,
+        disk_tier_blocks=(args.disk_tier_mb << 20) // model.bytes_per_block if cpu_mb else 0,
+        session_hints=spec.hints or args.session_hints,
+        planner=spec.planner_config(slo),
+        event_delay_s=args.event_delay_ms / 1000,
+        event_jitter_s=args.event_jitter_ms / 1000,
+        cores=args.cores,
+        threads_per_worker=args.threads,
+        step_slowdown=args.step_slowdown,
+        admission=None if getattr(args, "no_admission", False) else {},
+        **machine_settings(args),
+    )
 
 
 def machine_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -159,35 +196,61 @@ def machine_settings(args: argparse.Namespace) -> dict[str, Any]:
 def add_sim_args(parser: argparse.ArgumentParser) -> None:
     """The simulated cluster's sizing and fidelity knobs (shared by `bench simulate` and `disagg plan`)."""
     parser.add_argument("--time-model", default=None, help="JSON from `disagg bench calibrate` (default: built-in)")
-    parser.add_argument("--num-blocks", type=int, default=0, help="KV blocks per simulated worker (0: from "
-                        "--kv-cache-mb, as a real worker sizes its cache)")
+    parser.add_argument(
+        "--num-blocks",
+        type=int,
+        default=0,
+        help="KV blocks per simulated worker (0: from --kv-cache-mb, as a real worker sizes its cache)",
+    )
     parser.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache per worker (bench compare's default)")
     parser.add_argument("--max-model-len", type=int, default=2048)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument("--cpu-tier-mb", type=int, default=256, help="CPU KV tier per worker (disagg serve's "
-                        "default; 0: no tiers); a config's cpu_tier_mb=N overrides it")
+    parser.add_argument(
+        "--cpu-tier-mb",
+        type=int,
+        default=256,
+        help="CPU KV tier per worker (disagg serve's default; 0: no tiers); a config's cpu_tier_mb=N overrides it",
+    )
     parser.add_argument("--disk-tier-mb", type=int, default=1024)
     parser.add_argument("--session-hints", action="store_true", help="send session ids and KV retention pins")
     parser.add_argument("--event-delay-ms", type=float, default=2.0, help="KV events reach the router after this")
     parser.add_argument("--event-jitter-ms", type=float, default=5.0, help="plus up to this (batches may reorder)")
     parser.add_argument("--cores", type=int, default=0, help="CPU cores all workers share (0: one set each)")
     parser.add_argument("--threads", type=int, default=1, help="compute threads per worker (with --cores)")
-    parser.add_argument("--request-overhead-ms", type=float, default=0.0,
-                        help="fixed cost per request before a worker sees it (HTTP, router, RPC; fitted on a real run)")
-    parser.add_argument("--machine-model", default="", help="JSON from bench.sim.machine: the measured co-run "
-                        "slowdown, request overhead and serving CPU of this machine (with --cores)")
-    parser.add_argument("--no-admission", action="store_true", help="dispatch every request on arrival (the real "
-                        "router always queues a request until a worker has room: its admission defaults)")
-    parser.add_argument("--step-slowdown", type=float, default=1.0,
-                        help="factor on step times for what shares the machine with the engines (fitted likewise)")
+    parser.add_argument(
+        "--request-overhead-ms",
+        type=float,
+        default=0.0,
+        help="fixed cost per request before a worker sees it (HTTP, router, RPC; fitted on a real run)",
+    )
+    parser.add_argument(
+        "--machine-model",
+        default="",
+        help="JSON from bench.sim.machine: the measured co-run "
+        "slowdown, request overhead and serving CPU of this machine (with --cores)",
+    )
+    parser.add_argument(
+        "--no-admission",
+        action="store_true",
+        help="dispatch every request on arrival (the real "
+        "router always queues a request until a worker has room: its admission defaults)",
+    )
+    parser.add_argument(
+        "--step-slowdown",
+        type=float,
+        default=1.0,
+        help="factor on step times for what shares the machine with the engines (fitted likewise)",
+    )
 
 
 def _stale(m: dict[str, Any]) -> str:
     st = m["sim"].get("staleness")
     if not st:
         return ""
-    return (f", staleness exact {st['exact']:.0%} over {st['over_predicted']:.0%} under {st['under_predicted']:.0%}"
-            f" (error p1/p50/p99 {st['error_tokens_p1']}/{st['error_tokens_p50']}/{st['error_tokens_p99']} tokens)")
+    return (
+        f", staleness exact {st['exact']:.0%} over {st['over_predicted']:.0%} under {st['under_predicted']:.0%}"
+        f" (error p1/p50/p99 {st['error_tokens_p1']}/{st['error_tokens_p50']}/{st['error_tokens_p99']} tokens)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,20 +263,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     parser.add_argument("--out", default="bench/results/simulate")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--kill-fraction", type=float, default=0.0,
-                        help="chaos: kill this fraction of the workers at --kill-at (0: no chaos)")
+    parser.add_argument(
+        "--kill-fraction",
+        type=float,
+        default=0.0,
+        help="chaos: kill this fraction of the workers at --kill-at (0: no chaos)",
+    )
     parser.add_argument("--kill-at", type=float, default=60.0, help="chaos: virtual seconds into the run")
     parser.add_argument("--detect-s", type=float, default=SimChaos.detect_s)
     parser.add_argument("--restart-s", type=float, default=SimChaos.restart_s)
-    parser.add_argument("--chaos-result", default="",
-                        help="take --detect-s / --restart-s from a `disagg bench chaos` result.json (SIGKILL medians)")
+    parser.add_argument(
+        "--chaos-result",
+        default="",
+        help="take --detect-s / --restart-s from a `disagg bench chaos` result.json (SIGKILL medians)",
+    )
     add_workload_args(parser)
     args = parser.parse_args(argv)
     trace, scale, workload = load_workload(args)
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
     slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
     rates = [float(r) for r in args.rates.split(",")]
-    runs, records = [], {}
+    runs: list[dict[str, Any]] = []
+    records: dict[str, list[RequestRecord]] = {}
     for rate in rates:
         rate_scale = TraceScale(**{**scale.__dict__, "time_scale": scale.time_scale * rate})
         for spec in parse_configs(args.configs):
@@ -221,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             chaos = None
             if args.kill_fraction > 0 and args.chaos_result:
-                chaos = SimChaos.measured(args.chaos_result, kill_fraction=args.kill_fraction, at_s=args.kill_at,
-                                          seed=args.seed)
+                chaos = SimChaos.measured(
+                    args.chaos_result, kill_fraction=args.kill_fraction, at_s=args.kill_at, seed=args.seed
+                )
             elif args.kill_fraction > 0:
                 chaos = SimChaos(args.kill_fraction, args.kill_at, args.detect_s, args.restart_s, args.seed)
             result = simulate(trace, rate_scale, cfg, model, progress=not args.no_progress, chaos=chaos)
@@ -231,20 +303,45 @@ def main(argv: list[str] | None = None) -> int:
                 m["chaos"] = window_goodput(result.records, chaos, slo, result.duration_s)
                 clean = simulate(trace, rate_scale, cfg, model)
                 m["chaos_baseline"] = window_goodput(clean.records, chaos, slo, result.duration_s)
-                print(f"[{spec.name}] chaos: killed {result.counters['killed']}, migrations "
-                      f"{result.counters.get('migrations', 0)}; goodput before/during/after " +
-                      " / ".join(f"{w['goodput']:.2f}" for w in m["chaos"].values()) + " (no faults: " +
-                      " / ".join(f"{w['goodput']:.2f}" for w in m["chaos_baseline"].values()) + ")", flush=True)
+                print(
+                    f"[{spec.name}] chaos: killed {result.counters['killed']}, migrations "
+                    f"{result.counters.get('migrations', 0)}; goodput before/during/after "
+                    + " / ".join(f"{w['goodput']:.2f}" for w in m["chaos"].values())
+                    + " (no faults: "
+                    + " / ".join(f"{w['goodput']:.2f}" for w in m["chaos_baseline"].values())
+                    + ")",
+                    flush=True,
+                )
             label = spec.name if len(rates) == 1 else f"{spec.name} @{rate:g}x"
-            runs.append({"label": label, "config": spec.name, "rate": rate, "prefill_workers": spec.num_prefill,
-                         "decode_workers": spec.num_decode, "policy": spec.policy_config(), "metrics": m})
+            runs.append(
+                {
+                    "label": label,
+                    "config": spec.name,
+                    "rate": rate,
+                    "prefill_workers": spec.num_prefill,
+                    "decode_workers": spec.num_decode,
+                    "policy": spec.policy_config(),
+                    "metrics": m,
+                }
+            )
             records[label] = result.records
-            print(f"[{label}] {m['completed']}/{m['num_prompts']} ok, goodput {m['request_goodput']:.3f} req/s, "
-                  f"TTFT p50 {m['median_ttft_ms']:.0f} ms, hit {m['prefix_cache']['hit_ratio']:.1%}{_stale(m)} "
-                  f"(simulated {result.duration_s:.0f}s in {time.perf_counter() - t0:.1f}s)", flush=True)
-    meta = {"title": f"simulated comparison on {workload['name']}", "workload": workload,
-            "scale": scale.describe(), "settings": {"time_model": model.__dict__, "configs": args.configs,
-                                                     "rates": rates, "num_blocks": num_blocks(args, model)}}
+            print(
+                f"[{label}] {m['completed']}/{m['num_prompts']} ok, goodput {m['request_goodput']:.3f} req/s, "
+                f"TTFT p50 {m['median_ttft_ms']:.0f} ms, hit {m['prefix_cache']['hit_ratio']:.1%}{_stale(m)} "
+                f"(simulated {result.duration_s:.0f}s in {time.perf_counter() - t0:.1f}s)",
+                flush=True,
+            )
+    meta = {
+        "title": f"simulated comparison on {workload['name']}",
+        "workload": workload,
+        "scale": scale.describe(),
+        "settings": {
+            "time_model": model.__dict__,
+            "configs": args.configs,
+            "rates": rates,
+            "num_blocks": num_blocks(args, model),
+        },
+    }
     paths = write_report(args.out, runs, meta, records)
     print(paths["markdown"].read_text())
     print(json.dumps([{"label": r["label"], "goodput": r["metrics"]["request_goodput"]} for r in runs], indent=2))

@@ -55,7 +55,7 @@ from disagg.router.flight import (
 from disagg.router.policy import Decision
 
 if TYPE_CHECKING:
-    from bench.sim.cluster import SimCluster, SimWorker
+    from disagg.sim.cluster import SimCluster, SimWorker
 
 
 @dataclass
@@ -77,9 +77,16 @@ class SimFlights:
         self.router = cluster.router
         self.flights: dict[str, SimFlight] = {}
 
-    def start(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None,
-              arrival: float, tenant: str = "default", decision: Decision | None = None,
-              priority: int | None = None) -> None:
+    def start(
+        self,
+        request: Request,
+        on_token: Callable[[float, TokenDelta], None],
+        session: str | None,
+        arrival: float,
+        tenant: str = "default",
+        decision: Decision | None = None,
+        priority: int | None = None,
+    ) -> None:
         """A request leaves the admission queue (or arrives, without one) now."""
         flight = Flight(request, tenant=tenant, arrival=arrival, max_migrations=self.router.config.max_migrations)
         sf = SimFlight(flight, on_token, session, priority, decision)
@@ -96,12 +103,15 @@ class SimFlights:
             self.cluster.count_prefix(len(flight.request.prompt_token_ids), delta.num_cached_tokens, sf.predicted)
             sf.prefill_counted = True
         if flight.state is FlightState.PREFILLING and worker.name == decision.prefill_worker:
-            result = worker.engine.prefill_result(delta.request_id, worker.name, delta.token_ids[0], None,
-                                                  delta.num_cached_tokens)
+            result = worker.engine.prefill_result(
+                delta.request_id, worker.name, delta.token_ids[0], None, delta.num_cached_tokens
+            )
             self._run(sf, flight.on(KVReady(result)))
             return
-        if worker.name != decision.decode_worker or flight.state not in (FlightState.HANDING_OFF,
-                                                                         FlightState.STREAMING):
+        if worker.name != decision.decode_worker or flight.state not in (
+            FlightState.HANDING_OFF,
+            FlightState.STREAMING,
+        ):
             return  # a dead incarnation's late output, or a prefill worker's after its part was done
         self._run(sf, flight.on(Delta(delta, self.cluster.loop.now)))
 

@@ -1,11 +1,12 @@
 """One replayable request, and how a trace's lengths and times are scaled to what the serving machine holds."""
+
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.traces.tokens import prompt_tokens
+from disagg.workload.tokens import prompt_tokens
 
 
 @dataclass
@@ -28,21 +29,30 @@ class TraceRequest:
     priority: int = 0  # higher = more important
 
     def to_json(self) -> dict[str, Any]:
-        row: dict[str, Any] = {"timestamp": self.timestamp_ms, "input_length": self.input_length,
-                               "output_length": self.output_length, "hash_ids": self.hash_ids}
+        row: dict[str, Any] = {
+            "timestamp": self.timestamp_ms,
+            "input_length": self.input_length,
+            "output_length": self.output_length,
+            "hash_ids": self.hash_ids,
+        }
         if self.session_id is not None:
             row.update(session_id=self.session_id, turn=self.turn, think_time_ms=self.think_time_ms)
         return row
 
     @classmethod
-    def from_json(cls, row: dict[str, Any]) -> "TraceRequest":
+    def from_json(cls, row: dict[str, Any]) -> TraceRequest:
         missing = {"timestamp", "input_length", "output_length"} - row.keys()
         if missing:
             raise ValueError(f"trace record lacks {sorted(missing)}: {row}")
-        return cls(timestamp_ms=float(row["timestamp"]), input_length=int(row["input_length"]),
-                   output_length=int(row["output_length"]), hash_ids=[int(h) for h in row.get("hash_ids", [])],
-                   session_id=row.get("session_id"), turn=row.get("turn"),
-                   think_time_ms=float(row.get("think_time_ms", 0.0)))
+        return cls(
+            timestamp_ms=float(row["timestamp"]),
+            input_length=int(row["input_length"]),
+            output_length=int(row["output_length"]),
+            hash_ids=[int(h) for h in row.get("hash_ids", [])],
+            session_id=row.get("session_id"),
+            turn=row.get("turn"),
+            think_time_ms=float(row.get("think_time_ms", 0.0)),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,8 +100,30 @@ class TraceScale:
         return ms / 1000 / self.time_scale
 
     def describe(self) -> dict[str, Any]:
-        return {"block_tokens": self.block_tokens, "native_block": self.native_block,
-                "length_factor": self.length_factor,
-                "output_scale": self.length_factor if self.output_scale is None else self.output_scale,
-                "time_scale": self.time_scale, "max_input_tokens": self.max_input_tokens,
-                "max_output_tokens": self.max_output_tokens}
+        return {
+            "block_tokens": self.block_tokens,
+            "native_block": self.native_block,
+            "length_factor": self.length_factor,
+            "output_scale": self.length_factor if self.output_scale is None else self.output_scale,
+            "time_scale": self.time_scale,
+            "max_input_tokens": self.max_input_tokens,
+            "max_output_tokens": self.max_output_tokens,
+        }
+
+
+def send_units(trace: list[TraceRequest]) -> list[list[int]]:
+    """Indices grouped into send units: one per session (in turn order) or one per lone request.  A replayer sends
+    a unit's first request at its arrival time and each later turn after the previous one finished."""
+    sessions: dict[str, list[int]] = {}
+    units: list[list[int]] = []
+    for i, r in enumerate(trace):
+        if r.session_id is None:
+            units.append([i])
+        elif r.session_id in sessions:
+            sessions[r.session_id].append(i)
+        else:
+            sessions[r.session_id] = [i]
+            units.append(sessions[r.session_id])
+    for idx in sessions.values():
+        idx.sort(key=lambda i: trace[i].turn or 0)
+    return units

@@ -8,30 +8,30 @@ A disaggregated request is prefilled (max_tokens=1, blocks leased) on a prefill 
 worker's engine with the prefill result, exactly as the real worker does: its KV connector reads the missing
 blocks through a SimPeerSource priced at the model's transfer bandwidth, then emits the first token.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import heapq
 import itertools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
-from disagg.router.policy import PolicyConfig
-from disagg.router.policy import Decision
+from disagg.router.policy import Decision, PolicyConfig
 from disagg.router.router import RouterCore, RouterCoreConfig
-
-from bench.sim.admission import SimAdmission
-from bench.sim.cores import CoresConfig, SharedCores
-from bench.sim.flights import SimFlights
-from bench.sim.runner import SimRunner, sim_model_config
-from bench.sim.tiers import SimTiers
-from bench.sim.timemodel import StepTimeModel
+from disagg.sim.admission import SimAdmission
+from disagg.sim.cores import CoresConfig, SharedCores
+from disagg.sim.flights import SimFlights
+from disagg.sim.runner import SimRunner, sim_model_config
+from disagg.sim.tiers import SimTiers
+from disagg.sim.timemodel import StepTimeModel
 
 
 @dataclass
@@ -94,8 +94,8 @@ class EventLoop:
 
 
 class SimWorker:
-    def __init__(self, name: str, engine: LLMEngine, cluster: "SimCluster") -> None:
-        self.name, self.engine, self.cluster = name, engine, cluster
+    def __init__(self, name: str, engine: LLMEngine, runner: SimRunner, cluster: SimCluster) -> None:
+        self.name, self.engine, self.runner, self.cluster = name, engine, runner, cluster
         self.busy = False
         self.busy_seconds = 0.0
         self.alive = True
@@ -104,6 +104,7 @@ class SimWorker:
         self.link_free_at = 0.0  # its inbound KV link is busy until then
         self.heartbeat_at = -float("inf")
         self.snapshot_pending = False
+        self.tiers: SimTiers | None = None  # its CPU/disk tiers (a restart keeps the disk's contents)
 
     def kick(self) -> None:
         if not self.alive or self.busy or not self.engine.has_unfinished():
@@ -111,13 +112,13 @@ class SimWorker:
         steps, preemptions = self.engine.stats.steps, self.engine.scheduler.stats.num_preemptions
         deltas = self.engine.step()
         if self.engine.stats.steps == steps:  # no model step ran: KV arrived (its first token goes out now,
-            self._publish()                   # the model runs on the next kick), a preemption freed memory,
-            for delta in deltas:              # or the worker waits for KV or memory (the next event kicks it)
+            self._publish()  # the model runs on the next kick), a preemption freed memory,
+            for delta in deltas:  # or the worker waits for KV or memory (the next event kicks it)
                 self.cluster.deliver(self, delta)
             if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
                 self.kick()
             return
-        duration = self.engine.runner.last_step_s * self.cluster.contention() * self.cluster.config.step_slowdown
+        duration = self.runner.last_step_s * self.cluster.contention() * self.cluster.config.step_slowdown
         self.busy = True
         self.busy_seconds += duration
         incarnation = self.incarnation
@@ -141,10 +142,24 @@ class SimWorker:
         from disagg.protocol import Heartbeat, Role, WorkerStats
 
         e = self.engine
-        stats = WorkerStats(kv_blocks_total=e.pool.num_blocks, kv_blocks_free=e.pool.num_free_blocks,
-                            prefill_s_per_token=e.prefill_s_per_token)
-        hb = Heartbeat(self.name, f"sim-{self.incarnation}", Role.BOTH, 0, "", e.stats.steps, e.has_unfinished(), 0.0,
-                       0, self.name, stats=stats)
+        stats = WorkerStats(
+            kv_blocks_total=e.pool.num_blocks,
+            kv_blocks_free=e.pool.num_free_blocks,
+            prefill_s_per_token=e.prefill_s_per_token,
+        )
+        hb = Heartbeat(
+            self.name,
+            f"sim-{self.incarnation}",
+            Role.BOTH,
+            0,
+            "",
+            e.stats.steps,
+            e.has_unfinished(),
+            0.0,
+            0,
+            self.name,
+            stats=stats,
+        )
         self.heartbeat_at = self.cluster.loop.now
         self.cluster.router.health.on_heartbeat(self.name, hb, self.cluster.loop.now)
 
@@ -164,7 +179,7 @@ class SimPeerSource(_Notifier):
 
     kind = SourceKind.PEER
 
-    def __init__(self, cluster: "SimCluster", worker: SimWorker) -> None:
+    def __init__(self, cluster: SimCluster, worker: SimWorker) -> None:
         self.cluster, self.worker = cluster, worker
 
     def start(self, load: KVLoad) -> None:
@@ -203,28 +218,37 @@ class SimCluster:
         self.config, self.model = config, model
         self.loop = EventLoop()
         mc = sim_model_config(config.vocab_size, config.max_model_len)
-        engine_cfg = EngineConfig(model="simulated", block_size=config.block_size, num_blocks=config.num_blocks,
-                                  max_num_seqs=config.max_num_seqs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=config.max_model_len, kv_lease_timeout_s=1e9,
-                                  kv_load_timeout_s=1e9)  # virtual time: loads are priced, not timed out
+        engine_cfg = EngineConfig(
+            model="simulated",
+            block_size=config.block_size,
+            num_blocks=config.num_blocks,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            kv_lease_timeout_s=1e9,
+            kv_load_timeout_s=1e9,
+        )  # virtual time: loads are priced, not timed out
 
         self._engine_cfg, self._mc = engine_cfg, mc
 
         def worker(name: str) -> SimWorker:
-            sim_worker = SimWorker(name, self._new_engine(), self)
+            sim_worker = SimWorker(name, *self._new_engine(), self)
             self._attach(sim_worker)
             return sim_worker
 
         self.prefill = {f"prefill-{i}": worker(f"prefill-{i}") for i in range(config.num_prefill)}
         self.decode = {f"decode-{i}": worker(f"decode-{i}") for i in range(config.num_decode)}
-        self.router = RouterCore(dict.fromkeys(self.prefill), dict.fromkeys(self.decode),
-                                 # seeded unless the config says otherwise: ties between equal workers are broken
-                                 # at random, and an unseeded draw made runs differ (the first request's worker)
-                                 PolicyConfig(**{"seed": 0, **config.policy}), block_size=config.block_size,
-                                 config=RouterCoreConfig(rescore_on_dispatch=config.rescore_on_dispatch),
-                                 admission=AdmissionConfig(**(config.admission or {})),
-                                 capacity=CapacityConfig(**config.capacity))
+        self.router = RouterCore(
+            dict.fromkeys(self.prefill),
+            dict.fromkeys(self.decode),
+            # seeded unless the config says otherwise: ties between equal workers are broken
+            # at random, and an unseeded draw made runs differ (the first request's worker)
+            PolicyConfig(**{"seed": 0, **config.policy}),
+            block_size=config.block_size,
+            config=RouterCoreConfig(rescore_on_dispatch=config.rescore_on_dispatch),
+            admission=AdmissionConfig(**(config.admission or {})),
+            capacity=CapacityConfig(**config.capacity),
+        )
         self.admission = SimAdmission(self) if config.admission is not None else None
         for w in self.workers:
             w.heartbeat()
@@ -233,26 +257,38 @@ class SimCluster:
         self._queries = self._hits = 0
         self._rng = random.Random(0)
         self.staleness: list[int] = []  # per request: predicted - found cached tokens (as the API's histogram)
-        self.cores = SharedCores(CoresConfig(cores=config.cores, threads_per_worker=config.threads_per_worker,
-                                             corun_slowdown=config.corun_slowdown,
-                                             cpu_per_request_s=config.serving_cpu_per_request_s,
-                                             cpu_per_token_s=config.serving_cpu_per_token_s,
-                                             cpu_per_handoff_s=config.serving_cpu_per_handoff_s,
-                                             idle_serving_cores=config.idle_serving_cores))
+        self.cores = SharedCores(
+            CoresConfig(
+                cores=config.cores,
+                threads_per_worker=config.threads_per_worker,
+                corun_slowdown=config.corun_slowdown,
+                cpu_per_request_s=config.serving_cpu_per_request_s,
+                cpu_per_token_s=config.serving_cpu_per_token_s,
+                cpu_per_handoff_s=config.serving_cpu_per_handoff_s,
+                idle_serving_cores=config.idle_serving_cores,
+            )
+        )
 
     def _attach(self, worker: SimWorker, disk: Any = None) -> None:
         tiers = None
         if self.config.cpu_tier_blocks:
-            tiers = SimTiers(self.config.cpu_tier_blocks, self.config.disk_tier_blocks,
-                             self.model.cpu_load_s_per_block, self.model.disk_load_s_per_block,
-                             lambda: self.loop.now, self.loop.at, worker.kick)
+            tiers = SimTiers(
+                self.config.cpu_tier_blocks,
+                self.config.disk_tier_blocks,
+                self.model.cpu_load_s_per_block,
+                self.model.disk_load_s_per_block,
+                lambda: self.loop.now,
+                self.loop.at,
+                worker.kick,
+            )
             if disk is not None:  # a restarted worker finds its disk tier again
                 tiers.disk = disk
+        worker.tiers = tiers
         worker.engine.attach(peer=SimPeerSource(self, worker), tiers=tiers)
 
-    def _new_engine(self) -> LLMEngine:
-        return LLMEngine(dataclasses.replace(self._engine_cfg), SimRunner(self.model, self.config.vocab_size),
-                         self._mc)
+    def _new_engine(self) -> tuple[LLMEngine, SimRunner]:
+        runner = SimRunner(self.model, self._mc, self.config.num_blocks)
+        return LLMEngine(dataclasses.replace(self._engine_cfg), runner), runner
 
     @property
     def workers(self) -> list[SimWorker]:
@@ -316,34 +352,56 @@ class SimCluster:
         self.flights.worker_lost(worker.name)
 
     def _restarted(self, worker: SimWorker) -> None:
-        old_tiers = worker.engine.tiers
-        worker.engine = self._new_engine()
+        old_tiers = worker.tiers
+        worker.engine, worker.runner = self._new_engine()
         self._attach(worker, disk=old_tiers.disk if old_tiers is not None else None)
         worker.alive, worker._seq_no = True, -1
         worker.heartbeat()  # a new incarnation: the router sees the restart
         self.router.health.mark_ready(worker.name)
 
-    def submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None = None,
-               on_reject: Callable[[float, Exception], None] | None = None, tenant: str = "default",
-               priority: int = 0) -> None:
+    def submit(
+        self,
+        request: Request,
+        on_token: Callable[[float, TokenDelta], None],
+        session: str | None = None,
+        on_reject: Callable[[float, Exception], None] | None = None,
+        tenant: str = "default",
+        priority: int = 0,
+    ) -> None:
         """Start a request: through the admission queue if there is one (on_reject(time, error) if it is
         refused), else at once.  on_token(time, delta) is called for every token (the last is finished)."""
         if self.config.request_overhead_s:  # HTTP, the router's parsing, the RPC: before the queue sees it
-            self.loop.at(self.loop.now + self.config.request_overhead_s,
-                         lambda: self._submit(request, on_token, session, on_reject, tenant, priority))
+            self.loop.at(
+                self.loop.now + self.config.request_overhead_s,
+                lambda: self._submit(request, on_token, session, on_reject, tenant, priority),
+            )
         else:
             self._submit(request, on_token, session, on_reject, tenant, priority)
 
-    def _submit(self, request: Request, on_token: Callable[[float, TokenDelta], None], session: str | None,
-                on_reject: Callable[[float, Exception], None] | None, tenant: str, priority: int) -> None:
+    def _submit(
+        self,
+        request: Request,
+        on_token: Callable[[float, TokenDelta], None],
+        session: str | None,
+        on_reject: Callable[[float, Exception], None] | None,
+        tenant: str,
+        priority: int,
+    ) -> None:
         if self.admission is None:
             self.dispatch(request, on_token, session, tenant=tenant, arrival=self.loop.now)
         else:
             self.admission.submit(request, on_token, session, on_reject or (lambda now, exc: None), tenant, priority)
 
-    def dispatch(self, request: Request, on_token: Callable[[float, TokenDelta], None],
-                 session: str | None = None, decision: Decision | None = None, priority: int | None = None,
-                 tenant: str = "default", arrival: float | None = None) -> None:
+    def dispatch(
+        self,
+        request: Request,
+        on_token: Callable[[float, TokenDelta], None],
+        session: str | None = None,
+        decision: Decision | None = None,
+        priority: int | None = None,
+        tenant: str = "default",
+        arrival: float | None = None,
+    ) -> None:
         """Start a request now (it reached the router at `arrival`): with `decision` if it was routed on arrival,
         else routed now (with `priority`: out of the admission queue, among the workers with room)."""
         self.cores.on_request(self.loop.now)
@@ -382,10 +440,17 @@ class SimCluster:
 
         def pct(p: float) -> int:
             return errors[min(n - 1, int(p / 100 * n))]
-        return {"requests": n, "exact": sum(e == 0 for e in errors) / n,
-                "over_predicted": sum(e > 0 for e in errors) / n, "under_predicted": sum(e < 0 for e in errors) / n,
-                "error_tokens_p1": pct(1), "error_tokens_p50": pct(50), "error_tokens_p99": pct(99),
-                "mean_abs_error_tokens": sum(abs(e) for e in errors) / n}
+
+        return {
+            "requests": n,
+            "exact": sum(e == 0 for e in errors) / n,
+            "over_predicted": sum(e > 0 for e in errors) / n,
+            "under_predicted": sum(e < 0 for e in errors) / n,
+            "error_tokens_p1": pct(1),
+            "error_tokens_p50": pct(50),
+            "error_tokens_p99": pct(99),
+            "mean_abs_error_tokens": sum(abs(e) for e in errors) / n,
+        }
 
 
 def sampling_for(max_tokens: int) -> SamplingParams:

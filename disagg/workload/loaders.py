@@ -10,15 +10,17 @@
 Times become milliseconds from the first request.  CSV traces have no hash_ids: every prompt is unique (no prefix
 sharing is claimed).
 """
+
 from __future__ import annotations
 
 import csv
 import enum
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from bench.traces.record import TraceRequest
+from disagg.workload.record import TraceRequest
 
 TRACES_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces"
 
@@ -129,7 +131,8 @@ def load_csv(path: str | Path, limit: int | None = None) -> list[TraceRequest]:
         rows = rows[1:]
     else:
         cols = {"timestamp": 0, "input": 1, "output": 2}
-    to_ms = {TraceFormat.AZURE: _datetime_s, TraceFormat.BURSTGPT: float}.get(fmt)
+    parsers: dict[TraceFormat, Callable[[str], float]] = {TraceFormat.AZURE: _datetime_s, TraceFormat.BURSTGPT: float}
+    to_ms = parsers.get(fmt)
     out: list[TraceRequest] = []
     origin = None
     for lineno, row in enumerate(rows, 2):
@@ -157,7 +160,7 @@ def _datetime_s(text: str) -> float:
     if "." in text:  # Azure 2023 writes 7 fractional digits; Python parses at most 6
         head, _, tail = text.partition(".")
         digits = "".join(c for c in tail if c.isdigit())
-        zone = tail[len(digits):]
+        zone = tail[len(digits) :]
         text = f"{head}.{digits[:6]}{zone}"
     stamp = datetime.fromisoformat(text)
     if stamp.tzinfo is None:

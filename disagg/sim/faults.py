@@ -3,7 +3,8 @@ during and after (the same detection and restart behaviour as the real router: o
 in-flight requests migrate resumed after their delivered tokens, the worker rejoins empty after `restart_s`).
 The defaults are the figures `disagg bench chaos` measured on the real cluster (docs/benchmarks.md, SIGKILL rows);
 `SimChaos.measured(result.json)` takes them from a chaos run's result file instead (median over the SIGKILL
-injections), which is what `bench.sim.run --chaos-result` does."""
+injections), which is what `disagg.sim.run --chaos-result` does."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.report import SLO, RequestRecord
+from disagg.workload.metrics import SLO, RequestRecord
 
 
 @dataclass
@@ -38,6 +39,7 @@ class SimChaos:
             if not values:
                 raise ValueError(f"{result_path}: no SIGKILL injection measured {key}")
             return statistics.median(values)
+
         return cls(detect_s=median("out_of_routing_s"), restart_s=median("serving_again_s"), **kwargs)
 
     def schedule(self, cluster: Any) -> list[str]:
@@ -52,13 +54,21 @@ class SimChaos:
 
 def window_goodput(records: list[RequestRecord], chaos: SimChaos, slo: SLO, end_s: float) -> dict[str, Any]:
     """Goodput (requests/s meeting the SLO) of requests that started before, during and after the outage."""
-    bounds = {"before": (0.0, chaos.at_s), "during": (chaos.at_s, chaos.at_s + chaos.restart_s),
-              "after": (chaos.at_s + chaos.restart_s, end_s)}
+    bounds = {
+        "before": (0.0, chaos.at_s),
+        "during": (chaos.at_s, chaos.at_s + chaos.restart_s),
+        "after": (chaos.at_s + chaos.restart_s, end_s),
+    }
     out = {}
     for name, (lo, hi) in bounds.items():
         picked = [r for r in records if lo <= r.start_s < hi]
         good = sum(slo.met(r) for r in picked)
         span = max(hi - lo, 1e-9)
-        out[name] = {"window_s": span, "requests": len(picked), "failed": sum(not r.ok for r in picked),
-                     "goodput": good / span, "slo_met": good / len(picked) if picked else float("nan")}
+        out[name] = {
+            "window_s": span,
+            "requests": len(picked),
+            "failed": sum(not r.ok for r in picked),
+            "goodput": good / span,
+            "slo_met": good / len(picked) if picked else float("nan"),
+        }
     return out

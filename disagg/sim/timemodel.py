@@ -6,11 +6,13 @@ new_tokens is the step's token count (prefill chunks + one per decode), seqs the
 term counts query x key pairs (in thousands).  A KV transfer between workers costs
 transfer_latency + bytes / transfer_bandwidth.  Fitted by least squares with non-negative coefficients.
 """
+
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,19 +47,22 @@ class StepTimeModel:
         return self.predict(batch_features(batch))
 
     def transfer_time(self, num_blocks: int) -> float:
-        return self.transfer_latency + num_blocks * self.bytes_per_block / self.transfer_bandwidth if num_blocks else 0.0
+        return (
+            self.transfer_latency + num_blocks * self.bytes_per_block / self.transfer_bandwidth if num_blocks else 0.0
+        )
 
     @classmethod
-    def fit(cls, features: list[list[float]], seconds: list[float], **extra) -> "StepTimeModel":
+    def fit(cls, features: list[list[float]], seconds: list[float], **extra: Any) -> StepTimeModel:
         coef = nnls(np.asarray(features, dtype=float), np.asarray(seconds, dtype=float))
-        return cls(**dict(zip(FEATURES, (float(c) for c in coef))), **extra)
+        base, per_token, per_seq, per_attn = (float(c) for c in coef)
+        return cls(base=base, per_token=per_token, per_seq=per_seq, per_attn=per_attn, **extra)
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "StepTimeModel":
+    def load(cls, path: str | Path) -> StepTimeModel:
         return cls(**json.loads(Path(path).read_text()))
 
 

@@ -1,0 +1,55 @@
+"""The model stand-in for a simulated engine (a `Runner`, disagg/engine/runner.py): samples deterministic tokens
+and prices each step with the step-time model; it holds no KV memory."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from disagg.engine.model import ModelConfig
+from disagg.engine.scheduler import ScheduledBatch
+from disagg.sim.timemodel import StepTimeModel
+
+
+class SimRunner:
+    """A Runner whose `last_step_s` is the modelled duration of the step just executed (virtual time)."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
+    kv_cache = None  # block ids are bookkeeping only: no KV tensor to read or copy
+
+    def __init__(self, model: StepTimeModel, model_config: ModelConfig, num_blocks: int) -> None:
+        self.model, self.model_config, self.num_blocks = model, model_config, num_blocks
+        self.vocab_size = model_config.vocab_size
+        self.last_step_s = 0.0
+        self.last_logprobs: dict[int, list] = {}  # simulated requests ask for no logprobs
+
+    def execute(self, batch: ScheduledBatch) -> dict[int, int]:
+        self.last_step_s = self.model.step_time(batch)
+        out = {}
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            if seq.num_computed_tokens + n == seq.num_tokens:  # the row completes its known tokens: it samples
+                # distinct per request and position, so generated blocks hash apart like real outputs
+                out[row] = 256 + zlib.crc32(f"{seq.request_id}:{seq.num_tokens}".encode()) % (self.vocab_size - 256)
+        return out
+
+
+def sim_model_config(vocab_size: int = 49152, max_len: int = 8192) -> ModelConfig:
+    """Only vocab, context and EOS matter to the engine's bookkeeping; the shape is SmolLM2-135M's."""
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=max_len,
+        tie_word_embeddings=True,
+        attention_bias=False,
+        eos_token_ids=[],
+    )
