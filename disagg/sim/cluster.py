@@ -2,18 +2,16 @@
 (leases, import of only the missing blocks), a stand-in runner priced by a StepTimeModel, and the real
 RouterCore deciding every request from the KV events the workers publish.
 
-Event loop: each worker runs one step at a time; a step's state changes apply when it starts and its tokens are
-delivered when its modelled duration has passed.  KV events reach the router `event_delay_s` after the step.
-A disaggregated request is prefilled (max_tokens=1, blocks leased) on a prefill worker, then handed to the decode
-worker's engine with the prefill result, exactly as the real worker does: its KV connector reads the missing
-blocks through a SimPeerSource priced at the model's transfer bandwidth, then emits the first token.
+The workers, their event loop and the priced peer read are in sim/worker.py; each request is the router's own
+Flight (router/flight.py), driven by sim/flights.py: a disaggregated request is prefilled (its first token, blocks
+leased) on a prefill worker, then handed to the decode worker's engine with the prefill result, exactly as the
+real worker does - its KV connector reads the missing blocks through a SimPeerSource priced at the model's
+transfer bandwidth, then emits the first token.  Kills, restarts and role changes happen here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
-import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +19,6 @@ from typing import Any
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.policy import Decision, PolicyConfig
@@ -32,6 +29,7 @@ from disagg.sim.flights import SimFlights
 from disagg.sim.runner import SimRunner, sim_model_config
 from disagg.sim.tiers import SimTiers
 from disagg.sim.timemodel import StepTimeModel
+from disagg.sim.worker import EventLoop, SimPeerSource, SimWorker
 
 
 @dataclass
@@ -73,144 +71,6 @@ class SimClusterConfig:
     admission: dict[str, Any] | None = None  # AdmissionConfig fields: the router's queue (None: dispatch at once)
     capacity: dict[str, Any] = field(default_factory=dict)  # CapacityConfig fields
     rescore_on_dispatch: bool = True  # False: a queued request keeps the worker chosen on arrival
-
-
-class EventLoop:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self._queue: list[tuple[float, int, Callable[[], None]]] = []
-        self._order = itertools.count()
-
-    def at(self, when: float, fn: Callable[[], None]) -> None:
-        heapq.heappush(self._queue, (max(when, self.now), next(self._order), fn))
-
-    def pending(self) -> bool:
-        return bool(self._queue)
-
-    def run(self, until: float = float("inf")) -> None:
-        while self._queue and self._queue[0][0] <= until:
-            self.now, _, fn = heapq.heappop(self._queue)
-            fn()
-
-
-class SimWorker:
-    def __init__(self, name: str, engine: LLMEngine, runner: SimRunner, cluster: SimCluster) -> None:
-        self.name, self.engine, self.runner, self.cluster = name, engine, runner, cluster
-        self.busy = False
-        self.busy_seconds = 0.0
-        self.alive = True
-        self.incarnation = 0  # bumped by a kill: callbacks of the dead incarnation are dropped
-        self._seq_no = -1
-        self.link_free_at = 0.0  # its inbound KV link is busy until then
-        self.heartbeat_at = -float("inf")
-        self.snapshot_pending = False
-        self.tiers: SimTiers | None = None  # its CPU/disk tiers (a restart keeps the disk's contents)
-
-    def kick(self) -> None:
-        if not self.alive or self.busy or not self.engine.has_unfinished():
-            return
-        steps, preemptions = self.engine.stats.steps, self.engine.scheduler.stats.num_preemptions
-        deltas = self.engine.step()
-        if self.engine.stats.steps == steps:  # no model step ran: KV arrived (its first token goes out now,
-            self._publish()  # the model runs on the next kick), a preemption freed memory,
-            for delta in deltas:  # or the worker waits for KV or memory (the next event kicks it)
-                self.cluster.deliver(self, delta)
-            if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
-                self.kick()
-            return
-        duration = self.runner.last_step_s * self.cluster.contention() * self.cluster.config.step_slowdown
-        self.busy = True
-        self.busy_seconds += duration
-        incarnation = self.incarnation
-        self.cluster.loop.at(self.cluster.loop.now + duration, lambda: self._step_done(deltas, incarnation))
-
-    def _step_done(self, deltas: list[TokenDelta], incarnation: int) -> None:
-        if incarnation != self.incarnation:
-            return  # this process was killed mid-step
-        self.busy = False
-        self._publish()
-        if self.cluster.loop.now - self.heartbeat_at >= self.cluster.config.heartbeat_interval_s:
-            self.heartbeat()
-        for delta in deltas:
-            self.cluster.deliver(self, delta)
-        self.kick()
-
-    def heartbeat(self) -> None:
-        """What the router's health probe reads from a real worker (cluster/worker.py heartbeat): its KV size
-        (the router's KV-room check and the planner's decode KV use divide by it) and measured prefill speed.
-        Sent at start and after a step once per heartbeat interval: between steps these figures do not change."""
-        from disagg.protocol import Heartbeat, Role, WorkerStats
-
-        e = self.engine
-        stats = WorkerStats(
-            kv_blocks_total=e.pool.num_blocks,
-            kv_blocks_free=e.pool.num_free_blocks,
-            prefill_s_per_token=e.prefill_s_per_token,
-        )
-        hb = Heartbeat(
-            self.name,
-            f"sim-{self.incarnation}",
-            Role.BOTH,
-            0,
-            "",
-            e.stats.steps,
-            e.has_unfinished(),
-            0.0,
-            0,
-            self.name,
-            stats=stats,
-        )
-        self.heartbeat_at = self.cluster.loop.now
-        self.cluster.router.health.on_heartbeat(self.name, hb, self.cluster.loop.now)
-
-    def _publish(self) -> None:
-        from disagg.protocol import KVEventBatch
-
-        events = self.engine.drain_kv_events()
-        if events:
-            self._seq_no += 1
-            batch = KVEventBatch.of(self.name, self._seq_no, events)
-            self.cluster.send_events(self, batch)
-
-
-class SimPeerSource(_Notifier):
-    """A peer read in virtual time: done after the time model's transfer time; the owner's lease is released
-    when the data has landed, as a NIXL notification would."""
-
-    kind = SourceKind.PEER
-
-    def __init__(self, cluster: SimCluster, worker: SimWorker) -> None:
-        self.cluster, self.worker = cluster, worker
-
-    def start(self, load: KVLoad) -> None:
-        result = load.handle
-        loop = self.cluster.loop
-        start_at = max(loop.now, self.worker.link_free_at) if self.cluster.config.link_contention else loop.now
-        done_at = start_at + self.cluster.model.transfer_time(load.num_blocks)
-        self.worker.link_free_at = done_at
-        self.cluster.counters["transferred_blocks"] += load.num_blocks
-        load.handle = (result, done_at)
-
-        incarnation = self.worker.incarnation
-
-        def landed() -> None:
-            self.cluster.release_lease(result.agent_name, load.request_id)
-            if self.worker.incarnation == incarnation:
-                self.worker.kick()
-
-        loop.at(done_at, landed)
-
-    def poll(self, load: KVLoad) -> LoadState:
-        if self.cluster.loop.now < load.handle[1]:
-            return LoadState.PENDING
-        load.num_ok_blocks = load.num_blocks
-        return LoadState.DONE
-
-    def abandon(self, load: KVLoad) -> bool:
-        return True
-
-    def notify_done(self, result: Any, request_id: str) -> None:
-        self.cluster.release_lease(result.agent_name, request_id)
 
 
 class SimCluster:

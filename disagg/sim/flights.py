@@ -55,7 +55,8 @@ from disagg.router.flight import (
 from disagg.router.policy import Decision
 
 if TYPE_CHECKING:
-    from disagg.sim.cluster import SimCluster, SimWorker
+    from disagg.sim.cluster import SimCluster
+    from disagg.sim.worker import SimWorker
 
 
 @dataclass
