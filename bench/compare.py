@@ -20,7 +20,7 @@ from typing import Any
 from bench import stages
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from bench.session_hits import next_turn_hits
-from disagg.planning.spec import ClusterSpec, parse_configs
+from disagg.sim.spec import ClusterSpec, parse_configs
 from disagg.workload.metrics import SLO, RequestRecord, parse_slos
 from disagg.workload.options import load_workload
 from disagg.workload.report import write_report

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from disagg.planning.search import Search, ranking
-from disagg.planning.spec import ClusterSpec
 from disagg.sim.run import add_sim_args, sim_config, simulate
+from disagg.sim.spec import ClusterSpec
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent
 from disagg.workload.metrics import SLO, RequestRecord

@@ -9,7 +9,7 @@ import ray
 
 from bench.replay import ReplayConfig, replay
 from disagg.cli import main as cli_main
-from disagg.planning.spec import parse_configs
+from disagg.sim.spec import parse_configs
 from disagg.workload import agent
 from disagg.workload.metrics import SLO
 from disagg.workload.record import TraceScale

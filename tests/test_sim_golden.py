@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from disagg.planning.spec import ClusterSpec
 from disagg.sim.cluster import SimClusterConfig
 from disagg.sim.faults import SimChaos
 from disagg.sim.run import simulate
+from disagg.sim.spec import ClusterSpec
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent
 from disagg.workload.metrics import SLO
@@ -41,8 +41,9 @@ def _scenarios() -> dict[str, tuple[SimClusterConfig, TraceScale, SimChaos | Non
         "disaggregated_jitter_cores": (SimClusterConfig(num_prefill=2, num_decode=4, num_blocks=364, policy=KV,
                                                         event_jitter_s=0.05, cores=4, handoff_overhead_s=0.01),
                                        busy, None),
-        "tiers_and_pins": (SimClusterConfig(num_decode=2, num_blocks=128, max_model_len=1024, policy=KV, cpu_tier_blocks=512,
-                                            disk_tier_blocks=512, session_hints=True), SCALE, None),
+        "tiers_and_pins": (SimClusterConfig(num_decode=2, num_blocks=128, max_model_len=1024, policy=KV,
+                                            cpu_tier_blocks=512, disk_tier_blocks=512, session_hints=True),
+                           SCALE, None),
         "admission_queue": (SimClusterConfig(num_decode=2, num_blocks=200, policy=KV, admission={}), busy, None),
         "planner": (SimClusterConfig(num_prefill=2, num_decode=6, num_blocks=364, policy=KV, planner=planner),
                     busy, None),

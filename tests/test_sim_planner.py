@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from bench.planner_step import _reversals, recovery_s, step_workload
-from disagg.planning.spec import ClusterSpec
 from disagg.protocol import Request, Role
 from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
 from disagg.sim.run import simulate
+from disagg.sim.spec import ClusterSpec
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent
 from disagg.workload.metrics import SLO

@@ -198,7 +198,7 @@ def _service(config_spec: str) -> Iterator[Any]:
     bench/compare.py run_one: the same engine settings and a fresh disk-tier directory), shut down after."""
     from disagg.cluster.launch import ClusterConfig, Service
     from disagg.model_store import default_model_dir
-    from disagg.planning.spec import parse_configs
+    from disagg.sim.spec import parse_configs
 
     spec = parse_configs(config_spec)[0]
     engine = {

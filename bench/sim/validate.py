@@ -21,8 +21,8 @@ from typing import Any
 from bench.compare import run_one
 from bench.replay import ReplayConfig
 from bench.stages import load_spans, per_request
-from disagg.planning.spec import ClusterSpec, parse_configs
 from disagg.sim.run import add_sim_args, sim_config, simulate
+from disagg.sim.spec import ClusterSpec, parse_configs
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent, loaders
 from disagg.workload.metrics import SLO

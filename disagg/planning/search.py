@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from disagg.planning.spec import ClusterSpec
 from disagg.sim.run import sim_config, simulate
+from disagg.sim.spec import ClusterSpec
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload.metrics import SLO, RequestRecord, parse_slos
 from disagg.workload.record import TraceScale

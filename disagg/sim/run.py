@@ -18,11 +18,11 @@ from typing import Any
 from tqdm import tqdm
 
 from disagg.planner.policy import PlannerConfig
-from disagg.planning.spec import parse_configs
 from disagg.protocol import Request, TokenDelta
 from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
 from disagg.sim.faults import SimChaos, window_goodput
 from disagg.sim.planner import SimPlanner
+from disagg.sim.spec import parse_configs
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
 from disagg.workload.options import add_workload_args, load_workload
