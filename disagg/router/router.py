@@ -15,6 +15,13 @@ Serving one request (`generate`):
   4. on WorkerLost the request migrates: routed again as prompt + the tokens the client already has
      (`Request.resumed`), so the stream continues with no duplicate and no missing token, up to
      `max_migrations` times; then, or when no decode-capable worker is left, ServiceUnavailable.
+
+Lifecycle: built with its workers' handles (None for a routing-only core: the simulator, benchmarks); `start()`
+on the serving event loop starts its background tasks - the admission dispatcher, the health supervisor (when
+every worker has a handle), the planner loop (when one is attached as `planner`) - and `stop()` stops them in
+reverse order, then lets background lease releases finish.  A core that is never started still routes and
+serves (DisaggClient, tests): the queue is pumped as capacity frees, but no timer refuses requests past deadline.
+Collaborators (router/attempt.py, router/roles.py, the planner's port) get the parts they use, not the core.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import Any
 from opentelemetry import trace
 
 from disagg.errors import ServiceUnavailable, WorkerLost
+from disagg.planner.loop import PlannerLoop
 from disagg.protocol import (
     Heartbeat,
     KVEventBatch,
@@ -41,6 +49,7 @@ from disagg.protocol import (
 )
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.attempt import AttemptRunner
+from disagg.router.core_config import RouterCoreConfig
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
@@ -50,19 +59,6 @@ from disagg.router.roles import RoleChanger
 from disagg.tracing import inject
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RouterCoreConfig:
-    rescore_on_dispatch: bool = True  # a queued request is routed when it leaves the queue (fresh index state)
-    prefill_timeout_s: float = 120.0  # remote prefill not answered by then: the decode worker prefills locally
-    export_timeout_s: float = 5.0  # a peer's prefix offer
-    stream_start_timeout_s: float = 300.0  # first delta from the decode worker (its queue included)
-    release_timeout_s: float = 5.0
-    max_background_releases: int = 4096  # lease releases in flight off the request path (then callers wait)
-    max_migrations: int = 3  # per request; then the client gets an explicit error
-    max_decisions: int = 10_000  # bound of the decision log
-    death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing
 
 
 @dataclass
@@ -114,9 +110,12 @@ class RouterCore:
         self._lock = threading.Lock()
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
-        self.roles = RoleChanger(self)
-        self.attempts = AttemptRunner(self)  # the worker calls of one attempt (router/attempt.py)
-        self.planner: Any = None  # a PlannerLoop (disagg/planner/) when the service runs one
+        self.roles = RoleChanger(self.health, self.loads, self.handles, self.counters, self.set_routing_role)
+        # the worker calls of one attempt (router/attempt.py)
+        self.attempts = AttemptRunner(
+            self.handles, self.health, self.book, self.counters, self.config, self.admission.pump
+        )
+        self.planner: PlannerLoop | None = None  # attached by the composition root when the service plans roles
         # load accounting and saturation (router/load.py); the simulator and bench/router.py drive them too
         self.begin, self.progress, self.end, self.has_room = (
             self.book.begin,
@@ -124,6 +123,24 @@ class RouterCore:
             self.book.end,
             self.book.has_room,
         )
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the background tasks on the running event loop (see the module docstring)."""
+        self.admission.start()
+        if self.supervisor is not None:
+            self.supervisor.start()
+        if self.planner is not None:
+            self.planner.start()
+
+    async def stop(self) -> None:
+        """Stop them, newest first, then let background lease releases finish (each bounded by release_timeout_s)."""
+        if self.planner is not None:
+            await self.planner.stop()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        await self.admission.stop()
+        await self.drain_releases()
 
     # ------------------------------------------------------------------ health
     def _on_health_change(self, name: str, old: WorkerState, new: WorkerState) -> None:
