@@ -18,7 +18,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
-from typing import Any
 
 from opentelemetry import trace
 
@@ -139,7 +138,7 @@ class AttemptRunner:
 
     async def _remote_kv(
         self, request: Request, decision: Decision, span: trace.Span = trace.INVALID_SPAN
-    ) -> tuple[Any, WorkerHandle | None]:
+    ) -> tuple[PrefillResult | None, WorkerHandle | None]:
         """The KV another worker contributes: a remote prefill's result, or a peer's cached prefix (or none)."""
         name = decision.prefill_worker or decision.peer_worker
         if name is None:

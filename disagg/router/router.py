@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from disagg.errors import ServiceUnavailable, WorkerLost
 from disagg.planner.loop import PlannerLoop
@@ -268,23 +269,7 @@ class RouterCore:
             request = dataclasses.replace(request, trace_context=inject(span))
         queue = self.admission.queue
         now = queue.clock()
-        limit = min(deadline_s or queue.config.default_deadline_s, queue.config.max_deadline_s)
-        entry = Entry(request.request_id, tenant, priority, request.num_tokens, now, now + limit)
-        first_decision = None
-        if not self.config.rescore_on_dispatch:
-            first_decision = self.route(request, session)
-            entry.worker = first_decision.decode_worker
-        queued = self.tracer.start_span(
-            "router.queue", context=ctx, attributes={"disagg.tenant": tenant, "disagg.priority": priority}
-        )
-        try:
-            await self.admission.admit(entry)
-        except BaseException as exc:
-            self._dispatched(request.request_id)
-            queued.set_attribute("disagg.rejected", type(exc).__name__)
-            raise
-        finally:
-            queued.end()
+        first_decision = await self._wait_in_queue(request, session, tenant, priority, deadline_s, now, ctx)
         sent: list[int] = []
         sent_chars = 0
         first_at: float | None = None
@@ -335,6 +320,38 @@ class RouterCore:
         finally:
             self._dispatched(request.request_id)
             self.admission.pump()  # its capacity is free again
+
+    async def _wait_in_queue(
+        self,
+        request: Request,
+        session: str | None,
+        tenant: str,
+        priority: int,
+        deadline_s: float | None,
+        now: float,
+        ctx: Context,
+    ) -> Decision | None:
+        """Wait in the admission queue until dispatched (Overloaded if refused); the decision made on arrival when
+        requests are not routed again on dispatch (`rescore_on_dispatch` off)."""
+        queue = self.admission.queue
+        limit = min(deadline_s or queue.config.default_deadline_s, queue.config.max_deadline_s)
+        entry = Entry(request.request_id, tenant, priority, request.num_tokens, now, now + limit)
+        first_decision = None
+        if not self.config.rescore_on_dispatch:
+            first_decision = self.route(request, session)
+            entry.worker = first_decision.decode_worker
+        queued = self.tracer.start_span(
+            "router.queue", context=ctx, attributes={"disagg.tenant": tenant, "disagg.priority": priority}
+        )
+        try:
+            await self.admission.admit(entry)
+        except BaseException as exc:
+            self._dispatched(request.request_id)
+            queued.set_attribute("disagg.rejected", type(exc).__name__)
+            raise
+        finally:
+            queued.end()
+        return first_decision
 
     async def drain_releases(self) -> None:
         """On shutdown: let background lease releases finish (each is bounded by `release_timeout_s`)."""
