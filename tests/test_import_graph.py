@@ -37,6 +37,9 @@ def test_the_router_imports_nothing_from_the_front_door():
     routers = [m for m in graph() if m.startswith("disagg.router")]
     leaks = {m: sorted(d for d in reachable(m) if d.startswith("disagg.http")) for m in routers}
     assert not any(leaks.values()), {m: d for m, d in leaks.items() if d}
+    web = {"fastapi", "starlette", "uvicorn"}
+    served = {m: sorted(d for d in {m, *reachable(m)} if web & top_levels(graph()[d])) for m in routers}
+    assert not any(served.values()), {m: d for m, d in served.items() if d}
 
 
 def test_no_package_cycle_among_router_planner_and_front_door():

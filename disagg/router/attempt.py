@@ -38,7 +38,7 @@ class AttemptRunner:
         handles: Mapping[str, WorkerHandle | None],
         health: HealthMonitor,
         book: LoadBook,
-        counters: Counter,
+        counters: Counter[str],
         config: RouterCoreConfig,
         wake_admission: Callable[[], None],
     ) -> None:

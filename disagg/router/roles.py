@@ -94,7 +94,7 @@ class RoleChanger:
         health: HealthMonitor,
         loads: Mapping[str, WorkerLoad],
         handles: Mapping[str, WorkerHandle | None],
-        counters: Counter,
+        counters: Counter[str],
         route_as: Callable[[str, Role], None],
         config: RoleChangeConfig | None = None,
     ) -> None:

@@ -107,7 +107,7 @@ class RouterCore:
         self.on_queue_wait: Callable[[float], None] | None = None  # metrics hook (seconds spent queued)
         self._dispatching: str | None = None  # dispatched, not yet counted by begin()
         self.decisions: deque[RoutedRequest] = deque(maxlen=self.config.max_decisions)
-        self.counters: Counter = Counter()  # migrations, fallbacks, requests by path (see telemetry)
+        self.counters: Counter[str] = Counter()  # migrations, fallbacks, requests by path (see telemetry)
         self._lock = threading.Lock()
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
