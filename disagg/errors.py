@@ -1,7 +1,7 @@
 """One error hierarchy for the whole project.
 
 Every error a request can meet is a `DisaggError` subclass that says what kind of failure it is; the HTTP layer
-maps the class to a status code and an OpenAI-style body in one place (`router/http_errors.py`).  Inside the
+maps the class to a status code and an OpenAI-style body in one place (`http/errors.py`).  Inside the
 cluster, `WorkerLost` and `TransferFailed` are recoverable: the router migrates the request or falls back to
 local prefill / recompute; only when no fallback is left does a client see `ServiceUnavailable`.
 """

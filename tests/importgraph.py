@@ -67,3 +67,46 @@ def reachable(start: str, package: str = "disagg") -> set[str]:
                 seen.add(target)
                 todo.append(target)
     return seen
+
+
+def package_of(module: str, packages: list[str]) -> str | None:
+    """The package in `packages` (dotted prefixes) that `module` belongs to, if any."""
+    return next((p for p in packages if module == p or module.startswith(p + ".")), None)
+
+
+def package_edges(packages: list[str], package: str = "disagg") -> dict[str, set[str]]:
+    """package -> the other packages in `packages` its modules import directly."""
+    edges: dict[str, set[str]] = {p: set() for p in packages}
+    for mod, imports in graph(package).items():
+        source = package_of(mod, packages)
+        if source is None:
+            continue
+        for imp in imports:
+            target = package_of(imp, packages)
+            if target is not None and target != source:
+                edges[source].add(target)
+    return edges
+
+
+def package_cycles(packages: list[str], package: str = "disagg") -> list[list[str]]:
+    """Every cycle among `packages` (each as the path that closes it); empty when they form a DAG."""
+    return cycles_in(package_edges(packages, package))
+
+
+def cycles_in(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Cycles of a directed graph (node -> successors), each found once per entry point, as a closed path."""
+    cycles: list[list[str]] = []
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        for nxt in sorted(edges[node]):
+            if nxt in path:
+                cycles.append([*path[path.index(nxt):], nxt])
+            elif nxt not in done:
+                visit(nxt, [*path, nxt])
+        done.add(node)
+
+    for start in sorted(edges):
+        if start not in done:
+            visit(start, [start])
+    return cycles

@@ -217,10 +217,11 @@ def test_the_loop_carries_out_every_worker_of_a_move():
     import asyncio
 
     from disagg.planner.loop import PlannerLoop
+    from disagg.router.planner_port import RouterPlannerPort
     from disagg.router.router import RouterCore
 
     core = RouterCore({}, dict.fromkeys(["d0", "d1", "d2", "d3"]))
-    loop = PlannerLoop(core, PlannerConfig(enabled=True))
+    loop = PlannerLoop(RouterPlannerPort.of(core), PlannerConfig(enabled=True))
     move = Move(["d1", "d3"], Role.BOTH, Role.PREFILL, Reason.PREFILL_BACKLOG, "test")
     loop.planner.decide = lambda signals: move  # the decision is tested above; here only its execution
     assert asyncio.run(loop.step()) is move

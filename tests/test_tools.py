@@ -10,8 +10,8 @@ from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.tokenizer import Tokenizer
 from disagg.protocol import SamplingParams
-from disagg.router.tools import (ToolCallStream, parse_tool_calls, template_handles_tools, template_messages,
-                                 template_parses_hermes)
+from disagg.http.tools import (ToolCallStream, parse_tool_calls, template_handles_tools, template_messages,
+                               template_parses_hermes)
 
 HERMES_TEMPLATE = (Path(__file__).parent / "data" / "hermes_tools.jinja").read_text()
 TWO_CALLS = ('Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'

@@ -20,11 +20,12 @@ from typing import Any
 import ray
 from ray._private import ray_constants  # the one knob that keeps a local cluster on loopback (init_ray)
 
-from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker, RouterActor
+from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker
 from disagg.cluster.client import DisaggClient
+from disagg.cluster.router_actor import RouterActor
 from disagg.cluster.worker import worker_tiers
+from disagg.http.server import free_port
 from disagg.protocol import WorkerStats
-from disagg.router.server import free_port
 
 
 @dataclass

@@ -1,2 +1,3 @@
 """The planner: picks roles for workers from the router's own measurements (policy.py, pure) and moves them at
-runtime through the router's role changer (loop.py)."""
+runtime (loop.py) through a narrow port (port.py: the signals it reads, a role change) that the router implements
+(router/planner_port.py) and the simulator too; the planner imports neither."""

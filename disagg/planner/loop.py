@@ -1,8 +1,11 @@
-"""The planner loop inside the router actor: every `interval_s`, read the router's signals, ask the Planner, carry
-out at most one role change (router/roles.py), and say why - in logs and in /metrics
-(`disagg:planner_moves_total{from,to,reason}`, `disagg:planner_holds_total{reason}`, `disagg:planner_enabled`).
+"""The planner loop inside the router actor: every `interval_s`, read the signals through the port
+(planner/port.py), ask the Planner, carry out at most one move (its workers' role changes together), and say why -
+in logs and in /metrics (`disagg:planner_moves_total{from,to,reason}`, `disagg:planner_holds_total{reason}`,
+`disagg:planner_enabled`).
 
-`collect_signals` is also what the simulator's planner reads, so both judge the same figures.
+Lifecycle: `start()` (on the running event loop; only when enabled) runs the rounds as one task; `stop()` cancels
+it.  A round that fails is logged and the next one runs; `max_failures` in a row end the loop, loudly.  The
+routing core starts and stops it with its other background tasks (RouterCore.start / stop).
 """
 
 from __future__ import annotations
@@ -11,47 +14,16 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from typing import TYPE_CHECKING
 
-from disagg.planner.policy import Hold, Move, Planner, PlannerConfig, Signals, WorkerSignal
-from disagg.protocol import WorkerState
-
-if TYPE_CHECKING:
-    from disagg.router.router import RouterCore
+from disagg.planner.policy import Hold, Move, Planner, PlannerConfig
+from disagg.planner.port import PlannerPort
 
 log = logging.getLogger(__name__)
 
 
-def collect_signals(
-    core: RouterCore, config: PlannerConfig, now: float | None = None, default_prefill_tokens_per_s: float = 2000.0
-) -> Signals:
-    now = time.monotonic() if now is None else now
-    workers = []
-    for name, health in core.health.workers.items():
-        load = core.loads[name]
-        stats = health.stats
-        total = stats.kv_blocks_total if stats is not None else None
-        per_token = stats.prefill_s_per_token if stats is not None else None
-        workers.append(
-            WorkerSignal(
-                name=name,
-                role=health.role,
-                routable=health.state is WorkerState.READY,
-                queued_prefill_tokens=load.queued_prefill_tokens,
-                active_requests=load.active_requests,
-                max_running=core.capacity.max_running,
-                kv_fraction=load.active_blocks / total if total else None,
-                prefill_tokens_per_s=1.0 / per_token if per_token else None,
-                prefill_queue_limit=core.capacity.max_prefill_queue_tokens,
-            )
-        )
-    ttft, tpot, finished = core.latency.attainment(config.ttft_slo_s, config.tpot_slo_s, config.window_s, now)
-    return Signals(now, workers, ttft, tpot, finished, default_prefill_tokens_per_s)
-
-
 class PlannerLoop:
-    def __init__(self, core: RouterCore, config: PlannerConfig | None = None) -> None:
-        self.core = core
+    def __init__(self, port: PlannerPort, config: PlannerConfig | None = None) -> None:
+        self.port = port
         self.planner = Planner(config)
         self.config = self.planner.config
         self.moves: Counter = Counter()  # (from, to, reason) -> count
@@ -94,7 +66,7 @@ class PlannerLoop:
     async def step(self) -> Move | Hold:
         """One round: decide, and carry out a move (waiting for its drain)."""
         now = time.monotonic()
-        decision = self.planner.decide(collect_signals(self.core, self.config, now))
+        decision = self.planner.decide(self.port.signals(self.config, now))
         if isinstance(decision, Hold):
             self.holds[decision.value] += 1
             if decision is not self.planner.last_hold:
@@ -115,7 +87,7 @@ class PlannerLoop:
         # every worker of the move changes together: their drains overlap instead of adding up
         await asyncio.gather(
             *(
-                self.core.roles.change(name, decision.new, reason=decision.reason.value, detail=decision.detail)
+                self.port.change_role(name, decision.new, reason=decision.reason.value, detail=decision.detail)
                 for name in decision.workers
             )
         )

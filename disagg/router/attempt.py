@@ -5,33 +5,45 @@ the release of the contributing worker's lease off the request's path.
 
 `RouterCore.generate` (router/router.py) owns the request's life - admission, routing, migration after a
 WorkerLost; this module owns the worker calls of one attempt.  No Ray and no HTTP: workers are `WorkerHandle`s.
+It is given what it uses (the handles, the health monitor, the load book, the counters, the deadlines, and a
+callback that wakes the admission queue), never the core itself.
+
+Lifecycle: an AttemptRunner lives as long as its core; background lease releases it starts run until done (each
+bounded by `release_timeout_s`), and `drain_releases()` waits for them on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator, Awaitable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 
 from opentelemetry import trace
 
 from disagg.errors import DeadlineExceeded, InvalidRequest, ServiceUnavailable, TransferFailed, WorkerLost
-from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, RouterCounters, ServePath, TokenDelta
+from disagg.router.core_config import RouterCoreConfig
 from disagg.router.handles import WorkerHandle
-from disagg.router.health import WorkerState
-from disagg.router.load import LoadTicket
+from disagg.router.health import HealthMonitor
+from disagg.router.load import LoadBook, LoadTicket
 from disagg.router.policy import Decision
-
-if TYPE_CHECKING:
-    from disagg.router.router import RouterCore
 
 log = logging.getLogger(__name__)
 
 
 class AttemptRunner:
-    def __init__(self, core: RouterCore) -> None:
-        self.core = core
+    def __init__(
+        self,
+        handles: Mapping[str, WorkerHandle | None],
+        health: HealthMonitor,
+        book: LoadBook,
+        counters: RouterCounters,
+        config: RouterCoreConfig,
+        wake_admission: Callable[[], None],
+    ) -> None:
+        """`wake_admission`: called when a prompt leaves its worker's prefill queue (queued requests may fit now)."""
+        self.handles, self.health, self.book, self.counters = handles, health, book, counters
+        self.config, self.wake_admission = config, wake_admission
         self._releases: dict[str, asyncio.Task] = {}  # background lease releases by request id, until done
 
     async def serve(
@@ -52,18 +64,18 @@ class AttemptRunner:
             path = ServePath.FALLBACK if (decision.prefill_worker or decision.peer_worker) else ServePath.LOCAL
         else:
             path = ServePath.DISAGGREGATED if decision.prefill_worker else ServePath.PEER_PREFIX
-        self.core.counters.served(path)
+        self.counters.served(path)
         stream = decode.generate(request, remote)
-        timeout: float | None = self.core.config.stream_start_timeout_s
+        timeout: float | None = self.config.stream_start_timeout_s
         generated = 0
         try:
             while True:
                 delta = await self._next(stream, timeout, decision.decode_worker)
                 timeout = None
                 generated += len(delta.token_ids)
-                self.core.progress(ticket, generated)
+                self.book.progress(ticket, generated)
                 if generated == len(delta.token_ids):
-                    self.core.admission.pump()  # the prompt left the prefill queue
+                    self.wake_admission()  # the prompt left the prefill queue
                 yield delta
                 if delta.finished:
                     return
@@ -79,9 +91,9 @@ class AttemptRunner:
         step = asyncio.ensure_future(stream.__anext__())
         try:
             while True:
-                if self.core.health.workers[worker].state is WorkerState.DEAD:
+                if self.health.is_dead(worker):
                     raise WorkerLost(f"{worker} died while streaming", worker=worker)
-                wait = self.core.config.death_poll_s
+                wait = self.config.death_poll_s
                 if deadline is not None:
                     wait = min(wait, deadline - asyncio.get_running_loop().time())
                     if wait <= 0:
@@ -107,10 +119,10 @@ class AttemptRunner:
         task = asyncio.ensure_future(call)
         try:
             while True:
-                done, _ = await asyncio.wait({task}, timeout=self.core.config.death_poll_s)
+                done, _ = await asyncio.wait({task}, timeout=self.config.death_poll_s)
                 if done:
                     return task.result()
-                if self.core.health.workers[worker].state is WorkerState.DEAD:
+                if self.health.is_dead(worker):
                     raise WorkerLost(f"{worker} died during the call", worker=worker)
         finally:
             if not task.done():
@@ -118,14 +130,14 @@ class AttemptRunner:
                 await asyncio.gather(task, return_exceptions=True)
 
     def handle(self, name: str) -> WorkerHandle:
-        handle = self.core.handles[name]
+        handle = self.handles[name]
         if handle is None:
             raise ServiceUnavailable(f"worker {name} has no handle (a routing-only router)", code="no_handle")
         return handle
 
     async def _remote_kv(
         self, request: Request, decision: Decision, span: trace.Span = trace.INVALID_SPAN
-    ) -> tuple[Any, WorkerHandle | None]:
+    ) -> tuple[PrefillResult | None, WorkerHandle | None]:
         """The KV another worker contributes: a remote prefill's result, or a peer's cached prefix (or none)."""
         name = decision.prefill_worker or decision.peer_worker
         if name is None:
@@ -134,15 +146,15 @@ class AttemptRunner:
         try:
             call: Awaitable[PrefillResult | None]
             if decision.prefill_worker:
-                call = handle.prefill(request, self.core.config.prefill_timeout_s)
+                call = handle.prefill(request, self.config.prefill_timeout_s)
             else:
-                call = handle.export_prefix(request, self.core.config.export_timeout_s)
+                call = handle.export_prefix(request, self.config.export_timeout_s)
             result = await self._while_alive(call, name)
         except InvalidRequest:
             raise
         except (WorkerLost, DeadlineExceeded, TransferFailed) as exc:
             kind = FallbackKind.PREFILL if decision.prefill_worker else FallbackKind.PEER_PREFIX
-            self.core.counters.fell_back(kind)
+            self.counters.fell_back(kind)
             span.add_event("fallback", {"disagg.kind": kind.value, "disagg.worker": name, "disagg.error": exc.message})
             log.warning(
                 "%s on %s failed for %s (%s); computing on %s",
@@ -160,7 +172,7 @@ class AttemptRunner:
         """Release off the request's path: the owner answers between engine steps (seconds, with long prefills
         in them), and the client's last chunk or its local-prefill fallback must not wait for that.  Bounded:
         past `max_background_releases` in flight, the caller waits for this one."""
-        if len(self._releases) >= self.core.config.max_background_releases:
+        if len(self._releases) >= self.config.max_background_releases:
             await self._release(handle, request_id)
             return
         task = asyncio.get_running_loop().create_task(self._release(handle, request_id))
@@ -176,6 +188,6 @@ class AttemptRunner:
     async def _release(self, handle: WorkerHandle, request_id: str) -> None:
         """Best effort: normally the read's notification already released it; a dead owner's lease died with it."""
         try:
-            await asyncio.wait_for(handle.release(request_id), self.core.config.release_timeout_s)
+            await asyncio.wait_for(handle.release(request_id), self.config.release_timeout_s)
         except (WorkerLost, DeadlineExceeded, asyncio.TimeoutError) as exc:
             log.info("release of %s on %s: %s", request_id, handle.name, exc)

@@ -164,6 +164,13 @@ class HealthMonitor:
     def routable(self, name: str) -> bool:
         return self.workers[name].state is WorkerState.READY
 
+    def is_dead(self, name: str) -> bool:
+        """Out of routing: requests streaming from it migrate."""
+        return self.workers[name].state is WorkerState.DEAD
+
+    def role_of(self, name: str) -> Role:
+        return self.workers[name].role
+
     def live_counts(self) -> dict[str, int]:
         counts = {role.value: 0 for role in Role}
         for w in self.workers.values():

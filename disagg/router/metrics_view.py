@@ -1,7 +1,7 @@
 """The router core as /metrics sees it: a typed `ClusterSnapshot` (disagg/telemetry.py) taken at scrape time.
 
 Telemetry is a ground-floor module and knows nothing of the router; the composition root hands it
-`lambda: cluster_snapshot(core)` (router/api.py), so the dependency points from the router to telemetry.
+`lambda: cluster_snapshot(core)` (http/app.py), so the dependency points from the router to telemetry.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ Lifecycle of one change (`RoleChanger.change`), a small state machine per worker
     DONE / TIMED_OUT   drained within `drain_timeout_s` or not (not: the old work still finishes on the worker;
               only the announcement came first)
 
-Pure asyncio + the router core; no Ray.  The planner (disagg/planner/) decides which changes to make.
+Pure asyncio; no Ray.  The changer is given what it uses - the health monitor (roles, liveness), the workers'
+loads (the drain check), their handles (the announcement), the counters, and `route_as` (RouterCore's routing
+sets) - never the core itself.  The planner (disagg/planner/) decides which changes to make, through its port
+(router/planner_port.py).
 """
 
 from __future__ import annotations
@@ -22,14 +25,14 @@ import enum
 import logging
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from disagg.errors import DisaggError, InvalidRequest
-from disagg.protocol import Role
-
-if TYPE_CHECKING:
-    from disagg.router.router import RouterCore
+from disagg.protocol import Role, RouterCounters
+from disagg.router.handles import WorkerHandle
+from disagg.router.health import HealthMonitor
+from disagg.router.policy import WorkerLoad
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +80,8 @@ class RoleChange:
         }
 
 
-def drained(core: RouterCore, name: str, old: Role, new: Role) -> bool:
-    """Whether work of the roles `name` leaves has finished, by the router's exact accounting."""
-    load = core.loads[name]
+def drained(load: WorkerLoad, old: Role, new: Role) -> bool:
+    """Whether work of the roles a worker leaves has finished, by the router's exact accounting (its `load`)."""
     if old.decodes and not new.decodes and load.active_requests:
         return False
     # a prefill-only worker's queue holds only remote prefills; a decoding one's also its own prompts
@@ -87,25 +89,35 @@ def drained(core: RouterCore, name: str, old: Role, new: Role) -> bool:
 
 
 class RoleChanger:
-    def __init__(self, core: RouterCore, config: RoleChangeConfig | None = None) -> None:
-        self.core = core
+    def __init__(
+        self,
+        health: HealthMonitor,
+        loads: Mapping[str, WorkerLoad],
+        handles: Mapping[str, WorkerHandle | None],
+        counters: RouterCounters,
+        route_as: Callable[[str, Role], None],
+        config: RoleChangeConfig | None = None,
+    ) -> None:
+        """`route_as(name, role)`: the router routes `name` as `role` from now on (RouterCore.set_routing_role)."""
+        self.health, self.loads, self.handles, self.counters = health, loads, handles, counters
+        self.route_as = route_as
         self.config = config or RoleChangeConfig()
         self.records: deque[RoleChange] = deque(maxlen=self.config.max_records)
         self.in_flight: dict[str, RoleChange] = {}
 
     def validate(self, name: str, new: Role) -> Role:
         """The worker's current role; InvalidRequest if the change is not allowed now."""
-        health = self.core.health.workers.get(name)
-        if health is None:
+        worker = self.health.workers.get(name)
+        if worker is None:
             raise InvalidRequest(f"no worker named {name!r}", param="worker")
         if name in self.in_flight:
             raise InvalidRequest(f"{name} is already changing role", param="worker")
-        if health.role is new:
+        if worker.role is new:
             raise InvalidRequest(f"{name} already has role {new.value}", param="role")
-        others = [w for n, w in self.core.health.workers.items() if n != name and w.role.decodes]
+        others = [w for n, w in self.health.workers.items() if n != name and w.role.decodes]
         if not new.decodes and not others:
             raise InvalidRequest("the last decode-capable worker cannot stop decoding", param="role")
-        return health.role
+        return worker.role
 
     async def change(self, name: str, new: Role, reason: str = "manual", detail: str = "") -> RoleChange:
         old = self.validate(name, new)
@@ -113,12 +125,12 @@ class RoleChanger:
         self.in_flight[name] = record
         self.records.append(record)
         try:
-            self.core.set_routing_role(name, new)
+            self.route_as(name, new)
             record.state = ChangeState.DRAINING
             deadline = time.monotonic() + self.config.drain_timeout_s
-            while not drained(self.core, name, old, new) and time.monotonic() < deadline:
+            while not drained(self.loads[name], old, new) and time.monotonic() < deadline:
                 await asyncio.sleep(self.config.drain_poll_s)
-            timed_out = not drained(self.core, name, old, new)
+            timed_out = not drained(self.loads[name], old, new)
             record.announced = await self.announce(name, new)
             record.state = ChangeState.TIMED_OUT if timed_out else ChangeState.DONE
         finally:
@@ -133,11 +145,11 @@ class RoleChanger:
             record.state.value,
             record.finished - record.started,
         )
-        self.core.counters.role_changed(old, new)
+        self.counters.role_changed(old, new)
         return record
 
     async def announce(self, name: str, role: Role) -> bool:
-        handle = self.core.handles.get(name)
+        handle = self.handles.get(name)
         if handle is None:  # a routing-only core (the simulator): nothing to tell
             return True
         try:
@@ -150,7 +162,7 @@ class RoleChanger:
     def reconcile(self, name: str, reported: Role) -> None:
         """A heartbeat reported `reported`: if that is not the role the router assigned (a worker that restarted
         after a change), tell it again in the background."""
-        assigned = self.core.health.workers[name].role
+        assigned = self.health.role_of(name)
         if reported is assigned or name in self.in_flight:
             return
         loop = asyncio.get_running_loop()

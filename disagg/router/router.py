@@ -15,6 +15,13 @@ Serving one request (`generate`):
   4. on WorkerLost the request migrates: routed again as prompt + the tokens the client already has
      (`Request.resumed`), so the stream continues with no duplicate and no missing token, up to
      `max_migrations` times; then, or when no decode-capable worker is left, ServiceUnavailable.
+
+Lifecycle: built with its workers' handles (None for a routing-only core: the simulator, benchmarks); `start()`
+on the serving event loop starts its background tasks - the admission dispatcher, the health supervisor (when
+every worker has a handle), the planner loop (when one is attached as `planner`) - and `stop()` stops them in
+reverse order, then lets background lease releases finish.  A core that is never started still routes and
+serves (DisaggClient, tests): the queue is pumped as capacity frees, but no timer refuses requests past deadline.
+Collaborators (router/attempt.py, router/roles.py, the planner's port) get the parts they use, not the core.
 """
 
 from __future__ import annotations
@@ -28,8 +35,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 
 from disagg.errors import ServiceUnavailable, WorkerLost
+from disagg.planner.loop import PlannerLoop
 from disagg.protocol import (
     Heartbeat,
     KVEventBatch,
@@ -42,6 +51,7 @@ from disagg.protocol import (
 )
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.attempt import AttemptRunner
+from disagg.router.core_config import RouterCoreConfig
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
@@ -51,19 +61,6 @@ from disagg.router.roles import RoleChanger
 from disagg.tracing import inject
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RouterCoreConfig:
-    rescore_on_dispatch: bool = True  # a queued request is routed when it leaves the queue (fresh index state)
-    prefill_timeout_s: float = 120.0  # remote prefill not answered by then: the decode worker prefills locally
-    export_timeout_s: float = 5.0  # a peer's prefix offer
-    stream_start_timeout_s: float = 300.0  # first delta from the decode worker (its queue included)
-    release_timeout_s: float = 5.0
-    max_background_releases: int = 4096  # lease releases in flight off the request path (then callers wait)
-    max_migrations: int = 3  # per request; then the client gets an explicit error
-    max_decisions: int = 10_000  # bound of the decision log
-    death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing
 
 
 @dataclass
@@ -115,9 +112,12 @@ class RouterCore:
         self._lock = threading.Lock()
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
-        self.roles = RoleChanger(self)
-        self.attempts = AttemptRunner(self)  # the worker calls of one attempt (router/attempt.py)
-        self.planner: Any = None  # a PlannerLoop (disagg/planner/) when the service runs one
+        self.roles = RoleChanger(self.health, self.loads, self.handles, self.counters, self.set_routing_role)
+        # the worker calls of one attempt (router/attempt.py)
+        self.attempts = AttemptRunner(
+            self.handles, self.health, self.book, self.counters, self.config, self.admission.pump
+        )
+        self.planner: PlannerLoop | None = None  # attached by the composition root when the service plans roles
         # load accounting and saturation (router/load.py); the simulator and bench/router.py drive them too
         self.begin, self.progress, self.end, self.has_room = (
             self.book.begin,
@@ -125,6 +125,24 @@ class RouterCore:
             self.book.end,
             self.book.has_room,
         )
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the background tasks on the running event loop (see the module docstring)."""
+        self.admission.start()
+        if self.supervisor is not None:
+            self.supervisor.start()
+        if self.planner is not None:
+            self.planner.start()
+
+    async def stop(self) -> None:
+        """Stop them, newest first, then let background lease releases finish (each bounded by release_timeout_s)."""
+        if self.planner is not None:
+            await self.planner.stop()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        await self.admission.stop()
+        await self.drain_releases()
 
     # ------------------------------------------------------------------ health
     def _on_health_change(self, name: str, old: WorkerState, new: WorkerState) -> None:
@@ -253,23 +271,7 @@ class RouterCore:
             request = dataclasses.replace(request, trace_context=inject(span))
         queue = self.admission.queue
         now = queue.clock()
-        limit = min(deadline_s or queue.config.default_deadline_s, queue.config.max_deadline_s)
-        entry = Entry(request.request_id, tenant, priority, request.num_tokens, now, now + limit)
-        first_decision = None
-        if not self.config.rescore_on_dispatch:
-            first_decision = self.route(request, session)
-            entry.worker = first_decision.decode_worker
-        queued = self.tracer.start_span(
-            "router.queue", context=ctx, attributes={"disagg.tenant": tenant, "disagg.priority": priority}
-        )
-        try:
-            await self.admission.admit(entry)
-        except BaseException as exc:
-            self._dispatched(request.request_id)
-            queued.set_attribute("disagg.rejected", type(exc).__name__)
-            raise
-        finally:
-            queued.end()
+        first_decision = await self._wait_in_queue(request, session, tenant, priority, deadline_s, now, ctx)
         sent: list[int] = []
         sent_chars = 0
         first_at: float | None = None
@@ -320,6 +322,38 @@ class RouterCore:
         finally:
             self._dispatched(request.request_id)
             self.admission.pump()  # its capacity is free again
+
+    async def _wait_in_queue(
+        self,
+        request: Request,
+        session: str | None,
+        tenant: str,
+        priority: int,
+        deadline_s: float | None,
+        now: float,
+        ctx: Context,
+    ) -> Decision | None:
+        """Wait in the admission queue until dispatched (Overloaded if refused); the decision made on arrival when
+        requests are not routed again on dispatch (`rescore_on_dispatch` off)."""
+        queue = self.admission.queue
+        limit = min(deadline_s or queue.config.default_deadline_s, queue.config.max_deadline_s)
+        entry = Entry(request.request_id, tenant, priority, request.num_tokens, now, now + limit)
+        first_decision = None
+        if not self.config.rescore_on_dispatch:
+            first_decision = self.route(request, session)
+            entry.worker = first_decision.decode_worker
+        queued = self.tracer.start_span(
+            "router.queue", context=ctx, attributes={"disagg.tenant": tenant, "disagg.priority": priority}
+        )
+        try:
+            await self.admission.admit(entry)
+        except BaseException as exc:
+            self._dispatched(request.request_id)
+            queued.set_attribute("disagg.rejected", type(exc).__name__)
+            raise
+        finally:
+            queued.end()
+        return first_decision
 
     async def drain_releases(self) -> None:
         """On shutdown: let background lease releases finish (each is bounded by `release_timeout_s`)."""

@@ -1,14 +1,16 @@
 """The router's planner in virtual time: every `interval_s` it reads the same signals the real planner loop reads
-(disagg/planner/loop.py: the router's exact load accounting and SLO attainment over a window) and moves at most
-one worker between prefill and decode through SimCluster.set_role.  The timeline of moves is kept for reports
+(disagg/router/planner_port.py: the router's exact load accounting and SLO attainment over a window) and moves at
+most one worker between prefill and decode through SimCluster.set_role.  SimPlanner is the simulator's
+PlannerPort (disagg/planner/port.py).  The timeline of moves is kept for reports
 and plots."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from disagg.planner.loop import collect_signals
-from disagg.planner.policy import Move, Planner, PlannerConfig
+from disagg.planner.policy import Move, Planner, PlannerConfig, Signals
+from disagg.protocol import Role
+from disagg.router.planner_port import RouterPlannerPort
 
 
 @dataclass
@@ -29,6 +31,14 @@ class SimPlanner:
         self.timeline: list[RoleEvent] = []
         model = cluster.model  # the modelled prefill speed stands in for a worker's measured one
         self.prefill_tokens_per_s = 1.0 / max(model.per_token, 1e-6)
+        self.reads = RouterPlannerPort.of(cluster.router, self.prefill_tokens_per_s)
+
+    # PlannerPort: the real loop's signals; a role change is instant in virtual time (no drain to wait for)
+    def signals(self, config: PlannerConfig, now: float) -> Signals:
+        return self.reads.signals(config, now)
+
+    async def change_role(self, worker: str, role: Role, reason: str, detail: str) -> None:
+        self.cluster.set_role(worker, role)
 
     def start(self) -> None:
         if self.config.enabled:
@@ -36,7 +46,7 @@ class SimPlanner:
 
     def tick(self) -> None:
         loop = self.cluster.loop
-        signals = collect_signals(self.cluster.router, self.config, loop.now, self.prefill_tokens_per_s)
+        signals = self.signals(self.config, loop.now)
         decision = self.planner.decide(signals)
         if isinstance(decision, Move):
             for name in decision.workers:

@@ -15,9 +15,9 @@ from opentelemetry import trace
 
 from disagg import tracing as tr
 from disagg.errors import DisaggError
+from disagg.http.errors import sse_error, unexpected
+from disagg.http.shape import AnswerShape, Collected
 from disagg.protocol import Request, SamplingParams, TokenDelta
-from disagg.router.api_shape import AnswerShape, Collected
-from disagg.router.http_errors import sse_error, unexpected
 from disagg.telemetry import RouterMetrics
 
 

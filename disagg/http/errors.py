@@ -3,7 +3,8 @@
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
 Types follow OpenAI's (clients key their retry logic off the status: 429 and 5xx are retried by the official
-clients, 4xx are not).  A 429 carries `Retry-After`.
+clients, 4xx are not).  A 429 carries `Retry-After`.  `install_error_handlers` puts the same mapping in front of
+FastAPI's own errors (validation, 404/405) and of anything unexpected (a JSON 500, never a plain-text one).
 """
 
 from __future__ import annotations
@@ -11,7 +12,11 @@ from __future__ import annotations
 import json
 import math
 
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from disagg.errors import (
     DeadlineExceeded,
@@ -70,3 +75,33 @@ def sse_error(exc: DisaggError) -> str:
 
 def unexpected(exc: BaseException) -> InternalError:
     return InternalError(f"internal error: {type(exc).__name__}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI-shaped JSON body with its status (the table above)."""
+
+    @app.exception_handler(DisaggError)
+    async def _disagg_error(_: HTTPRequest, exc: DisaggError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: HTTPRequest, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(InvalidRequest("request body is not valid JSON", code="invalid_json"))
+        message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
+        return error_response(InvalidRequest(message, param=".".join(loc) or None, code=first.get("type")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: HTTPRequest, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            return error_response(NotFound(str(exc.detail)))
+        if exc.status_code < 500:  # e.g. 405 method not allowed: keep the status, OpenAI-shaped body
+            body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
+            return JSONResponse(status_code=exc.status_code, content=body)
+        return error_response(unexpected(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: HTTPRequest, exc: Exception):
+        return error_response(unexpected(exc))

@@ -1,33 +1,38 @@
-"""The router service: RouterCore + the FastAPI app served by uvicorn (uvloop) on its own thread, and the health
-supervisor running on that same event loop.
+"""The router's composition root: from a RouterConfig (plain fields, so Ray can restart the router actor with
+its constructor arguments) and the workers' handles, build the routing core (router/), the planner loop over its
+port (planner/, router/planner_port.py), the HTTP front door (http/app.py) and the server it runs on
+(http/server.py).
 
-Hosted inside the router Ray actor (see cluster/actors.py); Ray-agnostic itself apart from the worker handles
-it is given, so tests can also run it in-process.
+Lifecycle: `start()` serves HTTP and returns the URL; the app's lifespan starts the core's background tasks on
+the server's event loop (admission, health supervisor, planner) and stops them when `stop()` ends the server.
+Ray-agnostic itself apart from the worker handles it is given (cluster/router_actor.py hosts it in an actor), so
+tests can also run it in-process.  Imports no torch: the router process serves HTTP, not a model.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
-
-from disagg.engine.model import ModelConfig
 from disagg.engine.tokenizer import Tokenizer
+from disagg.http.app import build_app
+from disagg.http.config import ApiConfig
+from disagg.http.server import HttpServer
 from disagg.planner.loop import PlannerLoop
 from disagg.planner.policy import PlannerConfig
 from disagg.protocol import KVEventBatch
 from disagg.router.admission import AdmissionConfig, CapacityConfig
-from disagg.router.api import ApiConfig, build_app
+from disagg.router.core_config import RouterCoreConfig
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig
+from disagg.router.planner_port import RouterPlannerPort
 from disagg.router.policy import PolicyConfig
-from disagg.router.router import RouterCore, RouterCoreConfig
+from disagg.router.router import RouterCore
 from disagg.tracing import TracingConfig, make_tracer
+
+DEFAULT_MAX_POSITION_EMBEDDINGS = 4096  # what the engine assumes when config.json does not say (engine/model.py)
 
 
 @dataclass
@@ -51,18 +56,20 @@ class RouterConfig:
     stop_timeout_s: float = 10.0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def max_position_embeddings(model_dir: Path) -> int:
+    """The model's context length from its HF config.json, read without the engine (which would load torch)."""
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a model directory needs an HF config.json")
+    return int(json.loads(path.read_text()).get("max_position_embeddings", DEFAULT_MAX_POSITION_EMBEDDINGS))
 
 
-class RouterServer:
+class RouterService:
     def __init__(self, config: RouterConfig, prefill: dict[str, WorkerHandle], decode: dict[str, WorkerHandle]) -> None:
         self.config = config
         model_dir = Path(config.model)
         tokenizer = Tokenizer.from_dir(model_dir)
-        max_len = min(config.max_model_len, ModelConfig.from_dir(model_dir).max_position_embeddings)
+        max_len = min(config.max_model_len, max_position_embeddings(model_dir))
         self.core = RouterCore(
             prefill,
             decode,
@@ -74,36 +81,17 @@ class RouterServer:
             CapacityConfig(**config.capacity),
             make_tracer(TracingConfig(**config.tracing), "router"),
         )
-        self.core.planner = PlannerLoop(self.core, PlannerConfig(**config.planner))
+        self.core.planner = PlannerLoop(RouterPlannerPort.of(self.core), PlannerConfig(**config.planner))
         name = config.served_model_name or model_dir.name
-        self.app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys))
-        port = config.port or free_port(config.host)
-        self.url = f"http://{config.host}:{port}"
-        self._server = uvicorn.Server(
-            uvicorn.Config(
-                self.app,
-                host=config.host,
-                port=port,
-                loop="uvloop",
-                http="httptools",
-                log_level="warning",
-                access_log=False,
-            )
-        )
-        self._thread = threading.Thread(target=self._server.run, name="router-http", daemon=True)
+        app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys))
+        self.http = HttpServer(app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)
+        self.url = self.http.url
 
     def start(self) -> str:
-        self._thread.start()
-        deadline = time.monotonic() + self.config.start_timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"HTTP server did not start on {self.url}")
-            time.sleep(0.02)
-        return self.url
+        return self.http.start()
 
     def publish_kv_events(self, batch: bytes) -> bool:
         return self.core.on_kv_events(KVEventBatch.from_wire(batch))
 
     def stop(self) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=self.config.stop_timeout_s)
+        self.http.stop()

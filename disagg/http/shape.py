@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.engine.tokenizer import Tokenizer
+from disagg.http.tools import ToolCall, ToolCallStream, parse_tool_calls
 from disagg.protocol import TokenDelta
-from disagg.router.tools import ToolCall, ToolCallStream, parse_tool_calls
 
 TOOL_CALLS = "tool_calls"  # the finish reason of an answer that is tool calls
 

@@ -1,6 +1,6 @@
 """Request validation for the HTTP API: model name, prompt tokens, sampling parameters against the context
 length, and the priority (body field or header).  Every problem is an InvalidRequest / NotFound (400 / 404 with
-an OpenAI error body, mapped in router/http_errors.py); nothing here touches the router."""
+an OpenAI error body, mapped in http/errors.py); nothing here touches the router."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import InvalidRequest, NotFound
+from disagg.http.tools import template_messages, template_parses_hermes
 from disagg.protocol import SamplingParams
-from disagg.router.tools import template_messages, template_parses_hermes
 
 PRIORITY_HEADER = "x-priority"
 

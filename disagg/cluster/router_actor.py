@@ -1,0 +1,73 @@
+"""The router's Ray actor: hosts the router service (cluster/router_service.py: routing core, planner, HTTP
+front door); workers publish their KV events to it.
+
+Lifecycle: Ray restarts it (max_restarts, see launch.py) with the same constructor arguments - small, inline, the
+workers looked up by name - and the service binds the same port again.  `stop()` ends the HTTP server.
+
+Kept apart from the engine workers' actors (cluster/actors.py): Ray imports this module in the router's process,
+which must load no torch and no triton (tests/test_router_imports.py).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+from disagg.cluster.handles import RayWorkerHandle
+from disagg.cluster.router_service import RouterConfig, RouterService
+
+
+@ray.remote(num_cpus=0, max_concurrency=8, max_task_retries=0)  # type: ignore[call-overload]  # ray's stubs
+class RouterActor:
+    """Hosts the router core and the OpenAI-compatible HTTP server; workers publish KV events to it."""
+
+    def __init__(self, config: dict[str, Any], prefill: list[str], decode: list[str]) -> None:
+        """Workers are named actors, looked up by name: the constructor's arguments stay small and inline, so
+        Ray can always restart the router with them."""
+        node = ray.get_runtime_context().get_node_id()
+        self.service = RouterService(
+            RouterConfig(**config),
+            {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
+            {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode},
+        )
+        self.url = self.service.start()
+
+    def get_url(self) -> str:
+        return self.url
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def publish_kv_events(self, batch: bytes) -> bool:
+        return self.service.publish_kv_events(batch)
+
+    def decisions(self, n: int = 100) -> list[dict[str, Any]]:
+        return self.service.core.recent_decisions(n)
+
+    def health(self) -> dict[str, Any]:
+        core = self.service.core
+        return {
+            "workers": {
+                n: {"state": w.state.value, "reason": w.reason, "incarnation": w.incarnation, "restarts": w.restarts}
+                for n, w in core.health.workers.items()
+            },
+            "events": core.health.recent_events(200),
+            "counters": core.counters.to_wire(),  # a RouterCounters message
+            "loads": {
+                n: {
+                    "active_requests": load.active_requests,
+                    "active_blocks": load.active_blocks,
+                    "queued_prefill_tokens": load.queued_prefill_tokens,
+                }
+                for n, load in core.loads.items()
+            },
+        }
+
+    def index_size(self) -> dict[str, int]:
+        core = self.service.core
+        return {name: len(core.index.blocks_of(name)) for name in core.loads}
+
+    def stop(self) -> None:
+        self.service.stop()

@@ -1,0 +1,49 @@
+"""The HTTP front door (FastAPI): builds the app over a routing core - OpenAI-compatible generation (http/openai.py),
+probes and /metrics (http/probes.py), operator endpoints (http/admin.py) - with the API-key middleware
+(http/auth.py) and the error handlers (http/errors.py, the one place errors map to HTTP).
+
+Errors are OpenAI-shaped; an unexpected exception is a JSON 500, never a plain-text one.
+
+Lifecycle: the app's lifespan only starts the core's background tasks on the server's event loop
+(`RouterCore.start`: admission dispatch, health supervisor, planner loop) and stops them on shutdown
+(`RouterCore.stop`, which also lets background lease releases finish).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from disagg.engine.tokenizer import Tokenizer
+from disagg.http.admin import add_admin_routes
+from disagg.http.auth import AuthAndCount
+from disagg.http.config import ApiConfig
+from disagg.http.errors import install_error_handlers
+from disagg.http.openai import add_openai_routes
+from disagg.http.probes import add_metrics_route, add_probe_routes
+from disagg.router.metrics_view import cluster_snapshot
+from disagg.router.router import RouterCore
+from disagg.telemetry import RouterMetrics
+
+
+def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        core.start()
+        yield
+        await core.stop()
+
+    app = FastAPI(title="disagg", docs_url=None, redoc_url=None, lifespan=lifespan)
+    metrics = RouterMetrics(lambda: cluster_snapshot(core))
+    core.on_queue_wait = metrics.queue_wait.observe
+    app.state.metrics = metrics
+
+    install_error_handlers(app)
+    app.add_middleware(AuthAndCount, tenant_of=config.tenant_of, metrics=metrics)
+    # registration order is the old single module's (it is the order of /openapi.json)
+    add_probe_routes(app, core.health)
+    add_admin_routes(app, core.health, core.roles, core.planner)
+    add_metrics_route(app, metrics)
+    add_openai_routes(app, core, tokenizer, config, metrics)
+    return app

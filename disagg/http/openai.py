@@ -1,0 +1,166 @@
+"""The OpenAI-compatible generation API: /v1/models, /v1/completions and /v1/chat/completions (JSON or SSE).
+
+A streaming request is only answered with 200 once its first token exists, so a request that cannot be served
+gets a real status (503, 400, ...); a failure after that is an SSE error event, and the stream ends.  A client
+that disconnects cancels its request on every worker.  The request itself is served by the routing core
+(`RouterCore.generate`: admission, routing, migration); this module turns HTTP into a Request and deltas into
+OpenAI answers.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+
+from disagg.engine.tokenizer import Tokenizer
+from disagg.errors import InvalidRequest, ServiceUnavailable
+from disagg.http.config import ApiConfig
+from disagg.http.errors import error_response
+from disagg.http.inputs import chat_prompt, check_model, priority_of, sampling_params, tokenize_prompt
+from disagg.http.schemas import ChatCompletionRequest, CompletionRequest
+from disagg.http.shape import AnswerShape
+from disagg.http.stream import ClientGone, collect, request_span, sse, timed, until_disconnect, usage
+from disagg.protocol import Request, SamplingParams
+from disagg.router.router import RouterCore
+from disagg.telemetry import RouterMetrics
+
+SESSION_HEADER = "x-session-id"
+
+
+def add_openai_routes(
+    app: FastAPI, core: RouterCore, tokenizer: Tokenizer, config: ApiConfig, metrics: RouterMetrics
+) -> None:
+    serve = _server(core, config, metrics)
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "disagg",
+                    "max_model_len": config.max_model_len,
+                }
+            ],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http: HTTPRequest):
+        check_model(body.model, config.model_name)
+        ids = tokenize_prompt(body.prompt, tokenizer)
+        sampling = sampling_params(
+            body,
+            body.max_tokens if body.max_tokens is not None else 16,
+            len(ids),
+            config.max_model_len,
+            logprobs=body.logprobs,
+        )
+        shape = AnswerShape(tokenizer, chat=False, logprobs=body.logprobs is not None)
+        return await serve("cmpl", "text_completion", body, ids, sampling, http, shape)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
+        check_model(body.model, config.model_name)
+        ids, tools = chat_prompt(body, tokenizer)
+        sampling = sampling_params(
+            body,
+            body.max_completion_tokens or body.max_tokens,
+            len(ids),
+            config.max_model_len,
+            logprobs=body.logprobs_k(),
+        )
+        shape = AnswerShape(
+            tokenizer,
+            chat=True,
+            logprobs=body.logprobs,
+            tools=tools,
+            parallel_tool_calls=body.parallel_tool_calls is not False,
+        )
+        return await serve("chatcmpl", "chat.completion", body, ids, sampling, http, shape)
+
+
+def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
+    """The handler both generation endpoints share: one request through the core, answered as JSON or SSE."""
+
+    async def serve(
+        prefix: str, kind: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest, shape: AnswerShape
+    ):
+        chat = shape.chat
+        session = http.headers.get(SESSION_HEADER) or body.user
+        retention = body.kv_retention.ttl_s if body.kv_retention is not None else None
+        priority = priority_of(body, http.headers)
+        request = Request(
+            f"{prefix}-{uuid.uuid4().hex}",
+            ids,
+            sampling,
+            session_id=session,
+            kv_retention_s=retention,
+            priority=priority,
+        )
+        created = int(time.time())
+        tenant = getattr(http.state, "tenant", "default")
+        running = {"counted": False, "predicted": None}
+        span = request_span(
+            core.tracer, config.model_name, chat, bool(body.stream), request, sampling, http.headers, session
+        )
+
+        def on_route(decision) -> None:  # left the admission queue: now it runs
+            metrics.on_route(decision)
+            if not running["counted"]:
+                running["counted"] = True
+                running["predicted"] = decision.predicted_cached_tokens(len(ids), core.block_size)
+                metrics.running.inc()
+
+        stream = timed(
+            core.generate(
+                request,
+                session=session,
+                on_route=on_route,
+                tenant=tenant,
+                priority=priority,
+                deadline_s=body.deadline_s,
+                span=span,
+            ),
+            len(ids),
+            running,
+            span,
+            metrics,
+        )
+        try:
+            first = await until_disconnect(stream.__anext__(), http, config.disconnect_poll_s)
+        except ClientGone:
+            await stream.aclose()
+            return error_response(InvalidRequest("client closed the request", code="client_closed"))
+        except StopAsyncIteration:
+            raise ServiceUnavailable("the request ended without output", code="empty_stream") from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        if body.stream:
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(
+                sse(first, stream, request.request_id, config.model_name, created, shape, include_usage, len(ids)),
+                media_type="text/event-stream",
+            )
+        try:
+            answer = await until_disconnect(collect(first, stream), http, config.disconnect_poll_s)
+        except ClientGone:
+            await stream.aclose()
+            return error_response(InvalidRequest("client closed the request", code="client_closed"))
+        return {
+            "id": request.request_id,
+            "object": kind,
+            "created": created,
+            "model": config.model_name,
+            "choices": [shape.final_choice(answer)],
+            "usage": usage(len(ids), answer.num_tokens, answer.num_cached_tokens),
+        }
+
+    return serve

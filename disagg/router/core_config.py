@@ -1,0 +1,19 @@
+"""The routing core's deadlines and bounds (RouterCoreConfig): read by RouterCore (router/router.py) and by the
+collaborators it hands them to (router/attempt.py), so it lives apart from both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RouterCoreConfig:
+    rescore_on_dispatch: bool = True  # a queued request is routed when it leaves the queue (fresh index state)
+    prefill_timeout_s: float = 120.0  # remote prefill not answered by then: the decode worker prefills locally
+    export_timeout_s: float = 5.0  # a peer's prefix offer
+    stream_start_timeout_s: float = 300.0  # first delta from the decode worker (its queue included)
+    release_timeout_s: float = 5.0
+    max_background_releases: int = 4096  # lease releases in flight off the request path (then callers wait)
+    max_migrations: int = 3  # per request; then the client gets an explicit error
+    max_decisions: int = 10_000  # bound of the decision log
+    death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing
