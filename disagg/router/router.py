@@ -4,14 +4,15 @@ serving a request through its workers with fallbacks and migration.
 No Ray and no HTTP here: workers are `WorkerHandle`s (router/handles.py).  Thread-safe (one lock): the HTTP
 server's event loop routes requests while the router actor's threads apply KV event batches.
 
-Serving one request (`generate`):
+Serving one request (`generate`): it waits in the admission queue, then its life is a Flight (router/flight.py:
+the rules below, shared with the simulator) driven on this event loop by router/drive.py:
   1. route it (only READY workers count); no decode-capable worker READY -> ServiceUnavailable (503);
   2. remote prefill on the chosen prefill worker, with a deadline; if it fails or times out the decode worker
      prefills locally (and the prefill worker's lease, if any, is released) - or, when the policy chose a peer
      pull, the peer's cached prefix is offered to the decode worker;
   3. stream from the decode worker: the first delta within `stream_start_timeout_s`; while streaming, the
      worker's death (the health supervisor takes it out of routing) or a broken stream raises WorkerLost
-     (steps 2 and 3 are one attempt: router/attempt.py);
+     (steps 2 and 3 are one attempt; its worker calls are router/attempt.py's);
   4. on WorkerLost the request migrates: routed again as prompt + the tokens the client already has
      (`Request.resumed`), so the stream continues with no duplicate and no missing token, up to
      `max_migrations` times; then, or when no decode-capable worker is left, ServiceUnavailable.
@@ -37,7 +38,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.context import Context
 
-from disagg.errors import ServiceUnavailable, WorkerLost
+from disagg.errors import ServiceUnavailable
 from disagg.planner.loop import PlannerLoop
 from disagg.protocol import (
     Heartbeat,
@@ -52,10 +53,12 @@ from disagg.protocol import (
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.attempt import AttemptRunner
 from disagg.router.core_config import RouterCoreConfig
+from disagg.router.drive import FlightDriver, FlightHooks
+from disagg.router.flight import Flight
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import PrefixIndex
-from disagg.router.load import LatencyWindow, LoadBook
+from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.roles import RoleChanger
 from disagg.tracing import inject
@@ -114,9 +117,7 @@ class RouterCore:
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
         self.roles = RoleChanger(self.health, self.loads, self.handles, self.counters, self.set_routing_role)
         # the worker calls of one attempt (router/attempt.py)
-        self.attempts = AttemptRunner(
-            self.handles, self.health, self.book, self.counters, self.config, self.admission.pump
-        )
+        self.attempts = AttemptRunner(self.handles, self.health, self.counters, self.config)
         self.planner: PlannerLoop | None = None  # attached by the composition root when the service plans roles
         # load accounting and saturation (router/load.py); the simulator and bench/router.py drive them too
         self.begin, self.progress, self.end, self.has_room = (
@@ -272,53 +273,29 @@ class RouterCore:
         queue = self.admission.queue
         now = queue.clock()
         first_decision = await self._wait_in_queue(request, session, tenant, priority, deadline_s, now, ctx)
-        sent: list[int] = []
-        sent_chars = 0
-        first_at: float | None = None
-        attempt = request
+
+        def route(attempt: Request, number: int) -> Decision:
+            with self.tracer.start_as_current_span("router.route", context=ctx) as routing:
+                if number == 0 and first_decision is not None:
+                    decision = first_decision
+                else:
+                    decision = self.route_with_room(attempt, session, self.block_hashes(attempt), priority)
+                if routing.is_recording():
+                    routing.set_attributes(decision.span_attributes())
+            if on_route is not None:
+                on_route(decision)
+            return decision
+
+        def begin(decision: Decision, attempt: Request) -> LoadTicket:
+            ticket = self.begin(decision, attempt.num_tokens, self.block_hashes(attempt))
+            self._dispatched(request.request_id)  # counted: the admission queue may dispatch the next one
+            return ticket
+
+        hooks = FlightHooks(route, begin, self.admission.pump, queue, self.latency, self.book)
+        flight = Flight(request, tenant=tenant, arrival=now, max_migrations=self.config.max_migrations)
         try:
-            for migration in range(self.config.max_migrations + 1):
-                hashes = self.block_hashes(attempt)
-                with self.tracer.start_as_current_span("router.route", context=ctx) as routing:
-                    if migration == 0 and first_decision is not None:
-                        decision = first_decision
-                    else:
-                        decision = self.route_with_room(attempt, session, hashes, priority)
-                    if routing.is_recording():
-                        routing.set_attributes(decision.span_attributes())
-                if on_route is not None:
-                    on_route(decision)
-                ticket = self.begin(decision, attempt.num_tokens, hashes)
-                self._dispatched(request.request_id)
-                try:
-                    async for delta in self.attempts.serve(
-                        attempt, decision, ticket, migrated=migration > 0, span=span
-                    ):
-                        first_at = first_at or queue.clock()
-                        sent += delta.token_ids
-                        sent_chars += len(delta.text)
-                        queue.charge(tenant, len(delta.token_ids))
-                        yield delta
-                    self.latency.record(now, first_at or queue.clock(), queue.clock(), len(sent))
-                    return
-                except WorkerLost as exc:
-                    log.warning(
-                        "request %s lost %s after %d tokens (%s)",
-                        request.request_id,
-                        decision.decode_worker,
-                        len(sent),
-                        exc.message,
-                    )
-                    self.counters.migrations += 1
-                    span.add_event(
-                        "migration", {"disagg.worker": decision.decode_worker, "disagg.tokens_delivered": len(sent)}
-                    )
-                    attempt = request.resumed(sent, sent_chars)
-                finally:
-                    self.end(ticket)
-            raise ServiceUnavailable(
-                f"request lost its worker {self.config.max_migrations + 1} times; giving up", code="migration_limit"
-            )
+            async for delta in FlightDriver(self.attempts, hooks, span).fly(flight):
+                yield delta
         finally:
             self._dispatched(request.request_id)
             self.admission.pump()  # its capacity is free again
