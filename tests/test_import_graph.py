@@ -132,3 +132,14 @@ def test_no_module_cycle_in_the_router_the_planner_or_the_front_door():
     module = lambda name: name if name in g else name.rpartition(".")[0]  # `from a import b`: b may be a name
     edges = {m: {module(i) for i in g[m]} & mods - {m} for m in mods}
     assert cycles_in(edges) == []
+
+
+def test_no_package_cycle_anywhere_in_the_product():
+    """Every package of disagg/ (and each top-level module, as its own node) depends on the others one way."""
+    nodes = sorted({".".join(m.split(".")[:2]) for m in graph() if m != "disagg"})
+    assert {"disagg.router", "disagg.sim", "disagg.engine", "disagg.kv", "disagg.protocol"} <= set(nodes)
+    assert package_cycles(nodes) == []
+    # the detector: a made-up back edge closes a cycle
+    edges = package_edges(nodes)
+    edges["disagg.protocol"] = {*edges["disagg.protocol"], "disagg.router"}
+    assert cycles_in(edges)
