@@ -1,5 +1,6 @@
 """The router process serves HTTP and routes; it loads no model: importing what the router actor imports (its
-module, the composition root, the front door and the routing core) must not import torch or triton.  Checked in
+module, the composition root, the front door, the routing core, and the workers' actor module, which Ray imports
+to build their handles) must not import torch or triton.  Checked in
 a fresh interpreter, so nothing this test session imported earlier hides a leak."""
 import subprocess
 import sys
@@ -10,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = """
 import importlib, pkgutil, sys
 import disagg.cluster.router_actor, disagg.cluster.router_service, disagg.http, disagg.router, disagg.planner
+import disagg.cluster.actors, disagg.cluster.launch  # Ray imports the workers' actor module to build handles
 for pkg in (disagg.http, disagg.router, disagg.planner):
     for info in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{info.name}")

@@ -30,16 +30,11 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disagg.cluster.spans import WorkerSpans
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
 from disagg.config import EngineConfig
-from disagg.engine.engine import LLMEngine
-from disagg.kv.disk_tier import DiskTierBusy
-from disagg.kv.fingerprint import engine_fingerprint
-from disagg.kv.peer import PeerSource
-from disagg.kv.store import TierConfig, TieredStore
 from disagg.model_store import cache_root
 from disagg.protocol import (
     EventKind,
@@ -53,8 +48,14 @@ from disagg.protocol import (
     WorkerStats,
 )
 from disagg.tracing import TracingConfig
-from disagg.transfer.base import KVLayout, KVTransport
-from disagg.transfer.factory import FaultInjector, nixl_transport, resolve_wrapper
+
+# The engine, the KV tiers and the transport (torch, NIXL) load when a worker is built, not when this module is
+# imported: Ray imports an actor's module wherever a handle to it is made, and the router process must stay
+# torch-free (tests/test_http_api.py checks the live process).
+if TYPE_CHECKING:
+    from disagg.engine.engine import LLMEngine
+    from disagg.kv.store import TieredStore
+    from disagg.transfer.base import KVTransport
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ def worker_tiers(tiers: dict[str, Any] | None, slot: str) -> dict[str, Any] | No
 
 def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
     """The worker's CPU (and disk) tier; config.tiers None or cpu_bytes 0 turns tiers off."""
+    from disagg.kv.disk_tier import DiskTierBusy
+    from disagg.kv.fingerprint import engine_fingerprint
+    from disagg.kv.store import TierConfig, TieredStore
+
     if config.tiers is None:
         return None
     fields = worker_tiers(config.tiers, config.name)
@@ -122,6 +127,10 @@ class EngineWorker:
         transport_factory: Callable[[str, LLMEngine], KVTransport] | None = None,
         tier_factory: Callable[[LLMEngine, WorkerConfig], TieredStore | None] = build_tiers,
     ) -> None:
+        from disagg.engine.engine import LLMEngine
+        from disagg.kv.peer import PeerSource
+        from disagg.transfer.factory import nixl_transport, resolve_wrapper
+
         self.config = config
         self.incarnation = uuid.uuid4().hex[:8]
         self.agent_name = f"{config.name}-{self.incarnation}"
@@ -245,6 +254,8 @@ class EngineWorker:
         return self.transport.layout().to_wire()
 
     async def set_peers(self, layouts: list[bytes]) -> None:
+        from disagg.transfer.base import KVLayout
+
         await self._call(self.transport.set_peers, [KVLayout.from_wire(b) for b in layouts])
 
     async def set_role(self, role: str) -> None:
@@ -351,6 +362,8 @@ class EngineWorker:
         return os.getpid()
 
     def inject_fault(self, fault: str, count: int = 1, hang_s: float = 30.0) -> None:
+        from disagg.transfer.factory import FaultInjector
+
         if not isinstance(self.transport, FaultInjector):
             raise ValueError("this worker's transport injects no faults (WorkerConfig.transport_wrapper)")
         self.transport.inject(fault, count, hang_s)

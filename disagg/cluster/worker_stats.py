@@ -8,12 +8,15 @@ that thread changes).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from disagg.engine.engine import LLMEngine
-from disagg.kv.peer import PeerSource
-from disagg.kv.store import TieredStore
 from disagg.protocol import CorruptReason, SourceKind, Tier, WorkerStats
-from disagg.transfer.base import KVTransport
+
+if TYPE_CHECKING:  # types only: the router process imports this module's package without torch
+    from disagg.engine.engine import LLMEngine
+    from disagg.kv.peer import PeerSource
+    from disagg.kv.store import TieredStore
+    from disagg.transfer.base import KVTransport
 
 _TIERS = (Tier.CPU, Tier.DISK)  # the tiers behind the device cache; each one reported, zeros included
 
