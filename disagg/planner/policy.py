@@ -14,29 +14,25 @@ of a queue in front of it.  Rules, in order (each move keeps at least `min_decod
    prompts themselves (prompt tokens queued on them: prefill interference) because the prefill pool is full
    (every prefill worker at its queue limit, or none): decode workers become prefill workers - the least loaded
    ones, so the fewest streams drain.  While the pool has room, the prompts decode workers prefill are the ones
-   the router keeps local by design (short, or mostly cached): more prefill workers would not take them.  At 4x
-   the agent load with a 50 ms TPOT SLO, counting those drained the best split 41P:23D to 63P:1D (goodput
-   52 -> 12 req/s).
+   the router keeps local by design (short, or mostly cached): more prefill workers would not take them.
 3. TPOT missed without fixable interference (decode is simply full): prefill workers with the shortest queues
    become decode workers, never so many that the prompts' estimated wait passes `prefill_wait_high_s`.
 4. Prompts wait at the prefill workers (estimated wait > `prefill_wait_high_s`), or TTFT is missed while prompts
    still wait (> `prefill_wait_low_s`), and TPOT is met: the router keeps long prompts on the prefill pool while
    it is under its queue limit, so that pool is the bottleneck - decode workers become prefill workers.
-   (Measured: at 64 workers and 4x the agent load, 16P:48D misses TTFT on 22% of requests and 41P:23D meets it;
-   moving the other way halved goodput.)  A TTFT miss alone is history (the window holds the last 30 s): with
-   no prompt waiting now, another prefill worker would not help.  At 8x the planner kept moving decode workers
-   to prefill on the window's misses after the queue had drained, and overshot to 52P:12D.
+   A TTFT miss alone is history (the window holds the last 30 s): with no prompt waiting now, another prefill
+   worker would not help.
 5. Prefill workers idle (estimated wait ~0) while decode is busier than `decode_load_low`: they move to decode.
 The last prefill worker leaves (ending disaggregation) only when TPOT is measured to be missed, not on a load
-proxy (KV use, idle prefill): measured on 2 workers with the agent workload, the planner moved it on KV use
-alone in 2 of 3 runs and those runs served worse than the run that kept it (1.55 and 1.34 vs 1.69 req/s).
+proxy (KV use, idle prefill).
 A move takes up to `step_fraction` of the workers at once (at least one), so a large cluster crosses a wide gap
 in a few rounds; a prefill backlog k times `prefill_wait_high_s` takes up to k such steps at once (at most
 `max_step_multiple`): a backlog that deep needs that many more prefill workers, and waiting one cooldown per
-step let it grow (at 8x the agent load, 16P:48D needed 5 rounds, 50 s, to reach the split that serves it).
+step lets it grow.
 Hysteresis: a move must be asked for `confirm_rounds` rounds in a row; at most one move per `cooldown_s`; a
 worker stays in a role at least `min_dwell_s`; and a worker
 reverses a move (back to the role it just left) at most once per `reversal_window_s` - so no flapping.
+The measurements behind these rules are in docs/benchmarks.md ("Why the planner's rules are what they are").
 """
 
 from __future__ import annotations
@@ -285,10 +281,6 @@ class Planner:
             h.roles.append((now, move.old, move.new))
         self.last_move_at = now
         self._streak = (None, 0)
-
-    def reversals_within(self, name: str, window_s: float, now: float) -> int:
-        h = self.history.get(name)
-        return sum(now - t < window_s for t in h.reversals) if h else 0
 
 
 def _room(n: int, level: float, high: float) -> int:

@@ -36,7 +36,7 @@ class TierMatch:
 
 
 @dataclass
-class WorkerState:
+class IndexedWorker:
     last_seq_no: int = -1
     needs_snapshot: bool = False
     blocks: dict[int, int] = field(default_factory=dict)  # hash -> tier bits
@@ -46,11 +46,11 @@ class PrefixIndex:
     def __init__(self, max_blocks: int = 2_000_000) -> None:
         self.max_blocks = max_blocks
         self._owners: OrderedDict[int, dict[str, int]] = OrderedDict()  # hash -> {worker: tier bits}
-        self._workers: dict[str, WorkerState] = {}
+        self._workers: dict[str, IndexedWorker] = {}
 
     # ------------------------------------------------------------------ updates
     def add_worker(self, worker: str) -> None:
-        self._workers.setdefault(worker, WorkerState())
+        self._workers.setdefault(worker, IndexedWorker())
 
     def remove_worker(self, worker: str) -> None:
         state = self._workers.pop(worker, None)
@@ -63,7 +63,7 @@ class PrefixIndex:
 
     def apply(self, batch: KVEventBatch) -> bool:
         """Apply a batch; False (and nothing applied) if a gap means the caller must fetch a snapshot."""
-        state = self._workers.setdefault(batch.worker, WorkerState())
+        state = self._workers.setdefault(batch.worker, IndexedWorker())
         if batch.snapshot:
             self._clear(batch.worker, None)
             for event in batch.kv_events():
