@@ -20,6 +20,7 @@ from typing import Any
 from bench import stages
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from bench.session_hits import next_turn_hits
+from disagg.options import from_options
 from disagg.planning.spec import ClusterSpec, parse_configs
 from disagg.workload.metrics import SLO, RequestRecord, parse_slos
 from disagg.workload.options import load_workload
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_model_len": args.max_model_len,
         "num_threads": args.threads,
     }
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = from_options(SLO, args, prefix="slo-")
     runs: list[dict[str, Any]] = []
     records: dict[str, list[RequestRecord]] = {}
     try:

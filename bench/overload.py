@@ -33,8 +33,11 @@ from typing import Any
 import httpx
 
 from bench.sweeps import ARMS, aggregate_sweeps, rescore_study
+from disagg.config import EngineConfig
+from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.router.admission import jain_index
-from disagg.workload.metrics import percentile
+from disagg.utils import cdiv
+from disagg.workload.metrics import SLO, percentile
 
 
 @dataclass
@@ -202,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     slo = (args.slo_ttft_s, args.slo_tpot_s)
     try:
         svc = _service(args, admission=True)
-        _warm(svc.url, 49152, args.prefill + args.decode)
+        _warm(svc.url, DEFAULT_VOCAB_SIZE, args.prefill + args.decode)
         model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]
 
         after: dict[str, Any] = {}
@@ -287,7 +290,7 @@ def interleaved_sweeps(
         for arm in ARMS if rep % 2 == 0 else ARMS[::-1]:
             svc = _service(args, admission=arm == "admission")
             try:
-                _warm(svc.url, 49152, args.prefill + args.decode)
+                _warm(svc.url, DEFAULT_VOCAB_SIZE, args.prefill + args.decode)
                 print(f"[overload] sweep {arm}, repeat {rep + 1}/{args.repeats}", flush=True)
                 runs[arm].append(
                     sweep(
@@ -350,7 +353,7 @@ def _synthetic(
 
     rng = random.Random(seed)
     out = []
-    blocks = -(-prompt_tokens // 16)
+    blocks = cdiv(prompt_tokens, EngineConfig.block_size)
     unique = itertools.count(1 << 30)
     for tenant, priority, rate in streams:
         for t in _poisson(rng, rate, duration_s):  # lazily: the prefix draws interleave with the arrival draws
@@ -476,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         help="admission: a request that cannot start within this is refused (the TTFT SLO minus "
         "the time a prefill takes, so admitted requests can still meet it)",
     )
-    parser.add_argument("--slo-ttft-s", type=float, default=2.0)
+    parser.add_argument("--slo-ttft-s", type=float, default=SLO.ttft_ms / 1000, help="the product's TTFT SLO")
+    # looser than the product's TPOT SLO: overloaded CPU workers decode slowly, and the study judges admission
     parser.add_argument("--slo-tpot-s", type=float, default=0.5)
     parser.add_argument(
         "--simulate",

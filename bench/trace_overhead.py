@@ -21,6 +21,7 @@ from opentelemetry import trace
 from bench.common import emit, print_table
 from disagg import tracing as tr
 from disagg.cluster.spans import WorkerSpans
+from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.protocol import Role
 
 
@@ -109,7 +110,7 @@ def end_to_end(args: argparse.Namespace) -> list[dict[str, Any]]:
                     ),
                     {"port": 0, "policy": {"min_remote_prefill_tokens": 16}},
                 )
-                _warm(svc.url, 49152, 2)
+                _warm(svc.url, DEFAULT_VOCAB_SIZE, 2)
                 model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]
                 shots = asyncio.run(
                     open_loop(

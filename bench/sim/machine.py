@@ -40,7 +40,9 @@ from typing import Any
 
 import psutil
 
+from disagg.config import EngineConfig
 from disagg.sim.timemodel import StepTimeModel
+from disagg.utils import cdiv
 
 # the workers' engine settings everywhere below (bench/compare.py's defaults, as bench.sim.validate runs them)
 KV_CACHE_MB, MAX_MODEL_LEN, MAX_BATCHED_TOKENS = 256, 2048, 512
@@ -284,7 +286,7 @@ def handoff_costs(model: StepTimeModel, requests: int, prompt_tokens: int = 128,
     if went_remote != requests:
         raise RuntimeError(f"{went_remote} of {requests} {prompt_tokens}-token requests were prefilled remotely")
     step_local, step_remote = alone[8], alone[prompt_tokens]
-    blocks = -(-prompt_tokens // 16)
+    blocks = cdiv(prompt_tokens, EngineConfig.block_size)
     transfer = model.transfer_time(blocks)
     idle = _serving(idle_cpu) / idle_wall
     cpu_local = max(0.0, _serving(local_cpu) - idle * local_wall) / requests

@@ -21,6 +21,8 @@ from typing import Any
 from bench.compare import run_one
 from bench.replay import ReplayConfig
 from bench.stages import load_spans, per_request
+from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.options import add_options, from_options
 from disagg.planning.spec import ClusterSpec, parse_configs
 from disagg.sim.run import add_sim_args, sim_config, simulate
 from disagg.sim.timemodel import StepTimeModel
@@ -143,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--session-rate", type=float, default=0.2)
     p.add_argument("--conv-limit", type=int, default=40)
     p.add_argument("--conv-time-scale", type=float, default=0.1)
-    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
-    p.add_argument("--vocab-size", type=int, default=49152)
+    add_options(p, SLO, prefix="slo-")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     p.add_argument("--only", default="agent,conversation")
     p.add_argument("--out", default="bench/results/validate")
     p.add_argument(
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cores:
         args.cores = 2  # this machine: the real workers share 2 cores
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = from_options(SLO, args, prefix="slo-")
     specs = parse_configs(args.configs)
     from disagg.model_store import default_model_dir
 

@@ -38,6 +38,7 @@ from disagg.kv.leases import LeaseTable
 from disagg.kv.load import KVLoad, KVSource, KVTiers, LoadState, SourceKind, _Notifier
 from disagg.kv.seam import BlockPool, Sequence
 from disagg.protocol import FinishReason, KVEvent, PrefillResult, Tier
+from disagg.utils import cdiv
 
 __all__ = ["ConnectorStats", "KVConnector", "KVLoad", "KVSource", "KVTiers", "LoadState", "SourceKind", "_Notifier"]
 
@@ -124,7 +125,7 @@ class KVConnector:
     def _plan_peer(self, seq: Sequence, num_hit_blocks: int) -> KVLoad | None:
         result = seq.remote
         assert result is not None  # plan() routes only sequences with a peer's result here
-        total = -(-result.num_tokens // self.block_size)
+        total = cdiv(result.num_tokens, self.block_size)
         if num_hit_blocks >= total:
             return None
         return KVLoad(

@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from disagg.options import add_options, from_options
 from disagg.planning.search import Search, markdown, ranking, reason
 from disagg.planning.spec import ClusterSpec
 from disagg.sim.run import add_sim_args
@@ -30,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disagg plan", description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, required=True, help="workers to split between prefill and decode")
     p.add_argument("--rate", type=float, default=1.0, help="load: multiplier on the workload's pace")
-    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    add_options(p, SLO, prefix="slo-")
     p.add_argument("--extra-slos", default="", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     p.add_argument(
         "--budget",
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     trace, scale, workload = load_workload(args)
     scale = TraceScale(**{**scale.__dict__, "time_scale": scale.time_scale * args.rate})
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = from_options(SLO, args, prefix="slo-")
     search = Search(args, trace, scale, model, slo)
     print(
         f"planning {args.workers} workers for {workload['name']} at {args.rate:g}x "

@@ -22,6 +22,7 @@ from typing import Any
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
+from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.policy import Decision, PolicyConfig
@@ -44,7 +45,7 @@ class SimClusterConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
-    vocab_size: int = 49152
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     event_delay_s: float = 0.001  # KV events reach the router this long after the step that made them ...
     event_jitter_s: float = 0.0  # ... plus up to this much more (independently per batch: batches can reorder,
     # and a gap makes the router take a snapshot, as the real router actor does)

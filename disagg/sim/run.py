@@ -17,6 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from disagg.options import add_options, from_options
 from disagg.planner.policy import PlannerConfig
 from disagg.planning.spec import parse_configs
 from disagg.protocol import Request, TokenDelta
@@ -258,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="agg-rr=0x16:round_robin,agg-kv=0x16:kv,disagg-kv=4x12:kv")
     parser.add_argument("--rates", default="1", help="load levels: multipliers on the trace's pace")
     add_sim_args(parser)
-    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    add_options(parser, SLO, prefix="slo-")
     parser.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     parser.add_argument("--out", default="bench/results/simulate")
     parser.add_argument("--no-progress", action="store_true")
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trace, scale, workload = load_workload(args)
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = from_options(SLO, args, prefix="slo-")
     rates = [float(r) for r in args.rates.split(",")]
     runs: list[dict[str, Any]] = []
     records: dict[str, list[RequestRecord]] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.workload import agent, loaders
 from disagg.workload.record import TraceRequest, TraceScale
 
@@ -38,7 +39,7 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--time-scale", type=float, default=1.0, help="replay speed-up on timestamps and think times")
     g.add_argument("--max-input-tokens", type=int, default=None)
     g.add_argument("--max-output-tokens", type=int, default=None)
-    g.add_argument("--vocab-size", type=int, default=49152, help="token ids are drawn below this")
+    g.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="token ids are drawn below this")
 
 
 def load_workload(args: argparse.Namespace) -> tuple[list[TraceRequest], TraceScale, dict[str, Any]]:
