@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ def run_one(
 
     disk_root = tempfile.mkdtemp(prefix="compare-kv-")
     tracing = {"file_dir": trace_dir} if trace_dir else None
+    planner = spec.planner_config(slo)
+    # the router's config is still PolicyConfig / PlannerConfig fields (Service takes a dict)
     service = Service(
         ClusterConfig(
             num_prefill=spec.num_prefill,
@@ -53,7 +55,7 @@ def run_one(
             tiers=spec.tiers(disk_root),
             tracing=tracing,
         ),
-        {"policy": spec.policy_config(), "port": 0, "planner": spec.planner_config(slo) or {}},
+        {"policy": spec.policy_settings(), "port": 0, "planner": asdict(planner) if planner else {}},
     )
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rate": rate,
                         "prefill_workers": spec.num_prefill,
                         "decode_workers": spec.num_decode,
-                        "policy": spec.policy_config(),
+                        "policy": spec.policy_settings(),
                         "metrics": metrics,
                     }
                 )

@@ -35,7 +35,8 @@ import httpx
 from bench.sweeps import ARMS, aggregate_sweeps, rescore_study
 from disagg.config import EngineConfig
 from disagg.model_store import DEFAULT_VOCAB_SIZE
-from disagg.router.admission import jain_index
+from disagg.router.admission import AdmissionConfig, CapacityConfig, jain_index
+from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.utils import cdiv
 from disagg.workload.metrics import SLO, percentile
 
@@ -410,9 +411,11 @@ def run_sim(args: argparse.Namespace) -> dict[str, Any]:
             num_prefill=args.prefill * args.simulate // 2,
             num_decode=args.simulate,
             num_blocks=364,
-            policy={"kind": "kv", "seed": 0},
-            admission={"default_deadline_s": args.queue_deadline_s} if admission else None,
-            capacity={"max_running": args.max_running, "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
+            policy=PolicyConfig(kind=PolicyKind.KV, seed=0),
+            admission=AdmissionConfig(default_deadline_s=args.queue_deadline_s) if admission else None,
+            capacity=CapacityConfig(
+                max_running=args.max_running, max_prefill_queue_tokens=args.max_prefill_queue_tokens
+            ),
             rescore_on_dispatch=rescore,
         )
         result = simulate(trace, scale, cfg, model)

@@ -28,6 +28,7 @@ from disagg.engine.model import ModelConfig
 from disagg.engine.runner import ModelRunner, load_model
 from disagg.engine.scheduler import ScheduledBatch
 from disagg.protocol import TokenDelta
+from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.sim.timemodel import StepTimeModel, batch_features
 from disagg.workload import loaders
 from disagg.workload.metrics import mean, percentile
@@ -168,7 +169,7 @@ def run_sim(trace: list[TraceRequest], scale: TraceScale, model: StepTimeModel, 
     cfg = SimClusterConfig(
         num_prefill=0,
         num_decode=1,
-        policy={"kind": "kv"},
+        policy=PolicyConfig(kind=PolicyKind.KV),
         num_blocks=engine.pool.num_blocks,
         block_size=engine.config.block_size,
         max_num_seqs=engine.config.max_num_seqs,

@@ -213,7 +213,7 @@ def _service(config_spec: str) -> Iterator[Any]:
     cluster = ClusterConfig(
         num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=engine, tiers=spec.tiers(disk_root)
     )
-    service = Service(cluster, {"policy": spec.policy_config(), "port": 0})
+    service = Service(cluster, {"policy": spec.policy_settings(), "port": 0})
     try:
         yield service
     finally:

@@ -18,9 +18,9 @@ from typing import Any
 from tqdm import tqdm
 
 from disagg.options import add_options, from_options
-from disagg.planner.policy import PlannerConfig
 from disagg.planning.spec import parse_configs
 from disagg.protocol import Request, TokenDelta
+from disagg.router.admission import AdmissionConfig
 from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
 from disagg.sim.faults import SimChaos, window_goodput
 from disagg.sim.planner import SimPlanner
@@ -57,7 +57,7 @@ def simulate(
     agent turns wait for the previous turn plus think time, as in bench.replay.  `chaos`: kill workers mid-run."""
     cluster = SimCluster(config, model)
     victims = chaos.schedule(cluster) if chaos is not None else []
-    planner = SimPlanner(cluster, PlannerConfig(**config.planner)) if config.planner else None
+    planner = SimPlanner(cluster, config.planner) if config.planner is not None else None
     loop = cluster.loop
     units = send_units(trace)
     t0 = min(r.timestamp_ms for r in trace)
@@ -168,7 +168,7 @@ def sim_config(spec: Any, args: argparse.Namespace, model: StepTimeModel, slo: S
         cores=args.cores,
         threads_per_worker=args.threads,
         step_slowdown=args.step_slowdown,
-        admission=None if getattr(args, "no_admission", False) else {},
+        admission=None if getattr(args, "no_admission", False) else AdmissionConfig(),
         **machine_settings(args),
     )
 
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rate": rate,
                     "prefill_workers": spec.num_prefill,
                     "decode_workers": spec.num_decode,
-                    "policy": spec.policy_config(),
+                    "policy": spec.policy_settings(),
                     "metrics": m,
                 }
             )
