@@ -20,7 +20,8 @@ from typing import Any
 from bench import stages
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from bench.session_hits import next_turn_hits
-from disagg.options import from_options
+from disagg.config import LAB_KV_CACHE_MB, EngineConfig
+from disagg.options import add_options, from_options
 from disagg.planning.spec import ClusterSpec, parse_configs
 from disagg.workload.metrics import SLO, RequestRecord, parse_slos
 from disagg.workload.options import load_workload
@@ -92,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg bench compare", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"name=PxD:policy,... (default {DEFAULT_CONFIGS})")
     parser.add_argument("--rates", default="1", help="load levels: multipliers on the trace's pace, e.g. 0.5,1,2")
-    parser.add_argument("--model", default="", help="model directory (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache per worker")
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    add_options(
+        parser,
+        EngineConfig,
+        only=("model", "kv_cache_memory_mb", "max_model_len"),
+        defaults={"kv_cache_memory_mb": LAB_KV_CACHE_MB},  # several workers on one machine
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", default="bench/results/compare")
     parser.add_argument(
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     trace, scale, workload = load_workload(args)
     engine = {
         "model": model,
-        "kv_cache_memory_mb": args.kv_cache_mb,
+        "kv_cache_memory_mb": args.kv_cache_memory_mb,
         "max_model_len": args.max_model_len,
         "num_threads": args.threads,
     }

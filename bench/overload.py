@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from bench.sweeps import ARMS, aggregate_sweeps, rescore_study
-from disagg.config import EngineConfig
+from disagg.config import LAB_KV_CACHE_MB, EngineConfig
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.router.admission import AdmissionConfig, CapacityConfig, jain_index
 from disagg.router.policy import PolicyConfig, PolicyKind
@@ -177,7 +177,7 @@ def _service(args: argparse.Namespace, admission: bool):
     from disagg.cluster.launch import ClusterConfig, Service
     from disagg.model_store import default_model_dir
 
-    engine = {"model": args.model or str(default_model_dir()), "kv_cache_memory_mb": 256, "num_threads": 1}
+    engine = {"model": args.model or str(default_model_dir()), "kv_cache_memory_mb": LAB_KV_CACHE_MB, "num_threads": 1}
     router: dict[str, Any] = {"port": 0}
     if admission:  # queue deadline = the TTFT SLO; saturation thresholds sized for the SLOs on this machine
         router["admission"] = {"default_deadline_s": args.queue_deadline_s}

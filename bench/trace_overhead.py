@@ -21,6 +21,7 @@ from opentelemetry import trace
 from bench.common import emit, print_table
 from disagg import tracing as tr
 from disagg.cluster.spans import WorkerSpans
+from disagg.config import LAB_KV_CACHE_MB
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.protocol import Role
 
@@ -106,7 +107,7 @@ def end_to_end(args: argparse.Namespace) -> list[dict[str, Any]]:
                         num_decode=1,
                         tiers=None,
                         tracing={"file_dir": d} if traced else None,
-                        engine=dict(model=str(default_model_dir()), kv_cache_memory_mb=256, num_threads=1),
+                        engine=dict(model=str(default_model_dir()), kv_cache_memory_mb=LAB_KV_CACHE_MB, num_threads=1),
                     ),
                     {"port": 0, "policy": {"min_remote_prefill_tokens": 16}},
                 )

@@ -40,12 +40,16 @@ from typing import Any
 
 import psutil
 
-from disagg.config import EngineConfig
+from disagg.config import LAB_KV_CACHE_MB, EngineConfig
 from disagg.sim.timemodel import StepTimeModel
 from disagg.utils import cdiv
 
 # the workers' engine settings everywhere below (bench/compare.py's defaults, as bench.sim.validate runs them)
-KV_CACHE_MB, MAX_MODEL_LEN, MAX_BATCHED_TOKENS = 256, 2048, 512
+KV_CACHE_MB, MAX_MODEL_LEN, MAX_BATCHED_TOKENS = (
+    LAB_KV_CACHE_MB,
+    EngineConfig.max_model_len,
+    EngineConfig.max_num_batched_tokens,
+)
 
 
 def _local_engine(threads: int) -> Any:
@@ -56,7 +60,7 @@ def _local_engine(threads: int) -> Any:
         argparse.Namespace(
             model="",
             threads=threads,
-            kv_cache_mb=KV_CACHE_MB,
+            kv_cache_memory_mb=KV_CACHE_MB,
             max_model_len=MAX_MODEL_LEN,
             max_num_batched_tokens=MAX_BATCHED_TOKENS,
         )

@@ -24,7 +24,8 @@ from bench.stages import load_spans, per_request
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.options import add_options, from_options
 from disagg.planning.spec import ClusterSpec, parse_configs
-from disagg.sim.run import add_sim_args, sim_config, simulate
+from disagg.sim.options import add_sim_args
+from disagg.sim.run import sim_config, simulate
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent, loaders
 from disagg.workload.metrics import SLO

@@ -20,7 +20,7 @@ from pathlib import Path
 from disagg.options import add_options, from_options
 from disagg.planning.search import Search, markdown, ranking, reason
 from disagg.planning.spec import ClusterSpec
-from disagg.sim.run import add_sim_args
+from disagg.sim.options import add_sim_args
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload.metrics import SLO
 from disagg.workload.options import add_workload_args, load_workload
