@@ -400,7 +400,7 @@ def run_sim(args: argparse.Namespace) -> dict[str, Any]:
     from disagg.workload.record import TraceScale
 
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    scale = TraceScale(block_tokens=16, native_block=16)  # lengths as given
+    scale = TraceScale(block_tokens=EngineConfig.block_size, native_block=EngineConfig.block_size)  # lengths as given
     slo = (args.slo_ttft_s, args.slo_tpot_s)
 
     def go(streams, duration, admission=True, seed=0, rescore=True, prefixes=0, stats=None):

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from disagg.config import EngineConfig
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.options import add_options, from_options
 from disagg.planning.search import Search, ranking
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
     slo = from_options(SLO, args, prefix="slo-")
     trace = step_workload(args.mix, args.rate, args.phase_s, args.factor)
-    scale = TraceScale(block_tokens=16, max_input_tokens=args.max_model_len - 257, max_output_tokens=256)
+    scale = TraceScale(
+        block_tokens=EngineConfig.block_size, max_input_tokens=args.max_model_len - 257, max_output_tokens=256
+    )
     prefill, decode = static_split(args, trace, scale, model, slo)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table([{k: v for k, v in model.__dict__.items() if k != "source"}], "fitted step-time model (seconds)")
     model.save(args.out)
     trace = loaders.load("mooncake_conversation_trace.jsonl", args.validate)
-    scale = TraceScale(block_tokens=16, time_scale=args.time_scale, max_output_tokens=64)
+    scale = TraceScale(block_tokens=EngineConfig.block_size, time_scale=args.time_scale, max_output_tokens=64)
     engine.pool.reset_prefix_cache()  # the check starts cold, like the simulated worker
     real = run_real(engine, trace, scale)
     sim = run_sim(trace, scale, model, engine)

@@ -240,7 +240,7 @@ def cluster_costs(
         trace = agent.generate(agent.parse_mix("coding_agent"), sessions, session_rate, seed=0)
         cfg = ReplayConfig(
             url=service.url,
-            scale=TraceScale(block_tokens=16, max_input_tokens=1791, max_output_tokens=256),
+            scale=TraceScale(block_tokens=EngineConfig.block_size, max_input_tokens=1791, max_output_tokens=256),
             progress=False,
         )
         result, cpu, wall = cpu_during(lambda: asyncio.run(replay(trace, cfg)))

@@ -21,6 +21,7 @@ from typing import Any
 from bench.compare import run_one
 from bench.replay import ReplayConfig
 from bench.stages import load_spans, per_request
+from disagg.config import EngineConfig
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.options import add_options, from_options
 from disagg.planning.spec import ClusterSpec, parse_configs
@@ -39,8 +40,11 @@ def workloads(args: argparse.Namespace) -> dict[str, tuple[list, TraceScale]]:
     conv = loaders.load("mooncake_conversation_trace.jsonl", args.conv_limit)
     sessions = agent.generate(agent.parse_mix("coding_agent"), args.sessions, args.session_rate, seed=0)
     return {
-        "agent": (sessions, TraceScale(block_tokens=16, **cap)),
-        "conversation": (conv, TraceScale(block_tokens=16, time_scale=args.conv_time_scale, **cap)),
+        "agent": (sessions, TraceScale(block_tokens=EngineConfig.block_size, **cap)),
+        "conversation": (
+            conv,
+            TraceScale(block_tokens=EngineConfig.block_size, time_scale=args.conv_time_scale, **cap),
+        ),
     }
 
 

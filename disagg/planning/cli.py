@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from disagg.options import add_options, from_options
@@ -27,22 +28,29 @@ from disagg.workload.options import add_workload_args, load_workload
 from disagg.workload.record import TraceScale
 
 
+@dataclass
+class PlanOptions:
+    """`disagg plan`'s own options (the simulator's and the workload's are shared with `bench simulate`)."""
+
+    workers: int = field(metadata={"help": "workers to split between prefill and decode"})
+    rate: float = field(default=1.0, metadata={"help": "load: multiplier on the workload's pace"})
+    extra_slos: str = field(default="", metadata={"help": "more TTFT_MS/TPOT_MS pairs to report goodput at"})
+    budget: int = field(
+        default=0, metadata={"help": "disaggregated splits to simulate at most (0: as many as the search needs)"}
+    )
+    exhaustive: bool = field(default=False, metadata={"help": "simulate every split 1..workers-1"})
+    dynamic: bool = field(default=False, metadata={"help": "also rank the planner, starting from the best split"})
+    dynamic_from: str = field(
+        default="", metadata={"help": "PxD the planner starts from (default: the best static split)"}
+    )
+    out: str = field(default="bench/results/plan", metadata={"help": "directory for plan.json and plan.md"})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disagg plan", description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, required=True, help="workers to split between prefill and decode")
-    p.add_argument("--rate", type=float, default=1.0, help="load: multiplier on the workload's pace")
+    add_options(p, PlanOptions, only=("workers", "rate"))
     add_options(p, SLO, prefix="slo-")
-    p.add_argument("--extra-slos", default="", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
-    p.add_argument(
-        "--budget",
-        type=int,
-        default=0,
-        help="disaggregated splits to simulate at most (0: as many as the search needs)",
-    )
-    p.add_argument("--exhaustive", action="store_true", help="simulate every split 1..workers-1")
-    p.add_argument("--dynamic", action="store_true", help="also rank the planner, starting from the best split")
-    p.add_argument("--dynamic-from", default="", help="PxD the planner starts from (default: the best static split)")
-    p.add_argument("--out", default="bench/results/plan")
+    add_options(p, PlanOptions, skip=("workers", "rate"))
     add_sim_args(p)
     add_workload_args(p)
     args = p.parse_args(argv)

@@ -44,7 +44,7 @@ class SimClusterConfig:
     # an unseeded draw made runs differ (the first request's worker)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     num_blocks: int = 4096  # KV blocks per worker
-    block_size: int = 16
+    block_size: int = EngineConfig.block_size
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
