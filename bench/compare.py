@@ -13,13 +13,15 @@ import argparse
 import asyncio
 import json
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from bench import stages
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from bench.session_hits import next_turn_hits
+from disagg.config import LAB_KV_CACHE_MB, EngineConfig
+from disagg.options import add_options, from_options
 from disagg.sim.spec import ClusterSpec, parse_configs
 from disagg.workload.metrics import SLO, RequestRecord, parse_slos
 from disagg.workload.options import load_workload
@@ -44,6 +46,8 @@ def run_one(
 
     disk_root = tempfile.mkdtemp(prefix="compare-kv-")
     tracing = {"file_dir": trace_dir} if trace_dir else None
+    planner = spec.planner_config(slo)
+    # the router's config is still PolicyConfig / PlannerConfig fields (Service takes a dict)
     service = Service(
         ClusterConfig(
             num_prefill=spec.num_prefill,
@@ -52,7 +56,7 @@ def run_one(
             tiers=spec.tiers(disk_root),
             tracing=tracing,
         ),
-        {"policy": spec.policy_config(), "port": 0, "planner": spec.planner_config(slo) or {}},
+        {"policy": spec.policy_settings(), "port": 0, "planner": asdict(planner) if planner else {}},
     )
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement
@@ -89,9 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg bench compare", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"name=PxD:policy,... (default {DEFAULT_CONFIGS})")
     parser.add_argument("--rates", default="1", help="load levels: multipliers on the trace's pace, e.g. 0.5,1,2")
-    parser.add_argument("--model", default="", help="model directory (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache per worker")
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    add_options(
+        parser,
+        EngineConfig,
+        only=("model", "kv_cache_memory_mb", "max_model_len"),
+        defaults={"kv_cache_memory_mb": LAB_KV_CACHE_MB},  # several workers on one machine
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--out", default="bench/results/compare")
     parser.add_argument(
@@ -115,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     trace, scale, workload = load_workload(args)
     engine = {
         "model": model,
-        "kv_cache_memory_mb": args.kv_cache_mb,
+        "kv_cache_memory_mb": args.kv_cache_memory_mb,
         "max_model_len": args.max_model_len,
         "num_threads": args.threads,
     }
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = from_options(SLO, args, prefix="slo-")
     runs: list[dict[str, Any]] = []
     records: dict[str, list[RequestRecord]] = {}
     try:
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         "rate": rate,
                         "prefill_workers": spec.num_prefill,
                         "decode_workers": spec.num_decode,
-                        "policy": spec.policy_config(),
+                        "policy": spec.policy_settings(),
                         "metrics": metrics,
                     }
                 )

@@ -33,8 +33,12 @@ from typing import Any
 import httpx
 
 from bench.sweeps import ARMS, aggregate_sweeps, rescore_study
-from disagg.router.admission import jain_index
-from disagg.workload.metrics import percentile
+from disagg.config import LAB_KV_CACHE_MB, EngineConfig
+from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.router.admission import AdmissionConfig, CapacityConfig, jain_index
+from disagg.router.policy import PolicyConfig, PolicyKind
+from disagg.utils import cdiv
+from disagg.workload.metrics import SLO, percentile
 
 
 @dataclass
@@ -173,7 +177,7 @@ def _service(args: argparse.Namespace, admission: bool):
     from disagg.cluster.launch import ClusterConfig, Service
     from disagg.model_store import default_model_dir
 
-    engine = {"model": args.model or str(default_model_dir()), "kv_cache_memory_mb": 256, "num_threads": 1}
+    engine = {"model": args.model or str(default_model_dir()), "kv_cache_memory_mb": LAB_KV_CACHE_MB, "num_threads": 1}
     router: dict[str, Any] = {"port": 0}
     if admission:  # queue deadline = the TTFT SLO; saturation thresholds sized for the SLOs on this machine
         router["admission"] = {"default_deadline_s": args.queue_deadline_s}
@@ -202,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     slo = (args.slo_ttft_s, args.slo_tpot_s)
     try:
         svc = _service(args, admission=True)
-        _warm(svc.url, 49152, args.prefill + args.decode)
+        _warm(svc.url, DEFAULT_VOCAB_SIZE, args.prefill + args.decode)
         model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]
 
         after: dict[str, Any] = {}
@@ -287,7 +291,7 @@ def interleaved_sweeps(
         for arm in ARMS if rep % 2 == 0 else ARMS[::-1]:
             svc = _service(args, admission=arm == "admission")
             try:
-                _warm(svc.url, 49152, args.prefill + args.decode)
+                _warm(svc.url, DEFAULT_VOCAB_SIZE, args.prefill + args.decode)
                 print(f"[overload] sweep {arm}, repeat {rep + 1}/{args.repeats}", flush=True)
                 runs[arm].append(
                     sweep(
@@ -350,7 +354,7 @@ def _synthetic(
 
     rng = random.Random(seed)
     out = []
-    blocks = -(-prompt_tokens // 16)
+    blocks = cdiv(prompt_tokens, EngineConfig.block_size)
     unique = itertools.count(1 << 30)
     for tenant, priority, rate in streams:
         for t in _poisson(rng, rate, duration_s):  # lazily: the prefix draws interleave with the arrival draws
@@ -396,7 +400,7 @@ def run_sim(args: argparse.Namespace) -> dict[str, Any]:
     from disagg.workload.record import TraceScale
 
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    scale = TraceScale(block_tokens=16, native_block=16)  # lengths as given
+    scale = TraceScale(block_tokens=EngineConfig.block_size, native_block=EngineConfig.block_size)  # lengths as given
     slo = (args.slo_ttft_s, args.slo_tpot_s)
 
     def go(streams, duration, admission=True, seed=0, rescore=True, prefixes=0, stats=None):
@@ -407,9 +411,11 @@ def run_sim(args: argparse.Namespace) -> dict[str, Any]:
             num_prefill=args.prefill * args.simulate // 2,
             num_decode=args.simulate,
             num_blocks=364,
-            policy={"kind": "kv", "seed": 0},
-            admission={"default_deadline_s": args.queue_deadline_s} if admission else None,
-            capacity={"max_running": args.max_running, "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
+            policy=PolicyConfig(kind=PolicyKind.KV, seed=0),
+            admission=AdmissionConfig(default_deadline_s=args.queue_deadline_s) if admission else None,
+            capacity=CapacityConfig(
+                max_running=args.max_running, max_prefill_queue_tokens=args.max_prefill_queue_tokens
+            ),
             rescore_on_dispatch=rescore,
         )
         result = simulate(trace, scale, cfg, model)
@@ -476,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
         help="admission: a request that cannot start within this is refused (the TTFT SLO minus "
         "the time a prefill takes, so admitted requests can still meet it)",
     )
-    parser.add_argument("--slo-ttft-s", type=float, default=2.0)
+    parser.add_argument("--slo-ttft-s", type=float, default=SLO.ttft_ms / 1000, help="the product's TTFT SLO")
+    # looser than the product's TPOT SLO: overloaded CPU workers decode slowly, and the study judges admission
     parser.add_argument("--slo-tpot-s", type=float, default=0.5)
     parser.add_argument(
         "--simulate",

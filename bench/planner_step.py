@@ -16,8 +16,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from disagg.config import EngineConfig
+from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.options import add_options, from_options
 from disagg.planning.search import Search, ranking
-from disagg.sim.run import add_sim_args, sim_config, simulate
+from disagg.sim.options import add_sim_args
+from disagg.sim.run import sim_config, simulate
 from disagg.sim.spec import ClusterSpec
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent
@@ -124,16 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factor", type=float, default=2.0)
     p.add_argument("--phase-s", type=float, default=120.0)
     p.add_argument("--window-s", type=float, default=10.0)
-    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
-    p.add_argument("--vocab-size", type=int, default=49152)
+    add_options(p, SLO, prefix="slo-")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     p.add_argument("--out", default="bench/results/planner_step")
     add_sim_args(p)
     args = p.parse_args(argv)
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = from_options(SLO, args, prefix="slo-")
     trace = step_workload(args.mix, args.rate, args.phase_s, args.factor)
-    scale = TraceScale(block_tokens=16, max_input_tokens=args.max_model_len - 257, max_output_tokens=256)
+    scale = TraceScale(
+        block_tokens=EngineConfig.block_size, max_input_tokens=args.max_model_len - 257, max_output_tokens=256
+    )
     prefill, decode = static_split(args, trace, scale, model, slo)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,8 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.options import add_options, from_options
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
 from disagg.workload.options import add_workload_args, load_workload
 from disagg.workload.record import TraceRequest, TraceScale, send_units
@@ -31,7 +33,7 @@ from disagg.workload.report import write_report
 class ReplayConfig:
     url: str
     model: str | None = None  # None: the first model the endpoint lists
-    vocab_size: int = 49152  # token ids are drawn below this (SmolLM2's vocabulary by default)
+    vocab_size: int = DEFAULT_VOCAB_SIZE  # token ids are drawn below this (SmolLM2's vocabulary by default)
     scale: TraceScale = field(default_factory=TraceScale)
     arrival: str = "trace"  # "trace" | "fixed" | "poisson"; the latter two pace requests (or sessions) at `rate`
     rate: float | None = None
@@ -287,8 +289,7 @@ def add_replay_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, default=None, help="requests (sessions) per second for fixed/poisson")
     p.add_argument("--max-duration", type=float, default=None, help="send nothing after this many seconds")
     p.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
-    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    add_options(p, SLO, prefix="slo-")
     p.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
     p.add_argument(
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trace, scale, workload = load_workload(args)
     result = asyncio.run(replay(trace, replay_config(args, args.url, scale)))
-    metrics = result.metrics(SLO(args.slo_ttft_ms, args.slo_tpot_ms), parse_slos(args.extra_slos))
+    metrics = result.metrics(from_options(SLO, args, prefix="slo-"), parse_slos(args.extra_slos))
     runs = [{"label": args.label, "metrics": metrics}]
     paths = write_report(
         args.out,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from disagg.options import add_options, from_options
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
 from disagg.workload.report import write_report
 
@@ -31,12 +32,11 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bench.report", description="re-score a saved result.json")
     parser.add_argument("result")
-    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    add_options(parser, SLO, prefix="slo-")
     parser.add_argument("--extra-slos", default="5000/500")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
-    paths = rescore(args.result, SLO(args.slo_ttft_ms, args.slo_tpot_ms), parse_slos(args.extra_slos), args.out)
+    paths = rescore(args.result, from_options(SLO, args, prefix="slo-"), parse_slos(args.extra_slos), args.out)
     print(paths["markdown"].read_text())
     return 0
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.common import emit, print_table
+from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
 from disagg.router.load import LoadTicket
@@ -50,7 +51,7 @@ def bench_latency(num_workers: int, num_blocks: int, decisions: int, seed: int =
     from disagg.router.router import RouterCore  # here, not at the top: see CoreRouter
 
     names = [f"w{i}" for i in range(num_workers)]
-    core = RouterCore({}, {n: None for n in names}, block_size=16)
+    core = RouterCore({}, {n: None for n in names}, block_size=EngineConfig.block_size)
     chain_len = 50
     chains = []
     seq = {n: 0 for n in names}

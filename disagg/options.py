@@ -7,6 +7,7 @@ and help, and every CLI (`disagg serve`, `disagg plan`, `disagg bench ...`) buil
 A field's help is `field(metadata={"help": ...})`; `metadata={"cli": False}` keeps it off the command line;
 `metadata={"flag": "--kv-cache-mb"}` names the option when the field's name would read badly.  Scalars (int,
 float, str, bool as --x/--no-x, enums by value, and their optionals) become options; other fields are skipped.
+A field without a default becomes a required option; `only=` picks the fields one CLI exposes.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def option_name(f: dataclasses.Field, prefix: str = "") -> str:
     return f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
 
 
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -58,18 +63,31 @@ def add_options(
     *,
     prefix: str = "",
     skip: typing.Collection[str] = (),
+    only: typing.Collection[str] | None = None,
     defaults: dict[str, Any] | None = None,
 ) -> None:
-    """One option per scalar field of `cls` (`defaults` overrides a field's default for this CLI only: say why
-    where you call it)."""
+    """One option per scalar field of `cls` (`only`: just these fields; `defaults` overrides a field's default
+    for this CLI only: say why where you call it).  A field without a default is a required option."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or not f.metadata.get("cli", True):
+        if f.name in skip or (only is not None and f.name not in only) or not f.metadata.get("cli", True):
             continue
         kind, optional = _scalar(hints[f.name])
         if kind is None:
             continue
+        required = _required(f) and f.name not in (defaults or {})
         default = (defaults or {}).get(f.name, _default(f))
+        if required:
+            if kind is bool:
+                raise TypeError(f"{cls.__name__}.{f.name}: a flag needs a default")
+            parser.add_argument(
+                option_name(f, prefix),
+                dest=(prefix + f.name).replace("-", "_"),
+                type=_enum_parser(kind) if issubclass(kind, enum.Enum) else kind,
+                required=True,
+                help=f.metadata.get("help", ""),
+            )
+            continue
         text = f.metadata.get("help", "")
         dest = (prefix + f.name).replace("-", "_")
         name = option_name(f, prefix)

@@ -14,11 +14,11 @@ MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 class SamplingParams:
     """Per-request generation settings (OpenAI names where they exist). Validated on construction."""
 
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_tokens: int = field(default=16, metadata={"help": "tokens to generate at most"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0: greedy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling: the smallest set of this probability"})
     top_k: int = -1  # -1: disabled
-    seed: int | None = None
+    seed: int | None = field(default=None, metadata={"help": "per-request sampling seed (none: unseeded)"})
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False

@@ -8,6 +8,7 @@ import pytest
 
 from bench.sim import calibrate
 from disagg.protocol import Request
+from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
 from disagg.sim.run import simulate
 from disagg.sim.timemodel import StepTimeModel, nnls
@@ -16,6 +17,7 @@ from disagg.workload.record import TraceScale
 
 MODEL = StepTimeModel(base=0.01, per_token=0.001, per_seq=0.002, per_attn=0.0, transfer_latency=0.005,
                       transfer_bandwidth=1e9, bytes_per_block=1_000_000)
+SEEDED_KV = PolicyConfig(kind=PolicyKind.KV, seed=0)
 
 
 def test_nnls_recovers_known_coefficients_and_stays_non_negative():
@@ -52,7 +54,7 @@ def test_aggregated_worker_times_follow_the_model():
 
 def test_disaggregated_handoff_moves_only_missing_blocks_and_releases_leases():
     cluster = SimCluster(SimClusterConfig(num_prefill=1, num_decode=1, num_blocks=64, max_model_len=1024,
-                                          policy={"min_remote_prefill_tokens": 16}), MODEL)
+                                          policy=PolicyConfig(min_remote_prefill_tokens=16)), MODEL)
     prompt = list(range(300, 396))  # 6 blocks
     done = _finish(cluster, [("a", prompt, 3)])
     assert cluster.counters == {"remote_prefills": 1, "transferred_blocks": 6}
@@ -66,7 +68,7 @@ def test_disaggregated_handoff_moves_only_missing_blocks_and_releases_leases():
 
 
 def test_kv_events_drive_the_real_router_to_the_holder():
-    cluster = SimCluster(SimClusterConfig(num_decode=4, num_blocks=256, policy={"kind": "kv", "seed": 0}), MODEL)
+    cluster = SimCluster(SimClusterConfig(num_decode=4, num_blocks=256, policy=SEEDED_KV), MODEL)
     prefix = list(range(1000, 1160))
     _finish(cluster, [("warm", prefix + [1], 2)])
     holder = cluster.router.decision_of("warm").decode_worker
@@ -83,7 +85,7 @@ def test_agent_workload_kv_routing_beats_round_robin_on_hits_at_16_workers():
     scale = TraceScale(block_tokens=16, max_output_tokens=16)
     hits = {}
     for policy in ("kv", "round_robin"):
-        cfg = SimClusterConfig(num_decode=16, num_blocks=512, policy={"kind": policy, "seed": 0})
+        cfg = SimClusterConfig(num_decode=16, num_blocks=512, policy=PolicyConfig(kind=PolicyKind(policy), seed=0))
         result = simulate(trace, scale, cfg, MODEL)
         assert all(r.ok for r in result.records) and len(result.records) == len(trace)
         hits[policy] = result.prefix_cache["hit_ratio"]
@@ -93,7 +95,7 @@ def test_agent_workload_kv_routing_beats_round_robin_on_hits_at_16_workers():
 def test_full_scale_replay_is_bounded_and_complete():
     trace = loaders.load("mooncake_conversation_trace.jsonl", 3000)
     t0 = time.perf_counter()
-    cfg = SimClusterConfig(num_prefill=16, num_decode=48, num_blocks=1024, policy={"kind": "kv"})
+    cfg = SimClusterConfig(num_prefill=16, num_decode=48, num_blocks=1024, policy=PolicyConfig(kind=PolicyKind.KV))
     result = simulate(trace, TraceScale(block_tokens=16, max_output_tokens=32), cfg, MODEL)
     assert time.perf_counter() - t0 < 120
     assert len(result.records) == 3000 and all(r.ok for r in result.records)
@@ -122,7 +124,7 @@ def test_simulated_kills_migrate_requests_and_every_request_completes():
 
     trace = agent.generate({"coding_agent": 1}, 30, 4.0, seed=1)
     scale = TraceScale(block_tokens=16, max_output_tokens=32)
-    cfg = SimClusterConfig(num_prefill=2, num_decode=6, num_blocks=512, policy={"kind": "kv", "seed": 0})
+    cfg = SimClusterConfig(num_prefill=2, num_decode=6, num_blocks=512, policy=SEEDED_KV)
     chaos = SimChaos(kill_fraction=0.25, at_s=5.0, detect_s=1.3, restart_s=8.5, seed=2)
     result = simulate(trace, scale, cfg, MODEL, chaos=chaos)
     assert len(result.counters["killed"]) == 2 and result.counters["migrations"] > 0
@@ -138,7 +140,7 @@ def test_simulated_tiers_and_pins_serve_agent_turns_from_cpu():
     scale = TraceScale(block_tokens=16, max_input_tokens=900, max_output_tokens=16)
     results = {}
     for name, tiers in (("device", 0), ("tiers", 2048)):
-        cfg = SimClusterConfig(num_decode=2, num_blocks=64, max_model_len=1024, policy={"kind": "kv", "seed": 0},
+        cfg = SimClusterConfig(num_decode=2, num_blocks=64, max_model_len=1024, policy=SEEDED_KV,
                                cpu_tier_blocks=tiers, disk_tier_blocks=0, session_hints=bool(tiers))
         result = simulate(trace, scale, cfg, MODEL)
         assert all(r.ok for r in result.records)

@@ -53,3 +53,24 @@ def test_bad_values_are_refused_and_prefixes_and_per_cli_defaults_apply():
     args = p.parse_args(["--sim-ratio", "2"])
     assert from_options(Demo, args, prefix="sim-") == Demo(block_size=8, ratio=2.0)
     assert from_options(Demo, args, prefix="sim-", name="z").name == "z"
+
+
+@dataclass
+class Plan:
+    workers: int = field(metadata={"help": "workers to split"})
+    rate: float = 1.0
+    label: str = ""
+
+
+def test_a_field_without_default_is_required_and_only_picks_fields():
+    p = argparse.ArgumentParser()
+    add_options(p, Plan)
+    with pytest.raises(SystemExit):
+        p.parse_args([])
+    assert from_options(Plan, p.parse_args(["--workers", "4"])) == Plan(4)
+    q = argparse.ArgumentParser()
+    add_options(q, Demo, only={"block_size", "kv_cache_memory_mb"}, defaults={"kv_cache_memory_mb": 128})
+    assert vars(q.parse_args([])) == {"block_size": 16, "kv_cache_memory_mb": 128}
+    r = argparse.ArgumentParser()
+    add_options(r, Plan, defaults={"workers": 2})  # a per-CLI default makes it optional
+    assert r.parse_args([]).workers == 2

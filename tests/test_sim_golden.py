@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from disagg.sim.spec import ClusterSpec
+from disagg.router.admission import AdmissionConfig
+from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.sim.cluster import SimClusterConfig
 from disagg.sim.faults import SimChaos
 from disagg.sim.run import simulate
@@ -28,7 +31,8 @@ from disagg.workload.record import TraceScale
 GOLDEN = Path(__file__).parent / "data" / "sim_golden.json"
 MODEL = StepTimeModel()
 SCALE = TraceScale(block_tokens=16, max_input_tokens=900, max_output_tokens=64)
-KV = {"kind": "kv", "seed": 0}
+KV = PolicyConfig(kind=PolicyKind.KV, seed=0)
+ROUND_ROBIN = PolicyConfig(kind=PolicyKind.ROUND_ROBIN, seed=0)
 
 
 def _scenarios() -> dict[str, tuple[SimClusterConfig, TraceScale, SimChaos | None]]:
@@ -36,15 +40,16 @@ def _scenarios() -> dict[str, tuple[SimClusterConfig, TraceScale, SimChaos | Non
     planner = ClusterSpec("dyn", 2, 6, "kv", planner=True).planner_config(SLO(2000, 200))
     return {
         "aggregated_kv": (SimClusterConfig(num_decode=4, num_blocks=364, policy=KV), SCALE, None),
-        "aggregated_round_robin": (SimClusterConfig(num_decode=4, num_blocks=364,
-                                                    policy={"kind": "round_robin", "seed": 0}), SCALE, None),
+        "aggregated_round_robin": (SimClusterConfig(num_decode=4, num_blocks=364, policy=ROUND_ROBIN),
+                                   SCALE, None),
         "disaggregated_jitter_cores": (SimClusterConfig(num_prefill=2, num_decode=4, num_blocks=364, policy=KV,
                                                         event_jitter_s=0.05, cores=4, handoff_overhead_s=0.01),
                                        busy, None),
         "tiers_and_pins": (SimClusterConfig(num_decode=2, num_blocks=128, max_model_len=1024, policy=KV,
                                             cpu_tier_blocks=512, disk_tier_blocks=512, session_hints=True),
                            SCALE, None),
-        "admission_queue": (SimClusterConfig(num_decode=2, num_blocks=200, policy=KV, admission={}), busy, None),
+        "admission_queue": (SimClusterConfig(num_decode=2, num_blocks=200, policy=KV, admission=AdmissionConfig()),
+                            busy, None),
         "planner": (SimClusterConfig(num_prefill=2, num_decode=6, num_blocks=364, policy=KV, planner=planner),
                     busy, None),
         "chaos": (SimClusterConfig(num_prefill=2, num_decode=6, num_blocks=512, policy=KV), SCALE,

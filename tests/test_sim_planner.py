@@ -10,6 +10,7 @@ import pytest
 
 from bench.planner_step import _reversals, recovery_s, step_workload
 from disagg.protocol import Request, Role
+from disagg.router.admission import AdmissionConfig
 from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
 from disagg.sim.run import simulate
 from disagg.sim.spec import ClusterSpec
@@ -182,7 +183,7 @@ def test_simulated_workers_heartbeat_their_kv_size_and_the_router_queues_for_kv_
     KV-room check (max_kv_fraction of the blocks) binds and the admission queue holds what does not fit; with no
     heartbeat the router would dispatch all four at once."""
     cluster = SimCluster(SimClusterConfig(num_prefill=0, num_decode=1, num_blocks=64, max_model_len=1024,
-                                          admission={}), MODEL)
+                                          admission=AdmissionConfig()), MODEL)
     assert cluster.router.health.workers["decode-0"].stats.kv_blocks_total == 64
     in_flight: list[int] = []
     done: dict[str, int] = {}

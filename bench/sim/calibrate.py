@@ -21,13 +21,15 @@ from typing import Any
 import torch
 
 from bench.common import emit, print_table
-from disagg.config import EngineConfig
+from disagg.config import LAB_KV_CACHE_MB, EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.model import ModelConfig
 from disagg.engine.runner import ModelRunner, load_model
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.options import add_options, from_options
 from disagg.protocol import TokenDelta
+from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.sim.timemodel import StepTimeModel, batch_features
 from disagg.workload import loaders
 from disagg.workload.metrics import mean, percentile
@@ -87,13 +89,7 @@ class _Recorder:
 
 def _engine(args: argparse.Namespace) -> LLMEngine:
     """The real engine in this process, its runner recording each step's batch features."""
-    config = EngineConfig(
-        model=args.model,
-        num_threads=args.threads,
-        kv_cache_memory_mb=args.kv_cache_mb,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-    )
+    config = from_options(EngineConfig, args, num_threads=args.threads)
     runner, tokenizer = load_model(config)
     return LLMEngine(config, _Recorder(runner), tokenizer)
 
@@ -168,7 +164,7 @@ def run_sim(trace: list[TraceRequest], scale: TraceScale, model: StepTimeModel, 
     cfg = SimClusterConfig(
         num_prefill=0,
         num_decode=1,
-        policy={"kind": "kv"},
+        policy=PolicyConfig(kind=PolicyKind.KV),
         num_blocks=engine.pool.num_blocks,
         block_size=engine.config.block_size,
         max_num_seqs=engine.config.max_num_seqs,
@@ -246,11 +242,14 @@ def tier_load_times(engine, blocks: int = 64, repeats: int = 3) -> tuple[float, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg bench calibrate", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="")
+    # the engine a lab worker runs (bench compare's KV cache size), so the fitted model prices those steps
+    add_options(
+        parser,
+        EngineConfig,
+        only=("model", "kv_cache_memory_mb", "max_model_len", "max_num_batched_tokens"),
+        defaults={"kv_cache_memory_mb": LAB_KV_CACHE_MB},
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--kv-cache-mb", type=int, default=256)
-    parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument(
         "--transfer-gbps",
         type=float,
@@ -279,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table([{k: v for k, v in model.__dict__.items() if k != "source"}], "fitted step-time model (seconds)")
     model.save(args.out)
     trace = loaders.load("mooncake_conversation_trace.jsonl", args.validate)
-    scale = TraceScale(block_tokens=16, time_scale=args.time_scale, max_output_tokens=64)
+    scale = TraceScale(block_tokens=EngineConfig.block_size, time_scale=args.time_scale, max_output_tokens=64)
     engine.pool.reset_prefix_cache()  # the check starts cold, like the simulated worker
     real = run_real(engine, trace, scale)
     sim = run_sim(trace, scale, model, engine)

@@ -40,10 +40,16 @@ from typing import Any
 
 import psutil
 
+from disagg.config import LAB_KV_CACHE_MB, EngineConfig
 from disagg.sim.timemodel import StepTimeModel
+from disagg.utils import cdiv
 
 # the workers' engine settings everywhere below (bench/compare.py's defaults, as bench.sim.validate runs them)
-KV_CACHE_MB, MAX_MODEL_LEN, MAX_BATCHED_TOKENS = 256, 2048, 512
+KV_CACHE_MB, MAX_MODEL_LEN, MAX_BATCHED_TOKENS = (
+    LAB_KV_CACHE_MB,
+    EngineConfig.max_model_len,
+    EngineConfig.max_num_batched_tokens,
+)
 
 
 def _local_engine(threads: int) -> Any:
@@ -54,7 +60,7 @@ def _local_engine(threads: int) -> Any:
         argparse.Namespace(
             model="",
             threads=threads,
-            kv_cache_mb=KV_CACHE_MB,
+            kv_cache_memory_mb=KV_CACHE_MB,
             max_model_len=MAX_MODEL_LEN,
             max_num_batched_tokens=MAX_BATCHED_TOKENS,
         )
@@ -211,7 +217,7 @@ def _service(config_spec: str) -> Iterator[Any]:
     cluster = ClusterConfig(
         num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=engine, tiers=spec.tiers(disk_root)
     )
-    service = Service(cluster, {"policy": spec.policy_config(), "port": 0})
+    service = Service(cluster, {"policy": spec.policy_settings(), "port": 0})
     try:
         yield service
     finally:
@@ -234,7 +240,7 @@ def cluster_costs(
         trace = agent.generate(agent.parse_mix("coding_agent"), sessions, session_rate, seed=0)
         cfg = ReplayConfig(
             url=service.url,
-            scale=TraceScale(block_tokens=16, max_input_tokens=1791, max_output_tokens=256),
+            scale=TraceScale(block_tokens=EngineConfig.block_size, max_input_tokens=1791, max_output_tokens=256),
             progress=False,
         )
         result, cpu, wall = cpu_during(lambda: asyncio.run(replay(trace, cfg)))
@@ -284,7 +290,7 @@ def handoff_costs(model: StepTimeModel, requests: int, prompt_tokens: int = 128,
     if went_remote != requests:
         raise RuntimeError(f"{went_remote} of {requests} {prompt_tokens}-token requests were prefilled remotely")
     step_local, step_remote = alone[8], alone[prompt_tokens]
-    blocks = -(-prompt_tokens // 16)
+    blocks = cdiv(prompt_tokens, EngineConfig.block_size)
     transfer = model.transfer_time(blocks)
     idle = _serving(idle_cpu) / idle_wall
     cpu_local = max(0.0, _serving(local_cpu) - idle * local_wall) / requests

@@ -21,7 +21,11 @@ from typing import Any
 from bench.compare import run_one
 from bench.replay import ReplayConfig
 from bench.stages import load_spans, per_request
-from disagg.sim.run import add_sim_args, sim_config, simulate
+from disagg.config import EngineConfig
+from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.options import add_options, from_options
+from disagg.sim.options import add_sim_args
+from disagg.sim.run import sim_config, simulate
 from disagg.sim.spec import ClusterSpec, parse_configs
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent, loaders
@@ -36,8 +40,11 @@ def workloads(args: argparse.Namespace) -> dict[str, tuple[list, TraceScale]]:
     conv = loaders.load("mooncake_conversation_trace.jsonl", args.conv_limit)
     sessions = agent.generate(agent.parse_mix("coding_agent"), args.sessions, args.session_rate, seed=0)
     return {
-        "agent": (sessions, TraceScale(block_tokens=16, **cap)),
-        "conversation": (conv, TraceScale(block_tokens=16, time_scale=args.conv_time_scale, **cap)),
+        "agent": (sessions, TraceScale(block_tokens=EngineConfig.block_size, **cap)),
+        "conversation": (
+            conv,
+            TraceScale(block_tokens=EngineConfig.block_size, time_scale=args.conv_time_scale, **cap),
+        ),
     }
 
 
@@ -143,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--session-rate", type=float, default=0.2)
     p.add_argument("--conv-limit", type=int, default=40)
     p.add_argument("--conv-time-scale", type=float, default=0.1)
-    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
-    p.add_argument("--vocab-size", type=int, default=49152)
+    add_options(p, SLO, prefix="slo-")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     p.add_argument("--only", default="agent,conversation")
     p.add_argument("--out", default="bench/results/validate")
     p.add_argument(
@@ -184,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.cores:
         args.cores = 2  # this machine: the real workers share 2 cores
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = from_options(SLO, args, prefix="slo-")
     specs = parse_configs(args.configs)
     from disagg.model_store import default_model_dir
 

@@ -75,6 +75,10 @@ class WorkerConfig:
     tracing: dict[str, Any] | None = None  # TracingConfig fields; None: no spans
     metrics_interval_s: float = 0.1  # how often the engine thread refreshes the figures heartbeats carry
     transport: dict[str, Any] = dataclasses.field(default_factory=dict)  # TransportConfig fields (NIXL)
+    # after a failed step the loop waits failure_backoff_s per failure in a row, up to max_backoff_failures of them
+    # (a worker that keeps failing is reported through heartbeats and restarted by the supervisor meanwhile)
+    failure_backoff_s: float = 0.05
+    max_backoff_failures: int = 20
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)
@@ -182,7 +186,9 @@ class EngineWorker:
                 self.counts.step_failures += 1
                 log.exception("engine step failed (%d in a row)", self._failures)
                 deltas, events = [], None
-                await asyncio.sleep(0.05 * min(self._failures, 20))
+                await asyncio.sleep(
+                    self.config.failure_backoff_s * min(self._failures, self.config.max_backoff_failures)
+                )
             if events is not None and self._event_sink is not None:
                 self._publish(events)
             for delta in deltas:

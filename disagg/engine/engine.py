@@ -70,7 +70,11 @@ class LLMEngine:
         check_kv_capacity(runner.num_blocks, bs, self.max_model_len)
         self.pool = BlockPool(runner.num_blocks, config.enable_prefix_caching)
         self.connector = KVConnector(
-            self.pool, bs, load_timeout_s=config.kv_load_timeout_s, lease_timeout_s=config.kv_lease_timeout_s
+            self.pool,
+            bs,
+            load_timeout_s=config.kv_load_timeout_s,
+            lease_timeout_s=config.kv_lease_timeout_s,
+            probe_every=config.kv_probe_every,
         )
         self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens, self.connector)
         self.eos_token_ids = set(mc.eos_token_ids)
@@ -295,7 +299,8 @@ class LLMEngine:
             return
         per_token = seconds / tokens
         old = self.prefill_s_per_token
-        self.prefill_s_per_token = per_token if old is None else 0.8 * old + 0.2 * per_token
+        alpha = self.config.prefill_ewma_alpha
+        self.prefill_s_per_token = per_token if old is None else (1 - alpha) * old + alpha * per_token
         self.connector.recompute_s_per_block = self.prefill_s_per_token * self.config.block_size
 
     def _process_token(

@@ -23,6 +23,7 @@ from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.engine.sequence import Sequence, SequenceStatus
 from disagg.errors import TransferFailed
 from disagg.kv.connector import KVConnector, KVLoad, LoadState, SourceKind
+from disagg.utils import cdiv
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,7 @@ class Scheduler:
         """Allocate the blocks `seq` needs to hold `n` more tokens; False if the pool is short."""
         have = len(seq.block_ids) + len(extra_blocks or [])
         computed = seq.num_computed_tokens if computed is None else computed
-        need = -(-(computed + n) // self.block_size) - have
+        need = cdiv(computed + n, self.block_size) - have
         if need <= 0:
             return True
         if need > self.pool.num_free_blocks:

@@ -34,10 +34,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from disagg.config import EngineConfig
 from disagg.kv.leases import LeaseTable
 from disagg.kv.load import KVLoad, KVSource, KVTiers, LoadState, SourceKind, _Notifier
 from disagg.kv.seam import BlockPool, Sequence
 from disagg.protocol import FinishReason, KVEvent, PrefillResult, Tier
+from disagg.utils import cdiv
 
 __all__ = ["ConnectorStats", "KVConnector", "KVLoad", "KVSource", "KVTiers", "LoadState", "SourceKind", "_Notifier"]
 
@@ -68,6 +70,7 @@ class KVConnector:
         tiers: KVTiers | None = None,
         load_timeout_s: float = 10.0,
         lease_timeout_s: float = 30.0,
+        probe_every: int = EngineConfig.kv_probe_every,
     ) -> None:
         self.pool = pool
         self.block_size = block_size
@@ -80,7 +83,7 @@ class KVConnector:
         self._adopted: list[tuple[KVSource, KVLoad, list[int]]] = []  # blocks freed once the source settles
         self._prefetches: list[KVLoad] = []
         self.recompute_s_per_block: float | None = None  # measured by the engine (prefill time per block)
-        self.probe_every = 50
+        self.probe_every = probe_every
         self._skipped_slow = 0
 
     def attach(self, peer: KVSource | None = None, tiers: KVTiers | None = None) -> None:
@@ -124,7 +127,7 @@ class KVConnector:
     def _plan_peer(self, seq: Sequence, num_hit_blocks: int) -> KVLoad | None:
         result = seq.remote
         assert result is not None  # plan() routes only sequences with a peer's result here
-        total = -(-result.num_tokens // self.block_size)
+        total = cdiv(result.num_tokens, self.block_size)
         if num_hit_blocks >= total:
             return None
         return KVLoad(

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from disagg.options import add_options, from_options
 from disagg.planning.search import Search, markdown, ranking, reason
-from disagg.sim.run import add_sim_args
+from disagg.sim.options import add_sim_args
 from disagg.sim.spec import ClusterSpec
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload.metrics import SLO
@@ -26,30 +28,36 @@ from disagg.workload.options import add_workload_args, load_workload
 from disagg.workload.record import TraceScale
 
 
+@dataclass
+class PlanOptions:
+    """`disagg plan`'s own options (the simulator's and the workload's are shared with `bench simulate`)."""
+
+    workers: int = field(metadata={"help": "workers to split between prefill and decode"})
+    rate: float = field(default=1.0, metadata={"help": "load: multiplier on the workload's pace"})
+    extra_slos: str = field(default="", metadata={"help": "more TTFT_MS/TPOT_MS pairs to report goodput at"})
+    budget: int = field(
+        default=0, metadata={"help": "disaggregated splits to simulate at most (0: as many as the search needs)"}
+    )
+    exhaustive: bool = field(default=False, metadata={"help": "simulate every split 1..workers-1"})
+    dynamic: bool = field(default=False, metadata={"help": "also rank the planner, starting from the best split"})
+    dynamic_from: str = field(
+        default="", metadata={"help": "PxD the planner starts from (default: the best static split)"}
+    )
+    out: str = field(default="bench/results/plan", metadata={"help": "directory for plan.json and plan.md"})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disagg plan", description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, required=True, help="workers to split between prefill and decode")
-    p.add_argument("--rate", type=float, default=1.0, help="load: multiplier on the workload's pace")
-    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
-    p.add_argument("--extra-slos", default="", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
-    p.add_argument(
-        "--budget",
-        type=int,
-        default=0,
-        help="disaggregated splits to simulate at most (0: as many as the search needs)",
-    )
-    p.add_argument("--exhaustive", action="store_true", help="simulate every split 1..workers-1")
-    p.add_argument("--dynamic", action="store_true", help="also rank the planner, starting from the best split")
-    p.add_argument("--dynamic-from", default="", help="PxD the planner starts from (default: the best static split)")
-    p.add_argument("--out", default="bench/results/plan")
+    add_options(p, PlanOptions, only=("workers", "rate"))
+    add_options(p, SLO, prefix="slo-")
+    add_options(p, PlanOptions, skip=("workers", "rate"))
     add_sim_args(p)
     add_workload_args(p)
     args = p.parse_args(argv)
     trace, scale, workload = load_workload(args)
     scale = TraceScale(**{**scale.__dict__, "time_scale": scale.time_scale * args.rate})
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = from_options(SLO, args, prefix="slo-")
     search = Search(args, trace, scale, model, slo)
     print(
         f"planning {args.workers} workers for {workload['name']} at {args.rate:g}x "

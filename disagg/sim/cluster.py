@@ -19,6 +19,8 @@ from typing import Any
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
+from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.planner.policy import PlannerConfig
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.policy import Decision, PolicyConfig
@@ -36,13 +38,15 @@ from disagg.sim.worker import EventLoop, SimPeerSource, SimWorker
 class SimClusterConfig:
     num_prefill: int = 0  # 0: aggregated workers
     num_decode: int = 16
-    policy: dict[str, Any] = field(default_factory=dict)  # PolicyConfig fields
+    # the router's policy; an unseeded one is seeded 0 here: ties between equal workers are broken at random, and
+    # an unseeded draw made runs differ (the first request's worker)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     num_blocks: int = 4096  # KV blocks per worker
-    block_size: int = 16
+    block_size: int = EngineConfig.block_size
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int = 2048
-    vocab_size: int = 49152
+    vocab_size: int = DEFAULT_VOCAB_SIZE
     event_delay_s: float = 0.001  # KV events reach the router this long after the step that made them ...
     event_jitter_s: float = 0.0  # ... plus up to this much more (independently per batch: batches can reorder,
     # and a gap makes the router take a snapshot, as the real router actor does)
@@ -58,7 +62,7 @@ class SimClusterConfig:
     serving_cpu_per_handoff_s: float = 0.0  # ... and more per remote prefill (a second worker call, the NIXL read)
     handoff_overhead_s: float = 0.0  # fixed cost of handing a remote prefill to the decode worker, beyond the
     # transfer itself (the prefill call returning, the decode call, the read's set-up; bench/sim/machine.py)
-    planner: dict[str, Any] | None = None  # PlannerConfig fields: roles change at runtime (None: static split)
+    planner: PlannerConfig | None = None  # roles change at runtime (None: a static split)
     # what a real cluster on one machine adds (fitted by bench/sim/validate.py on one real run): a fixed cost per
     # request before it reaches a worker (HTTP, router, RPC), and slower steps (the router, HTTP server and Ray
     # share the cores with the engines)
@@ -68,8 +72,8 @@ class SimClusterConfig:
     disk_tier_blocks: int = 0
     session_hints: bool = False  # requests carry their agent session and a KV retention pin (as replay does)
     kv_retention_s: float = 300.0
-    admission: dict[str, Any] | None = None  # AdmissionConfig fields: the router's queue (None: dispatch at once)
-    capacity: dict[str, Any] = field(default_factory=dict)  # CapacityConfig fields
+    admission: AdmissionConfig | None = None  # the router's queue (None: dispatch at once)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
     rescore_on_dispatch: bool = True  # False: a queued request keeps the worker chosen on arrival
 
 
@@ -101,13 +105,11 @@ class SimCluster:
         self.router = RouterCore(
             dict.fromkeys(self.prefill),
             dict.fromkeys(self.decode),
-            # seeded unless the config says otherwise: ties between equal workers are broken
-            # at random, and an unseeded draw made runs differ (the first request's worker)
-            PolicyConfig(**{"seed": 0, **config.policy}),
+            config.policy if config.policy.seed is not None else dataclasses.replace(config.policy, seed=0),
             block_size=config.block_size,
             config=RouterCoreConfig(rescore_on_dispatch=config.rescore_on_dispatch),
-            admission=AdmissionConfig(**(config.admission or {})),
-            capacity=CapacityConfig(**config.capacity),
+            admission=config.admission or AdmissionConfig(),
+            capacity=config.capacity,
         )
         self.admission = SimAdmission(self) if config.admission is not None else None
         for w in self.workers:

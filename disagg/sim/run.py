@@ -17,12 +17,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from disagg.planner.policy import PlannerConfig
+from disagg.options import add_options, from_options
 from disagg.protocol import Request, TokenDelta
+from disagg.router.admission import AdmissionConfig
 from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
 from disagg.sim.faults import SimChaos, window_goodput
+from disagg.sim.options import SimOptions, add_sim_args, sim_options
 from disagg.sim.planner import SimPlanner
-from disagg.sim.spec import parse_configs
+from disagg.sim.spec import ClusterSpec, parse_configs
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
 from disagg.workload.options import add_workload_args, load_workload
@@ -56,7 +58,7 @@ def simulate(
     agent turns wait for the previous turn plus think time, as in bench.replay.  `chaos`: kill workers mid-run."""
     cluster = SimCluster(config, model)
     victims = chaos.schedule(cluster) if chaos is not None else []
-    planner = SimPlanner(cluster, PlannerConfig(**config.planner)) if config.planner else None
+    planner = SimPlanner(cluster, config.planner) if config.planner is not None else None
     loop = cluster.loop
     units = send_units(trace)
     t0 = min(r.timestamp_ms for r in trace)
@@ -142,105 +144,51 @@ def simulate(
     return SimResult([records[i] for i in sorted(records)], max(ends), cluster.prefix_cache(), counters)
 
 
-def num_blocks(args: argparse.Namespace, model: StepTimeModel) -> int:
-    """KV blocks per simulated worker: --num-blocks, else what a real worker's --kv-cache-mb holds."""
-    return args.num_blocks or (args.kv_cache_mb << 20) // model.bytes_per_block
-
-
-def sim_config(spec: Any, args: argparse.Namespace, model: StepTimeModel, slo: SLO) -> SimClusterConfig:
+def sim_config(spec: ClusterSpec, args: argparse.Namespace, model: StepTimeModel, slo: SLO) -> SimClusterConfig:
     """The simulated cluster for one config spec, sized like the real one (`disagg serve` / `bench compare`)."""
-    cpu_mb = args.cpu_tier_mb if spec.cpu_tier_mb is None else spec.cpu_tier_mb  # as `disagg serve`
-    return SimClusterConfig(
+    opts = sim_options(args)
+    cpu_mb = opts.cpu_tier_mb if spec.cpu_tier_mb is None else spec.cpu_tier_mb  # as `disagg serve`
+    config = SimClusterConfig(
         num_prefill=spec.num_prefill,
         num_decode=spec.num_decode,
         policy=spec.policy_config(),
-        num_blocks=num_blocks(args, model),
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_blocks=opts.num_blocks_for(model.bytes_per_block),
+        max_model_len=opts.max_model_len,
+        max_num_batched_tokens=opts.max_num_batched_tokens,
         vocab_size=args.vocab_size,
-        cpu_tier_blocks=(cpu_mb << 20) // model.bytes_per_block,
-        disk_tier_blocks=(args.disk_tier_mb << 20) // model.bytes_per_block if cpu_mb else 0,
-        session_hints=spec.hints or args.session_hints,
+        cpu_tier_blocks=opts.tier_blocks(cpu_mb, model.bytes_per_block),
+        disk_tier_blocks=opts.tier_blocks(opts.disk_tier_mb, model.bytes_per_block) if cpu_mb else 0,
+        session_hints=spec.hints or opts.session_hints,
         planner=spec.planner_config(slo),
-        event_delay_s=args.event_delay_ms / 1000,
-        event_jitter_s=args.event_jitter_ms / 1000,
-        cores=args.cores,
-        threads_per_worker=args.threads,
-        step_slowdown=args.step_slowdown,
-        admission=None if getattr(args, "no_admission", False) else {},
-        **machine_settings(args),
+        event_delay_s=opts.event_delay_ms / 1000,
+        event_jitter_s=opts.event_jitter_ms / 1000,
+        cores=opts.cores,
+        threads_per_worker=opts.threads,
+        step_slowdown=opts.step_slowdown,
+        admission=AdmissionConfig() if opts.admission else None,
     )
+    return add_machine(config, opts)
 
 
-def machine_settings(args: argparse.Namespace) -> dict[str, Any]:
+def add_machine(config: SimClusterConfig, opts: SimOptions) -> SimClusterConfig:
     """What the shared machine adds (bench/sim/machine.py's measurements, `--machine-model`); an explicit
     --request-overhead-ms wins over the measured one."""
-    out = {"request_overhead_s": args.request_overhead_ms / 1000}
-    path = getattr(args, "machine_model", "")
-    if path:
-        measured = json.loads(Path(path).read_text())
-        cluster = measured["cluster"]
-        out["corun_slowdown"] = measured.get("corun", {}).get("corun_slowdown", 1.0)
-        out["serving_cpu_per_request_s"] = cluster["serving_cpu_s_per_request"]
-        out["serving_cpu_per_token_s"] = cluster["serving_cpu_s_per_token"]
-        out["idle_serving_cores"] = cluster["idle_serving_cores"]
-        if not args.request_overhead_ms:
-            out["request_overhead_s"] = max(0.0, cluster["request_overhead_ms"]) / 1000
-        handoff = measured.get("handoff")
-        if handoff is not None:  # the disaggregated path's extra cost (machine.py's 4th measurement)
-            out["handoff_overhead_s"] = max(0.0, handoff["handoff_overhead_ms"]) / 1000
-            out["serving_cpu_per_handoff_s"] = handoff["serving_cpu_s_per_handoff"]
-    return out
-
-
-def add_sim_args(parser: argparse.ArgumentParser) -> None:
-    """The simulated cluster's sizing and fidelity knobs (shared by `bench simulate` and `disagg plan`)."""
-    parser.add_argument("--time-model", default=None, help="JSON from `disagg bench calibrate` (default: built-in)")
-    parser.add_argument(
-        "--num-blocks",
-        type=int,
-        default=0,
-        help="KV blocks per simulated worker (0: from --kv-cache-mb, as a real worker sizes its cache)",
-    )
-    parser.add_argument("--kv-cache-mb", type=int, default=256, help="KV cache per worker (bench compare's default)")
-    parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
-    parser.add_argument(
-        "--cpu-tier-mb",
-        type=int,
-        default=256,
-        help="CPU KV tier per worker (disagg serve's default; 0: no tiers); a config's cpu_tier_mb=N overrides it",
-    )
-    parser.add_argument("--disk-tier-mb", type=int, default=1024)
-    parser.add_argument("--session-hints", action="store_true", help="send session ids and KV retention pins")
-    parser.add_argument("--event-delay-ms", type=float, default=2.0, help="KV events reach the router after this")
-    parser.add_argument("--event-jitter-ms", type=float, default=5.0, help="plus up to this (batches may reorder)")
-    parser.add_argument("--cores", type=int, default=0, help="CPU cores all workers share (0: one set each)")
-    parser.add_argument("--threads", type=int, default=1, help="compute threads per worker (with --cores)")
-    parser.add_argument(
-        "--request-overhead-ms",
-        type=float,
-        default=0.0,
-        help="fixed cost per request before a worker sees it (HTTP, router, RPC; fitted on a real run)",
-    )
-    parser.add_argument(
-        "--machine-model",
-        default="",
-        help="JSON from bench.sim.machine: the measured co-run "
-        "slowdown, request overhead and serving CPU of this machine (with --cores)",
-    )
-    parser.add_argument(
-        "--no-admission",
-        action="store_true",
-        help="dispatch every request on arrival (the real "
-        "router always queues a request until a worker has room: its admission defaults)",
-    )
-    parser.add_argument(
-        "--step-slowdown",
-        type=float,
-        default=1.0,
-        help="factor on step times for what shares the machine with the engines (fitted likewise)",
-    )
+    config.request_overhead_s = opts.request_overhead_ms / 1000
+    if not opts.machine_model:
+        return config
+    measured = json.loads(Path(opts.machine_model).read_text())
+    cluster = measured["cluster"]
+    config.corun_slowdown = measured.get("corun", {}).get("corun_slowdown", 1.0)
+    config.serving_cpu_per_request_s = cluster["serving_cpu_s_per_request"]
+    config.serving_cpu_per_token_s = cluster["serving_cpu_s_per_token"]
+    config.idle_serving_cores = cluster["idle_serving_cores"]
+    if not opts.request_overhead_ms:
+        config.request_overhead_s = max(0.0, cluster["request_overhead_ms"]) / 1000
+    handoff = measured.get("handoff")
+    if handoff is not None:  # the disaggregated path's extra cost (machine.py's 4th measurement)
+        config.handoff_overhead_s = max(0.0, handoff["handoff_overhead_ms"]) / 1000
+        config.serving_cpu_per_handoff_s = handoff["serving_cpu_s_per_handoff"]
+    return config
 
 
 def _stale(m: dict[str, Any]) -> str:
@@ -258,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", default="agg-rr=0x16:round_robin,agg-kv=0x16:kv,disagg-kv=4x12:kv")
     parser.add_argument("--rates", default="1", help="load levels: multipliers on the trace's pace")
     add_sim_args(parser)
-    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    add_options(parser, SLO, prefix="slo-")
     parser.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
     parser.add_argument("--out", default="bench/results/simulate")
     parser.add_argument("--no-progress", action="store_true")
@@ -281,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     trace, scale, workload = load_workload(args)
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
-    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+    slo = from_options(SLO, args, prefix="slo-")
     rates = [float(r) for r in args.rates.split(",")]
     runs: list[dict[str, Any]] = []
     records: dict[str, list[RequestRecord]] = {}
@@ -320,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rate": rate,
                     "prefill_workers": spec.num_prefill,
                     "decode_workers": spec.num_decode,
-                    "policy": spec.policy_config(),
+                    "policy": spec.policy_settings(),
                     "metrics": m,
                 }
             )
@@ -339,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             "time_model": model.__dict__,
             "configs": args.configs,
             "rates": rates,
-            "num_blocks": num_blocks(args, model),
+            "num_blocks": sim_options(args).num_blocks_for(model.bytes_per_block),
         },
     }
     paths = write_report(args.out, runs, meta, records)

@@ -9,6 +9,7 @@ import torch
 
 from disagg.engine.model import ModelConfig
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.sim.timemodel import StepTimeModel
 
 
@@ -35,7 +36,7 @@ class SimRunner:
         return out
 
 
-def sim_model_config(vocab_size: int = 49152, max_len: int = 8192) -> ModelConfig:
+def sim_model_config(vocab_size: int = DEFAULT_VOCAB_SIZE, max_len: int = 8192) -> ModelConfig:
     """Only vocab, context and EOS matter to the engine's bookkeeping; the shape is SmolLM2-135M's."""
     return ModelConfig(
         model_type="llama",

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-from disagg.router.policy import PolicyConfig
+from disagg.planner.policy import PlannerConfig
+from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.workload.metrics import SLO
 
 # config-spec settings that are not PolicyConfig fields
@@ -30,18 +31,25 @@ class ClusterSpec:
     hints: bool = False
     planner: bool = False
 
-    def planner_config(self, slo: SLO) -> dict[str, Any] | None:
-        """PlannerConfig fields for this run (judged against the run's SLO), or None for a static split."""
+    def planner_config(self, slo: SLO) -> PlannerConfig | None:
+        """The planner for this run (judged against the run's SLO), or None for a static split."""
         if not self.planner:
             return None
-        return {"enabled": True, "ttft_slo_s": slo.ttft_ms / 1000, "tpot_slo_s": slo.tpot_ms / 1000}
+        return PlannerConfig(enabled=True, ttft_slo_s=slo.ttft_ms / 1000, tpot_slo_s=slo.tpot_ms / 1000)
 
     @property
     def workers(self) -> int:
         return self.num_prefill + self.num_decode
 
-    def policy_config(self) -> dict[str, Any]:
+    def policy_settings(self) -> dict[str, str | float]:
+        """The PolicyConfig fields this spec sets (seeded: runs repeat), as reports show them."""
         return {"kind": self.policy, "seed": 0, **dict(self.policy_args)}
+
+    def policy_config(self) -> PolicyConfig:
+        config = PolicyConfig(kind=PolicyKind(self.policy), seed=0)
+        for name, value in self.policy_args:  # parsed as numbers: each takes its field's type (int, float, bool)
+            setattr(config, name, type(getattr(config, name))(value))
+        return config
 
     def tiers(self, disk_root: str) -> dict[str, Any] | None:
         """Worker tier settings: a fresh disk directory per run, so no run inherits another's prefix cache."""

@@ -20,6 +20,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 
+from disagg.utils import cdiv
 from disagg.workload.record import TraceRequest
 
 NATIVE_BLOCK = 512
@@ -92,7 +93,7 @@ class _Context:
         if self.length % NATIVE_BLOCK:  # the partial last block's content changes
             self.ids[-1] = self._fresh()
         self.length += n
-        while len(self.ids) < -(-self.length // NATIVE_BLOCK):
+        while len(self.ids) < cdiv(self.length, NATIVE_BLOCK):
             self.ids.append(self._fresh())
 
 
@@ -118,7 +119,7 @@ def generate(profiles: dict[str, float], num_sessions: int, session_rate: float,
         p = PROFILES[rng.choices(names, weights)[0]]
         shared = [
             _SHARED_ID_BASE + list(PROFILES).index(p.name) * 1_000_000 + i
-            for i in range(-(-p.system_tokens // NATIVE_BLOCK))
+            for i in range(cdiv(p.system_tokens, NATIVE_BLOCK))
         ]
         ctx = _Context(shared, p.system_tokens, next_id)
         ctx.append(round(_log_uniform(rng, p.user_tokens)))

@@ -60,8 +60,11 @@ class RequestRecord:
 
 @dataclass(frozen=True)
 class SLO:
-    ttft_ms: float = 2000.0
-    tpot_ms: float = 200.0
+    """The latency objectives goodput counts against; every CLI's --slo-ttft-ms / --slo-tpot-ms come from here
+    (`add_options(parser, SLO, prefix="slo-")`)."""
+
+    ttft_ms: float = field(default=2000.0, metadata={"help": "SLO: time to first token, ms"})
+    tpot_ms: float = field(default=200.0, metadata={"help": "SLO: time per output token after the first, ms"})
 
     def met(self, r: RequestRecord) -> bool:
         if not r.ok or r.ttft_s is None or r.ttft_s * 1000 > self.ttft_ms:

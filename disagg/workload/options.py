@@ -4,41 +4,52 @@ sessions, plus the TraceScale applied to it."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass, field
 from typing import Any
 
+from disagg.config import EngineConfig
+from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.options import add_options
 from disagg.workload import agent, loaders
 from disagg.workload.record import TraceRequest, TraceScale
 
 
+@dataclass
+class WorkloadOptions:
+    """A trace file or generated agent sessions, and how to scale it (one option per field)."""
+
+    trace: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL (Mooncake format) or CSV trace; a bare name is looked up in ../shared/data/traces "
+            "(e.g. mooncake_conversation_trace.jsonl)"
+        },
+    )
+    agent: str | None = field(
+        default=None,
+        metadata={
+            "help": "generate agent sessions instead: profile or mix "
+            f"({', '.join(agent.PROFILES)}; e.g. coding_agent:2,short_chat:1)"
+        },
+    )
+    sessions: int = field(default=20, metadata={"help": "agent sessions to generate"})
+    session_rate: float = field(default=0.5, metadata={"help": "agent sessions per second (Poisson)"})
+    limit: int | None = field(default=None, metadata={"help": "first N requests of the workload"})
+    seed: int = field(default=0, metadata={"help": "seed of the generated sessions"})
+    block_tokens: int = field(
+        default=EngineConfig.block_size, metadata={"help": "tokens per trace hash_id (512 in the traces)"}
+    )
+    output_scale: float | None = field(
+        default=None, metadata={"help": "factor on output lengths (default: the same as the input factor)"}
+    )
+    time_scale: float = field(default=1.0, metadata={"help": "replay speed-up on timestamps and think times"})
+    max_input_tokens: int | None = field(default=None, metadata={"help": "cap on prompt tokens"})
+    max_output_tokens: int | None = field(default=None, metadata={"help": "cap on output tokens"})
+    vocab_size: int = field(default=DEFAULT_VOCAB_SIZE, metadata={"help": "token ids are drawn below this"})
+
+
 def add_workload_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("workload")
-    g.add_argument(
-        "--trace",
-        default=None,
-        help="JSONL (Mooncake format) or CSV trace; a bare name is looked up "
-        "in ../shared/data/traces (e.g. mooncake_conversation_trace.jsonl)",
-    )
-    g.add_argument(
-        "--agent",
-        default=None,
-        help="generate agent sessions instead: profile or mix "
-        f"({', '.join(agent.PROFILES)}; e.g. coding_agent:2,short_chat:1)",
-    )
-    g.add_argument("--sessions", type=int, default=20, help="agent sessions to generate")
-    g.add_argument("--session-rate", type=float, default=0.5, help="agent sessions per second (Poisson)")
-    g.add_argument("--limit", type=int, default=None, help="first N requests of the workload")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--block-tokens", type=int, default=16, help="tokens per trace hash_id (512 in the traces)")
-    g.add_argument(
-        "--output-scale",
-        type=float,
-        default=None,
-        help="factor on output lengths (default: the same as the input factor)",
-    )
-    g.add_argument("--time-scale", type=float, default=1.0, help="replay speed-up on timestamps and think times")
-    g.add_argument("--max-input-tokens", type=int, default=None)
-    g.add_argument("--max-output-tokens", type=int, default=None)
-    g.add_argument("--vocab-size", type=int, default=49152, help="token ids are drawn below this")
+    add_options(p.add_argument_group("workload"), WorkloadOptions)
 
 
 def load_workload(args: argparse.Namespace) -> tuple[list[TraceRequest], TraceScale, dict[str, Any]]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import random
 
+from disagg.utils import cdiv
+
 _SPECIAL_TOKENS = 256  # low ids of most vocabularies are special/control tokens: keep prompts clear of them
 
 
@@ -39,6 +41,6 @@ def prompt_tokens(hash_ids: list[int], length: int, per_block: int, vocab_size: 
     if length > len(hash_ids) * per_block:
         raise ValueError(f"{len(hash_ids)} blocks of {per_block} tokens cannot hold a {length}-token prompt")
     out: list[int] = []
-    for h in hash_ids[: -(-length // per_block)]:
+    for h in hash_ids[: cdiv(length, per_block)]:
         out.extend(block_tokens(h, per_block, vocab_size))
     return out[:length]
