@@ -11,24 +11,23 @@ import argparse
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from disagg.options import add_options, from_options
-from disagg.protocol import Request, TokenDelta
 from disagg.router.admission import AdmissionConfig
-from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
+from disagg.sim.cluster import SimCluster, SimClusterConfig
 from disagg.sim.faults import SimChaos, window_goodput
+from disagg.sim.openloop import OpenLoop
 from disagg.sim.options import SimOptions, add_sim_args, sim_options
 from disagg.sim.planner import SimPlanner
 from disagg.sim.spec import ClusterSpec, parse_configs
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
 from disagg.workload.options import add_workload_args, load_workload
-from disagg.workload.record import TraceRequest, TraceScale, send_units
+from disagg.workload.record import TraceRequest, TraceScale
 from disagg.workload.report import write_report
 
 
@@ -59,77 +58,13 @@ def simulate(
     cluster = SimCluster(config, model)
     victims = chaos.schedule(cluster) if chaos is not None else []
     planner = SimPlanner(cluster, config.planner) if config.planner is not None else None
-    loop = cluster.loop
-    units = send_units(trace)
-    t0 = min(r.timestamp_ms for r in trace)
-    records: dict[int, RequestRecord] = {}
-    bar = tqdm(total=len(trace), desc="simulate", unit="req", disable=not progress, leave=False)
-    limit = config.max_model_len - 1
-
-    def send(unit: list[int], k: int) -> None:
-        i = unit[k]
-        req = trace[i]
-        prompt = scale.prompt(req, config.vocab_size, salt=i)[:limit]
-        max_tokens = max(1, min(scale.output_len(req), config.max_model_len - len(prompt)))
-        record = RequestRecord(i, len(prompt), max_tokens, loop.now, req.session_id, req.turn)
-        records[i] = record
-        last = [loop.now]
-
-        def on_token(now: float, delta: TokenDelta) -> None:
-            if record.ttft_s is None:
-                record.ttft_s = now - record.start_s
-                record.cached_tokens = delta.num_cached_tokens  # what the API reports as cached_tokens
-            else:
-                record.itl_s.append(now - last[0])
-            last[0] = now
-            record.output_tokens += len(delta.token_ids)
-            if delta.finished:
-                record.e2e_s = now - record.start_s  # (the router's SLO window is the Flight's RecordLatency)
-                bar.update(1)
-                if k + 1 < len(unit):
-                    nxt = trace[unit[k + 1]]
-                    loop.at(now + scale.seconds(nxt.think_time_ms), lambda: send(unit, k + 1))
-
-        hints = config.session_hints and req.session_id is not None  # what `bench replay --session-hints` sends
-        request = Request(
-            f"r{i}",
-            prompt,
-            sampling_for(max_tokens),
-            session_id=req.session_id if hints else None,
-            kv_retention_s=config.kv_retention_s if hints else None,
-            priority=req.priority,
-        )
-
-        def on_reject(now: float, exc: Exception) -> None:  # a 429, as the replay records it
-            record.error = f"HTTP 429: {exc}"
-            record.refused_s, record.refusal_code = now - record.start_s, getattr(exc, "code", None)
-            bar.update(1)
-            if k + 1 < len(unit):
-                nxt = trace[unit[k + 1]]
-                loop.at(now + scale.seconds(nxt.think_time_ms), lambda: send(unit, k + 1))
-
-        cluster.submit(
-            request,
-            on_token,
-            session=req.session_id if hints else None,
-            on_reject=on_reject,
-            tenant=req.tenant or "default",
-            priority=req.priority,
-        )
-
-    for n, unit in enumerate(units):
-        at = n / arrival_rate if arrival_rate else scale.seconds(trace[unit[0]].timestamp_ms - t0)
-        loop.at(at, functools.partial(send, unit, 0))
+    sender = OpenLoop(trace, scale, cluster, progress)
+    sender.start(arrival_rate)
     if planner is not None:
         planner.start()
     cluster.run()
-    bar.close()
-    missing = [
-        i for i in range(len(trace)) if i not in records or (records[i].e2e_s is None and records[i].error is None)
-    ]
-    for i in missing:  # cannot happen unless a request can never fit; reported, not hidden
-        records.setdefault(i, RequestRecord(i, 0, 0, 0.0)).error = "never completed in simulation"
-    ends = [r.start_s + r.e2e_s for r in records.values() if r.e2e_s is not None]
+    records = sender.finish()
+    ends = [r.start_s + r.e2e_s for r in records if r.e2e_s is not None]
     counters: dict[str, Any] = dict(
         cluster.counters,
         workers=len(cluster.workers),
@@ -141,7 +76,7 @@ def simulate(
     if planner is not None:
         counters["role_changes"] = [e.__dict__ for e in planner.timeline]
         counters["final_split"] = [len(cluster.prefill), len(cluster.decode)]
-    return SimResult([records[i] for i in sorted(records)], max(ends), cluster.prefix_cache(), counters)
+    return SimResult(records, max(ends), cluster.prefix_cache(), counters)
 
 
 def sim_config(spec: ClusterSpec, args: argparse.Namespace, model: StepTimeModel, slo: SLO) -> SimClusterConfig:
@@ -201,7 +136,7 @@ def _stale(m: dict[str, Any]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disagg bench simulate", description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="agg-rr=0x16:round_robin,agg-kv=0x16:kv,disagg-kv=4x12:kv")
     parser.add_argument("--rates", default="1", help="load levels: multipliers on the trace's pace")
@@ -225,7 +160,36 @@ def main(argv: list[str] | None = None) -> int:
         help="take --detect-s / --restart-s from a `disagg bench chaos` result.json (SIGKILL medians)",
     )
     add_workload_args(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _chaos(args: argparse.Namespace) -> SimChaos | None:
+    if args.kill_fraction <= 0:
+        return None
+    if args.chaos_result:
+        return SimChaos.measured(args.chaos_result, kill_fraction=args.kill_fraction, at_s=args.kill_at, seed=args.seed)
+    return SimChaos(args.kill_fraction, args.kill_at, args.detect_s, args.restart_s, args.seed)
+
+
+def _with_chaos(
+    m: dict[str, Any], result: SimResult, run: Callable[[], SimResult], chaos: SimChaos, slo: SLO, name: str
+) -> None:
+    """The chaos windows of a faulted run, and the same windows of the same run without faults."""
+    m["chaos"] = window_goodput(result.records, chaos, slo, result.duration_s)
+    m["chaos_baseline"] = window_goodput(run().records, chaos, slo, result.duration_s)
+    print(
+        f"[{name}] chaos: killed {result.counters['killed']}, migrations "
+        f"{result.counters.get('migrations', 0)}; goodput before/during/after "
+        + " / ".join(f"{w['goodput']:.2f}" for w in m["chaos"].values())
+        + " (no faults: "
+        + " / ".join(f"{w['goodput']:.2f}" for w in m["chaos_baseline"].values())
+        + ")",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     trace, scale, workload = load_workload(args)
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()
     slo = from_options(SLO, args, prefix="slo-")
@@ -237,28 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         for spec in parse_configs(args.configs):
             cfg = sim_config(spec, args, model, slo)
             t0 = time.perf_counter()
-            chaos = None
-            if args.kill_fraction > 0 and args.chaos_result:
-                chaos = SimChaos.measured(
-                    args.chaos_result, kill_fraction=args.kill_fraction, at_s=args.kill_at, seed=args.seed
-                )
-            elif args.kill_fraction > 0:
-                chaos = SimChaos(args.kill_fraction, args.kill_at, args.detect_s, args.restart_s, args.seed)
+            chaos = _chaos(args)
             result = simulate(trace, rate_scale, cfg, model, progress=not args.no_progress, chaos=chaos)
             m = result.metrics(slo, parse_slos(args.extra_slos))
-            if chaos is not None:  # the same windows of the same run without faults, for reference
-                m["chaos"] = window_goodput(result.records, chaos, slo, result.duration_s)
-                clean = simulate(trace, rate_scale, cfg, model)
-                m["chaos_baseline"] = window_goodput(clean.records, chaos, slo, result.duration_s)
-                print(
-                    f"[{spec.name}] chaos: killed {result.counters['killed']}, migrations "
-                    f"{result.counters.get('migrations', 0)}; goodput before/during/after "
-                    + " / ".join(f"{w['goodput']:.2f}" for w in m["chaos"].values())
-                    + " (no faults: "
-                    + " / ".join(f"{w['goodput']:.2f}" for w in m["chaos_baseline"].values())
-                    + ")",
-                    flush=True,
-                )
+            if chaos is not None:
+                clean = functools.partial(simulate, trace, rate_scale, cfg, model)
+                _with_chaos(m, result, clean, chaos, slo, spec.name)
             label = spec.name if len(rates) == 1 else f"{spec.name} @{rate:g}x"
             runs.append(
                 {
