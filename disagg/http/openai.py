@@ -57,7 +57,7 @@ def add_openai_routes(
         ids = tokenize_prompt(body.prompt, tokenizer)
         sampling = sampling_params(
             body,
-            body.max_tokens if body.max_tokens is not None else 16,
+            body.max_tokens if body.max_tokens is not None else SamplingParams.max_tokens,  # OpenAI's default, 16
             len(ids),
             config.max_model_len,
             logprobs=body.logprobs,

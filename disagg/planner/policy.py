@@ -43,6 +43,10 @@ from dataclasses import dataclass, field
 
 from disagg.protocol import Role
 
+# a worker's prefill speed until its heartbeats have measured it (the planner's only prior; it only orders
+# workers' estimated waits until the first measurement)
+DEFAULT_PREFILL_TOKENS_PER_S = 2000.0
+
 
 class Reason(str, enum.Enum):
     PREFILL_INTERFERENCE = "prefill_interference"  # TPOT suffers from prompts prefilled on decode workers
@@ -114,7 +118,7 @@ class Signals:
     ttft_attainment: float | None
     tpot_attainment: float | None
     finished: int  # requests finished in the window
-    default_prefill_tokens_per_s: float = 2000.0  # until a worker has measured its own
+    default_prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
 
     def prefill_workers(self) -> list[WorkerSignal]:
         return [w for w in self.workers if w.routable and w.role is Role.PREFILL]

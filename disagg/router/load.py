@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from disagg.router.admission import CapacityConfig
 from disagg.router.health import HealthMonitor
 from disagg.router.policy import Decision, WorkerLoad
+from disagg.utils import cdiv
 
 
 @dataclass
@@ -61,7 +62,7 @@ class LoadBook:
             decision.prefill_worker or decision.decode_worker,
             decision.decode_worker,
             num_prompt_tokens,
-            -(-num_prompt_tokens // self.block_size),
+            cdiv(num_prompt_tokens, self.block_size),
             hashes=hashes,
         )
         with self._lock:
@@ -73,7 +74,7 @@ class LoadBook:
 
     def progress(self, ticket: LoadTicket, num_generated: int) -> None:
         """`num_generated` tokens are out: the prompt left the prefill queue; the request holds more blocks."""
-        blocks = -(-(ticket.num_prompt_tokens + num_generated) // self.block_size)
+        blocks = cdiv(ticket.num_prompt_tokens + num_generated, self.block_size)
         with self._lock:
             if ticket.queued:
                 self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
@@ -98,7 +99,7 @@ class LoadBook:
         prefill worker.  Requests with priority > 0 may use the headroom above the limits, so urgent work does
         not wait for a slot behind background load."""
         scale = 1.0 + (self.capacity.priority_headroom if priority > 0 else 0.0)
-        if not self.health.routable(name) or not self._room_to_decode(name, -(-num_tokens // self.block_size), scale):
+        if not self.health.routable(name) or not self._room_to_decode(name, cdiv(num_tokens, self.block_size), scale):
             return False
         return self._room_to_prefill(name, scale) or any(
             self.health.routable(p) and self._room_to_prefill(p, scale) for p in self.prefill

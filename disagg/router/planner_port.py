@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from disagg.planner.policy import PlannerConfig, Signals, WorkerSignal
+from disagg.planner.policy import DEFAULT_PREFILL_TOKENS_PER_S, PlannerConfig, Signals, WorkerSignal
 from disagg.protocol import Role
 from disagg.router.admission import CapacityConfig
 from disagg.router.health import HealthMonitor, WorkerState
@@ -20,8 +20,6 @@ from disagg.router.load import LatencyWindow
 from disagg.router.policy import WorkerLoad
 from disagg.router.roles import RoleChanger
 from disagg.router.router import RouterCore
-
-DEFAULT_PREFILL_TOKENS_PER_S = 2000.0  # a worker's prefill speed until its heartbeats have measured it
 
 
 def collect_signals(

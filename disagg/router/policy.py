@@ -38,6 +38,7 @@ from typing import Any
 
 from disagg.protocol import Tier
 from disagg.router.index import TierMatch
+from disagg.utils import cdiv
 
 
 class PolicyKind(str, enum.Enum):
@@ -166,7 +167,7 @@ class RoutingPolicy:
         if not decode:
             raise ValueError("no decode workers")
         tm = {name: _as_match(m) for name, m in matches.items()}
-        num_blocks = -(-num_tokens // self.block_size)
+        num_blocks = cdiv(num_tokens, self.block_size)
         kind = self.config.kind
         if kind is PolicyKind.ROUND_ROBIN:
             chosen = decode[next(self._rr_decode) % len(decode)]
