@@ -246,3 +246,24 @@ def test_a_slow_lease_release_does_not_hold_back_the_end_of_the_stream(tiny_llam
     tokens, elapsed = asyncio.run(go())
     assert tokens == _reference(tiny_llama_dir, GREEDY)
     assert elapsed < 1.5, elapsed  # the 2 s release did not sit between the last token and the end
+
+
+def test_a_client_that_stops_at_the_last_token_leaves_no_load_behind(tiny_llama_dir):
+    """The HTTP layer stops reading at the finished delta (the generator is closed there): the request's load,
+    lease and latency must be settled by then, or the worker looks busy forever and the queue stalls."""
+    p = LocalWorkerHandle(local_worker("p", tiny_llama_dir, Role.PREFILL))
+    d = LocalWorkerHandle(local_worker("d", tiny_llama_dir, Role.DECODE))
+
+    async def go():
+        await _wire(p, d)
+        core = _core({"p": p}, {"d": d})
+        for i in range(3):
+            stream = core.generate(Request(f"r{i}", PROMPT, GREEDY))
+            async for delta in stream:
+                if delta.finished:
+                    break  # what a client that got its answer does: no more reads
+            await stream.aclose()
+        return core
+    core = asyncio.run(go())
+    assert all(load.active_requests == 0 and load.queued_prefill_tokens == 0 for load in core.loads.values())
+    assert core.latency.attainment(10.0, 10.0, 1e9, time.monotonic())[2] == 3  # every request's latency recorded

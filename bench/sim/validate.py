@@ -120,15 +120,19 @@ def remote_by_index(records: list, spans_dir: str) -> dict[int, bool]:
 
 
 def per_request_ratio(
-    samples: list[dict[str, Any]], sim_ttft: dict[int, float | None], remote: bool | None = None
+    samples: list[dict[str, Any]],
+    sim_ttft: dict[int, float | None],
+    remote: bool | None = None,
+    key: str = "ttft_by_index",
 ) -> float | None:
     """Median over requests of simulated / real TTFT, request by request (the same trace index), then the median
     over real runs: unlike the ratio of two medians, it does not jump when a two-humped TTFT distribution (local
     prefills fast, remote ones slower) puts its median in the gap between the humps.  With `remote`, only the
-    requests the real router sent that way (traced runs).  None when no real run recorded its requests."""
+    requests the real router sent that way (traced runs).  `key`: "e2e_by_index" compares E2E the same way.
+    None when no real run recorded its requests."""
     ratios = []
     for sample in samples:
-        real = {int(i): t for i, t in (sample.get("ttft_by_index") or {}).items()}
+        real = {int(i): t for i, t in (sample.get(key) or {}).items()}
         if remote is not None:
             paths = {int(i): r for i, r in (sample.get("remote_by_index") or {}).items()}
             real = {i: t for i, t in real.items() if paths.get(i) is remote}
@@ -136,6 +140,26 @@ def per_request_ratio(
         if pairs:
             ratios.append(statistics.median(pairs))
     return statistics.median(ratios) if ratios else None
+
+
+ERROR_BOUND = 0.2  # the simulator's goal: per-request TTFT / E2E medians and goodput within 20% of real
+CHECKED_BELOW = 0.95  # ... at every point where fewer requests than this meet the SLO (the others say nothing)
+
+
+def attainment(samples: list[dict[str, Any]]) -> float | None:
+    """Median over real runs of the share of requests meeting every SLO."""
+    got = [s["slo_attainment"] for s in samples if s.get("slo_attainment") is not None]
+    return statistics.median(got) if got else None
+
+
+def verdict(row: dict[str, Any]) -> str:
+    """'within' / 'OUTSIDE' the 20% goal at a point the goal covers (SLO attainment below 95%), else 'n/a'."""
+    att = row.get("slo_attainment_real")
+    if att is None or att >= CHECKED_BELOW:
+        return "n/a"
+    ratios = [row.get("per_request_ttft_ratio"), row.get("per_request_e2e_ratio"), row["ratio"]["request_goodput"]]
+    ok = all(r is not None and abs(r - 1) <= ERROR_BOUND for r in ratios)
+    return "within" if ok else "OUTSIDE"
 
 
 def ranking(rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -254,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                                 **{k: metrics[k] for k in KEYS},
                                 "role_changes": result.role_changes,
                                 "ttft_by_index": {r.index: r.ttft_s for r in result.records if r.ok},
+                                "e2e_by_index": {r.index: r.e2e_s for r in result.records if r.ok},
+                                "slo_attainment": metrics["goodput_fraction"],
                                 "remote_by_index": remote_by_index(result.records, spans) if spans else {},
                             }
                         )
@@ -278,6 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                     "real_samples": samples,
                     "role_changes_real": changes,
                     "per_request_ttft_ratio": per_request,
+                    "per_request_e2e_ratio": per_request_ratio(
+                        samples, {r.index: r.e2e_s for r in sim_result.records if r.ok}, key="e2e_by_index"
+                    ),
+                    "slo_attainment_real": attainment(samples),
                     "per_path_ttft_ratio": per_path,
                     "split": f"{spec.num_prefill}x{spec.num_decode}",
                     "dynamic": spec.planner,
@@ -292,18 +322,19 @@ def main(argv: list[str] | None = None) -> int:
                 (out / "rows.json").write_text(json.dumps(rows, indent=2))
     lines = [
         "| workload | load | config | real runs | TTFT p50 real / sim | TTFT p90 real / sim | goodput real "
-        "(range) / sim | per-request TTFT sim / real |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "(range) / sim | per-request TTFT / E2E sim / real | SLO attainment (real) | within 20%? |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         a, b = r["real"], r["sim"]
         good = [s["request_goodput"] for s in r["real_samples"]]
-        pr = r.get("per_request_ttft_ratio")
+        pr, pe, att = r.get("per_request_ttft_ratio"), r.get("per_request_e2e_ratio"), r.get("slo_attainment_real")
         lines.append(
             f"| {r['workload']} | {r['rate']:g}x | {r['config']} | {len(good)} | "
             f"{a['median_ttft_ms']:,.0f} / {b['median_ttft_ms']:,.0f} | {a['p90_ttft_ms']:,.0f} / "
             f"{b['p90_ttft_ms']:,.0f} | {a['request_goodput']:.3f} ({min(good):.3f}-{max(good):.3f}) / "
-            f"{b['request_goodput']:.3f} | {'-' if pr is None else f'{pr:.2f}'} |"
+            f"{b['request_goodput']:.3f} | {'-' if pr is None else f'{pr:.2f}'} / {'-' if pe is None else f'{pe:.2f}'}"
+            f" | {'-' if att is None else f'{att:.0%}'} | {verdict(r)} |"
         )
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for r in rows:

@@ -15,7 +15,8 @@ Lifecycle (`FlightState`):
     PREFILLING --KVReady--> HANDING_OFF (StartDecode with the remote KV; the decode worker reads it)
     PREFILLING --KVFailed--> STREAMING (fallback: StartDecode without remote KV; the owner's lease released)
     HANDING_OFF --Delta--> STREAMING
-    HANDING_OFF / STREAMING --Delta(finished)--> DONE (RecordLatency, EndLoad, ReleaseLease)
+    HANDING_OFF / STREAMING --Delta(finished)--> DONE (ReleaseLease, RecordLatency, EndLoad, then Emit: a delta
+            is always the last action, so a caller that stops reading at it leaves nothing unsettled)
     ROUTED / PREFILLING / HANDING_OFF / STREAMING --Lost--> MIGRATING (RouteAttempt for the request resumed after
             the delivered tokens) ... or FAILED past `max_migrations` (Fail)
     any live state --Abort--> FAILED (the client went away, or the driver hit an error: EndLoad, ReleaseLease)
@@ -311,8 +312,8 @@ class Flight:
             self.first_token_at = now
         self.sent += delta.token_ids
         self.sent_chars += len(delta.text)
-        actions += [ChargeTenant(self.tenant, n), Emit(delta)]
-        if delta.finished:
+        actions.append(ChargeTenant(self.tenant, n))
+        if delta.finished:  # settled before the last delta goes out: a client may stop reading right there
             self.state = FlightState.DONE
             actions += [
                 *self._release(),
@@ -320,7 +321,7 @@ class Flight:
                 EndLoad(self.ticket),
                 PumpAdmission(),
             ]
-        return actions
+        return [*actions, Emit(delta)]  # always last: nothing is left to do once the caller has it
 
     def _lost(self, event: Lost) -> list[Action]:
         assert self.ticket is not None
