@@ -64,7 +64,7 @@ def test_disaggregated_handoff_moves_only_missing_blocks_and_releases_leases():
     done = _finish(cluster, [("b", prompt + [7] * 32, 2)])
     assert cluster.counters["transferred_blocks"] == 6 + (8 - 6)
     for w in cluster.workers:
-        assert w.engine.pool.num_free_blocks == 64 and not w.engine.leases.leases
+        assert w.engine.pool.num_free_blocks == 64 and not w.engine.connector.leases.leases
 
 
 def test_kv_events_drive_the_real_router_to_the_holder():

@@ -33,7 +33,7 @@ def _disaggregated(prefill, decode, rid, prompt, sampling):
     first = dataclasses.replace(sampling, max_tokens=1, stop=[])
     prefill.engine.add_request(rid, prompt, first, hold_kv=True)
     out = run([prefill], [rid])[rid]
-    result = prefill.engine.prefill_result(rid, prefill.name, out[-1].token_ids[0], None)
+    result = prefill.engine.connector.prefill_result(rid, prefill.name, out[-1].token_ids[0], None)
     decode.engine.add_request(rid, prompt, sampling, remote=result)
     return result
 
@@ -77,7 +77,7 @@ def test_failed_or_hung_read_recomputes_and_leaks_nothing(pair, tiny_llama_dir, 
     out = run([prefill, decode], ["f"])
     assert tokens(out["f"]) == _reference(tiny_llama_dir, [prompt], SEEDED)[0]
     assert decode.engine.scheduler.stats.failed_loads == 1
-    prefill.engine.leases.release("f")  # what the router does when the decode side fell back
+    prefill.engine.connector.release_lease("f")  # what the router does when the decode side fell back
     assert settle([prefill, decode])  # a hung read's blocks are held until it settles, then freed
 
 
@@ -89,7 +89,7 @@ def test_abort_while_loading_frees_everything(pair):
     assert decode.engine.seqs["x"].status is SequenceStatus.WAITING_FOR_KV
     assert decode.engine.abort("x")
     assert decode.engine.connector.num_adopted_blocks > 0  # the hung read might still land: not reused yet
-    prefill.engine.leases.release("x")
+    prefill.engine.connector.release_lease("x")
     assert settle([prefill, decode])
 
 

@@ -299,7 +299,7 @@ class EngineWorker:
         # read on the event loop, not behind the engine thread's next step (seconds, with long prefills in it):
         # the step that produced `delta` created the lease, and only the engine thread removes leases (when the
         # reader is done, or after their TTL), so this dict lookup and copy of immutable lists cannot race
-        result = self.engine.prefill_result(
+        result = self.connector.prefill_result(
             req.request_id,
             self.agent_name,
             delta.token_ids[0],
@@ -319,7 +319,7 @@ class EngineWorker:
             tokens = req.prompt_token_ids + req.resume_token_ids
             usable = (len(tokens) - 1) // self.engine.config.block_size
             hashes = hash_prompt_blocks(tokens, self.engine.config.block_size)[:usable]
-            result = self.engine.export_prefix(req.request_id, hashes, self.agent_name)
+            result = self.connector.export_prefix(req.request_id, hashes, self.agent_name)
             return result.to_wire() if result is not None else None
 
         return await self._call(export)

@@ -47,7 +47,7 @@ def worker_stats(
         prefix_hit_tokens=s.prefix_hit_tokens,
         loaded_tokens=s.loaded_tokens,
         failed_loads=s.failed_loads,
-        leases_expired=engine.leases.num_expired,
+        leases_expired=engine.connector.leases.num_expired,
         transfer_bytes=transport.bytes_read,
         transfer_reads=peer.num_reads,
         transfer_failures=peer.num_failures,
@@ -63,7 +63,7 @@ def worker_stats(
         running=len(sched.running),
         waiting=len(sched.waiting),
         loading=len(sched.loading),
-        leases=len(engine.leases.leases),
+        leases=len(engine.connector.leases.leases),
         adopted_blocks=engine.connector.num_adopted_blocks,
         prefill_s_per_token=engine.prefill_s_per_token,
     )

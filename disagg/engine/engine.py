@@ -81,7 +81,6 @@ class LLMEngine:
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
-        self.leases = self.connector.leases  # blocks a peer is about to read (the connector's export side)
         self.stats = EngineStats()
         self.prefill_s_per_token: float | None = None  # measured, for "is loading cheaper than recomputing"
         self.on_finish: Any = None  # called (seq, reason) when a traced request finishes (the worker's spans)
@@ -227,26 +226,6 @@ class LLMEngine:
             return False
         self.scheduler.finish(seq, FinishReason.ABORT.value)
         return True
-
-    # ------------------------------------------------------------------ offering KV to other workers
-    def prefill_result(
-        self,
-        request_id: str,
-        agent_name: str,
-        first_token: int,
-        finish_reason: str | None,
-        num_cached_tokens: int = 0,
-        first_logprobs: list | None = None,
-    ) -> PrefillResult:
-        """Describe a finished hold_kv request's leased blocks for the reader (the connector's export side)."""
-        return self.connector.prefill_result(
-            request_id, agent_name, first_token, finish_reason, num_cached_tokens, first_logprobs
-        )
-
-    def export_prefix(self, request_id: str, block_hashes: list[int], agent_name: str) -> PrefillResult | None:
-        """Lease the leading `block_hashes` this worker holds on the device or in its CPU tier, for a peer to
-        read instead of recomputing them; None if it holds none."""
-        return self.connector.export_prefix(request_id, block_hashes, agent_name)
 
     # ------------------------------------------------------------------ state
     def has_unfinished(self) -> bool:

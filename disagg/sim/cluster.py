@@ -281,7 +281,7 @@ class SimCluster:
 
     def release_lease(self, owner: str, request_id: str) -> None:
         worker = self.prefill.get(owner) or self.decode.get(owner)
-        if worker is not None and worker.engine.leases.release(request_id):
+        if worker is not None and worker.engine.connector.release_lease(request_id):
             worker.kick()
 
     def run(self, until: float = float("inf")) -> None:

@@ -104,7 +104,7 @@ class SimFlights:
             self.cluster.count_prefix(len(flight.request.prompt_token_ids), delta.num_cached_tokens, sf.predicted)
             sf.prefill_counted = True
         if flight.state is FlightState.PREFILLING and worker.name == decision.prefill_worker:
-            result = worker.engine.prefill_result(
+            result = worker.engine.connector.prefill_result(
                 delta.request_id, worker.name, delta.token_ids[0], None, delta.num_cached_tokens
             )
             self._run(sf, flight.on(KVReady(result)))
