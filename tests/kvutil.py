@@ -41,7 +41,7 @@ class Node:
 
     def baseline_free(self) -> bool:
         e = self.engine
-        return (e.pool.num_free_blocks == e.pool.num_blocks and not e.leases.leases
+        return (e.pool.num_free_blocks == e.pool.num_blocks and not e.connector.leases.leases
                 and e.connector.num_adopted_blocks == 0)
 
 

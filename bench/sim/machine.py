@@ -40,6 +40,7 @@ from typing import Any
 
 import psutil
 
+from bench.sim.calibrate import cpu_model
 from disagg.config import LAB_KV_CACHE_MB, EngineConfig
 from disagg.sim.timemodel import StepTimeModel
 from disagg.utils import cdiv
@@ -349,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = args.parts.split(",")
     out: dict[str, Any] = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     out["cores"] = len(os.sched_getaffinity(0))
+    out["cpu"] = cpu_model()  # every figure names the CPU it was measured on
     if "corun" in parts:
         out["corun"] = corun()
         print(json.dumps(out["corun"]), flush=True)
