@@ -86,3 +86,21 @@ def test_a_read_completes_while_the_owner_makes_no_nixl_call(monkeypatch):
 
 if __name__ == "__main__":
     pytest.main([__file__, "-q"])
+
+
+def test_a_read_whose_peer_disconnects_fails_instead_of_raising():
+    """NIXL raises (NIXL_ERR_REMOTE_DISCONNECT) instead of returning "ERR" when the peer dies while a read is in
+    flight; that must be a failed read (the connector recomputes), not an exception out of every engine step
+    (a fresh-clone run saw a decode worker fail 761 steps in a row and its streams hang)."""
+    from disagg.transfer.base import TransferState
+    from disagg.transfer.nixl import NixlTransport, _Read, nixl_errors
+
+    disconnect = next(e for e in nixl_errors() if e.__name__ == "nixlRemoteDisconnectError")
+
+    class DeadPeerAgent:
+        def check_xfer_state(self, handle):
+            raise disconnect("NIXL_ERR_REMOTE_DISCONNECT")
+
+    transport = object.__new__(NixlTransport)  # no UCX agent: only poll's handling is under test
+    transport.agent, transport._errors = DeadPeerAgent(), nixl_errors()
+    assert transport.poll(_Read(peer="dead", handles=[object()], notify=None)) is TransferState.FAILED

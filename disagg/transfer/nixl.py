@@ -84,6 +84,17 @@ def _import_nixl():
     return _api
 
 
+def nixl_errors() -> tuple[type[Exception], ...]:
+    """The exception types NIXL's bindings raise (no common base but Exception): a transfer's failure, e.g.
+    NIXL_ERR_REMOTE_DISCONNECT when the peer died while a read was in flight."""
+    bindings = _import_nixl().nixlBind
+    return tuple(
+        cls
+        for name, cls in vars(bindings).items()
+        if name.startswith("nixl") and name.endswith("Error") and isinstance(cls, type) and issubclass(cls, Exception)
+    )
+
+
 _AGENT_LOCK = threading.Lock()
 
 
@@ -137,6 +148,7 @@ class NixlTransport(KVTransport):
         log.info("NIXL agent %s: UCX_NET_DEVICES=%s", name, self.net_devices)
         self.name = name
         self.agent = make_agent(name, config.progress_delay_us)
+        self._errors = nixl_errors()
         self._layout: KVLayout | None = None
         self._peers: dict[str, KVLayout] = {}
         self._regs: list[Any] = []
@@ -210,7 +222,11 @@ class NixlTransport(KVTransport):
         for i, h in enumerate(handle.handles):
             if i in handle.done:
                 continue
-            state = self.agent.check_xfer_state(h)
+            try:
+                state = self.agent.check_xfer_state(h)
+            except self._errors as exc:  # the peer died mid-read (or UCX gave up on it): the read failed
+                log.warning("NIXL read from %s failed: %s", handle.peer, exc)
+                return TransferState.FAILED
             if state == "ERR":
                 return TransferState.FAILED
             if state != "DONE":
