@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from bench.report import ReportOptions
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.options import add_options, from_options
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
@@ -34,11 +35,6 @@ ARRIVALS = ("trace", "fixed", "poisson")
 REPLAY_OPTIONS = (
     "arrival", "rate", "max_duration_s", "request_timeout_s", "ignore_eos", "session_hints", "kv_retention_s", "progress"
 )
-
-
-@dataclass
-class ReportOptions:
-    extra_slos: str = field(default="5000/500", metadata={"help": "more TTFT_MS/TPOT_MS pairs to report goodput at"})
 
 
 @dataclass
