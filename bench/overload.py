@@ -67,7 +67,8 @@ class OverloadOptions:
     # looser than the product's TPOT SLO: overloaded CPU workers decode slowly, and the study judges admission
     slo_tpot_s: float = field(default=0.5, metadata={"help": "TPOT SLO, s (looser than the product's)"})
     simulate: int = field(
-        default=0, metadata={"help": "run the same study in the simulator with this many decode workers (0: real cluster)"}
+        default=0,
+        metadata={"help": "run the same study in the simulator with this many decode workers (0: real cluster)"},
     )
     time_model: str | None = field(
         default=None, metadata={"help": "simulator step-time model (disagg bench calibrate)"}
@@ -77,7 +78,8 @@ class OverloadOptions:
     )
     shared_blocks: int = field(default=8, metadata={"help": "16-token blocks each shared prefix spans"})
     repeats: int = field(
-        default=3, metadata={"help": "passes of each sweep arm (fresh cluster each, arms interleaved); medians with range"}
+        default=3,
+        metadata={"help": "passes of each sweep arm (fresh cluster each, arms interleaved); medians with range"},
     )
     out: str = field(default="bench/results/overload", metadata={"help": "output directory"})
 

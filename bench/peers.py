@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     add_options(p, PeersOptions)
     # vLLM's CPU attention needs a block size that is a multiple of 32; every system runs with the same one
     add_options(
-        p, EngineConfig, only=("model", "block_size", "max_model_len", "max_num_seqs", "kv_cache_memory_mb"),
+        p,
+        EngineConfig,
+        only=("model", "block_size", "max_model_len", "max_num_seqs", "kv_cache_memory_mb"),
         defaults={"block_size": 32},
     )
     # this study's own, looser SLO (its published results are judged against it), not the product's

@@ -29,11 +29,17 @@ from disagg.workload.options import add_workload_args, load_workload
 from disagg.workload.record import TraceRequest, TraceScale, send_units
 from disagg.workload.report import write_report
 
-
 ARRIVALS = ("trace", "fixed", "poisson")
 # ReplayConfig's fields that are options of every replaying CLI (the rest come from the workload or the caller)
 REPLAY_OPTIONS = (
-    "arrival", "rate", "max_duration_s", "request_timeout_s", "ignore_eos", "session_hints", "kv_retention_s", "progress"
+    "arrival",
+    "rate",
+    "max_duration_s",
+    "request_timeout_s",
+    "ignore_eos",
+    "session_hints",
+    "kv_retention_s",
+    "progress",
 )
 
 
@@ -58,9 +64,7 @@ class ReplayConfig:
     scale: TraceScale = field(default_factory=TraceScale)
     # "trace" | "fixed" | "poisson"; the latter two pace requests (or sessions) at `rate`
     arrival: str = field(default="trace", metadata={"choices": ARRIVALS, "help": "when each request is sent"})
-    rate: float | None = field(
-        default=None, metadata={"help": "requests (sessions) per second for fixed/poisson"}
-    )
+    rate: float | None = field(default=None, metadata={"help": "requests (sessions) per second for fixed/poisson"})
     max_requests: int | None = None
     # nothing is sent after this; requests in flight may finish
     max_duration_s: float | None = field(

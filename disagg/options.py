@@ -134,8 +134,12 @@ def add_options(
 
 
 def _add_special(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, f: dataclasses.Field, annotation: Any, prefix: str,
-    default: Any, required: bool,
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    f: dataclasses.Field,
+    annotation: Any,
+    prefix: str,
+    default: Any,
+    required: bool,
 ) -> None:
     """A field with `nargs` (several values of a list/tuple field) or `positional` metadata."""
     text = f.metadata.get("help", "")
