@@ -9,8 +9,9 @@ A field's help is `field(metadata={"help": ...})`; `metadata={"cli": False}` kee
 float, str, bool as --x/--no-x, enums by value, and their optionals) become options; other fields are skipped.
 A field without a default becomes a required option; `only=` picks the fields one CLI exposes.  Three more
 metadata keys cover what a scalar cannot say: `"choices": (...)` limits a str field to those values,
-`"nargs": "+"` makes a `list[int]`-like field (`list[X]` or `tuple[X, ...]` of a scalar X) take several values,
-and `"positional": True` makes the field a positional argument (no -- name).
+`"nargs": "+"` makes a `list[int]`-like field (`list[X]` or `tuple[X, ...]` of a scalar X) take several values
+(`"nargs": "append"`: one value per repetition of the option), and `"positional": True` makes the field a
+positional argument (no -- name).
 """
 
 from __future__ import annotations
@@ -155,11 +156,12 @@ def _add_special(
     kind = _items(annotation)
     if kind is None:
         raise TypeError(f"{f.name}: nargs needs a list[X] or tuple[X, ...] field of a scalar X")
+    nargs = f.metadata["nargs"]
     parser.add_argument(
         option_name(f, prefix),
         dest=(prefix + f.name).replace("-", "_"),
         type=kind,
-        nargs=f.metadata["nargs"],
+        **({"action": "append"} if nargs == "append" else {"nargs": nargs}),
         default=default,
         required=required,
         help=text if required else f"{text} (default {' '.join(map(str, default))})".strip(),

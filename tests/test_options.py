@@ -82,6 +82,7 @@ class Tool:
     sizes: list[int] = field(default_factory=lambda: [1, 8], metadata={"nargs": "+", "help": "sizes to try"})
     pair: tuple[float, ...] = field(default=(0.5,), metadata={"nargs": "+"})
     arrival: str = field(default="trace", metadata={"choices": ("trace", "poisson")})
+    prior: list[str] = field(default_factory=list, metadata={"nargs": "append", "help": "repeat me"})
 
 
 def test_positional_nargs_and_choices_metadata():
@@ -90,6 +91,8 @@ def test_positional_nargs_and_choices_metadata():
     assert from_options(Tool, p.parse_args(["r.json"])) == Tool("r.json")
     args = p.parse_args(["r.json", "--sizes", "2", "3", "--pair", "1", "2.5", "--arrival", "poisson"])
     assert from_options(Tool, args) == Tool("r.json", [2, 3], (1.0, 2.5), "poisson")  # a tuple stays a tuple
+    assert p.parse_args(["r.json", "--prior", "a", "--prior", "b"]).prior == ["a", "b"]
+    assert p.parse_args(["r.json"]).prior == []  # the default list was not appended to
     for bad in ([], ["r.json", "--arrival", "fixed"], ["r.json", "--sizes"], ["r.json", "--sizes", "x"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
