@@ -19,15 +19,42 @@ import os
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.peers import System, start, stop, wait_ready
 from bench.replay import ReplayConfig, replay
+from disagg.config import EngineConfig
+from disagg.options import add_options
 from disagg.workload import loaders
 from disagg.workload.metrics import SLO
 from disagg.workload.record import TraceRequest, TraceScale
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class AiperfCheckOptions:
+    """The check's own options (the model comes from EngineConfig)."""
+
+    aiperf: str = field(metadata={"help": "the aiperf executable of its own venv"})
+    requests: int = field(default=30, metadata={"help": "requests each client sends"})
+    interval_ms: float = field(default=3000.0, metadata={"help": "one request every this many ms"})
+    input_tokens: int = field(default=256, metadata={"help": "prompt tokens per request"})
+    output_tokens: int = field(default=32, metadata={"help": "output tokens per request"})
+    cpus: str = field(default="0", metadata={"help": "CPUs the server runs on"})
+    client_cpus: str = field(
+        default="1",
+        metadata={
+            "help": "CPUs both clients run on (apart from the server's: a client "
+            "that competes with the server for cores slows the server it measures)"
+        },
+    )
+    threads: int = field(default=1, metadata={"help": "compute threads of the server"})
+    port: int = field(default=8200, metadata={"help": "the server's port"})
+    out: str = field(default="bench/results/aiperf", metadata={"help": "output directory"})
+
+
 _SNAPSHOT = "0" * 40
 
 
@@ -79,22 +106,8 @@ def aiperf_metrics(artifacts: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.aiperf_check", description=__doc__.splitlines()[0])
-    p.add_argument("--aiperf", required=True, help="the aiperf executable of its own venv")
-    p.add_argument("--model", default="")
-    p.add_argument("--requests", type=int, default=30)
-    p.add_argument("--interval-ms", type=float, default=3000.0, help="one request every this many ms")
-    p.add_argument("--input-tokens", type=int, default=256)
-    p.add_argument("--output-tokens", type=int, default=32)
-    p.add_argument("--cpus", default="0", help="CPUs the server runs on")
-    p.add_argument(
-        "--client-cpus",
-        default="1",
-        help="CPUs both clients run on (apart from the server's: a client "
-        "that competes with the server for cores slows the server it measures)",
-    )
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--port", type=int, default=8200)
-    p.add_argument("--out", default="bench/results/aiperf")
+    add_options(p, AiperfCheckOptions)
+    add_options(p, EngineConfig, only=("model",))
     args = p.parse_args(argv)
 
     from disagg.model_store import default_model_dir

@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,20 @@ from disagg.workload.options import load_workload
 from disagg.workload.report import write_report
 
 DEFAULT_CONFIGS = "agg-rr=0x2:round_robin,agg-kv=0x2:kv,disagg-kv=1x1:kv"
+
+
+@dataclass
+class CompareOptions:
+    """`disagg bench compare`'s own options (the engine's come from EngineConfig, the replay's from bench.replay)."""
+
+    configs: str = field(default=DEFAULT_CONFIGS, metadata={"help": "name=PxD:policy,..."})
+    rates: str = field(default="1", metadata={"help": "load levels: multipliers on the trace's pace, e.g. 0.5,1,2"})
+    threads: int = field(default=1, metadata={"help": "torch threads per worker"})
+    out: str = field(default="bench/results/compare", metadata={"help": "output directory"})
+    trace_dir: str | None = field(
+        default=None,
+        metadata={"help": "trace every request (spans as JSON lines here) and add a per-stage breakdown"},
+    )
 
 
 def run_one(
@@ -91,19 +105,14 @@ def model_vocab_size(model_dir: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg bench compare", description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"name=PxD:policy,... (default {DEFAULT_CONFIGS})")
-    parser.add_argument("--rates", default="1", help="load levels: multipliers on the trace's pace, e.g. 0.5,1,2")
+    add_options(parser, CompareOptions, only=("configs", "rates"))
     add_options(
         parser,
         EngineConfig,
         only=("model", "kv_cache_memory_mb", "max_model_len"),
         defaults={"kv_cache_memory_mb": LAB_KV_CACHE_MB},  # several workers on one machine
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    parser.add_argument("--out", default="bench/results/compare")
-    parser.add_argument(
-        "--trace-dir", default=None, help="trace every request (spans as JSON lines here) and add a per-stage breakdown"
-    )
+    add_options(parser, CompareOptions, skip=("configs", "rates"))
     add_replay_args(parser)
     args = parser.parse_args(argv)
     specs = parse_configs(args.configs)

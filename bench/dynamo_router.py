@@ -44,13 +44,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 from bench.common import print_table
-from bench.router import TRACES, CoreRouter, SimConfig, load_trace, oracle, run_replay
+from bench.router import TRACES, CoreRouter, GridOptions, SimConfig, load_trace, oracle, run_replay
+from disagg.options import add_options
 from disagg.protocol import EventKind, KVEventBatch
 from disagg.router.policy import PolicyConfig, PolicyKind
 
@@ -275,16 +276,19 @@ def compare(args: argparse.Namespace) -> dict:
     return results
 
 
-def main() -> None:
+@dataclass
+class DynamoSideOptions:
+    traces: str = field(metadata={"help": "trace file names, comma-separated"})
+    out: str = field(metadata={"help": "JSON file the results go to"})
+    sim: str = field(default="{}", metadata={"help": "SimConfig fields as JSON"})
+
+
+def main(argv: list[str] | None = None) -> None:
     """Dynamo's side (run by compare() under Dynamo's interpreter): the grid through DynamoRouter, as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--traces", required=True, help="trace file names, comma-separated")
-    parser.add_argument("--weights", default="1,2,4,6,8")
-    parser.add_argument("--temperatures", default="0,0.5,1")
-    parser.add_argument("--sim", default="{}", help="SimConfig fields as JSON")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    add_options(parser, DynamoSideOptions)
+    add_options(parser, GridOptions)
+    args = parser.parse_args(argv)
     os.environ.setdefault("DYN_LOG", "error")  # the service logs every selection at info
     sim = SimConfig(**json.loads(args.sim))
     loop = asyncio.new_event_loop()

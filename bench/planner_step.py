@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from disagg.config import EngineConfig
-from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.options import add_options, from_options
 from disagg.planning.search import Search, ranking
 from disagg.sim.options import add_sim_args
@@ -26,9 +25,27 @@ from disagg.sim.spec import ClusterSpec
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent
 from disagg.workload.metrics import SLO, RequestRecord
+from disagg.workload.options import WorkloadOptions
 from disagg.workload.record import TraceRequest, TraceScale
 
 _PHASE_ID_SHIFT = 100_000_000  # keeps the second phase's private hash_ids apart from the first's
+
+
+@dataclasses.dataclass
+class PlannerStepOptions:
+    """The step study's own options (the simulated cluster's come from SimOptions, the SLO from SLO)."""
+
+    workers: int = dataclasses.field(default=64, metadata={"help": "workers the planner may split"})
+    start: str = dataclasses.field(
+        default="best",
+        metadata={"help": "static PxD, also the planner's start (best: the best static split for this workload)"},
+    )
+    mix: str = dataclasses.field(default="coding_agent:2,deep_research:1,short_chat:1", metadata={"help": "agent mix"})
+    rate: float = dataclasses.field(default=2.0, metadata={"help": "sessions/s before the step"})
+    factor: float = dataclasses.field(default=2.0, metadata={"help": "load factor of the step"})
+    phase_s: float = dataclasses.field(default=120.0, metadata={"help": "seconds before and after the step"})
+    window_s: float = dataclasses.field(default=10.0, metadata={"help": "goodput window, s"})
+    out: str = dataclasses.field(default="bench/results/planner_step", metadata={"help": "output directory"})
 
 
 def step_workload(mix: str, rate: float, phase_s: float, factor: float, seed: int = 0) -> list[TraceRequest]:
@@ -117,20 +134,10 @@ def static_split(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.planner_step", description=__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=64)
-    p.add_argument(
-        "--start",
-        default="best",
-        help="static PxD, also the planner's start (default: the best static split for this workload)",
-    )
-    p.add_argument("--mix", default="coding_agent:2,deep_research:1,short_chat:1")
-    p.add_argument("--rate", type=float, default=2.0, help="sessions/s before the step")
-    p.add_argument("--factor", type=float, default=2.0)
-    p.add_argument("--phase-s", type=float, default=120.0)
-    p.add_argument("--window-s", type=float, default=10.0)
+    add_options(p, PlannerStepOptions, skip=("out",))
     add_options(p, SLO, prefix="slo-")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    p.add_argument("--out", default="bench/results/planner_step")
+    add_options(p, WorkloadOptions, only=("vocab_size",))
+    add_options(p, PlannerStepOptions, only=("out",))
     add_sim_args(p)
     args = p.parse_args(argv)
     model = StepTimeModel.load(args.time_model) if args.time_model else StepTimeModel()

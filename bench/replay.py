@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from bench.report import ReportOptions
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.options import add_options, from_options
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
@@ -28,28 +29,64 @@ from disagg.workload.options import add_workload_args, load_workload
 from disagg.workload.record import TraceRequest, TraceScale, send_units
 from disagg.workload.report import write_report
 
+ARRIVALS = ("trace", "fixed", "poisson")
+# ReplayConfig's fields that are options of every replaying CLI (the rest come from the workload or the caller)
+REPLAY_OPTIONS = (
+    "arrival",
+    "rate",
+    "max_duration_s",
+    "request_timeout_s",
+    "ignore_eos",
+    "session_hints",
+    "kv_retention_s",
+    "progress",
+)
+
+
+@dataclass
+class ReplayMainOptions:
+    """`disagg bench replay`'s own options."""
+
+    url: str = field(metadata={"help": "OpenAI-compatible server, e.g. http://127.0.0.1:8000"})
+    model_name: str | None = field(default=None, metadata={"help": "model id to request (default: the first listed)"})
+    api_key: str | None = field(default=None, metadata={"help": "sent as 'Authorization: Bearer KEY'"})
+    label: str = field(default="replay", metadata={"help": "the run's name in the report"})
+    out: str = field(default="bench/results/replay", metadata={"help": "output directory"})
+
 
 @dataclass
 class ReplayConfig:
+    """One replay; the fields with help are `disagg bench replay`'s options (shared with chaos and compare)."""
+
     url: str
     model: str | None = None  # None: the first model the endpoint lists
     vocab_size: int = DEFAULT_VOCAB_SIZE  # token ids are drawn below this (SmolLM2's vocabulary by default)
     scale: TraceScale = field(default_factory=TraceScale)
-    arrival: str = "trace"  # "trace" | "fixed" | "poisson"; the latter two pace requests (or sessions) at `rate`
-    rate: float | None = None
+    # "trace" | "fixed" | "poisson"; the latter two pace requests (or sessions) at `rate`
+    arrival: str = field(default="trace", metadata={"choices": ARRIVALS, "help": "when each request is sent"})
+    rate: float | None = field(default=None, metadata={"help": "requests (sessions) per second for fixed/poisson"})
     max_requests: int | None = None
-    max_duration_s: float | None = None  # nothing is sent after this; requests in flight may finish
-    request_timeout_s: float = 600.0
-    ignore_eos: bool = True  # generate exactly the trace's output length
+    # nothing is sent after this; requests in flight may finish
+    max_duration_s: float | None = field(
+        default=None, metadata={"flag": "--max-duration", "help": "send nothing after this many seconds"}
+    )
+    request_timeout_s: float = field(
+        default=600.0, metadata={"flag": "--timeout", "help": "per-request limit in seconds"}
+    )
+    # generate exactly the trace's output length
+    ignore_eos: bool = field(default=True, metadata={"help": "--no-ignore-eos: let the model stop early"})
     api_key: str | None = None
     seed: int = 0
-    progress: bool = True
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
     record_text: bool = False  # keep each output's text (chaos runs compare it with a no-fault run)
-    session_hints: bool = False  # send agent sessions' ids (`user`) and a KV retention pin (`kv_retention`)
-    kv_retention_s: float = 300.0
+    session_hints: bool = field(
+        default=False,
+        metadata={"help": "send each agent session's id (`user`) and a KV retention pin (`kv_retention`)"},
+    )
+    kv_retention_s: float = field(default=300.0, metadata={"help": "pin TTL sent with --session-hints"})
 
     def __post_init__(self) -> None:
-        if self.arrival not in ("trace", "fixed", "poisson"):
+        if self.arrival not in ARRIVALS:
             raise ValueError(f"arrival must be trace, fixed or poisson, not {self.arrival!r}")
         if self.arrival != "trace" and not (self.rate and self.rate > 0):
             raise ValueError(f"arrival={self.arrival} needs a positive rate")
@@ -285,48 +322,20 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
 
 def add_replay_args(p: argparse.ArgumentParser) -> None:
     add_workload_args(p)
-    p.add_argument("--arrival", default="trace", choices=["trace", "fixed", "poisson"])
-    p.add_argument("--rate", type=float, default=None, help="requests (sessions) per second for fixed/poisson")
-    p.add_argument("--max-duration", type=float, default=None, help="send nothing after this many seconds")
-    p.add_argument("--timeout", type=float, default=600.0, help="per-request limit in seconds")
+    add_options(p, ReplayConfig, only=REPLAY_OPTIONS[:4])
     add_options(p, SLO, prefix="slo-")
-    p.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
-    p.add_argument("--no-ignore-eos", action="store_true", help="let the model stop early")
-    p.add_argument(
-        "--session-hints",
-        action="store_true",
-        help="send each agent session's id (`user`) and a KV retention pin (`kv_retention`)",
-    )
-    p.add_argument("--kv-retention-s", type=float, default=300.0, help="pin TTL sent with --session-hints")
-    p.add_argument("--no-progress", action="store_true")
+    add_options(p, ReportOptions)
+    add_options(p, ReplayConfig, only=REPLAY_OPTIONS[4:])
 
 
 def replay_config(args: argparse.Namespace, url: str, scale: TraceScale) -> ReplayConfig:
-    return ReplayConfig(
-        url=url,
-        model=getattr(args, "model_name", None),
-        vocab_size=args.vocab_size,
-        scale=scale,
-        arrival=args.arrival,
-        rate=args.rate,
-        max_duration_s=args.max_duration,
-        request_timeout_s=args.timeout,
-        ignore_eos=not args.no_ignore_eos,
-        api_key=getattr(args, "api_key", None),
-        seed=args.seed,
-        progress=not args.no_progress,
-        session_hints=args.session_hints,
-        kv_retention_s=args.kv_retention_s,
-    )
+    """The replay the options ask for (the namespace also holds the workload's seed and vocabulary)."""
+    return from_options(ReplayConfig, args, url=url, model=getattr(args, "model_name", None), scale=scale)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg bench replay", description=__doc__.splitlines()[0])
-    parser.add_argument("--url", required=True, help="OpenAI-compatible server, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--model-name", default=None, help="model id to request (default: the first listed)")
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--label", default="replay")
-    parser.add_argument("--out", default="bench/results/replay")
+    add_options(parser, ReplayMainOptions)
     add_replay_args(parser)
     args = parser.parse_args(argv)
     trace, scale, workload = load_workload(args)

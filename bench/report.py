@@ -4,11 +4,25 @@ from its per-request records and writes the report again."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from disagg.options import add_options, from_options
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
 from disagg.workload.report import write_report
+
+
+@dataclass
+class ReportOptions:
+    """Goodput reported at more SLOs than the main one (every CLI that writes a report)."""
+
+    extra_slos: str = field(default="5000/500", metadata={"help": "more TTFT_MS/TPOT_MS pairs to report goodput at"})
+
+
+@dataclass
+class RescoreOptions:
+    result: str = field(metadata={"positional": True, "help": "a saved result.json"})
+    out: str = field(metadata={"help": "directory the new report goes to"})
 
 
 def rescore(result_json: str | Path, slo: SLO, extra_slos: list[SLO], out_dir: str | Path) -> dict[str, Path]:
@@ -31,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m bench.report", description="re-score a saved result.json")
-    parser.add_argument("result")
+    add_options(parser, RescoreOptions, only=("result",))
     add_options(parser, SLO, prefix="slo-")
-    parser.add_argument("--extra-slos", default="5000/500")
-    parser.add_argument("--out", required=True)
+    add_options(parser, ReportOptions)
+    add_options(parser, RescoreOptions, only=("out",))
     args = parser.parse_args(argv)
     paths = rescore(args.result, from_options(SLO, args, prefix="slo-"), parse_slos(args.extra_slos), args.out)
     print(paths["markdown"].read_text())

@@ -31,12 +31,13 @@ import json
 import random
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import emit, print_table
 from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
+from disagg.options import add_options
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
 from disagg.router.load import LoadTicket
 from disagg.router.policy import PolicyConfig, PolicyKind
@@ -181,10 +182,10 @@ class SimWorker:
 class SimConfig:
     """The simulated cluster every router faces, here and in bench/dynamo_router.py."""
 
-    workers: int = 8
-    blocks: int = 4096  # device prefix-cache blocks per worker
-    prefill_tok_s: float = 20_000
-    tpot_ms: float = 30
+    workers: int = field(default=8, metadata={"help": "simulated workers"})
+    blocks: int = field(default=4096, metadata={"help": "device prefix-cache blocks per simulated worker"})
+    prefill_tok_s: float = field(default=20_000, metadata={"help": "simulated prefill speed, tokens/s"})
+    tpot_ms: float = field(default=30, metadata={"help": "simulated time per output token, ms"})
     block_tokens: int = 512  # tokens per trace hash_id
     cpu_blocks: int = 0
     disk_blocks: int = 0
@@ -193,6 +194,33 @@ class SimConfig:
 
     def names(self) -> list[str]:
         return [f"w{i}" for i in range(self.workers)]
+
+
+@dataclass
+class GridOptions:
+    """The weight x temperature grid (here and in bench/dynamo_router.py)."""
+
+    limit: int | None = field(default=None, metadata={"help": "first N requests of each trace"})
+    weights: str = field(default="1,2,4,6,8", metadata={"help": "grid: overlap weights"})
+    temperatures: str = field(default="0,0.5,1", metadata={"help": "grid: temperatures"})
+
+
+@dataclass
+class RouterOptions:
+    """`bench.router`'s own options (the simulated cluster's come from SimConfig, the grid's from GridOptions)."""
+
+    cpu_blocks: str = field(default="0,16384", metadata={"help": "CPU tier sizes to compare (blocks per worker)"})
+    disk_blocks: int = field(default=65536, metadata={"help": "disk tier per worker when a CPU tier is on"})
+    decisions: int = field(default=5000, metadata={"help": "routing decisions timed for the latency table"})
+    grid: bool = field(default=False, metadata={"help": "only the device-only weight x temperature grid"})
+    dynamo_python: str | None = field(
+        default=None, metadata={"help": "interpreter of a venv with ai-dynamo-runtime: grid for both routers"}
+    )
+    traces: str = field(default=",".join(TRACE_NAMES), metadata={"help": "grid: trace files, in run order"})
+    out: str | None = field(
+        default=None,
+        metadata={"help": "default bench/results/router.json (router_vs_dynamo.json with --grid / --dynamo-python)"},
+    )
 
 
 class CoreRouter:
@@ -348,27 +376,12 @@ def policies(args: argparse.Namespace) -> dict:
     return results
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--blocks", type=int, default=4096, help="device prefix-cache blocks per simulated worker")
-    parser.add_argument("--cpu-blocks", default="0,16384", help="CPU tier sizes to compare (blocks per worker)")
-    parser.add_argument("--disk-blocks", type=int, default=65536, help="disk tier per worker when a CPU tier is on")
-    parser.add_argument("--prefill-tok-s", type=float, default=20_000)
-    parser.add_argument("--tpot-ms", type=float, default=30)
-    parser.add_argument("--limit", type=int, default=None, help="first N requests of each trace")
-    parser.add_argument("--decisions", type=int, default=5000)
-    parser.add_argument("--grid", action="store_true", help="only the device-only weight x temperature grid")
-    parser.add_argument("--dynamo-python", help="interpreter of a venv with ai-dynamo-runtime: grid for both routers")
-    parser.add_argument("--weights", default="1,2,4,6,8", help="grid: overlap weights")
-    parser.add_argument("--temperatures", default="0,0.5,1", help="grid: temperatures")
-    parser.add_argument("--traces", default=",".join(TRACE_NAMES), help="grid: trace files, in run order")
-    parser.add_argument(
-        "--out",
-        default=None,
-        help="default bench/results/router.json (router_vs_dynamo.json with --grid / --dynamo-python)",
-    )
-    args = parser.parse_args()
+    add_options(parser, SimConfig, only=("workers", "blocks", "prefill_tok_s", "tpot_ms"))
+    add_options(parser, RouterOptions)
+    add_options(parser, GridOptions)
+    args = parser.parse_args(argv)
     grid = args.grid or bool(args.dynamo_python)
     if grid:
         from bench.dynamo_router import compare  # that module imports this one

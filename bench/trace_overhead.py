@@ -12,6 +12,7 @@ import asyncio
 import statistics
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,7 +24,21 @@ from disagg import tracing as tr
 from disagg.cluster.spans import WorkerSpans
 from disagg.config import LAB_KV_CACHE_MB
 from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.options import add_options, from_options
 from disagg.protocol import Role
+
+
+@dataclass
+class TraceOverheadOptions:
+    requests: int = field(default=2000, metadata={"help": "micro benchmark: requests per measurement"})
+    rounds: int = field(default=3, metadata={"help": "end to end: interleaved off/on rounds (0: skip)"})
+    rate: float = field(default=0.8, metadata={"help": "end to end: requests/s (Poisson)"})
+    duration: float = field(default=40.0, metadata={"help": "end to end: seconds of arrivals for TTFT"})
+    saturate_rate: float = field(default=6.0, metadata={"help": "end to end: arrivals/s for throughput"})
+    saturate_duration: float = field(default=20.0, metadata={"help": "end to end: seconds of arrivals for throughput"})
+    prompt_tokens: int = field(default=200, metadata={"help": "prompt tokens per request"})
+    output_tokens: int = field(default=16, metadata={"help": "output tokens per request"})
+    out: str = field(default="bench/results/trace_overhead.json", metadata={"help": "JSON file the results go to"})
 
 
 def per_request_cost(tracer: trace.Tracer, worker: WorkerSpans, n: int) -> float:
@@ -88,7 +103,7 @@ def micro(n: int) -> list[dict[str, Any]]:
     return rows
 
 
-def end_to_end(args: argparse.Namespace) -> list[dict[str, Any]]:
+def end_to_end(args: TraceOverheadOptions) -> list[dict[str, Any]]:
     import ray
 
     from bench.compare import _warm
@@ -156,19 +171,11 @@ def end_to_end(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000, help="micro benchmark: requests per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="end to end: interleaved off/on rounds (0: skip)")
-    parser.add_argument("--rate", type=float, default=0.8, help="end to end: requests/s (Poisson)")
-    parser.add_argument("--duration", type=float, default=40.0, help="end to end: seconds of arrivals for TTFT")
-    parser.add_argument("--saturate-rate", type=float, default=6.0, help="end to end: arrivals/s for throughput")
-    parser.add_argument("--saturate-duration", type=float, default=20.0)
-    parser.add_argument("--prompt-tokens", type=int, default=200)
-    parser.add_argument("--output-tokens", type=int, default=16)
-    parser.add_argument("--out", default="bench/results/trace_overhead.json")
-    args = parser.parse_args(argv)
+    add_options(parser, TraceOverheadOptions)
+    args = from_options(TraceOverheadOptions, parser.parse_args(argv))
     rows = micro(args.requests)
     print_table(rows, "span work per request")
-    result: dict[str, Any] = {"micro": rows, "settings": vars(args)}
+    result: dict[str, Any] = {"micro": rows, "settings": asdict(args)}
     if args.rounds:
         e2e = end_to_end(args)
         result["end_to_end"] = e2e

@@ -7,7 +7,11 @@ and help, and every CLI (`disagg serve`, `disagg plan`, `disagg bench ...`) buil
 A field's help is `field(metadata={"help": ...})`; `metadata={"cli": False}` keeps it off the command line;
 `metadata={"flag": "--kv-cache-mb"}` names the option when the field's name would read badly.  Scalars (int,
 float, str, bool as --x/--no-x, enums by value, and their optionals) become options; other fields are skipped.
-A field without a default becomes a required option; `only=` picks the fields one CLI exposes.
+A field without a default becomes a required option; `only=` picks the fields one CLI exposes.  Three more
+metadata keys cover what a scalar cannot say: `"choices": (...)` limits a str field to those values,
+`"nargs": "+"` makes a `list[int]`-like field (`list[X]` or `tuple[X, ...]` of a scalar X) take several values
+(`"nargs": "append"`: one value per repetition of the option), and `"positional": True` makes the field a
+positional argument (no -- name).
 """
 
 from __future__ import annotations
@@ -22,6 +26,18 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _SCALARS = (int, float, str)
+
+
+def _items(annotation: Any) -> type | None:
+    """The scalar element type of `list[X]` / `tuple[X, ...]`, else None."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list and len(args) == 1:
+        kind = args[0]
+    elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        kind = args[0]
+    else:
+        return None
+    return kind if kind in _SCALARS else None
 
 
 def _scalar(annotation: Any) -> tuple[type | None, bool]:
@@ -72,6 +88,10 @@ def add_options(
     for f in dataclasses.fields(cls):
         if f.name in skip or (only is not None and f.name not in only) or not f.metadata.get("cli", True):
             continue
+        if "nargs" in f.metadata or f.metadata.get("positional"):
+            required = _required(f) and f.name not in (defaults or {})
+            _add_special(parser, f, hints[f.name], prefix, (defaults or {}).get(f.name, _default(f)), required)
+            continue
         kind, optional = _scalar(hints[f.name])
         if kind is None:
             continue
@@ -85,6 +105,7 @@ def add_options(
                 dest=(prefix + f.name).replace("-", "_"),
                 type=_enum_parser(kind) if issubclass(kind, enum.Enum) else kind,
                 required=True,
+                choices=f.metadata.get("choices"),
                 help=f.metadata.get("help", ""),
             )
             continue
@@ -108,17 +129,57 @@ def add_options(
                 dest=dest,
                 type=_optional(kind) if optional else kind,
                 default=default,
+                choices=f.metadata.get("choices"),
                 help=f"{text} (default {_show(default)})".strip(),
             )
+
+
+def _add_special(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    f: dataclasses.Field,
+    annotation: Any,
+    prefix: str,
+    default: Any,
+    required: bool,
+) -> None:
+    """A field with `nargs` (several values of a list/tuple field) or `positional` metadata."""
+    text = f.metadata.get("help", "")
+    if f.metadata.get("positional"):
+        kind, _ = _scalar(annotation)
+        if kind is None or kind is bool or f.metadata.get("nargs"):
+            raise TypeError(f"{f.name}: a positional argument is one scalar")
+        if required:
+            parser.add_argument((prefix + f.name).replace("-", "_"), type=kind, help=text)
+        else:
+            parser.add_argument((prefix + f.name).replace("-", "_"), type=kind, nargs="?", default=default, help=text)
+        return
+    kind = _items(annotation)
+    if kind is None:
+        raise TypeError(f"{f.name}: nargs needs a list[X] or tuple[X, ...] field of a scalar X")
+    nargs = f.metadata["nargs"]
+    parser.add_argument(
+        option_name(f, prefix),
+        dest=(prefix + f.name).replace("-", "_"),
+        type=kind,
+        **({"action": "append"} if nargs == "append" else {"nargs": nargs}),
+        default=default,
+        required=required,
+        help=text if required else f"{text} (default {' '.join(map(str, default))})".strip(),
+    )
 
 
 def from_options(cls: type[T], args: argparse.Namespace, *, prefix: str = "", **overrides: Any) -> T:
     """Build `cls` from parsed options (fields without an option keep their defaults; `overrides` win)."""
     values: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         dest = (prefix + f.name).replace("-", "_")
         if hasattr(args, dest):
-            values[f.name] = getattr(args, dest)
+            value = getattr(args, dest)
+            # a tuple field stays a tuple (argparse gives lists)
+            if isinstance(value, list) and typing.get_origin(hints[f.name]) is tuple:
+                value = tuple(value)
+            values[f.name] = value
     values.update(overrides)
     return cls(**values)
 

@@ -74,3 +74,37 @@ def test_a_field_without_default_is_required_and_only_picks_fields():
     r = argparse.ArgumentParser()
     add_options(r, Plan, defaults={"workers": 2})  # a per-CLI default makes it optional
     assert r.parse_args([]).workers == 2
+
+
+@dataclass
+class Tool:
+    result: str = field(metadata={"positional": True, "help": "a saved result"})
+    sizes: list[int] = field(default_factory=lambda: [1, 8], metadata={"nargs": "+", "help": "sizes to try"})
+    pair: tuple[float, ...] = field(default=(0.5,), metadata={"nargs": "+"})
+    arrival: str = field(default="trace", metadata={"choices": ("trace", "poisson")})
+    prior: list[str] = field(default_factory=list, metadata={"nargs": "append", "help": "repeat me"})
+
+
+def test_positional_nargs_and_choices_metadata():
+    p = argparse.ArgumentParser()
+    add_options(p, Tool)
+    assert from_options(Tool, p.parse_args(["r.json"])) == Tool("r.json")
+    args = p.parse_args(["r.json", "--sizes", "2", "3", "--pair", "1", "2.5", "--arrival", "poisson"])
+    assert from_options(Tool, args) == Tool("r.json", [2, 3], (1.0, 2.5), "poisson")  # a tuple stays a tuple
+    assert p.parse_args(["r.json", "--prior", "a", "--prior", "b"]).prior == ["a", "b"]
+    assert p.parse_args(["r.json"]).prior == []  # the default list was not appended to
+    for bad in ([], ["r.json", "--arrival", "fixed"], ["r.json", "--sizes"], ["r.json", "--sizes", "x"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    assert "sizes to try (default 1 8)" in " ".join(p.format_help().split())
+
+
+def test_a_list_field_without_nargs_stays_off_and_nargs_on_a_scalar_is_refused():
+    assert "--tags" not in _parser().format_help()
+
+    @dataclass
+    class Bad:
+        n: int = field(default=1, metadata={"nargs": "+"})
+
+    with pytest.raises(TypeError):
+        add_options(argparse.ArgumentParser(), Bad)

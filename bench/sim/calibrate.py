@@ -15,6 +15,7 @@ import argparse
 import platform
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,22 @@ class _Recorder:
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.features = batch_features(batch)
         return self.runner.execute(batch)
+
+
+@dataclass
+class CalibrateOptions:
+    """The fit's own options (the engine's come from EngineConfig)."""
+
+    threads: int = field(default=1, metadata={"help": "torch threads of the engine"})
+    transfer_gbps: float = field(
+        default=5.2,
+        metadata={
+            "help": "KV transfer bandwidth, GB/s (bench/kv_transfer.py measured ~5.2 GB/s over NIXL on loopback)"
+        },
+    )
+    validate: int = field(default=40, metadata={"help": "conversation-trace requests in the check"})
+    time_scale: float = field(default=0.1, metadata={"help": "replay pace of the check"})
+    out: str = field(default="bench/results/time_model.json", metadata={"help": "JSON file the fitted model goes to"})
 
 
 def _engine(args: argparse.Namespace) -> LLMEngine:
@@ -249,16 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         only=("model", "kv_cache_memory_mb", "max_model_len", "max_num_batched_tokens"),
         defaults={"kv_cache_memory_mb": LAB_KV_CACHE_MB},
     )
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--transfer-gbps",
-        type=float,
-        default=5.2,
-        help="KV transfer bandwidth, GB/s (bench/kv_transfer.py measured ~5.2 GB/s over NIXL on loopback)",
-    )
-    parser.add_argument("--validate", type=int, default=40, help="conversation-trace requests in the check")
-    parser.add_argument("--time-scale", type=float, default=0.1)
-    parser.add_argument("--out", default="bench/results/time_model.json")
+    add_options(parser, CalibrateOptions)
     args = parser.parse_args(argv)
     from disagg.engine.kv_cache import bytes_per_block
 

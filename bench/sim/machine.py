@@ -35,6 +35,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ import psutil
 
 from bench.sim.calibrate import cpu_model
 from disagg.config import LAB_KV_CACHE_MB, EngineConfig
+from disagg.options import add_options, from_options
 from disagg.sim.timemodel import StepTimeModel
 from disagg.utils import cdiv
 
@@ -51,6 +53,21 @@ KV_CACHE_MB, MAX_MODEL_LEN, MAX_BATCHED_TOKENS = (
     EngineConfig.max_model_len,
     EngineConfig.max_num_batched_tokens,
 )
+
+
+@dataclass
+class MachineOptions:
+    time_model: str = field(
+        default="bench/results/time_model.json", metadata={"help": "step-time model to predict with"}
+    )
+    requests: int = field(default=30, metadata={"help": "sequential tiny requests for the request overhead"})
+    sessions: int = field(default=8, metadata={"help": "agent sessions of the cluster run"})
+    session_rate: float = field(default=0.2, metadata={"help": "agent sessions per second"})
+    parts: str = field(
+        default="corun,cluster,handoff",
+        metadata={"help": "which measurements to take; the others are kept from --out if it exists"},
+    )
+    out: str = field(default="bench/results/machine.json", metadata={"help": "JSON file the machine model goes to"})
 
 
 def _local_engine(threads: int) -> Any:
@@ -336,17 +353,8 @@ def _serving(cpu: dict[str, float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.sim.machine", description=__doc__.splitlines()[0])
-    p.add_argument("--time-model", default="bench/results/time_model.json")
-    p.add_argument("--requests", type=int, default=30, help="sequential tiny requests for the request overhead")
-    p.add_argument("--sessions", type=int, default=8)
-    p.add_argument("--session-rate", type=float, default=0.2)
-    p.add_argument(
-        "--parts",
-        default="corun,cluster,handoff",
-        help="which measurements to take; the others are kept from --out if it exists",
-    )
-    p.add_argument("--out", default="bench/results/machine.json")
-    args = p.parse_args(argv)
+    add_options(p, MachineOptions)
+    args = from_options(MachineOptions, p.parse_args(argv))
     model = StepTimeModel.load(args.time_model)
     parts = args.parts.split(",")
     out: dict[str, Any] = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from bench.compare import run_one
 from bench.replay import ReplayConfig
 from bench.stages import load_spans, per_request
 from disagg.config import EngineConfig
-from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.options import add_options, from_options
 from disagg.sim.options import add_sim_args
 from disagg.sim.run import sim_config, simulate
@@ -30,7 +29,64 @@ from disagg.sim.spec import ClusterSpec, parse_configs
 from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent, loaders
 from disagg.workload.metrics import SLO
+from disagg.workload.options import WorkloadOptions
 from disagg.workload.record import TraceScale
+
+
+@dataclass
+class ValidateOptions:
+    """The validation's own options (the simulated cluster's come from SimOptions, the SLO from SLO)."""
+
+    configs: str = field(
+        default="agg-kv=0x2:kv,disagg-kv=1x1:kv,dynamic=1x1:kv:planner=1", metadata={"help": "name=PxD:policy,..."}
+    )
+    rates: str = field(default="1,2", metadata={"help": "load levels: multipliers on the workloads' pace"})
+    sessions: int = field(default=8, metadata={"help": "agent sessions"})
+    session_rate: float = field(default=0.2, metadata={"help": "agent sessions per second"})
+    conv_limit: int = field(default=40, metadata={"help": "first N requests of the conversation trace"})
+    conv_time_scale: float = field(default=0.1, metadata={"help": "replay pace of the conversation trace"})
+    only: str = field(default="agent,conversation", metadata={"help": "workloads to validate on"})
+    out: str = field(default="bench/results/validate", metadata={"help": "output directory"})
+    planned: bool = field(
+        default=False,
+        metadata={
+            "help": "add 'planned': the static split the simulator ranks first "
+            "at that point (as `disagg plan` would), started with the planner on"
+        },
+    )
+    run: str = field(
+        default="",
+        metadata={
+            "help": "configurations to run for real (default: all); the others take their samples from --prior only"
+        },
+    )
+    repeats: int = field(default=1, metadata={"help": "real runs per point (their median is compared)"})
+    prior: list[str] = field(
+        default_factory=list,
+        metadata={
+            "nargs": "append",
+            "help": "ROWS.json[@CONFIG+CONFIG]: earlier real samples to add to each point (only the named "
+            "configurations); repeatable",
+        },
+    )
+    trace: bool = field(
+        default=False,
+        metadata={
+            "help": "trace the real runs (spans under --out/spans) and compare "
+            "TTFT per prefill path: remote and local requests apart"
+        },
+    )
+    resim: str = field(
+        default="", metadata={"help": "rows.json of an earlier run: reuse its real results, simulate again"}
+    )
+    fit: str = field(
+        default="",
+        metadata={
+            "help": "WORKLOAD:RATE:CONFIG - fit --request-overhead-ms and --step-slowdown "
+            "on that one real run (grid search), then check every other run with them"
+        },
+    )
+
 
 KEYS = ("median_ttft_ms", "p90_ttft_ms", "request_goodput")
 
@@ -168,46 +224,13 @@ def ranking(rows: dict[str, dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.sim.validate", description=__doc__.splitlines()[0])
-    p.add_argument("--configs", default="agg-kv=0x2:kv,disagg-kv=1x1:kv,dynamic=1x1:kv:planner=1")
-    p.add_argument("--rates", default="1,2")
-    p.add_argument("--sessions", type=int, default=8)
-    p.add_argument("--session-rate", type=float, default=0.2)
-    p.add_argument("--conv-limit", type=int, default=40)
-    p.add_argument("--conv-time-scale", type=float, default=0.1)
+    add_options(
+        p, ValidateOptions, only=("configs", "rates", "sessions", "session_rate", "conv_limit", "conv_time_scale")
+    )
     add_options(p, SLO, prefix="slo-")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    p.add_argument("--only", default="agent,conversation")
-    p.add_argument("--out", default="bench/results/validate")
-    p.add_argument(
-        "--planned",
-        action="store_true",
-        help="add 'planned': the static split the simulator ranks first "
-        "at that point (as `disagg plan` would), started with the planner on",
-    )
-    p.add_argument(
-        "--run",
-        default="",
-        help="configurations to run for real (default: all); the others take their samples from --prior only",
-    )
-    p.add_argument("--repeats", type=int, default=1, help="real runs per point (their median is compared)")
-    p.add_argument(
-        "--prior",
-        action="append",
-        default=[],
-        help="ROWS.json[@CONFIG+CONFIG]: earlier real samples to add to each point (only the named configurations)",
-    )
-    p.add_argument(
-        "--trace",
-        action="store_true",
-        help="trace the real runs (spans under --out/spans) and compare "
-        "TTFT per prefill path: remote and local requests apart",
-    )
-    p.add_argument("--resim", default="", help="rows.json of an earlier run: reuse its real results, simulate again")
-    p.add_argument(
-        "--fit",
-        default="",
-        help="WORKLOAD:RATE:CONFIG - fit --request-overhead-ms and --step-slowdown "
-        "on that one real run (grid search), then check every other run with them",
+    add_options(p, WorkloadOptions, only=("vocab_size",))
+    add_options(
+        p, ValidateOptions, skip=("configs", "rates", "sessions", "session_rate", "conv_limit", "conv_time_scale")
     )
     add_sim_args(p)
     args = p.parse_args(argv)
