@@ -19,7 +19,7 @@ import time
 import torch
 
 from bench.common import emit, print_table
-from disagg.config import SERVE_KV_CACHE_MB
+from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.protocol import Tier
 from disagg.transfer.base import KVLayout, TransferState
 from disagg.transfer.nixl import NixlTransport
@@ -146,7 +146,9 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
 
     init_ray(None)  # a local cluster on loopback
     cluster = LocalCluster(
-        ClusterConfig(engine=dict(kv_cache_memory_mb=SERVE_KV_CACHE_MB, num_threads=1, max_num_batched_tokens=2048))
+        ClusterConfig(
+            engine=EngineConfig(kv_cache_memory_mb=SERVE_KV_CACHE_MB, num_threads=1, max_num_batched_tokens=2048)
+        )
     )
     decode = cluster.decode[0]
     ttfts, reads = [], []

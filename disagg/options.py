@@ -112,10 +112,21 @@ def add_options(
             )
 
 
-def from_options(cls: type[T], args: argparse.Namespace, *, prefix: str = "", **overrides: Any) -> T:
-    """Build `cls` from parsed options (fields without an option keep their defaults; `overrides` win)."""
+def from_options(
+    cls: type[T],
+    args: argparse.Namespace,
+    *,
+    prefix: str = "",
+    only: typing.Collection[str] | None = None,
+    **overrides: Any,
+) -> T:
+    """Build `cls` from parsed options (fields without an option keep their defaults; `overrides` win).  `only`:
+    read just these fields, as `add_options(only=...)` added them (a CLI built from several dataclasses whose
+    field names overlap)."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if only is not None and f.name not in only:
+            continue
         dest = (prefix + f.name).replace("-", "_")
         if hasattr(args, dest):
             values[f.name] = getattr(args, dest)
