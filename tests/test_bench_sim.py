@@ -149,3 +149,32 @@ def test_simulated_tiers_and_pins_serve_agent_turns_from_cpu():
     assert hits["tiers"]["hit_ratio"] >= 0.95 and hits["device"]["hit_ratio"] < 0.8
     ttft = {k: sorted(r.ttft_s for r in v.records)[len(v.records) // 2] for k, v in results.items()}
     assert ttft["tiers"] < ttft["device"]
+
+
+def test_corun_factor_by_step_size_from_engine_step_spans(tmp_path):
+    """bench/sim/steps.py reads a traced run's engine.step spans: a decode step that ran while the other worker
+    was inside a step took 2x its alone ratio, a prefill chunk 1.25x; a class without steps takes the overall."""
+    from bench.sim.steps import corun_by_tokens, load_steps
+    from disagg.cluster.spans import STEP_ATTENTION_KPAIRS, STEP_EXECUTE_S, STEP_SEQS, STEP_TOKENS
+
+    model = StepTimeModel(base=0.01, per_token=0.001, per_seq=0.0, per_attn=0.0)
+
+    def span(start: float, tokens: int, factor: float) -> dict:
+        execute = model.predict([1.0, tokens, 1.0, 0.0]) * factor
+        attrs = {STEP_TOKENS: tokens, STEP_SEQS: 1, STEP_ATTENTION_KPAIRS: 0.0, STEP_EXECUTE_S: execute}
+        return {"name": "engine.step", "start_ns": int(start * 1e9), "end_ns": int((start + execute) * 1e9),
+                "attributes": attrs}
+
+    # worker a: decode steps, 10 alone (t < 10) then 10 while b runs one long prefill step (t in 20..30)
+    a = [span(i, 4, 1.2) for i in range(10)] + [span(20 + i * 0.5, 4, 2.4) for i in range(10)]
+    # worker b: prefill chunks, 10 alone (t in 40..) then 10 while a runs a long step (t in 60..)
+    b = [span(20, 512, 40.0)] + [span(40 + i, 512, 1.0) for i in range(10)] + [
+        span(60.1 + i * 0.6, 512, 1.25) for i in range(10)]
+    a.append(span(60, 4, 3000.0))  # the long step b's last chunks run beside
+    for name, spans in (("worker-a", a), ("worker-b", b)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in spans))
+    out = corun_by_tokens(load_steps(tmp_path), model)
+    by_edge = {edge: factor for edge, factor, *_ in out["by_tokens"]}
+    assert by_edge[16] == pytest.approx(2.0)
+    assert by_edge[512] == pytest.approx(1.25)
+    assert by_edge[128] == out["corun_slowdown"]  # no step of that size: the overall factor

@@ -2,6 +2,7 @@
 the fidelity knobs (event jitter makes the router pull snapshots, KV reads share a link, shared cores slow steps),
 `disagg plan` ranking, and the load-step harness."""
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,32 @@ def test_measured_machine_costs_co_run_and_serving_cpu():
     loaded = simulate(trace, busy, SimClusterConfig(**base, corun_slowdown=1.5, serving_cpu_per_token_s=0.005), MODEL)
     assert mean(loaded) > mean(plain) * 1.2
 
+
+
+def test_co_run_factor_follows_the_step_size():
+    """A decode step (a few tokens, every weight read) pays its size class's co-run factor, a prefill chunk its
+    own, a step beyond every class the overall one; alone, none of them pays.  In a cluster, decode steps that
+    run beside prefill steps come out slower than with the overall factor."""
+    from disagg.sim.cores import CoresConfig, SharedCores
+
+    by_size = ((16, 1.8), (512, 1.1))
+    cores = SharedCores(CoresConfig(cores=2, corun_slowdown=1.3, corun_by_tokens=by_size))
+    assert cores.slowdown(2, now=0.0, tokens=4) == 1.8
+    assert cores.slowdown(2, now=0.0, tokens=16) == 1.8
+    assert cores.slowdown(2, now=0.0, tokens=300) == 1.1
+    assert cores.slowdown(2, now=0.0, tokens=2048) == 1.3
+    assert cores.slowdown(1, now=0.0, tokens=4) == 1.0
+
+    trace = _trace(30)
+    busy = TraceScale(**{**SCALE.__dict__, "time_scale": 4.0})
+    base = dict(num_prefill=1, num_decode=1, num_blocks=364, cores=2, corun_slowdown=1.1)
+    tpot = lambda res: statistics.median(r.tpot_s for r in res.records if r.tpot_s)  # noqa: E731
+    ttft = lambda res: statistics.median(r.ttft_s for r in res.records)  # noqa: E731
+    flat = simulate(trace, busy, SimClusterConfig(**base), MODEL)
+    sized = simulate(trace, busy, SimClusterConfig(**base, corun_by_tokens=((16, 1.8),)), MODEL)
+    slow = simulate(trace, busy, SimClusterConfig(**{**base, "corun_slowdown": 1.8}), MODEL)
+    assert tpot(sized) > tpot(flat) * 1.1  # decode steps pay 1.8 ...
+    assert ttft(sized) < ttft(slow) * 0.9  # ... prefill steps only 1.1
 
 
 def _first_tokens(link_contention: bool) -> list[float]:

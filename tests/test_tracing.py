@@ -11,6 +11,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as semconv
 
 from disagg import tracing as tr
+from disagg.cluster.spans import STEP_ATTENTION_KPAIRS, STEP_EXECUTE_S, STEP_SEQS, STEP_TOKENS
 from disagg.protocol import Request, Role, SamplingParams
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
@@ -105,6 +106,15 @@ def test_one_connected_trace_per_request_with_every_stage(tiny_llama_dir):
         assert by_name["kv.transfer"].attributes["disagg.kv.source"] == "peer"
         assert by_name["decode.compute"].attributes[tr.USAGE_OUTPUT_TOKENS] == 6
         assert by_name["router.route"].attributes["disagg.prefill_worker"] == "p"
+    # and one root span per model step, with what it computed and the model's own time inside the step's
+    steps = [s for s in spans if s.name == "engine.step"]
+    assert steps and all(s.parent is None for s in steps)
+    for s in steps:
+        a = s.attributes
+        assert a[STEP_TOKENS] >= a[STEP_SEQS] >= 1 and a[STEP_ATTENTION_KPAIRS] > 0
+        assert 0 < a[STEP_EXECUTE_S] * 1e9 <= s.end_time - s.start_time + 1_000_000
+    prefills = [s.attributes[STEP_TOKENS] for s in steps if s.attributes["disagg.worker"] == "p"]
+    assert prefills == [50, 50, 50]  # the prefill worker computed each 50-token prompt in one step, nothing else
 
 
 class SilentCollector:

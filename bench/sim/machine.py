@@ -1,11 +1,11 @@
 """Measure what this machine adds to the engine's calibrated step times when a whole cluster shares it, so the
 simulator can model it instead of fitting two constants to one real run (bench/sim/validate.py --fit).
 
-Three measurements, each of a real process on this machine:
-1. Co-run slowdown: the calibration grid's steps (bench/sim/calibrate.py) on one engine process alone, then on two
-   engine processes at once, each pinned to its own core (as two workers run here).  Two engines on separate
-   cores still share memory bandwidth and caches; the ratio of summed step times is the factor a step pays while
-   another worker is busy.
+Four measurements, each of real processes on this machine:
+1. Co-run slowdown: inside a traced 2-worker cluster serving the agent workload, each engine step's model time
+   against the calibrated prediction, with the other worker computing and without, by the step's size (small
+   decode steps pay most: the engines share the memory bus).  The simulator multiplies a step by the factor of
+   its size while another worker is busy.
 2. Request overhead: sequential tiny requests (8-token prompt, 1 output token) through the real HTTP endpoint of a
    2-worker cluster at idle; TTFT minus the engine's predicted step time is what the HTTP server, router, Ray RPCs
    and the client add to every request.
@@ -74,33 +74,30 @@ def _prefill_step(model: StepTimeModel, tokens: int) -> float:
 
 
 # ---------------------------------------------------------------------- 1. co-run slowdown
-def _grid_seconds(core: int, threads: int, barrier: Any, out: Any) -> None:
-    os.sched_setaffinity(0, {core})
-    from bench.sim.calibrate import calibrate
+def corun(model: StepTimeModel, sessions: int, session_rate: float) -> dict[str, Any]:
+    """What a step pays while another worker computes, by the step's size, measured inside a running 2-worker
+    cluster: the agent workload on `agg-kv 0x2`, traced, and the ratio of its `engine.step` spans' model time to
+    the calibrated prediction with the other worker inside a step against without (bench/sim/steps.py).  Decode
+    steps read every weight for a few tokens and pay most: the two engines share the memory bus."""
+    from bench.replay import ReplayConfig, replay
+    from bench.sim.steps import corun_by_tokens, load_steps
+    from disagg.workload import agent
+    from disagg.workload.record import TraceScale
 
-    engine = _local_engine(threads)
-    calibrate(engine, seed=1)  # warm-up: first-call costs, oneDNN primitive caches
-    engine.pool.reset_prefix_cache()
-    barrier.wait()
-    _, ys = calibrate(engine)
-    out.put((core, sum(ys), len(ys)))
-
-
-def corun(threads: int = 1) -> dict[str, float]:
-    ctx = mp.get_context("spawn")
-    result: dict[str, float] = {}
-    for n in (1, 2):
-        barrier, out = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_grid_seconds, args=(core, threads, barrier, out)) for core in range(n)]
-        for p in procs:
-            p.start()
-        got = [out.get(timeout=900) for _ in procs]
-        for p in procs:
-            p.join(timeout=60)
-        result[f"grid_s_{n}"] = statistics.mean(s for _, s, _ in got)
-        result["steps"] = got[0][2]
-    result["corun_slowdown"] = result["grid_s_2"] / result["grid_s_1"]
-    return result
+    spans = tempfile.mkdtemp(prefix="machine-spans-")
+    try:
+        with _service("agg-kv=0x2:kv", tracing=spans) as service:
+            tiny_requests(service.url, 5)  # warm-up
+            trace = agent.generate(agent.parse_mix("coding_agent"), sessions, session_rate, seed=1)
+            cfg = ReplayConfig(
+                url=service.url,
+                scale=TraceScale(block_tokens=EngineConfig.block_size, max_input_tokens=1791, max_output_tokens=256),
+                progress=False,
+            )
+            asyncio.run(replay(trace, cfg))
+        return corun_by_tokens(load_steps(spans), model)
+    finally:
+        shutil.rmtree(spans, ignore_errors=True)
 
 
 def _engine_ttfts(lengths: list[int], n: int, out: Any) -> None:
@@ -200,7 +197,7 @@ def tiny_requests(url: str, n: int, prompt_tokens: int = 8, first_id: int = 100)
 
 
 @contextlib.contextmanager
-def _service(config_spec: str) -> Iterator[Any]:
+def _service(config_spec: str, tracing: str | None = None) -> Iterator[Any]:
     """A real cluster serving HTTP for one `bench compare` config spec (as bench.sim.validate runs it through
     bench/compare.py run_one: the same engine settings and a fresh disk-tier directory), shut down after."""
     from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
@@ -213,7 +210,11 @@ def _service(config_spec: str) -> Iterator[Any]:
     )
     disk_root = tempfile.mkdtemp(prefix="machine-kv-")
     cluster = ClusterConfig(
-        num_prefill=spec.num_prefill, num_decode=spec.num_decode, engine=engine, tiers=spec.tiers(disk_root)
+        num_prefill=spec.num_prefill,
+        num_decode=spec.num_decode,
+        engine=engine,
+        tiers=spec.tiers(disk_root),
+        tracing={"file_dir": tracing} if tracing else None,
     )
     service = Service(cluster, RouterConfig(policy=spec.policy_config()))
     try:
@@ -349,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     out["cores"] = len(os.sched_getaffinity(0))
     out["cpu"] = cpu_model()  # every figure names the CPU it was measured on
     if "corun" in parts:
-        out["corun"] = corun()
+        out["corun"] = corun(model, args.sessions, args.session_rate)
         print(json.dumps(out["corun"]), flush=True)
     if "cluster" in parts:
         out["cluster"] = cluster_costs(model, args.requests, args.sessions, args.session_rate)

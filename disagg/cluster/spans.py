@@ -6,11 +6,15 @@ engine thread from plain timestamps, so nothing OpenTelemetry runs inside the sc
     decode, KV from a peer    decode.queue (arrival -> read starts), kv.transfer (the read), decode.compute
     computes its own prefill  prefill.queue, [kv.transfer for CPU/disk tier loads], prefill.compute,
                               decode.compute (first token -> finish)
+
+and one root span per model step, `engine.step` (the engine's whole step: schedule, model, sampling), with what
+the step computed and the model's own time: the step-time model's features, so a traced run shows how steps
+inside a running cluster compare with the calibrated model (bench/sim/steps.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disagg.protocol import Role
 from disagg.tracing import (
@@ -22,6 +26,12 @@ from disagg.tracing import (
     extract,
     make_tracer,
 )
+
+if TYPE_CHECKING:  # the router process imports this module and must not import torch
+    from disagg.engine.engine import StepRecord
+
+STEP_TOKENS, STEP_SEQS = "disagg.step.tokens", "disagg.step.seqs"
+STEP_ATTENTION_KPAIRS, STEP_EXECUTE_S = "disagg.step.attention_kpairs", "disagg.step.execute_s"
 
 
 class WorkerSpans:
@@ -41,6 +51,20 @@ class WorkerSpans:
             attributes={"disagg.worker": self.worker, "disagg.role": self.role.value, **attributes},
         )
         span.end(end_time=self.clock.ns(max(start, end)))
+
+    def step(self, step: StepRecord, start: float, end: float) -> None:
+        self._span(
+            "engine.step",
+            None,
+            start,
+            end,
+            **{
+                STEP_TOKENS: step.tokens,
+                STEP_SEQS: step.seqs,
+                STEP_ATTENTION_KPAIRS: step.attention_kpairs,
+                STEP_EXECUTE_S: step.execute_s,
+            },
+        )
 
     def record(self, seq: Any, reason: str) -> None:
         ctx = extract(seq.trace_context)

@@ -212,12 +212,15 @@ class EngineWorker:
         for message in self.transport.notifications():
             self.connector.release_lease(message.decode())
         self.connector.expire_leases()
-        self._step_started = time.monotonic()
+        self._step_started = started = time.monotonic()
+        steps = self.engine.stats.steps
         try:
             deltas = self.engine.step()
         finally:
             self._step_started = None
         self._steps += 1
+        if self.spans.enabled and self.engine.stats.steps != steps and self.engine.last_step is not None:
+            self.spans.step(self.engine.last_step, started, time.monotonic())
         if time.monotonic() - self._stats_at > self.config.metrics_interval_s:
             self._stats = self._build_stats()  # read by heartbeats from the event loop
             self._stats_at = time.monotonic()

@@ -47,6 +47,17 @@ class EngineStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StepRecord:
+    """The last model step as it ran: what it computed (the step-time model's features) and the model's time, so
+    a traced worker can show how its steps compare with the calibrated model inside a running cluster."""
+
+    tokens: int
+    seqs: int
+    attention_kpairs: float
+    execute_s: float
+
+
 class LLMEngine:
     def __init__(
         self, config: EngineConfig | None = None, runner: Runner | None = None, tokenizer: Tokenizer | None = None
@@ -84,6 +95,7 @@ class LLMEngine:
         self.stats = EngineStats()
         self.prefill_s_per_token: float | None = None  # measured, for "is loading cheaper than recomputing"
         self.on_finish: Any = None  # called (seq, reason) when a traced request finishes (the worker's spans)
+        self.last_step: StepRecord | None = None  # the last model step (None before the first)
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -259,6 +271,9 @@ class LLMEngine:
             return deltas
         sampled = self.runner.execute(batch)
         self._measure(batch, self.runner.last_step_s)  # measured, or modelled by a stand-in (simulation)
+        self.last_step = StepRecord(
+            batch.total_tokens, len(batch.seqs), batch.attention_kpairs(), self.runner.last_step_s
+        )
         self.scheduler.on_step_done(batch)
         self.stats.steps += 1
         now = time.monotonic()

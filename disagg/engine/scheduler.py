@@ -42,6 +42,11 @@ class ScheduledBatch:
     def total_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    def attention_kpairs(self) -> float:
+        """Query x key pairs this step's attention computes, in thousands (before the step moves the sequences'
+        computed counts on): the cost term that grows with context, beside the token and sequence counts."""
+        return sum(n * (seq.num_computed_tokens + n) for seq, n in zip(self.seqs, self.num_new_tokens)) / 1000
+
 
 @dataclass
 class SchedulerStats:

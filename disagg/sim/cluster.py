@@ -55,7 +55,8 @@ class SimClusterConfig:
     link_contention: bool = True  # KV reads into one worker share its link (one at a time)
     cores: int = 0  # CPU cores the workers share (0: each worker has its own); steps stretch when oversubscribed
     threads_per_worker: int = 1
-    corun_slowdown: float = 1.0  # with shared cores: a step's factor while another worker computes (bench/sim/cores.py)
+    corun_slowdown: float = 1.0  # with shared cores: a step's factor while another worker computes (sim/cores.py)
+    corun_by_tokens: tuple[tuple[int, float], ...] = ()  # ... by the step's size: (max tokens, factor) pairs
     serving_cpu_per_request_s: float = 0.0  # with shared cores: CPU the router, HTTP, Ray and client spend ...
     serving_cpu_per_token_s: float = 0.0  # ... per request and per streamed token (bench/sim/machine.py measures)
     idle_serving_cores: float = 0.0  # ... and with no request at all
@@ -124,6 +125,7 @@ class SimCluster:
                 cores=config.cores,
                 threads_per_worker=config.threads_per_worker,
                 corun_slowdown=config.corun_slowdown,
+                corun_by_tokens=config.corun_by_tokens,
                 cpu_per_request_s=config.serving_cpu_per_request_s,
                 cpu_per_token_s=config.serving_cpu_per_token_s,
                 cpu_per_handoff_s=config.serving_cpu_per_handoff_s,
@@ -159,11 +161,12 @@ class SimCluster:
     def worker(self, name: str) -> SimWorker:
         return self.prefill[name] if name in self.prefill else self.decode[name]
 
-    def contention(self) -> float:
-        """How much slower a step starting now runs because the workers share the cores (1: no contention)."""
+    def contention(self, tokens: int = 0) -> float:
+        """How much slower a step of `tokens` tokens starting now runs because the workers share the cores (1: no
+        contention)."""
         if not self.config.cores:
             return 1.0
-        return self.cores.slowdown(1 + sum(w.busy for w in self.workers), self.loop.now)
+        return self.cores.slowdown(1 + sum(w.busy for w in self.workers), self.loop.now, tokens)
 
     def send_events(self, worker: SimWorker, batch: Any) -> None:
         """Deliver a worker's KV event batch after the configured delay (and jitter, so batches may arrive out of

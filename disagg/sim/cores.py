@@ -2,8 +2,10 @@
 
 A step of one worker runs slower than the calibrated engine alone on an idle core by
     oversubscription  max(1, (busy workers x threads + serving cores) / cores)
-  x co-run            `corun_slowdown` while another worker is busy too (two engines on separate cores still
-                      share memory bandwidth and caches; measured by bench/sim/machine.py)
+  x co-run            while another worker is busy too: the factor of the step's size class in `corun_by_tokens`
+                      ((max tokens, factor) pairs), `corun_slowdown` beyond them (two engines on separate cores
+                      still share memory bandwidth and caches, and a decode step, which reads every weight for a
+                      few tokens, pays most; measured inside a running cluster by bench/sim/machine.py)
 where "serving cores" is a constant idle share plus the CPU the router actor, its HTTP server, Ray and the client
 burn, as a rate over the last `window_s`: `cpu_per_request_s` per request dispatched, `cpu_per_handoff_s` more per
 remote prefill handed to a decode worker, and `cpu_per_token_s` per token streamed (measured too).
@@ -20,6 +22,7 @@ class CoresConfig:
     cores: int = 0  # 0: each worker has cores of its own, nothing is shared
     threads_per_worker: int = 1
     corun_slowdown: float = 1.0
+    corun_by_tokens: tuple[tuple[int, float], ...] = ()  # (max step tokens, factor), by ascending size
     cpu_per_request_s: float = 0.0
     cpu_per_token_s: float = 0.0
     cpu_per_handoff_s: float = 0.0
@@ -57,11 +60,16 @@ class SharedCores:
             self._sum = 0.0  # no float residue once the window is empty
         return self.config.idle_serving_cores + max(0.0, self._sum) / self.config.window_s
 
-    def slowdown(self, busy_workers: int, now: float) -> float:
-        """Factor on a step that starts now while `busy_workers` workers (itself included) are computing."""
+    def corun(self, tokens: int) -> float:
+        """The co-run factor of a step of `tokens` tokens."""
+        return next((f for edge, f in self.config.corun_by_tokens if tokens <= edge), self.config.corun_slowdown)
+
+    def slowdown(self, busy_workers: int, now: float, tokens: int = 0) -> float:
+        """Factor on a step of `tokens` tokens that starts now while `busy_workers` workers (itself included) are
+        computing."""
         cfg = self.config
         if not cfg.cores:
             return 1.0
         demand = busy_workers * cfg.threads_per_worker + self.serving_cores(now)
-        corun = cfg.corun_slowdown if busy_workers > 1 else 1.0
+        corun = self.corun(tokens) if busy_workers > 1 else 1.0
         return max(1.0, demand / cfg.cores) * corun

@@ -113,7 +113,9 @@ def add_machine(config: SimClusterConfig, opts: SimOptions) -> SimClusterConfig:
         return config
     measured = json.loads(Path(opts.machine_model).read_text())
     cluster = measured["cluster"]
-    config.corun_slowdown = measured.get("corun", {}).get("corun_slowdown", 1.0)
+    corun = measured.get("corun", {})
+    config.corun_slowdown = corun.get("corun_slowdown", 1.0)
+    config.corun_by_tokens = tuple((int(edge), float(factor)) for edge, factor, *_ in corun.get("by_tokens", []))
     config.serving_cpu_per_request_s = cluster["serving_cpu_s_per_request"]
     config.serving_cpu_per_token_s = cluster["serving_cpu_s_per_token"]
     config.idle_serving_cores = cluster["idle_serving_cores"]

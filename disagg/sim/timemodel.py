@@ -23,8 +23,7 @@ FEATURES = ("base", "per_token", "per_seq", "per_attn")
 
 def batch_features(batch: ScheduledBatch) -> list[float]:
     """[1, new tokens, seqs, query x key pairs / 1000] of a scheduled batch (before it runs)."""
-    attn = sum(n * (seq.num_computed_tokens + n) for seq, n in zip(batch.seqs, batch.num_new_tokens))
-    return [1.0, float(batch.total_tokens), float(len(batch.seqs)), attn / 1000]
+    return [1.0, float(batch.total_tokens), float(len(batch.seqs)), batch.attention_kpairs()]
 
 
 @dataclass

@@ -66,7 +66,9 @@ class SimWorker:
             if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
                 self.kick()
             return
-        duration = self.runner.last_step_s * self.cluster.contention() * self.cluster.config.step_slowdown
+        step = self.engine.last_step
+        tokens = step.tokens if step is not None else 0
+        duration = self.runner.last_step_s * self.cluster.contention(tokens) * self.cluster.config.step_slowdown
         self.busy = True
         self.busy_seconds += duration
         incarnation = self.incarnation
