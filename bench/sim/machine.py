@@ -203,6 +203,7 @@ def _service(config_spec: str, tracing: str | None = None) -> Iterator[Any]:
     from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
     from disagg.model_store import default_model_dir
     from disagg.sim.spec import parse_configs
+    from disagg.tracing import TracingConfig
 
     spec = parse_configs(config_spec)[0]
     engine = EngineConfig(
@@ -214,7 +215,7 @@ def _service(config_spec: str, tracing: str | None = None) -> Iterator[Any]:
         num_decode=spec.num_decode,
         engine=engine,
         tiers=spec.tiers(disk_root),
-        tracing={"file_dir": tracing} if tracing else None,
+        tracing=TracingConfig(file_dir=tracing) if tracing else None,
     )
     service = Service(cluster, RouterConfig(policy=spec.policy_config()))
     try:
