@@ -196,10 +196,11 @@ def measure_cold_start(service: Any) -> float:
     import ray
 
     from disagg.cluster.actors import AggregatedWorker
+    from disagg.cluster.worker import WorkerConfig
 
     t0 = time.perf_counter()
     probe = AggregatedWorker.options(max_restarts=0).remote(  # type: ignore[attr-defined]  # added by @ray.remote
-        "cold-start-probe", service.cluster.config.engine, tiers=None
+        WorkerConfig("cold-start-probe", engine=service.cluster.config.engine, tiers=None).to_wire()
     )
     ray.get(probe.ready.remote(), timeout=300)
     elapsed = time.perf_counter() - t0
@@ -383,8 +384,11 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
     from bench.compare import _warm, model_vocab_size
-    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+    from disagg.config import EngineConfig
+    from disagg.kv.tier_config import TierConfig
     from disagg.model_store import default_model_dir
+    from disagg.router.policy import PolicyConfig, PolicyKind
 
     model = args.model or str(default_model_dir())
     args.vocab_size = model_vocab_size(model)
@@ -404,12 +408,12 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
         ClusterConfig(
             num_prefill=args.prefill,
             num_decode=args.decode,
-            engine=engine,
+            engine=EngineConfig(**engine),
             transport_wrapper="tests.fake_transport:FaultyTransport",
             transfer_timeout_s=args.read_timeout,
-            tiers={"disk_root": tempfile.mkdtemp(prefix="chaos-kv-")},
+            tiers=TierConfig(disk_root=tempfile.mkdtemp(prefix="chaos-kv-")),
         ),
-        {"port": 0, "policy": {"kind": "kv", "min_remote_prefill_tokens": 16}},
+        RouterConfig(policy=PolicyConfig(kind=PolicyKind.KV, min_remote_prefill_tokens=16)),
     )
     observer = Observer(service.router)
     try:

@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,21 +56,22 @@ def run_one(
     import shutil
     import tempfile
 
-    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+    from disagg.planner.policy import PlannerConfig
+    from disagg.tracing import TracingConfig
 
     disk_root = tempfile.mkdtemp(prefix="compare-kv-")
-    tracing = {"file_dir": trace_dir} if trace_dir else None
+    tracing = TracingConfig(file_dir=trace_dir) if trace_dir else None
     planner = spec.planner_config(slo)
-    # the router's config is still PolicyConfig / PlannerConfig fields (Service takes a dict)
     service = Service(
         ClusterConfig(
             num_prefill=spec.num_prefill,
             num_decode=spec.num_decode,
-            engine=dict(engine),
+            engine=EngineConfig(**engine),
             tiers=spec.tiers(disk_root),
             tracing=tracing,
         ),
-        {"policy": spec.policy_settings(), "port": 0, "planner": asdict(planner) if planner else {}},
+        RouterConfig(policy=spec.policy_config(), planner=planner or PlannerConfig()),
     )
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement

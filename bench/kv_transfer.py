@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bench.common import emit, print_table
-from disagg.config import SERVE_KV_CACHE_MB
+from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.options import add_options, from_options
 from disagg.protocol import Tier
 from disagg.transfer.base import KVLayout, TransferState
@@ -159,7 +159,9 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
 
     init_ray(None)  # a local cluster on loopback
     cluster = LocalCluster(
-        ClusterConfig(engine=dict(kv_cache_memory_mb=SERVE_KV_CACHE_MB, num_threads=1, max_num_batched_tokens=2048))
+        ClusterConfig(
+            engine=EngineConfig(kv_cache_memory_mb=SERVE_KV_CACHE_MB, num_threads=1, max_num_batched_tokens=2048)
+        )
     )
     decode = cluster.decode[0]
     ttfts, reads = [], []

@@ -217,25 +217,24 @@ def _reject_split(refused: list[Shot]) -> dict[str, Any]:
 
 
 def _service(args: argparse.Namespace, admission: bool):
-    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+    from disagg.config import EngineConfig
     from disagg.model_store import default_model_dir
 
-    engine = {"model": args.model or str(default_model_dir()), "kv_cache_memory_mb": LAB_KV_CACHE_MB, "num_threads": 1}
-    router: dict[str, Any] = {"port": 0}
+    engine = EngineConfig(
+        model=args.model or str(default_model_dir()), kv_cache_memory_mb=LAB_KV_CACHE_MB, num_threads=1
+    )
+    router = RouterConfig()
     if admission:  # queue deadline = the TTFT SLO; saturation thresholds sized for the SLOs on this machine
-        router["admission"] = {"default_deadline_s": args.queue_deadline_s}
-        router["capacity"] = {
-            "max_running": args.max_running,
-            "max_prefill_queue_tokens": args.max_prefill_queue_tokens,
-        }
+        router.admission = AdmissionConfig(default_deadline_s=args.queue_deadline_s)
+        router.capacity = CapacityConfig(
+            max_running=args.max_running, max_prefill_queue_tokens=args.max_prefill_queue_tokens
+        )
     else:  # the old behaviour: dispatch everything at once, workers queue without bound
-        router["admission"] = {
-            "max_queued_requests": 10**9,
-            "max_queued_tokens": 10**12,
-            "default_deadline_s": 3600,
-            "max_deadline_s": 3600,
-        }
-        router["capacity"] = {"max_running": 10**9, "max_prefill_queue_tokens": 10**12, "max_kv_fraction": 1e9}
+        router.admission = AdmissionConfig(
+            max_queued_requests=10**9, max_queued_tokens=10**12, default_deadline_s=3600, max_deadline_s=3600
+        )
+        router.capacity = CapacityConfig(max_running=10**9, max_prefill_queue_tokens=10**12, max_kv_fraction=1e9)
     return Service(ClusterConfig(num_prefill=args.prefill, num_decode=args.decode, engine=engine), router)
 
 

@@ -108,8 +108,10 @@ def end_to_end(args: TraceOverheadOptions) -> list[dict[str, Any]]:
 
     from bench.compare import _warm
     from bench.overload import open_loop, summarize
-    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+    from disagg.config import EngineConfig
     from disagg.model_store import default_model_dir
+    from disagg.router.policy import PolicyConfig
 
     rows = []
     try:
@@ -121,10 +123,12 @@ def end_to_end(args: TraceOverheadOptions) -> list[dict[str, Any]]:
                         num_prefill=1,
                         num_decode=1,
                         tiers=None,
-                        tracing={"file_dir": d} if traced else None,
-                        engine=dict(model=str(default_model_dir()), kv_cache_memory_mb=LAB_KV_CACHE_MB, num_threads=1),
+                        tracing=tr.TracingConfig(file_dir=d) if traced else None,
+                        engine=EngineConfig(
+                            model=str(default_model_dir()), kv_cache_memory_mb=LAB_KV_CACHE_MB, num_threads=1
+                        ),
                     ),
-                    {"port": 0, "policy": {"min_remote_prefill_tokens": 16}},
+                    RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)),
                 )
                 _warm(svc.url, DEFAULT_VOCAB_SIZE, 2)
                 model = httpx.get(f"{svc.url}/v1/models").json()["data"][0]["id"]

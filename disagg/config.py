@@ -39,7 +39,7 @@ class EngineConfig:
     )
     enable_prefix_caching: bool = field(default=True, metadata=_help("reuse the KV blocks of shared prefixes"))
     num_threads: int | None = field(
-        default=None, metadata=_help("torch intra-op threads on CPU (none: torch's default)")
+        default=None, metadata=_help("torch intra-op threads on CPU (none: torch's default)", flag="--threads")
     )
     cpu_prepack: bool = field(
         default=True, metadata=_help("CPU: pre-pack linear weights for oneDNN (2-3x faster GEMMs at batch 8-32)")

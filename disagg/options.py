@@ -168,11 +168,22 @@ def _add_special(
     )
 
 
-def from_options(cls: type[T], args: argparse.Namespace, *, prefix: str = "", **overrides: Any) -> T:
-    """Build `cls` from parsed options (fields without an option keep their defaults; `overrides` win)."""
+def from_options(
+    cls: type[T],
+    args: argparse.Namespace,
+    *,
+    prefix: str = "",
+    only: typing.Collection[str] | None = None,
+    **overrides: Any,
+) -> T:
+    """Build `cls` from parsed options (fields without an option keep their defaults; `overrides` win).  `only`:
+    read just these fields, as `add_options(only=...)` added them (a CLI built from several dataclasses whose
+    field names overlap)."""
     values: dict[str, Any] = {}
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if only is not None and f.name not in only:
+            continue
         dest = (prefix + f.name).replace("-", "_")
         if hasattr(args, dest):
             value = getattr(args, dest)

@@ -28,7 +28,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +64,16 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 @dataclass
 class TracingConfig:
-    otlp_endpoint: str | None = None  # e.g. http://127.0.0.1:4318/v1/traces (OTLP over HTTP)
-    file_dir: str | None = None  # write spans as JSON lines here (one file per process; the bench reads them)
-    sampling_ratio: float = 1.0  # of new traces (a client's sampled traceparent is always followed)
+    otlp_endpoint: str | None = field(  # OTLP over HTTP
+        default=None,
+        metadata={"help": "export OpenTelemetry spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces"},
+    )
+    file_dir: str | None = field(  # one file per process; the bench reads them
+        default=None, metadata={"flag": "--trace-dir", "help": "also write spans as JSON lines into this directory"}
+    )
+    sampling_ratio: float = field(  # a client's sampled traceparent is always followed
+        default=1.0, metadata={"flag": "--trace-sample-ratio", "help": "share of new traces sampled"}
+    )
     export_timeout_s: float = 2.0
     max_queue_size: int = 4096  # spans waiting for export; beyond it they are dropped, requests never wait
 

@@ -44,12 +44,14 @@ def pd_service(smollm_dir):
     HTTP endpoint on a free port; prompts of 16+ uncached tokens are prefilled on the prefill worker."""
     import ray
 
-    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+    from disagg.config import EngineConfig
+    from disagg.router.policy import PolicyConfig
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     svc = Service(ClusterConfig(num_prefill=1, num_decode=1,
-                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
-                  {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
+                                engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
+                  RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)))
     yield svc
     svc.shutdown()
     ray.shutdown()

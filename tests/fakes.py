@@ -10,15 +10,19 @@ import asyncio
 from typing import AsyncIterator
 
 from disagg.cluster.worker import EngineWorker, WorkerConfig
+from disagg.config import EngineConfig
 from disagg.errors import DeadlineExceeded, WorkerLost
+from disagg.kv.tier_config import TierConfig
 from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, Role, TokenDelta
 from tests.fake_transport import LocalTransport
 
 
-def local_worker(name: str, model_dir, role: Role = Role.BOTH, tiers: dict | None = None, **engine) -> EngineWorker:
+def local_worker(name: str, model_dir, role: Role = Role.BOTH, tiers: TierConfig | None = None,
+                 **engine) -> EngineWorker:
     cfg = dict(model=str(model_dir), num_blocks=64, block_size=16, max_model_len=512, num_threads=1)
     cfg.update(engine)
-    return EngineWorker(WorkerConfig(name=name, role=role, engine=cfg, tiers=tiers, transfer_timeout_s=2.0),
+    return EngineWorker(WorkerConfig(name=name, role=role, engine=EngineConfig(**cfg), tiers=tiers,
+                                     transfer_timeout_s=2.0),
                         transport_factory=lambda agent, _engine: LocalTransport(agent))
 
 

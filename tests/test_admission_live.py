@@ -10,15 +10,17 @@ import openai
 import pytest
 import ray
 
-from disagg.cluster.launch import ClusterConfig, Service
+from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+from disagg.config import EngineConfig
+from disagg.router.admission import AdmissionConfig, CapacityConfig
 
 
 @pytest.fixture(scope="module")
 def service(smollm_dir):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     svc = Service(ClusterConfig(num_prefill=0, num_decode=1, tiers=None,
-                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
-                  {"port": 0, "capacity": {"max_running": 1}, "admission": {"max_queued_requests": 2}})
+                                engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
+                  RouterConfig(capacity=CapacityConfig(max_running=1), admission=AdmissionConfig(max_queued_requests=2)))
     yield svc
     svc.shutdown()
     ray.shutdown()

@@ -40,13 +40,15 @@ def test_compare_replays_a_scaled_trace_with_zero_errors_and_writes_report(tmp_p
 
 @pytest.fixture(scope="module")
 def service(smollm_dir):
-    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+    from disagg.config import EngineConfig
+    from disagg.router.policy import PolicyConfig, PolicyKind
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     svc = Service(ClusterConfig(num_prefill=0, num_decode=1,
-                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=96, max_model_len=1024,
-                                            num_threads=1)),
-                  {"port": 0, "policy": {"kind": "kv"}})
+                                engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=96, max_model_len=1024,
+                                                    num_threads=1)),
+                  RouterConfig(policy=PolicyConfig(kind=PolicyKind.KV)))
     yield svc
     svc.shutdown()
     ray.shutdown()

@@ -8,6 +8,7 @@ from pathlib import Path
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from disagg.kv.tier_config import TierConfig
 from disagg.protocol import Request, SamplingParams
 from disagg.router.metrics_view import cluster_snapshot
 from disagg.router.policy import PolicyConfig
@@ -26,7 +27,7 @@ def _queried_metrics() -> set[str]:
 
 
 def test_every_dashboard_query_names_an_exported_metric(tiny_llama_dir):
-    worker = LocalWorkerHandle(local_worker("w", tiny_llama_dir, tiers={"cpu_bytes": 2 << 20, "disk_root": ""}))
+    worker = LocalWorkerHandle(local_worker("w", tiny_llama_dir, tiers=TierConfig(cpu_bytes=2 << 20, disk_root="")))
     prompt = list(range(60, 60 + 80))
 
     async def go():

@@ -7,8 +7,10 @@ import ray
 
 from disagg.cluster.actors import DecodeWorker, PrefillWorker
 from disagg.cluster.launch import ClusterConfig, LocalCluster
+from disagg.cluster.worker import WorkerConfig
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
+from disagg.kv.tier_config import TierConfig
 from disagg.protocol import PrefillResult, Request, SamplingParams, TokenDelta, WorkerStats
 
 BLOCK = 16
@@ -29,8 +31,8 @@ def engine_cfg(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def cluster(ray_session, engine_cfg, tmp_path_factory):
-    tiers = {"cpu_bytes": 4 << 20, "disk_root": str(tmp_path_factory.mktemp("kv"))}
-    c = LocalCluster(ClusterConfig(num_prefill=1, num_decode=1, engine=engine_cfg, transfer_timeout_s=5,
+    tiers = TierConfig(cpu_bytes=4 << 20, disk_root=str(tmp_path_factory.mktemp("kv")))
+    c = LocalCluster(ClusterConfig(num_prefill=1, num_decode=1, engine=EngineConfig(**engine_cfg), transfer_timeout_s=5,
                                    tiers=tiers))
     yield c
     c.shutdown()
@@ -112,8 +114,8 @@ def test_read_error_falls_back_to_recompute_and_frees_everything(cluster, engine
 
 
 def test_killed_prefill_peer_falls_back_to_recompute(ray_session, cluster, engine_cfg):
-    doomed = PrefillWorker.options(max_restarts=0).remote("prefill-doomed", engine_cfg, transfer_timeout_s=3.0,
-                                                          tiers=None)
+    config = WorkerConfig("prefill-doomed", engine=EngineConfig(**engine_cfg), transfer_timeout_s=3.0, tiers=None)
+    doomed = PrefillWorker.options(max_restarts=0).remote(config.to_wire())
     ray.get(doomed.ready.remote())
     layouts = ray.get([w.layout.remote() for w in [*cluster.workers, doomed]])
     ray.get(cluster.decode[0].set_peers.remote(layouts))
@@ -137,8 +139,8 @@ def _is_dead(actor) -> bool:
 
 
 def test_lease_expires_when_no_reader_comes(ray_session, engine_cfg):
-    worker = PrefillWorker.remote("prefill-lease", {**engine_cfg, "kv_lease_timeout_s": 0.5}, transfer_timeout_s=3.0,
-                                  tiers=None)
+    engine = EngineConfig(**engine_cfg, kv_lease_timeout_s=0.5)
+    worker = PrefillWorker.remote(WorkerConfig("prefill-lease", engine=engine, transfer_timeout_s=3.0, tiers=None).to_wire())
     ray.get(worker.prefill.remote(Request("orphan", list(range(10, 50)), GREEDY).to_wire()))
     def stats():
         return WorkerStats.from_wire(ray.get(worker.stats.remote()))

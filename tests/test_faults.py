@@ -19,11 +19,16 @@ import httpx
 import pytest
 import ray
 
-from disagg.cluster.launch import ClusterConfig, Service
+from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+from disagg.config import EngineConfig
+from disagg.kv.tier_config import TierConfig
 from disagg.protocol import FallbackKind, RouterCounters
+from disagg.router.core_config import RouterCoreConfig
+from disagg.router.health import HealthConfig
+from disagg.router.policy import PolicyConfig
 
-FAST_HEALTH = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 0.5, "liveness_timeout_s": 1.0,
-               "restart_after_s": 2.0}
+FAST_HEALTH = HealthConfig(heartbeat_interval_s=0.2, heartbeat_timeout_s=0.5, liveness_timeout_s=1.0,
+                           restart_after_s=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +38,12 @@ def ray_session():
     ray.shutdown()
 
 
-def _service(smollm_dir, prefill, decode, **router):
-    engine = dict(model=str(smollm_dir), kv_cache_memory_mb=64, num_threads=1, max_model_len=1024)
+def _service(smollm_dir, prefill, decode):
+    engine = EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, num_threads=1, max_model_len=1024)
     return Service(ClusterConfig(num_prefill=prefill, num_decode=decode, engine=engine, transfer_timeout_s=3,
-                                 tiers={"cpu_bytes": 32 << 20}),
-                   {"port": 0, "health": FAST_HEALTH, "core": {"prefill_timeout_s": 20},
-                    "policy": {"min_remote_prefill_tokens": 16}, **router})
+                                 tiers=TierConfig(cpu_bytes=32 << 20)),
+                   RouterConfig(health=FAST_HEALTH, core=RouterCoreConfig(prefill_timeout_s=20),
+                                policy=PolicyConfig(min_remote_prefill_tokens=16)))
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +171,8 @@ def _prefill_running(service, name):
 
 # Detection bound for a dead (SIGKILL) or silent (SIGSTOP) worker under FAST_HEALTH: the silence threshold plus
 # one probe period and its timeout, and half a second of scheduling slack on a loaded 2-core machine.
-DETECT_BOUND_S = (FAST_HEALTH["liveness_timeout_s"] + FAST_HEALTH["heartbeat_interval_s"]
-                  + FAST_HEALTH["heartbeat_timeout_s"] + 0.5)
+DETECT_BOUND_S = (FAST_HEALTH.liveness_timeout_s + FAST_HEALTH.heartbeat_interval_s
+                  + FAST_HEALTH.heartbeat_timeout_s + 0.5)
 
 
 def test_prefill_sigkill_and_sigstop_requests_complete_and_blocks_return(service, smollm_dir):

@@ -10,7 +10,9 @@ import openai
 import pytest
 import ray
 
-from disagg.cluster.launch import ClusterConfig, Service
+from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+from disagg.config import EngineConfig
+from disagg.router.policy import PolicyConfig
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.protocol import SamplingParams
@@ -22,8 +24,8 @@ API_KEY = "test-key"
 def service(smollm_dir):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     svc = Service(ClusterConfig(num_prefill=1, num_decode=1,
-                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
-                  {"port": 0, "api_key": API_KEY, "policy": {"min_remote_prefill_tokens": 16}})
+                                engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
+                  RouterConfig(api_key=API_KEY, policy=PolicyConfig(min_remote_prefill_tokens=16)))
     yield svc
     svc.shutdown()
     ray.shutdown()

@@ -147,7 +147,9 @@ def test_a_worker_gets_its_fault_injector_by_name_and_refuses_without_one(tiny_l
     from disagg.transfer.factory import resolve_wrapper
     from tests.fake_transport import FaultyTransport, LocalTransport
 
-    engine = dict(model=str(tiny_llama_dir), num_blocks=64, block_size=16, max_model_len=512, num_threads=1)
+    from disagg.config import EngineConfig
+
+    engine = EngineConfig(model=str(tiny_llama_dir), num_blocks=64, block_size=16, max_model_len=512, num_threads=1)
 
     def worker(name, **options):
         return EngineWorker(WorkerConfig(name=name, engine=engine, tiers=None, **options),

@@ -82,16 +82,19 @@ def two_nodes():
 DRIVER = r"""
 import json, re, sys
 import httpx, openai, ray
-from disagg.cluster.launch import ClusterConfig, Service
+from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+from disagg.config import EngineConfig
 from disagg.protocol import Heartbeat
+from disagg.router.policy import PolicyConfig
+from disagg.transfer.config import TransportConfig
 
 address, model_dir, prompt = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 ray.init(address=address, _node_ip_address="127.0.0.1")
-engine = dict(model=model_dir, kv_cache_memory_mb=128, num_threads=1)
+engine = EngineConfig(model=model_dir, kv_cache_memory_mb=128, num_threads=1)
 service = Service(ClusterConfig(num_prefill=1, num_decode=1, engine=engine, address=address,
                                 prefill_resources={"node_a": 1}, decode_resources={"node_b": 1},
-                                router_resources={"node_a": 1}, transport={"ucx_net_devices": "lo"}),
-                  {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
+                                router_resources={"node_a": 1}, transport=TransportConfig(ucx_net_devices="lo")),
+                  RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)))
 try:
     [prefill] = service.cluster.prefill_by_name.values()
     [decode] = service.cluster.decode_by_name.values()

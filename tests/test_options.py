@@ -108,3 +108,15 @@ def test_a_list_field_without_nargs_stays_off_and_nargs_on_a_scalar_is_refused()
 
     with pytest.raises(TypeError):
         add_options(argparse.ArgumentParser(), Bad)
+
+
+def test_from_options_reads_only_the_fields_asked_for():
+    # two dataclasses sharing one parser: `only` keeps the second from taking the first's same-named options
+    p = argparse.ArgumentParser()
+    add_options(p, Demo, only={"block_size"})
+    add_options(p, Plan, only={"workers"}, defaults={"workers": 2})
+    args = p.parse_args(["--block-size", "8"])
+    args.rate = 9.0  # an option some other dataclass added under this name
+    assert from_options(Plan, args, only={"workers"}) == Plan(2)
+    assert from_options(Plan, args) == Plan(2, rate=9.0)
+    assert from_options(Demo, args, only={"block_size"}) == Demo(block_size=8)

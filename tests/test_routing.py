@@ -5,7 +5,9 @@ import httpx
 import pytest
 import ray
 
-from disagg.cluster.launch import ClusterConfig, Service
+from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+from disagg.config import EngineConfig
+from disagg.router.policy import PolicyConfig, PolicyKind
 
 PREFIX = [(i * 37) % 4000 + 100 for i in range(160)]  # 10 full blocks shared by every request
 
@@ -19,8 +21,8 @@ def ray_session():
 
 def _serve(smollm_dir, policy):
     return Service(ClusterConfig(num_prefill=0, num_decode=2,
-                                 engine=dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
-                   {"port": 0, "policy": {"kind": policy, "seed": 0}})
+                                 engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
+                   RouterConfig(policy=PolicyConfig(kind=PolicyKind(policy), seed=0)))
 
 
 def _send(service, model, suffix):

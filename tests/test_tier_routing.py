@@ -6,6 +6,7 @@ import time
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
+from disagg.kv.tier_config import TierConfig
 from disagg.protocol import Heartbeat, Request, Role, SamplingParams, Tier, WorkerStats
 from disagg.router.index import TierMatch
 from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
@@ -43,7 +44,7 @@ def test_router_learns_tier_costs_from_heartbeats():
 
 
 def test_decode_worker_pulls_a_prefix_from_a_peers_cpu_tier(tiny_llama_dir, tmp_path):
-    tiers = {"cpu_bytes": 2 << 20, "disk_root": ""}
+    tiers = TierConfig(cpu_bytes=2 << 20, disk_root="")
     a = LocalWorkerHandle(local_worker("a", tiny_llama_dir, tiers=tiers))
     b = LocalWorkerHandle(local_worker("b", tiny_llama_dir, tiers=tiers))
     prompt = list(range(40, 40 + 96)) + [7, 8, 9]  # 6 full blocks + 3 tokens
@@ -85,7 +86,7 @@ def test_metrics_show_per_worker_tier_figures_with_their_values(tiny_llama_dir):
     from disagg.router.metrics_view import cluster_snapshot
     from disagg.telemetry import RouterMetrics
 
-    a = LocalWorkerHandle(local_worker("a", tiny_llama_dir, tiers={"cpu_bytes": 2 << 20, "disk_root": ""}))
+    a = LocalWorkerHandle(local_worker("a", tiny_llama_dir, tiers=TierConfig(cpu_bytes=2 << 20, disk_root="")))
     prompt = list(range(60, 60 + 80))  # 5 full blocks
 
     async def go():

@@ -9,16 +9,19 @@ import ray
 
 from bench import stages
 from disagg.workload.metrics import RequestRecord
-from disagg.cluster.launch import ClusterConfig, Service
+from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+from disagg.config import EngineConfig
+from disagg.router.policy import PolicyConfig
+from disagg.tracing import TracingConfig
 
 
 @pytest.fixture(scope="module")
 def traced(smollm_dir, tmp_path_factory):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     spans_dir = tmp_path_factory.mktemp("spans")
-    svc = Service(ClusterConfig(num_prefill=1, num_decode=2, tiers=None, tracing={"file_dir": str(spans_dir)},
-                                engine=dict(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
-                  {"port": 0, "policy": {"min_remote_prefill_tokens": 16}})
+    svc = Service(ClusterConfig(num_prefill=1, num_decode=2, tiers=None, tracing=TracingConfig(file_dir=str(spans_dir)),
+                                engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
+                  RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)))
     yield svc, spans_dir
     svc.shutdown()
     ray.shutdown()

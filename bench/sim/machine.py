@@ -217,26 +217,24 @@ def tiny_requests(url: str, n: int, prompt_tokens: int = 8, first_id: int = 100)
 def _service(config_spec: str, tracing: str | None = None) -> Iterator[Any]:
     """A real cluster serving HTTP for one `bench compare` config spec (as bench.sim.validate runs it through
     bench/compare.py run_one: the same engine settings and a fresh disk-tier directory), shut down after."""
-    from disagg.cluster.launch import ClusterConfig, Service
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
     from disagg.model_store import default_model_dir
     from disagg.sim.spec import parse_configs
+    from disagg.tracing import TracingConfig
 
     spec = parse_configs(config_spec)[0]
-    engine = {
-        "model": str(default_model_dir()),
-        "kv_cache_memory_mb": KV_CACHE_MB,
-        "max_model_len": MAX_MODEL_LEN,
-        "num_threads": 1,
-    }
+    engine = EngineConfig(
+        model=str(default_model_dir()), kv_cache_memory_mb=KV_CACHE_MB, max_model_len=MAX_MODEL_LEN, num_threads=1
+    )
     disk_root = tempfile.mkdtemp(prefix="machine-kv-")
     cluster = ClusterConfig(
         num_prefill=spec.num_prefill,
         num_decode=spec.num_decode,
         engine=engine,
         tiers=spec.tiers(disk_root),
-        tracing={"file_dir": tracing} if tracing else None,
+        tracing=TracingConfig(file_dir=tracing) if tracing else None,
     )
-    service = Service(cluster, {"policy": spec.policy_settings(), "port": 0})
+    service = Service(cluster, RouterConfig(policy=spec.policy_config()))
     try:
         yield service
     finally:

@@ -10,7 +10,7 @@ the router on the same port.
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import ray
 
@@ -21,8 +21,10 @@ from disagg.protocol import Role
 class _RoleWorker(EngineWorker):
     ROLE = Role.BOTH
 
-    def __init__(self, name: str, engine: dict[str, Any], **options: Any) -> None:
-        super().__init__(WorkerConfig(name=name, role=self.ROLE, engine=engine, **options))
+    def __init__(self, config: bytes) -> None:
+        """`config`: a WorkerConfig message (small and inline, so Ray restarts the actor with it); the class fixes
+        the role."""
+        super().__init__(dataclasses.replace(WorkerConfig.from_wire(config), role=self.ROLE))
         self.node_id = ray.get_runtime_context().get_node_id()
 
 

@@ -8,6 +8,7 @@ Also the entrypoint for `disagg serve` and for `ray job submit -- python -m disa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -23,28 +24,55 @@ from ray._private import ray_constants  # the one knob that keeps a local cluste
 from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker
 from disagg.cluster.client import DisaggClient
 from disagg.cluster.router_actor import RouterActor
-from disagg.cluster.worker import worker_tiers
+from disagg.cluster.router_service import RouterConfig
+from disagg.cluster.worker import WorkerConfig, worker_tiers
+from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.http.server import free_port
-from disagg.protocol import WorkerStats
+from disagg.kv.tier_config import TierConfig
+from disagg.options import add_options, from_options
+from disagg.planner.policy import PlannerConfig
+from disagg.protocol import Role, WorkerStats
+from disagg.router.admission import AdmissionConfig, CapacityConfig
+from disagg.router.core_config import RouterCoreConfig
+from disagg.router.policy import PolicyConfig
+from disagg.tracing import TracingConfig
+from disagg.transfer.config import TransportConfig
 
 
 @dataclass
 class ClusterConfig:
-    num_prefill: int = 1  # 0: aggregated workers (each prefills and decodes)
-    num_decode: int = 1
-    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig fields for every worker
-    tiers: dict[str, Any] | None = field(default_factory=dict)  # TierConfig fields; None: no CPU/disk tiers
-    address: str | None = None  # None: start an embedded local Ray cluster (or join RAY_ADDRESS)
+    num_prefill: int = field(
+        default=1, metadata={"flag": "--prefill", "help": "prefill workers (0: aggregated workers)"}
+    )
+    num_decode: int = field(default=1, metadata={"flag": "--decode", "help": "decode (or aggregated) workers"})
+    engine: EngineConfig = field(default_factory=EngineConfig)  # every worker's ("" model: the default model)
+    # every worker's, each with its own disk directory under disk_root (worker_tiers); None: no CPU/disk tiers
+    tiers: TierConfig | None = field(default_factory=TierConfig)
+    # None: start an embedded local Ray cluster (or join RAY_ADDRESS)
+    address: str | None = field(default=None, metadata={"help": "join an existing Ray cluster instead of starting one"})
     transfer_timeout_s: float = 10.0
     max_restarts: int = -1  # per worker actor (-1: always restart)
     transport_wrapper: str = ""  # WorkerConfig.transport_wrapper (the chaos benchmark's fault injector)
-    tracing: dict[str, Any] | None = None  # TracingConfig fields for the workers (and the router, via Service)
-    transport: dict[str, Any] = field(default_factory=dict)  # TransportConfig fields (UCX devices) for the workers
+    tracing: TracingConfig | None = None  # the workers' spans (and the router's, via Service); None: none
+    transport: TransportConfig = field(default_factory=TransportConfig)  # the workers' UCX devices
     # Ray custom resources each actor needs, to place roles on nodes that offer them (multi-node clusters,
     # KubeRay groups); empty: anywhere
     prefill_resources: dict[str, float] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
     router_resources: dict[str, float] = field(default_factory=dict)
+
+    def worker(self, name: str, role: Role, slot: str) -> WorkerConfig:
+        """The config of the worker named `name` in position `slot` (its disk tier's directory)."""
+        return WorkerConfig(
+            name=name,
+            role=role,
+            engine=self.engine,
+            tiers=worker_tiers(self.tiers, slot),
+            transfer_timeout_s=self.transfer_timeout_s,
+            transport_wrapper=self.transport_wrapper,
+            tracing=self.tracing,
+            transport=self.transport,
+        )
 
 
 def init_ray(address: str | None) -> None:
@@ -66,31 +94,26 @@ class LocalCluster:
         if config.num_decode <= 0 or config.num_prefill < 0:
             raise ValueError("need num_decode >= 1 and num_prefill >= 0")
         init_ray(config.address)
-        if not config.engine.get("model"):  # resolve once, so every worker and the router agree
+        if not config.engine.model:  # resolve once, so every worker and the router agree
             from disagg.model_store import default_model_dir
 
-            config.engine = {**config.engine, "model": str(default_model_dir())}
+            config.engine = dataclasses.replace(config.engine, model=str(default_model_dir()))
         tag = uuid.uuid4().hex[:6]
-        decode_cls = DecodeWorker if config.num_prefill else AggregatedWorker
-        options = {
-            "transfer_timeout_s": config.transfer_timeout_s,
-            "transport_wrapper": config.transport_wrapper,
-            "tracing": config.tracing,
-            "transport": config.transport,
-        }
         self.prefill_by_name: dict[str, Any] = {}
         self.decode_by_name: dict[str, Any] = {}
         for i in range(config.num_prefill):
             name = f"prefill-{i}-{tag}"
             self.prefill_by_name[name] = PrefillWorker.options(  # type: ignore[attr-defined]  # added by @ray.remote
                 name=name, max_restarts=config.max_restarts, resources=config.prefill_resources or None
-            ).remote(name, config.engine, tiers=worker_tiers(config.tiers, f"prefill-{i}"), **options)
-        kind = "decode" if config.num_prefill else "worker"
+            ).remote(config.worker(name, Role.PREFILL, f"prefill-{i}").to_wire())
+        decode_cls, role, kind = (
+            (DecodeWorker, Role.DECODE, "decode") if config.num_prefill else (AggregatedWorker, Role.BOTH, "worker")
+        )
         for i in range(config.num_decode):
             name = f"decode-{i}-{tag}"
             self.decode_by_name[name] = decode_cls.options(  # type: ignore[union-attr]  # added by @ray.remote
                 name=name, max_restarts=config.max_restarts, resources=config.decode_resources or None
-            ).remote(name, config.engine, tiers=worker_tiers(config.tiers, f"{kind}-{i}"), **options)
+            ).remote(config.worker(name, role, f"{kind}-{i}").to_wire())
         ray.get([w.ready.remote() for w in self.workers])
         layouts = ray.get([w.layout.remote() for w in self.workers])
         ray.get([w.set_peers.remote(layouts) for w in self.workers])  # every worker can read every other
@@ -127,23 +150,24 @@ class Service:
     dies)."""
 
     def __init__(
-        self, cluster: ClusterConfig, router: dict[str, Any] | None = None, router_max_restarts: int = -1
+        self, cluster: ClusterConfig, router: RouterConfig | None = None, router_max_restarts: int = -1
     ) -> None:
         self.cluster = LocalCluster(cluster)
-        engine = self.cluster.config.engine
-        router_config = {
-            "block_size": engine.get("block_size", 16),
-            "max_model_len": engine.get("max_model_len", 2048),
-            **(router or {}),
-            "model": engine["model"],
-        }
-        if self.cluster.config.tracing and "tracing" not in router_config:
-            router_config["tracing"] = self.cluster.config.tracing
-        if not router_config.get("port"):  # pick it now, so a restarted router binds the same one
-            router_config["port"] = free_port(router_config.get("host", "127.0.0.1"))
+        config = self.cluster.config
+        # the router hashes blocks and bounds prompts as the engines do, and traces as they do unless told otherwise
+        self.router_config = router = dataclasses.replace(
+            router or RouterConfig(),
+            model=config.engine.model,
+            block_size=config.engine.block_size,
+            max_model_len=config.engine.max_model_len,
+        )
+        if router.tracing is None:
+            router.tracing = config.tracing
+        if not router.port:  # pick it now, so a restarted router binds the same one
+            router.port = free_port(router.host)
         self.router = RouterActor.options(  # type: ignore[attr-defined]  # added by @ray.remote
-            max_restarts=router_max_restarts, resources=self.cluster.config.router_resources or None
-        ).remote(router_config, list(self.cluster.prefill_by_name), list(self.cluster.decode_by_name))
+            max_restarts=router_max_restarts, resources=config.router_resources or None
+        ).remote(router.to_wire(), list(self.cluster.prefill_by_name), list(self.cluster.decode_by_name))
         self.url = ray.get(self.router.get_url.remote())
         ray.get([w.set_event_sink.remote(self.router) for w in self.cluster.workers])
 
@@ -175,33 +199,25 @@ def smoke_test(url: str, model: str, api_key: str | None, question: str) -> None
     )
 
 
+# `disagg serve`'s options, generated from the configs (disagg/options.py); the dests are the fields' names under
+# the prefix, read back by the same (class, prefix, fields) in cluster_config_from_args / router_config_from_args
+SERVE_PORT = 8000  # the CLI's documented port (the library's RouterConfig picks a free one)
+_ENGINE = ("model", "block_size", "kv_cache_memory_mb", "max_model_len", "num_threads")
+_TRACING = ("otlp_endpoint", "file_dir", "sampling_ratio")
+_ROUTER = ("host", "port", "api_key")
+_CAPACITY = ("max_prefill_queue_tokens", "max_running")
+_ADMISSION = ("max_queued_requests", "default_deadline_s")
+_MS_PER_S = 1000
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="disagg serve", description="Serve an OpenAI-compatible endpoint")
-    p.add_argument("--model", default="", help="HF-format model directory (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: aggregated workers)")
-    p.add_argument("--decode", type=int, default=1, help="decode (or aggregated) workers")
-    p.add_argument("--policy", default="kv", choices=["kv", "round_robin", "least_loaded"])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--address", default=None, help="join an existing Ray cluster instead of starting one")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
-    p.add_argument("--kv-cache-mb", type=int, default=512, help="KV cache per worker")
-    p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
-    p.add_argument(
-        "--ucx-net-devices",
-        default="auto",
-        help="network devices UCX carries KV over: auto (every interface that is up with an IPv4 address), "
-        "or a UCX list such as lo, eth0, mlx5_0:1 (UCX_NET_DEVICES in the environment wins over auto)",
-    )
-    p.add_argument(
-        "--nixl-progress-delay-us",
-        type=int,
-        default=1000,
-        help="longest sleep of the NIXL progress thread between wake-ups (it wakes at once on transfers); "
-        "0 is NIXL's own setting, which spins one core per worker",
-    )
+    add_options(p, ClusterConfig, only=("num_prefill", "num_decode", "address"))
+    # several workers share one host: a KV cache and a torch thread each that fit next to each other
+    add_options(p, EngineConfig, only=_ENGINE, defaults={"kv_cache_memory_mb": SERVE_KV_CACHE_MB, "num_threads": 1})
+    add_options(p, RouterConfig, only=_ROUTER, defaults={"port": SERVE_PORT})
+    add_options(p, PolicyConfig, prefix="policy-", only=("kind",))
+    add_options(p, TransportConfig)
     for role in ("router", "prefill", "decode"):
         p.add_argument(
             f"--{role}-resources",
@@ -209,48 +225,30 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
             default={},
             help=f'Ray custom resources each {role} actor needs, as JSON (e.g. {{"disagg_{role}": 1}})',
         )
-    p.add_argument("--cpu-tier-mb", type=int, default=256, help="CPU-memory KV tier per worker (0: no tiers)")
+    tiers = TierConfig()  # sized in MiB here, in bytes there
+    p.add_argument(
+        "--cpu-tier-mb", type=int, default=tiers.cpu_bytes >> 20, help="CPU-memory KV tier per worker (0: no tiers)"
+    )
     p.add_argument(
         "--disk-tier-dir",
-        default=None,
+        default=tiers.disk_root,
         help="root of the disk KV tier (a directory per worker; default ~/.cache/disagg/kv; '' = none)",
     )
-    p.add_argument("--disk-tier-mb", type=int, default=1024, help="disk KV tier per worker")
-    p.add_argument("--max-migrations", type=int, default=3, help="times a request may move to another worker")
+    p.add_argument("--disk-tier-mb", type=int, default=tiers.disk_bytes >> 20, help="disk KV tier per worker")
+    add_options(p, RouterCoreConfig, only=("max_migrations",))
     p.add_argument(
         "--api-keys",
         default=None,
         help='JSON file {"KEY": "TENANT", ...}: several keys, each naming a tenant for fair sharing',
     )
     p.add_argument("--tenant-weights", default="", help="TENANT=WEIGHT,...: fair-share weights (default 1)")
-    p.add_argument("--queue-max-requests", type=int, default=1024, help="admission queue bound (429 beyond)")
-    p.add_argument("--max-running", type=int, default=64, help="admission: in-flight requests per worker")
-    p.add_argument(
-        "--max-prefill-queue-tokens",
-        type=int,
-        default=4096,
-        help="admission: prompt tokens queued on a worker before it counts as saturated",
-    )
-    p.add_argument(
-        "--queue-deadline-s",
-        type=float,
-        default=60.0,
-        help="a request that cannot start within this gets 429 (per request: body field deadline_s)",
-    )
-    p.add_argument(
-        "--otlp-endpoint",
-        default=None,
-        help="export OpenTelemetry spans over OTLP/HTTP, e.g. http://127.0.0.1:4318/v1/traces (off by default)",
-    )
-    p.add_argument(
-        "--planner",
-        action="store_true",
-        help="let the planner move workers between prefill and decode at runtime to keep the SLOs below",
-    )
-    p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="planner: TTFT objective")
-    p.add_argument("--slo-tpot-ms", type=float, default=200.0, help="planner: TPOT objective")
-    p.add_argument("--trace-sample-ratio", type=float, default=1.0, help="share of new traces sampled")
-    p.add_argument("--trace-dir", default=None, help="also write spans as JSON lines into this directory")
+    add_options(p, AdmissionConfig, prefix="admission-", only=_ADMISSION)
+    add_options(p, CapacityConfig, only=_CAPACITY)
+    add_options(p, TracingConfig, only=_TRACING)
+    add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
+    planner = PlannerConfig()
+    p.add_argument("--slo-ttft-ms", type=float, default=planner.ttft_slo_s * _MS_PER_S, help="planner: TTFT objective")
+    p.add_argument("--slo-tpot-ms", type=float, default=planner.tpot_slo_s * _MS_PER_S, help="planner: TPOT objective")
     p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
     p.add_argument("--question", default="What is the capital of France?")
     return p
@@ -287,79 +285,68 @@ def _resources(text: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in value.items()}
 
 
-def tier_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """TierConfig fields from the command line (the disk directory gets one sub-directory per worker)."""
+def tier_options(args: argparse.Namespace) -> TierConfig | None:
+    """The workers' tiers from the command line (the disk directory gets one sub-directory per worker)."""
     if args.cpu_tier_mb <= 0:
         return None
-    tiers: dict[str, Any] = {"cpu_bytes": args.cpu_tier_mb << 20, "disk_bytes": args.disk_tier_mb << 20}
-    if args.disk_tier_dir is not None:
-        tiers["disk_root"] = args.disk_tier_dir
-    return tiers
+    return TierConfig(
+        cpu_bytes=args.cpu_tier_mb << 20, disk_bytes=args.disk_tier_mb << 20, disk_root=args.disk_tier_dir
+    )
 
 
 def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
-    engine = {
-        "kv_cache_memory_mb": args.kv_cache_mb,
-        "max_model_len": args.max_model_len,
-        "num_threads": args.threads,
-        "block_size": args.block_size,
-    }
-    if args.model:
-        engine["model"] = args.model
-    tracing = None
-    if args.otlp_endpoint or args.trace_dir:
-        tracing = {
-            "otlp_endpoint": args.otlp_endpoint,
-            "file_dir": args.trace_dir,
-            "sampling_ratio": args.trace_sample_ratio,
-        }
-    return ClusterConfig(
-        num_prefill=args.prefill,
-        num_decode=args.decode,
-        engine=engine,
-        address=args.address,
+    tracing = from_options(TracingConfig, args, only=_TRACING)
+    return from_options(
+        ClusterConfig,
+        args,
+        only=("num_prefill", "num_decode", "address"),
+        engine=from_options(EngineConfig, args, only=_ENGINE),
         tiers=tier_options(args),
-        tracing=tracing,
-        transport={"ucx_net_devices": args.ucx_net_devices, "progress_delay_us": args.nixl_progress_delay_us},
+        tracing=tracing if tracing.enabled else None,
+        transport=from_options(TransportConfig, args),
         prefill_resources=args.prefill_resources,
         decode_resources=args.decode_resources,
         router_resources=args.router_resources,
     )
 
 
+def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
+    planner = from_options(
+        PlannerConfig,
+        args,
+        prefix="planner-",
+        only=("enabled",),
+        ttft_slo_s=args.slo_ttft_ms / _MS_PER_S,
+        tpot_slo_s=args.slo_tpot_ms / _MS_PER_S,
+    )
+    return from_options(
+        RouterConfig,
+        args,
+        only=_ROUTER,
+        policy=from_options(PolicyConfig, args, prefix="policy-", only=("kind",)),
+        api_keys=_api_keys(args.api_keys),
+        core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
+        planner=planner,
+        capacity=from_options(CapacityConfig, args, only=_CAPACITY),
+        admission=from_options(
+            AdmissionConfig, args, prefix="admission-", only=_ADMISSION, tenant_weights=_weights(args.tenant_weights)
+        ),
+    )
+
+
 def serve(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    service = Service(
-        cluster_config_from_args(args),
-        {
-            "policy": {"kind": args.policy},
-            "host": args.host,
-            "port": args.port,
-            "api_key": args.api_key,
-            "api_keys": _api_keys(args.api_keys),
-            "core": {"max_migrations": args.max_migrations},
-            "planner": {
-                "enabled": args.planner,
-                "ttft_slo_s": args.slo_ttft_ms / 1000,
-                "tpot_slo_s": args.slo_tpot_ms / 1000,
-            },
-            "capacity": {"max_running": args.max_running, "max_prefill_queue_tokens": args.max_prefill_queue_tokens},
-            "admission": {
-                "max_queued_requests": args.queue_max_requests,
-                "default_deadline_s": args.queue_deadline_s,
-                "tenant_weights": _weights(args.tenant_weights),
-            },
-        },
-    )
-    model_name = service.cluster.config.engine["model"].rstrip("/").split("/")[-1]
+    cluster, router = cluster_config_from_args(args), router_config_from_args(args)
+    service = Service(cluster, router)
+    model_name = service.cluster.config.engine.model.rstrip("/").split("/")[-1]
     print(
-        f"disagg serving {model_name} at {service.url}/v1 ({args.prefill} prefill, {args.decode} decode, "
-        f"policy {args.policy}; started in {time.perf_counter() - t0:.1f}s)",
+        f"disagg serving {model_name} at {service.url}/v1 ({cluster.num_prefill} prefill, {cluster.num_decode} "
+        f"decode, policy {router.policy.kind.value}; started in {time.perf_counter() - t0:.1f}s)",
         flush=True,
     )
     try:
         if args.smoke_test:
-            smoke_test(service.url, model_name, args.api_key, args.question)
+            smoke_test(service.url, model_name, router.api_key, args.question)
             return 0
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

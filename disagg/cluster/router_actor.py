@@ -23,12 +23,12 @@ from disagg.cluster.router_service import RouterConfig, RouterService
 class RouterActor:
     """Hosts the router core and the OpenAI-compatible HTTP server; workers publish KV events to it."""
 
-    def __init__(self, config: dict[str, Any], prefill: list[str], decode: list[str]) -> None:
-        """Workers are named actors, looked up by name: the constructor's arguments stay small and inline, so
-        Ray can always restart the router with them."""
+    def __init__(self, config: bytes, prefill: list[str], decode: list[str]) -> None:
+        """`config`: a RouterConfig message.  Workers are named actors, looked up by name: the constructor's
+        arguments stay small and inline, so Ray can always restart the router with them."""
         node = ray.get_runtime_context().get_node_id()
         self.service = RouterService(
-            RouterConfig(**config),
+            RouterConfig.from_wire(config),
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode},
         )

@@ -1,5 +1,5 @@
-"""The router's composition root: from a RouterConfig (plain fields, so Ray can restart the router actor with
-its constructor arguments) and the workers' handles, build the routing core (router/), the planner loop over its
+"""The router's composition root: from a RouterConfig (a wire message, so Ray can restart the router actor
+with its constructor arguments) and the workers' handles, build the routing core (router/), the planner loop over its
 port (planner/, router/planner_port.py), the HTTP front door (http/app.py) and the server it runs on
 (http/server.py).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
@@ -31,27 +31,32 @@ from disagg.router.planner_port import RouterPlannerPort
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
 from disagg.tracing import TracingConfig, make_tracer
+from disagg.wire import WireMessage
 
 DEFAULT_MAX_POSITION_EMBEDDINGS = 4096  # what the engine assumes when config.json does not say (engine/model.py)
 
 
 @dataclass
-class RouterConfig:
-    model: str  # model directory (tokenizer, chat template, context length)
-    host: str = "127.0.0.1"
-    port: int = 8000  # 0: pick a free port (the launcher picks one up front so a restart keeps it)
-    policy: dict[str, Any] = field(default_factory=dict)  # PolicyConfig fields
-    core: dict[str, Any] = field(default_factory=dict)  # RouterCoreConfig fields (deadlines, migrations)
-    health: dict[str, Any] = field(default_factory=dict)  # HealthConfig fields
-    block_size: int = 16
-    max_model_len: int = 2048
+class RouterConfig(WireMessage):
+    """The router's settings; its Ray actor gets them as this message's bytes (cluster/router_actor.py)."""
+
+    TYPE: ClassVar[str] = "router_config"
+    model: str = ""  # model directory (tokenizer, chat template, context length); the launcher sets the cluster's
+    host: str = field(default="127.0.0.1", metadata={"help": "address the OpenAI-compatible endpoint binds"})
+    # 0: a free port (the launcher picks it up front, so a restarted router binds the same one)
+    port: int = field(default=0, metadata={"help": "port of the OpenAI-compatible endpoint (0: a free one)"})
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    core: RouterCoreConfig = field(default_factory=RouterCoreConfig)  # deadlines, migrations
+    health: HealthConfig = field(default_factory=HealthConfig)
+    block_size: int = 16  # the launcher sets the engine's
+    max_model_len: int = 2048  # the launcher sets the engine's
     served_model_name: str = ""  # "" = the model directory's name
-    api_key: str | None = None
+    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1/*"})
     api_keys: dict[str, str] | None = None  # key -> tenant (several keys, one tenant each)
-    admission: dict[str, Any] = field(default_factory=dict)  # AdmissionConfig fields (limits, deadlines, weights)
-    capacity: dict[str, Any] = field(default_factory=dict)  # CapacityConfig fields (saturation thresholds)
-    tracing: dict[str, Any] = field(default_factory=dict)  # TracingConfig fields (OTLP endpoint, sampling)
-    planner: dict[str, Any] = field(default_factory=dict)  # PlannerConfig fields (enabled, SLOs, hysteresis)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # limits, deadlines, weights
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)  # saturation thresholds
+    tracing: TracingConfig | None = None  # OTLP endpoint, sampling; None: the cluster's (launcher), else no spans
+    planner: PlannerConfig = field(default_factory=PlannerConfig)  # enabled, SLOs, hysteresis
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
 
@@ -73,15 +78,15 @@ class RouterService:
         self.core = RouterCore(
             prefill,
             decode,
-            PolicyConfig(**config.policy),
+            config.policy,
             config.block_size,
-            RouterCoreConfig(**config.core),
-            HealthConfig(**config.health),
-            AdmissionConfig(**config.admission),
-            CapacityConfig(**config.capacity),
-            make_tracer(TracingConfig(**config.tracing), "router"),
+            config.core,
+            config.health,
+            config.admission,
+            config.capacity,
+            make_tracer(config.tracing or TracingConfig(), "router"),
         )
-        self.core.planner = PlannerLoop(RouterPlannerPort.of(self.core), PlannerConfig(**config.planner))
+        self.core.planner = PlannerLoop(RouterPlannerPort.of(self.core), config.planner)
         name = config.served_model_name or model_dir.name
         app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys))
         self.http = HttpServer(app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)

@@ -30,11 +30,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from disagg.cluster.spans import WorkerSpans
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
 from disagg.config import EngineConfig
+from disagg.kv.tier_config import TierConfig
 from disagg.model_store import cache_root
 from disagg.protocol import (
     EventKind,
@@ -48,6 +49,8 @@ from disagg.protocol import (
     WorkerStats,
 )
 from disagg.tracing import TracingConfig
+from disagg.transfer.config import TransportConfig
+from disagg.wire import WireMessage
 
 # The engine, the KV tiers and the transport (torch, NIXL) load when a worker is built, not when this module is
 # imported: Ray imports an actor's module wherever a handle to it is made, and the router process must stay
@@ -61,20 +64,23 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class WorkerConfig:
+class WorkerConfig(WireMessage):
+    """A worker's settings; a Ray actor gets them as this message's bytes (cluster/actors.py), never pickled."""
+
+    TYPE: ClassVar[str] = "worker_config"
     name: str
     role: Role = Role.BOTH
-    engine: dict[str, Any] = dataclasses.field(default_factory=dict)  # EngineConfig fields
-    # TierConfig fields (plus `disk_root`: a directory with one disk tier per worker); None: no tiers
-    tiers: dict[str, Any] | None = dataclasses.field(default_factory=dict)
-    transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)  # kv_load_timeout_s: transfer_timeout_s
+    # its disk tier: `worker_tiers` (disk_root: a directory with one disk tier per worker); None: no tiers
+    tiers: TierConfig | None = dataclasses.field(default_factory=TierConfig)
+    transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed (the engine's kv_load_timeout_s)
     idle_sleep_s: float = 0.002
     # "package.module:attribute" of a callable wrapping the worker's transport, resolved in the worker's process
     # (the chaos benchmark names a fault injector from tests/fake_transport.py); "": none
     transport_wrapper: str = ""
-    tracing: dict[str, Any] | None = None  # TracingConfig fields; None: no spans
+    tracing: TracingConfig | None = None  # None: no spans
     metrics_interval_s: float = 0.1  # how often the engine thread refreshes the figures heartbeats carry
-    transport: dict[str, Any] = dataclasses.field(default_factory=dict)  # TransportConfig fields (NIXL)
+    transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)  # NIXL's UCX settings
     # after a failed step the loop waits failure_backoff_s per failure in a row, up to max_backoff_failures of them
     # (a worker that keeps failing is reported through heartbeats and restarted by the supervisor meanwhile)
     failure_backoff_s: float = 0.05
@@ -84,32 +90,26 @@ class WorkerConfig:
         self.role = Role(self.role)
 
 
-def worker_tiers(tiers: dict[str, Any] | None, slot: str) -> dict[str, Any] | None:
-    """A worker's TierConfig fields: its disk tier is `<disk_root>/<slot>` (a stable name per position, so the
-    next run of the same layout serves the previous run's prefixes from disk).  The default root is
-    $DISAGG_KV_ROOT, else ~/.cache/disagg/kv."""
-    if tiers is None:
-        return None
-    fields = dict(tiers)
-    root = fields.pop("disk_root", None)
-    if "disk_dir" not in fields:
-        if root is None:
-            root = os.environ.get("DISAGG_KV_ROOT") or str(cache_root() / "kv")
-        fields["disk_dir"] = str(Path(root) / slot) if root else ""
-    return fields
+def worker_tiers(tiers: TierConfig | None, slot: str) -> TierConfig | None:
+    """A worker's tiers: its disk tier is `<disk_root>/<slot>` unless `disk_dir` is set (a stable name per
+    position, so the next run of the same layout serves the previous run's prefixes from disk).  The default root
+    is $DISAGG_KV_ROOT, else ~/.cache/disagg/kv; a root of "" means no disk tier."""
+    if tiers is None or tiers.disk_dir:
+        return tiers
+    root = tiers.disk_root
+    if root is None:
+        root = os.environ.get("DISAGG_KV_ROOT") or str(cache_root() / "kv")
+    return dataclasses.replace(tiers, disk_dir=str(Path(root) / slot) if root else "")
 
 
 def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
     """The worker's CPU (and disk) tier; config.tiers None or cpu_bytes 0 turns tiers off."""
     from disagg.kv.disk_tier import DiskTierBusy
     from disagg.kv.fingerprint import engine_fingerprint
-    from disagg.kv.store import TierConfig, TieredStore
+    from disagg.kv.store import TieredStore
 
-    if config.tiers is None:
-        return None
-    fields = worker_tiers(config.tiers, config.name)
-    assert fields is not None
-    if fields.get("cpu_bytes", 1) == 0:
+    tiers = worker_tiers(config.tiers, config.name)
+    if tiers is None or tiers.cpu_bytes == 0:
         return None
     kv = engine.kv_tensor
     if kv is None:
@@ -117,11 +117,11 @@ def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
     model_dir = Path(engine.config.model) if engine.config.model else None
     fingerprint = engine_fingerprint(model_dir, str(engine.dtype), engine.config.block_size, tuple(kv.shape[1:]))
     try:
-        return TieredStore(TierConfig(**fields), engine.pool, kv, fingerprint)
+        return TieredStore(tiers, engine.pool, kv, fingerprint)
     except DiskTierBusy:  # another live worker owns the directory: use one of our own
-        fields["disk_dir"] = f"{fields['disk_dir']}-{uuid.uuid4().hex[:6]}"
-        log.warning("disk tier directory busy; using %s", fields["disk_dir"])
-        return TieredStore(TierConfig(**fields), engine.pool, kv, fingerprint)
+        tiers = dataclasses.replace(tiers, disk_dir=f"{tiers.disk_dir}-{uuid.uuid4().hex[:6]}")
+        log.warning("disk tier directory busy; using %s", tiers.disk_dir)
+        return TieredStore(tiers, engine.pool, kv, fingerprint)
 
 
 class EngineWorker:
@@ -138,7 +138,7 @@ class EngineWorker:
         self.config = config
         self.incarnation = uuid.uuid4().hex[:8]
         self.agent_name = f"{config.name}-{self.incarnation}"
-        self.engine = LLMEngine(EngineConfig(**{"kv_load_timeout_s": config.transfer_timeout_s, **config.engine}))
+        self.engine = LLMEngine(dataclasses.replace(config.engine, kv_load_timeout_s=config.transfer_timeout_s))
         self.tiers = tier_factory(self.engine, config)
         if transport_factory is None:  # NIXL, configured by the worker's config
             transport = nixl_transport(self.agent_name, self.engine.device, config.transport)
@@ -153,7 +153,7 @@ class EngineWorker:
         self.peer = PeerSource(self.transport)
         self.connector = self.engine.connector  # both sides of the KV seam: loads in, leases out
         self.connector.attach(peer=self.peer, tiers=self.tiers)
-        self.spans = WorkerSpans(config.name, config.role, TracingConfig(**(config.tracing or {})))
+        self.spans = WorkerSpans(config.name, config.role, config.tracing or TracingConfig())
         if self.spans.enabled:
             self.engine.on_finish = self.spans.record
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{config.name}")

@@ -22,6 +22,10 @@ class TierConfig:
     pin_budget_fraction: float = 0.5  # at most this fraction of CPU slots pinned by sessions
     io_threads: int = 2
     ewma_alpha: float = 0.2  # smoothing of the measured per-block load times
+    # where a launcher gives each of its workers a disk tier (cluster/worker.py `worker_tiers`): disk_dir becomes
+    # <disk_root>/<worker slot> unless disk_dir is set; None: $DISAGG_KV_ROOT, else ~/.cache/disagg/kv; "": no
+    # disk tier.  The store itself reads only disk_dir.
+    disk_root: str | None = None
 
     def __post_init__(self) -> None:
         if self.cpu_bytes < 0 or self.disk_bytes < 0:

@@ -72,7 +72,13 @@ class Hold(str, enum.Enum):
 
 @dataclass
 class PlannerConfig:
-    enabled: bool = False  # off unless turned on (`disagg serve --planner`)
+    enabled: bool = field(  # off unless turned on (`disagg serve --planner`)
+        default=False,
+        metadata={
+            "flag": "--planner",
+            "help": "let the planner move workers between prefill and decode at runtime to keep the SLOs below",
+        },
+    )
     interval_s: float = 2.0
     window_s: float = 30.0  # SLO attainment over requests finished in this window
     min_samples: int = 8  # fewer finished requests in the window: attainment is not judged

@@ -44,9 +44,17 @@ class Rejection(str, enum.Enum):
 
 @dataclass
 class AdmissionConfig:
-    max_queued_requests: int = 1024
+    max_queued_requests: int = field(
+        default=1024, metadata={"flag": "--queue-max-requests", "help": "admission queue bound (429 beyond)"}
+    )
     max_queued_tokens: int = 2_000_000  # prompt tokens waiting in the queue
-    default_deadline_s: float = 60.0  # a request that cannot start within this is refused (429)
+    default_deadline_s: float = field(  # a request that cannot start within this is refused (429)
+        default=60.0,
+        metadata={
+            "flag": "--queue-deadline-s",
+            "help": "a request that cannot start within this gets 429 (per request: body field deadline_s)",
+        },
+    )
     max_deadline_s: float = 600.0
     tenant_weights: dict[str, float] = field(default_factory=dict)  # unknown tenants weigh 1
     max_tenants: int = 10_000  # counters of idle tenants beyond this are forgotten (least recently served)
@@ -289,9 +297,11 @@ def jain_index(values: list[float]) -> float:
 class CapacityConfig:
     """When a worker counts as saturated (judged from the router's own exact accounting, no polling)."""
 
-    max_prefill_queue_tokens: int = 4096  # prompt tokens dispatched to a worker and not yet past their first token
+    max_prefill_queue_tokens: int = field(  # prompt tokens dispatched to a worker and not yet past their first token
+        default=4096, metadata={"help": "admission: prompt tokens queued on a worker before it counts as saturated"}
+    )
     max_kv_fraction: float = 0.9  # of the worker's KV blocks (from its heartbeats) held by in-flight requests
-    max_running: int = 64  # in-flight requests per decode worker
+    max_running: int = field(default=64, metadata={"help": "admission: in-flight requests per worker"})
     priority_headroom: float = 0.25  # priority > 0 may fill workers this much beyond the limits (whole slots)
 
 

@@ -3,7 +3,7 @@ collaborators it hands them to (router/attempt.py), so it lives apart from both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -14,6 +14,8 @@ class RouterCoreConfig:
     stream_start_timeout_s: float = 300.0  # first delta from the decode worker (its queue included)
     release_timeout_s: float = 5.0
     max_background_releases: int = 4096  # lease releases in flight off the request path (then callers wait)
-    max_migrations: int = 3  # per request; then the client gets an explicit error
+    max_migrations: int = field(  # per request; then the client gets an explicit error
+        default=3, metadata={"help": "times a request may move to another worker"}
+    )
     max_decisions: int = 10_000  # bound of the decision log
     death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing

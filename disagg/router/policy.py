@@ -49,7 +49,7 @@ class PolicyKind(str, enum.Enum):
 
 @dataclass
 class PolicyConfig:
-    kind: PolicyKind = PolicyKind.KV
+    kind: PolicyKind = field(default=PolicyKind.KV, metadata={"flag": "--policy", "help": "how workers are chosen"})
     # an uncached block weighs 6 blocks of decode load: measured on both Mooncake traces (bench/router.py), 1 (the
     # Dynamo default) left a quarter of the hits behind at almost the same load balance (docs/benchmarks.md)
     overlap_weight: float = 6.0

@@ -6,8 +6,8 @@ tiers) for a real cluster (`disagg bench compare`) or a simulated one (`disagg b
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
 
+from disagg.kv.tier_config import TierConfig
 from disagg.planner.policy import PlannerConfig
 from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.workload.metrics import SLO
@@ -51,14 +51,13 @@ class ClusterSpec:
             setattr(config, name, type(getattr(config, name))(value))
         return config
 
-    def tiers(self, disk_root: str) -> dict[str, Any] | None:
+    def tiers(self, disk_root: str) -> TierConfig | None:
         """Worker tier settings: a fresh disk directory per run, so no run inherits another's prefix cache."""
         if self.cpu_tier_mb == 0:
             return None
-        tiers: dict[str, Any] = {"disk_root": disk_root}
-        if self.cpu_tier_mb is not None:
-            tiers["cpu_bytes"] = self.cpu_tier_mb << 20
-        return tiers
+        if self.cpu_tier_mb is None:
+            return TierConfig(disk_root=disk_root)
+        return TierConfig(cpu_bytes=self.cpu_tier_mb << 20, disk_root=disk_root)
 
 
 def parse_configs(text: str) -> list[ClusterSpec]:

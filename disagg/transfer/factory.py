@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from disagg.transfer.base import KVTransport
+from disagg.transfer.config import TransportConfig
 
 TransportWrapper = Callable[[KVTransport], KVTransport]
 
@@ -41,8 +42,8 @@ def resolve_wrapper(path: str) -> TransportWrapper:
     return target
 
 
-def nixl_transport(agent_name: str, device: torch.device, config: dict[str, Any] | None = None) -> KVTransport:
-    """The product transport: a NIXL agent named `agent_name` (TransportConfig fields in `config`)."""
-    from disagg.transfer.nixl import NixlTransport, TransportConfig  # NIXL loads only where a worker runs
+def nixl_transport(agent_name: str, device: torch.device, config: TransportConfig | None = None) -> KVTransport:
+    """The product transport: a NIXL agent named `agent_name`."""
+    from disagg.transfer.nixl import NixlTransport  # NIXL loads only where a worker runs
 
-    return NixlTransport(agent_name, device, TransportConfig(**(config or {})))
+    return NixlTransport(agent_name, device, config)

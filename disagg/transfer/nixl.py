@@ -22,6 +22,7 @@ import torch
 
 from disagg.errors import TransferFailed
 from disagg.transfer.base import KVLayout, KVTransport, TransferState, plan_regions
+from disagg.transfer.config import AUTO, TransportConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +33,6 @@ _CPU_UCX_ENV = {
     "UCX_WARN_UNUSED_ENV_VARS": "n",
     "UCX_LOG_LEVEL": "error",
 }
-AUTO = "auto"
-
-
-@dataclass
-class TransportConfig:
-    """Which network devices UCX may carry KV over.
-
-    `ucx_net_devices`: "auto" picks every interface that is up and has an IPv4 address (loopback included), so
-    workers on different hosts reach each other - unless UCX_NET_DEVICES is already set in the environment,
-    which then wins; any other value (a UCX device list: "lo", "eth0", "mlx5_0:1,eth0") is used as given.
-
-    `progress_delay_us`: the longest the NIXL UCX progress thread sleeps in poll() between wake-ups (it wakes at
-    once on UCX events).  NIXL's Python API passes 0, and its thread then spins in poll(timeout=0): one whole
-    core per agent, idle or not (measured: 100% of a core at idle, 1.7% with 1,000 us).  On a host where the
-    workers share few cores those spinning threads took the cores from the engines.  0 keeps NIXL's behaviour.
-    """
-
-    ucx_net_devices: str = AUTO
-    progress_delay_us: int = 1000
 
 
 def detect_net_devices() -> str:
