@@ -1,7 +1,10 @@
-"""The liveness state machine on a fake clock: deaths, hangs, stuck and failing step loops, restarts, rejoin."""
+"""The liveness state machine on a fake clock: deaths, hangs, stuck and failing step loops, restarts, rejoin; and
+the supervisor that runs it stops even when a handle swallows its cancellation."""
+import asyncio
+
 from disagg.errors import DeadlineExceeded, WorkerLost
-from disagg.protocol import Heartbeat, Role
-from disagg.router.health import Action, HealthConfig, HealthMonitor, WorkerState
+from disagg.protocol import Heartbeat, KVEventBatch, Role
+from disagg.router.health import Action, HealthConfig, HealthMonitor, Supervisor, WorkerState
 
 CFG = HealthConfig(liveness_timeout_s=1.2, restart_after_s=6.0, stuck_step_s=60.0, max_step_failures=3,
                    max_events=50)
@@ -82,3 +85,44 @@ def test_event_log_is_bounded():
     for i in range(1, 200):
         m.on_heartbeat("w", _hb(f"i{i}"), now=float(i))
     assert len(m.events) == CFG.max_events and m.workers["w"].restarts == 199
+
+
+class _AnswersAsItIsStopped:
+    """A worker whose first heartbeat answers in the very turn of the event loop in which the supervisor is stopped.
+    Its deadline is `asyncio.wait_for`'s, as every handle's is: before Python 3.12 that returns the answer and drops
+    the cancellation (the answer was already there)."""
+
+    name = "w"
+
+    def __init__(self) -> None:
+        self.answer: asyncio.Future | None = None
+        self.waiting = asyncio.Event()
+
+    async def heartbeat(self, timeout_s: float) -> Heartbeat:
+        if self.answer is not None:
+            return _hb()
+        self.answer = asyncio.get_running_loop().create_future()
+        self.waiting.set()
+        return await asyncio.wait_for(self.answer, timeout_s)
+
+    async def kv_snapshot(self, timeout_s: float) -> KVEventBatch:
+        return KVEventBatch.of("w", 0, [], snapshot=True)
+
+
+def test_stopping_the_supervisor_ends_its_probe_loops_even_when_a_handle_swallows_the_cancellation():
+    """The full suite hung here (tests/test_router_faults.py, 1 run in ~20): stop() cancelled each probe loop once,
+    the heartbeat's wait_for swallowed it, and stop() waited for a loop that went on probing."""
+    config = HealthConfig(heartbeat_interval_s=0.05, heartbeat_timeout_s=1.0)
+
+    async def go():
+        handle = _AnswersAsItIsStopped()
+        supervisor = Supervisor(HealthMonitor(config, {"w": Role.BOTH}), {"w": handle}, lambda batch: None,
+                                lambda name: False)
+        supervisor.start()
+        await handle.waiting.wait()  # the probe is inside the heartbeat's wait_for
+
+        async def answer_and_stop():
+            handle.answer.set_result(_hb())
+            await supervisor.stop()  # cancels the probe in the same turn: its wait_for sees the answer first
+        await asyncio.wait_for(answer_and_stop(), 2.0)
+    asyncio.run(go())

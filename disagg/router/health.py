@@ -203,21 +203,27 @@ class Supervisor:
         self._needs_snapshot = needs_snapshot
         self._on_heartbeat = on_heartbeat
         self._tasks: list[asyncio.Task] = []
+        self._stopping = False
         self._busy: set[str] = set()  # workers with a rejoin or snapshot in flight
         self.failures = 0  # unexpected errors inside the loops (bounded: each is logged once per kind)
 
     def start(self) -> None:
+        self._stopping = False
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._probe_loop(name)) for name in self.handles]
 
     async def stop(self) -> None:
+        # The flag, not only the cancellation, ends the loops: before Python 3.12 `asyncio.wait_for` (the handles'
+        # deadlines) swallows a cancellation that arrives as the call it waits for completes, and the loop would
+        # go on probing with this gather waiting for it forever.  With the flag it ends at its next turn.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
     async def _probe_loop(self, name: str) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.probe(name)
             except asyncio.CancelledError:
