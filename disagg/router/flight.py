@@ -31,7 +31,7 @@ import enum
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, ServiceUnavailable
-from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, RouterCounters, ServePath, TokenDelta
 from disagg.router.load import LoadTicket
 from disagg.router.policy import Decision
 
@@ -206,6 +206,20 @@ Action = (
     | RecordLatency
     | Fail
 )
+
+
+CountAction = CountPath | CountFallback | CountMigration
+
+
+def apply_count(counters: RouterCounters, action: CountAction) -> None:
+    """Carry out a Count* action on the router's counters: both drivers count through here, so what a path, a
+    fallback or a migration adds up to is written once (each driver keeps its own logging beside it)."""
+    if isinstance(action, CountPath):
+        counters.served(action.path)
+    elif isinstance(action, CountFallback):
+        counters.fell_back(action.source)
+    else:
+        counters.migrations += 1
 
 
 class IllegalEvent(RuntimeError):
