@@ -182,5 +182,18 @@ class FlightDriver:
         )
 
     def _migrated(self, flight: Flight, action: CountMigration) -> None:
-        log.warning("request %s lost %s after %d tokens", flight.request_id, action.worker, action.delivered)
-        self.span.add_event("migration", {"disagg.worker": action.worker, "disagg.tokens_delivered": action.delivered})
+        log.warning(
+            "request %s lost %s after %d tokens (%s); migrating",
+            flight.request_id,
+            action.worker,
+            action.delivered,
+            action.error.message,
+        )
+        self.span.add_event(
+            "migration",
+            {
+                "disagg.worker": action.worker,
+                "disagg.tokens_delivered": action.delivered,
+                "disagg.error": action.error.message,
+            },
+        )

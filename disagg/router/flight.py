@@ -141,6 +141,7 @@ class CountFallback:
 class CountMigration:
     worker: str
     delivered: int  # tokens the client already has
+    error: DisaggError  # why the worker was lost (the driver logs it)
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,8 @@ class Flight:
 
     def _lost(self, event: Lost) -> list[Action]:
         assert self.ticket is not None
-        actions: list[Action] = [CountMigration(event.worker, len(self.sent)), *self._release(), EndLoad(self.ticket)]
+        lost = CountMigration(event.worker, len(self.sent), event.error)
+        actions: list[Action] = [lost, *self._release(), EndLoad(self.ticket)]
         self.ticket = None
         if self.attempt >= self.max_migrations:
             self.state = FlightState.FAILED
