@@ -163,11 +163,7 @@ class SimFlights:
         elif isinstance(action, RecordLatency):
             router.latency.record(action.arrival, action.first_token, action.end, action.tokens)
         elif isinstance(action, (CountPath, CountFallback, CountMigration)):
-            apply_count(router.counters, action)
-            if isinstance(action, CountMigration):
-                cluster.counters["migrations"] = cluster.counters.get("migrations", 0) + 1
-            elif isinstance(action, CountFallback):
-                cluster.counters["fallbacks"] = cluster.counters.get("fallbacks", 0) + 1
+            apply_count(router.counters, action)  # the result's migrations and fallbacks are read from there
         elif isinstance(action, Fail):
             cluster.counters["failed"] = cluster.counters.get("failed", 0) + 1
 
