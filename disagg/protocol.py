@@ -222,7 +222,7 @@ class PrefillResult(WireMessage):
     request_id: str
     agent_name: str
     block_ids: list[int]
-    regions: list[str]  # Tier values
+    regions: list[Tier]
     num_tokens: int
     first_token: int | None = None
     finish_reason: FinishReason | None = None

@@ -32,7 +32,7 @@ _LOCK = threading.Lock()
 @dataclass
 class _LocalRead:
     peer: str
-    refs: list[tuple[str, int]]
+    refs: list[tuple[Tier, int]]
     local: list[int]
     notify: bytes
     state: TransferState = TransferState.PENDING
@@ -41,7 +41,7 @@ class _LocalRead:
 class LocalTransport(KVTransport):
     def __init__(self, name: str, device: torch.device | None = None) -> None:
         self.name = name
-        self._tensors: dict[str, torch.Tensor] = {}
+        self._tensors: dict[Tier, torch.Tensor] = {}
         self._layout: KVLayout | None = None
         self._peers: dict[str, KVLayout] = {}
         self._notifs: list[bytes] = []
@@ -50,9 +50,9 @@ class LocalTransport(KVTransport):
             _REGISTRY[name] = self
 
     def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None) -> None:
-        self._tensors[Tier.DEVICE.value] = kv
+        self._tensors[Tier.DEVICE] = kv
         if cpu_tier is not None:
-            self._tensors[Tier.CPU.value] = cpu_tier
+            self._tensors[Tier.CPU] = cpu_tier
         self._layout = KVLayout.of(kv, self.name, self.name.encode(), cpu_tier)
 
     def layout(self) -> KVLayout:
@@ -66,7 +66,7 @@ class LocalTransport(KVTransport):
     def set_peers(self, layouts: list[KVLayout]) -> None:
         self._peers = {lay.agent_name: lay for lay in layouts if lay.agent_name != self.name}
 
-    def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
+    def read(self, peer: str, remote_refs: list[tuple[Tier, int]], local_blocks: list[int], notify: bytes) -> Any:
         if peer not in self._peers:
             raise TransferFailed(f"unknown peer {peer!r}")
         plan_regions(self._peers[peer], self.layout(), remote_refs, local_blocks)  # same checks as NIXL
@@ -79,7 +79,7 @@ class LocalTransport(KVTransport):
             if owner is None or handle.peer not in self._peers:
                 handle.state = TransferState.FAILED
                 return handle.state
-            dst = self._tensors[Tier.DEVICE.value]
+            dst = self._tensors[Tier.DEVICE]
             for tier in {t for t, _ in handle.refs}:
                 pairs = [(b, d) for (t, b), d in zip(handle.refs, handle.local) if t == tier]
                 copy_blocks(owner._tensors[tier], [b for b, _ in pairs], dst, [d for _, d in pairs])
@@ -144,7 +144,7 @@ class FaultyTransport(KVTransport):
     def set_peers(self, layouts: list[KVLayout]) -> None:
         self.inner.set_peers(layouts)
 
-    def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
+    def read(self, peer: str, remote_refs: list[tuple[Tier, int]], local_blocks: list[int], notify: bytes) -> Any:
         if self._faults:
             fault, hang_s = self._faults.pop(0)
             self.injected[fault.value] += 1

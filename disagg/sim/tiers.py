@@ -13,10 +13,9 @@ store touches blocks already in CPU; disk capacity counts blocks, and a block de
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from disagg.kv.load import KVLoad, KVTiers, LoadState
-from disagg.kv.tier_config import TierStats
+from disagg.kv.tier_config import TierGauges, TierStats
 from disagg.kv.tier_index import LruBlocks, TierIndex
 from disagg.protocol import KVEvent, Tier
 
@@ -120,12 +119,14 @@ class SimTiers(KVTiers):
     def release_export(self, slots: list[int]) -> None:
         pass
 
-    def gauges(self) -> dict[str, Any]:
-        return {
-            "cpu_blocks": len(self.index.cpu),
-            "disk_blocks": len(self.disk),
-            "pinned_blocks": self.index.num_pinned_blocks,
-        }
+    def gauges(self) -> TierGauges:
+        return TierGauges(
+            cpu_blocks=len(self.index.cpu),
+            cpu_capacity_blocks=self.cpu_blocks,
+            pinned_blocks=self.index.num_pinned_blocks,
+            pinned_sessions=self.index.num_pinned_sessions,
+            disk_blocks=len(self.index.disk) if self.index.disk is not None else None,
+        )
 
     def flush(self) -> None:
         pass

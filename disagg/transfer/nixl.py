@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from disagg.errors import TransferFailed
+from disagg.protocol import Tier
 from disagg.transfer.base import KVLayout, KVTransport, TransferState, plan_regions
 
 log = logging.getLogger(__name__)
@@ -189,14 +190,14 @@ class NixlTransport(KVTransport):
                 raise TransferFailed(f"peer metadata names {added!r}, layout says {name!r}")
             self._peers[name] = lay
 
-    def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
+    def read(self, peer: str, remote_refs: list[tuple[Tier, int]], local_blocks: list[int], notify: bytes) -> Any:
         remote = self._peers.get(peer)
         if remote is None:
             raise TransferFailed(f"unknown peer {peer!r}")
         plans = plan_regions(remote, self.layout(), remote_refs, local_blocks)
         if not plans:
             raise TransferFailed("nothing to read")
-        local = self.layout().region("device")
+        local = self.layout().region(Tier.DEVICE)
         single = len(plans) == 1
         read = _Read(peer, [], None if single else notify)
         try:
