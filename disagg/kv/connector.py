@@ -138,7 +138,7 @@ class KVConnector:
             result.num_tokens,
             time.monotonic() + self.load_timeout_s,
             first_token=result.first_token,
-            handle=result,
+            remote=result,
         )
 
     def remote_without_read(self, seq: Sequence) -> None:

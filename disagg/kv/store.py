@@ -34,7 +34,7 @@ import torch
 from disagg.kv.copier import BlockCopier, CopyJob
 from disagg.kv.cpu_tier import CpuTier
 from disagg.kv.disk_tier import CorruptBlock, DiskTier
-from disagg.kv.load import KVLoad, KVTiers, LoadState
+from disagg.kv.load import KVLoad, KVTiers, LoadHandle, LoadState, handle_if_started, handle_of
 from disagg.kv.seam import BlockPool
 from disagg.kv.tier_config import TierConfig, TierGauges, TierStats
 from disagg.kv.tier_index import LruBlocks, TierIndex
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class _TierLoad:
+class _TierLoad(LoadHandle):
     cpu_job: CopyJob | None
     cpu_slots: list[int]
     disk_futures: list[Future]  # one per chunk of disk positions, each read in order on an I/O thread
@@ -165,7 +165,7 @@ class TieredStore(KVTiers):
         return out
 
     def poll(self, load: KVLoad) -> LoadState:
-        tl: _TierLoad = load.handle
+        tl = handle_of(load, _TierLoad)
         if tl.pending():
             return LoadState.PENDING
         if tl.cpu_job is not None:
@@ -214,7 +214,7 @@ class TieredStore(KVTiers):
             tl.slots_released = True
 
     def abandon(self, load: KVLoad) -> bool:
-        tl: _TierLoad | None = load.handle
+        tl = handle_if_started(load, _TierLoad)
         if tl is None:
             return True
         writing = (tl.cpu_job is not None and not tl.cpu_job.done()) or (

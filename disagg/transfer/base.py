@@ -12,12 +12,17 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from disagg.errors import TransferFailed
 from disagg.protocol import Tier, WireMessage
+
+
+class TransferHandle:
+    """A read in flight as the transport that posted it knows it (each transport subclasses it with its own
+    state); the reader only hands it back to the same transport's `poll` and `release`."""
 
 
 class TransferState(enum.Enum):
@@ -149,14 +154,16 @@ class KVTransport(ABC):
         worker's old incarnation is dropped, which fails any transfer still waiting on it)."""
 
     @abstractmethod
-    def read(self, peer: str, remote_refs: list[tuple[Tier, int]], local_blocks: list[int], notify: bytes) -> Any:
+    def read(
+        self, peer: str, remote_refs: list[tuple[Tier, int]], local_blocks: list[int], notify: bytes
+    ) -> TransferHandle:
         """Start copying the peer's blocks into ours; `notify` reaches the peer when the read completes."""
 
     @abstractmethod
-    def poll(self, handle: Any) -> TransferState: ...
+    def poll(self, handle: TransferHandle) -> TransferState: ...
 
     @abstractmethod
-    def release(self, handle: Any) -> None: ...
+    def release(self, handle: TransferHandle) -> None: ...
 
     @abstractmethod
     def notify(self, peer: str, message: bytes) -> None:
