@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from disagg.cluster.spans import WorkerSpans
+from disagg.cluster.step_budget import StepBudget
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
 from disagg.config import EngineConfig
 from disagg.model_store import cache_root
@@ -79,6 +80,7 @@ class WorkerConfig:
     # (a worker that keeps failing is reported through heartbeats and restarted by the supervisor meanwhile)
     failure_backoff_s: float = 0.05
     max_backoff_failures: int = 20
+    step_failure_budget: int = 40  # failed steps in a row tolerated; then the worker gives up (cluster/step_budget.py)
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)
@@ -163,7 +165,9 @@ class EngineWorker:
         self._event_seq = -1
         self._step_started: float | None = None
         self._steps = 0
-        self._failures = 0  # consecutive failed ticks
+        self.budget = StepBudget(
+            config.name, config.step_failure_budget, config.failure_backoff_s, config.max_backoff_failures
+        )
         self.node_id = ""
         self.counts = LoopCounts()
         self._stats: WorkerStats | None = None  # refreshed by the engine thread, read by heartbeats
@@ -173,22 +177,23 @@ class EngineWorker:
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
 
     def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
+        if self.budget.healthy and (self._loop_task is None or self._loop_task.done()):  # gave up: never again
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while True:
             try:
                 deltas, events = await self._call(self._tick)
-                self._failures = 0
-            except Exception:  # reported through heartbeats; the supervisor restarts a worker that keeps failing
-                self._failures += 1
+                self.budget.ok()
+            except Exception as exc:  # reported through heartbeats; the supervisor restarts a worker that keeps failing
                 self.counts.step_failures += 1
-                log.exception("engine step failed (%d in a row)", self._failures)
+                backoff = self.budget.failed(exc)
+                if backoff is None:  # past its budget: nothing waits on a loop that cannot serve it any more
+                    for waiting in self._queues.values():
+                        waiting.put_nowait(self.budget.lost())
+                    return
                 deltas, events = [], None
-                await asyncio.sleep(
-                    self.config.failure_backoff_s * min(self._failures, self.config.max_backoff_failures)
-                )
+                await asyncio.sleep(backoff)
             if events is not None and self._event_sink is not None:
                 self._publish(events)
             for delta in deltas:
@@ -247,9 +252,10 @@ class EngineWorker:
             steps=self._steps,
             has_work=e.has_unfinished(),
             step_busy_s=time.monotonic() - started if started is not None else 0.0,
-            consecutive_step_failures=self._failures,
+            consecutive_step_failures=self.budget.failures,
             agent_name=self.agent_name,
             stats=self._stats,
+            healthy=self.budget.healthy,
         ).to_wire()
 
     def _build_stats(self) -> WorkerStats:
@@ -356,6 +362,7 @@ class EngineWorker:
         return item
 
     def _open(self, request_id: str) -> asyncio.Queue:
+        self.budget.check()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._ensure_loop()
