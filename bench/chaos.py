@@ -196,7 +196,7 @@ def measure_cold_start(service: Any) -> float:
     import ray
 
     from disagg.cluster.actors import AggregatedWorker
-    from disagg.cluster.worker import WorkerConfig
+    from disagg.cluster.worker_config import WorkerConfig
 
     t0 = time.perf_counter()
     probe = AggregatedWorker.options(max_restarts=0).remote(  # type: ignore[attr-defined]  # added by @ray.remote

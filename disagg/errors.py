@@ -8,6 +8,8 @@ local prefill / recompute; only when no fallback is left does a client see `Serv
 
 from __future__ import annotations
 
+import enum
+
 
 class DisaggError(Exception):
     """Base class.  `param` / `code` fill the OpenAI error body's fields of the same names."""
@@ -30,6 +32,15 @@ class NotFound(DisaggError):
 
 class Unauthorized(DisaggError):
     """Missing or wrong API key."""
+
+
+class Rejection(str, enum.Enum):
+    """Why the admission queue refused a request: the Overloaded error's code, and the label of its count."""
+
+    QUEUE_FULL = "queue_full"  # no room, and nothing of a lower band to shed
+    SHED = "shed"  # pushed out by a higher-priority request
+    DEADLINE = "deadline"  # estimated on arrival not to start in time (refused at once)
+    EXPIRED = "expired"  # still queued at its deadline (refused then)
 
 
 class Overloaded(DisaggError):

@@ -222,7 +222,7 @@ class PrefillResult(WireMessage):
     request_id: str
     agent_name: str
     block_ids: list[int]
-    regions: list[str]  # Tier values
+    regions: list[Tier]
     num_tokens: int
     first_token: int | None = None
     finish_reason: FinishReason | None = None
@@ -355,6 +355,7 @@ class Heartbeat(WireMessage):
     consecutive_step_failures: int
     agent_name: str  # the NIXL agent of this incarnation
     stats: WorkerStats | None = None
+    healthy: bool = True  # False: the worker gave up (its step failure budget is spent) and waits to be restarted
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)

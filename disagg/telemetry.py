@@ -18,14 +18,25 @@ import dataclasses
 import enum
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from disagg.errors import Rejection
+from disagg.planner.policy import Hold, Reason
 from disagg.protocol import Role, RouterCounters, StatKind, WorkerState, WorkerStats, stat_kind
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class RoutedTo(Protocol):
+    """What /metrics reads of the router's `Decision` (router/policy.py): this module cannot import the router,
+    which imports it (router/metrics_view.py), so the decision is typed by the fields it uses."""
+
+    decode_worker: str
+    prefill_worker: str | None
+    peer_worker: str | None
 
 
 @dataclass
@@ -43,15 +54,15 @@ class QueueView:
 
     depth: Mapping[tuple[int, str], int]  # (priority, tenant) -> requests waiting
     queued_tokens: int
-    rejected: Mapping[str, int]  # refusal reason -> count
+    rejected: Mapping[Rejection, int]  # refusal reason -> count
     served_tokens: Mapping[str, float]  # tenant -> tokens
 
 
 @dataclass
 class PlannerView:
     enabled: bool
-    moves: Mapping[tuple[str, str, str], int]  # (from, to, reason) -> workers moved
-    holds: Mapping[str, int]  # hold reason -> rounds
+    moves: Mapping[tuple[Role, Role, Reason], int]  # (from, to, reason) -> workers moved
+    holds: Mapping[Hold, int]  # hold reason -> rounds
 
 
 @dataclass
@@ -148,7 +159,7 @@ def queue_metrics(queue: QueueView) -> Iterator[Metric]:
         "disagg:rejected_requests", "Requests refused with 429, by reason", labels=["reason"]
     )
     for reason, n in queue.rejected.items():
-        rejected.add_metric([reason], n)
+        rejected.add_metric([reason.value], n)
     yield rejected
     served = CounterMetricFamily(
         "disagg:tenant_served_tokens", "Prompt + generated tokens served per tenant", labels=["tenant"]
@@ -207,7 +218,7 @@ class RouterMetrics:
         if cluster is not None:
             r.register(ClusterCollector(cluster))
 
-    def on_route(self, decision: Any) -> None:
+    def on_route(self, decision: RoutedTo) -> None:
         mode = "disaggregated" if decision.prefill_worker else ("peer_prefix" if decision.peer_worker else "local")
         self.routed.labels(decision.decode_worker, mode).inc()
 
@@ -229,9 +240,9 @@ def planner_metrics(counters: RouterCounters, planner: PlannerView | None) -> It
     )
     holds = CounterMetricFamily("disagg:planner_holds", "Planner rounds without a move, by reason", labels=["reason"])
     if planner is not None:
-        for (source, target, reason), n in sorted(planner.moves.items()):
-            moves.add_metric([source, target, reason], n)
-        for reason, n in sorted(planner.holds.items()):
-            holds.add_metric([reason], n)
+        for (source, target, reason), n in sorted(planner.moves.items(), key=lambda kv: [k.value for k in kv[0]]):
+            moves.add_metric([source.value, target.value, reason.value], n)
+        for hold, n in sorted(planner.holds.items(), key=lambda kv: kv[0].value):
+            holds.add_metric([hold.value], n)
     yield moves
     yield holds

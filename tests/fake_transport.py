@@ -16,23 +16,22 @@ import enum
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from disagg.errors import TransferFailed
 from disagg.kv.copier import copy_blocks
 from disagg.protocol import Tier
-from disagg.transfer.base import KVLayout, KVTransport, TransferState, plan_regions
+from disagg.transfer.base import KVLayout, KVTransport, TransferHandle, TransferState, plan_regions
 
 _REGISTRY: dict[str, LocalTransport] = {}
 _LOCK = threading.Lock()
 
 
 @dataclass
-class _LocalRead:
+class _LocalRead(TransferHandle):
     peer: str
-    refs: list[tuple[str, int]]
+    refs: list[tuple[Tier, int]]
     local: list[int]
     notify: bytes
     state: TransferState = TransferState.PENDING
@@ -41,7 +40,7 @@ class _LocalRead:
 class LocalTransport(KVTransport):
     def __init__(self, name: str, device: torch.device | None = None) -> None:
         self.name = name
-        self._tensors: dict[str, torch.Tensor] = {}
+        self._tensors: dict[Tier, torch.Tensor] = {}
         self._layout: KVLayout | None = None
         self._peers: dict[str, KVLayout] = {}
         self._notifs: list[bytes] = []
@@ -50,9 +49,9 @@ class LocalTransport(KVTransport):
             _REGISTRY[name] = self
 
     def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None) -> None:
-        self._tensors[Tier.DEVICE.value] = kv
+        self._tensors[Tier.DEVICE] = kv
         if cpu_tier is not None:
-            self._tensors[Tier.CPU.value] = cpu_tier
+            self._tensors[Tier.CPU] = cpu_tier
         self._layout = KVLayout.of(kv, self.name, self.name.encode(), cpu_tier)
 
     def layout(self) -> KVLayout:
@@ -66,20 +65,22 @@ class LocalTransport(KVTransport):
     def set_peers(self, layouts: list[KVLayout]) -> None:
         self._peers = {lay.agent_name: lay for lay in layouts if lay.agent_name != self.name}
 
-    def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
+    def read(self, peer: str, remote_refs: list[tuple[Tier, int]], local_blocks: list[int], notify: bytes) -> TransferHandle:
         if peer not in self._peers:
             raise TransferFailed(f"unknown peer {peer!r}")
         plan_regions(self._peers[peer], self.layout(), remote_refs, local_blocks)  # same checks as NIXL
         return _LocalRead(peer, list(remote_refs), list(local_blocks), notify)
 
-    def poll(self, handle: _LocalRead) -> TransferState:
+    def poll(self, transfer: TransferHandle) -> TransferState:
+        assert isinstance(transfer, _LocalRead), transfer
+        handle = transfer
         if handle.state is TransferState.PENDING:
             with _LOCK:
                 owner = _REGISTRY.get(handle.peer)
             if owner is None or handle.peer not in self._peers:
                 handle.state = TransferState.FAILED
                 return handle.state
-            dst = self._tensors[Tier.DEVICE.value]
+            dst = self._tensors[Tier.DEVICE]
             for tier in {t for t, _ in handle.refs}:
                 pairs = [(b, d) for (t, b), d in zip(handle.refs, handle.local) if t == tier]
                 copy_blocks(owner._tensors[tier], [b for b, _ in pairs], dst, [d for _, d in pairs])
@@ -88,7 +89,7 @@ class LocalTransport(KVTransport):
             handle.state = TransferState.DONE
         return handle.state
 
-    def release(self, handle: Any) -> None:
+    def release(self, handle: TransferHandle) -> None:
         pass
 
     def notify(self, peer: str, message: bytes) -> None:
@@ -113,7 +114,7 @@ class Fault(str, enum.Enum):
 
 
 @dataclass
-class _Hung:
+class _Hung(TransferHandle):
     until: float
 
 
@@ -144,7 +145,7 @@ class FaultyTransport(KVTransport):
     def set_peers(self, layouts: list[KVLayout]) -> None:
         self.inner.set_peers(layouts)
 
-    def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
+    def read(self, peer: str, remote_refs: list[tuple[Tier, int]], local_blocks: list[int], notify: bytes) -> TransferHandle:
         if self._faults:
             fault, hang_s = self._faults.pop(0)
             self.injected[fault.value] += 1
@@ -153,12 +154,12 @@ class FaultyTransport(KVTransport):
             return _Hung(time.monotonic() + hang_s)
         return self.inner.read(peer, remote_refs, local_blocks, notify)
 
-    def poll(self, handle: Any) -> TransferState:
+    def poll(self, handle: TransferHandle) -> TransferState:
         if isinstance(handle, _Hung):
             return TransferState.PENDING if time.monotonic() < handle.until else TransferState.FAILED
         return self.inner.poll(handle)
 
-    def release(self, handle: Any) -> None:
+    def release(self, handle: TransferHandle) -> None:
         if not isinstance(handle, _Hung):
             self.inner.release(handle)
 

@@ -2,7 +2,7 @@
 tenants with hand-checked orders, shedding, deadline estimates, expiry, cancellation, bounded memory."""
 import pytest
 
-from disagg.errors import Overloaded
+from disagg.errors import Overloaded, Rejection
 from disagg.router.admission import AdmissionConfig, AdmissionQueue, Entry, EntryState, jain_index
 
 
@@ -79,7 +79,8 @@ def test_full_queue_sheds_the_newest_of_the_lowest_band_then_refuses():
     with pytest.raises(Overloaded) as exc:
         q.submit(_e("late", priority=-1))  # nothing below -1 to shed
     assert exc.value.code == "queue_full"
-    assert _drain(q) == ["vip", "r0", "r1"] and q.rejected == {"queue_full": 1, "shed": 1, "deadline": 0, "expired": 0}
+    assert _drain(q) == ["vip", "r0", "r1"] and q.rejected == {
+        Rejection.QUEUE_FULL: 1, Rejection.SHED: 1, Rejection.DEADLINE: 0, Rejection.EXPIRED: 0}
 
 
 def test_token_limit_counts_prompt_tokens():
@@ -116,7 +117,7 @@ def test_expiry_empties_whole_bands_and_tenants_safely():
         q.submit(_e(f"r{i}", tenant, priority=prio, deadline=1.0))
     clock.now = 2.0
     assert sorted(e.request_id for e in q.expire()) == ["r0", "r1", "r2", "r3"]
-    assert len(q) == 0 and q.depth() == {} and q.rejected["expired"] == 4
+    assert len(q) == 0 and q.depth() == {} and q.rejected[Rejection.EXPIRED] == 4
 
 
 def test_queued_requests_expire_and_cancelled_ones_leave_at_once():

@@ -7,11 +7,11 @@ import ray
 
 from disagg.cluster.actors import DecodeWorker, PrefillWorker
 from disagg.cluster.launch import ClusterConfig, LocalCluster
-from disagg.cluster.worker import WorkerConfig
+from disagg.cluster.worker_config import WorkerConfig
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.tier_config import TierConfig
-from disagg.protocol import PrefillResult, Request, SamplingParams, TokenDelta, WorkerStats
+from disagg.protocol import PrefillResult, Request, SamplingParams, Tier, TokenDelta, WorkerStats
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -183,7 +183,7 @@ def test_a_peer_reads_a_prefix_out_of_another_workers_cpu_tier_over_nixl(cluster
     assert ray.get(owner.clear_device_cache.remote())  # the prefix now lives only in the owner's CPU tier
     request = Request("cpu-pull", prefix + list(range(40, 60)), GREEDY)
     offer = PrefillResult.from_wire(ray.get(owner.export_prefix.remote(request.to_wire())))
-    assert offer.regions == ["cpu"] * 5 and offer.first_token is None and offer.num_tokens == 5 * BLOCK
+    assert offer.regions == [Tier.CPU] * 5 and offer.first_token is None and offer.num_tokens == 5 * BLOCK
     before = cluster.stats()[1]
     expected = LLMEngine(EngineConfig(**engine_cfg)).generate([request.prompt_token_ids], GREEDY)[0].token_ids
     assert _stream(reader, request, offer.to_wire()) == expected

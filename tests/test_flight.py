@@ -3,7 +3,7 @@ events it refuses.  Both drivers (the asyncio router and the simulator) are test
 import pytest
 
 from disagg.errors import DeadlineExceeded, ServiceUnavailable, WorkerLost
-from disagg.protocol import FallbackKind, PrefillResult, Request, SamplingParams, ServePath, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, RouterCounters, SamplingParams, ServePath, TokenDelta
 from disagg.router.flight import (
     Abort,
     Admitted,
@@ -29,6 +29,7 @@ from disagg.router.flight import (
     RouteAttempt,
     Routed,
     StartDecode,
+    apply_count,
 )
 from disagg.router.load import LoadTicket
 from disagg.router.policy import Decision
@@ -108,9 +109,10 @@ def test_a_lost_decode_worker_migrates_resumed_after_the_delivered_tokens():
     _routed(flight, prefill="p0")
     flight.on(KVReady(_result()))
     flight.on(Delta(TokenDelta("r1", [5, 6], "xy"), 1.0))
-    actions = flight.on(Lost("d0", WorkerLost("d0 died", worker="d0")))
+    died = WorkerLost("d0 died", worker="d0")
+    actions = flight.on(Lost("d0", died))
     resumed = REQ.resumed([5, 6], 2)
-    assert actions == [CountMigration("d0", 2), ReleaseLease("p0"), EndLoad(_ticket()), RouteAttempt(resumed, 1)]
+    assert actions == [CountMigration("d0", 2, died), ReleaseLease("p0"), EndLoad(_ticket()), RouteAttempt(resumed, 1)]
     assert flight.state is FlightState.MIGRATING
     assert _routed(flight, decode="d1") == [CountPath(ServePath.MIGRATED), StartDecode("d1", resumed, None)]
     # the second attempt's first output is its first again (the prefill queue), the latency covers both
@@ -135,3 +137,15 @@ def test_abort_ends_the_load_once_and_events_out_of_order_are_refused():
     assert flight.on(Abort()) == [] and flight.state is FlightState.FAILED
     with pytest.raises(IllegalEvent):
         flight.on(KVReady(_result()))
+
+
+def test_count_actions_add_up_on_the_router_counters_the_same_for_both_drivers():
+    counters = RouterCounters()
+    error = WorkerLost("p0 died", worker="p0")
+    for action in [CountPath(ServePath.LOCAL), CountPath(ServePath.LOCAL), CountPath(ServePath.MIGRATED),
+                   CountFallback(FallbackKind.PEER_PREFIX, "d1", error), CountMigration("d0", 3, error),
+                   CountMigration("d1", 0, error)]:
+        apply_count(counters, action)
+    assert counters.paths == {ServePath.LOCAL: 2, ServePath.MIGRATED: 1}
+    assert counters.fallbacks == {FallbackKind.PEER_PREFIX: 1}
+    assert counters.migrations == 2

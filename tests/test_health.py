@@ -68,6 +68,11 @@ def test_stuck_and_failing_step_loops_are_killed():
     assert m2.on_heartbeat("w", _hb(consecutive_step_failures=2), now=0.5) is Action.NONE
     assert m2.on_heartbeat("w", _hb(consecutive_step_failures=3), now=1.0) is Action.KILL
     assert "failed in a row" in m2.workers["w"].reason
+    # a worker that gave up on its own (its step failure budget spent) is taken out whatever its count says
+    m3, _, _ = _monitor()
+    m3.on_heartbeat("w", _hb(), now=0.0)
+    assert m3.on_heartbeat("w", _hb(consecutive_step_failures=2, healthy=False), now=0.5) is Action.KILL
+    assert not m3.routable("w") and "gave up" in m3.workers["w"].reason
 
 
 def test_a_slow_worker_that_answers_again_rejoins():

@@ -168,3 +168,24 @@ def test_a_worker_gets_its_fault_injector_by_name_and_refuses_without_one(tiny_l
     finally:
         faulty.transport.close()
         plain.transport.close()
+
+
+def test_a_load_carries_the_offer_apart_from_its_sources_typed_state():
+    """KVLoad.remote is the owner's offer, KVLoad.handle the state of the source that started the load; a source
+    handed a load another source started refuses it instead of misreading its state."""
+    from disagg.kv.load import KVLoad, handle_if_started, handle_of
+    from disagg.kv.peer import _PeerRead
+    from disagg.kv.store import _TierLoad
+    from disagg.protocol import PrefillResult, SourceKind, Tier
+    from disagg.sim.tiers import LandsAt
+
+    offer = PrefillResult("r", "p", [3], [Tier.DEVICE], 16, first_token=1)
+    load = KVLoad("r", SourceKind.PEER, 0, 1, 16, 0.0, remote=offer)
+    assert handle_if_started(load, _PeerRead) is None  # not started yet: abandoning it has nothing to undo
+    with pytest.raises(TypeError):
+        handle_of(load, _PeerRead)
+    load.handle = _PeerRead(offer)
+    assert handle_of(load, _PeerRead).result is offer
+    for other in (_TierLoad, LandsAt):
+        with pytest.raises(TypeError):
+            handle_of(load, other)

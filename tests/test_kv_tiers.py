@@ -13,7 +13,7 @@ from disagg.engine.engine import LLMEngine
 from disagg.kv.disk_tier import HEADER_BYTES, CorruptBlock, DiskTier, DiskTierBusy
 from disagg.kv.store import TierConfig
 from disagg.kv.tier_index import LruBlocks, TierIndex
-from disagg.protocol import EventKind, SamplingParams, Tier, hash_prompt_blocks
+from disagg.protocol import CorruptReason, EventKind, SamplingParams, Tier, hash_prompt_blocks
 from tests.kvutil import Node, run, settle, tokens
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -125,7 +125,8 @@ def test_corrupt_disk_block_is_a_counted_miss_never_wrong_tokens(tiny_llama_dir,
     _corruptions()[reason](node.store.disk, hashes[2])  # the third block goes bad
     out = _serve(node, "after")
     assert tokens(out) == expected
-    assert node.store.stats.corrupt[reason] == 1
+    assert node.store.stats.corrupt == {CorruptReason(reason): 1}
+    assert all(type(k) is CorruptReason for k in node.store.stats.corrupt)
     assert node.store.stats.loaded_blocks[Tier.DISK] == 2  # the two blocks before it were still used
     assert not node.store.index.on_disk(hashes[2])  # forgotten, and the router told
     assert out[0].num_cached_tokens == 32

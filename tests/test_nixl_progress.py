@@ -53,6 +53,7 @@ def _owner(conn) -> None:
 
 
 def test_a_read_completes_while_the_owner_makes_no_nixl_call(monkeypatch):
+    from disagg.protocol import Tier
     from disagg.transfer.base import KVLayout, TransferState
     from disagg.transfer.nixl import NixlTransport
 
@@ -69,7 +70,7 @@ def test_a_read_completes_while_the_owner_makes_no_nixl_call(monkeypatch):
         reader = NixlTransport("reader")
         reader.register(kv)
         reader.set_peers([remote])
-        handle = reader.read(remote.agent_name, [("device", b) for b in (1, 5, 6)], [0, 1, 2], b"done")
+        handle = reader.read(remote.agent_name, [(Tier.DEVICE, b) for b in (1, 5, 6)], [0, 1, 2], b"done")
         deadline = time.monotonic() + 20
         while (state := reader.poll(handle)) is TransferState.PENDING and time.monotonic() < deadline:
             time.sleep(0.001)

@@ -231,7 +231,9 @@ def test_the_loop_carries_out_every_worker_of_a_move():
     }
     assert [r.worker for r in core.roles.records] == ["d1", "d3"]
     assert all(r.detail == "test" and r.reason == "prefill_backlog" for r in core.roles.records)
-    assert loop.moves[("both", "prefill", "prefill_backlog")] == 2
+    assert loop.moves == {(Role.BOTH, Role.PREFILL, Reason.PREFILL_BACKLOG): 2}
+    assert all(type(k) is Role for k in next(iter(loop.moves))[:2])  # kept by enum; /metrics writes the values
+    assert loop.status()["moves"] == [{"from": "both", "to": "prefill", "reason": "prefill_backlog", "count": 2}]
 
 
 @pytest.mark.parametrize("active, moved", [(50, 19), (84, 0)])

@@ -115,8 +115,10 @@ def test_enums_survive_the_wire_in_every_message():
     assert delta.finish_reason is FinishReason.LENGTH and str(delta.finish_reason) == "length"
     assert TokenDelta.from_wire(TokenDelta("r", [1], "x", finish_reason="stop").to_wire()).finish_reason is FinishReason.STOP
     assert TokenDelta.from_wire(TokenDelta("r", [1]).to_wire()).finish_reason is None
-    result = PrefillResult("r", "a", [1, 2], ["device", "cpu"], 32, 5, finish_reason="abort")
-    assert PrefillResult.from_wire(result.to_wire()).finish_reason is FinishReason.ABORT
+    result = PrefillResult("r", "a", [1, 2], [Tier.DEVICE, Tier.CPU], 32, 5, finish_reason="abort")
+    back = PrefillResult.from_wire(result.to_wire())
+    assert back.finish_reason is FinishReason.ABORT and all(type(r) is Tier for r in back.regions)
+    assert back.regions == [Tier.DEVICE, Tier.CPU]
     batch = KVEventBatch.of("w", 3, [KVEvent(EventKind.STORED, [1, 2], None, Tier.CPU), KVEvent("cleared", [])])
     events = KVEventBatch.from_wire(batch.to_wire()).kv_events()
     assert events == batch.kv_events()

@@ -66,7 +66,7 @@ async def _baseline(handles, timeout=5.0):
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_decode_death_mid_stream_migrates_with_the_no_fault_output(tiny_llama_dir, sampling):
+def test_decode_death_mid_stream_migrates_with_the_no_fault_output(tiny_llama_dir, sampling, caplog):
     a, b = (LocalWorkerHandle(local_worker(n, tiny_llama_dir)) for n in ("a", "b"))
 
     async def go():
@@ -83,6 +83,9 @@ def test_decode_death_mid_stream_migrates_with_the_no_fault_output(tiny_llama_di
     assert tokens == _reference(tiny_llama_dir, sampling)
     assert core.counters.migrations == 1 and core.counters.paths[ServePath.MIGRATED] == 1
     assert [d["decode"] for d in core.recent_decisions()] == ["a", "b"]
+    # the migration warning says why the worker was lost, not only that it was
+    lost = [r.getMessage() for r in caplog.records if r.name == "disagg.router.drive" and "lost a" in r.getMessage()]
+    assert len(lost) == 1 and "a is dead" in lost[0], lost
 
 
 def test_disaggregated_request_migrates_through_a_remote_prefill_of_prompt_plus_output(tiny_llama_dir):

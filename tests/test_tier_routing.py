@@ -108,6 +108,9 @@ def test_metrics_show_per_worker_tier_figures_with_their_values(tiny_llama_dir):
     assert samples[("disagg:worker_tier_stored_blocks_total", "a", "cpu")] == 5
     assert samples[("disagg:worker_loaded_tokens_total", "a", "")] == stats.loaded_tokens == 64
     assert samples[("disagg:worker_kv_blocks_total", "a", "")] == 64
+    # the store's levels (TierGauges) reach the heartbeat; no disk tier here, so no disk figures
+    assert stats.tier_cpu_blocks == 5 and stats.tier_cpu_capacity_blocks >= 5 and stats.tier_pinned_blocks == 0
+    assert stats.tier_stores_in_flight == 0 and stats.tier_disk_blocks is None and stats.tier_disk_bytes is None
     assert samples[("disagg:worker_state", "a", None)] == 1
 
 

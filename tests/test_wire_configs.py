@@ -5,7 +5,7 @@ import msgpack
 import pytest
 
 from disagg.cluster.router_service import RouterConfig
-from disagg.cluster.worker import WorkerConfig, worker_tiers
+from disagg.cluster.worker_config import WorkerConfig, worker_tiers
 from disagg.config import EngineConfig
 from disagg.errors import WireFormatError
 from disagg.kv.tier_config import TierConfig

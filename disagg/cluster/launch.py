@@ -25,7 +25,7 @@ from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker
 from disagg.cluster.client import DisaggClient
 from disagg.cluster.router_actor import RouterActor
 from disagg.cluster.router_service import RouterConfig
-from disagg.cluster.worker import WorkerConfig, worker_tiers
+from disagg.cluster.worker_config import WorkerConfig, worker_tiers
 from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.http.server import free_port
 from disagg.kv.tier_config import TierConfig

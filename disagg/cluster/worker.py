@@ -30,13 +30,12 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from disagg.cluster.spans import WorkerSpans
+from disagg.cluster.step_budget import StepBudget
+from disagg.cluster.worker_config import WorkerConfig, worker_tiers
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
-from disagg.config import EngineConfig
-from disagg.kv.tier_config import TierConfig
-from disagg.model_store import cache_root
 from disagg.protocol import (
     EventKind,
     Heartbeat,
@@ -49,8 +48,6 @@ from disagg.protocol import (
     WorkerStats,
 )
 from disagg.tracing import TracingConfig
-from disagg.transfer.config import TransportConfig
-from disagg.wire import WireMessage
 
 # The engine, the KV tiers and the transport (torch, NIXL) load when a worker is built, not when this module is
 # imported: Ray imports an actor's module wherever a handle to it is made, and the router process must stay
@@ -61,45 +58,6 @@ if TYPE_CHECKING:
     from disagg.transfer.base import KVTransport
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class WorkerConfig(WireMessage):
-    """A worker's settings; a Ray actor gets them as this message's bytes (cluster/actors.py), never pickled."""
-
-    TYPE: ClassVar[str] = "worker_config"
-    name: str
-    role: Role = Role.BOTH
-    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)  # kv_load_timeout_s: transfer_timeout_s
-    # its disk tier: `worker_tiers` (disk_root: a directory with one disk tier per worker); None: no tiers
-    tiers: TierConfig | None = dataclasses.field(default_factory=TierConfig)
-    transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed (the engine's kv_load_timeout_s)
-    idle_sleep_s: float = 0.002
-    # "package.module:attribute" of a callable wrapping the worker's transport, resolved in the worker's process
-    # (the chaos benchmark names a fault injector from tests/fake_transport.py); "": none
-    transport_wrapper: str = ""
-    tracing: TracingConfig | None = None  # None: no spans
-    metrics_interval_s: float = 0.1  # how often the engine thread refreshes the figures heartbeats carry
-    transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)  # NIXL's UCX settings
-    # after a failed step the loop waits failure_backoff_s per failure in a row, up to max_backoff_failures of them
-    # (a worker that keeps failing is reported through heartbeats and restarted by the supervisor meanwhile)
-    failure_backoff_s: float = 0.05
-    max_backoff_failures: int = 20
-
-    def __post_init__(self) -> None:
-        self.role = Role(self.role)
-
-
-def worker_tiers(tiers: TierConfig | None, slot: str) -> TierConfig | None:
-    """A worker's tiers: its disk tier is `<disk_root>/<slot>` unless `disk_dir` is set (a stable name per
-    position, so the next run of the same layout serves the previous run's prefixes from disk).  The default root
-    is $DISAGG_KV_ROOT, else ~/.cache/disagg/kv; a root of "" means no disk tier."""
-    if tiers is None or tiers.disk_dir:
-        return tiers
-    root = tiers.disk_root
-    if root is None:
-        root = os.environ.get("DISAGG_KV_ROOT") or str(cache_root() / "kv")
-    return dataclasses.replace(tiers, disk_dir=str(Path(root) / slot) if root else "")
 
 
 def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
@@ -163,7 +121,9 @@ class EngineWorker:
         self._event_seq = -1
         self._step_started: float | None = None
         self._steps = 0
-        self._failures = 0  # consecutive failed ticks
+        self.budget = StepBudget(
+            config.name, config.step_failure_budget, config.failure_backoff_s, config.max_backoff_failures
+        )
         self.node_id = ""
         self.counts = LoopCounts()
         self._stats: WorkerStats | None = None  # refreshed by the engine thread, read by heartbeats
@@ -173,22 +133,23 @@ class EngineWorker:
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
 
     def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
+        if self.budget.healthy and (self._loop_task is None or self._loop_task.done()):  # gave up: never again
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         while True:
             try:
                 deltas, events = await self._call(self._tick)
-                self._failures = 0
-            except Exception:  # reported through heartbeats; the supervisor restarts a worker that keeps failing
-                self._failures += 1
+                self.budget.ok()
+            except Exception as exc:  # reported through heartbeats; the supervisor restarts a worker that keeps failing
                 self.counts.step_failures += 1
-                log.exception("engine step failed (%d in a row)", self._failures)
+                backoff = self.budget.failed(exc)
+                if backoff is None:  # past its budget: nothing waits on a loop that cannot serve it any more
+                    for waiting in self._queues.values():
+                        waiting.put_nowait(self.budget.lost())
+                    return
                 deltas, events = [], None
-                await asyncio.sleep(
-                    self.config.failure_backoff_s * min(self._failures, self.config.max_backoff_failures)
-                )
+                await asyncio.sleep(backoff)
             if events is not None and self._event_sink is not None:
                 self._publish(events)
             for delta in deltas:
@@ -250,9 +211,10 @@ class EngineWorker:
             steps=self._steps,
             has_work=e.has_unfinished(),
             step_busy_s=time.monotonic() - started if started is not None else 0.0,
-            consecutive_step_failures=self._failures,
+            consecutive_step_failures=self.budget.failures,
             agent_name=self.agent_name,
             stats=self._stats,
+            healthy=self.budget.healthy,
         ).to_wire()
 
     def _build_stats(self) -> WorkerStats:
@@ -359,6 +321,7 @@ class EngineWorker:
         return item
 
     def _open(self, request_id: str) -> asyncio.Queue:
+        self.budget.check()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._ensure_loop()

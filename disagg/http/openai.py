@@ -23,8 +23,9 @@ from disagg.http.errors import error_response
 from disagg.http.inputs import chat_prompt, check_model, priority_of, sampling_params, tokenize_prompt
 from disagg.http.schemas import ChatCompletionRequest, CompletionRequest
 from disagg.http.shape import AnswerShape
-from disagg.http.stream import ClientGone, collect, request_span, sse, timed, until_disconnect, usage
+from disagg.http.stream import ClientGone, Running, collect, request_span, sse, timed, until_disconnect, usage
 from disagg.protocol import Request, SamplingParams
+from disagg.router.policy import Decision
 from disagg.router.router import RouterCore
 from disagg.telemetry import RouterMetrics
 
@@ -106,16 +107,16 @@ def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
         )
         created = int(time.time())
         tenant = getattr(http.state, "tenant", "default")
-        running = {"counted": False, "predicted": None}
+        running = Running()
         span = request_span(
             core.tracer, config.model_name, chat, bool(body.stream), request, sampling, http.headers, session
         )
 
-        def on_route(decision) -> None:  # left the admission queue: now it runs
+        def on_route(decision: Decision) -> None:  # left the admission queue: now it runs
             metrics.on_route(decision)
-            if not running["counted"]:
-                running["counted"] = True
-                running["predicted"] = decision.predicted_cached_tokens(len(ids), core.block_size)
+            if not running.counted:
+                running.counted = True
+                running.predicted = decision.predicted_cached_tokens(len(ids), core.block_size)
                 metrics.running.inc()
 
         stream = timed(

@@ -8,6 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request as HTTPRequest
@@ -23,6 +24,15 @@ from disagg.telemetry import RouterMetrics
 
 class ClientGone(Exception):
     pass
+
+
+@dataclass
+class Running:
+    """What the route hook learned for the timed stream: whether the request was counted as running (it left the
+    admission queue), and how many prompt tokens the router expected cached (the staleness histogram)."""
+
+    counted: bool = False
+    predicted: int | None = None
 
 
 async def until_disconnect(awaitable: Awaitable, http: HTTPRequest, poll_s: float):
@@ -73,7 +83,7 @@ def request_span(
 async def timed(
     deltas: AsyncGenerator[TokenDelta, None],
     n_prompt: int,
-    running: dict[str, Any],
+    running: Running,
     span: trace.Span,
     metrics: RouterMetrics,
 ) -> AsyncGenerator[TokenDelta, None]:
@@ -90,8 +100,8 @@ async def timed(
                 metrics.ttft.observe(now - start)
                 metrics.prefix_cache_queries.inc(n_prompt)
                 metrics.prefix_cache_hits.inc(delta.num_cached_tokens)
-                if running["predicted"] is not None:
-                    metrics.staleness.observe(running["predicted"] - delta.num_cached_tokens)
+                if running.predicted is not None:
+                    metrics.staleness.observe(running.predicted - delta.num_cached_tokens)
                 span.set_attribute(tr.USAGE_CACHE_READ_INPUT_TOKENS, delta.num_cached_tokens)
                 first = False
             else:
@@ -108,7 +118,7 @@ async def timed(
         span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
         raise
     finally:
-        if running["counted"]:
+        if running.counted:
             metrics.running.dec()
         span.set_attributes({tr.USAGE_OUTPUT_TOKENS: n_out, tr.RESPONSE_FINISH_REASONS: reasons})
         span.end()

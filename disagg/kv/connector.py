@@ -138,7 +138,7 @@ class KVConnector:
             result.num_tokens,
             time.monotonic() + self.load_timeout_s,
             first_token=result.first_token,
-            handle=result,
+            remote=result,
         )
 
     def remote_without_read(self, seq: Sequence) -> None:
@@ -330,7 +330,7 @@ class KVConnector:
         slots = self.tiers.export(block_hashes[len(hits) :]) if self.tiers is not None else []
         if not hits and not slots:
             return None
-        regions = [Tier.DEVICE.value] * len(hits) + [Tier.CPU.value] * len(slots)
+        regions = [Tier.DEVICE] * len(hits) + [Tier.CPU] * len(slots)
         n = len(hits) + len(slots)
         self.leases.hold(request_id, hits + slots, n * self.block_size, regions=regions)
         return PrefillResult(request_id, agent_name, hits + slots, regions, n * self.block_size)

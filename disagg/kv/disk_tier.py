@@ -33,6 +33,8 @@ from typing import Any
 
 import xxhash
 
+from disagg.protocol import CorruptReason
+
 _MAGIC = b"DKVB"
 _VERSION = 2
 _HEADER = struct.Struct("<4sH2x16sQQQ")
@@ -48,10 +50,10 @@ CORRUPT_REASONS = ("missing", "truncated", "foreign", "checksum", "header")
 
 
 class CorruptBlock(Exception):
-    """A block file that must not be used; `reason` is one of: missing, truncated, foreign, checksum, header."""
+    """A block file that must not be used, and why (counted by reason in TierStats)."""
 
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
+    def __init__(self, reason: CorruptReason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
 
 
@@ -160,17 +162,17 @@ class DiskTier:
             with open(self.path(block_hash), "rb", buffering=0) as f:
                 got = f.readinto(header)
                 if got < HEADER_BYTES:
-                    raise CorruptBlock("truncated", f"{got} header bytes")
+                    raise CorruptBlock(CorruptReason.TRUNCATED, f"{got} header bytes")
                 magic, version, fingerprint, stored_hash, length, digest = _HEADER.unpack_from(header)
                 if magic != _MAGIC or version != _VERSION:
-                    raise CorruptBlock("header", f"magic {magic!r} version {version}")
+                    raise CorruptBlock(CorruptReason.HEADER, f"magic {magic!r} version {version}")
                 if fingerprint.decode(errors="replace") != self.fingerprint or stored_hash != block_hash:
-                    raise CorruptBlock("foreign", f"fingerprint {fingerprint!r}, hash {stored_hash:016x}")
+                    raise CorruptBlock(CorruptReason.FOREIGN, f"fingerprint {fingerprint!r}, hash {stored_hash:016x}")
                 size = f.readinto(out)
                 extra = f.read(1)
         except FileNotFoundError:
-            raise CorruptBlock("missing", str(self.path(block_hash))) from None
+            raise CorruptBlock(CorruptReason.MISSING, str(self.path(block_hash))) from None
         if length != self.block_bytes or size != length or extra:
-            raise CorruptBlock("truncated", f"{size} of {length} payload bytes")
+            raise CorruptBlock(CorruptReason.TRUNCATED, f"{size} of {length} payload bytes")
         if xxhash.xxh3_64_intdigest(out) != digest:
-            raise CorruptBlock("checksum", f"block {block_hash:016x}")
+            raise CorruptBlock(CorruptReason.CHECKSUM, f"block {block_hash:016x}")

@@ -21,7 +21,7 @@ class Lease:
     block_ids: list[int]
     num_tokens: int  # tokens whose KV the blocks hold
     deadline: float
-    regions: list[str] = field(default_factory=list)
+    regions: list[Tier] = field(default_factory=list)
 
 
 class LeaseTable:
@@ -34,18 +34,18 @@ class LeaseTable:
         self.leases: dict[str, Lease] = {}
         self.num_expired = 0
 
-    def hold(self, request_id: str, block_ids: list[int], num_tokens: int, regions: list[str] | None = None) -> None:
+    def hold(self, request_id: str, block_ids: list[int], num_tokens: int, regions: list[Tier] | None = None) -> None:
         if request_id in self.leases:  # a second offer under the same id replaces the first
             self.release(request_id)
-        regions = regions or [Tier.DEVICE.value] * len(block_ids)
+        regions = regions or [Tier.DEVICE] * len(block_ids)
         self.leases[request_id] = Lease(list(block_ids), num_tokens, time.monotonic() + self.timeout_s, regions)
 
     def release(self, request_id: str) -> bool:
         lease = self.leases.pop(request_id, None)
         if lease is None:
             return False
-        device = [b for b, r in zip(lease.block_ids, lease.regions) if r == Tier.DEVICE.value]
-        cpu = [b for b, r in zip(lease.block_ids, lease.regions) if r == Tier.CPU.value]
+        device = [b for b, r in zip(lease.block_ids, lease.regions) if r is Tier.DEVICE]
+        cpu = [b for b, r in zip(lease.block_ids, lease.regions) if r is Tier.CPU]
         self.pool.free(device)
         if cpu and self.release_cpu is not None:
             self.release_cpu(cpu)

@@ -11,7 +11,7 @@ import enum
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
 from disagg.protocol import KVEvent, PrefillResult, SourceKind, Tier
 
@@ -22,6 +22,14 @@ class LoadState(enum.Enum):
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
+
+
+class LoadHandle:
+    """A source's own state of one load, set by its `start`: each source subclasses it with what it keeps (a
+    transfer in flight, copy jobs and disk reads, a virtual finish time), and reads it back with `handle_of`."""
+
+
+_H = TypeVar("_H", bound=LoadHandle)
 
 
 @dataclass
@@ -41,9 +49,25 @@ class KVLoad:
     state: LoadState = LoadState.PENDING
     num_ok_blocks: int = 0  # leading blocks that arrived intact (== num_blocks on full success)
     first_token: int | None = None  # a peer's prefill result: the token it sampled after these blocks
-    handle: Any = None  # the source's own state
+    remote: PrefillResult | None = None  # peer loads: the owner's offer (which blocks, in which regions)
+    handle: LoadHandle | None = None  # the source's own state (None until it starts the load)
     accounted: bool = False  # counted in ConnectorStats
     parent_hash: int | None = None  # hash of the block before the first loaded one (prefetch: for its event)
+
+
+def handle_of(load: KVLoad, kind: type[_H]) -> _H:
+    """`load`'s state as the source that started it keeps it; a load of another source here is a bug."""
+    handle = handle_if_started(load, kind)
+    if handle is None:
+        raise TypeError(f"{load.request_id}: load not started by a {kind.__name__} source")
+    return handle
+
+
+def handle_if_started(load: KVLoad, kind: type[_H]) -> _H | None:
+    """As `handle_of`, but None for a load its source has not started yet (abandoned before its start)."""
+    if load.handle is not None and not isinstance(load.handle, kind):
+        raise TypeError(f"{load.request_id}: load handle {type(load.handle).__name__} is not a {kind.__name__}")
+    return load.handle
 
 
 class KVSource(ABC):

@@ -15,22 +15,26 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from disagg.errors import TransferFailed
-from disagg.kv.load import KVLoad, LoadState, SourceKind, _Notifier
+from disagg.kv.load import KVLoad, LoadHandle, LoadState, SourceKind, _Notifier, handle_if_started, handle_of
 from disagg.protocol import PrefillResult
-from disagg.transfer.base import KVTransport, TransferState
+from disagg.transfer.base import KVTransport, TransferHandle, TransferState
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _PeerRead:
+class _PeerRead(LoadHandle):
     result: PrefillResult
-    handle: Any = None
+    transfer: TransferHandle | None = None  # None until the transport posted the read
     abandoned_at: float | None = None
     released: bool = False
+
+    @property
+    def posted(self) -> TransferHandle:
+        assert self.transfer is not None, "a peer read polled before it was posted"
+        return self.transfer
 
 
 class PeerSource(_Notifier):
@@ -45,7 +49,8 @@ class PeerSource(_Notifier):
         self.num_notify_only = 0
 
     def start(self, load: KVLoad) -> None:
-        result: PrefillResult = load.handle
+        result = load.remote
+        assert result is not None, "a peer load carries the owner's offer (KVConnector._plan_peer)"
         read = _PeerRead(result)
         load.handle = read
         first = load.first_block
@@ -53,15 +58,15 @@ class PeerSource(_Notifier):
             zip(result.regions[first : first + load.num_blocks], result.block_ids[first : first + load.num_blocks])
         )
         try:
-            read.handle = self.transport.read(result.agent_name, refs, load.dst_block_ids, load.request_id.encode())
+            read.transfer = self.transport.read(result.agent_name, refs, load.dst_block_ids, load.request_id.encode())
         except TransferFailed:
             self.num_failures += 1
             raise
         self.num_reads += 1
 
     def poll(self, load: KVLoad) -> LoadState:
-        read: _PeerRead = load.handle
-        state = self.transport.poll(read.handle)
+        read = handle_of(load, _PeerRead)
+        state = self.transport.poll(read.posted)
         if state is TransferState.PENDING:
             return LoadState.PENDING
         self._release(read)
@@ -74,10 +79,10 @@ class PeerSource(_Notifier):
         return LoadState.FAILED
 
     def abandon(self, load: KVLoad) -> bool:
-        read: _PeerRead | None = load.handle if isinstance(load.handle, _PeerRead) else None
-        if read is None or read.handle is None or read.released:
+        read = handle_if_started(load, _PeerRead)
+        if read is None or read.transfer is None or read.released:
             return True
-        if self.transport.poll(read.handle) is not TransferState.PENDING:
+        if self.transport.poll(read.transfer) is not TransferState.PENDING:
             self._release(read)
             return True
         read.abandoned_at = time.monotonic()
@@ -85,10 +90,10 @@ class PeerSource(_Notifier):
         return False
 
     def settled(self, load: KVLoad) -> bool:
-        read: _PeerRead = load.handle
+        read = handle_of(load, _PeerRead)
         if read.released:
             return True
-        if self.transport.poll(read.handle) is not TransferState.PENDING:
+        if self.transport.poll(read.posted) is not TransferState.PENDING:
             self._release(read)
             return True
         if time.monotonic() - (read.abandoned_at or 0.0) > self.orphan_timeout_s:
@@ -103,7 +108,8 @@ class PeerSource(_Notifier):
 
     def _release(self, read: _PeerRead) -> None:
         if not read.released:
-            self.transport.release(read.handle)
+            if read.transfer is not None:
+                self.transport.release(read.transfer)
             read.released = True
 
     def notify_done(self, result: PrefillResult, request_id: str) -> None:

@@ -34,17 +34,17 @@ import torch
 from disagg.kv.copier import BlockCopier, CopyJob
 from disagg.kv.cpu_tier import CpuTier
 from disagg.kv.disk_tier import CorruptBlock, DiskTier
-from disagg.kv.load import KVLoad, KVTiers, LoadState
+from disagg.kv.load import KVLoad, KVTiers, LoadHandle, LoadState, handle_if_started, handle_of
 from disagg.kv.seam import BlockPool
-from disagg.kv.tier_config import TierConfig, TierStats
+from disagg.kv.tier_config import TierConfig, TierGauges, TierStats
 from disagg.kv.tier_index import LruBlocks, TierIndex
-from disagg.protocol import KVEvent, Tier
+from disagg.protocol import CorruptReason, KVEvent, Tier
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _TierLoad:
+class _TierLoad(LoadHandle):
     cpu_job: CopyJob | None
     cpu_slots: list[int]
     disk_futures: list[Future]  # one per chunk of disk positions, each read in order on an I/O thread
@@ -165,7 +165,7 @@ class TieredStore(KVTiers):
         return out
 
     def poll(self, load: KVLoad) -> LoadState:
-        tl: _TierLoad = load.handle
+        tl = handle_of(load, _TierLoad)
         if tl.pending():
             return LoadState.PENDING
         if tl.cpu_job is not None:
@@ -176,7 +176,7 @@ class TieredStore(KVTiers):
         for chunk, future in zip(tl.disk_chunks, tl.disk_futures):
             results.update(zip(chunk, future.result()))
         for i in sorted(i for chunk in tl.disk_chunks for i in chunk):
-            payload = results.get(i, CorruptBlock("missing", "not read after an earlier failure"))
+            payload = results.get(i, CorruptBlock(CorruptReason.MISSING, "not read after an earlier failure"))
             if isinstance(payload, CorruptBlock):
                 if i in results:
                     self._on_corrupt(load.block_hashes[i], payload)
@@ -214,7 +214,7 @@ class TieredStore(KVTiers):
             tl.slots_released = True
 
     def abandon(self, load: KVLoad) -> bool:
-        tl: _TierLoad | None = load.handle
+        tl = handle_if_started(load, _TierLoad)
         if tl is None:
             return True
         writing = (tl.cpu_job is not None and not tl.cpu_job.done()) or (
@@ -374,21 +374,19 @@ class TieredStore(KVTiers):
     def drain_events(self) -> list[KVEvent]:
         return self.index.drain_events()
 
-    def gauges(self) -> dict[str, float]:
-        g: dict[str, float] = {
-            "cpu_blocks": len(self.index.cpu),
-            "cpu_capacity_blocks": self.cpu.num_slots,
-            "pinned_blocks": self.num_pinned_blocks,
-            "pinned_sessions": self.index.num_pinned_sessions,
-            "stores_in_flight": len(self._stores),
-            "demotions_in_flight": len(self._demoting),
-        }
+    def gauges(self) -> TierGauges:
+        g = TierGauges(
+            cpu_blocks=len(self.index.cpu),
+            cpu_capacity_blocks=self.cpu.num_slots,
+            pinned_blocks=self.num_pinned_blocks,
+            pinned_sessions=self.index.num_pinned_sessions,
+            stores_in_flight=len(self._stores),
+            demotions_in_flight=len(self._demoting),
+        )
         if self.disk is not None and self.index.disk is not None:
-            g.update(
-                disk_blocks=len(self.index.disk),
-                disk_bytes=len(self.index.disk) * self.disk.file_bytes,
-                disk_capacity_bytes=self.disk.capacity_bytes,
-            )
+            g.disk_blocks = len(self.index.disk)
+            g.disk_bytes = len(self.index.disk) * self.disk.file_bytes
+            g.disk_capacity_bytes = self.disk.capacity_bytes
         return g
 
     def shutdown(self) -> None:

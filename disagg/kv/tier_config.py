@@ -1,5 +1,6 @@
 """A worker's tier settings (TierConfig), the counters its TieredStore keeps (TierStats, read by heartbeats and
-the simulator), and the lookup rule both the store and the simulated tiers follow (`leading_tiers`)."""
+the simulator), its levels (TierGauges), and the lookup rule both the store and the simulated tiers follow
+(`leading_tiers`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from disagg.protocol import Tier
+from disagg.protocol import CorruptReason, Tier
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TierStats:
     bytes_stored: Counter = field(default_factory=Counter)
     bytes_loaded: Counter = field(default_factory=Counter)
     evictions: Counter = field(default_factory=Counter)
-    corrupt: Counter = field(default_factory=Counter)  # by reason: checksum, truncated, foreign, missing, header
+    corrupt: Counter[CorruptReason] = field(default_factory=Counter)
     store_skipped: int = 0  # no CPU slot could be freed for a store
     write_failures: int = 0
     failed_loads: int = 0
@@ -69,6 +70,22 @@ class TierStats:
         if len(ok_tiers) < num_blocks:
             self.failed_loads += 1
         return tier
+
+
+@dataclass
+class TierGauges:
+    """A worker's tier levels now (heartbeats report them as WorkerStats' `tier_*` gauges); the disk figures are
+    None without a disk tier, or where the tiers do not know them (the simulated disk counts no bytes)."""
+
+    cpu_blocks: int
+    cpu_capacity_blocks: int
+    pinned_blocks: int
+    pinned_sessions: int
+    stores_in_flight: int = 0
+    demotions_in_flight: int = 0
+    disk_blocks: int | None = None
+    disk_bytes: int | None = None
+    disk_capacity_bytes: int | None = None
 
 
 class HoldsBlocks(Protocol):

@@ -15,8 +15,9 @@ import logging
 import time
 from collections import Counter
 
-from disagg.planner.policy import Hold, Move, Planner, PlannerConfig
+from disagg.planner.policy import Hold, Move, Planner, PlannerConfig, Reason
 from disagg.planner.port import PlannerPort
+from disagg.protocol import Role
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,8 @@ class PlannerLoop:
         self.port = port
         self.planner = Planner(config)
         self.config = self.planner.config
-        self.moves: Counter = Counter()  # (from, to, reason) -> count
-        self.holds: Counter = Counter()  # hold reason -> count
+        self.moves: Counter[tuple[Role, Role, Reason]] = Counter()  # (from, to, reason) -> workers moved
+        self.holds: Counter[Hold] = Counter()  # hold reason -> rounds
         self._task: asyncio.Task | None = None
         self.max_failures = 20  # consecutive failed rounds before the loop stops trying (and says so)
 
@@ -59,8 +60,10 @@ class PlannerLoop:
         return {
             "enabled": self.config.enabled,
             "last_hold": self.planner.last_hold.value if self.planner.last_hold else None,
-            "moves": [{"from": a, "to": b, "reason": r, "count": n} for (a, b, r), n in self.moves.items()],
-            "holds": dict(self.holds),
+            "moves": [
+                {"from": a.value, "to": b.value, "reason": r.value, "count": n} for (a, b, r), n in self.moves.items()
+            ],
+            "holds": {hold.value: n for hold, n in self.holds.items()},
         }
 
     async def step(self) -> Move | Hold:
@@ -68,7 +71,7 @@ class PlannerLoop:
         now = time.monotonic()
         decision = self.planner.decide(self.port.signals(self.config, now))
         if isinstance(decision, Hold):
-            self.holds[decision.value] += 1
+            self.holds[decision] += 1
             if decision is not self.planner.last_hold:
                 log.info("planner: hold (%s)", decision.value)
                 self.planner.last_hold = decision
@@ -83,7 +86,7 @@ class PlannerLoop:
             decision.detail,
         )
         self.planner.applied(decision, now)  # counted before the drain: hysteresis covers the whole change
-        self.moves[(decision.old.value, decision.new.value, decision.reason.value)] += len(decision.workers)
+        self.moves[(decision.old, decision.new, decision.reason)] += len(decision.workers)
         # every worker of the move changes together: their drains overlap instead of adding up
         await asyncio.gather(
             *(

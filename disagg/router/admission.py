@@ -32,14 +32,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from disagg.errors import Overloaded
-
-
-class Rejection(str, enum.Enum):
-    QUEUE_FULL = "queue_full"  # no room, and nothing of a lower band to shed
-    SHED = "shed"  # pushed out by a higher-priority request
-    DEADLINE = "deadline"  # estimated on arrival not to start in time (refused at once)
-    EXPIRED = "expired"  # still queued at its deadline (refused then)
+from disagg.errors import Overloaded, Rejection
 
 
 @dataclass
@@ -102,7 +95,7 @@ class AdmissionQueue:
         self._order = itertools.count()
         self.num_queued = 0
         self.queued_tokens = 0
-        self.rejected: dict[str, int] = {r.value: 0 for r in Rejection}
+        self.rejected: dict[Rejection, int] = dict.fromkeys(Rejection, 0)
         self.served_tokens: dict[str, float] = {}
 
     # ------------------------------------------------------------------ arrivals
@@ -165,7 +158,7 @@ class AdmissionQueue:
             yield from sorted((e for q in self._bands[priority].values() for e in q), key=lambda e: -e.order)
 
     def _refuse(self, entry: Entry, reason: Rejection, wait: float | None, message: str) -> Overloaded:
-        self.rejected[reason.value] += 1
+        self.rejected[reason] += 1
         retry = max(self.config.min_retry_after_s, wait if wait is not None else self.config.min_retry_after_s)
         return Overloaded(message, retry_after_s=retry, code=reason.value)
 

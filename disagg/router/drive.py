@@ -55,6 +55,7 @@ from disagg.router.flight import (
     RouteAttempt,
     Routed,
     StartDecode,
+    apply_count,
 )
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
 from disagg.router.policy import Decision
@@ -150,12 +151,12 @@ class FlightDriver:
             await self.attempts.release_soon(self.attempts.handle(action.worker), rid)
         elif isinstance(action, RecordLatency):
             hooks.latency.record(action.arrival, action.first_token, action.end, action.tokens)
-        elif isinstance(action, CountPath):
-            self.attempts.counters.served(action.path)
-        elif isinstance(action, CountFallback):
-            self._fell_back(flight, action)
-        elif isinstance(action, CountMigration):
-            self._migrated(flight, action)
+        elif isinstance(action, (CountPath, CountFallback, CountMigration)):
+            apply_count(self.attempts.counters, action)
+            if isinstance(action, CountFallback):
+                self._fell_back(flight, action)
+            elif isinstance(action, CountMigration):
+                self._migrated(flight, action)
         return []
 
     async def _fetch(self, action: FetchKV) -> KVReady | KVFailed:
@@ -166,7 +167,6 @@ class FlightDriver:
         return KVReady(result)
 
     def _fell_back(self, flight: Flight, action: CountFallback) -> None:
-        self.attempts.counters.fell_back(action.source)
         self.span.add_event(
             "fallback",
             {"disagg.kind": action.source.value, "disagg.worker": action.worker, "disagg.error": action.error.message},
@@ -182,6 +182,18 @@ class FlightDriver:
         )
 
     def _migrated(self, flight: Flight, action: CountMigration) -> None:
-        log.warning("request %s lost %s after %d tokens", flight.request_id, action.worker, action.delivered)
-        self.attempts.counters.migrations += 1
-        self.span.add_event("migration", {"disagg.worker": action.worker, "disagg.tokens_delivered": action.delivered})
+        log.warning(
+            "request %s lost %s after %d tokens (%s); migrating",
+            flight.request_id,
+            action.worker,
+            action.delivered,
+            action.error.message,
+        )
+        self.span.add_event(
+            "migration",
+            {
+                "disagg.worker": action.worker,
+                "disagg.tokens_delivered": action.delivered,
+                "disagg.error": action.error.message,
+            },
+        )

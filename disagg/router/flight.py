@@ -31,7 +31,7 @@ import enum
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, ServiceUnavailable
-from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, RouterCounters, ServePath, TokenDelta
 from disagg.router.load import LoadTicket
 from disagg.router.policy import Decision
 
@@ -141,6 +141,7 @@ class CountFallback:
 class CountMigration:
     worker: str
     delivered: int  # tokens the client already has
+    error: DisaggError  # why the worker was lost (the driver logs it)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,20 @@ Action = (
     | RecordLatency
     | Fail
 )
+
+
+CountAction = CountPath | CountFallback | CountMigration
+
+
+def apply_count(counters: RouterCounters, action: CountAction) -> None:
+    """Carry out a Count* action on the router's counters: both drivers count through here, so what a path, a
+    fallback or a migration adds up to is written once (each driver keeps its own logging beside it)."""
+    if isinstance(action, CountPath):
+        counters.served(action.path)
+    elif isinstance(action, CountFallback):
+        counters.fell_back(action.source)
+    else:
+        counters.migrations += 1
 
 
 class IllegalEvent(RuntimeError):
@@ -325,7 +340,8 @@ class Flight:
 
     def _lost(self, event: Lost) -> list[Action]:
         assert self.ticket is not None
-        actions: list[Action] = [CountMigration(event.worker, len(self.sent)), *self._release(), EndLoad(self.ticket)]
+        lost = CountMigration(event.worker, len(self.sent), event.error)
+        actions: list[Action] = [lost, *self._release(), EndLoad(self.ticket)]
         self.ticket = None
         if self.attempt >= self.max_migrations:
             self.state = FlightState.FAILED

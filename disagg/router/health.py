@@ -6,6 +6,7 @@ one probe loop per worker on the router's event loop, calling the worker's `hear
     READY    --heartbeat fails: worker dead (actor died)------------------> DEAD
     READY    --no heartbeat for liveness_timeout_s (hung, SIGSTOP)--------> DEAD
     READY    --step running > stuck_step_s, or max_step_failures failed-> DEAD + kill
+    READY    --the worker reports itself unhealthy (gave up)-------------> DEAD + kill
     DEAD     --still no heartbeat after restart_after_s-----------------> kill (once per incarnation)
     any      --heartbeat from a new incarnation (restarted)-------------> STARTING: rewire NIXL peers, snapshot
     STARTING --rewired and snapshot applied-----------------------------> READY
@@ -113,6 +114,8 @@ class HealthMonitor:
         if hb.incarnation == w.killed_incarnation:
             return Action.NONE  # answering on its way out; wait for the new incarnation
         w.last_ok = now
+        if not hb.healthy:
+            return self._kill(w, f"the worker gave up after {hb.consecutive_step_failures} failed engine steps", now)
         if hb.consecutive_step_failures >= self.config.max_step_failures:
             return self._kill(w, f"{hb.consecutive_step_failures} engine steps failed in a row", now)
         if hb.has_work and hb.step_busy_s > self.config.stuck_step_s:

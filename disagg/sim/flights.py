@@ -51,6 +51,7 @@ from disagg.router.flight import (
     RouteAttempt,
     Routed,
     StartDecode,
+    apply_count,
 )
 from disagg.router.policy import Decision
 
@@ -161,14 +162,8 @@ class SimFlights:
             cluster.release_lease(action.worker, flight.request_id)
         elif isinstance(action, RecordLatency):
             router.latency.record(action.arrival, action.first_token, action.end, action.tokens)
-        elif isinstance(action, CountMigration):
-            router.counters.migrations += 1
-            cluster.counters["migrations"] = cluster.counters.get("migrations", 0) + 1
-        elif isinstance(action, CountFallback):
-            router.counters.fell_back(action.source)
-            cluster.counters["fallbacks"] = cluster.counters.get("fallbacks", 0) + 1
-        elif isinstance(action, CountPath):
-            router.counters.served(action.path)
+        elif isinstance(action, (CountPath, CountFallback, CountMigration)):
+            apply_count(router.counters, action)  # the result's migrations and fallbacks are read from there
         elif isinstance(action, Fail):
             cluster.counters["failed"] = cluster.counters.get("failed", 0) + 1
 

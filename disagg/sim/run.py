@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from disagg.options import add_options, from_options
+from disagg.protocol import RouterCounters
 from disagg.router.admission import AdmissionConfig
 from disagg.sim.cluster import SimCluster, SimClusterConfig
 from disagg.sim.faults import SimChaos, window_goodput
@@ -67,6 +68,7 @@ def simulate(
     ends = [r.start_s + r.e2e_s for r in records if r.e2e_s is not None]
     counters: dict[str, Any] = dict(
         cluster.counters,
+        **_router_counts(cluster.router.counters),
         workers=len(cluster.workers),
         killed=victims,
         staleness=cluster.staleness_summary(),
@@ -77,6 +79,13 @@ def simulate(
         counters["role_changes"] = [e.__dict__ for e in planner.timeline]
         counters["final_split"] = [len(cluster.prefill), len(cluster.decode)]
     return SimResult(records, max(ends), cluster.prefix_cache(), counters)
+
+
+def _router_counts(counters: RouterCounters) -> dict[str, int]:
+    """What the router counted that the result reports (migrations, fallbacks of any kind), each absent when
+    none happened: counted once, on the router's counters, as in a real run."""
+    counts = {"migrations": counters.migrations, "fallbacks": sum(counters.fallbacks.values())}
+    return {name: n for name, n in counts.items() if n}
 
 
 def sim_config(spec: ClusterSpec, args: argparse.Namespace, model: StepTimeModel, slo: SLO) -> SimClusterConfig:

@@ -13,12 +13,19 @@ store touches blocks already in CPU; disk capacity counts blocks, and a block de
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
-from disagg.kv.load import KVLoad, KVTiers, LoadState
-from disagg.kv.tier_config import TierStats
+from disagg.kv.load import KVLoad, KVTiers, LoadHandle, LoadState, handle_of
+from disagg.kv.tier_config import TierGauges, TierStats
 from disagg.kv.tier_index import LruBlocks, TierIndex
 from disagg.protocol import KVEvent, Tier
+
+
+@dataclass
+class LandsAt(LoadHandle):
+    """A simulated load's state: the virtual time its blocks have arrived (tier loads and peer reads alike)."""
+
+    at: float
 
 
 class SimTiers(KVTiers):
@@ -58,13 +65,14 @@ class SimTiers(KVTiers):
 
     def start(self, load: KVLoad) -> None:
         seconds = sum(self.load_s_per_block[t] for t in load.tiers)
-        load.handle = self._clock() + seconds
+        landing = LandsAt(self._clock() + seconds)
+        load.handle = landing
         for h in load.block_hashes:
             self.index.cpu.touch(h)
-        self._at(load.handle, self._wake)
+        self._at(landing.at, self._wake)
 
     def poll(self, load: KVLoad) -> LoadState:
-        if self._clock() < load.handle:
+        if self._clock() < handle_of(load, LandsAt).at:
             return LoadState.PENDING
         load.num_ok_blocks = len(load.block_hashes)
         for t in load.tiers:
@@ -120,12 +128,14 @@ class SimTiers(KVTiers):
     def release_export(self, slots: list[int]) -> None:
         pass
 
-    def gauges(self) -> dict[str, Any]:
-        return {
-            "cpu_blocks": len(self.index.cpu),
-            "disk_blocks": len(self.disk),
-            "pinned_blocks": self.index.num_pinned_blocks,
-        }
+    def gauges(self) -> TierGauges:
+        return TierGauges(
+            cpu_blocks=len(self.index.cpu),
+            cpu_capacity_blocks=self.cpu_blocks,
+            pinned_blocks=self.index.num_pinned_blocks,
+            pinned_sessions=self.index.num_pinned_sessions,
+            disk_blocks=len(self.index.disk) if self.index.disk is not None else None,
+        )
 
     def flush(self) -> None:
         pass

@@ -11,13 +11,14 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from disagg.engine.engine import LLMEngine
 from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
-from disagg.protocol import Heartbeat, KVEventBatch, Role, TokenDelta, WorkerStats
+from disagg.kv.load import handle_of
+from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Role, TokenDelta, WorkerStats
 from disagg.sim.runner import SimRunner
-from disagg.sim.tiers import SimTiers
+from disagg.sim.tiers import LandsAt, SimTiers
 
 if TYPE_CHECKING:
     from disagg.sim.cluster import SimCluster
@@ -129,13 +130,14 @@ class SimPeerSource(_Notifier):
         self.cluster, self.worker = cluster, worker
 
     def start(self, load: KVLoad) -> None:
-        result = load.handle
+        result = load.remote
+        assert result is not None, "a peer load carries the owner's offer"
         loop = self.cluster.loop
         start_at = max(loop.now, self.worker.link_free_at) if self.cluster.config.link_contention else loop.now
         done_at = start_at + self.cluster.model.transfer_time(load.num_blocks)
         self.worker.link_free_at = done_at
         self.cluster.counters["transferred_blocks"] += load.num_blocks
-        load.handle = (result, done_at)
+        load.handle = LandsAt(done_at)
 
         incarnation = self.worker.incarnation
 
@@ -147,7 +149,7 @@ class SimPeerSource(_Notifier):
         loop.at(done_at, landed)
 
     def poll(self, load: KVLoad) -> LoadState:
-        if self.cluster.loop.now < load.handle[1]:
+        if self.cluster.loop.now < handle_of(load, LandsAt).at:
             return LoadState.PENDING
         load.num_ok_blocks = load.num_blocks
         return LoadState.DONE
@@ -155,5 +157,5 @@ class SimPeerSource(_Notifier):
     def abandon(self, load: KVLoad) -> bool:
         return True
 
-    def notify_done(self, result: Any, request_id: str) -> None:
+    def notify_done(self, result: PrefillResult, request_id: str) -> None:
         self.cluster.release_lease(result.agent_name, request_id)

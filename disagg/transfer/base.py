@@ -12,12 +12,17 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 
 from disagg.errors import TransferFailed
 from disagg.protocol import Tier, WireMessage
+
+
+class TransferHandle:
+    """A read in flight as the transport that posted it knows it (each transport subclasses it with its own
+    state); the reader only hands it back to the same transport's `poll` and `release`."""
 
 
 class TransferState(enum.Enum):
@@ -49,17 +54,17 @@ class KVLayout(WireMessage):
     agent_metadata: bytes
     num_layers: int
     block_bytes: int  # one block: K and V of every layer
-    regions: dict[str, dict]  # Tier value -> KVRegion fields
+    regions: dict[Tier, KVRegion]
 
     @classmethod
     def of(
         cls, kv: torch.Tensor, agent_name: str, agent_metadata: bytes, cpu_tier: torch.Tensor | None = None
     ) -> KVLayout:
-        regions = {Tier.DEVICE.value: KVRegion.of(kv).__dict__}
+        regions = {Tier.DEVICE: KVRegion.of(kv)}
         if cpu_tier is not None:
             if cpu_tier.shape[1:] != kv.shape[1:] or cpu_tier.dtype != kv.dtype:
                 raise ValueError("the CPU tier must have the device cache's block layout")
-            regions[Tier.CPU.value] = KVRegion.of(cpu_tier).__dict__
+            regions[Tier.CPU] = KVRegion.of(cpu_tier)
         return cls(
             agent_name=agent_name,
             agent_metadata=agent_metadata,
@@ -68,11 +73,11 @@ class KVLayout(WireMessage):
             regions=regions,
         )
 
-    def region(self, tier: Tier | str) -> KVRegion:
-        fields = self.regions.get(Tier(tier).value)
-        if fields is None:
-            raise TransferFailed(f"{self.agent_name} has no {Tier(tier).value} region")
-        return KVRegion(**fields)
+    def region(self, tier: Tier) -> KVRegion:
+        region = self.regions.get(tier)
+        if region is None:
+            raise TransferFailed(f"{self.agent_name} has no {tier.value} region")
+        return region
 
 
 def paired_runs(src_ids: list[int], dst_ids: list[int]) -> list[tuple[int, int, int]]:
@@ -98,7 +103,9 @@ class RegionPlan:
     dst: list[tuple[int, int]]
 
 
-def plan_regions(src: KVLayout, dst: KVLayout, src_refs: list[tuple[str, int]], dst_ids: list[int]) -> list[RegionPlan]:
+def plan_regions(
+    src: KVLayout, dst: KVLayout, src_refs: list[tuple[Tier, int]], dst_ids: list[int]
+) -> list[RegionPlan]:
     """Descriptor lists for copying blocks `src_refs` ((region, id) on `src`) into `dst_ids` of dst's device
     cache, one plan per remote memory type (a DRAM-only host needs one transfer for device and CPU blocks)."""
     if (src.num_layers, src.block_bytes) != (dst.num_layers, dst.block_bytes):
@@ -109,9 +116,9 @@ def plan_regions(src: KVLayout, dst: KVLayout, src_refs: list[tuple[str, int]], 
     if any(not 0 <= b < local.num_blocks for b in dst_ids):
         raise TransferFailed(f"block id out of range for {dst.agent_name} ({local.num_blocks} blocks)")
     plans: dict[tuple[str, int], RegionPlan] = {}
-    groups: dict[str, tuple[list[int], list[int]]] = {}
+    groups: dict[Tier, tuple[list[int], list[int]]] = {}
     for (tier, b), d in zip(src_refs, dst_ids):
-        ids = groups.setdefault(Tier(tier).value, ([], []))
+        ids = groups.setdefault(tier, ([], []))
         ids[0].append(b)
         ids[1].append(d)
     bb = src.block_bytes
@@ -119,7 +126,7 @@ def plan_regions(src: KVLayout, dst: KVLayout, src_refs: list[tuple[str, int]], 
         region = src.region(tier)
         if any(not 0 <= b < region.num_blocks for b in s_ids):
             raise TransferFailed(
-                f"block id out of range for {src.agent_name}'s {tier} region ({region.num_blocks} blocks)"
+                f"block id out of range for {src.agent_name}'s {tier.value} region ({region.num_blocks} blocks)"
             )
         plan = plans.setdefault(
             (region.mem_type, region.device_id), RegionPlan(region.mem_type, region.device_id, [], [])
@@ -147,14 +154,16 @@ class KVTransport(ABC):
         worker's old incarnation is dropped, which fails any transfer still waiting on it)."""
 
     @abstractmethod
-    def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
+    def read(
+        self, peer: str, remote_refs: list[tuple[Tier, int]], local_blocks: list[int], notify: bytes
+    ) -> TransferHandle:
         """Start copying the peer's blocks into ours; `notify` reaches the peer when the read completes."""
 
     @abstractmethod
-    def poll(self, handle: Any) -> TransferState: ...
+    def poll(self, handle: TransferHandle) -> TransferState: ...
 
     @abstractmethod
-    def release(self, handle: Any) -> None: ...
+    def release(self, handle: TransferHandle) -> None: ...
 
     @abstractmethod
     def notify(self, peer: str, message: bytes) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from disagg.errors import TransferFailed
-from disagg.transfer.base import KVLayout, KVTransport, TransferState, plan_regions
+from disagg.protocol import Tier
+from disagg.transfer.base import KVLayout, KVTransport, TransferHandle, TransferState, plan_regions
 from disagg.transfer.config import AUTO, TransportConfig
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,17 @@ def _progress_delay(bindings: Any, delay_us: int) -> Iterator[None]:
 
 
 @dataclass
-class _Read:
+class _Read(TransferHandle):
     peer: str
-    handles: list[Any]
+    handles: list[Any]  # the NIXL bindings' own transfer handles (untyped there)
     notify: bytes | None  # sent by hand once every transfer is done (multi-transfer reads only)
     done: set[int] = field(default_factory=set)
+
+
+def _nixl_read(handle: TransferHandle) -> _Read:
+    if not isinstance(handle, _Read):
+        raise TypeError(f"not a NIXL read: {type(handle).__name__}")
+    return handle
 
 
 class NixlTransport(KVTransport):
@@ -171,14 +178,16 @@ class NixlTransport(KVTransport):
                 raise TransferFailed(f"peer metadata names {added!r}, layout says {name!r}")
             self._peers[name] = lay
 
-    def read(self, peer: str, remote_refs: list[tuple[str, int]], local_blocks: list[int], notify: bytes) -> Any:
+    def read(
+        self, peer: str, remote_refs: list[tuple[Tier, int]], local_blocks: list[int], notify: bytes
+    ) -> TransferHandle:
         remote = self._peers.get(peer)
         if remote is None:
             raise TransferFailed(f"unknown peer {peer!r}")
         plans = plan_regions(remote, self.layout(), remote_refs, local_blocks)
         if not plans:
             raise TransferFailed("nothing to read")
-        local = self.layout().region("device")
+        local = self.layout().region(Tier.DEVICE)
         single = len(plans) == 1
         read = _Read(peer, [], None if single else notify)
         try:
@@ -200,7 +209,8 @@ class NixlTransport(KVTransport):
         self.bytes_read += sum(n for plan in plans for _, n in plan.dst)
         return read
 
-    def poll(self, handle: _Read) -> TransferState:
+    def poll(self, transfer: TransferHandle) -> TransferState:
+        handle = _nixl_read(transfer)
         for i, h in enumerate(handle.handles):
             if i in handle.done:
                 continue
@@ -219,7 +229,8 @@ class NixlTransport(KVTransport):
             handle.notify = None
         return TransferState.DONE
 
-    def release(self, handle: _Read) -> None:
+    def release(self, transfer: TransferHandle) -> None:
+        handle = _nixl_read(transfer)
         for h in handle.handles:
             try:
                 self.agent.release_xfer_handle(h)

@@ -1,0 +1,56 @@
+"""A worker's settings (`WorkerConfig`, sent to its Ray actor as msgpack) and where its disk tier lives."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import ClassVar
+
+from disagg.config import EngineConfig
+from disagg.kv.tier_config import TierConfig
+from disagg.model_store import cache_root
+from disagg.protocol import Role
+from disagg.tracing import TracingConfig
+from disagg.transfer.config import TransportConfig
+from disagg.wire import WireMessage
+
+
+@dataclasses.dataclass
+class WorkerConfig(WireMessage):
+    """A worker's settings; a Ray actor gets them as this message's bytes (cluster/actors.py), never pickled."""
+
+    TYPE: ClassVar[str] = "worker_config"
+    name: str
+    role: Role = Role.BOTH
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)  # kv_load_timeout_s: transfer_timeout_s
+    # its disk tier: `worker_tiers` (disk_root: a directory with one disk tier per worker); None: no tiers
+    tiers: TierConfig | None = dataclasses.field(default_factory=TierConfig)
+    transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed (the engine's kv_load_timeout_s)
+    idle_sleep_s: float = 0.002
+    # "package.module:attribute" of a callable wrapping the worker's transport, resolved in the worker's process
+    # (the chaos benchmark names a fault injector from tests/fake_transport.py); "": none
+    transport_wrapper: str = ""
+    tracing: TracingConfig | None = None  # None: no spans
+    metrics_interval_s: float = 0.1  # how often the engine thread refreshes the figures heartbeats carry
+    transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)  # NIXL's UCX settings
+    # after a failed step the loop waits failure_backoff_s per failure in a row, up to max_backoff_failures of them
+    # (a worker that keeps failing is reported through heartbeats and restarted by the supervisor meanwhile)
+    failure_backoff_s: float = 0.05
+    max_backoff_failures: int = 20
+    step_failure_budget: int = 40  # failed steps in a row tolerated; then the worker gives up (cluster/step_budget.py)
+
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)
+
+
+def worker_tiers(tiers: TierConfig | None, slot: str) -> TierConfig | None:
+    """A worker's tiers: its disk tier is `<disk_root>/<slot>` unless `disk_dir` is set (a stable name per
+    position, so the next run of the same layout serves the previous run's prefixes from disk).  The default root
+    is $DISAGG_KV_ROOT, else ~/.cache/disagg/kv; a root of "" means no disk tier."""
+    if tiers is None or tiers.disk_dir:
+        return tiers
+    root = tiers.disk_root
+    if root is None:
+        root = os.environ.get("DISAGG_KV_ROOT") or str(cache_root() / "kv")
+    return dataclasses.replace(tiers, disk_dir=str(Path(root) / slot) if root else "")

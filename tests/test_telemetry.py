@@ -1,0 +1,42 @@
+"""/metrics from a typed ClusterSnapshot: the admission queue's refusals and the planner's moves and holds are kept
+by their enums and exported by the enums' values; a routing decision is counted by its mode."""
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from disagg.errors import Rejection
+from disagg.planner.policy import Hold, Reason
+from disagg.protocol import Role, RouterCounters
+from disagg.router.admission import AdmissionQueue
+from disagg.router.policy import Decision
+from disagg.telemetry import ClusterSnapshot, PlannerView, QueueView, RouterMetrics
+
+
+def _samples(metrics: RouterMetrics) -> dict[tuple[str, tuple], float]:
+    text = generate_latest(metrics.registry).decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_refusals_moves_and_holds_are_kept_by_enum_and_exported_by_value():
+    queue = AdmissionQueue()
+    assert set(queue.rejected) == set(Rejection) and all(type(k) is Rejection for k in queue.rejected)
+    rejected = {**queue.rejected, Rejection.SHED: 2}
+    moves = {(Role.BOTH, Role.PREFILL, Reason.PREFILL_BACKLOG): 3}
+    snapshot = ClusterSnapshot(RouterCounters(), [], QueueView({}, 0, rejected, {}),
+                               PlannerView(True, moves, {Hold.COOLDOWN: 4}))
+    samples = _samples(RouterMetrics(lambda: snapshot))
+    assert samples[("disagg:rejected_requests_total", (("reason", "shed"),))] == 2
+    assert samples[("disagg:rejected_requests_total", (("reason", "queue_full"),))] == 0
+    labels = (("from", "both"), ("reason", "prefill_backlog"), ("to", "prefill"))
+    assert samples[("disagg:planner_moves_total", labels)] == 3
+    assert samples[("disagg:planner_holds_total", (("reason", "cooldown"),))] == 4
+
+
+def test_a_routing_decision_is_counted_by_its_mode():
+    metrics = RouterMetrics()
+    metrics.on_route(Decision("d0", "p0", 0))
+    metrics.on_route(Decision("d0", None, 0, peer_worker="d1"))
+    metrics.on_route(Decision("d1", None, 0))
+    samples = _samples(metrics)
+    for worker, mode in [("d0", "disaggregated"), ("d0", "peer_prefix"), ("d1", "local")]:
+        assert samples[("disagg:routed_requests_total", (("decode_worker", worker), ("mode", mode)))] == 1
