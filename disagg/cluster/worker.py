@@ -22,6 +22,7 @@ Lifecycle: constructed (engine loaded, KV memory registered with a new NIXL agen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -117,6 +118,8 @@ class EngineWorker:
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{config.name}")
         self._queues: dict[str, asyncio.Queue[TokenDelta | BaseException]] = {}
         self._loop_task: asyncio.Task | None = None
+        self._wake = asyncio.Event()  # set when work is submitted: ends an idle wait
+        self._idle_s = config.idle_sleep_s
         self._event_sink: Any = None  # the router actor; receives KVEventBatch messages
         self._event_seq = -1
         self._step_started: float | None = None
@@ -134,10 +137,29 @@ class EngineWorker:
 
     def _ensure_loop(self) -> None:
         if self.budget.healthy and (self._loop_task is None or self._loop_task.done()):  # gave up: never again
+            self._wake = asyncio.Event()  # one per loop task: an event waited on binds to its event loop
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _submit(self, fn: Callable[[], Any]) -> None:
+        """Hand the engine new work (on its thread) and wake a loop that waits for some."""
+        await self._call(fn)
+        self._wake.set()
+
+    async def _idle(self) -> None:
+        """A tick delivered nothing.  An engine with requests (a prefill chunk ran, a KV read is in flight) ticks
+        again after idle_sleep_s; an engine with none waits longer each time, up to idle_max_sleep_s, and wakes at
+        once when work is submitted: an idle worker must not burn a core polling (workers share the machine's
+        cores with each other), while leases are still released and reads polled at that pace."""
+        if self.engine.has_unfinished():
+            self._idle_s = self.config.idle_sleep_s
+        else:
+            self._idle_s = min(max(self._idle_s, self.config.idle_sleep_s) * 2, self.config.idle_max_sleep_s)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self._idle_s)
 
     async def _run(self) -> None:
         while True:
+            self._wake.clear()  # before the tick: work submitted during it wakes the wait that follows
             try:
                 deltas, events = await self._call(self._tick)
                 self.budget.ok()
@@ -157,7 +179,7 @@ class EngineWorker:
                 if queue is not None:
                     queue.put_nowait(delta)
             if not deltas:
-                await asyncio.sleep(self.config.idle_sleep_s)
+                await self._idle()
 
     def _publish(self, batch: KVEventBatch) -> None:
         try:
@@ -255,7 +277,7 @@ class EngineWorker:
         queue = self._open(req.request_id)
         try:
             first = dataclasses.replace(req.sampling, max_tokens=len(req.resume_token_ids) + 1, stop=[])
-            await self._call(
+            await self._submit(
                 lambda: self.engine.add(dataclasses.replace(req, sampling=first), hold_kv=True, arrival_time=received)
             )
             delta = await self._get(queue)
@@ -304,7 +326,7 @@ class EngineWorker:
         queue = self._open(req.request_id)
         finished = False
         try:
-            await self._call(lambda: self.engine.add(req, remote=result, arrival_time=received))
+            await self._submit(lambda: self.engine.add(req, remote=result, arrival_time=received))
             while not finished:
                 delta = await self._get(queue)
                 finished = delta.finished

@@ -27,7 +27,8 @@ class WorkerConfig(WireMessage):
     # its disk tier: `worker_tiers` (disk_root: a directory with one disk tier per worker); None: no tiers
     tiers: TierConfig | None = dataclasses.field(default_factory=TierConfig)
     transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed (the engine's kv_load_timeout_s)
-    idle_sleep_s: float = 0.002
+    idle_sleep_s: float = 0.002  # between ticks that delivered nothing while the engine has requests
+    idle_max_sleep_s: float = 0.05  # ... and at most this long with none (a new request ends the wait at once)
     # "package.module:attribute" of a callable wrapping the worker's transport, resolved in the worker's process
     # (the chaos benchmark names a fault injector from tests/fake_transport.py); "": none
     transport_wrapper: str = ""
