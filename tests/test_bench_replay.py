@@ -90,3 +90,30 @@ def test_replay_config_rejects_bad_arrival():
         ReplayConfig(url="http://127.0.0.1:1", arrival="sometimes")
     with pytest.raises(ValueError, match="name=PxD:policy"):
         parse_configs("agg-rr=2:round_robin")
+
+
+def test_requests_due_at_the_same_moment_go_out_in_trace_order(monkeypatch):
+    """A burst of requests with one timestamp (the Mooncake traces have bursts of a dozen) is sent in trace order,
+    run after run, as the simulator sends it: the order decides which requests wait behind which."""
+    import random
+
+    import bench.replay as replay_module
+    from disagg.workload.record import TraceRequest
+
+    sent: list[int] = []
+
+    async def fake_send(client, cfg, model, prompt, record, t0):
+        sent.append(record.index)
+        await asyncio.sleep(random.uniform(0, 0.01))  # answers come back in any order
+        record.e2e_s = 0.01
+
+    async def nothing(client):
+        return None
+
+    monkeypatch.setattr(replay_module, "_send", fake_send)
+    monkeypatch.setattr(replay_module, "scrape_prefix_cache", nothing)
+    monkeypatch.setattr(replay_module, "scrape_staleness", nothing)
+    trace = [TraceRequest(0.0 if i < 12 else 50.0, 64, 4) for i in range(16)]
+    cfg = ReplayConfig(url="http://127.0.0.1:9", model="m", progress=False)
+    asyncio.run(replay(trace, cfg))
+    assert sent == list(range(16))

@@ -178,3 +178,12 @@ def test_corun_factor_by_step_size_from_engine_step_spans(tmp_path):
     assert by_edge[16] == pytest.approx(2.0)
     assert by_edge[512] == pytest.approx(1.25)
     assert by_edge[128] == out["corun_slowdown"]  # no step of that size: the overall factor
+    assert out["by_busy"] == [[1, 1.0, 20]]  # one other busy at most
+
+
+def test_a_machine_model_gives_the_co_run_factors_of_the_nearest_cluster_size():
+    from disagg.sim.run import nearest_size
+
+    sizes = {"by_workers": {"2": {"corun_slowdown": 1.2}, "4": {"corun_slowdown": 1.4}}}
+    assert [nearest_size(sizes, n)["corun_slowdown"] for n in (1, 2, 3, 4, 64)] == [1.2, 1.2, 1.4, 1.4, 1.4]
+    assert nearest_size({"corun_slowdown": 0.97}, 4) == {"corun_slowdown": 0.97}  # an older model: one set

@@ -141,6 +141,11 @@ def test_co_run_factor_follows_the_step_size():
     assert cores.slowdown(2, now=0.0, tokens=300) == 1.1
     assert cores.slowdown(2, now=0.0, tokens=2048) == 1.3
     assert cores.slowdown(1, now=0.0, tokens=4) == 1.0
+    # measured oversubscription: 3 busy of 4 workers on 2 cores pay 2.2x (more than the cores' share, 1.5)
+    busy = SharedCores(CoresConfig(cores=2, corun_slowdown=1.3, busy_factors=((1, 1.0), (2, 2.2))))
+    assert busy.slowdown(2, now=0.0) == pytest.approx(1.3)
+    assert busy.slowdown(3, now=0.0) == pytest.approx(2.2 * 1.3)
+    assert busy.slowdown(5, now=0.0) == pytest.approx(2.5 * 1.3)  # beyond the measured: the cores' share
 
     trace = _trace(30)
     busy = TraceScale(**{**SCALE.__dict__, "time_scale": 4.0})

@@ -2,10 +2,10 @@
 simulator can model it instead of fitting two constants to one real run (bench/sim/validate.py --fit).
 
 Four measurements, each of real processes on this machine:
-1. Co-run slowdown: inside a traced 2-worker cluster serving the agent workload, each engine step's model time
-   against the calibrated prediction, with the other worker computing and without, by the step's size (small
-   decode steps pay most: the engines share the memory bus).  The simulator multiplies a step by the factor of
-   its size while another worker is busy.
+1. Co-run slowdown: inside traced 2- and 4-worker clusters serving the agent workload, each engine step's model time
+   against the calibrated prediction: with another worker computing against none, by the step's size (small
+   decode steps pay most: the engines share the memory bus), and with 2 or 3 others against one.  The simulator
+   multiplies a step by the factors of its size and of the workers busy beside it.
 2. Request overhead: sequential tiny requests (8-token prompt, 1 output token) through the real HTTP endpoint of a
    2-worker cluster at idle; TTFT minus the engine's predicted step time is what the HTTP server, router, Ray RPCs
    and the client add to every request.
@@ -91,11 +91,31 @@ def _prefill_step(model: StepTimeModel, tokens: int) -> float:
 
 
 # ---------------------------------------------------------------------- 1. co-run slowdown
+# the clusters the co-run factors are measured in: what a step pays beside others depends on how many engines
+# share the cores (idle ones included: they still answer heartbeats and poll), so each size is measured apart
+# and the simulator takes the nearest one's (as many workers as the 2- and 4-worker configurations run here)
+CORUN_CLUSTERS = ("agg-kv=0x2:kv", "agg-kv-4=0x4:kv")
+
+
 def corun(model: StepTimeModel, sessions: int, session_rate: float) -> dict[str, Any]:
-    """What a step pays while another worker computes, by the step's size, measured inside a running 2-worker
-    cluster: the agent workload on `agg-kv 0x2`, traced, and the ratio of its `engine.step` spans' model time to
-    the calibrated prediction with the other worker inside a step against without (bench/sim/steps.py).  Decode
-    steps read every weight for a few tokens and pay most: the two engines share the memory bus."""
+    """What a step pays while other workers compute, measured inside running clusters of each size in
+    CORUN_CLUSTERS: the agent workload (a session per half worker), traced, and the ratio of its `engine.step`
+    spans' model time to the calibrated prediction (bench/sim/steps.py) - with one other worker inside a step
+    against none, by the step's size (decode steps read every weight for a few tokens and pay most: the engines
+    share the memory bus), and with 2 or more others against one (waiting for a core costs more than the cores'
+    share).  {"by_workers": {"2": {...}, "4": {...}}}."""
+    from disagg.sim.spec import parse_configs
+
+    out = {}
+    for config in CORUN_CLUSTERS:
+        workers = parse_configs(config)[0].workers
+        scale = workers / 2  # sessions and their rate grow with the workers: steps with 2 and 3 others busy too
+        out[str(workers)] = _corun_in(config, model, round(sessions * scale), session_rate * scale)
+        print(json.dumps({config: out[str(workers)]}), flush=True)
+    return {"by_workers": out}
+
+
+def _corun_in(config: str, model: StepTimeModel, sessions: int, session_rate: float) -> dict[str, Any]:
     from bench.replay import ReplayConfig, replay
     from bench.sim.steps import corun_by_tokens, load_steps
     from disagg.workload import agent
@@ -103,7 +123,7 @@ def corun(model: StepTimeModel, sessions: int, session_rate: float) -> dict[str,
 
     spans = tempfile.mkdtemp(prefix="machine-spans-")
     try:
-        with _service("agg-kv=0x2:kv", tracing=spans) as service:
+        with _service(config, tracing=spans) as service:
             tiny_requests(service.url, 5)  # warm-up
             trace = agent.generate(agent.parse_mix("coding_agent"), sessions, session_rate, seed=1)
             cfg = ReplayConfig(

@@ -129,7 +129,32 @@ def corun_by_tokens(
         enough = len(alone[edge]) >= MIN_SAMPLES and len(busy[edge]) >= MIN_SAMPLES
         factor = statistics.median(busy[edge]) / statistics.median(alone[edge]) if enough else overall
         by_tokens.append([edge, factor, len(busy[edge]), len(alone[edge])])
-    return {"corun_slowdown": overall, "by_tokens": by_tokens, "steps": len(all_alone) + len(all_busy)}
+    return {
+        "corun_slowdown": overall,
+        "by_tokens": by_tokens,
+        "by_busy": oversubscription(by_worker, model),
+        "steps": len(all_alone) + len(all_busy),
+    }
+
+
+def oversubscription(by_worker: dict[str, list[Step]], model: StepTimeModel) -> list[list[float]]:
+    """[k, factor, steps] for k other workers inside a step (k >= 1): the median model time / prediction with k
+    others busy over the same with one other busy.  With more engines than cores each step also waits for its
+    turn on a core, and that costs more than the share of the cores (context switches, evicted caches).  Only
+    counts with MIN_SAMPLES steps or more are given, and a factor never falls below the one before it."""
+    ratios: dict[int, list[float]] = defaultdict(list)
+    for worker, steps in by_worker.items():
+        others = [s for w, s in by_worker.items() if w != worker]
+        for s in steps:
+            ratios[_busy_others(s, others)].append(s.execute_s / model.predict(list(s.features)))
+    if len(ratios[1]) < MIN_SAMPLES:
+        return []
+    one = statistics.median(ratios[1])
+    out, floor = [], 1.0
+    for k in sorted(k for k in ratios if k >= 1 and len(ratios[k]) >= MIN_SAMPLES):
+        floor = max(floor, statistics.median(ratios[k]) / one)
+        out.append([k, floor, len(ratios[k])])
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

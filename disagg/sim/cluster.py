@@ -57,6 +57,7 @@ class SimClusterConfig:
     threads_per_worker: int = 1
     corun_slowdown: float = 1.0  # with shared cores: a step's factor while another worker computes (sim/cores.py)
     corun_by_tokens: tuple[tuple[int, float], ...] = ()  # ... by the step's size: (max tokens, factor) pairs
+    busy_factors: tuple[tuple[int, float], ...] = ()  # ... by how many others compute: (count, factor) pairs
     serving_cpu_per_request_s: float = 0.0  # with shared cores: CPU the router, HTTP, Ray and client spend ...
     serving_cpu_per_token_s: float = 0.0  # ... per request and per streamed token (bench/sim/machine.py measures)
     idle_serving_cores: float = 0.0  # ... and with no request at all
@@ -126,6 +127,7 @@ class SimCluster:
                 threads_per_worker=config.threads_per_worker,
                 corun_slowdown=config.corun_slowdown,
                 corun_by_tokens=config.corun_by_tokens,
+                busy_factors=config.busy_factors,
                 cpu_per_request_s=config.serving_cpu_per_request_s,
                 cpu_per_token_s=config.serving_cpu_per_token_s,
                 cpu_per_handoff_s=config.serving_cpu_per_handoff_s,
@@ -152,6 +154,7 @@ class SimCluster:
 
     def _new_engine(self) -> tuple[LLMEngine, SimRunner]:
         runner = SimRunner(self.model, self._mc, self.config.num_blocks)
+        runner.slowdown = lambda tokens: self.contention(tokens) * self.config.step_slowdown
         return LLMEngine(dataclasses.replace(self._engine_cfg), runner), runner
 
     @property

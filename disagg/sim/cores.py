@@ -1,14 +1,17 @@
 """The CPU cores a simulated cluster's workers share, when they share a machine (SimClusterConfig.cores > 0).
 
 A step of one worker runs slower than the calibrated engine alone on an idle core by
-    oversubscription  max(1, (busy workers x threads + serving cores) / cores)
+    oversubscription  max(1, (busy workers x threads + serving cores) / cores, measured)
   x co-run            while another worker is busy too: the factor of the step's size class in `corun_by_tokens`
                       ((max tokens, factor) pairs), `corun_slowdown` beyond them (two engines on separate cores
                       still share memory bandwidth and caches, and a decode step, which reads every weight for a
-                      few tokens, pays most; measured inside a running cluster by bench/sim/machine.py)
-where "serving cores" is a constant idle share plus the CPU the router actor, its HTTP server, Ray and the client
-burn, as a rate over the last `window_s`: `cpu_per_request_s` per request dispatched, `cpu_per_handoff_s` more per
-remote prefill handed to a decode worker, and `cpu_per_token_s` per token streamed (measured too).
+                      few tokens, pays most)
+where "measured" is the factor `busy_factors` gives that many busy workers (more engines than cores cost more
+than the cores' share: context switches, evicted caches), and "serving cores" is a constant idle share plus the
+CPU the router actor, its HTTP server, Ray and the client burn, as a rate over the last `window_s`:
+`cpu_per_request_s` per request dispatched, `cpu_per_handoff_s` more per remote prefill handed to a decode
+worker, and `cpu_per_token_s` per token streamed.  bench/sim/machine.py measures all of them on the machine,
+the co-run and busy factors inside a running cluster.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ class CoresConfig:
     threads_per_worker: int = 1
     corun_slowdown: float = 1.0
     corun_by_tokens: tuple[tuple[int, float], ...] = ()  # (max step tokens, factor), by ascending size
+    # measured: (other busy workers, factor over one other busy), ascending; a step pays at least the factor of
+    # the largest count not above its own (more engines than cores cost more than the cores' share)
+    busy_factors: tuple[tuple[int, float], ...] = ()
     cpu_per_request_s: float = 0.0
     cpu_per_token_s: float = 0.0
     cpu_per_handoff_s: float = 0.0
@@ -71,5 +77,7 @@ class SharedCores:
         if not cfg.cores:
             return 1.0
         demand = busy_workers * cfg.threads_per_worker + self.serving_cores(now)
-        corun = self.corun(tokens) if busy_workers > 1 else 1.0
-        return max(1.0, demand / cfg.cores) * corun
+        if busy_workers <= 1:
+            return max(1.0, demand / cfg.cores)
+        measured = max((f for k, f in cfg.busy_factors if k <= busy_workers - 1), default=1.0)
+        return max(1.0, demand / cfg.cores, measured) * self.corun(tokens)

@@ -114,6 +114,15 @@ def sim_config(spec: ClusterSpec, args: argparse.Namespace, model: StepTimeModel
     return add_machine(config, opts)
 
 
+def nearest_size(corun: dict[str, Any], workers: int) -> dict[str, Any]:
+    """The co-run factors measured in the cluster size nearest `workers` (bench/sim/machine.py measures several;
+    a machine model from before holds one set, for any size)."""
+    sizes = corun.get("by_workers")
+    if not sizes:
+        return corun
+    return sizes[min(sizes, key=lambda n: (abs(int(n) - workers), -int(n)))]
+
+
 def add_machine(config: SimClusterConfig, opts: SimOptions) -> SimClusterConfig:
     """What the shared machine adds (bench/sim/machine.py's measurements, `--machine-model`); an explicit
     --request-overhead-ms wins over the measured one."""
@@ -122,9 +131,10 @@ def add_machine(config: SimClusterConfig, opts: SimOptions) -> SimClusterConfig:
         return config
     measured = json.loads(Path(opts.machine_model).read_text())
     cluster = measured["cluster"]
-    corun = measured.get("corun", {})
+    corun = nearest_size(measured.get("corun", {}), config.num_prefill + config.num_decode)
     config.corun_slowdown = corun.get("corun_slowdown", 1.0)
     config.corun_by_tokens = tuple((int(edge), float(factor)) for edge, factor, *_ in corun.get("by_tokens", []))
+    config.busy_factors = tuple((int(k), float(factor)) for k, factor, *_ in corun.get("by_busy", []))
     config.serving_cpu_per_request_s = cluster["serving_cpu_s_per_request"]
     config.serving_cpu_per_token_s = cluster["serving_cpu_s_per_token"]
     config.idle_serving_cores = cluster["idle_serving_cores"]

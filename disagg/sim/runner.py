@@ -1,9 +1,12 @@
 """The model stand-in for a simulated engine (a `Runner`, disagg/engine/runner.py): samples deterministic tokens
-and prices each step with the step-time model; it holds no KV memory."""
+and prices each step with the step-time model, times what sharing the machine costs a step starting now (the
+cluster's `slowdown`); it holds no KV memory.  The engine measures its prefill speed from `last_step_s`, as a real
+engine does from its contended steps, so the router sees the speed a real router would."""
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 
@@ -24,16 +27,21 @@ class SimRunner:
         self.model, self.model_config, self.num_blocks = model, model_config, num_blocks
         self.vocab_size = model_config.vocab_size
         self.last_step_s = 0.0
+        self.slowdown: Callable[[int], float] = _alone  # a step's factor by its token count, set by the cluster
         self.last_logprobs: dict[int, list] = {}  # simulated requests ask for no logprobs
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
-        self.last_step_s = self.model.step_time(batch)
+        self.last_step_s = self.model.step_time(batch) * self.slowdown(batch.total_tokens)
         out = {}
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.num_computed_tokens + n == seq.num_tokens:  # the row completes its known tokens: it samples
                 # distinct per request and position, so generated blocks hash apart like real outputs
                 out[row] = 256 + zlib.crc32(f"{seq.request_id}:{seq.num_tokens}".encode()) % (self.vocab_size - 256)
         return out
+
+
+def _alone(tokens: int) -> float:
+    return 1.0
 
 
 def sim_model_config(vocab_size: int = DEFAULT_VOCAB_SIZE, max_len: int = 8192) -> ModelConfig:

@@ -67,9 +67,7 @@ class SimWorker:
             if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
                 self.kick()
             return
-        step = self.engine.last_step
-        tokens = step.tokens if step is not None else 0
-        duration = self.runner.last_step_s * self.cluster.contention(tokens) * self.cluster.config.step_slowdown
+        duration = self.runner.last_step_s  # the model's time, slowed by the shared machine (SimRunner.slowdown)
         self.busy = True
         self.busy_seconds += duration
         incarnation = self.incarnation
