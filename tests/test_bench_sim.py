@@ -178,7 +178,7 @@ def test_corun_factor_by_step_size_from_engine_step_spans(tmp_path):
     assert by_edge[16] == pytest.approx(2.0)
     assert by_edge[512] == pytest.approx(1.25)
     assert by_edge[128] == out["corun_slowdown"]  # no step of that size: the overall factor
-    assert out["by_busy"] == [[1, 1.0, 20]]  # one other busy at most
+    assert out["by_busy"] == [[1, 1.0, 21]]  # one other busy at most (ten decode steps, eleven chunks)
 
 
 def test_a_machine_model_gives_the_co_run_factors_of_the_nearest_cluster_size():
