@@ -19,6 +19,22 @@ def _help(text: str, **more: object) -> dict[str, object]:
 
 
 @dataclass
+class FaultConfig:
+    """Faults a worker's engine injects for chaos drills and tests (disagg/engine/faults.py); every default
+    injects nothing, and EngineConfig.faults None (the default) turns injection off altogether."""
+
+    corrupt_layer: int = -1  # scale this decoder layer's weights by corrupt_scale at load time (-1: none)
+    corrupt_scale: float = 4.0
+    nan_every: int = 0  # NaN logits on every nth model step (0: never)
+    nan_from_step: int = -1  # NaN logits on every model step from this one on (-1: never)
+    slow_factor: float = 1.0  # each model step takes this many times as long (1.0: as measured)
+
+    def __post_init__(self) -> None:
+        if self.nan_every < 0 or self.slow_factor < 1.0:
+            raise ValueError("nan_every must be >= 0 and slow_factor >= 1")
+
+
+@dataclass
 class EngineConfig:
     """One inference engine (one worker)."""
 
@@ -56,6 +72,8 @@ class EngineConfig:
     # the measured prefill speed (seconds per token, routing's recompute cost) is an EWMA: the newest step weighs
     # this much, so one noisy step moves the estimate little
     prefill_ewma_alpha: float = field(default=0.2, metadata={"cli": False})
+    # injected faults (chaos drills, tests); None: none
+    faults: FaultConfig | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):

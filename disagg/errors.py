@@ -65,6 +65,14 @@ class WorkerLost(DisaggError):
         self.worker = worker
 
 
+class OutputCorrupt(WorkerLost):
+    """A worker's step produced output that cannot be right (NaN/Inf logits, a token id outside the vocabulary):
+    the request is retried elsewhere like one whose worker died, and the worker takes itself out of routing."""
+
+    def __init__(self, message: str, *, worker: str = "") -> None:
+        super().__init__(message, worker=worker, code="output_corrupt")
+
+
 class TransferFailed(DisaggError, RuntimeError):
     """A KV transfer failed or timed out; the receiving side recomputes."""
 

@@ -88,6 +88,7 @@ class WorkerState(str, enum.Enum):
 
     STARTING = "starting"  # restarted (or rejoining): being wired back, not routed to yet
     READY = "ready"
+    DRAINED = "drained"  # alive and finishing what it has, but given no new requests (a gray failure)
     DEAD = "dead"  # out of routing until it rejoins
 
 
@@ -303,6 +304,7 @@ class WorkerStats(WireMessage):
     leases: int = _stat(_G)
     adopted_blocks: int = _stat(_G)
     prefill_s_per_token: float | None = _stat(_G, None)  # None until the engine measured a prefill
+    step_s_per_token: float | None = _stat(_G, None)  # every model step's time per token (EWMA; gray failures)
     tier_cpu_blocks: int | None = _stat(_G, None)
     tier_cpu_capacity_blocks: int | None = _stat(_G, None)
     tier_pinned_blocks: int | None = _stat(_G, None)
@@ -356,6 +358,7 @@ class Heartbeat(WireMessage):
     agent_name: str  # the NIXL agent of this incarnation
     stats: WorkerStats | None = None
     healthy: bool = True  # False: the worker gave up (its step failure budget is spent) and waits to be restarted
+    fault: str = ""  # why it is unhealthy when its steps did not fail: impossible output (NaN logits, bad token id)
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)

@@ -6,15 +6,18 @@ import pytest
 
 from disagg.cluster.router_service import RouterConfig
 from disagg.cluster.worker_config import WorkerConfig, worker_tiers
-from disagg.config import EngineConfig
+from disagg.config import EngineConfig, FaultConfig
 from disagg.errors import WireFormatError
 from disagg.kv.tier_config import TierConfig
 from disagg.planner.policy import PlannerConfig
 from disagg.protocol import Role
 from disagg.router.admission import AdmissionConfig, CapacityConfig
+from disagg.router.canary import CanaryConfig
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.health import HealthConfig
+from disagg.router.outliers import OutlierConfig
 from disagg.router.policy import PolicyConfig, PolicyKind
+from disagg.router.watch import SilentConfig
 from disagg.tracing import TracingConfig
 from disagg.transfer.config import TransportConfig
 
@@ -24,7 +27,8 @@ def _worker() -> WorkerConfig:
         name="decode-1-abc",
         role=Role.DECODE,
         engine=EngineConfig(model="/models/m", block_size=32, num_blocks=77, kv_cache_memory_mb=99, num_threads=3,
-                            enable_prefix_caching=False, kv_lease_timeout_s=1.5),
+                            enable_prefix_caching=False, kv_lease_timeout_s=1.5,
+                            faults=FaultConfig(corrupt_layer=1, nan_every=3, slow_factor=2.0)),
         tiers=TierConfig(cpu_bytes=3 << 20, disk_dir="/kv/decode-1", disk_bytes=5 << 20, disk_fsync=True,
                          low_watermark=0.25, disk_root="/kv"),
         transfer_timeout_s=2.5,
@@ -44,6 +48,8 @@ def _router() -> RouterConfig:
                             peer_pull=False),
         core=RouterCoreConfig(max_migrations=1, prefill_timeout_s=20.0),
         health=HealthConfig(heartbeat_interval_s=0.1, max_step_failures=9),
+        silent=SilentConfig(canary=CanaryConfig(enabled=True, prompt=[1, 2, 3], fail_after=3),
+                            outliers=OutlierConfig(enabled=True, ratio=4.0), check_interval_s=0.2),
         block_size=32,
         max_model_len=1024,
         served_model_name="m",

@@ -33,8 +33,11 @@ from disagg.options import add_options, from_options
 from disagg.planner.policy import PlannerConfig
 from disagg.protocol import Role, WorkerStats
 from disagg.router.admission import AdmissionConfig, CapacityConfig
+from disagg.router.canary import CanaryConfig
 from disagg.router.core_config import RouterCoreConfig
+from disagg.router.outliers import OutlierConfig
 from disagg.router.policy import PolicyConfig
+from disagg.router.watch import SilentConfig
 from disagg.tracing import TracingConfig
 from disagg.transfer.config import TransportConfig
 
@@ -205,6 +208,8 @@ SERVE_PORT = 8000  # the CLI's documented port (the library's RouterConfig picks
 _ENGINE = ("model", "block_size", "kv_cache_memory_mb", "max_model_len", "num_threads")
 _TRACING = ("otlp_endpoint", "file_dir", "sampling_ratio")
 _ROUTER = ("host", "port", "api_key")
+_CANARY = ("enabled", "idle_interval_s", "busy_interval_s")
+_OUTLIERS = ("enabled", "ratio")
 _CAPACITY = ("max_prefill_queue_tokens", "max_running")
 _ADMISSION = ("max_queued_requests", "default_deadline_s")
 _MS_PER_S = 1000
@@ -246,6 +251,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_options(p, CapacityConfig, only=_CAPACITY)
     add_options(p, TracingConfig, only=_TRACING)
     add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
+    add_options(p, CanaryConfig, prefix="canary-", only=_CANARY)
+    add_options(p, OutlierConfig, prefix="outliers-", only=_OUTLIERS)
     planner = PlannerConfig()
     p.add_argument("--slo-ttft-ms", type=float, default=planner.ttft_slo_s * _MS_PER_S, help="planner: TTFT objective")
     p.add_argument("--slo-tpot-ms", type=float, default=planner.tpot_slo_s * _MS_PER_S, help="planner: TPOT objective")
@@ -327,6 +334,10 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         api_keys=_api_keys(args.api_keys),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
         planner=planner,
+        silent=SilentConfig(
+            canary=from_options(CanaryConfig, args, prefix="canary-", only=_CANARY),
+            outliers=from_options(OutlierConfig, args, prefix="outliers-", only=_OUTLIERS),
+        ),
         capacity=from_options(CapacityConfig, args, only=_CAPACITY),
         admission=from_options(
             AdmissionConfig, args, prefix="admission-", only=_ADMISSION, tenant_weights=_weights(args.tenant_weights)

@@ -30,6 +30,7 @@ from disagg.router.health import HealthConfig
 from disagg.router.planner_port import RouterPlannerPort
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
+from disagg.router.watch import SilentConfig
 from disagg.tracing import TracingConfig, make_tracer
 from disagg.wire import WireMessage
 
@@ -48,6 +49,7 @@ class RouterConfig(WireMessage):
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     core: RouterCoreConfig = field(default_factory=RouterCoreConfig)  # deadlines, migrations
     health: HealthConfig = field(default_factory=HealthConfig)
+    silent: SilentConfig = field(default_factory=SilentConfig)  # canaries, gray failures (off by default)
     block_size: int = 16  # the launcher sets the engine's
     max_model_len: int = 2048  # the launcher sets the engine's
     served_model_name: str = ""  # "" = the model directory's name
@@ -85,6 +87,7 @@ class RouterService:
             config.admission,
             config.capacity,
             make_tracer(config.tracing or TracingConfig(), "router"),
+            silent=config.silent,
         )
         self.core.planner = PlannerLoop(RouterPlannerPort.of(self.core), config.planner)
         name = config.served_model_name or model_dir.name

@@ -37,6 +37,7 @@ from disagg.cluster.spans import WorkerSpans
 from disagg.cluster.step_budget import StepBudget
 from disagg.cluster.worker_config import WorkerConfig, worker_tiers
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
+from disagg.errors import OutputCorrupt
 from disagg.protocol import (
     EventKind,
     Heartbeat,
@@ -55,6 +56,7 @@ from disagg.tracing import TracingConfig
 # torch-free (tests/test_http_api.py checks the live process).
 if TYPE_CHECKING:
     from disagg.engine.engine import LLMEngine
+    from disagg.engine.faults import OutputFault
     from disagg.kv.store import TieredStore
     from disagg.transfer.base import KVTransport
 
@@ -131,6 +133,7 @@ class EngineWorker:
         self.counts = LoopCounts()
         self._stats: WorkerStats | None = None  # refreshed by the engine thread, read by heartbeats
         self._stats_at = 0.0
+        self.fault: str | None = None  # impossible output seen (NaN logits, bad token id): out of service for good
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
@@ -161,7 +164,7 @@ class EngineWorker:
         while True:
             self._wake.clear()  # before the tick: work submitted during it wakes the wait that follows
             try:
-                deltas, events = await self._call(self._tick)
+                deltas, events, faults = await self._call(self._tick)
                 self.budget.ok()
             except Exception as exc:  # reported through heartbeats; the supervisor restarts a worker that keeps failing
                 self.counts.step_failures += 1
@@ -170,16 +173,32 @@ class EngineWorker:
                     for waiting in self._queues.values():
                         waiting.put_nowait(self.budget.lost())
                     return
-                deltas, events = [], None
+                deltas, events, faults = [], None, []
                 await asyncio.sleep(backoff)
             if events is not None and self._event_sink is not None:
                 self._publish(events)
+            self._fail_corrupt(faults)
             for delta in deltas:
                 queue = self._queues.get(delta.request_id)
                 if queue is not None:
                     queue.put_nowait(delta)
             if not deltas:
                 await self._idle()
+
+    def _fail_corrupt(self, faults: list[OutputFault]) -> None:
+        """Fail the requests whose output was impossible (the router retries them elsewhere) and stop serving:
+        a worker that produced NaN logits is suspect for every request, so it reports itself unhealthy and the
+        supervisor restarts it."""
+        for fault in faults:
+            if self.fault is None:
+                self.fault = f"impossible output for {fault.request_id}: {fault.reason}"
+                log.error("%s: %s; out of service until restarted", self.config.name, self.fault)
+            queue = self._queues.get(fault.request_id)
+            if queue is not None:
+                queue.put_nowait(self._corrupt())
+
+    def _corrupt(self) -> OutputCorrupt:
+        return OutputCorrupt(f"{self.config.name}: {self.fault}", worker=self.config.name)
 
     def _publish(self, batch: KVEventBatch) -> None:
         try:
@@ -189,7 +208,7 @@ class EngineWorker:
             self.counts.publish_failures += 1
             log.info("publishing KV events failed: %s", exc)
 
-    def _tick(self) -> tuple[list[TokenDelta], KVEventBatch | None]:
+    def _tick(self) -> tuple[list[TokenDelta], KVEventBatch | None, list[OutputFault]]:
         """Executor thread: release leases readers are done with, expire stale ones, run one step, and collect
         the KV events since the last tick as one numbered batch."""
         for message in self.transport.notifications():
@@ -212,7 +231,7 @@ class EngineWorker:
         if events:  # numbered even with no sink yet: the router then sees a gap and asks for a snapshot
             self._event_seq += 1
             batch = KVEventBatch.of(self.config.name, self._event_seq, events)
-        return deltas, batch
+        return deltas, batch, self.engine.drain_output_faults()
 
     # ------------------------------------------------------------------ control plane (msgpack in and out)
     async def ready(self) -> str:
@@ -236,7 +255,8 @@ class EngineWorker:
             consecutive_step_failures=self.budget.failures,
             agent_name=self.agent_name,
             stats=self._stats,
-            healthy=self.budget.healthy,
+            healthy=self.budget.healthy and self.fault is None,
+            fault=self.fault or "",
         ).to_wire()
 
     def _build_stats(self) -> WorkerStats:
@@ -344,6 +364,8 @@ class EngineWorker:
 
     def _open(self, request_id: str) -> asyncio.Queue:
         self.budget.check()
+        if self.fault is not None:
+            raise self._corrupt()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._ensure_loop()

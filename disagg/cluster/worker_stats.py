@@ -66,6 +66,7 @@ def worker_stats(
         leases=len(engine.connector.leases.leases),
         adopted_blocks=engine.connector.num_adopted_blocks,
         prefill_s_per_token=engine.prefill_s_per_token,
+        step_s_per_token=engine.step_s_per_token,
     )
     if tiers is not None:
         _add_tiers(stats, tiers)

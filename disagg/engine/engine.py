@@ -18,6 +18,7 @@ import torch
 
 from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool
+from disagg.engine.faults import OutputFault, output_fault
 from disagg.engine.model import ModelConfig
 from disagg.engine.runner import Runner, check_kv_capacity, load_model
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
@@ -92,6 +93,8 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self.stats = EngineStats()
         self.prefill_s_per_token: float | None = None  # measured, for "is loading cheaper than recomputing"
+        self.step_s_per_token: float | None = None  # every model step's time per token (EWMA): gray failures
+        self.output_faults: list[OutputFault] = []  # requests failed for impossible output, until drained
         self.on_finish: Any = None  # called (seq, reason) when a traced request finishes (the worker's spans)
         self.last_step: StepRecord | None = None  # the last model step (None before the first)
 
@@ -278,6 +281,10 @@ class LLMEngine:
         logprobs = self.runner.last_logprobs
         for row, token in sampled.items():
             seq = batch.seqs[row]
+            if (fault := output_fault(token, self.model_config.vocab_size)) is not None:
+                self.output_faults.append(OutputFault(seq.request_id, fault))
+                self.abort(seq.request_id)  # never served: the worker fails it so the router retries elsewhere
+                continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
             seq.token_ids.append(token)
@@ -285,13 +292,19 @@ class LLMEngine:
             deltas.append(self._process_token(seq, token, logprobs=logprobs.get(row)))
         return deltas
 
+    def drain_output_faults(self) -> list[OutputFault]:
+        faults, self.output_faults = self.output_faults, []
+        return faults
+
     def _measure(self, batch: ScheduledBatch, seconds: float) -> None:
         tokens = batch.total_tokens
+        alpha = self.config.prefill_ewma_alpha
+        per_token = seconds / tokens
+        old = self.step_s_per_token
+        self.step_s_per_token = per_token if old is None else (1 - alpha) * old + alpha * per_token
         if tokens < self.config.block_size:  # decode-only steps say little about prefill cost
             return
-        per_token = seconds / tokens
         old = self.prefill_s_per_token
-        alpha = self.config.prefill_ewma_alpha
         self.prefill_s_per_token = per_token if old is None else (1 - alpha) * old + alpha * per_token
         self.connector.recompute_s_per_block = self.prefill_s_per_token * self.config.block_size
 

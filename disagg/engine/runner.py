@@ -14,6 +14,7 @@ import torch
 
 from disagg.config import EngineConfig
 from disagg.engine.attention import AttentionMetadata, select_backend
+from disagg.engine.faults import NONFINITE_TOKEN, FaultInjector
 from disagg.engine.kv_cache import KVCache, bytes_per_block
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
 from disagg.engine.sampler import logprob_entries, sample
@@ -55,7 +56,8 @@ class Runner(Protocol):
         ...
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
-        """Run one step; returns {batch row: sampled token} for the rows that produce a token."""
+        """Run one step; returns {batch row: sampled token} for the rows that produce a token (a row whose logits
+        were not finite: NONFINITE_TOKEN, which the engine refuses to serve)."""
         ...
 
 
@@ -98,7 +100,10 @@ def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
     num_blocks = kv_blocks(config, mc, dtype)
     # before loading weights: a cache that cannot hold one sequence fails fast
     check_kv_capacity(num_blocks, config.block_size, min(config.max_model_len, mc.max_position_embeddings))
-    runner = ModelRunner(model_dir, mc, num_blocks, config.block_size, device, dtype, prepack=config.cpu_prepack)
+    faults = FaultInjector(config.faults) if config.faults is not None else None
+    runner = ModelRunner(
+        model_dir, mc, num_blocks, config.block_size, device, dtype, prepack=config.cpu_prepack, faults=faults
+    )
     return runner, tokenizer
 
 
@@ -112,6 +117,7 @@ class ModelRunner:
         device: torch.device,
         dtype: torch.dtype,
         prepack: bool = True,
+        faults: FaultInjector | None = None,
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.model_config, self.num_blocks = model_config, num_blocks
@@ -121,6 +127,9 @@ class ModelRunner:
         model = model.to_empty(device=device)
         model.rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_theta).to(device)
         model.load_weights(model_dir)
+        self.faults = faults  # injected faults (chaos drills, tests); None: none
+        if faults is not None:
+            faults.corrupt(model.layers)
         self.model = model.to(dtype).eval()
         self.model.rotary.inv_freq = self.model.rotary.inv_freq.float()
         if prepack and can_prepack(device, dtype):
@@ -180,6 +189,8 @@ class ModelRunner:
         try:
             return self._execute(batch)
         finally:
+            if self.faults is not None:
+                self.faults.stretch(time.perf_counter() - t0)
             self.last_step_s = time.perf_counter() - t0
 
     def _execute(self, batch: ScheduledBatch) -> dict[int, int]:
@@ -187,9 +198,14 @@ class ModelRunner:
         logits, rows = self.compute_logits(batch)
         if not rows:
             return {}
+        if self.faults is not None:
+            logits = self.faults.logits(logits)
+        finite = torch.isfinite(logits).all(dim=-1).tolist()  # per sampled row: one cheap pass over the logits
+        if not all(finite):  # sample only the sound rows; the others yield NONFINITE_TOKEN
+            logits = torch.where(torch.tensor(finite, device=logits.device)[:, None], logits, 0.0)
         seqs = [batch.seqs[r] for r in rows]
         params = [s.sampling for s in seqs]
         tokens = sample(logits, params, [s.num_tokens - s.num_prompt_tokens for s in seqs])
         entries = logprob_entries(logits, tokens, params)
         self.last_logprobs = {r: e for r, e in zip(rows, entries) if e is not None}
-        return dict(zip(rows, tokens))
+        return {r: t if ok else NONFINITE_TOKEN for r, t, ok in zip(rows, tokens, finite)}

@@ -1,7 +1,8 @@
 """The worker calls of one attempt at serving a request, for the Flight's asyncio driver (router/drive.py): the KV
 another worker contributes (a remote prefill, or a peer's cached prefix), given up on as soon as that worker
 leaves routing; the next delta of the decode worker's stream (WorkerLost when the worker dies, breaks the stream,
-or sends no first token in time); and the release of a contributing worker's lease off the request's path.
+or sends no first token in time); and the release of a contributing worker's lease off the request's path.  A
+worker whose call fails with `OutputCorrupt` (impossible output: NaN logits) is taken out of routing at once.
 
 What to do when a call fails (fall back, migrate, give up) is the Flight's rule (router/flight.py), not this
 module's.  No Ray and no HTTP: workers are `WorkerHandle`s.  It is given what it uses (the handles, the health
@@ -17,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Mapping
 
-from disagg.errors import DeadlineExceeded, ServiceUnavailable, WorkerLost
+from disagg.errors import DeadlineExceeded, OutputCorrupt, ServiceUnavailable, WorkerLost
 from disagg.protocol import FallbackKind, PrefillResult, Request, RouterCounters, TokenDelta
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.handles import WorkerHandle
@@ -68,6 +69,9 @@ class AttemptRunner:
                         return step.result()
                     except StopAsyncIteration:
                         raise WorkerLost(f"{worker} ended the stream early", worker=worker) from None
+                    except OutputCorrupt as exc:
+                        self.health.take_out(worker, exc.message)
+                        raise
         finally:
             if not step.done():
                 step.cancel()
@@ -103,7 +107,11 @@ class AttemptRunner:
             call = handle.prefill(request, self.config.prefill_timeout_s)
         else:
             call = handle.export_prefix(request, self.config.export_timeout_s)
-        result: PrefillResult | None = await self._while_alive(call, worker)
+        try:
+            result: PrefillResult | None = await self._while_alive(call, worker)
+        except OutputCorrupt as exc:  # its NaN logits fail the next request too: out of routing now
+            self.health.take_out(worker, exc.message)
+            raise
         return result
 
     async def release_soon(self, handle: WorkerHandle, request_id: str) -> None:

@@ -6,7 +6,11 @@ one probe loop per worker on the router's event loop, calling the worker's `hear
     READY    --heartbeat fails: worker dead (actor died)------------------> DEAD
     READY    --no heartbeat for liveness_timeout_s (hung, SIGSTOP)--------> DEAD
     READY    --step running > stuck_step_s, or max_step_failures failed-> DEAD + kill
-    READY    --the worker reports itself unhealthy (gave up)-------------> DEAD + kill
+    READY    --the worker reports itself unhealthy (gave up, or its output was impossible)-> DEAD + kill
+    READY    --a request failed with OutputCorrupt (`take_out`)----------> DEAD (its next heartbeat: kill)
+    READY    --a wrong canary answer (router/canary.py: `condemn`)------> DEAD + kill
+    READY    --an outlier among its peers (router/outliers.py: `drain`)-> DRAINED (streams finish, no new work)
+    DRAINED  --no longer an outlier (`undrain`)--------------------------> READY
     DEAD     --still no heartbeat after restart_after_s-----------------> kill (once per incarnation)
     any      --heartbeat from a new incarnation (restarted)-------------> STARTING: rewire NIXL peers, snapshot
     STARTING --rewired and snapshot applied-----------------------------> READY
@@ -115,7 +119,8 @@ class HealthMonitor:
             return Action.NONE  # answering on its way out; wait for the new incarnation
         w.last_ok = now
         if not hb.healthy:
-            return self._kill(w, f"the worker gave up after {hb.consecutive_step_failures} failed engine steps", now)
+            why = hb.fault or f"the worker gave up after {hb.consecutive_step_failures} failed engine steps"
+            return self._kill(w, why, now)
         if hb.consecutive_step_failures >= self.config.max_step_failures:
             return self._kill(w, f"{hb.consecutive_step_failures} engine steps failed in a row", now)
         if hb.has_work and hb.step_busy_s > self.config.stuck_step_s:
@@ -146,6 +151,35 @@ class HealthMonitor:
         w = self.workers[name]
         if w.state is not WorkerState.READY:
             self._set(w, WorkerState.READY, reason, self.clock())
+
+    def condemn(self, name: str, reason: str) -> Action:
+        """Out of routing and restarted: it answers, but wrongly (a canary). KILL, unless it is already out."""
+        w = self.workers[name]
+        if w.state is WorkerState.DEAD or w.incarnation == w.killed_incarnation:
+            return Action.NONE
+        return self._kill(w, reason, self.clock())
+
+    def take_out(self, name: str, reason: str) -> None:
+        """Out of routing now, before its next heartbeat (a request just met its impossible output, and its retry
+        must not land there again); that heartbeat then decides: unhealthy -> killed, healthy -> it rejoins."""
+        w = self.workers[name]
+        if w.state in (WorkerState.READY, WorkerState.DRAINED):
+            self._set(w, WorkerState.DEAD, reason, self.clock())
+
+    def drain(self, name: str, reason: str) -> bool:
+        """No new requests for a READY worker (its streams finish); False if it was not READY."""
+        w = self.workers[name]
+        if w.state is not WorkerState.READY:
+            return False
+        self._set(w, WorkerState.DRAINED, reason, self.clock())
+        return True
+
+    def undrain(self, name: str, reason: str) -> bool:
+        w = self.workers[name]
+        if w.state is not WorkerState.DRAINED:
+            return False
+        self._set(w, WorkerState.READY, reason, self.clock())
+        return True
 
     def _kill(self, w: WorkerHealth, reason: str, now: float) -> Action:
         w.killed_incarnation = w.incarnation
@@ -250,6 +284,10 @@ class Supervisor:
                 action = Action.SNAPSHOT
         await self._act(name, action)
         return action
+
+    async def enforce(self, name: str, action: Action) -> None:
+        """Carry out an action the monitor decided outside a probe (router/watch.py condemning a worker)."""
+        await self._act(name, action)
 
     async def _act(self, name: str, action: Action) -> None:
         if action is Action.KILL:

@@ -61,6 +61,7 @@ from disagg.router.index import PrefixIndex
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.roles import RoleChanger
+from disagg.router.watch import SilentConfig, SilentFailureWatch
 from disagg.tracing import inject
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class RouterCore:
         admission: AdmissionConfig | None = None,
         capacity: CapacityConfig | None = None,
         tracer: trace.Tracer | None = None,
+        silent: SilentConfig | None = None,
     ) -> None:
         if not decode:
             raise ValueError("the router needs at least one decode (or aggregated) worker")
@@ -105,6 +107,10 @@ class RouterCore:
             self.supervisor = Supervisor(
                 self.health, live, self.on_kv_events, self.index_needs_snapshot, self.on_heartbeat
             )
+        silent = silent or SilentConfig()
+        self.watch: SilentFailureWatch | None = None  # canaries and gray failures (router/watch.py); off by default
+        if self.supervisor is not None and silent.enabled:
+            self.watch = SilentFailureWatch(silent, self.health, live, self._busy, self.supervisor.enforce)
         self.tracer = tracer or trace.NoOpTracer()
         self.capacity = capacity or CapacityConfig()
         self.admission = AdmissionControl(AdmissionQueue(admission), self._can_dispatch, self._queue_wait)
@@ -133,6 +139,8 @@ class RouterCore:
         self.admission.start()
         if self.supervisor is not None:
             self.supervisor.start()
+        if self.watch is not None:
+            self.watch.start()
         if self.planner is not None:
             self.planner.start()
 
@@ -140,6 +148,8 @@ class RouterCore:
         """Stop them, newest first, then let background lease releases finish (each bounded by release_timeout_s)."""
         if self.planner is not None:
             await self.planner.stop()
+        if self.watch is not None:
+            await self.watch.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
         await self.admission.stop()
@@ -152,6 +162,10 @@ class RouterCore:
                 self.index.remove_worker(name)
             elif new is WorkerState.READY:
                 self.index.add_worker(name)
+
+    def _busy(self, name: str) -> bool:
+        """Serving requests (canaries then run at their low rate)."""
+        return self.loads[name].active_requests > 0
 
     def on_heartbeat(self, name: str, hb: Heartbeat) -> None:
         """Measured costs from a worker's heartbeat: each tier's load time per block over its prefill time per

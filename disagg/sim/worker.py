@@ -93,6 +93,7 @@ class SimWorker:
             kv_blocks_total=e.pool.num_blocks,
             kv_blocks_free=e.pool.num_free_blocks,
             prefill_s_per_token=e.prefill_s_per_token,
+            step_s_per_token=e.step_s_per_token,
         )
         hb = Heartbeat(
             self.name,
