@@ -122,7 +122,13 @@ class SilentFailureWatch:
                 self._last[name] = now
                 task = asyncio.get_running_loop().create_task(self.canary(name))
                 self._inflight[name] = task
-                task.add_done_callback(lambda _t, n=name: self._inflight.pop(n, None))
+                task.add_done_callback(self._settled(name))
+
+    def _settled(self, name: str) -> Callable[[asyncio.Task], None]:
+        def settled(_task: asyncio.Task) -> None:
+            self._inflight.pop(name, None)
+
+        return settled
 
     async def canary(self, name: str) -> Verdict | None:
         """Run one canary on `name` and act on the verdicts it settles (None: no complete answer)."""
