@@ -186,9 +186,7 @@ class EngineWorker:
                 await self._idle()
 
     def _fail_corrupt(self, faults: list[OutputFault]) -> None:
-        """Fail the requests whose output was impossible (the router retries them elsewhere) and stop serving:
-        a worker that produced NaN logits is suspect for every request, so it reports itself unhealthy and the
-        supervisor restarts it."""
+        """Fail the requests whose output was impossible (retried elsewhere); then stop serving (it is restarted)."""
         for fault in faults:
             if self.fault is None:
                 self.fault = f"impossible output for {fault.request_id}: {fault.reason}"
