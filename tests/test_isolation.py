@@ -134,3 +134,11 @@ def test_a_full_pin_budget_is_freed_from_the_biggest_holder_first():
     index.pin("c1", [21, 22], ttl_s=3600, now=0, tenant="carol")  # full: alice holds the most, her pin goes
     assert index.is_pinned_session("b1", "bob") and index.is_pinned_session("c1", "carol")
     assert not index.is_pinned_session("a1", "alice")
+
+
+def test_serve_takes_share_groups_from_the_command_line():
+    from disagg.cluster.launch import build_parser, router_config_from_args
+
+    args = build_parser().parse_args(["--cache-share-groups", "alice=g, bob=g"])
+    assert router_config_from_args(args).isolation.share_groups == {"alice": "g", "bob": "g"}
+    assert router_config_from_args(build_parser().parse_args([])).isolation.share_groups == {}
