@@ -158,6 +158,8 @@ class Request(WireMessage):
     kv_retention_s: float | None = None
     priority: int = 0  # higher = more important; a worker's queue serves higher priorities first
     trace_context: dict[str, str] = field(default_factory=dict)  # W3C traceparent/tracestate of the request's span
+    cache_salt: str | None = None  # block hashes chain from this salt (disagg/isolation.py); None: unsalted
+    tenant: str | None = None  # namespaces the session's pins (None: the default tenant)
 
     @property
     def num_tokens(self) -> int:

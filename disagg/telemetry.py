@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from disagg.errors import Rejection
+from disagg.isolation import tenant_label
 from disagg.planner.policy import Hold, Reason
 from disagg.protocol import Role, RouterCounters, StatKind, WorkerState, WorkerStats, stat_kind
 
@@ -150,7 +151,7 @@ def queue_metrics(queue: QueueView) -> Iterator[Metric]:
         "disagg:queue_depth", "Requests waiting in the router's admission queue", labels=["priority", "tenant"]
     )
     for (priority, tenant), n in sorted(queue.depth.items()):
-        depth.add_metric([str(priority), tenant], n)
+        depth.add_metric([str(priority), tenant_label(tenant)], n)  # hashed: a scrape does not name customers
     yield depth
     tokens = GaugeMetricFamily("disagg:queue_tokens", "Prompt tokens waiting in the admission queue")
     tokens.add_metric([], queue.queued_tokens)
@@ -165,7 +166,7 @@ def queue_metrics(queue: QueueView) -> Iterator[Metric]:
         "disagg:tenant_served_tokens", "Prompt + generated tokens served per tenant", labels=["tenant"]
     )
     for tenant, tokens_served in sorted(queue.served_tokens.items()):
-        served.add_metric([tenant], tokens_served)
+        served.add_metric([tenant_label(tenant)], tokens_served)
     yield served
 
 

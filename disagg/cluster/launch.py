@@ -28,6 +28,7 @@ from disagg.cluster.router_service import RouterConfig
 from disagg.cluster.worker_config import WorkerConfig, worker_tiers
 from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.http.server import free_port
+from disagg.isolation import IsolationConfig
 from disagg.kv.tier_config import TierConfig
 from disagg.options import add_options, from_options
 from disagg.planner.policy import PlannerConfig
@@ -247,6 +248,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         help='JSON file {"KEY": "TENANT", ...}: several keys, each naming a tenant for fair sharing',
     )
     p.add_argument("--tenant-weights", default="", help="TENANT=WEIGHT,...: fair-share weights (default 1)")
+    p.add_argument("--cache-share-groups", default="", help="TENANT=GROUP,...: tenants of a group share cache hits")
     add_options(p, AdmissionConfig, prefix="admission-", only=_ADMISSION)
     add_options(p, CapacityConfig, only=_CAPACITY)
     add_options(p, TracingConfig, only=_TRACING)
@@ -270,6 +272,13 @@ def _api_keys(path: str | None) -> dict[str, str] | None:
     if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
         raise ValueError(f"{path}: expected a JSON object mapping API keys to tenant names")
     return keys
+
+
+def _groups(text: str) -> dict[str, str]:
+    pairs = [item.strip().partition("=") for item in text.split(",") if item.strip()]
+    if any(not tenant or not group for tenant, _, group in pairs):
+        raise ValueError(f"--cache-share-groups: expected TENANT=GROUP,..., got {text!r}")
+    return {tenant: group for tenant, _, group in pairs}
 
 
 def _weights(text: str) -> dict[str, float]:
@@ -332,6 +341,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         only=_ROUTER,
         policy=from_options(PolicyConfig, args, prefix="policy-", only=("kind",)),
         api_keys=_api_keys(args.api_keys),
+        isolation=IsolationConfig(share_groups=_groups(args.cache_share_groups)),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
         planner=planner,
         silent=SilentConfig(

@@ -20,6 +20,7 @@ from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
 from disagg.http.config import ApiConfig
 from disagg.http.server import HttpServer
+from disagg.isolation import IsolationConfig
 from disagg.planner.loop import PlannerLoop
 from disagg.planner.policy import PlannerConfig
 from disagg.protocol import KVEventBatch
@@ -55,6 +56,7 @@ class RouterConfig(WireMessage):
     served_model_name: str = ""  # "" = the model directory's name
     api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1/*"})
     api_keys: dict[str, str] | None = None  # key -> tenant (several keys, one tenant each)
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)  # tenant -> cache share group
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # limits, deadlines, weights
     capacity: CapacityConfig = field(default_factory=CapacityConfig)  # saturation thresholds
     tracing: TracingConfig | None = None  # OTLP endpoint, sampling; None: the cluster's (launcher), else no spans
@@ -91,7 +93,9 @@ class RouterService:
         )
         self.core.planner = PlannerLoop(RouterPlannerPort.of(self.core), config.planner)
         name = config.served_model_name or model_dir.name
-        app = build_app(self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys))
+        app = build_app(
+            self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys, isolation=config.isolation)
+        )
         self.http = HttpServer(app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)
         self.url = self.http.url
 

@@ -24,6 +24,7 @@ from disagg.engine.runner import Runner, check_kv_capacity, load_model
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer
+from disagg.isolation import salt_root
 from disagg.kv.connector import KVConnector, KVSource, KVTiers
 from disagg.protocol import FinishReason, KVEvent, PrefillResult, Request, SamplingParams, Tier, TokenDelta
 
@@ -128,6 +129,8 @@ class LLMEngine:
         priority: int = 0,
         trace_context: dict[str, str] | None = None,
         arrival_time: float | None = None,
+        cache_salt: str | None = None,
+        tenant: str | None = None,
     ) -> None:
         """Validate and queue a request. Bad input raises ValueError and leaves the engine untouched.
 
@@ -135,10 +138,12 @@ class LLMEngine:
         remote: another worker's KV for this prompt (its prefill result): read before computing anything.
         resume_token_ids / resume_num_chars: output already delivered by a worker that died (migration).
         session_id / kv_retention_s: pin the session's blocks in the CPU tier for that long when done.
+        cache_salt / tenant: the salt block hashes chain from, the tenant the session is namespaced by (isolation.py).
         arrival_time: when the request reached this worker (time.monotonic(); default now): a worker stamps
         it on receipt, so the time waiting for the engine thread counts as queueing.
         """
         seq = self._new_sequence(request_id, prompt, sampling)
+        seq.root_hash, seq.tenant = salt_root(cache_salt), tenant  # before any hash of the sequence is taken
         if resume_token_ids:
             self._resume(seq, list(resume_token_ids), resume_num_chars)
         if remote is not None and remote.num_tokens != seq.num_tokens and remote.first_token is not None:
@@ -152,7 +157,8 @@ class LLMEngine:
             seq.arrival_time = arrival_time
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
-        if kv_retention_s and session_id and self.tiers is not None and self.tiers.is_pinned_session(session_id):
+        tiers = self.tiers
+        if kv_retention_s and session_id and tiers is not None and tiers.is_pinned_session(session_id, tenant):
             seq.update_block_hashes()  # the next turn of a pinned session: bring its prefix back now
             self.connector.prefetch(seq.block_hashes[: (seq.num_tokens - 1) // self.config.block_size])
 
@@ -178,6 +184,8 @@ class LLMEngine:
             priority=request.priority,
             trace_context=request.trace_context,
             arrival_time=arrival_time,
+            cache_salt=request.cache_salt,
+            tenant=request.tenant,
         )
 
     def _new_sequence(

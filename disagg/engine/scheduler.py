@@ -304,7 +304,7 @@ class Scheduler:
             return
         seq.update_block_hashes()
         start = seq.num_registered_blocks
-        parent = seq.block_hashes[start - 1] if start else None
+        parent = seq.block_hashes[start - 1] if start else seq.root_hash
         self.pool.cache_blocks(seq.block_ids[start:full], seq.block_hashes[start:full], parent)
         self.connector.on_computed(seq.block_ids[start:full], seq.block_hashes[start:full])
         seq.num_registered_blocks = full

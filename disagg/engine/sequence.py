@@ -53,6 +53,8 @@ class Sequence:
     finish_time: float | None = None
     session_id: str | None = None
     kv_retention_s: float | None = None  # pin this session's blocks in the CPU tier for this long when done
+    tenant: str | None = None  # namespaces the session's pin (None: the default tenant)
+    root_hash: int | None = None  # the salted parent of the first block (disagg/isolation.py); None: unsalted
     # incremental detokenization state (engine-owned)
     text: str = ""
     prefix_offset: int = 0
@@ -84,5 +86,5 @@ class Sequence:
         """Extend `block_hashes` to cover every full block of token_ids."""
         bs = self.block_size
         for i in range(len(self.block_hashes), self.num_tokens // bs):
-            parent = self.block_hashes[-1] if self.block_hashes else None
+            parent = self.block_hashes[-1] if self.block_hashes else self.root_hash
             self.block_hashes.append(hash_block_tokens(parent, self.token_ids[i * bs : (i + 1) * bs]))

@@ -3,7 +3,9 @@ that name a caller's tenant."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from disagg.isolation import IsolationConfig
 
 
 @dataclass
@@ -13,6 +15,7 @@ class ApiConfig:
     api_key: str | None = None  # one key for everyone (tenant "default")
     api_keys: dict[str, str] | None = None  # key -> tenant name
     disconnect_poll_s: float = 0.25
+    isolation: IsolationConfig = field(default_factory=IsolationConfig)  # cache salts: tenants, share groups
 
     def tenant_of(self, authorization: str, tenant_header: str | None) -> str | None:
         """The caller's tenant, or None if the key is wrong. Without configured keys the X-Tenant-ID header

@@ -24,6 +24,7 @@ from disagg.http.inputs import chat_prompt, check_model, priority_of, sampling_p
 from disagg.http.schemas import ChatCompletionRequest, CompletionRequest
 from disagg.http.shape import AnswerShape
 from disagg.http.stream import ClientGone, Running, collect, request_span, sse, timed, until_disconnect, usage
+from disagg.isolation import DEFAULT_TENANT, scoped_tenant
 from disagg.protocol import Request, SamplingParams
 from disagg.router.policy import Decision
 from disagg.router.router import RouterCore
@@ -97,6 +98,7 @@ def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
         session = http.headers.get(SESSION_HEADER) or body.user
         retention = body.kv_retention.ttl_s if body.kv_retention is not None else None
         priority = priority_of(body, http.headers)
+        tenant = getattr(http.state, "tenant", DEFAULT_TENANT)
         request = Request(
             f"{prefix}-{uuid.uuid4().hex}",
             ids,
@@ -104,9 +106,10 @@ def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
             session_id=session,
             kv_retention_s=retention,
             priority=priority,
+            cache_salt=config.isolation.cache_salt(tenant, body.cache_salt),  # no hit crosses tenants
+            tenant=scoped_tenant(tenant),  # nor does a session id
         )
         created = int(time.time())
-        tenant = getattr(http.state, "tenant", "default")
         running = Running()
         span = request_span(
             core.tracer, config.model_name, chat, bool(body.stream), request, sampling, http.headers, session

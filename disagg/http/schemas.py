@@ -41,6 +41,8 @@ class _Sampling(BaseModel):
     kv_retention: KVRetention | None = None
     priority: int | None = Field(default=None, ge=-100, le=100)  # higher = more important (X-Priority header too)
     deadline_s: float | None = Field(default=None, gt=0)  # must start within this, else 429 (server default)
+    # vLLM's extension: requests with the same salt share prefix-cache hits across tenants (disagg/isolation.py)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

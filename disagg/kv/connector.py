@@ -292,7 +292,8 @@ class KVConnector:
         free them)."""
         if seq.kv_retention_s and seq.session_id and self.tiers is not None:
             seq.update_block_hashes()
-            self.tiers.pin(seq.session_id, seq.block_hashes[: seq.num_registered_blocks], seq.kv_retention_s)
+            pinned = seq.block_hashes[: seq.num_registered_blocks]
+            self.tiers.pin(seq.session_id, pinned, seq.kv_retention_s, tenant=seq.tenant)
         if not seq.hold_kv:
             return False
         # the KV of every token but the last sampled one is in the blocks (the last has no KV yet)

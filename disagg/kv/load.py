@@ -119,11 +119,14 @@ class KVTiers(KVSource):
         """Offer newly computed full device blocks (write-through)."""
 
     @abstractmethod
-    def pin(self, session: str, block_hashes: list[int], ttl_s: float, now: float | None = None) -> int:
-        """Keep a session's blocks in CPU for `ttl_s` (replacing its previous pin); returns the number pinned."""
+    def pin(
+        self, session: str, block_hashes: list[int], ttl_s: float, now: float | None = None, tenant: str | None = None
+    ) -> int:
+        """Keep a tenant's session's blocks in CPU for `ttl_s` (replacing its previous pin); returns the number
+        pinned."""
 
     @abstractmethod
-    def is_pinned_session(self, session: str) -> bool: ...
+    def is_pinned_session(self, session: str, tenant: str | None = None) -> bool: ...
 
     @abstractmethod
     def export(self, block_hashes: list[int]) -> list[int]:

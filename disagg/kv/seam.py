@@ -45,6 +45,7 @@ class Sequence(Protocol):
     hold_kv: bool  # lease the blocks for a reader when finished
     session_id: str | None
     kv_retention_s: float | None
+    tenant: str | None  # namespaces the session's pin
 
     @property
     def num_tokens(self) -> int: ...

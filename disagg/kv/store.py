@@ -90,7 +90,8 @@ class TieredStore(KVTiers):
         self._direct = not device_kv.is_cuda  # disk blocks are read straight into (host) device blocks
         self._io = ThreadPoolExecutor(max_workers=config.io_threads, thread_name_prefix="kv-disk")
         disk_index = LruBlocks(self.disk.capacity_blocks) if self.disk is not None else None
-        self.index = TierIndex(LruBlocks(), disk_index, int(num_slots * config.pin_budget_fraction))
+        pins = int(num_slots * config.pin_budget_fraction)
+        self.index = TierIndex(LruBlocks(), disk_index, pins, config.tenant_pin_share)
         if self.disk is not None:  # take back what a previous run left on disk (past a smaller capacity: deleted)
             for h in self.index.restore_disk(self.disk.scanned):
                 self.disk.delete(h)
@@ -332,12 +333,13 @@ class TieredStore(KVTiers):
                 self._drop_cpu(h)
 
     # ------------------------------------------------------------------ pins
-    def pin(self, session: str, block_hashes: list[int], ttl_s: float, now: float | None = None) -> int:
-        """Pin a session's blocks for ttl_s (replacing its previous pin); returns how many blocks are pinned."""
-        return self.index.pin(session, block_hashes, ttl_s, time.monotonic() if now is None else now)
+    def pin(  # a tenant's session's blocks, for ttl_s (replacing that session's previous pin): how many are pinned
+        self, session: str, hashes: list[int], ttl_s: float, now: float | None = None, tenant: str | None = None
+    ) -> int:
+        return self.index.pin(session, hashes, ttl_s, time.monotonic() if now is None else now, tenant)
 
-    def is_pinned_session(self, session: str) -> bool:
-        return self.index.is_pinned_session(session)
+    def is_pinned_session(self, session: str, tenant: str | None = None) -> bool:
+        return self.index.is_pinned_session(session, tenant)
 
     @property
     def num_pinned_blocks(self) -> int:

@@ -21,6 +21,7 @@ class TierConfig:
     disk_fsync: bool = False  # fsync each block file before the rename (durable across power loss; slower)
     low_watermark: float = 0.05  # keep this fraction of CPU slots free by demoting ahead of need
     pin_budget_fraction: float = 0.5  # at most this fraction of CPU slots pinned by sessions
+    tenant_pin_share: float = 0.5  # ... and this fraction of those by one named tenant's sessions (isolation)
     io_threads: int = 2
     ewma_alpha: float = 0.2  # smoothing of the measured per-block load times
     # where a launcher gives each of its workers a disk tier (cluster/worker.py `worker_tiers`): disk_dir becomes
@@ -33,6 +34,8 @@ class TierConfig:
             raise ValueError("tier sizes must be >= 0")
         if not 0 <= self.low_watermark < 1 or not 0 <= self.pin_budget_fraction <= 1:
             raise ValueError("low_watermark in [0, 1), pin_budget_fraction in [0, 1]")
+        if not 0 < self.tenant_pin_share <= 1:
+            raise ValueError("tenant_pin_share in (0, 1]")
 
 
 @dataclass

@@ -10,7 +10,8 @@ share live here:
   * LRU      a CPU or disk block touched by a load or a store moves to the most recently used end; victims are
              taken from the other end
   * pins     a session's blocks are pinned for a TTL; pinned blocks are never CPU victims; pins fit a budget
-             (the oldest-expiring sessions are unpinned first) and expire on time (the caller's clock)
+             (the oldest-expiring sessions are unpinned first) and expire on time (the caller's clock); sessions
+             are namespaced by tenant, and a named tenant's pins fit its own share of the budget first
   * events   every change to what a tier holds is a KVEvent tagged with the tier (`drain_events`)
 
 Where the two differ in how blocks reach disk, each has its own rule here (`commit_disk`: the store, one block
@@ -23,6 +24,7 @@ from __future__ import annotations
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 
+from disagg.isolation import SessionKey
 from disagg.kv.tier_config import TierStats, leading_tiers
 from disagg.protocol import EventKind, KVEvent, Tier
 
@@ -72,13 +74,14 @@ class LruBlocks:
 
 
 class TierIndex:
-    def __init__(self, cpu: LruBlocks, disk: LruBlocks | None, pin_budget: int) -> None:
+    def __init__(self, cpu: LruBlocks, disk: LruBlocks | None, pin_budget: int, tenant_pin_share: float = 1.0) -> None:
         self.cpu = cpu
         self.disk = disk
         self.pin_budget = pin_budget
+        self.tenant_pin_share = tenant_pin_share  # the fraction of pin_budget one named tenant's sessions may hold
         self.stats = TierStats()
         self._events: list[KVEvent] = []
-        self._pins: dict[str, tuple[float, list[int]]] = {}  # session -> (expiry, hashes)
+        self._pins: dict[SessionKey, tuple[float, list[int]]] = {}  # (tenant, session) -> (expiry, hashes)
         self._pinned: Counter = Counter()  # hash -> sessions pinning it
 
     # ------------------------------------------------------------------ lookups
@@ -186,21 +189,45 @@ class TierIndex:
         return self.disk
 
     # ------------------------------------------------------------------ pins
-    def pin(self, session: str, block_hashes: list[int], ttl_s: float, now: float) -> int:
-        """Pin a session's blocks until now + ttl_s (replacing its previous pin); returns how many are pinned."""
-        self.unpin(session)
-        hashes = list(dict.fromkeys(block_hashes))[: self.pin_budget]
-        while self._pins and len(self._pinned) + sum(1 for h in hashes if h not in self._pinned) > self.pin_budget:
-            oldest = min(self._pins, key=lambda s: self._pins[s][0])
-            self.unpin(oldest)
+    def pin(self, session: str, block_hashes: list[int], ttl_s: float, now: float, tenant: str | None = None) -> int:
+        """Pin a tenant's session's blocks until now + ttl_s (replacing that session's previous pin, never another
+        tenant's session of the same id); returns how many are pinned.  A named tenant first makes room among its
+        own pins (its share of the budget), so its long ttl_s cannot push out the others' pins."""
+        key = SessionKey(tenant, session)
+        self._drop_pin(key)
+        budget = self.pin_budget if tenant is None else self.tenant_pin_budget
+        hashes = list(dict.fromkeys(block_hashes))[:budget]
+        if tenant is not None:
+            self._make_room(hashes, budget, tenant)
+        self._make_room(hashes, self.pin_budget, None)
         if not hashes:
             return 0
-        self._pins[session] = (now + ttl_s, hashes)
+        self._pins[key] = (now + ttl_s, hashes)
         self._pinned.update(hashes)
         return len(hashes)
 
-    def unpin(self, session: str) -> None:
-        entry = self._pins.pop(session, None)
+    @property
+    def tenant_pin_budget(self) -> int:
+        return int(self.pin_budget * self.tenant_pin_share)
+
+    def _make_room(self, hashes: list[int], budget: int, tenant: str | None) -> None:
+        """Unpin sessions until `hashes` fit `budget`: a named tenant's own oldest-expiring ones (tenant given), else
+        the oldest-expiring ones of the tenant holding the most pinned blocks (with one tenant: the oldest)."""
+        while True:
+            keys = [k for k in self._pins if tenant is None or k.tenant == tenant]
+            held = set(self._pinned) if tenant is None else {h for k in keys for h in self._pins[k][1]}
+            if not keys or len(held) + sum(1 for h in hashes if h not in held) <= budget:
+                return
+            size: Counter = Counter()
+            for k in keys:
+                size[k.tenant] += len(self._pins[k][1])
+            self._drop_pin(min(keys, key=lambda k: (-size[k.tenant], self._pins[k][0])))
+
+    def unpin(self, session: str, tenant: str | None = None) -> None:
+        self._drop_pin(SessionKey(tenant, session))
+
+    def _drop_pin(self, key: SessionKey) -> None:
+        entry = self._pins.pop(key, None)
         if entry is not None:
             self._pinned.subtract(entry[1])
             self._pinned = +self._pinned  # drop zero counts
@@ -208,14 +235,14 @@ class TierIndex:
     def expire_pins(self, now: float) -> int:
         expired = [s for s, (deadline, _) in self._pins.items() if deadline <= now]
         for s in expired:
-            self.unpin(s)
+            self._drop_pin(s)
         return len(expired)
 
     def is_pinned(self, block_hash: int) -> bool:
         return block_hash in self._pinned
 
-    def is_pinned_session(self, session: str) -> bool:
-        return session in self._pins
+    def is_pinned_session(self, session: str, tenant: str | None = None) -> bool:
+        return SessionKey(tenant, session) in self._pins
 
     @property
     def num_pinned_blocks(self) -> int:

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from disagg.isolation import SessionKey
 from disagg.protocol import Tier
 from disagg.router.index import TierMatch
 from disagg.utils import cdiv
@@ -153,7 +154,7 @@ class RoutingPolicy:
         self._rng = random.Random(self.config.seed)
         self._rr_decode = itertools.count()
         self._rr_prefill = itertools.count()
-        self._sessions: OrderedDict[str, str] = OrderedDict()
+        self._sessions: OrderedDict[SessionKey | str, str] = OrderedDict()  # session -> its last worker
 
     def choose(
         self,
@@ -161,7 +162,7 @@ class RoutingPolicy:
         matches: Mapping[str, TierMatch | int],
         decode: list[WorkerLoad],
         prefill: list[WorkerLoad],
-        session: str | None = None,
+        session: SessionKey | str | None = None,
         block_hashes: frozenset[int] = frozenset(),
     ) -> Decision:
         if not decode:
@@ -193,7 +194,7 @@ class RoutingPolicy:
             self._consider_peer(decision, tm, num_tokens)
         return decision
 
-    def _remember(self, session: str, worker: str) -> None:
+    def _remember(self, session: SessionKey | str, worker: str) -> None:
         self._sessions[session] = worker
         self._sessions.move_to_end(session)
         while len(self._sessions) > self.config.max_sessions:
@@ -204,7 +205,12 @@ class RoutingPolicy:
         return min(1.0, w.tier_cost.get(tier, prior))
 
     def _cost(
-        self, w: WorkerLoad, num_blocks: int, m: TierMatch, session: str | None, block_hashes: frozenset[int]
+        self,
+        w: WorkerLoad,
+        num_blocks: int,
+        m: TierMatch,
+        session: SessionKey | str | None,
+        block_hashes: frozenset[int],
     ) -> float:
         c = self.config
         uncached = (

@@ -39,6 +39,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from disagg.errors import ServiceUnavailable
+from disagg.isolation import SessionKey, salt_root
 from disagg.planner.loop import PlannerLoop
 from disagg.protocol import (
     Heartbeat,
@@ -209,7 +210,8 @@ class RouterCore:
     # ------------------------------------------------------------------ routing
     def block_hashes(self, request: Request) -> list[int]:
         """The request's full blocks (prompt + resumed output), hashed as the workers hash them."""
-        return hash_prompt_blocks(request.prompt_token_ids + request.resume_token_ids, self.block_size)
+        tokens = request.prompt_token_ids + request.resume_token_ids
+        return hash_prompt_blocks(tokens, self.block_size, salt_root(request.cache_salt))
 
     def route(
         self,
@@ -226,7 +228,8 @@ class RouterCore:
         prefill = [self.loads[n] for n in self.prefill if self.health.routable(n)]
         with self._lock:
             matches = self.index.match(hashes)
-            decision = self.policy.choose(request.num_tokens, matches, decode, prefill, session, frozenset(hashes))
+            key = SessionKey(request.tenant, session) if session else None  # a tenant's sessions are its own
+            decision = self.policy.choose(request.num_tokens, matches, decode, prefill, key, frozenset(hashes))
             self.decisions.append(RoutedRequest(request.request_id, decision))
         return decision
 

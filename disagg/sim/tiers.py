@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from disagg.kv.load import KVLoad, KVTiers, LoadHandle, LoadState, handle_of
-from disagg.kv.tier_config import TierGauges, TierStats
+from disagg.kv.tier_config import TierConfig, TierGauges, TierStats
 from disagg.kv.tier_index import LruBlocks, TierIndex
 from disagg.protocol import KVEvent, Tier
 
@@ -38,10 +38,12 @@ class SimTiers(KVTiers):
         clock: Callable[[], float],
         at: Callable[[float, Callable[[], None]], None],
         wake: Callable[[], None],
-        pin_budget_fraction: float = 0.5,
+        pin_budget_fraction: float = TierConfig.pin_budget_fraction,
+        tenant_pin_share: float = TierConfig.tenant_pin_share,
     ) -> None:
         self.cpu_blocks, self.disk_blocks = cpu_blocks, disk_blocks
-        self.index = TierIndex(LruBlocks(), LruBlocks(disk_blocks), int(cpu_blocks * pin_budget_fraction))
+        pin_budget = int(cpu_blocks * pin_budget_fraction)
+        self.index = TierIndex(LruBlocks(), LruBlocks(disk_blocks), pin_budget, tenant_pin_share)
         self.load_s_per_block = {Tier.CPU: cpu_s, Tier.DISK: disk_s}
         self._clock, self._at, self._wake = clock, at, wake
 
@@ -100,14 +102,16 @@ class SimTiers(KVTiers):
         if self.disk_blocks:
             self.index.demote_to_disk(demoted)
 
-    def pin(self, session: str, block_hashes: list[int], ttl_s: float, now: float | None = None) -> int:
-        return self.index.pin(session, block_hashes, ttl_s, self._clock())
+    def pin(
+        self, session: str, block_hashes: list[int], ttl_s: float, now: float | None = None, tenant: str | None = None
+    ) -> int:
+        return self.index.pin(session, block_hashes, ttl_s, self._clock(), tenant)
 
-    def unpin(self, session: str) -> None:
-        self.index.unpin(session)
+    def unpin(self, session: str, tenant: str | None = None) -> None:
+        self.index.unpin(session, tenant)
 
-    def is_pinned_session(self, session: str) -> bool:
-        return self.index.is_pinned_session(session)
+    def is_pinned_session(self, session: str, tenant: str | None = None) -> bool:
+        return self.index.is_pinned_session(session, tenant)
 
     @property
     def num_pinned_blocks(self) -> int:

@@ -1,0 +1,80 @@
+"""Tenant isolation of the prefix cache, sessions and metrics (pure: no Ray, no HTTP).
+
+Block hashes are chained (protocol.hash_block_tokens), so salting the first block's parent changes every hash of
+the chain: a request's blocks only match blocks written under the same salt, on the engines' prefix caches, the
+CPU / disk tiers and the router's KV index alike.  A request's salt, by precedence:
+  * the client's `cache_salt` (vLLM's request field): requests that send the same salt share hits, whoever sends it;
+  * the tenant's share group (`share_groups`: tenant -> group): the tenants of one group share hits;
+  * the tenant itself: no hit and no `cached_tokens` crosses tenants;
+  * none for the default tenant (no key, no X-Tenant-ID): its hashes are exactly the unsalted ones of before.
+The three kinds hash in separate domains, so a client's salt can never name a tenant's or a group's chain.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+DEFAULT_TENANT = "default"  # the tenant of a caller with no key and no X-Tenant-ID
+_SALT_DOMAIN = b"disagg-salt-v1\x00"
+_LABEL_DOMAIN = b"disagg-tenant-label-v1\x00"
+LABEL_HEX_DIGITS = 12  # 48 bits: no collisions among any realistic number of tenants
+
+
+class SaltKind(str, enum.Enum):
+    CLIENT = "client"  # the request's own cache_salt
+    GROUP = "group"  # a configured share group
+    TENANT = "tenant"  # the tenant alone
+
+
+@dataclass(frozen=True)
+class CacheSalt:
+    kind: SaltKind
+    name: str
+
+    def wire(self) -> str:
+        """The salt as a Request carries it (its kind keeps the domains apart)."""
+        return f"{self.kind.value}\x00{self.name}"
+
+
+def salt_root(salt: str | None) -> int | None:
+    """The parent hash a salted chain's first block hashes against (None: unsalted, the original chain)."""
+    if salt is None:
+        return None
+    return int.from_bytes(hashlib.blake2b(_SALT_DOMAIN + salt.encode(), digest_size=8).digest(), "little")
+
+
+@dataclass
+class IsolationConfig:
+    share_groups: dict[str, str] = field(default_factory=dict)  # tenant -> share group (tenants sharing hits)
+
+    def cache_salt(self, tenant: str | None, requested: str | None = None) -> str | None:
+        """A request's salt (see the module docstring); None leaves its hashes unsalted."""
+        if requested:
+            return CacheSalt(SaltKind.CLIENT, requested).wire()
+        if tenant is None or tenant == DEFAULT_TENANT:
+            return None
+        group = self.share_groups.get(tenant)
+        return CacheSalt(SaltKind.GROUP, group).wire() if group else CacheSalt(SaltKind.TENANT, tenant).wire()
+
+
+class SessionKey(NamedTuple):
+    """A session as the router remembers it: one tenant's session id never names another tenant's session."""
+
+    tenant: str | None
+    session: str
+
+
+def scoped_tenant(tenant: str | None) -> str | None:
+    """The tenant a request's sessions and pins are namespaced by (None for the default tenant)."""
+    return None if tenant is None or tenant == DEFAULT_TENANT else tenant
+
+
+def tenant_label(tenant: str) -> str:
+    """A tenant as /metrics names it: a stable short hash, so a scrape does not list who the customers are (an
+    operator maps a known name with this function); the default tenant keeps its name."""
+    if tenant == DEFAULT_TENANT:
+        return tenant
+    return "t" + hashlib.blake2b(_LABEL_DOMAIN + tenant.encode(), digest_size=8).hexdigest()[:LABEL_HEX_DIGITS]
