@@ -30,12 +30,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from disagg.cluster.spans import WorkerSpans
 from disagg.cluster.step_budget import StepBudget
-from disagg.cluster.worker_config import WorkerConfig, worker_tiers
+from disagg.cluster.worker_config import WorkerConfig, build_tiers
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
 from disagg.errors import OutputCorrupt
 from disagg.protocol import (
@@ -61,28 +60,6 @@ if TYPE_CHECKING:
     from disagg.transfer.base import KVTransport
 
 log = logging.getLogger(__name__)
-
-
-def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
-    """The worker's CPU (and disk) tier; config.tiers None or cpu_bytes 0 turns tiers off."""
-    from disagg.kv.disk_tier import DiskTierBusy
-    from disagg.kv.fingerprint import engine_fingerprint
-    from disagg.kv.store import TieredStore
-
-    tiers = worker_tiers(config.tiers, config.name)
-    if tiers is None or tiers.cpu_bytes == 0:
-        return None
-    kv = engine.kv_tensor
-    if kv is None:
-        raise ValueError("KV tiers need an engine with a KV cache tensor")
-    model_dir = Path(engine.config.model) if engine.config.model else None
-    fingerprint = engine_fingerprint(model_dir, str(engine.dtype), engine.config.block_size, tuple(kv.shape[1:]))
-    try:
-        return TieredStore(tiers, engine.pool, kv, fingerprint)
-    except DiskTierBusy:  # another live worker owns the directory: use one of our own
-        tiers = dataclasses.replace(tiers, disk_dir=f"{tiers.disk_dir}-{uuid.uuid4().hex[:6]}")
-        log.warning("disk tier directory busy; using %s", tiers.disk_dir)
-        return TieredStore(tiers, engine.pool, kv, fingerprint)
 
 
 class EngineWorker:

@@ -1,11 +1,15 @@
-"""A worker's settings (`WorkerConfig`, sent to its Ray actor as msgpack) and where its disk tier lives."""
+"""A worker's settings (`WorkerConfig`, sent to its Ray actor as msgpack), where its disk tier lives, and its tiers
+built from them (the engine, tiers and torch load inside `build_tiers`, never at import: the router process
+imports this module)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import uuid
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from disagg.config import EngineConfig
 from disagg.kv.tier_config import TierConfig
@@ -14,6 +18,12 @@ from disagg.protocol import Role
 from disagg.tracing import TracingConfig
 from disagg.transfer.config import TransportConfig
 from disagg.wire import WireMessage
+
+if TYPE_CHECKING:
+    from disagg.engine.engine import LLMEngine
+    from disagg.kv.store import TieredStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -55,3 +65,25 @@ def worker_tiers(tiers: TierConfig | None, slot: str) -> TierConfig | None:
     if root is None:
         root = os.environ.get("DISAGG_KV_ROOT") or str(cache_root() / "kv")
     return dataclasses.replace(tiers, disk_dir=str(Path(root) / slot) if root else "")
+
+
+def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
+    """The worker's CPU (and disk) tier; config.tiers None or cpu_bytes 0 turns tiers off."""
+    from disagg.kv.disk_tier import DiskTierBusy
+    from disagg.kv.fingerprint import engine_fingerprint
+    from disagg.kv.store import TieredStore
+
+    tiers = worker_tiers(config.tiers, config.name)
+    if tiers is None or tiers.cpu_bytes == 0:
+        return None
+    kv = engine.kv_tensor
+    if kv is None:
+        raise ValueError("KV tiers need an engine with a KV cache tensor")
+    model_dir = Path(engine.config.model) if engine.config.model else None
+    fingerprint = engine_fingerprint(model_dir, str(engine.dtype), engine.config.block_size, tuple(kv.shape[1:]))
+    try:
+        return TieredStore(tiers, engine.pool, kv, fingerprint)
+    except DiskTierBusy:  # another live worker owns the directory: use one of our own
+        tiers = dataclasses.replace(tiers, disk_dir=f"{tiers.disk_dir}-{uuid.uuid4().hex[:6]}")
+        log.warning("disk tier directory busy; using %s", tiers.disk_dir)
+        return TieredStore(tiers, engine.pool, kv, fingerprint)
