@@ -34,6 +34,11 @@ class Unauthorized(DisaggError):
     """Missing or wrong API key."""
 
 
+class Forbidden(DisaggError):
+    """A known caller asking for what its key does not grant: /admin/* without the admin scope (or, with no keys
+    configured, from a non-loopback client), a priority above the key's cap (403)."""
+
+
 class Rejection(str, enum.Enum):
     """Why the admission queue refused a request: the Overloaded error's code, and the label of its count."""
 
@@ -51,6 +56,17 @@ class Overloaded(DisaggError):
     ) -> None:
         super().__init__(message, param=param, code=code)
         self.retry_after_s = retry_after_s
+
+
+class RateLimited(Overloaded):
+    """The caller's key spent its token bucket (429 with Retry-After: when the next token is due)."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, code="rate_limit_exceeded")
+
+
+class InsecureExposure(DisaggError, ValueError):
+    """A configuration that would serve a non-loopback address with no API key (refused unless --insecure)."""
 
 
 class ServiceUnavailable(DisaggError):

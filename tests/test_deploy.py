@@ -1,14 +1,15 @@
 """deploy/ manifests are valid: KubeRay fields against the RayJob / RayCluster / RayService CRD schemas published
 in the KubeRay repository (trimmed copies in deploy/schemas, see scripts/trim_kuberay_crd.py), and the embedded
-pod templates and core objects against the Kubernetes API schemas (kubernetes-validate, strict)."""
+pod templates and core objects against the Kubernetes API schemas (kubernetes-validate, strict); and nothing serves
+open (`exposure_problems`: an endpoint on 0.0.0.0 without a key, a public Ray dashboard)."""
 import copy
 import json
+import shlex
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
 import yaml
-
 from crdcheck import check
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -73,8 +74,9 @@ def test_router_container_has_probes_on_the_health_endpoints():
 
 
 def test_launcher_arguments_parse_and_place_actors_on_the_groups():
-    from disagg.cluster.launch import build_parser, cluster_config_from_args
     import argparse
+
+    from disagg.cluster.launch import build_parser, cluster_config_from_args
 
     launcher = next(c for c in _serving_cluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
                     if c["name"] == "disagg-launcher")
@@ -108,3 +110,93 @@ def test_core_check_catches_a_broken_pod_template():
     template["spec"]["containers"][1]["livenessProbe"]["httpGet"]["port"] = {"name": "openai"}
     with pytest.raises(kubernetes_validate.ValidationError):
         _validate_core(_pod_template(template))
+
+
+# --- exposure: no manifest serves the endpoint open, nor the Ray dashboard (job submission = code execution) ---
+LAUNCH = "disagg.cluster.launch"
+PUBLIC = {"0.0.0.0", "::", "[::]"}
+
+
+def _launcher_argvs(doc: dict):
+    """(argv of each `disagg.cluster.launch` invocation, the pod spec it runs in) in a manifest."""
+    spec = doc.get("spec", {})
+    if doc["kind"] == "RayJob" and LAUNCH in spec.get("entrypoint", ""):
+        argv = shlex.split(spec["entrypoint"])
+        head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        yield argv[argv.index(LAUNCH) + 1:], head
+    if doc["kind"] == "RayCluster":
+        head = spec["headGroupSpec"]["template"]["spec"]
+        for c in head["containers"]:
+            if LAUNCH in c.get("command", []):
+                yield c.get("args", []), head
+
+
+def _secret_mounts(pod: dict) -> set[str]:
+    secrets = {v["name"] for v in pod.get("volumes", []) if "secret" in v}
+    return {m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] in secrets}
+
+
+def exposure_problems(doc: dict) -> list[str]:
+    """What in a manifest serves something open: an endpoint on a non-loopback host without an API key (the
+    launcher's own check, which --insecure would silence: a manifest must not ship it), a keys file that is not
+    mounted from a Secret, a Ray dashboard on every interface."""
+    from disagg.cluster.launch import build_parser
+    from disagg.cluster.router_service import RouterConfig
+    from disagg.errors import InsecureExposure
+    from disagg.http.config import ApiKey
+
+    problems = []
+    for argv, pod in _launcher_argvs(doc):
+        args = build_parser().parse_args(argv)
+        keys = {"(keys file)": ApiKey("t")} if args.api_keys_file else None
+        try:
+            RouterConfig(host=args.host, api_key=args.api_key, keys=keys).check_exposure()
+        except InsecureExposure as exc:
+            problems.append(f"{doc['kind']}: {exc}")
+        if args.insecure:
+            problems.append(f"{doc['kind']}: --insecure")
+        if args.api_keys_file and not any(args.api_keys_file.startswith(m + "/") for m in _secret_mounts(pod)):
+            problems.append(f"{doc['kind']}: {args.api_keys_file} is not mounted from a Secret")
+    spec = doc.get("spec", {})
+    cluster = spec.get("rayClusterSpec", spec) if doc["kind"] in ("RayJob", "RayCluster") else {}
+    host = cluster.get("headGroupSpec", {}).get("rayStartParams", {}).get("dashboard-host")
+    if host in PUBLIC:
+        problems.append(f"{doc['kind']}: the Ray dashboard binds {host}")
+    return problems
+
+
+@pytest.mark.parametrize("doc", list(_documents()))
+def test_no_manifest_serves_the_endpoint_or_the_dashboard_open(doc):
+    assert exposure_problems(doc) == []
+
+
+def _head(doc: dict) -> dict:
+    return doc["spec"]["headGroupSpec"]
+
+
+def _launcher(doc: dict) -> dict:
+    return next(c for c in _head(doc)["template"]["spec"]["containers"] if c["name"] == "disagg-launcher")
+
+
+def _drop_keys(doc: dict) -> None:
+    args = _launcher(doc)["args"]
+    del args[args.index("--api-keys-file"):args.index("--api-keys-file") + 2]
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (_drop_keys, "without API keys"),
+    (lambda d: (_drop_keys(d), _launcher(d)["args"].append("--insecure")), "--insecure"),
+    (lambda d: _head(d)["rayStartParams"].update({"dashboard-host": "0.0.0.0"}), "dashboard binds 0.0.0.0"),
+    (lambda d: _launcher(d).pop("volumeMounts"), "not mounted from a Secret"),
+])
+def test_exposure_check_catches_an_open_endpoint_or_dashboard(mutate, needle):
+    doc = copy.deepcopy(_serving_cluster())
+    mutate(doc)
+    problems = exposure_problems(doc)
+    assert any(needle in p for p in problems), problems
+
+
+def test_exposure_check_reads_the_rayjob_entrypoint():
+    doc = next(d for d in yaml.safe_load_all((DEPLOY / "kuberay-rayjob.yaml").read_text()) if d)
+    doc["spec"]["entrypoint"] = doc["spec"]["entrypoint"].replace("--api-keys-file /etc/disagg/keys/keys.json", "")
+    assert any("without API keys" in p for p in exposure_problems(doc))

@@ -27,6 +27,8 @@ from disagg.cluster.router_actor import RouterActor
 from disagg.cluster.router_service import RouterConfig
 from disagg.cluster.worker_config import WorkerConfig, worker_tiers
 from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
+from disagg.errors import InsecureExposure
+from disagg.http.keys import load_keys_file
 from disagg.http.server import free_port
 from disagg.isolation import IsolationConfig
 from disagg.kv.tier_config import TierConfig
@@ -208,12 +210,13 @@ def smoke_test(url: str, model: str, api_key: str | None, question: str) -> None
 SERVE_PORT = 8000  # the CLI's documented port (the library's RouterConfig picks a free one)
 _ENGINE = ("model", "block_size", "kv_cache_memory_mb", "max_model_len", "num_threads")
 _TRACING = ("otlp_endpoint", "file_dir", "sampling_ratio")
-_ROUTER = ("host", "port", "api_key")
+_ROUTER = ("host", "port", "api_key", "insecure")
 _CANARY = ("enabled", "idle_interval_s", "busy_interval_s")
 _OUTLIERS = ("enabled", "ratio")
 _CAPACITY = ("max_prefill_queue_tokens", "max_running")
 _ADMISSION = ("max_queued_requests", "default_deadline_s")
 _MS_PER_S = 1000
+EXIT_INSECURE = 2  # argparse's status for a refused command line
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -243,9 +246,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--disk-tier-mb", type=int, default=tiers.disk_bytes >> 20, help="disk KV tier per worker")
     add_options(p, RouterCoreConfig, only=("max_migrations",))
     p.add_argument(
-        "--api-keys",
+        "--api-keys-file",
+        "--api-keys",  # the older name, same file format (a grant may be just a tenant name)
+        dest="api_keys_file",
         default=None,
-        help='JSON file {"KEY": "TENANT", ...}: several keys, each naming a tenant for fair sharing',
+        help='JSON file {"KEY": "TENANT" or {"tenant": ..., "admin": ..., "max_priority": ..., "requests_per_s": ..., '
+        '"burst": ..., "may_force_trace": ...}}: each key names a tenant and what it may do (disagg/http/keys.py)',
     )
     p.add_argument("--tenant-weights", default="", help="TENANT=WEIGHT,...: fair-share weights (default 1)")
     p.add_argument("--cache-share-groups", default="", help="TENANT=GROUP,...: tenants of a group share cache hits")
@@ -261,17 +267,6 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
     p.add_argument("--question", default="What is the capital of France?")
     return p
-
-
-def _api_keys(path: str | None) -> dict[str, str] | None:
-    if not path:
-        return None
-    import json
-
-    keys = json.loads(open(path).read())
-    if not isinstance(keys, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in keys.items()):
-        raise ValueError(f"{path}: expected a JSON object mapping API keys to tenant names")
-    return keys
 
 
 def _groups(text: str) -> dict[str, str]:
@@ -340,7 +335,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         args,
         only=_ROUTER,
         policy=from_options(PolicyConfig, args, prefix="policy-", only=("kind",)),
-        api_keys=_api_keys(args.api_keys),
+        keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
         isolation=IsolationConfig(share_groups=_groups(args.cache_share_groups)),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
         planner=planner,
@@ -358,6 +353,11 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
 def serve(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cluster, router = cluster_config_from_args(args), router_config_from_args(args)
+    try:
+        router.check_exposure()  # before Ray starts: a refusal costs nothing
+    except InsecureExposure as exc:
+        print(f"disagg serve: {exc}", file=sys.stderr)
+        return EXIT_INSECURE
     service = Service(cluster, router)
     model_name = service.cluster.config.engine.model.rstrip("/").split("/")[-1]
     print(

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
-from disagg.http.config import ApiConfig
+from disagg.http.config import ApiConfig, ApiKey, check_exposure
 from disagg.http.server import HttpServer
 from disagg.isolation import IsolationConfig
 from disagg.planner.loop import PlannerLoop
@@ -54,8 +54,14 @@ class RouterConfig(WireMessage):
     block_size: int = 16  # the launcher sets the engine's
     max_model_len: int = 2048  # the launcher sets the engine's
     served_model_name: str = ""  # "" = the model directory's name
-    api_key: str | None = field(default=None, metadata={"help": "require 'Authorization: Bearer KEY' on /v1/*"})
-    api_keys: dict[str, str] | None = None  # key -> tenant (several keys, one tenant each)
+    api_key: str | None = field(  # the operator's key: admin scope, any priority (http/config.py)
+        default=None, metadata={"help": "the operator's key: 'Authorization: Bearer KEY' on /v1/* and /admin/*"}
+    )
+    api_keys: dict[str, str] | None = None  # key -> tenant (tenant keys: no admin, priority <= 0)
+    keys: dict[str, ApiKey] | None = None  # key -> full grant (the keys file: http/keys.py)
+    insecure: bool = field(
+        default=False, metadata={"help": "serve a non-loopback --host without API keys (open to anyone who reaches it)"}
+    )
     isolation: IsolationConfig = field(default_factory=IsolationConfig)  # tenant -> cache share group
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)  # limits, deadlines, weights
     capacity: CapacityConfig = field(default_factory=CapacityConfig)  # saturation thresholds
@@ -63,6 +69,10 @@ class RouterConfig(WireMessage):
     planner: PlannerConfig = field(default_factory=PlannerConfig)  # enabled, SLOs, hysteresis
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
+
+    def check_exposure(self) -> None:
+        """InsecureExposure if this would serve a non-loopback host with no API key, and not --insecure."""
+        check_exposure(self.host, bool(self.api_key or self.api_keys or self.keys), self.insecure)
 
 
 def max_position_embeddings(model_dir: Path) -> int:
@@ -76,6 +86,7 @@ def max_position_embeddings(model_dir: Path) -> int:
 class RouterService:
     def __init__(self, config: RouterConfig, prefill: dict[str, WorkerHandle], decode: dict[str, WorkerHandle]) -> None:
         self.config = config
+        config.check_exposure()  # before anything starts
         model_dir = Path(config.model)
         tokenizer = Tokenizer.from_dir(model_dir)
         max_len = min(config.max_model_len, max_position_embeddings(model_dir))
@@ -93,9 +104,8 @@ class RouterService:
         )
         self.core.planner = PlannerLoop(RouterPlannerPort.of(self.core), config.planner)
         name = config.served_model_name or model_dir.name
-        app = build_app(
-            self.core, tokenizer, ApiConfig(name, max_len, config.api_key, config.api_keys, isolation=config.isolation)
-        )
+        api = ApiConfig(name, max_len, config.api_key, config.api_keys, config.keys, isolation=config.isolation)
+        app = build_app(self.core, tokenizer, api)
         self.http = HttpServer(app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)
         self.url = self.http.url
 

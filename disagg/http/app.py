@@ -20,6 +20,7 @@ from disagg.http.admin import add_admin_routes
 from disagg.http.auth import AuthAndCount
 from disagg.http.config import ApiConfig
 from disagg.http.errors import install_error_handlers
+from disagg.http.keys import KeyRing
 from disagg.http.openai import add_openai_routes
 from disagg.http.probes import add_metrics_route, add_probe_routes
 from disagg.router.metrics_view import cluster_snapshot
@@ -40,7 +41,7 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
     app.state.metrics = metrics
 
     install_error_handlers(app)
-    app.add_middleware(AuthAndCount, tenant_of=config.tenant_of, metrics=metrics)
+    app.add_middleware(AuthAndCount, keys=KeyRing(config.grants()), metrics=metrics)
     # registration order is the old single module's (it is the order of /openapi.json)
     add_probe_routes(app, core.health)
     add_admin_routes(app, core.health, core.roles, core.planner)

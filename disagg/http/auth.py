@@ -1,39 +1,47 @@
-"""The front door's ASGI middleware: API key -> tenant (401 if wrong), and a request counter by endpoint and
-status for every request, whatever its answer."""
+"""The front door's ASGI middleware: who is calling (http/keys.py: API key -> Caller; 401 for a wrong key, 403 for
+/admin without the admin scope, 429 for a spent rate limit), and a request counter by endpoint and status for every
+request, whatever its answer."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from disagg.errors import Unauthorized
-from disagg.http.errors import error_response
+from disagg.errors import DisaggError
+from disagg.http.errors import error_response, status_and_type
+from disagg.http.keys import KeyRing
 from disagg.telemetry import RouterMetrics
 
-TENANT_HEADER = "x-tenant-id"
+TENANT_HEADER = "x-tenant-id"  # names the tenant only when no keys are configured
+GUARDED = ("/v1/", "/admin/")
+ADMIN = "/admin/"
 
 
 class AuthAndCount:
     """A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoint.
-    `tenant_of(authorization, tenant_header)` names the caller's tenant, or None for a wrong key."""
+    The admitted caller is in the request's state (`caller`, and its `tenant`)."""
 
-    def __init__(self, app, tenant_of: Callable[[str, str | None], str | None], metrics: RouterMetrics) -> None:
-        self.app, self.tenant_of, self.metrics = app, tenant_of, metrics
+    def __init__(self, app, keys: KeyRing, metrics: RouterMetrics) -> None:
+        self.app, self.keys, self.metrics = app, keys, metrics
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if path.startswith(("/v1/", "/admin/")):
+        if path.startswith(GUARDED):
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            tenant = self.tenant_of(headers.get("authorization", ""), headers.get(TENANT_HEADER))
-            if tenant is None:
-                self.metrics.requests.labels(path, "401").inc()
-                await error_response(Unauthorized("invalid or missing API key", code="invalid_api_key"))(
-                    scope, receive, send
+            client = scope.get("client")
+            try:
+                caller = self.keys.admit(
+                    headers.get("authorization", ""),
+                    headers.get(TENANT_HEADER),
+                    admin_path=path.startswith(ADMIN),
+                    client_host=client[0] if client else None,
                 )
+            except DisaggError as exc:
+                self.metrics.requests.labels(path, str(status_and_type(exc)[0])).inc()
+                await error_response(exc)(scope, receive, send)
                 return
-            scope.setdefault("state", {})["tenant"] = tenant
+            state = scope.setdefault("state", {})
+            state["caller"], state["tenant"] = caller, caller.tenant
         status = {"code": 500}
 
         async def send_and_note(message) -> None:

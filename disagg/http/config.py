@@ -1,28 +1,80 @@
-"""What the HTTP front door is configured with: the served model's name and context length, and the API keys
-that name a caller's tenant."""
+"""What the HTTP front door is configured with: the served model's name and context length, and the API keys -
+each naming a caller's tenant and what it may do (`ApiKey`).
+
+Three ways to give keys, merged by `ApiConfig.grants` (a key given twice keeps its most specific grant):
+- `api_key`: one key, the operator's: admin scope, any priority, may force tracing (tenant "default");
+- `api_keys`: key -> tenant name: tenant keys with `ApiKey`'s defaults (no admin, priority up to 0, no rate limit);
+- `keys`: key -> `ApiKey`, the full grant (the keys file, `disagg serve --api-keys-file`, http/keys.py).
+
+Without any key the front door is open to whoever reaches it, so it only serves a loopback address unless the
+operator says `--insecure` (`check_exposure`), and `/admin/*` answers loopback clients only (http/keys.py).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
-from disagg.isolation import IsolationConfig
+from disagg.errors import InsecureExposure
+from disagg.isolation import DEFAULT_TENANT, IsolationConfig
+
+MAX_PRIORITY = 100  # the API's priority range is [-100, 100] (http/schemas.py, http/inputs.py)
+LOOPBACK_NAMES = ("localhost",)
+
+
+@dataclass
+class ApiKey:
+    """One key's grant. `requests_per_s` 0: no rate limit; otherwise a token bucket of `burst` requests (0: one
+    second's worth, at least 1) refilled at `requests_per_s`."""
+
+    tenant: str
+    max_priority: int = 0  # a request's `priority` above it is refused (403 priority_not_allowed)
+    admin: bool = False  # may call /admin/* (role changes, planner state)
+    requests_per_s: float = 0.0
+    burst: int = 0
+    may_force_trace: bool = False  # a client's sampled `traceparent` is followed (else the router's sampling)
 
 
 @dataclass
 class ApiConfig:
     model_name: str
     max_model_len: int
-    api_key: str | None = None  # one key for everyone (tenant "default")
-    api_keys: dict[str, str] | None = None  # key -> tenant name
+    api_key: str | None = None  # the operator's key (admin)
+    api_keys: dict[str, str] | None = None  # key -> tenant name (tenant keys)
+    keys: dict[str, ApiKey] | None = None  # key -> full grant (the keys file)
     disconnect_poll_s: float = 0.25
     isolation: IsolationConfig = field(default_factory=IsolationConfig)  # cache salts: tenants, share groups
 
-    def tenant_of(self, authorization: str, tenant_header: str | None) -> str | None:
-        """The caller's tenant, or None if the key is wrong. Without configured keys the X-Tenant-ID header
-        (or "default") names it."""
-        key = authorization[7:] if authorization.startswith("Bearer ") else None
-        if self.api_keys:
-            return self.api_keys.get(key or "")
+    def grants(self) -> dict[str, ApiKey]:
+        """Every configured key with its grant; empty: no keys (the open, loopback-only mode)."""
+        out: dict[str, ApiKey] = {}
         if self.api_key:
-            return "default" if key == self.api_key else None
-        return tenant_header or "default"
+            out[self.api_key] = operator_key()
+        for key, tenant in (self.api_keys or {}).items():
+            out[key] = ApiKey(tenant)
+        out.update(self.keys or {})
+        return out
+
+
+def operator_key() -> ApiKey:
+    return ApiKey(DEFAULT_TENANT, max_priority=MAX_PRIORITY, admin=True, may_force_trace=True)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def check_exposure(host: str, has_keys: bool, insecure: bool) -> None:
+    """Refuse to serve a non-loopback address without API keys, unless the operator insists (`--insecure`)."""
+    if has_keys or insecure or is_loopback(host):
+        return
+    raise InsecureExposure(
+        f"refusing to serve on {host} without API keys: anyone who reaches it could drive the cluster "
+        "(/admin role changes, any priority). Give --api-key KEY or --api-keys-file FILE, bind 127.0.0.1, "
+        "or pass --insecure to serve it open anyway."
+    )

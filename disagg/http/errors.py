@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from disagg.errors import (
     DeadlineExceeded,
     DisaggError,
+    Forbidden,
     InternalError,
     InvalidRequest,
     NotFound,
@@ -35,6 +36,7 @@ from disagg.errors import (
 _TABLE: list[tuple[type[DisaggError], int, str]] = [
     (InvalidRequest, 400, "invalid_request_error"),
     (Unauthorized, 401, "authentication_error"),
+    (Forbidden, 403, "permission_error"),
     (NotFound, 404, "not_found_error"),
     (Overloaded, 429, "rate_limit_error"),
     (ServiceUnavailable, 503, "server_error"),

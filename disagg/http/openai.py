@@ -21,10 +21,21 @@ from disagg.errors import InvalidRequest, ServiceUnavailable
 from disagg.http.config import ApiConfig
 from disagg.http.errors import error_response
 from disagg.http.inputs import chat_prompt, check_model, priority_of, sampling_params, tokenize_prompt
+from disagg.http.keys import Caller, check_priority
 from disagg.http.schemas import ChatCompletionRequest, CompletionRequest
 from disagg.http.shape import AnswerShape
-from disagg.http.stream import ClientGone, Running, collect, request_span, sse, timed, until_disconnect, usage
-from disagg.isolation import DEFAULT_TENANT, scoped_tenant
+from disagg.http.stream import (
+    ClientGone,
+    Running,
+    collect,
+    request_span,
+    sse,
+    timed,
+    until_disconnect,
+    usage,
+    without_trace_context,
+)
+from disagg.isolation import scoped_tenant
 from disagg.protocol import Request, SamplingParams
 from disagg.router.policy import Decision
 from disagg.router.router import RouterCore
@@ -97,8 +108,10 @@ def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
         chat = shape.chat
         session = http.headers.get(SESSION_HEADER) or body.user
         retention = body.kv_retention.ttl_s if body.kv_retention is not None else None
+        caller: Caller = http.state.caller  # http/auth.py admitted it
         priority = priority_of(body, http.headers)
-        tenant = getattr(http.state, "tenant", DEFAULT_TENANT)
+        check_priority(caller, priority)
+        tenant = caller.tenant
         request = Request(
             f"{prefix}-{uuid.uuid4().hex}",
             ids,
@@ -111,8 +124,9 @@ def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
         )
         created = int(time.time())
         running = Running()
+        trace_headers = http.headers if caller.may_force_trace else without_trace_context(http.headers)  # see there
         span = request_span(
-            core.tracer, config.model_name, chat, bool(body.stream), request, sampling, http.headers, session
+            core.tracer, config.model_name, chat, bool(body.stream), request, sampling, trace_headers, session
         )
 
         def on_route(decision: Decision) -> None:  # left the admission queue: now it runs

@@ -47,6 +47,15 @@ async def until_disconnect(awaitable: Awaitable, http: HTTPRequest, poll_s: floa
     return task.result()
 
 
+TRACE_CONTEXT_HEADERS = ("traceparent", "tracestate")
+
+
+def without_trace_context(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers less the client's W3C trace context: the router's own sampling decides (a new trace). For callers
+    whose key may not force tracing: a sampled `traceparent` would otherwise make the router trace on demand."""
+    return {k: v for k, v in headers.items() if k.lower() not in TRACE_CONTEXT_HEADERS}
+
+
 def request_span(
     tracer: trace.Tracer,
     model: str,
