@@ -99,6 +99,27 @@ def add_openai_routes(
         return await serve("chatcmpl", "chat.completion", body, ids, sampling, http, shape)
 
 
+def _request(
+    prefix: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest, config: ApiConfig
+) -> tuple[Request, Caller]:
+    """The core's Request for one call, and its caller (http/auth.py admitted it): the caller's tenant salts the
+    request's cache and scopes its session; a priority above the caller's cap is refused (403)."""
+    caller: Caller = http.state.caller
+    priority = priority_of(body, http.headers)
+    check_priority(caller, priority)
+    request = Request(
+        f"{prefix}-{uuid.uuid4().hex}",
+        ids,
+        sampling,
+        session_id=http.headers.get(SESSION_HEADER) or body.user,
+        kv_retention_s=body.kv_retention.ttl_s if body.kv_retention is not None else None,
+        priority=priority,
+        cache_salt=config.isolation.cache_salt(caller.tenant, body.cache_salt),  # no hit crosses tenants
+        tenant=scoped_tenant(caller.tenant),  # nor does a session id
+    )
+    return request, caller
+
+
 def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
     """The handler both generation endpoints share: one request through the core, answered as JSON or SSE."""
 
@@ -106,22 +127,8 @@ def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
         prefix: str, kind: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest, shape: AnswerShape
     ):
         chat = shape.chat
-        session = http.headers.get(SESSION_HEADER) or body.user
-        retention = body.kv_retention.ttl_s if body.kv_retention is not None else None
-        caller: Caller = http.state.caller  # http/auth.py admitted it
-        priority = priority_of(body, http.headers)
-        check_priority(caller, priority)
-        tenant = caller.tenant
-        request = Request(
-            f"{prefix}-{uuid.uuid4().hex}",
-            ids,
-            sampling,
-            session_id=session,
-            kv_retention_s=retention,
-            priority=priority,
-            cache_salt=config.isolation.cache_salt(tenant, body.cache_salt),  # no hit crosses tenants
-            tenant=scoped_tenant(tenant),  # nor does a session id
-        )
+        request, caller = _request(prefix, body, ids, sampling, http, config)
+        session, priority, tenant = request.session_id, request.priority, caller.tenant
         created = int(time.time())
         running = Running()
         trace_headers = http.headers if caller.may_force_trace else without_trace_context(http.headers)  # see there
