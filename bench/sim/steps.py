@@ -74,11 +74,29 @@ def load_steps(directory: str | Path) -> dict[str, list[Step]]:
     return out
 
 
-def _busy_others(step: Step, others: list[list[Step]]) -> int:
-    """How many other workers were inside a step when this one started."""
+@dataclass(frozen=True)
+class Measured:
+    step: Step
+    busy_others: int  # other workers inside a step when this one started
+    ratio: float  # the model's own time over the time model's prediction
+
+
+def measure(by_worker: dict[str, list[Step]], model: StepTimeModel) -> dict[str, list[Measured]]:
+    """Every worker's steps with how many others were busy at their start and their time over the prediction."""
+    starts = {w: [s.start_s for s in steps] for w, steps in by_worker.items()}
+    out = {}
+    for worker, steps in by_worker.items():
+        others = [(starts[w], s) for w, s in by_worker.items() if w != worker]
+        out[worker] = [
+            Measured(s, _busy_others(s, others), s.execute_s / model.predict(list(s.features))) for s in steps
+        ]
+    return out
+
+
+def _busy_others(step: Step, others: list[tuple[list[float], list[Step]]]) -> int:
     busy = 0
-    for steps in others:
-        i = bisect.bisect_right([s.start_s for s in steps], step.start_s) - 1
+    for starts, steps in others:
+        i = bisect.bisect_right(starts, step.start_s) - 1
         busy += i >= 0 and steps[i].end_s > step.start_s
     return busy
 
@@ -92,11 +110,11 @@ def _summary(xs: list[float]) -> dict[str, float]:
 
 def analyse(by_worker: dict[str, list[Step]], model: StepTimeModel, busy_gap_s: float) -> dict[str, dict]:
     report: dict[str, dict] = {}
-    for worker, steps in by_worker.items():
-        others = [s for w, s in by_worker.items() if w != worker]
+    for worker, measured in measure(by_worker, model).items():
+        steps = by_worker[worker]
         ratio: dict[int, list[float]] = defaultdict(list)
-        for s in steps:
-            ratio[_busy_others(s, others)].append(s.execute_s / model.predict(list(s.features)))
+        for m in measured:
+            ratio[m.busy_others].append(m.ratio)
         gaps = [b.start_s - a.end_s for a, b in zip(steps, steps[1:]) if b.start_s - a.end_s <= busy_gap_s]
         report[worker] = {
             "steps": len(steps),
@@ -113,14 +131,12 @@ def corun_by_tokens(
     """The co-run factor by step size: for steps of up to `edge` tokens (above the previous edge), the median of
     model time / prediction with another worker inside a step, over the same median without.  A size class with
     fewer than MIN_SAMPLES steps either way takes the factor of all steps together."""
+    measured = [m for ms in measure(by_worker, model).values() for m in ms]
     alone: dict[int, list[float]] = defaultdict(list)
     busy: dict[int, list[float]] = defaultdict(list)
-    for worker, steps in by_worker.items():
-        others = [s for w, s in by_worker.items() if w != worker]
-        for s in steps:
-            edge = next((e for e in edges if s.features[1] <= e), edges[-1])
-            ratio = s.execute_s / model.predict(list(s.features))
-            (busy if _busy_others(s, others) else alone)[edge].append(ratio)
+    for m in measured:
+        edge = next((e for e in edges if m.step.features[1] <= e), edges[-1])
+        (busy if m.busy_others else alone)[edge].append(m.ratio)
     all_alone = [r for rs in alone.values() for r in rs]
     all_busy = [r for rs in busy.values() for r in rs]
     overall = statistics.median(all_busy) / statistics.median(all_alone) if all_alone and all_busy else 1.0
@@ -132,21 +148,19 @@ def corun_by_tokens(
     return {
         "corun_slowdown": overall,
         "by_tokens": by_tokens,
-        "by_busy": oversubscription(by_worker, model),
+        "by_busy": oversubscription(measured),
         "steps": len(all_alone) + len(all_busy),
     }
 
 
-def oversubscription(by_worker: dict[str, list[Step]], model: StepTimeModel) -> list[list[float]]:
+def oversubscription(measured: list[Measured]) -> list[list[float]]:
     """[k, factor, steps] for k other workers inside a step (k >= 1): the median model time / prediction with k
     others busy over the same with one other busy.  With more engines than cores each step also waits for its
     turn on a core, and that costs more than the share of the cores (context switches, evicted caches).  Only
     counts with MIN_SAMPLES steps or more are given, and a factor never falls below the one before it."""
     ratios: dict[int, list[float]] = defaultdict(list)
-    for worker, steps in by_worker.items():
-        others = [s for w, s in by_worker.items() if w != worker]
-        for s in steps:
-            ratios[_busy_others(s, others)].append(s.execute_s / model.predict(list(s.features)))
+    for m in measured:
+        ratios[m.busy_others].append(m.ratio)
     if len(ratios[1]) < MIN_SAMPLES:
         return []
     one = statistics.median(ratios[1])
