@@ -168,17 +168,16 @@ class HealthMonitor:
 
     def drain(self, name: str, reason: str) -> bool:
         """No new requests for a READY worker (its streams finish); False if it was not READY."""
-        w = self.workers[name]
-        if w.state is not WorkerState.READY:
-            return False
-        self._set(w, WorkerState.DRAINED, reason, self.clock())
-        return True
+        return self._move(name, WorkerState.READY, WorkerState.DRAINED, reason)
 
     def undrain(self, name: str, reason: str) -> bool:
+        return self._move(name, WorkerState.DRAINED, WorkerState.READY, reason)
+
+    def _move(self, name: str, src: WorkerState, dst: WorkerState, reason: str) -> bool:
         w = self.workers[name]
-        if w.state is not WorkerState.DRAINED:
+        if w.state is not src:
             return False
-        self._set(w, WorkerState.READY, reason, self.clock())
+        self._set(w, dst, reason, self.clock())
         return True
 
     def _kill(self, w: WorkerHealth, reason: str, now: float) -> Action:
