@@ -111,7 +111,6 @@ def corun(model: StepTimeModel, sessions: int, session_rate: float) -> dict[str,
         workers = parse_configs(config)[0].workers
         scale = workers / 2  # sessions and their rate grow with the workers: steps with 2 and 3 others busy too
         out[str(workers)] = _corun_in(config, model, round(sessions * scale), session_rate * scale)
-        print(json.dumps({config: out[str(workers)]}), flush=True)
     return {"by_workers": out}
 
 
