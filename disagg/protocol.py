@@ -283,7 +283,6 @@ class WorkerStats(WireMessage):
     local_only_imports: int = _stat(_C)  # prefill results taken with nothing to read (only a notification)
     step_failures: int = _stat(_C)
     events_published: int = _stat(_C)
-    publish_failures: int = _stat(_C)
     loaded_blocks: dict[SourceKind, int] = _stat(_C, dict)
     tier_query_blocks: int | None = _stat(_C, None)
     tier_hit_blocks: dict[Tier, int] = _stat(_C, dict)
@@ -388,3 +387,13 @@ class KVEventBatch(WireMessage):
 
     def kv_events(self) -> list[KVEvent]:
         return list(self.events)
+
+
+@dataclass
+class KVEventPage(WireMessage):
+    """One answer of a worker's feed: its incarnation (a restart resets the numbering) and the batches after the
+    follower's cursor, oldest first (none: nothing new within the poll's timeout)."""
+
+    TYPE: ClassVar[str] = "kv_event_page"
+    incarnation: str
+    batches: list[KVEventBatch]

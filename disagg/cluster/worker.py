@@ -16,7 +16,8 @@ Any role can `export_prefix()`: lease the blocks of a prompt prefix it holds (de
 
 Lifecycle: constructed (engine loaded, KV memory registered with a new NIXL agent named after this incarnation)
 -> `ready()` starts the step loop -> the router's supervisor wires peers (`set_peers`) and pulls a KV snapshot
--> serving.  A process that dies is restarted by Ray and goes through the same steps as a new incarnation.
+-> serving; routers follow its KV events (`kv_events`: cluster/event_feed.py).  A process that dies is restarted
+by Ray and goes through the same steps as a new incarnation.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from disagg.cluster.event_feed import EventFeed
 from disagg.cluster.spans import WorkerSpans
 from disagg.cluster.step_budget import StepBudget
 from disagg.cluster.worker_config import WorkerConfig, build_tiers
@@ -99,7 +101,7 @@ class EngineWorker:
         self._loop_task: asyncio.Task | None = None
         self._wake = asyncio.Event()  # set when work is submitted: ends an idle wait
         self._idle_s = config.idle_sleep_s
-        self._event_sink: Any = None  # the router actor; receives KVEventBatch messages
+        self.feed = EventFeed(self.incarnation, config.event_feed_batches)  # routers pull KV events from it
         self._event_seq = -1
         self._step_started: float | None = None
         self._steps = 0
@@ -152,8 +154,9 @@ class EngineWorker:
                     return
                 deltas, events, faults = [], None, []
                 await asyncio.sleep(backoff)
-            if events is not None and self._event_sink is not None:
-                self._publish(events)
+            if events is not None:
+                await self.feed.append(events)
+                self.counts.events_published += 1
             self._fail_corrupt(faults)
             for delta in deltas:
                 queue = self._queues.get(delta.request_id)
@@ -175,14 +178,6 @@ class EngineWorker:
     def _corrupt(self) -> OutputCorrupt:
         return OutputCorrupt(f"{self.config.name}: {self.fault}", worker=self.config.name)
 
-    def _publish(self, batch: KVEventBatch) -> None:
-        try:
-            self._event_sink.publish_kv_events.remote(batch.to_wire())
-            self.counts.events_published += 1
-        except Exception as exc:  # the router may be restarting; it pulls a snapshot when it sees the gap
-            self.counts.publish_failures += 1
-            log.info("publishing KV events failed: %s", exc)
-
     def _tick(self) -> tuple[list[TokenDelta], KVEventBatch | None, list[OutputFault]]:
         """Executor thread: release leases readers are done with, expire stale ones, run one step, and collect
         the KV events since the last tick as one numbered batch."""
@@ -203,7 +198,7 @@ class EngineWorker:
             self._stats_at = time.monotonic()
         events = self.engine.drain_kv_events()
         batch = None
-        if events:  # numbered even with no sink yet: the router then sees a gap and asks for a snapshot
+        if events:  # numbered: a router that missed one sees the gap and asks for a snapshot
             self._event_seq += 1
             batch = KVEventBatch.of(self.config.name, self._event_seq, events)
         return deltas, batch, self.engine.drain_output_faults()
@@ -253,8 +248,9 @@ class EngineWorker:
         self.spans.role = self.config.role
         log.info("%s: role is now %s", self.config.name, role)
 
-    async def set_event_sink(self, sink: Any) -> None:
-        self._event_sink = sink
+    async def kv_events(self, incarnation: str, after_seq: int, timeout_s: float) -> bytes:
+        """A router's long poll of this worker's KV events (a KVEventPage message; cluster/event_feed.py)."""
+        return (await self.feed.since(incarnation, after_seq, timeout_s)).to_wire()
 
     async def kv_snapshot(self) -> bytes:
         """Every block hash held now, per tier, numbered as the last batch published (events are idempotent)."""

@@ -39,6 +39,7 @@ class WorkerConfig(WireMessage):
     transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed (the engine's kv_load_timeout_s)
     idle_sleep_s: float = 0.002  # between ticks that delivered nothing while the engine has requests
     idle_max_sleep_s: float = 0.05  # ... and at most this long with none (a new request ends the wait at once)
+    event_feed_batches: int = 4096  # KV event batches kept for routers that pull them (a slower one snapshots)
     # "package.module:attribute" of a callable wrapping the worker's transport, resolved in the worker's process
     # (the chaos benchmark names a fault injector from tests/fake_transport.py); "": none
     transport_wrapper: str = ""
