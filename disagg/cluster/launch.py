@@ -355,7 +355,7 @@ def serve(args: argparse.Namespace) -> int:
     model_name = service.cluster.config.engine.model.rstrip("/").split("/")[-1]
     print(
         f"disagg serving {model_name} at {service.url}/v1 ({cluster.num_prefill} prefill, {cluster.num_decode} "
-        f"decode, policy {router.policy.kind.value}; started in {time.perf_counter() - t0:.1f}s)",
+        f"decode, {router.replicas} router replica(s), policy {router.policy.kind.value}; started in {time.perf_counter() - t0:.1f}s)",
         flush=True,
     )
     try:

@@ -109,5 +109,4 @@ class ServeFront:
         return self.url
 
     def shutdown(self) -> None:
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        serve.shutdown()  # deletes the application: each replica's lifespan stops its core
