@@ -26,7 +26,7 @@ from disagg.cluster.client import DisaggClient
 from disagg.cluster.router_actor import RouterActor
 from disagg.cluster.router_service import RouterConfig
 from disagg.cluster.smoke import smoke_test
-from disagg.cluster.worker_config import WorkerConfig, worker_tiers
+from disagg.cluster.worker_config import MockConfig, WorkerConfig, worker_tiers
 from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.errors import InsecureExposure
 from disagg.http.keys import load_keys_file
@@ -67,6 +67,7 @@ class ClusterConfig:
     prefill_resources: dict[str, float] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
     router_resources: dict[str, float] = field(default_factory=dict)
+    mock: MockConfig | None = None  # mock engines (cluster/mocker.py: no model, no KV tiers); None: the model
 
     def worker(self, name: str, role: Role, slot: str) -> WorkerConfig:
         """The config of the worker named `name` in position `slot` (its disk tier's directory)."""
@@ -74,11 +75,12 @@ class ClusterConfig:
             name=name,
             role=role,
             engine=self.engine,
-            tiers=worker_tiers(self.tiers, slot),
+            tiers=worker_tiers(self.tiers, slot) if self.mock is None else None,
             transfer_timeout_s=self.transfer_timeout_s,
             transport_wrapper=self.transport_wrapper,
             tracing=self.tracing,
             transport=self.transport,
+            mock=self.mock,
         )
 
 
@@ -355,7 +357,8 @@ def serve(args: argparse.Namespace) -> int:
     model_name = service.cluster.config.engine.model.rstrip("/").split("/")[-1]
     print(
         f"disagg serving {model_name} at {service.url}/v1 ({cluster.num_prefill} prefill, {cluster.num_decode} "
-        f"decode, {router.replicas} router replica(s), policy {router.policy.kind.value}; started in {time.perf_counter() - t0:.1f}s)",
+        f"decode, {router.replicas} router replica(s), policy {router.policy.kind.value}; "
+        f"started in {time.perf_counter() - t0:.1f}s)",
         flush=True,
     )
     try:

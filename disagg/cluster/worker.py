@@ -78,7 +78,13 @@ class EngineWorker:
         self.config = config
         self.incarnation = uuid.uuid4().hex[:8]
         self.agent_name = f"{config.name}-{self.incarnation}"
-        self.engine = LLMEngine(dataclasses.replace(config.engine, kv_load_timeout_s=config.transfer_timeout_s))
+        engine_config = dataclasses.replace(config.engine, kv_load_timeout_s=config.transfer_timeout_s)
+        if config.mock is None:
+            self.engine = LLMEngine(engine_config)
+        else:  # the simulator's model behind this real worker (cluster/mocker.py)
+            from disagg.cluster.mocker import mock_engine
+
+            self.engine = mock_engine(engine_config, config.mock)
         self.tiers = tier_factory(self.engine, config)
         if transport_factory is None:  # NIXL, configured by the worker's config
             transport = nixl_transport(self.agent_name, self.engine.device, config.transport)
@@ -88,7 +94,7 @@ class EngineWorker:
             transport = resolve_wrapper(config.transport_wrapper)(transport)
         self.transport: KVTransport = transport
         kv = self.engine.kv_tensor
-        assert kv is not None  # a worker's engine always runs a real model
+        assert kv is not None  # a worker's engine has KV memory (a mock's is a token one: cluster/mocker.py)
         self.transport.register(kv, self.tiers.cpu.tensor if self.tiers is not None else None)
         self.peer = PeerSource(self.transport)
         self.connector = self.engine.connector  # both sides of the KV seam: loads in, leases out
