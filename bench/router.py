@@ -1,7 +1,8 @@
 """Router benchmark: decision latency at scale, and the prefix-hit ratio of routing policies on the real traces,
 with and without CPU / disk tiers behind each worker, and like-for-like against NVIDIA Dynamo's router.
 
-1. Latency: RouterCore.route() (block hashing + index match + policy) with 64 workers and 100k indexed blocks.
+1. Latency: RouterCore.route() (block hashing + index match + policy) with 64 workers and 100k indexed blocks
+   (bench/router_scale.py; `--scale`: its own run, 256 workers and 1M blocks with live KV-event ingest).
 2. Hit ratio: the Mooncake traces replayed in timestamp order through the real RouterCore in front of simulated
    workers.  Each worker has a real BlockPool (LRU prefix cache of --blocks blocks, one block per trace hash_id)
    and, with tiers, a CPU tier and a disk tier modelled as LRU sets of hashes: write-through to CPU for every
@@ -20,6 +21,7 @@ with and without CPU / disk tiers behind each worker, and like-for-like against 
 
     .venv/bin/python -m bench.router
     .venv/bin/python -m bench.router --dynamo-python /tmp/dynenv/bin/python   # see bench/dynamo_router.py
+    .venv/bin/python -m bench.router --scale [bench/router_scale.py's options]   # -> router_scale.json
 """
 
 from __future__ import annotations
@@ -28,63 +30,22 @@ import argparse
 import heapq
 import itertools
 import json
-import random
-import time
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import emit, print_table
-from disagg.config import EngineConfig
+from bench.router_scale import ScaleOptions, measure
+from bench.router_scale import main as scale_main
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.options import add_options
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
 from disagg.router.load import LoadTicket
 from disagg.router.policy import PolicyConfig, PolicyKind
-from disagg.workload.metrics import percentile
 
 TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "traces"
 TRACE_NAMES = ("mooncake_synthetic_trace.jsonl", "mooncake_conversation_trace.jsonl")
-
-
-def bench_latency(num_workers: int, num_blocks: int, decisions: int, seed: int = 0) -> dict:
-    rng = random.Random(seed)
-    from disagg.router.router import RouterCore  # here, not at the top: see CoreRouter
-
-    names = [f"w{i}" for i in range(num_workers)]
-    core = RouterCore({}, {n: None for n in names}, block_size=EngineConfig.block_size)
-    chain_len = 50
-    chains = []
-    seq = {n: 0 for n in names}
-    for _chain in range(num_blocks // chain_len):
-        tokens = [rng.randrange(50_000) for _ in range(chain_len * 16)]
-        chains.append(tokens)
-        hashes = hash_prompt_blocks(tokens, 16)
-        for w in rng.sample(names, rng.randint(1, 3)):
-            core.on_kv_events(KVEventBatch.of(w, seq[w], [KVEvent(EventKind.STORED, hashes)]))
-            seq[w] += 1
-    with_hash, index_only = [], []
-    for i in range(decisions):
-        chain = rng.choice(chains)
-        prompt = chain[: 16 * rng.randint(1, chain_len)] + [rng.randrange(50_000) for _ in range(rng.randint(1, 40))]
-        request = Request(f"r{i}", prompt)
-        t0 = time.perf_counter()
-        core.route(request)
-        with_hash.append(time.perf_counter() - t0)
-        hashes = hash_prompt_blocks(prompt, 16)
-        t0 = time.perf_counter()
-        matches = core.index.match(hashes)
-        core.policy.choose(len(prompt), matches, [core.loads[n] for n in names], [])
-        index_only.append(time.perf_counter() - t0)
-    return {
-        "workers": num_workers,
-        "indexed_blocks": core.index.num_blocks,
-        "decisions": decisions,
-        "p50_us": percentile(with_hash, 50) * 1e6,
-        "p99_us": percentile(with_hash, 99) * 1e6,
-        "p50_us_excl_hashing": percentile(index_only, 50) * 1e6,
-        "p99_us_excl_hashing": percentile(index_only, 99) * 1e6,
-    }
 
 
 def load_trace(path: Path, limit: int | None) -> list[dict]:
@@ -213,6 +174,9 @@ class RouterOptions:
     disk_blocks: int = field(default=65536, metadata={"help": "disk tier per worker when a CPU tier is on"})
     decisions: int = field(default=5000, metadata={"help": "routing decisions timed for the latency table"})
     grid: bool = field(default=False, metadata={"help": "only the device-only weight x temperature grid"})
+    scale: bool = field(
+        default=False, metadata={"help": "only the decision latency at scale (bench/router_scale.py's options)"}
+    )
     dynamo_python: str | None = field(
         default=None, metadata={"help": "interpreter of a venv with ai-dynamo-runtime: grid for both routers"}
     )
@@ -346,8 +310,10 @@ def oracle(trace: list[dict]) -> dict:
 
 
 def policies(args: argparse.Namespace) -> dict:
-    latency = bench_latency(64, 100_000, args.decisions)
-    print_table([latency], "routing decision latency (RouterCore.route)")
+    small = ScaleOptions(64, 100_000, decisions=args.decisions, inflight=0, event_rate=0, decision_rate=0)
+    latency = measure(small, seed=0)  # no ingest, no load: bench/router_scale.py has those
+    rows = [{"us": name, **figures} for name, figures in latency.items() if isinstance(figures, dict)]
+    print_table(rows, "routing decision latency (RouterCore.route; with hashing, given the hashes)")
     results = {"latency": latency, "hit_ratio": {}}
     for name in reversed(TRACE_NAMES):
         trace = load_trace(TRACES / name, args.limit)
@@ -377,6 +343,10 @@ def policies(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--scale" in argv:  # the decision latency at scale, with its own options
+        scale_main([a for a in argv if a != "--scale"])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_options(parser, SimConfig, only=("workers", "blocks", "prefill_tok_s", "tpot_ms"))
     add_options(parser, RouterOptions)

@@ -8,17 +8,26 @@ could read out of it (device + CPU, the regions registered with NIXL).  Each wor
 numbers; a gap (or a restart, seq_no back to 0) makes `apply` return False and the caller asks that worker for a
 snapshot.  Memory is bounded by `max_blocks` entries: past it, the oldest-stored hashes are dropped (the index
 may under-report, never over-report a hit).
+
+The router applies a batch in bounded slices (`Ingest`), so a big batch or a snapshot never holds the router's
+lock for long; a routing decision between two slices sees a state the worker would have shown had it published
+smaller batches.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from disagg.protocol import EventKind, KVEventBatch, Tier
 
 _BIT = {Tier.DEVICE: 1, Tier.CPU: 2, Tier.DISK: 4}
 _OFFLOAD = _BIT[Tier.CPU] | _BIT[Tier.DISK]
+_ALL = _BIT[Tier.DEVICE] | _OFFLOAD
+_UNSLICED = 1 << 62  # `apply`: the whole batch in one step
 
 
 @dataclass
@@ -63,52 +72,88 @@ class PrefixIndex:
 
     def apply(self, batch: KVEventBatch) -> bool:
         """Apply a batch; False (and nothing applied) if a gap means the caller must fetch a snapshot."""
-        state = self._workers.setdefault(batch.worker, IndexedWorker())
-        if batch.snapshot:
-            self._clear(batch.worker, None)
-            for event in batch.kv_events():
-                self._store(batch.worker, event.block_hashes, event.tier)
-            state.last_seq_no = batch.seq_no
-            state.needs_snapshot = False
-            return True
-        if state.needs_snapshot or batch.seq_no != state.last_seq_no + 1:
-            state.needs_snapshot = True
+        steps = self.begin(batch, _UNSLICED)
+        if steps is None:
             return False
-        state.last_seq_no = batch.seq_no
-        for event in batch.kv_events():
-            if event.kind is EventKind.STORED:
-                self._store(batch.worker, event.block_hashes, event.tier)
-            elif event.kind is EventKind.REMOVED:
-                for h in event.block_hashes:
-                    self._drop(h, batch.worker, _BIT[event.tier])
-            elif event.kind is EventKind.CLEARED:
-                self._clear(batch.worker, event.tier)
+        for _ in steps:
+            pass
         return True
 
-    def _store(self, worker: str, hashes: list[int], tier: Tier) -> None:
-        bit = _BIT[tier]
-        blocks = self._workers[worker].blocks
-        for h in hashes:
-            owners = self._owners.get(h)
-            if owners is None:
-                if len(self._owners) >= self.max_blocks:
-                    self._evict_oldest()
-                owners = self._owners[h] = {}
-            owners[worker] = owners.get(worker, 0) | bit
-            blocks[h] = owners[worker]
+    def begin(self, batch: KVEventBatch, slice_blocks: int) -> Iterator[None] | None:
+        """Start applying a batch: None (and nothing applied) if a gap means the caller must fetch a snapshot, else
+        the work as an iterator whose every step applies at most `slice_blocks` block hashes, in event order (the
+        router holds its lock per step, not per batch: see `Ingest`)."""
+        state = self._workers.setdefault(batch.worker, IndexedWorker())
+        if not batch.snapshot and (state.needs_snapshot or batch.seq_no != state.last_seq_no + 1):
+            state.needs_snapshot = True
+            return None
+        state.last_seq_no = batch.seq_no
+        state.needs_snapshot = False
+        return self._steps(batch, state, slice_blocks)
 
-    def _drop(self, h: int, worker: str, bit: int) -> None:
-        owners = self._owners.get(h)
-        if owners is None or worker not in owners:
-            return
-        left = owners[worker] & ~bit
+    def _steps(self, batch: KVEventBatch, state: IndexedWorker, slice_blocks: int) -> Iterator[None]:
+        worker, done = batch.worker, 0
+        for apply, hashes, bit in self._operations(batch, state):
+            start = 0
+            while start < len(hashes):
+                end = start + slice_blocks - done
+                apply(worker, hashes if start == 0 and end >= len(hashes) else hashes[start:end], bit)
+                done += min(end, len(hashes)) - start
+                start = end
+                if done >= slice_blocks:
+                    done = 0
+                    yield
+                    if self._workers.get(worker) is not state:  # removed meanwhile (out of routing): stop
+                        return
+
+    def _operations(
+        self, batch: KVEventBatch, state: IndexedWorker
+    ) -> Iterator[tuple[Callable[[str, list[int], int], None], list[int], int]]:
+        """The batch as (apply, hashes, tier bits) steps; a snapshot first clears all the worker held."""
+        if batch.snapshot:
+            yield self._drop_many, list(state.blocks), _ALL
+        for event in batch.kv_events():
+            bit = _BIT[event.tier]
+            if batch.snapshot or event.kind is EventKind.STORED:
+                yield self._store, event.block_hashes, bit
+            elif event.kind is EventKind.REMOVED:
+                yield self._drop_many, event.block_hashes, bit
+            elif event.kind is EventKind.CLEARED:
+                yield self._drop_many, list(state.blocks), bit  # listed when reached, as the events before it left it
+
+    def _store(self, worker: str, hashes: list[int], bit: int) -> None:
+        blocks = self._workers[worker].blocks
+        all_owners = self._owners
+        for h in hashes:
+            owners = all_owners.get(h)
+            if owners is None:
+                if len(all_owners) >= self.max_blocks:
+                    self._evict_oldest()
+                owners = all_owners[h] = {}
+            blocks[h] = owners[worker] = owners.get(worker, 0) | bit
+
+    def _drop_many(self, worker: str, hashes: list[int], bit: int) -> None:
+        """Drop tier `bit` of these blocks from `worker` (a block left in no tier of any worker leaves the index)."""
+        all_owners = self._owners
         state = self._workers.get(worker)
-        if left:
-            owners[worker] = left
+        for h in hashes:
+            owners = all_owners.get(h)
+            if owners is None:
+                continue
+            held = owners.get(worker)
+            if held is None:
+                continue
+            left = held & ~bit
+            if left:
+                owners[worker] = left
+                if state is not None:
+                    state.blocks[h] = left
+                continue
             if state is not None:
-                state.blocks[h] = left
-            return
-        self._drop_all(h, worker)
+                state.blocks.pop(h, None)
+            del owners[worker]
+            if not owners:
+                del all_owners[h]
 
     def _drop_all(self, h: int, worker: str) -> None:
         state = self._workers.get(worker)
@@ -125,11 +170,6 @@ class PrefixIndex:
         for worker in owners:
             self._workers[worker].blocks.pop(h, None)
 
-    def _clear(self, worker: str, tier: Tier | None) -> None:
-        bit = 7 if tier is None else _BIT[tier]
-        for h in list(self._workers[worker].blocks):
-            self._drop(h, worker, bit)
-
     # ------------------------------------------------------------------ queries
     def needs_snapshot(self, worker: str) -> bool:
         state = self._workers.get(worker)
@@ -137,45 +177,31 @@ class PrefixIndex:
 
     def match(self, block_hashes: list[int]) -> dict[str, TierMatch]:
         """Per worker holding the first block, how its engine would serve the leading blocks (see TierMatch)."""
-        matches: dict[str, TierMatch] = {}
         if not block_hashes:
-            return matches
-        first = self._owners.get(block_hashes[0])
+            return {}
+        get = self._owners.get
+        first = get(block_hashes[0])
         if not first:
-            return matches
-        active = dict(first)  # worker -> bits of the current block
-        in_tier_phase: set[str] = set()
-        cpu_run_open = set(active)  # still counting exportable blocks (no disk block seen yet)
-        for worker in active:
-            matches[worker] = TierMatch()
-        for i, h in enumerate(block_hashes):
-            owners = first if i == 0 else self._owners.get(h)
+            return {}
+        counts = {worker: [0, 0, 0, 0] for worker in first}  # device, cpu, disk, exportable (TierMatch's order)
+        walk = _Walk(counts)
+        repeats = 0
+        for h in block_hashes:
+            owners = get(h)
             if not owners:
                 break
-            for worker in list(active):
-                bits = owners.get(worker, 0)
-                m = matches[worker]
-                if worker not in in_tier_phase and bits & 1:
-                    m.device += 1
-                    m.exportable += 1
-                    continue
-                if not bits & _OFFLOAD:
-                    del active[worker]
-                    continue
-                in_tier_phase.add(worker)
-                if bits & 2:
-                    m.cpu += 1
-                    if worker in cpu_run_open:
-                        m.exportable += 1
-                else:
-                    m.disk += 1
-                    cpu_run_open.discard(worker)
-            if not active:
+            # Chains are mostly held by the same workers in the same tiers block after block: a block with the
+            # same holders and tier bits as the one before has the same outcome for every worker still matching
+            # (no worker leaves the device run, the CPU run or the match on a repeat), so it is only counted.
+            if owners == walk.last:
+                repeats += 1
+                continue
+            walk.repeat(repeats)
+            repeats = 0
+            if not walk.step(owners):
                 break
-        for worker in list(matches):
-            if matches[worker].total == 0:
-                del matches[worker]
-        return matches
+        walk.repeat(repeats)
+        return {w: TierMatch(c[0], c[1], c[2], c[3]) for w, c in counts.items() if c[0] + c[1] + c[2]}
 
     def blocks_of(self, worker: str, tier: Tier | None = None) -> set[int]:
         state = self._workers.get(worker)
@@ -189,3 +215,75 @@ class PrefixIndex:
     @property
     def num_blocks(self) -> int:
         return len(self._owners)
+
+
+class _Walk:
+    """`PrefixIndex.match`'s walk down a request's blocks: per worker, its device run, then its tier run."""
+
+    def __init__(self, counts: dict[str, list[int]]) -> None:
+        self.counts = counts
+        self.active = list(counts)
+        self.on_device = set(counts)  # still in the device run
+        self.cpu_open = set(counts)  # no disk-only block yet: CPU blocks still count as exportable
+        self.last: dict[str, int] | None = None  # the holders of the last block stepped
+        self.added: list[tuple[list[int], int]] = []  # what that block added: (counts, field)
+
+    def step(self, owners: dict[str, int]) -> bool:
+        """Count one block; False when no worker matches any more."""
+        added: list[tuple[list[int], int]] = []
+        still = []
+        for worker in self.active:
+            bits = owners.get(worker, 0)
+            c = self.counts[worker]
+            if bits & 1 and worker in self.on_device:
+                added += ((c, 0), (c, 3))
+            elif not bits & _OFFLOAD:
+                continue  # its run ends here
+            else:
+                self.on_device.discard(worker)
+                if bits & 2:
+                    added.append((c, 1))
+                    if worker in self.cpu_open:
+                        added.append((c, 3))
+                else:
+                    added.append((c, 2))
+                    self.cpu_open.discard(worker)
+            still.append(worker)
+        for c, i in added:
+            c[i] += 1
+        self.active, self.last, self.added = still, owners, added
+        return bool(still)
+
+    def repeat(self, times: int) -> None:
+        """Count `times` more blocks with the same holders and bits as the last one stepped."""
+        if times:
+            for c, i in self.added:
+                c[i] += times
+
+
+class Ingest:
+    """Applies workers' KV event batches to the router's index under the router's lock, at most `slice_blocks`
+    block hashes per hold: a routing decision waits for one slice, not for a whole batch or snapshot.  A worker's
+    batches still apply one after another, in order (a lock per worker, taken before the router's)."""
+
+    def __init__(self, index: PrefixIndex, lock: threading.Lock, slice_blocks: int) -> None:
+        self.index, self.lock, self.slice_blocks = index, lock, slice_blocks
+        self._order: dict[str, threading.Lock] = {}
+
+    def apply(self, batch: KVEventBatch) -> bool:
+        """As `PrefixIndex.apply` (False: a gap, nothing applied)."""
+        order = self._order.get(batch.worker) or self._order.setdefault(batch.worker, threading.Lock())
+        with order:
+            with self.lock:
+                steps = self.index.begin(batch, self.slice_blocks)
+                if steps is None:
+                    return False
+                more = next(steps, _DONE) is not _DONE
+            while more:
+                time.sleep(0)  # offer the GIL: a routing thread waiting on it gets in between two slices
+                with self.lock:
+                    more = next(steps, _DONE) is not _DONE
+        return True
+
+
+_DONE = object()

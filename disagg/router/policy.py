@@ -19,6 +19,9 @@ queue term keeps a worker with a hot prefix from being buried under a burst, the
 conversations together before their blocks are indexed.  Ties (or near-ties, with temperature > 0) are broken
 by a softmax over -cost / temperature.
 
+With many workers, `choose_ranked` makes the same decision scoring only the workers that can win it (the ones
+with a cached prefix, shared in-flight blocks or the session, plus the least loaded others: router/ranking.py).
+
 Conditional disaggregation: prefill runs on a prefill worker only when the uncached part is long enough to be
 worth a transfer (>= min_remote_prefill_tokens) and some prefill worker is below its queue limit.  Otherwise
 the decode worker prefills locally, and if another worker holds a longer prefix in device memory or its CPU tier
@@ -31,15 +34,19 @@ import enum
 import itertools
 import math
 import random
-from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.isolation import SessionKey
 from disagg.protocol import Tier
 from disagg.router.index import TierMatch
+from disagg.router.ranking import LoadRanking
+from disagg.router.ranking import WorkerLoad as WorkerLoad  # re-exported: the policy's input
 from disagg.utils import cdiv
+
+_UNRANKABLE = "unrankable"  # choose_ranked: a cost is NaN, whose order only the full scoring reproduces
 
 
 class PolicyKind(str, enum.Enum):
@@ -71,43 +78,6 @@ class PolicyConfig:
             self.kind = PolicyKind(self.kind)
         except ValueError:
             raise ValueError(f"unknown policy {self.kind!r}: kv, round_robin or least_loaded") from None
-
-
-@dataclass
-class WorkerLoad:
-    """What the router tracks per worker from its own dispatches (exact, no polling), plus measured costs.
-
-    `active_blocks` counts the KV in-flight requests hold with shared prompt blocks counted once (as the worker's
-    block pool holds them once): `active_hashes` refcounts the full prompt blocks by hash, `private_blocks`
-    counts the rest (partial blocks, output)."""
-
-    name: str
-    active_requests: int = 0
-    active_blocks: int = 0
-    queued_prefill_tokens: int = 0  # prompt tokens dispatched but not yet past their first token
-    tier_cost: dict[Tier, float] = field(default_factory=dict)  # measured load/recompute ratio per tier
-    active_hashes: Counter = field(default_factory=Counter)
-    private_blocks: int = 0
-
-    def add_blocks(self, hashes: list[int], private: int) -> None:
-        self.active_hashes.update(hashes)
-        self.private_blocks += private
-        self.active_blocks = len(self.active_hashes) + self.private_blocks
-
-    def remove_blocks(self, hashes: list[int], private: int) -> None:
-        counts = self.active_hashes
-        for h in hashes:
-            left = counts[h] - 1
-            if left > 0:
-                counts[h] = left
-            else:
-                counts.pop(h, None)
-        self.private_blocks -= private
-        self.active_blocks = len(counts) + self.private_blocks
-
-    def shared_blocks(self, hashes: frozenset[int]) -> int:
-        """How many of a request's prompt blocks this worker's in-flight requests already hold."""
-        return len(hashes & self.active_hashes.keys()) if self.active_hashes else 0
 
 
 @dataclass
@@ -181,13 +151,123 @@ class RoutingPolicy:
                 w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session, block_hashes) for w in decode
             }
             chosen = self._pick(decode, costs)
-        match = tm.get(chosen.name, TierMatch())
+        return self._decide(chosen.name, costs, tm, num_tokens, num_blocks, prefill, session)
+
+    def choose_ranked(
+        self,
+        num_tokens: int,
+        matches: Mapping[str, TierMatch | int],
+        ranking: LoadRanking,
+        loads: Mapping[str, WorkerLoad],
+        eligible: Callable[[str], bool],
+        prefill: list[WorkerLoad],
+        session: SessionKey | str | None = None,
+        block_hashes: frozenset[int] = frozenset(),
+    ) -> Decision | None:
+        """`choose` over the decode workers of `ranking.order` that `eligible` accepts (None: there are none): the
+        same decision, but under the kv policy at temperature 0 it scores only the workers that can win
+        (router/ranking.py), and `Decision.costs` holds those only."""
+        picked: tuple[str, dict[str, float]] | str | None = _UNRANKABLE
+        tm = {name: _as_match(m) for name, m in matches.items()}
+        num_blocks = cdiv(num_tokens, self.block_size)
+        if self._ranks_exactly(ranking):
+            picked = self._ranked_pick(num_blocks, tm, ranking, loads, eligible, session, block_hashes)
+        if picked is None:
+            return None
+        if isinstance(picked, str):  # every worker scored, as `choose` does
+            decode = [loads[n] for n in ranking.order if eligible(n)]
+            return self.choose(num_tokens, matches, decode, prefill, session, block_hashes) if decode else None
+        chosen, costs = picked
+        return self._decide(chosen, costs, tm, num_tokens, num_blocks, prefill, session)
+
+    def _ranks_exactly(self, ranking: LoadRanking) -> bool:
+        """Whether the cheapest plain workers are the first in load order (weights finite and >= 0, argmin, no
+        tier prior that turns a zero tier term into NaN)."""
+        c = self.config
+        return (
+            c.kind is PolicyKind.KV
+            and not c.temperature > 0
+            and math.isfinite(c.overlap_weight)
+            and c.overlap_weight >= 0
+            and ranking.queue_weight == c.queue_weight
+            and ranking.block_size == self.block_size
+            and math.isfinite(c.queue_weight)
+            and c.queue_weight >= 0
+            and c.cpu_load_cost > -math.inf
+            and c.disk_load_cost > -math.inf
+        )
+
+    def _ranked_pick(
+        self,
+        num_blocks: int,
+        tm: dict[str, TierMatch],
+        ranking: LoadRanking,
+        loads: Mapping[str, WorkerLoad],
+        eligible: Callable[[str], bool],
+        session: SessionKey | str | None,
+        block_hashes: frozenset[int],
+    ) -> tuple[str, dict[str, float]] | str | None:
+        """The argmin of `_cost` over the eligible decode workers, ties broken as `_pick` breaks them."""
+        order = ranking.order
+        special = set(tm) | ranking.sharing(block_hashes) | ranking.irregular
+        last = self._sessions.get(session) if session is not None else None
+        if last is not None:
+            special.add(last)
+        costs = {
+            n: self._cost(loads[n], num_blocks, tm.get(n, TierMatch()), session, block_hashes)
+            for n in special
+            if n in order and eligible(n)
+        }
+
+        def plain(n: str) -> bool:
+            return n not in special and n in order and eligible(n)
+
+        groups: list[tuple[float, set[str]]] = []  # plain groups within float noise of the cheapest
+        limit = math.inf
+        for key, group in ranking.groups():
+            if key > limit:
+                break
+            member = next((n for n in group if plain(n)), None)
+            if member is None:
+                continue
+            cost = self._cost(loads[member], num_blocks, TierMatch(), session, block_hashes)
+            if not groups:  # far above any rounding of the cost: a group past it costs more
+                limit = key + 1e-9 * (1.0 + abs(key) + abs(cost) + self.config.overlap_weight * num_blocks)
+            groups.append((cost, group))
+        scored = [*costs.values(), *(cost for cost, _ in groups)]
+        if not scored:
+            return None
+        if any(c != c for c in scored):
+            return _UNRANKABLE
+        best = min(scored)
+        ties = [n for n, c in costs.items() if c == best]
+        for cost, group in groups:
+            if cost == best:
+                tied = [n for n in group if plain(n)]
+                ties += tied
+                costs.update(dict.fromkeys(tied, cost))
+        ties.sort(key=order.__getitem__)
+        return self._rng.choice(ties), costs
+
+    def _decide(
+        self,
+        chosen: str,
+        costs: dict[str, float],
+        tm: dict[str, TierMatch],
+        num_tokens: int,
+        num_blocks: int,
+        prefill: list[WorkerLoad],
+        session: SessionKey | str | None,
+    ) -> Decision:
+        """The rest of a decision once its decode worker is chosen: where it prefills, whether it pulls a prefix."""
+        kind = self.config.kind
+        match = tm.get(chosen, TierMatch())
         if session:
-            self._remember(session, chosen.name)
+            self._remember(session, chosen)
         prefill_worker, reason = self._choose_prefill(
             num_tokens - match.total * self.block_size, num_blocks, tm, prefill
         )
-        decision = Decision(chosen.name, prefill_worker, match.total, costs, reason, match)
+        decision = Decision(chosen, prefill_worker, match.total, costs, reason, match)
         if prefill_worker is not None:
             decision.prefill_cached_blocks = tm.get(prefill_worker, TierMatch()).total
         if prefill_worker is None and kind is PolicyKind.KV and self.config.peer_pull:

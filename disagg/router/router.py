@@ -60,9 +60,10 @@ from disagg.router.event_follow import EventFollowers
 from disagg.router.flight import Flight
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
-from disagg.router.index import PrefixIndex
+from disagg.router.index import Ingest, PrefixIndex
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
+from disagg.router.ranking import LoadRanking
 from disagg.router.roles import RoleChanger
 from disagg.router.watch import SilentConfig, SilentFailureWatch
 from disagg.tracing import inject
@@ -99,6 +100,10 @@ class RouterCore:
         self.policy = RoutingPolicy(policy, block_size)
         self.index = PrefixIndex()
         self.loads = {name: WorkerLoad(name) for name in self.handles}
+        self.ranking = LoadRanking(self.policy.config.queue_weight, block_size)  # loads as the policy ranks them
+        self.ranking.set_order(self.decode)
+        for load in self.loads.values():
+            load.ranking = self.ranking
         for name in self.loads:
             self.index.add_worker(name)
         decode_role = Role.DECODE if prefill else Role.BOTH
@@ -125,6 +130,7 @@ class RouterCore:
         self.decisions: deque[RoutedRequest] = deque(maxlen=self.config.max_decisions)
         self.counters = RouterCounters()  # migrations, fallbacks, requests by path, role changes (/metrics)
         self._lock = threading.Lock()
+        self.ingest = Ingest(self.index, self._lock, self.config.ingest_slice_blocks)  # KV events, in slices
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
         self.roles = RoleChanger(
@@ -193,7 +199,8 @@ class RouterCore:
             load = stats.tier_load_s_per_block.get(tier)
             if load is not None:
                 costs[tier] = load / recompute
-        self.loads[name].tier_cost = costs
+        with self._lock:  # the policy's ranking (router/ranking.py) moves with it
+            self.loads[name].tier_cost = costs
 
     # ------------------------------------------------------------------ roles (router/roles.py drives changes)
     def set_routing_role(self, name: str, role: Role) -> None:
@@ -204,6 +211,7 @@ class RouterCore:
             (self.prefill if role is Role.PREFILL else self.decode)[name] = handle
             self.health.workers[name].role = role
             self.book.prefill = list(self.prefill)
+            self.ranking.set_order(self.decode)
 
     def index_needs_snapshot(self, name: str) -> bool:
         with self._lock:
@@ -215,8 +223,7 @@ class RouterCore:
         Batches from workers out of routing are dropped: their index entries were cleared on purpose."""
         if batch.worker not in self.health.workers or self.health.workers[batch.worker].state is WorkerState.DEAD:
             return False
-        with self._lock:
-            return self.index.apply(batch)
+        return self.ingest.apply(batch)
 
     # ------------------------------------------------------------------ routing
     def block_hashes(self, request: Request) -> list[int]:
@@ -233,14 +240,17 @@ class RouterCore:
     ) -> Decision:
         """Choose the workers for a request among READY ones (and, with `only`, those it accepts)."""
         hashes = self.block_hashes(request) if hashes is None else hashes
-        decode = [self.loads[n] for n in self.decode if self.health.routable(n) and (only is None or only(n))]
-        if not decode:
-            raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
-        prefill = [self.loads[n] for n in self.prefill if self.health.routable(n)]
-        with self._lock:
+        routable = self.health.routable
+        eligible = routable if only is None else (lambda n: routable(n) and only(n))
+        prefill = [self.loads[n] for n in self.prefill if routable(n)]
+        key = SessionKey(request.tenant, session) if session else None  # a tenant's sessions are its own
+        with self._lock:  # the decode workers are scored in routing order, the likely winners only (ranking.py)
             matches = self.index.match(hashes)
-            key = SessionKey(request.tenant, session) if session else None  # a tenant's sessions are its own
-            decision = self.policy.choose(request.num_tokens, matches, decode, prefill, key, frozenset(hashes))
+            decision = self.policy.choose_ranked(
+                request.num_tokens, matches, self.ranking, self.loads, eligible, prefill, key, frozenset(hashes)
+            )
+            if decision is None:
+                raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
             self.decisions.append(RoutedRequest(request.request_id, decision))
         return decision
 

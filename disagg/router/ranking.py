@@ -1,0 +1,159 @@
+"""The decode workers ranked by their load terms, kept current as loads change, so that the kv policy scores only
+the workers that can win a decision instead of every worker (routing cost at 256 workers: docs/benchmarks.md).
+
+A worker's cost (router/policy.py) has terms that only some workers have for a given request - a cached prefix in
+the index, prompt blocks shared with its in-flight requests, the session's affinity - and load terms every worker
+has: its active KV blocks and its queued prefill tokens.  A worker with none of the first kind ("plain" for that
+request) costs the same function of its two load terms as any other plain worker, non-decreasing in both (the
+queue weight is >= 0).  So the cheapest plain workers come first in load order: `LoadRanking` keeps the workers
+grouped by their exact load terms (one group per (active blocks, queued tokens) pair), the groups sorted by
+active blocks + queue weight x queued blocks, and which workers' in-flight requests hold each prompt block (for
+the shared-blocks term).  WorkerLoad (below, the policy's input) reports every change of its terms to it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from disagg.protocol import Tier
+
+_RANKED_TERMS = frozenset({"active_blocks", "queued_prefill_tokens", "tier_cost", "ranking"})
+
+
+class LoadRanking:
+    def __init__(self, queue_weight: float, block_size: int) -> None:
+        self.queue_weight, self.block_size = queue_weight, block_size
+        # a weight the policy cannot rank by (it then scores every worker): groups kept in terms order instead
+        self._weight = queue_weight if math.isfinite(queue_weight) and queue_weight >= 0 else 0.0
+        self.order: dict[str, int] = {}  # the decode workers, in routing order (ties are broken in this order)
+        self.irregular: set[str] = set()  # workers whose cost is not a function of the load terms alone: scored
+        self._terms: dict[str, tuple[int, int]] = {}  # worker -> (active blocks, queued prefill tokens)
+        self._groups: dict[tuple[int, int], set[str]] = {}  # load terms -> the workers with exactly those
+        self._keys: list[tuple[float, int, int]] = []  # (load key, terms) of every group, ascending
+        self._holders: dict[int, set[str]] = {}  # prompt block hash -> workers whose in-flight requests hold it
+
+    def set_order(self, decode: Iterable[str]) -> None:
+        self.order = {name: i for i, name in enumerate(decode)}
+
+    def key(self, active_blocks: int, queued_tokens: int) -> float:
+        return active_blocks + self._weight * (queued_tokens / self.block_size)
+
+    # ------------------------------------------------------------------ updates (WorkerLoad calls them)
+    def update(self, name: str, active_blocks: int, queued_tokens: int, regular: bool) -> None:
+        if regular:
+            self.irregular.discard(name)
+        else:
+            self.irregular.add(name)
+        terms = (active_blocks, queued_tokens)
+        old = self._terms.get(name)
+        if old == terms:
+            return
+        if old is not None:
+            left = self._groups[old]
+            left.discard(name)
+            if not left:
+                del self._groups[old]
+                del self._keys[bisect.bisect_left(self._keys, (self.key(*old), *old))]
+        self._terms[name] = terms
+        group = self._groups.get(terms)
+        if group is None:
+            group = self._groups[terms] = set()
+            bisect.insort(self._keys, (self.key(*terms), *terms))
+        group.add(name)
+
+    def hold(self, name: str, hashes: Iterable[int]) -> None:
+        """`name`'s in-flight requests now hold these blocks (none of them held before)."""
+        holders = self._holders
+        for h in hashes:
+            workers = holders.get(h)
+            if workers is None:
+                holders[h] = {name}
+            else:
+                workers.add(name)
+
+    def release(self, name: str, hashes: Iterable[int]) -> None:
+        """`name`'s in-flight requests hold none of these blocks any more."""
+        holders = self._holders
+        for h in hashes:
+            workers = holders.get(h)
+            if workers is not None:
+                workers.discard(name)
+                if not workers:
+                    del holders[h]
+
+    # ------------------------------------------------------------------ queries (under the router's lock)
+    def sharing(self, hashes: frozenset[int]) -> set[str]:
+        """Workers whose in-flight requests hold any of these blocks."""
+        found: set[str] = set()
+        holders = self._holders
+        for h in holders.keys() & hashes:  # in C: few of a prompt's blocks are in flight
+            found |= holders[h]
+        return found
+
+    def groups(self) -> Iterator[tuple[float, set[str]]]:
+        """(load key, workers) groups, cheapest first."""
+        for key, active, queued in self._keys:
+            yield key, self._groups[(active, queued)]
+
+
+@dataclass
+class WorkerLoad:
+    """What the router tracks per worker from its own dispatches (exact, no polling), plus measured costs.
+
+    `active_blocks` counts the KV in-flight requests hold with shared prompt blocks counted once (as the worker's
+    block pool holds them once): `active_hashes` refcounts the full prompt blocks by hash, `private_blocks`
+    counts the rest (partial blocks, output).
+
+    With a `ranking` attached (the router core's), every change of the terms it ranks by is reported to it as it
+    happens, direct assignments included (`tier_cost` is replaced, not edited in place)."""
+
+    name: str
+    active_requests: int = 0
+    active_blocks: int = 0
+    queued_prefill_tokens: int = 0  # prompt tokens dispatched but not yet past their first token
+    tier_cost: dict[Tier, float] = field(default_factory=dict)  # measured load/recompute ratio per tier
+    active_hashes: Counter = field(default_factory=Counter)
+    private_blocks: int = 0
+    ranking: LoadRanking | None = field(default=None, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _RANKED_TERMS and self.__dict__.get("ranking") is not None:
+            self._rank(attached=name == "ranking")
+
+    def _rank(self, attached: bool) -> None:
+        assert self.ranking is not None
+        regular = all(math.isfinite(v) for v in self.tier_cost.values())
+        self.ranking.update(self.name, self.active_blocks, self.queued_prefill_tokens, regular)
+        if attached:
+            self.ranking.hold(self.name, list(self.active_hashes))
+
+    def add_blocks(self, hashes: list[int], private: int) -> None:
+        if self.ranking is not None:
+            self.ranking.hold(self.name, [h for h in hashes if h not in self.active_hashes])
+        self.active_hashes.update(hashes)
+        self.private_blocks += private
+        self.active_blocks = len(self.active_hashes) + self.private_blocks
+
+    def remove_blocks(self, hashes: list[int], private: int) -> None:
+        counts = self.active_hashes
+        gone = []
+        for h in hashes:
+            left = counts[h] - 1
+            if left > 0:
+                counts[h] = left
+            elif counts.pop(h, None) is not None:
+                gone.append(h)
+        if self.ranking is not None:
+            self.ranking.release(self.name, gone)
+        self.private_blocks -= private
+        self.active_blocks = len(counts) + self.private_blocks
+
+    def shared_blocks(self, hashes: frozenset[int]) -> int:
+        """How many of a request's prompt blocks this worker's in-flight requests already hold."""
+        return len(hashes & self.active_hashes.keys()) if self.active_hashes else 0
