@@ -126,21 +126,11 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
 
 
 def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, parent_hash: int | None = None) -> list[int]:
-    """Hashes of every *full* block of `token_ids`; a trailing partial block has no hash.  The `hash_block_tokens`
-    chain, with one pack for all blocks and each digest fed on as the next parent: the router hashes every prompt
-    on its request path (tests/test_router_scale.py checks the two agree)."""
-    num_blocks = len(token_ids) // block_size
-    if num_blocks <= 0:
-        return []
-    width = block_size * 4  # bytes of one packed block
-    data = struct.pack(f"<{num_blocks * block_size}i", *token_ids[: num_blocks * block_size])
-    parent = _ROOT_PARENT if parent_hash is None else parent_hash.to_bytes(8, "little")
-    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
-    hashes: list[int] = []
-    for start in range(0, num_blocks * width, width):
-        parent = blake2b(parent + data[start : start + width], digest_size=8).digest()
-        hashes.append(from_bytes(parent, "little"))
-    return hashes
+    """Hashes of every *full* block (a trailing partial one has none): `hash_block_tokens`' chain, packed once."""
+    n = max(0, len(token_ids) // block_size) * block_size  # the tokens of the full blocks
+    d, w, b = struct.pack(f"<{n}i", *token_ids[:n]), 4 * block_size, hashlib.blake2b
+    p = _ROOT_PARENT if parent_hash is None else parent_hash.to_bytes(8, "little")  # each digest: the next parent
+    return [int.from_bytes(p := b(p + d[i : i + w], digest_size=8).digest(), "little") for i in range(0, 4 * n, w)]
 
 
 # ---------------------------------------------------------------------------------------------- messages

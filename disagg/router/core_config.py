@@ -24,6 +24,6 @@ class RouterCoreConfig:
     event_poll_s: float = 1.0  # a long poll of a worker's KV events waits this long for one (router/event_follow.py)
     event_retry_s: float = 0.2  # after a failed poll (the worker is dead or restarting)
     death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing
-    # block hashes of a KV event batch applied per hold of the router's lock (a decision waits for one slice at
-    # most: about 50 us at the ~0.2 us a hash costs, bench/router.py --scale)
+    # block hashes of a KV event batch applied per hold of the router's lock: a decision on another thread waits
+    # for one slice at most (~0.5 us a hash on the bench's cores, bench/router.py --scale)
     ingest_slice_blocks: int = 256

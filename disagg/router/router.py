@@ -99,11 +99,9 @@ class RouterCore:
         self.block_size = block_size
         self.policy = RoutingPolicy(policy, block_size)
         self.index = PrefixIndex()
-        self.loads = {name: WorkerLoad(name) for name in self.handles}
         self.ranking = LoadRanking(self.policy.config.queue_weight, block_size)  # loads as the policy ranks them
+        self.loads = {name: WorkerLoad(name, ranking=self.ranking) for name in self.handles}
         self.ranking.set_order(self.decode)
-        for load in self.loads.values():
-            load.ranking = self.ranking
         for name in self.loads:
             self.index.add_worker(name)
         decode_role = Role.DECODE if prefill else Role.BOTH
