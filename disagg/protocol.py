@@ -160,6 +160,7 @@ class Request(WireMessage):
     trace_context: dict[str, str] = field(default_factory=dict)  # W3C traceparent/tracestate of the request's span
     cache_salt: str | None = None  # block hashes chain from this salt (disagg/isolation.py); None: unsalted
     tenant: str | None = None  # namespaces the session's pins (None: the default tenant)
+    created: int = 0  # the API answer's `created` (unix seconds): a resumed stream repeats it (http/resume.py)
 
     @property
     def num_tokens(self) -> int:

@@ -18,4 +18,5 @@ class RouterCoreConfig:
         default=3, metadata={"help": "times a request may move to another worker"}
     )
     max_decisions: int = 10_000  # bound of the decision log
+    attach_timeout_s: float = 10.0  # a worker's answer to a resume (its journaled stream's request, or not found)
     death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing

@@ -61,6 +61,7 @@ from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, Worker
 from disagg.router.index import PrefixIndex
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
+from disagg.router.resume import Resumer
 from disagg.router.roles import RoleChanger
 from disagg.router.watch import SilentConfig, SilentFailureWatch
 from disagg.tracing import inject
@@ -125,6 +126,7 @@ class RouterCore:
         self.roles = RoleChanger(self.health, self.loads, self.handles, self.counters, self.set_routing_role)
         # the worker calls of one attempt (router/attempt.py)
         self.attempts = AttemptRunner(self.handles, self.health, self.counters, self.config)
+        self.resumer = Resumer(self.handles, self.health, self.config)  # streams a dead relay started (resume.py)
         self.planner: PlannerLoop | None = None  # attached by the composition root when the service plans roles
         # load accounting and saturation (router/load.py); the simulator and bench/router.py drive them too
         self.begin, self.progress, self.end, self.has_room = (
