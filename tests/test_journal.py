@@ -143,8 +143,13 @@ def test_drop_and_fail_end_an_entry_at_once_and_its_readers_are_told():
     asyncio.run(go())
 
 
-def test_an_id_in_use_is_refused():
+def test_an_id_in_use_is_refused_while_its_stream_runs_and_reusable_once_it_finished():
     journal = TokenJournal()
     journal.open(_req())
     with pytest.raises(ValueError):
         journal.open(_req())
+    journal.append(_delta("r", 1, last=True))
+    journal.open(_req())  # a new generation under the old id replaces the finished stream
+    assert "r" in journal and not journal.append(_delta("other", 2))
+    journal.append(_delta("r", 3, last=True))
+    assert journal._finished_tokens == 1  # the replaced entry's tokens left the bound's count

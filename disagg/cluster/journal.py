@@ -111,10 +111,12 @@ class TokenJournal:
 
     # ------------------------------------------------------------------ writers
     def open(self, request: Request) -> Reader:
-        """A new entry for `request` and its first reader (ValueError if the id is in use, finished streams within
-        their TTL included)."""
-        if request.request_id in self:
+        """A new entry for `request` and its first reader.  ValueError while a stream of that id runs; a finished
+        one is replaced (a new generation under an old id: its readers were done, or come too late)."""
+        old = self._entries.get(request.request_id)
+        if old is not None and not old.finished:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._pop(request.request_id)
         entry = self._entries[request.request_id] = _Entry(request)
         entry.readers += 1
         return Reader(self, entry)
