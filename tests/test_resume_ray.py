@@ -32,21 +32,30 @@ def service(smollm_dir):
 
 
 def _body(model, i):
+    """(path, body): completions with token prompts, and every fourth a chat (its role chunk is not sent again)."""
     sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": 100 + i}
+    common = {"model": model, "max_tokens": 48, "ignore_eos": True, "stream": True, **sampling}
+    if i % 4 == 3:
+        return "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": f"Tell story {i}."}]}
     prompt = [(17 * i + 31 * j) % 40000 + 200 for j in range(40 + 5 * i)]
-    return {"model": model, "prompt": prompt, "max_tokens": 48, "ignore_eos": True, "stream": True, **sampling}
+    return "/v1/completions", {**common, "prompt": prompt}
 
 
-async def _resuming_sse(client, body, progress, key, deadline_s=120.0):
+def _text(chunk):
+    choice = chunk["choices"][0]
+    return choice["delta"].get("content") or "" if "delta" in choice else choice["text"]
+
+
+async def _resuming_sse(client, request, progress, key, deadline_s=120.0):
     """Stream a completion, reconnecting with Last-Event-ID whenever the connection breaks: (text, connections).
     An event counts once it is complete (its blank line), so a cut mid-event loses nothing and repeats nothing."""
-    text, last_id, connections = "", None, 0
+    (path, body), text, last_id, connections = request, "", None, 0
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         connections += 1
         headers = {"Last-Event-ID": last_id} if last_id else {}
         try:
-            async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+            async with client.stream("POST", path, json=body, headers=headers) as r:
                 assert r.status_code in (200, 503), (r.status_code, await r.aread())
                 if r.status_code == 503:
                     await asyncio.sleep(0.2)
@@ -62,7 +71,7 @@ async def _resuming_sse(client, body, progress, key, deadline_s=120.0):
                             return text, connections
                         chunk = json.loads(data)
                         assert "error" not in chunk, chunk
-                        text += chunk["choices"][0]["text"]
+                        text += _text(chunk)
                         last_id, event_id, data = event_id, None, None
                         progress[key] = progress.get(key, 0) + 1
         except httpx.HTTPError:  # the router died under us (or is not back yet)
@@ -91,4 +100,5 @@ def test_router_sigkill_mid_stream_every_reconnecting_stream_completes_byte_iden
     faulted = asyncio.run(_run_all(service.url, bodies, lambda: os.kill(pid, signal.SIGKILL)))
     assert ray.get(service.router.pid.remote()) != pid  # it really was restarted
     assert [text for text, _ in faulted] == [text for text, _ in reference]
+    assert all(text for text, _ in reference)
     assert all(connections >= 2 for _, connections in faulted)  # every stream was cut and resumed
