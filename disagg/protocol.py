@@ -144,8 +144,7 @@ class Request(WireMessage):
     worker recomputes prompt + these tokens and continues with output index len(resume_token_ids), so greedy and
     seeded sampling produce exactly the tokens the first worker would have; `resume_num_chars` is how much of
     their text the client has seen, so the stream continues with no duplicate and no missing character.
-    `session_id` / `kv_retention_s`: an agent session and how long its KV should stay pinned in the worker's CPU
-    tier after this turn (None: no pin).
+    `session_id` / `kv_retention_s`: an agent session and how long its KV stays pinned in a CPU tier (None: none).
     """
 
     TYPE: ClassVar[str] = "request"
@@ -284,7 +283,6 @@ class WorkerStats(WireMessage):
     local_only_imports: int = _stat(_C)  # prefill results taken with nothing to read (only a notification)
     step_failures: int = _stat(_C)
     events_published: int = _stat(_C)
-    publish_failures: int = _stat(_C)
     loaded_blocks: dict[SourceKind, int] = _stat(_C, dict)
     tier_query_blocks: int | None = _stat(_C, None)
     tier_hit_blocks: dict[Tier, int] = _stat(_C, dict)
@@ -389,3 +387,13 @@ class KVEventBatch(WireMessage):
 
     def kv_events(self) -> list[KVEvent]:
         return list(self.events)
+
+
+@dataclass
+class KVEventPage(WireMessage):
+    """One answer of a worker's feed: its incarnation (a restart resets the numbering) and the batches after the
+    follower's cursor, oldest first (none: nothing new within the poll's timeout)."""
+
+    TYPE: ClassVar[str] = "kv_event_page"
+    incarnation: str
+    batches: list[KVEventBatch]

@@ -14,7 +14,7 @@ from disagg.config import EngineConfig
 from disagg.errors import DeadlineExceeded, WorkerLost
 from disagg.kv.tier_config import TierConfig
 from disagg.cluster.journal import JournalConfig
-from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import Heartbeat, KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
 from disagg.router.handles import Attached
 from tests.fake_transport import LocalTransport
 
@@ -112,6 +112,10 @@ class LocalWorkerHandle:
     async def kv_snapshot(self, timeout_s: float) -> KVEventBatch:
         return KVEventBatch.from_wire(await self._guard(self.worker.kv_snapshot(), timeout_s))
 
+    async def kv_events(self, incarnation: str, after_seq: int, timeout_s: float) -> KVEventPage:
+        data = await self._guard(self.worker.kv_events(incarnation, after_seq, timeout_s), timeout_s + 5.0)
+        return KVEventPage.from_wire(data)
+
     async def layout(self, timeout_s: float) -> bytes:
         return await self._guard(self.worker.layout(), timeout_s)
 
@@ -128,12 +132,3 @@ class LocalWorkerHandle:
     def restart(self, worker: EngineWorker) -> None:
         """What Ray does after a death: the same handle now reaches a new incarnation."""
         self.worker, self.dead, self.hung = worker, False, False
-
-
-class LocalSink:
-    """Stands in for the router actor handle a worker publishes KV events to (`sink.publish_kv_events.remote`)."""
-
-    def __init__(self, core) -> None:
-        from types import SimpleNamespace
-
-        self.publish_kv_events = SimpleNamespace(remote=lambda data: core.on_kv_events(KVEventBatch.from_wire(data)))

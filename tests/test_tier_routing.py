@@ -11,7 +11,7 @@ from disagg.protocol import Heartbeat, Request, Role, SamplingParams, Tier, Work
 from disagg.router.index import TierMatch
 from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.router import RouterCore
-from tests.fakes import LocalSink, LocalWorkerHandle, local_worker
+from tests.fakes import LocalWorkerHandle, local_worker
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -53,8 +53,8 @@ def test_decode_worker_pulls_a_prefix_from_a_peers_cpu_tier(tiny_llama_dir, tmp_
 
     async def go():
         core = RouterCore({}, {"a": a, "b": b}, PolicyConfig(seed=0, min_peer_pull_blocks=2), 16)
-        for h in (a, b):
-            await h.worker.set_event_sink(LocalSink(core))
+        assert core.events is not None
+        core.events.start()  # the core follows both workers' KV events (its other background tasks stay off)
         layouts = [await a.layout(1), await b.layout(1)]
         await a.set_peers(layouts, 1)
         await b.set_peers(layouts, 1)
@@ -71,6 +71,7 @@ def test_decode_worker_pulls_a_prefix_from_a_peers_cpu_tier(tiny_llama_dir, tmp_
         pulled = [t async for d in core.generate(Request("pull", prompt, GREEDY)) for t in d.token_ids]
         decision = core.recent_decisions()[-1]
         b_stats, a_stats = WorkerStats.from_wire(await b.worker.stats()), WorkerStats.from_wire(await a.worker.stats())
+        await core.events.stop()
         return pulled, decision, b_stats, a_stats
     pulled, decision, b_stats, a_stats = asyncio.run(go())
     assert pulled == expected

@@ -19,11 +19,12 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
 from disagg.errors import DeadlineExceeded, DisaggError, InternalError, InvalidRequest, StreamNotFound, WorkerLost
-from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import Heartbeat, KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
 from disagg.router.handles import Attached
 
 log = logging.getLogger(__name__)
 _LOST = (RayActorError, WorkerCrashedError, ObjectLostError)
+_POLL_SLACK_S = 5.0  # a long poll's answer may take this much longer than its own wait (a busy worker's loop)
 
 
 def translate(exc: BaseException, worker: str) -> DisaggError:
@@ -134,6 +135,10 @@ class RayWorkerHandle:
 
     async def kv_snapshot(self, timeout_s: float) -> KVEventBatch:
         return KVEventBatch.from_wire(await self._call("kv_snapshot", timeout_s=timeout_s))
+
+    async def kv_events(self, incarnation: str, after_seq: int, timeout_s: float) -> KVEventPage:
+        data = await self._call("kv_events", incarnation, after_seq, timeout_s, timeout_s=timeout_s + _POLL_SLACK_S)
+        return KVEventPage.from_wire(data)
 
     async def layout(self, timeout_s: float) -> bytes:
         return await self._call("layout", timeout_s=timeout_s)

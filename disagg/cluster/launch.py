@@ -1,5 +1,5 @@
 """Start the serving system on Ray: engine workers, the router actor with its HTTP endpoint, and the wiring
-(KV layouts exchanged once per decode/prefill pair; workers publish KV events to the router).
+(KV layouts exchanged once per decode/prefill pair; the router follows the workers' KV events).
 
 Also the entrypoint for `disagg serve` and for `ray job submit -- python -m disagg.cluster.launch ...`
 (inside a Ray job, `ray.init()` joins the job's cluster through RAY_ADDRESS).
@@ -25,7 +25,8 @@ from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker
 from disagg.cluster.client import DisaggClient
 from disagg.cluster.router_actor import RouterActor
 from disagg.cluster.router_service import RouterConfig
-from disagg.cluster.worker_config import WorkerConfig, worker_tiers
+from disagg.cluster.smoke import smoke_test
+from disagg.cluster.worker_config import MockConfig, WorkerConfig, worker_tiers
 from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.errors import InsecureExposure
 from disagg.http.keys import load_keys_file
@@ -66,6 +67,7 @@ class ClusterConfig:
     prefill_resources: dict[str, float] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
     router_resources: dict[str, float] = field(default_factory=dict)
+    mock: MockConfig | None = None  # mock engines (cluster/mocker.py: no model, no KV tiers); None: the model
 
     def worker(self, name: str, role: Role, slot: str) -> WorkerConfig:
         """The config of the worker named `name` in position `slot` (its disk tier's directory)."""
@@ -73,11 +75,12 @@ class ClusterConfig:
             name=name,
             role=role,
             engine=self.engine,
-            tiers=worker_tiers(self.tiers, slot),
+            tiers=worker_tiers(self.tiers, slot) if self.mock is None else None,
             transfer_timeout_s=self.transfer_timeout_s,
             transport_wrapper=self.transport_wrapper,
             tracing=self.tracing,
             transport=self.transport,
+            mock=self.mock,
         )
 
 
@@ -152,8 +155,8 @@ class LocalCluster:
 
 
 class Service:
-    """A LocalCluster plus the router actor serving the OpenAI-compatible API (restarted on the same port if it
-    dies)."""
+    """A LocalCluster plus its router: one router actor (restarted on the same port if it dies) or, with
+    `router.replicas` >= 2, that many replicas behind Ray Serve's HTTP proxy (cluster/replicas.py)."""
 
     def __init__(
         self, cluster: ClusterConfig, router: RouterConfig | None = None, router_max_restarts: int = -1
@@ -171,38 +174,30 @@ class Service:
             router.tracing = config.tracing
         if not router.port:  # pick it now, so a restarted router binds the same one
             router.port = free_port(router.host)
+        workers = list(self.cluster.prefill_by_name), list(self.cluster.decode_by_name)
+        self.router: Any = None  # the router actor (one replica)
+        self.front: Any = None  # or Serve's replicas (cluster/replicas.py: ServeFront)
+        if router.replicas > 1:
+            from disagg.cluster.replicas import ServeFront  # Ray Serve is loaded only by clusters that use it
+
+            self.front = ServeFront(router)
+            self.url = self.front.start(*workers, resources=config.router_resources or None)
+            return
         self.router = RouterActor.options(  # type: ignore[attr-defined]  # added by @ray.remote
             max_restarts=router_max_restarts, resources=config.router_resources or None
-        ).remote(router.to_wire(), list(self.cluster.prefill_by_name), list(self.cluster.decode_by_name))
+        ).remote(router.to_wire(), *workers)
         self.url = ray.get(self.router.get_url.remote())
-        ray.get([w.set_event_sink.remote(self.router) for w in self.cluster.workers])
 
     def shutdown(self) -> None:
-        try:
-            ray.get(self.router.stop.remote(), timeout=10)
-        except (ray.exceptions.RayError, TimeoutError) as exc:  # the router may already be gone
-            print(f"router stop: {type(exc).__name__}", file=sys.stderr)
-        ray.kill(self.router, no_restart=True)
+        if self.front is not None:
+            self.front.shutdown()
+        else:
+            try:
+                ray.get(self.router.stop.remote(), timeout=10)
+            except (ray.exceptions.RayError, TimeoutError) as exc:  # the router may already be gone
+                print(f"router stop: {type(exc).__name__}", file=sys.stderr)
+            ray.kill(self.router, no_restart=True)
         self.cluster.shutdown()
-
-
-def smoke_test(url: str, model: str, api_key: str | None, question: str) -> None:
-    """Send one real chat request through the official OpenAI client and print the answer."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=f"{url}/v1", api_key=api_key or "none")
-    t0 = time.perf_counter()
-    reply = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": question}], max_tokens=64, temperature=0
-    )
-    elapsed = time.perf_counter() - t0
-    if reply.usage is None:
-        raise RuntimeError("the endpoint answered without usage")
-    n = reply.usage.completion_tokens
-    print(
-        f">>> {question}\n{reply.choices[0].message.content}\n"
-        f"[{n} tokens in {elapsed:.2f}s = {n / elapsed:.1f} tokens/s, finish={reply.choices[0].finish_reason}]"
-    )
 
 
 # `disagg serve`'s options, generated from the configs (disagg/options.py); the dests are the fields' names under
@@ -210,7 +205,7 @@ def smoke_test(url: str, model: str, api_key: str | None, question: str) -> None
 SERVE_PORT = 8000  # the CLI's documented port (the library's RouterConfig picks a free one)
 _ENGINE = ("model", "block_size", "kv_cache_memory_mb", "max_model_len", "num_threads")
 _TRACING = ("otlp_endpoint", "file_dir", "sampling_ratio")
-_ROUTER = ("host", "port", "api_key", "insecure")
+_ROUTER = ("host", "port", "replicas", "api_key", "insecure")
 _CANARY = ("enabled", "idle_interval_s", "busy_interval_s")
 _OUTLIERS = ("enabled", "ratio")
 _CAPACITY = ("max_prefill_queue_tokens", "max_running")
@@ -362,7 +357,8 @@ def serve(args: argparse.Namespace) -> int:
     model_name = service.cluster.config.engine.model.rstrip("/").split("/")[-1]
     print(
         f"disagg serving {model_name} at {service.url}/v1 ({cluster.num_prefill} prefill, {cluster.num_decode} "
-        f"decode, policy {router.policy.kind.value}; started in {time.perf_counter() - t0:.1f}s)",
+        f"decode, {router.replicas} router replica(s), policy {router.policy.kind.value}; "
+        f"started in {time.perf_counter() - t0:.1f}s)",
         flush=True,
     )
     try:

@@ -1,5 +1,5 @@
 """The router's Ray actor: hosts the router service (cluster/router_service.py: routing core, planner, HTTP
-front door); workers publish their KV events to it.
+front door); it follows the workers' KV events (router/event_follow.py).
 
 Lifecycle: Ray restarts it (max_restarts, see launch.py) with the same constructor arguments - small, inline, the
 workers looked up by name - and the service binds the same port again.  `stop()` ends the HTTP server.
@@ -21,7 +21,7 @@ from disagg.cluster.router_service import RouterConfig, RouterService
 
 @ray.remote(num_cpus=0, max_concurrency=8, max_task_retries=0)  # type: ignore[call-overload]  # ray's stubs
 class RouterActor:
-    """Hosts the router core and the OpenAI-compatible HTTP server; workers publish KV events to it."""
+    """Hosts the router core and the OpenAI-compatible HTTP server."""
 
     def __init__(self, config: bytes, prefill: list[str], decode: list[str]) -> None:
         """`config`: a RouterConfig message.  Workers are named actors, looked up by name: the constructor's
@@ -39,9 +39,6 @@ class RouterActor:
 
     def pid(self) -> int:
         return os.getpid()
-
-    def publish_kv_events(self, batch: bytes) -> bool:
-        return self.service.publish_kv_events(batch)
 
     def decisions(self, n: int = 100) -> list[dict[str, Any]]:
         return self.service.core.recent_decisions(n)

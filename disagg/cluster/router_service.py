@@ -23,7 +23,6 @@ from disagg.http.server import HttpServer
 from disagg.isolation import IsolationConfig
 from disagg.planner.loop import PlannerLoop
 from disagg.planner.policy import PlannerConfig
-from disagg.protocol import KVEventBatch
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.handles import WorkerHandle
@@ -59,6 +58,9 @@ class RouterConfig(WireMessage):
     )
     api_keys: dict[str, str] | None = None  # key -> tenant (tenant keys: no admin, priority <= 0)
     keys: dict[str, ApiKey] | None = None  # key -> full grant (the keys file: http/keys.py)
+    replicas: int = field(
+        default=1, metadata={"help": "router replicas behind Ray Serve's HTTP proxy (2+: no single point of failure)"}
+    )
     insecure: bool = field(
         default=False, metadata={"help": "serve a non-loopback --host without API keys (open to anyone who reaches it)"}
     )
@@ -84,7 +86,15 @@ def max_position_embeddings(model_dir: Path) -> int:
 
 
 class RouterService:
-    def __init__(self, config: RouterConfig, prefill: dict[str, WorkerHandle], decode: dict[str, WorkerHandle]) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        prefill: dict[str, WorkerHandle],
+        decode: dict[str, WorkerHandle],
+        *,
+        serve_http: bool = True,
+    ) -> None:
+        """`serve_http=False`: build the app only; its host serves it (a Ray Serve replica: cluster/replicas.py)."""
         self.config = config
         config.check_exposure()  # before anything starts
         model_dir = Path(config.model)
@@ -105,15 +115,16 @@ class RouterService:
         self.core.planner = PlannerLoop(RouterPlannerPort.of(self.core), config.planner)
         name = config.served_model_name or model_dir.name
         api = ApiConfig(name, max_len, config.api_key, config.api_keys, config.keys, isolation=config.isolation)
-        app = build_app(self.core, tokenizer, api)
-        self.http = HttpServer(app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)
-        self.url = self.http.url
+        self.app = build_app(self.core, tokenizer, api)
+        self.http: HttpServer | None = None
+        if serve_http:
+            self.http = HttpServer(self.app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)
 
     def start(self) -> str:
+        if self.http is None:
+            raise RuntimeError("this service's app is served by its host, not by the service")
         return self.http.start()
 
-    def publish_kv_events(self, batch: bytes) -> bool:
-        return self.core.on_kv_events(KVEventBatch.from_wire(batch))
-
     def stop(self) -> None:
-        self.http.stop()
+        if self.http is not None:
+            self.http.stop()

@@ -17,7 +17,8 @@ Any role can `export_prefix()`: lease the blocks of a prompt prefix it holds (de
 
 Lifecycle: constructed (engine loaded, KV memory registered with a new NIXL agent named after this incarnation)
 -> `ready()` starts the step loop -> the router's supervisor wires peers (`set_peers`) and pulls a KV snapshot
--> serving.  A process that dies is restarted by Ray and goes through the same steps as a new incarnation.
+-> serving; routers follow its KV events (`kv_events`: cluster/event_feed.py).  A process that dies is restarted
+by Ray and goes through the same steps as a new incarnation.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from disagg.cluster.event_feed import EventFeed
 from disagg.cluster.spans import WorkerSpans
 from disagg.cluster.step_budget import StepBudget
 from disagg.cluster.streams import JournaledStreams
@@ -77,7 +79,13 @@ class EngineWorker(JournaledStreams):
         self.config = config
         self.incarnation = uuid.uuid4().hex[:8]
         self.agent_name = f"{config.name}-{self.incarnation}"
-        self.engine = LLMEngine(dataclasses.replace(config.engine, kv_load_timeout_s=config.transfer_timeout_s))
+        engine_config = dataclasses.replace(config.engine, kv_load_timeout_s=config.transfer_timeout_s)
+        if config.mock is None:
+            self.engine = LLMEngine(engine_config)
+        else:  # the simulator's model behind this real worker (cluster/mocker.py)
+            from disagg.cluster.mocker import mock_engine
+
+            self.engine = mock_engine(engine_config, config.mock)
         self.tiers = tier_factory(self.engine, config)
         if transport_factory is None:  # NIXL, configured by the worker's config
             transport = nixl_transport(self.agent_name, self.engine.device, config.transport)
@@ -87,7 +95,7 @@ class EngineWorker(JournaledStreams):
             transport = resolve_wrapper(config.transport_wrapper)(transport)
         self.transport: KVTransport = transport
         kv = self.engine.kv_tensor
-        assert kv is not None  # a worker's engine always runs a real model
+        assert kv is not None  # a worker's engine has KV memory (a mock's is a token one: cluster/mocker.py)
         self.transport.register(kv, self.tiers.cpu.tensor if self.tiers is not None else None)
         self.peer = PeerSource(self.transport)
         self.connector = self.engine.connector  # both sides of the KV seam: loads in, leases out
@@ -101,7 +109,7 @@ class EngineWorker(JournaledStreams):
         self._loop_task: asyncio.Task | None = None
         self._wake = asyncio.Event()  # set when work is submitted: ends an idle wait
         self._idle_s = config.idle_sleep_s
-        self._event_sink: Any = None  # the router actor; receives KVEventBatch messages
+        self.feed = EventFeed(self.incarnation, config.event_feed_batches)  # routers pull KV events from it
         self._event_seq = -1
         self._step_started: float | None = None
         self._steps = 0
@@ -155,8 +163,9 @@ class EngineWorker(JournaledStreams):
                     return
                 deltas, events, faults = [], None, []
                 await asyncio.sleep(backoff)
-            if events is not None and self._event_sink is not None:
-                self._publish(events)
+            if events is not None:
+                await self.feed.append(events)
+                self.counts.events_published += 1
             self._fail_corrupt(faults)
             for delta in deltas:
                 queue = self._queues.get(delta.request_id)
@@ -181,14 +190,6 @@ class EngineWorker(JournaledStreams):
     def _corrupt(self) -> OutputCorrupt:
         return OutputCorrupt(f"{self.config.name}: {self.fault}", worker=self.config.name)
 
-    def _publish(self, batch: KVEventBatch) -> None:
-        try:
-            self._event_sink.publish_kv_events.remote(batch.to_wire())
-            self.counts.events_published += 1
-        except Exception as exc:  # the router may be restarting; it pulls a snapshot when it sees the gap
-            self.counts.publish_failures += 1
-            log.info("publishing KV events failed: %s", exc)
-
     def _tick(self) -> tuple[list[TokenDelta], KVEventBatch | None, list[OutputFault]]:
         """Executor thread: release leases readers are done with, expire stale ones, run one step, and collect
         the KV events since the last tick as one numbered batch."""
@@ -209,7 +210,7 @@ class EngineWorker(JournaledStreams):
             self._stats_at = time.monotonic()
         events = self.engine.drain_kv_events()
         batch = None
-        if events:  # numbered even with no sink yet: the router then sees a gap and asks for a snapshot
+        if events:  # numbered: a router that missed one sees the gap and asks for a snapshot
             self._event_seq += 1
             batch = KVEventBatch.of(self.config.name, self._event_seq, events)
         return deltas, batch, self.engine.drain_output_faults()
@@ -259,8 +260,9 @@ class EngineWorker(JournaledStreams):
         self.spans.role = self.config.role
         log.info("%s: role is now %s", self.config.name, role)
 
-    async def set_event_sink(self, sink: Any) -> None:
-        self._event_sink = sink
+    async def kv_events(self, incarnation: str, after_seq: int, timeout_s: float) -> bytes:
+        """A router's long poll of this worker's KV events (a KVEventPage message; cluster/event_feed.py)."""
+        return (await self.feed.since(incarnation, after_seq, timeout_s)).to_wire()
 
     async def kv_snapshot(self) -> bytes:
         """Every block hash held now, per tier, numbered as the last batch published (events are idempotent)."""

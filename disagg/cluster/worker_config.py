@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
+class MockConfig:
+    """A mock engine instead of the model (cluster/mocker.py): the simulator's runner behind a real worker."""
+
+    time_model: str = ""  # a StepTimeModel JSON (bench/results/time_model.json); "" = the model's defaults
+    time_scale: float = 0.0  # a step sleeps its modelled time x this (0: no time at all)
+    num_blocks: int = 4096  # the mock's KV blocks (bookkeeping only: no memory behind them)
+
+
+@dataclasses.dataclass
 class WorkerConfig(WireMessage):
     """A worker's settings; a Ray actor gets them as this message's bytes (cluster/actors.py), never pickled."""
 
@@ -40,6 +49,8 @@ class WorkerConfig(WireMessage):
     transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed (the engine's kv_load_timeout_s)
     idle_sleep_s: float = 0.002  # between ticks that delivered nothing while the engine has requests
     idle_max_sleep_s: float = 0.05  # ... and at most this long with none (a new request ends the wait at once)
+    event_feed_batches: int = 4096  # KV event batches kept for routers that pull them (a slower one snapshots)
+    mock: MockConfig | None = None  # the mocker (cluster/mocker.py) instead of the model; None: the model
     # "package.module:attribute" of a callable wrapping the worker's transport, resolved in the worker's process
     # (the chaos benchmark names a fault injector from tests/fake_transport.py); "": none
     transport_wrapper: str = ""

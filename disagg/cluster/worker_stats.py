@@ -27,7 +27,6 @@ class LoopCounts:
 
     step_failures: int = 0
     events_published: int = 0
-    publish_failures: int = 0
 
 
 def worker_stats(
@@ -55,7 +54,6 @@ def worker_stats(
         local_only_imports=peer.num_notify_only,
         step_failures=loop.step_failures,
         events_published=loop.events_published,
-        publish_failures=loop.publish_failures,
         loaded_blocks={SourceKind(kind): n for kind, n in c.loaded_blocks.items()},
         kv_blocks_total=pool.num_blocks,
         kv_blocks_free=pool.num_free_blocks,

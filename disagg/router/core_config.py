@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from disagg.router.roles import RoleChangeConfig
+
 
 @dataclass
 class RouterCoreConfig:
@@ -17,6 +19,9 @@ class RouterCoreConfig:
     max_migrations: int = field(  # per request; then the client gets an explicit error
         default=3, metadata={"help": "times a request may move to another worker"}
     )
+    roles: RoleChangeConfig = field(default_factory=RoleChangeConfig)  # runtime role changes (router/roles.py)
     max_decisions: int = 10_000  # bound of the decision log
     attach_timeout_s: float = 10.0  # a worker's answer to a resume (its journaled stream's request, or not found)
+    event_poll_s: float = 1.0  # a long poll of a worker's KV events waits this long for one (router/event_follow.py)
+    event_retry_s: float = 0.2  # after a failed poll (the worker is dead or restarting)
     death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing

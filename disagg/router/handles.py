@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
-from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import Heartbeat, KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
 
 
 @dataclass
@@ -49,6 +49,9 @@ class WorkerHandle(Protocol):
         """Free a lease this worker holds for `request_id` (the reader fell back, or was cancelled)."""
 
     async def kv_snapshot(self, timeout_s: float) -> KVEventBatch: ...
+
+    async def kv_events(self, incarnation: str, after_seq: int, timeout_s: float) -> KVEventPage:
+        """The worker's KV event batches after `after_seq` of `incarnation` (a long poll: waits up to `timeout_s`)."""
 
     async def layout(self, timeout_s: float) -> bytes: ...
 

@@ -51,6 +51,9 @@ class RoleChangeConfig:
     drain_poll_s: float = 0.05
     announce_timeout_s: float = 5.0
     max_records: int = 256  # recent changes kept for /health and tests
+    # router replicas (cluster/replicas.py): the role a worker reports is the truth - another replica may have
+    # changed it - so the router adopts it instead of telling the worker its own view again
+    follow_workers: bool = False
 
 
 @dataclass
@@ -161,9 +164,13 @@ class RoleChanger:
 
     def reconcile(self, name: str, reported: Role) -> None:
         """A heartbeat reported `reported`: if that is not the role the router assigned (a worker that restarted
-        after a change), tell it again in the background."""
+        after a change), tell it again in the background - or, following the workers, route it as it reports."""
         assigned = self.health.role_of(name)
         if reported is assigned or name in self.in_flight:
+            return
+        if self.config.follow_workers:
+            log.info("%s reports role %s (was %s here): routing it so", name, reported.value, assigned.value)
+            self.route_as(name, reported)
             return
         loop = asyncio.get_running_loop()
         loop.create_task(self.announce(name, assigned))

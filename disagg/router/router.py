@@ -18,10 +18,11 @@ the rules below, shared with the simulator) driven on this event loop by router/
      `max_migrations` times; then, or when no decode-capable worker is left, ServiceUnavailable.
 
 Lifecycle: built with its workers' handles (None for a routing-only core: the simulator, benchmarks); `start()`
-on the serving event loop starts its background tasks - the admission dispatcher, the health supervisor (when
-every worker has a handle), the planner loop (when one is attached as `planner`) - and `stop()` stops them in
-reverse order, then lets background lease releases finish.  A core that is never started still routes and
-serves (DisaggClient, tests): the queue is pumped as capacity frees, but no timer refuses requests past deadline.
+on the serving event loop starts its background tasks - the admission dispatcher, the health supervisor and the
+KV-event followers (when every worker has a handle), the planner loop (when one is attached as `planner`) - and
+`stop()` stops them in reverse order, then lets background lease releases finish.  A core that is never started
+still routes and serves (DisaggClient, tests): the queue is pumped as capacity frees, but no timer refuses requests
+past deadline.
 Collaborators (router/attempt.py, router/roles.py, the planner's port) get the parts they use, not the core.
 """
 
@@ -55,6 +56,7 @@ from disagg.router.admission import AdmissionConfig, AdmissionControl, Admission
 from disagg.router.attempt import AttemptRunner
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.drive import FlightDriver, FlightHooks
+from disagg.router.event_follow import EventFollowers
 from disagg.router.flight import Flight
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
@@ -109,6 +111,9 @@ class RouterCore:
             self.supervisor = Supervisor(
                 self.health, live, self.on_kv_events, self.index_needs_snapshot, self.on_heartbeat
             )
+        self.events: EventFollowers | None = None  # the workers' KV events, pulled (router/event_follow.py)
+        if self.supervisor is not None:
+            self.events = EventFollowers(live, self.on_kv_events, self.config.event_poll_s, self.config.event_retry_s)
         silent = silent or SilentConfig()
         self.watch: SilentFailureWatch | None = None  # canaries and gray failures (router/watch.py); off by default
         if self.supervisor is not None and silent.enabled:
@@ -123,7 +128,9 @@ class RouterCore:
         self._lock = threading.Lock()
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
-        self.roles = RoleChanger(self.health, self.loads, self.handles, self.counters, self.set_routing_role)
+        self.roles = RoleChanger(
+            self.health, self.loads, self.handles, self.counters, self.set_routing_role, self.config.roles
+        )
         # the worker calls of one attempt (router/attempt.py)
         self.attempts = AttemptRunner(self.handles, self.health, self.counters, self.config)
         self.resumer = Resumer(self.handles, self.health, self.config)  # streams a dead relay started (resume.py)
@@ -140,6 +147,8 @@ class RouterCore:
     def start(self) -> None:
         """Start the background tasks on the running event loop (see the module docstring)."""
         self.admission.start()
+        if self.events is not None:
+            self.events.start()
         if self.supervisor is not None:
             self.supervisor.start()
         if self.watch is not None:
@@ -155,6 +164,8 @@ class RouterCore:
             await self.watch.stop()
         if self.supervisor is not None:
             await self.supervisor.stop()
+        if self.events is not None:
+            await self.events.stop()
         await self.admission.stop()
         await self.drain_releases()
 

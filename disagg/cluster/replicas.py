@@ -1,0 +1,112 @@
+"""Router replicas: several copies of the router - routing core and HTTP front door - behind Ray Serve, so no
+single router process is a point of failure (`disagg serve --replicas N`, N >= 2).
+
+Ray Serve is the front door's engine: its HTTP proxy accepts the connections and spreads requests over the
+replicas (the fewest ongoing requests of two picked at random), and its controller restarts a replica that dies;
+a request sent to a replica that just died is retried on another.  Each replica is the same composition as the
+single router actor (cluster/router_service.py: RouterService), hosted by Serve instead of its own uvicorn.
+
+What the replicas share, and how:
+  - the KV index: every replica follows every worker's KV events (router/event_follow.py), so they all build the
+    same index;
+  - sessions: a conversation's blocks are in that index, and its pins on its worker, so its next turn goes to the
+    same worker from any replica (each replica's session table only adds a tie-break);
+  - admission: each replica admits up to 1/N of every worker's capacity limits (`for_replica`); the proxy spreads
+    requests evenly, so the replicas together fill but never oversubscribe a worker, and weighted fair share,
+    which holds within each replica, holds overall;
+  - roles: a worker's reported role is the truth (RoleChangeConfig.follow_workers): a role set through any
+    replica's admin API reaches the others with the worker's next heartbeat; only replica 0 runs the planner;
+  - health: every replica probes every worker and routes around the ones it finds dead.
+In-flight streams outlive the replica that relays them: see the token journal (README, "Reconnecting").
+
+Lifecycle: `ServeFront.start` starts Serve's proxy on the router's host and port and deploys the replicas; it
+returns once all of them answer.  `shutdown()` deletes the application (each replica's lifespan stops its core).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ray
+from fastapi import FastAPI
+from ray import serve
+
+from disagg.cluster.handles import RayWorkerHandle
+from disagg.cluster.router_service import RouterConfig, RouterService
+
+APP_NAME = "disagg"
+DEPLOYMENT = "RouterReplica"
+
+
+def for_replica(config: RouterConfig, rank: int, replicas: int) -> RouterConfig:
+    """The settings of replica `rank` of `replicas`: a 1/N share of every worker's capacity limits, the roles the
+    workers report, and the planner on replica 0 only (two planners would undo each other's moves)."""
+    cap = config.capacity
+    capacity = dataclasses.replace(
+        cap,
+        max_prefill_queue_tokens=max(1, cap.max_prefill_queue_tokens // replicas),  # rounded down: the shares
+        max_running=max(1, cap.max_running // replicas),  # add up to no more than the worker's limit
+        max_kv_fraction=cap.max_kv_fraction / replicas,
+    )
+    core = dataclasses.replace(config.core, roles=dataclasses.replace(config.core.roles, follow_workers=True))
+    planner = dataclasses.replace(config.planner, enabled=config.planner.enabled and rank == 0)
+    return dataclasses.replace(config, capacity=capacity, core=core, planner=planner)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class RouterReplica:
+    """One router replica: a RouterService whose app Serve's proxy reaches (no uvicorn of its own)."""
+
+    def __init__(self, config: bytes, prefill: list[str], decode: list[str]) -> None:
+        context = serve.get_replica_context()
+        settings = for_replica(RouterConfig.from_wire(config), context.rank.rank, context.world_size)
+        node = ray.get_runtime_context().get_node_id()
+        self.service = RouterService(
+            settings,
+            {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
+            {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode},
+            serve_http=False,
+        )
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self.service.app
+
+
+@dataclasses.dataclass
+class ReplicaOptions:
+    """How Serve runs the replicas.  The router queues requests itself (admission), so Serve's own per-replica
+    limit is set far above any admission queue: Serve must not refuse or queue what the router would admit."""
+
+    max_ongoing_requests: int = 100_000
+    health_check_period_s: float = 2.0
+    health_check_timeout_s: float = 10.0
+    graceful_shutdown_timeout_s: float = 5.0
+
+
+class ServeFront:
+    """The replicas of one cluster's router, deployed as a Serve application on the router's host and port."""
+
+    def __init__(self, config: RouterConfig, options: ReplicaOptions | None = None) -> None:
+        if config.replicas < 1:
+            raise ValueError("a router needs at least one replica")
+        self.config = config
+        self.options = options or ReplicaOptions()
+        self.url = f"http://{config.host}:{config.port}"
+
+    def start(self, prefill: list[str], decode: list[str], resources: dict[str, float] | None = None) -> str:
+        o = self.options
+        serve.start(http_options={"host": self.config.host, "port": self.config.port})
+        deployment = RouterReplica.options(  # type: ignore[attr-defined]  # added by @serve.deployment
+            num_replicas=self.config.replicas,
+            max_ongoing_requests=o.max_ongoing_requests,
+            health_check_period_s=o.health_check_period_s,
+            health_check_timeout_s=o.health_check_timeout_s,
+            graceful_shutdown_timeout_s=o.graceful_shutdown_timeout_s,
+            ray_actor_options={"num_cpus": 0, "resources": resources or {}},
+        )
+        serve.run(deployment.bind(self.config.to_wire(), prefill, decode), name=APP_NAME, route_prefix="/")
+        return self.url
+
+    def shutdown(self) -> None:
+        serve.shutdown()  # deletes the application: each replica's lifespan stops its core
