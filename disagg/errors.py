@@ -30,6 +30,14 @@ class NotFound(DisaggError):
     """An unknown model or route."""
 
 
+class StreamNotFound(NotFound):
+    """A resume (SSE Last-Event-ID, a repeated Idempotency-Key) names no journaled stream this caller may read:
+    unknown, expired, aborted, or another tenant's (one answer for all, so existence does not leak)."""
+
+    def __init__(self, message: str = "no such stream to resume", *, code: str | None = "stream_not_found") -> None:
+        super().__init__(message, code=code)
+
+
 class Unauthorized(DisaggError):
     """Missing or wrong API key."""
 

@@ -143,8 +143,7 @@ class Request(WireMessage):
     worker recomputes prompt + these tokens and continues with output index len(resume_token_ids), so greedy and
     seeded sampling produce exactly the tokens the first worker would have; `resume_num_chars` is how much of
     their text the client has seen, so the stream continues with no duplicate and no missing character.
-    `session_id` / `kv_retention_s`: an agent session and how long its KV should stay pinned in the worker's CPU
-    tier after this turn (None: no pin).
+    `session_id` / `kv_retention_s`: an agent session and how long its KV stays pinned in a CPU tier (None: none).
     """
 
     TYPE: ClassVar[str] = "request"
@@ -159,6 +158,7 @@ class Request(WireMessage):
     trace_context: dict[str, str] = field(default_factory=dict)  # W3C traceparent/tracestate of the request's span
     cache_salt: str | None = None  # block hashes chain from this salt (disagg/isolation.py); None: unsalted
     tenant: str | None = None  # namespaces the session's pins (None: the default tenant)
+    created: int = 0  # the API answer's `created` (unix seconds): a resumed stream repeats it (http/resume.py)
 
     @property
     def num_tokens(self) -> int:

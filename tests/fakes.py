@@ -13,16 +13,18 @@ from disagg.cluster.worker import EngineWorker, WorkerConfig
 from disagg.config import EngineConfig
 from disagg.errors import DeadlineExceeded, WorkerLost
 from disagg.kv.tier_config import TierConfig
+from disagg.cluster.journal import JournalConfig
 from disagg.protocol import Heartbeat, KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+from disagg.router.handles import Attached
 from tests.fake_transport import LocalTransport
 
 
 def local_worker(name: str, model_dir, role: Role = Role.BOTH, tiers: TierConfig | None = None,
-                 **engine) -> EngineWorker:
+                 journal: JournalConfig | None = None, **engine) -> EngineWorker:
     cfg = dict(model=str(model_dir), num_blocks=64, block_size=16, max_model_len=512, num_threads=1)
     cfg.update(engine)
     return EngineWorker(WorkerConfig(name=name, role=role, engine=EngineConfig(**cfg), tiers=tiers,
-                                     transfer_timeout_s=2.0),
+                                     transfer_timeout_s=2.0, journal=journal or JournalConfig()),
                         transport_factory=lambda agent, _engine: LocalTransport(agent))
 
 
@@ -35,6 +37,7 @@ class LocalWorkerHandle:
         self.kills = 0
         self.restarted_with: EngineWorker | None = None
         self.slow_stream_s = 0.0  # pause between streamed tokens (keeps a stream in flight for a test)
+        self.relay_alive = True  # False: the router using this handle 'died' (its streams end without an abort)
 
     def _check(self) -> None:
         if self.dead:
@@ -65,9 +68,26 @@ class LocalWorkerHandle:
         data = await self._guard(self.worker.export_prefix(request.to_wire()), timeout_s)
         return PrefillResult.from_wire(data) if data is not None else None
 
-    async def generate(self, request: Request, remote: PrefillResult | None) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: Request, remote: PrefillResult | None) -> AsyncIterator[TokenDelta]:
+        args = (request.to_wire(), remote.to_wire() if remote is not None else None)
+        return self._relay(lambda: self.worker.generate(*args), request.request_id)
+
+    async def attach(self, request_id: str, start: int, tenant, timeout_s: float) -> Attached:
         self._check()
-        stream = self.worker.generate(request.to_wire(), remote.to_wire() if remote is not None else None)
+        stream = self.worker.attach(request_id, start, tenant)
+        try:
+            first = await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return Attached(self.name, Request.from_wire(first), self._relay(lambda: stream, request_id))
+
+    async def _relay(self, start, request_id: str) -> AsyncIterator[TokenDelta]:
+        """Like RayWorkerHandle: a stream closed before its end aborts the request on the worker, unless this
+        relay 'died' (`relay_alive` False: a killed router process tells the worker nothing)."""
+        self._check()
+        stream = start()
+        finished = False
         try:
             async for data in stream:
                 if self.slow_stream_s:
@@ -75,9 +95,13 @@ class LocalWorkerHandle:
                 self._check()
                 while self.hung:
                     await asyncio.sleep(0.01)
-                yield TokenDelta.from_wire(data)
+                delta = TokenDelta.from_wire(data)
+                finished = delta.finished
+                yield delta
         finally:
             await stream.aclose()
+            if not finished and self.relay_alive:
+                await self.worker.abort(request_id)
 
     async def abort(self, request_id: str) -> None:
         await self._guard(self.worker.abort(request_id), 5.0)

@@ -4,6 +4,7 @@ the project's WireFormatError."""
 import msgpack
 import pytest
 
+from disagg.cluster.journal import JournalConfig
 from disagg.cluster.router_service import RouterConfig
 from disagg.cluster.worker_config import WorkerConfig, worker_tiers
 from disagg.config import EngineConfig, FaultConfig
@@ -36,6 +37,7 @@ def _worker() -> WorkerConfig:
         tracing=TracingConfig(otlp_endpoint="http://127.0.0.1:4318/v1/traces", file_dir="/spans", sampling_ratio=0.5),
         transport=TransportConfig(ucx_net_devices="lo", progress_delay_us=7),
         max_backoff_failures=3,
+        journal=JournalConfig(orphan_grace_s=5.0, ttl_s=60.0, max_entries=9, max_tokens=999),
     )
 
 
@@ -46,7 +48,7 @@ def _router() -> RouterConfig:
         port=8123,
         policy=PolicyConfig(kind=PolicyKind.LEAST_LOADED, overlap_weight=2.5, min_remote_prefill_tokens=16, seed=7,
                             peer_pull=False),
-        core=RouterCoreConfig(max_migrations=1, prefill_timeout_s=20.0),
+        core=RouterCoreConfig(max_migrations=1, prefill_timeout_s=20.0, attach_timeout_s=3.0),
         health=HealthConfig(heartbeat_interval_s=0.1, max_step_failures=9),
         silent=SilentConfig(canary=CanaryConfig(enabled=True, prompt=[1, 2, 3], fail_after=3),
                             outliers=OutlierConfig(enabled=True, ratio=4.0), check_interval_s=0.2),
@@ -75,6 +77,7 @@ def test_enums_and_nested_configs_come_back_typed():
     worker, router = WorkerConfig.from_wire(_worker().to_wire()), RouterConfig.from_wire(_router().to_wire())
     assert worker.role is Role.DECODE and isinstance(worker.engine, EngineConfig)
     assert isinstance(worker.tiers, TierConfig) and isinstance(worker.tracing, TracingConfig)
+    assert isinstance(worker.journal, JournalConfig) and worker.journal.orphan_grace_s == 5.0
     assert router.policy.kind is PolicyKind.LEAST_LOADED and isinstance(router.admission, AdmissionConfig)
 
 

@@ -12,14 +12,15 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
-from disagg.errors import DeadlineExceeded, DisaggError, InternalError, InvalidRequest, WorkerLost
+from disagg.errors import DeadlineExceeded, DisaggError, InternalError, InvalidRequest, StreamNotFound, WorkerLost
 from disagg.protocol import Heartbeat, KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+from disagg.router.handles import Attached
 
 log = logging.getLogger(__name__)
 _LOST = (RayActorError, WorkerCrashedError, ObjectLostError)
@@ -28,6 +29,8 @@ _POLL_SLACK_S = 5.0  # a long poll's answer may take this much longer than its o
 
 def translate(exc: BaseException, worker: str) -> DisaggError:
     """A Ray error (or a worker-side exception it carries) as the project's error."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, DisaggError):
+        return exc.cause  # the worker's own error, not Ray's wrapper of it
     if isinstance(exc, DisaggError):
         return exc
     if isinstance(exc, _LOST):
@@ -76,8 +79,33 @@ class RayWorkerHandle:
         data = await self._call("export_prefix", request.to_wire(), timeout_s=timeout_s)
         return PrefillResult.from_wire(data) if data is not None else None
 
-    async def generate(self, request: Request, remote: PrefillResult | None) -> AsyncGenerator[TokenDelta, None]:
-        stream = self.actor.generate.remote(request.to_wire(), remote.to_wire() if remote is not None else None)
+    def generate(self, request: Request, remote: PrefillResult | None) -> AsyncGenerator[TokenDelta, None]:
+        args = (request.to_wire(), remote.to_wire() if remote is not None else None)
+        return self._relay(lambda: self.actor.generate.remote(*args), request.request_id)
+
+    async def attach(self, request_id: str, start: int, tenant: str | None, timeout_s: float) -> Attached:
+        stream = self.actor.attach.remote(request_id, start, tenant)
+        try:
+            first = await asyncio.wait_for(self._first(stream), timeout_s)
+        except BaseException as exc:
+            ray.cancel(stream)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise DeadlineExceeded(f"{self.name}.attach did not answer within {timeout_s}s") from None
+            raise
+        return Attached(self.name, Request.from_wire(first), self._relay(lambda: stream, request_id))
+
+    async def _first(self, stream: Any) -> bytes:
+        try:
+            return await (await stream.__anext__())
+        except StopAsyncIteration:
+            raise StreamNotFound() from None
+        except Exception as exc:
+            raise translate(exc, self.name) from exc
+
+    async def _relay(self, start: Callable[[], Any], request_id: str) -> AsyncGenerator[TokenDelta, None]:
+        """A worker's stream of deltas; closed before its end, the request is aborted on the worker (the client
+        went away from a live relay; a relay that dies sends nothing, and the worker's journal keeps it a while)."""
+        stream = start()
         finished = False
         try:
             async for ref in stream:
@@ -95,11 +123,9 @@ class RayWorkerHandle:
             if not finished:
                 ray.cancel(stream)
                 try:  # the worker frees the request's blocks; if it is gone they went with it
-                    await asyncio.wait_for(
-                        asyncio.wrap_future(self.actor.abort.remote(request.request_id).future()), 5.0
-                    )
+                    await asyncio.wait_for(asyncio.wrap_future(self.actor.abort.remote(request_id).future()), 5.0)
                 except (asyncio.TimeoutError, *_LOST, RayTaskError) as exc:
-                    log.info("abort of %s on %s: %s", request.request_id, self.name, type(exc).__name__)
+                    log.info("abort of %s on %s: %s", request_id, self.name, type(exc).__name__)
 
     async def abort(self, request_id: str) -> None:
         await self._call("abort", request_id, timeout_s=5.0)

@@ -12,6 +12,7 @@ Roles (a Role, fixed per worker):
            engine's KV connector, as a scheduler state), then decodes and streams; a failed or timed-out read
            falls back to computing locally.
   both     `generate(request)` with no remote KV: an ordinary aggregated engine.
+`generate`, `attach` and `abort` stream through a TokenJournal (cluster/streams.py), so a stream outlives its relay.
 Any role can `export_prefix()`: lease the blocks of a prompt prefix it holds (device or CPU tier) for a peer.
 
 Lifecycle: constructed (engine loaded, KV memory registered with a new NIXL agent named after this incarnation)
@@ -29,13 +30,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from disagg.cluster.event_feed import EventFeed
 from disagg.cluster.spans import WorkerSpans
 from disagg.cluster.step_budget import StepBudget
+from disagg.cluster.streams import JournaledStreams
 from disagg.cluster.worker_config import WorkerConfig, build_tiers
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
 from disagg.errors import OutputCorrupt
@@ -44,7 +46,6 @@ from disagg.protocol import (
     Heartbeat,
     KVEvent,
     KVEventBatch,
-    PrefillResult,
     Request,
     Role,
     TokenDelta,
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class EngineWorker:
+class EngineWorker(JournaledStreams):
     def __init__(
         self,
         config: WorkerConfig,
@@ -103,7 +104,8 @@ class EngineWorker:
         if self.spans.enabled:
             self.engine.on_finish = self.spans.record
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{config.name}")
-        self._queues: dict[str, asyncio.Queue[TokenDelta | BaseException]] = {}
+        self._queues: dict[str, asyncio.Queue[TokenDelta | BaseException]] = {}  # prefills in flight
+        JournaledStreams.__init__(self)  # generated requests stream through its journal
         self._loop_task: asyncio.Task | None = None
         self._wake = asyncio.Event()  # set when work is submitted: ends an idle wait
         self._idle_s = config.idle_sleep_s
@@ -120,7 +122,7 @@ class EngineWorker:
         self._stats_at = 0.0
         self.fault: str | None = None  # impossible output seen (NaN logits, bad token id): out of service for good
 
-    async def _call(self, fn, *args):
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
 
     def _ensure_loop(self) -> None:
@@ -157,6 +159,7 @@ class EngineWorker:
                 if backoff is None:  # past its budget: nothing waits on a loop that cannot serve it any more
                     for waiting in self._queues.values():
                         waiting.put_nowait(self.budget.lost())
+                    self.journal.fail_all(self.budget.lost())
                     return
                 deltas, events, faults = [], None, []
                 await asyncio.sleep(backoff)
@@ -168,6 +171,8 @@ class EngineWorker:
                 queue = self._queues.get(delta.request_id)
                 if queue is not None:
                     queue.put_nowait(delta)
+                else:
+                    self.journal.append(delta)
             if not deltas:
                 await self._idle()
 
@@ -180,6 +185,7 @@ class EngineWorker:
             queue = self._queues.get(fault.request_id)
             if queue is not None:
                 queue.put_nowait(self._corrupt())
+            self.journal.fail(fault.request_id, self._corrupt())
 
     def _corrupt(self) -> OutputCorrupt:
         return OutputCorrupt(f"{self.config.name}: {self.fault}", worker=self.config.name)
@@ -313,40 +319,22 @@ class EngineWorker:
         """Free a request's leased blocks now (cancellation, or the reader fell back)."""
         return await self._call(self.connector.release_lease, request_id)
 
-    async def abort(self, request_id: str) -> bool:
-        return await self._call(self.engine.abort, request_id)
-
-    async def generate(self, request: bytes, remote: bytes | None = None) -> AsyncIterator[bytes]:
-        """Stream TokenDeltas (msgpack) for a request; with `remote`, its KV is read from that worker first."""
-        received = time.monotonic()
-        req = Request.from_wire(request)
-        result = PrefillResult.from_wire(remote) if remote is not None else None
-        queue = self._open(req.request_id)
-        finished = False
-        try:
-            await self._submit(lambda: self.engine.add(req, remote=result, arrival_time=received))
-            while not finished:
-                delta = await self._get(queue)
-                finished = delta.finished
-                yield delta.to_wire()
-        finally:
-            self._queues.pop(req.request_id, None)
-            if not finished:  # the caller went away: free the blocks
-                await self._call(self.engine.abort, req.request_id)
-
     async def _get(self, queue: asyncio.Queue) -> TokenDelta:
         item = await queue.get()
         if isinstance(item, BaseException):
             raise item
         return item
 
-    def _open(self, request_id: str) -> asyncio.Queue:
+    def _check_serving(self) -> None:
         self.budget.check()
         if self.fault is not None:
             raise self._corrupt()
+        self._ensure_loop()
+
+    def _open(self, request_id: str) -> asyncio.Queue:
+        self._check_serving()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._ensure_loop()
         queue: asyncio.Queue = asyncio.Queue()  # bounded by the request's max_tokens (one delta per token)
         self._queues[request_id] = queue
         return queue

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from disagg.cluster.journal import JournalConfig
 from disagg.config import EngineConfig
 from disagg.kv.tier_config import TierConfig
 from disagg.model_store import cache_root
@@ -61,6 +62,7 @@ class WorkerConfig(WireMessage):
     failure_backoff_s: float = 0.05
     max_backoff_failures: int = 20
     step_failure_budget: int = 40  # failed steps in a row tolerated; then the worker gives up (cluster/step_budget.py)
+    journal: JournalConfig = dataclasses.field(default_factory=JournalConfig)  # streams outliving their relay
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)

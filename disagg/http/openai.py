@@ -4,7 +4,8 @@ A streaming request is only answered with 200 once its first token exists, so a 
 gets a real status (503, 400, ...); a failure after that is an SSE error event, and the stream ends.  A client
 that disconnects cancels its request on every worker.  The request itself is served by the routing core
 (`RouterCore.generate`: admission, routing, migration); this module turns HTTP into a Request and deltas into
-OpenAI answers.
+OpenAI answers.  A request with SSE `Last-Event-ID`, or a repeated `Idempotency-Key`, is answered from the stream a
+worker journaled instead of a new generation (http/resume.py).
 """
 
 from __future__ import annotations
@@ -22,17 +23,25 @@ from disagg.http.config import ApiConfig
 from disagg.http.errors import error_response
 from disagg.http.inputs import chat_prompt, check_model, priority_of, sampling_params, tokenize_prompt
 from disagg.http.keys import Caller, check_priority
+from disagg.http.resume import (
+    IDEMPOTENCY_KEY,
+    LAST_EVENT_ID,
+    Cursor,
+    idempotent_request_id,
+    journaled_answer,
+    resume_stream,
+)
 from disagg.http.schemas import ChatCompletionRequest, CompletionRequest
 from disagg.http.shape import AnswerShape
 from disagg.http.stream import (
     ClientGone,
     Running,
     collect,
+    json_answer,
     request_span,
     sse,
     timed,
     until_disconnect,
-    usage,
     without_trace_context,
 )
 from disagg.isolation import scoped_tenant
@@ -103,12 +112,14 @@ def _request(
     prefix: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest, config: ApiConfig
 ) -> tuple[Request, Caller]:
     """The core's Request for one call, and its caller (http/auth.py admitted it): the caller's tenant salts the
-    request's cache and scopes its session; a priority above the caller's cap is refused (403)."""
+    request's cache and scopes its session; a priority above the caller's cap is refused (403).  A non-streaming
+    request with an Idempotency-Key gets the id of that key (http/resume.py)."""
     caller: Caller = http.state.caller
     priority = priority_of(body, http.headers)
     check_priority(caller, priority)
+    key = http.headers.get(IDEMPOTENCY_KEY) if not body.stream else None
     request = Request(
-        f"{prefix}-{uuid.uuid4().hex}",
+        idempotent_request_id(prefix, caller.tenant, key) if key else f"{prefix}-{uuid.uuid4().hex}",
         ids,
         sampling,
         session_id=http.headers.get(SESSION_HEADER) or body.user,
@@ -116,50 +127,74 @@ def _request(
         priority=priority,
         cache_salt=config.isolation.cache_salt(caller.tenant, body.cache_salt),  # no hit crosses tenants
         tenant=scoped_tenant(caller.tenant),  # nor does a session id
+        created=int(time.time()),
     )
     return request, caller
 
 
+def _include_usage(body) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
+
+
 def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
-    """The handler both generation endpoints share: one request through the core, answered as JSON or SSE."""
+    """The handler both generation endpoints share: one request through the core, answered as JSON or SSE - or,
+    with Last-Event-ID / a repeated Idempotency-Key, the rest of a journaled one (http/resume.py)."""
+    model, poll_s = config.model_name, config.disconnect_poll_s
 
     async def serve(
         prefix: str, kind: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest, shape: AnswerShape
     ):
-        chat = shape.chat
         request, caller = _request(prefix, body, ids, sampling, http, config)
+        last_event_id = http.headers.get(LAST_EVENT_ID)
+        if body.stream and last_event_id:
+            return await resume_stream(core.resumer, last_event_id, request, shape, model, _include_usage(body))
+        if not body.stream and http.headers.get(IDEMPOTENCY_KEY):
+            try:
+                found = await until_disconnect(journaled_answer(core.resumer, request, shape.tokenizer), http, poll_s)
+            except ClientGone:
+                return error_response(InvalidRequest("client closed the request", code="client_closed"))
+            if found is not None:
+                original, answer = found
+                return json_answer(original.request_id, kind, original.created, model, shape, answer, len(ids))
+        return await generate(request, caller, kind, body, ids, sampling, http, shape)
+
+    async def generate(
+        request: Request,
+        caller: Caller,
+        kind: str,
+        body,
+        ids: list[int],
+        sampling: SamplingParams,
+        http: HTTPRequest,
+        shape: AnswerShape,
+    ):
         session, priority, tenant = request.session_id, request.priority, caller.tenant
-        created = int(time.time())
-        running = Running()
+        running, cursor = Running(), Cursor(request.request_id)
         trace_headers = http.headers if caller.may_force_trace else without_trace_context(http.headers)  # see there
         span = request_span(
-            core.tracer, config.model_name, chat, bool(body.stream), request, sampling, trace_headers, session
+            core.tracer, model, shape.chat, bool(body.stream), request, sampling, trace_headers, session
         )
 
-        def on_route(decision: Decision) -> None:  # left the admission queue: now it runs
+        def on_route(decision: Decision) -> None:  # left the admission queue (or migrated): now it runs there
+            cursor.worker = decision.decode_worker  # the next events name the worker their tokens come from
             metrics.on_route(decision)
             if not running.counted:
                 running.counted = True
                 running.predicted = decision.predicted_cached_tokens(len(ids), core.block_size)
                 metrics.running.inc()
 
-        stream = timed(
-            core.generate(
-                request,
-                session=session,
-                on_route=on_route,
-                tenant=tenant,
-                priority=priority,
-                deadline_s=body.deadline_s,
-                span=span,
-            ),
-            len(ids),
-            running,
-            span,
-            metrics,
+        deltas = core.generate(
+            request,
+            session=session,
+            on_route=on_route,
+            tenant=tenant,
+            priority=priority,
+            deadline_s=body.deadline_s,
+            span=span,
         )
+        stream = timed(deltas, len(ids), running, span, metrics)
         try:
-            first = await until_disconnect(stream.__anext__(), http, config.disconnect_poll_s)
+            first = await until_disconnect(stream.__anext__(), http, poll_s)
         except ClientGone:
             await stream.aclose()
             return error_response(InvalidRequest("client closed the request", code="client_closed"))
@@ -168,24 +203,15 @@ def _server(core: RouterCore, config: ApiConfig, metrics: RouterMetrics):
         except BaseException:
             await stream.aclose()
             raise
+        rid, created = request.request_id, request.created
         if body.stream:
-            include_usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(
-                sse(first, stream, request.request_id, config.model_name, created, shape, include_usage, len(ids)),
-                media_type="text/event-stream",
-            )
+            events = sse(first, stream, rid, model, created, shape, _include_usage(body), len(ids), cursor)
+            return StreamingResponse(events, media_type="text/event-stream")
         try:
-            answer = await until_disconnect(collect(first, stream), http, config.disconnect_poll_s)
+            answer = await until_disconnect(collect(first, stream), http, poll_s)
         except ClientGone:
             await stream.aclose()
             return error_response(InvalidRequest("client closed the request", code="client_closed"))
-        return {
-            "id": request.request_id,
-            "object": kind,
-            "created": created,
-            "model": config.model_name,
-            "choices": [shape.final_choice(answer)],
-            "usage": usage(len(ids), answer.num_tokens, answer.num_cached_tokens),
-        }
+        return json_answer(rid, kind, created, model, shape, answer, len(ids))
 
     return serve

@@ -105,6 +105,14 @@ class AnswerShape:
         return choice
 
     # ------------------------------------------------------------------ SSE
+    def replay(self, delta: TokenDelta) -> None:
+        """Take a delta the client already has (a resumed stream, http/resume.py) as if it was sent, so what follows
+        is shaped exactly as it would have been.  The output an earlier worker produced (a migrated request) comes
+        without logprob entries, yet its tokens still take their text offsets."""
+        if self.logprobs and not self.chat and not delta.logprobs:
+            self._text_offset += sum(len(self._token(t)) for t in delta.token_ids)
+        self.stream_choice(delta)
+
     def stream_choice(self, delta: TokenDelta) -> dict[str, Any] | None:
         """The choice of one chunk for `delta`, or None when it carries nothing to send yet."""
         logprobs = self.logprobs_json(delta.logprobs or []) if delta.logprobs else None

@@ -9,7 +9,7 @@ import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import Request as HTTPRequest
 from opentelemetry import trace
@@ -152,8 +152,16 @@ def usage(n_prompt: int, n_out: int, cached: int = 0) -> dict[str, Any]:
     }
 
 
+class EventIds(Protocol):
+    """Where a stream stands, as its SSE events' `id:` name it (http/resume.py's Cursor)."""
+
+    delivered: int  # output tokens sent so far
+
+    def event_id(self) -> str: ...
+
+
 async def sse(
-    first: TokenDelta,
+    first: TokenDelta | None,
     deltas: AsyncGenerator[TokenDelta, None],
     rid: str,
     model: str,
@@ -161,38 +169,63 @@ async def sse(
     shape: AnswerShape,
     include_usage: bool,
     n_prompt: int,
+    cursor: EventIds,
+    skip_to: int | None = None,
 ) -> AsyncIterator[str]:
-    """OpenAI SSE chunks for a stream whose first delta is already here; `[DONE]` at the end, or an error event
-    if the stream fails after the 200 went out."""
+    """OpenAI SSE chunks (each with the cursor's event id) for a stream whose first delta may already be here;
+    `[DONE]` at the end, or an error event if the stream fails after the 200 went out.  `skip_to`: a resumed stream
+    (its deltas from the answer's first token; the client has `skip_to` tokens): those go through the shape
+    silently, and only what follows is sent."""
     chunk_kind = "chat.completion.chunk" if shape.chat else "text_completion"
-    n_out = 0
+    cached: int | None = None
+
+    def event(data: str) -> str:
+        return f"id: {cursor.event_id()}\ndata: {data}\n\n"
 
     def chunk(choices: list, use: dict | None = None) -> str:
         body = {"id": rid, "object": chunk_kind, "created": created, "model": model, "choices": choices}
         if use is not None:
             body["usage"] = use
-        return f"data: {json.dumps(body)}\n\n"
+        return event(json.dumps(body))
 
     async def all_deltas() -> AsyncIterator[TokenDelta]:
-        yield first
-        if not first.finished:
-            async for delta in deltas:
-                yield delta
+        if first is not None:
+            yield first
+            if first.finished:
+                return
+        async for delta in deltas:
+            yield delta
 
     try:
-        if shape.chat:
+        if shape.chat and skip_to is None:
             yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
         async for delta in all_deltas():
-            n_out += len(delta.token_ids)
-            choice = shape.stream_choice(delta)
-            if choice is not None:
+            cursor.delivered += len(delta.token_ids)
+            cached = delta.num_cached_tokens if cached is None else cached
+            if skip_to is not None and cursor.delivered <= skip_to:
+                shape.replay(delta)  # the client has it
+            elif (choice := shape.stream_choice(delta)) is not None:
                 yield chunk([choice])
         if include_usage:
-            yield chunk([], usage(n_prompt, n_out, first.num_cached_tokens))
-        yield "data: [DONE]\n\n"
+            yield chunk([], usage(n_prompt, cursor.delivered, cached or 0))
+        yield event("[DONE]")
     except DisaggError as exc:
         yield sse_error(exc)
     except Exception as exc:  # never a silently cut stream: the client gets an error event
         yield sse_error(unexpected(exc))
     finally:
         await deltas.aclose()
+
+
+def json_answer(
+    rid: str, kind: str, created: int, model: str, shape: AnswerShape, answer: Collected, n_prompt: int
+) -> dict[str, Any]:
+    """A non-streaming answer's body."""
+    return {
+        "id": rid,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "choices": [shape.final_choice(answer)],
+        "usage": usage(n_prompt, answer.num_tokens, answer.num_cached_tokens),
+    }

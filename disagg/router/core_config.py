@@ -21,6 +21,7 @@ class RouterCoreConfig:
     )
     roles: RoleChangeConfig = field(default_factory=RoleChangeConfig)  # runtime role changes (router/roles.py)
     max_decisions: int = 10_000  # bound of the decision log
+    attach_timeout_s: float = 10.0  # a worker's answer to a resume (its journaled stream's request, or not found)
     event_poll_s: float = 1.0  # a long poll of a worker's KV events waits this long for one (router/event_follow.py)
     event_retry_s: float = 0.2  # after a failed poll (the worker is dead or restarting)
     death_poll_s: float = 0.05  # how often a streaming request checks that its worker is still in routing

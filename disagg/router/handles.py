@@ -8,9 +8,22 @@ returns, or raises one of the project's errors: `WorkerLost` (the worker is dead
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Protocol
 
 from disagg.protocol import Heartbeat, KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+
+
+@dataclass
+class Attached:
+    """A journaled stream a relay attached to (`WorkerHandle.attach`): the request as `worker` runs it (after a
+    migration its resume_token_ids are the output an earlier worker produced) and its deltas from the position
+    asked for.  Closing `deltas` early aborts the request on the worker, as for `generate`; an `Attached` dropped
+    unread leaves the stream to the worker's orphan grace."""
+
+    worker: str
+    request: Request
+    deltas: AsyncGenerator[TokenDelta, None]
 
 
 class WorkerHandle(Protocol):
@@ -25,6 +38,10 @@ class WorkerHandle(Protocol):
 
     def generate(self, request: Request, remote: PrefillResult | None) -> AsyncGenerator[TokenDelta, None]:
         """Stream the request's deltas; closing the iterator early aborts the request on the worker."""
+
+    async def attach(self, request_id: str, start: int, tenant: str | None, timeout_s: float) -> Attached:
+        """Follow the journaled stream of `request_id` (started by any relay) after its first `start` tokens;
+        StreamNotFound when the worker has none this tenant may read."""
 
     async def abort(self, request_id: str) -> None: ...
 

@@ -64,6 +64,7 @@ from disagg.router.index import Ingest, PrefixIndex
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.ranking import LoadRanking
+from disagg.router.resume import Resumer
 from disagg.router.roles import RoleChanger
 from disagg.router.watch import SilentConfig, SilentFailureWatch
 from disagg.tracing import inject
@@ -136,14 +137,11 @@ class RouterCore:
         )
         # the worker calls of one attempt (router/attempt.py)
         self.attempts = AttemptRunner(self.handles, self.health, self.counters, self.config)
+        self.resumer = Resumer(self.handles, self.health, self.config)  # streams a dead relay started (resume.py)
         self.planner: PlannerLoop | None = None  # attached by the composition root when the service plans roles
         # load accounting and saturation (router/load.py); the simulator and bench/router.py drive them too
-        self.begin, self.progress, self.end, self.has_room = (
-            self.book.begin,
-            self.book.progress,
-            self.book.end,
-            self.book.has_room,
-        )
+        book = self.book
+        self.begin, self.progress, self.end, self.has_room = book.begin, book.progress, book.end, book.has_room
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
