@@ -54,17 +54,28 @@ def test_each_replica_takes_a_share_of_the_capacity_follows_worker_roles_and_onl
     assert not base.core.roles.follow_workers  # the input is not modified
 
 
-def _replica_pids() -> list[int]:
-    """The live replicas' processes (named actors in Serve's namespace; no dashboard needed)."""
-    pids = []
+def _replicas() -> dict[int, int]:
+    """The live replicas: process id -> requests in flight (named actors in Serve's namespace; no dashboard)."""
+    def in_flight(_actor) -> int:  # runs in the replica's process (a nested function travels by value)
+        from ray import serve
+
+        core = serve.get_replica_context().servable_object.service.core
+        return sum(load.active_requests for load in core.loads.values())
+
+    found = {}
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["name"].startswith("SERVE_REPLICA::disagg#RouterReplica"):
             actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
             try:
-                pids.append(ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=10))
+                pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=10)
+                found[pid] = ray.get(actor.__ray_call__.remote(in_flight), timeout=10)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 continue  # dead, or being replaced
-    return pids
+    return found
+
+
+def _replica_pids() -> list[int]:
+    return list(_replicas())
 
 
 def _prompt(i, n=60):
@@ -143,7 +154,10 @@ def test_a_replica_killed_mid_stream_loses_no_stream_and_new_requests_are_served
                 deadline = time.monotonic() + 120
                 while (len(progress) < len(bodies) or min(progress.values()) < 4) and time.monotonic() < deadline:
                     await asyncio.sleep(0.02)
-                os.kill(_replica_pids()[0], signal.SIGKILL)
+                relaying = _replicas()
+                victim = max(relaying, key=relaying.get)  # the busier one: it relays some of the streams
+                assert relaying[victim] > 0, relaying
+                os.kill(victim, signal.SIGKILL)
                 killed = time.monotonic()
                 while served_after_s is None:  # a new request, sent over and over until one is served
                     r = await client.post("/v1/completions", json={**bodies[0], "stream": False, "max_tokens": 1})
@@ -158,6 +172,7 @@ def test_a_replica_killed_mid_stream_loses_no_stream_and_new_requests_are_served
     assert [text for text, _, _ in faulted] == [text for text, _, _ in reference]
     assert all(reason == "length" for _, reason, _ in faulted)
     assert sum(reconnects for _, _, reconnects in faulted) >= 1  # the kill did cut streams
+    print(f"replica SIGKILL: {sum(r for _, _, r in faulted)} reconnects, new request served after {served_after_s:.2f}s")
     assert served_after_s < NEW_REQUEST_WITHIN_S, served_after_s
     deadline = time.monotonic() + 60  # Serve replaces the dead replica
     while len(_replica_pids()) < 2 and time.monotonic() < deadline:
