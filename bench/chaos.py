@@ -8,11 +8,17 @@ Each fault kind is injected --injections times (default 3); `by_kind` gives the 
 
 Faults: kill-decode / kill-prefill (SIGKILL of the worker process), stop-decode / stop-prefill (SIGSTOP: a hung
 process the supervisor must detect and kill), kill-router (SIGKILL of the router actor), read-fail / read-hang
-(NIXL reads on a decode worker fail, or hang past their deadline, via the worker's fault-injection transport).
-The workload is greedy with ignore_eos, so the clean run is the reference for every output.
+(NIXL reads on a decode worker fail, or hang past their deadline, via the worker's fault-injection transport);
+silent faults on a decode (or aggregated) worker: corrupt-weights, nan-logits, slow-5x (bench/chaos_silent.py:
+injected into the running worker; detected by the canaries, the per-step checks, the gray-failure detector).
+The workload is greedy with ignore_eos, so the clean run is the reference for every output.  The health events
+that took a worker out of routing with no fault to explain them are counted (`false_outs`: on the clean run,
+every one is a false positive of the detectors).
 
     disagg bench chaos --agent coding_agent --sessions 6 --session-rate 0.5 --prefill 1 --decode 2 \\
         --faults kill-decode,kill-prefill,stop-decode,read-fail,read-hang,kill-router --out bench/results/chaos
+    disagg bench chaos --agent short_chat --prefill 0 --decode 3 --canary --gray-failures \\
+        --faults corrupt-weights,nan-logits,slow-5x --out bench/results/chaos_silent     # (docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -33,14 +39,39 @@ from typing import Any
 
 import httpx
 
+from bench.chaos_silent import (
+    CHAOS_CANARY,
+    DETECT_GOAL_S,
+    SILENT_FAULTS,
+    await_silent,
+    check_detectors,
+    healthy_outs,
+    inject_silent,
+    is_silent,
+    wrong_after_detection,
+)
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from disagg.config import EngineConfig
-from disagg.options import add_options
+from disagg.options import add_options, from_options
 from disagg.protocol import RouterCounters, WorkerStats
+from disagg.router.canary import CanaryConfig
+from disagg.router.outliers import OutlierConfig
+from disagg.router.watch import SilentConfig
 from disagg.workload.metrics import RequestRecord, percentile
 from disagg.workload.options import load_workload
 
-FAULTS = ("kill-decode", "kill-prefill", "stop-decode", "stop-prefill", "kill-router", "read-fail", "read-hang")
+FAULTS = (
+    "kill-decode",
+    "kill-prefill",
+    "stop-decode",
+    "stop-prefill",
+    "kill-router",
+    "read-fail",
+    "read-hang",
+    *SILENT_FAULTS,
+)
+_CANARY = ("enabled", "idle_interval_s", "busy_interval_s")  # the canary / gray-failure options (as disagg serve's)
+_OUTLIERS = ("enabled", "ratio")
 
 # KV cache per worker, MiB: the size the published chaos results were measured at (docs/benchmarks.md, "128 MiB
 # KV"), so reruns compare. Half the lab's LAB_KV_CACHE_MB: a chaos run holds 1 prefill + 2 decode workers and
@@ -88,6 +119,8 @@ class Observer:
     router: Any
     interval_s: float = 0.25
     events: dict[tuple, dict] = field(default_factory=dict)
+    states: dict[str, str] = field(default_factory=dict)  # each worker's health state at the last poll
+    silent: dict[str, Any] | None = None  # the router's silent-failure watch counts at the last poll (None: off)
     decisions: dict[str, list[dict]] = field(default_factory=dict)
     counters: RouterCounters = field(default_factory=RouterCounters)  # summed over router restarts
     _last: RouterCounters = field(default_factory=RouterCounters)
@@ -111,6 +144,8 @@ class Observer:
                 continue  # the router is down or restarting
             for e in health["events"]:
                 self.events[(e["worker"], e["state"], e["wall_time"])] = e
+            self.states = {name: w["state"] for name, w in health["workers"].items()}
+            self.silent = health.get("silent")
             now = RouterCounters.from_wire(health["counters"])
             if _dropped(now, self._last):  # a restarted router counts from 0 again
                 self._base = _summed(self._base, self._last)
@@ -137,7 +172,9 @@ def _signal(actor: Any, sig: signal.Signals) -> int:
     return pid
 
 
-def inject(kind: str, service: Any, rng: random.Random, hang_s: float) -> Fault:
+def inject(kind: str, service: Any, rng: random.Random, hang_s: float, states: dict[str, str] | None = None) -> Fault:
+    """Inject one fault on a worker of the kind's role (silent kinds: a READY one, per `states`, the router's
+    health view, so that a drained or restarting worker is not chosen)."""
     import ray
 
     cluster = service.cluster
@@ -149,9 +186,12 @@ def inject(kind: str, service: Any, rng: random.Random, hang_s: float) -> Fault:
         return fault
     if not pool:
         raise ValueError(f"{kind}: this cluster has no {role} worker")
-    name = rng.choice(sorted(pool))
+    ready = [n for n in sorted(pool) if not is_silent(kind) or (states or {}).get(n, "ready") == "ready"]
+    name = rng.choice(ready or sorted(pool))
     fault = Fault(kind, name, time.time())
-    if kind.startswith("kill"):
+    if is_silent(kind):
+        inject_silent(kind, pool[name])
+    elif kind.startswith("kill"):
         _signal(pool[name], signal.SIGKILL)
     elif kind.startswith("stop"):
         _signal(pool[name], signal.SIGSTOP)
@@ -179,6 +219,9 @@ def await_recovery(fault: Fault, service: Any, observer: Observer, timeout_s: fl
         return
     if fault.kind.startswith("read"):
         return  # the worker stays in routing; the requests fall back
+    if is_silent(fault.kind):
+        await_silent(fault, service.cluster.workers_by_name[fault.target], observer, timeout_s)
+        return
     while time.time() < deadline:
         dead = observer.first_event(fault.target, "dead", fault.at)
         ready = observer.first_event(fault.target, "ready", dead) if dead is not None else None
@@ -246,12 +289,13 @@ def analyse(
     clean: ReplayResult,
     faulted: ReplayResult,
     observer: Observer,
-    cold_start_s: float,
+    cold_start_s: float | None,
     window_s: float,
 ) -> list[dict[str, Any]]:
     reference = {r.index: r for r in clean.records}
     rows = []
-    for fault in faults:
+    for k, fault in enumerate(faults):
+        next_at = faults[k + 1].at if k + 1 < len(faults) else None
         hit = _affected(
             fault,
             faulted.records,
@@ -293,6 +337,13 @@ def analyse(
                 "serving_again_s": fault.serving_again_s,
                 "cold_start_s": cold_start_s if fault.serving_again_s is not None else None,
                 "endpoint_back_s": fault.endpoint_back_s,
+                # silent faults: the goal on out_of_routing_s, and wrong outputs among requests started after it
+                "detect_goal_s": DETECT_GOAL_S.get(fault.kind),
+                "wrong_after_detection": (
+                    wrong_after_detection(fault, next_at, faulted.records, faulted.started_at, reference)
+                    if is_silent(fault.kind)
+                    else None
+                ),
                 "note": fault.note,
             }
         )
@@ -333,6 +384,12 @@ def by_kind(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             entry[key] = (
                 {"median": statistics.median(values), "worst": max(values), "n": len(values)} if values else None
             )
+        if is_silent(kind):  # detected at all, and within the goal; wrong outputs after detection
+            goal = DETECT_GOAL_S.get(kind)
+            detected = [r["out_of_routing_s"] for r in mine if r.get("out_of_routing_s") is not None]
+            entry["detected"] = len(detected)
+            entry["within_goal"] = None if goal is None else sum(t <= goal for t in detected)
+            entry["wrong_after_detection"] = sum(r.get("wrong_after_detection") or 0 for r in mine)
         out[kind] = entry
     return out
 
@@ -380,6 +437,14 @@ def leftovers(service: Any, settle_s: float) -> list[dict[str, Any]]:
         time.sleep(0.5)
 
 
+def _silent_config(args: argparse.Namespace) -> SilentConfig:
+    """The canaries and the gray-failure detector as the options ask (`disagg serve`'s options, the bench's pace)."""
+    return SilentConfig(
+        canary=from_options(CanaryConfig, args, prefix="canary-", only=_CANARY),
+        outliers=from_options(OutlierConfig, args, prefix="outliers-", only=_OUTLIERS),
+    )
+
+
 def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     import ray
 
@@ -404,6 +469,8 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(kinds) - set(FAULTS)
     if unknown:
         raise SystemExit(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
+    silent = _silent_config(args)
+    check_detectors(kinds, silent.canary.enabled, silent.outliers.enabled)
     service = Service(
         ClusterConfig(
             num_prefill=args.prefill,
@@ -412,16 +479,20 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
             transport_wrapper="tests.fake_transport:FaultyTransport",
             transfer_timeout_s=args.read_timeout,
             tiers=TierConfig(disk_root=tempfile.mkdtemp(prefix="chaos-kv-")),
+            allow_fault_injection=any(is_silent(k) for k in kinds),  # the workers take set_faults orders
         ),
-        RouterConfig(policy=PolicyConfig(kind=PolicyKind.KV, min_remote_prefill_tokens=16)),
+        RouterConfig(policy=PolicyConfig(kind=PolicyKind.KV, min_remote_prefill_tokens=16), silent=silent),
     )
     observer = Observer(service.router)
     try:
-        cold_start = measure_cold_start(service)
+        # a worker's cold start is the yardstick of the restart figures of process faults; silent ones need none
+        cold_start = measure_cold_start(service) if not all(is_silent(k) for k in kinds) else None
         _warm(service.url, args.vocab_size, args.prefill + args.decode)
         cfg = replace(replay_config(args, service.url, scale), record_text=True)
+        observer.start()  # from the clean run on: a worker taken out of routing there is a false positive
+        clean_from = time.time()
         clean = asyncio.run(replay(trace, cfg))
-        observer.start()
+        clean_to = time.time()
         box: dict[str, ReplayResult] = {}
         runner = threading.Thread(target=lambda: box.setdefault("r", asyncio.run(replay(trace, cfg))))
         runner.start()
@@ -430,7 +501,7 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
             time.sleep(max(0.0, t0 + (k + 1) * args.fault_interval - time.time()))
             if not runner.is_alive():
                 break
-            fault = inject(kind, service, rng, args.read_timeout * 3)
+            fault = inject(kind, service, rng, args.read_timeout * 3, observer.states)
             print(f"[chaos] {kind} on {fault.target}", flush=True)
             await_recovery(fault, service, observer, args.recovery_timeout)
             faults.append(fault)
@@ -442,6 +513,7 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
             fault.serving_again_s = serving_again(fault, faulted.records, faulted.started_at, observer)
         rows = analyse(faults, clean, faulted, observer, cold_start, args.read_timeout * 2)
         reference = {r.index: r for r in clean.records}
+        events = list(observer.events.values())
         summary = {
             "requests": len(faulted.records),
             "lost": sum(not r.ok for r in faulted.records),
@@ -450,6 +522,10 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
             "migrations": observer.counters.migrations,
             "fallbacks": {f"fallback:{k.value}": n for k, n in observer.counters.fallbacks.items()},
             "cold_start_s": cold_start,
+            "silent_watch": observer.silent,  # canaries judged, workers condemned, drains (one router's life)
+            # out of routing with no fault to explain it: on the clean run, the detectors' false positives
+            "false_outs_clean": healthy_outs(events, [], clean_from, clean_to, 0.0),
+            "false_outs_faulted": healthy_outs(events, faults, t0, time.time(), args.recovery_timeout),
         }
         return {
             "workload": workload,
@@ -463,9 +539,10 @@ def run_chaos(args: argparse.Namespace) -> dict[str, Any]:
                 "decode": args.decode,
                 "fault_interval": args.fault_interval,
                 "read_timeout": args.read_timeout,
-                "engine": {**engine, "model": Path(model).name},
+                "engine": {**engine, "model": Path(model).name},  # the folder, not this machine's path
+                "silent": {"canary": vars(silent.canary), "outliers": vars(silent.outliers)},
             },
-        }  # the folder, not this machine's path
+        }
     finally:
         observer.stop()
         service.shutdown()
@@ -488,6 +565,8 @@ def markdown(result: dict[str, Any]) -> str:
         "serving_again_s",
         "cold_start_s",
         "endpoint_back_s",
+        "detect_goal_s",
+        "wrong_after_detection",
     ]
 
     def fmt(v: Any) -> str:
@@ -496,7 +575,8 @@ def markdown(result: dict[str, Any]) -> str:
         return f"{v:,.2f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(row[c]) for c in cols) + " |" for row in result["faults"]]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in cols) + " |" for row in result["faults"]]
+    lines += _silent_table(result["by_kind"], fmt)
     s = result["summary"]
     lines += [
         "",
@@ -507,8 +587,41 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r['worker']}: {r['blocks_held']} blocks, {r['leases']} leases, {r['adopted_blocks']} adopted"
             for r in result["leftovers"]
         ),
+        f"Workers out of routing with no fault to explain it: {len(s['false_outs_clean'])} on the clean run, "
+        f"{len(s['false_outs_faulted'])} on the faulted run.",
     ]
     return "\n".join(lines)
+
+
+def _silent_table(kinds: dict[str, dict[str, Any]], fmt: Any) -> list[str]:
+    """The fault table of the silent kinds: detection median (worst), goal, wrong outputs, lost."""
+    rows = []
+    for kind, e in kinds.items():
+        if not is_silent(kind):
+            continue
+        t = e["out_of_routing_s"]
+        detect = f"{fmt(t['median'])} ({fmt(t['worst'])})" if t else "-"
+        rows.append(
+            f"| {kind} | {e['injections']} | {e['detected']} | {detect} | {fmt(DETECT_GOAL_S.get(kind))} | "
+            f"{fmt(e['within_goal'])} | {e['wrong_output']} | {e['wrong_after_detection']} | {e['lost']} |"
+        )
+    if not rows:
+        return []
+    head = (
+        "| fault | injections | detected | out of routing s, median (worst) | goal s | within goal | "
+        "wrong served (before detection) | wrong served after detection | lost |"
+    )
+    return ["", head, "|---|" + "---:|" * 8, *rows]
+
+
+def passed(result: dict[str, Any]) -> bool:
+    """No request lost; no wrong output but the corrupted worker's before its detection; none after it; no
+    worker out of routing without a fault to explain it."""
+    s, rows = result["summary"], result["faults"]
+    explained = sum(r["wrong_output"] for r in rows if r["fault"] == "corrupt-weights")
+    after = sum(r.get("wrong_after_detection") or 0 for r in rows)
+    false_outs = s["false_outs_clean"] or s["false_outs_faulted"]
+    return s["lost"] == 0 and s["wrong_output"] <= explained and after == 0 and not false_outs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,6 +633,9 @@ def main(argv: list[str] | None = None) -> int:
         only=("model", "kv_cache_memory_mb", "max_model_len"),
         defaults={"kv_cache_memory_mb": CHAOS_KV_CACHE_MB},  # see CHAOS_KV_CACHE_MB
     )
+    # silent faults' detectors: off unless asked (as in `disagg serve`), at the bench's canary pace (CHAOS_CANARY)
+    add_options(parser, CanaryConfig, prefix="canary-", only=_CANARY, defaults=CHAOS_CANARY)
+    add_options(parser, OutlierConfig, prefix="outliers-", only=_OUTLIERS)
     add_replay_args(parser)
     args = parser.parse_args(argv)
     if args.max_output_tokens is None:
@@ -533,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     (out / "report.md").write_text(text + "\n")
     print(text)
-    return 0 if result["summary"]["lost"] == 0 and result["summary"]["wrong_output"] == 0 else 1
+    return 0 if passed(result) else 1
 
 
 if __name__ == "__main__":

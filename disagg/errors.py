@@ -44,7 +44,8 @@ class Unauthorized(DisaggError):
 
 class Forbidden(DisaggError):
     """A known caller asking for what its key does not grant: /admin/* without the admin scope (or, with no keys
-    configured, from a non-loopback client), a priority above the key's cap (403)."""
+    configured, from a non-loopback client), a priority above the key's cap (403); a drill's fault order to a
+    worker not started to take them (cluster/worker.py `set_faults`)."""
 
 
 class Rejection(str, enum.Enum):

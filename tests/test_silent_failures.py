@@ -5,6 +5,8 @@ is drained."""
 import asyncio
 import time
 
+import pytest
+
 from disagg.config import EngineConfig, FaultConfig
 from disagg.engine.engine import LLMEngine
 from disagg.protocol import Request, Role, SamplingParams
@@ -173,3 +175,60 @@ def test_a_worker_slowed_5x_is_drained(tiny_llama_dir):
     assert core.health.workers["a"].state is WorkerState.DRAINED and core.watch.counts.drains == 1
     assert handles["a"].kills == 0  # slow, not wrong: drained, not restarted
     assert any(e["worker"] == "a" and e["state"] == "drained" for e in core.health.recent_events())  # reported
+
+
+def _order(faults):
+    from disagg.cluster.worker_config import FaultOrder
+
+    return FaultOrder(faults).to_wire()
+
+
+def test_fault_orders_are_refused_unless_the_worker_was_started_for_drills(tiny_llama_dir):
+    from disagg.cluster.launch import ClusterConfig, build_parser
+    from disagg.errors import Forbidden
+
+    worker = local_worker("w", tiny_llama_dir)  # started as `disagg serve` starts workers: no fault injection
+    with pytest.raises(Forbidden, match="fault injection is off"):
+        asyncio.run(worker.set_faults(_order(FaultConfig(nan_from_step=1))))
+    assert worker.engine.runner.faults is None  # nothing was injected
+    assert not ClusterConfig().allow_fault_injection and not ClusterConfig().worker("x", Role.BOTH, "x") \
+        .allow_fault_injection
+    assert "--allow-fault-injection" not in build_parser().format_help()  # no way to turn it on from the CLI
+
+
+def test_fault_orders_change_a_running_worker_and_stop(tiny_llama_dir):
+    """A running (pre-packed) worker takes the faults of an order from its next step on: corrupted weights give
+    wrong greedy tokens, NaN logits fail the request with OutputCorrupt (and take the worker out), a slow factor
+    is on its runner; an empty order stops the injection (not a weight corruption: that lasts until the process
+    restarts, as real corruption would)."""
+    from disagg.errors import OutputCorrupt
+
+    reference = _reference(tiny_llama_dir)
+
+    async def go():
+        slow, nan, bad = (local_worker(n, tiny_llama_dir) for n in ("s", "n", "c"))
+        for w in (slow, nan, bad):
+            w.config.allow_fault_injection = True  # as `disagg bench chaos` starts its workers
+        await slow.set_faults(_order(FaultConfig(slow_factor=5.0)))
+        slowed = slow.engine.runner.faults.config.slow_factor
+        assert await _stream_worker(LocalWorkerHandle(slow), "r1") == reference  # slow, not wrong
+        await slow.set_faults(_order(None))
+        await nan.set_faults(_order(FaultConfig(nan_from_step=1)))
+        with pytest.raises(OutputCorrupt):
+            await _stream_worker(LocalWorkerHandle(nan), "r2")
+        await bad.set_faults(_order(FaultConfig(corrupt_layer=0, corrupt_scale=4.0)))
+        wrong = await _stream_worker(LocalWorkerHandle(bad), "r3")
+        await bad.set_faults(_order(None))
+        still = await _stream_worker(LocalWorkerHandle(bad), "r4")
+        return slowed, slow.engine.runner.faults, nan.fault, wrong, still
+    slowed, cleared, fault, wrong, still = asyncio.run(go())
+    assert slowed == 5.0 and cleared is None
+    assert fault and "non-finite" in fault  # the worker took itself out
+    assert wrong != reference and still == wrong  # wrong, finite tokens; they stay wrong until a restart
+
+
+async def _stream_worker(handle, request_id):
+    tokens = []
+    async for delta in handle.generate(Request(request_id, PROMPT, GREEDY), None):
+        tokens += delta.token_ids
+    return tokens

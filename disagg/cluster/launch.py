@@ -60,6 +60,7 @@ class ClusterConfig:
     transfer_timeout_s: float = 10.0
     max_restarts: int = -1  # per worker actor (-1: always restart)
     transport_wrapper: str = ""  # WorkerConfig.transport_wrapper (the chaos benchmark's fault injector)
+    allow_fault_injection: bool = False  # WorkerConfig's: drills only (bench chaos, tests), no `disagg serve` option
     tracing: TracingConfig | None = None  # the workers' spans (and the router's, via Service); None: none
     transport: TransportConfig = field(default_factory=TransportConfig)  # the workers' UCX devices
     # Ray custom resources each actor needs, to place roles on nodes that offer them (multi-node clusters,
@@ -78,6 +79,7 @@ class ClusterConfig:
             tiers=worker_tiers(self.tiers, slot) if self.mock is None else None,
             transfer_timeout_s=self.transfer_timeout_s,
             transport_wrapper=self.transport_wrapper,
+            allow_fault_injection=self.allow_fault_injection,
             tracing=self.tracing,
             transport=self.transport,
             mock=self.mock,

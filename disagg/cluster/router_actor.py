@@ -52,6 +52,10 @@ class RouterActor:
             },
             "events": core.health.recent_events(200),
             "counters": core.counters.to_wire(),  # a RouterCounters message
+            # the silent-failure watch (router/watch.py): canaries judged, workers condemned, drains; None: off
+            "silent": None
+            if core.watch is None
+            else {**vars(core.watch.counts), "reference": core.watch.book.reference},
             "loads": {
                 n: {
                     "active_requests": load.active_requests,

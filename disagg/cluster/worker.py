@@ -38,9 +38,9 @@ from disagg.cluster.event_feed import EventFeed
 from disagg.cluster.spans import WorkerSpans
 from disagg.cluster.step_budget import StepBudget
 from disagg.cluster.streams import JournaledStreams
-from disagg.cluster.worker_config import WorkerConfig, build_tiers
+from disagg.cluster.worker_config import FaultOrder, WorkerConfig, build_tiers
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
-from disagg.errors import OutputCorrupt
+from disagg.errors import Forbidden, OutputCorrupt
 from disagg.protocol import (
     EventKind,
     Heartbeat,
@@ -349,6 +349,20 @@ class EngineWorker(JournaledStreams):
         if not isinstance(self.transport, FaultInjector):
             raise ValueError("this worker's transport injects no faults (WorkerConfig.transport_wrapper)")
         self.transport.inject(fault, count, hang_s)
+
+    async def set_faults(self, order: bytes) -> None:
+        """Chaos drills: inject a FaultOrder's engine faults from the next step on (wrong weights, NaN logits, slow
+        steps), on this incarnation only (a restart comes back clean).  Refused unless the worker was started with
+        `allow_fault_injection`: a serving cluster must not be corruptible by whoever can call its actors."""
+        if not self.config.allow_fault_injection:
+            raise Forbidden(f"{self.config.name}: fault injection is off (WorkerConfig.allow_fault_injection)")
+        from disagg.engine.runner import ModelRunner
+
+        runner, faults = self.engine.runner, FaultOrder.from_wire(order).faults
+        if not isinstance(runner, ModelRunner):
+            raise ValueError(f"{self.config.name}: its engine runs no model to inject faults into")
+        await self._call(runner.set_faults, faults)
+        log.warning("%s: injected faults now %s", self.config.name, faults)
 
     async def stats(self) -> bytes:
         """This worker's figures now (a `WorkerStats` message, the heartbeat's assembly, measured afresh)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
 from disagg.cluster.journal import JournalConfig
-from disagg.config import EngineConfig
+from disagg.config import EngineConfig, FaultConfig
 from disagg.kv.tier_config import TierConfig
 from disagg.model_store import cache_root
 from disagg.protocol import Role
@@ -63,9 +63,21 @@ class WorkerConfig(WireMessage):
     max_backoff_failures: int = 20
     step_failure_budget: int = 40  # failed steps in a row tolerated; then the worker gives up (cluster/step_budget.py)
     journal: JournalConfig = dataclasses.field(default_factory=JournalConfig)  # streams outliving their relay
+    # chaos drills: the worker takes `set_faults` orders (a FaultOrder) at run time; off, they are refused, and
+    # nothing but a drill (`disagg bench chaos`, tests) turns it on: `disagg serve` has no option for it
+    allow_fault_injection: bool = False
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)
+
+
+@dataclasses.dataclass
+class FaultOrder(WireMessage):
+    """A drill's order to a running worker (`EngineWorker.set_faults`): inject these faults from now on; None
+    stops injecting (a weight corruption already applied stays until the process restarts)."""
+
+    TYPE: ClassVar[str] = "fault_order"
+    faults: FaultConfig | None = None
 
 
 def worker_tiers(tiers: TierConfig | None, slot: str) -> TierConfig | None:

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from disagg.config import EngineConfig
+from disagg.config import EngineConfig, FaultConfig
 from disagg.engine.attention import AttentionMetadata, select_backend
 from disagg.engine.faults import NONFINITE_TOKEN, FaultInjector
 from disagg.engine.kv_cache import KVCache, bytes_per_block
@@ -137,6 +137,13 @@ class ModelRunner:
         self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device)
         self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked
         self.last_step_s = 0.0
+
+    def set_faults(self, config: FaultConfig | None) -> None:
+        """Chaos drills on a running engine: inject `config`'s faults from the next step on (None: none).  A weight
+        corruption is applied now and stays until the process restarts, as real corruption would."""
+        self.faults = FaultInjector(config) if config is not None else None
+        if self.faults is not None:
+            self.faults.corrupt(self.model.layers)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """Flat input ids, positions, metadata, and the batch rows whose last token yields a next-token sample."""
