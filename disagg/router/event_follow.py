@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from disagg.errors import DisaggError
 from disagg.protocol import KVEventBatch
 from disagg.router.handles import WorkerHandle
+from disagg.utils import end_loops
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,8 @@ class EventFollowers:
         ]
 
     async def stop(self) -> None:
-        # the flag as well as the cancellation (as the health supervisor's loops): before Python 3.12 the handles'
-        # `asyncio.wait_for` swallows a cancellation that lands as its call completes; the loop ends at its next turn
-        self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True  # the flag, not only the cancellation, ends the loops (utils.end_loops says why)
+        await end_loops(self._tasks)
         self._tasks = []
 
     async def _follow(self, name: str, handle: WorkerHandle) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from disagg.errors import DeadlineExceeded, DisaggError, WorkerLost
 from disagg.protocol import Heartbeat, KVEventBatch, Role, WorkerState, WorkerStats
 from disagg.router.handles import WorkerHandle
+from disagg.utils import end_loops
 
 log = logging.getLogger(__name__)
 
@@ -249,13 +250,8 @@ class Supervisor:
         self._tasks = [loop.create_task(self._probe_loop(name)) for name in self.handles]
 
     async def stop(self) -> None:
-        # The flag, not only the cancellation, ends the loops: before Python 3.12 `asyncio.wait_for` (the handles'
-        # deadlines) swallows a cancellation that arrives as the call it waits for completes, and the loop would
-        # go on probing with this gather waiting for it forever.  With the flag it ends at its next turn.
-        self._stopping = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True  # the flag, not only the cancellation, ends the loops (utils.end_loops says why)
+        await end_loops(self._tasks)
         self._tasks = []
 
     async def _probe_loop(self, name: str) -> None:
