@@ -47,6 +47,7 @@ class TierMatch:
 @dataclass
 class IndexedWorker:
     last_seq_no: int = -1
+    seen_seq_no: int = -1  # the newest batch delivered, applied or not (a snapshot older than it is stale)
     needs_snapshot: bool = False
     blocks: dict[int, int] = field(default_factory=dict)  # hash -> tier bits
 
@@ -84,11 +85,15 @@ class PrefixIndex:
         the work as an iterator whose every step applies at most `slice_blocks` block hashes, in event order (the
         router holds its lock per step, not per batch: see `Ingest`)."""
         state = self._workers.setdefault(batch.worker, IndexedWorker())
-        if not batch.snapshot and (state.needs_snapshot or batch.seq_no != state.last_seq_no + 1):
-            state.needs_snapshot = True
-            return None
+        if not batch.snapshot:
+            state.seen_seq_no = max(state.seen_seq_no, batch.seq_no)
+            if state.needs_snapshot or batch.seq_no != state.last_seq_no + 1:
+                state.needs_snapshot = True
+                return None
         state.last_seq_no = batch.seq_no
-        state.needs_snapshot = False
+        # a snapshot taken before batches already delivered (its fetch raced the event feed) is applied, but another
+        # is asked for: the batches it misses were refused or came before it, and the worker may send no more
+        state.needs_snapshot = batch.snapshot and batch.seq_no < state.seen_seq_no
         return self._steps(batch, state, slice_blocks)
 
     def _steps(self, batch: KVEventBatch, state: IndexedWorker, slice_blocks: int) -> Iterator[None]:

@@ -172,7 +172,7 @@ class RouterCore:
     # ------------------------------------------------------------------ health
     def _on_health_change(self, name: str, old: WorkerState, new: WorkerState) -> None:
         with self._lock:  # requests streaming from a dead worker notice within death_poll_s (see _next)
-            if new is WorkerState.DEAD:
+            if new in (WorkerState.DEAD, WorkerState.STARTING):  # a rejoin rebuilds it from a snapshot
                 self.index.remove_worker(name)
             elif new is WorkerState.READY:
                 self.index.add_worker(name)
