@@ -112,3 +112,20 @@ def test_stopping_the_followers_ends_their_long_polls():
 def test_the_feed_needs_room_for_a_batch():
     with pytest.raises(ValueError):
         EventFeed("i0", keep=0)
+
+
+def test_a_snapshot_older_than_a_delivered_batch_is_applied_and_another_is_asked_for():
+    """A snapshot's fetch can race the pulled feed: batches 0-2 arrive, then a snapshot taken at 1.  The index
+    takes it (better than nothing) but asks for a fresh one: the worker may publish nothing more that would show
+    the gap, and the snapshot misses batch 2's changes."""
+    index = PrefixIndex()
+    index.add_worker("w")
+    for seq in range(3):
+        assert index.apply(_batch(seq, 100 + seq))
+    assert not index.needs_snapshot("w")
+    old = KVEventBatch.of("w", 1, [KVEvent(EventKind.STORED, [100, 101], tier=Tier.DEVICE)], snapshot=True)
+    assert index.apply(old)
+    assert index.needs_snapshot("w")  # 102 is missing: a fresh snapshot is due
+    fresh = KVEventBatch.of("w", 2, [KVEvent(EventKind.STORED, [100, 101, 102], tier=Tier.DEVICE)], snapshot=True)
+    assert index.apply(fresh) and not index.needs_snapshot("w")
+    assert index.blocks_of("w") == {100, 101, 102}
