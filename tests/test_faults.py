@@ -22,7 +22,7 @@ import ray
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
 from disagg.config import EngineConfig
 from disagg.kv.tier_config import TierConfig
-from disagg.protocol import FallbackKind, RouterCounters
+from disagg.protocol import FallbackKind, KVEventBatch, RouterCounters
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.health import HealthConfig
 from disagg.router.policy import PolicyConfig
@@ -230,8 +230,19 @@ def test_router_sigkill_endpoint_comes_back_on_the_same_port(service, smollm_dir
     assert time.monotonic() - t0 < 10  # the goal: endpoint back within 10 s
     r = httpx.post(f"{url}/v1/completions", json=_body(model, 9, stream=False), timeout=120)
     assert r.status_code == 200, r.text
-    # the workers' KV state is back in the new router's index (pulled as snapshots)
-    assert _wait(lambda: sum(ray.get(service.router.index_size.remote()).values()) >= sum(before.values()), 20)
+    # the workers' KV state is back in the new router's index (replayed from each worker's event feed). Compared
+    # with what each worker holds now, not with `before`: the request above may evict blocks on its decode worker.
+    assert _wait(lambda: ray.get(service.router.index_size.remote()) == _held_blocks(service), 20)
+    assert sum(_held_blocks(service).values()) >= sum(before.values()) // 2  # the cache was not wiped meanwhile
+
+
+def _held_blocks(service) -> dict[str, int]:
+    """How many distinct blocks each worker says it holds (its own KV snapshot), by worker name."""
+    out = {}
+    for name, worker in service.cluster.workers_by_name.items():
+        batch = KVEventBatch.from_wire(ray.get(worker.kv_snapshot.remote()))
+        out[name] = len({h for event in batch.events for h in event.block_hashes})
+    return out
 
 
 def _reachable(url):
