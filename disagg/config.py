@@ -57,6 +57,13 @@ class EngineConfig:
     num_threads: int | None = field(
         default=None, metadata=_help("torch intra-op threads on CPU (none: torch's default)", flag="--threads")
     )
+    quantization: str = field(
+        default="none",
+        metadata=_help(
+            "weights: none | int8 (Q8_0 blocks rounded at load) | q4 (the model's GGUF blocks served as they are; "
+            "a model with no GGUF file is rounded to Q4_1); CPU, float32 activations"
+        ),
+    )
     cpu_prepack: bool = field(
         default=True, metadata=_help("CPU: pre-pack linear weights for oneDNN (2-3x faster GEMMs at batch 8-32)")
     )
@@ -82,3 +89,6 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.max_model_len <= 1:
             raise ValueError("max_model_len must be > 1")
+        valid = ("none", "int8", "q4")  # disagg.engine.quant.Quantization (not imported here: no torch in config)
+        if self.quantization not in valid:
+            raise ValueError(f"--quantization {self.quantization!r} is not one of {list(valid)}")

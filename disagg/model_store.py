@@ -63,6 +63,14 @@ def _name_architecture(model_dir: Path) -> None:
     os.replace(tmp, path)
 
 
+def default_gguf_for(model_dir: Path) -> Path | None:
+    """The GGUF file the default model's directory was converted from (None for any other directory)."""
+    default = cache_root() / "models" / DEFAULT_MODEL_NAME
+    if model_dir.resolve() != default.resolve():
+        return None
+    return _gguf_source()
+
+
 def _gguf_source() -> Path:
     spec = importlib.util.find_spec(_GGUF_PACKAGE)  # locate without importing (it imports the `llm` CLI)
     if spec is None or not spec.submodule_search_locations:

@@ -105,7 +105,13 @@ def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
     if kv is None:
         raise ValueError("KV tiers need an engine with a KV cache tensor")
     model_dir = Path(engine.config.model) if engine.config.model else None
-    fingerprint = engine_fingerprint(model_dir, str(engine.dtype), engine.config.block_size, tuple(kv.shape[1:]))
+    fingerprint = engine_fingerprint(
+        model_dir,
+        str(engine.dtype),
+        engine.config.block_size,
+        tuple(kv.shape[1:]),
+        quantization=engine.config.quantization,
+    )
     try:
         return TieredStore(tiers, engine.pool, kv, fingerprint)
     except DiskTierBusy:  # another live worker owns the directory: use one of our own

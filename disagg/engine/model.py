@@ -17,6 +17,8 @@ from safetensors import safe_open
 from torch import nn
 
 from disagg.engine.attention import AttentionBackend, AttentionMetadata
+from disagg.engine.quant import QuantFactory, QuantLinear
+from disagg_kernels.cpu_quant import BlockFormat, quantize
 
 SUPPORTED_MODEL_TYPES = {"llama", "qwen2", "mistral"}
 
@@ -239,11 +241,24 @@ class CausalLM(nn.Module):
         head = self.embed_tokens.weight if self.lm_head is None else _weight(self.lm_head)
         self.lm_head = PackedLinear(head, None)  # a tied head gets its own packed copy; the embedding stays
 
+    @torch.no_grad()
+    def quantize(self, factory: QuantFactory, fmt: BlockFormat) -> None:
+        """Replace every linear layer (and the LM head) by a QuantLinear holding `fmt` blocks (--quantization)."""
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_proj = factory.from_float(attn.qkv_proj, fmt)
+            attn.o_proj = factory.from_float(attn.o_proj, fmt)
+            mlp.gate_up_proj = factory.from_float(mlp.gate_up_proj, fmt)
+            mlp.down_proj = factory.from_float(mlp.down_proj, fmt)
+        head = self.embed_tokens.weight if self.lm_head is None else _weight(self.lm_head)
+        self.lm_head = factory.linear(quantize(head, fmt))  # tied: the head's blocks; the float embedding stays
+
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads: every matrix once (the embedding lookup reads one row)."""
         total = 0
         for module in self.modules():
-            if isinstance(module, PackedLinear):
+            if isinstance(module, (PackedLinear, QuantLinear)):
                 total += module.weight_bytes
             elif isinstance(module, nn.Linear):
                 total += module.weight.numel() * module.weight.element_size()

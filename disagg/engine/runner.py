@@ -15,11 +15,14 @@ import torch
 from disagg.config import EngineConfig, FaultConfig
 from disagg.engine.attention import AttentionMetadata, select_backend
 from disagg.engine.faults import NONFINITE_TOKEN, FaultInjector
+from disagg.engine.gguf import load_gguf
 from disagg.engine.kv_cache import KVCache, bytes_per_block
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
+from disagg.engine.quant import QuantFactory, Quantization, check_quantizable, gguf_file, quant_kernels
 from disagg.engine.sampler import logprob_entries, sample
 from disagg.engine.scheduler import ScheduledBatch
 from disagg.engine.tokenizer import Tokenizer
+from disagg_kernels.cpu_quant import BlockFormat
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -101,8 +104,23 @@ def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
     # before loading weights: a cache that cannot hold one sequence fails fast
     check_kv_capacity(num_blocks, config.block_size, min(config.max_model_len, mc.max_position_embeddings))
     faults = FaultInjector(config.faults) if config.faults is not None else None
+    quantization = Quantization.parse(config.quantization)
+    widths = {
+        "hidden_size": mc.hidden_size,
+        "attention width": mc.num_heads * mc.head_dim,
+        "intermediate_size": mc.intermediate_size,
+    }
+    check_quantizable(quantization, device, dtype, widths)
     runner = ModelRunner(
-        model_dir, mc, num_blocks, config.block_size, device, dtype, prepack=config.cpu_prepack, faults=faults
+        model_dir,
+        mc,
+        num_blocks,
+        config.block_size,
+        device,
+        dtype,
+        prepack=config.cpu_prepack,
+        faults=faults,
+        quantization=quantization,
     )
     return runner, tokenizer
 
@@ -118,22 +136,33 @@ class ModelRunner:
         dtype: torch.dtype,
         prepack: bool = True,
         faults: FaultInjector | None = None,
+        quantization: Quantization = Quantization.NONE,
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.model_config, self.num_blocks = model_config, num_blocks
+        self.quantization = quantization
         self.backend = select_backend(device)  # the one place the device path is chosen
         with torch.device("meta"):
             model = CausalLM(model_config, self.backend)
-        model = model.to_empty(device=device)
-        model.rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_theta).to(device)
-        model.load_weights(model_dir)
+        gguf = gguf_file(Path(model_dir)) if quantization is Quantization.Q4 else None
+        factory = QuantFactory(quant_kernels()) if quantization is not Quantization.NONE else None
+        if gguf is not None and factory is not None:  # the file's own blocks: no float32 copy is ever made
+            model.rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_theta)
+            load_gguf(model, gguf, factory)
+        else:
+            model = model.to_empty(device=device)
+            model.rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_theta).to(device)
+            model.load_weights(model_dir)
         self.faults = faults  # injected faults (chaos drills, tests); None: none
         if faults is not None:
             faults.corrupt(model.layers)
         self.model = model.to(dtype).eval()
         self.model.rotary.inv_freq = self.model.rotary.inv_freq.float()
-        if prepack and can_prepack(device, dtype):
+        if factory is not None and gguf is None:  # an HF checkpoint rounded to blocks at load
+            self.model.quantize(factory, BlockFormat.U8 if quantization is Quantization.INT8 else BlockFormat.Q4_1)
+        elif factory is None and prepack and can_prepack(device, dtype):
             self.model.prepack()
+        self.kernel_path = "float" if factory is None else factory.kernels.name
         self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device)
         self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked
         self.last_step_s = 0.0

@@ -1,0 +1,180 @@
+"""Quantized weights against float32 in one process: decode throughput at N concurrent requests and quality under
+teacher forcing.
+
+Every mode (`--modes none int8 q4`) is a separate engine on the same model, run on the same chat prompts with the
+same output length (greedy, ignore EOS), interleaved repeat by repeat so machine noise hits all alike.  Quality is
+measured on a fixed text (`tests/data/eval_text.txt`): every position's next-token logits of each mode against
+float32's on the *same* token sequence (free-running text diverges after the first differing token and says
+little), as top-1 agreement and perplexity.
+
+    .venv/bin/python -m bench.quantization --concurrency 1 8 32 --max-tokens 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench.common import emit, print_table
+from bench.dynamo_router import cpu_model
+from bench.engine_throughput import make_prompts, read_bandwidth_gbs, run_engine, spread, verdict
+from disagg.config import EngineConfig
+from disagg.engine.attention import AttentionMetadata
+from disagg.engine.engine import LLMEngine
+from disagg.engine.runner import ModelRunner, load_model
+from disagg.options import add_options
+
+EVAL_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "eval_text.txt"
+
+
+@dataclass
+class QuantBenchOptions:
+    modes: list[str] = field(
+        default_factory=lambda: ["none", "int8", "q4"], metadata={"nargs": "+", "help": "quantizations to compare"}
+    )
+    concurrency: list[int] = field(
+        default_factory=lambda: [1, 8, 32], metadata={"nargs": "+", "help": "requests in flight, one run each"}
+    )
+    max_tokens: int = field(default=64, metadata={"help": "output tokens per request"})
+    repeats: int = field(default=3, metadata={"help": "interleaved runs of each mode per concurrency"})
+    threads: int = field(default=2, metadata={"help": "torch intra-op threads"})
+    kv_cache_mb: int = field(default=256, metadata={"help": "KV cache of each engine, MiB"})
+    out: str = field(default="bench/results/quantization.json", metadata={"help": "JSON file the results go to"})
+
+
+@torch.inference_mode()
+def teacher_forced_logits(runner: ModelRunner, tokens: list[int]) -> torch.Tensor:
+    """Next-token logits [len(tokens), vocab] at every position of one sequence, in one prefill on blocks
+    0..n of the runner's own KV cache (use a runner no engine owns: its blocks are overwritten)."""
+    bs = runner.block_size
+    n = len(tokens)
+    blocks = list(range(-(-n // bs)))
+    if len(blocks) > runner.num_blocks:
+        raise ValueError(f"{n} tokens need {len(blocks)} KV blocks; the runner has {runner.num_blocks}")
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(n, dtype=torch.int64),
+        block_tables=torch.tensor([blocks], dtype=torch.int32),
+        seq_lens=torch.tensor([n], dtype=torch.int32),
+        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
+        seq_lens_list=[n],
+        query_start_list=[0, n],
+        max_query_len=n,
+        block_size=bs,
+    )
+    ids, pos = torch.tensor(tokens, dtype=torch.int64), torch.arange(n, dtype=torch.int64)
+    hidden = runner.model(ids, pos, runner.kv_cache.tensor, meta)
+    return runner.model.compute_logits(hidden)
+
+
+def perplexity(logits: torch.Tensor, tokens: list[int]) -> float:
+    """exp(mean negative log-likelihood of each next token)."""
+    logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+    target = torch.tensor(tokens[1:])
+    return math.exp(-logp.gather(1, target[:, None]).mean().item())
+
+
+def agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    """Share of positions whose top-1 token equals the reference's."""
+    return (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
+
+
+def quality(model: str, modes: list[str], kv_cache_mb: int) -> list[dict]:
+    rows: list[dict] = []
+    reference = None
+    for mode in ["none", *[m for m in modes if m != "none"]]:
+        runner, tokenizer = load_model(EngineConfig(model=model, quantization=mode, kv_cache_memory_mb=kv_cache_mb))
+        assert tokenizer is not None
+        tokens = tokenizer.encode(EVAL_TEXT.read_text())
+        logits = teacher_forced_logits(runner, tokens)
+        reference = logits if reference is None else reference
+        rows.append(
+            {
+                "mode": mode,
+                "tokens": len(tokens),
+                "top1_agreement": agreement(reference, logits),
+                "perplexity": perplexity(logits, tokens),
+                "max_abs_logit_diff": (logits - reference).abs().max().item(),
+            }
+        )
+    base = float(rows[0]["perplexity"])
+    for row in rows:
+        row["ppl_vs_fp32"] = float(row["perplexity"]) / base
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_options(parser, EngineConfig, only=("model",))
+    add_options(parser, QuantBenchOptions)
+    args = parser.parse_args(argv)
+    engines: dict[str, LLMEngine] = {}
+    runners: dict[str, ModelRunner] = {}
+    for mode in args.modes:
+        config = EngineConfig(
+            model=args.model,
+            quantization=mode,
+            max_num_seqs=max(args.concurrency),
+            num_threads=args.threads,
+            kv_cache_memory_mb=args.kv_cache_mb,
+        )
+        runner, tokenizer = load_model(config)
+        runners[mode] = runner
+        engines[mode] = LLMEngine(config, runner, tokenizer)
+    first = next(iter(engines.values()))
+    for engine in engines.values():
+        run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
+    prompts = {n: make_prompts(first, n) for n in args.concurrency}
+    runs: dict[str, dict[int, list[dict]]] = {m: {n: [] for n in args.concurrency} for m in engines}
+    for _ in range(args.repeats):
+        for n in args.concurrency:
+            for mode, engine in engines.items():
+                runs[mode][n].append(run_engine(engine, prompts[n], args.max_tokens))
+    bandwidth = read_bandwidth_gbs(args.threads)
+    base = args.modes[0]
+    rows = []
+    for n in args.concurrency:
+        for mode in engines:
+            tok_s = spread([r["output_tok_s"] for r in runs[mode][n]])
+            weights = runners[mode].model.weight_bytes_per_token()
+            row = {
+                "concurrency": n,
+                "mode": mode,
+                "kernel": runners[mode].kernel_path,
+                "tok_s": tok_s["median"],
+                "min": tok_s["min"],
+                "max": tok_s["max"],
+                "weight_mb_per_step": weights / 1e6,
+                "weight_gbs": weights * tok_s["median"] / n / 1e9,
+                "same_tokens_as_" + base: runs[mode][n][0]["token_ids"] == runs[base][n][0]["token_ids"],
+            }
+            if mode != base:
+                ref = [r["output_tok_s"] for r in runs[base][n]]
+                row["vs_" + base] = tok_s["median"] / statistics.median(ref)
+                row["verdict_vs_" + base] = verdict(tok_s["runs"], ref)
+            rows.append(row)
+    print_table(rows, f"decode throughput by quantization, {cpu_model()}, {args.threads} threads")
+    quality_rows = quality(first.config.model, args.modes, args.kv_cache_mb)
+    print_table(quality_rows, f"teacher-forced quality on {EVAL_TEXT.name}")
+    emit(
+        {
+            "benchmark": "quantization",
+            "cpu": cpu_model(),
+            "threads": args.threads,
+            "max_tokens": args.max_tokens,
+            "repeats": args.repeats,
+            "read_bandwidth_gbs": bandwidth,
+            "rows": rows,
+            "quality": quality_rows,
+            "runs": {m: {n: [r["output_tok_s"] for r in v] for n, v in by_n.items()} for m, by_n in runs.items()},
+        },
+        args.out,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Block-quantized weights (llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks of 32) and their CPU matmul, with the torch
+reference it is tested against.
+
+`BlockWeight` is one matrix in block form: packed codes plus float32 scales (and mins).  `quantize` makes one from
+a float matrix (how `--quantization int8` quantizes an HF checkpoint at load); the GGUF reader builds them from the
+file's own blocks (`disagg/engine/gguf.py`).  `matmul_reference` / `dequantize_reference` are plain torch.
+
+`NativeKernels` is `cpu_quant.cpp` compiled once per machine with `-march=native`: the compiler targets what the
+running CPU has (AVX2 or AVX-512), and the build is cached under a key of the source, the compiler and the CPU
+flags, so a machine with another CPU builds its own.  `load_native()` returns None with the reason when no C++
+compiler is present; the engine then runs the torch reference and says so at start-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+QK = 32  # weights per block (llama.cpp's QK4_0 = QK4_1 = QK8_0 = 32)
+_SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+_BUILD_TIMEOUT_S = 300
+
+
+class BlockFormat(enum.Enum):
+    Q4_0 = "q4_0"  # w = d * (q - 8), q in 0..15
+    Q4_1 = "q4_1"  # w = d * q + m, q in 0..15
+    Q8_0 = "q8_0"  # w = d * q, q in -127..127
+    U8 = "u8"  # w = d * q + m, q in 0..255 (how --quantization int8 rounds a float checkpoint)
+
+    @property
+    def four_bit(self) -> bool:
+        return self in (BlockFormat.Q4_0, BlockFormat.Q4_1)
+
+    @property
+    def has_min(self) -> bool:
+        return self in (BlockFormat.Q4_1, BlockFormat.U8)
+
+    @property
+    def codes(self) -> int:
+        """The kernel's code kind (cpu_quant.cpp `Codes`)."""
+        return 0 if self.four_bit else 1 if self is BlockFormat.Q8_0 else 2
+
+
+@dataclass
+class BlockWeight:
+    """A [N, K] matrix in blocks of 32 along K: `qs` uint8 [N, K/2] (4-bit: byte j of a block holds element j in
+    its low nibble and element j + 16 in its high one, as in GGUF) or [N, K] (Q8_0, int8 bit patterns);
+    `d` (and `m`, Q4_1 only) float32 [N, K/32]."""
+
+    fmt: BlockFormat
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor | None
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        n, k = self.shape
+        if k % QK:
+            raise ValueError(f"{self.fmt.value}: K={k} is not a multiple of the block size {QK}")
+        width = k // 2 if self.fmt.four_bit else k
+        if tuple(self.qs.shape) != (n, width) or self.qs.dtype != torch.uint8:
+            raise ValueError(
+                f"{self.fmt.value}: codes {tuple(self.qs.shape)} {self.qs.dtype}, want ({n}, {width}) uint8"
+            )
+        if tuple(self.d.shape) != (n, k // QK) or (self.m is not None and self.m.shape != self.d.shape):
+            raise ValueError(f"{self.fmt.value}: scales {tuple(self.d.shape)}, want ({n}, {k // QK})")
+        if (self.m is not None) != self.fmt.has_min:
+            raise ValueError(f"{self.fmt.value}: mins are given for Q4_1 and U8, and only for them")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass over the matrix reads (codes and float32 scales)."""
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    def rows(self, index: torch.Tensor) -> BlockWeight:
+        """The rows `index` (an embedding lookup), still in block form."""
+        m = None if self.m is None else self.m[index]
+        return BlockWeight(self.fmt, self.qs[index], self.d[index], m, (int(index.numel()), self.shape[1]))
+
+    def permute_rows(self, order: torch.Tensor) -> BlockWeight:
+        m = None if self.m is None else self.m[order].contiguous()
+        return BlockWeight(self.fmt, self.qs[order].contiguous(), self.d[order].contiguous(), m, self.shape)
+
+    @staticmethod
+    def concat(parts: list[BlockWeight]) -> BlockWeight:
+        """Row-wise concatenation (fused projections); every part has the same format and K."""
+        fmt, k = parts[0].fmt, parts[0].shape[1]
+        if any(p.fmt is not fmt or p.shape[1] != k for p in parts):
+            raise ValueError("fused projections must share one block format and input width")
+        m = torch.cat([p.m for p in parts if p.m is not None]) if fmt.has_min else None
+        n = sum(p.shape[0] for p in parts)
+        return BlockWeight(fmt, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m, (n, k))
+
+
+def quantize(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
+    """Round a float [N, K] matrix to blocks the way llama.cpp's reference quantizers do (Q8_0: d = amax / 127;
+    Q4_1: d = (max - min) / 15, m = min; Q4_0: d = signed max / -8); U8 like Q4_1 with 255 steps."""
+    n, k = weight.shape
+    if k % QK:
+        raise ValueError(f"cannot quantize a matrix with {k} columns to blocks of {QK}")
+    w = weight.detach().float().reshape(n, k // QK, QK)
+    if fmt is BlockFormat.Q8_0:
+        d = w.abs().amax(-1) / 127.0
+        q = torch.round(w / torch.where(d == 0, 1.0, d)[..., None]).clamp(-127, 127).to(torch.int8)
+        return BlockWeight(fmt, q.view(torch.uint8).reshape(n, k), d, None, (n, k))
+    if fmt.has_min:
+        levels = 15.0 if fmt is BlockFormat.Q4_1 else 255.0
+        lo, hi = w.amin(-1), w.amax(-1)
+        d = (hi - lo) / levels
+        q = torch.round((w - lo[..., None]) / torch.where(d == 0, 1.0, d)[..., None]).clamp(0, levels)
+        m: torch.Tensor | None = lo
+        if fmt is BlockFormat.U8:
+            return BlockWeight(fmt, q.to(torch.uint8).reshape(n, k), d, m, (n, k))
+    else:
+        idx = w.abs().argmax(-1, keepdim=True)
+        d = torch.gather(w, -1, idx).squeeze(-1) / -8.0
+        q = torch.round(w / torch.where(d == 0, 1.0, d)[..., None] + 8.0).clamp(0, 15)
+        m = None
+    q = q.to(torch.uint8)
+    packed = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)
+    return BlockWeight(fmt, packed.reshape(n, k // 2), d, m, (n, k))
+
+
+def dequantize_reference(w: BlockWeight) -> torch.Tensor:
+    """The float32 [N, K] matrix the blocks stand for (torch)."""
+    n, k = w.shape
+    nb = k // QK
+    if w.fmt is BlockFormat.Q8_0:
+        q = w.qs.view(torch.int8).reshape(n, nb, QK).float()
+        return (q * w.d[..., None]).reshape(n, k)
+    if w.fmt is BlockFormat.U8:
+        assert w.m is not None
+        return (w.qs.reshape(n, nb, QK).float() * w.d[..., None] + w.m[..., None]).reshape(n, k)
+    packed = w.qs.reshape(n, nb, QK // 2)
+    q = torch.cat((packed & 0x0F, packed >> 4), dim=-1).float()
+    m = w.m if w.m is not None else -8.0 * w.d
+    return (q * w.d[..., None] + m[..., None]).reshape(n, k)
+
+
+def matmul_reference(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+    return x.float() @ dequantize_reference(w).T
+
+
+class NativeKernels:
+    """The compiled kernels (see the module docstring); `isa` is what the build targets on this CPU."""
+
+    def __init__(self, library: Path) -> None:
+        lib = ctypes.CDLL(str(library))
+        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+        lib.disagg_quant_matmul.argtypes = [i32, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
+        lib.disagg_quant_matmul.restype = None
+        lib.disagg_quant_dequantize.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr, i32]
+        lib.disagg_quant_dequantize.restype = None
+        lib.disagg_quant_isa.restype = ctypes.c_char_p
+        self._lib = lib
+        self.isa: str = lib.disagg_quant_isa().decode()
+
+    def matmul(self, x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+        """x [B, K] float32 times the matrix's transpose: [B, N] float32 (ctypes drops the GIL during the call)."""
+        b, k = x.shape
+        n = w.shape[0]
+        if k != w.shape[1] or x.dtype != torch.float32:
+            raise ValueError(f"matmul of {tuple(x.shape)} {x.dtype} with a ({n}, {w.shape[1]}) block matrix")
+        x = x.contiguous()
+        y = torch.empty(b, n, dtype=torch.float32)
+        m = w.m.data_ptr() if w.m is not None else None
+        self._lib.disagg_quant_matmul(
+            w.fmt.codes,
+            x.data_ptr(),
+            b,
+            k,
+            w.qs.data_ptr(),
+            w.d.data_ptr(),
+            m,
+            n,
+            y.data_ptr(),
+            torch.get_num_threads(),
+        )
+        return y
+
+    def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+        n, k = w.shape
+        out = torch.empty(n, k, dtype=torch.float32) if out is None else out
+        m = w.m.data_ptr() if w.m is not None else None
+        self._lib.disagg_quant_dequantize(
+            w.fmt.codes, w.qs.data_ptr(), w.d.data_ptr(), m, n, k, out.data_ptr(), torch.get_num_threads()
+        )
+        return out
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
+
+
+def build_native(cache_dir: Path, march: str = "native") -> Path:
+    """Compile cpu_quant.cpp for this CPU (once: cached by source, compiler and CPU flags); the library's path.
+    `march` other than "native" builds another path for tests (e.g. "haswell": AVX2, "x86-64": portable).
+    Raises RuntimeError with the compiler's message when it cannot be built."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cxx, version, _cpu_flags(), *flags]).encode()).hexdigest()
+    target = cache_dir / f"cpu_quant-{key[:16]}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run(
+            [cxx, *flags, str(_SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cxx} failed on {_SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent workers building the same key all end with one library
+    return target
+
+
+def load_native(cache_dir: Path, march: str = "native") -> tuple[NativeKernels | None, str]:
+    """The compiled kernels and "" or None and why not (the caller falls back to the torch reference)."""
+    try:
+        return NativeKernels(build_native(cache_dir, march)), ""
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+        return None, str(exc)

@@ -1,0 +1,182 @@
+"""Quantized weights (`--quantization int8 | q4`).
+
+- The block kernels equal their torch reference on every CPU path this machine can run (AVX-512, AVX2, portable).
+- The GGUF reader's blocks equal the float checkpoint converted from the same file (q/k rows un-permuted).
+- `q4` on the default model is the same model: greedy tokens equal float32's over 32 prompts x 64 tokens, logits
+  within float summation error.  `int8` (lossy) is held to teacher-forced top-1 agreement >= 97% and perplexity
+  within 1% of float32 on a fixed text.
+- Bad options are refused at start-up, naming the option.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bench.quantization import EVAL_TEXT, agreement, perplexity, teacher_forced_logits
+from disagg.config import EngineConfig
+from disagg.engine import quant
+from disagg.engine.engine import LLMEngine
+from disagg.engine.gguf import GGUFWeights, _unpermute
+from disagg.engine.quant import Quantization, QuantKernels, check_quantizable, gguf_file
+from disagg.engine.runner import load_model
+from disagg.kv.fingerprint import engine_fingerprint
+from disagg.model_store import make_tiny_model
+from disagg.protocol import SamplingParams
+from disagg_kernels import cpu_quant
+from disagg_kernels.cpu_quant import BlockFormat, dequantize_reference, load_native, matmul_reference, quantize
+
+FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+
+
+@pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
+def test_kernels_equal_the_torch_reference_on_every_cpu_path(march, tmp_path):
+    if cpu_quant._compiler() is None:
+        pytest.skip("no C++ compiler on this machine (the torch reference serves; tested below)")
+    if march == "haswell" and " avx2" not in FLAGS:
+        pytest.skip("this CPU has no AVX2")
+    kernels, why = load_native(tmp_path, march)
+    assert kernels is not None, why
+    expected = {"haswell": "avx2", "x86-64": "portable"}.get(march)
+    assert expected is None or kernels.isa == expected
+    g = torch.Generator().manual_seed(0)
+    for fmt in BlockFormat:
+        w = quantize(torch.randn(40, 96, generator=g), fmt)
+        assert torch.equal(kernels.dequantize(w), dequantize_reference(w)) or torch.allclose(
+            kernels.dequantize(w), dequantize_reference(w), atol=1e-6
+        )
+        for rows in (1, 3, 4, 8, 9, 17):  # below, at and above each path's rows-per-pass
+            x = torch.randn(rows, 96, generator=g)
+            torch.testing.assert_close(kernels.matmul(x, w), matmul_reference(x, w), atol=5e-5, rtol=1e-5)
+
+
+def test_rounding_bounds_and_eight_bits_hold_four_bit_weights_exactly():
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(1))
+    for fmt in BlockFormat:
+        blocks = quantize(w, fmt)
+        step = blocks.d.abs().repeat_interleave(32, dim=1)
+        # half a step, except Q4_0's 16 levels run -8..7: the far side of the largest weight may clip by one step
+        bound = step if fmt is BlockFormat.Q4_0 else step / 2
+        assert ((dequantize_reference(blocks) - w).abs() <= bound + 1e-6).all(), fmt
+    four_bit = dequantize_reference(quantize(w, BlockFormat.Q4_1))  # what the default model's weights are
+    again = dequantize_reference(quantize(four_bit, BlockFormat.U8))
+    torch.testing.assert_close(again, four_bit, atol=1e-5, rtol=0)
+
+
+def test_gguf_blocks_equal_the_checkpoint_converted_from_the_same_file(smollm_dir):
+    path = gguf_file(Path(smollm_dir))
+    assert path is not None and path.suffix == ".gguf"
+    g = GGUFWeights(path)
+    heads, kv_heads = 9, 3  # SmolLM2-135M
+    with safe_open(str(Path(smollm_dir) / "model.safetensors"), framework="pt") as f:
+        pairs = {
+            "model.embed_tokens.weight": g.blocks("token_embd.weight"),
+            "model.layers.0.self_attn.q_proj.weight": _unpermute(g.blocks("blk.0.attn_q.weight"), heads),
+            "model.layers.0.self_attn.k_proj.weight": _unpermute(g.blocks("blk.0.attn_k.weight"), kv_heads),
+            "model.layers.0.self_attn.v_proj.weight": g.blocks("blk.0.attn_v.weight"),
+            "model.layers.3.self_attn.o_proj.weight": g.blocks("blk.3.attn_output.weight"),
+            "model.layers.7.mlp.down_proj.weight": g.blocks("blk.7.ffn_down.weight"),
+        }
+        for name, blocks in pairs.items():
+            torch.testing.assert_close(dequantize_reference(blocks), f.get_tensor(name), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            g.dense("blk.0.attn_norm.weight"), f.get_tensor("model.layers.0.input_layernorm.weight")
+        )
+    with pytest.raises(ValueError, match="F32.*--quantization q4"):
+        g.blocks("blk.0.attn_norm.weight")
+
+
+def _prompts(tokenizer, n):
+    topics = ["the sea", "owls", "prime numbers", "bread", "chess", "glaciers", "tea", "clocks"]
+    return [
+        tokenizer.encode_chat([{"role": "user", "content": f"Tell me {i % 4 + 2} facts about {topics[i % 8]}."}])
+        for i in range(n)
+    ]
+
+
+def _logits_seen(engine):
+    seen: dict[str, list[torch.Tensor]] = {}
+    original = engine.runner.compute_logits
+
+    def compute_logits(batch):
+        logits, rows = original(batch)
+        for j, r in enumerate(rows):
+            seen.setdefault(batch.seqs[r].request_id, []).append(logits[j].clone())
+        return logits, rows
+
+    engine.runner.compute_logits = compute_logits
+    return seen
+
+
+def test_q4_serves_the_default_model_from_its_gguf_blocks_token_for_token(smollm_dir):
+    greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    fp32 = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=192, max_num_seqs=32))
+    q4 = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=192, max_num_seqs=32, quantization="q4"))
+    assert q4.runner.model.weight_bytes_per_token() < fp32.runner.model.weight_bytes_per_token() / 4
+    prompts = _prompts(fp32.tokenizer, 32)
+    seen_fp32, seen_q4 = _logits_seen(fp32), _logits_seen(q4)
+    want = fp32.generate(prompts, greedy)
+    got = q4.generate(prompts, greedy)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    for a, b in zip(want, got):
+        diff = (torch.stack(seen_fp32[a.request_id]) - torch.stack(seen_q4[b.request_id])).abs().max().item()
+        assert diff < 2e-3, f"max |logit diff| {diff:.2e}"
+    # one request at a time: every matmul goes through the block kernel (batch 1), not the de-quantized GEMM
+    solo = LLMEngine(
+        EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, max_num_seqs=1, max_model_len=512, quantization="q4")
+    )
+    assert [r.token_ids for r in solo.generate(prompts[:3], greedy)] == [r.token_ids for r in want[:3]]
+
+
+@pytest.fixture(scope="module")
+def eval_reference(smollm_dir):
+    runner, tokenizer = load_model(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128))
+    tokens = tokenizer.encode(EVAL_TEXT.read_text())
+    return tokens, teacher_forced_logits(runner, tokens)
+
+
+@pytest.mark.parametrize("mode", ["int8", "q4"])
+def test_teacher_forced_quality_against_float32(mode, smollm_dir, eval_reference):
+    tokens, reference = eval_reference
+    assert len(tokens) > 500
+    runner, _ = load_model(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, quantization=mode))
+    logits = teacher_forced_logits(runner, tokens)
+    assert agreement(reference, logits) >= (0.97 if mode == "int8" else 1.0)
+    assert abs(perplexity(logits, tokens) / perplexity(reference, tokens) - 1) < (0.01 if mode == "int8" else 1e-4)
+
+
+def test_the_torch_reference_runs_when_no_compiler_is_found(tiny_llama_dir, monkeypatch):
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    prompts = [list(range(3, 3 + n)) for n in (5, 40)]
+    native = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, quantization="int8"))
+    assert native.runner.kernel_path.startswith("native-")
+    monkeypatch.setattr(quant, "_KERNELS", QuantKernels(None, "no C++ compiler found"))
+    fallback = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, quantization="int8"))
+    assert fallback.runner.kernel_path == "torch-reference"
+    assert [r.token_ids for r in fallback.generate(prompts, greedy)] == [
+        r.token_ids for r in native.generate(prompts, greedy)
+    ]
+
+
+def test_bad_quantization_options_are_refused_at_start_up(tmp_path):
+    with pytest.raises(ValueError, match="--quantization 'int4'"):
+        EngineConfig(quantization="int4")
+    with pytest.raises(ValueError, match="CPU only"):
+        check_quantizable(Quantization.Q4, torch.device("cuda"), torch.float32)
+    with pytest.raises(ValueError, match="float32"):
+        check_quantizable(Quantization.INT8, torch.device("cpu"), torch.bfloat16)
+    odd = make_tiny_model(tmp_path / "odd", "llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match="hidden_size \\(48\\) is not a multiple of the block size 32"):
+        load_model(EngineConfig(model=str(odd), num_blocks=64, quantization="int8"))
+
+
+def test_kv_from_other_weights_never_matches_in_the_tiers(smollm_dir):
+    shape = (30, 2, 16, 3, 64)
+    plain = engine_fingerprint(smollm_dir, "torch.float32", 16, shape)
+    assert engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="none") == plain
+    assert engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="q4") != plain
+    assert engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="int8") not in (
+        plain,
+        engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="q4"),
+    )
