@@ -64,6 +64,14 @@ class EngineConfig:
             "a model with no GGUF file is rounded to Q4_1); CPU, float32 activations"
         ),
     )
+    speculative: str = field(
+        default="none",
+        metadata=_help(
+            "speculative decoding: none | ngram (proposals looked up in the request's own tokens, verified in the "
+            "decode step; greedy requests)"
+        ),
+    )
+    num_speculative_tokens: int = field(default=4, metadata=_help("most tokens proposed per step (1-16)"))
     cpu_prepack: bool = field(
         default=True, metadata=_help("CPU: pre-pack linear weights for oneDNN (2-3x faster GEMMs at batch 8-32)")
     )
@@ -89,6 +97,10 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.max_model_len <= 1:
             raise ValueError("max_model_len must be > 1")
+        if self.speculative not in ("none", "ngram"):  # disagg.engine.spec.SpecMethod
+            raise ValueError(f"--speculative {self.speculative!r} is not one of ['none', 'ngram']")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"--num-speculative-tokens must be in 1..16, got {self.num_speculative_tokens}")
         valid = ("none", "int8", "q4")  # disagg.engine.quant.Quantization (not imported here: no torch in config)
         if self.quantization not in valid:
             raise ValueError(f"--quantization {self.quantization!r} is not one of {list(valid)}")

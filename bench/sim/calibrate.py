@@ -28,6 +28,7 @@ from disagg.engine.kv_cache import KVCache
 from disagg.engine.model import ModelConfig
 from disagg.engine.runner import ModelRunner, load_model
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.engine.spec import Verified
 from disagg.options import add_options, from_options
 from disagg.protocol import TokenDelta
 from disagg.router.policy import PolicyConfig, PolicyKind
@@ -82,6 +83,10 @@ class _Recorder:
     @property
     def last_logprobs(self) -> dict[int, list]:
         return self.runner.last_logprobs
+
+    @property
+    def last_verified(self) -> dict[int, Verified]:
+        return self.runner.last_verified
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.features = batch_features(batch)

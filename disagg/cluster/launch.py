@@ -205,7 +205,16 @@ class Service:
 # `disagg serve`'s options, generated from the configs (disagg/options.py); the dests are the fields' names under
 # the prefix, read back by the same (class, prefix, fields) in cluster_config_from_args / router_config_from_args
 SERVE_PORT = 8000  # the CLI's documented port (the library's RouterConfig picks a free one)
-_ENGINE = ("model", "block_size", "kv_cache_memory_mb", "max_model_len", "num_threads", "quantization")
+_ENGINE = (
+    "model",
+    "block_size",
+    "kv_cache_memory_mb",
+    "max_model_len",
+    "num_threads",
+    "quantization",
+    "speculative",
+    "num_speculative_tokens",
+)
 _TRACING = ("otlp_endpoint", "file_dir", "sampling_ratio")
 _ROUTER = ("host", "port", "replicas", "api_key", "insecure")
 _CANARY = ("enabled", "idle_interval_s", "busy_interval_s")

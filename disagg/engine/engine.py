@@ -18,27 +18,18 @@ import torch
 
 from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool
+from disagg.engine.drafting import apply_verified, propose_drafts
 from disagg.engine.faults import OutputFault, output_fault
 from disagg.engine.model import ModelConfig
+from disagg.engine.offline import Completion
 from disagg.engine.runner import Runner, check_kv_capacity, load_model
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import Sequence
+from disagg.engine.spec import SpecMethod, Speculator, spec_config
 from disagg.engine.tokenizer import Tokenizer
 from disagg.isolation import salt_root
 from disagg.kv.connector import KVConnector, KVSource, KVTiers
 from disagg.protocol import FinishReason, KVEvent, PrefillResult, Request, SamplingParams, Tier, TokenDelta
-
-
-@dataclass
-class Completion:
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: str
-    num_cached_tokens: int
-    ttft_s: float = 0.0
-    e2e_s: float = 0.0
 
 
 @dataclass
@@ -98,6 +89,8 @@ class LLMEngine:
         self.output_faults: list[OutputFault] = []  # requests failed for impossible output, until drained
         self.on_finish: Any = None  # called (seq, reason) when a traced request finishes (the worker's spans)
         self.last_step: StepRecord | None = None  # the last model step (None before the first)
+        spec = spec_config(config)
+        self.speculator = Speculator(spec) if spec.method is not SpecMethod.NONE else None
 
     # ------------------------------------------------------------------ wiring
     @property
@@ -270,12 +263,15 @@ class LLMEngine:
             for seq in arrived:
                 seq.pending_first_token = False
             return [self._process_token(seq, seq.token_ids[-1], imported=True) for seq in arrived]
+        if self.speculator is not None:
+            propose_drafts(self.speculator, self.scheduler.running, self.max_model_len)
         batch = self.scheduler.schedule()
         deltas = [self._process_token(seq, seq.token_ids[-1], imported=True) for seq in batch.imported]
         if batch.imported and any(seq.is_finished for seq in batch.seqs):  # max_tokens=1: done with the first
             keep = [i for i, seq in enumerate(batch.seqs) if not seq.is_finished]
             batch.seqs = [batch.seqs[i] for i in keep]
             batch.num_new_tokens = [batch.num_new_tokens[i] for i in keep]
+            batch.drafts = [batch.drafts[i] for i in keep]
         if not batch.seqs:
             return deltas
         sampled = self.runner.execute(batch)
@@ -283,21 +279,26 @@ class LLMEngine:
         self.last_step = StepRecord(
             batch.total_tokens, len(batch.seqs), batch.attention_kpairs(), self.runner.last_step_s
         )
+        verified = self.runner.last_verified
+        accepted = apply_verified(self.speculator, batch, verified) if self.speculator and verified else {}
         self.scheduler.on_step_done(batch)
         self.stats.steps += 1
         now = time.monotonic()
         logprobs = self.runner.last_logprobs
         for row, token in sampled.items():
             seq = batch.seqs[row]
-            if (fault := output_fault(token, self.model_config.vocab_size)) is not None:
-                self.output_faults.append(OutputFault(seq.request_id, fault))
-                self.abort(seq.request_id)  # never served: the worker fails it so the router retries elsewhere
-                continue
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            seq.token_ids.append(token)
-            self.stats.generated_tokens += 1
-            deltas.append(self._process_token(seq, token, logprobs=logprobs.get(row)))
+            for t in [*accepted.get(row, ()), token]:  # accepted proposals first, then the model's own token
+                if (fault := output_fault(t, self.model_config.vocab_size)) is not None:
+                    self.output_faults.append(OutputFault(seq.request_id, fault))
+                    self.abort(seq.request_id)  # never served: the worker fails it; the router retries elsewhere
+                    break
+                if seq.first_token_time is None:
+                    seq.first_token_time = now
+                seq.token_ids.append(t)
+                self.stats.generated_tokens += 1
+                deltas.append(self._process_token(seq, t, logprobs=logprobs.get(row)))
+                if seq.is_finished:  # a stop or the length limit inside the accepted proposals
+                    break
         return deltas
 
     def drain_output_faults(self) -> list[OutputFault]:
@@ -371,29 +372,6 @@ class LLMEngine:
         self, prompts: Iterable[str | list[int]], sampling: SamplingParams | list[SamplingParams] | None = None
     ) -> list[Completion]:
         """Run prompts to completion together (continuous batching) and return them in input order."""
-        prompts = list(prompts)
-        params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * len(prompts)
-        start = time.monotonic()
-        ids = [f"gen-{id(self)}-{start}-{i}" for i in range(len(prompts))]
-        seqs = []
-        for rid, prompt, sp in zip(ids, prompts, params):
-            self.add_request(rid, prompt, sp)
-            seqs.append(self.seqs[rid])
-        texts = {rid: "" for rid in ids}
-        while any(not s.is_finished for s in seqs):
-            for delta in self.step():
-                if delta.request_id in texts:
-                    texts[delta.request_id] += delta.text
-        return [
-            Completion(
-                s.request_id,
-                s.prompt_token_ids,
-                s.output_token_ids,
-                texts[s.request_id],
-                s.finish_reason or "",
-                s.num_cached_tokens,
-                ttft_s=(s.first_token_time or start) - start,
-                e2e_s=time.monotonic() - start,
-            )
-            for s in seqs
-        ]
+        from disagg.engine.offline import run_to_completion
+
+        return run_to_completion(self, prompts, sampling)

@@ -21,6 +21,7 @@ from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prep
 from disagg.engine.quant import QuantFactory, Quantization, check_quantizable, gguf_file, quant_kernels
 from disagg.engine.sampler import logprob_entries, sample
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.engine.spec import Verified, verify_greedy
 from disagg.engine.tokenizer import Tokenizer
 from disagg_kernels.cpu_quant import BlockFormat
 
@@ -56,6 +57,11 @@ class Runner(Protocol):
     @property
     def last_logprobs(self) -> dict[int, list]:
         """{batch row: logprob entry} of the last step, for the rows whose request asked for logprobs."""
+        ...
+
+    @property
+    def last_verified(self) -> dict[int, Verified]:
+        """{batch row: how its proposal fared} of the last step, for the rows that carried one."""
         ...
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
@@ -165,6 +171,7 @@ class ModelRunner:
         self.kernel_path = "float" if factory is None else factory.kernels.name
         self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device)
         self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked
+        self.last_verified: dict[int, Verified] = {}  # {batch row: its proposal's verification} of the last step
         self.last_step_s = 0.0
 
     def set_faults(self, config: FaultConfig | None) -> None:
@@ -184,15 +191,17 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            draft = batch.drafts[row] if batch.drafts else []
+            tokens = seq.token_ids + draft if draft else seq.token_ids  # a proposal is verified in this step
             start = seq.num_computed_tokens
             end = start + n
-            input_ids.extend(seq.token_ids[start:end])
+            input_ids.extend(tokens[start:end])
             positions.extend(range(start, end))
             blocks = seq.block_ids
             slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(query_start[-1] + n)
             seq_lens.append(end)
-            if end == seq.num_tokens:
+            if end == len(tokens):
                 sample_rows.append(row)
         max_blocks = max(len(seq.block_ids) for seq in batch.seqs)
         tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in batch.seqs]
@@ -213,10 +222,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
-        """Logits [len(sample_rows), vocab] for the rows that complete their known tokens this step."""
+        """Logits for the rows that complete their known tokens this step: one row of logits each, and for a row
+        that carries a proposal (`batch.drafts`), one more per proposed token, the last token's first."""
         ids, pos, meta, sample_rows = self.prepare(batch)
         hidden = self.model(ids, pos, self.kv_cache.tensor, meta)
-        last = [meta.query_start_list[r + 1] - 1 for r in sample_rows]
+        last: list[int] = []  # the last position of each sampled row, and each proposed position before it
+        for r in sample_rows:
+            end = meta.query_start_list[r + 1]
+            last.extend(range(end - 1 - (len(batch.drafts[r]) if batch.drafts else 0), end))
         return self.model.compute_logits(hidden[last]), sample_rows
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
@@ -231,11 +244,17 @@ class ModelRunner:
 
     def _execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.last_logprobs = {}
+        self.last_verified = {}
         logits, rows = self.compute_logits(batch)
         if not rows:
             return {}
         if self.faults is not None:
             logits = self.faults.logits(logits)
+        out: dict[int, int] = {}
+        if batch.drafts and any(batch.drafts[r] for r in rows):
+            logits, rows = self._verify(batch, rows, logits, out)
+            if not rows:
+                return out
         finite = torch.isfinite(logits).all(dim=-1).tolist()  # per sampled row: one cheap pass over the logits
         if not all(finite):  # sample only the sound rows; the others yield NONFINITE_TOKEN
             logits = torch.where(torch.tensor(finite, device=logits.device)[:, None], logits, 0.0)
@@ -244,4 +263,30 @@ class ModelRunner:
         tokens = sample(logits, params, [s.num_tokens - s.num_prompt_tokens for s in seqs])
         entries = logprob_entries(logits, tokens, params)
         self.last_logprobs = {r: e for r, e in zip(rows, entries) if e is not None}
-        return {r: t if ok else NONFINITE_TOKEN for r, t, ok in zip(rows, tokens, finite)}
+        out.update({r: t if ok else NONFINITE_TOKEN for r, t, ok in zip(rows, tokens, finite)})
+        return out
+
+    def _verify(
+        self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor, out: dict[int, int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Greedy verification of the rows that carry a proposal (into `out` and `last_verified`); returns the
+        one-row-per-request logits and rows left to sample plainly (those without a proposal, and proposals
+        whose logits are not finite: decoded plainly from the last token's logits, counted as fallbacks)."""
+        keep: list[int] = []
+        plain: list[int] = []
+        offset = 0
+        for r in rows:
+            draft = batch.drafts[r]
+            width = 1 + len(draft)
+            chunk = logits[offset : offset + width]
+            if draft and bool(torch.isfinite(chunk).all()):
+                accepted, token = verify_greedy(draft, chunk.argmax(dim=-1).tolist())
+                self.last_verified[r] = Verified(accepted, fell_back=False)
+                out[r] = token
+            else:
+                if draft:
+                    self.last_verified[r] = Verified(0, fell_back=True)
+                keep.append(offset)
+                plain.append(r)
+            offset += width
+        return logits[keep], plain

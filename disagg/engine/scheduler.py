@@ -34,6 +34,8 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     imported: list[Sequence] = field(default_factory=list)  # a peer's prefill landed: emit its first token
+    # per row, the proposed tokens verified after its last token this step (speculative decoding; engine/spec.py)
+    drafts: list[list[int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -103,6 +105,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            draft = seq.draft if n == 1 and 1 + len(seq.draft) <= budget else []
+            seq.draft = []  # a proposal is for this step only
+            n += len(draft)
             while not self._reserve(seq, n):
                 if self._release_waiting_blocks(keep=None):
                     continue  # queued sequences give up loaded blocks before a running one is preempted
@@ -114,6 +119,7 @@ class Scheduler:
             else:
                 batch.seqs.append(seq)
                 batch.num_new_tokens.append(n)
+                batch.drafts.append(draft)
                 budget -= n
                 i += 1
         if batch.preempted:
@@ -137,6 +143,7 @@ class Scheduler:
             self.running.append(seq)
             batch.seqs.append(seq)
             batch.num_new_tokens.append(admitted)
+            batch.drafts.append([])
             budget -= admitted
         return batch
 
@@ -299,7 +306,8 @@ class Scheduler:
             self.register_full_blocks(seq)
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        full = seq.num_computed_tokens // self.block_size
+        # accepted proposals are computed before they are appended to token_ids: register what both cover
+        full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         if full <= seq.num_registered_blocks:
             return
         seq.update_block_hashes()

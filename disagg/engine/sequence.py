@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from disagg.engine.spec import SpecState
 from disagg.protocol import PrefillResult, SamplingParams, hash_block_tokens
 
 
@@ -55,6 +56,8 @@ class Sequence:
     kv_retention_s: float | None = None  # pin this session's blocks in the CPU tier for this long when done
     tenant: str | None = None  # namespaces the session's pin (None: the default tenant)
     root_hash: int | None = None  # the salted parent of the first block (disagg/isolation.py); None: unsalted
+    draft: list[int] = field(default_factory=list)  # tokens proposed for the next step (speculative decoding)
+    spec: SpecState | None = None  # its speculation state (None: it does not speculate)
     # incremental detokenization state (engine-owned)
     text: str = ""
     prefix_offset: int = 0

@@ -12,6 +12,7 @@ import torch
 
 from disagg.engine.model import ModelConfig
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.engine.spec import Verified
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.sim.timemodel import StepTimeModel
 
@@ -29,6 +30,7 @@ class SimRunner:
         self.last_step_s = 0.0
         self.slowdown: Callable[[int], float] = _alone  # a step's factor by its token count, set by the cluster
         self.last_logprobs: dict[int, list] = {}  # simulated requests ask for no logprobs
+        self.last_verified: dict[int, Verified] = {}  # simulated engines do not speculate
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.last_step_s = self.model.step_time(batch) * self.slowdown(batch.total_tokens)
