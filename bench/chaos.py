@@ -53,10 +53,10 @@ from bench.chaos_silent import (
 from bench.replay import ReplayResult, add_replay_args, replay, replay_config
 from disagg.config import EngineConfig
 from disagg.options import add_options, from_options
-from disagg.protocol import RouterCounters, WorkerStats
 from disagg.router.canary import CanaryConfig
 from disagg.router.outliers import OutlierConfig
 from disagg.router.watch import SilentConfig
+from disagg.stats import RouterCounters, WorkerStats
 from disagg.workload.metrics import RequestRecord, percentile
 from disagg.workload.options import load_workload
 

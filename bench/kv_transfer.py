@@ -155,7 +155,8 @@ def ttft_share(prompt_tokens: int, requests: int) -> dict:
     import ray
 
     from disagg.cluster.launch import ClusterConfig, LocalCluster, init_ray
-    from disagg.protocol import Request, SamplingParams, WorkerStats
+    from disagg.protocol import Request, SamplingParams
+    from disagg.stats import WorkerStats
 
     init_ray(None)  # a local cluster on loopback
     cluster = LocalCluster(

@@ -26,7 +26,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from disagg.errors import Rejection
 from disagg.isolation import tenant_label
 from disagg.planner.policy import Hold, Reason
-from disagg.protocol import Role, RouterCounters, StatKind, WorkerState, WorkerStats, stat_kind
+from disagg.protocol import Role, WorkerState
+from disagg.stats import RouterCounters, StatKind, WorkerStats, stat_kind
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 

@@ -7,15 +7,16 @@ same faults on real Ray actors and real processes are tested in test_faults.py.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
+from disagg.cluster.journal import JournalConfig
 from disagg.cluster.worker import EngineWorker, WorkerConfig
 from disagg.config import EngineConfig
 from disagg.errors import DeadlineExceeded, WorkerLost
 from disagg.kv.tier_config import TierConfig
-from disagg.cluster.journal import JournalConfig
-from disagg.protocol import Heartbeat, KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
 from disagg.router.handles import Attached
+from disagg.stats import Heartbeat
 from tests.fake_transport import LocalTransport
 
 

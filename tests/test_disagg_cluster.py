@@ -5,13 +5,14 @@ import time
 import pytest
 import ray
 
-from disagg.cluster.actors import DecodeWorker, PrefillWorker
+from disagg.cluster.actors import PrefillWorker
 from disagg.cluster.launch import ClusterConfig, LocalCluster
 from disagg.cluster.worker_config import WorkerConfig
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.tier_config import TierConfig
-from disagg.protocol import PrefillResult, Request, SamplingParams, Tier, TokenDelta, WorkerStats
+from disagg.protocol import PrefillResult, Request, SamplingParams, Tier, TokenDelta
+from disagg.stats import WorkerStats
 
 BLOCK = 16
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

@@ -22,10 +22,11 @@ import ray
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
 from disagg.config import EngineConfig
 from disagg.kv.tier_config import TierConfig
-from disagg.protocol import FallbackKind, KVEventBatch, RouterCounters
+from disagg.protocol import FallbackKind, KVEventBatch
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.health import HealthConfig
 from disagg.router.policy import PolicyConfig
+from disagg.stats import RouterCounters
 
 FAST_HEALTH = HealthConfig(heartbeat_interval_s=0.2, heartbeat_timeout_s=0.5, liveness_timeout_s=1.0,
                            restart_after_s=2.0)

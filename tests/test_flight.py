@@ -3,7 +3,7 @@ events it refuses.  Both drivers (the asyncio router and the simulator) are test
 import pytest
 
 from disagg.errors import DeadlineExceeded, ServiceUnavailable, WorkerLost
-from disagg.protocol import FallbackKind, PrefillResult, Request, RouterCounters, SamplingParams, ServePath, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, SamplingParams, ServePath, TokenDelta
 from disagg.router.flight import (
     Abort,
     Admitted,
@@ -33,6 +33,7 @@ from disagg.router.flight import (
 )
 from disagg.router.load import LoadTicket
 from disagg.router.policy import Decision
+from disagg.stats import RouterCounters
 
 REQ = Request("r1", [1, 2, 3, 4], SamplingParams(max_tokens=4))
 

@@ -3,8 +3,9 @@ the supervisor that runs it stops even when a handle swallows its cancellation."
 import asyncio
 
 from disagg.errors import DeadlineExceeded, WorkerLost
-from disagg.protocol import Heartbeat, KVEventBatch, Role
+from disagg.protocol import KVEventBatch, Role
 from disagg.router.health import Action, HealthConfig, HealthMonitor, Supervisor, WorkerState
+from disagg.stats import Heartbeat
 
 CFG = HealthConfig(liveness_timeout_s=1.2, restart_after_s=6.0, stuck_step_s=60.0, max_step_failures=3,
                    max_events=50)

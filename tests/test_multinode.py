@@ -84,7 +84,7 @@ import json, re, sys
 import httpx, openai, ray
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
 from disagg.config import EngineConfig
-from disagg.protocol import Heartbeat
+from disagg.stats import Heartbeat
 from disagg.router.policy import PolicyConfig
 from disagg.transfer.config import TransportConfig
 

@@ -66,7 +66,8 @@ def test_sampling_params_reject_unknown_names():
 
 
 def _full_stats():
-    from disagg.protocol import CorruptReason, SourceKind, Tier, WorkerStats
+    from disagg.protocol import CorruptReason, SourceKind, Tier
+    from disagg.stats import WorkerStats
     return WorkerStats(
         steps=7, transfer_seconds=0.25, loaded_blocks={k: i + 1 for i, k in enumerate(SourceKind)},
         tier_query_blocks=3, tier_hit_blocks={Tier.CPU: 4, Tier.DISK: 0}, tier_load_seconds={Tier.CPU: 0.5},
@@ -76,7 +77,8 @@ def _full_stats():
 
 
 def test_worker_stats_round_trip_with_every_label_enum_kept():
-    from disagg.protocol import CorruptReason, Heartbeat, Role, SourceKind, Tier, WorkerStats
+    from disagg.protocol import CorruptReason, Role, SourceKind, Tier
+    from disagg.stats import Heartbeat, WorkerStats
     stats = _full_stats()
     back = WorkerStats.from_wire(stats.to_wire())
     assert back == stats
@@ -92,7 +94,8 @@ def test_worker_stats_round_trip_with_every_label_enum_kept():
 
 
 def test_router_counters_round_trip_with_enum_keys():
-    from disagg.protocol import FallbackKind, Role, RouterCounters, ServePath
+    from disagg.protocol import FallbackKind, Role, ServePath
+    from disagg.stats import RouterCounters
     c = RouterCounters()
     for path in ServePath:
         c.served(path)
@@ -140,7 +143,7 @@ def test_worker_stats_garbage_is_rejected_with_the_projects_error(body):
     import msgpack
 
     from disagg.errors import DisaggError, WireFormatError
-    from disagg.protocol import WorkerStats
+    from disagg.stats import WorkerStats
     data = msgpack.unpackb(_full_stats().to_wire())
     data.update(body)
     with pytest.raises(WireFormatError) as info:
@@ -152,7 +155,7 @@ def test_wire_garbage_bytes_and_missing_fields_are_rejected():
     import msgpack
 
     from disagg.errors import WireFormatError
-    from disagg.protocol import Heartbeat, RouterCounters
+    from disagg.stats import Heartbeat, RouterCounters
     for payload in (b"\xc1", b"", b"\x92\x01", msgpack.packb({"type": "heartbeat"})):
         with pytest.raises(WireFormatError):
             Heartbeat.from_wire(payload)

@@ -126,7 +126,7 @@ def test_q4_serves_the_default_model_from_its_gguf_blocks_token_for_token(smollm
     solo = LLMEngine(
         EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, max_num_seqs=1, max_model_len=512, quantization="q4")
     )
-    assert [r.token_ids for r in solo.generate(prompts[:3], greedy)] == [r.token_ids for r in want[:3]]
+    assert solo.generate(prompts[:1], greedy)[0].token_ids == want[0].token_ids
 
 
 @pytest.fixture(scope="module")

@@ -26,9 +26,9 @@ from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
 from disagg.http.config import ApiConfig, ApiKey
 from disagg.http.resume import ResumeToken
-from disagg.protocol import WorkerStats
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
+from disagg.stats import WorkerStats
 from tests.fakes import LocalWorkerHandle, local_worker
 
 PROMPT = [300 + i for i in range(8)]

@@ -12,7 +12,8 @@ import ray
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.protocol import Heartbeat, SamplingParams
+from disagg.protocol import SamplingParams
+from disagg.stats import Heartbeat
 
 TOPICS = ["owls", "tea", "rivers", "glaciers", "violins", "bread", "chess", "deserts"]
 

@@ -9,10 +9,11 @@ import pytest
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.errors import ServiceUnavailable
-from disagg.protocol import FallbackKind, Request, Role, SamplingParams, ServePath, WorkerStats
+from disagg.protocol import FallbackKind, Request, Role, SamplingParams, ServePath
 from disagg.router.health import HealthConfig, WorkerState
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore, RouterCoreConfig
+from disagg.stats import WorkerStats
 from tests.fakes import LocalWorkerHandle, local_worker
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

@@ -8,10 +8,11 @@ import torch
 
 from disagg.config import FaultConfig
 from disagg.engine.faults import NONFINITE_TOKEN, FaultInjector, output_fault
-from disagg.protocol import Heartbeat, Role
+from disagg.protocol import Role
 from disagg.router.canary import CanaryBook, CanaryConfig, Verdict, canary_due
 from disagg.router.health import Action, HealthConfig, HealthMonitor, WorkerState
 from disagg.router.outliers import OutlierConfig, OutlierDetector, Sample
+from disagg.stats import Heartbeat
 
 GOOD, BAD = [5, 6, 7], [9, 9, 9]
 

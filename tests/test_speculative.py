@@ -9,11 +9,15 @@
 """
 
 import pytest
+import torch
 
 from disagg.config import EngineConfig, FaultConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.faults import FaultInjector
+from disagg.engine.sampler import verify_sampled
 from disagg.engine.spec import SpecConfig, SpecMethod, SpecState, Speculator, verify_greedy
+from disagg.http.shape import Collected
+from disagg.http.stream import usage
 from disagg.protocol import SamplingParams, hash_block_tokens
 
 NGRAM = SpecConfig(method=SpecMethod.NGRAM, num_tokens=4, ngram_min=2, ngram_max=3)
@@ -185,3 +189,54 @@ def test_bad_speculation_settings_are_refused_at_start_up():
     for n in (0, 10_000):
         with pytest.raises(ValueError, match="--num-speculative-tokens"):
             EngineConfig(speculative="ngram", num_speculative_tokens=n)
+
+
+def test_each_request_reports_its_proposed_and_accepted_tokens_in_its_usage(default_engines):
+    _, spec = default_engines
+    spec.add_request("u", _code_prompt(spec.tokenizer), SamplingParams(max_tokens=48, temperature=0, ignore_eos=True))
+    answer = Collected()
+    while spec.has_unfinished():
+        for delta in spec.step():
+            if delta.request_id == "u":
+                answer.add(delta)
+    assert answer.num_tokens == 48 and 0 < answer.num_accepted_tokens <= answer.num_proposed_tokens
+    use = usage(10, answer.num_tokens, 0, answer.num_proposed_tokens, answer.num_accepted_tokens)
+    details = use["completion_tokens_details"]
+    assert details["accepted_prediction_tokens"] == answer.num_accepted_tokens
+    assert details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"] == answer.num_proposed_tokens
+    assert "completion_tokens_details" not in usage(10, 48)  # no speculation: OpenAI's plain usage
+
+
+CHI2_DF5_P001 = 20.515  # chi-square critical value, 5 degrees of freedom, p = 0.001
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_speculative_sampling_keeps_the_models_distribution():
+    """Fixed seeds, a 6-token vocabulary, proposals [2, 4]: the first emitted token is distributed as p0 (whether
+    the proposal was kept or not), and after keeping 2 the next one as p1.  Drawing the refused position from p0
+    itself (not p0 without the refused token) over-weights the proposal and fails this."""
+    p = torch.tensor([[0.10, 0.15, 0.30, 0.05, 0.25, 0.15], [0.20, 0.05, 0.10, 0.25, 0.30, 0.10], [1 / 6] * 6])
+    first, second = torch.zeros(6), torch.zeros(6)
+    for trial in range(20_000):
+        gens = [torch.Generator().manual_seed(trial * 3 + i) for i in range(3)]
+        accepted, token = verify_sampled([2, 4], p, gens)
+        first[2 if accepted >= 1 else token] += 1
+        if accepted >= 1:
+            second[4 if accepted >= 2 else token] += 1
+    assert _chi2(first, p[0]) < CHI2_DF5_P001
+    assert _chi2(second, p[1]) < CHI2_DF5_P001
+    assert abs(first[2] / first.sum() - 0.30) < 0.02 and second.sum() > 5000
+
+
+def test_sampled_requests_speculate_and_stay_reproducible_with_a_seed(default_engines):
+    _, spec = default_engines
+    prompt = _code_prompt(spec.tokenizer)
+    params = SamplingParams(max_tokens=48, temperature=0.7, seed=11, ignore_eos=True)
+    before = spec.speculator.stats.steps
+    a = spec.generate([prompt], params)[0].token_ids
+    assert spec.speculator.stats.steps > before  # proposals were verified by sampling
+    assert spec.generate([prompt], params)[0].token_ids == a

@@ -5,9 +5,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.errors import Rejection
 from disagg.planner.policy import Hold, Reason
-from disagg.protocol import Role, RouterCounters
+from disagg.protocol import Role
 from disagg.router.admission import AdmissionQueue
 from disagg.router.policy import Decision
+from disagg.stats import RouterCounters
 from disagg.telemetry import ClusterSnapshot, PlannerView, QueueView, RouterMetrics
 
 

@@ -7,10 +7,11 @@ import time
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.kv.tier_config import TierConfig
-from disagg.protocol import Heartbeat, Request, Role, SamplingParams, Tier, WorkerStats
+from disagg.protocol import Request, Role, SamplingParams, Tier
 from disagg.router.index import TierMatch
 from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.router import RouterCore
+from disagg.stats import Heartbeat, WorkerStats
 from tests.fakes import LocalWorkerHandle, local_worker
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)

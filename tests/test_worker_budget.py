@@ -7,8 +7,9 @@ import pytest
 
 from disagg.cluster.step_budget import StepBudget
 from disagg.errors import WorkerLost
-from disagg.protocol import Heartbeat, Request, Role, SamplingParams
+from disagg.protocol import Request, Role, SamplingParams
 from disagg.router.health import Action, HealthConfig, HealthMonitor
+from disagg.stats import Heartbeat
 from tests.fakes import local_worker
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)

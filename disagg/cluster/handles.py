@@ -19,8 +19,9 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
 from disagg.errors import DeadlineExceeded, DisaggError, InternalError, InvalidRequest, StreamNotFound, WorkerLost
-from disagg.protocol import Heartbeat, KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
 from disagg.router.handles import Attached
+from disagg.stats import Heartbeat
 
 log = logging.getLogger(__name__)
 _LOST = (RayActorError, WorkerCrashedError, ObjectLostError)

@@ -35,13 +35,14 @@ from disagg.isolation import IsolationConfig
 from disagg.kv.tier_config import TierConfig
 from disagg.options import add_options, from_options
 from disagg.planner.policy import PlannerConfig
-from disagg.protocol import Role, WorkerStats
+from disagg.protocol import Role
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.canary import CanaryConfig
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.outliers import OutlierConfig
 from disagg.router.policy import PolicyConfig
 from disagg.router.watch import SilentConfig
+from disagg.stats import WorkerStats
 from disagg.tracing import TracingConfig
 from disagg.transfer.config import TransportConfig
 

@@ -41,16 +41,8 @@ from disagg.cluster.streams import JournaledStreams
 from disagg.cluster.worker_config import FaultOrder, WorkerConfig, build_tiers
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
 from disagg.errors import Forbidden, OutputCorrupt
-from disagg.protocol import (
-    EventKind,
-    Heartbeat,
-    KVEvent,
-    KVEventBatch,
-    Request,
-    Role,
-    TokenDelta,
-    WorkerStats,
-)
+from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Role, TokenDelta
+from disagg.stats import Heartbeat, WorkerStats
 from disagg.tracing import TracingConfig
 
 # The engine, the KV tiers and the transport (torch, NIXL) load when a worker is built, not when this module is

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from disagg.protocol import CorruptReason, SourceKind, Tier, WorkerStats
+from disagg.protocol import CorruptReason, SourceKind, Tier
+from disagg.stats import WorkerStats
 
 if TYPE_CHECKING:  # types only: the router process imports this module's package without torch
     from disagg.engine.engine import LLMEngine
@@ -66,6 +67,10 @@ def worker_stats(
         prefill_s_per_token=engine.prefill_s_per_token,
         step_s_per_token=engine.step_s_per_token,
     )
+    if engine.speculator is not None:
+        spec = engine.speculator.stats
+        stats.spec_proposed_tokens, stats.spec_accepted_tokens = spec.proposed_tokens, spec.accepted_tokens
+        stats.spec_fallbacks = spec.fallbacks
     if tiers is not None:
         _add_tiers(stats, tiers)
     return stats

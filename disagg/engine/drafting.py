@@ -1,6 +1,6 @@
 """The engine's side of speculative decoding (engine/spec.py has the proposer and the verification rule).
 
-Before a step, `propose_drafts` gives each eligible running sequence a proposal (greedy, no logprobs, decoding
+Before a step, `propose_drafts` gives each eligible running sequence a proposal (no logprobs asked, decoding
 its next token, room left under max_tokens and max_model_len).  After the runner verified them,
 `apply_verified` records each row's outcome, sets the row's computed count to the last token plus the accepted
 proposals (the KV of rejected ones is past it, and is overwritten later), and returns the accepted tokens the
@@ -19,7 +19,7 @@ from disagg.engine.spec import SpecState, Speculator, Verified
 def _eligible(seq: Sequence) -> bool:
     sp = seq.sampling
     decoding = seq.num_computed_tokens == seq.num_tokens - 1 and seq.num_tokens > seq.num_prompt_tokens
-    return decoding and sp.temperature == 0 and sp.logprobs is None and not seq.pending_first_token
+    return decoding and sp.logprobs is None and not seq.pending_first_token
 
 
 def propose_drafts(speculator: Speculator, running: Iterable[Sequence], max_model_len: int) -> None:

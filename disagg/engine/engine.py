@@ -356,6 +356,8 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=[logprobs] if logprobs is not None and sp.logprobs is not None else None,
+            num_proposed_tokens=seq.spec.proposed if seq.spec is not None else 0,
+            num_accepted_tokens=seq.spec.accepted if seq.spec is not None else 0,
         )
 
     def _retire(self, seq: Sequence, reason: str) -> None:

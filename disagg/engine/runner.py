@@ -19,8 +19,9 @@ from disagg.engine.gguf import load_gguf
 from disagg.engine.kv_cache import KVCache, bytes_per_block
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
 from disagg.engine.quant import QuantFactory, Quantization, check_quantizable, gguf_file, quant_kernels
-from disagg.engine.sampler import logprob_entries, sample
+from disagg.engine.sampler import logprob_entries, sample, sampling_probs, token_generator, verify_sampled
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.engine.sequence import Sequence
 from disagg.engine.spec import Verified, verify_greedy
 from disagg.engine.tokenizer import Tokenizer
 from disagg_kernels.cpu_quant import BlockFormat
@@ -266,6 +267,15 @@ class ModelRunner:
         out.update({r: t if ok else NONFINITE_TOKEN for r, t, ok in zip(rows, tokens, finite)})
         return out
 
+    @staticmethod
+    def _verify_row(seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[int, int]:
+        sp = seq.sampling
+        if sp.greedy:
+            return verify_greedy(draft, logits.argmax(dim=-1).tolist())
+        probs = sampling_probs(logits, [sp] * len(logits)).cpu()
+        first = seq.num_tokens - seq.num_prompt_tokens  # the output index of the first token this step emits
+        return verify_sampled(draft, probs, [token_generator(sp, first + i) for i in range(len(logits))])
+
     def _verify(
         self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor, out: dict[int, int]
     ) -> tuple[torch.Tensor, list[int]]:
@@ -280,7 +290,7 @@ class ModelRunner:
             width = 1 + len(draft)
             chunk = logits[offset : offset + width]
             if draft and bool(torch.isfinite(chunk).all()):
-                accepted, token = verify_greedy(draft, chunk.argmax(dim=-1).tolist())
+                accepted, token = self._verify_row(batch.seqs[r], draft, chunk)
                 self.last_verified[r] = Verified(accepted, fell_back=False)
                 out[r] = token
             else:

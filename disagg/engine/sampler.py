@@ -28,16 +28,35 @@ def sample(
     stochastic = [i for i, p in enumerate(params) if not p.greedy]
     if not stochastic:
         return tokens.tolist()
-    rows = logits[stochastic].float()
-    temps = torch.tensor([params[i].temperature for i in stochastic], dtype=torch.float32, device=rows.device)
+    probs = sampling_probs(logits[stochastic], [params[i] for i in stochastic]).cpu()
+    for j, i in enumerate(stochastic):
+        tokens[i] = int(
+            torch.multinomial(probs[j], 1, generator=token_generator(params[i], output_indices[i], generator))
+        )
+    return tokens.tolist()
+
+
+def token_generator(
+    params: SamplingParams, output_index: int, default: torch.Generator | None = None
+) -> torch.Generator | None:
+    """The generator of one draw: seeded by (seed, output index) for a seeded request, else `default`."""
+    if params.seed is None:
+        return default
+    return torch.Generator().manual_seed(_token_seed(params.seed, output_index))
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution each row's token is drawn from: softmax after temperature, top-k and top-p."""
+    rows = logits.float()
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=rows.device)
     rows = rows / temps[:, None]
-    top_ks = [params[i].top_k for i in stochastic]
+    top_ks = [p.top_k for p in params]
     if any(k > 0 for k in top_ks):
         vocab = rows.shape[-1]
         k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_ks], device=rows.device)
         kth = torch.sort(rows, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
         rows = rows.masked_fill(rows < kth, float("-inf"))
-    top_ps = torch.tensor([params[i].top_p for i in stochastic], dtype=torch.float32, device=rows.device)
+    top_ps = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=rows.device)
     if bool((top_ps < 1).any()):
         sorted_logits, order = torch.sort(rows, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
@@ -45,14 +64,25 @@ def sample(
         drop = (probs.cumsum(dim=-1) - probs) >= top_ps[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         rows = torch.full_like(rows, float("-inf")).scatter(1, order, sorted_logits)
-    probs = torch.softmax(rows, dim=-1).cpu()
-    for j, i in enumerate(stochastic):
-        seed = params[i].seed
-        gen = generator
-        if seed is not None:
-            gen = torch.Generator().manual_seed(_token_seed(seed, output_indices[i]))
-        tokens[i] = int(torch.multinomial(probs[j], 1, generator=gen))
-    return tokens.tolist()
+    return torch.softmax(rows, dim=-1)
+
+
+def verify_sampled(draft: list[int], probs: torch.Tensor, generators: list[torch.Generator | None]) -> tuple[int, int]:
+    """Speculative sampling with a deterministic proposer (accepted proposals, the token after them).
+
+    `probs` [len(draft) + 1, V]: the distribution at the last token and at each proposed position.  Proposal d at
+    position i is kept with probability p_i(d); at the first refusal the token is drawn from p_i with d removed
+    (renormalised), which is what max(p - q, 0) is when q puts all its mass on d.  So every emitted token has
+    exactly the distribution plain sampling gives.  If every proposal is kept, the next token is drawn from the
+    last row.  `generators[i]` draws position i (seeded per output index for a seeded request)."""
+    for i, d in enumerate(draft):
+        gen = generators[i]
+        if float(torch.rand(1, generator=gen)) < float(probs[i, d]):
+            continue
+        residual = probs[i].clone()
+        residual[d] = 0.0
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
+    return len(draft), int(torch.multinomial(probs[len(draft)], 1, generator=generators[len(draft)]))
 
 
 def logprob_entries(logits: torch.Tensor, tokens: list[int], params: list[SamplingParams]) -> list[list | None]:

@@ -6,16 +6,16 @@ Lifecycle of one sequence's speculation (pure bookkeeping here; the engine and r
    output, code or JSON that repeats is found) and proposes the tokens that followed it there.
 2. The scheduler runs the last token plus the proposal in one forward (as a short prefill), so the model yields
    logits at every proposed position.
-3. The runner verifies greedily: proposals are accepted while they equal the model's own argmax; the first
-   mismatch is replaced by the model's token, and if all match the model's next token comes as a bonus.  The
-   output is therefore token-for-token what plain greedy decoding gives.  KV written for rejected positions lies
-   past the sequence's computed count and is overwritten later.
+3. The runner verifies.  Greedy: proposals are accepted while they equal the model's own argmax; the first
+   mismatch is replaced by the model's token, and if all match the model's next token comes as a bonus, so the
+   output is token-for-token plain greedy decoding's.  Sampled: speculative (rejection) sampling
+   (engine/sampler.py `verify_sampled`), so every token keeps the distribution plain sampling gives.  KV written
+   for rejected positions lies past the sequence's computed count and is overwritten later.
 4. `Speculator.record` updates the sequence's acceptance rate (an EWMA); the next proposal's length follows it,
    and below `min_acceptance` the sequence stops proposing for `cooldown_steps` steps (speculation that is not
    accepted costs compute and gains nothing), then probes again.
 
-Only greedy requests without logprobs speculate for now: sampled requests need rejection sampling to keep their
-distribution, which is not built yet.
+Requests that ask for logprobs do not speculate (their entries would have to be gathered per accepted token).
 """
 
 from __future__ import annotations

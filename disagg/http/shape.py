@@ -26,8 +26,12 @@ class Collected:
     finish_reason: str = "stop"
     num_cached_tokens: int = 0
     logprobs: list[list] = field(default_factory=list)
+    num_proposed_tokens: int = 0  # speculative decoding (cumulative on every delta: the last one counts)
+    num_accepted_tokens: int = 0
 
     def add(self, delta: TokenDelta) -> None:
+        self.num_proposed_tokens = max(self.num_proposed_tokens, delta.num_proposed_tokens)
+        self.num_accepted_tokens = max(self.num_accepted_tokens, delta.num_accepted_tokens)
         self.text += delta.text
         self.num_tokens += len(delta.token_ids)
         self.finish_reason = delta.finish_reason or self.finish_reason

@@ -143,13 +143,21 @@ async def collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> Colle
     return answer
 
 
-def usage(n_prompt: int, n_out: int, cached: int = 0) -> dict[str, Any]:
-    return {
+def usage(n_prompt: int, n_out: int, cached: int = 0, proposed: int = 0, accepted: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; speculative decoding's counts (when it proposed anything) as
+    `completion_tokens_details.accepted_prediction_tokens` / `rejected_prediction_tokens`."""
+    out: dict[str, Any] = {
         "prompt_tokens": n_prompt,
         "completion_tokens": n_out,
         "total_tokens": n_prompt + n_out,
         "prompt_tokens_details": {"cached_tokens": cached},
     }
+    if proposed:
+        out["completion_tokens_details"] = {
+            "accepted_prediction_tokens": accepted,
+            "rejected_prediction_tokens": proposed - accepted,
+        }
+    return out
 
 
 class EventIds(Protocol):
@@ -178,6 +186,7 @@ async def sse(
     silently, and only what follows is sent."""
     chunk_kind = "chat.completion.chunk" if shape.chat else "text_completion"
     cached: int | None = None
+    spec = (0, 0)  # proposed, accepted (cumulative on each delta)
 
     def event(data: str) -> str:
         return f"id: {cursor.event_id()}\ndata: {data}\n\n"
@@ -202,12 +211,13 @@ async def sse(
         async for delta in all_deltas():
             cursor.delivered += len(delta.token_ids)
             cached = delta.num_cached_tokens if cached is None else cached
+            spec = max(spec, (delta.num_proposed_tokens, delta.num_accepted_tokens))
             if skip_to is not None and cursor.delivered <= skip_to:
                 shape.replay(delta)  # the client has it
             elif (choice := shape.stream_choice(delta)) is not None:
                 yield chunk([choice])
         if include_usage:
-            yield chunk([], usage(n_prompt, cursor.delivered, cached or 0))
+            yield chunk([], usage(n_prompt, cursor.delivered, cached or 0, *spec))
         yield event("[DONE]")
     except DisaggError as exc:
         yield sse_error(exc)
@@ -227,5 +237,11 @@ def json_answer(
         "created": created,
         "model": model,
         "choices": [shape.final_choice(answer)],
-        "usage": usage(n_prompt, answer.num_tokens, answer.num_cached_tokens),
+        "usage": usage(
+            n_prompt,
+            answer.num_tokens,
+            answer.num_cached_tokens,
+            answer.num_proposed_tokens,
+            answer.num_accepted_tokens,
+        ),
     }

@@ -19,10 +19,11 @@ import logging
 from collections.abc import AsyncGenerator, Awaitable, Mapping
 
 from disagg.errors import DeadlineExceeded, OutputCorrupt, ServiceUnavailable, WorkerLost
-from disagg.protocol import FallbackKind, PrefillResult, Request, RouterCounters, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, TokenDelta
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthMonitor
+from disagg.stats import RouterCounters
 
 log = logging.getLogger(__name__)
 

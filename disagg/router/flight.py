@@ -31,9 +31,10 @@ import enum
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, ServiceUnavailable
-from disagg.protocol import FallbackKind, PrefillResult, Request, RouterCounters, ServePath, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
 from disagg.router.load import LoadTicket
 from disagg.router.policy import Decision
+from disagg.stats import RouterCounters
 
 
 class FlightState(enum.Enum):

@@ -11,7 +11,8 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
-from disagg.protocol import Heartbeat, KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+from disagg.stats import Heartbeat
 
 
 @dataclass

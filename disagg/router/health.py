@@ -33,8 +33,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from disagg.errors import DeadlineExceeded, DisaggError, WorkerLost
-from disagg.protocol import Heartbeat, KVEventBatch, Role, WorkerState, WorkerStats
+from disagg.protocol import KVEventBatch, Role, WorkerState
 from disagg.router.handles import WorkerHandle
+from disagg.stats import Heartbeat, WorkerStats
 from disagg.utils import end_loops
 
 log = logging.getLogger(__name__)

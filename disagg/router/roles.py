@@ -29,10 +29,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, InvalidRequest
-from disagg.protocol import Role, RouterCounters
+from disagg.protocol import Role
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthMonitor
 from disagg.router.policy import WorkerLoad
+from disagg.stats import RouterCounters
 
 log = logging.getLogger(__name__)
 

@@ -42,16 +42,7 @@ from opentelemetry.context import Context
 from disagg.errors import ServiceUnavailable
 from disagg.isolation import SessionKey, salt_root
 from disagg.planner.loop import PlannerLoop
-from disagg.protocol import (
-    Heartbeat,
-    KVEventBatch,
-    Request,
-    Role,
-    RouterCounters,
-    Tier,
-    TokenDelta,
-    hash_prompt_blocks,
-)
+from disagg.protocol import KVEventBatch, Request, Role, Tier, TokenDelta, hash_prompt_blocks
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.attempt import AttemptRunner
 from disagg.router.core_config import RouterCoreConfig
@@ -67,6 +58,7 @@ from disagg.router.ranking import LoadRanking
 from disagg.router.resume import Resumer
 from disagg.router.roles import RoleChanger
 from disagg.router.watch import SilentConfig, SilentFailureWatch
+from disagg.stats import Heartbeat, RouterCounters
 from disagg.tracing import inject
 
 log = logging.getLogger(__name__)

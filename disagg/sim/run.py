@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from disagg.options import add_options, from_options
-from disagg.protocol import RouterCounters
 from disagg.router.admission import AdmissionConfig
 from disagg.sim.cluster import SimCluster, SimClusterConfig
 from disagg.sim.faults import SimChaos, window_goodput
@@ -26,6 +25,7 @@ from disagg.sim.options import SimOptions, add_sim_args, sim_options
 from disagg.sim.planner import SimPlanner
 from disagg.sim.spec import ClusterSpec, parse_configs
 from disagg.sim.timemodel import StepTimeModel
+from disagg.stats import RouterCounters
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
 from disagg.workload.options import add_workload_args, load_workload
 from disagg.workload.record import TraceRequest, TraceScale

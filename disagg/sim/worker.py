@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 from disagg.engine.engine import LLMEngine
 from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
 from disagg.kv.load import handle_of
-from disagg.protocol import Heartbeat, KVEventBatch, PrefillResult, Role, TokenDelta, WorkerStats
+from disagg.protocol import KVEventBatch, PrefillResult, Role, TokenDelta
 from disagg.sim.runner import SimRunner
 from disagg.sim.tiers import LandsAt, SimTiers
+from disagg.stats import Heartbeat, WorkerStats
 
 if TYPE_CHECKING:
     from disagg.sim.cluster import SimCluster

@@ -1,0 +1,142 @@
+"""Typed telemetry on the wire: a worker's figures (`WorkerStats`, inside its `Heartbeat`) and the router core's
+own counts (`RouterCounters`), each field tagged with how /metrics exports it (disagg/telemetry.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from disagg.protocol import CorruptReason, FallbackKind, Role, ServePath, SourceKind, Tier
+from disagg.wire import WireMessage
+
+
+class StatKind(str, enum.Enum):
+    """How /metrics exports a `WorkerStats` field (disagg/telemetry.py)."""
+
+    COUNTER = "counter"  # cumulative since the worker started
+    GAUGE = "gauge"  # a current level
+
+
+def _stat(kind: StatKind, default: Any = 0) -> Any:
+    if default is dict:
+        return field(default_factory=dict, metadata={"kind": kind})
+    return field(default=default, metadata={"kind": kind})
+
+
+def stat_kind(f: dataclasses.Field) -> StatKind:
+    return f.metadata["kind"]
+
+
+_C, _G = StatKind.COUNTER, StatKind.GAUGE
+
+
+@dataclass
+class WorkerStats(WireMessage):
+    """A worker's figures (built by cluster/worker.py, by the simulator for its router; read by the router's
+    load checks, the planner, and /metrics as `disagg:worker_<field>{worker, detail}`: a map's key is `detail`).
+
+    The `tier_*` fields are None (maps empty) on a worker without CPU/disk tiers; with tiers, every tier and
+    reason is reported, zeros included (dashboards need the series).  `loaded_blocks` lists the sources used.
+    """
+
+    TYPE: ClassVar[str] = "worker_stats"
+    steps: int = _stat(_C)
+    generated_tokens: int = _stat(_C)
+    preemptions: int = _stat(_C)
+    prefix_query_tokens: int = _stat(_C)
+    prefix_hit_tokens: int = _stat(_C)
+    loaded_tokens: int = _stat(_C)
+    failed_loads: int = _stat(_C)
+    leases_expired: int = _stat(_C)
+    transfer_bytes: int = _stat(_C)
+    transfer_reads: int = _stat(_C)
+    transfer_failures: int = _stat(_C)
+    transfer_seconds: float = _stat(_C, 0.0)
+    local_only_imports: int = _stat(_C)  # prefill results taken with nothing to read (only a notification)
+    step_failures: int = _stat(_C)
+    events_published: int = _stat(_C)
+    spec_proposed_tokens: int = _stat(_C)  # speculative decoding: tokens proposed, accepted, verifications abandoned
+    spec_accepted_tokens: int = _stat(_C)
+    spec_fallbacks: int = _stat(_C)
+    loaded_blocks: dict[SourceKind, int] = _stat(_C, dict)
+    tier_query_blocks: int | None = _stat(_C, None)
+    tier_hit_blocks: dict[Tier, int] = _stat(_C, dict)
+    tier_loaded_blocks: dict[Tier, int] = _stat(_C, dict)
+    tier_stored_blocks: dict[Tier, int] = _stat(_C, dict)
+    tier_bytes_stored: dict[Tier, int] = _stat(_C, dict)
+    tier_bytes_loaded: dict[Tier, int] = _stat(_C, dict)
+    tier_evictions: dict[Tier, int] = _stat(_C, dict)
+    tier_load_seconds: dict[Tier, float] = _stat(_C, dict)
+    tier_loads: dict[Tier, int] = _stat(_C, dict)
+    tier_corrupt: dict[CorruptReason, int] = _stat(_C, dict)
+    tier_write_failures: int | None = _stat(_C, None)
+    tier_store_skipped: int | None = _stat(_C, None)
+    kv_blocks_total: int = _stat(_G)
+    kv_blocks_free: int = _stat(_G)
+    kv_blocks_cached: int = _stat(_G)
+    running: int = _stat(_G)
+    waiting: int = _stat(_G)
+    loading: int = _stat(_G)
+    leases: int = _stat(_G)
+    adopted_blocks: int = _stat(_G)
+    prefill_s_per_token: float | None = _stat(_G, None)  # None until the engine measured a prefill
+    step_s_per_token: float | None = _stat(_G, None)  # every model step's time per token (EWMA; gray failures)
+    tier_cpu_blocks: int | None = _stat(_G, None)
+    tier_cpu_capacity_blocks: int | None = _stat(_G, None)
+    tier_pinned_blocks: int | None = _stat(_G, None)
+    tier_pinned_sessions: int | None = _stat(_G, None)
+    tier_stores_in_flight: int | None = _stat(_G, None)
+    tier_demotions_in_flight: int | None = _stat(_G, None)
+    tier_disk_blocks: int | None = _stat(_G, None)  # the disk figures: None without a disk tier
+    tier_disk_bytes: int | None = _stat(_G, None)
+    tier_disk_capacity_bytes: int | None = _stat(_G, None)
+    tier_load_s_per_block: dict[Tier, float] = _stat(_G, dict)  # measured tiers only
+
+
+@dataclass
+class RouterCounters(WireMessage):
+    """The router core's own counts (/metrics: disagg:migrations, disagg:requests_by_path{path},
+    disagg:fallbacks{kind}, disagg:role_changes{from,to}); the router actor's `health()` sends them too."""
+
+    TYPE: ClassVar[str] = "router_counters"
+    migrations: int = 0
+    paths: dict[ServePath, int] = field(default_factory=dict)  # requests served, by how their prefill ran
+    fallbacks: dict[FallbackKind, int] = field(default_factory=dict)
+    role_changes: dict[Role, dict[Role, int]] = field(default_factory=dict)  # from -> to -> count
+
+    def served(self, path: ServePath) -> None:
+        self.paths[path] = self.paths.get(path, 0) + 1
+
+    def fell_back(self, kind: FallbackKind) -> None:
+        self.fallbacks[kind] = self.fallbacks.get(kind, 0) + 1
+
+    def role_changed(self, old: Role, new: Role) -> None:
+        to = self.role_changes.setdefault(old, {})
+        to[new] = to.get(new, 0) + 1
+
+
+@dataclass
+class Heartbeat(WireMessage):
+    """A worker's answer to the router's liveness probe: who it is (a restart changes `incarnation`), whether its
+    step loop progresses, and the load/latency figures the router and /metrics use (`stats`; None until the
+    worker's engine thread first measured them)."""
+
+    TYPE: ClassVar[str] = "heartbeat"
+    worker: str
+    incarnation: str
+    role: Role
+    pid: int
+    node_id: str
+    steps: int  # engine steps completed so far
+    has_work: bool
+    step_busy_s: float  # how long the current step has been running (0: none running)
+    consecutive_step_failures: int
+    agent_name: str  # the NIXL agent of this incarnation
+    stats: WorkerStats | None = None
+    healthy: bool = True  # False: the worker gave up (its step failure budget is spent) and waits to be restarted
+    fault: str = ""  # why it is unhealthy when its steps did not fail: impossible output (NaN logits, bad token id)
+
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)
