@@ -13,8 +13,10 @@ little), as top-1 agreement and perplexity.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,16 +28,19 @@ from bench.engine_throughput import make_prompts, read_bandwidth_gbs, run_engine
 from disagg.config import EngineConfig
 from disagg.engine.attention import AttentionMetadata
 from disagg.engine.engine import LLMEngine
+from disagg.engine.quant import gguf_file
 from disagg.engine.runner import ModelRunner, load_model
 from disagg.options import add_options
 
+LLAMA = "llama.cpp"
 EVAL_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "eval_text.txt"
 
 
 @dataclass
 class QuantBenchOptions:
     modes: list[str] = field(
-        default_factory=lambda: ["none", "int8", "q4"], metadata={"nargs": "+", "help": "quantizations to compare"}
+        default_factory=lambda: ["none", "int8", "q4"],
+        metadata={"nargs": "+", "help": "quantizations to compare; QUANT+ngram adds speculative decoding"},
     )
     concurrency: list[int] = field(
         default_factory=lambda: [1, 8, 32], metadata={"nargs": "+", "help": "requests in flight, one run each"}
@@ -44,7 +49,42 @@ class QuantBenchOptions:
     repeats: int = field(default=3, metadata={"help": "interleaved runs of each mode per concurrency"})
     threads: int = field(default=2, metadata={"help": "torch intra-op threads"})
     kv_cache_mb: int = field(default=256, metadata={"help": "KV cache of each engine, MiB"})
+    llamacpp_python: str = field(
+        default="", metadata={"help": "python of a venv with llama-cpp-python: adds llama.cpp on the GGUF at N=1"}
+    )
     out: str = field(default="bench/results/quantization.json", metadata={"help": "JSON file the results go to"})
+
+
+class LlamaCppBaseline:
+    """bench/llamacpp_baseline.py in its own virtualenv, kept loaded so its runs interleave with ours."""
+
+    def __init__(self, python: str, gguf: Path, max_tokens: int, threads: int) -> None:
+        self.proc = subprocess.Popen(
+            [python, "-m", "bench.llamacpp_baseline", str(gguf), str(max_tokens), str(threads)],
+            cwd=Path(__file__).resolve().parents[1],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._expect("LLAMACPP_READY")
+
+    def _expect(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(f"llama.cpp baseline exited with {self.proc.wait()}")
+
+    def run(self, prompts: list[list[int]]) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(prompts) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect("LLAMACPP_RESULT"))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
 
 
 @torch.inference_mode()
@@ -86,7 +126,8 @@ def agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
 def quality(model: str, modes: list[str], kv_cache_mb: int) -> list[dict]:
     rows: list[dict] = []
     reference = None
-    for mode in ["none", *[m for m in modes if m != "none"]]:
+    quants = [m.partition("+")[0] for m in modes]  # speculation does not change the logits
+    for mode in ["none", *dict.fromkeys(q for q in quants if q != "none")]:
         runner, tokenizer = load_model(EngineConfig(model=model, quantization=mode, kv_cache_memory_mb=kv_cache_mb))
         assert tokenizer is not None
         tokens = tokenizer.encode(EVAL_TEXT.read_text())
@@ -107,6 +148,36 @@ def quality(model: str, modes: list[str], kv_cache_mb: int) -> list[dict]:
     return rows
 
 
+def throughput_rows(
+    args: argparse.Namespace, runs: dict[str, dict[int, list[dict]]], runners: dict[str, ModelRunner]
+) -> list[dict]:
+    """One row per (N, mode), with each mode's ratio to the first mode and (N = 1) to llama.cpp."""
+    base = args.modes[0]
+    rows = []
+    for n in args.concurrency:
+        for mode in [m for m in runs if n in runs[m]]:
+            tok_s = spread([r["output_tok_s"] for r in runs[mode][n]])
+            weights = runners[mode].model.weight_bytes_per_token() if mode in runners else 0
+            row = {
+                "concurrency": n,
+                "mode": mode,
+                "kernel": runners[mode].kernel_path if mode in runners else "llama.cpp",
+                "tok_s": tok_s["median"],
+                "min": tok_s["min"],
+                "max": tok_s["max"],
+                "weight_mb_per_step": weights / 1e6,
+                "weight_gbs": weights * tok_s["median"] / n / 1e9,
+                "same_tokens_as_" + base: runs[mode][n][0]["token_ids"] == runs[base][n][0]["token_ids"],
+            }
+            for other in [o for o in (base, LLAMA) if o != mode]:
+                if n in runs.get(other, {}):
+                    ref = [r["output_tok_s"] for r in runs[other][n]]
+                    row["vs_" + other] = tok_s["median"] / statistics.median(ref)
+                    row["verdict_vs_" + other] = verdict(tok_s["runs"], ref)
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_options(parser, EngineConfig, only=("model",))
@@ -115,9 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     engines: dict[str, LLMEngine] = {}
     runners: dict[str, ModelRunner] = {}
     for mode in args.modes:
+        quant, _, spec = mode.partition("+")
         config = EngineConfig(
             model=args.model,
-            quantization=mode,
+            quantization=quant,
+            speculative=spec or "none",
             max_num_seqs=max(args.concurrency),
             num_threads=args.threads,
             kv_cache_memory_mb=args.kv_cache_mb,
@@ -130,33 +203,25 @@ def main(argv: list[str] | None = None) -> None:
         run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
     prompts = {n: make_prompts(first, n) for n in args.concurrency}
     runs: dict[str, dict[int, list[dict]]] = {m: {n: [] for n in args.concurrency} for m in engines}
-    for _ in range(args.repeats):
-        for n in args.concurrency:
-            for mode, engine in engines.items():
-                runs[mode][n].append(run_engine(engine, prompts[n], args.max_tokens))
+    llama = None
+    if args.llamacpp_python:
+        gguf = gguf_file(Path(first.config.model))
+        if gguf is None:
+            raise SystemExit(f"{first.config.model} has no GGUF file for llama.cpp")
+        llama = LlamaCppBaseline(args.llamacpp_python, gguf, args.max_tokens, args.threads)
+        runs[LLAMA] = {1: []}
+    try:
+        for _ in range(args.repeats):
+            for n in args.concurrency:
+                for mode, engine in engines.items():
+                    runs[mode][n].append(run_engine(engine, prompts[n], args.max_tokens))
+                if llama is not None and n == 1:
+                    runs[LLAMA][1].append(llama.run(prompts[1]))
+    finally:
+        if llama is not None:
+            llama.close()
     bandwidth = read_bandwidth_gbs(args.threads)
-    base = args.modes[0]
-    rows = []
-    for n in args.concurrency:
-        for mode in engines:
-            tok_s = spread([r["output_tok_s"] for r in runs[mode][n]])
-            weights = runners[mode].model.weight_bytes_per_token()
-            row = {
-                "concurrency": n,
-                "mode": mode,
-                "kernel": runners[mode].kernel_path,
-                "tok_s": tok_s["median"],
-                "min": tok_s["min"],
-                "max": tok_s["max"],
-                "weight_mb_per_step": weights / 1e6,
-                "weight_gbs": weights * tok_s["median"] / n / 1e9,
-                "same_tokens_as_" + base: runs[mode][n][0]["token_ids"] == runs[base][n][0]["token_ids"],
-            }
-            if mode != base:
-                ref = [r["output_tok_s"] for r in runs[base][n]]
-                row["vs_" + base] = tok_s["median"] / statistics.median(ref)
-                row["verdict_vs_" + base] = verdict(tok_s["runs"], ref)
-            rows.append(row)
+    rows = throughput_rows(args, runs, runners)
     print_table(rows, f"decode throughput by quantization, {cpu_model()}, {args.threads} threads")
     quality_rows = quality(first.config.model, args.modes, args.kv_cache_mb)
     print_table(quality_rows, f"teacher-forced quality on {EVAL_TEXT.name}")

@@ -109,6 +109,9 @@ class Scheduler:
             seq.draft = []  # a proposal is for this step only
             n += len(draft)
             while not self._reserve(seq, n):
+                if draft:  # a proposal is optional: drop it before anyone gives up blocks for it
+                    n, draft = n - len(draft), []
+                    continue
                 if self._release_waiting_blocks(keep=None):
                     continue  # queued sequences give up loaded blocks before a running one is preempted
                 victim = self.running.pop()
