@@ -58,9 +58,10 @@ class QuantBenchOptions:
 class LlamaCppBaseline:
     """bench/llamacpp_baseline.py in its own virtualenv, kept loaded so its runs interleave with ours."""
 
-    def __init__(self, python: str, gguf: Path, max_tokens: int, threads: int) -> None:
+    def __init__(self, python: str, gguf: Path, max_tokens: int, threads: int, lookup: bool = False) -> None:
+        args = [str(gguf), str(max_tokens), str(threads)] + (["lookup"] if lookup else [])
         self.proc = subprocess.Popen(
-            [python, "-m", "bench.llamacpp_baseline", str(gguf), str(max_tokens), str(threads)],
+            [python, "-m", "bench.llamacpp_baseline", *args],
             cwd=Path(__file__).resolve().parents[1],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

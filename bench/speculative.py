@@ -20,8 +20,10 @@ from pathlib import Path
 from bench.common import emit, print_table
 from bench.dynamo_router import cpu_model
 from bench.engine_throughput import make_prompts, run_engine, spread, verdict
+from bench.quantization import LlamaCppBaseline
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
+from disagg.engine.quant import gguf_file
 from disagg.engine.tokenizer import Tokenizer
 from disagg.options import add_options
 
@@ -48,6 +50,10 @@ class SpecBenchOptions:
     threads: int = field(default=2, metadata={"help": "torch intra-op threads"})
     file_chars: int = field(default=1500, metadata={"help": "characters of each source file in a prompt"})
     quantization: str = field(default="none", metadata={"help": "weights of both engines (none | int8 | q4)"})
+    llamacpp_python: str = field(
+        default="",
+        metadata={"help": "python of a venv with llama-cpp-python: llama.cpp, plain and prompt lookup, at N=1"},
+    )
     out: str = field(default="bench/results/speculative.json", metadata={"help": "JSON file the results go to"})
 
 
@@ -88,11 +94,20 @@ def main(argv: list[str] | None = None) -> None:
     }
     for engine in engines.values():
         run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
+    peers: dict[str, LlamaCppBaseline] = {}
+    if args.llamacpp_python and 1 in args.concurrency:
+        gguf = gguf_file(Path(plain.config.model))
+        if gguf is None:
+            raise SystemExit(f"{plain.config.model} has no GGUF file for llama.cpp")
+        for name, lookup in (("llama.cpp", False), ("llama.cpp+lookup", True)):
+            peers[name] = LlamaCppBaseline(args.llamacpp_python, gguf, args.max_tokens, args.threads, lookup)
     runs: dict[tuple[str, int, str], list[dict]] = {}
     accepted: dict[tuple[str, int], list[float]] = {}
     for _ in range(args.repeats):
         for workload, by_n in workloads.items():
             for n, prompts in by_n.items():
+                for name, peer in peers.items() if n == 1 else ():
+                    runs.setdefault((workload, n, name), []).append(peer.run(prompts))
                 for mode, engine in engines.items():
                     before = (spec.speculator.stats.proposed_tokens, spec.speculator.stats.accepted_tokens)
                     runs.setdefault((workload, n, mode), []).append(run_engine(engine, prompts, args.max_tokens))
@@ -100,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
                         proposed = spec.speculator.stats.proposed_tokens - before[0]
                         got = spec.speculator.stats.accepted_tokens - before[1]
                         accepted.setdefault((workload, n), []).append(got / proposed if proposed else 0.0)
+    for peer in peers.values():
+        peer.close()
     rows = []
     for workload, by_n in workloads.items():
         for n in by_n:
@@ -124,6 +141,11 @@ def main(argv: list[str] | None = None) -> None:
                     ),
                 }
             )
+            for name in peers if n == 1 else ():
+                theirs = [r["output_tok_s"] for r in runs[(workload, n, name)]]
+                rows[-1][f"{name}_tok_s"] = statistics.median(theirs)
+                rows[-1][f"spec_vs_{name}"] = ours["median"] / statistics.median(theirs)
+                rows[-1][f"verdict_vs_{name}"] = verdict(ours["runs"], theirs)
     print_table(rows, f"speculative decoding (n-gram) vs plain, {cpu_model()}, {args.threads} threads")
     emit(
         {
