@@ -180,3 +180,20 @@ def test_kv_from_other_weights_never_matches_in_the_tiers(smollm_dir):
         plain,
         engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="q4"),
     )
+
+
+def test_a_model_that_does_not_fit_in_memory_is_refused_at_start_up_with_the_figures(smollm_dir, tiny_qwen_dir):
+    from transformers import AutoModelForCausalLM
+
+    from disagg.engine.model import ModelConfig
+    from disagg.engine.runner import check_memory, param_count
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)  # tied embeddings, attention biases
+    assert param_count(ModelConfig.from_dir(tiny_qwen_dir)) == sum(p.numel() for p in hf.parameters())
+    mc = ModelConfig.from_dir(smollm_dir)
+    assert param_count(mc) == 134_515_008  # SmolLM2-135M
+    cpu, gib = torch.device("cpu"), 1 << 30
+    with pytest.raises(ValueError, match=r"needs about 0\.8 GiB .*135M parameters at 4 bytes.*0\.5 GiB is available"):
+        check_memory(mc, 4.0, 256 << 20, cpu, gib // 2)
+    check_memory(mc, 1.0, 256 << 20, cpu, gib // 2)  # its GGUF blocks fit
+    check_memory(mc, 4.0, 256 << 20, torch.device("cuda"), gib // 2)  # device memory is not checked here

@@ -92,6 +92,43 @@ def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int) -> N
         )
 
 
+def param_count(mc: ModelConfig) -> int:
+    """Parameters of a Llama/Qwen-family model of this shape (norms and biases included)."""
+    h, q, kv = mc.hidden_size, mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    layer = h * (q + 2 * kv) + q * h + 3 * h * mc.intermediate_size + 2 * h
+    if mc.attention_bias:
+        layer += q + 2 * kv
+    head = 0 if mc.tie_word_embeddings else mc.vocab_size * h
+    return mc.vocab_size * h + head + mc.num_layers * layer + h
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none to read)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(
+    mc: ModelConfig, bytes_per_param: float, kv_bytes: int, device: torch.device, available: int | None
+) -> None:
+    """Refuse at start-up a model that cannot load in this machine's memory (CPU), with the figures."""
+    if device.type != "cpu" or available is None:
+        return
+    weights = param_count(mc) * bytes_per_param  # while loading: float32 unless served from GGUF blocks
+    if weights + kv_bytes > available:
+        raise ValueError(
+            f"the model needs about {(weights + kv_bytes) / 2**30:.1f} GiB to load ({param_count(mc) / 1e6:.0f}M "
+            f"parameters at {bytes_per_param:g} bytes, plus {kv_bytes / 2**30:.1f} GiB of KV cache) but "
+            f"{available / 2**30:.1f} GiB is available: lower --kv-cache-mb, or serve a GGUF file with "
+            "--quantization q4"
+        )
+
+
 def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
     """The real model of config.model (default: the bundled SmolLM2; written back to config.model) on
     config.device, with its KV cache and its tokenizer (None when the directory has none)."""
@@ -118,6 +155,9 @@ def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
         "intermediate_size": mc.intermediate_size,
     }
     check_quantizable(quantization, device, dtype, widths)
+    from_gguf = quantization is Quantization.Q4 and gguf_file(model_dir) is not None
+    kv_bytes = num_blocks * bytes_per_block(mc, config.block_size, dtype)
+    check_memory(mc, 1.0 if from_gguf else dtype.itemsize, kv_bytes, device, available_memory())
     runner = ModelRunner(
         model_dir,
         mc,
