@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from test_engine_correctness import _record_logits
+
 from bench.quantization import EVAL_TEXT, agreement, perplexity, teacher_forced_logits
 from disagg.config import EngineConfig
 from disagg.engine import quant
@@ -95,27 +97,13 @@ def _prompts(tokenizer, n):
     ]
 
 
-def _logits_seen(engine):
-    seen: dict[str, list[torch.Tensor]] = {}
-    original = engine.runner.compute_logits
-
-    def compute_logits(batch):
-        logits, rows = original(batch)
-        for j, r in enumerate(rows):
-            seen.setdefault(batch.seqs[r].request_id, []).append(logits[j].clone())
-        return logits, rows
-
-    engine.runner.compute_logits = compute_logits
-    return seen
-
-
 def test_q4_serves_the_default_model_from_its_gguf_blocks_token_for_token(smollm_dir):
     greedy = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     fp32 = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=192, max_num_seqs=32))
     q4 = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=192, max_num_seqs=32, quantization="q4"))
     assert q4.runner.model.weight_bytes_per_token() < fp32.runner.model.weight_bytes_per_token() / 4
     prompts = _prompts(fp32.tokenizer, 32)
-    seen_fp32, seen_q4 = _logits_seen(fp32), _logits_seen(q4)
+    seen_fp32, seen_q4 = _record_logits(fp32), _record_logits(q4)
     want = fp32.generate(prompts, greedy)
     got = q4.generate(prompts, greedy)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]

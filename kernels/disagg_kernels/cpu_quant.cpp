@@ -32,6 +32,12 @@ inline float code(const uint8_t* q, int j) {  // code j of a block, as a float
     return static_cast<float>(q[j]);
 }
 
+// the block's minimum: m, or -8 d (Q4_0), or 0 (Q8_0)
+template <int C>
+inline float block_min(const float* mrow, int64_t b, float db) {
+    return mrow ? mrow[b] : (C == NIB ? -8.0f * db : 0.0f);
+}
+
 #if defined(__AVX512F__)
 constexpr int64_t ROWS = 8;
 // the 32 codes of one block as two float vectors (elements 0..15 and 16..31)
@@ -52,10 +58,13 @@ inline void codes(const uint8_t* q, __m512& lo, __m512& hi) {
     }
 }
 
-// the block's minimum: m, or -8 d (Q4_0), or 0 (Q8_0)
+// one block's 32 weights (w = d q + m) in two registers
 template <int C>
-inline float block_min(const float* mrow, int64_t b, float db) {
-    return mrow ? mrow[b] : (C == NIB ? -8.0f * db : 0.0f);
+inline void weights(const uint8_t* q, float db, float mb, __m512& lo, __m512& hi) {
+    codes<C>(q, lo, hi);
+    const __m512 d = _mm512_set1_ps(db), m = _mm512_set1_ps(mb);
+    lo = _mm512_fmadd_ps(lo, d, m);
+    hi = _mm512_fmadd_ps(hi, d, m);
 }
 
 // out[r] = x_r . w for `rows` <= ROWS rows of x; each block is de-quantized once (w = d q + m) and used by all rows
@@ -66,10 +75,7 @@ inline void dot_rows(const float* x, int64_t K, int64_t rows, const uint8_t* qro
     for (int64_t r = 0; r < ROWS; ++r) acc_lo[r] = acc_hi[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
         __m512 lo, hi;
-        codes<C>(qrow + b * block_bytes(C), lo, hi);
-        const __m512 db = _mm512_set1_ps(drow[b]), mb = _mm512_set1_ps(block_min<C>(mrow, b, drow[b]));
-        lo = _mm512_fmadd_ps(lo, db, mb);
-        hi = _mm512_fmadd_ps(hi, db, mb);
+        weights<C>(qrow + b * block_bytes(C), drow[b], block_min<C>(mrow, b, drow[b]), lo, hi);
         for (int64_t r = 0; r < rows; ++r) {
             const float* xr = x + r * K + b * QK;
             acc_lo[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), lo, acc_lo[r]);
@@ -83,10 +89,9 @@ inline void dot_rows(const float* x, int64_t K, int64_t rows, const uint8_t* qro
 template <int C>
 inline void decode_block(const uint8_t* q, float db, float mb, float* out) {
     __m512 lo, hi;
-    codes<C>(q, lo, hi);
-    const __m512 d = _mm512_set1_ps(db), m = _mm512_set1_ps(mb);
-    _mm512_storeu_ps(out, _mm512_fmadd_ps(lo, d, m));
-    _mm512_storeu_ps(out + 16, _mm512_fmadd_ps(hi, d, m));
+    weights<C>(q, db, mb, lo, hi);
+    _mm512_storeu_ps(out, lo);
+    _mm512_storeu_ps(out + 16, hi);
 }
 #elif defined(__AVX2__)
 constexpr int64_t ROWS = 4;
@@ -100,11 +105,6 @@ inline __m256 codes8(const uint8_t* q, int part) {  // codes 8 * part .. 8 * par
         const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * part));
         return _mm256_cvtepi32_ps(C == S8 ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
     }
-}
-
-template <int C>
-inline float block_min(const float* mrow, int64_t b, float db) {
-    return mrow ? mrow[b] : (C == NIB ? -8.0f * db : 0.0f);
 }
 
 template <int C>
@@ -141,13 +141,17 @@ inline void decode_block(const uint8_t* q, float db, float mb, float* out) {
 #else
 constexpr int64_t ROWS = 4;
 template <int C>
+inline void decode_block(const uint8_t* q, float db, float mb, float* out) {
+    for (int j = 0; j < QK; ++j) out[j] = db * code<C>(q, j) + mb;
+}
+
+template <int C>
 inline void dot_rows(const float* x, int64_t K, int64_t rows, const uint8_t* qrow, const float* drow,
                      const float* mrow, int64_t nb, float* out) {
     float w[QK];
     for (int64_t r = 0; r < rows; ++r) out[r] = 0.0f;
     for (int64_t b = 0; b < nb; ++b) {
-        const float mb = mrow ? mrow[b] : (C == NIB ? -8.0f * drow[b] : 0.0f);
-        for (int j = 0; j < QK; ++j) w[j] = drow[b] * code<C>(qrow + b * block_bytes(C), j) + mb;
+        decode_block<C>(qrow + b * block_bytes(C), drow[b], block_min<C>(mrow, b, drow[b]), w);
         for (int64_t r = 0; r < rows; ++r) {
             const float* xr = x + r * K + b * QK;
             for (int j = 0; j < QK; ++j) out[r] += xr[j] * w[j];
@@ -155,10 +159,6 @@ inline void dot_rows(const float* x, int64_t K, int64_t rows, const uint8_t* qro
     }
 }
 
-template <int C>
-inline void decode_block(const uint8_t* q, float db, float mb, float* out) {
-    for (int j = 0; j < QK; ++j) out[j] = db * code<C>(q, j) + mb;
-}
 #endif
 
 template <int C>
@@ -188,8 +188,7 @@ void dequantize(const uint8_t* qs, const float* d, const float* m, int64_t N, in
         for (int64_t b = 0; b < nb; ++b) {
             const uint8_t* q = qs + (n * nb + b) * block_bytes(C);
             const float db = d[n * nb + b];
-            const float mb = m ? m[n * nb + b] : (C == NIB ? -8.0f * db : 0.0f);
-            decode_block<C>(q, db, mb, out + n * K + b * QK);
+            decode_block<C>(q, db, block_min<C>(m ? m + n * nb : nullptr, b, db), out + n * K + b * QK);
         }
     }
 }
