@@ -26,7 +26,7 @@ from bench.common import emit, print_table
 from bench.dynamo_router import cpu_model
 from bench.engine_throughput import make_prompts, read_bandwidth_gbs, run_engine, spread, verdict
 from disagg.config import EngineConfig
-from disagg.engine.attention import AttentionMetadata
+from disagg.engine.attention import AttentionMetadata, compact_tables
 from disagg.engine.engine import LLMEngine
 from disagg.engine.quant import gguf_file
 from disagg.engine.runner import ModelRunner, load_model
@@ -97,6 +97,7 @@ def teacher_forced_logits(runner: ModelRunner, tokens: list[int]) -> torch.Tenso
     blocks = list(range(-(-n // bs)))
     if len(blocks) > runner.num_blocks:
         raise ValueError(f"{n} tokens need {len(blocks)} KV blocks; the runner has {runner.num_blocks}")
+    gather_ids, compact = compact_tables([blocks], torch.device("cpu"))
     meta = AttentionMetadata(
         slot_mapping=torch.arange(n, dtype=torch.int64),
         block_tables=torch.tensor([blocks], dtype=torch.int32),
@@ -106,6 +107,8 @@ def teacher_forced_logits(runner: ModelRunner, tokens: list[int]) -> torch.Tenso
         query_start_list=[0, n],
         max_query_len=n,
         block_size=bs,
+        gather_ids=gather_ids,
+        compact_tables=compact,
     )
     ids, pos = torch.tensor(tokens, dtype=torch.int64), torch.arange(n, dtype=torch.int64)
     hidden = runner.model(ids, pos, runner.kv_cache.tensor, meta)

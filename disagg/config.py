@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from disagg.modes import KVDtype, Quantization, SpecMethod, parse_mode
+
 # KV cache per worker (MiB) where a CLI runs several workers on one machine: named per-CLI overrides of
 # EngineConfig.kv_cache_memory_mb (sized for one engine alone: `disagg generate`, the library)
 SERVE_KV_CACHE_MB = 512  # `disagg serve`: every worker of the cluster, next to the router, on one host
@@ -64,6 +66,13 @@ class EngineConfig:
             "a model with no GGUF file is rounded to Q4_1); CPU, float32 activations"
         ),
     )
+    kv_dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "KV cache: auto (the model's dtype) | float32 | bfloat16 | int8 | fp8 (int8 and fp8: one byte per "
+            "value and a scale per token and head, about 3.9x fewer bytes than float32 to hold, move and store)"
+        ),
+    )
     speculative: str = field(
         default="none",
         metadata=_help(
@@ -97,10 +106,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.max_model_len <= 1:
             raise ValueError("max_model_len must be > 1")
-        if self.speculative not in ("none", "ngram"):  # disagg.engine.spec.SpecMethod
-            raise ValueError(f"--speculative {self.speculative!r} is not one of ['none', 'ngram']")
+        parse_mode(SpecMethod, self.speculative, "--speculative")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"--num-speculative-tokens must be in 1..16, got {self.num_speculative_tokens}")
-        valid = ("none", "int8", "q4")  # disagg.engine.quant.Quantization (not imported here: no torch in config)
-        if self.quantization not in valid:
-            raise ValueError(f"--quantization {self.quantization!r} is not one of {list(valid)}")
+        parse_mode(KVDtype, self.kv_dtype, "--kv-dtype")
+        parse_mode(Quantization, self.quantization, "--quantization")

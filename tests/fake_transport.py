@@ -48,11 +48,11 @@ class LocalTransport(KVTransport):
         with _LOCK:
             _REGISTRY[name] = self
 
-    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None) -> None:
+    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None, fingerprint: str = "") -> None:
         self._tensors[Tier.DEVICE] = kv
         if cpu_tier is not None:
             self._tensors[Tier.CPU] = cpu_tier
-        self._layout = KVLayout.of(kv, self.name, self.name.encode(), cpu_tier)
+        self._layout = KVLayout.of(kv, self.name, self.name.encode(), cpu_tier, fingerprint)
 
     def layout(self) -> KVLayout:
         if self._layout is None:
@@ -133,8 +133,8 @@ class FaultyTransport(KVTransport):
     def bytes_read(self) -> int:  # type: ignore[override]
         return self.inner.bytes_read
 
-    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None) -> None:
-        self.inner.register(kv, cpu_tier)
+    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None, fingerprint: str = "") -> None:
+        self.inner.register(kv, cpu_tier, fingerprint)
 
     def layout(self) -> KVLayout:
         return self.inner.layout()

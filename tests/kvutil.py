@@ -4,9 +4,9 @@ from __future__ import annotations
 import itertools
 import time
 
+from disagg.cluster.worker_config import kv_fingerprint
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.kv.fingerprint import engine_fingerprint
 from disagg.kv.peer import PeerSource
 from disagg.kv.store import TierConfig, TieredStore
 from disagg.protocol import TokenDelta
@@ -24,12 +24,11 @@ class Node:
         self.engine = LLMEngine(EngineConfig(**cfg))
         self.name = name or f"node-{next(_names)}"
         self.store = None
+        fingerprint = kv_fingerprint(self.engine)  # what a worker computes: tiers' directory, peers' layout
         if tiers is not None:
-            kv = self.engine.kv_tensor
-            fp = engine_fingerprint(model_dir, str(kv.dtype), self.engine.config.block_size, tuple(kv.shape[1:]))
-            self.store = TieredStore(tiers, self.engine.pool, kv, fp)
+            self.store = TieredStore(tiers, self.engine.pool, self.engine.kv_tensor, fingerprint)
         self.transport = FaultyTransport(LocalTransport(self.name))
-        self.transport.register(self.engine.kv_tensor, self.store.cpu.tensor if self.store else None)
+        self.transport.register(self.engine.kv_tensor, self.store.cpu.tensor if self.store else None, fingerprint)
         self.peer = PeerSource(self.transport, orphan_timeout_s=5.0)
         self.engine.attach(peer=self.peer, tiers=self.store)
 

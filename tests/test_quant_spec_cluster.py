@@ -1,9 +1,10 @@
-"""q4 weights and n-gram speculation on a real cluster: Ray on 127.0.0.1, 1 prefill + 1 decode worker, real HTTP.
+"""q4 weights, an int8 KV cache and n-gram speculation on a real cluster: Ray on 127.0.0.1, 1 prefill + 1 decode
+worker, real HTTP.
 
-The prompt is prefilled on the prefill worker, its KV moves to the decode worker over NIXL, and the decode worker
-speculates; the answer must be float32 greedy decoding's, token for token (q4 is the default model's own blocks
-and greedy speculation changes no token), streamed or not, with the speculation counts in the usage and in
-/metrics.
+The prompt is prefilled on the prefill worker, its int8 KV blocks move to the decode worker over NIXL, and the
+decode worker speculates; the answer must be the one a single local engine of the same weights and KV format gives
+without speculation, token for token (greedy speculation changes no token, and KV bytes move unchanged), streamed
+or not, with the speculation counts in the usage and in /metrics.
 """
 
 import json
@@ -28,7 +29,7 @@ def service(smollm_dir):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     engine = EngineConfig(
         model=str(smollm_dir), kv_cache_memory_mb=64, num_threads=1, max_model_len=512, quantization="q4",
-        speculative="ngram",
+        kv_dtype="int8", speculative="ngram",
     )
     svc = Service(ClusterConfig(num_prefill=1, num_decode=1, engine=engine, tiers=None),
                   RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)))
@@ -37,8 +38,10 @@ def service(smollm_dir):
     ray.shutdown()
 
 
-def test_disaggregated_q4_speculating_answers_are_float32_greedy(service, smollm_dir):
-    local = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, max_model_len=512))
+def test_disaggregated_q4_int8_kv_speculating_answers_are_plain_local_decoding(service, smollm_dir):
+    local = LLMEngine(
+        EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, max_model_len=512, quantization="q4", kv_dtype="int8")
+    )
     want = local.generate([local.tokenizer.encode_chat(MESSAGES)], SamplingParams(max_tokens=48, temperature=0))[0]
     body = {"model": smollm_dir.name, "messages": MESSAGES, "max_tokens": 48, "temperature": 0}
     r = httpx.post(f"{service.url}/v1/chat/completions", json=body, timeout=120)

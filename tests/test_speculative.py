@@ -15,9 +15,10 @@ from disagg.config import EngineConfig, FaultConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.faults import FaultInjector
 from disagg.engine.sampler import verify_sampled
-from disagg.engine.spec import SpecConfig, SpecMethod, SpecState, Speculator, verify_greedy
+from disagg.engine.spec import SpecConfig, SpecState, Speculator, verify_greedy
 from disagg.http.shape import Collected
 from disagg.http.stream import usage
+from disagg.modes import SpecMethod
 from disagg.protocol import SamplingParams, hash_block_tokens
 
 NGRAM = SpecConfig(method=SpecMethod.NGRAM, num_tokens=4, ngram_min=2, ngram_max=3)

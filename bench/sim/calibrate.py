@@ -262,6 +262,13 @@ def tier_load_times(engine, blocks: int = 64, repeats: int = 3) -> tuple[float, 
     return statistics.median(cpu) / blocks, statistics.median(disk) / blocks
 
 
+def _block_bytes(engine: LLMEngine) -> int:
+    kv = engine.kv_tensor
+    if kv is None:
+        raise ValueError("calibration needs a real engine with a KV cache")
+    return kv[0].numel() * kv.element_size()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="disagg bench calibrate", description=__doc__.splitlines()[0])
     # the engine a lab worker runs (bench compare's KV cache size), so the fitted model prices those steps
@@ -273,15 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_options(parser, CalibrateOptions)
     args = parser.parse_args(argv)
-    from disagg.engine.kv_cache import bytes_per_block
-
     engine = _engine(args)
     xs, ys = calibrate(engine)
     model = StepTimeModel.fit(
         xs,
         ys,
         transfer_bandwidth=args.transfer_gbps * 1e9,
-        bytes_per_block=bytes_per_block(engine.model_config, engine.config.block_size, engine.dtype),
+        bytes_per_block=_block_bytes(engine),
         # the model's folder name, not its path: the file is committed and machines differ
         source=f"fitted on {len(ys)} steps of {Path(engine.config.model).name} "
         f"({args.threads} thread(s), {cpu_model()})",

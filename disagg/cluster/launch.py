@@ -213,6 +213,7 @@ _ENGINE = (
     "max_model_len",
     "num_threads",
     "quantization",
+    "kv_dtype",
     "speculative",
     "num_speculative_tokens",
 )

@@ -23,7 +23,9 @@ import torch
 from disagg.cluster.worker_config import MockConfig
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
+from disagg.engine.kv_format import KVFormat
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.modes import KVDtype
 from disagg.sim.runner import SimRunner, sim_model_config
 from disagg.sim.timemodel import StepTimeModel
 
@@ -36,6 +38,7 @@ class TokenKV:
 
     def __init__(self, num_blocks: int) -> None:
         self.tensor = torch.zeros(num_blocks, 1, 1)
+        self.format = KVFormat.of(KVDtype.AUTO, 1, self.tensor.dtype)
 
 
 class PacedRunner(SimRunner):

@@ -38,7 +38,7 @@ from disagg.cluster.event_feed import EventFeed
 from disagg.cluster.spans import WorkerSpans
 from disagg.cluster.step_budget import StepBudget
 from disagg.cluster.streams import JournaledStreams
-from disagg.cluster.worker_config import FaultOrder, WorkerConfig, build_tiers
+from disagg.cluster.worker_config import FaultOrder, WorkerConfig, build_tiers, kv_fingerprint
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
 from disagg.errors import Forbidden, OutputCorrupt
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Role, TokenDelta
@@ -88,7 +88,9 @@ class EngineWorker(JournaledStreams):
         self.transport: KVTransport = transport
         kv = self.engine.kv_tensor
         assert kv is not None  # a worker's engine has KV memory (a mock's is a token one: cluster/mocker.py)
-        self.transport.register(kv, self.tiers.cpu.tensor if self.tiers is not None else None)
+        self.transport.register(
+            kv, self.tiers.cpu.tensor if self.tiers is not None else None, fingerprint=kv_fingerprint(self.engine)
+        )
         self.peer = PeerSource(self.transport)
         self.connector = self.engine.connector  # both sides of the KV seam: loads in, leases out
         self.connector.attach(peer=self.peer, tiers=self.tiers)

@@ -92,10 +92,26 @@ def worker_tiers(tiers: TierConfig | None, slot: str) -> TierConfig | None:
     return dataclasses.replace(tiers, disk_dir=str(Path(root) / slot) if root else "")
 
 
+def kv_fingerprint(engine: LLMEngine) -> str:
+    """What must match for this engine to use KV that another engine wrote (disagg/kv/fingerprint.py): the
+    tiers' directory name and the layout a worker publishes to its peers."""
+    from disagg.kv.fingerprint import engine_fingerprint
+
+    kv = engine.kv_tensor
+    model_dir = Path(engine.config.model) if engine.config.model else None
+    return engine_fingerprint(
+        model_dir,
+        str(engine.dtype),
+        engine.config.block_size,
+        tuple(kv.shape[1:]) if kv is not None else (),
+        quantization=engine.config.quantization,
+        kv_format=engine.kv_format,
+    )
+
+
 def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
     """The worker's CPU (and disk) tier; config.tiers None or cpu_bytes 0 turns tiers off."""
     from disagg.kv.disk_tier import DiskTierBusy
-    from disagg.kv.fingerprint import engine_fingerprint
     from disagg.kv.store import TieredStore
 
     tiers = worker_tiers(config.tiers, config.name)
@@ -104,14 +120,7 @@ def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
     kv = engine.kv_tensor
     if kv is None:
         raise ValueError("KV tiers need an engine with a KV cache tensor")
-    model_dir = Path(engine.config.model) if engine.config.model else None
-    fingerprint = engine_fingerprint(
-        model_dir,
-        str(engine.dtype),
-        engine.config.block_size,
-        tuple(kv.shape[1:]),
-        quantization=engine.config.quantization,
-    )
+    fingerprint = kv_fingerprint(engine)
     try:
         return TieredStore(tiers, engine.pool, kv, fingerprint)
     except DiskTierBusy:  # another live worker owns the directory: use one of our own

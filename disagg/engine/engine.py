@@ -25,10 +25,11 @@ from disagg.engine.offline import Completion
 from disagg.engine.runner import Runner, check_kv_capacity, load_model
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import Sequence
-from disagg.engine.spec import SpecMethod, Speculator, spec_config
+from disagg.engine.spec import Speculator, spec_config
 from disagg.engine.tokenizer import Tokenizer
 from disagg.isolation import salt_root
 from disagg.kv.connector import KVConnector, KVSource, KVTiers
+from disagg.modes import SpecMethod
 from disagg.protocol import FinishReason, KVEvent, PrefillResult, Request, SamplingParams, Tier, TokenDelta
 
 
@@ -97,6 +98,12 @@ class LLMEngine:
     def kv_tensor(self) -> torch.Tensor | None:
         cache = self.runner.kv_cache
         return cache.tensor if cache is not None else None
+
+    @property
+    def kv_format(self) -> str:
+        """The KV cache's resolved element format (`--kv-dtype`; auto named by its dtype)."""
+        cache = self.runner.kv_cache
+        return cache.format.name if cache is not None else str(self.dtype).removeprefix("torch.")
 
     def attach(self, peer: KVSource | None = None, tiers: KVTiers | None = None) -> None:
         """Inject the KV sources: a PeerSource (reads over the worker's transport) and/or the tiers."""

@@ -17,7 +17,6 @@ CPU only: a CUDA engine with a quantization is refused at start-up (the GPU kern
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from disagg.modes import Quantization
 from disagg_kernels.cpu_quant import (
     QK,
     BlockFormat,
@@ -38,21 +38,6 @@ from disagg_kernels.cpu_quant import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class Quantization(enum.Enum):
-    NONE = "none"
-    INT8 = "int8"
-    Q4 = "q4"
-
-    @classmethod
-    def parse(cls, value: str) -> Quantization:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(
-                f"quantization={value!r} is not one of {[q.value for q in cls]} (the --quantization option)"
-            ) from None
 
 
 @dataclass(frozen=True)

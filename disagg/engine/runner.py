@@ -13,17 +13,19 @@ from typing import Protocol
 import torch
 
 from disagg.config import EngineConfig, FaultConfig
-from disagg.engine.attention import AttentionMetadata, select_backend
+from disagg.engine.attention import AttentionMetadata, compact_tables, select_backend
 from disagg.engine.faults import NONFINITE_TOKEN, FaultInjector
 from disagg.engine.gguf import load_gguf
 from disagg.engine.kv_cache import KVCache, bytes_per_block
+from disagg.engine.kv_format import KVFormat
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
-from disagg.engine.quant import QuantFactory, Quantization, check_quantizable, gguf_file, quant_kernels
+from disagg.engine.quant import QuantFactory, check_quantizable, gguf_file, quant_kernels
 from disagg.engine.sampler import logprob_entries, sample, sampling_probs, token_generator, verify_sampled
 from disagg.engine.scheduler import ScheduledBatch
 from disagg.engine.sequence import Sequence
 from disagg.engine.spec import Verified, verify_greedy
 from disagg.engine.tokenizer import Tokenizer
+from disagg.modes import KVDtype, Quantization
 from disagg_kernels.cpu_quant import BlockFormat
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -77,10 +79,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def kv_blocks(config: EngineConfig, model_config: ModelConfig, dtype: torch.dtype) -> int:
-    """KV blocks of config.block_size tokens: config.num_blocks, else what config.kv_cache_memory_mb holds."""
+def kv_blocks(config: EngineConfig, model_config: ModelConfig, fmt: KVFormat) -> int:
+    """KV blocks of config.block_size tokens: config.num_blocks, else what config.kv_cache_memory_mb holds (in
+    the KV format: an int8 cache holds about 3.9x the blocks of a float32 one)."""
     return config.num_blocks or (config.kv_cache_memory_mb << 20) // bytes_per_block(
-        model_config, config.block_size, dtype
+        model_config, config.block_size, fmt
     )
 
 
@@ -144,11 +147,12 @@ def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
     dtype = auto if config.dtype == "auto" else _DTYPES[config.dtype]
     mc = ModelConfig.from_dir(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
-    num_blocks = kv_blocks(config, mc, dtype)
+    kv_format = KVFormat.of(KVDtype(config.kv_dtype), mc.head_dim, dtype)
+    num_blocks = kv_blocks(config, mc, kv_format)
     # before loading weights: a cache that cannot hold one sequence fails fast
     check_kv_capacity(num_blocks, config.block_size, min(config.max_model_len, mc.max_position_embeddings))
     faults = FaultInjector(config.faults) if config.faults is not None else None
-    quantization = Quantization.parse(config.quantization)
+    quantization = Quantization(config.quantization)  # validated by EngineConfig
     widths = {
         "hidden_size": mc.hidden_size,
         "attention width": mc.num_heads * mc.head_dim,
@@ -156,7 +160,7 @@ def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
     }
     check_quantizable(quantization, device, dtype, widths)
     from_gguf = quantization is Quantization.Q4 and gguf_file(model_dir) is not None
-    kv_bytes = num_blocks * bytes_per_block(mc, config.block_size, dtype)
+    kv_bytes = num_blocks * bytes_per_block(mc, config.block_size, kv_format)
     check_memory(mc, 1.0 if from_gguf else dtype.itemsize, kv_bytes, device, available_memory())
     runner = ModelRunner(
         model_dir,
@@ -168,6 +172,7 @@ def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
         prepack=config.cpu_prepack,
         faults=faults,
         quantization=quantization,
+        kv_format=kv_format,
     )
     return runner, tokenizer
 
@@ -184,11 +189,13 @@ class ModelRunner:
         prepack: bool = True,
         faults: FaultInjector | None = None,
         quantization: Quantization = Quantization.NONE,
+        kv_format: KVFormat | None = None,
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.model_config, self.num_blocks = model_config, num_blocks
         self.quantization = quantization
-        self.backend = select_backend(device)  # the one place the device path is chosen
+        self.kv_format = kv_format or KVFormat.of(KVDtype.AUTO, model_config.head_dim, dtype)
+        self.backend = select_backend(device, self.kv_format)  # the one place the device path is chosen
         with torch.device("meta"):
             model = CausalLM(model_config, self.backend)
         gguf = gguf_file(Path(model_dir)) if quantization is Quantization.Q4 else None
@@ -210,7 +217,7 @@ class ModelRunner:
         elif factory is None and prepack and can_prepack(device, dtype):
             self.model.prepack()
         self.kernel_path = "float" if factory is None else factory.kernels.name
-        self.kv_cache = KVCache(model_config, num_blocks, block_size, dtype, device)
+        self.kv_cache = KVCache(model_config, num_blocks, block_size, self.kv_format, device)
         self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked
         self.last_verified: dict[int, Verified] = {}  # {batch row: its proposal's verification} of the last step
         self.last_step_s = 0.0
@@ -247,6 +254,10 @@ class ModelRunner:
         max_blocks = max(len(seq.block_ids) for seq in batch.seqs)
         tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq in batch.seqs]
         dev = self.device
+        # an encoded cache decodes only the blocks the step reads
+        gather_ids, compact = (
+            compact_tables([s.block_ids for s in batch.seqs], dev) if self.kv_format.encoded else (None, None)
+        )
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
@@ -256,6 +267,9 @@ class ModelRunner:
             query_start_list=query_start,
             max_query_len=max(batch.num_new_tokens),
             block_size=bs,
+            gather_ids=gather_ids,
+            compact_tables=compact,
+            verify_rows=frozenset(r for r, draft in enumerate(batch.drafts) if draft) if batch.drafts else frozenset(),
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)

@@ -20,15 +20,10 @@ Requests that ask for logprobs do not speculate (their entries would have to be 
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from disagg.config import EngineConfig
-
-
-class SpecMethod(enum.Enum):
-    NONE = "none"
-    NGRAM = "ngram"
+from disagg.modes import SpecMethod
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 KV written by one engine is only meaningful to an engine with the same weights, dtype, block size and cache
 layout.  The fingerprint hashes: the model's config.json, each weights file's name, size and its first and last
 MiB (cheap, and changes with any re-quantization or fine-tune that rewrites the file), the dtype, the block size,
-the per-block KV shape, the weights' quantization (--quantization), and KV_LAYOUT_VERSION (bumped whenever the
-block layout changes).  Disk blocks live under a directory named by it and carry it in every file header.
+the per-block KV shape, the weights' quantization (--quantization), the KV cache's element format (--kv-dtype:
+int8 and fp8 blocks have the same shape and bytes but mean different numbers), and KV_LAYOUT_VERSION (bumped
+whenever the block layout changes).  Disk blocks live under a directory named by it and carry it in every file header.
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ def engine_fingerprint(
     block_shape: tuple[int, ...],
     model_identity: str = "",
     quantization: str = "none",
+    kv_format: str = "",
 ) -> str:
     """16 hex characters. `model_dir` None: a stand-in model (simulation), identified by `model_identity`.
     `quantization` (--quantization) is part of it: KV computed with other weights is other KV."""
     h = hashlib.blake2b(digest_size=8)
     quant = "" if quantization == "none" else f";quant={quantization}"  # "none" keeps existing disk tiers valid
+    kv = "" if kv_format in ("", dtype.removeprefix("torch.")) else f";kv={kv_format}"  # likewise
     h.update(
         f"layout={KV_LAYOUT_VERSION};dtype={dtype};block={block_size};shape={tuple(block_shape)};"
-        f"id={model_identity}{quant}".encode()
+        f"id={model_identity}{quant}{kv}".encode()
     )
     if model_dir is not None:
         root = Path(model_dir)

@@ -55,10 +55,18 @@ class KVLayout(WireMessage):
     num_layers: int
     block_bytes: int  # one block: K and V of every layer
     regions: dict[Tier, KVRegion]
+    # the engine fingerprint (disagg/kv/fingerprint.py): peers whose fingerprints differ never read each other's
+    # KV (other weights, KV format or layout: the bytes would mean other numbers); "" where the owner has none
+    fingerprint: str = ""
 
     @classmethod
     def of(
-        cls, kv: torch.Tensor, agent_name: str, agent_metadata: bytes, cpu_tier: torch.Tensor | None = None
+        cls,
+        kv: torch.Tensor,
+        agent_name: str,
+        agent_metadata: bytes,
+        cpu_tier: torch.Tensor | None = None,
+        fingerprint: str = "",
     ) -> KVLayout:
         regions = {Tier.DEVICE: KVRegion.of(kv)}
         if cpu_tier is not None:
@@ -71,6 +79,7 @@ class KVLayout(WireMessage):
             num_layers=kv.shape[1],
             block_bytes=kv[0].numel() * kv.element_size(),
             regions=regions,
+            fingerprint=fingerprint,
         )
 
     def region(self, tier: Tier) -> KVRegion:
@@ -108,6 +117,11 @@ def plan_regions(
 ) -> list[RegionPlan]:
     """Descriptor lists for copying blocks `src_refs` ((region, id) on `src`) into `dst_ids` of dst's device
     cache, one plan per remote memory type (a DRAM-only host needs one transfer for device and CPU blocks)."""
+    if src.fingerprint and dst.fingerprint and src.fingerprint != dst.fingerprint:
+        raise TransferFailed(
+            f"{src.agent_name} and {dst.agent_name} hold KV of different engines (fingerprints {src.fingerprint} "
+            f"and {dst.fingerprint}: weights, KV format or layout); recompute instead"
+        )
     if (src.num_layers, src.block_bytes) != (dst.num_layers, dst.block_bytes):
         raise TransferFailed("peers have different KV layouts (layers or block bytes); a pack step is needed")
     if len(src_refs) != len(dst_ids):
@@ -143,7 +157,8 @@ class KVTransport(ABC):
     bytes_read: int = 0
 
     @abstractmethod
-    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None) -> None: ...
+    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None, fingerprint: str = "") -> None:
+        """Register the device cache (and the CPU tier) for peers to read; `fingerprint` goes in the layout."""
 
     @abstractmethod
     def layout(self) -> KVLayout: ...

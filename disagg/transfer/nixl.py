@@ -144,14 +144,14 @@ class NixlTransport(KVTransport):
         self.bytes_read = 0
         self.num_reads = 0
 
-    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None) -> None:
+    def register(self, kv: torch.Tensor, cpu_tier: torch.Tensor | None = None, fingerprint: str = "") -> None:
         if self._regs:
             raise RuntimeError("KV memory already registered")
         for tensor in filter(lambda t: t is not None, (kv, cpu_tier)):
             reg = self.agent.get_reg_descs(tensor)
             self.agent.register_memory(reg)
             self._regs.append(reg)
-        self._layout = KVLayout.of(kv, self.name, self.agent.get_agent_metadata(), cpu_tier)
+        self._layout = KVLayout.of(kv, self.name, self.agent.get_agent_metadata(), cpu_tier, fingerprint)
 
     def layout(self) -> KVLayout:
         if self._layout is None:
