@@ -40,7 +40,11 @@ EVAL_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "eval_text.
 class QuantBenchOptions:
     modes: list[str] = field(
         default_factory=lambda: ["none", "int8", "q4"],
-        metadata={"nargs": "+", "help": "quantizations to compare; QUANT+ngram adds speculative decoding"},
+        metadata={
+            "nargs": "+",
+            "help": "modes to compare, QUANT[+ngram][:KV]: a quantization, +ngram for speculative decoding, :KV for "
+            "a --kv-dtype (none:int8 = float32 weights, int8 KV cache)",
+        },
     )
     concurrency: list[int] = field(
         default_factory=lambda: [1, 8, 32], metadata={"nargs": "+", "help": "requests in flight, one run each"}
@@ -127,12 +131,22 @@ def agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
 
 
+def parse_mode(mode: str) -> tuple[str, str, str]:
+    """QUANT[+SPEC][:KV] -> (quantization, speculative, kv_dtype)."""
+    head, _, kv = mode.partition(":")
+    quant, _, spec = head.partition("+")
+    return quant, spec or "none", kv or "auto"
+
+
 def quality(model: str, modes: list[str], kv_cache_mb: int) -> list[dict]:
     rows: list[dict] = []
     reference = None
-    quants = [m.partition("+")[0] for m in modes]  # speculation does not change the logits
-    for mode in ["none", *dict.fromkeys(q for q in quants if q != "none")]:
-        runner, tokenizer = load_model(EngineConfig(model=model, quantization=mode, kv_cache_memory_mb=kv_cache_mb))
+    # speculation does not change the logits: one row per (weights, KV format), float32's first
+    pairs = dict.fromkeys(f"{q}:{kv}" for q, _, kv in map(parse_mode, modes) if (q, kv) != ("none", "auto"))
+    for mode in ["none:auto", *pairs]:
+        quant, _, kv_dtype = parse_mode(mode)
+        config = EngineConfig(model=model, quantization=quant, kv_dtype=kv_dtype, kv_cache_memory_mb=kv_cache_mb)
+        runner, tokenizer = load_model(config)
         assert tokenizer is not None
         tokens = tokenizer.encode(EVAL_TEXT.read_text())
         logits = teacher_forced_logits(runner, tokens)
@@ -190,11 +204,12 @@ def main(argv: list[str] | None = None) -> None:
     engines: dict[str, LLMEngine] = {}
     runners: dict[str, ModelRunner] = {}
     for mode in args.modes:
-        quant, _, spec = mode.partition("+")
+        quant, spec, kv_dtype = parse_mode(mode)
         config = EngineConfig(
             model=args.model,
             quantization=quant,
-            speculative=spec or "none",
+            speculative=spec,
+            kv_dtype=kv_dtype,
             max_num_seqs=max(args.concurrency),
             num_threads=args.threads,
             kv_cache_memory_mb=args.kv_cache_mb,

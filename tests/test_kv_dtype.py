@@ -131,12 +131,12 @@ def test_an_unknown_kv_dtype_is_refused_naming_the_option():
 
 
 def test_every_batch_size_gives_a_row_the_same_bits():
-    """What lets speculation (and batching) keep a quantized KV cache's tokens: the packed GEMM computes a row the
-    same whether it runs alone, in a verification of a few rows or in a batch of 32 (down_proj's width here)."""
+    """What lets speculation keep a quantized KV cache's tokens: a batch-invariant packed GEMM (what an engine with
+    both asks for) computes a row the same alone, in a verification of a few rows or in a batch of 32."""
     from disagg.engine.model import PackedLinear
 
     gen = torch.Generator().manual_seed(0)
-    layer = PackedLinear(torch.randn(576, 1536, generator=gen) * 0.02, None)
+    layer = PackedLinear(torch.randn(576, 1536, generator=gen) * 0.02, None, batch_invariant=True)
     x = torch.randn(32, 1536, generator=gen)
     with torch.inference_mode():
         batch = layer(x)

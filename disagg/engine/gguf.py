@@ -19,7 +19,7 @@ from gguf.gguf_reader import ReaderTensor
 from torch import nn
 
 from disagg.engine.model import CausalLM, DecoderLayer
-from disagg.engine.quant import QuantEmbedding, QuantFactory
+from disagg.engine.quant import QuantFactory
 from disagg_kernels.cpu_quant import QK, BlockFormat, BlockWeight
 
 # block type -> (our format, bytes per block of 32)
@@ -93,7 +93,7 @@ def load_gguf(model: CausalLM, path: Path, factory: QuantFactory) -> None:
         raise ValueError(
             f"{path.name}: token_embd is {embed.shape}, config.json says {cfg.vocab_size}x{cfg.hidden_size}"
         )
-    model.embed_tokens = QuantEmbedding(embed)  # type: ignore[assignment]  # a lookup, like nn.Embedding
+    model.embed_tokens = factory.embedding(embed)  # type: ignore[assignment]  # a lookup, like nn.Embedding
     for i, layer in enumerate(model.layers):
         assert isinstance(layer, DecoderLayer)
         p = f"blk.{i}."

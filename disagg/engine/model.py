@@ -86,8 +86,11 @@ class PackedLinear(nn.Module):
     at batch 1 / 8 / 32, against 17.7 / 26.3 / 42.8 ms packed for batch 1).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int = 8) -> None:
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, batch_hint: int = 8, batch_invariant: bool = False
+    ) -> None:
         super().__init__()
+        self.batch_invariant = batch_invariant
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
         self.bias = None if bias is None else bias.detach().clone()
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
@@ -95,11 +98,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] == 1:
+        if self.batch_invariant and flat.shape[0] == 1:
             # oneDNN sums a lone row in another order than any batch of two or more (for inputs wider than 1024:
-            # last-bit differences), so a token would get other bits alone than in a batch or in a speculative
-            # verification - which a quantized KV cache's rounding can magnify into another token.  Computed as
-            # two rows, every batch size gives each row the same bits, for about 3% more time at batch 1.
+            # last-bit differences), so a token gets other bits alone than in a speculative verification - which
+            # a quantized KV cache's rounding can magnify into another token.  Computed as two rows, every batch
+            # size gives each row the same bits; it costs ~10% at batch 1, so only engines that need it ask.
             out = torch.ops.mkldnn._linear_pointwise(flat.expand(2, -1), self.packed, self.bias, "none", [], "")[:1]
         else:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
@@ -236,17 +239,21 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden).float()
 
     @torch.no_grad()
-    def prepack(self) -> None:
-        """Replace every linear layer (and a tied LM head) by a PackedLinear (CPU; after the final dtype cast)."""
+    def prepack(self, batch_invariant: bool = False) -> None:
+        """Replace every linear layer (and a tied LM head) by a PackedLinear (CPU; after the final dtype cast).
+        `batch_invariant`: every batch size computes a row with the same bits (see PackedLinear.forward)."""
         for layer in self.layers:
             assert isinstance(layer, DecoderLayer)
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_proj = PackedLinear(_weight(attn.qkv_proj), _bias(attn.qkv_proj))
-            attn.o_proj = PackedLinear(_weight(attn.o_proj), None)
-            mlp.gate_up_proj = PackedLinear(_weight(mlp.gate_up_proj), None)
-            mlp.down_proj = PackedLinear(_weight(mlp.down_proj), None)
+            inv = {"batch_invariant": batch_invariant}
+            attn.qkv_proj = PackedLinear(_weight(attn.qkv_proj), _bias(attn.qkv_proj), **inv)
+            attn.o_proj = PackedLinear(_weight(attn.o_proj), None, **inv)
+            mlp.gate_up_proj = PackedLinear(_weight(mlp.gate_up_proj), None, **inv)
+            mlp.down_proj = PackedLinear(_weight(mlp.down_proj), None, **inv)
         head = self.embed_tokens.weight if self.lm_head is None else _weight(self.lm_head)
-        self.lm_head = PackedLinear(head, None)  # a tied head gets its own packed copy; the embedding stays
+        self.lm_head = PackedLinear(
+            head, None, batch_invariant=batch_invariant
+        )  # a tied head gets its own packed copy; the embedding stays
 
     @torch.no_grad()
     def quantize(self, factory: QuantFactory, fmt: BlockFormat) -> None:

@@ -7,12 +7,12 @@
   the weights is kept, and since the default model *is* those blocks, the results equal the float32 engine's up to
   float summation order.  A model with no GGUF file is rounded to Q4_1 at load instead (lossy, like int8).
 
-Activations stay float32: the kernels de-quantize a block in registers and accumulate in float32
-(disagg_kernels/cpu_quant.py).  Small batches (decode) go through the block kernel, which reads 5-8.5 bits per
+The kernels are a seam (`BlockKernels`), chosen once from the device: on CPU the native C++ kernel (or its torch
+reference when no compiler is found), float32 activations; on CUDA the Triton kernel (disagg_kernels/
+quant_triton.py), float32, bfloat16 or float16 activations.  Both de-quantize a block in registers and accumulate
+in float32.  Small batches (decode) go through the block kernel, which reads 5-8.5 bits per
 weight instead of 32; a batch wider than `QuantConfig.direct_rows` (a prefill chunk) de-quantizes the matrix into
 one reused float32 buffer and runs torch's GEMM, since there the arithmetic, not the weight bytes, is the cost.
-
-CPU only: a CUDA engine with a quantization is refused at start-up (the GPU kernels are not built yet).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,7 @@ from disagg_kernels.cpu_quant import (
     matmul_reference,
     quantize,
 )
+from disagg_kernels.quant_triton import block_matmul_triton
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,24 @@ class QuantConfig:
     direct_rows: int = 16
 
 
+class BlockKernels(Protocol):
+    """What a QuantLinear needs: a block matmul and a de-quantization, and the activation dtypes they take."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]: ...
+
+    def matmul(self, x: torch.Tensor, w: BlockWeight) -> torch.Tensor: ...
+
+    def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
 class QuantKernels:
-    """The block matmul this process uses: the compiled kernel, or the torch reference when it cannot be built."""
+    """The CPU block matmul: the compiled kernel, or the torch reference when it cannot be built."""
+
+    dtypes = (torch.float32,)
 
     def __init__(self, native: NativeKernels | None, reason: str = "") -> None:
         self.native = native
@@ -69,11 +87,28 @@ class QuantKernels:
         return full if out is None else out.copy_(full)
 
 
+class TritonQuantKernels:
+    """The GPU block matmul (Triton; under TRITON_INTERPRET=1 it runs on CPU tensors, which is how it is tested);
+    a wide batch de-quantizes the matrix with torch on the weights' device."""
+
+    name = "triton"
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+
+    def matmul(self, x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+        return block_matmul_triton(x, w)
+
+    def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+        full = dequantize_reference(w)
+        return full if out is None else out.copy_(full)
+
+
 _KERNELS: QuantKernels | None = None
 
 
-def quant_kernels() -> QuantKernels:
-    """Built (or found in the cache) once per process."""
+def quant_kernels(device: torch.device) -> BlockKernels:
+    """The device's kernels: Triton on CUDA; on CPU the native build (or found in the cache) once per process."""
+    if device.type == "cuda":
+        return TritonQuantKernels()
     global _KERNELS
     if _KERNELS is None:
         from disagg.model_store import cache_root
@@ -95,20 +130,20 @@ class _Scratch:
     def __init__(self) -> None:
         self.buffer = torch.empty(0)
 
-    def get(self, n: int, k: int) -> torch.Tensor:
-        if self.buffer.numel() < n * k:
-            self.buffer = torch.empty(n * k)
+    def get(self, n: int, k: int, device: torch.device) -> torch.Tensor:
+        if self.buffer.numel() < n * k or self.buffer.device != device:
+            self.buffer = torch.empty(n * k, device=device)
         return self.buffer[: n * k].view(n, k)
 
 
 class QuantLinear(nn.Module):
-    """A linear layer over a BlockWeight (float32 in and out)."""
+    """A linear layer over a BlockWeight (activations in one of the kernels' dtypes; float32 on CPU)."""
 
     def __init__(
         self,
         weight: BlockWeight,
         bias: torch.Tensor | None,
-        kernels: QuantKernels,
+        kernels: BlockKernels,
         scratch: _Scratch,
         config: QuantConfig,
     ) -> None:
@@ -126,31 +161,44 @@ class QuantLinear(nn.Module):
             if self.bias is not None:
                 out += self.bias
         else:
-            full = self.kernels.dequantize(self.weight_blocks, self.scratch.get(self.out_features, self.in_features))
-            out = F.linear(flat, full, self.bias)
+            scratch = self.scratch.get(self.out_features, self.in_features, flat.device)
+            full = self.kernels.dequantize(self.weight_blocks, scratch).to(flat.dtype)
+            out = F.linear(flat, full, None if self.bias is None else self.bias.to(flat.dtype))
         return out.view(*x.shape[:-1], self.out_features)
 
 
 class QuantEmbedding(nn.Module):
     """A token embedding kept in blocks: a lookup de-quantizes only the rows it reads."""
 
-    def __init__(self, weight: BlockWeight) -> None:
+    def __init__(self, weight: BlockWeight, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.weight_blocks = weight
+        self.weight_blocks, self.dtype = weight, dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        return dequantize_reference(self.weight_blocks.rows(flat)).view(*ids.shape, -1)
+        return dequantize_reference(self.weight_blocks.rows(flat)).to(self.dtype).view(*ids.shape, -1)
 
 
 class QuantFactory:
     """Builds the quantized modules of one model, sharing the kernels and one scratch buffer."""
 
-    def __init__(self, kernels: QuantKernels, config: QuantConfig | None = None) -> None:
+    def __init__(
+        self,
+        kernels: BlockKernels,
+        config: QuantConfig | None = None,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.kernels, self.config, self.scratch = kernels, config or QuantConfig(), _Scratch()
+        self.device, self.dtype = device or torch.device("cpu"), dtype
 
     def linear(self, weight: BlockWeight, bias: torch.Tensor | None = None) -> QuantLinear:
-        return QuantLinear(weight, bias, self.kernels, self.scratch, self.config)
+        """A QuantLinear with its blocks (and bias) on the factory's device."""
+        bias = None if bias is None else bias.to(self.device)
+        return QuantLinear(weight.to(self.device), bias, self.kernels, self.scratch, self.config)
+
+    def embedding(self, weight: BlockWeight) -> QuantEmbedding:
+        return QuantEmbedding(weight.to(self.device), self.dtype)
 
     def from_float(self, module: nn.Module, fmt: BlockFormat) -> QuantLinear:
         assert isinstance(module, nn.Linear)
@@ -158,7 +206,7 @@ class QuantFactory:
 
 
 def check_quantizable(
-    mode: Quantization, device: torch.device, dtype: torch.dtype, input_widths: dict[str, int] | None = None
+    mode: Quantization, kernels: BlockKernels, dtype: torch.dtype, input_widths: dict[str, int] | None = None
 ) -> None:
     """Start-up checks: a clear error naming the option, never a failure mid-request.  `input_widths`: the
     model's matrix input widths by name, each blocked along by 32."""
@@ -169,10 +217,12 @@ def check_quantizable(
             raise ValueError(
                 f"--quantization {mode.value}: the model's {name} ({width}) is not a multiple of the block size {QK}"
             )
-    if device.type != "cpu":
-        raise ValueError(f"--quantization {mode.value} runs on CPU only (device {device.type}); use --device cpu")
-    if dtype != torch.float32:
-        raise ValueError(f"--quantization {mode.value} computes in float32; drop --dtype {dtype} (or use 'auto')")
+    if dtype not in kernels.dtypes:
+        names = [str(d).removeprefix("torch.") for d in kernels.dtypes]
+        raise ValueError(
+            f"--quantization {mode.value}: the {kernels.name} kernels compute in {names}; drop --dtype "
+            f"{str(dtype).removeprefix('torch.')} (or use 'auto')"
+        )
 
 
 def gguf_file(model_dir: Path) -> Path | None:

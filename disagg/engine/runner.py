@@ -19,7 +19,7 @@ from disagg.engine.gguf import load_gguf
 from disagg.engine.kv_cache import KVCache, bytes_per_block
 from disagg.engine.kv_format import KVFormat
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
-from disagg.engine.quant import QuantFactory, check_quantizable, gguf_file, quant_kernels
+from disagg.engine.quant import BlockKernels, QuantFactory, check_quantizable, gguf_file, quant_kernels
 from disagg.engine.sampler import logprob_entries, sample, sampling_probs, token_generator, verify_sampled
 from disagg.engine.scheduler import ScheduledBatch
 from disagg.engine.sequence import Sequence
@@ -132,9 +132,10 @@ def check_memory(
         )
 
 
-def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
+def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tuple[ModelRunner, Tokenizer | None]:
     """The real model of config.model (default: the bundled SmolLM2; written back to config.model) on
-    config.device, with its KV cache and its tokenizer (None when the directory has none)."""
+    config.device, with its KV cache and its tokenizer (None when the directory has none).  `kernels`: the
+    quantized matmul (None: the device's, `quant_kernels`)."""
     if not config.model:
         from disagg.model_store import default_model_dir
 
@@ -158,7 +159,9 @@ def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
         "attention width": mc.num_heads * mc.head_dim,
         "intermediate_size": mc.intermediate_size,
     }
-    check_quantizable(quantization, device, dtype, widths)
+    if quantization is not Quantization.NONE:
+        kernels = kernels or quant_kernels(device)
+        check_quantizable(quantization, kernels, dtype, widths)
     from_gguf = quantization is Quantization.Q4 and gguf_file(model_dir) is not None
     kv_bytes = num_blocks * bytes_per_block(mc, config.block_size, kv_format)
     check_memory(mc, 1.0 if from_gguf else dtype.itemsize, kv_bytes, device, available_memory())
@@ -173,6 +176,10 @@ def load_model(config: EngineConfig) -> tuple[ModelRunner, Tokenizer | None]:
         faults=faults,
         quantization=quantization,
         kv_format=kv_format,
+        kernels=kernels,
+        # speculation keeps every greedy token only if a verified row gets the bits plain decoding gives it, which
+        # a quantized KV cache's rounding would otherwise magnify
+        batch_invariant=config.speculative != "none" and kv_format.encoded,
     )
     return runner, tokenizer
 
@@ -190,6 +197,8 @@ class ModelRunner:
         faults: FaultInjector | None = None,
         quantization: Quantization = Quantization.NONE,
         kv_format: KVFormat | None = None,
+        kernels: BlockKernels | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.model_config, self.num_blocks = model_config, num_blocks
@@ -199,7 +208,9 @@ class ModelRunner:
         with torch.device("meta"):
             model = CausalLM(model_config, self.backend)
         gguf = gguf_file(Path(model_dir)) if quantization is Quantization.Q4 else None
-        factory = QuantFactory(quant_kernels()) if quantization is not Quantization.NONE else None
+        factory = None
+        if quantization is not Quantization.NONE:
+            factory = QuantFactory(kernels or quant_kernels(device), device=device, dtype=dtype)
         if gguf is not None and factory is not None:  # the file's own blocks: no float32 copy is ever made
             model.rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_theta)
             load_gguf(model, gguf, factory)
@@ -210,12 +221,12 @@ class ModelRunner:
         self.faults = faults  # injected faults (chaos drills, tests); None: none
         if faults is not None:
             faults.corrupt(model.layers)
-        self.model = model.to(dtype).eval()
+        self.model = model.to(device=device, dtype=dtype).eval()  # GGUF norms load on CPU
         self.model.rotary.inv_freq = self.model.rotary.inv_freq.float()
         if factory is not None and gguf is None:  # an HF checkpoint rounded to blocks at load
             self.model.quantize(factory, BlockFormat.U8 if quantization is Quantization.INT8 else BlockFormat.Q4_1)
         elif factory is None and prepack and can_prepack(device, dtype):
-            self.model.prepack()
+            self.model.prepack(batch_invariant=batch_invariant)
         self.kernel_path = "float" if factory is None else factory.kernels.name
         self.kv_cache = KVCache(model_config, num_blocks, block_size, self.kv_format, device)
         self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked

@@ -86,6 +86,10 @@ class BlockWeight:
         m = None if self.m is None else self.m[index]
         return BlockWeight(self.fmt, self.qs[index], self.d[index], m, (int(index.numel()), self.shape[1]))
 
+    def to(self, device: torch.device) -> BlockWeight:
+        m = None if self.m is None else self.m.to(device)
+        return BlockWeight(self.fmt, self.qs.to(device), self.d.to(device), m, self.shape)
+
     def permute_rows(self, order: torch.Tensor) -> BlockWeight:
         m = None if self.m is None else self.m[order].contiguous()
         return BlockWeight(self.fmt, self.qs[order].contiguous(), self.d[order].contiguous(), m, self.shape)
