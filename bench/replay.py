@@ -15,6 +15,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +87,9 @@ class ReplayConfig:
         metadata={"help": "send each agent session's id (`user`) and a KV retention pin (`kv_retention`)"},
     )
     kv_retention_s: float = field(default=300.0, metadata={"help": "pin TTL sent with --session-hints"})
+    # a server that takes text prompts only and has no ignore_eos (llama-cpp-python's): each prompt's token ids
+    # are sent as their text, and the trace's output length as min_tokens
+    detokenize: Callable[[list[int]], str] | None = None
 
     def __post_init__(self) -> None:
         if self.arrival not in ARRIVALS:
@@ -132,13 +136,15 @@ async def _send(
 ) -> None:
     body: dict[str, Any] = {
         "model": model,
-        "prompt": prompt,
+        "prompt": cfg.detokenize(prompt) if cfg.detokenize is not None else prompt,
         "max_tokens": record.max_tokens,
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if cfg.ignore_eos:
+    if cfg.ignore_eos and cfg.detokenize is not None:
+        body["min_tokens"] = record.max_tokens
+    elif cfg.ignore_eos:
         body["ignore_eos"] = True
     if cfg.session_hints and record.session_id is not None:
         body["user"] = record.session_id

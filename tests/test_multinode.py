@@ -31,6 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+STOP_GRACE_S = 3
+
+
 def _ray(*args: str, env: dict) -> subprocess.Popen:
     # --block keeps each raylet in its own process group, so teardown stops this cluster and nothing else
     return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
@@ -68,11 +71,12 @@ def two_nodes():
         yield address, env
     finally:
         for proc in reversed(procs):
-            try:
+            try:  # `ray start --block` takes ~30 s to wind down; the whole group goes after a short grace
                 os.killpg(proc.pid, 15)
-                proc.wait(timeout=30)
+                proc.wait(timeout=STOP_GRACE_S)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(proc.pid, 9)
+                proc.wait(timeout=30)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

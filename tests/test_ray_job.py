@@ -20,6 +20,9 @@ def _free_port():
         return s.getsockname()[1]
 
 
+STOP_GRACE_S = 3
+
+
 @pytest.fixture
 def head():
     gcs, dash = _free_port(), _free_port()
@@ -43,10 +46,11 @@ def head():
         pytest.fail("ray head did not come up")
     yield url, env
     os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=30)
+    try:  # `ray start --block` takes ~30 s to wind its processes down; the whole group goes after a short grace
+        proc.wait(timeout=STOP_GRACE_S)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
