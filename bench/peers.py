@@ -185,7 +185,8 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
 
 def llamacpp_system(args: argparse.Namespace, model: str, served: str) -> System:
     """llama-cpp-python's OpenAI server on the model's GGUF file: one sequence at a time (its server has no
-    continuous batching), a context as long as ours, its prompt cache on (prefix reuse across requests)."""
+    continuous batching; requests queue), a context as long as ours, its prompt cache on (prefix reuse across
+    requests)."""
     from disagg.engine.quant import gguf_file
 
     gguf = gguf_file(Path(model))
@@ -211,6 +212,9 @@ def llamacpp_system(args: argparse.Namespace, model: str, served: str) -> System
         str(args.max_model_len),
         "--cache",
         "true",
+        # its default cuts the stream in progress short whenever another request arrives
+        "--interrupt_requests",
+        "false",
         "--verbose",
         "false",
     ]

@@ -237,6 +237,8 @@ async def scrape_staleness(client: httpx.AsyncClient) -> dict[float, float] | No
         resp = await client.get("/metrics")
     except httpx.HTTPError:
         return None
+    if resp.status_code != 200:  # a server with no /metrics (llama-cpp-python's)
+        return None
     buckets = {}
     for family in text_string_to_metric_families(resp.text):
         if family.name == "disagg:route_staleness_tokens":
