@@ -34,7 +34,7 @@ def _reference(model_dir, prompts, kv_dtype, sampling=GREEDY):
 
 @pytest.mark.parametrize("kind", [KVDtype.INT8, KVDtype.FP8, KVDtype.BFLOAT16])
 def test_each_format_rounds_within_its_bound_and_decodes_strided_views(kind):
-    fmt = KVFormat.of(kind, 64, torch.float32)
+    fmt = KVFormat(kind, 64, torch.float32)
     x = torch.randn(7, 3, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.01, 1.0, 300.0])[:, None]
     packed = fmt.encode(x)
     assert packed.dtype == fmt.storage and packed.shape[-1] == fmt.width
@@ -52,11 +52,11 @@ def test_each_format_rounds_within_its_bound_and_decodes_strided_views(kind):
 
 
 def test_quantized_blocks_are_3_9x_smaller_and_the_same_memory_holds_that_many_more(tiny_llama_dir):
-    fp32 = KVFormat.of(KVDtype.AUTO, 64, torch.float32)  # the default model: 30 layers, 3 KV heads of 64
+    fp32 = KVFormat(KVDtype.AUTO, 64, torch.float32)  # the default model: 30 layers, 3 KV heads of 64
     for kind in (KVDtype.INT8, KVDtype.FP8):
-        ratio = fp32.bytes_per_token(30, 3) / KVFormat.of(kind, 64, torch.float32).bytes_per_token(30, 3)
+        ratio = fp32.bytes_per_token(30, 3) / KVFormat(kind, 64, torch.float32).bytes_per_token(30, 3)
         assert ratio == pytest.approx(4 * 64 / 66)  # 3.88x: a byte per value and a 2-byte scale per head
-    assert fp32.bytes_per_token(30, 3) == 2 * KVFormat.of(KVDtype.BFLOAT16, 64, torch.float32).bytes_per_token(30, 3)
+    assert fp32.bytes_per_token(30, 3) == 2 * KVFormat(KVDtype.BFLOAT16, 64, torch.float32).bytes_per_token(30, 3)
     sized = {kd: LLMEngine(EngineConfig(model=str(tiny_llama_dir), kv_cache_memory_mb=1, kv_dtype=kd))
              for kd in ("auto", "int8")}
     head_dim = sized["auto"].model_config.head_dim

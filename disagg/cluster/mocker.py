@@ -38,7 +38,7 @@ class TokenKV:
 
     def __init__(self, num_blocks: int) -> None:
         self.tensor = torch.zeros(num_blocks, 1, 1)
-        self.format = KVFormat.of(KVDtype.AUTO, 1, self.tensor.dtype)
+        self.format = KVFormat(KVDtype.AUTO, 1, self.tensor.dtype)
 
 
 class PacedRunner(SimRunner):

@@ -62,7 +62,7 @@ class EngineWorker(JournaledStreams):
         self,
         config: WorkerConfig,
         transport_factory: Callable[[str, LLMEngine], KVTransport] | None = None,
-        tier_factory: Callable[[LLMEngine, WorkerConfig], TieredStore | None] = build_tiers,
+        tier_factory: Callable[[LLMEngine, WorkerConfig, str], TieredStore | None] = build_tiers,
     ) -> None:
         from disagg.engine.engine import LLMEngine
         from disagg.kv.peer import PeerSource
@@ -78,7 +78,8 @@ class EngineWorker(JournaledStreams):
             from disagg.cluster.mocker import mock_engine
 
             self.engine = mock_engine(engine_config, config.mock)
-        self.tiers = tier_factory(self.engine, config)
+        fingerprint = kv_fingerprint(self.engine)  # the tiers' directory and the layout peers check
+        self.tiers = tier_factory(self.engine, config, fingerprint)
         if transport_factory is None:  # NIXL, configured by the worker's config
             transport = nixl_transport(self.agent_name, self.engine.device, config.transport)
         else:
@@ -88,9 +89,7 @@ class EngineWorker(JournaledStreams):
         self.transport: KVTransport = transport
         kv = self.engine.kv_tensor
         assert kv is not None  # a worker's engine has KV memory (a mock's is a token one: cluster/mocker.py)
-        self.transport.register(
-            kv, self.tiers.cpu.tensor if self.tiers is not None else None, fingerprint=kv_fingerprint(self.engine)
-        )
+        self.transport.register(kv, self.tiers.cpu.tensor if self.tiers is not None else None, fingerprint=fingerprint)
         self.peer = PeerSource(self.transport)
         self.connector = self.engine.connector  # both sides of the KV seam: loads in, leases out
         self.connector.attach(peer=self.peer, tiers=self.tiers)

@@ -109,8 +109,9 @@ def kv_fingerprint(engine: LLMEngine) -> str:
     )
 
 
-def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
-    """The worker's CPU (and disk) tier; config.tiers None or cpu_bytes 0 turns tiers off."""
+def build_tiers(engine: LLMEngine, config: WorkerConfig, fingerprint: str) -> TieredStore | None:
+    """The worker's CPU (and disk) tier, its disk blocks under `fingerprint` (`kv_fingerprint`); config.tiers
+    None or cpu_bytes 0 turns tiers off."""
     from disagg.kv.disk_tier import DiskTierBusy
     from disagg.kv.store import TieredStore
 
@@ -120,7 +121,6 @@ def build_tiers(engine: LLMEngine, config: WorkerConfig) -> TieredStore | None:
     kv = engine.kv_tensor
     if kv is None:
         raise ValueError("KV tiers need an engine with a KV cache tensor")
-    fingerprint = kv_fingerprint(engine)
     try:
         return TieredStore(tiers, engine.pool, kv, fingerprint)
     except DiskTierBusy:  # another live worker owns the directory: use one of our own

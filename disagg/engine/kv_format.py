@@ -37,10 +37,6 @@ class KVFormat:
     head_dim: int
     compute: torch.dtype  # what attention reads (the model's dtype)
 
-    @classmethod
-    def of(cls, kind: KVDtype, head_dim: int, compute: torch.dtype) -> KVFormat:
-        return cls(kind, head_dim, compute)
-
     @property
     def storage(self) -> torch.dtype:
         if self.kind.quantized:

@@ -148,7 +148,7 @@ def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tup
     dtype = auto if config.dtype == "auto" else _DTYPES[config.dtype]
     mc = ModelConfig.from_dir(model_dir)
     tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
-    kv_format = KVFormat.of(KVDtype(config.kv_dtype), mc.head_dim, dtype)
+    kv_format = KVFormat(KVDtype(config.kv_dtype), mc.head_dim, dtype)
     num_blocks = kv_blocks(config, mc, kv_format)
     # before loading weights: a cache that cannot hold one sequence fails fast
     check_kv_capacity(num_blocks, config.block_size, min(config.max_model_len, mc.max_position_embeddings))
@@ -203,7 +203,7 @@ class ModelRunner:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         self.model_config, self.num_blocks = model_config, num_blocks
         self.quantization = quantization
-        self.kv_format = kv_format or KVFormat.of(KVDtype.AUTO, model_config.head_dim, dtype)
+        self.kv_format = kv_format or KVFormat(KVDtype.AUTO, model_config.head_dim, dtype)
         self.backend = select_backend(device, self.kv_format)  # the one place the device path is chosen
         with torch.device("meta"):
             model = CausalLM(model_config, self.backend)
