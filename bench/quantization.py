@@ -13,16 +13,14 @@ little), as top-1 agreement and perplexity.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from bench.common import emit, print_table
+from bench.common import BaselineProcess, emit, print_table
 from bench.dynamo_router import cpu_model
 from bench.engine_throughput import make_prompts, read_bandwidth_gbs, run_engine, spread, verdict
 from disagg.config import EngineConfig
@@ -59,37 +57,12 @@ class QuantBenchOptions:
     out: str = field(default="bench/results/quantization.json", metadata={"help": "JSON file the results go to"})
 
 
-class LlamaCppBaseline:
-    """bench/llamacpp_baseline.py in its own virtualenv, kept loaded so its runs interleave with ours."""
+class LlamaCppBaseline(BaselineProcess):
+    """bench/llamacpp_baseline.py on a GGUF file (`lookup`: with llama.cpp's own prompt-lookup decoding)."""
 
     def __init__(self, python: str, gguf: Path, max_tokens: int, threads: int, lookup: bool = False) -> None:
         args = [str(gguf), str(max_tokens), str(threads)] + (["lookup"] if lookup else [])
-        self.proc = subprocess.Popen(
-            [python, "-m", "bench.llamacpp_baseline", *args],
-            cwd=Path(__file__).resolve().parents[1],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self._expect("LLAMACPP_READY")
-
-    def _expect(self, prefix: str) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(prefix):
-                return line[len(prefix) :].strip()
-        raise RuntimeError(f"llama.cpp baseline exited with {self.proc.wait()}")
-
-    def run(self, prompts: list[list[int]]) -> dict:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(prompts) + "\n")
-        self.proc.stdin.flush()
-        return json.loads(self._expect("LLAMACPP_RESULT"))
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        super().__init__("LLAMACPP", [python, "-m", "bench.llamacpp_baseline", *args])
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import emit, print_table
+from bench.common import REPO, emit, print_table
 from bench.dynamo_router import cpu_model
 from bench.engine_throughput import make_prompts, run_engine, spread, verdict
 from bench.quantization import LlamaCppBaseline
@@ -27,7 +27,6 @@ from disagg.engine.quant import gguf_file
 from disagg.engine.tokenizer import Tokenizer
 from disagg.options import add_options
 
-REPO = Path(__file__).resolve().parents[1]
 SOURCES = [
     "disagg/utils.py",
     "disagg/engine/sampler.py",
