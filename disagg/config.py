@@ -84,6 +84,21 @@ class EngineConfig:
     cpu_prepack: bool = field(
         default=True, metadata=_help("CPU: pre-pack linear weights for oneDNN (2-3x faster GEMMs at batch 8-32)")
     )
+    prefill_chunk_target_ms: float = field(
+        default=0.0,
+        metadata=_help(
+            "size the prompt chunks that share a step with decodes so the step's predicted time (the engine's own "
+            "fitted step-time model) stays within this many ms: the TPOT SLO, or a little under it; 0: fixed "
+            "--max-num-batched-tokens chunks"
+        ),
+    )
+    min_prefill_chunk: int = field(
+        default=32, metadata=_help("prompt tokens a step may always carry beside decodes (prompts always progress)")
+    )
+    # the step-time model behind prefill_chunk_target_ms and the router's prefill rate: the last this many model
+    # steps, refitted every step_fit_every steps
+    step_fit_window: int = field(default=256, metadata={"cli": False})
+    step_fit_every: int = field(default=16, metadata={"cli": False})
     kv_lease_timeout_s: float = field(
         default=30.0, metadata=_help("blocks held for a reader are freed if no reader shows up in time")
     )
@@ -109,5 +124,7 @@ class EngineConfig:
         parse_mode(SpecMethod, self.speculative, "--speculative")
         if not 1 <= self.num_speculative_tokens <= 16:
             raise ValueError(f"--num-speculative-tokens must be in 1..16, got {self.num_speculative_tokens}")
+        if self.prefill_chunk_target_ms < 0 or self.min_prefill_chunk <= 0:
+            raise ValueError("--prefill-chunk-target-ms must be >= 0 and --min-prefill-chunk positive")
         parse_mode(KVDtype, self.kv_dtype, "--kv-dtype")
         parse_mode(Quantization, self.quantization, "--quantization")

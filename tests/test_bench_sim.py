@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from bench.sim import calibrate
+from disagg.engine.step_time import nnls
 from disagg.protocol import Request
 from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.sim.cluster import SimCluster, SimClusterConfig, sampling_for
 from disagg.sim.run import simulate
-from disagg.sim.timemodel import StepTimeModel, nnls
+from disagg.sim.timemodel import StepTimeModel
 from disagg.workload import agent, loaders
 from disagg.workload.record import TraceScale
 

@@ -26,6 +26,7 @@ from disagg.engine.runner import Runner, check_kv_capacity, load_model
 from disagg.engine.scheduler import ScheduledBatch, Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.engine.spec import Speculator, spec_config
+from disagg.engine.step_time import ChunkRule, ChunkSizer, StepFit
 from disagg.engine.tokenizer import Tokenizer
 from disagg.isolation import salt_root
 from disagg.kv.connector import KVConnector, KVSource, KVTiers
@@ -79,7 +80,18 @@ class LLMEngine:
             lease_timeout_s=config.kv_lease_timeout_s,
             probe_every=config.kv_probe_every,
         )
-        self.scheduler = Scheduler(self.pool, bs, config.max_num_seqs, config.max_num_batched_tokens, self.connector)
+        self.step_fit = StepFit(config.step_fit_window, config.step_fit_every, prefill_tokens=bs)
+        target_s = config.prefill_chunk_target_ms / 1000
+        self.chunk_rule = ChunkRule(target_s, config.max_num_batched_tokens, config.min_prefill_chunk, bs)
+        self.chunking = ChunkSizer(self.step_fit, self.chunk_rule)
+        self.scheduler = Scheduler(
+            self.pool,
+            bs,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.connector,
+            chunking=self.chunking if target_s > 0 else None,
+        )
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
@@ -314,6 +326,7 @@ class LLMEngine:
 
     def _measure(self, batch: ScheduledBatch, seconds: float) -> None:
         tokens = batch.total_tokens
+        self.step_fit.add(tokens, len(batch.seqs), batch.attention_kpairs(), seconds)
         alpha = self.config.prefill_ewma_alpha
         per_token = seconds / tokens
         old = self.step_s_per_token

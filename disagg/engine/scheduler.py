@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.engine.sequence import Sequence, SequenceStatus
+from disagg.engine.step_time import ChunkSizer
 from disagg.errors import TransferFailed
 from disagg.kv.connector import KVConnector, KVLoad, LoadState, SourceKind
 from disagg.utils import cdiv
@@ -67,12 +68,14 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         connector: KVConnector | None = None,
+        chunking: ChunkSizer | None = None,
     ) -> None:
         self.pool = pool
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.connector = connector or KVConnector(pool, block_size)
+        self.chunking = chunking  # None: prompt chunks take whatever the fixed budget leaves
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.loading: list[Sequence] = []
@@ -101,10 +104,16 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         if any(seq.priority for seq in self.running):
             self.running.sort(key=lambda s: -s.priority)  # higher priorities take the step's budget first (stable)
+        prompt_left = self._prompt_allowance()  # prompt tokens this step may carry beside its decodes
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if n > 1:  # an unfinished prefill: its chunk comes out of the prompt allowance
+                n = min(n, prompt_left)
+                if n <= 0:
+                    i += 1
+                    continue
             draft = seq.draft if n == 1 and 1 + len(seq.draft) <= budget else []
             seq.draft = []  # a proposal is for this step only
             n += len(draft)
@@ -124,12 +133,14 @@ class Scheduler:
                 batch.num_new_tokens.append(n)
                 batch.drafts.append(draft)
                 budget -= n
+                if not draft and n > 1:
+                    prompt_left -= n
                 i += 1
         if batch.preempted:
             return batch  # memory is short: admit nothing new this step
-        while self.waiting and budget > 0 and self.num_active < self.max_num_seqs:
+        while self.waiting and min(budget, prompt_left) > 0 and self.num_active < self.max_num_seqs:
             seq = self.waiting[0]
-            admitted = self._admit(seq, budget)
+            admitted = self._admit(seq, min(budget, prompt_left))
             if admitted is None:
                 if not self.running and self._release_waiting_blocks(keep=seq):
                     continue  # nothing runs that could free blocks: take them from sequences queued behind
@@ -148,7 +159,28 @@ class Scheduler:
             batch.num_new_tokens.append(admitted)
             batch.drafts.append([])
             budget -= admitted
+            prompt_left -= admitted
         return batch
+
+    def _prompt_allowance(self) -> int:
+        """Prompt tokens this step may take: the fixed budget, or with a `ChunkSizer` and decodes in the step, what
+        keeps the step within its time target (the decode rows are counted as the loop below will take them)."""
+        if self.chunking is None:
+            return self.max_num_batched_tokens
+        tokens = seqs = 0
+        kpairs = 0.0
+        context = None
+        for seq in self.running:
+            left = seq.num_tokens - seq.num_computed_tokens
+            if left == 1:
+                n = 1 + len(seq.draft)
+                tokens, seqs = tokens + n, seqs + 1
+                kpairs += n * (seq.num_computed_tokens + n) / 1000
+            elif context is None:
+                context = seq.num_computed_tokens
+        if context is None and self.waiting:
+            context = self.waiting[0].num_computed_tokens
+        return self.chunking.prefill_budget(tokens, seqs, kpairs, context or 0)
 
     def _admit(self, seq: Sequence, budget: int) -> int | None:
         """Reserve what the head of the queue needs: the tokens it computes this step (0 when it starts a KV

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.engine.step_time import nnls
 
 FEATURES = ("base", "per_token", "per_seq", "per_attn")
 
@@ -63,17 +64,3 @@ class StepTimeModel:
     @classmethod
     def load(cls, path: str | Path) -> StepTimeModel:
         return cls(**json.loads(Path(path).read_text()))
-
-
-def nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with x >= 0 (few columns: drop the most negative coefficient and refit until none is)."""
-    active = list(range(a.shape[1]))
-    while True:
-        x = np.zeros(a.shape[1])
-        if active:
-            sol, *_ = np.linalg.lstsq(a[:, active], b, rcond=None)
-            x[active] = sol
-        negative = [i for i in active if x[i] < 0]
-        if not negative:
-            return x
-        active.remove(min(negative, key=lambda i: x[i]))
