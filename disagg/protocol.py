@@ -102,6 +102,13 @@ class ServePath(str, enum.Enum):
     MIGRATED = "migrated"  # a request resumed on another worker after its worker was lost
 
 
+class PricedFrom(str, enum.Enum):
+    """What a routing decision's predicted time to first token came from (router/placement.py)."""
+
+    MEASURED = "measured"  # every worker priced reported its own fitted step-time model
+    PRIOR = "prior"  # at least one was priced with the configured prior (cold start, or a worker reporting none)
+
+
 class FallbackKind(str, enum.Enum):
     """What failed when a request fell back to computing on its decode worker."""
 

@@ -8,7 +8,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from disagg.protocol import CorruptReason, FallbackKind, Role, ServePath, SourceKind, Tier
+from disagg.engine.step_time import ChunkRule, StepCoefficients
+from disagg.protocol import CorruptReason, FallbackKind, PricedFrom, Role, ServePath, SourceKind, Tier
 from disagg.wire import WireMessage
 
 
@@ -83,6 +84,16 @@ class WorkerStats(WireMessage):
     adopted_blocks: int = _stat(_G)
     prefill_s_per_token: float | None = _stat(_G, None)  # None until the engine measured a prefill
     step_s_per_token: float | None = _stat(_G, None)  # every model step's time per token (EWMA; gray failures)
+    # the engine's fitted step-time model (engine/step_time.py; None while cold) and its prompt-chunk rule: the
+    # router prices a prefill on this worker with them (router/placement.py)
+    step_base_s: float | None = _stat(_G, None)
+    step_s_per_new_token: float | None = _stat(_G, None)
+    step_s_per_seq: float | None = _stat(_G, None)
+    step_s_per_kpair: float | None = _stat(_G, None)
+    chunk_target_s: float = _stat(_G, 0.0)  # 0: fixed chunks of chunk_max_tokens
+    chunk_max_tokens: int = _stat(_G)
+    chunk_min_tokens: int = _stat(_G)
+    transfer_s_per_block: float | None = _stat(_G, None)  # KV read from a peer, measured per block (None: no read)
     tier_cpu_blocks: int | None = _stat(_G, None)
     tier_cpu_capacity_blocks: int | None = _stat(_G, None)
     tier_pinned_blocks: int | None = _stat(_G, None)
@@ -93,6 +104,30 @@ class WorkerStats(WireMessage):
     tier_disk_bytes: int | None = _stat(_G, None)
     tier_disk_capacity_bytes: int | None = _stat(_G, None)
     tier_load_s_per_block: dict[Tier, float] = _stat(_G, dict)  # measured tiers only
+
+    def set_timing(self, model: StepCoefficients | None, rule: ChunkRule) -> None:
+        """The engine's step-time model (None: cold) and its chunk rule, as the router reads them back."""
+        if model is not None:
+            self.step_base_s, self.step_s_per_new_token = model.base, model.per_token
+            self.step_s_per_seq, self.step_s_per_kpair = model.per_seq, model.per_attn
+        self.chunk_target_s, self.chunk_max_tokens, self.chunk_min_tokens = (
+            rule.target_s,
+            rule.max_tokens,
+            rule.min_chunk,
+        )
+
+    def step_model(self) -> StepCoefficients | None:
+        parts = (self.step_base_s, self.step_s_per_new_token, self.step_s_per_seq, self.step_s_per_kpair)
+        if any(p is None for p in parts):
+            return None
+        base, per_token, per_seq, per_attn = parts
+        return StepCoefficients(base, per_token, per_seq, per_attn)  # type: ignore[arg-type]
+
+    def chunk_rule(self, block_size: int) -> ChunkRule | None:
+        """None: a worker that does not report its rule (an older one, a stand-in)."""
+        if self.chunk_max_tokens <= 0:
+            return None
+        return ChunkRule(self.chunk_target_s, self.chunk_max_tokens, max(1, self.chunk_min_tokens), block_size)
 
 
 @dataclass
@@ -105,6 +140,17 @@ class RouterCounters(WireMessage):
     paths: dict[ServePath, int] = field(default_factory=dict)  # requests served, by how their prefill ran
     fallbacks: dict[FallbackKind, int] = field(default_factory=dict)
     role_changes: dict[Role, dict[Role, int]] = field(default_factory=dict)  # from -> to -> count
+    placements: dict[PricedFrom, int] = field(default_factory=dict)  # routing decisions, by what priced them
+    ttft_predictions: int = 0  # finished first attempts whose decision predicted their time to first token
+    ttft_prediction_error: float = 0.0  # the sum of their |predicted - actual| / actual (from routing)
+
+    def placed(self, priced_from: PricedFrom) -> None:
+        self.placements[priced_from] = self.placements.get(priced_from, 0) + 1
+
+    def predicted(self, predicted_s: float, actual_s: float) -> None:
+        if actual_s > 0:
+            self.ttft_predictions += 1
+            self.ttft_prediction_error += abs(predicted_s - actual_s) / actual_s
 
     def served(self, path: ServePath) -> None:
         self.paths[path] = self.paths.get(path, 0) + 1

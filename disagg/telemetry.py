@@ -109,6 +109,25 @@ def router_metrics(counters: RouterCounters) -> Iterator[Metric]:
     for kind, n in sorted(counters.fallbacks.items()):
         fallbacks.add_metric([kind.value], n)
     yield fallbacks
+    placements = CounterMetricFamily(
+        "disagg:placements",
+        "Routing decisions by what priced their prefill placement: the workers' measured step times, or the prior",
+        labels=["priced_from"],
+    )
+    for priced, n in sorted(counters.placements.items()):
+        placements.add_metric([priced.value], n)
+    yield placements
+    predictions = CounterMetricFamily(
+        "disagg:ttft_predictions", "Finished requests whose routing decision predicted their time to first token"
+    )
+    predictions.add_metric([], counters.ttft_predictions)
+    yield predictions
+    error = CounterMetricFamily(
+        "disagg:ttft_prediction_error",
+        "Sum of |predicted - actual| / actual time to first token (from routing); divide by disagg:ttft_predictions",
+    )
+    error.add_metric([], counters.ttft_prediction_error)
+    yield error
 
 
 def worker_metrics(workers: list[WorkerView]) -> Iterator[Metric]:

@@ -30,8 +30,9 @@ from disagg.router.flight import (
     Routed,
     StartDecode,
     apply_count,
+    apply_latency,
 )
-from disagg.router.load import LoadTicket
+from disagg.router.load import LatencyWindow, LoadTicket
 from disagg.router.policy import Decision
 from disagg.stats import RouterCounters
 
@@ -57,7 +58,7 @@ def _routed(flight, decode="d0", prefill=None, peer=None):
 def test_local_request_streams_and_finishes_with_its_bookkeeping_in_order():
     flight = Flight(REQ, tenant="t", arrival=1.0)
     assert flight.on(Admitted(1.5)) == [RouteAttempt(REQ, 0)]
-    actions = _routed(flight)
+    actions = flight.on(Routed(Decision("d0", None, 0, predicted_ttft_s=0.4), _ticket()))
     assert actions == [CountPath(ServePath.LOCAL), StartDecode("d0", REQ, None)]
     assert flight.state is FlightState.STREAMING
     first = flight.on(Delta(TokenDelta("r1", [5], "a"), 2.0))
@@ -66,8 +67,12 @@ def test_local_request_streams_and_finishes_with_its_bookkeeping_in_order():
     # settled before the last delta goes out (a client may stop reading at it): the Emit is always last
     assert _kinds(last) == [ReportProgress, ChargeTenant, RecordLatency, EndLoad, PumpAdmission, Emit]
     assert last[0].generated == 3 and last[1] == ChargeTenant("t", 2)
-    assert last[2] == RecordLatency(1.0, 2.0, 3.0, 3)
+    assert last[2] == RecordLatency(1.0, 2.0, 3.0, 3, predicted_ttft_s=0.4, routed_at=1.5)
     assert flight.state is FlightState.DONE and flight.sent == [5, 6, 7]
+    counters, window = RouterCounters(), LatencyWindow()
+    apply_latency(window, counters, last[2])  # predicted 0.4 s from routing, took 0.5 s: 20% off
+    assert counters.ttft_predictions == 1 and counters.ttft_prediction_error == pytest.approx(0.2)
+    assert len(window.samples) == 1
 
 
 def test_remote_prefill_hands_off_then_releases_the_owner_when_done():

@@ -216,11 +216,12 @@ _ENGINE = (
     "kv_dtype",
     "speculative",
     "num_speculative_tokens",
+    "prefill_chunk_target_ms",
+    "min_prefill_chunk",
 )
-_TRACING = ("otlp_endpoint", "file_dir", "sampling_ratio")
-_ROUTER = ("host", "port", "replicas", "api_key", "insecure")
-_CANARY = ("enabled", "idle_interval_s", "busy_interval_s")
-_OUTLIERS = ("enabled", "ratio")
+_POLICY = ("kind", "placement")
+_TRACING, _ROUTER = ("otlp_endpoint", "file_dir", "sampling_ratio"), ("host", "port", "replicas", "api_key", "insecure")
+_CANARY, _OUTLIERS = ("enabled", "idle_interval_s", "busy_interval_s"), ("enabled", "ratio")
 _CAPACITY = ("max_prefill_queue_tokens", "max_running")
 _ADMISSION = ("max_queued_requests", "default_deadline_s")
 _MS_PER_S = 1000
@@ -233,7 +234,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     # several workers share one host: a KV cache and a torch thread each that fit next to each other
     add_options(p, EngineConfig, only=_ENGINE, defaults={"kv_cache_memory_mb": SERVE_KV_CACHE_MB, "num_threads": 1})
     add_options(p, RouterConfig, only=_ROUTER, defaults={"port": SERVE_PORT})
-    add_options(p, PolicyConfig, prefix="policy-", only=("kind",))
+    add_options(p, PolicyConfig, prefix="policy-", only=_POLICY)
     add_options(p, TransportConfig)
     for role in ("router", "prefill", "decode"):
         p.add_argument(
@@ -342,7 +343,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         RouterConfig,
         args,
         only=_ROUTER,
-        policy=from_options(PolicyConfig, args, prefix="policy-", only=("kind",)),
+        policy=from_options(PolicyConfig, args, prefix="policy-", only=_POLICY),
         keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
         isolation=IsolationConfig(share_groups=_groups(args.cache_share_groups)),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),

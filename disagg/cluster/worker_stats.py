@@ -67,6 +67,10 @@ def worker_stats(
         prefill_s_per_token=engine.prefill_s_per_token,
         step_s_per_token=engine.step_s_per_token,
     )
+    stats.set_timing(engine.step_fit.model, engine.chunk_rule)
+    kv = engine.kv_tensor
+    if transport.bytes_read and kv is not None:  # seconds per block read, from this worker's peer reads
+        stats.transfer_s_per_block = peer.read_seconds / (transport.bytes_read / (kv[0].numel() * kv.element_size()))
     if engine.speculator is not None:
         spec = engine.speculator.stats
         stats.spec_proposed_tokens, stats.spec_accepted_tokens = spec.proposed_tokens, spec.accepted_tokens

@@ -56,6 +56,7 @@ from disagg.router.flight import (
     Routed,
     StartDecode,
     apply_count,
+    apply_latency,
 )
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
 from disagg.router.policy import Decision
@@ -150,7 +151,7 @@ class FlightDriver:
         elif isinstance(action, ReleaseLease):
             await self.attempts.release_soon(self.attempts.handle(action.worker), rid)
         elif isinstance(action, RecordLatency):
-            hooks.latency.record(action.arrival, action.first_token, action.end, action.tokens)
+            apply_latency(hooks.latency, self.attempts.counters, action)
         elif isinstance(action, (CountPath, CountFallback, CountMigration)):
             apply_count(self.attempts.counters, action)
             if isinstance(action, CountFallback):

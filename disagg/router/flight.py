@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, ServiceUnavailable
 from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
-from disagg.router.load import LoadTicket
+from disagg.router.load import LatencyWindow, LoadTicket
 from disagg.router.policy import Decision
 from disagg.stats import RouterCounters
 
@@ -185,6 +185,8 @@ class RecordLatency:
     first_token: float
     end: float
     tokens: int
+    predicted_ttft_s: float | None = None  # the first attempt's prediction, timed from when it was routed
+    routed_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +226,13 @@ def apply_count(counters: RouterCounters, action: CountAction) -> None:
         counters.migrations += 1
 
 
+def apply_latency(latency: LatencyWindow, counters: RouterCounters, action: RecordLatency) -> None:
+    """Carry out a RecordLatency action (both drivers): the SLO window, and the placement's prediction error."""
+    latency.record(action.arrival, action.first_token, action.end, action.tokens)
+    if action.predicted_ttft_s is not None and action.routed_at is not None:
+        counters.predicted(action.predicted_ttft_s, action.first_token - action.routed_at)
+
+
 class IllegalEvent(RuntimeError):
     """A driver fed an event the flight cannot take in its state (a driver bug, never a client's)."""
 
@@ -242,6 +251,7 @@ class Flight:
     sent_chars: int = 0
     generated: int = 0  # tokens of the current attempt
     first_token_at: float | None = None
+    admitted_at: float | None = None  # when the first attempt was routed (its prediction's clock starts)
     owner: str | None = None  # the worker holding a lease on KV it contributed to the current attempt
 
     @property
@@ -261,6 +271,7 @@ class Flight:
         """Apply one event; the actions to carry out, in order."""
         if isinstance(event, Admitted):
             self._expect(FlightState.QUEUED)
+            self.admitted_at = event.now
             return [RouteAttempt(self.request, 0)]
         if isinstance(event, Routed):
             self._expect(FlightState.QUEUED, FlightState.MIGRATING)
@@ -333,11 +344,17 @@ class Flight:
             self.state = FlightState.DONE
             actions += [
                 *self._release(),
-                RecordLatency(self.arrival, self.first_token_at, now, len(self.sent)),
+                RecordLatency(self.arrival, self.first_token_at, now, len(self.sent), *self._prediction()),
                 EndLoad(self.ticket),
                 PumpAdmission(),
             ]
         return [*actions, Emit(delta)]  # always last: nothing is left to do once the caller has it
+
+    def _prediction(self) -> tuple[float | None, float | None]:
+        """The first attempt's predicted TTFT and when it was routed (None after a migration: another decision)."""
+        if self.attempt or self.decision is None:
+            return None, None
+        return self.decision.predicted_ttft_s, self.admitted_at
 
     def _lost(self, event: Lost) -> list[Action]:
         assert self.ticket is not None

@@ -22,8 +22,10 @@ by a softmax over -cost / temperature.
 With many workers, `choose_ranked` makes the same decision scoring only the workers that can win it (the ones
 with a cached prefix, shared in-flight blocks or the session, plus the least loaded others: router/ranking.py).
 
-Conditional disaggregation: prefill runs on a prefill worker only when the uncached part is long enough to be
-worth a transfer (>= min_remote_prefill_tokens) and some prefill worker is below its queue limit.  Otherwise
+Conditional disaggregation (`placement`): with `threshold`, prefill runs on a prefill worker when the uncached
+part is long enough to be worth a transfer (>= min_remote_prefill_tokens) and some prefill worker is below its
+queue limit; with `cost`, on whichever of the decode worker and the prefill workers gives the lowest predicted
+time to first token, from the workers' measured step times (router/placement.py).  Otherwise
 the decode worker prefills locally, and if another worker holds a longer prefix in device memory or its CPU tier
 (at least min_peer_pull_blocks more), the decode worker reads that prefix from it instead of recomputing it.
 """
@@ -39,9 +41,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from disagg.engine.step_time import StepCoefficients
 from disagg.isolation import SessionKey
-from disagg.protocol import Tier
+from disagg.protocol import PricedFrom, Tier
 from disagg.router.index import TierMatch
+from disagg.router.placement import Placement, PlacementModel, cheapest
 from disagg.router.ranking import LoadRanking
 from disagg.router.ranking import WorkerLoad as WorkerLoad  # re-exported: the policy's input
 from disagg.utils import cdiv
@@ -72,12 +76,36 @@ class PolicyConfig:
     min_peer_pull_blocks: int = 4
     max_sessions: int = 100_000  # bound of the session -> worker table (least recently used dropped)
     seed: int | None = None
+    placement: Placement = field(
+        default=Placement.THRESHOLD,
+        metadata={
+            "flag": "--placement",
+            "help": "where prefill runs: threshold (remote when >= min_remote_prefill_tokens uncached and a prefill "
+            "worker has queue room) | cost (lowest predicted time to first token, from measured step times)",
+        },
+    )
+    # cost placement's prior, for a worker with no measured step-time model yet: the default model's step times
+    # on a 2-core CPU (bench/results/time_model.json) and a KV read per block (docs/benchmarks.md, NIXL reads)
+    prior_step_base_s: float = 0.05
+    prior_step_s_per_token: float = 0.00225
+    prior_step_s_per_seq: float = 0.0032
+    prior_step_s_per_kpair: float = 0.00114
+    prior_transfer_s_per_block: float = 0.00014
 
     def __post_init__(self) -> None:
         try:
             self.kind = PolicyKind(self.kind)
         except ValueError:
             raise ValueError(f"unknown policy {self.kind!r}: kv, round_robin or least_loaded") from None
+        try:
+            self.placement = Placement(self.placement)
+        except ValueError:
+            raise ValueError(f"unknown placement {self.placement!r}: threshold or cost") from None
+
+    def prior(self) -> StepCoefficients:
+        return StepCoefficients(
+            self.prior_step_base_s, self.prior_step_s_per_token, self.prior_step_s_per_seq, self.prior_step_s_per_kpair
+        )
 
 
 @dataclass
@@ -91,6 +119,8 @@ class Decision:
     peer_worker: str | None = None  # pull this worker's cached prefix instead of recomputing it
     peer_blocks: int = 0
     prefill_cached_blocks: int = 0  # what the index says the chosen prefill worker holds of the prompt
+    predicted_ttft_s: float | None = None  # the chosen option's predicted time to first token (placement.py)
+    priced_from: PricedFrom | None = None
 
     def span_attributes(self) -> dict[str, Any]:
         """The decision as attributes of the request's `router.route` span."""
@@ -125,6 +155,8 @@ class RoutingPolicy:
         self._rr_decode = itertools.count()
         self._rr_prefill = itertools.count()
         self._sessions: OrderedDict[SessionKey | str, str] = OrderedDict()  # session -> its last worker
+        c = self.config
+        self.placement = PlacementModel(c.prior(), c.prior_transfer_s_per_block, block_size)
 
     def choose(
         self,
@@ -151,7 +183,7 @@ class RoutingPolicy:
                 w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session, block_hashes) for w in decode
             }
             chosen = self._pick(decode, costs)
-        return self._decide(chosen.name, costs, tm, num_tokens, num_blocks, prefill, session)
+        return self._decide(chosen, costs, tm, num_tokens, num_blocks, prefill, session)
 
     def choose_ranked(
         self,
@@ -178,7 +210,7 @@ class RoutingPolicy:
             decode = [loads[n] for n in ranking.order if eligible(n)]
             return self.choose(num_tokens, matches, decode, prefill, session, block_hashes) if decode else None
         chosen, costs = picked
-        return self._decide(chosen, costs, tm, num_tokens, num_blocks, prefill, session)
+        return self._decide(loads[chosen], costs, tm, num_tokens, num_blocks, prefill, session)
 
     def _ranks_exactly(self, ranking: LoadRanking) -> bool:
         """Whether the cheapest plain workers are the first in load order (weights finite and >= 0, argmin, no
@@ -251,7 +283,7 @@ class RoutingPolicy:
 
     def _decide(
         self,
-        chosen: str,
+        load: WorkerLoad,
         costs: dict[str, float],
         tm: dict[str, TierMatch],
         num_tokens: int,
@@ -260,14 +292,26 @@ class RoutingPolicy:
         session: SessionKey | str | None,
     ) -> Decision:
         """The rest of a decision once its decode worker is chosen: where it prefills, whether it pulls a prefix."""
-        kind = self.config.kind
+        kind, chosen = self.config.kind, load.name
         match = tm.get(chosen, TierMatch())
         if session:
             self._remember(session, chosen)
-        prefill_worker, reason = self._choose_prefill(
-            num_tokens - match.total * self.block_size, num_blocks, tm, prefill
+        uncached = num_tokens - match.total * self.block_size
+        options, priced = self.placement.options(
+            load,
+            uncached,
+            [
+                (p, num_tokens - tm.get(p.name, TierMatch()).total * self.block_size, num_blocks - match.total)
+                for p in prefill
+            ],
         )
+        if self.config.placement is Placement.COST:
+            prefill_worker, reason = cheapest(options, uncached, self.config.min_remote_prefill_tokens)
+        else:
+            prefill_worker, reason = self._choose_prefill(uncached, num_blocks, tm, prefill)
         decision = Decision(chosen, prefill_worker, match.total, costs, reason, match)
+        decision.predicted_ttft_s = next(o.seconds for o in options if o.worker == prefill_worker)
+        decision.priced_from = priced
         if prefill_worker is not None:
             decision.prefill_cached_blocks = tm.get(prefill_worker, TierMatch()).total
         if prefill_worker is None and kind is PolicyKind.KV and self.config.peer_pull:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.protocol import Tier
+from disagg.router.placement import WorkerTiming
 
 _RANKED_TERMS = frozenset({"active_blocks", "queued_prefill_tokens", "tier_cost", "ranking"})
 
@@ -117,6 +118,7 @@ class WorkerLoad:
     active_blocks: int = 0
     queued_prefill_tokens: int = 0  # prompt tokens dispatched but not yet past their first token
     tier_cost: dict[Tier, float] = field(default_factory=dict)  # measured load/recompute ratio per tier
+    timing: WorkerTiming | None = None  # its step-time model and chunk rule, from its heartbeats (placement.py)
     active_hashes: Counter = field(default_factory=Counter)
     private_blocks: int = 0
     ranking: LoadRanking | None = field(default=None, repr=False, compare=False)

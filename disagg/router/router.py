@@ -53,6 +53,7 @@ from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import Ingest, PrefixIndex
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
+from disagg.router.placement import WorkerTiming
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.ranking import LoadRanking
 from disagg.router.resume import Resumer
@@ -178,6 +179,10 @@ class RouterCore:
         block (the policy treats a tier at >= 1 as worth nothing)."""
         self.roles.reconcile(name, hb.role)
         stats = hb.stats
+        if stats is not None:  # a plain assignment: the worker's load terms (the ranking's) are untouched
+            self.loads[name].timing = WorkerTiming(
+                stats.step_model(), stats.chunk_rule(self.block_size), stats.transfer_s_per_block
+            )
         per_token = stats.prefill_s_per_token if stats is not None else None
         if stats is None or not per_token:
             return
@@ -240,6 +245,8 @@ class RouterCore:
             if decision is None:
                 raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
             self.decisions.append(RoutedRequest(request.request_id, decision))
+            if decision.priced_from is not None:
+                self.counters.placed(decision.priced_from)
         return decision
 
     # ------------------------------------------------------------------ admission

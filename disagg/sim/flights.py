@@ -52,6 +52,7 @@ from disagg.router.flight import (
     Routed,
     StartDecode,
     apply_count,
+    apply_latency,
 )
 from disagg.router.policy import Decision
 
@@ -161,7 +162,7 @@ class SimFlights:
         elif isinstance(action, ReleaseLease):
             cluster.release_lease(action.worker, flight.request_id)
         elif isinstance(action, RecordLatency):
-            router.latency.record(action.arrival, action.first_token, action.end, action.tokens)
+            apply_latency(router.latency, router.counters, action)
         elif isinstance(action, (CountPath, CountFallback, CountMigration)):
             apply_count(router.counters, action)  # the result's migrations and fallbacks are read from there
         elif isinstance(action, Fail):

@@ -96,6 +96,7 @@ class SimWorker:
             prefill_s_per_token=e.prefill_s_per_token,
             step_s_per_token=e.step_s_per_token,
         )
+        stats.set_timing(e.step_fit.model, e.chunk_rule)
         hb = Heartbeat(
             self.name,
             f"sim-{self.incarnation}",

@@ -1,0 +1,113 @@
+"""Where a request's prefill runs, priced from measured cost (`--placement cost`).
+
+For the decode worker d the policy chose (router/policy.py), the options are prefill on d itself (local) or on a
+prefill worker p (remote: p computes the prompt, d reads the KV).  Each is priced as the request's time to first
+token, predicted:
+
+    local(d)  = prefill_seconds_d(queued_d + uncached_d,  beside d's decodes)
+    remote(p) = prefill_seconds_p(queued_p + uncached_p,  beside p's decodes) + read_s_per_block_d * blocks read
+
+`prefill_seconds` is the worker's own chunk rule applied to its own fitted step-time model (engine/step_time.py),
+both from its heartbeat: a decode worker that sizes its prompt chunks to a TPOT target prefills slowly beside a
+full batch, and its price says so; an idle one prefills at full speed and needs no transfer.  The queue terms are
+the router's own exact counts of prompt tokens dispatched and not yet past their first token.  The cheapest
+option wins; a tie goes local (no transfer, no second worker busy).
+
+Cold start: a worker whose heartbeat carries no fitted model yet (or that sent none) is priced with the configured
+prior (`PolicyConfig.prior_*`: the default model's step times on a 2-core CPU, bench/results/time_model.json),
+never as free, and the decision says so (`Decision.priced_from`, counted in /metrics).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from disagg.config import EngineConfig
+from disagg.engine.step_time import ChunkRule, StepCoefficients
+from disagg.protocol import PricedFrom
+
+
+class Placement(str, enum.Enum):
+    THRESHOLD = "threshold"  # remote when the uncached part is long enough and a prefill worker has queue room
+    COST = "cost"  # the option with the lowest predicted time to first token (this module)
+
+
+@dataclass(frozen=True)
+class WorkerTiming:
+    """What a worker's heartbeat says about its speed (None: not measured yet)."""
+
+    model: StepCoefficients | None = None
+    rule: ChunkRule | None = None
+    transfer_s_per_block: float | None = None
+
+
+class WorkerLoad(Protocol):
+    """What pricing reads of a worker's load (router/ranking.py's WorkerLoad, which holds a WorkerTiming)."""
+
+    name: str
+    active_requests: int
+    active_blocks: int
+    queued_prefill_tokens: int
+    timing: WorkerTiming | None
+
+
+@dataclass(frozen=True)
+class Option:
+    worker: str | None  # None: local prefill on the decode worker
+    seconds: float
+
+
+class PlacementModel:
+    def __init__(self, prior: StepCoefficients, prior_transfer_s_per_block: float, block_size: int) -> None:
+        self.prior, self.prior_transfer = prior, prior_transfer_s_per_block
+        self.block_size = block_size
+        self.default_rule = ChunkRule(0.0, EngineConfig.max_num_batched_tokens, 1, block_size)
+
+    def _timing(self, w: WorkerLoad) -> tuple[StepCoefficients, ChunkRule, bool]:
+        t = w.timing
+        model = t.model if t is not None else None
+        rule = t.rule if t is not None and t.rule is not None else self.default_rule
+        return (model or self.prior), rule, model is not None
+
+    def prefill_s(self, w: WorkerLoad, tokens: int, decoding: bool) -> tuple[float, bool]:
+        """(seconds for `w` to compute its queue plus `tokens`, whether priced from its own measurements)."""
+        model, rule, measured = self._timing(w)
+        seqs = w.active_requests if decoding else 0
+        context = w.active_blocks * self.block_size if decoding else 0
+        return rule.prefill_seconds(model, w.queued_prefill_tokens + tokens, seqs, context), measured
+
+    def read_s(self, d: WorkerLoad, blocks: int) -> float:
+        t = d.timing
+        per_block = t.transfer_s_per_block if t is not None and t.transfer_s_per_block else self.prior_transfer
+        return per_block * blocks
+
+    def options(
+        self,
+        decode: WorkerLoad,
+        local_tokens: int,
+        remote: list[tuple[WorkerLoad, int, int]],  # (prefill worker, tokens it computes, blocks the decode reads)
+    ) -> tuple[list[Option], PricedFrom]:
+        """Every option priced, local first (ties go local: `min` keeps the first)."""
+        seconds, measured = self.prefill_s(decode, local_tokens, decoding=True)
+        options = [Option(None, seconds)]
+        for p, tokens, blocks in remote:
+            s, m = self.prefill_s(p, tokens, decoding=False)  # a prefill worker's requests are all in its queue
+            options.append(Option(p.name, s + self.read_s(decode, blocks)))
+            measured = measured and m
+        return options, PricedFrom.MEASURED if measured else PricedFrom.PRIOR
+
+
+def cheapest(options: list[Option], uncached_tokens: int, min_remote_tokens: int) -> tuple[str | None, str]:
+    """(the prefill worker, None for local; the reason): the cheapest option, local on a tie, and local when the
+    uncached part is shorter than `min_remote_tokens` (a transfer's fixed costs the model does not price)."""
+    if len(options) == 1:
+        return None, "aggregated"
+    if uncached_tokens < min_remote_tokens:
+        return None, f"local prefill: {uncached_tokens} uncached tokens"
+    best = min(options, key=lambda o: o.seconds)  # the first (local) on a tie
+    local, remote = options[0].seconds, min(o.seconds for o in options[1:])
+    if best.worker is None:
+        return None, f"local prefill: predicted {local:.3f} s, remote {remote:.3f} s"
+    return best.worker, f"remote prefill: predicted {best.seconds:.3f} s, local {local:.3f} s"

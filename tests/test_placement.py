@@ -1,0 +1,82 @@
+"""Cost-priced prefill placement (router/placement.py): each option's predicted time to first token from the
+workers' own step-time models and chunk rules, the cold-start prior, and the decision the policy takes from it."""
+import pytest
+
+from disagg.engine.step_time import ChunkRule, StepCoefficients
+from disagg.protocol import PricedFrom
+from disagg.router.placement import Placement, WorkerTiming
+from disagg.router.policy import PolicyConfig, PolicyKind, RoutingPolicy, WorkerLoad
+from disagg.stats import WorkerStats
+
+MODEL = StepCoefficients(base=0.02, per_token=0.002, per_seq=0.003, per_attn=0.001)
+FIXED = ChunkRule(0.0, 512, 32, 16)
+SIZED = ChunkRule(0.2, 512, 32, 16)  # a decode worker keeping its steps within a 200 ms TPOT
+
+
+def _load(name, timing=None, active=0, blocks=0, queued=0):
+    return WorkerLoad(name, active_requests=active, active_blocks=blocks, queued_prefill_tokens=queued, timing=timing)
+
+
+def _policy(placement=Placement.COST, **kw):
+    return RoutingPolicy(PolicyConfig(kind=PolicyKind.KV, placement=placement, seed=0, **kw), block_size=16)
+
+
+def test_an_idle_decode_worker_prefills_locally_a_busy_one_sends_the_prompt_away():
+    prefill = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002))
+    idle = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002))
+    d = _policy().choose(2000, {}, [idle], [prefill])
+    assert d.prefill_worker is None and d.priced_from is PricedFrom.MEASURED  # no transfer, same speed
+    assert d.predicted_ttft_s == pytest.approx(FIXED.prefill_seconds(MODEL, 2000, 0, 0))
+    busy = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=24, blocks=24 * 40)
+    d = _policy().choose(2000, {}, [busy], [prefill])
+    assert d.prefill_worker == "p0" and d.reason.startswith("remote prefill")
+    read = 0.0002 * 125  # the decode worker reads all 125 blocks
+    assert d.predicted_ttft_s == pytest.approx(FIXED.prefill_seconds(MODEL, 2000, 0, 0) + read)
+    # the same busy decode worker, but the prefill worker already has a long queue: local is faster now
+    queued = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), queued=40_000)
+    d = _policy().choose(2000, {}, [busy], [queued])
+    assert d.prefill_worker is None and "local prefill: predicted" in d.reason
+    assert d.predicted_ttft_s == pytest.approx(SIZED.prefill_seconds(MODEL, 2000, 24, 24 * 40 * 16))
+
+
+def test_the_threshold_rule_is_unchanged_and_still_predicts():
+    busy = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=24, blocks=960)
+    queued = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), queued=4000)  # below the 8192-token queue limit
+    d = _policy(Placement.THRESHOLD).choose(2000, {}, [busy], [queued])
+    assert d.prefill_worker == "p0" and d.reason == "remote prefill"  # however long the queue's wait
+    assert d.predicted_ttft_s == pytest.approx(FIXED.prefill_seconds(MODEL, 6000, 0, 0) + 0.0002 * 125)
+
+
+def test_a_cold_worker_is_priced_with_the_prior_never_as_free():
+    config = PolicyConfig(placement=Placement.COST)
+    warm = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002))
+    cold = _load("d0")  # no heartbeat with a fitted model yet
+    d = _policy().choose(2000, {}, [cold], [warm])
+    assert d.priced_from is PricedFrom.PRIOR
+    local = FIXED.prefill_seconds(config.prior(), 2000, 0, 0)
+    assert local > 0.5 and d.reason == f"remote prefill: predicted {d.predicted_ttft_s:.3f} s, local {local:.3f} s"
+    # a worker reporting no model prices as the prior too (a worker that stopped measuring is not free)
+    stopped = _load("p0", WorkerTiming(None, FIXED, None), queued=0)
+    d = _policy().choose(2000, {}, [_load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=24, blocks=960)], [stopped])
+    assert d.priced_from is PricedFrom.PRIOR
+    assert d.prefill_worker is None or d.predicted_ttft_s >= FIXED.prefill_seconds(config.prior(), 2000, 0, 0)
+
+
+def test_short_prompts_and_cached_prefixes_stay_local():
+    prefill = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002))
+    busy = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=24, blocks=960)
+    assert _policy().choose(40, {}, [busy], [prefill]).prefill_worker is None  # < min_remote_prefill_tokens
+    cached = _policy().choose(2000, {"d0": 124}, [busy], [prefill])  # 124 of 125 blocks cached on d0
+    assert cached.prefill_worker is None and cached.reason.endswith("uncached tokens")
+
+
+def test_a_heartbeat_carries_the_engine_model_and_chunk_rule_over_the_wire():
+    stats = WorkerStats()
+    stats.set_timing(MODEL, SIZED)
+    stats.transfer_s_per_block = 0.0003
+    back = WorkerStats.from_wire(stats.to_wire())
+    assert back.step_model() == MODEL and back.chunk_rule(16) == SIZED and back.transfer_s_per_block == 0.0003
+    cold = WorkerStats()
+    cold.set_timing(None, FIXED)
+    assert WorkerStats.from_wire(cold.to_wire()).step_model() is None
+    assert WorkerStats().chunk_rule(16) is None  # a worker reporting no rule: the router's default
