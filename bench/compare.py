@@ -67,11 +67,11 @@ def run_one(
         ClusterConfig(
             num_prefill=spec.num_prefill,
             num_decode=spec.num_decode,
-            engine=EngineConfig(**engine),
+            engine=EngineConfig(**{**engine, "prefill_chunk_target_ms": spec.chunk_target_ms(slo)}),
             tiers=spec.tiers(disk_root),
             tracing=tracing,
         ),
-        RouterConfig(policy=spec.policy_config(), planner=planner or PlannerConfig()),
+        RouterConfig(policy=spec.policy_config(slo), planner=planner or PlannerConfig()),
     )
     try:
         if warmup:  # one tiny request per worker pays first-call costs outside the measurement

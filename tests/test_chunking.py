@@ -35,7 +35,11 @@ def test_the_fit_recovers_the_step_model_and_stays_cold_on_one_kind_of_step():
         assert got == pytest.approx(want, rel=1e-6)
     assert _fed(noise=0.1).model.per_token == pytest.approx(0.002, rel=0.15)
     assert _fed(prefill=False).model is None  # decode-only: the per-token cost is not identifiable
-    assert _fed(decode=False).model is None
+    assert _fed(decode=False).model.per_token == pytest.approx(0.002)  # a prefill-only worker: chunks of all sizes
+    same = StepFit(window=256, refit_every=8, prefill_tokens=16)
+    for _ in range(64):  # every step a full 512-token chunk: base and per-token cost cannot be told apart
+        same.add(512, 1, 130.0, TRUE.predict(512, 1, 130.0))
+    assert same.model is None
     assert _fed(steps=10).model is None  # too few steps
 
 

@@ -13,8 +13,18 @@ FIXED = ChunkRule(0.0, 512, 32, 16)
 SIZED = ChunkRule(0.2, 512, 32, 16)  # a decode worker keeping its steps within a 200 ms TPOT
 
 
-def _load(name, timing=None, active=0, blocks=0, queued=0):
-    return WorkerLoad(name, active_requests=active, active_blocks=blocks, queued_prefill_tokens=queued, timing=timing)
+def _load(name, timing=None, active=0, blocks=0, queued=0, left=None):
+    """`active` decoding requests with `left` output tokens to come between them (default: more than any prompt
+    here takes)."""
+    return WorkerLoad(
+        name,
+        active_requests=active,
+        active_blocks=blocks,
+        queued_prefill_tokens=queued,
+        timing=timing,
+        decoding=active,
+        decode_tokens_left=active * 10_000 if left is None else left,
+    )
 
 
 def _policy(placement=Placement.COST, **kw):
@@ -44,7 +54,7 @@ def test_the_threshold_rule_is_unchanged_and_still_predicts():
     queued = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), queued=4000)  # below the 8192-token queue limit
     d = _policy(Placement.THRESHOLD).choose(2000, {}, [busy], [queued])
     assert d.prefill_worker == "p0" and d.reason == "remote prefill"  # however long the queue's wait
-    assert d.predicted_ttft_s == pytest.approx(FIXED.prefill_seconds(MODEL, 6000, 0, 0) + 0.0002 * 125)
+    assert d.predicted_ttft_s == pytest.approx(FIXED.prefill_seconds(MODEL, 6000, 0, 0, prompt=2000) + 0.0002 * 125)
 
 
 def test_a_cold_worker_is_priced_with_the_prior_never_as_free():
@@ -54,7 +64,7 @@ def test_a_cold_worker_is_priced_with_the_prior_never_as_free():
     d = _policy().choose(2000, {}, [cold], [warm])
     assert d.priced_from is PricedFrom.PRIOR
     local = FIXED.prefill_seconds(config.prior(), 2000, 0, 0)
-    assert local > 0.5 and d.reason == f"remote prefill: predicted {d.predicted_ttft_s:.3f} s, local {local:.3f} s"
+    assert local > 0.5 and d.reason == f"remote prefill: predicted local {local:.3f} s, remote {d.predicted_ttft_s:.3f} s"
     # a worker reporting no model prices as the prior too (a worker that stopped measuring is not free)
     stopped = _load("p0", WorkerTiming(None, FIXED, None), queued=0)
     d = _policy().choose(2000, {}, [_load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=24, blocks=960)], [stopped])
@@ -80,3 +90,56 @@ def test_a_heartbeat_carries_the_engine_model_and_chunk_rule_over_the_wire():
     cold.set_timing(None, FIXED)
     assert WorkerStats.from_wire(cold.to_wire()).step_model() is None
     assert WorkerStats().chunk_rule(16) is None  # a worker reporting no rule: the router's default
+
+
+def test_decodes_that_finish_soon_let_a_local_prefill_run_at_full_speed():
+    sized = WorkerTiming(MODEL, SIZED, 0.0002)
+    lasting = _load("d0", sized, active=24, blocks=960)
+    finishing = _load("d0", sized, active=24, blocks=960, left=24 * 3)  # 3 tokens each to go
+    prefill = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), queued=40_000)
+    slow, fast = (_policy().choose(2000, {}, [d], [prefill]) for d in (lasting, finishing))
+    assert slow.prefill_worker is None and fast.prefill_worker is None
+    assert fast.predicted_ttft_s < slow.predicted_ttft_s / 2
+    chunk = SIZED.tokens(MODEL, 24, 24, 24 * 40 * 16 / 1000, 0)
+    alone = FIXED.prefill_seconds(MODEL, 2000 - 3 * chunk, 0, 0, prompt=2000)
+    assert fast.predicted_ttft_s > alone  # three sized steps first, then full chunks
+
+
+def test_with_a_ttft_target_a_prefill_worker_that_meets_it_wins_even_when_local_is_faster():
+    idle = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002))
+    prefill = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), queued=300)
+    fastest = _policy().choose(1000, {}, [idle], [prefill])
+    assert fastest.prefill_worker is None  # no queue, no transfer: local is the lowest TTFT
+    targeted = _policy(ttft_target_s=4.0).choose(1000, {}, [idle], [prefill])
+    assert targeted.prefill_worker == "p0" and targeted.predicted_ttft_s <= 4.0  # leaves the decode batch alone
+    # the prefill worker would be late and local is in time: local; both late: the prefill worker
+    late = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), queued=5000)
+    assert _policy(ttft_target_s=4.0).choose(1000, {}, [idle], [late]).prefill_worker is None
+    assert _policy(ttft_target_s=1.0).choose(1000, {}, [idle], [late]).prefill_worker == "p0"
+
+
+def test_the_load_book_counts_decoding_requests_and_their_tokens_left():
+    import threading
+
+    from disagg.router.admission import CapacityConfig
+    from disagg.protocol import Role
+    from disagg.router.health import HealthConfig, HealthMonitor
+    from disagg.router.load import LoadBook
+    from disagg.router.policy import Decision
+
+    loads = {"d0": _load("d0", left=0), "p0": _load("p0", left=0)}
+    health = HealthMonitor(HealthConfig(), {"d0": Role.DECODE, "p0": Role.PREFILL})
+    book = LoadBook(loads, health, CapacityConfig(), 16, ["p0"], threading.Lock())
+    a = book.begin(Decision("d0", "p0", 0), 100, max_tokens=10)
+    b = book.begin(Decision("d0", None, 0), 50, max_tokens=4)
+    d0 = loads["d0"]
+    assert (d0.decoding, d0.decode_tokens_left, loads["p0"].queued_prefill_tokens) == (0, 0, 100)
+    book.progress(a, 1)  # its first token: decoding, 9 to go
+    assert (d0.decoding, d0.decode_tokens_left, loads["p0"].queued_prefill_tokens) == (1, 9, 0)
+    book.progress(a, 5)
+    book.progress(b, 2)
+    assert (d0.decoding, d0.decode_tokens_left) == (2, 5 + 2)
+    book.end(b)
+    assert (d0.decoding, d0.decode_tokens_left) == (1, 5)
+    book.end(a)
+    assert (d0.decoding, d0.decode_tokens_left, d0.active_requests) == (0, 0, 0)

@@ -74,8 +74,11 @@ class StepFit:
         if len(rows) < 2 * self.refit_every:
             return
         prefill = rows[:, 0] - rows[:, 1] >= self.prefill_tokens  # a block's worth of prompt beyond a token a row
-        if prefill.sum() < 2 or (~prefill).sum() < 2:
-            return  # one kind of step only: the per-token cost is not identifiable
+        tokens = rows[prefill, 0]
+        # the per-token cost needs steps of different token counts with prompt tokens among them: decode-only steps
+        # beside prefill ones, or prefill steps of different sizes (a prefill-only worker never decodes)
+        if len(tokens) < 2 or ((~prefill).sum() < 2 and tokens.max() < 1.5 * tokens.min()):
+            return
         a = np.column_stack([np.ones(len(rows)), rows[:, 0], rows[:, 1], rows[:, 2]])
         base, per_token, per_seq, per_attn = (float(c) for c in nnls(a, rows[:, 3]))
         if per_token > 0:
@@ -108,17 +111,31 @@ class ChunkRule:
         n -= n % self.block_size  # whole blocks: each chunk's last block registers in the prefix cache at once
         return max(self.min_chunk, min(n, self.max_tokens))
 
-    def prefill_seconds(self, m: StepCoefficients, tokens: int, decode_seqs: int, decode_context: int) -> float:
-        """How long computing `tokens` prompt tokens (one prompt, or a queue of them) takes beside `decode_seqs`
-        decoding sequences holding `decode_context` tokens: whole steps of the chunk this rule allows, plus the
-        prompt's own attention (quadratic in its length)."""
+    def prefill_seconds(
+        self,
+        m: StepCoefficients,
+        tokens: int,
+        decode_seqs: int,
+        decode_context: int,
+        prompt: int | None = None,
+        decode_steps: float | None = None,
+    ) -> float:
+        """How long computing `tokens` prompt tokens (a queue of prompts about `prompt` tokens long; default: one
+        prompt) takes beside `decode_seqs` decoding sequences holding `decode_context` tokens, which finish after
+        `decode_steps` more steps (None: they outlast the prompt): whole steps of the chunk this rule allows beside
+        them, then full chunks, plus the prompts' own attention (each quadratic in its length)."""
         if tokens <= 0:
             return 0.0
         kpairs = decode_context / 1000
         chunk = self.tokens(m, decode_seqs, decode_seqs, kpairs, 0)
         steps = math.ceil(tokens / chunk)
-        step = m.predict(decode_seqs + chunk, decode_seqs + 1, kpairs)
-        return steps * step + m.per_attn * tokens * tokens / 2000
+        if decode_seqs and decode_steps is not None:
+            steps = min(steps, max(0, math.floor(decode_steps)))
+        seconds = steps * m.predict(decode_seqs + chunk, decode_seqs + 1, kpairs)
+        rest = tokens - steps * chunk
+        if rest > 0:  # the decodes are done: the rest in full chunks
+            seconds += math.ceil(rest / self.max_tokens) * m.predict(self.max_tokens, 1, 0.0)
+        return seconds + m.per_attn * tokens * min(tokens, prompt or tokens) / 2000
 
 
 class ChunkSizer:

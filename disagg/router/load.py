@@ -35,6 +35,12 @@ class LoadTicket:
     blocks: int
     queued: bool = True
     hashes: list[int] = field(default_factory=list)  # its full prompt blocks (shared ones count once per worker)
+    max_tokens: int = 0
+    generated: int = 0
+
+
+def _left(max_tokens: int, generated: int) -> int:
+    return max(0, max_tokens - generated)
 
 
 class LoadBook:
@@ -53,10 +59,13 @@ class LoadBook:
         self._lock = lock  # the router core's: loads are read while routing under it
 
     # ------------------------------------------------------------------ accounting
-    def begin(self, decision: Decision, num_prompt_tokens: int, hashes: list[int] | None = None) -> LoadTicket:
+    def begin(
+        self, decision: Decision, num_prompt_tokens: int, hashes: list[int] | None = None, max_tokens: int = 0
+    ) -> LoadTicket:
         """Count a dispatched request against its workers until `end` (the prompt is queued prefill work until
-        its first token).  `hashes`: its full prompt blocks, so blocks shared with other in-flight requests on
-        the same worker count once (omitted: every block counts)."""
+        its first token, then its output up to `max_tokens` is decode work left).  `hashes`: its full prompt
+        blocks, so blocks shared with other in-flight requests on the same worker count once (omitted: every
+        block counts)."""
         hashes = list(hashes or [])
         ticket = LoadTicket(
             decision.prefill_worker or decision.decode_worker,
@@ -64,6 +73,7 @@ class LoadBook:
             num_prompt_tokens,
             cdiv(num_prompt_tokens, self.block_size),
             hashes=hashes,
+            max_tokens=max_tokens,
         )
         with self._lock:
             self.loads[ticket.prefilling].queued_prefill_tokens += num_prompt_tokens
@@ -76,18 +86,25 @@ class LoadBook:
         """`num_generated` tokens are out: the prompt left the prefill queue; the request holds more blocks."""
         blocks = cdiv(ticket.num_prompt_tokens + num_generated, self.block_size)
         with self._lock:
+            load = self.loads[ticket.decode]
+            counted = 0 if ticket.queued else _left(ticket.max_tokens, ticket.generated)  # its decode work so far
             if ticket.queued:
                 self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
                 ticket.queued = False
-            self.loads[ticket.decode].add_blocks([], blocks - ticket.blocks)
-        ticket.blocks = blocks
+                load.decoding += 1
+            load.decode_tokens_left += _left(ticket.max_tokens, num_generated) - counted
+            load.add_blocks([], blocks - ticket.blocks)
+        ticket.blocks, ticket.generated = blocks, num_generated
 
     def end(self, ticket: LoadTicket) -> None:
         with self._lock:
+            load = self.loads[ticket.decode]
             if ticket.queued:
                 self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
                 ticket.queued = False
-            load = self.loads[ticket.decode]
+            else:
+                load.decoding -= 1
+                load.decode_tokens_left -= _left(ticket.max_tokens, ticket.generated)
             load.active_requests -= 1
             load.remove_blocks(ticket.hashes, ticket.blocks - len(ticket.hashes))
             ticket.blocks = 0

@@ -47,9 +47,10 @@ class WorkerLoad(Protocol):
     """What pricing reads of a worker's load (router/ranking.py's WorkerLoad, which holds a WorkerTiming)."""
 
     name: str
-    active_requests: int
     active_blocks: int
     queued_prefill_tokens: int
+    decoding: int
+    decode_tokens_left: int
     timing: WorkerTiming | None
 
 
@@ -74,9 +75,11 @@ class PlacementModel:
     def prefill_s(self, w: WorkerLoad, tokens: int, decoding: bool) -> tuple[float, bool]:
         """(seconds for `w` to compute its queue plus `tokens`, whether priced from its own measurements)."""
         model, rule, measured = self._timing(w)
-        seqs = w.active_requests if decoding else 0
+        seqs = w.decoding if decoding else 0
         context = w.active_blocks * self.block_size if decoding else 0
-        return rule.prefill_seconds(model, w.queued_prefill_tokens + tokens, seqs, context), measured
+        queue = w.queued_prefill_tokens + tokens  # its queued prompts' attention priced as if this one's length
+        steps = w.decode_tokens_left / seqs if seqs else None  # its decodes' mean tokens left (their max_tokens)
+        return rule.prefill_seconds(model, queue, seqs, context, prompt=tokens, decode_steps=steps), measured
 
     def read_s(self, d: WorkerLoad, blocks: int) -> float:
         t = d.timing
@@ -99,15 +102,27 @@ class PlacementModel:
         return options, PricedFrom.MEASURED if measured else PricedFrom.PRIOR
 
 
-def cheapest(options: list[Option], uncached_tokens: int, min_remote_tokens: int) -> tuple[str | None, str]:
-    """(the prefill worker, None for local; the reason): the cheapest option, local on a tie, and local when the
-    uncached part is shorter than `min_remote_tokens` (a transfer's fixed costs the model does not price)."""
+def cheapest(
+    options: list[Option], uncached_tokens: int, min_remote_tokens: int, ttft_target_s: float = 0.0
+) -> tuple[str | None, str]:
+    """(the prefill worker, None for local; the reason).
+
+    Without a TTFT target: the cheapest option, local on a tie.  With one (the TTFT SLO): a prefill worker that
+    meets it, since a prompt computed there leaves the decode worker's batch alone (its TPOT); else local if that
+    meets it; else, both late, the prefill worker - a request that misses its SLO anyway should not slow the
+    decodes of those that met theirs.  Local always when the uncached part is shorter than `min_remote_tokens`
+    (a transfer's fixed costs the model does not price)."""
     if len(options) == 1:
         return None, "aggregated"
     if uncached_tokens < min_remote_tokens:
         return None, f"local prefill: {uncached_tokens} uncached tokens"
-    best = min(options, key=lambda o: o.seconds)  # the first (local) on a tie
-    local, remote = options[0].seconds, min(o.seconds for o in options[1:])
-    if best.worker is None:
-        return None, f"local prefill: predicted {local:.3f} s, remote {remote:.3f} s"
-    return best.worker, f"remote prefill: predicted {best.seconds:.3f} s, local {local:.3f} s"
+    local = options[0].seconds
+    remote = min(options[1:], key=lambda o: o.seconds)
+    said = f"predicted local {local:.3f} s, remote {remote.seconds:.3f} s"
+    if ttft_target_s > 0:
+        if remote.seconds <= ttft_target_s or local > ttft_target_s:
+            return remote.worker, f"remote prefill: {said}, target {ttft_target_s:.3f} s"
+        return None, f"local prefill: {said}, target {ttft_target_s:.3f} s"
+    if local <= remote.seconds:
+        return None, f"local prefill: {said}"
+    return remote.worker, f"remote prefill: {said}"

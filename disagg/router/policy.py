@@ -86,6 +86,7 @@ class PolicyConfig:
     )
     # cost placement's prior, for a worker with no measured step-time model yet: the default model's step times
     # on a 2-core CPU (bench/results/time_model.json) and a KV read per block (docs/benchmarks.md, NIXL reads)
+    ttft_target_s: float = 0.0  # cost placement: the TTFT SLO it places for (0: the lowest predicted TTFT)
     prior_step_base_s: float = 0.05
     prior_step_s_per_token: float = 0.00225
     prior_step_s_per_seq: float = 0.0032
@@ -306,7 +307,9 @@ class RoutingPolicy:
             ],
         )
         if self.config.placement is Placement.COST:
-            prefill_worker, reason = cheapest(options, uncached, self.config.min_remote_prefill_tokens)
+            prefill_worker, reason = cheapest(
+                options, uncached, self.config.min_remote_prefill_tokens, self.config.ttft_target_s
+            )
         else:
             prefill_worker, reason = self._choose_prefill(uncached, num_blocks, tm, prefill)
         decision = Decision(chosen, prefill_worker, match.total, costs, reason, match)

@@ -320,7 +320,7 @@ class RouterCore:
             return decision
 
         def begin(decision: Decision, attempt: Request) -> LoadTicket:
-            ticket = self.begin(decision, attempt.num_tokens, self.block_hashes(attempt))
+            ticket = self.begin(decision, attempt.num_tokens, self.block_hashes(attempt), attempt.sampling.max_tokens)
             self._dispatched(request.request_id)  # counted: the admission queue may dispatch the next one
             return ticket
 

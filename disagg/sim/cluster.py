@@ -45,6 +45,7 @@ class SimClusterConfig:
     block_size: int = EngineConfig.block_size
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
+    prefill_chunk_target_ms: float = 0.0  # EngineConfig's: 0, fixed chunks
     max_model_len: int = 2048
     vocab_size: int = DEFAULT_VOCAB_SIZE
     event_delay_s: float = 0.001  # KV events reach the router this long after the step that made them ...
@@ -90,6 +91,7 @@ class SimCluster:
             num_blocks=config.num_blocks,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            prefill_chunk_target_ms=config.prefill_chunk_target_ms,
             max_model_len=config.max_model_len,
             kv_lease_timeout_s=1e9,
             kv_load_timeout_s=1e9,

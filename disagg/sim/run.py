@@ -95,10 +95,11 @@ def sim_config(spec: ClusterSpec, args: argparse.Namespace, model: StepTimeModel
     config = SimClusterConfig(
         num_prefill=spec.num_prefill,
         num_decode=spec.num_decode,
-        policy=spec.policy_config(),
+        policy=spec.policy_config(slo),
         num_blocks=opts.num_blocks_for(model.bytes_per_block),
         max_model_len=opts.max_model_len,
         max_num_batched_tokens=opts.max_num_batched_tokens,
+        prefill_chunk_target_ms=spec.chunk_target_ms(slo),
         vocab_size=args.vocab_size,
         cpu_tier_blocks=opts.tier_blocks(cpu_mb, model.bytes_per_block),
         disk_tier_blocks=opts.tier_blocks(opts.disk_tier_mb, model.bytes_per_block) if cpu_mb else 0,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields
 
 from disagg.kv.tier_config import TierConfig
 from disagg.planner.policy import PlannerConfig
+from disagg.router.placement import Placement
 from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.workload.metrics import SLO
 
@@ -17,7 +18,11 @@ CLUSTER_KEYS = {
     "cpu_tier_mb": "CPU KV tier per worker in MiB (0: no tiers)",
     "hints": "1: the replay sends session ids and KV retention pins",
     "planner": "1: the planner moves workers between prefill and decode at runtime (the run's SLO)",
+    "adaptive": "1: cost-priced prefill placement and prompt chunks sized from the run's TPOT SLO",
 }
+# an adaptive run's step-time target, as a share of its TPOT SLO: the engine's step model predicts the model's own
+# time, and the worker loop, sampling and streaming come on top of it
+ADAPTIVE_TPOT_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,11 @@ class ClusterSpec:
     cpu_tier_mb: int | None = None  # None: the product's default tiers
     hints: bool = False
     planner: bool = False
+    adaptive: bool = False
+
+    def chunk_target_ms(self, slo: SLO) -> float:
+        """The engines' --prefill-chunk-target-ms for this run (0: fixed chunks)."""
+        return slo.tpot_ms * ADAPTIVE_TPOT_SHARE if self.adaptive else 0.0
 
     def planner_config(self, slo: SLO) -> PlannerConfig | None:
         """The planner for this run (judged against the run's SLO), or None for a static split."""
@@ -45,8 +55,12 @@ class ClusterSpec:
         """The PolicyConfig fields this spec sets (seeded: runs repeat), as reports show them."""
         return {"kind": self.policy, "seed": 0, **dict(self.policy_args)}
 
-    def policy_config(self) -> PolicyConfig:
+    def policy_config(self, slo: SLO | None = None) -> PolicyConfig:
+        """The run's routing policy; an adaptive run places prefills for `slo`'s TTFT."""
         config = PolicyConfig(kind=PolicyKind(self.policy), seed=0)
+        if self.adaptive:
+            config.placement = Placement.COST
+            config.ttft_target_s = slo.ttft_ms / 1000 if slo is not None else 0.0
         for name, value in self.policy_args:  # parsed as numbers: each takes its field's type (int, float, bool)
             setattr(config, name, type(getattr(config, name))(value))
         return config
@@ -88,11 +102,8 @@ def parse_configs(text: str) -> list[ClusterSpec]:
         cluster = {k: v for k, v in overrides if k in CLUSTER_KEYS}
         overrides = tuple((k, v) for k, v in overrides if k not in CLUSTER_KEYS)
         cpu_mb = int(cluster["cpu_tier_mb"]) if "cpu_tier_mb" in cluster else None
-        specs.append(
-            ClusterSpec(
-                name, p, d, policy, overrides, cpu_mb, bool(cluster.get("hints", 0)), bool(cluster.get("planner", 0))
-            )
-        )
+        flags = {k: bool(cluster.get(k, 0)) for k in ("hints", "planner", "adaptive")}
+        specs.append(ClusterSpec(name, p, d, policy, overrides, cpu_mb, **flags))
     if not specs:
         raise ValueError("no configurations given")
     return specs

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from disagg.engine.engine import LLMEngine
 from disagg.kv.connector import KVLoad, LoadState, SourceKind, _Notifier
 from disagg.kv.load import handle_of
-from disagg.protocol import KVEventBatch, PrefillResult, Role, TokenDelta
+from disagg.protocol import KVEventBatch, PrefillResult, TokenDelta
 from disagg.sim.runner import SimRunner
 from disagg.sim.tiers import LandsAt, SimTiers
 from disagg.stats import Heartbeat, WorkerStats
@@ -89,7 +89,7 @@ class SimWorker:
         """What the router's health probe reads from a real worker (cluster/worker.py heartbeat): its KV size
         (the router's KV-room check and the planner's decode KV use divide by it) and measured prefill speed.
         Sent at start and after a step once per heartbeat interval: between steps these figures do not change."""
-        e = self.engine
+        e, router = self.engine, self.cluster.router
         stats = WorkerStats(
             kv_blocks_total=e.pool.num_blocks,
             kv_blocks_free=e.pool.num_free_blocks,
@@ -100,7 +100,7 @@ class SimWorker:
         hb = Heartbeat(
             self.name,
             f"sim-{self.incarnation}",
-            Role.BOTH,
+            router.health.role_of(self.name),  # as a real worker reports the role it was given
             0,
             "",
             e.stats.steps,
@@ -111,7 +111,8 @@ class SimWorker:
             stats=stats,
         )
         self.heartbeat_at = self.cluster.loop.now
-        self.cluster.router.health.on_heartbeat(self.name, hb, self.cluster.loop.now)
+        router.health.on_heartbeat(self.name, hb, self.cluster.loop.now)
+        router.on_heartbeat(self.name, hb)  # measured costs, as the real supervisor hands them on
 
     def _publish(self) -> None:
         events = self.engine.drain_kv_events()
