@@ -8,6 +8,7 @@ from disagg.kv.tier_config import TierConfig
 from disagg.planner.policy import PlannerConfig
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.core_config import RouterCoreConfig
+from disagg.router.placement import Placement
 from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.tracing import TracingConfig
 from disagg.transfer.config import TransportConfig
@@ -23,7 +24,7 @@ def test_defaults_are_the_serving_defaults():
     assert cluster == ClusterConfig(engine=EngineConfig(kv_cache_memory_mb=512, num_threads=1),
                                     tiers=TierConfig(cpu_bytes=256 << 20, disk_bytes=1 << 30))
     assert cluster.tiers.disk_root is None  # the default root, a directory per worker under it
-    assert router == RouterConfig(port=8000)
+    assert router == RouterConfig(port=8000, policy=PolicyConfig(ttft_target_s=2.0))  # the default TTFT SLO
     assert not args.smoke_test and args.question
 
 
@@ -36,16 +37,18 @@ def test_every_option_sets_its_field():
         "--max-migrations", "1", "--tenant-weights", "a=2,b=0.5", "--queue-max-requests", "7", "--max-running", "9",
         "--max-prefill-queue-tokens", "11", "--queue-deadline-s", "3", "--otlp-endpoint", "http://x", "--planner",
         "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--trace-sample-ratio", "0.5", "--trace-dir", "/t",
-        "--api-key", "k", "--smoke-test",
+        "--api-key", "k", "--smoke-test", "--placement", "cost", "--prefill-chunk-target-ms", "150",
+        "--min-prefill-chunk", "16",
     ])
     tracing = TracingConfig(otlp_endpoint="http://x", file_dir="/t", sampling_ratio=0.5)
     assert cluster == ClusterConfig(
         num_prefill=2, num_decode=3, address="127.0.0.1:6379",
-        engine=EngineConfig(model="/m", kv_cache_memory_mb=100, max_model_len=1024, num_threads=3, block_size=32),
+        engine=EngineConfig(model="/m", kv_cache_memory_mb=100, max_model_len=1024, num_threads=3, block_size=32,
+                            prefill_chunk_target_ms=150.0, min_prefill_chunk=16),
         tiers=TierConfig(cpu_bytes=64 << 20, disk_bytes=10 << 20, disk_root=""), tracing=tracing,
         transport=TransportConfig(ucx_net_devices="lo", progress_delay_us=5), router_resources={"r": 1.0})
     assert router == RouterConfig(
-        host="0.0.0.0", port=8001, api_key="k", policy=PolicyConfig(kind=PolicyKind.ROUND_ROBIN),
+        host="0.0.0.0", port=8001, api_key="k", policy=PolicyConfig(kind=PolicyKind.ROUND_ROBIN, placement=Placement.COST, ttft_target_s=0.5),
         core=RouterCoreConfig(max_migrations=1),
         planner=PlannerConfig(enabled=True, ttft_slo_s=0.5, tpot_slo_s=0.05),
         capacity=CapacityConfig(max_running=9, max_prefill_queue_tokens=11),

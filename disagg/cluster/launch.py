@@ -271,7 +271,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_options(p, CanaryConfig, prefix="canary-", only=_CANARY)
     add_options(p, OutlierConfig, prefix="outliers-", only=_OUTLIERS)
     planner = PlannerConfig()
-    p.add_argument("--slo-ttft-ms", type=float, default=planner.ttft_slo_s * _MS_PER_S, help="planner: TTFT objective")
+    p.add_argument("--slo-ttft-ms", type=float, default=planner.ttft_slo_s * _MS_PER_S, help="planner, placement: TTFT")
     p.add_argument("--slo-tpot-ms", type=float, default=planner.tpot_slo_s * _MS_PER_S, help="planner: TPOT objective")
     p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
     p.add_argument("--question", default="What is the capital of France?")
@@ -343,7 +343,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         RouterConfig,
         args,
         only=_ROUTER,
-        policy=from_options(PolicyConfig, args, prefix="policy-", only=_POLICY),
+        policy=from_options(PolicyConfig, args, prefix="policy-", only=_POLICY, ttft_target_s=planner.ttft_slo_s),
         keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
         isolation=IsolationConfig(share_groups=_groups(args.cache_share_groups)),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
