@@ -66,10 +66,13 @@ def summarize(passes: list[list[dict[str, Any]]], configs: str) -> dict[str, Any
     for row in table:
         if not specs[row["config"]].adaptive:
             continue
-        peers = [r for r in table if r["rate"] == row["rate"] and not specs[r["config"]].adaptive]
-        for kind, pool in (
+        peers = [r for r in table if r["rate"] == row["rate"] and r["config"] != row["config"]]
+        for kind, pool in (  # aggregated: any, chunks sized or not; static: a fixed split, threshold placement
             ("aggregated", [r for r in peers if specs[r["config"]].num_prefill == 0]),
-            ("static split", [r for r in peers if specs[r["config"]].num_prefill > 0]),
+            (
+                "static split",
+                [r for r in peers if specs[r["config"]].num_prefill > 0 and not specs[r["config"]].adaptive],
+            ),
         ):
             if not pool:
                 continue

@@ -21,6 +21,7 @@ def _load(name, timing=None, active=0, blocks=0, queued=0, left=None):
         active_requests=active,
         active_blocks=blocks,
         queued_prefill_tokens=queued,
+        queued_compute_tokens=queued,
         timing=timing,
         decoding=active,
         decode_tokens_left=active * 10_000 if left is None else left,
@@ -124,6 +125,7 @@ def test_the_load_book_counts_decoding_requests_and_their_tokens_left():
     from disagg.router.admission import CapacityConfig
     from disagg.protocol import Role
     from disagg.router.health import HealthConfig, HealthMonitor
+    from disagg.router.index import TierMatch
     from disagg.router.load import LoadBook
     from disagg.router.policy import Decision
 
@@ -134,6 +136,10 @@ def test_the_load_book_counts_decoding_requests_and_their_tokens_left():
     b = book.begin(Decision("d0", None, 0), 50, max_tokens=4)
     d0 = loads["d0"]
     assert (d0.decoding, d0.decode_tokens_left, loads["p0"].queued_prefill_tokens) == (0, 0, 100)
+    c = book.begin(Decision("d0", None, 3, match=TierMatch(device=3)), 100, max_tokens=2)  # 3 blocks cached on d0: 52 tokens to compute
+    assert (loads["p0"].queued_compute_tokens, d0.queued_compute_tokens, d0.queued_prefill_tokens) == (100, 102, 150)
+    book.end(c)
+    assert (d0.queued_compute_tokens, d0.queued_prefill_tokens) == (50, 50)
     book.progress(a, 1)  # its first token: decoding, 9 to go
     assert (d0.decoding, d0.decode_tokens_left, loads["p0"].queued_prefill_tokens) == (1, 9, 0)
     book.progress(a, 5)

@@ -4,14 +4,14 @@ decodes (TPOT-sized chunked prefill).
     t(step) = base + per_token * new_tokens + per_seq * seqs + per_attn * sum_i(new_i * context_i) / 1000
 
 (the form of the simulator's `StepTimeModel`, disagg/sim/timemodel.py).  `StepFit` keeps the last `window` model
-steps and refits every `refit_every` steps by non-negative least squares, once the window holds both steps that
-prefill (many tokens) and steps that only decode (few): with one kind only, the per-token and fixed costs cannot
-be told apart, and the model stays cold.
+steps and refits every `refit_every` steps by non-negative least squares, once the window holds steps of
+different token counts with prompt tokens among them (prefill steps beside decode-only ones, or prefill chunks of
+different sizes): otherwise the per-token and fixed costs cannot be told apart, and the model stays cold.
 
 `ChunkSizer` answers the scheduler's question: with these decode rows in the step, how many prompt tokens fit
-before the step's predicted time passes the target (the TPOT the operator asks for)?  A fixed chunk of 512
-tokens on a CPU makes every decode step that carries one take ~0.5 s, whatever the TPOT SLO says; a chunk sized
-from the model keeps the decodes' TPOT under the target and lets the prompt through in more, smaller steps.
+before the step's predicted time passes the target (the TPOT the operator asks for)?  A fixed chunk makes every
+decode step that carries one as long as that chunk takes, whatever the TPOT SLO says; a chunk sized from the model
+keeps the decodes' TPOT under the target and lets the prompt through in more, smaller steps.
 Cold (no fit yet) or with no decode in the step, the budget is the configured fixed one, as before; the answer
 is never below `min_chunk`, so a prompt always progresses.
 """
@@ -71,7 +71,7 @@ class StepFit:
 
     def _refit(self) -> None:
         rows = np.asarray(self._rows, dtype=float)
-        if len(rows) < 2 * self.refit_every:
+        if len(rows) < self.refit_every:
             return
         prefill = rows[:, 0] - rows[:, 1] >= self.prefill_tokens  # a block's worth of prompt beyond a token a row
         tokens = rows[prefill, 0]

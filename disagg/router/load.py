@@ -37,6 +37,7 @@ class LoadTicket:
     hashes: list[int] = field(default_factory=list)  # its full prompt blocks (shared ones count once per worker)
     max_tokens: int = 0
     generated: int = 0
+    compute_tokens: int = 0  # of the prompt, what the router expects the prefilling worker to compute (uncached)
 
 
 def _left(max_tokens: int, generated: int) -> int:
@@ -74,9 +75,11 @@ class LoadBook:
             cdiv(num_prompt_tokens, self.block_size),
             hashes=hashes,
             max_tokens=max_tokens,
+            compute_tokens=num_prompt_tokens - decision.predicted_cached_tokens(num_prompt_tokens, self.block_size),
         )
         with self._lock:
             self.loads[ticket.prefilling].queued_prefill_tokens += num_prompt_tokens
+            self.loads[ticket.prefilling].queued_compute_tokens += ticket.compute_tokens
             load = self.loads[ticket.decode]
             load.active_requests += 1
             load.add_blocks(hashes, ticket.blocks - len(hashes))
@@ -90,6 +93,7 @@ class LoadBook:
             counted = 0 if ticket.queued else _left(ticket.max_tokens, ticket.generated)  # its decode work so far
             if ticket.queued:
                 self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
+                self.loads[ticket.prefilling].queued_compute_tokens -= ticket.compute_tokens
                 ticket.queued = False
                 load.decoding += 1
             load.decode_tokens_left += _left(ticket.max_tokens, num_generated) - counted
@@ -101,6 +105,7 @@ class LoadBook:
             load = self.loads[ticket.decode]
             if ticket.queued:
                 self.loads[ticket.prefilling].queued_prefill_tokens -= ticket.num_prompt_tokens
+                self.loads[ticket.prefilling].queued_compute_tokens -= ticket.compute_tokens
                 ticket.queued = False
             else:
                 load.decoding -= 1

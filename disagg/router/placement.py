@@ -4,14 +4,18 @@ For the decode worker d the policy chose (router/policy.py), the options are pre
 prefill worker p (remote: p computes the prompt, d reads the KV).  Each is priced as the request's time to first
 token, predicted:
 
-    local(d)  = prefill_seconds_d(queued_d + uncached_d,  beside d's decodes)
-    remote(p) = prefill_seconds_p(queued_p + uncached_p,  beside p's decodes) + read_s_per_block_d * blocks read
+    local(d)  = prefill_seconds_d(queued_d + uncached_d,  beside d's decodes until they finish)
+    remote(p) = prefill_seconds_p(queued_p + uncached_p)  + read_s_per_block_d * blocks d reads
 
 `prefill_seconds` is the worker's own chunk rule applied to its own fitted step-time model (engine/step_time.py),
 both from its heartbeat: a decode worker that sizes its prompt chunks to a TPOT target prefills slowly beside a
-full batch, and its price says so; an idle one prefills at full speed and needs no transfer.  The queue terms are
-the router's own exact counts of prompt tokens dispatched and not yet past their first token.  The cheapest
-option wins; a tie goes local (no transfer, no second worker busy).
+full batch, and its price says so; an idle one prefills at full speed and needs no transfer.  The queue, the
+uncached prompt tokens, the decoding requests and their output tokens still to come (max_tokens less those
+generated) are the router's own counts (router/load.py).
+
+Which option wins (`cheapest`): without a TTFT target, the lowest prediction, local on a tie.  With the TTFT SLO
+as target, a prefill worker that meets it (the prompt leaves the decode worker's batch alone), else local if that
+meets it, else the prefill worker: a request late either way should not slow the decodes of those on time.
 
 Cold start: a worker whose heartbeat carries no fitted model yet (or that sent none) is priced with the configured
 prior (`PolicyConfig.prior_*`: the default model's step times on a 2-core CPU, bench/results/time_model.json),
@@ -48,7 +52,7 @@ class WorkerLoad(Protocol):
 
     name: str
     active_blocks: int
-    queued_prefill_tokens: int
+    queued_compute_tokens: int
     decoding: int
     decode_tokens_left: int
     timing: WorkerTiming | None
@@ -77,7 +81,7 @@ class PlacementModel:
         model, rule, measured = self._timing(w)
         seqs = w.decoding if decoding else 0
         context = w.active_blocks * self.block_size if decoding else 0
-        queue = w.queued_prefill_tokens + tokens  # its queued prompts' attention priced as if this one's length
+        queue = w.queued_compute_tokens + tokens  # its queued prompts' attention priced as if this one's length
         steps = w.decode_tokens_left / seqs if seqs else None  # its decodes' mean tokens left (their max_tokens)
         return rule.prefill_seconds(model, queue, seqs, context, prompt=tokens, decode_steps=steps), measured
 

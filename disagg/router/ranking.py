@@ -119,6 +119,7 @@ class WorkerLoad:
     queued_prefill_tokens: int = 0  # prompt tokens dispatched but not yet past their first token
     tier_cost: dict[Tier, float] = field(default_factory=dict)  # measured load/recompute ratio per tier
     timing: WorkerTiming | None = None  # its step-time model and chunk rule, from its heartbeats (placement.py)
+    queued_compute_tokens: int = 0  # of the queued prompt tokens, those the router expects computed (uncached)
     decoding: int = 0  # of its active requests, those past their first token
     decode_tokens_left: int = 0  # their output tokens still to come, at most (max_tokens less those generated)
     active_hashes: Counter = field(default_factory=Counter)
