@@ -230,7 +230,9 @@ def apply_latency(latency: LatencyWindow, counters: RouterCounters, action: Reco
     """Carry out a RecordLatency action (both drivers): the SLO window, and the placement's prediction error."""
     latency.record(action.arrival, action.first_token, action.end, action.tokens)
     if action.predicted_ttft_s is not None and action.routed_at is not None:
-        counters.predicted(action.predicted_ttft_s, action.first_token - action.routed_at)
+        actual = action.first_token - action.routed_at
+        counters.predicted(action.predicted_ttft_s, actual)
+        latency.record_prediction(action.predicted_ttft_s, actual)
 
 
 class IllegalEvent(RuntimeError):

@@ -25,6 +25,7 @@ never as free, and the decision says so (`Decision.priced_from`, counted in /met
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -94,7 +95,7 @@ class PlacementModel:
         self,
         decode: WorkerLoad,
         local_tokens: int,
-        remote: list[tuple[WorkerLoad, int, int]],  # (prefill worker, tokens it computes, blocks the decode reads)
+        remote: Sequence[tuple[WorkerLoad, int, int]],  # (prefill worker, tokens it computes, blocks the decode reads)
     ) -> tuple[list[Option], PricedFrom]:
         """Every option priced, local first (ties go local: `min` keeps the first)."""
         seconds, measured = self.prefill_s(decode, local_tokens, decoding=True)

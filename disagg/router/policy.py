@@ -298,20 +298,22 @@ class RoutingPolicy:
         if session:
             self._remember(session, chosen)
         uncached = num_tokens - match.total * self.block_size
-        options, priced = self.placement.options(
-            load,
-            uncached,
-            [
+
+        def remote(workers: list[WorkerLoad]) -> list[tuple[WorkerLoad, int, int]]:
+            return [
                 (p, num_tokens - tm.get(p.name, TierMatch()).total * self.block_size, num_blocks - match.total)
-                for p in prefill
-            ],
-        )
-        if self.config.placement is Placement.COST:
+                for p in workers
+            ]
+
+        if self.config.placement is Placement.COST:  # every option priced
+            options, priced = self.placement.options(load, uncached, remote(prefill))
             prefill_worker, reason = cheapest(
                 options, uncached, self.config.min_remote_prefill_tokens, self.config.ttft_target_s
             )
-        else:
+        else:  # the threshold rule, and only its choice priced (the prediction is still recorded)
             prefill_worker, reason = self._choose_prefill(uncached, num_blocks, tm, prefill)
+            picked = [p for p in prefill if p.name == prefill_worker]
+            options, priced = self.placement.options(load, uncached, remote(picked))
         decision = Decision(chosen, prefill_worker, match.total, costs, reason, match)
         decision.predicted_ttft_s = next(o.seconds for o in options if o.worker == prefill_worker)
         decision.priced_from = priced

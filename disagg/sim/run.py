@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ def simulate(
     counters: dict[str, Any] = dict(
         cluster.counters,
         **_router_counts(cluster.router.counters),
+        **_prediction_error(cluster.router.latency.prediction_errors),
         workers=len(cluster.workers),
         killed=victims,
         staleness=cluster.staleness_summary(),
@@ -79,6 +81,12 @@ def simulate(
         counters["role_changes"] = [e.__dict__ for e in planner.timeline]
         counters["final_split"] = [len(cluster.prefill), len(cluster.decode)]
     return SimResult(records, max(ends), cluster.prefix_cache(), counters)
+
+
+def _prediction_error(errors: Iterable[float]) -> dict[str, float]:
+    """The routing decisions' TTFT predictions against the outcomes: median relative error (absent: none)."""
+    errors = list(errors)
+    return {"ttft_prediction_error_median": statistics.median(errors)} if errors else {}
 
 
 def _router_counts(counters: RouterCounters) -> dict[str, int]:
