@@ -18,7 +18,7 @@ import dataclasses
 import enum
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -89,45 +89,52 @@ class ClusterCollector:
         yield from queue_metrics(snap.queue)
 
 
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _counter(name: str, text: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, text)
+    family.add_metric([], value)
+    return family
+
+
+def _by_enum(name: str, text: str, label: str, counts: Mapping[_E, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, text, labels=[label])
+    for key, n in sorted(counts.items(), key=lambda item: item[0].value):
+        family.add_metric([key.value], n)
+    return family
+
+
 def router_metrics(counters: RouterCounters) -> Iterator[Metric]:
-    migrations = CounterMetricFamily("disagg:migrations", "Requests moved to another worker mid-stream")
-    migrations.add_metric([], counters.migrations)
-    yield migrations
-    paths = CounterMetricFamily(
+    yield _counter("disagg:migrations", "Requests moved to another worker mid-stream", counters.migrations)
+    yield _by_enum(
         "disagg:requests_by_path",
         "Served requests by how their prefill ran (disaggregated, local, peer_prefix, fallback, migrated)",
-        labels=["path"],
+        "path",
+        counters.paths,
     )
-    for path, n in sorted(counters.paths.items()):
-        paths.add_metric([path.value], n)
-    yield paths
-    fallbacks = CounterMetricFamily(
+    yield _by_enum(
         "disagg:fallbacks",
         "Remote prefill / peer prefix failures that fell back to computing on the decode worker",
-        labels=["kind"],
+        "kind",
+        counters.fallbacks,
     )
-    for kind, n in sorted(counters.fallbacks.items()):
-        fallbacks.add_metric([kind.value], n)
-    yield fallbacks
-    placements = CounterMetricFamily(
+    yield _by_enum(
         "disagg:placements",
         "Routing decisions by what priced their prefill placement: the workers' measured step times, or the prior",
-        labels=["priced_from"],
+        "priced_from",
+        counters.placements,
     )
-    for priced, n in sorted(counters.placements.items()):
-        placements.add_metric([priced.value], n)
-    yield placements
-    predictions = CounterMetricFamily(
-        "disagg:ttft_predictions", "Finished requests whose routing decision predicted their time to first token"
+    yield _counter(
+        "disagg:ttft_predictions",
+        "Finished requests whose routing decision predicted their time to first token",
+        counters.ttft_predictions,
     )
-    predictions.add_metric([], counters.ttft_predictions)
-    yield predictions
-    error = CounterMetricFamily(
+    yield _counter(
         "disagg:ttft_prediction_error",
         "Sum of |predicted - actual| / actual time to first token (from routing); divide by disagg:ttft_predictions",
+        counters.ttft_prediction_error,
     )
-    error.add_metric([], counters.ttft_prediction_error)
-    yield error
 
 
 def worker_metrics(workers: list[WorkerView]) -> Iterator[Metric]:
