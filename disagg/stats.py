@@ -117,11 +117,11 @@ class WorkerStats(WireMessage):
         )
 
     def step_model(self) -> StepCoefficients | None:
-        parts = (self.step_base_s, self.step_s_per_new_token, self.step_s_per_seq, self.step_s_per_kpair)
-        if any(p is None for p in parts):
+        base, per_token = self.step_base_s, self.step_s_per_new_token
+        per_seq, per_attn = self.step_s_per_seq, self.step_s_per_kpair
+        if base is None or per_token is None or per_seq is None or per_attn is None:
             return None
-        base, per_token, per_seq, per_attn = parts
-        return StepCoefficients(base, per_token, per_seq, per_attn)  # type: ignore[arg-type]
+        return StepCoefficients(base, per_token, per_seq, per_attn)
 
     def chunk_rule(self, block_size: int) -> ChunkRule | None:
         """None: a worker that does not report its rule (an older one, a stand-in)."""
@@ -147,10 +147,9 @@ class RouterCounters(WireMessage):
     def placed(self, priced_from: PricedFrom) -> None:
         self.placements[priced_from] = self.placements.get(priced_from, 0) + 1
 
-    def predicted(self, predicted_s: float, actual_s: float) -> None:
-        if actual_s > 0:
-            self.ttft_predictions += 1
-            self.ttft_prediction_error += abs(predicted_s - actual_s) / actual_s
+    def predicted(self, relative_error: float) -> None:
+        self.ttft_predictions += 1
+        self.ttft_prediction_error += relative_error
 
     def served(self, path: ServePath) -> None:
         self.paths[path] = self.paths.get(path, 0) + 1

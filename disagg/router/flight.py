@@ -231,8 +231,10 @@ def apply_latency(latency: LatencyWindow, counters: RouterCounters, action: Reco
     latency.record(action.arrival, action.first_token, action.end, action.tokens)
     if action.predicted_ttft_s is not None and action.routed_at is not None:
         actual = action.first_token - action.routed_at
-        counters.predicted(action.predicted_ttft_s, actual)
-        latency.record_prediction(action.predicted_ttft_s, actual)
+        if actual > 0:
+            error = abs(action.predicted_ttft_s - actual) / actual
+            counters.predicted(error)
+            latency.record_prediction(error)
 
 
 class IllegalEvent(RuntimeError):

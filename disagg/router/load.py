@@ -152,11 +152,10 @@ class LatencyWindow:
     # |predicted - actual| / actual TTFT (from routing) of recent first attempts whose decision predicted it
     prediction_errors: deque = field(default_factory=deque)
 
-    def record_prediction(self, predicted_s: float, actual_s: float) -> None:
-        if actual_s > 0:
-            self.prediction_errors.append(abs(predicted_s - actual_s) / actual_s)
-            while len(self.prediction_errors) > self.max_samples:
-                self.prediction_errors.popleft()
+    def record_prediction(self, relative_error: float) -> None:
+        self.prediction_errors.append(relative_error)
+        while len(self.prediction_errors) > self.max_samples:
+            self.prediction_errors.popleft()
 
     def record(self, started: float, first_token: float, finished: float, num_tokens: int) -> None:
         tpot = (finished - first_token) / (num_tokens - 1) if num_tokens > 1 else None
