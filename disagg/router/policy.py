@@ -84,9 +84,9 @@ class PolicyConfig:
             "worker has queue room) | cost (lowest predicted time to first token, from measured step times)",
         },
     )
+    ttft_target_s: float = 0.0  # cost placement: the TTFT SLO it places for (0: the lowest predicted TTFT)
     # cost placement's prior, for a worker with no measured step-time model yet: the default model's step times
     # on a 2-core CPU (bench/results/time_model.json) and a KV read per block (docs/benchmarks.md, NIXL reads)
-    ttft_target_s: float = 0.0  # cost placement: the TTFT SLO it places for (0: the lowest predicted TTFT)
     prior_step_base_s: float = 0.05
     prior_step_s_per_token: float = 0.00225
     prior_step_s_per_seq: float = 0.0032
