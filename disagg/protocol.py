@@ -166,11 +166,20 @@ class Request(WireMessage):
     cache_salt: str | None = None  # block hashes chain from this salt (disagg/isolation.py); None: unsalted
     tenant: str | None = None  # namespaces the session's pins (None: the default tenant)
     created: int = 0  # the API answer's `created` (unix seconds): a resumed stream repeats it (http/resume.py)
+    # agent hints (http/hints.py), read by the router only: the output length the caller expects (the load book
+    # counts it as decode work instead of max_tokens), and a head start in the caller's own admission queue
+    expected_output_tokens: int | None = None
+    queue_head_start_s: float = 0.0
 
     @property
     def num_tokens(self) -> int:
         """Tokens whose KV must exist before the next one is sampled (prompt + resumed output)."""
         return len(self.prompt_token_ids) + len(self.resume_token_ids)
+
+    def output_estimate(self) -> int:
+        """The output tokens to count this request for: the caller's expectation, never past max_tokens."""
+        hint = self.expected_output_tokens
+        return self.sampling.max_tokens if hint is None else min(hint, self.sampling.max_tokens)
 
     def resumed(self, token_ids: list[int], num_chars: int) -> Request:
         """This request continued after `token_ids` (output already delivered, `num_chars` of text)."""
@@ -186,6 +195,7 @@ class TokenDelta(WireMessage):
     token_ids: list[int]
     text: str = ""
     finish_reason: FinishReason | None = None
+    matched_stop: str | None = None  # the stop string that ended the request (finish_reason "stop"), if one did
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     # per token of `token_ids`, when the request asked for logprobs: [token_id, logprob, [[id, logprob], ...]]

@@ -243,6 +243,12 @@ class RouterMetrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.ignored_hints = Counter(
+            "disagg:ignored_hints",
+            "Agent hints (nvext, kv_hints) accepted but not used, by hint name (unknown names: 'other')",
+            ["hint"],
+            registry=r,
+        )
         if cluster is not None:
             r.register(ClusterCollector(cluster))
 

@@ -341,7 +341,7 @@ class LLMEngine:
         self, seq: Sequence, token: int, imported: bool = False, logprobs: list | None = None
     ) -> TokenDelta:
         sp = seq.sampling
-        reason = None
+        reason = matched_stop = None
         visible = True
         if imported:
             seq.first_token_time = time.monotonic()
@@ -356,11 +356,8 @@ class LLMEngine:
                 seq.token_ids, seq.prefix_offset, seq.read_offset
             )
             seq.text += new_text
-            for stop in sp.stop:
-                cut = seq.text.find(stop, max(0, seq.num_emitted_chars - len(stop)))
-                if cut != -1:
-                    seq.text = seq.text[:cut]
-                    reason = FinishReason.STOP.value
+            if (matched_stop := seq.cut_at_stop()) is not None:
+                reason = FinishReason.STOP.value
         if reason is not None:
             self._retire(seq, reason)
         # Hold back text that could be the start of a stop string until it is decided.
@@ -373,6 +370,7 @@ class LLMEngine:
             token_ids=[token],
             text=text,
             finish_reason=FinishReason(reason) if reason is not None else None,
+            matched_stop=matched_stop,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=[logprobs] if logprobs is not None and sp.logprobs is not None else None,

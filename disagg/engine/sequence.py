@@ -91,3 +91,17 @@ class Sequence:
         for i in range(len(self.block_hashes), self.num_tokens // bs):
             parent = self.block_hashes[-1] if self.block_hashes else self.root_hash
             self.block_hashes.append(hash_block_tokens(parent, self.token_ids[i * bs : (i + 1) * bs]))
+
+    def cut_at_stop(self) -> str | None:
+        """Cut the text where a stop string first occurs (only where new text could complete one); the stop
+        string it matched, or None."""
+        found = [
+            (cut, stop)
+            for stop in self.sampling.stop
+            if (cut := self.text.find(stop, max(0, self.num_emitted_chars - len(stop)))) != -1
+        ]
+        if not found:
+            return None
+        cut, stop = min(found)  # the earliest in the text
+        self.text = self.text[:cut]
+        return stop

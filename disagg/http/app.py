@@ -1,8 +1,10 @@
 """The HTTP front door (FastAPI): builds the app over a routing core - OpenAI-compatible generation (http/openai.py),
-probes and /metrics (http/probes.py), operator endpoints (http/admin.py) - with the API-key middleware
-(http/auth.py) and the error handlers (http/errors.py, the one place errors map to HTTP).
+the OpenAI Responses API (http/responses.py) and Anthropic's Messages API (http/messages.py), all served through
+one http/serving.py; probes and /metrics (http/probes.py), operator endpoints (http/admin.py) - with the API-key
+middleware (http/auth.py) and the error handlers (http/errors.py, the one place errors map to HTTP).
 
-Errors are OpenAI-shaped; an unexpected exception is a JSON 500, never a plain-text one.
+Errors are in each API's shape (OpenAI's; Anthropic's on /v1/messages); an unexpected exception is a JSON 500,
+never a plain-text one.
 
 Lifecycle: the app's lifespan only starts the core's background tasks on the server's event loop
 (`RouterCore.start`: admission dispatch, health supervisor, planner loop) and stops them on shutdown
@@ -21,8 +23,12 @@ from disagg.http.auth import AuthAndCount
 from disagg.http.config import ApiConfig
 from disagg.http.errors import install_error_handlers
 from disagg.http.keys import KeyRing
+from disagg.http.messages import add_messages_routes
 from disagg.http.openai import add_openai_routes
 from disagg.http.probes import add_metrics_route, add_probe_routes
+from disagg.http.response_store import ResponseStore
+from disagg.http.responses import add_responses_routes
+from disagg.http.serving import Server
 from disagg.router.metrics_view import cluster_snapshot
 from disagg.router.router import RouterCore
 from disagg.telemetry import RouterMetrics
@@ -46,5 +52,8 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
     add_probe_routes(app, core.health)
     add_admin_routes(app, core.health, core.roles, core.planner)
     add_metrics_route(app, metrics)
-    add_openai_routes(app, core, tokenizer, config, metrics)
+    server = Server(core, config, metrics)
+    add_openai_routes(app, server, tokenizer)
+    add_responses_routes(app, server, tokenizer, ResponseStore(config.responses))
+    add_messages_routes(app, server, tokenizer)
     return app

@@ -1,15 +1,16 @@
-"""The front door's ASGI middleware: who is calling (http/keys.py: API key -> Caller; 401 for a wrong key, 403 for
-/admin without the admin scope, 429 for a spent rate limit), and a request counter by endpoint and status for every
-request, whatever its answer."""
+"""The front door's ASGI middleware: who is calling (http/keys.py: API key -> Caller, from `Authorization: Bearer`
+or Anthropic's `x-api-key`; 401 for a wrong key, 403 for /admin without the admin scope, 429 for a spent rate
+limit), and a request counter by endpoint and status for every request, whatever its answer."""
 
 from __future__ import annotations
 
 from disagg.errors import DisaggError
-from disagg.http.errors import error_response, status_and_type
-from disagg.http.keys import KeyRing
+from disagg.http.errors import dialect_of, error_response, status_and_type
+from disagg.http.keys import BEARER, KeyRing
 from disagg.telemetry import RouterMetrics
 
 TENANT_HEADER = "x-tenant-id"  # names the tenant only when no keys are configured
+API_KEY_HEADER = "x-api-key"  # how Anthropic's clients send the key (OpenAI's: Authorization: Bearer)
 GUARDED = ("/v1/", "/admin/")
 ADMIN = "/admin/"
 
@@ -29,16 +30,19 @@ class AuthAndCount:
         if path.startswith(GUARDED):
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             client = scope.get("client")
+            authorization = headers.get("authorization", "")
+            if not authorization and API_KEY_HEADER in headers:
+                authorization = BEARER + headers[API_KEY_HEADER]
             try:
                 caller = self.keys.admit(
-                    headers.get("authorization", ""),
+                    authorization,
                     headers.get(TENANT_HEADER),
                     admin_path=path.startswith(ADMIN),
                     client_host=client[0] if client else None,
                 )
             except DisaggError as exc:
                 self.metrics.requests.labels(path, str(status_and_type(exc)[0])).inc()
-                await error_response(exc)(scope, receive, send)
+                await error_response(exc, dialect=dialect_of(path))(scope, receive, send)
                 return
             state = scope.setdefault("state", {})
             state["caller"], state["tenant"] = caller, caller.tenant

@@ -16,6 +16,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from disagg.errors import InsecureExposure
+from disagg.http.response_store import ResponseStoreConfig
 from disagg.isolation import DEFAULT_TENANT, IsolationConfig
 
 MAX_PRIORITY = 100  # the API's priority range is [-100, 100] (http/schemas.py, http/inputs.py)
@@ -44,6 +45,7 @@ class ApiConfig:
     keys: dict[str, ApiKey] | None = None  # key -> full grant (the keys file)
     disconnect_poll_s: float = 0.25
     isolation: IsolationConfig = field(default_factory=IsolationConfig)  # cache salts: tenants, share groups
+    responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)  # previous_response_id's store
 
     def grants(self) -> dict[str, ApiKey]:
         """Every configured key with its grant; empty: no keys (the open, loopback-only mode)."""

@@ -3,12 +3,17 @@
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
 Types follow OpenAI's (clients key their retry logic off the status: 429 and 5xx are retried by the official
-clients, 4xx are not).  A 429 carries `Retry-After`.  `install_error_handlers` puts the same mapping in front of
+clients, 4xx are not).  A 429 carries `Retry-After`.  The Anthropic Messages API (`/v1/messages`) answers in its
+own dialect, with the same statuses:
+
+    {"type": "error", "error": {"type": ..., "message": ...}}
+  `install_error_handlers` puts the same mapping in front of
 FastAPI's own errors (validation, 404/405) and of anything unexpected (a JSON 500, never a plain-text one).
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 
@@ -47,6 +52,28 @@ _TABLE: list[tuple[type[DisaggError], int, str]] = [
 ]
 
 
+class Dialect(enum.Enum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+ANTHROPIC_PATHS = ("/v1/messages",)
+# Anthropic's error types by status (its docs' table; 503 is its "overloaded_error", which it sends as 529)
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def dialect_of(path: str) -> Dialect:
+    return Dialect.ANTHROPIC if path.startswith(ANTHROPIC_PATHS) else Dialect.OPENAI
+
+
 def status_and_type(exc: DisaggError) -> tuple[int, str]:
     for cls, status, type_ in _TABLE:
         if isinstance(exc, cls):
@@ -54,24 +81,32 @@ def status_and_type(exc: DisaggError) -> tuple[int, str]:
     return 500, "server_error"
 
 
-def error_body(exc: DisaggError) -> dict:
-    _, type_ = status_and_type(exc)
-    return {"error": {"message": exc.message, "type": type_, "param": exc.param, "code": exc.code}}
+def _body(status: int, type_: str, message: str, param: str | None, code: str | None, dialect: Dialect) -> dict:
+    if dialect is Dialect.ANTHROPIC:
+        return {"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message}}
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(exc: DisaggError, extra: dict | None = None) -> JSONResponse:
+def error_body(exc: DisaggError, dialect: Dialect = Dialect.OPENAI) -> dict:
+    status, type_ = status_and_type(exc)
+    return _body(status, type_, exc.message, exc.param, exc.code, dialect)
+
+
+def error_response(exc: DisaggError, extra: dict | None = None, dialect: Dialect = Dialect.OPENAI) -> JSONResponse:
     status, _ = status_and_type(exc)
     headers = {}
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
-    content = error_body(exc)
+    content = error_body(exc, dialect)
     if extra:
         content.update(extra)
     return JSONResponse(status_code=status, content=content, headers=headers)
 
 
-def sse_error(exc: DisaggError) -> str:
+def sse_error(exc: DisaggError, dialect: Dialect = Dialect.OPENAI) -> str:
     """The error as one SSE event (what a stream sends when it fails after its headers went out)."""
+    if dialect is Dialect.ANTHROPIC:
+        return f"event: error\ndata: {json.dumps(error_body(exc, dialect))}\n\n"
     return f"data: {json.dumps(error_body(exc))}\n\n"
 
 
@@ -80,30 +115,33 @@ def unexpected(exc: BaseException) -> InternalError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as an OpenAI-shaped JSON body with its status (the table above)."""
+    """Every error leaves as a JSON body of its API's dialect with its status (the table above)."""
 
     @app.exception_handler(DisaggError)
-    async def _disagg_error(_: HTTPRequest, exc: DisaggError):
-        return error_response(exc)
+    async def _disagg_error(http: HTTPRequest, exc: DisaggError):
+        return error_response(exc, dialect=dialect_of(http.url.path))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: HTTPRequest, exc: RequestValidationError):
+    async def _validation_error(http: HTTPRequest, exc: RequestValidationError):
+        dialect = dialect_of(http.url.path)
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(InvalidRequest("request body is not valid JSON", code="invalid_json"))
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
-        return error_response(InvalidRequest(message, param=".".join(loc) or None, code=first.get("type")))
+        invalid = InvalidRequest(message, param=".".join(loc) or None, code=first.get("type"))
+        if first.get("type") == "json_invalid":
+            invalid = InvalidRequest("request body is not valid JSON", code="invalid_json")
+        return error_response(invalid, dialect=dialect)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: HTTPRequest, exc: StarletteHTTPException):
+    async def _http_error(http: HTTPRequest, exc: StarletteHTTPException):
+        dialect = dialect_of(http.url.path)
         if exc.status_code == 404:
-            return error_response(NotFound(str(exc.detail)))
-        if exc.status_code < 500:  # e.g. 405 method not allowed: keep the status, OpenAI-shaped body
-            body = {"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}}
+            return error_response(NotFound(str(exc.detail)), dialect=dialect)
+        if exc.status_code < 500:  # e.g. 405 method not allowed: keep the status, in the API's error shape
+            body = _body(exc.status_code, "invalid_request_error", str(exc.detail), None, None, dialect)
             return JSONResponse(status_code=exc.status_code, content=body)
-        return error_response(unexpected(exc))
+        return error_response(unexpected(exc), dialect=dialect)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: HTTPRequest, exc: Exception):
-        return error_response(unexpected(exc))
+    async def _unexpected(http: HTTPRequest, exc: Exception):
+        return error_response(unexpected(exc), dialect=dialect_of(http.url.path))

@@ -71,10 +71,10 @@ def tokenize_prompt(prompt: str | list[int] | list[str], tokenizer: Tokenizer) -
     return ids
 
 
-def priority_of(body: Any, headers: Mapping[str, str]) -> int:
+def priority_of(priority: int | None, headers: Mapping[str, str]) -> int:
     """The body's `priority`, else the X-Priority header, else 0 (higher = more important)."""
-    if body.priority is not None:
-        return body.priority
+    if priority is not None:
+        return priority
     header = headers.get(PRIORITY_HEADER)
     if header is None:
         return 0
@@ -88,14 +88,39 @@ def priority_of(body: Any, headers: Mapping[str, str]) -> int:
 
 
 def chat_prompt(body: Any, tokenizer: Tokenizer) -> tuple[list[int], set[str] | None]:
-    """The chat request's prompt token ids (tools shown to the model through the template, or described in the
-    system message when the template has no tool support), and the tool names to parse out of the answer (None:
-    do not parse)."""
-    tools = body.offered_tools()
-    messages, extra = template_messages([m.for_template() for m in body.messages], tools, tokenizer.chat_template)
+    """The chat request's prompt token ids and the tool names to parse out of its answer (`conversation_prompt`)."""
+    return conversation_prompt([m.for_template() for m in body.messages], body.offered_tools(), tokenizer)
+
+
+def conversation_prompt(
+    conversation: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None,
+    tokenizer: Tokenizer,
+    param: str = "messages",
+) -> tuple[list[int], set[str] | None]:
+    """Prompt token ids of chat messages (the template's form) with chat-format `tools` (shown to the model through
+    the template, or described in the system message when the template has no tool support), and the tool names
+    to parse out of the answer (None: do not parse).  Every API with a conversation comes through here, so the
+    same conversation is the same prompt whichever API sent it."""
+    messages, extra = template_messages(conversation, tools, tokenizer.chat_template)
     try:
         ids = tokenizer.encode_chat(messages, **extra)
     except ValueError as exc:
-        raise InvalidRequest(str(exc), param="messages") from exc
-    parse = tools and template_parses_hermes(tokenizer.chat_template)
-    return ids, ({t["function"]["name"] for t in tools} if parse else None)
+        raise InvalidRequest(str(exc), param=param) from exc
+    if not tools or not template_parses_hermes(tokenizer.chat_template):
+        return ids, None
+    return ids, {t["function"]["name"] for t in tools}
+
+
+def check_tool_results(messages: list[dict[str, Any]], param: str, answer: str, call: str) -> None:
+    """Every tool result (`answer`, e.g. Responses' function_call_output) answers a tool call (`call`) made earlier
+    in the conversation: a 400 naming the id otherwise."""
+    made: set[str] = set()
+    for m in messages:
+        made.update(c["id"] for c in m.get("tool_calls") or ())
+        if m["role"] == "tool" and m["tool_call_id"] not in made:
+            raise InvalidRequest(
+                f"{answer} {m['tool_call_id']!r} answers no {call} in the conversation",
+                param=param,
+                code="invalid_tool_result_id",
+            )

@@ -43,6 +43,9 @@ class _Sampling(BaseModel):
     deadline_s: float | None = Field(default=None, gt=0)  # must start within this, else 429 (server default)
     # vLLM's extension: requests with the same salt share prefix-cache hits across tenants (disagg/isolation.py)
     cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
+    # agent hints, read leniently (http/hints.py): whatever JSON they hold, never a 400
+    nvext: Any = None
+    kv_hints: Any = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

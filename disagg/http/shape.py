@@ -28,8 +28,10 @@ class Collected:
     logprobs: list[list] = field(default_factory=list)
     num_proposed_tokens: int = 0  # speculative decoding (cumulative on every delta: the last one counts)
     num_accepted_tokens: int = 0
+    matched_stop: str | None = None
 
     def add(self, delta: TokenDelta) -> None:
+        self.matched_stop = delta.matched_stop or self.matched_stop
         self.num_proposed_tokens = max(self.num_proposed_tokens, delta.num_proposed_tokens)
         self.num_accepted_tokens = max(self.num_accepted_tokens, delta.num_accepted_tokens)
         self.text += delta.text

@@ -133,6 +133,14 @@ async def timed(
         span.end()
 
 
+async def with_first(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
+    """A request's deltas from the first one, which is already here (nothing follows a finished first delta)."""
+    yield first
+    if not first.finished:
+        async for delta in deltas:
+            yield delta
+
+
 async def collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> Collected:
     """A non-streaming answer: every delta of the request, gathered."""
     answer = Collected(num_cached_tokens=first.num_cached_tokens)
@@ -197,13 +205,8 @@ async def sse(
             body["usage"] = use
         return event(json.dumps(body))
 
-    async def all_deltas() -> AsyncIterator[TokenDelta]:
-        if first is not None:
-            yield first
-            if first.finished:
-                return
-        async for delta in deltas:
-            yield delta
+    def all_deltas() -> AsyncIterator[TokenDelta]:
+        return with_first(first, deltas) if first is not None else deltas
 
     try:
         if shape.chat and skip_to is None:

@@ -83,6 +83,11 @@ class Entry:
     waiter: asyncio.Future[None] | None = None  # set by the async wrapper (a future resolved on dispatch or rejection)
     order: int = 0
     worker: str | None = None  # routed on arrival (rescore off): dispatched only when this worker has room
+    head_start_s: float = 0.0  # counts as having arrived this much earlier, in its tenant's own queue only
+
+    @property
+    def ranked_arrival(self) -> float:
+        return self.arrived - self.head_start_s
 
 
 class AdmissionQueue:
@@ -131,7 +136,13 @@ class AdmissionQueue:
         band = self._bands.setdefault(entry.priority, {})
         if entry.tenant not in band or not band[entry.tenant]:
             self._activate(entry.tenant, band)
-        band.setdefault(entry.tenant, deque()).append(entry)
+        queue = band.setdefault(entry.tenant, deque())
+        # behind every entry that ranks earlier (FIFO without head starts); a head start never jumps another
+        # tenant's fair share nor a higher band, only the tenant's own later arrivals (Dynamo's latency_sensitivity)
+        at = len(queue)
+        while at > 0 and queue[at - 1].ranked_arrival > entry.ranked_arrival:
+            at -= 1
+        queue.insert(at, entry)
         self.num_queued += 1
         self.queued_tokens += entry.tokens
         return victims

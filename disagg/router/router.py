@@ -320,7 +320,7 @@ class RouterCore:
             return decision
 
         def begin(decision: Decision, attempt: Request) -> LoadTicket:
-            ticket = self.begin(decision, attempt.num_tokens, self.block_hashes(attempt), attempt.sampling.max_tokens)
+            ticket = self.begin(decision, attempt.num_tokens, self.block_hashes(attempt), attempt.output_estimate())
             self._dispatched(request.request_id)  # counted: the admission queue may dispatch the next one
             return ticket
 
@@ -348,6 +348,7 @@ class RouterCore:
         queue = self.admission.queue
         limit = min(deadline_s or queue.config.default_deadline_s, queue.config.max_deadline_s)
         entry = Entry(request.request_id, tenant, priority, request.num_tokens, now, now + limit)
+        entry.head_start_s = request.queue_head_start_s
         first_decision = None
         if not self.config.rescore_on_dispatch:
             first_decision = self.route(request, session)

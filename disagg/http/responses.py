@@ -1,0 +1,256 @@
+"""The OpenAI Responses API: `POST /v1/responses` (JSON or SSE), `GET` and `DELETE /v1/responses/{id}`.
+
+A request becomes a chat conversation (http/responses_schema.py) - after the stored one it continues when it names
+`previous_response_id` - and is served like a chat completion (http/serving.py), so the same conversation gives
+the same tokens through either API.  The answer is a Response object: a `message` output item with the text, then
+one `function_call` item per tool call the model made.  Streaming sends the Responses event types in order:
+
+    response.created, response.in_progress,
+    [response.output_item.added, response.content_part.added, response.output_text.delta..., response.output_text.done,
+     response.content_part.done, response.output_item.done]              (the message, when there is text)
+    [response.output_item.added, response.function_call_arguments.delta, response.function_call_arguments.done,
+     response.output_item.done]...                                        (each function call)
+    response.completed | response.incomplete (max_output_tokens reached)
+
+each as `event: <type>` with a `sequence_number`; a failure after the headers went out is an `error` event and
+`response.failed`.  With `store` (the default), the finished response is kept (http/response_store.py) for
+`previous_response_id` and GET: per tenant, bounded, with a TTL.  A follow-up turn continues the first turn's
+session, so it is routed to the worker that holds the conversation's KV.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+
+from disagg.engine.tokenizer import Tokenizer
+from disagg.errors import DisaggError
+from disagg.http.errors import error_body, unexpected
+from disagg.http.inputs import check_model, check_tool_results, conversation_prompt, sampling_params
+from disagg.http.response_store import ResponseStore, StoredResponse
+from disagg.http.responses_schema import ResponsesRequest, items_to_messages
+from disagg.http.resume import Cursor
+from disagg.http.serving import CallOptions, Server
+from disagg.http.shape import AnswerShape, Collected
+from disagg.http.stream import with_first
+from disagg.protocol import FinishReason, Request, TokenDelta
+
+MAX_OUTPUT = "max_output_tokens"
+IN_PROGRESS, COMPLETED = "in_progress", "completed"
+
+
+def _item_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+
+def _call_item(call: dict[str, Any], status: str, arguments: str | None = None) -> dict[str, Any]:
+    function = call["function"]
+    return {
+        "type": "function_call",
+        "id": _item_id("fc"),
+        "call_id": call["id"],
+        "name": function["name"],
+        "arguments": function["arguments"] if arguments is None else arguments,
+        "status": status,
+    }
+
+
+@dataclass
+class ResponsesRender:
+    """One request's Response object and events; `on_done` gets the finished answer (the assistant message in
+    chat form, and the Response object)."""
+
+    body_in: ResponsesRequest
+    model: str
+    shape: AnswerShape
+    on_done: Callable[[dict[str, Any], dict[str, Any]], None]  # (assistant chat message, Response object)
+    response_id: str = field(default_factory=lambda: _item_id("resp"))
+    created_at: int = 0
+
+    def response(
+        self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None, error: dict | None = None
+    ) -> dict[str, Any]:
+        b = self.body_in
+        return {
+            "id": self.response_id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "error": error,
+            "incomplete_details": {"reason": MAX_OUTPUT} if status == "incomplete" else None,
+            "instructions": b.instructions,
+            "max_output_tokens": b.max_output_tokens,
+            "model": self.model,
+            "output": output,
+            "parallel_tool_calls": b.parallel_tool_calls is not False,
+            "previous_response_id": b.previous_response_id,
+            "store": b.store,
+            "temperature": b.temperature,
+            "text": {"format": {"type": "text"}},
+            "tool_choice": b.tool_choice or "auto",
+            "tools": [t.model_dump(exclude_none=True) for t in b.tools or ()],
+            "top_p": b.top_p,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": b.user,
+            "metadata": b.metadata or {},
+        }
+
+    @staticmethod
+    def usage(n_prompt: int, n_out: int, cached: int) -> dict[str, Any]:
+        return {
+            "input_tokens": n_prompt,
+            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+            "output_tokens": n_out,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": n_prompt + n_out,
+        }
+
+    def _finish(self, message: dict[str, Any], output: list, usage: dict, length: bool) -> dict[str, Any]:
+        body = self.response("incomplete" if length else COMPLETED, output, usage)
+        self.on_done(message, body)
+        return body
+
+    def body(self, request: Request, answer: Collected) -> dict[str, Any]:
+        self.created_at = request.created
+        choice = self.shape.final_choice(answer)
+        message = choice["message"]
+        output = [_message_item(_item_id("msg"), message["content"], "completed")] if message["content"] else []
+        output += [_call_item(call, "completed") for call in message.get("tool_calls") or ()]
+        usage = self.usage(len(request.prompt_token_ids), answer.num_tokens, answer.num_cached_tokens)
+        return self._finish(message, output, usage, answer.finish_reason == FinishReason.LENGTH)
+
+    async def events(
+        self, first: TokenDelta, deltas: AsyncGenerator[TokenDelta, None], request: Request, cursor: Cursor
+    ) -> AsyncIterator[str]:
+        self.created_at = request.created
+        sse = _Events()
+        msg_id, text = _item_id("msg"), ""
+        calls: list[dict[str, Any]] = []
+        output: list[dict[str, Any]] = []
+        n_out, reason = 0, None
+        at = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+        yield sse("response.created", response=self.response("in_progress", [], None))
+        yield sse("response.in_progress", response=self.response("in_progress", [], None))
+        try:
+            async for delta in with_first(first, deltas):
+                n_out += len(delta.token_ids)
+                choice = self.shape.stream_choice(delta)
+                if choice is None:
+                    continue
+                piece = choice["delta"].get("content") or ""
+                if piece and not text:
+                    yield sse("response.output_item.added", output_index=0, item=_message_item(msg_id, "", IN_PROGRESS))
+                    part = {"type": "output_text", "text": "", "annotations": []}
+                    yield sse("response.content_part.added", **at, part=part)
+                if piece:
+                    text += piece
+                    yield sse("response.output_text.delta", **at, delta=piece, logprobs=[])
+                calls += choice["delta"].get("tool_calls") or []
+                reason = choice["finish_reason"] or reason
+            if text:
+                item = _message_item(msg_id, text, COMPLETED)
+                yield sse("response.output_text.done", **at, text=text, logprobs=[])
+                yield sse("response.content_part.done", **at, part=item["content"][0])
+                yield sse("response.output_item.done", output_index=0, item=item)
+                output.append(item)
+            for call in calls:
+                for event in _call_events(sse, call, output):
+                    yield event
+            message: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                message["tool_calls"] = [{k: c[k] for k in ("id", "type", "function")} for c in calls]
+            usage = self.usage(len(request.prompt_token_ids), n_out, first.num_cached_tokens)
+            length = reason == FinishReason.LENGTH
+            body = self._finish(message, output, usage, length)
+            yield sse("response.incomplete" if length else "response.completed", response=body)
+        except Exception as exc:  # never a silently cut stream
+            err = error_body(exc if isinstance(exc, DisaggError) else unexpected(exc))["error"]
+            yield sse("error", code=err["code"], message=err["message"], param=err["param"])
+            error = {"code": err["code"] or "server_error", "message": err["message"]}
+            yield sse("response.failed", response=self.response("failed", output, None, error))
+        finally:
+            await deltas.aclose()
+
+
+class _Events:
+    """SSE events of one response, numbered in order (`sequence_number`)."""
+
+    def __init__(self) -> None:
+        self.seq = 0
+
+    def __call__(self, type_: str, **fields: Any) -> str:
+        data = json.dumps({"type": type_, "sequence_number": self.seq, **fields})
+        self.seq += 1
+        return f"event: {type_}\ndata: {data}\n\n"
+
+
+def _call_events(sse: _Events, call: dict[str, Any], output: list[dict[str, Any]]) -> list[str]:
+    """The events of one function call item (its arguments in one delta: they are parsed whole), appended to
+    `output`."""
+    index, item = len(output), _call_item(call, IN_PROGRESS, arguments="")
+    ids = {"item_id": item["id"], "output_index": index}
+    arguments = call["function"]["arguments"]
+    done = {**item, "arguments": arguments, "status": COMPLETED}
+    output.append(done)
+    return [
+        sse("response.output_item.added", output_index=index, item=item),
+        sse("response.function_call_arguments.delta", **ids, delta=arguments),
+        sse("response.function_call_arguments.done", **ids, arguments=arguments),
+        sse("response.output_item.done", output_index=index, item=done),
+    ]
+
+
+def _forget(message: dict[str, Any], response: dict[str, Any]) -> None:
+    """`store: false`: nothing kept."""
+
+
+def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, store: ResponseStore) -> None:
+    config = server.config
+
+    @app.post("/v1/responses")
+    async def create(body: ResponsesRequest, http: HTTPRequest):
+        check_model(body.model, config.model_name)
+        tenant = http.state.caller.tenant
+        previous = store.get(tenant, body.previous_response_id) if body.previous_response_id else None
+        history = list(previous.messages) if previous is not None else []
+        turn = items_to_messages(body.items())
+        check_tool_results(history + turn, "input", "function_call_output call_id", "function_call")
+        system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        ids, tools = conversation_prompt(system + history + turn, body.offered_tools(), tokenizer, param="input")
+        sampling = sampling_params(body, body.max_output_tokens, len(ids), config.max_model_len)
+        parallel = body.parallel_tool_calls is not False
+        shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=parallel)
+        render = ResponsesRender(body, config.model_name, shape, on_done=_forget)
+        # the conversation is the session: a follow-up continues its first response's
+        session = previous.session if previous is not None else render.response_id
+        options = CallOptions.of(body, session=session)
+        request, caller = server.request("resp", options, ids, sampling, http, request_id=render.response_id)
+        if body.store:
+
+            def keep(message: dict[str, Any], response: dict[str, Any]) -> None:
+                stored = StoredResponse(render.response_id, session, history + turn + [message], response)
+                store.put(tenant, stored)
+
+            render.on_done = keep
+        return await server.generate(request, caller, options, http, shape, render)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve(response_id: str, http: HTTPRequest):
+        return store.get(http.state.caller.tenant, response_id).body
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete(response_id: str, http: HTTPRequest):
+        store.delete(http.state.caller.tenant, response_id)
+        return {"id": response_id, "object": "response", "deleted": True}

@@ -1,0 +1,189 @@
+"""One generation call through the routing core, shared by every API (chat, completions, responses, messages).
+
+Each API reads its body into a prompt, SamplingParams and `CallOptions`, and says how to answer (`Render`: a
+whole JSON body, or SSE events).  `Server.generate` does the rest the same way for all of them: the caller's
+tenant salts the cache and scopes the session, the priority is checked against the key (a hinted one is capped
+instead), the request waits in admission and streams from its workers.  A streaming request is only answered 200
+once its first token exists, so a request that cannot be served gets a real status; a client that hangs up
+cancels its request everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import StreamingResponse
+
+from disagg.errors import InvalidRequest, ServiceUnavailable
+from disagg.http.config import ApiConfig
+from disagg.http.errors import error_response
+from disagg.http.hints import Hints, read_hints
+from disagg.http.inputs import priority_of
+from disagg.http.keys import Caller, check_priority
+from disagg.http.resume import Cursor
+from disagg.http.shape import AnswerShape, Collected
+from disagg.http.stream import (
+    ClientGone,
+    Running,
+    collect,
+    request_span,
+    timed,
+    until_disconnect,
+    without_trace_context,
+)
+from disagg.isolation import scoped_tenant
+from disagg.protocol import Request, SamplingParams, TokenDelta
+from disagg.router.policy import Decision
+from disagg.router.router import RouterCore
+from disagg.telemetry import RouterMetrics
+
+SESSION_HEADER = "x-session-id"
+
+
+@dataclass
+class CallOptions:
+    """What a call asks of the core besides its prompt and sampling."""
+
+    stream: bool
+    session: str | None = None  # the body's session (chat: `user`); the X-Session-ID header wins
+    kv_retention_s: float | None = None
+    priority: int | None = None  # the body's; None: the X-Priority header, else a hinted one, else 0
+    deadline_s: float | None = None
+    cache_salt: str | None = None
+    hints: Hints = dataclasses.field(default_factory=Hints)
+
+    @classmethod
+    def of(cls, body: Any, session: str | None = None) -> CallOptions:
+        """From a body with the shared extension fields (http/schemas.py: chat, completions, responses)."""
+        return cls(
+            stream=body.stream,
+            session=session if session is not None else body.user,
+            kv_retention_s=body.kv_retention.ttl_s if body.kv_retention is not None else None,
+            priority=body.priority,
+            deadline_s=body.deadline_s,
+            cache_salt=body.cache_salt,
+            hints=read_hints(body.nvext, body.kv_hints),
+        )
+
+
+class Render(Protocol):
+    """How one API answers a request: a whole JSON body, or its SSE events (the first delta is already here)."""
+
+    def body(self, request: Request, answer: Collected) -> dict[str, Any]: ...
+
+    def events(
+        self, first: TokenDelta, deltas: AsyncGenerator[TokenDelta, None], request: Request, cursor: Cursor
+    ) -> AsyncIterator[str]: ...
+
+
+def _priority(options: CallOptions, headers: Mapping[str, str], caller: Caller) -> int:
+    """An asked-for priority above the key's cap is refused (403); a hinted one is capped: hints never fail."""
+    if options.priority is None and headers.get("x-priority") is None and options.hints.priority is not None:
+        return options.hints.capped_priority(caller.max_priority) or 0
+    priority = priority_of(options.priority, headers)
+    check_priority(caller, priority)
+    return priority
+
+
+class Server:
+    def __init__(self, core: RouterCore, config: ApiConfig, metrics: RouterMetrics) -> None:
+        self.core, self.config, self.metrics = core, config, metrics
+
+    def request(
+        self,
+        prefix: str,
+        options: CallOptions,
+        ids: list[int],
+        sampling: SamplingParams,
+        http: HTTPRequest,
+        request_id: str | None = None,
+    ) -> tuple[Request, Caller]:
+        """The core's Request for one call, and its caller (http/auth.py admitted it)."""
+        caller: Caller = http.state.caller
+        hints = options.hints
+        for hint in hints.ignored:
+            self.metrics.ignored_hints.labels(hint.value).inc()
+        if hints.greedy:
+            sampling = dataclasses.replace(sampling, temperature=0.0)
+        request = Request(
+            request_id or f"{prefix}-{uuid.uuid4().hex}",
+            ids,
+            sampling,
+            session_id=http.headers.get(SESSION_HEADER) or options.session,
+            kv_retention_s=options.kv_retention_s or hints.retention_s,
+            priority=_priority(options, http.headers, caller),
+            cache_salt=self.config.isolation.cache_salt(caller.tenant, options.cache_salt),  # no hit crosses tenants
+            tenant=scoped_tenant(caller.tenant),  # nor does a session id
+            created=int(time.time()),
+            expected_output_tokens=hints.expected_output_tokens,
+            queue_head_start_s=hints.latency_sensitivity_s,
+        )
+        return request, caller
+
+    async def generate(
+        self,
+        request: Request,
+        caller: Caller,
+        options: CallOptions,
+        http: HTTPRequest,
+        shape: AnswerShape,
+        render: Render,
+    ):
+        """Serve `request`: a StreamingResponse of `render`'s events, or its JSON body."""
+        core, metrics, poll_s = self.core, self.metrics, self.config.disconnect_poll_s
+        n_prompt = len(request.prompt_token_ids)
+        running, cursor = Running(), Cursor(request.request_id)
+        trace_headers = http.headers if caller.may_force_trace else without_trace_context(http.headers)  # see there
+        span = request_span(
+            core.tracer,
+            self.config.model_name,
+            shape.chat,
+            options.stream,
+            request,
+            request.sampling,
+            trace_headers,
+            request.session_id,
+        )
+
+        def on_route(decision: Decision) -> None:  # left the admission queue (or migrated): now it runs there
+            cursor.worker = decision.decode_worker  # the next events name the worker their tokens come from
+            metrics.on_route(decision)
+            if not running.counted:
+                running.counted = True
+                running.predicted = decision.predicted_cached_tokens(n_prompt, core.block_size)
+                metrics.running.inc()
+
+        deltas = core.generate(
+            request,
+            session=request.session_id,
+            on_route=on_route,
+            tenant=caller.tenant,
+            priority=request.priority,
+            deadline_s=options.deadline_s,
+            span=span,
+        )
+        stream = timed(deltas, n_prompt, running, span, metrics)
+        try:
+            first = await until_disconnect(stream.__anext__(), http, poll_s)
+        except ClientGone:
+            await stream.aclose()
+            return error_response(InvalidRequest("client closed the request", code="client_closed"))
+        except StopAsyncIteration:
+            raise ServiceUnavailable("the request ended without output", code="empty_stream") from None
+        except BaseException:
+            await stream.aclose()
+            raise
+        if options.stream:
+            return StreamingResponse(render.events(first, stream, request, cursor), media_type="text/event-stream")
+        try:
+            answer = await until_disconnect(collect(first, stream), http, poll_s)
+        except ClientGone:
+            await stream.aclose()
+            return error_response(InvalidRequest("client closed the request", code="client_closed"))
+        return render.body(request, answer)
