@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_generate_options(gen)
     gen.add_argument("--raw", action="store_true", help="send the prompt as-is, without the chat template")
     gen.set_defaults(func=_generate)
-    from disagg.cluster.launch import build_parser, serve
+    from disagg.cluster.serve_cli import build_parser, serve
 
     srv = sub.add_parser("serve", help="start workers + router on Ray and serve the OpenAI-compatible API")
     build_parser(srv)

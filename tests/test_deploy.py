@@ -76,7 +76,7 @@ def test_router_container_has_probes_on_the_health_endpoints():
 def test_launcher_arguments_parse_and_place_actors_on_the_groups():
     import argparse
 
-    from disagg.cluster.launch import build_parser, cluster_config_from_args
+    from disagg.cluster.serve_cli import build_parser, cluster_config_from_args
 
     launcher = next(c for c in _serving_cluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
                     if c["name"] == "disagg-launcher")
@@ -140,7 +140,7 @@ def exposure_problems(doc: dict) -> list[str]:
     """What in a manifest serves something open: an endpoint on a non-loopback host without an API key (the
     launcher's own check, which --insecure would silence: a manifest must not ship it), a keys file that is not
     mounted from a Secret, a Ray dashboard on every interface."""
-    from disagg.cluster.launch import build_parser
+    from disagg.cluster.serve_cli import build_parser
     from disagg.cluster.router_service import RouterConfig
     from disagg.errors import InsecureExposure
     from disagg.http.config import ApiKey

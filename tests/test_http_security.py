@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from starlette.testclient import TestClient
 
 from disagg import tracing as tr
-from disagg.cluster import launch
+from disagg.cluster import serve_cli as launch
 from disagg.cluster.router_service import RouterConfig, RouterService
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import InsecureExposure

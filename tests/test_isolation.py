@@ -137,7 +137,7 @@ def test_a_full_pin_budget_is_freed_from_the_biggest_holder_first():
 
 
 def test_serve_takes_share_groups_from_the_command_line():
-    from disagg.cluster.launch import build_parser, router_config_from_args
+    from disagg.cluster.serve_cli import build_parser, router_config_from_args
 
     args = build_parser().parse_args(["--cache-share-groups", "alice=g, bob=g"])
     assert router_config_from_args(args).isolation.share_groups == {"alice": "g", "bob": "g"}

@@ -184,7 +184,8 @@ def _order(faults):
 
 
 def test_fault_orders_are_refused_unless_the_worker_was_started_for_drills(tiny_llama_dir):
-    from disagg.cluster.launch import ClusterConfig, build_parser
+    from disagg.cluster.launch import ClusterConfig
+    from disagg.cluster.serve_cli import build_parser
     from disagg.errors import Forbidden
 
     worker = local_worker("w", tiny_llama_dir)  # started as `disagg serve` starts workers: no fault injection

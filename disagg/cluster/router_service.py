@@ -19,6 +19,7 @@ from typing import ClassVar
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
 from disagg.http.config import ApiConfig, ApiKey, check_exposure
+from disagg.http.response_store import ResponseStoreConfig
 from disagg.http.server import HttpServer
 from disagg.isolation import IsolationConfig
 from disagg.planner.loop import PlannerLoop
@@ -58,6 +59,7 @@ class RouterConfig(WireMessage):
     )
     api_keys: dict[str, str] | None = None  # key -> tenant (tenant keys: no admin, priority <= 0)
     keys: dict[str, ApiKey] | None = None  # key -> full grant (the keys file: http/keys.py)
+    responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)  # the Responses API's store
     replicas: int = field(
         default=1, metadata={"help": "router replicas behind Ray Serve's HTTP proxy (2+: no single point of failure)"}
     )
@@ -114,7 +116,15 @@ class RouterService:
         )
         self.core.planner = PlannerLoop(RouterPlannerPort.of(self.core), config.planner)
         name = config.served_model_name or model_dir.name
-        api = ApiConfig(name, max_len, config.api_key, config.api_keys, config.keys, isolation=config.isolation)
+        api = ApiConfig(
+            name,
+            max_len,
+            config.api_key,
+            config.api_keys,
+            config.keys,
+            isolation=config.isolation,
+            responses=config.responses,
+        )
         self.app = build_app(self.core, tokenizer, api)
         self.http: HttpServer | None = None
         if serve_http:

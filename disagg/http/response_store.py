@@ -21,8 +21,10 @@ from disagg.errors import NotFound
 
 @dataclass
 class ResponseStoreConfig:
-    max_per_tenant: int = 1024
-    ttl_s: float = 3600.0
+    max_per_tenant: int = field(
+        default=1024, metadata={"help": "Responses API: stored responses per tenant (the oldest go first)"}
+    )
+    ttl_s: float = field(default=3600.0, metadata={"help": "Responses API: how long a stored response is kept"})
 
 
 @dataclass

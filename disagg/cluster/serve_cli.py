@@ -1,0 +1,227 @@
+"""`disagg serve` (and `python -m disagg.cluster.launch` inside a Ray job): the command line, generated from the
+config dataclasses (disagg/options.py), read back into a ClusterConfig and a RouterConfig, and the serving loop
+(start the Service, print where it serves, wait for Ctrl-C or SIGTERM; `--smoke-test` sends one chat request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+import ray
+
+from disagg.cluster.launch import ClusterConfig, Service
+from disagg.cluster.router_service import RouterConfig
+from disagg.cluster.smoke import smoke_test
+from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
+from disagg.errors import InsecureExposure
+from disagg.http.keys import load_keys_file
+from disagg.http.response_store import ResponseStoreConfig
+from disagg.isolation import IsolationConfig
+from disagg.kv.tier_config import TierConfig
+from disagg.options import add_options, from_options
+from disagg.planner.policy import PlannerConfig
+from disagg.router.admission import AdmissionConfig, CapacityConfig
+from disagg.router.canary import CanaryConfig
+from disagg.router.core_config import RouterCoreConfig
+from disagg.router.outliers import OutlierConfig
+from disagg.router.policy import PolicyConfig
+from disagg.router.watch import SilentConfig
+from disagg.tracing import TracingConfig
+from disagg.transfer.config import TransportConfig
+
+# `disagg serve`'s options, generated from the configs (disagg/options.py); the dests are the fields' names under
+# the prefix, read back by the same (class, prefix, fields) in cluster_config_from_args / router_config_from_args
+SERVE_PORT = 8000  # the CLI's documented port (the library's RouterConfig picks a free one)
+_ENGINE = (
+    "model",
+    "block_size",
+    "kv_cache_memory_mb",
+    "max_model_len",
+    "num_threads",
+    "quantization",
+    "kv_dtype",
+    "speculative",
+    "num_speculative_tokens",
+    "prefill_chunk_target_ms",
+    "min_prefill_chunk",
+)
+_POLICY = ("kind", "placement")
+_TRACING, _ROUTER = ("otlp_endpoint", "file_dir", "sampling_ratio"), ("host", "port", "replicas", "api_key", "insecure")
+_CANARY, _OUTLIERS = ("enabled", "idle_interval_s", "busy_interval_s"), ("enabled", "ratio")
+_CAPACITY = ("max_prefill_queue_tokens", "max_running")
+_ADMISSION = ("max_queued_requests", "default_deadline_s")
+_MS_PER_S = 1000
+EXIT_INSECURE = 2  # argparse's status for a refused command line
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="disagg serve", description="Serve an OpenAI-compatible endpoint")
+    add_options(p, ClusterConfig, only=("num_prefill", "num_decode", "address"))
+    # several workers share one host: a KV cache and a torch thread each that fit next to each other
+    add_options(p, EngineConfig, only=_ENGINE, defaults={"kv_cache_memory_mb": SERVE_KV_CACHE_MB, "num_threads": 1})
+    add_options(p, RouterConfig, only=_ROUTER, defaults={"port": SERVE_PORT})
+    add_options(p, PolicyConfig, prefix="policy-", only=_POLICY)
+    add_options(p, TransportConfig)
+    for role in ("router", "prefill", "decode"):
+        p.add_argument(
+            f"--{role}-resources",
+            type=_resources,
+            default={},
+            help=f'Ray custom resources each {role} actor needs, as JSON (e.g. {{"disagg_{role}": 1}})',
+        )
+    tiers = TierConfig()  # sized in MiB here, in bytes there
+    p.add_argument(
+        "--cpu-tier-mb", type=int, default=tiers.cpu_bytes >> 20, help="CPU-memory KV tier per worker (0: no tiers)"
+    )
+    p.add_argument(
+        "--disk-tier-dir",
+        default=tiers.disk_root,
+        help="root of the disk KV tier (a directory per worker; default ~/.cache/disagg/kv; '' = none)",
+    )
+    p.add_argument("--disk-tier-mb", type=int, default=tiers.disk_bytes >> 20, help="disk KV tier per worker")
+    add_options(p, RouterCoreConfig, only=("max_migrations",))
+    p.add_argument(
+        "--api-keys-file",
+        "--api-keys",  # the older name, same file format (a grant may be just a tenant name)
+        dest="api_keys_file",
+        default=None,
+        help='JSON file {"KEY": "TENANT" or {"tenant": ..., "admin": ..., "max_priority": ..., "requests_per_s": ..., '
+        '"burst": ..., "may_force_trace": ...}}: each key names a tenant and what it may do (disagg/http/keys.py)',
+    )
+    p.add_argument("--tenant-weights", default="", help="TENANT=WEIGHT,...: fair-share weights (default 1)")
+    p.add_argument("--cache-share-groups", default="", help="TENANT=GROUP,...: tenants of a group share cache hits")
+    add_options(p, AdmissionConfig, prefix="admission-", only=_ADMISSION)
+    add_options(p, ResponseStoreConfig, prefix="responses-")
+    add_options(p, CapacityConfig, only=_CAPACITY)
+    add_options(p, TracingConfig, only=_TRACING)
+    add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
+    add_options(p, CanaryConfig, prefix="canary-", only=_CANARY)
+    add_options(p, OutlierConfig, prefix="outliers-", only=_OUTLIERS)
+    planner = PlannerConfig()
+    p.add_argument("--slo-ttft-ms", type=float, default=planner.ttft_slo_s * _MS_PER_S, help="planner, placement: TTFT")
+    p.add_argument("--slo-tpot-ms", type=float, default=planner.tpot_slo_s * _MS_PER_S, help="planner: TPOT objective")
+    p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
+    p.add_argument("--question", default="What is the capital of France?")
+    return p
+
+
+def _groups(text: str) -> dict[str, str]:
+    pairs = [item.strip().partition("=") for item in text.split(",") if item.strip()]
+    if any(not tenant or not group for tenant, _, group in pairs):
+        raise ValueError(f"--cache-share-groups: expected TENANT=GROUP,..., got {text!r}")
+    return {tenant: group for tenant, _, group in pairs}
+
+
+def _weights(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        tenant, _, weight = item.partition("=")
+        try:
+            out[tenant] = float(weight)
+        except ValueError:
+            raise ValueError(f"bad tenant weight {item!r}: expected TENANT=WEIGHT") from None
+    return out
+
+
+def _resources(text: str) -> dict[str, float]:
+    import json
+
+    value = json.loads(text)
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of resource amounts, got {text!r}")
+    return {str(k): float(v) for k, v in value.items()}
+
+
+def tier_options(args: argparse.Namespace) -> TierConfig | None:
+    """The workers' tiers from the command line (the disk directory gets one sub-directory per worker)."""
+    if args.cpu_tier_mb <= 0:
+        return None
+    return TierConfig(
+        cpu_bytes=args.cpu_tier_mb << 20, disk_bytes=args.disk_tier_mb << 20, disk_root=args.disk_tier_dir
+    )
+
+
+def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
+    tracing = from_options(TracingConfig, args, only=_TRACING)
+    return from_options(
+        ClusterConfig,
+        args,
+        only=("num_prefill", "num_decode", "address"),
+        engine=from_options(EngineConfig, args, only=_ENGINE),
+        tiers=tier_options(args),
+        tracing=tracing if tracing.enabled else None,
+        transport=from_options(TransportConfig, args),
+        prefill_resources=args.prefill_resources,
+        decode_resources=args.decode_resources,
+        router_resources=args.router_resources,
+    )
+
+
+def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
+    planner = from_options(
+        PlannerConfig,
+        args,
+        prefix="planner-",
+        only=("enabled",),
+        ttft_slo_s=args.slo_ttft_ms / _MS_PER_S,
+        tpot_slo_s=args.slo_tpot_ms / _MS_PER_S,
+    )
+    return from_options(
+        RouterConfig,
+        args,
+        only=_ROUTER,
+        policy=from_options(PolicyConfig, args, prefix="policy-", only=_POLICY, ttft_target_s=planner.ttft_slo_s),
+        keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
+        responses=from_options(ResponseStoreConfig, args, prefix="responses-"),
+        isolation=IsolationConfig(share_groups=_groups(args.cache_share_groups)),
+        core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
+        planner=planner,
+        silent=SilentConfig(
+            canary=from_options(CanaryConfig, args, prefix="canary-", only=_CANARY),
+            outliers=from_options(OutlierConfig, args, prefix="outliers-", only=_OUTLIERS),
+        ),
+        capacity=from_options(CapacityConfig, args, only=_CAPACITY),
+        admission=from_options(
+            AdmissionConfig, args, prefix="admission-", only=_ADMISSION, tenant_weights=_weights(args.tenant_weights)
+        ),
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    cluster, router = cluster_config_from_args(args), router_config_from_args(args)
+    try:
+        router.check_exposure()  # before Ray starts: a refusal costs nothing
+    except InsecureExposure as exc:
+        print(f"disagg serve: {exc}", file=sys.stderr)
+        return EXIT_INSECURE
+    service = Service(cluster, router)
+    model_name = service.cluster.config.engine.model.rstrip("/").split("/")[-1]
+    print(
+        f"disagg serving {model_name} at {service.url}/v1 ({cluster.num_prefill} prefill, {cluster.num_decode} "
+        f"decode, {router.replicas} router replica(s), policy {router.policy.kind.value}; "
+        f"started in {time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
+    try:
+        if args.smoke_test:
+            smoke_test(service.url, model_name, router.api_key, args.question)
+            return 0
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print("Ctrl-C to stop", flush=True)
+        stop.wait()
+        return 0
+    finally:
+        print("shutting down", flush=True)
+        service.shutdown()
+        ray.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return serve(build_parser().parse_args(argv))
