@@ -94,7 +94,7 @@ class Clock:
 
 
 def _stored(rid, session="s"):
-    return StoredResponse(rid, session, [{"role": "user", "content": rid}], {"id": rid})
+    return StoredResponse.of(rid, session, [{"role": "user", "content": rid}], {"id": rid})
 
 
 def test_response_store_is_per_tenant_bounded_and_expires():
@@ -104,7 +104,9 @@ def test_response_store_is_per_tenant_bounded_and_expires():
         store.put("alice", _stored(rid))
     with pytest.raises(NotFound):
         store.get("alice", "r1")  # the oldest went first
-    assert store.get("alice", "r3").messages[0]["content"] == "r3"
+    assert store.get("alice", "r3").messages()[0]["content"] == "r3"
+    again = StoredResponse.from_wire(store.get("alice", "r3").to_wire())  # what a shared store sends back
+    assert (again.messages(), again.body(), again.session) == ([{"role": "user", "content": "r3"}], {"id": "r3"}, "s")
     with pytest.raises(NotFound) as err:
         store.get("bob", "r3")  # another tenant's: the same answer as an unknown id
     assert err.value.code == "response_not_found"

@@ -178,3 +178,18 @@ def test_a_replica_killed_mid_stream_loses_no_stream_and_new_requests_are_served
     while len(_replica_pids()) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert len(_replica_pids()) == 2
+
+
+def test_a_conversation_continues_from_any_replica(replicated, smollm_dir):
+    """The Responses API's stored responses are shared by the replicas (cluster/response_store_actor.py): each
+    follow-up goes to whichever replica Serve's proxy picks, and every one finds the conversation (with a store
+    per replica, 8 follow-ups would all land on the storing replica 1 time in 256)."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{replicated.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    first = client.responses.create(model=smollm_dir.name, input="Say hi.", max_output_tokens=4, temperature=0)
+    for _ in range(8):
+        follow = client.responses.create(model=smollm_dir.name, previous_response_id=first.id, input="Again.",
+                                         max_output_tokens=2, temperature=0)
+        assert follow.previous_response_id == first.id
+        assert client.responses.retrieve(follow.id).id == follow.id

@@ -3,6 +3,7 @@ README, docs and deploy files use; these pin what each option sets (the values t
 import pytest
 
 from disagg.cluster.launch import ClusterConfig, RouterConfig
+from disagg.http.config import AgentConfig
 from disagg.http.response_store import ResponseStoreConfig
 from disagg.cluster.serve_cli import build_parser, cluster_config_from_args, router_config_from_args
 from disagg.config import EngineConfig
@@ -41,6 +42,7 @@ def test_every_option_sets_its_field():
         "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--trace-sample-ratio", "0.5", "--trace-dir", "/t",
         "--api-key", "k", "--smoke-test", "--placement", "cost", "--prefill-chunk-target-ms", "150",
         "--min-prefill-chunk", "16", "--responses-max-per-tenant", "5", "--responses-ttl-s", "60",
+        "--tool-turn-retention-s", "0",
     ])
     tracing = TracingConfig(otlp_endpoint="http://x", file_dir="/t", sampling_ratio=0.5)
     assert cluster == ClusterConfig(
@@ -55,7 +57,7 @@ def test_every_option_sets_its_field():
         planner=PlannerConfig(enabled=True, ttft_slo_s=0.5, tpot_slo_s=0.05),
         capacity=CapacityConfig(max_running=9, max_prefill_queue_tokens=11),
         admission=AdmissionConfig(max_queued_requests=7, default_deadline_s=3.0, tenant_weights={"a": 2.0, "b": 0.5}),
-        responses=ResponseStoreConfig(max_per_tenant=5, ttl_s=60.0))
+        responses=ResponseStoreConfig(max_per_tenant=5, ttl_s=60.0), agents=AgentConfig(tool_turn_retention_s=0.0))
     assert args.smoke_test
 
 

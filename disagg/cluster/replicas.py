@@ -16,7 +16,9 @@ What the replicas share, and how:
     which holds within each replica, holds overall;
   - roles: a worker's reported role is the truth (RoleChangeConfig.follow_workers): a role set through any
     replica's admin API reaches the others with the worker's next heartbeat; only replica 0 runs the planner;
-  - health: every replica probes every worker and routes around the ones it finds dead.
+  - health: every replica probes every worker and routes around the ones it finds dead;
+  - stored responses (the Responses API's previous_response_id): one small actor holds them for every replica
+    (cluster/response_store_actor.py), so a conversation's next turn continues from any replica.
 In-flight streams outlive the replica that relays them: see the token journal (README, "Reconnecting").
 
 Lifecycle: `ServeFront.start` starts Serve's proxy on the router's host and port and deploys the replicas; it
@@ -26,12 +28,15 @@ returns once all of them answer.  `shutdown()` deletes the application (each rep
 from __future__ import annotations
 
 import dataclasses
+import uuid
+from typing import Any
 
 import ray
 from fastapi import FastAPI
 from ray import serve
 
 from disagg.cluster.handles import RayWorkerHandle
+from disagg.cluster.response_store_actor import RayResponses, start_store
 from disagg.cluster.router_service import RouterConfig, RouterService
 
 APP_NAME = "disagg"
@@ -58,7 +63,7 @@ def for_replica(config: RouterConfig, rank: int, replicas: int) -> RouterConfig:
 class RouterReplica:
     """One router replica: a RouterService whose app Serve's proxy reaches (no uvicorn of its own)."""
 
-    def __init__(self, config: bytes, prefill: list[str], decode: list[str]) -> None:
+    def __init__(self, config: bytes, prefill: list[str], decode: list[str], responses: str) -> None:
         context = serve.get_replica_context()
         settings = for_replica(RouterConfig.from_wire(config), context.rank.rank, context.world_size)
         node = ray.get_runtime_context().get_node_id()
@@ -67,6 +72,7 @@ class RouterReplica:
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode},
             serve_http=False,
+            responses=RayResponses(ray.get_actor(responses)),  # the store every replica shares
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -93,6 +99,8 @@ class ServeFront:
         self.config = config
         self.options = options or ReplicaOptions()
         self.url = f"http://{config.host}:{config.port}"
+        self.store_name = f"disagg-responses-{uuid.uuid4().hex[:8]}"  # one per front: clusters may share Ray
+        self.store: Any = None  # the Responses API's shared store (an actor), while started
 
     def start(self, prefill: list[str], decode: list[str], resources: dict[str, float] | None = None) -> str:
         o = self.options
@@ -105,8 +113,13 @@ class ServeFront:
             graceful_shutdown_timeout_s=o.graceful_shutdown_timeout_s,
             ray_actor_options={"num_cpus": 0, "resources": resources or {}},
         )
-        serve.run(deployment.bind(self.config.to_wire(), prefill, decode), name=APP_NAME, route_prefix="/")
+        self.store = start_store(self.store_name, self.config.responses, resources)
+        bound = deployment.bind(self.config.to_wire(), prefill, decode, self.store_name)
+        serve.run(bound, name=APP_NAME, route_prefix="/")
         return self.url
 
     def shutdown(self) -> None:
         serve.shutdown()  # deletes the application: each replica's lifespan stops its core
+        if self.store is not None:
+            ray.kill(self.store)
+            self.store = None

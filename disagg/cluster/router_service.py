@@ -18,8 +18,8 @@ from typing import ClassVar
 
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
-from disagg.http.config import ApiConfig, ApiKey, check_exposure
-from disagg.http.response_store import ResponseStoreConfig
+from disagg.http.config import AgentConfig, ApiConfig, ApiKey, check_exposure
+from disagg.http.response_store import ResponseStoreConfig, ResponseStorePort
 from disagg.http.server import HttpServer
 from disagg.isolation import IsolationConfig
 from disagg.planner.loop import PlannerLoop
@@ -60,6 +60,7 @@ class RouterConfig(WireMessage):
     api_keys: dict[str, str] | None = None  # key -> tenant (tenant keys: no admin, priority <= 0)
     keys: dict[str, ApiKey] | None = None  # key -> full grant (the keys file: http/keys.py)
     responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)  # the Responses API's store
+    agents: AgentConfig = field(default_factory=AgentConfig)  # agent turns' KV retention
     replicas: int = field(
         default=1, metadata={"help": "router replicas behind Ray Serve's HTTP proxy (2+: no single point of failure)"}
     )
@@ -95,8 +96,10 @@ class RouterService:
         decode: dict[str, WorkerHandle],
         *,
         serve_http: bool = True,
+        responses: ResponseStorePort | None = None,
     ) -> None:
-        """`serve_http=False`: build the app only; its host serves it (a Ray Serve replica: cluster/replicas.py)."""
+        """`serve_http=False`: build the app only; its host serves it (a Ray Serve replica: cluster/replicas.py).
+        `responses`: the Responses API's store when it is shared (replicas); None: in this process."""
         self.config = config
         config.check_exposure()  # before anything starts
         model_dir = Path(config.model)
@@ -124,8 +127,9 @@ class RouterService:
             config.keys,
             isolation=config.isolation,
             responses=config.responses,
+            agents=config.agents,
         )
-        self.app = build_app(self.core, tokenizer, api)
+        self.app = build_app(self.core, tokenizer, api, responses)
         self.http: HttpServer | None = None
         if serve_http:
             self.http = HttpServer(self.app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)

@@ -18,6 +18,7 @@ from disagg.cluster.router_service import RouterConfig
 from disagg.cluster.smoke import smoke_test
 from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.errors import InsecureExposure
+from disagg.http.config import AgentConfig
 from disagg.http.keys import load_keys_file
 from disagg.http.response_store import ResponseStoreConfig
 from disagg.isolation import IsolationConfig
@@ -96,6 +97,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--cache-share-groups", default="", help="TENANT=GROUP,...: tenants of a group share cache hits")
     add_options(p, AdmissionConfig, prefix="admission-", only=_ADMISSION)
     add_options(p, ResponseStoreConfig, prefix="responses-")
+    add_options(p, AgentConfig)
     add_options(p, CapacityConfig, only=_CAPACITY)
     add_options(p, TracingConfig, only=_TRACING)
     add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
@@ -177,6 +179,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         policy=from_options(PolicyConfig, args, prefix="policy-", only=_POLICY, ttft_target_s=planner.ttft_slo_s),
         keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
         responses=from_options(ResponseStoreConfig, args, prefix="responses-"),
+        agents=from_options(AgentConfig, args),
         isolation=IsolationConfig(share_groups=_groups(args.cache_share_groups)),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
         planner=planner,

@@ -26,7 +26,7 @@ from disagg.http.keys import KeyRing
 from disagg.http.messages import add_messages_routes
 from disagg.http.openai import add_openai_routes
 from disagg.http.probes import add_metrics_route, add_probe_routes
-from disagg.http.response_store import ResponseStore
+from disagg.http.response_store import LocalResponses, ResponseStore, ResponseStorePort
 from disagg.http.responses import add_responses_routes
 from disagg.http.serving import Server
 from disagg.router.metrics_view import cluster_snapshot
@@ -34,7 +34,12 @@ from disagg.router.router import RouterCore
 from disagg.telemetry import RouterMetrics
 
 
-def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> FastAPI:
+def build_app(
+    core: RouterCore, tokenizer: Tokenizer, config: ApiConfig, responses: ResponseStorePort | None = None
+) -> FastAPI:
+    """`responses`: where the Responses API keeps responses (None: in this process, sized by `config.responses`;
+    router replicas pass the store they share)."""
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         core.start()
@@ -54,6 +59,6 @@ def build_app(core: RouterCore, tokenizer: Tokenizer, config: ApiConfig) -> Fast
     add_metrics_route(app, metrics)
     server = Server(core, config, metrics)
     add_openai_routes(app, server, tokenizer)
-    add_responses_routes(app, server, tokenizer, ResponseStore(config.responses))
+    add_responses_routes(app, server, tokenizer, responses or LocalResponses(ResponseStore(config.responses)))
     add_messages_routes(app, server, tokenizer)
     return app

@@ -37,6 +37,19 @@ class ApiKey:
 
 
 @dataclass
+class AgentConfig:
+    """What the front door does for agent turns on its own, without hints."""
+
+    tool_turn_retention_s: float = field(
+        default=300.0,
+        metadata={
+            "help": "a session's turn that offers tools keeps its KV (prompt and output) in the serving worker's "
+            "CPU tier for this long, so it survives the tool call's wait; 0: only when asked (kv_retention, hints)"
+        },
+    )
+
+
+@dataclass
 class ApiConfig:
     model_name: str
     max_model_len: int
@@ -46,6 +59,7 @@ class ApiConfig:
     disconnect_poll_s: float = 0.25
     isolation: IsolationConfig = field(default_factory=IsolationConfig)  # cache salts: tenants, share groups
     responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)  # previous_response_id's store
+    agents: AgentConfig = field(default_factory=AgentConfig)
 
     def grants(self) -> dict[str, ApiKey]:
         """Every configured key with its grant; empty: no keys (the open, loopback-only mode)."""

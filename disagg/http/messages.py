@@ -82,7 +82,7 @@ class MessagesRender:
             },
         }
 
-    def body(self, request: Request, answer: Collected) -> dict[str, Any]:
+    async def body(self, request: Request, answer: Collected) -> dict[str, Any]:
         message = self.shape.final_choice(answer)["message"]
         calls = message.get("tool_calls") or []
         content = [{"type": "text", "text": message["content"]}] if message["content"] else []
@@ -155,6 +155,7 @@ def add_messages_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> N
             deadline_s=body.deadline_s,
             cache_salt=body.cache_salt,
             hints=read_hints(body.nvext, body.kv_hints),
+            tools_offered=bool(body.offered_tools()),
         )
         request, caller = server.request("msg", options, ids, sampling, http)
         return await server.generate(request, caller, options, http, shape, MessagesRender(config.model_name, shape))

@@ -86,7 +86,8 @@ def add_openai_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> Non
             tools=tools,
             parallel_tool_calls=body.parallel_tool_calls is not False,
         )
-        return await serve("chatcmpl", "chat.completion", body, ids, sampling, http, shape)
+        offered = bool(body.offered_tools())
+        return await serve("chatcmpl", "chat.completion", body, ids, sampling, http, shape, tools_offered=offered)
 
 
 def _include_usage(body) -> bool:
@@ -102,7 +103,7 @@ class OpenAIRender:
     shape: AnswerShape
     include_usage: bool
 
-    def body(self, request: Request, answer: Collected) -> dict[str, Any]:
+    async def body(self, request: Request, answer: Collected) -> dict[str, Any]:
         n_prompt = len(request.prompt_token_ids)
         return json_answer(request.request_id, self.kind, request.created, self.model, self.shape, answer, n_prompt)
 
@@ -120,9 +121,16 @@ def _server(server: Server):
     core, model, poll_s = server.core, server.config.model_name, server.config.disconnect_poll_s
 
     async def serve(
-        prefix: str, kind: str, body, ids: list[int], sampling: SamplingParams, http: HTTPRequest, shape: AnswerShape
+        prefix: str,
+        kind: str,
+        body,
+        ids: list[int],
+        sampling: SamplingParams,
+        http: HTTPRequest,
+        shape: AnswerShape,
+        tools_offered: bool = False,
     ):
-        options = CallOptions.of(body)
+        options = CallOptions.of(body, tools_offered=tools_offered)
         key = http.headers.get(IDEMPOTENCY_KEY) if not body.stream else None
         # a non-streaming request with an Idempotency-Key gets the id of that key (http/resume.py)
         rid = idempotent_request_id(prefix, http.state.caller.tenant, key) if key else None

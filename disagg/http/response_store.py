@@ -1,7 +1,7 @@
 """Stored responses for `previous_response_id`: bounded per tenant, with a TTL.  Pure (clock injected).
 
 A stored response keeps the conversation up to and including its own output (chat messages, the template's
-form) and the session it belongs to: the id of the first response of the chain.  A follow-up turn
+form, as JSON text) and the session it belongs to: the id of the first response of the chain.  A follow-up turn
 (`previous_response_id`) continues that conversation and that session, so the router sends it where the
 conversation's KV already is.  Each tenant holds at most `max_per_tenant` responses (the oldest go first), each for
 `ttl_s` after it was stored.  An id stored by another tenant is not found - the same answer as an id that never
@@ -10,13 +10,15 @@ existed, so ids leak nothing across tenants.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 from disagg.errors import NotFound
+from disagg.wire import WireMessage
 
 
 @dataclass
@@ -28,12 +30,33 @@ class ResponseStoreConfig:
 
 
 @dataclass
-class StoredResponse:
+class StoredResponse(WireMessage):
+    """One stored response; it travels to a shared store as msgpack (the JSON it holds as JSON text)."""
+
+    TYPE: ClassVar[str] = "stored_response"
     response_id: str
     session: str  # the chain's first response id
-    messages: list[dict[str, Any]]  # the conversation, this response's output included
-    body: dict[str, Any]  # the Response object, as GET /v1/responses/{id} returns it
+    conversation: str  # JSON: the chat messages, this response's output included
+    response: str  # JSON: the Response object, as GET /v1/responses/{id} returns it
     expires: float = 0.0
+
+    @classmethod
+    def of(cls, response_id: str, session: str, messages: list[dict[str, Any]], body: dict[str, Any]) -> StoredResponse:
+        return cls(response_id, session, json.dumps(messages), json.dumps(body))
+
+    def messages(self) -> list[dict[str, Any]]:
+        return json.loads(self.conversation)
+
+    def body(self) -> dict[str, Any]:
+        return json.loads(self.response)
+
+
+def not_found(response_id: str) -> NotFound:
+    return NotFound(
+        f"Response with id '{response_id}' not found (never stored, expired, or not yours).",
+        param="previous_response_id",
+        code="response_not_found",
+    )
 
 
 @dataclass
@@ -57,11 +80,7 @@ class ResponseStore:
             found = responses.get(response_id)
             if found is not None:
                 return found
-        raise NotFound(
-            f"Response with id '{response_id}' not found (never stored, expired, or not yours).",
-            param="previous_response_id",
-            code="response_not_found",
-        )
+        raise not_found(response_id)
 
     def delete(self, tenant: str, response_id: str) -> None:
         self.get(tenant, response_id)
@@ -77,3 +96,30 @@ class ResponseStore:
 
     def __len__(self) -> int:
         return sum(len(r) for r in self._by_tenant.values())
+
+
+class ResponseStorePort(Protocol):
+    """Where the front door keeps responses: in its own process (`LocalResponses`), or in one store that every
+    router replica shares (cluster/response_store_actor.py)."""
+
+    async def put(self, tenant: str, stored: StoredResponse) -> None: ...
+
+    async def get(self, tenant: str, response_id: str) -> StoredResponse: ...  # NotFound
+
+    async def delete(self, tenant: str, response_id: str) -> None: ...  # NotFound
+
+
+class LocalResponses:
+    """The store in the front door's own process (one router)."""
+
+    def __init__(self, store: ResponseStore) -> None:
+        self.store = store
+
+    async def put(self, tenant: str, stored: StoredResponse) -> None:
+        self.store.put(tenant, stored)
+
+    async def get(self, tenant: str, response_id: str) -> StoredResponse:
+        return self.store.get(tenant, response_id)
+
+    async def delete(self, tenant: str, response_id: str) -> None:
+        self.store.delete(tenant, response_id)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import DisaggError
 from disagg.http.errors import error_body, unexpected
 from disagg.http.inputs import check_model, check_tool_results, conversation_prompt, sampling_params
-from disagg.http.response_store import ResponseStore, StoredResponse
+from disagg.http.response_store import ResponseStorePort, StoredResponse
 from disagg.http.responses_schema import ResponsesRequest, items_to_messages
 from disagg.http.resume import Cursor
 from disagg.http.serving import CallOptions, Server
@@ -74,7 +74,7 @@ class ResponsesRender:
     body_in: ResponsesRequest
     model: str
     shape: AnswerShape
-    on_done: Callable[[dict[str, Any], dict[str, Any]], None]  # (assistant chat message, Response object)
+    on_done: Callable[[dict[str, Any], dict[str, Any]], Awaitable[None]]  # (assistant chat message, Response)
     response_id: str = field(default_factory=lambda: _item_id("resp"))
     created_at: int = 0
 
@@ -117,19 +117,19 @@ class ResponsesRender:
             "total_tokens": n_prompt + n_out,
         }
 
-    def _finish(self, message: dict[str, Any], output: list, usage: dict, length: bool) -> dict[str, Any]:
+    async def _finish(self, message: dict[str, Any], output: list, usage: dict, length: bool) -> dict[str, Any]:
         body = self.response("incomplete" if length else COMPLETED, output, usage)
-        self.on_done(message, body)
+        await self.on_done(message, body)
         return body
 
-    def body(self, request: Request, answer: Collected) -> dict[str, Any]:
+    async def body(self, request: Request, answer: Collected) -> dict[str, Any]:
         self.created_at = request.created
         choice = self.shape.final_choice(answer)
         message = choice["message"]
         output = [_message_item(_item_id("msg"), message["content"], "completed")] if message["content"] else []
         output += [_call_item(call, "completed") for call in message.get("tool_calls") or ()]
         usage = self.usage(len(request.prompt_token_ids), answer.num_tokens, answer.num_cached_tokens)
-        return self._finish(message, output, usage, answer.finish_reason == FinishReason.LENGTH)
+        return await self._finish(message, output, usage, answer.finish_reason == FinishReason.LENGTH)
 
     async def events(
         self, first: TokenDelta, deltas: AsyncGenerator[TokenDelta, None], request: Request, cursor: Cursor
@@ -173,7 +173,7 @@ class ResponsesRender:
                 message["tool_calls"] = [{k: c[k] for k in ("id", "type", "function")} for c in calls]
             usage = self.usage(len(request.prompt_token_ids), n_out, first.num_cached_tokens)
             length = reason == FinishReason.LENGTH
-            body = self._finish(message, output, usage, length)
+            body = await self._finish(message, output, usage, length)
             yield sse("response.incomplete" if length else "response.completed", response=body)
         except Exception as exc:  # never a silently cut stream
             err = error_body(exc if isinstance(exc, DisaggError) else unexpected(exc))["error"]
@@ -212,19 +212,19 @@ def _call_events(sse: _Events, call: dict[str, Any], output: list[dict[str, Any]
     ]
 
 
-def _forget(message: dict[str, Any], response: dict[str, Any]) -> None:
+async def _forget(message: dict[str, Any], response: dict[str, Any]) -> None:
     """`store: false`: nothing kept."""
 
 
-def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, store: ResponseStore) -> None:
+def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, store: ResponseStorePort) -> None:
     config = server.config
 
     @app.post("/v1/responses")
     async def create(body: ResponsesRequest, http: HTTPRequest):
         check_model(body.model, config.model_name)
         tenant = http.state.caller.tenant
-        previous = store.get(tenant, body.previous_response_id) if body.previous_response_id else None
-        history = list(previous.messages) if previous is not None else []
+        previous = await store.get(tenant, body.previous_response_id) if body.previous_response_id else None
+        history = previous.messages() if previous is not None else []
         turn = items_to_messages(body.items())
         check_tool_results(history + turn, "input", "function_call_output call_id", "function_call")
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
@@ -235,22 +235,22 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
         render = ResponsesRender(body, config.model_name, shape, on_done=_forget)
         # the conversation is the session: a follow-up continues its first response's
         session = previous.session if previous is not None else render.response_id
-        options = CallOptions.of(body, session=session)
+        options = CallOptions.of(body, session=session, tools_offered=bool(body.offered_tools()))
         request, caller = server.request("resp", options, ids, sampling, http, request_id=render.response_id)
         if body.store:
 
-            def keep(message: dict[str, Any], response: dict[str, Any]) -> None:
-                stored = StoredResponse(render.response_id, session, history + turn + [message], response)
-                store.put(tenant, stored)
+            async def keep(message: dict[str, Any], response: dict[str, Any]) -> None:
+                stored = StoredResponse.of(render.response_id, session, history + turn + [message], response)
+                await store.put(tenant, stored)
 
             render.on_done = keep
         return await server.generate(request, caller, options, http, shape, render)
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str, http: HTTPRequest):
-        return store.get(http.state.caller.tenant, response_id).body
+        return (await store.get(http.state.caller.tenant, response_id)).body()
 
     @app.delete("/v1/responses/{response_id}")
     async def delete(response_id: str, http: HTTPRequest):
-        store.delete(http.state.caller.tenant, response_id)
+        await store.delete(http.state.caller.tenant, response_id)
         return {"id": response_id, "object": "response", "deleted": True}

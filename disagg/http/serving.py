@@ -57,11 +57,13 @@ class CallOptions:
     deadline_s: float | None = None
     cache_salt: str | None = None
     hints: Hints = dataclasses.field(default_factory=Hints)
+    tools_offered: bool = False  # an agent turn: with a session, its KV is kept (AgentConfig)
 
     @classmethod
-    def of(cls, body: Any, session: str | None = None) -> CallOptions:
+    def of(cls, body: Any, session: str | None = None, tools_offered: bool = False) -> CallOptions:
         """From a body with the shared extension fields (http/schemas.py: chat, completions, responses)."""
         return cls(
+            tools_offered=tools_offered,
             stream=body.stream,
             session=session if session is not None else body.user,
             kv_retention_s=body.kv_retention.ttl_s if body.kv_retention is not None else None,
@@ -75,7 +77,7 @@ class CallOptions:
 class Render(Protocol):
     """How one API answers a request: a whole JSON body, or its SSE events (the first delta is already here)."""
 
-    def body(self, request: Request, answer: Collected) -> dict[str, Any]: ...
+    async def body(self, request: Request, answer: Collected) -> dict[str, Any]: ...
 
     def events(
         self, first: TokenDelta, deltas: AsyncGenerator[TokenDelta, None], request: Request, cursor: Cursor
@@ -111,12 +113,13 @@ class Server:
             self.metrics.ignored_hints.labels(hint.value).inc()
         if hints.greedy:
             sampling = dataclasses.replace(sampling, temperature=0.0)
+        session = http.headers.get(SESSION_HEADER) or options.session
         request = Request(
             request_id or f"{prefix}-{uuid.uuid4().hex}",
             ids,
             sampling,
-            session_id=http.headers.get(SESSION_HEADER) or options.session,
-            kv_retention_s=options.kv_retention_s or hints.retention_s,
+            session_id=session,
+            kv_retention_s=options.kv_retention_s or hints.retention_s or self._agent_retention(options, session),
             priority=_priority(options, http.headers, caller),
             cache_salt=self.config.isolation.cache_salt(caller.tenant, options.cache_salt),  # no hit crosses tenants
             tenant=scoped_tenant(caller.tenant),  # nor does a session id
@@ -125,6 +128,12 @@ class Server:
             queue_head_start_s=hints.latency_sensitivity_s,
         )
         return request, caller
+
+    def _agent_retention(self, options: CallOptions, session: str | None) -> float | None:
+        """A session's agent turn keeps its KV by default: whether it ends in a tool call is not known until it
+        ends, and the tool's wait is where plain LRU would lose it."""
+        ttl = self.config.agents.tool_turn_retention_s
+        return ttl if options.tools_offered and session and ttl > 0 else None
 
     async def generate(
         self,
@@ -186,4 +195,4 @@ class Server:
         except ClientGone:
             await stream.aclose()
             return error_response(InvalidRequest("client closed the request", code="client_closed"))
-        return render.body(request, answer)
+        return await render.body(request, answer)

@@ -1,0 +1,87 @@
+"""KV kept through tool calls without hints: a session's turn that offers tools (an agent turn) has its KV pinned
+in the serving worker's CPU tier when it ends, through every API; a turn without tools, or without a session, is
+left to plain LRU; `tool_turn_retention_s=0` turns the default off.  In-process: the real front door, router core
+and one engine worker (default model, CPU tier) on this thread's event loop."""
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from agentconv import WEATHER_TOOL, weather_conversation
+from disagg.engine.tokenizer import Tokenizer
+from disagg.http.app import build_app
+from disagg.http.config import AgentConfig, ApiConfig
+from disagg.kv.tier_config import TierConfig
+from disagg.router.policy import PolicyConfig
+from disagg.router.router import RouterCore
+from tests.fakes import LocalWorkerHandle, local_worker
+
+LOCAL = ("127.0.0.1", 1234)
+FLAT_TOOL = {"type": "function", **WEATHER_TOOL["function"]}
+ANTHROPIC_TOOL = {"name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}
+
+
+@pytest.fixture(scope="module")
+def worker(smollm_dir):
+    return local_worker("w", smollm_dir, tiers=TierConfig(cpu_bytes=256 << 20, disk_bytes=0), num_blocks=256,
+                        max_model_len=1024)
+
+
+def _app(worker, smollm_dir, retention_s):
+    core = RouterCore({}, {"w": LocalWorkerHandle(worker)}, PolicyConfig(seed=0), 16)
+    config = ApiConfig(smollm_dir.name, 1024, agents=AgentConfig(tool_turn_retention_s=retention_s))
+    return build_app(core, Tokenizer.from_dir(smollm_dir), config)
+
+
+def _pinned(worker, session: str, timeout_s: float = 10.0) -> bool:
+    """Whether `session` gets pinned: the pin is taken when the request retires on the engine's thread, which may
+    run just after the answer went out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.tiers.is_pinned_session(session):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _turns(model):
+    chat = {"model": model, "messages": weather_conversation(), "max_tokens": 24, "temperature": 0}
+    return {
+        "chat": ("/v1/chat/completions", {**chat, "tools": [WEATHER_TOOL]}, chat),
+        "messages": ("/v1/messages",
+                     {"model": model, "max_tokens": 8, "temperature": 0, "tools": [ANTHROPIC_TOOL],
+                      "messages": [{"role": "user", "content": "What is the weather in Rome?"}]},
+                     {"model": model, "max_tokens": 8, "temperature": 0,
+                      "messages": [{"role": "user", "content": "What is the weather in Rome?"}]}),
+    }
+
+
+@pytest.mark.parametrize("api", ["chat", "messages"])
+def test_an_agent_turn_of_a_session_keeps_its_kv_a_plain_turn_does_not(worker, smollm_dir, api):
+    path, with_tools, plain = _turns(smollm_dir.name)[api]
+    with TestClient(_app(worker, smollm_dir, 300.0), client=LOCAL) as http:
+        assert http.post(path, json=plain, headers={"X-Session-ID": f"{api}-plain"}).status_code == 200
+        assert http.post(path, json=with_tools, headers={"X-Session-ID": f"{api}-agent"}).status_code == 200
+        assert http.post(path, json=with_tools).status_code == 200  # no session: nothing to pin it under
+    assert _pinned(worker, f"{api}-agent")
+    assert not worker.tiers.is_pinned_session(f"{api}-plain")  # retired before the agent turn: decided already
+
+
+def test_a_responses_turn_with_tools_is_pinned_under_its_conversation(worker, smollm_dir):
+    body = {"model": smollm_dir.name, "input": "What is the weather in Rome?", "tools": [FLAT_TOOL],
+            "max_output_tokens": 8, "temperature": 0}
+    with TestClient(_app(worker, smollm_dir, 300.0), client=LOCAL) as http:
+        reply = http.post("/v1/responses", json=body)
+    assert reply.status_code == 200
+    assert _pinned(worker, reply.json()["id"])  # the conversation is the session: its first response's id
+
+
+def test_the_default_can_be_turned_off(worker, smollm_dir):
+    path, with_tools, plain = _turns(smollm_dir.name)["chat"]
+    with TestClient(_app(worker, smollm_dir, 0.0), client=LOCAL) as http:
+        assert http.post(path, json=with_tools, headers={"X-Session-ID": "off-agent"}).status_code == 200
+        # a later pinned request is the condition to wait on: by then the first one had retired
+        hinted = {**plain, "kv_retention": {"ttl_s": 60}}
+        assert http.post(path, json=hinted, headers={"X-Session-ID": "off-hinted"}).status_code == 200
+    assert _pinned(worker, "off-hinted")
+    assert not worker.tiers.is_pinned_session("off-agent")
