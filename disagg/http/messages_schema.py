@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from disagg.http.hints import RETENTION_DEFAULT_S, ttl_seconds
+from disagg.http.schemas import Extensions
 
 
 class _Strict(BaseModel):
@@ -97,7 +98,7 @@ class Metadata(_Strict):
     user_id: str | None = None
 
 
-class MessagesRequest(_Cacheable):
+class MessagesRequest(_Cacheable, Extensions):  # Extensions: ours, as on every endpoint (http/schemas.py)
     model: str
     max_tokens: int = Field(ge=1)
     messages: list[Message] = Field(min_length=1)
@@ -114,14 +115,6 @@ class MessagesRequest(_Cacheable):
     # (cache_control, from _Cacheable: automatic prompt caching of the whole conversation)
     service_tier: Literal["auto", "standard_only"] | None = None
     thinking: Thinking | None = None
-    # extensions shared with the OpenAI endpoints (http/schemas.py)
-    seed: int | None = None
-    priority: int | None = Field(default=None, ge=-100, le=100)
-    deadline_s: float | None = Field(default=None, gt=0)
-    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
-    nvext: Any = None
-    kv_hints: Any = None
-    ignore_eos: bool = False
 
     @model_validator(mode="before")
     @classmethod

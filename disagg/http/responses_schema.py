@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from disagg.http.schemas import KVRetention
+from disagg.http.schemas import Extensions, KVRetention
 
 
 class _Strict(BaseModel):
@@ -89,7 +89,7 @@ class TextOptions(_Strict):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(_Strict):
+class ResponsesRequest(Extensions):
     model: str
     input: str | list[Item]
     instructions: str | None = None
@@ -107,16 +107,9 @@ class ResponsesRequest(_Strict):
     text: TextOptions | None = None
     truncation: Literal["disabled"] | None = None
     background: Literal[False] | None = None
-    # extensions shared with the chat endpoint (http/schemas.py)
+    # more of our extensions (the chat endpoint's too)
     top_k: int = Field(default=-1, ge=-1)
-    seed: int | None = None
     kv_retention: KVRetention | None = None
-    priority: int | None = Field(default=None, ge=-100, le=100)
-    deadline_s: float | None = Field(default=None, gt=0)
-    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)
-    nvext: Any = None
-    kv_hints: Any = None
-    ignore_eos: bool = False
 
     @model_validator(mode="before")
     @classmethod

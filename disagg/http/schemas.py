@@ -22,23 +22,13 @@ class KVRetention(BaseModel):
     ttl_s: float = Field(gt=0, le=3600)
 
 
-class _Sampling(BaseModel):
+class Extensions(BaseModel):
+    """Our fields beyond each API's own, the same on every generation endpoint (chat, completions, responses,
+    messages)."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=-1, ge=-1)
     seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
-    user: str | None = None
     ignore_eos: bool = False
-    frequency_penalty: Literal[0] = 0  # 0 and 0.0 both validate (1 == 1.0 for Literal); others are a 400
-    presence_penalty: Literal[0] = 0
-    kv_retention: KVRetention | None = None
     priority: int | None = Field(default=None, ge=-100, le=100)  # higher = more important (X-Priority header too)
     deadline_s: float | None = Field(default=None, gt=0)  # must start within this, else 429 (server default)
     # vLLM's extension: requests with the same salt share prefix-cache hits across tenants (disagg/isolation.py)
@@ -46,6 +36,22 @@ class _Sampling(BaseModel):
     # agent hints, read leniently (http/hints.py): whatever JSON they hold, never a 400
     nvext: Any = None
     kv_hints: Any = None
+
+
+class _Sampling(Extensions):
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=-1, ge=-1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+    frequency_penalty: Literal[0] = 0  # 0 and 0.0 both validate (1 == 1.0 for Literal); others are a 400
+    presence_penalty: Literal[0] = 0
+    kv_retention: KVRetention | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -24,7 +24,7 @@ from disagg.errors import InvalidRequest, ServiceUnavailable
 from disagg.http.config import ApiConfig
 from disagg.http.errors import error_response
 from disagg.http.hints import Hints, read_hints
-from disagg.http.inputs import priority_of
+from disagg.http.inputs import PRIORITY_HEADER, priority_of
 from disagg.http.keys import Caller, check_priority
 from disagg.http.resume import Cursor
 from disagg.http.shape import AnswerShape, Collected
@@ -86,7 +86,7 @@ class Render(Protocol):
 
 def _priority(options: CallOptions, headers: Mapping[str, str], caller: Caller) -> int:
     """An asked-for priority above the key's cap is refused (403); a hinted one is capped: hints never fail."""
-    if options.priority is None and headers.get("x-priority") is None and options.hints.priority is not None:
+    if options.priority is None and headers.get(PRIORITY_HEADER) is None and options.hints.priority is not None:
         return options.hints.capped_priority(caller.max_priority) or 0
     priority = priority_of(options.priority, headers)
     check_priority(caller, priority)
