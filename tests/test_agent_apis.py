@@ -150,6 +150,7 @@ def test_responses_are_stored_per_tenant(service, oai, model_name):
     ({"input": "hi", "tool_choice": "required"}, "guided"),
     ({"input": "hi", "previous_response_id": "resp_unknown"}, "not found"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
 ])
 def test_responses_bad_input_is_an_openai_4xx(service, model_name, body, names):
     reply = httpx.post(f"{service.url}/v1/responses", json={"model": model_name, **body}, timeout=60)
@@ -172,6 +173,18 @@ def test_messages_text_equals_chat_whole_and_streamed(claude, oai, model_name):
         final = stream.get_final_message()
     assert text == chat.message.content == final.content[0].text
     assert final.stop_reason == whole.stop_reason
+
+
+def test_messages_count_tokens_is_the_prompt_create_runs(claude, oai, model_name):
+    messages = [{"role": "user", "content": QUESTION}]
+    counted = claude.messages.count_tokens(model=model_name, system=SYSTEM, messages=messages).input_tokens
+    reply = claude.messages.create(model=model_name, system=SYSTEM, max_tokens=2, messages=messages)
+    assert counted == reply.usage.input_tokens + reply.usage.cache_read_input_tokens
+    chat = oai.chat.completions.create(model=model_name, max_tokens=1,
+                                       messages=[{"role": "system", "content": SYSTEM}, *messages])
+    assert counted == chat.usage.prompt_tokens
+    with_tools = claude.messages.count_tokens(model=model_name, messages=messages, tools=[ANTHROPIC_TOOL])
+    assert with_tools.input_tokens > counted  # the tools are described to the model
 
 
 def test_messages_stop_sequence_is_named(claude, oai, model_name):

@@ -85,3 +85,14 @@ def test_the_default_can_be_turned_off(worker, smollm_dir):
         assert http.post(path, json=hinted, headers={"X-Session-ID": "off-hinted"}).status_code == 200
     assert _pinned(worker, "off-hinted")
     assert not worker.tiers.is_pinned_session("off-agent")
+
+
+def test_openai_prompt_cache_fields_name_the_session_and_ask_for_retention(worker, smollm_dir):
+    path, with_tools, plain = _turns(smollm_dir.name)["chat"]
+    with TestClient(_app(worker, smollm_dir, 300.0), client=LOCAL) as http:
+        # an agent turn whose session is its prompt_cache_key (OpenAI's name for "these share a prefix")
+        assert http.post(path, json={**with_tools, "prompt_cache_key": "pck-agent"}).status_code == 200
+        # no tools, but the extended cache retention OpenAI offers: kept too
+        body = {**plain, "prompt_cache_key": "pck-24h", "prompt_cache_retention": "24h"}
+        assert http.post(path, json=body).status_code == 200
+    assert _pinned(worker, "pck-agent") and _pinned(worker, "pck-24h")

@@ -11,7 +11,8 @@ served from cached KV (Anthropic's split).  Streaming sends Anthropic's events:
     [content_block_start (tool_use), content_block_delta (input_json_delta), content_block_stop]... (each call),
     message_delta (stop_reason, usage), message_stop
 
-and, when the stream fails after the headers went out, an `error` event.  Errors before that are Anthropic's
+and, when the stream fails after the headers went out, an `error` event.  `POST /v1/messages/count_tokens` counts
+a request's prompt tokens the same way.  Errors before that are Anthropic's
 error bodies with the statuses of every other endpoint (http/errors.py).  Keys come as `x-api-key` (http/auth.py).
 """
 
@@ -30,7 +31,7 @@ from disagg.errors import DisaggError
 from disagg.http.errors import Dialect, sse_error, unexpected
 from disagg.http.hints import read_hints
 from disagg.http.inputs import check_model, check_tool_results, conversation_prompt, sampling_params
-from disagg.http.messages_schema import MessagesRequest
+from disagg.http.messages_schema import CountTokensRequest, MessagesRequest
 from disagg.http.resume import Cursor
 from disagg.http.serving import CallOptions, Server
 from disagg.http.shape import AnswerShape, Collected
@@ -159,3 +160,10 @@ def add_messages_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> N
         )
         request, caller = server.request("msg", options, ids, sampling, http)
         return await server.generate(request, caller, options, http, shape, MessagesRender(config.model_name, shape))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(body: CountTokensRequest):
+        """The prompt's tokens as `create` would template them (agent clients size their context with it)."""
+        check_model(body.model, config.model_name)
+        ids, _ = conversation_prompt(body.conversation(), body.offered_tools(), tokenizer)
+        return {"input_tokens": len(ids)}

@@ -187,3 +187,9 @@ def _turn(m: Message) -> list[dict[str, Any]]:
         if isinstance(b, ToolResultBlock)
     ]
     return results + ([{"role": "user", "content": text}] if text or not results else [])
+
+
+class CountTokensRequest(MessagesRequest):
+    """`POST /v1/messages/count_tokens`: a Messages request without `max_tokens`."""
+
+    max_tokens: int = Field(default=1, ge=1)

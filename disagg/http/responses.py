@@ -234,7 +234,7 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
         shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=parallel)
         render = ResponsesRender(body, config.model_name, shape, on_done=_forget)
         # the conversation is the session: a follow-up continues its first response's
-        session = previous.session if previous is not None else render.response_id
+        session = previous.session if previous is not None else (body.prompt_cache_key or render.response_id)
         options = CallOptions.of(body, session=session, tools_offered=bool(body.offered_tools()))
         request, caller = server.request("resp", options, ids, sampling, http, request_id=render.response_id)
         if body.store:

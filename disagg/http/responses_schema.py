@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from disagg.http.schemas import Extensions, KVRetention
+from disagg.http.schemas import Extensions, KVRetention, PromptCache
 
 
 class _Strict(BaseModel):
@@ -89,7 +89,7 @@ class TextOptions(_Strict):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(Extensions):
+class ResponsesRequest(Extensions, PromptCache):
     model: str
     input: str | list[Item]
     instructions: str | None = None
@@ -107,6 +107,7 @@ class ResponsesRequest(Extensions):
     text: TextOptions | None = None
     truncation: Literal["disabled"] | None = None
     background: Literal[False] | None = None
+    include: list[str] | None = None  # what to add to the output: nothing this server can add (a 400 names it)
     # more of our extensions (the chat endpoint's too)
     top_k: int = Field(default=-1, ge=-1)
     kv_retention: KVRetention | None = None
@@ -121,6 +122,8 @@ class ResponsesRequest(Extensions):
             for tool in data.get("tools") or ():
                 if isinstance(tool, dict) and tool.get("type") != "function":
                     raise ValueError(f"tool type {tool.get('type')!r} is a hosted tool this server does not run")
+            if data.get("include"):
+                raise ValueError(f"include {data['include']!r}: this server adds nothing to a response's output")
             choice = data.get("tool_choice")
             if choice is not None and choice not in ("none", "auto"):
                 raise ValueError("tool_choice other than 'auto' or 'none' needs guided decoding, not done here")

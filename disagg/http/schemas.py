@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from disagg.http.hints import RETENTION_MAX_S
 from disagg.protocol import MAX_LOGPROBS
 
 
@@ -38,7 +39,22 @@ class Extensions(BaseModel):
     kv_hints: Any = None
 
 
-class _Sampling(Extensions):
+class PromptCache(BaseModel):
+    """OpenAI's prompt-cache fields: `prompt_cache_key` groups requests that share a prefix (here: the session the
+    router keeps together on one worker), `prompt_cache_retention` "24h" asks to keep the prefix longer (here: KV
+    retention for the longest TTL we allow)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt_cache_key: str | None = Field(default=None, min_length=1, max_length=256)
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    safety_identifier: str | None = Field(default=None, max_length=256)  # accepted: nothing here uses it
+    service_tier: Literal["auto", "default"] | None = None  # one tier here
+
+    def cache_retention_s(self) -> float | None:
+        return RETENTION_MAX_S if self.prompt_cache_retention == "24h" else None
+
+
+class _Sampling(Extensions, PromptCache):
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)

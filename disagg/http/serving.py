@@ -61,12 +61,12 @@ class CallOptions:
 
     @classmethod
     def of(cls, body: Any, session: str | None = None, tools_offered: bool = False) -> CallOptions:
-        """From a body with the shared extension fields (http/schemas.py: chat, completions, responses)."""
+        """From an OpenAI body (chat, completions, responses: http/schemas.py's Extensions and PromptCache)."""
         return cls(
             tools_offered=tools_offered,
             stream=body.stream,
-            session=session if session is not None else body.user,
-            kv_retention_s=body.kv_retention.ttl_s if body.kv_retention is not None else None,
+            session=session or body.user or body.prompt_cache_key,
+            kv_retention_s=body.kv_retention.ttl_s if body.kv_retention is not None else body.cache_retention_s(),
             priority=body.priority,
             deadline_s=body.deadline_s,
             cache_salt=body.cache_salt,
