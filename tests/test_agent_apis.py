@@ -95,6 +95,12 @@ def test_responses_text_equals_chat_whole_and_streamed(oai, model_name):
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == chat.message.content
     assert events[-1].response.output_text == chat.message.content
+    # the client's own stream helper rebuilds the response from the events: one message, one text part
+    with oai.responses.stream(model=model_name, instructions=SYSTEM, input=QUESTION, max_output_tokens=12,
+                              temperature=0, store=False) as stream:
+        rebuilt = stream.get_final_response()
+    assert [len(item.content) for item in rebuilt.output] == [1]
+    assert rebuilt.output_text == chat.message.content
 
 
 def test_responses_tool_call_then_output_by_previous_response_id(oai, model_name):
@@ -151,6 +157,9 @@ def test_responses_are_stored_per_tenant(service, oai, model_name):
     ({"input": "hi", "previous_response_id": "resp_unknown"}, "not found"),
     ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "hi", "include": ["message.output_text.logprobs"]}, "include"),
+    ({"input": "hi", "tools": 5}, "tools"),  # wrongly typed JSON: the field's 400, never a 500
+    ({"input": 7}, "input"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": {"not": "text"}}]}, "input"),
 ])
 def test_responses_bad_input_is_an_openai_4xx(service, model_name, body, names):
     reply = httpx.post(f"{service.url}/v1/responses", json={"model": model_name, **body}, timeout=60)
@@ -231,6 +240,21 @@ def test_messages_bad_input_is_an_anthropic_4xx(claude, model_name, change, erro
     with pytest.raises(error) as err:
         claude.messages.create(**body)
     assert err.value.body["type"] == "error" and err.value.body["error"]["message"]
+
+
+@pytest.mark.parametrize("change, names", [
+    ({"messages": True}, "messages"),  # wrongly typed JSON: the field's 400, never a 500
+    ({"messages": [{"role": "user", "content": 3}]}, "messages"),
+    ({"tools": {"name": "x"}}, "tools"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]},
+     "final assistant turn"),
+])
+def test_messages_malformed_bodies_are_anthropic_400s(service, model_name, change, names):
+    body = {"model": model_name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], **change}
+    reply = httpx.post(f"{service.url}/v1/messages", json=body, timeout=60)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["type"] == "error" and reply.json()["error"]["type"] == "invalid_request_error"
+    assert names in reply.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------------------------------- agent hints

@@ -1,7 +1,9 @@
 """KV kept through tool calls without hints: a session's turn that offers tools (an agent turn) has its KV pinned
 in the serving worker's CPU tier when it ends, through every API; a turn without tools, or without a session, is
-left to plain LRU; `tool_turn_retention_s=0` turns the default off.  In-process: the real front door, router core
-and one engine worker (default model, CPU tier) on this thread's event loop."""
+left to plain LRU; `tool_turn_retention_s=0` turns the default off.  Also here: a Responses or Messages stream whose
+worker dies mid-way ends with the API's own error event, never a cut stream.  In-process: the real front door,
+router core and one engine worker (default model, CPU tier) on this thread's event loop."""
+import json
 import time
 
 import pytest
@@ -27,8 +29,8 @@ def worker(smollm_dir):
                         max_model_len=1024)
 
 
-def _app(worker, smollm_dir, retention_s):
-    core = RouterCore({}, {"w": LocalWorkerHandle(worker)}, PolicyConfig(seed=0), 16)
+def _app(worker, smollm_dir, retention_s, handle=None):
+    core = RouterCore({}, {"w": handle or LocalWorkerHandle(worker)}, PolicyConfig(seed=0), 16)
     config = ApiConfig(smollm_dir.name, 1024, agents=AgentConfig(tool_turn_retention_s=retention_s))
     return build_app(core, Tokenizer.from_dir(smollm_dir), config)
 
@@ -96,3 +98,28 @@ def test_openai_prompt_cache_fields_name_the_session_and_ask_for_retention(worke
         body = {**plain, "prompt_cache_key": "pck-24h", "prompt_cache_retention": "24h"}
         assert http.post(path, json=body).status_code == 200
     assert _pinned(worker, "pck-agent") and _pinned(worker, "pck-24h")
+
+
+@pytest.mark.parametrize("path, body, last", [
+    ("/v1/responses", {"input": "Count from one to fifty.", "max_output_tokens": 60}, "response.failed"),
+    ("/v1/messages", {"max_tokens": 60, "messages": [{"role": "user", "content": "Count from one to fifty."}]},
+     "error"),
+])
+def test_a_stream_whose_worker_dies_ends_with_the_api_s_error_event(worker, smollm_dir, path, body, last):
+    handle = LocalWorkerHandle(worker)
+    handle.slow_stream_s = 0.05  # keeps the stream in flight while the worker dies
+    events = []
+    with TestClient(_app(worker, smollm_dir, 0.0, handle), client=LOCAL) as http:
+        with http.stream("POST", path, json={"model": smollm_dir.name, "temperature": 0, "stream": True, **body}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    events.append(line.removeprefix("event: "))
+                if line.startswith("data: ") and "delta" in events[-1] and not handle.dead:
+                    handle.dead = True  # a token went out: now the worker is gone (its next token breaks)
+                if line.startswith("data: ") and events[-1] == "error":
+                    error = json.loads(line.removeprefix("data: "))
+    assert events[-1] == last and "error" in events
+    assert not any(e in events for e in ("response.completed", "message_stop"))
+    message = error["error"]["message"] if path == "/v1/messages" else error["message"]
+    assert message

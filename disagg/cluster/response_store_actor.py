@@ -62,12 +62,12 @@ class RayResponses:
     async def put(self, tenant: str, stored: StoredResponse) -> None:
         await self._call("put", tenant, stored.to_wire())
 
-    async def get(self, tenant: str, response_id: str) -> StoredResponse:
+    async def get(self, tenant: str, response_id: str, param: str = "previous_response_id") -> StoredResponse:
         payload = await self._call("get", tenant, response_id)
         if payload is None:
-            raise not_found(response_id)
+            raise not_found(response_id, param)
         return StoredResponse.from_wire(payload)
 
     async def delete(self, tenant: str, response_id: str) -> None:
         if not await self._call("delete", tenant, response_id):
-            raise not_found(response_id)
+            raise not_found(response_id, "response_id")

@@ -96,12 +96,12 @@ class Sequence:
         """Cut the text where a stop string first occurs (only where new text could complete one); the stop
         string it matched, or None."""
         found = [
-            (cut, stop)
-            for stop in self.sampling.stop
+            (cut, rank, stop)
+            for rank, stop in enumerate(self.sampling.stop)
             if (cut := self.text.find(stop, max(0, self.num_emitted_chars - len(stop)))) != -1
         ]
         if not found:
             return None
-        cut, stop = min(found)  # the earliest in the text
+        cut, _, stop = min(found)  # the earliest in the text; at the same place, the first one listed
         self.text = self.text[:cut]
         return stop

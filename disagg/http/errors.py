@@ -7,8 +7,9 @@ clients, 4xx are not).  A 429 carries `Retry-After`.  The Anthropic Messages API
 own dialect, with the same statuses:
 
     {"type": "error", "error": {"type": ..., "message": ...}}
-  `install_error_handlers` puts the same mapping in front of
-FastAPI's own errors (validation, 404/405) and of anything unexpected (a JSON 500, never a plain-text one).
+
+`install_error_handlers` puts the same mapping in front of FastAPI's own errors (validation, 404/405) and of
+anything unexpected (a JSON 500, never a plain-text one).
 """
 
 from __future__ import annotations
@@ -58,13 +59,13 @@ class Dialect(enum.Enum):
 
 
 ANTHROPIC_PATHS = ("/v1/messages",)
-# Anthropic's error types by status (its docs' table; 503 is its "overloaded_error", which it sends as 529)
+# Anthropic's error types by status (its docs' table).  Our 503 (no worker can serve now) is its
+# "overloaded_error"; Anthropic sends that with its own status 529, we keep 503, which its client retries too.
 _ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
-    413: "request_too_large",
     429: "rate_limit_error",
     503: "overloaded_error",
 }

@@ -127,7 +127,11 @@ def _nvext(raw: Mapping[str, Any], hints: Hints) -> None:
             hints.ignored.append(_known(name))
 
 
+_ENVELOPE = ("protocol_version", "actions")  # the kv_hints envelope's own fields
+
+
 def _kv_hints(raw: Mapping[str, Any], hints: Hints) -> None:
+    hints.ignored += [Hint.OTHER for name in raw if name not in _ENVELOPE]
     actions = raw.get("actions")
     if not isinstance(actions, list):
         hints.ignored.append(Hint.OTHER)

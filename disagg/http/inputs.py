@@ -21,7 +21,12 @@ def check_model(name: str, served: str) -> None:
 
 
 def sampling_params(
-    body: Any, max_tokens: int | None, prompt_len: int, max_model_len: int, logprobs: int | None = None
+    body: Any,
+    max_tokens: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    logprobs: int | None = None,
+    max_tokens_param: str = "max_tokens",
 ) -> SamplingParams:
     """The request's sampling parameters; max_tokens None = what the context has room for."""
     if prompt_len >= max_model_len:
@@ -36,9 +41,9 @@ def sampling_params(
         max_tokens = room
     elif max_tokens > room:
         raise InvalidRequest(
-            f"max_tokens={max_tokens} is too large: the prompt has {prompt_len} tokens and "
+            f"{max_tokens_param}={max_tokens} is too large: the prompt has {prompt_len} tokens and "
             f"the context holds {max_model_len}.",
-            param="max_tokens",
+            param=max_tokens_param,
             code="context_length_exceeded",
         )
     try:

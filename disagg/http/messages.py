@@ -35,7 +35,7 @@ from disagg.http.messages_schema import CountTokensRequest, MessagesRequest
 from disagg.http.resume import Cursor
 from disagg.http.serving import CallOptions, Server
 from disagg.http.shape import AnswerShape, Collected
-from disagg.http.stream import with_first
+from disagg.http.stream import typed_event, with_first
 from disagg.protocol import FinishReason, Request, TokenDelta
 
 
@@ -96,7 +96,7 @@ class MessagesRender:
         self, first: TokenDelta, deltas: AsyncGenerator[TokenDelta, None], request: Request, cursor: Cursor
     ) -> AsyncIterator[str]:
         def event(type_: str, **fields: Any) -> str:
-            return f"event: {type_}\ndata: {json.dumps({'type': type_, **fields})}\n\n"
+            return typed_event(type_, fields)
 
         cached = first.num_cached_tokens
         yield event("message_start", message=self.message(request, [], (None, None), 0, cached))

@@ -125,7 +125,8 @@ class MessagesRequest(_Cacheable, Extensions):  # Extensions: ours, as on every 
         choice = data.get("tool_choice")
         if isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
             raise ValueError(f"tool_choice {choice['type']!r} needs guided decoding, which this server does not do")
-        for message in data.get("messages") or ():
+        messages = data.get("messages")
+        for message in messages if isinstance(messages, list) else ():  # other types: the field's own 400
             content = message.get("content") if isinstance(message, dict) else None
             for block in content if isinstance(content, list) else ():
                 kind = block.get("type") if isinstance(block, dict) else None
@@ -158,6 +159,12 @@ class MessagesRequest(_Cacheable, Extensions):  # Extensions: ours, as on every 
         for m in self.messages:
             out += m.content if isinstance(m.content, list) else []
         return out
+
+    @model_validator(mode="after")
+    def _ends_with_user(self) -> MessagesRequest:
+        if self.messages[-1].role == "assistant":
+            raise ValueError("a final assistant turn (a prefill for the answer to continue) is not supported here")
+        return self
 
     def conversation(self) -> list[dict[str, Any]]:
         """The chat messages (the template's form) this request holds."""

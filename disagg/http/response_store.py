@@ -51,10 +51,10 @@ class StoredResponse(WireMessage):
         return json.loads(self.response)
 
 
-def not_found(response_id: str) -> NotFound:
+def not_found(response_id: str, param: str = "previous_response_id") -> NotFound:
     return NotFound(
         f"Response with id '{response_id}' not found (never stored, expired, or not yours).",
-        param="previous_response_id",
+        param=param,
         code="response_not_found",
     )
 
@@ -66,33 +66,41 @@ class ResponseStore:
     _by_tenant: dict[str, OrderedDict[str, StoredResponse]] = field(default_factory=dict)
 
     def put(self, tenant: str, stored: StoredResponse) -> None:
+        for other in list(self._by_tenant):  # every tenant's expired responses go, idle tenants' too
+            self._expire(other)
         stored.expires = self.clock() + self.config.ttl_s
         responses = self._by_tenant.setdefault(tenant, OrderedDict())
         responses[stored.response_id] = stored
-        self._expire(responses)
         while len(responses) > self.config.max_per_tenant:
             responses.popitem(last=False)
 
-    def get(self, tenant: str, response_id: str) -> StoredResponse:
+    def get(self, tenant: str, response_id: str, param: str = "previous_response_id") -> StoredResponse:
+        self._expire(tenant)
         responses = self._by_tenant.get(tenant)
-        if responses is not None:
-            self._expire(responses)
-            found = responses.get(response_id)
-            if found is not None:
-                return found
-        raise not_found(response_id)
+        found = responses.get(response_id) if responses is not None else None
+        if found is None:
+            raise not_found(response_id, param)
+        return found
 
-    def delete(self, tenant: str, response_id: str) -> None:
-        self.get(tenant, response_id)
-        del self._by_tenant[tenant][response_id]
+    def delete(self, tenant: str, response_id: str, param: str = "response_id") -> None:
+        self.get(tenant, response_id, param)
+        responses = self._by_tenant[tenant]
+        del responses[response_id]
+        if not responses:
+            del self._by_tenant[tenant]
 
-    def _expire(self, responses: OrderedDict[str, StoredResponse]) -> None:
+    def _expire(self, tenant: str) -> None:
+        responses = self._by_tenant.get(tenant)
+        if responses is None:
+            return
         now = self.clock()
         while responses:
             oldest = next(iter(responses.values()))  # stored in time order, so the oldest expires first
             if oldest.expires > now:
                 break
             responses.popitem(last=False)
+        if not responses:
+            del self._by_tenant[tenant]  # no empty entry per tenant that ever stored something
 
     def __len__(self) -> int:
         return sum(len(r) for r in self._by_tenant.values())
@@ -104,7 +112,9 @@ class ResponseStorePort(Protocol):
 
     async def put(self, tenant: str, stored: StoredResponse) -> None: ...
 
-    async def get(self, tenant: str, response_id: str) -> StoredResponse: ...  # NotFound
+    async def get(self, tenant: str, response_id: str, param: str = "previous_response_id") -> StoredResponse:
+        """NotFound naming `param` (the body's previous_response_id, or a path's response_id)."""
+        ...
 
     async def delete(self, tenant: str, response_id: str) -> None: ...  # NotFound
 
@@ -118,8 +128,8 @@ class LocalResponses:
     async def put(self, tenant: str, stored: StoredResponse) -> None:
         self.store.put(tenant, stored)
 
-    async def get(self, tenant: str, response_id: str) -> StoredResponse:
-        return self.store.get(tenant, response_id)
+    async def get(self, tenant: str, response_id: str, param: str = "previous_response_id") -> StoredResponse:
+        return self.store.get(tenant, response_id, param)
 
     async def delete(self, tenant: str, response_id: str) -> None:
         self.store.delete(tenant, response_id)

@@ -20,7 +20,6 @@ session, so it is routed to the worker that holds the conversation's KV.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from disagg.http.responses_schema import ResponsesRequest, items_to_messages
 from disagg.http.resume import Cursor
 from disagg.http.serving import CallOptions, Server
 from disagg.http.shape import AnswerShape, Collected
-from disagg.http.stream import with_first
+from disagg.http.stream import typed_event, with_first
 from disagg.protocol import FinishReason, Request, TokenDelta
 
 MAX_OUTPUT = "max_output_tokens"
@@ -49,8 +48,9 @@ def _item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
+def _message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """A message output item; `text` None: the item as it is announced, before its content part is added."""
+    content = [] if text is None else [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
@@ -151,7 +151,8 @@ class ResponsesRender:
                     continue
                 piece = choice["delta"].get("content") or ""
                 if piece and not text:
-                    yield sse("response.output_item.added", output_index=0, item=_message_item(msg_id, "", IN_PROGRESS))
+                    announced = _message_item(msg_id, None, IN_PROGRESS)
+                    yield sse("response.output_item.added", output_index=0, item=announced)
                     part = {"type": "output_text", "text": "", "annotations": []}
                     yield sse("response.content_part.added", **at, part=part)
                 if piece:
@@ -191,9 +192,8 @@ class _Events:
         self.seq = 0
 
     def __call__(self, type_: str, **fields: Any) -> str:
-        data = json.dumps({"type": type_, "sequence_number": self.seq, **fields})
         self.seq += 1
-        return f"event: {type_}\ndata: {data}\n\n"
+        return typed_event(type_, {"sequence_number": self.seq - 1, **fields})
 
 
 def _call_events(sse: _Events, call: dict[str, Any], output: list[dict[str, Any]]) -> list[str]:
@@ -210,6 +210,17 @@ def _call_events(sse: _Events, call: dict[str, Any], output: list[dict[str, Any]
         sse("response.function_call_arguments.done", **ids, arguments=arguments),
         sse("response.output_item.done", output_index=index, item=done),
     ]
+
+
+def _session(body: ResponsesRequest, previous: StoredResponse | None, response_id: str) -> str | None:
+    """The conversation is the session (a follow-up continues its first response's); `prompt_cache_key` names
+    one; a response that is not stored starts none (nothing can continue it, so nothing is pinned for it).  The
+    X-Session-ID header, if sent, wins over all of these (http/serving.py)."""
+    if previous is not None:
+        return previous.session
+    if body.prompt_cache_key:
+        return body.prompt_cache_key
+    return response_id if body.store else None
 
 
 async def _forget(message: dict[str, Any], response: dict[str, Any]) -> None:
@@ -229,17 +240,19 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
         check_tool_results(history + turn, "input", "function_call_output call_id", "function_call")
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         ids, tools = conversation_prompt(system + history + turn, body.offered_tools(), tokenizer, param="input")
-        sampling = sampling_params(body, body.max_output_tokens, len(ids), config.max_model_len)
+        sampling = sampling_params(
+            body, body.max_output_tokens, len(ids), config.max_model_len, max_tokens_param="max_output_tokens"
+        )
         parallel = body.parallel_tool_calls is not False
         shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=parallel)
         render = ResponsesRender(body, config.model_name, shape, on_done=_forget)
-        # the conversation is the session: a follow-up continues its first response's
-        session = previous.session if previous is not None else (body.prompt_cache_key or render.response_id)
-        options = CallOptions.of(body, session=session, tools_offered=bool(body.offered_tools()))
+        session, offered = _session(body, previous, render.response_id), bool(body.offered_tools())
+        options = CallOptions.of(body, session=session, tools_offered=offered)
         request, caller = server.request("resp", options, ids, sampling, http, request_id=render.response_id)
         if body.store:
 
             async def keep(message: dict[str, Any], response: dict[str, Any]) -> None:
+                session = request.session_id or render.response_id  # what this turn was routed and pinned by
                 stored = StoredResponse.of(render.response_id, session, history + turn + [message], response)
                 await store.put(tenant, stored)
 
@@ -248,7 +261,7 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str, http: HTTPRequest):
-        return (await store.get(http.state.caller.tenant, response_id)).body()
+        return (await store.get(http.state.caller.tenant, response_id, "response_id")).body()
 
     @app.delete("/v1/responses/{response_id}")
     async def delete(response_id: str, http: HTTPRequest):

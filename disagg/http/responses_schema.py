@@ -119,7 +119,8 @@ class ResponsesRequest(Extensions, PromptCache):
         if isinstance(data, dict):
             if isinstance(data.get("input"), list):  # an easy input message may leave out its type
                 data = {**data, "input": [_typed(item) for item in data["input"]]}
-            for tool in data.get("tools") or ():
+            tools = data.get("tools")
+            for tool in tools if isinstance(tools, list) else ():  # other types: the field's own 400
                 if isinstance(tool, dict) and tool.get("type") != "function":
                     raise ValueError(f"tool type {tool.get('type')!r} is a hosted tool this server does not run")
             if data.get("include"):

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import Request as HTTPRequest
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from disagg.errors import InvalidRequest, ServiceUnavailable
 from disagg.http.config import ApiConfig
-from disagg.http.errors import error_response
+from disagg.http.errors import dialect_of, error_response
 from disagg.http.hints import Hints, read_hints
 from disagg.http.inputs import PRIORITY_HEADER, priority_of
 from disagg.http.keys import Caller, check_priority
@@ -75,7 +75,9 @@ class CallOptions:
 
 
 class Render(Protocol):
-    """How one API answers a request: a whole JSON body, or its SSE events (the first delta is already here)."""
+    """How one API answers a request: a whole JSON body, or its SSE events (the first delta is already here).
+    `cursor` names where a stream stands for its events' `id:` lines; only chat and completions streams carry them
+    (resumable with Last-Event-ID: http/resume.py), the Responses and Messages streams do not."""
 
     async def body(self, request: Request, answer: Collected) -> dict[str, Any]: ...
 
@@ -91,6 +93,11 @@ def _priority(options: CallOptions, headers: Mapping[str, str], caller: Caller) 
     priority = priority_of(options.priority, headers)
     check_priority(caller, priority)
     return priority
+
+
+def _client_closed(http: HTTPRequest) -> JSONResponse:
+    closed = InvalidRequest("client closed the request", code="client_closed")
+    return error_response(closed, dialect=dialect_of(http.url.path))
 
 
 class Server:
@@ -182,7 +189,7 @@ class Server:
             first = await until_disconnect(stream.__anext__(), http, poll_s)
         except ClientGone:
             await stream.aclose()
-            return error_response(InvalidRequest("client closed the request", code="client_closed"))
+            return _client_closed(http)
         except StopAsyncIteration:
             raise ServiceUnavailable("the request ended without output", code="empty_stream") from None
         except BaseException:
@@ -194,5 +201,5 @@ class Server:
             answer = await until_disconnect(collect(first, stream), http, poll_s)
         except ClientGone:
             await stream.aclose()
-            return error_response(InvalidRequest("client closed the request", code="client_closed"))
+            return _client_closed(http)
         return await render.body(request, answer)

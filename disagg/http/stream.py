@@ -133,6 +133,11 @@ async def timed(
         span.end()
 
 
+def typed_event(type_: str, data: dict[str, Any]) -> str:
+    """An SSE event named by its type, the type also in its data (the Responses and Messages APIs' framing)."""
+    return f"event: {type_}\ndata: {json.dumps({'type': type_, **data})}\n\n"
+
+
 async def with_first(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> AsyncIterator[TokenDelta]:
     """A request's deltas from the first one, which is already here (nothing follows a finished first delta)."""
     yield first

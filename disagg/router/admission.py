@@ -199,7 +199,7 @@ class AdmissionQueue:
         for priority in sorted((p for p, band in self._bands.items() if any(band.values())), reverse=True):
             band = self._bands[priority]
             # smallest counter first; on a tie (a tenant lifted to the band's level when it came back) the one
-            # with less queued goes first, then the oldest request
+            # with less queued goes first, then the one whose next request was queued first
             tenant = min(
                 (t for t, q in band.items() if q),
                 key=lambda t: (self._counters.get(t, 0.0), len(band[t]), band[t][0].order),
