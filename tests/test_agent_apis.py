@@ -127,6 +127,10 @@ def test_responses_tool_call_then_output_by_previous_response_id(oai, model_name
     again = _chat(oai, model_name, full, tools=[WEATHER_TOOL], max_tokens=16)
     assert follow.output_text == (again.message.content or "")
     assert follow.previous_response_id == first.id
+    assert [(i.type, i.call_id) for i in oai.responses.input_items.list(follow.id)] == [("function_call_output",
+                                                                                         call.call_id)]
+    items = oai.responses.input_items.list(first.id, order="asc", limit=3)
+    assert [i.type for i in items.data] == ["message", "function_call", "function_call_output"] and items.has_more
     # the conversation's KV was reused: its first turn's prompt is cached
     assert follow.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens // 2
 
@@ -134,6 +138,8 @@ def test_responses_tool_call_then_output_by_previous_response_id(oai, model_name
 def test_responses_are_stored_per_tenant(service, oai, model_name):
     kept = oai.responses.create(model=model_name, input=QUESTION, max_output_tokens=4, temperature=0)
     assert oai.responses.retrieve(kept.id).output_text == kept.output_text
+    [listed] = oai.responses.input_items.list(kept.id).data  # the one user message it was given
+    assert (listed.type, listed.role, listed.content[0].text) == ("message", "user", QUESTION)
     other = openai.OpenAI(base_url=f"{service.url}/v1", api_key="unused", max_retries=0,
                           default_headers={"X-Tenant-ID": "someone-else"})
     with pytest.raises(openai.NotFoundError):

@@ -38,11 +38,22 @@ class StoredResponse(WireMessage):
     session: str  # the chain's first response id
     conversation: str  # JSON: the chat messages, this response's output included
     response: str  # JSON: the Response object, as GET /v1/responses/{id} returns it
+    inputs: str = "[]"  # JSON: this turn's input items, as GET /v1/responses/{id}/input_items lists them
     expires: float = 0.0
 
     @classmethod
-    def of(cls, response_id: str, session: str, messages: list[dict[str, Any]], body: dict[str, Any]) -> StoredResponse:
-        return cls(response_id, session, json.dumps(messages), json.dumps(body))
+    def of(
+        cls,
+        response_id: str,
+        session: str,
+        messages: list[dict[str, Any]],
+        body: dict[str, Any],
+        inputs: list[dict[str, Any]] | None = None,
+    ) -> StoredResponse:
+        return cls(response_id, session, json.dumps(messages), json.dumps(body), json.dumps(inputs or []))
+
+    def input_items(self) -> list[dict[str, Any]]:
+        return json.loads(self.inputs)
 
     def messages(self) -> list[dict[str, Any]]:
         return json.loads(self.conversation)

@@ -1,4 +1,5 @@
-"""The OpenAI Responses API: `POST /v1/responses` (JSON or SSE), `GET` and `DELETE /v1/responses/{id}`.
+"""The OpenAI Responses API: `POST /v1/responses` (JSON or SSE), `GET` and `DELETE /v1/responses/{id}`, and
+`GET /v1/responses/{id}/input_items`.
 
 A request becomes a chat conversation (http/responses_schema.py) - after the stored one it continues when it names
 `previous_response_id` - and is served like a chat completion (http/serving.py), so the same conversation gives
@@ -23,9 +24,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi import Request as HTTPRequest
 
 from disagg.engine.tokenizer import Tokenizer
@@ -42,6 +43,7 @@ from disagg.protocol import FinishReason, Request, TokenDelta
 
 MAX_OUTPUT = "max_output_tokens"
 IN_PROGRESS, COMPLETED = "in_progress", "completed"
+MAX_LISTED = 100  # input_items' largest page (OpenAI's)
 
 
 def _item_id(prefix: str) -> str:
@@ -253,7 +255,8 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
 
             async def keep(message: dict[str, Any], response: dict[str, Any]) -> None:
                 session = request.session_id or render.response_id  # what this turn was routed and pinned by
-                stored = StoredResponse.of(render.response_id, session, history + turn + [message], response)
+                listed = [item.listed() for item in body.items()]
+                stored = StoredResponse.of(render.response_id, session, history + turn + [message], response, listed)
                 await store.put(tenant, stored)
 
             render.on_done = keep
@@ -262,6 +265,25 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
     @app.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str, http: HTTPRequest):
         return (await store.get(http.state.caller.tenant, response_id, "response_id")).body()
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def input_items(
+        response_id: str,
+        http: HTTPRequest,
+        order: Literal["asc", "desc"] = "desc",
+        limit: Annotated[int, Query(ge=1, le=MAX_LISTED)] = 20,
+        after: str = "",
+    ):
+        """The items this response was given (OpenAI's listing: newest first by default, `limit` 1-100, `after`
+        an item id)."""
+        items = (await store.get(http.state.caller.tenant, response_id, "response_id")).input_items()
+        items = items[::-1] if order == "desc" else items
+        ids = [item["id"] for item in items]
+        start = ids.index(after) + 1 if after in ids else 0
+        page = items[start : start + limit]
+        more = start + len(page) < len(items)
+        first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)
+        return {"object": "list", "data": page, "first_id": first, "last_id": last, "has_more": more}
 
     @app.delete("/v1/responses/{response_id}")
     async def delete(response_id: str, http: HTTPRequest):

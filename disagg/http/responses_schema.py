@@ -13,6 +13,7 @@ hosted tools this server does not run: 400.  Unknown item types and unknown fiel
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -46,8 +47,18 @@ Part = Annotated[InputText | OutputText, Field(discriminator="type")]
 
 class MessageItem(_Echoed):
     type: Literal["message"] = "message"
+    id: str | None = None
     role: Literal["user", "assistant", "system", "developer"]
     content: str | list[Part]
+
+    def listed(self) -> dict[str, Any]:
+        """As GET /v1/responses/{id}/input_items lists it."""
+        kind = "output_text" if self.role == "assistant" else "input_text"
+        part: dict[str, Any] = {"type": kind, "text": self.text()}
+        if kind == "output_text":
+            part["annotations"] = []
+        item_id = self.id or f"msg_{uuid.uuid4().hex}"
+        return {"type": "message", "id": item_id, "role": self.role, "status": "completed", "content": [part]}
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -55,15 +66,25 @@ class MessageItem(_Echoed):
 
 class FunctionCallItem(_Echoed):
     type: Literal["function_call"]
+    id: str | None = None
     call_id: str = Field(min_length=1)
     name: str
     arguments: str  # JSON text
 
+    def listed(self) -> dict[str, Any]:
+        item_id = self.id or f"fc_{uuid.uuid4().hex}"
+        return {**self.model_dump(), "id": item_id, "status": "completed"}
+
 
 class FunctionCallOutputItem(_Echoed):
     type: Literal["function_call_output"]
+    id: str | None = None
     call_id: str = Field(min_length=1)
     output: str
+
+    def listed(self) -> dict[str, Any]:
+        item_id = self.id or f"fco_{uuid.uuid4().hex}"
+        return {**self.model_dump(), "id": item_id, "status": "completed"}
 
 
 Item = Annotated[MessageItem | FunctionCallItem | FunctionCallOutputItem, Field(discriminator="type")]
