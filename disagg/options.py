@@ -5,13 +5,15 @@ and help, and every CLI (`disagg serve`, `disagg plan`, `disagg bench ...`) buil
     config = from_options(EngineConfig, args, prefix="engine-")
 
 A field's help is `field(metadata={"help": ...})`; `metadata={"cli": False}` keeps it off the command line;
-`metadata={"flag": "--kv-cache-mb"}` names the option when the field's name would read badly.  Scalars (int,
+`metadata={"flag": "--kv-cache-mb"}` names the option when the field's name would read badly (`"aliases": (...)`:
+older names that still work).  Scalars (int,
 float, str, bool as --x/--no-x, enums by value, and their optionals) become options; other fields are skipped.
 A field without a default becomes a required option; `only=` picks the fields one CLI exposes.  Three more
 metadata keys cover what a scalar cannot say: `"choices": (...)` limits a str field to those values,
 `"nargs": "+"` makes a `list[int]`-like field (`list[X]` or `tuple[X, ...]` of a scalar X) take several values
 (`"nargs": "append"`: one value per repetition of the option), and `"positional": True` makes the field a
-positional argument (no -- name).
+positional argument (no -- name), and `"parse": f` reads a field of any type from its text with `f` (a JSON map,
+a TENANT=X list: argparse refuses what `f` raises ArgumentTypeError or ValueError for).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def option_name(f: dataclasses.Field, prefix: str = "") -> str:
     return f.metadata.get("flag") or "--" + prefix + f.name.replace("_", "-")
 
 
+def _names(f: dataclasses.Field, prefix: str) -> list[str]:
+    return [option_name(f, prefix), *f.metadata.get("aliases", ())]
+
+
 def _required(f: dataclasses.Field) -> bool:
     return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
@@ -88,6 +94,12 @@ def add_options(
     for f in dataclasses.fields(cls):
         if f.name in skip or (only is not None and f.name not in only) or not f.metadata.get("cli", True):
             continue
+        if "parse" in f.metadata:
+            default = (defaults or {}).get(f.name, _default(f))
+            text = f"{f.metadata.get('help', '')} (default {_show(default)})".strip()
+            dest = (prefix + f.name).replace("-", "_")
+            parser.add_argument(*_names(f, prefix), dest=dest, type=f.metadata["parse"], default=default, help=text)
+            continue
         if "nargs" in f.metadata or f.metadata.get("positional"):
             required = _required(f) and f.name not in (defaults or {})
             _add_special(parser, f, hints[f.name], prefix, (defaults or {}).get(f.name, _default(f)), required)
@@ -111,13 +123,13 @@ def add_options(
             continue
         text = f.metadata.get("help", "")
         dest = (prefix + f.name).replace("-", "_")
-        name = option_name(f, prefix)
+        names = _names(f, prefix)
         if kind is bool:
-            parser.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
+            parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif isinstance(kind, type) and issubclass(kind, enum.Enum):
             choices = [m.value for m in kind]
             parser.add_argument(
-                name,
+                *names,
                 dest=dest,
                 type=_enum_parser(kind),
                 default=default,
@@ -125,7 +137,7 @@ def add_options(
             )
         else:
             parser.add_argument(
-                name,
+                *names,
                 dest=dest,
                 type=_optional(kind) if optional else kind,
                 default=default,

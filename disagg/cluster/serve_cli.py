@@ -6,10 +6,12 @@ config dataclasses (disagg/options.py), read back into a ClusterConfig and a Rou
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 
 import ray
 
@@ -59,62 +61,10 @@ _MS_PER_S = 1000
 EXIT_INSECURE = 2  # argparse's status for a refused command line
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = parser or argparse.ArgumentParser(prog="disagg serve", description="Serve an OpenAI-compatible endpoint")
-    add_options(p, ClusterConfig, only=("num_prefill", "num_decode", "address"))
-    # several workers share one host: a KV cache and a torch thread each that fit next to each other
-    add_options(p, EngineConfig, only=_ENGINE, defaults={"kv_cache_memory_mb": SERVE_KV_CACHE_MB, "num_threads": 1})
-    add_options(p, RouterConfig, only=_ROUTER, defaults={"port": SERVE_PORT})
-    add_options(p, PolicyConfig, prefix="policy-", only=_POLICY)
-    add_options(p, TransportConfig)
-    for role in ("router", "prefill", "decode"):
-        p.add_argument(
-            f"--{role}-resources",
-            type=_resources,
-            default={},
-            help=f'Ray custom resources each {role} actor needs, as JSON (e.g. {{"disagg_{role}": 1}})',
-        )
-    tiers = TierConfig()  # sized in MiB here, in bytes there
-    p.add_argument(
-        "--cpu-tier-mb", type=int, default=tiers.cpu_bytes >> 20, help="CPU-memory KV tier per worker (0: no tiers)"
-    )
-    p.add_argument(
-        "--disk-tier-dir",
-        default=tiers.disk_root,
-        help="root of the disk KV tier (a directory per worker; default ~/.cache/disagg/kv; '' = none)",
-    )
-    p.add_argument("--disk-tier-mb", type=int, default=tiers.disk_bytes >> 20, help="disk KV tier per worker")
-    add_options(p, RouterCoreConfig, only=("max_migrations",))
-    p.add_argument(
-        "--api-keys-file",
-        "--api-keys",  # the older name, same file format (a grant may be just a tenant name)
-        dest="api_keys_file",
-        default=None,
-        help='JSON file {"KEY": "TENANT" or {"tenant": ..., "admin": ..., "max_priority": ..., "requests_per_s": ..., '
-        '"burst": ..., "may_force_trace": ...}}: each key names a tenant and what it may do (disagg/http/keys.py)',
-    )
-    p.add_argument("--tenant-weights", default="", help="TENANT=WEIGHT,...: fair-share weights (default 1)")
-    p.add_argument("--cache-share-groups", default="", help="TENANT=GROUP,...: tenants of a group share cache hits")
-    add_options(p, AdmissionConfig, prefix="admission-", only=_ADMISSION)
-    add_options(p, ResponseStoreConfig, prefix="responses-")
-    add_options(p, AgentConfig)
-    add_options(p, CapacityConfig, only=_CAPACITY)
-    add_options(p, TracingConfig, only=_TRACING)
-    add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
-    add_options(p, CanaryConfig, prefix="canary-", only=_CANARY)
-    add_options(p, OutlierConfig, prefix="outliers-", only=_OUTLIERS)
-    planner = PlannerConfig()
-    p.add_argument("--slo-ttft-ms", type=float, default=planner.ttft_slo_s * _MS_PER_S, help="planner, placement: TTFT")
-    p.add_argument("--slo-tpot-ms", type=float, default=planner.tpot_slo_s * _MS_PER_S, help="planner: TPOT objective")
-    p.add_argument("--smoke-test", action="store_true", help="send one chat request, print it, shut down")
-    p.add_argument("--question", default="What is the capital of France?")
-    return p
-
-
 def _groups(text: str) -> dict[str, str]:
     pairs = [item.strip().partition("=") for item in text.split(",") if item.strip()]
     if any(not tenant or not group for tenant, _, group in pairs):
-        raise ValueError(f"--cache-share-groups: expected TENANT=GROUP,..., got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected TENANT=GROUP,..., got {text!r}")
     return {tenant: group for tenant, _, group in pairs}
 
 
@@ -125,17 +75,95 @@ def _weights(text: str) -> dict[str, float]:
         try:
             out[tenant] = float(weight)
         except ValueError:
-            raise ValueError(f"bad tenant weight {item!r}: expected TENANT=WEIGHT") from None
+            raise argparse.ArgumentTypeError(f"bad tenant weight {item!r}: expected TENANT=WEIGHT") from None
     return out
 
 
 def _resources(text: str) -> dict[str, float]:
-    import json
-
     value = json.loads(text)
     if not isinstance(value, dict) or not all(isinstance(v, (int, float)) for v in value.values()):
         raise argparse.ArgumentTypeError(f"expected a JSON object of resource amounts, got {text!r}")
     return {str(k): float(v) for k, v in value.items()}
+
+
+def _resources_help(role: str) -> dict[str, object]:
+    example = f'{{"disagg_{role}": 1}}'
+    return {"parse": _resources, "help": f"Ray custom resources each {role} actor needs, as JSON (e.g. {example})"}
+
+
+@dataclass
+class ServeOptions:
+    """`disagg serve`'s own options: settings whose form on the command line differs from the config field they
+    feed (MiB for bytes, milliseconds for seconds, JSON or TENANT=X lists for maps, a file for the keys); each
+    default is read from that field."""
+
+    router_resources: dict[str, float] = field(default_factory=dict, metadata=_resources_help("router"))
+    prefill_resources: dict[str, float] = field(default_factory=dict, metadata=_resources_help("prefill"))
+    decode_resources: dict[str, float] = field(default_factory=dict, metadata=_resources_help("decode"))
+    cpu_tier_mb: int = field(
+        default=TierConfig.cpu_bytes >> 20, metadata={"help": "CPU-memory KV tier per worker in MiB (0: no tiers)"}
+    )
+    disk_tier_dir: str | None = field(
+        default=TierConfig.disk_root,
+        metadata={
+            "parse": str,  # '' is a value here (no disk tier), not "unset"
+            "help": "root of the disk KV tier (a directory per worker; default ~/.cache/disagg/kv; '' = none)",
+        },
+    )
+    disk_tier_mb: int = field(default=TierConfig.disk_bytes >> 20, metadata={"help": "disk KV tier per worker in MiB"})
+    api_keys_file: str | None = field(
+        default=None,
+        metadata={
+            "aliases": ("--api-keys",),  # the older name, same file format (a grant may be just a tenant name)
+            "help": 'JSON file {"KEY": "TENANT" or {"tenant": ..., "admin": ..., "max_priority": ..., '
+            '"requests_per_s": ..., "burst": ..., "may_force_trace": ...}}: each key names a tenant and what it may '
+            "do (disagg/http/keys.py)",
+        },
+    )
+    tenant_weights: dict[str, float] = field(
+        default_factory=dict, metadata={"parse": _weights, "help": "TENANT=WEIGHT,...: fair-share weights (default 1)"}
+    )
+    cache_share_groups: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"parse": _groups, "help": "TENANT=GROUP,...: tenants of a group share cache hits"},
+    )
+    slo_ttft_ms: float = field(
+        default=PlannerConfig.ttft_slo_s * _MS_PER_S, metadata={"help": "planner, placement: TTFT objective (ms)"}
+    )
+    slo_tpot_ms: float = field(
+        default=PlannerConfig.tpot_slo_s * _MS_PER_S, metadata={"help": "planner: TPOT objective (ms)"}
+    )
+    smoke_test: bool = field(default=False, metadata={"help": "send one chat request, print it, shut down"})
+    question: str = field(default="What is the capital of France?", metadata={"help": "the smoke test's question"})
+
+
+_RESOURCES = ("router_resources", "prefill_resources", "decode_resources")
+_TIERS = ("cpu_tier_mb", "disk_tier_dir", "disk_tier_mb")
+_KEYS = ("api_keys_file", "tenant_weights", "cache_share_groups")
+_SLO, _SMOKE = ("slo_ttft_ms", "slo_tpot_ms"), ("smoke_test", "question")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="disagg serve", description="Serve an OpenAI-compatible endpoint")
+    add_options(p, ClusterConfig, only=("num_prefill", "num_decode", "address"))
+    # several workers share one host: a KV cache and a torch thread each that fit next to each other
+    add_options(p, EngineConfig, only=_ENGINE, defaults={"kv_cache_memory_mb": SERVE_KV_CACHE_MB, "num_threads": 1})
+    add_options(p, RouterConfig, only=_ROUTER, defaults={"port": SERVE_PORT})
+    add_options(p, PolicyConfig, prefix="policy-", only=_POLICY)
+    add_options(p, TransportConfig)
+    add_options(p, ServeOptions, only=_RESOURCES + _TIERS)
+    add_options(p, RouterCoreConfig, only=("max_migrations",))
+    add_options(p, ServeOptions, only=_KEYS)
+    add_options(p, AdmissionConfig, prefix="admission-", only=_ADMISSION)
+    add_options(p, ResponseStoreConfig, prefix="responses-")
+    add_options(p, AgentConfig)
+    add_options(p, CapacityConfig, only=_CAPACITY)
+    add_options(p, TracingConfig, only=_TRACING)
+    add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
+    add_options(p, CanaryConfig, prefix="canary-", only=_CANARY)
+    add_options(p, OutlierConfig, prefix="outliers-", only=_OUTLIERS)
+    add_options(p, ServeOptions, only=_SLO + _SMOKE)
+    return p
 
 
 def tier_options(args: argparse.Namespace) -> TierConfig | None:
@@ -180,7 +208,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
         responses=from_options(ResponseStoreConfig, args, prefix="responses-"),
         agents=from_options(AgentConfig, args),
-        isolation=IsolationConfig(share_groups=_groups(args.cache_share_groups)),
+        isolation=IsolationConfig(share_groups=args.cache_share_groups),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
         planner=planner,
         silent=SilentConfig(
@@ -189,7 +217,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         ),
         capacity=from_options(CapacityConfig, args, only=_CAPACITY),
         admission=from_options(
-            AdmissionConfig, args, prefix="admission-", only=_ADMISSION, tenant_weights=_weights(args.tenant_weights)
+            AdmissionConfig, args, prefix="admission-", only=_ADMISSION, tenant_weights=args.tenant_weights
         ),
     )
 

@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -166,29 +166,36 @@ def _stale(m: dict[str, Any]) -> str:
     )
 
 
+@dataclass
+class SimulateOptions:
+    """`disagg bench simulate`'s own options (the cluster, workload and SLO ones come from their configs)."""
+
+    configs: str = field(
+        default="agg-rr=0x16:round_robin,agg-kv=0x16:kv,disagg-kv=4x12:kv",
+        metadata={"help": "clusters to simulate: NAME=PxD:POLICY[:key=value...],... (disagg/sim/spec.py)"},
+    )
+    rates: str = field(default="1", metadata={"help": "load levels: multipliers on the trace's pace"})
+    extra_slos: str = field(default="5000/500", metadata={"help": "more TTFT_MS/TPOT_MS pairs to report goodput at"})
+    out: str = field(default="bench/results/simulate", metadata={"help": "report directory"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar per run"})
+    kill_fraction: float = field(
+        default=0.0, metadata={"help": "chaos: kill this fraction of the workers at --kill-at (0: no chaos)"}
+    )
+    kill_at: float = field(default=60.0, metadata={"help": "chaos: virtual seconds into the run"})
+    detect_s: float = field(default=SimChaos.detect_s, metadata={"help": "chaos: seconds until a kill is detected"})
+    restart_s: float = field(default=SimChaos.restart_s, metadata={"help": "chaos: seconds until a worker is back"})
+    chaos_result: str = field(
+        default="",
+        metadata={"help": "take --detect-s / --restart-s from a `disagg bench chaos` result.json (SIGKILL medians)"},
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="disagg bench simulate", description=__doc__.splitlines()[0])
-    parser.add_argument("--configs", default="agg-rr=0x16:round_robin,agg-kv=0x16:kv,disagg-kv=4x12:kv")
-    parser.add_argument("--rates", default="1", help="load levels: multipliers on the trace's pace")
+    add_options(parser, SimulateOptions, only=("configs", "rates"))
     add_sim_args(parser)
     add_options(parser, SLO, prefix="slo-")
-    parser.add_argument("--extra-slos", default="5000/500", help="more TTFT_MS/TPOT_MS pairs to report goodput at")
-    parser.add_argument("--out", default="bench/results/simulate")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument(
-        "--kill-fraction",
-        type=float,
-        default=0.0,
-        help="chaos: kill this fraction of the workers at --kill-at (0: no chaos)",
-    )
-    parser.add_argument("--kill-at", type=float, default=60.0, help="chaos: virtual seconds into the run")
-    parser.add_argument("--detect-s", type=float, default=SimChaos.detect_s)
-    parser.add_argument("--restart-s", type=float, default=SimChaos.restart_s)
-    parser.add_argument(
-        "--chaos-result",
-        default="",
-        help="take --detect-s / --restart-s from a `disagg bench chaos` result.json (SIGKILL medians)",
-    )
+    add_options(parser, SimulateOptions, skip=("configs", "rates"))
     add_workload_args(parser)
     return parser
 
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = sim_config(spec, args, model, slo)
             t0 = time.perf_counter()
             chaos = _chaos(args)
-            result = simulate(trace, rate_scale, cfg, model, progress=not args.no_progress, chaos=chaos)
+            result = simulate(trace, rate_scale, cfg, model, progress=args.progress, chaos=chaos)
             m = result.metrics(slo, parse_slos(args.extra_slos))
             if chaos is not None:
                 clean = functools.partial(simulate, trace, rate_scale, cfg, model)

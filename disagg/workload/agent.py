@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+from disagg.options import add_options
 from disagg.utils import cdiv
 from disagg.workload.record import TraceRequest
 
@@ -160,20 +161,26 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
+@dataclass
+class AgentTraceOptions:
+    """`disagg bench agent`'s options."""
+
+    out: str = field(metadata={"help": "the trace file to write (JSONL)"})
+    profile: str = field(
+        default="coding_agent",
+        metadata={"help": f"profile or weighted mix, e.g. coding_agent:2,short_chat:1 ({', '.join(PROFILES)})"},
+    )
+    sessions: int = field(default=50, metadata={"help": "sessions to generate"})
+    rate: float = field(default=0.5, metadata={"help": "new sessions per second (Poisson)"})
+    seed: int = field(default=0, metadata={"help": "random seed (the same seed gives the same trace)"})
+    show_profiles: bool = field(default=False, metadata={"help": "print the profiles first"})
+
+
 def main(argv: list[str] | None = None) -> int:
     from disagg.workload.loaders import write_jsonl
 
     parser = argparse.ArgumentParser(prog="disagg bench agent", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--profile",
-        default="coding_agent",
-        help=f"profile or weighted mix, e.g. coding_agent:2,short_chat:1 ({', '.join(PROFILES)})",
-    )
-    parser.add_argument("--sessions", type=int, default=50)
-    parser.add_argument("--rate", type=float, default=0.5, help="new sessions per second (Poisson)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--show-profiles", action="store_true")
+    add_options(parser, AgentTraceOptions)
     args = parser.parse_args(argv)
     if args.show_profiles:
         for p in PROFILES.values():
