@@ -123,3 +123,33 @@ def test_a_stream_whose_worker_dies_ends_with_the_api_s_error_event(worker, smol
     assert not any(e in events for e in ("response.completed", "message_stop"))
     message = error["error"]["message"] if path == "/v1/messages" else error["message"]
     assert message
+
+
+class _Recording(LocalWorkerHandle):
+    """The worker handle that keeps every Request the router sends it."""
+
+    def __init__(self, worker):
+        super().__init__(worker)
+        self.requests = []
+
+    def generate(self, request, remote):
+        self.requests.append(request)
+        return super().generate(request, remote)
+
+
+def test_hints_reach_the_request_the_worker_gets(worker, smollm_dir):
+    handle = _Recording(worker)
+    hints = {"nvext": {"greed_sampling": True,
+                       "agent_hints": {"priority": 7, "osl": 5, "latency_sensitivity": 1.5}},
+             "kv_hints": {"actions": [{"action_type": "kv.demote", "ttl_s": 42}]}}
+    body = {"model": smollm_dir.name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6,
+            "temperature": 0.9, **hints}
+    with TestClient(_app(worker, smollm_dir, 0.0, handle), client=LOCAL) as http:
+        assert http.post("/v1/chat/completions", json=body, headers={"X-Session-ID": "hinted"}).status_code == 200
+        # a priority asked for in the body is the caller's: it wins over the hint
+        assert http.post("/v1/chat/completions", json={**body, "priority": -3}).status_code == 200
+    first, second = handle.requests
+    assert (first.priority, first.expected_output_tokens, first.queue_head_start_s) == (7, 5, 1.5)
+    assert first.sampling.temperature == 0.0 and first.kv_retention_s == 42 and first.session_id == "hinted"
+    assert first.output_estimate() == 5  # what the load book counts, not max_tokens
+    assert second.priority == -3
