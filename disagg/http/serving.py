@@ -27,6 +27,7 @@ from disagg.http.hints import Hints, read_hints
 from disagg.http.inputs import PRIORITY_HEADER, priority_of
 from disagg.http.keys import Caller, check_priority
 from disagg.http.resume import Cursor
+from disagg.http.schemas import KVRetention
 from disagg.http.shape import AnswerShape, Collected
 from disagg.http.stream import (
     ClientGone,
@@ -46,6 +47,22 @@ from disagg.telemetry import RouterMetrics
 SESSION_HEADER = "x-session-id"
 
 
+class OpenAIBody(Protocol):
+    """What `CallOptions.of` reads of an OpenAI body: chat, completions (schemas.py) and responses bodies."""
+
+    stream: bool
+    user: str | None
+    kv_retention: KVRetention | None
+    priority: int | None
+    deadline_s: float | None
+    cache_salt: str | None
+    nvext: Any
+    kv_hints: Any
+    prompt_cache_key: str | None
+
+    def cache_retention_s(self) -> float | None: ...
+
+
 @dataclass
 class CallOptions:
     """What a call asks of the core besides its prompt and sampling."""
@@ -60,7 +77,7 @@ class CallOptions:
     tools_offered: bool = False  # an agent turn: with a session, its KV is kept (AgentConfig)
 
     @classmethod
-    def of(cls, body: Any, session: str | None = None, tools_offered: bool = False) -> CallOptions:
+    def of(cls, body: OpenAIBody, session: str | None = None, tools_offered: bool = False) -> CallOptions:
         """From an OpenAI body (chat, completions, responses: http/schemas.py's Extensions and PromptCache)."""
         return cls(
             tools_offered=tools_offered,
