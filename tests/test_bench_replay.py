@@ -9,6 +9,7 @@ import ray
 
 from bench.replay import ReplayConfig, replay
 from disagg.cli import main as cli_main
+from disagg.kv.tier_config import TierConfig
 from disagg.sim.spec import parse_configs
 from disagg.workload import agent
 from disagg.workload.metrics import SLO
@@ -117,3 +118,12 @@ def test_requests_due_at_the_same_moment_go_out_in_trace_order(monkeypatch):
     cfg = ReplayConfig(url="http://127.0.0.1:9", model="m", progress=False)
     asyncio.run(replay(trace, cfg))
     assert sent == list(range(16))
+
+
+def test_cluster_specs_size_both_tiers():
+    default, small, nodisk, none = parse_configs(
+        "a=0x2:kv,b=0x2:kv:cpu_tier_mb=64:disk_tier_mb=32,c=0x2:kv:cpu_tier_mb=64:disk_tier_mb=0,d=0x2:kv:cpu_tier_mb=0")
+    assert default.tiers("/r") == TierConfig(disk_root="/r")
+    assert small.tiers("/r") == TierConfig(cpu_bytes=64 << 20, disk_bytes=32 << 20, disk_root="/r")
+    assert nodisk.tiers("/r") == TierConfig(cpu_bytes=64 << 20, disk_root="")  # "": no disk tier
+    assert none.tiers("/r") is None

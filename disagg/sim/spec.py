@@ -16,6 +16,7 @@ from disagg.workload.metrics import SLO
 # config-spec settings that are not PolicyConfig fields
 CLUSTER_KEYS = {
     "cpu_tier_mb": "CPU KV tier per worker in MiB (0: no tiers)",
+    "disk_tier_mb": "disk KV tier per worker in MiB (0: none; real runs only)",
     "hints": "1: the replay sends session ids and KV retention pins",
     "planner": "1: the planner moves workers between prefill and decode at runtime (the run's SLO)",
     "adaptive": "1: cost-priced prefill placement and prompt chunks sized from the run's TPOT SLO",
@@ -33,6 +34,7 @@ class ClusterSpec:
     policy: str
     policy_args: tuple[tuple[str, float], ...] = ()  # PolicyConfig overrides, e.g. min_remote_prefill_tokens
     cpu_tier_mb: int | None = None  # None: the product's default tiers
+    disk_tier_mb: int | None = None  # None: the product's default disk tier
     hints: bool = False
     planner: bool = False
     adaptive: bool = False
@@ -69,9 +71,10 @@ class ClusterSpec:
         """Worker tier settings: a fresh disk directory per run, so no run inherits another's prefix cache."""
         if self.cpu_tier_mb == 0:
             return None
-        if self.cpu_tier_mb is None:
-            return TierConfig(disk_root=disk_root)
-        return TierConfig(cpu_bytes=self.cpu_tier_mb << 20, disk_root=disk_root)
+        cpu = self.cpu_tier_mb << 20 if self.cpu_tier_mb is not None else TierConfig.cpu_bytes
+        disk = self.disk_tier_mb << 20 if self.disk_tier_mb else TierConfig.disk_bytes
+        root = "" if self.disk_tier_mb == 0 else disk_root  # "": no disk tier
+        return TierConfig(cpu_bytes=cpu, disk_bytes=disk, disk_root=root)
 
 
 def parse_configs(text: str) -> list[ClusterSpec]:
@@ -101,9 +104,9 @@ def parse_configs(text: str) -> list[ClusterSpec]:
             )
         cluster = {k: v for k, v in overrides if k in CLUSTER_KEYS}
         overrides = tuple((k, v) for k, v in overrides if k not in CLUSTER_KEYS)
-        cpu_mb = int(cluster["cpu_tier_mb"]) if "cpu_tier_mb" in cluster else None
+        cpu_mb, disk_mb = (int(cluster[k]) if k in cluster else None for k in ("cpu_tier_mb", "disk_tier_mb"))
         flags = {k: bool(cluster.get(k, 0)) for k in ("hints", "planner", "adaptive")}
-        specs.append(ClusterSpec(name, p, d, policy, overrides, cpu_mb, **flags))
+        specs.append(ClusterSpec(name, p, d, policy, overrides, cpu_mb, disk_mb, **flags))
     if not specs:
         raise ValueError("no configurations given")
     return specs
