@@ -131,6 +131,8 @@ def test_responses_tool_call_then_output_by_previous_response_id(oai, model_name
                                                                                          call.call_id)]
     items = oai.responses.input_items.list(first.id, order="asc", limit=3)
     assert [i.type for i in items.data] == ["message", "function_call", "function_call_output"] and items.has_more
+    with pytest.raises(openai.BadRequestError):
+        oai.responses.input_items.list(first.id, after="msg_not_there")
     # the conversation's KV was reused: its first turn's prompt is cached
     assert follow.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens // 2
 
@@ -200,6 +202,8 @@ def test_messages_count_tokens_is_the_prompt_create_runs(claude, oai, model_name
     assert counted == chat.usage.prompt_tokens
     with_tools = claude.messages.count_tokens(model=model_name, messages=messages, tools=[ANTHROPIC_TOOL])
     assert with_tools.input_tokens > counted  # the tools are described to the model
+    prefill = messages + [{"role": "assistant", "content": "The largest"}]  # counted, though create refuses it
+    assert claude.messages.count_tokens(model=model_name, messages=prefill).input_tokens > counted
 
 
 def test_messages_stop_sequence_is_named(claude, oai, model_name):

@@ -30,7 +30,7 @@ from fastapi import FastAPI, Query
 from fastapi import Request as HTTPRequest
 
 from disagg.engine.tokenizer import Tokenizer
-from disagg.errors import DisaggError
+from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import error_body, unexpected
 from disagg.http.inputs import check_model, check_tool_results, conversation_prompt, sampling_params
 from disagg.http.response_store import ResponseStorePort, StoredResponse
@@ -214,10 +214,21 @@ def _call_events(sse: _Events, call: dict[str, Any], output: list[dict[str, Any]
     ]
 
 
+def _unique_ids(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Item ids as listed: a client's repeated id gets a fresh one, so `after` names one place."""
+    seen: set[str] = set()
+    for item in items:
+        if item["id"] in seen:
+            item["id"] = f"item_{uuid.uuid4().hex}"
+        seen.add(item["id"])
+    return items
+
+
 def _session(body: ResponsesRequest, previous: StoredResponse | None, response_id: str) -> str | None:
     """The conversation is the session (a follow-up continues its first response's); `prompt_cache_key` names
-    one; a response that is not stored starts none (nothing can continue it, so nothing is pinned for it).  The
-    X-Session-ID header, if sent, wins over all of these (http/serving.py)."""
+    one; a response that is not stored starts none of its own (nothing can continue it, so nothing is pinned for
+    it) - the body's `user` or the X-Session-ID header still name one, as on every OpenAI endpoint
+    (http/serving.py)."""
     if previous is not None:
         return previous.session
     if body.prompt_cache_key:
@@ -255,7 +266,7 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
 
             async def keep(message: dict[str, Any], response: dict[str, Any]) -> None:
                 session = request.session_id or render.response_id  # what this turn was routed and pinned by
-                listed = [item.listed() for item in body.items()]
+                listed = _unique_ids([item.listed() for item in body.items()])
                 stored = StoredResponse.of(render.response_id, session, history + turn + [message], response, listed)
                 await store.put(tenant, stored)
 
@@ -279,7 +290,9 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
         items = (await store.get(http.state.caller.tenant, response_id, "response_id")).input_items()
         items = items[::-1] if order == "desc" else items
         ids = [item["id"] for item in items]
-        start = ids.index(after) + 1 if after in ids else 0
+        if after and after not in ids:
+            raise InvalidRequest(f"after: no input item {after!r} in response {response_id!r}", param="after")
+        start = ids.index(after) + 1 if after else 0
         page = items[start : start + limit]
         more = start + len(page) < len(items)
         first, last = (page[0]["id"], page[-1]["id"]) if page else (None, None)

@@ -100,6 +100,7 @@ def sim_config(spec: ClusterSpec, args: argparse.Namespace, model: StepTimeModel
     """The simulated cluster for one config spec, sized like the real one (`disagg serve` / `bench compare`)."""
     opts = sim_options(args)
     cpu_mb = opts.cpu_tier_mb if spec.cpu_tier_mb is None else spec.cpu_tier_mb  # as `disagg serve`
+    disk_mb = opts.disk_tier_mb if spec.disk_tier_mb is None else spec.disk_tier_mb
     config = SimClusterConfig(
         num_prefill=spec.num_prefill,
         num_decode=spec.num_decode,
@@ -110,7 +111,7 @@ def sim_config(spec: ClusterSpec, args: argparse.Namespace, model: StepTimeModel
         prefill_chunk_target_ms=spec.chunk_target_ms(slo),
         vocab_size=args.vocab_size,
         cpu_tier_blocks=opts.tier_blocks(cpu_mb, model.bytes_per_block),
-        disk_tier_blocks=opts.tier_blocks(opts.disk_tier_mb, model.bytes_per_block) if cpu_mb else 0,
+        disk_tier_blocks=opts.tier_blocks(disk_mb, model.bytes_per_block) if cpu_mb else 0,
         session_hints=spec.hints or opts.session_hints,
         planner=spec.planner_config(slo),
         event_delay_s=opts.event_delay_ms / 1000,
