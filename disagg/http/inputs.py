@@ -92,11 +92,6 @@ def priority_of(priority: int | None, headers: Mapping[str, str]) -> int:
     return value
 
 
-def chat_prompt(body: Any, tokenizer: Tokenizer) -> tuple[list[int], set[str] | None]:
-    """The chat request's prompt token ids and the tool names to parse out of its answer (`conversation_prompt`)."""
-    return conversation_prompt([m.for_template() for m in body.messages], body.offered_tools(), tokenizer)
-
-
 def conversation_prompt(
     conversation: list[dict[str, Any]],
     tools: list[dict[str, Any]] | None,

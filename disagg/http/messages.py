@@ -27,7 +27,7 @@ from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 
 from disagg.engine.tokenizer import Tokenizer
-from disagg.errors import DisaggError
+from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import Dialect, sse_error, unexpected
 from disagg.http.hints import read_hints
 from disagg.http.inputs import check_model, check_tool_results, conversation_prompt, sampling_params
@@ -143,9 +143,13 @@ def add_messages_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> N
     @app.post("/v1/messages")
     async def create(body: MessagesRequest, http: HTTPRequest):
         check_model(body.model, config.model_name)
-        conversation = body.conversation()
+        if body.messages[-1].role == "assistant":  # counting one (count_tokens) is fine: continuing it is not done
+            raise InvalidRequest(
+                "a final assistant turn (a prefill for the answer to continue) is not supported here", param="messages"
+            )
+        conversation, offered = body.conversation(), body.offered_tools()
         check_tool_results(conversation, "messages", "tool_result tool_use_id", "tool_use")
-        ids, tools = conversation_prompt(conversation, body.offered_tools(), tokenizer)
+        ids, tools = conversation_prompt(conversation, offered, tokenizer)
         sampling = sampling_params(body, body.max_tokens, len(ids), config.max_model_len)
         shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=body.parallel_tool_calls())
         options = CallOptions(
@@ -156,7 +160,7 @@ def add_messages_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> N
             deadline_s=body.deadline_s,
             cache_salt=body.cache_salt,
             hints=read_hints(body.nvext, body.kv_hints),
-            tools_offered=bool(body.offered_tools()),
+            tools_offered=bool(offered),
         )
         request, caller = server.request("msg", options, ids, sampling, http)
         return await server.generate(request, caller, options, http, shape, MessagesRender(config.model_name, shape))

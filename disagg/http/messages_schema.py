@@ -160,12 +160,6 @@ class MessagesRequest(_Cacheable, Extensions):  # Extensions: ours, as on every 
             out += m.content if isinstance(m.content, list) else []
         return out
 
-    @model_validator(mode="after")
-    def _ends_with_user(self) -> MessagesRequest:
-        if self.messages[-1].role == "assistant":
-            raise ValueError("a final assistant turn (a prefill for the answer to continue) is not supported here")
-        return self
-
     def conversation(self) -> list[dict[str, Any]]:
         """The chat messages (the template's form) this request holds."""
         out: list[dict[str, Any]] = []
@@ -201,7 +195,3 @@ class CountTokensRequest(MessagesRequest):
     turn (counting runs nothing)."""
 
     max_tokens: int = Field(default=1, ge=1)
-
-    @model_validator(mode="after")
-    def _ends_with_user(self) -> CountTokensRequest:  # the parent's check, overridden: counting is allowed
-        return self

@@ -20,7 +20,7 @@ from fastapi import Request as HTTPRequest
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import InvalidRequest
 from disagg.http.errors import error_response
-from disagg.http.inputs import chat_prompt, check_model, sampling_params, tokenize_prompt
+from disagg.http.inputs import check_model, conversation_prompt, sampling_params, tokenize_prompt
 from disagg.http.resume import (
     IDEMPOTENCY_KEY,
     LAST_EVENT_ID,
@@ -71,7 +71,8 @@ def add_openai_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> Non
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         check_model(body.model, config.model_name)
-        ids, tools = chat_prompt(body, tokenizer)
+        offered = body.offered_tools()
+        ids, tools = conversation_prompt([m.for_template() for m in body.messages], offered, tokenizer)
         sampling = sampling_params(
             body,
             body.max_completion_tokens or body.max_tokens,
@@ -86,8 +87,7 @@ def add_openai_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> Non
             tools=tools,
             parallel_tool_calls=body.parallel_tool_calls is not False,
         )
-        offered = bool(body.offered_tools())
-        return await serve("chatcmpl", "chat.completion", body, ids, sampling, http, shape, tools_offered=offered)
+        return await serve("chatcmpl", "chat.completion", body, ids, sampling, http, shape, tools_offered=bool(offered))
 
 
 def _include_usage(body) -> bool:

@@ -252,15 +252,16 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
         turn = items_to_messages(body.items())
         check_tool_results(history + turn, "input", "function_call_output call_id", "function_call")
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
-        ids, tools = conversation_prompt(system + history + turn, body.offered_tools(), tokenizer, param="input")
+        offered = body.offered_tools()
+        ids, tools = conversation_prompt(system + history + turn, offered, tokenizer, param="input")
         sampling = sampling_params(
             body, body.max_output_tokens, len(ids), config.max_model_len, max_tokens_param="max_output_tokens"
         )
         parallel = body.parallel_tool_calls is not False
         shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=parallel)
         render = ResponsesRender(body, config.model_name, shape, on_done=_forget)
-        session, offered = _session(body, previous, render.response_id), bool(body.offered_tools())
-        options = CallOptions.of(body, session=session, tools_offered=offered)
+        session = _session(body, previous, render.response_id)
+        options = CallOptions.of(body, session=session, tools_offered=bool(offered))
         request, caller = server.request("resp", options, ids, sampling, http, request_id=render.response_id)
         if body.store:
 

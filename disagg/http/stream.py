@@ -149,10 +149,8 @@ async def with_first(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> As
 async def collect(first: TokenDelta, deltas: AsyncIterator[TokenDelta]) -> Collected:
     """A non-streaming answer: every delta of the request, gathered."""
     answer = Collected(num_cached_tokens=first.num_cached_tokens)
-    answer.add(first)
-    if not first.finished:
-        async for delta in deltas:
-            answer.add(delta)
+    async for delta in with_first(first, deltas):
+        answer.add(delta)
     return answer
 
 
