@@ -8,6 +8,8 @@ CPU / disk tiers and the router's KV index alike.  A request's salt, by preceden
   * the tenant itself: no hit and no `cached_tokens` crosses tenants;
   * none for the default tenant (no key, no X-Tenant-ID): its hashes are exactly the unsalted ones of before.
 The three kinds hash in separate domains, so a client's salt can never name a tenant's or a group's chain.
+With several models in one deployment (models/deployment.py), the model's id wraps whichever salt applies
+(`model_salted`), so two models' chains never meet either, whatever the tenants.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class SaltKind(str, enum.Enum):
     CLIENT = "client"  # the request's own cache_salt
     GROUP = "group"  # a configured share group
     TENANT = "tenant"  # the tenant alone
+    MODEL = "model"  # a model of a multi-model deployment, around one of the above (or none)
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,13 @@ class CacheSalt:
     def wire(self) -> str:
         """The salt as a Request carries it (its kind keeps the domains apart)."""
         return f"{self.kind.value}\x00{self.name}"
+
+
+def model_salted(namespace: str, salt: str | None) -> str | None:
+    """`salt` within a model's namespace ("" : a single-model deployment, `salt` as it is)."""
+    if not namespace:
+        return salt
+    return CacheSalt(SaltKind.MODEL, f"{namespace}\x01{salt or ''}").wire()
 
 
 def salt_root(salt: str | None) -> int | None:

@@ -112,8 +112,15 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def make_tiny_model(path: str | Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
-    """A small random checkpoint in HF format (deterministic for a given seed and shape)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def make_tiny_model(
+    path: str | Path, model_type: str = "llama", seed: int = 0, tokenizer_from: Path | None = None, **overrides
+) -> Path:
+    """A small random checkpoint in HF format (deterministic for a given seed and shape).  `tokenizer_from`: a
+    model directory whose tokenizer (and chat template) it gets, with a vocabulary of that tokenizer's size, so it
+    can be served over HTTP; None: no tokenizer, 512 token ids."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -134,6 +141,8 @@ def make_tiny_model(path: str | Path, model_type: str = "llama", seed: int = 0, 
         bos_token_id=1,
         tie_word_embeddings=model_type == "qwen2",
     )
+    if tokenizer_from is not None:
+        shape["vocab_size"] = json.loads((tokenizer_from / "config.json").read_text())["vocab_size"]
     shape.update(overrides)
     config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
         model_type
@@ -145,4 +154,7 @@ def make_tiny_model(path: str | Path, model_type: str = "llama", seed: int = 0, 
             if p.dim() > 1:
                 p.normal_(0, 0.15)
     model.save_pretrained(str(path), safe_serialization=True)
+    for name in TOKENIZER_FILES if tokenizer_from is not None else ():
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, path / name)
     return path

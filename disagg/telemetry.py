@@ -82,11 +82,32 @@ class ClusterCollector:
         self.snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.snapshot()
-        yield from router_metrics(snap.counters)
-        yield from planner_metrics(snap.counters, snap.planner)
-        yield from worker_metrics(snap.workers)
-        yield from queue_metrics(snap.queue)
+        yield from _families(self.snapshot())
+
+
+class ModelsCollector:
+    """Several models' cluster figures (a multi-model deployment: one routing core per model) as one set of
+    families, each sample labelled with its `model`."""
+
+    def __init__(self, snapshots: Callable[[], Mapping[str, ClusterSnapshot]]) -> None:
+        self.snapshots = snapshots
+
+    def collect(self) -> Iterator[Metric]:
+        merged: dict[str, Metric] = {}
+        for model, snap in self.snapshots().items():
+            for family in _families(snap):
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                out.samples.extend(s._replace(labels={**s.labels, "model": model}) for s in family.samples)
+        yield from merged.values()
+
+
+def _families(snap: ClusterSnapshot) -> Iterator[Metric]:
+    yield from router_metrics(snap.counters)
+    yield from planner_metrics(snap.counters, snap.planner)
+    yield from worker_metrics(snap.workers)
+    yield from queue_metrics(snap.queue)
 
 
 _E = TypeVar("_E", bound=enum.Enum)
@@ -201,7 +222,13 @@ class RouterMetrics:
     """The front end's metrics, plus the cluster's when given a snapshot source (the router's composition root
     passes `cluster_snapshot` of its core: router/metrics_view.py)."""
 
-    def __init__(self, cluster: Callable[[], ClusterSnapshot] | None = None) -> None:
+    def __init__(
+        self,
+        cluster: Callable[[], ClusterSnapshot] | None = None,
+        *,
+        models: Callable[[], Mapping[str, ClusterSnapshot]] | None = None,
+    ) -> None:
+        """`cluster`: one routing core's figures; `models`: several models' (labelled by model) instead."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -251,6 +278,8 @@ class RouterMetrics:
         )
         if cluster is not None:
             r.register(ClusterCollector(cluster))
+        elif models is not None:
+            r.register(ModelsCollector(models))
 
     def on_route(self, decision: RoutedTo) -> None:
         mode = "disaggregated" if decision.prefill_worker else ("peer_prefix" if decision.peer_worker else "local")

@@ -13,6 +13,7 @@ from agentconv import WEATHER_TOOL, weather_conversation
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
 from disagg.http.config import AgentConfig, ApiConfig
+from disagg.http.models import ModelTable
 from disagg.kv.tier_config import TierConfig
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
@@ -31,8 +32,8 @@ def worker(smollm_dir):
 
 def _app(worker, smollm_dir, retention_s, handle=None):
     core = RouterCore({}, {"w": handle or LocalWorkerHandle(worker)}, PolicyConfig(seed=0), 16)
-    config = ApiConfig(smollm_dir.name, 1024, agents=AgentConfig(tool_turn_retention_s=retention_s))
-    return build_app(core, Tokenizer.from_dir(smollm_dir), config)
+    config = ApiConfig(agents=AgentConfig(tool_turn_retention_s=retention_s))
+    return build_app(ModelTable.single(smollm_dir.name, core, Tokenizer.from_dir(smollm_dir), 1024), config)
 
 
 def _pinned(worker, session: str, timeout_s: float = 10.0) -> bool:

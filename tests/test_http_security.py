@@ -22,6 +22,7 @@ from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import InsecureExposure
 from disagg.http.app import build_app
 from disagg.http.config import ApiConfig, ApiKey
+from disagg.http.models import ModelTable
 from disagg.http.keys import load_keys_file
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
@@ -50,7 +51,7 @@ def make_app(tiny_llama_dir, smollm_dir):
         worker = LocalWorkerHandle(local_worker("w", tiny_llama_dir))
         tracer = tr.make_tracer(TracingConfig(sampling_ratio=0.0), "router", exporter=exporter) if exporter else None
         core = RouterCore({}, {"w": worker}, PolicyConfig(seed=0), 16, tracer=tracer)
-        return build_app(core, tokenizer, ApiConfig("m", 512, **api)), core
+        return build_app(ModelTable.single("m", core, tokenizer, 512), ApiConfig(**api)), core
 
     return make
 
@@ -203,7 +204,7 @@ def _no_cluster(*_a, **_k):
 def test_serve_refuses_a_public_host_without_keys(monkeypatch, capsys, argv, refused):
     monkeypatch.setattr(launch, "Service", _no_cluster)
     if refused:
-        assert launch.main(argv) == launch.EXIT_INSECURE
+        assert launch.main(argv) == launch.EXIT_REFUSED
         assert "--insecure" in capsys.readouterr().err
     else:
         with pytest.raises(_Started):

@@ -25,6 +25,7 @@ from disagg.config import FaultConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
 from disagg.http.config import ApiConfig, ApiKey
+from disagg.http.models import ModelTable
 from disagg.http.resume import ResumeToken
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
@@ -52,7 +53,7 @@ class Replica:
     def __init__(self, workers, tokenizer, **api):
         self.handles = {name: LocalWorkerHandle(w) for name, w in workers.items()}
         self.core = RouterCore({}, self.handles, PolicyConfig(kind="round_robin", seed=0), 16)
-        self.app = build_app(self.core, tokenizer, ApiConfig("m", 512, **api))
+        self.app = build_app(ModelTable.single("m", self.core, tokenizer, 512), ApiConfig(**api))
 
     def kill(self):
         for handle in self.handles.values():

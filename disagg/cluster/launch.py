@@ -21,11 +21,12 @@ from ray._private import ray_constants  # the one knob that keeps a local cluste
 from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker
 from disagg.cluster.client import DisaggClient
 from disagg.cluster.router_actor import RouterActor
-from disagg.cluster.router_service import RouterConfig
+from disagg.cluster.router_service import ModelRoute, RouterConfig
 from disagg.cluster.worker_config import MockConfig, WorkerConfig, worker_tiers
 from disagg.config import EngineConfig
 from disagg.http.server import free_port
 from disagg.kv.tier_config import TierConfig
+from disagg.models.deployment import Deployment, ModelSpec
 from disagg.protocol import Role
 from disagg.stats import WorkerStats
 from disagg.tracing import TracingConfig
@@ -86,7 +87,8 @@ def init_ray(address: str | None) -> None:
 
 
 class LocalCluster:
-    def __init__(self, config: ClusterConfig | None = None) -> None:
+    def __init__(self, config: ClusterConfig | None = None, prefix: str = "") -> None:
+        """`prefix`: what its workers' names and disk-tier directories start with (one model of a deployment)."""
         self.config = config = config or ClusterConfig()
         if config.num_decode <= 0 or config.num_prefill < 0:
             raise ValueError("need num_decode >= 1 and num_prefill >= 0")
@@ -99,18 +101,18 @@ class LocalCluster:
         self.prefill_by_name: dict[str, Any] = {}
         self.decode_by_name: dict[str, Any] = {}
         for i in range(config.num_prefill):
-            name = f"prefill-{i}-{tag}"
+            name = f"{prefix}prefill-{i}-{tag}"
             self.prefill_by_name[name] = PrefillWorker.options(  # type: ignore[attr-defined]  # added by @ray.remote
                 name=name, max_restarts=config.max_restarts, resources=config.prefill_resources or None
-            ).remote(config.worker(name, Role.PREFILL, f"prefill-{i}").to_wire())
+            ).remote(config.worker(name, Role.PREFILL, f"{prefix}prefill-{i}").to_wire())
         decode_cls, role, kind = (
             (DecodeWorker, Role.DECODE, "decode") if config.num_prefill else (AggregatedWorker, Role.BOTH, "worker")
         )
         for i in range(config.num_decode):
-            name = f"decode-{i}-{tag}"
+            name = f"{prefix}decode-{i}-{tag}"
             self.decode_by_name[name] = decode_cls.options(  # type: ignore[union-attr]  # added by @ray.remote
                 name=name, max_restarts=config.max_restarts, resources=config.decode_resources or None
-            ).remote(config.worker(name, role, f"{kind}-{i}").to_wire())
+            ).remote(config.worker(name, role, f"{prefix}{kind}-{i}").to_wire())
         ray.get([w.ready.remote() for w in self.workers])
         layouts = ray.get([w.layout.remote() for w in self.workers])
         ray.get([w.set_peers.remote(layouts) for w in self.workers])  # every worker can read every other
@@ -142,27 +144,47 @@ class LocalCluster:
         self.prefill_by_name, self.decode_by_name = {}, {}
 
 
+def _model_cluster(base: ClusterConfig, spec: ModelSpec) -> ClusterConfig:
+    """One model's pools: the cluster's settings with the model's workers and engine."""
+    return dataclasses.replace(base, num_prefill=spec.prefill, num_decode=spec.decode, engine=spec.engine)
+
+
 class Service:
-    """A LocalCluster plus its router: one router actor (restarted on the same port if it dies) or, with
-    `router.replicas` >= 2, that many replicas behind Ray Serve's HTTP proxy (cluster/replicas.py)."""
+    """LocalClusters (one, or one per model of a `deployment`) plus their router: one router actor (restarted on
+    the same port if it dies) or, with `router.replicas` >= 2, that many replicas behind Ray Serve's HTTP proxy
+    (cluster/replicas.py).  With a deployment, `cluster` gives the settings every model's pools start from."""
 
     def __init__(
-        self, cluster: ClusterConfig, router: RouterConfig | None = None, router_max_restarts: int = -1
+        self,
+        cluster: ClusterConfig,
+        router: RouterConfig | None = None,
+        router_max_restarts: int = -1,
+        deployment: Deployment | None = None,
     ) -> None:
-        self.cluster = LocalCluster(cluster)
+        router = router or RouterConfig()
+        if deployment is None or len(deployment.models) == 1:
+            if deployment is not None:
+                cluster = _model_cluster(cluster, deployment.models[0])
+                router = dataclasses.replace(router, served_model_name=deployment.models[0].id)
+            self.clusters = {"": LocalCluster(cluster)}
+        else:
+            self.clusters = {m.id: LocalCluster(_model_cluster(cluster, m), m.worker_prefix) for m in deployment.models}
+        self.cluster = next(iter(self.clusters.values()))  # the first (or only) model's
         config = self.cluster.config
         # the router hashes blocks and bounds prompts as the engines do, and traces as they do unless told otherwise
         self.router_config = router = dataclasses.replace(
-            router or RouterConfig(),
+            router,
             model=config.engine.model,
             block_size=config.engine.block_size,
             max_model_len=config.engine.max_model_len,
+            models=[_route(name, c) for name, c in self.clusters.items() if name],
         )
         if router.tracing is None:
             router.tracing = config.tracing
         if not router.port:  # pick it now, so a restarted router binds the same one
             router.port = free_port(router.host)
-        workers = list(self.cluster.prefill_by_name), list(self.cluster.decode_by_name)
+        prefill = [n for c in self.clusters.values() for n in c.prefill_by_name]
+        workers = prefill, [n for c in self.clusters.values() for n in c.decode_by_name]
         self.router: Any = None  # the router actor (one replica)
         self.front: Any = None  # or Serve's replicas (cluster/replicas.py: ServeFront)
         if router.replicas > 1:
@@ -185,7 +207,16 @@ class Service:
             except (ray.exceptions.RayError, TimeoutError) as exc:  # the router may already be gone
                 print(f"router stop: {type(exc).__name__}", file=sys.stderr)
             ray.kill(self.router, no_restart=True)
-        self.cluster.shutdown()
+        for cluster in self.clusters.values():
+            cluster.shutdown()
+
+
+def _route(name: str, cluster: LocalCluster) -> ModelRoute:
+    """How the router serves one model of a deployment: its engines' block size and context, its workers, and
+    its id as the namespace of its block hashes."""
+    engine = cluster.config.engine
+    prefill, decode = list(cluster.prefill_by_name), list(cluster.decode_by_name)
+    return ModelRoute(name, engine.model, engine.block_size, engine.max_model_len, prefill, decode, namespace=name)
 
 
 if __name__ == "__main__":  # `ray job submit -- python -m disagg.cluster.launch ...`

@@ -19,6 +19,7 @@ from typing import ClassVar
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
 from disagg.http.config import AgentConfig, ApiConfig, ApiKey, check_exposure
+from disagg.http.models import ModelTable, ServedModel
 from disagg.http.response_store import ResponseStoreConfig, ResponseStorePort
 from disagg.http.server import HttpServer
 from disagg.isolation import IsolationConfig
@@ -36,6 +37,20 @@ from disagg.tracing import TracingConfig, make_tracer
 from disagg.wire import WireMessage
 
 DEFAULT_MAX_POSITION_EMBEDDINGS = 4096  # what the engine assumes when config.json does not say (engine/model.py)
+
+
+@dataclass
+class ModelRoute:
+    """One model of a multi-model deployment as the router serves it: its served name, directory, its workers'
+    names and the engine settings the router mirrors (the launcher fills it: cluster/launch.py)."""
+
+    name: str
+    model: str  # model directory (tokenizer, chat template, context length)
+    block_size: int
+    max_model_len: int
+    prefill: list[str]
+    decode: list[str]
+    namespace: str = ""  # block-hash namespace (isolation.model_salted); "": unsalted
 
 
 @dataclass
@@ -74,6 +89,16 @@ class RouterConfig(WireMessage):
     planner: PlannerConfig = field(default_factory=PlannerConfig)  # enabled, SLOs, hysteresis
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
+    # a deployment of several models (models/deployment.py), each with its workers; empty: one model, the fields
+    # `model`, `block_size`, `max_model_len` and `served_model_name` above, served by every worker given
+    models: list[ModelRoute] = field(default_factory=list)
+
+    def routes(self, prefill: list[str], decode: list[str]) -> list[ModelRoute]:
+        """The models to serve: `models`, or the one model over the workers named."""
+        if self.models:
+            return self.models
+        name = self.served_model_name or Path(self.model).name
+        return [ModelRoute(name, self.model, self.block_size, self.max_model_len, list(prefill), list(decode))]
 
     def check_exposure(self) -> None:
         """InsecureExposure if this would serve a non-loopback host with no API key, and not --insecure."""
@@ -102,26 +127,10 @@ class RouterService:
         `responses`: the Responses API's store when it is shared (replicas); None: in this process."""
         self.config = config
         config.check_exposure()  # before anything starts
-        model_dir = Path(config.model)
-        tokenizer = Tokenizer.from_dir(model_dir)
-        max_len = min(config.max_model_len, max_position_embeddings(model_dir))
-        self.core = RouterCore(
-            prefill,
-            decode,
-            config.policy,
-            config.block_size,
-            config.core,
-            config.health,
-            config.admission,
-            config.capacity,
-            make_tracer(config.tracing or TracingConfig(), "router"),
-            silent=config.silent,
-        )
-        self.core.planner = PlannerLoop(RouterPlannerPort.of(self.core), config.planner)
-        name = config.served_model_name or model_dir.name
+        served = [self._serve(route, prefill, decode) for route in config.routes(list(prefill), list(decode))]
+        self.models = ModelTable(served)
+        self.core = served[0].core  # the first (or only) model's: single-model tools and tests read it
         api = ApiConfig(
-            name,
-            max_len,
             config.api_key,
             config.api_keys,
             config.keys,
@@ -129,10 +138,32 @@ class RouterService:
             responses=config.responses,
             agents=config.agents,
         )
-        self.app = build_app(self.core, tokenizer, api, responses)
+        self.app = build_app(self.models, api, responses)
         self.http: HttpServer | None = None
         if serve_http:
             self.http = HttpServer(self.app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)
+
+    def _serve(
+        self, route: ModelRoute, prefill: dict[str, WorkerHandle], decode: dict[str, WorkerHandle]
+    ) -> ServedModel:
+        """One model's routing core (its own pools, index, admission, health, planner) and front-door entry."""
+        config = self.config
+        model_dir = Path(route.model)
+        core = RouterCore(
+            {n: prefill[n] for n in route.prefill},
+            {n: decode[n] for n in route.decode},
+            config.policy,
+            route.block_size,
+            config.core,
+            config.health,
+            config.admission,
+            config.capacity,
+            make_tracer(config.tracing or TracingConfig(), "router"),
+            silent=config.silent,
+        )
+        core.planner = PlannerLoop(RouterPlannerPort.of(core), config.planner)
+        max_len = min(route.max_model_len, max_position_embeddings(model_dir))
+        return ServedModel(route.name, core, Tokenizer.from_dir(model_dir), max_len, route.namespace)
 
     def start(self) -> str:
         if self.http is None:

@@ -25,6 +25,7 @@ from disagg.http.keys import load_keys_file
 from disagg.http.response_store import ResponseStoreConfig
 from disagg.isolation import IsolationConfig
 from disagg.kv.tier_config import TierConfig
+from disagg.models.deployment import DeploymentError, load_deployment
 from disagg.options import add_options, from_options
 from disagg.planner.policy import PlannerConfig
 from disagg.router.admission import AdmissionConfig, CapacityConfig
@@ -58,7 +59,7 @@ _CANARY, _OUTLIERS = ("enabled", "idle_interval_s", "busy_interval_s"), ("enable
 _CAPACITY = ("max_prefill_queue_tokens", "max_running")
 _ADMISSION = ("max_queued_requests", "default_deadline_s")
 _MS_PER_S = 1000
-EXIT_INSECURE = 2  # argparse's status for a refused command line
+EXIT_REFUSED = 2  # argparse's status for a refused command line (an open public endpoint, a bad deployment)
 
 
 def _groups(text: str) -> dict[str, str]:
@@ -133,6 +134,13 @@ class ServeOptions:
     slo_tpot_ms: float = field(
         default=PlannerConfig.tpot_slo_s * _MS_PER_S, metadata={"help": "planner: TPOT objective (ms)"}
     )
+    deployment: str | None = field(
+        default=None,
+        metadata={
+            "help": "serve several models: a TOML, YAML or JSON file of [[models]] (id, path, prefill, decode, engine "
+            "settings over these options'); see disagg/models/deployment.py. Default: the --model alone"
+        },
+    )
     smoke_test: bool = field(default=False, metadata={"help": "send one chat request, print it, shut down"})
     question: str = field(default="What is the capital of France?", metadata={"help": "the smoke test's question"})
 
@@ -141,6 +149,7 @@ _RESOURCES = ("router_resources", "prefill_resources", "decode_resources")
 _TIERS = ("cpu_tier_mb", "disk_tier_dir", "disk_tier_mb")
 _KEYS = ("api_keys_file", "tenant_weights", "cache_share_groups")
 _SLO, _SMOKE = ("slo_ttft_ms", "slo_tpot_ms"), ("smoke_test", "question")
+_MODELS = ("deployment",)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -148,6 +157,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_options(p, ClusterConfig, only=("num_prefill", "num_decode", "address"))
     # several workers share one host: a KV cache and a torch thread each that fit next to each other
     add_options(p, EngineConfig, only=_ENGINE, defaults={"kv_cache_memory_mb": SERVE_KV_CACHE_MB, "num_threads": 1})
+    add_options(p, ServeOptions, only=_MODELS)
     add_options(p, RouterConfig, only=_ROUTER, defaults={"port": SERVE_PORT})
     add_options(p, PolicyConfig, prefix="policy-", only=_POLICY)
     add_options(p, TransportConfig)
@@ -227,14 +237,20 @@ def serve(args: argparse.Namespace) -> int:
     cluster, router = cluster_config_from_args(args), router_config_from_args(args)
     try:
         router.check_exposure()  # before Ray starts: a refusal costs nothing
-    except InsecureExposure as exc:
+        deployment = load_deployment(args.deployment, base=cluster.engine) if args.deployment else None
+    except (InsecureExposure, DeploymentError) as exc:  # refused before anything starts
         print(f"disagg serve: {exc}", file=sys.stderr)
-        return EXIT_INSECURE
-    service = Service(cluster, router)
-    model_name = service.cluster.config.engine.model.rstrip("/").split("/")[-1]
+        return EXIT_REFUSED
+    service = Service(cluster, router, deployment=deployment)
+    if deployment is None:
+        model_name = service.cluster.config.engine.model.rstrip("/").split("/")[-1]
+        pools = f"{cluster.num_prefill} prefill, {cluster.num_decode} decode"
+    else:
+        model_name = deployment.models[0].id
+        pools = "; ".join(f"{m.id}: {m.prefill} prefill, {m.decode} decode" for m in deployment.models)
     print(
-        f"disagg serving {model_name} at {service.url}/v1 ({cluster.num_prefill} prefill, {cluster.num_decode} "
-        f"decode, {router.replicas} router replica(s), policy {router.policy.kind.value}; "
+        f"disagg serving {', '.join(deployment.ids()) if deployment else model_name} at {service.url}/v1 ({pools}, "
+        f"{router.replicas} router replica(s), policy {router.policy.kind.value}; "
         f"started in {time.perf_counter() - t0:.1f}s)",
         flush=True,
     )

@@ -1,27 +1,36 @@
-"""Operator endpoints: GET /admin/roles (every worker's role, recent role changes, the planner's state) and
-POST /admin/workers/{name}/role (move a worker between prefill / decode / both now: router/roles.py)."""
+"""Operator endpoints: GET /admin/roles (every worker's role, recent role changes, the planner's state; per model
+under `models` when the deployment has several) and POST /admin/workers/{name}/role (move a worker between
+prefill / decode / both now, within its model's pools: router/roles.py)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 
+from disagg.http.models import ModelTable, ServedModel
 from disagg.http.schemas import RoleChangeBody
-from disagg.planner.loop import PlannerLoop
 from disagg.protocol import Role
-from disagg.router.health import HealthMonitor
-from disagg.router.roles import RoleChanger
 
 
-def add_admin_routes(app: FastAPI, monitor: HealthMonitor, changer: RoleChanger, planner: PlannerLoop | None) -> None:
+def _roles(model: ServedModel) -> dict[str, Any]:
+    core = model.core
+    return {
+        "roles": {n: w.role.value for n, w in core.health.workers.items()},
+        "changes": [r.as_dict() for r in core.roles.records],
+        "planner": core.planner.status() if core.planner is not None else None,
+    }
+
+
+def add_admin_routes(app: FastAPI, models: ModelTable) -> None:
     @app.get("/admin/roles")
     async def roles():
-        return {
-            "roles": {n: w.role.value for n, w in monitor.workers.items()},
-            "changes": [r.as_dict() for r in changer.records],
-            "planner": planner.status() if planner is not None else None,
-        }
+        per_model = {m.name: _roles(m) for m in models}
+        if len(models) == 1:
+            return next(iter(per_model.values()))
+        return {"models": per_model}
 
     @app.post("/admin/workers/{name}/role")
     async def change_role(name: str, body: RoleChangeBody):
-        record = await changer.change(name, Role(body.role), reason=body.reason)
+        record = await models.core_of_worker(name).roles.change(name, Role(body.role), reason=body.reason)
         return record.as_dict()

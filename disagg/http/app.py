@@ -1,12 +1,13 @@
-"""The HTTP front door (FastAPI): builds the app over a routing core - OpenAI-compatible generation (http/openai.py),
-the OpenAI Responses API (http/responses.py) and Anthropic's Messages API (http/messages.py), all served through
-one http/serving.py; probes and /metrics (http/probes.py), operator endpoints (http/admin.py) - with the API-key
-middleware (http/auth.py) and the error handlers (http/errors.py, the one place errors map to HTTP).
+"""The HTTP front door (FastAPI): builds the app over the served models (http/models.py: one routing core each) -
+OpenAI-compatible generation (http/openai.py), the OpenAI Responses API (http/responses.py) and Anthropic's
+Messages API (http/messages.py), all served through one http/serving.py; probes and /metrics (http/probes.py),
+operator endpoints (http/admin.py) - with the API-key middleware (http/auth.py) and the error handlers
+(http/errors.py, the one place errors map to HTTP).
 
 Errors are in each API's shape (OpenAI's; Anthropic's on /v1/messages); an unexpected exception is a JSON 500,
 never a plain-text one.
 
-Lifecycle: the app's lifespan only starts the core's background tasks on the server's event loop
+Lifecycle: the app's lifespan only starts every model's core's background tasks on the server's event loop
 (`RouterCore.start`: admission dispatch, health supervisor, planner loop) and stops them on shutdown
 (`RouterCore.stop`, which also lets background lease releases finish).
 """
@@ -17,48 +18,53 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from disagg.engine.tokenizer import Tokenizer
 from disagg.http.admin import add_admin_routes
 from disagg.http.auth import AuthAndCount
 from disagg.http.config import ApiConfig
 from disagg.http.errors import install_error_handlers
 from disagg.http.keys import KeyRing
 from disagg.http.messages import add_messages_routes
+from disagg.http.models import ModelTable
 from disagg.http.openai import add_openai_routes
 from disagg.http.probes import add_metrics_route, add_probe_routes
 from disagg.http.response_store import LocalResponses, ResponseStore, ResponseStorePort
 from disagg.http.responses import add_responses_routes
 from disagg.http.serving import Server
 from disagg.router.metrics_view import cluster_snapshot
-from disagg.router.router import RouterCore
 from disagg.telemetry import RouterMetrics
 
 
-def build_app(
-    core: RouterCore, tokenizer: Tokenizer, config: ApiConfig, responses: ResponseStorePort | None = None
-) -> FastAPI:
-    """`responses`: where the Responses API keeps responses (None: in this process, sized by `config.responses`;
-    router replicas pass the store they share)."""
+def build_app(models: ModelTable, config: ApiConfig, responses: ResponseStorePort | None = None) -> FastAPI:
+    """`models`: what this front door serves, each over its own routing core.  `responses`: where the Responses
+    API keeps responses (None: in this process, sized by `config.responses`; router replicas pass the store they
+    share)."""
+    cores = models.cores()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        core.start()
+        for core in cores:
+            core.start()
         yield
-        await core.stop()
+        for core in cores:
+            await core.stop()
 
     app = FastAPI(title="disagg", docs_url=None, redoc_url=None, lifespan=lifespan)
-    metrics = RouterMetrics(lambda: cluster_snapshot(core))
-    core.on_queue_wait = metrics.queue_wait.observe
+    if len(models) == 1:
+        metrics = RouterMetrics(lambda: cluster_snapshot(cores[0]))
+    else:
+        metrics = RouterMetrics(models=lambda: {m.name: cluster_snapshot(m.core) for m in models})
+    for core in cores:
+        core.on_queue_wait = metrics.queue_wait.observe
     app.state.metrics = metrics
 
     install_error_handlers(app)
     app.add_middleware(AuthAndCount, keys=KeyRing(config.grants()), metrics=metrics)
     # registration order is the old single module's (it is the order of /openapi.json)
-    add_probe_routes(app, core.health)
-    add_admin_routes(app, core.health, core.roles, core.planner)
+    add_probe_routes(app, models)
+    add_admin_routes(app, models)
     add_metrics_route(app, metrics)
-    server = Server(core, config, metrics)
-    add_openai_routes(app, server, tokenizer)
-    add_responses_routes(app, server, tokenizer, responses or LocalResponses(ResponseStore(config.responses)))
-    add_messages_routes(app, server, tokenizer)
+    server = Server(models, config, metrics)
+    add_openai_routes(app, server)
+    add_responses_routes(app, server, responses or LocalResponses(ResponseStore(config.responses)))
+    add_messages_routes(app, server)
     return app

@@ -1,4 +1,4 @@
-"""What the HTTP front door is configured with: the served model's name and context length, and the API keys -
+"""What the HTTP front door is configured with (the models it serves are http/models.py's): the API keys -
 each naming a caller's tenant and what it may do (`ApiKey`).
 
 Three ways to give keys, merged by `ApiConfig.grants` (a key given twice keeps its most specific grant):
@@ -51,8 +51,8 @@ class AgentConfig:
 
 @dataclass
 class ApiConfig:
-    model_name: str
-    max_model_len: int
+    """The front door's settings for every model it serves (the models themselves: http/models.py)."""
+
     api_key: str | None = None  # the operator's key (admin)
     api_keys: dict[str, str] | None = None  # key -> tenant name (tenant keys)
     keys: dict[str, ApiKey] | None = None  # key -> full grant (the keys file)

@@ -1,6 +1,6 @@
-"""Request validation for the HTTP API: model name, prompt tokens, sampling parameters against the context
-length, and the priority (body field or header).  Every problem is an InvalidRequest / NotFound (400 / 404 with
-an OpenAI error body, mapped in http/errors.py); nothing here touches the router."""
+"""Request validation for the HTTP API: prompt tokens, sampling parameters against the context length, and the
+priority (body field or header); the model name is checked by http/models.py.  Every problem is an InvalidRequest
+(400 with an OpenAI error body, mapped in http/errors.py); nothing here touches the router."""
 
 from __future__ import annotations
 
@@ -8,16 +8,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from disagg.engine.tokenizer import Tokenizer
-from disagg.errors import InvalidRequest, NotFound
+from disagg.errors import InvalidRequest
 from disagg.http.tools import template_messages, template_parses_hermes
 from disagg.protocol import SamplingParams
 
 PRIORITY_HEADER = "x-priority"
-
-
-def check_model(name: str, served: str) -> None:
-    if name != served:
-        raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
 
 
 def sampling_params(

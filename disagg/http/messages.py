@@ -26,11 +26,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 
-from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import Dialect, sse_error, unexpected
 from disagg.http.hints import read_hints
-from disagg.http.inputs import check_model, check_tool_results, conversation_prompt, sampling_params
+from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.messages_schema import CountTokensRequest, MessagesRequest
 from disagg.http.resume import Cursor
 from disagg.http.serving import CallOptions, Server
@@ -137,12 +136,11 @@ class MessagesRender:
             await deltas.aclose()
 
 
-def add_messages_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> None:
-    config = server.config
-
+def add_messages_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages")
     async def create(body: MessagesRequest, http: HTTPRequest):
-        check_model(body.model, config.model_name)
+        served = server.model(body.model)
+        tokenizer = served.tokenizer
         if body.messages[-1].role == "assistant":  # counting one (count_tokens) is fine: continuing it is not done
             raise InvalidRequest(
                 "a final assistant turn (a prefill for the answer to continue) is not supported here", param="messages"
@@ -150,7 +148,7 @@ def add_messages_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> N
         conversation, offered = body.conversation(), body.offered_tools()
         check_tool_results(conversation, "messages", "tool_result tool_use_id", "tool_use")
         ids, tools = conversation_prompt(conversation, offered, tokenizer)
-        sampling = sampling_params(body, body.max_tokens, len(ids), config.max_model_len)
+        sampling = sampling_params(body, body.max_tokens, len(ids), served.max_model_len)
         shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=body.parallel_tool_calls())
         options = CallOptions(
             stream=body.stream,
@@ -162,12 +160,13 @@ def add_messages_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> N
             hints=read_hints(body.nvext, body.kv_hints),
             tools_offered=bool(offered),
         )
-        request, caller = server.request("msg", options, ids, sampling, http)
-        return await server.generate(request, caller, options, http, shape, MessagesRender(config.model_name, shape))
+        request, caller = server.request(served, "msg", options, ids, sampling, http)
+        render = MessagesRender(served.name, shape)
+        return await server.generate(served, request, caller, options, http, shape, render)
 
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest):
         """The prompt's tokens as `create` would template them (agent clients size their context with it)."""
-        check_model(body.model, config.model_name)
-        ids, _ = conversation_prompt(body.conversation(), body.offered_tools(), tokenizer)
+        served = server.model(body.model)
+        ids, _ = conversation_prompt(body.conversation(), body.offered_tools(), served.tokenizer)
         return {"input_tokens": len(ids)}

@@ -17,10 +17,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
 
-from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import InvalidRequest
 from disagg.http.errors import error_response
-from disagg.http.inputs import check_model, conversation_prompt, sampling_params, tokenize_prompt
+from disagg.http.inputs import conversation_prompt, sampling_params, tokenize_prompt
+from disagg.http.models import ServedModel
 from disagg.http.resume import (
     IDEMPOTENCY_KEY,
     LAST_EVENT_ID,
@@ -36,58 +36,49 @@ from disagg.http.stream import ClientGone, json_answer, sse, until_disconnect
 from disagg.protocol import Request, SamplingParams, TokenDelta
 
 
-def add_openai_routes(app: FastAPI, server: Server, tokenizer: Tokenizer) -> None:
-    config, serve = server.config, _server(server)
+def add_openai_routes(app: FastAPI, server: Server) -> None:
+    serve = _server(server)
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": config.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "disagg",
-                    "max_model_len": config.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [m.card() for m in server.models]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        check_model(body.model, config.model_name)
-        ids = tokenize_prompt(body.prompt, tokenizer)
+        served = server.model(body.model)
+        ids = tokenize_prompt(body.prompt, served.tokenizer)
         sampling = sampling_params(
             body,
             body.max_tokens if body.max_tokens is not None else SamplingParams.max_tokens,  # OpenAI's default, 16
             len(ids),
-            config.max_model_len,
+            served.max_model_len,
             logprobs=body.logprobs,
         )
-        shape = AnswerShape(tokenizer, chat=False, logprobs=body.logprobs is not None)
-        return await serve("cmpl", "text_completion", body, ids, sampling, http, shape)
+        shape = AnswerShape(served.tokenizer, chat=False, logprobs=body.logprobs is not None)
+        return await serve(served, "cmpl", "text_completion", body, ids, sampling, http, shape)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
-        check_model(body.model, config.model_name)
+        served = server.model(body.model)
         offered = body.offered_tools()
-        ids, tools = conversation_prompt([m.for_template() for m in body.messages], offered, tokenizer)
+        ids, tools = conversation_prompt([m.for_template() for m in body.messages], offered, served.tokenizer)
         sampling = sampling_params(
             body,
             body.max_completion_tokens or body.max_tokens,
             len(ids),
-            config.max_model_len,
+            served.max_model_len,
             logprobs=body.logprobs_k(),
         )
         shape = AnswerShape(
-            tokenizer,
+            served.tokenizer,
             chat=True,
             logprobs=body.logprobs,
             tools=tools,
             parallel_tool_calls=body.parallel_tool_calls is not False,
         )
-        return await serve("chatcmpl", "chat.completion", body, ids, sampling, http, shape, tools_offered=bool(offered))
+        return await serve(
+            served, "chatcmpl", "chat.completion", body, ids, sampling, http, shape, tools_offered=bool(offered)
+        )
 
 
 def _include_usage(body) -> bool:
@@ -118,9 +109,10 @@ class OpenAIRender:
 def _server(server: Server):
     """The handler both endpoints share: one request through the core (http/serving.py), answered as JSON or SSE -
     or, with Last-Event-ID / a repeated Idempotency-Key, the rest of a journaled one (http/resume.py)."""
-    core, model, poll_s = server.core, server.config.model_name, server.config.disconnect_poll_s
+    poll_s = server.config.disconnect_poll_s
 
     async def serve(
+        served: ServedModel,
         prefix: str,
         kind: str,
         body,
@@ -134,7 +126,8 @@ def _server(server: Server):
         key = http.headers.get(IDEMPOTENCY_KEY) if not body.stream else None
         # a non-streaming request with an Idempotency-Key gets the id of that key (http/resume.py)
         rid = idempotent_request_id(prefix, http.state.caller.tenant, key) if key else None
-        request, caller = server.request(prefix, options, ids, sampling, http, request_id=rid)
+        request, caller = server.request(served, prefix, options, ids, sampling, http, request_id=rid)
+        core, model = served.core, served.name
         last_event_id = http.headers.get(LAST_EVENT_ID)
         if body.stream and last_event_id:
             return await resume_stream(core.resumer, last_event_id, request, shape, model, _include_usage(body))
@@ -147,6 +140,6 @@ def _server(server: Server):
                 original, answer = found
                 return json_answer(original.request_id, kind, original.created, model, shape, answer, len(ids))
         render = OpenAIRender(kind, model, shape, _include_usage(body))
-        return await server.generate(request, caller, options, http, shape, render)
+        return await server.generate(served, request, caller, options, http, shape, render)
 
     return serve

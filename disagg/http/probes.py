@@ -1,5 +1,6 @@
-"""Probes and scraping: /livez (the process answers), /readyz and /health (a decode-capable worker is READY; 503
-otherwise, with the workers' states in /health's body), and /metrics (Prometheus text)."""
+"""Probes and scraping: /livez (the process answers), /readyz and /health (every served model has a READY
+decode-capable worker; 503 otherwise, with the workers' states in /health's body, per model when there are
+several), and /metrics (Prometheus text)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,38 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from disagg.errors import ServiceUnavailable
 from disagg.http.errors import error_response
+from disagg.http.models import ModelTable
 from disagg.router.health import HealthMonitor
 from disagg.telemetry import RouterMetrics
 
 
-def add_probe_routes(app: FastAPI, monitor: HealthMonitor) -> None:
-    def _status() -> dict[str, Any]:
-        workers = {
-            n: {"role": w.role.value, "state": w.state.value, "reason": w.reason, "restarts": w.restarts}
-            for n, w in monitor.workers.items()
-        }
-        live = monitor.live_counts()
-        return {
-            "live": live,
-            "decode_workers": live["decode"] + live["both"],
-            "prefill_workers": live["prefill"],
-            "workers": workers,
-        }
+def _status(monitor: HealthMonitor) -> dict[str, Any]:
+    workers = {
+        n: {"role": w.role.value, "state": w.state.value, "reason": w.reason, "restarts": w.restarts}
+        for n, w in monitor.workers.items()
+    }
+    live = monitor.live_counts()
+    return {
+        "live": live,
+        "decode_workers": live["decode"] + live["both"],
+        "prefill_workers": live["prefill"],
+        "workers": workers,
+    }
+
+
+def add_probe_routes(app: FastAPI, models: ModelTable) -> None:
+    def unready() -> list[str]:
+        return [m.name for m in models if not m.core.health.any_decoder_ready()]
+
+    def unavailable(names: list[str]) -> ServiceUnavailable:
+        if len(models) == 1:
+            return ServiceUnavailable("no decode worker is alive", code="no_workers")
+        return ServiceUnavailable(f"no decode worker is alive for: {', '.join(names)}", code="no_workers")
+
+    def status() -> dict[str, Any]:
+        if len(models) == 1:
+            return _status(next(iter(models)).core.health)
+        return {"models": {m.name: _status(m.core.health) for m in models}}
 
     @app.get("/livez")
     async def livez():
@@ -35,19 +51,17 @@ def add_probe_routes(app: FastAPI, monitor: HealthMonitor) -> None:
 
     @app.get("/readyz")
     async def readyz():
-        if not monitor.any_decoder_ready():
-            return error_response(ServiceUnavailable("no decode worker is alive", code="no_workers"))
+        names = unready()
+        if names:
+            return error_response(unavailable(names))
         return {"status": "ready"}
 
     @app.get("/health")
     async def health():
-        status = _status()
-        if not monitor.any_decoder_ready():
-            return error_response(
-                ServiceUnavailable("no decode worker is alive", code="no_workers"),
-                extra={"status": "unavailable", **status},
-            )
-        return {"status": "ok", **status}
+        names = unready()
+        if names:
+            return error_response(unavailable(names), extra={"status": "unavailable", **status()})
+        return {"status": "ok", **status()}
 
 
 def add_metrics_route(app: FastAPI, metrics: RouterMetrics) -> None:

@@ -29,10 +29,9 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Query
 from fastapi import Request as HTTPRequest
 
-from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import error_body, unexpected
-from disagg.http.inputs import check_model, check_tool_results, conversation_prompt, sampling_params
+from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.response_store import ResponseStorePort, StoredResponse
 from disagg.http.responses_schema import ResponsesRequest, items_to_messages
 from disagg.http.resume import Cursor
@@ -240,12 +239,11 @@ async def _forget(message: dict[str, Any], response: dict[str, Any]) -> None:
     """`store: false`: nothing kept."""
 
 
-def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, store: ResponseStorePort) -> None:
-    config = server.config
-
+def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort) -> None:
     @app.post("/v1/responses")
     async def create(body: ResponsesRequest, http: HTTPRequest):
-        check_model(body.model, config.model_name)
+        served = server.model(body.model)
+        tokenizer = served.tokenizer
         tenant = http.state.caller.tenant
         previous = await store.get(tenant, body.previous_response_id) if body.previous_response_id else None
         history = previous.messages() if previous is not None else []
@@ -255,14 +253,14 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
         offered = body.offered_tools()
         ids, tools = conversation_prompt(system + history + turn, offered, tokenizer, param="input")
         sampling = sampling_params(
-            body, body.max_output_tokens, len(ids), config.max_model_len, max_tokens_param="max_output_tokens"
+            body, body.max_output_tokens, len(ids), served.max_model_len, max_tokens_param="max_output_tokens"
         )
         parallel = body.parallel_tool_calls is not False
         shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=parallel)
-        render = ResponsesRender(body, config.model_name, shape, on_done=_forget)
+        render = ResponsesRender(body, served.name, shape, on_done=_forget)
         session = _session(body, previous, render.response_id)
         options = CallOptions.of(body, session=session, tools_offered=bool(offered))
-        request, caller = server.request("resp", options, ids, sampling, http, request_id=render.response_id)
+        request, caller = server.request(served, "resp", options, ids, sampling, http, request_id=render.response_id)
         if body.store:
 
             async def keep(message: dict[str, Any], response: dict[str, Any]) -> None:
@@ -272,7 +270,7 @@ def add_responses_routes(app: FastAPI, server: Server, tokenizer: Tokenizer, sto
                 await store.put(tenant, stored)
 
             render.on_done = keep
-        return await server.generate(request, caller, options, http, shape, render)
+        return await server.generate(served, request, caller, options, http, shape, render)
 
     @app.get("/v1/responses/{response_id}")
     async def retrieve(response_id: str, http: HTTPRequest):

@@ -26,6 +26,7 @@ from disagg.http.errors import dialect_of, error_response
 from disagg.http.hints import Hints, read_hints
 from disagg.http.inputs import PRIORITY_HEADER, priority_of
 from disagg.http.keys import Caller, check_priority
+from disagg.http.models import ModelTable, ServedModel
 from disagg.http.resume import Cursor
 from disagg.http.schemas import KVRetention
 from disagg.http.shape import AnswerShape, Collected
@@ -38,10 +39,9 @@ from disagg.http.stream import (
     until_disconnect,
     without_trace_context,
 )
-from disagg.isolation import scoped_tenant
+from disagg.isolation import model_salted, scoped_tenant
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.policy import Decision
-from disagg.router.router import RouterCore
 from disagg.telemetry import RouterMetrics
 
 SESSION_HEADER = "x-session-id"
@@ -118,11 +118,16 @@ def _client_closed(http: HTTPRequest) -> JSONResponse:
 
 
 class Server:
-    def __init__(self, core: RouterCore, config: ApiConfig, metrics: RouterMetrics) -> None:
-        self.core, self.config, self.metrics = core, config, metrics
+    def __init__(self, models: ModelTable, config: ApiConfig, metrics: RouterMetrics) -> None:
+        self.models, self.config, self.metrics = models, config, metrics
+
+    def model(self, name: str) -> ServedModel:
+        """The served model a body's `model` names (404 model_not_found otherwise)."""
+        return self.models.get(name)
 
     def request(
         self,
+        served: ServedModel,
         prefix: str,
         options: CallOptions,
         ids: list[int],
@@ -145,7 +150,10 @@ class Server:
             session_id=session,
             kv_retention_s=options.kv_retention_s or hints.retention_s or self._agent_retention(options, session),
             priority=_priority(options, http.headers, caller),
-            cache_salt=self.config.isolation.cache_salt(caller.tenant, options.cache_salt),  # no hit crosses tenants
+            # no hit crosses tenants, nor models
+            cache_salt=model_salted(
+                served.namespace, self.config.isolation.cache_salt(caller.tenant, options.cache_salt)
+            ),
             tenant=scoped_tenant(caller.tenant),  # nor does a session id
             created=int(time.time()),
             expected_output_tokens=hints.expected_output_tokens,
@@ -161,6 +169,7 @@ class Server:
 
     async def generate(
         self,
+        served: ServedModel,
         request: Request,
         caller: Caller,
         options: CallOptions,
@@ -169,13 +178,13 @@ class Server:
         render: Render,
     ):
         """Serve `request`: a StreamingResponse of `render`'s events, or its JSON body."""
-        core, metrics, poll_s = self.core, self.metrics, self.config.disconnect_poll_s
+        core, metrics, poll_s = served.core, self.metrics, self.config.disconnect_poll_s
         n_prompt = len(request.prompt_token_ids)
         running, cursor = Running(), Cursor(request.request_id)
         trace_headers = http.headers if caller.may_force_trace else without_trace_context(http.headers)  # see there
         span = request_span(
             core.tracer,
-            self.config.model_name,
+            served.name,
             shape.chat,
             options.stream,
             request,

@@ -1,0 +1,1 @@
+"""Deployments of several models behind one router (deployment.py)."""

@@ -1,0 +1,195 @@
+"""A deployment of several models behind one router: which models, from where, on how many workers, with which
+engine settings (pure: no Ray, no HTTP, no torch).
+
+Read from one file (`disagg serve --deployment FILE`: TOML, YAML or JSON, by its extension):
+
+    [[models]]
+    id = "smollm"            # what a request's `model` names; also /v1/models' id
+    path = ""                # HF model directory (or one holding a GGUF); "": the default model
+    prefill = 1              # prefill workers (0: aggregated workers)
+    decode = 1               # decode (or aggregated) workers
+    [models.engine]          # EngineConfig fields for this model's workers, over the command line's
+    kv_cache_memory_mb = 256
+
+    [[models]]
+    id = "coder"
+    path = "/models/tiny-coder"
+    prefill = 0
+    decode = 1
+
+Every bad field is refused before anything starts, with its place in the file (`models[1].decode: ...`).  Each
+model gets its own prefill/decode pools and its own routing core (index, admission, health, planner); with more
+than one model, every block hash is also salted with the model's id (isolation.py), so no cached prefix of one
+model can ever match another's, even where their tiers or pools meet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from disagg.config import EngineConfig
+
+# ids are what clients send as `model`; names like "coder@2" or "org/model" are common
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")
+_WORKER_PREFIX_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# set by the deployment itself, not by a model's engine table
+_NOT_PER_MODEL = ("model", "faults")
+
+
+class DeploymentError(ValueError):
+    """A deployment file that cannot be served, with every problem named by its place in the file."""
+
+
+class ModelEntry(BaseModel):
+    """One `[[models]]` entry as written in the file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    path: str = ""
+    prefill: int = Field(default=1, ge=0)
+    decode: int = Field(default=1, ge=1)
+    engine: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("id")
+    @classmethod
+    def _id_is_a_name(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError("must start with a letter or digit and hold only letters, digits and . _ : @ / + -")
+        return value
+
+
+class DeploymentFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelEntry] = Field(min_length=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model of a deployment, checked: its served id, its directory ("" = the default model), its pools and
+    its workers' engine settings."""
+
+    id: str
+    path: str
+    prefill: int
+    decode: int
+    engine: EngineConfig
+
+    @property
+    def worker_prefix(self) -> str:
+        """What this model's worker (Ray actor) names and tier directories start with."""
+        return _WORKER_PREFIX_UNSAFE.sub("_", self.id) + "-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    models: tuple[ModelSpec, ...]
+
+    @property
+    def namespaced(self) -> bool:
+        """Whether block hashes carry the model: with one model there is nothing to keep apart, and its hashes stay
+        exactly those of a single-model cluster."""
+        return len(self.models) > 1
+
+    def ids(self) -> list[str]:
+        return [m.id for m in self.models]
+
+
+def _engine_overrides(table: dict[str, Any], where: str) -> dict[str, Any]:
+    """A model's engine table checked field by field against EngineConfig's types."""
+    hints = typing.get_type_hints(EngineConfig)
+    fields = {f.name for f in dataclasses.fields(EngineConfig)} - set(_NOT_PER_MODEL)
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in table.items():
+        if key not in fields:
+            problems.append(f"{where}.{key}: not an engine setting (one of: {', '.join(sorted(fields))})")
+            continue
+        try:
+            out[key] = TypeAdapter(hints[key]).validate_python(value, strict=True)
+        except ValidationError as exc:
+            problems.append(f"{where}.{key}: {exc.errors()[0]['msg']} (got {value!r})")
+    if problems:
+        raise DeploymentError("\n".join(problems))
+    return out
+
+
+def _check_path(path: str, where: str) -> None:
+    if not path:
+        return
+    directory = Path(path)
+    if not directory.is_dir():
+        raise DeploymentError(f"{where}.path: {path} is not a directory")
+    if not (directory / "config.json").exists() and not any(directory.glob("*.gguf")):
+        raise DeploymentError(f"{where}.path: {path} holds no config.json and no GGUF file: not a model directory")
+
+
+def deployment_of(data: object, base: EngineConfig | None = None) -> Deployment:
+    """A checked Deployment from the file's parsed content; `base`: the engine settings every model starts from
+    (the command line's)."""
+    try:
+        parsed = DeploymentFile.model_validate(data)
+    except ValidationError as exc:
+        raise DeploymentError(
+            "\n".join(f"{_place(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
+        ) from None
+    base = base or EngineConfig()
+    seen: set[str] = set()
+    specs: list[ModelSpec] = []
+    for i, entry in enumerate(parsed.models):
+        where = f"models[{i}]"
+        if entry.id in seen:
+            raise DeploymentError(f"{where}.id: {entry.id!r} is served twice")
+        seen.add(entry.id)
+        _check_path(entry.path, where)
+        overrides = _engine_overrides(entry.engine, f"{where}.engine")
+        try:
+            engine = dataclasses.replace(base, model=entry.path, **overrides)
+        except ValueError as exc:  # EngineConfig's own checks (ranges, modes)
+            raise DeploymentError(f"{where}.engine: {exc}") from None
+        specs.append(ModelSpec(entry.id, entry.path, entry.prefill, entry.decode, engine))
+    prefixes = [s.worker_prefix for s in specs]
+    if len(set(prefixes)) != len(prefixes):
+        raise DeploymentError("two model ids map to the same worker names; make them differ in letters or digits")
+    return Deployment(tuple(specs))
+
+
+def _place(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(file)"
+
+
+def load_deployment(path: str | Path, base: EngineConfig | None = None) -> Deployment:
+    """Read and check a deployment file (.toml, .yaml / .yml or .json)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DeploymentError(f"cannot read the deployment file {path}: {exc.strerror}") from None
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data: object = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise DeploymentError(f"{path}: a deployment file is .toml, .yaml, .yml or .json")
+    except (ValueError, yaml.YAMLError) as exc:  # tomllib's and json's errors are ValueErrors
+        if isinstance(exc, DeploymentError):
+            raise
+        raise DeploymentError(f"{path}: not valid {path.suffix[1:].upper()}: {exc}") from None
+    return deployment_of(data, base)

@@ -1,0 +1,131 @@
+"""A deployment of several models (disagg/models/deployment.py): the file's three formats, a clear error for each
+bad field, and the model namespace in block hashes (disagg/isolation.py)."""
+import json
+
+import pytest
+
+from disagg.config import EngineConfig
+from disagg.isolation import IsolationConfig, model_salted, salt_root
+from disagg.models.deployment import DeploymentError, deployment_of, load_deployment
+from disagg.protocol import hash_block_tokens
+
+TOML = """
+[[models]]
+id = "smollm"
+
+[[models]]
+id = "coder@2"
+path = "{path}"
+prefill = 0
+decode = 2
+[models.engine]
+kv_cache_memory_mb = 96
+max_num_seqs = 8
+"""
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def _two(model_dir):
+    return {"models": [{"id": "smollm"}, {"id": "coder@2", "path": str(model_dir), "prefill": 0, "decode": 2,
+                                           "engine": {"kv_cache_memory_mb": 96, "max_num_seqs": 8}}]}
+
+
+@pytest.mark.parametrize("suffix", [".toml", ".yaml", ".json"])
+def test_the_three_formats_read_the_same(tmp_path, model_dir, suffix):
+    path = tmp_path / f"deploy{suffix}"
+    if suffix == ".toml":
+        path.write_text(TOML.format(path=model_dir))
+    elif suffix == ".yaml":
+        import yaml
+
+        path.write_text(yaml.safe_dump(_two(model_dir)))
+    else:
+        path.write_text(json.dumps(_two(model_dir)))
+    base = EngineConfig(num_threads=1, kv_cache_memory_mb=200)
+    deployment = load_deployment(path, base)
+    assert deployment.ids() == ["smollm", "coder@2"]
+    smollm, coder = deployment.models
+    assert (smollm.path, smollm.prefill, smollm.decode) == ("", 1, 1)
+    assert smollm.engine == EngineConfig(num_threads=1, kv_cache_memory_mb=200)  # the command line's settings
+    assert (coder.prefill, coder.decode) == (0, 2)
+    assert coder.engine.model == str(model_dir)
+    assert (coder.engine.kv_cache_memory_mb, coder.engine.max_num_seqs, coder.engine.num_threads) == (96, 8, 1)
+    assert coder.worker_prefix == "coder_2-"
+    assert deployment.namespaced
+
+
+def test_one_model_is_not_namespaced(model_dir):
+    assert not deployment_of({"models": [{"id": "a", "path": str(model_dir)}]}).namespaced
+
+
+@pytest.mark.parametrize("data, named", [
+    ({}, "models: Field required"),
+    ({"models": []}, "models: List should have at least 1 item"),
+    ({"models": [{"path": ""}]}, "models[0].id: Field required"),
+    ({"models": [{"id": "a", "decode": 0}]}, "models[0].decode: Input should be greater than or equal to 1"),
+    ({"models": [{"id": "a", "prefill": -1}]}, "models[0].prefill: Input should be greater than or equal to 0"),
+    ({"models": [{"id": "a", "decode": "two"}]}, "models[0].decode: Input should be a valid integer"),
+    ({"models": [{"id": "a", "gpus": 1}]}, "models[0].gpus: Extra inputs are not permitted"),
+    ({"models": [{"id": "a"}], "routers": 2}, "routers: Extra inputs are not permitted"),
+    ({"models": [{"id": "has space"}]}, "models[0].id: Value error, must start with a letter or digit"),
+    ({"models": [{"id": "a"}, {"id": "a"}]}, "models[1].id: 'a' is served twice"),
+    ({"models": [{"id": "a", "engine": {"kv_cache_mb": 1}}]}, "models[0].engine.kv_cache_mb: not an engine setting"),
+    ({"models": [{"id": "a", "engine": {"model": "/x"}}]}, "models[0].engine.model: not an engine setting"),
+    ({"models": [{"id": "a", "engine": {"max_num_seqs": "8"}}]}, "models[0].engine.max_num_seqs: Input should be a "
+                                                                  "valid integer (got '8')"),
+    ({"models": [{"id": "a", "engine": {"block_size": 12}}]}, "models[0].engine: block_size must be a power of two"),
+    ({"models": [{"id": "a", "engine": {"quantization": "q3"}}]}, "models[0].engine: --quantization"),
+    ({"models": [{"id": "a/b"}, {"id": "a:b"}]}, "two model ids map to the same worker names"),
+])
+def test_each_bad_field_is_named(data, named):
+    with pytest.raises(DeploymentError) as err:
+        deployment_of(data)
+    assert named in str(err.value)
+
+
+def test_a_path_that_is_no_model_is_named(tmp_path):
+    with pytest.raises(DeploymentError, match=r"models\[0\]\.path: .* is not a directory"):
+        deployment_of({"models": [{"id": "a", "path": str(tmp_path / "missing")}]})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DeploymentError, match=r"models\[0\]\.path: .* holds no config.json and no GGUF file"):
+        deployment_of({"models": [{"id": "a", "path": str(tmp_path / "empty")}]})
+
+
+@pytest.mark.parametrize("name, text, named", [
+    ("d.toml", "[[models]\nid=", "not valid TOML"),
+    ("d.yaml", "models: [", "not valid YAML"),
+    ("d.json", "{", "not valid JSON"),
+    ("d.ini", "[models]", "a deployment file is .toml, .yaml, .yml or .json"),
+])
+def test_a_file_that_does_not_parse_is_named(tmp_path, name, text, named):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DeploymentError, match=named):
+        load_deployment(tmp_path / name)
+    with pytest.raises(DeploymentError, match="cannot read the deployment file"):
+        load_deployment(tmp_path / "absent.toml")
+
+
+def _chain(salt, tokens=tuple(range(32)), block=16):
+    parent, out = salt_root(salt), []
+    for i in range(0, len(tokens), block):
+        parent = hash_block_tokens(parent, tokens[i:i + block])
+        out.append(parent)
+    return out
+
+
+def test_models_never_share_a_block_hash_whatever_the_tenant():
+    isolation = IsolationConfig(share_groups={"bob": "team"})
+    salts = [isolation.cache_salt(t, requested) for t in ("default", "alice", "bob") for requested in (None, "s")]
+    chains = {(ns, salt): tuple(_chain(model_salted(ns, salt))) for ns in ("", "llama", "qwen") for salt in salts}
+    assert len(set(chains.values())) == len(chains)  # every (model, salt) pair its own chain
+    assert model_salted("", None) is None  # a single model's default tenant: the unsalted chain of before
+    assert model_salted("", "x") == "x"
+    # a client's cache_salt can never name a model's chain
+    assert model_salted("llama", None) != IsolationConfig().cache_salt("default", "model\x00llama\x01")
