@@ -154,7 +154,8 @@ def make_tiny_model(
             if p.dim() > 1:
                 p.normal_(0, 0.15)
     model.save_pretrained(str(path), safe_serialization=True)
-    for name in TOKENIZER_FILES if tokenizer_from is not None else ():
-        if (tokenizer_from / name).exists():
-            shutil.copy(tokenizer_from / name, path / name)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_from / name).exists():
+                shutil.copy(tokenizer_from / name, path / name)
     return path
