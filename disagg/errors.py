@@ -82,6 +82,18 @@ class ServiceUnavailable(DisaggError):
     """No worker that could serve the request is alive (or every fallback is spent)."""
 
 
+class ModelUnavailable(ServiceUnavailable):
+    """The model named is being unloaded (draining) or not yet loaded: try again after `retry_after_s`."""
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, code: str | None = "model_unavailable") -> None:
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+
+class Conflict(DisaggError):
+    """The change asked for clashes with the state now (a model id loaded or loading already, an alias in use)."""
+
+
 class WorkerLost(DisaggError):
     """A worker died, hung or was taken out of routing while serving a request; the router migrates it."""
 

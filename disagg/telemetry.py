@@ -87,14 +87,18 @@ class ClusterCollector:
 
 class ModelsCollector:
     """Several models' cluster figures (a multi-model deployment: one routing core per model) as one set of
-    families, each sample labelled with its `model`."""
+    families, each sample labelled with its `model`; one model's as ClusterCollector gives them."""
 
     def __init__(self, snapshots: Callable[[], Mapping[str, ClusterSnapshot]]) -> None:
         self.snapshots = snapshots
 
     def collect(self) -> Iterator[Metric]:
+        snapshots = self.snapshots()
+        if len(snapshots) == 1:  # one model (so far): the single-model families, unlabelled
+            yield from _families(next(iter(snapshots.values())))
+            return
         merged: dict[str, Metric] = {}
-        for model, snap in self.snapshots().items():
+        for model, snap in snapshots.items():
             for family in _families(snap):
                 out = merged.get(family.name)
                 if out is None:

@@ -2,6 +2,12 @@
 (aggregated), a fixed-seed tiny Llama (1 prefill + 1 decode) and a fixed-seed tiny Qwen2 (aggregated), declared in
 one deployment.  Each answers as it does alone; the `model` field routes; one model's cached prefix is never
 another's; unknown models get each API's 404; probes, /metrics and /admin speak per model."""
+import collections
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
 import ray
@@ -123,3 +129,119 @@ def test_probes_metrics_and_admin_speak_per_model(service, http):
     assert refused.status_code == 400 and "last decode-capable" in refused.json()["error"]["message"]
     unknown = http.post("/admin/workers/nobody/role", json={"role": "prefill"})
     assert unknown.status_code == 400 and "no worker named" in unknown.json()["error"]["message"]
+
+
+# --- models at run time: load, aliases (canary, cut-over, rollback), unload under load ---------------------------
+
+def _stream_tokens(url, model, n, out, index, started):
+    """One streamed completion of `n` tokens; records its status, finish reason and the tokens its usage counts."""
+    body = {"model": model, "prompt": PROMPT, "max_tokens": n, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        with client.stream("POST", "/v1/completions", json=body) as reply:
+            tokens, finish = 0, None
+            for line in reply.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"]:
+                    finish = chunk["choices"][0]["finish_reason"] or finish
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                started.set()
+            out[index] = (reply.status_code, finish, tokens)
+
+
+def test_a_bad_load_is_named_and_everything_keeps_serving(http, dirs, tmp_path):
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "config.json").write_text((dirs["tiny-qwen"] / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    for body, status, named in (
+        ({"id": "x", "path": str(tmp_path / "missing")}, 400, "is not a directory"),
+        ({"id": "x", "path": str(dirs["tiny-qwen"]), "engine": {"kv_cache_mb": 1}}, 400, "not an engine setting"),
+        ({"id": "tiny-qwen", "path": str(dirs["tiny-qwen"])}, 409, "already served"),
+        ({"id": "x", "path": str(dirs["tiny-qwen"]), "engine": {"kv_cache_memory_mb": 50_000_000}}, 400,
+         "GiB is available"),
+        ({"id": "x", "path": str(bad)}, 400, "did not start"),
+    ):
+        reply = http.post("/admin/models", json=body)
+        assert reply.status_code == status, reply.text
+        assert named in reply.json()["error"]["message"], reply.text
+    assert [m["id"] for m in http.get("/admin/models").json()["models"]] == list(MODELS)
+    assert not any(name.startswith("x-") for name in ray.util.list_named_actors())  # none left running
+    assert _complete(http, "tiny-qwen", "still here", max_tokens=2)["choices"][0]["finish_reason"]
+
+
+def test_version_replace_canary_rollback_and_unload_lose_nothing(service, http, dirs, tmp_path_factory):
+    v2 = make_tiny_model(tmp_path_factory.mktemp("v2") / "tiny-qwen-v2", "qwen2", seed=5, tokenizer_from=dirs["smollm"])
+    body = {"id": "tiny-qwen@2", "path": str(v2), "prefill": 0, "decode": 1}
+    with ThreadPoolExecutor(2) as pool:  # two loads of one id at once: one wins, the other gets a 409
+        statuses = sorted(r.status_code for r in pool.map(lambda _: httpx.post(f"{service.url}/admin/models",
+                                                                               json=body, timeout=300), range(2)))
+    assert statuses == [201, 409]
+    engine = LLMEngine(EngineConfig(model=str(v2), num_blocks=64, max_model_len=1024, num_threads=1))
+    expected = engine.generate([engine.tokenizer.encode(PROMPT)], SamplingParams(max_tokens=12, temperature=0))[0]
+    assert _complete(http, "tiny-qwen@2", PROMPT)["choices"][0]["text"] == expected.text
+    assert _cached(_complete(http, "tiny-qwen@2", PROMPT)) > 0  # its own cache
+    assert "tiny-qwen@2" in [m["id"] for m in http.get("/v1/models").json()["data"]]
+
+    # traffic on the alias the whole time the versions change under it: none of it may fail
+    stop, failures, served = threading.Event(), [], collections.Counter()
+
+    def steady():
+        with httpx.Client(base_url=service.url, timeout=60) as client:
+            while not stop.is_set():
+                reply = client.post("/v1/completions", json={"model": "qwen", "prompt": "hi", "max_tokens": 1})
+                (served.update([reply.json()["model"]]) if reply.status_code == 200 else failures.append(reply.text))
+
+    assert http.put("/admin/aliases/qwen", json={"targets": {"tiny-qwen": 1}}).status_code == 200
+    background = threading.Thread(target=steady)
+    background.start()
+    try:
+        canary = http.put("/admin/aliases/qwen", json={"targets": {"tiny-qwen": 90, "tiny-qwen@2": 10}})
+        assert canary.json()["shares"] == {"tiny-qwen": 0.9, "tiny-qwen@2": 0.1}
+        with ThreadPoolExecutor(8) as pool:
+            models = list(pool.map(lambda _: _complete(http, "qwen", "hi", max_tokens=1)["model"], range(400)))
+        assert abs(models.count("tiny-qwen@2") / len(models) - 0.10) <= 0.05  # the canary's share, within 5 pp
+        busy = http.delete("/admin/models/tiny-qwen@2")  # the alias still sends it requests
+        assert busy.status_code == 409 and "qwen" in busy.json()["error"]["message"]
+        assert http.put("/admin/aliases/qwen", json={"targets": {"tiny-qwen@2": 1}}).status_code == 200  # cut-over
+        assert {_complete(http, "qwen", "hi", max_tokens=1)["model"] for _ in range(20)} == {"tiny-qwen@2"}
+        assert http.put("/admin/aliases/qwen", json={"targets": {"tiny-qwen": 1}}).status_code == 200  # rollback
+        assert {_complete(http, "qwen", "hi", max_tokens=1)["model"] for _ in range(20)} == {"tiny-qwen"}
+    finally:
+        stop.set()
+        background.join()
+    assert not failures and sum(served.values()) > 0, failures[:3]
+
+    # unload under streaming load: the streams in flight finish whole, new requests get 503 + Retry-After
+    results, started = [None] * 4, [threading.Event() for _ in range(4)]
+    streams = [threading.Thread(target=_stream_tokens, args=(service.url, "tiny-qwen@2", 300, results, i, started[i]))
+               for i in range(4)]
+    for t in streams:
+        t.start()
+    assert all(s.wait(60) for s in started)
+    with ThreadPoolExecutor(1) as pool:
+        unloading = pool.submit(http.delete, "/admin/models/tiny-qwen@2")
+        refused = _wait_for_status(http, "tiny-qwen@2", 503)
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "model_unavailable"
+        done = unloading.result(timeout=120)
+    for t in streams:
+        t.join()
+    assert done.status_code == 200 and done.json()["drained"] is True
+    assert results == [(200, "length", 300)] * 4  # every stream in flight completed, whole
+    assert http.post("/v1/completions", json={"model": "tiny-qwen@2", "prompt": "hi"}).status_code == 404
+    assert not any(name.startswith("tiny-qwen_2-") for name in ray.util.list_named_actors())  # its workers ended
+    assert _complete(http, "tiny-qwen", "hi", max_tokens=2)["model"] == "tiny-qwen"
+
+
+def _wait_for_status(http, model, status, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reply = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1})
+        if reply.status_code == status:
+            return reply
+        time.sleep(0.02)
+    raise AssertionError(f"{model} never answered {status}")

@@ -16,6 +16,7 @@ from typing import Any
 import ray
 
 from disagg.cluster.handles import RayWorkerHandle
+from disagg.cluster.model_loader import RayModelLoader
 from disagg.cluster.router_service import RouterConfig, RouterService
 
 
@@ -27,10 +28,13 @@ class RouterActor:
         """`config`: a RouterConfig message.  Workers are named actors, looked up by name: the constructor's
         arguments stay small and inline, so Ray can always restart the router with them."""
         node = ray.get_runtime_context().get_node_id()
+        settings = RouterConfig.from_wire(config)
+        template = settings.worker_template
         self.service = RouterService(
-            RouterConfig.from_wire(config),
+            settings,
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode},
+            loader=RayModelLoader(settings, template) if template is not None else None,  # /admin/models
         )
         self.url = self.service.start()
 

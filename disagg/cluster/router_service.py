@@ -12,14 +12,16 @@ tests can also run it in-process.  Imports no torch: the router process serves H
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from disagg.cluster.worker_config import WorkerConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
 from disagg.http.config import AgentConfig, ApiConfig, ApiKey, check_exposure
-from disagg.http.models import ModelTable, ServedModel
+from disagg.http.models import ModelLoader, ModelTable, ServedModel
 from disagg.http.response_store import ResponseStoreConfig, ResponseStorePort
 from disagg.http.server import HttpServer
 from disagg.isolation import IsolationConfig
@@ -51,6 +53,7 @@ class ModelRoute:
     prefill: list[str]
     decode: list[str]
     namespace: str = ""  # block-hash namespace (isolation.model_salted); "": unsalted
+    aliases: list[str] = field(default_factory=list)  # names that send all their requests to this model
 
 
 @dataclass
@@ -92,6 +95,10 @@ class RouterConfig(WireMessage):
     # a deployment of several models (models/deployment.py), each with its workers; empty: one model, the fields
     # `model`, `block_size`, `max_model_len` and `served_model_name` above, served by every worker given
     models: list[ModelRoute] = field(default_factory=list)
+    # the workers' settings, so models can be loaded at run time (/admin/models: cluster/model_loader.py); None:
+    # the deployment is fixed
+    worker_template: WorkerConfig | None = None
+    model_drain_timeout_s: float = 300.0  # an unloaded model's requests in flight may finish for this long
 
     def routes(self, prefill: list[str], decode: list[str]) -> list[ModelRoute]:
         """The models to serve: `models`, or the one model over the workers named."""
@@ -113,6 +120,29 @@ def max_position_embeddings(model_dir: Path) -> int:
     return int(json.loads(path.read_text()).get("max_position_embeddings", DEFAULT_MAX_POSITION_EMBEDDINGS))
 
 
+def serve_model(
+    config: RouterConfig, route: ModelRoute, prefill: Mapping[str, WorkerHandle], decode: Mapping[str, WorkerHandle]
+) -> ServedModel:
+    """One model's routing core (its own pools, index, admission, health, planner; not started) and its
+    front-door entry."""
+    model_dir = Path(route.model)
+    core = RouterCore(
+        {n: prefill[n] for n in route.prefill},
+        {n: decode[n] for n in route.decode},
+        config.policy,
+        route.block_size,
+        config.core,
+        config.health,
+        config.admission,
+        config.capacity,
+        make_tracer(config.tracing or TracingConfig(), "router"),
+        silent=config.silent,
+    )
+    core.planner = PlannerLoop(RouterPlannerPort.of(core), config.planner)
+    max_len = min(route.max_model_len, max_position_embeddings(model_dir))
+    return ServedModel(route.name, core, Tokenizer.from_dir(model_dir), max_len, route.namespace)
+
+
 class RouterService:
     def __init__(
         self,
@@ -122,13 +152,19 @@ class RouterService:
         *,
         serve_http: bool = True,
         responses: ResponseStorePort | None = None,
+        loader: ModelLoader | None = None,
     ) -> None:
         """`serve_http=False`: build the app only; its host serves it (a Ray Serve replica: cluster/replicas.py).
-        `responses`: the Responses API's store when it is shared (replicas); None: in this process."""
+        `responses`: the Responses API's store when it is shared (replicas); None: in this process.  `loader`:
+        starts and ends models' workers at run time (cluster/model_loader.py); None: the deployment is fixed."""
         self.config = config
         config.check_exposure()  # before anything starts
-        served = [self._serve(route, prefill, decode) for route in config.routes(list(prefill), list(decode))]
+        routes = config.routes(list(prefill), list(decode))
+        served = [serve_model(config, route, prefill, decode) for route in routes]
         self.models = ModelTable(served)
+        for route in routes:
+            for alias in route.aliases:
+                self.models.aliases.set(alias, {route.name: 1.0}, self.models.ids())
         self.core = served[0].core  # the first (or only) model's: single-model tools and tests read it
         api = ApiConfig(
             config.api_key,
@@ -137,33 +173,12 @@ class RouterService:
             isolation=config.isolation,
             responses=config.responses,
             agents=config.agents,
+            model_drain_timeout_s=config.model_drain_timeout_s,
         )
-        self.app = build_app(self.models, api, responses)
+        self.app = build_app(self.models, api, responses, loader)
         self.http: HttpServer | None = None
         if serve_http:
             self.http = HttpServer(self.app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)
-
-    def _serve(
-        self, route: ModelRoute, prefill: dict[str, WorkerHandle], decode: dict[str, WorkerHandle]
-    ) -> ServedModel:
-        """One model's routing core (its own pools, index, admission, health, planner) and front-door entry."""
-        config = self.config
-        model_dir = Path(route.model)
-        core = RouterCore(
-            {n: prefill[n] for n in route.prefill},
-            {n: decode[n] for n in route.decode},
-            config.policy,
-            route.block_size,
-            config.core,
-            config.health,
-            config.admission,
-            config.capacity,
-            make_tracer(config.tracing or TracingConfig(), "router"),
-            silent=config.silent,
-        )
-        core.planner = PlannerLoop(RouterPlannerPort.of(core), config.planner)
-        max_len = min(route.max_model_len, max_position_embeddings(model_dir))
-        return ServedModel(route.name, core, Tokenizer.from_dir(model_dir), max_len, route.namespace)
 
     def start(self) -> str:
         if self.http is None:

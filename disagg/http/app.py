@@ -19,12 +19,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from disagg.http.admin import add_admin_routes
+from disagg.http.admin_models import add_model_admin_routes
 from disagg.http.auth import AuthAndCount
 from disagg.http.config import ApiConfig
 from disagg.http.errors import install_error_handlers
 from disagg.http.keys import KeyRing
 from disagg.http.messages import add_messages_routes
-from disagg.http.models import ModelTable
+from disagg.http.models import ModelLoader, ModelTable
 from disagg.http.openai import add_openai_routes
 from disagg.http.probes import add_metrics_route, add_probe_routes
 from disagg.http.response_store import LocalResponses, ResponseStore, ResponseStorePort
@@ -34,26 +35,27 @@ from disagg.router.metrics_view import cluster_snapshot
 from disagg.telemetry import RouterMetrics
 
 
-def build_app(models: ModelTable, config: ApiConfig, responses: ResponseStorePort | None = None) -> FastAPI:
+def build_app(
+    models: ModelTable,
+    config: ApiConfig,
+    responses: ResponseStorePort | None = None,
+    loader: ModelLoader | None = None,
+) -> FastAPI:
     """`models`: what this front door serves, each over its own routing core.  `responses`: where the Responses
     API keeps responses (None: in this process, sized by `config.responses`; router replicas pass the store they
-    share)."""
-    cores = models.cores()
+    share).  `loader`: starts and ends models' workers for /admin/models (None: the deployment is fixed)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        for core in cores:
+        for core in models.cores():
             core.start()
         yield
-        for core in cores:
+        for core in models.cores():  # with those loaded since (http/admin_models.py)
             await core.stop()
 
     app = FastAPI(title="disagg", docs_url=None, redoc_url=None, lifespan=lifespan)
-    if len(models) == 1:
-        metrics = RouterMetrics(lambda: cluster_snapshot(cores[0]))
-    else:
-        metrics = RouterMetrics(models=lambda: {m.name: cluster_snapshot(m.core) for m in models})
-    for core in cores:
+    metrics = RouterMetrics(models=lambda: {m.name: cluster_snapshot(m.core) for m in models})
+    for core in models.cores():
         core.on_queue_wait = metrics.queue_wait.observe
     app.state.metrics = metrics
 
@@ -62,6 +64,7 @@ def build_app(models: ModelTable, config: ApiConfig, responses: ResponseStorePor
     # registration order is the old single module's (it is the order of /openapi.json)
     add_probe_routes(app, models)
     add_admin_routes(app, models)
+    add_model_admin_routes(app, models, loader, config, metrics)
     add_metrics_route(app, metrics)
     server = Server(models, config, metrics)
     add_openai_routes(app, server)

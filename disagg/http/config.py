@@ -60,6 +60,8 @@ class ApiConfig:
     isolation: IsolationConfig = field(default_factory=IsolationConfig)  # cache salts: tenants, share groups
     responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)  # previous_response_id's store
     agents: AgentConfig = field(default_factory=AgentConfig)
+    model_drain_timeout_s: float = 300.0  # DELETE /admin/models/{id}: its requests in flight may finish this long
+    model_drain_poll_s: float = 0.05
 
     def grants(self) -> dict[str, ApiKey]:
         """Every configured key with its grant; empty: no keys (the open, loopback-only mode)."""

@@ -25,11 +25,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from disagg.errors import (
+    Conflict,
     DeadlineExceeded,
     DisaggError,
     Forbidden,
     InternalError,
     InvalidRequest,
+    ModelUnavailable,
     NotFound,
     Overloaded,
     ServiceUnavailable,
@@ -44,6 +46,7 @@ _TABLE: list[tuple[type[DisaggError], int, str]] = [
     (Unauthorized, 401, "authentication_error"),
     (Forbidden, 403, "permission_error"),
     (NotFound, 404, "not_found_error"),
+    (Conflict, 409, "invalid_request_error"),
     (Overloaded, 429, "rate_limit_error"),
     (ServiceUnavailable, 503, "server_error"),
     (WorkerLost, 503, "server_error"),
@@ -96,7 +99,7 @@ def error_body(exc: DisaggError, dialect: Dialect = Dialect.OPENAI) -> dict:
 def error_response(exc: DisaggError, extra: dict | None = None, dialect: Dialect = Dialect.OPENAI) -> JSONResponse:
     status, _ = status_and_type(exc)
     headers = {}
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, (Overloaded, ModelUnavailable)):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
     content = error_body(exc, dialect)
     if extra:

@@ -1,16 +1,31 @@
-"""The models one front door serves: a request's `model` names one, and everything about serving it - its routing
-core (own pools, KV index, admission, health, planner), tokenizer, context length and block-hash namespace - comes
-from that entry.  `/v1/models` lists them; an unknown name is a 404 `model_not_found` in every API.
+"""The models one front door serves: a request's `model` names one (or an alias of some: models/aliases.py), and
+everything about serving it - its routing core (own pools, KV index, admission, health, planner), tokenizer,
+context length and block-hash namespace - comes from that entry.  `/v1/models` lists them; an unknown name is a
+404 `model_not_found` in every API, a model being unloaded a 503 `model_unavailable` with Retry-After.
+
+Lifecycle of a model loaded at run time (http/admin_models.py drives it through a `ModelLoader`):
+LOADING (its id reserved: a second load of it is a 409) -> SERVING -> DRAINING (new requests refused, the ones in
+flight finish) -> gone (its core stopped, its workers ended).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import enum
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 from disagg.engine.tokenizer import Tokenizer
-from disagg.errors import InvalidRequest, NotFound
+from disagg.errors import Conflict, InvalidRequest, ModelUnavailable, NotFound
+from disagg.models.aliases import AliasTable
+from disagg.models.deployment import ModelEntry
 from disagg.router.router import RouterCore
+
+
+class ModelState(str, enum.Enum):
+    SERVING = "serving"
+    DRAINING = "draining"
 
 
 @dataclass
@@ -20,6 +35,7 @@ class ServedModel:
     tokenizer: Tokenizer
     max_model_len: int
     namespace: str = ""  # block-hash namespace (isolation.model_salted); "": a single-model deployment
+    state: ModelState = ModelState.SERVING
 
     def card(self) -> dict[str, object]:
         """Its /v1/models entry."""
@@ -31,29 +47,90 @@ class ServedModel:
             "max_model_len": self.max_model_len,
         }
 
+    def in_flight(self) -> int:
+        """Requests admitted to its core and not finished (queued or running)."""
+        queued = sum(self.core.admission.queue.depth().values())
+        return queued + sum(load.active_requests for load in self.core.loads.values())
+
+
+class ModelLoader(Protocol):
+    """Brings a model's workers up or down at run time (the cluster implements it: cluster/model_loader.py).
+    Both calls block (the admin routes run them off the event loop)."""
+
+    def load(self, entry: ModelEntry, namespace: str) -> ServedModel:
+        """Start `entry`'s workers and build its routing core (not started), its block hashes under `namespace`;
+        DeploymentError if the entry is bad or its workers cannot run."""
+        ...
+
+    def unload(self, model: ServedModel) -> None:
+        """End the workers of a model whose core has stopped."""
+        ...
+
 
 class ModelTable:
-    """The served models by name, in the order they were declared (the first is the default for tools)."""
+    """The served models by name, in the order they were declared or loaded, and the aliases over them."""
 
-    def __init__(self, models: list[ServedModel]) -> None:
+    def __init__(self, models: list[ServedModel], draw: Callable[[], float] = random.random) -> None:
         if not models:
             raise ValueError("a front door serves at least one model")
         self._by_name = {m.name: m for m in models}
         if len(self._by_name) != len(models):
             raise ValueError("model names must be unique")
+        self.aliases = AliasTable()
+        self.loading: set[str] = set()  # ids reserved by a load in progress
+        self._draw = draw
 
     @classmethod
     def single(cls, name: str, core: RouterCore, tokenizer: Tokenizer, max_model_len: int) -> ModelTable:
         return cls([ServedModel(name, core, tokenizer, max_model_len)])
 
     def get(self, name: str) -> ServedModel:
+        """The model `name` names - itself, or one of an alias's targets drawn by weight - if it takes requests."""
+        route = self.aliases.get(name)
+        model = self._by_name.get(route.pick(self._draw()) if route is not None else name)
+        if model is None:
+            raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
+        if model.state is not ModelState.SERVING:
+            raise ModelUnavailable(f"The model `{model.name}` is being unloaded.", retry_after_s=1.0)
+        return model
+
+    def served(self, name: str) -> ServedModel:
+        """The model with id `name`, whatever its state (admin calls)."""
         try:
             return self._by_name[name]
         except KeyError:
             raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found") from None
 
+    def check_free(self, name: str) -> None:
+        """409 if `name` is served, loading or an alias."""
+        if name in self._by_name or name in self.loading or self.aliases.get(name) is not None:
+            raise Conflict(f"a model or alias named {name!r} is already served or loading", param="id")
+
+    def reserve(self, name: str) -> None:
+        """Claim `name` for a load (409 if it is taken)."""
+        self.check_free(name)
+        self.loading.add(name)
+
+    def cards(self) -> list[dict[str, object]]:
+        """/v1/models: the models, then the aliases (each naming its targets)."""
+        aliases = [
+            {"id": alias, "object": "model", "created": 0, "owned_by": "disagg", "alias_of": route.as_dict()}
+            for alias, route in self.aliases.items()
+        ]
+        return [m.card() for m in self] + aliases
+
+    def add(self, model: ServedModel) -> None:
+        self.loading.discard(model.name)
+        self._by_name[model.name] = model
+
+    def remove(self, name: str) -> None:
+        self._by_name.pop(name, None)
+
+    def ids(self) -> set[str]:
+        return set(self._by_name)
+
     def __iter__(self) -> Iterator[ServedModel]:
-        return iter(self._by_name.values())
+        return iter(list(self._by_name.values()))
 
     def __len__(self) -> int:
         return len(self._by_name)

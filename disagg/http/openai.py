@@ -41,7 +41,7 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [m.card() for m in server.models]}
+        return {"object": "list", "data": server.models.cards()}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):

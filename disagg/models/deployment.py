@@ -58,6 +58,7 @@ class ModelEntry(BaseModel):
     prefill: int = Field(default=1, ge=0)
     decode: int = Field(default=1, ge=1)
     engine: dict[str, Any] = Field(default_factory=dict)
+    aliases: list[str] = Field(default_factory=list)  # names that send all their requests here (models/aliases.py)
 
     @field_validator("id")
     @classmethod
@@ -83,6 +84,7 @@ class ModelSpec:
     prefill: int
     decode: int
     engine: EngineConfig
+    aliases: tuple[str, ...] = ()
 
     @property
     def worker_prefix(self) -> str:
@@ -142,25 +144,33 @@ def deployment_of(data: object, base: EngineConfig | None = None) -> Deployment:
         raise DeploymentError(
             "\n".join(f"{_place(e['loc'])}: {e['msg']}" for e in exc.errors(include_url=False))
         ) from None
-    base = base or EngineConfig()
     seen: set[str] = set()
     specs: list[ModelSpec] = []
     for i, entry in enumerate(parsed.models):
         where = f"models[{i}]"
-        if entry.id in seen:
-            raise DeploymentError(f"{where}.id: {entry.id!r} is served twice")
-        seen.add(entry.id)
-        _check_path(entry.path, where)
-        overrides = _engine_overrides(entry.engine, f"{where}.engine")
-        try:
-            engine = dataclasses.replace(base, model=entry.path, **overrides)
-        except ValueError as exc:  # EngineConfig's own checks (ranges, modes)
-            raise DeploymentError(f"{where}.engine: {exc}") from None
-        specs.append(ModelSpec(entry.id, entry.path, entry.prefill, entry.decode, engine))
+        for name in (entry.id, *entry.aliases):
+            if name in seen:
+                raise DeploymentError(f"{where}: {name!r} is served twice (as a model id or an alias)")
+            seen.add(name)
+        specs.append(model_spec(entry, base, where))
     prefixes = [s.worker_prefix for s in specs]
     if len(set(prefixes)) != len(prefixes):
         raise DeploymentError("two model ids map to the same worker names; make them differ in letters or digits")
     return Deployment(tuple(specs))
+
+
+def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str = "model") -> ModelSpec:
+    """One entry checked (its path, its engine settings over `base`); DeploymentError names what is wrong."""
+    _check_path(entry.path, where)
+    overrides = _engine_overrides(entry.engine, f"{where}.engine")
+    try:
+        engine = dataclasses.replace(base or EngineConfig(), model=entry.path, **overrides)
+    except ValueError as exc:  # EngineConfig's own checks (ranges, modes)
+        raise DeploymentError(f"{where}.engine: {exc}") from None
+    for alias in entry.aliases:
+        if not _ID.match(alias):
+            raise DeploymentError(f"{where}.aliases: {alias!r} is not a model name")
+    return ModelSpec(entry.id, entry.path, entry.prefill, entry.decode, engine, tuple(entry.aliases))
 
 
 def _place(loc: tuple[int | str, ...]) -> str:
