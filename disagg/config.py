@@ -81,6 +81,9 @@ class EngineConfig:
         ),
     )
     num_speculative_tokens: int = field(default=4, metadata=_help("most tokens proposed per step (1-16)"))
+    max_loras: int = field(
+        default=4, metadata=_help("LoRA adapters kept loaded per worker (least recently used out; 0: none served)")
+    )
     cpu_prepack: bool = field(
         default=True, metadata=_help("CPU: pre-pack linear weights for oneDNN (2-3x faster GEMMs at batch 8-32)")
     )

@@ -9,7 +9,8 @@ CPU / disk tiers and the router's KV index alike.  A request's salt, by preceden
   * none for the default tenant (no key, no X-Tenant-ID): its hashes are exactly the unsalted ones of before.
 The three kinds hash in separate domains, so a client's salt can never name a tenant's or a group's chain.
 With several models in one deployment (models/deployment.py), the model's id wraps whichever salt applies
-(`model_salted`), so two models' chains never meet either, whatever the tenants.
+(`model_salted`), so two models' chains never meet either, whatever the tenants; a LoRA adapter wraps it once
+more (`adapter_salted`, applied by protocol.Request.hash_salt on the workers and in the router alike).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class SaltKind(str, enum.Enum):
     GROUP = "group"  # a configured share group
     TENANT = "tenant"  # the tenant alone
     MODEL = "model"  # a model of a multi-model deployment, around one of the above (or none)
+    ADAPTER = "adapter"  # a LoRA adapter (name and directory), around all of the above
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ def model_salted(namespace: str, salt: str | None) -> str | None:
     if not namespace:
         return salt
     return CacheSalt(SaltKind.MODEL, f"{namespace}\x01{salt or ''}").wire()
+
+
+def adapter_salted(salt: str | None, name: str, path: str) -> str:
+    """`salt` for a request that runs with a LoRA adapter: its KV is the adapter's, never the base model's."""
+    return CacheSalt(SaltKind.ADAPTER, f"{name}\x01{path}\x01{salt or ''}").wire()
 
 
 def salt_root(salt: str | None) -> int | None:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from disagg.isolation import adapter_salted
 from disagg.sampling import MAX_LOGPROBS as MAX_LOGPROBS  # re-exported: requests carry SamplingParams
 from disagg.sampling import SamplingParams as SamplingParams
 from disagg.wire import WireMessage as WireMessage  # re-exported: transfer/ messages derive from it
@@ -143,6 +144,21 @@ def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, parent_hash: i
 # ---------------------------------------------------------------------------------------------- messages
 # (the msgpack codec they share: disagg/wire.py)
 @dataclass
+class LoRARef:
+    """A LoRA adapter a request runs with: its served name and its PEFT directory (a worker loads it from there on
+    first use: engine/lora.py).  Both are part of the request's block-hash salt (`Request.hash_salt`)."""
+
+    name: str
+    path: str
+
+
+def hash_salt(cache_salt: str | None, lora: LoRARef | None) -> str | None:
+    """The cache salt, wrapped by the adapter's identity when there is one: no KV is shared between the base model
+    and an adapter, or two adapters."""
+    return adapter_salted(cache_salt, lora.name, lora.path) if lora is not None else cache_salt
+
+
+@dataclass
 class Request(WireMessage):
     """A tokenized generation request as the router hands it to a worker.
 
@@ -170,6 +186,11 @@ class Request(WireMessage):
     # counts it as decode work instead of max_tokens), and a head start in the caller's own admission queue
     expected_output_tokens: int | None = None
     queue_head_start_s: float = 0.0
+    lora: LoRARef | None = None  # None: the base model
+
+    def hash_salt(self) -> str | None:
+        """What its block hashes chain from (`hash_salt`): workers and the router both hash with it."""
+        return hash_salt(self.cache_salt, self.lora)
 
     @property
     def num_tokens(self) -> int:

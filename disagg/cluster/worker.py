@@ -302,7 +302,7 @@ class EngineWorker(JournaledStreams):
 
             tokens = req.prompt_token_ids + req.resume_token_ids
             usable = (len(tokens) - 1) // self.engine.config.block_size
-            hashes = hash_prompt_blocks(tokens, self.engine.config.block_size, salt_root(req.cache_salt))[:usable]
+            hashes = hash_prompt_blocks(tokens, self.engine.config.block_size, salt_root(req.hash_salt()))[:usable]
             result = self.connector.export_prefix(req.request_id, hashes, self.agent_name)
             return result.to_wire() if result is not None else None
 

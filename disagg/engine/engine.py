@@ -20,6 +20,7 @@ from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool
 from disagg.engine.drafting import apply_verified, propose_drafts
 from disagg.engine.faults import OutputFault, output_fault
+from disagg.engine.intake import Intake
 from disagg.engine.model import ModelConfig
 from disagg.engine.offline import Completion
 from disagg.engine.runner import Runner, check_kv_capacity, load_model
@@ -31,7 +32,17 @@ from disagg.engine.tokenizer import Tokenizer
 from disagg.isolation import salt_root
 from disagg.kv.connector import KVConnector, KVSource, KVTiers
 from disagg.modes import SpecMethod
-from disagg.protocol import FinishReason, KVEvent, PrefillResult, Request, SamplingParams, Tier, TokenDelta
+from disagg.protocol import (
+    FinishReason,
+    KVEvent,
+    LoRARef,
+    PrefillResult,
+    Request,
+    SamplingParams,
+    Tier,
+    TokenDelta,
+    hash_salt,
+)
 
 
 @dataclass
@@ -96,6 +107,7 @@ class LLMEngine:
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
+        self.intake = Intake(self.tokenizer, mc.vocab_size, self.max_model_len, bs)  # prompts checked into sequences
         self.stats = EngineStats()
         self.prefill_s_per_token: float | None = None  # measured, for "is loading cheaper than recomputing"
         self.step_s_per_token: float | None = None  # every model step's time per token (EWMA): gray failures
@@ -143,6 +155,7 @@ class LLMEngine:
         arrival_time: float | None = None,
         cache_salt: str | None = None,
         tenant: str | None = None,
+        lora: LoRARef | None = None,
     ) -> None:
         """Validate and queue a request. Bad input raises ValueError and leaves the engine untouched.
 
@@ -151,13 +164,17 @@ class LLMEngine:
         resume_token_ids / resume_num_chars: output already delivered by a worker that died (migration).
         session_id / kv_retention_s: pin the session's blocks in the CPU tier for that long when done.
         cache_salt / tenant: the salt block hashes chain from, the tenant the session is namespaced by (isolation.py).
+        lora: the adapter it runs with (loaded now if need be; a bad one raises ValueError): its KV is its own.
         arrival_time: when the request reached this worker (time.monotonic(); default now): a worker stamps
         it on receipt, so the time waiting for the engine thread counts as queueing.
         """
-        seq = self._new_sequence(request_id, prompt, sampling)
-        seq.root_hash, seq.tenant = salt_root(cache_salt), tenant  # before any hash of the sequence is taken
+        seq = self.intake.new_sequence(request_id, prompt, sampling, taken=self.seqs)
+        if lora is not None:
+            self.runner.load_lora(lora)
+        seq.root_hash = salt_root(hash_salt(cache_salt, lora))  # before any hash is taken; the router's too
+        seq.tenant, seq.lora = tenant, lora
         if resume_token_ids:
-            self._resume(seq, list(resume_token_ids), resume_num_chars)
+            self.intake.resume(seq, list(resume_token_ids), resume_num_chars)
         if remote is not None and remote.num_tokens != seq.num_tokens and remote.first_token is not None:
             raise ValueError(f"prefill result covers {remote.num_tokens} tokens, the request has {seq.num_tokens}")
         seq.hold_kv, seq.remote, seq.priority = hold_kv, remote, priority
@@ -198,60 +215,8 @@ class LLMEngine:
             arrival_time=arrival_time,
             cache_salt=request.cache_salt,
             tenant=request.tenant,
+            lora=request.lora,
         )
-
-    def _new_sequence(
-        self, request_id: str, prompt: str | list[int], sampling: SamplingParams | dict | None
-    ) -> Sequence:
-        if request_id in self.seqs:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        if isinstance(sampling, dict):
-            sampling = SamplingParams.from_dict(sampling)
-        sampling = sampling or SamplingParams()
-        if not isinstance(sampling, SamplingParams):
-            raise ValueError("sampling must be SamplingParams or a dict")
-        token_ids = self._tokenize(prompt)
-        if not token_ids:
-            raise ValueError("prompt is empty")
-        self._check_ids(token_ids, "prompt")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "
-                f"(prompt + at least one generated token)"
-            )
-        if sampling.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer; this model directory has none")
-        return Sequence(request_id, token_ids, sampling, self.config.block_size)
-
-    def _check_ids(self, token_ids: list[int], what: str) -> None:
-        vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"{what} token ids must be integers in [0, {vocab})")
-
-    def _resume(self, seq: Sequence, tokens: list[int], num_chars: int) -> None:
-        """Continue after output a client already has: recompute it, rebuild its text, emit only what is new."""
-        self._check_ids(tokens, "resumed")
-        if len(tokens) >= seq.sampling.max_tokens or seq.num_prompt_tokens + len(tokens) >= self.max_model_len:
-            raise ValueError("a resumed request must have room for at least one more token")
-        for token in tokens:
-            seq.token_ids.append(token)
-            if self.tokenizer is not None:
-                text, seq.prefix_offset, seq.read_offset = self.tokenizer.decode_incremental(
-                    seq.token_ids, seq.prefix_offset, seq.read_offset
-                )
-                seq.text += text
-        if not 0 <= num_chars <= len(seq.text):
-            raise ValueError(f"resume_num_chars={num_chars} but the resumed tokens decode to {len(seq.text)}")
-        seq.num_emitted_chars = num_chars
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("this model directory has no tokenizer; pass token ids")
-            return self.tokenizer.encode(prompt) if prompt else []
-        if not isinstance(prompt, (list, tuple)):
-            raise ValueError("prompt must be a string or a list of token ids")
-        return list(prompt)
 
     def abort(self, request_id: str) -> bool:
         seq = self.seqs.pop(request_id, None)

@@ -18,6 +18,7 @@ from disagg.engine.faults import NONFINITE_TOKEN, FaultInjector
 from disagg.engine.gguf import load_gguf
 from disagg.engine.kv_cache import KVCache, bytes_per_block
 from disagg.engine.kv_format import KVFormat
+from disagg.engine.lora import LoRARuntime
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
 from disagg.engine.quant import BlockKernels, QuantFactory, check_quantizable, gguf_file, quant_kernels
 from disagg.engine.sampler import logprob_entries, sample, sampling_probs, token_generator, verify_sampled
@@ -26,6 +27,7 @@ from disagg.engine.sequence import Sequence
 from disagg.engine.spec import Verified, verify_greedy
 from disagg.engine.tokenizer import Tokenizer
 from disagg.modes import KVDtype, Quantization
+from disagg.protocol import LoRARef
 from disagg_kernels.cpu_quant import BlockFormat
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,6 +67,10 @@ class Runner(Protocol):
     @property
     def last_verified(self) -> dict[int, Verified]:
         """{batch row: how its proposal fared} of the last step, for the rows that carried one."""
+        ...
+
+    def load_lora(self, ref: LoRARef) -> None:
+        """Have the adapter ready (loaded now if it is not); ValueError naming the problem if it cannot run here."""
         ...
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
@@ -180,6 +186,7 @@ def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tup
         # speculation keeps every greedy token only if a verified row gets the bits plain decoding gives it, which
         # a quantized KV cache's rounding would otherwise magnify
         batch_invariant=config.speculative != "none" and kv_format.encoded,
+        max_loras=config.max_loras,
     )
     return runner, tokenizer
 
@@ -199,8 +206,11 @@ class ModelRunner:
         kv_format: KVFormat | None = None,
         kernels: BlockKernels | None = None,
         batch_invariant: bool = False,
+        max_loras: int = 0,
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
+        # LoRA adapters (engine/lora.py): the layers are wrapped on the first step that uses one
+        self.lora = LoRARuntime(max_loras, model_config, device, dtype) if max_loras > 0 else None
         self.model_config, self.num_blocks = model_config, num_blocks
         self.quantization = quantization
         self.kv_format = kv_format or KVFormat(KVDtype.AUTO, model_config.head_dim, dtype)
@@ -232,6 +242,11 @@ class ModelRunner:
         self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked
         self.last_verified: dict[int, Verified] = {}  # {batch row: its proposal's verification} of the last step
         self.last_step_s = 0.0
+
+    def load_lora(self, ref: LoRARef) -> None:
+        if self.lora is None:
+            raise ValueError("this worker serves no LoRA adapters (--max-loras 0)")
+        self.lora.cache.get(ref, keep=set())
 
     def set_faults(self, config: FaultConfig | None) -> None:
         """Chaos drills on a running engine: inject `config`'s faults from the next step on (None: none).  A weight
@@ -291,6 +306,8 @@ class ModelRunner:
         """Logits for the rows that complete their known tokens this step: one row of logits each, and for a row
         that carries a proposal (`batch.drafts`), one more per proposed token, the last token's first."""
         ids, pos, meta, sample_rows = self.prepare(batch)
+        if self.lora is not None:
+            self.lora.bind(self.model, [seq.lora for seq in batch.seqs], meta.query_start_list)
         hidden = self.model(ids, pos, self.kv_cache.tensor, meta)
         last: list[int] = []  # the last position of each sampled row, and each proposed position before it
         for r in sample_rows:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.engine.spec import SpecState
-from disagg.protocol import PrefillResult, SamplingParams, hash_block_tokens
+from disagg.protocol import LoRARef, PrefillResult, SamplingParams, hash_block_tokens
 
 
 class SequenceStatus(enum.Enum):
@@ -38,6 +38,7 @@ class Sequence:
     hold_kv: bool = False  # prefill role: keep the blocks (leased) when finished, for the decode side to read
     remote: PrefillResult | None = None  # KV offered by another worker, read before this sequence computes
     kv_load: Any = None  # the KVLoad in flight while status is WAITING_FOR_KV
+    lora: LoRARef | None = None  # the adapter it runs with (engine/lora.py); None: the base model
     pending_first_token: bool = False  # the last token came with a peer's KV and has not been emitted yet
     credited_tokens: int | None = None  # prompt tokens a peer saved from compute (reported as cached)
     imported_logprobs: list | None = None  # the logprob entry of a peer's first token (when asked)

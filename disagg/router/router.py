@@ -222,7 +222,7 @@ class RouterCore:
     def block_hashes(self, request: Request) -> list[int]:
         """The request's full blocks (prompt + resumed output), hashed as the workers hash them."""
         tokens = request.prompt_token_ids + request.resume_token_ids
-        return hash_prompt_blocks(tokens, self.block_size, salt_root(request.cache_salt))
+        return hash_prompt_blocks(tokens, self.block_size, salt_root(request.hash_salt()))
 
     def route(
         self,

@@ -14,6 +14,7 @@ from disagg.engine.model import ModelConfig
 from disagg.engine.scheduler import ScheduledBatch
 from disagg.engine.spec import Verified
 from disagg.model_store import DEFAULT_VOCAB_SIZE
+from disagg.protocol import LoRARef
 from disagg.sim.timemodel import StepTimeModel
 
 
@@ -31,6 +32,9 @@ class SimRunner:
         self.slowdown: Callable[[int], float] = _alone  # a step's factor by its token count, set by the cluster
         self.last_logprobs: dict[int, list] = {}  # simulated requests ask for no logprobs
         self.last_verified: dict[int, Verified] = {}  # simulated engines do not speculate
+
+    def load_lora(self, ref: LoRARef) -> None:
+        """A stand-in has no weights: an adapter costs nothing to load and changes no modelled time."""
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.last_step_s = self.model.step_time(batch) * self.slowdown(batch.total_tokens)
