@@ -84,6 +84,17 @@ class SessionKey(NamedTuple):
     session: str
 
 
+@dataclass(frozen=True)
+class AdapterKey:
+    """Requests of one LoRA adapter as the router's affinity table remembers them (never equal to a SessionKey)."""
+
+    name: str
+    path: str
+
+
+Affinity = SessionKey | AdapterKey | str  # what a routing decision sticks to (str: the simulator's sessions)
+
+
 def scoped_tenant(tenant: str | None) -> str | None:
     """The tenant a request's sessions and pins are namespaced by (None for the default tenant)."""
     return None if tenant is None or tenant == DEFAULT_TENANT else tenant

@@ -75,7 +75,8 @@ def test_one_model_is_not_namespaced(model_dir):
     ({"models": [{"id": "a", "gpus": 1}]}, "models[0].gpus: Extra inputs are not permitted"),
     ({"models": [{"id": "a"}], "routers": 2}, "routers: Extra inputs are not permitted"),
     ({"models": [{"id": "has space"}]}, "models[0].id: Value error, must start with a letter or digit"),
-    ({"models": [{"id": "a"}, {"id": "a"}]}, "models[1].id: 'a' is served twice"),
+    ({"models": [{"id": "a"}, {"id": "a"}]}, "models[1]: 'a' is served twice"),
+    ({"models": [{"id": "a"}, {"id": "b", "aliases": ["a"]}]}, "models[1]: 'a' is served twice"),
     ({"models": [{"id": "a", "engine": {"kv_cache_mb": 1}}]}, "models[0].engine.kv_cache_mb: not an engine setting"),
     ({"models": [{"id": "a", "engine": {"model": "/x"}}]}, "models[0].engine.model: not an engine setting"),
     ({"models": [{"id": "a", "engine": {"max_num_seqs": "8"}}]}, "models[0].engine.max_num_seqs: Input should be a "
@@ -129,3 +130,31 @@ def test_models_never_share_a_block_hash_whatever_the_tenant():
     assert model_salted("", "x") == "x"
     # a client's cache_salt can never name a model's chain
     assert model_salted("llama", None) != IsolationConfig().cache_salt("default", "model\x00llama\x01")
+
+
+class _Started(Exception):
+    pass
+
+
+def _started(*_a, **kw):
+    raise _Started(kw.get("deployment"))  # the checks passed and serve went on to start the cluster
+
+
+def test_serve_refuses_a_bad_deployment_or_adapter_before_starting(monkeypatch, capsys, tmp_path, tiny_llama_dir):
+    from disagg.cluster import serve_cli
+
+    monkeypatch.setattr(serve_cli, "Service", _started)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[models]]\nid = "a"\ndecode = 0\n')
+    assert serve_cli.main(["--deployment", str(bad)]) == serve_cli.EXIT_REFUSED
+    assert "models[0].decode" in capsys.readouterr().err
+    assert serve_cli.main(["--model", str(tiny_llama_dir), "--lora-modules", f"x={tmp_path}"]) == serve_cli.EXIT_REFUSED
+    assert "adapter_config.json" in capsys.readouterr().err
+    good = tmp_path / "good.toml"
+    good.write_text(f'[[models]]\nid = "a"\npath = "{tiny_llama_dir}"\n[[models]]\nid = "b"\npath = "{tiny_llama_dir}"\n')
+    with pytest.raises(_Started) as started:
+        serve_cli.main(["--deployment", str(good), "--kv-cache-mb", "32"])
+    deployment = started.value.args[0]
+    assert deployment.ids() == ["a", "b"] and all(m.engine.kv_cache_memory_mb == 32 for m in deployment.models)
+    args = serve_cli.build_parser().parse_args(["--lora-modules", "sql=/a, chat=/b"])
+    assert serve_cli.router_config_from_args(args).lora_modules == {"sql": "/a", "chat": "/b"}

@@ -9,7 +9,7 @@ from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.model_store import make_tiny_model
 from disagg.protocol import LoRARef, SamplingParams
-from tests.loras import make_lora, merged_greedy
+from bench.loras import make_lora, merged_greedy
 
 N = 16
 GREEDY = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
@@ -106,3 +106,24 @@ def test_bad_adapters_are_refused_with_the_reason(tiny_llama_dir, adapters, tmp_
         assert "bad" not in engine.seqs
     with pytest.raises(ValueError, match="serves no LoRA adapters"):
         _engine(tiny_llama_dir, max_loras=0).add_request("x", PROMPTS[0], GREEDY, lora=cases[0][0])
+
+
+def test_the_router_sends_an_adapter_back_where_it_last_ran():
+    from disagg.protocol import Request
+    from disagg.router.policy import PolicyConfig
+    from disagg.router.router import RouterCore
+
+    def spread(lora):
+        core = RouterCore({}, {f"w{i}": None for i in range(4)}, PolicyConfig(seed=0), block_size=16)
+        workers = []
+        for i in range(6):
+            request = Request(f"r{i}", [(37 * i + j) % 500 for j in range(40)], lora=lora)
+            decision = core.route(request)
+            core.begin(decision, request.num_tokens, core.block_hashes(request))  # it runs there: load grows
+            workers.append(decision.decode_worker)
+        return workers
+
+    adapted, base = spread(LoRARef("a", "/adapters/a")), spread(None)
+    assert len(set(base)) == 4  # base requests spread over the load at once
+    assert adapted[0] == adapted[1] and adapted[2] == adapted[3]  # it stays where its weights are loaded ...
+    assert len(set(adapted)) < 4  # ... until the load there outweighs loading them elsewhere

@@ -19,6 +19,7 @@ from disagg.model_store import make_tiny_model
 from disagg.models.deployment import deployment_of
 from disagg.protocol import SamplingParams
 from disagg.router.policy import PolicyConfig
+from bench.loras import make_lora, merged_greedy
 
 MODELS = ("smollm", "tiny-llama", "tiny-qwen")
 PROMPT = "The history of the printing press begins in the fifteenth century, when movable type changed how books " \
@@ -36,10 +37,19 @@ def dirs(smollm_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(dirs):
+def loras(dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return {"llama-all": make_lora(dirs["tiny-llama"], root / "all", seed=0),
+            "llama-qv": make_lora(dirs["tiny-llama"], root / "qv", seed=1, targets=("q_proj", "v_proj"), rank=4)}
+
+
+@pytest.fixture(scope="module")
+def service(dirs, loras):
     pools = {"smollm": (0, 1), "tiny-llama": (1, 1), "tiny-qwen": (0, 1)}
+    entries = [{"id": m, "path": str(dirs[m]), "prefill": pools[m][0], "decode": pools[m][1]} for m in MODELS]
+    entries[1]["adapters"] = {"llama-all": str(loras["llama-all"])}  # declared; llama-qv is loaded at run time
     deployment = deployment_of(
-        {"models": [{"id": m, "path": str(dirs[m]), "prefill": pools[m][0], "decode": pools[m][1]} for m in MODELS]},
+        {"models": entries},
         base=EngineConfig(kv_cache_memory_mb=64, num_threads=1, max_model_len=1024),
     )
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
@@ -67,10 +77,11 @@ def _cached(answer) -> int:
     return (answer["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0)
 
 
-def test_models_lists_every_model_in_order(http):
+def test_models_lists_every_model_in_order(http, loras):
     listed = http.get("/v1/models").json()["data"]
-    assert [m["id"] for m in listed] == list(MODELS)
+    assert [m["id"] for m in listed] == [*MODELS, "llama-all"]
     assert all(m["max_model_len"] == 1024 for m in listed)
+    assert (listed[-1]["parent"], listed[-1]["root"]) == ("tiny-llama", str(loras["llama-all"]))
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -168,7 +179,7 @@ def test_a_bad_load_is_named_and_everything_keeps_serving(http, dirs, tmp_path):
         reply = http.post("/admin/models", json=body)
         assert reply.status_code == status, reply.text
         assert named in reply.json()["error"]["message"], reply.text
-    assert [m["id"] for m in http.get("/admin/models").json()["models"]] == list(MODELS)
+    assert [m["id"] for m in http.get("/admin/models").json()["models"]] == [*MODELS, "llama-all"]
     assert not any(name.startswith("x-") for name in ray.util.list_named_actors())  # none left running
     assert _complete(http, "tiny-qwen", "still here", max_tokens=2)["choices"][0]["finish_reason"]
 
@@ -245,3 +256,38 @@ def _wait_for_status(http, model, status, timeout_s=30.0):
             return reply
         time.sleep(0.02)
     raise AssertionError(f"{model} never answered {status}")
+
+
+def _adapter_text(http, model, ids, n=12):
+    reply = http.post("/v1/completions", json={"model": model, "prompt": ids, "max_tokens": n, "temperature": 0,
+                                                "ignore_eos": True})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_lora_adapters_answer_as_peft_merged_and_keep_their_own_cache(http, dirs, loras):
+    from disagg.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(dirs["tiny-llama"])
+    ids = tokenizer.encode("An adapter-only prompt: " + PROMPT)
+    expected = tokenizer.decode(merged_greedy(dirs["tiny-llama"], loras["llama-all"], ids, 12))
+    base = _adapter_text(http, "tiny-llama", ids)
+    adapted = _adapter_text(http, "llama-all", ids)
+    assert adapted["choices"][0]["text"] == expected and adapted["model"] == "llama-all"
+    assert base["choices"][0]["text"] != expected
+    assert _cached(adapted) == 0  # the base model's KV of the same prompt is not the adapter's
+    assert _cached(_adapter_text(http, "llama-all", ids)) >= 16  # its own is
+
+    # an adapter loaded at run time, used, and unloaded; the base cannot go while adapters run on it
+    bad = http.post("/admin/models/tiny-llama/adapters", json={"name": "broken", "path": str(dirs["tiny-qwen"])})
+    assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
+    clash = http.post("/admin/models/tiny-llama/adapters", json={"name": "tiny-qwen", "path": str(loras["llama-qv"])})
+    assert clash.status_code == 409
+    added = http.post("/admin/models/tiny-llama/adapters", json={"name": "llama-qv", "path": str(loras["llama-qv"])})
+    assert added.status_code == 201 and added.json()["parent"] == "tiny-llama"
+    expected_qv = tokenizer.decode(merged_greedy(dirs["tiny-llama"], loras["llama-qv"], ids, 12))
+    assert _adapter_text(http, "llama-qv", ids)["choices"][0]["text"] == expected_qv != expected
+    refused = http.delete("/admin/models/tiny-llama")
+    assert refused.status_code == 409 and "llama-" in refused.json()["error"]["message"]
+    assert http.delete("/admin/models/llama-qv").status_code == 200
+    assert http.post("/v1/completions", json={"model": "llama-qv", "prompt": "hi"}).status_code == 404

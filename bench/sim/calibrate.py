@@ -30,7 +30,7 @@ from disagg.engine.runner import ModelRunner, load_model
 from disagg.engine.scheduler import ScheduledBatch
 from disagg.engine.spec import Verified
 from disagg.options import add_options, from_options
-from disagg.protocol import TokenDelta
+from disagg.protocol import LoRARef, TokenDelta
 from disagg.router.policy import PolicyConfig, PolicyKind
 from disagg.sim.timemodel import StepTimeModel, batch_features
 from disagg.workload import loaders
@@ -87,6 +87,9 @@ class _Recorder:
     @property
     def last_verified(self) -> dict[int, Verified]:
         return self.runner.last_verified
+
+    def load_lora(self, ref: LoRARef) -> None:
+        self.runner.load_lora(ref)
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.features = batch_features(batch)

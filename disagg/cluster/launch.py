@@ -88,7 +88,7 @@ class Service:
 
 def _route(spec: ModelSpec, cluster: LocalCluster, namespaced: bool) -> ModelRoute:
     """How the router serves one model of a deployment: its engines' block size and context, its workers, its
-    id as the namespace of its block hashes (when the deployment has several), and its aliases."""
+    id as the namespace of its block hashes (when the deployment has several), its aliases and adapters."""
     engine = cluster.config.engine
     prefill, decode = list(cluster.prefill_by_name), list(cluster.decode_by_name)
     return ModelRoute(
@@ -100,6 +100,7 @@ def _route(spec: ModelSpec, cluster: LocalCluster, namespaced: bool) -> ModelRou
         decode,
         spec.id if namespaced else "",
         list(spec.aliases),
+        dict(spec.adapters),
     )
 
 

@@ -54,6 +54,7 @@ class ModelRoute:
     decode: list[str]
     namespace: str = ""  # block-hash namespace (isolation.model_salted); "": unsalted
     aliases: list[str] = field(default_factory=list)  # names that send all their requests to this model
+    adapters: dict[str, str] = field(default_factory=dict)  # LoRA name -> PEFT directory, served as models
 
 
 @dataclass
@@ -72,6 +73,8 @@ class RouterConfig(WireMessage):
     block_size: int = 16  # the launcher sets the engine's
     max_model_len: int = 2048  # the launcher sets the engine's
     served_model_name: str = ""  # "" = the model directory's name
+    # the single model's LoRA adapters, served as models (a deployment names each model's own)
+    lora_modules: dict[str, str] = field(default_factory=dict)
     api_key: str | None = field(  # the operator's key: admin scope, any priority (http/config.py)
         default=None, metadata={"help": "the operator's key: 'Authorization: Bearer KEY' on /v1/* and /admin/*"}
     )
@@ -105,7 +108,17 @@ class RouterConfig(WireMessage):
         if self.models:
             return self.models
         name = self.served_model_name or Path(self.model).name
-        return [ModelRoute(name, self.model, self.block_size, self.max_model_len, list(prefill), list(decode))]
+        return [
+            ModelRoute(
+                name,
+                self.model,
+                self.block_size,
+                self.max_model_len,
+                list(prefill),
+                list(decode),
+                adapters=dict(self.lora_modules),
+            )
+        ]
 
     def check_exposure(self) -> None:
         """InsecureExposure if this would serve a non-loopback host with no API key, and not --insecure."""
@@ -140,7 +153,8 @@ def serve_model(
     )
     core.planner = PlannerLoop(RouterPlannerPort.of(core), config.planner)
     max_len = min(route.max_model_len, max_position_embeddings(model_dir))
-    return ServedModel(route.name, core, Tokenizer.from_dir(model_dir), max_len, route.namespace)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    return ServedModel(route.name, core, tokenizer, max_len, route.namespace, model_dir=route.model)
 
 
 class RouterService:
@@ -162,6 +176,9 @@ class RouterService:
         routes = config.routes(list(prefill), list(decode))
         served = [serve_model(config, route, prefill, decode) for route in routes]
         self.models = ModelTable(served)
+        for route, base in zip(routes, served):
+            for name, path in route.adapters.items():
+                self.models.add(base.adapter(name, path))
         for route in routes:
             for alias in route.aliases:
                 self.models.aliases.set(alias, {route.name: 1.0}, self.models.ids())

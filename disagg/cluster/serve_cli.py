@@ -25,6 +25,8 @@ from disagg.http.keys import load_keys_file
 from disagg.http.response_store import ResponseStoreConfig
 from disagg.isolation import IsolationConfig
 from disagg.kv.tier_config import TierConfig
+from disagg.model_store import default_model_dir
+from disagg.models.adapters import AdapterError, check_adapter
 from disagg.models.deployment import DeploymentError, load_deployment
 from disagg.options import add_options, from_options
 from disagg.planner.policy import PlannerConfig
@@ -62,11 +64,11 @@ _MS_PER_S = 1000
 EXIT_REFUSED = 2  # argparse's status for a refused command line (an open public endpoint, a bad deployment)
 
 
-def _groups(text: str) -> dict[str, str]:
+def _pairs(text: str) -> dict[str, str]:
     pairs = [item.strip().partition("=") for item in text.split(",") if item.strip()]
-    if any(not tenant or not group for tenant, _, group in pairs):
-        raise argparse.ArgumentTypeError(f"expected TENANT=GROUP,..., got {text!r}")
-    return {tenant: group for tenant, _, group in pairs}
+    if any(not name or not value for name, _, value in pairs):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE,..., got {text!r}")
+    return {name: value for name, _, value in pairs}
 
 
 def _weights(text: str) -> dict[str, float]:
@@ -126,13 +128,20 @@ class ServeOptions:
     )
     cache_share_groups: dict[str, str] = field(
         default_factory=dict,
-        metadata={"parse": _groups, "help": "TENANT=GROUP,...: tenants of a group share cache hits"},
+        metadata={"parse": _pairs, "help": "TENANT=GROUP,...: tenants of a group share cache hits"},
     )
     slo_ttft_ms: float = field(
         default=PlannerConfig.ttft_slo_s * _MS_PER_S, metadata={"help": "planner, placement: TTFT objective (ms)"}
     )
     slo_tpot_ms: float = field(
         default=PlannerConfig.tpot_slo_s * _MS_PER_S, metadata={"help": "planner: TPOT objective (ms)"}
+    )
+    lora_modules: dict[str, str] = field(
+        default_factory=dict,
+        metadata={
+            "parse": _pairs,
+            "help": "NAME=DIR,...: LoRA adapters (PEFT directories) of the --model, each served as a model named NAME",
+        },
     )
     deployment: str | None = field(
         default=None,
@@ -149,7 +158,7 @@ _RESOURCES = ("router_resources", "prefill_resources", "decode_resources")
 _TIERS = ("cpu_tier_mb", "disk_tier_dir", "disk_tier_mb")
 _KEYS = ("api_keys_file", "tenant_weights", "cache_share_groups")
 _SLO, _SMOKE = ("slo_ttft_ms", "slo_tpot_ms"), ("smoke_test", "question")
-_MODELS = ("deployment",)
+_MODELS = ("lora_modules", "deployment")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -216,6 +225,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         only=_ROUTER,
         policy=from_options(PolicyConfig, args, prefix="policy-", only=_POLICY, ttft_target_s=planner.ttft_slo_s),
         keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
+        lora_modules=args.lora_modules,
         responses=from_options(ResponseStoreConfig, args, prefix="responses-"),
         agents=from_options(AgentConfig, args),
         isolation=IsolationConfig(share_groups=args.cache_share_groups),
@@ -238,7 +248,9 @@ def serve(args: argparse.Namespace) -> int:
     try:
         router.check_exposure()  # before Ray starts: a refusal costs nothing
         deployment = load_deployment(args.deployment, base=cluster.engine) if args.deployment else None
-    except (InsecureExposure, DeploymentError) as exc:  # refused before anything starts
+        for path in router.lora_modules.values():
+            check_adapter(path, cluster.engine.model or default_model_dir())
+    except (InsecureExposure, DeploymentError, AdapterError) as exc:  # refused before anything starts
         print(f"disagg serve: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     service = Service(cluster, router, deployment=deployment)

@@ -2,9 +2,10 @@
 
 An adapter is a PEFT directory (`adapter_config.json` + `adapter_model.safetensors`), as `peft` saves it.  Each
 request names at most one (`protocol.LoRARef`); a step's rows are grouped by adapter and every adapted linear
-layer adds, per group, `scale * (x A^T) B^T` to the base layer's output for that group's rows only (grouped
-matmuls in torch: the same code on CPU and GPU, the base layer - packed, quantized or plain - untouched).  The
-fused projections (q/k/v, gate/up) take each part's delta at its own output rows.
+layer adds `scale * (x A^T) B^T` of each token's own adapter to the base layer's output: the tokens gathered per
+adapter, two batched matmuls over the step's adapters, the deltas added back at their tokens (torch: the same code
+on CPU and GPU, the base layer - packed, quantized or plain - untouched).  The fused projections
+(q/k/v, gate/up) hold each part's B at its own output rows.
 
 Adapters load on first use into a bounded per-worker cache (`AdapterCache`, least recently used out first; an
 adapter a step needs is never evicted during it).  The layers are wrapped on the first step that uses an adapter,
@@ -56,8 +57,9 @@ def part_shapes(mc: ModelConfig) -> dict[str, tuple[int, int, int]]:
 @dataclass
 class LoRAAdapter:
     name: str
-    # (layer, our module) -> [(A [r, in], B scaled [out_part, r], output offset)]
-    deltas: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor, int]]] = field(default_factory=dict)
+    # (layer, our module) -> (A [r_total, in]: its parts' A stacked, B [out, r_total]: each part's scaled B at its
+    # output rows, zeros elsewhere): one pair of matmuls per fused module
+    fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, ref: LoRARef, mc: ModelConfig, device: torch.device, dtype: torch.dtype) -> LoRAAdapter:
@@ -74,7 +76,7 @@ class LoRAAdapter:
             if not 0 <= layer < mc.num_layers:
                 raise AdapterError(f"{ref.name}: layer {layer} does not exist (the model has {mc.num_layers})")
             pairs.setdefault((layer, module), {})[which] = tensor
-        adapter = cls(ref.name)
+        parts: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor, int]]] = {}
         for (layer, module), pair in sorted(pairs.items()):
             if set(pair) != {"A", "B"}:
                 raise AdapterError(f"{ref.name}: layer {layer} {module} lacks its lora_{'B' if 'A' in pair else 'A'}")
@@ -85,12 +87,30 @@ class LoRAAdapter:
                     f"{ref.name}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, but this model "
                     f"needs A (r, {width}) and B ({rows}, r): an adapter of another base model?"
                 )
-            target = PARTS[module][0]
-            delta = (a.to(device, dtype), (b.float() * scale).to(device, dtype), offset)
-            adapter.deltas.setdefault((layer, target), []).append(delta)
-        if not adapter.deltas:
+            parts.setdefault((layer, PARTS[module][0]), []).append((a.float(), b.float() * scale, offset))
+        if not parts:
             raise AdapterError(f"{ref.name}: {WEIGHTS_FILE} holds no LoRA weights")
+        out_rows = _fused_rows(mc)
+        adapter = cls(ref.name)
+        for target, deltas in parts.items():
+            a_f = torch.cat([a for a, _, _ in deltas])
+            b_f = torch.zeros(out_rows[target[1]], a_f.shape[0])
+            col = 0
+            for a, b, offset in deltas:
+                b_f[offset : offset + b.shape[0], col : col + a.shape[0]] = b
+                col += a.shape[0]
+            adapter.fused[target] = (a_f.to(device, dtype), b_f.to(device, dtype))
         return adapter
+
+
+def _fused_rows(mc: ModelConfig) -> dict[str, int]:
+    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    return {
+        "qkv_proj": q + 2 * kv,
+        "o_proj": mc.hidden_size,
+        "gate_up_proj": 2 * mc.intermediate_size,
+        "down_proj": mc.hidden_size,
+    }
 
 
 def _parse_key(key: str) -> tuple[int, str, str]:
@@ -131,14 +151,47 @@ class AdapterCache:
 
 
 @dataclass
-class LoRAContext:
-    """This step's groups: an adapter and the flat token rows that run with it (empty: base model only)."""
+class StepStack:
+    """One set of adapters' matrices stacked per module, zero-padded to the set's largest rank there: A [G, in, R]
+    and B [G, R, out] (an adapter that leaves a module alone: zeros).  Built once per set of adapters a step runs;
+    consecutive decode steps usually run the same set."""
 
-    groups: list[tuple[LoRAAdapter, torch.Tensor]] = field(default_factory=list)
+    modules: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def of(cls, adapters: list[LoRAAdapter]) -> StepStack:
+        modules = {}
+        for key in {k for adapter in adapters for k in adapter.fused}:
+            present = [adapter.fused.get(key) for adapter in adapters]
+            a0, b0 = next(pair for pair in present if pair is not None)
+            rank = max(pair[0].shape[0] for pair in present if pair is not None)
+            a_stack = a0.new_zeros(len(adapters), a0.shape[1], rank)
+            b_stack = b0.new_zeros(len(adapters), rank, b0.shape[0])
+            for g, pair in enumerate(present):
+                if pair is not None:
+                    a_stack[g, :, : pair[0].shape[0]] = pair[0].T
+                    b_stack[g, : pair[1].shape[1]] = pair[1].T
+            modules[key] = (a_stack, b_stack)
+        return cls(modules)
+
+
+@dataclass
+class LoRAContext:
+    """This step's adapters (None: the base model alone) and its tokens grouped by adapter: `rows` [G * Tmax] holds
+    each group's flat token indices, padded to the largest group (with token 0: its padded results are dropped);
+    `kept` are the positions in `rows` of real tokens and `targets` those tokens, in the same order."""
+
+    stack: StepStack | None = None
+    groups: int = 0
+    rows: torch.Tensor | None = None
+    kept: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
 
 
 class LoRALinear(nn.Module):
-    """A linear layer plus this step's adapters' deltas on their rows."""
+    """A linear layer plus this step's adapters' deltas, each on its own tokens: the tokens gathered per adapter
+    (padded to the largest group), two batched matmuls over the adapters (bmm: no work spent on another adapter's
+    tokens), the deltas added back where their tokens are."""
 
     def __init__(self, base: nn.Module, layer: int, module: str, context: LoRAContext) -> None:
         super().__init__()
@@ -146,14 +199,14 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        for adapter, rows in self.context.groups:
-            deltas = adapter.deltas.get(self.key)
-            if not deltas:
-                continue
-            xs = x[rows]
-            for a, b, offset in deltas:
-                out[rows, offset : offset + b.shape[0]] += (xs @ a.T) @ b.T
-        return out
+        ctx = self.context
+        entry = ctx.stack.modules.get(self.key) if ctx.stack is not None else None
+        if entry is None or ctx.rows is None or ctx.kept is None or ctx.targets is None:
+            return out
+        a_stack, b_stack = entry
+        grouped = x.index_select(0, ctx.rows).view(ctx.groups, -1, x.shape[1])  # [G, Tmax, in]
+        delta = torch.bmm(torch.bmm(grouped, a_stack), b_stack).view(-1, out.shape[1])
+        return out.index_add_(0, ctx.targets, delta.index_select(0, ctx.kept))
 
 
 class LoRARuntime:
@@ -164,24 +217,40 @@ class LoRARuntime:
         self.context = LoRAContext()
         self.device = device
         self._attached = False
+        self._stacked: tuple[tuple[tuple[str, str], ...], StepStack] | None = None  # the last set's stack
 
     def bind(self, model: nn.Module, refs: list[LoRARef | None], query_start: list[int]) -> None:
-        """Group this step's rows by adapter (row i of the batch covers flat tokens query_start[i:i+2])."""
-        rows: dict[tuple[str, str], list[int]] = {}
+        """This step's adapters and their tokens (row i of the batch covers flat tokens query_start[i:i+2])."""
+        groups: dict[tuple[str, str], list[int]] = {}
         wanted: dict[tuple[str, str], LoRARef] = {}
         for i, ref in enumerate(refs):
             if ref is not None:
                 key = (ref.name, ref.path)
-                wanted[key] = ref
-                rows.setdefault(key, []).extend(range(query_start[i], query_start[i + 1]))
-        if rows and not self._attached:
+                wanted.setdefault(key, ref)
+                groups.setdefault(key, []).extend(range(query_start[i], query_start[i + 1]))
+        if not groups:
+            self.context.stack = self.context.rows = self.context.kept = self.context.targets = None
+            return
+        if not self._attached:
             attach(model, self.context)
             self._attached = True
-        keep = set(wanted)
-        self.context.groups = [
-            (self.cache.get(wanted[key], keep), torch.tensor(r, dtype=torch.int64, device=self.device))
-            for key, r in rows.items()
-        ]
+        keys = tuple(groups)
+        adapters = [self.cache.get(wanted[k], set(keys)) for k in keys]  # loaded (or kept) for this step
+        if self._stacked is None or self._stacked[0] != keys:
+            self._stacked = (keys, StepStack.of(adapters))
+        width = max(len(g) for g in groups.values())
+        rows: list[int] = []
+        kept: list[int] = []
+        targets: list[int] = []
+        for k in keys:
+            kept.extend(range(len(rows), len(rows) + len(groups[k])))
+            targets.extend(groups[k])
+            rows.extend(groups[k] + [0] * (width - len(groups[k])))
+        ctx, dev = self.context, self.device
+        ctx.stack, ctx.groups = self._stacked[1], len(keys)
+        ctx.rows, ctx.kept, ctx.targets = (
+            torch.tensor(v, dtype=torch.int64, device=dev) for v in (rows, kept, targets)
+        )
 
 
 def attach(model: nn.Module, context: LoRAContext) -> None:

@@ -25,8 +25,8 @@ def _roles(model: ServedModel) -> dict[str, Any]:
 def add_admin_routes(app: FastAPI, models: ModelTable) -> None:
     @app.get("/admin/roles")
     async def roles():
-        per_model = {m.name: _roles(m) for m in models}
-        if len(models) == 1:
+        per_model = {m.name: _roles(m) for m in models.bases()}
+        if len(per_model) == 1:
             return next(iter(per_model.values()))
         return {"models": per_model}
 

@@ -25,8 +25,16 @@ from pydantic import BaseModel, ConfigDict
 from disagg.errors import Conflict, InvalidRequest
 from disagg.http.config import ApiConfig
 from disagg.http.models import ModelLoader, ModelState, ModelTable, ServedModel
-from disagg.models.deployment import DeploymentError, ModelEntry
+from disagg.models.adapters import AdapterError, check_adapter
+from disagg.models.deployment import DeploymentError, ModelEntry, check_name
 from disagg.telemetry import RouterMetrics
+
+
+class AdapterBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    path: str
 
 
 class AliasBody(BaseModel):
@@ -41,6 +49,7 @@ def _listing(models: ModelTable) -> dict[str, object]:
             {
                 "id": m.name,
                 "state": m.state.value,
+                "parent": m.parent,  # an adapter's base model (its workers are the base's)
                 "in_flight": m.in_flight(),
                 "workers": {n: w.role.value for n, w in m.core.health.workers.items()},
             }
@@ -95,14 +104,36 @@ def add_model_admin_routes(
             models.aliases.set(alias, {served.name: 1.0}, models.ids())
         return served.card()
 
+    @app.post("/admin/models/{base:path}/adapters", status_code=201)
+    async def load_adapter(base: str, body: AdapterBody):
+        parent = models.served(base)
+        if parent.lora is not None:
+            raise InvalidRequest(f"{base} is an adapter; an adapter's base is a model", param="model")
+        models.check_free(body.name)
+        try:
+            check_name(body.name)
+            await asyncio.to_thread(check_adapter, body.path, parent.model_dir)
+        except (AdapterError, DeploymentError) as exc:
+            raise InvalidRequest(str(exc), param="path") from None
+        models.check_free(body.name)  # a load of the same name may have landed meanwhile
+        adapter = parent.adapter(body.name, body.path)
+        models.add(adapter)
+        return adapter.card()
+
     @app.delete("/admin/models/{name:path}")
     async def unload(name: str):
-        launcher = _loader(loader)
         model = models.served(name)
         aliases = models.aliases.pointing_at(name)
         if aliases:
             raise Conflict(f"alias(es) {', '.join(aliases)} still send requests to {name}; move them first")
-        if len(models) == 1:
+        if model.lora is not None:  # its requests in flight carry the adapter: they finish where they run
+            models.remove(name)
+            return {"id": name, "drained": True, "drain_s": 0.0}
+        launcher = _loader(loader)
+        adapters = models.adapters_of(name)
+        if adapters:
+            raise Conflict(f"adapters {', '.join(adapters)} run on {name}; unload them first")
+        if len(models.bases()) == 1:
             raise Conflict("the last model cannot be unloaded (the endpoint would serve nothing)")
         if model.state is ModelState.DRAINING:
             raise Conflict(f"{name} is already being unloaded")

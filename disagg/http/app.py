@@ -54,7 +54,7 @@ def build_app(
             await core.stop()
 
     app = FastAPI(title="disagg", docs_url=None, redoc_url=None, lifespan=lifespan)
-    metrics = RouterMetrics(models=lambda: {m.name: cluster_snapshot(m.core) for m in models})
+    metrics = RouterMetrics(models=lambda: {m.name: cluster_snapshot(m.core) for m in models.bases()})
     for core in models.cores():
         core.on_queue_wait = metrics.queue_wait.observe
     app.state.metrics = metrics

@@ -10,6 +10,7 @@ flight finish) -> gone (its core stopped, its workers ended).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import random
 from collections.abc import Callable, Iterator
@@ -20,6 +21,7 @@ from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import Conflict, InvalidRequest, ModelUnavailable, NotFound
 from disagg.models.aliases import AliasTable
 from disagg.models.deployment import ModelEntry
+from disagg.protocol import LoRARef
 from disagg.router.router import RouterCore
 
 
@@ -36,16 +38,21 @@ class ServedModel:
     max_model_len: int
     namespace: str = ""  # block-hash namespace (isolation.model_salted); "": a single-model deployment
     state: ModelState = ModelState.SERVING
+    lora: LoRARef | None = None  # a LoRA adapter of `parent`, served as a model of its own (same core)
+    parent: str | None = None
+    model_dir: str = ""  # the base model's directory (adapters are checked against its config.json)
 
     def card(self) -> dict[str, object]:
-        """Its /v1/models entry."""
-        return {
-            "id": self.name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "disagg",
-            "max_model_len": self.max_model_len,
-        }
+        """Its /v1/models entry (an adapter's names its `parent` and its directory, as vLLM's do)."""
+        card: dict[str, object] = {"id": self.name, "object": "model", "created": 0, "owned_by": "disagg"}
+        card["max_model_len"] = self.max_model_len
+        if self.lora is not None:
+            card.update(parent=self.parent, root=self.lora.path)
+        return card
+
+    def adapter(self, name: str, path: str) -> ServedModel:
+        """This model with the LoRA adapter at `path`, served as `name` (its requests carry the adapter)."""
+        return dataclasses.replace(self, name=name, lora=LoRARef(name, path), parent=self.name)
 
     def in_flight(self) -> int:
         """Requests admitted to its core and not finished (queued or running)."""
@@ -135,12 +142,20 @@ class ModelTable:
     def __len__(self) -> int:
         return len(self._by_name)
 
+    def bases(self) -> list[ServedModel]:
+        """The models with a core of their own (an adapter shares its base's)."""
+        return [m for m in self if m.lora is None]
+
     def cores(self) -> list[RouterCore]:
-        return [m.core for m in self]
+        return [m.core for m in self.bases()]
+
+    def adapters_of(self, name: str) -> list[str]:
+        """The adapters served over model `name`."""
+        return [m.name for m in self if m.parent == name]
 
     def core_of_worker(self, worker: str) -> RouterCore:
         """The core whose pools hold `worker` (admin calls name workers, not models)."""
-        for model in self:
+        for model in self.bases():
             if worker in model.core.health.workers:
                 return model.core
         raise InvalidRequest(f"no worker named {worker!r}", param="worker")  # as RoleChanger.validate says it

@@ -33,17 +33,18 @@ def _status(monitor: HealthMonitor) -> dict[str, Any]:
 
 def add_probe_routes(app: FastAPI, models: ModelTable) -> None:
     def unready() -> list[str]:
-        return [m.name for m in models if not m.core.health.any_decoder_ready()]
+        return [m.name for m in models.bases() if not m.core.health.any_decoder_ready()]
 
     def unavailable(names: list[str]) -> ServiceUnavailable:
-        if len(models) == 1:
+        if len(models.bases()) == 1:
             return ServiceUnavailable("no decode worker is alive", code="no_workers")
         return ServiceUnavailable(f"no decode worker is alive for: {', '.join(names)}", code="no_workers")
 
     def status() -> dict[str, Any]:
-        if len(models) == 1:
-            return _status(next(iter(models)).core.health)
-        return {"models": {m.name: _status(m.core.health) for m in models}}
+        bases = models.bases()
+        if len(bases) == 1:
+            return _status(bases[0].core.health)
+        return {"models": {m.name: _status(m.core.health) for m in bases}}
 
     @app.get("/livez")
     async def livez():

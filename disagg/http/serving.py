@@ -158,6 +158,7 @@ class Server:
             created=int(time.time()),
             expected_output_tokens=hints.expected_output_tokens,
             queue_head_start_s=hints.latency_sensitivity_s,
+            lora=served.lora,
         )
         return request, caller
 

@@ -86,7 +86,10 @@ def check_adapter(path: str | Path, model_dir: str | Path) -> None:
     """AdapterError naming the problem unless `path` is a LoRA adapter this base model can run."""
     path = Path(path)
     adapter_config(path)
-    base = json.loads((Path(model_dir) / "config.json").read_text())
+    base_config = Path(model_dir) / "config.json"
+    if not base_config.exists():
+        raise AdapterError(f"the base model's config.json is not in {model_dir!s:.200}")
+    base = json.loads(base_config.read_text())
     shapes, layers = expected_shapes(base), base["num_hidden_layers"]
     found = 0
     for key, shape in tensor_shapes(path / WEIGHTS_FILE).items():

@@ -8,8 +8,11 @@ Read from one file (`disagg serve --deployment FILE`: TOML, YAML or JSON, by its
     path = ""                # HF model directory (or one holding a GGUF); "": the default model
     prefill = 1              # prefill workers (0: aggregated workers)
     decode = 1               # decode (or aggregated) workers
+    aliases = ["chat"]       # other names for it (more, with weights, at run time: /admin/aliases)
     [models.engine]          # EngineConfig fields for this model's workers, over the command line's
     kv_cache_memory_mb = 256
+    [models.adapters]        # LoRA adapters (PEFT directories) of this model, each served under its own name
+    smollm-sql = "/adapters/sql"
 
     [[models]]
     id = "coder"
@@ -36,6 +39,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from disagg.config import EngineConfig
+from disagg.model_store import default_model_dir
+from disagg.models.adapters import AdapterError, check_adapter
 
 # ids are what clients send as `model`; names like "coder@2" or "org/model" are common
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")
@@ -59,6 +64,7 @@ class ModelEntry(BaseModel):
     decode: int = Field(default=1, ge=1)
     engine: dict[str, Any] = Field(default_factory=dict)
     aliases: list[str] = Field(default_factory=list)  # names that send all their requests here (models/aliases.py)
+    adapters: dict[str, str] = Field(default_factory=dict)  # LoRA name -> PEFT directory, served as models
 
     @field_validator("id")
     @classmethod
@@ -85,6 +91,7 @@ class ModelSpec:
     decode: int
     engine: EngineConfig
     aliases: tuple[str, ...] = ()
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, directory)
 
     @property
     def worker_prefix(self) -> str:
@@ -148,7 +155,7 @@ def deployment_of(data: object, base: EngineConfig | None = None) -> Deployment:
     specs: list[ModelSpec] = []
     for i, entry in enumerate(parsed.models):
         where = f"models[{i}]"
-        for name in (entry.id, *entry.aliases):
+        for name in (entry.id, *entry.aliases, *entry.adapters):
             if name in seen:
                 raise DeploymentError(f"{where}: {name!r} is served twice (as a model id or an alias)")
             seen.add(name)
@@ -159,6 +166,12 @@ def deployment_of(data: object, base: EngineConfig | None = None) -> Deployment:
     return Deployment(tuple(specs))
 
 
+def check_name(name: str) -> None:
+    """DeploymentError unless `name` can be a served model's name."""
+    if not _ID.match(name):
+        raise DeploymentError(f"{name!r} is not a model name (letters, digits and . _ : @ / + -)")
+
+
 def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str = "model") -> ModelSpec:
     """One entry checked (its path, its engine settings over `base`); DeploymentError names what is wrong."""
     _check_path(entry.path, where)
@@ -167,10 +180,17 @@ def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str =
         engine = dataclasses.replace(base or EngineConfig(), model=entry.path, **overrides)
     except ValueError as exc:  # EngineConfig's own checks (ranges, modes)
         raise DeploymentError(f"{where}.engine: {exc}") from None
-    for alias in entry.aliases:
-        if not _ID.match(alias):
-            raise DeploymentError(f"{where}.aliases: {alias!r} is not a model name")
-    return ModelSpec(entry.id, entry.path, entry.prefill, entry.decode, engine, tuple(entry.aliases))
+    for kind, names in (("aliases", entry.aliases), ("adapters", list(entry.adapters))):
+        for name in names:
+            if not _ID.match(name):
+                raise DeploymentError(f"{where}.{kind}: {name!r} is not a model name")
+    for name, adapter in entry.adapters.items():
+        try:
+            check_adapter(adapter, entry.path or default_model_dir())
+        except AdapterError as exc:
+            raise DeploymentError(f"{where}.adapters.{name}: {exc}") from None
+    adapters = tuple(entry.adapters.items())
+    return ModelSpec(entry.id, entry.path, entry.prefill, entry.decode, engine, tuple(entry.aliases), adapters)
 
 
 def _place(loc: tuple[int | str, ...]) -> str:

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.engine.step_time import StepCoefficients
-from disagg.isolation import SessionKey
+from disagg.isolation import AdapterKey, Affinity
 from disagg.protocol import PricedFrom, Tier
 from disagg.router.index import TierMatch
 from disagg.router.placement import Placement, PlacementModel, cheapest
@@ -67,6 +67,8 @@ class PolicyConfig:
     overlap_weight: float = 6.0
     queue_weight: float = 1.0
     affinity_bonus: float = 4.0  # blocks
+    # a LoRA request's pull to the worker that last ran its adapter (most likely still loaded there), in blocks
+    adapter_affinity_bonus: float = 8.0
     temperature: float = 0.0  # 0: argmin, random among exact ties
     min_remote_prefill_tokens: int = 64
     max_prefill_queue_tokens: int = 8192  # a prefill worker with more queued prompt tokens counts as saturated
@@ -155,7 +157,7 @@ class RoutingPolicy:
         self._rng = random.Random(self.config.seed)
         self._rr_decode = itertools.count()
         self._rr_prefill = itertools.count()
-        self._sessions: OrderedDict[SessionKey | str, str] = OrderedDict()  # session -> its last worker
+        self._sessions: OrderedDict[Affinity, str] = OrderedDict()  # session -> its last worker
         c = self.config
         self.placement = PlacementModel(c.prior(), c.prior_transfer_s_per_block, block_size)
 
@@ -165,7 +167,7 @@ class RoutingPolicy:
         matches: Mapping[str, TierMatch | int],
         decode: list[WorkerLoad],
         prefill: list[WorkerLoad],
-        session: SessionKey | str | None = None,
+        session: Affinity | None = None,
         block_hashes: frozenset[int] = frozenset(),
     ) -> Decision:
         if not decode:
@@ -194,7 +196,7 @@ class RoutingPolicy:
         loads: Mapping[str, WorkerLoad],
         eligible: Callable[[str], bool],
         prefill: list[WorkerLoad],
-        session: SessionKey | str | None = None,
+        session: Affinity | None = None,
         block_hashes: frozenset[int] = frozenset(),
     ) -> Decision | None:
         """`choose` over the decode workers of `ranking.order` that `eligible` accepts (None: there are none): the
@@ -237,7 +239,7 @@ class RoutingPolicy:
         ranking: LoadRanking,
         loads: Mapping[str, WorkerLoad],
         eligible: Callable[[str], bool],
-        session: SessionKey | str | None,
+        session: Affinity | None,
         block_hashes: frozenset[int],
     ) -> tuple[str, dict[str, float]] | str | None:
         """The argmin of `_cost` over the eligible decode workers, ties broken as `_pick` breaks them."""
@@ -290,7 +292,7 @@ class RoutingPolicy:
         num_tokens: int,
         num_blocks: int,
         prefill: list[WorkerLoad],
-        session: SessionKey | str | None,
+        session: Affinity | None,
     ) -> Decision:
         """The rest of a decision once its decode worker is chosen: where it prefills, whether it pulls a prefix."""
         kind, chosen = self.config.kind, load.name
@@ -323,7 +325,7 @@ class RoutingPolicy:
             self._consider_peer(decision, tm, num_tokens)
         return decision
 
-    def _remember(self, session: SessionKey | str, worker: str) -> None:
+    def _remember(self, session: Affinity, worker: str) -> None:
         self._sessions[session] = worker
         self._sessions.move_to_end(session)
         while len(self._sessions) > self.config.max_sessions:
@@ -338,7 +340,7 @@ class RoutingPolicy:
         w: WorkerLoad,
         num_blocks: int,
         m: TierMatch,
-        session: SessionKey | str | None,
+        session: Affinity | None,
         block_hashes: frozenset[int],
     ) -> float:
         c = self.config
@@ -350,7 +352,7 @@ class RoutingPolicy:
         decode = w.active_blocks + num_blocks - w.shared_blocks(block_hashes)
         cost = c.overlap_weight * uncached + decode + c.queue_weight * queued
         if session is not None and self._sessions.get(session) == w.name:
-            cost -= c.affinity_bonus
+            cost -= c.adapter_affinity_bonus if isinstance(session, AdapterKey) else c.affinity_bonus
         return cost
 
     def _pick(self, workers: list[WorkerLoad], costs: dict[str, float]) -> WorkerLoad:
