@@ -95,6 +95,14 @@ class AdapterKey:
 Affinity = SessionKey | AdapterKey | str  # what a routing decision sticks to (str: the simulator's sessions)
 
 
+def affinity(tenant: str | None, session: str | None, adapter: tuple[str, str] | None) -> Affinity | None:
+    """What a request should stick to: its session (a tenant's sessions are its own), else its LoRA adapter (name,
+    directory) - the worker that last ran an adapter most likely still holds it loaded (engine/lora.py's LRU)."""
+    if session:
+        return SessionKey(tenant, session)
+    return AdapterKey(*adapter) if adapter is not None else None
+
+
 def scoped_tenant(tenant: str | None) -> str | None:
     """The tenant a request's sessions and pins are namespaced by (None for the default tenant)."""
     return None if tenant is None or tenant == DEFAULT_TENANT else tenant

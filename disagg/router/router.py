@@ -40,7 +40,7 @@ from opentelemetry import trace
 from opentelemetry.context import Context
 
 from disagg.errors import ServiceUnavailable
-from disagg.isolation import AdapterKey, SessionKey, salt_root
+from disagg.isolation import affinity, salt_root
 from disagg.planner.loop import PlannerLoop
 from disagg.protocol import KVEventBatch, Request, Role, Tier, TokenDelta, hash_prompt_blocks
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
@@ -236,7 +236,8 @@ class RouterCore:
         routable = self.health.routable
         eligible = routable if only is None else (lambda n: routable(n) and only(n))
         prefill = [self.loads[n] for n in self.prefill if routable(n)]
-        key = _affinity(request, session)
+        lora = request.lora
+        key = affinity(request.tenant, session, (lora.name, lora.path) if lora is not None else None)
         with self._lock:  # the decode workers are scored in routing order, the likely winners only (ranking.py)
             matches = self.index.match(hashes)
             decision = self.policy.choose_ranked(
@@ -395,11 +396,3 @@ class RouterCore:
             }
             for r in items
         ]
-
-
-def _affinity(request: Request, session: str | None) -> SessionKey | AdapterKey | None:
-    """What the request should stick to: its session (a tenant's sessions are its own), else its LoRA adapter -
-    the worker that last ran an adapter most likely still holds it loaded (engine/lora.py's LRU)."""
-    if session:
-        return SessionKey(request.tenant, session)
-    return AdapterKey(request.lora.name, request.lora.path) if request.lora is not None else None
