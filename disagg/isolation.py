@@ -51,9 +51,9 @@ def model_salted(namespace: str, salt: str | None) -> str | None:
     return CacheSalt(SaltKind.MODEL, f"{namespace}\x01{salt or ''}").wire()
 
 
-def adapter_salted(salt: str | None, name: str, path: str) -> str:
+def adapter_salted(salt: str | None, name: str, path: str, digest: str) -> str:
     """`salt` for a request that runs with a LoRA adapter: its KV is the adapter's, never the base model's."""
-    return CacheSalt(SaltKind.ADAPTER, f"{name}\x01{path}\x01{salt or ''}").wire()
+    return CacheSalt(SaltKind.ADAPTER, f"{name}\x01{path}\x01{digest}\x01{salt or ''}").wire()
 
 
 def salt_root(salt: str | None) -> int | None:

@@ -145,17 +145,22 @@ def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, parent_hash: i
 # (the msgpack codec they share: disagg/wire.py)
 @dataclass
 class LoRARef:
-    """A LoRA adapter a request runs with: its served name and its PEFT directory (a worker loads it from there on
-    first use: engine/lora.py).  Both are part of the request's block-hash salt (`Request.hash_salt`)."""
+    """A LoRA adapter a request runs with: its served name, its PEFT directory (a worker loads it from there on
+    first use: engine/lora.py) and a digest of its files (models/adapters.py; "": not known).  All three are part of
+    the request's block-hash salt (`Request.hash_salt`) and of a worker's adapter cache key."""
 
     name: str
     path: str
+    digest: str = ""
+
+    def key(self) -> tuple[str, str, str]:
+        return self.name, self.path, self.digest
 
 
 def hash_salt(cache_salt: str | None, lora: LoRARef | None) -> str | None:
     """The cache salt, wrapped by the adapter's identity when there is one: no KV is shared between the base model
     and an adapter, or two adapters."""
-    return adapter_salted(cache_salt, lora.name, lora.path) if lora is not None else cache_salt
+    return adapter_salted(cache_salt, *lora.key()) if lora is not None else cache_salt
 
 
 @dataclass

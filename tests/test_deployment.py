@@ -84,6 +84,9 @@ def test_one_model_is_not_namespaced(model_dir):
     ({"models": [{"id": "a", "engine": {"block_size": 12}}]}, "models[0].engine: block_size must be a power of two"),
     ({"models": [{"id": "a", "engine": {"quantization": "q3"}}]}, "models[0].engine: --quantization"),
     ({"models": [{"id": "a/b"}, {"id": "a:b"}]}, "two model ids map to the same worker names"),
+    ({"models": [{"id": "a", "decode": 100_000}]}, "models[0].decode: Input should be less than or equal to 1024"),
+    ({"models": [{"id": "a", "adapters": {"x": "/a"}, "engine": {"max_loras": 0}}]}, "serve no adapters"),
+    ({"models": [{"id": "a", "adapters": {"a": "/a"}}]}, "models[0]: 'a' is served twice"),
 ])
 def test_each_bad_field_is_named(data, named):
     with pytest.raises(DeploymentError) as err:
@@ -156,5 +159,12 @@ def test_serve_refuses_a_bad_deployment_or_adapter_before_starting(monkeypatch, 
         serve_cli.main(["--deployment", str(good), "--kv-cache-mb", "32"])
     deployment = started.value.args[0]
     assert deployment.ids() == ["a", "b"] and all(m.engine.kv_cache_memory_mb == 32 for m in deployment.models)
-    args = serve_cli.build_parser().parse_args(["--lora-modules", "sql=/a, chat=/b"])
-    assert serve_cli.router_config_from_args(args).lora_modules == {"sql": "/a", "chat": "/b"}
+    from bench.loras import make_lora
+
+    adapter = make_lora(tiny_llama_dir, tmp_path / "sql", seed=0, steps=1)
+    with pytest.raises(_Started) as started:  # --lora-modules: the --model alone, with its adapters
+        serve_cli.main(["--model", str(tiny_llama_dir), "--lora-modules", f"sql={adapter}"])
+    (model,) = started.value.args[0].models
+    assert model.id == tiny_llama_dir.name and [(a.name, a.path) for a in model.adapters] == [("sql", str(adapter))]
+    assert serve_cli.main(["--deployment", str(good), "--lora-modules", f"sql={adapter}"]) == serve_cli.EXIT_REFUSED
+    assert "list them there" in capsys.readouterr().err

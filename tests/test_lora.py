@@ -127,3 +127,27 @@ def test_the_router_sends_an_adapter_back_where_it_last_ran():
     assert len(set(base)) == 4  # base requests spread over the load at once
     assert adapted[0] == adapted[1] and adapted[2] == adapted[3]  # it stays where its weights are loaded ...
     assert len(set(adapted)) < 4  # ... until the load there outweighs loading them elsewhere
+
+
+def test_retrained_weights_in_the_same_directory_are_another_adapter(tiny_llama_dir, tmp_path):
+    from disagg.models.adapters import AdapterError, check_adapter
+    from disagg.protocol import hash_salt
+
+    path = make_lora(tiny_llama_dir, tmp_path / "a", seed=0, steps=1)
+    first = check_adapter(path, tiny_llama_dir)
+    (path / "adapter_config.json").unlink()
+    make_lora(tiny_llama_dir, path, seed=1, steps=1)  # retrained into the same directory
+    second = check_adapter(path, tiny_llama_dir)
+    assert first != second
+    assert hash_salt(None, LoRARef("a", str(path), first)) != hash_salt(None, LoRARef("a", str(path), second))
+    config = json.loads((path / "adapter_config.json").read_text())
+    for bad, named in (({"r": 0}, "r must be a positive integer"), ({"lora_alpha": "x"}, "lora_alpha must be")):
+        (path / "adapter_config.json").write_text(json.dumps({**config, **bad}))
+        with pytest.raises(AdapterError, match=named):
+            check_adapter(path, tiny_llama_dir)
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    (path / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
+    with pytest.raises(AdapterError, match="unreadable|not a safetensors"):
+        check_adapter(path, tiny_llama_dir)
+    with pytest.raises(ValueError, match="unreadable"):  # the worker's own load says the same, as a 400
+        _engine(tiny_llama_dir).add_request("x", PROMPTS[0], GREEDY, lora=LoRARef("a", str(path)))

@@ -168,6 +168,12 @@ def test_a_bad_load_is_named_and_everything_keeps_serving(http, dirs, tmp_path):
     bad.mkdir()
     (bad / "config.json").write_text((dirs["tiny-qwen"] / "config.json").read_text())
     (bad / "model.safetensors").write_bytes(b"not a safetensors file")
+    untokenized = tmp_path / "untokenized"
+    untokenized.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (untokenized / f).write_bytes((dirs["tiny-qwen"] / f).read_bytes())
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (bad / f).write_bytes((dirs["tiny-qwen"] / f).read_bytes())
     for body, status, named in (
         ({"id": "x", "path": str(tmp_path / "missing")}, 400, "is not a directory"),
         ({"id": "x", "path": str(dirs["tiny-qwen"]), "engine": {"kv_cache_mb": 1}}, 400, "not an engine setting"),
@@ -175,6 +181,7 @@ def test_a_bad_load_is_named_and_everything_keeps_serving(http, dirs, tmp_path):
         ({"id": "x", "path": str(dirs["tiny-qwen"]), "engine": {"kv_cache_memory_mb": 50_000_000}}, 400,
          "GiB is available"),
         ({"id": "x", "path": str(bad)}, 400, "did not start"),
+        ({"id": "x", "path": str(untokenized)}, 400, "tokenizer.json not found"),
     ):
         reply = http.post("/admin/models", json=body)
         assert reply.status_code == status, reply.text
@@ -210,6 +217,12 @@ def test_version_replace_canary_rollback_and_unload_lose_nothing(service, http, 
     background = threading.Thread(target=steady)
     background.start()
     try:
+        for bad in ('{"targets": {"tiny-qwen": NaN}}', '{"targets": {"tiny-qwen": Infinity}}',
+                    '{"targets": {"tiny-qwen": -1}}', '{"targets": {}}', '{"targets": {"nobody": 1}}'):
+            refused = http.put("/admin/aliases/qwen", content=bad, headers={"content-type": "application/json"})
+            assert refused.status_code == 400, bad
+        assert http.get("/v1/models").status_code == 200
+        assert http.put("/admin/aliases/has space", json={"targets": {"tiny-qwen": 1}}).status_code == 400
         canary = http.put("/admin/aliases/qwen", json={"targets": {"tiny-qwen": 90, "tiny-qwen@2": 10}})
         assert canary.json()["shares"] == {"tiny-qwen": 0.9, "tiny-qwen@2": 0.1}
         with ThreadPoolExecutor(8) as pool:

@@ -100,7 +100,7 @@ def _route(spec: ModelSpec, cluster: LocalCluster, namespaced: bool) -> ModelRou
         decode,
         spec.id if namespaced else "",
         list(spec.aliases),
-        dict(spec.adapters),
+        list(spec.adapters),
     )
 
 

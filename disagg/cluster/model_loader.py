@@ -17,15 +17,19 @@ processes.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import ray
 
 from disagg.cluster.handles import RayWorkerHandle
 from disagg.cluster.pools import ClusterConfig, LocalCluster
-from disagg.cluster.router_service import ModelRoute, RouterConfig, serve_model
+from disagg.cluster.router_service import ModelRoute, RouterConfig, max_position_embeddings, serve_model
 from disagg.cluster.worker_config import WorkerConfig
+from disagg.engine.tokenizer import Tokenizer
 from disagg.http.models import ServedModel
+from disagg.model_store import default_model_dir
 from disagg.models.deployment import DeploymentError, ModelEntry, model_spec
+from disagg.protocol import LoRARef
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +39,32 @@ class RayModelLoader:
         self.config, self.template = config, template
         self.clusters: dict[str, LocalCluster] = {}  # the pools this loader started, by model id
 
-    def load(self, entry: ModelEntry, namespace: str) -> ServedModel:
-        spec = model_spec(entry, self.template.engine)
+    def load(self, entry: ModelEntry, namespace: str) -> tuple[ServedModel, tuple[LoRARef, ...]]:
+        spec = model_spec(entry, self.template.engine)  # the entry, its engine settings and its adapters, checked
+        model_dir = Path(spec.path or default_model_dir())
+        try:  # what the router reads of it, before any worker starts
+            Tokenizer.from_dir(model_dir)
+            max_position_embeddings(model_dir)
+        except (OSError, ValueError) as exc:
+            raise DeploymentError(f"{spec.id}: the router cannot read its tokenizer or config ({exc})") from None
         try:
             cluster = LocalCluster(ClusterConfig.from_template(self.template, spec), spec.worker_prefix)
         except ray.exceptions.RayError as exc:  # a worker's constructor refused (its message says why)
             raise DeploymentError(f"the workers of {spec.id} did not start: {_reason(exc)}") from None
+        try:
+            engine = cluster.config.engine
+            prefill, decode = list(cluster.prefill_by_name), list(cluster.decode_by_name)
+            route = ModelRoute(
+                spec.id, engine.model, engine.block_size, engine.max_model_len, prefill, decode, namespace
+            )
+            node = ray.get_runtime_context().get_node_id()
+            handles = {n: RayWorkerHandle(n, actor, node) for n, actor in cluster.workers_by_name.items()}
+            served = serve_model(self.config, route, handles, handles)
+        except BaseException:  # its workers never outlive a load that failed
+            cluster.shutdown()
+            raise
         self.clusters[spec.id] = cluster
-        engine = cluster.config.engine
-        prefill, decode = list(cluster.prefill_by_name), list(cluster.decode_by_name)
-        route = ModelRoute(spec.id, engine.model, engine.block_size, engine.max_model_len, prefill, decode, namespace)
-        node = ray.get_runtime_context().get_node_id()
-        handles = {n: RayWorkerHandle(n, actor, node) for n, actor in cluster.workers_by_name.items()}
-        return serve_model(self.config, route, handles, handles)
+        return served, spec.adapters
 
     def unload(self, model: ServedModel) -> None:
         cluster = self.clusters.pop(model.name, None)

@@ -32,8 +32,8 @@ class RouterActor:
         template = settings.worker_template
         self.service = RouterService(
             settings,
-            {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
-            {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode},
+            {n: RayWorkerHandle(n, actor, node) for n, actor in _alive(prefill).items()},
+            {n: RayWorkerHandle(n, actor, node) for n, actor in _alive(decode).items()},
             loader=RayModelLoader(settings, template) if template is not None else None,  # /admin/models
         )
         self.url = self.service.start()
@@ -76,3 +76,15 @@ class RouterActor:
 
     def stop(self) -> None:
         self.service.stop()
+
+
+def _alive(names: list[str]) -> dict[str, Any]:
+    """The named workers that exist: a restarted router's arguments still name the workers of a model unloaded since
+    (their model is then not served again; cluster/router_service.py)."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = ray.get_actor(name)
+        except ValueError:  # killed for good by an unload
+            continue
+    return found

@@ -27,6 +27,7 @@ from disagg.http.server import HttpServer
 from disagg.isolation import IsolationConfig
 from disagg.planner.loop import PlannerLoop
 from disagg.planner.policy import PlannerConfig
+from disagg.protocol import LoRARef
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.handles import WorkerHandle
@@ -54,7 +55,7 @@ class ModelRoute:
     decode: list[str]
     namespace: str = ""  # block-hash namespace (isolation.model_salted); "": unsalted
     aliases: list[str] = field(default_factory=list)  # names that send all their requests to this model
-    adapters: dict[str, str] = field(default_factory=dict)  # LoRA name -> PEFT directory, served as models
+    adapters: list[LoRARef] = field(default_factory=list)  # LoRA adapters, each served as a model of its own
 
 
 @dataclass
@@ -73,8 +74,6 @@ class RouterConfig(WireMessage):
     block_size: int = 16  # the launcher sets the engine's
     max_model_len: int = 2048  # the launcher sets the engine's
     served_model_name: str = ""  # "" = the model directory's name
-    # the single model's LoRA adapters, served as models (a deployment names each model's own)
-    lora_modules: dict[str, str] = field(default_factory=dict)
     api_key: str | None = field(  # the operator's key: admin scope, any priority (http/config.py)
         default=None, metadata={"help": "the operator's key: 'Authorization: Bearer KEY' on /v1/* and /admin/*"}
     )
@@ -108,17 +107,7 @@ class RouterConfig(WireMessage):
         if self.models:
             return self.models
         name = self.served_model_name or Path(self.model).name
-        return [
-            ModelRoute(
-                name,
-                self.model,
-                self.block_size,
-                self.max_model_len,
-                list(prefill),
-                list(decode),
-                adapters=dict(self.lora_modules),
-            )
-        ]
+        return [ModelRoute(name, self.model, self.block_size, self.max_model_len, list(prefill), list(decode))]
 
     def check_exposure(self) -> None:
         """InsecureExposure if this would serve a non-loopback host with no API key, and not --insecure."""
@@ -140,8 +129,8 @@ def serve_model(
     front-door entry."""
     model_dir = Path(route.model)
     core = RouterCore(
-        {n: prefill[n] for n in route.prefill},
-        {n: decode[n] for n in route.decode},
+        {n: prefill[n] for n in route.prefill if n in prefill},
+        {n: decode[n] for n in route.decode if n in decode},
         config.policy,
         route.block_size,
         config.core,
@@ -173,12 +162,15 @@ class RouterService:
         starts and ends models' workers at run time (cluster/model_loader.py); None: the deployment is fixed."""
         self.config = config
         config.check_exposure()  # before anything starts
-        routes = config.routes(list(prefill), list(decode))
+        # a model whose decode workers are all gone was unloaded before this (restarted) router started: not served
+        routes = [r for r in config.routes(list(prefill), list(decode)) if any(n in decode for n in r.decode)]
+        if not routes:
+            raise ValueError("no model has a decode worker to serve it")
         served = [serve_model(config, route, prefill, decode) for route in routes]
         self.models = ModelTable(served)
         for route, base in zip(routes, served):
-            for name, path in route.adapters.items():
-                self.models.add(base.adapter(name, path))
+            for ref in route.adapters:
+                self.models.add(base.adapter(ref))
         for route in routes:
             for alias in route.aliases:
                 self.models.aliases.set(alias, {route.name: 1.0}, self.models.ids())

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import ray
 
@@ -26,8 +27,7 @@ from disagg.http.response_store import ResponseStoreConfig
 from disagg.isolation import IsolationConfig
 from disagg.kv.tier_config import TierConfig
 from disagg.model_store import default_model_dir
-from disagg.models.adapters import AdapterError, check_adapter
-from disagg.models.deployment import DeploymentError, load_deployment
+from disagg.models.deployment import Deployment, DeploymentError, deployment_of, load_deployment
 from disagg.options import add_options, from_options
 from disagg.planner.policy import PlannerConfig
 from disagg.router.admission import AdmissionConfig, CapacityConfig
@@ -225,7 +225,6 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         only=_ROUTER,
         policy=from_options(PolicyConfig, args, prefix="policy-", only=_POLICY, ttft_target_s=planner.ttft_slo_s),
         keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
-        lora_modules=args.lora_modules,
         responses=from_options(ResponseStoreConfig, args, prefix="responses-"),
         agents=from_options(AgentConfig, args),
         isolation=IsolationConfig(share_groups=args.cache_share_groups),
@@ -242,15 +241,27 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
     )
 
 
+def _deployment(args: argparse.Namespace, cluster: ClusterConfig, router: RouterConfig) -> Deployment | None:
+    """The deployment file's; or, with --lora-modules, the one --model with its adapters; else None."""
+    if args.deployment:
+        if args.lora_modules:
+            raise DeploymentError("--lora-modules names the --model's adapters: with --deployment, list them there")
+        return load_deployment(args.deployment, base=cluster.engine)
+    if not args.lora_modules:
+        return None
+    model = cluster.engine.model
+    name = router.served_model_name or Path(model or default_model_dir()).name
+    entry = {"id": name, "path": model, "prefill": cluster.num_prefill, "decode": cluster.num_decode}
+    return deployment_of({"models": [{**entry, "adapters": args.lora_modules}]}, base=cluster.engine)
+
+
 def serve(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cluster, router = cluster_config_from_args(args), router_config_from_args(args)
     try:
         router.check_exposure()  # before Ray starts: a refusal costs nothing
-        deployment = load_deployment(args.deployment, base=cluster.engine) if args.deployment else None
-        for path in router.lora_modules.values():
-            check_adapter(path, cluster.engine.model or default_model_dir())
-    except (InsecureExposure, DeploymentError, AdapterError) as exc:  # refused before anything starts
+        deployment = _deployment(args, cluster, router)
+    except (InsecureExposure, DeploymentError) as exc:  # refused before anything starts
         print(f"disagg serve: {exc}", file=sys.stderr)
         return EXIT_REFUSED
     service = Service(cluster, router, deployment=deployment)

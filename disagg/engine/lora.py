@@ -21,37 +21,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
 from disagg.engine.model import ModelConfig
-from disagg.models.adapters import WEIGHTS_FILE, AdapterError, adapter_config
+from disagg.models.adapters import WEIGHTS_FILE, AdapterError, adapter_config, parse_key, projection_shapes
 from disagg.protocol import LoRARef
 
-# a PEFT module -> (our fused module, which part of it)
-PARTS = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "o_proj": ("o_proj", 0),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-    "down_proj": ("down_proj", 0),
+# a PEFT module -> the fused module of ours it is part of (model.py packs q/k/v and gate/up in this order)
+FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "o_proj": "o_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+    "down_proj": "down_proj",
 }
 
 
 def part_shapes(mc: ModelConfig) -> dict[str, tuple[int, int, int]]:
     """Per PEFT module: (input width, output rows, output offset in its fused module)."""
-    q, kv, h, inter = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim, mc.hidden_size, mc.intermediate_size
-    return {
-        "q_proj": (h, q, 0),
-        "k_proj": (h, kv, q),
-        "v_proj": (h, kv, q + kv),
-        "o_proj": (q, h, 0),
-        "gate_proj": (h, inter, 0),
-        "up_proj": (h, inter, inter),
-        "down_proj": (inter, h, 0),
-    }
+    shapes = projection_shapes(
+        mc.hidden_size, mc.intermediate_size, mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
+    )
+    out, offset, fused = {}, 0, ""
+    for module, (width, rows) in shapes.items():  # in packing order: a part starts where the last one ended
+        offset = offset if FUSED[module] == fused else 0
+        out[module], offset, fused = (width, rows, offset), offset + rows, FUSED[module]
+    return out
 
 
 @dataclass
@@ -63,16 +62,19 @@ class LoRAAdapter:
 
     @classmethod
     def load(cls, ref: LoRARef, mc: ModelConfig, device: torch.device, dtype: torch.dtype) -> LoRAAdapter:
-        config = adapter_config(Path(ref.path))
-        rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+        config = adapter_config(Path(ref.path))  # checked: r a positive int, alpha a number
+        rank, alpha = config.get("r", 8), float(config.get("lora_alpha", 8))
         scale = alpha / (rank**0.5) if config.get("use_rslora") else alpha / rank
-        weights = load_file(str(Path(ref.path) / WEIGHTS_FILE))
+        try:
+            weights = load_file(str(Path(ref.path) / WEIGHTS_FILE))
+        except (OSError, SafetensorError) as exc:
+            raise AdapterError(f"{ref.name}: {WEIGHTS_FILE} is unreadable ({exc})") from None
         shapes = part_shapes(mc)
         pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         for key, tensor in weights.items():
-            layer, module, which = _parse_key(key)
-            if module not in PARTS:
-                raise AdapterError(f"{ref.name}: adapts {module}, which this engine does not (only {', '.join(PARTS)})")
+            layer, module, which = parse_key(key, f"{ref.name}: ")
+            if module not in FUSED:
+                raise AdapterError(f"{ref.name}: adapts {module}, which this engine does not (only {', '.join(FUSED)})")
             if not 0 <= layer < mc.num_layers:
                 raise AdapterError(f"{ref.name}: layer {layer} does not exist (the model has {mc.num_layers})")
             pairs.setdefault((layer, module), {})[which] = tensor
@@ -87,10 +89,12 @@ class LoRAAdapter:
                     f"{ref.name}: layer {layer} {module} has A {tuple(a.shape)} and B {tuple(b.shape)}, but this model "
                     f"needs A (r, {width}) and B ({rows}, r): an adapter of another base model?"
                 )
-            parts.setdefault((layer, PARTS[module][0]), []).append((a.float(), b.float() * scale, offset))
+            parts.setdefault((layer, FUSED[module]), []).append((a.float(), b.float() * scale, offset))
         if not parts:
             raise AdapterError(f"{ref.name}: {WEIGHTS_FILE} holds no LoRA weights")
-        out_rows = _fused_rows(mc)
+        out_rows: dict[str, int] = {}  # each fused module's height: where its last part ends
+        for module, (_, rows, offset) in shapes.items():
+            out_rows[FUSED[module]] = max(out_rows.get(FUSED[module], 0), offset + rows)
         adapter = cls(ref.name)
         for target, deltas in parts.items():
             a_f = torch.cat([a for a, _, _ in deltas])
@@ -103,37 +107,16 @@ class LoRAAdapter:
         return adapter
 
 
-def _fused_rows(mc: ModelConfig) -> dict[str, int]:
-    q, kv = mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
-    return {
-        "qkv_proj": q + 2 * kv,
-        "o_proj": mc.hidden_size,
-        "gate_up_proj": 2 * mc.intermediate_size,
-        "down_proj": mc.hidden_size,
-    }
-
-
-def _parse_key(key: str) -> tuple[int, str, str]:
-    """`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` -> (3, "q_proj", "A")."""
-    parts = key.split(".")
-    try:
-        at = parts.index("layers")
-        which = {"lora_A": "A", "lora_B": "B"}[parts[-2]]
-        return int(parts[at + 1]), parts[-3], which
-    except (ValueError, KeyError, IndexError):
-        raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_FILE}") from None
-
-
 class AdapterCache:
     """Loaded adapters, at most `capacity` kept; `pin` marks the ones a step uses (never evicted during it)."""
 
     def __init__(self, capacity: int, mc: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.capacity, self.mc, self.device, self.dtype = capacity, mc, device, dtype
-        self._loaded: OrderedDict[tuple[str, str], LoRAAdapter] = OrderedDict()
+        self._loaded: OrderedDict[tuple[str, str, str], LoRAAdapter] = OrderedDict()
         self.loads = 0
 
-    def get(self, ref: LoRARef, keep: set[tuple[str, str]]) -> LoRAAdapter:
-        key = (ref.name, ref.path)
+    def get(self, ref: LoRARef, keep: set[tuple[str, str, str]]) -> LoRAAdapter:
+        key = ref.key()
         adapter = self._loaded.get(key)
         if adapter is None:
             adapter = LoRAAdapter.load(ref, self.mc, self.device, self.dtype)
@@ -147,7 +130,7 @@ class AdapterCache:
         return adapter
 
     def resident(self) -> list[str]:
-        return [name for name, _ in self._loaded]
+        return [name for name, _, _ in self._loaded]
 
 
 @dataclass
@@ -217,15 +200,15 @@ class LoRARuntime:
         self.context = LoRAContext()
         self.device = device
         self._attached = False
-        self._stacked: tuple[tuple[tuple[str, str], ...], StepStack] | None = None  # the last set's stack
+        self._stacked: tuple[tuple[tuple[str, str, str], ...], StepStack] | None = None  # the last set's stack
 
     def bind(self, model: nn.Module, refs: list[LoRARef | None], query_start: list[int]) -> None:
         """This step's adapters and their tokens (row i of the batch covers flat tokens query_start[i:i+2])."""
-        groups: dict[tuple[str, str], list[int]] = {}
-        wanted: dict[tuple[str, str], LoRARef] = {}
+        groups: dict[tuple[str, str, str], list[int]] = {}
+        wanted: dict[tuple[str, str, str], LoRARef] = {}
         for i, ref in enumerate(refs):
             if ref is not None:
-                key = (ref.name, ref.path)
+                key = ref.key()
                 wanted.setdefault(key, ref)
                 groups.setdefault(key, []).extend(range(query_start[i], query_start[i + 1]))
         if not groups:
@@ -234,7 +217,7 @@ class LoRARuntime:
         if not self._attached:
             attach(model, self.context)
             self._attached = True
-        keys = tuple(groups)
+        keys = tuple(sorted(groups))  # the same set in any batch order: the same stack
         adapters = [self.cache.get(wanted[k], set(keys)) for k in keys]  # loaded (or kept) for this step
         if self._stacked is None or self._stacked[0] != keys:
             self._stacked = (keys, StepStack.of(adapters))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
@@ -25,8 +26,9 @@ from pydantic import BaseModel, ConfigDict
 from disagg.errors import Conflict, InvalidRequest
 from disagg.http.config import ApiConfig
 from disagg.http.models import ModelLoader, ModelState, ModelTable, ServedModel
-from disagg.models.adapters import AdapterError, check_adapter
-from disagg.models.deployment import DeploymentError, ModelEntry, check_name
+from disagg.models.adapters import check_adapter
+from disagg.models.deployment import ModelEntry, check_name
+from disagg.protocol import LoRARef
 from disagg.telemetry import RouterMetrics
 
 
@@ -50,8 +52,9 @@ def _listing(models: ModelTable) -> dict[str, object]:
                 "id": m.name,
                 "state": m.state.value,
                 "parent": m.parent,  # an adapter's base model (its workers are the base's)
-                "in_flight": m.in_flight(),
-                "workers": {n: w.role.value for n, w in m.core.health.workers.items()},
+                # an adapter's requests and workers are its base's: listed once, there
+                "in_flight": m.in_flight() if m.lora is None else None,
+                "workers": {n: w.role.value for n, w in m.core.health.workers.items()} if m.lora is None else {},
             }
             for m in models
         ],
@@ -78,6 +81,14 @@ async def _drain(model: ServedModel, config: ApiConfig) -> bool:
     return not model.in_flight()
 
 
+def _names(entry: ModelEntry) -> list[str]:
+    """Every name a model entry would serve: its id, its aliases, its adapters (409 if one repeats)."""
+    names = [entry.id, *entry.aliases, *entry.adapters]
+    if len(set(names)) != len(names):
+        raise Conflict("the entry names one model, alias or adapter twice", param="id")
+    return names
+
+
 def add_model_admin_routes(
     app: FastAPI, models: ModelTable, loader: ModelLoader | None, config: ApiConfig, metrics: RouterMetrics
 ) -> None:
@@ -88,35 +99,34 @@ def add_model_admin_routes(
     @app.post("/admin/models", status_code=201)
     async def load(entry: ModelEntry):
         launcher = _loader(loader)
-        for alias in entry.aliases:
-            models.check_free(alias)  # an alias may not take a served name either
-        models.reserve(entry.id)
+        names = _names(entry)
+        for name in names:
+            models.check_free(name)
+        models.loading.update(names)  # reserved: a second load of any of them is a 409 until this one ends
         try:
-            served = await asyncio.to_thread(launcher.load, entry, entry.id)
-        except DeploymentError as exc:
-            raise InvalidRequest(str(exc), param="model") from None
+            served, adapters = await asyncio.to_thread(launcher.load, entry, entry.id)
         finally:
-            models.loading.discard(entry.id)
+            models.loading.difference_update(names)
         served.core.on_queue_wait = metrics.queue_wait.observe
         served.core.start()
         models.add(served)
+        for ref in adapters:
+            models.add(served.adapter(ref))
         for alias in entry.aliases:
-            models.aliases.set(alias, {served.name: 1.0}, models.ids())
+            models.aliases.set(alias, {served.name: 1.0}, models.serving_ids())
         return served.card()
 
     @app.post("/admin/models/{base:path}/adapters", status_code=201)
     async def load_adapter(base: str, body: AdapterBody):
-        parent = models.served(base)
-        if parent.lora is not None:
-            raise InvalidRequest(f"{base} is an adapter; an adapter's base is a model", param="model")
+        parent = models.serving(base)
+        check_name(body.name)
         models.check_free(body.name)
-        try:
-            check_name(body.name)
-            await asyncio.to_thread(check_adapter, body.path, parent.model_dir)
-        except (AdapterError, DeploymentError) as exc:
-            raise InvalidRequest(str(exc), param="path") from None
+        path = str(Path(body.path).resolve())  # the workers read it, wherever they were started
+        digest = await asyncio.to_thread(check_adapter, path, parent.model_dir)
         models.check_free(body.name)  # a load of the same name may have landed meanwhile
-        adapter = parent.adapter(body.name, body.path)
+        if models.serving(base) is not parent:  # nor may its base have started to drain
+            raise Conflict(f"{base} changed while the adapter was checked; try again")
+        adapter = parent.adapter(LoRARef(body.name, path, digest))
         models.add(adapter)
         return adapter.card()
 
@@ -133,11 +143,11 @@ def add_model_admin_routes(
         adapters = models.adapters_of(name)
         if adapters:
             raise Conflict(f"adapters {', '.join(adapters)} run on {name}; unload them first")
-        if len(models.bases()) == 1:
-            raise Conflict("the last model cannot be unloaded (the endpoint would serve nothing)")
         if model.state is ModelState.DRAINING:
             raise Conflict(f"{name} is already being unloaded")
-        model.state = ModelState.DRAINING
+        if not [m for m in models.bases() if m.state is ModelState.SERVING and m.name != name]:
+            raise Conflict("the last model cannot be unloaded (the endpoint would serve nothing)")
+        model.state = ModelState.DRAINING  # from here no alias or adapter can attach to it (serving ids only)
         started = time.monotonic()
         drained = await _drain(model, config)
         models.remove(name)
@@ -147,9 +157,10 @@ def add_model_admin_routes(
 
     @app.put("/admin/aliases/{alias:path}")
     async def set_alias(alias: str, body: AliasBody):
+        check_name(alias)
         if alias in models.loading:
             raise Conflict(f"{alias!r} is being loaded as a model")
-        route = models.aliases.set(alias, body.targets, models.ids())
+        route = models.aliases.set(alias, body.targets, models.serving_ids())
         return {"alias": alias, "targets": route.as_dict(), "shares": {t: route.share(t) for t in route.targets}}
 
     @app.delete("/admin/aliases/{alias:path}")

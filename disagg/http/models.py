@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +24,13 @@ from disagg.models.aliases import AliasTable
 from disagg.models.deployment import ModelEntry
 from disagg.protocol import LoRARef
 from disagg.router.router import RouterCore
+
+UNLOAD_RETRY_AFTER_S = 1.0  # a request for a model being unloaded: its alias may point elsewhere by then
+
+
+def _uniform(key: str) -> float:
+    """A number in [0, 1) fixed by `key`."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
 
 
 class ModelState(str, enum.Enum):
@@ -50,9 +58,9 @@ class ServedModel:
             card.update(parent=self.parent, root=self.lora.path)
         return card
 
-    def adapter(self, name: str, path: str) -> ServedModel:
-        """This model with the LoRA adapter at `path`, served as `name` (its requests carry the adapter)."""
-        return dataclasses.replace(self, name=name, lora=LoRARef(name, path), parent=self.name)
+    def adapter(self, ref: LoRARef) -> ServedModel:
+        """This model with a LoRA adapter, served as the adapter's name (its requests carry the adapter)."""
+        return dataclasses.replace(self, name=ref.name, lora=ref, parent=self.name)
 
     def in_flight(self) -> int:
         """Requests admitted to its core and not finished (queued or running)."""
@@ -64,9 +72,9 @@ class ModelLoader(Protocol):
     """Brings a model's workers up or down at run time (the cluster implements it: cluster/model_loader.py).
     Both calls block (the admin routes run them off the event loop)."""
 
-    def load(self, entry: ModelEntry, namespace: str) -> ServedModel:
+    def load(self, entry: ModelEntry, namespace: str) -> tuple[ServedModel, tuple[LoRARef, ...]]:
         """Start `entry`'s workers and build its routing core (not started), its block hashes under `namespace`;
-        DeploymentError if the entry is bad or its workers cannot run."""
+        with its adapters, checked.  DeploymentError if the entry is bad or its workers cannot run."""
         ...
 
     def unload(self, model: ServedModel) -> None:
@@ -91,15 +99,30 @@ class ModelTable:
     def single(cls, name: str, core: RouterCore, tokenizer: Tokenizer, max_model_len: int) -> ModelTable:
         return cls([ServedModel(name, core, tokenizer, max_model_len)])
 
-    def get(self, name: str) -> ServedModel:
-        """The model `name` names - itself, or one of an alias's targets drawn by weight - if it takes requests."""
+    def get(self, name: str, stick: str | None = None) -> ServedModel:
+        """The model `name` names - itself, or one of an alias's targets drawn by weight - if it takes requests.
+        `stick`: a key whose every request draws the same target (an Idempotency-Key: its repeats find its answer)."""
         route = self.aliases.get(name)
-        model = self._by_name.get(route.pick(self._draw()) if route is not None else name)
+        draw = self._draw() if stick is None else _uniform(stick)
+        model = self._by_name.get(route.pick(draw) if route is not None else name)
         if model is None:
             raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
         if model.state is not ModelState.SERVING:
-            raise ModelUnavailable(f"The model `{model.name}` is being unloaded.", retry_after_s=1.0)
+            raise ModelUnavailable(f"The model `{model.name}` is being unloaded.", retry_after_s=UNLOAD_RETRY_AFTER_S)
         return model
+
+    def serving(self, name: str) -> ServedModel:
+        """The base model with id `name` if it takes requests (409 while it drains; 400 for an adapter)."""
+        model = self.served(name)
+        if model.lora is not None:
+            raise InvalidRequest(f"{name} is an adapter; an adapter's base is a model", param="model")
+        if model.state is not ModelState.SERVING:
+            raise Conflict(f"{name} is being unloaded")
+        return model
+
+    def serving_ids(self) -> set[str]:
+        """The ids that take requests (what an alias may point at)."""
+        return {m.name for m in self if m.state is ModelState.SERVING}
 
     def served(self, name: str) -> ServedModel:
         """The model with id `name`, whatever its state (admin calls)."""
@@ -152,6 +175,10 @@ class ModelTable:
     def adapters_of(self, name: str) -> list[str]:
         """The adapters served over model `name`."""
         return [m.name for m in self if m.parent == name]
+
+    def model_of_worker(self, worker: str) -> ServedModel | None:
+        """The base model whose pools hold `worker` (None: no model's)."""
+        return next((m for m in self.bases() if worker in m.core.health.workers), None)
 
     def core_of_worker(self, worker: str) -> RouterCore:
         """The core whose pools hold `worker` (admin calls name workers, not models)."""

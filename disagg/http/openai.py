@@ -25,6 +25,7 @@ from disagg.http.resume import (
     IDEMPOTENCY_KEY,
     LAST_EVENT_ID,
     Cursor,
+    ResumeToken,
     idempotent_request_id,
     journaled_answer,
     resume_stream,
@@ -45,7 +46,7 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        served = server.model(body.model)
+        served = server.model(body.model, http)
         ids = tokenize_prompt(body.prompt, served.tokenizer)
         sampling = sampling_params(
             body,
@@ -59,7 +60,7 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
-        served = server.model(body.model)
+        served = server.model(body.model, http)
         offered = body.offered_tools()
         ids, tools = conversation_prompt([m.for_template() for m in body.messages], offered, served.tokenizer)
         sampling = sampling_params(
@@ -130,6 +131,10 @@ def _server(server: Server):
         core, model = served.core, served.name
         last_event_id = http.headers.get(LAST_EVENT_ID)
         if body.stream and last_event_id:
+            # the stream is where its token says: an alias may have drawn another model for this request
+            owner = server.models.model_of_worker(ResumeToken.parse(last_event_id).worker)
+            if owner is not None and owner.core is not core:
+                core, model = owner.core, owner.name
             return await resume_stream(core.resumer, last_event_id, request, shape, model, _include_usage(body))
         if key:
             try:

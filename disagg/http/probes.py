@@ -1,6 +1,6 @@
-"""Probes and scraping: /livez (the process answers), /readyz and /health (every served model has a READY
-decode-capable worker; 503 otherwise, with the workers' states in /health's body, per model when there are
-several), and /metrics (Prometheus text)."""
+"""Probes and scraping: /livez (the process answers), /readyz and /health (a served model has a READY
+decode-capable worker; 503 when none has, with the workers' states in /health's body, per model when there are
+several: "degraded" while some model has none), and /metrics (Prometheus text)."""
 
 from __future__ import annotations
 
@@ -53,16 +53,16 @@ def add_probe_routes(app: FastAPI, models: ModelTable) -> None:
     @app.get("/readyz")
     async def readyz():
         names = unready()
-        if names:
+        if len(names) == len(models.bases()):  # one model down leaves the others served: still in rotation
             return error_response(unavailable(names))
-        return {"status": "ready"}
+        return {"status": "ready", "unready_models": names} if names else {"status": "ready"}
 
     @app.get("/health")
     async def health():
         names = unready()
-        if names:
+        if len(names) == len(models.bases()):
             return error_response(unavailable(names), extra={"status": "unavailable", **status()})
-        return {"status": "ok", **status()}
+        return {"status": "degraded" if names else "ok", **status()}
 
 
 def add_metrics_route(app: FastAPI, metrics: RouterMetrics) -> None:

@@ -80,8 +80,15 @@ def idempotent_request_id(prefix: str, tenant: str, key: str) -> str:
 
 
 def _check_same(original: Request, request: Request, what: str) -> None:
-    if original.prompt_token_ids != request.prompt_token_ids or original.sampling != request.sampling:
-        raise InvalidRequest(f"{what} names another request (its prompt or sampling differ)", code="resume_mismatch")
+    same = (original.prompt_token_ids, original.sampling, original.lora) == (
+        request.prompt_token_ids,
+        request.sampling,
+        request.lora,
+    )
+    if not same:
+        raise InvalidRequest(
+            f"{what} names another request (its prompt, sampling or adapter differ)", code="resume_mismatch"
+        )
 
 
 def resumed_text(tokenizer: Tokenizer, request: Request) -> str:

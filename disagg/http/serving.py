@@ -27,7 +27,7 @@ from disagg.http.hints import Hints, read_hints
 from disagg.http.inputs import PRIORITY_HEADER, priority_of
 from disagg.http.keys import Caller, check_priority
 from disagg.http.models import ModelTable, ServedModel
-from disagg.http.resume import Cursor
+from disagg.http.resume import IDEMPOTENCY_KEY, Cursor
 from disagg.http.schemas import KVRetention
 from disagg.http.shape import AnswerShape, Collected
 from disagg.http.stream import (
@@ -121,9 +121,11 @@ class Server:
     def __init__(self, models: ModelTable, config: ApiConfig, metrics: RouterMetrics) -> None:
         self.models, self.config, self.metrics = models, config, metrics
 
-    def model(self, name: str) -> ServedModel:
-        """The served model a body's `model` names (404 model_not_found otherwise)."""
-        return self.models.get(name)
+    def model(self, name: str, http: HTTPRequest | None = None) -> ServedModel:
+        """The served model a body's `model` names (404 model_not_found otherwise); a request with an
+        Idempotency-Key draws an alias's target by its key, so every repeat reaches the model that answered it."""
+        key = http.headers.get(IDEMPOTENCY_KEY) if http is not None else None
+        return self.models.get(name, f"{http.state.caller.tenant}\x00{key}" if http is not None and key else None)
 
     def request(
         self,

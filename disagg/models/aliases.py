@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from dataclasses import dataclass
 
 from disagg.errors import Conflict, InvalidRequest
@@ -37,6 +38,10 @@ class AliasRoute:
         return dict(zip(self.targets, self.weights))
 
 
+def _positive(weight: object) -> bool:
+    return isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight) and weight > 0
+
+
 class AliasTable:
     def __init__(self) -> None:
         self._routes: dict[str, AliasRoute] = {}
@@ -50,8 +55,11 @@ class AliasTable:
         unknown = sorted(set(targets) - served)
         if unknown:
             raise InvalidRequest(f"not served: {', '.join(unknown)}", param="targets", code="model_not_found")
-        if any(not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0 for w in targets.values()):
-            raise InvalidRequest("every target's weight must be a positive number", param="targets")
+        weights = targets.values()
+        if any(
+            not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0 for w in weights
+        ):
+            raise InvalidRequest("every target's weight must be a positive finite number", param="targets")
         route = AliasRoute(tuple(targets), tuple(float(w) for w in targets.values()))
         self._routes[alias] = route
         return route

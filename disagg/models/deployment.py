@@ -39,18 +39,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from disagg.config import EngineConfig
+from disagg.errors import InvalidRequest
 from disagg.model_store import default_model_dir
 from disagg.models.adapters import AdapterError, check_adapter
+from disagg.protocol import LoRARef
 
 # ids are what clients send as `model`; names like "coder@2" or "org/model" are common
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")
 _WORKER_PREFIX_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 # set by the deployment itself, not by a model's engine table
 _NOT_PER_MODEL = ("model", "faults")
+MAX_WORKERS_PER_ROLE = 1024  # a typo's guard (decode = 10000), far above any one cluster's size
 
 
-class DeploymentError(ValueError):
-    """A deployment file that cannot be served, with every problem named by its place in the file."""
+class DeploymentError(InvalidRequest):
+    """A deployment (or a model entry sent to /admin/models) that cannot be served, with every problem named by its
+    place (a 400 where a request meets it)."""
 
 
 class ModelEntry(BaseModel):
@@ -60,8 +64,8 @@ class ModelEntry(BaseModel):
 
     id: str
     path: str = ""
-    prefill: int = Field(default=1, ge=0)
-    decode: int = Field(default=1, ge=1)
+    prefill: int = Field(default=1, ge=0, le=MAX_WORKERS_PER_ROLE)
+    decode: int = Field(default=1, ge=1, le=MAX_WORKERS_PER_ROLE)
     engine: dict[str, Any] = Field(default_factory=dict)
     aliases: list[str] = Field(default_factory=list)  # names that send all their requests here (models/aliases.py)
     adapters: dict[str, str] = Field(default_factory=dict)  # LoRA name -> PEFT directory, served as models
@@ -91,7 +95,7 @@ class ModelSpec:
     decode: int
     engine: EngineConfig
     aliases: tuple[str, ...] = ()
-    adapters: tuple[tuple[str, str], ...] = ()  # (name, directory)
+    adapters: tuple[LoRARef, ...] = ()  # each with its absolute directory and its files' digest
 
     @property
     def worker_prefix(self) -> str:
@@ -184,13 +188,17 @@ def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str =
         for name in names:
             if not _ID.match(name):
                 raise DeploymentError(f"{where}.{kind}: {name!r} is not a model name")
+    if entry.adapters and engine.max_loras <= 0:
+        raise DeploymentError(f"{where}.adapters: its workers serve no adapters (engine.max_loras is 0)")
+    adapters = []
     for name, adapter in entry.adapters.items():
+        path = str(Path(adapter).resolve())  # the workers read it, wherever they were started
         try:
-            check_adapter(adapter, entry.path or default_model_dir())
+            digest = check_adapter(path, entry.path or default_model_dir())
         except AdapterError as exc:
-            raise DeploymentError(f"{where}.adapters.{name}: {exc}") from None
-    adapters = tuple(entry.adapters.items())
-    return ModelSpec(entry.id, entry.path, entry.prefill, entry.decode, engine, tuple(entry.aliases), adapters)
+            raise DeploymentError(f"{where}.adapters.{name}: {exc.message}") from None
+        adapters.append(LoRARef(name, path, digest))
+    return ModelSpec(entry.id, entry.path, entry.prefill, entry.decode, engine, tuple(entry.aliases), tuple(adapters))
 
 
 def _place(loc: tuple[int | str, ...]) -> str:
