@@ -168,3 +168,21 @@ def test_serve_refuses_a_bad_deployment_or_adapter_before_starting(monkeypatch, 
     assert model.id == tiny_llama_dir.name and [(a.name, a.path) for a in model.adapters] == [("sql", str(adapter))]
     assert serve_cli.main(["--deployment", str(good), "--lora-modules", f"sql={adapter}"]) == serve_cli.EXIT_REFUSED
     assert "list them there" in capsys.readouterr().err
+
+
+def test_aliases_pick_by_weight_and_refuse_what_cannot_be_a_weight():
+    from disagg.errors import Conflict, InvalidRequest
+    from disagg.models.aliases import AliasTable
+
+    table = AliasTable()
+    route = table.set("coder", {"coder@1": 90, "coder@2": 10}, {"coder@1", "coder@2"})
+    picks = [route.pick(i / 1000) for i in range(1000)]
+    assert picks.count("coder@2") == 100 and route.share("coder@2") == 0.1
+    assert table.pointing_at("coder@2") == ["coder"]
+    for weights in ({"coder@1": float("nan")}, {"coder@1": float("inf")}, {"coder@1": 0}, {"coder@1": True}, {}):
+        with pytest.raises(InvalidRequest):
+            table.set("coder", weights, {"coder@1"})
+    with pytest.raises(InvalidRequest, match="not served"):
+        table.set("coder", {"coder@3": 1}, {"coder@1"})
+    with pytest.raises(Conflict):
+        table.set("coder@1", {"coder@1": 1}, {"coder@1"})  # an alias never shadows a model id

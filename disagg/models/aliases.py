@@ -55,10 +55,7 @@ class AliasTable:
         unknown = sorted(set(targets) - served)
         if unknown:
             raise InvalidRequest(f"not served: {', '.join(unknown)}", param="targets", code="model_not_found")
-        weights = targets.values()
-        if any(
-            not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0 for w in weights
-        ):
+        if not all(_positive(w) for w in targets.values()):
             raise InvalidRequest("every target's weight must be a positive finite number", param="targets")
         route = AliasRoute(tuple(targets), tuple(float(w) for w in targets.values()))
         self._routes[alias] = route
