@@ -55,6 +55,7 @@ class Rejection(str, enum.Enum):
     SHED = "shed"  # pushed out by a higher-priority request
     DEADLINE = "deadline"  # estimated on arrival not to start in time (refused at once)
     EXPIRED = "expired"  # still queued at its deadline (refused then)
+    CLOSED = "closed"  # still queued when its queue stopped (the router shutting down, its model unloaded)
 
 
 class Overloaded(DisaggError):

@@ -80,7 +80,7 @@ def test_full_queue_sheds_the_newest_of_the_lowest_band_then_refuses():
         q.submit(_e("late", priority=-1))  # nothing below -1 to shed
     assert exc.value.code == "queue_full"
     assert _drain(q) == ["vip", "r0", "r1"] and q.rejected == {
-        Rejection.QUEUE_FULL: 1, Rejection.SHED: 1, Rejection.DEADLINE: 0, Rejection.EXPIRED: 0}
+        Rejection.QUEUE_FULL: 1, Rejection.SHED: 1, Rejection.DEADLINE: 0, Rejection.EXPIRED: 0, Rejection.CLOSED: 0}
 
 
 def test_token_limit_counts_prompt_tokens():
@@ -168,3 +168,22 @@ def test_wait_estimate_follows_fair_share_so_a_light_tenant_is_not_refused_for_a
     q.submit(_e("l0", "light", tokens=100))
     assert q.tokens_ahead(0, 100, "light") == 100 + 200  # its own queued request + heavy's share of both
     assert q.tokens_ahead(5, 100, "x") == 0 and q.tokens_ahead(-5, 1, "x") == 10_100  # higher / lower band
+
+
+def test_a_stopping_queue_refuses_its_waiters_instead_of_leaving_them_hanging():
+    import asyncio
+
+    from disagg.errors import Overloaded, Rejection
+    from disagg.router.admission import AdmissionControl, AdmissionQueue
+
+    async def run():
+        control = AdmissionControl(AdmissionQueue(), can_dispatch=lambda e: False)  # nothing ever has room
+        control.start()
+        waiting = asyncio.ensure_future(control.admit(_e("a", deadline=1e12)))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()  # queued
+        await control.stop()
+        return await asyncio.wait_for(asyncio.gather(waiting, return_exceptions=True), timeout=1)
+
+    (outcome,) = asyncio.run(run())
+    assert isinstance(outcome, Overloaded) and outcome.code == Rejection.CLOSED.value

@@ -193,6 +193,15 @@ class AdmissionQueue:
             entry.state = EntryState.REJECTED
         return out
 
+    def close(self) -> list[Entry]:
+        """Refuse every queued entry: the queue is stopping, and nothing would dispatch them any more."""
+        out = [e for band in self._bands.values() for q in band.values() for e in q]
+        for entry in out:
+            self._remove(entry)
+            entry.rejection = self._refuse(entry, Rejection.CLOSED, None, "its queue stopped (shutdown or unload)")
+            entry.state = EntryState.REJECTED
+        return out
+
     def pop_next(self, can_dispatch: Callable[[Entry], bool]) -> Entry | None:
         """The next entry to dispatch (highest band, fairest tenant) if `can_dispatch` says a worker can take it;
         None if the queue is empty or that entry must wait for capacity (strict: nothing overtakes it)."""
@@ -360,6 +369,8 @@ class AdmissionControl:
         if self._timer is not None:
             self._timer.cancel()
             await asyncio.gather(self._timer, return_exceptions=True)
+        for entry in self.queue.close():  # no timer and no pump from here on: a waiter left queued would hang
+            self._resolve(entry)
 
     async def _tick(self) -> None:
         while True:
