@@ -81,6 +81,25 @@ async def _drain(model: ServedModel, config: ApiConfig) -> bool:
     return not model.in_flight()
 
 
+async def _unload_base(model: ServedModel, models: ModelTable, launcher: ModelLoader, config: ApiConfig) -> dict:
+    """Drain a base model (new requests refused, those in flight finish), stop its core, end its workers."""
+    name = model.name
+    adapters = models.adapters_of(name)
+    if adapters:
+        raise Conflict(f"adapters {', '.join(adapters)} run on {name}; unload them first")
+    if model.state is ModelState.DRAINING:
+        raise Conflict(f"{name} is already being unloaded")
+    if not [m for m in models.bases() if m.state is ModelState.SERVING and m.name != name]:
+        raise Conflict("the last model cannot be unloaded (the endpoint would serve nothing)")
+    model.state = ModelState.DRAINING  # from here no alias or adapter can attach to it (serving ids only)
+    started = time.monotonic()
+    drained = await _drain(model, config)
+    models.remove(name)
+    await model.core.stop()  # a request still queued at a timed-out drain is refused, not left waiting
+    await asyncio.to_thread(launcher.unload, model)
+    return {"id": name, "drained": drained, "drain_s": round(time.monotonic() - started, 3)}
+
+
 def _names(entry: ModelEntry) -> list[str]:
     """Every name a model entry would serve: its id, its aliases, its adapters (409 if one repeats)."""
     names = [entry.id, *entry.aliases, *entry.adapters]
@@ -139,21 +158,7 @@ def add_model_admin_routes(
         if model.lora is not None:  # its requests in flight carry the adapter: they finish where they run
             models.remove(name)
             return {"id": name, "drained": True, "drain_s": 0.0}
-        launcher = _loader(loader)
-        adapters = models.adapters_of(name)
-        if adapters:
-            raise Conflict(f"adapters {', '.join(adapters)} run on {name}; unload them first")
-        if model.state is ModelState.DRAINING:
-            raise Conflict(f"{name} is already being unloaded")
-        if not [m for m in models.bases() if m.state is ModelState.SERVING and m.name != name]:
-            raise Conflict("the last model cannot be unloaded (the endpoint would serve nothing)")
-        model.state = ModelState.DRAINING  # from here no alias or adapter can attach to it (serving ids only)
-        started = time.monotonic()
-        drained = await _drain(model, config)
-        models.remove(name)
-        await model.core.stop()
-        await asyncio.to_thread(launcher.unload, model)
-        return {"id": name, "drained": drained, "drain_s": round(time.monotonic() - started, 3)}
+        return await _unload_base(model, models, _loader(loader), config)
 
     @app.put("/admin/aliases/{alias:path}")
     async def set_alias(alias: str, body: AliasBody):
