@@ -72,3 +72,38 @@ def test_bad_values_are_refused():
     for argv in (["--policy", "random"], ["--prefill", "two"], ["--router-resources", "[1]"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(argv)
+
+
+def test_serve_stops_on_a_signal_however_many_arrive():
+    """`disagg serve` waits for Ctrl-C / SIGTERM; a burst of signals (a second Ctrl-C, a supervisor's TERM after an
+    INT) must stop it too - a handler that set a threading.Event could deadlock the main thread on the Event's lock."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from disagg.cluster.serve_cli import wait_for_stop
+
+    late = []  # signals of the burst that arrive after it returned land here, not in Python's default handlers
+
+    def after(signum, _frame):
+        late.append(signum)
+
+    defaults = {sig: signal.signal(sig, after) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def burst():
+        time.sleep(0.2)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGINT):
+            os.kill(os.getpid(), sig)
+
+    sender = threading.Thread(target=burst, daemon=True)
+    sender.start()
+    started = time.monotonic()
+    try:
+        assert wait_for_stop() is signal.SIGINT
+        assert time.monotonic() - started < 5
+        assert signal.getsignal(signal.SIGTERM) is after  # the previous handlers are back
+        sender.join()
+    finally:
+        for sig, handler in defaults.items():
+            signal.signal(sig, handler)

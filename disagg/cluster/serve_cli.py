@@ -9,7 +9,6 @@ import argparse
 import json
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +60,7 @@ _CANARY, _OUTLIERS = ("enabled", "idle_interval_s", "busy_interval_s"), ("enable
 _CAPACITY = ("max_prefill_queue_tokens", "max_running")
 _ADMISSION = ("max_queued_requests", "default_deadline_s")
 _MS_PER_S = 1000
+STOP_POLL_S = 0.5  # how often the serving loop looks for a stop signal (a signal wakes it at once anyway)
 EXIT_REFUSED = 2  # argparse's status for a refused command line (an open public endpoint, a bad deployment)
 
 
@@ -255,6 +255,23 @@ def _deployment(args: argparse.Namespace, cluster: ClusterConfig, router: Router
     return deployment_of({"models": [{**entry, "adapters": args.lora_modules}]}, base=cluster.engine)
 
 
+def wait_for_stop(signals: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)) -> signal.Signals:
+    """Block until one of `signals` arrives; the previous handlers are back afterwards.  The handler only records
+    the signal: one that set a threading.Event could run while this (main) thread sat inside Event.wait holding
+    the Event's lock, and wait for that lock forever - a second Ctrl-C then hung `disagg serve` for good."""
+    received: list[signal.Signals] = []
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: received.append(signal.Signals(signum))) for sig in signals
+    }
+    try:
+        while not received:
+            time.sleep(STOP_POLL_S)  # a signal cuts the sleep short; its handler has run when the check comes
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return received[0]
+
+
 def serve(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cluster, router = cluster_config_from_args(args), router_config_from_args(args)
@@ -281,11 +298,8 @@ def serve(args: argparse.Namespace) -> int:
         if args.smoke_test:
             smoke_test(service.url, model_name, router.api_key, args.question)
             return 0
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         print("Ctrl-C to stop", flush=True)
-        stop.wait()
+        wait_for_stop()
         return 0
     finally:
         print("shutting down", flush=True)
