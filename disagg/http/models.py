@@ -136,11 +136,6 @@ class ModelTable:
         if name in self._by_name or name in self.loading or self.aliases.get(name) is not None:
             raise Conflict(f"a model or alias named {name!r} is already served or loading", param="id")
 
-    def reserve(self, name: str) -> None:
-        """Claim `name` for a load (409 if it is taken)."""
-        self.check_free(name)
-        self.loading.add(name)
-
     def cards(self) -> list[dict[str, object]]:
         """/v1/models: the models, then the aliases (each naming its targets)."""
         aliases = [
@@ -182,7 +177,7 @@ class ModelTable:
 
     def core_of_worker(self, worker: str) -> RouterCore:
         """The core whose pools hold `worker` (admin calls name workers, not models)."""
-        for model in self.bases():
-            if worker in model.core.health.workers:
-                return model.core
+        model = self.model_of_worker(worker)
+        if model is not None:
+            return model.core
         raise InvalidRequest(f"no worker named {worker!r}", param="worker")  # as RoleChanger.validate says it
