@@ -93,6 +93,13 @@ class WorkerState(str, enum.Enum):
     DEAD = "dead"  # out of routing until it rejoins
 
 
+class SleepState(str, enum.Enum):
+    """A worker's KV memory (engine/sleep.py): held, or given back to the operating system while its model sleeps."""
+
+    AWAKE = "awake"
+    ASLEEP = "asleep"
+
+
 class ServePath(str, enum.Enum):
     """How a served request's prefill ran."""
 
@@ -315,3 +322,16 @@ class KVEventPage(WireMessage):
     TYPE: ClassVar[str] = "kv_event_page"
     incarnation: str
     batches: list[KVEventBatch]
+
+
+@dataclass
+class SleepReport(WireMessage):
+    """A worker's answer to `sleep` or `wake`: its state now, the KV bytes given back to the operating system (0 for
+    a wake), the call's time on the worker, and its process's resident memory after it."""
+
+    TYPE: ClassVar[str] = "sleep_report"
+    worker: str
+    state: SleepState
+    released_bytes: int
+    seconds: float
+    resident_bytes: int

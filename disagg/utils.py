@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
+
+
+class Background(Protocol):
+    """A part that runs tasks on the event loop: started there, and stopped (restartable)."""
+
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 def cdiv(a: int, b: int) -> int:

@@ -14,7 +14,7 @@ from disagg.cluster.worker import EngineWorker, WorkerConfig
 from disagg.config import EngineConfig
 from disagg.errors import DeadlineExceeded, WorkerLost
 from disagg.kv.tier_config import TierConfig
-from disagg.protocol import KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import KVEventBatch, KVEventPage, PrefillResult, Request, Role, SleepReport, TokenDelta
 from disagg.router.handles import Attached
 from disagg.stats import Heartbeat
 from tests.fake_transport import LocalTransport
@@ -125,6 +125,12 @@ class LocalWorkerHandle:
 
     async def set_role(self, role, timeout_s: float) -> None:
         await self._guard(self.worker.set_role(role.value), timeout_s)
+
+    async def sleep(self, timeout_s: float) -> SleepReport:
+        return SleepReport.from_wire(await self._guard(self.worker.sleep(), timeout_s))
+
+    async def wake(self, timeout_s: float) -> SleepReport:
+        return SleepReport.from_wire(await self._guard(self.worker.wake(), timeout_s))
 
     async def kill(self) -> None:
         self.kills += 1

@@ -304,3 +304,41 @@ def test_lora_adapters_answer_as_peft_merged_and_keep_their_own_cache(http, dirs
     assert refused.status_code == 409 and "llama-" in refused.json()["error"]["message"]
     assert http.delete("/admin/models/llama-qv").status_code == 200
     assert http.post("/v1/completions", json={"model": "llama-qv", "prompt": "hi"}).status_code == 404
+
+
+def test_sleep_under_load_loses_nothing_gives_kv_back_and_wake_answers_as_before(service, http):
+    """Sleep the 1P+1D model while it streams: the streams finish whole, then its workers give their KV back; it and
+    its adapter get 503s meanwhile, the other models serve; after a wake it answers as before."""
+    before = _complete(http, "tiny-llama", PROMPT)["choices"][0]["text"]
+    results, started = [None] * 2, [threading.Event() for _ in range(2)]
+    streams = [threading.Thread(target=_stream_tokens, args=(service.url, "tiny-llama", 300, results, i, started[i]))
+               for i in range(2)]
+    for t in streams:
+        t.start()
+    assert all(s.wait(60) for s in started)
+    with ThreadPoolExecutor(1) as pool:
+        sleeping = pool.submit(http.post, "/admin/models/tiny-llama/sleep")
+        refused = _wait_for_status(http, "tiny-llama", 503)  # refused from the start of the drain
+        asleep = sleeping.result(timeout=120)
+    for t in streams:
+        t.join()
+    assert results == [(200, "length", 300)] * 2  # the streams in flight finished, whole
+    assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "model_unavailable"
+    assert asleep.status_code == 200, asleep.text
+    report = asleep.json()
+    assert report["state"] == "sleeping" and len(report["workers"]) == 2
+    assert all(w["state"] == "asleep" and w["released_bytes"] >= 60 << 20 for w in report["workers"].values())
+    for model in ("tiny-llama", "llama-all"):  # the adapter runs on the sleeping base's workers
+        reply = http.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 1})
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "model_unavailable", model
+        assert "asleep" in reply.json()["error"]["message"]
+    assert _complete(http, "tiny-qwen", "hi", max_tokens=2)["model"] == "tiny-qwen"  # the others serve
+    states = {m["id"]: m["state"] for m in http.get("/admin/models").json()["models"]}
+    assert states["tiny-llama"] == "sleeping" and states["tiny-qwen"] == "serving"
+    assert http.post("/admin/models/tiny-llama/sleep").status_code == 409  # asleep already
+    assert http.post("/admin/models/tiny-qwen/wake").status_code == 409  # awake already
+    woke = http.post("/admin/models/tiny-llama/wake")
+    assert woke.status_code == 200 and woke.json()["state"] == "serving"
+    assert woke.json()["seconds"] < 1.0
+    assert _complete(http, "tiny-llama", PROMPT)["choices"][0]["text"] == before
+    assert _complete(http, "llama-all", "hi", max_tokens=2)["model"] == "llama-all"

@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
 from disagg.errors import DeadlineExceeded, DisaggError, InternalError, InvalidRequest, StreamNotFound, WorkerLost
-from disagg.protocol import KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import KVEventBatch, KVEventPage, PrefillResult, Request, Role, SleepReport, TokenDelta
 from disagg.router.handles import Attached
 from disagg.stats import Heartbeat
 
@@ -149,6 +149,12 @@ class RayWorkerHandle:
 
     async def set_role(self, role: Role, timeout_s: float) -> None:
         await self._call("set_role", role.value, timeout_s=timeout_s)
+
+    async def sleep(self, timeout_s: float) -> SleepReport:
+        return SleepReport.from_wire(await self._call("sleep", timeout_s=timeout_s))
+
+    async def wake(self, timeout_s: float) -> SleepReport:
+        return SleepReport.from_wire(await self._call("wake", timeout_s=timeout_s))
 
     async def kill(self) -> None:
         if self._pid is not None and self._worker_node and self._worker_node == self.node_id:

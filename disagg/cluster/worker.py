@@ -40,7 +40,8 @@ from disagg.cluster.step_budget import StepBudget
 from disagg.cluster.streams import JournaledStreams
 from disagg.cluster.worker_config import FaultOrder, WorkerConfig, build_tiers, kv_fingerprint
 from disagg.cluster.worker_stats import LoopCounts, worker_stats
-from disagg.errors import Forbidden, OutputCorrupt
+from disagg.engine.sleep import Sleeper
+from disagg.errors import Forbidden, ModelUnavailable, OutputCorrupt
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Role, TokenDelta
 from disagg.stats import Heartbeat, WorkerStats
 from disagg.tracing import TracingConfig
@@ -114,6 +115,7 @@ class EngineWorker(JournaledStreams):
         self._stats: WorkerStats | None = None  # refreshed by the engine thread, read by heartbeats
         self._stats_at = 0.0
         self.fault: str | None = None  # impossible output seen (NaN logits, bad token id): out of service for good
+        self.sleeper = Sleeper(self.engine, config.name)  # KV memory given back while its model sleeps
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
@@ -295,6 +297,8 @@ class EngineWorker(JournaledStreams):
     async def export_prefix(self, request: bytes) -> bytes | None:
         """Lease the leading blocks of the request's prompt held here (device or CPU tier) for a peer's read."""
         req = Request.from_wire(request)
+        if self.sleeper.asleep:  # its KV pages are given back: nothing to offer
+            return None
 
         def export() -> bytes | None:
             from disagg.isolation import salt_root
@@ -322,6 +326,8 @@ class EngineWorker(JournaledStreams):
         self.budget.check()
         if self.fault is not None:
             raise self._corrupt()
+        if self.sleeper.asleep:  # the front door refuses its model's requests first; this is the backstop
+            raise ModelUnavailable(f"{self.config.name} is asleep (POST /admin/models/<id>/wake)", code="asleep")
         self._ensure_loop()
 
     def _open(self, request_id: str) -> asyncio.Queue:
@@ -369,6 +375,13 @@ class EngineWorker(JournaledStreams):
         """Wait for the tiers' stores and demotions in flight (tests, benchmarks)."""
         if self.tiers is not None:
             await self._call(self.tiers.flush)
+
+    async def sleep(self) -> bytes:
+        """Give the KV memory back (engine/sleep.py; refused while blocks are in use): a SleepReport."""
+        return (await self._call(self.sleeper.sleep)).to_wire()
+
+    async def wake(self) -> bytes:
+        return (await self._call(self.sleeper.wake)).to_wire()
 
     async def kv_block_bytes(self) -> int:
         return self.transport.layout().block_bytes

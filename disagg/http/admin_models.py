@@ -5,6 +5,7 @@
   its routing core, serve it; 201 once its workers answer (a new version is warm before any traffic moves to it).
   A bad entry is a 400 naming the field; an id that is served or loading, a 409; a model whose workers refuse to
   start (memory budget, a corrupt directory) a 400 with the workers' reason, and everything else keeps serving.
+- `POST /admin/models/{id}/sleep` and `/wake`: http/admin_sleep.py.
 - `DELETE /admin/models/{id}`: drain - new requests for it get 503 `model_unavailable` with Retry-After, the ones
   in flight finish (up to `model_drain_timeout_s`) - then stop its core and end its workers.  Refused (409) while
   an alias still sends it requests, and for the last model.
@@ -24,6 +25,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
 from disagg.errors import Conflict, InvalidRequest
+from disagg.http.admin_sleep import add_sleep_routes, drain
 from disagg.http.config import ApiConfig
 from disagg.http.models import ModelLoader, ModelState, ModelTable, ServedModel
 from disagg.models.adapters import check_adapter
@@ -73,27 +75,19 @@ def _loader(loader: ModelLoader | None) -> ModelLoader:
     return loader
 
 
-async def _drain(model: ServedModel, config: ApiConfig) -> bool:
-    """Wait for its requests in flight to finish; False if some were still running at the timeout."""
-    deadline = time.monotonic() + config.model_drain_timeout_s
-    while model.in_flight() and time.monotonic() < deadline:
-        await asyncio.sleep(config.model_drain_poll_s)
-    return not model.in_flight()
-
-
 async def _unload_base(model: ServedModel, models: ModelTable, launcher: ModelLoader, config: ApiConfig) -> dict:
     """Drain a base model (new requests refused, those in flight finish), stop its core, end its workers."""
     name = model.name
     adapters = models.adapters_of(name)
     if adapters:
         raise Conflict(f"adapters {', '.join(adapters)} run on {name}; unload them first")
-    if model.state is ModelState.DRAINING:
-        raise Conflict(f"{name} is already being unloaded")
+    if model.state not in (ModelState.SERVING, ModelState.SLEEPING):
+        raise Conflict(f"{name} is {model.state.value}")
     if not [m for m in models.bases() if m.state is ModelState.SERVING and m.name != name]:
         raise Conflict("the last model cannot be unloaded (the endpoint would serve nothing)")
     model.state = ModelState.DRAINING  # from here no alias or adapter can attach to it (serving ids only)
     started = time.monotonic()
-    drained = await _drain(model, config)
+    drained = await drain(model, config)
     models.remove(name)
     await model.core.stop()  # a request still queued at a timed-out drain is refused, not left waiting
     await asyncio.to_thread(launcher.unload, model)
@@ -111,6 +105,8 @@ def _names(entry: ModelEntry) -> list[str]:
 def add_model_admin_routes(
     app: FastAPI, models: ModelTable, loader: ModelLoader | None, config: ApiConfig, metrics: RouterMetrics
 ) -> None:
+    add_sleep_routes(app, models, config, check=lambda: _loader(loader))
+
     @app.get("/admin/models")
     async def listing():
         return _listing(models)
@@ -158,7 +154,8 @@ def add_model_admin_routes(
         if model.lora is not None:  # its requests in flight carry the adapter: they finish where they run
             models.remove(name)
             return {"id": name, "drained": True, "drain_s": 0.0}
-        return await _unload_base(model, models, _loader(loader), config)
+        with models.change(name):
+            return await _unload_base(model, models, _loader(loader), config)
 
     @app.put("/admin/aliases/{alias:path}")
     async def set_alias(alias: str, body: AliasBody):

@@ -62,6 +62,7 @@ class ApiConfig:
     agents: AgentConfig = field(default_factory=AgentConfig)
     model_drain_timeout_s: float = 300.0  # DELETE /admin/models/{id}: its requests in flight may finish this long
     model_drain_poll_s: float = 0.05
+    worker_sleep_timeout_s: float = 30.0  # POST /admin/models/{id}/sleep or /wake: one worker's answer
 
     def grants(self) -> dict[str, ApiKey]:
         """Every configured key with its grant; empty: no keys (the open, loopback-only mode)."""

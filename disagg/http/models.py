@@ -5,11 +5,14 @@ context length and block-hash namespace - comes from that entry.  `/v1/models` l
 
 Lifecycle of a model loaded at run time (http/admin_models.py drives it through a `ModelLoader`):
 LOADING (its id reserved: a second load of it is a 409) -> SERVING -> DRAINING (new requests refused, the ones in
-flight finish) -> gone (its core stopped, its workers ended).
+flight finish) -> gone (its core stopped, its workers ended).  A model can sleep meanwhile (http/admin_sleep.py):
+SERVING -> SLEEPING (new requests refused, the ones in flight finish, then its workers give their KV memory back)
+-> WAKING -> SERVING.  An adapter takes requests only while its base does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -25,7 +28,9 @@ from disagg.models.deployment import ModelEntry
 from disagg.protocol import LoRARef
 from disagg.router.router import RouterCore
 
-UNLOAD_RETRY_AFTER_S = 1.0  # a request for a model being unloaded: its alias may point elsewhere by then
+UNAVAILABLE_RETRY_AFTER_S = (
+    1.0  # a model being unloaded, asleep or waking: an alias may point elsewhere by then, or it is awake
+)
 
 
 def _uniform(key: str) -> float:
@@ -35,7 +40,16 @@ def _uniform(key: str) -> float:
 
 class ModelState(str, enum.Enum):
     SERVING = "serving"
-    DRAINING = "draining"
+    DRAINING = "draining"  # being unloaded
+    SLEEPING = "sleeping"  # going to sleep, or asleep
+    WAKING = "waking"
+
+
+_REFUSALS = {  # a request for a model in this state: 503 model_unavailable, saying why
+    ModelState.DRAINING: "is being unloaded",
+    ModelState.SLEEPING: "is asleep; an operator wakes it (POST /admin/models/{id}/wake)",
+    ModelState.WAKING: "is waking up",
+}
 
 
 @dataclass
@@ -93,6 +107,7 @@ class ModelTable:
             raise ValueError("model names must be unique")
         self.aliases = AliasTable()
         self.loading: set[str] = set()  # ids reserved by a load in progress
+        self.changing: set[str] = set()  # models an unload, sleep or wake is under way for
         self._draw = draw
 
     @classmethod
@@ -107,8 +122,11 @@ class ModelTable:
         model = self._by_name.get(route.pick(draw) if route is not None else name)
         if model is None:
             raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
-        if model.state is not ModelState.SERVING:
-            raise ModelUnavailable(f"The model `{model.name}` is being unloaded.", retry_after_s=UNLOAD_RETRY_AFTER_S)
+        base = self._by_name.get(model.parent) if model.parent is not None else model
+        for m in (model, base or model):
+            if m.state is not ModelState.SERVING:
+                why = _REFUSALS[m.state].format(id=m.name)
+                raise ModelUnavailable(f"The model `{m.name}` {why}.", retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
         return model
 
     def serving(self, name: str) -> ServedModel:
@@ -117,8 +135,19 @@ class ModelTable:
         if model.lora is not None:
             raise InvalidRequest(f"{name} is an adapter; an adapter's base is a model", param="model")
         if model.state is not ModelState.SERVING:
-            raise Conflict(f"{name} is being unloaded")
+            raise Conflict(f"{name} {_REFUSALS[model.state].format(id=name)}")
         return model
+
+    @contextlib.contextmanager
+    def change(self, name: str) -> Iterator[None]:
+        """One unload, sleep or wake of model `name` at a time (409 while another runs)."""
+        if name in self.changing:
+            raise Conflict(f"{name} is being changed by another call; try again when it ends")
+        self.changing.add(name)
+        try:
+            yield
+        finally:
+            self.changing.discard(name)
 
     def serving_ids(self) -> set[str]:
         """The ids that take requests (what an alias may point at)."""

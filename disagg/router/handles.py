@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
-from disagg.protocol import KVEventBatch, KVEventPage, PrefillResult, Request, Role, TokenDelta
+from disagg.protocol import KVEventBatch, KVEventPage, PrefillResult, Request, Role, SleepReport, TokenDelta
 from disagg.stats import Heartbeat
 
 
@@ -63,3 +63,8 @@ class WorkerHandle(Protocol):
 
     async def kill(self) -> None:
         """Kill the worker's process so it restarts (stuck or failing workers)."""
+
+    async def sleep(self, timeout_s: float) -> SleepReport:
+        """Give its KV memory back (its model sleeps: engine/sleep.py); Conflict while blocks are in use."""
+
+    async def wake(self, timeout_s: float) -> SleepReport: ...

@@ -17,12 +17,10 @@ the rules below, shared with the simulator) driven on this event loop by router/
      (`Request.resumed`), so the stream continues with no duplicate and no missing token, up to
      `max_migrations` times; then, or when no decode-capable worker is left, ServiceUnavailable.
 
-Lifecycle: built with its workers' handles (None for a routing-only core: the simulator, benchmarks); `start()`
-on the serving event loop starts its background tasks - the admission dispatcher, the health supervisor and the
-KV-event followers (when every worker has a handle), the planner loop (when one is attached as `planner`) - and
-`stop()` stops them in reverse order, then lets background lease releases finish.  A core that is never started
-still routes and serves (DisaggClient, tests): the queue is pumped as capacity frees, but no timer refuses requests
-past deadline.
+Lifecycle: built with its workers' handles (None: a routing-only core: simulator, benchmarks); `start()` starts
+admission, health supervisor and KV-event followers (every worker has a handle), silent-failure watch and planner (if
+attached); `pause()`/`resume()` stop and restart the last two (a sleeping model); `stop()` stops all in reverse, then
+lets lease releases finish.  A core never started still serves (DisaggClient, tests), with no deadline timer.
 Collaborators (router/attempt.py, router/roles.py, the planner's port) get the parts they use, not the core.
 """
 
@@ -61,6 +59,7 @@ from disagg.router.roles import RoleChanger
 from disagg.router.watch import SilentConfig, SilentFailureWatch
 from disagg.stats import Heartbeat, RouterCounters
 from disagg.tracing import inject
+from disagg.utils import Background
 
 log = logging.getLogger(__name__)
 
@@ -137,30 +136,32 @@ class RouterCore:
         self.begin, self.progress, self.end, self.has_room = book.begin, book.progress, book.end, book.has_room
 
     # ------------------------------------------------------------------ lifecycle
+    def _background(self, *, pausable: bool = False) -> list[Background]:
+        """Its optional background parts in start order (stopped in reverse); `pausable`: the ones a sleep stops."""
+        parts = (self.watch, self.planner) if pausable else (self.events, self.supervisor, self.watch, self.planner)
+        return [p for p in parts if p is not None]
+
     def start(self) -> None:
         """Start the background tasks on the running event loop (see the module docstring)."""
         self.admission.start()
-        if self.events is not None:
-            self.events.start()
-        if self.supervisor is not None:
-            self.supervisor.start()
-        if self.watch is not None:
-            self.watch.start()
-        if self.planner is not None:
-            self.planner.start()
+        for part in self._background():
+            part.start()
 
     async def stop(self) -> None:
         """Stop them, newest first, then let background lease releases finish (each bounded by release_timeout_s)."""
-        if self.planner is not None:
-            await self.planner.stop()
-        if self.watch is not None:
-            await self.watch.stop()
-        if self.supervisor is not None:
-            await self.supervisor.stop()
-        if self.events is not None:
-            await self.events.stop()
+        for part in reversed(self._background()):
+            await part.stop()
         await self.admission.stop()
         await self.drain_releases()
+
+    async def pause(self) -> None:
+        """Its model sleeps (http/admin_sleep.py): no canaries, no planning; health and KV events go on."""
+        for part in reversed(self._background(pausable=True)):
+            await part.stop()
+
+    def resume(self) -> None:
+        for part in self._background(pausable=True):
+            part.start()
 
     # ------------------------------------------------------------------ health
     def _on_health_change(self, name: str, old: WorkerState, new: WorkerState) -> None:

@@ -1,0 +1,80 @@
+"""Sleep and wake (issue 25, part 3; engine/sleep.py, the worker's calls): a sleeping engine gives its KV pages back to
+the operating system (the process's resident memory drops by them), forgets its prefix cache (a CLEARED event),
+refuses requests, and after a wake answers exactly as before.  The cluster-wide path over HTTP (drain, 503s,
+adapters, wake) is in tests/test_multi_model.py."""
+import asyncio
+import mmap
+
+import pytest
+import torch
+
+from disagg.config import EngineConfig
+from disagg.engine.engine import LLMEngine
+from disagg.engine.sleep import Sleeper, release_pages, resident_bytes
+from disagg.errors import Conflict, ModelUnavailable
+from disagg.protocol import EventKind, Request, SamplingParams, SleepReport, SleepState
+from tests.fakes import local_worker
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0)
+PROMPT = [(7 * i + 3) % 250 + 2 for i in range(57)]  # token ids: the tiny model has no tokenizer
+
+
+def test_release_pages_zeroes_only_the_whole_pages_inside_the_tensor():
+    page = mmap.PAGESIZE // 4  # float32s per page
+    big = torch.ones(256 * page)
+    inner = big[1000:200 * page + 7]  # starts and ends mid-page
+    released = release_pages(inner)
+    assert released > 0 and released % mmap.PAGESIZE == 0
+    assert released <= inner.numel() * 4
+    assert bool((big[:1000] == 1).all()) and bool((big[200 * page + 7:] == 1).all())  # outside: untouched
+    zeros = int((inner == 0).sum())
+    assert zeros * 4 == released  # exactly the released pages read back as zeros
+    assert release_pages(torch.ones(10)) == 0  # smaller than a page: nothing
+
+
+def test_a_sleeping_engine_gives_its_kv_back_and_wakes_to_the_same_answers(tiny_llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), kv_cache_memory_mb=96, num_threads=1))
+    ids = PROMPT
+    before = engine.generate([ids], GREEDY)[0]
+    assert engine.generate([ids], GREEDY)[0].num_cached_tokens > 0  # its prefix is cached
+    engine.drain_kv_events()
+    sleeper = Sleeper(engine, "w0")
+    resident = resident_bytes()
+    report = sleeper.sleep()
+    kv_bytes = engine.kv_tensor.numel() * engine.kv_tensor.element_size()
+    assert report.state is SleepState.ASLEEP and report.released_bytes >= 0.99 * kv_bytes
+    assert resident - report.resident_bytes >= 0.8 * report.released_bytes  # the OS has the pages back
+    assert [e.kind for e in engine.drain_kv_events()] == [EventKind.CLEARED]  # routers forget its blocks
+    assert sleeper.sleep().released_bytes == 0  # asleep already: nothing more
+    woke = sleeper.wake()
+    assert woke.state is SleepState.AWAKE and woke.seconds < 0.1
+    after = engine.generate([ids], GREEDY)[0]
+    assert after.token_ids == before.token_ids and after.num_cached_tokens == 0  # same answer, cache forgotten
+
+
+def test_an_engine_with_work_in_flight_refuses_to_sleep(tiny_llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, num_threads=1))
+    engine.add(Request("r1", PROMPT, GREEDY))
+    with pytest.raises(Conflict, match="still running"):
+        Sleeper(engine, "w0").sleep()
+    while engine.has_unfinished():
+        engine.step()
+    assert Sleeper(engine, "w0").sleep().state is SleepState.ASLEEP
+
+
+def test_a_sleeping_worker_refuses_requests_and_offers_no_kv(tiny_llama_dir):
+    async def run():
+        worker = local_worker("w0", tiny_llama_dir)
+        await worker.ready()
+        request = Request("r1", PROMPT, GREEDY)
+        report = SleepReport.from_wire(await worker.sleep())
+        assert report.worker == "w0" and report.state is SleepState.ASLEEP
+        with pytest.raises(ModelUnavailable, match="asleep"):
+            async for _ in worker.generate(request.to_wire()):
+                pass
+        assert await worker.export_prefix(request.to_wire()) is None
+        assert SleepReport.from_wire(await worker.wake()).state is SleepState.AWAKE
+        deltas = [d async for d in worker.generate(request.to_wire())]
+        assert deltas  # serving again
+
+    asyncio.run(run())
