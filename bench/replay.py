@@ -310,8 +310,9 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
                 record = RequestRecord(
                     i, cfg.scale.input_len(req), cfg.scale.output_len(req), 0.0, req.session_id, req.turn
                 )
+                record.model = req.model or model
                 records[i] = record
-                await _send(client, cfg, model, cfg.scale.prompt(req, cfg.vocab_size, salt=i), record, t0)
+                await _send(client, cfg, record.model, cfg.scale.prompt(req, cfg.vocab_size, salt=i), record, t0)
                 bar.update(1)
 
         # one dispatcher starts the units in (arrival, trace index) order, at least SEND_GAP_S apart: requests with

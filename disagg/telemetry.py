@@ -238,25 +238,31 @@ class RouterMetrics:
         self.requests = Counter(
             "disagg:requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
         )
-        self.prompt_tokens = Counter("disagg:prompt_tokens", "Prompt tokens of admitted requests", registry=r)
-        self.generation_tokens = Counter("disagg:generation_tokens", "Generated tokens", registry=r)
+        model = ["model"]  # the served model (its id; an adapter's name), as vLLM's model_name label
+        self.prompt_tokens = Counter("disagg:prompt_tokens", "Prompt tokens of admitted requests", model, registry=r)
+        self.generation_tokens = Counter("disagg:generation_tokens", "Generated tokens", model, registry=r)
         self.prefix_cache_queries = Counter(
-            "disagg:prefix_cache_queries", "Prompt tokens looked up in the serving worker's prefix cache", registry=r
+            "disagg:prefix_cache_queries",
+            "Prompt tokens looked up in the serving worker's prefix cache",
+            model,
+            registry=r,
         )
         self.prefix_cache_hits = Counter(
             "disagg:prefix_cache_hits",
             "Prompt tokens not computed for the request (device prefix cache, CPU/disk tier, or a peer's KV)",
+            model,
             registry=r,
         )
         self.routed = Counter("disagg:routed_requests", "Routing decisions", ["decode_worker", "mode"], registry=r)
-        self.running = Gauge("disagg:num_requests_running", "Requests in flight", registry=r)
-        self.ttft = Histogram("disagg:time_to_first_token_seconds", "TTFT", buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("disagg:num_requests_running", "Requests in flight", model, registry=r)
+        self.ttft = Histogram("disagg:time_to_first_token_seconds", "TTFT", model, buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram(
-            "disagg:e2e_request_latency_seconds", "End-to-end latency", buckets=_LATENCY_BUCKETS, registry=r
+            "disagg:e2e_request_latency_seconds", "End-to-end latency", model, buckets=_LATENCY_BUCKETS, registry=r
         )
         self.itl = Histogram(
             "disagg:inter_token_latency_seconds",
             "Gaps between streamed tokens",
+            model,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )

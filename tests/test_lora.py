@@ -82,8 +82,28 @@ def test_the_adapter_cache_is_bounded_and_reloads_on_demand(tiny_llama_dir, adap
     cache = engine.runner.lora.cache
     assert cache.loads == 3 and len(cache.resident()) == 1  # a was evicted by b, then loaded again
     assert outputs[0] == outputs[2] != outputs[1]
-    together, _ = _run(engine, [(PROMPTS[0], a), (PROMPTS[0], b)])  # a step needing both holds both
+    together, _ = _run(engine, [(PROMPTS[0], a), (PROMPTS[0], b)])  # one at a time: the cache never holds two
     assert together == [merged_greedy(tiny_llama_dir, adapters[k], PROMPTS[0], N) for k in ("all", "qv")]
+    assert len(cache.resident()) == 1
+
+
+def test_a_step_runs_at_most_max_loras_adapters_and_the_others_wait_their_turn(tiny_llama_dir, adapters, tmp_path):
+    third = make_lora(tiny_llama_dir, tmp_path / "third", seed=2)
+    refs = [LoRARef("all", str(adapters["all"])), LoRARef("qv", str(adapters["qv"])), LoRARef("third", str(third))]
+    engine = _engine(tiny_llama_dir, max_loras=2)
+    batch = [(PROMPTS[i % 2], refs[i % 3] if i % 4 else None) for i in range(8)]  # 3 adapters and the base
+    for i, (prompt, ref) in enumerate(batch):
+        engine.add_request(f"r{i}", prompt, GREEDY, lora=ref)
+    seqs = [engine.seqs[f"r{i}"] for i in range(len(batch))]
+    most = 0
+    while engine.has_unfinished():
+        engine.step()
+        running = {s.lora.name for s in engine.scheduler.running if s.lora is not None}
+        most = max(most, len(running))
+        assert len(engine.runner.lora.cache.resident()) <= 2
+    assert most == 2  # the cap was reached, never passed
+    together = [s.token_ids[s.num_prompt_tokens:] for s in seqs]
+    assert together == [_run(_engine(tiny_llama_dir), [item])[0][0] for item in batch]  # each as alone
 
 
 def test_bad_adapters_are_refused_with_the_reason(tiny_llama_dir, adapters, tmp_path):

@@ -134,6 +134,7 @@ def test_probes_metrics_and_admin_speak_per_model(service, http):
     metrics = http.get("/metrics").text
     for model in MODELS:
         assert f'model="{model}"' in metrics
+        assert f'disagg:time_to_first_token_seconds_count{{model="{model}"}}' in metrics  # the front door's, too
     # a role change names a worker; it stays within its model (the last decoder of a model cannot stop decoding)
     qwen_worker = next(iter(roles["tiny-qwen"]["roles"]))
     refused = http.post(f"/admin/workers/{qwen_worker}/role", json={"role": "prefill"})

@@ -11,7 +11,7 @@ import torch
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.sleep import Sleeper, release_pages, resident_bytes
-from disagg.errors import Conflict, ModelUnavailable
+from disagg.errors import Conflict, InvalidRequest, ModelUnavailable
 from disagg.protocol import EventKind, Request, SamplingParams, SleepReport, SleepState
 from tests.fakes import local_worker
 
@@ -78,3 +78,42 @@ def test_a_sleeping_worker_refuses_requests_and_offers_no_kv(tiny_llama_dir):
         assert deltas  # serving again
 
     asyncio.run(run())
+
+
+class _Handle:
+    """A worker that sleeps, or refuses to (a GPU worker's reason, or a lease never released)."""
+
+    def __init__(self, name, refusal=None):
+        self.name, self.refusal, self.asleep = name, refusal, False
+
+    async def sleep(self, timeout_s):
+        if self.refusal is not None:
+            raise self.refusal
+        self.asleep = True
+        return SleepReport(self.name, SleepState.ASLEEP, 1 << 20, 0.0, 0)
+
+    async def wake(self, timeout_s):
+        self.asleep = False
+        return SleepReport(self.name, SleepState.AWAKE, 0, 0.0, 0)
+
+
+@pytest.mark.parametrize("refusal", [InvalidRequest("w1: sleep frees host pages; not on cuda", code="sleep_unsupported"),
+                                     Conflict("w1: KV blocks are still leased to a reader")])
+def test_a_sleep_a_worker_refuses_leaves_the_model_serving_and_every_worker_awake(refusal):
+    from disagg.http.admin_sleep import sleep_model, wake_model
+    from disagg.http.config import ApiConfig
+    from disagg.http.models import ModelState, ServedModel
+    from disagg.router.router import RouterCore
+
+    handles = {"w0": _Handle("w0"), "w1": _Handle("w1", refusal), "w2": _Handle("w2")}
+    model = ServedModel("m", RouterCore({}, handles), None, 512)
+    config = ApiConfig(model_drain_timeout_s=0.2, model_drain_poll_s=0.01)
+    with pytest.raises(type(refusal)):
+        asyncio.run(sleep_model(model, config))
+    assert model.state is ModelState.SERVING and not any(h.asleep for h in handles.values())
+    handles["w1"].refusal = None  # the lease is released: now it sleeps, and wakes
+    slept = asyncio.run(sleep_model(model, config))
+    assert slept["released_bytes"] == 3 << 20 and all(h.asleep for h in handles.values())
+    assert model.state is ModelState.SLEEPING
+    assert asyncio.run(wake_model(model, config))["state"] == "serving"
+    assert not any(h.asleep for h in handles.values())

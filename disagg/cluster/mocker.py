@@ -7,9 +7,10 @@ pool, prefix cache, KV events, heartbeats and streams, but no weights and no KV 
   - a cluster larger than the machine: steps last what the step-time model says (`time_scale` 1, or slower or
     faster), spent sleeping, so many mock workers share a few cores.
 
-Tokens are deterministic per request and position (not the model's); EOS is never sampled, so every request runs
-to its max_tokens.  A mock worker's KV memory is one float per block (TokenKV): it wires up, leases and reads blocks
-like a real worker, but the bytes mean nothing; it has no CPU or disk tier (ClusterConfig.mock turns them off).
+Tokens are deterministic per request and position (not the model's), streamed as text through the directory's
+tokenizer when it has one; EOS is never sampled, so every request runs to its max_tokens.  A mock worker's KV memory
+is one float per block (TokenKV): it wires up, leases and reads blocks like a real worker, but the bytes mean
+nothing; it has no CPU or disk tier (ClusterConfig.mock turns them off).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.kv_format import KVFormat
 from disagg.engine.scheduler import ScheduledBatch
+from disagg.engine.tokenizer import Tokenizer
 from disagg.modes import KVDtype
 from disagg.sim.runner import SimRunner, sim_model_config
 from disagg.sim.timemodel import StepTimeModel
@@ -62,4 +64,8 @@ def mock_engine(engine: EngineConfig, mock: MockConfig) -> LLMEngine:
     hf = json.loads((Path(engine.model) / "config.json").read_text()) if engine.model else {}
     vocab = int(hf.get("vocab_size", DEFAULT_VOCAB))
     max_len = min(engine.max_model_len, int(hf.get("max_position_embeddings", engine.max_model_len)))
-    return LLMEngine(engine, PacedRunner(model, vocab, max_len, mock))
+    # the directory's tokenizer, when it has one, so streams carry text as a real worker's do (clients time their
+    # first token by it); the mock's tokens are never its EOS (sim/runner.py samples ids from 256 up)
+    has_tokenizer = engine.model and (Path(engine.model) / "tokenizer.json").is_file()
+    tokenizer = Tokenizer.from_dir(engine.model) if has_tokenizer else None
+    return LLMEngine(engine, PacedRunner(model, vocab, max_len, mock), tokenizer)

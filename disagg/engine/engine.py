@@ -102,6 +102,7 @@ class LLMEngine:
             config.max_num_batched_tokens,
             self.connector,
             chunking=self.chunking if target_s > 0 else None,
+            max_loras=config.max_loras,
         )
         self.eos_token_ids = set(mc.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:

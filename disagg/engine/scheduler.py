@@ -69,8 +69,10 @@ class Scheduler:
         max_num_batched_tokens: int,
         connector: KVConnector | None = None,
         chunking: ChunkSizer | None = None,
+        max_loras: int = 0,
     ) -> None:
         self.pool = pool
+        self.max_loras = max_loras  # distinct LoRA adapters among the active sequences (0: no cap)
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -138,14 +140,31 @@ class Scheduler:
                 i += 1
         if batch.preempted:
             return batch  # memory is short: admit nothing new this step
+        self._admit_waiting(batch, budget, prompt_left)
+        return batch
+
+    def _adapters(self) -> set[tuple[str, str, str]]:
+        return {s.lora.key() for s in (*self.running, *self.loading) if s.lora is not None}
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int, prompt_left: int) -> None:
+        """Admit queued sequences in order while the step's budget, the sequence slots and the blocks last.  A
+        sequence whose adapter would be one too many (`max_loras`, as vLLM's) waits, keeping its place, while the
+        ones behind it may go (its adapter's requests are admitted as soon as a slot frees)."""
+        adapters, deferred = self._adapters(), []
         while self.waiting and min(budget, prompt_left) > 0 and self.num_active < self.max_num_seqs:
             seq = self.waiting[0]
+            key = seq.lora.key() if seq.lora is not None else None
+            if key is not None and key not in adapters and 0 < self.max_loras <= len(adapters):
+                deferred.append(self.waiting.popleft())
+                continue
             admitted = self._admit(seq, min(budget, prompt_left))
             if admitted is None:
                 if not self.running and self._release_waiting_blocks(keep=seq):
                     continue  # nothing runs that could free blocks: take them from sequences queued behind
                 break
             self.waiting.popleft()
+            if key is not None:
+                adapters.add(key)
             if seq.status is SequenceStatus.WAITING_FOR_KV:
                 continue
             if seq.pending_first_token:  # a peer's prefill result: its first token goes out now
@@ -160,7 +179,7 @@ class Scheduler:
             batch.drafts.append([])
             budget -= admitted
             prompt_left -= admitted
-        return batch
+        self.waiting.extendleft(reversed(deferred))
 
     def _prompt_allowance(self) -> int:
         """Prompt tokens this step may take: the fixed budget, or with a `ChunkSizer` and decodes in the step, what

@@ -53,8 +53,11 @@ async def _each(model: ServedModel, call: Call, config: ApiConfig) -> dict[str, 
                 await asyncio.sleep(config.model_drain_poll_s)
 
     handles = [h for h in model.core.handles.values() if h is not None]
-    reports = await asyncio.gather(*(one(h) for h in handles))
-    return {h.name: r for h, r in zip(handles, reports)}
+    answers = await asyncio.gather(*(one(h) for h in handles), return_exceptions=True)  # all done before a raise
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    return {h.name: r for h, r in zip(handles, answers) if isinstance(r, SleepReport)}
 
 
 def _summary(model: ServedModel, reports: dict[str, SleepReport], started: float) -> dict[str, object]:
@@ -79,16 +82,19 @@ async def sleep_model(model: ServedModel, config: ApiConfig) -> dict[str, object
     started = time.monotonic()
     model.state = ModelState.SLEEPING  # from here its requests get 503s
     timeout = config.worker_sleep_timeout_s
+    paused = False
     try:
         if not await drain(model, config):
             raise Conflict(f"{model.name}: requests were still running after {config.model_drain_timeout_s}s")
         await model.core.pause()
+        paused = True
         reports = await _each(model, lambda h: h.sleep(timeout), config)
     except BaseException:  # serve again: wake whatever went to sleep
-        await asyncio.gather(
-            *(h.wake(timeout) for h in model.core.handles.values() if h is not None), return_exceptions=True
-        )
-        model.core.resume()
+        if paused:
+            await asyncio.gather(
+                *(h.wake(timeout) for h in model.core.handles.values() if h is not None), return_exceptions=True
+            )
+            model.core.resume()
         model.state = ModelState.SERVING
         raise
     return _summary(model, reports, started)

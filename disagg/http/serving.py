@@ -183,7 +183,7 @@ class Server:
         """Serve `request`: a StreamingResponse of `render`'s events, or its JSON body."""
         core, metrics, poll_s = served.core, self.metrics, self.config.disconnect_poll_s
         n_prompt = len(request.prompt_token_ids)
-        running, cursor = Running(), Cursor(request.request_id)
+        running, cursor = Running(served.name), Cursor(request.request_id)
         trace_headers = http.headers if caller.may_force_trace else without_trace_context(http.headers)  # see there
         span = request_span(
             core.tracer,
@@ -202,7 +202,7 @@ class Server:
             if not running.counted:
                 running.counted = True
                 running.predicted = decision.predicted_cached_tokens(n_prompt, core.block_size)
-                metrics.running.inc()
+                metrics.running.labels(served.name).inc()
 
         deltas = core.generate(
             request,

@@ -31,6 +31,7 @@ class Running:
     """What the route hook learned for the timed stream: whether the request was counted as running (it left the
     admission queue), and how many prompt tokens the router expected cached (the staleness histogram)."""
 
+    model: str  # the served model's name: the request metrics' label
     counted: bool = False
     predicted: int | None = None
 
@@ -101,34 +102,35 @@ async def timed(
     start = last = time.monotonic()
     first = True
     n_out, reasons = 0, []
-    metrics.prompt_tokens.inc(n_prompt)
+    model = running.model
+    metrics.prompt_tokens.labels(model).inc(n_prompt)
     try:
         async for delta in deltas:
             now = time.monotonic()
             if first:
-                metrics.ttft.observe(now - start)
-                metrics.prefix_cache_queries.inc(n_prompt)
-                metrics.prefix_cache_hits.inc(delta.num_cached_tokens)
+                metrics.ttft.labels(model).observe(now - start)
+                metrics.prefix_cache_queries.labels(model).inc(n_prompt)
+                metrics.prefix_cache_hits.labels(model).inc(delta.num_cached_tokens)
                 if running.predicted is not None:
                     metrics.staleness.observe(running.predicted - delta.num_cached_tokens)
                 span.set_attribute(tr.USAGE_CACHE_READ_INPUT_TOKENS, delta.num_cached_tokens)
                 first = False
             else:
-                metrics.itl.observe(now - last)
+                metrics.itl.labels(model).observe(now - last)
             last = now
             n_out += len(delta.token_ids)
             if delta.finish_reason:
                 reasons.append(delta.finish_reason)
-            metrics.generation_tokens.inc(len(delta.token_ids))
+            metrics.generation_tokens.labels(model).inc(len(delta.token_ids))
             yield delta
-        metrics.e2e.observe(time.monotonic() - start)
+        metrics.e2e.labels(model).observe(time.monotonic() - start)
     except BaseException as exc:
         span.record_exception(exc)
         span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
         raise
     finally:
         if running.counted:
-            metrics.running.dec()
+            metrics.running.labels(model).dec()
         span.set_attributes({tr.USAGE_OUTPUT_TOKENS: n_out, tr.RESPONSE_FINISH_REASONS: reasons})
         span.end()
 

@@ -45,6 +45,7 @@ class RequestRecord:
     cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server reports it
     refused_s: float | None = None  # when refused (429): how long after start_s the refusal came
     refusal_code: str | None = None  # the 429's error code (queue_full, shed, deadline, expired)
+    model: str | None = None  # the model it asked for
 
     @property
     def ok(self) -> bool:
@@ -146,6 +147,11 @@ def compute_metrics(
     metrics.update(_stats("e2el", [r.e2e_s for r in done if r.e2e_s is not None]))
     if prefix_cache:
         metrics["prefix_cache"] = prefix_cache
+    models = sorted({r.model for r in records if r.model is not None})
+    if len(models) > 1:  # per-model figures over the same run's duration
+        metrics["models"] = {
+            m: compute_metrics([r for r in records if r.model == m], duration_s, slo, None, extra_slos) for m in models
+        }
     reported = [r for r in done if r.cached_tokens is not None]
     if reported:  # the OpenAI usage field: comparable across servers that fill it (ours, vLLM's)
         metrics["usage_cached_ratio"] = sum(r.cached_tokens or 0 for r in reported) / max(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from disagg.workload.tokens import prompt_tokens
@@ -27,6 +27,7 @@ class TraceRequest:
     think_time_ms: float = 0.0
     tenant: str | None = None  # who sends it (admission control's fair share); None: the default tenant
     priority: int = 0  # higher = more important
+    model: str | None = None  # the served model it asks for; None: the replay's model
 
     def to_json(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -37,6 +38,8 @@ class TraceRequest:
         }
         if self.session_id is not None:
             row.update(session_id=self.session_id, turn=self.turn, think_time_ms=self.think_time_ms)
+        if self.model is not None:
+            row["model"] = self.model
         return row
 
     @classmethod
@@ -52,6 +55,7 @@ class TraceRequest:
             session_id=row.get("session_id"),
             turn=row.get("turn"),
             think_time_ms=float(row.get("think_time_ms", 0.0)),
+            model=str(row["model"]) if row.get("model") is not None else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -127,3 +131,14 @@ def send_units(trace: list[TraceRequest]) -> list[list[int]]:
     for idx in sessions.values():
         idx.sort(key=lambda i: trace[i].turn or 0)
     return units
+
+
+def for_models(traces: dict[str, list[TraceRequest]]) -> list[TraceRequest]:
+    """One trace of several models' traces: each request asks for its trace's model; the sessions of different
+    models stay apart (their ids are prefixed by the model); in arrival order."""
+    merged = [
+        replace(r, model=model, session_id=f"{model}/{r.session_id}" if r.session_id is not None else None)
+        for model, trace in traces.items()
+        for r in trace
+    ]
+    return sorted(merged, key=lambda r: r.timestamp_ms)

@@ -80,6 +80,13 @@ def write_report(
         markdown_table(runs),
         "",
     ]
+    per_model = [
+        {"label": f"{run['label']} / {model}", "metrics": m}
+        for run in runs
+        for model, m in (run["metrics"].get("models") or {}).items()
+    ]
+    if per_model:
+        text += ["Per model (over the run's duration):", "", markdown_table(per_model), ""]
     for key in ("workload", "scale", "settings"):
         if key in meta:
             text.append(f"- {key}: `{json.dumps(meta[key], default=_jsonable)}`")
