@@ -5,14 +5,15 @@ and streams; each step sleeps the step-time model's time, so the workers' capaci
 Workload: the Mooncake conversation trace mapped to model `chat`, the synthetic trace to model `code` (the first
 --limit requests of each; hash ids of --block-tokens tokens), Poisson arrivals.
 
-  shared     one router serving both models, --workers each (a deployment of two models), the two traces merged
-             at --rate requests/s in all;
-  separate   one cluster per model with its --workers, each run alone with its own trace at --rate / 2 (so each has
-             the machine to itself: a stricter baseline than two clusters side by side).
+  shared     one router serving both models, --workers each (a deployment of two models); each model's trace is
+             its own Poisson stream at --rate / 2, both sent at once;
+  separate   one cluster per model with its --workers, side by side (one Ray cluster, names apart), the same two
+             streams at the same time.
   neighbour  the shared cluster: `chat` alone at --rate / 2, then with `code` sent at --overload times the
              capacity its workers showed (measured first, with a saturating burst); `chat`'s TTFT p99 with and
              without the neighbour.
-Arms interleaved, --repeats times; medians with their range.
+Goodput is compared as requests meeting both SLOs (TTFT and TPOT): both arms get the same requests at the same
+times.  Arms interleaved, --repeats times; medians with their range.
 
     .venv/bin/python -m bench.multi_model --out bench/results/multi_model.json
 """
@@ -70,11 +71,11 @@ class MultiModelOptions:
     out: str = field(default="", metadata={"help": "write the result JSON here"})
 
 
-def _service(models: list[str], opts: MultiModelOptions) -> Service:
+def _service(models: list[str], opts: MultiModelOptions, name_prefix: str = "") -> Service:
     entries = [{"id": m, "prefill": 0, "decode": opts.workers} for m in models]
     deployment = deployment_of({"models": entries}, base=EngineConfig(num_threads=1, max_model_len=4096))
     cluster = ClusterConfig(tiers=None, mock=MockConfig(time_scale=opts.mock_time_scale))
-    return Service(cluster, RouterConfig(), deployment=deployment)
+    return Service(cluster, RouterConfig(), deployment=deployment, name_prefix=name_prefix)
 
 
 def _run(service: Service, trace: list[TraceRequest], rate: float, opts: MultiModelOptions, seed: int) -> Any:
@@ -85,29 +86,57 @@ def _run(service: Service, trace: list[TraceRequest], rate: float, opts: MultiMo
 
 def _figures(result: Any, slo: SLO) -> dict[str, Any]:
     m = result.metrics(slo)
-    keep = ("request_goodput", "request_throughput", "completed", "failed", "p99_ttft_ms", "median_ttft_ms")
+    keep = (
+        "request_goodput",
+        "goodput_fraction",
+        "request_throughput",
+        "completed",
+        "failed",
+        "p99_ttft_ms",
+        "median_ttft_ms",
+    )
     out = {k: m[k] for k in keep}
+    out["good"] = round(m["goodput_fraction"] * m["num_prompts"])  # requests that met both SLOs
     out["models"] = {name: {k: mm[k] for k in keep} for name, mm in (m.get("models") or {}).items()}
     return out
 
 
+async def _side_by_side(
+    services: dict[str, Service],
+    traces: dict[str, list[TraceRequest]],
+    rate: float,
+    opts: MultiModelOptions,
+    seed: int,
+) -> list[Any]:
+    """Each model's trace as its own Poisson stream (its own seed) to its service, all at once."""
+    streams = [
+        _run(services[m], for_models({m: t}), rate, opts, seed * len(traces) + i)
+        for i, (m, t) in enumerate(traces.items())
+    ]
+    return await asyncio.gather(*streams)
+
+
 def shared_vs_separate(traces: dict[str, list[TraceRequest]], opts: MultiModelOptions, seed: int) -> dict:
+    """The same requests, each model's as its own Poisson stream at --rate / 2 (one client, both streams at once),
+    against one router serving both models, then against one cluster per model side by side (the same machine
+    load).  Goodput compared as requests meeting both SLOs."""
     slo = SLO()
-    service = _service(list(traces), opts)
+    shared_service = _service(list(traces), opts)
     try:
-        shared = _figures(asyncio.run(_run(service, for_models(traces), opts.rate, opts, seed)), slo)
+        services = {m: shared_service for m in traces}
+        shared = asyncio.run(_side_by_side(services, traces, opts.rate / len(traces), opts, seed))
     finally:
-        service.shutdown()
-    separate = {}
-    for model, trace in traces.items():
-        service = _service([model], opts)
-        try:
-            result = asyncio.run(_run(service, for_models({model: trace}), opts.rate / len(traces), opts, seed))
-            separate[model] = _figures(result, slo)
-        finally:
+        shared_service.shutdown()
+    services = {m: _service([m], opts, name_prefix=f"{m}-") for m in traces}
+    try:
+        separate = asyncio.run(_side_by_side(services, traces, opts.rate / len(traces), opts, seed))
+    finally:
+        for service in services.values():
             service.shutdown()
-    total = sum(s["request_goodput"] for s in separate.values())
-    return {"shared": shared, "separate": separate, "ratio": shared["request_goodput"] / total}
+    arms = {"shared": dict(zip(traces, shared)), "separate": dict(zip(traces, separate))}
+    figures = {arm: {m: _figures(r, slo) for m, r in results.items()} for arm, results in arms.items()}
+    good = {arm: sum(f["good"] for f in per_model.values()) for arm, per_model in figures.items()}
+    return {**figures, "good": good, "ratio": good["shared"] / max(good["separate"], 1)}
 
 
 async def _neighbour_run(

@@ -34,13 +34,18 @@ class Service:
         router: RouterConfig | None = None,
         router_max_restarts: int = -1,
         deployment: Deployment | None = None,
+        *,
+        name_prefix: str = "",
     ) -> None:
+        """`name_prefix`: before every worker's name, so that several services share one Ray cluster."""
         router = router or RouterConfig()
         if deployment is None:
-            self.clusters = {"": LocalCluster(cluster)}
+            self.clusters = {"": LocalCluster(cluster, name_prefix)}
         else:  # one model alone keeps a single-model cluster's worker names and hashes
             prefix = (lambda m: m.worker_prefix) if deployment.namespaced else (lambda m: "")
-            self.clusters = {m.id: LocalCluster(cluster.for_model(m), prefix(m)) for m in deployment.models}
+            self.clusters = {
+                m.id: LocalCluster(cluster.for_model(m), name_prefix + prefix(m)) for m in deployment.models
+            }
         self.cluster = next(iter(self.clusters.values()))  # the first (or only) model's
         config = self.cluster.config
         # the router hashes blocks and bounds prompts as the engines do, and traces as they do unless told otherwise
