@@ -331,6 +331,8 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
         after = await scrape_prefix_cache(client)
         staleness = staleness_summary(stale_before, await scrape_staleness(client))
     prefix = None
+    if before is None and after is not None:  # the counters had no sample yet (labelled per model: none served)
+        before = {"queries": 0.0, "hits": 0.0}
     if before is not None and after is not None:
         queries = after["queries"] - before["queries"]
         hits = after["hits"] - before["hits"]

@@ -47,7 +47,7 @@ def test_every_dashboard_query_names_an_exported_metric(tiny_llama_dir):
                 break
             assert asyncio.get_running_loop().time() < deadline, "no tier hit reached the heartbeat"
             await asyncio.sleep(0.02)
-        metrics.ttft.observe(0.1)  # the HTTP layer observes these; here no HTTP request ran
+        metrics.ttft.labels("default").observe(0.1)  # the HTTP layer observes these; here no HTTP request ran
         metrics.requests.labels("/v1/completions", "200").inc()
         return generate_latest(metrics.registry).decode()
     exported = set()
