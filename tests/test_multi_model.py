@@ -164,6 +164,17 @@ def _stream_tokens(url, model, n, out, index, started):
             out[index] = (reply.status_code, finish, tokens)
 
 
+def _streaming(url, model, count, tokens=300):
+    """`count` streams of `tokens` tokens on `model`, each past its first token when this returns."""
+    results, started = [None] * count, [threading.Event() for _ in range(count)]
+    streams = [threading.Thread(target=_stream_tokens, args=(url, model, tokens, results, i, started[i]))
+               for i in range(count)]
+    for t in streams:
+        t.start()
+    assert all(s.wait(60) for s in started)
+    return results, streams
+
+
 def test_a_bad_load_is_named_and_everything_keeps_serving(http, dirs, tmp_path):
     bad = tmp_path / "corrupt"
     bad.mkdir()
@@ -241,12 +252,7 @@ def test_version_replace_canary_rollback_and_unload_lose_nothing(service, http, 
     assert not failures and sum(served.values()) > 0, failures[:3]
 
     # unload under streaming load: the streams in flight finish whole, new requests get 503 + Retry-After
-    results, started = [None] * 4, [threading.Event() for _ in range(4)]
-    streams = [threading.Thread(target=_stream_tokens, args=(service.url, "tiny-qwen@2", 300, results, i, started[i]))
-               for i in range(4)]
-    for t in streams:
-        t.start()
-    assert all(s.wait(60) for s in started)
+    results, streams = _streaming(service.url, "tiny-qwen@2", 4)
     with ThreadPoolExecutor(1) as pool:
         unloading = pool.submit(http.delete, "/admin/models/tiny-qwen@2")
         refused = _wait_for_status(http, "tiny-qwen@2", 503)
@@ -311,12 +317,7 @@ def test_sleep_under_load_loses_nothing_gives_kv_back_and_wake_answers_as_before
     """Sleep the 1P+1D model while it streams: the streams finish whole, then its workers give their KV back; it and
     its adapter get 503s meanwhile, the other models serve; after a wake it answers as before."""
     before = _complete(http, "tiny-llama", PROMPT)["choices"][0]["text"]
-    results, started = [None] * 2, [threading.Event() for _ in range(2)]
-    streams = [threading.Thread(target=_stream_tokens, args=(service.url, "tiny-llama", 300, results, i, started[i]))
-               for i in range(2)]
-    for t in streams:
-        t.start()
-    assert all(s.wait(60) for s in started)
+    results, streams = _streaming(service.url, "tiny-llama", 2)
     with ThreadPoolExecutor(1) as pool:
         sleeping = pool.submit(http.post, "/admin/models/tiny-llama/sleep")
         refused = _wait_for_status(http, "tiny-llama", 503)  # refused from the start of the drain
