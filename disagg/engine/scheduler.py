@@ -151,35 +151,37 @@ class Scheduler:
         sequence whose adapter would be one too many (`max_loras`, as vLLM's) waits, keeping its place, while the
         ones behind it may go (its adapter's requests are admitted as soon as a slot frees)."""
         adapters, deferred = self._adapters(), []
-        while self.waiting and min(budget, prompt_left) > 0 and self.num_active < self.max_num_seqs:
-            seq = self.waiting[0]
-            key = seq.lora.key() if seq.lora is not None else None
-            if key is not None and key not in adapters and 0 < self.max_loras <= len(adapters):
-                deferred.append(self.waiting.popleft())
-                continue
-            admitted = self._admit(seq, min(budget, prompt_left))
-            if admitted is None:
-                if not self.running and self._release_waiting_blocks(keep=seq):
-                    continue  # nothing runs that could free blocks: take them from sequences queued behind
-                break
-            self.waiting.popleft()
-            if key is not None:
-                adapters.add(key)
-            if seq.status is SequenceStatus.WAITING_FOR_KV:
-                continue
-            if seq.pending_first_token:  # a peer's prefill result: its first token goes out now
-                seq.pending_first_token = False
-                batch.imported.append(seq)
-            if seq.scheduled_time is None:
-                seq.scheduled_time = time.monotonic()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-            batch.seqs.append(seq)
-            batch.num_new_tokens.append(admitted)
-            batch.drafts.append([])
-            budget -= admitted
-            prompt_left -= admitted
-        self.waiting.extendleft(reversed(deferred))
+        try:  # the deferred go back to the head of the queue even if an admission raises
+            while self.waiting and min(budget, prompt_left) > 0 and self.num_active < self.max_num_seqs:
+                seq = self.waiting[0]
+                key = seq.lora.key() if seq.lora is not None else None
+                if key is not None and key not in adapters and 0 < self.max_loras <= len(adapters):
+                    deferred.append(self.waiting.popleft())
+                    continue
+                admitted = self._admit(seq, min(budget, prompt_left))
+                if admitted is None:
+                    if not self.running and self._release_waiting_blocks(keep=seq):
+                        continue  # nothing runs that could free blocks: take them from sequences queued behind
+                    break
+                self.waiting.popleft()
+                if key is not None:
+                    adapters.add(key)
+                if seq.status is SequenceStatus.WAITING_FOR_KV:
+                    continue
+                if seq.pending_first_token:  # a peer's prefill result: its first token goes out now
+                    seq.pending_first_token = False
+                    batch.imported.append(seq)
+                if seq.scheduled_time is None:
+                    seq.scheduled_time = time.monotonic()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                batch.seqs.append(seq)
+                batch.num_new_tokens.append(admitted)
+                batch.drafts.append([])
+                budget -= admitted
+                prompt_left -= admitted
+        finally:
+            self.waiting.extendleft(reversed(deferred))
 
     def _prompt_allowance(self) -> int:
         """Prompt tokens this step may take: the fixed budget, or with a `ChunkSizer` and decodes in the step, what

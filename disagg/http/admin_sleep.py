@@ -90,12 +90,16 @@ async def sleep_model(model: ServedModel, config: ApiConfig) -> dict[str, object
         paused = True
         reports = await _each(model, lambda h: h.sleep(timeout), config)
     except BaseException:  # serve again: wake whatever went to sleep
+        woken = True
         if paused:
-            await asyncio.gather(
+            answers = await asyncio.gather(
                 *(h.wake(timeout) for h in model.core.handles.values() if h is not None), return_exceptions=True
             )
-            model.core.resume()
-        model.state = ModelState.SERVING
+            woken = not any(isinstance(a, BaseException) for a in answers)
+            if woken:
+                model.core.resume()
+        # a worker that did not wake leaves the model asleep: a later /wake retries it (and resumes the core)
+        model.state = ModelState.SERVING if woken else ModelState.SLEEPING
         raise
     return _summary(model, reports, started)
 
