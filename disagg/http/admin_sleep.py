@@ -8,8 +8,9 @@ load's time.
   weights, its tiers and its NIXL registration.  Answers with the bytes released and each worker's report.
 - `POST /admin/models/{id}/wake`: every worker takes its KV memory again, the core resumes, requests are served.
 A failed sleep wakes the workers it put to sleep and serves again (if one of them will not wake, the model stays
-asleep for a later wake); a failed wake leaves the model asleep (wake again).  A worker Ray restarts meanwhile comes back awake: waking it is a no-op.  Unload works on a sleeping model.
-Like loads, refused (400 `runtime_models_unavailable`) behind router replicas, which share no model table.
+asleep for a later wake); a failed wake leaves the model asleep (wake again).  A worker Ray restarts meanwhile
+comes back awake: waking it is a no-op.  Unload works on a sleeping model.  Like loads, refused (400
+`runtime_models_unavailable`) behind router replicas, which share no model table.
 """
 
 from __future__ import annotations
