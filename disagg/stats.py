@@ -182,6 +182,7 @@ class Heartbeat(WireMessage):
     stats: WorkerStats | None = None
     healthy: bool = True  # False: the worker gave up (its step failure budget is spent) and waits to be restarted
     fault: str = ""  # why it is unhealthy when its steps did not fail: impossible output (NaN logits, bad token id)
+    asleep: bool = False  # its KV memory given back (engine/sleep.py): parked by the fleet, or its model sleeps
 
     def __post_init__(self) -> None:
         self.role = Role(self.role)

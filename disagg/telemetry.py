@@ -25,6 +25,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from disagg.errors import Rejection
 from disagg.isolation import tenant_label
+from disagg.planner.fleet_loop import FleetLoop
 from disagg.planner.policy import Hold, Reason
 from disagg.protocol import Role, WorkerState
 from disagg.stats import RouterCounters, StatKind, WorkerStats, stat_kind
@@ -105,6 +106,36 @@ class ModelsCollector:
                     out = merged[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
                 out.samples.extend(s._replace(labels={**s.labels, "model": model}) for s in family.samples)
         yield from merged.values()
+
+
+class FleetCollector:
+    """The fleet planner's moves between models and holds, and each model's awake and parked workers as of its last
+    round (planner/fleet_loop.py)."""
+
+    def __init__(self, fleet: FleetLoop) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterator[Metric]:
+        f = self.fleet
+        moves = CounterMetricFamily(
+            "disagg:fleet_moves",
+            "Workers the fleet planner moved between models",
+            labels=["donor", "recipient", "reason"],
+        )
+        for (donor, recipient, reason), n in sorted(f.moves.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            moves.add_metric([donor, recipient, reason.value], n)
+        holds = CounterMetricFamily(
+            "disagg:fleet_holds", "Fleet planner rounds without a move, by reason", labels=["reason"]
+        )
+        for hold, n in sorted(f.holds.items(), key=lambda kv: kv[0].value):
+            holds.add_metric([hold.value], n)
+        workers = GaugeMetricFamily(
+            "disagg:fleet_workers", "Workers per model, awake or parked", labels=["model", "state"]
+        )
+        for m in f.last.models if f.last is not None else []:
+            workers.add_metric([m.model, "awake"], len(m.awake_decoders()))
+            workers.add_metric([m.model, "parked"], sum(w.parked for w in m.workers))
+        yield from (moves, holds, workers)
 
 
 def _families(snap: ClusterSnapshot) -> Iterator[Metric]:

@@ -87,6 +87,7 @@ def test_one_model_is_not_namespaced(model_dir):
     ({"models": [{"id": "a", "decode": 100_000}]}, "models[0].decode: Input should be less than or equal to 1024"),
     ({"models": [{"id": "a", "adapters": {"x": "/a"}, "engine": {"max_loras": 0}}]}, "serve no adapters"),
     ({"models": [{"id": "a", "adapters": {"a": "/a"}}]}, "models[0]: 'a' is served twice"),
+    ({"models": [{"id": "a", "standby": -1}]}, "models[0].standby: Input should be greater than or equal to 0"),
 ])
 def test_each_bad_field_is_named(data, named):
     with pytest.raises(DeploymentError) as err:
@@ -168,6 +169,14 @@ def test_serve_refuses_a_bad_deployment_or_adapter_before_starting(monkeypatch, 
     assert model.id == tiny_llama_dir.name and [(a.name, a.path) for a in model.adapters] == [("sql", str(adapter))]
     assert serve_cli.main(["--deployment", str(good), "--lora-modules", f"sql={adapter}"]) == serve_cli.EXIT_REFUSED
     assert "list them there" in capsys.readouterr().err
+    with pytest.raises(_Started) as started:  # standby workers: started with the rest, parked asleep
+        standby = tmp_path / "standby.toml"
+        standby.write_text(good.read_text().replace('id = "b"', 'id = "b"\nstandby = 2'))
+        serve_cli.main(["--deployment", str(standby), "--fleet-planner"])
+    assert [m.standby for m in started.value.args[0].models] == [0, 2]
+    # each router replica would move workers on its own
+    assert serve_cli.main(["--deployment", str(good), "--fleet-planner", "--replicas", "2"]) == serve_cli.EXIT_REFUSED
+    assert "--fleet-planner needs a single router" in capsys.readouterr().err
 
 
 def test_aliases_pick_by_weight_and_refuse_what_cannot_be_a_weight():

@@ -106,6 +106,7 @@ def _route(spec: ModelSpec, cluster: LocalCluster, namespaced: bool) -> ModelRou
         spec.id if namespaced else "",
         list(spec.aliases),
         list(spec.adapters),
+        cluster.standby,
     )
 
 

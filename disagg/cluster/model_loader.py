@@ -57,6 +57,7 @@ class RayModelLoader:
             route = ModelRoute(
                 spec.id, engine.model, engine.block_size, engine.max_model_len, prefill, decode, namespace
             )
+            route.standby = cluster.standby
             node = ray.get_runtime_context().get_node_id()
             handles = {n: RayWorkerHandle(n, actor, node) for n, actor in cluster.workers_by_name.items()}
             served = serve_model(self.config, route, handles, handles)

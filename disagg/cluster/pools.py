@@ -33,6 +33,8 @@ class ClusterConfig:
         default=1, metadata={"flag": "--prefill", "help": "prefill workers (0: aggregated workers)"}
     )
     num_decode: int = field(default=1, metadata={"flag": "--decode", "help": "decode (or aggregated) workers"})
+    # of which the last ones start asleep and parked (a deployment's `standby`: the fleet planner wakes them)
+    num_standby: int = field(default=0, metadata={"cli": False})
     engine: EngineConfig = field(default_factory=EngineConfig)  # every worker's ("" model: the default model)
     # every worker's, each with its own disk directory under disk_root (worker_tiers); None: no CPU/disk tiers
     tiers: TierConfig | None = field(default_factory=TierConfig)
@@ -53,7 +55,13 @@ class ClusterConfig:
 
     def for_model(self, spec: ModelSpec) -> ClusterConfig:
         """One model's pools: these settings with the model's workers and engine."""
-        return dataclasses.replace(self, num_prefill=spec.prefill, num_decode=spec.decode, engine=spec.engine)
+        return dataclasses.replace(
+            self,
+            num_prefill=spec.prefill,
+            num_decode=spec.decode + spec.standby,
+            num_standby=spec.standby,
+            engine=spec.engine,
+        )
 
     def template(self) -> WorkerConfig:
         """Every worker's settings as one message (name, role and disk directory are each worker's own): what the
@@ -65,7 +73,8 @@ class ClusterConfig:
         """The pools of `spec` with `template`'s settings (restarts and Ray resources: the defaults)."""
         return cls(
             num_prefill=spec.prefill,
-            num_decode=spec.decode,
+            num_decode=spec.decode + spec.standby,
+            num_standby=spec.standby,
             engine=spec.engine,
             tiers=template.tiers,
             transfer_timeout_s=template.transfer_timeout_s,
@@ -109,8 +118,8 @@ class LocalCluster:
     def __init__(self, config: ClusterConfig | None = None, prefix: str = "") -> None:
         """`prefix`: what its workers' names and disk-tier directories start with (one model of a deployment)."""
         self.config = config = config or ClusterConfig()
-        if config.num_decode <= 0 or config.num_prefill < 0:
-            raise ValueError("need num_decode >= 1 and num_prefill >= 0")
+        if config.num_decode <= 0 or config.num_prefill < 0 or not 0 <= config.num_standby < config.num_decode:
+            raise ValueError("need num_decode >= 1, num_prefill >= 0 and 0 <= num_standby < num_decode")
         init_ray(config.address)
         if not config.engine.model:  # resolve once, so every worker and the router agree
             from disagg.model_store import default_model_dir
@@ -136,10 +145,18 @@ class LocalCluster:
             ray.get([w.ready.remote() for w in self.workers])
             layouts = ray.get([w.layout.remote() for w in self.workers])
             ray.get([w.set_peers.remote(layouts) for w in self.workers])  # every worker can read every other
+            # asleep before the router first sees them: it parks workers that report themselves asleep
+            ray.get([self.decode_by_name[n].sleep.remote() for n in self.standby])
         except ray.exceptions.RayError:  # one refused to start: none of them is left running
             self.shutdown()
             raise
         self.client = DisaggClient(self.prefill_by_name, self.decode_by_name)
+
+    @property
+    def standby(self) -> list[str]:
+        """The names of the decode workers started asleep (the last `num_standby`)."""
+        names = list(self.decode_by_name)
+        return names[len(names) - self.config.num_standby :]
 
     @property
     def prefill(self) -> list[Any]:

@@ -21,10 +21,13 @@ from disagg.cluster.worker_config import WorkerConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
 from disagg.http.config import AgentConfig, ApiConfig, ApiKey, check_exposure
+from disagg.http.fleet_port import TableFleetPort
 from disagg.http.models import ModelLoader, ModelTable, ServedModel
 from disagg.http.response_store import ResponseStoreConfig, ResponseStorePort
 from disagg.http.server import HttpServer
 from disagg.isolation import IsolationConfig
+from disagg.planner.fleet import FleetConfig
+from disagg.planner.fleet_loop import FleetLoop
 from disagg.planner.loop import PlannerLoop
 from disagg.planner.policy import PlannerConfig
 from disagg.protocol import LoRARef
@@ -56,6 +59,7 @@ class ModelRoute:
     namespace: str = ""  # block-hash namespace (isolation.model_salted); "": unsalted
     aliases: list[str] = field(default_factory=list)  # names that send all their requests to this model
     adapters: list[LoRARef] = field(default_factory=list)  # LoRA adapters, each served as a model of its own
+    standby: list[str] = field(default_factory=list)  # decode workers started asleep: parked (router/parking.py)
 
 
 @dataclass
@@ -92,6 +96,7 @@ class RouterConfig(WireMessage):
     capacity: CapacityConfig = field(default_factory=CapacityConfig)  # saturation thresholds
     tracing: TracingConfig | None = None  # OTLP endpoint, sampling; None: the cluster's (launcher), else no spans
     planner: PlannerConfig = field(default_factory=PlannerConfig)  # enabled, SLOs, hysteresis
+    fleet: FleetConfig = field(default_factory=FleetConfig)  # workers moved between models (planner/fleet.py)
     start_timeout_s: float = 30.0
     stop_timeout_s: float = 10.0
     # a deployment of several models (models/deployment.py), each with its workers; empty: one model, the fields
@@ -141,6 +146,7 @@ def serve_model(
         silent=config.silent,
     )
     core.planner = PlannerLoop(RouterPlannerPort.of(core), config.planner)
+    core.standby(route.standby)
     max_len = min(route.max_model_len, max_position_embeddings(model_dir))
     tokenizer = Tokenizer.from_dir(model_dir)
     return ServedModel(route.name, core, tokenizer, max_len, route.namespace, model_dir=route.model)
@@ -184,7 +190,8 @@ class RouterService:
             agents=config.agents,
             model_drain_timeout_s=config.model_drain_timeout_s,
         )
-        self.app = build_app(self.models, api, responses, loader)
+        self.fleet = FleetLoop(TableFleetPort(self.models, config.fleet), config.fleet)  # runs only when enabled
+        self.app = build_app(self.models, api, responses, loader, self.fleet)
         self.http: HttpServer | None = None
         if serve_http:
             self.http = HttpServer(self.app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)

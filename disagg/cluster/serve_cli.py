@@ -28,6 +28,7 @@ from disagg.kv.tier_config import TierConfig
 from disagg.model_store import default_model_dir
 from disagg.models.deployment import Deployment, DeploymentError, deployment_of, load_deployment
 from disagg.options import add_options, from_options
+from disagg.planner.fleet import FleetConfig
 from disagg.planner.policy import PlannerConfig
 from disagg.router.admission import AdmissionConfig, CapacityConfig
 from disagg.router.canary import CanaryConfig
@@ -179,6 +180,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_options(p, CapacityConfig, only=_CAPACITY)
     add_options(p, TracingConfig, only=_TRACING)
     add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
+    add_options(p, FleetConfig, prefix="fleet-", only=("enabled",))
     add_options(p, CanaryConfig, prefix="canary-", only=_CANARY)
     add_options(p, OutlierConfig, prefix="outliers-", only=_OUTLIERS)
     add_options(p, ServeOptions, only=_SLO + _SMOKE)
@@ -230,6 +232,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         isolation=IsolationConfig(share_groups=args.cache_share_groups),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
         planner=planner,
+        fleet=from_options(FleetConfig, args, prefix="fleet-", only=("enabled",)),
         silent=SilentConfig(
             canary=from_options(CanaryConfig, args, prefix="canary-", only=_CANARY),
             outliers=from_options(OutlierConfig, args, prefix="outliers-", only=_OUTLIERS),
@@ -278,6 +281,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         router.check_exposure()  # before Ray starts: a refusal costs nothing
         deployment = _deployment(args, cluster, router)
+        if router.fleet.enabled and router.replicas > 1:  # each replica would move workers on its own
+            raise DeploymentError("--fleet-planner needs a single router (--replicas 1)")
     except (InsecureExposure, DeploymentError) as exc:  # refused before anything starts
         print(f"disagg serve: {exc}", file=sys.stderr)
         return EXIT_REFUSED
@@ -287,7 +292,10 @@ def serve(args: argparse.Namespace) -> int:
         pools = f"{cluster.num_prefill} prefill, {cluster.num_decode} decode"
     else:
         model_name = deployment.models[0].id
-        pools = "; ".join(f"{m.id}: {m.prefill} prefill, {m.decode} decode" for m in deployment.models)
+        pools = "; ".join(
+            f"{m.id}: {m.prefill} prefill, {m.decode} decode" + (f", {m.standby} standby" if m.standby else "")
+            for m in deployment.models
+        )
     print(
         f"disagg serving {', '.join(deployment.ids()) if deployment else model_name} at {service.url}/v1 ({pools}, "
         f"{router.replicas} router replica(s), policy {router.policy.kind.value}; "

@@ -234,6 +234,7 @@ class EngineWorker(JournaledStreams):
             stats=self._stats,
             healthy=self.budget.healthy and self.fault is None,
             fault=self.fault or "",
+            asleep=self.sleeper.asleep,
         ).to_wire()
 
     def _build_stats(self) -> WorkerStats:

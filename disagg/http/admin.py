@@ -1,6 +1,7 @@
 """Operator endpoints: GET /admin/roles (every worker's role, recent role changes, the planner's state; per model
-under `models` when the deployment has several) and POST /admin/workers/{name}/role (move a worker between
-prefill / decode / both now, within its model's pools: router/roles.py)."""
+under `models` when the deployment has several), POST /admin/workers/{name}/role (move a worker between
+prefill / decode / both now, within its model's pools: router/roles.py) and GET /admin/fleet (the fleet planner's
+moves between models, and each model's awake and parked workers: planner/fleet_loop.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from disagg.errors import NotFound
 from disagg.http.models import ModelTable, ServedModel
 from disagg.http.schemas import RoleChangeBody
+from disagg.planner.fleet_loop import FleetLoop
 from disagg.protocol import Role
 
 
@@ -22,7 +25,13 @@ def _roles(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def add_admin_routes(app: FastAPI, models: ModelTable) -> None:
+def add_admin_routes(app: FastAPI, models: ModelTable, fleet: FleetLoop | None = None) -> None:
+    @app.get("/admin/fleet")
+    async def fleet_status():
+        if fleet is None:
+            raise NotFound("this router has no fleet planner", code="no_fleet")
+        return fleet.status()
+
     @app.get("/admin/roles")
     async def roles():
         per_model = {m.name: _roles(m) for m in models.bases()}

@@ -9,8 +9,9 @@ load's time.
 - `POST /admin/models/{id}/wake`: every worker takes its KV memory again, the core resumes, requests are served.
 A failed sleep wakes the workers it put to sleep and serves again (if one of them will not wake, the model stays
 asleep for a later wake); a failed wake leaves the model asleep (wake again).  A worker Ray restarts meanwhile
-comes back awake: waking it is a no-op.  Unload works on a sleeping model.  Like loads, refused (400
-`runtime_models_unavailable`) behind router replicas, which share no model table.
+comes back awake: waking it is a no-op.  Workers the fleet planner parked (router/parking.py) stay as they are.
+Unload works on a sleeping model.  Like loads, refused (400 `runtime_models_unavailable`) behind router replicas,
+which share no model table.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ async def _each(model: ServedModel, call: Call, config: ApiConfig) -> dict[str, 
                     raise
                 await asyncio.sleep(config.model_drain_poll_s)
 
-    handles = [h for h in model.core.handles.values() if h is not None]
+    handles = model.core.unparked()
     answers = await asyncio.gather(*(one(h) for h in handles), return_exceptions=True)  # all done before a raise
     for answer in answers:
         if isinstance(answer, BaseException):
@@ -93,9 +94,7 @@ async def sleep_model(model: ServedModel, config: ApiConfig) -> dict[str, object
     except BaseException:  # serve again: wake whatever went to sleep
         woken = True
         if paused:
-            answers = await asyncio.gather(
-                *(h.wake(timeout) for h in model.core.handles.values() if h is not None), return_exceptions=True
-            )
+            answers = await asyncio.gather(*(h.wake(timeout) for h in model.core.unparked()), return_exceptions=True)
             woken = not any(isinstance(a, BaseException) for a in answers)
             if woken:
                 model.core.resume()

@@ -31,8 +31,9 @@ from disagg.http.probes import add_metrics_route, add_probe_routes
 from disagg.http.response_store import LocalResponses, ResponseStore, ResponseStorePort
 from disagg.http.responses import add_responses_routes
 from disagg.http.serving import Server
+from disagg.planner.fleet_loop import FleetLoop
 from disagg.router.metrics_view import cluster_snapshot
-from disagg.telemetry import RouterMetrics
+from disagg.telemetry import FleetCollector, RouterMetrics
 
 
 def build_app(
@@ -40,16 +41,22 @@ def build_app(
     config: ApiConfig,
     responses: ResponseStorePort | None = None,
     loader: ModelLoader | None = None,
+    fleet: FleetLoop | None = None,
 ) -> FastAPI:
     """`models`: what this front door serves, each over its own routing core.  `responses`: where the Responses
     API keeps responses (None: in this process, sized by `config.responses`; router replicas pass the store they
-    share).  `loader`: starts and ends models' workers for /admin/models (None: the deployment is fixed)."""
+    share).  `loader`: starts and ends models' workers for /admin/models (None: the deployment is fixed).  `fleet`:
+    the fleet planner's loop (started after the cores, stopped before them; it runs only when enabled)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         for core in models.cores():
             core.start()
+        if fleet is not None:
+            fleet.start()
         yield
+        if fleet is not None:
+            await fleet.stop()
         for core in models.cores():  # with those loaded since (http/admin_models.py)
             await core.stop()
 
@@ -58,12 +65,14 @@ def build_app(
     for core in models.cores():
         core.on_queue_wait = metrics.queue_wait.observe
     app.state.metrics = metrics
+    if fleet is not None:
+        metrics.registry.register(FleetCollector(fleet))
 
     install_error_handlers(app)
     app.add_middleware(AuthAndCount, keys=KeyRing(config.grants()), metrics=metrics)
     # registration order is the old single module's (it is the order of /openapi.json)
     add_probe_routes(app, models)
-    add_admin_routes(app, models)
+    add_admin_routes(app, models, fleet)
     add_model_admin_routes(app, models, loader, config, metrics)
     add_metrics_route(app, metrics)
     server = Server(models, config, metrics)

@@ -8,6 +8,7 @@ Read from one file (`disagg serve --deployment FILE`: TOML, YAML or JSON, by its
     path = ""                # HF model directory (or one holding a GGUF); "": the default model
     prefill = 1              # prefill workers (0: aggregated workers)
     decode = 1               # decode (or aggregated) workers
+    standby = 0              # more decode workers, started asleep: the fleet planner wakes them (--fleet-planner)
     aliases = ["chat"]       # other names for it (more, with weights, at run time: /admin/aliases)
     [models.engine]          # EngineConfig fields for this model's workers, over the command line's
     kv_cache_memory_mb = 256
@@ -66,6 +67,9 @@ class ModelEntry(BaseModel):
     path: str = ""
     prefill: int = Field(default=1, ge=0, le=MAX_WORKERS_PER_ROLE)
     decode: int = Field(default=1, ge=1, le=MAX_WORKERS_PER_ROLE)
+    # decode workers started with the model's weights, then parked asleep (router/parking.py): the fleet planner
+    # (planner/fleet.py) wakes one when this model needs it, and parks another model's worker in its place
+    standby: int = Field(default=0, ge=0, le=MAX_WORKERS_PER_ROLE)
     engine: dict[str, Any] = Field(default_factory=dict)
     aliases: list[str] = Field(default_factory=list)  # names that send all their requests here (models/aliases.py)
     adapters: dict[str, str] = Field(default_factory=dict)  # LoRA name -> PEFT directory, served as models
@@ -96,6 +100,7 @@ class ModelSpec:
     engine: EngineConfig
     aliases: tuple[str, ...] = ()
     adapters: tuple[LoRARef, ...] = ()  # each with its absolute directory and its files' digest
+    standby: int = 0  # decode workers started asleep (ModelEntry.standby)
 
     @property
     def worker_prefix(self) -> str:
@@ -198,7 +203,16 @@ def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str =
         except AdapterError as exc:
             raise DeploymentError(f"{where}.adapters.{name}: {exc.message}") from None
         adapters.append(LoRARef(name, path, digest))
-    return ModelSpec(entry.id, entry.path, entry.prefill, entry.decode, engine, tuple(entry.aliases), tuple(adapters))
+    return ModelSpec(
+        entry.id,
+        entry.path,
+        entry.prefill,
+        entry.decode,
+        engine,
+        tuple(entry.aliases),
+        tuple(adapters),
+        entry.standby,
+    )
 
 
 def _place(loc: tuple[int | str, ...]) -> str:

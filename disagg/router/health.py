@@ -103,6 +103,8 @@ class HealthMonitor:
         self.workers = {name: WorkerHealth(name, role, since=now, last_ok=now) for name, role in roles.items()}
         self.events: deque[HealthEvent] = deque(maxlen=config.max_events)
         self._on_change = on_change
+        # parked: alive but out of routing, whatever its state - asleep for the fleet (router/parking.py)
+        self.parked: set[str] = set()
 
     # ------------------------------------------------------------------ inputs
     def on_heartbeat(self, name: str, hb: Heartbeat, now: float | None = None) -> Action:
@@ -200,7 +202,11 @@ class HealthMonitor:
 
     # ------------------------------------------------------------------ queries
     def routable(self, name: str) -> bool:
-        return self.workers[name].state is WorkerState.READY
+        return self.workers[name].state is WorkerState.READY and name not in self.parked
+
+    def watched(self, name: str) -> bool:
+        """Canaries and outlier checks look at it: READY or DRAINED, not parked (asleep, it answers nothing)."""
+        return self.workers[name].state in (WorkerState.READY, WorkerState.DRAINED) and name not in self.parked
 
     def is_dead(self, name: str) -> bool:
         """Out of routing: requests streaming from it migrate."""
@@ -211,13 +217,13 @@ class HealthMonitor:
 
     def live_counts(self) -> dict[str, int]:
         counts = {role.value: 0 for role in Role}
-        for w in self.workers.values():
-            if w.state is WorkerState.READY:
+        for name, w in self.workers.items():
+            if self.routable(name):
                 counts[w.role.value] += 1
         return counts
 
     def any_decoder_ready(self) -> bool:
-        return any(w.state is WorkerState.READY and w.role.decodes for w in self.workers.values())
+        return any(self.routable(name) and w.role.decodes for name, w in self.workers.items())
 
     def recent_events(self, n: int = 100) -> list[dict]:
         return [e.__dict__ for e in list(self.events)[-n:]]

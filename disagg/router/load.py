@@ -157,11 +157,28 @@ class LatencyWindow:
         while len(self.prediction_errors) > self.max_samples:
             self.prediction_errors.popleft()
 
+    arrivals: deque = field(default_factory=deque)  # when requests reached the core (the fleet planner's rate)
+
+    def arrived(self, now: float) -> None:
+        self.arrivals.append(now)
+        while len(self.arrivals) > self.max_samples:
+            self.arrivals.popleft()
+
     def record(self, started: float, first_token: float, finished: float, num_tokens: int) -> None:
         tpot = (finished - first_token) / (num_tokens - 1) if num_tokens > 1 else None
-        self.samples.append((finished, first_token - started, tpot))
+        self.samples.append((finished, first_token - started, tpot, finished - started))
         while len(self.samples) > self.max_samples:
             self.samples.popleft()
+
+    def expected_in_flight(self, rate_window_s: float, latency_window_s: float, now: float) -> float | None:
+        """Little's law: requests per second arriving over the last `rate_window_s`, times the mean time in the
+        system of those finished over the last `latency_window_s` - how many requests it holds at the rate it
+        is sent now (None: nothing finished in that window to time)."""
+        times = [s[3] for s in self.samples if s[0] >= now - latency_window_s]
+        if not times:
+            return None
+        rate = sum(1 for t in self.arrivals if t >= now - rate_window_s) / rate_window_s
+        return rate * sum(times) / len(times)
 
     def attainment(
         self, ttft_s: float, tpot_s: float, window_s: float, now: float | None = None

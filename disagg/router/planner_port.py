@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from disagg.planner.policy import DEFAULT_PREFILL_TOKENS_PER_S, PlannerConfig, Signals, WorkerSignal
 from disagg.protocol import Role
 from disagg.router.admission import CapacityConfig
-from disagg.router.health import HealthMonitor, WorkerState
+from disagg.router.health import HealthMonitor
 from disagg.router.load import LatencyWindow
 from disagg.router.policy import WorkerLoad
 from disagg.router.roles import RoleChanger
@@ -42,7 +42,7 @@ def collect_signals(
             WorkerSignal(
                 name=name,
                 role=worker.role,
-                routable=worker.state is WorkerState.READY,
+                routable=health.routable(name),
                 queued_prefill_tokens=load.queued_prefill_tokens,
                 active_requests=load.active_requests,
                 max_running=capacity.max_running,

@@ -118,7 +118,10 @@ class RoleChanger:
             raise InvalidRequest(f"{name} is already changing role", param="worker")
         if worker.role is new:
             raise InvalidRequest(f"{name} already has role {new.value}", param="role")
-        others = [w for n, w in self.health.workers.items() if n != name and w.role.decodes]
+        if name in self.health.parked:  # asleep for another model's worker (router/parking.py)
+            raise InvalidRequest(f"{name} is parked; it changes role once woken", param="worker")
+        parked = self.health.parked
+        others = [w for n, w in self.health.workers.items() if n != name and n not in parked and w.role.decodes]
         if not new.decodes and not others:
             raise InvalidRequest("the last decode-capable worker cannot stop decoding", param="role")
         return worker.role

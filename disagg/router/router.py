@@ -29,21 +29,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections import deque
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
 
 from disagg.errors import ServiceUnavailable
 from disagg.isolation import affinity, salt_root
+from disagg.planner.fleet import FleetConfig, ModelSignal
 from disagg.planner.loop import PlannerLoop
 from disagg.protocol import KVEventBatch, Request, Role, Tier, TokenDelta, hash_prompt_blocks
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.attempt import AttemptRunner
 from disagg.router.core_config import RouterCoreConfig
+from disagg.router.decisions import DecisionLog
 from disagg.router.drive import FlightDriver, FlightHooks
 from disagg.router.event_follow import EventFollowers
 from disagg.router.flight import Flight
@@ -51,6 +50,7 @@ from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import Ingest, PrefixIndex
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
+from disagg.router.parking import Parking
 from disagg.router.placement import WorkerTiming
 from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.ranking import LoadRanking
@@ -62,12 +62,6 @@ from disagg.tracing import inject
 from disagg.utils import Background
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RoutedRequest:
-    request_id: str
-    decision: Decision
 
 
 class RouterCore:
@@ -118,14 +112,25 @@ class RouterCore:
         self.admission = AdmissionControl(AdmissionQueue(admission), self._can_dispatch, self._queue_wait)
         self.on_queue_wait: Callable[[float], None] | None = None  # metrics hook (seconds spent queued)
         self._dispatching: str | None = None  # dispatched, not yet counted by begin()
-        self.decisions: deque[RoutedRequest] = deque(maxlen=self.config.max_decisions)
         self.counters = RouterCounters()  # migrations, fallbacks, requests by path, role changes (/metrics)
         self._lock = threading.Lock()
+        self.decisions = DecisionLog(self.config.max_decisions, self._lock)  # recent routing decisions
+        self.decision_of, self.recent_decisions = self.decisions.of, self.decisions.recent
         self.ingest = Ingest(self.index, self._lock, self.config.ingest_slice_blocks)  # KV events, in slices
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
         self.roles = RoleChanger(
             self.health, self.loads, self.handles, self.counters, self.set_routing_role, self.config.roles
+        )
+        # out of routing and asleep for another model's worker (router/parking.py; the fleet planner's moves)
+        self.parking = Parking(self.health, self.loads, self.handles, self.roles.in_flight.__contains__)
+        p = self.parking
+        self.park, self.leave, self.settle, self.wake_parked, self.standby = (
+            p.park,
+            p.leave,
+            p.settle,
+            p.wake,
+            p.standby,
         )
         # the worker calls of one attempt (router/attempt.py)
         self.attempts = AttemptRunner(self.handles, self.health, self.counters, self.config)
@@ -156,12 +161,24 @@ class RouterCore:
 
     async def pause(self) -> None:
         """Its model sleeps (http/admin_sleep.py): no canaries, no planning; health and KV events go on."""
+        self.parking.paused = True
         for part in reversed(self._background(pausable=True)):
             await part.stop()
 
     def resume(self) -> None:
+        self.parking.paused = False
         for part in self._background(pausable=True):
             part.start()
+
+    def unparked(self) -> list[WorkerHandle]:
+        """The handles of its workers the fleet has not parked (a model's sleep and wake are theirs)."""
+        return [h for n, h in self.handles.items() if h is not None and n not in self.health.parked]
+
+    def fleet_signal(self, model: str, config: FleetConfig, now: float, *, serving: bool) -> ModelSignal:
+        """Its workers and demand as the fleet planner reads them (planner/fleet.py)."""
+        expected = self.latency.expected_in_flight(config.rate_window_s, config.latency_window_s, now)
+        queued, limit = len(self.admission.queue), self.capacity.max_running
+        return self.parking.signal(model, queued, limit, expected, serving=serving)
 
     # ------------------------------------------------------------------ health
     def _on_health_change(self, name: str, old: WorkerState, new: WorkerState) -> None:
@@ -179,6 +196,7 @@ class RouterCore:
         """Measured costs from a worker's heartbeat: each tier's load time per block over its prefill time per
         block (the policy treats a tier at >= 1 as worth nothing)."""
         self.roles.reconcile(name, hb.role)
+        self.parking.reconcile(name, hb.asleep)
         stats = hb.stats
         if stats is not None:  # a plain assignment: the worker's load terms (the ranking's) are untouched
             self.loads[name].timing = WorkerTiming(
@@ -246,7 +264,7 @@ class RouterCore:
             )
             if decision is None:
                 raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
-            self.decisions.append(RoutedRequest(request.request_id, decision))
+            self.decisions.append(request.request_id, decision)
             if decision.priced_from is not None:
                 self.counters.placed(decision.priced_from)
         return decision
@@ -307,6 +325,7 @@ class RouterCore:
             request = dataclasses.replace(request, trace_context=inject(span))
         queue = self.admission.queue
         now = queue.clock()
+        self.latency.arrived(now)
         first_decision = await self._wait_in_queue(request, session, tenant, priority, deadline_s, now, ctx)
 
         def route(attempt: Request, number: int) -> Decision:
@@ -371,29 +390,3 @@ class RouterCore:
     async def drain_releases(self) -> None:
         """On shutdown: let background lease releases finish (each is bounded by `release_timeout_s`)."""
         await self.attempts.drain_releases()
-
-    # ------------------------------------------------------------------ introspection
-    def decision_of(self, request_id: str) -> Decision | None:
-        with self._lock:
-            for routed in reversed(self.decisions):  # recent requests sit at the end
-                if routed.request_id == request_id:
-                    return routed.decision
-        return None
-
-    def recent_decisions(self, n: int = 100) -> list[dict[str, Any]]:
-        with self._lock:
-            items = list(self.decisions)[-n:]
-        return [
-            {
-                "request_id": r.request_id,
-                "decode": r.decision.decode_worker,
-                "prefill": r.decision.prefill_worker,
-                "overlap_blocks": r.decision.overlap_blocks,
-                "reason": r.decision.reason,
-                "peer": r.decision.peer_worker,
-                "device_blocks": r.decision.match.device,
-                "cpu_blocks": r.decision.match.cpu,
-                "disk_blocks": r.decision.match.disk,
-            }
-            for r in items
-        ]

@@ -24,15 +24,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError
-from disagg.protocol import Request, SamplingParams, WorkerState
+from disagg.protocol import Request, SamplingParams
 from disagg.router.canary import CanaryBook, CanaryConfig, Verdict, canary_due
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import Action, HealthMonitor
 from disagg.router.outliers import OutlierConfig, OutlierDetector, Sample
 
 log = logging.getLogger(__name__)
-
-WATCHED = frozenset({WorkerState.READY, WorkerState.DRAINED})
 
 
 @dataclass
@@ -103,7 +101,7 @@ class SilentFailureWatch:
     async def check(self) -> None:
         """One round: forget restarted workers, start the canaries due, judge the outliers."""
         for name, w in self.monitor.workers.items():
-            if self._incarnations.get(name) != w.incarnation or w.state not in WATCHED:
+            if self._incarnations.get(name) != w.incarnation or not self.monitor.watched(name):
                 self._incarnations[name] = w.incarnation
                 self.book.forget(name)
                 self.detector.forget(name)
@@ -115,8 +113,8 @@ class SilentFailureWatch:
 
     def _start_canaries(self) -> None:
         now = self.clock()
-        for name, w in self.monitor.workers.items():
-            if w.state not in WATCHED or name in self._inflight:
+        for name in self.monitor.workers:
+            if not self.monitor.watched(name) or name in self._inflight:
                 continue
             if canary_due(self._last.get(name), now, self._busy(name), self.config.canary):
                 self._last[name] = now
@@ -177,7 +175,7 @@ class SilentFailureWatch:
         samples = []
         for name, w in self.monitor.workers.items():
             stats = w.stats
-            if w.state in WATCHED and stats is not None:
+            if self.monitor.watched(name) and stats is not None:
                 samples.append(Sample(name, w.role, stats.step_s_per_token, stats.running))
         for change in self.detector.check(samples):
             if change.drain and self.monitor.drain(change.worker, change.reason):

@@ -1,0 +1,131 @@
+"""The fleet planner's loop (planner/fleet.py) in the router's process: every `interval_s`, read every model's
+signals through the port, ask the FleetPlanner, carry out at most one move (park the donor's worker, then wake the
+recipient's), and say why - in logs and in /metrics (`disagg:fleet_moves_total{donor,recipient,reason}`,
+`disagg:fleet_holds_total{reason}`) and at `GET /admin/fleet`.
+
+Lifecycle: `start()` (on the running event loop; only when enabled) runs the rounds as one task; `stop()` cancels
+it.  A round that fails is logged and the next one runs; `max_failures` in a row end the loop, loudly.  The HTTP
+app's lifespan starts it after the models' cores and stops it before them (http/app.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from typing import Protocol
+
+from disagg.planner.fleet import FleetConfig, FleetHold, FleetMove, FleetPlanner, FleetReason, FleetSignals
+
+log = logging.getLogger(__name__)
+
+
+class FleetPort(Protocol):
+    """The seam between the fleet planner and the models it plans for (the router's: http/fleet_port.py)."""
+
+    def signals(self, now: float) -> FleetSignals:
+        """Every model's workers (awake, parked, in flight) and demand, as of `now`."""
+        ...
+
+    async def move(self, move: FleetMove, timeout_s: float) -> None:
+        """Park `move.park` (out of routing, drained, asleep) and wake as many of `move.wake` into routing (see
+        FleetConfig.wake_before_drain for when).  Raises DisaggError if a park or a wake failed, once the two
+        sides are evened out (no more workers take requests than before, and no fewer)."""
+        ...
+
+
+class FleetLoop:
+    def __init__(self, port: FleetPort, config: FleetConfig | None = None) -> None:
+        self.port = port
+        self.planner = FleetPlanner(config)
+        self.config = self.planner.config
+        self.moves: Counter[tuple[str, str, FleetReason]] = Counter()  # (donor, recipient, reason) -> workers
+        self.failed = 0  # moves that failed (the park or the wake raised)
+        self.holds: Counter[FleetHold] = Counter()
+        self.last: FleetSignals | None = None  # what the last round read (/admin/fleet, /metrics)
+        self.recent: deque[dict[str, object]] = deque(maxlen=64)  # the last moves, each with when and how long
+        self.max_failures = 20  # consecutive failed rounds before the loop stops trying (and says so)
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.config.enabled and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            await asyncio.sleep(self.config.interval_s)
+            try:
+                await self.step()
+                failures = 0
+            except Exception:  # a round that fails must not end planning; a run of them does, loudly
+                failures += 1
+                log.exception("fleet planner round failed (%d in a row)", failures)
+                if failures >= self.max_failures:
+                    log.error("fleet planner stopped after %d failed rounds", failures)
+                    return
+
+    def status(self) -> dict[str, object]:
+        return {
+            "enabled": self.config.enabled,
+            "last_hold": self.planner.last_hold.value if self.planner.last_hold else None,
+            "moves": [
+                {"donor": d, "recipient": r, "reason": why.value, "count": n} for (d, r, why), n in self.moves.items()
+            ],
+            "failed_moves": self.failed,
+            "recent": list(self.recent),
+            "holds": {hold.value: n for hold, n in self.holds.items()},
+            "models": {
+                m.model: {
+                    "awake": [w.name for w in m.awake_decoders()],
+                    "parked": [w.name for w in m.workers if w.parked],
+                    "demand": round(m.demand(), 3),
+                    "expected": None if m.expected is None else round(m.expected, 2),
+                    "queued": m.queued,
+                }
+                for m in (self.last.models if self.last is not None else [])
+            },
+        }
+
+    async def step(self) -> FleetMove | FleetHold:
+        """One round: decide, and carry out a move (waiting for the donor's drain and both workers' sleep/wake)."""
+        now = time.monotonic()
+        self.last = signals = self.port.signals(now)
+        decision = self.planner.decide(signals)
+        if isinstance(decision, FleetHold):
+            self.holds[decision] += 1
+            if decision is not self.planner.last_hold:
+                log.info("fleet planner: hold (%s)", decision.value)
+                self.planner.last_hold = decision
+            return decision
+        self.planner.last_hold = None
+        log.info(
+            "fleet planner: %s (%s) -> %s (%s) because %s (%s)",
+            ",".join(decision.park),
+            decision.donor,
+            ",".join(decision.wake),
+            decision.recipient,
+            decision.reason.value,
+            decision.detail,
+        )
+        self.planner.applied(decision, now)  # counted before the drain: hysteresis covers the whole move
+        record: dict[str, object] = {"at": time.time(), "donor": decision.donor, "recipient": decision.recipient}
+        record.update(park=decision.park, wake=decision.wake, detail=decision.detail)
+        self.recent.append(record)
+        try:
+            await self.port.move(decision, self.config.park_timeout_s)
+        except Exception as exc:
+            self.failed += 1
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            record["seconds"] = round(time.monotonic() - now, 3)
+        self.moves[(decision.donor, decision.recipient, decision.reason)] += len(decision.wake)
+        return decision
