@@ -158,18 +158,47 @@ def test_heartbeats_reconcile_parking_with_what_the_workers_say():
         parking.reconcile("w2", asleep=False)  # later awake while parked: restarted; it sleeps again
         await asyncio.sleep(0.05)
         assert handles["w2"].calls == ["sleep"]
-        parking.reconcile("w1", asleep=True)  # first seen asleep (a restarted router): adopted as parked
-        assert "w1" in parking.health.parked
-        parking.reconcile("w0", asleep=True)  # asleep, and the model's last decoder: woken, serves
+        parking.reconcile("w1", asleep=False)
+        parking.reconcile("w1", asleep=True)  # later asleep, not parked (a lost answer, a stale report): it wakes
         await asyncio.sleep(0.05)
-        assert handles["w0"].calls == ["wake"] and parking.health.routable("w0")
+        assert handles["w1"].calls == ["wake"] and parking.health.routable("w1")
         other, _, _ = _parking(("a", "b"))
         other.standby(["b"])
-        other.reconcile("b", asleep=False)  # first seen awake though a standby: the fleet woke it before us
-        assert other.health.routable("b")
         other.paused = True  # the whole model sleeps: its workers are asleep on purpose
         other.reconcile("a", asleep=True)
         assert "a" not in other.health.parked
+        other.paused = False
+        other.reconcile("b", asleep=False)  # first seen awake though a standby: the fleet woke it before us
+        assert other.health.routable("b")
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("order", [("a1", "as"), ("as", "a1")])
+def test_a_restarted_router_takes_every_worker_s_first_word_whatever_the_order(order):
+    async def run():
+        # before the restart the fleet woke the standby `as` and parked `a1`: the restarted core assumes the
+        # opposite (its deployment's standby list) until their first heartbeats
+        parking, _, handles = _parking(("a0", "a1", "as"))
+        parking.standby(["as"])
+        for name in order:
+            parking.reconcile(name, asleep=name == "a1")
+        parking.reconcile("a0", asleep=False)
+        await asyncio.sleep(0.05)
+        assert parking.health.parked == {"a1"} and all(h.calls == [] for h in handles.values())
+
+    asyncio.run(run())
+
+
+def test_a_restarted_router_wakes_a_model_that_slept_whole_except_its_standby():
+    async def run():
+        parking, _, handles = _parking(("a0", "a1", "as"))
+        parking.standby(["as"])
+        for name in ("a0", "a1", "as"):
+            parking.reconcile(name, asleep=True)  # the model was asleep when this router started
+        await asyncio.sleep(0.05)
+        assert parking.health.parked == {"as"}  # what the deployment had awake serves again
+        assert handles["a0"].calls == ["wake"] and handles["a1"].calls == ["wake"] and handles["as"].calls == []
 
     asyncio.run(run())
 
@@ -263,6 +292,13 @@ def test_the_port_wakes_as_soon_as_the_donor_stops_taking_requests_and_evens_out
         await task
         assert late_r.parking.health.routable("a1")
 
+        stuck_d, stuck_r = FakeCore(("b0", "b1")), FakeCore(("a0", "a1"), standby=("a1",))
+        stuck_d.loads["b0"].active_requests = 1  # never finishes: its park fails, it serves again
+        with pytest.raises(Conflict, match="still running"):
+            await _port(stuck_d, stuck_r).move(move, timeout_s=0.2)
+        assert stuck_d.parking.health.routable("b0")
+        assert "a1" in stuck_r.parking.health.parked and stuck_r.handles["a1"].asleep  # the early wake undone
+
         broken_d, broken_r = FakeCore(("b0", "b1")), FakeCore(("a0", "a1"), standby=("a1",), fail_wake=("a1",))
         with pytest.raises(Exception, match="a1 died"):
             await _port(broken_d, broken_r, wake_before_drain=False).move(move, timeout_s=5)
@@ -277,3 +313,19 @@ def test_a_demand_deep_enough_needs_no_confirmation():
     assert isinstance(_decide(planner, 0.0, flooded, _model("b", [0, 0])), FleetMove)
     busy = _model("a", [4, 4], parked=1, queued=2)  # 1.25: confirmed first
     assert _decide(FleetPlanner(ON), 0.0, busy, _model("b", [0, 0])) is FleetHold.CONFIRMING
+
+
+def test_no_request_pulls_a_prefix_from_a_parked_worker():
+    from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, SamplingParams, Tier
+    from disagg.router.policy import PolicyConfig
+    from disagg.router.router import RouterCore
+
+    core = RouterCore({}, {"a": None, "b": None}, PolicyConfig(seed=0, min_peer_pull_blocks=2), 16)
+    request = Request("r", list(range(40, 40 + 96)) + [7, 8, 9], SamplingParams(max_tokens=4, temperature=0))
+    hashes = core.block_hashes(request)
+    core.on_kv_events(KVEventBatch("a", 0, [KVEvent(EventKind.STORED, hashes, None, Tier.CPU)]))
+    core.loads["a"].active_blocks = 10_000  # busy: the request goes to b
+    assert core.route(request).peer_worker == "a"  # a's CPU tier holds the prefix
+    core.health.parked.add("a")  # asleep: it offers nothing
+    decision = core.route(request)
+    assert decision.decode_worker == "b" and decision.peer_worker is None

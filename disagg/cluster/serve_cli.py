@@ -283,6 +283,8 @@ def serve(args: argparse.Namespace) -> int:
         deployment = _deployment(args, cluster, router)
         if router.fleet.enabled and router.replicas > 1:  # each replica would move workers on its own
             raise DeploymentError("--fleet-planner needs a single router (--replicas 1)")
+        if deployment is not None and any(m.standby for m in deployment.models) and not router.fleet.enabled:
+            print("disagg serve: standby workers stay asleep without --fleet-planner", file=sys.stderr)
     except (InsecureExposure, DeploymentError) as exc:  # refused before anything starts
         print(f"disagg serve: {exc}", file=sys.stderr)
         return EXIT_REFUSED

@@ -8,6 +8,7 @@ and none is added."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from disagg.errors import DisaggError
 from disagg.http.models import ModelState, ModelTable
@@ -43,11 +44,19 @@ class TableFleetPort:
         if not early:
             woken = await _wake(recipient.core, move.wake[: len(parked)], errors)
         for name in woken[len(parked) :]:  # a donor's worker did not drain (it serves again): the budget holds
-            await recipient.core.park(name, timeout_s)
+            await _settled(recipient.core.park(name, timeout_s), errors)
         for name in parked[len(woken) :]:  # a wake failed: the donor gets its worker back, no capacity is lost
-            await donor.core.wake_parked(name)
+            await _settled(donor.core.wake_parked(name), errors)
         if errors:
             raise errors[0]
+
+
+async def _settled(call: Awaitable[object], errors: list[BaseException]) -> None:
+    """One correction; its failure is added to `errors` and the next correction still runs."""
+    try:
+        await call
+    except DisaggError as exc:
+        errors.append(exc)
 
 
 def _leave(core: RouterCore, names: list[str]) -> tuple[list[str], list[BaseException]]:

@@ -11,11 +11,12 @@ Lifecycle of a park (`Parking.park`), as a role change's (router/roles.py):
               pages back (engine/sleep.py); a reader's lease not yet released is waited for, up to the timeout
     PARKED    asleep, out of routing, still supervised (heartbeats; a restart is seen as for any worker)
 
-`wake` wakes it, then puts it back into routing.  A worker Ray restarts while parked comes back awake: its first
-heartbeat says so and it is put to sleep again (`reconcile`).  A worker that reports itself asleep without being
-parked here (this router restarted after the fleet parked it) is adopted as parked - unless it is its model's last
-awake decoder, which is woken instead, so a restarted router always serves every model.  A paused core (its whole
-model sleeps: http/admin_sleep.py) reconciles nothing: its workers are asleep on purpose.
+`wake` wakes it, then puts it back into routing.  Heartbeats say whether a worker is asleep, and `reconcile` makes
+parking agree: the first one this core sees is the truth (a restarted router takes the workers' word for what the
+fleet did before it, in whatever order they report; if the whole model turns out asleep, the workers it was started
+with awake wake); later, a parked worker that reports itself awake was restarted, and sleeps again, and an asleep
+one that is not parked (a sleep whose answer was lost, a report older than a wake) is woken.  A paused core (its
+whole model sleeps: http/admin_sleep.py) reconciles nothing: its workers are asleep on purpose.
 
 Pure asyncio; no Ray.  Given what it uses: the health monitor, the workers' loads and handles, and the role
 changes in flight (a worker changing role is not parked).
@@ -61,10 +62,12 @@ class Parking:
         self.paused = False  # the whole model sleeps (RouterCore.pause): nothing to reconcile
         self._tasks: set[asyncio.Task] = set()  # background re-sleeps and adoption wakes
         self.seen: set[str] = set()  # workers whose heartbeat this core has reconciled (the first is the truth)
+        self.standby_names: set[str] = set()  # started asleep (the deployment's standby)
 
     def standby(self, names: list[str]) -> None:
         """Workers started asleep (a deployment's standby): parked from the start, never routed to."""
-        self.health.parked.update(n for n in names if n in self.health.workers)
+        self.standby_names.update(n for n in names if n in self.health.workers)
+        self.health.parked.update(self.standby_names)
 
     def signal(
         self, model: str, queued: int, max_running: int, expected: float | None, *, serving: bool
@@ -155,26 +158,34 @@ class Parking:
                 await asyncio.sleep(self.config.poll_s)
 
     def reconcile(self, name: str, asleep: bool) -> None:
-        """A heartbeat said whether `name` is asleep: make that agree with parking (see the module docstring).
-        The first heartbeat this core sees is the truth (a restarted router adopts what the fleet did before it);
-        later, a parked worker that reports itself awake was restarted, and sleeps again."""
+        """A heartbeat said whether `name` is asleep: make that agree with parking (see the module docstring)."""
         first = name not in self.seen
         self.seen.add(name)
         if self.paused or self.changing(name) or self.handles.get(name) is None:
             return
         parked = name in self.health.parked
-        if parked and not asleep:
-            if first:  # woken by the fleet before this router started: it serves
-                self.health.parked.discard(name)
-            else:  # restarted while parked: it came back awake
-                self._background(name, self._sleep_again(name))
-        elif asleep and not parked:
-            self.health.parked.add(name)
-            if self._awake_decoders(besides=name) or not self.health.role_of(name).decodes:
-                log.info("%s reports itself asleep: adopted as parked", name)
-            else:
-                log.info("%s reports itself asleep and is its model's last decoder: waking it", name)
-                self._background(name, self._wake(name))
+        if first:  # the truth, whatever this core assumed at its start (a restarted router takes what was done)
+            (self.health.parked.add if asleep else self.health.parked.discard)(name)
+            self._serve_again()
+        elif parked and not asleep:  # restarted while parked: it came back awake
+            self._background(name, self._sleep_again(name))
+        elif asleep and not parked:  # a sleep whose answer was lost, or a report older than a wake: it serves
+            self._background(name, self._wake(name))
+
+    def _serve_again(self) -> None:
+        """Once every worker has reported: if none decodes awake (the whole model slept before this router
+        started), the workers it was started with awake wake; its standby stay parked."""
+        if len(self.seen) < len(self.health.workers) or self._awake_decoders(besides=""):
+            return
+        for n in list(self.health.parked):
+            if n not in self.standby_names and not self.changing(n):
+                self._background(n, self._wake(n))
+
+    async def stop(self) -> None:
+        """Cancel the background sleeps and wakes (the core stops)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _sleep_again(self, name: str) -> None:
         handle = self.handles[name]

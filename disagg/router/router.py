@@ -157,6 +157,7 @@ class RouterCore:
         for part in reversed(self._background()):
             await part.stop()
         await self.admission.stop()
+        await self.parking.stop()
         await self.drain_releases()
 
     async def pause(self) -> None:
@@ -259,6 +260,8 @@ class RouterCore:
         key = affinity(request.tenant, session, (lora.name, lora.path) if lora is not None else None)
         with self._lock:  # the decode workers are scored in routing order, the likely winners only (ranking.py)
             matches = self.index.match(hashes)
+            if self.health.parked:  # asleep: their tiers offer nothing (export_prefix answers None)
+                matches = {n: m for n, m in matches.items() if n not in self.health.parked}
             decision = self.policy.choose_ranked(
                 request.num_tokens, matches, self.ranking, self.loads, eligible, prefill, key, frozenset(hashes)
             )
