@@ -4,19 +4,19 @@ recipient's), and say why - in logs and in /metrics (`disagg:fleet_moves_total{d
 `disagg:fleet_holds_total{reason}`) and at `GET /admin/fleet`.
 
 Lifecycle: `start()` (on the running event loop; only when enabled) runs the rounds as one task; `stop()` cancels
-it.  A round that fails is logged and the next one runs; `max_failures` in a row end the loop, loudly.  The HTTP
+it.  Its rounds, and their failure budget, are planner/rounds.py's.  The HTTP
 app's lifespan starts it after the models' cores and stops it before them (http/app.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter, deque
 from typing import Protocol
 
 from disagg.planner.fleet import FleetConfig, FleetHold, FleetMove, FleetPlanner, FleetReason, FleetSignals
+from disagg.planner.rounds import Rounds
 
 log = logging.getLogger(__name__)
 
@@ -40,37 +40,19 @@ class FleetLoop:
         self.port = port
         self.planner = FleetPlanner(config)
         self.config = self.planner.config
+        self.rounds = Rounds("fleet planner", self.step, self.config.interval_s)
         self.moves: Counter[tuple[str, str, FleetReason]] = Counter()  # (donor, recipient, reason) -> workers
         self.failed = 0  # moves that failed (the park or the wake raised)
         self.holds: Counter[FleetHold] = Counter()
         self.last: FleetSignals | None = None  # what the last round read (/admin/fleet, /metrics)
         self.recent: deque[dict[str, object]] = deque(maxlen=64)  # the last moves, each with when and how long
-        self.max_failures = 20  # consecutive failed rounds before the loop stops trying (and says so)
-        self._task: asyncio.Task | None = None
 
     def start(self) -> None:
-        if self.config.enabled and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self.config.enabled:
+            self.rounds.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            await asyncio.sleep(self.config.interval_s)
-            try:
-                await self.step()
-                failures = 0
-            except Exception:  # a round that fails must not end planning; a run of them does, loudly
-                failures += 1
-                log.exception("fleet planner round failed (%d in a row)", failures)
-                if failures >= self.max_failures:
-                    log.error("fleet planner stopped after %d failed rounds", failures)
-                    return
+        await self.rounds.stop()
 
     def status(self) -> dict[str, object]:
         return {

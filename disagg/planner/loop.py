@@ -4,7 +4,7 @@ in logs and in /metrics (`disagg:planner_moves_total{from,to,reason}`, `disagg:p
 `disagg:planner_enabled`).
 
 Lifecycle: `start()` (on the running event loop; only when enabled) runs the rounds as one task; `stop()` cancels
-it.  A round that fails is logged and the next one runs; `max_failures` in a row end the loop, loudly.  The
+it.  Its rounds, and their failure budget, are planner/rounds.py's.  The
 routing core starts and stops it with its other background tasks (RouterCore.start / stop).
 """
 
@@ -17,6 +17,7 @@ from collections import Counter
 
 from disagg.planner.policy import Hold, Move, Planner, PlannerConfig, Reason
 from disagg.planner.port import PlannerPort
+from disagg.planner.rounds import Rounds
 from disagg.protocol import Role
 
 log = logging.getLogger(__name__)
@@ -27,34 +28,16 @@ class PlannerLoop:
         self.port = port
         self.planner = Planner(config)
         self.config = self.planner.config
+        self.rounds = Rounds("planner", self.step, self.config.interval_s)
         self.moves: Counter[tuple[Role, Role, Reason]] = Counter()  # (from, to, reason) -> workers moved
         self.holds: Counter[Hold] = Counter()  # hold reason -> rounds
-        self._task: asyncio.Task | None = None
-        self.max_failures = 20  # consecutive failed rounds before the loop stops trying (and says so)
 
     def start(self) -> None:
-        if self.config.enabled and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        if self.config.enabled:
+            self.rounds.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _run(self) -> None:
-        failures = 0
-        while True:
-            await asyncio.sleep(self.config.interval_s)
-            try:
-                await self.step()
-                failures = 0
-            except Exception:  # a round that fails must not end planning; a run of them does, loudly
-                failures += 1
-                log.exception("planner round failed (%d in a row)", failures)
-                if failures >= self.max_failures:
-                    log.error("planner stopped after %d failed rounds", failures)
-                    return
+        await self.rounds.stop()
 
     def status(self) -> dict:
         return {
