@@ -329,3 +329,48 @@ def test_no_request_pulls_a_prefix_from_a_parked_worker():
     core.health.parked.add("a")  # asleep: it offers nothing
     decision = core.route(request)
     assert decision.decode_worker == "b" and decision.peer_worker is None
+
+
+def test_little_s_estimate_already_counts_the_queue_and_the_queue_is_its_floor():
+    planner = FleetPlanner(ON)
+    hot = _model("a", [4, 4], parked=1, queued=8)
+    cooled = _model("b", [4, 4, 4], queued=2)
+    cooled.expected = 3.0  # Little's L: the 2 queued are among these 3 (time in the system includes the queue)
+    assert cooled.demand_without(1) == pytest.approx(3 / 8)  # not (2 + 3) / 8, above donor_load_max
+    _decide(planner, 0.0, hot, cooled)
+    assert isinstance(_decide(planner, 1.0, hot, cooled), FleetMove)
+    backlog = _model("b", [4, 4, 4], queued=3)
+    backlog.expected = 0.5  # sent little now, but 3 wait now and must be served by the workers it keeps
+    assert backlog.demand_without(1) == pytest.approx(3 / 8)
+
+
+def test_requests_draining_on_a_worker_given_away_are_not_the_model_s_demand():
+    planner = FleetPlanner(ON)
+    a = _model("a", [3, 3], parked=1)
+    draining = a.workers[-1]
+    draining.active_requests, draining.changing = 4, True  # parked a moment ago, its streams finish there
+    assert a.demand() == pytest.approx(6 / 8)  # its awake workers' requests, not 10 / 8
+    assert _decide(planner, 0.0, a, _model("b", [0, 0], parked=1)) is FleetHold.BALANCED
+
+
+def test_the_fleet_loop_starts_hysteresis_when_a_move_ends():
+    import time
+
+    from disagg.planner.fleet_loop import FleetLoop
+
+    class SlowPort:
+        def __init__(self):
+            self.moved = []
+
+        def signals(self, now):
+            return FleetSignals(now, [_model("a", [4, 4], parked=1, queued=12), _model("b", [0, 0, 0])])
+
+        async def move(self, move, timeout_s):
+            await asyncio.sleep(0.2)  # the donor's drain
+            self.moved.append(move)
+
+    loop = FleetLoop(SlowPort(), FleetConfig(enabled=True, confirm_rounds=1))
+    started = time.monotonic()
+    assert isinstance(asyncio.run(loop.step()), FleetMove)
+    assert loop.planner.last_move_at is not None and loop.planner.last_move_at >= started + 0.2
+    assert loop.planner.gained["a"] == loop.planner.gave["b"] == loop.planner.last_move_at

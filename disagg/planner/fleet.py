@@ -18,17 +18,19 @@ full, above 1 requests queue.  Rules:
    recipient.
 2. A donor is any other model whose demand on the decoders it keeps stays at or below `donor_load_max` (so a
    quiet model keeps enough to serve what it has: a hot model cannot starve a quiet one) - their own requests and
-   its queue, since a parked worker's requests finish where they are; or, when that is less, its queue and what
-   it would hold at the rate it is sent now (Little's law: a model whose traffic just fell gives at once, not once
-   its backlog has drained) - which keeps `min_awake` decoders, and which is not pinned by hysteresis.  The least
-   loaded donor gives the workers with the fewest requests running (the fewest streams drain): as many as bring
-   the recipient's demand to `target_load`, within what the donor can spare by rule 2 and the recipient has
-   parked - a sharp shift is met in one move.
+   its queue, since a parked worker's requests finish where they are; or, when that is less, what it would hold
+   at the rate it is sent now, its queue included but never less than its queue (Little's law: a model whose
+   traffic just fell gives at once, not once its backlog has drained) - which keeps `min_awake` decoders, and
+   which is not pinned by hysteresis.  The least loaded donor gives the workers with the fewest requests running
+   (the fewest streams drain): as many as bring the recipient's demand to `target_load`, within what the donor
+   can spare by rule 2 and the recipient has parked - a sharp shift is met in one move.  Requests still finishing
+   on workers a model gave away are not its demand.
 Hysteresis, as the role planner's (planner/policy.py): a move is made only after `confirm_rounds` rounds in a row
 found the same model hot (while a donor frees up, the rounds still count: the need is what is confirmed; a demand
 above `urgent_load` - twice its workers' limit by default, a queue that deep is no noise - needs none); at most
 one move per `cooldown_s`; a model keeps a worker it gained at least `min_dwell_s` (and does not gain one for that
-long after giving one); and a pair of models reverses its last move at most once per `reversal_window_s`.
+long after giving one); and a pair of models reverses its last move at most once per `reversal_window_s` - each
+time counted from the end of a move (its drain can take up to `park_timeout_s`).
 """
 
 from __future__ import annotations
@@ -119,13 +121,16 @@ class ModelSignal:
         left = ranked[k:]
         wanted: float = self.queued + sum(w.active_requests for w in left)
         if self.expected is not None:  # a model sent less than it still holds: what it is sent now is what stays
-            wanted = min(wanted, self.queued + self.expected)
+            # Little's L counts the requests waiting as well as those running (their time in the system includes
+            # the queue), so it is not added to the queue; but what is queued now must still be served
+            wanted = min(wanted, max(self.expected, float(self.queued)))
         return wanted / (len(left) * max(1, self.max_running)) if left else (float("inf") if wanted else 0.0)
 
     def demand(self, decoders: int | None = None) -> float:
-        """Requests running and queued per awake decoder, as a share of max_running (over `decoders` if given)."""
+        """Requests running and queued per awake decoder, as a share of max_running (over `decoders` if given).
+        Requests still finishing on workers it gave away (parked) are not its awake workers' load."""
         n = len(self.awake_decoders()) if decoders is None else decoders
-        wanted = self.queued + sum(w.active_requests for w in self.workers)
+        wanted = self.queued + sum(w.active_requests for w in self.workers if not w.parked)
         if n <= 0:
             return float("inf") if wanted else 0.0
         return wanted / (n * max(1, self.max_running))

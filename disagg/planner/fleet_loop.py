@@ -97,7 +97,6 @@ class FleetLoop:
             decision.reason.value,
             decision.detail,
         )
-        self.planner.applied(decision, now)  # counted before the drain: hysteresis covers the whole move
         record: dict[str, object] = {"at": time.time(), "donor": decision.donor, "recipient": decision.recipient}
         record.update(park=decision.park, wake=decision.wake, detail=decision.detail)
         self.recent.append(record)
@@ -108,6 +107,11 @@ class FleetLoop:
             record["error"] = f"{type(exc).__name__}: {exc}"
             raise
         finally:
-            record["seconds"] = round(time.monotonic() - now, 3)
+            # hysteresis counts from the move's end (a drain can take up to park_timeout_s): the dwell and the
+            # cooldown are time the workers have served where they are; a move that failed and was evened out
+            # cools down too, so a broken worker is not tried every round
+            done = time.monotonic()
+            self.planner.applied(decision, done)
+            record["seconds"] = round(done - now, 3)
         self.moves[(decision.donor, decision.recipient, decision.reason)] += len(decision.wake)
         return decision
