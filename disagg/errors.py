@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 
+SLEEP_UNSUPPORTED = "sleep_unsupported"  # the code of a worker that cannot sleep (engine/sleep.py)
+
 
 class DisaggError(Exception):
     """Base class.  `param` / `code` fill the OpenAI error body's fields of the same names."""

@@ -297,6 +297,15 @@ class RouterMetrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        self.idle_sleeps = Counter(
+            "disagg:model_idle_sleeps",
+            "Models put to sleep for want of requests (--sleep-after-idle-s)",
+            model,
+            registry=r,
+        )
+        self.request_wakes = Counter(
+            "disagg:model_request_wakes", "Asleep models woken by a request", model, registry=r
+        )
         self.staleness = Histogram(
             "disagg:route_staleness_tokens",
             "Prompt tokens the router expected the "

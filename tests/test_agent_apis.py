@@ -235,6 +235,26 @@ def test_messages_tool_use_then_tool_result(claude, oai, model_name):
     assert "".join(b.text for b in follow.content if b.type == "text") == (again.message.content or "")
 
 
+def test_a_final_assistant_turn_is_continued_as_chat_s_continue_final_message(claude, oai, model_name, smollm_dir):
+    from disagg.engine.tokenizer import Tokenizer
+
+    start = "The largest planet in the solar system is"
+    turns = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": start}]
+    tokenizer = Tokenizer.from_dir(smollm_dir)
+    prompt = tokenizer.apply_chat_template(turns, continue_final_message=True)
+    assert prompt.endswith(start) and prompt.startswith(tokenizer.apply_chat_template(turns[:1], add_generation_prompt=True))
+    raw = oai.completions.create(model=model_name, prompt=prompt, max_tokens=12, temperature=0)  # the prefill by hand
+    chat = _chat(oai, model_name, turns, max_tokens=12,
+                 extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    prefilled = claude.messages.create(model=model_name, max_tokens=12, extra_body=GREEDY, messages=turns)
+    assert chat.message.content == raw.choices[0].text  # the answer continues the start, not a new turn
+    assert "".join(b.text for b in prefilled.content) == chat.message.content and chat.message.content
+    counted = claude.messages.count_tokens(model=model_name, messages=turns).input_tokens  # Anthropic's usage: the
+    assert prefilled.usage.input_tokens + prefilled.usage.cache_read_input_tokens == counted  # cached part apart
+    with pytest.raises(openai.BadRequestError):  # as vLLM: both at once make no sense
+        _chat(oai, model_name, turns, max_tokens=2, extra_body={"continue_final_message": True})
+
+
 @pytest.mark.parametrize("change, error", [
     ({"model": "no-such-model"}, anthropic.NotFoundError),
     ({"messages": [{"role": "user", "content": [
@@ -256,8 +276,10 @@ def test_messages_bad_input_is_an_anthropic_4xx(claude, model_name, change, erro
     ({"messages": True}, "messages"),  # wrongly typed JSON: the field's 400, never a 500
     ({"messages": [{"role": "user", "content": 3}]}, "messages"),
     ({"tools": {"name": "x"}}, "tools"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]},
-     "final assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is "}]},
+     "trailing whitespace"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}]}]}, "must be text"),
 ])
 def test_messages_malformed_bodies_are_anthropic_400s(service, model_name, change, names):
     body = {"model": model_name, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], **change}

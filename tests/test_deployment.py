@@ -88,6 +88,7 @@ def test_one_model_is_not_namespaced(model_dir):
     ({"models": [{"id": "a", "adapters": {"x": "/a"}, "engine": {"max_loras": 0}}]}, "serve no adapters"),
     ({"models": [{"id": "a", "adapters": {"a": "/a"}}]}, "models[0]: 'a' is served twice"),
     ({"models": [{"id": "a", "standby": -1}]}, "models[0].standby: Input should be greater than or equal to 0"),
+    ({"models": [{"id": "a", "standby": 1, "engine": {"device": "cuda"}}]}, "models[0].standby: standby workers sleep"),
 ])
 def test_each_bad_field_is_named(data, named):
     with pytest.raises(DeploymentError) as err:
@@ -177,6 +178,9 @@ def test_serve_refuses_a_bad_deployment_or_adapter_before_starting(monkeypatch, 
     # each router replica would move workers on its own
     assert serve_cli.main(["--deployment", str(good), "--fleet-planner", "--replicas", "2"]) == serve_cli.EXIT_REFUSED
     assert "--fleet-planner needs a single router" in capsys.readouterr().err
+    for flags in (["--sleep-after-idle-s", "60"], ["--wake-on-request"]):  # so would each sleep and wake models
+        assert serve_cli.main(["--deployment", str(good), *flags, "--replicas", "2"]) == serve_cli.EXIT_REFUSED
+        assert "need a single router" in capsys.readouterr().err
 
 
 def test_aliases_pick_by_weight_and_refuse_what_cannot_be_a_weight():

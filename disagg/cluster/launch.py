@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import uuid
 from typing import Any
 
 import ray
@@ -17,6 +18,7 @@ import ray
 from disagg.cluster.pools import ClusterConfig, LocalCluster, init_ray
 from disagg.cluster.router_actor import RouterActor
 from disagg.cluster.router_service import ModelRoute, RouterConfig
+from disagg.cluster.runtime_table import GcsTableStore, end_runtime_workers
 from disagg.http.server import free_port
 from disagg.models.deployment import Deployment, ModelSpec
 
@@ -73,6 +75,7 @@ class Service:
             self.front = ServeFront(router)
             self.url = self.front.start(*workers, resources=config.router_resources or None)
             return
+        router.runtime_key = f"runtime-table-{uuid.uuid4().hex}"  # models loaded at run time survive a restart
         self.router = RouterActor.options(  # type: ignore[attr-defined]  # added by @ray.remote
             max_restarts=router_max_restarts, resources=config.router_resources or None
         ).remote(router.to_wire(), *workers)
@@ -87,6 +90,7 @@ class Service:
             except (ray.exceptions.RayError, TimeoutError) as exc:  # the router may already be gone
                 print(f"router stop: {type(exc).__name__}", file=sys.stderr)
             ray.kill(self.router, no_restart=True)
+            end_runtime_workers(GcsTableStore(self.router_config.runtime_key))  # detached: nothing else ends them
         for cluster in self.clusters.values():
             cluster.shutdown()
 

@@ -8,25 +8,29 @@ A worker that refuses to start (the memory budget, a corrupt or incompatible dir
 reason, and the workers already started for it are ended.  `unload` ends a model's workers, whether the
 deployment started them or a load did.
 
-Runs in the router actor's process, so the workers it starts belong to the router actor: a router that dies takes
-the models loaded at run time with it, and its restart serves the deployment it was started with (the same holds
-for vLLM's adapters loaded at run time).  Imports no torch: the actors' classes load the engine in their own
-processes.
+Runs in the router actor's process.  The workers it starts are detached actors, so a router that dies does not
+take them with it: after each change of the model table the loader saves what a restarted router needs
+(`remember`: cluster/runtime_table.py), and the restarted router serves those models again over the same workers
+(`restore`), with the adapters and aliases as they were.  Imports no torch: the actors' classes load the engine
+in their own processes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import ray
 
 from disagg.cluster.handles import RayWorkerHandle
 from disagg.cluster.pools import ClusterConfig, LocalCluster
 from disagg.cluster.router_service import ModelRoute, RouterConfig, max_position_embeddings, serve_model
+from disagg.cluster.runtime_table import TableStore, read_table, restore_table, snapshot
 from disagg.cluster.worker_config import WorkerConfig
 from disagg.engine.tokenizer import Tokenizer
-from disagg.http.models import ServedModel
+from disagg.http.models import ModelTable, ServedModel
 from disagg.model_store import default_model_dir
 from disagg.models.deployment import DeploymentError, ModelEntry, model_spec
 from disagg.protocol import LoRARef
@@ -35,9 +39,11 @@ log = logging.getLogger(__name__)
 
 
 class RayModelLoader:
-    def __init__(self, config: RouterConfig, template: WorkerConfig) -> None:
-        self.config, self.template = config, template
+    def __init__(self, config: RouterConfig, template: WorkerConfig, store: TableStore | None = None) -> None:
+        """`store`: where the table's run-time changes are kept for a restarted router (None: not kept)."""
+        self.config, self.template, self.store = config, template, store
         self.clusters: dict[str, LocalCluster] = {}  # the pools this loader started, by model id
+        self.routes: dict[str, ModelRoute] = {}  # the models loaded at run time (a restarted router's too)
 
     def load(self, entry: ModelEntry, namespace: str) -> tuple[ServedModel, tuple[LoRARef, ...]]:
         spec = model_spec(entry, self.template.engine)  # the entry, its engine settings and its adapters, checked
@@ -48,7 +54,8 @@ class RayModelLoader:
         except (OSError, ValueError) as exc:
             raise DeploymentError(f"{spec.id}: the router cannot read its tokenizer or config ({exc})") from None
         try:
-            cluster = LocalCluster(ClusterConfig.from_template(self.template, spec), spec.worker_prefix)
+            pools = dataclasses.replace(ClusterConfig.from_template(self.template, spec), detached=True)
+            cluster = LocalCluster(pools, spec.worker_prefix)
         except ray.exceptions.RayError as exc:  # a worker's constructor refused (its message says why)
             raise DeploymentError(f"the workers of {spec.id} did not start: {_reason(exc)}") from None
         try:
@@ -65,9 +72,11 @@ class RayModelLoader:
             cluster.shutdown()
             raise
         self.clusters[spec.id] = cluster
+        self.routes[spec.id] = route
         return served, spec.adapters
 
     def unload(self, model: ServedModel) -> None:
+        self.routes.pop(model.name, None)
         cluster = self.clusters.pop(model.name, None)
         if cluster is not None:
             cluster.shutdown()
@@ -78,8 +87,38 @@ class RayModelLoader:
             except ValueError:  # already gone
                 log.info("unload %s: worker %s was already gone", model.name, name)
 
+    def remember(self, models: ModelTable) -> None:
+        if self.store is not None:
+            self.store.save(snapshot(models, self.routes).to_wire())
+
+    def restore(self, models: ModelTable) -> None:
+        state = read_table(self.store) if self.store is not None else None
+        if state is not None:
+            restore_table(models, state, self._serve_again)
+
+    def _serve_again(self, route: ModelRoute) -> ServedModel | None:
+        """A model loaded by the router's previous life, over the workers of it that are still there."""
+        node = ray.get_runtime_context().get_node_id()
+        handles = {n: RayWorkerHandle(n, actor, node) for n, actor in alive([*route.prefill, *route.decode]).items()}
+        if not any(n in handles for n in route.decode):
+            return None
+        self.routes[route.name] = route
+        return serve_model(self.config, route, handles, handles)
+
 
 def _reason(exc: ray.exceptions.RayError) -> str:
     """The first line of the worker's own error, not Ray's wrapping of it."""
     cause = getattr(exc, "cause", None) or exc
     return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+
+
+def alive(names: list[str]) -> dict[str, Any]:
+    """The named workers that exist: a restarted router's arguments still name the workers of a model unloaded since
+    (their model is then not served again; cluster/router_service.py)."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = ray.get_actor(name)
+        except ValueError:  # killed for good by an unload
+            continue
+    return found

@@ -42,6 +42,9 @@ class ClusterConfig:
     address: str | None = field(default=None, metadata={"help": "join an existing Ray cluster instead of starting one"})
     transfer_timeout_s: float = 10.0
     max_restarts: int = -1  # per worker actor (-1: always restart)
+    # detached actors outlive the process that started them: the pools of a model loaded at run time outlive the
+    # router that loaded it (cluster/runtime_table.py); ended by unload or Service.shutdown
+    detached: bool = field(default=False, metadata={"cli": False})
     transport_wrapper: str = ""  # WorkerConfig.transport_wrapper (the chaos benchmark's fault injector)
     allow_fault_injection: bool = False  # WorkerConfig's: drills only (bench chaos, tests), no `disagg serve` option
     tracing: TracingConfig | None = None  # the workers' spans (and the router's, via Service); None: none
@@ -101,17 +104,22 @@ class ClusterConfig:
         )
 
 
+# named, not anonymous: the workers of models loaded at run time are detached actors (cluster/runtime_table.py),
+# found by name in the namespace they were made in
+RAY_NAMESPACE = "disagg"
+
+
 def init_ray(address: str | None) -> None:
     """Join `address` (or RAY_ADDRESS), or start a local cluster whose node IP is loopback."""
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, include_dashboard=False)
+        ray.init(address=address, include_dashboard=False, namespace=RAY_NAMESPACE)
     else:
         # Ray maps 127.0.0.1 to the host's outward address (services.resolve_ip_for_localhost) unless its cluster
         # mode is off; a cluster started here is reached by no other host, so it stays on loopback
         ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1")
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", namespace=RAY_NAMESPACE)
 
 
 class LocalCluster:
@@ -131,7 +139,10 @@ class LocalCluster:
         for i in range(config.num_prefill):
             name = f"{prefix}prefill-{i}-{tag}"
             self.prefill_by_name[name] = PrefillWorker.options(  # type: ignore[attr-defined]  # added by @ray.remote
-                name=name, max_restarts=config.max_restarts, resources=config.prefill_resources or None
+                name=name,
+                max_restarts=config.max_restarts,
+                resources=config.prefill_resources or None,
+                lifetime="detached" if config.detached else None,
             ).remote(config.worker(name, Role.PREFILL, f"{prefix}prefill-{i}").to_wire())
         decode_cls, role, kind = (
             (DecodeWorker, Role.DECODE, "decode") if config.num_prefill else (AggregatedWorker, Role.BOTH, "worker")
@@ -139,7 +150,10 @@ class LocalCluster:
         for i in range(config.num_decode):
             name = f"{prefix}decode-{i}-{tag}"
             self.decode_by_name[name] = decode_cls.options(  # type: ignore[union-attr]  # added by @ray.remote
-                name=name, max_restarts=config.max_restarts, resources=config.decode_resources or None
+                name=name,
+                max_restarts=config.max_restarts,
+                resources=config.decode_resources or None,
+                lifetime="detached" if config.detached else None,
             ).remote(config.worker(name, role, f"{prefix}{kind}-{i}").to_wire())
         try:
             ray.get([w.ready.remote() for w in self.workers])

@@ -16,8 +16,9 @@ from typing import Any
 import ray
 
 from disagg.cluster.handles import RayWorkerHandle
-from disagg.cluster.model_loader import RayModelLoader
+from disagg.cluster.model_loader import RayModelLoader, alive
 from disagg.cluster.router_service import RouterConfig, RouterService
+from disagg.cluster.runtime_table import GcsTableStore
 
 
 @ray.remote(num_cpus=0, max_concurrency=8, max_task_retries=0)  # type: ignore[call-overload]  # ray's stubs
@@ -30,11 +31,12 @@ class RouterActor:
         node = ray.get_runtime_context().get_node_id()
         settings = RouterConfig.from_wire(config)
         template = settings.worker_template
+        store = GcsTableStore(settings.runtime_key) if settings.runtime_key else None
         self.service = RouterService(
             settings,
-            {n: RayWorkerHandle(n, actor, node) for n, actor in _alive(prefill).items()},
-            {n: RayWorkerHandle(n, actor, node) for n, actor in _alive(decode).items()},
-            loader=RayModelLoader(settings, template) if template is not None else None,  # /admin/models
+            {n: RayWorkerHandle(n, actor, node) for n, actor in alive(prefill).items()},
+            {n: RayWorkerHandle(n, actor, node) for n, actor in alive(decode).items()},
+            loader=RayModelLoader(settings, template, store) if template is not None else None,  # /admin/models
         )
         self.url = self.service.start()
 
@@ -76,15 +78,3 @@ class RouterActor:
 
     def stop(self) -> None:
         self.service.stop()
-
-
-def _alive(names: list[str]) -> dict[str, Any]:
-    """The named workers that exist: a restarted router's arguments still name the workers of a model unloaded since
-    (their model is then not served again; cluster/router_service.py)."""
-    found = {}
-    for name in names:
-        try:
-            found[name] = ray.get_actor(name)
-        except ValueError:  # killed for good by an unload
-            continue
-    return found

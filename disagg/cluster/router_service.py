@@ -20,7 +20,7 @@ from typing import ClassVar
 from disagg.cluster.worker_config import WorkerConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.app import build_app
-from disagg.http.config import AgentConfig, ApiConfig, ApiKey, check_exposure
+from disagg.http.config import AgentConfig, ApiConfig, ApiKey, IdleConfig, check_exposure
 from disagg.http.fleet_port import TableFleetPort
 from disagg.http.models import ModelLoader, ModelTable, ServedModel
 from disagg.http.response_store import ResponseStoreConfig, ResponseStorePort
@@ -85,6 +85,7 @@ class RouterConfig(WireMessage):
     keys: dict[str, ApiKey] | None = None  # key -> full grant (the keys file: http/keys.py)
     responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)  # the Responses API's store
     agents: AgentConfig = field(default_factory=AgentConfig)  # agent turns' KV retention
+    idle: IdleConfig = field(default_factory=IdleConfig)  # models asleep when idle, woken by a request
     replicas: int = field(
         default=1, metadata={"help": "router replicas behind Ray Serve's HTTP proxy (2+: no single point of failure)"}
     )
@@ -106,6 +107,9 @@ class RouterConfig(WireMessage):
     # the deployment is fixed
     worker_template: WorkerConfig | None = None
     model_drain_timeout_s: float = 300.0  # an unloaded model's requests in flight may finish for this long
+    # where the model table's run-time changes are kept for a restarted router (cluster/runtime_table.py; the
+    # launcher names one per service); "": not kept
+    runtime_key: str = ""
 
     def routes(self, prefill: list[str], decode: list[str]) -> list[ModelRoute]:
         """The models to serve: `models`, or the one model over the workers named."""
@@ -180,6 +184,8 @@ class RouterService:
         for route in routes:
             for alias in route.aliases:
                 self.models.aliases.set(alias, {route.name: 1.0}, self.models.ids())
+        if loader is not None:  # a restarted router: the models, adapters and aliases changed at run time
+            loader.restore(self.models)
         self.core = served[0].core  # the first (or only) model's: single-model tools and tests read it
         api = ApiConfig(
             config.api_key,
@@ -189,7 +195,10 @@ class RouterService:
             responses=config.responses,
             agents=config.agents,
             model_drain_timeout_s=config.model_drain_timeout_s,
+            idle=config.idle,
         )
+        if config.idle.wakes and not serve_http:  # each replica would sleep and wake the models on its own
+            raise ValueError("sleeping idle models and waking them on a request need a single router")
         self.fleet = FleetLoop(TableFleetPort(self.models, config.fleet), config.fleet)  # runs only when enabled
         self.app = build_app(self.models, api, responses, loader, self.fleet)
         self.http: HttpServer | None = None

@@ -20,7 +20,7 @@ from disagg.cluster.router_service import RouterConfig
 from disagg.cluster.smoke import smoke_test
 from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.errors import InsecureExposure
-from disagg.http.config import AgentConfig
+from disagg.http.config import AgentConfig, IdleConfig
 from disagg.http.keys import load_keys_file
 from disagg.http.response_store import ResponseStoreConfig
 from disagg.isolation import IsolationConfig
@@ -160,6 +160,7 @@ _TIERS = ("cpu_tier_mb", "disk_tier_dir", "disk_tier_mb")
 _KEYS = ("api_keys_file", "tenant_weights", "cache_share_groups")
 _SLO, _SMOKE = ("slo_ttft_ms", "slo_tpot_ms"), ("smoke_test", "question")
 _MODELS = ("lora_modules", "deployment")
+_IDLE = ("sleep_after_idle_s", "wake_on_request")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -177,6 +178,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_options(p, AdmissionConfig, prefix="admission-", only=_ADMISSION)
     add_options(p, ResponseStoreConfig, prefix="responses-")
     add_options(p, AgentConfig)
+    add_options(p, IdleConfig, only=_IDLE)
     add_options(p, CapacityConfig, only=_CAPACITY)
     add_options(p, TracingConfig, only=_TRACING)
     add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
@@ -229,6 +231,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
         responses=from_options(ResponseStoreConfig, args, prefix="responses-"),
         agents=from_options(AgentConfig, args),
+        idle=from_options(IdleConfig, args, only=_IDLE),
         isolation=IsolationConfig(share_groups=args.cache_share_groups),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
         planner=planner,
@@ -283,6 +286,8 @@ def serve(args: argparse.Namespace) -> int:
         deployment = _deployment(args, cluster, router)
         if router.fleet.enabled and router.replicas > 1:  # each replica would move workers on its own
             raise DeploymentError("--fleet-planner needs a single router (--replicas 1)")
+        if router.idle.wakes and router.replicas > 1:  # each replica would sleep and wake the models on its own
+            raise DeploymentError("--sleep-after-idle-s and --wake-on-request need a single router (--replicas 1)")
         if deployment is not None and any(m.standby for m in deployment.models) and not router.fleet.enabled:
             print("disagg serve: standby workers stay asleep without --fleet-planner", file=sys.stderr)
     except (InsecureExposure, DeploymentError) as exc:  # refused before anything starts

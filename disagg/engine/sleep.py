@@ -25,7 +25,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from disagg.errors import Conflict, InvalidRequest
+from disagg.errors import SLEEP_UNSUPPORTED, Conflict, InvalidRequest
 from disagg.protocol import SleepReport, SleepState
 
 if TYPE_CHECKING:
@@ -90,7 +90,7 @@ class Sleeper:
             return self._report(SleepState.ASLEEP, 0, started)
         refusal = sleep_refusal(self.engine)
         if refusal is not None:
-            raise InvalidRequest(f"{self.worker}: {refusal}", code="sleep_unsupported")
+            raise InvalidRequest(f"{self.worker}: {refusal}", code=SLEEP_UNSUPPORTED)
         if self.engine.has_unfinished():
             raise Conflict(f"{self.worker}: requests are still running")
         if not self.engine.pool.reset_prefix_cache():  # a lease a reader has not released yet

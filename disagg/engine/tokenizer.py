@@ -47,11 +47,27 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        **extra: Any,
     ) -> str:
-        """Render `messages` through the model's template; `extra` are further template variables (`tools`)."""
+        """Render `messages` through the model's template; `extra` are further template variables (`tools`).
+        `continue_final_message`: the last message is the start of the assistant's answer (a prefill): the prompt
+        ends right after its text, without the template's end of turn, so the answer continues it - as HF
+        transformers' own option of that name cuts it."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use a plain completion prompt")
+        if continue_final_message:
+            final = messages[-1].get("content") if messages else None
+            if not isinstance(final, str) or not final.strip() or messages[-1].get("role") != "assistant":
+                raise ValueError("continuing the final message needs a final assistant message with text")
+            rendered = self.apply_chat_template(messages, add_generation_prompt=False, **extra)
+            cut = final if final in rendered else final.strip()
+            if cut not in rendered:
+                raise ValueError("the chat template does not render the final message's text as it is")
+            return rendered[: rendered.rindex(cut) + len(cut)]
 
         def raise_exception(message: str) -> None:
             raise ValueError(f"chat template error: {message}")
@@ -67,8 +83,11 @@ class Tokenizer:
             **extra,
         )
 
-    def encode_chat(self, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
-        return self.encode(self.apply_chat_template(messages, **extra), add_special_tokens=False)
+    def encode_chat(
+        self, messages: list[dict[str, Any]], continue_final_message: bool = False, **extra: Any
+    ) -> list[int]:
+        text = self.apply_chat_template(messages, continue_final_message=continue_final_message, **extra)
+        return self.encode(text, add_special_tokens=False)
 
     def decode_incremental(self, ids: list[int], prefix_offset: int, read_offset: int) -> tuple[str, int, int]:
         """New text since `read_offset`, decoding a small window so multi-token characters come out whole.

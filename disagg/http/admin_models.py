@@ -107,6 +107,10 @@ def add_model_admin_routes(
 ) -> None:
     add_sleep_routes(app, models, config, check=lambda: _loader(loader))
 
+    def remember() -> None:  # after every change, on the event loop: the table must not change while it is read
+        if loader is not None:  # what a restarted router serves again (cluster/runtime_table.py)
+            loader.remember(models)
+
     @app.get("/admin/models")
     async def listing():
         return _listing(models)
@@ -129,6 +133,7 @@ def add_model_admin_routes(
             models.add(served.adapter(ref))
         for alias in entry.aliases:
             models.aliases.set(alias, {served.name: 1.0}, models.serving_ids())
+        remember()
         return served.card()
 
     @app.post("/admin/models/{base:path}/adapters", status_code=201)
@@ -143,6 +148,7 @@ def add_model_admin_routes(
             raise Conflict(f"{base} changed while the adapter was checked; try again")
         adapter = parent.adapter(LoRARef(body.name, path, digest))
         models.add(adapter)
+        remember()
         return adapter.card()
 
     @app.delete("/admin/models/{name:path}")
@@ -153,9 +159,13 @@ def add_model_admin_routes(
             raise Conflict(f"alias(es) {', '.join(aliases)} still send requests to {name}; move them first")
         if model.lora is not None:  # its requests in flight carry the adapter: they finish where they run
             models.remove(name)
+            remember()
             return {"id": name, "drained": True, "drain_s": 0.0}
         with models.change(name):
-            return await _unload_base(model, models, _loader(loader), config)
+            try:
+                return await _unload_base(model, models, _loader(loader), config)
+            finally:
+                remember()
 
     @app.put("/admin/aliases/{alias:path}")
     async def set_alias(alias: str, body: AliasBody):
@@ -163,9 +173,11 @@ def add_model_admin_routes(
         if alias in models.loading:
             raise Conflict(f"{alias!r} is being loaded as a model")
         route = models.aliases.set(alias, body.targets, models.serving_ids())
+        remember()
         return {"alias": alias, "targets": route.as_dict(), "shares": {t: route.share(t) for t in route.targets}}
 
     @app.delete("/admin/aliases/{alias:path}")
     async def remove_alias(alias: str):
         models.aliases.remove(alias)
+        remember()
         return {"alias": alias, "removed": True}

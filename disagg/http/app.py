@@ -8,8 +8,9 @@ Errors are in each API's shape (OpenAI's; Anthropic's on /v1/messages); an unexp
 never a plain-text one.
 
 Lifecycle: the app's lifespan only starts every model's core's background tasks on the server's event loop
-(`RouterCore.start`: admission dispatch, health supervisor, planner loop) and stops them on shutdown
-(`RouterCore.stop`, which also lets background lease releases finish).
+(`RouterCore.start`: admission dispatch, health supervisor, planner loop), then the fleet planner and the idle
+models' checks (http/idle.py), and stops them on shutdown (`RouterCore.stop`, which also lets background lease
+releases finish).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from disagg.http.admin_models import add_model_admin_routes
 from disagg.http.auth import AuthAndCount
 from disagg.http.config import ApiConfig
 from disagg.http.errors import install_error_handlers
+from disagg.http.idle import ModelIdler
 from disagg.http.keys import KeyRing
 from disagg.http.messages import add_messages_routes
 from disagg.http.models import ModelLoader, ModelTable
@@ -54,7 +56,9 @@ def build_app(
             core.start()
         if fleet is not None:
             fleet.start()
+        idle.start()
         yield
+        await idle.stop()
         if fleet is not None:
             await fleet.stop()
         for core in models.cores():  # with those loaded since (http/admin_models.py)
@@ -62,6 +66,7 @@ def build_app(
 
     app = FastAPI(title="disagg", docs_url=None, redoc_url=None, lifespan=lifespan)
     metrics = RouterMetrics(models=lambda: {m.name: cluster_snapshot(m.core) for m in models.bases()})
+    idle = ModelIdler(models, config, metrics)  # sleeps idle models, wakes asked-for ones (when configured)
     for core in models.cores():
         core.on_queue_wait = metrics.queue_wait.observe
     app.state.metrics = metrics
@@ -75,7 +80,7 @@ def build_app(
     add_admin_routes(app, models, fleet)
     add_model_admin_routes(app, models, loader, config, metrics)
     add_metrics_route(app, metrics)
-    server = Server(models, config, metrics)
+    server = Server(models, config, metrics, idle)
     add_openai_routes(app, server)
     add_responses_routes(app, server, responses or LocalResponses(ResponseStore(config.responses)))
     add_messages_routes(app, server)

@@ -50,6 +50,32 @@ class AgentConfig:
 
 
 @dataclass
+class IdleConfig:
+    """Models that sleep when nobody asks for them and wake when somebody does (http/idle.py)."""
+
+    sleep_after_idle_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "a model with no request for this long and none running sleeps (its workers give their KV memory "
+            "back, weights kept) and wakes on its next request; 0: never"
+        },
+    )
+    wake_on_request: bool = field(
+        default=False,
+        metadata={
+            "help": "a request for an asleep model wakes it and waits for it, instead of a 503 model_unavailable "
+            "(always on with --sleep-after-idle-s)"
+        },
+    )
+    wake_timeout_s: float = 30.0  # a request waits this long for its model's wake (or a sleep under way to end)
+    check_interval_s: float = 1.0  # how often idle models are looked for
+
+    @property
+    def wakes(self) -> bool:
+        return self.wake_on_request or self.sleep_after_idle_s > 0
+
+
+@dataclass
 class ApiConfig:
     """The front door's settings for every model it serves (the models themselves: http/models.py)."""
 
@@ -63,6 +89,7 @@ class ApiConfig:
     model_drain_timeout_s: float = 300.0  # DELETE /admin/models/{id}: its requests in flight may finish this long
     model_drain_poll_s: float = 0.05
     worker_sleep_timeout_s: float = 30.0  # POST /admin/models/{id}/sleep or /wake: one worker's answer
+    idle: IdleConfig = field(default_factory=IdleConfig)  # sleep when idle, wake on a request
 
     def grants(self) -> dict[str, ApiKey]:
         """Every configured key with its grant; empty: no keys (the open, loopback-only mode)."""

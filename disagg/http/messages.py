@@ -136,18 +136,28 @@ class MessagesRender:
             await deltas.aclose()
 
 
+def _prefill(conversation: list[dict[str, Any]]) -> bool:
+    """A final assistant turn is the start of the answer, which the answer continues (Anthropic's prefill): text
+    only, and not ending in white space (Anthropic refuses that too: the model would continue after it oddly)."""
+    last = conversation[-1]
+    if last["role"] != "assistant":
+        return False
+    if last.get("tool_calls") or not isinstance(last.get("content"), str) or not last["content"]:
+        raise InvalidRequest("a final assistant turn (a prefill) must be text", param="messages")
+    if last["content"] != last["content"].rstrip():
+        raise InvalidRequest("final assistant content cannot end with trailing whitespace", param="messages")
+    return True
+
+
 def add_messages_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages")
     async def create(body: MessagesRequest, http: HTTPRequest):
-        served = server.model(body.model)
+        served = await server.model(body.model)
         tokenizer = served.tokenizer
-        if body.messages[-1].role == "assistant":  # counting one (count_tokens) is fine: continuing it is not done
-            raise InvalidRequest(
-                "a final assistant turn (a prefill for the answer to continue) is not supported here", param="messages"
-            )
         conversation, offered = body.conversation(), body.offered_tools()
         check_tool_results(conversation, "messages", "tool_result tool_use_id", "tool_use")
-        ids, tools = conversation_prompt(conversation, offered, tokenizer)
+        prefill = _prefill(conversation)
+        ids, tools = conversation_prompt(conversation, offered, tokenizer, continue_final=prefill)
         sampling = sampling_params(body, body.max_tokens, len(ids), served.max_model_len)
         shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=body.parallel_tool_calls())
         options = CallOptions(
@@ -167,6 +177,9 @@ def add_messages_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest):
         """The prompt's tokens as `create` would template them (agent clients size their context with it)."""
-        served = server.model(body.model)
-        ids, _ = conversation_prompt(body.conversation(), body.offered_tools(), served.tokenizer)
+        served = await server.model(body.model)
+        conversation = body.conversation()
+        ids, _ = conversation_prompt(
+            conversation, body.offered_tools(), served.tokenizer, continue_final=_prefill(conversation)
+        )
         return {"input_tokens": len(ids)}

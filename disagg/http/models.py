@@ -95,6 +95,14 @@ class ModelLoader(Protocol):
         """End the workers of a model whose core has stopped."""
         ...
 
+    def remember(self, models: ModelTable) -> None:
+        """Keep the table's run-time changes (models loaded, adapters, aliases) for a restarted router."""
+        ...
+
+    def restore(self, models: ModelTable) -> None:
+        """Bring back into `models` (a restarted router's deployment) what `remember` kept."""
+        ...
+
 
 class ModelTable:
     """The served models by name, in the order they were declared or loaded, and the aliases over them."""
@@ -117,17 +125,29 @@ class ModelTable:
     def get(self, name: str, stick: str | None = None) -> ServedModel:
         """The model `name` names - itself, or one of an alias's targets drawn by weight - if it takes requests.
         `stick`: a key whose every request draws the same target (an Idempotency-Key: its repeats find its answer)."""
+        model = self.pick(name, stick)
+        self.check(model)
+        return model
+
+    def pick(self, name: str, stick: str | None = None) -> ServedModel:
+        """The model `name` names (itself, or an alias's target drawn as `get` draws it), whatever its state."""
         route = self.aliases.get(name)
         draw = self._draw() if stick is None else _uniform(stick)
         model = self._by_name.get(route.pick(draw) if route is not None else name)
         if model is None:
             raise NotFound(f"The model `{name}` does not exist.", param="model", code="model_not_found")
-        base = self._by_name.get(model.parent) if model.parent is not None else model
-        for m in (model, base or model):
+        return model
+
+    def base_of(self, model: ServedModel) -> ServedModel:
+        """The model whose core serves `model`: itself, or an adapter's base."""
+        return self._by_name.get(model.parent, model) if model.parent is not None else model
+
+    def check(self, model: ServedModel) -> None:
+        """ModelUnavailable (503, Retry-After) unless `model` and its base take requests."""
+        for m in (model, self.base_of(model)):
             if m.state is not ModelState.SERVING:
                 why = _REFUSALS[m.state].format(id=m.name)
                 raise ModelUnavailable(f"The model `{m.name}` {why}.", retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
-        return model
 
     def serving(self, name: str) -> ServedModel:
         """The base model with id `name` if it takes requests (409 while it drains; 400 for an adapter)."""

@@ -46,7 +46,7 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
-        served = server.model(body.model, http)
+        served = await server.model(body.model, http)
         ids = tokenize_prompt(body.prompt, served.tokenizer)
         sampling = sampling_params(
             body,
@@ -60,9 +60,12 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
-        served = server.model(body.model, http)
+        served = await server.model(body.model, http)
         offered = body.offered_tools()
-        ids, tools = conversation_prompt([m.for_template() for m in body.messages], offered, served.tokenizer)
+        conversation = [m.for_template() for m in body.messages]
+        ids, tools = conversation_prompt(
+            conversation, offered, served.tokenizer, continue_final=body.continue_final_message
+        )
         sampling = sampling_params(
             body,
             body.max_completion_tokens or body.max_tokens,

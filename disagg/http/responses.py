@@ -242,7 +242,7 @@ async def _forget(message: dict[str, Any], response: dict[str, Any]) -> None:
 def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort) -> None:
     @app.post("/v1/responses")
     async def create(body: ResponsesRequest, http: HTTPRequest):
-        served = server.model(body.model)
+        served = await server.model(body.model)
         tokenizer = served.tokenizer
         tenant = http.state.caller.tenant
         previous = await store.get(tenant, body.previous_response_id) if body.previous_response_id else None

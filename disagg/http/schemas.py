@@ -179,9 +179,17 @@ class ChatCompletionRequest(_Sampling):
     response_format: ResponseFormat | None = None
     metadata: dict[str, str] | None = None  # accepted and ignored (OpenAI keeps it with stored completions)
     store: bool | None = None  # accepted; this server stores no completions
+    # vLLM's: the last message, an assistant's, is the start of the answer (a prefill), which the answer continues;
+    # needs add_generation_prompt false, as vLLM has it
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt false")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         if self.tool_choice not in (None, "none", "auto"):

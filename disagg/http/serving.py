@@ -24,6 +24,7 @@ from disagg.errors import InvalidRequest, ServiceUnavailable
 from disagg.http.config import ApiConfig
 from disagg.http.errors import dialect_of, error_response
 from disagg.http.hints import Hints, read_hints
+from disagg.http.idle import ModelIdler
 from disagg.http.inputs import PRIORITY_HEADER, priority_of
 from disagg.http.keys import Caller, check_priority
 from disagg.http.models import ModelTable, ServedModel
@@ -118,14 +119,18 @@ def _client_closed(http: HTTPRequest) -> JSONResponse:
 
 
 class Server:
-    def __init__(self, models: ModelTable, config: ApiConfig, metrics: RouterMetrics) -> None:
-        self.models, self.config, self.metrics = models, config, metrics
+    def __init__(self, models: ModelTable, config: ApiConfig, metrics: RouterMetrics, idle: ModelIdler) -> None:
+        self.models, self.config, self.metrics, self.idle = models, config, metrics, idle
 
-    def model(self, name: str, http: HTTPRequest | None = None) -> ServedModel:
-        """The served model a body's `model` names (404 model_not_found otherwise); a request with an
-        Idempotency-Key draws an alias's target by its key, so every repeat reaches the model that answered it."""
+    async def model(self, name: str, http: HTTPRequest | None = None) -> ServedModel:
+        """The served model a body's `model` names (404 model_not_found otherwise), once it takes requests (an
+        asleep model wakes first when configured: http/idle.py); a request with an Idempotency-Key draws an
+        alias's target by its key, so every repeat reaches the model that answered it."""
         key = http.headers.get(IDEMPOTENCY_KEY) if http is not None else None
-        return self.models.get(name, f"{http.state.caller.tenant}\x00{key}" if http is not None and key else None)
+        model = self.models.pick(name, f"{http.state.caller.tenant}\x00{key}" if http is not None and key else None)
+        await self.idle.ready(model)
+        self.models.check(model)
+        return model
 
     def request(
         self,

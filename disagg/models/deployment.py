@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,10 @@ def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str =
         for name in names:
             if not _ID.match(name):
                 raise DeploymentError(f"{where}.{kind}: {name!r} is not a model name")
+    if entry.standby and (engine.device == "cuda" or not sys.platform.startswith("linux")):
+        # standby workers sleep (engine/sleep.py: host pages given back, Linux only); a worker on "auto" that
+        # lands on a GPU refuses at start, with the same reason
+        raise DeploymentError(f"{where}.standby: standby workers sleep, and sleep needs CPU workers on Linux")
     if entry.adapters and engine.max_loras <= 0:
         raise DeploymentError(f"{where}.adapters: its workers serve no adapters (engine.max_loras is 0)")
     adapters = []
