@@ -3,7 +3,7 @@ README, docs and deploy files use; these pin what each option sets (the values t
 import pytest
 
 from disagg.cluster.launch import ClusterConfig, RouterConfig
-from disagg.http.config import AgentConfig
+from disagg.http.config import AgentConfig, IdleConfig
 from disagg.http.response_store import ResponseStoreConfig
 from disagg.cluster.serve_cli import build_parser, cluster_config_from_args, router_config_from_args
 from disagg.config import EngineConfig
@@ -42,14 +42,16 @@ def test_every_option_sets_its_field():
         "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--trace-sample-ratio", "0.5", "--trace-dir", "/t",
         "--api-key", "k", "--smoke-test", "--placement", "cost", "--prefill-chunk-target-ms", "150",
         "--min-prefill-chunk", "16", "--responses-max-per-tenant", "5", "--responses-ttl-s", "60",
-        "--tool-turn-retention-s", "0",
+        "--tool-turn-retention-s", "0", "--pin-budget-fraction", "0.25", "--tenant-pin-share", "0.1",
+        "--sleep-after-idle-s", "30", "--wake-on-request",
     ])
     tracing = TracingConfig(otlp_endpoint="http://x", file_dir="/t", sampling_ratio=0.5)
     assert cluster == ClusterConfig(
         num_prefill=2, num_decode=3, address="127.0.0.1:6379",
         engine=EngineConfig(model="/m", kv_cache_memory_mb=100, max_model_len=1024, num_threads=3, block_size=32,
                             prefill_chunk_target_ms=150.0, min_prefill_chunk=16),
-        tiers=TierConfig(cpu_bytes=64 << 20, disk_bytes=10 << 20, disk_root=""), tracing=tracing,
+        tiers=TierConfig(cpu_bytes=64 << 20, disk_bytes=10 << 20, disk_root="", pin_budget_fraction=0.25,
+                         tenant_pin_share=0.1), tracing=tracing,
         transport=TransportConfig(ucx_net_devices="lo", progress_delay_us=5), router_resources={"r": 1.0})
     assert router == RouterConfig(
         host="0.0.0.0", port=8001, api_key="k", policy=PolicyConfig(kind=PolicyKind.ROUND_ROBIN, placement=Placement.COST, ttft_target_s=0.5),
@@ -57,7 +59,8 @@ def test_every_option_sets_its_field():
         planner=PlannerConfig(enabled=True, ttft_slo_s=0.5, tpot_slo_s=0.05),
         capacity=CapacityConfig(max_running=9, max_prefill_queue_tokens=11),
         admission=AdmissionConfig(max_queued_requests=7, default_deadline_s=3.0, tenant_weights={"a": 2.0, "b": 0.5}),
-        responses=ResponseStoreConfig(max_per_tenant=5, ttl_s=60.0), agents=AgentConfig(tool_turn_retention_s=0.0))
+        responses=ResponseStoreConfig(max_per_tenant=5, ttl_s=60.0), agents=AgentConfig(tool_turn_retention_s=0.0),
+        idle=IdleConfig(sleep_after_idle_s=30.0, wake_on_request=True))
     assert args.smoke_test
 
 

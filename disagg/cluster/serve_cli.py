@@ -157,6 +157,7 @@ class ServeOptions:
 
 _RESOURCES = ("router_resources", "prefill_resources", "decode_resources")
 _TIERS = ("cpu_tier_mb", "disk_tier_dir", "disk_tier_mb")
+_PINS = ("pin_budget_fraction", "tenant_pin_share")
 _KEYS = ("api_keys_file", "tenant_weights", "cache_share_groups")
 _SLO, _SMOKE = ("slo_ttft_ms", "slo_tpot_ms"), ("smoke_test", "question")
 _MODELS = ("lora_modules", "deployment")
@@ -173,6 +174,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_options(p, PolicyConfig, prefix="policy-", only=_POLICY)
     add_options(p, TransportConfig)
     add_options(p, ServeOptions, only=_RESOURCES + _TIERS)
+    add_options(p, TierConfig, only=_PINS)
     add_options(p, RouterCoreConfig, only=("max_migrations",))
     add_options(p, ServeOptions, only=_KEYS)
     add_options(p, AdmissionConfig, prefix="admission-", only=_ADMISSION)
@@ -193,8 +195,13 @@ def tier_options(args: argparse.Namespace) -> TierConfig | None:
     """The workers' tiers from the command line (the disk directory gets one sub-directory per worker)."""
     if args.cpu_tier_mb <= 0:
         return None
-    return TierConfig(
-        cpu_bytes=args.cpu_tier_mb << 20, disk_bytes=args.disk_tier_mb << 20, disk_root=args.disk_tier_dir
+    return from_options(
+        TierConfig,
+        args,
+        only=_PINS,
+        cpu_bytes=args.cpu_tier_mb << 20,
+        disk_bytes=args.disk_tier_mb << 20,
+        disk_root=args.disk_tier_dir,
     )
 
 
@@ -311,7 +318,9 @@ def serve(args: argparse.Namespace) -> int:
     )
     try:
         if args.smoke_test:
-            smoke_test(service.url, model_name, router.api_key, args.question)
+            # any key the front door takes: the operator's, else the keys file's first
+            key = router.api_key or next(iter(router.keys or router.api_keys or {}), None)
+            smoke_test(service.url, model_name, key, args.question)
             return 0
         print("Ctrl-C to stop", flush=True)
         wait_for_stop()

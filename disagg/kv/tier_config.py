@@ -20,8 +20,12 @@ class TierConfig:
     disk_bytes: int = 1 << 30
     disk_fsync: bool = False  # fsync each block file before the rename (durable across power loss; slower)
     low_watermark: float = 0.05  # keep this fraction of CPU slots free by demoting ahead of need
-    pin_budget_fraction: float = 0.5  # at most this fraction of CPU slots pinned by sessions
-    tenant_pin_share: float = 0.5  # ... and this fraction of those by one named tenant's sessions (isolation)
+    pin_budget_fraction: float = field(
+        default=0.5, metadata={"help": "at most this fraction of a worker's CPU-tier slots pinned by sessions"}
+    )
+    tenant_pin_share: float = field(  # isolation: one tenant's long pins cannot push every other tenant's out
+        default=0.5, metadata={"help": "at most this fraction of those pins held by one named tenant's sessions"}
+    )
     io_threads: int = 2
     ewma_alpha: float = 0.2  # smoothing of the measured per-block load times
     # where a launcher gives each of its workers a disk tier (cluster/worker.py `worker_tiers`): disk_dir becomes
