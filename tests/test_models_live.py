@@ -5,6 +5,7 @@ scheduler, streams and sleep; no weights):
 - a router SIGKILLed after run-time changes (cluster/runtime_table.py) comes back serving the model loaded at run
   time over the same workers, with its alias; shutting the service down ends those detached workers."""
 import os
+import shutil
 import signal
 import threading
 
@@ -116,3 +117,26 @@ def _ids(url):
         return [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
     except httpx.HTTPError:  # the restarted router is not listening yet
         return None
+
+
+def test_a_model_whose_directory_went_away_is_not_served_again_and_its_workers_end(ray_session, tmp_path, smollm_dir):
+    model_dir = tmp_path / "b-model"
+    model_dir.mkdir()
+    for f in smollm_dir.iterdir():  # the weights linked, the small files copied
+        (model_dir / f.name).symlink_to(f) if f.suffix == ".safetensors" else shutil.copy(f, model_dir / f.name)
+    service = _service(RouterConfig())
+    url = service.url
+    try:
+        body = {"id": "b", "path": str(model_dir), "prefill": 0, "decode": 1}
+        assert httpx.post(f"{url}/admin/models", json=body, timeout=60).status_code == 201
+        listing = httpx.get(f"{url}/admin/models").json()["models"]
+        (worker,) = next(m["workers"] for m in listing if m["id"] == "b")
+        shutil.rmtree(model_dir)  # the restarted router cannot read its tokenizer any more
+        router_pid = ray.get(service.router.pid.remote())
+        os.kill(router_pid, signal.SIGKILL)
+        _wait(lambda: _pid(service.router) not in (None, router_pid), timeout_s=60)
+        assert _wait(lambda: _ids(url), timeout_s=30) == ["m"]  # the router starts, serving what it can
+        assert _complete(url, "m") == (200, 20)
+        _wait(lambda: _gone(worker), timeout_s=30)  # and nothing is left running for b
+    finally:
+        service.shutdown()

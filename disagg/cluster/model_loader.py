@@ -102,8 +102,15 @@ class RayModelLoader:
         handles = {n: RayWorkerHandle(n, actor, node) for n, actor in alive([*route.prefill, *route.decode]).items()}
         if not any(n in handles for n in route.decode):
             return None
+        try:
+            served = serve_model(self.config, route, handles, handles)
+        except (OSError, ValueError) as exc:  # its directory went away: skipped, never a router that cannot start
+            log.error("model %s loaded at run time is not served again (its workers end): %s", route.name, exc)
+            for actor in alive([*route.prefill, *route.decode]).values():  # nothing would ever end them
+                ray.kill(actor, no_restart=True)
+            return None
         self.routes[route.name] = route
-        return serve_model(self.config, route, handles, handles)
+        return served
 
 
 def _reason(exc: ray.exceptions.RayError) -> str:
