@@ -374,3 +374,21 @@ def test_the_fleet_loop_starts_hysteresis_when_a_move_ends():
     assert isinstance(asyncio.run(loop.step()), FleetMove)
     assert loop.planner.last_move_at is not None and loop.planner.last_move_at >= started + 0.2
     assert loop.planner.gained["a"] == loop.planner.gave["b"] == loop.planner.last_move_at
+
+
+def test_a_move_that_failed_only_cools_down():
+    from disagg.errors import WorkerLost
+    from disagg.planner.fleet_loop import FleetLoop
+
+    class BrokenPort:
+        def signals(self, now):
+            return FleetSignals(now, [_model("a", [4, 4], parked=1, queued=12), _model("b", [0, 0, 0])])
+
+        async def move(self, move, timeout_s):
+            raise WorkerLost("the recipient's worker died while waking")
+
+    loop = FleetLoop(BrokenPort(), FleetConfig(enabled=True, confirm_rounds=1))
+    with pytest.raises(WorkerLost):
+        asyncio.run(loop.step())
+    assert loop.failed == 1 and loop.planner.last_move_at is not None  # the cooldown
+    assert loop.planner.gained == {} and loop.planner.gave == {} and loop.planner.pairs == {}  # nothing moved

@@ -149,3 +149,38 @@ def test_without_the_option_an_asleep_model_still_answers_503():
 
     asyncio.run(main())
     assert workers["w0"].calls == []
+
+
+def test_a_model_added_later_gets_its_whole_idle_time_and_an_asleep_model_is_still_an_alias_target():
+    idler, table, model, workers, _ = _setup(sleep_after_idle_s=0.3)
+
+    async def main():
+        idler.start()
+        await _until(lambda: model.state is ModelState.SLEEPING)
+        late = ServedModel("late", RouterCore({}, {"l0": Worker("l0")}), None, 512)
+        table.add(late)  # loaded at run time, long after the checks started
+        await asyncio.sleep(0.15)
+        assert late.state is ModelState.SERVING  # not asleep at once: its idle time counts from now
+        await _until(lambda: late.state is ModelState.SLEEPING)
+        await idler.stop()
+
+    asyncio.run(main())
+    table.aliases.set("coder", {"m": 1.0}, table.serving_ids())  # asleep, yet a target: it wakes on a request
+
+
+def test_an_idle_sleep_a_worker_holds_up_gives_up_soon_and_waits_another_idle_period():
+    idler, _, model, workers, _ = _setup(sleep_after_idle_s=0.2, sleep_timeout_s=0.05)
+    from disagg.errors import Conflict
+
+    workers["w0"].sleep_refusal = Conflict("w0: KV blocks are still leased to a reader")
+
+    async def main():
+        idler.start()
+        await _until(lambda: "sleep" in workers["w0"].calls)
+        await _until(lambda: model.state is ModelState.SERVING and "m" not in idler.models.changing, timeout_s=1.0)
+        tries = workers["w0"].calls.count("sleep")
+        await asyncio.sleep(0.1)  # within the next idle period: not tried again
+        assert workers["w0"].calls.count("sleep") == tries
+        await idler.stop()
+
+    asyncio.run(main())

@@ -87,5 +87,5 @@ def test_nothing_saved_or_an_unreadable_state_leaves_the_deployment():
     assert read_table(store) is None
     store.save(b"\x81\xa4type\xa5other")  # another message, or another version of this one
     assert read_table(store) is None
-    end_runtime_workers(store)  # nothing to end; the key is cleared
+    end_runtime_workers(store, "")  # nothing to end; the key is cleared
     assert store.value is None

@@ -24,3 +24,18 @@ def test_incremental_decode_equals_full_decode(smollm_dir):
         new, prefix, read = tok.decode_incremental(ids[:i], prefix, read)
         out += new
     assert out == tok.decode(ids) == text
+
+
+def test_a_prefill_is_continued_as_transformers_cuts_it_and_short_ones_land_right(smollm_dir):
+    ours = Tokenizer.from_dir(smollm_dir)
+    theirs = AutoTokenizer.from_pretrained(str(smollm_dir))
+    turns = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "The answer is"}]
+    expected = theirs.apply_chat_template(turns, continue_final_message=True, tokenize=False)
+    assert ours.apply_chat_template(turns, continue_final_message=True) == expected
+    question = ours.apply_chat_template(turns[:1])  # the user's turn and the assistant's start
+    for short in ("<", "|>", "assistant"):  # text the template's own markup also holds
+        prefill = [turns[0], {"role": "assistant", "content": short}]
+        assert ours.apply_chat_template(prefill, continue_final_message=True) == question + short
+    assert ours.encode_chat(turns[:1], add_generation_prompt=False) == ours.encode(
+        theirs.apply_chat_template(turns[:1], add_generation_prompt=False, tokenize=False), add_special_tokens=False
+    )

@@ -75,7 +75,7 @@ class Service:
             self.front = ServeFront(router)
             self.url = self.front.start(*workers, resources=config.router_resources or None)
             return
-        router.runtime_key = f"runtime-table-{uuid.uuid4().hex}"  # models loaded at run time survive a restart
+        router.runtime_key = f"rt-{uuid.uuid4().hex[:12]}"  # models loaded at run time survive a restart
         self.router = RouterActor.options(  # type: ignore[attr-defined]  # added by @ray.remote
             max_restarts=router_max_restarts, resources=config.router_resources or None
         ).remote(router.to_wire(), *workers)
@@ -90,7 +90,8 @@ class Service:
             except (ray.exceptions.RayError, TimeoutError) as exc:  # the router may already be gone
                 print(f"router stop: {type(exc).__name__}", file=sys.stderr)
             ray.kill(self.router, no_restart=True)
-            end_runtime_workers(GcsTableStore(self.router_config.runtime_key))  # detached: nothing else ends them
+            key = self.router_config.runtime_key
+            end_runtime_workers(GcsTableStore(key), key)  # detached: nothing else ends them
         for cluster in self.clusters.values():
             cluster.shutdown()
 

@@ -27,7 +27,7 @@ import ray
 from disagg.cluster.handles import RayWorkerHandle
 from disagg.cluster.pools import ClusterConfig, LocalCluster
 from disagg.cluster.router_service import ModelRoute, RouterConfig, max_position_embeddings, serve_model
-from disagg.cluster.runtime_table import TableStore, read_table, restore_table, snapshot
+from disagg.cluster.runtime_table import TableStore, end_named, read_table, restore_table, runtime_prefix, snapshot
 from disagg.cluster.worker_config import WorkerConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.models import ModelTable, ServedModel
@@ -55,7 +55,7 @@ class RayModelLoader:
             raise DeploymentError(f"{spec.id}: the router cannot read its tokenizer or config ({exc})") from None
         try:
             pools = dataclasses.replace(ClusterConfig.from_template(self.template, spec), detached=True)
-            cluster = LocalCluster(pools, spec.worker_prefix)
+            cluster = LocalCluster(pools, spec.worker_prefix, actor_prefix=runtime_prefix(self.config.runtime_key))
         except ray.exceptions.RayError as exc:  # a worker's constructor refused (its message says why)
             raise DeploymentError(f"the workers of {spec.id} did not start: {_reason(exc)}") from None
         try:
@@ -88,23 +88,33 @@ class RayModelLoader:
                 log.info("unload %s: worker %s was already gone", model.name, name)
 
     def remember(self, models: ModelTable) -> None:
-        if self.store is not None:
-            self.store.save(snapshot(models, self.routes).to_wire())
+        if self.store is None:
+            return
+        try:  # the change is made: a store that cannot take it is logged, not the caller's error
+            self.store.save(snapshot(models, dict(self.routes)).to_wire())
+        except (ray.exceptions.RayError, OSError, RuntimeError) as exc:
+            log.error("the model table's run-time changes were not saved (a restarted router misses them): %s", exc)
 
     def restore(self, models: ModelTable) -> None:
         state = read_table(self.store) if self.store is not None else None
         if state is not None:
             restore_table(models, state, self._serve_again)
+        # workers of a load the router died in the middle of: in no saved route, so nothing would end them
+        kept = {n for route in self.routes.values() for n in [*route.prefill, *route.decode]}
+        end_named(runtime_prefix(self.config.runtime_key), keep=kept)
 
     def _serve_again(self, route: ModelRoute) -> ServedModel | None:
         """A model loaded by the router's previous life, over the workers of it that are still there."""
         node = ray.get_runtime_context().get_node_id()
         handles = {n: RayWorkerHandle(n, actor, node) for n, actor in alive([*route.prefill, *route.decode]).items()}
-        if not any(n in handles for n in route.decode):
+        if not any(n in handles for n in route.decode):  # its prefill workers alone serve nothing: ended
+            for actor in alive(route.prefill).values():
+                ray.kill(actor, no_restart=True)
             return None
         try:
             served = serve_model(self.config, route, handles, handles)
-        except (OSError, ValueError) as exc:  # its directory went away: skipped, never a router that cannot start
+        except Exception as exc:  # whatever it is (a directory gone, a tokenizer the library cannot
+            # parse), one model must not keep the router from starting: Ray would restart it into the same error
             log.error("model %s loaded at run time is not served again (its workers end): %s", route.name, exc)
             for actor in alive([*route.prefill, *route.decode]).values():  # nothing would ever end them
                 ray.kill(actor, no_restart=True)

@@ -123,8 +123,9 @@ def init_ray(address: str | None) -> None:
 
 
 class LocalCluster:
-    def __init__(self, config: ClusterConfig | None = None, prefix: str = "") -> None:
-        """`prefix`: what its workers' names and disk-tier directories start with (one model of a deployment)."""
+    def __init__(self, config: ClusterConfig | None = None, prefix: str = "", actor_prefix: str = "") -> None:
+        """`prefix`: what its workers' names and disk-tier directories start with (one model of a deployment);
+        `actor_prefix`: before that in the actors' names only (a router's run-time workers: runtime_table.py)."""
         self.config = config = config or ClusterConfig()
         if config.num_decode <= 0 or config.num_prefill < 0 or not 0 <= config.num_standby < config.num_decode:
             raise ValueError("need num_decode >= 1, num_prefill >= 0 and 0 <= num_standby < num_decode")
@@ -137,7 +138,7 @@ class LocalCluster:
         self.prefill_by_name: dict[str, Any] = {}
         self.decode_by_name: dict[str, Any] = {}
         for i in range(config.num_prefill):
-            name = f"{prefix}prefill-{i}-{tag}"
+            name = f"{actor_prefix}{prefix}prefill-{i}-{tag}"
             self.prefill_by_name[name] = PrefillWorker.options(  # type: ignore[attr-defined]  # added by @ray.remote
                 name=name,
                 max_restarts=config.max_restarts,
@@ -148,7 +149,7 @@ class LocalCluster:
             (DecodeWorker, Role.DECODE, "decode") if config.num_prefill else (AggregatedWorker, Role.BOTH, "worker")
         )
         for i in range(config.num_decode):
-            name = f"{prefix}decode-{i}-{tag}"
+            name = f"{actor_prefix}{prefix}decode-{i}-{tag}"
             self.decode_by_name[name] = decode_cls.options(  # type: ignore[union-attr]  # added by @ray.remote
                 name=name,
                 max_restarts=config.max_restarts,

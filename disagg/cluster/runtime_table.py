@@ -5,7 +5,9 @@ the aliases with their weights.  Saved after each change in Ray's GCS key-value 
 the arguments it was first given, which name only the deployment's workers.
 
 The workers of a model loaded at run time are detached actors (cluster/model_loader.py): they outlive the router
-that started them, and `Service.shutdown` ends them (`end_runtime_workers`).  A model whose workers are all gone
+that started them, and `Service.shutdown` ends them (`end_runtime_workers`).  Their names start with the router's
+key (`runtime_prefix`), so the workers of a load the router died in the middle of - in no saved route - are found
+and ended too, by the restarted router and by the shutdown.  A model whose workers are all gone
 when the router comes back is not served again, as a deployment model unloaded before it.  A state written by
 another version of this message is ignored, loudly: the router then serves its deployment.
 """
@@ -120,8 +122,26 @@ def read_table(store: TableStore) -> RuntimeTable | None:
         return None
 
 
-def end_runtime_workers(store: TableStore) -> None:
-    """End the workers of the models loaded at run time (detached: nothing else ends them), and forget them."""
+def runtime_prefix(key: str) -> str:
+    """What the names of a router's run-time workers start with ("" when its table is not kept)."""
+    return f"{key}-" if key else ""
+
+
+def end_named(prefix: str, keep: set[str] | frozenset[str] = frozenset()) -> None:
+    """End every actor of this namespace whose name starts with `prefix`, but those in `keep` ("": none)."""
+    if not prefix:
+        return
+    for name in ray.util.list_named_actors():
+        if isinstance(name, str) and name.startswith(prefix) and name not in keep:
+            try:
+                ray.kill(ray.get_actor(name), no_restart=True)
+            except ValueError:  # gone meanwhile
+                continue
+
+
+def end_runtime_workers(store: TableStore, key: str) -> None:
+    """End the workers of the models loaded at run time (detached: nothing else ends them) - the saved table's,
+    and any of a load still under way - and forget them."""
     state = read_table(store)
     for route in state.routes if state is not None else []:
         for name in [*route.prefill, *route.decode]:
@@ -129,4 +149,5 @@ def end_runtime_workers(store: TableStore) -> None:
                 ray.kill(ray.get_actor(name), no_restart=True)
             except ValueError:  # already gone (unloaded, or never started)
                 continue
+    end_named(runtime_prefix(key))
     store.clear()

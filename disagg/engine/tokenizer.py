@@ -17,6 +17,10 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+# rendered in a prefill's place to find where it goes (no template writes this itself)
+PREFILL_MARK = "\u2063disagg-prefill\u2063"
+
+
 class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any], chat_template: str | None) -> None:
         self._tok = tokenizer
@@ -55,19 +59,20 @@ class Tokenizer:
     ) -> str:
         """Render `messages` through the model's template; `extra` are further template variables (`tools`).
         `continue_final_message`: the last message is the start of the assistant's answer (a prefill): the prompt
-        ends right after its text, without the template's end of turn, so the answer continues it - as HF
-        transformers' own option of that name cuts it."""
+        ends right after its text, without the template's end of turn, so the answer continues it.  The cut is
+        found with a marker rendered in the text's place (HF transformers' search for the text itself can land in
+        the template's own markup when the text is short, e.g. "<")."""
         if not self.chat_template:
             raise ValueError("this model has no chat template; use a plain completion prompt")
         if continue_final_message:
             final = messages[-1].get("content") if messages else None
             if not isinstance(final, str) or not final.strip() or messages[-1].get("role") != "assistant":
                 raise ValueError("continuing the final message needs a final assistant message with text")
-            rendered = self.apply_chat_template(messages, add_generation_prompt=False, **extra)
-            cut = final if final in rendered else final.strip()
-            if cut not in rendered:
+            marked = [*messages[:-1], {**messages[-1], "content": PREFILL_MARK}]
+            rendered = self.apply_chat_template(marked, add_generation_prompt=False, **extra)
+            if PREFILL_MARK not in rendered:
                 raise ValueError("the chat template does not render the final message's text as it is")
-            return rendered[: rendered.rindex(cut) + len(cut)]
+            return rendered[: rendered.rindex(PREFILL_MARK)] + final
 
         def raise_exception(message: str) -> None:
             raise ValueError(f"chat template error: {message}")
@@ -84,9 +89,15 @@ class Tokenizer:
         )
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], continue_final_message: bool = False, **extra: Any
+        self,
+        messages: list[dict[str, Any]],
+        continue_final_message: bool = False,
+        add_generation_prompt: bool = True,
+        **extra: Any,
     ) -> list[int]:
-        text = self.apply_chat_template(messages, continue_final_message=continue_final_message, **extra)
+        text = self.apply_chat_template(
+            messages, add_generation_prompt and not continue_final_message, continue_final_message, **extra
+        )
         return self.encode(text, add_special_tokens=False)
 
     def decode_incremental(self, ids: list[int], prefix_offset: int, read_offset: int) -> tuple[str, int, int]:

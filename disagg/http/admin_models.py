@@ -83,7 +83,7 @@ async def _unload_base(model: ServedModel, models: ModelTable, launcher: ModelLo
         raise Conflict(f"adapters {', '.join(adapters)} run on {name}; unload them first")
     if model.state not in (ModelState.SERVING, ModelState.SLEEPING):
         raise Conflict(f"{name} is {model.state.value}")
-    if not [m for m in models.bases() if m.state is ModelState.SERVING and m.name != name]:
+    if not [m for m in models.bases() if m.state is not ModelState.DRAINING and m.name != name]:
         raise Conflict("the last model cannot be unloaded (the endpoint would serve nothing)")
     model.state = ModelState.DRAINING  # from here no alias or adapter can attach to it (serving ids only)
     started = time.monotonic()

@@ -68,6 +68,10 @@ class IdleConfig:
         },
     )
     wake_timeout_s: float = 30.0  # a request waits this long for its model's wake (or a sleep under way to end)
+    # an idle sleep's drain and its workers' answers, at most (an operator's sleep waits model_drain_timeout_s): a
+    # worker that holds a lease does not keep the model unavailable for minutes; the sleep fails, the model serves
+    # and its idle clock starts again
+    sleep_timeout_s: float = 5.0
     check_interval_s: float = 1.0  # how often idle models are looked for
 
     @property

@@ -9,7 +9,11 @@ milliseconds, not a cold load's seconds.
   once (single flight); a request that arrives while a sleep, or an operator's wake, is under way waits for it to
   end and then wakes the model.  A wake that fails answers 503 `model_unavailable` saying why (the model stays
   asleep; the next request tries again); one that takes longer than `wake_timeout_s` answers the same.
-- A model whose workers cannot sleep (GPU workers: engine/sleep.py) is logged once and never tried again.
+- A model is idle from when these checks first see it (one loaded at run time gets its whole idle time).  An idle
+  sleep gives up after `sleep_timeout_s` (a worker still leasing KV to a peer), and the model serves for another
+  idle period before the next try.  A model whose workers cannot sleep (GPU workers: engine/sleep.py) is logged
+  once and never tried again.
+- `count_tokens` needs only the tokenizer: it neither wakes a model nor counts as a request.
 
 Lifecycle: `start()` on the server's event loop runs the idle checks (planner/rounds.py) when `sleep_after_idle_s`
 is set; `stop()` ends them.  Like every runtime change of the model table, one front door only: router replicas
@@ -19,6 +23,7 @@ refuse it (cluster/serve_cli.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -38,7 +43,8 @@ class ModelIdler:
         self.last_request: dict[str, float] = {}  # base model -> when a request last asked for it (monotonic)
         self.cannot_sleep: set[str] = set()  # models whose workers refused to sleep (sleep_unsupported)
         self._wakes: dict[str, asyncio.Task] = {}  # model -> its wake under way (single flight)
-        self._started = time.monotonic()  # a model nobody asked for yet is idle from the start
+        # an idle sleep drains and waits for its workers this long at most (an operator's sleep: model_drain_timeout_s)
+        self.sleeping_api = dataclasses.replace(config, model_drain_timeout_s=self.config.sleep_timeout_s)
         self.rounds = Rounds("idle models", self.step, self.config.check_interval_s)
 
     def start(self) -> None:
@@ -77,6 +83,8 @@ class ModelIdler:
 
     async def _wake(self, model: ServedModel) -> None:
         try:
+            if model.name in self.models.changing:  # an operator's call got in first: the waiters wait for it
+                return
             with self.models.change(model.name):
                 report = await wake_model(model, self.api)
             self.metrics.request_wakes.labels(model.name).inc()
@@ -88,8 +96,9 @@ class ModelIdler:
         return ModelUnavailable(f"The model `{model.name}` {why}.", retry_after_s=UNAVAILABLE_RETRY_AFTER_S)
 
     def idle(self, model: ServedModel, now: float) -> bool:
-        """Serving, unchanged, with no request in flight, and none asked for it for `sleep_after_idle_s`."""
-        last = self.last_request.get(model.name, self._started)
+        """Serving, unchanged, with no request in flight, and none asked for it for `sleep_after_idle_s` (a model
+        is idle from when these checks first see it: one loaded at run time gets the whole time too)."""
+        last = self.last_request.setdefault(model.name, now)
         return (
             model.state is ModelState.SERVING
             and model.name not in self.models.changing
@@ -106,8 +115,9 @@ class ModelIdler:
                 continue
             try:
                 with self.models.change(model.name):
-                    report = await sleep_model(model, self.api)
+                    report = await sleep_model(model, self.sleeping_api)
             except DisaggError as exc:  # this model stays awake; the others are still looked at
+                self.last_request[model.name] = time.monotonic()  # tried again after another idle period
                 if exc.code == SLEEP_UNSUPPORTED:
                     self.cannot_sleep.add(model.name)
                     log.warning("model %s cannot sleep when idle: %s", model.name, exc)

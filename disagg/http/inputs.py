@@ -94,15 +94,19 @@ def conversation_prompt(
     param: str = "messages",
     *,
     continue_final: bool = False,
+    generation_prompt: bool = True,
 ) -> tuple[list[int], set[str] | None]:
     """Prompt token ids of chat messages (the template's form) with chat-format `tools` (shown to the model through
     the template, or described in the system message when the template has no tool support), and the tool names
     to parse out of the answer (None: do not parse).  Every API with a conversation comes through here, so the
     same conversation is the same prompt whichever API sent it.  `continue_final`: the last message is the start
-    of the assistant's answer (a prefill), which the answer continues."""
+    of the assistant's answer (a prefill), which the answer continues; `generation_prompt` False: the template's
+    start of an assistant turn is left out (vLLM's add_generation_prompt)."""
     messages, extra = template_messages(conversation, tools, tokenizer.chat_template)
     try:
-        ids = tokenizer.encode_chat(messages, continue_final_message=continue_final, **extra)
+        ids = tokenizer.encode_chat(
+            messages, continue_final_message=continue_final, add_generation_prompt=generation_prompt, **extra
+        )
     except ValueError as exc:
         raise InvalidRequest(str(exc), param=param) from exc
     if not tools or not template_parses_hermes(tokenizer.chat_template):

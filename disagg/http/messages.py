@@ -136,12 +136,15 @@ class MessagesRender:
             await deltas.aclose()
 
 
-def _prefill(conversation: list[dict[str, Any]]) -> bool:
+def _prefill(conversation: list[dict[str, Any]], *, strict: bool = True) -> bool:
     """A final assistant turn is the start of the answer, which the answer continues (Anthropic's prefill): text
-    only, and not ending in white space (Anthropic refuses that too: the model would continue after it oddly)."""
+    only, and not ending in white space (Anthropic refuses that too: the model would continue after it oddly).
+    Not `strict` (counting tokens): any text is counted as a prefill, anything else as a turn, never refused."""
     last = conversation[-1]
     if last["role"] != "assistant":
         return False
+    if not strict:
+        return not last.get("tool_calls") and isinstance(last.get("content"), str) and bool(last["content"])
     if last.get("tool_calls") or not isinstance(last.get("content"), str) or not last["content"]:
         raise InvalidRequest("a final assistant turn (a prefill) must be text", param="messages")
     if last["content"] != last["content"].rstrip():
@@ -177,9 +180,8 @@ def add_messages_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/messages/count_tokens")
     async def count_tokens(body: CountTokensRequest):
         """The prompt's tokens as `create` would template them (agent clients size their context with it)."""
-        served = await server.model(body.model)
+        served = server.models.pick(body.model)  # only its tokenizer is needed: an asleep model stays asleep
         conversation = body.conversation()
-        ids, _ = conversation_prompt(
-            conversation, body.offered_tools(), served.tokenizer, continue_final=_prefill(conversation)
-        )
+        prefill = _prefill(conversation, strict=False)
+        ids, _ = conversation_prompt(conversation, body.offered_tools(), served.tokenizer, continue_final=prefill)
         return {"input_tokens": len(ids)}

@@ -170,8 +170,9 @@ class ModelTable:
             self.changing.discard(name)
 
     def serving_ids(self) -> set[str]:
-        """The ids that take requests (what an alias may point at)."""
-        return {m.name for m in self if m.state is ModelState.SERVING}
+        """The ids requests may name (what an alias may point at): every model not being unloaded - an asleep one
+        answers 503, or wakes on the request (http/idle.py)."""
+        return {m.name for m in self if m.state is not ModelState.DRAINING}
 
     def served(self, name: str) -> ServedModel:
         """The model with id `name`, whatever its state (admin calls)."""

@@ -64,7 +64,11 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
         offered = body.offered_tools()
         conversation = [m.for_template() for m in body.messages]
         ids, tools = conversation_prompt(
-            conversation, offered, served.tokenizer, continue_final=body.continue_final_message
+            conversation,
+            offered,
+            served.tokenizer,
+            continue_final=body.continue_final_message,
+            generation_prompt=body.add_generation_prompt,
         )
         sampling = sampling_params(
             body,

@@ -105,13 +105,14 @@ class FleetLoop:
         except Exception as exc:
             self.failed += 1
             record["error"] = f"{type(exc).__name__}: {exc}"
+            # evened out, so nothing moved: only the cooldown, so a broken worker is not tried every round (no
+            # dwell, no pair history: the next real move back is no reversal)
+            self.planner.last_move_at = time.monotonic()
             raise
         finally:
-            # hysteresis counts from the move's end (a drain can take up to park_timeout_s): the dwell and the
-            # cooldown are time the workers have served where they are; a move that failed and was evened out
-            # cools down too, so a broken worker is not tried every round
-            done = time.monotonic()
-            self.planner.applied(decision, done)
-            record["seconds"] = round(done - now, 3)
+            record["seconds"] = round(time.monotonic() - now, 3)
+        # hysteresis counts from the move's end (a drain can take up to park_timeout_s): the dwell and the cooldown
+        # are time the workers have served where they are
+        self.planner.applied(decision, time.monotonic())
         self.moves[(decision.donor, decision.recipient, decision.reason)] += len(decision.wake)
         return decision
