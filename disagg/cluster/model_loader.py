@@ -99,7 +99,8 @@ class RayModelLoader:
         state = read_table(self.store) if self.store is not None else None
         if state is not None:
             restore_table(models, state, self._serve_again)
-        # workers of a load the router died in the middle of: in no saved route, so nothing would end them
+        # the run-time workers of no model served again - a load the router died in the middle of, a model whose
+        # decode workers are gone or that could not be rebuilt: nothing else would ever end them
         kept = {n for route in self.routes.values() for n in [*route.prefill, *route.decode]}
         end_named(runtime_prefix(self.config.runtime_key), keep=kept)
 
@@ -107,17 +108,13 @@ class RayModelLoader:
         """A model loaded by the router's previous life, over the workers of it that are still there."""
         node = ray.get_runtime_context().get_node_id()
         handles = {n: RayWorkerHandle(n, actor, node) for n, actor in alive([*route.prefill, *route.decode]).items()}
-        if not any(n in handles for n in route.decode):  # its prefill workers alone serve nothing: ended
-            for actor in alive(route.prefill).values():
-                ray.kill(actor, no_restart=True)
+        if not any(n in handles for n in route.decode):  # its prefill workers alone serve nothing (`restore` ends them)
             return None
         try:
             served = serve_model(self.config, route, handles, handles)
         except Exception as exc:  # whatever it is (a directory gone, a tokenizer the library cannot
             # parse), one model must not keep the router from starting: Ray would restart it into the same error
             log.error("model %s loaded at run time is not served again (its workers end): %s", route.name, exc)
-            for actor in alive([*route.prefill, *route.decode]).values():  # nothing would ever end them
-                ray.kill(actor, no_restart=True)
             return None
         self.routes[route.name] = route
         return served

@@ -140,14 +140,7 @@ def end_named(prefix: str, keep: set[str] | frozenset[str] = frozenset()) -> Non
 
 
 def end_runtime_workers(store: TableStore, key: str) -> None:
-    """End the workers of the models loaded at run time (detached: nothing else ends them) - the saved table's,
-    and any of a load still under way - and forget them."""
-    state = read_table(store)
-    for route in state.routes if state is not None else []:
-        for name in [*route.prefill, *route.decode]:
-            try:
-                ray.kill(ray.get_actor(name), no_restart=True)
-            except ValueError:  # already gone (unloaded, or never started)
-                continue
+    """End the workers of the models loaded at run time (detached: nothing else ends them) - every one is named
+    under the key, so the saved table's and any of a load still under way alike - and forget them."""
     end_named(runtime_prefix(key))
     store.clear()

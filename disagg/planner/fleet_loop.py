@@ -16,7 +16,7 @@ from collections import Counter, deque
 from typing import Protocol
 
 from disagg.planner.fleet import FleetConfig, FleetHold, FleetMove, FleetPlanner, FleetReason, FleetSignals
-from disagg.planner.rounds import Rounds
+from disagg.planner.rounds import Rounds, count_hold
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +82,7 @@ class FleetLoop:
         self.last = signals = self.port.signals(now)
         decision = self.planner.decide(signals)
         if isinstance(decision, FleetHold):
-            self.holds[decision] += 1
-            if decision is not self.planner.last_hold:
-                log.info("fleet planner: hold (%s)", decision.value)
-                self.planner.last_hold = decision
-            return decision
+            return count_hold("fleet planner", self.holds, self.planner, decision)
         self.planner.last_hold = None
         log.info(
             "fleet planner: %s (%s) -> %s (%s) because %s (%s)",

@@ -17,7 +17,7 @@ from collections import Counter
 
 from disagg.planner.policy import Hold, Move, Planner, PlannerConfig, Reason
 from disagg.planner.port import PlannerPort
-from disagg.planner.rounds import Rounds
+from disagg.planner.rounds import Rounds, count_hold
 from disagg.protocol import Role
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,7 @@ class PlannerLoop:
         now = time.monotonic()
         decision = self.planner.decide(self.port.signals(self.config, now))
         if isinstance(decision, Hold):
-            self.holds[decision] += 1
-            if decision is not self.planner.last_hold:
-                log.info("planner: hold (%s)", decision.value)
-                self.planner.last_hold = decision
-            return decision
+            return count_hold("planner", self.holds, self.planner, decision)
         self.planner.last_hold = None
         log.info(
             "planner: %s %s -> %s because %s (%s)",

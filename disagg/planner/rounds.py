@@ -1,5 +1,5 @@
 """Rounds on an interval with a failure budget: the task both planners' loops run (planner/loop.py for roles,
-planner/fleet_loop.py for models).
+planner/fleet_loop.py for models), and how both count a round without a move (`count_hold`).
 
 Lifecycle: `start()` (on the running event loop) runs `step` every `interval_s` as one task; `stop()` cancels it
 and waits for it.  A round that raises is logged and the next one runs - one bad round must not end planning - but
@@ -9,10 +9,30 @@ and waits for it.  A round that raises is logged and the next one runs - one bad
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 log = logging.getLogger(__name__)
+
+H = TypeVar("H", bound=enum.Enum)
+
+
+class Holding(Protocol[H]):
+    """A planner that remembers why it last made no move (planner/policy.py's Planner, planner/fleet.py's)."""
+
+    last_hold: H | None
+
+
+def count_hold(name: str, holds: Counter[H], planner: Holding[H], hold: H) -> H:
+    """A round without a move: counted by reason, and logged when the reason changes (not every round)."""
+    holds[hold] += 1
+    if hold is not planner.last_hold:
+        log.info("%s: hold (%s)", name, hold.value)
+        planner.last_hold = hold
+    return hold
 
 
 class Rounds:
