@@ -1,5 +1,6 @@
 """Engine throughput with LoRA adapters: N requests in flight spread over K adapters (one batch holds them all)
-against the same N requests on the base model, in one process, interleaved repeats.
+against the same N requests on the base model, in one process, interleaved repeats.  Two mixes: an even one
+(round robin: every adapter has as many requests) and an uneven one (a few adapters take most requests).
 
 Adapters are trained here on the default model with PEFT (fixed seeds, a few steps: bench/loras.py), rank 8 on
 all seven projections, and kept under --adapters-dir between runs.
@@ -54,6 +55,17 @@ def run(engine: LLMEngine, prompts: list[list[int]], refs: Sequence[LoRARef | No
     return tokens / (time.perf_counter() - t0)
 
 
+def uneven(n: int, k: int) -> list[int]:
+    """n requests over k adapters, adapter i taking about twice the share of adapter i + 2 (every adapter at least
+    once), interleaved: the groups of a step differ in size, as in real traffic."""
+    weights = [2 ** (-i / 2) for i in range(k)]
+    counts = [1 + int((n - k) * w / sum(weights)) for w in weights]
+    counts[0] += n - sum(counts)
+    order = sorted(range(n), key=lambda j: (j * 7919) % n)  # a fixed shuffle: the groups are not in a row
+    flat = [i for i, c in enumerate(counts) for _ in range(c)]
+    return [flat[order[j]] for j in range(n)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.lora", description=__doc__.splitlines()[0])
     add_options(p, LoRABenchOptions)
@@ -69,17 +81,23 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(kv_cache_memory_mb=512, num_threads=opts.threads, max_loras=opts.adapters)
     plain, served = LLMEngine(config), LLMEngine(config)
     prompts = make_prompts(plain, opts.concurrency)
-    adapted = [LoRARef(f"a{i % opts.adapters}", str(paths[i % opts.adapters])) for i in range(opts.concurrency)]
-    base: list[LoRARef | None] = [None] * opts.concurrency
-    run(plain, prompts[:4], base[:4], 4)  # warm-up
-    run(served, prompts[: opts.adapters], adapted[: opts.adapters], 4)  # warm-up: loads the adapters, wraps layers
-    rates: dict[str, list[float]] = {"base": [], "adapters": []}
-    for _ in range(opts.repeats):
-        rates["base"].append(run(plain, prompts, base, opts.max_tokens))
-        rates["adapters"].append(run(served, prompts, adapted, opts.max_tokens))
+    refs = [LoRARef(f"a{i}", str(path)) for i, path in enumerate(paths)]
+    mixes: dict[str, list[LoRARef | None]] = {
+        "base": [None] * opts.concurrency,
+        "adapters": [refs[i % opts.adapters] for i in range(opts.concurrency)],  # an even mix
+        "adapters, uneven": [refs[i] for i in uneven(opts.concurrency, opts.adapters)],
+    }
+    run(plain, prompts[:4], mixes["base"][:4], 4)  # warm-up
+    run(served, prompts[: opts.adapters], refs, 4)  # warm-up: loads the adapters, wraps layers
+    rates: dict[str, list[float]] = {k: [] for k in mixes}
+    for _ in range(opts.repeats):  # each repeat runs every arm back to back
+        for arm, mix in mixes.items():
+            rates[arm].append(run(plain if arm == "base" else served, prompts, mix, opts.max_tokens))
     median = {k: statistics.median(v) for k, v in rates.items()}
-    pairs = [a / b for a, b in zip(rates["adapters"], rates["base"])]  # each repeat's two runs, back to back
-    vs_base = {"base": "1.00x", "adapters": f"{statistics.median(pairs):.2f}x ({min(pairs):.2f}-{max(pairs):.2f})"}
+    vs_base = {}
+    for arm in rates:
+        pairs = [a / b for a, b in zip(rates[arm], rates["base"])]  # each repeat's runs, back to back
+        vs_base[arm] = f"{statistics.median(pairs):.2f}x ({min(pairs):.2f}-{max(pairs):.2f})"
     rows = [
         {
             "side": k,

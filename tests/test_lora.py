@@ -58,6 +58,24 @@ def test_adapters_and_the_base_in_one_batch_are_each_as_alone(tiny_llama_dir, ad
     assert len({tuple(t) for t in together}) >= 4  # base and adapters really differ
 
 
+def test_an_even_mix_runs_in_place_and_an_uneven_one_gathered_with_the_same_tokens(tiny_llama_dir, adapters):
+    """Rows come interleaved (all, qv, base, ...); the engine orders them by adapter, so in decode steps each
+    adapter's tokens are one run of equal length (the in-place path), while an uneven mix takes the gathered path.  Both give each request's tokens as alone."""
+    refs = [LoRARef("all", str(adapters["all"])), LoRARef("qv", str(adapters["qv"])), None]
+    for mix, runs in (([0, 1, 2, 0, 1, 2], {80, 2}), ([0, 1, 0, 2, 0, 2], {0})):  # 2+2 / 3+1 adapted rows
+        engine = _engine(tiny_llama_dir)
+        batch = [(PROMPTS[0], refs[k]) for k in mix]
+        for i, (prompt, ref) in enumerate(batch):
+            engine.add_request(f"r{i}", prompt, GREEDY, lora=ref)
+        seqs, uniform = [engine.seqs[f"r{i}"] for i in range(len(batch))], []
+        while engine.has_unfinished():
+            engine.step()
+            uniform.append(engine.runner.lora.context.uniform)
+        assert set(uniform) == runs, uniform  # even: the prefill (40 tokens each), then decodes (1 each)
+        together = [seq.token_ids[seq.num_prompt_tokens:] for seq in seqs]
+        assert together == [_run(_engine(tiny_llama_dir), [item])[0][0] for item in batch]
+
+
 def test_no_kv_is_shared_between_the_base_and_adapters(tiny_llama_dir, adapters):
     engine = _engine(tiny_llama_dir)
     prompt, ref = PROMPTS[0], LoRARef("all", str(adapters["all"]))

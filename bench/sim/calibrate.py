@@ -23,11 +23,11 @@ import torch
 
 from bench.common import emit, print_table
 from disagg.config import LAB_KV_CACHE_MB, EngineConfig
+from disagg.engine.batch import ScheduledBatch
 from disagg.engine.engine import LLMEngine
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.model import ModelConfig
 from disagg.engine.runner import ModelRunner, load_model
-from disagg.engine.scheduler import ScheduledBatch
 from disagg.engine.spec import Verified
 from disagg.options import add_options, from_options
 from disagg.protocol import LoRARef, TokenDelta

@@ -23,9 +23,9 @@ import torch
 
 from disagg.cluster.worker_config import MockConfig
 from disagg.config import EngineConfig
+from disagg.engine.batch import ScheduledBatch
 from disagg.engine.engine import LLMEngine
 from disagg.engine.kv_format import KVFormat
-from disagg.engine.scheduler import ScheduledBatch
 from disagg.engine.tokenizer import Tokenizer
 from disagg.modes import KVDtype
 from disagg.sim.runner import SimRunner, sim_model_config

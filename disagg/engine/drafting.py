@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from disagg.engine.scheduler import ScheduledBatch
+from disagg.engine.batch import ScheduledBatch
 from disagg.engine.sequence import Sequence
 from disagg.engine.spec import SpecState, Speculator, Verified
 

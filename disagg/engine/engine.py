@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from disagg.config import EngineConfig
+from disagg.engine.batch import ScheduledBatch
 from disagg.engine.block_pool import BlockPool
 from disagg.engine.drafting import apply_verified, propose_drafts
 from disagg.engine.faults import OutputFault, output_fault
@@ -24,7 +25,7 @@ from disagg.engine.intake import Intake
 from disagg.engine.model import ModelConfig
 from disagg.engine.offline import Completion
 from disagg.engine.runner import Runner, check_kv_capacity, load_model
-from disagg.engine.scheduler import ScheduledBatch, Scheduler
+from disagg.engine.scheduler import Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.engine.spec import Speculator, spec_config
 from disagg.engine.step_time import ChunkRule, ChunkSizer, StepFit
@@ -259,6 +260,8 @@ class LLMEngine:
             batch.drafts = [batch.drafts[i] for i in keep]
         if not batch.seqs:
             return deltas
+        if any(seq.lora is not None for seq in batch.seqs):
+            batch.order_by_adapter()  # one contiguous run of tokens per adapter
         sampled = self.runner.execute(batch)
         self._measure(batch, self.runner.last_step_s)  # measured, or modelled by a stand-in (simulation)
         self.last_step = StepRecord(

@@ -4,7 +4,9 @@ An adapter is a PEFT directory (`adapter_config.json` + `adapter_model.safetenso
 request names at most one (`protocol.LoRARef`); a step's rows are grouped by adapter and every adapted linear
 layer adds `scale * (x A^T) B^T` of each token's own adapter to the base layer's output: the tokens gathered per
 adapter, two batched matmuls over the step's adapters, the deltas added back at their tokens (torch: the same code
-on CPU and GPU, the base layer - packed, quantized or plain - untouched).  The fused projections
+on CPU and GPU, the base layer - packed, quantized or plain - untouched).  The engine orders a step's rows by
+adapter, so when every adapter has as many tokens as the next (an even mix of decodes), the groups are plain views
+of the batch and the second matmul adds into the output in place: no gather, no scatter.  The fused projections
 (q/k/v, gate/up) hold each part's B at its own output rows.
 
 Adapters load on first use into a bounded per-worker cache (`AdapterCache`, least recently used out first; an
@@ -162,10 +164,13 @@ class StepStack:
 class LoRAContext:
     """This step's adapters (None: the base model alone) and its tokens grouped by adapter: `rows` [G * Tmax] holds
     each group's flat token indices, padded to the largest group (with token 0: its padded results are dropped);
-    `kept` are the positions in `rows` of real tokens and `targets` those tokens, in the same order."""
+    `kept` are the positions in `rows` of real tokens and `targets` those tokens, in the same order.  `uniform` > 0:
+    the groups are the step's first tokens, in order, `uniform` tokens each (the engine orders rows by adapter, so
+    an even mix lands here): the layers then read and write them in place, with no gather and no scatter."""
 
     stack: StepStack | None = None
     groups: int = 0
+    uniform: int = 0
     rows: torch.Tensor | None = None
     kept: torch.Tensor | None = None
     targets: torch.Tensor | None = None
@@ -187,6 +192,11 @@ class LoRALinear(nn.Module):
         if entry is None or ctx.rows is None or ctx.kept is None or ctx.targets is None:
             return out
         a_stack, b_stack = entry
+        if ctx.uniform and out.is_contiguous():
+            n = ctx.groups * ctx.uniform
+            h = torch.bmm(x[:n].reshape(ctx.groups, ctx.uniform, x.shape[1]), a_stack)
+            out[:n].view(ctx.groups, ctx.uniform, out.shape[1]).baddbmm_(h, b_stack)
+            return out
         grouped = x.index_select(0, ctx.rows).view(ctx.groups, -1, x.shape[1])  # [G, Tmax, in]
         delta = torch.bmm(torch.bmm(grouped, a_stack), b_stack).view(-1, out.shape[1])
         return out.index_add_(0, ctx.targets, delta.index_select(0, ctx.kept))
@@ -213,6 +223,7 @@ class LoRARuntime:
                 groups.setdefault(key, []).extend(range(query_start[i], query_start[i + 1]))
         if not groups:
             self.context.stack = self.context.rows = self.context.kept = self.context.targets = None
+            self.context.uniform = 0
             return
         if not self._attached:
             attach(model, self.context)
@@ -231,6 +242,8 @@ class LoRARuntime:
             rows.extend(groups[k] + [0] * (width - len(groups[k])))
         ctx, dev = self.context, self.device
         ctx.stack, ctx.groups = self._stacked[1], len(keys)
+        in_place = targets == list(range(len(targets))) and all(len(g) == width for g in groups.values())
+        ctx.uniform = width if in_place else 0
         ctx.rows, ctx.kept, ctx.targets = (
             torch.tensor(v, dtype=torch.int64, device=dev) for v in (rows, kept, targets)
         )

@@ -14,6 +14,7 @@ import torch
 
 from disagg.config import EngineConfig, FaultConfig
 from disagg.engine.attention import AttentionMetadata, compact_tables, select_backend
+from disagg.engine.batch import ScheduledBatch
 from disagg.engine.faults import NONFINITE_TOKEN, FaultInjector
 from disagg.engine.gguf import load_gguf
 from disagg.engine.kv_cache import KVCache, bytes_per_block
@@ -22,7 +23,6 @@ from disagg.engine.lora import LoRARuntime
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
 from disagg.engine.quant import BlockKernels, QuantFactory, check_quantizable, gguf_file, quant_kernels
 from disagg.engine.sampler import logprob_entries, sample, sampling_probs, token_generator, verify_sampled
-from disagg.engine.scheduler import ScheduledBatch
 from disagg.engine.sequence import Sequence
 from disagg.engine.spec import Verified, verify_greedy
 from disagg.engine.tokenizer import Tokenizer

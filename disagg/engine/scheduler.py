@@ -17,8 +17,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from disagg.engine.batch import ScheduledBatch
 from disagg.engine.block_pool import BlockPool, NoFreeBlocksError
 from disagg.engine.sequence import Sequence, SequenceStatus
 from disagg.engine.step_time import ChunkSizer
@@ -27,28 +28,6 @@ from disagg.kv.connector import KVConnector, KVLoad, LoadState, SourceKind
 from disagg.utils import cdiv
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ScheduledBatch:
-    seqs: list[Sequence] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-    imported: list[Sequence] = field(default_factory=list)  # a peer's prefill landed: emit its first token
-    # per row, the proposed tokens verified after its last token this step (speculative decoding; engine/spec.py)
-    drafts: list[list[int]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.seqs)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def attention_kpairs(self) -> float:
-        """Query x key pairs this step's attention computes, in thousands (before the step moves the sequences'
-        computed counts on): the cost term that grows with context, beside the token and sequence counts."""
-        return sum(n * (seq.num_computed_tokens + n) for seq, n in zip(self.seqs, self.num_new_tokens)) / 1000
 
 
 @dataclass

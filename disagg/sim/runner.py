@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from disagg.engine.batch import ScheduledBatch
 from disagg.engine.model import ModelConfig
-from disagg.engine.scheduler import ScheduledBatch
 from disagg.engine.spec import Verified
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.protocol import LoRARef

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from disagg.engine.scheduler import ScheduledBatch
+from disagg.engine.batch import ScheduledBatch
 from disagg.engine.step_time import nnls
 
 FEATURES = ("base", "per_token", "per_seq", "per_attn")
