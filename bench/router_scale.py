@@ -39,7 +39,7 @@ from bench.common import emit, print_table
 from disagg.config import EngineConfig
 from disagg.options import add_options, from_options
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
-from disagg.router.policy import Decision
+from disagg.router.decision import Decision
 from disagg.workload.metrics import percentile
 
 BLOCK = EngineConfig.block_size

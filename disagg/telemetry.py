@@ -40,6 +40,7 @@ class RoutedTo(Protocol):
     decode_worker: str
     prefill_worker: str | None
     peer_worker: str | None
+    flexible: bool
 
 
 @dataclass
@@ -333,6 +334,7 @@ class RouterMetrics:
 
     def on_route(self, decision: RoutedTo) -> None:
         mode = "disaggregated" if decision.prefill_worker else ("peer_prefix" if decision.peer_worker else "local")
+        mode = "flexible" if decision.flexible else mode  # a prefill worker serving the request whole
         self.routed.labels(decision.decode_worker, mode).inc()
 
 

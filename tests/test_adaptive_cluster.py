@@ -2,6 +2,7 @@
 the HTTP front door): answers equal a local engine's, the router prices from the workers' own fitted step
 times once they are measured, and /metrics reports the decisions and their prediction error."""
 import asyncio
+import json
 import shutil
 import time
 
@@ -80,5 +81,42 @@ def test_cost_placement_prices_from_measured_steps_and_reports_its_error(ray_ses
         fitted = {k[1]: v for k, v in m.items() if k[0] == "disagg:worker_step_s_per_new_token"}
         assert len(targets) == 2 and all(v == pytest.approx(0.05) for v in targets.values()), targets
         assert len(fitted) == 2 and all(v > 0 for v in fitted.values()), fitted  # both workers' fits are warm
+    finally:
+        service.shutdown()
+
+
+def test_flexible_an_idle_prefill_worker_serves_a_request_whole_when_the_decode_batch_is_full(
+    ray_session, tiny_served_dir
+):
+    """Fits kept cold (never refitted), so both workers are priced with the documented prior: a decode step of
+    0.05 s + 5.45 ms per sequence.  With a 60 ms TPOT target the idle decode worker takes the first request; once
+    it decodes that one, a second would break the target there, and the idle prefill worker serves it whole."""
+    engine = EngineConfig(model=str(tiny_served_dir), num_blocks=160, block_size=16, num_threads=1, max_model_len=512,
+                          step_fit_every=1_000_000)
+    policy = PolicyConfig(placement=Placement.COST, flexible=True, ttft_target_s=2.0, tpot_target_s=0.06, seed=0)
+    service = Service(ClusterConfig(num_prefill=1, num_decode=1, engine=engine), RouterConfig(policy=policy))
+    try:
+        model = httpx.get(f"{service.url}/v1/models", timeout=30).json()["data"][0]["id"]
+        local = LLMEngine(EngineConfig(model=str(tiny_served_dir), num_blocks=160, block_size=16))
+        long_prompt, short_prompt = [(7 * j) % 500 + 5 for j in range(40)], [(11 * j) % 500 + 5 for j in range(90)]
+        body = {"model": model, "temperature": 0, "ignore_eos": True}
+        with httpx.Client(base_url=service.url, timeout=120) as client:
+            with client.stream("POST", "/v1/completions",
+                               json={**body, "prompt": long_prompt, "max_tokens": 400, "stream": True}) as stream:
+                lines = stream.iter_lines()
+                first = next(line for line in lines if line.startswith("data: "))  # decoding on the decode worker
+                r = client.post("/v1/completions", json={**body, "prompt": short_prompt, "max_tokens": MAX_TOKENS})
+                assert r.status_code == 200, r.text
+                rest = [line for line in lines if line.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"
+        chunks = [first, *rest[:-1]]
+        streamed = "".join(json.loads(c[6:])["choices"][0]["text"] for c in chunks)
+        greedy = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (400, MAX_TOKENS)]
+        expected = [local.generate([p], g)[0].text for p, g in zip((long_prompt, short_prompt), greedy)]
+        assert [streamed, r.json()["choices"][0]["text"]] == expected
+        routed = {dict(k[1])["mode"]: dict(k[1])["decode_worker"] for k, v in _metrics(service.url).items()
+                  if k[0] == "disagg:routed_requests_total" and v > 0}
+        assert set(routed) - {"local", "disaggregated"} == {"flexible"}, routed
+        assert "prefill" in routed["flexible"] and "prefill" not in routed.get("local", routed.get("disaggregated"))
     finally:
         service.shutdown()

@@ -33,7 +33,7 @@ from disagg.router.flight import (
     apply_latency,
 )
 from disagg.router.load import LatencyWindow, LoadTicket
-from disagg.router.policy import Decision
+from disagg.router.decision import Decision
 from disagg.stats import RouterCounters
 
 REQ = Request("r1", [1, 2, 3, 4], SamplingParams(max_tokens=4))

@@ -119,6 +119,43 @@ def test_with_a_ttft_target_a_prefill_worker_that_meets_it_wins_even_when_local_
     assert _policy(ttft_target_s=1.0).choose(1000, {}, [idle], [late]).prefill_worker == "p0"
 
 
+def test_flexible_an_idle_prefill_worker_takes_the_request_whole_when_the_decode_batch_is_full_for_the_tpot():
+    """MODEL's decode step: 0.02 + 0.005 per sequence + 0.001 per thousand context tokens.  A decode worker with
+    24 requests over 960 blocks steps in 0.16 s with one more; an idle prefill worker in 0.025 s."""
+    busy = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=24, blocks=960)
+    idle = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002))
+    d = _policy(flexible=True, tpot_target_s=0.1).choose(2000, {"p0": 2}, [busy], [idle])
+    assert (d.decode_worker, d.prefill_worker, d.flexible) == ("p0", None, True)
+    assert d.reason.startswith("whole request on idle prefill worker") and "160 ms on d0" in d.reason
+    assert d.overlap_blocks == 2 and d.priced_from is PricedFrom.MEASURED  # its own cache, its own fit
+    assert d.predicted_ttft_s == pytest.approx(FIXED.prefill_seconds(MODEL, 2000 - 32, 0, 0))
+    # not taken: flexible off, no TPOT target, the decode batch has room, the prefill worker has a queue, or its
+    # own decodes would break the target
+    roomy = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=2, blocks=80)
+    queued = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), queued=100)
+    decoding = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), active=20, blocks=800)
+    for policy, decode, prefill in [
+        (_policy(tpot_target_s=0.1), busy, idle),
+        (_policy(flexible=True), busy, idle),
+        (_policy(flexible=True, tpot_target_s=0.1), roomy, idle),
+        (_policy(flexible=True, tpot_target_s=0.1), busy, queued),
+        (_policy(flexible=True, tpot_target_s=0.1), busy, decoding),
+    ]:
+        d = policy.choose(2000, {}, [decode], [prefill])
+        assert d.decode_worker == "d0" and not d.flexible, d.reason
+    with pytest.raises(ValueError, match="needs --placement cost"):
+        PolicyConfig(placement=Placement.THRESHOLD, flexible=True)
+
+
+def test_a_prefill_worker_that_decodes_is_priced_with_its_decodes_as_a_remote_prefill():
+    busy = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=24, blocks=960)
+    sized = WorkerTiming(MODEL, SIZED, 0.0002)
+    free, decoding = _load("p0", sized), _load("p0", sized, active=20, blocks=800)
+    alone, beside = (_policy().choose(2000, {}, [busy], [p]) for p in (free, decoding))
+    assert alone.prefill_worker == beside.prefill_worker == "p0"
+    assert beside.predicted_ttft_s > 2 * alone.predicted_ttft_s  # its chunks sized beside its 20 decodes
+
+
 def test_the_load_book_counts_decoding_requests_and_their_tokens_left():
     import threading
 
@@ -127,7 +164,7 @@ def test_the_load_book_counts_decoding_requests_and_their_tokens_left():
     from disagg.router.health import HealthConfig, HealthMonitor
     from disagg.router.index import TierMatch
     from disagg.router.load import LoadBook
-    from disagg.router.policy import Decision
+    from disagg.router.decision import Decision
 
     loads = {"d0": _load("d0", left=0), "p0": _load("p0", left=0)}
     health = HealthMonitor(HealthConfig(), {"d0": Role.DECODE, "p0": Role.PREFILL})

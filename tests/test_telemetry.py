@@ -7,7 +7,7 @@ from disagg.errors import Rejection
 from disagg.planner.policy import Hold, Reason
 from disagg.protocol import Role
 from disagg.router.admission import AdmissionQueue
-from disagg.router.policy import Decision
+from disagg.router.decision import Decision
 from disagg.stats import RouterCounters
 from disagg.telemetry import ClusterSnapshot, PlannerView, QueueView, RouterMetrics
 

@@ -55,7 +55,7 @@ _ENGINE = (
     "prefill_chunk_target_ms",
     "min_prefill_chunk",
 )
-_POLICY = ("kind", "placement")
+_POLICY = ("kind", "placement", "flexible")
 _TRACING, _ROUTER = ("otlp_endpoint", "file_dir", "sampling_ratio"), ("host", "port", "replicas", "api_key", "insecure")
 _CANARY, _OUTLIERS = ("enabled", "idle_interval_s", "busy_interval_s"), ("enabled", "ratio")
 _CAPACITY = ("max_prefill_queue_tokens", "max_running")
@@ -234,7 +234,14 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         RouterConfig,
         args,
         only=_ROUTER,
-        policy=from_options(PolicyConfig, args, prefix="policy-", only=_POLICY, ttft_target_s=planner.ttft_slo_s),
+        policy=from_options(
+            PolicyConfig,
+            args,
+            prefix="policy-",
+            only=_POLICY,
+            ttft_target_s=planner.ttft_slo_s,
+            tpot_target_s=planner.tpot_slo_s,
+        ),
         keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
         responses=from_options(ResponseStoreConfig, args, prefix="responses-"),
         agents=from_options(AgentConfig, args),

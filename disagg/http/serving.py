@@ -42,7 +42,7 @@ from disagg.http.stream import (
 )
 from disagg.isolation import model_salted, scoped_tenant
 from disagg.protocol import Request, SamplingParams, TokenDelta
-from disagg.router.policy import Decision
+from disagg.router.decision import Decision
 from disagg.telemetry import RouterMetrics
 
 SESSION_HEADER = "x-session-id"

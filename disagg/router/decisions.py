@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from disagg.router.policy import Decision
+from disagg.router.decision import Decision
 
 
 @dataclass

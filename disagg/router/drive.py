@@ -30,6 +30,7 @@ from disagg.errors import DeadlineExceeded, TransferFailed, WorkerLost
 from disagg.protocol import PrefillResult, Request, TokenDelta
 from disagg.router.admission import AdmissionQueue
 from disagg.router.attempt import AttemptRunner
+from disagg.router.decision import Decision
 from disagg.router.flight import (
     Abort,
     Action,
@@ -59,7 +60,6 @@ from disagg.router.flight import (
     apply_latency,
 )
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
-from disagg.router.policy import Decision
 
 log = logging.getLogger(__name__)
 

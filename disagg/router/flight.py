@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, ServiceUnavailable
 from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
+from disagg.router.decision import Decision
 from disagg.router.load import LatencyWindow, LoadTicket
-from disagg.router.policy import Decision
 from disagg.stats import RouterCounters
 
 

@@ -20,8 +20,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from disagg.router.admission import CapacityConfig
+from disagg.router.decision import Decision
 from disagg.router.health import HealthMonitor
-from disagg.router.policy import Decision, WorkerLoad
+from disagg.router.policy import WorkerLoad
 from disagg.utils import cdiv
 
 

@@ -17,6 +17,10 @@ Which option wins (`cheapest`): without a TTFT target, the lowest prediction, lo
 as target, a prefill worker that meets it (the prompt leaves the decode worker's batch alone), else local if that
 meets it, else the prefill worker: a request late either way should not slow the decodes of those on time.
 
+Flexible workers (`--flexible-workers`, with a TPOT target): when the chosen decode worker's next step would
+break the TPOT SLO with this request in its batch, a prefill worker with an empty queue whose step would not takes
+the request whole, prefill and decode (`idle_taker`); its later remote prefills are then priced beside its decodes.
+
 Cold start: a worker whose heartbeat carries no fitted model yet (or that sent none) is priced with the configured
 prior (`PolicyConfig.prior_*`: the default model's step times on a 2-core CPU, bench/results/time_model.json),
 never as free, and the decision says so (`Decision.priced_from`, counted in /metrics).
@@ -27,7 +31,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from disagg.config import EngineConfig
 from disagg.engine.step_time import ChunkRule, StepCoefficients
@@ -59,6 +63,9 @@ class WorkerLoad(Protocol):
     timing: WorkerTiming | None
 
 
+W = TypeVar("W", bound=WorkerLoad)
+
+
 @dataclass(frozen=True)
 class Option:
     worker: str | None  # None: local prefill on the decode worker
@@ -86,6 +93,13 @@ class PlacementModel:
         steps = w.decode_tokens_left / seqs if seqs else None  # its decodes' mean tokens left (their max_tokens)
         return rule.prefill_seconds(model, queue, seqs, context, prompt=tokens, decode_steps=steps), measured
 
+    def decode_step_s(self, w: WorkerLoad) -> float:
+        """`w`'s predicted decode step with one more sequence than it decodes now (each reads its context: the
+        worker's active blocks spread over them), from its own fitted model or the prior."""
+        model, _, _ = self._timing(w)
+        seqs = w.decoding + 1
+        return model.predict(seqs, seqs, w.active_blocks * self.block_size / 1000)
+
     def read_s(self, d: WorkerLoad, blocks: int) -> float:
         t = d.timing
         per_block = t.transfer_s_per_block if t is not None and t.transfer_s_per_block else self.prior_transfer
@@ -101,10 +115,37 @@ class PlacementModel:
         seconds, measured = self.prefill_s(decode, local_tokens, decoding=True)
         options = [Option(None, seconds)]
         for p, tokens, blocks in remote:
-            s, m = self.prefill_s(p, tokens, decoding=False)  # a prefill worker's requests are all in its queue
+            # a prefill worker's requests are all in its queue, unless it also serves whole ones (flexible)
+            s, m = self.prefill_s(p, tokens, decoding=p.decoding > 0)
             options.append(Option(p.name, s + self.read_s(decode, blocks)))
             measured = measured and m
         return options, PricedFrom.MEASURED if measured else PricedFrom.PRIOR
+
+
+def idle_taker(
+    model: PlacementModel, decode: WorkerLoad, prefill: Sequence[W], tpot_target_s: float
+) -> tuple[W | None, str]:
+    """Flexible workers: the prefill worker that should serve this request whole (prefill and decode), or None.
+
+    Only when the decode worker's next step, with this request in its batch, is predicted past the TPOT target
+    (its batch is full for the SLO) and a prefill worker with nothing queued to compute would decode within it: the
+    request then adds decode capacity where prefill capacity idles, without a role change (router/roles.py moves
+    workers for sustained shifts).  The taker with the fastest predicted step wins."""
+    if tpot_target_s <= 0:
+        return None, ""
+    d_step = model.decode_step_s(decode)
+    if d_step <= tpot_target_s:
+        return None, ""
+    idle = [(model.decode_step_s(p), p.name, p) for p in prefill if p.queued_compute_tokens == 0]
+    if not idle:
+        return None, ""
+    step, _, taker = min(idle, key=lambda t: t[:2])
+    if step > tpot_target_s:
+        return None, ""
+    return taker, (
+        f"whole request on idle prefill worker: decode step predicted {d_step * 1000:.0f} ms on {decode.name}, "
+        f"{step * 1000:.0f} ms on {taker.name}, target {tpot_target_s * 1000:.0f} ms"
+    )
 
 
 def cheapest(

@@ -39,13 +39,13 @@ import random
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from disagg.engine.step_time import StepCoefficients
 from disagg.isolation import AdapterKey, Affinity
 from disagg.protocol import PricedFrom, Tier
+from disagg.router.decision import Decision, as_match
 from disagg.router.index import TierMatch
-from disagg.router.placement import Placement, PlacementModel, cheapest
+from disagg.router.placement import Placement, PlacementModel, cheapest, idle_taker
 from disagg.router.ranking import LoadRanking
 from disagg.router.ranking import WorkerLoad as WorkerLoad  # re-exported: the policy's input
 from disagg.utils import cdiv
@@ -87,6 +87,15 @@ class PolicyConfig:
         },
     )
     ttft_target_s: float = 0.0  # cost placement: the TTFT SLO it places for (0: the lowest predicted TTFT)
+    tpot_target_s: float = 0.0  # cost placement: the TPOT SLO flexible workers keep (0: flexible workers off)
+    flexible: bool = field(
+        default=False,
+        metadata={
+            "flag": "--flexible-workers",
+            "help": "with --placement cost and a TPOT SLO: a prefill worker with an empty queue serves a request "
+            "whole (prefill and decode) when the decode worker's next step would break the TPOT SLO",
+        },
+    )
     # cost placement's prior, for a worker with no measured step-time model yet: the default model's step times
     # on a 2-core CPU (bench/results/time_model.json) and a KV read per block (docs/benchmarks.md, NIXL reads)
     prior_step_base_s: float = 0.05
@@ -104,50 +113,13 @@ class PolicyConfig:
             self.placement = Placement(self.placement)
         except ValueError:
             raise ValueError(f"unknown placement {self.placement!r}: threshold or cost") from None
+        if self.flexible and self.placement is not Placement.COST:
+            raise ValueError("--flexible-workers needs --placement cost (it prices each worker's next step)")
 
     def prior(self) -> StepCoefficients:
         return StepCoefficients(
             self.prior_step_base_s, self.prior_step_s_per_token, self.prior_step_s_per_seq, self.prior_step_s_per_kpair
         )
-
-
-@dataclass
-class Decision:
-    decode_worker: str
-    prefill_worker: str | None  # None: prefill on the decode worker
-    overlap_blocks: int  # cached prefix blocks the decode worker serves from (any tier)
-    costs: dict[str, float] = field(default_factory=dict)
-    reason: str = ""
-    match: TierMatch = field(default_factory=TierMatch)  # the decode worker's match, per tier
-    peer_worker: str | None = None  # pull this worker's cached prefix instead of recomputing it
-    peer_blocks: int = 0
-    prefill_cached_blocks: int = 0  # what the index says the chosen prefill worker holds of the prompt
-    predicted_ttft_s: float | None = None  # the chosen option's predicted time to first token (placement.py)
-    priced_from: PricedFrom | None = None
-
-    def span_attributes(self) -> dict[str, Any]:
-        """The decision as attributes of the request's `router.route` span."""
-        return {
-            "disagg.decode_worker": self.decode_worker,
-            "disagg.prefill_worker": self.prefill_worker or "",
-            "disagg.peer_worker": self.peer_worker or "",
-            "disagg.reason": self.reason,
-            "disagg.cached_blocks.device": self.match.device,
-            "disagg.cached_blocks.cpu": self.match.cpu,
-            "disagg.cached_blocks.disk": self.match.disk,
-        }
-
-    def predicted_cached_tokens(self, num_tokens: int, block_size: int) -> int:
-        """Prompt tokens the router expects the computing worker to find cached (the engine always computes at
-        least the last token)."""
-        blocks = self.prefill_cached_blocks if self.prefill_worker else max(self.match.total, self.peer_blocks)
-        return min(blocks * block_size, num_tokens - 1)
-
-
-def _as_match(value: TierMatch | int | None) -> TierMatch:
-    if isinstance(value, TierMatch):
-        return value
-    return TierMatch(device=value or 0, exportable=value or 0)
 
 
 class RoutingPolicy:
@@ -172,7 +144,7 @@ class RoutingPolicy:
     ) -> Decision:
         if not decode:
             raise ValueError("no decode workers")
-        tm = {name: _as_match(m) for name, m in matches.items()}
+        tm = {name: as_match(m) for name, m in matches.items()}
         num_blocks = cdiv(num_tokens, self.block_size)
         kind = self.config.kind
         if kind is PolicyKind.ROUND_ROBIN:
@@ -203,7 +175,7 @@ class RoutingPolicy:
         same decision, but under the kv policy at temperature 0 it scores only the workers that can win
         (router/ranking.py), and `Decision.costs` holds those only."""
         picked: tuple[str, dict[str, float]] | str | None = _UNRANKABLE
-        tm = {name: _as_match(m) for name, m in matches.items()}
+        tm = {name: as_match(m) for name, m in matches.items()}
         num_blocks = cdiv(num_tokens, self.block_size)
         if self._ranks_exactly(ranking):
             picked = self._ranked_pick(num_blocks, tm, ranking, loads, eligible, session, block_hashes)
@@ -308,6 +280,10 @@ class RoutingPolicy:
             ]
 
         if self.config.placement is Placement.COST:  # every option priced
+            if self.config.flexible:
+                taker, why = idle_taker(self.placement, load, prefill, self.config.tpot_target_s)
+                if taker is not None:
+                    return self._whole(taker, tm, num_tokens, costs, why)
             options, priced = self.placement.options(load, uncached, remote(prefill))
             prefill_worker, reason = cheapest(
                 options, uncached, self.config.min_remote_prefill_tokens, self.config.ttft_target_s
@@ -323,6 +299,17 @@ class RoutingPolicy:
             decision.prefill_cached_blocks = tm.get(prefill_worker, TierMatch()).total
         if prefill_worker is None and kind is PolicyKind.KV and self.config.peer_pull:
             self._consider_peer(decision, tm, num_tokens)
+        return decision
+
+    def _whole(
+        self, taker: WorkerLoad, tm: dict[str, TierMatch], num_tokens: int, costs: dict[str, float], reason: str
+    ) -> Decision:
+        """A request served whole by the prefill worker `taker` (flexible workers): it prefills from its own cache."""
+        match = tm.get(taker.name, TierMatch())
+        decision = Decision(taker.name, None, match.total, costs, reason, match, flexible=True)
+        seconds, measured = self.placement.prefill_s(taker, num_tokens - match.total * self.block_size, decoding=True)
+        decision.predicted_ttft_s = seconds
+        decision.priced_from = PricedFrom.MEASURED if measured else PricedFrom.PRIOR
         return decision
 
     def _remember(self, session: Affinity, worker: str) -> None:

@@ -42,6 +42,7 @@ from disagg.protocol import KVEventBatch, Request, Role, Tier, TokenDelta, hash_
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.attempt import AttemptRunner
 from disagg.router.core_config import RouterCoreConfig
+from disagg.router.decision import Decision
 from disagg.router.decisions import DecisionLog
 from disagg.router.drive import FlightDriver, FlightHooks
 from disagg.router.event_follow import EventFollowers
@@ -52,7 +53,7 @@ from disagg.router.index import Ingest, PrefixIndex
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
 from disagg.router.parking import Parking
 from disagg.router.placement import WorkerTiming
-from disagg.router.policy import Decision, PolicyConfig, RoutingPolicy, WorkerLoad
+from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
 from disagg.router.ranking import LoadRanking
 from disagg.router.resume import Resumer
 from disagg.router.roles import RoleChanger

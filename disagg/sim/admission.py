@@ -13,7 +13,7 @@ from typing import Any
 from disagg.errors import Overloaded
 from disagg.protocol import Request, TokenDelta
 from disagg.router.admission import Entry
-from disagg.router.policy import Decision
+from disagg.router.decision import Decision
 
 
 class SimAdmission:

@@ -23,7 +23,8 @@ from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.planner.policy import PlannerConfig
 from disagg.protocol import Request, SamplingParams, TokenDelta
 from disagg.router.admission import AdmissionConfig, CapacityConfig
-from disagg.router.policy import Decision, PolicyConfig
+from disagg.router.decision import Decision
+from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore, RouterCoreConfig
 from disagg.sim.admission import SimAdmission
 from disagg.sim.cores import CoresConfig, SharedCores

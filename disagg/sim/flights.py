@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from disagg.errors import WorkerLost
 from disagg.protocol import FallbackKind, Request, TokenDelta
+from disagg.router.decision import Decision
 from disagg.router.flight import (
     Action,
     Admitted,
@@ -54,7 +55,6 @@ from disagg.router.flight import (
     apply_count,
     apply_latency,
 )
-from disagg.router.policy import Decision
 
 if TYPE_CHECKING:
     from disagg.sim.cluster import SimCluster

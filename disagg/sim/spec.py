@@ -63,6 +63,7 @@ class ClusterSpec:
         if self.adaptive:
             config.placement = Placement.COST
             config.ttft_target_s = slo.ttft_ms / 1000 if slo is not None else 0.0
+            config.tpot_target_s = slo.tpot_ms / 1000 if slo is not None else 0.0
         for name, value in self.policy_args:  # parsed as numbers: each takes its field's type (int, float, bool)
             setattr(config, name, type(getattr(config, name))(value))
         return config
