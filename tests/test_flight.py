@@ -118,7 +118,7 @@ def test_a_lost_decode_worker_migrates_resumed_after_the_delivered_tokens():
     died = WorkerLost("d0 died", worker="d0")
     actions = flight.on(Lost("d0", died))
     resumed = REQ.resumed([5, 6], 2)
-    assert actions == [CountMigration("d0", 2, died), ReleaseLease("p0"), EndLoad(_ticket()), RouteAttempt(resumed, 1)]
+    assert actions == [CountMigration("d0", 2, died), ReleaseLease("p0"), EndLoad(_ticket()), RouteAttempt(resumed, 1, lost="d0")]
     assert flight.state is FlightState.MIGRATING
     assert _routed(flight, decode="d1") == [CountPath(ServePath.MIGRATED), StartDecode("d1", resumed, None)]
     # the second attempt's first output is its first again (the prefill queue), the latency covers both

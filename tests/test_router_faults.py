@@ -271,3 +271,48 @@ def test_a_client_that_stops_at_the_last_token_leaves_no_load_behind(tiny_llama_
     core = asyncio.run(go())
     assert all(load.active_requests == 0 and load.queued_prefill_tokens == 0 for load in core.loads.values())
     assert core.latency.attainment(10.0, 10.0, 1e9, time.monotonic())[2] == 3  # every request's latency recorded
+
+
+def test_flexible_a_full_decode_worker_sends_a_request_whole_to_the_idle_prefill_worker_and_its_death_migrates(
+    tiny_llama_dir,
+):
+    """One slot per worker (max_running=1): while `d` streams the first request, the second has no decode worker
+    with room and goes whole to the idle prefill worker `p` (flexible workers); `p` dies mid-stream and the request
+    moves to `d` once it has room, with the no-fault output.  Without flexible workers it waits for `d`."""
+    from disagg.router.admission import CapacityConfig
+    from disagg.router.placement import Placement
+
+    second = list(range(100, 140))
+    for flexible in (True, False):
+        p = LocalWorkerHandle(local_worker("p", tiny_llama_dir, Role.PREFILL))
+        d = LocalWorkerHandle(local_worker("d", tiny_llama_dir, Role.DECODE))
+
+        async def go():
+            await _wire(p, d)
+            policy = PolicyConfig(placement=Placement.COST, flexible=flexible, seed=0)
+            core = RouterCore({"p": p}, {"d": d}, policy, 16, RouterCoreConfig(), FAST,
+                              capacity=CapacityConfig(max_running=1))
+            core.start()
+            started = asyncio.Event()
+
+            def first_going(n):
+                if n == 2:
+                    started.set()
+
+            def kill_p(n):
+                if n == 5 and flexible:
+                    p.dead = True
+            one = asyncio.create_task(_stream(core, Request("a", PROMPT, GREEDY), first_going))
+            await started.wait()
+            two = asyncio.create_task(_stream(core, Request("b", second, GREEDY), kill_p))
+            tokens = await asyncio.gather(one, two)
+            await core.stop()
+            return tokens, core
+        (a, b), core = asyncio.run(go())
+        assert a == _reference(tiny_llama_dir, GREEDY) and b == _reference(tiny_llama_dir, GREEDY, second)
+        decisions = [(r["request_id"], r["decode"]) for r in core.recent_decisions()]
+        if flexible:
+            assert decisions == [("a", "d"), ("b", "p"), ("b", "d")], decisions
+            assert core.counters.migrations == 1
+        else:
+            assert decisions == [("a", "d"), ("b", "d")], decisions

@@ -68,7 +68,7 @@ log = logging.getLogger(__name__)
 class FlightHooks:
     """What the driver asks of the router core for one request (it never sees the core itself)."""
 
-    route: Callable[[Request, int], Decision]  # (the attempt's request, attempt number) -> a decision
+    route: Callable[[Request, int, str | None], Decision]  # (the attempt's request, its number, the worker lost)
     begin: Callable[[Decision, Request], LoadTicket]  # count the attempt's load (and let the queue move on)
     pump: Callable[[], None]  # capacity was freed: let queued requests go
     queue: AdmissionQueue  # tenants are charged for their tokens; its clock is the router's
@@ -134,7 +134,7 @@ class FlightDriver:
     async def _do(self, flight: Flight, action: Action) -> list[Action]:  # noqa: C901 - one branch per action
         hooks, rid = self.hooks, flight.request_id
         if isinstance(action, RouteAttempt):
-            decision = hooks.route(action.request, action.attempt)
+            decision = hooks.route(action.request, action.attempt, action.lost)
             ticket = hooks.begin(decision, action.request)
             await self.attempts.released(rid)  # a migrated request's earlier lease goes first
             return flight.on(Routed(decision, ticket))

@@ -106,6 +106,7 @@ class RouteAttempt:
 
     request: Request
     attempt: int  # 0 for the first
+    lost: str | None = None  # the worker the last attempt lost: routed elsewhere while another is left
 
 
 @dataclass(frozen=True)
@@ -373,7 +374,7 @@ class Flight:
             return [*actions, PumpAdmission(), Fail(error)]
         self.attempt += 1
         self.state = FlightState.MIGRATING
-        return [*actions, RouteAttempt(self.current, self.attempt)]
+        return [*actions, RouteAttempt(self.current, self.attempt, event.worker)]
 
     def _abort(self) -> list[Action]:
         if self.finished:

@@ -19,10 +19,12 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from disagg.protocol import Tier
 from disagg.router.admission import CapacityConfig
 from disagg.router.decision import Decision
 from disagg.router.health import HealthMonitor
 from disagg.router.policy import WorkerLoad
+from disagg.stats import WorkerStats
 from disagg.utils import cdiv
 
 
@@ -128,6 +130,11 @@ class LoadBook:
             self.health.routable(p) and self._room_to_prefill(p, scale) for p in self.prefill
         )
 
+    def idle_room(self, name: str, num_tokens: int, priority: int = 0) -> bool:
+        """Whether `name` has nothing queued to compute and room for a request (flexible workers: a prefill worker
+        serving one whole)."""
+        return self.loads[name].queued_compute_tokens == 0 and self.has_room(name, num_tokens, priority)
+
     def _room_to_decode(self, name: str, blocks: int, scale: float) -> bool:
         load, cap = self.loads[name], self.capacity
         if load.active_requests == 0:
@@ -194,3 +201,14 @@ class LatencyWindow:
         ttft_ok = sum(s[1] <= ttft_s for s in recent) / len(recent)
         tpot_ok = sum(t <= tpot_s for t in tpots) / len(tpots) if tpots else None
         return ttft_ok, tpot_ok, len(recent)
+
+
+def tier_costs(stats: WorkerStats, block_size: int) -> dict[Tier, float] | None:
+    """Each tier's measured load time per block over the worker's prefill time per block (None: no prefill
+    measured yet); the policy treats a tier at >= 1 as worth nothing."""
+    per_token = stats.prefill_s_per_token
+    if not per_token:
+        return None
+    recompute = per_token * block_size
+    loads = stats.tier_load_s_per_block
+    return {tier: loads[tier] / recompute for tier in (Tier.CPU, Tier.DISK) if loads.get(tier) is not None}

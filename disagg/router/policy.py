@@ -171,19 +171,23 @@ class RoutingPolicy:
         session: Affinity | None = None,
         block_hashes: frozenset[int] = frozenset(),
     ) -> Decision | None:
-        """`choose` over the decode workers of `ranking.order` that `eligible` accepts (None: there are none): the
-        same decision, but under the kv policy at temperature 0 it scores only the workers that can win
-        (router/ranking.py), and `Decision.costs` holds those only."""
+        """`choose` over the decode workers of `ranking.order` that `eligible` accepts: the same decision, but
+        under the kv policy at temperature 0 it scores only the workers that can win (router/ranking.py), and
+        `Decision.costs` holds those only.  None: no such decode worker (nor, with flexible workers, an idle
+        prefill worker that `eligible` accepts)."""
         picked: tuple[str, dict[str, float]] | str | None = _UNRANKABLE
         tm = {name: as_match(m) for name, m in matches.items()}
         num_blocks = cdiv(num_tokens, self.block_size)
         if self._ranks_exactly(ranking):
             picked = self._ranked_pick(num_blocks, tm, ranking, loads, eligible, session, block_hashes)
-        if picked is None:
-            return None
         if isinstance(picked, str):  # every worker scored, as `choose` does
             decode = [loads[n] for n in ranking.order if eligible(n)]
-            return self.choose(num_tokens, matches, decode, prefill, session, block_hashes) if decode else None
+            if decode:
+                return self.choose(num_tokens, matches, decode, prefill, session, block_hashes)
+            picked = None
+        if picked is None:  # no decode worker; with flexible workers, an idle prefill worker serves it whole
+            takers = [p for p in prefill if eligible(p.name)] if self.config.flexible else []
+            return self.whole_on_idle(num_tokens, matches, takers)
         chosen, costs = picked
         return self._decide(loads[chosen], costs, tm, num_tokens, num_blocks, prefill, session)
 
@@ -300,6 +304,18 @@ class RoutingPolicy:
         if prefill_worker is None and kind is PolicyKind.KV and self.config.peer_pull:
             self._consider_peer(decision, tm, num_tokens)
         return decision
+
+    def whole_on_idle(
+        self, num_tokens: int, matches: Mapping[str, TierMatch | int], takers: list[WorkerLoad]
+    ) -> Decision | None:
+        """Flexible workers, when no decode worker can take the request (slots or KV full): the prefill worker
+        with nothing queued to compute and the fastest predicted step serves it whole (None: none is idle)."""
+        idle = [(self.placement.decode_step_s(p), p.name, p) for p in takers if p.queued_compute_tokens == 0]
+        if not idle:
+            return None
+        _, _, taker = min(idle, key=lambda t: t[:2])
+        tm = {name: as_match(m) for name, m in matches.items()}
+        return self._whole(taker, tm, num_tokens, {}, "whole request on idle prefill worker: no decode worker has room")
 
     def _whole(
         self, taker: WorkerLoad, tm: dict[str, TierMatch], num_tokens: int, costs: dict[str, float], reason: str

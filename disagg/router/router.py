@@ -14,8 +14,8 @@ the rules below, shared with the simulator) driven on this event loop by router/
      worker's death (the health supervisor takes it out of routing) or a broken stream raises WorkerLost
      (steps 2 and 3 are one attempt; its worker calls are router/attempt.py's);
   4. on WorkerLost the request migrates: routed again as prompt + the tokens the client already has
-     (`Request.resumed`), so the stream continues with no duplicate and no missing token, up to
-     `max_migrations` times; then, or when no decode-capable worker is left, ServiceUnavailable.
+     (`Request.resumed`; elsewhere while another worker is left), so the stream continues with no duplicate and
+     no missing token, up to `max_migrations` times; then, or when no decode-capable worker is left, 503.
 
 Lifecycle: built with its workers' handles (None: a routing-only core: simulator, benchmarks); `start()` starts
 admission, health supervisor and KV-event followers (every worker has a handle), silent-failure watch and planner (if
@@ -38,7 +38,7 @@ from disagg.errors import ServiceUnavailable
 from disagg.isolation import affinity, salt_root
 from disagg.planner.fleet import FleetConfig, ModelSignal
 from disagg.planner.loop import PlannerLoop
-from disagg.protocol import KVEventBatch, Request, Role, Tier, TokenDelta, hash_prompt_blocks
+from disagg.protocol import KVEventBatch, Request, Role, TokenDelta, hash_prompt_blocks
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.attempt import AttemptRunner
 from disagg.router.core_config import RouterCoreConfig
@@ -50,7 +50,7 @@ from disagg.router.flight import Flight
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import Ingest, PrefixIndex
-from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
+from disagg.router.load import LatencyWindow, LoadBook, LoadTicket, tier_costs
 from disagg.router.parking import Parking
 from disagg.router.placement import WorkerTiming
 from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
@@ -204,17 +204,10 @@ class RouterCore:
             self.loads[name].timing = WorkerTiming(
                 stats.step_model(), stats.chunk_rule(self.block_size), stats.transfer_s_per_block
             )
-        per_token = stats.prefill_s_per_token if stats is not None else None
-        if stats is None or not per_token:
-            return
-        recompute = per_token * self.block_size
-        costs = {}
-        for tier in (Tier.CPU, Tier.DISK):
-            load = stats.tier_load_s_per_block.get(tier)
-            if load is not None:
-                costs[tier] = load / recompute
-        with self._lock:  # the policy's ranking (router/ranking.py) moves with it
-            self.loads[name].tier_cost = costs
+        costs = tier_costs(stats, self.block_size) if stats is not None else None
+        if costs is not None:
+            with self._lock:  # the policy's ranking (router/ranking.py) moves with it
+                self.loads[name].tier_cost = costs
 
     # ------------------------------------------------------------------ roles (router/roles.py drives changes)
     def set_routing_role(self, name: str, role: Role) -> None:
@@ -276,10 +269,13 @@ class RouterCore:
     # ------------------------------------------------------------------ admission
     def room_for(self, entry: Entry) -> bool:
         """Whether a queued request can be dispatched now: its worker has room (routed on arrival), or any
-        decode worker has (routed when dispatched)."""
+        decode worker has (routed when dispatched), or, with flexible workers, an idle prefill worker has."""
         if entry.worker is not None:
             return self.has_room(entry.worker, entry.tokens, entry.priority)
-        return any(self.has_room(n, entry.tokens, entry.priority) for n in self.decode)
+        idle = self.prefill if self.policy.config.flexible else []  # flexible: an idle one may serve it whole
+        return any(self.has_room(n, entry.tokens, entry.priority) for n in self.decode) or any(
+            self.book.idle_room(p, entry.tokens, entry.priority) for p in idle
+        )
 
     def _can_dispatch(self, entry: Entry) -> bool:
         if self._dispatching:  # one at a time: the next waits until this one's load is counted (begin)
@@ -294,13 +290,18 @@ class RouterCore:
             self._dispatching = None
             self.admission.pump()
 
-    def route_with_room(self, request: Request, session: str | None, hashes: list[int], priority: int = 0) -> Decision:
-        """Route among the workers with room (fresh index state); if none has room any more (a worker just
-        died), among every READY worker."""
-        try:
-            return self.route(request, session, hashes, only=lambda n: self.has_room(n, request.num_tokens, priority))
-        except ServiceUnavailable:
-            return self.route(request, session, hashes)
+    def route_with_room(
+        self, request: Request, session: str | None, hashes: list[int], priority: int = 0, avoid: str | None = None
+    ) -> Decision:
+        """Route among the workers with room (fresh index state), then among every READY worker (none has room any
+        more: a worker just died); `avoid` (the worker a migrating request just lost, maybe not yet out of
+        routing) is taken only when no other is left."""
+        for only in (lambda n: n != avoid and self.has_room(n, request.num_tokens, priority), lambda n: n != avoid):
+            try:
+                return self.route(request, session, hashes, only=only)
+            except ServiceUnavailable:
+                continue
+        return self.route(request, session, hashes)
 
     def _queue_wait(self, seconds: float) -> None:
         if self.on_queue_wait is not None:
@@ -332,12 +333,12 @@ class RouterCore:
         self.latency.arrived(now)
         first_decision = await self._wait_in_queue(request, session, tenant, priority, deadline_s, now, ctx)
 
-        def route(attempt: Request, number: int) -> Decision:
+        def route(attempt: Request, number: int, lost: str | None) -> Decision:
             with self.tracer.start_as_current_span("router.route", context=ctx) as routing:
                 if number == 0 and first_decision is not None:
                     decision = first_decision
                 else:
-                    decision = self.route_with_room(attempt, session, self.block_hashes(attempt), priority)
+                    decision = self.route_with_room(attempt, session, self.block_hashes(attempt), priority, lost)
                 if routing.is_recording():
                     routing.set_attributes(decision.span_attributes())
             if on_route is not None:

@@ -176,7 +176,7 @@ class SimFlights:
         elif action.attempt == 0 and sf.priority is None:
             decision = router.route(request, sf.session, hashes)  # no admission queue: dispatched at once
         else:
-            decision = router.route_with_room(request, sf.session, hashes, sf.priority or 0)
+            decision = router.route_with_room(request, sf.session, hashes, sf.priority or 0, action.lost)
         ticket = router.begin(decision, request.num_tokens, hashes, request.sampling.max_tokens)
         sf.predicted = decision.predicted_cached_tokens(request.num_tokens, router.block_size)
         self._run(sf, sf.flight.on(Routed(decision, ticket)))
