@@ -27,7 +27,7 @@ def test_defaults_are_the_serving_defaults():
     assert cluster == ClusterConfig(engine=EngineConfig(kv_cache_memory_mb=512, num_threads=1),
                                     tiers=TierConfig(cpu_bytes=256 << 20, disk_bytes=1 << 30))
     assert cluster.tiers.disk_root is None  # the default root, a directory per worker under it
-    assert router == RouterConfig(port=8000, policy=PolicyConfig(ttft_target_s=2.0))  # the default TTFT SLO
+    assert router == RouterConfig(port=8000, policy=PolicyConfig(ttft_target_s=2.0, tpot_target_s=0.2))  # SLOs
     assert not args.smoke_test and args.question
 
 
@@ -43,7 +43,7 @@ def test_every_option_sets_its_field():
         "--api-key", "k", "--smoke-test", "--placement", "cost", "--prefill-chunk-target-ms", "150",
         "--min-prefill-chunk", "16", "--responses-max-per-tenant", "5", "--responses-ttl-s", "60",
         "--tool-turn-retention-s", "0", "--pin-budget-fraction", "0.25", "--tenant-pin-share", "0.1",
-        "--sleep-after-idle-s", "30", "--wake-on-request",
+        "--sleep-after-idle-s", "30", "--wake-on-request", "--flexible-workers",
     ])
     tracing = TracingConfig(otlp_endpoint="http://x", file_dir="/t", sampling_ratio=0.5)
     assert cluster == ClusterConfig(
@@ -54,7 +54,8 @@ def test_every_option_sets_its_field():
                          tenant_pin_share=0.1), tracing=tracing,
         transport=TransportConfig(ucx_net_devices="lo", progress_delay_us=5), router_resources={"r": 1.0})
     assert router == RouterConfig(
-        host="0.0.0.0", port=8001, api_key="k", policy=PolicyConfig(kind=PolicyKind.ROUND_ROBIN, placement=Placement.COST, ttft_target_s=0.5),
+        host="0.0.0.0", port=8001, api_key="k", policy=PolicyConfig(kind=PolicyKind.ROUND_ROBIN, placement=Placement.COST, ttft_target_s=0.5,
+                                                            tpot_target_s=0.05, flexible=True),
         core=RouterCoreConfig(max_migrations=1),
         planner=PlannerConfig(enabled=True, ttft_slo_s=0.5, tpot_slo_s=0.05),
         capacity=CapacityConfig(max_running=9, max_prefill_queue_tokens=11),
