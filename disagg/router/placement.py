@@ -17,9 +17,10 @@ Which option wins (`cheapest`): without a TTFT target, the lowest prediction, lo
 as target, a prefill worker that meets it (the prompt leaves the decode worker's batch alone), else local if that
 meets it, else the prefill worker: a request late either way should not slow the decodes of those on time.
 
-Flexible workers (`--flexible-workers`, with a TPOT target): when the chosen decode worker's next step would
-break the TPOT SLO with this request in its batch, a prefill worker with an empty queue whose step would not takes
-the request whole, prefill and decode (`idle_taker`); its later remote prefills are then priced beside its decodes.
+Flexible workers (`--flexible-workers`): a prefill worker with an empty queue takes a request whole, prefill and
+decode, when no decode worker has room for it (slots or KV: `RoutingPolicy.whole_on_idle`), or when the chosen
+decode worker's next step would break the TPOT target with it in its batch and the prefill worker's would not
+(`idle_taker`); its later remote prefills are then priced beside its decodes.
 
 Cold start: a worker whose heartbeat carries no fitted model yet (or that sent none) is priced with the configured
 prior (`PolicyConfig.prior_*`: the default model's step times on a 2-core CPU, bench/results/time_model.json),

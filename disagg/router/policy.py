@@ -87,13 +87,13 @@ class PolicyConfig:
         },
     )
     ttft_target_s: float = 0.0  # cost placement: the TTFT SLO it places for (0: the lowest predicted TTFT)
-    tpot_target_s: float = 0.0  # cost placement: the TPOT SLO flexible workers keep (0: flexible workers off)
+    tpot_target_s: float = 0.0  # cost placement: the TPOT SLO flexible workers keep (0: only when no room)
     flexible: bool = field(
         default=False,
         metadata={
             "flag": "--flexible-workers",
-            "help": "with --placement cost and a TPOT SLO: a prefill worker with an empty queue serves a request "
-            "whole (prefill and decode) when the decode worker's next step would break the TPOT SLO",
+            "help": "with --placement cost: an idle prefill worker serves a request whole when no decode worker "
+            "has room, or when the decode worker's next step would break the TPOT SLO",
         },
     )
     # cost placement's prior, for a worker with no measured step-time model yet: the default model's step times
