@@ -145,6 +145,25 @@ def test_flexible_an_idle_prefill_worker_takes_the_request_whole_when_the_decode
         assert d.decode_worker == "d0" and not d.flexible, d.reason
     with pytest.raises(ValueError, match="needs --placement cost"):
         PolicyConfig(placement=Placement.THRESHOLD, flexible=True)
+    # only a taker the router offers (eligible, with room, not changing role) is used, and the session stays
+    # unpinned from a decode worker it did not go to
+    policy = _policy(flexible=True, tpot_target_s=0.1)
+    d = policy.choose(2000, {}, [busy], [idle], session=("t", "s", None), takers=[])
+    assert d.decode_worker == "d0" and not d.flexible
+    d = policy.choose(2000, {}, [busy], [idle], session=("t", "s2", None))
+    assert d.flexible and ("t", "s2", None) not in policy._sessions
+
+
+def test_flexible_when_no_decode_worker_has_room_an_idle_taker_within_the_tpot_target_serves_it():
+    idle = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002))
+    decoding = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), active=20, blocks=800)  # its step: 0.145 s
+    d = _policy(flexible=True, tpot_target_s=0.1).whole_on_idle(1000, {"p0": 3}, [idle])
+    assert d is not None and (d.decode_worker, d.flexible, d.overlap_blocks) == ("p0", True, 3)
+    assert "no decode worker has room" in d.reason
+    assert _policy(flexible=True, tpot_target_s=0.1).whole_on_idle(1000, {}, [decoding]) is None  # would break it
+    assert _policy(flexible=True).whole_on_idle(1000, {}, [decoding]).decode_worker == "p0"  # no target: room only
+    queued = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), queued=100)
+    assert _policy(flexible=True).whole_on_idle(1000, {}, [queued]) is None
 
 
 def test_a_prefill_worker_that_decodes_is_priced_with_its_decodes_as_a_remote_prefill():

@@ -135,7 +135,8 @@ class ServeOptions:
         default=PlannerConfig.ttft_slo_s * _MS_PER_S, metadata={"help": "planner, placement: TTFT objective (ms)"}
     )
     slo_tpot_ms: float = field(
-        default=PlannerConfig.tpot_slo_s * _MS_PER_S, metadata={"help": "planner: TPOT objective (ms)"}
+        default=PlannerConfig.tpot_slo_s * _MS_PER_S,
+        metadata={"help": "planner, flexible: TPOT objective (ms)"},
     )
     lora_modules: dict[str, str] = field(
         default_factory=dict,

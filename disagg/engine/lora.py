@@ -205,10 +205,15 @@ class LoRALinear(nn.Module):
 class LoRARuntime:
     """What the model runner holds: the adapter cache and the context its wrapped layers read."""
 
-    def __init__(self, capacity: int, mc: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, capacity: int, mc: ModelConfig, device: torch.device, dtype: torch.dtype, *, in_place: bool = True
+    ) -> None:
         self.cache = AdapterCache(capacity, mc, device, dtype)
         self.context = LoRAContext()
         self.device = device
+        # off in a batch-invariant runner: the in-place and gathered paths round differently, and a verify step
+        # (gathered) must give a row the bits a plain decode step gives it
+        self.in_place = in_place
         self._attached = False
         self._stacked: tuple[tuple[tuple[str, str, str], ...], StepStack] | None = None  # the last set's stack
 
@@ -243,7 +248,7 @@ class LoRARuntime:
         ctx, dev = self.context, self.device
         ctx.stack, ctx.groups = self._stacked[1], len(keys)
         in_place = targets == list(range(len(targets))) and all(len(g) == width for g in groups.values())
-        ctx.uniform = width if in_place else 0
+        ctx.uniform = width if in_place and self.in_place else 0
         ctx.rows, ctx.kept, ctx.targets = (
             torch.tensor(v, dtype=torch.int64, device=dev) for v in (rows, kept, targets)
         )

@@ -210,7 +210,9 @@ class ModelRunner:
     ) -> None:
         self.device, self.dtype, self.block_size = device, dtype, block_size
         # LoRA adapters (engine/lora.py): the layers are wrapped on the first step that uses one
-        self.lora = LoRARuntime(max_loras, model_config, device, dtype) if max_loras > 0 else None
+        self.lora = (
+            LoRARuntime(max_loras, model_config, device, dtype, in_place=not batch_invariant) if max_loras > 0 else None
+        )
         self.model_config, self.num_blocks = model_config, num_blocks
         self.quantization = quantization
         self.kv_format = kv_format or KVFormat(KVDtype.AUTO, model_config.head_dim, dtype)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 from disagg.protocol import Tier
@@ -134,6 +134,13 @@ class LoadBook:
         """Whether `name` has nothing queued to compute and room for a request (flexible workers: a prefill worker
         serving one whole)."""
         return self.loads[name].queued_compute_tokens == 0 and self.has_room(name, num_tokens, priority)
+
+    def takers(
+        self, prefill: list[WorkerLoad], eligible: Callable[[str], bool], num_tokens: int, changing: Container[str]
+    ) -> list[WorkerLoad]:
+        """Flexible workers: the prefill workers that may serve a request whole - eligible, with room for it, and
+        not changing role (a drain would wait on the requests it takes)."""
+        return [p for p in prefill if eligible(p.name) and p.name not in changing and self.has_room(p.name, num_tokens)]
 
     def _room_to_decode(self, name: str, blocks: int, scale: float) -> bool:
         load, cap = self.loads[name], self.capacity

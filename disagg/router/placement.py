@@ -37,6 +37,8 @@ from typing import Protocol, TypeVar
 from disagg.config import EngineConfig
 from disagg.engine.step_time import ChunkRule, StepCoefficients
 from disagg.protocol import PricedFrom
+from disagg.router.decision import Decision
+from disagg.router.index import TierMatch
 
 
 class Placement(str, enum.Enum):
@@ -123,30 +125,47 @@ class PlacementModel:
         return options, PricedFrom.MEASURED if measured else PricedFrom.PRIOR
 
 
+def fastest_idle(model: PlacementModel, takers: Sequence[W], tpot_target_s: float) -> tuple[W, float] | None:
+    """(the taker with nothing queued to compute and the fastest predicted decode step, that step), within the
+    TPOT target when there is one; None: no such taker."""
+    idle = [(model.decode_step_s(p), p.name, p) for p in takers if p.queued_compute_tokens == 0]
+    idle = [t for t in idle if tpot_target_s <= 0 or t[0] <= tpot_target_s]
+    if not idle:
+        return None
+    step, _, taker = min(idle, key=lambda t: t[:2])
+    return taker, step
+
+
 def idle_taker(
-    model: PlacementModel, decode: WorkerLoad, prefill: Sequence[W], tpot_target_s: float
+    model: PlacementModel, decode: WorkerLoad, takers: Sequence[W], tpot_target_s: float
 ) -> tuple[W | None, str]:
     """Flexible workers: the prefill worker that should serve this request whole (prefill and decode), or None.
 
     Only when the decode worker's next step, with this request in its batch, is predicted past the TPOT target
-    (its batch is full for the SLO) and a prefill worker with nothing queued to compute would decode within it: the
-    request then adds decode capacity where prefill capacity idles, without a role change (router/roles.py moves
-    workers for sustained shifts).  The taker with the fastest predicted step wins."""
-    if tpot_target_s <= 0:
+    (its batch is full for the SLO) and a taker (a prefill worker the router would route to, with room) with nothing
+    queued to compute would decode within it: the request then adds decode capacity where prefill capacity idles,
+    without a role change (router/roles.py moves workers for sustained shifts)."""
+    if tpot_target_s <= 0 or (d_step := model.decode_step_s(decode)) <= tpot_target_s:
         return None, ""
-    d_step = model.decode_step_s(decode)
-    if d_step <= tpot_target_s:
+    found = fastest_idle(model, takers, tpot_target_s)
+    if found is None:
         return None, ""
-    idle = [(model.decode_step_s(p), p.name, p) for p in prefill if p.queued_compute_tokens == 0]
-    if not idle:
-        return None, ""
-    step, _, taker = min(idle, key=lambda t: t[:2])
-    if step > tpot_target_s:
-        return None, ""
+    taker, step = found
     return taker, (
         f"whole request on idle prefill worker: decode step predicted {d_step * 1000:.0f} ms on {decode.name}, "
         f"{step * 1000:.0f} ms on {taker.name}, target {tpot_target_s * 1000:.0f} ms"
     )
+
+
+def whole_decision(
+    model: PlacementModel, taker: WorkerLoad, match: TierMatch, num_tokens: int, costs: dict[str, float], reason: str
+) -> Decision:
+    """A request served whole by the prefill worker `taker` (flexible workers): it prefills from its own cache."""
+    decision = Decision(taker.name, None, match.total, costs, reason, match, flexible=True)
+    seconds, measured = model.prefill_s(taker, num_tokens - match.total * model.block_size, decoding=True)
+    decision.predicted_ttft_s = seconds
+    decision.priced_from = PricedFrom.MEASURED if measured else PricedFrom.PRIOR
+    return decision
 
 
 def cheapest(

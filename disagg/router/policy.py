@@ -42,10 +42,10 @@ from dataclasses import dataclass, field
 
 from disagg.engine.step_time import StepCoefficients
 from disagg.isolation import AdapterKey, Affinity
-from disagg.protocol import PricedFrom, Tier
+from disagg.protocol import Tier
 from disagg.router.decision import Decision, as_match
 from disagg.router.index import TierMatch
-from disagg.router.placement import Placement, PlacementModel, cheapest, idle_taker
+from disagg.router.placement import Placement, PlacementModel, cheapest, fastest_idle, idle_taker, whole_decision
 from disagg.router.ranking import LoadRanking
 from disagg.router.ranking import WorkerLoad as WorkerLoad  # re-exported: the policy's input
 from disagg.utils import cdiv
@@ -141,6 +141,7 @@ class RoutingPolicy:
         prefill: list[WorkerLoad],
         session: Affinity | None = None,
         block_hashes: frozenset[int] = frozenset(),
+        takers: list[WorkerLoad] | None = None,  # flexible workers: the prefill workers that may serve it whole
     ) -> Decision:
         if not decode:
             raise ValueError("no decode workers")
@@ -158,7 +159,8 @@ class RoutingPolicy:
                 w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session, block_hashes) for w in decode
             }
             chosen = self._pick(decode, costs)
-        return self._decide(chosen, costs, tm, num_tokens, num_blocks, prefill, session)
+        takers = prefill if takers is None else takers
+        return self._decide(chosen, costs, tm, num_tokens, num_blocks, prefill, session, takers)
 
     def choose_ranked(
         self,
@@ -170,6 +172,7 @@ class RoutingPolicy:
         prefill: list[WorkerLoad],
         session: Affinity | None = None,
         block_hashes: frozenset[int] = frozenset(),
+        takers: list[WorkerLoad] | None = None,  # flexible workers (None: the prefill workers `eligible` accepts)
     ) -> Decision | None:
         """`choose` over the decode workers of `ranking.order` that `eligible` accepts: the same decision, but
         under the kv policy at temperature 0 it scores only the workers that can win (router/ranking.py), and
@@ -178,18 +181,18 @@ class RoutingPolicy:
         picked: tuple[str, dict[str, float]] | str | None = _UNRANKABLE
         tm = {name: as_match(m) for name, m in matches.items()}
         num_blocks = cdiv(num_tokens, self.block_size)
+        takers = [p for p in prefill if eligible(p.name)] if takers is None else takers
         if self._ranks_exactly(ranking):
             picked = self._ranked_pick(num_blocks, tm, ranking, loads, eligible, session, block_hashes)
         if isinstance(picked, str):  # every worker scored, as `choose` does
             decode = [loads[n] for n in ranking.order if eligible(n)]
             if decode:
-                return self.choose(num_tokens, matches, decode, prefill, session, block_hashes)
+                return self.choose(num_tokens, matches, decode, prefill, session, block_hashes, takers)
             picked = None
         if picked is None:  # no decode worker; with flexible workers, an idle prefill worker serves it whole
-            takers = [p for p in prefill if eligible(p.name)] if self.config.flexible else []
-            return self.whole_on_idle(num_tokens, matches, takers)
+            return self.whole_on_idle(num_tokens, matches, takers) if self.config.flexible else None
         chosen, costs = picked
-        return self._decide(loads[chosen], costs, tm, num_tokens, num_blocks, prefill, session)
+        return self._decide(loads[chosen], costs, tm, num_tokens, num_blocks, prefill, session, takers)
 
     def _ranks_exactly(self, ranking: LoadRanking) -> bool:
         """Whether the cheapest plain workers are the first in load order (weights finite and >= 0, argmin, no
@@ -269,10 +272,15 @@ class RoutingPolicy:
         num_blocks: int,
         prefill: list[WorkerLoad],
         session: Affinity | None,
+        takers: list[WorkerLoad],
     ) -> Decision:
         """The rest of a decision once its decode worker is chosen: where it prefills, whether it pulls a prefix."""
         kind, chosen = self.config.kind, load.name
         match = tm.get(chosen, TierMatch())
+        if self.config.flexible:  # the decode worker's batch is full for the TPOT target: an idle taker serves it
+            taker, why = idle_taker(self.placement, load, takers, self.config.tpot_target_s)
+            if taker is not None:
+                return whole_decision(self.placement, taker, tm.get(taker.name, TierMatch()), num_tokens, costs, why)
         if session:
             self._remember(session, chosen)
         uncached = num_tokens - match.total * self.block_size
@@ -284,10 +292,6 @@ class RoutingPolicy:
             ]
 
         if self.config.placement is Placement.COST:  # every option priced
-            if self.config.flexible:
-                taker, why = idle_taker(self.placement, load, prefill, self.config.tpot_target_s)
-                if taker is not None:
-                    return self._whole(taker, tm, num_tokens, costs, why)
             options, priced = self.placement.options(load, uncached, remote(prefill))
             prefill_worker, reason = cheapest(
                 options, uncached, self.config.min_remote_prefill_tokens, self.config.ttft_target_s
@@ -308,25 +312,16 @@ class RoutingPolicy:
     def whole_on_idle(
         self, num_tokens: int, matches: Mapping[str, TierMatch | int], takers: list[WorkerLoad]
     ) -> Decision | None:
-        """Flexible workers, when no decode worker can take the request (slots or KV full): the prefill worker
-        with nothing queued to compute and the fastest predicted step serves it whole (None: none is idle)."""
-        idle = [(self.placement.decode_step_s(p), p.name, p) for p in takers if p.queued_compute_tokens == 0]
-        if not idle:
+        """Flexible workers, when no decode worker can take the request (slots or KV full): the taker with nothing
+        queued to compute and the fastest predicted step (within the TPOT target) serves it whole."""
+        found = fastest_idle(self.placement, takers, self.config.tpot_target_s)
+        if found is None:
             return None
-        _, _, taker = min(idle, key=lambda t: t[:2])
-        tm = {name: as_match(m) for name, m in matches.items()}
-        return self._whole(taker, tm, num_tokens, {}, "whole request on idle prefill worker: no decode worker has room")
-
-    def _whole(
-        self, taker: WorkerLoad, tm: dict[str, TierMatch], num_tokens: int, costs: dict[str, float], reason: str
-    ) -> Decision:
-        """A request served whole by the prefill worker `taker` (flexible workers): it prefills from its own cache."""
-        match = tm.get(taker.name, TierMatch())
-        decision = Decision(taker.name, None, match.total, costs, reason, match, flexible=True)
-        seconds, measured = self.placement.prefill_s(taker, num_tokens - match.total * self.block_size, decoding=True)
-        decision.predicted_ttft_s = seconds
-        decision.priced_from = PricedFrom.MEASURED if measured else PricedFrom.PRIOR
-        return decision
+        match, why = (
+            as_match(matches.get(found[0].name)),
+            "whole request on idle prefill worker: no decode worker has room",
+        )
+        return whole_decision(self.placement, found[0], match, num_tokens, {}, why)
 
     def _remember(self, session: Affinity, worker: str) -> None:
         self._sessions[session] = worker

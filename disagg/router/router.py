@@ -107,7 +107,7 @@ class RouterCore:
         silent = silent or SilentConfig()
         self.watch: SilentFailureWatch | None = None  # canaries and gray failures (router/watch.py); off by default
         if self.supervisor is not None and silent.enabled:
-            self.watch = SilentFailureWatch(silent, self.health, live, self._busy, self.supervisor.enforce)
+            self.watch = SilentFailureWatch(silent, self.health, live, self._busy, self.supervisor.enforce, self.loads)
         self.tracer = tracer or trace.NoOpTracer()
         self.capacity = capacity or CapacityConfig()
         self.admission = AdmissionControl(AdmissionQueue(admission), self._can_dispatch, self._queue_wait)
@@ -256,8 +256,9 @@ class RouterCore:
             matches = self.index.match(hashes)
             if self.health.parked:  # asleep: their tiers offer nothing (export_prefix answers None)
                 matches = {n: m for n, m in matches.items() if n not in self.health.parked}
+            idle = self.book.takers(prefill, eligible, request.num_tokens, self.roles.in_flight)  # flexible workers
             decision = self.policy.choose_ranked(
-                request.num_tokens, matches, self.ranking, self.loads, eligible, prefill, key, frozenset(hashes)
+                request.num_tokens, matches, self.ranking, self.loads, eligible, prefill, key, frozenset(hashes), idle
             )
             if decision is None:
                 raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")
@@ -272,7 +273,7 @@ class RouterCore:
         decode worker has (routed when dispatched), or, with flexible workers, an idle prefill worker has."""
         if entry.worker is not None:
             return self.has_room(entry.worker, entry.tokens, entry.priority)
-        idle = self.prefill if self.policy.config.flexible else []  # flexible: an idle one may serve it whole
+        idle = [p for p in self.prefill if p not in self.roles.in_flight] if self.policy.config.flexible else []
         return any(self.has_room(n, entry.tokens, entry.priority) for n in self.decode) or any(
             self.book.idle_room(p, entry.tokens, entry.priority) for p in idle
         )

@@ -24,11 +24,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError
-from disagg.protocol import Request, SamplingParams
+from disagg.protocol import Request, Role, SamplingParams
 from disagg.router.canary import CanaryBook, CanaryConfig, Verdict, canary_due
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import Action, HealthMonitor
 from disagg.router.outliers import OutlierConfig, OutlierDetector, Sample
+from disagg.router.ranking import WorkerLoad
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,11 @@ class SilentFailureWatch:
         handles: Mapping[str, WorkerHandle],
         busy: Callable[[str], bool],
         enforce: Callable[[str, Action], Awaitable[None]],
+        loads: Mapping[str, WorkerLoad] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config, self.monitor, self.handles = config, monitor, handles
+        self._loads = loads or {}  # a prefill worker serving whole requests (flexible) is compared with decoders
         self._busy, self._enforce, self.clock = busy, enforce, clock
         self.book = CanaryBook(len(handles), config.canary)
         self.detector = OutlierDetector(config.outliers)
@@ -176,7 +179,9 @@ class SilentFailureWatch:
         for name, w in self.monitor.workers.items():
             stats = w.stats
             if self.monitor.watched(name) and stats is not None:
-                samples.append(Sample(name, w.role, stats.step_s_per_token, stats.running))
+                decodes = name in self._loads and self._loads[name].decoding > 0
+                role = Role.DECODE if w.role is Role.PREFILL and decodes else w.role
+                samples.append(Sample(name, role, stats.step_s_per_token, stats.running))
         for change in self.detector.check(samples):
             if change.drain and self.monitor.drain(change.worker, change.reason):
                 self.counts.drains += 1
