@@ -135,3 +135,29 @@ def test_a_worker_taken_out_for_impossible_output_is_killed_at_its_next_heartbea
     m.take_out("w", "w: impossible output for r: non-finite logits (NaN or Inf)")
     assert m.is_dead("w")  # at once: the request's retry cannot land there again
     assert m.on_heartbeat("w", _hb(healthy=False, fault="impossible output")) is Action.KILL
+
+
+def test_a_prefill_worker_serving_whole_requests_is_judged_against_decoders_not_prefill_peers():
+    """Flexible workers: a prefill worker decoding whole requests steps at decode speed per token, tens of times
+    its prefill peers'; the gray-failure check compares it with the decode workers instead."""
+    from types import SimpleNamespace
+
+    from disagg.router.watch import SilentConfig, SilentFailureWatch
+    from disagg.stats import WorkerStats
+
+    roles = {"p": Role.PREFILL, "q": Role.PREFILL, "d": Role.DECODE}
+    m = HealthMonitor(HealthConfig(), roles, clock=lambda: 0.0)
+    per_token = {"p": 0.02, "q": 0.0005, "d": 0.02}
+    for name, role in roles.items():
+        stats = WorkerStats(step_s_per_token=per_token[name], running=2)
+        m.on_heartbeat(name, _hb(worker=name, role=role.value, stats=stats))
+    loads = {n: SimpleNamespace(decoding=2 if n in "pd" else 0) for n in roles}
+    seen = []
+
+    async def enforce(name, action):
+        pass
+    for given in (None, loads):
+        watch = SilentFailureWatch(SilentConfig(), m, {}, lambda n: True, enforce, given)
+        watch.detector.check = lambda samples: seen.append({s.worker: s.role for s in samples}) or []
+        watch._check_outliers()
+    assert seen == [roles, {**roles, "p": Role.DECODE}]
