@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -59,3 +60,18 @@ class BaselineProcess:
         if self.proc.stdin is not None:
             self.proc.stdin.close()
         self.proc.wait(timeout=60)
+
+
+def median_range(values: list[float]) -> str:
+    """'median (min-max)', three decimals: how the benches print a figure over repeats."""
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def planner_verdict(arms: dict[str, Any]) -> dict[str, Any]:
+    """One repeat's arms (each with its `good` count; the dynamic one named "planner") with the best static arm
+    and the planner's ratio to it (both None for a partial run without a static arm or the planner)."""
+    static = {arm: f["good"] for arm, f in arms.items() if arm != "planner"}
+    if not static or "planner" not in arms:
+        return {"arms": arms, "best_static": None, "ratio": None}
+    best = max(static, key=lambda k: static[k])
+    return {"arms": arms, "best_static": best, "ratio": arms["planner"]["good"] / max(static[best], 1)}

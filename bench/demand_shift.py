@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import dataclasses
 import random
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import httpx
 import ray
 
-from bench.common import emit, print_table
+from bench.common import emit, median_range, planner_verdict, print_table
 from bench.dynamo_router import cpu_model
 from bench.replay import ReplayConfig, ReplayResult, replay
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
@@ -175,15 +174,7 @@ def one_repeat(trace: list[TraceRequest], opts: DemandShiftOptions, order: list[
             recent = [{**m, "at": round(m["at"] - result.started_at, 2)} for m in fleet["recent"]]
             arms[arm].update(timeline=timeline, moves=recent, failed_moves=fleet["failed_moves"])
         print(arm, {k: arms[arm][k] for k in ("good", "completed", "failed")}, flush=True)
-    static = {arm: f["good"] for arm, f in arms.items() if arm != "planner"}
-    if not static or "planner" not in arms:  # a partial run (--arms): no ratio
-        return {"arms": arms, "best_static": None, "ratio": None}
-    best = max(static, key=lambda k: static[k])
-    return {"arms": arms, "best_static": best, "ratio": arms["planner"]["good"] / max(static[best], 1)}
-
-
-def _range(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+    return planner_verdict(arms)  # a partial run (--arms): no ratio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     ratios = [r["ratio"] for r in runs if r["ratio"] is not None] or [0.0]
-    rows = [{"goal": "fleet planner / best static split, requests meeting both SLOs", "median (range)": _range(ratios)}]
+    rows = [
+        {
+            "goal": "fleet planner / best static split, requests meeting both SLOs",
+            "median (range)": median_range(ratios),
+        }
+    ]
     print_table(rows, f"demand shift: {opts.budget} awake of {2 * opts.per_model} mock workers, two models")
     result = {"options": dataclasses.asdict(opts), "cpu": cpu_model(), "capacity_rps_per_worker": per_worker}
     emit({**result, "requests": len(trace), "runs": runs}, opts.out or None)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from bench.common import emit, print_table
+from bench.common import emit, median_range, print_table
 from bench.dynamo_router import cpu_model
 from bench.replay import ReplayConfig, replay
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
@@ -181,10 +180,6 @@ def neighbour(traces: dict[str, list[TraceRequest]], opts: MultiModelOptions, se
     }
 
 
-def _range(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.multi_model", description=__doc__.splitlines()[0])
     add_options(p, MultiModelOptions)
@@ -202,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [r["sharing"]["ratio"] for r in runs]
     ttft = [r["neighbour"]["p99_ttft_ratio"] for r in runs]
     rows = [
-        {"goal": "two models on one router / two clusters, goodput", "median (range)": _range(ratios)},
-        {"goal": "quiet model's TTFT p99, with / without a 4x-overloaded neighbour", "median (range)": _range(ttft)},
+        {"goal": "two models on one router / two clusters, goodput", "median (range)": median_range(ratios)},
+        {
+            "goal": "quiet model's TTFT p99, with / without a 4x-overloaded neighbour",
+            "median (range)": median_range(ttft),
+        },
     ]
     print_table(rows, f"several models: {opts.workers} mock workers per model, {opts.rate} req/s in all")
     emit({"options": dataclasses.asdict(opts), "cpu": cpu_model(), "runs": runs}, opts.out or None)

@@ -24,14 +24,13 @@ import argparse
 import asyncio
 import dataclasses
 import random
-import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import ray
 
-from bench.common import emit, print_table
+from bench.common import emit, median_range, planner_verdict, print_table
 from bench.dynamo_router import cpu_model
 from bench.replay import ReplayConfig, ReplayResult, replay
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
@@ -136,15 +135,7 @@ def one_repeat(trace: list[TraceRequest], opts: RoleShiftOptions, order: list[st
             ]  # fmt: skip
             arms[arm].update(moves=moves, final_roles=roles["roles"])
         print(arm, {k: arms[arm][k] for k in ("good", "good_per_phase", "completed", "failed")}, flush=True)
-    static = {arm: f["good"] for arm, f in arms.items() if arm != "planner"}
-    if not static or "planner" not in arms:  # a partial run (--arms): no ratio
-        return {"arms": arms, "best_static": None, "ratio": None}
-    best = max(static, key=lambda k: static[k])
-    return {"arms": arms, "best_static": best, "ratio": arms["planner"]["good"] / max(static[best], 1)}
-
-
-def _range(values: list[float]) -> str:
-    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+    return planner_verdict(arms)  # a partial run (--arms): no ratio
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         ray.shutdown()
     ratios = [r["ratio"] for r in runs if r["ratio"] is not None] or [0.0]
-    rows = [{"goal": "role planner / best static split, requests meeting both SLOs", "median (range)": _range(ratios)}]
+    rows = [
+        {"goal": "role planner / best static split, requests meeting both SLOs", "median (range)": median_range(ratios)}
+    ]
     print_table(rows, f"role shift: {opts.workers} mock workers, decode-heavy then prefill-heavy")
     emit(
         {"options": dataclasses.asdict(opts), "cpu": cpu_model(), "requests": len(trace), "runs": runs},
