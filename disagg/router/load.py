@@ -61,6 +61,7 @@ class LoadBook:
         self.block_size = block_size
         self.prefill = list(prefill)
         self._lock = lock  # the router core's: loads are read while routing under it
+        self.flexible = False  # flexible workers (policy.py): without them there are no takers
 
     # ------------------------------------------------------------------ accounting
     def begin(
@@ -130,17 +131,22 @@ class LoadBook:
             self.health.routable(p) and self._room_to_prefill(p, scale) for p in self.prefill
         )
 
-    def idle_room(self, name: str, num_tokens: int, priority: int = 0) -> bool:
-        """Whether `name` has nothing queued to compute and room for a request (flexible workers: a prefill worker
-        serving one whole)."""
-        return self.loads[name].queued_compute_tokens == 0 and self.has_room(name, num_tokens, priority)
-
     def takers(
-        self, prefill: list[WorkerLoad], eligible: Callable[[str], bool], num_tokens: int, changing: Container[str]
+        self,
+        eligible: Callable[[str], bool],
+        num_tokens: int,
+        changing: Container[str],
+        priority: int = 0,
     ) -> list[WorkerLoad]:
         """Flexible workers: the prefill workers that may serve a request whole - eligible, with room for it, and
-        not changing role (a drain would wait on the requests it takes)."""
-        return [p for p in prefill if eligible(p.name) and p.name not in changing and self.has_room(p.name, num_tokens)]
+        not changing role (a drain would wait on the requests it takes); none when workers are not flexible."""
+        if not self.flexible:
+            return []
+        return [
+            self.loads[n]
+            for n in self.prefill
+            if eligible(n) and n not in changing and self.has_room(n, num_tokens, priority)
+        ]
 
     def _room_to_decode(self, name: str, blocks: int, scale: float) -> bool:
         load, cap = self.loads[name], self.capacity

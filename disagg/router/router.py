@@ -119,6 +119,7 @@ class RouterCore:
         self.decision_of, self.recent_decisions = self.decisions.of, self.decisions.recent
         self.ingest = Ingest(self.index, self._lock, self.config.ingest_slice_blocks)  # KV events, in slices
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
+        self.book.flexible = self.policy.config.flexible  # prefill workers may serve requests whole (takers)
         self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
         self.roles = RoleChanger(
             self.health, self.loads, self.handles, self.counters, self.set_routing_role, self.config.roles
@@ -256,7 +257,7 @@ class RouterCore:
             matches = self.index.match(hashes)
             if self.health.parked:  # asleep: their tiers offer nothing (export_prefix answers None)
                 matches = {n: m for n, m in matches.items() if n not in self.health.parked}
-            idle = self.book.takers(prefill, eligible, request.num_tokens, self.roles.in_flight)  # flexible workers
+            idle = self.book.takers(eligible, request.num_tokens, self.roles.in_flight)  # flexible workers (or none)
             decision = self.policy.choose_ranked(
                 request.num_tokens, matches, self.ranking, self.loads, eligible, prefill, key, frozenset(hashes), idle
             )
@@ -273,10 +274,10 @@ class RouterCore:
         decode worker has (routed when dispatched), or, with flexible workers, an idle prefill worker has."""
         if entry.worker is not None:
             return self.has_room(entry.worker, entry.tokens, entry.priority)
-        idle = [p for p in self.prefill if p not in self.roles.in_flight] if self.policy.config.flexible else []
-        return any(self.has_room(n, entry.tokens, entry.priority) for n in self.decode) or any(
-            self.book.idle_room(p, entry.tokens, entry.priority) for p in idle
-        )
+        if any(self.has_room(n, entry.tokens, entry.priority) for n in self.decode):
+            return True
+        takers = self.book.takers(self.health.routable, entry.tokens, self.roles.in_flight, entry.priority)
+        return any(p.queued_compute_tokens == 0 for p in takers)  # flexible: an idle one may serve it whole
 
     def _can_dispatch(self, entry: Entry) -> bool:
         if self._dispatching:  # one at a time: the next waits until this one's load is counted (begin)
