@@ -21,6 +21,7 @@ from disagg.engine.kv_cache import KVCache, bytes_per_block
 from disagg.engine.kv_format import KVFormat
 from disagg.engine.lora import LoRARuntime
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
+from disagg.engine.native_step import build as build_native_step
 from disagg.engine.quant import BlockKernels, QuantFactory, check_quantizable, gguf_file, quant_kernels
 from disagg.engine.sampler import logprob_entries, sample, sampling_probs, token_generator, verify_sampled
 from disagg.engine.sequence import Sequence
@@ -239,8 +240,12 @@ class ModelRunner:
             self.model.quantize(factory, BlockFormat.U8 if quantization is Quantization.INT8 else BlockFormat.Q4_1)
         elif factory is None and prepack and can_prepack(device, dtype):
             self.model.prepack(batch_invariant=batch_invariant)
-        self.kernel_path = "float" if factory is None else factory.kernels.name
         self.kv_cache = KVCache(model_config, num_blocks, block_size, self.kv_format, device)
+        # small steps of a quantized model on CPU: the whole stack in one native call (engine/native_step.py)
+        self.native_step = None if factory is None else build_native_step(self.model, self.kv_cache, factory.config)
+        self.kernel_path = "float" if factory is None else factory.kernels.name
+        if self.native_step is not None:
+            self.kernel_path += "+stack"
         self.last_logprobs: dict[int, list] = {}  # {batch row: logprob entry} of the last step, rows that asked
         self.last_verified: dict[int, Verified] = {}  # {batch row: its proposal's verification} of the last step
         self.last_step_s = 0.0
@@ -308,9 +313,12 @@ class ModelRunner:
         """Logits for the rows that complete their known tokens this step: one row of logits each, and for a row
         that carries a proposal (`batch.drafts`), one more per proposed token, the last token's first."""
         ids, pos, meta, sample_rows = self.prepare(batch)
-        if self.lora is not None:
-            self.lora.bind(self.model, [seq.lora for seq in batch.seqs], meta.query_start_list)
-        hidden = self.model(ids, pos, self.kv_cache.tensor, meta)
+        if self.native_step is not None and self.native_step.takes(len(ids), batch.seqs):
+            hidden = self.native_step.forward(ids, pos, meta)
+        else:
+            if self.lora is not None:
+                self.lora.bind(self.model, [seq.lora for seq in batch.seqs], meta.query_start_list)
+            hidden = self.model(ids, pos, self.kv_cache.tensor, meta)
         last: list[int] = []  # the last position of each sampled row, and each proposed position before it
         for r in sample_rows:
             end = meta.query_start_list[r + 1]

@@ -27,6 +27,7 @@ import torch
 
 QK = 32  # weights per block (llama.cpp's QK4_0 = QK4_1 = QK8_0 = 32)
 _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
+_SOURCES = (_SOURCE, Path(__file__).with_name("cpu_step.cpp"))  # one library: the step calls the block matmul
 _BUILD_TIMEOUT_S = 300
 
 
@@ -165,7 +166,7 @@ class NativeKernels:
         lib.disagg_quant_dequantize.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr, i32]
         lib.disagg_quant_dequantize.restype = None
         lib.disagg_quant_isa.restype = ctypes.c_char_p
-        self._lib = lib
+        self.library = lib  # cpu_step.StackKernel binds the whole-stack step from it too
         self.isa: str = lib.disagg_quant_isa().decode()
 
     def matmul(self, x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
@@ -177,7 +178,7 @@ class NativeKernels:
         x = x.contiguous()
         y = torch.empty(b, n, dtype=torch.float32)
         m = w.m.data_ptr() if w.m is not None else None
-        self._lib.disagg_quant_matmul(
+        self.library.disagg_quant_matmul(
             w.fmt.codes,
             x.data_ptr(),
             b,
@@ -195,7 +196,7 @@ class NativeKernels:
         n, k = w.shape
         out = torch.empty(n, k, dtype=torch.float32) if out is None else out
         m = w.m.data_ptr() if w.m is not None else None
-        self._lib.disagg_quant_dequantize(
+        self.library.disagg_quant_dequantize(
             w.fmt.codes, w.qs.data_ptr(), w.d.data_ptr(), m, n, k, out.data_ptr(), torch.get_num_threads()
         )
         return out
@@ -216,7 +217,8 @@ def _compiler() -> str | None:
 
 
 def build_native(cache_dir: Path, march: str = "native") -> Path:
-    """Compile cpu_quant.cpp for this CPU (once: cached by source, compiler and CPU flags); the library's path.
+    """Compile cpu_quant.cpp and cpu_step.cpp into one library for this CPU (once: cached by the sources, the
+    compiler and the CPU flags); the library's path.
     `march` other than "native" builds another path for tests (e.g. "haswell": AVX2, "x86-64": portable).
     Raises RuntimeError with the compiler's message when it cannot be built."""
     cxx = _compiler()
@@ -224,7 +226,8 @@ def build_native(cache_dir: Path, march: str = "native") -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), cxx, version, _cpu_flags(), *flags]).encode()).hexdigest()
+    texts = [src.read_text() for src in _SOURCES]
+    key = hashlib.sha256("\0".join([*texts, cxx, version, _cpu_flags(), *flags]).encode()).hexdigest()
     target = cache_dir / f"cpu_quant-{key[:16]}.so"
     if target.exists():
         return target
@@ -232,10 +235,11 @@ def build_native(cache_dir: Path, march: str = "native") -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         out = Path(tmp) / target.name
         proc = subprocess.run(
-            [cxx, *flags, str(_SOURCE), "-o", str(out)], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
+            [cxx, *flags, *map(str, _SOURCES), "-o", str(out)], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} failed on {_SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+            names = " ".join(src.name for src in _SOURCES)
+            raise RuntimeError(f"{cxx} failed on {names}: {proc.stderr.strip()[-2000:]}")
         os.replace(out, target)  # atomic: concurrent workers building the same key all end with one library
     return target
 

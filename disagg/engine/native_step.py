@@ -1,0 +1,92 @@
+"""The native step: a whole decode step's decoder stack in one C++ call, for block-quantized weights on CPU.
+
+At batch 1 the ~20 small torch ops of each layer (norms, RoPE, the KV scatter, the paged gather, SDPA, SiLU,
+residuals) cost more than the layer's weight matmuls; `disagg_kernels/cpu_step.cpp` runs the 30 layers in one
+call over the same block kernels and the same paged cache (docs/benchmarks.md, quantized weights).
+
+Which steps take it (`NativeStep.takes`): at most `QuantConfig.direct_rows` tokens (decode rows, a proposal under
+verification, a short prefill chunk: every token attends as a decode row over its own prefix, as
+`TorchAttentionBackend` does for verified rows), no LoRA row.  `build` returns None where it does not apply - the
+float32 engine (oneDNN-packed weights), a GPU, an encoded KV cache (--kv-dtype), a non-float32 compute dtype, the
+torch reference kernels (no compiler) - and the torch path serves those as before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from disagg.engine.attention import AttentionMetadata
+from disagg.engine.kv_cache import KVCache
+from disagg.engine.model import CausalLM, DecoderLayer, RMSNorm
+from disagg.engine.quant import QuantConfig, QuantKernels, QuantLinear
+from disagg.engine.sequence import Sequence
+from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape
+
+
+class NativeStep:
+    """The stack kernel bound to one model and cache, and the rule for which steps it serves."""
+
+    def __init__(self, model: CausalLM, kernel: StackKernel, max_tokens: int) -> None:
+        self.model, self.kernel, self.max_tokens = model, kernel, max_tokens
+
+    def takes(self, num_tokens: int, seqs: list[Sequence]) -> bool:
+        return num_tokens <= self.max_tokens and all(seq.lora is None for seq in seqs)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The final-normed hidden states [T, hidden], as `CausalLM.forward` returns them."""
+        starts = meta.query_start_list
+        rows = [row for row in range(len(starts) - 1) for _ in range(starts[row + 1] - starts[row])]
+        hidden = self.model.embed_tokens(ids).float().contiguous()
+        return self.kernel.forward(hidden, positions, meta.block_tables, torch.tensor(rows, dtype=torch.int64))
+
+
+def _quant(module: torch.nn.Module) -> QuantLinear | None:
+    return module if isinstance(module, QuantLinear) else None
+
+
+def _layer(layer: DecoderLayer) -> StackLayer | None:
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, o, gate_up, down = (_quant(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    if qkv is None or o is None or gate_up is None or down is None:
+        return None
+    return StackLayer(
+        input_norm=layer.input_layernorm.weight.data,
+        post_norm=layer.post_attention_layernorm.weight.data,
+        qkv=qkv.weight_blocks,
+        o=o.weight_blocks,
+        gate_up=gate_up.weight_blocks,
+        down=down.weight_blocks,
+        qkv_bias=qkv.bias,
+    )
+
+
+def build(model: CausalLM, cache: KVCache, config: QuantConfig) -> NativeStep | None:
+    """The native step for this model and cache, or None where it does not apply (module docstring)."""
+    if cache.format.encoded or cache.tensor.dtype != torch.float32 or cache.tensor.device.type != "cpu":
+        return None
+    layers: list[StackLayer] = []
+    native = None
+    for layer in model.layers:
+        assert isinstance(layer, DecoderLayer)
+        stack_layer = _layer(layer)
+        kernels = getattr(layer.self_attn.qkv_proj, "kernels", None)
+        if stack_layer is None or not isinstance(kernels, QuantKernels) or kernels.native is None:
+            return None
+        native = kernels.native
+        layers.append(stack_layer)
+    assert isinstance(model.norm, RMSNorm) and native is not None
+    cfg = model.config
+    shape = StackShape(
+        hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size,
+        heads=cfg.num_heads,
+        kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        block_size=cache.block_size,
+        eps=cfg.rms_norm_eps,
+    )
+    try:
+        kernel = StackKernel(native, shape, layers, model.rotary.inv_freq, model.norm.weight.data, cache.tensor)
+    except ValueError:  # a layout the kernel does not read (non-contiguous blocks, another dtype): the torch path
+        return None
+    return NativeStep(model, kernel, config.direct_rows)

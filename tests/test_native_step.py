@@ -1,0 +1,130 @@
+"""The native step (`disagg_kernels/cpu_step.cpp`, `disagg/engine/native_step.py`): a quantized model's small
+steps run the whole decoder stack in one C++ call.
+
+- The kernel equals its torch reference on every CPU path this machine can run (AVX-512, AVX2, portable): every
+  block format, a QKV bias, a prefill chunk, decode rows, a proposal's tokens, sequences sharing a prefix block.
+- An engine that takes it gives the tokens and, within float summation error, the logits of the torch path, on a
+  model with a QKV bias (Qwen2), for decode batches, short prefill chunks and long prompts (the torch path's).
+- Which steps and which engines take it: not LoRA rows, not steps wider than `direct_rows`, not float32 weights,
+  not an encoded KV cache.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_engine_correctness import _record_logits
+
+from disagg.config import EngineConfig
+from disagg.engine.engine import LLMEngine
+from disagg.engine.sequence import Sequence
+from disagg.protocol import LoRARef, SamplingParams
+from disagg_kernels import cpu_quant
+from disagg_kernels.cpu_quant import BlockFormat, load_native, quantize
+from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape, forward_reference
+
+FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+SHAPE = StackShape(hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16, block_size=4, eps=1e-5)
+
+
+def _stack(seed: int) -> tuple[list[StackLayer], torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def blocks(n, k, fmt):
+        return quantize(torch.randn(n, k, generator=g) * 0.2, fmt)
+
+    formats = list(BlockFormat)
+    layers = [
+        StackLayer(
+            input_norm=torch.rand(64, generator=g) + 0.5,
+            post_norm=torch.rand(64, generator=g) + 0.5,
+            qkv=blocks(8 * 16, 64, formats[i % 4]),
+            o=blocks(64, 64, formats[(i + 1) % 4]),
+            gate_up=blocks(192, 64, formats[(i + 2) % 4]),
+            down=blocks(64, 96, formats[(i + 3) % 4]),
+            qkv_bias=torch.randn(128, generator=g) if i % 2 == 0 else None,
+        )
+        for i in range(4)
+    ]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16))
+    return layers, inv_freq, torch.rand(64, generator=g) + 0.5
+
+
+# (positions, each token's table row): a 6-token prefill chunk; a second sequence's 3; one decode row each; a
+# 3-token proposal under verification beside a decode row
+STEPS = [([0, 1, 2, 3, 4, 5], [0] * 6), ([0, 1, 2], [1, 1, 1]), ([6, 3], [0, 1]), ([7, 8, 9, 4], [0, 0, 0, 1])]
+
+
+@pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
+def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, tmp_path):
+    if cpu_quant._compiler() is None:
+        pytest.skip("no C++ compiler on this machine (the torch path serves)")
+    if march == "haswell" and " avx2" not in FLAGS:
+        pytest.skip("this CPU has no AVX2")
+    native, why = load_native(tmp_path, march)
+    assert native is not None, why
+    layers, inv_freq, final_norm = _stack(0)
+    kv_kernel = torch.zeros(10, len(layers), 2, SHAPE.block_size, SHAPE.kv_heads, SHAPE.head_dim)
+    kv_reference = kv_kernel.clone()
+    kernel = StackKernel(native, SHAPE, layers, inv_freq, final_norm, kv_kernel)
+    tables = torch.tensor([[3, 5, 7, 0], [3, 2, 0, 0]], dtype=torch.int32)  # block 3 holds both sequences' start
+    g = torch.Generator().manual_seed(1)
+    for positions, rows in STEPS:
+        if rows[0] == 1 and positions[0] == 0:
+            tables[1, 0] = 6  # the second sequence's own first block (the first one's stays intact)
+        hidden = torch.randn(len(positions), SHAPE.hidden, generator=g)
+        args = (torch.tensor(positions), tables, torch.tensor(rows))
+        got = kernel.forward(hidden.clone(), *args)
+        want = forward_reference(SHAPE, layers, inv_freq, final_norm, kv_reference, hidden.clone(), *args)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(kv_kernel, kv_reference, atol=2e-5, rtol=1e-5)
+
+
+def _engine(model_dir, native: bool, **overrides) -> LLMEngine:
+    config = EngineConfig(model=str(model_dir), num_blocks=96, quantization="int8", max_num_seqs=8, **overrides)
+    engine = LLMEngine(config)
+    if not native:
+        engine.runner.native_step = None
+    return engine
+
+
+def test_an_engine_on_the_native_step_gives_the_torch_paths_tokens_and_logits(tiny_qwen_dir):
+    native, torch_path = _engine(tiny_qwen_dir, True), _engine(tiny_qwen_dir, False)
+    assert native.runner.kernel_path.endswith("+stack") and native.runner.native_step is not None
+    assert torch_path.runner.native_step is None
+    calls = {"native": 0}
+    forward = native.runner.native_step.forward
+
+    def counted(*args):
+        calls["native"] += 1
+        return forward(*args)
+
+    native.runner.native_step.forward = counted
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    # short prompts prefill in one native step; the 40-token one (> direct_rows) on the torch path
+    prompts = [list(range(3, 3 + n)) for n in (1, 5, 12, 40, 7)]
+    seen_native, seen_torch = _record_logits(native), _record_logits(torch_path)
+    got = native.generate(prompts, greedy)
+    want = torch_path.generate(prompts, greedy)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    for a, b in zip(got, want):
+        diff = (torch.stack(seen_native[a.request_id]) - torch.stack(seen_torch[b.request_id])).abs().max().item()
+        assert diff < 1e-3, f"max |logit diff| {diff:.2e}"
+    assert calls["native"] >= greedy.max_tokens - 1  # every decode step took it (the 65-token prefill did not)
+    before = calls["native"]
+    alone = [[9, 8, 7, 6, 5]]  # prefilled in a native step of its own, then decoded there
+    assert native.generate(alone, greedy)[0].token_ids == torch_path.generate(alone, greedy)[0].token_ids
+    assert calls["native"] - before == greedy.max_tokens
+
+
+def test_which_steps_and_engines_take_the_native_step(tiny_llama_dir):
+    engine = _engine(tiny_llama_dir, True)
+    step = engine.runner.native_step
+    assert step is not None and step.max_tokens == 16
+    seq = Sequence("r", [1, 2, 3], SamplingParams(), block_size=16)
+    assert step.takes(16, [seq]) and not step.takes(17, [seq])
+    seq.lora = LoRARef(name="a", path="/nowhere")
+    assert not step.takes(1, [seq])  # adapters run on the torch path
+    assert _engine(tiny_llama_dir, True, kv_dtype="int8").runner.native_step is None  # an encoded cache
+    plain = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64))
+    assert plain.runner.native_step is None and plain.runner.kernel_path == "float"
