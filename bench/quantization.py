@@ -26,11 +26,13 @@ from bench.engine_throughput import make_prompts, read_bandwidth_gbs, run_engine
 from disagg.config import EngineConfig
 from disagg.engine.attention import AttentionMetadata, compact_tables
 from disagg.engine.engine import LLMEngine
-from disagg.engine.quant import gguf_file
+from disagg.engine.quant import QuantConfig, gguf_file
 from disagg.engine.runner import ModelRunner, load_model
 from disagg.options import add_options
 
 LLAMA = "llama.cpp"
+# quality is measured in steps of this many tokens: as decode steps run (the block kernels, the native step)
+QUALITY_CHUNK = QuantConfig().direct_rows
 EVAL_TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "eval_text.txt"
 
 
@@ -40,8 +42,9 @@ class QuantBenchOptions:
         default_factory=lambda: ["none", "int8", "q4"],
         metadata={
             "nargs": "+",
-            "help": "modes to compare, QUANT[+ngram][:KV]: a quantization, +ngram for speculative decoding, :KV for "
-            "a --kv-dtype (none:int8 = float32 weights, int8 KV cache)",
+            "help": "modes to compare, QUANT[/a8|/a16][+ngram][:KV]: a quantization, /a8 or /a16 for "
+            "--quant-activations int8 or int16, "
+            "+ngram for speculative decoding, :KV for a --kv-dtype (none:int8 = float32 weights, int8 KV cache)",
         },
     )
     concurrency: list[int] = field(
@@ -66,30 +69,35 @@ class LlamaCppBaseline(BaselineProcess):
 
 
 @torch.inference_mode()
-def teacher_forced_logits(runner: ModelRunner, tokens: list[int]) -> torch.Tensor:
-    """Next-token logits [len(tokens), vocab] at every position of one sequence, in one prefill on blocks
-    0..n of the runner's own KV cache (use a runner no engine owns: its blocks are overwritten)."""
+def teacher_forced_logits(runner: ModelRunner, tokens: list[int], chunk: int = 0) -> torch.Tensor:
+    """Next-token logits [len(tokens), vocab] at every position of one sequence, on blocks 0..n of the runner's
+    own KV cache (use a runner no engine owns: its blocks are overwritten): in one prefill, or (`chunk` > 0) in
+    steps of `chunk` tokens, which run as decode steps do (the native step of a quantized model)."""
     bs = runner.block_size
     n = len(tokens)
     blocks = list(range(-(-n // bs)))
     if len(blocks) > runner.num_blocks:
         raise ValueError(f"{n} tokens need {len(blocks)} KV blocks; the runner has {runner.num_blocks}")
-    gather_ids, compact = compact_tables([blocks], torch.device("cpu"))
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(n, dtype=torch.int64),
-        block_tables=torch.tensor([blocks], dtype=torch.int32),
-        seq_lens=torch.tensor([n], dtype=torch.int32),
-        query_start_loc=torch.tensor([0, n], dtype=torch.int32),
-        seq_lens_list=[n],
-        query_start_list=[0, n],
-        max_query_len=n,
-        block_size=bs,
-        gather_ids=gather_ids,
-        compact_tables=compact,
-    )
-    ids, pos = torch.tensor(tokens, dtype=torch.int64), torch.arange(n, dtype=torch.int64)
-    hidden = runner.model(ids, pos, runner.kv_cache.tensor, meta)
-    return runner.model.compute_logits(hidden)
+    logits = []
+    for start in range(0, n, chunk or n):
+        end = min(n, start + (chunk or n))
+        used = blocks[: -(-end // bs)]
+        gather_ids, compact = compact_tables([used], torch.device("cpu"))
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(start, end, dtype=torch.int64),
+            block_tables=torch.tensor([used], dtype=torch.int32),
+            seq_lens=torch.tensor([end], dtype=torch.int32),
+            query_start_loc=torch.tensor([0, end - start], dtype=torch.int32),
+            seq_lens_list=[end],
+            query_start_list=[0, end - start],
+            max_query_len=end - start,
+            block_size=bs,
+            gather_ids=gather_ids,
+            compact_tables=compact,
+        )
+        ids, pos = torch.tensor(tokens[start:end], dtype=torch.int64), torch.arange(start, end, dtype=torch.int64)
+        logits.append(runner.model.compute_logits(runner.hidden_states(ids, pos, meta, [])))
+    return torch.cat(logits)
 
 
 def perplexity(logits: torch.Tensor, tokens: list[int]) -> float:
@@ -104,25 +112,51 @@ def agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
     return (reference.argmax(-1) == logits.argmax(-1)).float().mean().item()
 
 
-def parse_mode(mode: str) -> tuple[str, str, str]:
-    """QUANT[+SPEC][:KV] -> (quantization, speculative, kv_dtype)."""
+@dataclass(frozen=True)
+class Mode:
+    """One engine of the comparison: QUANT[/a8|/a16][+SPEC][:KV] (`/a8`: --quant-activations int8, `/a16` int16)."""
+
+    quantization: str
+    activations: str
+    speculative: str
+    kv_dtype: str
+
+    @property
+    def weights(self) -> str:
+        """The mode less its speculation: what the logits depend on."""
+        suffix = {"int8": "/a8", "int16": "/a16"}.get(self.activations, "")
+        return f"{self.quantization}{suffix}:{self.kv_dtype}"
+
+    def config(self, **kwargs) -> EngineConfig:
+        return EngineConfig(
+            quantization=self.quantization,
+            quant_activations=self.activations,
+            speculative=self.speculative,
+            kv_dtype=self.kv_dtype,
+            **kwargs,
+        )
+
+
+def parse_mode(mode: str) -> Mode:
     head, _, kv = mode.partition(":")
-    quant, _, spec = head.partition("+")
-    return quant, spec or "none", kv or "auto"
+    weights, _, spec = head.partition("+")
+    quant, _, act = weights.partition("/")
+    activations = {"": "float32", "a8": "int8", "a16": "int16"}
+    if act not in activations:
+        raise ValueError(f"mode {mode!r}: the activation suffixes are /a8 and /a16")
+    return Mode(quant, activations[act], spec or "none", kv or "auto")
 
 
 def quality(model: str, modes: list[str], kv_cache_mb: int) -> list[dict]:
     rows: list[dict] = []
     reference = None
     # speculation does not change the logits: one row per (weights, KV format), float32's first
-    pairs = dict.fromkeys(f"{q}:{kv}" for q, _, kv in map(parse_mode, modes) if (q, kv) != ("none", "auto"))
+    pairs = dict.fromkeys(m.weights for m in map(parse_mode, modes) if m.weights != "none:auto")
     for mode in ["none:auto", *pairs]:
-        quant, _, kv_dtype = parse_mode(mode)
-        config = EngineConfig(model=model, quantization=quant, kv_dtype=kv_dtype, kv_cache_memory_mb=kv_cache_mb)
-        runner, tokenizer = load_model(config)
+        runner, tokenizer = load_model(parse_mode(mode).config(model=model, kv_cache_memory_mb=kv_cache_mb))
         assert tokenizer is not None
         tokens = tokenizer.encode(EVAL_TEXT.read_text())
-        logits = teacher_forced_logits(runner, tokens)
+        logits = teacher_forced_logits(runner, tokens, QUALITY_CHUNK)
         reference = logits if reference is None else reference
         rows.append(
             {
@@ -177,12 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     engines: dict[str, LLMEngine] = {}
     runners: dict[str, ModelRunner] = {}
     for mode in args.modes:
-        quant, spec, kv_dtype = parse_mode(mode)
-        config = EngineConfig(
+        config = parse_mode(mode).config(
             model=args.model,
-            quantization=quant,
-            speculative=spec,
-            kv_dtype=kv_dtype,
             max_num_seqs=max(args.concurrency),
             num_threads=args.threads,
             kv_cache_memory_mb=args.kv_cache_mb,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from disagg.modes import KVDtype, Quantization, SpecMethod, parse_mode
+from disagg.modes import Activations, KVDtype, Quantization, SpecMethod, parse_mode
 
 # KV cache per worker (MiB) where a CLI runs several workers on one machine: named per-CLI overrides of
 # EngineConfig.kv_cache_memory_mb (sized for one engine alone: `disagg generate`, the library)
@@ -64,6 +64,14 @@ class EngineConfig:
         metadata=_help(
             "weights: none | int8 (Q8_0 blocks rounded at load) | q4 (the model's GGUF blocks served as they are; "
             "a model with no GGUF file is rounded to Q4_1); CPU, float32 activations"
+        ),
+    )
+    quant_activations: str = field(
+        default="float32",
+        metadata=_help(
+            "what quantized weights multiply in decode steps: float32 | int16 (each block of 32 activations "
+            "rounded to int16: integer dot products, float32's precision) | int8 (rounded to int8 as llama.cpp "
+            "does: fastest, lossy); CPU, with --quantization int8 or q4"
         ),
     )
     kv_dtype: str = field(
@@ -131,3 +139,8 @@ class EngineConfig:
             raise ValueError("--prefill-chunk-target-ms must be >= 0 and --min-prefill-chunk positive")
         parse_mode(KVDtype, self.kv_dtype, "--kv-dtype")
         parse_mode(Quantization, self.quantization, "--quantization")
+        activations = parse_mode(Activations, self.quant_activations, "--quant-activations")
+        if activations.bits and self.quantization == Quantization.NONE.value:
+            raise ValueError(
+                f"--quant-activations {activations.value} rounds what quantized weights multiply: add --quantization"
+            )

@@ -18,6 +18,19 @@ class Quantization(enum.Enum):
     Q4 = "q4"
 
 
+class Activations(enum.Enum):
+    """What quantized weights multiply (`--quant-activations`): disagg/engine/quant.py."""
+
+    FLOAT32 = "float32"  # exact: the same model as float32 weights would be, up to summation order
+    INT16 = "int16"  # rounded per block of 32 to 16 bits, integer dot products: float32's error, faster
+    INT8 = "int8"  # rounded per block of 32 to 8 bits (llama.cpp's Q8 activations): lossy, fastest
+
+    @property
+    def bits(self) -> int:
+        """0 for float32, else the integer width the block kernels round activations to."""
+        return {"float32": 0, "int16": 16, "int8": 8}[self.value]
+
+
 class KVDtype(enum.Enum):
     """The KV cache's element format (`--kv-dtype`): disagg/engine/kv_format.py."""
 

@@ -15,16 +15,16 @@ import torch
 from safetensors import safe_open
 from test_engine_correctness import _record_logits
 
-from bench.quantization import EVAL_TEXT, agreement, perplexity, teacher_forced_logits
+from bench.quantization import EVAL_TEXT, QUALITY_CHUNK, agreement, perplexity, teacher_forced_logits
 from disagg.config import EngineConfig
 from disagg.engine import quant
 from disagg.engine.engine import LLMEngine
 from disagg.engine.gguf import GGUFWeights, _unpermute
-from disagg.engine.quant import QuantKernels, check_quantizable, gguf_file
+from disagg.engine.quant import QuantKernels, TritonQuantKernels, check_quantizable, gguf_file
 from disagg.engine.runner import load_model
 from disagg.kv.fingerprint import engine_fingerprint
 from disagg.model_store import make_tiny_model
-from disagg.modes import Quantization
+from disagg.modes import Activations, Quantization
 from disagg.protocol import SamplingParams
 from disagg_kernels import cpu_quant
 from disagg_kernels.cpu_quant import BlockFormat, dequantize_reference, load_native, matmul_reference, quantize
@@ -51,6 +51,9 @@ def test_kernels_equal_the_torch_reference_on_every_cpu_path(march, tmp_path):
         for rows in (1, 3, 4, 8, 9, 17):  # below, at and above each path's rows-per-pass
             x = torch.randn(rows, 96, generator=g)
             torch.testing.assert_close(kernels.matmul(x, w), matmul_reference(x, w), atol=5e-5, rtol=1e-5)
+            for bits in (16, 8):  # integer activations (96 = 3 blocks: a pair and an unpaired last one)
+                want = matmul_reference(x, w, bits)
+                torch.testing.assert_close(kernels.matmul(x, w, bits), want, atol=2e-4, rtol=1e-5)
 
 
 def test_rounding_bounds_and_eight_bits_hold_four_bit_weights_exactly():
@@ -124,12 +127,16 @@ def eval_reference(smollm_dir):
     return tokens, teacher_forced_logits(runner, tokens)
 
 
-# (weights, KV format, top-1 agreement at least, |perplexity ratio - 1| below): q4 is the model itself; fp8 e4m3
-# keeps 3 mantissa bits and misses the 97% asked of lossy modes (95.8% measured; docs/benchmarks.md), int8 KV
-# keeps about 7
+# (weights[/activations], KV format, top-1 agreement at least, |perplexity ratio - 1| below): q4 is the model
+# itself, and int16 activations keep float32's precision; fp8 e4m3 keeps 3 mantissa bits and misses the 97% asked
+# of lossy modes (95.8% measured; docs/benchmarks.md), int8 KV keeps about 7.  Measured in steps of 16 tokens, as
+# decode steps run (the native step; integer activations apply there).
 QUALITY = [
     ("int8", "auto", 0.97, 0.01),
     ("q4", "auto", 1.0, 1e-4),
+    ("q4/int16", "auto", 1.0, 1e-3),
+    ("q4/int8", "auto", 0.97, 0.01),
+    ("int8/int16", "auto", 0.97, 0.01),
     ("none", "bfloat16", 0.97, 0.01),
     ("none", "int8", 0.97, 0.01),
     ("none", "fp8", 0.95, 0.01),
@@ -141,9 +148,16 @@ QUALITY = [
 def test_teacher_forced_quality_against_float32(mode, kv_dtype, top1, ppl, smollm_dir, eval_reference):
     tokens, reference = eval_reference
     assert len(tokens) > 500
-    config = EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, quantization=mode, kv_dtype=kv_dtype)
+    weights, _, activations = mode.partition("/")
+    config = EngineConfig(
+        model=str(smollm_dir),
+        kv_cache_memory_mb=128,
+        quantization=weights,
+        quant_activations=activations or "float32",
+        kv_dtype=kv_dtype,
+    )
     runner, _ = load_model(config)
-    logits = teacher_forced_logits(runner, tokens)
+    logits = teacher_forced_logits(runner, tokens, QUALITY_CHUNK)
     assert agreement(reference, logits) >= top1
     assert abs(perplexity(logits, tokens) / perplexity(reference, tokens) - 1) < ppl
 
@@ -166,6 +180,12 @@ def test_bad_quantization_options_are_refused_at_start_up(tmp_path):
         EngineConfig(quantization="int4")
     with pytest.raises(ValueError, match="compute in \\['float32'\\]; drop --dtype bfloat16"):
         check_quantizable(Quantization.INT8, QuantKernels(None), torch.bfloat16)
+    with pytest.raises(ValueError, match="--quant-activations 'int4' is not one of"):
+        EngineConfig(quantization="q4", quant_activations="int4")
+    with pytest.raises(ValueError, match="--quant-activations int8 rounds what quantized weights multiply"):
+        EngineConfig(quant_activations="int8")
+    with pytest.raises(ValueError, match="--quant-activations int16 runs on the CPU kernels only, not on the triton"):
+        check_quantizable(Quantization.Q4, TritonQuantKernels(), torch.float32, activations=Activations.INT16)
     odd = make_tiny_model(tmp_path / "odd", "llama", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match="hidden_size \\(48\\) is not a multiple of the block size 32"):
         load_model(EngineConfig(model=str(odd), num_blocks=64, quantization="int8"))
@@ -176,6 +196,9 @@ def test_kv_from_other_weights_never_matches_in_the_tiers(smollm_dir):
     plain = engine_fingerprint(smollm_dir, "torch.float32", 16, shape)
     assert engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="none") == plain
     assert engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="q4") != plain
+    q4 = engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="q4")
+    rounded = engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="q4", activations="int16")
+    assert rounded != q4  # KV computed from int16-rounded activations is other KV
     assert engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="int8") not in (
         plain,
         engine_fingerprint(smollm_dir, "torch.float32", 16, shape, quantization="q4"),
@@ -185,8 +208,8 @@ def test_kv_from_other_weights_never_matches_in_the_tiers(smollm_dir):
 def test_a_model_that_does_not_fit_in_memory_is_refused_at_start_up_with_the_figures(smollm_dir, tiny_qwen_dir):
     from transformers import AutoModelForCausalLM
 
+    from disagg.engine.capacity import check_memory, param_count
     from disagg.engine.model import ModelConfig
-    from disagg.engine.runner import check_memory, param_count
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_qwen_dir)  # tied embeddings, attention biases
     assert param_count(ModelConfig.from_dir(tiny_qwen_dir)) == sum(p.numel() for p in hf.parameters())

@@ -106,6 +106,7 @@ def kv_fingerprint(engine: LLMEngine) -> str:
         tuple(kv.shape[1:]) if kv is not None else (),
         quantization=engine.config.quantization,
         kv_format=engine.kv_format,
+        activations=engine.config.quant_activations,
     )
 
 

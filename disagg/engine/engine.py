@@ -19,12 +19,13 @@ import torch
 from disagg.config import EngineConfig
 from disagg.engine.batch import ScheduledBatch
 from disagg.engine.block_pool import BlockPool
+from disagg.engine.capacity import check_kv_capacity
 from disagg.engine.drafting import apply_verified, propose_drafts
 from disagg.engine.faults import OutputFault, output_fault
 from disagg.engine.intake import Intake
 from disagg.engine.model import ModelConfig
 from disagg.engine.offline import Completion
-from disagg.engine.runner import Runner, check_kv_capacity, load_model
+from disagg.engine.runner import Runner, load_model
 from disagg.engine.scheduler import Scheduler
 from disagg.engine.sequence import Sequence
 from disagg.engine.spec import Speculator, spec_config

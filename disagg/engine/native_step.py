@@ -84,6 +84,7 @@ def build(model: CausalLM, cache: KVCache, config: QuantConfig) -> NativeStep | 
         head_dim=cfg.head_dim,
         block_size=cache.block_size,
         eps=cfg.rms_norm_eps,
+        activation_bits=config.activation_bits,
     )
     try:
         kernel = StackKernel(native, shape, layers, model.rotary.inv_freq, model.norm.weight.data, cache.tensor)

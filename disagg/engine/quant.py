@@ -18,7 +18,7 @@ one reused float32 buffer and runs torch's GEMM, since there the arithmetic, not
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disagg.modes import Quantization
+from disagg.modes import Activations, Quantization
 from disagg_kernels.cpu_quant import (
     QK,
     BlockFormat,
@@ -46,6 +46,13 @@ log = logging.getLogger(__name__)
 class QuantConfig:
     # batches of at most this many rows go through the block kernel; wider ones de-quantize and use torch's GEMM
     direct_rows: int = 16
+    # 8 / 16: the block kernel rounds its activations to int8 / int16 blocks first (--quant-activations; CPU only)
+    activation_bits: int = 0
+
+    def for_head(self) -> QuantConfig:
+        """The LM head's: int16 where the layers round to int8.  The head picks the top-1 token, and int8 there
+        costs most of int8's teacher-forced agreement (docs/benchmarks.md); int16 costs ~0.2 ms a step."""
+        return replace(self, activation_bits=16) if self.activation_bits == 8 else self
 
 
 class BlockKernels(Protocol):
@@ -57,7 +64,7 @@ class BlockKernels(Protocol):
     @property
     def dtypes(self) -> tuple[torch.dtype, ...]: ...
 
-    def matmul(self, x: torch.Tensor, w: BlockWeight) -> torch.Tensor: ...
+    def matmul(self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor: ...
 
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -75,10 +82,10 @@ class QuantKernels:
     def name(self) -> str:
         return f"native-{self.native.isa}" if self.native is not None else "torch-reference"
 
-    def matmul(self, x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor:
         if self.native is not None:
-            return self.native.matmul(x, w)
-        return matmul_reference(x, w)
+            return self.native.matmul(x, w, activation_bits)
+        return matmul_reference(x, w, activation_bits)
 
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.native is not None:
@@ -94,7 +101,9 @@ class TritonQuantKernels:
     name = "triton"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
 
-    def matmul(self, x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
+    def matmul(self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor:
+        if activation_bits:  # refused at start-up (check_quantizable); never reached by a served request
+            raise ValueError("--quant-activations int8 / int16 run on the CPU kernels only")
         return block_matmul_triton(x, w)
 
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -157,7 +166,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] <= self.config.direct_rows:
-            out = self.kernels.matmul(flat, self.weight_blocks)
+            out = self.kernels.matmul(flat, self.weight_blocks, self.config.activation_bits)
             if self.bias is not None:
                 out += self.bias
         else:
@@ -206,7 +215,11 @@ class QuantFactory:
 
 
 def check_quantizable(
-    mode: Quantization, kernels: BlockKernels, dtype: torch.dtype, input_widths: dict[str, int] | None = None
+    mode: Quantization,
+    kernels: BlockKernels,
+    dtype: torch.dtype,
+    input_widths: dict[str, int] | None = None,
+    activations: Activations = Activations.FLOAT32,
 ) -> None:
     """Start-up checks: a clear error naming the option, never a failure mid-request.  `input_widths`: the
     model's matrix input widths by name, each blocked along by 32."""
@@ -217,6 +230,10 @@ def check_quantizable(
             raise ValueError(
                 f"--quantization {mode.value}: the model's {name} ({width}) is not a multiple of the block size {QK}"
             )
+    if activations.bits and not isinstance(kernels, QuantKernels):
+        raise ValueError(
+            f"--quant-activations {activations.value} runs on the CPU kernels only, not on the {kernels.name} ones"
+        )
     if dtype not in kernels.dtypes:
         names = [str(d).removeprefix("torch.") for d in kernels.dtypes]
         raise ValueError(

@@ -15,6 +15,7 @@ import torch
 from disagg.config import EngineConfig, FaultConfig
 from disagg.engine.attention import AttentionMetadata, compact_tables, select_backend
 from disagg.engine.batch import ScheduledBatch
+from disagg.engine.capacity import available_memory, check_kv_capacity, check_memory, kv_blocks
 from disagg.engine.faults import NONFINITE_TOKEN, FaultInjector
 from disagg.engine.gguf import load_gguf
 from disagg.engine.kv_cache import KVCache, bytes_per_block
@@ -22,12 +23,20 @@ from disagg.engine.kv_format import KVFormat
 from disagg.engine.lora import LoRARuntime
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
 from disagg.engine.native_step import build as build_native_step
-from disagg.engine.quant import BlockKernels, QuantFactory, check_quantizable, gguf_file, quant_kernels
+from disagg.engine.quant import (
+    BlockKernels,
+    QuantConfig,
+    QuantFactory,
+    QuantLinear,
+    check_quantizable,
+    gguf_file,
+    quant_kernels,
+)
 from disagg.engine.sampler import logprob_entries, sample, sampling_probs, token_generator, verify_sampled
 from disagg.engine.sequence import Sequence
 from disagg.engine.spec import Verified, verify_greedy
 from disagg.engine.tokenizer import Tokenizer
-from disagg.modes import KVDtype, Quantization
+from disagg.modes import Activations, KVDtype, Quantization
 from disagg.protocol import LoRARef
 from disagg_kernels.cpu_quant import BlockFormat
 
@@ -86,59 +95,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def kv_blocks(config: EngineConfig, model_config: ModelConfig, fmt: KVFormat) -> int:
-    """KV blocks of config.block_size tokens: config.num_blocks, else what config.kv_cache_memory_mb holds (in
-    the KV format: an int8 cache holds about 3.9x the blocks of a float32 one)."""
-    return config.num_blocks or (config.kv_cache_memory_mb << 20) // bytes_per_block(
-        model_config, config.block_size, fmt
-    )
-
-
-def check_kv_capacity(num_blocks: int, block_size: int, max_model_len: int) -> None:
-    if num_blocks * block_size < max_model_len:
-        raise ValueError(
-            f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
-            f"max_model_len={max_model_len}; raise num_blocks or lower max_model_len"
-        )
-
-
-def param_count(mc: ModelConfig) -> int:
-    """Parameters of a Llama/Qwen-family model of this shape (norms and biases included)."""
-    h, q, kv = mc.hidden_size, mc.num_heads * mc.head_dim, mc.num_kv_heads * mc.head_dim
-    layer = h * (q + 2 * kv) + q * h + 3 * h * mc.intermediate_size + 2 * h
-    if mc.attention_bias:
-        layer += q + 2 * kv
-    head = 0 if mc.tie_word_embeddings else mc.vocab_size * h
-    return mc.vocab_size * h + head + mc.num_layers * layer + h
-
-
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none to read)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_memory(
-    mc: ModelConfig, bytes_per_param: float, kv_bytes: int, device: torch.device, available: int | None
-) -> None:
-    """Refuse at start-up a model that cannot load in this machine's memory (CPU), with the figures."""
-    if device.type != "cpu" or available is None:
-        return
-    weights = param_count(mc) * bytes_per_param  # while loading: float32 unless served from GGUF blocks
-    if weights + kv_bytes > available:
-        raise ValueError(
-            f"the model needs about {(weights + kv_bytes) / 2**30:.1f} GiB to load ({param_count(mc) / 1e6:.0f}M "
-            f"parameters at {bytes_per_param:g} bytes, plus {kv_bytes / 2**30:.1f} GiB of KV cache) but "
-            f"{available / 2**30:.1f} GiB is available: lower --kv-cache-mb, or serve a GGUF file with "
-            "--quantization q4"
-        )
-
-
 def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tuple[ModelRunner, Tokenizer | None]:
     """The real model of config.model (default: the bundled SmolLM2; written back to config.model) on
     config.device, with its KV cache and its tokenizer (None when the directory has none).  `kernels`: the
@@ -161,6 +117,7 @@ def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tup
     check_kv_capacity(num_blocks, config.block_size, min(config.max_model_len, mc.max_position_embeddings))
     faults = FaultInjector(config.faults) if config.faults is not None else None
     quantization = Quantization(config.quantization)  # validated by EngineConfig
+    activations = Activations(config.quant_activations)
     widths = {
         "hidden_size": mc.hidden_size,
         "attention width": mc.num_heads * mc.head_dim,
@@ -168,7 +125,7 @@ def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tup
     }
     if quantization is not Quantization.NONE:
         kernels = kernels or quant_kernels(device)
-        check_quantizable(quantization, kernels, dtype, widths)
+        check_quantizable(quantization, kernels, dtype, widths, activations)
     from_gguf = quantization is Quantization.Q4 and gguf_file(model_dir) is not None
     kv_bytes = num_blocks * bytes_per_block(mc, config.block_size, kv_format)
     check_memory(mc, 1.0 if from_gguf else dtype.itemsize, kv_bytes, device, available_memory())
@@ -184,6 +141,7 @@ def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tup
         quantization=quantization,
         kv_format=kv_format,
         kernels=kernels,
+        quant_config=QuantConfig(activation_bits=activations.bits),
         # speculation keeps every greedy token only if a verified row gets the bits plain decoding gives it, which
         # a quantized KV cache's rounding would otherwise magnify
         batch_invariant=config.speculative != "none" and kv_format.encoded,
@@ -206,6 +164,7 @@ class ModelRunner:
         quantization: Quantization = Quantization.NONE,
         kv_format: KVFormat | None = None,
         kernels: BlockKernels | None = None,
+        quant_config: QuantConfig | None = None,
         batch_invariant: bool = False,
         max_loras: int = 0,
     ) -> None:
@@ -223,7 +182,7 @@ class ModelRunner:
         gguf = gguf_file(Path(model_dir)) if quantization is Quantization.Q4 else None
         factory = None
         if quantization is not Quantization.NONE:
-            factory = QuantFactory(kernels or quant_kernels(device), device=device, dtype=dtype)
+            factory = QuantFactory(kernels or quant_kernels(device), quant_config, device=device, dtype=dtype)
         if gguf is not None and factory is not None:  # the file's own blocks: no float32 copy is ever made
             model.rotary = RotaryEmbedding(model_config.head_dim, model_config.rope_theta)
             load_gguf(model, gguf, factory)
@@ -240,6 +199,8 @@ class ModelRunner:
             self.model.quantize(factory, BlockFormat.U8 if quantization is Quantization.INT8 else BlockFormat.Q4_1)
         elif factory is None and prepack and can_prepack(device, dtype):
             self.model.prepack(batch_invariant=batch_invariant)
+        if factory is not None and isinstance(self.model.lm_head, QuantLinear):
+            self.model.lm_head.config = factory.config.for_head()
         self.kv_cache = KVCache(model_config, num_blocks, block_size, self.kv_format, device)
         # small steps of a quantized model on CPU: the whole stack in one native call (engine/native_step.py)
         self.native_step = None if factory is None else build_native_step(self.model, self.kv_cache, factory.config)
@@ -308,17 +269,22 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
         return ids, pos, meta, sample_rows
 
+    def hidden_states(
+        self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata, seqs: list[Sequence]
+    ) -> torch.Tensor:
+        """The model's final hidden states for a prepared step: the native step where it takes it, else torch."""
+        if self.native_step is not None and self.native_step.takes(len(ids), seqs):
+            return self.native_step.forward(ids, pos, meta)
+        if self.lora is not None:
+            self.lora.bind(self.model, [seq.lora for seq in seqs], meta.query_start_list)
+        return self.model(ids, pos, self.kv_cache.tensor, meta)
+
     @torch.inference_mode()
     def compute_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Logits for the rows that complete their known tokens this step: one row of logits each, and for a row
         that carries a proposal (`batch.drafts`), one more per proposed token, the last token's first."""
         ids, pos, meta, sample_rows = self.prepare(batch)
-        if self.native_step is not None and self.native_step.takes(len(ids), batch.seqs):
-            hidden = self.native_step.forward(ids, pos, meta)
-        else:
-            if self.lora is not None:
-                self.lora.bind(self.model, [seq.lora for seq in batch.seqs], meta.query_start_list)
-            hidden = self.model(ids, pos, self.kv_cache.tensor, meta)
+        hidden = self.hidden_states(ids, pos, meta, batch.seqs)
         last: list[int] = []  # the last position of each sampled row, and each proposed position before it
         for r in sample_rows:
             end = meta.query_start_list[r + 1]

@@ -25,12 +25,15 @@ def engine_fingerprint(
     model_identity: str = "",
     quantization: str = "none",
     kv_format: str = "",
+    activations: str = "float32",
 ) -> str:
     """16 hex characters. `model_dir` None: a stand-in model (simulation), identified by `model_identity`.
-    `quantization` (--quantization) is part of it: KV computed with other weights is other KV."""
+    `quantization` (--quantization) and `activations` (--quant-activations) are part of it: KV computed with
+    other weights, or with activations rounded otherwise, is other KV."""
     h = hashlib.blake2b(digest_size=8)
     quant = "" if quantization == "none" else f";quant={quantization}"  # "none" keeps existing disk tiers valid
     kv = "" if kv_format in ("", dtype.removeprefix("torch.")) else f";kv={kv_format}"  # likewise
+    quant += "" if activations == "float32" else f";act={activations}"
     h.update(
         f"layout={KV_LAYOUT_VERSION};dtype={dtype};block={block_size};shape={tuple(block_shape)};"
         f"id={model_identity}{quant}{kv}".encode()

@@ -14,6 +14,7 @@ compiler is present; the engine then runs the torch reference and says so at sta
 from __future__ import annotations
 
 import ctypes
+from functools import partial
 import enum
 import hashlib
 import os
@@ -27,7 +28,8 @@ import torch
 
 QK = 32  # weights per block (llama.cpp's QK4_0 = QK4_1 = QK8_0 = 32)
 _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
-_SOURCES = (_SOURCE, Path(__file__).with_name("cpu_step.cpp"))  # one library: the step calls the block matmul
+# one library: the 8-bit-activation matmul and the whole-stack step beside the block matmul they call
+_SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in ("cpu_dot8.cpp", "cpu_step.cpp")))
 _BUILD_TIMEOUT_S = 300
 
 
@@ -151,8 +153,19 @@ def dequantize_reference(w: BlockWeight) -> torch.Tensor:
     return (q * w.d[..., None] + m[..., None]).reshape(n, k)
 
 
-def matmul_reference(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
-    return x.float() @ dequantize_reference(w).T
+def round_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x [B, K] as cpu_dot8.cpp rounds it: to int8 or int16 per block of 32 (scale amax / 127 or / 32767),
+    returned de-quantized."""
+    b, k = x.shape
+    blocks = x.float().reshape(b, k // QK, QK)
+    d = blocks.abs().amax(-1, keepdim=True) / float(2 ** (bits - 1) - 1)
+    q = torch.round(blocks * torch.where(d > 0, 1.0 / d, 0.0))
+    return (q * d).reshape(b, k)
+
+
+def matmul_reference(x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor:
+    x = round_activations(x, activation_bits) if activation_bits else x.float()
+    return x @ dequantize_reference(w).T
 
 
 class NativeKernels:
@@ -166,11 +179,15 @@ class NativeKernels:
         lib.disagg_quant_dequantize.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr, i32]
         lib.disagg_quant_dequantize.restype = None
         lib.disagg_quant_isa.restype = ctypes.c_char_p
+        lib.disagg_quant_matmul_int.argtypes = [i32, *lib.disagg_quant_matmul.argtypes]
+        lib.disagg_quant_matmul_int.restype = None
         self.library = lib  # cpu_step.StackKernel binds the whole-stack step from it too
         self.isa: str = lib.disagg_quant_isa().decode()
+        self.vnni = bool(lib.disagg_quant_int_vnni())  # integer-activation dots on AVX-512 VNNI (else portable)
 
-    def matmul(self, x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
-        """x [B, K] float32 times the matrix's transpose: [B, N] float32 (ctypes drops the GIL during the call)."""
+    def matmul(self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor:
+        """x [B, K] float32 times the matrix's transpose: [B, N] float32 (ctypes drops the GIL during the call);
+        `activation_bits` 8 or 16: x rounded to int8 / int16 per block of 32 first (cpu_dot8.cpp)."""
         b, k = x.shape
         n = w.shape[0]
         if k != w.shape[1] or x.dtype != torch.float32:
@@ -178,7 +195,9 @@ class NativeKernels:
         x = x.contiguous()
         y = torch.empty(b, n, dtype=torch.float32)
         m = w.m.data_ptr() if w.m is not None else None
-        self.library.disagg_quant_matmul(
+        lib = self.library
+        fn = partial(lib.disagg_quant_matmul_int, activation_bits) if activation_bits else lib.disagg_quant_matmul
+        fn(
             w.fmt.codes,
             x.data_ptr(),
             b,

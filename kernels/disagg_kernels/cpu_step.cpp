@@ -19,6 +19,9 @@
 
 extern "C" void disagg_quant_matmul(int codes, const float* x, int64_t B, int64_t K, const uint8_t* qs,
                                     const float* d, const float* m, int64_t N, float* y, int threads);
+extern "C" void disagg_quant_matmul_int(int bits, int codes, const float* x, int64_t B, int64_t K,
+                                        const uint8_t* qs, const float* d, const float* m, int64_t N, float* y,
+                                        int threads);
 
 extern "C" {
 
@@ -38,6 +41,7 @@ struct DisaggLayer {
 
 struct DisaggStack {
     int64_t num_layers, hidden, intermediate, heads, kv_heads, head_dim, block_size;
+    int64_t activation_bits;  // 0: float32 activations; 8 / 16: the matmuls round x to int8 / int16 (cpu_dot8.cpp)
     float eps;
     const float* inv_freq;  // [head_dim / 2]
     const float* final_norm;
@@ -78,8 +82,10 @@ void rms_norm(const float* x, const float* w, int64_t T, int64_t H, float eps, f
     }
 }
 
-void linear(const DisaggMat& w, const float* x, int64_t T, float* y, int threads) {
-    disagg_quant_matmul(static_cast<int>(w.codes), x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);
+void linear(const DisaggStack& s, const DisaggMat& w, const float* x, int64_t T, float* y, int threads) {
+    const int codes = static_cast<int>(w.codes);
+    if (s.activation_bits) disagg_quant_matmul_int(static_cast<int>(s.activation_bits), codes, x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);
+    else disagg_quant_matmul(codes, x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);
     if (w.bias)
         for (int64_t t = 0; t < T; ++t)
             for (int64_t j = 0; j < w.n; ++j) y[t * w.n + j] += w.bias[j];
@@ -184,18 +190,18 @@ void disagg_stack_forward(const DisaggStack* stack, float* hidden, int64_t T, co
     for (int64_t l = 0; l < s.num_layers; ++l) {
         const DisaggLayer& L = s.layers[l];
         rms_norm(hidden, L.input_norm, T, H, s.eps, normed.data());
-        linear(L.qkv, normed.data(), T, qkv.data(), threads);
+        linear(s, L.qkv, normed.data(), T, qkv.data(), threads);
         attention_block(s, l, toks, qkv.data(), cos.data(), sin.data(), attn.data(), threads);
-        linear(L.o, attn.data(), T, proj.data(), threads);
+        linear(s, L.o, attn.data(), T, proj.data(), threads);
         for (int64_t i = 0; i < T * H; ++i) hidden[i] += proj[i];
         rms_norm(hidden, L.post_norm, T, H, s.eps, normed.data());
-        linear(L.gate_up, normed.data(), T, gu.data(), threads);
+        linear(s, L.gate_up, normed.data(), T, gu.data(), threads);
         for (int64_t t = 0; t < T; ++t)
             for (int64_t i = 0; i < I; ++i) {
                 const float g = gu[t * 2 * I + i];
                 act[t * I + i] = g / (1.0f + std::exp(-g)) * gu[t * 2 * I + I + i];
             }
-        linear(L.down, act.data(), T, proj.data(), threads);
+        linear(s, L.down, act.data(), T, proj.data(), threads);
         for (int64_t i = 0; i < T * H; ++i) hidden[i] += proj[i];
     }
     rms_norm(hidden, s.final_norm, T, H, s.eps, normed.data());

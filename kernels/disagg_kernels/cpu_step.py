@@ -40,6 +40,7 @@ class _Stack(ctypes.Structure):
     _fields_ = [
         *[(name, _i64) for name in ("num_layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim")],
         ("block_size", _i64),
+        ("activation_bits", _i64),
         ("eps", _f32),
         ("inv_freq", _ptr),
         ("final_norm", _ptr),
@@ -58,6 +59,7 @@ class StackShape:
     head_dim: int
     block_size: int
     eps: float
+    activation_bits: int = 0  # 8 / 16: the matmuls round x to int8 / int16 blocks first (cpu_dot8.cpp)
 
 
 @dataclass
@@ -124,7 +126,8 @@ class StackKernel:
         s = shape
         strides = kv.stride()
         self._stack = _Stack(
-            len(layers), s.hidden, s.intermediate, s.heads, s.kv_heads, s.head_dim, s.block_size, s.eps,
+            len(layers), s.hidden, s.intermediate, s.heads, s.kv_heads, s.head_dim, s.block_size,
+            s.activation_bits, s.eps,
             _float_ptr(inv_freq.contiguous(), keep), _float_ptr(final_norm, keep),
             self._layers, kv.data_ptr(), strides[0], strides[1], strides[2], strides[3], strides[4],
         )  # fmt: skip
@@ -166,7 +169,7 @@ def forward_reference(
     rows: torch.Tensor,
 ) -> torch.Tensor:
     """The kernel's step in torch (tests): tokens one after another, each writing its K/V before it attends."""
-    s, d, bs = shape, shape.head_dim, shape.block_size
+    s, d, bs, i8 = shape, shape.head_dim, shape.block_size, shape.activation_bits
     out = []
     for t in range(hidden.shape[0]):
         x, pos, table = hidden[t : t + 1].clone(), int(positions[t]), tables[int(rows[t])]
@@ -174,7 +177,7 @@ def forward_reference(
         cos, sin = torch.cat((freqs, freqs)).cos(), torch.cat((freqs, freqs)).sin()
         for i, layer in enumerate(layers):
             h = F.rms_norm(x, (s.hidden,), layer.input_norm, s.eps)
-            qkv = matmul_reference(h, layer.qkv)[0] + (0 if layer.qkv_bias is None else layer.qkv_bias)
+            qkv = matmul_reference(h, layer.qkv, i8)[0] + (0 if layer.qkv_bias is None else layer.qkv_bias)
             qk = qkv[: (s.heads + s.kv_heads) * d].view(-1, d)
             qk = qk * cos + torch.cat((-qk[:, d // 2 :], qk[:, : d // 2]), -1) * sin
             q, k = qk[: s.heads], qk[s.heads :]
@@ -186,9 +189,9 @@ def forward_reference(
             values = torch.stack([kv[b, i, 1, o] for b, o in slots], 1)
             group = s.heads // s.kv_heads
             probs = torch.softmax(q.view(s.kv_heads, group, d) @ keys.transpose(1, 2) / math.sqrt(d), -1)
-            x = x + matmul_reference((probs @ values).reshape(1, -1), layer.o)
+            x = x + matmul_reference((probs @ values).reshape(1, -1), layer.o, i8)
             h = F.rms_norm(x, (s.hidden,), layer.post_norm, s.eps)
-            gate, up = matmul_reference(h, layer.gate_up).chunk(2, -1)
-            x = x + matmul_reference(F.silu(gate) * up, layer.down)
+            gate, up = matmul_reference(h, layer.gate_up, i8).chunk(2, -1)
+            x = x + matmul_reference(F.silu(gate) * up, layer.down, i8)
         out.append(F.rms_norm(x, (s.hidden,), final_norm, s.eps))
     return torch.cat(out)

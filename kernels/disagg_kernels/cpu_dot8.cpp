@@ -1,0 +1,221 @@
+// Block matmuls with integer activations (`--quant-activations int8 | int16`): y[B, N] = x[B, K] @ W^T, as
+// llama.cpp computes a Q4_1 x Q8_1 dot.  Each row of x is rounded per block of 32 (dx = amax / L, qx = round(x /
+// dx), sx = dx * sum(qx); L = 127 for int8, 32767 for int16); then per weight block (w = d q + m, cpu_quant.cpp's
+// codes)
+//     x . w  ~=  d * dx * (q . qx)  +  m * sx
+// with q . qx an integer dot product: AVX-512 VNNI `vpdpbusd` (int8: 64 byte products an instruction) or
+// `vpdpwssd` (int16: 32 word products), or a portable loop.  int8 rounds each activation by up to 0.4% of its
+// block's largest (lossy, as llama.cpp); int16 by 0.0015% (float32 summation error is of that order).
+//
+// Layout: x's codes are stored two blocks at a time as [b0[0:16], b1[0:16], b0[16:32], b1[16:32]], the order a
+// 4-bit pair of blocks unpacks to (low nibbles of both, then high nibbles), so registers of codes and of
+// activations line up; 8-bit codes are put in that order with one lane shuffle.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define DISAGG_VNNI 1
+#else
+#define DISAGG_VNNI 0
+#endif
+
+namespace {
+
+constexpr int64_t QK = 32;
+enum Codes { NIB = 0, S8 = 1, U8 = 2 };
+constexpr int64_t block_bytes(int c) { return c == NIB ? QK / 2 : QK; }
+
+template <typename A>
+struct Row {  // one row of x, rounded
+    const A* q;  // K codes, pair-interleaved
+    const float* dx;  // [nb] scales
+    const float* sx;  // [nb] dx * sum of the block's codes
+};
+
+// where element j of block b lives in the pair-interleaved layout
+inline int64_t slot(int64_t b, int64_t j, int64_t nb) {
+    if ((b | 1) >= nb) return b * QK + j;  // a last, unpaired block stays as it is
+    return (b & ~int64_t{1}) * QK + (j < 16 ? 0 : 32) + (b & 1) * 16 + (j & 15);
+}
+
+template <typename A>
+void round_row(const float* x, int64_t K, A* q, float* dx, float* sx) {
+    constexpr float levels = sizeof(A) == 1 ? 127.0f : 32767.0f;
+    const int64_t nb = K / QK;
+    for (int64_t b = 0; b < nb; ++b) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; ++j) amax = std::fmax(amax, std::fabs(x[b * QK + j]));
+        const float d = amax / levels, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        int sum = 0;
+        for (int j = 0; j < QK; ++j) {
+            const int v = static_cast<int>(std::nearbyint(x[b * QK + j] * inv));
+            q[slot(b, j, nb)] = static_cast<A>(v);
+            sum += v;
+        }
+        dx[b] = d;
+        sx[b] = d * static_cast<float>(sum);
+    }
+}
+
+template <int C>
+inline int code(const uint8_t* q, int j) {
+    if constexpr (C == NIB) return j < 16 ? (q[j] & 0x0F) : (q[j - 16] >> 4);
+    if constexpr (C == S8) return reinterpret_cast<const int8_t*>(q)[j];
+    return q[j];
+}
+
+// sum over blocks b0 <= b < b1 of d[b] dx[b] (q . qx)_b, one block at a time (the unpaired tail; portable path)
+template <int C, typename A>
+float dot_blocks(const uint8_t* qrow, const float* drow, const Row<A>& x, int64_t b0, int64_t b1, int64_t nb) {
+    float acc = 0.0f;
+    for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* q = qrow + b * block_bytes(C);
+        int64_t s = 0;
+        for (int j = 0; j < QK; ++j) s += code<C>(q, j) * x.q[slot(b, j, nb)];
+        acc += drow[b] * x.dx[b] * static_cast<float>(s);
+    }
+    return acc;
+}
+
+#if DISAGG_VNNI
+// 64 codes of blocks b, b + 1 as unsigned bytes in the pair layout
+template <int C>
+inline __m512i pair_codes(const uint8_t* q) {
+    if constexpr (C == NIB) {
+        const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));  // 16 bytes each block
+        const __m256i mask = _mm256_set1_epi8(0x0F);
+        const __m256i lo = _mm256_and_si256(t, mask), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), mask);
+        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    } else {
+        const __m512i t = _mm512_loadu_si512(q);  // 32 bytes each block
+        return _mm512_shuffle_i64x2(t, t, _MM_SHUFFLE(3, 1, 2, 0));
+    }
+}
+
+// int16 activations: the pair's 64 codes widened to 16 bits, two `vpdpwssd` (32 products each); lanes 0-7 sum
+// block b, 8-15 block b + 1
+template <int C>
+float dot_row16(const uint8_t* qrow, const float* drow, const Row<int16_t>& x, int64_t nb);
+
+// the two blocks' scales d * dx as a vector whose lanes follow `lanes` (0: block b, 1: block b + 1)
+inline __m512 pair_scale(const float* drow, const float* dx, int64_t b, __m512i lanes) {
+    const __m128 s2 = _mm_mul_ps(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(drow + b))),
+                                 _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(dx + b))));
+    return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s2));
+}
+
+template <int C>
+float dot_row8(const uint8_t* qrow, const float* drow, const Row<int8_t>& x, int64_t nb) {
+    const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 acc = _mm512_setzero_ps();
+    const int64_t pairs = nb / 2;
+    for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t b = 2 * p;
+        __m512i w = pair_codes<C>(qrow + b * block_bytes(C));
+        __m512i a = _mm512_loadu_si512(x.q + b * QK);
+        if constexpr (C == S8) {  // vpdpbusd multiplies unsigned by signed: |w| by x with w's sign
+            const __mmask64 neg = _mm512_movepi8_mask(w);
+            a = _mm512_mask_sub_epi8(a, neg, _mm512_setzero_si512(), a);
+            w = _mm512_abs_epi8(w);
+        }
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scale(drow, x.dx, b, lanes), acc);
+    }
+    return _mm512_reduce_add_ps(acc) + dot_blocks<C>(qrow, drow, x, 2 * pairs, nb, nb);
+}
+template <int C>
+float dot_row16(const uint8_t* qrow, const float* drow, const Row<int16_t>& x, int64_t nb) {
+    const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc = _mm512_setzero_ps();
+    const int64_t pairs = nb / 2;
+    for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t b = 2 * p;
+        __m256i lo, hi;  // [b0 0:16, b1 0:16] and [b0 16:32, b1 16:32] as bytes
+        if constexpr (C == NIB) {
+            const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + b * block_bytes(C)));
+            const __m256i mask = _mm256_set1_epi8(0x0F);
+            lo = _mm256_and_si256(t, mask);
+            hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), mask);
+        } else {
+            const __m512i t = pair_codes<C>(qrow + b * block_bytes(C));
+            lo = _mm512_castsi512_si256(t);
+            hi = _mm512_extracti64x4_epi64(t, 1);
+        }
+        const __m512i wlo = C == S8 ? _mm512_cvtepi8_epi16(lo) : _mm512_cvtepu8_epi16(lo);
+        const __m512i whi = C == S8 ? _mm512_cvtepi8_epi16(hi) : _mm512_cvtepu8_epi16(hi);
+        __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wlo, _mm512_loadu_si512(x.q + b * QK));
+        dot = _mm512_dpwssd_epi32(dot, whi, _mm512_loadu_si512(x.q + b * QK + 32));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scale(drow, x.dx, b, lanes), acc);
+    }
+    return _mm512_reduce_add_ps(acc) + dot_blocks<C>(qrow, drow, x, 2 * pairs, nb, nb);
+}
+
+template <int C, typename A>
+float dot_row(const uint8_t* qrow, const float* drow, const Row<A>& x, int64_t nb) {
+    if constexpr (sizeof(A) == 2) return dot_row16<C>(qrow, drow, x, nb);
+    else return dot_row8<C>(qrow, drow, x, nb);
+}
+#else
+template <int C, typename A>
+float dot_row(const uint8_t* qrow, const float* drow, const Row<A>& x, int64_t nb) {
+    return dot_blocks<C>(qrow, drow, x, 0, nb, nb);
+}
+#endif
+
+// the min term: sum over blocks of m[b] * sx[b] (Q4_0: m = -8 d; Q8_0: none)
+template <int C, typename A>
+float min_term(const float* drow, const float* mrow, const Row<A>& x, int64_t nb) {
+    if (C == S8 && !mrow) return 0.0f;
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) acc += (mrow ? mrow[b] : -8.0f * drow[b]) * x.sx[b];
+    return acc;
+}
+
+template <int C, typename A>
+void matmul_int(const std::vector<Row<A>>& xs, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N,
+             float* y, int threads) {
+    const int64_t nb = K / QK, B = static_cast<int64_t>(xs.size());
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; ++n) {
+        const uint8_t* qrow = qs + n * nb * block_bytes(C);
+        const float* drow = d + n * nb;
+        const float* mrow = m ? m + n * nb : nullptr;
+        for (int64_t r = 0; r < B; ++r)
+            y[r * N + n] = dot_row<C>(qrow, drow, xs[r], nb) + min_term<C>(drow, mrow, xs[r], nb);
+    }
+}
+
+template <typename A>
+void matmul_rounded(int codes, const float* x, int64_t B, int64_t K, const uint8_t* qs, const float* d,
+                    const float* m, int64_t N, float* y, int threads) {
+    const int64_t nb = K / QK;
+    std::vector<A> q(static_cast<size_t>(B * K));
+    std::vector<float> scales(static_cast<size_t>(2 * B * nb));
+    std::vector<Row<A>> xs(static_cast<size_t>(B));
+    for (int64_t r = 0; r < B; ++r) {
+        float* dx = scales.data() + 2 * r * nb;
+        round_row(x + r * K, K, q.data() + r * K, dx, dx + nb);
+        xs[r] = Row<A>{q.data() + r * K, dx, dx + nb};
+    }
+    if (codes == NIB) matmul_int<NIB>(xs, K, qs, d, m, N, y, threads);
+    else if (codes == S8) matmul_int<S8>(xs, K, qs, d, m, N, y, threads);
+    else matmul_int<U8>(xs, K, qs, d, m, N, y, threads);
+}
+
+}  // namespace
+
+extern "C" {
+
+// as disagg_quant_matmul, with x rounded per block of 32 first: to int8 (bits 8) or int16 (bits 16)
+void disagg_quant_matmul_int(int bits, int codes, const float* x, int64_t B, int64_t K, const uint8_t* qs,
+                             const float* d, const float* m, int64_t N, float* y, int threads) {
+    if (bits == 8) matmul_rounded<int8_t>(codes, x, B, K, qs, d, m, N, y, threads);
+    else matmul_rounded<int16_t>(codes, x, B, K, qs, d, m, N, y, threads);
+}
+
+// 1 when the integer dots run on VNNI here, 0 for the portable loop
+int disagg_quant_int_vnni() { return DISAGG_VNNI; }
+
+}  // extern "C"
