@@ -19,6 +19,9 @@
 #define DISAGG_VNNI 1
 #else
 #define DISAGG_VNNI 0
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #endif
 
 namespace {
@@ -156,6 +159,56 @@ template <int C, typename A>
 float dot_row(const uint8_t* qrow, const float* drow, const Row<A>& x, int64_t nb) {
     if constexpr (sizeof(A) == 2) return dot_row16<C>(qrow, drow, x, nb);
     else return dot_row8<C>(qrow, drow, x, nb);
+}
+#elif defined(__AVX2__)
+// AVX2 without VNNI: one block at a time; `vpmaddwd` (16-bit products summed in pairs) for int16 activations and
+// for 8-bit codes, `vpmaddubsw` for 4-bit codes by int8 (15 * 127 * 2 fits its 16-bit sums; 255 * 127 * 2 would
+// not, so 8-bit codes widen to 16 bits).
+template <int C>
+inline __m256i codes16(const uint8_t* q, int part) {  // codes 16 * part .. 16 * part + 15 of a block, as int16
+    if constexpr (C == NIB) {
+        const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        const __m128i nib = _mm_and_si128(part ? _mm_srli_epi16(t, 4) : t, _mm_set1_epi8(0x0F));
+        return _mm256_cvtepu8_epi16(nib);
+    } else {
+        const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * part));
+        return C == S8 ? _mm256_cvtepi8_epi16(t) : _mm256_cvtepu8_epi16(t);
+    }
+}
+
+template <typename A>
+inline __m256i acts16(const A* q, int64_t b, int part, int64_t nb) {  // activations 16 * part .. of block b
+    const A* p = q + slot(b, 16 * part, nb);
+    if constexpr (sizeof(A) == 2) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    else return _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+template <int C, typename A>
+inline __m256i block_dot(const uint8_t* q, const A* xq, int64_t b, int64_t nb) {  // 8 int32 lanes summing to q.qx
+    if constexpr (C == NIB && sizeof(A) == 1) {
+        const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+        const __m128i mask = _mm_set1_epi8(0x0F);
+        const __m256i w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(t, 4), mask), _mm_and_si128(t, mask));
+        const __m256i a = _mm256_set_m128i(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + slot(b, 16, nb))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + slot(b, 0, nb))));
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(w, a), _mm256_set1_epi16(1));
+    } else {
+        const __m256i lo = _mm256_madd_epi16(codes16<C>(q, 0), acts16(xq, b, 0, nb));
+        return _mm256_add_epi32(lo, _mm256_madd_epi16(codes16<C>(q, 1), acts16(xq, b, 1, nb)));
+    }
+}
+
+template <int C, typename A>
+float dot_row(const uint8_t* qrow, const float* drow, const Row<A>& x, int64_t nb) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const __m256i dot = block_dot<C>(qrow + b * block_bytes(C), x.q, b, nb);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(drow[b] * x.dx[b]), acc);
+    }
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 s = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
 }
 #else
 template <int C, typename A>
