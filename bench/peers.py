@@ -61,7 +61,10 @@ class PeersOptions:
     )
     systems: str = field(
         default="vllm,llamacpp,disagg-agg,disagg-1p1d",
-        metadata={"help": "systems to run, in order (also: disagg-agg-q4, disagg-1p1d-q4: --quantization q4)"},
+        metadata={
+            "help": "systems to run, in order (also: disagg-agg-q4, disagg-1p1d-q4: --quantization q4; "
+            "disagg-agg-q4a16, disagg-1p1d-q4a16: q4 with --quant-activations int16)"
+        },
     )
     workloads: str = field(default="conversation,agent", metadata={"help": "workloads to replay on each"})
     cpus: str = field(default="0,1", metadata={"help": "taskset CPU list every server runs on"})
@@ -178,7 +181,9 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
     )
     for name in ("disagg-agg", "disagg-1p1d"):  # the same systems serving the GGUF's own 4-bit blocks
         ours = next(s for s in out if s.name == name)
-        out.append(replace(ours, name=f"{name}-q4", command=[*ours.command, "--quantization", "q4"]))
+        q4 = [*ours.command, "--quantization", "q4"]
+        out.append(replace(ours, name=f"{name}-q4", command=q4))
+        out.append(replace(ours, name=f"{name}-q4a16", command=[*q4, "--quant-activations", "int16"]))
     wanted = args.systems.split(",")
     return sorted((s for s in out if s.name in wanted), key=lambda s: wanted.index(s.name))
 

@@ -49,6 +49,9 @@ class SpecBenchOptions:
     threads: int = field(default=2, metadata={"help": "torch intra-op threads"})
     file_chars: int = field(default=1500, metadata={"help": "characters of each source file in a prompt"})
     quantization: str = field(default="none", metadata={"help": "weights of both engines (none | int8 | q4)"})
+    quant_activations: str = field(
+        default="float32", metadata={"help": "what quantized weights multiply (float32 | int16 | int8)"}
+    )
     llamacpp_python: str = field(
         default="",
         metadata={"help": "python of a venv with llama-cpp-python: llama.cpp, plain and prompt lookup, at N=1"},
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 model=args.model,
                 speculative=mode,
                 quantization=args.quantization,
+                quant_activations=args.quant_activations,
                 max_num_seqs=max(args.concurrency),
                 num_threads=args.threads,
                 kv_cache_memory_mb=512,
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
             "max_tokens": args.max_tokens,
             "repeats": args.repeats,
             "quantization": args.quantization,
+            "quant_activations": args.quant_activations,
             "rows": rows,
         },
         args.out,

@@ -14,7 +14,11 @@ def _add_generate_options(gen: argparse.ArgumentParser) -> None:
     from disagg.options import add_options
     from disagg.sampling import SamplingParams
 
-    add_options(gen, EngineConfig, only=("model", "device", "max_model_len", "quantization", "kv_dtype", "speculative"))
+    engine_options = (
+        *("model", "device", "max_model_len"),
+        *("quantization", "quant_activations", "kv_dtype", "speculative"),
+    )
+    add_options(gen, EngineConfig, only=engine_options)
     # a local demo: deterministic (greedy) and long enough to read, where an API request's defaults are OpenAI's
     add_options(gen, SamplingParams, only=("max_tokens", "temperature", "top_p", "seed"), defaults=GENERATE_SAMPLING)
 

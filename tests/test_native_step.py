@@ -19,6 +19,7 @@ from test_engine_correctness import _record_logits
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
+from disagg.engine.quant import QuantConfig
 from disagg.engine.sequence import Sequence
 from disagg.protocol import LoRARef, SamplingParams
 from disagg_kernels import cpu_quant
@@ -109,8 +110,8 @@ def test_an_engine_on_the_native_step_gives_the_torch_paths_tokens_and_logits(ti
 
     native.runner.native_step.forward = counted
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    # short prompts prefill in one native step; the 40-token one (> direct_rows) on the torch path
-    prompts = [list(range(3, 3 + n)) for n in (1, 5, 12, 40, 7)]
+    # together, the prompts (105 tokens > direct_rows) prefill on the torch path; then every decode step is native
+    prompts = [list(range(3, 3 + n)) for n in (1, 5, 12, 80, 7)]
     seen_native, seen_torch = _record_logits(native), _record_logits(torch_path)
     got = native.generate(prompts, greedy)
     want = torch_path.generate(prompts, greedy)
@@ -118,7 +119,7 @@ def test_an_engine_on_the_native_step_gives_the_torch_paths_tokens_and_logits(ti
     for a, b in zip(got, want):
         diff = (torch.stack(seen_native[a.request_id]) - torch.stack(seen_torch[b.request_id])).abs().max().item()
         assert diff < 1e-3, f"max |logit diff| {diff:.2e}"
-    assert calls["native"] >= greedy.max_tokens - 1  # every decode step took it (the 65-token prefill did not)
+    assert calls["native"] >= greedy.max_tokens - 1  # every decode step took it (the prefill did not)
     before = calls["native"]
     alone = [[9, 8, 7, 6, 5]]  # prefilled in a native step of its own, then decoded there
     assert native.generate(alone, greedy)[0].token_ids == torch_path.generate(alone, greedy)[0].token_ids
@@ -128,9 +129,9 @@ def test_an_engine_on_the_native_step_gives_the_torch_paths_tokens_and_logits(ti
 def test_which_steps_and_engines_take_the_native_step(tiny_llama_dir):
     engine = _engine(tiny_llama_dir, True)
     step = engine.runner.native_step
-    assert step is not None and step.max_tokens == 16
+    assert step is not None and step.max_tokens == QuantConfig().direct_rows
     seq = Sequence("r", [1, 2, 3], SamplingParams(), block_size=16)
-    assert step.takes(16, [seq]) and not step.takes(17, [seq])
+    assert step.takes(step.max_tokens, [seq]) and not step.takes(step.max_tokens + 1, [seq])
     seq.lora = LoRARef(name="a", path="/nowhere")
     assert not step.takes(1, [seq])  # adapters run on the torch path
     assert _engine(tiny_llama_dir, True, kv_dtype="int8").runner.native_step is None  # an encoded cache

@@ -49,6 +49,7 @@ _ENGINE = (
     "max_model_len",
     "num_threads",
     "quantization",
+    "quant_activations",
     "kv_dtype",
     "speculative",
     "num_speculative_tokens",

@@ -97,69 +97,74 @@ inline __m512i pair_codes(const uint8_t* q) {
     }
 }
 
-// int16 activations: the pair's 64 codes widened to 16 bits, two `vpdpwssd` (32 products each); lanes 0-7 sum
-// block b, 8-15 block b + 1
-template <int C>
-float dot_row16(const uint8_t* qrow, const float* drow, const Row<int16_t>& x, int64_t nb);
-
 // the two blocks' scales d * dx as a vector whose lanes follow `lanes` (0: block b, 1: block b + 1)
-inline __m512 pair_scale(const float* drow, const float* dx, int64_t b, __m512i lanes) {
-    const __m128 s2 = _mm_mul_ps(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(drow + b))),
-                                 _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(dx + b))));
+inline __m512 pair_scale(__m128 dw2, const float* dx, int64_t b, __m512i lanes) {
+    const __m128 s2 = _mm_mul_ps(dw2, _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(dx + b))));
     return _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(s2));
 }
 
-template <int C>
-float dot_row8(const uint8_t* qrow, const float* drow, const Row<int8_t>& x, int64_t nb) {
-    const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
-    __m512 acc = _mm512_setzero_ps();
-    const int64_t pairs = nb / 2;
-    for (int64_t p = 0; p < pairs; ++p) {
-        const int64_t b = 2 * p;
-        __m512i w = pair_codes<C>(qrow + b * block_bytes(C));
-        __m512i a = _mm512_loadu_si512(x.q + b * QK);
-        if constexpr (C == S8) {  // vpdpbusd multiplies unsigned by signed: |w| by x with w's sign
-            const __mmask64 neg = _mm512_movepi8_mask(w);
-            a = _mm512_mask_sub_epi8(a, neg, _mm512_setzero_si512(), a);
-            w = _mm512_abs_epi8(w);
-        }
-        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scale(drow, x.dx, b, lanes), acc);
-    }
-    return _mm512_reduce_add_ps(acc) + dot_blocks<C>(qrow, drow, x, 2 * pairs, nb, nb);
-}
-template <int C>
-float dot_row16(const uint8_t* qrow, const float* drow, const Row<int16_t>& x, int64_t nb) {
-    const __m512i lanes = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    __m512 acc = _mm512_setzero_ps();
-    const int64_t pairs = nb / 2;
-    for (int64_t p = 0; p < pairs; ++p) {
-        const int64_t b = 2 * p;
-        __m256i lo, hi;  // [b0 0:16, b1 0:16] and [b0 16:32, b1 16:32] as bytes
-        if constexpr (C == NIB) {
-            const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + b * block_bytes(C)));
-            const __m256i mask = _mm256_set1_epi8(0x0F);
-            lo = _mm256_and_si256(t, mask);
-            hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), mask);
+constexpr int64_t ROWS = 4;  // rows of x per pass over a weight row: each pair of blocks is unpacked once for them
+
+// out[r] = sum over paired blocks of d dx (q . qx) for `rows` <= ROWS rows of x.  int8: `vpdpbusd` on the pair's 64
+// codes (lanes 0-3 and 8-11 sum block b, the others b + 1); int16: the codes widened to 16 bits, two `vpdpwssd`
+// (lanes 0-7 block b, 8-15 b + 1)
+template <int C, typename A, int64_t R>  // R rows, known at compile time: the accumulators stay in registers
+void dot_pairs_n(const uint8_t* qrow, const float* drow, const Row<A>* xs, int64_t nb, float* out) {
+    const __m512i lanes = sizeof(A) == 1 ? _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0)
+                                         : _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 acc[R];
+    for (int64_t r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const __m512i zero = _mm512_setzero_si512();
+    for (int64_t b = 0; b + 1 < nb; b += 2) {
+        const uint8_t* q = qrow + b * block_bytes(C);
+        const __m128 dw2 = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(drow + b)));
+        if constexpr (sizeof(A) == 1) {
+            __m512i w = pair_codes<C>(q);
+            __mmask64 neg = 0;
+            if constexpr (C == S8) {  // vpdpbusd multiplies unsigned by signed: |w| by x with w's sign
+                neg = _mm512_movepi8_mask(w);
+                w = _mm512_abs_epi8(w);
+            }
+            for (int64_t r = 0; r < R; ++r) {
+                __m512i a = _mm512_loadu_si512(xs[r].q + b * QK);
+                if constexpr (C == S8) a = _mm512_mask_sub_epi8(a, neg, zero, a);
+                const __m512i dot = _mm512_dpbusd_epi32(zero, w, a);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scale(dw2, xs[r].dx, b, lanes), acc[r]);
+            }
         } else {
-            const __m512i t = pair_codes<C>(qrow + b * block_bytes(C));
-            lo = _mm512_castsi512_si256(t);
-            hi = _mm512_extracti64x4_epi64(t, 1);
+            __m256i lo, hi;  // [b0 0:16, b1 0:16] and [b0 16:32, b1 16:32] as bytes
+            if constexpr (C == NIB) {
+                const __m256i t = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+                const __m256i mask = _mm256_set1_epi8(0x0F);
+                lo = _mm256_and_si256(t, mask);
+                hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), mask);
+            } else {
+                const __m512i t = pair_codes<C>(q);
+                lo = _mm512_castsi512_si256(t);
+                hi = _mm512_extracti64x4_epi64(t, 1);
+            }
+            const __m512i wlo = C == S8 ? _mm512_cvtepi8_epi16(lo) : _mm512_cvtepu8_epi16(lo);
+            const __m512i whi = C == S8 ? _mm512_cvtepi8_epi16(hi) : _mm512_cvtepu8_epi16(hi);
+            for (int64_t r = 0; r < R; ++r) {
+                const A* xq = xs[r].q + b * QK;
+                __m512i dot = _mm512_dpwssd_epi32(zero, wlo, _mm512_loadu_si512(xq));
+                dot = _mm512_dpwssd_epi32(dot, whi, _mm512_loadu_si512(xq + 32));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scale(dw2, xs[r].dx, b, lanes), acc[r]);
+            }
         }
-        const __m512i wlo = C == S8 ? _mm512_cvtepi8_epi16(lo) : _mm512_cvtepu8_epi16(lo);
-        const __m512i whi = C == S8 ? _mm512_cvtepi8_epi16(hi) : _mm512_cvtepu8_epi16(hi);
-        __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wlo, _mm512_loadu_si512(x.q + b * QK));
-        dot = _mm512_dpwssd_epi32(dot, whi, _mm512_loadu_si512(x.q + b * QK + 32));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), pair_scale(drow, x.dx, b, lanes), acc);
     }
-    return _mm512_reduce_add_ps(acc) + dot_blocks<C>(qrow, drow, x, 2 * pairs, nb, nb);
+    for (int64_t r = 0; r < R; ++r)
+        out[r] = _mm512_reduce_add_ps(acc[r]) + dot_blocks<C>(qrow, drow, xs[r], nb & ~int64_t{1}, nb, nb);
 }
 
 template <int C, typename A>
-float dot_row(const uint8_t* qrow, const float* drow, const Row<A>& x, int64_t nb) {
-    if constexpr (sizeof(A) == 2) return dot_row16<C>(qrow, drow, x, nb);
-    else return dot_row8<C>(qrow, drow, x, nb);
+void dot_pairs(const uint8_t* qrow, const float* drow, const Row<A>* xs, int64_t rows, int64_t nb, float* out) {
+    if (rows == 4) dot_pairs_n<C, A, 4>(qrow, drow, xs, nb, out);
+    else if (rows == 3) dot_pairs_n<C, A, 3>(qrow, drow, xs, nb, out);
+    else if (rows == 2) dot_pairs_n<C, A, 2>(qrow, drow, xs, nb, out);
+    else dot_pairs_n<C, A, 1>(qrow, drow, xs, nb, out);
 }
+
 #elif defined(__AVX2__)
 // AVX2 without VNNI: one block at a time; `vpmaddwd` (16-bit products summed in pairs) for int16 activations and
 // for 8-bit codes, `vpmaddubsw` for 4-bit codes by int8 (15 * 127 * 2 fits its 16-bit sums; 255 * 127 * 2 would
@@ -218,6 +223,14 @@ float dot_row(const uint8_t* qrow, const float* drow, const Row<A>& x, int64_t n
 #endif
 
 // the min term: sum over blocks of m[b] * sx[b] (Q4_0: m = -8 d; Q8_0: none)
+#if !DISAGG_VNNI
+constexpr int64_t ROWS = 4;
+template <int C, typename A>
+void dot_pairs(const uint8_t* qrow, const float* drow, const Row<A>* xs, int64_t rows, int64_t nb, float* out) {
+    for (int64_t r = 0; r < rows; ++r) out[r] = dot_row<C>(qrow, drow, xs[r], nb);
+}
+#endif
+
 template <int C, typename A>
 float min_term(const float* drow, const float* mrow, const Row<A>& x, int64_t nb) {
     if (C == S8 && !mrow) return 0.0f;
@@ -235,8 +248,13 @@ void matmul_int(const std::vector<Row<A>>& xs, int64_t K, const uint8_t* qs, con
         const uint8_t* qrow = qs + n * nb * block_bytes(C);
         const float* drow = d + n * nb;
         const float* mrow = m ? m + n * nb : nullptr;
-        for (int64_t r = 0; r < B; ++r)
-            y[r * N + n] = dot_row<C>(qrow, drow, xs[r], nb) + min_term<C>(drow, mrow, xs[r], nb);
+        for (int64_t r0 = 0; r0 < B; r0 += ROWS) {
+            const int64_t rows = B - r0 < ROWS ? B - r0 : ROWS;
+            float out[ROWS];
+            dot_pairs<C>(qrow, drow, xs.data() + r0, rows, nb, out);
+            for (int64_t r = 0; r < rows; ++r)
+                y[(r0 + r) * N + n] = out[r] + min_term<C>(drow, mrow, xs[r0 + r], nb);
+        }
     }
 }
 
