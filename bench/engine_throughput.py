@@ -158,7 +158,7 @@ def verdict(ours: list[float], theirs: list[float], goal: float = 1.0) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(parser, EngineConfig, only=("model",))
+    add_options(parser, EngineConfig, only=("model", "quantization", "quant_activations"))
     add_options(parser, EngineThroughputOptions)
     args = parser.parse_args(argv)
     cpus = os.sched_getaffinity(0)
@@ -166,7 +166,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--threads {args.threads} but this process may run on {len(cpus)} CPUs")
     bind = ",".join(str(c) for c in sorted(cpus)[: args.threads])
 
-    config = EngineConfig(model=args.model, max_num_seqs=max(args.concurrency), num_threads=args.threads)
+    config = EngineConfig(
+        model=args.model,
+        quantization=args.quantization,
+        quant_activations=args.quant_activations,
+        max_num_seqs=max(args.concurrency),
+        num_threads=args.threads,
+    )
     runner, tokenizer = load_model(config)
     engine = LLMEngine(config, runner, tokenizer)
     run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
@@ -220,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         {
             "benchmark": "engine_throughput",
             "model": engine.config.model,
+            "quantization": args.quantization,
+            "quant_activations": args.quant_activations,
             "device": str(engine.device),
             "max_tokens": args.max_tokens,
             "threads": args.threads,
