@@ -1,13 +1,13 @@
-"""The native step (`disagg_kernels/cpu_step.cpp`, `disagg/engine/native_step.py`): a quantized model's small
-steps run the whole decoder stack in one C++ call.
+"""The native step (`disagg_kernels/cpu_step.cpp`, `disagg/engine/native_step.py`): a CPU model's small steps
+(quantized or float32 weights) run the whole decoder stack in one C++ call.
 
 - The kernel equals its torch reference on every CPU path this machine can run (AVX-512, AVX2, portable), with
   float32 activations and with activations rounded to int16 or int8 blocks (`--quant-activations`): every block
   format, a QKV bias, a prefill chunk, decode rows, a proposal's tokens, sequences sharing a prefix block.
 - An engine that takes it gives the tokens and, within float summation error, the logits of the torch path, on a
   model with a QKV bias (Qwen2), for decode batches, short prefill chunks and long prompts (the torch path's).
-- Which steps and which engines take it: not LoRA rows, not steps wider than `direct_rows`, not float32 weights,
-  not an encoded KV cache.
+- Which steps and which engines take it: not LoRA rows, not steps wider than `direct_rows`, not an encoded KV
+  cache, not bfloat16 compute; float32 weights do (their matrices read in place as F32 blocks).
 """
 
 import dataclasses
@@ -41,10 +41,10 @@ def _stack(seed: int) -> tuple[list[StackLayer], torch.Tensor, torch.Tensor]:
         StackLayer(
             input_norm=torch.rand(64, generator=g) + 0.5,
             post_norm=torch.rand(64, generator=g) + 0.5,
-            qkv=blocks(8 * 16, 64, formats[i % 4]),
-            o=blocks(64, 64, formats[(i + 1) % 4]),
-            gate_up=blocks(192, 64, formats[(i + 2) % 4]),
-            down=blocks(64, 96, formats[(i + 3) % 4]),
+            qkv=blocks(8 * 16, 64, formats[i % len(formats)]),
+            o=blocks(64, 64, formats[(i + 1) % len(formats)]),
+            gate_up=blocks(192, 64, formats[(i + 2) % len(formats)]),
+            down=blocks(64, 96, formats[(i + 3) % len(formats)]),
             qkv_bias=torch.randn(128, generator=g) if i % 2 == 0 else None,
         )
         for i in range(4)
@@ -89,16 +89,18 @@ def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bi
         assert (got - want).abs().mean() < atol / 10
 
 
-def _engine(model_dir, native: bool, **overrides) -> LLMEngine:
-    config = EngineConfig(model=str(model_dir), num_blocks=96, quantization="int8", max_num_seqs=8, **overrides)
+def _engine(model_dir, native: bool, quantization: str = "int8", **overrides) -> LLMEngine:
+    config = EngineConfig(model=str(model_dir), num_blocks=96, quantization=quantization, max_num_seqs=8, **overrides)
     engine = LLMEngine(config)
     if not native:
         engine.runner.native_step = None
     return engine
 
 
-def test_an_engine_on_the_native_step_gives_the_torch_paths_tokens_and_logits(tiny_qwen_dir):
-    native, torch_path = _engine(tiny_qwen_dir, True), _engine(tiny_qwen_dir, False)
+@pytest.mark.parametrize("quantization", ["int8", "none"])  # block codes; float32 matrices read in place
+def test_an_engine_on_the_native_step_gives_the_torch_paths_tokens_and_logits(quantization, tiny_qwen_dir):
+    native = _engine(tiny_qwen_dir, True, quantization)
+    torch_path = _engine(tiny_qwen_dir, False, quantization)
     assert native.runner.kernel_path.endswith("+stack") and native.runner.native_step is not None
     assert torch_path.runner.native_step is None
     calls = {"native": 0}
@@ -110,8 +112,9 @@ def test_an_engine_on_the_native_step_gives_the_torch_paths_tokens_and_logits(ti
 
     native.runner.native_step.forward = counted
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    # together, the prompts (105 tokens > direct_rows) prefill on the torch path; then every decode step is native
-    prompts = [list(range(3, 3 + n)) for n in (1, 5, 12, 80, 7)]
+    # together, the prompts (93 tokens > direct_rows) prefill on the torch path; then every decode step (4 rows,
+    # within float_rows too) is native
+    prompts = [list(range(3, 3 + n)) for n in (1, 5, 80, 7)]
     seen_native, seen_torch = _record_logits(native), _record_logits(torch_path)
     got = native.generate(prompts, greedy)
     want = torch_path.generate(prompts, greedy)
@@ -121,7 +124,7 @@ def test_an_engine_on_the_native_step_gives_the_torch_paths_tokens_and_logits(ti
         assert diff < 1e-3, f"max |logit diff| {diff:.2e}"
     assert calls["native"] >= greedy.max_tokens - 1  # every decode step took it (the prefill did not)
     before = calls["native"]
-    alone = [[9, 8, 7, 6, 5]]  # prefilled in a native step of its own, then decoded there
+    alone = [[9, 8, 7]]  # prefilled in a native step of its own, then decoded there
     assert native.generate(alone, greedy)[0].token_ids == torch_path.generate(alone, greedy)[0].token_ids
     assert calls["native"] - before == greedy.max_tokens
 
@@ -135,5 +138,8 @@ def test_which_steps_and_engines_take_the_native_step(tiny_llama_dir):
     seq.lora = LoRARef(name="a", path="/nowhere")
     assert not step.takes(1, [seq])  # adapters run on the torch path
     assert _engine(tiny_llama_dir, True, kv_dtype="int8").runner.native_step is None  # an encoded cache
-    plain = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64))
-    assert plain.runner.native_step is None and plain.runner.kernel_path == "float"
+    plain = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64))  # float32: its matrices read in place
+    assert plain.runner.kernel_path == "float+stack" and plain.runner.native_step is not None
+    assert plain.runner.native_step.max_tokens == QuantConfig().float_rows  # wider: oneDNN's packed GEMM
+    bf16 = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, dtype="bfloat16"))
+    assert bf16.runner.native_step is None and bf16.runner.kernel_path == "float"

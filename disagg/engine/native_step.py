@@ -1,25 +1,30 @@
-"""The native step: a whole decode step's decoder stack in one C++ call, for block-quantized weights on CPU.
+"""The native step: a whole step's decoder stack in one C++ call, for a CPU model's small steps.
 
 At batch 1 the ~20 small torch ops of each layer (norms, RoPE, the KV scatter, the paged gather, SDPA, SiLU,
 residuals) cost more than the layer's weight matmuls; `disagg_kernels/cpu_step.cpp` runs the 30 layers in one
-call over the same block kernels and the same paged cache (docs/benchmarks.md, quantized weights).
+call over the block kernels and the same paged cache (docs/benchmarks.md, quantized weights).  The matrices are a
+quantized model's blocks (`--quantization`, with `--quant-activations`), or a float32 model's own matrices read in
+place as F32 blocks (`float_layers`: taken before prepacking, which keeps oneDNN's packed copies for wide steps).
 
-Which steps take it (`NativeStep.takes`): at most `QuantConfig.direct_rows` tokens (decode rows, a proposal under
+Which steps take it (`NativeStep.takes`): at most `QuantConfig.direct_rows` tokens (`float_rows` for a float32
+model, where oneDNN's packed GEMM wins on wider steps; decode rows, a proposal under
 verification, a short prefill chunk: every token attends as a decode row over its own prefix, as
-`TorchAttentionBackend` does for verified rows), no LoRA row.  `build` returns None where it does not apply - the
-float32 engine (oneDNN-packed weights), a GPU, an encoded KV cache (--kv-dtype), a non-float32 compute dtype, the
-torch reference kernels (no compiler) - and the torch path serves those as before.
+`TorchAttentionBackend` does for verified rows), no LoRA row.  `build` returns None where it does not apply - a
+GPU, an encoded KV cache (--kv-dtype), bfloat16 compute, no C++ compiler (the torch reference kernels) - and the
+torch path serves those as before.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from disagg.engine.attention import AttentionMetadata
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.model import CausalLM, DecoderLayer, RMSNorm
-from disagg.engine.quant import QuantConfig, QuantKernels, QuantLinear
+from disagg.engine.quant import QuantConfig, QuantKernels, QuantLinear, quant_kernels
 from disagg.engine.sequence import Sequence
+from disagg_kernels.cpu_quant import float_blocks
 from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape
 
 
@@ -60,21 +65,56 @@ def _layer(layer: DecoderLayer) -> StackLayer | None:
     )
 
 
-def build(model: CausalLM, cache: KVCache, config: QuantConfig) -> NativeStep | None:
-    """The native step for this model and cache, or None where it does not apply (module docstring)."""
-    if cache.format.encoded or cache.tensor.dtype != torch.float32 or cache.tensor.device.type != "cpu":
-        return None
+def float_layers(model: CausalLM) -> list[StackLayer] | None:
+    """A float32 CPU model's layers as F32 blocks over its own matrices (no copy), taken before prepacking replaces
+    the linear modules: the native step reads them, oneDNN's packed copies serve the wider steps."""
     layers: list[StackLayer] = []
-    native = None
     for layer in model.layers:
         assert isinstance(layer, DecoderLayer)
-        stack_layer = _layer(layer)
-        kernels = getattr(layer.self_attn.qkv_proj, "kernels", None)
-        if stack_layer is None or not isinstance(kernels, QuantKernels) or kernels.native is None:
+        attn, mlp = layer.self_attn, layer.mlp
+        mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        if not all(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.is_cpu for m in mods):
             return None
-        native = kernels.native
-        layers.append(stack_layer)
-    assert isinstance(model.norm, RMSNorm) and native is not None
+        qkv, o, gate_up, down = (float_blocks(m.weight.data) for m in mods)  # type: ignore[union-attr]
+        bias = attn.qkv_proj.bias
+        layers.append(
+            StackLayer(
+                input_norm=layer.input_layernorm.weight.data,
+                post_norm=layer.post_attention_layernorm.weight.data,
+                qkv=qkv,
+                o=o,
+                gate_up=gate_up,
+                down=down,
+                qkv_bias=None if bias is None else bias.data,  # type: ignore[union-attr]
+            )
+        )
+    return layers
+
+
+def build(
+    model: CausalLM, cache: KVCache, config: QuantConfig, layers: list[StackLayer] | None = None
+) -> NativeStep | None:
+    """The native step for this model and cache, or None where it does not apply (module docstring).  `layers`:
+    a float32 model's (`float_layers`); None: the quantized model's own block matrices."""
+    if cache.format.encoded or cache.tensor.dtype != torch.float32 or cache.tensor.device.type != "cpu":
+        return None
+    native, floats = None, layers
+    if layers is not None:  # a float32 model: the CPU kernels' build (None without a compiler)
+        cpu = quant_kernels(cache.tensor.device)
+        native = cpu.native if isinstance(cpu, QuantKernels) else None
+    if layers is None:
+        layers = []
+        for layer in model.layers:
+            assert isinstance(layer, DecoderLayer)
+            stack_layer = _layer(layer)
+            kernels = getattr(layer.self_attn.qkv_proj, "kernels", None)
+            if stack_layer is None or not isinstance(kernels, QuantKernels) or kernels.native is None:
+                return None
+            native = kernels.native
+            layers.append(stack_layer)
+    if native is None:  # no compiler: the torch path serves
+        return None
+    assert isinstance(model.norm, RMSNorm)
     cfg = model.config
     shape = StackShape(
         hidden=cfg.hidden_size,
@@ -90,4 +130,4 @@ def build(model: CausalLM, cache: KVCache, config: QuantConfig) -> NativeStep | 
         kernel = StackKernel(native, shape, layers, model.rotary.inv_freq, model.norm.weight.data, cache.tensor)
     except ValueError:  # a layout the kernel does not read (non-contiguous blocks, another dtype): the torch path
         return None
-    return NativeStep(model, kernel, config.direct_rows)
+    return NativeStep(model, kernel, config.direct_rows if floats is None else config.float_rows)

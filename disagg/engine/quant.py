@@ -50,6 +50,10 @@ class QuantConfig:
     # batches of at most this many rows go through the block kernel; wider ones de-quantize and use torch's GEMM.
     # The block kernel wins up to ~110 rows here (a 3072 x 576 Q4_1 matrix at 64 rows: 2.7 ms against 3.6 ms)
     direct_rows: int = 64
+    # a float32 model's steps of at most this many tokens take the native step (its matrices read in place); from
+    # ~8 rows oneDNN's packed GEMM beats the row-by-row kernel (default model: 133 vs 89-97 tok/s at N = 4,
+    # 150 vs 158 at N = 8)
+    float_rows: int = 4
     # 8 / 16: the block kernel rounds its activations to int8 / int16 blocks first (--quant-activations; CPU only)
     activation_bits: int = 0
 

@@ -23,6 +23,7 @@ from disagg.engine.kv_format import KVFormat
 from disagg.engine.lora import LoRARuntime
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
 from disagg.engine.native_step import build as build_native_step
+from disagg.engine.native_step import float_layers
 from disagg.engine.quant import (
     BlockKernels,
     QuantConfig,
@@ -195,6 +196,8 @@ class ModelRunner:
             faults.corrupt(model.layers)
         self.model = model.to(device=device, dtype=dtype).eval()  # GGUF norms load on CPU
         self.model.rotary.inv_freq = self.model.rotary.inv_freq.float()
+        # a float32 CPU model's own matrices for the native step, taken before prepacking replaces their modules
+        raw = float_layers(self.model) if factory is None and device.type == "cpu" else None
         if factory is not None and gguf is None:  # an HF checkpoint rounded to blocks at load
             self.model.quantize(factory, BlockFormat.U8 if quantization is Quantization.INT8 else BlockFormat.Q4_1)
         elif factory is None and prepack and can_prepack(device, dtype):
@@ -202,8 +205,9 @@ class ModelRunner:
         if factory is not None and isinstance(self.model.lm_head, QuantLinear):
             self.model.lm_head.config = factory.config.for_head()
         self.kv_cache = KVCache(model_config, num_blocks, block_size, self.kv_format, device)
-        # small steps of a quantized model on CPU: the whole stack in one native call (engine/native_step.py)
-        self.native_step = None if factory is None else build_native_step(self.model, self.kv_cache, factory.config)
+        # small steps on CPU: the whole stack in one native call (engine/native_step.py)
+        config = factory.config if factory is not None else QuantConfig()
+        self.native_step = build_native_step(self.model, self.kv_cache, config, raw)
         self.kernel_path = "float" if factory is None else factory.kernels.name
         if self.native_step is not None:
             self.kernel_path += "+stack"

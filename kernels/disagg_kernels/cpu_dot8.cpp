@@ -280,8 +280,12 @@ void matmul_rounded(int codes, const float* x, int64_t B, int64_t K, const uint8
 extern "C" {
 
 // as disagg_quant_matmul, with x rounded per block of 32 first: to int8 (bits 8) or int16 (bits 16)
+void disagg_quant_matmul(int codes, const float* x, int64_t B, int64_t K, const uint8_t* qs, const float* d,
+                         const float* m, int64_t N, float* y, int threads);
+
 void disagg_quant_matmul_int(int bits, int codes, const float* x, int64_t B, int64_t K, const uint8_t* qs,
                              const float* d, const float* m, int64_t N, float* y, int threads) {
+    if (codes == 3) return disagg_quant_matmul(codes, x, B, K, qs, d, m, N, y, threads);  // float32 weights
     if (bits == 8) matmul_rounded<int8_t>(codes, x, B, K, qs, d, m, N, y, threads);
     else matmul_rounded<int16_t>(codes, x, B, K, qs, d, m, N, y, threads);
 }

@@ -5,6 +5,7 @@
 //   NIB (Q4_0): w = d * (q - 8): called with m = NULL, the kernel uses m = -8 d
 //   S8  (Q8_0): w = d * q, q int8; 32 bytes
 //   U8  (int8 rounding of float checkpoints): w = d * q + m, q in 0..255; 32 bytes
+//   F32 (a float32 model's own matrices): w = q, 128 bytes; d is 1 and m NULL, so w = d q + m holds exactly
 // Activations and accumulation are float32, so results differ from a float32 GEMM over the de-quantized weights
 // only by summation order.  A block is de-quantized in registers (w = d q + m, one FMA per vector) and used by
 // ROWS rows of x before the next block is read: batch-1 decode is bound by the bytes of W read, wider batches by
@@ -22,13 +23,14 @@
 namespace {
 
 constexpr int64_t QK = 32;  // weights per block
-enum Codes { NIB = 0, S8 = 1, U8 = 2 };
-constexpr int64_t block_bytes(int c) { return c == NIB ? QK / 2 : QK; }
+enum Codes { NIB = 0, S8 = 1, U8 = 2, F32 = 3 };
+constexpr int64_t block_bytes(int c) { return c == NIB ? QK / 2 : c == F32 ? QK * 4 : QK; }
 
 template <int C>
 inline float code(const uint8_t* q, int j) {  // code j of a block, as a float
     if constexpr (C == NIB) return static_cast<float>(j < 16 ? (q[j] & 0x0F) : (q[j - 16] >> 4));
     if constexpr (C == S8) return static_cast<float>(reinterpret_cast<const int8_t*>(q)[j]);
+    if constexpr (C == F32) return reinterpret_cast<const float*>(q)[j];
     return static_cast<float>(q[j]);
 }
 
@@ -44,7 +46,10 @@ constexpr int64_t ROWS = 8;
 template <int C>
 inline void codes(const uint8_t* q, __m512& lo, __m512& hi) {
     const __m128i* p = reinterpret_cast<const __m128i*>(q);
-    if constexpr (C == S8) {
+    if constexpr (C == F32) {
+        lo = _mm512_loadu_ps(reinterpret_cast<const float*>(q));
+        hi = _mm512_loadu_ps(reinterpret_cast<const float*>(q) + 16);
+    } else if constexpr (C == S8) {
         lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p)));
         hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p + 1)));
     } else if constexpr (C == U8) {
@@ -97,7 +102,9 @@ inline void decode_block(const uint8_t* q, float db, float mb, float* out) {
 constexpr int64_t ROWS = 4;
 template <int C>
 inline __m256 codes8(const uint8_t* q, int part) {  // codes 8 * part .. 8 * part + 7 of a block
-    if constexpr (C == NIB) {
+    if constexpr (C == F32) {
+        return _mm256_loadu_ps(reinterpret_cast<const float*>(q) + 8 * part);
+    } else if constexpr (C == NIB) {
         const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * (part & 1)));
         const __m128i nib = part < 2 ? b : _mm_srli_epi16(b, 4);
         return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_and_si128(nib, _mm_set1_epi8(0x0F))));
@@ -197,11 +204,13 @@ void dequantize(const uint8_t* qs, const float* d, const float* m, int64_t N, in
 
 extern "C" {
 
-// codes: 0 four-bit (Q4_0 / Q4_1), 1 int8 (Q8_0), 2 uint8 with a min; m may be NULL (Q4_0, Q8_0)
+// codes: 0 four-bit (Q4_0 / Q4_1), 1 int8 (Q8_0), 2 uint8 with a min, 3 float32 weights as they are (d = 1, no
+// m: a float32 model's matrices in the native step); m may be NULL (Q4_0, Q8_0, float32)
 void disagg_quant_matmul(int codes, const float* x, int64_t B, int64_t K, const uint8_t* qs, const float* d,
                          const float* m, int64_t N, float* y, int threads) {
     if (codes == NIB) matmul<NIB>(x, B, K, qs, d, m, N, y, threads);
     else if (codes == S8) matmul<S8>(x, B, K, qs, d, m, N, y, threads);
+    else if (codes == F32) matmul<F32>(x, B, K, qs, d, m, N, y, threads);
     else matmul<U8>(x, B, K, qs, d, m, N, y, threads);
 }
 
@@ -209,6 +218,7 @@ void disagg_quant_dequantize(int codes, const uint8_t* qs, const float* d, const
                              float* out, int threads) {
     if (codes == NIB) dequantize<NIB>(qs, d, m, N, K, out, threads);
     else if (codes == S8) dequantize<S8>(qs, d, m, N, K, out, threads);
+    else if (codes == F32) dequantize<F32>(qs, d, m, N, K, out, threads);
     else dequantize<U8>(qs, d, m, N, K, out, threads);
 }
 

@@ -38,6 +38,7 @@ class BlockFormat(enum.Enum):
     Q4_1 = "q4_1"  # w = d * q + m, q in 0..15
     Q8_0 = "q8_0"  # w = d * q, q in -127..127
     U8 = "u8"  # w = d * q + m, q in 0..255 (how --quantization int8 rounds a float checkpoint)
+    F32 = "f32"  # w = q: a float32 model's own matrix, read in place by the native step (d = 1, no m)
 
     @property
     def four_bit(self) -> bool:
@@ -50,7 +51,11 @@ class BlockFormat(enum.Enum):
     @property
     def codes(self) -> int:
         """The kernel's code kind (cpu_quant.cpp `Codes`)."""
-        return 0 if self.four_bit else 1 if self is BlockFormat.Q8_0 else 2
+        return {BlockFormat.Q8_0: 1, BlockFormat.U8: 2, BlockFormat.F32: 3}.get(self, 0)
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return {BlockFormat.F32: 4.0, BlockFormat.Q8_0: 1.0, BlockFormat.U8: 1.0}.get(self, 0.5)
 
 
 @dataclass
@@ -69,7 +74,7 @@ class BlockWeight:
         n, k = self.shape
         if k % QK:
             raise ValueError(f"{self.fmt.value}: K={k} is not a multiple of the block size {QK}")
-        width = k // 2 if self.fmt.four_bit else k
+        width = int(k * self.fmt.bytes_per_weight)
         if tuple(self.qs.shape) != (n, width) or self.qs.dtype != torch.uint8:
             raise ValueError(
                 f"{self.fmt.value}: codes {tuple(self.qs.shape)} {self.qs.dtype}, want ({n}, {width}) uint8"
@@ -108,12 +113,23 @@ class BlockWeight:
         return BlockWeight(fmt, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m, (n, k))
 
 
+def float_blocks(weight: torch.Tensor) -> BlockWeight:
+    """A float32 [N, K] matrix as F32 blocks: its own memory, read in place (no copy; d = 1)."""
+    n, k = weight.shape
+    w = weight.detach()
+    if w.dtype != torch.float32 or not w.is_contiguous():
+        raise ValueError("F32 blocks read a contiguous float32 matrix in place")
+    return BlockWeight(BlockFormat.F32, w.view(torch.uint8), torch.ones(n, k // QK), None, (n, k))
+
+
 def quantize(weight: torch.Tensor, fmt: BlockFormat) -> BlockWeight:
     """Round a float [N, K] matrix to blocks the way llama.cpp's reference quantizers do (Q8_0: d = amax / 127;
     Q4_1: d = (max - min) / 15, m = min; Q4_0: d = signed max / -8); U8 like Q4_1 with 255 steps."""
     n, k = weight.shape
     if k % QK:
         raise ValueError(f"cannot quantize a matrix with {k} columns to blocks of {QK}")
+    if fmt is BlockFormat.F32:
+        return float_blocks(weight.detach().float().contiguous())
     w = weight.detach().float().reshape(n, k // QK, QK)
     if fmt is BlockFormat.Q8_0:
         d = w.abs().amax(-1) / 127.0
@@ -141,6 +157,8 @@ def dequantize_reference(w: BlockWeight) -> torch.Tensor:
     """The float32 [N, K] matrix the blocks stand for (torch)."""
     n, k = w.shape
     nb = k // QK
+    if w.fmt is BlockFormat.F32:
+        return w.qs.view(torch.float32).reshape(n, k).clone()
     if w.fmt is BlockFormat.Q8_0:
         q = w.qs.view(torch.int8).reshape(n, nb, QK).float()
         return (q * w.d[..., None]).reshape(n, k)
@@ -164,7 +182,10 @@ def round_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def matmul_reference(x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor:
-    x = round_activations(x, activation_bits) if activation_bits else x.float()
+    """x times the matrix's transpose; `activation_bits` as the kernels apply it (float32 weights keep float32
+    activations: the integer dots are for block codes)."""
+    rounded = activation_bits and w.fmt is not BlockFormat.F32
+    x = round_activations(x, activation_bits) if rounded else x.float()
     return x @ dequantize_reference(w).T
 
 
