@@ -15,7 +15,7 @@ from disagg_kernels.cpu_quant import BlockFormat, matmul_reference, quantize
 from disagg_kernels.quant_triton import block_matmul_triton
 
 
-@pytest.mark.parametrize("fmt", list(BlockFormat))
+@pytest.mark.parametrize("fmt", [f for f in BlockFormat if f is not BlockFormat.F32])  # F32: the CPU step's
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_block_matmul_equals_the_reference(fmt, dtype):
     gen = torch.Generator().manual_seed(0)

@@ -78,6 +78,8 @@ def block_matmul_triton(x: torch.Tensor, w: BlockWeight) -> torch.Tensor:
     n = w.shape[0]
     if k != w.shape[1]:
         raise ValueError(f"matmul of {tuple(x.shape)} with a ({n}, {w.shape[1]}) block matrix")
+    if w.fmt is BlockFormat.F32:  # the CPU native step's view of float32 weights; a GPU runs those through torch
+        raise ValueError("F32 blocks are read by the CPU kernels only")
     x = x.contiguous()
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     codes = 0 if w.fmt.four_bit else 1 if w.fmt is BlockFormat.Q8_0 else 2
