@@ -55,3 +55,10 @@ def pd_service(smollm_dir):
     yield svc
     svc.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def kernel_builds(tmp_path_factory):
+    """One build directory for the native kernels' test builds (AVX-512, AVX2, portable): each is compiled once
+    per session, keyed by its sources and flags, as the engine's own cache is."""
+    return tmp_path_factory.mktemp("kernel-builds")

@@ -60,12 +60,12 @@ STEPS = [([0, 1, 2, 3, 4, 5], [0] * 6), ([0, 1, 2], [1, 1, 1]), ([6, 3], [0, 1])
 
 @pytest.mark.parametrize("bits", [0, 16, 8])  # float32 activations, then rounded to int16 / int8 blocks
 @pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
-def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bits, tmp_path):
+def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bits, kernel_builds):
     if cpu_quant._compiler() is None:
         pytest.skip("no C++ compiler on this machine (the torch path serves)")
     if march == "haswell" and " avx2" not in FLAGS:
         pytest.skip("this CPU has no AVX2")
-    native, why = load_native(tmp_path, march)
+    native, why = load_native(kernel_builds, march)
     assert native is not None, why
     layers, inv_freq, final_norm = _stack(0)
     kv_kernel = torch.zeros(10, len(layers), 2, SHAPE.block_size, SHAPE.kv_heads, SHAPE.head_dim)

@@ -33,12 +33,12 @@ FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else
 
 
 @pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
-def test_kernels_equal_the_torch_reference_on_every_cpu_path(march, tmp_path):
+def test_kernels_equal_the_torch_reference_on_every_cpu_path(march, kernel_builds):
     if cpu_quant._compiler() is None:
         pytest.skip("no C++ compiler on this machine (the torch reference serves; tested below)")
     if march == "haswell" and " avx2" not in FLAGS:
         pytest.skip("this CPU has no AVX2")
-    kernels, why = load_native(tmp_path, march)
+    kernels, why = load_native(kernel_builds, march)
     assert kernels is not None, why
     expected = {"haswell": "avx2", "x86-64": "portable"}.get(march)
     assert expected is None or kernels.isa == expected
