@@ -26,6 +26,7 @@ the next call).  Default rates, derived from the cluster (docs/benchmarks.md "De
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import random
 import statistics
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from bench.common import emit, print_table
 from disagg.config import EngineConfig
 from disagg.options import add_options, from_options
-from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Tier, hash_prompt_blocks
+from disagg.protocol import EventKind, KVEvent, KVEventBatch, KVEventPage, Request, Tier, hash_prompt_blocks
 from disagg.router.decision import Decision
 from disagg.workload.metrics import percentile
 
@@ -62,6 +63,14 @@ class ScaleOptions:
     )
     decision_rate: float | None = field(
         default=None, metadata={"help": "requests/s routed (default: derived; 0: back to back)"}
+    )
+    ingest: str = field(
+        default="loop",
+        metadata={
+            "choices": ["loop", "thread"],
+            "help": "loop: batches decoded from wire bytes and applied on the routing thread between decisions, "
+            "as the router's event followers do; thread: applied from a second thread (GIL contention)",
+        },
     )
     seed: int = 0
     out: str | None = field(default="bench/results/router_scale.json", metadata={"help": "JSON output"})
@@ -102,22 +111,39 @@ class Cluster:
             request = self.request(i)[0]
             self.book(request, self.core.route(request))
 
-    def publish(self, worker: str, stored: list[int], removed: list[int]) -> int:
-        """One step's batch from `worker`; returns the block-hash events in it."""
+    def batch(self, worker: str, stored: list[int], removed: list[int]) -> KVEventBatch:
+        """One step's batch from `worker` (what it holds moves on as if the batch were applied)."""
         self.seq[worker] += 1
         events = [KVEvent(EventKind.STORED, stored), KVEvent(EventKind.STORED, stored, tier=Tier.CPU)]
         if removed:
             events += [KVEvent(EventKind.REMOVED, removed), KVEvent(EventKind.REMOVED, removed, tier=Tier.CPU)]
-        self.core.on_kv_events(KVEventBatch(worker, self.seq[worker], events))
         self.held[worker].extend(stored)
+        return KVEventBatch(worker, self.seq[worker], events)
+
+    def publish(self, worker: str, stored: list[int], removed: list[int]) -> int:
+        """One step's batch from `worker`, applied; returns the block-hash events in it."""
+        self.core.on_kv_events(self.batch(worker, stored, removed))
         return 2 * (len(stored) + len(removed))
 
-    def step(self, worker: str, blocks: int) -> int:
+    def next_step(self, worker: str, blocks: int) -> tuple[list[int], list[int]]:
         """A prefill step on `worker`: a random chain's leading `blocks` stored, as many of its oldest evicted."""
         chain = self.chains[self.steps_rng.randrange(len(self.chains))]
         held = self.held[worker]
-        removed = [held.popleft() for _ in range(min(blocks, len(held)))]
-        return self.publish(worker, chain[:blocks], removed)
+        return chain[:blocks], [held.popleft() for _ in range(min(blocks, len(held)))]
+
+    def step(self, worker: str, blocks: int) -> int:
+        return self.publish(worker, *self.next_step(worker, blocks))
+
+    def pages(self, count: int, blocks: int) -> list[tuple[bytes, int]]:
+        """`count` step batches round-robin over the workers, each as the wire bytes of the page a follower's
+        long poll returns (one batch a page), with its block-hash events."""
+        workers, out = itertools.cycle(self.names), []
+        for _ in range(count):
+            worker = next(workers)
+            stored, removed = self.next_step(worker, blocks)
+            page = KVEventPage("run", [self.batch(worker, stored, removed)])
+            out.append((page.to_wire(), 2 * (len(stored) + len(removed))))
+        return out
 
     def request(self, i: int) -> tuple[Request, list[int]]:
         c = self.rng.randrange(len(self.chains))
@@ -126,9 +152,10 @@ class Cluster:
         prompt = _tokens(self.seed, c, n * BLOCK) + tail
         return Request(f"r{i}", prompt), self.chains[c][:n]
 
-    def book(self, request: Request, decision: Decision) -> None:
+    def book(self, request: Request, decision: Decision, hashes: list[int] | None = None) -> None:
         """Count a routed request (untimed): the oldest one ends, a younger one passes its first token."""
-        self.tickets.append(self.core.begin(decision, request.num_tokens, self.core.block_hashes(request)))
+        hashes = self.core.block_hashes(request) if hashes is None else hashes
+        self.tickets.append(self.core.begin(decision, request.num_tokens, hashes))
         if len(self.tickets) > self.opts.workers * self.opts.inflight:
             self.core.end(self.tickets.popleft())
         if self.tickets and (middle := self.tickets[len(self.tickets) // 2]).queued:
@@ -160,6 +187,73 @@ def _stats(samples: list[float], scale: float = 1e6) -> dict[str, float]:
 def measure(opts: ScaleOptions, seed: int) -> dict:
     """One run on a fresh core: decision latencies (us) and the ingest rate achieved."""
     cluster = Cluster(opts, seed)
+    return measure_loop(opts, cluster) if opts.ingest == "loop" else measure_thread(opts, cluster)
+
+
+_SPIN_S = 300e-6  # the loop sleeps until this close to an item's arrival, then spins (sleep overshoots by ~0.1 ms)
+
+
+def measure_loop(opts: ScaleOptions, cluster: Cluster) -> dict:
+    """Ingest on the routing thread (`--ingest loop`, the router's way: its event followers apply each page on the
+    serving event loop, between two decisions).  Decisions and event pages arrive on one schedule and are served
+    in arrival order; a decision's latency is counted from its arrival, so the time it waits behind a page being
+    decoded and applied is in it ("from arrival"), beside its own time ("service")."""
+    event_rate, decision_rate = opts.rates()
+    blocks = max(1, opts.step_tokens // BLOCK)
+    requests = [cluster.request(i)[0] for i in range(2 * opts.decisions)]
+    span = len(requests) / decision_rate if decision_rate > 0 else 0.0
+    interval = 2 * blocks * 2 / event_rate if event_rate > 0 else 0.0
+    pages = cluster.pages(int(span / interval) if interval else 0, blocks)
+    arrivals = sorted(
+        [(i / decision_rate if decision_rate > 0 else 0.0, 0, i) for i in range(len(requests))]
+        + [(j * interval, 1, j) for j in range(len(pages))]
+    )
+    # The bench's own data (chains, requests, pages: millions of objects a router does not hold) out of the
+    # collector's generations, so a collection costs what the router's own heap costs; the product's index is in
+    # C++ and adds nothing to it.
+    gc.collect()
+    gc.freeze()
+    core, clock = cluster.core, time.perf_counter
+    service: dict[str, list[float]] = {"route_us": [], "decision_us": []}
+    waited: dict[str, list[float]] = {"route_us": [], "decision_us": []}
+    applied, began = [0, 0], clock()
+    for due_s, kind, i in arrivals:
+        due = began + due_s
+        if (ahead := due - clock()) > _SPIN_S:
+            time.sleep(ahead - _SPIN_S)
+        while clock() < due:
+            pass
+        if kind == 1:
+            payload, events = pages[i]
+            for batch in KVEventPage.from_wire(payload).batches:
+                core.on_kv_events(batch)
+            applied[0], applied[1] = applied[0] + events, applied[1] + 1
+            continue
+        request = requests[i]
+        name = "decision_us" if i % 2 else "route_us"
+        t0 = clock()  # (a): route() with its hashing (what route(request) does); (b): the decision given them
+        hashes = core.block_hashes(request)
+        if i % 2:
+            t0 = clock()
+        decision = core.route(request, hashes=hashes)
+        done = clock()
+        service[name].append(done - t0)
+        waited[name].append(done - due)
+        cluster.book(request, decision, hashes)  # the request's load booked with its hashes, as the router does
+    elapsed = clock() - began
+    gc.unfreeze()
+    return {
+        **{name: _stats(samples) for name, samples in service.items()},
+        **{f"{name[:-3]}_from_arrival_us": _stats(samples) for name, samples in waited.items()},
+        "events_per_s": applied[0] / elapsed,
+        "batches_per_s": applied[1] / elapsed,
+        "decisions_per_s": len(requests) / elapsed,
+        "indexed_blocks": core.index.num_blocks,
+    }
+
+
+def measure_thread(opts: ScaleOptions, cluster: Cluster) -> dict:
+    """Ingest on a second thread (`--ingest thread`): decision latencies (us) and the ingest rate achieved."""
     event_rate, decision_rate = opts.rates()
     requests = [cluster.request(i)[0] for i in range(2 * opts.decisions)]
     stop, applied = threading.Event(), [0, 0]
@@ -220,7 +314,8 @@ def run(opts: ScaleOptions) -> dict:
     summary = _summary(runs)
     rows = [
         {"figure": f"{name} {q}", **{k: v for k, v in summary[name][q].items()}}
-        for name in ("route_us", "decision_us")
+        for name in ("route_us", "decision_us", "route_from_arrival_us", "decision_from_arrival_us")
+        if name in summary
         for q in ("p50", "p90", "p99", "max")
     ]
     rows.append({"figure": "events/s applied", **summary["events_per_s"]})

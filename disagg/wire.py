@@ -65,65 +65,133 @@ def _hints(cls: Any) -> dict[str, Any]:
 
 
 def _decode_dataclass(cls: Any, data: Any, where: str = "") -> Any:
-    where = where or cls.__name__
-    if not isinstance(data, dict):
-        raise WireFormatError(f"{where}: expected a map, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    if set(data) != names:
-        raise WireFormatError(f"{where}: fields {sorted(set(data) ^ names, key=str)} missing or unexpected")
-    hints = _hints(cls)
-    values = {name: _decode(hints[name], data[name], f"{where}.{name}") for name in names}
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:  # the class's own validation (SamplingParams)
-        raise WireFormatError(f"{where}: {exc}") from exc
+    return _decoder(cls)(data, where or cls.__name__)
 
 
-def _decode(tp: Any, value: Any, where: str) -> Any:
-    """`value` as annotation `tp` says: enums rebuilt from their values, nested dataclasses from their maps,
-    containers element by element; anything that does not fit raises WireFormatError."""
+_Decode = typing.Callable[[Any, str], Any]  # (value, where it sits: for the error) -> the decoded value
+
+
+@functools.cache
+def _decoder(tp: Any) -> _Decode:
+    """The decoder of annotation `tp`, built once per annotation: enums rebuilt from their values, nested
+    dataclasses from their maps, containers element by element; anything that does not fit raises
+    WireFormatError.  (Built once because a router decodes every KV event page of every worker: reading the
+    annotations per value cost more than the values.)"""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
-        return value
+        return lambda value, where: value
     if origin is typing.Union or origin is types.UnionType:
-        if value is None and type(None) in args:
+        return _union([_decoder(a) for a in args if a is not type(None)], type(None) in args, tp)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _enum(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _dataclass(tp)
+    if origin is list or tp is list:
+        return _list(args[0] if args else Any)
+    if origin is dict or tp is dict:
+        return _dict(*(args or (Any, Any)))
+    if tp is float:
+        return _float
+    if tp is int:
+        return _int
+    if tp in (str, bool, bytes):
+        return _plain(tp)
+    raise WireFormatError(f"no wire rule for {tp}")  # a schema bug, found by the round-trip tests
+
+
+def _union(options: list[_Decode], optional: bool, tp: Any) -> _Decode:
+    def decode(value: Any, where: str) -> Any:
+        if value is None and optional:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        for option in options:
             try:
-                return _decode(arg, value, where)
+                return option(value, where)
             except WireFormatError:
                 continue
         raise WireFormatError(f"{where}: {value!r:.80} fits none of {tp}")
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+
+    return decode
+
+
+def _enum(tp: type[enum.Enum]) -> _Decode:
+    def decode(value: Any, where: str) -> Any:
         try:
             return tp(value)
         except (ValueError, TypeError):
             raise WireFormatError(f"{where}: {value!r:.80} is not a {tp.__name__}") from None
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return _decode_dataclass(tp, value, where)
-    if origin is list or tp is list:
+
+    return decode
+
+
+def _dataclass(cls: Any) -> _Decode:
+    names = {f.name for f in dataclasses.fields(cls)}
+    built: list[list[tuple[str, _Decode]]] = []  # the field decoders, made on first use (a dataclass may refer to
+    # itself); appended whole, so a thread decoding meanwhile never sees half of them
+
+    def decode(data: Any, where: str) -> Any:
+        if not isinstance(data, dict):
+            raise WireFormatError(f"{where}: expected a map, got {type(data).__name__}")
+        if data.keys() != names:
+            raise WireFormatError(f"{where}: fields {sorted(set(data) ^ names, key=str)} missing or unexpected")
+        if not built:
+            hints = _hints(cls)
+            built.append([(name, _decoder(hints[name])) for name in names])
+        values = {name: field(data[name], f"{where}.{name}") for name, field in built[0]}
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:  # the class's own validation (SamplingParams)
+            raise WireFormatError(f"{where}: {exc}") from exc
+
+    return decode
+
+
+def _list(item: Any) -> _Decode:
+    if item in (int, str):  # token ids, hashes: checked in one pass, not decoded one by one
+        name, only = f"list of {item.__name__}", {item}
+
+        def scalars(value: Any, where: str) -> Any:
+            # the set of the elements' types, made in C: a bool is not an int here, as type() tells them apart
+            _check(isinstance(value, list) and (not value or set(map(type, value)) == only), value, name, where)
+            return value
+
+        return scalars
+    element = None if item is Any else _decoder(item)
+
+    def decode(value: Any, where: str) -> Any:
         _check(isinstance(value, list), value, "list", where)
-        if not args or args[0] is Any:
-            return value
-        if args[0] in (int, str):  # token ids, hashes: checked in one pass, not decoded one by one
-            _check(all(type(x) is args[0] for x in value), value, f"list of {args[0].__name__}", where)
-            return value
-        return [_decode(args[0], x, where) for x in value]
-    if origin is dict or tp is dict:
+        return value if element is None else [element(x, where) for x in value]
+
+    return decode
+
+
+def _dict(key: Any, val: Any) -> _Decode:
+    k, v = (None, None) if (key, val) == (Any, Any) else (_decoder(key), _decoder(val))
+
+    def decode(value: Any, where: str) -> Any:
         _check(isinstance(value, dict), value, "map", where)
-        if not args:
+        if k is None or v is None:
             return value
-        return {_decode(args[0], k, where): _decode(args[1], v, where) for k, v in value.items()}
-    if tp is float:
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), value, "number", where)
-        return float(value)
-    if tp is int:
-        _check(isinstance(value, int) and not isinstance(value, bool), value, "integer", where)
-        return value
-    if tp in (str, bool, bytes):
+        return {k(x, where): v(y, where) for x, y in value.items()}
+
+    return decode
+
+
+def _float(value: Any, where: str) -> float:
+    _check(isinstance(value, (int, float)) and not isinstance(value, bool), value, "number", where)
+    return float(value)
+
+
+def _int(value: Any, where: str) -> int:
+    _check(isinstance(value, int) and not isinstance(value, bool), value, "integer", where)
+    return value
+
+
+def _plain(tp: type) -> _Decode:
+    def decode(value: Any, where: str) -> Any:
         _check(isinstance(value, tp), value, tp.__name__, where)
         return value
-    raise WireFormatError(f"{where}: no wire rule for {tp}")  # a schema bug, found by the round-trip tests
+
+    return decode
 
 
 def _check(ok: bool, value: Any, expected: str, where: str) -> None:

@@ -22,7 +22,7 @@ from disagg.engine.engine import LLMEngine
 from disagg.engine.quant import QuantConfig
 from disagg.engine.sequence import Sequence
 from disagg.protocol import LoRARef, SamplingParams
-from disagg_kernels import cpu_quant
+from disagg_kernels import native_build
 from disagg_kernels.cpu_quant import BlockFormat, load_native, quantize
 from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape, forward_reference
 
@@ -61,7 +61,7 @@ STEPS = [([0, 1, 2, 3, 4, 5], [0] * 6), ([0, 1, 2], [1, 1, 1]), ([6, 3], [0, 1])
 @pytest.mark.parametrize("bits", [0, 16, 8])  # float32 activations, then rounded to int16 / int8 blocks
 @pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
 def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bits, kernel_builds):
-    if cpu_quant._compiler() is None:
+    if native_build.compiler() is None:
         pytest.skip("no C++ compiler on this machine (the torch path serves)")
     if march == "haswell" and " avx2" not in FLAGS:
         pytest.skip("this CPU has no AVX2")

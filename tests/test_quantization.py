@@ -26,7 +26,7 @@ from disagg.kv.fingerprint import engine_fingerprint
 from disagg.model_store import make_tiny_model
 from disagg.modes import Activations, Quantization
 from disagg.protocol import SamplingParams
-from disagg_kernels import cpu_quant
+from disagg_kernels import native_build
 from disagg_kernels.cpu_quant import BlockFormat, dequantize_reference, load_native, matmul_reference, quantize
 
 FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -34,7 +34,7 @@ FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else
 
 @pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
 def test_kernels_equal_the_torch_reference_on_every_cpu_path(march, kernel_builds):
-    if cpu_quant._compiler() is None:
+    if native_build.compiler() is None:
         pytest.skip("no C++ compiler on this machine (the torch reference serves; tested below)")
     if march == "haswell" and " avx2" not in FLAGS:
         pytest.skip("this CPU has no AVX2")

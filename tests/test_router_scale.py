@@ -23,18 +23,18 @@ TIERS = (Tier.DEVICE, Tier.CPU, Tier.DISK)
 # ---------------------------------------------------------------------------------------------- references
 def reference_match(index: PrefixIndex, block_hashes: list[int]) -> dict[str, TierMatch]:
     """The index walk as it was before the routing-cost work: every worker, every block."""
-    owners_of = index._owners
+    owners_of = index.table.owners
     matches: dict[str, TierMatch] = {}
-    if not block_hashes or not owners_of.get(block_hashes[0]):
+    if not block_hashes or not owners_of(block_hashes[0]):
         return matches
-    first = owners_of[block_hashes[0]]
+    first = owners_of(block_hashes[0])
     active = dict(first)
     in_tier_phase: set[str] = set()
     cpu_run_open = set(active)
     for worker in active:
         matches[worker] = TierMatch()
     for h in block_hashes:
-        owners = owners_of.get(h)
+        owners = owners_of(h)
         if not owners:
             break
         for worker in list(active):
@@ -202,7 +202,8 @@ def _random_batches(rng: random.Random, workers: list[str], n: int) -> list[KVEv
 
 
 def _state(index: PrefixIndex) -> tuple:
-    return list(index._owners.items()), {w: s.blocks for w, s in index._workers.items()}
+    workers = ("a", "b", "c")
+    return index.table.holders(), {w: (index.blocks_of(w), index.needs_snapshot(w)) for w in workers}
 
 
 @settings(max_examples=40, deadline=None)

@@ -28,3 +28,6 @@ class RouterCoreConfig:
     # block hashes of a KV event batch applied per hold of the router's lock: a decision on another thread waits
     # for one slice at most (~0.5 us a hash on the bench's cores, bench/router.py --scale)
     ingest_slice_blocks: int = 256
+    native_index: bool = field(  # the prefix index's blocks in C++, worked on without the GIL (block_table.py)
+        default=True, metadata={"help": "keep the prefix index in C++ (Python where no compiler is found)"}
+    )

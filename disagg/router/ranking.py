@@ -36,7 +36,11 @@ class LoadRanking:
         self._terms: dict[str, tuple[int, int]] = {}  # worker -> (active blocks, queued prefill tokens)
         self._groups: dict[tuple[int, int], set[str]] = {}  # load terms -> the workers with exactly those
         self._keys: list[tuple[float, int, int]] = []  # (load key, terms) of every group, ascending
-        self._holders: dict[int, set[str]] = {}  # prompt block hash -> workers whose in-flight requests hold it
+        # prompt block hash -> the workers whose in-flight requests hold it, as a bit mask over `_names` (ints, not
+        # sets: a router holds tens of thousands of in-flight blocks, and sets are objects the collector traverses)
+        self._holders: dict[int, int] = {}
+        self._bits: dict[str, int] = {}
+        self._names: list[str] = []
 
     def set_order(self, decode: Iterable[str]) -> None:
         self.order = {name: i for i, name in enumerate(decode)}
@@ -67,33 +71,41 @@ class LoadRanking:
             bisect.insort(self._keys, (self.key(*terms), *terms))
         group.add(name)
 
+    def _bit(self, name: str) -> int:
+        bit = self._bits.get(name)
+        if bit is None:
+            bit = self._bits[name] = 1 << len(self._names)
+            self._names.append(name)
+        return bit
+
     def hold(self, name: str, hashes: Iterable[int]) -> None:
         """`name`'s in-flight requests now hold these blocks (none of them held before)."""
-        holders = self._holders
+        holders, bit = self._holders, self._bit(name)
         for h in hashes:
-            workers = holders.get(h)
-            if workers is None:
-                holders[h] = {name}
-            else:
-                workers.add(name)
+            holders[h] = holders.get(h, 0) | bit
 
     def release(self, name: str, hashes: Iterable[int]) -> None:
         """`name`'s in-flight requests hold none of these blocks any more."""
-        holders = self._holders
+        holders, keep = self._holders, ~self._bit(name)
         for h in hashes:
-            workers = holders.get(h)
-            if workers is not None:
-                workers.discard(name)
-                if not workers:
+            held = holders.get(h)
+            if held is not None:
+                if held & keep:
+                    holders[h] = held & keep
+                else:
                     del holders[h]
 
     # ------------------------------------------------------------------ queries (under the router's lock)
     def sharing(self, hashes: frozenset[int]) -> set[str]:
         """Workers whose in-flight requests hold any of these blocks."""
-        found: set[str] = set()
-        holders = self._holders
+        mask, holders = 0, self._holders
         for h in holders.keys() & hashes:  # in C: few of a prompt's blocks are in flight
-            found |= holders[h]
+            mask |= holders[h]
+        found, names = set(), self._names
+        while mask:
+            low = mask & -mask
+            found.add(names[low.bit_length() - 1])
+            mask ^= low
         return found
 
     def groups(self) -> Iterator[tuple[float, set[str]]]:

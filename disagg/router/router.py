@@ -49,7 +49,7 @@ from disagg.router.event_follow import EventFollowers
 from disagg.router.flight import Flight
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
-from disagg.router.index import Ingest, PrefixIndex
+from disagg.router.index import Ingest, PrefixIndex, make_block_table
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket, tier_costs
 from disagg.router.parking import Parking
 from disagg.router.placement import WorkerTiming
@@ -86,7 +86,7 @@ class RouterCore:
         self.config = config or RouterCoreConfig()
         self.block_size = block_size
         self.policy = RoutingPolicy(policy, block_size)
-        self.index = PrefixIndex()
+        self.index = PrefixIndex(table=make_block_table(self.config.native_index))
         self.ranking = LoadRanking(self.policy.config.queue_weight, block_size)  # loads as the policy ranks them
         self.loads = {name: WorkerLoad(name, ranking=self.ranking) for name in self.handles}
         self.ranking.set_order(self.decode)

@@ -16,21 +16,18 @@ from __future__ import annotations
 import ctypes
 from functools import partial
 import enum
-import hashlib
-import os
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from disagg_kernels.native_build import build_library
+
 QK = 32  # weights per block (llama.cpp's QK4_0 = QK4_1 = QK8_0 = 32)
 _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 # one library: the 8-bit-activation matmul and the whole-stack step beside the block matmul they call
 _SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in ("cpu_dot8.cpp", "cpu_step.cpp")))
-_BUILD_TIMEOUT_S = 300
 
 
 class BlockFormat(enum.Enum):
@@ -242,46 +239,13 @@ class NativeKernels:
         return out
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return os.uname().machine
-
-
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
-
-
 def build_native(cache_dir: Path, march: str = "native") -> Path:
     """Compile cpu_quant.cpp and cpu_step.cpp into one library for this CPU (once: cached by the sources, the
     compiler and the CPU flags); the library's path.
     `march` other than "native" builds another path for tests (e.g. "haswell": AVX2, "x86-64": portable).
     Raises RuntimeError with the compiler's message when it cannot be built."""
-    cxx = _compiler()
-    if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    texts = [src.read_text() for src in _SOURCES]
-    key = hashlib.sha256("\0".join([*texts, cxx, version, _cpu_flags(), *flags]).encode()).hexdigest()
-    target = cache_dir / f"cpu_quant-{key[:16]}.so"
-    if target.exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        out = Path(tmp) / target.name
-        proc = subprocess.run(
-            [cxx, *flags, *map(str, _SOURCES), "-o", str(out)], capture_output=True, text=True, timeout=_BUILD_TIMEOUT_S
-        )
-        if proc.returncode != 0:
-            names = " ".join(src.name for src in _SOURCES)
-            raise RuntimeError(f"{cxx} failed on {names}: {proc.stderr.strip()[-2000:]}")
-        os.replace(out, target)  # atomic: concurrent workers building the same key all end with one library
-    return target
+    return build_library("cpu_quant", _SOURCES, flags, cache_dir)
 
 
 def load_native(cache_dir: Path, march: str = "native") -> tuple[NativeKernels | None, str]:

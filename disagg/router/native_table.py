@@ -1,0 +1,136 @@
+"""The prefix index's block table in C++ (`disagg_kernels/prefix_index.cpp`), and the choice between it and the
+Python reference (`make_block_table`).
+
+Worker names become small integer ids here (the C++ table knows only ids); hashes cross as one packed uint64
+array per call, so a batch of events costs the interpreter a few calls, not a loop over its hashes, and the
+table's work runs without the GIL (see block_table.py and the C++ source for why).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
+
+from disagg.model_store import cache_root
+from disagg.router.block_table import ALL_TIERS, DEFAULT_MAX_BLOCKS, BlockTable, PyBlockTable, TierMatch
+from disagg_kernels.prefix_index import IndexLib, load_index_lib
+
+log = logging.getLogger(__name__)
+_TIER_BITS = (1, 2, 4)
+
+
+def _packed(hashes: Iterable[int]) -> tuple[array, int]:
+    """The hashes as a uint64 array and its address (kept alive by the caller holding the array)."""
+    packed = array("Q", hashes)
+    return packed, packed.buffer_info()[0]
+
+
+class NativeBlockTable:
+    """A `BlockTable` over the compiled C++ table (see the module docstring)."""
+
+    def __init__(self, lib: IndexLib, max_blocks: int = DEFAULT_MAX_BLOCKS) -> None:
+        self.max_blocks, self._lib = max_blocks, lib
+        self._table = lib.new(max_blocks)
+        self._ids: dict[str, int] = {}
+        self._names: list[str] = []
+        self._grow(16)
+
+    def __del__(self) -> None:
+        table, self._table = getattr(self, "_table", None), None
+        if table:
+            self._lib.free(table)
+
+    def _grow(self, workers: int) -> None:
+        self._cap = workers
+        self._match_ids = (ctypes.c_int32 * workers)()
+        self._match_counts = (ctypes.c_int64 * (4 * workers))()
+
+    def _id(self, worker: str) -> int:
+        wid = self._ids.get(worker)
+        if wid is None:
+            wid = self._ids[worker] = len(self._names)
+            self._names.append(worker)
+        return wid
+
+    def __len__(self) -> int:
+        return int(self._lib.size(self._table))
+
+    def store(self, worker: str, hashes: list[int], bit: int) -> None:
+        if hashes:
+            packed, address = _packed(hashes)
+            self._lib.store(self._table, self._id(worker), address, len(packed), bit)
+
+    def drop(self, worker: str, hashes: list[int], bit: int) -> None:
+        if hashes and worker in self._ids:
+            packed, address = _packed(hashes)
+            self._lib.drop(self._table, self._ids[worker], address, len(packed), bit)
+
+    def drop_worker(self, worker: str) -> None:
+        if worker in self._ids:
+            self._lib.drop_worker(self._table, self._ids[worker])
+
+    def worker_blocks(self, worker: str, mask: int = ALL_TIERS) -> list[int]:
+        wid = self._ids.get(worker)
+        if wid is None:
+            return []
+        size = 1024
+        while True:
+            out = (ctypes.c_uint64 * size)()
+            count = self._lib.worker_blocks(self._table, wid, mask, out, size)
+            if count <= size:
+                return list(out[:count])
+            size = int(count)  # it grew between the calls at most by what the other thread stored: try again
+
+    def block_counts(self) -> dict[str, int]:
+        counts = (ctypes.c_int64 * max(1, len(self._names)))()
+        self._lib.worker_counts(self._table, counts, len(self._names))
+        return {name: counts[i] for i, name in enumerate(self._names) if counts[i]}
+
+    def match(self, block_hashes: list[int]) -> dict[str, TierMatch]:
+        if not block_hashes:
+            return {}
+        packed, address = _packed(block_hashes)
+        while True:
+            ids, counts = self._match_ids, self._match_counts
+            found = self._lib.match(self._table, address, len(packed), ids, counts, self._cap)
+            if found >= 0:
+                break
+            self._grow(max(-found, 2 * self._cap))
+        names, out = self._names, {}
+        for j in range(found):
+            c = counts[4 * j : 4 * j + 4]
+            if c[0] + c[1] + c[2]:
+                out[names[ids[j]]] = TierMatch(c[0], c[1], c[2], c[3])
+        return out
+
+    def owners(self, block_hash: int) -> dict[str, int]:
+        ids, bits = (ctypes.c_int32 * self._cap)(), (ctypes.c_uint8 * self._cap)()
+        found = self._lib.owners(self._table, block_hash, ids, bits, self._cap)
+        if found > self._cap:
+            self._grow(found)
+            return self.owners(block_hash)
+        return {self._names[ids[j]]: bits[j] for j in range(found)}
+
+    def holders(self) -> dict[int, dict[str, int]]:
+        held = {h for name in self._names for h in self.worker_blocks(name)}
+        return {h: self.owners(h) for h in held}
+
+
+@functools.cache
+def _library(cache_dir: Path) -> tuple[IndexLib | None, str]:
+    """Built (or found in the cache) once per process: a router core is made per test and per simulation."""
+    return load_index_lib(cache_dir)
+
+
+def make_block_table(native: bool, max_blocks: int = DEFAULT_MAX_BLOCKS) -> BlockTable:
+    """The C++ table when asked for and it builds here, else the Python one (and the log says why)."""
+    if native:
+        lib, why = _library(cache_root() / "kernels")
+        if lib is not None:
+            return NativeBlockTable(lib, max_blocks)
+        log.warning("prefix index kept in Python (slower under heavy KV-event ingest): %s", why)
+    return PyBlockTable(max_blocks)
