@@ -31,10 +31,10 @@ from disagg.http.errors import Dialect, sse_error, unexpected
 from disagg.http.hints import read_hints
 from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.messages_schema import CountTokensRequest, MessagesRequest
-from disagg.http.resume import Cursor
+from disagg.http.resume import LAST_EVENT_ID, Cursor, ResumeToken, TypedEvents
 from disagg.http.serving import CallOptions, Server
 from disagg.http.shape import AnswerShape, Collected
-from disagg.http.stream import typed_event, with_first
+from disagg.http.stream import with_first
 from disagg.protocol import FinishReason, Request, TokenDelta
 
 
@@ -92,10 +92,19 @@ class MessagesRender:
         return self.message(request, content, stop, answer.num_tokens, answer.num_cached_tokens)
 
     async def events(
-        self, first: TokenDelta, deltas: AsyncGenerator[TokenDelta, None], request: Request, cursor: Cursor
+        self,
+        first: TokenDelta,
+        deltas: AsyncGenerator[TokenDelta, None],
+        request: Request,
+        cursor: Cursor,
+        after: ResumeToken | None = None,
     ) -> AsyncIterator[str]:
+        """The stream's events, each with its `id:`; `after`: a resumed stream's Last-Event-ID (events up to it come
+        back empty: http/resume.py)."""
+        typed = TypedEvents(cursor, after)
+
         def event(type_: str, **fields: Any) -> str:
-            return typed_event(type_, fields)
+            return typed(type_, fields)
 
         cached = first.num_cached_tokens
         yield event("message_start", message=self.message(request, [], (None, None), 0, cached))
@@ -105,6 +114,7 @@ class MessagesRender:
         try:
             async for delta in with_first(first, deltas):
                 n_out += len(delta.token_ids)
+                cursor.advance(len(delta.token_ids))
                 finish, matched = delta.finish_reason or finish, delta.matched_stop or matched
                 choice = self.shape.stream_choice(delta)
                 if choice is None:
@@ -175,6 +185,9 @@ def add_messages_routes(app: FastAPI, server: Server) -> None:
         )
         request, caller = server.request(served, "msg", options, ids, sampling, http)
         render = MessagesRender(served.name, shape)
+        last_event_id = http.headers.get(LAST_EVENT_ID)
+        if body.stream and last_event_id:
+            return await server.resume(served, last_event_id, request, render)
         return await server.generate(served, request, caller, options, http, shape, render)
 
     @app.post("/v1/messages/count_tokens")

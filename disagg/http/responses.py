@@ -34,10 +34,10 @@ from disagg.http.errors import error_body, unexpected
 from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.response_store import ResponseStorePort, StoredResponse
 from disagg.http.responses_schema import ResponsesRequest, items_to_messages
-from disagg.http.resume import Cursor
+from disagg.http.resume import LAST_EVENT_ID, Cursor, ResumeToken, TypedEvents
 from disagg.http.serving import CallOptions, Server
 from disagg.http.shape import AnswerShape, Collected
-from disagg.http.stream import typed_event, with_first
+from disagg.http.stream import with_first
 from disagg.protocol import FinishReason, Request, TokenDelta
 
 MAX_OUTPUT = "max_output_tokens"
@@ -55,11 +55,11 @@ def _message_item(item_id: str, text: str | None, status: str) -> dict[str, Any]
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
-def _call_item(call: dict[str, Any], status: str, arguments: str | None = None) -> dict[str, Any]:
+def _call_item(call: dict[str, Any], item_id: str, status: str, arguments: str | None = None) -> dict[str, Any]:
     function = call["function"]
     return {
         "type": "function_call",
-        "id": _item_id("fc"),
+        "id": item_id,
         "call_id": call["id"],
         "name": function["name"],
         "arguments": function["arguments"] if arguments is None else arguments,
@@ -108,6 +108,10 @@ class ResponsesRender:
             "metadata": b.metadata or {},
         }
 
+    def item_id(self, kind: str, index: int = 0) -> str:
+        """An output item's id, made from the response's: a resumed stream (http/resume.py) names the same items."""
+        return f"{kind}_{self.response_id.removeprefix('resp_')}_{index}"
+
     @staticmethod
     def usage(n_prompt: int, n_out: int, cached: int) -> dict[str, Any]:
         return {
@@ -127,17 +131,25 @@ class ResponsesRender:
         self.created_at = request.created
         choice = self.shape.final_choice(answer)
         message = choice["message"]
-        output = [_message_item(_item_id("msg"), message["content"], "completed")] if message["content"] else []
-        output += [_call_item(call, "completed") for call in message.get("tool_calls") or ()]
+        output = [_message_item(self.item_id("msg"), message["content"], "completed")] if message["content"] else []
+        for call in message.get("tool_calls") or ():
+            output.append(_call_item(call, self.item_id("fc", len(output)), "completed"))
         usage = self.usage(len(request.prompt_token_ids), answer.num_tokens, answer.num_cached_tokens)
         return await self._finish(message, output, usage, answer.finish_reason == FinishReason.LENGTH)
 
     async def events(
-        self, first: TokenDelta, deltas: AsyncGenerator[TokenDelta, None], request: Request, cursor: Cursor
+        self,
+        first: TokenDelta,
+        deltas: AsyncGenerator[TokenDelta, None],
+        request: Request,
+        cursor: Cursor,
+        after: ResumeToken | None = None,
     ) -> AsyncIterator[str]:
+        """The stream's events, numbered, each with its `id:`; `after`: a resumed stream's Last-Event-ID (events up
+        to it come back empty: http/resume.py)."""
         self.created_at = request.created
-        sse = _Events()
-        msg_id, text = _item_id("msg"), ""
+        sse = _Events(TypedEvents(cursor, after))
+        msg_id, text = self.item_id("msg"), ""
         calls: list[dict[str, Any]] = []
         output: list[dict[str, Any]] = []
         n_out, reason = 0, None
@@ -147,6 +159,7 @@ class ResponsesRender:
         try:
             async for delta in with_first(first, deltas):
                 n_out += len(delta.token_ids)
+                cursor.advance(len(delta.token_ids))
                 choice = self.shape.stream_choice(delta)
                 if choice is None:
                     continue
@@ -168,7 +181,7 @@ class ResponsesRender:
                 yield sse("response.output_item.done", output_index=0, item=item)
                 output.append(item)
             for call in calls:
-                for event in _call_events(sse, call, output):
+                for event in _call_events(sse, call, output, self.item_id("fc", len(output))):
                     yield event
             message: dict[str, Any] = {"role": "assistant", "content": text or None}
             if calls:
@@ -187,20 +200,20 @@ class ResponsesRender:
 
 
 class _Events:
-    """SSE events of one response, numbered in order (`sequence_number`)."""
+    """SSE events of one response, numbered in order (`sequence_number`), each with its `id:`."""
 
-    def __init__(self) -> None:
-        self.seq = 0
+    def __init__(self, typed: TypedEvents) -> None:
+        self.seq, self.typed = 0, typed
 
     def __call__(self, type_: str, **fields: Any) -> str:
         self.seq += 1
-        return typed_event(type_, {"sequence_number": self.seq - 1, **fields})
+        return self.typed(type_, {"sequence_number": self.seq - 1, **fields})
 
 
-def _call_events(sse: _Events, call: dict[str, Any], output: list[dict[str, Any]]) -> list[str]:
+def _call_events(sse: _Events, call: dict[str, Any], output: list[dict[str, Any]], item_id: str) -> list[str]:
     """The events of one function call item (its arguments in one delta: they are parsed whole), appended to
     `output`."""
-    index, item = len(output), _call_item(call, IN_PROGRESS, arguments="")
+    index, item = len(output), _call_item(call, item_id, IN_PROGRESS, arguments="")
     ids = {"item_id": item["id"], "output_index": index}
     arguments = call["function"]["arguments"]
     done = {**item, "arguments": arguments, "status": COMPLETED}
@@ -258,6 +271,9 @@ def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort)
         parallel = body.parallel_tool_calls is not False
         shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=parallel)
         render = ResponsesRender(body, served.name, shape, on_done=_forget)
+        last_event_id = http.headers.get(LAST_EVENT_ID) if body.stream else None
+        if last_event_id:  # a resumed stream: the same response (its id is the stream's request id)
+            render.response_id = ResumeToken.parse(last_event_id).request_id
         session = _session(body, previous, render.response_id)
         options = CallOptions.of(body, session=session, tools_offered=bool(offered))
         request, caller = server.request(served, "resp", options, ids, sampling, http, request_id=render.response_id)
@@ -270,6 +286,8 @@ def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort)
                 await store.put(tenant, stored)
 
             render.on_done = keep
+        if last_event_id:
+            return await server.resume(served, last_event_id, request, render)
         return await server.generate(served, request, caller, options, http, shape, render)
 
     @app.get("/v1/responses/{response_id}")

@@ -1,12 +1,15 @@
 """Resuming an answer on any relay (issue 23): the HTTP side of the workers' token journal (cluster/journal.py).
 
 - Every SSE event carries `id:`, an opaque resume token: base64url of a `ResumeToken` message (msgpack, never
-  pickle) naming the worker that generates the stream, the request id, and the tokens delivered up to that event.
-  After a migration (router/flight.py) the events name the new worker.
+  pickle) naming the worker that generates the stream, the request id, and the tokens delivered up to that event
+  (and, in the Responses and Messages streams, which of the events made at that token count it is: several are
+  made per token, and some after the last).  After a migration (router/flight.py) the events name the new worker.
 - A streaming POST with `Last-Event-ID` and the same body attaches to that stream instead of generating: the whole
   answer is replayed through the same AnswerShape silently up to the delivered count (so tool-call parsing and
   logprob offsets stand where they stood) and only what follows is sent, with the original's chunk `id` and
-  `created`: the two connections' contents concatenate to exactly the uninterrupted answer.
+  `created`: the two connections' contents concatenate to exactly the uninterrupted answer.  The Responses and
+  Messages renders replay their whole event sequence (`resume_events`: the same ids, sequence numbers and items)
+  and send the events after the one named.
 - A non-streaming request with `Idempotency-Key` gets a request id derived from (tenant, key): a repeat while it runs
   or within the journal's TTL is answered from the journal (the same body), not generated again.
 Access: the worker serves a stream to its own tenant only; another tenant is told it does not exist (404).
@@ -17,16 +20,16 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 from fastapi.responses import StreamingResponse
 
 from disagg.engine.tokenizer import Tokenizer
 from disagg.errors import InvalidRequest, StreamNotFound, WireFormatError
 from disagg.http.shape import AnswerShape, Collected
-from disagg.http.stream import sse
+from disagg.http.stream import sse, typed_event
 from disagg.protocol import Request, TokenDelta
 from disagg.router.handles import Attached
 from disagg.router.resume import Resumer
@@ -45,6 +48,7 @@ class ResumeToken(WireMessage):
     worker: str
     request_id: str
     delivered: int  # output tokens the client has, up to this event
+    events: int = 0  # typed-event streams: the events made before this one at the same token count
 
     def encode(self) -> str:
         return base64.urlsafe_b64encode(self.to_wire()).rstrip(b"=").decode("ascii")
@@ -56,7 +60,7 @@ class ResumeToken(WireMessage):
             token = cls.from_wire(raw)
         except (binascii.Error, ValueError, WireFormatError):
             raise InvalidRequest("Last-Event-ID is not an event id of this API", code="invalid_last_event_id") from None
-        if token.delivered < 0:
+        if token.delivered < 0 or token.events < 0:
             raise InvalidRequest("Last-Event-ID is not an event id of this API", code="invalid_last_event_id")
         return token
 
@@ -68,9 +72,34 @@ class Cursor:
     request_id: str
     worker: str = ""
     delivered: int = 0
+    events: int = 0  # typed-event streams: events made since `delivered` last moved
 
     def event_id(self) -> str:
-        return ResumeToken(self.worker, self.request_id, self.delivered).encode()
+        return ResumeToken(self.worker, self.request_id, self.delivered, self.events).encode()
+
+    def advance(self, tokens: int) -> None:
+        """`tokens` more output tokens are out (a typed-event stream's count of events at this count restarts)."""
+        if tokens:
+            self.delivered += tokens
+            self.events = 0
+
+
+class TypedEvents:
+    """The SSE events of a Responses or Messages stream: each named by its type and carrying `id:` (where the
+    stream stands: the cursor's tokens and the events made at that count).  On a resumed stream (`after`: the
+    client's Last-Event-ID) every event is made again, so the render's state, numbering and items stand as they
+    stood, and those up to `after` come back empty (the caller drops them)."""
+
+    def __init__(self, cursor: Cursor, after: ResumeToken | None = None) -> None:
+        self.cursor, self.after = cursor, after
+
+    def __call__(self, type_: str, data: dict[str, Any]) -> str:
+        c = self.cursor
+        position, event_id = (c.delivered, c.events), c.event_id()
+        c.events += 1
+        if self.after is not None and position <= (self.after.delivered, self.after.events):
+            return ""
+        return f"id: {event_id}\n{typed_event(type_, data)}"
 
 
 def idempotent_request_id(prefix: str, tenant: str, key: str) -> str:
@@ -136,6 +165,39 @@ async def resume_stream(
         None, deltas, token.request_id, model, created, shape, include_usage, n_prompt, cursor, token.delivered
     )
     return StreamingResponse(events, media_type="text/event-stream")
+
+
+class EventRender(Protocol):
+    """A typed-event render (Responses, Messages) as `resume_events` drives it."""
+
+    def events(
+        self,
+        first: TokenDelta,
+        deltas: AsyncGenerator[TokenDelta, None],
+        request: Request,
+        cursor: Cursor,
+        after: ResumeToken | None = None,
+    ) -> AsyncIterator[str]: ...
+
+
+async def resume_events(
+    resumer: Resumer, token: ResumeToken, request: Request, render: EventRender, tokenizer: Tokenizer
+) -> StreamingResponse:
+    """The rest of a Responses or Messages stream after the event `token` names (404 stream_not_found when there
+    is none to attach): the render's events made again from the answer's first token, those the client has
+    dropped."""
+    attached = await resumer.attach(token.worker, token.request_id, request.tenant)
+    _check_same(attached.request, request, "Last-Event-ID")
+    if token.delivered < len(attached.request.resume_token_ids):  # those came from a worker since lost
+        raise StreamNotFound(f"no stream {token.request_id!r} to resume from there")
+    deltas = history(attached, tokenizer)
+    try:
+        first = await deltas.__anext__()
+    except StopAsyncIteration:
+        raise StreamNotFound(f"no stream {token.request_id!r} to resume from there") from None
+    cursor = Cursor(token.request_id, token.worker)
+    events = render.events(first, deltas, attached.request, cursor, token)
+    return StreamingResponse((e async for e in events if e), media_type="text/event-stream")
 
 
 async def journaled_answer(

@@ -28,7 +28,7 @@ from disagg.http.idle import ModelIdler
 from disagg.http.inputs import PRIORITY_HEADER, priority_of
 from disagg.http.keys import Caller, check_priority
 from disagg.http.models import ModelTable, ServedModel
-from disagg.http.resume import IDEMPOTENCY_KEY, Cursor
+from disagg.http.resume import IDEMPOTENCY_KEY, Cursor, EventRender, ResumeToken, resume_events
 from disagg.http.schemas import KVRetention
 from disagg.http.shape import AnswerShape, Collected
 from disagg.http.stream import (
@@ -94,8 +94,7 @@ class CallOptions:
 
 class Render(Protocol):
     """How one API answers a request: a whole JSON body, or its SSE events (the first delta is already here).
-    `cursor` names where a stream stands for its events' `id:` lines; only chat and completions streams carry them
-    (resumable with Last-Event-ID: http/resume.py), the Responses and Messages streams do not."""
+    `cursor` names where a stream stands for its events' `id:` lines (resumable with Last-Event-ID: http/resume.py)."""
 
     async def body(self, request: Request, answer: Collected) -> dict[str, Any]: ...
 
@@ -131,6 +130,16 @@ class Server:
         await self.idle.ready(model)
         self.models.check(model)
         return model
+
+    async def resume(
+        self, served: ServedModel, last_event_id: str, request: Request, render: EventRender
+    ) -> StreamingResponse:
+        """A Responses or Messages stream resumed after the event its Last-Event-ID names (http/resume.py); the
+        token names the worker, so an alias that drew another model still reaches the stream's own."""
+        token = ResumeToken.parse(last_event_id)
+        owner = self.models.model_of_worker(token.worker)
+        core = owner.core if owner is not None else served.core
+        return await resume_events(core.resumer, token, request, render, served.tokenizer)
 
     def request(
         self,
