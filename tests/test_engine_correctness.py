@@ -38,6 +38,19 @@ def _record_logits(engine):
     return seen
 
 
+def assert_same_answers(engines, prompts, sampling, bound):
+    """Two engines answer `prompts` with the same tokens, every sampled row's logits within `bound` of each other;
+    their results, in order."""
+    first, second = engines
+    seen = _record_logits(first), _record_logits(second)
+    got = first.generate(prompts, sampling), second.generate(prompts, sampling)
+    assert [r.token_ids for r in got[0]] == [r.token_ids for r in got[1]]
+    for a, b in zip(*got):
+        diff = (torch.stack(seen[0][a.request_id]) - torch.stack(seen[1][b.request_id])).abs().max().item()
+        assert diff < bound, f"max |logit diff| {diff:.2e}"
+    return got
+
+
 def _assert_matches_hf(engine, hf, prompts, n_tokens, atol):
     seen = _record_logits(engine)
     results = engine.generate(prompts, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine_correctness import _record_logits
+from test_engine_correctness import assert_same_answers
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
@@ -115,13 +115,7 @@ def test_an_engine_on_the_native_step_gives_the_torch_paths_tokens_and_logits(qu
     # together, the prompts (93 tokens > direct_rows) prefill on the torch path; then every decode step (4 rows,
     # within float_rows too) is native
     prompts = [list(range(3, 3 + n)) for n in (1, 5, 80, 7)]
-    seen_native, seen_torch = _record_logits(native), _record_logits(torch_path)
-    got = native.generate(prompts, greedy)
-    want = torch_path.generate(prompts, greedy)
-    assert [r.token_ids for r in got] == [r.token_ids for r in want]
-    for a, b in zip(got, want):
-        diff = (torch.stack(seen_native[a.request_id]) - torch.stack(seen_torch[b.request_id])).abs().max().item()
-        assert diff < 1e-3, f"max |logit diff| {diff:.2e}"
+    assert_same_answers((native, torch_path), prompts, greedy, bound=1e-3)
     assert calls["native"] >= greedy.max_tokens - 1  # every decode step took it (the prefill did not)
     before = calls["native"]
     alone = [[9, 8, 7]]  # prefilled in a native step of its own, then decoded there

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from test_engine_correctness import _record_logits
+from test_engine_correctness import assert_same_answers
 
 from bench.quantization import EVAL_TEXT, QUALITY_CHUNK, agreement, perplexity, teacher_forced_logits
 from disagg.config import EngineConfig
@@ -106,13 +106,7 @@ def test_q4_serves_the_default_model_from_its_gguf_blocks_token_for_token(smollm
     q4 = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=192, max_num_seqs=32, quantization="q4"))
     assert q4.runner.model.weight_bytes_per_token() < fp32.runner.model.weight_bytes_per_token() / 4
     prompts = _prompts(fp32.tokenizer, 32)
-    seen_fp32, seen_q4 = _record_logits(fp32), _record_logits(q4)
-    want = fp32.generate(prompts, greedy)
-    got = q4.generate(prompts, greedy)
-    assert [r.token_ids for r in got] == [r.token_ids for r in want]
-    for a, b in zip(want, got):
-        diff = (torch.stack(seen_fp32[a.request_id]) - torch.stack(seen_q4[b.request_id])).abs().max().item()
-        assert diff < 2e-3, f"max |logit diff| {diff:.2e}"
+    want, _ = assert_same_answers((fp32, q4), prompts, greedy, bound=2e-3)
     # one request at a time: every matmul goes through the block kernel (batch 1), not the de-quantized GEMM
     solo = LLMEngine(
         EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, max_num_seqs=1, max_model_len=512, quantization="q4")

@@ -16,15 +16,17 @@ torch path serves those as before.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from disagg.engine.attention import AttentionMetadata
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.model import CausalLM, DecoderLayer, RMSNorm
-from disagg.engine.quant import QuantConfig, QuantKernels, QuantLinear, quant_kernels
+from disagg.engine.quant import BlockKernels, QuantConfig, QuantKernels, QuantLinear
 from disagg.engine.sequence import Sequence
-from disagg_kernels.cpu_quant import float_blocks
+from disagg_kernels.cpu_quant import BlockWeight, float_blocks
 from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape
 
 
@@ -45,74 +47,73 @@ class NativeStep:
         return self.kernel.forward(hidden, positions, meta.block_tables, torch.tensor(rows, dtype=torch.int64))
 
 
-def _quant(module: torch.nn.Module) -> QuantLinear | None:
-    return module if isinstance(module, QuantLinear) else None
-
-
-def _layer(layer: DecoderLayer) -> StackLayer | None:
+def _stack_layer(layer: DecoderLayer, blocks_of: Callable[[nn.Module], BlockWeight | None]) -> StackLayer | None:
+    """One decoder layer as the stack kernel reads it, its four matrices as `blocks_of` gives them (None: a matrix
+    the kernel cannot read, so the model takes the torch path)."""
     attn, mlp = layer.self_attn, layer.mlp
-    qkv, o, gate_up, down = (_quant(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    qkv, o, gate_up, down = (blocks_of(m) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
     if qkv is None or o is None or gate_up is None or down is None:
         return None
+    bias = attn.qkv_proj.bias
     return StackLayer(
         input_norm=layer.input_layernorm.weight.data,
         post_norm=layer.post_attention_layernorm.weight.data,
-        qkv=qkv.weight_blocks,
-        o=o.weight_blocks,
-        gate_up=gate_up.weight_blocks,
-        down=down.weight_blocks,
-        qkv_bias=qkv.bias,
+        qkv=qkv,
+        o=o,
+        gate_up=gate_up,
+        down=down,
+        qkv_bias=None if bias is None else bias.data,  # type: ignore[union-attr]
     )
+
+
+def _quant_blocks(module: nn.Module) -> BlockWeight | None:
+    """A quantized linear's own blocks, when the native kernels run it."""
+    if not isinstance(module, QuantLinear) or not isinstance(module.kernels, QuantKernels):
+        return None
+    return module.weight_blocks if module.kernels.native is not None else None
+
+
+def _float_blocks(module: nn.Module) -> BlockWeight | None:
+    """A float32 CPU linear's matrix as F32 blocks (its own memory: no copy)."""
+    if not isinstance(module, nn.Linear) or module.weight.dtype != torch.float32 or not module.weight.is_cpu:
+        return None
+    return float_blocks(module.weight.data)
+
+
+def _layers(model: CausalLM, blocks_of: Callable[[nn.Module], BlockWeight | None]) -> list[StackLayer] | None:
+    layers = []
+    for layer in model.layers:
+        assert isinstance(layer, DecoderLayer)
+        stack_layer = _stack_layer(layer, blocks_of)
+        if stack_layer is None:
+            return None
+        layers.append(stack_layer)
+    return layers
 
 
 def float_layers(model: CausalLM) -> list[StackLayer] | None:
     """A float32 CPU model's layers as F32 blocks over its own matrices (no copy), taken before prepacking replaces
     the linear modules: the native step reads them, oneDNN's packed copies serve the wider steps."""
-    layers: list[StackLayer] = []
-    for layer in model.layers:
-        assert isinstance(layer, DecoderLayer)
-        attn, mlp = layer.self_attn, layer.mlp
-        mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        if not all(isinstance(m, nn.Linear) and m.weight.dtype == torch.float32 and m.weight.is_cpu for m in mods):
-            return None
-        qkv, o, gate_up, down = (float_blocks(m.weight.data) for m in mods)  # type: ignore[union-attr]
-        bias = attn.qkv_proj.bias
-        layers.append(
-            StackLayer(
-                input_norm=layer.input_layernorm.weight.data,
-                post_norm=layer.post_attention_layernorm.weight.data,
-                qkv=qkv,
-                o=o,
-                gate_up=gate_up,
-                down=down,
-                qkv_bias=None if bias is None else bias.data,  # type: ignore[union-attr]
-            )
-        )
-    return layers
+    return _layers(model, _float_blocks)
 
 
 def build(
-    model: CausalLM, cache: KVCache, config: QuantConfig, layers: list[StackLayer] | None = None
+    model: CausalLM,
+    cache: KVCache,
+    config: QuantConfig,
+    kernels: BlockKernels,
+    layers: list[StackLayer] | None = None,
 ) -> NativeStep | None:
-    """The native step for this model and cache, or None where it does not apply (module docstring).  `layers`:
-    a float32 model's (`float_layers`); None: the quantized model's own block matrices."""
+    """The native step for this model and cache, or None where it does not apply (module docstring).  `kernels`:
+    the runner's block kernels (a quantized model's linears run them); `layers`: a float32 model's
+    (`float_layers`); None: the quantized model's own block matrices."""
     if cache.format.encoded or cache.tensor.dtype != torch.float32 or cache.tensor.device.type != "cpu":
         return None
-    native, floats = None, layers
-    if layers is not None:  # a float32 model: the CPU kernels' build (None without a compiler)
-        cpu = quant_kernels(cache.tensor.device)
-        native = cpu.native if isinstance(cpu, QuantKernels) else None
+    floats = layers is not None
     if layers is None:
-        layers = []
-        for layer in model.layers:
-            assert isinstance(layer, DecoderLayer)
-            stack_layer = _layer(layer)
-            kernels = getattr(layer.self_attn.qkv_proj, "kernels", None)
-            if stack_layer is None or not isinstance(kernels, QuantKernels) or kernels.native is None:
-                return None
-            native = kernels.native
-            layers.append(stack_layer)
-    if native is None:  # no compiler: the torch path serves
+        layers = _layers(model, _quant_blocks)
+    native = kernels.native if isinstance(kernels, QuantKernels) else None
+    if native is None or layers is None:  # no compiler, or a matrix the kernel cannot read: the torch path serves
         return None
     assert isinstance(model.norm, RMSNorm)
     cfg = model.config
@@ -130,4 +131,4 @@ def build(
         kernel = StackKernel(native, shape, layers, model.rotary.inv_freq, model.norm.weight.data, cache.tensor)
     except ValueError:  # a layout the kernel does not read (non-contiguous blocks, another dtype): the torch path
         return None
-    return NativeStep(model, kernel, config.direct_rows if floats is None else config.float_rows)
+    return NativeStep(model, kernel, config.float_rows if floats else config.direct_rows)

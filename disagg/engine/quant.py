@@ -137,7 +137,8 @@ def quant_kernels(device: torch.device) -> BlockKernels:
                 "quantized matmul: the native kernel could not be built (%s); using the torch reference", reason
             )
         else:
-            log.info("quantized matmul: native kernel for %s", native.isa)
+            dots = "AVX-512 VNNI" if native.vnni else "AVX2 or the portable loop, as built"
+            log.info("quantized matmul: native kernel for %s (integer-activation dots on %s)", native.isa, dots)
     return _KERNELS
 
 

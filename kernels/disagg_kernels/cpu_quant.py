@@ -201,7 +201,7 @@ class NativeKernels:
         lib.disagg_quant_matmul_int.restype = None
         self.library = lib  # cpu_step.StackKernel binds the whole-stack step from it too
         self.isa: str = lib.disagg_quant_isa().decode()
-        self.vnni = bool(lib.disagg_quant_int_vnni())  # integer-activation dots on AVX-512 VNNI (else portable)
+        self.vnni = bool(lib.disagg_quant_int_vnni())  # integer-activation dots on AVX-512 VNNI (else AVX2/portable)
 
     def matmul(self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor:
         """x [B, K] float32 times the matrix's transpose: [B, N] float32 (ctypes drops the GIL during the call);
