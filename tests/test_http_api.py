@@ -117,7 +117,7 @@ def test_seeded_sampling_is_the_seed_s_own(client, model_name, reference):
 def test_models_health_and_metrics(service, client, model_name):
     assert [m.id for m in client.models.list().data] == [model_name]
     assert httpx.get(f"{service.url}/health").json()["status"] == "ok"
-    text = httpx.get(f"{service.url}/metrics").text
+    text = httpx.get(f"{service.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
     assert "disagg:time_to_first_token_seconds_count" in text and "disagg:prefix_cache_hits_total" in text
     assert 'mode="disaggregated"' in text  # long prompts went through the prefill worker
 

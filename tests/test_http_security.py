@@ -92,6 +92,25 @@ def test_admin_needs_the_admin_scope(make_app, api, key, status):
         assert r.json()["error"]["code"] == "admin_required"
 
 
+def test_metrics_need_a_metrics_or_admin_key_and_without_keys_answer_loopback_only(make_app):
+    app, _ = make_app()
+    remote, local = TestClient(app, client=REMOTE), TestClient(app, client=LOCAL)
+    r = remote.get("/metrics")
+    assert r.status_code == 403 and r.json()["error"]["code"] == "metrics_loopback_only"
+    assert local.get("/metrics").status_code == 200 and "disagg:" in local.get("/metrics").text
+    scraper = "sk-prometheus-0123456789"
+    app, _ = make_app(keys={**KEYS, scraper: ApiKey("monitoring", metrics=True)})
+    remote = TestClient(app, client=REMOTE)
+    assert remote.get("/metrics").status_code == 401  # no key
+    r = remote.get("/metrics", headers=_bearer(ALICE))  # a tenant key reads no other tenant's counts
+    assert r.status_code == 403 and r.json()["error"]["code"] == "metrics_scope_required"
+    assert remote.get("/metrics", headers=_bearer(scraper)).status_code == 200
+    assert remote.get("/metrics", headers=_bearer(ADMIN)).status_code == 200
+    assert remote.get("/livez").status_code == 200  # the probes stay open: Kubernetes calls them without a key
+    r = remote.post("/v1/completions", json=_completion(), headers=_bearer(scraper))
+    assert r.status_code == 200  # a metrics key is a tenant key too (its own tenant)
+
+
 def test_with_keys_the_tenant_comes_from_the_key_and_priority_is_capped(make_app):
     app, core = make_app(keys={ADMIN: KEYS[ADMIN], ALICE: ApiKey("alice", max_priority=10)})
     seen, generate = [], core.generate

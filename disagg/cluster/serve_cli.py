@@ -121,8 +121,8 @@ class ServeOptions:
         metadata={
             "aliases": ("--api-keys",),  # the older name, same file format (a grant may be just a tenant name)
             "help": 'JSON file {"KEY": "TENANT" or {"tenant": ..., "admin": ..., "max_priority": ..., '
-            '"requests_per_s": ..., "burst": ..., "may_force_trace": ...}}: each key names a tenant and what it may '
-            "do (disagg/http/keys.py)",
+            '"requests_per_s": ..., "burst": ..., "may_force_trace": ..., "metrics": ...}}: each key names a tenant '
+            "and what it may do (disagg/http/keys.py)",
         },
     )
     tenant_weights: dict[str, float] = field(

@@ -1,6 +1,7 @@
 """The front door's ASGI middleware: who is calling (http/keys.py: API key -> Caller, from `Authorization: Bearer`
-or Anthropic's `x-api-key`; 401 for a wrong key, 403 for /admin without the admin scope, 429 for a spent rate
-limit), and a request counter by endpoint and status for every request, whatever its answer."""
+or Anthropic's `x-api-key`; 401 for a wrong key, 403 for /admin without the admin scope or /metrics without the
+metrics scope, 429 for a spent rate limit), and a request counter by endpoint and status for every request,
+whatever its answer."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from disagg.telemetry import RouterMetrics
 
 TENANT_HEADER = "x-tenant-id"  # names the tenant only when no keys are configured
 API_KEY_HEADER = "x-api-key"  # how Anthropic's clients send the key (OpenAI's: Authorization: Bearer)
-GUARDED = ("/v1/", "/admin/")
+GUARDED = ("/v1/", "/admin/", "/metrics")
 ADMIN = "/admin/"
+METRICS = "/metrics"
 
 
 class AuthAndCount:
@@ -39,6 +41,7 @@ class AuthAndCount:
                     headers.get(TENANT_HEADER),
                     admin_path=path.startswith(ADMIN),
                     client_host=client[0] if client else None,
+                    metrics_path=path.startswith(METRICS),
                 )
             except DisaggError as exc:
                 self.metrics.requests.labels(path, str(status_and_type(exc)[0])).inc()

@@ -34,6 +34,7 @@ class ApiKey:
     requests_per_s: float = 0.0
     burst: int = 0
     may_force_trace: bool = False  # a client's sampled `traceparent` is followed (else the router's sampling)
+    metrics: bool = False  # may read /metrics (a Prometheus scraper's key); an admin key may too
 
 
 @dataclass

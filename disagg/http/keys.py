@@ -6,6 +6,8 @@ the admin gate and the per-key rate limit. Pure: no HTTP here (http/auth.py is t
 - With keys configured, identity comes from the key only: `X-Tenant-ID` is ignored. Without keys (the open mode,
   served on loopback unless --insecure), `X-Tenant-ID` names the tenant as before, and /admin/* answers only
   loopback clients.
+- /metrics (worker names, routing and queue counts, hashed tenants) is read with a key that has the `metrics` or
+  the admin scope (a tenant key is refused: 403 `metrics_scope_required`); without keys, from loopback only.
 - Rate limit: a token bucket per key (`ApiKey.requests_per_s`, `burst`); an empty bucket is `RateLimited` (429
   with Retry-After: when the next token is due).
 
@@ -13,6 +15,7 @@ The keys file (`disagg serve --api-keys-file FILE`) is JSON, key -> grant, where
 older `--api-keys` format) or an object with `ApiKey`'s fields:
 
     {"sk-ops-...": {"tenant": "ops", "admin": true, "max_priority": 100, "may_force_trace": true},
+     "sk-prometheus-...": {"tenant": "monitoring", "metrics": true},
      "sk-alice-...": {"tenant": "alice", "max_priority": 10, "requests_per_s": 5, "burst": 20},
      "sk-bob-...": "bob"}
 """
@@ -92,15 +95,25 @@ class KeyRing:
                 found = entry
         return found
 
-    def admit(self, authorization: str, tenant_header: str | None, admin_path: bool, client_host: str | None) -> Caller:
-        """The caller of one /v1/* or /admin/* request, or the error that refuses it (Unauthorized, Forbidden,
-        RateLimited)."""
+    def admit(
+        self,
+        authorization: str,
+        tenant_header: str | None,
+        admin_path: bool,
+        client_host: str | None,
+        *,
+        metrics_path: bool = False,
+    ) -> Caller:
+        """The caller of one /v1/*, /admin/* or /metrics request, or the error that refuses it (Unauthorized,
+        Forbidden, RateLimited)."""
         if not self._entries:
-            if admin_path and not (client_host and is_loopback(client_host)):
-                raise Forbidden(
-                    "/admin is only reachable from loopback when no API keys are configured", code="admin_loopback_only"
-                )
             local = bool(client_host and is_loopback(client_host))
+            for guarded, path in ((admin_path, "admin"), (metrics_path, "metrics")):
+                if guarded and not local:
+                    raise Forbidden(
+                        f"/{path} is only reachable from loopback when no API keys are configured",
+                        code=f"{path}_loopback_only",
+                    )
             return Caller(tenant_header or DEFAULT_TENANT, admin=local, max_priority=MAX_PRIORITY, may_force_trace=True)
         key = authorization[len(BEARER) :] if authorization.startswith(BEARER) else ""
         entry = self._find(key)
@@ -109,6 +122,8 @@ class KeyRing:
         grant = entry.grant
         if admin_path and not grant.admin:
             raise Forbidden("this API key has no admin scope", code="admin_required")
+        if metrics_path and not (grant.metrics or grant.admin):
+            raise Forbidden("this API key may not read /metrics", code="metrics_scope_required")
         if entry.bucket is not None and (wait := entry.bucket.take()) > 0:
             raise RateLimited(f"rate limit of {grant.requests_per_s:g} requests/s reached", retry_after_s=wait)
         return Caller(grant.tenant, grant.admin, grant.max_priority, grant.may_force_trace)
