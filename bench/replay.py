@@ -23,6 +23,7 @@ import httpx
 from tqdm import tqdm
 
 from bench.report import ReportOptions
+from bench.scrape import routing_summary, scrape_prefix_cache, scrape_routing, scrape_staleness, staleness_summary
 from disagg.model_store import DEFAULT_VOCAB_SIZE
 from disagg.options import add_options, from_options
 from disagg.workload.metrics import SLO, RequestRecord, compute_metrics, parse_slos
@@ -108,12 +109,15 @@ class ReplayResult:
     started_at: float = 0.0  # wall clock (time.time()) of the run's t=0, to line records up with other logs
     staleness: dict[str, Any] | None = None  # the router's prediction error of cached tokens (our server only)
     role_changes: list[dict] | None = None  # workers moved between roles during the run (planner runs)
+    routing: dict[str, Any] | None = None  # placement prediction error and routes by mode (our server only)
 
     def metrics(self, slo: SLO, extra_slos: list[SLO] | None = None) -> dict[str, Any]:
         m = compute_metrics(self.records, max(self.duration_s, 1e-9), slo, self.prefix_cache, extra_slos)
         m["not_sent"] = self.not_sent
         if self.staleness is not None:
             m["staleness"] = self.staleness
+        if self.routing is not None:
+            m["routing"] = self.routing
         return m
 
 
@@ -207,69 +211,6 @@ def _error_message(text: str) -> str:
         return text[:200]
 
 
-async def scrape_prefix_cache(client: httpx.AsyncClient) -> dict[str, float] | None:
-    """Prefix-cache query/hit token counters from /metrics (ours: disagg:*, vLLM: vllm:*), summed."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        resp = await client.get("/metrics")
-    except httpx.HTTPError:
-        return None
-    if resp.status_code != 200:
-        return None
-    totals = {"queries": 0.0, "hits": 0.0}
-    found = False
-    for family in text_string_to_metric_families(resp.text):
-        for key in totals:
-            if family.name.endswith(f"prefix_cache_{key}"):
-                for sample in family.samples:
-                    if sample.name.endswith("_total"):
-                        totals[key] += sample.value
-                        found = True
-    return totals if found else None
-
-
-async def scrape_staleness(client: httpx.AsyncClient) -> dict[float, float] | None:
-    """Cumulative bucket counts of the router's staleness histogram (predicted - found cached tokens)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        resp = await client.get("/metrics")
-    except httpx.HTTPError:
-        return None
-    if resp.status_code != 200:  # a server with no /metrics (llama-cpp-python's)
-        return None
-    buckets = {}
-    for family in text_string_to_metric_families(resp.text):
-        if family.name == "disagg:route_staleness_tokens":
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    buckets[float(sample.labels["le"])] = sample.value
-    return buckets or None
-
-
-def staleness_summary(before: dict[float, float] | None, after: dict[float, float] | None) -> dict[str, Any] | None:
-    """The run's staleness distribution from two histogram scrapes: share of requests whose prediction was exact,
-    over-predicted (the index promised more cached tokens than the worker found) or under-predicted, and the
-    bucket counts."""
-    if not after:
-        return None
-    diff = {le: after[le] - (before or {}).get(le, 0.0) for le in sorted(after)}
-    total = diff[float("inf")]
-    if not total:
-        return None
-    at_or_below = lambda le: diff.get(le, 0.0)  # noqa: E731 (cumulative counts)
-    under = at_or_below(-1.0)
-    exact = at_or_below(0.0) - under
-    return {
-        "requests": total,
-        "exact": exact / total,
-        "under_predicted": under / total,
-        "over_predicted": (total - at_or_below(0.0)) / total,
-        "cumulative_buckets": diff,
-    }
-
-
 async def discover_model(client: httpx.AsyncClient) -> str:
     resp = await client.get("/v1/models")
     resp.raise_for_status()
@@ -292,6 +233,7 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
         model = cfg.model or await discover_model(client)
         before = await scrape_prefix_cache(client)
         stale_before = await scrape_staleness(client)
+        routing_before = await scrape_routing(client)
         units = send_units(trace)
         arrivals = _arrivals(trace, units, cfg)
         records: dict[int, RequestRecord] = {}
@@ -330,6 +272,7 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
         duration = (max(ends) if ends else time.perf_counter()) - t0
         after = await scrape_prefix_cache(client)
         staleness = staleness_summary(stale_before, await scrape_staleness(client))
+        routing = routing_summary(routing_before, await scrape_routing(client))
     prefix = None
     if before is None and after is not None:  # the counters had no sample yet (labelled per model: none served)
         before = {"queries": 0.0, "hits": 0.0}
@@ -338,7 +281,9 @@ async def replay(trace: list[TraceRequest], cfg: ReplayConfig) -> ReplayResult:
         hits = after["hits"] - before["hits"]
         prefix = {"query_tokens": queries, "hit_tokens": hits, "hit_ratio": hits / queries if queries else 0.0}
     ordered = [records[i] for i in sorted(records)]
-    return ReplayResult(ordered, duration, len(trace) - len(ordered), prefix, model, started_at, staleness)
+    return ReplayResult(
+        ordered, duration, len(trace) - len(ordered), prefix, model, started_at, staleness, routing=routing
+    )
 
 
 def add_replay_args(p: argparse.ArgumentParser) -> None:

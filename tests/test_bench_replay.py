@@ -4,6 +4,7 @@ sessions replayed turn by turn against a running service."""
 import asyncio
 import json
 
+import httpx
 import pytest
 import ray
 
@@ -127,3 +128,36 @@ def test_cluster_specs_size_both_tiers():
     assert small.tiers("/r") == TierConfig(cpu_bytes=64 << 20, disk_bytes=32 << 20, disk_root="/r")
     assert nodisk.tiers("/r") == TierConfig(cpu_bytes=64 << 20, disk_root="")  # "": no disk tier
     assert none.tiers("/r") is None
+
+
+def test_the_routing_counters_a_run_adds_are_read_from_metrics():
+    """The placement predictions' mean error and the routes per mode of one run: the difference of two scrapes."""
+    from bench.scrape import routing_summary, scrape_routing
+
+    pages = iter([
+        '# TYPE disagg:ttft_predictions counter\ndisagg:ttft_predictions_total 4.0\n'
+        'disagg:ttft_prediction_error_total 0.8\n'
+        '# TYPE disagg:routed_requests counter\n'
+        'disagg:routed_requests_total{decode_worker="d0",mode="local"} 3.0\n',
+        'disagg:ttft_predictions_total 10.0\ndisagg:ttft_prediction_error_total 2.0\n'
+        'disagg:routed_requests_total{decode_worker="d0",mode="local"} 5.0\n'
+        'disagg:routed_requests_total{decode_worker="p0",mode="flexible"} 2.0\n'
+        'disagg:routed_requests_total{decode_worker="d1",mode="local"} 1.0\n',
+    ])
+
+    async def go():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, text=next(pages)))
+        async with httpx.AsyncClient(transport=transport, base_url="http://x") as client:
+            return await scrape_routing(client), await scrape_routing(client)
+
+    before, after = asyncio.run(go())
+    summary = routing_summary(before, after)
+    assert summary["ttft_predictions"] == 6 and abs(summary["ttft_prediction_error_mean"] - 0.2) < 1e-9
+    assert summary["routes"] == {"local": 3.0, "flexible": 2.0}
+    refused = httpx.MockTransport(lambda request: httpx.Response(403, json={"error": {}}))
+
+    async def scrape_refused():
+        async with httpx.AsyncClient(transport=refused, base_url="http://x") as client:
+            return await scrape_routing(client)
+
+    assert asyncio.run(scrape_refused()) is None and routing_summary(None, None) is None
