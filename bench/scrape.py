@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from prometheus_client.metrics_core import Metric
 
 
-async def scrape_prefix_cache(client: httpx.AsyncClient) -> dict[str, float] | None:
-    """Prefix-cache query/hit token counters from /metrics (ours: disagg:*, vLLM: vllm:*), summed."""
+async def _families(client: httpx.AsyncClient) -> list[Metric] | None:
+    """The server's metric families, or None: no /metrics (llama-cpp-python's), a refused key, no answer."""
     from prometheus_client.parser import text_string_to_metric_families
 
     try:
@@ -19,9 +20,17 @@ async def scrape_prefix_cache(client: httpx.AsyncClient) -> dict[str, float] | N
         return None
     if resp.status_code != 200:
         return None
+    return list(text_string_to_metric_families(resp.text))
+
+
+async def scrape_prefix_cache(client: httpx.AsyncClient) -> dict[str, float] | None:
+    """Prefix-cache query/hit token counters from /metrics (ours: disagg:*, vLLM: vllm:*), summed."""
+    families = await _families(client)
+    if families is None:
+        return None
     totals = {"queries": 0.0, "hits": 0.0}
     found = False
-    for family in text_string_to_metric_families(resp.text):
+    for family in families:
         for key in totals:
             if family.name.endswith(f"prefix_cache_{key}"):
                 for sample in family.samples:
@@ -33,16 +42,11 @@ async def scrape_prefix_cache(client: httpx.AsyncClient) -> dict[str, float] | N
 
 async def scrape_staleness(client: httpx.AsyncClient) -> dict[float, float] | None:
     """Cumulative bucket counts of the router's staleness histogram (predicted - found cached tokens)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        resp = await client.get("/metrics")
-    except httpx.HTTPError:
-        return None
-    if resp.status_code != 200:  # a server with no /metrics (llama-cpp-python's)
+    families = await _families(client)
+    if families is None:
         return None
     buckets = {}
-    for family in text_string_to_metric_families(resp.text):
+    for family in families:
         if family.name == "disagg:route_staleness_tokens":
             for sample in family.samples:
                 if sample.name.endswith("_bucket"):
@@ -75,17 +79,12 @@ def staleness_summary(before: dict[float, float] | None, after: dict[float, floa
 async def scrape_routing(client: httpx.AsyncClient) -> dict[str, Any] | None:
     """The router's TTFT predictions (count, summed relative error) and its routes by mode (local, remote,
     flexible, ...), cumulative."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    try:
-        resp = await client.get("/metrics")
-    except httpx.HTTPError:
-        return None
-    if resp.status_code != 200:
+    families = await _families(client)
+    if families is None:
         return None
     out: dict[str, Any] = {"predictions": 0.0, "prediction_error": 0.0, "routes": {}}
     found = False
-    for family in text_string_to_metric_families(resp.text):
+    for family in families:
         for sample in family.samples:  # by the sample's name: a family's is cut of `_total` only when typed
             if sample.name == "disagg:ttft_predictions_total":
                 out["predictions"], found = sample.value, True
