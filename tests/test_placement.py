@@ -166,25 +166,6 @@ def test_flexible_when_no_decode_worker_has_room_an_idle_taker_within_the_tpot_t
     assert _policy(flexible=True).whole_on_idle(1000, {}, [queued]) is None
 
 
-def test_flexible_balance_spreads_decodes_to_an_idle_prefill_worker_that_steps_faster():
-    """Within the TPOT target, with --flexible-balance: the request goes whole to the idle prefill worker while its
-    next step is predicted faster than the decode worker's (decode load spread as two aggregated workers spread
-    it); not once it steps slower, nor while it has a prompt to compute, nor without the option."""
-    some = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=6, blocks=240)  # next step 0.055 s
-    idle = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002))  # 0.025 s
-    balance = _policy(flexible=True, flexible_balance=True, tpot_target_s=0.1)
-    d = balance.choose(2000, {}, [some], [idle])
-    assert (d.decode_worker, d.flexible) == ("p0", True) and d.reason.endswith("balanced")
-    busier = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), active=8, blocks=320)  # 0.065 s: slower than d0
-    queued = _load("p0", WorkerTiming(MODEL, FIXED, 0.0002), queued=100)
-    for policy, prefill in [(balance, busier), (balance, queued), (_policy(flexible=True, tpot_target_s=0.1), idle)]:
-        d = policy.choose(2000, {}, [some], [prefill])
-        assert d.decode_worker == "d0" and not d.flexible, d.reason
-    assert balance.choose(2000, {}, [_load("d0", WorkerTiming(MODEL, SIZED, 0.0002))], [idle]).decode_worker == "d0"
-    with pytest.raises(ValueError, match="needs --flexible-workers"):
-        PolicyConfig(placement=Placement.COST, flexible_balance=True)
-
-
 def test_a_prefill_worker_that_decodes_is_priced_with_its_decodes_as_a_remote_prefill():
     busy = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=24, blocks=960)
     sized = WorkerTiming(MODEL, SIZED, 0.0002)

@@ -137,30 +137,23 @@ def fastest_idle(model: PlacementModel, takers: Sequence[W], tpot_target_s: floa
 
 
 def idle_taker(
-    model: PlacementModel, decode: WorkerLoad, takers: Sequence[W], tpot_target_s: float, *, balance: bool = False
+    model: PlacementModel, decode: WorkerLoad, takers: Sequence[W], tpot_target_s: float
 ) -> tuple[W | None, str]:
     """Flexible workers: the prefill worker that should serve this request whole (prefill and decode), or None.
 
-    When the decode worker's next step, with this request in its batch, is predicted past the TPOT target (its
-    batch is full for the SLO) and a taker (a prefill worker the router would route to, with room) with nothing
+    Only when the decode worker's next step, with this request in its batch, is predicted past the TPOT target
+    (its batch is full for the SLO) and a taker (a prefill worker the router would route to, with room) with nothing
     queued to compute would decode within it: the request then adds decode capacity where prefill capacity idles,
-    without a role change (router/roles.py moves workers for sustained shifts).  With `balance`, also when such a
-    taker's next step is predicted faster than the decode worker's: decodes spread over both, as aggregated serving
-    spreads them, for as long as the prefill worker has no prompt to compute."""
-    d_step = model.decode_step_s(decode)
-    over = tpot_target_s > 0 and d_step > tpot_target_s
-    if not over and not balance:
+    without a role change (router/roles.py moves workers for sustained shifts)."""
+    if tpot_target_s <= 0 or (d_step := model.decode_step_s(decode)) <= tpot_target_s:
         return None, ""
     found = fastest_idle(model, takers, tpot_target_s)
     if found is None:
         return None, ""
     taker, step = found
-    if not over and step >= d_step:
-        return None, ""
-    target = f"target {tpot_target_s * 1000:.0f} ms" if over else "balanced"
     return taker, (
         f"whole request on idle prefill worker: decode step predicted {d_step * 1000:.0f} ms on {decode.name}, "
-        f"{step * 1000:.0f} ms on {taker.name}, {target}"
+        f"{step * 1000:.0f} ms on {taker.name}, target {tpot_target_s * 1000:.0f} ms"
     )
 
 
