@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from bench.common import emit, print_table
 from disagg.config import EngineConfig
+from disagg.heap import settle_heap
 from disagg.options import add_options, from_options
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, KVEventPage, Request, Tier, hash_prompt_blocks
 from disagg.router.decision import Decision
@@ -208,11 +209,10 @@ def measure_loop(opts: ScaleOptions, cluster: Cluster) -> dict:
         [(i / decision_rate if decision_rate > 0 else 0.0, 0, i) for i in range(len(requests))]
         + [(j * interval, 1, j) for j in range(len(pages))]
     )
-    # The bench's own data (chains, requests, pages: millions of objects a router does not hold) out of the
-    # collector's generations, so a collection costs what the router's own heap costs; the product's index is in
-    # C++ and adds nothing to it.
-    gc.collect()
-    gc.freeze()
+    # What is built so far out of the collector's generations, as the router process does once it is up
+    # (disagg/heap.py); here that is also the bench's own data (chains, requests, pages: millions of objects a
+    # router does not hold), so a collection costs what the router's own live objects cost.
+    settle_heap("bench.router_scale")
     core, clock = cluster.core, time.perf_counter
     service: dict[str, list[float]] = {"route_us": [], "decision_us": []}
     waited: dict[str, list[float]] = {"route_us": [], "decision_us": []}

@@ -19,6 +19,7 @@ from typing import ClassVar
 
 from disagg.cluster.worker_config import WorkerConfig
 from disagg.engine.tokenizer import Tokenizer
+from disagg.heap import settle_heap
 from disagg.http.app import build_app
 from disagg.http.config import AgentConfig, ApiConfig, ApiKey, IdleConfig, check_exposure
 from disagg.http.fleet_port import TableFleetPort
@@ -204,6 +205,7 @@ class RouterService:
         self.http: HttpServer | None = None
         if serve_http:
             self.http = HttpServer(self.app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)
+        settle_heap("router")  # what start-up built lives as long as the process: out of every full collection
 
     def start(self) -> str:
         if self.http is None:
