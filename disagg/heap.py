@@ -6,7 +6,8 @@ of thousands of them that live as long as the process; each full collection then
 (where routing decisions and KV event ingest run) in proportion to them.  `gc.freeze()` (Python 3.7+) moves them
 to a permanent generation the collector no longer walks, as vLLM (`freeze_gc_heap` after warm-up) and SGLang
 (`freeze_gc`) do in their serving processes.  Objects made later are collected as before; a frozen object that
-becomes garbage is freed by reference counting as usual (only a frozen cycle waits for `gc.unfreeze()`).
+becomes garbage is freed by reference counting as usual; a frozen cycle (an unloaded model's routing core) waits
+for the next `settle_heap`, which the model unload calls.
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def settle_heap(context: str) -> int:
-    """Collect, then freeze what is left: the number of objects now out of the collector's walks."""
+    """Collect, then freeze what is left: the number of objects now out of the collector's walks.  What an earlier
+    call froze is collected again first (a model unloaded since: its routing core holds reference cycles), so
+    calling it after such a change frees what the change left."""
     started = time.perf_counter()
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
     frozen = gc.get_freeze_count()

@@ -71,13 +71,18 @@ def _decode_dataclass(cls: Any, data: Any, where: str = "") -> Any:
 _Decode = typing.Callable[[Any, str], Any]  # (value, where it sits: for the error) -> the decoded value
 
 
-@functools.cache
 def _decoder(tp: Any) -> _Decode:
     """The decoder of annotation `tp`, built once per annotation: enums rebuilt from their values, nested
     dataclasses from their maps, containers element by element; anything that does not fit raises
     WireFormatError.  (Built once because a router decodes every KV event page of every worker: reading the
-    annotations per value cost more than the values.)"""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    annotations per value cost more than the values.)  Cached by the annotation and its arguments in order:
+    `int | float == float | int`, but the order decides which a value decodes as."""
+    return _built(tp, typing.get_args(tp))
+
+
+@functools.cache
+def _built(tp: Any, args: tuple[Any, ...]) -> _Decode:
+    origin = typing.get_origin(tp)
     if tp is Any:
         return lambda value, where: value
     if origin is typing.Union or origin is types.UnionType:

@@ -68,10 +68,9 @@ def test_the_native_table_is_the_python_one_operation_for_operation(lib, seed):
         elif roll < 0.85:
             py.drop(worker, hashes, bit), native.drop(worker, hashes, bit)
         elif roll < 0.92:
-            py.drop_worker(worker), native.drop_worker(worker)
+            py.drop_all(worker), native.drop_all(worker)  # the worker's removal, or a snapshot's clear
         else:
-            held = py.worker_blocks(worker)  # a snapshot's clear, or a CLEARED event of one tier
-            py.drop(worker, held, bit), native.drop(worker, held, bit)
+            py.drop_all(worker, bit), native.drop_all(worker, bit)  # a CLEARED event of one tier
         if rng.random() < 0.2:
             _same(py, native, [_chain(rng, universe) for _ in range(5)])
     _same(py, native, [_chain(rng, universe) for _ in range(20)] + [list(range(universe))])
@@ -89,7 +88,7 @@ def test_a_large_table_grows_and_deletes_as_the_reference(lib):
         py.drop(worker, gone, 1), native.drop(worker, gone, 1)
     _same(py, native, [hashes[i : i + 20] for i in range(0, len(hashes), 997)])
     for w in WORKERS[:3]:
-        py.drop_worker(w), native.drop_worker(w)
+        py.drop_all(w), native.drop_all(w)
     _same(py, native, [hashes[i : i + 20] for i in range(0, len(hashes), 997)])
 
 
@@ -102,6 +101,14 @@ def test_hashes_use_all_64_bits_and_many_workers(lib):
         py.store(w, chain[: 10 + i], 1 + (i % 2)), native.store(w, chain[: 10 + i], 1 + (i % 2))
     assert list(py.match(chain).items()) == list(native.match(chain).items())
     assert len(native.match(chain)) == 40 and native.owners(2**64 - 1) == py.owners(2**64 - 1)
+
+
+def test_a_hash_outside_uint64_from_a_faulty_worker_is_left_out_not_an_error(lib):
+    native = NativeBlockTable(lib)
+    native.store("w", [1, -1, 2**64, 2], 1)
+    assert sorted(native.worker_blocks("w")) == [1, 2] and native.match([1])["w"].device == 1
+    native.drop("w", [-5, 1], 1)
+    assert native.worker_blocks("w") == [2]
 
 
 def test_a_prefix_index_over_each_table_applies_batches_alike(lib):

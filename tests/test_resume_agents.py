@@ -105,3 +105,31 @@ def test_a_responses_stream_cut_by_a_dying_relay_resumes_on_another_replica_exac
     assert len(added) == 1
     assert bob.status == 404 and "error" in json.loads(bob.raw)
     assert garbage.status == 400 and json.loads(garbage.raw)["error"]["code"] == "invalid_last_event_id"
+
+
+def test_tool_call_ids_derive_from_the_request_so_a_resumed_stream_names_them_alike(tokenizer):
+    from disagg.http.shape import AnswerShape
+    from disagg.protocol import FinishReason, TokenDelta
+
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}</tool_call>'
+
+    def ids(seed):
+        shape = AnswerShape(tokenizer, chat=True, tools={"get_weather"})
+        if seed is not None:
+            shape.name_calls(seed)
+        choice = shape.stream_choice(TokenDelta("r", [1], call, finish_reason=FinishReason.STOP))
+        return [c["id"] for c in choice["delta"]["tool_calls"]]
+
+    assert ids("resp_1") == ids("resp_1") != ids("resp_2") and ids("resp_1")[0].startswith("call_")
+    assert ids(None) != ids(None)  # a shape no request named keeps random ids
+
+
+def test_a_resume_token_from_before_event_indexes_still_parses():
+    import base64
+
+    import msgpack
+
+    old = {"type": "resume_token", "worker": "w", "request_id": "cmpl-1", "delivered": 7}
+    text = base64.urlsafe_b64encode(msgpack.packb(old)).rstrip(b"=").decode()
+    token = ResumeToken.parse(text)
+    assert (token.worker, token.request_id, token.delivered, token.events) == ("w", "cmpl-1", 7, 0)

@@ -1,6 +1,7 @@
 """The router actor SIGKILLed with 8 streams in flight (issue 23), on a real cluster (Ray on 127.0.0.1, the default
 model): the worker keeps its streams in its journal, Ray restarts the router on the same port, every client
-reconnects to the same URL with SSE Last-Event-ID, and every stream completes byte-identical to a reference run."""
+reconnects to the same URL with SSE Last-Event-ID, and every stream completes byte-identical to a reference run
+(completions, chat, and the Messages and Responses APIs' typed-event streams)."""
 import asyncio
 import json
 import os
@@ -32,16 +33,35 @@ def service(smollm_dir):
 
 
 def _body(model, i):
-    """(path, body): completions with token prompts, and every fourth a chat (its role chunk is not sent again)."""
+    """(path, body): completions with token prompts, every fourth a chat (its role chunk is not sent again), and
+    one each of the Messages and Responses APIs (greedy: they take no seed)."""
     sampling = {"temperature": 0} if i % 2 == 0 else {"temperature": 0.8, "seed": 100 + i}
     common = {"model": model, "max_tokens": 48, "ignore_eos": True, "stream": True, **sampling}
+    question = f"Tell story {i}."
+    if i == 1:
+        body = {"model": model, "max_tokens": 48, "temperature": 0, "stream": True}
+        return "/v1/messages", {**body, "messages": [{"role": "user", "content": question}]}
+    if i == 5:
+        body = {"model": model, "max_output_tokens": 48, "temperature": 0, "stream": True}
+        return "/v1/responses", {**body, "input": question}
     if i % 4 == 3:
-        return "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": f"Tell story {i}."}]}
+        return "/v1/chat/completions", {**common, "messages": [{"role": "user", "content": question}]}
     prompt = [(17 * i + 31 * j) % 40000 + 200 for j in range(40 + 5 * i)]
     return "/v1/completions", {**common, "prompt": prompt}
 
 
+_LAST_EVENTS = ("message_stop", "response.completed", "response.incomplete")
+
+
 def _text(chunk):
+    """The text an event adds (OpenAI chunks; the Messages and Responses APIs' typed events)."""
+    kind = chunk.get("type")
+    if kind == "content_block_delta":
+        return chunk["delta"].get("text", "")
+    if kind == "response.output_text.delta":
+        return chunk["delta"]
+    if kind is not None:
+        return ""
     choice = chunk["choices"][0]
     return choice["delta"].get("content") or "" if "delta" in choice else choice["text"]
 
@@ -70,8 +90,10 @@ async def _resuming_sse(client, request, progress, key, deadline_s=120.0):
                         if data == "[DONE]":
                             return text, connections
                         chunk = json.loads(data)
-                        assert "error" not in chunk, chunk
+                        assert "error" not in chunk and chunk.get("type") != "error", chunk
                         text += _text(chunk)
+                        if chunk.get("type") in _LAST_EVENTS:
+                            return text, connections
                         last_id, event_id, data = event_id, None, None
                         progress[key] = progress.get(key, 0) + 1
         except httpx.HTTPError:  # the router died under us (or is not back yet)

@@ -24,7 +24,7 @@ from torch import nn
 from disagg.engine.attention import AttentionMetadata
 from disagg.engine.kv_cache import KVCache
 from disagg.engine.model import CausalLM, DecoderLayer, RMSNorm
-from disagg.engine.quant import BlockKernels, QuantConfig, QuantKernels, QuantLinear
+from disagg.engine.quant import BlockKernels, QuantConfig, QuantKernels, QuantLinear, quant_kernels
 from disagg.engine.sequence import Sequence
 from disagg_kernels.cpu_quant import BlockWeight, float_blocks
 from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape
@@ -101,17 +101,20 @@ def build(
     model: CausalLM,
     cache: KVCache,
     config: QuantConfig,
-    kernels: BlockKernels,
+    kernels: BlockKernels | None,
     layers: list[StackLayer] | None = None,
 ) -> NativeStep | None:
     """The native step for this model and cache, or None where it does not apply (module docstring).  `kernels`:
-    the runner's block kernels (a quantized model's linears run them); `layers`: a float32 model's
-    (`float_layers`); None: the quantized model's own block matrices."""
+    the runner's block kernels (a quantized model's linears run them; None: a float32 model, which loads the
+    CPU's only once the step applies); `layers`: a float32 model's (`float_layers`); None: the quantized model's
+    own block matrices."""
     if cache.format.encoded or cache.tensor.dtype != torch.float32 or cache.tensor.device.type != "cpu":
         return None
     floats = layers is not None
     if layers is None:
         layers = _layers(model, _quant_blocks)
+    if kernels is None:
+        kernels = quant_kernels(cache.tensor.device)
     native = kernels.native if isinstance(kernels, QuantKernels) else None
     if native is None or layers is None:  # no compiler, or a matrix the kernel cannot read: the torch path serves
         return None

@@ -207,7 +207,7 @@ class ModelRunner:
         self.kv_cache = KVCache(model_config, num_blocks, block_size, self.kv_format, device)
         # small steps on CPU: the whole stack in one native call (engine/native_step.py)
         config = factory.config if factory is not None else QuantConfig()
-        step_kernels = factory.kernels if factory is not None else quant_kernels(device)
+        step_kernels = factory.kernels if factory is not None else None  # None: the CPU's, if the step applies
         self.native_step = build_native_step(self.model, self.kv_cache, config, step_kernels, raw)
         self.kernel_path = "float" if factory is None else factory.kernels.name
         if self.native_step is not None:

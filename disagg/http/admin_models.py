@@ -25,6 +25,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict
 
 from disagg.errors import Conflict, InvalidRequest
+from disagg.heap import settle_heap
 from disagg.http.admin_sleep import add_sleep_routes, drain
 from disagg.http.config import ApiConfig
 from disagg.http.models import ModelLoader, ModelState, ModelTable, ServedModel
@@ -91,6 +92,7 @@ async def _unload_base(model: ServedModel, models: ModelTable, launcher: ModelLo
     models.remove(name)
     await model.core.stop()  # a request still queued at a timed-out drain is refused, not left waiting
     await asyncio.to_thread(launcher.unload, model)
+    settle_heap(f"unloaded {name}")  # its core's cycles were frozen with the start-up heap: free them now
     return {"id": name, "drained": drained, "drain_s": round(time.monotonic() - started, 3)}
 
 

@@ -150,6 +150,7 @@ def _server(server: Server):
                 return error_response(InvalidRequest("client closed the request", code="client_closed"))
             if found is not None:
                 original, answer = found
+                shape.name_calls(original.request_id)  # its tool calls named as in the first answer
                 return json_answer(original.request_id, kind, original.created, model, shape, answer, len(ids))
         render = OpenAIRender(kind, model, shape, _include_usage(body))
         return await server.generate(served, request, caller, options, http, shape, render)

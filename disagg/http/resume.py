@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
+import msgpack
 from fastapi.responses import StreamingResponse
 
 from disagg.engine.tokenizer import Tokenizer
@@ -57,12 +58,24 @@ class ResumeToken(WireMessage):
     def parse(cls, text: str) -> ResumeToken:
         try:
             raw = base64.urlsafe_b64decode(text.strip() + "=" * (-len(text.strip()) % 4))
-            token = cls.from_wire(raw)
+            token = cls.from_wire(_with_events(raw))
         except (binascii.Error, ValueError, WireFormatError):
             raise InvalidRequest("Last-Event-ID is not an event id of this API", code="invalid_last_event_id") from None
         if token.delivered < 0 or token.events < 0:
             raise InvalidRequest("Last-Event-ID is not an event id of this API", code="invalid_last_event_id")
         return token
+
+
+def _with_events(raw: bytes) -> bytes:
+    """A token from a router before `events` existed (a rolling upgrade, a replica not yet restarted) names the
+    event at its token count that chat streams have: the first (0)."""
+    try:
+        data = msgpack.unpackb(raw, raw=False)
+    except Exception:  # msgpack raises several unrelated types for garbage: from_wire names the error
+        return raw
+    if isinstance(data, dict) and data.get("type") == ResumeToken.TYPE and "events" not in data:
+        return msgpack.packb({**data, "events": 0}, use_bin_type=True)
+    return raw
 
 
 @dataclass
@@ -159,6 +172,7 @@ async def resume_stream(
     if token.delivered < len(attached.request.resume_token_ids):  # those came from a worker since lost
         raise StreamNotFound(f"no stream {token.request_id!r} to resume from there")
     cursor = Cursor(token.request_id, token.worker)
+    shape.name_calls(token.request_id)
     deltas = history(attached, shape.tokenizer)
     n_prompt, created = len(request.prompt_token_ids), attached.request.created
     events = sse(
@@ -169,6 +183,8 @@ async def resume_stream(
 
 class EventRender(Protocol):
     """A typed-event render (Responses, Messages) as `resume_events` drives it."""
+
+    shape: AnswerShape
 
     def events(
         self,
@@ -196,6 +212,7 @@ async def resume_events(
     except StopAsyncIteration:
         raise StreamNotFound(f"no stream {token.request_id!r} to resume from there") from None
     cursor = Cursor(token.request_id, token.worker)
+    render.shape.name_calls(token.request_id)
     events = render.events(first, deltas, attached.request, cursor, token)
     return StreamingResponse((e async for e in events if e), media_type="text/event-stream")
 

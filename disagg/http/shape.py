@@ -7,6 +7,7 @@ sampler (`[token, logprob, [[id, logprob], ...]]`); their token strings are deco
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,7 @@ class AnswerShape:
         self.tokenizer, self.chat, self.logprobs = tokenizer, chat, logprobs
         self.tools, self.parallel = tools, parallel_tool_calls
         self._stream = ToolCallStream(tools, parallel_tool_calls) if tools else None
+        self.call_seed: str | None = None  # the request id its tool calls' ids derive from (`name_calls`)
         self._text_offset = 0  # completions: where the next token starts in the answer's text
         self._strings: dict[int, str] = {}
 
@@ -104,11 +106,23 @@ class AnswerShape:
         parsed = parse_tool_calls(answer.text, self.tools) if self.tools else None
         if parsed is not None:
             content, calls = parsed
-            calls = calls if self.parallel else calls[:1]
+            calls = self._named(calls if self.parallel else calls[:1])
             message = {"role": "assistant", "content": content or None, "tool_calls": [c.to_openai() for c in calls]}
             choice["finish_reason"] = TOOL_CALLS
         choice["message"] = message
         return choice
+
+    def name_calls(self, request_id: str) -> None:
+        """Tool call ids from the request's id (`call_<digest>_<n>`), not random: a resumed stream, which shapes the
+        answer again (http/resume.py), names each call as the first connection did."""
+        self.call_seed = request_id
+
+    def _named(self, calls: list[ToolCall]) -> list[ToolCall]:
+        if self.call_seed is not None:
+            digest = hashlib.blake2b(self.call_seed.encode(), digest_size=8).hexdigest()
+            for n, call in enumerate(calls):
+                call.id = f"call_{digest}_{n}"
+        return calls
 
     # ------------------------------------------------------------------ SSE
     def replay(self, delta: TokenDelta) -> None:
@@ -127,6 +141,7 @@ class AnswerShape:
         calls: list[ToolCall] = []
         if reason and self._stream is not None:
             rest, calls = self._stream.finish()
+            calls = self._named(calls)
             text += rest
             reason = TOOL_CALLS if calls else reason
         if not (text or reason or logprobs):

@@ -49,8 +49,8 @@ class BlockTable(Protocol):
     def drop(self, worker: str, hashes: list[int], bit: int) -> None:
         """`worker` no longer holds these in tier `bit` (a block left in no tier of any worker leaves the table)."""
 
-    def drop_worker(self, worker: str) -> None:
-        """Everything `worker` holds, in every tier."""
+    def drop_all(self, worker: str, bit: int = ALL_TIERS) -> None:
+        """Tier `bit` of everything `worker` holds (every tier: the worker's removal)."""
 
     def worker_blocks(self, worker: str, mask: int = ALL_TIERS) -> list[int]:
         """The hashes `worker` holds in any tier of `mask`."""
@@ -112,9 +112,10 @@ class PyBlockTable:
             if not owners:
                 del all_owners[h]
 
-    def drop_worker(self, worker: str) -> None:
-        self.drop(worker, list(self._held.get(worker, ())), ALL_TIERS)
-        self._held.pop(worker, None)
+    def drop_all(self, worker: str, bit: int = ALL_TIERS) -> None:
+        self.drop(worker, self.worker_blocks(worker, bit), bit)
+        if bit == ALL_TIERS:
+            self._held.pop(worker, None)
 
     def worker_blocks(self, worker: str, mask: int = ALL_TIERS) -> list[int]:
         return [h for h, bits in self._held.get(worker, {}).items() if bits & mask]
@@ -126,7 +127,8 @@ class PyBlockTable:
         return {h: dict(owners) for h, owners in self._owners.items()}
 
     def block_counts(self) -> dict[str, int]:
-        return {worker: len(held) for worker, held in self._held.items() if held}
+        # a copy first (one step under the GIL): another thread may add a worker meanwhile
+        return {worker: len(held) for worker, held in list(self._held.items()) if held}
 
     def _evict_oldest(self) -> None:
         h, owners = self._owners.popitem(last=False)

@@ -28,6 +28,16 @@ from disagg.router.native_table import make_block_table
 __all__ = ["Ingest", "PrefixIndex", "TierMatch", "make_block_table"]
 _UNSLICED = 1 << 62  # `apply`: the whole batch in one step
 _Apply = Callable[[str, list[int], int], None]  # a table's store or drop
+# a whole tier of a worker's blocks dropped in one table call (a snapshot's clear, CLEARED): one step of a slice
+# (one scan of the table, under the router's lock: these events are rare)
+_ONE_STEP = [0]
+
+
+def _drop_all(table: BlockTable) -> _Apply:
+    def apply(worker: str, _: list[int], bit: int) -> None:
+        table.drop_all(worker, bit)
+
+    return apply
 
 
 @dataclass
@@ -49,7 +59,7 @@ class PrefixIndex:
 
     def remove_worker(self, worker: str) -> None:
         if self._workers.pop(worker, None) is not None:
-            self.table.drop_worker(worker)
+            self.table.drop_all(worker)
 
     def has_worker(self, worker: str) -> bool:
         return worker in self._workers
@@ -96,9 +106,9 @@ class PrefixIndex:
 
     def _operations(self, batch: KVEventBatch) -> Iterator[tuple[_Apply, list[int], int]]:
         """The batch as (apply, hashes, tier bits) steps; a snapshot first clears all the worker held."""
-        table, worker = self.table, batch.worker
+        table = self.table
         if batch.snapshot:
-            yield table.drop, table.worker_blocks(worker), ALL_TIERS
+            yield _drop_all(table), _ONE_STEP, ALL_TIERS
         for event in batch.kv_events():
             bit = BIT[event.tier]
             if batch.snapshot or event.kind is EventKind.STORED:
@@ -106,7 +116,7 @@ class PrefixIndex:
             elif event.kind is EventKind.REMOVED:
                 yield table.drop, event.block_hashes, bit
             elif event.kind is EventKind.CLEARED:
-                yield table.drop, table.worker_blocks(worker), bit  # listed when reached, as the events before left it
+                yield _drop_all(table), _ONE_STEP, bit  # what the events before it left, when it is reached
 
     # ------------------------------------------------------------------ queries
     def needs_snapshot(self, worker: str) -> bool:
@@ -124,8 +134,8 @@ class PrefixIndex:
 
     def block_counts(self) -> dict[str, int]:
         """Blocks held per worker in routing (any tier)."""
-        counts = self.table.block_counts()
-        return {worker: counts.get(worker, 0) for worker in self._workers}
+        counts = self.table.block_counts()  # safe beside ingest on another thread (each table's own copy)
+        return {worker: counts.get(worker, 0) for worker in list(self._workers)}
 
     @property
     def num_blocks(self) -> int:

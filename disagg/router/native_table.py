@@ -12,7 +12,6 @@ import ctypes
 import functools
 import logging
 from array import array
-from collections.abc import Iterable
 from pathlib import Path
 
 from disagg.model_store import cache_root
@@ -21,11 +20,16 @@ from disagg_kernels.prefix_index import IndexLib, load_index_lib
 
 log = logging.getLogger(__name__)
 _TIER_BITS = (1, 2, 4)
+_U64 = 1 << 64
 
 
-def _packed(hashes: Iterable[int]) -> tuple[array, int]:
-    """The hashes as a uint64 array and its address (kept alive by the caller holding the array)."""
-    packed = array("Q", hashes)
+def _packed(hashes: list[int]) -> tuple[array, int]:
+    """The hashes as a uint64 array and its address (kept alive by the caller holding the array).  A value outside
+    uint64 (a faulty worker's: block hashes are 8-byte digests) is left out: no request's hash can equal it."""
+    try:
+        packed = array("Q", hashes)
+    except OverflowError:
+        packed = array("Q", (h for h in hashes if 0 <= h < _U64))
     return packed, packed.buffer_info()[0]
 
 
@@ -69,9 +73,9 @@ class NativeBlockTable:
             packed, address = _packed(hashes)
             self._lib.drop(self._table, self._ids[worker], address, len(packed), bit)
 
-    def drop_worker(self, worker: str) -> None:
+    def drop_all(self, worker: str, bit: int = ALL_TIERS) -> None:
         if worker in self._ids:
-            self._lib.drop_worker(self._table, self._ids[worker])
+            self._lib.drop_all(self._table, self._ids[worker], bit)
 
     def worker_blocks(self, worker: str, mask: int = ALL_TIERS) -> list[int]:
         wid = self._ids.get(worker)
@@ -86,9 +90,10 @@ class NativeBlockTable:
             size = int(count)  # it grew between the calls at most by what the other thread stored: try again
 
     def block_counts(self) -> dict[str, int]:
-        counts = (ctypes.c_int64 * max(1, len(self._names)))()
-        self._lib.worker_counts(self._table, counts, len(self._names))
-        return {name: counts[i] for i, name in enumerate(self._names) if counts[i]}
+        names = list(self._names)  # one length for the buffer and the call: a worker may be added meanwhile
+        counts = (ctypes.c_int64 * max(1, len(names)))()
+        self._lib.worker_counts(self._table, counts, len(names))
+        return {name: counts[i] for i, name in enumerate(names) if counts[i]}
 
     def match(self, block_hashes: list[int]) -> dict[str, TierMatch]:
         if not block_hashes:

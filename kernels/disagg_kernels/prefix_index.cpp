@@ -254,14 +254,16 @@ void pi_worker_counts(void* table, int64_t* counts, int32_t n) {
   }
 }
 
-void pi_drop_worker(void* table, int32_t w) {
+// Tier `bit` of every block worker `w` holds (a snapshot's clear, a CLEARED event; all tiers: its removal), in
+// one scan and one call: the hashes are collected first, since a drop shifts later slots back.
+void pi_drop_all(void* table, int32_t w, uint8_t bit) {
   auto* t = static_cast<Table*>(table);
   std::lock_guard<std::mutex> lock(t->mu);
   std::vector<uint64_t> mine;
   for (const Slot& s : t->blocks.slots())
-    if (s.gen && bits_of(s, w)) mine.push_back(s.key);
+    if (s.gen && (bits_of(s, w) & bit)) mine.push_back(s.key);
   for (uint64_t h : mine)
-    if (Slot* s = t->blocks.find(h)) t->drop(s, w, kDevice | kOffload);
+    if (Slot* s = t->blocks.find(h)) t->drop(s, w, bit);
   t->compact();
 }
 

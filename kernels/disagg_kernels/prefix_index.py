@@ -32,7 +32,7 @@ class IndexLib:
             "pi_size": ([table], i64),
             "pi_store": ([table, i32, ctypes.c_void_p, i64, u8], None),
             "pi_drop": ([table, i32, ctypes.c_void_p, i64, u8], None),
-            "pi_drop_worker": ([table, i32], None),
+            "pi_drop_all": ([table, i32, u8], None),
             "pi_worker_blocks": ([table, i32, u8, _u64p, i64], i64),
             "pi_worker_counts": ([table, _i64p, i32], None),
             "pi_owners": ([table, ctypes.c_uint64, _i32p, ctypes.POINTER(u8), i32], i32),
@@ -42,7 +42,7 @@ class IndexLib:
             fn = getattr(lib, name)
             fn.argtypes, fn.restype = args, result
         self.new, self.free, self.size = lib.pi_new, lib.pi_free, lib.pi_size
-        self.store, self.drop, self.drop_worker = lib.pi_store, lib.pi_drop, lib.pi_drop_worker
+        self.store, self.drop, self.drop_all = lib.pi_store, lib.pi_drop, lib.pi_drop_all
         self.worker_blocks, self.worker_counts = lib.pi_worker_blocks, lib.pi_worker_counts
         self.owners, self.match = lib.pi_owners, lib.pi_match
 
