@@ -54,6 +54,18 @@ def test_each_replica_takes_a_share_of_the_capacity_follows_worker_roles_and_onl
     assert not base.core.roles.follow_workers  # the input is not modified
 
 
+def test_each_replica_enforces_a_share_of_every_keys_rate_limit():
+    from disagg.cluster.replicas import for_replica
+    from disagg.http.config import ApiKey
+
+    keys = {"k1": ApiKey("a", requests_per_s=9.0, burst=10), "k2": ApiKey("b", requests_per_s=3.0),
+            "k3": ApiKey("c")}
+    share = for_replica(RouterConfig(replicas=3, keys=keys), 1, 3).keys
+    assert (share["k1"].requests_per_s, share["k1"].burst) == (3.0, 4)  # 3 x 3/s: the key's 9/s overall
+    assert (share["k2"].requests_per_s, share["k2"].burst) == (1.0, 0)  # burst 0: a second's worth of the share
+    assert share["k3"] == keys["k3"] and keys["k1"].requests_per_s == 9.0  # no limit stays none; input unchanged
+
+
 def _replicas() -> dict[int, int]:
     """The live replicas: process id -> requests in flight (named actors in Serve's namespace; no dashboard)."""
     def in_flight(_actor) -> int:  # runs in the replica's process (a nested function travels by value)

@@ -14,6 +14,9 @@ What the replicas share, and how:
   - admission: each replica admits up to 1/N of every worker's capacity limits (`for_replica`); the proxy spreads
     requests evenly, so the replicas together fill but never oversubscribe a worker, and weighted fair share,
     which holds within each replica, holds overall;
+  - rate limits: each replica's bucket for a key fills at 1/N of the key's rate (`for_replica`); as the proxy
+    spreads the key's requests, the buckets together admit its rate (a key whose requests all land on one replica
+    gets 1/N there: the limit is never exceeded, it may bind early);
   - roles: a worker's reported role is the truth (RoleChangeConfig.follow_workers): a role set through any
     replica's admin API reaches the others with the worker's next heartbeat; only replica 0 runs the planner;
   - health: every replica probes every worker and routes around the ones it finds dead;
@@ -28,6 +31,7 @@ returns once all of them answer.  `shutdown()` deletes the application (each rep
 from __future__ import annotations
 
 import dataclasses
+import math
 import uuid
 from typing import Any
 
@@ -38,6 +42,7 @@ from ray import serve
 from disagg.cluster.handles import RayWorkerHandle
 from disagg.cluster.response_store_actor import RayResponses, start_store
 from disagg.cluster.router_service import RouterConfig, RouterService
+from disagg.http.config import ApiKey
 
 APP_NAME = "disagg"
 DEPLOYMENT = "RouterReplica"
@@ -55,7 +60,17 @@ def for_replica(config: RouterConfig, rank: int, replicas: int) -> RouterConfig:
     )
     core = dataclasses.replace(config.core, roles=dataclasses.replace(config.core.roles, follow_workers=True))
     planner = dataclasses.replace(config.planner, enabled=config.planner.enabled and rank == 0)
-    return dataclasses.replace(config, capacity=capacity, core=core, planner=planner)
+    keys = {key: _rate_share(grant, replicas) for key, grant in config.keys.items()} if config.keys else config.keys
+    return dataclasses.replace(config, capacity=capacity, core=core, planner=planner, keys=keys)
+
+
+def _rate_share(grant: ApiKey, replicas: int) -> ApiKey:
+    """A key's rate limit, 1/N of it per replica: the proxy spreads a key's requests over the replicas, so their
+    buckets together admit its rate (a burst of 0 stays one second's worth of the share)."""
+    if grant.requests_per_s <= 0:
+        return grant
+    burst = max(1, math.ceil(grant.burst / replicas)) if grant.burst else 0
+    return dataclasses.replace(grant, requests_per_s=grant.requests_per_s / replicas, burst=burst)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
