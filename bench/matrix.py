@@ -41,6 +41,13 @@ class MatrixOptions:
     rates: str = field(default="1,2,4,8", metadata={"help": "load levels: multipliers on the workload's pace"})
     limit: int = field(default=1500, metadata={"help": "first N requests of each trace (agent: sessions x turns)"})
     sessions: int = field(default=60, metadata={"help": "agent sessions"})
+    pace: float = field(
+        default=0.05,
+        metadata={
+            "help": "replay speed per worker at 1/4 lengths (2 workers: 0.1, the pace the adaptive runs use); the "
+            "speed scales with the workers and down with the lengths, so 1x is the same load per worker everywhere"
+        },
+    )
     workloads: str = field(default=",".join(WORKLOADS), metadata={"help": "comma-separated: " + ", ".join(WORKLOADS)})
     lengths: str = field(default=",".join(LENGTHS), metadata={"help": "comma-separated: " + ", ".join(LENGTHS)})
     slos: str = field(default=",".join(SLOS), metadata={"help": "comma-separated: " + ", ".join(SLOS)})
@@ -61,7 +68,10 @@ def configs(workers: int) -> str:
 
 def cell_args(opts: MatrixOptions, workload: str, length: str, slo: str, out: Path) -> list[str]:
     ttft, tpot = SLOS[slo]
-    args = [*WORKLOADS[workload], "--block-tokens", LENGTHS[length], "--slo-ttft-ms", ttft, "--slo-tpot-ms", tpot]
+    block = LENGTHS[length]
+    pace = opts.pace * opts.workers * int(LENGTHS["quarter"]) / int(block)
+    args = [*WORKLOADS[workload], "--block-tokens", block, "--time-scale", f"{pace:g}"]
+    args += ["--slo-ttft-ms", ttft, "--slo-tpot-ms", tpot]
     args += ["--rates", opts.rates, "--configs", configs(opts.workers), "--out", str(out)]
     args += ["--sessions", str(opts.sessions)] if workload == "agent" else ["--limit", str(opts.limit)]
     return args + (["--simulate"] if opts.simulate else [])
