@@ -113,10 +113,12 @@ def build(
     floats = layers is not None
     if layers is None:
         layers = _layers(model, _quant_blocks)
+    if layers is None:  # a matrix the kernel cannot read (bfloat16, ...): the torch path serves, nothing is built
+        return None
     if kernels is None:
         kernels = quant_kernels(cache.tensor.device)
     native = kernels.native if isinstance(kernels, QuantKernels) else None
-    if native is None or layers is None:  # no compiler, or a matrix the kernel cannot read: the torch path serves
+    if native is None:  # no compiler: the torch path serves
         return None
     assert isinstance(model.norm, RMSNorm)
     cfg = model.config

@@ -138,11 +138,9 @@ def _server(server: Server):
         core, model = served.core, served.name
         last_event_id = http.headers.get(LAST_EVENT_ID)
         if body.stream and last_event_id:
-            # the stream is where its token says: an alias may have drawn another model for this request
-            owner = server.models.model_of_worker(ResumeToken.parse(last_event_id).worker)
-            if owner is not None and owner.core is not core:
-                core, model = owner.core, owner.name
-            return await resume_stream(core.resumer, last_event_id, request, shape, model, _include_usage(body))
+            owner = server.stream_owner(served, ResumeToken.parse(last_event_id))  # where its token says
+            include_usage = _include_usage(body)
+            return await resume_stream(owner.core.resumer, last_event_id, request, shape, owner.name, include_usage)
         if key:
             try:
                 found = await until_disconnect(journaled_answer(core.resumer, request, shape.tokenizer), http, poll_s)

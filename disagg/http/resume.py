@@ -161,16 +161,22 @@ async def history(attached: Attached, tokenizer: Tokenizer) -> AsyncGenerator[To
         await attached.deltas.aclose()
 
 
-async def resume_stream(
-    resumer: Resumer, last_event_id: str, request: Request, shape: AnswerShape, model: str, include_usage: bool
-) -> StreamingResponse:
-    """The rest of the stream `Last-Event-ID` names, as SSE (404 stream_not_found when there is none to attach)."""
-    token = ResumeToken.parse(last_event_id)
+async def _attach(resumer: Resumer, token: ResumeToken, request: Request) -> Attached:
+    """The journaled stream `token` names, checked to be this request's and resumable from there."""
     attached = await resumer.attach(token.worker, token.request_id, request.tenant)
     # on a refusal the stream is left unread: not aborted (it may be resumed right), but orphaned (the worker's grace)
     _check_same(attached.request, request, "Last-Event-ID")
     if token.delivered < len(attached.request.resume_token_ids):  # those came from a worker since lost
         raise StreamNotFound(f"no stream {token.request_id!r} to resume from there")
+    return attached
+
+
+async def resume_stream(
+    resumer: Resumer, last_event_id: str, request: Request, shape: AnswerShape, model: str, include_usage: bool
+) -> StreamingResponse:
+    """The rest of the stream `Last-Event-ID` names, as SSE (404 stream_not_found when there is none to attach)."""
+    token = ResumeToken.parse(last_event_id)
+    attached = await _attach(resumer, token, request)
     cursor = Cursor(token.request_id, token.worker)
     shape.name_calls(token.request_id)
     deltas = history(attached, shape.tokenizer)
@@ -202,10 +208,7 @@ async def resume_events(
     """The rest of a Responses or Messages stream after the event `token` names (404 stream_not_found when there
     is none to attach): the render's events made again from the answer's first token, those the client has
     dropped."""
-    attached = await resumer.attach(token.worker, token.request_id, request.tenant)
-    _check_same(attached.request, request, "Last-Event-ID")
-    if token.delivered < len(attached.request.resume_token_ids):  # those came from a worker since lost
-        raise StreamNotFound(f"no stream {token.request_id!r} to resume from there")
+    attached = await _attach(resumer, token, request)
     deltas = history(attached, tokenizer)
     try:
         first = await deltas.__anext__()

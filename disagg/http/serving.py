@@ -131,15 +131,18 @@ class Server:
         self.models.check(model)
         return model
 
+    def stream_owner(self, served: ServedModel, token: ResumeToken) -> ServedModel:
+        """The model whose worker a resume token names: an alias may have drawn another model than `served` for the
+        stream's request."""
+        return self.models.model_of_worker(token.worker) or served
+
     async def resume(
         self, served: ServedModel, last_event_id: str, request: Request, render: EventRender
     ) -> StreamingResponse:
-        """A Responses or Messages stream resumed after the event its Last-Event-ID names (http/resume.py); the
-        token names the worker, so an alias that drew another model still reaches the stream's own."""
+        """A Responses or Messages stream resumed after the event its Last-Event-ID names (http/resume.py)."""
         token = ResumeToken.parse(last_event_id)
-        owner = self.models.model_of_worker(token.worker)
-        core = owner.core if owner is not None else served.core
-        return await resume_events(core.resumer, token, request, render, served.tokenizer)
+        owner = self.stream_owner(served, token)
+        return await resume_events(owner.core.resumer, token, request, render, served.tokenizer)
 
     def request(
         self,

@@ -28,12 +28,6 @@ class Routed(NamedTuple):
     cpu_blocks: int
     disk_blocks: int
 
-    @classmethod
-    def of(cls, request_id: str, d: Decision) -> Routed:
-        m = d.match
-        return cls(request_id, d.decode_worker, d.prefill_worker, d.overlap_blocks, d.reason, d.peer_worker, m.device,
-                   m.cpu, m.disk)  # fmt: skip
-
 
 class DecisionLog:
     def __init__(self, maxlen: int, lock: threading.Lock) -> None:
@@ -42,7 +36,11 @@ class DecisionLog:
         self._lock = lock
 
     def append(self, request_id: str, decision: Decision) -> None:
-        self._items.append(tuple(Routed.of(request_id, decision)))
+        d, m = decision, decision.match  # a Routed's fields, as a plain tuple (see the module docstring)
+        self._items.append(
+            (request_id, d.decode_worker, d.prefill_worker, d.overlap_blocks, d.reason, d.peer_worker, m.device,
+             m.cpu, m.disk)
+        )  # fmt: skip
 
     def clear(self) -> None:
         with self._lock:

@@ -27,17 +27,10 @@ from disagg.router.native_table import make_block_table
 
 __all__ = ["Ingest", "PrefixIndex", "TierMatch", "make_block_table"]
 _UNSLICED = 1 << 62  # `apply`: the whole batch in one step
-_Apply = Callable[[str, list[int], int], None]  # a table's store or drop
+_Apply = Callable[[str, list[int], int], None]  # a table's store or drop, or PrefixIndex._clear
 # a whole tier of a worker's blocks dropped in one table call (a snapshot's clear, CLEARED): one step of a slice
 # (one scan of the table, under the router's lock: these events are rare)
 _ONE_STEP = [0]
-
-
-def _drop_all(table: BlockTable) -> _Apply:
-    def apply(worker: str, _: list[int], bit: int) -> None:
-        table.drop_all(worker, bit)
-
-    return apply
 
 
 @dataclass
@@ -108,7 +101,7 @@ class PrefixIndex:
         """The batch as (apply, hashes, tier bits) steps; a snapshot first clears all the worker held."""
         table = self.table
         if batch.snapshot:
-            yield _drop_all(table), _ONE_STEP, ALL_TIERS
+            yield self._clear, _ONE_STEP, ALL_TIERS
         for event in batch.kv_events():
             bit = BIT[event.tier]
             if batch.snapshot or event.kind is EventKind.STORED:
@@ -116,7 +109,10 @@ class PrefixIndex:
             elif event.kind is EventKind.REMOVED:
                 yield table.drop, event.block_hashes, bit
             elif event.kind is EventKind.CLEARED:
-                yield _drop_all(table), _ONE_STEP, bit  # what the events before it left, when it is reached
+                yield self._clear, _ONE_STEP, bit  # what the events before it left, when it is reached
+
+    def _clear(self, worker: str, _: list[int], bit: int) -> None:
+        self.table.drop_all(worker, bit)
 
     # ------------------------------------------------------------------ queries
     def needs_snapshot(self, worker: str) -> bool:

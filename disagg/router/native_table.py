@@ -19,7 +19,6 @@ from disagg.router.block_table import ALL_TIERS, DEFAULT_MAX_BLOCKS, BlockTable,
 from disagg_kernels.prefix_index import IndexLib, load_index_lib
 
 log = logging.getLogger(__name__)
-_TIER_BITS = (1, 2, 4)
 _U64 = 1 << 64
 
 
