@@ -28,6 +28,10 @@ class InvalidRequest(DisaggError, ValueError):
     validation (which raises ValueError) and API-level validation end up in the same place."""
 
 
+class PayloadTooLarge(InvalidRequest):
+    """Part of the input is over a size limit (an image's bytes or pixels): 413, naming the limit."""
+
+
 class NotFound(DisaggError):
     """An unknown model or route."""
 

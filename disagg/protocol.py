@@ -171,6 +171,19 @@ def hash_salt(cache_salt: str | None, lora: LoRARef | None) -> str | None:
 
 
 @dataclass
+class ImageInput:
+    """An image of a request (disagg/vision/images.py): its content hash, the prompt span its placeholder ids hold,
+    and its encoded file (`data`) or, once an encoder worker ran it, its embedding rows (`embedding`: float32
+    little-endian [num_tokens, hidden]; b"": the serving worker encodes `data` itself)."""
+
+    content_hash: str
+    offset: int
+    num_tokens: int
+    data: bytes = b""
+    embedding: bytes = b""
+
+
+@dataclass
 class Request(WireMessage):
     """A tokenized generation request as the router hands it to a worker.
 
@@ -199,6 +212,7 @@ class Request(WireMessage):
     expected_output_tokens: int | None = None
     queue_head_start_s: float = 0.0
     lora: LoRARef | None = None  # None: the base model
+    images: list[ImageInput] = field(default_factory=list)  # their placeholder ids are in prompt_token_ids
 
     def hash_salt(self) -> str | None:
         """What its block hashes chain from (`hash_salt`): workers and the router both hash with it."""

@@ -62,3 +62,11 @@ def kernel_builds(tmp_path_factory):
     """One build directory for the native kernels' test builds (AVX-512, AVX2, portable): each is compiled once
     per session, keyed by its sources and flags, as the engine's own cache is."""
     return tmp_path_factory.mktemp("kernel-builds")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory, smollm_dir):
+    """A fixed-seed LLaVA (CLIP tower, projector, Llama) with the default model's tokenizer plus `<image>`."""
+    from disagg.vision.tiny import make_tiny_vlm
+
+    return make_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-llava", smollm_dir, seed=0)

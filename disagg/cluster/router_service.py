@@ -41,6 +41,7 @@ from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
 from disagg.router.watch import SilentConfig
 from disagg.tracing import TracingConfig, make_tracer
+from disagg.vision.spec import VisionSpec
 from disagg.wire import WireMessage
 
 DEFAULT_MAX_POSITION_EMBEDDINGS = 4096  # what the engine assumes when config.json does not say (engine/model.py)
@@ -154,7 +155,8 @@ def serve_model(
     core.standby(route.standby)
     max_len = min(route.max_model_len, max_position_embeddings(model_dir))
     tokenizer = Tokenizer.from_dir(model_dir)
-    return ServedModel(route.name, core, tokenizer, max_len, route.namespace, model_dir=route.model)
+    vision = VisionSpec.from_dir(model_dir)
+    return ServedModel(route.name, core, tokenizer, max_len, route.namespace, model_dir=route.model, vision=vision)
 
 
 class RouterService:

@@ -22,6 +22,7 @@ from disagg.protocol import PrefillResult, Request
 if TYPE_CHECKING:
     from disagg.cluster.worker_config import WorkerConfig
     from disagg.engine.engine import LLMEngine
+    from disagg.vision.resolve import ImageResolver
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 class JournaledStreams:
     config: WorkerConfig
     engine: LLMEngine
+    images: ImageResolver | None  # a VLM's: requests' images into embedding rows (None: a text-only model)
 
     def __init__(self) -> None:
         self.journal = TokenJournal(self.config.journal, on_orphan=self._orphaned)
@@ -43,6 +45,14 @@ class JournaledStreams:
 
     def _check_serving(self) -> None:
         raise NotImplementedError
+
+    def _add(self, req: Request, **kwargs: Any) -> None:
+        """engine.add on the engine thread, the request's images resolved first (encoded here if the router did
+        not attach their rows: colocated encoding runs on this worker's thread, as its prefill does)."""
+        if req.images and self.images is None:
+            raise ValueError("this model takes no images")
+        images = self.images.resolve(req) if req.images and self.images is not None else ()
+        self.engine.add(req, images=images, **kwargs)
 
     async def abort(self, request_id: str) -> bool:
         """A live relay's client went away: stop the request and forget its stream at once (no grace)."""
@@ -65,7 +75,7 @@ class JournaledStreams:
         self._check_serving()
         reader = self.journal.open(req)
         try:
-            await self._submit(lambda: self.engine.add(req, remote=result, arrival_time=received))
+            await self._submit(lambda: self._add(req, remote=result, arrival_time=received))
         except BaseException:
             self.journal.drop(req.request_id)  # never started: nothing to resume
             reader.close()

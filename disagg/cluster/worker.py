@@ -68,6 +68,7 @@ class EngineWorker(JournaledStreams):
         from disagg.engine.engine import LLMEngine
         from disagg.kv.peer import PeerSource
         from disagg.transfer.factory import nixl_transport, resolve_wrapper
+        from disagg.vision.resolve import ImageResolver
 
         self.config = config
         self.incarnation = uuid.uuid4().hex[:8]
@@ -116,6 +117,7 @@ class EngineWorker(JournaledStreams):
         self._stats_at = 0.0
         self.fault: str | None = None  # impossible output seen (NaN logits, bad token id): out of service for good
         self.sleeper = Sleeper(self.engine, config.name)  # KV memory given back while its model sleeps
+        self.images = None if config.mock else ImageResolver.for_model(engine_config.model, config.image_cache_bytes)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._exec, fn, *args)
@@ -277,7 +279,7 @@ class EngineWorker(JournaledStreams):
         try:
             first = dataclasses.replace(req.sampling, max_tokens=len(req.resume_token_ids) + 1, stop=[])
             await self._submit(
-                lambda: self.engine.add(dataclasses.replace(req, sampling=first), hold_kv=True, arrival_time=received)
+                lambda: self._add(dataclasses.replace(req, sampling=first), hold_kv=True, arrival_time=received)
             )
             delta = await self._get(queue)
         finally:

@@ -46,6 +46,7 @@ class WorkerConfig(WireMessage):
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)  # kv_load_timeout_s: transfer_timeout_s
     # its disk tier: `worker_tiers` (disk_root: a directory with one disk tier per worker); None: no tiers
     tiers: TierConfig | None = dataclasses.field(default_factory=TierConfig)
+    image_cache_bytes: int = 256 * 2**20  # a VLM worker's image embeddings kept by content hash (disagg/vision/)
     transfer_timeout_s: float = 10.0  # a KV read not done by then is recomputed (the engine's kv_load_timeout_s)
     idle_sleep_s: float = 0.002  # between ticks that delivered nothing while the engine has requests
     idle_max_sleep_s: float = 0.05  # ... and at most this long with none (a new request ends the wait at once)

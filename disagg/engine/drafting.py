@@ -19,7 +19,9 @@ from disagg.engine.spec import SpecState, Speculator, Verified
 def _eligible(seq: Sequence) -> bool:
     sp = seq.sampling
     decoding = seq.num_computed_tokens == seq.num_tokens - 1 and seq.num_tokens > seq.num_prompt_tokens
-    return decoding and sp.logprobs is None and not seq.pending_first_token
+    # a prompt with images holds placeholder ids above the vocabulary, which neither a drafter's n-grams nor its
+    # draft model may propose or embed: such requests decode without speculation
+    return decoding and sp.logprobs is None and not seq.pending_first_token and not seq.images
 
 
 def propose_drafts(speculator: Speculator, running: Iterable[Sequence], max_model_len: int) -> None:

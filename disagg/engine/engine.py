@@ -23,6 +23,7 @@ from disagg.engine.capacity import check_kv_capacity
 from disagg.engine.drafting import apply_verified, propose_drafts
 from disagg.engine.faults import OutputFault, output_fault
 from disagg.engine.intake import Intake
+from disagg.engine.mm_inputs import ImageEmbedding
 from disagg.engine.model import ModelConfig
 from disagg.engine.offline import Completion
 from disagg.engine.runner import Runner, load_model
@@ -110,7 +111,8 @@ class LLMEngine:
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.seqs: dict[str, Sequence] = {}
-        self.intake = Intake(self.tokenizer, mc.vocab_size, self.max_model_len, bs)  # prompts checked into sequences
+        # prompts checked into sequences
+        self.intake = Intake(self.tokenizer, mc.vocab_size, self.max_model_len, bs, mc.hidden_size)
         self.stats = EngineStats()
         self.prefill_s_per_token: float | None = None  # measured, for "is loading cheaper than recomputing"
         self.step_s_per_token: float | None = None  # every model step's time per token (EWMA): gray failures
@@ -159,6 +161,7 @@ class LLMEngine:
         cache_salt: str | None = None,
         tenant: str | None = None,
         lora: LoRARef | None = None,
+        images: Sequence_[ImageEmbedding] = (),
     ) -> None:
         """Validate and queue a request. Bad input raises ValueError and leaves the engine untouched.
 
@@ -168,10 +171,11 @@ class LLMEngine:
         session_id / kv_retention_s: pin the session's blocks in the CPU tier for that long when done.
         cache_salt / tenant: the salt block hashes chain from, the tenant the session is namespaced by (isolation.py).
         lora: the adapter it runs with (loaded now if need be; a bad one raises ValueError): its KV is its own.
+        images: the prompt's images, their embedding rows for the positions their placeholder ids hold.
         arrival_time: when the request reached this worker (time.monotonic(); default now): a worker stamps
         it on receipt, so the time waiting for the engine thread counts as queueing.
         """
-        seq = self.intake.new_sequence(request_id, prompt, sampling, taken=self.seqs)
+        seq = self.intake.new_sequence(request_id, prompt, sampling, taken=self.seqs, images=images)
         if lora is not None:
             self.runner.load_lora(lora)
         seq.root_hash = salt_root(hash_salt(cache_salt, lora))  # before any hash is taken; the router's too
@@ -201,8 +205,10 @@ class LLMEngine:
         hold_kv: bool = False,
         remote: PrefillResult | None = None,
         arrival_time: float | None = None,
+        images: Sequence_[ImageEmbedding] = (),
     ) -> None:
-        """add_request for a wire Request."""
+        """add_request for a wire Request; `images`: its images' embeddings (the worker's encoder or the encoder
+        stage made them from `request.images`)."""
         self.add_request(
             request.request_id,
             request.prompt_token_ids,
@@ -219,6 +225,7 @@ class LLMEngine:
             cache_salt=request.cache_salt,
             tenant=request.tenant,
             lora=request.lora,
+            images=images,
         )
 
     def abort(self, request_id: str) -> bool:

@@ -5,8 +5,10 @@ naming the problem and changes nothing."""
 from __future__ import annotations
 
 from collections.abc import Container
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
+from disagg.engine.mm_inputs import ImageEmbedding, check_images
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer
 from disagg.protocol import SamplingParams
@@ -18,6 +20,7 @@ class Intake:
     vocab_size: int
     max_model_len: int
     block_size: int
+    hidden_size: int = 0  # an image's embedding rows are this wide
 
     def new_sequence(
         self,
@@ -25,8 +28,10 @@ class Intake:
         prompt: str | list[int],
         sampling: SamplingParams | dict | None,
         taken: Container[str] = (),
+        images: Seq[ImageEmbedding] = (),
     ) -> Sequence:
-        """A new sequence for a prompt (text or ids); ValueError names what is wrong.  `taken`: ids in use."""
+        """A new sequence for a prompt (text or ids); ValueError names what is wrong.  `taken`: ids in use;
+        `images`: the prompt's image spans (their positions hold placeholder ids above the vocabulary)."""
         if request_id in taken:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(sampling, dict):
@@ -37,7 +42,10 @@ class Intake:
         token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt is empty")
-        self.check_ids(token_ids, "prompt")
+        if images:
+            check_images(token_ids, images, self.vocab_size, self.hidden_size)
+        else:
+            self.check_ids(token_ids, "prompt")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "
@@ -45,7 +53,9 @@ class Intake:
             )
         if sampling.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
-        return Sequence(request_id, token_ids, sampling, self.block_size)
+        seq = Sequence(request_id, token_ids, sampling, self.block_size)
+        seq.images = list(images)
+        return seq
 
     def check_ids(self, token_ids: list[int], what: str) -> None:
         vocab = self.vocab_size

@@ -17,7 +17,9 @@ from safetensors import safe_open
 from torch import nn
 
 from disagg.engine.attention import AttentionBackend, AttentionMetadata
+from disagg.engine.mm_inputs import InputEmbeds, embed_inputs
 from disagg.engine.quant import QuantFactory, QuantLinear
+from disagg.vision.spec import text_config
 from disagg_kernels.cpu_quant import BlockFormat, quantize
 
 SUPPORTED_MODEL_TYPES = {"llama", "qwen2", "mistral"}
@@ -45,7 +47,7 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: a model directory needs an HF config.json")
-        cfg = json.loads(path.read_text())
+        cfg = text_config(json.loads(path.read_text()))  # a VLM's language model (disagg/vision/spec.py)
         model_type = cfg.get("model_type", "")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(SUPPORTED_MODEL_TYPES)}")
@@ -211,6 +213,26 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# a VLM checkpoint's parts that are not the language model's (the vision encoder loads them: disagg/vision/)
+_VISION_PARTS = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+# a VLM's language-model prefixes (HF's saved form, then its in-memory form) -> ours
+_LANGUAGE_PREFIXES = (
+    ("language_model.model.", ""),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", ""),
+)
+
+
+def _language_model_name(name: str) -> str | None:
+    """Our parameter name for a checkpoint tensor's name; None: not the language model's (or a rotary buffer)."""
+    if "rotary_emb" in name or name.startswith(_VISION_PARTS):
+        return None
+    for prefix, ours in _LANGUAGE_PREFIXES:
+        if name.startswith(prefix):
+            return ours + name[len(prefix) :]
+    return name.removeprefix("model.")
+
+
 class CausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
@@ -224,10 +246,16 @@ class CausalLM(nn.Module):
         )
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        embeds: InputEmbeds | None = None,
     ) -> torch.Tensor:
-        """Hidden states [T, hidden] for the flattened batch; kv_cache is [blocks, layers, 2, BS, KVH, D]."""
-        x = self.embed_tokens(input_ids)
+        """Hidden states [T, hidden] for the flattened batch; kv_cache is [blocks, layers, 2, BS, KVH, D].
+        `embeds`: rows whose input is an image's embedding, not a token's (engine/mm_inputs.py)."""
+        x = embed_inputs(self.embed_tokens, input_ids, embeds)
         cos, sin = self.rotary(positions)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache[:, i], meta)
@@ -300,9 +328,9 @@ class CausalLM(nn.Module):
             for file in files:
                 with safe_open(str(file), framework="pt") as f:
                     for name in f.keys():
-                        if "rotary_emb" in name:
+                        target = _language_model_name(name)
+                        if target is None:
                             continue
-                        target = name.removeprefix("model.")
                         if target == "lm_head.weight" and self.lm_head is None:
                             continue  # tied: the embedding is the head
                         tensor = f.get_tensor(name)

@@ -23,6 +23,7 @@ from torch import nn
 
 from disagg.engine.attention import AttentionMetadata
 from disagg.engine.kv_cache import KVCache
+from disagg.engine.mm_inputs import InputEmbeds, embed_inputs
 from disagg.engine.model import CausalLM, DecoderLayer, RMSNorm
 from disagg.engine.quant import BlockKernels, QuantConfig, QuantKernels, QuantLinear, quant_kernels
 from disagg.engine.sequence import Sequence
@@ -39,11 +40,13 @@ class NativeStep:
     def takes(self, num_tokens: int, seqs: list[Sequence]) -> bool:
         return num_tokens <= self.max_tokens and all(seq.lora is None for seq in seqs)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, embeds: InputEmbeds | None = None
+    ) -> torch.Tensor:
         """The final-normed hidden states [T, hidden], as `CausalLM.forward` returns them."""
         starts = meta.query_start_list
         rows = [row for row in range(len(starts) - 1) for _ in range(starts[row + 1] - starts[row])]
-        hidden = self.model.embed_tokens(ids).float().contiguous()
+        hidden = embed_inputs(self.model.embed_tokens, ids, embeds).float().contiguous()
         return self.kernel.forward(hidden, positions, meta.block_tables, torch.tensor(rows, dtype=torch.int64))
 
 

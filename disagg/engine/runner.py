@@ -21,6 +21,7 @@ from disagg.engine.gguf import load_gguf
 from disagg.engine.kv_cache import KVCache, bytes_per_block
 from disagg.engine.kv_format import KVFormat
 from disagg.engine.lora import LoRARuntime
+from disagg.engine.mm_inputs import InputEmbeds, step_embeds
 from disagg.engine.model import CausalLM, ModelConfig, RotaryEmbedding, can_prepack
 from disagg.engine.native_step import build as build_native_step
 from disagg.engine.native_step import float_layers
@@ -228,8 +229,11 @@ class ModelRunner:
         if self.faults is not None:
             self.faults.corrupt(self.model.layers)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
-        """Flat input ids, positions, metadata, and the batch rows whose last token yields a next-token sample."""
+    def prepare(
+        self, batch: ScheduledBatch
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], InputEmbeds | None]:
+        """Flat input ids, positions, metadata, the batch rows whose last token yields a next-token sample, and the
+        step's image rows (None: no computed position is an image's)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -272,24 +276,35 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ids, pos, meta, sample_rows
+        starts = [seq.num_computed_tokens for seq in batch.seqs]
+        embeds = (
+            step_embeds([seq.images for seq in batch.seqs], starts, seq_lens, query_start)
+            if any(seq.images for seq in batch.seqs)
+            else None
+        )
+        return ids, pos, meta, sample_rows, embeds
 
     def hidden_states(
-        self, ids: torch.Tensor, pos: torch.Tensor, meta: AttentionMetadata, seqs: list[Sequence]
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        meta: AttentionMetadata,
+        seqs: list[Sequence],
+        embeds: InputEmbeds | None = None,
     ) -> torch.Tensor:
         """The model's final hidden states for a prepared step: the native step where it takes it, else torch."""
         if self.native_step is not None and self.native_step.takes(len(ids), seqs):
-            return self.native_step.forward(ids, pos, meta)
+            return self.native_step.forward(ids, pos, meta, embeds)
         if self.lora is not None:
             self.lora.bind(self.model, [seq.lora for seq in seqs], meta.query_start_list)
-        return self.model(ids, pos, self.kv_cache.tensor, meta)
+        return self.model(ids, pos, self.kv_cache.tensor, meta, embeds)
 
     @torch.inference_mode()
     def compute_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Logits for the rows that complete their known tokens this step: one row of logits each, and for a row
         that carries a proposal (`batch.drafts`), one more per proposed token, the last token's first."""
-        ids, pos, meta, sample_rows = self.prepare(batch)
-        hidden = self.hidden_states(ids, pos, meta, batch.seqs)
+        ids, pos, meta, sample_rows, embeds = self.prepare(batch)
+        hidden = self.hidden_states(ids, pos, meta, batch.seqs, embeds)
         last: list[int] = []  # the last position of each sampled row, and each proposed position before it
         for r in sample_rows:
             end = meta.query_start_list[r + 1]

@@ -5,10 +5,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from disagg.engine.spec import SpecState
 from disagg.protocol import LoRARef, PrefillResult, SamplingParams, hash_block_tokens
+
+if TYPE_CHECKING:
+    from disagg.engine.mm_inputs import ImageEmbedding
 
 
 class SequenceStatus(enum.Enum):
@@ -57,6 +60,7 @@ class Sequence:
     kv_retention_s: float | None = None  # pin this session's blocks in the CPU tier for this long when done
     tenant: str | None = None  # namespaces the session's pin (None: the default tenant)
     root_hash: int | None = None  # the salted parent of the first block (disagg/isolation.py); None: unsalted
+    images: list[ImageEmbedding] = field(default_factory=list)  # prompt spans that take image rows (mm_inputs.py)
     draft: list[int] = field(default_factory=list)  # tokens proposed for the next step (speculative decoding)
     spec: SpecState | None = None  # its speculation state (None: it does not speculate)
     # incremental detokenization state (engine-owned)

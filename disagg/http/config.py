@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from disagg.errors import InsecureExposure
 from disagg.http.response_store import ResponseStoreConfig
 from disagg.isolation import DEFAULT_TENANT, IsolationConfig
+from disagg.vision.images import ImageLimits
 
 MAX_PRIORITY = 100  # the API's priority range is [-100, 100] (http/schemas.py, http/inputs.py)
 LOOPBACK_NAMES = ("localhost",)
@@ -95,6 +96,7 @@ class ApiConfig:
     model_drain_poll_s: float = 0.05
     worker_sleep_timeout_s: float = 30.0  # POST /admin/models/{id}/sleep or /wake: one worker's answer
     idle: IdleConfig = field(default_factory=IdleConfig)  # sleep when idle, wake on a request
+    images: ImageLimits = field(default_factory=ImageLimits)  # image_url parts: sizes, counts, remote fetching
 
     def grants(self) -> dict[str, ApiKey]:
         """Every configured key with its grant; empty: no keys (the open, loopback-only mode)."""

@@ -34,6 +34,7 @@ from disagg.errors import (
     ModelUnavailable,
     NotFound,
     Overloaded,
+    PayloadTooLarge,
     ServiceUnavailable,
     TransferFailed,
     Unauthorized,
@@ -42,6 +43,7 @@ from disagg.errors import (
 
 # (status, OpenAI error type) per error class; the first matching class in order wins
 _TABLE: list[tuple[type[DisaggError], int, str]] = [
+    (PayloadTooLarge, 413, "invalid_request_error"),
     (InvalidRequest, 400, "invalid_request_error"),
     (Unauthorized, 401, "authentication_error"),
     (Forbidden, 403, "permission_error"),

@@ -10,7 +10,7 @@ worker journaled instead of a new generation (http/resume.py).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from fastapi import Request as HTTPRequest
 
 from disagg.errors import InvalidRequest
 from disagg.http.errors import error_response
+from disagg.http.images import image_token, load_images
 from disagg.http.inputs import conversation_prompt, sampling_params, tokenize_prompt
 from disagg.http.models import ServedModel
 from disagg.http.resume import (
@@ -34,7 +35,8 @@ from disagg.http.schemas import ChatCompletionRequest, CompletionRequest
 from disagg.http.serving import CallOptions, Server
 from disagg.http.shape import AnswerShape, Collected
 from disagg.http.stream import ClientGone, json_answer, sse, until_disconnect
-from disagg.protocol import Request, SamplingParams, TokenDelta
+from disagg.protocol import ImageInput, Request, SamplingParams, TokenDelta
+from disagg.vision.prompt import expand_images
 
 
 def add_openai_routes(app: FastAPI, server: Server) -> None:
@@ -62,7 +64,10 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         served = await server.model(body.model, http)
         offered = body.offered_tools()
-        conversation = [m.for_template() for m in body.messages]
+        urls = [url for m in body.messages for url in m.image_urls()]
+        loaded = await load_images(urls, served, server.config.images, "messages")
+        token = image_token(served)
+        conversation = [m.for_template(token) for m in body.messages]
         ids, tools = conversation_prompt(
             conversation,
             offered,
@@ -70,6 +75,9 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
             continue_final=body.continue_final_message,
             generation_prompt=body.add_generation_prompt,
         )
+        images: list[ImageInput] = []
+        if served.vision is not None:
+            ids, images = expand_images(ids, served.vision, loaded, "messages")
         sampling = sampling_params(
             body,
             body.max_completion_tokens or body.max_tokens,
@@ -85,7 +93,7 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
             parallel_tool_calls=body.parallel_tool_calls is not False,
         )
         return await serve(
-            served, "chatcmpl", "chat.completion", body, ids, sampling, http, shape, tools_offered=bool(offered)
+            served, "chatcmpl", "chat.completion", body, ids, sampling, http, shape, bool(offered), images
         )
 
 
@@ -129,12 +137,13 @@ def _server(server: Server):
         http: HTTPRequest,
         shape: AnswerShape,
         tools_offered: bool = False,
+        images: Sequence[ImageInput] = (),
     ):
         options = CallOptions.of(body, tools_offered=tools_offered)
         key = http.headers.get(IDEMPOTENCY_KEY) if not body.stream else None
         # a non-streaming request with an Idempotency-Key gets the id of that key (http/resume.py)
         rid = idempotent_request_id(prefix, http.state.caller.tenant, key) if key else None
-        request, caller = server.request(served, prefix, options, ids, sampling, http, request_id=rid)
+        request, caller = server.request(served, prefix, options, ids, sampling, http, request_id=rid, images=images)
         core, model = served.core, served.name
         last_event_id = http.headers.get(LAST_EVENT_ID)
         if body.stream and last_event_id:

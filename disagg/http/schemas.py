@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -87,6 +87,21 @@ class TextPart(BaseModel):
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    url: str  # a data URL; http(s) only where the server fetches (disagg/vision/images.py)
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model sees every image at its one size
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
 class FunctionCall(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: str
@@ -105,7 +120,7 @@ class ToolCallIn(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # assistant turns
     tool_call_id: str | None = None  # tool turns: which call this answers
@@ -121,13 +136,22 @@ class ChatMessage(BaseModel):
             raise ValueError("only assistant messages carry tool_calls")
         return self
 
-    def text(self) -> str:
+    def text(self, image_token: str = "") -> str:
+        """The content as one text, each image part as `image_token` (the model's image token) in its place."""
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text if isinstance(p, TextPart) else image_token for p in self.content)
 
-    def for_template(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"role": self.role, "content": self.text() if self.content is not None else None}
+    def image_urls(self) -> list[str]:
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+
+    def for_template(self, image_token: str = "") -> dict[str, Any]:
+        text = self.text(image_token) if self.content is not None else None
+        out: dict[str, Any] = {"role": self.role, "content": text}
         if self.name is not None:
             out["name"] = self.name
         if self.tool_calls:

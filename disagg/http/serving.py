@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,7 +41,7 @@ from disagg.http.stream import (
     without_trace_context,
 )
 from disagg.isolation import model_salted, scoped_tenant
-from disagg.protocol import Request, SamplingParams, TokenDelta
+from disagg.protocol import ImageInput, Request, SamplingParams, TokenDelta
 from disagg.router.decision import Decision
 from disagg.telemetry import RouterMetrics
 
@@ -153,8 +153,10 @@ class Server:
         sampling: SamplingParams,
         http: HTTPRequest,
         request_id: str | None = None,
+        images: Sequence[ImageInput] = (),
     ) -> tuple[Request, Caller]:
-        """The core's Request for one call, and its caller (http/auth.py admitted it)."""
+        """The core's Request for one call, and its caller (http/auth.py admitted it); `images`: the prompt's
+        (their placeholder ids are in `ids`)."""
         caller: Caller = http.state.caller
         hints = options.hints
         for hint in hints.ignored:
@@ -178,6 +180,7 @@ class Server:
             expected_output_tokens=hints.expected_output_tokens,
             queue_head_start_s=hints.latency_sensitivity_s,
             lora=served.lora,
+            images=list(images),
         )
         return request, caller
 

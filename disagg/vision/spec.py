@@ -1,0 +1,59 @@
+"""What serving a vision-language model needs to know of it, read from its HF `config.json` alone (no torch): the
+image token, how many prompt positions one image takes, and where the language model's config is.
+
+Supported: LLaVA (`model_type: llava`, HF's LlavaForConditionalGeneration): a vision tower (CLIP or SigLIP) whose
+chosen layer's patch features go through a two-layer projector into the language model's embedding space, one
+embedding row per image position.  The language model is a Llama/Qwen2/Mistral decoder our engine runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+VLM_MODEL_TYPES = {"llava"}
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    image_token_id: int  # the tokenizer's image token, expanded to tokens_per_image positions
+    tokens_per_image: int
+    hidden_size: int  # of the language model: one embedding row per image position
+    vocab_size: int  # of the language model: placeholder ids start here
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> VisionSpec | None:
+        """None for a text-only model; ValueError for a VLM configuration this runtime cannot serve."""
+        if cfg.get("model_type") not in VLM_MODEL_TYPES:
+            return None
+        vision = cfg["vision_config"]
+        strategy = cfg.get("vision_feature_select_strategy", "default")
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported")
+        patches = (vision["image_size"] // vision["patch_size"]) ** 2
+        # "default" drops the class token; CLIP has one, SigLIP none
+        has_cls = vision.get("model_type", "clip_vision_model") == "clip_vision_model"
+        tokens = patches + (1 if has_cls and strategy == "full" else 0)
+        return cls(
+            image_token_id=int(cfg.get("image_token_index", cfg.get("image_token_id", -1))),
+            tokens_per_image=tokens,
+            hidden_size=cfg["text_config"]["hidden_size"],
+            vocab_size=cfg["text_config"]["vocab_size"],
+        )
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> VisionSpec | None:
+        path = Path(model_dir) / "config.json"
+        return cls.from_config(json.loads(path.read_text())) if path.exists() else None
+
+
+def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The language model's part of a config: a VLM's `text_config` (with the VLM's token ids), else the config."""
+    if cfg.get("model_type") not in VLM_MODEL_TYPES:
+        return cfg
+    text = dict(cfg["text_config"])
+    for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings"):
+        if key in cfg and key not in text:
+            text[key] = cfg[key]
+    return text
