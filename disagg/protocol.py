@@ -184,6 +184,14 @@ class ImageInput:
 
 
 @dataclass
+class EncodeBatch(WireMessage):
+    """Images to an encoder worker (their `data`) and back (their `embedding`; `data` dropped): E/PD's hop."""
+
+    TYPE: ClassVar[str] = "encode_batch"
+    images: list[ImageInput] = field(default_factory=list)
+
+
+@dataclass
 class Request(WireMessage):
     """A tokenized generation request as the router hands it to a worker.
 

@@ -321,6 +321,13 @@ class RouterMetrics:
             buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.images = Counter(
+            "disagg:images",
+            "Images of requests, by where they were encoded (encoder: an encoder worker; colocated: the prefill "
+            "worker, by the rule; fallback: the prefill worker, an encoder having failed)",
+            ["encoded"],
+            registry=r,
+        )
         self.ignored_hints = Counter(
             "disagg:ignored_hints",
             "Agent hints (nvext, kv_hints) accepted but not used, by hint name (unknown names: 'other')",

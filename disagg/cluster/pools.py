@@ -17,6 +17,7 @@ from ray._private import ray_constants  # the one knob that keeps a local cluste
 
 from disagg.cluster.actors import AggregatedWorker, DecodeWorker, PrefillWorker
 from disagg.cluster.client import DisaggClient
+from disagg.cluster.encoder import EncoderWorker
 from disagg.cluster.worker_config import MockConfig, WorkerConfig, worker_tiers
 from disagg.config import EngineConfig
 from disagg.kv.tier_config import TierConfig
@@ -33,6 +34,9 @@ class ClusterConfig:
         default=1, metadata={"flag": "--prefill", "help": "prefill workers (0: aggregated workers)"}
     )
     num_decode: int = field(default=1, metadata={"flag": "--decode", "help": "decode (or aggregated) workers"})
+    num_encode: int = field(
+        default=0, metadata={"flag": "--encode", "help": "encoder workers for a VLM's images (E/PD; 0: colocated)"}
+    )
     # of which the last ones start asleep and parked (a deployment's `standby`: the fleet planner wakes them)
     num_standby: int = field(default=0, metadata={"cli": False})
     engine: EngineConfig = field(default_factory=EngineConfig)  # every worker's ("" model: the default model)
@@ -54,6 +58,7 @@ class ClusterConfig:
     prefill_resources: dict[str, float] = field(default_factory=dict)
     decode_resources: dict[str, float] = field(default_factory=dict)
     router_resources: dict[str, float] = field(default_factory=dict)
+    encode_resources: dict[str, float] = field(default_factory=dict)
     mock: MockConfig | None = None  # mock engines (cluster/mocker.py: no model, no KV tiers); None: the model
 
     def for_model(self, spec: ModelSpec) -> ClusterConfig:
@@ -156,7 +161,12 @@ class LocalCluster:
                 resources=config.decode_resources or None,
                 lifetime="detached" if config.detached else None,
             ).remote(config.worker(name, role, f"{prefix}{kind}-{i}").to_wire())
+        self.encode_by_name = {
+            f"{actor_prefix}{prefix}encode-{i}-{tag}": self._encoder(f"{actor_prefix}{prefix}encode-{i}-{tag}")
+            for i in range(config.num_encode)
+        }
         try:
+            ray.get([e.ready.remote() for e in self.encode_by_name.values()])
             ray.get([w.ready.remote() for w in self.workers])
             layouts = ray.get([w.layout.remote() for w in self.workers])
             ray.get([w.set_peers.remote(layouts) for w in self.workers])  # every worker can read every other
@@ -166,6 +176,15 @@ class LocalCluster:
             self.shutdown()
             raise
         self.client = DisaggClient(self.prefill_by_name, self.decode_by_name)
+
+    def _encoder(self, name: str) -> Any:
+        config = self.config
+        return EncoderWorker.options(  # type: ignore[attr-defined]  # added by @ray.remote
+            name=name,
+            max_restarts=config.max_restarts,
+            resources=config.encode_resources or None,
+            lifetime="detached" if config.detached else None,
+        ).remote(config.engine.model, WorkerConfig.image_cache_bytes, config.engine.num_threads)
 
     @property
     def standby(self) -> list[str]:
@@ -194,6 +213,6 @@ class LocalCluster:
         return [WorkerStats.from_wire(b) for b in ray.get([w.stats.remote() for w in self.workers])]
 
     def shutdown(self) -> None:
-        for worker in self.workers:
+        for worker in self.workers + list(self.encode_by_name.values()):
             ray.kill(worker, no_restart=True)
-        self.prefill_by_name, self.decode_by_name = {}, {}
+        self.prefill_by_name, self.decode_by_name, self.encode_by_name = {}, {}, {}

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from disagg.cluster.encoder import RayEncoderPort
 from disagg.cluster.handles import RayWorkerHandle
 from disagg.cluster.model_loader import RayModelLoader, alive
 from disagg.cluster.router_service import RouterConfig, RouterService
@@ -36,6 +37,7 @@ class RouterActor:
             settings,
             {n: RayWorkerHandle(n, actor, node) for n, actor in alive(prefill).items()},
             {n: RayWorkerHandle(n, actor, node) for n, actor in alive(decode).items()},
+            encoders={n: RayEncoderPort(n, actor) for n, actor in alive(settings.encoders).items()},
             loader=RayModelLoader(settings, template, store) if template is not None else None,  # /admin/models
         )
         self.url = self.service.start()

@@ -41,7 +41,9 @@ from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore
 from disagg.router.watch import SilentConfig
 from disagg.tracing import TracingConfig, make_tracer
+from disagg.vision.images import ImageLimits
 from disagg.vision.spec import VisionSpec
+from disagg.vision.stage import EncodeConfig, EncoderPort, EncodeStage
 from disagg.wire import WireMessage
 
 DEFAULT_MAX_POSITION_EMBEDDINGS = 4096  # what the engine assumes when config.json does not say (engine/model.py)
@@ -88,6 +90,9 @@ class RouterConfig(WireMessage):
     responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)  # the Responses API's store
     agents: AgentConfig = field(default_factory=AgentConfig)  # agent turns' KV retention
     idle: IdleConfig = field(default_factory=IdleConfig)  # models asleep when idle, woken by a request
+    images: ImageLimits = field(default_factory=ImageLimits)  # image_url parts: sizes, counts, remote fetching
+    encode: EncodeConfig = field(default_factory=EncodeConfig)  # which requests' images go to encoder workers
+    encoders: list[str] = field(default_factory=list)  # the encoder workers' actor names (E/PD; the first VLM's)
     replicas: int = field(
         default=1, metadata={"help": "router replicas behind Ray Serve's HTTP proxy (2+: no single point of failure)"}
     )
@@ -166,6 +171,7 @@ class RouterService:
         prefill: dict[str, WorkerHandle],
         decode: dict[str, WorkerHandle],
         *,
+        encoders: Mapping[str, EncoderPort] | None = None,
         serve_http: bool = True,
         responses: ResponseStorePort | None = None,
         loader: ModelLoader | None = None,
@@ -180,6 +186,9 @@ class RouterService:
         if not routes:
             raise ValueError("no model has a decode worker to serve it")
         served = [serve_model(config, route, prefill, decode) for route in routes]
+        vlm = next((m for m in served if m.vision is not None), None)
+        if vlm is not None and vlm.vision is not None:  # its images go through the encoder stage (E/PD)
+            vlm.encode = EncodeStage(encoders or {}, vlm.vision.hidden_size, config.encode)
         self.models = ModelTable(served)
         for route, base in zip(routes, served):
             for ref in route.adapters:
@@ -199,6 +208,7 @@ class RouterService:
             agents=config.agents,
             model_drain_timeout_s=config.model_drain_timeout_s,
             idle=config.idle,
+            images=config.images,
         )
         if config.idle.wakes and not serve_http:  # each replica would sleep and wake the models on its own
             raise ValueError("sleeping idle models and waking them on a request need a single router")

@@ -38,6 +38,8 @@ from disagg.router.policy import PolicyConfig
 from disagg.router.watch import SilentConfig
 from disagg.tracing import TracingConfig
 from disagg.transfer.config import TransportConfig
+from disagg.vision.images import ImageLimits
+from disagg.vision.stage import EncodeConfig
 
 # `disagg serve`'s options, generated from the configs (disagg/options.py); the dests are the fields' names under
 # the prefix, read back by the same (class, prefix, fields) in cluster_config_from_args / router_config_from_args
@@ -164,11 +166,12 @@ _KEYS = ("api_keys_file", "tenant_weights", "cache_share_groups")
 _SLO, _SMOKE = ("slo_ttft_ms", "slo_tpot_ms"), ("smoke_test", "question")
 _MODELS = ("lora_modules", "deployment")
 _IDLE = ("sleep_after_idle_s", "wake_on_request")
+_POOLS = ("num_prefill", "num_decode", "num_encode", "address")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="disagg serve", description="Serve an OpenAI-compatible endpoint")
-    add_options(p, ClusterConfig, only=("num_prefill", "num_decode", "address"))
+    add_options(p, ClusterConfig, only=_POOLS)
     # several workers share one host: a KV cache and a torch thread each that fit next to each other
     add_options(p, EngineConfig, only=_ENGINE, defaults={"kv_cache_memory_mb": SERVE_KV_CACHE_MB, "num_threads": 1})
     add_options(p, ServeOptions, only=_MODELS)
@@ -183,6 +186,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_options(p, ResponseStoreConfig, prefix="responses-")
     add_options(p, AgentConfig)
     add_options(p, IdleConfig, only=_IDLE)
+    add_options(p, ImageLimits)
+    add_options(p, EncodeConfig, prefix="encode-", only=("remote_min_image_tokens", "max_inflight_per_encoder"))
     add_options(p, CapacityConfig, only=_CAPACITY)
     add_options(p, TracingConfig, only=_TRACING)
     add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
@@ -212,7 +217,7 @@ def cluster_config_from_args(args: argparse.Namespace) -> ClusterConfig:
     return from_options(
         ClusterConfig,
         args,
-        only=("num_prefill", "num_decode", "address"),
+        only=_POOLS,
         engine=from_options(EngineConfig, args, only=_ENGINE),
         tiers=tier_options(args),
         tracing=tracing if tracing.enabled else None,
@@ -248,6 +253,10 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         responses=from_options(ResponseStoreConfig, args, prefix="responses-"),
         agents=from_options(AgentConfig, args),
         idle=from_options(IdleConfig, args, only=_IDLE),
+        images=from_options(ImageLimits, args),
+        encode=from_options(
+            EncodeConfig, args, prefix="encode-", only=("remote_min_image_tokens", "max_inflight_per_encoder")
+        ),
         isolation=IsolationConfig(share_groups=args.cache_share_groups),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
         planner=planner,

@@ -20,9 +20,9 @@ from disagg.cluster.journal import TokenJournal
 from disagg.protocol import PrefillResult, Request
 
 if TYPE_CHECKING:
+    from disagg.cluster.image_resolver import ImageResolver
     from disagg.cluster.worker_config import WorkerConfig
     from disagg.engine.engine import LLMEngine
-    from disagg.vision.resolve import ImageResolver
 
 log = logging.getLogger(__name__)
 

@@ -65,10 +65,10 @@ class EngineWorker(JournaledStreams):
         transport_factory: Callable[[str, LLMEngine], KVTransport] | None = None,
         tier_factory: Callable[[LLMEngine, WorkerConfig, str], TieredStore | None] = build_tiers,
     ) -> None:
+        from disagg.cluster.image_resolver import ImageResolver
         from disagg.engine.engine import LLMEngine
         from disagg.kv.peer import PeerSource
         from disagg.transfer.factory import nixl_transport, resolve_wrapper
-        from disagg.vision.resolve import ImageResolver
 
         self.config = config
         self.incarnation = uuid.uuid4().hex[:8]

@@ -1,11 +1,14 @@
-"""The front door's side of images: a request's `image_url` parts loaded within the server's limits, and the image
+"""The front door's side of images: a request's `image_url` parts loaded within the server's limits (a data URL; a
+remote URL only when the operator allows fetching, with a size and a time limit), and the image
 token the chat template writes in their place (the prompt's expansion: disagg/vision/prompt.py)."""
 
 from __future__ import annotations
 
+import httpx
+
 from disagg.errors import InvalidRequest, PayloadTooLarge
 from disagg.http.models import ServedModel
-from disagg.vision.images import ImageLimits, LoadedImage, load_image
+from disagg.vision.images import ImageLimits, LoadedImage, check_image, decode_data_url, too_large
 
 
 def image_token(served: ServedModel) -> str:
@@ -27,3 +30,36 @@ async def load_images(urls: list[str], served: ServedModel, limits: ImageLimits,
             code="too_many_images",
         )
     return [await load_image(url, limits, param) for url in urls]
+
+
+async def fetch_image(url: str, limits: ImageLimits, param: str) -> bytes:
+    """A remote image, streamed with a byte limit and a deadline; every failure is the client's 400."""
+    body = bytearray()
+    try:
+        async with httpx.AsyncClient(timeout=limits.fetch_timeout_s, follow_redirects=False) as client:
+            async with client.stream("GET", url) as response:
+                if response.status_code != 200:
+                    raise InvalidRequest(f"fetching the image gave HTTP {response.status_code}", param=param)
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > limits.max_image_bytes:
+                        raise too_large(limits, param)
+    except httpx.HTTPError as exc:
+        raise InvalidRequest(f"the image could not be fetched: {type(exc).__name__}", param=param) from None
+    return bytes(body)
+
+
+async def load_image(url: str, limits: ImageLimits, param: str) -> LoadedImage:
+    """An `image_url`'s image: a data URL always; http(s) only when fetching is on (a 400 saying so otherwise)."""
+    if url.startswith("data:"):
+        return check_image(decode_data_url(url, limits, param), limits, param)
+    if url.startswith(("http://", "https://")):
+        if not limits.fetch_remote_images:
+            raise InvalidRequest(
+                "remote image URLs are not fetched by this server (--fetch-remote-images is off): send the image "
+                "as a data URL",
+                param=param,
+                code="remote_image_refused",
+            )
+        return check_image(await fetch_image(url, limits, param), limits, param)
+    raise InvalidRequest("an image URL must be a data: URL or, where fetching is on, http(s)", param=param)

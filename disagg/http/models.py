@@ -28,6 +28,7 @@ from disagg.models.deployment import ModelEntry
 from disagg.protocol import LoRARef
 from disagg.router.router import RouterCore
 from disagg.vision.spec import VisionSpec
+from disagg.vision.stage import EncodeStage
 
 UNAVAILABLE_RETRY_AFTER_S = (
     1.0  # a model being unloaded, asleep or waking: an alias may point elsewhere by then, or it is awake
@@ -65,6 +66,7 @@ class ServedModel:
     parent: str | None = None
     model_dir: str = ""  # the base model's directory (adapters are checked against its config.json)
     vision: VisionSpec | None = None  # a vision-language model's image token and tokens per image; None: text only
+    encode: EncodeStage | None = None  # a VLM's encoder stage (E/PD: vision/stage.py); None: images colocated
 
     def card(self) -> dict[str, object]:
         """Its /v1/models entry (an adapter's names its `parent` and its directory, as vLLM's do)."""

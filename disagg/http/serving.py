@@ -203,6 +203,9 @@ class Server:
         """Serve `request`: a StreamingResponse of `render`'s events, or its JSON body."""
         core, metrics, poll_s = served.core, self.metrics, self.config.disconnect_poll_s
         shape.name_calls(request.request_id)
+        if served.encode is not None and request.images:  # E/PD: an encoder worker's rows, or left colocated
+            encoded = await served.encode.attach(request)
+            metrics.images.labels(encoded.value).inc(len(request.images))
         n_prompt = len(request.prompt_token_ids)
         running, cursor = Running(served.name), Cursor(request.request_id)
         trace_headers = http.headers if caller.may_force_trace else without_trace_context(http.headers)  # see there

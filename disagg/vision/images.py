@@ -1,6 +1,6 @@
-"""Images in requests: an `image_url` read (a data URL; a remote URL only when the operator allows fetching, with a
-size and a time limit), checked within limits, hashed by content, and the placeholder token ids that stand for its
-embedding in the prompt.  Pure: no torch; the front door (router process) uses it.
+"""Images in requests: a data URL decoded, an image checked within limits, hashed by content, and the placeholder
+token ids that stand for its embedding in the prompt.  Pure: no torch, no network (fetching a remote URL is the
+front door's: http/images.py).
 
 Why placeholder ids above the vocabulary: an image becomes `n` prompt positions (the model's image_seq_length).  Were
 they the model's image token repeated, every image would hash alike and one image's cached KV would answer for
@@ -75,36 +75,17 @@ def decode_data_url(url: str, limits: ImageLimits, param: str) -> bytes:
         raise InvalidRequest("an image data URL must be data:image/<type>;base64,<data>", param=param)
     encoded = match["data"]
     if len(encoded) * 3 // 4 > limits.max_image_bytes:  # before decoding: a huge payload is not materialised
-        raise _too_large(limits, param)
+        raise too_large(limits, param)
     try:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidRequest("the image data URL's base64 does not decode", param=param) from None
 
 
-def _too_large(limits: ImageLimits, param: str) -> PayloadTooLarge:
+def too_large(limits: ImageLimits, param: str) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"the image is over this server's limit of {limits.max_image_bytes} bytes", param=param, code="image_too_large"
     )
-
-
-async def fetch_image(url: str, limits: ImageLimits, param: str) -> bytes:
-    """A remote image, streamed with a byte limit and a deadline; every failure is the client's 400."""
-    import httpx
-
-    body = bytearray()
-    try:
-        async with httpx.AsyncClient(timeout=limits.fetch_timeout_s, follow_redirects=False) as client:
-            async with client.stream("GET", url) as response:
-                if response.status_code != 200:
-                    raise InvalidRequest(f"fetching the image gave HTTP {response.status_code}", param=param)
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limits.max_image_bytes:
-                        raise _too_large(limits, param)
-    except httpx.HTTPError as exc:
-        raise InvalidRequest(f"the image could not be fetched: {type(exc).__name__}", param=param) from None
-    return bytes(body)
 
 
 def check_image(data: bytes, limits: ImageLimits, param: str) -> LoadedImage:
@@ -112,35 +93,18 @@ def check_image(data: bytes, limits: ImageLimits, param: str) -> LoadedImage:
     from PIL import Image, UnidentifiedImageError
 
     if len(data) > limits.max_image_bytes:
-        raise _too_large(limits, param)
+        raise too_large(limits, param)
     try:
         with Image.open(io.BytesIO(data)) as image:
             width, height = image.size
-            if width * height > limits.max_image_pixels:
-                raise PayloadTooLarge(
-                    f"the image is {width}x{height}: over this server's limit of {limits.max_image_pixels} pixels",
-                    param=param,
-                    code="image_too_large",
-                )
-            image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, PayloadTooLarge):
-            raise
+            if width * height <= limits.max_image_pixels:
+                image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         raise InvalidRequest("the image could not be decoded", param=param, code="invalid_image") from None
+    if width * height > limits.max_image_pixels:
+        raise PayloadTooLarge(
+            f"the image is {width}x{height}: over this server's limit of {limits.max_image_pixels} pixels",
+            param=param,
+            code="image_too_large",
+        )
     return LoadedImage(data, content_hash(data), width, height)
-
-
-async def load_image(url: str, limits: ImageLimits, param: str) -> LoadedImage:
-    """An `image_url`'s image: a data URL always; http(s) only when fetching is on (a 400 saying so otherwise)."""
-    if url.startswith("data:"):
-        return check_image(decode_data_url(url, limits, param), limits, param)
-    if url.startswith(("http://", "https://")):
-        if not limits.fetch_remote_images:
-            raise InvalidRequest(
-                "remote image URLs are not fetched by this server (--fetch-remote-images is off): send the image "
-                "as a data URL",
-                param=param,
-                code="remote_image_refused",
-            )
-        return check_image(await fetch_image(url, limits, param), limits, param)
-    raise InvalidRequest("an image URL must be a data: URL or, where fetching is on, http(s)", param=param)

@@ -1,0 +1,133 @@
+"""Images through a real cluster (Ray, 1 encoder + 1 prefill + 1 decode worker, HTTP): the answer HF's LLaVA gives,
+a repeated image served from the prefix cache, E/PD with a colocated fallback when the encoder is SIGKILLed, and
+bad images answered with OpenAI-style 400 / 413 that lose nothing (disagg/vision/, cluster/encoder.py)."""
+
+import os
+import re
+import signal
+import time
+
+import httpx
+import pytest
+import ray
+import torch
+
+from tests.imagegen import data_url, png
+
+PROMPT = "What is in this picture?"
+
+
+@pytest.fixture(scope="module")
+def vlm_service(tiny_vlm_dir):
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+    from disagg.config import EngineConfig
+    from disagg.router.policy import PolicyConfig
+    from disagg.vision.images import ImageLimits
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    engine = EngineConfig(model=str(tiny_vlm_dir), kv_cache_memory_mb=32, num_threads=1)
+    svc = Service(ClusterConfig(num_prefill=1, num_decode=1, num_encode=1, engine=engine),
+                  RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16),
+                               images=ImageLimits(max_image_bytes=100_000, max_images_per_request=2)))
+    yield svc
+    svc.shutdown()
+    ray.shutdown()
+
+
+def _chat(url, model, parts, **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": parts}], "max_tokens": 8, "temperature": 0,
+            **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+
+
+def _parts(*images):
+    return [{"type": "text", "text": PROMPT}] + [{"type": "image_url", "image_url": {"url": data_url(i)}}
+                                                 for i in images]
+
+
+def _hf_text(model_dir, images):
+    """HF's greedy answer to the same conversation: the template's text with one <image> per image."""
+    from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from disagg.engine.tokenizer import Tokenizer
+    from disagg.vision.spec import VisionSpec
+    from tests.imagegen import png as _  # noqa: F401  (same images as the request)
+
+    spec = VisionSpec.from_dir(model_dir)
+    ours = Tokenizer.from_dir(model_dir)
+    ids = ours.encode_chat([{"role": "user", "content": PROMPT + "<image>" * len(images)}],
+                           add_generation_prompt=True)
+    expanded = [t for i in ids for t in ([i] * spec.tokens_per_image if i == spec.image_token_id else [i])]
+    from io import BytesIO
+
+    from PIL import Image
+    pixels = AutoImageProcessor.from_pretrained(str(model_dir))(
+        images=[Image.open(BytesIO(i)).convert("RGB") for i in images], return_tensors="pt")["pixel_values"]
+    hf = LlavaForConditionalGeneration.from_pretrained(str(model_dir)).float().eval()
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor([expanded]), attention_mask=torch.ones(1, len(expanded), dtype=torch.long),
+                          pixel_values=pixels, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    return AutoTokenizer.from_pretrained(str(model_dir)).decode(out[0, len(expanded):], skip_special_tokens=True)
+
+
+def _images_metric(url, where):
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = re.search(rf'^disagg:images_total{{encoded="{where}"}} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_an_image_answers_as_hf_and_a_repeat_is_a_prefix_hit(vlm_service, tiny_vlm_dir):
+    url, model = vlm_service.url, tiny_vlm_dir.name
+    before = _images_metric(url, "encoder")
+    first = _chat(url, model, _parts(png(11), png(12)))
+    assert first.status_code == 200, first.text
+    assert first.json()["choices"][0]["message"]["content"] == _hf_text(tiny_vlm_dir, [png(11), png(12)])
+    assert _images_metric(url, "encoder") == before + 2  # E/PD: the encoder worker encoded both
+    again = _chat(url, model, _parts(png(11), png(12)))
+    assert again.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+    usage = again.json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 16
+    other = _chat(url, model, _parts(png(11), png(13))).json()["usage"]  # the second image differs
+    assert other["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"] - 16
+
+
+def test_a_killed_encoder_falls_back_to_colocated_encoding(vlm_service, tiny_vlm_dir):
+    url, model = vlm_service.url, tiny_vlm_dir.name
+    expected = _chat(url, model, _parts(png(21))).json()["choices"][0]["message"]["content"]
+    encoder = next(iter(vlm_service.cluster.encode_by_name.values()))
+    os.kill(ray.get(encoder.pid.remote()), signal.SIGKILL)
+    before = _images_metric(url, "fallback")
+    answer = _chat(url, model, _parts(png(22)))
+    assert answer.status_code == 200, answer.text
+    assert _images_metric(url, "fallback") == before + 1
+    deadline = time.monotonic() + 60  # Ray restarts the encoder; E/PD resumes
+    while time.monotonic() < deadline:
+        before = _images_metric(url, "encoder")
+        reply = _chat(url, model, _parts(png(21)))
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == expected
+        if _images_metric(url, "encoder") > before:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the restarted encoder never encoded again")
+
+
+def test_bad_images_get_openai_errors_and_the_cluster_serves_on(vlm_service, tiny_vlm_dir):
+    url, model = vlm_service.url, tiny_vlm_dir.name
+    big = png(31, size=(400, 400))  # ~480 KB of noise: over the 100 KB limit
+    cases = [
+        ([{"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}], 400, "remote_image_refused"),
+        ([{"type": "image_url", "image_url": {"url": data_url(big)}}], 413, "image_too_large"),
+        ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}], 400, None),
+        ([{"type": "image_url", "image_url": {"url": data_url(b"not a picture at all")}}], 400, "invalid_image"),
+        (_parts(png(1), png(2), png(3))[1:], 413, "too_many_images"),
+        ([{"type": "text", "text": "a typed <image> token"}], 400, None),
+        ([{"type": "image_url", "image_url": {"url": 7}}], 400, None),
+    ]
+    for parts, status, code in cases:
+        reply = _chat(url, model, parts)
+        assert reply.status_code == status, (parts, reply.text)
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+        assert code is None or error["code"] == code, error
+    assert _chat(url, model, _parts(png(32))).status_code == 200

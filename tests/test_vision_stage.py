@@ -1,0 +1,99 @@
+"""The encoder stage's rule and faults with fake encoder ports (disagg/vision/stage.py), and the front door's
+image checks that need no cluster (disagg/vision/images.py, http/images.py)."""
+
+import asyncio
+
+import pytest
+
+from disagg.errors import InvalidRequest, PayloadTooLarge, WorkerLost
+from disagg.http.images import load_images
+from disagg.http.models import ServedModel
+from disagg.protocol import EncodeBatch, ImageInput, Request
+from disagg.vision.images import ImageLimits, check_image, content_hash, decode_data_url
+from disagg.vision.stage import Encoded, EncodeConfig, EncodeStage
+from tests.imagegen import data_url, png
+
+HIDDEN = 8
+
+
+class FakeEncoder:
+    def __init__(self, answer="rows", delay_s=0.0):
+        self.answer, self.delay_s, self.calls = answer, delay_s, 0
+
+    async def encode(self, batch: bytes) -> bytes:
+        self.calls += 1
+        await asyncio.sleep(self.delay_s)
+        if self.answer == "lost":
+            raise WorkerLost("encoder gone")
+        if self.answer == "garbage":
+            return b"\xc1not msgpack"
+        images = EncodeBatch.from_wire(batch).images
+        width = HIDDEN * 4 if self.answer == "rows" else HIDDEN * 2  # "short": rows of the wrong size
+        return EncodeBatch([ImageInput(i.content_hash, i.offset, i.num_tokens, embedding=b"\0" * width * i.num_tokens)
+                            for i in images]).to_wire()
+
+
+def _request(tokens=16, n=1):
+    images = [ImageInput(content_hash(png(i)), 10 * i, tokens, data=png(i)) for i in range(n)]
+    return Request("r", [1] * 64, images=images)
+
+
+def test_images_go_to_the_least_busy_encoder_and_come_back_as_rows():
+    ports = {"a": FakeEncoder(delay_s=0.05), "b": FakeEncoder(delay_s=0.05)}
+    stage = EncodeStage(ports, HIDDEN, EncodeConfig(max_inflight_per_encoder=1))
+
+    async def three():
+        return await asyncio.gather(*(stage.attach(r) for r in requests))
+
+    requests = [_request() for _ in range(3)]
+    outcomes = asyncio.run(three())
+    # one each for a and b; the third finds both full and stays colocated
+    assert sorted(o.value for o in outcomes) == ["colocated", "encoder", "encoder"]
+    assert ports["a"].calls == ports["b"].calls == 1
+    done = [r for r, o in zip(requests, outcomes) if o is Encoded.ENCODER]
+    assert all(i.embedding and not i.data for r in done for i in r.images)
+
+
+def test_image_light_requests_are_encoded_colocated():
+    stage = EncodeStage({"a": FakeEncoder()}, HIDDEN, EncodeConfig(remote_min_image_tokens=64))
+    assert asyncio.run(stage.attach(_request(tokens=16, n=2))) is Encoded.COLOCATED
+    assert asyncio.run(stage.attach(_request(tokens=16, n=4))) is Encoded.ENCODER
+    assert asyncio.run(EncodeStage({}, HIDDEN, EncodeConfig()).attach(_request())) is Encoded.COLOCATED
+
+
+@pytest.mark.parametrize("answer", ["lost", "garbage", "short"])
+def test_a_failing_encoder_leaves_the_images_to_the_prefill_worker(answer):
+    request = _request(n=2)
+    stage = EncodeStage({"a": FakeEncoder(answer)}, HIDDEN, EncodeConfig())
+    assert asyncio.run(stage.attach(request)) is Encoded.FALLBACK
+    assert all(i.data and not i.embedding for i in request.images) and stage.inflight == {"a": 0}
+
+
+def test_a_slow_encoder_times_out_into_a_fallback():
+    stage = EncodeStage({"a": FakeEncoder(delay_s=5)}, HIDDEN, EncodeConfig(timeout_s=0.05))
+    assert asyncio.run(stage.attach(_request())) is Encoded.FALLBACK
+
+
+def test_image_checks_name_the_limit():
+    limits = ImageLimits(max_image_bytes=2000, max_image_pixels=60 * 60)
+    with pytest.raises(PayloadTooLarge, match="2000 bytes"):
+        decode_data_url(data_url(png(1, size=(200, 200))), limits, "messages")
+    with pytest.raises(PayloadTooLarge, match="3600 pixels"):  # a small file of many pixels: refused by its header
+        check_image(_flat_png(4000, 1), limits, "messages")
+    with pytest.raises(InvalidRequest, match="could not be decoded"):
+        check_image(png(1)[:40], ImageLimits(), "messages")  # a truncated PNG
+
+
+def _flat_png(width, height):
+    import io
+
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("RGB", (width, height)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_a_text_only_model_refuses_images():
+    served = ServedModel("text-only", core=None, tokenizer=None, max_model_len=128)  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="takes no images"):
+        asyncio.run(load_images([data_url(png(1))], served, ImageLimits(), "messages"))
