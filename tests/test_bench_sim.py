@@ -107,11 +107,19 @@ def test_full_scale_replay_is_bounded_and_complete():
 
 def test_calibration_fits_and_validates_against_a_real_engine(tmp_path, tiny_llama_dir):
     out = tmp_path / "tm.json"
-    assert calibrate.main(["--model", str(tiny_llama_dir), "--max-model-len", "1024", "--kv-cache-mb", "16",
-                           "--validate", "8", "--time-scale", "5", "--out", str(out)]) == 0
+    shares = []
+    for _ in range(3):  # a fit and a check are comparable only if the process got the same share of a core in both
+        assert calibrate.main(["--model", str(tiny_llama_dir), "--max-model-len", "1024", "--kv-cache-mb", "16",
+                               "--validate", "8", "--time-scale", "5", "--out", str(out)]) == 0
+        report = json.loads((tmp_path / "tm_report.json").read_text())
+        share = report["cpu_share"]
+        shares.append(share)
+        if abs(share["check"] - share["fit"]) <= 0.1 * share["fit"]:
+            break
+    else:
+        pytest.fail(f"another process took this one's core during every calibration: {shares}")
     model = StepTimeModel.load(out)
     assert model.per_token > 0 and model.base >= 0 and "fitted on" in model.source
-    report = json.loads((tmp_path / "tm_report.json").read_text())
     ratio = {row["metric"]: row["sim / real"] for row in report["validation"]}
     # what the fitted model achieves here (measured 1.00-1.13 for the makespan, 0.93-1.08 for TTFT p50 and E2E
     # p50), with room for a noisy shared CPU

@@ -131,3 +131,22 @@ def test_bad_images_get_openai_errors_and_the_cluster_serves_on(vlm_service, tin
         assert error["type"] == "invalid_request_error" and error["message"]
         assert code is None or error["code"] == code, error
     assert _chat(url, model, _parts(png(32))).status_code == 200
+
+
+def test_a_messages_image_block_answers_as_the_chat_image_part(vlm_service, tiny_vlm_dir):
+    import base64
+
+    url, model = vlm_service.url, tiny_vlm_dir.name
+    chat = _chat(url, model, _parts(png(41))).json()
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": base64.b64encode(png(41)).decode()}}
+    body = {"model": model, "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT}, block]}]}
+    reply = httpx.post(f"{url}/v1/messages", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["content"][0]["text"] == chat["choices"][0]["message"]["content"]
+    counted = httpx.post(f"{url}/v1/messages/count_tokens", json={k: body[k] for k in ("model", "messages")})
+    assert counted.json()["input_tokens"] == chat["usage"]["prompt_tokens"]
+    body["messages"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [block]}]
+    refused = httpx.post(f"{url}/v1/messages", json=body, timeout=60)
+    assert refused.status_code == 400 and refused.json()["type"] == "error"

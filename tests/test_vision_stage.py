@@ -97,3 +97,53 @@ def test_a_text_only_model_refuses_images():
     served = ServedModel("text-only", core=None, tokenizer=None, max_model_len=128)  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest, match="takes no images"):
         asyncio.run(load_images([data_url(png(1))], served, ImageLimits(), "messages"))
+
+
+@pytest.fixture(scope="module")
+def image_server():
+    """A loopback HTTP server: /ok.png, /big.png (over the limit below), /slow.png (answers after 2 s), /gone."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    files = {"/ok.png": png(1), "/big.png": png(2, size=(300, 300)), "/slow.png": png(3)}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            if self.path not in files:
+                self.send_error(404)
+                return
+            if self.path == "/slow.png":
+                time.sleep(2)
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(files[self.path])))
+                self.end_headers()
+                self.wfile.write(files[self.path])
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (the slow one): expected
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", files
+    server.shutdown()
+
+
+def test_remote_images_are_fetched_only_when_allowed_within_size_and_time(image_server):
+    from disagg.http.images import load_image
+
+    base, files = image_server
+    on = ImageLimits(fetch_remote_images=True, max_image_bytes=50_000, fetch_timeout_s=0.5)
+    loaded = asyncio.run(load_image(f"{base}/ok.png", on, "messages"))
+    assert loaded.data == files["/ok.png"] and loaded.content_hash == content_hash(files["/ok.png"])
+    with pytest.raises(InvalidRequest, match="not fetched"):
+        asyncio.run(load_image(f"{base}/ok.png", ImageLimits(), "messages"))  # off by default
+    with pytest.raises(PayloadTooLarge, match="50000 bytes"):
+        asyncio.run(load_image(f"{base}/big.png", on, "messages"))
+    with pytest.raises(InvalidRequest, match="could not be fetched"):
+        asyncio.run(load_image(f"{base}/slow.png", on, "messages"))
+    with pytest.raises(InvalidRequest, match="HTTP 404"):
+        asyncio.run(load_image(f"{base}/gone", on, "messages"))

@@ -119,17 +119,34 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
     return LLMEngine(config, _Recorder(runner), tokenizer)
 
 
-def _timed_step(engine: LLMEngine) -> tuple[list[TokenDelta], float, list[float] | None]:
+@dataclass
+class StepClock:
+    """Wall and process CPU seconds of the steps of one phase.  `cpu_share` is the share of a core this process got
+    while stepping (~1 with one torch thread on a core of its own; less: another process contended): the fit and
+    the check are comparable only when it is about the same in both."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    @property
+    def cpu_share(self) -> float:
+        return self.cpu / self.wall if self.wall else 0.0
+
+
+def _timed_step(engine: LLMEngine, clock: StepClock) -> tuple[list[TokenDelta], float, list[float] | None]:
     recorder = engine.runner
     if not isinstance(recorder, _Recorder):
         raise TypeError("calibration needs an engine from _engine() (its runner records the batches)")
     recorder.features = None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     deltas = engine.step()
-    return deltas, time.perf_counter() - t0, recorder.features
+    seconds = time.perf_counter() - t0
+    clock.wall += seconds
+    clock.cpu += time.process_time() - c0
+    return deltas, seconds, recorder.features
 
 
-def calibrate(engine, seed: int = 0) -> tuple[list[list[float]], list[float]]:
+def calibrate(engine, seed: int = 0, clock: StepClock | None = None) -> tuple[list[list[float]], list[float]]:
     from disagg.protocol import SamplingParams
 
     rng = random.Random(seed)
@@ -143,14 +160,16 @@ def calibrate(engine, seed: int = 0) -> tuple[list[list[float]], list[float]]:
             prompt = prefix + [rng.randrange(256, vocab) for _ in range(length - len(prefix))]
             engine.add_request(f"cal-{g}-{i}", prompt, SamplingParams(max_tokens=out, ignore_eos=True))
         while engine.has_unfinished():
-            _, seconds, features = _timed_step(engine)
+            _, seconds, features = _timed_step(engine, clock or StepClock())
             if features is not None:
                 xs.append(features)
                 ys.append(seconds)
     return xs, ys
 
 
-def run_real(engine, trace: list[TraceRequest], scale: TraceScale) -> dict[str, dict[str, float]]:
+def run_real(
+    engine, trace: list[TraceRequest], scale: TraceScale, clock: StepClock | None = None
+) -> dict[str, dict[str, float]]:
     """Wall-clock replay on the real engine; returns {request: {start, ttft, e2e}} in seconds."""
     from disagg.sim.cluster import sampling_for
 
@@ -172,7 +191,7 @@ def run_real(engine, trace: list[TraceRequest], scale: TraceScale) -> dict[str, 
         if not engine.has_unfinished():
             time.sleep(max(0.0, scale.seconds(trace[pending[0]].timestamp_ms - t_base) - now))
             continue
-        deltas, _, _ = _timed_step(engine)
+        deltas, _, _ = _timed_step(engine, clock or StepClock())
         t = time.perf_counter() - t0
         for d in deltas:
             rec = out[d.request_id]
@@ -284,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     add_options(parser, CalibrateOptions)
     args = parser.parse_args(argv)
     engine = _engine(args)
-    xs, ys = calibrate(engine)
+    fit_clock, check_clock = StepClock(), StepClock()
+    xs, ys = calibrate(engine, clock=fit_clock)
     model = StepTimeModel.fit(
         xs,
         ys,
@@ -301,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = loaders.load("mooncake_conversation_trace.jsonl", args.validate)
     scale = TraceScale(block_tokens=EngineConfig.block_size, time_scale=args.time_scale, max_output_tokens=64)
     engine.pool.reset_prefix_cache()  # the check starts cold, like the simulated worker
-    real = run_real(engine, trace, scale)
+    real = run_real(engine, trace, scale, check_clock)
     sim = run_sim(trace, scale, model, engine)
     rows = compare(real, sim)
     print_table(
@@ -315,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             "fit_steps": len(ys),
             "fit_median_abs_rel_error": percentile(residual, 50),
             "validation": rows,
+            "cpu_share": {"fit": fit_clock.cpu_share, "check": check_clock.cpu_share},
             "settings": vars(args),
         },
         args.out.replace(".json", "_report.json"),

@@ -4,11 +4,15 @@ token the chat template writes in their place (the prompt's expansion: disagg/vi
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 
 from disagg.errors import InvalidRequest, PayloadTooLarge
 from disagg.http.models import ServedModel
+from disagg.protocol import ImageInput
 from disagg.vision.images import ImageLimits, LoadedImage, check_image, decode_data_url, too_large
+from disagg.vision.prompt import expand_images
 
 
 def image_token(served: ServedModel) -> str:
@@ -16,6 +20,22 @@ def image_token(served: ServedModel) -> str:
     if served.vision is None:
         return ""
     return served.tokenizer.token_text(served.vision.image_token_id) or ""
+
+
+async def prompt_images(
+    served: ServedModel, urls: list[str], limits: ImageLimits, param: str
+) -> tuple[str, list[LoadedImage]]:
+    """The image token a conversation's image parts become in its template, and their images, loaded."""
+    return image_token(served), await load_images(urls, served, limits, param)
+
+
+def place_images(
+    served: ServedModel, ids: list[int], images: list[LoadedImage], param: str
+) -> tuple[list[int], list[ImageInput]]:
+    """The templated prompt with each image token expanded into its image's placeholder ids (vision/prompt.py)."""
+    if served.vision is None:
+        return ids, []
+    return expand_images(ids, served.vision, images, param)
 
 
 async def load_images(urls: list[str], served: ServedModel, limits: ImageLimits, param: str) -> list[LoadedImage]:
@@ -33,18 +53,23 @@ async def load_images(urls: list[str], served: ServedModel, limits: ImageLimits,
 
 
 async def fetch_image(url: str, limits: ImageLimits, param: str) -> bytes:
-    """A remote image, streamed with a byte limit and a deadline; every failure is the client's 400."""
+    """A remote image, streamed with a byte limit and one deadline for the whole fetch (a server trickling bytes
+    does not hold the request); every failure is the client's 400."""
     body = bytearray()
-    try:
+
+    async def fetch() -> None:
         async with httpx.AsyncClient(timeout=limits.fetch_timeout_s, follow_redirects=False) as client:
             async with client.stream("GET", url) as response:
                 if response.status_code != 200:
                     raise InvalidRequest(f"fetching the image gave HTTP {response.status_code}", param=param)
                 async for chunk in response.aiter_bytes():
-                    body += chunk
+                    body.extend(chunk)
                     if len(body) > limits.max_image_bytes:
                         raise too_large(limits, param)
-    except httpx.HTTPError as exc:
+
+    try:
+        await asyncio.wait_for(fetch(), limits.fetch_timeout_s)
+    except (httpx.HTTPError, asyncio.TimeoutError) as exc:
         raise InvalidRequest(f"the image could not be fetched: {type(exc).__name__}", param=param) from None
     return bytes(body)
 

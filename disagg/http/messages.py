@@ -29,6 +29,7 @@ from fastapi import Request as HTTPRequest
 from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import Dialect, sse_error, unexpected
 from disagg.http.hints import read_hints
+from disagg.http.images import place_images, prompt_images
 from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.messages_schema import CountTokensRequest, MessagesRequest
 from disagg.http.resume import LAST_EVENT_ID, Cursor, ResumeToken, TypedEvents
@@ -167,10 +168,12 @@ def add_messages_routes(app: FastAPI, server: Server) -> None:
     async def create(body: MessagesRequest, http: HTTPRequest):
         served = await server.model(body.model)
         tokenizer = served.tokenizer
-        conversation, offered = body.conversation(), body.offered_tools()
+        token, loaded = await prompt_images(served, body.image_urls(), server.config.images, "messages")
+        conversation, offered = body.conversation(token), body.offered_tools()
         check_tool_results(conversation, "messages", "tool_result tool_use_id", "tool_use")
         prefill = _prefill(conversation)
         ids, tools = conversation_prompt(conversation, offered, tokenizer, continue_final=prefill)
+        ids, images = place_images(served, ids, loaded, "messages")
         sampling = sampling_params(body, body.max_tokens, len(ids), served.max_model_len)
         shape = AnswerShape(tokenizer, chat=True, tools=tools, parallel_tool_calls=body.parallel_tool_calls())
         options = CallOptions(
@@ -183,7 +186,7 @@ def add_messages_routes(app: FastAPI, server: Server) -> None:
             hints=read_hints(body.nvext, body.kv_hints),
             tools_offered=bool(offered),
         )
-        request, caller = server.request(served, "msg", options, ids, sampling, http)
+        request, caller = server.request(served, "msg", options, ids, sampling, http, images=images)
         render = MessagesRender(served.name, shape)
         last_event_id = http.headers.get(LAST_EVENT_ID)
         if body.stream and last_event_id:
@@ -194,7 +197,9 @@ def add_messages_routes(app: FastAPI, server: Server) -> None:
     async def count_tokens(body: CountTokensRequest):
         """The prompt's tokens as `create` would template them (agent clients size their context with it)."""
         served = server.models.pick(body.model)  # only its tokenizer is needed: an asleep model stays asleep
-        conversation = body.conversation()
+        token, loaded = await prompt_images(served, body.image_urls(), server.config.images, "messages")
+        conversation = body.conversation(token)
         prefill = _prefill(conversation, strict=False)
         ids, _ = conversation_prompt(conversation, body.offered_tools(), served.tokenizer, continue_final=prefill)
+        ids, _ = place_images(served, ids, loaded, "messages")
         return {"input_tokens": len(ids)}

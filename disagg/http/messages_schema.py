@@ -5,8 +5,9 @@ turn's text); an assistant turn's `tool_use` blocks become its `tool_calls` (the
 arguments).  Tools (`input_schema`) become chat function tools.  So a Messages request and the equivalent chat
 completion render the same prompt and give the same tokens.  Prompt caching's `cache_control` marks
 ({"type": "ephemeral", "ttl": "5m" | "1h"}) on any block or tool ask that the conversation's KV be kept: they
-become KV retention for the longest TTL asked (http/hints.py's reading of TTLs).  Image and document blocks, and
-`tool_choice` "any" / "tool" (guided decoding), are refused with a 400 naming them.
+become KV retention for the longest TTL asked (http/hints.py's reading of TTLs).  Image blocks in user turns (base64
+or URL sources) become the image's place in the text, as chat's `image_url` parts do (a LLaVA model: http/images.py).
+Document blocks, and `tool_choice` "any" / "tool" (guided decoding), are refused with a 400 naming them.
 """
 
 from __future__ import annotations
@@ -57,7 +58,28 @@ class ToolResultBlock(_Cacheable):
         return f"Error: {text}" if self.is_error else text
 
 
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+class Base64Source(_Strict):
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str
+
+
+class URLSource(_Strict):
+    type: Literal["url"]
+    url: str
+
+
+class ImageBlock(_Cacheable):
+    type: Literal["image"]
+    source: Annotated[Base64Source | URLSource, Field(discriminator="type")]
+
+    def url(self) -> str:
+        """As chat's image_url would carry it: a data URL for base64 data."""
+        source = self.source
+        return source.url if isinstance(source, URLSource) else f"data:{source.media_type};base64,{source.data}"
+
+
+Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ImageBlock, Field(discriminator="type")]
 
 
 class Message(_Strict):
@@ -66,10 +88,14 @@ class Message(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Message:
-        misplaced = "tool_result" if self.role == "assistant" else "tool_use"
-        if isinstance(self.content, list) and any(b.type == misplaced for b in self.content):
-            raise ValueError(f"{misplaced} blocks cannot be in {self.role} turns")
+        misplaced = ("tool_result", "image") if self.role == "assistant" else ("tool_use",)
+        for block in self.content if isinstance(self.content, list) else ():
+            if block.type in misplaced:
+                raise ValueError(f"{block.type} blocks cannot be in {self.role} turns")
         return self
+
+    def image_urls(self) -> list[str]:
+        return [b.url() for b in self.content if isinstance(b, ImageBlock)] if isinstance(self.content, list) else []
 
 
 class Tool(_Cacheable):
@@ -130,7 +156,7 @@ class MessagesRequest(_Cacheable, Extensions):  # Extensions: ours, as on every 
             content = message.get("content") if isinstance(message, dict) else None
             for block in content if isinstance(content, list) else ():
                 kind = block.get("type") if isinstance(block, dict) else None
-                if kind in ("image", "document", "thinking", "redacted_thinking"):
+                if kind in ("document", "thinking", "redacted_thinking"):
                     raise ValueError(f"content blocks of type {kind!r} are not supported by this server")
         return data
 
@@ -160,21 +186,26 @@ class MessagesRequest(_Cacheable, Extensions):  # Extensions: ours, as on every 
             out += m.content if isinstance(m.content, list) else []
         return out
 
-    def conversation(self) -> list[dict[str, Any]]:
-        """The chat messages (the template's form) this request holds."""
+    def image_urls(self) -> list[str]:
+        return [url for m in self.messages for url in m.image_urls()]
+
+    def conversation(self, image_token: str = "") -> list[dict[str, Any]]:
+        """The chat messages (the template's form) this request holds; an image block is `image_token`."""
         out: list[dict[str, Any]] = []
         if self.system:
             system = self.system if isinstance(self.system, str) else "".join(b.text for b in self.system)
             out.append({"role": "system", "content": system})
         for m in self.messages:
-            out += _turn(m)
+            out += _turn(m, image_token)
         return out
 
 
-def _turn(m: Message) -> list[dict[str, Any]]:
+def _turn(m: Message, image_token: str) -> list[dict[str, Any]]:
     if isinstance(m.content, str):
         return [{"role": m.role, "content": m.content}]
-    text = "".join(b.text for b in m.content if isinstance(b, TextBlock))
+    text = "".join(
+        b.text if isinstance(b, TextBlock) else image_token for b in m.content if isinstance(b, TextBlock | ImageBlock)
+    )
     if m.role == "assistant":
         calls = [
             {"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(b.input)}}

@@ -19,7 +19,7 @@ from fastapi import Request as HTTPRequest
 
 from disagg.errors import InvalidRequest
 from disagg.http.errors import error_response
-from disagg.http.images import image_token, load_images
+from disagg.http.images import place_images, prompt_images
 from disagg.http.inputs import conversation_prompt, sampling_params, tokenize_prompt
 from disagg.http.models import ServedModel
 from disagg.http.resume import (
@@ -36,7 +36,6 @@ from disagg.http.serving import CallOptions, Server
 from disagg.http.shape import AnswerShape, Collected
 from disagg.http.stream import ClientGone, json_answer, sse, until_disconnect
 from disagg.protocol import ImageInput, Request, SamplingParams, TokenDelta
-from disagg.vision.prompt import expand_images
 
 
 def add_openai_routes(app: FastAPI, server: Server) -> None:
@@ -65,8 +64,7 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
         served = await server.model(body.model, http)
         offered = body.offered_tools()
         urls = [url for m in body.messages for url in m.image_urls()]
-        loaded = await load_images(urls, served, server.config.images, "messages")
-        token = image_token(served)
+        token, loaded = await prompt_images(served, urls, server.config.images, "messages")
         conversation = [m.for_template(token) for m in body.messages]
         ids, tools = conversation_prompt(
             conversation,
@@ -75,9 +73,7 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
             continue_final=body.continue_final_message,
             generation_prompt=body.add_generation_prompt,
         )
-        images: list[ImageInput] = []
-        if served.vision is not None:
-            ids, images = expand_images(ids, served.vision, loaded, "messages")
+        ids, images = place_images(served, ids, loaded, "messages")
         sampling = sampling_params(
             body,
             body.max_completion_tokens or body.max_tokens,

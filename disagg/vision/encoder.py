@@ -85,7 +85,7 @@ class VisionEncoder:
             nn.Linear(hidden, hidden, bias=bias),
         ).eval()  # fmt: skip
         self._load(model_dir)
-        self.processor = AutoImageProcessor.from_pretrained(str(model_dir))
+        self.processor = AutoImageProcessor.from_pretrained(str(model_dir), use_fast=False)  # what HF loads it as
         self.cache = EmbeddingCache(cache_bytes)
 
     def _load(self, model_dir: Path) -> None:

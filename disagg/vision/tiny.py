@@ -17,12 +17,11 @@ def make_tiny_vlm(
     *,
     image_size: int = 56,
     patch_size: int = 14,
-    vision_hidden: int = 32,
-    vision_layers: int = 2,
-    text_layers: int = 2,
-    text_hidden: int = 64,
+    vision: dict[str, int] | None = None,
+    text: dict[str, int] | None = None,
 ) -> Path:
-    """Writes (once) and returns the checkpoint directory; deterministic for a seed and shape."""
+    """Writes (once) and returns the checkpoint directory; deterministic for a seed and shape.  `vision` / `text`:
+    CLIPVisionConfig / LlamaConfig fields over the tiny defaults (the lab's realistic sizes)."""
     import torch
     from transformers import (
         AutoTokenizer,
@@ -39,30 +38,22 @@ def make_tiny_vlm(
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=4 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=max(1, vision_hidden // 16),
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
+    vision_shape = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+    vision_shape.update(vision or {})
+    text_shape = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        rms_norm_eps=1e-6,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
+    text_shape.update(text or {})
     config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=patch_size, **vision_shape),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-6,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            **text_shape,
+        ),
         image_token_index=image_token_id,
         image_seq_length=(image_size // patch_size) ** 2,
         eos_token_id=tokenizer.eos_token_id,
