@@ -97,9 +97,12 @@ def test_a_killed_encoder_falls_back_to_colocated_encoding(vlm_service, tiny_vlm
     encoder = next(iter(vlm_service.cluster.encode_by_name.values()))
     os.kill(ray.get(encoder.pid.remote()), signal.SIGKILL)
     before = _images_metric(url, "fallback")
+    encoded = [s.images_encoded for s in vlm_service.cluster.stats()]  # [prefill, decode]
     answer = _chat(url, model, _parts(png(22)))
     assert answer.status_code == 200, answer.text
     assert _images_metric(url, "fallback") == before + 1
+    # the prefill worker encoded it; the decode worker, handed the whole prefill, did not encode it again
+    assert [s.images_encoded for s in vlm_service.cluster.stats()] == [encoded[0] + 1, encoded[1]]
     deadline = time.monotonic() + 60  # Ray restarts the encoder; E/PD resumes
     while time.monotonic() < deadline:
         before = _images_metric(url, "encoder")

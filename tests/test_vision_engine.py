@@ -50,7 +50,7 @@ def _ours(engine, rid, text_ids, cuts, images, encoder, spec):
         prompt += text_ids[last:cut]
         key = content_hash(data)
         rows = encoder.encode([(key, data)])[0]
-        embeds.append(ImageEmbedding(key, len(prompt), rows))
+        embeds.append(ImageEmbedding.of(key, len(prompt), rows))
         prompt += placeholder_ids(key, spec.tokens_per_image, spec.vocab_size)
         last = cut
     prompt += text_ids[last:]
@@ -94,9 +94,9 @@ def test_bad_image_spans_are_refused_and_leave_the_engine_untouched(vlm):
     rows = encoder.encode([(key, data)])[0]
     ids = placeholder_ids(key, spec.tokens_per_image, spec.vocab_size)
     cases = {
-        "not image": ([1, 2] + ids, [ImageEmbedding(content_hash(png(5)), 2, rows)]),  # another image's ids
-        "shifted": ([1, 2] + ids, [ImageEmbedding(key, 1, rows)]),
-        "rows": ([1, 2] + ids, [ImageEmbedding(key, 2, rows[:, :8])]),
+        "not image": ([1, 2] + ids, [ImageEmbedding.of(content_hash(png(5)), 2, rows)]),  # another image's ids
+        "shifted": ([1, 2] + ids, [ImageEmbedding.of(key, 1, rows)]),
+        "rows": ([1, 2] + ids, [ImageEmbedding(key, 2, len(rows), rows[:, :8])]),
         "no image": ([1, 2] + ids, []),  # placeholder ids with no image behind them
     }
     for name, (prompt, images) in cases.items():
@@ -113,3 +113,31 @@ def test_the_encoder_caches_by_content(vlm):
     second = encoder.encode([(content_hash(data), data)])[0]
     assert first.shape == (spec.tokens_per_image, spec.hidden_size) and torch.equal(first, second)
     assert encoder.cache.hits == before + 1
+
+
+def test_a_lazy_image_is_encoded_once_and_only_when_a_step_computes_it(vlm):
+    model_dir, spec, encoder = vlm
+    text_ids = list(range(1000, 1020))
+    data = png(7)
+    key = content_hash(data)
+    calls = []
+
+    def encode():
+        calls.append(1)
+        return encoder.encode([(key, data)])[0]
+
+    engine = LLMEngine(EngineConfig(model=str(model_dir), kv_cache_memory_mb=16, max_num_batched_tokens=12))
+    eager, _ = _ours(engine, "eager", text_ids, [4], [data], encoder, spec)
+    prompt = text_ids[:4] + placeholder_ids(key, spec.tokens_per_image, spec.vocab_size) + text_ids[4:]
+    engine.add_request("lazy", prompt, GREEDY, images=[ImageEmbedding(key, 4, spec.tokens_per_image, encode)])
+    assert calls == []  # added, not encoded
+    lazy = []
+    while engine.has_unfinished():
+        lazy += [t for d in engine.step() for t in d.token_ids]
+    assert lazy == eager and calls == []  # the image's blocks were a prefix hit: never computed, never encoded
+    engine.pool.reset_prefix_cache()
+    engine.add_request("cold", prompt, GREEDY, images=[ImageEmbedding(key, 4, spec.tokens_per_image, encode)])
+    cold = []
+    while engine.has_unfinished():
+        cold += [t for d in engine.step() for t in d.token_ids]
+    assert cold == eager and calls == [1]  # computed through two chunks, encoded once

@@ -51,7 +51,9 @@ class JournaledStreams:
         not attach their rows: colocated encoding runs on this worker's thread, as its prefill does)."""
         if req.images and self.images is None:
             raise ValueError("this model takes no images")
-        images = self.images.resolve(req) if req.images and self.images is not None else ()
+        remote = kwargs.get("remote")
+        whole = remote is not None and remote.first_token is not None  # a finished prefill: no recompute planned
+        images = self.images.resolve(req, lazy=whole) if req.images and self.images is not None else ()
         self.engine.add(req, images=images, **kwargs)
 
     async def abort(self, request_id: str) -> bool:

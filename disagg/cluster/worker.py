@@ -241,7 +241,10 @@ class EngineWorker(JournaledStreams):
 
     def _build_stats(self) -> WorkerStats:
         """Engine thread only (cluster/worker_stats.py)."""
-        return worker_stats(self.engine, self.transport, self.peer, self.tiers, self.counts, self._steps)
+        stats = worker_stats(self.engine, self.transport, self.peer, self.tiers, self.counts, self._steps)
+        if self.images is not None:
+            stats.images_received, stats.images_encoded = self.images.received, self.images.encoded
+        return stats
 
     async def layout(self) -> bytes:
         return self.transport.layout().to_wire()

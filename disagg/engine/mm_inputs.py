@@ -9,6 +9,7 @@ costs neither its encoder nor its prefill.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -17,17 +18,28 @@ import torch
 from disagg.vision.images import placeholder_ids
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class ImageEmbedding:
-    """One image of a request: its content hash, its first prompt position, its embedding rows [n, hidden]."""
+    """One image of a request: its content hash, its first prompt position and length, and its embedding rows
+    [num_tokens, hidden] - or what makes them on first use: a decode worker handed a finished prefill needs them
+    only if it recomputes the prompt (a failed KV read, a preemption), so it does not encode the image up front."""
 
     content_hash: str
     offset: int
-    rows: torch.Tensor
+    num_tokens: int
+    source: torch.Tensor | Callable[[], torch.Tensor]
+
+    @classmethod
+    def of(cls, content_hash: str, offset: int, rows: torch.Tensor) -> ImageEmbedding:
+        return cls(content_hash, offset, int(rows.shape[0]), rows)
 
     @property
-    def num_tokens(self) -> int:
-        return int(self.rows.shape[0])
+    def rows(self) -> torch.Tensor:
+        if not isinstance(self.source, torch.Tensor):
+            self.source = self.source()
+            if tuple(self.source.shape[:1]) != (self.num_tokens,):
+                raise ValueError(f"image {self.content_hash} was encoded into {self.source.shape[0]} rows")
+        return self.source
 
 
 @dataclass(frozen=True)
@@ -45,8 +57,9 @@ def check_images(prompt: list[int], images: Seq[ImageEmbedding], vocab_size: int
     last_end = 0
     for image in sorted(images, key=lambda i: i.offset):
         n, end = image.num_tokens, image.offset + image.num_tokens
-        if image.rows.dim() != 2 or image.rows.shape[1] != hidden_size:
-            raise ValueError(f"an image embedding must be [tokens, {hidden_size}], not {list(image.rows.shape)}")
+        rows = image.source
+        if isinstance(rows, torch.Tensor) and (rows.dim() != 2 or tuple(rows.shape) != (n, hidden_size)):
+            raise ValueError(f"an image embedding must be [{n}, {hidden_size}], not {list(rows.shape)}")
         if image.offset < last_end or end > len(prompt):
             raise ValueError("image spans must lie in the prompt without overlapping")
         if prompt[image.offset : end] != placeholder_ids(image.content_hash, n, vocab_size):
