@@ -5,7 +5,7 @@ Arms, three single-thread workers each: `epd` = 1 encoder + 1 prefill + 1 decode
 2 prefill + 1 decode (each prefill worker encodes its own requests' images).  The model is a LLaVA of realistic
 size with random weights (no VLM weights are reachable offline): a CLIP ViT-B/16 tower at 224 px (196 image
 positions) and a language model of SmolLM2-135M's shape.  Every image is new (no cache helps either arm); the same
-requests, arrivals and images go to both arms; repeats are interleaved (epd, colocated, epd, ...).
+requests, arrivals and images go to both arms; repeats are interleaved, each arm first in turn.
 
     .venv/bin/python -m bench.images --repeats 3 --out bench/results/images.json
 """
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = bench_model()
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
     for r in range(opts.repeats):
-        for arm in ARMS:
+        for arm in list(ARMS)[:: 1 if r % 2 == 0 else -1]:  # each arm first in turn
             runs[arm].append(run_arm(arm, opts, model_dir, seed=r + 1))
             print(arm, r, runs[arm][-1], flush=True)
     rows = []
