@@ -1,6 +1,7 @@
-"""Images through a real cluster (Ray, 1 encoder + 1 prefill + 1 decode worker, HTTP): the answer HF's LLaVA gives,
-a repeated image served from the prefix cache, E/PD with a colocated fallback when the encoder is SIGKILLed, and
-bad images answered with OpenAI-style 400 / 413 that lose nothing (disagg/vision/, cluster/encoder.py)."""
+"""Images through a real cluster (Ray, 1 encoder + 1 prefill + 2 decode workers, HTTP): the answer HF's LLaVA gives,
+a repeated image served from the prefix cache, E/PD with a colocated fallback when the encoder is SIGKILLed, a
+stream with an image migrated exactly when its decode worker is SIGKILLed, and bad images answered with
+OpenAI-style 400 / 413 that lose nothing (disagg/vision/, cluster/encoder.py)."""
 
 import os
 import re
@@ -12,6 +13,7 @@ import pytest
 import ray
 import torch
 
+from disagg.stats import RouterCounters
 from tests.imagegen import data_url, png
 
 PROMPT = "What is in this picture?"
@@ -26,7 +28,7 @@ def vlm_service(tiny_vlm_dir):
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     engine = EngineConfig(model=str(tiny_vlm_dir), kv_cache_memory_mb=32, num_threads=1)
-    svc = Service(ClusterConfig(num_prefill=1, num_decode=1, num_encode=1, engine=engine),
+    svc = Service(ClusterConfig(num_prefill=1, num_decode=2, num_encode=1, engine=engine),
                   RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16),
                                images=ImageLimits(max_image_bytes=100_000, max_images_per_request=2)))
     yield svc
@@ -97,12 +99,13 @@ def test_a_killed_encoder_falls_back_to_colocated_encoding(vlm_service, tiny_vlm
     encoder = next(iter(vlm_service.cluster.encode_by_name.values()))
     os.kill(ray.get(encoder.pid.remote()), signal.SIGKILL)
     before = _images_metric(url, "fallback")
-    encoded = [s.images_encoded for s in vlm_service.cluster.stats()]  # [prefill, decode]
+    encoded = [s.images_encoded for s in vlm_service.cluster.stats()]  # [prefill, decode, decode]
     answer = _chat(url, model, _parts(png(22)))
     assert answer.status_code == 200, answer.text
     assert _images_metric(url, "fallback") == before + 1
     # the prefill worker encoded it; the decode worker, handed the whole prefill, did not encode it again
-    assert [s.images_encoded for s in vlm_service.cluster.stats()] == [encoded[0] + 1, encoded[1]]
+    now = [s.images_encoded for s in vlm_service.cluster.stats()]
+    assert now[0] == encoded[0] + 1 and sum(now[1:]) == sum(encoded[1:])
     deadline = time.monotonic() + 60  # Ray restarts the encoder; E/PD resumes
     while time.monotonic() < deadline:
         before = _images_metric(url, "encoder")
@@ -153,3 +156,27 @@ def test_a_messages_image_block_answers_as_the_chat_image_part(vlm_service, tiny
     body["messages"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [block]}]
     refused = httpx.post(f"{url}/v1/messages", json=body, timeout=60)
     assert refused.status_code == 400 and refused.json()["type"] == "error"
+
+
+def test_a_stream_with_an_image_migrates_exactly_when_its_decode_worker_is_killed(vlm_service, tiny_vlm_dir):
+    import json
+
+    url, model = vlm_service.url, tiny_vlm_dir.name
+    extra = {"max_tokens": 600, "ignore_eos": True}
+    reference = _chat(url, model, _parts(png(51)), **extra).json()["choices"][0]["message"]["content"]
+    body = {"model": model, "messages": [{"role": "user", "content": _parts(png(51))}], "temperature": 0,
+            "stream": True, **extra}
+    text, killed = "", None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as reply:
+        for line in reply.iter_lines():
+            if not line.startswith("data:") or line.endswith("[DONE]"):
+                continue
+            chunk = json.loads(line[5:])
+            text += chunk["choices"][0]["delta"].get("content") or ""
+            if killed is None and text:
+                decisions = ray.get(vlm_service.router.decisions.remote(20))
+                killed = next(d["decode"] for d in reversed(decisions) if d["request_id"] == chunk["id"])
+                os.kill(ray.get(vlm_service.cluster.decode_by_name[killed].pid.remote()), signal.SIGKILL)
+    assert killed is not None and text == reference  # no token lost, none repeated
+    counters = RouterCounters.from_wire(ray.get(vlm_service.router.health.remote())["counters"])
+    assert counters.migrations >= 1  # the stream was still on the killed worker
