@@ -69,9 +69,18 @@ def test_a_failing_encoder_leaves_the_images_to_the_prefill_worker(answer):
     assert all(i.data and not i.embedding for i in request.images) and stage.inflight == {"a": 0}
 
 
-def test_a_slow_encoder_times_out_into_a_fallback():
-    stage = EncodeStage({"a": FakeEncoder(delay_s=5)}, HIDDEN, EncodeConfig(timeout_s=0.05))
-    assert asyncio.run(stage.attach(_request())) is Encoded.FALLBACK
+def test_a_slow_encoder_times_out_into_a_fallback_and_keeps_its_slot_until_it_answers():
+    stage = EncodeStage({"a": FakeEncoder(delay_s=0.5)}, HIDDEN, EncodeConfig(timeout_s=0.05, max_inflight_per_encoder=1))
+
+    async def run():
+        first = await stage.attach(_request())
+        second = await stage.attach(_request())  # the encoder is still busy with the first: not sent there
+        busy = dict(stage.inflight)
+        await asyncio.sleep(0.6)
+        return first, second, busy
+
+    first, second, busy = asyncio.run(run())
+    assert (first, second, busy) == (Encoded.FALLBACK, Encoded.COLOCATED, {"a": 1}) and stage.inflight == {"a": 0}
 
 
 def test_image_checks_name_the_limit():
@@ -82,6 +91,21 @@ def test_image_checks_name_the_limit():
         check_image(_flat_png(4000, 1), limits, "messages")
     with pytest.raises(InvalidRequest, match="could not be decoded"):
         check_image(png(1)[:40], ImageLimits(), "messages")  # a truncated PNG
+    jpeg = _encoded("JPEG", (64, 64))
+    check_image(jpeg, ImageLimits(), "messages")
+    for bad in (jpeg[: len(jpeg) * 2 // 3], _encoded("BMP", (8, 8)), _encoded("TIFF", (8, 8))):
+        with pytest.raises(InvalidRequest, match="could not be decoded"):  # truncated; formats not accepted
+            check_image(bad, ImageLimits(), "messages")
+
+
+def _encoded(fmt, size):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (*size, 3), dtype=np.uint8)).save(out, format=fmt)
+    return out.getvalue()
 
 
 def _flat_png(width, height):
@@ -136,7 +160,9 @@ def test_remote_images_are_fetched_only_when_allowed_within_size_and_time(image_
     from disagg.http.images import load_image
 
     base, files = image_server
-    on = ImageLimits(fetch_remote_images=True, max_image_bytes=50_000, fetch_timeout_s=0.5)
+    with pytest.raises(InvalidRequest, match="not a public address"):  # the server's own network: refused
+        asyncio.run(load_image(f"{base}/ok.png", ImageLimits(fetch_remote_images=True), "messages"))
+    on = ImageLimits(fetch_remote_images=True, fetch_private_hosts=True, max_image_bytes=50_000, fetch_timeout_s=0.5)
     loaded = asyncio.run(load_image(f"{base}/ok.png", on, "messages"))
     assert loaded.data == files["/ok.png"] and loaded.content_hash == content_hash(files["/ok.png"])
     with pytest.raises(InvalidRequest, match="not fetched"):
@@ -147,3 +173,22 @@ def test_remote_images_are_fetched_only_when_allowed_within_size_and_time(image_
         asyncio.run(load_image(f"{base}/slow.png", on, "messages"))
     with pytest.raises(InvalidRequest, match="HTTP 404"):
         asyncio.run(load_image(f"{base}/gone", on, "messages"))
+    with pytest.raises(InvalidRequest, match="could not be fetched"):
+        asyncio.run(load_image("http://[::1", on, "messages"))  # not a URL httpx can parse
+
+
+def test_vision_specs_of_published_configs():
+    """llava-1.5 (llava-hf) writes only what differs from HF's defaults; SigLIP towers have no class token, and
+    "default" drops the first row whatever it is (HF's LlavaModel)."""
+    from disagg.vision.spec import VisionSpec, text_config
+
+    llava15 = {"model_type": "llava", "image_token_index": 32000, "vision_feature_select_strategy": "default",
+               "text_config": {"model_type": "llama", "max_position_embeddings": 4096, "vocab_size": 32064},
+               "vision_config": {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14}}
+    assert VisionSpec.from_config(llava15) == VisionSpec(32000, 576, 4096, 32064)
+    assert text_config(llava15)["num_hidden_layers"] == 32 and text_config(llava15)["max_position_embeddings"] == 4096
+    siglip = {**llava15, "vision_config": {"model_type": "siglip_vision_model", "image_size": 384, "patch_size": 14}}
+    assert VisionSpec.from_config(siglip).tokens_per_image == 27 * 27 - 1
+    full = {**siglip, "vision_feature_select_strategy": "full"}
+    assert VisionSpec.from_config(full).tokens_per_image == 27 * 27
+    assert VisionSpec.from_config({"model_type": "llama"}) is None

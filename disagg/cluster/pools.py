@@ -26,6 +26,7 @@ from disagg.protocol import Role
 from disagg.stats import WorkerStats
 from disagg.tracing import TracingConfig
 from disagg.transfer.config import TransportConfig
+from disagg.vision.spec import VisionSpec
 
 
 @dataclass
@@ -69,6 +70,7 @@ class ClusterConfig:
             num_decode=spec.decode + spec.standby,
             num_standby=spec.standby,
             engine=spec.engine,
+            num_encode=0,  # encoder workers serve one model's images: a deployment's models get none (yet)
         )
 
     def template(self) -> WorkerConfig:
@@ -161,6 +163,8 @@ class LocalCluster:
                 resources=config.decode_resources or None,
                 lifetime="detached" if config.detached else None,
             ).remote(config.worker(name, role, f"{prefix}{kind}-{i}").to_wire())
+        if config.num_encode and VisionSpec.from_dir(config.engine.model) is None:
+            raise ValueError(f"--encode {config.num_encode}: {config.engine.model} is not a vision-language model")
         self.encode_by_name = {
             f"{actor_prefix}{prefix}encode-{i}-{tag}": self._encoder(f"{actor_prefix}{prefix}encode-{i}-{tag}")
             for i in range(config.num_encode)

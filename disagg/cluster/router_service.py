@@ -92,7 +92,7 @@ class RouterConfig(WireMessage):
     idle: IdleConfig = field(default_factory=IdleConfig)  # models asleep when idle, woken by a request
     images: ImageLimits = field(default_factory=ImageLimits)  # image_url parts: sizes, counts, remote fetching
     encode: EncodeConfig = field(default_factory=EncodeConfig)  # which requests' images go to encoder workers
-    encoders: list[str] = field(default_factory=list)  # the encoder workers' actor names (E/PD; the first VLM's)
+    encoders: list[str] = field(default_factory=list)  # the encoder workers' actor names (E/PD; a single model's)
     replicas: int = field(
         default=1, metadata={"help": "router replicas behind Ray Serve's HTTP proxy (2+: no single point of failure)"}
     )
@@ -186,9 +186,10 @@ class RouterService:
         if not routes:
             raise ValueError("no model has a decode worker to serve it")
         served = [serve_model(config, route, prefill, decode) for route in routes]
-        vlm = next((m for m in served if m.vision is not None), None)
-        if vlm is not None and vlm.vision is not None:  # its images go through the encoder stage (E/PD)
-            vlm.encode = EncodeStage(encoders or {}, vlm.vision.hidden_size, config.encode)
+        for model in served:  # a VLM's images go through the encoder stage (E/PD); encoders are a single model's
+            if model.vision is not None:
+                ports = (encoders or {}) if len(served) == 1 else {}
+                model.encode = EncodeStage(ports, model.vision.hidden_size, config.encode)
         self.models = ModelTable(served)
         for route, base in zip(routes, served):
             for ref in route.adapters:

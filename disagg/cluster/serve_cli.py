@@ -167,6 +167,7 @@ _SLO, _SMOKE = ("slo_ttft_ms", "slo_tpot_ms"), ("smoke_test", "question")
 _MODELS = ("lora_modules", "deployment")
 _IDLE = ("sleep_after_idle_s", "wake_on_request")
 _POOLS = ("num_prefill", "num_decode", "num_encode", "address")
+_ENCODE = ("remote_min_image_tokens", "max_inflight_per_encoder", "timeout_s")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -187,7 +188,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_options(p, AgentConfig)
     add_options(p, IdleConfig, only=_IDLE)
     add_options(p, ImageLimits)
-    add_options(p, EncodeConfig, prefix="encode-", only=("remote_min_image_tokens", "max_inflight_per_encoder"))
+    add_options(p, EncodeConfig, prefix="encode-", only=_ENCODE)
     add_options(p, CapacityConfig, only=_CAPACITY)
     add_options(p, TracingConfig, only=_TRACING)
     add_options(p, PlannerConfig, prefix="planner-", only=("enabled",))
@@ -254,9 +255,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         agents=from_options(AgentConfig, args),
         idle=from_options(IdleConfig, args, only=_IDLE),
         images=from_options(ImageLimits, args),
-        encode=from_options(
-            EncodeConfig, args, prefix="encode-", only=("remote_min_image_tokens", "max_inflight_per_encoder")
-        ),
+        encode=from_options(EncodeConfig, args, prefix="encode-", only=_ENCODE),
         isolation=IsolationConfig(share_groups=args.cache_share_groups),
         core=from_options(RouterCoreConfig, args, only=("max_migrations",)),
         planner=planner,

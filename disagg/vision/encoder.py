@@ -10,7 +10,6 @@ encoded once per process.
 
 from __future__ import annotations
 
-import io
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from disagg.vision.images import open_image
 from disagg.vision.spec import VisionSpec
 
 _TOWER_PREFIXES = ("vision_tower.", "model.vision_tower.")
@@ -108,9 +108,7 @@ class VisionEncoder:
             raise ValueError(f"vision weights missing from {model_dir}: {missing[:5]}")
 
     def pixels(self, images: list[bytes]) -> torch.Tensor:
-        from PIL import Image
-
-        opened = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+        opened = [open_image(data).convert("RGB") for data in images]
         return self.processor(images=opened, return_tensors="pt")["pixel_values"].float()
 
     @torch.inference_mode()

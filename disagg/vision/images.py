@@ -18,10 +18,14 @@ import binascii
 import hashlib
 import io
 import re
+import struct
 from dataclasses import dataclass, field
 
 from disagg.errors import InvalidRequest, PayloadTooLarge
 
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "WEBP")  # what PIL may parse from a client
+# what PIL raises for bytes that are not a decodable image of those formats (its plugins raise several types)
+_UNDECODABLE = (OSError, ValueError, SyntaxError, EOFError, IndexError, NotImplementedError, struct.error)
 INT32_LIMIT = 2**31 - 1  # placeholder ids stay below: block hashes pack token ids as int32
 _DATA_URL = re.compile(r"data:(?P<mime>image/[A-Za-z0-9.+-]+)?(?P<params>(;[^,;]*)*?);base64,(?P<data>.*)", re.S)
 
@@ -42,6 +46,10 @@ class ImageLimits:
         metadata={"help": "fetch http(s) image URLs (size and time limited); off: data URLs only (a remote one: 400)"},
     )
     fetch_timeout_s: float = field(default=5.0, metadata={"help": "a remote image's whole fetch at most (seconds)"})
+    fetch_private_hosts: bool = field(
+        default=False,
+        metadata={"help": "fetch images from loopback, private and link-local addresses too (an intranet's server)"},
+    )
 
 
 @dataclass(frozen=True)
@@ -89,18 +97,29 @@ def too_large(limits: ImageLimits, param: str) -> PayloadTooLarge:
 
 
 def check_image(data: bytes, limits: ImageLimits, param: str) -> LoadedImage:
-    """Decodable, within the byte and pixel limits (read from the header before any pixel is decoded)."""
-    from PIL import Image, UnidentifiedImageError
+    """An image of an allowed format (PNG, JPEG, GIF, WebP: no other PIL plugin ever parses client bytes), within
+    the byte and pixel limits (the pixels read from the header first), and decoded in full once (a truncated or
+    corrupt file is the client's 400 here, not a worker's failure later).  CPU work: callers on an event loop run
+    it in a thread."""
+    from PIL import Image
 
     if len(data) > limits.max_image_bytes:
         raise too_large(limits, param)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             width, height = image.size
             if width * height <= limits.max_image_pixels:
-                image.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        raise InvalidRequest("the image could not be decoded", param=param, code="invalid_image") from None
+                image.convert("RGB")  # every pixel decoded, as the encoder will
+    except Image.DecompressionBombError:  # a header claiming far more pixels than PIL opens
+        raise PayloadTooLarge(
+            f"the image is over this server's limit of {limits.max_image_pixels} pixels",
+            param=param,
+            code="image_too_large",
+        ) from None
+    except _UNDECODABLE:
+        raise InvalidRequest(
+            f"the image could not be decoded (accepted: {', '.join(IMAGE_FORMATS)})", param=param, code="invalid_image"
+        ) from None
     if width * height > limits.max_image_pixels:
         raise PayloadTooLarge(
             f"the image is {width}x{height}: over this server's limit of {limits.max_image_pixels} pixels",
@@ -108,3 +127,10 @@ def check_image(data: bytes, limits: ImageLimits, param: str) -> LoadedImage:
             code="image_too_large",
         )
     return LoadedImage(data, content_hash(data), width, height)
+
+
+def open_image(data: bytes):  # -> PIL.Image.Image (PIL is imported where images are used, not at start-up)
+    """An image the front door checked, opened the same way (the encoder's side)."""
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)

@@ -27,19 +27,21 @@ class VisionSpec:
         """None for a text-only model; ValueError for a VLM configuration this runtime cannot serve."""
         if cfg.get("model_type") not in VLM_MODEL_TYPES:
             return None
-        vision = cfg["vision_config"]
+        vision = {**_CLIP_DEFAULTS, **cfg.get("vision_config", {})}
         strategy = cfg.get("vision_feature_select_strategy", "default")
         if strategy not in ("default", "full"):
             raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported")
         patches = (vision["image_size"] // vision["patch_size"]) ** 2
-        # "default" drops the class token; CLIP has one, SigLIP none
-        has_cls = vision.get("model_type", "clip_vision_model") == "clip_vision_model"
-        tokens = patches + (1 if has_cls and strategy == "full" else 0)
+        # the tower's rows: its patches, and a class token first for CLIP (SigLIP has none); "default" drops the
+        # first row whatever it is, as HF's LlavaModel does
+        has_cls = vision["model_type"] == "clip_vision_model"
+        tokens = patches + int(has_cls) - int(strategy == "default")
+        text = text_config(cfg)
         return cls(
             image_token_id=int(cfg.get("image_token_index", cfg.get("image_token_id", -1))),
             tokens_per_image=tokens,
-            hidden_size=cfg["text_config"]["hidden_size"],
-            vocab_size=cfg["text_config"]["vocab_size"],
+            hidden_size=text["hidden_size"],
+            vocab_size=text["vocab_size"],
         )
 
     @classmethod
@@ -48,11 +50,28 @@ class VisionSpec:
         return cls.from_config(json.loads(path.read_text())) if path.exists() else None
 
 
+# what HF's config classes assume for fields a saved config leaves out (llava-hf's llava-1.5 checkpoints write only
+# what differs from these): LlamaConfig's and CLIPVisionConfig's defaults
+_LLAMA_DEFAULTS: dict[str, Any] = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+}
+_CLIP_DEFAULTS: dict[str, Any] = {"model_type": "clip_vision_model", "image_size": 224, "patch_size": 32}
+
+
 def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The language model's part of a config: a VLM's `text_config` (with the VLM's token ids), else the config."""
+    """The language model's part of a config: a VLM's `text_config` (with the VLM's token ids, and HF's defaults
+    for a Llama's fields it leaves out), else the config."""
     if cfg.get("model_type") not in VLM_MODEL_TYPES:
         return cfg
-    text = dict(cfg["text_config"])
+    given = cfg.get("text_config", {})
+    text = {**(_LLAMA_DEFAULTS if given.get("model_type", "llama") == "llama" else {}), **given}
     for key in ("eos_token_id", "bos_token_id", "tie_word_embeddings"):
         if key in cfg and key not in text:
             text[key] = cfg[key]

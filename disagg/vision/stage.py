@@ -41,7 +41,10 @@ class EncodeConfig:
         default=2,
         metadata={"help": "requests an encoder worker encodes at once; all encoders full: encoded colocated"},
     )
-    timeout_s: float = 30.0  # an encoder's answer at most; later: the request's images are encoded colocated
+    timeout_s: float = field(
+        default=30.0,
+        metadata={"help": "an encoder's answer at most (seconds); later: the images are encoded colocated"},
+    )
 
 
 class EncoderPort(Protocol):
@@ -62,6 +65,11 @@ class EncodeStage:
         self.ports, self.hidden_size, self.config = dict(ports), hidden_size, config
         self.inflight = dict.fromkeys(self.ports, 0)
 
+    def _release(self, name: str, call: asyncio.Future) -> None:
+        self.inflight[name] -= 1
+        if not call.cancelled():
+            call.exception()  # seen here: a failure after its request stopped waiting is not an unretrieved error
+
     def choose(self, request: Request) -> str | None:
         """The encoder for this request's images; None: encode colocated."""
         tokens = sum(image.num_tokens for image in request.images)
@@ -77,16 +85,18 @@ class EncodeStage:
         name = self.choose(request)
         if name is None:
             return Encoded.COLOCATED
+        sent = EncodeBatch([image for image in request.images if not image.embedding])
         self.inflight[name] += 1
+        call = asyncio.ensure_future(self.ports[name].encode(sent.to_wire()))
+        # the slot frees when the encoder is done, not when this request stops waiting: a wedged encoder keeps its
+        # slots full and gets no more work until it answers
+        call.add_done_callback(lambda done: self._release(name, done))
         try:
-            sent = EncodeBatch([image for image in request.images if not image.embedding])
-            answer = await asyncio.wait_for(self.ports[name].encode(sent.to_wire()), self.config.timeout_s)
+            answer = await asyncio.wait_for(asyncio.shield(call), self.config.timeout_s)
             rows = EncodeBatch.from_wire(answer).images
         except (DisaggError, asyncio.TimeoutError) as exc:  # WireFormatError is a DisaggError
-            log.warning("encoder %s failed (%s): %s's images are encoded colocated", name, exc, request.request_id)
+            log.warning("encoder %s failed (%r): %s's images are encoded colocated", name, exc, request.request_id)
             return Encoded.FALLBACK
-        finally:
-            self.inflight[name] -= 1
         by_hash = {image.content_hash: image.embedding for image in rows}
         width = 4 * self.hidden_size  # float32 rows
         if any(len(by_hash.get(i.content_hash, b"")) != i.num_tokens * width for i in sent.images):
