@@ -120,6 +120,20 @@ def test_response_store_is_per_tenant_bounded_and_expires():
         store.delete("alice", "r4")
 
 
+def test_response_store_is_bounded_by_bytes_per_tenant():
+    store = ResponseStore(ResponseStoreConfig(max_per_tenant=100, max_bytes_per_tenant=3 * _stored("r0").size))
+    sizes = []
+    for rid in ("r1", "r2", "r3", "r4", "r5"):
+        store.put("alice", _stored(rid))
+        sizes.append(len(store))
+    assert sizes[-1] < 5 and sum(r.size for r in store._by_tenant["alice"].values()) <= store.config.max_bytes_per_tenant
+    with pytest.raises(NotFound):
+        store.get("alice", "r1")  # the oldest went first
+    assert store.get("alice", "r5").messages()[0]["content"] == "r5"
+    store.put("bob", _stored("b1"))  # another tenant's budget is its own
+    assert store.get("alice", "r5") and store.get("bob", "b1")
+
+
 def test_responses_items_become_chat_messages():
     body = ResponsesRequest.model_validate({"model": "m", "input": [
         {"role": "user", "content": [{"type": "input_text", "text": "weather?"}]},

@@ -180,3 +180,22 @@ def test_a_stream_with_an_image_migrates_exactly_when_its_decode_worker_is_kille
     assert killed is not None and text == reference  # no token lost, none repeated
     counters = RouterCounters.from_wire(ray.get(vlm_service.router.health.remote())["counters"])
     assert counters.migrations >= 1  # the stream was still on the killed worker
+
+
+def test_a_responses_input_image_answers_as_chat_and_a_follow_up_keeps_it(vlm_service, tiny_vlm_dir):
+    from openai import OpenAI
+
+    url, model = vlm_service.url, tiny_vlm_dir.name
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    image = data_url(png(61))
+    chat = _chat(url, model, _parts(png(61))).json()
+    first = client.responses.create(model=model, max_output_tokens=8, temperature=0, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": PROMPT},
+                                     {"type": "input_image", "image_url": image}]}])
+    assert first.output_text == chat["choices"][0]["message"]["content"]
+    assert first.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    follow = client.responses.create(model=model, max_output_tokens=8, temperature=0, previous_response_id=first.id,
+                                     input="And its colours?")
+    # the stored turn's image is in the follow-up's prompt again (the same positions: its KV is reused)
+    assert follow.usage.input_tokens > first.usage.input_tokens
+    assert follow.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 16

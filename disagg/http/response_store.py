@@ -27,6 +27,10 @@ class ResponseStoreConfig:
         default=1024, metadata={"help": "Responses API: stored responses per tenant (the oldest go first)"}
     )
     ttl_s: float = field(default=3600.0, metadata={"help": "Responses API: how long a stored response is kept"})
+    max_bytes_per_tenant: int = field(
+        default=256 * 2**20,
+        metadata={"help": "Responses API: bytes of stored responses per tenant, images included (the oldest go first)"},
+    )
 
 
 @dataclass
@@ -61,6 +65,11 @@ class StoredResponse(WireMessage):
     def body(self) -> dict[str, Any]:
         return json.loads(self.response)
 
+    @property
+    def size(self) -> int:
+        """Bytes it holds (its conversation keeps its images' data URLs)."""
+        return len(self.conversation) + len(self.response) + len(self.inputs)
+
 
 def not_found(response_id: str, param: str = "previous_response_id") -> NotFound:
     return NotFound(
@@ -82,8 +91,10 @@ class ResponseStore:
         stored.expires = self.clock() + self.config.ttl_s
         responses = self._by_tenant.setdefault(tenant, OrderedDict())
         responses[stored.response_id] = stored
-        while len(responses) > self.config.max_per_tenant:
-            responses.popitem(last=False)
+        held = sum(r.size for r in responses.values())
+        while len(responses) > self.config.max_per_tenant or (held > self.config.max_bytes_per_tenant and responses):
+            _, gone = responses.popitem(last=False)
+            held -= gone.size
 
     def get(self, tenant: str, response_id: str, param: str = "previous_response_id") -> StoredResponse:
         self._expire(tenant)

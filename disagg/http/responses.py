@@ -31,6 +31,7 @@ from fastapi import Request as HTTPRequest
 
 from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import error_body, unexpected
+from disagg.http.images import image_token, place_images, prompt_images
 from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.response_store import ResponseStorePort, StoredResponse
 from disagg.http.responses_schema import ResponsesRequest, items_to_messages
@@ -260,11 +261,15 @@ def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort)
         tenant = http.state.caller.tenant
         previous = await store.get(tenant, body.previous_response_id) if body.previous_response_id else None
         history = previous.messages() if previous is not None else []
-        turn = items_to_messages(body.items())
+        token = image_token(served)
+        turn = items_to_messages(body.items(), token)
         check_tool_results(history + turn, "input", "function_call_output call_id", "function_call")
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         offered = body.offered_tools()
+        urls = [url for m in history + turn for url in m.get("images", ())]  # a stored turn's images too
+        _, loaded = await prompt_images(served, urls, server.config.images, "input")
         ids, tools = conversation_prompt(system + history + turn, offered, tokenizer, param="input")
+        ids, images = place_images(served, ids, loaded, "input")
         sampling = sampling_params(
             body, body.max_output_tokens, len(ids), served.max_model_len, max_tokens_param="max_output_tokens"
         )
@@ -276,7 +281,9 @@ def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort)
             render.response_id = ResumeToken.parse(last_event_id).request_id
         session = _session(body, previous, render.response_id)
         options = CallOptions.of(body, session=session, tools_offered=bool(offered))
-        request, caller = server.request(served, "resp", options, ids, sampling, http, request_id=render.response_id)
+        request, caller = server.request(
+            served, "resp", options, ids, sampling, http, request_id=render.response_id, images=images
+        )
         if body.store:
 
             async def keep(message: dict[str, Any], response: dict[str, Any]) -> None:

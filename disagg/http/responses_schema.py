@@ -1,9 +1,10 @@
 """The OpenAI Responses API's request body (`POST /v1/responses`), and how it becomes a chat conversation.
 
 Input is a string (one user message) or a list of items: messages (`input_text` / `output_text` parts, the
-assistant's earlier output echoed back as it was returned), `function_call` items and `function_call_output`
-items.  They become the chat messages the template renders - `instructions` as the system message, function calls
-as an assistant turn's `tool_calls`, their outputs as `tool` turns - so a Responses request and the equivalent
+assistant's earlier output echoed back as it was returned, `input_image` parts for a LLaVA model: their images'
+place in the text, as chat's `image_url` parts), `function_call` items and `function_call_output` items.  They
+become the chat messages the template renders - `instructions` as the system message, function calls as an
+assistant turn's `tool_calls`, their outputs as `tool` turns - so a Responses request and the equivalent
 chat completion give the same prompt tokens, hence the same answer.  Function tools are flat here
 (`{"type": "function", "name": ...}`) and nested in chat; tools of other kinds (web search, file search, ...) are
 hosted tools this server does not run: 400.  Unknown item types and unknown fields are 400s (pydantic), a
@@ -42,7 +43,13 @@ class OutputText(_Echoed):
     text: str
 
 
-Part = Annotated[InputText | OutputText, Field(discriminator="type")]
+class InputImage(_Strict):
+    type: Literal["input_image"]
+    image_url: str  # a data URL, or http(s) where the server fetches (`file_id` uploads are not kept here)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+Part = Annotated[InputText | OutputText | InputImage, Field(discriminator="type")]
 
 
 class MessageItem(_Echoed):
@@ -57,11 +64,21 @@ class MessageItem(_Echoed):
         part: dict[str, Any] = {"type": kind, "text": self.text()}
         if kind == "output_text":
             part["annotations"] = []
+        images = [{"type": "input_image", "image_url": url, "detail": "auto"} for url in self.image_urls()]
         item_id = self.id or f"msg_{uuid.uuid4().hex}"
-        return {"type": "message", "id": item_id, "role": self.role, "status": "completed", "content": [part]}
+        content = [part, *images]
+        return {"type": "message", "id": item_id, "role": self.role, "status": "completed", "content": content}
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    def text(self, image_token: str = "") -> str:
+        """The content as one text, each image part as `image_token` in its place."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(image_token if isinstance(p, InputImage) else p.text for p in self.content)
+
+    def image_urls(self) -> list[str]:
+        return (
+            [p.image_url for p in self.content if isinstance(p, InputImage)] if isinstance(self.content, list) else []
+        )
 
 
 class FunctionCallItem(_Echoed):
@@ -171,13 +188,18 @@ def _typed(item: Any) -> Any:
     return item
 
 
-def items_to_messages(items: list[MessageItem | FunctionCallItem | FunctionCallOutputItem]) -> list[dict[str, Any]]:
+def items_to_messages(
+    items: list[MessageItem | FunctionCallItem | FunctionCallOutputItem], image_token: str = ""
+) -> list[dict[str, Any]]:
     """Chat messages (the template's form) for Responses input items; consecutive function calls are one
-    assistant turn's `tool_calls` (joined to the assistant message just before them, if any)."""
+    assistant turn's `tool_calls` (joined to the assistant message just before them, if any).  A message with
+    images holds `image_token` in each one's place and their URLs under `images` (the template ignores the key;
+    a stored conversation keeps them, so a follow-up sees the same images)."""
     out: list[dict[str, Any]] = []
     for item in items:
         if isinstance(item, MessageItem):
-            out.append({"role": item.role, "content": item.text()})
+            urls = item.image_urls()
+            out.append({"role": item.role, "content": item.text(image_token), **({"images": urls} if urls else {})})
         elif isinstance(item, FunctionCallItem):
             function = {"name": item.name, "arguments": item.arguments}
             call = {"id": item.call_id, "type": "function", "function": function}
