@@ -182,6 +182,10 @@ class ImageInput:
     data: bytes = b""
     embedding: bytes = b""
 
+    def embedding_bytes(self, hidden_size: int) -> int:
+        """The size a well-formed `embedding` has (float32 rows)."""
+        return self.num_tokens * hidden_size * 4
+
 
 @dataclass
 class EncodeBatch(WireMessage):

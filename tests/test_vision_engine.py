@@ -98,6 +98,7 @@ def test_bad_image_spans_are_refused_and_leave_the_engine_untouched(vlm):
         "shifted": ([1, 2] + ids, [ImageEmbedding.of(key, 1, rows)]),
         "rows": ([1, 2] + ids, [ImageEmbedding(key, 2, len(rows), rows[:, :8])]),
         "no image": ([1, 2] + ids, []),  # placeholder ids with no image behind them
+        "negative": ([-1, 2] + ids, [ImageEmbedding.of(key, 2, rows)]),  # text ids get the intake's own check
     }
     for name, (prompt, images) in cases.items():
         with pytest.raises(ValueError):

@@ -4,7 +4,7 @@ on prefill.  The router reaches them through `RayEncoderPort` (the stage's Encod
 
 Lifecycle: started by LocalCluster with the model's directory (restarted by Ray with it, max_task_retries=0 so a
 call in flight when it dies fails at once: the stage encodes that request colocated); `encode` runs on one thread
-of its own, so the actor keeps answering `ready` and `stats` while it works.
+of its own, so the actor keeps answering `ready` and `pid` while it works.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ class EncoderWorker:
         torch.set_num_threads(num_threads)
         self.encoder = VisionEncoder(model_dir, cache_bytes)
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encoder")
-        self.images = 0
 
     def ready(self) -> bool:
         return True
@@ -43,16 +42,11 @@ class EncoderWorker:
         from disagg.vision.encoder import rows_to_bytes
 
         rows = self.encoder.encode([(image.content_hash, image.data) for image in batch.images])
-        self.images += len(rows)
         out = [dataclasses.replace(image, data=b"", embedding=rows_to_bytes(r)) for image, r in zip(batch.images, rows)]
         return EncodeBatch(out).to_wire()
 
     async def encode(self, batch: bytes) -> bytes:
         return await asyncio.get_running_loop().run_in_executor(self._exec, self._encode, EncodeBatch.from_wire(batch))
-
-    def stats(self) -> dict[str, int]:
-        cache = self.encoder.cache
-        return {"images": self.images, "cache_hits": cache.hits, "cache_misses": cache.misses}
 
 
 class RayEncoderPort:

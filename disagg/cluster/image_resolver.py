@@ -16,19 +16,15 @@ from disagg.vision.spec import VisionSpec
 
 
 class ImageResolver:
-    def __init__(self, model_dir: str | Path, spec: VisionSpec, cache_bytes: int) -> None:
-        self.spec = spec
-        self.encoder = VisionEncoder(model_dir, cache_bytes)
+    def __init__(self, encoder: VisionEncoder) -> None:
+        self.encoder, self.spec = encoder, encoder.spec
         self.received = 0  # images whose rows came with the request
         self.encoded = 0  # images this worker encoded (or found in its encoder's cache)
 
     @classmethod
     def for_model(cls, model_dir: str | Path, cache_bytes: int) -> ImageResolver | None:
         """None for a text-only model."""
-        spec = VisionSpec.from_dir(model_dir)
-        if spec is None:
-            return None
-        return cls(model_dir, spec, cache_bytes)
+        return cls(VisionEncoder(model_dir, cache_bytes)) if VisionSpec.from_dir(model_dir) is not None else None
 
     def resolve(self, request: Request, *, lazy: bool = False) -> list[ImageEmbedding]:
         """The request's images with their rows; ValueError (a 400 upstream) for rows of the wrong shape.  `lazy`:
@@ -39,7 +35,7 @@ class ImageResolver:
         todo = []
         for i, image in enumerate(request.images):
             if image.embedding:
-                rows = rows_from_bytes(image.embedding, image.num_tokens, hidden)
+                rows = rows_from_bytes(image, hidden)
                 out[i] = ImageEmbedding.of(image.content_hash, image.offset, rows)
                 self.received += 1
             elif not image.data:

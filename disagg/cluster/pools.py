@@ -165,10 +165,8 @@ class LocalCluster:
             ).remote(config.worker(name, role, f"{prefix}{kind}-{i}").to_wire())
         if config.num_encode and VisionSpec.from_dir(config.engine.model) is None:
             raise ValueError(f"--encode {config.num_encode}: {config.engine.model} is not a vision-language model")
-        self.encode_by_name = {
-            f"{actor_prefix}{prefix}encode-{i}-{tag}": self._encoder(f"{actor_prefix}{prefix}encode-{i}-{tag}")
-            for i in range(config.num_encode)
-        }
+        names = [f"{actor_prefix}{prefix}encode-{i}-{tag}" for i in range(config.num_encode)]
+        self.encode_by_name = {name: self._encoder(name) for name in names}
         try:
             ray.get([e.ready.remote() for e in self.encode_by_name.values()])
             ray.get([w.ready.remote() for w in self.workers])

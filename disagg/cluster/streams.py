@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from disagg.cluster.image_resolver import ImageResolver
     from disagg.cluster.worker_config import WorkerConfig
     from disagg.engine.engine import LLMEngine
+    from disagg.engine.mm_inputs import ImageEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,13 @@ class JournaledStreams:
     def _add(self, req: Request, **kwargs: Any) -> None:
         """engine.add on the engine thread, the request's images resolved first (encoded here if the router did
         not attach their rows: colocated encoding runs on this worker's thread, as its prefill does)."""
-        if req.images and self.images is None:
-            raise ValueError("this model takes no images")
-        remote = kwargs.get("remote")
-        whole = remote is not None and remote.first_token is not None  # a finished prefill: no recompute planned
-        images = self.images.resolve(req, lazy=whole) if req.images and self.images is not None else ()
+        images: list[ImageEmbedding] = []
+        if req.images:
+            if self.images is None:
+                raise ValueError("this model takes no images")
+            remote = kwargs.get("remote")
+            whole = remote is not None and remote.first_token is not None  # a finished prefill: no recompute planned
+            images = self.images.resolve(req, lazy=whole)
         self.engine.add(req, images=images, **kwargs)
 
     async def abort(self, request_id: str) -> bool:

@@ -8,7 +8,7 @@ from collections.abc import Container
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from disagg.engine.mm_inputs import ImageEmbedding, check_images
+from disagg.engine.mm_inputs import ImageEmbedding, text_ids
 from disagg.engine.sequence import Sequence
 from disagg.engine.tokenizer import Tokenizer
 from disagg.protocol import SamplingParams
@@ -42,10 +42,8 @@ class Intake:
         token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt is empty")
-        if images:
-            check_images(token_ids, images, self.vocab_size, self.hidden_size)
-        else:
-            self.check_ids(token_ids, "prompt")
+        text = text_ids(token_ids, images, self.vocab_size, self.hidden_size) if images else token_ids
+        self.check_ids(text, "prompt")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt has {len(token_ids)} tokens; the context holds {self.max_model_len} "

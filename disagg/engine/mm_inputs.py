@@ -50,10 +50,10 @@ class InputEmbeds:
     values: torch.Tensor
 
 
-def check_images(prompt: list[int], images: Seq[ImageEmbedding], vocab_size: int, hidden_size: int) -> None:
-    """ValueError unless each image's span lies in the prompt, holds exactly its placeholder ids, has one row of the
-    model's width per position, and no other prompt id is outside the vocabulary."""
-    covered = 0
+def text_ids(prompt: list[int], images: Seq[ImageEmbedding], vocab_size: int, hidden_size: int) -> list[int]:
+    """The prompt's ids outside its images (for the intake's own check of token ids); ValueError unless each image's
+    span lies in the prompt, holds exactly its placeholder ids and has one row of the model's width per position."""
+    text: list[int] = []
     last_end = 0
     for image in sorted(images, key=lambda i: i.offset):
         n, end = image.num_tokens, image.offset + image.num_tokens
@@ -64,10 +64,9 @@ def check_images(prompt: list[int], images: Seq[ImageEmbedding], vocab_size: int
             raise ValueError("image spans must lie in the prompt without overlapping")
         if prompt[image.offset : end] != placeholder_ids(image.content_hash, n, vocab_size):
             raise ValueError(f"the prompt's positions {image.offset}..{end} are not image {image.content_hash}'s")
-        covered += n
+        text += prompt[last_end : image.offset]
         last_end = end
-    if sum(1 for t in prompt if t >= vocab_size) != covered:
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size}) outside the images")
+    return text + prompt[last_end:]
 
 
 def step_embeds(

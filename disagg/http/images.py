@@ -23,13 +23,6 @@ def image_token(served: ServedModel) -> str:
     return served.tokenizer.token_text(served.vision.image_token_id) or ""
 
 
-async def prompt_images(
-    served: ServedModel, urls: list[str], limits: ImageLimits, param: str
-) -> tuple[str, list[LoadedImage]]:
-    """The image token a conversation's image parts become in its template, and their images, loaded."""
-    return image_token(served), await load_images(urls, served, limits, param)
-
-
 def place_images(
     served: ServedModel, ids: list[int], images: list[LoadedImage], param: str
 ) -> tuple[list[int], list[ImageInput]]:

@@ -29,7 +29,7 @@ from fastapi import Request as HTTPRequest
 from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import Dialect, sse_error, unexpected
 from disagg.http.hints import read_hints
-from disagg.http.images import place_images, prompt_images
+from disagg.http.images import image_token, load_images, place_images
 from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.messages_schema import CountTokensRequest, MessagesRequest
 from disagg.http.resume import LAST_EVENT_ID, Cursor, ResumeToken, TypedEvents
@@ -168,8 +168,8 @@ def add_messages_routes(app: FastAPI, server: Server) -> None:
     async def create(body: MessagesRequest, http: HTTPRequest):
         served = await server.model(body.model)
         tokenizer = served.tokenizer
-        token, loaded = await prompt_images(served, body.image_urls(), server.config.images, "messages")
-        conversation, offered = body.conversation(token), body.offered_tools()
+        loaded = await load_images(body.image_urls(), served, server.config.images, "messages")
+        conversation, offered = body.conversation(image_token(served)), body.offered_tools()
         check_tool_results(conversation, "messages", "tool_result tool_use_id", "tool_use")
         prefill = _prefill(conversation)
         ids, tools = conversation_prompt(conversation, offered, tokenizer, continue_final=prefill)
@@ -197,8 +197,8 @@ def add_messages_routes(app: FastAPI, server: Server) -> None:
     async def count_tokens(body: CountTokensRequest):
         """The prompt's tokens as `create` would template them (agent clients size their context with it)."""
         served = server.models.pick(body.model)  # only its tokenizer is needed: an asleep model stays asleep
-        token, loaded = await prompt_images(served, body.image_urls(), server.config.images, "messages")
-        conversation = body.conversation(token)
+        loaded = await load_images(body.image_urls(), served, server.config.images, "messages")
+        conversation = body.conversation(image_token(served))
         prefill = _prefill(conversation, strict=False)
         ids, _ = conversation_prompt(conversation, body.offered_tools(), served.tokenizer, continue_final=prefill)
         ids, _ = place_images(served, ids, loaded, "messages")

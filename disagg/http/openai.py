@@ -19,7 +19,7 @@ from fastapi import Request as HTTPRequest
 
 from disagg.errors import InvalidRequest
 from disagg.http.errors import error_response
-from disagg.http.images import place_images, prompt_images
+from disagg.http.images import image_token, load_images, place_images
 from disagg.http.inputs import conversation_prompt, sampling_params, tokenize_prompt
 from disagg.http.models import ServedModel
 from disagg.http.resume import (
@@ -64,8 +64,8 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
         served = await server.model(body.model, http)
         offered = body.offered_tools()
         urls = [url for m in body.messages for url in m.image_urls()]
-        token, loaded = await prompt_images(served, urls, server.config.images, "messages")
-        conversation = [m.for_template(token) for m in body.messages]
+        loaded = await load_images(urls, served, server.config.images, "messages")
+        conversation = [m.for_template(image_token(served)) for m in body.messages]
         ids, tools = conversation_prompt(
             conversation,
             offered,

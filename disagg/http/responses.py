@@ -31,7 +31,7 @@ from fastapi import Request as HTTPRequest
 
 from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import error_body, unexpected
-from disagg.http.images import image_token, place_images, prompt_images
+from disagg.http.images import image_token, load_images, place_images
 from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.response_store import ResponseStorePort, StoredResponse
 from disagg.http.responses_schema import ResponsesRequest, items_to_messages
@@ -267,7 +267,7 @@ def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort)
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         offered = body.offered_tools()
         urls = [url for m in history + turn for url in m.get("images", ())]  # a stored turn's images too
-        _, loaded = await prompt_images(served, urls, server.config.images, "input")
+        loaded = await load_images(urls, served, server.config.images, "input")
         ids, tools = conversation_prompt(system + history + turn, offered, tokenizer, param="input")
         ids, images = place_images(served, ids, loaded, "input")
         sampling = sampling_params(

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from disagg.protocol import ImageInput
 from disagg.vision.images import open_image
 from disagg.vision.spec import VisionSpec
 
@@ -67,18 +68,18 @@ class VisionEncoder:
         from transformers.activations import ACT2FN
 
         model_dir = Path(model_dir)
-        spec = VisionSpec.from_dir(model_dir)
+        cfg = json.loads((model_dir / "config.json").read_text())
+        spec = VisionSpec.from_config(cfg)
         if spec is None:
             raise ValueError(f"{model_dir} is not a vision-language model (config.json model_type)")
         self.spec = spec
-        cfg = json.loads((model_dir / "config.json").read_text())
         vision_cfg = AutoConfig.for_model(**cfg["vision_config"])
         self.tower = AutoModel.from_config(vision_cfg).float().eval()
         layer = cfg.get("vision_feature_layer", -2)
         self.layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
         self.drop_cls = cfg.get("vision_feature_select_strategy", "default") == "default"
         width = vision_cfg.hidden_size * len(self.layers)
-        hidden = cfg["text_config"]["hidden_size"]
+        hidden = spec.hidden_size
         bias = cfg.get("multimodal_projector_bias", True)
         self.projector = nn.Sequential(
             nn.Linear(width, hidden, bias=bias), ACT2FN[cfg.get("projector_hidden_act", "gelu")],
@@ -136,7 +137,8 @@ def rows_to_bytes(rows: torch.Tensor) -> bytes:
     return rows.float().contiguous().numpy().tobytes()
 
 
-def rows_from_bytes(data: bytes, num_tokens: int, hidden: int) -> torch.Tensor:
-    if len(data) != num_tokens * hidden * 4:
-        raise ValueError(f"an image embedding of {len(data)} bytes is not [{num_tokens}, {hidden}] float32")
-    return torch.frombuffer(bytearray(data), dtype=torch.float32).view(num_tokens, hidden)
+def rows_from_bytes(image: ImageInput, hidden: int) -> torch.Tensor:
+    data = image.embedding
+    if len(data) != image.embedding_bytes(hidden):
+        raise ValueError(f"an image embedding of {len(data)} bytes is not [{image.num_tokens}, {hidden}] float32")
+    return torch.frombuffer(bytearray(data), dtype=torch.float32).view(image.num_tokens, hidden)

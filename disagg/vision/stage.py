@@ -98,8 +98,7 @@ class EncodeStage:
             log.warning("encoder %s failed (%r): %s's images are encoded colocated", name, exc, request.request_id)
             return Encoded.FALLBACK
         by_hash = {image.content_hash: image.embedding for image in rows}
-        width = 4 * self.hidden_size  # float32 rows
-        if any(len(by_hash.get(i.content_hash, b"")) != i.num_tokens * width for i in sent.images):
+        if any(len(by_hash.get(i.content_hash, b"")) != i.embedding_bytes(self.hidden_size) for i in sent.images):
             log.warning("encoder %s answered rows of the wrong size: encoded colocated", name)
             return Encoded.FALLBACK
         request.images = [
