@@ -112,12 +112,12 @@ def test_calibration_fits_and_validates_against_a_real_engine(tmp_path, tiny_lla
         assert calibrate.main(["--model", str(tiny_llama_dir), "--max-model-len", "1024", "--kv-cache-mb", "16",
                                "--validate", "8", "--time-scale", "5", "--out", str(out)]) == 0
         report = json.loads((tmp_path / "tm_report.json").read_text())
-        share = report["cpu_share"]
+        share = report["thread_share"]  # this thread's: another thread holding the GIL slows it too
         shares.append(share)
         if abs(share["check"] - share["fit"]) <= 0.1 * share["fit"]:
             break
     else:
-        pytest.fail(f"another process took this one's core during every calibration: {shares}")
+        pytest.fail(f"another process or thread took this thread's core during every calibration: {shares}")
     model = StepTimeModel.load(out)
     assert model.per_token > 0 and model.base >= 0 and "fitted on" in model.source
     ratio = {row["metric"]: row["sim / real"] for row in report["validation"]}

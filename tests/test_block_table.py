@@ -1,7 +1,8 @@
 """The prefix index's C++ block table against the Python reference, operation for operation: random stores,
 drops, worker removals and evictions leave both with the same holders (in the same order) and every walk gives
-the same matches; the router core takes the C++ table by default and falls back to Python with a warning; a
-native call lets other Python threads run (the reason the table is native)."""
+the same matches (and the same in-flight sharing, the router's second table); the router core takes the C++
+tables by default and falls back to Python with a warning; a native call lets other Python threads run (the
+reason the table is native)."""
 
 import logging
 import random
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Tier
 from disagg.router import native_table
 from disagg.router.block_table import ALL_TIERS, PyBlockTable
+from disagg.router.in_flight import MaskBlocks, TableBlocks
 from disagg.router.index import PrefixIndex
 from disagg.router.native_table import NativeBlockTable
 from disagg.router.router import RouterCore
@@ -46,6 +48,7 @@ def _same(py: PyBlockTable, native: NativeBlockTable, queries: list[list[int]]) 
             assert sorted(py.worker_blocks(w, mask)) == sorted(native.worker_blocks(w, mask))
     for q in queries:
         assert list(py.match(q).items()) == list(native.match(q).items())
+        assert py.shared(frozenset(q)) == native.shared(frozenset(q))
 
 
 def _chain(rng: random.Random, universe: int) -> list[int]:
@@ -131,12 +134,40 @@ def test_a_prefix_index_over_each_table_applies_batches_alike(lib):
     assert indexes[0].num_blocks == indexes[1].num_blocks == 0
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_in_flight_blocks_in_the_native_table_are_the_bit_masks_answer_for_answer(lib, seed):
+    """The router's in-flight blocks (router/in_flight.py): requests begin and end on random workers, holding
+    random prompts' blocks (a block a worker already holds is not held again, as WorkerLoad reports them); every
+    prompt's `sharing` is the same from the C++ table, the Python table and the bit masks."""
+    rng = random.Random(seed)
+    universe = rng.choice([20, 200, 3000])
+    kept = [MaskBlocks(), TableBlocks(NativeBlockTable(lib, 1 << 40)), TableBlocks(PyBlockTable(1 << 40))]
+    held: dict[str, set[int]] = {w: set() for w in WORKERS}
+    for _ in range(rng.randint(20, 150)):
+        worker, hashes = rng.choice(WORKERS), set(_chain(rng, universe))
+        if rng.random() < 0.6:
+            new = sorted(hashes - held[worker])
+            held[worker] |= set(new)
+            for k in kept:
+                k.hold(worker, new)
+        else:
+            gone = sorted(hashes & held[worker])
+            held[worker] -= set(gone)
+            for k in kept:
+                k.release(worker, gone)
+        query = frozenset(_chain(rng, universe) + rng.sample(range(universe), 3))
+        expected = {w: len(query & blocks) for w, blocks in held.items() if query & blocks}
+        assert [k.sharing(query) for k in kept] == [expected] * 3
+
+
 def test_the_router_core_keeps_its_index_in_cpp_and_falls_back_to_python(lib, monkeypatch, caplog):
-    assert isinstance(RouterCore({}, {"w": None}).index.table, NativeBlockTable)
+    core = RouterCore({}, {"w": None})
+    assert isinstance(core.index.table, NativeBlockTable) and isinstance(core.ranking.in_flight, TableBlocks)
     monkeypatch.setattr(native_table, "_library", lambda cache_dir: (None, "no C++ compiler found"))
     with caplog.at_level(logging.WARNING, logger="disagg.router.native_table"):
         core = RouterCore({}, {"w": None})
-    assert isinstance(core.index.table, PyBlockTable)
+    assert isinstance(core.index.table, PyBlockTable) and isinstance(core.ranking.in_flight, MaskBlocks)
     assert "no C++ compiler found" in caplog.text
 
 

@@ -68,11 +68,13 @@ def test_each_replica_enforces_a_share_of_every_keys_rate_limit():
 
 def _replicas() -> dict[int, int]:
     """The live replicas: process id -> requests in flight (named actors in Serve's namespace; no dashboard)."""
-    def in_flight(_actor) -> int:  # runs in the replica's process (a nested function travels by value)
+    def in_flight(_actor) -> int | None:  # runs in the replica's process (a nested function travels by value)
         from ray import serve
 
-        core = serve.get_replica_context().servable_object.service.core
-        return sum(load.active_requests for load in core.loads.values())
+        replica = serve.get_replica_context().servable_object
+        if replica is None:  # a replacement whose constructor has not finished: not live yet
+            return None
+        return sum(load.active_requests for load in replica.service.core.loads.values())
 
     found = {}
     for entry in ray.util.list_named_actors(all_namespaces=True):
@@ -80,9 +82,11 @@ def _replicas() -> dict[int, int]:
             actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
             try:
                 pid = ray.get(actor.__ray_call__.remote(lambda _: os.getpid()), timeout=10)
-                found[pid] = ray.get(actor.__ray_call__.remote(in_flight), timeout=10)
+                active = ray.get(actor.__ray_call__.remote(in_flight), timeout=10)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 continue  # dead, or being replaced
+            if active is not None:
+                found[pid] = active
     return found
 
 

@@ -121,16 +121,23 @@ def _engine(args: argparse.Namespace) -> LLMEngine:
 
 @dataclass
 class StepClock:
-    """Wall and process CPU seconds of the steps of one phase.  `cpu_share` is the share of a core this process got
-    while stepping (~1 with one torch thread on a core of its own; less: another process contended): the fit and
-    the check are comparable only when it is about the same in both."""
+    """Wall, process CPU and this thread's CPU seconds of the steps of one phase.  `thread_share` is the share of a
+    core the stepping thread got (~1 with one torch thread on a core of its own; less: another process took the
+    core, or another thread of this process held the GIL): the fit and the check are comparable only when it is
+    about the same in both.  `cpu_share` (the whole process) misses the second case: a busy thread of this process
+    counts as this process's CPU."""
 
     wall: float = 0.0
     cpu: float = 0.0
+    thread_cpu: float = 0.0
 
     @property
     def cpu_share(self) -> float:
         return self.cpu / self.wall if self.wall else 0.0
+
+    @property
+    def thread_share(self) -> float:
+        return self.thread_cpu / self.wall if self.wall else 0.0
 
 
 def _timed_step(engine: LLMEngine, clock: StepClock) -> tuple[list[TokenDelta], float, list[float] | None]:
@@ -138,11 +145,12 @@ def _timed_step(engine: LLMEngine, clock: StepClock) -> tuple[list[TokenDelta], 
     if not isinstance(recorder, _Recorder):
         raise TypeError("calibration needs an engine from _engine() (its runner records the batches)")
     recorder.features = None
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, h0 = time.perf_counter(), time.process_time(), time.thread_time()
     deltas = engine.step()
     seconds = time.perf_counter() - t0
     clock.wall += seconds
     clock.cpu += time.process_time() - c0
+    clock.thread_cpu += time.thread_time() - h0
     return deltas, seconds, recorder.features
 
 
@@ -336,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             "fit_median_abs_rel_error": percentile(residual, 50),
             "validation": rows,
             "cpu_share": {"fit": fit_clock.cpu_share, "check": check_clock.cpu_share},
+            "thread_share": {"fit": fit_clock.thread_share, "check": check_clock.thread_share},
             "settings": vars(args),
         },
         args.out.replace(".json", "_report.json"),

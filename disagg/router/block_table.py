@@ -62,6 +62,9 @@ class BlockTable(Protocol):
         """Per worker holding the first block, how its engine would serve the leading blocks: its device run
         first, then from the first block missing on device its CPU / disk blocks (see TierMatch)."""
 
+    def shared(self, block_hashes: frozenset[int]) -> dict[str, int]:
+        """Per worker holding any of these (distinct) blocks in any tier, how many it holds."""
+
     def owners(self, block_hash: int) -> dict[str, int]:
         """The workers holding a block, with their tier bits, in the order they came."""
 
@@ -119,6 +122,14 @@ class PyBlockTable:
 
     def worker_blocks(self, worker: str, mask: int = ALL_TIERS) -> list[int]:
         return [h for h, bits in self._held.get(worker, {}).items() if bits & mask]
+
+    def shared(self, block_hashes: frozenset[int]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        get = self._owners.get
+        for h in block_hashes:
+            for worker in get(h, ()):
+                found[worker] = found.get(worker, 0) + 1
+        return found
 
     def owners(self, block_hash: int) -> dict[str, int]:
         return dict(self._owners.get(block_hash, {}))

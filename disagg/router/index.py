@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from disagg.protocol import EventKind, KVEventBatch, Tier
 from disagg.router.block_table import ALL_TIERS, BIT, DEFAULT_MAX_BLOCKS, BlockTable, PyBlockTable, TierMatch
-from disagg.router.native_table import make_block_table
+from disagg.router.native_table import make_block_table, make_in_flight
 
-__all__ = ["Ingest", "PrefixIndex", "TierMatch", "make_block_table"]
+__all__ = ["Ingest", "PrefixIndex", "TierMatch", "make_block_table", "make_in_flight"]
 _UNSLICED = 1 << 62  # `apply`: the whole batch in one step
 _Apply = Callable[[str, list[int], int], None]  # a table's store or drop, or PrefixIndex._clear
 # a whole tier of a worker's blocks dropped in one table call (a snapshot's clear, CLEARED): one step of a slice

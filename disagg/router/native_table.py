@@ -12,23 +12,26 @@ import ctypes
 import functools
 import logging
 from array import array
+from collections.abc import Iterable
 from pathlib import Path
 
 from disagg.model_store import cache_root
 from disagg.router.block_table import ALL_TIERS, DEFAULT_MAX_BLOCKS, BlockTable, PyBlockTable, TierMatch
+from disagg.router.in_flight import InFlightBlocks, MaskBlocks, TableBlocks
 from disagg_kernels.prefix_index import IndexLib, load_index_lib
 
 log = logging.getLogger(__name__)
 _U64 = 1 << 64
+_UNBOUNDED = (1 << 63) - 1  # int64 max: a table that never drops its oldest entries
 
 
-def _packed(hashes: list[int]) -> tuple[array, int]:
+def _packed(hashes: Iterable[int]) -> tuple[array, int]:
     """The hashes as a uint64 array and its address (kept alive by the caller holding the array).  A value outside
     uint64 (a faulty worker's: block hashes are 8-byte digests) is left out: no request's hash can equal it."""
     try:
         packed = array("Q", hashes)
     except OverflowError:
-        packed = array("Q", (h for h in hashes if 0 <= h < _U64))
+        packed = array("Q", (h for h in hashes if 0 <= h < _U64))  # (a list or set: read twice)
     return packed, packed.buffer_info()[0]
 
 
@@ -111,6 +114,19 @@ class NativeBlockTable:
                 out[names[ids[j]]] = TierMatch(c[0], c[1], c[2], c[3])
         return out
 
+    def shared(self, block_hashes: frozenset[int]) -> dict[str, int]:
+        if not block_hashes:
+            return {}
+        packed, address = _packed(block_hashes)
+        while True:
+            ids, counts = self._match_ids, self._match_counts
+            found = self._lib.shared(self._table, address, len(packed), ids, counts, self._cap)
+            if found >= 0:
+                break
+            self._grow(max(-found, 2 * self._cap))
+        names = self._names
+        return {names[ids[j]]: counts[j] for j in range(found)}
+
     def owners(self, block_hash: int) -> dict[str, int]:
         ids, bits = (ctypes.c_int32 * self._cap)(), (ctypes.c_uint8 * self._cap)()
         found = self._lib.owners(self._table, block_hash, ids, bits, self._cap)
@@ -128,6 +144,16 @@ class NativeBlockTable:
 def _library(cache_dir: Path) -> tuple[IndexLib | None, str]:
     """Built (or found in the cache) once per process: a router core is made per test and per simulation."""
     return load_index_lib(cache_dir)
+
+
+def make_in_flight(native: bool) -> InFlightBlocks:
+    """The router's in-flight blocks (router/in_flight.py): in a C++ table when asked for and it builds here (with
+    no bound: what is in flight is bounded by the workers' KV), else as bit masks in Python."""
+    if native:
+        lib, _ = _library(cache_root() / "kernels")  # make_block_table logs why not, once per router
+        if lib is not None:
+            return TableBlocks(NativeBlockTable(lib, max_blocks=_UNBOUNDED))
+    return MaskBlocks()
 
 
 def make_block_table(native: bool, max_blocks: int = DEFAULT_MAX_BLOCKS) -> BlockTable:

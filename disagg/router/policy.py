@@ -50,6 +50,7 @@ from disagg.router.ranking import LoadRanking
 from disagg.router.ranking import WorkerLoad as WorkerLoad  # re-exported: the policy's input
 from disagg.utils import cdiv
 
+_NO_MATCH = TierMatch()
 _UNRANKABLE = "unrankable"  # choose_ranked: a cost is NaN, whose order only the full scoring reproduces
 
 
@@ -156,7 +157,8 @@ class RoutingPolicy:
             chosen = self._pick(decode, costs)
         else:
             costs = {
-                w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session, block_hashes) for w in decode
+                w.name: self._cost(w, num_blocks, tm.get(w.name, TierMatch()), session, w.shared_blocks(block_hashes))
+                for w in decode
             }
             chosen = self._pick(decode, costs)
         takers = prefill if takers is None else takers
@@ -223,12 +225,13 @@ class RoutingPolicy:
     ) -> tuple[str, dict[str, float]] | str | None:
         """The argmin of `_cost` over the eligible decode workers, ties broken as `_pick` breaks them."""
         order = ranking.order
-        special = set(tm) | ranking.sharing(block_hashes) | ranking.irregular
+        shared = ranking.sharing(block_hashes)  # the shared-blocks term of every worker that has one
+        special = set(tm) | shared.keys() | ranking.irregular
         last = self._sessions.get(session) if session is not None else None
         if last is not None:
             special.add(last)
         costs = {
-            n: self._cost(loads[n], num_blocks, tm.get(n, TierMatch()), session, block_hashes)
+            n: self._cost(loads[n], num_blocks, tm.get(n, TierMatch()), session, shared.get(n, 0))
             for n in special
             if n in order and eligible(n)
         }
@@ -244,7 +247,7 @@ class RoutingPolicy:
             member = next((n for n in group if plain(n)), None)
             if member is None:
                 continue
-            cost = self._cost(loads[member], num_blocks, TierMatch(), session, block_hashes)
+            cost = self._cost(loads[member], num_blocks, _NO_MATCH, session, 0)  # plain: nothing cached or shared
             if not groups:  # far above any rounding of the cost: a group past it costs more
                 limit = key + 1e-9 * (1.0 + abs(key) + abs(cost) + self.config.overlap_weight * num_blocks)
             groups.append((cost, group))
@@ -339,15 +342,17 @@ class RoutingPolicy:
         num_blocks: int,
         m: TierMatch,
         session: Affinity | None,
-        block_hashes: frozenset[int],
+        shared: int,  # of the request's prompt blocks, those `w`'s in-flight requests already hold
     ) -> float:
         c = self.config
-        uncached = (
-            num_blocks - m.total + m.cpu * self._tier_factor(w, Tier.CPU) + m.disk * self._tier_factor(w, Tier.DISK)
-        )
+        uncached: float = num_blocks - m.total
+        if m.cpu:  # a tier the worker serves none of the prompt from adds nothing, whatever its price
+            uncached += m.cpu * self._tier_factor(w, Tier.CPU)
+        if m.disk:
+            uncached += m.disk * self._tier_factor(w, Tier.DISK)
         queued = w.queued_prefill_tokens / self.block_size
         # decode load after admitting it here: what is held now, plus the request's blocks not already held
-        decode = w.active_blocks + num_blocks - w.shared_blocks(block_hashes)
+        decode = w.active_blocks + num_blocks - shared
         cost = c.overlap_weight * uncached + decode + c.queue_weight * queued
         if session is not None and self._sessions.get(session) == w.name:
             cost -= c.adapter_affinity_bonus if isinstance(session, AdapterKey) else c.affinity_bonus

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.protocol import Tier
+from disagg.router.in_flight import InFlightBlocks, MaskBlocks
 from disagg.router.placement import WorkerTiming
 
 _RANKED_TERMS = frozenset({"active_blocks", "queued_prefill_tokens", "tier_cost", "ranking"})
 
 
 class LoadRanking:
-    def __init__(self, queue_weight: float, block_size: int) -> None:
+    def __init__(self, queue_weight: float, block_size: int, in_flight: InFlightBlocks | None = None) -> None:
         self.queue_weight, self.block_size = queue_weight, block_size
         # a weight the policy cannot rank by (it then scores every worker): groups kept in terms order instead
         self._weight = queue_weight if math.isfinite(queue_weight) and queue_weight >= 0 else 0.0
@@ -36,11 +37,7 @@ class LoadRanking:
         self._terms: dict[str, tuple[int, int]] = {}  # worker -> (active blocks, queued prefill tokens)
         self._groups: dict[tuple[int, int], set[str]] = {}  # load terms -> the workers with exactly those
         self._keys: list[tuple[float, int, int]] = []  # (load key, terms) of every group, ascending
-        # prompt block hash -> the workers whose in-flight requests hold it, as a bit mask over `_names` (ints, not
-        # sets: a router holds tens of thousands of in-flight blocks, and sets are objects the collector traverses)
-        self._holders: dict[int, int] = {}
-        self._bits: dict[str, int] = {}
-        self._names: list[str] = []
+        self.in_flight: InFlightBlocks = MaskBlocks() if in_flight is None else in_flight  # the shared-blocks term
 
     def set_order(self, decode: Iterable[str]) -> None:
         self.order = {name: i for i, name in enumerate(decode)}
@@ -71,42 +68,19 @@ class LoadRanking:
             bisect.insort(self._keys, (self.key(*terms), *terms))
         group.add(name)
 
-    def _bit(self, name: str) -> int:
-        bit = self._bits.get(name)
-        if bit is None:
-            bit = self._bits[name] = 1 << len(self._names)
-            self._names.append(name)
-        return bit
-
-    def hold(self, name: str, hashes: Iterable[int]) -> None:
+    def hold(self, name: str, hashes: list[int]) -> None:
         """`name`'s in-flight requests now hold these blocks (none of them held before)."""
-        holders, bit = self._holders, self._bit(name)
-        for h in hashes:
-            holders[h] = holders.get(h, 0) | bit
+        self.in_flight.hold(name, hashes)
 
-    def release(self, name: str, hashes: Iterable[int]) -> None:
+    def release(self, name: str, hashes: list[int]) -> None:
         """`name`'s in-flight requests hold none of these blocks any more."""
-        holders, keep = self._holders, ~self._bit(name)
-        for h in hashes:
-            held = holders.get(h)
-            if held is not None:
-                if held & keep:
-                    holders[h] = held & keep
-                else:
-                    del holders[h]
+        self.in_flight.release(name, hashes)
 
     # ------------------------------------------------------------------ queries (under the router's lock)
-    def sharing(self, hashes: frozenset[int]) -> set[str]:
-        """Workers whose in-flight requests hold any of these blocks."""
-        mask, holders = 0, self._holders
-        for h in holders.keys() & hashes:  # in C: few of a prompt's blocks are in flight
-            mask |= holders[h]
-        found, names = set(), self._names
-        while mask:
-            low = mask & -mask
-            found.add(names[low.bit_length() - 1])
-            mask ^= low
-        return found
+    def sharing(self, hashes: frozenset[int]) -> dict[str, int]:
+        """Workers whose in-flight requests hold any of these blocks -> how many of them (the cost's shared-blocks
+        term, `WorkerLoad.shared_blocks`, for every such worker at once)."""
+        return self.in_flight.sharing(hashes)
 
     def groups(self) -> Iterator[tuple[float, set[str]]]:
         """(load key, workers) groups, cheapest first."""

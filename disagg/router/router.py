@@ -49,7 +49,7 @@ from disagg.router.event_follow import EventFollowers
 from disagg.router.flight import Flight
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
-from disagg.router.index import Ingest, PrefixIndex, make_block_table
+from disagg.router.index import Ingest, PrefixIndex, make_block_table, make_in_flight
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket, tier_costs
 from disagg.router.parking import Parking
 from disagg.router.placement import WorkerTiming
@@ -83,11 +83,11 @@ class RouterCore:
             raise ValueError("the router needs at least one decode (or aggregated) worker")
         self.prefill, self.decode = dict(prefill), dict(decode)  # routing sets; roles move workers between them
         self.handles: dict[str, WorkerHandle | None] = {**prefill, **decode}
-        self.config = config or RouterCoreConfig()
-        self.block_size = block_size
+        self.config, self.block_size = config or RouterCoreConfig(), block_size
         self.policy = RoutingPolicy(policy, block_size)
         self.index = PrefixIndex(table=make_block_table(self.config.native_index))
-        self.ranking = LoadRanking(self.policy.config.queue_weight, block_size)  # loads as the policy ranks them
+        in_flight = make_in_flight(self.config.native_index)  # which in-flight requests hold which blocks
+        self.ranking = LoadRanking(self.policy.config.queue_weight, block_size, in_flight)  # loads, ranked
         self.loads = {name: WorkerLoad(name, ranking=self.ranking) for name in self.handles}
         self.ranking.set_order(self.decode)
         for name in self.loads:

@@ -281,6 +281,35 @@ int32_t pi_owners(void* table, uint64_t h, int32_t* workers, uint8_t* bits, int3
   return s->size();
 }
 
+// For `n` distinct hashes, how many of them each worker holds (any tier): writes up to `cap` (worker id, count)
+// pairs of the workers holding any, in the order first met; returns how many, or -(needed) when `cap` is too
+// small.  The router's in-flight table asks it per decision: whose running requests hold which of a prompt's
+// blocks (router/ranking.py).  Few workers hold any of one prompt's blocks, so they are kept in a short list.
+int32_t pi_shared(void* table, const uint64_t* hashes, int64_t n, int32_t* workers, int64_t* counts, int32_t cap) {
+  auto* t = static_cast<Table*>(table);
+  std::lock_guard<std::mutex> lock(t->mu);
+  std::vector<std::pair<int32_t, int64_t>> found;
+  for (int64_t i = 0; i < n; ++i) {
+    const Slot* s = t->blocks.find(hashes[i]);
+    if (!s) continue;
+    const Owner* o = s->data();
+    for (int32_t j = 0, k = s->size(); j < k; ++j) {
+      auto it = std::find_if(found.begin(), found.end(), [&](const auto& f) { return f.first == o[j].worker; });
+      if (it == found.end())
+        found.emplace_back(o[j].worker, 1);
+      else
+        ++it->second;
+    }
+  }
+  const auto k = static_cast<int32_t>(found.size());
+  if (k > cap) return -k;
+  for (int32_t j = 0; j < k; ++j) {
+    workers[j] = found[j].first;
+    counts[j] = found[j].second;
+  }
+  return k;
+}
+
 // How each worker holding the first block would serve the leading blocks (PyBlockTable.match's walk): per worker,
 // its device run, then CPU / disk blocks from the first block missing on device, and how many a peer could read
 // (the device run and the CPU blocks before any disk-only one).  Writes up to `cap` workers (ids, and 4 counts

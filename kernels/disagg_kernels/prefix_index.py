@@ -37,6 +37,7 @@ class IndexLib:
             "pi_worker_counts": ([table, _i64p, i32], None),
             "pi_owners": ([table, ctypes.c_uint64, _i32p, ctypes.POINTER(u8), i32], i32),
             "pi_match": ([table, ctypes.c_void_p, i64, _i32p, _i64p, i32], i32),
+            "pi_shared": ([table, ctypes.c_void_p, i64, _i32p, _i64p, i32], i32),
         }
         for name, (args, result) in signatures.items():
             fn = getattr(lib, name)
@@ -44,7 +45,7 @@ class IndexLib:
         self.new, self.free, self.size = lib.pi_new, lib.pi_free, lib.pi_size
         self.store, self.drop, self.drop_all = lib.pi_store, lib.pi_drop, lib.pi_drop_all
         self.worker_blocks, self.worker_counts = lib.pi_worker_blocks, lib.pi_worker_counts
-        self.owners, self.match = lib.pi_owners, lib.pi_match
+        self.owners, self.match, self.shared = lib.pi_owners, lib.pi_match, lib.pi_shared
 
 
 def load_index_lib(cache_dir: Path) -> tuple[IndexLib | None, str]:
