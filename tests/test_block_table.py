@@ -142,10 +142,11 @@ def test_in_flight_blocks_in_the_native_table_are_the_bit_masks_answer_for_answe
     prompt's `sharing` is the same from the C++ table, the Python table and the bit masks."""
     rng = random.Random(seed)
     universe = rng.choice([20, 200, 3000])
+    workers = [f"w{i}" for i in range(rng.choice([3, 40]))]  # 40: past the table's first buffer of 16 workers
     kept = [MaskBlocks(), TableBlocks(NativeBlockTable(lib, 1 << 40)), TableBlocks(PyBlockTable(1 << 40))]
-    held: dict[str, set[int]] = {w: set() for w in WORKERS}
-    for _ in range(rng.randint(20, 150)):
-        worker, hashes = rng.choice(WORKERS), set(_chain(rng, universe))
+    held: dict[str, set[int]] = {w: set() for w in workers}
+    for _ in range(rng.randint(20, 300)):
+        worker, hashes = rng.choice(workers), set(_chain(rng, universe))
         if rng.random() < 0.6:
             new = sorted(hashes - held[worker])
             held[worker] |= set(new)
@@ -156,7 +157,7 @@ def test_in_flight_blocks_in_the_native_table_are_the_bit_masks_answer_for_answe
             held[worker] -= set(gone)
             for k in kept:
                 k.release(worker, gone)
-        query = frozenset(_chain(rng, universe) + rng.sample(range(universe), 3))
+        query = frozenset(_chain(rng, universe) + rng.sample(range(universe), 3) + [-1, 1 << 64])  # 2 never held
         expected = {w: len(query & blocks) for w, blocks in held.items() if query & blocks}
         assert [k.sharing(query) for k in kept] == [expected] * 3
 

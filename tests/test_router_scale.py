@@ -175,6 +175,20 @@ def test_ranked_decisions_at_many_idle_and_tied_workers():
             core.begin(expected, request.num_tokens, core.block_hashes(request))
 
 
+def test_a_tier_a_worker_serves_none_of_the_prompt_from_adds_nothing_whatever_its_price():
+    """A measured price of -inf for loading from CPU (a faulty heartbeat) on a worker holding none of the prompt in
+    CPU: its cost stays a number (0 blocks x -inf was NaN, and the pick among NaN costs was arbitrary), so the less
+    loaded worker wins; the price still counts where the worker does hold CPU blocks."""
+    from disagg.router.ranking import WorkerLoad
+
+    policy = RoutingPolicy(PolicyConfig(seed=0), BLOCK)
+    busy, idle = WorkerLoad("busy", active_blocks=50), WorkerLoad("idle", tier_cost={Tier.CPU: -math.inf})
+    decision = policy.choose(64, {}, [busy, idle], [])
+    assert decision.decode_worker == "idle" and all(math.isfinite(c) for c in decision.costs.values())
+    decision = policy.choose(64, {"idle": TierMatch(cpu=2)}, [busy, idle], [])
+    assert decision.costs["idle"] == -math.inf
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**32 - 1))
 def test_index_walk_is_the_straightforward_one(seed):

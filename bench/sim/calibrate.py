@@ -125,7 +125,8 @@ class StepClock:
     core the stepping thread got (~1 with one torch thread on a core of its own; less: another process took the
     core, or another thread of this process held the GIL): the fit and the check are comparable only when it is
     about the same in both.  `cpu_share` (the whole process) misses the second case: a busy thread of this process
-    counts as this process's CPU."""
+    counts as this process's CPU.  With more than one torch thread, `thread_share` sits below 1 by design (the other
+    intra-op threads' CPU is not this thread's); it is compared between the two phases, never with 1."""
 
     wall: float = 0.0
     cpu: float = 0.0

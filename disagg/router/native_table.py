@@ -51,9 +51,8 @@ class NativeBlockTable:
             self._lib.free(table)
 
     def _grow(self, workers: int) -> None:
-        self._cap = workers
-        self._match_ids = (ctypes.c_int32 * workers)()
-        self._match_counts = (ctypes.c_int64 * (4 * workers))()
+        # one tuple, replaced whole: a call reads its buffers and their size together
+        self._buffers = ((ctypes.c_int32 * workers)(), (ctypes.c_int64 * (4 * workers))(), workers)
 
     def _id(self, worker: str) -> int:
         wid = self._ids.get(worker)
@@ -102,11 +101,11 @@ class NativeBlockTable:
             return {}
         packed, address = _packed(block_hashes)
         while True:
-            ids, counts = self._match_ids, self._match_counts
-            found = self._lib.match(self._table, address, len(packed), ids, counts, self._cap)
+            ids, counts, cap = self._buffers
+            found = self._lib.match(self._table, address, len(packed), ids, counts, cap)
             if found >= 0:
                 break
-            self._grow(max(-found, 2 * self._cap))
+            self._grow(max(-found, 2 * cap))
         names, out = self._names, {}
         for j in range(found):
             c = counts[4 * j : 4 * j + 4]
@@ -119,18 +118,19 @@ class NativeBlockTable:
             return {}
         packed, address = _packed(block_hashes)
         while True:
-            ids, counts = self._match_ids, self._match_counts
-            found = self._lib.shared(self._table, address, len(packed), ids, counts, self._cap)
+            ids, counts, cap = self._buffers
+            found = self._lib.shared(self._table, address, len(packed), ids, counts, cap)
             if found >= 0:
                 break
-            self._grow(max(-found, 2 * self._cap))
+            self._grow(max(-found, 2 * cap))
         names = self._names
         return {names[ids[j]]: counts[j] for j in range(found)}
 
     def owners(self, block_hash: int) -> dict[str, int]:
-        ids, bits = (ctypes.c_int32 * self._cap)(), (ctypes.c_uint8 * self._cap)()
-        found = self._lib.owners(self._table, block_hash, ids, bits, self._cap)
-        if found > self._cap:
+        cap = self._buffers[2]
+        ids, bits = (ctypes.c_int32 * cap)(), (ctypes.c_uint8 * cap)()
+        found = self._lib.owners(self._table, block_hash, ids, bits, cap)
+        if found > cap:
             self._grow(found)
             return self.owners(block_hash)
         return {self._names[ids[j]]: bits[j] for j in range(found)}

@@ -197,8 +197,8 @@ class RoutingPolicy:
         return self._decide(loads[chosen], costs, tm, num_tokens, num_blocks, prefill, session, takers)
 
     def _ranks_exactly(self, ranking: LoadRanking) -> bool:
-        """Whether the cheapest plain workers are the first in load order (weights finite and >= 0, argmin, no
-        tier prior that turns a zero tier term into NaN)."""
+        """Whether the cheapest plain workers are the first in load order (weights finite and >= 0, argmin).  Tier
+        prices do not matter here: a plain worker holds none of the prompt, so its cost has no tier term."""
         c = self.config
         return (
             c.kind is PolicyKind.KV
@@ -209,8 +209,6 @@ class RoutingPolicy:
             and ranking.block_size == self.block_size
             and math.isfinite(c.queue_weight)
             and c.queue_weight >= 0
-            and c.cpu_load_cost > -math.inf
-            and c.disk_load_cost > -math.inf
         )
 
     def _ranked_pick(

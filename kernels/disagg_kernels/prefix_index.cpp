@@ -145,7 +145,11 @@ struct Table {
   uint64_t next_gen = 0;
   Blocks blocks;
   std::deque<std::pair<uint64_t, uint64_t>> order;  // (hash, gen) by first store; pairs of dropped hashes are stale
+  std::vector<int64_t> tally;  // pi_shared's count per worker id (zero between calls)
   std::mutex mu;
+
+  // An unbounded table (the router's in-flight blocks) never evicts: it keeps no store order to compact.
+  bool bounded() const { return max_blocks < INT64_MAX; }
 
   void evict_oldest() {
     while (!order.empty()) {
@@ -159,7 +163,7 @@ struct Table {
   }
 
   void compact() {  // drops stale order pairs once they outnumber the live ones (keeps the order bounded)
-    if (order.size() < 2 * blocks.size() + 1024) return;
+    if (!bounded() || order.size() < 2 * blocks.size() + 1024) return;
     std::deque<std::pair<uint64_t, uint64_t>> live;
     for (const auto& p : order) {
       Slot* s = blocks.find(p.first);
@@ -209,7 +213,7 @@ void pi_store(void* table, int32_t w, const uint64_t* hashes, int64_t n, uint8_t
       if (static_cast<int64_t>(t->blocks.size()) >= t->max_blocks) t->evict_oldest();
       uint64_t gen = ++t->next_gen;
       s = t->blocks.insert(h, gen);
-      t->order.emplace_back(h, gen);
+      if (t->bounded()) t->order.emplace_back(h, gen);
     }
     if (Owner* o = s->find(w))
       o->bits |= bit;
@@ -284,30 +288,32 @@ int32_t pi_owners(void* table, uint64_t h, int32_t* workers, uint8_t* bits, int3
 // For `n` distinct hashes, how many of them each worker holds (any tier): writes up to `cap` (worker id, count)
 // pairs of the workers holding any, in the order first met; returns how many, or -(needed) when `cap` is too
 // small.  The router's in-flight table asks it per decision: whose running requests hold which of a prompt's
-// blocks (router/ranking.py).  Few workers hold any of one prompt's blocks, so they are kept in a short list.
+// blocks (router/in_flight.py).  Counted by worker id (ids are small and dense): a system prompt in flight on
+// every worker costs one increment per holder, not a search of the workers found so far.
 int32_t pi_shared(void* table, const uint64_t* hashes, int64_t n, int32_t* workers, int64_t* counts, int32_t cap) {
   auto* t = static_cast<Table*>(table);
   std::lock_guard<std::mutex> lock(t->mu);
-  std::vector<std::pair<int32_t, int64_t>> found;
+  std::vector<int64_t>& tally = t->tally;  // all zero between calls
+  std::vector<int32_t> found;
   for (int64_t i = 0; i < n; ++i) {
     const Slot* s = t->blocks.find(hashes[i]);
     if (!s) continue;
     const Owner* o = s->data();
     for (int32_t j = 0, k = s->size(); j < k; ++j) {
-      auto it = std::find_if(found.begin(), found.end(), [&](const auto& f) { return f.first == o[j].worker; });
-      if (it == found.end())
-        found.emplace_back(o[j].worker, 1);
-      else
-        ++it->second;
+      const auto w = static_cast<size_t>(o[j].worker);
+      if (w >= tally.size()) tally.resize(w + 1, 0);
+      if (tally[w]++ == 0) found.push_back(o[j].worker);
     }
   }
   const auto k = static_cast<int32_t>(found.size());
-  if (k > cap) return -k;
   for (int32_t j = 0; j < k; ++j) {
-    workers[j] = found[j].first;
-    counts[j] = found[j].second;
+    if (j < cap) {
+      workers[j] = found[j];
+      counts[j] = tally[found[j]];
+    }
+    tally[found[j]] = 0;
   }
-  return k;
+  return k > cap ? -k : k;
 }
 
 // How each worker holding the first block would serve the leading blocks (PyBlockTable.match's walk): per worker,
