@@ -12,7 +12,8 @@ import ctypes
 import functools
 import logging
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from ctypes import Array
 from pathlib import Path
 
 from disagg.model_store import cache_root
@@ -53,6 +54,17 @@ class NativeBlockTable:
     def _grow(self, workers: int) -> None:
         # one tuple, replaced whole: a call reads its buffers and their size together
         self._buffers = ((ctypes.c_int32 * workers)(), (ctypes.c_int64 * (4 * workers))(), workers)
+
+    def _per_worker(self, call: Callable[..., int], block_hashes: Iterable[int]) -> tuple[int, Array, Array]:
+        """A per-worker query of the C++ table (`match`, `shared`): (workers written, their ids, their counts).  The
+        call answers -(workers needed) when the buffers are too small: they grow and it runs again."""
+        packed, address = _packed(block_hashes)
+        while True:
+            ids, counts, cap = self._buffers
+            found = call(self._table, address, len(packed), ids, counts, cap)
+            if found >= 0:
+                return found, ids, counts
+            self._grow(max(-found, 2 * cap))
 
     def _id(self, worker: str) -> int:
         wid = self._ids.get(worker)
@@ -99,13 +111,7 @@ class NativeBlockTable:
     def match(self, block_hashes: list[int]) -> dict[str, TierMatch]:
         if not block_hashes:
             return {}
-        packed, address = _packed(block_hashes)
-        while True:
-            ids, counts, cap = self._buffers
-            found = self._lib.match(self._table, address, len(packed), ids, counts, cap)
-            if found >= 0:
-                break
-            self._grow(max(-found, 2 * cap))
+        found, ids, counts = self._per_worker(self._lib.match, block_hashes)
         names, out = self._names, {}
         for j in range(found):
             c = counts[4 * j : 4 * j + 4]
@@ -116,13 +122,7 @@ class NativeBlockTable:
     def shared(self, block_hashes: frozenset[int]) -> dict[str, int]:
         if not block_hashes:
             return {}
-        packed, address = _packed(block_hashes)
-        while True:
-            ids, counts, cap = self._buffers
-            found = self._lib.shared(self._table, address, len(packed), ids, counts, cap)
-            if found >= 0:
-                break
-            self._grow(max(-found, 2 * cap))
+        found, ids, counts = self._per_worker(self._lib.shared, block_hashes)
         names = self._names
         return {names[ids[j]]: counts[j] for j in range(found)}
 

@@ -224,7 +224,7 @@ class RoutingPolicy:
         """The argmin of `_cost` over the eligible decode workers, ties broken as `_pick` breaks them."""
         order = ranking.order
         shared = ranking.sharing(block_hashes)  # the shared-blocks term of every worker that has one
-        special = set(tm) | shared.keys() | ranking.irregular
+        special = set(tm) | shared.keys()  # a plain worker holds none of the prompt: its cost has no tier term
         last = self._sessions.get(session) if session is not None else None
         if last is not None:
             special.add(last)

@@ -24,7 +24,7 @@ from disagg.protocol import Tier
 from disagg.router.in_flight import InFlightBlocks, MaskBlocks
 from disagg.router.placement import WorkerTiming
 
-_RANKED_TERMS = frozenset({"active_blocks", "queued_prefill_tokens", "tier_cost", "ranking"})
+_RANKED_TERMS = frozenset({"active_blocks", "queued_prefill_tokens", "ranking"})
 
 
 class LoadRanking:
@@ -33,7 +33,6 @@ class LoadRanking:
         # a weight the policy cannot rank by (it then scores every worker): groups kept in terms order instead
         self._weight = queue_weight if math.isfinite(queue_weight) and queue_weight >= 0 else 0.0
         self.order: dict[str, int] = {}  # the decode workers, in routing order (ties are broken in this order)
-        self.irregular: set[str] = set()  # workers whose cost is not a function of the load terms alone: scored
         self._terms: dict[str, tuple[int, int]] = {}  # worker -> (active blocks, queued prefill tokens)
         self._groups: dict[tuple[int, int], set[str]] = {}  # load terms -> the workers with exactly those
         self._keys: list[tuple[float, int, int]] = []  # (load key, terms) of every group, ascending
@@ -46,11 +45,7 @@ class LoadRanking:
         return active_blocks + self._weight * (queued_tokens / self.block_size)
 
     # ------------------------------------------------------------------ updates (WorkerLoad calls them)
-    def update(self, name: str, active_blocks: int, queued_tokens: int, regular: bool) -> None:
-        if regular:
-            self.irregular.discard(name)
-        else:
-            self.irregular.add(name)
+    def update(self, name: str, active_blocks: int, queued_tokens: int) -> None:
         terms = (active_blocks, queued_tokens)
         old = self._terms.get(name)
         if old == terms:
@@ -97,7 +92,7 @@ class WorkerLoad:
     counts the rest (partial blocks, output).
 
     With a `ranking` attached (the router core's), every change of the terms it ranks by is reported to it as it
-    happens, direct assignments included (`tier_cost` is replaced, not edited in place)."""
+    happens, direct assignments included."""
 
     name: str
     active_requests: int = 0
@@ -119,8 +114,7 @@ class WorkerLoad:
 
     def _rank(self, attached: bool) -> None:
         assert self.ranking is not None
-        regular = all(math.isfinite(v) for v in self.tier_cost.values())
-        self.ranking.update(self.name, self.active_blocks, self.queued_prefill_tokens, regular)
+        self.ranking.update(self.name, self.active_blocks, self.queued_prefill_tokens)
         if attached:
             self.ranking.hold(self.name, list(self.active_hashes))
 
