@@ -187,7 +187,26 @@ def test_corun_factor_by_step_size_from_engine_step_spans(tmp_path):
     assert by_edge[16] == pytest.approx(2.0)
     assert by_edge[512] == pytest.approx(1.25)
     assert by_edge[128] == out["corun_slowdown"]  # no step of that size: the overall factor
-    assert out["by_busy"] == [[1, 1.0, 21]]  # one other busy at most (ten decode steps, eleven chunks)
+    assert out["by_busy"] == [[1, 1.0, 20]]  # one other busy at most (ten decode steps, ten chunks)
+
+
+def test_a_step_is_counted_beside_the_workers_busy_over_its_span(tmp_path):
+    """A long step that starts alone and then runs beside another worker's steps counts as beside one (by its
+    start it would count as alone, and its stretch would land on the wrong count); one beside another for
+    only half its span counts as neither."""
+    from bench.sim.steps import load_steps, measure
+    from disagg.cluster.spans import STEP_ATTENTION_KPAIRS, STEP_EXECUTE_S, STEP_SEQS, STEP_TOKENS
+
+    def span(start: float, end: float) -> dict:
+        attrs = {STEP_TOKENS: 4, STEP_SEQS: 1, STEP_ATTENTION_KPAIRS: 0.0, STEP_EXECUTE_S: end - start}
+        return {"name": "engine.step", "start_ns": int(start * 1e9), "end_ns": int(end * 1e9), "attributes": attrs}
+
+    spans = {"x": [span(0.0, 10.0), span(20.0, 30.0)], "y": [span(0.5, 5.0), span(5.0, 10.0), span(25.0, 40.0)]}
+    for name, rows in spans.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(s) + "\n" for s in rows))
+    counts = {w: [m.busy_others for m in ms] for w, ms in measure(load_steps(tmp_path), StepTimeModel()).items()}
+    assert counts["x"] == [1, -1]  # 95% of its span beside y; then half of it
+    assert counts["y"] == [1, 1, -1]
 
 
 def test_a_machine_model_gives_the_co_run_factors_of_the_nearest_cluster_size():

@@ -3,9 +3,10 @@ simulator can model it instead of fitting two constants to one real run (bench/s
 
 Four measurements, each of real processes on this machine:
 1. Co-run slowdown: inside traced 2- and 4-worker clusters serving the agent workload, each engine step's model time
-   against the calibrated prediction: with another worker computing against none, by the step's size (small
-   decode steps pay most: the engines share the memory bus), and with 2 or 3 others against one.  The simulator
-   multiplies a step by the factors of its size and of the workers busy beside it.
+   against the calibrated prediction, by how many other workers computed over the step's span: beside one other
+   against none, by the step's size (small decode steps pay most: the engines share the memory bus), and beside 2
+   or 3 others against one.  The simulator multiplies a step by the factors of its size and of the workers busy
+   beside it, over its span (processor sharing).
 2. Request overhead: sequential tiny requests (8-token prompt, 1 output token) through the real HTTP endpoint of a
    2-worker cluster at idle; TTFT minus the engine's predicted step time is what the HTTP server, router, Ray RPCs
    and the client add to every request.
@@ -100,7 +101,7 @@ CORUN_CLUSTERS = ("agg-kv=0x2:kv", "agg-kv-4=0x4:kv")
 def corun(model: StepTimeModel, sessions: int, session_rate: float) -> dict[str, Any]:
     """What a step pays while other workers compute, measured inside running clusters of each size in
     CORUN_CLUSTERS: the agent workload (a session per half worker), traced, and the ratio of its `engine.step`
-    spans' model time to the calibrated prediction (bench/sim/steps.py) - with one other worker inside a step
+    spans' model time to the calibrated prediction (bench/sim/steps.py) - beside one other worker over its span
     against none, by the step's size (decode steps read every weight for a few tokens and pay most: the engines
     share the memory bus), and with 2 or more others against one (waiting for a core costs more than the cores'
     share).  {"by_workers": {"2": {...}, "4": {...}}}."""

@@ -2,7 +2,8 @@
 its workers wrote (`--trace`: disagg/cluster/spans.py).  For each worker:
 
 - model:  the model's own time (the runner's) / the time model's prediction for the same features, by how many
-          other workers were inside a step when this one started (what sharing the machine costs a step);
+          other workers were inside a step over this one's span (time-weighted; what sharing the machine costs a
+          step: the simulator applies it the same way, as processor sharing, disagg/sim/cores.py);
 - engine: the engine's whole step minus the model (scheduling, sampling, stop rules, KV bookkeeping);
 - loop:   the gap from one step's end to the next step's start, when the next one follows within `--busy-gap-ms`
           (a busy worker: the executor hop, delivering tokens, publishing KV events, the tick's lease work).
@@ -74,15 +75,22 @@ def load_steps(directory: str | Path) -> dict[str, list[Step]]:
     return out
 
 
+# a step counts as run beside k others when the time-weighted count over its span is within this of k; steps in
+# between (others started or ended midway) are left out of the per-count factors
+COUNT_TOLERANCE = 0.25
+
+
 @dataclass(frozen=True)
 class Measured:
     step: Step
-    busy_others: int  # other workers inside a step when this one started
+    busy_others: int  # other workers inside a step over this one's span (time-weighted, rounded); -1: in between
     ratio: float  # the model's own time over the time model's prediction
 
 
 def measure(by_worker: dict[str, list[Step]], model: StepTimeModel) -> dict[str, list[Measured]]:
-    """Every worker's steps with how many others were busy at their start and their time over the prediction."""
+    """Every worker's steps with how many others were busy over their span and their time over the prediction.
+    Over the span, not at the start: a long prefill chunk that starts alone and runs beside three decode loops
+    is a step beside three others, as the simulator prices it."""
     starts = {w: [s.start_s for s in steps] for w, steps in by_worker.items()}
     out = {}
     for worker, steps in by_worker.items():
@@ -94,11 +102,17 @@ def measure(by_worker: dict[str, list[Step]], model: StepTimeModel) -> dict[str,
 
 
 def _busy_others(step: Step, others: list[tuple[list[float], list[Step]]]) -> int:
-    busy = 0
+    span = step.end_s - step.start_s
+    if span <= 0:
+        return -1
+    overlap = 0.0
     for starts, steps in others:
-        i = bisect.bisect_right(starts, step.start_s) - 1
-        busy += i >= 0 and steps[i].end_s > step.start_s
-    return busy
+        i = max(0, bisect.bisect_right(starts, step.start_s) - 1)
+        while i < len(steps) and steps[i].start_s < step.end_s:
+            overlap += max(0.0, min(steps[i].end_s, step.end_s) - max(steps[i].start_s, step.start_s))
+            i += 1
+    mean = overlap / span
+    return round(mean) if abs(mean - round(mean)) <= COUNT_TOLERANCE else -1
 
 
 def _summary(xs: list[float]) -> dict[str, float]:
@@ -114,7 +128,8 @@ def analyse(by_worker: dict[str, list[Step]], model: StepTimeModel, busy_gap_s: 
         steps = by_worker[worker]
         ratio: dict[int, list[float]] = defaultdict(list)
         for m in measured:
-            ratio[m.busy_others].append(m.ratio)
+            if m.busy_others >= 0:
+                ratio[m.busy_others].append(m.ratio)
         gaps = [b.start_s - a.end_s for a, b in zip(steps, steps[1:]) if b.start_s - a.end_s <= busy_gap_s]
         report[worker] = {
             "steps": len(steps),
@@ -129,12 +144,16 @@ def corun_by_tokens(
     by_worker: dict[str, list[Step]], model: StepTimeModel, edges: tuple[int, ...] = CORUN_EDGES
 ) -> dict[str, Any]:
     """The co-run factor by step size: for steps of up to `edge` tokens (above the previous edge), the median of
-    model time / prediction with another worker inside a step, over the same median without.  A size class with
+    model time / prediction beside one other worker's steps (over its span), over the same median beside none.
+    Only one other: with more, the steps also wait for a core, which `by_busy` measures and the simulator
+    multiplies in (counting those steps here too would charge the wait twice).  A size class with
     fewer than MIN_SAMPLES steps either way takes the factor of all steps together."""
     measured = [m for ms in measure(by_worker, model).values() for m in ms]
     alone: dict[int, list[float]] = defaultdict(list)
     busy: dict[int, list[float]] = defaultdict(list)
     for m in measured:
+        if m.busy_others not in (0, 1):  # co-run: beside one other (more: oversubscription, below)
+            continue
         edge = next((e for e in edges if m.step.features[1] <= e), edges[-1])
         (busy if m.busy_others else alone)[edge].append(m.ratio)
     all_alone = [r for rs in alone.values() for r in rs]

@@ -27,7 +27,7 @@ from disagg.router.decision import Decision
 from disagg.router.policy import PolicyConfig
 from disagg.router.router import RouterCore, RouterCoreConfig
 from disagg.sim.admission import SimAdmission
-from disagg.sim.cores import CoresConfig, SharedCores
+from disagg.sim.cores import CoresConfig, SharedCores, SharedSteps
 from disagg.sim.flights import SimFlights
 from disagg.sim.runner import SimRunner, sim_model_config
 from disagg.sim.tiers import SimTiers
@@ -137,6 +137,7 @@ class SimCluster:
                 idle_serving_cores=config.idle_serving_cores,
             )
         )
+        self.steps = SharedSteps(self.cores, lambda: self.loop.now, self.loop.at)  # steps on shared cores
 
     def _attach(self, worker: SimWorker, disk: Any = None) -> None:
         tiers = None
@@ -157,7 +158,7 @@ class SimCluster:
 
     def _new_engine(self) -> tuple[LLMEngine, SimRunner]:
         runner = SimRunner(self.model, self._mc, self.config.num_blocks)
-        runner.slowdown = lambda tokens: self.contention(tokens) * self.config.step_slowdown
+        runner.slowdown, runner.step_slowdown = self.contention, self.config.step_slowdown
         return LLMEngine(dataclasses.replace(self._engine_cfg), runner), runner
 
     @property
@@ -172,7 +173,7 @@ class SimCluster:
         contention)."""
         if not self.config.cores:
             return 1.0
-        return self.cores.slowdown(1 + sum(w.busy for w in self.workers), self.loop.now, tokens)
+        return self.cores.slowdown(1 + len(self.steps), self.loop.now, tokens)
 
     def send_events(self, worker: SimWorker, batch: Any) -> None:
         """Deliver a worker's KV event batch after the configured delay (and jitter, so batches may arrive out of
@@ -213,6 +214,7 @@ class SimCluster:
         worker = next(w for w in self.workers if w.name == name)
         worker.alive, worker.busy = False, False
         worker.incarnation += 1
+        self.steps.cancel(worker)
         self.loop.at(self.loop.now + detect_s, lambda: self._detected(worker))
         self.loop.at(self.loop.now + restart_s, lambda: self._restarted(worker))
 

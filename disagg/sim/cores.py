@@ -1,6 +1,7 @@
 """The CPU cores a simulated cluster's workers share, when they share a machine (SimClusterConfig.cores > 0).
 
-A step of one worker runs slower than the calibrated engine alone on an idle core by
+While `busy` workers compute (itself included), a step runs slower than the calibrated engine alone on an idle
+core by
     oversubscription  max(1, (busy workers x threads + serving cores) / cores, measured)
   x co-run            while another worker is busy too: the factor of the step's size class in `corun_by_tokens`
                       ((max tokens, factor) pairs), `corun_slowdown` beyond them (two engines on separate cores
@@ -10,13 +11,17 @@ where "measured" is the factor `busy_factors` gives that many busy workers (more
 than the cores' share: context switches, evicted caches), and "serving cores" is a constant idle share plus the
 CPU the router actor, its HTTP server, Ray and the client burn, as a rate over the last `window_s`:
 `cpu_per_request_s` per request dispatched, `cpu_per_handoff_s` more per remote prefill handed to a decode
-worker, and `cpu_per_token_s` per token streamed.  bench/sim/machine.py measures all of them on the machine,
-the co-run and busy factors inside a running cluster.
+worker, and `cpu_per_token_s` per token streamed.  `SharedSteps` applies the factor as processor sharing: it is
+recomputed whenever a step starts or ends, so a step pays the contention of its whole span, not of its start.
+bench/sim/machine.py measures all of them on the machine, the co-run and busy factors inside a running cluster
+(over each step's span too: bench/sim/steps.py).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -81,3 +86,66 @@ class SharedCores:
             return max(1.0, demand / cfg.cores)
         measured = max((f for k, f in cfg.busy_factors if k <= busy_workers - 1), default=1.0)
         return max(1.0, demand / cfg.cores, measured) * self.corun(tokens)
+
+
+@dataclass
+class _Running:
+    remaining_s: float  # the step's work left, in seconds of the engine alone on a core
+    tokens: int
+    started_at: float
+    done: Callable[[float], None]  # called with the step's duration when its work is done
+    rate: float = 0.0  # work seconds per second now: 1 / the step's slowdown
+    generation: int = 0  # its end event scheduled under an older rate is dropped
+
+
+class SharedSteps:
+    """The steps of workers that share the cores, run as processor sharing: a step's work (its time alone) is
+    done at a rate of 1 / `SharedCores.slowdown` for the workers computing *at each moment*, recomputed whenever
+    a step starts or ends.  Fixing a step's duration when it starts would price a long prefill chunk that starts
+    alone at 1x however many decode steps run beside it, and charge those decode steps the whole contention:
+    real steps share the cores over their whole span (bench/sim/steps.py measures them that way too)."""
+
+    def __init__(
+        self, cores: SharedCores, now: Callable[[], float], at: Callable[[float, Callable[[], None]], None]
+    ) -> None:
+        self.cores, self._now, self._at = cores, now, at
+        self._running: dict[object, _Running] = {}
+        self._settled_at = 0.0
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def start(self, key: object, work_s: float, tokens: int, done: Callable[[float], None]) -> None:
+        """Run a step of `work_s` seconds alone for `key` (one step per key at a time)."""
+        self._settle()
+        self._running[key] = _Running(work_s, tokens, self._now(), done)
+        self._reschedule()
+
+    def cancel(self, key: object) -> None:
+        """Drop `key`'s step unfinished (its process was killed): it no longer takes a core."""
+        self._settle()
+        if self._running.pop(key, None) is not None:
+            self._reschedule()
+
+    def _settle(self) -> None:
+        now = self._now()
+        for step in self._running.values():
+            step.remaining_s = max(0.0, step.remaining_s - (now - self._settled_at) * step.rate)
+        self._settled_at = now
+
+    def _reschedule(self) -> None:
+        now, busy = self._now(), len(self._running)
+        for key, step in self._running.items():
+            rate = 1.0 / self.cores.slowdown(busy, now, step.tokens)
+            if rate != step.rate:  # an unchanged rate keeps its end event
+                step.rate, step.generation = rate, step.generation + 1
+                self._at(now + step.remaining_s / rate, functools.partial(self._end, key, step.generation))
+
+    def _end(self, key: object, generation: int) -> None:
+        step = self._running.get(key)
+        if step is None or step.generation != generation:
+            return
+        self._settle()
+        del self._running[key]
+        self._reschedule()
+        step.done(self._now() - step.started_at)

@@ -1,7 +1,9 @@
 """The model stand-in for a simulated engine (a `Runner`, disagg/engine/runner.py): samples deterministic tokens
-and prices each step with the step-time model, times what sharing the machine costs a step starting now (the
-cluster's `slowdown`); it holds no KV memory.  The engine measures its prefill speed from `last_step_s`, as a real
-engine does from its contended steps, so the router sees the speed a real router would."""
+and prices each step with the step-time model (`last_work_s`: the step alone on a core), and `last_step_s` times
+what sharing the machine costs a step starting now (the cluster's `slowdown`); it holds no KV memory.  The engine
+measures its prefill speed from `last_step_s`, as a real engine does from its contended steps, so the router sees
+the speed a real router would (the contention as the step starts: with shared cores the cluster then runs the
+step's work as processor sharing, sim/cores.py `SharedSteps`)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,10 @@ class SimRunner:
     def __init__(self, model: StepTimeModel, model_config: ModelConfig, num_blocks: int) -> None:
         self.model, self.model_config, self.num_blocks = model, model_config, num_blocks
         self.vocab_size = model_config.vocab_size
-        self.last_step_s = 0.0
+        self.last_tokens = 0  # the last step's tokens (its co-run class)
+        self.last_work_s = 0.0  # the last step alone on a core (times the cluster's step_slowdown)
+        self.last_step_s = 0.0  # ... and slowed by the machine's sharing as it starts
+        self.step_slowdown = 1.0  # a constant factor on every step (SimClusterConfig.step_slowdown)
         self.slowdown: Callable[[int], float] = _alone  # a step's factor by its token count, set by the cluster
         self.last_logprobs: dict[int, list] = {}  # simulated requests ask for no logprobs
         self.last_verified: dict[int, Verified] = {}  # simulated engines do not speculate
@@ -37,7 +42,9 @@ class SimRunner:
         """A stand-in has no weights: an adapter costs nothing to load and changes no modelled time."""
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
-        self.last_step_s = self.model.step_time(batch) * self.slowdown(batch.total_tokens)
+        self.last_tokens = batch.total_tokens
+        self.last_work_s = self.model.step_time(batch) * self.step_slowdown
+        self.last_step_s = self.last_work_s * self.slowdown(batch.total_tokens)
         out = {}
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.num_computed_tokens + n == seq.num_tokens:  # the row completes its known tokens: it samples

@@ -68,16 +68,26 @@ class SimWorker:
             if deltas or self.engine.scheduler.stats.num_preemptions != preemptions:
                 self.kick()
             return
-        duration = self.runner.last_step_s  # the model's time, slowed by the shared machine (SimRunner.slowdown)
         self.busy = True
-        self.busy_seconds += duration
         incarnation = self.incarnation
-        self.cluster.loop.at(self.cluster.loop.now + duration, lambda: self._step_done(deltas, incarnation))
+        if self.cluster.config.cores:  # the step's work shares the cores with whatever runs beside it, start to end
+            self.cluster.steps.start(
+                self,
+                self.runner.last_work_s,
+                self.runner.last_tokens,
+                lambda duration: self._step_done(deltas, incarnation, duration),
+            )
+        else:  # a core of its own: the model's time (SimRunner)
+            duration = self.runner.last_step_s
+            self.cluster.loop.at(
+                self.cluster.loop.now + duration, lambda: self._step_done(deltas, incarnation, duration)
+            )
 
-    def _step_done(self, deltas: list[TokenDelta], incarnation: int) -> None:
+    def _step_done(self, deltas: list[TokenDelta], incarnation: int, duration: float) -> None:
         if incarnation != self.incarnation:
             return  # this process was killed mid-step
         self.busy = False
+        self.busy_seconds += duration
         self._publish()
         if self.cluster.loop.now - self.heartbeat_at >= self.cluster.config.heartbeat_interval_s:
             self.heartbeat()
