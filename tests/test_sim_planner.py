@@ -126,6 +126,34 @@ def test_shared_cores_price_a_step_over_its_whole_span():
     assert done["long"] == pytest.approx(0.5 + 0.75)  # 0.25 of work in the first 0.5 s, then the core alone
 
 
+def test_a_stale_end_event_never_ends_the_next_step_of_the_same_worker():
+    """A step that sped up mid-way (its first end event is stale) or was cancelled (its end event still queued)
+    leaves an event behind; the same worker's next step must run its full length regardless."""
+    from disagg.sim.cores import CoresConfig, SharedCores, SharedSteps
+    from disagg.sim.worker import EventLoop
+
+    loop = EventLoop()
+    steps = SharedSteps(SharedCores(CoresConfig(cores=1)), lambda: loop.now, loop.at)
+    durations: list[float] = []
+
+    def back_to_back(duration: float) -> None:  # a busy worker: its next step starts as one ends
+        durations.append(duration)
+        if len(durations) < 3:
+            steps.start("w", 1.0, 4, back_to_back)
+
+    steps.start("v", 0.1, 4, lambda duration: None)  # shares the core for the first 0.2 s
+    steps.start("w", 1.0, 4, back_to_back)  # its end is first scheduled at 2.0, then at 1.1 once v is done
+    loop.run()
+    assert durations == pytest.approx([1.1, 1.0, 1.0])
+
+    durations.clear()
+    steps.start("w", 2.0, 4, lambda duration: durations.append(duration))  # its end event: 2 s from now
+    steps.cancel("w")  # killed at once; restarted, it runs a step of 3 s
+    steps.start("w", 3.0, 4, lambda duration: durations.append(duration))
+    loop.run()
+    assert durations == pytest.approx([3.0])
+
+
 def test_measured_machine_costs_co_run_and_serving_cpu():
     """The shared-core model with what bench/sim/machine.py measures: a step pays the co-run factor only while
     another worker computes, and the serving processes' CPU (per request, per streamed token, as a rate over the

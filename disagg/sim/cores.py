@@ -20,6 +20,7 @@ bench/sim/machine.py measures all of them on the machine, the co-run and busy fa
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class _Running:
     started_at: float
     done: Callable[[float], None]  # called with the step's duration when its work is done
     rate: float = 0.0  # work seconds per second now: 1 / the step's slowdown
-    generation: int = 0  # its end event scheduled under an older rate is dropped
+    generation: int = 0  # of its latest end event (unique across steps): an older one is dropped
 
 
 class SharedSteps:
@@ -111,6 +112,9 @@ class SharedSteps:
         self.cores, self._now, self._at = cores, now, at
         self._running: dict[object, _Running] = {}
         self._settled_at = 0.0
+        # one counter for every end event: a step's stale event (rescheduled, cancelled) must not match the next
+        # step of the same key, which a per-step counter restarting at 1 would
+        self._generations = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._running)
@@ -138,7 +142,7 @@ class SharedSteps:
         for key, step in self._running.items():
             rate = 1.0 / self.cores.slowdown(busy, now, step.tokens)
             if rate != step.rate:  # an unchanged rate keeps its end event
-                step.rate, step.generation = rate, step.generation + 1
+                step.rate, step.generation = rate, next(self._generations)
                 self._at(now + step.remaining_s / rate, functools.partial(self._end, key, step.generation))
 
     def _end(self, key: object, generation: int) -> None:
@@ -147,5 +151,5 @@ class SharedSteps:
             return
         self._settle()
         del self._running[key]
+        step.done(self._now() - step.started_at)  # (may start the key's next step: one reschedule for both)
         self._reschedule()
-        step.done(self._now() - step.started_at)
