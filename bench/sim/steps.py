@@ -174,9 +174,10 @@ def corun_by_tokens(
 
 def oversubscription(measured: list[Measured]) -> list[list[float]]:
     """[k, factor, steps] for k other workers busy over a step's span (k >= 1; steps between two counts left out):
-    the median model time / prediction beside k others over the same beside one.  With more engines than cores each step also waits for its
-    turn on a core, and that costs more than the share of the cores (context switches, evicted caches).  Only
-    counts with MIN_SAMPLES steps or more are given, and a factor never falls below the one before it."""
+    the median model time / prediction beside k others over the same beside one.  With more engines than cores
+    each step also waits for its turn on a core, and that costs more than the share of the cores (context
+    switches, evicted caches).  Only counts with MIN_SAMPLES steps or more are given, and a factor never falls
+    below the one before it."""
     ratios: dict[int, list[float]] = defaultdict(list)
     for m in measured:
         ratios[m.busy_others].append(m.ratio)
