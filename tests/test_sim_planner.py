@@ -300,3 +300,20 @@ def test_handoff_cost_delays_a_remote_first_token_and_charges_serving_cpu():
     slow, slow_cpu = first_token(handoff_overhead_s=0.05, serving_cpu_per_handoff_s=0.004)
     assert slow - plain == pytest.approx(0.05, abs=1e-6)
     assert slow_cpu - plain_cpu == pytest.approx(0.004)
+
+
+def test_an_engine_on_shared_cores_measures_its_steps_as_they_ran():
+    """Two prompts prefilled at once on one shared core each take twice their time alone, and each engine's
+    measured prefill speed (what its heartbeats tell the router) says so - also the engine whose step started
+    first, alone (pricing a step by its start would have it measure its time alone)."""
+    cluster = SimCluster(SimClusterConfig(num_prefill=0, num_decode=2, num_blocks=512, cores=1), MODEL)
+    for i in range(2):
+        prompt = [(31 * i + j) % 4000 + 1 for j in range(256)]
+        cluster.submit(Request(f"r{i}", prompt, sampling_for(1)), lambda now, d: None)
+    cluster.run()
+    engines = [w.engine for w in cluster.workers]
+    assert [e.stats.steps for e in engines] == [1, 1]  # one prefill step each, side by side
+    alone = MODEL.predict([1.0, 256, 1.0, 256 * 257 / 2 / 1000]) / 256
+    for w in cluster.workers:
+        assert w.engine.prefill_s_per_token == pytest.approx(w.busy_seconds / 256)
+        assert w.engine.prefill_s_per_token == pytest.approx(2 * alone, rel=0.02)

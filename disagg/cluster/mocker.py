@@ -53,8 +53,8 @@ class PacedRunner(SimRunner):
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         out = super().execute(batch)
-        if self.time_scale > 0:
-            time.sleep(self.last_step_s * self.time_scale)
+        if self.time_scale > 0:  # a real process on its own clock: the modelled time alone, as a real step's
+            time.sleep(self.last_work_s * self.time_scale)
         return out
 
 

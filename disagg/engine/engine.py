@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from disagg.config import EngineConfig
-from disagg.engine.batch import ScheduledBatch
 from disagg.engine.block_pool import BlockPool
 from disagg.engine.capacity import check_kv_capacity
 from disagg.engine.drafting import apply_verified, propose_drafts
@@ -271,10 +270,10 @@ class LLMEngine:
         if any(seq.lora is not None for seq in batch.seqs):
             batch.order_by_adapter()  # one contiguous run of tokens per adapter
         sampled = self.runner.execute(batch)
-        self._measure(batch, self.runner.last_step_s)  # measured, or modelled by a stand-in (simulation)
-        self.last_step = StepRecord(
-            batch.total_tokens, len(batch.seqs), batch.attention_kpairs(), self.runner.last_step_s
-        )
+        seconds = self.runner.last_step_s  # measured, or modelled by a stand-in (simulation)
+        self.last_step = StepRecord(batch.total_tokens, len(batch.seqs), batch.attention_kpairs(), seconds or 0.0)
+        if seconds is not None:  # (None: the stand-in's driver measures the step when it ends)
+            self.measure(self.last_step)
         verified = self.runner.last_verified
         accepted = apply_verified(self.speculator, batch, verified) if self.speculator and verified else {}
         self.scheduler.on_step_done(batch)
@@ -301,9 +300,12 @@ class LLMEngine:
         faults, self.output_faults = self.output_faults, []
         return faults
 
-    def _measure(self, batch: ScheduledBatch, seconds: float) -> None:
-        tokens = batch.total_tokens
-        self.step_fit.add(tokens, len(batch.seqs), batch.attention_kpairs(), seconds)
+    def measure(self, step: StepRecord) -> None:
+        """Fold a model step's time into the speeds this engine reports (its step-time fit, seconds per token,
+        prefill seconds per token).  `step` calls it with the runner's time; a driver that learns the time only
+        when the step ends (the simulator, for workers sharing cores) calls it then."""
+        tokens, seconds = step.tokens, step.execute_s
+        self.step_fit.add(tokens, step.seqs, step.attention_kpairs, seconds)
         alpha = self.config.prefill_ewma_alpha
         per_token = seconds / tokens
         old = self.step_s_per_token

@@ -67,8 +67,9 @@ class Runner(Protocol):
         ...
 
     @property
-    def last_step_s(self) -> float:
-        """How long the last `execute` took: measured, or modelled by a stand-in (virtual time)."""
+    def last_step_s(self) -> float | None:
+        """How long the last `execute` took: measured, or modelled by a stand-in (virtual time); None when a
+        stand-in's time is known only when the step ends (its driver then calls `LLMEngine.measure`)."""
         ...
 
     @property

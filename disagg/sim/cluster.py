@@ -159,6 +159,7 @@ class SimCluster:
     def _new_engine(self) -> tuple[LLMEngine, SimRunner]:
         runner = SimRunner(self.model, self._mc, self.config.num_blocks)
         runner.slowdown, runner.step_slowdown = self.contention, self.config.step_slowdown
+        runner.shared_cores = bool(self.config.cores)
         return LLMEngine(dataclasses.replace(self._engine_cfg), runner), runner
 
     @property

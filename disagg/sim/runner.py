@@ -1,9 +1,9 @@
 """The model stand-in for a simulated engine (a `Runner`, disagg/engine/runner.py): samples deterministic tokens
-and prices each step with the step-time model (`last_work_s`: the step alone on a core), and `last_step_s` times
-what sharing the machine costs a step starting now (the cluster's `slowdown`); it holds no KV memory.  The engine
-measures its prefill speed from `last_step_s`, as a real engine does from its contended steps, so the router sees
-the speed a real router would (the contention as the step starts: with shared cores the cluster then runs the
-step's work as processor sharing, sim/cores.py `SharedSteps`)."""
+and prices each step with the step-time model (`last_work_s`: the step alone on a core); it holds no KV memory.
+The engine measures its speeds from its steps' times, as a real engine does from its contended steps, so the
+router sees the speeds a real router would: `last_step_s` is the step's time where it is known at once, and None
+on shared cores, where the cluster runs the step's work as processor sharing (sim/cores.py `SharedSteps`) and the
+worker hands the engine the step's time when it ends (`LLMEngine.measure`)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ class SimRunner:
         self.vocab_size = model_config.vocab_size
         self.last_tokens = 0  # the last step's tokens (its co-run class)
         self.last_work_s = 0.0  # the last step alone on a core (times the cluster's step_slowdown)
-        self.last_step_s = 0.0  # ... and slowed by the machine's sharing as it starts
+        self.last_step_s: float | None = 0.0  # ... and slowed by the machine's sharing (None: shared cores)
+        self.shared_cores = False  # set by the cluster: a step's time is then known only when it ends
         self.step_slowdown = 1.0  # a constant factor on every step (SimClusterConfig.step_slowdown)
         self.slowdown: Callable[[int], float] = _alone  # a step's factor by its token count, set by the cluster
         self.last_logprobs: dict[int, list] = {}  # simulated requests ask for no logprobs
@@ -44,7 +45,7 @@ class SimRunner:
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.last_tokens = batch.total_tokens
         self.last_work_s = self.model.step_time(batch) * self.step_slowdown
-        self.last_step_s = self.last_work_s * self.slowdown(batch.total_tokens)
+        self.last_step_s = None if self.shared_cores else self.last_work_s * self.slowdown(batch.total_tokens)
         out = {}
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.num_computed_tokens + n == seq.num_tokens:  # the row completes its known tokens: it samples

@@ -8,6 +8,7 @@ configured delay; the heartbeat carries what the router's health probe reads fro
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 from collections.abc import Callable
@@ -70,18 +71,20 @@ class SimWorker:
             return
         self.busy = True
         incarnation = self.incarnation
-        if self.cluster.config.cores:  # the step's work shares the cores with whatever runs beside it, start to end
-            self.cluster.steps.start(
-                self,
-                self.runner.last_work_s,
-                self.runner.last_tokens,
-                lambda duration: self._step_done(deltas, incarnation, duration),
-            )
+        duration = self.runner.last_step_s
+        if duration is None:  # shared cores: the step's work shares them with whatever runs beside it, to its end
+            record = self.engine.last_step
+            assert record is not None, "a model step ran"
+
+            def ended(seconds: float) -> None:
+                if incarnation == self.incarnation:  # the engine measures the step as it ran (as a real one does)
+                    self.engine.measure(dataclasses.replace(record, execute_s=seconds))
+                self._step_done(deltas, incarnation, seconds)
+
+            self.cluster.steps.start(self, self.runner.last_work_s, self.runner.last_tokens, ended)
         else:  # a core of its own: the model's time (SimRunner)
-            duration = self.runner.last_step_s
-            self.cluster.loop.at(
-                self.cluster.loop.now + duration, lambda: self._step_done(deltas, incarnation, duration)
-            )
+            seconds = duration
+            self.cluster.loop.at(self.cluster.loop.now + seconds, lambda: self._step_done(deltas, incarnation, seconds))
 
     def _step_done(self, deltas: list[TokenDelta], incarnation: int, duration: float) -> None:
         if incarnation != self.incarnation:
