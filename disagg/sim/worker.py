@@ -2,7 +2,8 @@
 stand-in runner, its KV events and heartbeats), and the peer read that prices a KV transfer.
 
 A worker runs one step at a time: the step's state changes apply when it starts and its tokens are delivered
-when its modelled duration has passed (stretched when workers share cores).  KV events reach the router after a
+when its modelled duration has passed (when workers share cores: when its work is done, shared with the steps
+that run beside it, sim/cores.py `SharedSteps`; the engine then measures the step's time as it ran).  KV events reach the router after a
 configured delay; the heartbeat carries what the router's health probe reads from a real worker.
 """
 
