@@ -3,8 +3,9 @@ stand-in runner, its KV events and heartbeats), and the peer read that prices a 
 
 A worker runs one step at a time: the step's state changes apply when it starts and its tokens are delivered
 when its modelled duration has passed (when workers share cores: when its work is done, shared with the steps
-that run beside it, sim/cores.py `SharedSteps`; the engine then measures the step's time as it ran).  KV events reach the router after a
-configured delay; the heartbeat carries what the router's health probe reads from a real worker.
+that run beside it, sim/cores.py `SharedSteps`; the engine then measures the step's time as it ran).  KV events
+reach the router after a configured delay; the heartbeat carries what the router's health probe reads from a
+real worker.
 """
 
 from __future__ import annotations
