@@ -158,8 +158,7 @@ class SimCluster:
 
     def _new_engine(self) -> tuple[LLMEngine, SimRunner]:
         runner = SimRunner(self.model, self._mc, self.config.num_blocks)
-        runner.slowdown, runner.step_slowdown = self.contention, self.config.step_slowdown
-        runner.shared_cores = bool(self.config.cores)
+        runner.step_slowdown, runner.shared_cores = self.config.step_slowdown, bool(self.config.cores)
         return LLMEngine(dataclasses.replace(self._engine_cfg), runner), runner
 
     @property
@@ -170,8 +169,8 @@ class SimCluster:
         return self.prefill[name] if name in self.prefill else self.decode[name]
 
     def contention(self, tokens: int = 0) -> float:
-        """How much slower a step of `tokens` tokens starting now runs because the workers share the cores (1: no
-        contention)."""
+        """The factor a step of `tokens` tokens starting now begins at because the workers share the cores (1: no
+        contention); `SharedSteps` recomputes it as other steps start and end."""
         if not self.config.cores:
             return 1.0
         return self.cores.slowdown(1 + len(self.steps), self.loop.now, tokens)

@@ -8,7 +8,6 @@ worker hands the engine the step's time when it ends (`LLMEngine.measure`)."""
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
 
 import torch
 
@@ -32,10 +31,9 @@ class SimRunner:
         self.vocab_size = model_config.vocab_size
         self.last_tokens = 0  # the last step's tokens (its co-run class)
         self.last_work_s = 0.0  # the last step alone on a core (times the cluster's step_slowdown)
-        self.last_step_s: float | None = 0.0  # ... and slowed by the machine's sharing (None: shared cores)
+        self.last_step_s: float | None = 0.0  # the step's time: its work, or None on shared cores (known at its end)
         self.shared_cores = False  # set by the cluster: a step's time is then known only when it ends
         self.step_slowdown = 1.0  # a constant factor on every step (SimClusterConfig.step_slowdown)
-        self.slowdown: Callable[[int], float] = _alone  # a step's factor by its token count, set by the cluster
         self.last_logprobs: dict[int, list] = {}  # simulated requests ask for no logprobs
         self.last_verified: dict[int, Verified] = {}  # simulated engines do not speculate
 
@@ -45,17 +43,13 @@ class SimRunner:
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.last_tokens = batch.total_tokens
         self.last_work_s = self.model.step_time(batch) * self.step_slowdown
-        self.last_step_s = None if self.shared_cores else self.last_work_s * self.slowdown(batch.total_tokens)
+        self.last_step_s = None if self.shared_cores else self.last_work_s  # (a core of its own: no contention)
         out = {}
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             if seq.num_computed_tokens + n == seq.num_tokens:  # the row completes its known tokens: it samples
                 # distinct per request and position, so generated blocks hash apart like real outputs
                 out[row] = 256 + zlib.crc32(f"{seq.request_id}:{seq.num_tokens}".encode()) % (self.vocab_size - 256)
         return out
-
-
-def _alone(tokens: int) -> float:
-    return 1.0
 
 
 def sim_model_config(vocab_size: int = DEFAULT_VOCAB_SIZE, max_len: int = 8192) -> ModelConfig:
