@@ -165,10 +165,12 @@ def test_in_flight_blocks_in_the_native_table_are_the_bit_masks_answer_for_answe
 def test_the_router_core_keeps_its_index_in_cpp_and_falls_back_to_python(lib, monkeypatch, caplog):
     core = RouterCore({}, {"w": None})
     assert isinstance(core.index.table, NativeBlockTable) and isinstance(core.ranking.in_flight, TableBlocks)
+    assert core.ranking.scorer is not None  # a decision's scoring in one call over both tables
     monkeypatch.setattr(native_table, "_library", lambda cache_dir: (None, "no C++ compiler found"))
     with caplog.at_level(logging.WARNING, logger="disagg.router.native_table"):
         core = RouterCore({}, {"w": None})
     assert isinstance(core.index.table, PyBlockTable) and isinstance(core.ranking.in_flight, MaskBlocks)
+    assert core.ranking.scorer is None
     assert "no C++ compiler found" in caplog.text
 
 

@@ -4,6 +4,7 @@ prompt hashing against hashing block by block, on random indexes, loads, session
 import math
 import random
 import threading
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from disagg.errors import ServiceUnavailable
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Role, Tier, hash_block_tokens, hash_prompt_blocks
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.index import Ingest, PrefixIndex, TierMatch
+from disagg.router.native_score import CANDIDATES
 from disagg.router.policy import PolicyConfig, RoutingPolicy
 from disagg.router.router import RouterCore
 
@@ -75,7 +77,7 @@ def reference_decision(core: RouterCore, ref: RoutingPolicy, request: Request, s
 class World:
     """A RouterCore and a reference policy with the same seed, driven by random events, loads and states."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, decode_workers: tuple[int, int] = (1, 12)) -> None:
         rng = self.rng = random.Random(seed)
         config = PolicyConfig(
             seed=seed,
@@ -86,7 +88,7 @@ class World:
             peer_pull=rng.random() < 0.7,
             min_remote_prefill_tokens=rng.choice([8, 64]),
         )
-        n_decode, n_prefill = rng.randint(1, 12), rng.choice([0, 0, 1, 3])
+        n_decode, n_prefill = rng.randint(*decode_workers), rng.choice([0, 0, 1, 3])
         self.names = [f"w{i}" for i in range(n_decode + n_prefill)]
         prefill = {n: None for n in self.names[n_decode:]}
         self.core = RouterCore(prefill, {n: None for n in self.names[:n_decode]}, config, block_size=BLOCK)
@@ -161,6 +163,51 @@ def test_ranked_decisions_are_the_full_scorings(seed):
             world.route(i)
         else:
             world.churn()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_native_scoring_past_its_candidates_is_the_full_scoring(seed):
+    """More decode workers than the native call returns candidates (router/native_score.py): a decision it settles,
+    and one it leaves to the Python pick (every candidate refused by `only`, or ties past the last one), are both
+    the full scoring's; the native path is taken, not skipped."""
+    world = World(seed, decode_workers=(CANDIDATES + 1, 2 * CANDIDATES + 8))
+    assert world.core.ranking.scorer is not None
+    outcomes = Counter()
+    pick = world.core.policy._scored_pick
+
+    def counted(scored, eligible):
+        picked = pick(scored, eligible)
+        outcomes[picked if isinstance(picked, str) or picked is None else "settled"] += 1
+        return picked
+
+    world.core.policy._scored_pick = counted
+    for i in range(150):
+        roll = world.rng.random()
+        if roll < 0.3:
+            world.kv_events()
+        elif roll < 0.8:
+            world.route(i)
+        else:
+            world.churn()
+    assert outcomes["settled"] > 0, outcomes
+
+
+def test_a_nan_cost_never_wins_on_either_path():
+    """Overlap weight 0 and a measured CPU price of -inf (a faulty heartbeat) on the worker holding the prompt in its
+    CPU tier: its cost is 0 x -inf = NaN.  The native scoring hands such a decision to the full scoring, where a
+    NaN cost never wins (the minimum of NaN and a number depended on their order before); the Python tables the
+    same."""
+    prompt = list(range(4 * BLOCK + 1))
+    for native in (True, False):
+        config = RouterCoreConfig(native_index=native)
+        core = RouterCore({}, {"w0": None, "w1": None}, PolicyConfig(seed=0, overlap_weight=0.0), BLOCK, config)
+        assert (core.ranking.scorer is not None) == native
+        stored = KVEvent(EventKind.STORED, hash_prompt_blocks(prompt, BLOCK), tier=Tier.CPU)
+        assert core.on_kv_events(KVEventBatch("w0", 0, [stored]))
+        core.loads["w0"].tier_cost = {Tier.CPU: -math.inf}
+        for i in range(5):
+            assert core.route(Request(f"r{i}", prompt)).decode_worker == "w1"
 
 
 def test_ranked_decisions_at_many_idle_and_tied_workers():

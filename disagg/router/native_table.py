@@ -26,25 +26,46 @@ _U64 = 1 << 64
 _UNBOUNDED = (1 << 63) - 1  # int64 max: a table that never drops its oldest entries
 
 
-def _packed(hashes: Iterable[int]) -> tuple[array, int]:
+def packed(hashes: Iterable[int]) -> tuple[array, int]:
     """The hashes as a uint64 array and its address (kept alive by the caller holding the array).  A value outside
     uint64 (a faulty worker's: block hashes are 8-byte digests) is left out: no request's hash can equal it."""
     try:
-        packed = array("Q", hashes)
+        out = array("Q", hashes)
     except OverflowError:
-        packed = array("Q", (h for h in hashes if 0 <= h < _U64))  # (a list or set: read twice)
-    return packed, packed.buffer_info()[0]
+        out = array("Q", (h for h in hashes if 0 <= h < _U64))  # (a list or set: read twice)
+    return out, out.buffer_info()[0]
+
+
+class WorkerIds:
+    """Worker name -> small integer id, the only worker names the C++ code knows.  One registry may serve several
+    tables (and router/native_score.py's scorer): their ids then agree, and one C++ call can combine them."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def id(self, worker: str) -> int:
+        wid = self.ids.get(worker)
+        if wid is None:
+            wid = self.ids[worker] = len(self.names)
+            self.names.append(worker)
+        return wid
 
 
 class NativeBlockTable:
     """A `BlockTable` over the compiled C++ table (see the module docstring)."""
 
-    def __init__(self, lib: IndexLib, max_blocks: int = DEFAULT_MAX_BLOCKS) -> None:
-        self.max_blocks, self._lib = max_blocks, lib
+    def __init__(self, lib: IndexLib, max_blocks: int = DEFAULT_MAX_BLOCKS, ids: WorkerIds | None = None) -> None:
+        self.max_blocks, self._lib, self.lib = max_blocks, lib, lib
         self._table = lib.new(max_blocks)
-        self._ids: dict[str, int] = {}
-        self._names: list[str] = []
+        self.worker_ids = WorkerIds() if ids is None else ids
+        self._ids, self._names = self.worker_ids.ids, self.worker_ids.names  # (shared with the registry)
         self._grow(16)
+
+    @property
+    def handle(self) -> int:
+        """The C++ table, for a call that reads several tables at once (route_score.cpp)."""
+        return self._table
 
     def __del__(self) -> None:
         table, self._table = getattr(self, "_table", None), None
@@ -58,33 +79,26 @@ class NativeBlockTable:
     def _per_worker(self, call: Callable[..., int], block_hashes: Iterable[int]) -> tuple[int, Array, Array]:
         """A per-worker query of the C++ table (`match`, `shared`): (workers written, their ids, their counts).  The
         call answers -(workers needed) when the buffers are too small: they grow and it runs again."""
-        packed, address = _packed(block_hashes)
+        buffer, address = packed(block_hashes)
         while True:
             ids, counts, cap = self._buffers
-            found = call(self._table, address, len(packed), ids, counts, cap)
+            found = call(self._table, address, len(buffer), ids, counts, cap)
             if found >= 0:
                 return found, ids, counts
             self._grow(max(-found, 2 * cap))
-
-    def _id(self, worker: str) -> int:
-        wid = self._ids.get(worker)
-        if wid is None:
-            wid = self._ids[worker] = len(self._names)
-            self._names.append(worker)
-        return wid
 
     def __len__(self) -> int:
         return int(self._lib.size(self._table))
 
     def store(self, worker: str, hashes: list[int], bit: int) -> None:
         if hashes:
-            packed, address = _packed(hashes)
-            self._lib.store(self._table, self._id(worker), address, len(packed), bit)
+            buffer, address = packed(hashes)
+            self._lib.store(self._table, self.worker_ids.id(worker), address, len(buffer), bit)
 
     def drop(self, worker: str, hashes: list[int], bit: int) -> None:
         if hashes and worker in self._ids:
-            packed, address = _packed(hashes)
-            self._lib.drop(self._table, self._ids[worker], address, len(packed), bit)
+            buffer, address = packed(hashes)
+            self._lib.drop(self._table, self._ids[worker], address, len(buffer), bit)
 
     def drop_all(self, worker: str, bit: int = ALL_TIERS) -> None:
         if worker in self._ids:
@@ -146,21 +160,21 @@ def _library(cache_dir: Path) -> tuple[IndexLib | None, str]:
     return load_index_lib(cache_dir)
 
 
-def make_in_flight(native: bool) -> InFlightBlocks:
+def make_in_flight(native: bool, ids: WorkerIds | None = None) -> InFlightBlocks:
     """The router's in-flight blocks (router/in_flight.py): in a C++ table when asked for and it builds here (with
     no bound: what is in flight is bounded by the workers' KV), else as bit masks in Python."""
     if native:
         lib, _ = _library(cache_root() / "kernels")  # make_block_table logs why not, once per router
         if lib is not None:
-            return TableBlocks(NativeBlockTable(lib, max_blocks=_UNBOUNDED))
+            return TableBlocks(NativeBlockTable(lib, max_blocks=_UNBOUNDED, ids=ids))
     return MaskBlocks()
 
 
-def make_block_table(native: bool, max_blocks: int = DEFAULT_MAX_BLOCKS) -> BlockTable:
+def make_block_table(native: bool, max_blocks: int = DEFAULT_MAX_BLOCKS, ids: WorkerIds | None = None) -> BlockTable:
     """The C++ table when asked for and it builds here, else the Python one (and the log says why)."""
     if native:
         lib, why = _library(cache_root() / "kernels")
         if lib is not None:
-            return NativeBlockTable(lib, max_blocks)
+            return NativeBlockTable(lib, max_blocks, ids)
         log.warning("prefix index kept in Python (slower under heavy KV-event ingest): %s", why)
     return PyBlockTable(max_blocks)

@@ -32,95 +32,28 @@ the decode worker prefills locally, and if another worker holds a longer prefix 
 
 from __future__ import annotations
 
-import enum
 import itertools
 import math
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 
-from disagg.engine.step_time import StepCoefficients
 from disagg.isolation import AdapterKey, Affinity
 from disagg.protocol import Tier
 from disagg.router.decision import Decision, as_match
 from disagg.router.index import TierMatch
+from disagg.router.native_score import Scored, tier_factor
 from disagg.router.placement import Placement, PlacementModel, cheapest, fastest_idle, idle_taker, whole_decision
+from disagg.router.policy_config import PolicyConfig as PolicyConfig  # re-exported: the policy's settings
+from disagg.router.policy_config import PolicyKind as PolicyKind
 from disagg.router.ranking import LoadRanking
 from disagg.router.ranking import WorkerLoad as WorkerLoad  # re-exported: the policy's input
 from disagg.utils import cdiv
 
 _NO_MATCH = TierMatch()
 _UNRANKABLE = "unrankable"  # choose_ranked: a cost is NaN, whose order only the full scoring reproduces
-
-
-class PolicyKind(str, enum.Enum):
-    KV = "kv"
-    ROUND_ROBIN = "round_robin"
-    LEAST_LOADED = "least_loaded"
-
-
-@dataclass
-class PolicyConfig:
-    kind: PolicyKind = field(default=PolicyKind.KV, metadata={"flag": "--policy", "help": "how workers are chosen"})
-    # an uncached block weighs 6 blocks of decode load: measured on both Mooncake traces (bench/router.py), 1 (the
-    # Dynamo default) left a quarter of the hits behind at almost the same load balance (docs/benchmarks.md)
-    overlap_weight: float = 6.0
-    queue_weight: float = 1.0
-    affinity_bonus: float = 4.0  # blocks
-    # a LoRA request's pull to the worker that last ran its adapter (most likely still loaded there), in blocks
-    adapter_affinity_bonus: float = 8.0
-    temperature: float = 0.0  # 0: argmin, random among exact ties
-    min_remote_prefill_tokens: int = 64
-    max_prefill_queue_tokens: int = 8192  # a prefill worker with more queued prompt tokens counts as saturated
-    cpu_load_cost: float = 0.05  # prior cost of loading a block from CPU, as a fraction of recomputing it
-    disk_load_cost: float = 0.3  # same for disk
-    peer_pull: bool = True
-    min_peer_pull_blocks: int = 4
-    max_sessions: int = 100_000  # bound of the session -> worker table (least recently used dropped)
-    seed: int | None = None
-    placement: Placement = field(
-        default=Placement.THRESHOLD,
-        metadata={
-            "flag": "--placement",
-            "help": "where prefill runs: threshold (remote when >= min_remote_prefill_tokens uncached and a prefill "
-            "worker has queue room) | cost (lowest predicted time to first token, from measured step times)",
-        },
-    )
-    ttft_target_s: float = 0.0  # cost placement: the TTFT SLO it places for (0: the lowest predicted TTFT)
-    tpot_target_s: float = 0.0  # cost placement: the TPOT SLO flexible workers keep (0: only when no room)
-    flexible: bool = field(
-        default=False,
-        metadata={
-            "flag": "--flexible-workers",
-            "help": "with --placement cost: an idle prefill worker serves a request whole when no decode worker "
-            "has room, or when the decode worker's next step would break the TPOT SLO",
-        },
-    )
-    # cost placement's prior, for a worker with no measured step-time model yet: the default model's step times
-    # on a 2-core CPU (bench/results/time_model.json) and a KV read per block (docs/benchmarks.md, NIXL reads)
-    prior_step_base_s: float = 0.05
-    prior_step_s_per_token: float = 0.00225
-    prior_step_s_per_seq: float = 0.0032
-    prior_step_s_per_kpair: float = 0.00114
-    prior_transfer_s_per_block: float = 0.00014
-
-    def __post_init__(self) -> None:
-        try:
-            self.kind = PolicyKind(self.kind)
-        except ValueError:
-            raise ValueError(f"unknown policy {self.kind!r}: kv, round_robin or least_loaded") from None
-        try:
-            self.placement = Placement(self.placement)
-        except ValueError:
-            raise ValueError(f"unknown placement {self.placement!r}: threshold or cost") from None
-        if self.flexible and self.placement is not Placement.COST:
-            raise ValueError("--flexible-workers needs --placement cost (it prices each worker's next step)")
-
-    def prior(self) -> StepCoefficients:
-        return StepCoefficients(
-            self.prior_step_base_s, self.prior_step_s_per_token, self.prior_step_s_per_seq, self.prior_step_s_per_kpair
-        )
+_UNSETTLED = "unsettled"  # the native candidates cannot settle it (all refused, or ties past the last one)
+_Picked = tuple[str, dict[str, float]] | str | None  # (chosen, costs scored), _UNRANKABLE / _UNSETTLED, or none
 
 
 class RoutingPolicy:
@@ -175,16 +108,19 @@ class RoutingPolicy:
         session: Affinity | None = None,
         block_hashes: frozenset[int] = frozenset(),
         takers: list[WorkerLoad] | None = None,  # flexible workers (None: the prefill workers `eligible` accepts)
+        scored: Scored | None = None,  # `score`'s answer for this request, when it gave one
     ) -> Decision | None:
         """`choose` over the decode workers of `ranking.order` that `eligible` accepts: the same decision, but
         under the kv policy at temperature 0 it scores only the workers that can win (router/ranking.py), and
         `Decision.costs` holds those only.  None: no such decode worker (nor, with flexible workers, an idle
         prefill worker that `eligible` accepts)."""
-        picked: tuple[str, dict[str, float]] | str | None = _UNRANKABLE
+        picked: _Picked = _UNRANKABLE
         tm = {name: as_match(m) for name, m in matches.items()}
         num_blocks = cdiv(num_tokens, self.block_size)
         takers = [p for p in prefill if eligible(p.name)] if takers is None else takers
-        if self._ranks_exactly(ranking):
+        if scored is not None:
+            picked = self._scored_pick(scored, eligible)
+        if (scored is None or picked == _UNSETTLED) and self._ranks_exactly(ranking):
             picked = self._ranked_pick(num_blocks, tm, ranking, loads, eligible, session, block_hashes)
         if isinstance(picked, str):  # every worker scored, as `choose` does
             decode = [loads[n] for n in ranking.order if eligible(n)]
@@ -195,6 +131,36 @@ class RoutingPolicy:
             return self.whole_on_idle(num_tokens, matches, takers) if self.config.flexible else None
         chosen, costs = picked
         return self._decide(loads[chosen], costs, tm, num_tokens, num_blocks, prefill, session, takers)
+
+    def score(
+        self, ranking: LoadRanking, hashes: list[int], distinct: bool, num_tokens: int, session: Affinity | None
+    ) -> Scored | None:
+        """Every decode worker's cost in one native call (router/native_score.py), with the index walk: None where
+        there is no native scorer, the policy is not the kv argmin, or the hashes repeat (the C++ count assumes
+        distinct ones; chained block hashes are)."""
+        scorer, c = ranking.scorer, self.config
+        if scorer is None or not distinct or c.kind is not PolicyKind.KV or c.temperature > 0:
+            return None
+        last = self._sessions.get(session) if session is not None else None
+        bonus = c.adapter_affinity_bonus if isinstance(session, AdapterKey) else c.affinity_bonus
+        weights = (c.overlap_weight, c.queue_weight, bonus)
+        return scorer.score(hashes, cdiv(num_tokens, self.block_size), self.block_size, weights, last)
+
+    def _scored_pick(self, scored: Scored, eligible: Callable[[str], bool]) -> _Picked:
+        """The eligible argmin among the native candidates, ties broken as `_pick` breaks them; _UNSETTLED when
+        they cannot tell (every one refused, or ties may run past the last one, while more workers were scored)."""
+        if scored.unrankable:
+            return _UNRANKABLE
+        best, ties = math.nan, list[str]()
+        for name, cost in scored.candidates():  # (cost, routing order) ascending
+            if ties and cost != best:
+                return self._rng.choice(ties), dict.fromkeys(ties, best)
+            if eligible(name):
+                best = cost
+                ties.append(name)
+        if not scored.complete:
+            return _UNSETTLED
+        return (self._rng.choice(ties), dict.fromkeys(ties, best)) if ties else None
 
     def _ranks_exactly(self, ranking: LoadRanking) -> bool:
         """Whether the cheapest plain workers are the first in load order (weights finite and >= 0, argmin).  Tier
@@ -332,7 +298,7 @@ class RoutingPolicy:
 
     def _tier_factor(self, w: WorkerLoad, tier: Tier) -> float:
         prior = self.config.cpu_load_cost if tier is Tier.CPU else self.config.disk_load_cost
-        return min(1.0, w.tier_cost.get(tier, prior))
+        return tier_factor(w.tier_cost, tier, prior)
 
     def _cost(
         self,
@@ -362,8 +328,9 @@ class RoutingPolicy:
             best = min(costs.values())
             weights = [math.exp(-(costs[w.name] - best) / temperature) for w in workers]
             return self._rng.choices(workers, weights=weights)[0]
-        best = min(costs[w.name] for w in workers)
-        return self._rng.choice([w for w in workers if costs[w.name] == best])
+        scored = [costs[w.name] for w in workers]
+        best = min((c for c in scored if c == c), default=math.nan)  # NaN (0 x a -inf tier price) never wins
+        return self._rng.choice([w for w, c in zip(workers, scored, strict=True) if c == best] or workers)
 
     def _choose_prefill(
         self, uncached_tokens: int, num_blocks: int, matches: dict[str, TierMatch], prefill: list[WorkerLoad]

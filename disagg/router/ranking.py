@@ -16,20 +16,27 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from disagg.protocol import Tier
 from disagg.router.in_flight import InFlightBlocks, MaskBlocks
+from disagg.router.native_score import NativeScorer
 from disagg.router.placement import WorkerTiming
 
 _RANKED_TERMS = frozenset({"active_blocks", "queued_prefill_tokens", "ranking"})
 
 
 class LoadRanking:
-    def __init__(self, queue_weight: float, block_size: int, in_flight: InFlightBlocks | None = None) -> None:
-        self.queue_weight, self.block_size = queue_weight, block_size
+    def __init__(
+        self,
+        queue_weight: float,
+        block_size: int,
+        in_flight: InFlightBlocks | None = None,
+        scorer: NativeScorer | None = None,  # the same terms in C++ arrays, for a decision in one call
+    ) -> None:
+        self.queue_weight, self.block_size, self.scorer = queue_weight, block_size, scorer
         # a weight the policy cannot rank by (it then scores every worker): groups kept in terms order instead
         self._weight = queue_weight if math.isfinite(queue_weight) and queue_weight >= 0 else 0.0
         self.order: dict[str, int] = {}  # the decode workers, in routing order (ties are broken in this order)
@@ -40,6 +47,8 @@ class LoadRanking:
 
     def set_order(self, decode: Iterable[str]) -> None:
         self.order = {name: i for i, name in enumerate(decode)}
+        if self.scorer is not None:
+            self.scorer.set_order(self.order)
 
     def key(self, active_blocks: int, queued_tokens: int) -> float:
         return active_blocks + self._weight * (queued_tokens / self.block_size)
@@ -50,6 +59,8 @@ class LoadRanking:
         old = self._terms.get(name)
         if old == terms:
             return
+        if self.scorer is not None:
+            self.scorer.set_load(name, active_blocks, queued_tokens)
         if old is not None:
             left = self._groups[old]
             left.discard(name)
@@ -62,6 +73,11 @@ class LoadRanking:
             group = self._groups[terms] = set()
             bisect.insort(self._keys, (self.key(*terms), *terms))
         group.add(name)
+
+    def tier_costs(self, name: str, costs: Mapping[Tier, float]) -> None:
+        """`name`'s measured tier costs changed (they price its cached blocks outside device memory)."""
+        if self.scorer is not None:
+            self.scorer.set_tier_costs(name, costs)
 
     def hold(self, name: str, hashes: list[int]) -> None:
         """`name`'s in-flight requests now hold these blocks (none of them held before)."""
@@ -109,14 +125,19 @@ class WorkerLoad:
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        if name in _RANKED_TERMS and self.__dict__.get("ranking") is not None:
-            self._rank(attached=name == "ranking")
+        ranking = self.__dict__.get("ranking")
+        if ranking is None:
+            return
+        if name == "tier_cost":  # (set whole, never edited in place: the router assigns each heartbeat's dict)
+            ranking.tier_costs(self.name, value)
+        elif name in _RANKED_TERMS:
+            self._rank(ranking, attached=name == "ranking")
 
-    def _rank(self, attached: bool) -> None:
-        assert self.ranking is not None
-        self.ranking.update(self.name, self.active_blocks, self.queued_prefill_tokens)
+    def _rank(self, ranking: LoadRanking, attached: bool) -> None:
+        ranking.update(self.name, self.active_blocks, self.queued_prefill_tokens)
         if attached:
-            self.ranking.hold(self.name, list(self.active_hashes))
+            ranking.tier_costs(self.name, self.tier_cost)
+            ranking.hold(self.name, list(self.active_hashes))
 
     def add_blocks(self, hashes: list[int], private: int) -> None:
         if self.ranking is not None:

@@ -49,8 +49,9 @@ from disagg.router.event_follow import EventFollowers
 from disagg.router.flight import Flight
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
-from disagg.router.index import Ingest, PrefixIndex, make_block_table, make_in_flight
+from disagg.router.index import Ingest, PrefixIndex
 from disagg.router.load import LatencyWindow, LoadBook, LoadTicket, tier_costs
+from disagg.router.native_score import make_router_tables
 from disagg.router.parking import Parking
 from disagg.router.placement import WorkerTiming
 from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
@@ -85,9 +86,9 @@ class RouterCore:
         self.handles: dict[str, WorkerHandle | None] = {**prefill, **decode}
         self.config, self.block_size = config or RouterCoreConfig(), block_size
         self.policy = RoutingPolicy(policy, block_size)
-        self.index = PrefixIndex(table=make_block_table(self.config.native_index))
-        in_flight = make_in_flight(self.config.native_index)  # which in-flight requests hold which blocks
-        self.ranking = LoadRanking(self.policy.config.queue_weight, block_size, in_flight)  # loads, ranked
+        pc = self.policy.config  # the index, the in-flight blocks, and a scorer over both where they are C++ tables
+        table, in_flight, scorer = make_router_tables(self.config.native_index, pc.cpu_load_cost, pc.disk_load_cost)
+        self.index, self.ranking = PrefixIndex(table=table), LoadRanking(pc.queue_weight, block_size, in_flight, scorer)
         self.loads = {name: WorkerLoad(name, ranking=self.ranking) for name in self.handles}
         self.ranking.set_order(self.decode)
         for name in self.loads:
@@ -127,13 +128,8 @@ class RouterCore:
         # out of routing and asleep for another model's worker (router/parking.py; the fleet planner's moves)
         self.parking = Parking(self.health, self.loads, self.handles, self.roles.in_flight.__contains__)
         p = self.parking
-        self.park, self.leave, self.settle, self.wake_parked, self.standby = (
-            p.park,
-            p.leave,
-            p.settle,
-            p.wake,
-            p.standby,
-        )
+        self.park, self.leave, self.settle = p.park, p.leave, p.settle
+        self.wake_parked, self.standby = p.wake, p.standby
         # the worker calls of one attempt (router/attempt.py)
         self.attempts = AttemptRunner(self.handles, self.health, self.counters, self.config)
         self.resumer = Resumer(self.handles, self.health, self.config)  # streams a dead relay started (resume.py)
@@ -253,13 +249,15 @@ class RouterCore:
         prefill = [self.loads[n] for n in self.prefill if routable(n)]
         lora = request.lora
         key = affinity(request.tenant, session, (lora.name, lora.path) if lora is not None else None)
-        with self._lock:  # the decode workers are scored in routing order, the likely winners only (ranking.py)
-            matches = self.index.match(hashes)
+        with self._lock:  # every decode worker scored in one native call, else the likely winners only (ranking.py)
+            blocks = frozenset(hashes)
+            scored = self.policy.score(self.ranking, hashes, len(blocks) == len(hashes), request.num_tokens, key)
+            matches = self.index.match(hashes) if scored is None else scored.matches
             if self.health.parked:  # asleep: their tiers offer nothing (export_prefix answers None)
                 matches = {n: m for n, m in matches.items() if n not in self.health.parked}
             idle = self.book.takers(eligible, request.num_tokens, self.roles.in_flight)  # flexible workers (or none)
             decision = self.policy.choose_ranked(
-                request.num_tokens, matches, self.ranking, self.loads, eligible, prefill, key, frozenset(hashes), idle
+                request.num_tokens, matches, self.ranking, self.loads, eligible, prefill, key, blocks, idle, scored
             )
             if decision is None:
                 raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")

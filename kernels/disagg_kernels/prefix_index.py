@@ -1,6 +1,6 @@
-"""ctypes binding of `prefix_index.cpp`, the router's prefix index storage in C++ (torch-free: the router process
-loads it).  Every call runs without the GIL (ctypes releases it), so KV event ingest on one thread and routing
-decisions on another proceed side by side.  `load_index_lib()` builds the library once per machine (cached, as
+"""ctypes binding of `prefix_index.cpp`, the router's prefix index storage in C++, and of `route_score.cpp`, a
+routing decision's scoring over it (torch-free: the router process loads them).  Every call runs without the GIL
+(ctypes releases it), so KV event ingest on one thread and routing decisions on another proceed side by side.  `load_index_lib()` builds the library once per machine (cached, as
 the quantized kernels are) and returns None with the reason when it cannot: the router then keeps its index in
 Python (`disagg/router/block_table.py`'s `PyBlockTable`) and says so.
 """
@@ -13,8 +13,10 @@ from pathlib import Path
 
 from disagg_kernels.native_build import build_library
 
-_SOURCE = Path(__file__).with_name("prefix_index.cpp")
-_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++17"]  # no -march: nothing here vectorizes, one build serves any CPU
+_SOURCES = (Path(__file__).with_name("prefix_index.cpp"), Path(__file__).with_name("route_score.cpp"))
+# no -march: nothing here vectorizes, one build serves any CPU; no contraction into fused multiply-adds, so the
+# routing cost (route_score.cpp) rounds as the Python expression it mirrors does
+_FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off"]
 _u64p = ctypes.POINTER(ctypes.c_uint64)
 _i64p = ctypes.POINTER(ctypes.c_int64)
 _i32p = ctypes.POINTER(ctypes.c_int32)
@@ -38,6 +40,7 @@ class IndexLib:
             "pi_owners": ([table, ctypes.c_uint64, _i32p, ctypes.POINTER(u8), i32], i32),
             "pi_match": ([table, ctypes.c_void_p, i64, _i32p, _i64p, i32], i32),
             "pi_shared": ([table, ctypes.c_void_p, i64, _i32p, _i64p, i32], i32),
+            "pi_route": ([ctypes.c_void_p, ctypes.c_void_p, i64], i32),  # (RouteCall*, hashes, n)
         }
         for name, (args, result) in signatures.items():
             fn = getattr(lib, name)
@@ -46,11 +49,12 @@ class IndexLib:
         self.store, self.drop, self.drop_all = lib.pi_store, lib.pi_drop, lib.pi_drop_all
         self.worker_blocks, self.worker_counts = lib.pi_worker_blocks, lib.pi_worker_counts
         self.owners, self.match, self.shared = lib.pi_owners, lib.pi_match, lib.pi_shared
+        self.route = lib.pi_route  # route_score.cpp: a decision's scoring in one call
 
 
 def load_index_lib(cache_dir: Path) -> tuple[IndexLib | None, str]:
     """The compiled index and "", or None and why not (the caller keeps its index in Python)."""
     try:
-        return IndexLib(build_library("prefix_index", (_SOURCE,), _FLAGS, cache_dir)), ""
+        return IndexLib(build_library("prefix_index", _SOURCES, _FLAGS, cache_dir)), ""
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
         return None, str(exc)
