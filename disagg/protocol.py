@@ -125,7 +125,7 @@ class FallbackKind(str, enum.Enum):
 
 
 # ---------------------------------------------------------------------------------------------- block hashing
-_ROOT_PARENT = b"disagg-root-v1\x00\x00"
+ROOT_PARENT = b"disagg-root-v1\x00\x00"
 
 
 def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
@@ -135,7 +135,7 @@ def hash_block_tokens(parent_hash: int | None, token_ids: Sequence[int]) -> int:
     fits msgpack's uint64 and a numpy/torch int column.
     """
     h = hashlib.blake2b(digest_size=8)
-    h.update(_ROOT_PARENT if parent_hash is None else parent_hash.to_bytes(8, "little"))
+    h.update(ROOT_PARENT if parent_hash is None else parent_hash.to_bytes(8, "little"))
     h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))
     return int.from_bytes(h.digest(), "little")
 
@@ -144,7 +144,7 @@ def hash_prompt_blocks(token_ids: Sequence[int], block_size: int, parent_hash: i
     """Hashes of every *full* block (a trailing partial one has none): `hash_block_tokens`' chain, packed once."""
     n = max(0, len(token_ids) // block_size) * block_size  # the tokens of the full blocks
     d, w, b = struct.pack(f"<{n}i", *token_ids[:n]), 4 * block_size, hashlib.blake2b
-    p = _ROOT_PARENT if parent_hash is None else parent_hash.to_bytes(8, "little")  # each digest: the next parent
+    p = ROOT_PARENT if parent_hash is None else parent_hash.to_bytes(8, "little")  # each digest: the next parent
     return [int.from_bytes(p := b(p + d[i : i + w], digest_size=8).digest(), "little") for i in range(0, 4 * n, w)]
 
 

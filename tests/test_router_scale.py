@@ -11,10 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from disagg.errors import ServiceUnavailable
+from disagg.isolation import salt_root
 from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Role, Tier, hash_block_tokens, hash_prompt_blocks
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.index import Ingest, PrefixIndex, TierMatch
 from disagg.router.native_score import CANDIDATES
+from disagg.router.prompt_hash import NativePromptHasher, make_prompt_hasher
 from disagg.router.policy import PolicyConfig, RoutingPolicy
 from disagg.router.router import RouterCore
 
@@ -333,3 +335,37 @@ def test_prompt_hashes_are_the_block_by_block_chain(tokens, block_size, parent):
         h = hash_block_tokens(h, tokens[start : start + block_size])
         expected.append(h)
     assert hash_prompt_blocks(tokens, block_size, parent) == expected
+
+
+_NATIVE_HASH = make_prompt_hasher(native=True)
+
+
+@given(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=300), st.sampled_from([1, 3, 16, 32, 33, 64]),
+       st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+def test_the_routers_native_prompt_hashing_is_the_reference(tokens, block_size, parent):
+    """block_hash.cpp against protocol.hash_prompt_blocks (what every worker hashes with), bit for bit: messages of
+    one and several BLAKE2b blocks (block sizes past 30 tokens), the root and salted parents, negative ids."""
+    assert isinstance(_NATIVE_HASH, NativePromptHasher)
+    assert _NATIVE_HASH(tokens, block_size, parent) == hash_prompt_blocks(tokens, block_size, parent)
+
+
+def test_the_routers_native_prompt_hashing_is_the_reference_on_long_prompts():
+    rng = random.Random(0)  # (hypothesis keeps its lists short: here every block size meets many full blocks)
+    for block_size in (16, 30, 31, 32, 33, 64, 100):
+        for _ in range(20):
+            tokens = [rng.randrange(-(2**31), 2**31) for _ in range(rng.randint(block_size, 600))]
+            parent = rng.choice([None, rng.randrange(2**64)])
+            assert _NATIVE_HASH(tokens, block_size, parent) == hash_prompt_blocks(tokens, block_size, parent)
+
+
+def test_a_prompt_the_native_hashing_cannot_take_is_refused_as_the_reference_refuses_it():
+    for tokens, parent in (([2**31] * 16, None), ([-(2**31) - 1] * 16, None), ([1.5] * 16, None), ([1] * 16, -1)):
+        with pytest.raises(Exception) as native:
+            _NATIVE_HASH(tokens, 16, parent)
+        with pytest.raises(Exception) as reference:
+            hash_prompt_blocks(tokens, 16, parent)
+        assert type(native.value) is type(reference.value)
+    core = RouterCore({}, {"w": None}, block_size=BLOCK)
+    request = Request("r", list(range(10 * BLOCK + 1)), cache_salt="tenant t")
+    salted = hash_prompt_blocks(request.prompt_token_ids, BLOCK, salt_root(request.hash_salt()))
+    assert core.block_hashes(request) == salted != hash_prompt_blocks(request.prompt_token_ids, BLOCK)

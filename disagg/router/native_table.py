@@ -160,6 +160,11 @@ def _library(cache_dir: Path) -> tuple[IndexLib | None, str]:
     return load_index_lib(cache_dir)
 
 
+def library() -> IndexLib | None:
+    """The router's C++ library, or None where it does not build here (make_block_table logs why)."""
+    return _library(cache_root() / "kernels")[0]
+
+
 def make_in_flight(native: bool, ids: WorkerIds | None = None) -> InFlightBlocks:
     """The router's in-flight blocks (router/in_flight.py): in a C++ table when asked for and it builds here (with
     no bound: what is in flight is bounded by the workers' KV), else as bit masks in Python."""

@@ -38,7 +38,7 @@ from disagg.errors import ServiceUnavailable
 from disagg.isolation import affinity, salt_root
 from disagg.planner.fleet import FleetConfig, ModelSignal
 from disagg.planner.loop import PlannerLoop
-from disagg.protocol import KVEventBatch, Request, Role, TokenDelta, hash_prompt_blocks
+from disagg.protocol import KVEventBatch, Request, Role, TokenDelta
 from disagg.router.admission import AdmissionConfig, AdmissionControl, AdmissionQueue, CapacityConfig, Entry
 from disagg.router.attempt import AttemptRunner
 from disagg.router.core_config import RouterCoreConfig
@@ -55,6 +55,7 @@ from disagg.router.native_score import make_router_tables
 from disagg.router.parking import Parking
 from disagg.router.placement import WorkerTiming
 from disagg.router.policy import PolicyConfig, RoutingPolicy, WorkerLoad
+from disagg.router.prompt_hash import make_prompt_hasher
 from disagg.router.ranking import LoadRanking
 from disagg.router.resume import Resumer
 from disagg.router.roles import RoleChanger
@@ -88,6 +89,7 @@ class RouterCore:
         self.policy = RoutingPolicy(policy, block_size)
         pc = self.policy.config  # the index, the in-flight blocks, and a scorer over both where they are C++ tables
         table, in_flight, scorer = make_router_tables(self.config.native_index, pc.cpu_load_cost, pc.disk_load_cost)
+        self._hash_blocks = make_prompt_hasher(self.config.native_index)  # the workers' block hashes, in one call
         self.index, self.ranking = PrefixIndex(table=table), LoadRanking(pc.queue_weight, block_size, in_flight, scorer)
         self.loads = {name: WorkerLoad(name, ranking=self.ranking) for name in self.handles}
         self.ranking.set_order(self.decode)
@@ -233,7 +235,7 @@ class RouterCore:
     def block_hashes(self, request: Request) -> list[int]:
         """The request's full blocks (prompt + resumed output), hashed as the workers hash them."""
         tokens = request.prompt_token_ids + request.resume_token_ids
-        return hash_prompt_blocks(tokens, self.block_size, salt_root(request.hash_salt()))
+        return self._hash_blocks(tokens, self.block_size, salt_root(request.hash_salt()))
 
     def route(
         self,

@@ -1,6 +1,7 @@
-"""ctypes binding of `prefix_index.cpp`, the router's prefix index storage in C++, and of `route_score.cpp`, a
-routing decision's scoring over it (torch-free: the router process loads them).  Every call runs without the GIL
-(ctypes releases it), so KV event ingest on one thread and routing decisions on another proceed side by side.  `load_index_lib()` builds the library once per machine (cached, as
+"""ctypes binding of `prefix_index.cpp`, the router's prefix index storage in C++, of `route_score.cpp`, a routing
+decision's scoring over it, and of `block_hash.cpp`, a prompt's block hashes (torch-free: the router process loads
+them).  Every call runs without the GIL (ctypes releases it), so KV event ingest on one thread and routing
+decisions on another proceed side by side.  `load_index_lib()` builds the library once per machine (cached, as
 the quantized kernels are) and returns None with the reason when it cannot: the router then keeps its index in
 Python (`disagg/router/block_table.py`'s `PyBlockTable`) and says so.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from disagg_kernels.native_build import build_library
 
-_SOURCES = (Path(__file__).with_name("prefix_index.cpp"), Path(__file__).with_name("route_score.cpp"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("prefix_index.cpp", "route_score.cpp", "block_hash.cpp"))
 # no -march: nothing here vectorizes, one build serves any CPU; no contraction into fused multiply-adds, so the
 # routing cost (route_score.cpp) rounds as the Python expression it mirrors does
 _FLAGS = ["-O2", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off"]
@@ -41,6 +42,7 @@ class IndexLib:
             "pi_match": ([table, ctypes.c_void_p, i64, _i32p, _i64p, i32], i32),
             "pi_shared": ([table, ctypes.c_void_p, i64, _i32p, _i64p, i32], i32),
             "pi_route": ([ctypes.c_void_p, ctypes.c_void_p, i64], i32),  # (RouteCall*, hashes, n)
+            "bh_chain": ([ctypes.c_char_p, i64, ctypes.c_char_p, i64, i64, ctypes.c_void_p], None),
         }
         for name, (args, result) in signatures.items():
             fn = getattr(lib, name)
@@ -50,6 +52,7 @@ class IndexLib:
         self.worker_blocks, self.worker_counts = lib.pi_worker_blocks, lib.pi_worker_counts
         self.owners, self.match, self.shared = lib.pi_owners, lib.pi_match, lib.pi_shared
         self.route = lib.pi_route  # route_score.cpp: a decision's scoring in one call
+        self.chain = lib.bh_chain  # block_hash.cpp: a prompt's chained block hashes
 
 
 def load_index_lib(cache_dir: Path) -> tuple[IndexLib | None, str]:
