@@ -212,6 +212,25 @@ def test_a_nan_cost_never_wins_on_either_path():
             assert core.route(Request(f"r{i}", prompt)).decode_worker == "w1"
 
 
+def test_repeated_hashes_count_once_in_the_shared_blocks_term():
+    """A caller's hash list with repeats (chained hashes never repeat; a list handed to route() may): the native
+    scoring counts each in-flight block once, as the Python policy's set does."""
+    for native in (True, False):
+        core = RouterCore({}, {"a": None, "b": None}, PolicyConfig(seed=1), BLOCK, RouterCoreConfig(native_index=native))
+        prompt = list(range(8 * BLOCK + 1))
+        hashes = hash_prompt_blocks(prompt, BLOCK)
+        held = core.begin(core.route(Request("held", prompt), only="a".__eq__), len(prompt), hashes)  # a holds all 8
+        core.progress(held, 1)  # past its first token: nothing queued on a
+        core.loads["a"].active_blocks = 12  # its in-flight requests hold the prompt's 8 full blocks, and 4 more
+        # nothing cached anywhere: a costs 6 x 9 + (12 + 9 - shared), b costs 6 x 9 + 9.  Shared counted once (8):
+        # a 67, b 63, b wins; counted once per repeat (16), a would cost 59 and win
+        repeated = hashes + hashes
+        assert core.route(Request("r", prompt), hashes=repeated).decode_worker == "b"
+        ref = RoutingPolicy(PolicyConfig(seed=1), BLOCK)
+        decode = [core.loads["a"], core.loads["b"]]
+        assert ref.choose(len(prompt), {}, decode, [], None, frozenset(repeated)).decode_worker == "b"
+
+
 def test_ranked_decisions_at_many_idle_and_tied_workers():
     # 64 idle workers, no prefix cached: every worker ties, the choice among them follows the routing order
     core = RouterCore({}, {f"w{i}": None for i in range(64)}, PolicyConfig(seed=3), block_size=BLOCK)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ctypes
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from disagg.protocol import Tier
@@ -135,13 +135,13 @@ class NativeScorer:
     # ------------------------------------------------------------------ the decision's scoring
     def score(
         self,
-        hashes: list[int],
+        hashes: Sequence[int],
         num_blocks: int,
         block_size: int,
         weights: tuple[float, float, float],  # overlap weight, queue weight, session bonus
         session_worker: str | None,
     ) -> Scored:
-        """Every decode worker's cost for a prompt of these (distinct) block hashes: the cheapest candidates."""
+        """Every decode worker's cost for a prompt of these block hashes: the cheapest candidates."""
         buffer, address = packed(hashes)
         call = self._call
         call.session_worker = self.ids.ids.get(session_worker, -1) if session_worker is not None else -1

@@ -32,7 +32,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import NamedTuple, Protocol, TypeVar
 
 from disagg.config import EngineConfig
 from disagg.engine.step_time import ChunkRule, StepCoefficients
@@ -69,8 +69,7 @@ class WorkerLoad(Protocol):
 W = TypeVar("W", bound=WorkerLoad)
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):  # (a tuple: one is made per priced option of every decision)
     worker: str | None  # None: local prefill on the decode worker
     seconds: float
 

@@ -36,7 +36,7 @@ import itertools
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from disagg.isolation import AdapterKey, Affinity
 from disagg.protocol import Tier
@@ -106,7 +106,7 @@ class RoutingPolicy:
         eligible: Callable[[str], bool],
         prefill: list[WorkerLoad],
         session: Affinity | None = None,
-        block_hashes: frozenset[int] = frozenset(),
+        hashes: Sequence[int] = (),
         takers: list[WorkerLoad] | None = None,  # flexible workers (None: the prefill workers `eligible` accepts)
         scored: Scored | None = None,  # `score`'s answer for this request, when it gave one
     ) -> Decision | None:
@@ -121,11 +121,11 @@ class RoutingPolicy:
         if scored is not None:
             picked = self._scored_pick(scored, eligible)
         if (scored is None or picked == _UNSETTLED) and self._ranks_exactly(ranking):
-            picked = self._ranked_pick(num_blocks, tm, ranking, loads, eligible, session, block_hashes)
+            picked = self._ranked_pick(num_blocks, tm, ranking, loads, eligible, session, frozenset(hashes))
         if isinstance(picked, str):  # every worker scored, as `choose` does
             decode = [loads[n] for n in ranking.order if eligible(n)]
             if decode:
-                return self.choose(num_tokens, matches, decode, prefill, session, block_hashes, takers)
+                return self.choose(num_tokens, matches, decode, prefill, session, frozenset(hashes), takers)
             picked = None
         if picked is None:  # no decode worker; with flexible workers, an idle prefill worker serves it whole
             return self.whole_on_idle(num_tokens, matches, takers) if self.config.flexible else None
@@ -133,13 +133,12 @@ class RoutingPolicy:
         return self._decide(loads[chosen], costs, tm, num_tokens, num_blocks, prefill, session, takers)
 
     def score(
-        self, ranking: LoadRanking, hashes: list[int], distinct: bool, num_tokens: int, session: Affinity | None
+        self, ranking: LoadRanking, hashes: Sequence[int], num_tokens: int, session: Affinity | None
     ) -> Scored | None:
         """Every decode worker's cost in one native call (router/native_score.py), with the index walk: None where
-        there is no native scorer, the policy is not the kv argmin, or the hashes repeat (the C++ count assumes
-        distinct ones; chained block hashes are)."""
+        there is no native scorer, or the policy is not the kv argmin."""
         scorer, c = ranking.scorer, self.config
-        if scorer is None or not distinct or c.kind is not PolicyKind.KV or c.temperature > 0:
+        if scorer is None or c.kind is not PolicyKind.KV or c.temperature > 0:
             return None
         last = self._sessions.get(session) if session is not None else None
         bonus = c.adapter_affinity_bonus if isinstance(session, AdapterKey) else c.affinity_bonus
@@ -243,7 +242,7 @@ class RoutingPolicy:
     ) -> Decision:
         """The rest of a decision once its decode worker is chosen: where it prefills, whether it pulls a prefix."""
         kind, chosen = self.config.kind, load.name
-        match = tm.get(chosen, TierMatch())
+        match = tm.get(chosen) or TierMatch()
         if self.config.flexible:  # the decode worker's batch is full for the TPOT target: an idle taker serves it
             taker, why = idle_taker(self.placement, load, takers, self.config.tpot_target_s)
             if taker is not None:

@@ -252,14 +252,13 @@ class RouterCore:
         lora = request.lora
         key = affinity(request.tenant, session, (lora.name, lora.path) if lora is not None else None)
         with self._lock:  # every decode worker scored in one native call, else the likely winners only (ranking.py)
-            blocks = frozenset(hashes)
-            scored = self.policy.score(self.ranking, hashes, len(blocks) == len(hashes), request.num_tokens, key)
+            scored = self.policy.score(self.ranking, hashes, request.num_tokens, key)
             matches = self.index.match(hashes) if scored is None else scored.matches
             if self.health.parked:  # asleep: their tiers offer nothing (export_prefix answers None)
                 matches = {n: m for n, m in matches.items() if n not in self.health.parked}
             idle = self.book.takers(eligible, request.num_tokens, self.roles.in_flight)  # flexible workers (or none)
             decision = self.policy.choose_ranked(
-                request.num_tokens, matches, self.ranking, self.loads, eligible, prefill, key, blocks, idle, scored
+                request.num_tokens, matches, self.ranking, self.loads, eligible, prefill, key, hashes, idle, scored
             )
             if decision is None:
                 raise ServiceUnavailable("no decode worker is alive; retry shortly", code="no_workers")

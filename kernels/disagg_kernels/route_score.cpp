@@ -12,6 +12,7 @@
 //   uncached = num_blocks - total (+ cpu * cpu_factor if cpu) (+ disk * disk_factor if disk)
 //   cost     = overlap_weight * uncached + (active + num_blocks - shared) + queue_weight * (queued / block_size)
 //              (- session_bonus on the session's last worker)
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -26,6 +27,7 @@ struct Scratch {  // per calling thread, reused: a decision allocates nothing on
   std::vector<int32_t> shared_ids, match_of;
   std::vector<int64_t> shared_counts, shared_of;
   std::vector<int32_t> pos;
+  std::vector<uint64_t> distinct;
 };
 thread_local Scratch scratch;
 
@@ -80,8 +82,14 @@ int32_t pi_route(RouteCall* call, const uint64_t* hashes, int64_t n) {
     s.shared_ids.resize(64);
     s.shared_counts.resize(64);
   }
+  // the shared-blocks term counts a prompt's distinct blocks (the Python policy counts a set): chained hashes
+  // never repeat, but a caller's list may
+  s.distinct.assign(hashes, hashes + n);
+  std::sort(s.distinct.begin(), s.distinct.end());
+  const auto distinct = static_cast<int64_t>(std::unique(s.distinct.begin(), s.distinct.end()) - s.distinct.begin());
+  const uint64_t* blocks = distinct == n ? hashes : s.distinct.data();
   int32_t sharing;
-  while ((sharing = pi_shared(c.in_flight, hashes, n, s.shared_ids.data(), s.shared_counts.data(),
+  while ((sharing = pi_shared(c.in_flight, blocks, distinct, s.shared_ids.data(), s.shared_counts.data(),
                               static_cast<int32_t>(s.shared_ids.size()))) < 0) {
     s.shared_ids.resize(-sharing);
     s.shared_counts.resize(-sharing);
