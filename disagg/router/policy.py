@@ -19,7 +19,9 @@ queue term keeps a worker with a hot prefix from being buried under a burst, the
 conversations together before their blocks are indexed.  Ties (or near-ties, with temperature > 0) are broken
 by a softmax over -cost / temperature.
 
-With many workers, `choose_ranked` makes the same decision scoring only the workers that can win it (the ones
+With many workers, `choose_ranked` makes the same decision faster: where the router's C++ library builds, every
+decode worker is scored in one native call (`score`, router/native_score.py) and the eligible cheapest taken from
+its candidates; otherwise (or when those cannot settle it) only the workers that can win are scored (the ones
 with a cached prefix, shared in-flight blocks or the session, plus the least loaded others: router/ranking.py).
 
 Conditional disaggregation (`placement`): with `threshold`, prefill runs on a prefill worker when the uncached
