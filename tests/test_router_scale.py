@@ -11,8 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from disagg.errors import ServiceUnavailable
-from disagg.isolation import salt_root
-from disagg.protocol import EventKind, KVEvent, KVEventBatch, Request, Role, Tier, hash_block_tokens, hash_prompt_blocks
+from disagg.isolation import affinity, salt_root
+from disagg.protocol import (
+    EventKind, KVEvent, KVEventBatch, LoRARef, Request, Role, Tier, hash_block_tokens, hash_prompt_blocks,
+)
 from disagg.router.core_config import RouterCoreConfig
 from disagg.router.index import Ingest, PrefixIndex, TierMatch
 from disagg.router.native_score import CANDIDATES
@@ -71,15 +73,30 @@ def reference_decision(core: RouterCore, ref: RoutingPolicy, request: Request, s
     if not decode:
         return None
     prefill = [core.loads[n] for n in core.prefill if core.health.routable(n)]
-    key = (request.tenant, session) if session else None
+    lora = request.lora
+    key = affinity(request.tenant, session, (lora.name, lora.path) if lora is not None else None)
     return ref.choose(request.num_tokens, reference_match(core.index, hashes), decode, prefill, key, frozenset(hashes))
+
+
+def count_native_picks(core: RouterCore) -> Counter:
+    """How the core's native candidates settle its decisions from now on: "settled", "unsettled" (the Python pick
+    decides), "unrankable" or None (no eligible worker)."""
+    outcomes, pick = Counter(), core.policy._scored_pick
+
+    def counted(scored, eligible):
+        picked = pick(scored, eligible)
+        outcomes["settled" if isinstance(picked, tuple) else picked] += 1
+        return picked
+
+    core.policy._scored_pick = counted
+    return outcomes
 
 
 # ---------------------------------------------------------------------------------------------- a random cluster
 class World:
     """A RouterCore and a reference policy with the same seed, driven by random events, loads and states."""
 
-    def __init__(self, seed: int, decode_workers: tuple[int, int] = (1, 12)) -> None:
+    def __init__(self, seed: int, decode_workers: tuple[int, int] = (1, 12), native: bool = True) -> None:
         rng = self.rng = random.Random(seed)
         config = PolicyConfig(
             seed=seed,
@@ -87,13 +104,16 @@ class World:
             queue_weight=rng.choice([0.0, 1.0, 0.3, 2.0]),
             affinity_bonus=rng.choice([0.0, 4.0, 1.5]),
             cpu_load_cost=rng.choice([0.05, 2.0]),
+            disk_load_cost=rng.choice([0.3, 0.7]),
+            adapter_affinity_bonus=rng.choice([8.0, 0.5]),
             peer_pull=rng.random() < 0.7,
             min_remote_prefill_tokens=rng.choice([8, 64]),
         )
         n_decode, n_prefill = rng.randint(*decode_workers), rng.choice([0, 0, 1, 3])
         self.names = [f"w{i}" for i in range(n_decode + n_prefill)]
         prefill = {n: None for n in self.names[n_decode:]}
-        self.core = RouterCore(prefill, {n: None for n in self.names[:n_decode]}, config, block_size=BLOCK)
+        tables = RouterCoreConfig(native_index=native)  # C++ tables and scoring, or the Python ones
+        self.core = RouterCore(prefill, {n: None for n in self.names[:n_decode]}, config, BLOCK, tables)
         self.ref = RoutingPolicy(config, BLOCK)
         self.seq = dict.fromkeys(self.names, -1)
         self.chains = [[rng.randrange(100) for _ in range(BLOCK * 12)] for _ in range(6)]
@@ -114,7 +134,8 @@ class World:
 
     def route(self, i: int) -> None:
         rng, core = self.rng, self.core
-        request = Request(f"r{i}", self.prompt(), tenant=rng.choice([None, "t"]))
+        lora = rng.choice([None, None, LoRARef("a1", "/adapters/a1")])  # no session: its adapter's affinity
+        request = Request(f"r{i}", self.prompt(), tenant=rng.choice([None, "t"]), lora=lora)
         session = rng.choice([None, None, "s1", "s2", "s3"])
         allowed = set(rng.sample(self.names, rng.randint(0, len(self.names))))
         only = rng.choice([None, allowed.__contains__])
@@ -146,17 +167,19 @@ class World:
         elif roll < 0.4:  # set directly, as tests and heartbeats do
             core.loads[w].active_blocks = rng.choice([0, 3, 10, 10_000])
         elif roll < 0.5:
-            core.loads[w].tier_cost = {Tier.CPU: rng.choice([0.02, 0.5, 3.0, math.inf])}
+            core.loads[w].tier_cost = {Tier.CPU: rng.choice([0.02, 0.5, 3.0, math.inf]), Tier.DISK: rng.random()}
         elif roll < 0.65:
             rng.choice([core.health.drain, core.health.undrain, core.health.take_out, core.health.mark_ready])(w, "t")
         elif roll < 0.75 and (w in core.prefill or len(core.decode) > 1):
             core.set_routing_role(w, Role.PREFILL if w in core.decode else Role.DECODE)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["cpp-scoring", "python-ranking"])
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1))
-def test_ranked_decisions_are_the_full_scorings(seed):
-    world = World(seed)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_ranked_decisions_are_the_full_scorings(native, seed):
+    world = World(seed, native=native)
+    assert (world.core.ranking.scorer is not None) == native
     for i in range(120):
         roll = world.rng.random()
         if roll < 0.35:
@@ -175,15 +198,7 @@ def test_native_scoring_past_its_candidates_is_the_full_scoring(seed):
     the full scoring's; the native path is taken, not skipped."""
     world = World(seed, decode_workers=(CANDIDATES + 1, 2 * CANDIDATES + 8))
     assert world.core.ranking.scorer is not None
-    outcomes = Counter()
-    pick = world.core.policy._scored_pick
-
-    def counted(scored, eligible):
-        picked = pick(scored, eligible)
-        outcomes[picked if isinstance(picked, str) or picked is None else "settled"] += 1
-        return picked
-
-    world.core.policy._scored_pick = counted
+    outcomes = count_native_picks(world.core)
     for i in range(150):
         roll = world.rng.random()
         if roll < 0.3:
@@ -210,6 +225,8 @@ def test_a_nan_cost_never_wins_on_either_path():
         core.loads["w0"].tier_cost = {Tier.CPU: -math.inf}
         for i in range(5):
             assert core.route(Request(f"r{i}", prompt)).decode_worker == "w1"
+        with pytest.raises(TypeError):  # replaced whole or not at all: an edit in place would skip the C++ copy
+            core.loads["w0"].tier_cost[Tier.CPU] = 0.5  # type: ignore[index]
 
 
 def test_repeated_hashes_count_once_in_the_shared_blocks_term():
@@ -233,14 +250,17 @@ def test_repeated_hashes_count_once_in_the_shared_blocks_term():
 
 def test_ranked_decisions_at_many_idle_and_tied_workers():
     # 64 idle workers, no prefix cached: every worker ties, the choice among them follows the routing order
+    # (more ties than the native call's 16 candidates: the Python pick settles those, and must agree)
     core = RouterCore({}, {f"w{i}": None for i in range(64)}, PolicyConfig(seed=3), block_size=BLOCK)
     ref = RoutingPolicy(PolicyConfig(seed=3), BLOCK)
+    outcomes = count_native_picks(core)
     for i in range(200):
         request = Request(f"r{i}", list(range(i % 7, i % 7 + 20)))
         expected = reference_decision(core, ref, request, None, None)
         assert core.route(request).decode_worker == expected.decode_worker
         if i % 3:
             core.begin(expected, request.num_tokens, core.block_hashes(request))
+    assert outcomes["unsettled"] > 0 and outcomes["settled"] > 0, outcomes
 
 
 def test_a_tier_a_worker_serves_none_of_the_prompt_from_adds_nothing_whatever_its_price():

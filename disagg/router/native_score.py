@@ -68,6 +68,10 @@ _TYPECODES = ("i", "q", "q", "d", "d")
 
 
 class NativeScorer:
+    """The per-worker cost terms in arrays, and the call that scores a decision over them.  Every method runs under
+    the router's lock (RouterCore holds it around routing and every load change): the C++ call reads the arrays
+    without the GIL, and `_grow` replaces them."""
+
     def __init__(
         self, lib: IndexLib, index: NativeBlockTable, in_flight: NativeBlockTable, cpu_prior: float, disk_prior: float
     ) -> None:

@@ -26,14 +26,14 @@ class NativePromptHasher:
         if block_size <= 0:
             return hash_prompt_blocks(token_ids, block_size, parent_hash)  # (which refuses it)
         blocks = len(token_ids) // block_size
-        if not blocks:
-            return []
         n = blocks * block_size
         try:  # the token ids as the reference packs them
-            tokens = struct.pack(f"<{n}i", *token_ids[:n])
             root = ROOT_PARENT if parent_hash is None else parent_hash.to_bytes(8, "little")
+            tokens = struct.pack(f"<{n}i", *token_ids[:n])
         except (struct.error, OverflowError, TypeError):  # not int32 ids, or a parent outside uint64: the reference
             return hash_prompt_blocks(token_ids, block_size, parent_hash)  # decides (it refuses them)
+        if not blocks:
+            return []
         out = array("Q", bytes(8 * blocks))
         self._chain(root, len(root), tokens, blocks, block_size, out.buffer_info()[0])
         return out.tolist()

@@ -18,6 +18,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from disagg.protocol import Tier
@@ -114,7 +115,7 @@ class WorkerLoad:
     active_requests: int = 0
     active_blocks: int = 0
     queued_prefill_tokens: int = 0  # prompt tokens dispatched but not yet past their first token
-    tier_cost: dict[Tier, float] = field(default_factory=dict)  # measured load/recompute ratio per tier
+    tier_cost: Mapping[Tier, float] = field(default_factory=dict)  # measured load/recompute ratio per tier
     timing: WorkerTiming | None = None  # its step-time model and chunk rule, from its heartbeats (placement.py)
     queued_compute_tokens: int = 0  # of the queued prompt tokens, those the router expects computed (uncached)
     decoding: int = 0  # of its active requests, those past their first token
@@ -124,11 +125,13 @@ class WorkerLoad:
     ranking: LoadRanking | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name == "tier_cost":
+            value = MappingProxyType(dict(value))  # an edit in place would bypass the ranking's copy
         object.__setattr__(self, name, value)
         ranking = self.__dict__.get("ranking")
         if ranking is None:
             return
-        if name == "tier_cost":  # (set whole, never edited in place: the router assigns each heartbeat's dict)
+        if name == "tier_cost":  # (read-only: replaced whole, so every change reaches the ranking)
             ranking.tier_costs(self.name, value)
         elif name in _RANKED_TERMS:
             self._rank(ranking, attached=name == "ranking")
