@@ -67,12 +67,11 @@ def summarize(passes: list[list[dict[str, Any]]], configs: str) -> dict[str, Any
         if not specs[row["config"]].adaptive:
             continue
         peers = [r for r in table if r["rate"] == row["rate"] and r["config"] != row["config"]]
-        for kind, pool in (  # aggregated: any, chunks sized or not; static: a fixed split, threshold placement
-            ("aggregated", [r for r in peers if specs[r["config"]].num_prefill == 0]),
-            (
-                "static split",
-                [r for r in peers if specs[r["config"]].num_prefill > 0 and not specs[r["config"]].adaptive],
-            ),
+        static = [r for r in peers if not specs[r["config"]].planner]  # a planner's arm is no fixed configuration
+        fixed = [r for r in static if not specs[r["config"]].adaptive]
+        for kind, pool in (  # aggregated: no split, chunks sized or not; static: a fixed split, threshold placement
+            ("aggregated", [r for r in static if specs[r["config"]].num_prefill == 0]),
+            ("static split", [r for r in fixed if specs[r["config"]].num_prefill > 0]),
         ):
             if not pool:
                 continue

@@ -55,14 +55,18 @@ class MatrixOptions:
     out: str = field(default="bench/results/matrix", metadata={"help": "output directory"})
 
 
+ADAPTIVE = "kv:adaptive=1:flexible=1:planner=1"  # cost placement, sized chunks, flexible workers, the planner
+
+
 def configs(workers: int) -> str:
     """Aggregated (round-robin, KV-aware), static splits at 1/4, 1/2 and 3/4 prefill, and the adaptive runtime
-    (cost placement, sized chunks, flexible workers, the planner) from the 1/4 split."""
+    started aggregated (`adaptive`: the planner splits prefill workers off when it measures prefill interference)
+    and from the 1/4 split (`adaptive-split`)."""
     splits = sorted({max(1, min(workers - 1, round(workers * f))) for f in (0.25, 0.5, 0.75)})
     arms = [f"agg-rr=0x{workers}:round_robin", f"agg-kv=0x{workers}:kv"]
     arms += [f"split-{p}x{workers - p}={p}x{workers - p}:kv" for p in splits]
     p = splits[0]
-    arms.append(f"adaptive={p}x{workers - p}:kv:adaptive=1:flexible=1:planner=1")
+    arms += [f"adaptive=0x{workers}:{ADAPTIVE}", f"adaptive-split={p}x{workers - p}:{ADAPTIVE}"]
     return ",".join(arms)
 
 
@@ -87,14 +91,14 @@ def verdicts(out: Path, cells: list[tuple[str, str, str]]) -> list[dict[str, Any
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| workload | lengths | SLO | load | adaptive vs best aggregated | vs best static split |",
-             "|---|---|---|---:|---:|---:|"]  # fmt: skip
-    key = lambda r: (r["workload"], r["length"], r["slo"], r["rate"])  # noqa: E731
-    for (workload, length, slo, rate), group in itertools.groupby(sorted(rows, key=key), key=key):
+    lines = ["| workload | lengths | SLO | load | adaptive arm | vs best aggregated | vs best static split |",
+             "|---|---|---|---:|---|---:|---:|"]  # fmt: skip
+    key = lambda r: (r["workload"], r["length"], r["slo"], r["rate"], r.get("adaptive", "adaptive"))  # noqa: E731
+    for (workload, length, slo, rate, arm), group in itertools.groupby(sorted(rows, key=key), key=key):
         against = {r["against"].split(" (")[0]: r for r in group}
         cells = [against.get(k) for k in ("best aggregated", "best static split")]
         shown = [_ratio(c) for c in cells]
-        lines.append(f"| {workload} | {length} | {slo} | {rate:g}x | {shown[0]} | {shown[1]} |")
+        lines.append(f"| {workload} | {length} | {slo} | {rate:g}x | {arm} | {shown[0]} | {shown[1]} |")
     return "\n".join(lines) + "\n"
 
 

@@ -3,17 +3,20 @@ the summary of the adaptive arm against the best aggregated and static arms (a c
 says so instead of a ratio)."""
 from pathlib import Path
 
+from bench.adaptive import summarize
 from bench.matrix import MatrixOptions, cell_args, configs, markdown
 from disagg.sim.spec import parse_configs
 
 
 def test_the_arms_cover_aggregated_static_splits_and_the_adaptive_runtime():
     specs = {s.name: s for s in parse_configs(configs(16))}
-    assert {n for n, s in specs.items() if s.num_prefill == 0} == {"agg-rr", "agg-kv"}
+    assert {n for n, s in specs.items() if s.num_prefill == 0 and not s.planner} == {"agg-rr", "agg-kv"}
     assert {(s.num_prefill, s.num_decode) for n, s in specs.items() if n.startswith("split-")} == {
         (4, 12), (8, 8), (12, 4)}
-    assert specs["adaptive"].adaptive and (specs["adaptive"].num_prefill, specs["adaptive"].num_decode) == (4, 12)
-    assert len(parse_configs(configs(2))) == 4  # 2 workers: one split (1x1) besides the two aggregated arms
+    for name, split in (("adaptive", (0, 16)), ("adaptive-split", (4, 12))):  # started aggregated, or from 1/4
+        spec = specs[name]
+        assert spec.adaptive and spec.planner and (spec.num_prefill, spec.num_decode) == split
+    assert len(parse_configs(configs(2))) == 5  # 2 workers: one split (1x1) besides the two aggregated arms
 
 
 def test_a_cell_passes_its_workload_lengths_and_slo_on():
@@ -26,9 +29,30 @@ def test_a_cell_passes_its_workload_lengths_and_slo_on():
 def test_the_summary_reads_ratios_and_says_when_no_arm_met_the_slo():
     rows = [
         {"workload": "agent", "length": "full", "slo": "loose", "rate": 2.0, "ratio": 1.25,
-         "against": "best aggregated (agg-kv)"},
+         "against": "best aggregated (agg-kv)", "adaptive": "adaptive"},
         {"workload": "agent", "length": "full", "slo": "loose", "rate": 2.0, "ratio": float("inf"),
-         "against": "best static split (split-1x3)"},
+         "against": "best static split (split-1x3)", "adaptive": "adaptive"},
+        {"workload": "agent", "length": "full", "slo": "loose", "rate": 2.0, "ratio": 0.5,
+         "against": "best aggregated (agg-kv)", "adaptive": "adaptive-split"},
     ]
     text = markdown(rows)
-    assert "| agent | full | loose | 2x | 1.25x (agg-kv) | n/a (split-1x3: none within the SLO) |" in text
+    assert "| agent | full | loose | 2x | adaptive | 1.25x (agg-kv) | n/a (split-1x3: none within the SLO) |" in text
+    assert "| agent | full | loose | 2x | adaptive-split | 0.50x (agg-kv) | - |" in text
+
+
+def test_a_planner_arm_is_never_the_aggregated_or_static_baseline():
+    """The adaptive arm started aggregated has no prefill worker at the start, but it is no fixed aggregated
+    configuration: every adaptive arm is measured against the arms without a planner only."""
+    configs = "agg-kv=0x4:kv,split=1x3:kv,adaptive=0x4:kv:adaptive=1:planner=1,adaptive-split=1x3:kv:adaptive=1:planner=1"
+
+    def run(name: str, goodput: float) -> dict:
+        metrics = {"request_goodput": goodput, "median_ttft_ms": 1.0, "mean_tpot_ms": 1.0, "goodput_fraction": 0.5}
+        return {"config": name, "rate": 1.0, "metrics": metrics}
+
+    summary = summarize([[run("agg-kv", 1.0), run("split", 0.8), run("adaptive", 2.0), run("adaptive-split", 0.5)]],
+                        configs)
+    ratios = {(v["adaptive"], v["against"]): v["ratio"] for v in summary["verdicts"]}
+    assert ratios == {
+        ("adaptive", "best aggregated (agg-kv)"): 2.0, ("adaptive", "best static split (split)"): 2.5,
+        ("adaptive-split", "best aggregated (agg-kv)"): 0.5, ("adaptive-split", "best static split (split)"): 0.625,
+    }

@@ -21,7 +21,9 @@ of a queue in front of it.  Rules, in order (each move keeps at least `min_decod
    still wait (> `prefill_wait_low_s`), and TPOT is met: the router keeps long prompts on the prefill pool while
    it is under its queue limit, so that pool is the bottleneck - decode workers become prefill workers.
    A TTFT miss alone is history (the window holds the last 30 s): with no prompt waiting now, another prefill
-   worker would not help.
+   worker would not help.  Without a prefill pool (aggregated workers) this rule does not split one off: the
+   prompts wait for compute, which a prefill-only worker does not add (hold "no_split_helps"; the first
+   prefill worker it made at 16 aggregated workers drew every long prompt, and the rule then moved 13 more).
 5. Prefill workers idle (estimated wait ~0) while decode is busier than `decode_load_low`: they move to decode.
 The last prefill worker leaves (ending disaggregation) only when TPOT is measured to be missed, not on a load
 proxy (KV use, idle prefill).
@@ -68,6 +70,7 @@ class Hold(str, enum.Enum):
     LAST_PREFILL = "last_prefill"  # only a measured TPOT miss ends disaggregation, not a load proxy
     DECODE_HEADROOM = "decode_headroom"  # prefill is short, but fewer decode workers would be overloaded
     PREFILL_HEADROOM = "prefill_headroom"  # decode is short, but fewer prefill workers would let prompts wait
+    NO_SPLIT_HELPS = "no_split_helps"  # TTFT suffers on aggregated workers: a prefill-only one adds no compute
 
 
 @dataclass
@@ -195,6 +198,9 @@ class Planner:
         if ttft_bad and tpot_bad:
             self._streak = (None, 0)
             return Hold.SATURATED
+        if not s.prefill_workers() and prefill_short and not decode_short:  # rule 4 needs a pool to be short
+            self._streak = (None, 0)
+            return Hold.NO_SPLIT_HELPS
         if not judged and not (prefill_short or decode_short):
             return Hold.NO_DATA
         detail = (
