@@ -153,6 +153,18 @@ class World:
         if rng.random() < 0.7:
             self.tickets.append(core.begin(got, request.num_tokens, core.block_hashes(request)))
 
+    def run(self, steps: int, events: float, routes: float) -> None:
+        """`steps` random steps: KV events, routed requests (each checked against the reference) or churn, in these
+        shares (the rest churn)."""
+        for i in range(steps):
+            roll = self.rng.random()
+            if roll < events:
+                self.kv_events()
+            elif roll < events + routes:
+                self.route(i)
+            else:
+                self.churn()
+
     def churn(self) -> None:
         """Loads, measured tier costs, health and roles move."""
         rng, core = self.rng, self.core
@@ -180,14 +192,7 @@ class World:
 def test_ranked_decisions_are_the_full_scorings(native, seed):
     world = World(seed, native=native)
     assert (world.core.ranking.scorer is not None) == native
-    for i in range(120):
-        roll = world.rng.random()
-        if roll < 0.35:
-            world.kv_events()
-        elif roll < 0.75:
-            world.route(i)
-        else:
-            world.churn()
+    world.run(120, events=0.35, routes=0.4)
 
 
 @settings(max_examples=25, deadline=None)
@@ -199,14 +204,7 @@ def test_native_scoring_past_its_candidates_is_the_full_scoring(seed):
     world = World(seed, decode_workers=(CANDIDATES + 1, 2 * CANDIDATES + 8))
     assert world.core.ranking.scorer is not None
     outcomes = count_native_picks(world.core)
-    for i in range(150):
-        roll = world.rng.random()
-        if roll < 0.3:
-            world.kv_events()
-        elif roll < 0.8:
-            world.route(i)
-        else:
-            world.churn()
+    world.run(150, events=0.3, routes=0.5)
     assert outcomes["settled"] > 0, outcomes
 
 
