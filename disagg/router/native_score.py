@@ -7,7 +7,8 @@ decision for decision (tests/test_router_scale.py compares them with scoring eve
 
 The scorer keeps the per-worker terms the cost reads (load, routing order, tier factors) in arrays the C++ code
 reads in place; router/ranking.py's `LoadRanking` reports every change to it as it happens.  It exists only beside
-C++ tables that share one worker-id registry (`make_scorer`); without a compiler the policy scores in Python.
+C++ tables that share one worker-id registry (`make_router_tables`); without a compiler the policy scores in
+Python.
 """
 
 from __future__ import annotations
@@ -20,8 +21,14 @@ from dataclasses import dataclass
 from disagg.protocol import Tier
 from disagg.router.block_table import BlockTable, TierMatch
 from disagg.router.in_flight import InFlightBlocks, TableBlocks
-from disagg.router.native_table import NativeBlockTable, WorkerIds, make_block_table, make_in_flight, packed
-from disagg_kernels.prefix_index import IndexLib
+from disagg.router.native_table import (
+    NativeBlockTable,
+    WorkerIds,
+    make_block_table,
+    make_in_flight,
+    packed,
+    tier_matches,
+)
 
 CANDIDATES = 16  # the cheapest decode workers a call returns: enough for the eligible best and its ties, nearly always
 
@@ -73,11 +80,12 @@ class NativeScorer:
     without the GIL, and `_grow` replaces them."""
 
     def __init__(
-        self, lib: IndexLib, index: NativeBlockTable, in_flight: NativeBlockTable, cpu_prior: float, disk_prior: float
+        self, index: NativeBlockTable, in_flight: NativeBlockTable, cpu_prior: float, disk_prior: float
     ) -> None:
         if index.worker_ids is not in_flight.worker_ids:
             raise ValueError("the scorer's tables must share one worker-id registry")
-        self._lib, self._index, self._in_flight, self.ids = lib, index, in_flight, index.worker_ids
+        self._lib, self.ids = index.lib, index.worker_ids
+        self._tables = (index, in_flight)  # kept alive while the call holds their handles
         self._priors = (cpu_prior, disk_prior)
         call = self._call = _RouteCall()
         call.index, call.in_flight = index.handle, in_flight.handle
@@ -153,14 +161,9 @@ class NativeScorer:
         call.overlap_weight, call.queue_weight, call.bonus = weights
         while (found := self._lib.route(ctypes.byref(call), address, len(buffer))) < 0:
             self._match_buffers(max(-found, 2 * call.match_cap))
-        names, ids, counts, matches = self.ids.names, self._match_ids, self._match_counts, {}
-        for j in range(found):
-            device, cpu, disk, exportable = counts[4 * j : 4 * j + 4]
-            if device + cpu + disk:
-                matches[names[ids[j]]] = TierMatch(device, cpu, disk, exportable)
-        kept = call.kept
+        names, kept = self.ids.names, call.kept
         return Scored(
-            matches,
+            tier_matches(names, self._match_ids, self._match_counts, found),
             names,
             self._cand_ids[: max(0, kept)],
             self._cand_costs[: max(0, kept)],
@@ -180,5 +183,5 @@ def make_router_tables(
     if isinstance(index, NativeBlockTable) and isinstance(in_flight, TableBlocks):
         table = in_flight.table
         if isinstance(table, NativeBlockTable):
-            scorer = NativeScorer(index.lib, index, table, cpu_prior, disk_prior)
+            scorer = NativeScorer(index, table, cpu_prior, disk_prior)
     return index, in_flight, scorer

@@ -24,6 +24,7 @@ from disagg_kernels.prefix_index import IndexLib, load_index_lib
 log = logging.getLogger(__name__)
 _U64 = 1 << 64
 _UNBOUNDED = (1 << 63) - 1  # int64 max: a table that never drops its oldest entries
+Buffer = Array | array  # the integers a C++ call wrote: a ctypes array, or an array.array
 
 
 def packed(hashes: Iterable[int]) -> tuple[array, int]:
@@ -34,6 +35,17 @@ def packed(hashes: Iterable[int]) -> tuple[array, int]:
     except OverflowError:
         out = array("Q", (h for h in hashes if 0 <= h < _U64))  # (a list or set: read twice)
     return out, out.buffer_info()[0]
+
+
+def tier_matches(names: list[str], ids: Buffer, counts: Buffer, found: int) -> dict[str, TierMatch]:
+    """`pi_match`'s answer (`found` worker ids, and 4 counts each: device, CPU, disk, exportable) as the index's
+    match: the workers that would serve any of the leading blocks, by name."""
+    out = {}
+    for j in range(found):
+        device, cpu, disk, exportable = counts[4 * j : 4 * j + 4]
+        if device + cpu + disk:
+            out[names[ids[j]]] = TierMatch(device, cpu, disk, exportable)
+    return out
 
 
 class WorkerIds:
@@ -56,11 +68,15 @@ class NativeBlockTable:
     """A `BlockTable` over the compiled C++ table (see the module docstring)."""
 
     def __init__(self, lib: IndexLib, max_blocks: int = DEFAULT_MAX_BLOCKS, ids: WorkerIds | None = None) -> None:
-        self.max_blocks, self._lib, self.lib = max_blocks, lib, lib
+        self.max_blocks, self._lib = max_blocks, lib
         self._table = lib.new(max_blocks)
         self.worker_ids = WorkerIds() if ids is None else ids
         self._ids, self._names = self.worker_ids.ids, self.worker_ids.names  # (shared with the registry)
         self._grow(16)
+
+    @property
+    def lib(self) -> IndexLib:
+        return self._lib
 
     @property
     def handle(self) -> int:
@@ -126,12 +142,7 @@ class NativeBlockTable:
         if not block_hashes:
             return {}
         found, ids, counts = self._per_worker(self._lib.match, block_hashes)
-        names, out = self._names, {}
-        for j in range(found):
-            c = counts[4 * j : 4 * j + 4]
-            if c[0] + c[1] + c[2]:
-                out[names[ids[j]]] = TierMatch(c[0], c[1], c[2], c[3])
-        return out
+        return tier_matches(self._names, ids, counts, found)
 
     def shared(self, block_hashes: frozenset[int]) -> dict[str, int]:
         if not block_hashes:

@@ -143,8 +143,7 @@ class RoutingPolicy:
         if scorer is None or c.kind is not PolicyKind.KV or c.temperature > 0:
             return None
         last = self._sessions.get(session) if session is not None else None
-        bonus = c.adapter_affinity_bonus if isinstance(session, AdapterKey) else c.affinity_bonus
-        weights = (c.overlap_weight, c.queue_weight, bonus)
+        weights = (c.overlap_weight, c.queue_weight, self._affinity_bonus(session))
         return scorer.score(hashes, cdiv(num_tokens, self.block_size), self.block_size, weights, last)
 
     def _scored_pick(self, scored: Scored, eligible: Callable[[str], bool]) -> _Picked:
@@ -320,8 +319,13 @@ class RoutingPolicy:
         decode = w.active_blocks + num_blocks - shared
         cost = c.overlap_weight * uncached + decode + c.queue_weight * queued
         if session is not None and self._sessions.get(session) == w.name:
-            cost -= c.adapter_affinity_bonus if isinstance(session, AdapterKey) else c.affinity_bonus
+            cost -= self._affinity_bonus(session)
         return cost
+
+    def _affinity_bonus(self, session: Affinity | None) -> float:
+        """The pull of the worker that last served the session (or, for a LoRA request, ran its adapter)."""
+        c = self.config
+        return c.adapter_affinity_bonus if isinstance(session, AdapterKey) else c.affinity_bonus
 
     def _pick(self, workers: list[WorkerLoad], costs: dict[str, float]) -> WorkerLoad:
         temperature = self.config.temperature
