@@ -13,10 +13,17 @@ of a queue in front of it.  Rules, in order (each move keeps at least `min_decod
 2. TPOT missed (attainment < target, or decode load > `decode_load_high`) while decode workers are prefilling
    prompts themselves (prompt tokens queued on them: prefill interference) because the prefill pool is full
    (every prefill worker at its queue limit, or none): decode workers become prefill workers - the least loaded
-   ones, so the fewest streams drain.  While the pool has room, the prompts decode workers prefill are the ones
-   the router keeps local by design (short, or mostly cached): more prefill workers would not take them.
-3. TPOT missed without fixable interference (decode is simply full): prefill workers with the shortest queues
-   become decode workers, never so many that the prompts' estimated wait passes `prefill_wait_high_s`.
+   ones, so the fewest streams drain.  Only while decode load is under `decode_load_low` (and only so many that
+   the rest stay under it): the split trades decode capacity for isolation, which a busy decode pool cannot
+   spare (at 2x the conversation load in the simulator, splitting from 0.75 load took 12 of 16 workers off
+   decode, 0.89x of aggregated).  The decoders' prompts k x `prefill_wait_high_s` deep move k steps at once.
+   While the pool has room, the prompts decode workers prefill are the ones the router keeps local by design
+   (short, or mostly cached): more prefill workers would not take them.
+3. TPOT missed without fixable interference, and decode is full - its load past `decode_load_high` or its steps
+   alone (each worker's measured step model) past `decode_step_high` of the TPOT SLO: prefill workers with the
+   shortest queues become decode workers, never so many that the prompts' estimated wait passes
+   `prefill_wait_high_s`.  Steps well within the SLO say the misses come from prompts prefilled beside the
+   decodes, which another decoder would not take: hold ("decode_not_full").  Unmeasured steps count as full.
 4. Prompts wait at the prefill workers (estimated wait > `prefill_wait_high_s`), or TTFT is missed while prompts
    still wait (> `prefill_wait_low_s`), and TPOT is met: the router keeps long prompts on the prefill pool while
    it is under its queue limit, so that pool is the bottleneck - decode workers become prefill workers.
@@ -71,6 +78,7 @@ class Hold(str, enum.Enum):
     DECODE_HEADROOM = "decode_headroom"  # prefill is short, but fewer decode workers would be overloaded
     PREFILL_HEADROOM = "prefill_headroom"  # decode is short, but fewer prefill workers would let prompts wait
     NO_SPLIT_HELPS = "no_split_helps"  # TTFT suffers on aggregated workers: a prefill-only one adds no compute
+    DECODE_NOT_FULL = "decode_not_full"  # TPOT suffers, yet decode steps alone are well within it: no decoder helps
 
 
 @dataclass
@@ -92,6 +100,9 @@ class PlannerConfig:
     prefill_wait_low_s: float = 0.2  # below this prefill has slack
     decode_load_high: float = 0.85  # share of max_running (or of KV) above this: decode is short
     decode_load_low: float = 0.5
+    # decode is full for the TPOT SLO when its steps alone (measured models) take this share of it: below, a TPOT
+    # miss comes from prompts prefilled beside the decodes, which more decode workers would not take
+    decode_step_high: float = 0.7
     confirm_rounds: int = 3  # a move is made only after this many rounds in a row asked for it
     step_fraction: float = 0.1  # workers moved at once, as a share of the cluster (at least 1)
     max_step_multiple: int = 4  # a prefill backlog k x prefill_wait_high_s deep moves up to k steps at once
@@ -113,6 +124,7 @@ class WorkerSignal:
     kv_fraction: float | None = None  # KV blocks in use / total, from heartbeats
     prefill_tokens_per_s: float | None = None  # measured by the worker
     prefill_queue_limit: int | None = None  # the router sends no more remote prefills past this (CapacityConfig)
+    decode_step_s: float | None = None  # its decode step with one more sequence, from its measured step model
 
     @property
     def decode_load(self) -> float:
@@ -150,6 +162,11 @@ class Signals:
             w.prefill_queue_limit is not None and w.queued_prefill_tokens >= w.prefill_queue_limit
             for w in self.prefill_workers()
         )
+
+    def decode_step_s(self) -> float | None:
+        """The decode workers' mean predicted decode step (prompts aside); None: none measured yet."""
+        steps = [w.decode_step_s for w in self.decode_workers() if w.decode_step_s is not None]
+        return sum(steps) / len(steps) if steps else None
 
     def decode_load(self) -> float:
         decoders = self.decode_workers()
@@ -208,11 +225,15 @@ class Planner:
             f"prefill_wait={wait:.2f}s decode_load={load:.2f} "
             f"decoders_prefilling={sum(w.queued_prefill_tokens for w in s.decode_workers())}tok"
         )
-        interference = s.prefill_pool_full() and any(w.queued_prefill_tokens for w in s.decode_workers())
+        decoders_prefilling = any(w.queued_prefill_tokens for w in s.decode_workers())
+        interference = s.prefill_pool_full() and decoders_prefilling
         wanted: tuple[Role, Reason] | None = None
         if decode_short and interference:
             wanted = (Role.PREFILL, Reason.PREFILL_INTERFERENCE)
         elif decode_short and s.prefill_workers():
+            if not self._decode_full(s, load):
+                self._streak = (None, 0)
+                return Hold.DECODE_NOT_FULL
             wanted = (Role.DECODE, Reason.DECODE_SATURATED)
         elif prefill_short and not decode_short:
             wanted = (Role.PREFILL, Reason.PREFILL_BACKLOG)
@@ -230,6 +251,11 @@ class Planner:
         # only a measured TPOT miss ends disaggregation: otherwise the prefill pool keeps at least one worker
         keep_prefill = cfg.min_prefill if tpot_bad else max(cfg.min_prefill, 1)
         steps, cap = 1, None
+        if wanted[1] is Reason.PREFILL_INTERFERENCE:
+            steps = max(1, min(cfg.max_step_multiple, int(wait / cfg.prefill_wait_high_s)))
+            cap = _room(len(s.decode_workers()), load, cfg.decode_load_low)
+            if cap == 0:
+                return Hold.DECODE_HEADROOM
         if wanted[1] is Reason.PREFILL_BACKLOG:
             if backlog:
                 steps = min(cfg.max_step_multiple, int(wait / cfg.prefill_wait_high_s))
@@ -245,6 +271,13 @@ class Planner:
             ending = wanted[0] is Role.DECODE and bool(self._candidates(s, Role.DECODE, cfg.min_prefill))
             return Hold.LAST_PREFILL if ending else Hold.NO_CANDIDATE
         return Move([w.name for w in chosen], chosen[0].role, wanted[0], wanted[1], detail)
+
+    def _decode_full(self, s: Signals, load: float) -> bool:
+        """Whether decode itself is short: its load past `decode_load_high`, or its steps alone (measured) near the
+        TPOT SLO.  Unmeasured steps count as full (a TPOT miss then reads as decode capacity, as before)."""
+        step = s.decode_step_s()
+        cfg = self.config
+        return load > cfg.decode_load_high or step is None or step >= cfg.decode_step_high * cfg.tpot_slo_s
 
     def _decode_headroom(self, s: Signals, load: float) -> int:
         """How many decode workers can leave for prefill before the rest pass `decode_load_high` (their load

@@ -102,6 +102,11 @@ class PlacementModel:
         seqs = w.decoding + 1
         return model.predict(seqs, seqs, w.active_blocks * self.block_size / 1000)
 
+    def measured_decode_step_s(self, w: WorkerLoad) -> float | None:
+        """`decode_step_s` from `w`'s own fitted model; None before its heartbeats carry one (the planner then
+        reads no step time rather than the prior's)."""
+        return self.decode_step_s(w) if w.timing is not None and w.timing.model is not None else None
+
     def read_s(self, d: WorkerLoad, blocks: int) -> float:
         t = d.timing
         per_block = t.transfer_s_per_block if t is not None and t.transfer_s_per_block else self.prior_transfer

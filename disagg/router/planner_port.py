@@ -17,6 +17,7 @@ from disagg.protocol import Role
 from disagg.router.admission import CapacityConfig
 from disagg.router.health import HealthMonitor
 from disagg.router.load import LatencyWindow
+from disagg.router.placement import PlacementModel
 from disagg.router.policy import WorkerLoad
 from disagg.router.roles import RoleChanger
 from disagg.router.router import RouterCore
@@ -30,6 +31,7 @@ def collect_signals(
     config: PlannerConfig,
     now: float | None = None,
     default_prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S,
+    placement: PlacementModel | None = None,
 ) -> Signals:
     now = time.monotonic() if now is None else now
     workers = []
@@ -49,6 +51,7 @@ def collect_signals(
                 kv_fraction=load.active_blocks / total if total else None,
                 prefill_tokens_per_s=1.0 / per_token if per_token else None,
                 prefill_queue_limit=capacity.max_prefill_queue_tokens,
+                decode_step_s=placement.measured_decode_step_s(load) if placement is not None else None,
             )
         )
     ttft, tpot, finished = latency.attainment(config.ttft_slo_s, config.tpot_slo_s, config.window_s, now)
@@ -65,16 +68,32 @@ class RouterPlannerPort:
     latency: LatencyWindow
     roles: RoleChanger
     default_prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
+    placement: PlacementModel | None = None  # prices each worker's decode step from its heartbeats' model
 
     @classmethod
     def of(
         cls, core: RouterCore, default_prefill_tokens_per_s: float = DEFAULT_PREFILL_TOKENS_PER_S
     ) -> RouterPlannerPort:
-        return cls(core.health, core.loads, core.capacity, core.latency, core.roles, default_prefill_tokens_per_s)
+        return cls(
+            core.health,
+            core.loads,
+            core.capacity,
+            core.latency,
+            core.roles,
+            default_prefill_tokens_per_s,
+            core.policy.placement,
+        )
 
     def signals(self, config: PlannerConfig, now: float) -> Signals:
         return collect_signals(
-            self.health, self.loads, self.capacity, self.latency, config, now, self.default_prefill_tokens_per_s
+            self.health,
+            self.loads,
+            self.capacity,
+            self.latency,
+            config,
+            now,
+            self.default_prefill_tokens_per_s,
+            self.placement,
         )
 
     async def change_role(self, worker: str, role: Role, reason: str, detail: str) -> None:
