@@ -82,6 +82,24 @@ def test_an_interference_split_scales_with_the_decoders_backlog_and_keeps_decode
         assert decision is Hold.DECODE_HEADROOM
 
 
+@pytest.mark.parametrize("step, moved", [(None, 24), (0.040, 12), (0.046, 0)])
+def test_a_backlog_move_leaves_the_decoders_steps_within_the_tpot_slo(step, moved):
+    """Slots and KV are not all a decoder has to spare: at a 50 ms TPOT SLO the agent load (64 simulated workers)
+    moved 42 of 48 decoders to prefill while each step already took 40 ms, and the rest then missed TPOT (both
+    SLOs failed; as a static split that end state serves 8.8 req/s against 32.6 for 45P:19D).  Each decoder's 4
+    streams, spread over the rest, grow their step by 3.5 ms per stream: 12 of 48 may leave before it passes
+    0.9 x 50 ms (13 would give 45.2 ms); none from 46 ms; unmeasured steps bound nothing (the 6 s backlog's 24)."""
+    def decoder(i):
+        return replace(w(f"d{i:02d}", Role.DECODE, active=4, max_running=16), decode_step_s=step,
+                       decode_seq_s=None if step is None else 0.0035)
+    workers = [w(f"p{i}", Role.PREFILL, queued=6000) for i in range(16)] + [decoder(i) for i in range(48)]
+    decision = Planner(PlannerConfig(**ON, tpot_slo_s=0.05)).decide(signals(workers, ttft=0.99, tpot=0.99))
+    if moved:
+        assert (decision.new, decision.reason, len(decision.workers)) == (Role.PREFILL, Reason.PREFILL_BACKLOG, moved)
+    else:
+        assert decision is Hold.DECODE_HEADROOM
+
+
 def test_tpot_missed_without_interference_adds_a_decoder():
     s = signals([w("p0", Role.PREFILL, queued=100), w("p1", Role.PREFILL, queued=0), w("d0", Role.DECODE, active=8)],
                 ttft=1.0, tpot=0.6)
@@ -307,4 +325,5 @@ def test_the_port_reads_each_workers_decode_step_from_its_measured_model_only():
     core.loads["d0"].decoding = core.loads["d0"].active_requests = 3
     by_name = {s.name: s for s in RouterPlannerPort.of(core).signals(PlannerConfig(enabled=True), 100.0).workers}
     assert by_name["d0"].decode_step_s == pytest.approx(0.01 + 4 * 0.0001 + 4 * 0.002)  # one more sequence
-    assert by_name["d1"].decode_step_s is None
+    assert by_name["d0"].decode_seq_s == pytest.approx(0.0001 + 0.002)  # (no context held yet)
+    assert by_name["d1"].decode_step_s is None and by_name["d1"].decode_seq_s is None

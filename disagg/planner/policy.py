@@ -26,7 +26,9 @@ of a queue in front of it.  Rules, in order (each move keeps at least `min_decod
    decodes, which another decoder would not take: hold ("decode_not_full").  Unmeasured steps count as full.
 4. Prompts wait at the prefill workers (estimated wait > `prefill_wait_high_s`), or TTFT is missed while prompts
    still wait (> `prefill_wait_low_s`), and TPOT is met: the router keeps long prompts on the prefill pool while
-   it is under its queue limit, so that pool is the bottleneck - decode workers become prefill workers.
+   it is under its queue limit, so that pool is the bottleneck - decode workers become prefill workers, never
+   so many that the rest pass `decode_load_high` or their predicted steps (their streams spread over fewer
+   workers, at each one's measured growth per stream) pass `decode_step_max` of the TPOT SLO.
    A TTFT miss alone is history (the window holds the last 30 s): with no prompt waiting now, another prefill
    worker would not help.  Without a prefill pool (aggregated workers) this rule does not split one off: the
    prompts wait for compute, which a prefill-only worker does not add (hold "no_split_helps"; the first
@@ -103,6 +105,9 @@ class PlannerConfig:
     # decode is full for the TPOT SLO when its steps alone (measured models) take this share of it: below, a TPOT
     # miss comes from prompts prefilled beside the decodes, which more decode workers would not take
     decode_step_high: float = 0.7
+    # workers leave decode only while the rest's predicted steps (their streams spread over fewer) stay under this
+    # share of the TPOT SLO
+    decode_step_max: float = 0.9
     confirm_rounds: int = 3  # a move is made only after this many rounds in a row asked for it
     step_fraction: float = 0.1  # workers moved at once, as a share of the cluster (at least 1)
     max_step_multiple: int = 4  # a prefill backlog k x prefill_wait_high_s deep moves up to k steps at once
@@ -125,6 +130,7 @@ class WorkerSignal:
     prefill_tokens_per_s: float | None = None  # measured by the worker
     prefill_queue_limit: int | None = None  # the router sends no more remote prefills past this (CapacityConfig)
     decode_step_s: float | None = None  # its decode step with one more sequence, from its measured step model
+    decode_seq_s: float | None = None  # how much that step grows per sequence more (with its mean context)
 
     @property
     def decode_load(self) -> float:
@@ -223,7 +229,8 @@ class Planner:
         detail = (
             f"ttft_ok={_pct(s.ttft_attainment)} tpot_ok={_pct(s.tpot_attainment)} "
             f"prefill_wait={wait:.2f}s decode_load={load:.2f} "
-            f"decoders_prefilling={sum(w.queued_prefill_tokens for w in s.decode_workers())}tok"
+            f"decoders_prefilling={sum(w.queued_prefill_tokens for w in s.decode_workers())}tok "
+            f"decode_step={_ms(s.decode_step_s())}"
         )
         decoders_prefilling = any(w.queued_prefill_tokens for w in s.decode_workers())
         interference = s.prefill_pool_full() and decoders_prefilling
@@ -253,7 +260,7 @@ class Planner:
         steps, cap = 1, None
         if wanted[1] is Reason.PREFILL_INTERFERENCE:
             steps = max(1, min(cfg.max_step_multiple, int(wait / cfg.prefill_wait_high_s)))
-            cap = _room(len(s.decode_workers()), load, cfg.decode_load_low)
+            cap = min(_room(len(s.decode_workers()), load, cfg.decode_load_low), self._step_room(s))
             if cap == 0:
                 return Hold.DECODE_HEADROOM
         if wanted[1] is Reason.PREFILL_BACKLOG:
@@ -284,7 +291,27 @@ class Planner:
         spread over fewer workers).  The router fills the prefill pool up to its queue limit whenever prompts
         arrive faster than it drains, so a prefill backlog alone never says when to stop: at 8x the agent load
         the planner kept moving decode workers until 6 were left at 84% load."""
-        return _room(len(s.decode_workers()), load, self.config.decode_load_high)
+        return min(_room(len(s.decode_workers()), load, self.config.decode_load_high), self._step_room(s))
+
+    def _step_room(self, s: Signals) -> int:
+        """How many decode workers can leave before the rest's predicted decode step (each taking a share of the
+        leavers' streams at its measured growth per sequence) passes `decode_step_max` of the TPOT SLO; no bound
+        before any step is measured.  Load (slots, KV) alone let the agent load at a 50 ms TPOT SLO move 42 of 64
+        workers to prefill while each step was already 40 ms: the rest then missed TPOT, and both SLOs failed."""
+        decoders = s.decode_workers()
+        measured = [w for w in decoders if w.decode_step_s is not None and w.decode_seq_s is not None]
+        if not measured:
+            return len(decoders)
+        n = len(decoders)
+        step = sum(w.decode_step_s or 0.0 for w in measured) / len(measured)
+        growth = sum((w.decode_seq_s or 0.0) * w.active_requests for w in measured) / len(measured)
+        slack = self.config.decode_step_max * self.config.tpot_slo_s - step
+        if slack <= 0:
+            return 0
+        if growth <= 0:
+            return n
+        x = slack / growth  # k leaving put k / (n - k) of a worker's streams on each of the rest
+        return int(n * x / (1 + x))
 
     def _prefill_headroom(self, s: Signals, wait: float) -> int:
         """How many prefill workers can leave for decode before the queued prompts' estimated wait (spread over
@@ -336,6 +363,10 @@ def _room(n: int, level: float, high: float) -> int:
     """How many of `n` workers can leave a pool whose per-worker level (load, wait) then rises as n / remaining,
     before it passes `high`: all of them at level 0."""
     return n if level <= 0 else max(0, int(n * (1 - level / high)))
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x * 1000:.0f}ms"
 
 
 def _pct(x: float | None) -> str:

@@ -102,10 +102,15 @@ class PlacementModel:
         seqs = w.decoding + 1
         return model.predict(seqs, seqs, w.active_blocks * self.block_size / 1000)
 
-    def measured_decode_step_s(self, w: WorkerLoad) -> float | None:
-        """`decode_step_s` from `w`'s own fitted model; None before its heartbeats carry one (the planner then
-        reads no step time rather than the prior's)."""
-        return self.decode_step_s(w) if w.timing is not None and w.timing.model is not None else None
+    def measured_decode_step(self, w: WorkerLoad) -> tuple[float, float] | None:
+        """(`decode_step_s`, how much it grows per sequence more, each bringing the mean context of `w`'s) from
+        `w`'s own fitted model; None before its heartbeats carry one (the planner then reads no step time rather
+        than the prior's)."""
+        model = w.timing.model if w.timing is not None else None
+        if model is None:
+            return None
+        context = w.active_blocks * self.block_size / max(1, w.decoding)
+        return self.decode_step_s(w), model.predict(1, 1, context / 1000) - model.base
 
     def read_s(self, d: WorkerLoad, blocks: int) -> float:
         t = d.timing

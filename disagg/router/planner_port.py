@@ -40,6 +40,7 @@ def collect_signals(
         stats = worker.stats
         total = stats.kv_blocks_total if stats is not None else None
         per_token = stats.prefill_s_per_token if stats is not None else None
+        step = placement.measured_decode_step(load) if placement is not None else None
         workers.append(
             WorkerSignal(
                 name=name,
@@ -51,7 +52,8 @@ def collect_signals(
                 kv_fraction=load.active_blocks / total if total else None,
                 prefill_tokens_per_s=1.0 / per_token if per_token else None,
                 prefill_queue_limit=capacity.max_prefill_queue_tokens,
-                decode_step_s=placement.measured_decode_step_s(load) if placement is not None else None,
+                decode_step_s=step[0] if step is not None else None,
+                decode_seq_s=step[1] if step is not None else None,
             )
         )
     ttft, tpot, finished = latency.attainment(config.ttft_slo_s, config.tpot_slo_s, config.window_s, now)
