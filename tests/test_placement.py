@@ -128,7 +128,7 @@ def test_flexible_an_idle_prefill_worker_takes_the_request_whole_when_the_decode
     assert (d.decode_worker, d.prefill_worker, d.flexible) == ("p0", None, True)
     assert d.reason.startswith("whole request on idle prefill worker") and "160 ms on d0" in d.reason
     assert d.overlap_blocks == 2 and d.priced_from is PricedFrom.MEASURED  # its own cache, its own fit
-    assert d.predicted_ttft_s == pytest.approx(FIXED.prefill_seconds(MODEL, 2000 - 32, 0, 0))
+    assert d.predicted_ttft_s == pytest.approx(FIXED.prefill_seconds(MODEL, 2000 - 32, 0, 0, cached=32))
     # not taken: flexible off, no TPOT target, the decode batch has room, the prefill worker has a queue, or its
     # own decodes would break the target
     roomy = _load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=2, blocks=80)
@@ -205,3 +205,29 @@ def test_the_load_book_counts_decoding_requests_and_their_tokens_left():
     assert (d0.decoding, d0.decode_tokens_left) == (1, 5)
     book.end(a)
     assert (d0.decoding, d0.decode_tokens_left, d0.active_requests) == (0, 0, 0)
+
+
+def test_a_short_remainder_is_priced_as_its_own_tokens_and_its_cached_prefix():
+    """A step carries the tokens left, not a whole chunk: 15 uncached tokens after 2,032 cached on an idle worker
+    are one step of 15 tokens plus their attention over the prefix (they were priced as a 512-token step, 1.34 s
+    against a 95 ms first token, and the simulated agent cells' median TTFT error was 4.6x)."""
+    idle = _load("d0", WorkerTiming(MODEL, FIXED, 0.0002))
+    d = _policy().choose(2047, {"d0": 127}, [idle], [])
+    step = MODEL.predict(15, 1, 15 * (2032 + 15 / 2) / 1000)  # the engine's kpairs: n x (computed + n / 2)
+    assert d.prefill_worker is None and d.predicted_ttft_s == pytest.approx(step)
+    # and a prompt longer than a chunk: full chunks, then the rest as its own tokens
+    assert FIXED.prefill_seconds(MODEL, 1100, 0, 0) == pytest.approx(
+        3 * MODEL.predict(0, 1, 0) + MODEL.per_token * 1100 + MODEL.per_attn * 1100 * 1100 / 2000
+    )
+
+
+def test_the_prior_is_the_committed_calibration_of_the_default_model():
+    """A cold worker is priced with the prior: it tracks bench/results/time_model.json (the default model on a
+    2-core CPU), so a recalibration that moves it shows here (it had drifted: 50 ms base against 32 ms)."""
+    import json
+    from pathlib import Path
+
+    fitted = json.loads((Path(__file__).parents[1] / "bench/results/time_model.json").read_text())
+    prior = PolicyConfig().prior()
+    for name in ("base", "per_token", "per_seq", "per_attn"):
+        assert getattr(prior, name) == pytest.approx(fitted[name], rel=0.05), name

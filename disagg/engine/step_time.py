@@ -119,11 +119,16 @@ class ChunkRule:
         decode_context: int,
         prompt: int | None = None,
         decode_steps: float | None = None,
+        cached: int = 0,
     ) -> float:
         """How long computing `tokens` prompt tokens (a queue of prompts about `prompt` tokens long; default: one
         prompt) takes beside `decode_seqs` decoding sequences holding `decode_context` tokens, which finish after
         `decode_steps` more steps (None: they outlast the prompt): whole steps of the chunk this rule allows beside
-        them, then full chunks, plus the prompts' own attention (each quadratic in its length)."""
+        them, then full chunks, plus the prompts' own attention (each quadratic in its length) and this prompt's
+        attention over its `cached` prefix.  The model is linear in a step's tokens, so `steps` steps carrying n
+        prompt tokens in all cost the steps without them plus n tokens: a step carries the tokens left, not a
+        whole chunk (15 uncached tokens on an idle worker were priced as a 512-token step: 1.34 s for a 95 ms
+        first token)."""
         if tokens <= 0:
             return 0.0
         kpairs = decode_context / 1000
@@ -131,11 +136,13 @@ class ChunkRule:
         steps = math.ceil(tokens / chunk)
         if decode_seqs and decode_steps is not None:
             steps = min(steps, max(0, math.floor(decode_steps)))
-        seconds = steps * m.predict(decode_seqs + chunk, decode_seqs + 1, kpairs)
-        rest = tokens - steps * chunk
+        beside = min(tokens, steps * chunk)  # computed beside the decodes
+        seconds = steps * m.predict(decode_seqs, decode_seqs + 1, kpairs) + m.per_token * beside
+        rest = tokens - beside
         if rest > 0:  # the decodes are done: the rest in full chunks
-            seconds += math.ceil(rest / self.max_tokens) * m.predict(self.max_tokens, 1, 0.0)
-        return seconds + m.per_attn * tokens * min(tokens, prompt or tokens) / 2000
+            seconds += math.ceil(rest / self.max_tokens) * m.predict(0, 1, 0.0) + m.per_token * rest
+        own = min(tokens, prompt or tokens)
+        return seconds + m.per_attn * (tokens * own / 2 + own * cached) / 1000
 
 
 class ChunkSizer:

@@ -86,14 +86,16 @@ class PlacementModel:
         rule = t.rule if t is not None and t.rule is not None else self.default_rule
         return (model or self.prior), rule, model is not None
 
-    def prefill_s(self, w: WorkerLoad, tokens: int, decoding: bool) -> tuple[float, bool]:
-        """(seconds for `w` to compute its queue plus `tokens`, whether priced from its own measurements)."""
+    def prefill_s(self, w: WorkerLoad, tokens: int, decoding: bool, cached: int = 0) -> tuple[float, bool]:
+        """(seconds for `w` to compute its queue plus `tokens` - a prompt whose first `cached` tokens it holds -,
+        whether priced from its own measurements)."""
         model, rule, measured = self._timing(w)
         seqs = w.decoding if decoding else 0
         context = w.active_blocks * self.block_size if decoding else 0
         queue = w.queued_compute_tokens + tokens  # its queued prompts' attention priced as if this one's length
         steps = w.decode_tokens_left / seqs if seqs else None  # its decodes' mean tokens left (their max_tokens)
-        return rule.prefill_seconds(model, queue, seqs, context, prompt=tokens, decode_steps=steps), measured
+        seconds = rule.prefill_seconds(model, queue, seqs, context, prompt=tokens, decode_steps=steps, cached=cached)
+        return seconds, measured
 
     def decode_step_s(self, w: WorkerLoad) -> float:
         """`w`'s predicted decode step with one more sequence than it decodes now (each reads its context: the
@@ -122,13 +124,14 @@ class PlacementModel:
         decode: WorkerLoad,
         local_tokens: int,
         remote: Sequence[tuple[WorkerLoad, int, int]],  # (prefill worker, tokens it computes, blocks the decode reads)
+        prompt_tokens: int,
     ) -> tuple[list[Option], PricedFrom]:
         """Every option priced, local first (ties go local: `min` keeps the first)."""
-        seconds, measured = self.prefill_s(decode, local_tokens, decoding=True)
+        seconds, measured = self.prefill_s(decode, local_tokens, decoding=True, cached=prompt_tokens - local_tokens)
         options = [Option(None, seconds)]
         for p, tokens, blocks in remote:
             # a prefill worker's requests are all in its queue, unless it also serves whole ones (flexible)
-            s, m = self.prefill_s(p, tokens, decoding=p.decoding > 0)
+            s, m = self.prefill_s(p, tokens, decoding=p.decoding > 0, cached=prompt_tokens - tokens)
             options.append(Option(p.name, s + self.read_s(decode, blocks)))
             measured = measured and m
         return options, PricedFrom.MEASURED if measured else PricedFrom.PRIOR
@@ -171,7 +174,8 @@ def whole_decision(
 ) -> Decision:
     """A request served whole by the prefill worker `taker` (flexible workers): it prefills from its own cache."""
     decision = Decision(taker.name, None, match.total, costs, reason, match, flexible=True)
-    seconds, measured = model.prefill_s(taker, num_tokens - match.total * model.block_size, decoding=True)
+    uncached = num_tokens - match.total * model.block_size
+    seconds, measured = model.prefill_s(taker, uncached, decoding=True, cached=num_tokens - uncached)
     decision.predicted_ttft_s = seconds
     decision.priced_from = PricedFrom.MEASURED if measured else PricedFrom.PRIOR
     return decision

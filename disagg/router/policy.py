@@ -259,14 +259,14 @@ class RoutingPolicy:
             ]
 
         if self.config.placement is Placement.COST:  # every option priced
-            options, priced = self.placement.options(load, uncached, remote(prefill))
+            options, priced = self.placement.options(load, uncached, remote(prefill), num_tokens)
             prefill_worker, reason = cheapest(
                 options, uncached, self.config.min_remote_prefill_tokens, self.config.ttft_target_s
             )
         else:  # the threshold rule, and only its choice priced (the prediction is still recorded)
             prefill_worker, reason = self._choose_prefill(uncached, num_blocks, tm, prefill)
             picked = [p for p in prefill if p.name == prefill_worker]
-            options, priced = self.placement.options(load, uncached, remote(picked))
+            options, priced = self.placement.options(load, uncached, remote(picked), num_tokens)
         decision = Decision(chosen, prefill_worker, match.total, costs, reason, match)
         decision.predicted_ttft_s = next(o.seconds for o in options if o.worker == prefill_worker)
         decision.priced_from = priced

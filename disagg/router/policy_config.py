@@ -54,10 +54,10 @@ class PolicyConfig:
     )
     # cost placement's prior, for a worker with no measured step-time model yet: the default model's step times
     # on a 2-core CPU (bench/results/time_model.json) and a KV read per block (docs/benchmarks.md, NIXL reads)
-    prior_step_base_s: float = 0.05
-    prior_step_s_per_token: float = 0.00225
-    prior_step_s_per_seq: float = 0.0032
-    prior_step_s_per_kpair: float = 0.00114
+    prior_step_base_s: float = 0.032
+    prior_step_s_per_token: float = 0.00255
+    prior_step_s_per_seq: float = 0.0033
+    prior_step_s_per_kpair: float = 0.00071
     prior_transfer_s_per_block: float = 0.00014
 
     def __post_init__(self) -> None:
