@@ -89,11 +89,12 @@ def test_flexible_an_idle_prefill_worker_serves_a_request_whole_when_the_decode_
     ray_session, tiny_served_dir
 ):
     """Fits kept cold (never refitted), so both workers are priced with the documented prior: a decode step of
-    0.05 s + 5.45 ms per sequence.  With a 60 ms TPOT target the idle decode worker takes the first request; once
-    it decodes that one, a second would break the target there, and the idle prefill worker serves it whole."""
+    32 ms + 5.85 ms per sequence (and its context).  With a 41 ms TPOT target the idle decode worker takes the first
+    request (~38 ms with it); once it decodes that one, a second would break the target there (~44 ms), and the
+    idle prefill worker serves it whole."""
     engine = EngineConfig(model=str(tiny_served_dir), num_blocks=160, block_size=16, num_threads=1, max_model_len=512,
                           step_fit_every=1_000_000)
-    policy = PolicyConfig(placement=Placement.COST, flexible=True, ttft_target_s=2.0, tpot_target_s=0.06, seed=0)
+    policy = PolicyConfig(placement=Placement.COST, flexible=True, ttft_target_s=2.0, tpot_target_s=0.041, seed=0)
     service = Service(ClusterConfig(num_prefill=1, num_decode=1, engine=engine), RouterConfig(policy=policy))
     try:
         model = httpx.get(f"{service.url}/v1/models", timeout=30).json()["data"][0]["id"]
