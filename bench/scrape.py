@@ -82,7 +82,7 @@ async def scrape_routing(client: httpx.AsyncClient) -> dict[str, Any] | None:
     families = await _families(client)
     if families is None:
         return None
-    out: dict[str, Any] = {"predictions": 0.0, "prediction_error": 0.0, "routes": {}}
+    out: dict[str, Any] = {"predictions": 0.0, "prediction_error": 0.0, "within_20pct": 0.0, "routes": {}}
     found = False
     for family in families:
         for sample in family.samples:  # by the sample's name: a family's is cut of `_total` only when typed
@@ -90,6 +90,8 @@ async def scrape_routing(client: httpx.AsyncClient) -> dict[str, Any] | None:
                 out["predictions"], found = sample.value, True
             elif sample.name == "disagg:ttft_prediction_error_total":
                 out["prediction_error"], found = sample.value, True
+            elif sample.name == "disagg:ttft_prediction_relative_error_bucket" and sample.labels.get("le") == "0.2":
+                out["within_20pct"] = sample.value
             elif sample.name == "disagg:routed_requests_total":
                 mode = sample.labels.get("mode", "")
                 out["routes"][mode] = out["routes"].get(mode, 0.0) + sample.value
@@ -98,15 +100,18 @@ async def scrape_routing(client: httpx.AsyncClient) -> dict[str, Any] | None:
 
 
 def routing_summary(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The run's share of the counters: TTFT predictions and their mean relative error (the cost model's accuracy,
-    issue 27's goal), and requests routed per mode (how often flexible workers took one)."""
+    """The run's share of the counters: TTFT predictions, their mean relative error and the share within 20% (the
+    cost model's accuracy, issue 27's goal), and requests routed per mode (how often flexible workers took one)."""
     if after is None:
         return None
-    before = before or {"predictions": 0.0, "prediction_error": 0.0, "routes": {}}
+    before = before or {"predictions": 0.0, "prediction_error": 0.0, "within_20pct": 0.0, "routes": {}}
     n = after["predictions"] - before["predictions"]
+    within = after.get("within_20pct", 0.0) - before.get("within_20pct", 0.0)
     routes = {mode: count - before["routes"].get(mode, 0.0) for mode, count in after["routes"].items()}
     return {
         "ttft_predictions": n,
         "ttft_prediction_error_mean": (after["prediction_error"] - before["prediction_error"]) / n if n else None,
+        # the median error is <= 20% exactly when this share is >= 0.5
+        "ttft_predictions_within_20pct": within / n if n else None,
         "routes": {mode: count for mode, count in routes.items() if count},
     }

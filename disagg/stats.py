@@ -132,6 +132,11 @@ class WorkerStats(WireMessage):
         return ChunkRule(self.chunk_target_s, self.chunk_max_tokens, max(1, self.chunk_min_tokens), block_size)
 
 
+# the bounds of the TTFT predictions' relative-error histogram (disagg:ttft_prediction_relative_error): the share
+# within 0.2 reads the issue's goal (median error <= 20% exactly when at least half are within it)
+PREDICTION_ERROR_BOUNDS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
 @dataclass
 class RouterCounters(WireMessage):
     """The router core's own counts (/metrics: disagg:migrations, disagg:requests_by_path{path},
@@ -145,6 +150,8 @@ class RouterCounters(WireMessage):
     placements: dict[PricedFrom, int] = field(default_factory=dict)  # routing decisions, by what priced them
     ttft_predictions: int = 0  # finished first attempts whose decision predicted their time to first token
     ttft_prediction_error: float = 0.0  # the sum of their |predicted - actual| / actual (from routing)
+    # of them, those with the error within each of PREDICTION_ERROR_BOUNDS (cumulative, as a histogram's buckets)
+    ttft_prediction_error_within: list[int] = field(default_factory=lambda: [0] * len(PREDICTION_ERROR_BOUNDS))
 
     def placed(self, priced_from: PricedFrom) -> None:
         self.placements[priced_from] = self.placements.get(priced_from, 0) + 1
@@ -152,6 +159,9 @@ class RouterCounters(WireMessage):
     def predicted(self, relative_error: float) -> None:
         self.ttft_predictions += 1
         self.ttft_prediction_error += relative_error
+        for i, bound in enumerate(PREDICTION_ERROR_BOUNDS):
+            if relative_error <= bound:
+                self.ttft_prediction_error_within[i] += 1
 
     def served(self, path: ServePath) -> None:
         self.paths[path] = self.paths.get(path, 0) + 1

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from disagg.errors import Rejection
 from disagg.isolation import tenant_label
 from disagg.planner.fleet_loop import FleetLoop
 from disagg.planner.policy import Hold, Reason
 from disagg.protocol import Role, WorkerState
-from disagg.stats import RouterCounters, StatKind, WorkerStats, stat_kind
+from disagg.stats import PREDICTION_ERROR_BOUNDS, RouterCounters, StatKind, WorkerStats, stat_kind
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -191,6 +191,13 @@ def router_metrics(counters: RouterCounters) -> Iterator[Metric]:
         "disagg:ttft_prediction_error",
         "Sum of |predicted - actual| / actual time to first token (from routing); divide by disagg:ttft_predictions",
         counters.ttft_prediction_error,
+    )
+    within = zip(PREDICTION_ERROR_BOUNDS, counters.ttft_prediction_error_within, strict=True)
+    yield HistogramMetricFamily(
+        "disagg:ttft_prediction_relative_error",
+        "|predicted - actual| / actual time to first token of the routing decisions' predictions",
+        buckets=[*((f"{bound:g}", count) for bound, count in within), ("+Inf", counters.ttft_predictions)],
+        sum_value=counters.ttft_prediction_error,
     )
 
 

@@ -77,6 +77,8 @@ def test_cost_placement_prices_from_measured_steps_and_reports_its_error(ray_ses
         done = m[("disagg:ttft_predictions_total", ())]
         assert done == 6 * rounds  # every first attempt predicted its TTFT
         assert 0 < m[("disagg:ttft_prediction_error_total", ())] / done < 100  # finite, and not all exact
+        within = {dict(k[1])["le"]: v for k, v in m.items() if k[0] == "disagg:ttft_prediction_relative_error_bucket"}
+        assert within["+Inf"] == done and within["0.05"] <= within["0.2"] <= done, within  # a histogram of them
         targets = {k[1]: v for k, v in m.items() if k[0] == "disagg:worker_chunk_target_s"}
         fitted = {k[1]: v for k, v in m.items() if k[0] == "disagg:worker_step_s_per_new_token"}
         assert len(targets) == 2 and all(v == pytest.approx(0.05) for v in targets.values()), targets

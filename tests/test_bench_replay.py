@@ -137,9 +137,12 @@ def test_the_routing_counters_a_run_adds_are_read_from_metrics():
     pages = iter([
         '# TYPE disagg:ttft_predictions counter\ndisagg:ttft_predictions_total 4.0\n'
         'disagg:ttft_prediction_error_total 0.8\n'
+        'disagg:ttft_prediction_relative_error_bucket{le="0.1"} 1.0\n'
+        'disagg:ttft_prediction_relative_error_bucket{le="0.2"} 2.0\n'
         '# TYPE disagg:routed_requests counter\n'
         'disagg:routed_requests_total{decode_worker="d0",mode="local"} 3.0\n',
         'disagg:ttft_predictions_total 10.0\ndisagg:ttft_prediction_error_total 2.0\n'
+        'disagg:ttft_prediction_relative_error_bucket{le="0.2"} 5.0\n'
         'disagg:routed_requests_total{decode_worker="d0",mode="local"} 5.0\n'
         'disagg:routed_requests_total{decode_worker="p0",mode="flexible"} 2.0\n'
         'disagg:routed_requests_total{decode_worker="d1",mode="local"} 1.0\n',
@@ -153,6 +156,7 @@ def test_the_routing_counters_a_run_adds_are_read_from_metrics():
     before, after = asyncio.run(go())
     summary = routing_summary(before, after)
     assert summary["ttft_predictions"] == 6 and abs(summary["ttft_prediction_error_mean"] - 0.2) < 1e-9
+    assert summary["ttft_predictions_within_20pct"] == 0.5  # 3 of the run's 6: its median error is <= 20%
     assert summary["routes"] == {"local": 3.0, "flexible": 2.0}
     refused = httpx.MockTransport(lambda request: httpx.Response(403, json={"error": {}}))
 

@@ -72,6 +72,7 @@ def test_local_request_streams_and_finishes_with_its_bookkeeping_in_order():
     counters, window = RouterCounters(), LatencyWindow()
     apply_latency(window, counters, last[2])  # predicted 0.4 s from routing, took 0.5 s: 20% off
     assert counters.ttft_predictions == 1 and counters.ttft_prediction_error == pytest.approx(0.2)
+    assert counters.ttft_prediction_error_within == [0, 0, 1, 1, 1, 1, 1]  # within 0.2 and above, not 0.05 or 0.1
     assert len(window.samples) == 1
 
 
