@@ -213,11 +213,12 @@ def test_a_short_remainder_is_priced_as_its_own_tokens_and_its_cached_prefix():
     against a 95 ms first token, and the simulated agent cells' median TTFT error was 4.6x)."""
     idle = _load("d0", WorkerTiming(MODEL, FIXED, 0.0002))
     d = _policy().choose(2047, {"d0": 127}, [idle], [])
-    step = MODEL.predict(15, 1, 15 * (2032 + 15 / 2) / 1000)  # the engine's kpairs: n x (computed + n / 2)
+    step = MODEL.predict(15, 1, 15 * (2032 + 15) / 1000)  # the engine's key pairs: n x (computed + n)
     assert d.prefill_worker is None and d.predicted_ttft_s == pytest.approx(step)
-    # and a prompt longer than a chunk: full chunks, then the rest as its own tokens
-    assert FIXED.prefill_seconds(MODEL, 1100, 0, 0) == pytest.approx(
-        3 * MODEL.predict(0, 1, 0) + MODEL.per_token * 1100 + MODEL.per_attn * 1100 * 1100 / 2000
+    # a prompt of two equal chunks: each its own tokens, attention 512 x 512 + 512 x 1024 key pairs as the engine
+    # counts them chunk by chunk
+    assert FIXED.prefill_seconds(MODEL, 1024, 0, 0) == pytest.approx(
+        2 * MODEL.predict(0, 1, 0) + MODEL.per_token * 1024 + MODEL.per_attn * (512 * 512 + 512 * 1024) / 1000
     )
 
 

@@ -100,6 +100,28 @@ def test_a_backlog_move_leaves_the_decoders_steps_within_the_tpot_slo(step, move
         assert decision is Hold.DECODE_HEADROOM
 
 
+def test_an_interference_split_reads_the_decoders_backlog_not_the_full_pools():
+    """Rule 2 fires with the prefill pool full, whose wait is deep by definition (4.1 s here): the steps it takes
+    come from the prompts on the decoders (0.8 s: one step), not from the pool's queue (which would say 4)."""
+    workers = [w("p0", Role.PREFILL, queued=LIMIT)] + \
+        [w(f"d{i:02d}", Role.DECODE, queued=800 if i == 0 else 0, active=1) for i in range(15)]
+    move = Planner(PlannerConfig(**ON)).decide(signals(workers, ttft=0.99, tpot=0.5))
+    assert (move.new, move.reason, len(move.workers)) == (Role.PREFILL, Reason.PREFILL_INTERFERENCE, 1)
+
+
+def test_a_decode_not_full_hold_breaks_the_confirmation_streak():
+    """A rule-3 move needs confirm_rounds rounds in a row of it: a round that holds because decode is not full
+    starts the count again."""
+    def cluster(step):
+        return [w("p0", Role.PREFILL), w("p1", Role.PREFILL),
+                replace(w("d0", Role.DECODE, active=1), decode_step_s=step)]
+    planner = Planner(PlannerConfig(**{**ON, "confirm_rounds": 2}))
+    assert planner.decide(signals(cluster(0.15), tpot=0.5)) is Hold.CONFIRMING
+    assert planner.decide(signals(cluster(0.03), tpot=0.5)) is Hold.DECODE_NOT_FULL
+    assert planner.decide(signals(cluster(0.15), tpot=0.5)) is Hold.CONFIRMING
+    assert planner.decide(signals(cluster(0.15), tpot=0.5)).reason is Reason.DECODE_SATURATED
+
+
 def test_tpot_missed_without_interference_adds_a_decoder():
     s = signals([w("p0", Role.PREFILL, queued=100), w("p1", Role.PREFILL, queued=0), w("d0", Role.DECODE, active=8)],
                 ttft=1.0, tpot=0.6)
@@ -323,7 +345,9 @@ def test_the_port_reads_each_workers_decode_step_from_its_measured_model_only():
     core = RouterCore({}, dict.fromkeys(["d0", "d1"]))
     core.loads["d0"].timing = WorkerTiming(model=StepCoefficients(0.01, 0.0001, 0.002, 0.00001))
     core.loads["d0"].decoding = core.loads["d0"].active_requests = 3
+    core.loads["d0"].active_blocks = 30  # 480 tokens (16 a block): 160 a stream
     by_name = {s.name: s for s in RouterPlannerPort.of(core).signals(PlannerConfig(enabled=True), 100.0).workers}
-    assert by_name["d0"].decode_step_s == pytest.approx(0.01 + 4 * 0.0001 + 4 * 0.002)  # one more sequence
-    assert by_name["d0"].decode_seq_s == pytest.approx(0.0001 + 0.002)  # (no context held yet)
+    # one more sequence, the context unchanged; a stream more brings a stream's mean context
+    assert by_name["d0"].decode_step_s == pytest.approx(0.01 + 4 * 0.0001 + 4 * 0.002 + 0.00001 * 0.48)
+    assert by_name["d0"].decode_seq_s == pytest.approx(0.0001 + 0.002 + 0.00001 * 0.16)
     assert by_name["d1"].decode_step_s is None and by_name["d1"].decode_seq_s is None

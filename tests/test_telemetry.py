@@ -41,3 +41,18 @@ def test_a_routing_decision_is_counted_by_its_mode():
     samples = _samples(metrics)
     for worker, mode in [("d0", "disaggregated"), ("d0", "peer_prefix"), ("d1", "local")]:
         assert samples[("disagg:routed_requests_total", (("decode_worker", worker), ("mode", mode)))] == 1
+
+
+def test_the_placements_prediction_errors_are_a_histogram_whose_02_bucket_reads_the_median_goal():
+    """Cumulative buckets of |predicted - actual| / actual, +Inf = every prediction; the bucket at "0.2" is the one
+    bench.scrape reads (median error <= 20% exactly when it holds at least half)."""
+    counters = RouterCounters()
+    for error in (0.01, 0.15, 0.2, 0.7, 9.0):
+        counters.predicted(error)
+    snapshot = ClusterSnapshot(counters, [], QueueView({}, 0, {}, {}), PlannerView(False, {}, {}))
+    samples = _samples(RouterMetrics(lambda: snapshot))
+    buckets = {dict(k[1])["le"]: v for k, v in samples.items() if k[0] == "disagg:ttft_prediction_relative_error_bucket"}
+    assert buckets == {"0.05": 1, "0.1": 1, "0.2": 3, "0.5": 3, "1": 4, "2": 4, "5": 4, "+Inf": 5}
+    assert samples[("disagg:ttft_prediction_relative_error_count", ())] == 5
+    assert samples[("disagg:ttft_prediction_relative_error_sum", ())] == sum((0.01, 0.15, 0.2, 0.7, 9.0))
+    assert RouterCounters.from_wire(counters.to_wire()) == counters  # the histogram travels with the counters

@@ -124,15 +124,15 @@ class ChunkRule:
         """How long computing `tokens` prompt tokens (a queue of prompts about `prompt` tokens long; default: one
         prompt) takes beside `decode_seqs` decoding sequences holding `decode_context` tokens, which finish after
         `decode_steps` more steps (None: they outlast the prompt): whole steps of the chunk this rule allows beside
-        them, then full chunks, plus the prompts' own attention (each quadratic in its length) and this prompt's
-        attention over its `cached` prefix.  The model is linear in a step's tokens, so `steps` steps carrying n
-        prompt tokens in all cost the steps without them plus n tokens: a step carries the tokens left, not a
-        whole chunk (15 uncached tokens on an idle worker were priced as a 512-token step: 1.34 s for a 95 ms
-        first token)."""
+        them, then full chunks, plus the prompts' own attention (each quadratic in its length, as the engine counts
+        it chunk by chunk) and this prompt's attention over its `cached` prefix.  The model is linear in a step's
+        tokens, so `steps` steps carrying n prompt tokens in all cost the steps without them plus n tokens: a step
+        carries the tokens left, not a whole chunk (15 uncached tokens on an idle worker were priced as a 512-token
+        step: 1.34 s for a 95 ms first token)."""
         if tokens <= 0:
             return 0.0
         kpairs = decode_context / 1000
-        chunk = self.tokens(m, decode_seqs, decode_seqs, kpairs, 0)
+        chunk = self.tokens(m, decode_seqs, decode_seqs, kpairs, cached)  # (the engine's context grows past it)
         steps = math.ceil(tokens / chunk)
         if decode_seqs and decode_steps is not None:
             steps = min(steps, max(0, math.floor(decode_steps)))
@@ -141,8 +141,11 @@ class ChunkRule:
         rest = tokens - beside
         if rest > 0:  # the decodes are done: the rest in full chunks
             seconds += math.ceil(rest / self.max_tokens) * m.predict(0, 1, 0.0) + m.per_token * rest
+        # the engine counts a chunk of n after c computed tokens as n x (c + n) key pairs: over a prompt of `own`
+        # tokens in chunks of `size`, own x cached + own^2 / 2 + own x size / 2 (exact for equal chunks)
         own = min(tokens, prompt or tokens)
-        return seconds + m.per_attn * (tokens * own / 2 + own * cached) / 1000
+        size = min(own, chunk if beside else self.max_tokens)
+        return seconds + m.per_attn * (tokens * (own + size) / 2 + own * cached) / 1000
 
 
 class ChunkSizer:

@@ -156,7 +156,13 @@ class Signals:
     def prefill_wait_s(self) -> float:
         """Estimated wait of the prompts queued for prefill: on the prefill workers if there are any, else on the
         decode workers (which then prefill their own), each at its measured speed."""
-        pool = self.prefill_workers() or self.decode_workers()
+        return self._wait(self.prefill_workers() or self.decode_workers())
+
+    def decoders_wait_s(self) -> float:
+        """Estimated wait of the prompts the decode workers prefill themselves."""
+        return self._wait(self.decode_workers())
+
+    def _wait(self, pool: list[WorkerSignal]) -> float:
         if not pool:
             return 0.0
         waits = [w.queued_prefill_tokens / (w.prefill_tokens_per_s or self.default_prefill_tokens_per_s) for w in pool]
@@ -259,7 +265,7 @@ class Planner:
         keep_prefill = cfg.min_prefill if tpot_bad else max(cfg.min_prefill, 1)
         steps, cap = 1, None
         if wanted[1] is Reason.PREFILL_INTERFERENCE:
-            steps = max(1, min(cfg.max_step_multiple, int(wait / cfg.prefill_wait_high_s)))
+            steps = max(1, min(cfg.max_step_multiple, int(s.decoders_wait_s() / cfg.prefill_wait_high_s)))
             cap = min(_room(len(s.decode_workers()), load, cfg.decode_load_low), self._step_room(s))
             if cap == 0:
                 return Hold.DECODE_HEADROOM

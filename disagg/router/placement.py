@@ -10,10 +10,10 @@ token, predicted:
 `prefill_seconds` is the worker's own chunk rule applied to its own fitted step-time model (engine/step_time.py),
 both from its heartbeat: a decode worker that sizes its prompt chunks to a TPOT target prefills slowly beside a
 full batch, and its price says so; an idle one prefills at full speed and needs no transfer.  A step is priced
-with the tokens it carries (a short uncached remainder is one short step), and the prompt's attention over the
-prefix the worker holds counts as the engine counts it.  The queue, the uncached prompt tokens, the decoding
-requests and their output tokens still to come (max_tokens less those generated) are the router's own counts
-(router/load.py).
+with the tokens it carries (a short uncached remainder is one short step), and the prompt's attention - over the
+prefix the worker holds and over itself, chunk by chunk - counts as the engine counts key pairs.  The queue, the
+uncached prompt tokens, the decoding requests and their output tokens still to come (max_tokens less those
+generated) are the router's own counts (router/load.py).
 
 Which option wins (`cheapest`): without a TTFT target, the lowest prediction, local on a tie.  With the TTFT SLO
 as target, a prefill worker that meets it (the prompt leaves the decode worker's batch alone), else local if that
