@@ -238,8 +238,7 @@ class Planner:
             f"decoders_prefilling={sum(w.queued_prefill_tokens for w in s.decode_workers())}tok "
             f"decode_step={_ms(s.decode_step_s())}"
         )
-        decoders_prefilling = any(w.queued_prefill_tokens for w in s.decode_workers())
-        interference = s.prefill_pool_full() and decoders_prefilling
+        interference = s.prefill_pool_full() and any(w.queued_prefill_tokens for w in s.decode_workers())
         wanted: tuple[Role, Reason] | None = None
         if decode_short and interference:
             wanted = (Role.PREFILL, Reason.PREFILL_INTERFERENCE)
@@ -266,7 +265,7 @@ class Planner:
         steps, cap = 1, None
         if wanted[1] is Reason.PREFILL_INTERFERENCE:
             steps = max(1, min(cfg.max_step_multiple, int(s.decoders_wait_s() / cfg.prefill_wait_high_s)))
-            cap = min(_room(len(s.decode_workers()), load, cfg.decode_load_low), self._step_room(s))
+            cap = self._decode_headroom(s, load, cfg.decode_load_low)
             if cap == 0:
                 return Hold.DECODE_HEADROOM
         if wanted[1] is Reason.PREFILL_BACKLOG:
@@ -292,12 +291,14 @@ class Planner:
         cfg = self.config
         return load > cfg.decode_load_high or step is None or step >= cfg.decode_step_high * cfg.tpot_slo_s
 
-    def _decode_headroom(self, s: Signals, load: float) -> int:
-        """How many decode workers can leave for prefill before the rest pass `decode_load_high` (their load
-        spread over fewer workers).  The router fills the prefill pool up to its queue limit whenever prompts
-        arrive faster than it drains, so a prefill backlog alone never says when to stop: at 8x the agent load
-        the planner kept moving decode workers until 6 were left at 84% load."""
-        return min(_room(len(s.decode_workers()), load, self.config.decode_load_high), self._step_room(s))
+    def _decode_headroom(self, s: Signals, load: float, high: float | None = None) -> int:
+        """How many decode workers can leave for prefill before the rest pass `high` (`decode_load_high` unless
+        given; their load spread over fewer workers) or their predicted steps pass `decode_step_max` of the TPOT
+        SLO.  The router fills the prefill pool up to its queue limit whenever prompts arrive faster than it
+        drains, so a prefill backlog alone never says when to stop: at 8x the agent load the planner kept moving
+        decode workers until 6 were left at 84% load."""
+        high = self.config.decode_load_high if high is None else high
+        return min(_room(len(s.decode_workers()), load, high), self._step_room(s))
 
     def _step_room(self, s: Signals) -> int:
         """How many decode workers can leave before the rest's predicted decode step (each taking a share of the
@@ -305,12 +306,11 @@ class Planner:
         before any step is measured.  Load (slots, KV) alone let the agent load at a 50 ms TPOT SLO move 42 of 64
         workers to prefill while each step was already 40 ms: the rest then missed TPOT, and both SLOs failed."""
         decoders = s.decode_workers()
-        measured = [w for w in decoders if w.decode_step_s is not None and w.decode_seq_s is not None]
-        if not measured:
-            return len(decoders)
-        n = len(decoders)
-        step = sum(w.decode_step_s or 0.0 for w in measured) / len(measured)
-        growth = sum((w.decode_seq_s or 0.0) * w.active_requests for w in measured) / len(measured)
+        n, step = len(decoders), s.decode_step_s()
+        growths = [w.decode_seq_s * w.active_requests for w in decoders if w.decode_seq_s is not None]
+        if step is None or not growths:
+            return n
+        growth = sum(growths) / len(growths)
         slack = self.config.decode_step_max * self.config.tpot_slo_s - step
         if slack <= 0:
             return 0
