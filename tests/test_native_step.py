@@ -58,9 +58,14 @@ def _stack(seed: int) -> tuple[list[StackLayer], torch.Tensor, torch.Tensor]:
 STEPS = [([0, 1, 2, 3, 4, 5], [0] * 6), ([0, 1, 2], [1, 1, 1]), ([6, 3], [0, 1]), ([7, 8, 9, 4], [0, 0, 0, 1])]
 
 
-@pytest.mark.parametrize("bits", [0, 16, 8])  # float32 activations, then rounded to int16 / int8 blocks
+@pytest.mark.parametrize(
+    ("bits", "blocked_rows"),
+    # float32 activations, then rounded to int16 / int8 blocks: row by row, and (4) steps of 4+ tokens on the
+    # blocked GEMM (cpu_gemm8.cpp; the row kernel answers for it where VNNI is not built)
+    [(0, 0), (16, 0), (8, 0), (16, 4), (8, 4)],
+)
 @pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
-def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bits, kernel_builds):
+def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bits, blocked_rows, kernel_builds):
     if native_build.compiler() is None:
         pytest.skip("no C++ compiler on this machine (the torch path serves)")
     if march == "haswell" and " avx2" not in FLAGS:
@@ -70,7 +75,7 @@ def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bi
     layers, inv_freq, final_norm = _stack(0)
     kv_kernel = torch.zeros(10, len(layers), 2, SHAPE.block_size, SHAPE.kv_heads, SHAPE.head_dim)
     kv_reference = kv_kernel.clone()
-    shape = dataclasses.replace(SHAPE, activation_bits=bits)
+    shape = dataclasses.replace(SHAPE, activation_bits=bits, blocked_rows=blocked_rows)
     kernel = StackKernel(native, shape, layers, inv_freq, final_norm, kv_kernel)
     tables = torch.tensor([[3, 5, 7, 0], [3, 2, 0, 0]], dtype=torch.int32)  # block 3 holds both sequences' start
     g = torch.Generator().manual_seed(1)

@@ -42,18 +42,22 @@ def test_kernels_equal_the_torch_reference_on_every_cpu_path(march, kernel_build
     assert kernels is not None, why
     expected = {"haswell": "avx2", "x86-64": "portable"}.get(march)
     assert expected is None or kernels.isa == expected
+    # the blocked integer GEMM is built where VNNI is (elsewhere the row kernel answers its calls)
+    assert kernels.blocked == (expected is None and " avx512_vnni" in FLAGS)
     g = torch.Generator().manual_seed(0)
     for fmt in BlockFormat:
+        # 40 outputs: a pair of 16-column panels and a part-filled one
         w = quantize(torch.randn(40, 96, generator=g), fmt)
         assert torch.equal(kernels.dequantize(w), dequantize_reference(w)) or torch.allclose(
             kernels.dequantize(w), dequantize_reference(w), atol=1e-6
         )
-        for rows in (1, 3, 4, 8, 9, 17):  # below, at and above each path's rows-per-pass
+        for rows in (1, 3, 4, 6, 8, 9, 17):  # below, at and above each path's rows-per-pass
             x = torch.randn(rows, 96, generator=g)
             torch.testing.assert_close(kernels.matmul(x, w), matmul_reference(x, w), atol=5e-5, rtol=1e-5)
             for bits in (16, 8):  # integer activations (96 = 3 blocks: a pair and an unpaired last one)
                 want = matmul_reference(x, w, bits)
                 torch.testing.assert_close(kernels.matmul(x, w, bits), want, atol=2e-4, rtol=1e-5)
+                torch.testing.assert_close(kernels.matmul(x, w, bits, blocked=True), want, atol=2e-4, rtol=1e-5)
 
 
 def test_rounding_bounds_and_eight_bits_hold_four_bit_weights_exactly():
@@ -154,6 +158,30 @@ def test_teacher_forced_quality_against_float32(mode, kv_dtype, top1, ppl, smoll
     logits = teacher_forced_logits(runner, tokens, QUALITY_CHUNK)
     assert agreement(reference, logits) >= top1
     assert abs(perplexity(logits, tokens) / perplexity(reference, tokens) - 1) < ppl
+
+
+def test_a_wide_int16_step_takes_the_blocked_gemm_and_keeps_float32s_answers(smollm_dir, eval_reference, monkeypatch):
+    """A 320-token step (wider than the native step takes) with int16 activations: its matmuls run the blocked
+    integer GEMM where it is built, and its logits agree with float32's at every position."""
+    tokens, reference = eval_reference
+    runner, _ = load_model(
+        EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, quantization="q4", quant_activations="int16")
+    )
+    kernels = quant.quant_kernels(torch.device("cpu"))
+    widths: list[tuple[int, bool]] = []
+    matmul = kernels.matmul
+
+    def spy(x, w, activation_bits=0, *, blocked=False):
+        widths.append((x.shape[0], blocked))
+        return matmul(x, w, activation_bits, blocked=blocked)
+
+    monkeypatch.setattr(kernels, "matmul", spy)
+    n = 320
+    logits = teacher_forced_logits(runner, tokens[:n], n)
+    assert {rows for rows, _ in widths} == {n}  # one step, every linear of it through the block kernels
+    assert all(blocked == kernels.blocked for _, blocked in widths)
+    assert agreement(reference[:n], logits) == 1.0
+    assert abs(perplexity(logits, tokens[:n]) / perplexity(reference[:n], tokens[:n]) - 1) < 1e-3
 
 
 def test_the_torch_reference_runs_when_no_compiler_is_found(tiny_llama_dir, monkeypatch):

@@ -134,6 +134,7 @@ def build(
         block_size=cache.block_size,
         eps=cfg.rms_norm_eps,
         activation_bits=config.activation_bits,
+        blocked_rows=config.blocked_from,
     )
     try:
         kernel = StackKernel(native, shape, layers, model.rotary.inv_freq, model.norm.weight.data, cache.tensor)

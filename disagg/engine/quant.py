@@ -13,9 +13,10 @@ rounded per block of 32 and integer dot products (disagg_kernels/cpu_dot8.cpp: A
 CUDA the Triton kernel (disagg_kernels/quant_triton.py), float32, bfloat16 or float16 activations.  They
 de-quantize a block in registers and accumulate in float32.  Batches of up to `QuantConfig.direct_rows` rows
 (decode, short chunks) go through the block kernel, which reads 5-8.5 bits per weight instead of 32, and on CPU
-through the native whole-stack step (engine/native_step.py); a wider batch (a prefill chunk) de-quantizes the
-matrix into one reused float32 buffer and runs torch's GEMM, since there the arithmetic, not the weight bytes, is
-the cost.
+through the native whole-stack step (engine/native_step.py).  With int16 activations, batches of
+`QuantConfig.blocked_rows` rows or more, at any width, take the blocked integer GEMM (disagg_kernels/cpu_gemm8.cpp,
+AVX-512 VNNI): the same integer dots, laid out so that the arithmetic, not the weight bytes, sets the pace.  Any
+other wider batch (a prefill chunk) de-quantizes the matrix into one reused float32 buffer and runs torch's GEMM.
 """
 
 from __future__ import annotations
@@ -56,6 +57,16 @@ class QuantConfig:
     float_rows: int = 4
     # 8 / 16: the block kernel rounds its activations to int8 / int16 blocks first (--quant-activations; CPU only)
     activation_bits: int = 0
+    # with int16 activations, steps of at least this many rows take the blocked integer GEMM (cpu_gemm8.cpp) where
+    # it is built (AVX-512 VNNI), at any width: it ties the row kernel at 4 rows and wins from 8 (docs/benchmarks.md)
+    blocked_rows: int = 8
+
+    @property
+    def blocked_from(self) -> int:
+        """Rows from which the matmuls take the blocked GEMM; 0: never.  int16 only: int8 activations'
+        teacher-forced agreement sits at the 97% bar and moves across it with the float summation order alone
+        (docs/benchmarks.md), so int8 keeps the order it was measured in."""
+        return self.blocked_rows if self.activation_bits == 16 else 0
 
     def for_head(self) -> QuantConfig:
         """The LM head's: int16 where the layers round to int8.  The head picks the top-1 token, and int8 there
@@ -72,7 +83,14 @@ class BlockKernels(Protocol):
     @property
     def dtypes(self) -> tuple[torch.dtype, ...]: ...
 
-    def matmul(self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor: ...
+    @property
+    def blocked(self) -> bool:
+        """Whether integer-activation matmuls have a blocked GEMM for wide batches (else they run row by row)."""
+        ...
+
+    def matmul(
+        self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0, *, blocked: bool = False
+    ) -> torch.Tensor: ...
 
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -90,9 +108,15 @@ class QuantKernels:
     def name(self) -> str:
         return f"native-{self.native.isa}" if self.native is not None else "torch-reference"
 
-    def matmul(self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor:
+    @property
+    def blocked(self) -> bool:
+        return self.native is not None and self.native.blocked
+
+    def matmul(
+        self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0, *, blocked: bool = False
+    ) -> torch.Tensor:
         if self.native is not None:
-            return self.native.matmul(x, w, activation_bits)
+            return self.native.matmul(x, w, activation_bits, blocked=blocked)
         return matmul_reference(x, w, activation_bits)
 
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -108,8 +132,11 @@ class TritonQuantKernels:
 
     name = "triton"
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    blocked = False
 
-    def matmul(self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor:
+    def matmul(
+        self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0, *, blocked: bool = False
+    ) -> torch.Tensor:
         if activation_bits:  # refused at start-up (check_quantizable); never reached by a served request
             raise ValueError("--quant-activations int8 / int16 run on the CPU kernels only")
         return block_matmul_triton(x, w)
@@ -138,7 +165,13 @@ def quant_kernels(device: torch.device) -> BlockKernels:
             )
         else:
             dots = "AVX-512 VNNI" if native.vnni else "AVX2 or the portable loop, as built"
-            log.info("quantized matmul: native kernel for %s (integer-activation dots on %s)", native.isa, dots)
+            log.info(
+                "quantized matmul: native kernel for %s (integer-activation dots on %s; blocked GEMM for wide "
+                "steps: %s)",
+                native.isa,
+                dots,
+                "yes" if native.blocked else "no, row by row",
+            )
     return _KERNELS
 
 
@@ -174,8 +207,12 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] <= self.config.direct_rows:
-            out = self.kernels.matmul(flat, self.weight_blocks, self.config.activation_bits)
+        rows, bits = flat.shape[0], self.config.activation_bits
+        # int16 activations stay integer at any width where the blocked GEMM is built (the same integer dots as a
+        # narrow step); otherwise a wide step runs float32 activations over the de-quantized matrix
+        blocked = self.kernels.blocked and 0 < self.config.blocked_from <= rows
+        if rows <= self.config.direct_rows or blocked:
+            out = self.kernels.matmul(flat, self.weight_blocks, bits, blocked=blocked)
             if self.bias is not None:
                 out += self.bias
         else:

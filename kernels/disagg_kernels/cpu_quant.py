@@ -27,7 +27,7 @@ from disagg_kernels.native_build import build_library
 QK = 32  # weights per block (llama.cpp's QK4_0 = QK4_1 = QK8_0 = 32)
 _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 # one library: the 8-bit-activation matmul and the whole-stack step beside the block matmul they call
-_SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in ("cpu_dot8.cpp", "cpu_step.cpp")))
+_SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in ("cpu_dot8.cpp", "cpu_gemm8.cpp", "cpu_step.cpp")))
 
 
 class BlockFormat(enum.Enum):
@@ -199,13 +199,19 @@ class NativeKernels:
         lib.disagg_quant_isa.restype = ctypes.c_char_p
         lib.disagg_quant_matmul_int.argtypes = [i32, *lib.disagg_quant_matmul.argtypes]
         lib.disagg_quant_matmul_int.restype = None
+        lib.disagg_quant_gemm_int.argtypes = lib.disagg_quant_matmul_int.argtypes
+        lib.disagg_quant_gemm_int.restype = None
         self.library = lib  # cpu_step.StackKernel binds the whole-stack step from it too
         self.isa: str = lib.disagg_quant_isa().decode()
         self.vnni = bool(lib.disagg_quant_int_vnni())  # integer-activation dots on AVX-512 VNNI (else AVX2/portable)
+        self.blocked = bool(lib.disagg_quant_gemm_blocked())  # cpu_gemm8.cpp's blocked kernel (else the row one)
 
-    def matmul(self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0) -> torch.Tensor:
+    def matmul(
+        self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0, *, blocked: bool = False
+    ) -> torch.Tensor:
         """x [B, K] float32 times the matrix's transpose: [B, N] float32 (ctypes drops the GIL during the call);
-        `activation_bits` 8 or 16: x rounded to int8 / int16 per block of 32 first (cpu_dot8.cpp)."""
+        `activation_bits` 8 or 16: x rounded to int8 / int16 per block of 32 first (cpu_dot8.cpp); `blocked`
+        (with them): the same integer dots as a blocked GEMM, for wide x (cpu_gemm8.cpp)."""
         b, k = x.shape
         n = w.shape[0]
         if k != w.shape[1] or x.dtype != torch.float32:
@@ -214,7 +220,10 @@ class NativeKernels:
         y = torch.empty(b, n, dtype=torch.float32)
         m = w.m.data_ptr() if w.m is not None else None
         lib = self.library
-        fn = partial(lib.disagg_quant_matmul_int, activation_bits) if activation_bits else lib.disagg_quant_matmul
+        if activation_bits:
+            fn = partial(lib.disagg_quant_gemm_int if blocked else lib.disagg_quant_matmul_int, activation_bits)
+        else:
+            fn = lib.disagg_quant_matmul
         fn(
             w.fmt.codes,
             x.data_ptr(),

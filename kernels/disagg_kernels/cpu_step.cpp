@@ -22,6 +22,8 @@ extern "C" void disagg_quant_matmul(int codes, const float* x, int64_t B, int64_
 extern "C" void disagg_quant_matmul_int(int bits, int codes, const float* x, int64_t B, int64_t K,
                                         const uint8_t* qs, const float* d, const float* m, int64_t N, float* y,
                                         int threads);
+extern "C" void disagg_quant_gemm_int(int bits, int codes, const float* x, int64_t B, int64_t K, const uint8_t* qs,
+                                      const float* d, const float* m, int64_t N, float* y, int threads);
 
 extern "C" {
 
@@ -42,6 +44,7 @@ struct DisaggLayer {
 struct DisaggStack {
     int64_t num_layers, hidden, intermediate, heads, kv_heads, head_dim, block_size;
     int64_t activation_bits;  // 0: float32 activations; 8 / 16: the matmuls round x to int8 / int16 (cpu_dot8.cpp)
+    int64_t blocked_rows;  // with activation_bits: steps of at least this many tokens take cpu_gemm8.cpp (0: never)
     float eps;
     const float* inv_freq;  // [head_dim / 2]
     const float* final_norm;
@@ -84,7 +87,10 @@ void rms_norm(const float* x, const float* w, int64_t T, int64_t H, float eps, f
 
 void linear(const DisaggStack& s, const DisaggMat& w, const float* x, int64_t T, float* y, int threads) {
     const int codes = static_cast<int>(w.codes);
-    if (s.activation_bits) disagg_quant_matmul_int(static_cast<int>(s.activation_bits), codes, x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);
+    const int bits = static_cast<int>(s.activation_bits);
+    if (bits && s.blocked_rows > 0 && T >= s.blocked_rows)
+        disagg_quant_gemm_int(bits, codes, x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);
+    else if (bits) disagg_quant_matmul_int(bits, codes, x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);
     else disagg_quant_matmul(codes, x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);
     if (w.bias)
         for (int64_t t = 0; t < T; ++t)
@@ -118,19 +124,25 @@ inline float* kv_at(const DisaggStack& s, int64_t layer, int which, const int32_
 // attention of one token and one query head over its sequence's first position + 1 slots
 void attend(const DisaggStack& s, int64_t layer, const Token& tok, const float* q, int64_t kv_head, float scale,
             float* scores, float* out) {
-    const int64_t D = s.head_dim, len = tok.position + 1;
+    const int64_t D = s.head_dim, len = tok.position + 1, bs = s.block_size;
+    // the slots are walked a block at a time: no division per position (kv_at's), the same arithmetic
     float mx = -INFINITY;
-    for (int64_t j = 0; j < len; ++j) {
-        scores[j] = dot(q, kv_at(s, layer, 0, tok.table, j) + kv_head * s.stride_head, D) * scale;
-        mx = scores[j] > mx ? scores[j] : mx;
+    for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const float* k = kv_at(s, layer, 0, tok.table, j0) + kv_head * s.stride_head;
+        for (int64_t j = j0; j < j0 + bs && j < len; ++j, k += s.stride_slot) {
+            scores[j] = dot(q, k, D) * scale;
+            mx = scores[j] > mx ? scores[j] : mx;
+        }
     }
     float sum = 0.0f;
     for (int64_t j = 0; j < len; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
     for (int64_t i = 0; i < D; ++i) out[i] = 0.0f;
-    for (int64_t j = 0; j < len; ++j) {
-        const float p = scores[j] / sum;
-        const float* v = kv_at(s, layer, 1, tok.table, j) + kv_head * s.stride_head;
-        for (int64_t i = 0; i < D; ++i) out[i] += p * v[i];
+    for (int64_t j0 = 0; j0 < len; j0 += bs) {
+        const float* v = kv_at(s, layer, 1, tok.table, j0) + kv_head * s.stride_head;
+        for (int64_t j = j0; j < j0 + bs && j < len; ++j, v += s.stride_slot) {
+            const float p = scores[j] / sum;
+            for (int64_t i = 0; i < D; ++i) out[i] += p * v[i];
+        }
     }
 }
 
@@ -196,6 +208,7 @@ void disagg_stack_forward(const DisaggStack* stack, float* hidden, int64_t T, co
         for (int64_t i = 0; i < T * H; ++i) hidden[i] += proj[i];
         rms_norm(hidden, L.post_norm, T, H, s.eps, normed.data());
         linear(s, L.gate_up, normed.data(), T, gu.data(), threads);
+#pragma omp parallel for schedule(static) num_threads(threads) if (T > 1)  // T x I exponentials: split the rows
         for (int64_t t = 0; t < T; ++t)
             for (int64_t i = 0; i < I; ++i) {
                 const float g = gu[t * 2 * I + i];

@@ -41,6 +41,7 @@ class _Stack(ctypes.Structure):
         *[(name, _i64) for name in ("num_layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim")],
         ("block_size", _i64),
         ("activation_bits", _i64),
+        ("blocked_rows", _i64),
         ("eps", _f32),
         ("inv_freq", _ptr),
         ("final_norm", _ptr),
@@ -60,6 +61,7 @@ class StackShape:
     block_size: int
     eps: float
     activation_bits: int = 0  # 8 / 16: the matmuls round x to int8 / int16 blocks first (cpu_dot8.cpp)
+    blocked_rows: int = 0  # with activation_bits: steps of at least this many tokens use cpu_gemm8.cpp (0: never)
 
 
 @dataclass
@@ -127,7 +129,7 @@ class StackKernel:
         strides = kv.stride()
         self._stack = _Stack(
             len(layers), s.hidden, s.intermediate, s.heads, s.kv_heads, s.head_dim, s.block_size,
-            s.activation_bits, s.eps,
+            s.activation_bits, s.blocked_rows, s.eps,
             _float_ptr(inv_freq.contiguous(), keep), _float_ptr(final_norm, keep),
             self._layers, kv.data_ptr(), strides[0], strides[1], strides[2], strides[3], strides[4],
         )  # fmt: skip
