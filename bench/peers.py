@@ -41,6 +41,7 @@ from bench.replay import ReplayConfig, replay
 from disagg.config import EngineConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.options import add_options, from_options
+from disagg.sim.spec import ADAPTIVE_TPOT_SHARE
 from disagg.workload import agent, loaders
 from disagg.workload.metrics import SLO, RequestRecord, parse_slos
 from disagg.workload.record import TraceScale
@@ -63,7 +64,8 @@ class PeersOptions:
         default="vllm,llamacpp,disagg-agg,disagg-1p1d",
         metadata={
             "help": "systems to run, in order (also: disagg-agg-q4, disagg-1p1d-q4: --quantization q4; "
-            "disagg-agg-q4a16, disagg-1p1d-q4a16: q4 with --quant-activations int16)"
+            "disagg-agg-q4a16, disagg-1p1d-q4a16: q4 with --quant-activations int16; the same with -slo: "
+            "prompt chunks sized from the TPOT SLO, --prefill-chunk-target-ms)"
         },
     )
     workloads: str = field(default="conversation,agent", metadata={"help": "workloads to replay on each"})
@@ -183,7 +185,12 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
         ours = next(s for s in out if s.name == name)
         q4 = [*ours.command, "--quantization", "q4"]
         out.append(replace(ours, name=f"{name}-q4", command=q4))
-        out.append(replace(ours, name=f"{name}-q4a16", command=[*q4, "--quant-activations", "int16"]))
+        a16 = [*q4, "--quant-activations", "int16"]
+        out.append(replace(ours, name=f"{name}-q4a16", command=a16))
+        # the same, its prompt chunks sized from the TPOT SLO as the adaptive arms size them (a serving option
+        # that takes the SLO; the peers have no such option)
+        target = str(args.slo_tpot_ms * ADAPTIVE_TPOT_SHARE)
+        out.append(replace(ours, name=f"{name}-q4a16-slo", command=[*a16, "--prefill-chunk-target-ms", target]))
     wanted = args.systems.split(",")
     return sorted((s for s in out if s.name in wanted), key=lambda s: wanted.index(s.name))
 

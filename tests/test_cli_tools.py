@@ -1,5 +1,6 @@
 """`disagg bench` tools: the product's own (simulate, agent) and the bench lab's, found as plugins in the
 `disagg.bench` entry-point group that pyproject.toml registers (the product never imports bench/)."""
+
 import argparse
 import importlib
 import re
@@ -150,3 +151,16 @@ def test_the_defaults_the_docs_rely_on(monkeypatch):
     assert (replay.ignore_eos, replay.progress, replay.request_timeout_s) == (False, False, 600.0)
     validate = _parse("bench.sim.validate", ["--prior", "a.json", "--prior", "b.json@x"], monkeypatch)
     assert validate.prior == ["a.json", "b.json@x"] and validate.vocab_size == 49152
+
+
+def test_the_peers_slo_system_sizes_its_chunks_from_the_tpot_slo(monkeypatch):
+    from bench.peers import systems
+    from disagg.sim.spec import ADAPTIVE_TPOT_SHARE
+
+    args = _parse(
+        "bench.peers", ["--slo-tpot-ms", "250", "--systems", "disagg-agg-q4a16,disagg-agg-q4a16-slo"], monkeypatch
+    )
+    plain, slo = systems(args, "model-dir", "served")
+    assert [plain.name, slo.name] == ["disagg-agg-q4a16", "disagg-agg-q4a16-slo"]
+    assert slo.command == [*plain.command, "--prefill-chunk-target-ms", str(250 * ADAPTIVE_TPOT_SHARE)]
+    assert "--prefill-chunk-target-ms" not in plain.command

@@ -58,14 +58,16 @@ class QuantConfig:
     # 8 / 16: the block kernel rounds its activations to int8 / int16 blocks first (--quant-activations; CPU only)
     activation_bits: int = 0
     # with int16 activations, steps of at least this many rows take the blocked integer GEMM (cpu_gemm8.cpp) where
-    # it is built (AVX-512 VNNI), at any width: it ties the row kernel at 4 rows and wins from 8 (docs/benchmarks.md)
+    # it is built (AVX-512 VNNI), at any width: it ties the row kernel at 4 rows and wins from 8 (docs/benchmarks.md,
+    # "A blocked integer GEMM for batches of many rows")
     blocked_rows: int = 8
 
     @property
     def blocked_from(self) -> int:
         """Rows from which the matmuls take the blocked GEMM; 0: never.  int16 only: int8 activations'
         teacher-forced agreement sits at the 97% bar and moves across it with the float summation order alone
-        (docs/benchmarks.md), so int8 keeps the order it was measured in."""
+        (docs/benchmarks.md), so int8 layers keep the row kernel's order (their LM head rounds to int16,
+        `for_head`, and takes the blocked GEMM as int16's does)."""
         return self.blocked_rows if self.activation_bits == 16 else 0
 
     def for_head(self) -> QuantConfig:

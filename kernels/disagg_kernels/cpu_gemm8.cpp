@@ -1,17 +1,18 @@
 // Integer-activation matmuls of many rows (a prefill chunk, a batch of decode rows): y[B, N] = x[B, K] @ W^T with
 // cpu_dot8.cpp's arithmetic (x rounded per block of 32: dx = amax / L, qx = round(x / dx), sx = dx * sum(qx); per
 // weight block x . w = d * dx * (q . qx) + m * sx), laid out as a blocked GEMM instead of one weight row at a time.
-// The integer dots are the same integers; only the float sums run in another order.  The engine takes it for int16
-// activations (engine/quant.py `QuantConfig.blocked_from`); int8 and int16 are tested alike.
+// The integer dots are the same integers (for Q8_0 under int8, the codes' shift by 128, below, is taken back in the
+// float min term: the same value up to float rounding); the float sums run in another order.  The engine takes it
+// for int16 activations (engine/quant.py `QuantConfig.blocked_from`); int8 and int16 are tested alike.
 //
 // Why another layout: cpu_dot8.cpp puts a block's 32 codes across a vector's lanes, so every block of every row
 // ends in a lane permute and a scale per lane.  Here a vector's 16 lanes are 16 output columns.  Each thread packs
 // a panel of 16 weight rows at a time (per call, into a buffer it reuses; the codes of 16 rows are transposed in
 // registers) as [block][group][16 columns] dwords, a group being 4 byte codes (int8: `vpdpbusd`, unsigned codes by
 // signed activations) or 2 word codes (int16: `vpdpwssd`), and broadcasts an activation group to all lanes.  A
-// block then costs 8 (int8) or 16 (int16) dot instructions per row and panel, plus one convert and two FMAs for its
-// scales (d * dx and m * sx, the scales packed per panel too).  RM rows of x by RN panels are computed at once, so
-// each packed group and each broadcast is used RM x RN times.
+// block then costs 8 (int8) or 16 (int16) dot instructions per row and panel, plus a convert, a multiply and two
+// FMAs for its scales (d * dx and m * sx, the scales packed per panel too).  RM rows of x by RN panels are
+// computed at once, so each packed group and each broadcast is used RM x RN times.
 //
 // Codes as unsigned bytes for `vpdpbusd`: Q8_0's signed codes are shifted by 128 (q + 128 as u8) and its min is
 // then -128 d, as Q4_0's is -8 d; int16 takes the signed code as it is (no min).
@@ -19,6 +20,7 @@
 // AVX-512 VNNI only: other builds answer with the row kernel (disagg_quant_matmul_int), the same integers.
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
@@ -37,6 +39,10 @@ constexpr int64_t QK = 32, LANES = 16;
 enum Codes { NIB = 0, S8 = 1, U8 = 2 };
 constexpr int64_t block_bytes(int c) { return c == NIB ? QK / 2 : QK; }
 constexpr int RM = 4, RN = 2;  // rows of x by panels of 16 columns per micro-kernel (16 + 16 accumulators)
+constexpr uintptr_t ALIGN = 64;  // bytes: the packed panels are read with aligned 512-bit loads
+
+template <typename T>  // the first ALIGN-byte boundary in a buffer with LANES spare elements
+T* aligned(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + ALIGN - 1) & ~(ALIGN - 1)); }
 
 template <typename A>
 constexpr int64_t groups() { return QK * static_cast<int64_t>(sizeof(A)) / 4; }  // dwords of codes per block
@@ -158,8 +164,8 @@ void micro(const Rounded<A>& x, int64_t r0, int64_t K, const uint32_t* codes, co
     constexpr int64_t G = groups<A>();
     for (int r = 0; r < R; ++r)
         for (int n = 0; n < RN; ++n) acc[r][n] = _mm512_setzero_ps();
-    const int32_t* xq[R];
-    for (int r = 0; r < R; ++r) xq[r] = reinterpret_cast<const int32_t*>(x.q.data() + (r0 + r) * K);
+    const A* xq[R];
+    for (int r = 0; r < R; ++r) xq[r] = x.q.data() + (r0 + r) * K;
     for (int64_t b = 0; b < nb; ++b) {
         __m512i dot[R][RN];
         for (int r = 0; r < R; ++r)
@@ -169,7 +175,9 @@ void micro(const Rounded<A>& x, int64_t r0, int64_t K, const uint32_t* codes, co
             __m512i w[RN];
             for (int n = 0; n < RN; ++n) w[n] = _mm512_load_si512(cb + n * panel_dwords + g * LANES);
             for (int r = 0; r < R; ++r) {
-                const __m512i a = _mm512_set1_epi32(xq[r][b * G + g]);
+                int32_t group;  // 4 bytes or 2 words of activation codes, read as one dword (memcpy: no aliasing)
+                std::memcpy(&group, xq[r] + (b * G + g) * (4 / static_cast<int64_t>(sizeof(A))), sizeof(group));
+                const __m512i a = _mm512_set1_epi32(group);
                 for (int n = 0; n < RN; ++n) {
                     if constexpr (sizeof(A) == 1) dot[r][n] = _mm512_dpbusd_epi32(dot[r][n], w[n], a);
                     else dot[r][n] = _mm512_dpwssd_epi32(dot[r][n], w[n], a);
@@ -215,9 +223,9 @@ void gemm(const float* x, int64_t B, int64_t K, const uint8_t* qs, const float* 
         round_rows(x, B, K, rx);  // one parallel region for the rounding and the GEMM (its `for` ends in a barrier)
         // this thread's packed panels, reused for each of its column groups
         std::vector<uint32_t> raw(static_cast<size_t>(RN * panel_dwords + LANES));
-        uint32_t* codes = reinterpret_cast<uint32_t*>((reinterpret_cast<uintptr_t>(raw.data()) + 63) & ~uintptr_t{63});
+        uint32_t* codes = aligned(raw.data());
         std::vector<float> sraw(static_cast<size_t>(2 * RN * nb * LANES + LANES));
-        float* dp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(sraw.data()) + 63) & ~uintptr_t{63});
+        float* dp = aligned(sraw.data());
         float* mp = dp + RN * nb * LANES;
 #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < N; n0 += width) {
