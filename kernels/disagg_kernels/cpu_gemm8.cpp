@@ -46,6 +46,11 @@ constexpr uintptr_t ALIGN = 64;  // bytes: the packed panels are read with align
 template <typename T>  // the first ALIGN-byte boundary in a buffer with LANES spare elements
 T* aligned(T* p) { return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(p) + ALIGN - 1) & ~(ALIGN - 1)); }
 
+template <typename T>
+void grow(std::vector<T>& v, int64_t n) {
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+}
+
 template <typename A>
 constexpr int64_t groups() { return QK * static_cast<int64_t>(sizeof(A)) / 4; }  // dwords of codes per block
 
@@ -226,17 +231,21 @@ template <int C, typename A>
 void gemm(const float* x, int64_t B, int64_t K, const uint8_t* qs, const float* d, const float* m, int64_t N, float* y,
           int threads) {
     const int64_t nb = K / QK, panel_dwords = nb * groups<A>() * LANES, width = RN * LANES;
-    Rounded<A> rx;
-    rx.q.resize(static_cast<size_t>(B * K));
-    rx.dx.resize(static_cast<size_t>(B * nb));
-    rx.sx.resize(static_cast<size_t>(B * nb));
+    // buffers kept per thread between calls (a decode step makes ~120 of them): grown, never zero-filled again
+    static thread_local Rounded<A> mine;
+    Rounded<A>& rx = mine;  // the calling thread's: the region's threads all use this one (a name, not a TLS lookup)
+    grow(rx.q, B * K);
+    grow(rx.dx, B * nb);
+    grow(rx.sx, B * nb);
 #pragma omp parallel num_threads(threads)
     {
         round_rows(x, B, K, rx);  // one parallel region for the rounding and the GEMM (its `for` ends in a barrier)
-        // this thread's packed panels, reused for each of its column groups
-        std::vector<uint32_t> raw(static_cast<size_t>(RN * panel_dwords + LANES));
+        // this thread's packed panels, reused for each of its column groups (every slot read is written first)
+        static thread_local std::vector<uint32_t> raw;
+        static thread_local std::vector<float> sraw;
+        grow(raw, RN * panel_dwords + LANES);
+        grow(sraw, 2 * RN * nb * LANES + LANES);
         uint32_t* codes = aligned(raw.data());
-        std::vector<float> sraw(static_cast<size_t>(2 * RN * nb * LANES + LANES));
         float* dp = aligned(sraw.data());
         float* mp = dp + RN * nb * LANES;
 #pragma omp for schedule(static)
