@@ -197,7 +197,7 @@ def test_a_replica_killed_mid_stream_loses_no_stream_and_new_requests_are_served
 
 
 def test_a_conversation_continues_from_any_replica(replicated, smollm_dir):
-    """The Responses API's stored responses are shared by the replicas (cluster/response_store_actor.py): each
+    """The Responses API's stored responses are shared by the replicas (cluster/shared_stores.py): each
     follow-up goes to whichever replica Serve's proxy picks, and every one finds the conversation (with a store
     per replica, 8 follow-ups would all land on the storing replica 1 time in 256)."""
     import openai

@@ -9,6 +9,7 @@ import signal
 import time
 
 import httpx
+import openai
 import pytest
 import ray
 import torch
@@ -199,3 +200,70 @@ def test_a_responses_input_image_answers_as_chat_and_a_follow_up_keeps_it(vlm_se
     # the stored turn's image is in the follow-up's prompt again (the same positions: its KV is reused)
     assert follow.usage.input_tokens > first.usage.input_tokens
     assert follow.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 16
+
+
+def test_an_input_image_by_file_id_answers_as_the_inline_image(vlm_service, tiny_vlm_dir):
+    """The Files API's upload named by `file_id` gives the prompt, hence the tokens, the inline image gives; the
+    stored turn keeps its own copy, so a follow-up still sees the image after the file is deleted."""
+    from openai import OpenAI
+
+    url, model = vlm_service.url, tiny_vlm_dir.name
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    chat = _chat(url, model, _parts(png(62))).json()
+    upload = client.files.create(file=("cat.png", png(62), "image/png"), purpose="vision")
+    first = client.responses.create(model=model, max_output_tokens=8, temperature=0, input=[
+        {"role": "user", "content": [{"type": "input_text", "text": PROMPT},
+                                     {"type": "input_image", "file_id": upload.id}]}])
+    assert first.output_text == chat["choices"][0]["message"]["content"]
+    assert first.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    listed = client.responses.input_items.list(first.id).data[0].content[1]
+    assert (listed.type, listed.file_id) == ("input_image", upload.id)
+    client.files.delete(upload.id)
+    follow = client.responses.create(model=model, max_output_tokens=8, temperature=0, previous_response_id=first.id,
+                                     input="And its colours?")
+    assert follow.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 16
+    with pytest.raises(openai.NotFoundError) as err:  # the deleted file itself is gone
+        client.responses.create(model=model, max_output_tokens=8, input=[
+            {"role": "user", "content": [{"type": "input_image", "file_id": upload.id}]}])
+    assert err.value.body["code"] == "file_not_found" and err.value.body["param"] == "input[0].content[0].file_id"
+
+
+def test_router_replicas_send_images_to_the_encoders_and_share_uploads(vlm_service, tiny_vlm_dir):
+    """Two router replicas behind Ray Serve's proxy, over the same workers: an image request is encoded by the
+    encoder worker (the workers receive its rows and encode nothing), the answer is the single router's,
+    and a file uploaded through one request is found by the next whichever replica answers (the shared store)."""
+    import dataclasses
+
+    from openai import OpenAI
+
+    from disagg.cluster.replicas import ServeFront
+    from disagg.http.server import free_port
+
+    model = tiny_vlm_dir.name
+    expected = _chat(vlm_service.url, model, _parts(png(71))).json()["choices"][0]["message"]["content"]
+    config = dataclasses.replace(vlm_service.router_config, replicas=2, port=free_port("127.0.0.1"), runtime_key="")
+    front = ServeFront(config)
+    cluster = vlm_service.cluster
+    try:
+        url = front.start(list(cluster.prefill_by_name), list(cluster.decode_by_name))
+        def counts():
+            stats = cluster.stats()
+            return sum(s.images_encoded for s in stats), sum(s.images_received for s in stats)
+
+        encoded, received = counts()
+        for seed in (72, 73):  # new images: neither is a prefix hit
+            reply = _chat(url, model, _parts(png(seed)))
+            assert reply.status_code == 200, reply.text
+        now_encoded, now_received = counts()
+        assert now_encoded == encoded and now_received >= received + 2  # the encoder worker encoded them
+        assert _chat(url, model, _parts(png(71))).json()["choices"][0]["message"]["content"] == expected
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        ids = [client.files.create(file=(f"{i}.png", png(71), "image/png"), purpose="vision").id for i in range(4)]
+        for file_id in ids:  # the proxy spreads these over both replicas
+            answer = client.responses.create(model=model, max_output_tokens=8, temperature=0, input=[
+                {"role": "user", "content": [{"type": "input_text", "text": PROMPT},
+                                             {"type": "input_image", "file_id": file_id}]}])
+            assert answer.output_text == expected
+        assert sorted(f.id for f in client.files.list()) == sorted(ids)
+    finally:
+        front.shutdown()

@@ -20,8 +20,10 @@ What the replicas share, and how:
   - roles: a worker's reported role is the truth (RoleChangeConfig.follow_workers): a role set through any
     replica's admin API reaches the others with the worker's next heartbeat; only replica 0 runs the planner;
   - health: every replica probes every worker and routes around the ones it finds dead;
-  - stored responses (the Responses API's previous_response_id): one small actor holds them for every replica
-    (cluster/response_store_actor.py), so a conversation's next turn continues from any replica.
+  - stored responses (the Responses API's previous_response_id) and uploaded files (the Files API): one small actor
+    holds them for every replica (cluster/shared_stores.py), so a conversation's next turn continues, and a
+    `file_id` is found, from any replica.
+  - encoder workers (E/PD): every replica sends images to them, each with a 1/N share of an encoder's slots.
 In-flight streams outlive the replica that relays them: see the token journal (README, "Reconnecting").
 
 Lifecycle: `ServeFront.start` starts Serve's proxy on the router's host and port and deploys the replicas; it
@@ -39,9 +41,11 @@ import ray
 from fastapi import FastAPI
 from ray import serve
 
+from disagg.cluster.encoder import RayEncoderPort
 from disagg.cluster.handles import RayWorkerHandle
-from disagg.cluster.response_store_actor import RayResponses, start_store
+from disagg.cluster.model_loader import alive
 from disagg.cluster.router_service import RouterConfig, RouterService
+from disagg.cluster.shared_stores import RayFiles, RayResponses, start_stores
 from disagg.http.config import ApiKey
 
 APP_NAME = "disagg"
@@ -49,8 +53,9 @@ DEPLOYMENT = "RouterReplica"
 
 
 def for_replica(config: RouterConfig, rank: int, replicas: int) -> RouterConfig:
-    """The settings of replica `rank` of `replicas`: a 1/N share of every worker's capacity limits, the roles the
-    workers report, and the planner on replica 0 only (two planners would undo each other's moves)."""
+    """The settings of replica `rank` of `replicas`: a 1/N share of every worker's capacity limits and of every
+    encoder's slots (at least one each), the roles the workers report, and the planner on replica 0 only (two
+    planners would undo each other's moves)."""
     cap = config.capacity
     capacity = dataclasses.replace(
         cap,
@@ -61,7 +66,9 @@ def for_replica(config: RouterConfig, rank: int, replicas: int) -> RouterConfig:
     core = dataclasses.replace(config.core, roles=dataclasses.replace(config.core.roles, follow_workers=True))
     planner = dataclasses.replace(config.planner, enabled=config.planner.enabled and rank == 0)
     keys = {key: _rate_share(grant, replicas) for key, grant in config.keys.items()} if config.keys else config.keys
-    return dataclasses.replace(config, capacity=capacity, core=core, planner=planner, keys=keys)
+    slots = max(1, config.encode.max_inflight_per_encoder // replicas)
+    encode = dataclasses.replace(config.encode, max_inflight_per_encoder=slots)
+    return dataclasses.replace(config, capacity=capacity, core=core, planner=planner, keys=keys, encode=encode)
 
 
 def _rate_share(grant: ApiKey, replicas: int) -> ApiKey:
@@ -78,7 +85,7 @@ def _rate_share(grant: ApiKey, replicas: int) -> ApiKey:
 class RouterReplica:
     """One router replica: a RouterService whose app Serve's proxy reaches (no uvicorn of its own)."""
 
-    def __init__(self, config: bytes, prefill: list[str], decode: list[str], responses: str) -> None:
+    def __init__(self, config: bytes, prefill: list[str], decode: list[str], stores: str) -> None:
         context = serve.get_replica_context()
         settings = for_replica(RouterConfig.from_wire(config), context.rank.rank, context.world_size)
         node = ray.get_runtime_context().get_node_id()
@@ -86,8 +93,10 @@ class RouterReplica:
             settings,
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode},
+            encoders={n: RayEncoderPort(n, actor) for n, actor in alive(settings.encoders).items()},
             serve_http=False,
-            responses=RayResponses(ray.get_actor(responses)),  # the store every replica shares
+            responses=RayResponses(ray.get_actor(stores)),  # the stores every replica shares
+            files=RayFiles(ray.get_actor(stores)),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -114,8 +123,8 @@ class ServeFront:
         self.config = config
         self.options = options or ReplicaOptions()
         self.url = f"http://{config.host}:{config.port}"
-        self.store_name = f"disagg-responses-{uuid.uuid4().hex[:8]}"  # one per front: clusters may share Ray
-        self.store: Any = None  # the Responses API's shared store (an actor), while started
+        self.store_name = f"disagg-stores-{uuid.uuid4().hex[:8]}"  # one per front: clusters may share Ray
+        self.store: Any = None  # the shared stores' actor (responses, files), while started
 
     def start(self, prefill: list[str], decode: list[str], resources: dict[str, float] | None = None) -> str:
         o = self.options
@@ -128,7 +137,7 @@ class ServeFront:
             graceful_shutdown_timeout_s=o.graceful_shutdown_timeout_s,
             ray_actor_options={"num_cpus": 0, "resources": resources or {}},
         )
-        self.store = start_store(self.store_name, self.config.responses, resources)
+        self.store = start_stores(self.store_name, self.config.responses, self.config.files, resources)
         bound = deployment.bind(self.config.to_wire(), prefill, decode, self.store_name)
         serve.run(bound, name=APP_NAME, route_prefix="/")
         return self.url

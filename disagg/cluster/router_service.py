@@ -22,6 +22,7 @@ from disagg.engine.tokenizer import Tokenizer
 from disagg.heap import settle_heap
 from disagg.http.app import build_app
 from disagg.http.config import AgentConfig, ApiConfig, ApiKey, IdleConfig, check_exposure
+from disagg.http.file_store import FileStoreConfig, FileStorePort
 from disagg.http.fleet_port import TableFleetPort
 from disagg.http.models import ModelLoader, ModelTable, ServedModel
 from disagg.http.response_store import ResponseStoreConfig, ResponseStorePort
@@ -88,6 +89,7 @@ class RouterConfig(WireMessage):
     api_keys: dict[str, str] | None = None  # key -> tenant (tenant keys: no admin, priority <= 0)
     keys: dict[str, ApiKey] | None = None  # key -> full grant (the keys file: http/keys.py)
     responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)  # the Responses API's store
+    files: FileStoreConfig = field(default_factory=FileStoreConfig)  # the Files API's uploads
     agents: AgentConfig = field(default_factory=AgentConfig)  # agent turns' KV retention
     idle: IdleConfig = field(default_factory=IdleConfig)  # models asleep when idle, woken by a request
     images: ImageLimits = field(default_factory=ImageLimits)  # image_url parts: sizes, counts, remote fetching
@@ -174,10 +176,12 @@ class RouterService:
         encoders: Mapping[str, EncoderPort] | None = None,
         serve_http: bool = True,
         responses: ResponseStorePort | None = None,
+        files: FileStorePort | None = None,
         loader: ModelLoader | None = None,
     ) -> None:
         """`serve_http=False`: build the app only; its host serves it (a Ray Serve replica: cluster/replicas.py).
-        `responses`: the Responses API's store when it is shared (replicas); None: in this process.  `loader`:
+        `responses`, `files`: the Responses and Files APIs' stores when they are shared (replicas); None: in this
+        process.  `loader`:
         starts and ends models' workers at run time (cluster/model_loader.py); None: the deployment is fixed."""
         self.config = config
         config.check_exposure()  # before anything starts
@@ -206,6 +210,7 @@ class RouterService:
             config.keys,
             isolation=config.isolation,
             responses=config.responses,
+            files=config.files,
             agents=config.agents,
             model_drain_timeout_s=config.model_drain_timeout_s,
             idle=config.idle,
@@ -214,7 +219,7 @@ class RouterService:
         if config.idle.wakes and not serve_http:  # each replica would sleep and wake the models on its own
             raise ValueError("sleeping idle models and waking them on a request need a single router")
         self.fleet = FleetLoop(TableFleetPort(self.models, config.fleet), config.fleet)  # runs only when enabled
-        self.app = build_app(self.models, api, responses, loader, self.fleet)
+        self.app = build_app(self.models, api, responses, loader, self.fleet, files=files)
         self.http: HttpServer | None = None
         if serve_http:
             self.http = HttpServer(self.app, config.host, config.port, config.start_timeout_s, config.stop_timeout_s)

@@ -21,6 +21,7 @@ from disagg.cluster.smoke import smoke_test
 from disagg.config import SERVE_KV_CACHE_MB, EngineConfig
 from disagg.errors import InsecureExposure
 from disagg.http.config import AgentConfig, IdleConfig
+from disagg.http.file_store import FileStoreConfig
 from disagg.http.keys import load_keys_file
 from disagg.http.response_store import ResponseStoreConfig
 from disagg.isolation import IsolationConfig
@@ -185,6 +186,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     add_options(p, ServeOptions, only=_KEYS)
     add_options(p, AdmissionConfig, prefix="admission-", only=_ADMISSION)
     add_options(p, ResponseStoreConfig, prefix="responses-")
+    add_options(p, FileStoreConfig, prefix="files-")
     add_options(p, AgentConfig)
     add_options(p, IdleConfig, only=_IDLE)
     add_options(p, ImageLimits)
@@ -252,6 +254,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         ),
         keys=load_keys_file(args.api_keys_file) if args.api_keys_file else None,
         responses=from_options(ResponseStoreConfig, args, prefix="responses-"),
+        files=from_options(FileStoreConfig, args, prefix="files-"),
         agents=from_options(AgentConfig, args),
         idle=from_options(IdleConfig, args, only=_IDLE),
         images=from_options(ImageLimits, args),

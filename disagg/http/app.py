@@ -1,8 +1,8 @@
 """The HTTP front door (FastAPI): builds the app over the served models (http/models.py: one routing core each) -
 OpenAI-compatible generation (http/openai.py), the OpenAI Responses API (http/responses.py) and Anthropic's
-Messages API (http/messages.py), all served through one http/serving.py; probes and /metrics (http/probes.py),
-operator endpoints (http/admin.py) - with the API-key middleware (http/auth.py) and the error handlers
-(http/errors.py, the one place errors map to HTTP).
+Messages API (http/messages.py), all served through one http/serving.py; uploads (the OpenAI Files API:
+http/files.py); probes and /metrics (http/probes.py); operator endpoints (http/admin.py) - with the API-key
+middleware (http/auth.py) and the error handlers (http/errors.py, the one place errors map to HTTP).
 
 Errors are in each API's shape (OpenAI's; Anthropic's on /v1/messages); an unexpected exception is a JSON 500,
 never a plain-text one.
@@ -24,6 +24,8 @@ from disagg.http.admin_models import add_model_admin_routes
 from disagg.http.auth import AuthAndCount
 from disagg.http.config import ApiConfig
 from disagg.http.errors import install_error_handlers
+from disagg.http.file_store import FileStore, FileStorePort, LocalFiles
+from disagg.http.files import add_files_routes
 from disagg.http.idle import ModelIdler
 from disagg.http.keys import KeyRing
 from disagg.http.messages import add_messages_routes
@@ -44,11 +46,14 @@ def build_app(
     responses: ResponseStorePort | None = None,
     loader: ModelLoader | None = None,
     fleet: FleetLoop | None = None,
+    *,
+    files: FileStorePort | None = None,
 ) -> FastAPI:
     """`models`: what this front door serves, each over its own routing core.  `responses`: where the Responses
     API keeps responses (None: in this process, sized by `config.responses`; router replicas pass the store they
     share).  `loader`: starts and ends models' workers for /admin/models (None: the deployment is fixed).  `fleet`:
-    the fleet planner's loop (started after the cores, stopped before them; it runs only when enabled)."""
+    the fleet planner's loop (started after the cores, stopped before them; it runs only when enabled).  `files`:
+    where the Files API keeps uploads (None: in this process, sized by `config.files`; replicas share one)."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -82,6 +87,8 @@ def build_app(
     add_metrics_route(app, metrics)
     server = Server(models, config, metrics, idle)
     add_openai_routes(app, server)
-    add_responses_routes(app, server, responses or LocalResponses(ResponseStore(config.responses)))
+    uploads = files or LocalFiles(FileStore(config.files))
+    add_responses_routes(app, server, responses or LocalResponses(ResponseStore(config.responses)), uploads)
     add_messages_routes(app, server)
+    add_files_routes(app, uploads, config.files)
     return app

@@ -16,6 +16,7 @@ import ipaddress
 from dataclasses import dataclass, field
 
 from disagg.errors import InsecureExposure
+from disagg.http.file_store import FileStoreConfig
 from disagg.http.response_store import ResponseStoreConfig
 from disagg.isolation import DEFAULT_TENANT, IsolationConfig
 from disagg.vision.images import ImageLimits
@@ -91,6 +92,7 @@ class ApiConfig:
     disconnect_poll_s: float = 0.25
     isolation: IsolationConfig = field(default_factory=IsolationConfig)  # cache salts: tenants, share groups
     responses: ResponseStoreConfig = field(default_factory=ResponseStoreConfig)  # previous_response_id's store
+    files: FileStoreConfig = field(default_factory=FileStoreConfig)  # the Files API's uploads
     agents: AgentConfig = field(default_factory=AgentConfig)
     model_drain_timeout_s: float = 300.0  # DELETE /admin/models/{id}: its requests in flight may finish this long
     model_drain_poll_s: float = 0.05

@@ -130,7 +130,7 @@ class ResponseStore:
 
 class ResponseStorePort(Protocol):
     """Where the front door keeps responses: in its own process (`LocalResponses`), or in one store that every
-    router replica shares (cluster/response_store_actor.py)."""
+    router replica shares (cluster/shared_stores.py)."""
 
     async def put(self, tenant: str, stored: StoredResponse) -> None: ...
 

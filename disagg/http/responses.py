@@ -15,7 +15,8 @@ one `function_call` item per tool call the model made.  Streaming sends the Resp
 
 each as `event: <type>` with a `sequence_number`; a failure after the headers went out is an `error` event and
 `response.failed`.  With `store` (the default), the finished response is kept (http/response_store.py) for
-`previous_response_id` and GET: per tenant, bounded, with a TTL.  A follow-up turn continues the first turn's
+`previous_response_id` and GET: per tenant, bounded, with a TTL.  An `input_image` may name an upload by
+`file_id` (http/files.py).  A follow-up turn continues the first turn's
 session, so it is routed to the worker that holds the conversation's KV.
 """
 
@@ -31,6 +32,8 @@ from fastapi import Request as HTTPRequest
 
 from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import error_body, unexpected
+from disagg.http.file_store import FileStorePort
+from disagg.http.files import inline_files
 from disagg.http.images import image_token, load_images, place_images
 from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.response_store import ResponseStorePort, StoredResponse
@@ -253,7 +256,7 @@ async def _forget(message: dict[str, Any], response: dict[str, Any]) -> None:
     """`store: false`: nothing kept."""
 
 
-def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort) -> None:
+def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort, files: FileStorePort) -> None:
     @app.post("/v1/responses")
     async def create(body: ResponsesRequest, http: HTTPRequest):
         served = await server.model(body.model)
@@ -262,7 +265,7 @@ def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort)
         previous = await store.get(tenant, body.previous_response_id) if body.previous_response_id else None
         history = previous.messages() if previous is not None else []
         token = image_token(served)
-        turn = items_to_messages(body.items(), token)
+        turn = items_to_messages(await inline_files(body.items(), files, tenant), token)
         check_tool_results(history + turn, "input", "function_call_output call_id", "function_call")
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         offered = body.offered_tools()

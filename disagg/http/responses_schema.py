@@ -44,9 +44,22 @@ class OutputText(_Echoed):
 
 
 class InputImage(_Strict):
+    """An image by URL (a data URL, or http(s) where the server fetches) or by `file_id` (an upload: /v1/files);
+    http/files.py's `inline_files` turns a `file_id` into the upload's data URL before the image is loaded."""
+
     type: Literal["input_image"]
-    image_url: str  # a data URL, or http(s) where the server fetches (`file_id` uploads are not kept here)
+    image_url: str | None = None
+    file_id: str | None = None
     detail: Literal["auto", "low", "high"] | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InputImage:
+        if (self.image_url is None) == (self.file_id is None):
+            raise ValueError("an input_image takes exactly one of image_url and file_id")
+        return self
+
+    def listed(self) -> dict[str, Any]:
+        return {"type": "input_image", "image_url": self.image_url, "file_id": self.file_id, "detail": "auto"}
 
 
 Part = Annotated[InputText | OutputText | InputImage, Field(discriminator="type")]
@@ -64,7 +77,8 @@ class MessageItem(_Echoed):
         part: dict[str, Any] = {"type": kind, "text": self.text()}
         if kind == "output_text":
             part["annotations"] = []
-        images = [{"type": "input_image", "image_url": url, "detail": "auto"} for url in self.image_urls()]
+        parts = self.content if isinstance(self.content, list) else []
+        images = [p.listed() for p in parts if isinstance(p, InputImage)]
         item_id = self.id or f"msg_{uuid.uuid4().hex}"
         content = [part, *images]
         return {"type": "message", "id": item_id, "role": self.role, "status": "completed", "content": content}
@@ -76,9 +90,10 @@ class MessageItem(_Echoed):
         return "".join(image_token if isinstance(p, InputImage) else p.text for p in self.content)
 
     def image_urls(self) -> list[str]:
-        return (
-            [p.image_url for p in self.content if isinstance(p, InputImage)] if isinstance(self.content, list) else []
-        )
+        """The images' URLs (after `inline_files`: a `file_id` part's is its upload's data URL)."""
+        if not isinstance(self.content, list):
+            return []
+        return [p.image_url or "" for p in self.content if isinstance(p, InputImage)]
 
 
 class FunctionCallItem(_Echoed):

@@ -1,0 +1,201 @@
+"""The Files API (http/files.py, http/file_store.py): the pure store's limits, expiry and tenants; the real app over
+real HTTP (Starlette's TestClient) driven by the official `openai` client - upload, list, retrieve, content,
+delete, each tenant seeing its own files only - and uploads that break the rules answered with OpenAI-style 4xx;
+a Responses `input_image` by `file_id` becomes the upload's data URL (`inline_files`).  The same image by file
+and inline giving the same tokens on a real VLM cluster is tests/test_vision_cluster.py's."""
+import asyncio
+
+import openai
+import pytest
+from starlette.testclient import TestClient
+
+from disagg.errors import InvalidRequest, NotFound, PayloadTooLarge
+from disagg.http.file_store import FilePurpose, FileStore, FileStoreConfig, LocalFiles, StoredFile
+from disagg.http.files import inline_files
+from disagg.http.responses_schema import ResponsesRequest
+from tests.imagegen import data_url, png
+
+ALICE, BOB = "sk-alice-0123456789", "sk-bob-0123456789"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _file(data=b"x" * 10, name="a.png"):
+    return StoredFile.new(name, FilePurpose.VISION, data)
+
+
+def test_the_store_refuses_past_its_limits_and_drops_nothing_to_make_room():
+    store = FileStore(FileStoreConfig(max_file_bytes=100, max_bytes_per_tenant=250, max_per_tenant=3), Clock())
+    with pytest.raises(PayloadTooLarge) as err:
+        store.put("a", _file(b"x" * 101))
+    assert err.value.code == "file_too_large" and "100 bytes" in err.value.message
+    kept = [store.put("a", _file(b"x" * 100)).file_id for _ in range(2)]
+    with pytest.raises(PayloadTooLarge) as err:
+        store.put("a", _file(b"x" * 60))  # 260 bytes would be over 250
+    assert err.value.code == "file_storage_full"
+    store.put("a", _file(b"x" * 50))
+    with pytest.raises(PayloadTooLarge):  # a fourth file, though it would fit in bytes
+        store.put("a", _file(b""))
+    assert all(store.get("a", i) for i in kept)  # nothing of the tenant's was dropped for the refused uploads
+    store.put("b", _file(b"x" * 100))  # another tenant's quota is its own
+    store.delete("a", kept[0])
+    store.put("a", _file(b"x" * 100))  # deleting makes room
+
+
+def test_files_expire_at_their_own_time_and_tenants_see_only_their_own():
+    clock = Clock()
+    store = FileStore(FileStoreConfig(ttl_s=7200), clock)
+    short = store.put("a", _file(), expires_after_s=3600)
+    long = store.put("a", _file(), expires_after_s=10**9)  # asked for more than the server keeps: its ttl
+    assert (short.expires_at - short.created_at, long.expires_at - long.created_at) == (3600, 7200)
+    with pytest.raises(NotFound) as err:
+        store.get("b", short.file_id, "input[0]")  # another tenant's: the same answer as an unknown id
+    assert (err.value.code, err.value.param) == ("file_not_found", "input[0]")
+    clock.now += 3600
+    assert [f.file_id for f in store.listed("a")] == [long.file_id]
+    with pytest.raises(NotFound):
+        store.get("a", short.file_id)
+    clock.now += 3600
+    assert len(store) == 0 and store._by_tenant == {}  # no empty entry is left per tenant
+
+
+def test_a_stored_file_travels_as_msgpack_with_its_bytes_and_purpose():
+    stored = FileStore(clock=Clock()).put("a", _file(bytes(range(256))))
+    back = StoredFile.from_wire(stored.to_wire())
+    assert back == stored and back.purpose is FilePurpose.VISION
+
+
+def test_an_input_image_by_file_id_becomes_the_upload_s_data_url():
+    files = LocalFiles(FileStore(clock=Clock()))
+    image = png(3)
+    stored = asyncio.run(files.put("a", StoredFile.new("cat.png", FilePurpose.VISION, image), None))
+    text = asyncio.run(files.put("a", StoredFile.new("notes.txt", FilePurpose.USER_DATA, b"hello"), None))
+
+    def body(file_id):
+        part = {"type": "input_image", "file_id": file_id}
+        return ResponsesRequest.model_validate(
+            {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}, part]}]}
+        )
+
+    [item] = asyncio.run(inline_files(body(stored.file_id).items(), files, "a"))
+    assert item.image_urls() == [data_url(image)]
+    assert item.content[1].file_id == stored.file_id
+    [listed] = body(stored.file_id).items()[0].listed()["content"][1:]  # input items list the part as sent
+    assert (listed["file_id"], listed["image_url"]) == (stored.file_id, None)
+    with pytest.raises(NotFound) as err:
+        asyncio.run(inline_files(body(stored.file_id).items(), files, "b"))
+    assert err.value.param == "input[0].content[1].file_id"
+    with pytest.raises(InvalidRequest) as err:
+        asyncio.run(inline_files(body(text.file_id).items(), files, "a"))
+    assert err.value.code == "invalid_image"
+    for both in ({"image_url": data_url(image), "file_id": stored.file_id}, {}):
+        with pytest.raises(ValueError, match="exactly one"):
+            ResponsesRequest.model_validate({"model": "m", "input": [
+                {"role": "user", "content": [{"type": "input_image", **both}]}]})
+
+
+@pytest.fixture(scope="module")
+def app(tiny_llama_dir, smollm_dir):
+    from disagg.engine.tokenizer import Tokenizer
+    from disagg.http.app import build_app
+    from disagg.http.config import ApiConfig
+    from disagg.http.models import ModelTable
+    from disagg.router.policy import PolicyConfig
+    from disagg.router.router import RouterCore
+    from tests.fakes import LocalWorkerHandle, local_worker
+
+    core = RouterCore({}, {"w": LocalWorkerHandle(local_worker("w", tiny_llama_dir))}, PolicyConfig(seed=0), 16)
+    limits = FileStoreConfig(max_file_bytes=2000, max_bytes_per_tenant=5000, max_per_tenant=10)
+    config = ApiConfig(api_keys={ALICE: "alice", BOB: "bob"}, files=limits)
+    return build_app(ModelTable.single("m", core, Tokenizer.from_dir(smollm_dir), 512), config)
+
+
+def _client(app, key):
+    return openai.OpenAI(base_url="http://testserver/v1", api_key=key, max_retries=0, http_client=TestClient(app))
+
+
+def test_the_official_client_uploads_lists_reads_and_deletes_a_tenant_s_files(app):
+    alice, bob = _client(app, ALICE), _client(app, BOB)
+    image = png(5, size=(16, 16))
+    up = alice.files.create(file=("cat.png", image, "image/png"), purpose="vision",
+                            expires_after={"anchor": "created_at", "seconds": 3600})
+    assert (up.object, up.bytes, up.filename, up.purpose, up.status) == ("file", len(image), "cat.png", "vision",
+                                                                         "processed")
+    assert up.expires_at - up.created_at == 3600 and up.id.startswith("file-")
+    notes = alice.files.create(file=("notes.txt", b"hello"), purpose="user_data")
+    assert notes.expires_at - notes.created_at == 86400  # the server's ttl
+    assert [f.id for f in alice.files.list()] == [notes.id, up.id]  # newest first
+    assert [f.id for f in alice.files.list(purpose="vision")] == [up.id]
+    first = alice.files.list(order="asc", limit=1)
+    assert [f.id for f in first.data] == [up.id] and first.has_more
+    assert [f.id for f in first] == [up.id, notes.id]  # the client pages on by `after`
+    assert alice.files.retrieve(up.id).filename == "cat.png"
+    assert alice.files.content(up.id).content == image
+    assert list(bob.files.list()) == []
+    for call in (bob.files.retrieve, bob.files.content, bob.files.delete):
+        with pytest.raises(openai.NotFoundError) as err:  # another tenant's file: as if it never existed
+            call(up.id)
+        assert err.value.body["code"] == "file_not_found"
+    assert alice.files.delete(up.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        alice.files.retrieve(up.id)
+    alice.files.delete(notes.id)
+
+
+@pytest.mark.parametrize("change, status, names", [
+    ({"files": {"file": ("big.png", b"x" * 2001)}}, 413, "2000 bytes"),
+    ({"files": {"file": ("big.png", b"x" * 80_000)}}, 413, "2000 bytes"),  # refused from its Content-Length
+    ({"data": {"purpose": "fine-tune"}}, 400, "purpose"),
+    ({"data": {"purpose": None}}, 400, "purpose"),
+    ({"files": {"other": ("a.png", b"x")}}, 400, "no file part"),
+    ({"data": {"purpose": "vision", "expires_after[anchor]": "created_at", "expires_after[seconds]": "60"}}, 400,
+     "expires_after"),
+    ({"data": {"purpose": "vision", "expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"}},
+     400, "anchor"),
+    ({"json": {"file": "x", "purpose": "vision"}}, 400, "multipart"),
+])
+def test_bad_uploads_are_openai_4xx_and_keep_nothing(app, change, status, names):
+    http = TestClient(app)
+    request = {"files": {"file": ("a.png", png(1, size=(16, 16)))}, "data": {"purpose": "vision"}}
+    request.update(change)
+    request["data"] = {k: v for k, v in request.get("data", {}).items() if v is not None}
+    if "json" in change:
+        request = {"json": change["json"]}
+    reply = http.post("/v1/files", headers={"Authorization": f"Bearer {ALICE}"}, **request)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["type"] == "invalid_request_error" and names in error["message"], error
+    assert list(_client(app, ALICE).files.list()) == []
+
+
+def test_a_tenant_s_storage_fills_and_an_unknown_key_reaches_no_file(app):
+    alice = _client(app, ALICE)
+    kept = [alice.files.create(file=(f"{i}.png", b"x" * 2000), purpose="vision").id for i in range(2)]
+    with pytest.raises(openai.APIStatusError) as err:  # 4000 + 2000 bytes is over the tenant's 5000
+        alice.files.create(file=("2.png", b"x" * 2000), purpose="vision")
+    assert err.value.status_code == 413 and err.value.body["code"] == "file_storage_full"
+    with pytest.raises(openai.AuthenticationError):
+        _client(app, "sk-wrong-0123456789").files.retrieve(kept[0])
+    for file_id in kept:
+        alice.files.delete(file_id)
+
+
+def test_an_upload_is_refused_from_its_content_length_before_its_body_is_read(app):
+    """A client declaring a gigabyte is answered at once: nothing is read or spooled to find out."""
+    body = TestClient(app).build_request("POST", "/v1/files", files={"file": ("a.png", b"x")},
+                                         data={"purpose": "vision"})
+    for declared, status in ((str(10**9), 413), (None, 400)):
+        headers = {k: v for k, v in body.headers.items() if k.lower() != "content-length"}
+        if declared is not None:
+            headers["content-length"] = declared
+        headers["authorization"] = f"Bearer {ALICE}"
+        content = body.read()
+        sent = content if declared is not None else iter([content])  # an iterator goes chunked: no length
+        reply = TestClient(app).post("/v1/files", content=sent, headers=headers)
+        assert reply.status_code == status, reply.text
