@@ -50,6 +50,7 @@ class WorkerView:
     state: WorkerState
     restarts: int
     stats: WorkerStats | None  # None until its first measured heartbeat
+    ttft_correction: float = 1.0  # how far its TTFTs ran from the placement model's predictions (router/correction.py)
 
 
 @dataclass
@@ -206,14 +207,22 @@ def worker_metrics(workers: list[WorkerView]) -> Iterator[Metric]:
         "disagg:worker_state", "1 for the state each worker is in", labels=["worker", "role", "state"]
     )
     restarts = CounterMetricFamily("disagg:worker_restarts", "Worker restarts seen by the router", labels=["worker"])
+    correction = GaugeMetricFamily(
+        "disagg:worker_ttft_correction",
+        "The factor the router scales a worker's predicted time to first token by, learned from its outcomes "
+        "(actual / predicted; 1: none)",
+        labels=["worker"],
+    )
     families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
     for w in workers:
         state.add_metric([w.name, w.role.value, w.state.value], 1)
         restarts.add_metric([w.name], w.restarts)
+        correction.add_metric([w.name], w.ttft_correction)
         if w.stats is not None:
             _add_worker_stats(families, w.name, w.stats)
     yield state
     yield restarts
+    yield correction
     yield from families.values()
 
 

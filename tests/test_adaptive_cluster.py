@@ -83,6 +83,8 @@ def test_cost_placement_prices_from_measured_steps_and_reports_its_error(ray_ses
         fitted = {k[1]: v for k, v in m.items() if k[0] == "disagg:worker_step_s_per_new_token"}
         assert len(targets) == 2 and all(v == pytest.approx(0.05) for v in targets.values()), targets
         assert len(fitted) == 2 and all(v > 0 for v in fitted.values()), fitted  # both workers' fits are warm
+        factors = {k[1]: v for k, v in m.items() if k[0] == "disagg:worker_ttft_correction"}
+        assert len(factors) == 2 and all(0.5 <= v <= 4.0 for v in factors.values()), factors  # learned, bounded
     finally:
         service.shutdown()
 

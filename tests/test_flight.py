@@ -4,6 +4,8 @@ import pytest
 
 from disagg.errors import DeadlineExceeded, ServiceUnavailable, WorkerLost
 from disagg.protocol import FallbackKind, PrefillResult, Request, SamplingParams, ServePath, TokenDelta
+from disagg.protocol import PricedFrom
+from disagg.router.correction import CorrectionConfig, TtftCorrection
 from disagg.router.flight import (
     Abort,
     Admitted,
@@ -39,6 +41,9 @@ from disagg.stats import RouterCounters
 REQ = Request("r1", [1, 2, 3, 4], SamplingParams(max_tokens=4))
 
 
+MEASURED = PricedFrom.MEASURED
+
+
 def _ticket(decode="d0"):
     return LoadTicket(prefilling=decode, decode=decode, num_prompt_tokens=4, blocks=1)
 
@@ -58,7 +63,7 @@ def _routed(flight, decode="d0", prefill=None, peer=None):
 def test_local_request_streams_and_finishes_with_its_bookkeeping_in_order():
     flight = Flight(REQ, tenant="t", arrival=1.0)
     assert flight.on(Admitted(1.5)) == [RouteAttempt(REQ, 0)]
-    actions = flight.on(Routed(Decision("d0", None, 0, predicted_ttft_s=0.4), _ticket()))
+    actions = flight.on(Routed(Decision("d0", None, 0, predicted_ttft_s=0.4, priced_from=MEASURED), _ticket()))
     assert actions == [CountPath(ServePath.LOCAL), StartDecode("d0", REQ, None)]
     assert flight.state is FlightState.STREAMING
     first = flight.on(Delta(TokenDelta("r1", [5], "a"), 2.0))
@@ -67,13 +72,39 @@ def test_local_request_streams_and_finishes_with_its_bookkeeping_in_order():
     # settled before the last delta goes out (a client may stop reading at it): the Emit is always last
     assert _kinds(last) == [ReportProgress, ChargeTenant, RecordLatency, EndLoad, PumpAdmission, Emit]
     assert last[0].generated == 3 and last[1] == ChargeTenant("t", 2)
-    assert last[2] == RecordLatency(1.0, 2.0, 3.0, 3, predicted_ttft_s=0.4, routed_at=1.5)
+    assert last[2] == RecordLatency(1.0, 2.0, 3.0, 3, predicted_ttft_s=0.4, routed_at=1.5, priced_on="d0")
     assert flight.state is FlightState.DONE and flight.sent == [5, 6, 7]
     counters, window = RouterCounters(), LatencyWindow()
     apply_latency(window, counters, last[2])  # predicted 0.4 s from routing, took 0.5 s: 20% off
     assert counters.ttft_predictions == 1 and counters.ttft_prediction_error == pytest.approx(0.2)
     assert counters.ttft_prediction_error_within == [0, 0, 1, 1, 1, 1, 1]  # within 0.2 and above, not 0.05 or 0.1
     assert len(window.samples) == 1
+
+
+def test_an_outcome_teaches_the_computing_worker_s_correction_from_the_raw_prediction():
+    """The flight names the worker that computed the prompt (the prefill worker, else the decode worker) and the
+    factor its prediction carried; the window's correction learns actual / (predicted / factor)."""
+    correction = TtftCorrection(CorrectionConfig(min_samples=1))
+    window = LatencyWindow(correction=correction)
+    flight = Flight(REQ, arrival=0.0)
+    flight.on(Admitted(0.0))
+    flight.on(Routed(Decision("d0", "p0", 0, predicted_ttft_s=0.6, ttft_factor=1.5, priced_from=MEASURED), _ticket()))
+    flight.on(KVReady(_result()))
+    flight.on(Delta(TokenDelta("r1", [7]), 0.8))
+    done = flight.on(Delta(TokenDelta("r1", [8], finish_reason="stop"), 1.0))
+    [record] = [a for a in done if isinstance(a, RecordLatency)]
+    assert (record.priced_on, record.ttft_factor) == ("p0", 1.5)
+    apply_latency(window, RouterCounters(), record)
+    assert correction.factor("p0") == pytest.approx(0.8 / 0.4) and correction.factor("d0") == 1.0
+    prior = Flight(REQ, arrival=0.0)  # priced from the cold-start prior: another model, it teaches nothing
+    prior.on(Admitted(0.0))
+    prior.on(Routed(Decision("d0", None, 0, predicted_ttft_s=0.1, priced_from=PricedFrom.PRIOR), _ticket()))
+    prior.on(Delta(TokenDelta("r1", [7]), 0.8))
+    done = prior.on(Delta(TokenDelta("r1", [8], finish_reason="stop"), 1.0))
+    [record] = [a for a in done if isinstance(a, RecordLatency)]
+    assert record.priced_on == ""
+    apply_latency(window, RouterCounters(), record)
+    assert correction.factor("d0") == 1.0
 
 
 def test_remote_prefill_hands_off_then_releases_the_owner_when_done():

@@ -232,3 +232,45 @@ def test_the_prior_is_the_committed_calibration_of_the_default_model():
     prior = PolicyConfig().prior()
     for name in ("base", "per_token", "per_seq", "per_attn"):
         assert getattr(prior, name) == pytest.approx(fitted[name], rel=0.05), name
+
+
+def test_the_correction_is_its_largest_cluster_s_median_bounded_and_off_until_enough_outcomes():
+    from disagg.router.correction import CorrectionConfig, TtftCorrection
+
+    c = TtftCorrection(CorrectionConfig(window=5, min_samples=3, low=0.5, high=4.0))
+    c.record("w", 1.0, 1.3)
+    c.record("w", 1.0, 1.2)
+    assert c.factor("w") == 1.0 and c.factors() == {}  # two outcomes: not yet
+    c.record("w", 2.0, 20.0)  # one wild outcome (10x) is not in the largest cluster: it does not move the factor
+    assert c.factor("w") == pytest.approx(1.25)
+    for _ in range(5):  # the window slides: only the last 5 count
+        c.record("w", 1.0, 0.1)
+    assert c.factor("w") == 0.5  # clamped
+    for actual in (1.0, 1.0, 1.0, 1.5, 1.6):  # most predictions right, two slow: it stays at 1 (a median would not)
+        c.record("w", 1.0, actual)
+    assert c.factor("w") == 1.0
+    assert c.factor("never-seen") == 1.0
+    off = TtftCorrection(CorrectionConfig(window=0))
+    for _ in range(10):
+        off.record("w", 1.0, 3.0)
+    assert off.factor("w") == 1.0
+
+
+def test_a_worker_whose_outcomes_ran_slow_is_priced_so_and_the_decision_carries_its_factor():
+    """Two equally fast options: the decode worker's local prefill wins a tie, until its outcomes show it running
+    at 2x its model; then the prefill worker's (corrected at 1x) is cheaper, and predictions carry the factor."""
+    prefill = _load("p0", WorkerTiming(MODEL, FIXED, 0.0))
+    decode = _load("d0", WorkerTiming(MODEL, FIXED, 0.0))
+    policy = _policy()
+    raw = FIXED.prefill_seconds(MODEL, 2000, 0, 0)
+    d = policy.choose(2000, {}, [decode], [prefill])
+    assert d.prefill_worker is None and (d.predicted_ttft_s, d.ttft_factor) == (pytest.approx(raw), 1.0)
+    for _ in range(4):
+        policy.correction.record("d0", raw, 2 * raw)
+    d = policy.choose(2000, {}, [decode], [prefill])
+    assert d.prefill_worker == "p0" and d.ttft_factor == 1.0
+    threshold = _policy(Placement.THRESHOLD, min_remote_prefill_tokens=10**6)  # always local
+    for _ in range(4):
+        threshold.correction.record("d0", raw, 2 * raw)
+    d = threshold.choose(2000, {}, [decode], [prefill])
+    assert d.prefill_worker is None and d.ttft_factor == 2.0 and d.predicted_ttft_s == pytest.approx(2 * raw)

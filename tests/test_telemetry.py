@@ -5,11 +5,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.errors import Rejection
 from disagg.planner.policy import Hold, Reason
-from disagg.protocol import Role
+from disagg.protocol import Role, WorkerState
 from disagg.router.admission import AdmissionQueue
 from disagg.router.decision import Decision
 from disagg.stats import RouterCounters
-from disagg.telemetry import ClusterSnapshot, PlannerView, QueueView, RouterMetrics
+from disagg.telemetry import ClusterSnapshot, PlannerView, QueueView, RouterMetrics, WorkerView
 
 
 def _samples(metrics: RouterMetrics) -> dict[tuple[str, tuple], float]:
@@ -56,3 +56,12 @@ def test_the_placements_prediction_errors_are_a_histogram_whose_02_bucket_reads_
     assert samples[("disagg:ttft_prediction_relative_error_count", ())] == 5
     assert samples[("disagg:ttft_prediction_relative_error_sum", ())] == sum((0.01, 0.15, 0.2, 0.7, 9.0))
     assert RouterCounters.from_wire(counters.to_wire()) == counters  # the histogram travels with the counters
+
+
+def test_each_worker_s_ttft_correction_is_a_gauge():
+    workers = [WorkerView("d0", Role.DECODE, WorkerState.READY, 0, None, 1.3),
+               WorkerView("p0", Role.PREFILL, WorkerState.READY, 0, None)]
+    snapshot = ClusterSnapshot(RouterCounters(), workers, QueueView({}, 0, {}, {}), None)
+    samples = _samples(RouterMetrics(lambda: snapshot))
+    assert samples[("disagg:worker_ttft_correction", (("worker", "d0"),))] == 1.3
+    assert samples[("disagg:worker_ttft_correction", (("worker", "p0"),))] == 1.0

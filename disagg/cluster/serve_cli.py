@@ -59,7 +59,7 @@ _ENGINE = (
     "prefill_chunk_target_ms",
     "min_prefill_chunk",
 )
-_POLICY = ("kind", "placement", "flexible")
+_POLICY = ("kind", "placement", "flexible", "ttft_correction_window")
 _TRACING, _ROUTER = ("otlp_endpoint", "file_dir", "sampling_ratio"), ("host", "port", "replicas", "api_key", "insecure")
 _CANARY, _OUTLIERS = ("enabled", "idle_interval_s", "busy_interval_s"), ("enabled", "ratio")
 _CAPACITY = ("max_prefill_queue_tokens", "max_running")

@@ -31,7 +31,7 @@ import enum
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, ServiceUnavailable
-from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, PricedFrom, Request, ServePath, TokenDelta
 from disagg.router.decision import Decision
 from disagg.router.load import LatencyWindow, LoadTicket
 from disagg.stats import RouterCounters
@@ -188,6 +188,8 @@ class RecordLatency:
     tokens: int
     predicted_ttft_s: float | None = None  # the first attempt's prediction, timed from when it was routed
     routed_at: float | None = None
+    priced_on: str = ""  # the worker that computed the prompt, its prediction from its own measurements ("": none)
+    ttft_factor: float = 1.0  # that correction (the model's own prediction is predicted_ttft_s / ttft_factor)
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,8 @@ def apply_latency(latency: LatencyWindow, counters: RouterCounters, action: Reco
             error = abs(action.predicted_ttft_s - actual) / actual
             counters.predicted(error)
             latency.record_prediction(error)
+            if latency.correction is not None and action.priced_on:
+                latency.correction.record(action.priced_on, action.predicted_ttft_s / action.ttft_factor, actual)
 
 
 class IllegalEvent(RuntimeError):
@@ -355,11 +359,20 @@ class Flight:
             ]
         return [*actions, Emit(delta)]  # always last: nothing is left to do once the caller has it
 
-    def _prediction(self) -> tuple[float | None, float | None]:
-        """The first attempt's predicted TTFT and when it was routed (None after a migration: another decision)."""
-        if self.attempt or self.decision is None:
-            return None, None
-        return self.decision.predicted_ttft_s, self.admitted_at
+    def _prediction(self) -> tuple[float | None, float | None, str, float]:
+        """The first attempt's predicted TTFT, when it was routed, the worker that computed the prompt ("" when
+        priced from the prior) and its correction (None, None after a migration: another decision)."""
+        d = self.decision
+        if self.attempt or d is None:
+            return None, None, "", 1.0
+        # only a prediction from the worker's own measurements teaches its correction: the prior is another model
+        teaches = d.priced_from is PricedFrom.MEASURED
+        return (
+            d.predicted_ttft_s,
+            self.admitted_at,
+            (d.prefill_worker or d.decode_worker) if teaches else "",
+            d.ttft_factor,
+        )
 
     def _lost(self, event: Lost) -> list[Action]:
         assert self.ticket is not None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from disagg.protocol import Tier
 from disagg.router.admission import CapacityConfig
+from disagg.router.correction import TtftCorrection
 from disagg.router.decision import Decision
 from disagg.router.health import HealthMonitor
 from disagg.router.policy import WorkerLoad
@@ -172,6 +173,7 @@ class LatencyWindow:
     samples: deque = field(default_factory=deque)  # (finished_at, ttft_s, tpot_s | None)
     # |predicted - actual| / actual TTFT (from routing) of recent first attempts whose decision predicted it
     prediction_errors: deque = field(default_factory=deque)
+    correction: TtftCorrection | None = None  # where outcomes go to correct the next predictions (the policy's)
 
     def record_prediction(self, relative_error: float) -> None:
         self.prediction_errors.append(relative_error)

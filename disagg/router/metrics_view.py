@@ -15,7 +15,10 @@ if TYPE_CHECKING:
 
 
 def cluster_snapshot(core: RouterCore) -> ClusterSnapshot:
-    workers = [WorkerView(w.name, w.role, w.state, w.restarts, w.stats) for w in core.health.workers.values()]
+    factor = core.policy.correction.factor
+    workers = [
+        WorkerView(w.name, w.role, w.state, w.restarts, w.stats, factor(w.name)) for w in core.health.workers.values()
+    ]
     queue = core.admission.queue
     queue_view = QueueView(queue.depth(), queue.queued_tokens, dict(queue.rejected), dict(queue.served_tokens))
     planner = core.planner

@@ -39,6 +39,7 @@ from typing import NamedTuple, Protocol, TypeVar
 from disagg.config import EngineConfig
 from disagg.engine.step_time import ChunkRule, StepCoefficients
 from disagg.protocol import PricedFrom
+from disagg.router.correction import TtftCorrection
 from disagg.router.decision import Decision
 from disagg.router.index import TierMatch
 
@@ -73,13 +74,21 @@ W = TypeVar("W", bound=WorkerLoad)
 
 class Option(NamedTuple):  # (a tuple: one is made per priced option of every decision)
     worker: str | None  # None: local prefill on the decode worker
-    seconds: float
+    seconds: float  # corrected: the model's prediction times `factor`
+    factor: float = 1.0  # the computing worker's correction (router/correction.py)
 
 
 class PlacementModel:
-    def __init__(self, prior: StepCoefficients, prior_transfer_s_per_block: float, block_size: int) -> None:
+    def __init__(
+        self,
+        prior: StepCoefficients,
+        prior_transfer_s_per_block: float,
+        block_size: int,
+        correction: TtftCorrection | None = None,
+    ) -> None:
         self.prior, self.prior_transfer = prior, prior_transfer_s_per_block
         self.block_size = block_size
+        self.correction = correction or TtftCorrection()
         self.default_rule = ChunkRule(0.0, EngineConfig.max_num_batched_tokens, 1, block_size)
 
     def _timing(self, w: WorkerLoad) -> tuple[StepCoefficients, ChunkRule, bool]:
@@ -130,11 +139,13 @@ class PlacementModel:
     ) -> tuple[list[Option], PricedFrom]:
         """Every option priced, local first (ties go local: `min` keeps the first)."""
         seconds, measured = self.prefill_s(decode, local_tokens, decoding=True, cached=prompt_tokens - local_tokens)
-        options = [Option(None, seconds)]
+        factor = self.correction.factor(decode.name)
+        options = [Option(None, seconds * factor, factor)]
         for p, tokens, blocks in remote:
             # a prefill worker's requests are all in its queue, unless it also serves whole ones (flexible)
             s, m = self.prefill_s(p, tokens, decoding=p.decoding > 0, cached=prompt_tokens - tokens)
-            options.append(Option(p.name, s + self.read_s(decode, blocks)))
+            factor = self.correction.factor(p.name)
+            options.append(Option(p.name, (s + self.read_s(decode, blocks)) * factor, factor))
             measured = measured and m
         return options, PricedFrom.MEASURED if measured else PricedFrom.PRIOR
 
@@ -178,7 +189,8 @@ def whole_decision(
     decision = Decision(taker.name, None, match.total, costs, reason, match, flexible=True)
     uncached = num_tokens - match.total * model.block_size
     seconds, measured = model.prefill_s(taker, uncached, decoding=True, cached=num_tokens - uncached)
-    decision.predicted_ttft_s = seconds
+    decision.ttft_factor = model.correction.factor(taker.name)
+    decision.predicted_ttft_s = seconds * decision.ttft_factor
     decision.priced_from = PricedFrom.MEASURED if measured else PricedFrom.PRIOR
     return decision
 

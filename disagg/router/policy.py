@@ -42,6 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from disagg.isolation import AdapterKey, Affinity
 from disagg.protocol import Tier
+from disagg.router.correction import CorrectionConfig, TtftCorrection
 from disagg.router.decision import Decision, as_match
 from disagg.router.index import TierMatch
 from disagg.router.native_score import Scored, tier_factor
@@ -67,7 +68,9 @@ class RoutingPolicy:
         self._rr_prefill = itertools.count()
         self._sessions: OrderedDict[Affinity, str] = OrderedDict()  # session -> its last worker
         c = self.config
-        self.placement = PlacementModel(c.prior(), c.prior_transfer_s_per_block, block_size)
+        # each worker's correction, learned from outcomes (the core's LatencyWindow records them)
+        self.correction = TtftCorrection(CorrectionConfig(window=c.ttft_correction_window))
+        self.placement = PlacementModel(c.prior(), c.prior_transfer_s_per_block, block_size, self.correction)
 
     def choose(
         self,
@@ -268,7 +271,8 @@ class RoutingPolicy:
             picked = [p for p in prefill if p.name == prefill_worker]
             options, priced = self.placement.options(load, uncached, remote(picked), num_tokens)
         decision = Decision(chosen, prefill_worker, match.total, costs, reason, match)
-        decision.predicted_ttft_s = next(o.seconds for o in options if o.worker == prefill_worker)
+        chosen_option = next(o for o in options if o.worker == prefill_worker)
+        decision.predicted_ttft_s, decision.ttft_factor = chosen_option.seconds, chosen_option.factor
         decision.priced_from = priced
         if prefill_worker is not None:
             decision.prefill_cached_blocks = tm.get(prefill_worker, TierMatch()).total

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 
 from disagg.engine.step_time import StepCoefficients
+from disagg.router.correction import CorrectionConfig
 from disagg.router.placement import Placement
 
 
@@ -59,6 +60,11 @@ class PolicyConfig:
     prior_step_s_per_seq: float = 0.0033
     prior_step_s_per_kpair: float = 0.00071
     prior_transfer_s_per_block: float = 0.00014
+    # cost placement: each worker's predictions scaled by how far its outcomes ran from them (router/correction.py)
+    ttft_correction_window: int = field(
+        default=CorrectionConfig.window,
+        metadata={"help": "each worker's TTFT correction learns from its last N outcomes (0: no correction)"},
+    )
 
     def __post_init__(self) -> None:
         try:

@@ -123,7 +123,8 @@ class RouterCore:
         self.ingest = Ingest(self.index, self._lock, self.config.ingest_slice_blocks)  # KV events, in slices
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.book.flexible = self.policy.config.flexible  # prefill workers may serve requests whole (takers)
-        self.latency = LatencyWindow()  # per finished request: TTFT, TPOT (the planner's SLO attainment)
+        # per finished request: TTFT, TPOT (the planner's SLO attainment); outcomes correct the placement model
+        self.latency = LatencyWindow(correction=self.policy.correction)
         self.roles = RoleChanger(
             self.health, self.loads, self.handles, self.counters, self.set_routing_role, self.config.roles
         )
