@@ -4,6 +4,7 @@ delete, each tenant seeing its own files only - and uploads that break the rules
 a Responses `input_image` by `file_id` becomes the upload's data URL (`inline_files`).  The same image by file
 and inline giving the same tokens on a real VLM cluster is tests/test_vision_cluster.py's."""
 import asyncio
+from types import SimpleNamespace
 
 import openai
 import pytest
@@ -13,6 +14,7 @@ from disagg.errors import InvalidRequest, NotFound, PayloadTooLarge
 from disagg.http.file_store import FilePurpose, FileStore, FileStoreConfig, LocalFiles, StoredFile
 from disagg.http.files import inline_files
 from disagg.http.responses_schema import ResponsesRequest
+from disagg.vision.images import ImageLimits
 from tests.imagegen import data_url, png
 
 ALICE, BOB = "sk-alice-0123456789", "sk-bob-0123456789"
@@ -71,33 +73,63 @@ def test_a_stored_file_travels_as_msgpack_with_its_bytes_and_purpose():
     assert back == stored and back.purpose is FilePurpose.VISION
 
 
+class CountingFiles(LocalFiles):
+    """The local store, counting the reads that move a file's bytes."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.reads = 0
+
+    async def get(self, tenant, file_id, param="file_id"):
+        self.reads += 1
+        return await super().get(tenant, file_id, param)
+
+
+VLM = SimpleNamespace(name="vlm", vision=object())  # what inline_files reads of a served model
+TEXT_ONLY = SimpleNamespace(name="text", vision=None)
+
+
+def _body(*parts):
+    return ResponsesRequest.model_validate(
+        {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}, *parts]}]})
+
+
 def test_an_input_image_by_file_id_becomes_the_upload_s_data_url():
-    files = LocalFiles(FileStore(clock=Clock()))
+    files = CountingFiles(FileStore(clock=Clock()))
     image = png(3)
     stored = asyncio.run(files.put("a", StoredFile.new("cat.png", FilePurpose.VISION, image), None))
     text = asyncio.run(files.put("a", StoredFile.new("notes.txt", FilePurpose.USER_DATA, b"hello"), None))
+    assert stored.data == b"" and stored.size == len(image)  # an upload's answer carries no bytes back
+    by_file = {"type": "input_image", "file_id": stored.file_id}
 
-    def body(file_id):
-        part = {"type": "input_image", "file_id": file_id}
-        return ResponsesRequest.model_validate(
-            {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}, part]}]}
-        )
+    def inline(body, tenant="a", served=VLM, limits=ImageLimits()):
+        return asyncio.run(inline_files(body.items(), files, tenant, served, limits))
 
-    [item] = asyncio.run(inline_files(body(stored.file_id).items(), files, "a"))
-    assert item.image_urls() == [data_url(image)]
+    [item] = inline(_body(by_file, by_file))
+    assert item.image_urls() == [data_url(image)] * 2 and files.reads == 1  # named twice, read once
     assert item.content[1].file_id == stored.file_id
-    [listed] = body(stored.file_id).items()[0].listed()["content"][1:]  # input items list the part as sent
+    [listed] = _body(by_file).items()[0].listed()["content"][1:]  # input items list the part as sent
     assert (listed["file_id"], listed["image_url"]) == (stored.file_id, None)
     with pytest.raises(NotFound) as err:
-        asyncio.run(inline_files(body(stored.file_id).items(), files, "b"))
+        inline(_body(by_file), tenant="b")
     assert err.value.param == "input[0].content[1].file_id"
     with pytest.raises(InvalidRequest) as err:
-        asyncio.run(inline_files(body(text.file_id).items(), files, "a"))
+        inline(_body({"type": "input_image", "file_id": text.file_id}))
     assert err.value.code == "invalid_image"
+    files.reads = 0
+    refusals = [
+        (dict(served=TEXT_ONLY), "images_not_supported"),
+        (dict(limits=ImageLimits(max_image_bytes=len(image) - 1)), "image_too_large"),  # refused from its size
+        (dict(limits=ImageLimits(max_images_per_request=1)), "too_many_images"),
+    ]
+    for change, code in refusals:
+        with pytest.raises((InvalidRequest, PayloadTooLarge)) as err:
+            inline(_body(by_file, {"type": "input_image", "image_url": data_url(image)}), **change)
+        assert err.value.code == code
+    assert files.reads == 0  # no refused request read a file's bytes
     for both in ({"image_url": data_url(image), "file_id": stored.file_id}, {}):
         with pytest.raises(ValueError, match="exactly one"):
-            ResponsesRequest.model_validate({"model": "m", "input": [
-                {"role": "user", "content": [{"type": "input_image", **both}]}]})
+            _body({"type": "input_image", **both})
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +231,77 @@ def test_an_upload_is_refused_from_its_content_length_before_its_body_is_read(ap
         sent = content if declared is not None else iter([content])  # an iterator goes chunked: no length
         reply = TestClient(app).post("/v1/files", content=sent, headers=headers)
         assert reply.status_code == status, reply.text
+
+
+class FakeActor:
+    """A plain SharedStores behind `.method.remote(...)`, as a Ray actor handle offers its methods (awaitable)."""
+
+    def __init__(self, stores):
+        self.stores = stores
+        self.moved = 0  # bytes of file data that crossed to the caller
+
+    def __getattr__(self, name):
+        method = getattr(self.stores, name)
+
+        async def call(*args):
+            answer = method(*args)
+            if name == "get_file" and answer is not None:
+                self.moved += len(StoredFile.from_wire(answer).data)
+            return answer
+
+        return SimpleNamespace(remote=call)
+
+
+def test_replicas_share_files_and_responses_through_one_store_and_move_bytes_only_to_read_them():
+    import dataclasses
+
+    from disagg.cluster.shared_stores import RayFiles, RayResponses, SharedStores
+    from disagg.http.response_store import ResponseStoreConfig, StoredResponse
+
+    responses = ResponseStoreConfig(max_bytes_per_tenant=250)
+    limits = FileStoreConfig(max_file_bytes=100, max_bytes_total=150)
+    actor = FakeActor(SharedStores(dataclasses.asdict(responses), dataclasses.asdict(limits)))
+    one, other = RayFiles(actor), RayFiles(actor)  # two replicas' ports
+
+    async def scenario():
+        kept = await one.put("a", StoredFile.new("a.png", FilePurpose.VISION, b"x" * 100), 3600.0)
+        assert kept.data == b"" and kept.size == 100 and kept.expires_at - kept.created_at == 3600
+        with pytest.raises(PayloadTooLarge) as err:  # another tenant, but over the store's total
+            await other.put("b", StoredFile.new("b.png", FilePurpose.VISION, b"y" * 60), None)
+        assert (err.value.code, err.value.param) == ("file_storage_full", "file") and "150 bytes" in err.value.message
+        listed = await other.listed("a", None)
+        info = await other.info("a", kept.file_id)
+        assert [f.file_id for f in listed] == [kept.file_id] and listed[0].data == info.data == b""
+        assert actor.moved == 0  # an upload, a listing and a retrieve moved no image data
+        assert (await other.get("a", kept.file_id)).data == b"x" * 100 and actor.moved == 100
+        with pytest.raises(NotFound):
+            await other.get("b", kept.file_id, "input[0]")
+        await other.delete("a", kept.file_id)
+        with pytest.raises(NotFound):
+            await one.info("a", kept.file_id)
+        stores = RayResponses(actor)
+        for i in range(3):  # 103 bytes each: the third pushes the first out of the 250-byte bound
+            await stores.put("a", StoredResponse.of(f"resp_{i}", f"resp_{i}", [{"role": "user", "content": "x"}],
+                                                    {"id": f"resp_{i}", "pad": "p" * 40}))
+        with pytest.raises(NotFound):
+            await stores.get("a", "resp_0")
+        assert (await stores.get("a", "resp_2")).body()["id"] == "resp_2"
+
+    asyncio.run(scenario())
+
+
+def test_requests_are_counted_by_route_template_never_by_the_id_in_the_path(app):
+    from prometheus_client import generate_latest
+
+    alice = _client(app, ALICE)
+    up = alice.files.create(file=("a.png", b"x"), purpose="vision")
+    alice.files.retrieve(up.id)
+    alice.files.delete(up.id)
+    http = TestClient(app)
+    http.get("/v1/made-up/12345", headers={"Authorization": f"Bearer {ALICE}"})
+    http.get("/v1/files/file-nope")  # no key: a 401, counted by the route too
+    text = generate_latest(app.state.metrics.registry).decode()
+    assert up.id not in text and "12345" not in text and "file-nope" not in text
+    assert 'disagg:requests_total{endpoint="/v1/files/{file_id}",status="200"}' in text
+    assert 'disagg:requests_total{endpoint="/v1/files/{file_id}",status="401"}' in text
+    assert 'disagg:requests_total{endpoint="unmatched",status="404"}' in text

@@ -226,7 +226,7 @@ def test_the_need_is_confirmed_while_the_donor_frees_up():
 
 
 def test_a_model_whose_traffic_fell_gives_at_once_not_once_its_backlog_drained():
-    from disagg.router.load import LatencyWindow
+    from disagg.router.latency import LatencyWindow
 
     window = LatencyWindow()
     for i in range(10):  # 10 requests sent over the last 5 s, each 2 s in the system

@@ -4,7 +4,6 @@ import pytest
 
 from disagg.errors import DeadlineExceeded, ServiceUnavailable, WorkerLost
 from disagg.protocol import FallbackKind, PrefillResult, Request, SamplingParams, ServePath, TokenDelta
-from disagg.protocol import PricedFrom
 from disagg.router.correction import CorrectionConfig, TtftCorrection
 from disagg.router.flight import (
     Abort,
@@ -32,16 +31,15 @@ from disagg.router.flight import (
     Routed,
     StartDecode,
     apply_count,
-    apply_latency,
 )
-from disagg.router.load import LatencyWindow, LoadTicket
+from disagg.router.latency import apply_latency
+from disagg.router.latency import LatencyWindow
+from disagg.router.load import LoadTicket
 from disagg.router.decision import Decision
 from disagg.stats import RouterCounters
 
 REQ = Request("r1", [1, 2, 3, 4], SamplingParams(max_tokens=4))
 
-
-MEASURED = PricedFrom.MEASURED
 
 
 def _ticket(decode="d0"):
@@ -63,7 +61,7 @@ def _routed(flight, decode="d0", prefill=None, peer=None):
 def test_local_request_streams_and_finishes_with_its_bookkeeping_in_order():
     flight = Flight(REQ, tenant="t", arrival=1.0)
     assert flight.on(Admitted(1.5)) == [RouteAttempt(REQ, 0)]
-    actions = flight.on(Routed(Decision("d0", None, 0, predicted_ttft_s=0.4, priced_from=MEASURED), _ticket()))
+    actions = flight.on(Routed(Decision("d0", None, 0, predicted_ttft_s=0.4, ttft_measured=True), _ticket()))
     assert actions == [CountPath(ServePath.LOCAL), StartDecode("d0", REQ, None)]
     assert flight.state is FlightState.STREAMING
     first = flight.on(Delta(TokenDelta("r1", [5], "a"), 2.0))
@@ -88,7 +86,7 @@ def test_an_outcome_teaches_the_computing_worker_s_correction_from_the_raw_predi
     window = LatencyWindow(correction=correction)
     flight = Flight(REQ, arrival=0.0)
     flight.on(Admitted(0.0))
-    flight.on(Routed(Decision("d0", "p0", 0, predicted_ttft_s=0.6, ttft_factor=1.5, priced_from=MEASURED), _ticket()))
+    flight.on(Routed(Decision("d0", "p0", 0, predicted_ttft_s=0.6, ttft_factor=1.5, ttft_measured=True), _ticket()))
     flight.on(KVReady(_result()))
     flight.on(Delta(TokenDelta("r1", [7]), 0.8))
     done = flight.on(Delta(TokenDelta("r1", [8], finish_reason="stop"), 1.0))
@@ -98,13 +96,21 @@ def test_an_outcome_teaches_the_computing_worker_s_correction_from_the_raw_predi
     assert correction.factor("p0") == pytest.approx(0.8 / 0.4) and correction.factor("d0") == 1.0
     prior = Flight(REQ, arrival=0.0)  # priced from the cold-start prior: another model, it teaches nothing
     prior.on(Admitted(0.0))
-    prior.on(Routed(Decision("d0", None, 0, predicted_ttft_s=0.1, priced_from=PricedFrom.PRIOR), _ticket()))
+    prior.on(Routed(Decision("d0", None, 0, predicted_ttft_s=0.1, ttft_measured=False), _ticket()))
     prior.on(Delta(TokenDelta("r1", [7]), 0.8))
     done = prior.on(Delta(TokenDelta("r1", [8], finish_reason="stop"), 1.0))
     [record] = [a for a in done if isinstance(a, RecordLatency)]
     assert record.priced_on == ""
     apply_latency(window, RouterCounters(), record)
     assert correction.factor("d0") == 1.0
+    fallback = Flight(REQ, arrival=0.0)  # the prefill worker failed: the decode worker computed the prompt
+    fallback.on(Admitted(0.0))
+    fallback.on(Routed(Decision("d0", "p0", 0, predicted_ttft_s=0.1, ttft_measured=True), _ticket()))
+    fallback.on(KVFailed(DeadlineExceeded("prefill took too long")))
+    fallback.on(Delta(TokenDelta("r1", [7]), 0.8))
+    done = fallback.on(Delta(TokenDelta("r1", [8], finish_reason="stop"), 1.0))
+    [record] = [a for a in done if isinstance(a, RecordLatency)]
+    assert record.priced_on == ""  # neither p0's outcome (it computed nothing) nor d0's (its price was p0's)
 
 
 def test_remote_prefill_hands_off_then_releases_the_owner_when_done():

@@ -64,6 +64,7 @@ def test_a_cold_worker_is_priced_with_the_prior_never_as_free():
     cold = _load("d0")  # no heartbeat with a fitted model yet
     d = _policy().choose(2000, {}, [cold], [warm])
     assert d.priced_from is PricedFrom.PRIOR
+    assert d.prefill_worker == "p0" and d.ttft_measured  # the decision had a cold option; the chosen one was measured
     local = FIXED.prefill_seconds(config.prior(), 2000, 0, 0)
     assert local > 0.5 and d.reason == f"remote prefill: predicted local {local:.3f} s, remote {d.predicted_ttft_s:.3f} s"
     # a worker reporting no model prices as the prior too (a worker that stopped measuring is not free)
@@ -71,6 +72,8 @@ def test_a_cold_worker_is_priced_with_the_prior_never_as_free():
     d = _policy().choose(2000, {}, [_load("d0", WorkerTiming(MODEL, SIZED, 0.0002), active=24, blocks=960)], [stopped])
     assert d.priced_from is PricedFrom.PRIOR
     assert d.prefill_worker is None or d.predicted_ttft_s >= FIXED.prefill_seconds(config.prior(), 2000, 0, 0)
+    cold_local = _policy(Placement.THRESHOLD, min_remote_prefill_tokens=10**6).choose(2000, {}, [cold], [warm])
+    assert cold_local.prefill_worker is None and not cold_local.ttft_measured  # priced from the prior: teaches none
 
 
 def test_short_prompts_and_cached_prefixes_stay_local():
@@ -235,20 +238,24 @@ def test_the_prior_is_the_committed_calibration_of_the_default_model():
 
 
 def test_the_correction_is_its_largest_cluster_s_median_bounded_and_off_until_enough_outcomes():
-    from disagg.router.correction import CorrectionConfig, TtftCorrection
+    from disagg.router.correction import CorrectionConfig, TtftCorrection, best_factor
 
     c = TtftCorrection(CorrectionConfig(window=5, min_samples=3, low=0.5, high=4.0))
     c.record("w", 1.0, 1.3)
     c.record("w", 1.0, 1.2)
-    assert c.factor("w") == 1.0 and c.factors() == {}  # two outcomes: not yet
-    c.record("w", 2.0, 20.0)  # one wild outcome (10x) is not in the largest cluster: it does not move the factor
-    assert c.factor("w") == pytest.approx(1.25)
+    assert c.factor("w") == 1.0  # two outcomes: not yet
+    c.record("w", 2.0, 20.0)  # one wild outcome (10x) does not drag the factor (a mean would be 4.2)
+    assert c.factor("w") == pytest.approx(1.2)
     for _ in range(5):  # the window slides: only the last 5 count
         c.record("w", 1.0, 0.1)
     assert c.factor("w") == 0.5  # clamped
-    for actual in (1.0, 1.0, 1.0, 1.5, 1.6):  # most predictions right, two slow: it stays at 1 (a median would not)
+    for actual in (0.9, 1.0, 1.1, 1.8, 2.0):  # most predictions right, two slow: it stays at 1 (a median: 1.1)
         c.record("w", 1.0, actual)
     assert c.factor("w") == 1.0
+    for actual in (1.1, 1.25, 1.3, 1.4, 0.5):  # a worker running 10-40% slow, one stall-free outlier
+        c.record("w", 1.0, actual)
+    assert c.factor("w") == pytest.approx(1.3)  # the least median error: 7%, against 22% uncorrected
+    assert best_factor([1.0, 2.0, 0.5]) == 1.0  # 1 and 0.5 both leave a median error of 50%: the one nearer 1
     assert c.factor("never-seen") == 1.0
     off = TtftCorrection(CorrectionConfig(window=0))
     for _ in range(10):
@@ -274,3 +281,12 @@ def test_a_worker_whose_outcomes_ran_slow_is_priced_so_and_the_decision_carries_
         threshold.correction.record("d0", raw, 2 * raw)
     d = threshold.choose(2000, {}, [decode], [prefill])
     assert d.prefill_worker is None and d.ttft_factor == 2.0 and d.predicted_ttft_s == pytest.approx(2 * raw)
+
+
+def test_the_core_s_finished_requests_teach_the_policy_s_correction():
+    """The router core hands its LatencyWindow the policy's correction: what apply_latency records (both
+    drivers) is what the placement prices with."""
+    from disagg.router.router import RouterCore
+
+    core = RouterCore({}, {"d0": None}, PolicyConfig(seed=0), 16)
+    assert core.latency.correction is core.policy.correction is core.policy.placement.correction

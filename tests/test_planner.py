@@ -6,7 +6,7 @@ import pytest
 
 from disagg.planner.policy import Hold, Move, Planner, PlannerConfig, Reason, Signals, WorkerSignal
 from disagg.protocol import Role
-from disagg.router.load import LatencyWindow
+from disagg.router.latency import LatencyWindow
 
 ON = dict(enabled=True, min_samples=4, cooldown_s=10, min_dwell_s=20, reversal_window_s=120, confirm_rounds=1)
 

@@ -8,6 +8,7 @@ of two aggregated workers.
     a new request is served within 2 s of the kill.
 """
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -52,6 +53,11 @@ def test_each_replica_takes_a_share_of_the_capacity_follows_worker_roles_and_onl
     assert first.planner.enabled and not other.planner.enabled
     assert first.core.roles.follow_workers and other.core.roles.follow_workers
     assert not base.core.roles.follow_workers  # the input is not modified
+    from disagg.vision.stage import EncodeConfig
+
+    six = dataclasses.replace(base, encode=EncodeConfig(max_inflight_per_encoder=6))
+    assert for_replica(six, 1, 3).encode.max_inflight_per_encoder == 2  # 3 x 2: an encoder's slots, shared
+    assert for_replica(base, 1, 3).encode.max_inflight_per_encoder == 1  # 2 slots over 3 replicas: one each at least
 
 
 def test_each_replica_enforces_a_share_of_every_keys_rate_limit():

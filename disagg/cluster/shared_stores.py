@@ -1,28 +1,43 @@
 """The stores router replicas share: one small Ray actor holds the Responses API's stored responses
 (http/response_store.py) and the Files API's uploads (http/file_store.py), and each replica reaches them through
-`RayResponses` and `RayFiles`, the store ports' Ray sides.  With one router the stores stay in the router's
-process (`LocalResponses`, `LocalFiles`); with replicas a follow-up turn (`previous_response_id`) finds its
-conversation, and an `input_image` its `file_id`, whichever replica Serve's proxy picks.
+`RayResponses` and `RayFiles`, the store ports' Ray sides.  With one router the stores stay in the router's process
+(`LocalResponses`, `LocalFiles`); with replicas a follow-up turn (`previous_response_id`) finds its conversation, and an
+`input_image` its `file_id`, whichever replica Serve's proxy picks.
 
-Stored responses and files travel as msgpack (`to_wire`); a miss comes back as None and becomes the same NotFound
-the local stores raise; an upload over a limit comes back as its refusal's message and code, raised again as the
-same 413.  The actor is created and killed by the replicas' front (cluster/replicas.py).
+Stored responses and files travel as msgpack (`to_wire`); a miss comes back as None and becomes the same NotFound the
+local stores raise; an upload over a limit comes back as its refusal (`FilePut`), raised again as the same 413.  Files
+travel with their bytes only where bytes are read (/content, an `input_image`).  The actor is created and killed by the
+replicas' front (cluster/replicas.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import ray
 
 from disagg.errors import NotFound, PayloadTooLarge, ServiceUnavailable
 from disagg.http.file_store import FilePurpose, FileStore, FileStoreConfig, StoredFile, file_not_found
 from disagg.http.response_store import ResponseStore, ResponseStoreConfig, StoredResponse, not_found
+from disagg.wire import WireMessage
 
 
-@ray.remote(num_cpus=0)
-class SharedStoresActor:
+@dataclass
+class FilePut(WireMessage):
+    """The shared store's answer to an upload: the stored file's info, or the refusal (a limit's message, code)."""
+
+    TYPE: ClassVar[str] = "file_put"
+    stored: StoredFile | None
+    refused: str = ""
+    code: str = ""
+
+
+class SharedStores:
+    """What the shared actor runs (`SharedStoresActor`); a plain class, so tests drive it without Ray.  Files
+    come out without their bytes except through `get_file` (a listing or a retrieve moves no image data)."""
+
     def __init__(self, responses: dict[str, float], files: dict[str, float]) -> None:
         self.responses = ResponseStore(ResponseStoreConfig(**responses))  # type: ignore[arg-type]  # its fields
         self.files = FileStore(FileStoreConfig(**files))  # type: ignore[arg-type]
@@ -43,17 +58,19 @@ class SharedStoresActor:
             return False
         return True
 
-    def put_file(self, tenant: str, stored: bytes, expires_after_s: float | None) -> bytes | list[str]:
+    def put_file(self, tenant: str, stored: bytes, expires_after_s: float | None) -> bytes:
         try:
-            return self.files.put(tenant, StoredFile.from_wire(stored), expires_after_s).to_wire()
+            kept = self.files.put(tenant, StoredFile.from_wire(stored), expires_after_s)
         except PayloadTooLarge as exc:
-            return [exc.message, exc.code or ""]
+            return FilePut(None, exc.message, exc.code or "").to_wire()
+        return FilePut(kept.info()).to_wire()
 
-    def get_file(self, tenant: str, file_id: str) -> bytes | None:
+    def get_file(self, tenant: str, file_id: str, with_data: bool) -> bytes | None:
         try:
-            return self.files.get(tenant, file_id).to_wire()
+            found = self.files.get(tenant, file_id)
         except NotFound:
             return None
+        return (found if with_data else found.info()).to_wire()
 
     def list_files(self, tenant: str, purpose: str | None) -> list[bytes]:
         chosen = FilePurpose(purpose) if purpose is not None else None
@@ -65,6 +82,9 @@ class SharedStoresActor:
         except NotFound:
             return False
         return True
+
+
+SharedStoresActor = ray.remote(num_cpus=0)(SharedStores)
 
 
 def start_stores(
@@ -111,14 +131,19 @@ class RayFiles:
         self.actor = actor
 
     async def put(self, tenant: str, stored: StoredFile, expires_after_s: float | None) -> StoredFile:
-        payload = await _call(self.actor, "put_file", tenant, stored.to_wire(), expires_after_s)
-        if isinstance(payload, list):  # refused over a limit
-            message, code = payload
-            raise PayloadTooLarge(message, param="file", code=code or None)
-        return StoredFile.from_wire(payload)
+        answer = FilePut.from_wire(await _call(self.actor, "put_file", tenant, stored.to_wire(), expires_after_s))
+        if answer.stored is None:  # refused over a limit
+            raise PayloadTooLarge(answer.refused, param="file", code=answer.code or None)
+        return answer.stored
 
     async def get(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
-        payload = await _call(self.actor, "get_file", tenant, file_id)
+        return await self._get(tenant, file_id, param, with_data=True)
+
+    async def info(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
+        return await self._get(tenant, file_id, param, with_data=False)
+
+    async def _get(self, tenant: str, file_id: str, param: str, *, with_data: bool) -> StoredFile:
+        payload = await _call(self.actor, "get_file", tenant, file_id, with_data)
         if payload is None:
             raise file_not_found(file_id, param)
         return StoredFile.from_wire(payload)

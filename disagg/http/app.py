@@ -79,7 +79,7 @@ def build_app(
         metrics.registry.register(FleetCollector(fleet))
 
     install_error_handlers(app)
-    app.add_middleware(AuthAndCount, keys=KeyRing(config.grants()), metrics=metrics)
+    app.add_middleware(AuthAndCount, keys=KeyRing(config.grants()), metrics=metrics, routes=app.router.routes)
     # registration order is the old single module's (it is the order of /openapi.json)
     add_probe_routes(app, models)
     add_admin_routes(app, models, fleet)

@@ -1,9 +1,12 @@
 """The front door's ASGI middleware: who is calling (http/keys.py: API key -> Caller, from `Authorization: Bearer`
 or Anthropic's `x-api-key`; 401 for a wrong key, 403 for /admin without the admin scope or /metrics without the
 metrics scope, 429 for a spent rate limit), and a request counter by endpoint and status for every request,
-whatever its answer."""
+whatever its answer.  The endpoint is the route's template (`/v1/files/{file_id}`), never the path as sent: ids
+and made-up paths must not each add a metric series."""
 
 from __future__ import annotations
+
+from starlette.routing import BaseRoute, Match
 
 from disagg.errors import DisaggError
 from disagg.http.errors import dialect_of, error_response, status_and_type
@@ -15,20 +18,32 @@ API_KEY_HEADER = "x-api-key"  # how Anthropic's clients send the key (OpenAI's: 
 GUARDED = ("/v1/", "/admin/", "/metrics")
 ADMIN = "/admin/"
 METRICS = "/metrics"
+UNMATCHED = "unmatched"  # the endpoint label of a path no route serves
 
 
 class AuthAndCount:
     """A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide client disconnects from the endpoint.
     The admitted caller is in the request's state (`caller`, and its `tenant`)."""
 
-    def __init__(self, app, keys: KeyRing, metrics: RouterMetrics) -> None:
-        self.app, self.keys, self.metrics = app, keys, metrics
+    def __init__(self, app, keys: KeyRing, metrics: RouterMetrics, routes: list[BaseRoute]) -> None:
+        self.app, self.keys, self.metrics, self.routes = app, keys, metrics, routes
+
+    def _endpoint(self, scope) -> str:
+        """The template of the route that serves this path (or the route of the path with another method: a 405)."""
+        partial = UNMATCHED
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return getattr(route, "path", UNMATCHED)
+            if match is Match.PARTIAL and partial == UNMATCHED:
+                partial = getattr(route, "path", UNMATCHED)
+        return partial
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path, endpoint = scope["path"], self._endpoint(scope)
         if path.startswith(GUARDED):
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             client = scope.get("client")
@@ -44,7 +59,7 @@ class AuthAndCount:
                     metrics_path=path.startswith(METRICS),
                 )
             except DisaggError as exc:
-                self.metrics.requests.labels(path, str(status_and_type(exc)[0])).inc()
+                self.metrics.requests.labels(endpoint, str(status_and_type(exc)[0])).inc()
                 await error_response(exc, dialect=dialect_of(path))(scope, receive, send)
                 return
             state = scope.setdefault("state", {})
@@ -59,4 +74,4 @@ class AuthAndCount:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.metrics.requests.labels(path, str(status["code"])).inc()
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()

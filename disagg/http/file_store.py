@@ -1,17 +1,19 @@
 """Uploaded files (the OpenAI Files API, `/v1/files`): bounded per tenant, each kept until it is deleted or
 expires.  Pure (clock injected).
 
-What a file is for here: an image a Responses `input_image` part names by `file_id` instead of sending it again
-in every request.  A tenant holds at most `max_per_tenant` files and `max_bytes_per_tenant` bytes; an upload past
-either is refused (413 naming the limit), never made room for by dropping the tenant's older files, which a client
-still expects to name.  Every file expires: at the `expires_after` its uploader asked for, or at `ttl_s`, whichever
-is sooner.  An id stored by another tenant is not found - the same answer as an id that never existed, so ids leak
-nothing across tenants.  The store lives in the front door's memory (or, with router replicas, in one actor they
-share: cluster/shared_stores.py); a router that restarts starts with none.
+What a file is for here: an image a Responses `input_image` part names by `file_id` instead of sending it again in every
+request.  A tenant holds at most `max_per_tenant` files and `max_bytes_per_tenant` bytes, and all tenants together
+`max_bytes_total` (without keys a client names its own tenant, so only a total bounds the memory); an upload past any of
+them is refused (413 naming the limit), never made room for by dropping older files, which their owners still expect to
+name.  Every file expires: at the `expires_after` its uploader asked for, or at `ttl_s`, whichever is sooner.  An id
+stored by another tenant is not found - the same answer as an id that never existed, so ids leak nothing across tenants.
+The store lives in the front door's memory (or, with router replicas, in one actor they share:
+cluster/shared_stores.py); a router that restarts starts with none.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 import uuid
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from disagg.errors import InvalidRequest, NotFound, PayloadTooLarge
+from disagg.vision.images import ImageLimits
 from disagg.wire import WireMessage
 
 
@@ -34,13 +37,17 @@ class FilePurpose(str, enum.Enum):
 
 @dataclass
 class FileStoreConfig:
-    max_file_bytes: int = field(
-        default=32 * 2**20, metadata={"help": "Files API: the largest upload, in bytes (larger: 413)"}
+    max_file_bytes: int = field(  # files are for images here: as large as an image may be
+        default=ImageLimits.max_image_bytes, metadata={"help": "Files API: the largest upload, in bytes (larger: 413)"}
     )
     max_bytes_per_tenant: int = field(
         default=256 * 2**20, metadata={"help": "Files API: bytes of files one tenant may keep (past it: 413)"}
     )
     max_per_tenant: int = field(default=1000, metadata={"help": "Files API: files one tenant may keep (past it: 413)"})
+    max_bytes_total: int = field(
+        default=1024 * 2**20,
+        metadata={"help": "Files API: bytes of files all tenants together may keep (past it: 413)"},
+    )
     ttl_s: float = field(
         default=86400.0,
         metadata={"help": "Files API: how long a file is kept at most (an upload's expires_after may ask less)"},
@@ -55,20 +62,25 @@ class StoredFile(WireMessage):
     file_id: str
     filename: str
     purpose: FilePurpose
-    data: bytes
+    data: bytes  # b"" in a listing or a retrieve's answer (`info`): only /content and `input_image` read bytes
+    size: int = 0
     created_at: int = 0
     expires_at: int = 0
 
     @classmethod
     def new(cls, filename: str, purpose: FilePurpose, data: bytes) -> StoredFile:
-        return cls(f"file-{uuid.uuid4().hex}", filename, purpose, data)
+        return cls(f"file-{uuid.uuid4().hex}", filename, purpose, data, len(data))
+
+    def info(self) -> StoredFile:
+        """The file without its bytes."""
+        return dataclasses.replace(self, data=b"")
 
     def body(self) -> dict[str, Any]:
         """The File object, as POST /v1/files and GET /v1/files/{id} return it."""
         return {
             "id": self.file_id,
             "object": "file",
-            "bytes": len(self.data),
+            "bytes": self.size,
             "created_at": self.created_at,
             "expires_at": self.expires_at,
             "filename": self.filename,
@@ -94,7 +106,7 @@ class FileStore:
     def put(self, tenant: str, stored: StoredFile, expires_after_s: float | None = None) -> StoredFile:
         """Keeps `stored` (its times set here); PayloadTooLarge when it is over a limit."""
         c = self.config
-        if len(stored.data) > c.max_file_bytes:
+        if stored.size > c.max_file_bytes:
             raise PayloadTooLarge(
                 f"the file is over this server's limit of {c.max_file_bytes} bytes", param="file", code="file_too_large"
             )
@@ -106,11 +118,18 @@ class FileStore:
                 param="file",
                 code="file_storage_full",
             )
-        held = sum(len(f.data) for f in files.values())
-        if held + len(stored.data) > c.max_bytes_per_tenant:
+        held = sum(f.size for f in files.values())
+        if held + stored.size > c.max_bytes_per_tenant:
             raise PayloadTooLarge(
                 f"this tenant's files would be over this server's limit of {c.max_bytes_per_tenant} bytes: delete "
                 "some first",
+                param="file",
+                code="file_storage_full",
+            )
+        everyone = sum(f.size for t in self._by_tenant.values() for f in t.values())
+        if everyone + stored.size > c.max_bytes_total:
+            raise PayloadTooLarge(
+                f"this server's files would be over its limit of {c.max_bytes_total} bytes in all: try later",
                 param="file",
                 code="file_storage_full",
             )
@@ -128,10 +147,10 @@ class FileStore:
         return found
 
     def listed(self, tenant: str, purpose: FilePurpose | None = None) -> list[StoredFile]:
-        """The tenant's files, oldest first (uploads are kept in time order)."""
+        """The tenant's files without their bytes, oldest first (uploads are kept in time order)."""
         self._expire()
         files = self._by_tenant.get(tenant, {}).values()
-        return [f for f in files if purpose is None or f.purpose == purpose]
+        return [f.info() for f in files if purpose is None or f.purpose == purpose]
 
     def delete(self, tenant: str, file_id: str) -> None:
         self.get(tenant, file_id)
@@ -172,11 +191,15 @@ class FileStorePort(Protocol):
     """Where the front door keeps files: in its own process (`LocalFiles`), or in one store that every router
     replica shares (cluster/shared_stores.py)."""
 
-    async def put(self, tenant: str, stored: StoredFile, expires_after_s: float | None) -> StoredFile: ...
+    async def put(self, tenant: str, stored: StoredFile, expires_after_s: float | None) -> StoredFile:
+        """The stored file's `info` (PayloadTooLarge past a limit)."""
+        ...
 
     async def get(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
-        """NotFound naming `param` (a path's file_id, or the request part that named it)."""
+        """The file with its bytes; NotFound naming `param` (a path's file_id, or the request part that named it)."""
         ...
+
+    async def info(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile: ...  # no bytes; NotFound
 
     async def listed(self, tenant: str, purpose: FilePurpose | None) -> list[StoredFile]: ...
 
@@ -190,10 +213,13 @@ class LocalFiles:
         self.store = store
 
     async def put(self, tenant: str, stored: StoredFile, expires_after_s: float | None) -> StoredFile:
-        return self.store.put(tenant, stored, expires_after_s)
+        return self.store.put(tenant, stored, expires_after_s).info()
 
     async def get(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
         return self.store.get(tenant, file_id, param)
+
+    async def info(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
+        return self.store.get(tenant, file_id, param).info()
 
     async def listed(self, tenant: str, purpose: FilePurpose | None) -> list[StoredFile]:
         return self.store.listed(tenant, purpose)

@@ -23,7 +23,10 @@ from starlette.datastructures import UploadFile
 
 from disagg.errors import InvalidRequest, PayloadTooLarge
 from disagg.http.file_store import FilePurpose, FileStoreConfig, FileStorePort, StoredFile, page
+from disagg.http.images import check_image_count
+from disagg.http.models import ServedModel
 from disagg.http.responses_schema import FunctionCallItem, FunctionCallOutputItem, InputImage, MessageItem
+from disagg.vision.images import ImageLimits, too_large
 
 FORM_OVERHEAD = 64 * 1024  # a multipart body's boundaries and small fields, beyond the file's own bytes
 MAX_FORM_FIELDS = 8  # file, purpose, expires_after[anchor], expires_after[seconds]: room, not a parser's default
@@ -109,7 +112,7 @@ def add_files_routes(app: FastAPI, files: FileStorePort, limits: FileStoreConfig
 
     @app.get("/v1/files/{file_id}")
     async def retrieve(file_id: str, http: HTTPRequest):
-        return (await files.get(http.state.caller.tenant, file_id)).body()
+        return (await files.info(http.state.caller.tenant, file_id)).body()
 
     @app.get("/v1/files/{file_id}/content")
     async def content(file_id: str, http: HTTPRequest):
@@ -131,9 +134,16 @@ def _data_url(data: bytes, param: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
-async def inline_files(items: list[Item], files: FileStorePort, tenant: str) -> list[Item]:
+async def inline_files(
+    items: list[Item], files: FileStorePort, tenant: str, served: ServedModel, limits: ImageLimits
+) -> list[Item]:
     """`items` with every `input_image` that names a `file_id` given that upload's data URL (the `file_id` kept,
-    so the input items list it as sent).  NotFound (404) for a file that is not this tenant's, naming the part."""
+    so the input items list it as sent).  Before any file is read: the model takes images and the request's images
+    are within the count limit; a file over the image byte limit is refused from its size (413).  A file named
+    twice is read once.  NotFound (404) for a file that is not this tenant's, naming the part."""
+    images = [p for item in items if isinstance(item, MessageItem) for p in item.parts() if isinstance(p, InputImage)]
+    check_image_count(len(images), served, limits, "input")
+    urls: dict[str, str] = {}
     out: list[Item] = []
     for i, item in enumerate(items):
         if not isinstance(item, MessageItem) or isinstance(item.content, str):
@@ -143,8 +153,15 @@ async def inline_files(items: list[Item], files: FileStorePort, tenant: str) -> 
         for j, part in enumerate(item.content):
             if isinstance(part, InputImage) and part.file_id is not None:
                 param = f"input[{i}].content[{j}].file_id"
-                found = await files.get(tenant, part.file_id, param)
-                part = part.model_copy(update={"image_url": _data_url(found.data, param)})
+                if part.file_id not in urls:
+                    urls[part.file_id] = await _file_url(files, tenant, part.file_id, limits, param)
+                part = part.model_copy(update={"image_url": urls[part.file_id]})
             parts.append(part)
         out.append(item.model_copy(update={"content": parts}))
     return out
+
+
+async def _file_url(files: FileStorePort, tenant: str, file_id: str, limits: ImageLimits, param: str) -> str:
+    if (await files.info(tenant, file_id, param)).size > limits.max_image_bytes:
+        raise too_large(limits, param)
+    return _data_url((await files.get(tenant, file_id, param)).data, param)

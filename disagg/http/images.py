@@ -32,17 +32,21 @@ def place_images(
     return expand_images(ids, served.vision, images, param)
 
 
-async def load_images(urls: list[str], served: ServedModel, limits: ImageLimits, param: str) -> list[LoadedImage]:
-    if not urls:
-        return []
-    if served.vision is None:
+def check_image_count(count: int, served: ServedModel, limits: ImageLimits, param: str) -> None:
+    """A request's images are for a model that takes images, and no more than the server's limit (checked before
+    any is read, decoded or fetched)."""
+    if count and served.vision is None:
         raise InvalidRequest(f"model {served.name!r} takes no images", param=param, code="images_not_supported")
-    if len(urls) > limits.max_images_per_request:
+    if count > limits.max_images_per_request:
         raise PayloadTooLarge(
-            f"{len(urls)} images: over this server's limit of {limits.max_images_per_request} per request",
+            f"{count} images: over this server's limit of {limits.max_images_per_request} per request",
             param=param,
             code="too_many_images",
         )
+
+
+async def load_images(urls: list[str], served: ServedModel, limits: ImageLimits, param: str) -> list[LoadedImage]:
+    check_image_count(len(urls), served, limits, param)
     return [await load_image(url, limits, param) for url in urls]
 
 

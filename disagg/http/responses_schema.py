@@ -89,6 +89,9 @@ class MessageItem(_Echoed):
             return self.content
         return "".join(image_token if isinstance(p, InputImage) else p.text for p in self.content)
 
+    def parts(self) -> list[Part]:
+        return self.content if isinstance(self.content, list) else []
+
     def image_urls(self) -> list[str]:
         """The images' URLs (after `inline_files`: a `file_id` part's is its upload's data URL)."""
         if not isinstance(self.content, list):

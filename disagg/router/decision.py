@@ -23,6 +23,7 @@ class Decision:
     prefill_cached_blocks: int = 0  # what the index says the chosen prefill worker holds of the prompt
     predicted_ttft_s: float | None = None  # the chosen option's predicted time to first token (placement.py)
     ttft_factor: float = 1.0  # the correction in it (router/correction.py): the model's own is predicted / factor
+    ttft_measured: bool = False  # that option priced from its worker's own measurements (so its outcome teaches)
     priced_from: PricedFrom | None = None
     flexible: bool = False  # the decode worker is a prefill worker serving this request whole (placement.py)
 

@@ -57,9 +57,9 @@ from disagg.router.flight import (
     Routed,
     StartDecode,
     apply_count,
-    apply_latency,
 )
-from disagg.router.load import LatencyWindow, LoadBook, LoadTicket
+from disagg.router.latency import LatencyWindow, apply_latency
+from disagg.router.load import LoadBook, LoadTicket
 
 log = logging.getLogger(__name__)
 

@@ -31,9 +31,10 @@ import enum
 from dataclasses import dataclass, field
 
 from disagg.errors import DisaggError, ServiceUnavailable
-from disagg.protocol import FallbackKind, PrefillResult, PricedFrom, Request, ServePath, TokenDelta
+from disagg.protocol import FallbackKind, PrefillResult, Request, ServePath, TokenDelta
 from disagg.router.decision import Decision
-from disagg.router.load import LatencyWindow, LoadTicket
+from disagg.router.latency import RecordLatency as RecordLatency  # re-exported: one of the flight's actions
+from disagg.router.load import LoadTicket
 from disagg.stats import RouterCounters
 
 
@@ -181,18 +182,6 @@ class ReleaseLease:
 
 
 @dataclass(frozen=True)
-class RecordLatency:
-    arrival: float
-    first_token: float
-    end: float
-    tokens: int
-    predicted_ttft_s: float | None = None  # the first attempt's prediction, timed from when it was routed
-    routed_at: float | None = None
-    priced_on: str = ""  # the worker that computed the prompt, its prediction from its own measurements ("": none)
-    ttft_factor: float = 1.0  # that correction (the model's own prediction is predicted_ttft_s / ttft_factor)
-
-
-@dataclass(frozen=True)
 class Fail:
     error: DisaggError
 
@@ -229,19 +218,6 @@ def apply_count(counters: RouterCounters, action: CountAction) -> None:
         counters.migrations += 1
 
 
-def apply_latency(latency: LatencyWindow, counters: RouterCounters, action: RecordLatency) -> None:
-    """Carry out a RecordLatency action (both drivers): the SLO window, and the placement's prediction error."""
-    latency.record(action.arrival, action.first_token, action.end, action.tokens)
-    if action.predicted_ttft_s is not None and action.routed_at is not None:
-        actual = action.first_token - action.routed_at
-        if actual > 0:
-            error = abs(action.predicted_ttft_s - actual) / actual
-            counters.predicted(error)
-            latency.record_prediction(error)
-            if latency.correction is not None and action.priced_on:
-                latency.correction.record(action.priced_on, action.predicted_ttft_s / action.ttft_factor, actual)
-
-
 class IllegalEvent(RuntimeError):
     """A driver fed an event the flight cannot take in its state (a driver bug, never a client's)."""
 
@@ -262,6 +238,7 @@ class Flight:
     first_token_at: float | None = None
     admitted_at: float | None = None  # when the first attempt was routed (its prediction's clock starts)
     owner: str | None = None  # the worker holding a lease on KV it contributed to the current attempt
+    fell_back: bool = False  # the current attempt's prompt was computed on its decode worker after all
 
     @property
     def request_id(self) -> str:
@@ -330,6 +307,7 @@ class Flight:
 
     def _start(self, remote: PrefillResult | None, path: ServePath) -> list[Action]:
         assert self.decision is not None
+        self.fell_back = path is ServePath.FALLBACK
         self.state = FlightState.HANDING_OFF if remote is not None else FlightState.STREAMING
         return [
             CountPath(ServePath.MIGRATED if self.attempt else path),
@@ -365,8 +343,9 @@ class Flight:
         d = self.decision
         if self.attempt or d is None:
             return None, None, "", 1.0
-        # only a prediction from the worker's own measurements teaches its correction: the prior is another model
-        teaches = d.priced_from is PricedFrom.MEASURED
+        # only a prediction from the worker's own measurements teaches its correction (the prior is another model),
+        # and only when that worker computed the prompt (a fallback's time is another worker's, and a failure's)
+        teaches = d.ttft_measured and not self.fell_back
         return (
             d.predicted_ttft_s,
             self.admitted_at,

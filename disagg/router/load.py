@@ -14,14 +14,11 @@ prompt can be prefilled on it or on a prefill worker under `max_prefill_queue_to
 from __future__ import annotations
 
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 
 from disagg.protocol import Tier
 from disagg.router.admission import CapacityConfig
-from disagg.router.correction import TtftCorrection
 from disagg.router.decision import Decision
 from disagg.router.health import HealthMonitor
 from disagg.router.policy import WorkerLoad
@@ -163,59 +160,6 @@ class LoadBook:
     def _room_to_prefill(self, name: str, scale: float) -> bool:
         queued = self.loads[name].queued_prefill_tokens
         return queued == 0 or queued < self.capacity.max_prefill_queue_tokens * scale
-
-
-@dataclass
-class LatencyWindow:
-    """TTFT and TPOT of recently finished requests (bounded), for SLO attainment over a time window."""
-
-    max_samples: int = 4096
-    samples: deque = field(default_factory=deque)  # (finished_at, ttft_s, tpot_s | None)
-    # |predicted - actual| / actual TTFT (from routing) of recent first attempts whose decision predicted it
-    prediction_errors: deque = field(default_factory=deque)
-    correction: TtftCorrection | None = None  # where outcomes go to correct the next predictions (the policy's)
-
-    def record_prediction(self, relative_error: float) -> None:
-        self.prediction_errors.append(relative_error)
-        while len(self.prediction_errors) > self.max_samples:
-            self.prediction_errors.popleft()
-
-    arrivals: deque = field(default_factory=deque)  # when requests reached the core (the fleet planner's rate)
-
-    def arrived(self, now: float) -> None:
-        self.arrivals.append(now)
-        while len(self.arrivals) > self.max_samples:
-            self.arrivals.popleft()
-
-    def record(self, started: float, first_token: float, finished: float, num_tokens: int) -> None:
-        tpot = (finished - first_token) / (num_tokens - 1) if num_tokens > 1 else None
-        self.samples.append((finished, first_token - started, tpot, finished - started))
-        while len(self.samples) > self.max_samples:
-            self.samples.popleft()
-
-    def expected_in_flight(self, rate_window_s: float, latency_window_s: float, now: float) -> float | None:
-        """Little's law: requests per second arriving over the last `rate_window_s`, times the mean time in the
-        system of those finished over the last `latency_window_s` - how many requests it holds at the rate it
-        is sent now (None: nothing finished in that window to time)."""
-        times = [s[3] for s in self.samples if s[0] >= now - latency_window_s]
-        if not times:
-            return None
-        rate = sum(1 for t in self.arrivals if t >= now - rate_window_s) / rate_window_s
-        return rate * sum(times) / len(times)
-
-    def attainment(
-        self, ttft_s: float, tpot_s: float, window_s: float, now: float | None = None
-    ) -> tuple[float | None, float | None, int]:
-        """(share of requests finished within the last `window_s` that met the TTFT SLO, the same for TPOT,
-        how many finished); None when none finished."""
-        now = time.monotonic() if now is None else now
-        recent = [s for s in self.samples if s[0] >= now - window_s]
-        if not recent:
-            return None, None, 0
-        tpots = [s[2] for s in recent if s[2] is not None]
-        ttft_ok = sum(s[1] <= ttft_s for s in recent) / len(recent)
-        tpot_ok = sum(t <= tpot_s for t in tpots) / len(tpots) if tpots else None
-        return ttft_ok, tpot_ok, len(recent)
 
 
 def tier_costs(stats: WorkerStats, block_size: int) -> dict[Tier, float] | None:

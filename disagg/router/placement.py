@@ -76,6 +76,7 @@ class Option(NamedTuple):  # (a tuple: one is made per priced option of every de
     worker: str | None  # None: local prefill on the decode worker
     seconds: float  # corrected: the model's prediction times `factor`
     factor: float = 1.0  # the computing worker's correction (router/correction.py)
+    measured: bool = False  # priced from the computing worker's own step-time model (not the prior)
 
 
 class PlacementModel:
@@ -140,12 +141,12 @@ class PlacementModel:
         """Every option priced, local first (ties go local: `min` keeps the first)."""
         seconds, measured = self.prefill_s(decode, local_tokens, decoding=True, cached=prompt_tokens - local_tokens)
         factor = self.correction.factor(decode.name)
-        options = [Option(None, seconds * factor, factor)]
+        options = [Option(None, seconds * factor, factor, measured)]
         for p, tokens, blocks in remote:
             # a prefill worker's requests are all in its queue, unless it also serves whole ones (flexible)
             s, m = self.prefill_s(p, tokens, decoding=p.decoding > 0, cached=prompt_tokens - tokens)
             factor = self.correction.factor(p.name)
-            options.append(Option(p.name, (s + self.read_s(decode, blocks)) * factor, factor))
+            options.append(Option(p.name, (s + self.read_s(decode, blocks)) * factor, factor, m))
             measured = measured and m
         return options, PricedFrom.MEASURED if measured else PricedFrom.PRIOR
 
@@ -189,7 +190,7 @@ def whole_decision(
     decision = Decision(taker.name, None, match.total, costs, reason, match, flexible=True)
     uncached = num_tokens - match.total * model.block_size
     seconds, measured = model.prefill_s(taker, uncached, decoding=True, cached=num_tokens - uncached)
-    decision.ttft_factor = model.correction.factor(taker.name)
+    decision.ttft_factor, decision.ttft_measured = model.correction.factor(taker.name), measured
     decision.predicted_ttft_s = seconds * decision.ttft_factor
     decision.priced_from = PricedFrom.MEASURED if measured else PricedFrom.PRIOR
     return decision

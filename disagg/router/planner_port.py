@@ -16,7 +16,7 @@ from disagg.planner.policy import DEFAULT_PREFILL_TOKENS_PER_S, PlannerConfig, S
 from disagg.protocol import Role
 from disagg.router.admission import CapacityConfig
 from disagg.router.health import HealthMonitor
-from disagg.router.load import LatencyWindow
+from disagg.router.latency import LatencyWindow
 from disagg.router.placement import PlacementModel
 from disagg.router.policy import WorkerLoad
 from disagg.router.roles import RoleChanger

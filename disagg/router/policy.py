@@ -273,6 +273,7 @@ class RoutingPolicy:
         decision = Decision(chosen, prefill_worker, match.total, costs, reason, match)
         chosen_option = next(o for o in options if o.worker == prefill_worker)
         decision.predicted_ttft_s, decision.ttft_factor = chosen_option.seconds, chosen_option.factor
+        decision.ttft_measured = chosen_option.measured
         decision.priced_from = priced
         if prefill_worker is not None:
             decision.prefill_cached_blocks = tm.get(prefill_worker, TierMatch()).total

@@ -50,7 +50,8 @@ from disagg.router.flight import Flight
 from disagg.router.handles import WorkerHandle
 from disagg.router.health import HealthConfig, HealthMonitor, Supervisor, WorkerState
 from disagg.router.index import Ingest, PrefixIndex
-from disagg.router.load import LatencyWindow, LoadBook, LoadTicket, tier_costs
+from disagg.router.latency import LatencyWindow
+from disagg.router.load import LoadBook, LoadTicket, tier_costs
 from disagg.router.native_score import make_router_tables
 from disagg.router.parking import Parking
 from disagg.router.placement import WorkerTiming
@@ -123,8 +124,7 @@ class RouterCore:
         self.ingest = Ingest(self.index, self._lock, self.config.ingest_slice_blocks)  # KV events, in slices
         self.book = LoadBook(self.loads, self.health, self.capacity, block_size, prefill, self._lock)
         self.book.flexible = self.policy.config.flexible  # prefill workers may serve requests whole (takers)
-        # per finished request: TTFT, TPOT (the planner's SLO attainment); outcomes correct the placement model
-        self.latency = LatencyWindow(correction=self.policy.correction)
+        self.latency = LatencyWindow(correction=self.policy.correction)  # TTFT, TPOT; teaches the placement model
         self.roles = RoleChanger(
             self.health, self.loads, self.handles, self.counters, self.set_routing_role, self.config.roles
         )

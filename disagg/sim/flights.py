@@ -53,8 +53,8 @@ from disagg.router.flight import (
     Routed,
     StartDecode,
     apply_count,
-    apply_latency,
 )
+from disagg.router.latency import apply_latency
 
 if TYPE_CHECKING:
     from disagg.sim.cluster import SimCluster
