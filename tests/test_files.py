@@ -46,6 +46,8 @@ def test_the_store_refuses_past_its_limits_and_drops_nothing_to_make_room():
         store.put("a", _file(b""))
     assert all(store.get("a", i) for i in kept)  # nothing of the tenant's was dropped for the refused uploads
     store.put("b", _file(b"x" * 100))  # another tenant's quota is its own
+    with pytest.raises(PayloadTooLarge):  # a file built with a wrong size is counted by the bytes it holds
+        store.put("c", StoredFile("file-x", "x", FilePurpose.VISION, b"x" * 101, size=0))
     store.delete("a", kept[0])
     store.put("a", _file(b"x" * 100))  # deleting makes room
 
@@ -102,8 +104,8 @@ def test_an_input_image_by_file_id_becomes_the_upload_s_data_url():
     assert stored.data == b"" and stored.size == len(image)  # an upload's answer carries no bytes back
     by_file = {"type": "input_image", "file_id": stored.file_id}
 
-    def inline(body, tenant="a", served=VLM, limits=ImageLimits()):
-        return asyncio.run(inline_files(body.items(), files, tenant, served, limits))
+    def inline(body, tenant="a", served=VLM, limits=ImageLimits(), earlier=0):
+        return asyncio.run(inline_files(body.items(), files, tenant, served, limits, earlier=earlier))
 
     [item] = inline(_body(by_file, by_file))
     assert item.image_urls() == [data_url(image)] * 2 and files.reads == 1  # named twice, read once
@@ -121,6 +123,7 @@ def test_an_input_image_by_file_id_becomes_the_upload_s_data_url():
         (dict(served=TEXT_ONLY), "images_not_supported"),
         (dict(limits=ImageLimits(max_image_bytes=len(image) - 1)), "image_too_large"),  # refused from its size
         (dict(limits=ImageLimits(max_images_per_request=1)), "too_many_images"),
+        (dict(earlier=7), "too_many_images"),  # 7 in the stored conversation + these 2: over the default 8
     ]
     for change, code in refusals:
         with pytest.raises((InvalidRequest, PayloadTooLarge)) as err:

@@ -111,6 +111,13 @@ def test_an_outcome_teaches_the_computing_worker_s_correction_from_the_raw_predi
     done = fallback.on(Delta(TokenDelta("r1", [8], finish_reason="stop"), 1.0))
     [record] = [a for a in done if isinstance(a, RecordLatency)]
     assert record.priced_on == ""  # neither p0's outcome (it computed nothing) nor d0's (its price was p0's)
+    pulled = Flight(REQ, arrival=0.0)  # a peer's prefix pulled: priced as computed, so it teaches nothing
+    pulled.on(Admitted(0.0))
+    pulled.on(Routed(Decision("d0", None, 0, predicted_ttft_s=0.1, ttft_measured=True, peer_worker="d1"), _ticket()))
+    pulled.on(KVReady(_result()))
+    pulled.on(Delta(TokenDelta("r1", [7]), 0.8))
+    done = pulled.on(Delta(TokenDelta("r1", [8], finish_reason="stop"), 1.0))
+    assert [a.priced_on for a in done if isinstance(a, RecordLatency)] == [""]
 
 
 def test_remote_prefill_hands_off_then_releases_the_owner_when_done():

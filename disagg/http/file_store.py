@@ -106,6 +106,7 @@ class FileStore:
     def put(self, tenant: str, stored: StoredFile, expires_after_s: float | None = None) -> StoredFile:
         """Keeps `stored` (its times set here); PayloadTooLarge when it is over a limit."""
         c = self.config
+        stored.size = len(stored.data)  # what the limits count: the bytes it holds, whatever it was built with
         if stored.size > c.max_file_bytes:
             raise PayloadTooLarge(
                 f"the file is over this server's limit of {c.max_file_bytes} bytes", param="file", code="file_too_large"

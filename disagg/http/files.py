@@ -135,14 +135,15 @@ def _data_url(data: bytes, param: str) -> str:
 
 
 async def inline_files(
-    items: list[Item], files: FileStorePort, tenant: str, served: ServedModel, limits: ImageLimits
+    items: list[Item], files: FileStorePort, tenant: str, served: ServedModel, limits: ImageLimits, *, earlier: int = 0
 ) -> list[Item]:
     """`items` with every `input_image` that names a `file_id` given that upload's data URL (the `file_id` kept,
     so the input items list it as sent).  Before any file is read: the model takes images and the request's images
-    are within the count limit; a file over the image byte limit is refused from its size (413).  A file named
-    twice is read once.  NotFound (404) for a file that is not this tenant's, naming the part."""
+    are within the count limit (with the `earlier` images of the stored conversation it continues); a file over
+    the image byte limit is refused from its size (413).  A file named twice is read once.  NotFound (404) for a
+    file that is not this tenant's, naming the part."""
     images = [p for item in items if isinstance(item, MessageItem) for p in item.parts() if isinstance(p, InputImage)]
-    check_image_count(len(images), served, limits, "input")
+    check_image_count(earlier + len(images), served, limits, "input")
     urls: dict[str, str] = {}
     out: list[Item] = []
     for i, item in enumerate(items):

@@ -265,7 +265,8 @@ def add_responses_routes(app: FastAPI, server: Server, store: ResponseStorePort,
         previous = await store.get(tenant, body.previous_response_id) if body.previous_response_id else None
         history = previous.messages() if previous is not None else []
         token = image_token(served)
-        items = await inline_files(body.items(), files, tenant, served, server.config.images)
+        earlier = sum(len(m.get("images", ())) for m in history)
+        items = await inline_files(body.items(), files, tenant, served, server.config.images, earlier=earlier)
         turn = items_to_messages(items, token)
         check_tool_results(history + turn, "input", "function_call_output call_id", "function_call")
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []

@@ -61,9 +61,9 @@ class TtftCorrection:
 
 
 def best_factor(ratios: Iterable[float]) -> float:
-    """The factor f with the least median relative error |f / r - 1| over the ratios r (actual / predicted): the
-    least-median estimator, which up to half of them being wild does not move.  The optimum makes one of them exact
-    (or none: 1), so those are the candidates; of equal medians, the one nearest 1."""
+    """The factor f with the least median relative error |f / r - 1| over the ratios r (actual / predicted), among
+    the ratios themselves and 1 (a least-median estimator, which up to half of them being wild does not move; the
+    exact optimum may lie between two ratios, within their spread); of equal medians, the one nearest 1."""
     ratios = list(ratios)
     candidates = sorted({1.0, *ratios}, key=lambda f: abs(f - 1.0))
     return min(candidates, key=lambda f: statistics.median(abs(f / r - 1.0) for r in ratios))

@@ -344,8 +344,9 @@ class Flight:
         if self.attempt or d is None:
             return None, None, "", 1.0
         # only a prediction from the worker's own measurements teaches its correction (the prior is another model),
-        # and only when that worker computed the prompt (a fallback's time is another worker's, and a failure's)
-        teaches = d.ttft_measured and not self.fell_back
+        # and only when that worker computed the prompt as priced (a fallback's time is another worker's and a
+        # failure's; a peer's prefix is priced as computed, not as pulled)
+        teaches = d.ttft_measured and not self.fell_back and d.peer_worker is None
         return (
             d.predicted_ttft_s,
             self.admitted_at,
