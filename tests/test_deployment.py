@@ -89,6 +89,8 @@ def test_one_model_is_not_namespaced(model_dir):
     ({"models": [{"id": "a", "adapters": {"a": "/a"}}]}, "models[0]: 'a' is served twice"),
     ({"models": [{"id": "a", "standby": -1}]}, "models[0].standby: Input should be greater than or equal to 0"),
     ({"models": [{"id": "a", "standby": 1, "engine": {"device": "cuda"}}]}, "models[0].standby: standby workers sleep"),
+    ({"models": [{"id": "a", "encode": 1}]}, "models[0].encode: the default model is not a vision-language model"),
+    ({"models": [{"id": "a", "encode": -1}]}, "models[0].encode: Input should be greater than or equal to 0"),
 ])
 def test_each_bad_field_is_named(data, named):
     with pytest.raises(DeploymentError) as err:

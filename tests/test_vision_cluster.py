@@ -267,3 +267,29 @@ def test_router_replicas_send_images_to_the_encoders_and_share_uploads(vlm_servi
         assert sorted(f.id for f in client.files.list()) == sorted(ids)
     finally:
         front.shutdown()
+
+
+def test_a_deployment_s_vlm_sends_its_images_to_its_own_encoder(vlm_service, tiny_vlm_dir, smollm_dir):
+    """Two models behind one router, the tiny LLaVA with an encoder worker of its own and a text model: the VLM's
+    images are encoded there (the same answer as the single-model cluster), the text model serves on."""
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+    from disagg.config import EngineConfig
+    from disagg.models.deployment import deployment_of
+
+    expected = _chat(vlm_service.url, tiny_vlm_dir.name, _parts(png(81))).json()["choices"][0]["message"]["content"]
+    deployment = deployment_of({"models": [
+        {"id": "vlm", "path": str(tiny_vlm_dir), "prefill": 0, "decode": 1, "encode": 1},
+        {"id": "text", "path": str(smollm_dir), "prefill": 0, "decode": 1, "engine": {"max_model_len": 512}}]},
+        EngineConfig(kv_cache_memory_mb=32, num_threads=1))
+    service = Service(ClusterConfig(), RouterConfig(), deployment=deployment, name_prefix="dep-")
+    try:
+        assert [len(c.encode_by_name) for c in service.clusters.values()] == [1, 0]
+        reply = _chat(service.url, "vlm", _parts(png(81)))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+        assert _images_metric(service.url, "encoder") == 1  # its own encoder encoded it
+        text = httpx.post(f"{service.url}/v1/chat/completions", timeout=120, json={
+            "model": "text", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+        assert text.status_code == 200, text.text
+    finally:
+        service.shutdown()

@@ -113,6 +113,7 @@ def _route(spec: ModelSpec, cluster: LocalCluster, namespaced: bool) -> ModelRou
         list(spec.aliases),
         list(spec.adapters),
         cluster.standby,
+        list(cluster.encode_by_name),
     )
 
 

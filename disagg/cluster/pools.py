@@ -70,7 +70,7 @@ class ClusterConfig:
             num_decode=spec.decode + spec.standby,
             num_standby=spec.standby,
             engine=spec.engine,
-            num_encode=0,  # encoder workers serve one model's images: a deployment's models get none (yet)
+            num_encode=spec.encode,  # encoder workers serve one model's images: its own
         )
 
     def template(self) -> WorkerConfig:

@@ -65,6 +65,7 @@ class ModelRoute:
     aliases: list[str] = field(default_factory=list)  # names that send all their requests to this model
     adapters: list[LoRARef] = field(default_factory=list)  # LoRA adapters, each served as a model of its own
     standby: list[str] = field(default_factory=list)  # decode workers started asleep: parked (router/parking.py)
+    encoders: list[str] = field(default_factory=list)  # its encoder workers (E/PD; a VLM's)
 
 
 @dataclass
@@ -94,7 +95,8 @@ class RouterConfig(WireMessage):
     idle: IdleConfig = field(default_factory=IdleConfig)  # models asleep when idle, woken by a request
     images: ImageLimits = field(default_factory=ImageLimits)  # image_url parts: sizes, counts, remote fetching
     encode: EncodeConfig = field(default_factory=EncodeConfig)  # which requests' images go to encoder workers
-    encoders: list[str] = field(default_factory=list)  # the encoder workers' actor names (E/PD; a single model's)
+    encoders: list[str] = field(default_factory=list)  # the encoder workers' actor names (E/PD; each model's route
+    # names its own)
     replicas: int = field(
         default=1, metadata={"help": "router replicas behind Ray Serve's HTTP proxy (2+: no single point of failure)"}
     )
@@ -190,9 +192,10 @@ class RouterService:
         if not routes:
             raise ValueError("no model has a decode worker to serve it")
         served = [serve_model(config, route, prefill, decode) for route in routes]
-        for model in served:  # a VLM's images go through the encoder stage (E/PD); encoders are a single model's
-            if model.vision is not None:
-                ports = (encoders or {}) if len(served) == 1 else {}
+        for route, model in zip(routes, served):  # a VLM's images go through the encoder stage (E/PD)
+            if model.vision is not None:  # each model's own encoders (one model alone: every encoder given)
+                names = route.encoders if config.models else list(encoders or {})
+                ports = {n: p for n, p in (encoders or {}).items() if n in names}
                 model.encode = EncodeStage(ports, model.vision.hidden_size, config.encode)
         self.models = ModelTable(served)
         for route, base in zip(routes, served):

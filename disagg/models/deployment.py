@@ -9,6 +9,7 @@ Read from one file (`disagg serve --deployment FILE`: TOML, YAML or JSON, by its
     prefill = 1              # prefill workers (0: aggregated workers)
     decode = 1               # decode (or aggregated) workers
     standby = 0              # more decode workers, started asleep: the fleet planner wakes them (--fleet-planner)
+    encode = 0               # encoder workers for a vision-language model's images (E/PD; 0: colocated)
     aliases = ["chat"]       # other names for it (more, with weights, at run time: /admin/aliases)
     [models.engine]          # EngineConfig fields for this model's workers, over the command line's
     kv_cache_memory_mb = 256
@@ -45,6 +46,7 @@ from disagg.errors import InvalidRequest
 from disagg.model_store import default_model_dir
 from disagg.models.adapters import AdapterError, check_adapter
 from disagg.protocol import LoRARef
+from disagg.vision.spec import VisionSpec
 
 # ids are what clients send as `model`; names like "coder@2" or "org/model" are common
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")
@@ -71,6 +73,7 @@ class ModelEntry(BaseModel):
     # decode workers started with the model's weights, then parked asleep (router/parking.py): the fleet planner
     # (planner/fleet.py) wakes one when this model needs it, and parks another model's worker in its place
     standby: int = Field(default=0, ge=0, le=MAX_WORKERS_PER_ROLE)
+    encode: int = Field(default=0, ge=0, le=MAX_WORKERS_PER_ROLE)  # encoder workers (a VLM's images: E/PD)
     engine: dict[str, Any] = Field(default_factory=dict)
     aliases: list[str] = Field(default_factory=list)  # names that send all their requests here (models/aliases.py)
     adapters: dict[str, str] = Field(default_factory=dict)  # LoRA name -> PEFT directory, served as models
@@ -102,6 +105,7 @@ class ModelSpec:
     aliases: tuple[str, ...] = ()
     adapters: tuple[LoRARef, ...] = ()  # each with its absolute directory and its files' digest
     standby: int = 0  # decode workers started asleep (ModelEntry.standby)
+    encode: int = 0  # encoder workers of this model's images (ModelEntry.encode)
 
     @property
     def worker_prefix(self) -> str:
@@ -198,6 +202,8 @@ def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str =
         # standby workers sleep (engine/sleep.py: host pages given back, Linux only); a worker on "auto" that
         # lands on a GPU refuses at start, with the same reason
         raise DeploymentError(f"{where}.standby: standby workers sleep, and sleep needs CPU workers on Linux")
+    if entry.encode and VisionSpec.from_dir(entry.path or default_model_dir()) is None:
+        raise DeploymentError(f"{where}.encode: {entry.path or 'the default model'} is not a vision-language model")
     if entry.adapters and engine.max_loras <= 0:
         raise DeploymentError(f"{where}.adapters: its workers serve no adapters (engine.max_loras is 0)")
     adapters = []
@@ -217,6 +223,7 @@ def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str =
         tuple(entry.aliases),
         tuple(adapters),
         entry.standby,
+        entry.encode,
     )
 
 
