@@ -29,7 +29,12 @@ class AuthAndCount:
         self.app, self.keys, self.metrics, self.routes = app, keys, metrics, routes
 
     def _endpoint(self, scope) -> str:
-        """The template of the route that serves this path (or the route of the path with another method: a 405)."""
+        """The template of the route that serves this path (or the route of the path with another method: a 405).
+        Once the app has run, FastAPI's router has put that route in the scope; only a request refused here, before
+        routing, is matched against the routes."""
+        routed = scope.get("route")
+        if routed is not None:
+            return getattr(routed, "path", UNMATCHED)
         partial = UNMATCHED
         for route in self.routes:
             match, _ = route.matches(scope)
@@ -43,7 +48,7 @@ class AuthAndCount:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path, endpoint = scope["path"], self._endpoint(scope)
+        path = scope["path"]
         if path.startswith(GUARDED):
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             client = scope.get("client")
@@ -59,7 +64,7 @@ class AuthAndCount:
                     metrics_path=path.startswith(METRICS),
                 )
             except DisaggError as exc:
-                self.metrics.requests.labels(endpoint, str(status_and_type(exc)[0])).inc()
+                self.metrics.requests.labels(self._endpoint(scope), str(status_and_type(exc)[0])).inc()
                 await error_response(exc, dialect=dialect_of(path))(scope, receive, send)
                 return
             state = scope.setdefault("state", {})
@@ -74,4 +79,4 @@ class AuthAndCount:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.requests.labels(self._endpoint(scope), str(status["code"])).inc()

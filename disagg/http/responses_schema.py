@@ -77,8 +77,7 @@ class MessageItem(_Echoed):
         part: dict[str, Any] = {"type": kind, "text": self.text()}
         if kind == "output_text":
             part["annotations"] = []
-        parts = self.content if isinstance(self.content, list) else []
-        images = [p.listed() for p in parts if isinstance(p, InputImage)]
+        images = [p.listed() for p in self.parts() if isinstance(p, InputImage)]
         item_id = self.id or f"msg_{uuid.uuid4().hex}"
         content = [part, *images]
         return {"type": "message", "id": item_id, "role": self.role, "status": "completed", "content": content}
@@ -94,9 +93,7 @@ class MessageItem(_Echoed):
 
     def image_urls(self) -> list[str]:
         """The images' URLs (after `inline_files`: a `file_id` part's is its upload's data URL)."""
-        if not isinstance(self.content, list):
-            return []
-        return [p.image_url or "" for p in self.content if isinstance(p, InputImage)]
+        return [p.image_url or "" for p in self.parts() if isinstance(p, InputImage)]
 
 
 class FunctionCallItem(_Echoed):
