@@ -1,6 +1,8 @@
 """Shared fixtures. Triton runs in interpreter mode on machines without a GPU (set before any kernel import)."""
 import os
 import tempfile
+import time
+import warnings
 
 # Ray (2.60) maps a node IP of 127.0.0.1 to the host's outward address unless its cluster mode is off: off here,
 # so every raylet, GCS and worker of a test binds and talks on loopback (read when ray is first imported; Ray's
@@ -38,23 +40,85 @@ def smollm_dir():
     return default_model_dir()
 
 
+RAY_INIT = dict(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+SERVE_NAMESPACE = "serve"  # where Ray Serve's controller and proxies live (router replicas: cluster/replicas.py)
+LEFTOVER_GRACE_S = 10.0
+
+
 @pytest.fixture(scope="module")
-def pd_service(smollm_dir):
-    """A real cluster per test module: Ray on 127.0.0.1, 1 prefill + 1 decode worker (default model), the router's
-    HTTP endpoint on a free port; prompts of 16+ uncached tokens are prefilled on the prefill worker."""
+def ray_session():
+    """The session's one local Ray cluster on 127.0.0.1, started by the first module that asks for it and kept for
+    the next (starting and stopping one costs seconds each, and the modules that use Ray run one after another:
+    `pytest_collection_modifyitems`).  Each module ends what it started; an actor it left behind by name is ended
+    here, with a warning, before the next module starts."""
     import ray
 
+    if not ray.is_initialized():
+        ray.init(**RAY_INIT)
+    yield
+    left = _named_actors(ray)
+    if any(namespace == SERVE_NAMESPACE for _, namespace in left):  # its state must not reach the next module
+        from ray import serve
+
+        serve.shutdown()
+    deadline = time.monotonic() + LEFTOVER_GRACE_S  # ray.kill does not wait: actors being ended may still be listed
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _named_actors(ray)
+    for name, namespace in left:
+        try:
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        except ValueError:  # gone meanwhile
+            continue
+    if left:
+        warnings.warn(f"a test module left Ray actors running: {sorted(n for n, _ in left)}", stacklevel=1)
+
+
+def _named_actors(ray) -> list[tuple[str, str]]:
+    """Every named actor of the session's cluster (its own: `RAY_INIT` starts a cluster, it never joins one)."""
+    return [(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)]
+
+
+@pytest.fixture
+def no_ray():
+    """For code that starts and ends Ray itself in this process (the bench harness): the shared cluster ends first
+    (the next module that asks for one starts it again)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """The modules that use the shared Ray cluster run last, together (in their own order), so it starts once."""
+    uses_ray: dict[str, bool] = {}
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        uses_ray[module] = uses_ray.get(module, False) or "ray_session" in item.fixturenames
+    items.sort(key=lambda item: uses_ray[item.nodeid.split("::")[0]])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pd_service(ray_session, smollm_dir):
+    """A real cluster per test module on the shared Ray cluster: 1 prefill + 1 decode worker (default model), the
+    router's HTTP endpoint on a free port; prompts of 16+ uncached tokens are prefilled on the prefill worker."""
     from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
     from disagg.config import EngineConfig
     from disagg.router.policy import PolicyConfig
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     svc = Service(ClusterConfig(num_prefill=1, num_decode=1,
                                 engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
                   RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)))
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

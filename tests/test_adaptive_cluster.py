@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
@@ -19,13 +18,6 @@ from disagg.router.placement import Placement
 from disagg.router.policy import PolicyConfig
 
 MAX_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 answers 429 with Retry-After and an OpenAI rate_limit_error body, a client that hangs up while queued leaves the
 queue at once, the openai client's own retry gets through once load drops, and priorities jump the queue."""
 import asyncio
-import json
 import time
 
 import httpx
 import openai
 import pytest
-import ray
 
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
 from disagg.config import EngineConfig
@@ -16,14 +14,12 @@ from disagg.router.admission import AdmissionConfig, CapacityConfig
 
 
 @pytest.fixture(scope="module")
-def service(smollm_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+def service(ray_session, smollm_dir):
     svc = Service(ClusterConfig(num_prefill=0, num_decode=1, tiers=None,
                                 engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
                   RouterConfig(capacity=CapacityConfig(max_running=1), admission=AdmissionConfig(max_queued_requests=2)))
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def _body(model, max_tokens, **extra):

@@ -19,13 +19,6 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def engine_cfg(tiny_llama_dir):
     return dict(model=str(tiny_llama_dir), num_blocks=96, block_size=BLOCK, num_threads=1, max_model_len=512)
 

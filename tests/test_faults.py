@@ -32,13 +32,6 @@ FAST_HEALTH = HealthConfig(heartbeat_interval_s=0.2, heartbeat_timeout_s=0.5, li
                            restart_after_s=2.0)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def _service(smollm_dir, prefill, decode):
     engine = EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, num_threads=1, max_model_len=1024)
     return Service(ClusterConfig(num_prefill=prefill, num_decode=decode, engine=engine, transfer_timeout_s=3,

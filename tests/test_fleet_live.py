@@ -22,16 +22,14 @@ PROMPT = "The history of the printing press begins in the fifteenth century, whe
 
 
 @pytest.fixture(scope="module")
-def service():
+def service(ray_session):
     entries = [{"id": "a", "prefill": 0, "decode": 1, "standby": 1}, {"id": "b", "prefill": 0, "decode": 2}]
     deployment = deployment_of({"models": entries}, base=EngineConfig(num_threads=1, max_model_len=1024))
     fleet = FleetConfig(enabled=True, interval_s=0.2, confirm_rounds=2, cooldown_s=1.0, min_dwell_s=1.0)
     router = RouterConfig(capacity=CapacityConfig(max_running=4), fleet=fleet)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     svc = Service(ClusterConfig(tiers=None, mock=MockConfig(time_scale=1.0)), router, deployment=deployment)
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def _stream(url, model, n, out, index):

@@ -21,14 +21,12 @@ API_KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def service(smollm_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+def service(ray_session, smollm_dir):
     svc = Service(ClusterConfig(num_prefill=1, num_decode=1,
                                 engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
                   RouterConfig(api_key=API_KEY, policy=PolicyConfig(min_remote_prefill_tokens=16)))
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def test_the_router_actor_process_loads_no_torch(service):

@@ -3,7 +3,6 @@
 another's prefix reads cached_tokens 0; the same tenant, or callers sharing a cache_salt, read the hit."""
 import httpx
 import pytest
-import ray
 
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
 from disagg.config import EngineConfig
@@ -12,14 +11,12 @@ PROMPT = list(range(1000, 1065))  # 4 full blocks of 16 and one token
 
 
 @pytest.fixture(scope="module")
-def service(smollm_dir):
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+def service(ray_session, smollm_dir):
     svc = Service(ClusterConfig(num_prefill=0, num_decode=1,
                                 engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
                   RouterConfig())
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def _cached(service, smollm_dir, tenant, prompt=PROMPT, **extra):

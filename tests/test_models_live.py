@@ -10,7 +10,6 @@ import signal
 import threading
 
 import httpx
-import pytest
 import ray
 
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
@@ -20,13 +19,6 @@ from disagg.http.config import IdleConfig
 from disagg.models.deployment import deployment_of
 from disagg.stats import Heartbeat
 from tests.test_fleet_live import PROMPT, _wait
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 def _service(router):

@@ -44,7 +44,7 @@ def loras(dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(dirs, loras):
+def service(ray_session, dirs, loras):
     pools = {"smollm": (0, 1), "tiny-llama": (1, 1), "tiny-qwen": (0, 1)}
     entries = [{"id": m, "path": str(dirs[m]), "prefill": pools[m][0], "decode": pools[m][1]} for m in MODELS]
     entries[1]["adapters"] = {"llama-all": str(loras["llama-all"])}  # declared; llama-qv is loaded at run time
@@ -52,12 +52,10 @@ def service(dirs, loras):
         {"models": entries},
         base=EngineConfig(kv_cache_memory_mb=64, num_threads=1, max_model_len=1024),
     )
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     svc = Service(ClusterConfig(), RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)),
                   deployment=deployment)
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ show it (its tokens equal float32's here).
 
 import httpx
 import pytest
-import ray
 
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
 from disagg.config import EngineConfig
@@ -26,8 +25,7 @@ Q4_INT8 = {**Q4, "quant_activations": "int8"}
 
 
 @pytest.fixture(scope="module")
-def service(smollm_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+def service(ray_session, smollm_dir):
     engine = EngineConfig(model=str(smollm_dir), num_threads=1, speculative="ngram", **Q4_INT8)
     svc = Service(
         ClusterConfig(num_prefill=1, num_decode=1, engine=engine, tiers=None),
@@ -35,7 +33,6 @@ def service(smollm_dir):
     )
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def test_disaggregated_int8_activation_answers_are_plain_local_decoding(service, smollm_dir):

@@ -12,7 +12,6 @@ import time
 
 import httpx
 import pytest
-import ray
 
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
 from disagg.config import EngineConfig
@@ -25,8 +24,7 @@ MESSAGES = [{"role": "user", "content": f"Repeat this code exactly:\n{CODE}"}]
 
 
 @pytest.fixture(scope="module")
-def service(smollm_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+def service(ray_session, smollm_dir):
     engine = EngineConfig(
         model=str(smollm_dir), kv_cache_memory_mb=64, num_threads=1, max_model_len=512, quantization="q4",
         kv_dtype="int8", speculative="ngram",
@@ -35,7 +33,6 @@ def service(smollm_dir):
                   RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)))
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def test_disaggregated_q4_int8_kv_speculating_answers_are_plain_local_decoding(service, smollm_dir):

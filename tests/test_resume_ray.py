@@ -22,14 +22,12 @@ FAST_HEALTH = HealthConfig(heartbeat_interval_s=0.2, heartbeat_timeout_s=0.5, li
 
 
 @pytest.fixture(scope="module")
-def service(smollm_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+def service(ray_session, smollm_dir):
     engine = EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, num_threads=1, max_model_len=1024)
     svc = Service(ClusterConfig(num_prefill=0, num_decode=1, engine=engine, tiers=None),
                   RouterConfig(health=FAST_HEALTH))
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def _body(model, i):

@@ -28,14 +28,12 @@ NEW_REQUEST_WITHIN_S = 2.0  # the issue's bound: a new request is served this so
 
 
 @pytest.fixture(scope="module")
-def replicated(smollm_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+def replicated(ray_session, smollm_dir):
     engine = EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=64, num_threads=1, max_model_len=1024)
     svc = Service(ClusterConfig(num_prefill=0, num_decode=2, engine=engine, tiers=None),
                   RouterConfig(replicas=2, health=FAST_HEALTH))
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def test_each_replica_takes_a_share_of_the_capacity_follows_worker_roles_and_only_the_first_plans():

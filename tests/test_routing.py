@@ -2,7 +2,6 @@
 import time
 
 import httpx
-import pytest
 import ray
 
 from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
@@ -10,13 +9,6 @@ from disagg.config import EngineConfig
 from disagg.router.policy import PolicyConfig, PolicyKind
 
 PREFIX = [(i * 37) % 4000 + 100 for i in range(160)]  # 10 full blocks shared by every request
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def _serve(smollm_dir, policy):

@@ -32,8 +32,7 @@ PROMPTS = 6
 
 
 @pytest.fixture(scope="module")
-def service(smollm_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+def service(ray_session, smollm_dir):
     engine = EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=32, num_threads=1, max_model_len=512)
     svc = Service(ClusterConfig(num_prefill=0, num_decode=3, engine=engine, tiers=None, allow_fault_injection=True),
                   RouterConfig(health=HEALTH, policy=PolicyConfig(kind=PolicyKind.ROUND_ROBIN),
@@ -41,7 +40,6 @@ def service(smollm_dir):
                                                    check_interval_s=0.25)))
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def _body(model, i):

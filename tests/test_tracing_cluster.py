@@ -5,7 +5,6 @@ import time
 
 import httpx
 import pytest
-import ray
 
 from bench import stages
 from disagg.workload.metrics import RequestRecord
@@ -16,15 +15,13 @@ from disagg.tracing import TracingConfig
 
 
 @pytest.fixture(scope="module")
-def traced(smollm_dir, tmp_path_factory):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+def traced(ray_session, smollm_dir, tmp_path_factory):
     spans_dir = tmp_path_factory.mktemp("spans")
     svc = Service(ClusterConfig(num_prefill=1, num_decode=2, tiers=None, tracing=TracingConfig(file_dir=str(spans_dir)),
                                 engine=EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, num_threads=1)),
                   RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)))
     yield svc, spans_dir
     svc.shutdown()
-    ray.shutdown()
 
 
 def test_every_request_is_one_connected_trace_with_every_stage(traced, smollm_dir):

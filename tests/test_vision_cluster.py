@@ -21,20 +21,18 @@ PROMPT = "What is in this picture?"
 
 
 @pytest.fixture(scope="module")
-def vlm_service(tiny_vlm_dir):
+def vlm_service(ray_session, tiny_vlm_dir):
     from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
     from disagg.config import EngineConfig
     from disagg.router.policy import PolicyConfig
     from disagg.vision.images import ImageLimits
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     engine = EngineConfig(model=str(tiny_vlm_dir), kv_cache_memory_mb=32, num_threads=1)
     svc = Service(ClusterConfig(num_prefill=1, num_decode=2, num_encode=1, engine=engine),
                   RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16),
                                images=ImageLimits(max_image_bytes=100_000, max_images_per_request=2)))
     yield svc
     svc.shutdown()
-    ray.shutdown()
 
 
 def _chat(url, model, parts, **extra):
