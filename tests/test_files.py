@@ -1,31 +1,23 @@
-"""The Files API (http/files.py, http/file_store.py): the pure store's limits, expiry and tenants; the real app over
-real HTTP (Starlette's TestClient) driven by the official `openai` client - upload, list, retrieve, content,
-delete, each tenant seeing its own files only - and uploads that break the rules answered with OpenAI-style 4xx;
-a Responses `input_image` by `file_id` becomes the upload's data URL (`inline_files`).  The same image by file
-and inline giving the same tokens on a real VLM cluster is tests/test_vision_cluster.py's."""
+"""The Files API (http/files.py, http/file_store.py, http/file_shapes.py): the pure store's limits, expiry and
+tenants; the real app over real HTTP (Starlette's TestClient) driven by the official `openai` client - upload, list,
+retrieve, content, delete, each tenant seeing its own files only - and uploads that break the rules answered with
+OpenAI-style 4xx; the same files through the official `anthropic` client in Anthropic's shapes (the app served by
+uvicorn).  Images named by file are tests/test_file_images.py's."""
 import asyncio
+import datetime
 from types import SimpleNamespace
 
+import anthropic
 import openai
 import pytest
 from starlette.testclient import TestClient
 
-from disagg.errors import InvalidRequest, NotFound, PayloadTooLarge
-from disagg.http.file_store import FilePurpose, FileStore, FileStoreConfig, LocalFiles, StoredFile
-from disagg.http.files import inline_files
-from disagg.http.responses_schema import ResponsesRequest
-from disagg.vision.images import ImageLimits
-from tests.imagegen import data_url, png
+from disagg.errors import NotFound, PayloadTooLarge
+from disagg.http.file_store import OCTET_STREAM, FilePurpose, FileStore, FileStoreConfig, StoredFile
+from tests.files_fakes import Clock
+from tests.imagegen import png
 
 ALICE, BOB = "sk-alice-0123456789", "sk-bob-0123456789"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _file(data=b"x" * 10, name="a.png"):
@@ -69,70 +61,24 @@ def test_files_expire_at_their_own_time_and_tenants_see_only_their_own():
     assert len(store) == 0 and store._by_tenant == {}  # no empty entry is left per tenant
 
 
+def test_a_file_s_content_is_served_as_its_bytes_never_as_the_type_its_uploader_declared(app):
+    alice = _client(app, ALICE)
+    page = alice.files.create(file=("x.html", b"<script>alert(1)</script>", "text/html"), purpose="user_data")
+    image = alice.files.create(file=("cat.svg", png(9, size=(16, 16)), "image/svg+xml"), purpose="vision")  # a PNG
+    for file_id, served in ((page.id, "application/octet-stream"), (image.id, "image/png")):
+        reply = TestClient(app).get(f"/v1/files/{file_id}/content", headers={"authorization": f"Bearer {ALICE}"})
+        assert reply.headers["content-type"] == served
+        assert reply.headers["x-content-type-options"] == "nosniff"
+        assert reply.headers["content-disposition"] == "attachment"
+        alice.files.delete(file_id)
+    for declared, kept in (("Text/Plain; charset=utf-8", "text/plain"), ("<b>/x", OCTET_STREAM), ("", OCTET_STREAM)):
+        assert StoredFile.new("a", FilePurpose.USER_DATA, b"x", declared).mime_type == kept
+
+
 def test_a_stored_file_travels_as_msgpack_with_its_bytes_and_purpose():
     stored = FileStore(clock=Clock()).put("a", _file(bytes(range(256))))
     back = StoredFile.from_wire(stored.to_wire())
     assert back == stored and back.purpose is FilePurpose.VISION
-
-
-class CountingFiles(LocalFiles):
-    """The local store, counting the reads that move a file's bytes."""
-
-    def __init__(self, store):
-        super().__init__(store)
-        self.reads = 0
-
-    async def get(self, tenant, file_id, param="file_id"):
-        self.reads += 1
-        return await super().get(tenant, file_id, param)
-
-
-VLM = SimpleNamespace(name="vlm", vision=object())  # what inline_files reads of a served model
-TEXT_ONLY = SimpleNamespace(name="text", vision=None)
-
-
-def _body(*parts):
-    return ResponsesRequest.model_validate(
-        {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}, *parts]}]})
-
-
-def test_an_input_image_by_file_id_becomes_the_upload_s_data_url():
-    files = CountingFiles(FileStore(clock=Clock()))
-    image = png(3)
-    stored = asyncio.run(files.put("a", StoredFile.new("cat.png", FilePurpose.VISION, image), None))
-    text = asyncio.run(files.put("a", StoredFile.new("notes.txt", FilePurpose.USER_DATA, b"hello"), None))
-    assert stored.data == b"" and stored.size == len(image)  # an upload's answer carries no bytes back
-    by_file = {"type": "input_image", "file_id": stored.file_id}
-
-    def inline(body, tenant="a", served=VLM, limits=ImageLimits(), earlier=0):
-        return asyncio.run(inline_files(body.items(), files, tenant, served, limits, earlier=earlier))
-
-    [item] = inline(_body(by_file, by_file))
-    assert item.image_urls() == [data_url(image)] * 2 and files.reads == 1  # named twice, read once
-    assert item.content[1].file_id == stored.file_id
-    [listed] = _body(by_file).items()[0].listed()["content"][1:]  # input items list the part as sent
-    assert (listed["file_id"], listed["image_url"]) == (stored.file_id, None)
-    with pytest.raises(NotFound) as err:
-        inline(_body(by_file), tenant="b")
-    assert err.value.param == "input[0].content[1].file_id"
-    with pytest.raises(InvalidRequest) as err:
-        inline(_body({"type": "input_image", "file_id": text.file_id}))
-    assert err.value.code == "invalid_image"
-    files.reads = 0
-    refusals = [
-        (dict(served=TEXT_ONLY), "images_not_supported"),
-        (dict(limits=ImageLimits(max_image_bytes=len(image) - 1)), "image_too_large"),  # refused from its size
-        (dict(limits=ImageLimits(max_images_per_request=1)), "too_many_images"),
-        (dict(earlier=7), "too_many_images"),  # 7 in the stored conversation + these 2: over the default 8
-    ]
-    for change, code in refusals:
-        with pytest.raises((InvalidRequest, PayloadTooLarge)) as err:
-            inline(_body(by_file, {"type": "input_image", "image_url": data_url(image)}), **change)
-        assert err.value.code == code
-    assert files.reads == 0  # no refused request read a file's bytes
-    for both in ({"image_url": data_url(image), "file_id": stored.file_id}, {}):
-        with pytest.raises(ValueError, match="exactly one"):
-            _body({"type": "input_image", **both})
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +254,59 @@ def test_requests_are_counted_by_route_template_never_by_the_id_in_the_path(app)
     assert 'disagg:requests_total{endpoint="/v1/files/{file_id}",status="200"}' in text
     assert 'disagg:requests_total{endpoint="/v1/files/{file_id}",status="401"}' in text
     assert 'disagg:requests_total{endpoint="unmatched",status="404"}' in text
+
+
+@pytest.fixture(scope="module")
+def url(app):
+    """The app on a real server: the `anthropic` client speaks over its own HTTP library, not Starlette's."""
+    from disagg.http.server import HttpServer
+
+    server = HttpServer(app, "127.0.0.1", 0)
+    yield server.start()
+    server.stop()
+
+
+def _claude(url, key):
+    return anthropic.Anthropic(base_url=url, api_key=key, max_retries=0, timeout=30)
+
+
+def test_the_official_anthropic_client_gets_the_same_files_in_anthropic_s_shapes(app, url):
+    alice, bob = _claude(url, ALICE), _claude(url, BOB)
+    image = png(6, size=(16, 16))
+    up = alice.beta.files.upload(file=("cat.png", image, "image/png"))
+    assert (up.type, up.filename, up.mime_type, up.size_bytes, up.downloadable) == (
+        "file", "cat.png", "image/png", len(image), True)
+    assert up.expires_at - up.created_at == datetime.timedelta(days=1)  # the server's ttl
+    notes = alice.beta.files.upload(file=("notes.txt", b"hello", "text/plain"), expires_in_seconds=3600)
+    assert notes.mime_type == "text/plain" and notes.expires_at - notes.created_at == datetime.timedelta(hours=1)
+    assert [f.id for f in alice.beta.files.list()] == [notes.id, up.id]  # newest first
+    first = alice.beta.files.list(limit=1)
+    assert [f.id for f in first.data] == [notes.id] and first.next_page
+    assert [f.id for f in first] == [notes.id, up.id]  # the client pages on by its cursor
+    extra = alice.beta.files.upload(file=("x.png", image, "image/png"))
+    pages = alice.beta.files.list(limit=1)
+    alice.beta.files.delete(extra.id)  # the file its cursor was taken after is gone: the cursor still holds
+    assert [f.id for f in pages] == [extra.id, notes.id, up.id]
+    assert [f.id for f in alice.beta.files.list(ids=[up.id, "file-gone"])] == [up.id]  # unknown ids left out
+    assert list(alice.beta.files.list(scope_id="session_1")) == []  # an upload is of no session's scope
+    for bad in (dict(ids=[up.id], limit=5), dict(page="bogus"), dict(limit=1001)):
+        with pytest.raises(anthropic.BadRequestError):
+            alice.beta.files.list(**bad)
+    assert alice.beta.files.retrieve_metadata(up.id).filename == "cat.png"
+    assert alice.beta.files.download(up.id).read() == image
+    assert _client(app, ALICE).files.retrieve(up.id).purpose == "user_data"  # one store, two APIs' shapes
+    assert list(bob.beta.files.list()) == []
+    for call in (bob.beta.files.retrieve_metadata, bob.beta.files.download, bob.beta.files.delete):
+        with pytest.raises(anthropic.NotFoundError) as err:  # another tenant's file: as if it never existed
+            call(up.id)
+        assert err.value.body["error"]["type"] == "not_found_error"  # Anthropic's error shape
+    with pytest.raises(anthropic.BadRequestError) as err:
+        alice.beta.files.upload(file=("a.png", image, "image/png"), expires_in_seconds=60)
+    assert "expires_in_seconds" in err.value.body["error"]["message"]
+    with pytest.raises(anthropic.AuthenticationError) as err:
+        _claude(url, "sk-wrong-0123456789").beta.files.list()
+    assert err.value.body["type"] == "error"
+    assert alice.beta.files.delete(up.id).type == "file_deleted"
+    with pytest.raises(anthropic.NotFoundError):
+        alice.beta.files.retrieve_metadata(up.id)
+    alice.beta.files.delete(notes.id)

@@ -4,7 +4,6 @@ standby, model `b` two awake workers.  A burst on `a` makes the fleet planner pa
 asleep) and wake `a`'s standby; every request completes, `b` keeps serving, and the workers say so themselves."""
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ from disagg.models.deployment import deployment_of
 from disagg.planner.fleet import FleetConfig
 from disagg.router.admission import CapacityConfig
 from disagg.stats import Heartbeat
+from tests.waiting import wait_for as _wait
 
 PROMPT = "The history of the printing press begins in the fifteenth century, when movable type changed how books"
 
@@ -42,16 +42,6 @@ def _stream(url, model, n, out, index):
                 finish = (chunk["choices"][0]["finish_reason"] if chunk["choices"] else None) or finish
                 tokens = (chunk.get("usage") or {}).get("completion_tokens", tokens)
         out[index] = (reply.status_code, finish, tokens)
-
-
-def _wait(predicate, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def _asleep(name):

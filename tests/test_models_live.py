@@ -18,7 +18,9 @@ from disagg.config import EngineConfig
 from disagg.http.config import IdleConfig
 from disagg.models.deployment import deployment_of
 from disagg.stats import Heartbeat
-from tests.test_fleet_live import PROMPT, _wait
+from tests.test_fleet_live import PROMPT
+from tests.waiting import actor_gone as _gone
+from tests.waiting import wait_for as _wait
 
 
 def _service(router):
@@ -94,14 +96,6 @@ def _pid(actor):
         return ray.get(actor.pid.remote(), timeout=5)
     except (ray.exceptions.RayError, TimeoutError):  # being restarted
         return None
-
-
-def _gone(name):
-    try:
-        ray.get_actor(name)
-        return False
-    except ValueError:
-        return True
 
 
 def _ids(url):

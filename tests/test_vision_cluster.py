@@ -8,6 +8,7 @@ import re
 import signal
 import time
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -16,8 +17,10 @@ import torch
 
 from disagg.stats import RouterCounters
 from tests.imagegen import data_url, png
+from tests.waiting import actor_gone, wait_for
 
 PROMPT = "What is in this picture?"
+FILES_BETA = "files-api-2025-04-14"  # the beta header Anthropic's Files API asks for (ignored here: always on)
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +155,14 @@ def test_a_messages_image_block_answers_as_the_chat_image_part(vlm_service, tiny
     assert reply.json()["content"][0]["text"] == chat["choices"][0]["message"]["content"]
     counted = httpx.post(f"{url}/v1/messages/count_tokens", json={k: body[k] for k in ("model", "messages")})
     assert counted.json()["input_tokens"] == chat["usage"]["prompt_tokens"]
+    # the image uploaded once with the official client's Files API and named by its id: the same answer
+    claude = anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    uploaded = claude.beta.files.upload(file=("cat.png", png(41), "image/png"), betas=[FILES_BETA])
+    by_file = {"type": "image", "source": {"type": "file", "file_id": uploaded.id}}
+    answer = claude.beta.messages.create(model=model, max_tokens=8, extra_body={"temperature": 0}, betas=[FILES_BETA],
+                                         messages=[
+        {"role": "user", "content": [{"type": "text", "text": PROMPT}, by_file]}])
+    assert answer.content[0].text == chat["choices"][0]["message"]["content"]
     body["messages"] = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [block]}]
     refused = httpx.post(f"{url}/v1/messages", json=body, timeout=60)
     assert refused.status_code == 400 and refused.json()["type"] == "error"
@@ -201,8 +212,8 @@ def test_a_responses_input_image_answers_as_chat_and_a_follow_up_keeps_it(vlm_se
 
 
 def test_an_input_image_by_file_id_answers_as_the_inline_image(vlm_service, tiny_vlm_dir):
-    """The Files API's upload named by `file_id` gives the prompt, hence the tokens, the inline image gives; the
-    stored turn keeps its own copy, so a follow-up still sees the image after the file is deleted."""
+    """The Files API's upload named by `file_id` (a Responses `input_image`, a chat `file` part) gives the prompt,
+    hence the tokens, the inline image gives; the stored turn keeps its own copy, so a follow-up still sees the image after the file is deleted."""
     from openai import OpenAI
 
     url, model = vlm_service.url, tiny_vlm_dir.name
@@ -214,6 +225,10 @@ def test_an_input_image_by_file_id_answers_as_the_inline_image(vlm_service, tiny
                                      {"type": "input_image", "file_id": upload.id}]}])
     assert first.output_text == chat["choices"][0]["message"]["content"]
     assert first.usage.input_tokens == chat["usage"]["prompt_tokens"]
+    by_part = client.chat.completions.create(model=model, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": PROMPT},
+                                     {"type": "file", "file": {"file_id": upload.id}}]}])  # a chat file part
+    assert by_part.choices[0].message.content == chat["choices"][0]["message"]["content"]
     listed = client.responses.input_items.list(first.id).data[0].content[1]
     assert (listed.type, listed.file_id) == ("input_image", upload.id)
     client.files.delete(upload.id)
@@ -267,27 +282,70 @@ def test_router_replicas_send_images_to_the_encoders_and_share_uploads(vlm_servi
         front.shutdown()
 
 
-def test_a_deployment_s_vlm_sends_its_images_to_its_own_encoder(vlm_service, tiny_vlm_dir, smollm_dir):
+def _encoders_listed(url, model):
+    try:
+        listing = httpx.get(f"{url}/admin/models", timeout=10).json()["models"]
+    except httpx.HTTPError:  # a restarted router not listening yet
+        return None
+    return next((m["encoders"] for m in listing if m["id"] == model), None)
+
+
+def _router_pid(service):
+    try:
+        return ray.get(service.router.pid.remote(), timeout=5)
+    except (ray.exceptions.RayError, TimeoutError):  # being restarted
+        return None
+
+
+def test_a_deployment_s_vlm_sends_its_images_to_its_own_encoder_and_one_loaded_at_run_time_too(
+    vlm_service, tiny_vlm_dir, smollm_dir
+):
     """Two models behind one router, the tiny LLaVA with an encoder worker of its own and a text model: the VLM's
-    images are encoded there (the same answer as the single-model cluster), the text model serves on."""
+    images are encoded there (the same answer as the single-model cluster), the text model serves on.  Unloaded, the
+    VLM's encoder ends with it; loaded again at run time with `encode`, it gets one of its own, which its images go
+    to, and which a restarted router keeps using (it is not ended as a stray)."""
     from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
     from disagg.config import EngineConfig
     from disagg.models.deployment import deployment_of
 
     expected = _chat(vlm_service.url, tiny_vlm_dir.name, _parts(png(81))).json()["choices"][0]["message"]["content"]
+    engine = {"kv_cache_memory_mb": 32, "num_threads": 1}
     deployment = deployment_of({"models": [
         {"id": "vlm", "path": str(tiny_vlm_dir), "prefill": 0, "decode": 1, "encode": 1},
         {"id": "text", "path": str(smollm_dir), "prefill": 0, "decode": 1, "engine": {"max_model_len": 512}}]},
-        EngineConfig(kv_cache_memory_mb=32, num_threads=1))
+        EngineConfig(**engine))
     service = Service(ClusterConfig(), RouterConfig(), deployment=deployment, name_prefix="dep-")
+    url = service.url
     try:
         assert [len(c.encode_by_name) for c in service.clusters.values()] == [1, 0]
-        reply = _chat(service.url, "vlm", _parts(png(81)))
+        reply = _chat(url, "vlm", _parts(png(81)))
         assert reply.status_code == 200, reply.text
         assert reply.json()["choices"][0]["message"]["content"] == expected
-        assert _images_metric(service.url, "encoder") == 1  # its own encoder encoded it
-        text = httpx.post(f"{service.url}/v1/chat/completions", timeout=120, json={
+        assert _images_metric(url, "encoder") == 1  # its own encoder encoded it
+        text = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
             "model": "text", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
         assert text.status_code == 200, text.text
+
+        (first,) = _encoders_listed(url, "vlm")
+        assert first == next(iter(service.clusters["vlm"].encode_by_name))
+        assert httpx.delete(f"{url}/admin/models/vlm", timeout=60).status_code == 200
+        wait_for(lambda: actor_gone(first))  # an unloaded model's encoder worker ends with it
+
+        body = {"id": "vlm-b", "path": str(tiny_vlm_dir), "prefill": 0, "decode": 1, "encode": 1, "engine": engine}
+        loaded = httpx.post(f"{url}/admin/models", json=body, timeout=120)
+        assert loaded.status_code == 201, loaded.text
+        (second,) = _encoders_listed(url, "vlm-b")
+        reply = _chat(url, "vlm-b", _parts(png(81)))
+        assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == expected
+        assert _images_metric(url, "encoder") == 2  # the loaded model's own encoder encoded it
+
+        router_pid = _router_pid(service)
+        os.kill(router_pid, signal.SIGKILL)
+        wait_for(lambda: _router_pid(service) not in (None, router_pid))
+        assert wait_for(lambda: _encoders_listed(url, "vlm-b")) == [second]  # served again over the same encoder
+        reply = _chat(url, "vlm-b", _parts(png(82)))
+        assert reply.status_code == 200, reply.text
+        assert _images_metric(url, "encoder") == 1  # the restarted router's counter: there, not colocated
     finally:
         service.shutdown()
+    wait_for(lambda: actor_gone(second))  # the shutdown ends a run-time model's encoder worker too

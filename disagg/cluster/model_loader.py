@@ -3,10 +3,11 @@
 
 `load` checks the entry against the cluster's worker settings (the command line's, sent to the router as
 `RouterConfig.worker_template`), starts the model's pools as named actors (cluster/pools.py: `LocalCluster`,
-their names prefixed by the model's id), and builds its routing core (cluster/router_service.py: `serve_model`).
+their names prefixed by the model's id; a vision-language model's `encode` encoder workers too, whose images then go
+to them), and builds its routing core (cluster/router_service.py: `serve_model`).
 A worker that refuses to start (the memory budget, a corrupt or incompatible directory) fails the load with its
-reason, and the workers already started for it are ended.  `unload` ends a model's workers, whether the
-deployment started them or a load did.
+reason, and the workers already started for it are ended.  `unload` ends a model's workers and encoder workers,
+whether the deployment started them or a load did.
 
 Runs in the router actor's process.  The workers it starts are detached actors, so a router that dies does not
 take them with it: after each change of the model table the loader saves what a restarted router needs
@@ -24,6 +25,7 @@ from typing import Any
 
 import ray
 
+from disagg.cluster.encoder import RayEncoderPort
 from disagg.cluster.handles import RayWorkerHandle
 from disagg.cluster.pools import ClusterConfig, LocalCluster
 from disagg.cluster.router_service import ModelRoute, RouterConfig, max_position_embeddings, serve_model
@@ -34,6 +36,7 @@ from disagg.http.models import ModelTable, ServedModel
 from disagg.model_store import default_model_dir
 from disagg.models.deployment import DeploymentError, ModelEntry, model_spec
 from disagg.protocol import LoRARef
+from disagg.vision.stage import EncoderPort
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +67,10 @@ class RayModelLoader:
             route = ModelRoute(
                 spec.id, engine.model, engine.block_size, engine.max_model_len, prefill, decode, namespace
             )
-            route.standby = cluster.standby
+            route.standby, route.encoders = cluster.standby, list(cluster.encode_by_name)
             node = ray.get_runtime_context().get_node_id()
             handles = {n: RayWorkerHandle(n, actor, node) for n, actor in cluster.workers_by_name.items()}
-            served = serve_model(self.config, route, handles, handles)
+            served = serve_model(self.config, route, handles, handles, encoder_ports(cluster.encode_by_name))
         except BaseException:  # its workers never outlive a load that failed
             cluster.shutdown()
             raise
@@ -81,7 +84,7 @@ class RayModelLoader:
         if cluster is not None:
             cluster.shutdown()
             return
-        for name in model.core.handles:  # started with the deployment: ended by name
+        for name in [*model.core.handles, *model.encoders()]:  # started with the deployment: ended by name
             try:
                 ray.kill(ray.get_actor(name), no_restart=True)
             except ValueError:  # already gone
@@ -101,7 +104,7 @@ class RayModelLoader:
             restore_table(models, state, self._serve_again)
         # the run-time workers of no model served again - a load the router died in the middle of, a model whose
         # decode workers are gone or that could not be rebuilt: nothing else would ever end them
-        kept = {n for route in self.routes.values() for n in [*route.prefill, *route.decode]}
+        kept = {n for route in self.routes.values() for n in [*route.prefill, *route.decode, *route.encoders]}
         end_named(runtime_prefix(self.config.runtime_key), keep=kept)
 
     def _serve_again(self, route: ModelRoute) -> ServedModel | None:
@@ -111,7 +114,7 @@ class RayModelLoader:
         if not any(n in handles for n in route.decode):  # its prefill workers alone serve nothing (`restore` ends them)
             return None
         try:
-            served = serve_model(self.config, route, handles, handles)
+            served = serve_model(self.config, route, handles, handles, encoder_ports(alive(route.encoders)))
         except Exception as exc:  # whatever it is (a directory gone, a tokenizer the library cannot
             # parse), one model must not keep the router from starting: Ray would restart it into the same error
             log.error("model %s loaded at run time is not served again (its workers end): %s", route.name, exc)
@@ -124,6 +127,11 @@ def _reason(exc: ray.exceptions.RayError) -> str:
     """The first line of the worker's own error, not Ray's wrapping of it."""
     cause = getattr(exc, "cause", None) or exc
     return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+
+
+def encoder_ports(actors: dict[str, Any]) -> dict[str, EncoderPort]:
+    """Encoder workers' actors, by name, as the encode stage's ports."""
+    return {name: RayEncoderPort(name, actor) for name, actor in actors.items()}
 
 
 def alive(names: list[str]) -> dict[str, Any]:

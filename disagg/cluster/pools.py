@@ -85,6 +85,7 @@ class ClusterConfig:
             num_prefill=spec.prefill,
             num_decode=spec.decode + spec.standby,
             num_standby=spec.standby,
+            num_encode=spec.encode,  # its own encoder workers (E/PD), as a deployment's model gets
             engine=spec.engine,
             tiers=template.tiers,
             transfer_timeout_s=template.transfer_timeout_s,

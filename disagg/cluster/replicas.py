@@ -41,9 +41,8 @@ import ray
 from fastapi import FastAPI
 from ray import serve
 
-from disagg.cluster.encoder import RayEncoderPort
 from disagg.cluster.handles import RayWorkerHandle
-from disagg.cluster.model_loader import alive
+from disagg.cluster.model_loader import alive, encoder_ports
 from disagg.cluster.router_service import RouterConfig, RouterService
 from disagg.cluster.shared_stores import RayFiles, RayResponses, start_stores
 from disagg.http.config import ApiKey
@@ -93,7 +92,7 @@ class RouterReplica:
             settings,
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in prefill},
             {n: RayWorkerHandle(n, ray.get_actor(n), node) for n in decode},
-            encoders={n: RayEncoderPort(n, actor) for n, actor in alive(settings.encoders).items()},
+            encoders=encoder_ports(alive(settings.encoders)),
             serve_http=False,
             responses=RayResponses(ray.get_actor(stores)),  # the stores every replica shares
             files=RayFiles(ray.get_actor(stores)),

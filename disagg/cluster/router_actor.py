@@ -15,9 +15,8 @@ from typing import Any
 
 import ray
 
-from disagg.cluster.encoder import RayEncoderPort
 from disagg.cluster.handles import RayWorkerHandle
-from disagg.cluster.model_loader import RayModelLoader, alive
+from disagg.cluster.model_loader import RayModelLoader, alive, encoder_ports
 from disagg.cluster.router_service import RouterConfig, RouterService
 from disagg.cluster.runtime_table import GcsTableStore
 
@@ -37,7 +36,7 @@ class RouterActor:
             settings,
             {n: RayWorkerHandle(n, actor, node) for n, actor in alive(prefill).items()},
             {n: RayWorkerHandle(n, actor, node) for n, actor in alive(decode).items()},
-            encoders={n: RayEncoderPort(n, actor) for n, actor in alive(settings.encoders).items()},
+            encoders=encoder_ports(alive(settings.encoders)),
             loader=RayModelLoader(settings, template, store) if template is not None else None,  # /admin/models
         )
         self.url = self.service.start()

@@ -143,10 +143,15 @@ def max_position_embeddings(model_dir: Path) -> int:
 
 
 def serve_model(
-    config: RouterConfig, route: ModelRoute, prefill: Mapping[str, WorkerHandle], decode: Mapping[str, WorkerHandle]
+    config: RouterConfig,
+    route: ModelRoute,
+    prefill: Mapping[str, WorkerHandle],
+    decode: Mapping[str, WorkerHandle],
+    encoders: Mapping[str, EncoderPort] | None = None,
 ) -> ServedModel:
     """One model's routing core (its own pools, index, admission, health, planner; not started) and its
-    front-door entry."""
+    front-door entry; a VLM's images go through an encode stage over `encoders`, its own encoder workers (E/PD; none:
+    encoded colocated)."""
     model_dir = Path(route.model)
     core = RouterCore(
         {n: prefill[n] for n in route.prefill if n in prefill},
@@ -165,7 +170,17 @@ def serve_model(
     max_len = min(route.max_model_len, max_position_embeddings(model_dir))
     tokenizer = Tokenizer.from_dir(model_dir)
     vision = VisionSpec.from_dir(model_dir)
-    return ServedModel(route.name, core, tokenizer, max_len, route.namespace, model_dir=route.model, vision=vision)
+    served = ServedModel(route.name, core, tokenizer, max_len, route.namespace, model_dir=route.model, vision=vision)
+    if vision is not None:
+        served.encode = EncodeStage(encoders or {}, vision.hidden_size, config.encode)
+    return served
+
+
+def _encoders_of(
+    route: ModelRoute, encoders: Mapping[str, EncoderPort], config: RouterConfig
+) -> dict[str, EncoderPort]:
+    """The encoders of `route`'s model: those its route names in a deployment; with one model alone, all."""
+    return {n: port for n, port in encoders.items() if not config.models or n in route.encoders}
 
 
 class RouterService:
@@ -191,12 +206,8 @@ class RouterService:
         routes = [r for r in config.routes(list(prefill), list(decode)) if any(n in decode for n in r.decode)]
         if not routes:
             raise ValueError("no model has a decode worker to serve it")
-        served = [serve_model(config, route, prefill, decode) for route in routes]
-        for route, model in zip(routes, served):  # a VLM's images go through the encoder stage (E/PD)
-            if model.vision is not None:  # each model's own encoders (one model alone: every encoder given)
-                names = route.encoders if config.models else list(encoders or {})
-                ports = {n: p for n, p in (encoders or {}).items() if n in names}
-                model.encode = EncodeStage(ports, model.vision.hidden_size, config.encode)
+        given = encoders or {}  # each model's own encoders (one model alone: every encoder given)
+        served = [serve_model(config, route, prefill, decode, _encoders_of(route, given, config)) for route in routes]
         self.models = ModelTable(served)
         for route, base in zip(routes, served):
             for ref in route.adapters:

@@ -1,8 +1,8 @@
 """The model table's run-time changes (http/admin_models.py), kept where a restarted router finds them: the models
-loaded at run time (their routes: workers by name, block-hash namespace, standby), every base model's adapters and
-the aliases with their weights.  Saved after each change in Ray's GCS key-value store under the router's
-`RouterConfig.runtime_key`, read back when the router actor starts again - Ray restarts a router that crashed with
-the arguments it was first given, which name only the deployment's workers.
+loaded at run time (their routes: workers and encoder workers by name, block-hash namespace, standby), every base
+model's adapters and the aliases with their weights.  Saved after each change in Ray's GCS key-value store under the
+router's `RouterConfig.runtime_key`, read back when the router actor starts again - Ray restarts a router that crashed
+with the arguments it was first given, which name only the deployment's workers.
 
 The workers of a model loaded at run time are detached actors (cluster/model_loader.py): they outlive the router
 that started them, and `Service.shutdown` ends them (`end_runtime_workers`).  Their names start with the router's

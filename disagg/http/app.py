@@ -86,9 +86,9 @@ def build_app(
     add_model_admin_routes(app, models, loader, config, metrics)
     add_metrics_route(app, metrics)
     server = Server(models, config, metrics, idle)
-    add_openai_routes(app, server)
     uploads = files or LocalFiles(FileStore(config.files))
+    add_openai_routes(app, server, uploads)
     add_responses_routes(app, server, responses or LocalResponses(ResponseStore(config.responses)), uploads)
-    add_messages_routes(app, server)
+    add_messages_routes(app, server, uploads)
     add_files_routes(app, uploads, config.files)
     return app

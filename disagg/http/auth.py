@@ -65,7 +65,7 @@ class AuthAndCount:
                 )
             except DisaggError as exc:
                 self.metrics.requests.labels(self._endpoint(scope), str(status_and_type(exc)[0])).inc()
-                await error_response(exc, dialect=dialect_of(path))(scope, receive, send)
+                await error_response(exc, dialect=dialect_of(path, headers))(scope, receive, send)
                 return
             state = scope.setdefault("state", {})
             state["caller"], state["tenant"] = caller, caller.tenant

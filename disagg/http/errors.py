@@ -3,8 +3,9 @@
     {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
 
 Types follow OpenAI's (clients key their retry logic off the status: 429 and 5xx are retried by the official
-clients, 4xx are not).  A 429 carries `Retry-After`.  The Anthropic Messages API (`/v1/messages`) answers in its
-own dialect, with the same statuses:
+clients, 4xx are not).  A 429 carries `Retry-After`.  The Anthropic Messages API (`/v1/messages`), and the Files API
+when an Anthropic client calls it (its `anthropic-version` header), answer in Anthropic's dialect, with the same
+statuses:
 
     {"type": "error", "error": {"type": ..., "message": ...}}
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+from collections.abc import Mapping
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -64,6 +66,10 @@ class Dialect(enum.Enum):
 
 
 ANTHROPIC_PATHS = ("/v1/messages",)
+# paths both APIs define, each in its own shape (the Files API): the caller's dialect is its client's, which an
+# Anthropic client names in every request's `anthropic-version` header
+SHARED_PATHS = ("/v1/files",)
+ANTHROPIC_VERSION_HEADER = "anthropic-version"
 # Anthropic's error types by status (its docs' table).  Our 503 (no worker can serve now) is its
 # "overloaded_error"; Anthropic sends that with its own status 529, we keep 503, which its client retries too.
 _ANTHROPIC_TYPES = {
@@ -76,8 +82,14 @@ _ANTHROPIC_TYPES = {
 }
 
 
-def dialect_of(path: str) -> Dialect:
-    return Dialect.ANTHROPIC if path.startswith(ANTHROPIC_PATHS) else Dialect.OPENAI
+def dialect_of(path: str, headers: Mapping[str, str]) -> Dialect:
+    """The API a request speaks: by its path, or on a path both define by its client's header (lower-case names:
+    ASGI's, and Starlette's case-insensitive headers alike)."""
+    if path.startswith(ANTHROPIC_PATHS):
+        return Dialect.ANTHROPIC
+    if path.startswith(SHARED_PATHS) and ANTHROPIC_VERSION_HEADER in headers:
+        return Dialect.ANTHROPIC
+    return Dialect.OPENAI
 
 
 def status_and_type(exc: DisaggError) -> tuple[int, str]:
@@ -125,11 +137,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(DisaggError)
     async def _disagg_error(http: HTTPRequest, exc: DisaggError):
-        return error_response(exc, dialect=dialect_of(http.url.path))
+        return error_response(exc, dialect=dialect_of(http.url.path, http.headers))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(http: HTTPRequest, exc: RequestValidationError):
-        dialect = dialect_of(http.url.path)
+        dialect = dialect_of(http.url.path, http.headers)
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
@@ -140,7 +152,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(http: HTTPRequest, exc: StarletteHTTPException):
-        dialect = dialect_of(http.url.path)
+        dialect = dialect_of(http.url.path, http.headers)
         if exc.status_code == 404:
             return error_response(NotFound(str(exc.detail)), dialect=dialect)
         if exc.status_code < 500:  # e.g. 405 method not allowed: keep the status, in the API's error shape
@@ -150,4 +162,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(http: HTTPRequest, exc: Exception):
-        return error_response(unexpected(exc), dialect=dialect_of(http.url.path))
+        return error_response(unexpected(exc), dialect=dialect_of(http.url.path, http.headers))

@@ -1,29 +1,45 @@
-"""Uploaded files (the OpenAI Files API, `/v1/files`): bounded per tenant, each kept until it is deleted or
-expires.  Pure (clock injected).
+"""Uploaded files (`/v1/files`: OpenAI's Files API, and Anthropic's to an Anthropic client - the two shapes of the
+same files are http/file_shapes.py's): bounded per tenant, each kept until it is deleted or expires.  Pure (clock
+injected).
 
-What a file is for here: an image a Responses `input_image` part names by `file_id` instead of sending it again in every
-request.  A tenant holds at most `max_per_tenant` files and `max_bytes_per_tenant` bytes, and all tenants together
-`max_bytes_total` (without keys a client names its own tenant, so only a total bounds the memory); an upload past any of
-them is refused (413 naming the limit), never made room for by dropping older files, which their owners still expect to
-name.  Every file expires: at the `expires_after` its uploader asked for, or at `ttl_s`, whichever is sooner.  An id
-stored by another tenant is not found - the same answer as an id that never existed, so ids leak nothing across tenants.
-The store lives in the front door's memory (or, with router replicas, in one actor they share:
-cluster/shared_stores.py); a router that restarts starts with none.
+What a file is for here: an image a Responses `input_image` part or a Messages image block names by its id instead of
+sending it again in every request.  A tenant holds at most `max_per_tenant` files and `max_bytes_per_tenant` bytes, and
+all tenants together `max_bytes_total` (without keys a client names its own tenant, so only a total bounds the
+memory); an upload past any of them is refused (413 naming the limit), never made room for by dropping older files,
+which their owners still expect to name.  Every file expires: at the `expires_after` its uploader asked for, or at
+`ttl_s`, whichever is sooner.  An id stored by another tenant is not found - the same answer as an id that never
+existed, so ids leak nothing across tenants.  The store lives in the front door's memory (or, with router replicas, in
+one actor they share: cluster/shared_stores.py); a router that restarts starts with none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
-from disagg.errors import InvalidRequest, NotFound, PayloadTooLarge
+from disagg.errors import NotFound, PayloadTooLarge
 from disagg.vision.images import ImageLimits
 from disagg.wire import WireMessage
+
+OCTET_STREAM = "application/octet-stream"
+# a declared media type kept as metadata: type/subtype, no parameters (anything else is kept as OCTET_STREAM)
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,62}/[a-z0-9][a-z0-9!#$&^_.+-]{0,62}")
+# the image formats the engine's front door decodes (disagg/vision/images.py), by their first bytes
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
+
+
+def image_mime(data: bytes) -> str | None:
+    """The image type of `data` from its first bytes (None: not an image the engine decodes)."""
+    mime = next((m for head, m in _SIGNATURES if data.startswith(head)), None)
+    if mime is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        mime = "image/webp"
+    return mime
 
 
 class FilePurpose(str, enum.Enum):
@@ -66,27 +82,19 @@ class StoredFile(WireMessage):
     size: int = 0
     created_at: int = 0
     expires_at: int = 0
+    mime_type: str = OCTET_STREAM  # an image's from its bytes, else what its upload declared (metadata only)
+    seq: int = 0  # its place in the store's order of uploads (the store sets it): what list cursors name
 
     @classmethod
-    def new(cls, filename: str, purpose: FilePurpose, data: bytes) -> StoredFile:
-        return cls(f"file-{uuid.uuid4().hex}", filename, purpose, data, len(data))
+    def new(cls, filename: str, purpose: FilePurpose, data: bytes, declared: str = "") -> StoredFile:
+        declared = declared.split(";")[0].strip().lower()  # its parameters (a charset) are not kept
+        declared = declared if _MEDIA_TYPE.fullmatch(declared) else ""
+        mime = image_mime(data) or declared or OCTET_STREAM
+        return cls(f"file-{uuid.uuid4().hex}", filename, purpose, data, len(data), mime_type=mime)
 
     def info(self) -> StoredFile:
         """The file without its bytes."""
         return dataclasses.replace(self, data=b"")
-
-    def body(self) -> dict[str, Any]:
-        """The File object, as POST /v1/files and GET /v1/files/{id} return it."""
-        return {
-            "id": self.file_id,
-            "object": "file",
-            "bytes": self.size,
-            "created_at": self.created_at,
-            "expires_at": self.expires_at,
-            "filename": self.filename,
-            "purpose": self.purpose.value,
-            "status": "processed",
-        }
 
 
 def file_not_found(file_id: str, param: str) -> NotFound:
@@ -102,6 +110,7 @@ class FileStore:
     config: FileStoreConfig = field(default_factory=FileStoreConfig)
     clock: Callable[[], float] = time.time
     _by_tenant: dict[str, dict[str, StoredFile]] = field(default_factory=dict)
+    _seq: int = 0  # uploads so far (StoredFile.seq)
 
     def put(self, tenant: str, stored: StoredFile, expires_after_s: float | None = None) -> StoredFile:
         """Keeps `stored` (its times set here); PayloadTooLarge when it is over a limit."""
@@ -137,6 +146,8 @@ class FileStore:
         now = self.clock()
         keep = c.ttl_s if expires_after_s is None else min(c.ttl_s, expires_after_s)
         stored.created_at, stored.expires_at = int(now), int(now + keep)
+        self._seq += 1
+        stored.seq = self._seq
         self._by_tenant.setdefault(tenant, {})[stored.file_id] = stored
         return stored
 
@@ -173,19 +184,6 @@ class FileStore:
     def __len__(self) -> int:
         self._expire()
         return sum(len(f) for f in self._by_tenant.values())
-
-
-def page(files: list[StoredFile], *, order: str, limit: int, after: str) -> dict[str, Any]:
-    """OpenAI's list of files: `order` asc / desc by creation, up to `limit`, after the file id `after`."""
-    ordered = files[::-1] if order == "desc" else files
-    ids = [f.file_id for f in ordered]
-    if after and after not in ids:
-        raise InvalidRequest(f"after: no file {after!r}", param="after")
-    start = ids.index(after) + 1 if after else 0
-    chosen = ordered[start : start + limit]
-    first, last = (chosen[0].file_id, chosen[-1].file_id) if chosen else (None, None)
-    more = start + len(chosen) < len(ordered)
-    return {"object": "list", "data": [f.body() for f in chosen], "first_id": first, "last_id": last, "has_more": more}
 
 
 class FileStorePort(Protocol):

@@ -1,11 +1,12 @@
-"""The OpenAI Files API: `POST /v1/files` (a multipart upload: `file`, `purpose`, optional `expires_after`),
+"""The Files API: `POST /v1/files` (a multipart upload: `file`, `purpose`, optional `expires_after`),
 `GET /v1/files` (a page, newest first by default), `GET /v1/files/{id}`, `GET /v1/files/{id}/content` and
-`DELETE /v1/files/{id}`; each caller sees its own tenant's files only (http/file_store.py).
+`DELETE /v1/files/{id}`; each caller sees its own tenant's files only (http/file_store.py).  OpenAI's, and
+Anthropic's to an Anthropic client (its `anthropic-version` header): the same files and paths, its form (`file`,
+optional `expires_in_seconds`), its shapes (http/file_shapes.py: metadata, pages by cursor or by `ids`) and errors.
 
-What uses them: a Responses `input_image` part that names a `file_id` (`inline_files`) - the upload becomes the
-part's data URL before the request is served, so an image sent once by file and an image sent inline give the same
-prompt, hence the same tokens, and a stored conversation keeps its own copy (a follow-up still sees the image after
-the file is deleted).
+What uses them: images named by file - a Responses `input_image` part's `file_id`, a Messages image block's `file`
+source, a chat `file` part (http/file_images.py).  A file's content is served back as bytes (or as the image it is),
+never as the type its uploader declared.
 
 An upload's size is checked from its Content-Length before any of it is read or spooled (413 naming the limit);
 one without a Content-Length is a 400; the form holds one file and a few fields at most.
@@ -13,30 +14,33 @@ one without a Content-Length is a 400; the form holds one file and a few fields 
 
 from __future__ import annotations
 
-import base64
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Query
 from fastapi import Request as HTTPRequest
 from fastapi.responses import Response
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from disagg.errors import InvalidRequest, PayloadTooLarge
-from disagg.http.file_store import FilePurpose, FileStoreConfig, FileStorePort, StoredFile, page
-from disagg.http.images import check_image_count
-from disagg.http.models import ServedModel
-from disagg.http.responses_schema import FunctionCallItem, FunctionCallOutputItem, InputImage, MessageItem
-from disagg.vision.images import ImageLimits, too_large
+from disagg.http.errors import Dialect, dialect_of
+from disagg.http.file_shapes import (
+    anthropic_by_ids,
+    anthropic_deleted,
+    anthropic_file,
+    anthropic_page,
+    openai_file,
+    openai_page,
+)
+from disagg.http.file_store import OCTET_STREAM, FilePurpose, FileStoreConfig, FileStorePort, StoredFile, image_mime
 
 FORM_OVERHEAD = 64 * 1024  # a multipart body's boundaries and small fields, beyond the file's own bytes
-MAX_FORM_FIELDS = 8  # file, purpose, expires_after[anchor], expires_after[seconds]: room, not a parser's default
+MAX_FORM_FIELDS = 8  # file, purpose, expires_after[anchor], expires_after[seconds] (or Anthropic's file,
+# expires_in_seconds): room, not a parser's default
 MAX_FILENAME = 255
 EXPIRES_AFTER_S = (3600, 30 * 86400)  # OpenAI's bounds on expires_after[seconds]
+EXPIRES_IN_S = (3600, 90 * 86400)  # Anthropic's bounds on expires_in_seconds
 MAX_LISTED = 10_000  # OpenAI's largest page
-# the image formats the engine's front door decodes (disagg/vision/images.py), by their first bytes
-_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"))
-
-Item = MessageItem | FunctionCallItem | FunctionCallOutputItem
+ANTHROPIC_PAGE = (20, 1000)  # Anthropic's default and largest page
 
 
 def _purpose(value: object) -> FilePurpose:
@@ -50,24 +54,40 @@ def _purpose(value: object) -> FilePurpose:
         ) from None
 
 
+def _seconds(value: object, bounds: tuple[int, int], message: str, param: str) -> float:
+    try:
+        seconds = int(str(value))
+    except ValueError:
+        seconds = -1
+    low, high = bounds
+    if not low <= seconds <= high:
+        raise InvalidRequest(f"{message} must be an integer from {low} to {high}", param=param)
+    return float(seconds)
+
+
 def _expires_after(anchor: object, seconds: object) -> float | None:
+    """OpenAI's `expires_after[anchor]` and `expires_after[seconds]`."""
     if anchor is None and seconds is None:
         return None
-    low, high = EXPIRES_AFTER_S
     if anchor != "created_at":
         raise InvalidRequest("expires_after[anchor] must be 'created_at'", param="expires_after.anchor")
-    try:
-        value = int(str(seconds))
-    except ValueError:
-        value = -1
-    if not low <= value <= high:
-        raise InvalidRequest(
-            f"expires_after[seconds] must be an integer from {low} to {high}", param="expires_after.seconds"
+    return _seconds(seconds, EXPIRES_AFTER_S, "expires_after[seconds]", "expires_after.seconds")
+
+
+def _form_terms(form: FormData, dialect: Dialect) -> tuple[FilePurpose, float | None]:
+    """The purpose and expiry an upload's form asks for: OpenAI's fields, or Anthropic's (no purpose; files there
+    are the user's data)."""
+    if dialect is Dialect.ANTHROPIC:
+        seconds = form.get("expires_in_seconds")
+        expires = (
+            None if seconds is None else _seconds(seconds, EXPIRES_IN_S, "expires_in_seconds", "expires_in_seconds")
         )
-    return float(value)
+        return FilePurpose.USER_DATA, expires
+    expires = _expires_after(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
+    return _purpose(form.get("purpose")), expires
 
 
-async def _upload(http: HTTPRequest, limits: FileStoreConfig) -> tuple[StoredFile, float | None]:
+async def _upload(http: HTTPRequest, limits: FileStoreConfig, dialect: Dialect) -> tuple[StoredFile, float | None]:
     """The uploaded file and its expiry from a multipart body, its size checked before it is read."""
     length = http.headers.get("content-length")
     if length is None or not length.isdigit():
@@ -85,84 +105,68 @@ async def _upload(http: HTTPRequest, limits: FileStoreConfig) -> tuple[StoredFil
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidRequest("the form has no file part named 'file'", param="file")
-        purpose = _purpose(form.get("purpose"))
-        expires = _expires_after(form.get("expires_after[anchor]"), form.get("expires_after[seconds]"))
+        purpose, expires = _form_terms(form, dialect)
         data = await upload.read(limits.max_file_bytes + 1)
         name = (upload.filename or "upload")[:MAX_FILENAME]
-    return StoredFile.new(name, purpose, data), expires
+        declared = upload.content_type or ""
+    return StoredFile.new(name, purpose, data, declared), expires
 
 
 def add_files_routes(app: FastAPI, files: FileStorePort, limits: FileStoreConfig) -> None:
+    """The routes of both APIs: each answers in the caller's dialect (an Anthropic client's `anthropic-version`)."""
+
+    def anthropic(http: HTTPRequest) -> bool:
+        return dialect_of(http.url.path, http.headers) is Dialect.ANTHROPIC
+
+    def shown(http: HTTPRequest, stored: StoredFile) -> dict[str, Any]:
+        return anthropic_file(stored) if anthropic(http) else openai_file(stored)
+
     @app.post("/v1/files")
     async def create(http: HTTPRequest):
-        stored, expires = await _upload(http, limits)
-        return (await files.put(http.state.caller.tenant, stored, expires)).body()
+        stored, expires = await _upload(http, limits, dialect_of(http.url.path, http.headers))
+        return shown(http, await files.put(http.state.caller.tenant, stored, expires))
 
     @app.get("/v1/files")
     async def listing(
         http: HTTPRequest,
         purpose: str | None = None,
         order: Literal["asc", "desc"] = "desc",
-        limit: Annotated[int, Query(ge=1, le=MAX_LISTED)] = MAX_LISTED,
+        limit: Annotated[int | None, Query(ge=1, le=MAX_LISTED)] = None,
         after: str = "",
+        page: str = "",
+        after_id: str = "",
+        scope_id: str | None = None,
     ):
+        if anthropic(http):
+            kept = await files.listed(http.state.caller.tenant, None)
+            if scope_id is not None:  # files of a session's scope: an upload here belongs to none
+                kept = []
+            ids = http.query_params.getlist("ids[]") + http.query_params.getlist("ids")
+            if ids:
+                return anthropic_by_ids(kept, ids, paged=bool(page or limit is not None))
+            default, largest = ANTHROPIC_PAGE
+            if limit is not None and limit > largest:
+                raise InvalidRequest(f"limit must be at most {largest}", param="limit")
+            return anthropic_page(kept, limit=limit or default, page=page, after_id=after_id)
         chosen = _purpose(purpose) if purpose is not None else None
         kept = await files.listed(http.state.caller.tenant, chosen)
-        return page(kept, order=order, limit=limit, after=after)
+        return openai_page(kept, order=order, limit=limit or MAX_LISTED, after=after)
 
     @app.get("/v1/files/{file_id}")
     async def retrieve(file_id: str, http: HTTPRequest):
-        return (await files.info(http.state.caller.tenant, file_id)).body()
+        return shown(http, await files.info(http.state.caller.tenant, file_id))
 
     @app.get("/v1/files/{file_id}/content")
     async def content(file_id: str, http: HTTPRequest):
         found = await files.get(http.state.caller.tenant, file_id)
-        return Response(found.data, media_type="application/octet-stream")
+        # served as what its bytes are (an image), never as the type its uploader declared: an upload declared
+        # text/html must not become a page on this server's origin
+        headers = {"X-Content-Type-Options": "nosniff", "Content-Disposition": "attachment"}
+        return Response(found.data, media_type=image_mime(found.data) or OCTET_STREAM, headers=headers)
 
     @app.delete("/v1/files/{file_id}")
     async def delete(file_id: str, http: HTTPRequest):
         await files.delete(http.state.caller.tenant, file_id)
+        if anthropic(http):
+            return anthropic_deleted(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
-
-
-def _data_url(data: bytes, param: str) -> str:
-    mime = next((m for head, m in _SIGNATURES if data.startswith(head)), None)
-    if mime is None and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        mime = "image/webp"
-    if mime is None:
-        raise InvalidRequest("the file is not an image (PNG, JPEG, GIF or WebP)", param=param, code="invalid_image")
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-async def inline_files(
-    items: list[Item], files: FileStorePort, tenant: str, served: ServedModel, limits: ImageLimits, *, earlier: int = 0
-) -> list[Item]:
-    """`items` with every `input_image` that names a `file_id` given that upload's data URL (the `file_id` kept,
-    so the input items list it as sent).  Before any file is read: the model takes images and the request's images
-    are within the count limit (with the `earlier` images of the stored conversation it continues); a file over
-    the image byte limit is refused from its size (413).  A file named twice is read once.  NotFound (404) for a
-    file that is not this tenant's, naming the part."""
-    images = [p for item in items if isinstance(item, MessageItem) for p in item.parts() if isinstance(p, InputImage)]
-    check_image_count(earlier + len(images), served, limits, "input")
-    urls: dict[str, str] = {}
-    out: list[Item] = []
-    for i, item in enumerate(items):
-        if not isinstance(item, MessageItem) or isinstance(item.content, str):
-            out.append(item)
-            continue
-        parts: list[Any] = []
-        for j, part in enumerate(item.content):
-            if isinstance(part, InputImage) and part.file_id is not None:
-                param = f"input[{i}].content[{j}].file_id"
-                if part.file_id not in urls:
-                    urls[part.file_id] = await _file_url(files, tenant, part.file_id, limits, param)
-                part = part.model_copy(update={"image_url": urls[part.file_id]})
-            parts.append(part)
-        out.append(item.model_copy(update={"content": parts}))
-    return out
-
-
-async def _file_url(files: FileStorePort, tenant: str, file_id: str, limits: ImageLimits, param: str) -> str:
-    if (await files.info(tenant, file_id, param)).size > limits.max_image_bytes:
-        raise too_large(limits, param)
-    return _data_url((await files.get(tenant, file_id, param)).data, param)

@@ -28,6 +28,8 @@ from fastapi import Request as HTTPRequest
 
 from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import Dialect, sse_error, unexpected
+from disagg.http.file_images import inline_message_files
+from disagg.http.file_store import FileStorePort
 from disagg.http.hints import read_hints
 from disagg.http.images import image_token, load_images, place_images
 from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
@@ -163,11 +165,14 @@ def _prefill(conversation: list[dict[str, Any]], *, strict: bool = True) -> bool
     return True
 
 
-def add_messages_routes(app: FastAPI, server: Server) -> None:
+def add_messages_routes(app: FastAPI, server: Server, files: FileStorePort) -> None:
+    """`files`: the uploads an image block's `file` source names (the Files API's store)."""
+
     @app.post("/v1/messages")
     async def create(body: MessagesRequest, http: HTTPRequest):
         served = await server.model(body.model)
         tokenizer = served.tokenizer
+        body = await inline_message_files(body, files, http.state.caller.tenant, served, server.config.images)
         loaded = await load_images(body.image_urls(), served, server.config.images, "messages")
         conversation, offered = body.conversation(image_token(served)), body.offered_tools()
         check_tool_results(conversation, "messages", "tool_result tool_use_id", "tool_use")
@@ -194,9 +199,10 @@ def add_messages_routes(app: FastAPI, server: Server) -> None:
         return await server.generate(served, request, caller, options, http, shape, render)
 
     @app.post("/v1/messages/count_tokens")
-    async def count_tokens(body: CountTokensRequest):
+    async def count_tokens(body: CountTokensRequest, http: HTTPRequest):
         """The prompt's tokens as `create` would template them (agent clients size their context with it)."""
         served = server.models.pick(body.model)  # only its tokenizer is needed: an asleep model stays asleep
+        body = await inline_message_files(body, files, http.state.caller.tenant, served, server.config.images)
         loaded = await load_images(body.image_urls(), served, server.config.images, "messages")
         conversation = body.conversation(image_token(served))
         prefill = _prefill(conversation, strict=False)

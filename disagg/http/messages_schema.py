@@ -69,13 +69,23 @@ class URLSource(_Strict):
     url: str
 
 
+class FileSource(_Strict):
+    """An uploaded file (the Files API, http/files.py), read into a base64 source before the request is served
+    (http/file_images.py)."""
+
+    type: Literal["file"]
+    file_id: str = Field(min_length=1)
+
+
 class ImageBlock(_Cacheable):
     type: Literal["image"]
-    source: Annotated[Base64Source | URLSource, Field(discriminator="type")]
+    source: Annotated[Base64Source | URLSource | FileSource, Field(discriminator="type")]
 
     def url(self) -> str:
         """As chat's image_url would carry it: a data URL for base64 data."""
         source = self.source
+        if isinstance(source, FileSource):  # http/file_images.py reads it first: not read is a bug, not bad input
+            raise RuntimeError(f"image file {source.file_id} was not read before its image was loaded")
         return source.url if isinstance(source, URLSource) else f"data:{source.media_type};base64,{source.data}"
 
 
@@ -94,8 +104,15 @@ class Message(_Strict):
                 raise ValueError(f"{block.type} blocks cannot be in {self.role} turns")
         return self
 
+    def blocks(self) -> list[Block]:
+        """Its content blocks (none when its content is a string)."""
+        return self.content if isinstance(self.content, list) else []
+
+    def image_blocks(self) -> list[ImageBlock]:
+        return [b for b in self.blocks() if isinstance(b, ImageBlock)]
+
     def image_urls(self) -> list[str]:
-        return [b.url() for b in self.content if isinstance(b, ImageBlock)] if isinstance(self.content, list) else []
+        return [b.url() for b in self.image_blocks()]
 
 
 class Tool(_Cacheable):

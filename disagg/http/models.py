@@ -80,6 +80,10 @@ class ServedModel:
         """This model with a LoRA adapter, served as the adapter's name (its requests carry the adapter)."""
         return dataclasses.replace(self, name=ref.name, lora=ref, parent=self.name)
 
+    def encoders(self) -> list[str]:
+        """The names of its encoder workers (E/PD; none: its images are encoded colocated, or it takes none)."""
+        return list(self.encode.ports) if self.encode is not None else []
+
     def in_flight(self) -> int:
         """Requests admitted to its core and not finished (queued or running)."""
         queued = sum(self.core.admission.queue.depth().values())

@@ -19,6 +19,8 @@ from fastapi import Request as HTTPRequest
 
 from disagg.errors import InvalidRequest
 from disagg.http.errors import error_response
+from disagg.http.file_images import inline_chat_files
+from disagg.http.file_store import FileStorePort
 from disagg.http.images import image_token, load_images, place_images
 from disagg.http.inputs import conversation_prompt, sampling_params, tokenize_prompt
 from disagg.http.models import ServedModel
@@ -38,7 +40,9 @@ from disagg.http.stream import ClientGone, json_answer, sse, until_disconnect
 from disagg.protocol import ImageInput, Request, SamplingParams, TokenDelta
 
 
-def add_openai_routes(app: FastAPI, server: Server) -> None:
+def add_openai_routes(app: FastAPI, server: Server, files: FileStorePort) -> None:
+    """`files`: the uploads a chat `file` part names (the Files API's store)."""
+
     serve = _server(server)
 
     @app.get("/v1/models")
@@ -62,6 +66,7 @@ def add_openai_routes(app: FastAPI, server: Server) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, http: HTTPRequest):
         served = await server.model(body.model, http)
+        body = await inline_chat_files(body, files, http.state.caller.tenant, served, server.config.images)
         offered = body.offered_tools()
         urls = [url for m in body.messages for url in m.image_urls()]
         loaded = await load_images(urls, served, server.config.images, "messages")

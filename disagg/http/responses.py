@@ -32,8 +32,8 @@ from fastapi import Request as HTTPRequest
 
 from disagg.errors import DisaggError, InvalidRequest
 from disagg.http.errors import error_body, unexpected
+from disagg.http.file_images import inline_files
 from disagg.http.file_store import FileStorePort
-from disagg.http.files import inline_files
 from disagg.http.images import image_token, load_images, place_images
 from disagg.http.inputs import check_tool_results, conversation_prompt, sampling_params
 from disagg.http.response_store import ResponseStorePort, StoredResponse

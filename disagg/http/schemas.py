@@ -99,7 +99,30 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class FileRef(BaseModel):
+    """An uploaded file's id (the Files API) or the file itself (a data URL, or bare base64), as OpenAI's `file`
+    parts carry them; `filename` is accepted.  Images only here: http/file_images.py makes the part an image part
+    before the request is served."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    file_id: str | None = Field(default=None, min_length=1)
+    file_data: str | None = Field(default=None, min_length=1)
+    filename: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> FileRef:
+        if (self.file_id is None) == (self.file_data is None):
+            raise ValueError("a file part names exactly one of file_id and file_data")
+        return self
+
+
+class FilePart(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["file"]
+    file: FileRef
+
+
+ContentPart = Annotated[TextPart | ImagePart | FilePart, Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
@@ -144,10 +167,14 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(p.text if isinstance(p, TextPart) else image_token for p in self.content)
 
+    def parts(self) -> list[ContentPart]:
+        """Its content parts (none when its content is a string or null)."""
+        return self.content if isinstance(self.content, list) else []
+
     def image_urls(self) -> list[str]:
-        if not isinstance(self.content, list):
-            return []
-        return [p.image_url.url for p in self.content if isinstance(p, ImagePart)]
+        if any(isinstance(p, FilePart) for p in self.parts()):  # http/file_images.py reads them first
+            raise RuntimeError("a file part was not read before the message's images were loaded")
+        return [p.image_url.url for p in self.parts() if isinstance(p, ImagePart)]
 
     def for_template(self, image_token: str = "") -> dict[str, Any]:
         text = self.text(image_token) if self.content is not None else None

@@ -114,7 +114,7 @@ def _priority(options: CallOptions, headers: Mapping[str, str], caller: Caller) 
 
 def _client_closed(http: HTTPRequest) -> JSONResponse:
     closed = InvalidRequest("client closed the request", code="client_closed")
-    return error_response(closed, dialect=dialect_of(http.url.path))
+    return error_response(closed, dialect=dialect_of(http.url.path, http.headers))
 
 
 class Server:
