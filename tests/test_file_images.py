@@ -18,16 +18,21 @@ from tests.files_fakes import TEXT_ONLY, VLM, Clock, CountingFiles
 from tests.imagegen import data_url, png
 
 
+def _uploads(image):
+    """Tenant "a"'s store, counting its reads, holding `image` and a text file; the two uploads' answers."""
+    files = CountingFiles(FileStore(clock=Clock()))
+    stored = asyncio.run(files.put("a", StoredFile.new("cat.png", FilePurpose.VISION, image), None))
+    text = asyncio.run(files.put("a", StoredFile.new("notes.txt", FilePurpose.USER_DATA, b"hello"), None))
+    return files, image, stored, text
+
+
 def _body(*parts):
     return ResponsesRequest.model_validate(
         {"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}, *parts]}]})
 
 
 def test_an_input_image_by_file_id_becomes_the_upload_s_data_url():
-    files = CountingFiles(FileStore(clock=Clock()))
-    image = png(3)
-    stored = asyncio.run(files.put("a", StoredFile.new("cat.png", FilePurpose.VISION, image), None))
-    text = asyncio.run(files.put("a", StoredFile.new("notes.txt", FilePurpose.USER_DATA, b"hello"), None))
+    files, image, stored, text = _uploads(png(3))
     assert stored.data == b"" and stored.size == len(image)  # an upload's answer carries no bytes back
     by_file = {"type": "input_image", "file_id": stored.file_id}
 
@@ -68,10 +73,7 @@ def _message(*blocks):
 
 
 def test_a_messages_image_block_by_file_becomes_the_upload_s_base64_source():
-    files = CountingFiles(FileStore(clock=Clock()))
-    image = png(4)
-    stored = asyncio.run(files.put("a", StoredFile.new("cat.png", FilePurpose.USER_DATA, image), None))
-    text = asyncio.run(files.put("a", StoredFile.new("notes.txt", FilePurpose.USER_DATA, b"hello"), None))
+    files, image, stored, text = _uploads(png(4))
     by_file = {"type": "image", "source": {"type": "file", "file_id": stored.file_id}}
     inline_block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
                                                 "data": base64.b64encode(image).decode()}}
@@ -111,10 +113,7 @@ def _chat(*parts):
 
 
 def test_a_chat_file_part_becomes_an_image_part_by_file_id_or_its_own_data():
-    files = CountingFiles(FileStore(clock=Clock()))
-    image = png(7)
-    stored = asyncio.run(files.put("a", StoredFile.new("cat.png", FilePurpose.VISION, image), None))
-    text = asyncio.run(files.put("a", StoredFile.new("notes.txt", FilePurpose.USER_DATA, b"hello"), None))
+    files, image, stored, text = _uploads(png(7))
     inline_part = {"type": "image_url", "image_url": {"url": data_url(image)}}
     encoded = base64.b64encode(image).decode()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 
+from disagg.cluster.model_loader import route_of
 from disagg.cluster.pools import ClusterConfig, LocalCluster, init_ray
 from disagg.cluster.router_actor import RouterActor
 from disagg.cluster.router_service import ModelRoute, RouterConfig
@@ -98,23 +99,11 @@ class Service:
 
 
 def _route(spec: ModelSpec, cluster: LocalCluster, namespaced: bool) -> ModelRoute:
-    """How the router serves one model of a deployment: its engines' block size and context, its workers, its
-    id as the namespace of its block hashes (when the deployment has several), its aliases and adapters."""
-    engine = cluster.config.engine
-    prefill, decode = list(cluster.prefill_by_name), list(cluster.decode_by_name)
-    return ModelRoute(
-        spec.id,
-        engine.model,
-        engine.block_size,
-        engine.max_model_len,
-        prefill,
-        decode,
-        spec.id if namespaced else "",
-        list(spec.aliases),
-        list(spec.adapters),
-        cluster.standby,
-        list(cluster.encode_by_name),
-    )
+    """How the router serves one model of a deployment: as a model loaded at run time (`route_of`), its id as the
+    namespace of its block hashes when the deployment has several, with its aliases and adapters."""
+    route = route_of(spec, cluster, spec.id if namespaced else "")
+    route.aliases, route.adapters = list(spec.aliases), list(spec.adapters)
+    return route
 
 
 if __name__ == "__main__":  # `ray job submit -- python -m disagg.cluster.launch ...`

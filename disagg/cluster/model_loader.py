@@ -34,7 +34,7 @@ from disagg.cluster.worker_config import WorkerConfig
 from disagg.engine.tokenizer import Tokenizer
 from disagg.http.models import ModelTable, ServedModel
 from disagg.model_store import default_model_dir
-from disagg.models.deployment import DeploymentError, ModelEntry, model_spec
+from disagg.models.deployment import DeploymentError, ModelEntry, ModelSpec, model_spec
 from disagg.protocol import LoRARef
 from disagg.vision.stage import EncoderPort
 
@@ -62,12 +62,7 @@ class RayModelLoader:
         except ray.exceptions.RayError as exc:  # a worker's constructor refused (its message says why)
             raise DeploymentError(f"the workers of {spec.id} did not start: {_reason(exc)}") from None
         try:
-            engine = cluster.config.engine
-            prefill, decode = list(cluster.prefill_by_name), list(cluster.decode_by_name)
-            route = ModelRoute(
-                spec.id, engine.model, engine.block_size, engine.max_model_len, prefill, decode, namespace
-            )
-            route.standby, route.encoders = cluster.standby, list(cluster.encode_by_name)
+            route = route_of(spec, cluster, namespace)
             node = ray.get_runtime_context().get_node_id()
             handles = {n: RayWorkerHandle(n, actor, node) for n, actor in cluster.workers_by_name.items()}
             served = serve_model(self.config, route, handles, handles, encoder_ports(cluster.encode_by_name))
@@ -127,6 +122,23 @@ def _reason(exc: ray.exceptions.RayError) -> str:
     """The first line of the worker's own error, not Ray's wrapping of it."""
     cause = getattr(exc, "cause", None) or exc
     return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+
+
+def route_of(spec: ModelSpec, cluster: LocalCluster, namespace: str) -> ModelRoute:
+    """How the router serves the model whose pools `cluster` are: its engines' block size and context, its workers
+    (standby and encoders too), its block hashes under `namespace` ("": unsalted)."""
+    engine = cluster.config.engine
+    return ModelRoute(
+        spec.id,
+        engine.model,
+        engine.block_size,
+        engine.max_model_len,
+        list(cluster.prefill_by_name),
+        list(cluster.decode_by_name),
+        namespace,
+        standby=cluster.standby,
+        encoders=list(cluster.encode_by_name),
+    )
 
 
 def encoder_ports(actors: dict[str, Any]) -> dict[str, EncoderPort]:

@@ -82,11 +82,6 @@ class ClusterConfig:
     def from_template(cls, template: WorkerConfig, spec: ModelSpec) -> ClusterConfig:
         """The pools of `spec` with `template`'s settings (restarts and Ray resources: the defaults)."""
         return cls(
-            num_prefill=spec.prefill,
-            num_decode=spec.decode + spec.standby,
-            num_standby=spec.standby,
-            num_encode=spec.encode,  # its own encoder workers (E/PD), as a deployment's model gets
-            engine=spec.engine,
             tiers=template.tiers,
             transfer_timeout_s=template.transfer_timeout_s,
             transport_wrapper=template.transport_wrapper,
@@ -94,7 +89,7 @@ class ClusterConfig:
             tracing=template.tracing,
             transport=template.transport,
             mock=template.mock,
-        )
+        ).for_model(spec)
 
     def worker(self, name: str, role: Role, slot: str) -> WorkerConfig:
         """The config of the worker named `name` in position `slot` (its disk tier's directory)."""

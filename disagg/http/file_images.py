@@ -49,8 +49,11 @@ class FileImages:
         return self.read[file_id]
 
     async def data_url(self, file_id: str, param: str) -> str:
-        mime, data = await self.image(file_id, param)
-        return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+        return _data_url(*await self.image(file_id, param))
+
+
+def _data_url(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 async def inline_files(
@@ -81,10 +84,7 @@ async def inline_message_files(
     body: Body, files: FileStorePort, tenant: str, served: ServedModel, limits: ImageLimits
 ) -> Body:
     """`body` with every image block whose source names a file given that upload's bytes as a base64 source."""
-    named = [
-        b for m in body.messages for b in m.blocks() if isinstance(b, ImageBlock) and isinstance(b.source, FileSource)
-    ]
-    if not named:
+    if not any(isinstance(b.source, FileSource) for m in body.messages for b in m.image_blocks()):
         return body
     check_image_count(sum(len(m.image_blocks()) for m in body.messages), served, limits, "messages")
     reads = FileImages(files, tenant, limits)
@@ -148,4 +148,4 @@ async def _chat_file_url(file: FileRef, reads: FileImages, limits: ImageLimits, 
         raise InvalidRequest(
             "a file part here carries an image (PNG, JPEG, GIF or WebP)", param=param, code="invalid_image"
         )
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+    return _data_url(mime, raw)
