@@ -24,6 +24,8 @@ from bench.quantization import LlamaCppBaseline
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.quant import gguf_file
+from disagg.engine.spec import Speculator, spec_config
+from disagg.engine.spec_budget import DecodeStepTimes
 from disagg.engine.tokenizer import Tokenizer
 from disagg.options import add_options
 
@@ -52,6 +54,13 @@ class SpecBenchOptions:
     quant_activations: str = field(
         default="float32", metadata={"help": "what quantized weights multiply (float32 | int16 | int8)"}
     )
+    workloads: list[str] = field(
+        default_factory=lambda: ["code-edit", "chat"], metadata={"nargs": "+", "help": "code-edit and/or chat"}
+    )
+    unbudgeted: bool = field(
+        default=False,
+        metadata={"help": "a third engine that verifies every proposal (the budget's step times held flat)"},
+    )
     llamacpp_python: str = field(
         default="",
         metadata={"help": "python of a venv with llama-cpp-python: llama.cpp, plain and prompt lookup, at N=1"},
@@ -70,16 +79,29 @@ def code_edit_prompts(tokenizer: Tokenizer, n: int, chars: int) -> list[list[int
     return prompts
 
 
+def _unbudgeted(config: EngineConfig) -> Speculator:
+    """A speculator whose budget sees rows as free: every proposal is verified (what the budget is measured
+    against)."""
+    speculator = Speculator(spec_config(config))
+    flat = DecodeStepTimes(alpha=0.0)
+    flat.add(1, 1.0)
+    flat.add(2, 1.0)
+    speculator.times = flat
+    return speculator
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_options(parser, EngineConfig, only=("model",))
     add_options(parser, SpecBenchOptions)
     args = parser.parse_args(argv)
+    if unknown := set(args.workloads) - {"code-edit", "chat"}:
+        parser.error(f"--workloads: unknown {sorted(unknown)} (code-edit, chat)")
     engines = {
         mode: LLMEngine(
             EngineConfig(
                 model=args.model,
-                speculative=mode,
+                speculative=mode.removesuffix("-all"),
                 quantization=args.quantization,
                 quant_activations=args.quant_activations,
                 max_num_seqs=max(args.concurrency),
@@ -87,14 +109,17 @@ def main(argv: list[str] | None = None) -> None:
                 kv_cache_memory_mb=512,
             )
         )
-        for mode in ("none", "ngram")
+        for mode in ("none", "ngram", *(("ngram-all",) if args.unbudgeted else ()))
     }
+    if args.unbudgeted:
+        engines["ngram-all"].speculator = _unbudgeted(engines["ngram-all"].config)
     plain, spec = engines["none"], engines["ngram"]
     assert plain.tokenizer is not None and spec.speculator is not None
     workloads = {
         "code-edit": {n: code_edit_prompts(plain.tokenizer, n, args.file_chars) for n in args.concurrency},
         "chat": {n: make_prompts(plain, n) for n in args.concurrency},
     }
+    workloads = {name: by_n for name, by_n in workloads.items() if name in args.workloads}
     for engine in engines.values():
         run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
     peers: dict[str, LlamaCppBaseline] = {}
@@ -144,6 +169,12 @@ def main(argv: list[str] | None = None) -> None:
                     ),
                 }
             )
+            if args.unbudgeted:
+                every = [r["output_tok_s"] for r in runs[(workload, n, "ngram-all")]]
+                rows[-1]["unbudgeted_tok_s"] = statistics.median(every)
+                rows[-1]["unbudgeted_speedup"] = statistics.median(every) / statistics.median(base)
+                rows[-1]["budget_vs_unbudgeted"] = ours["median"] / statistics.median(every)
+                rows[-1]["verdict_vs_unbudgeted"] = verdict(ours["runs"], every)
             for name in peers if n == 1 else ():
                 theirs = [r["output_tok_s"] for r in runs[(workload, n, name)]]
                 rows[-1][f"{name}_tok_s"] = statistics.median(theirs)

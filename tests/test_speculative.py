@@ -1,7 +1,8 @@
 """Speculative decoding by prompt lookup (`--speculative ngram`).
 
 - The proposer finds the latest earlier occurrence of the longest n-gram that ends the tokens and proposes what
-  followed; the proposal length follows the acceptance rate and pauses when nothing is accepted.
+  followed, as much as the room and `--num-speculative-tokens` allow (how much a step verifies is the budget's,
+  tests/test_spec_budget.py).
 - Greedy output is token-for-token the output without speculation: batched, with chunked prefill, under
   preemption, with stop tokens and length limits, and with q4 weights; repeated text takes fewer model steps.
 - Non-finite logits during a verification fall back to plain decoding for that step, counted.
@@ -16,6 +17,7 @@ from disagg.engine.engine import LLMEngine
 from disagg.engine.faults import FaultInjector
 from disagg.engine.sampler import verify_sampled
 from disagg.engine.spec import SpecConfig, SpecState, Speculator, verify_greedy
+from disagg.engine.spec_budget import DecodeStepTimes
 from disagg.http.shape import Collected
 from disagg.http.stream import usage
 from disagg.modes import SpecMethod
@@ -46,24 +48,18 @@ def test_the_index_follows_a_growing_sequence_and_its_rewinds():
     assert spec.propose(state, tokens[:5], room=4) == [6, 4, 5]  # cut back (a resumed request): rebuilt
 
 
-def test_acceptance_sets_the_length_and_a_sequence_that_gains_nothing_pauses():
-    spec, state = Speculator(NGRAM), SpecState()
-    tokens = [1, 2, 3, 4, 5, 6, 1, 2]
-    assert len(spec.propose(state, tokens, room=16)) == 4
-    for _ in range(5):  # the rate (an EWMA from 1) falls: 0.7, 0.49, ... 0.17
-        spec.record(state, proposed=4, accepted=0)
-        assert state.paused_for == 0
-    spec.record(state, proposed=4, accepted=0)  # 0.12: below min_acceptance
-    assert state.paused_for > 0
-    assert all(spec.propose(state, tokens, room=16) == [] for _ in range(NGRAM.cooldown_steps))
-    assert len(spec.propose(state, tokens, room=16)) == 1  # probing again, short
-    assert (spec.stats.proposed_tokens, spec.stats.accepted_tokens) == (24, 0)
-
-
 def test_greedy_verification_accepts_the_matching_prefix_then_the_models_token():
     assert verify_greedy([5, 6, 7], [5, 6, 7, 8]) == (3, 8)  # all accepted: the bonus token
     assert verify_greedy([5, 6, 7], [5, 9, 7, 8]) == (1, 9)  # the first mismatch is replaced
     assert verify_greedy([5], [4, 1]) == (0, 4)
+
+
+def _rows_free() -> DecodeStepTimes:
+    """Step times that do not grow with the rows (and never move): the budget keeps every proposal."""
+    times = DecodeStepTimes(alpha=0.0)
+    times.add(1, 0.01)
+    times.add(2, 0.01)
+    return times
 
 
 def _repetitive(n):
@@ -78,6 +74,7 @@ def test_greedy_output_is_unchanged_by_speculation(model, request):
     params = [SamplingParams(max_tokens=m, temperature=0, ignore_eos=True) for m in (3, 17, 40, 64, 5, 33, 48, 20, 1)]
     plain = LLMEngine(EngineConfig(model=model_dir, num_blocks=256, max_num_batched_tokens=64))
     spec = LLMEngine(EngineConfig(model=model_dir, num_blocks=256, max_num_batched_tokens=64, speculative="ngram"))
+    spec.speculator.times = _rows_free()  # every proposal verified, however rarely the tiny model accepts
     want = [r.token_ids for r in plain.generate(prompts, params)]
     assert [r.token_ids for r in spec.generate(prompts, params)] == want
     assert [len(t) for t in want] == [p.max_tokens for p in params]

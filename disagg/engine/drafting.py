@@ -1,19 +1,21 @@
 """The engine's side of speculative decoding (engine/spec.py has the proposer and the verification rule).
 
 Before a step, `propose_drafts` gives each eligible running sequence a proposal (no logprobs asked, decoding
-its next token, room left under max_tokens and max_model_len).  After the runner verified them,
-`apply_verified` records each row's outcome, sets the row's computed count to the last token plus the accepted
-proposals (the KV of rejected ones is past it, and is overwritten later), and returns the accepted tokens the
-engine emits before the runner's own token.
+its next token, room left under max_tokens and max_model_len), cut to the batch-wide budget (spec_budget.py).
+After the runner verified them, `apply_verified` records each row's outcome, sets the row's computed count to
+the last token plus the accepted proposals (the KV of rejected ones is past it, and is overwritten later), and
+returns the accepted tokens the engine emits before the runner's own token.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from collections.abc import Sequence as Sequence_
 
 from disagg.engine.batch import ScheduledBatch
 from disagg.engine.sequence import Sequence
 from disagg.engine.spec import SpecState, Speculator, Verified
+from disagg.engine.spec_budget import plan_lengths
 
 
 def _eligible(seq: Sequence) -> bool:
@@ -24,7 +26,8 @@ def _eligible(seq: Sequence) -> bool:
     return decoding and sp.logprobs is None and not seq.pending_first_token and not seq.images
 
 
-def propose_drafts(speculator: Speculator, running: Iterable[Sequence], max_model_len: int) -> None:
+def propose_drafts(speculator: Speculator, running: Sequence_[Sequence], max_model_len: int) -> None:
+    found: list[tuple[Sequence, SpecState, list[int]]] = []
     for seq in running:
         if not _eligible(seq):
             continue
@@ -32,9 +35,20 @@ def propose_drafts(speculator: Speculator, running: Iterable[Sequence], max_mode
         room = min(seq.sampling.max_tokens - len(seq.output_token_ids), max_model_len - seq.num_tokens) - 1
         if room <= 0:
             continue
-        if seq.spec is None:
-            seq.spec = SpecState()
-        seq.draft = speculator.propose(seq.spec, seq.token_ids, room)
+        state = seq.spec = seq.spec or SpecState()
+        if proposal := speculator.propose(state, seq.token_ids, room):
+            found.append((seq, state, proposal))
+    if not found:
+        return
+    c = speculator.config
+    cands = [speculator.chances(state, len(proposal)) for _, state, proposal in found]
+    for cand, (_, state, _) in zip(cands, found):
+        if state.proposed == 0 or state.idle >= c.cooldown_steps:  # a probe: worth a row where rows are cheap
+            cand[0] = max(cand[0], c.probe_chance)
+    lengths = plan_lengths(cands, len(running), speculator.times, c.min_acceptance)
+    for (seq, state, proposal), k in zip(found, lengths):
+        state.idle = 0 if k else state.idle + 1
+        seq.draft = proposal[:k]
 
 
 def apply_verified(
@@ -52,3 +66,12 @@ def apply_verified(
         batch.num_new_tokens[row] = 1 + outcome.accepted  # the last token and the accepted proposals
         accepted[row] = draft[: outcome.accepted]
     return accepted
+
+
+def decode_only(batch: ScheduledBatch) -> bool:
+    """Every row of the step decodes one token (with or without a proposal): no prompt chunk rides along, so
+    its time says what verifying proposals costs (the budget's table)."""
+    return all(
+        n == 1 + len(draft) and seq.num_tokens > seq.num_prompt_tokens
+        for seq, n, draft in zip(batch.seqs, batch.num_new_tokens, batch.drafts)
+    )

@@ -19,7 +19,7 @@ import torch
 from disagg.config import EngineConfig
 from disagg.engine.block_pool import BlockPool
 from disagg.engine.capacity import check_kv_capacity
-from disagg.engine.drafting import apply_verified, propose_drafts
+from disagg.engine.drafting import apply_verified, decode_only, propose_drafts
 from disagg.engine.faults import OutputFault, output_fault
 from disagg.engine.intake import Intake
 from disagg.engine.mm_inputs import ImageEmbedding
@@ -269,8 +269,11 @@ class LLMEngine:
             return deltas
         if any(seq.lora is not None for seq in batch.seqs):
             batch.order_by_adapter()  # one contiguous run of tokens per adapter
+        decoding = self.speculator is not None and decode_only(batch)  # (before the step moves the counts on)
         sampled = self.runner.execute(batch)
         seconds = self.runner.last_step_s  # measured, or modelled by a stand-in (simulation)
+        if decoding and seconds is not None and self.speculator is not None:
+            self.speculator.times.add(batch.total_tokens, seconds)
         self.last_step = StepRecord(batch.total_tokens, len(batch.seqs), batch.attention_kpairs(), seconds or 0.0)
         if seconds is not None:  # (None: the stand-in's driver measures the step when it ends)
             self.measure(self.last_step)

@@ -11,9 +11,16 @@ Lifecycle of one sequence's speculation (pure bookkeeping here; the engine and r
    output is token-for-token plain greedy decoding's.  Sampled: speculative (rejection) sampling
    (engine/sampler.py `verify_sampled`), so every token keeps the distribution plain sampling gives.  KV written
    for rejected positions lies past the sequence's computed count and is overwritten later.
-4. `Speculator.record` updates the sequence's acceptance rate (an EWMA); the next proposal's length follows it,
-   and below `min_acceptance` the sequence stops proposing for `cooldown_steps` steps (speculation that is not
-   accepted costs compute and gains nothing), then probes again.
+4. `Speculator.record` updates the sequence's per-position acceptance rates: c_j, the chance the j-th proposed
+   token is accepted once the ones before it were (an EWMA over the steps whose proposal reached position j).  A
+   sequence copying text accepts long runs (c_2.. near 1 even where c_1 is not); chat text rarely gets past c_1.
+5. Between 1 and 2, the engine's drafting (drafting.py) cuts every proposal to the batch-wide length that
+   maximizes expected tokens per second at the measured step times (spec_budget.py).  A sequence's first proposal,
+   and one that comes after its proposals were cut to nothing for `cooldown_steps` steps in a row, is a probe: its
+   first token is planned as if accepted at least `probe_chance` of the time, so where rows are cheap it is
+   verified, and the sequence's rates (which start from the engine's record) follow its own text, also text that
+   starts repeating later (an agent's tool output, a file being rewritten).  Where rows cost what tokens do,
+   nothing is verified, probes included.
 
 Requests that ask for logprobs do not speculate (their entries would have to be gathered per accepted token).
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from disagg.config import EngineConfig
+from disagg.engine.spec_budget import DecodeStepTimes, chances
 from disagg.modes import SpecMethod
 
 
@@ -32,10 +40,14 @@ class SpecConfig:
     num_tokens: int = 4  # most tokens proposed per step
     ngram_max: int = 4
     ngram_min: int = 2
-    # acceptance EWMA: the newest step weighs this much
+    # per-position acceptance EWMA: the newest step weighs this much
     ewma_alpha: float = 0.3
-    min_acceptance: float = 0.15  # below it the sequence pauses speculation
-    cooldown_steps: int = 16
+    # before two decode step sizes are measured (spec_budget.py is cold), a token is proposed while its chance is
+    # at least this
+    min_acceptance: float = 0.15
+    cooldown_steps: int = 16  # steps a sequence's proposals may be cut to nothing before one is probed
+    probe_chance: float = 0.5  # a probe's first token is planned as if accepted this often (at least)
+    step_time_alpha: float = 0.2  # the decode step time EWMA (per row count) the budget reads
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_tokens <= 16:
@@ -61,8 +73,11 @@ class SpecState:
 
     index: dict[tuple[int, ...], int] = field(default_factory=dict)  # n-gram -> position just after its last end
     indexed: int = 0
-    acceptance: float = 1.0
-    paused_for: int = 0
+    # rates[j]: the chance the (j+1)-th proposed token is accepted once the j before it were (an EWMA from the
+    # engine's record at the sequence's first proposal)
+    rates: list[float] = field(default_factory=list)
+    tries: list[int] = field(default_factory=list)  # verifications that reached each position
+    idle: int = 0  # steps in a row its proposal was cut to nothing
     proposed: int = 0
     accepted: int = 0
 
@@ -79,6 +94,10 @@ class Speculator:
     def __init__(self, config: SpecConfig) -> None:
         self.config = config
         self.stats = SpecStats()
+        self.times = DecodeStepTimes(config.step_time_alpha)  # what the budget reads; the engine measures
+        # every sequence's verifications folded into one record: a new sequence's rates start from it (a chat
+        # engine's new request is not assumed to copy text until it has failed to, nor a code editor's the opposite)
+        self.rates = [1.0] * config.num_tokens
 
     def _extend_index(self, state: SpecState, tokens: list[int]) -> None:
         """Index every n-gram that ends before the last token (the last one is what we look up)."""
@@ -91,13 +110,10 @@ class Speculator:
         state.indexed = max(state.indexed, end + 1)
 
     def propose(self, state: SpecState, tokens: list[int], room: int) -> list[int]:
-        """Up to min(room, a length set by the acceptance rate) tokens that followed the latest earlier
-        occurrence of the longest n-gram ending `tokens`; [] when none is found or the sequence is paused."""
+        """Up to min(room, num_tokens) tokens that followed the latest earlier occurrence of the longest n-gram
+        ending `tokens`; [] when none is found.  How many of them a step verifies is the budget's call."""
         c = self.config
-        if state.paused_for > 0:
-            state.paused_for -= 1
-            return []
-        k = min(room, max(1, round(c.num_tokens * state.acceptance)))
+        k = min(room, c.num_tokens)
         if k <= 0 or len(tokens) < c.ngram_min + 1:
             return []
         if state.indexed > len(tokens):  # the sequence was cut back (preempted and resumed): rebuild
@@ -110,18 +126,30 @@ class Speculator:
                 return tokens[after : after + k]
         return []
 
+    def chances(self, state: SpecState, k: int) -> list[float]:
+        """The chances that the 1st..k-th proposed tokens are accepted, from the sequence's rates."""
+        if len(state.rates) < k:
+            state.rates.extend(self.rates[len(state.rates) : k])
+            state.tries.extend([0] * (k - len(state.tries)))
+        return chances(state.rates[:k])
+
     def record(self, state: SpecState, proposed: int, accepted: int) -> None:
+        """A verified proposal: positions up to the first refused one were tried, those before it accepted."""
         c = self.config
         state.proposed += proposed
         state.accepted += accepted
         self.stats.steps += 1
         self.stats.proposed_tokens += proposed
         self.stats.accepted_tokens += accepted
-        rate = accepted / proposed
-        state.acceptance = (1 - c.ewma_alpha) * state.acceptance + c.ewma_alpha * rate
-        if state.acceptance < c.min_acceptance:
-            state.paused_for = c.cooldown_steps
-            state.acceptance = c.min_acceptance * 2  # probe with a short proposal after the pause
+        self.chances(state, proposed)  # rates for every position tried
+        for j in range(min(accepted + 1, proposed)):
+            hit = 1.0 if j < accepted else 0.0
+            state.tries[j] += 1
+            # the engine's record weighs as one verification: a sequence's own first ones soon outweigh it (a
+            # code edit after a run of chat copies from its first proposals on), then the EWMA follows it
+            alpha = max(c.ewma_alpha, 1 / (1 + state.tries[j]))
+            state.rates[j] = (1 - alpha) * state.rates[j] + alpha * hit
+            self.rates[j] = (1 - c.ewma_alpha) * self.rates[j] + c.ewma_alpha * hit
 
 
 @dataclass(frozen=True)
