@@ -4,6 +4,7 @@ the same matches (and the same in-flight sharing, the router's second table); th
 tables by default and falls back to Python with a warning; a native call lets other Python threads run (the
 reason the table is native)."""
 
+import ctypes
 import logging
 import random
 import threading
@@ -200,3 +201,17 @@ def test_the_build_is_cached_by_its_sources(tmp_path, lib):
     assert first is not None and len(list(Path(tmp_path).glob("prefix_index-*.so"))) == 1
     load_index_lib(tmp_path)
     assert len(list(Path(tmp_path).glob("prefix_index-*.so"))) == 1
+
+
+def test_a_changed_header_builds_a_new_library(tmp_path, lib):
+    """The block kernels share cpu_blocks.h: a library built from the old text must not be loaded after it
+    changes (the key would not move if it covered only the .cpp files)."""
+    src, header, out = tmp_path / "k.cpp", tmp_path / "k.h", tmp_path / "cache"
+    src.write_text('#include "k.h"\nextern "C" int answer() { return ANSWER; }\n')
+    flags = ["-O1", "-shared", "-fPIC", "-std=c++17"]
+    answers = []
+    for value in (41, 42):
+        header.write_text(f"#define ANSWER {value}\n")
+        built = native_build.build_library("k", (src,), flags, out, headers=(header,))
+        answers.append(ctypes.CDLL(str(built)).answer())
+    assert answers == [41, 42] and len(list(out.glob("k-*.so"))) == 2

@@ -14,6 +14,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <vector>
+
+#include "cpu_blocks.h"
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define DISAGG_VNNI 1
@@ -26,9 +28,7 @@
 
 namespace {
 
-constexpr int64_t QK = 32;
-enum Codes { NIB = 0, S8 = 1, U8 = 2 };
-constexpr int64_t block_bytes(int c) { return c == NIB ? QK / 2 : QK; }
+using namespace disagg_blocks;
 
 template <typename A>
 struct Row {  // one row of x, rounded
@@ -45,21 +45,9 @@ inline int64_t slot(int64_t b, int64_t j, int64_t nb) {
 
 template <typename A>
 void round_row(const float* x, int64_t K, A* q, float* dx, float* sx) {
-    constexpr float levels = sizeof(A) == 1 ? 127.0f : 32767.0f;
     const int64_t nb = K / QK;
-    for (int64_t b = 0; b < nb; ++b) {
-        float amax = 0.0f;
-        for (int j = 0; j < QK; ++j) amax = std::fmax(amax, std::fabs(x[b * QK + j]));
-        const float d = amax / levels, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < QK; ++j) {
-            const int v = static_cast<int>(std::nearbyint(x[b * QK + j] * inv));
-            q[slot(b, j, nb)] = static_cast<A>(v);
-            sum += v;
-        }
-        dx[b] = d;
-        sx[b] = d * static_cast<float>(sum);
-    }
+    for (int64_t b = 0; b < nb; ++b)
+        round_block(x + b * QK, q, [b, nb](int j) { return slot(b, j, nb); }, dx[b], sx[b]);
 }
 
 template <int C>
@@ -235,7 +223,7 @@ template <int C, typename A>
 float min_term(const float* drow, const float* mrow, const Row<A>& x, int64_t nb) {
     if (C == S8 && !mrow) return 0.0f;
     float acc = 0.0f;
-    for (int64_t b = 0; b < nb; ++b) acc += (mrow ? mrow[b] : -8.0f * drow[b]) * x.sx[b];
+    for (int64_t b = 0; b < nb; ++b) acc += block_min<C>(mrow, b, drow[b]) * x.sx[b];
     return acc;
 }
 

@@ -22,6 +22,8 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "cpu_blocks.h"
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define DISAGG_GEMM8 1
@@ -35,9 +37,8 @@ extern "C" void disagg_quant_matmul_int(int bits, int codes, const float* x, int
 #if DISAGG_GEMM8
 namespace {
 
-constexpr int64_t QK = 32, LANES = 16;
-enum Codes { NIB = 0, S8 = 1, U8 = 2 };
-constexpr int64_t block_bytes(int c) { return c == NIB ? QK / 2 : QK; }
+using namespace disagg_blocks;
+constexpr int64_t LANES = 16;
 // rows of x by panels of 16 columns per micro-kernel (16 + 16 accumulators): 6 x 2, 8 x 1, 4 x 3 and 3 x 4 measured
 // the same or slower here (AMD EPYC, AVX-512 VNNI), where int16 runs near the dot instructions' own rate
 constexpr int RM = 4, RN = 2;
@@ -63,23 +64,11 @@ struct Rounded {  // x rounded, plain layout: q [B, K], dx and sx [B, nb]
 // called by every thread of a parallel region (the blocks are shared out; `out` is sized before the region)
 template <typename A>
 void round_rows(const float* x, int64_t B, int64_t K, Rounded<A>& out) {
-    constexpr float levels = sizeof(A) == 1 ? 127.0f : 32767.0f;
     const int64_t nb = K / QK;
 #pragma omp for schedule(static)
-    for (int64_t rb = 0; rb < B * nb; ++rb) {
-        const float* xb = x + rb * QK;
-        float amax = 0.0f;
-        for (int j = 0; j < QK; ++j) amax = std::fmax(amax, std::fabs(xb[j]));
-        const float dx = amax / levels, inv = dx > 0.0f ? 1.0f / dx : 0.0f;
-        int sum = 0;
-        for (int j = 0; j < QK; ++j) {
-            const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
-            out.q[static_cast<size_t>(rb * QK + j)] = static_cast<A>(v);
-            sum += v;
-        }
-        out.dx[static_cast<size_t>(rb)] = dx;
-        out.sx[static_cast<size_t>(rb)] = dx * static_cast<float>(sum);
-    }
+    for (int64_t rb = 0; rb < B * nb; ++rb)
+        round_block(x + rb * QK, out.q.data() + rb * QK, [](int j) { return j; }, out.dx[static_cast<size_t>(rb)],
+                    out.sx[static_cast<size_t>(rb)]);
 }
 
 // a weight block's 32 codes as bytes in element order (Q8_0's signed ones as they are)
@@ -147,12 +136,9 @@ void pack_panel(const uint8_t* qs, const float* d, const float* m, int64_t n0, i
             const int64_t n = n0 + c;
             const float db = n < N ? d[n * nb + b] : 0.0f;
             dp[b * LANES + c] = db;
-            // the min: Q4_1 / U8 their own; Q4_0 -8 d; Q8_0 -128 d as unsigned bytes, none as words
-            mp[b * LANES + c] = n >= N ? 0.0f
-                                : m    ? m[n * nb + b]
-                                : C == NIB ? -8.0f * db
-                                : sizeof(A) == 1 ? -128.0f * db
-                                                 : 0.0f;
+            // the min (cpu_blocks.h), and for Q8_0 as unsigned bytes (int8) the shift's -128 d
+            const float shift = C == S8 && sizeof(A) == 1 ? -128.0f * db : 0.0f;
+            mp[b * LANES + c] = n < N ? block_min<C>(m ? m + n * nb : nullptr, b, db) + shift : 0.0f;
         }
     for (int64_t b = 0; b < nb; b += step) {
         __m512i r[LANES];

@@ -16,15 +16,15 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "cpu_blocks.h"
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
-constexpr int64_t QK = 32;  // weights per block
-enum Codes { NIB = 0, S8 = 1, U8 = 2, F32 = 3 };
-constexpr int64_t block_bytes(int c) { return c == NIB ? QK / 2 : c == F32 ? QK * 4 : QK; }
+using namespace disagg_blocks;
 
 template <int C>
 inline float code(const uint8_t* q, int j) {  // code j of a block, as a float
@@ -32,12 +32,6 @@ inline float code(const uint8_t* q, int j) {  // code j of a block, as a float
     if constexpr (C == S8) return static_cast<float>(reinterpret_cast<const int8_t*>(q)[j]);
     if constexpr (C == F32) return reinterpret_cast<const float*>(q)[j];
     return static_cast<float>(q[j]);
-}
-
-// the block's minimum: m, or -8 d (Q4_0), or 0 (Q8_0)
-template <int C>
-inline float block_min(const float* mrow, int64_t b, float db) {
-    return mrow ? mrow[b] : (C == NIB ? -8.0f * db : 0.0f);
 }
 
 #if defined(__AVX512F__)

@@ -28,6 +28,7 @@ QK = 32  # weights per block (llama.cpp's QK4_0 = QK4_1 = QK8_0 = 32)
 _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 # one library: the 8-bit-activation matmul and the whole-stack step beside the block matmul they call
 _SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in ("cpu_dot8.cpp", "cpu_gemm8.cpp", "cpu_step.cpp")))
+_HEADERS = (Path(__file__).with_name("cpu_blocks.h"),)  # what the block kernels share (part of the build key)
 
 
 class BlockFormat(enum.Enum):
@@ -249,12 +250,12 @@ class NativeKernels:
 
 
 def build_native(cache_dir: Path, march: str = "native") -> Path:
-    """Compile cpu_quant.cpp and cpu_step.cpp into one library for this CPU (once: cached by the sources, the
-    compiler and the CPU flags); the library's path.
+    """Compile cpu_quant.cpp, cpu_dot8.cpp, cpu_gemm8.cpp and cpu_step.cpp into one library for this CPU (once:
+    cached by the sources, their header, the compiler and the CPU flags); the library's path.
     `march` other than "native" builds another path for tests (e.g. "haswell": AVX2, "x86-64": portable).
     Raises RuntimeError with the compiler's message when it cannot be built."""
     flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-    return build_library("cpu_quant", _SOURCES, flags, cache_dir)
+    return build_library("cpu_quant", _SOURCES, flags, cache_dir, headers=_HEADERS)
 
 
 def load_native(cache_dir: Path, march: str = "native") -> tuple[NativeKernels | None, str]:

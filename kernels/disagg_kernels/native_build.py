@@ -1,10 +1,10 @@
 """Compiling a C++ source of this package into a shared library for the machine that runs it (torch-free: the
 router process builds its prefix index with it and loads no torch).
 
-The build is cached under a key of the sources, the compiler, its flags and the CPU's flags, so a machine with
-another CPU (or compiler) builds its own copy; concurrent builders of one key all end with one library (the file
-is moved into place atomically).  A missing compiler or a failed build raises RuntimeError with the compiler's
-message: each caller falls back to its Python or torch path and says why.
+The build is cached under a key of the sources (and the headers they include), the compiler, its flags and the
+CPU's flags, so a machine with another CPU (or compiler) builds its own copy; concurrent builders of one key all
+end with one library (the file is moved into place atomically).  A missing compiler or a failed build raises
+RuntimeError with the compiler's message: each caller falls back to its Python or torch path and says why.
 """
 
 from __future__ import annotations
@@ -34,13 +34,17 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
 
 
-def build_library(name: str, sources: tuple[Path, ...], flags: list[str], cache_dir: Path) -> Path:
-    """`sources` compiled with `flags` into `cache_dir/<name>-<key>.so` (once per key); the library's path."""
+def build_library(
+    name: str, sources: tuple[Path, ...], flags: list[str], cache_dir: Path, headers: tuple[Path, ...] = ()
+) -> Path:
+    """`sources` compiled with `flags` into `cache_dir/<name>-<key>.so` (once per key); the library's path.
+    `headers` are the ones the sources include from this package: their text is part of the key, so a changed
+    header builds a new library instead of loading one compiled from the old text."""
     cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
-    texts = [src.read_text() for src in sources]
+    texts = [src.read_text() for src in (*sources, *headers)]
     key = hashlib.sha256("\0".join([*texts, cxx, version, cpu_flags(), *flags]).encode()).hexdigest()
     target = cache_dir / f"{name}-{key[:16]}.so"
     if target.exists():

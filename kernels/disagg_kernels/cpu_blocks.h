@@ -1,0 +1,40 @@
+// What the block kernels of this package agree on (cpu_quant.cpp, cpu_dot8.cpp, cpu_gemm8.cpp): the block of 32
+// weights, its code formats, a block's minimum, and how a block of activations is rounded to integers.  In one
+// place because "w = d q + m" across the three kernels, and "the same integers" across the row kernel (cpu_dot8.cpp)
+// and the blocked GEMM (cpu_gemm8.cpp), rest on these being identical.  The build key of the library
+// (native_build.py) covers this header with the sources.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+namespace disagg_blocks {
+
+constexpr int64_t QK = 32;  // weights (and activations) per block
+enum Codes { NIB = 0, S8 = 1, U8 = 2, F32 = 3 };
+constexpr int64_t block_bytes(int c) { return c == NIB ? QK / 2 : c == F32 ? QK * 4 : QK; }
+
+// a weight block's minimum m in w = d q + m: its own (Q4_1, U8), -8 d (Q4_0, called without mins), none (Q8_0)
+template <int C>
+inline float block_min(const float* mrow, int64_t b, float db) {
+    return mrow ? mrow[b] : (C == NIB ? -8.0f * db : 0.0f);
+}
+
+// 32 activations rounded to integers of L levels (127: int8, 32767: int16): dx = amax / L, q = round(x / dx),
+// sx = dx * sum(q).  Code j goes to q[at(j)], the caller's layout.
+template <typename A, typename At>
+inline void round_block(const float* x, A* q, At at, float& dx, float& sx) {
+    constexpr float levels = sizeof(A) == 1 ? 127.0f : 32767.0f;
+    float amax = 0.0f;
+    for (int j = 0; j < QK; ++j) amax = std::fmax(amax, std::fabs(x[j]));
+    const float d = amax / levels, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    int sum = 0;
+    for (int j = 0; j < QK; ++j) {
+        const int v = static_cast<int>(std::nearbyint(x[j] * inv));
+        q[at(j)] = static_cast<A>(v);
+        sum += v;
+    }
+    dx = d;
+    sx = d * static_cast<float>(sum);
+}
+
+}  // namespace disagg_blocks
