@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bench.common import REPO, emit, print_table
@@ -24,8 +24,6 @@ from bench.quantization import LlamaCppBaseline
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.quant import gguf_file
-from disagg.engine.spec import Speculator, spec_config
-from disagg.engine.spec_budget import DecodeStepTimes
 from disagg.engine.tokenizer import Tokenizer
 from disagg.options import add_options
 
@@ -79,24 +77,8 @@ def code_edit_prompts(tokenizer: Tokenizer, n: int, chars: int) -> list[list[int
     return prompts
 
 
-def _unbudgeted(config: EngineConfig) -> Speculator:
-    """A speculator whose budget sees rows as free: every proposal is verified (what the budget is measured
-    against)."""
-    speculator = Speculator(spec_config(config))
-    flat = DecodeStepTimes(alpha=0.0)
-    flat.add(1, 1.0)
-    flat.add(2, 1.0)
-    speculator.times = flat
-    return speculator
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_options(parser, EngineConfig, only=("model",))
-    add_options(parser, SpecBenchOptions)
-    args = parser.parse_args(argv)
-    if unknown := set(args.workloads) - {"code-edit", "chat"}:
-        parser.error(f"--workloads: unknown {sorted(unknown)} (code-edit, chat)")
+def _engines(args: argparse.Namespace) -> dict[str, LLMEngine]:
+    """Plain, n-gram with the budget, and (--unbudgeted) n-gram verifying every proposal."""
     engines = {
         mode: LLMEngine(
             EngineConfig(
@@ -112,74 +94,105 @@ def main(argv: list[str] | None = None) -> None:
         for mode in ("none", "ngram", *(("ngram-all",) if args.unbudgeted else ()))
     }
     if args.unbudgeted:
-        engines["ngram-all"].speculator = _unbudgeted(engines["ngram-all"].config)
-    plain, spec = engines["none"], engines["ngram"]
-    assert plain.tokenizer is not None and spec.speculator is not None
-    workloads = {
-        "code-edit": {n: code_edit_prompts(plain.tokenizer, n, args.file_chars) for n in args.concurrency},
-        "chat": {n: make_prompts(plain, n) for n in args.concurrency},
-    }
-    workloads = {name: by_n for name, by_n in workloads.items() if name in args.workloads}
+        every = engines["ngram-all"].speculator
+        assert every is not None
+        every.config = replace(every.config, explore_every=1)  # every plan explores: no proposal is cut
     for engine in engines.values():
         run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
+    return engines
+
+
+def _peers(args: argparse.Namespace, model: str) -> dict[str, LlamaCppBaseline]:
     peers: dict[str, LlamaCppBaseline] = {}
     if args.llamacpp_python and 1 in args.concurrency:
-        gguf = gguf_file(Path(plain.config.model))
+        gguf = gguf_file(Path(model))
         if gguf is None:
-            raise SystemExit(f"{plain.config.model} has no GGUF file for llama.cpp")
+            raise SystemExit(f"{model} has no GGUF file for llama.cpp")
         for name, lookup in (("llama.cpp", False), ("llama.cpp+lookup", True)):
             peers[name] = LlamaCppBaseline(args.llamacpp_python, gguf, args.max_tokens, args.threads, lookup)
-    runs: dict[tuple[str, int, str], list[dict]] = {}
-    accepted: dict[tuple[str, int], list[float]] = {}
+    return peers
+
+
+Runs = dict[tuple[str, int, str], list[dict]]
+
+
+def _run(
+    args: argparse.Namespace, engines: dict[str, LLMEngine], workloads: dict, peers: dict[str, LlamaCppBaseline]
+) -> Runs:
+    """Every system on every cell, interleaved repeat by repeat; each n-gram run records its proposed and
+    accepted tokens."""
+    runs: Runs = {}
     for _ in range(args.repeats):
         for workload, by_n in workloads.items():
             for n, prompts in by_n.items():
                 for name, peer in peers.items() if n == 1 else ():
                     runs.setdefault((workload, n, name), []).append(peer.run(prompts))
                 for mode, engine in engines.items():
-                    before = (spec.speculator.stats.proposed_tokens, spec.speculator.stats.accepted_tokens)
-                    runs.setdefault((workload, n, mode), []).append(run_engine(engine, prompts, args.max_tokens))
-                    if mode == "ngram":
-                        proposed = spec.speculator.stats.proposed_tokens - before[0]
-                        got = spec.speculator.stats.accepted_tokens - before[1]
-                        accepted.setdefault((workload, n), []).append(got / proposed if proposed else 0.0)
+                    stats = engine.speculator.stats if engine.speculator else None
+                    before = (stats.proposed_tokens, stats.accepted_tokens) if stats else (0, 0)
+                    result = run_engine(engine, prompts, args.max_tokens)
+                    if stats:
+                        result["proposed"] = stats.proposed_tokens - before[0]
+                        result["accepted"] = stats.accepted_tokens - before[1]
+                    runs.setdefault((workload, n, mode), []).append(result)
+    return runs
+
+
+def _row(args: argparse.Namespace, runs: Runs, workload: str, n: int, peers: dict[str, LlamaCppBaseline]) -> dict:
+    base = [r["output_tok_s"] for r in runs[(workload, n, "none")]]
+    spec = runs[(workload, n, "ngram")]
+    ours = spread([r["output_tok_s"] for r in spec])
+    row = {
+        "workload": workload,
+        "concurrency": n,
+        "plain_tok_s": statistics.median(base),
+        "plain_min": min(base),
+        "plain_max": max(base),
+        "spec_tok_s": ours["median"],
+        "spec_min": ours["min"],
+        "spec_max": ours["max"],
+        "speedup": ours["median"] / statistics.median(base),
+        "verdict": verdict(ours["runs"], base),
+        "proposed_per_run": statistics.median(r["proposed"] for r in spec),  # tokens verified as proposals
+        "acceptance": statistics.median(r["accepted"] / r["proposed"] if r["proposed"] else 0.0 for r in spec),
+        "same_tokens": all(a["token_ids"] == b["token_ids"] for a, b in zip(runs[(workload, n, "none")], spec)),
+    }
+    if args.unbudgeted:
+        every = [r["output_tok_s"] for r in runs[(workload, n, "ngram-all")]]
+        row["unbudgeted_tok_s"] = statistics.median(every)
+        row["unbudgeted_min"], row["unbudgeted_max"] = min(every), max(every)
+        row["unbudgeted_speedup"] = statistics.median(every) / statistics.median(base)
+        row["unbudgeted_proposed_per_run"] = statistics.median(r["proposed"] for r in runs[(workload, n, "ngram-all")])
+        row["budget_vs_unbudgeted"] = ours["median"] / statistics.median(every)
+        row["verdict_vs_unbudgeted"] = verdict(ours["runs"], every)
+    for name in peers if n == 1 else ():
+        theirs = [r["output_tok_s"] for r in runs[(workload, n, name)]]
+        row[f"{name}_tok_s"] = statistics.median(theirs)
+        row[f"spec_vs_{name}"] = ours["median"] / statistics.median(theirs)
+        row[f"verdict_vs_{name}"] = verdict(ours["runs"], theirs)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_options(parser, EngineConfig, only=("model",))
+    add_options(parser, SpecBenchOptions)
+    args = parser.parse_args(argv)
+    if unknown := set(args.workloads) - {"code-edit", "chat"}:
+        parser.error(f"--workloads: unknown {sorted(unknown)} (code-edit, chat)")
+    engines = _engines(args)
+    plain = engines["none"]
+    assert plain.tokenizer is not None
+    workloads = {
+        "code-edit": {n: code_edit_prompts(plain.tokenizer, n, args.file_chars) for n in args.concurrency},
+        "chat": {n: make_prompts(plain, n) for n in args.concurrency},
+    }
+    workloads = {name: by_n for name, by_n in workloads.items() if name in args.workloads}
+    peers = _peers(args, plain.config.model)
+    runs = _run(args, engines, workloads, peers)
     for peer in peers.values():
         peer.close()
-    rows = []
-    for workload, by_n in workloads.items():
-        for n in by_n:
-            base = [r["output_tok_s"] for r in runs[(workload, n, "none")]]
-            ours = spread([r["output_tok_s"] for r in runs[(workload, n, "ngram")]])
-            rows.append(
-                {
-                    "workload": workload,
-                    "concurrency": n,
-                    "plain_tok_s": statistics.median(base),
-                    "plain_min": min(base),
-                    "plain_max": max(base),
-                    "spec_tok_s": ours["median"],
-                    "spec_min": ours["min"],
-                    "spec_max": ours["max"],
-                    "speedup": ours["median"] / statistics.median(base),
-                    "verdict": verdict(ours["runs"], base),
-                    "acceptance": statistics.median(accepted[(workload, n)]),
-                    "same_tokens": all(
-                        a["token_ids"] == b["token_ids"]
-                        for a, b in zip(runs[(workload, n, "none")], runs[(workload, n, "ngram")])
-                    ),
-                }
-            )
-            if args.unbudgeted:
-                every = [r["output_tok_s"] for r in runs[(workload, n, "ngram-all")]]
-                rows[-1]["unbudgeted_tok_s"] = statistics.median(every)
-                rows[-1]["unbudgeted_speedup"] = statistics.median(every) / statistics.median(base)
-                rows[-1]["budget_vs_unbudgeted"] = ours["median"] / statistics.median(every)
-                rows[-1]["verdict_vs_unbudgeted"] = verdict(ours["runs"], every)
-            for name in peers if n == 1 else ():
-                theirs = [r["output_tok_s"] for r in runs[(workload, n, name)]]
-                rows[-1][f"{name}_tok_s"] = statistics.median(theirs)
-                rows[-1][f"spec_vs_{name}"] = ours["median"] / statistics.median(theirs)
-                rows[-1][f"verdict_vs_{name}"] = verdict(ours["runs"], theirs)
+    rows = [_row(args, runs, workload, n, peers) for workload, by_n in workloads.items() for n in by_n]
     print_table(rows, f"speculative decoding (n-gram) vs plain, {cpu_model()}, {args.threads} threads")
     emit(
         {

@@ -7,6 +7,7 @@ reason the table is native)."""
 import ctypes
 import logging
 import random
+import re
 import threading
 import time
 from pathlib import Path
@@ -215,3 +216,14 @@ def test_a_changed_header_builds_a_new_library(tmp_path, lib):
         built = native_build.build_library("k", (src,), flags, out, headers=(header,))
         answers.append(ctypes.CDLL(str(built)).answer())
     assert answers == [41, 42] and len(list(out.glob("k-*.so"))) == 2
+
+
+def test_the_kernel_librarys_build_key_names_every_header_its_sources_include():
+    from disagg_kernels import cpu_quant
+
+    included = {
+        name
+        for src in cpu_quant._SOURCES
+        for name in re.findall(r'^#include "([^"]+)"', src.read_text(), flags=re.MULTILINE)
+    }
+    assert included and included == {h.name for h in cpu_quant._HEADERS}

@@ -9,34 +9,41 @@
   decoding's either way.
 """
 
+from dataclasses import replace
+
 import pytest
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
-from disagg.engine.drafting import propose_drafts
+from disagg.engine.drafting import _explores, propose_drafts
 from disagg.engine.sequence import Sequence
 from disagg.engine.spec import SpecConfig, SpecState, Speculator
 from disagg.engine.spec_budget import DecodeStepTimes, chances, plan_lengths
 from disagg.modes import SpecMethod
 from disagg.protocol import SamplingParams
+from tests.spec_fakes import FixedStepTimes
 
 NGRAM = SpecConfig(method=SpecMethod.NGRAM, num_tokens=4, ngram_min=2, ngram_max=3)
 
 
-def _table(cost, rows=range(1, 129)) -> DecodeStepTimes:
-    """A fixed table (alpha 0: measurements never move it) with t(R) = cost(R)."""
-    times = DecodeStepTimes(alpha=0.0)
-    for r in rows:
-        times.add(r, cost(r))
-    return times
+def _table(cost) -> DecodeStepTimes:
+    return FixedStepTimes(cost)
+
+
+def _no_exploring(spec: Speculator) -> Speculator:
+    """Plans from here on are the budget's (none of the exploring ones that verify every proposal)."""
+    spec.config = replace(spec.config, explore_every=10**9)
+    spec.plans = 1000
+    return spec
 
 
 def test_step_times_are_measured_per_row_count_interpolated_and_extrapolated():
     times = DecodeStepTimes(alpha=0.5)
     times.add(4, 0.010)
     assert not times.warm  # one row count says nothing of what another costs
-    times.add(8, 0.020)
-    times.add(8, 0.030)  # the EWMA: 0.025
+    times.add(8, 0.400)  # a first step of a new shape: one-time costs
+    times.add(8, 0.020)  # the second sample replaces it
+    times.add(8, 0.030)  # then the EWMA: 0.025
     assert times.warm
     assert times.predict(8) == pytest.approx(0.025)
     assert times.predict(6) == pytest.approx(0.0175)  # between 4 and 8
@@ -52,8 +59,14 @@ def test_cheap_rows_keep_every_likely_token_and_costly_rows_keep_none():
     cands = [chances([0.9, 0.9, 0.9, 0.9]), chances([0.8, 0.8])]
     cheap = _table(lambda r: 0.010 + 0.0002 * r)  # batch 1 on a bandwidth-bound machine: a row is ~2% of a step
     assert plan_lengths(cands, 2, cheap, floor=0.15) == [4, 2]
-    costly = _table(lambda r: 0.005 * r)  # a row costs what a plain token does: no proposal can pay
+    costly = _table(lambda r: 0.006 * r - 0.001)  # a row costs more than a plain token's share: nothing pays
     assert plan_lengths(cands, 2, costly, floor=0.15) == [0, 0]
+    assert plan_lengths([[1.0, 1.0]], 2, costly, floor=0.15) == [0]  # not even a certain token
+
+
+def test_a_tie_keeps_the_fewest_rows():
+    proportional = _table(lambda r: 0.005 * r)  # a certain token exactly pays for its row
+    assert plan_lengths([[1.0, 1.0]], 2, proportional, floor=0.15) == [0]
 
 
 def test_the_batchs_most_likely_tokens_go_first():
@@ -80,10 +93,10 @@ def _decoding(tokens: list[int], rid: str = "r") -> Sequence:
 def test_a_probe_is_verified_where_rows_are_cheap_and_skipped_where_they_cost_a_token():
     """The engine's record says proposals fail (a run of chat).  A new sequence's first proposal is a probe,
     planned as if accepted half the time; after it, the sequence's own low rate cuts its proposals."""
-    spec = Speculator(NGRAM)
+    spec = _no_exploring(Speculator(NGRAM))
     spec.rates = [0.05] * NGRAM.num_tokens
     cheap = _table(lambda r: 0.010 + 0.002 * r)  # a row is a fifth of a token
-    costly = _table(lambda r: 0.005 * r)
+    costly = _table(lambda r: 0.006 * r - 0.001)
     seq = _decoding([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])
     spec.times = costly
     propose_drafts(spec, [seq], max_model_len=512)
@@ -145,10 +158,36 @@ def test_the_engine_stops_speculating_where_rows_cost_what_tokens_do(smollm_dir)
     want = [r.token_ids for r in plain.generate(prompts, params)]
     free = _engine(smollm_dir, _table(lambda r: 0.010))  # rows cost nothing: every proposal is verified
     assert [r.token_ids for r in free.generate(prompts, params)] == want
-    costly = _engine(smollm_dir, _table(lambda r: 0.005 * r))
+    costly = _engine(smollm_dir, _table(lambda r: 0.006 * r - 0.001))
     assert [r.token_ids for r in costly.generate(prompts, params)] == want
     assert free.speculator is not None and costly.speculator is not None
     verified_free, verified_costly = free.speculator.stats.steps, costly.speculator.stats.steps
-    # without the budget the two would verify alike (the same text, the same proposals)
-    assert free.speculator.stats.accepted_tokens > 20 and verified_free > 10
-    assert verified_costly == 0 and costly.stats.steps > free.stats.steps
+    # without the budget the two would verify alike (the same text, the same proposals); the costly engine verifies
+    # only in its exploring plans (1, 2, 4 ... 32, then one in 64), so its row counts stay measured
+    explores = sum(_explores(plan, NGRAM.explore_every) for plan in range(1, costly.stats.steps + 1))
+    assert free.speculator.stats.accepted_tokens > 20
+    assert verified_costly <= 2 * explores < verified_free
+    assert costly.stats.steps > free.stats.steps
+
+
+def test_plans_explore_often_while_young_then_now_and_then():
+    assert [p for p in range(1, 200) if _explores(p, 64)] == [1, 2, 4, 8, 16, 32, 64, 128, 192]
+
+
+def test_the_engine_measures_decode_steps_by_their_rows_and_not_prompt_chunks(tiny_llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=256, speculative="ngram"))
+    assert engine.speculator is not None
+    prompts = [([7, 8, 9, 10, 11] * 12)[: 40 + i] for i in range(3)]  # prompts of 40-42 tokens: one chunk each
+    engine.generate(prompts, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    measured = engine.speculator.times._rows
+    # decode rows: 1-3 sequences, each with its proposal of at most 4 tokens; never a step that carried a prompt
+    assert measured and max(measured) <= 3 * (1 + NGRAM.num_tokens) < 40
+
+
+def test_a_preempted_sequences_old_proposal_is_not_verified_later():
+    speculator = Speculator(NGRAM)
+    seq = _decoding([1, 2, 3, 4, 1, 2, 3])
+    seq.draft = [9, 9]  # planned for a step the sequence then missed (preempted before the scheduler took it)
+    seq.num_computed_tokens = 0  # recomputing: not decoding, nothing proposed
+    propose_drafts(speculator, [seq], max_model_len=512)
+    assert seq.draft == []

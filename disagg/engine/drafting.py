@@ -29,6 +29,7 @@ def _eligible(seq: Sequence) -> bool:
 def propose_drafts(speculator: Speculator, running: Sequence_[Sequence], max_model_len: int) -> None:
     found: list[tuple[Sequence, SpecState, list[int]]] = []
     for seq in running:
+        seq.draft = []  # a proposal is for one step (a sequence preempted before the scheduler took it kept its own)
         if not _eligible(seq):
             continue
         # the step emits the accepted proposals and one more token: stay within max_tokens and the context
@@ -45,10 +46,23 @@ def propose_drafts(speculator: Speculator, running: Sequence_[Sequence], max_mod
     for cand, (_, state, _) in zip(cands, found):
         if state.proposed == 0 or state.idle >= c.cooldown_steps:  # a probe: worth a row where rows are cheap
             cand[0] = max(cand[0], c.probe_chance)
-    lengths = plan_lengths(cands, len(running), speculator.times, c.min_acceptance)
+    speculator.plans += 1
+    if _explores(speculator.plans, c.explore_every):
+        lengths = [len(proposal) for _, _, proposal in found]  # measure the row counts the plans stopped choosing
+    else:
+        # the step's rows before proposals: its decoding sequences (a step that carries a prompt chunk is planned as
+        # if it did not: its proposals' rows cost at least what they cost in a decode-only step)
+        rows = sum(1 for seq in running if seq.num_computed_tokens == seq.num_tokens - 1)
+        lengths = plan_lengths(cands, max(rows, 1), speculator.times, c.min_acceptance)
     for (seq, state, proposal), k in zip(found, lengths):
         state.idle = 0 if k else state.idle + 1
         seq.draft = proposal[:k]
+
+
+def _explores(plan: int, every: int) -> bool:
+    """Plans 1, 2, 4, 8 ... below `every`, then every `every`-th: a young table is re-measured soon (its first
+    samples are the least reliable), an old one now and then."""
+    return plan % every == 0 or (plan < every and plan & (plan - 1) == 0)
 
 
 def apply_verified(

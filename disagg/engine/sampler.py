@@ -70,18 +70,20 @@ def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.
 def verify_sampled(draft: list[int], probs: torch.Tensor, generators: list[torch.Generator | None]) -> tuple[int, int]:
     """Speculative sampling with a deterministic proposer (accepted proposals, the token after them).
 
-    `probs` [len(draft) + 1, V]: the distribution at the last token and at each proposed position.  Proposal d at
-    position i is kept with probability p_i(d); at the first refusal the token is drawn from p_i with d removed
-    (renormalised), which is what max(p - q, 0) is when q puts all its mass on d.  So every emitted token has
-    exactly the distribution plain sampling gives.  If every proposal is kept, the next token is drawn from the
-    last row.  `generators[i]` draws position i (seeded per output index for a seeded request)."""
+    `probs` [len(draft) + 1, V]: the distribution at the last token and at each proposed position;
+    `generators[i]` draws position i (seeded per output index for a seeded request).  Each position's token is
+    drawn as plain sampling draws it (`sample`: one multinomial draw from the same distribution with the same
+    generator), and a proposal is kept while it equals the drawn token.  For a proposer that puts all its mass on
+    one token this is speculative sampling's rule (proposal d is kept with probability p_i(d); at a refusal the
+    token is distributed as p_i without d, renormalised, which is max(p - q, 0)), so every emitted token has the
+    distribution plain sampling gives.  Drawing the token rather than a coin for the proposal also makes a seeded
+    request's tokens those of plain sampling, token for token: they do not depend on how many tokens were proposed,
+    which the budget (spec_budget.py) sets from step times and the rest of the batch, nor on the worker (a request
+    migrated mid-stream continues with the same tokens)."""
     for i, d in enumerate(draft):
-        gen = generators[i]
-        if float(torch.rand(1, generator=gen)) < float(probs[i, d]):
-            continue
-        residual = probs[i].clone()
-        residual[d] = 0.0
-        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
+        token = int(torch.multinomial(probs[i], 1, generator=generators[i]))
+        if token != d:
+            return i, token
     return len(draft), int(torch.multinomial(probs[len(draft)], 1, generator=generators[len(draft)]))
 
 

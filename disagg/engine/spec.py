@@ -8,9 +8,11 @@ Lifecycle of one sequence's speculation (pure bookkeeping here; the engine and r
    logits at every proposed position.
 3. The runner verifies.  Greedy: proposals are accepted while they equal the model's own argmax; the first
    mismatch is replaced by the model's token, and if all match the model's next token comes as a bonus, so the
-   output is token-for-token plain greedy decoding's.  Sampled: speculative (rejection) sampling
-   (engine/sampler.py `verify_sampled`), so every token keeps the distribution plain sampling gives.  KV written
-   for rejected positions lies past the sequence's computed count and is overwritten later.
+   output is token-for-token plain greedy decoding's.  Sampled (engine/sampler.py `verify_sampled`): each
+   position's token is drawn as plain sampling draws it and proposals are kept while they equal it, which is
+   speculative sampling for a proposer with one candidate; a seeded request's tokens are plain sampling's, token
+   for token, however many were proposed.  KV written for rejected positions lies past the sequence's computed
+   count and is overwritten later.
 4. `Speculator.record` updates the sequence's per-position acceptance rates: c_j, the chance the j-th proposed
    token is accepted once the ones before it were (an EWMA over the steps whose proposal reached position j).  A
    sequence copying text accepts long runs (c_2.. near 1 even where c_1 is not); chat text rarely gets past c_1.
@@ -48,12 +50,21 @@ class SpecConfig:
     cooldown_steps: int = 16  # steps a sequence's proposals may be cut to nothing before one is probed
     probe_chance: float = 0.5  # a probe's first token is planned as if accepted this often (at least)
     step_time_alpha: float = 0.2  # the decode step time EWMA (per row count) the budget reads
+    # one plan in this many verifies every proposal: the row counts the budget stopped choosing are measured again
+    # (a first slow sample, or one from shorter contexts, would otherwise decide them for good)
+    explore_every: int = 64
+    initial_rate: float = 1.0  # the engine's record before any verification: proposals are tried
 
     def __post_init__(self) -> None:
         if not 1 <= self.num_tokens <= 16:
             raise ValueError(f"--num-speculative-tokens must be in 1..16, got {self.num_tokens}")
         if not 1 <= self.ngram_min <= self.ngram_max <= 16:
             raise ValueError(f"n-gram sizes must satisfy 1 <= min <= max <= 16, got {self.ngram_min}..{self.ngram_max}")
+        for name in ("ewma_alpha", "probe_chance", "step_time_alpha", "initial_rate"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"speculation's {name} must be in (0, 1], got {getattr(self, name)}")
+        if self.explore_every < 1:
+            raise ValueError(f"speculation's explore_every must be at least 1, got {self.explore_every}")
 
 
 def spec_config(engine: EngineConfig) -> SpecConfig:
@@ -95,9 +106,10 @@ class Speculator:
         self.config = config
         self.stats = SpecStats()
         self.times = DecodeStepTimes(config.step_time_alpha)  # what the budget reads; the engine measures
-        # every sequence's verifications folded into one record: a new sequence's rates start from it (a chat
-        # engine's new request is not assumed to copy text until it has failed to, nor a code editor's the opposite)
-        self.rates = [1.0] * config.num_tokens
+        self.plans = 0  # budget plans made (every explore_every-th verifies every proposal)
+        # every sequence's verifications folded into one record: a new sequence's rates start from it, so a new
+        # request to an engine serving chat starts expecting little, one to an engine editing code expecting much
+        self.rates = [config.initial_rate] * config.num_tokens
 
     def _extend_index(self, state: SpecState, tokens: list[int]) -> None:
         """Index every n-gram that ends before the last token (the last one is what we look up)."""

@@ -33,16 +33,18 @@ class DecodeStepTimes:
         self.alpha = alpha
         self._rows: list[int] = []  # sorted row counts measured
         self._seconds: dict[int, float] = {}
+        self._samples: dict[int, int] = {}
 
     def add(self, rows: int, seconds: float) -> None:
         if seconds <= 0:  # a clock that did not move says nothing
             return
-        old = self._seconds.get(rows)
-        if old is None:
+        n = self._samples.get(rows, 0)
+        self._samples[rows] = n + 1
+        if n == 0:
             bisect.insort(self._rows, rows)
-            self._seconds[rows] = seconds
-        else:
-            self._seconds[rows] = (1 - self.alpha) * old + self.alpha * seconds
+        # a row count's first step pays one-time costs (a new shape's buffers: 18x the next one in a run here), so
+        # the second sample replaces it; from then on an EWMA
+        self._seconds[rows] = seconds if n <= 1 else (1 - self.alpha) * self._seconds[rows] + self.alpha * seconds
 
     @property
     def warm(self) -> bool:
