@@ -3,8 +3,9 @@ repetition and plain chat.
 
 Code editing: "apply this small change to this file and output the whole file" over real source files (this
 repository's own, the first `--file-chars` characters of each), the change a rename of one identifier.  Chat:
-the engine benchmark's questions.  Two engines on the same model (`--speculative none` and `ngram`) run the same
-prompts (greedy, EOS ignored) at each N, interleaved repeat by repeat.
+the engine benchmark's questions.  Engines on the same model - `--speculative none`, `ngram` (its budget deciding
+how many proposed tokens a step verifies) and with `--unbudgeted` an `ngram` engine verifying every proposal -
+run the same prompts (greedy, EOS ignored) at each N, interleaved repeat by repeat.
 
     .venv/bin/python -m bench.speculative --concurrency 1 8 --max-tokens 128 --repeats 3
 """
@@ -57,7 +58,7 @@ class SpecBenchOptions:
     )
     unbudgeted: bool = field(
         default=False,
-        metadata={"help": "a third engine that verifies every proposal (the budget's step times held flat)"},
+        metadata={"help": "a third engine that verifies every proposal (every plan explores: nothing is cut)"},
     )
     llamacpp_python: str = field(
         default="",
@@ -155,7 +156,11 @@ def _row(args: argparse.Namespace, runs: Runs, workload: str, n: int, peers: dic
         "verdict": verdict(ours["runs"], base),
         "proposed_per_run": statistics.median(r["proposed"] for r in spec),  # tokens verified as proposals
         "acceptance": statistics.median(r["accepted"] / r["proposed"] if r["proposed"] else 0.0 for r in spec),
-        "same_tokens": all(a["token_ids"] == b["token_ids"] for a, b in zip(runs[(workload, n, "none")], spec)),
+        "same_tokens": all(  # every speculating arm's tokens are plain decoding's
+            a["token_ids"] == b["token_ids"]
+            for mode in ("ngram", "ngram-all")
+            for a, b in zip(runs[(workload, n, "none")], runs.get((workload, n, mode), []))
+        ),
     }
     if args.unbudgeted:
         every = [r["output_tok_s"] for r in runs[(workload, n, "ngram-all")]]

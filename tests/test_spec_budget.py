@@ -31,9 +31,10 @@ def _table(cost) -> DecodeStepTimes:
 
 
 def _no_exploring(spec: Speculator) -> Speculator:
-    """Plans from here on are the budget's (none of the exploring ones that verify every proposal)."""
+    """The next thousand plans are the budget's (none of the exploring ones that verify every proposal: those
+    come at powers of two below explore_every)."""
     spec.config = replace(spec.config, explore_every=10**9)
-    spec.plans = 1000
+    spec.plans = 1025
     return spec
 
 
@@ -166,12 +167,30 @@ def test_the_engine_stops_speculating_where_rows_cost_what_tokens_do(smollm_dir)
     # only in its exploring plans (1, 2, 4 ... 32, then one in 64), so its row counts stay measured
     explores = sum(_explores(plan, NGRAM.explore_every) for plan in range(1, costly.stats.steps + 1))
     assert free.speculator.stats.accepted_tokens > 20
-    assert verified_costly <= 2 * explores < verified_free
+    assert 1 <= verified_costly <= 2 * explores < verified_free
     assert costly.stats.steps > free.stats.steps
 
 
 def test_plans_explore_often_while_young_then_now_and_then():
     assert [p for p in range(1, 200) if _explores(p, 64)] == [1, 2, 4, 8, 16, 32, 64, 128, 192]
+    costly = _table(lambda r: 0.006 * r - 0.001)
+    every = Speculator(replace(NGRAM, explore_every=1))  # the bench's unbudgeted arm: every plan explores
+    every.times = costly
+    seq = _decoding([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])
+    for _ in range(3):
+        propose_drafts(every, [seq], max_model_len=512)
+        assert seq.draft == [4, 1, 2, 3]  # verified whatever the rows cost
+
+
+def test_the_plans_rows_are_the_decoding_sequences_not_a_prefill_beside_them():
+    """One decoding sequence beside one still prefilling: the plan weighs its proposal against a step of one
+    decode row (where it pays), not two (where it would not)."""
+    spec = _no_exploring(Speculator(NGRAM))
+    spec.times = _table(lambda r: {1: 0.010, 2: 0.012}.get(r, 0.012 * r))  # the third row doubles the step
+    decoding = _decoding([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3])
+    prefilling = Sequence("p", list(range(40)), SamplingParams(max_tokens=8, temperature=0), block_size=16)
+    propose_drafts(spec, [decoding, prefilling], max_model_len=512)
+    assert decoding.draft[:1] == [4]
 
 
 def test_the_engine_measures_decode_steps_by_their_rows_and_not_prompt_chunks(tiny_llama_dir):

@@ -212,8 +212,9 @@ def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 def test_speculative_sampling_keeps_the_models_distribution():
     """Fixed seeds, a 6-token vocabulary, proposals [2, 4]: the first emitted token is distributed as p0 (whether
-    the proposal was kept or not), and after keeping 2 the next one as p1.  Drawing the refused position from p0
-    itself (not p0 without the refused token) over-weights the proposal and fails this."""
+    the proposal was kept or not), and after keeping 2 the next one as p1.  A rule that keeps a proposal more
+    often than p(d) (or, on a refusal, draws from p0 without removing the refused token after a coin was spent on
+    it) over-weights the proposal and fails this."""
     p = torch.tensor([[0.10, 0.15, 0.30, 0.05, 0.25, 0.15], [0.20, 0.05, 0.10, 0.25, 0.30, 0.10], [1 / 6] * 6])
     first, second = torch.zeros(6), torch.zeros(6)
     for trial in range(20_000):
