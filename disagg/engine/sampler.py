@@ -77,9 +77,11 @@ def verify_sampled(draft: list[int], probs: torch.Tensor, generators: list[torch
     one token this is speculative sampling's rule (proposal d is kept with probability p_i(d); at a refusal the
     token is distributed as p_i without d, renormalised, which is max(p - q, 0)), so every emitted token has the
     distribution plain sampling gives.  Drawing the token rather than a coin for the proposal also makes a seeded
-    request's tokens those of plain sampling, token for token: they do not depend on how many tokens were proposed,
-    which the budget (spec_budget.py) sets from step times and the rest of the batch, nor on the worker (a request
-    migrated mid-stream continues with the same tokens)."""
+    request's tokens depend on its logits alone, not on how many tokens were proposed (which the budget,
+    spec_budget.py, sets from step times and the rest of the batch).  The caveat is float rounding: a verification
+    step computes a position's logits in another summation order than a decode step, so a draw that lands within
+    rounding of a cut-off can differ (by hand, one request of four over two runs of 200 sampled tokens diverged at
+    its fifth token; the others matched plain sampling token for token)."""
     for i, d in enumerate(draft):
         token = int(torch.multinomial(probs[i], 1, generator=generators[i]))
         if token != d:

@@ -6,13 +6,13 @@ Lifecycle of one sequence's speculation (pure bookkeeping here; the engine and r
    output, code or JSON that repeats is found) and proposes the tokens that followed it there.
 2. The scheduler runs the last token plus the proposal in one forward (as a short prefill), so the model yields
    logits at every proposed position.
-3. The runner verifies.  Greedy: proposals are accepted while they equal the model's own argmax; the first
-   mismatch is replaced by the model's token, and if all match the model's next token comes as a bonus, so the
-   output is token-for-token plain greedy decoding's.  Sampled (engine/sampler.py `verify_sampled`): each
-   position's token is drawn as plain sampling draws it and proposals are kept while they equal it, which is
-   speculative sampling for a proposer with one candidate; a seeded request's tokens are plain sampling's, token
-   for token, however many were proposed.  KV written for rejected positions lies past the sequence's computed
-   count and is overwritten later.
+3. The runner verifies. Greedy: proposals are accepted while they equal the model's own argmax; the first mismatch
+   is replaced by the model's token, and if all match the model's next token comes as a bonus, so the output is
+   token-for-token plain greedy decoding's. Sampled (engine/sampler.py `verify_sampled`): each position's token is
+   drawn as plain sampling draws it and proposals are kept while they equal it, which is speculative sampling for a
+   proposer with one candidate; a seeded request's tokens follow its logits alone, not how many were proposed (see
+   verify_sampled for the float caveat). KV written for rejected positions lies past the sequence's computed count
+   and is overwritten later.
 4. `Speculator.record` updates the sequence's per-position acceptance rates: c_j, the chance the j-th proposed
    token is accepted once the ones before it were (an EWMA over the steps whose proposal reached position j).  A
    sequence copying text accepts long runs (c_2.. near 1 even where c_1 is not); chat text rarely gets past c_1.
