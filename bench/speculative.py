@@ -53,6 +53,9 @@ class SpecBenchOptions:
     quant_activations: str = field(
         default="float32", metadata={"help": "what quantized weights multiply (float32 | int16 | int8)"}
     )
+    quant_repack: bool = field(
+        default=True, metadata={"help": "int16: weights packed into panels at load (--no-quant-repack: row layout)"}
+    )
     workloads: list[str] = field(
         default_factory=lambda: ["code-edit", "chat"], metadata={"nargs": "+", "help": "code-edit and/or chat"}
     )
@@ -87,6 +90,7 @@ def _engines(args: argparse.Namespace) -> dict[str, LLMEngine]:
                 speculative=mode.removesuffix("-all"),
                 quantization=args.quantization,
                 quant_activations=args.quant_activations,
+                quant_repack=args.quant_repack,
                 max_num_seqs=max(args.concurrency),
                 num_threads=args.threads,
                 kv_cache_memory_mb=512,
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
             "repeats": args.repeats,
             "quantization": args.quantization,
             "quant_activations": args.quant_activations,
+            "quant_repack": args.quant_repack,
             "rows": rows,
         },
         args.out,

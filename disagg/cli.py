@@ -16,7 +16,7 @@ def _add_generate_options(gen: argparse.ArgumentParser) -> None:
 
     engine_options = (
         *("model", "device", "max_model_len"),
-        *("quantization", "quant_activations", "kv_dtype", "speculative"),
+        *("quantization", "quant_activations", "quant_repack", "kv_dtype", "speculative"),
     )
     add_options(gen, EngineConfig, only=engine_options)
     # a local demo: deterministic (greedy) and long enough to read, where an API request's defaults are OpenAI's

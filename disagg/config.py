@@ -74,6 +74,14 @@ class EngineConfig:
             "does: fastest, lossy); CPU, with --quantization int8 or q4"
         ),
     )
+    quant_repack: bool = field(
+        default=True,
+        metadata=_help(
+            "with --quant-activations int16: pack each weight matrix once at load into panels of 16 output "
+            "columns that the int16 kernel streams (AVX-512 VNNI; as llama.cpp repacks Q4_0), which replace the "
+            "row layout; --no-quant-repack keeps the row layout and its kernels"
+        ),
+    )
     kv_dtype: str = field(
         default="auto",
         metadata=_help(

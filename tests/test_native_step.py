@@ -59,13 +59,16 @@ STEPS = [([0, 1, 2, 3, 4, 5], [0] * 6), ([0, 1, 2], [1, 1, 1]), ([6, 3], [0, 1])
 
 
 @pytest.mark.parametrize(
-    ("bits", "blocked_rows"),
-    # float32 activations, then rounded to int16 / int8 blocks: row by row, and (4) steps of 4+ tokens on the
-    # blocked GEMM (cpu_gemm8.cpp; the row kernel answers for it where VNNI is not built)
-    [(0, 0), (16, 0), (8, 0), (16, 4), (8, 4)],
+    ("bits", "blocked_rows", "panels"),
+    # float32 activations, then rounded to int16 / int8 blocks: row by row, (4) steps of 4+ tokens on the blocked
+    # GEMM (cpu_gemm8.cpp; the row kernel answers for it where VNNI is not built), and int16 over matrices packed
+    # into panels (cpu_panel16.cpp, where it is built)
+    [(0, 0, False), (16, 0, False), (8, 0, False), (16, 4, False), (8, 4, False), (16, 0, True)],
 )
 @pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
-def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bits, blocked_rows, kernel_builds):
+def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(
+    march, bits, blocked_rows, panels, kernel_builds
+):
     if native_build.compiler() is None:
         pytest.skip("no C++ compiler on this machine (the torch path serves)")
     if march == "haswell" and " avx2" not in FLAGS:
@@ -76,7 +79,10 @@ def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bi
     kv_kernel = torch.zeros(10, len(layers), 2, SHAPE.block_size, SHAPE.kv_heads, SHAPE.head_dim)
     kv_reference = kv_kernel.clone()
     shape = dataclasses.replace(SHAPE, activation_bits=bits, blocked_rows=blocked_rows)
-    kernel = StackKernel(native, shape, layers, inv_freq, final_norm, kv_kernel)
+    if panels and not native.panels:
+        pytest.skip("the panel kernel is built with AVX-512 VNNI only")
+    packed = [_packed(native, layer) for layer in layers] if panels else layers
+    kernel = StackKernel(native, shape, packed, inv_freq, final_norm, kv_kernel)
     tables = torch.tensor([[3, 5, 7, 0], [3, 2, 0, 0]], dtype=torch.int32)  # block 3 holds both sequences' start
     g = torch.Generator().manual_seed(1)
     for positions, rows in STEPS:
@@ -92,6 +98,24 @@ def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(march, bi
         torch.testing.assert_close(got, want, atol=atol, rtol=1e-5)
         torch.testing.assert_close(kv_kernel, kv_reference, atol=atol, rtol=1e-5)
         assert (got - want).abs().mean() < atol / 10
+
+
+def _packed(native, layer: StackLayer) -> StackLayer:
+    """The layer with its 4- and 8-bit matrices packed into panels (float32 ones stay as they are)."""
+    mats = {name: getattr(layer, name) for name in ("qkv", "o", "gate_up", "down")}
+    packed = {name: native.pack_panels(w) for name, w in mats.items() if w.fmt is not BlockFormat.F32}
+    return dataclasses.replace(layer, **packed)
+
+
+def test_packed_panels_are_refused_without_int16_activations(kernel_builds):
+    native, why = load_native(kernel_builds)
+    assert native is not None, why
+    if not native.panels:
+        pytest.skip("the panel kernel is built with AVX-512 VNNI only")
+    layers, inv_freq, final_norm = _stack(0)
+    kv = torch.zeros(10, len(layers), 2, SHAPE.block_size, SHAPE.kv_heads, SHAPE.head_dim)
+    with pytest.raises(ValueError, match="int16 activations only"):
+        StackKernel(native, SHAPE, [_packed(native, x) for x in layers], inv_freq, final_norm, kv)
 
 
 def _engine(model_dir, native: bool, quantization: str = "int8", **overrides) -> LLMEngine:

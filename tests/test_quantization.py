@@ -20,14 +20,24 @@ from disagg.config import EngineConfig
 from disagg.engine import quant
 from disagg.engine.engine import LLMEngine
 from disagg.engine.gguf import GGUFWeights, _unpermute
-from disagg.engine.quant import QuantKernels, TritonQuantKernels, check_quantizable, gguf_file
+from disagg.engine.tokenizer import Tokenizer
+from disagg.engine.quant import QuantKernels, QuantLinear, TritonQuantKernels, check_quantizable, gguf_file
 from disagg.engine.runner import load_model
 from disagg.kv.fingerprint import engine_fingerprint
 from disagg.model_store import make_tiny_model
 from disagg.modes import Activations, Quantization
 from disagg.protocol import SamplingParams
 from disagg_kernels import native_build
-from disagg_kernels.cpu_quant import BlockFormat, dequantize_reference, load_native, matmul_reference, quantize
+from disagg_kernels.cpu_quant import (
+    BlockFormat,
+    BlockWeight,
+    PanelWeight,
+    dequantize_reference,
+    float_blocks,
+    load_native,
+    matmul_reference,
+    quantize,
+)
 
 FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 
@@ -58,6 +68,35 @@ def test_kernels_equal_the_torch_reference_on_every_cpu_path(march, kernel_build
                 want = matmul_reference(x, w, bits)
                 torch.testing.assert_close(kernels.matmul(x, w, bits), want, atol=2e-4, rtol=1e-5)
                 torch.testing.assert_close(kernels.matmul(x, w, bits, blocked=True), want, atol=2e-4, rtol=1e-5)
+
+
+def test_panels_give_the_row_kernels_integer_dots_at_every_width(kernel_builds):
+    """Weights packed once into panels (cpu_panel16.cpp) and int16 activations: the row kernel's answer (the same
+    integer dots; float sums in another order) at every format, a part-filled last panel and an odd last pair of
+    panels, at row counts below, at and past the 4-row pass, and wide; elsewhere (no VNNI) packing is refused."""
+    if native_build.compiler() is None:
+        pytest.skip("no C++ compiler on this machine (the torch reference serves)")
+    kernels, why = load_native(kernel_builds)
+    assert kernels is not None, why
+    assert kernels.panels == (" avx512_vnni" in FLAGS)
+    w = quantize(torch.randn(40, 96), BlockFormat.Q4_1)
+    if not kernels.panels:
+        with pytest.raises(ValueError, match="panels hold"):
+            kernels.pack_panels(w)
+        return
+    g = torch.Generator().manual_seed(2)
+    for fmt in (f for f in BlockFormat if f is not BlockFormat.F32):
+        for n, k in ((40, 96), (16, 32), (50, 64), (7, 576)):  # 3 panels (one part-filled), 1, 4 (an odd pair), 1
+            w = quantize(torch.randn(n, k, generator=g), fmt)
+            panels = kernels.pack_panels(w)
+            assert panels.data.data_ptr() % 64 == 0 and panels.nbytes >= w.nbytes * 0.99
+            for rows in (1, 2, 3, 4, 5, 8, 9, 70):
+                x = torch.randn(rows, k, generator=g) * 3
+                got, want = kernels.matmul_panels(x, panels), kernels.matmul(x, w, 16)
+                torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5, msg=f"{fmt} {n}x{k} rows={rows}")
+                torch.testing.assert_close(got, matmul_reference(x, w, 16), atol=2e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="panels hold"):
+        kernels.pack_panels(float_blocks(torch.randn(16, 32)))
 
 
 def test_rounding_bounds_and_eight_bits_hold_four_bit_weights_exactly():
@@ -160,30 +199,65 @@ def test_teacher_forced_quality_against_float32(mode, kv_dtype, top1, ppl, smoll
     assert abs(perplexity(logits, tokens) / perplexity(reference, tokens) - 1) < ppl
 
 
-def test_a_wide_int16_step_takes_the_blocked_gemm_and_keeps_float32s_answers(smollm_dir, eval_reference, monkeypatch):
-    """A 320-token step (wider than the native step takes) with int16 activations: its matmuls run the blocked
-    integer GEMM where it is built (AVX-512 VNNI), and its logits agree with float32's at every position."""
+@pytest.mark.parametrize("panels", [True, False], ids=["panels", "row-layout"])
+def test_a_wide_int16_step_stays_integer_and_keeps_float32s_answers(smollm_dir, eval_reference, monkeypatch, panels):
+    """A 320-token step (wider than the native step takes) with int16 activations: its matmuls read the packed
+    panels where they are built (AVX-512 VNNI), or with panels off the blocked integer GEMM over the row layout,
+    and its logits agree with float32's at every position."""
     tokens, reference = eval_reference
+    kernels = quant.quant_kernels(torch.device("cpu"))
+    native = kernels.native if isinstance(kernels, QuantKernels) else None
+    if native is not None and not panels:
+        monkeypatch.setattr(native, "panels", False)
     runner, _ = load_model(
         EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, quantization="q4", quant_activations="int16")
     )
-    kernels = quant.quant_kernels(torch.device("cpu"))
-    widths: list[tuple[int, bool]] = []
-    matmul = kernels.matmul
+    widths: list[tuple[int, str]] = []
+    matmul, matmul_panels = kernels.matmul, kernels.matmul_panels
 
     def spy(x, w, activation_bits=0, *, blocked=False):
-        widths.append((x.shape[0], blocked))
+        widths.append((x.shape[0], "blocked" if blocked else "rows"))
         return matmul(x, w, activation_bits, blocked=blocked)
 
+    def spy_panels(x, w):
+        widths.append((x.shape[0], "panels"))
+        return matmul_panels(x, w)
+
     monkeypatch.setattr(kernels, "matmul", spy)
+    monkeypatch.setattr(kernels, "matmul_panels", spy_panels)
     n = 320
     logits = teacher_forced_logits(runner, tokens[:n], n)
-    if kernels.blocked:  # one step, every linear of it through the blocked GEMM
-        assert {rows for rows, _ in widths} == {n} and all(blocked for _, blocked in widths)
+    built = native is not None and native.vnni
+    if built:  # one step, every linear of it through panels (or, with them off, the blocked GEMM)
+        assert {rows for rows, _ in widths} == {n}
+        assert {path for _, path in widths} == {"panels" if panels else "blocked"}
     else:  # no VNNI (or no compiler): the step de-quantizes and runs torch's GEMM, never the block kernels
         assert widths == []
     assert agreement(reference[:n], logits) == 1.0
     assert abs(perplexity(logits, tokens[:n]) / perplexity(reference[:n], tokens[:n]) - 1) < 1e-3
+
+
+def test_an_int16_engine_reads_packed_panels_and_gives_the_row_layouts_tokens(smollm_dir, monkeypatch):
+    """q4 + int16: every linear (the LM head too) holds its blocks packed into panels where the kernel is built,
+    and its greedy tokens and logits are the row layout's (panels off): decode rows through the native step,
+    a 4-prompt prefill wider than it."""
+    kernels = quant.quant_kernels(torch.device("cpu"))
+    native = kernels.native if isinstance(kernels, QuantKernels) else None
+    if native is None or not native.panels:
+        pytest.skip("the panel kernel is built with AVX-512 VNNI only")
+    config = EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, quantization="q4", quant_activations="int16")
+    packed = LLMEngine(config)
+    monkeypatch.setattr(native, "panels", False)
+    rows = LLMEngine(config)
+    linears = [m for m in packed.runner.model.modules() if isinstance(m, QuantLinear)]
+    assert len(linears) == 4 * 30 + 1 and all(isinstance(m.weight_blocks, PanelWeight) for m in linears)
+    in_rows = [m for m in rows.runner.model.modules() if isinstance(m, QuantLinear)]
+    assert all(isinstance(m.weight_blocks, BlockWeight) for m in in_rows)
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = _prompts(Tokenizer.from_dir(smollm_dir), 4)
+    # both round activations to int16; a float sum in another order can move one value across a rounding boundary
+    # (one step, amax / 32767 of its block), which 30 layers carry to ~4e-3 of a logit here
+    assert_same_answers((packed, rows), prompts, greedy, bound=1e-2)
 
 
 def test_the_torch_reference_runs_when_no_compiler_is_found(tiny_llama_dir, monkeypatch):

@@ -53,6 +53,7 @@ _ENGINE = (
     "num_threads",
     "quantization",
     "quant_activations",
+    "quant_repack",
     "kv_dtype",
     "speculative",
     "num_speculative_tokens",

@@ -17,6 +17,7 @@ torch path serves those as before.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeAlias
 
 import torch
 from torch import nn
@@ -27,8 +28,10 @@ from disagg.engine.mm_inputs import InputEmbeds, embed_inputs
 from disagg.engine.model import CausalLM, DecoderLayer, RMSNorm
 from disagg.engine.quant import BlockKernels, QuantConfig, QuantKernels, QuantLinear, quant_kernels
 from disagg.engine.sequence import Sequence
-from disagg_kernels.cpu_quant import BlockWeight, float_blocks
+from disagg_kernels.cpu_quant import BlockWeight, PanelWeight, float_blocks
 from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape
+
+Matrix: TypeAlias = BlockWeight | PanelWeight  # a matrix as the stack kernel reads it: row layout or packed panels
 
 
 class NativeStep:
@@ -50,7 +53,7 @@ class NativeStep:
         return self.kernel.forward(hidden, positions, meta.block_tables, torch.tensor(rows, dtype=torch.int64))
 
 
-def _stack_layer(layer: DecoderLayer, blocks_of: Callable[[nn.Module], BlockWeight | None]) -> StackLayer | None:
+def _stack_layer(layer: DecoderLayer, blocks_of: Callable[[nn.Module], Matrix | None]) -> StackLayer | None:
     """One decoder layer as the stack kernel reads it, its four matrices as `blocks_of` gives them (None: a matrix
     the kernel cannot read, so the model takes the torch path)."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -69,8 +72,9 @@ def _stack_layer(layer: DecoderLayer, blocks_of: Callable[[nn.Module], BlockWeig
     )
 
 
-def _quant_blocks(module: nn.Module) -> BlockWeight | None:
-    """A quantized linear's own blocks, when the native kernels run it."""
+def _quant_blocks(module: nn.Module) -> Matrix | None:
+    """A quantized linear's own blocks (packed into panels with int16 activations), when the native kernels run
+    it."""
     if not isinstance(module, QuantLinear) or not isinstance(module.kernels, QuantKernels):
         return None
     return module.weight_blocks if module.kernels.native is not None else None
@@ -83,7 +87,7 @@ def _float_blocks(module: nn.Module) -> BlockWeight | None:
     return float_blocks(module.weight.data)
 
 
-def _layers(model: CausalLM, blocks_of: Callable[[nn.Module], BlockWeight | None]) -> list[StackLayer] | None:
+def _layers(model: CausalLM, blocks_of: Callable[[nn.Module], Matrix | None]) -> list[StackLayer] | None:
     layers = []
     for layer in model.layers:
         assert isinstance(layer, DecoderLayer)

@@ -36,6 +36,7 @@ from disagg_kernels.cpu_quant import (
     BlockFormat,
     BlockWeight,
     NativeKernels,
+    PanelWeight,
     dequantize_reference,
     load_native,
     matmul_reference,
@@ -61,6 +62,11 @@ class QuantConfig:
     # it is built (AVX-512 VNNI), at any width: it ties the row kernel at 4 rows and wins from 8 (docs/benchmarks.md,
     # "A blocked integer GEMM for batches of many rows")
     blocked_rows: int = 8
+    # with int16 activations, pack each matrix once at load into panels of 16 output columns (cpu_panel16.cpp) where
+    # the kernel is built (AVX-512 VNNI): every step, of any width, reads them, and the row layout is released.
+    # Per matrix row it ties or beats both kernels above at 1-512 rows, most at 4-16 rows (docs/benchmarks.md,
+    # "Weights packed once into panels")
+    panels: bool = True
 
     @property
     def blocked_from(self) -> int:
@@ -69,6 +75,11 @@ class QuantConfig:
         (docs/benchmarks.md), so int8 layers keep the row kernel's order (their LM head rounds to int16,
         `for_head`, and takes the blocked GEMM as int16's does)."""
         return self.blocked_rows if self.activation_bits == 16 else 0
+
+    @property
+    def wants_panels(self) -> bool:
+        """Whether matrices are packed into panels (int16 activations, `panels` on), where the kernels can."""
+        return self.panels and self.activation_bits == 16
 
     def for_head(self) -> QuantConfig:
         """The LM head's: int16 where the layers round to int8.  The head picks the top-1 token, and int8 there
@@ -93,6 +104,12 @@ class BlockKernels(Protocol):
     def matmul(
         self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0, *, blocked: bool = False
     ) -> torch.Tensor: ...
+
+    def pack(self, w: BlockWeight) -> PanelWeight | None:
+        """`w` packed into panels for int16 activations, or None where these kernels have no panel kernel."""
+        ...
+
+    def matmul_panels(self, x: torch.Tensor, w: PanelWeight) -> torch.Tensor: ...
 
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -121,6 +138,16 @@ class QuantKernels:
             return self.native.matmul(x, w, activation_bits, blocked=blocked)
         return matmul_reference(x, w, activation_bits)
 
+    def pack(self, w: BlockWeight) -> PanelWeight | None:
+        if self.native is None or not self.native.panels or w.fmt is BlockFormat.F32:
+            return None
+        return self.native.pack_panels(w)
+
+    def matmul_panels(self, x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
+        if self.native is None:  # never: pack() makes panels only with the native kernels
+            raise ValueError("panels are read by the native kernels only")
+        return self.native.matmul_panels(x, w)
+
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.native is not None:
             return self.native.dequantize(w, out)
@@ -142,6 +169,12 @@ class TritonQuantKernels:
         if activation_bits:  # refused at start-up (check_quantizable); never reached by a served request
             raise ValueError("--quant-activations int8 / int16 run on the CPU kernels only")
         return block_matmul_triton(x, w)
+
+    def pack(self, w: BlockWeight) -> PanelWeight | None:
+        return None  # int16 activations run on the CPU kernels only
+
+    def matmul_panels(self, x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
+        raise ValueError("--quant-activations int16 runs on the CPU kernels only")
 
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
         full = dequantize_reference(w)
@@ -190,7 +223,8 @@ class _Scratch:
 
 
 class QuantLinear(nn.Module):
-    """A linear layer over a BlockWeight (activations in one of the kernels' dtypes; float32 on CPU)."""
+    """A linear layer over a BlockWeight (activations in one of the kernels' dtypes; float32 on CPU), or over the
+    same blocks packed into panels (`QuantConfig.panels`), which then serve every step and replace the row layout."""
 
     def __init__(
         self,
@@ -201,26 +235,48 @@ class QuantLinear(nn.Module):
         config: QuantConfig,
     ) -> None:
         super().__init__()
-        self.weight_blocks = weight
+        self.weight_blocks: BlockWeight | PanelWeight = weight
         self.bias = None if bias is None else bias.detach().float().clone()
-        self.kernels, self.scratch, self.config = kernels, scratch, config
+        self.kernels, self.scratch = kernels, scratch
         self.out_features, self.in_features = weight.shape
-        self.weight_bytes = weight.nbytes
+        self.config = config
+
+    @property
+    def config(self) -> QuantConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: QuantConfig) -> None:
+        """A config that wants panels packs the blocks now (once; the LM head's `for_head` may ask after load)."""
+        w = self.weight_blocks
+        if isinstance(w, PanelWeight) and not config.wants_panels:
+            raise ValueError("a matrix packed into panels is read with int16 activations only")
+        if isinstance(w, BlockWeight) and config.wants_panels:
+            self.weight_blocks = self.kernels.pack(w) or w
+        self._config = config
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.weight_blocks.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        rows, bits = flat.shape[0], self.config.activation_bits
-        # int16 activations stay integer at any width where the blocked GEMM is built (the same integer dots as a
-        # narrow step); otherwise a wide step runs float32 activations over the de-quantized matrix
+        rows, bits, w = flat.shape[0], self.config.activation_bits, self.weight_blocks
+        # int16 activations stay integer at any width where the panels or the blocked GEMM are built (the same
+        # integer dots as a narrow step); otherwise a wide step runs float32 activations over the de-quantized matrix
         blocked = self.kernels.blocked and 0 < self.config.blocked_from <= rows
-        if rows <= self.config.direct_rows or blocked:
-            out = self.kernels.matmul(flat, self.weight_blocks, bits, blocked=blocked)
-            if self.bias is not None:
-                out += self.bias
+        if isinstance(w, PanelWeight):
+            out = self.kernels.matmul_panels(flat, w)
+        elif rows <= self.config.direct_rows or blocked:
+            out = self.kernels.matmul(flat, w, bits, blocked=blocked)
         else:
             scratch = self.scratch.get(self.out_features, self.in_features, flat.device)
-            full = self.kernels.dequantize(self.weight_blocks, scratch).to(flat.dtype)
-            out = F.linear(flat, full, None if self.bias is None else self.bias.to(flat.dtype))
+            full = self.kernels.dequantize(w, scratch).to(flat.dtype)
+            return F.linear(flat, full, None if self.bias is None else self.bias.to(flat.dtype)).view(
+                *x.shape[:-1], self.out_features
+            )
+        if self.bias is not None:
+            out += self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
 

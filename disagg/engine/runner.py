@@ -144,7 +144,7 @@ def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tup
         quantization=quantization,
         kv_format=kv_format,
         kernels=kernels,
-        quant_config=QuantConfig(activation_bits=activations.bits),
+        quant_config=QuantConfig(activation_bits=activations.bits, panels=config.quant_repack),
         # speculation keeps every greedy token only if a verified row gets the bits plain decoding gives it, which
         # a quantized KV cache's rounding would otherwise magnify
         batch_invariant=config.speculative != "none" and kv_format.encoded,

@@ -14,20 +14,22 @@ compiler is present; the engine then runs the torch reference and says so at sta
 from __future__ import annotations
 
 import ctypes
-from functools import partial
 import enum
 import subprocess
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from disagg_kernels.native_build import build_library
 
+_ALIGN = 64  # bytes: the panel kernel reads its panels with aligned 512-bit loads
 QK = 32  # weights per block (llama.cpp's QK4_0 = QK4_1 = QK8_0 = 32)
 _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
-# one library: the 8-bit-activation matmul and the whole-stack step beside the block matmul they call
-_SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in ("cpu_dot8.cpp", "cpu_gemm8.cpp", "cpu_step.cpp")))
+# one library: the integer-activation matmuls and the whole-stack step beside the block matmul they call
+_KERNEL_FILES = ("cpu_dot8.cpp", "cpu_gemm8.cpp", "cpu_panel16.cpp", "cpu_step.cpp")
+_SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in _KERNEL_FILES))
 _HEADERS = (Path(__file__).with_name("cpu_blocks.h"),)  # what the block kernels share (part of the build key)
 
 
@@ -109,6 +111,22 @@ class BlockWeight:
         m = torch.cat([p.m for p in parts if p.m is not None]) if fmt.has_min else None
         n = sum(p.shape[0] for p in parts)
         return BlockWeight(fmt, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m, (n, k))
+
+
+@dataclass(frozen=True)
+class PanelWeight:
+    """A BlockWeight packed once into panels of 16 output columns for int16 activations (cpu_panel16.cpp): the
+    same codes at their own width and the same float32 scales, in the order the panel kernel reads them (columns
+    padded to a multiple of 16).  `data` is a 64-byte-aligned uint8 view; `NativeKernels.pack_panels` makes one."""
+
+    fmt: BlockFormat
+    data: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass over the matrix reads."""
+        return self.data.numel()
 
 
 def float_blocks(weight: torch.Tensor) -> BlockWeight:
@@ -206,6 +224,40 @@ class NativeKernels:
         self.isa: str = lib.disagg_quant_isa().decode()
         self.vnni = bool(lib.disagg_quant_int_vnni())  # integer-activation dots on AVX-512 VNNI (else AVX2/portable)
         self.blocked = bool(lib.disagg_quant_gemm_blocked())  # cpu_gemm8.cpp's blocked kernel (else the row one)
+        lib.disagg_quant_panels_bytes.argtypes = [i32, i64, i64]
+        lib.disagg_quant_panels_bytes.restype = i64
+        lib.disagg_quant_pack_panels.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr]
+        lib.disagg_quant_pack_panels.restype = None
+        lib.disagg_quant_panels_int16.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i32]
+        lib.disagg_quant_panels_int16.restype = None
+        self.panels = bool(lib.disagg_quant_panels_built())  # cpu_panel16.cpp's kernel (AVX-512 VNNI)
+
+    def pack_panels(self, w: BlockWeight) -> PanelWeight:
+        """`w` packed into panels (cpu_panel16.cpp), for `matmul_panels`; ValueError for float32 blocks."""
+        if w.fmt is BlockFormat.F32 or not self.panels:
+            raise ValueError(f"panels hold 4- and 8-bit codes on AVX-512 VNNI, not {w.fmt.value} here")
+        n, k = w.shape
+        size = self.library.disagg_quant_panels_bytes(w.fmt.codes, n, k)
+        raw = torch.empty(size + _ALIGN, dtype=torch.uint8)
+        start = -raw.data_ptr() % _ALIGN
+        data = raw[start : start + size]  # a view: the tensor keeps its storage alive
+        m = w.m.data_ptr() if w.m is not None else None
+        self.library.disagg_quant_pack_panels(w.fmt.codes, w.qs.data_ptr(), w.d.data_ptr(), m, n, k, data.data_ptr())
+        return PanelWeight(w.fmt, data, w.shape)
+
+    def matmul_panels(self, x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
+        """x [B, K] float32 rounded to int16 per block of 32, times the packed matrix's transpose: [B, N] float32,
+        the same integer dots as `matmul(x, blocks, 16)`."""
+        b, k = x.shape
+        n = w.shape[0]
+        if k != w.shape[1] or x.dtype != torch.float32:
+            raise ValueError(f"matmul of {tuple(x.shape)} {x.dtype} with a ({n}, {w.shape[1]}) panel matrix")
+        x = x.contiguous()
+        y = torch.empty(b, n, dtype=torch.float32)
+        self.library.disagg_quant_panels_int16(
+            w.fmt.codes, x.data_ptr(), b, k, w.data.data_ptr(), n, y.data_ptr(), torch.get_num_threads()
+        )
+        return y
 
     def matmul(
         self, x: torch.Tensor, w: BlockWeight, activation_bits: int = 0, *, blocked: bool = False

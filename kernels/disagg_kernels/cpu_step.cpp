@@ -24,6 +24,8 @@ extern "C" void disagg_quant_matmul_int(int bits, int codes, const float* x, int
                                         int threads);
 extern "C" void disagg_quant_gemm_int(int bits, int codes, const float* x, int64_t B, int64_t K, const uint8_t* qs,
                                       const float* d, const float* m, int64_t N, float* y, int threads);
+extern "C" void disagg_quant_panels_int16(int codes, const float* x, int64_t B, int64_t K, const uint8_t* panels,
+                                          int64_t N, float* y, int threads);
 
 extern "C" {
 
@@ -33,6 +35,7 @@ struct DisaggMat {  // one block matrix [n, k] (cpu_quant.cpp's codes) and its o
     const float* d;
     const float* m;  // NULL: Q4_0 / Q8_0
     const float* bias;  // NULL: none
+    const uint8_t* panels;  // NULL, or the matrix packed into panels (cpu_panel16.cpp; int16 activations; qs unused)
 };
 
 struct DisaggLayer {
@@ -88,7 +91,8 @@ void rms_norm(const float* x, const float* w, int64_t T, int64_t H, float eps, f
 void linear(const DisaggStack& s, const DisaggMat& w, const float* x, int64_t T, float* y, int threads) {
     const int codes = static_cast<int>(w.codes);
     const int bits = static_cast<int>(s.activation_bits);
-    if (bits && s.blocked_rows > 0 && T >= s.blocked_rows)
+    if (w.panels) disagg_quant_panels_int16(codes, x, T, w.k, w.panels, w.n, y, threads);
+    else if (bits && s.blocked_rows > 0 && T >= s.blocked_rows)
         disagg_quant_gemm_int(bits, codes, x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);
     else if (bits) disagg_quant_matmul_int(bits, codes, x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);
     else disagg_quant_matmul(codes, x, T, w.k, w.qs, w.d, w.m, w.n, y, threads);

@@ -16,13 +16,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from disagg_kernels.cpu_quant import BlockWeight, NativeKernels, matmul_reference
+from disagg_kernels.cpu_quant import BlockWeight, NativeKernels, PanelWeight, matmul_reference
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
 class _Mat(ctypes.Structure):
-    _fields_ = [("codes", _i64), ("n", _i64), ("k", _i64), ("qs", _ptr), ("d", _ptr), ("m", _ptr), ("bias", _ptr)]
+    _fields_ = [
+        *[(name, _i64) for name in ("codes", "n", "k")],
+        *[(name, _ptr) for name in ("qs", "d", "m", "bias", "panels")],
+    ]
 
 
 class _Layer(ctypes.Structure):
@@ -66,14 +69,15 @@ class StackShape:
 
 @dataclass
 class StackLayer:
-    """One decoder layer's weights: float32 norms, block matrices (QKV and gate/up fused), QKV's optional bias."""
+    """One decoder layer's weights: float32 norms, block matrices (QKV and gate/up fused; packed panels with int16
+    activations, where the panel kernel is built), QKV's optional bias."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv: BlockWeight
-    o: BlockWeight
-    gate_up: BlockWeight
-    down: BlockWeight
+    qkv: BlockWeight | PanelWeight
+    o: BlockWeight | PanelWeight
+    gate_up: BlockWeight | PanelWeight
+    down: BlockWeight | PanelWeight
     qkv_bias: torch.Tensor | None = None
 
 
@@ -86,14 +90,17 @@ def _float_ptr(t: torch.Tensor | None, keep: list[torch.Tensor]) -> int | None:
     return t.data_ptr()
 
 
-def _mat(w: BlockWeight, bias: torch.Tensor | None, keep: list[torch.Tensor]) -> _Mat:
+def _mat(w: BlockWeight | PanelWeight, bias: torch.Tensor | None, keep: list[torch.Tensor]) -> _Mat:
     n, k = w.shape
+    if isinstance(w, PanelWeight):
+        keep.append(w.data)
+        return _Mat(w.fmt.codes, n, k, None, None, None, _float_ptr(bias, keep), w.data.data_ptr())
     for t in (w.qs, w.d, w.m):
         if t is not None and not t.is_contiguous():
             raise ValueError("the native step reads contiguous block matrices")
     keep.append(w.qs)
     d, m, b = _float_ptr(w.d, keep), _float_ptr(w.m, keep), _float_ptr(bias, keep)
-    return _Mat(w.fmt.codes, n, k, w.qs.data_ptr(), d, m, b)
+    return _Mat(w.fmt.codes, n, k, w.qs.data_ptr(), d, m, b, None)
 
 
 class StackKernel:
@@ -110,6 +117,9 @@ class StackKernel:
     ) -> None:
         if kv.dtype != torch.float32 or kv.dim() != 6 or kv.stride(-1) != 1:
             raise ValueError("the native step writes a float32 cache [blocks, layers, 2, block_size, kv_heads, D]")
+        mats = [m for x in layers for m in (x.qkv, x.o, x.gate_up, x.down)]
+        if shape.activation_bits != 16 and any(isinstance(m, PanelWeight) for m in mats):
+            raise ValueError("packed panels are read with int16 activations only (activation_bits=16)")
         self._keep: list[torch.Tensor] = [kv]
         keep = self._keep
         self._layers = (_Layer * len(layers))(

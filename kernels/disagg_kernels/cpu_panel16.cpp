@@ -1,0 +1,227 @@
+// Block matmuls with int16 activations over weights packed once, at load, into panels of 16 output columns: y[B, N]
+// = x[B, K] @ W^T with cpu_dot8.cpp's arithmetic (x rounded per block of 32: dx = amax / 32767, qx = round(x / dx),
+// sx = dx * sum(qx); per weight block x . w = d * dx * (q . qx) + m * sx), the same integer dots.
+//
+// Why: cpu_dot8.cpp's row kernel puts a block's 32 codes across a vector's lanes, so every block of every row ends
+// in a lane permute and a scale per lane: a verified or batched row costs nearly what the first row does.
+// cpu_gemm8.cpp puts 16 output columns across the lanes, so a row costs its dot instructions and little else, but it
+// transposes its weights into that layout on every call (as int16 words, 4x the bytes of the codes): at 1-8 rows
+// the transposition costs more than the rows.  Here the transposition is done once, into the same bytes as the
+// blocks themselves: a panel keeps the codes' own width (nibbles stay nibbles), laid out so that a 64-byte load, a
+// mask and a shift give four groups of 2 codes per lane, then one widening per group.  A row then costs 16
+// `vpdpwssd` per block and panel, and the weights are read once per step whatever the row count (at most RM rows
+// of x at a time; a step of more rows reads each panel again from cache).
+//
+// Layout, per panel of 16 columns (columns past N are zeros), per block b of 32 weights along K:
+//     codes  NIB: 4 chunks of 64 bytes; chunk j, byte 2c + e of half h: low nibble code (column c, element
+//                 2 (4j + h) + e), high nibble the same for group 4j + 2 + h
+//            8-bit (Q8_0 signed, U8 unsigned): 8 chunks of 64 bytes; chunk j, byte 2c + e of half h: code (c,
+//                 2 (2j + h) + e)
+//     d[16], m[16] float32: the block's scale and minimum per column (cpu_blocks.h's `block_min`)
+// Panels follow one another; a panel is nb blocks.
+//
+// AVX-512 VNNI only: `disagg_quant_panels_built` says 0 elsewhere and the caller keeps the row layout.
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu_blocks.h"
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define DISAGG_PANELS 1
+#else
+#define DISAGG_PANELS 0
+#endif
+
+namespace {
+
+using namespace disagg_blocks;
+constexpr int64_t LANES = 16;
+constexpr int64_t GROUPS = QK / 2;  // dwords of 2 int16 activations per block
+
+inline int64_t code_bytes(int c) { return c == NIB ? 256 : 512; }  // a panel block's codes
+inline int64_t panel_block_bytes(int c) { return code_bytes(c) + 2 * LANES * 4; }
+
+template <int C>
+inline int code_at(const uint8_t* block, int64_t j) {  // element j of one weight block, as a signed or unsigned int
+    if constexpr (C == NIB) return j < 16 ? (block[j] & 0x0F) : (block[j - 16] >> 4);
+    else if constexpr (C == S8) return reinterpret_cast<const int8_t*>(block)[j];
+    else return block[j];
+}
+
+template <int C>
+void pack(const uint8_t* qs, const float* d, const float* m, int64_t N, int64_t K, uint8_t* out) {
+    const int64_t nb = K / QK, panels = (N + LANES - 1) / LANES;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < panels; ++p)
+        for (int64_t b = 0; b < nb; ++b) {
+            uint8_t* blk = out + (p * nb + b) * panel_block_bytes(C);
+            std::memset(blk, 0, static_cast<size_t>(panel_block_bytes(C)));
+            float* dp = reinterpret_cast<float*>(blk + code_bytes(C));
+            float* mp = dp + LANES;
+            for (int64_t c = 0; c < LANES; ++c) {
+                const int64_t n = p * LANES + c;
+                if (n >= N) break;
+                const uint8_t* src = qs + (n * nb + b) * block_bytes(C);
+                dp[c] = d[n * nb + b];
+                mp[c] = block_min<C>(m ? m + n * nb : nullptr, b, dp[c]);
+                for (int64_t k = 0; k < QK; ++k) {
+                    const int64_t g = k / 2, e = k % 2, v = code_at<C>(src, k);
+                    if constexpr (C == NIB) {  // group g = 4j + 2 hi + h
+                        const int64_t j = g / 4, hi = (g % 4) / 2, h = g % 2;
+                        blk[j * 64 + h * 32 + 2 * c + e] |= static_cast<uint8_t>(v << (4 * hi));
+                    } else {  // group g = 2j + h
+                        blk[(g / 2) * 64 + (g % 2) * 32 + 2 * c + e] = static_cast<uint8_t>(v);
+                    }
+                }
+            }
+        }
+}
+
+#if DISAGG_PANELS
+constexpr int RM = 4, RN = 2;  // rows of x by panels per micro-kernel: 8 dot and 8 float accumulators
+
+template <int C>
+inline __m512i widen(__m256i t) { return C == S8 ? _mm512_cvtepi8_epi16(t) : _mm512_cvtepu8_epi16(t); }
+
+template <int C>
+constexpr int PER_CHUNK = C == NIB ? 4 : 2;  // groups per 64-byte chunk of codes
+template <int C>
+constexpr int CHUNKS = GROUPS / PER_CHUNK<C>;
+
+// chunk j of a panel block's codes as int16 pairs per lane: groups PER_CHUNK j .. PER_CHUNK (j + 1) - 1 into w
+template <int C>
+inline void chunk(const uint8_t* blk, int j, __m512i* w) {
+    const __m512i v = _mm512_load_si512(blk + 64 * j);
+    if constexpr (C == NIB) {
+        const __m512i mask = _mm512_set1_epi8(0x0F);
+        const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+        w[0] = widen<C>(_mm512_castsi512_si256(lo));
+        w[1] = widen<C>(_mm512_extracti64x4_epi64(lo, 1));
+        w[2] = widen<C>(_mm512_castsi512_si256(hi));
+        w[3] = widen<C>(_mm512_extracti64x4_epi64(hi, 1));
+    } else {
+        w[0] = widen<C>(_mm512_castsi512_si256(v));
+        w[1] = widen<C>(_mm512_extracti64x4_epi64(v, 1));
+    }
+}
+
+struct Rounded {  // x rounded: q [B, K] int16, dx and sx [B, nb]
+    std::vector<int16_t> q;
+    std::vector<float> dx, sx;
+};
+
+// R rows of x from r0 by `np` (<= RN) panels from p0, into y.  Each chunk of codes is widened for all RN panels,
+// then every row's activation pair meets all of them: R x RN independent dot chains keep the dot unit busy.
+template <int C, int R>
+void micro(const Rounded& x, int64_t r0, int64_t K, const uint8_t* panels, int64_t p0, int np, int64_t N, float* y) {
+    const int64_t nb = K / QK, bbytes = panel_block_bytes(C);
+    __m512 acc[R][RN];
+    for (int r = 0; r < R; ++r)
+        for (int n = 0; n < RN; ++n) acc[r][n] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk[RN];  // a missing last panel reads the one before it; its sums are never stored
+        for (int n = 0; n < RN; ++n) blk[n] = panels + ((p0 + (n < np ? n : np - 1)) * nb + b) * bbytes;
+        __m512i dot[R][RN];
+        for (int r = 0; r < R; ++r)
+            for (int n = 0; n < RN; ++n) dot[r][n] = _mm512_setzero_si512();
+        const int16_t* xb = x.q.data() + r0 * K + b * QK;
+        for (int j = 0; j < CHUNKS<C>; ++j) {
+            __m512i w[RN][PER_CHUNK<C>];
+            for (int n = 0; n < RN; ++n) chunk<C>(blk[n], j, w[n]);
+            for (int i = 0; i < PER_CHUNK<C>; ++i)
+                for (int r = 0; r < R; ++r) {
+                    int32_t pair;  // 2 int16 activations as one dword (memcpy: no aliasing)
+                    std::memcpy(&pair, xb + r * K + 2 * (PER_CHUNK<C> * j + i), sizeof(pair));
+                    const __m512i a = _mm512_set1_epi32(pair);
+                    for (int n = 0; n < RN; ++n) dot[r][n] = _mm512_dpwssd_epi32(dot[r][n], w[n][i], a);
+                }
+        }
+        for (int n = 0; n < RN; ++n) {
+            const float* dp = reinterpret_cast<const float*>(blk[n] + code_bytes(C));
+            const __m512 dv = _mm512_load_ps(dp), mv = _mm512_load_ps(dp + LANES);
+            for (int r = 0; r < R; ++r) {
+                const int64_t rb = (r0 + r) * nb + b;
+                const __m512 s = _mm512_mul_ps(dv, _mm512_set1_ps(x.dx[rb]));
+                acc[r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][n]), s, acc[r][n]);
+                acc[r][n] = _mm512_fmadd_ps(mv, _mm512_set1_ps(x.sx[rb]), acc[r][n]);
+            }
+        }
+    }
+    for (int n = 0; n < np; ++n) {
+        const int64_t c0 = (p0 + n) * LANES;
+        const __mmask16 keep = N - c0 >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << (N - c0)) - 1);
+        for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + (r0 + r) * N + c0, keep, acc[r][n]);
+    }
+}
+
+template <int C, int R>  // the last B % RM rows: micro for exactly `left` of them
+void tail(int64_t left, const Rounded& x, int64_t r0, int64_t K, const uint8_t* panels, int64_t p0, int np,
+          int64_t N, float* y) {
+    if constexpr (R > 0) {
+        if (left == R) micro<C, R>(x, r0, K, panels, p0, np, N, y);
+        else tail<C, R - 1>(left, x, r0, K, panels, p0, np, N, y);
+    }
+}
+
+template <int C>
+void matmul(const float* x, int64_t B, int64_t K, const uint8_t* panels, int64_t N, float* y, int threads) {
+    const int64_t nb = K / QK, npanels = (N + LANES - 1) / LANES;
+    static thread_local Rounded mine;  // kept per calling thread between calls: grown, never zero-filled again
+    Rounded& rx = mine;
+    if (rx.q.size() < static_cast<size_t>(B * K)) rx.q.resize(static_cast<size_t>(B * K));
+    if (rx.dx.size() < static_cast<size_t>(B * nb)) {
+        rx.dx.resize(static_cast<size_t>(B * nb));
+        rx.sx.resize(static_cast<size_t>(B * nb));
+    }
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t rb = 0; rb < B * nb; ++rb)
+            round_block(x + rb * QK, rx.q.data() + rb * QK, [](int j) { return j; }, rx.dx[static_cast<size_t>(rb)],
+                        rx.sx[static_cast<size_t>(rb)]);
+#pragma omp for schedule(static)
+        for (int64_t p0 = 0; p0 < npanels; p0 += RN) {
+            const int np = npanels - p0 < RN ? static_cast<int>(npanels - p0) : RN;
+            int64_t r0 = 0;
+            for (; r0 + RM <= B; r0 += RM) micro<C, RM>(rx, r0, K, panels, p0, np, N, y);
+            tail<C, RM - 1>(B - r0, rx, r0, K, panels, p0, np, N, y);
+        }
+    }
+}
+#endif
+
+}  // namespace
+
+extern "C" {
+
+// bytes of a [N, K] matrix of `codes` (0 four-bit, 1 Q8_0, 2 U8) packed into panels
+int64_t disagg_quant_panels_bytes(int codes, int64_t N, int64_t K) {
+    return (N + LANES - 1) / LANES * (K / QK) * panel_block_bytes(codes);
+}
+
+// the row layout's blocks (cpu_quant.cpp's) packed into panels at `out` (64-byte aligned, the size above)
+void disagg_quant_pack_panels(int codes, const uint8_t* qs, const float* d, const float* m, int64_t N, int64_t K,
+                              uint8_t* out) {
+    if (codes == NIB) pack<NIB>(qs, d, m, N, K, out);
+    else if (codes == S8) pack<S8>(qs, d, m, N, K, out);
+    else pack<U8>(qs, d, m, N, K, out);
+}
+
+// y[B, N] = x[B, K] @ W^T over packed panels, x rounded to int16 per block of 32 (as disagg_quant_matmul_int with
+// bits 16: the same integer dots)
+void disagg_quant_panels_int16(int codes, const float* x, int64_t B, int64_t K, const uint8_t* panels, int64_t N,
+                               float* y, int threads) {
+#if DISAGG_PANELS
+    if (codes == NIB) matmul<NIB>(x, B, K, panels, N, y, threads);
+    else if (codes == S8) matmul<S8>(x, B, K, panels, N, y, threads);
+    else matmul<U8>(x, B, K, panels, N, y, threads);
+#else
+    (void)codes, (void)x, (void)B, (void)K, (void)panels, (void)N, (void)y, (void)threads;
+#endif
+}
+
+// 1 when the panel kernel is built here (AVX-512 VNNI)
+int disagg_quant_panels_built() { return DISAGG_PANELS; }
+
+}  // extern "C"
