@@ -145,9 +145,10 @@ def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tup
         kv_format=kv_format,
         kernels=kernels,
         quant_config=QuantConfig(activation_bits=activations.bits, panels=config.quant_repack),
-        # speculation keeps every greedy token only if a verified row gets the bits plain decoding gives it, which
-        # a quantized KV cache's rounding would otherwise magnify
-        batch_invariant=config.speculative != "none" and kv_format.encoded,
+        # a quantized KV cache's rounding magnifies a last-bit difference into another token, so with one every
+        # row gets the same bits whatever the step's row count: speculation's verified rows, plain decoding's lone
+        # ones (with speculation off too: a speculating engine's tokens are the plain engine's only if both are)
+        batch_invariant=kv_format.encoded,
         max_loras=config.max_loras,
     )
     return runner, tokenizer
