@@ -79,7 +79,7 @@ void pack(const uint8_t* qs, const float* d, const float* m, int64_t N, int64_t 
 }
 
 #if DISAGG_PANELS
-constexpr int RM = 4, RN = 2;  // rows of x by panels per micro-kernel: 8 dot and 8 float accumulators
+constexpr int RM = 6, RN = 2;  // rows of x by panels per micro-kernel: 8 dot and 8 float accumulators
 
 template <int C>
 inline __m512i widen(__m256i t) { return C == S8 ? _mm512_cvtepi8_epi16(t) : _mm512_cvtepu8_epi16(t); }
