@@ -7,14 +7,14 @@
 // cpu_gemm8.cpp puts 16 output columns across the lanes, so a row costs its dot instructions and little else, but it
 // transposes its weights into that layout on every call (as int16 words, 4x the bytes of the codes): at 1-8 rows
 // the transposition costs more than the rows.  Here the transposition is done once, into the same bytes as the
-// blocks themselves: a panel keeps the codes' own width (nibbles stay nibbles), laid out so that a 64-byte load, a
-// mask and a shift give four groups of 2 codes per lane, then one widening per group.  A row then costs 16
+// blocks themselves: a panel keeps the codes' own width (nibbles stay nibbles), laid out so that a 64-byte load and
+// a shift and a mask per group give four groups of 2 int16 codes per lane (8-bit codes: one widening per group).  A row then costs 16
 // `vpdpwssd` per block and panel, and the weights are read once per step whatever the row count (at most RM rows
 // of x at a time; a step of more rows reads each panel again from cache).
 //
 // Layout, per panel of 16 columns (columns past N are zeros), per block b of 32 weights along K:
-//     codes  NIB: 4 chunks of 64 bytes; chunk j, byte 2c + e of half h: low nibble code (column c, element
-//                 2 (4j + h) + e), high nibble the same for group 4j + 2 + h
+//     codes  NIB: 4 chunks of 64 bytes, each 32 little-endian 16-bit words; chunk j, word 2c + e: nibble i (bits
+//                 4i .. 4i + 3) is the code of column c, element 2 (4j + i) + e
 //            8-bit (Q8_0 signed, U8 unsigned): 8 chunks of 64 bytes; chunk j, byte 2c + e of half h: code (c,
 //                 2 (2j + h) + e)
 //     d[16], m[16] float32: the block's scale and minimum per column (cpu_blocks.h's `block_min`)
@@ -67,9 +67,9 @@ void pack(const uint8_t* qs, const float* d, const float* m, int64_t N, int64_t 
                 mp[c] = block_min<C>(m ? m + n * nb : nullptr, b, dp[c]);
                 for (int64_t k = 0; k < QK; ++k) {
                     const int64_t g = k / 2, e = k % 2, v = code_at<C>(src, k);
-                    if constexpr (C == NIB) {  // group g = 4j + 2 hi + h
-                        const int64_t j = g / 4, hi = (g % 4) / 2, h = g % 2;
-                        blk[j * 64 + h * 32 + 2 * c + e] |= static_cast<uint8_t>(v << (4 * hi));
+                    if constexpr (C == NIB) {  // group g = 4j + i: nibble i of word 2c + e of chunk j
+                        const int64_t j = g / 4, i = g % 4, byte = j * 64 + 2 * (2 * c + e) + i / 2;
+                        blk[byte] |= static_cast<uint8_t>(v << (4 * (i % 2)));
                     } else {  // group g = 2j + h
                         blk[(g / 2) * 64 + (g % 2) * 32 + 2 * c + e] = static_cast<uint8_t>(v);
                     }
@@ -93,13 +93,12 @@ constexpr int CHUNKS = GROUPS / PER_CHUNK<C>;
 template <int C>
 inline void chunk(const uint8_t* blk, int j, __m512i* w) {
     const __m512i v = _mm512_load_si512(blk + 64 * j);
-    if constexpr (C == NIB) {
-        const __m512i mask = _mm512_set1_epi8(0x0F);
-        const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-        w[0] = widen<C>(_mm512_castsi512_si256(lo));
-        w[1] = widen<C>(_mm512_extracti64x4_epi64(lo, 1));
-        w[2] = widen<C>(_mm512_castsi512_si256(hi));
-        w[3] = widen<C>(_mm512_extracti64x4_epi64(hi, 1));
+    if constexpr (C == NIB) {  // each word holds its lane's code of 4 groups, a nibble each: shifts and masks
+        const __m512i mask = _mm512_set1_epi16(0x000F);
+        w[0] = _mm512_and_si512(v, mask);
+        w[1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+        w[2] = _mm512_and_si512(_mm512_srli_epi16(v, 8), mask);
+        w[3] = _mm512_srli_epi16(v, 12);
     } else {
         w[0] = widen<C>(_mm512_castsi512_si256(v));
         w[1] = widen<C>(_mm512_extracti64x4_epi64(v, 1));
