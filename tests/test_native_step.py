@@ -100,6 +100,37 @@ def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(
         assert (got - want).abs().mean() < atol / 10
 
 
+@pytest.mark.parametrize("bits", [0, 16])
+def test_attention_over_long_prefixes_equals_the_torch_reference(bits, kernel_builds):
+    """Long prefixes take attention's 16-keys-at-a-time path, and a group of queries (a KV head's query heads, a
+    sequence's tokens) walks the keys together: two sequences of 600 and 40 slots, then one step with a decode
+    row of each and a 5-token proposal of the long one, against the reference from the same cache."""
+    if native_build.compiler() is None:
+        pytest.skip("no C++ compiler on this machine (the torch path serves)")
+    native, why = load_native(kernel_builds)
+    assert native is not None, why
+    layers, inv_freq, final_norm = _stack(2)
+    shape = dataclasses.replace(SHAPE, block_size=16, activation_bits=bits)
+    kv = torch.zeros(48, len(layers), 2, 16, SHAPE.kv_heads, SHAPE.head_dim)
+    kernel = StackKernel(native, shape, layers, inv_freq, final_norm, kv)
+    tables = torch.tensor([list(range(1, 41)), list(range(41, 44)) + [0] * 37], dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    for start in range(0, 600, 64):  # the prefixes, written by the kernel (its K/V agree with the reference's)
+        positions = list(range(start, min(start + 64, 600))) + ([] if start else list(range(40)))
+        rows = [0] * min(64, 600 - start) + ([] if start else [1] * 40)
+        hidden = torch.randn(len(positions), SHAPE.hidden, generator=g)
+        kernel.forward(hidden, torch.tensor(positions), tables, torch.tensor(rows))
+    reference = kv.clone()
+    positions, rows = [600, 40, 601, 602, 603, 604, 605], [0, 1, 0, 0, 0, 0, 0]
+    hidden = torch.randn(len(positions), SHAPE.hidden, generator=g)
+    args = (torch.tensor(positions), tables, torch.tensor(rows))
+    got = kernel.forward(hidden.clone(), *args)
+    want = forward_reference(shape, layers, inv_freq, final_norm, reference, hidden.clone(), *args)
+    atol = {0: 2e-5, 16: 1e-3}[bits]
+    torch.testing.assert_close(got, want, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(kv, reference, atol=atol, rtol=1e-5)
+
+
 def _packed(native, layer: StackLayer) -> StackLayer:
     """The layer with its 4- and 8-bit matrices packed into panels (float32 ones stay as they are)."""
     mats = {name: getattr(layer, name) for name in ("qkv", "o", "gate_up", "down")}

@@ -126,94 +126,78 @@ inline float* kv_at(const DisaggStack& s, int64_t layer, int which, const int32_
            (pos % s.block_size) * s.stride_slot;
 }
 
-// Attention, flash-decoding style.  The queries that read the same keys - the query heads of one KV head (GQA) and
-// the tokens of one sequence in this step (a prompt chunk, a proposal under verification) - walk the keys
-// together, so each K and V row is read once per step instead of once per query, and each walk covers a range of
-// keys (a split), so that a step with few sequences still gives every thread work.  A query keeps a running
-// maximum m, sum l and output acc (online softmax); the splits' partials are merged at the end.  Causal: a token
-// sees the slots up to its own position.
-struct Walk {  // one work item: a sequence's tokens (first, count in `order`), one KV head, slots [begin, end)
-    int64_t first, count, kv_head, begin, end;
+// Attention.  The queries that read the same keys - the query heads of one KV head (GQA) and the tokens of one
+// sequence in this step (a prompt chunk, a proposal under verification) - are served by one walk over the keys, so
+// each K and V row comes from memory once per walk instead of once per query (a step's walks are shared out among
+// the threads; a group is cut into parts where there are fewer groups than twice the threads).  Each query's
+// arithmetic is the plain two-pass softmax, in the same order whatever the walk: scores q . k (16 keys at a time,
+// each dot summed in `dot`'s order), their maximum, exponentials summed key by key, then the V rows weighted by
+// e / sum, key by key.  A token's attention is then the same bits whatever else the step holds.
+struct Walk {  // one work item: tokens [first, first + count) of `order` (one sequence), query heads of one KV head
+    int64_t first, count, kv_head, head_begin, head_end;
 };
 
 #if defined(__AVX512F__)
-// exp(x) for 16 floats (cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, then 2^n): within 2 ulp of
-// std::exp over the range softmax uses (x <= 0; below -87 it is 0)
-inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 unpack_lo64(__m512 a, __m512 b) {
-    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
-}
-inline __m512 unpack_hi64(__m512 a, __m512 b) {
-    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
-}
-
-// lane i of the result: the sum of v[i]'s 16 lanes (a transposing tree: ~3 instructions a vector, not ~8)
+// lane i of the result: v[i]'s 16 lanes summed in _mm512_reduce_add_ps's order (lane k + lane k + 8, then k + 4,
+// k + 2, k + 1; what `dot` does for each key), for 16 vectors at once (~3 instructions a vector, not ~8)
 inline __m512 sum16(const __m512 v[16]) {
-    __m512 u[4];
-    for (int q = 0; q < 4; ++q) {  // u[q], 128-bit block k, lane m: the sum of v[4 q + m]'s lanes 4 k .. 4 k + 3
-        const __m512* w = v + 4 * q;
-        const __m512 a = _mm512_add_ps(_mm512_unpacklo_ps(w[0], w[1]), _mm512_unpackhi_ps(w[0], w[1]));
-        const __m512 b = _mm512_add_ps(_mm512_unpacklo_ps(w[2], w[3]), _mm512_unpackhi_ps(w[2], w[3]));
-        u[q] = _mm512_add_ps(unpack_lo64(a, b), unpack_hi64(a, b));
+    __m512 x[8], y[4], z[2];
+    for (int i = 0; i < 8; ++i)  // 256-bit halves: blocks [v2i: b0 + b2, b1 + b3, v2i+1: b0 + b2, b1 + b3]
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44));
+    for (int i = 0; i < 4; ++i)  // 128-bit halves: block b of y[i] is vector 4i + b's 4 partial sums
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD),
+                             _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88));
+    for (int i = 0; i < 2; ++i) {  // 64-bit halves: block b of z[i]: vector 8i + b's 2 sums, then 8i + 4 + b's
+        const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(y[2 * i]), _mm512_castps_pd(y[2 * i + 1]));
+        const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(y[2 * i]), _mm512_castps_pd(y[2 * i + 1]));
+        z[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
     }
-    const __m512 y01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
-    const __m512 y23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(y01, y23, 0x88), _mm512_shuffle_f32x4(y01, y23, 0xDD));
+    // the last pairs: block b, lane m holds vector 4m + b; put vector i in lane i
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+    const __m512i at = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(at, r);
 }
-#endif
 
-#if defined(__AVX512F__)
-template <int C>  // acc[16 C] = sum over j < n of e[j] v[j], the accumulators in registers
-void weighted_rows_c(const float* e, const float* const* v, int64_t n, float* acc) {
+template <int C>  // out[16 C] = sum over j < n of (e[j] / sum) v[j], key by key, the accumulators in registers
+void weighted_rows_c(const float* e, float sum, const float* const* v, int64_t n, float* out) {
     __m512 a[C];
     for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-        const __m512 w = _mm512_set1_ps(e[j]);
-        for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v[j] + 16 * c), a[c]);
+        const __m512 p = _mm512_set1_ps(e[j] / sum);
+        for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v[j] + 16 * c), a[c]);
     }
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, a[c]);
 }
 #endif
 
-// acc[D] = sum over j < n of e[j] v[j]
-void weighted_rows(const float* e, const float* const* v, int64_t n, int64_t D, float* acc) {
+// out[D] = sum over j < n of (e[j] / sum) v[j], key by key
+void weighted_rows(const float* e, float sum, const float* const* v, int64_t n, int64_t D, float* out) {
 #if defined(__AVX512F__)
     switch (D) {
-        case 16: return weighted_rows_c<1>(e, v, n, acc);
-        case 32: return weighted_rows_c<2>(e, v, n, acc);
-        case 64: return weighted_rows_c<4>(e, v, n, acc);
-        case 128: return weighted_rows_c<8>(e, v, n, acc);
+        case 16: return weighted_rows_c<1>(e, sum, v, n, out);
+        case 32: return weighted_rows_c<2>(e, sum, v, n, out);
+        case 64: return weighted_rows_c<4>(e, sum, v, n, out);
+        case 128: return weighted_rows_c<8>(e, sum, v, n, out);
         default: break;
     }
 #endif
-    for (int64_t i = 0; i < D; ++i) acc[i] = 0.0f;
-    for (int64_t j = 0; j < n; ++j)
-        for (int64_t i = 0; i < D; ++i) acc[i] += e[j] * v[j][i];
+    for (int64_t i = 0; i < D; ++i) out[i] = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        const float p = e[j] / sum;
+        for (int64_t i = 0; i < D; ++i) out[i] += p * v[j][i];
+    }
 }
 
-// one query's partial over keys [0, n) of a walk (their K and V rows at k[j], v[j]; keys past `seen` are masked):
-// two passes as softmax is written (scores and their maximum; exponentials, their sum and the weighted V rows)
-void attend_keys(const float* q, const float* const* k, const float* const* v, int64_t n, int64_t seen, int64_t D,
-                 float scale, float* scores, float* pq) {
-    float m = -INFINITY, l = 0.0f;
-    float* acc = pq + 2;
+// one query over the keys it sees (their K and V rows at k[j], v[j], j < n)
+void attend_keys(const float* q, const float* const* k, const float* const* v, int64_t n, int64_t D, float scale,
+                 float* scores, float* out) {
+    float mx = -INFINITY;
     int64_t j = 0;
 #if defined(__AVX512F__)
     if (D % 16 == 0) {
         __m512 mv = _mm512_set1_ps(-INFINITY);
-        for (; j + 16 <= seen; j += 16) {
+        for (; j + 16 <= n; j += 16) {
             __m512 part[16];
             for (int64_t t = 0; t < 16; ++t) {
                 part[t] = _mm512_setzero_ps();
@@ -224,28 +208,16 @@ void attend_keys(const float* q, const float* const* k, const float* const* v, i
             _mm512_storeu_ps(scores + j, sc);
             mv = _mm512_max_ps(mv, sc);
         }
-        m = _mm512_reduce_max_ps(mv);
+        mx = _mm512_reduce_max_ps(mv);
     }
 #endif
-    for (; j < seen; ++j) {
+    for (; j < n; ++j) {
         scores[j] = dot(q, k[j], D) * scale;
-        m = scores[j] > m ? scores[j] : m;
+        mx = scores[j] > mx ? scores[j] : mx;
     }
-    j = 0;
-#if defined(__AVX512F__)
-    __m512 lv = _mm512_setzero_ps();
-    for (; j + 16 <= seen; j += 16) {
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + j), _mm512_set1_ps(m)));
-        _mm512_storeu_ps(scores + j, e);
-        lv = _mm512_add_ps(lv, e);
-    }
-    l = _mm512_reduce_add_ps(lv);
-#endif
-    for (; j < seen; ++j) l += (scores[j] = std::exp(scores[j] - m));
-    weighted_rows(scores, v, seen, D, acc);
-    pq[0] = m;
-    pq[1] = l;
-    (void)n;
+    float sum = 0.0f;
+    for (j = 0; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+    weighted_rows(scores, sum, v, n, D, out);
 }
 
 struct Scratch {  // a thread's, reused across walks
@@ -253,35 +225,29 @@ struct Scratch {  // a thread's, reused across walks
     std::vector<float> scores;
 };
 
-// the partials (m, l, acc[D]) of the walk's queries, token-major then head: count x group of them
 void walk_keys(const DisaggStack& s, int64_t layer, const std::vector<Token>& toks, const int64_t* order,
-               const Walk& w, const float* qkv, int64_t width, int64_t group, float scale, float* part,
+               const Walk& w, const float* qkv, int64_t width, int64_t group, float scale, float* attn,
                Scratch& scratch) {
-    const int64_t D = s.head_dim, bs = s.block_size, n = w.end - w.begin, stride = D + 2;
+    const int64_t D = s.head_dim, bs = s.block_size, qs = s.heads * D;
+    int64_t n = 0;  // the walk's slots: up to its last token's position
+    for (int64_t a = 0; a < w.count; ++a) n = std::max(n, toks[order[w.first + a]].position + 1);
     scratch.rows.resize(static_cast<size_t>(2 * n));
     scratch.scores.resize(static_cast<size_t>(n));
     const float** k = scratch.rows.data();  // the walk's K rows, then its V rows
     const float** v = k + n;
-    float* scores = scratch.scores.data();
     const int32_t* table = toks[order[w.first]].table;
-    for (int64_t j0 = w.begin; j0 < w.end; j0 = (j0 / bs + 1) * bs) {
+    for (int64_t j0 = 0; j0 < n; j0 += bs) {  // a block at a time: no division per slot
         const float* kp = kv_at(s, layer, 0, table, j0) + w.kv_head * s.stride_head;
         const float* vp = kv_at(s, layer, 1, table, j0) + w.kv_head * s.stride_head;
-        for (int64_t j = j0; j < std::min((j0 / bs + 1) * bs, w.end); ++j, kp += s.stride_slot, vp += s.stride_slot)
-            k[j - w.begin] = kp, v[j - w.begin] = vp;
+        for (int64_t j = j0; j < std::min(j0 + bs, n); ++j, kp += s.stride_slot, vp += s.stride_slot)
+            k[j] = kp, v[j] = vp;
     }
     for (int64_t a = 0; a < w.count; ++a) {
-        const int64_t t = order[w.first + a];
-        const int64_t seen = std::max<int64_t>(0, std::min(w.end, toks[t].position + 1) - w.begin);  // causal
-        for (int64_t g = 0; g < group; ++g) {
-            float* pq = part + (a * group + g) * stride;
-            if (seen == 0) {  // every slot of this walk lies after the token: nothing to add
-                pq[0] = -INFINITY, pq[1] = 0.0f;
-                continue;
-            }
-            attend_keys(qkv + t * width + (w.kv_head * group + g) * D, k, v, n, seen, D, scale, scores, pq);
-        }
+        const int64_t t = order[w.first + a], seen = toks[t].position + 1;  // causal: up to its own slot
+        for (int64_t h = w.head_begin; h < w.head_end; ++h)
+            attend_keys(qkv + t * width + h * D, k, v, seen, D, scale, scratch.scores.data(), attn + t * qs + h * D);
     }
+    (void)group;
 }
 
 void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& toks, const int64_t* seq,
@@ -300,31 +266,26 @@ void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& 
             }
         }
     }
-    // tokens ordered by sequence (the step's table rows); a sequence's walks cover slots 0 .. its last position
+    // tokens ordered by sequence (their rows of the step's block tables); one group per sequence and KV head
     std::vector<int64_t> order(static_cast<size_t>(T));
     for (int64_t t = 0; t < T; ++t) order[t] = t;
     std::stable_sort(order.begin(), order.end(), [seq](int64_t a, int64_t b) { return seq[a] < seq[b]; });
-    std::vector<Walk> walks;
-    std::vector<int64_t> part_at;  // each walk's first partial, in floats
-    int64_t seqs = 0;
-    for (int64_t i = 0; i < T; ++i) seqs += i == 0 || seq[order[i]] != seq[order[i - 1]];
-    const int64_t min_split = 256;  // slots: a walk shorter than this is not split (its merge would cost more)
-    const int64_t want = std::max<int64_t>(1, (2 * threads + seqs * s.kv_heads - 1) / (seqs * s.kv_heads));
-    int64_t floats = 0, work = 0;
+    std::vector<std::pair<int64_t, int64_t>> runs;  // (first, count) per sequence
+    int64_t work = 0;
     for (int64_t i = 0; i < T;) {
-        int64_t n = 1, len = toks[order[i]].position + 1;
-        while (i + n < T && seq[order[i + n]] == seq[order[i]]) len = std::max(len, toks[order[i + n++]].position + 1);
-        const int64_t splits = std::min(want, std::max<int64_t>(1, len / min_split));
-        for (int64_t h = 0; h < s.kv_heads; ++h)
-            for (int64_t c = 0; c < splits; ++c) {
-                walks.push_back(Walk{i, n, h, len * c / splits, len * (c + 1) / splits});
-                part_at.push_back(floats);
-                floats += n * group * (D + 2);
-            }
-        work += n * group * s.kv_heads * len;
+        int64_t n = 1;
+        while (i + n < T && seq[order[i + n]] == seq[order[i]]) ++n;
+        runs.emplace_back(i, n);
+        for (int64_t a = 0; a < n; ++a) work += s.heads * (toks[order[i + a]].position + 1);
         i += n;
     }
-    std::vector<float> parts(static_cast<size_t>(floats));
+    const int64_t groups = static_cast<int64_t>(runs.size()) * s.kv_heads;
+    const int64_t parts = std::min(group, std::max<int64_t>(1, (2 * threads + groups - 1) / groups));
+    std::vector<Walk> walks;
+    for (const auto& [first, count] : runs)
+        for (int64_t h = 0; h < s.kv_heads; ++h)
+            for (int64_t p = 0; p < parts; ++p)  // the group's query heads, cut into `parts`
+                walks.push_back(Walk{first, count, h, h * group + group * p / parts, h * group + group * (p + 1) / parts});
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     const int64_t nw = static_cast<int64_t>(walks.size());
 #pragma omp parallel num_threads(threads) if (work > 4096)
@@ -332,29 +293,7 @@ void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& 
         Scratch scratch;
 #pragma omp for schedule(dynamic)
         for (int64_t w = 0; w < nw; ++w)
-            walk_keys(s, l, toks, order.data(), walks[w], qkv, width, group, scale, parts.data() + part_at[w], scratch);
-    }
-    // merge: walks of one sequence and KV head are consecutive
-    for (int64_t w0 = 0; w0 < nw;) {
-        int64_t w1 = w0 + 1;
-        while (w1 < nw && walks[w1].first == walks[w0].first && walks[w1].kv_head == walks[w0].kv_head) ++w1;
-        const Walk& walk = walks[w0];
-        for (int64_t q = 0; q < walk.count * group; ++q) {
-            const int64_t t = order[walk.first + q / group], h = walk.kv_head * group + q % group;
-            float m = -INFINITY, sum = 0.0f;
-            for (int64_t w = w0; w < w1; ++w) m = std::max(m, parts[part_at[w] + q * (D + 2)]);
-            float* out = attn + t * qs + h * D;
-            for (int64_t i = 0; i < D; ++i) out[i] = 0.0f;
-            for (int64_t w = w0; w < w1; ++w) {
-                const float* pq = parts.data() + part_at[w] + q * (D + 2);
-                if (pq[0] == -INFINITY) continue;  // a split wholly after this token's position
-                const float c = std::exp(pq[0] - m);
-                sum += pq[1] * c;
-                for (int64_t i = 0; i < D; ++i) out[i] += pq[2 + i] * c;
-            }
-            for (int64_t i = 0; i < D; ++i) out[i] /= sum;
-        }
-        w0 = w1;
+            walk_keys(s, l, toks, order.data(), walks[w], qkv, width, group, scale, attn, scratch);
     }
 }
 
