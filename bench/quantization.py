@@ -42,8 +42,8 @@ class QuantBenchOptions:
         default_factory=lambda: ["none", "int8", "q4"],
         metadata={
             "nargs": "+",
-            "help": "modes to compare, QUANT[/a8|/a16][+ngram][:KV]: a quantization, /a8 or /a16 for "
-            "--quant-activations int8 or int16, "
+            "help": "modes to compare, QUANT[/a8|/a16[-rows]][+ngram][:KV]: a quantization, /a8 or /a16 for "
+            "--quant-activations int8 or int16 (-rows: int16 over the row layout, --no-quant-repack), "
             "+ngram for speculative decoding, :KV for a --kv-dtype (none:int8 = float32 weights, int8 KV cache)",
         },
     )
@@ -114,17 +114,19 @@ def agreement(reference: torch.Tensor, logits: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class Mode:
-    """One engine of the comparison: QUANT[/a8|/a16][+SPEC][:KV] (`/a8`: --quant-activations int8, `/a16` int16)."""
+    """One engine of the comparison: QUANT[/a8|/a16[-rows]][+SPEC][:KV] (`/a8`: --quant-activations int8, `/a16`
+    int16, `-rows`: --no-quant-repack)."""
 
     quantization: str
     activations: str
     speculative: str
     kv_dtype: str
+    repack: bool = True
 
     @property
     def weights(self) -> str:
         """The mode less its speculation: what the logits depend on."""
-        suffix = {"int8": "/a8", "int16": "/a16"}.get(self.activations, "")
+        suffix = {"int8": "/a8", "int16": "/a16"}.get(self.activations, "") + ("" if self.repack else "-rows")
         return f"{self.quantization}{suffix}:{self.kv_dtype}"
 
     def config(self, **kwargs) -> EngineConfig:
@@ -133,6 +135,7 @@ class Mode:
             quant_activations=self.activations,
             speculative=self.speculative,
             kv_dtype=self.kv_dtype,
+            quant_repack=self.repack,
             **kwargs,
         )
 
@@ -141,10 +144,11 @@ def parse_mode(mode: str) -> Mode:
     head, _, kv = mode.partition(":")
     weights, _, spec = head.partition("+")
     quant, _, act = weights.partition("/")
+    act, _, layout = act.partition("-")
     activations = {"": "float32", "a8": "int8", "a16": "int16"}
-    if act not in activations:
-        raise ValueError(f"mode {mode!r}: the activation suffixes are /a8 and /a16")
-    return Mode(quant, activations[act], spec or "none", kv or "auto")
+    if act not in activations or layout not in ("", "rows"):
+        raise ValueError(f"mode {mode!r}: the activation suffixes are /a8, /a16 and /a16-rows")
+    return Mode(quant, activations[act], spec or "none", kv or "auto", repack=layout != "rows")
 
 
 def quality(model: str, modes: list[str], kv_cache_mb: int) -> list[dict]:
