@@ -8,6 +8,7 @@
 - Bad options are refused at start-up, naming the option.
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ from disagg.config import EngineConfig
 from disagg.engine import quant
 from disagg.engine.engine import LLMEngine
 from disagg.engine.gguf import GGUFWeights, _unpermute
-from disagg.engine.tokenizer import Tokenizer
 from disagg.engine.quant import QuantKernels, QuantLinear, TritonQuantKernels, check_quantizable, gguf_file
+from disagg.engine.tokenizer import Tokenizer
 from disagg.engine.runner import load_model
 from disagg.kv.fingerprint import engine_fingerprint
 from disagg.model_store import make_tiny_model
@@ -73,7 +74,8 @@ def test_kernels_equal_the_torch_reference_on_every_cpu_path(march, kernel_build
 def test_panels_give_the_row_kernels_integer_dots_at_every_width(kernel_builds):
     """Weights packed once into panels (cpu_panel16.cpp) and int16 activations: the row kernel's answer (the same
     integer dots; float sums in another order) at every format, a part-filled last panel and an odd last pair of
-    panels, at row counts below, at and past the 4-row pass, and wide; elsewhere (no VNNI) packing is refused."""
+    panels, at row counts below, at and past the 6-row pass, and wide; its rows read back (a tied embedding's
+    lookup) equal the blocks' own; elsewhere (no VNNI) packing is refused."""
     if native_build.compiler() is None:
         pytest.skip("no C++ compiler on this machine (the torch reference serves)")
     kernels, why = load_native(kernel_builds)
@@ -95,6 +97,12 @@ def test_panels_give_the_row_kernels_integer_dots_at_every_width(kernel_builds):
                 got, want = kernels.matmul_panels(x, panels), kernels.matmul(x, w, 16)
                 torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-5, msg=f"{fmt} {n}x{k} rows={rows}")
                 torch.testing.assert_close(got, matmul_reference(x, w, 16), atol=2e-4, rtol=1e-5)
+            index = torch.tensor([n - 1, 0, n // 2, 0])
+            rows = kernels.panel_rows(panels, index)
+            torch.testing.assert_close(rows, dequantize_reference(w)[index], atol=1e-6, rtol=1e-6)
+            if fmt is BlockFormat.Q8_0:  # d q exactly, as the reference (a tied Q8_0 embedding: the default model)
+                assert torch.equal(rows, dequantize_reference(w)[index])
+            assert kernels.panel_rows(panels, torch.tensor([n])).isnan().all()  # past the matrix: NaN, not a read
     with pytest.raises(ValueError, match="panels hold"):
         kernels.pack_panels(float_blocks(torch.randn(16, 32)))
 
@@ -247,12 +255,19 @@ def test_an_int16_engine_reads_packed_panels_and_gives_the_row_layouts_tokens(sm
         pytest.skip("the panel kernel is built with AVX-512 VNNI only")
     config = EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=128, quantization="q4", quant_activations="int16")
     packed = LLMEngine(config)
+    int8_layers = LLMEngine(dataclasses.replace(config, quant_activations="int8"))
     monkeypatch.setattr(native, "panels", False)
     rows = LLMEngine(config)
     linears = [m for m in packed.runner.model.modules() if isinstance(m, QuantLinear)]
     assert len(linears) == 4 * 30 + 1 and all(isinstance(m.weight_blocks, PanelWeight) for m in linears)
     in_rows = [m for m in rows.runner.model.modules() if isinstance(m, QuantLinear)]
     assert all(isinstance(m.weight_blocks, BlockWeight) for m in in_rows)
+    # the default model's embedding is tied to its head: the lookups read the head's panels, no copy is kept (with
+    # int8 layers too, whose head packs only when its int16 config is set after load)
+    for engine in (packed, int8_layers):
+        model = engine.runner.model
+        assert isinstance(model.lm_head.weight_blocks, PanelWeight)
+        assert model.embed_tokens.weight_blocks is model.lm_head.weight_blocks
     greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     prompts = _prompts(Tokenizer.from_dir(smollm_dir), 4)
     # both round activations to int16; a float sum in another order can move one value across a rounding boundary

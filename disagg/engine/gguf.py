@@ -114,7 +114,13 @@ def load_gguf(model: CausalLM, path: Path, factory: QuantFactory) -> None:
         layer.input_layernorm.weight = nn.Parameter(g.dense(p + "attn_norm.weight"), requires_grad=False)
         layer.post_attention_layernorm.weight = nn.Parameter(g.dense(p + "ffn_norm.weight"), requires_grad=False)
     model.norm.weight = nn.Parameter(g.dense("output_norm.weight"), requires_grad=False)
-    model.lm_head = factory.linear(g.blocks("output.weight") if g.has("output.weight") else embed)
+    if g.has("output.weight"):
+        model.lm_head = factory.linear(g.blocks("output.weight"))
+    else:  # tied: the embedding reads the head's matrix (packed or not), not a copy of its own
+        head = factory.linear(embed)
+        model.lm_head = head
+        model.embed_tokens = factory.embedding(embed, head=head)  # type: ignore[assignment]
+    del embed  # the head or the embedding holds it (or, packed, nobody)
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise ValueError(f"{path.name}: no GGUF tensor for {left[:5]}")

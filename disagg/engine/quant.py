@@ -67,6 +67,11 @@ class QuantConfig:
     # Per matrix row it ties or beats both kernels above at 1-512 rows, most at 4-16 rows (docs/benchmarks.md,
     # "Weights packed once into panels")
     panels: bool = True
+    # every row the same bits whatever the step's row count (an engine with a quantized KV cache, whose rounding
+    # turns a last-bit difference into another token): steps of any width take the block kernels' per-row
+    # arithmetic, never the blocked GEMM or the de-quantized float32 GEMM (prefill chunks wider than direct_rows
+    # cost more: the block kernels lose to the GEMM from ~110 rows)
+    batch_invariant: bool = False
 
     @property
     def blocked_from(self) -> int:
@@ -74,7 +79,7 @@ class QuantConfig:
         teacher-forced agreement sits at the 97% bar and moves across it with the float summation order alone
         (docs/benchmarks.md), so int8 layers keep the row kernel's order (their LM head rounds to int16,
         `for_head`, and takes the blocked GEMM as int16's does)."""
-        return self.blocked_rows if self.activation_bits == 16 else 0
+        return self.blocked_rows if self.activation_bits == 16 and not self.batch_invariant else 0
 
     @property
     def wants_panels(self) -> bool:
@@ -110,6 +115,10 @@ class BlockKernels(Protocol):
         ...
 
     def matmul_panels(self, x: torch.Tensor, w: PanelWeight) -> torch.Tensor: ...
+
+    def panel_rows(self, w: PanelWeight, index: torch.Tensor) -> torch.Tensor:
+        """Rows of a packed matrix as float32 (a tied embedding's lookup)."""
+        ...
 
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor: ...
 
@@ -148,6 +157,11 @@ class QuantKernels:
             raise ValueError("panels are read by the native kernels only")
         return self.native.matmul_panels(x, w)
 
+    def panel_rows(self, w: PanelWeight, index: torch.Tensor) -> torch.Tensor:
+        if self.native is None:  # never: as above
+            raise ValueError("panels are read by the native kernels only")
+        return self.native.panel_rows(w, index)
+
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
         if self.native is not None:
             return self.native.dequantize(w, out)
@@ -174,6 +188,9 @@ class TritonQuantKernels:
         return None  # int16 activations run on the CPU kernels only
 
     def matmul_panels(self, x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
+        raise ValueError("--quant-activations int16 runs on the CPU kernels only")
+
+    def panel_rows(self, w: PanelWeight, index: torch.Tensor) -> torch.Tensor:
         raise ValueError("--quant-activations int16 runs on the CPU kernels only")
 
     def dequantize(self, w: BlockWeight, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -267,7 +284,7 @@ class QuantLinear(nn.Module):
         blocked = self.kernels.blocked and 0 < self.config.blocked_from <= rows
         if isinstance(w, PanelWeight):
             out = self.kernels.matmul_panels(flat, w)
-        elif rows <= self.config.direct_rows or blocked:
+        elif rows <= self.config.direct_rows or blocked or self.config.batch_invariant:
             out = self.kernels.matmul(flat, w, bits, blocked=blocked)
         else:
             scratch = self.scratch.get(self.out_features, self.in_features, flat.device)
@@ -281,15 +298,33 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """A token embedding kept in blocks: a lookup de-quantizes only the rows it reads."""
+    """A token embedding kept in blocks: a lookup de-quantizes only the rows it reads.  Tied to the LM head (a GGUF
+    file with no output matrix), it reads the head's matrix in whatever layout the head holds - packed into panels
+    once int16 activations ask for them - instead of keeping a second copy."""
 
-    def __init__(self, weight: BlockWeight, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        weight: BlockWeight,
+        kernels: BlockKernels,
+        dtype: torch.dtype = torch.float32,
+        head: QuantLinear | None = None,
+    ) -> None:
         super().__init__()
-        self.weight_blocks, self.dtype = weight, dtype
+        self.kernels, self.dtype = kernels, dtype
+        self._own: BlockWeight | None = None if head is not None else weight
+        self._head = [head] if head is not None else []  # a list: the head is the model's module, not this one's
+
+    @property
+    def weight_blocks(self) -> BlockWeight | PanelWeight:
+        return self._head[0].weight_blocks if self._head else self._own  # type: ignore[return-value]
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        flat = ids.reshape(-1)
-        return dequantize_reference(self.weight_blocks.rows(flat)).to(self.dtype).view(*ids.shape, -1)
+        flat, w = ids.reshape(-1), self.weight_blocks
+        if isinstance(w, PanelWeight):
+            rows = self.kernels.panel_rows(w, flat.cpu())
+        else:
+            rows = dequantize_reference(w.rows(flat))
+        return rows.to(self.dtype).view(*ids.shape, -1)
 
 
 class QuantFactory:
@@ -310,8 +345,9 @@ class QuantFactory:
         bias = None if bias is None else bias.to(self.device)
         return QuantLinear(weight.to(self.device), bias, self.kernels, self.scratch, self.config)
 
-    def embedding(self, weight: BlockWeight) -> QuantEmbedding:
-        return QuantEmbedding(weight.to(self.device), self.dtype)
+    def embedding(self, weight: BlockWeight, head: QuantLinear | None = None) -> QuantEmbedding:
+        """`head`: the LM head tied to this embedding (it holds `weight`), whose matrix the lookups then read."""
+        return QuantEmbedding(weight.to(self.device), self.kernels, self.dtype, head)
 
     def from_float(self, module: nn.Module, fmt: BlockFormat) -> QuantLinear:
         assert isinstance(module, nn.Linear)

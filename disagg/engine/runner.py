@@ -144,10 +144,14 @@ def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tup
         quantization=quantization,
         kv_format=kv_format,
         kernels=kernels,
-        quant_config=QuantConfig(activation_bits=activations.bits, panels=config.quant_repack),
-        # a quantized KV cache's rounding magnifies a last-bit difference into another token, so with one every
-        # row gets the same bits whatever the step's row count: speculation's verified rows, plain decoding's lone
-        # ones (with speculation off too: a speculating engine's tokens are the plain engine's only if both are)
+        quant_config=QuantConfig(
+            activation_bits=activations.bits, panels=config.quant_repack, batch_invariant=kv_format.encoded
+        ),
+        # a quantized KV cache's rounding magnifies a last-bit difference into another token, so with one every row
+        # gets the same bits whatever the step's row count: speculation's verified rows, plain decoding's lone ones,
+        # a prompt's rows prefilled whole or after a cached prefix (with speculation off too: a speculating or
+        # disaggregated engine's tokens are a plain engine's only if both are).  Float32 weights: the packed GEMM
+        # (above); quantized ones: QuantConfig.batch_invariant
         batch_invariant=kv_format.encoded,
         max_loras=config.max_loras,
     )

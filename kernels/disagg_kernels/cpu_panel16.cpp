@@ -6,9 +6,11 @@
 // in a lane permute and a scale per lane: a verified or batched row costs nearly what the first row does.
 // cpu_gemm8.cpp puts 16 output columns across the lanes, so a row costs its dot instructions and little else, but it
 // transposes its weights into that layout on every call (as int16 words, 4x the bytes of the codes): at 1-8 rows
-// the transposition costs more than the rows.  Here the transposition is done once, into the same bytes as the
-// blocks themselves: a panel keeps the codes' own width (nibbles stay nibbles), laid out so that a 64-byte load and
-// a shift and a mask per group give four groups of 2 int16 codes per lane (8-bit codes: one widening per group).  A row then costs 16
+// the transposition costs more than the rows.  Here the transposition is done once, and a panel keeps the codes'
+// own width (nibbles stay nibbles), laid out so that a 64-byte load and a shift and a mask per group give four
+// groups of 2 int16 codes per lane (8-bit codes: one widening per group).  Each block and column keeps a float32
+// scale and minimum: the bytes of the row layout for Q4_1 and U8; Q4_0 and Q8_0, which store no minimum, gain
+// 4 bytes per 32 weights (+20% and +11%).  A row then costs 16
 // `vpdpwssd` per block and panel, and the weights are read once per step whatever the row count (at most RM rows
 // of x at a time; a step of more rows reads each panel again from cache).
 //
@@ -20,7 +22,10 @@
 //     d[16], m[16] float32: the block's scale and minimum per column (cpu_blocks.h's `block_min`)
 // Panels follow one another; a panel is nb blocks.
 //
-// AVX-512 VNNI only: `disagg_quant_panels_built` says 0 elsewhere and the caller keeps the row layout.
+// AVX-512 VNNI only: `disagg_quant_panels_built` says 0 elsewhere and the caller keeps the row layout (the matmul
+// built elsewhere answers NaN: never called there).  `disagg_quant_panel_rows` reads rows back (a tied embedding's
+// lookup reads the LM head's panels instead of keeping its own copy of the matrix).
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -39,7 +44,7 @@ using namespace disagg_blocks;
 constexpr int64_t LANES = 16;
 constexpr int64_t GROUPS = QK / 2;  // dwords of 2 int16 activations per block
 
-inline int64_t code_bytes(int c) { return c == NIB ? 256 : 512; }  // a panel block's codes
+inline int64_t code_bytes(int c) { return block_bytes(c) * LANES; }  // a panel block's codes
 inline int64_t panel_block_bytes(int c) { return code_bytes(c) + 2 * LANES * 4; }
 
 template <int C>
@@ -49,10 +54,22 @@ inline int code_at(const uint8_t* block, int64_t j) {  // element j of one weigh
     else return block[j];
 }
 
+// where element k of column c sits in a panel block: its byte, and the shift of its bits within it
 template <int C>
-void pack(const uint8_t* qs, const float* d, const float* m, int64_t N, int64_t K, uint8_t* out) {
+inline void slot_of(int64_t c, int64_t k, int64_t& byte, int& shift) {
+    const int64_t g = k / 2, e = k % 2;
+    if constexpr (C == NIB) {  // group g = 4j + i: nibble i of word 2c + e of chunk j
+        const int64_t j = g / 4, i = g % 4;
+        byte = j * 64 + 2 * (2 * c + e) + i / 2, shift = 4 * static_cast<int>(i % 2);
+    } else {  // group g = 2j + h: byte 2c + e of half h of chunk j
+        byte = (g / 2) * 64 + (g % 2) * 32 + 2 * c + e, shift = 0;
+    }
+}
+
+template <int C>
+void pack(const uint8_t* qs, const float* d, const float* m, int64_t N, int64_t K, uint8_t* out, int threads) {
     const int64_t nb = K / QK, panels = (N + LANES - 1) / LANES;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t p = 0; p < panels; ++p)
         for (int64_t b = 0; b < nb; ++b) {
             uint8_t* blk = out + (p * nb + b) * panel_block_bytes(C);
@@ -66,20 +83,44 @@ void pack(const uint8_t* qs, const float* d, const float* m, int64_t N, int64_t 
                 dp[c] = d[n * nb + b];
                 mp[c] = block_min<C>(m ? m + n * nb : nullptr, b, dp[c]);
                 for (int64_t k = 0; k < QK; ++k) {
-                    const int64_t g = k / 2, e = k % 2, v = code_at<C>(src, k);
-                    if constexpr (C == NIB) {  // group g = 4j + i: nibble i of word 2c + e of chunk j
-                        const int64_t j = g / 4, i = g % 4, byte = j * 64 + 2 * (2 * c + e) + i / 2;
-                        blk[byte] |= static_cast<uint8_t>(v << (4 * (i % 2)));
-                    } else {  // group g = 2j + h
-                        blk[(g / 2) * 64 + (g % 2) * 32 + 2 * c + e] = static_cast<uint8_t>(v);
-                    }
+                    int64_t byte;
+                    int shift;
+                    slot_of<C>(c, k, byte, shift);
+                    blk[byte] |= static_cast<uint8_t>(code_at<C>(src, k) << shift);
                 }
             }
         }
 }
 
+// rows `idx` of a packed [N, K] matrix de-quantized to float32 (w = d q + m; an index outside 0..N-1 gives NaN)
+template <int C>
+void rows(const uint8_t* panels, int64_t N, int64_t K, const int64_t* idx, int64_t count, float* out) {
+    const int64_t nb = K / QK;
+    for (int64_t r = 0; r < count; ++r) {
+        const int64_t n = idx[r], c = n % LANES;
+        for (int64_t b = 0; b < nb; ++b)
+            for (int64_t k = 0; k < QK; ++k) {
+                float& w = out[r * K + b * QK + k];
+                if (n < 0 || n >= N) {
+                    w = NAN;
+                    continue;
+                }
+                const uint8_t* blk = panels + ((n / LANES) * nb + b) * panel_block_bytes(C);
+                const float* dp = reinterpret_cast<const float*>(blk + code_bytes(C));
+                int64_t byte;
+                int shift;
+                slot_of<C>(c, k, byte, shift);
+                const int v = C == NIB ? (blk[byte] >> shift) & 0x0F
+                                       : C == S8 ? static_cast<int>(static_cast<int8_t>(blk[byte])) : blk[byte];
+                w = dp[c] * static_cast<float>(v) + dp[LANES + c];
+            }
+    }
+}
+
 #if DISAGG_PANELS
-constexpr int RM = 6, RN = 2;  // rows of x by panels per micro-kernel: 8 dot and 8 float accumulators
+// rows of x by panels per micro-kernel: 12 dot and 12 float accumulators (4-bit codes: 8 more registers of codes,
+// a few spill); 6 rows a pass serve a 5-row verification in one pass, and measured as 5 or better from 8 rows
+constexpr int RM = 6, RN = 2;
 
 template <int C>
 inline __m512i widen(__m256i t) { return C == S8 ? _mm512_cvtepi8_epi16(t) : _mm512_cvtepu8_epi16(t); }
@@ -194,17 +235,26 @@ void matmul(const float* x, int64_t B, int64_t K, const uint8_t* panels, int64_t
 
 extern "C" {
 
-// bytes of a [N, K] matrix of `codes` (0 four-bit, 1 Q8_0, 2 U8) packed into panels
+// bytes of a [N, K] matrix of `codes` (0 four-bit, 1 Q8_0, 2 U8) packed into panels; 0 for other codes (F32)
 int64_t disagg_quant_panels_bytes(int codes, int64_t N, int64_t K) {
+    if (codes != NIB && codes != S8 && codes != U8) return 0;
     return (N + LANES - 1) / LANES * (K / QK) * panel_block_bytes(codes);
 }
 
 // the row layout's blocks (cpu_quant.cpp's) packed into panels at `out` (64-byte aligned, the size above)
 void disagg_quant_pack_panels(int codes, const uint8_t* qs, const float* d, const float* m, int64_t N, int64_t K,
-                              uint8_t* out) {
-    if (codes == NIB) pack<NIB>(qs, d, m, N, K, out);
-    else if (codes == S8) pack<S8>(qs, d, m, N, K, out);
-    else pack<U8>(qs, d, m, N, K, out);
+                              uint8_t* out, int threads) {
+    if (codes == NIB) pack<NIB>(qs, d, m, N, K, out, threads);
+    else if (codes == S8) pack<S8>(qs, d, m, N, K, out, threads);
+    else if (codes == U8) pack<U8>(qs, d, m, N, K, out, threads);
+}
+
+// rows `idx` (`count` of them) of a packed matrix, de-quantized into out [count, K] (an embedding lookup)
+void disagg_quant_panel_rows(int codes, const uint8_t* panels, int64_t N, int64_t K, const int64_t* idx,
+                             int64_t count, float* out) {
+    if (codes == NIB) rows<NIB>(panels, N, K, idx, count, out);
+    else if (codes == S8) rows<S8>(panels, N, K, idx, count, out);
+    else if (codes == U8) rows<U8>(panels, N, K, idx, count, out);
 }
 
 // y[B, N] = x[B, K] @ W^T over packed panels, x rounded to int16 per block of 32 (as disagg_quant_matmul_int with
@@ -216,7 +266,8 @@ void disagg_quant_panels_int16(int codes, const float* x, int64_t B, int64_t K, 
     else if (codes == S8) matmul<S8>(x, B, K, panels, N, y, threads);
     else matmul<U8>(x, B, K, panels, N, y, threads);
 #else
-    (void)codes, (void)x, (void)B, (void)K, (void)panels, (void)N, (void)y, (void)threads;
+    (void)codes, (void)x, (void)K, (void)panels, (void)threads;
+    for (int64_t i = 0; i < B * N; ++i) y[i] = NAN;
 #endif
 }
 

@@ -226,24 +226,39 @@ class NativeKernels:
         self.blocked = bool(lib.disagg_quant_gemm_blocked())  # cpu_gemm8.cpp's blocked kernel (else the row one)
         lib.disagg_quant_panels_bytes.argtypes = [i32, i64, i64]
         lib.disagg_quant_panels_bytes.restype = i64
-        lib.disagg_quant_pack_panels.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr]
+        lib.disagg_quant_pack_panels.argtypes = [i32, ptr, ptr, ptr, i64, i64, ptr, i32]
         lib.disagg_quant_pack_panels.restype = None
         lib.disagg_quant_panels_int16.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr, i32]
         lib.disagg_quant_panels_int16.restype = None
+        lib.disagg_quant_panel_rows.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr]
+        lib.disagg_quant_panel_rows.restype = None
         self.panels = bool(lib.disagg_quant_panels_built())  # cpu_panel16.cpp's kernel (AVX-512 VNNI)
 
     def pack_panels(self, w: BlockWeight) -> PanelWeight:
         """`w` packed into panels (cpu_panel16.cpp), for `matmul_panels`; ValueError for float32 blocks."""
         if w.fmt is BlockFormat.F32 or not self.panels:
             raise ValueError(f"panels hold 4- and 8-bit codes on AVX-512 VNNI, not {w.fmt.value} here")
+        if not all(t.is_contiguous() and t.device.type == "cpu" for t in (w.qs, w.d, w.m) if t is not None):
+            raise ValueError("panels are packed from contiguous CPU blocks")
         n, k = w.shape
         size = self.library.disagg_quant_panels_bytes(w.fmt.codes, n, k)
         raw = torch.empty(size + _ALIGN, dtype=torch.uint8)
         start = -raw.data_ptr() % _ALIGN
         data = raw[start : start + size]  # a view: the tensor keeps its storage alive
         m = w.m.data_ptr() if w.m is not None else None
-        self.library.disagg_quant_pack_panels(w.fmt.codes, w.qs.data_ptr(), w.d.data_ptr(), m, n, k, data.data_ptr())
+        self.library.disagg_quant_pack_panels(
+            w.fmt.codes, w.qs.data_ptr(), w.d.data_ptr(), m, n, k, data.data_ptr(), torch.get_num_threads()
+        )
         return PanelWeight(w.fmt, data, w.shape)
+
+    def panel_rows(self, w: PanelWeight, index: torch.Tensor) -> torch.Tensor:
+        """The rows `index` of a packed matrix as float32 [len(index), K] (a tied embedding's lookup)."""
+        idx = index.reshape(-1).to(torch.int64).contiguous()
+        out = torch.empty(idx.numel(), w.shape[1], dtype=torch.float32)
+        self.library.disagg_quant_panel_rows(
+            w.fmt.codes, w.data.data_ptr(), w.shape[0], w.shape[1], idx.data_ptr(), idx.numel(), out.data_ptr()
+        )
+        return out
 
     def matmul_panels(self, x: torch.Tensor, w: PanelWeight) -> torch.Tensor:
         """x [B, K] float32 rounded to int16 per block of 32, times the packed matrix's transpose: [B, N] float32,
@@ -302,8 +317,9 @@ class NativeKernels:
 
 
 def build_native(cache_dir: Path, march: str = "native") -> Path:
-    """Compile cpu_quant.cpp, cpu_dot8.cpp, cpu_gemm8.cpp and cpu_step.cpp into one library for this CPU (once:
-    cached by the sources, their header, the compiler and the CPU flags); the library's path.
+    """Compile cpu_quant.cpp and the kernels beside it (cpu_dot8.cpp, cpu_gemm8.cpp, cpu_panel16.cpp, cpu_step.cpp)
+    into one library for this CPU (once: cached by the sources, their header, the compiler and the CPU flags); the
+    library's path.
     `march` other than "native" builds another path for tests (e.g. "haswell": AVX2, "x86-64": portable).
     Raises RuntimeError with the compiler's message when it cannot be built."""
     flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]

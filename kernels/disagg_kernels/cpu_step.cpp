@@ -132,7 +132,9 @@ inline float* kv_at(const DisaggStack& s, int64_t layer, int which, const int32_
 // the threads; a group is cut into parts where there are fewer groups than twice the threads).  Each query's
 // arithmetic is the plain two-pass softmax, in the same order whatever the walk: scores q . k (16 keys at a time,
 // each dot summed in `dot`'s order), their maximum, exponentials summed key by key, then the V rows weighted by
-// e / sum, key by key.  A token's attention is then the same bits whatever else the step holds.
+// e / sum, key by key.  A token's attention is then the same bits whatever else the step holds, and (built with
+// g++, which contracts `a += p * v` into an FMA and sums _mm512_reduce_add_ps as sum16 does) the bits of the
+// per-query loop this replaced.
 struct Walk {  // one work item: tokens [first, first + count) of `order` (one sequence), query heads of one KV head
     int64_t first, count, kv_head, head_begin, head_end;
 };
@@ -226,8 +228,7 @@ struct Scratch {  // a thread's, reused across walks
 };
 
 void walk_keys(const DisaggStack& s, int64_t layer, const std::vector<Token>& toks, const int64_t* order,
-               const Walk& w, const float* qkv, int64_t width, int64_t group, float scale, float* attn,
-               Scratch& scratch) {
+               const Walk& w, const float* qkv, int64_t width, float scale, float* attn, Scratch& scratch) {
     const int64_t D = s.head_dim, bs = s.block_size, qs = s.heads * D;
     int64_t n = 0;  // the walk's slots: up to its last token's position
     for (int64_t a = 0; a < w.count; ++a) n = std::max(n, toks[order[w.first + a]].position + 1);
@@ -247,7 +248,6 @@ void walk_keys(const DisaggStack& s, int64_t layer, const std::vector<Token>& to
         for (int64_t h = w.head_begin; h < w.head_end; ++h)
             attend_keys(qkv + t * width + h * D, k, v, seen, D, scale, scratch.scores.data(), attn + t * qs + h * D);
     }
-    (void)group;
 }
 
 void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& toks, const int64_t* seq,
@@ -285,7 +285,8 @@ void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& 
     for (const auto& [first, count] : runs)
         for (int64_t h = 0; h < s.kv_heads; ++h)
             for (int64_t p = 0; p < parts; ++p)  // the group's query heads, cut into `parts`
-                walks.push_back(Walk{first, count, h, h * group + group * p / parts, h * group + group * (p + 1) / parts});
+                walks.push_back(
+                    Walk{first, count, h, h * group + group * p / parts, h * group + group * (p + 1) / parts});
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     const int64_t nw = static_cast<int64_t>(walks.size());
 #pragma omp parallel num_threads(threads) if (work > 4096)
@@ -293,7 +294,7 @@ void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& 
         Scratch scratch;
 #pragma omp for schedule(dynamic)
         for (int64_t w = 0; w < nw; ++w)
-            walk_keys(s, l, toks, order.data(), walks[w], qkv, width, group, scale, attn, scratch);
+            walk_keys(s, l, toks, order.data(), walks[w], qkv, width, scale, attn, scratch);
     }
 }
 
