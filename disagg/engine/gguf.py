@@ -93,7 +93,6 @@ def load_gguf(model: CausalLM, path: Path, factory: QuantFactory) -> None:
         raise ValueError(
             f"{path.name}: token_embd is {embed.shape}, config.json says {cfg.vocab_size}x{cfg.hidden_size}"
         )
-    model.embed_tokens = factory.embedding(embed)  # type: ignore[assignment]  # a lookup, like nn.Embedding
     for i, layer in enumerate(model.layers):
         assert isinstance(layer, DecoderLayer)
         p = f"blk.{i}."
@@ -114,9 +113,11 @@ def load_gguf(model: CausalLM, path: Path, factory: QuantFactory) -> None:
         layer.input_layernorm.weight = nn.Parameter(g.dense(p + "attn_norm.weight"), requires_grad=False)
         layer.post_attention_layernorm.weight = nn.Parameter(g.dense(p + "ffn_norm.weight"), requires_grad=False)
     model.norm.weight = nn.Parameter(g.dense("output_norm.weight"), requires_grad=False)
+    # the embedding is a lookup, like nn.Embedding; tied, it reads the head's matrix (packed or not), not a copy
     if g.has("output.weight"):
         model.lm_head = factory.linear(g.blocks("output.weight"))
-    else:  # tied: the embedding reads the head's matrix (packed or not), not a copy of its own
+        model.embed_tokens = factory.embedding(embed)  # type: ignore[assignment]
+    else:
         head = factory.linear(embed)
         model.lm_head = head
         model.embed_tokens = factory.embedding(embed, head=head)  # type: ignore[assignment]

@@ -282,18 +282,21 @@ class QuantLinear(nn.Module):
         # int16 activations stay integer at any width where the panels or the blocked GEMM are built (the same
         # integer dots as a narrow step); otherwise a wide step runs float32 activations over the de-quantized matrix
         blocked = self.kernels.blocked and 0 < self.config.blocked_from <= rows
-        if isinstance(w, PanelWeight):
-            out = self.kernels.matmul_panels(flat, w)
-        elif rows <= self.config.direct_rows or blocked or self.config.batch_invariant:
-            out = self.kernels.matmul(flat, w, bits, blocked=blocked)
-        else:
+        if (
+            isinstance(w, BlockWeight)
+            and rows > self.config.direct_rows
+            and not (blocked or self.config.batch_invariant)
+        ):
             scratch = self.scratch.get(self.out_features, self.in_features, flat.device)
             full = self.kernels.dequantize(w, scratch).to(flat.dtype)
-            return F.linear(flat, full, None if self.bias is None else self.bias.to(flat.dtype)).view(
-                *x.shape[:-1], self.out_features
-            )
-        if self.bias is not None:
-            out += self.bias
+            out = F.linear(flat, full, None if self.bias is None else self.bias.to(flat.dtype))
+        else:
+            if isinstance(w, PanelWeight):
+                out = self.kernels.matmul_panels(flat, w)
+            else:
+                out = self.kernels.matmul(flat, w, bits, blocked=blocked)
+            if self.bias is not None:
+                out += self.bias
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -316,7 +319,10 @@ class QuantEmbedding(nn.Module):
 
     @property
     def weight_blocks(self) -> BlockWeight | PanelWeight:
-        return self._head[0].weight_blocks if self._head else self._own  # type: ignore[return-value]
+        if self._head:
+            return self._head[0].weight_blocks
+        assert self._own is not None  # one of the two is set at construction
+        return self._own
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat, w = ids.reshape(-1), self.weight_blocks
