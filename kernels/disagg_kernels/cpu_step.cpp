@@ -14,6 +14,8 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include "cpu_blocks.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -61,6 +63,11 @@ struct DisaggStack {
 }  // extern "C"
 
 namespace {
+
+// K and V rows this many keys ahead are fetched while a key is scored or weighed (cpu_blocks.h's fetch_ahead): a
+// sequence's rows sit a slot apart in its cache blocks and blocks lie where the pool put them, so at long contexts
+// the attention waited on its keys' loads (docs/benchmarks.md, "Weights fetched ahead")
+constexpr int64_t KEYS_AHEAD = 32;
 
 inline float dot(const float* a, const float* b, int64_t n) {
     int64_t i = 0;
@@ -166,6 +173,7 @@ void weighted_rows_c(const float* e, float sum, const float* const* v, int64_t n
     __m512 a[C];
     for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
+        if (j + KEYS_AHEAD < n) disagg_blocks::fetch_ahead(v[j + KEYS_AHEAD], 64 * C);
         const __m512 p = _mm512_set1_ps(e[j] / sum);
         for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v[j] + 16 * c), a[c]);
     }
@@ -200,6 +208,8 @@ void attend_keys(const float* q, const float* const* k, const float* const* v, i
     if (D % 16 == 0) {
         __m512 mv = _mm512_set1_ps(-INFINITY);
         for (; j + 16 <= n; j += 16) {
+            for (int64_t t = j + KEYS_AHEAD; t < std::min(j + KEYS_AHEAD + 16, n); ++t)
+                disagg_blocks::fetch_ahead(k[t], D * 4);
             __m512 part[16];
             for (int64_t t = 0; t < 16; ++t) {
                 part[t] = _mm512_setzero_ps();
