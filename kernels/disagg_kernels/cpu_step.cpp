@@ -339,7 +339,8 @@ void disagg_stack_forward(const DisaggStack* stack, float* hidden, int64_t T, co
         for (int64_t i = 0; i < T * H; ++i) hidden[i] += proj[i];
         rms_norm(hidden, L.post_norm, T, H, s.eps, normed.data());
         linear(s, L.gate_up, normed.data(), T, gu.data(), threads);
-#pragma omp parallel for schedule(static) num_threads(threads) if (T > 1)  // T x I exponentials: split the rows
+        // T x I exponentials, split among the threads (a decode row's 1,536 alone cost more than the split)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
         for (int64_t t = 0; t < T; ++t)
             for (int64_t i = 0; i < I; ++i) {
                 const float g = gu[t * 2 * I + i];
