@@ -143,6 +143,19 @@ def _run(
     return runs
 
 
+def free_verification_bound(plain: list[dict], spec: list[dict], n: int) -> float:
+    """The speedup speculation would reach if verifying cost nothing: plain decoding's time against its prefill
+    (time to first token) plus one plain decode step per token not accepted from a proposal.  Medians over the
+    runs; with n > 1 the accepted tokens are spread evenly over the requests (the slowest decides, so the true
+    bound is lower).  What a cheaper verification cannot pass: only more accepted tokens can."""
+    wall = statistics.median(r["wall_s"] for r in plain)
+    ttft = statistics.median(r["ttft_mean_ms"] for r in plain) / 1e3
+    per_request = statistics.median(r["output_tokens"] for r in plain) / n
+    step = (wall - ttft) / max(per_request - 1, 1)
+    accepted = statistics.median(r["accepted"] for r in spec) / n
+    return wall / (ttft + max(per_request - 1 - accepted, 0) * step)
+
+
 def _row(args: argparse.Namespace, runs: Runs, workload: str, n: int, peers: dict[str, LlamaCppBaseline]) -> dict:
     base = [r["output_tok_s"] for r in runs[(workload, n, "none")]]
     spec = runs[(workload, n, "ngram")]
@@ -160,6 +173,7 @@ def _row(args: argparse.Namespace, runs: Runs, workload: str, n: int, peers: dic
         "verdict": verdict(ours["runs"], base),
         "proposed_per_run": statistics.median(r["proposed"] for r in spec),  # tokens verified as proposals
         "acceptance": statistics.median(r["accepted"] / r["proposed"] if r["proposed"] else 0.0 for r in spec),
+        "free_verification_bound": free_verification_bound(runs[(workload, n, "none")], spec, n),
         "same_tokens": all(  # every speculating arm's tokens are plain decoding's
             a["token_ids"] == b["token_ids"]
             for mode in ("ngram", "ngram-all")
