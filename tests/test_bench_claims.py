@@ -121,3 +121,17 @@ def test_engine_goal_is_met_only_when_the_ranges_do_not_overlap():
     assert verdict([39.7, 29.3, 41.4], [36.8, 36.4, 42.8]) == "not resolved"  # a better median is not enough
     assert verdict([45.0, 44.0, 46.0], [36.8, 36.4, 42.8]) == "met"
     assert verdict([455, 430, 481], [484, 483, 554]) == "missed"
+
+
+def test_the_free_verification_bound_counts_only_the_tokens_proposals_saved():
+    from bench.speculative import free_verification_bound
+
+    # plain: 1.5 s for 128 tokens, 0.3 s of it to the first token: 127 steps of 1.2/127 s
+    plain = [{"wall_s": 1.5, "ttft_mean_ms": 300.0, "output_tokens": 128}] * 3
+    # 63 tokens came from accepted proposals: 64 steps are left, whatever verifying cost
+    spec = [{"accepted": 63}, {"accepted": 63}, {"accepted": 10}]
+    assert abs(free_verification_bound(plain, spec, 1) - 1.5 / (0.3 + 64 * 1.2 / 127)) < 1e-9
+    # 8 requests of 16 tokens: the accepted tokens spread over them; none accepted: no gain
+    batch = [{"wall_s": 1.5, "ttft_mean_ms": 300.0, "output_tokens": 128}]
+    assert abs(free_verification_bound(batch, [{"accepted": 0}], 8) - 1.0) < 1e-9
+    assert abs(free_verification_bound(batch, [{"accepted": 40}], 8) - 1.5 / (0.3 + 10 * 1.2 / 15)) < 1e-9
