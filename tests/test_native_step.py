@@ -6,8 +6,9 @@
   format, a QKV bias, a prefill chunk, decode rows, a proposal's tokens, sequences sharing a prefix block.
 - An engine that takes it gives the tokens and, within float summation error, the logits of the torch path, on a
   model with a QKV bias (Qwen2), for decode batches, short prefill chunks and long prompts (the torch path's).
-- Which steps and which engines take it: not LoRA rows, not steps wider than `direct_rows`, not an encoded KV
-  cache, not bfloat16 compute; float32 weights do (their matrices read in place as F32 blocks).
+- Which steps and which engines take it: not LoRA rows, not steps wider than `direct_rows` (but every width over
+  an int8 KV cache: test_native_kv8.py), not an fp8 cache, not bfloat16 compute; float32 weights do (their
+  matrices read in place as F32 blocks).
 """
 
 import dataclasses
@@ -191,7 +192,9 @@ def test_which_steps_and_engines_take_the_native_step(tiny_llama_dir):
     assert step.takes(step.max_tokens, [seq]) and not step.takes(step.max_tokens + 1, [seq])
     seq.lora = LoRARef(name="a", path="/nowhere")
     assert not step.takes(1, [seq])  # adapters run on the torch path
-    assert _engine(tiny_llama_dir, True, kv_dtype="int8").runner.native_step is None  # an encoded cache
+    assert _engine(tiny_llama_dir, True, kv_dtype="fp8").runner.native_step is None  # fp8: the torch path's codec
+    int8 = _engine(tiny_llama_dir, True, kv_dtype="int8").runner.native_step  # its own codec, at every width
+    assert int8 is not None and int8.takes(10_000, [Sequence("s", [1, 2, 3], SamplingParams(), block_size=16)])
     plain = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64))  # float32: its matrices read in place
     assert plain.runner.kernel_path == "float+stack" and plain.runner.native_step is not None
     assert plain.runner.native_step.max_tokens == QuantConfig().float_rows  # wider: oneDNN's packed GEMM

@@ -10,12 +10,22 @@ Which steps take it (`NativeStep.takes`): at most `QuantConfig.direct_rows` toke
 model, where oneDNN's packed GEMM wins on wider steps; decode rows, a proposal under
 verification, a short prefill chunk: every token attends as a decode row over its own prefix, as
 `TorchAttentionBackend` does for verified rows), no LoRA row.  `build` returns None where it does not apply - a
-GPU, an encoded KV cache (--kv-dtype), bfloat16 compute, no C++ compiler (the torch reference kernels) - and the
-torch path serves those as before.
+GPU, an fp8 or bfloat16 KV cache (--kv-dtype), bfloat16 compute, no C++ compiler (the torch reference kernels) -
+and the torch path serves those as before.
+
+An int8 KV cache (`--kv-dtype int8`) is written and read by the step itself (`cpu_kv8.h`: KVFormat's bytes) for a
+quantized model without LoRA adapters, and then the step takes every step, whatever its width.  Such an engine
+promises every row the same bits whatever the step's row count (runner.py: the cache's rounding would turn a
+last-bit difference into another token), and the step keeps it on its own - each row's matmuls, attention and
+norms run in one order - where a prompt chunk on the torch path beside decode rows on the step would not.  A
+float32 model's wide steps would run its row-by-row float kernel, so it keeps the torch path with any encoded
+cache.  A step that carries a LoRA row runs on the torch path, as with every cache: with an int8 cache, the rows
+batched beside a LoRA row get the torch path's bits for that step.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TypeAlias
 
@@ -28,6 +38,7 @@ from disagg.engine.mm_inputs import InputEmbeds, embed_inputs
 from disagg.engine.model import CausalLM, DecoderLayer, RMSNorm
 from disagg.engine.quant import BlockKernels, QuantConfig, QuantKernels, QuantLinear, quant_kernels
 from disagg.engine.sequence import Sequence
+from disagg.modes import KVDtype
 from disagg_kernels.cpu_quant import BlockWeight, PanelWeight, float_blocks
 from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape
 
@@ -115,7 +126,10 @@ def build(
     the runner's block kernels (a quantized model's linears run them; None: a float32 model, which loads the
     CPU's only once the step applies); `layers`: a float32 model's (`float_layers`); None: the quantized model's
     own block matrices."""
-    if cache.format.encoded or cache.tensor.dtype != torch.float32 or cache.tensor.device.type != "cpu":
+    int8_kv = cache.format.kind is KVDtype.INT8 and cache.format.compute == torch.float32
+    if cache.tensor.device.type != "cpu" or (cache.tensor.dtype != torch.float32 and not int8_kv):
+        return None
+    if int8_kv and layers is not None:  # see the module docstring
         return None
     floats = layers is not None
     if layers is None:
@@ -141,7 +155,10 @@ def build(
         blocked_rows=config.blocked_from,
     )
     try:
-        kernel = StackKernel(native, shape, layers, model.rotary.inv_freq, model.norm.weight.data, cache.tensor)
+        kernel = StackKernel(
+            native, shape, layers, model.rotary.inv_freq, model.norm.weight.data, cache.tensor, kv_int8=int8_kv
+        )
     except ValueError:  # a layout the kernel does not read (non-contiguous blocks, another dtype): the torch path
         return None
-    return NativeStep(model, kernel, config.float_rows if floats else config.direct_rows)
+    widest = sys.maxsize if int8_kv else config.float_rows if floats else config.direct_rows  # int8: every width
+    return NativeStep(model, kernel, widest)

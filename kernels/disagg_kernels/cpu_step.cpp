@@ -13,9 +13,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_blocks.h"
+#include "cpu_kv8.h"
+#include "cpu_step_attention.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -55,19 +59,17 @@ struct DisaggStack {
     const float* inv_freq;  // [head_dim / 2]
     const float* final_norm;
     const DisaggLayer* layers;
-    // the paged cache, float32, in elements: [blocks, layers, 2, block_size, kv_heads, head_dim] by its strides
-    float* kv;
+    // the paged cache [blocks, layers, 2, block_size, kv_heads, width] by its strides (in elements): float32 with
+    // width = head_dim, or (kv_int8) bytes with width = head_dim + 2: a token's head as head_dim int8 values and
+    // their float16 scale (engine/kv_format.py's int8)
+    void* kv;
     int64_t stride_block, stride_layer, stride_kv, stride_slot, stride_head;
+    int64_t kv_int8;
 };
 
 }  // extern "C"
 
 namespace {
-
-// K and V rows this many keys ahead are fetched while a key is scored or weighed (cpu_blocks.h's fetch_ahead): a
-// sequence's rows sit a slot apart in its cache blocks and blocks lie where the pool put them, so at long contexts
-// the attention waited on its keys' loads (docs/benchmarks.md, "Weights fetched ahead")
-constexpr int64_t KEYS_AHEAD = 32;
 
 inline float dot(const float* a, const float* b, int64_t n) {
     int64_t i = 0;
@@ -127,9 +129,10 @@ struct Token {
     const int32_t* table;  // its sequence's block ids: slot = table[position / block_size] * block_size + ...
 };
 
-inline float* kv_at(const DisaggStack& s, int64_t layer, int which, const int32_t* table, int64_t pos) {
+template <typename E>  // the cache's element type: float, or uint8_t for an int8 cache
+inline E* kv_at(const DisaggStack& s, int64_t layer, int which, const int32_t* table, int64_t pos) {
     const int64_t block = table[pos / s.block_size];
-    return s.kv + block * s.stride_block + layer * s.stride_layer + which * s.stride_kv +
+    return static_cast<E*>(s.kv) + block * s.stride_block + layer * s.stride_layer + which * s.stride_kv +
            (pos % s.block_size) * s.stride_slot;
 }
 
@@ -146,118 +149,47 @@ struct Walk {  // one work item: tokens [first, first + count) of `order` (one s
     int64_t first, count, kv_head, head_begin, head_end;
 };
 
-#if defined(__AVX512F__)
-// lane i of the result: v[i]'s 16 lanes summed in _mm512_reduce_add_ps's order (lane k + lane k + 8, then k + 4,
-// k + 2, k + 1; what `dot` does for each key), for 16 vectors at once (~3 instructions a vector, not ~8)
-inline __m512 sum16(const __m512 v[16]) {
-    __m512 x[8], y[4], z[2];
-    for (int i = 0; i < 8; ++i)  // 256-bit halves: blocks [v2i: b0 + b2, b1 + b3, v2i+1: b0 + b2, b1 + b3]
-        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE),
-                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44));
-    for (int i = 0; i < 4; ++i)  // 128-bit halves: block b of y[i] is vector 4i + b's 4 partial sums
-        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD),
-                             _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88));
-    for (int i = 0; i < 2; ++i) {  // 64-bit halves: block b of z[i]: vector 8i + b's 2 sums, then 8i + 4 + b's
-        const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(y[2 * i]), _mm512_castps_pd(y[2 * i + 1]));
-        const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(y[2 * i]), _mm512_castps_pd(y[2 * i + 1]));
-        z[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
-    }
-    // the last pairs: block b, lane m holds vector 4m + b; put vector i in lane i
-    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
-    const __m512i at = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-    return _mm512_permutexvar_ps(at, r);
-}
-
-template <int C>  // out[16 C] = sum over j < n of (e[j] / sum) v[j], key by key, the accumulators in registers
-void weighted_rows_c(const float* e, float sum, const float* const* v, int64_t n, float* out) {
-    __m512 a[C];
-    for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-        if (j + KEYS_AHEAD < n) disagg_blocks::fetch_ahead(v[j + KEYS_AHEAD], 64 * C);
-        const __m512 p = _mm512_set1_ps(e[j] / sum);
-        for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v[j] + 16 * c), a[c]);
-    }
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, a[c]);
-}
-#endif
-
-// out[D] = sum over j < n of (e[j] / sum) v[j], key by key
-void weighted_rows(const float* e, float sum, const float* const* v, int64_t n, int64_t D, float* out) {
-#if defined(__AVX512F__)
-    switch (D) {
-        case 16: return weighted_rows_c<1>(e, sum, v, n, out);
-        case 32: return weighted_rows_c<2>(e, sum, v, n, out);
-        case 64: return weighted_rows_c<4>(e, sum, v, n, out);
-        case 128: return weighted_rows_c<8>(e, sum, v, n, out);
-        default: break;
-    }
-#endif
-    for (int64_t i = 0; i < D; ++i) out[i] = 0.0f;
-    for (int64_t j = 0; j < n; ++j) {
-        const float p = e[j] / sum;
-        for (int64_t i = 0; i < D; ++i) out[i] += p * v[j][i];
-    }
-}
-
-// one query over the keys it sees (their K and V rows at k[j], v[j], j < n)
-void attend_keys(const float* q, const float* const* k, const float* const* v, int64_t n, int64_t D, float scale,
-                 float* scores, float* out) {
-    float mx = -INFINITY;
-    int64_t j = 0;
-#if defined(__AVX512F__)
-    if (D % 16 == 0) {
-        __m512 mv = _mm512_set1_ps(-INFINITY);
-        for (; j + 16 <= n; j += 16) {
-            for (int64_t t = j + KEYS_AHEAD; t < std::min(j + KEYS_AHEAD + 16, n); ++t)
-                disagg_blocks::fetch_ahead(k[t], D * 4);
-            __m512 part[16];
-            for (int64_t t = 0; t < 16; ++t) {
-                part[t] = _mm512_setzero_ps();
-                for (int64_t c = 0; c < D; c += 16)
-                    part[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(k[j + t] + c), part[t]);
-            }
-            const __m512 sc = _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale));
-            _mm512_storeu_ps(scores + j, sc);
-            mv = _mm512_max_ps(mv, sc);
-        }
-        mx = _mm512_reduce_max_ps(mv);
-    }
-#endif
-    for (; j < n; ++j) {
-        scores[j] = dot(q, k[j], D) * scale;
-        mx = scores[j] > mx ? scores[j] : mx;
-    }
-    float sum = 0.0f;
-    for (j = 0; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
-    weighted_rows(scores, sum, v, n, D, out);
-}
-
 struct Scratch {  // a thread's, reused across walks
-    std::vector<const float*> rows;
+    std::vector<Floats> floats;  // the walk's K rows, then its V rows: a float32 cache's
+    std::vector<Int8s> int8s;  // or an int8 cache's
     std::vector<float> scores;
 };
 
-void walk_keys(const DisaggStack& s, int64_t layer, const std::vector<Token>& toks, const int64_t* order,
-               const Walk& w, const float* qkv, int64_t width, float scale, float* attn, Scratch& scratch) {
+// the walk's K and V rows (rows[j], rows[n + j], j < n) as Row reads them, then every query of the walk over them
+template <typename Row, typename Take>
+void walk_rows(const DisaggStack& s, int64_t layer, const std::vector<Token>& toks, const int64_t* order,
+               const Walk& w, int64_t n, const float* qkv, int64_t width, float scale, float* attn,
+               std::vector<Row>& rows, std::vector<float>& scores, Take take) {
+    using Elem = std::conditional_t<std::is_same_v<Row, Floats>, float, uint8_t>;
     const int64_t D = s.head_dim, bs = s.block_size, qs = s.heads * D;
-    int64_t n = 0;  // the walk's slots: up to its last token's position
-    for (int64_t a = 0; a < w.count; ++a) n = std::max(n, toks[order[w.first + a]].position + 1);
-    scratch.rows.resize(static_cast<size_t>(2 * n));
-    scratch.scores.resize(static_cast<size_t>(n));
-    const float** k = scratch.rows.data();  // the walk's K rows, then its V rows
-    const float** v = k + n;
+    rows.resize(static_cast<size_t>(2 * n));
+    scores.resize(static_cast<size_t>(n));
     const int32_t* table = toks[order[w.first]].table;
     for (int64_t j0 = 0; j0 < n; j0 += bs) {  // a block at a time: no division per slot
-        const float* kp = kv_at(s, layer, 0, table, j0) + w.kv_head * s.stride_head;
-        const float* vp = kv_at(s, layer, 1, table, j0) + w.kv_head * s.stride_head;
+        const Elem* kp = kv_at<Elem>(s, layer, 0, table, j0) + w.kv_head * s.stride_head;
+        const Elem* vp = kv_at<Elem>(s, layer, 1, table, j0) + w.kv_head * s.stride_head;
         for (int64_t j = j0; j < std::min(j0 + bs, n); ++j, kp += s.stride_slot, vp += s.stride_slot)
-            k[j] = kp, v[j] = vp;
+            rows[j] = take(kp), rows[n + j] = take(vp);
     }
     for (int64_t a = 0; a < w.count; ++a) {
         const int64_t t = order[w.first + a], seen = toks[t].position + 1;  // causal: up to its own slot
         for (int64_t h = w.head_begin; h < w.head_end; ++h)
-            attend_keys(qkv + t * width + h * D, k, v, seen, D, scale, scratch.scores.data(), attn + t * qs + h * D);
+            attend_keys(qkv + t * width + h * D, rows.data(), rows.data() + n, seen, D, scale, scores.data(),
+                        attn + t * qs + h * D);
     }
+}
+
+void walk_keys(const DisaggStack& s, int64_t layer, const std::vector<Token>& toks, const int64_t* order,
+               const Walk& w, const float* qkv, int64_t width, float scale, float* attn, Scratch& scratch) {
+    int64_t n = 0;  // the walk's slots: up to its last token's position
+    for (int64_t a = 0; a < w.count; ++a) n = std::max(n, toks[order[w.first + a]].position + 1);
+    const int64_t D = s.head_dim;
+    if (s.kv_int8)
+        walk_rows(s, layer, toks, order, w, n, qkv, width, scale, attn, scratch.int8s, scratch.scores,
+                  [D](const uint8_t* row) { return int8_row(row, D); });
+    else
+        walk_rows(s, layer, toks, order, w, n, qkv, width, scale, attn, scratch.floats, scratch.scores,
+                  [](const float* row) { return Floats{row}; });
 }
 
 void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& toks, const int64_t* seq,
@@ -268,8 +200,14 @@ void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& 
         float* row = qkv + t * width;
         rope(row, s.heads + s.kv_heads, D, cos + t * D, sin + t * D);
         for (int64_t h = 0; h < s.kv_heads; ++h) {
-            float* k = kv_at(s, l, 0, toks[t].table, toks[t].position) + h * s.stride_head;
-            float* v = kv_at(s, l, 1, toks[t].table, toks[t].position) + h * s.stride_head;
+            if (s.kv_int8) {
+                const int64_t at = h * s.stride_head;
+                encode_int8(row + qs + h * D, D, kv_at<uint8_t>(s, l, 0, toks[t].table, toks[t].position) + at);
+                encode_int8(row + qs + kvs + h * D, D, kv_at<uint8_t>(s, l, 1, toks[t].table, toks[t].position) + at);
+                continue;
+            }
+            float* k = kv_at<float>(s, l, 0, toks[t].table, toks[t].position) + h * s.stride_head;
+            float* v = kv_at<float>(s, l, 1, toks[t].table, toks[t].position) + h * s.stride_head;
             for (int64_t i = 0; i < D; ++i) {
                 k[i] = row[qs + h * D + i];
                 v[i] = row[qs + kvs + h * D + i];
@@ -351,6 +289,16 @@ void disagg_stack_forward(const DisaggStack* stack, float* hidden, int64_t T, co
     }
     rms_norm(hidden, s.final_norm, T, H, s.eps, normed.data());
     for (int64_t i = 0; i < T * H; ++i) hidden[i] = normed[i];
+}
+
+// `rows` heads of D values into engine/kv_format.py's int8 format (D + 2 bytes each), and back to float32: the
+// codec the step writes and reads its cache with (tests hold it to KVFormat byte for byte)
+void disagg_kv8_encode(const float* x, int64_t rows, int64_t D, uint8_t* out) {
+    for (int64_t r = 0; r < rows; ++r) encode_int8(x + r * D, D, out + r * (D + 2));
+}
+
+void disagg_kv8_decode(const uint8_t* in, int64_t rows, int64_t D, float* out) {
+    for (int64_t r = 0; r < rows; ++r) decode_int8(in + r * (D + 2), D, out + r * D);
 }
 
 }  // extern "C"

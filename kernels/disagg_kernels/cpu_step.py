@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,7 @@ class _Stack(ctypes.Structure):
         ("layers", ctypes.POINTER(_Layer)),
         ("kv", _ptr),
         *[(name, _i64) for name in ("stride_block", "stride_layer", "stride_kv", "stride_slot", "stride_head")],
+        ("kv_int8", _i64),
     ]
 
 
@@ -104,7 +106,9 @@ def _mat(w: BlockWeight | PanelWeight, bias: torch.Tensor | None, keep: list[tor
 
 
 class StackKernel:
-    """See the module docstring.  `kv`: the engine's float32 cache [blocks, layers, 2, block_size, kv_heads, D]."""
+    """See the module docstring.  `kv`: the engine's cache [blocks, layers, 2, block_size, kv_heads, width]:
+    float32 (width D), or with `kv_int8` uint8 holding engine/kv_format.py's int8 format (width D + 2: a token's
+    head as D int8 values and a float16 scale; cpu_kv8.h writes and reads it with KVFormat's bits)."""
 
     def __init__(
         self,
@@ -114,9 +118,14 @@ class StackKernel:
         inv_freq: torch.Tensor,
         final_norm: torch.Tensor,
         kv: torch.Tensor,
+        *,
+        kv_int8: bool = False,
     ) -> None:
-        if kv.dtype != torch.float32 or kv.dim() != 6 or kv.stride(-1) != 1:
-            raise ValueError("the native step writes a float32 cache [blocks, layers, 2, block_size, kv_heads, D]")
+        dtype, width = (torch.uint8, shape.head_dim + 2) if kv_int8 else (torch.float32, shape.head_dim)
+        if kv.dtype != dtype or kv.dim() != 6 or kv.shape[-1] != width or kv.stride(-1) != 1:
+            raise ValueError(
+                f"the native step writes a {dtype} cache [blocks, layers, 2, block_size, kv_heads, {width}]"
+            )
         mats = [m for x in layers for m in (x.qkv, x.o, x.gate_up, x.down)]
         if shape.activation_bits != 16 and any(isinstance(m, PanelWeight) for m in mats):
             raise ValueError("packed panels are read with int16 activations only (activation_bits=16)")
@@ -141,7 +150,7 @@ class StackKernel:
             len(layers), s.hidden, s.intermediate, s.heads, s.kv_heads, s.head_dim, s.block_size,
             s.activation_bits, s.blocked_rows, s.eps,
             _float_ptr(inv_freq.contiguous(), keep), _float_ptr(final_norm, keep),
-            self._layers, kv.data_ptr(), strides[0], strides[1], strides[2], strides[3], strides[4],
+            self._layers, kv.data_ptr(), strides[0], strides[1], strides[2], strides[3], strides[4], int(kv_int8),
         )  # fmt: skip
         self.shape = shape
         fn = native.library.disagg_stack_forward
@@ -179,8 +188,11 @@ def forward_reference(
     positions: torch.Tensor,
     tables: torch.Tensor,
     rows: torch.Tensor,
+    kv_round: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The kernel's step in torch (tests): tokens one after another, each writing its K/V before it attends."""
+    """The kernel's step in torch (tests): tokens one after another, each writing its K/V before it attends.
+    `kv` is float32; `kv_round` maps each K and V row to what a narrower cache gives back (an int8 cache's
+    encode then decode)."""
     s, d, bs, i8 = shape, shape.head_dim, shape.block_size, shape.activation_bits
     out = []
     for t in range(hidden.shape[0]):
@@ -194,6 +206,8 @@ def forward_reference(
             qk = qk * cos + torch.cat((-qk[:, d // 2 :], qk[:, : d // 2]), -1) * sin
             q, k = qk[: s.heads], qk[s.heads :]
             v = qkv[(s.heads + s.kv_heads) * d :].view(-1, d)
+            if kv_round is not None:
+                k, v = kv_round(k), kv_round(v)
             kv[int(table[pos // bs]), i, 0, pos % bs] = k
             kv[int(table[pos // bs]), i, 1, pos % bs] = v
             slots = [(int(table[j // bs]), j % bs) for j in range(pos + 1)]

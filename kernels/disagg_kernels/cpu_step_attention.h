@@ -1,0 +1,171 @@
+// Attention for the native step (cpu_step.cpp), over a cache of float32 rows or of int8 rows with a float16 scale
+// (cpu_kv8.h).  Included by cpu_step.cpp only; the build key of the library (native_build.py) covers this header.
+//
+// A row is read through its type: `Floats` as stored, `Int8s` as its values times its scale, converted in registers
+// as they are loaded - float(code) * scale, the very product KVFormat.decode computes - so an int8 cache is read
+// with decode's bits without writing a de-quantized copy (which, a walk's K and V at 1,500 slots, left the L2).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_blocks.h"
+#include "cpu_kv8.h"
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+struct Floats {  // a float32 cache row
+    const float* p;
+    static int64_t bytes(int64_t values) { return 4 * values; }
+    float at(int64_t i) const { return p[i]; }
+#if defined(__AVX512F__)
+    __m512 load16(int64_t c) const { return _mm512_loadu_ps(p + c); }
+#endif
+#if defined(__AVX2__)
+    __m256 load8(int64_t c) const { return _mm256_loadu_ps(p + c); }
+#endif
+};
+
+struct Int8s {  // an int8 cache row: its values, then its float16 scale (read once, as the row is taken)
+    const int8_t* p;
+    float scale;
+    static int64_t bytes(int64_t values) { return values + 2; }
+    float at(int64_t i) const { return static_cast<float>(p[i]) * scale; }
+#if defined(__AVX512F__)
+    __m512 load16(int64_t c) const {
+        const __m128i codes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + c));
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(codes)), _mm512_set1_ps(scale));
+    }
+#endif
+#if defined(__AVX2__)
+    __m256 load8(int64_t c) const {
+        const __m128i codes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + c));
+        return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(codes)), _mm256_set1_ps(scale));
+    }
+#endif
+};
+
+inline Int8s int8_row(const uint8_t* row, int64_t D) {
+    uint16_t h;
+    std::memcpy(&h, row + D, sizeof(h));
+    return Int8s{reinterpret_cast<const int8_t*>(row), float_from_half(h)};
+}
+
+// q . k in cpu_step.cpp's `dot` order (its float32 rows give dot's bits)
+template <typename Row>
+inline float row_dot(const float* a, const Row& b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), b.load16(i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), b.load8(i), acc);
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    s = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+#endif
+    for (; i < n; ++i) s += a[i] * b.at(i);
+    return s;
+}
+
+// K and V rows this many keys ahead are fetched while a key is scored or weighed (cpu_blocks.h's fetch_ahead): a
+// sequence's rows sit a slot apart in its cache blocks and blocks lie where the pool put them, so at long contexts
+// the attention waited on its keys' loads (docs/benchmarks.md, "Weights fetched ahead")
+constexpr int64_t KEYS_AHEAD = 32;
+
+#if defined(__AVX512F__)
+// lane i of the result: v[i]'s 16 lanes summed in _mm512_reduce_add_ps's order (lane k + lane k + 8, then k + 4,
+// k + 2, k + 1; what `dot` does for each key), for 16 vectors at once (~3 instructions a vector, not ~8)
+inline __m512 sum16(const __m512 v[16]) {
+    __m512 x[8], y[4], z[2];
+    for (int i = 0; i < 8; ++i)  // 256-bit halves: blocks [v2i: b0 + b2, b1 + b3, v2i+1: b0 + b2, b1 + b3]
+        x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44));
+    for (int i = 0; i < 4; ++i)  // 128-bit halves: block b of y[i] is vector 4i + b's 4 partial sums
+        y[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0xDD),
+                             _mm512_shuffle_f32x4(x[2 * i], x[2 * i + 1], 0x88));
+    for (int i = 0; i < 2; ++i) {  // 64-bit halves: block b of z[i]: vector 8i + b's 2 sums, then 8i + 4 + b's
+        const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(y[2 * i]), _mm512_castps_pd(y[2 * i + 1]));
+        const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(y[2 * i]), _mm512_castps_pd(y[2 * i + 1]));
+        z[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    // the last pairs: block b, lane m holds vector 4m + b; put vector i in lane i
+    const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+    const __m512i at = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    return _mm512_permutexvar_ps(at, r);
+}
+
+template <int C, typename Row>  // out[16 C] = sum over j < n of (e[j] / sum) v[j], key by key, the sums in registers
+void weighted_rows_c(const float* e, float sum, const Row* v, int64_t n, float* out) {
+    __m512 a[C];
+    for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+        if (j + KEYS_AHEAD < n) disagg_blocks::fetch_ahead(v[j + KEYS_AHEAD].p, Row::bytes(16 * C));
+        const __m512 p = _mm512_set1_ps(e[j] / sum);
+        for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, v[j].load16(16 * c), a[c]);
+    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, a[c]);
+}
+#endif
+
+// out[D] = sum over j < n of (e[j] / sum) v[j], key by key
+template <typename Row>
+void weighted_rows(const float* e, float sum, const Row* v, int64_t n, int64_t D, float* out) {
+#if defined(__AVX512F__)
+    switch (D) {
+        case 16: return weighted_rows_c<1, Row>(e, sum, v, n, out);
+        case 32: return weighted_rows_c<2, Row>(e, sum, v, n, out);
+        case 64: return weighted_rows_c<4, Row>(e, sum, v, n, out);
+        case 128: return weighted_rows_c<8, Row>(e, sum, v, n, out);
+        default: break;
+    }
+#endif
+    for (int64_t i = 0; i < D; ++i) out[i] = 0.0f;
+    for (int64_t j = 0; j < n; ++j) {
+        const float p = e[j] / sum;
+        for (int64_t i = 0; i < D; ++i) out[i] += p * v[j].at(i);
+    }
+}
+
+// one query over the keys it sees (their K and V rows k[j], v[j], j < n)
+template <typename Row>
+void attend_keys(const float* q, const Row* k, const Row* v, int64_t n, int64_t D, float scale, float* scores,
+                 float* out) {
+    float mx = -INFINITY;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    if (D % 16 == 0) {
+        __m512 mv = _mm512_set1_ps(-INFINITY);
+        for (; j + 16 <= n; j += 16) {
+            for (int64_t t = j + KEYS_AHEAD; t < std::min(j + KEYS_AHEAD + 16, n); ++t)
+                disagg_blocks::fetch_ahead(k[t].p, Row::bytes(D));
+            __m512 part[16];
+            for (int64_t t = 0; t < 16; ++t) {
+                part[t] = _mm512_setzero_ps();
+                for (int64_t c = 0; c < D; c += 16)
+                    part[t] = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), k[j + t].load16(c), part[t]);
+            }
+            const __m512 sc = _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale));
+            _mm512_storeu_ps(scores + j, sc);
+            mv = _mm512_max_ps(mv, sc);
+        }
+        mx = _mm512_reduce_max_ps(mv);
+    }
+#endif
+    for (; j < n; ++j) {
+        scores[j] = row_dot(q, k[j], D) * scale;
+        mx = scores[j] > mx ? scores[j] : mx;
+    }
+    float sum = 0.0f;
+    for (j = 0; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+    weighted_rows(scores, sum, v, n, D, out);
+}
+
+}  // namespace
