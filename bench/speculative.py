@@ -147,7 +147,8 @@ def free_verification_bound(plain: list[dict], spec: list[dict], n: int) -> floa
     """The speedup speculation would reach if verifying cost nothing: plain decoding's time against its prefill
     (time to first token) plus one plain decode step per token not accepted from a proposal.  Medians over the
     runs; with n > 1 the accepted tokens are spread evenly over the requests (the slowest decides, so the true
-    bound is lower).  What a cheaper verification cannot pass: only more accepted tokens can."""
+    bound is lower).  `spec` should be the arm that verifies every proposal (`--unbudgeted`): free verifying, the
+    budget would cut nothing.  What a cheaper verification cannot pass: only more accepted tokens can."""
     wall = statistics.median(r["wall_s"] for r in plain)
     ttft = statistics.median(r["ttft_mean_ms"] for r in plain) / 1e3
     per_request = statistics.median(r["output_tokens"] for r in plain) / n
@@ -173,7 +174,11 @@ def _row(args: argparse.Namespace, runs: Runs, workload: str, n: int, peers: dic
         "verdict": verdict(ours["runs"], base),
         "proposed_per_run": statistics.median(r["proposed"] for r in spec),  # tokens verified as proposals
         "acceptance": statistics.median(r["accepted"] / r["proposed"] if r["proposed"] else 0.0 for r in spec),
-        "free_verification_bound": free_verification_bound(runs[(workload, n, "none")], spec, n),
+        # free verification would cut nothing: the arm that verifies every proposal counts, where it ran
+        "free_verification_bound": free_verification_bound(
+            runs[(workload, n, "none")], runs.get((workload, n, "ngram-all")) or spec, n
+        ),
+        "bound_from": "ngram-all" if (workload, n, "ngram-all") in runs else "ngram",
         "same_tokens": all(  # every speculating arm's tokens are plain decoding's
             a["token_ids"] == b["token_ids"]
             for mode in ("ngram", "ngram-all")

@@ -18,6 +18,7 @@ from disagg.modes import KVDtype
 from disagg.protocol import SamplingParams, Tier
 from tests.kvutil import Node, connect, run, settle, tokens
 from tests.spec_fakes import rows_free
+from tests.test_engine_correctness import _record_logits
 from tests.test_kv_seam import _disaggregated
 from tests.test_kv_tiers import _demote_everything, _drop_device_cache, _serve, _tiers
 from tests.test_speculative import _repetitive
@@ -146,16 +147,29 @@ def test_every_batch_size_gives_a_row_the_same_bits():
         assert torch.equal(layer(x[:5]), batch[:5])
 
 
-def test_speculation_on_the_default_model_with_int8_kv_changes_no_token(smollm_dir):
-    from tests.test_quant_spec_cluster import MESSAGES
+# float32 weights: the torch path with its batch-invariant GEMM; q4 + int16: the native step at every width, which
+# also serves the prompt's chunks (a prompt prefilled in chunks of 16 against one chunk: the same tokens)
+@pytest.mark.parametrize("quant", [{}, {"quantization": "q4", "quant_activations": "int16"}], ids=["float32", "q4"])
+def test_speculation_on_the_default_model_with_int8_kv_changes_no_token(quant, smollm_dir):
+    from tests.test_quant_spec_cluster import CODE
 
-    outputs = []
-    for spec in ("none", "ngram"):
+    # ~150 prompt tokens: a prompt prefilled whole is a step wider than direct_rows
+    messages = [{"role": "user", "content": "Repeat this code exactly:\n" + CODE + CODE.replace("a", "x") + CODE}]
+    outputs, logits = [], []
+    for spec, chunk in (("none", 512), ("ngram", 512), ("none", 16)):
         engine = LLMEngine(EngineConfig(model=str(smollm_dir), kv_cache_memory_mb=32, max_model_len=512,
-                                        kv_dtype="int8", speculative=spec))
+                                        kv_dtype="int8", speculative=spec, max_num_batched_tokens=chunk, **quant))
+        if quant:
+            assert engine.runner.native_step is not None
         if engine.speculator is not None:
             engine.speculator.times = rows_free()  # every proposal verified, whatever the steps cost here
-        prompt = engine.tokenizer.encode_chat(MESSAGES)
+        prompt = engine.tokenizer.encode_chat(messages)
+        assert len(prompt) > 64
+        seen = _record_logits(engine)
         outputs.append(engine.generate([prompt], SamplingParams(max_tokens=48, temperature=0))[0].token_ids)
-    assert outputs[0] == outputs[1]
-    assert engine.speculator is not None and engine.speculator.stats.accepted_tokens > 0
+        logits.append(torch.stack(next(iter(seen.values()))))
+        if spec == "ngram":
+            assert engine.speculator is not None and engine.speculator.stats.accepted_tokens > 0
+    assert outputs[0] == outputs[1] == outputs[2]
+    # the same bits, not only the same tokens: every decode step's logits, the prompt prefilled whole or in chunks
+    assert torch.equal(logits[0], logits[2])

@@ -151,3 +151,29 @@ def test_a_quantized_engine_with_an_int8_cache_takes_the_step_at_every_width(tin
     assert _engine(tiny_llama_dir, True, kv_dtype="fp8").runner.native_step is None
     plain = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, kv_dtype="int8"))
     assert plain.runner.native_step is None and plain.runner.kernel_path == "float"
+
+
+def test_an_int8_cache_over_long_prefixes_equals_the_reference(kernel_builds):
+    """Long prefixes take attention's 16-keys-at-a-time path, its prefetches and its threads: two sequences of 600
+    and 40 slots written by the kernel, then a decode row of each and a 5-token proposal of the long one."""
+    native = _native(kernel_builds)
+    layers, inv_freq, final_norm = _stack(2)
+    shape = dataclasses.replace(SHAPE, block_size=16)
+    kv8 = torch.zeros(48, len(layers), 2, 16, SHAPE.kv_heads, D + 2, dtype=torch.uint8)
+    kernel = StackKernel(native, shape, layers, inv_freq, final_norm, kv8, kv_int8=True)
+    tables = torch.tensor([list(range(1, 41)), list(range(41, 44)) + [0] * 37], dtype=torch.int32)
+    g = torch.Generator().manual_seed(3)
+    for start in range(0, 600, 64):
+        positions = list(range(start, min(start + 64, 600))) + ([] if start else list(range(40)))
+        rows = [0] * min(64, 600 - start) + ([] if start else [1] * 40)
+        hidden = torch.randn(len(positions), SHAPE.hidden, generator=g)
+        kernel.forward(hidden, torch.tensor(positions), tables, torch.tensor(rows))
+    reference = FMT.decode(kv8.view(-1, D + 2)).view(*kv8.shape[:-1], D)  # what the kernel wrote, de-quantized
+    positions, rows = [600, 40, 601, 602, 603, 604, 605], [0, 1, 0, 0, 0, 0, 0]
+    hidden = torch.randn(len(positions), SHAPE.hidden, generator=g)
+    args = (torch.tensor(positions), tables, torch.tensor(rows))
+    got = kernel.forward(hidden.clone(), *args)
+    want = forward_reference(shape, layers, inv_freq, final_norm, reference, hidden.clone(), *args, kv_round=_rounded)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)  # float32 activations: float error only
+    written = FMT.decode(kv8.view(-1, D + 2)).view(reference.shape)
+    assert (written != reference).float().mean().item() < 1e-3

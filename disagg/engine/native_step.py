@@ -126,8 +126,10 @@ def build(
     the runner's block kernels (a quantized model's linears run them; None: a float32 model, which loads the
     CPU's only once the step applies); `layers`: a float32 model's (`float_layers`); None: the quantized model's
     own block matrices."""
-    int8_kv = cache.format.kind is KVDtype.INT8 and cache.format.compute == torch.float32
-    if cache.tensor.device.type != "cpu" or (cache.tensor.dtype != torch.float32 and not int8_kv):
+    if cache.tensor.device.type != "cpu" or cache.format.compute != torch.float32:
+        return None
+    int8_kv = cache.format.kind is KVDtype.INT8
+    if cache.tensor.dtype != torch.float32 and not int8_kv:  # fp8, bfloat16: the torch path's codecs
         return None
     if int8_kv and layers is not None:  # see the module docstring
         return None

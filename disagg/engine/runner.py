@@ -151,7 +151,9 @@ def load_model(config: EngineConfig, kernels: BlockKernels | None = None) -> tup
         # gets the same bits whatever the step's row count: speculation's verified rows, plain decoding's lone ones,
         # a prompt's rows prefilled whole or after a cached prefix (with speculation off too: a speculating or
         # disaggregated engine's tokens are a plain engine's only if both are).  Float32 weights: the packed GEMM
-        # (above); quantized ones: QuantConfig.batch_invariant
+        # (above); quantized ones: QuantConfig.batch_invariant, and with an int8 cache the native step at every
+        # width (native_step.py; a step that carries a LoRA row runs on the torch path, so the rows beside it get
+        # that path's bits for that step)
         batch_invariant=kv_format.encoded,
         max_loras=config.max_loras,
     )

@@ -40,19 +40,22 @@ inline void round_block(const float* x, A* q, At at, float& dx, float& sx) {
     sx = d * static_cast<float>(sum);
 }
 
-// The cache lines of [at, at + bytes) asked for ahead of their use (one request where bytes < 64).  The kernels
+// The cache lines of [base + offset, base + offset + bytes) asked for ahead of their use.  The kernels
 // read their weights in order, yet the hardware prefetcher alone left a batch-1 pass waiting on memory, at about
 // half the bandwidth a plain read reaches (docs/benchmarks.md, "Weights fetched ahead").  The row-layout kernels
 // (cpu_quant.cpp, cpu_dot8.cpp) ask for the block row PREFETCH_ROWS ahead of the one they compute (2 gained half
 // of what 4 did); the panel kernel counts in its own blocks.
 constexpr int64_t PREFETCH_ROWS = 4;
 
-inline void fetch_ahead(const void* at, int64_t bytes) {
+inline void fetch_ahead(const void* base, int64_t offset, int64_t bytes) {
 #if defined(__SSE__)
-    for (int64_t line = 0; line < bytes || line == 0; line += 64)
-        _mm_prefetch(static_cast<const char*>(at) + line, _MM_HINT_T0);
+    // in integers: the address may lie past the allocation (a prefetch never faults; a pointer there is undefined)
+    const uintptr_t first = (reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(offset)) & ~uintptr_t{63};
+    const uintptr_t end = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(offset + bytes);
+    for (uintptr_t line = first; line < end; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(line), _MM_HINT_T0);
 #else
-    (void)at, (void)bytes;
+    (void)base, (void)offset, (void)bytes;
 #endif
 }
 

@@ -236,9 +236,9 @@ void matmul_int(const std::vector<Row<A>>& xs, int64_t K, const uint8_t* qs, con
         const uint8_t* qrow = qs + n * nb * block_bytes(C);
         const float* drow = d + n * nb;
         const float* mrow = m ? m + n * nb : nullptr;
-        fetch_ahead(qrow + PREFETCH_ROWS * nb * block_bytes(C), nb * block_bytes(C));  // as cpu_quant.cpp's matmul
-        fetch_ahead(drow + PREFETCH_ROWS * nb, nb * 4);
-        if (mrow) fetch_ahead(mrow + PREFETCH_ROWS * nb, nb * 4);
+        fetch_ahead(qrow, PREFETCH_ROWS * nb * block_bytes(C), nb * block_bytes(C));  // as cpu_quant.cpp's matmul
+        fetch_ahead(drow, PREFETCH_ROWS * nb * 4, nb * 4);
+        if (mrow) fetch_ahead(mrow, PREFETCH_ROWS * nb * 4, nb * 4);
         for (int64_t r0 = 0; r0 < B; r0 += ROWS) {
             const int64_t rows = B - r0 < ROWS ? B - r0 : ROWS;
             float out[ROWS];

@@ -1,12 +1,14 @@
 // The int8 KV cache's codec for the native step (cpu_step.cpp): engine/kv_format.py's int8 format, a token's head as
 // head_dim int8 values and their float16 scale, written and read with the same bits as KVFormat.encode / decode
-// (tests/test_native_step.py holds them to it).  The build key of the library (native_build.py) covers this header.
+// (tests/test_native_kv8.py holds them to it).  The build key of the library (native_build.py) covers this header.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace {
+
+constexpr int64_t KV8_SCALE_BYTES = 2;  // kv_format.py's SCALE_BYTES: a float16 per token and head
 
 // float16 <-> float32, rounding to nearest even (Maratyszcza's FP16 conversions): the cache's scales are float16
 inline uint32_t bits_of(float f) {
@@ -55,6 +57,7 @@ inline void encode_int8(const float* x, int64_t D, uint8_t* out) {
         v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
         out[i] = std::isnan(v) ? 0 : static_cast<uint8_t>(static_cast<int8_t>(v));  // NaN: the scale says it
     }
+    static_assert(sizeof(uint16_t) == KV8_SCALE_BYTES);
     std::memcpy(out + D, &h, sizeof(h));
 }
 

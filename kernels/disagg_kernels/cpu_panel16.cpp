@@ -166,7 +166,7 @@ void micro(const Rounded& x, int64_t r0, int64_t K, const uint8_t* panels, int64
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t* blk[RN];  // a missing last panel reads the one before it; its sums are never stored
         for (int n = 0; n < RN; ++n) blk[n] = panels + ((p0 + (n < np ? n : np - 1)) * nb + b) * bbytes;
-        for (int n = 0; n < RN; ++n) fetch_ahead(blk[n] + PREFETCH_BLOCKS * bbytes, bbytes);
+        for (int n = 0; n < RN; ++n) fetch_ahead(blk[n], PREFETCH_BLOCKS * bbytes, bbytes);
         __m512i dot[R][RN];
         for (int r = 0; r < R; ++r)
             for (int n = 0; n < RN; ++n) dot[r][n] = _mm512_setzero_si512();

@@ -175,9 +175,9 @@ void matmul(const float* x, int64_t B, int64_t K, const uint8_t* qs, const float
         // rows are read in order: ask for the next ones' blocks.  Not float32 rows (a float32 model's native
         // step): long enough for the hardware prefetcher, they were slower when asked for (docs/benchmarks.md)
         if constexpr (C != F32) {
-            fetch_ahead(qrow + PREFETCH_ROWS * row_bytes, row_bytes);
-            fetch_ahead(drow + PREFETCH_ROWS * nb, nb * 4);
-            if (mrow) fetch_ahead(mrow + PREFETCH_ROWS * nb, nb * 4);
+            fetch_ahead(qrow, PREFETCH_ROWS * row_bytes, row_bytes);
+            fetch_ahead(drow, PREFETCH_ROWS * nb * 4, nb * 4);
+            if (mrow) fetch_ahead(mrow, PREFETCH_ROWS * nb * 4, nb * 4);
         }
         for (int64_t r0 = 0; r0 < B; r0 += ROWS) {
             const int64_t rows = B - r0 < ROWS ? B - r0 : ROWS;

@@ -4,8 +4,9 @@
 // chunk's token) with its position, its cache slot, its sequence's block-table row, and attention over the first
 // position + 1 slots of that sequence.  Per layer: RMSNorm, fused QKV (+ bias), rotate-half RoPE, K/V written to
 // the paged cache, attention per token and head, O, residual, RMSNorm, fused gate/up, SiLU * up, down, residual;
-// the final norm at the end.  The same arithmetic as the torch path (float32 throughout; the matmuls are
-// cpu_quant.cpp's block kernels), in another summation order.  One call instead of ~20 torch ops a layer: at
+// the final norm at the end.  The same arithmetic as the torch path (float32 throughout, but for an int8 cache's
+// K and V, rounded as KVFormat rounds them; the matmuls are cpu_quant.cpp's block kernels), in another summation
+// order.  One call instead of ~20 torch ops a layer: at
 // batch 1 those ops cost more than the weights' matmuls (docs/benchmarks.md).
 //
 // Built with cpu_quant.cpp into one library (cpu_quant.py); layouts are described by the structs below, which
@@ -60,7 +61,7 @@ struct DisaggStack {
     const float* final_norm;
     const DisaggLayer* layers;
     // the paged cache [blocks, layers, 2, block_size, kv_heads, width] by its strides (in elements): float32 with
-    // width = head_dim, or (kv_int8) bytes with width = head_dim + 2: a token's head as head_dim int8 values and
+    // width = head_dim, or (kv_int8) bytes with width = head_dim + 2 (cpu_kv8.h): head_dim int8 values and
     // their float16 scale (engine/kv_format.py's int8)
     void* kv;
     int64_t stride_block, stride_layer, stride_kv, stride_slot, stride_head;
@@ -123,6 +124,8 @@ void rope(float* x, int64_t count, int64_t D, const float* cos, const float* sin
         }
     }
 }
+
+constexpr int64_t SILU_SPLIT_MIN = 1024;  // exponentials that pay for a fork and join (see disagg_stack_forward)
 
 struct Token {
     int64_t position;
@@ -277,8 +280,9 @@ void disagg_stack_forward(const DisaggStack* stack, float* hidden, int64_t T, co
         for (int64_t i = 0; i < T * H; ++i) hidden[i] += proj[i];
         rms_norm(hidden, L.post_norm, T, H, s.eps, normed.data());
         linear(s, L.gate_up, normed.data(), T, gu.data(), threads);
-        // T x I exponentials, split among the threads (a decode row's 1,536 alone cost more than the split)
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+        // T x I exponentials, split among the threads where there are enough to pay for a fork and join (~1-2 us,
+        // the time of ~1,000 of them here; the default model's decode row has 1,536)
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (T * I >= SILU_SPLIT_MIN)
         for (int64_t t = 0; t < T; ++t)
             for (int64_t i = 0; i < I; ++i) {
                 const float g = gu[t * 2 * I + i];
@@ -294,11 +298,11 @@ void disagg_stack_forward(const DisaggStack* stack, float* hidden, int64_t T, co
 // `rows` heads of D values into engine/kv_format.py's int8 format (D + 2 bytes each), and back to float32: the
 // codec the step writes and reads its cache with (tests hold it to KVFormat byte for byte)
 void disagg_kv8_encode(const float* x, int64_t rows, int64_t D, uint8_t* out) {
-    for (int64_t r = 0; r < rows; ++r) encode_int8(x + r * D, D, out + r * (D + 2));
+    for (int64_t r = 0; r < rows; ++r) encode_int8(x + r * D, D, out + r * (D + KV8_SCALE_BYTES));
 }
 
 void disagg_kv8_decode(const uint8_t* in, int64_t rows, int64_t D, float* out) {
-    for (int64_t r = 0; r < rows; ++r) decode_int8(in + r * (D + 2), D, out + r * D);
+    for (int64_t r = 0; r < rows; ++r) decode_int8(in + r * (D + KV8_SCALE_BYTES), D, out + r * D);
 }
 
 }  // extern "C"

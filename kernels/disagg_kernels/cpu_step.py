@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from disagg_kernels.cpu_quant import BlockWeight, NativeKernels, PanelWeight, matmul_reference
 
 _i64, _ptr, _f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+KV8_SCALE_BYTES = 2  # an int8 cache's float16 scale per token and head, after its values (cpu_kv8.h)
 
 
 class _Mat(ctypes.Structure):
@@ -121,7 +122,7 @@ class StackKernel:
         *,
         kv_int8: bool = False,
     ) -> None:
-        dtype, width = (torch.uint8, shape.head_dim + 2) if kv_int8 else (torch.float32, shape.head_dim)
+        dtype, width = (torch.uint8, shape.head_dim + KV8_SCALE_BYTES) if kv_int8 else (torch.float32, shape.head_dim)
         if kv.dtype != dtype or kv.dim() != 6 or kv.shape[-1] != width or kv.stride(-1) != 1:
             raise ValueError(
                 f"the native step writes a {dtype} cache [blocks, layers, 2, block_size, kv_heads, {width}]"

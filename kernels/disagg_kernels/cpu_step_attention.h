@@ -33,7 +33,7 @@ struct Floats {  // a float32 cache row
 struct Int8s {  // an int8 cache row: its values, then its float16 scale (read once, as the row is taken)
     const int8_t* p;
     float scale;
-    static int64_t bytes(int64_t values) { return values + 2; }
+    static int64_t bytes(int64_t values) { return values + KV8_SCALE_BYTES; }
     float at(int64_t i) const { return static_cast<float>(p[i]) * scale; }
 #if defined(__AVX512F__)
     __m512 load16(int64_t c) const {
@@ -75,9 +75,10 @@ inline float row_dot(const float* a, const Row& b, int64_t n) {
     return s;
 }
 
-// K and V rows this many keys ahead are fetched while a key is scored or weighed (cpu_blocks.h's fetch_ahead): a
-// sequence's rows sit a slot apart in its cache blocks and blocks lie where the pool put them, so at long contexts
-// the attention waited on its keys' loads (docs/benchmarks.md, "Weights fetched ahead")
+// On the AVX-512 paths (D a multiple of 16), K and V rows this many keys ahead are fetched while a key is scored or
+// weighed (cpu_blocks.h's fetch_ahead): a sequence's rows sit a slot apart in its cache blocks and blocks lie where
+// the pool put them, so at long contexts the attention waited on its keys' loads.  Two groups of 16 keys: not
+// tuned; with it a decode step at 1,500 slots took 2-4% less (docs/benchmarks.md, "Weights fetched ahead")
 constexpr int64_t KEYS_AHEAD = 32;
 
 #if defined(__AVX512F__)
@@ -107,7 +108,7 @@ void weighted_rows_c(const float* e, float sum, const Row* v, int64_t n, float* 
     __m512 a[C];
     for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; ++j) {
-        if (j + KEYS_AHEAD < n) disagg_blocks::fetch_ahead(v[j + KEYS_AHEAD].p, Row::bytes(16 * C));
+        if (j + KEYS_AHEAD < n) disagg_blocks::fetch_ahead(v[j + KEYS_AHEAD].p, 0, Row::bytes(16 * C));
         const __m512 p = _mm512_set1_ps(e[j] / sum);
         for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, v[j].load16(16 * c), a[c]);
     }
@@ -145,7 +146,7 @@ void attend_keys(const float* q, const Row* k, const Row* v, int64_t n, int64_t 
         __m512 mv = _mm512_set1_ps(-INFINITY);
         for (; j + 16 <= n; j += 16) {
             for (int64_t t = j + KEYS_AHEAD; t < std::min(j + KEYS_AHEAD + 16, n); ++t)
-                disagg_blocks::fetch_ahead(k[t].p, Row::bytes(D));
+                disagg_blocks::fetch_ahead(k[t].p, 0, Row::bytes(D));
             __m512 part[16];
             for (int64_t t = 0; t < 16; ++t) {
                 part[t] = _mm512_setzero_ps();
