@@ -14,29 +14,19 @@ import dataclasses
 import pytest
 import torch
 from test_engine_correctness import assert_same_answers
-from test_native_step import FLAGS, SHAPE, STEPS, _engine, _stack
+from native_kernels import native_for
+from test_native_step import SHAPE, STEPS, _engine, _stack
 
 from disagg.config import EngineConfig
 from disagg.engine.engine import LLMEngine
 from disagg.engine.kv_format import KVFormat
 from disagg.modes import KVDtype
 from disagg.protocol import SamplingParams
-from disagg_kernels import native_build
-from disagg_kernels.cpu_quant import NativeKernels, load_native
+from disagg_kernels.cpu_quant import NativeKernels
 from disagg_kernels.cpu_step import StackKernel, forward_reference
 
 D = SHAPE.head_dim
 FMT = KVFormat(KVDtype.INT8, head_dim=D, compute=torch.float32)
-
-
-def _native(kernel_builds, march: str = "native") -> NativeKernels:
-    if native_build.compiler() is None:
-        pytest.skip("no C++ compiler on this machine (the torch path serves)")
-    if march == "haswell" and " avx2" not in FLAGS:
-        pytest.skip("this CPU has no AVX2")
-    native, why = load_native(kernel_builds, march)
-    assert native is not None, why
-    return native
 
 
 def _codec(native: NativeKernels):
@@ -81,7 +71,7 @@ def _hard_rows() -> torch.Tensor:
 
 @pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
 def test_the_codec_writes_and_reads_kv_formats_bytes(march, kernel_builds):
-    encode, decode = _codec(_native(kernel_builds, march))
+    encode, decode = _codec(native_for(kernel_builds, march))
     x = _hard_rows()
     packed = encode(x)
     assert torch.equal(packed, FMT.encode(x))
@@ -101,7 +91,7 @@ def test_the_step_over_an_int8_cache_equals_its_reference(march, bits, kernel_bu
     """The STEPS of test_native_step.py (a prefill chunk, a second sequence sharing a block, decode rows, a
     proposal) over an int8 cache, against the reference over a float32 cache whose rows are rounded as int8 rounds
     them."""
-    native = _native(kernel_builds, march)
+    native = native_for(kernel_builds, march)
     layers, inv_freq, final_norm = _stack(0)
     shape = dataclasses.replace(SHAPE, activation_bits=bits)
     kv8 = torch.zeros(10, len(layers), 2, SHAPE.block_size, SHAPE.kv_heads, D + 2, dtype=torch.uint8)
@@ -156,7 +146,7 @@ def test_a_quantized_engine_with_an_int8_cache_takes_the_step_at_every_width(tin
 def test_an_int8_cache_over_long_prefixes_equals_the_reference(kernel_builds):
     """Long prefixes take attention's 16-keys-at-a-time path, its prefetches and its threads: two sequences of 600
     and 40 slots written by the kernel, then a decode row of each and a 5-token proposal of the long one."""
-    native = _native(kernel_builds)
+    native = native_for(kernel_builds)
     layers, inv_freq, final_norm = _stack(2)
     shape = dataclasses.replace(SHAPE, block_size=16)
     kv8 = torch.zeros(48, len(layers), 2, 16, SHAPE.kv_heads, D + 2, dtype=torch.uint8)

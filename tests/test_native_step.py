@@ -12,10 +12,10 @@
 """
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
+from native_kernels import native_for
 from test_engine_correctness import assert_same_answers
 
 from disagg.config import EngineConfig
@@ -27,7 +27,6 @@ from disagg_kernels import native_build
 from disagg_kernels.cpu_quant import BlockFormat, load_native, quantize
 from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape, forward_reference
 
-FLAGS = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
 SHAPE = StackShape(hidden=64, intermediate=96, heads=4, kv_heads=2, head_dim=16, block_size=4, eps=1e-5)
 
 
@@ -70,12 +69,7 @@ STEPS = [([0, 1, 2, 3, 4, 5], [0] * 6), ([0, 1, 2], [1, 1, 1]), ([6, 3], [0, 1])
 def test_the_stack_kernel_equals_its_torch_reference_on_every_cpu_path(
     march, bits, blocked_rows, panels, kernel_builds
 ):
-    if native_build.compiler() is None:
-        pytest.skip("no C++ compiler on this machine (the torch path serves)")
-    if march == "haswell" and " avx2" not in FLAGS:
-        pytest.skip("this CPU has no AVX2")
-    native, why = load_native(kernel_builds, march)
-    assert native is not None, why
+    native = native_for(kernel_builds, march)
     layers, inv_freq, final_norm = _stack(0)
     kv_kernel = torch.zeros(10, len(layers), 2, SHAPE.block_size, SHAPE.kv_heads, SHAPE.head_dim)
     kv_reference = kv_kernel.clone()
