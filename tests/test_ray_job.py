@@ -54,13 +54,24 @@ def head():
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+# the dashboard answers before the head's job agent has registered; until it has, a submission is refused (HTTP
+# 500, nothing started) with this message, which asks to try again
+NO_AGENT_YET = "No available agent to submit job"
+AGENT_WAIT_S = 60
+
+
 def test_ray_job_submit_serves_a_chat_request(head, smollm_dir):
     url, env = head
-    out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--",
-                          "python", "-m", "disagg.cluster.launch", "--port", "0", "--kv-cache-mb", "128",
-                          "--model", str(smollm_dir), "--smoke-test"],
-                         env=env, capture_output=True, text=True, timeout=400)
-    log = out.stdout + out.stderr
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        out = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", url, "--",
+                              "python", "-m", "disagg.cluster.launch", "--port", "0", "--kv-cache-mb", "128",
+                              "--model", str(smollm_dir), "--smoke-test"],
+                             env=env, capture_output=True, text=True, timeout=400)
+        log = out.stdout + out.stderr
+        if out.returncode == 0 or NO_AGENT_YET not in log or time.monotonic() > deadline:
+            break
+        time.sleep(1)  # the agent registers within seconds of the head
     assert out.returncode == 0, log[-3000:]
     assert "disagg serving" in log and "finish=stop" in log and "Paris" in log
     assert "succeeded" in log
