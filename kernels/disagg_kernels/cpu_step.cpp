@@ -72,29 +72,11 @@ struct DisaggStack {
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
-    int64_t i = 0;
-    float s = 0.0f;
-#if defined(__AVX512F__)
-    __m512 acc = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    s = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__)
-    __m256 acc = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    s = _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
-#endif
-    for (; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
-
 // out[t] = x[t] * rsqrt(mean(x[t]^2) + eps) * w
 void rms_norm(const float* x, const float* w, int64_t T, int64_t H, float eps, float* out) {
     for (int64_t t = 0; t < T; ++t) {
         const float* xt = x + t * H;
-        const float inv = 1.0f / std::sqrt(dot(xt, xt, H) / static_cast<float>(H) + eps);
+        const float inv = 1.0f / std::sqrt(row_dot(xt, Floats{xt}, H) / static_cast<float>(H) + eps);
         for (int64_t i = 0; i < H; ++i) out[t * H + i] = xt[i] * inv * w[i];
     }
 }
@@ -139,12 +121,19 @@ inline E* kv_at(const DisaggStack& s, int64_t layer, int which, const int32_t* t
            (pos % s.block_size) * s.stride_slot;
 }
 
+// a token's K (which 0) or V (1) row of KV head h into the cache: as it is, or encoded (an int8 cache)
+inline void store_row(const DisaggStack& s, int64_t l, int which, const Token& tok, int64_t h, const float* row) {
+    const int64_t D = s.head_dim, at = h * s.stride_head;
+    if (s.kv_int8) encode_int8(row, D, kv_at<uint8_t>(s, l, which, tok.table, tok.position) + at);
+    else std::memcpy(kv_at<float>(s, l, which, tok.table, tok.position) + at, row, static_cast<size_t>(D) * 4);
+}
+
 // Attention.  The queries that read the same keys - the query heads of one KV head (GQA) and the tokens of one
 // sequence in this step (a prompt chunk, a proposal under verification) - are served by one walk over the keys, so
 // each K and V row comes from memory once per walk instead of once per query (a step's walks are shared out among
 // the threads; a group is cut into parts where there are fewer groups than twice the threads).  Each query's
 // arithmetic is the plain two-pass softmax, in the same order whatever the walk: scores q . k (16 keys at a time,
-// each dot summed in `dot`'s order), their maximum, exponentials summed key by key, then the V rows weighted by
+// each dot summed in `row_dot`'s order), their maximum, exponentials summed key by key, then the V rows weighted by
 // e / sum, key by key.  A token's attention is then the same bits whatever else the step holds, and (built with
 // g++, which contracts `a += p * v` into an FMA and sums _mm512_reduce_add_ps as sum16 does) the bits of the
 // per-query loop this replaced.
@@ -203,18 +192,8 @@ void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& 
         float* row = qkv + t * width;
         rope(row, s.heads + s.kv_heads, D, cos + t * D, sin + t * D);
         for (int64_t h = 0; h < s.kv_heads; ++h) {
-            if (s.kv_int8) {
-                const int64_t at = h * s.stride_head;
-                encode_int8(row + qs + h * D, D, kv_at<uint8_t>(s, l, 0, toks[t].table, toks[t].position) + at);
-                encode_int8(row + qs + kvs + h * D, D, kv_at<uint8_t>(s, l, 1, toks[t].table, toks[t].position) + at);
-                continue;
-            }
-            float* k = kv_at<float>(s, l, 0, toks[t].table, toks[t].position) + h * s.stride_head;
-            float* v = kv_at<float>(s, l, 1, toks[t].table, toks[t].position) + h * s.stride_head;
-            for (int64_t i = 0; i < D; ++i) {
-                k[i] = row[qs + h * D + i];
-                v[i] = row[qs + kvs + h * D + i];
-            }
+            store_row(s, l, 0, toks[t], h, row + qs + h * D);
+            store_row(s, l, 1, toks[t], h, row + qs + kvs + h * D);
         }
     }
     // tokens ordered by sequence (their rows of the step's block tables); one group per sequence and KV head

@@ -55,7 +55,8 @@ inline Int8s int8_row(const uint8_t* row, int64_t D) {
     return Int8s{reinterpret_cast<const int8_t*>(row), float_from_half(h)};
 }
 
-// q . k in cpu_step.cpp's `dot` order (its float32 rows give dot's bits)
+// a . b, 16 (AVX2: 8) lanes of products summed by one vector reduction, then the tail: the order every score (and
+// the RMSNorm's sum of squares, cpu_step.cpp) is summed in
 template <typename Row>
 inline float row_dot(const float* a, const Row& b, int64_t n) {
     int64_t i = 0;
@@ -83,7 +84,7 @@ constexpr int64_t KEYS_AHEAD = 32;
 
 #if defined(__AVX512F__)
 // lane i of the result: v[i]'s 16 lanes summed in _mm512_reduce_add_ps's order (lane k + lane k + 8, then k + 4,
-// k + 2, k + 1; what `dot` does for each key), for 16 vectors at once (~3 instructions a vector, not ~8)
+// k + 2, k + 1; what `row_dot` does for each key), for 16 vectors at once (~3 instructions a vector, not ~8)
 inline __m512 sum16(const __m512 v[16]) {
     __m512 x[8], y[4], z[2];
     for (int i = 0; i < 8; ++i)  // 256-bit halves: blocks [v2i: b0 + b2, b1 + b3, v2i+1: b0 + b2, b1 + b3]
