@@ -167,3 +167,34 @@ def test_an_int8_cache_over_long_prefixes_equals_the_reference(kernel_builds):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)  # float32 activations: float error only
     written = FMT.decode(kv8.view(-1, D + 2)).view(reference.shape)
     assert (written != reference).float().mean().item() < 1e-3
+
+
+@pytest.mark.parametrize("kv_int8", [False, True])
+@pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
+def test_a_prompt_in_chunks_and_token_by_token_gives_the_same_bits(march, kv_int8, kernel_builds):
+    """Each token's output has the same bits whether its prompt runs in 64-token chunks (many queries to a walk:
+    the tiles of cpu_step_attention.h, split among the threads) or a token a step (one query each), two sequences
+    of 300 slots side by side, over either cache: the batch invariance an int8 cache promises."""
+    native = native_for(kernel_builds, march)
+    layers, inv_freq, final_norm = _stack(4)
+    shape = dataclasses.replace(SHAPE, block_size=16)
+    width, dtype = (D + 2, torch.uint8) if kv_int8 else (D, torch.float32)
+    tables = torch.tensor([list(range(1, 21)) + [0, 0], list(range(21, 43))], dtype=torch.int32)
+    n = 300
+    hidden = torch.randn(2, n, SHAPE.hidden, generator=torch.Generator().manual_seed(5))
+    outputs = []
+    for chunk in (64, 1):
+        kv = torch.zeros(44, len(layers), 2, 16, SHAPE.kv_heads, width, dtype=dtype)
+        kernel = StackKernel(native, shape, layers, inv_freq, final_norm, kv, kv_int8=kv_int8)
+        out = torch.empty(2, n, SHAPE.hidden)
+        for start in range(0, n, chunk):
+            end = min(n, start + chunk)
+            args = (
+                torch.tensor(list(range(start, end)) * 2),
+                tables,
+                torch.tensor([0, 1]).repeat_interleave(end - start),
+            )
+            y = kernel.forward(torch.cat([hidden[0, start:end], hidden[1, start:end]]), *args)
+            out[0, start:end], out[1, start:end] = y[: end - start], y[end - start :]
+        outputs.append(out)
+    assert torch.equal(outputs[0], outputs[1])

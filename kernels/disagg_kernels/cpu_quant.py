@@ -31,7 +31,9 @@ _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 _KERNEL_FILES = ("cpu_dot8.cpp", "cpu_gemm8.cpp", "cpu_panel16.cpp", "cpu_step.cpp")
 _SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in _KERNEL_FILES))
 # what the kernels share and include (part of the build key): the block formats, the int8 KV codec, the attention
-_HEADERS = tuple(Path(__file__).with_name(name) for name in ("cpu_blocks.h", "cpu_kv8.h", "cpu_step_attention.h"))
+_HEADERS = tuple(
+    Path(__file__).with_name(name) for name in ("cpu_blocks.h", "cpu_expf.h", "cpu_kv8.h", "cpu_step_attention.h")
+)
 
 
 class BlockFormat(enum.Enum):

@@ -107,7 +107,35 @@ void rope(float* x, int64_t count, int64_t D, const float* cos, const float* sin
     }
 }
 
-constexpr int64_t SILU_SPLIT_MIN = 1024;  // exponentials that pay for a fork and join (see disagg_stack_forward)
+// exponentials that pay for a fork and join (~1-2 us): ~1,000 scalar calls, ~16 times that in vector lanes (the
+// default model's decode row has 1,536)
+#if defined(__AVX512F__) || defined(__AVX2__)
+constexpr int64_t SILU_SPLIT_MIN = 16384;
+#else
+constexpr int64_t SILU_SPLIT_MIN = 1024;
+#endif
+
+// out[i] = silu(g[i]) * up[i] for i < m <= 16: g / (1 + exp(-g)) * up, the exponentials with the library's bits
+inline void silu_times(const float* g, const float* up, int64_t m, float* out) {
+#if defined(__AVX512F__)
+    const __mmask16 in = m == 16 ? 0xFFFF : static_cast<__mmask16>((1u << m) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(in, g);
+    const __m512 e = disagg_expf::exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_mask_storeu_ps(out, in, _mm512_mul_ps(y, _mm512_maskz_loadu_ps(in, up)));
+#else
+    int64_t i = 0;
+#if defined(__AVX2__)
+    for (; i + 8 <= m; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = disagg_expf::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        const __m256 y = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(y, _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < m; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * up[i];
+#endif
+}
 
 struct Token {
     int64_t position;
@@ -131,12 +159,14 @@ inline void store_row(const DisaggStack& s, int64_t l, int which, const Token& t
 // Attention.  The queries that read the same keys - the query heads of one KV head (GQA) and the tokens of one
 // sequence in this step (a prompt chunk, a proposal under verification) - are served by one walk over the keys, so
 // each K and V row comes from memory once per walk instead of once per query (a step's walks are shared out among
-// the threads; a group is cut into parts where there are fewer groups than twice the threads).  Each query's
-// arithmetic is the plain two-pass softmax, in the same order whatever the walk: scores q . k (16 keys at a time,
-// each dot summed in `row_dot`'s order), their maximum, exponentials summed key by key, then the V rows weighted by
-// e / sum, key by key.  A token's attention is then the same bits whatever else the step holds, and (built with
-// g++, which contracts `a += p * v` into an FMA and sums _mm512_reduce_add_ps as sum16 does) the bits of the
-// per-query loop this replaced.
+// the threads, a prompt chunk's cut into tiles of its tokens, the last and longest first; a group is cut into
+// parts where there are fewer groups than twice the threads).  On AVX-512 a walk's queries go through the keys
+// together (attend_tile: each key block loaded once for up to TILE queries); elsewhere one by one (attend_keys).
+// Each query's arithmetic is the plain two-pass softmax, in the same order whatever the walk: scores q . k (16
+// keys at a time, each dot summed in `row_dot`'s order), their maximum, exponentials (the C library's bits,
+// cpu_expf.h) summed key by key, then the V rows weighted by e / sum, key by key.  A token's attention is then the
+// same bits whatever else the step holds, and (built with g++, which contracts `a += p * v` into an FMA and sums
+// _mm512_reduce_add_ps as sum16 does) the bits of the per-query loop this replaced.
 struct Walk {  // one work item: tokens [first, first + count) of `order` (one sequence), query heads of one KV head
     int64_t first, count, kv_head, head_begin, head_end;
 };
@@ -144,18 +174,18 @@ struct Walk {  // one work item: tokens [first, first + count) of `order` (one s
 struct Scratch {  // a thread's, reused across walks
     std::vector<Floats> floats;  // the walk's K rows, then its V rows: a float32 cache's
     std::vector<Int8s> int8s;  // or an int8 cache's
-    std::vector<float> scores;
+    std::vector<float> scores;  // attend_keys's: n; a tile's: TILE x n
+    std::vector<float> buf;  // a tile's block of 16 keys, converted (an int8 cache)
 };
 
 // the walk's K and V rows (rows[j], rows[n + j], j < n) as Row reads them, then every query of the walk over them
 template <typename Row, typename Take>
 void walk_rows(const DisaggStack& s, int64_t layer, const std::vector<Token>& toks, const int64_t* order,
                const Walk& w, int64_t n, const float* qkv, int64_t width, float scale, float* attn,
-               std::vector<Row>& rows, std::vector<float>& scores, Take take) {
+               std::vector<Row>& rows, Scratch& scratch, Take take) {
     using Elem = std::conditional_t<std::is_same_v<Row, Floats>, float, uint8_t>;
     const int64_t D = s.head_dim, bs = s.block_size, qs = s.heads * D;
     rows.resize(static_cast<size_t>(2 * n));
-    scores.resize(static_cast<size_t>(n));
     const int32_t* table = toks[order[w.first]].table;
     for (int64_t j0 = 0; j0 < n; j0 += bs) {  // a block at a time: no division per slot
         const Elem* kp = kv_at<Elem>(s, layer, 0, table, j0) + w.kv_head * s.stride_head;
@@ -163,11 +193,32 @@ void walk_rows(const DisaggStack& s, int64_t layer, const std::vector<Token>& to
         for (int64_t j = j0; j < std::min(j0 + bs, n); ++j, kp += s.stride_slot, vp += s.stride_slot)
             rows[j] = take(kp), rows[n + j] = take(vp);
     }
+#if defined(__AVX512F__)
+    if (tiles_for(D)) {
+        scratch.scores.resize(static_cast<size_t>(TILE * n));
+        scratch.buf.resize(static_cast<size_t>(16 * D));
+        Query tile[TILE];
+        int nq = 0;
+        for (int64_t a = 0; a < w.count; ++a) {
+            const int64_t t = order[w.first + a], seen = toks[t].position + 1;  // causal: up to its own slot
+            for (int64_t h = w.head_begin; h < w.head_end; ++h) {
+                tile[nq++] = Query{qkv + t * width + h * D, attn + t * qs + h * D, seen};
+                if (nq == TILE || (a + 1 == w.count && h + 1 == w.head_end)) {
+                    attend_tile_any(tile, nq, rows.data(), rows.data() + n, n, D, scale, scratch.scores.data(),
+                                    scratch.buf.data());
+                    nq = 0;
+                }
+            }
+        }
+        return;
+    }
+#endif
+    scratch.scores.resize(static_cast<size_t>(n));
     for (int64_t a = 0; a < w.count; ++a) {
         const int64_t t = order[w.first + a], seen = toks[t].position + 1;  // causal: up to its own slot
         for (int64_t h = w.head_begin; h < w.head_end; ++h)
-            attend_keys(qkv + t * width + h * D, rows.data(), rows.data() + n, seen, D, scale, scores.data(),
-                        attn + t * qs + h * D);
+            attend_keys(qkv + t * width + h * D, rows.data(), rows.data() + n, seen, D, scale,
+                        scratch.scores.data(), attn + t * qs + h * D);
     }
 }
 
@@ -177,10 +228,10 @@ void walk_keys(const DisaggStack& s, int64_t layer, const std::vector<Token>& to
     for (int64_t a = 0; a < w.count; ++a) n = std::max(n, toks[order[w.first + a]].position + 1);
     const int64_t D = s.head_dim;
     if (s.kv_int8)
-        walk_rows(s, layer, toks, order, w, n, qkv, width, scale, attn, scratch.int8s, scratch.scores,
+        walk_rows(s, layer, toks, order, w, n, qkv, width, scale, attn, scratch.int8s, scratch,
                   [D](const uint8_t* row) { return int8_row(row, D); });
     else
-        walk_rows(s, layer, toks, order, w, n, qkv, width, scale, attn, scratch.floats, scratch.scores,
+        walk_rows(s, layer, toks, order, w, n, qkv, width, scale, attn, scratch.floats, scratch,
                   [](const float* row) { return Floats{row}; });
 }
 
@@ -214,16 +265,20 @@ void attention_block(const DisaggStack& s, int64_t l, const std::vector<Token>& 
     std::vector<Walk> walks;
     for (const auto& [first, count] : runs)
         for (int64_t h = 0; h < s.kv_heads; ++h)
-            for (int64_t p = 0; p < parts; ++p)  // the group's query heads, cut into `parts`
-                walks.push_back(
-                    Walk{first, count, h, h * group + group * p / parts, h * group + group * (p + 1) / parts});
+            for (int64_t p = 0; p < parts; ++p) {  // the group's query heads, cut into `parts`
+                const int64_t begin = h * group + group * p / parts, end = h * group + group * (p + 1) / parts;
+                // a walk per tile of its tokens (a prompt chunk's), so later tokens' walks read only their keys
+                const int64_t step = tiles_for(D) ? std::max<int64_t>(1, TILE / (end - begin)) : count;
+                for (int64_t a = 0; a < count; a += step)
+                    walks.push_back(Walk{first + a, std::min(step, count - a), h, begin, end});
+            }
     const float scale = 1.0f / std::sqrt(static_cast<float>(D));
     const int64_t nw = static_cast<int64_t>(walks.size());
 #pragma omp parallel num_threads(threads) if (work > 4096)
     {
         Scratch scratch;
 #pragma omp for schedule(dynamic)
-        for (int64_t w = 0; w < nw; ++w)
+        for (int64_t w = nw - 1; w >= 0; --w)  // a chunk's last tokens first: they have the most keys
             walk_keys(s, l, toks, order.data(), walks[w], qkv, width, scale, attn, scratch);
     }
 }
@@ -259,19 +314,35 @@ void disagg_stack_forward(const DisaggStack* stack, float* hidden, int64_t T, co
         for (int64_t i = 0; i < T * H; ++i) hidden[i] += proj[i];
         rms_norm(hidden, L.post_norm, T, H, s.eps, normed.data());
         linear(s, L.gate_up, normed.data(), T, gu.data(), threads);
-        // T x I exponentials, split among the threads where there are enough to pay for a fork and join (~1-2 us,
-        // the time of ~1,000 of them here; the default model's decode row has 1,536)
+        // T x I exponentials, 16 at a time, split among the threads where there are enough to pay for a fork and
+        // join (SILU_SPLIT_MIN)
+        const int64_t spans = (I + 15) / 16;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (T * I >= SILU_SPLIT_MIN)
         for (int64_t t = 0; t < T; ++t)
-            for (int64_t i = 0; i < I; ++i) {
-                const float g = gu[t * 2 * I + i];
-                act[t * I + i] = g / (1.0f + std::exp(-g)) * gu[t * 2 * I + I + i];
-            }
+            for (int64_t b = 0; b < spans; ++b)
+                silu_times(gu.data() + t * 2 * I + 16 * b, gu.data() + t * 2 * I + I + 16 * b,
+                           std::min<int64_t>(16, I - 16 * b), act.data() + t * I + 16 * b);
         linear(s, L.down, act.data(), T, proj.data(), threads);
         for (int64_t i = 0; i < T * H; ++i) hidden[i] += proj[i];
     }
     rms_norm(hidden, s.final_norm, T, H, s.eps, normed.data());
     for (int64_t i = 0; i < T * H; ++i) hidden[i] = normed[i];
+}
+
+// out[i] = exp(x[i]) as the step computes it (cpu_expf.h, 16 at a time where built), and as the C library does:
+// tests hold the first to the second
+void disagg_step_expf(const float* x, int64_t n, float* out) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, disagg_expf::exp16(_mm512_loadu_ps(x + i)));
+#elif defined(__AVX2__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, disagg_expf::exp8(_mm256_loadu_ps(x + i)));
+#endif
+    for (; i < n; ++i) out[i] = std::exp(x[i]);
+}
+
+void disagg_library_expf(const float* x, int64_t n, float* out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i]);
 }
 
 // `rows` heads of D values into engine/kv_format.py's int8 format (D + 2 bytes each), and back to float32: the

@@ -9,8 +9,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "cpu_blocks.h"
+#include "cpu_expf.h"
 #include "cpu_kv8.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -165,9 +167,169 @@ void attend_keys(const float* q, const Row* k, const Row* v, int64_t n, int64_t 
         scores[j] = row_dot(q, k[j], D) * scale;
         mx = scores[j] > mx ? scores[j] : mx;
     }
+    disagg_expf::exp_shifted(scores, n, mx);
     float sum = 0.0f;
-    for (j = 0; j < n; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+    for (j = 0; j < n; ++j) sum += scores[j];
     weighted_rows(scores, sum, v, n, D, out);
 }
+
+#if defined(__AVX512F__)
+// A tile: the queries of one walk that read the same keys (a sequence's tokens in this step times the query heads
+// of one KV head), served together: each block of 16 keys is loaded (an int8 cache's rows converted) once for all
+// of them, their exponentials are computed 16 at a time (cpu_expf.h: the library's bits), and each V row is loaded
+// once for a group of queries whose sums stay in registers.  Each query's own arithmetic is attend_keys's, in its
+// order - scores 16 keys at a time summed as sum16, the tail's by row_dot, their maximum, exponentials summed key
+// by key, V rows weighted by e / sum key by key - so a query has the same bits whatever else its tile holds.
+constexpr int TILE = 16;
+
+struct Query {
+    const float* q;
+    float* out;
+    int64_t seen;  // keys it attends: the first `seen` of the walk's
+};
+
+// rows j0 .. j0 + m of a block as float32 rows: a float32 cache's where they lie, an int8 cache's converted into buf
+template <typename Row>
+void block_rows(const Row* k, int64_t j0, int64_t m, int64_t D, float* buf, const float* rows[16]) {
+    for (int64_t t = 0; t < m; ++t) {
+        if constexpr (std::is_same_v<Row, Floats>) {
+            rows[t] = k[j0 + t].p;
+        } else {
+            for (int64_t c = 0; c < D; c += 16) _mm512_storeu_ps(buf + t * D + c, k[j0 + t].load16(c));
+            rows[t] = buf + t * D;
+        }
+    }
+}
+
+// scores[i][j] = q_i . k_j * scale for j < seen_i; the maximum of each query's scores into mx[i]
+template <int C, typename Row>
+void tile_scores(const Query* qs, int nq, const Row* k, int64_t n, float scale, float* scores, float* mx,
+                 float* buf) {
+    constexpr int64_t D = 16 * C;
+    __m512 mv[TILE];
+    for (int i = 0; i < nq; ++i) mv[i] = _mm512_set1_ps(-INFINITY);
+    const float* rows[16];
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        const int64_t m = std::min<int64_t>(16, n - j0);
+        for (int64_t t = j0 + KEYS_AHEAD; t < std::min(j0 + KEYS_AHEAD + 16, n); ++t)
+            disagg_blocks::fetch_ahead(k[t].p, 0, Row::bytes(D));
+        block_rows(k, j0, m, D, buf, rows);
+        for (int i = 0; i < nq; ++i) {
+            const int64_t seen = qs[i].seen;
+            float* sc = scores + i * n;
+            if (j0 + 16 <= seen) {
+                __m512 part[16], qc[C];
+                for (int c = 0; c < C; ++c) qc[c] = _mm512_loadu_ps(qs[i].q + 16 * c);
+                for (int t = 0; t < 16; ++t) part[t] = _mm512_setzero_ps();
+                for (int c = 0; c < C; ++c)
+                    for (int t = 0; t < 16; ++t)
+                        part[t] = _mm512_fmadd_ps(qc[c], _mm512_loadu_ps(rows[t] + 16 * c), part[t]);
+                const __m512 s = _mm512_mul_ps(sum16(part), _mm512_set1_ps(scale));
+                _mm512_storeu_ps(sc + j0, s);
+                mv[i] = _mm512_max_ps(mv[i], s);
+            } else {
+                for (int64_t j = j0; j < seen; ++j) sc[j] = row_dot(qs[i].q, Floats{rows[j - j0]}, D) * scale;
+            }
+        }
+    }
+    for (int i = 0; i < nq; ++i) {  // the full blocks' maximum, then the tail's keys one by one
+        float m = _mm512_reduce_max_ps(mv[i]);
+        const float* sc = scores + i * n;
+        for (int64_t j = qs[i].seen / 16 * 16; j < qs[i].seen; ++j) m = sc[j] > m ? sc[j] : m;
+        mx[i] = m;
+    }
+}
+
+// scores[i][j] -> exp(scores - mx) / sum, each query's sum taken key by key
+inline void tile_softmax(const Query* qs, int nq, int64_t n, float* scores, const float* mx) {
+    float sums[TILE] = {};
+    int64_t common = n;
+    for (int i = 0; i < nq; ++i) {
+        disagg_expf::exp_shifted(scores + i * n, qs[i].seen, mx[i]);
+        common = std::min(common, qs[i].seen);
+    }
+    for (int64_t j = 0; j < common; ++j)  // the queries' sums side by side: nq chains of dependent adds
+        for (int i = 0; i < nq; ++i) sums[i] += scores[i * n + j];
+    for (int i = 0; i < nq; ++i) {
+        float* e = scores + i * n;
+        for (int64_t j = common; j < qs[i].seen; ++j) sums[i] += e[j];
+        const __m512 s = _mm512_set1_ps(sums[i]);
+        for (int64_t j = 0; j < qs[i].seen; j += 16) {
+            const __mmask16 in = j + 16 <= qs[i].seen ? 0xFFFF : (1u << (qs[i].seen - j)) - 1;
+            _mm512_mask_storeu_ps(e + j, in, _mm512_div_ps(_mm512_maskz_loadu_ps(in, e + j), s));
+        }
+    }
+}
+
+// out_i += sum over j in [from, to) of p_i[j] v_j for G queries at once, their sums in registers
+template <int C, int G, typename Row>
+void weigh_group(const float* const p[], const Row* v, int64_t from, int64_t to, float* const out[]) {
+    __m512 a[G][C];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) a[g][c] = _mm512_loadu_ps(out[g] + 16 * c);
+    for (int64_t j = from; j < to; ++j) {
+        if (j + KEYS_AHEAD < to) disagg_blocks::fetch_ahead(v[j + KEYS_AHEAD].p, 0, Row::bytes(16 * C));
+        __m512 row[C];
+        for (int c = 0; c < C; ++c) row[c] = v[j].load16(16 * c);
+        for (int g = 0; g < G; ++g) {
+            const __m512 w = _mm512_set1_ps(p[g][j]);
+            for (int c = 0; c < C; ++c) a[g][c] = _mm512_fmadd_ps(w, row[c], a[g][c]);
+        }
+    }
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[g] + 16 * c, a[g][c]);
+}
+
+template <int C, int G, typename Row>  // weigh_group for g <= G queries, g known at run time
+void weigh_some(int g, const float* const p[], const Row* v, int64_t from, int64_t to, float* const out[]) {
+    if constexpr (G > 1)
+        if (g < G) return weigh_some<C, G - 1>(g, p, v, from, to, out);
+    weigh_group<C, G>(p, v, from, to, out);
+}
+
+template <int C, int G, typename Row>  // groups of G queries over their common keys, then each query's own tail
+void tile_weigh(const Query* qs, int nq, const Row* v, int64_t n, const float* probs) {
+    for (int i = 0; i < nq; ++i) std::fill(qs[i].out, qs[i].out + 16 * C, 0.0f);
+    for (int i0 = 0; i0 < nq; i0 += G) {
+        const int g = std::min(G, nq - i0);
+        const float* p[G];
+        float* out[G];
+        int64_t common = n;
+        for (int i = 0; i < g; ++i) {
+            p[i] = probs + (i0 + i) * n, out[i] = qs[i0 + i].out;
+            common = std::min(common, qs[i0 + i].seen);
+        }
+        weigh_some<C, G>(g, p, v, 0, common, out);
+        for (int i = 0; i < g; ++i) weigh_group<C, 1>(p + i, v, common, qs[i0 + i].seen, out + i);
+    }
+}
+
+// the tile's queries over the walk's keys (k[j], v[j], j < n); scores: TILE x n floats, buf: 16 x D
+template <int C, typename Row>
+void attend_tile(const Query* qs, int nq, const Row* k, const Row* v, int64_t n, float scale, float* scores,
+                 float* buf) {
+    float mx[TILE];
+    tile_scores<C>(qs, nq, k, n, scale, scores, mx, buf);
+    tile_softmax(qs, nq, n, scores, mx);
+    tile_weigh<C, (C >= 8 ? 3 : C >= 4 ? 6 : 8)>(qs, nq, v, n, scores);
+}
+
+// whether a head size takes the tiles (else attend_keys, per query)
+inline bool tiles_for(int64_t D) { return D == 16 || D == 32 || D == 64 || D == 128; }
+
+template <typename Row>
+void attend_tile_any(const Query* qs, int nq, const Row* k, const Row* v, int64_t n, int64_t D, float scale,
+                     float* scores, float* buf) {
+    switch (D) {
+        case 16: return attend_tile<1>(qs, nq, k, v, n, scale, scores, buf);
+        case 32: return attend_tile<2>(qs, nq, k, v, n, scale, scores, buf);
+        case 64: return attend_tile<4>(qs, nq, k, v, n, scale, scores, buf);
+        default: return attend_tile<8>(qs, nq, k, v, n, scale, scores, buf);
+    }
+}
+#else
+constexpr int TILE = 1;
+inline bool tiles_for(int64_t) { return false; }  // per query: attend_keys
+#endif
 
 }  // namespace
