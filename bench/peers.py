@@ -64,8 +64,8 @@ class PeersOptions:
         default="vllm,llamacpp,disagg-agg,disagg-1p1d",
         metadata={
             "help": "systems to run, in order (also: disagg-agg-q4, disagg-1p1d-q4: --quantization q4; "
-            "disagg-agg-q4a16, disagg-1p1d-q4a16: q4 with --quant-activations int16; the same with -slo: "
-            "prompt chunks sized from the TPOT SLO, --prefill-chunk-target-ms)"
+            "disagg-agg-q4a16, disagg-1p1d-q4a16: q4 with --quant-activations int16; the same with -kv8: "
+            "--kv-dtype int8, or -slo: prompt chunks sized from the TPOT SLO, --prefill-chunk-target-ms)"
         },
     )
     workloads: str = field(default="conversation,agent", metadata={"help": "workloads to replay on each"})
@@ -84,6 +84,9 @@ class PeersOptions:
     time_scale: float = field(default=0.1, metadata={"help": "replay pace (0.1: ten times slower)"})
     extra_slos: str = field(default="10000/1000", metadata={"help": "more TTFT_MS/TPOT_MS pairs to report goodput at"})
     ready_timeout: float = field(default=900.0, metadata={"help": "seconds a server may take to come up"})
+    repeats: int = field(
+        default=1, metadata={"help": "rounds: each round starts, replays and stops every system in turn"}
+    )
     out: str = field(default="bench/results/peers", metadata={"help": "output directory"})
 
 
@@ -187,6 +190,7 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
         out.append(replace(ours, name=f"{name}-q4", command=q4))
         a16 = [*q4, "--quant-activations", "int16"]
         out.append(replace(ours, name=f"{name}-q4a16", command=a16))
+        out.append(replace(ours, name=f"{name}-q4a16-kv8", command=[*a16, "--kv-dtype", "int8"]))
         # the same, its prompt chunks sized from the TPOT SLO as the adaptive arms size them (a serving option
         # that takes the SLO; the peers have no such option)
         target = str(args.slo_tpot_ms * ADAPTIVE_TPOT_SHARE)
@@ -315,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_dir(Path(model))
     runs: list[dict[str, Any]] = []
     records: dict[str, list[RequestRecord]] = {}
-    for system in systems(args, model, served):
+    rounds = [(r, system) for r in range(args.repeats) for system in systems(args, model, served)]
+    for round_index, system in rounds:
         proc = start(system, args.cpus, out)
         try:
             t0 = time.monotonic()
@@ -328,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 result = asyncio.run(replay(trace, replace(cfg)))
                 metrics = result.metrics(slo, extra)
-                label = f"{system.name} / {wname}"
+                label = f"{system.name} / {wname}" + (f" #{round_index + 1}" if args.repeats > 1 else "")
                 runs.append({"label": label, "system": system.name, "workload": wname, "metrics": metrics})
                 records[label] = result.records
                 hit = (metrics.get("prefix_cache") or {}).get("hit_ratio")
@@ -348,8 +353,32 @@ def main(argv: list[str] | None = None) -> int:
     }
     paths = write_report(out, runs, meta, records)
     print(paths["markdown"].read_text())
+    if args.repeats > 1:
+        summary = across_rounds(runs)
+        (out / "rounds.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary, indent=2))
     print(json.dumps([{"label": r["label"], "failed": r["metrics"]["failed"]} for r in runs]))
     return 0 if runs and all(r["metrics"]["failed"] == 0 for r in runs) else 1
+
+
+def across_rounds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Goodput per system and workload over the rounds (median, range), and against the first system's: the
+    ratio of medians and the verdict (bench.engine_throughput's: "met" only where the ranges do not overlap)."""
+    from bench.engine_throughput import spread, verdict
+
+    goodput: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        goodput.setdefault((run["system"], run["workload"]), []).append(run["metrics"]["request_goodput"])
+    first = runs[0]["system"]
+    rows = []
+    for (system, workload), values in goodput.items():
+        row: dict[str, Any] = {"system": system, "workload": workload, "goodput": spread(values)}
+        base = goodput[(first, workload)]
+        if system != first and min(base) > 0:
+            row["vs_" + first] = spread(values)["median"] / spread(base)["median"]
+            row["verdict_vs_" + first] = verdict(values, base)
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

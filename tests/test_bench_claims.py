@@ -135,3 +135,20 @@ def test_the_free_verification_bound_counts_only_the_tokens_proposals_saved():
     batch = [{"wall_s": 1.5, "ttft_mean_ms": 300.0, "output_tokens": 128}]
     assert abs(free_verification_bound(batch, [{"accepted": 0}], 8) - 1.0) < 1e-9
     assert abs(free_verification_bound(batch, [{"accepted": 40}], 8) - 1.5 / (0.3 + 10 * 1.2 / 15)) < 1e-9
+
+
+def test_peers_rounds_give_medians_and_verdicts_against_the_first_system():
+    from bench.peers import across_rounds
+
+    def run(system, goodput):
+        return {"system": system, "workload": "conversation", "metrics": {"request_goodput": goodput}}
+
+    runs = [run("vllm", 0.44), run("ours", 0.35), run("vllm", 0.30), run("ours", 0.34), run("vllm", 0.43)]
+    runs += [run("ours", 0.36)]
+    rows = {r["system"]: r for r in across_rounds(runs)}
+    assert rows["vllm"]["goodput"]["median"] == 0.43 and "vs_vllm" not in rows["vllm"]
+    assert rows["ours"]["goodput"] == {"median": 0.35, "min": 0.34, "max": 0.36, "runs": [0.35, 0.34, 0.36]}
+    assert abs(rows["ours"]["vs_vllm"] - 0.35 / 0.43) < 1e-12
+    assert rows["ours"]["verdict_vs_vllm"] == "not resolved"  # vLLM's 0.30 round is under ours
+    runs[2] = run("vllm", 0.40)
+    assert {r["system"]: r for r in across_rounds(runs)}["ours"]["verdict_vs_vllm"] == "missed"

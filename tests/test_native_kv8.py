@@ -172,9 +172,10 @@ def test_an_int8_cache_over_long_prefixes_equals_the_reference(kernel_builds):
 @pytest.mark.parametrize("kv_int8", [False, True])
 @pytest.mark.parametrize("march", ["native", "haswell", "x86-64"])
 def test_a_prompt_in_chunks_and_token_by_token_gives_the_same_bits(march, kv_int8, kernel_builds):
-    """Each token's output has the same bits whether its prompt runs in 64-token chunks (many queries to a walk:
-    the tiles of cpu_step_attention.h, split among the threads) or a token a step (one query each), two sequences
-    of 300 slots side by side, over either cache: the batch invariance an int8 cache promises."""
+    """Each token's output has the same bits whether its prompt runs in 64-token chunks (up to 16 queries to a
+    tile of cpu_step_attention.h, the walks split among the threads) or a token a step (a tile of one token's
+    query heads), two sequences of 300 slots side by side, over either cache: the batch invariance an int8 cache
+    promises."""
     native = native_for(kernel_builds, march)
     layers, inv_freq, final_norm = _stack(4)
     shape = dataclasses.replace(SHAPE, block_size=16)

@@ -39,7 +39,7 @@ constexpr double C0 = 0x1.c6af84b912394p-20, C1 = 0x1.ebfce50fac4f3p-13, C2 = 0x
 constexpr float OVERFLOW_ABOVE = 0x1.62e42ep6f, ZERO_BELOW = -0x1.9fe368p6f, LEAST_BELOW = -0x1.9d1d9ep6f;
 
 #if defined(__AVX512F__)
-inline __m512d exp8(__m512d xd) {  // 8 lanes of float inputs widened to double; the double before rounding
+inline __m512d exp8d(__m512d xd) {  // 8 lanes of float inputs widened to double; the double before rounding
     const __m512d inv = _mm512_set1_pd(INV_LN2_N), shift = _mm512_set1_pd(SHIFT);
     __m512d kd = _mm512_fmadd_pd(inv, xd, shift);
     const __m512i ki = _mm512_castpd_si512(kd);
@@ -59,9 +59,9 @@ inline __m512d exp8(__m512d xd) {  // 8 lanes of float inputs widened to double;
 }
 
 inline __m512 exp16(__m512 x) {
-    const __m256 lo = _mm512_cvtpd_ps(exp8(_mm512_cvtps_pd(_mm512_castps512_ps256(x))));
+    const __m256 lo = _mm512_cvtpd_ps(exp8d(_mm512_cvtps_pd(_mm512_castps512_ps256(x))));
     const __m256 hi = _mm512_cvtpd_ps(
-        exp8(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))));
+        exp8d(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)))));
     __m512 y = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)),
                                                     _mm256_castps_pd(hi), 1));
     // the library's special cases, the later overriding the earlier as its tests come first
@@ -73,7 +73,7 @@ inline __m512 exp16(__m512 x) {
     return _mm512_mask_add_ps(y, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x, x);
 }
 #else
-inline __m256d exp4(__m256d xd) {  // exp8 above, 4 lanes: the same operations in the same order
+inline __m256d exp4d(__m256d xd) {  // exp8d above, 4 lanes: the same operations in the same order
     const __m256d inv = _mm256_set1_pd(INV_LN2_N), shift = _mm256_set1_pd(SHIFT);
     __m256d kd = _mm256_fmadd_pd(inv, xd, shift);
     const __m256i ki = _mm256_castpd_si256(kd);
@@ -90,8 +90,8 @@ inline __m256d exp4(__m256d xd) {  // exp8 above, 4 lanes: the same operations i
 }
 
 inline __m256 exp8(__m256 x) {  // exp16 above, 8 lanes
-    const __m128 lo = _mm256_cvtpd_ps(exp4(_mm256_cvtps_pd(_mm256_castps256_ps128(x))));
-    const __m128 hi = _mm256_cvtpd_ps(exp4(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
+    const __m128 lo = _mm256_cvtpd_ps(exp4d(_mm256_cvtps_pd(_mm256_castps256_ps128(x))));
+    const __m128 hi = _mm256_cvtpd_ps(exp4d(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1))));
     __m256 y = _mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1);
     y = _mm256_blendv_ps(y, _mm256_set1_ps(0x1p-149f), _mm256_cmp_ps(x, _mm256_set1_ps(LEAST_BELOW), _CMP_LT_OQ));
     y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(ZERO_BELOW), _CMP_LT_OQ));
@@ -122,3 +122,28 @@ inline void exp_shifted(float* e, int64_t n, float m) {
 }
 }  // namespace disagg_expf
 #endif
+
+namespace disagg_expf {
+// out[i] = silu(g[i]) * up[i] for i < m <= 16: g / (1 + exp(-g)) * up, the native step's SiLU, its exponentials
+// in vector lanes (the library's bits)
+inline void silu_times(const float* g, const float* up, int64_t m, float* out) {
+#if defined(__AVX512F__)
+    const __mmask16 in = m == 16 ? 0xFFFF : static_cast<__mmask16>((1u << m) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(in, g);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+    const __m512 y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+    _mm512_mask_storeu_ps(out, in, _mm512_mul_ps(y, _mm512_maskz_loadu_ps(in, up)));
+#else
+    int64_t i = 0;
+#if defined(__AVX2__)
+    for (; i + 8 <= m; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        const __m256 y = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(y, _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < m; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * up[i];
+#endif
+}
+}  // namespace disagg_expf

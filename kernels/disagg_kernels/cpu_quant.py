@@ -28,7 +28,7 @@ _ALIGN = 64  # bytes: the panel kernel reads its panels with aligned 512-bit loa
 QK = 32  # weights per block (llama.cpp's QK4_0 = QK4_1 = QK8_0 = 32)
 _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 # one library: the integer-activation matmuls and the whole-stack step beside the block matmul they call
-_KERNEL_FILES = ("cpu_dot8.cpp", "cpu_gemm8.cpp", "cpu_panel16.cpp", "cpu_step.cpp")
+_KERNEL_FILES = ("cpu_dot8.cpp", "cpu_gemm8.cpp", "cpu_panel16.cpp", "cpu_step.cpp", "cpu_step_hooks.cpp")
 _SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in _KERNEL_FILES))
 # what the kernels share and include (part of the build key): the block formats, the int8 KV codec, the attention
 _HEADERS = tuple(
@@ -320,9 +320,9 @@ class NativeKernels:
 
 
 def build_native(cache_dir: Path, march: str = "native") -> Path:
-    """Compile cpu_quant.cpp and the kernels beside it (cpu_dot8.cpp, cpu_gemm8.cpp, cpu_panel16.cpp, cpu_step.cpp)
-    into one library for this CPU (once: cached by the sources, their header, the compiler and the CPU flags); the
-    library's path.
+    """Compile cpu_quant.cpp and the kernels beside it (cpu_dot8.cpp, cpu_gemm8.cpp, cpu_panel16.cpp, cpu_step.cpp,
+    cpu_step_hooks.cpp) into one library for this CPU (once: cached by the sources, their headers, the compiler and
+    the CPU flags); the library's path.
     `march` other than "native" builds another path for tests (e.g. "haswell": AVX2, "x86-64": portable).
     Raises RuntimeError with the compiler's message when it cannot be built."""
     flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]

@@ -115,28 +115,6 @@ constexpr int64_t SILU_SPLIT_MIN = 16384;
 constexpr int64_t SILU_SPLIT_MIN = 1024;
 #endif
 
-// out[i] = silu(g[i]) * up[i] for i < m <= 16: g / (1 + exp(-g)) * up, the exponentials with the library's bits
-inline void silu_times(const float* g, const float* up, int64_t m, float* out) {
-#if defined(__AVX512F__)
-    const __mmask16 in = m == 16 ? 0xFFFF : static_cast<__mmask16>((1u << m) - 1);
-    const __m512 x = _mm512_maskz_loadu_ps(in, g);
-    const __m512 e = disagg_expf::exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
-    const __m512 y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-    _mm512_mask_storeu_ps(out, in, _mm512_mul_ps(y, _mm512_maskz_loadu_ps(in, up)));
-#else
-    int64_t i = 0;
-#if defined(__AVX2__)
-    for (; i + 8 <= m; i += 8) {
-        const __m256 x = _mm256_loadu_ps(g + i);
-        const __m256 e = disagg_expf::exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-        const __m256 y = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(y, _mm256_loadu_ps(up + i)));
-    }
-#endif
-    for (; i < m; ++i) out[i] = g[i] / (1.0f + std::exp(-g[i])) * up[i];
-#endif
-}
-
 struct Token {
     int64_t position;
     const int32_t* table;  // its sequence's block ids: slot = table[position / block_size] * block_size + ...
@@ -320,39 +298,13 @@ void disagg_stack_forward(const DisaggStack* stack, float* hidden, int64_t T, co
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (T * I >= SILU_SPLIT_MIN)
         for (int64_t t = 0; t < T; ++t)
             for (int64_t b = 0; b < spans; ++b)
-                silu_times(gu.data() + t * 2 * I + 16 * b, gu.data() + t * 2 * I + I + 16 * b,
-                           std::min<int64_t>(16, I - 16 * b), act.data() + t * I + 16 * b);
+                disagg_expf::silu_times(gu.data() + t * 2 * I + 16 * b, gu.data() + t * 2 * I + I + 16 * b,
+                                        std::min<int64_t>(16, I - 16 * b), act.data() + t * I + 16 * b);
         linear(s, L.down, act.data(), T, proj.data(), threads);
         for (int64_t i = 0; i < T * H; ++i) hidden[i] += proj[i];
     }
     rms_norm(hidden, s.final_norm, T, H, s.eps, normed.data());
     for (int64_t i = 0; i < T * H; ++i) hidden[i] = normed[i];
-}
-
-// out[i] = exp(x[i]) as the step computes it (cpu_expf.h, 16 at a time where built), and as the C library does:
-// tests hold the first to the second
-void disagg_step_expf(const float* x, int64_t n, float* out) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(out + i, disagg_expf::exp16(_mm512_loadu_ps(x + i)));
-#elif defined(__AVX2__)
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, disagg_expf::exp8(_mm256_loadu_ps(x + i)));
-#endif
-    for (; i < n; ++i) out[i] = std::exp(x[i]);
-}
-
-void disagg_library_expf(const float* x, int64_t n, float* out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i]);
-}
-
-// `rows` heads of D values into engine/kv_format.py's int8 format (D + 2 bytes each), and back to float32: the
-// codec the step writes and reads its cache with (tests hold it to KVFormat byte for byte)
-void disagg_kv8_encode(const float* x, int64_t rows, int64_t D, uint8_t* out) {
-    for (int64_t r = 0; r < rows; ++r) encode_int8(x + r * D, D, out + r * (D + KV8_SCALE_BYTES));
-}
-
-void disagg_kv8_decode(const uint8_t* in, int64_t rows, int64_t D, float* out) {
-    for (int64_t r = 0; r < rows; ++r) decode_int8(in + r * (D + KV8_SCALE_BYTES), D, out + r * D);
 }
 
 }  // extern "C"
