@@ -53,12 +53,19 @@ class MatrixOptions:
     slos: str = field(default=",".join(SLOS), metadata={"help": "comma-separated: " + ", ".join(SLOS)})
     simulate: bool = field(default=False, metadata={"help": "the simulator instead of real clusters"})
     out: str = field(default="bench/results/matrix", metadata={"help": "output directory"})
+    arm_settings: str = field(
+        default="",
+        metadata={
+            "help": "policy settings added to every arm, colon-separated key=value (e.g. ttft_correction_window=0: "
+            "the router's TTFT correction off)"
+        },
+    )
 
 
 ADAPTIVE = "kv:adaptive=1:flexible=1:planner=1"  # cost placement, sized chunks, flexible workers, the planner
 
 
-def configs(workers: int) -> str:
+def configs(workers: int, settings: str = "") -> str:
     """Aggregated (round-robin, KV-aware), static splits at 1/4, 1/2 and 3/4 prefill, and the adaptive runtime
     started aggregated (`adaptive`: the planner splits prefill workers off when it measures prefill interference)
     and from the 1/4 split (`adaptive-split`)."""
@@ -67,7 +74,7 @@ def configs(workers: int) -> str:
     arms += [f"split-{p}x{workers - p}={p}x{workers - p}:kv" for p in splits]
     p = splits[0]
     arms += [f"adaptive=0x{workers}:{ADAPTIVE}", f"adaptive-split={p}x{workers - p}:{ADAPTIVE}"]
-    return ",".join(arms)
+    return ",".join(arm + (":" + settings if settings else "") for arm in arms)
 
 
 def cell_args(opts: MatrixOptions, workload: str, length: str, slo: str, out: Path) -> list[str]:
@@ -76,7 +83,7 @@ def cell_args(opts: MatrixOptions, workload: str, length: str, slo: str, out: Pa
     pace = opts.pace * opts.workers * int(LENGTHS["quarter"]) / int(block)
     args = [*WORKLOADS[workload], "--block-tokens", block, "--time-scale", f"{pace:g}"]
     args += ["--slo-ttft-ms", ttft, "--slo-tpot-ms", tpot]
-    args += ["--rates", opts.rates, "--configs", configs(opts.workers), "--out", str(out)]
+    args += ["--rates", opts.rates, "--configs", configs(opts.workers, opts.arm_settings), "--out", str(out)]
     args += ["--sessions", str(opts.sessions)] if workload == "agent" else ["--limit", str(opts.limit)]
     return args + (["--simulate"] if opts.simulate else [])
 
