@@ -65,7 +65,8 @@ class PeersOptions:
         metadata={
             "help": "systems to run, in order (also: disagg-agg-q4, disagg-1p1d-q4: --quantization q4; "
             "disagg-agg-q4a16, disagg-1p1d-q4a16: q4 with --quant-activations int16; the same with -kv8: "
-            "--kv-dtype int8, or -slo: prompt chunks sized from the TPOT SLO, --prefill-chunk-target-ms)"
+            "--kv-dtype int8 (-kv8-2k: and 2,048 tokens a step), or -slo: prompt chunks sized from the TPOT SLO, "
+            "--prefill-chunk-target-ms)"
         },
     )
     workloads: str = field(default="conversation,agent", metadata={"help": "workloads to replay on each"})
@@ -190,7 +191,10 @@ def systems(args: argparse.Namespace, model: str, served: str) -> list[System]:
         out.append(replace(ours, name=f"{name}-q4", command=q4))
         a16 = [*q4, "--quant-activations", "int16"]
         out.append(replace(ours, name=f"{name}-q4a16", command=a16))
-        out.append(replace(ours, name=f"{name}-q4a16-kv8", command=[*a16, "--kv-dtype", "int8"]))
+        kv8 = [*a16, "--kv-dtype", "int8"]
+        out.append(replace(ours, name=f"{name}-q4a16-kv8", command=kv8))
+        # the same with vLLM's CPU server's token budget per step (2,048; ours is 512)
+        out.append(replace(ours, name=f"{name}-q4a16-kv8-2k", command=[*kv8, "--max-num-batched-tokens", "2048"]))
         # the same, its prompt chunks sized from the TPOT SLO as the adaptive arms size them (a serving option
         # that takes the SLO; the peers have no such option)
         target = str(args.slo_tpot_ms * ADAPTIVE_TPOT_SHARE)

@@ -42,6 +42,7 @@ def test_every_option_sets_its_field():
         "--slo-ttft-ms", "500", "--slo-tpot-ms", "50", "--trace-sample-ratio", "0.5", "--trace-dir", "/t",
         "--api-key", "k", "--smoke-test", "--placement", "cost", "--prefill-chunk-target-ms", "150",
         "--min-prefill-chunk", "16", "--responses-max-per-tenant", "5", "--responses-ttl-s", "60",
+        "--max-num-batched-tokens", "2048",
         "--tool-turn-retention-s", "0", "--pin-budget-fraction", "0.25", "--tenant-pin-share", "0.1",
         "--sleep-after-idle-s", "30", "--wake-on-request", "--flexible-workers",
     ])
@@ -49,7 +50,7 @@ def test_every_option_sets_its_field():
     assert cluster == ClusterConfig(
         num_prefill=2, num_decode=3, address="127.0.0.1:6379",
         engine=EngineConfig(model="/m", kv_cache_memory_mb=100, max_model_len=1024, num_threads=3, block_size=32,
-                            prefill_chunk_target_ms=150.0, min_prefill_chunk=16),
+                            prefill_chunk_target_ms=150.0, min_prefill_chunk=16, max_num_batched_tokens=2048),
         tiers=TierConfig(cpu_bytes=64 << 20, disk_bytes=10 << 20, disk_root="", pin_budget_fraction=0.25,
                          tenant_pin_share=0.1), tracing=tracing,
         transport=TransportConfig(ucx_net_devices="lo", progress_delay_us=5), router_resources={"r": 1.0})

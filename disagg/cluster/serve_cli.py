@@ -57,6 +57,7 @@ _ENGINE = (
     "kv_dtype",
     "speculative",
     "num_speculative_tokens",
+    "max_num_batched_tokens",
     "prefill_chunk_target_ms",
     "min_prefill_chunk",
 )
