@@ -63,7 +63,11 @@ def test_every_request_is_one_connected_trace_with_every_stage(traced, smollm_di
     assert result["named_within_2pct_of_e2e"] >= 5 / 6  # measured here: 6 of 6 (18 ms unaccounted of 1.9 s)
     # the named stages account for the client's E2E: what they leave (compared, not derived) is small
     assert result["stages"]["unaccounted"]["p50_ms"] < 0.05 * result["stages"]["e2e"]["p50_ms"]
-    assert result["stages"]["other"]["p99_ms"] < 25  # and the HTTP hop outside the router's span stays a few ms
+    # and the HTTP hop outside the router's span stays a few ms once warm. The first request (a cold connection, the
+    # router's first use of the completion path) is the slowest of the six every time: 16-18 ms alone against 6-11
+    # for the others, 25-28 ms under the full suite on 2 cores; it gets its own, looser bound
+    assert stages.breakdown(records[1:], spans)["stages"]["other"]["p99_ms"] < 25
+    assert result["stages"]["other"]["p99_ms"] < 50
     assert result["every_stage"] == 1.0 and result["remote_prefill"] == 1.0
     assert result["stages"]["transit"]["p50_ms"] < 0.05 * result["stages"]["e2e"]["p50_ms"]
     assert result["stages"]["prefill.compute"]["p50_ms"] > 0 and result["stages"]["kv.transfer"]["p50_ms"] > 0
