@@ -29,10 +29,10 @@ def _record_logits(engine):
     original = engine.runner.compute_logits
 
     def compute_logits(batch):
-        logits, rows = original(batch)
-        for j, r in enumerate(rows):
-            seen.setdefault(batch.seqs[r].request_id, []).append(logits[j].clone())
-        return logits, rows
+        step = original(batch)
+        for j, r in enumerate(step.rows):
+            seen.setdefault(batch.seqs[r].request_id, []).append(step.logits[j].clone())
+        return step
 
     engine.runner.compute_logits = compute_logits
     return seen

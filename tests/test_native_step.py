@@ -194,3 +194,53 @@ def test_which_steps_and_engines_take_the_native_step(tiny_llama_dir):
     assert plain.runner.native_step.max_tokens == QuantConfig().float_rows  # wider: oneDNN's packed GEMM
     bf16 = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, dtype="bfloat16"))
     assert bf16.runner.native_step is None and bf16.runner.kernel_path == "float"
+
+
+def test_the_step_ends_with_the_heads_logits_and_their_scan(kernel_builds):
+    """`forward_logits`: the step, the picked tokens' states through a head packed into panels (with a bias), and
+    each row's scan, in one call - the bits of `forward`, then the head's panel product, then `scan_logits`."""
+    native, why = load_native(kernel_builds)
+    assert native is not None, why
+    if not native.panels:
+        pytest.skip("the panel kernel is built with AVX-512 VNNI only")
+    layers, inv_freq, final_norm = _stack(4)
+    shape = dataclasses.replace(SHAPE, activation_bits=16)
+    g = torch.Generator().manual_seed(5)
+    head = native.pack_panels(quantize(torch.randn(300, SHAPE.hidden, generator=g) * 0.2, BlockFormat.Q8_0))
+    bias = torch.randn(300, generator=g)
+    kernels = []
+    for _ in range(2):  # one kernel per path, each over its own cache
+        kv = torch.zeros(10, len(layers), 2, SHAPE.block_size, SHAPE.kv_heads, SHAPE.head_dim)
+        kernels.append(StackKernel(native, shape, [_packed(native, x) for x in layers], inv_freq, final_norm, kv))
+    fused, plain = kernels
+    assert not fused.has_head
+    fused.set_head(head, bias)
+    tables = torch.tensor([[3, 5, 7, 0], [6, 2, 0, 0]], dtype=torch.int32)
+    for (positions, rows), pick in zip(STEPS, ([5], [0, 2], [0, 1], [3, 0, 1, 2])):
+        hidden = torch.randn(len(positions), SHAPE.hidden, generator=g)
+        args = (torch.tensor(positions), tables, torch.tensor(rows))
+        logits, tokens, finite = fused.forward_logits(hidden.clone(), *args, pick)
+        want = native.matmul_panels(plain.forward(hidden.clone(), *args)[pick], head) + bias
+        assert torch.equal(logits, want)
+        assert (tokens, finite) == native.scan_logits(want)
+    with pytest.raises(ValueError, match="set_head"):
+        plain.forward_logits(hidden, *args, [0])
+
+
+def test_an_engine_whose_step_holds_the_head_gives_the_same_logits_bit_for_bit(tiny_qwen_dir):
+    """With int16 activations the LM head is packed into panels and the native step computes the logits itself:
+    every sampled row's logits and tokens are those of the step followed by the model's head, bit for bit."""
+    from test_engine_correctness import _record_logits
+
+    fused = _engine(tiny_qwen_dir, True, quant_activations="int16")
+    if not fused.runner.native_step.kernel.has_head:
+        pytest.skip("the panel kernel is built with AVX-512 VNNI only: the head stays the model's")
+    apart = _engine(tiny_qwen_dir, True, quant_activations="int16")
+    apart.runner.native_step.kernel._head = None  # the step, then the model's head (QuantLinear)
+    seen = _record_logits(fused), _record_logits(apart)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [list(range(3, 3 + n)) for n in (1, 5, 7)]
+    got = fused.generate(prompts, greedy), apart.generate(prompts, greedy)
+    assert [r.token_ids for r in got[0]] == [r.token_ids for r in got[1]]
+    for a, b in zip(*got):
+        assert torch.equal(torch.stack(seen[0][a.request_id]), torch.stack(seen[1][b.request_id]))

@@ -54,14 +54,36 @@ class NativeStep:
     def takes(self, num_tokens: int, seqs: list[Sequence]) -> bool:
         return num_tokens <= self.max_tokens and all(seq.lora is None for seq in seqs)
 
+    def _inputs(
+        self, ids: torch.Tensor, meta: AttentionMetadata, embeds: InputEmbeds | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = meta.query_start_list
+        rows = [row for row in range(len(starts) - 1) for _ in range(starts[row + 1] - starts[row])]
+        hidden = embed_inputs(self.model.embed_tokens, ids, embeds).float().contiguous()
+        return hidden, torch.tensor(rows, dtype=torch.int64)
+
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, embeds: InputEmbeds | None = None
     ) -> torch.Tensor:
         """The final-normed hidden states [T, hidden], as `CausalLM.forward` returns them."""
-        starts = meta.query_start_list
-        rows = [row for row in range(len(starts) - 1) for _ in range(starts[row + 1] - starts[row])]
-        hidden = embed_inputs(self.model.embed_tokens, ids, embeds).float().contiguous()
-        return self.kernel.forward(hidden, positions, meta.block_tables, torch.tensor(rows, dtype=torch.int64))
+        hidden, rows = self._inputs(ids, meta, embeds)
+        return self.kernel.forward(hidden, positions, meta.block_tables, rows)
+
+    def logits(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        pick: list[int],
+        embeds: InputEmbeds | None = None,
+    ) -> tuple[torch.Tensor, list[int], list[bool]] | None:
+        """The logits of tokens `pick` [len(pick), vocab] and their scan (a LogitScan's), the step and the LM head
+        in one call, where the kernel holds the head (a quantized model's, packed into panels); else None.  The
+        same bits as `forward` then the model's `compute_logits`: the head's product is QuantLinear's."""
+        if not self.kernel.has_head:
+            return None
+        hidden, rows = self._inputs(ids, meta, embeds)
+        return self.kernel.forward_logits(hidden, positions, meta.block_tables, rows, pick)
 
 
 def _stack_layer(layer: DecoderLayer, blocks_of: Callable[[nn.Module], Matrix | None]) -> StackLayer | None:
@@ -162,5 +184,8 @@ def build(
         )
     except ValueError:  # a layout the kernel does not read (non-contiguous blocks, another dtype): the torch path
         return None
+    lm_head = model.lm_head
+    if isinstance(lm_head, QuantLinear) and isinstance(lm_head.weight_blocks, PanelWeight):
+        kernel.set_head(lm_head.weight_blocks, lm_head.bias)  # with panels, one product whatever the rows
     widest = sys.maxsize if int8_kv else config.float_rows if floats else config.direct_rows  # int8: every width
     return NativeStep(model, kernel, widest)

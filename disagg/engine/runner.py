@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -34,15 +34,22 @@ from disagg.engine.quant import (
     gguf_file,
     quant_kernels,
 )
-from disagg.engine.sampler import logprob_entries, sample, sampling_probs, token_generator, verify_sampled
+from disagg.engine.sampler import logit_scan, logprob_entries, sample
 from disagg.engine.sequence import Sequence
-from disagg.engine.spec import Verified, verify_greedy
+from disagg.engine.spec import Verified
 from disagg.engine.tokenizer import Tokenizer
+from disagg.engine.verify import verify_proposals
 from disagg.modes import Activations, KVDtype, Quantization
 from disagg.protocol import LoRARef
 from disagg_kernels.cpu_quant import BlockFormat
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class StepLogits(NamedTuple):
+    logits: torch.Tensor  # [rows sampled + tokens proposed, vocab]
+    rows: list[int]  # the batch rows sampled this step
+    scan: tuple[list[int], list[bool]] | None  # the native step's LogitScan of the logits, where it computed them
 
 
 class Runner(Protocol):
@@ -218,6 +225,7 @@ class ModelRunner:
         config = factory.config if factory is not None else QuantConfig()
         step_kernels = factory.kernels if factory is not None else None  # None: the CPU's, if the step applies
         self.native_step = build_native_step(self.model, self.kv_cache, config, step_kernels, raw)
+        self.scan = logit_scan((step_kernels or quant_kernels(device)) if device.type == "cpu" else None)
         self.kernel_path = "float" if factory is None else factory.kernels.name
         if self.native_step is not None:
             self.kernel_path += "+stack"
@@ -308,16 +316,21 @@ class ModelRunner:
         return self.model(ids, pos, self.kv_cache.tensor, meta, embeds)
 
     @torch.inference_mode()
-    def compute_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+    def compute_logits(self, batch: ScheduledBatch) -> StepLogits:
         """Logits for the rows that complete their known tokens this step: one row of logits each, and for a row
         that carries a proposal (`batch.drafts`), one more per proposed token, the last token's first."""
         ids, pos, meta, sample_rows, embeds = self.prepare(batch)
-        hidden = self.hidden_states(ids, pos, meta, batch.seqs, embeds)
         last: list[int] = []  # the last position of each sampled row, and each proposed position before it
         for r in sample_rows:
             end = meta.query_start_list[r + 1]
             last.extend(range(end - 1 - (len(batch.drafts[r]) if batch.drafts else 0), end))
-        return self.model.compute_logits(hidden[last]), sample_rows
+        native = self.native_step
+        if native is not None and native.takes(len(ids), batch.seqs):  # the step and its head in one call
+            fused = native.logits(ids, pos, meta, last, embeds)
+            if fused is not None:
+                return StepLogits(fused[0], sample_rows, (fused[1], fused[2]))
+        hidden = self.hidden_states(ids, pos, meta, batch.seqs, embeds)
+        return StepLogits(self.model.compute_logits(hidden[last]), sample_rows, None)
 
     def execute(self, batch: ScheduledBatch) -> dict[int, int]:
         """Run one step; returns {batch row: sampled token} for rows that produce a token."""
@@ -332,57 +345,24 @@ class ModelRunner:
     def _execute(self, batch: ScheduledBatch) -> dict[int, int]:
         self.last_logprobs = {}
         self.last_verified = {}
-        logits, rows = self.compute_logits(batch)
+        logits, rows, scanned = self.compute_logits(batch)
         if not rows:
             return {}
-        if self.faults is not None:
-            logits = self.faults.logits(logits)
+        if self.faults is not None:  # an injected fault may change the logits: scanned again below
+            logits, scanned = self.faults.logits(logits), None
+        greedy, finite = scanned or self.scan(logits)  # per logits row, one pass over it
         out: dict[int, int] = {}
         if batch.drafts and any(batch.drafts[r] for r in rows):
-            logits, rows = self._verify(batch, rows, logits, out)
+            keep, rows = verify_proposals(batch, rows, logits, (greedy, finite), out, self.last_verified)
             if not rows:
                 return out
-        finite = torch.isfinite(logits).all(dim=-1).tolist()  # per sampled row: one cheap pass over the logits
+            logits, greedy, finite = logits[keep], [greedy[k] for k in keep], [finite[k] for k in keep]
         if not all(finite):  # sample only the sound rows; the others yield NONFINITE_TOKEN
             logits = torch.where(torch.tensor(finite, device=logits.device)[:, None], logits, 0.0)
         seqs = [batch.seqs[r] for r in rows]
         params = [s.sampling for s in seqs]
-        tokens = sample(logits, params, [s.num_tokens - s.num_prompt_tokens for s in seqs])
+        tokens = sample(logits, params, [s.num_tokens - s.num_prompt_tokens for s in seqs], greedy=greedy)
         entries = logprob_entries(logits, tokens, params)
         self.last_logprobs = {r: e for r, e in zip(rows, entries) if e is not None}
         out.update({r: t if ok else NONFINITE_TOKEN for r, t, ok in zip(rows, tokens, finite)})
         return out
-
-    @staticmethod
-    def _verify_row(seq: Sequence, draft: list[int], logits: torch.Tensor) -> tuple[int, int]:
-        sp = seq.sampling
-        if sp.greedy:
-            return verify_greedy(draft, logits.argmax(dim=-1).tolist())
-        probs = sampling_probs(logits, [sp] * len(logits)).cpu()
-        first = seq.num_tokens - seq.num_prompt_tokens  # the output index of the first token this step emits
-        return verify_sampled(draft, probs, [token_generator(sp, first + i) for i in range(len(logits))])
-
-    def _verify(
-        self, batch: ScheduledBatch, rows: list[int], logits: torch.Tensor, out: dict[int, int]
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Greedy verification of the rows that carry a proposal (into `out` and `last_verified`); returns the
-        one-row-per-request logits and rows left to sample plainly (those without a proposal, and proposals
-        whose logits are not finite: decoded plainly from the last token's logits, counted as fallbacks)."""
-        keep: list[int] = []
-        plain: list[int] = []
-        offset = 0
-        for r in rows:
-            draft = batch.drafts[r]
-            width = 1 + len(draft)
-            chunk = logits[offset : offset + width]
-            if draft and bool(torch.isfinite(chunk).all()):
-                accepted, token = self._verify_row(batch.seqs[r], draft, chunk)
-                self.last_verified[r] = Verified(accepted, fell_back=False)
-                out[r] = token
-            else:
-                if draft:
-                    self.last_verified[r] = Verified(0, fell_back=True)
-                keep.append(offset)
-                plain.append(r)
-            offset += width
-        return logits[keep], plain

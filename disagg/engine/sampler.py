@@ -6,9 +6,17 @@ depend on what else is in the batch or on preemption and recompute.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeAlias
+
 import torch
 
+from disagg.engine.quant import BlockKernels, QuantKernels
 from disagg.protocol import SamplingParams
+
+# per row of a step's logits [B, V]: the index of its first maximum (its greedy token) and whether all its values
+# are finite
+LogitScan: TypeAlias = Callable[[torch.Tensor], tuple[list[int], list[bool]]]
 
 _MASK64 = (1 << 63) - 1
 
@@ -17,23 +25,45 @@ def _token_seed(seed: int, index: int) -> int:
     return (seed * 6364136223846793005 + index * 1442695040888963407 + 1) & _MASK64
 
 
+def scan_logits(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """The LogitScan in torch (any device, any dtype): two passes over the logits."""
+    return logits.argmax(dim=-1).tolist(), torch.isfinite(logits).all(dim=-1).tolist()
+
+
+def logit_scan(kernels: BlockKernels | None) -> LogitScan:
+    """The runner's LogitScan: with the CPU's compiled kernels, one native pass over float32 CPU logits
+    (cpu_logits.cpp: torch's two passes cost ~150 us a row of the default model's 49,152), else `scan_logits`."""
+    native = kernels.native if isinstance(kernels, QuantKernels) else None
+    if native is None:
+        return scan_logits
+
+    def scan(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+        if logits.dtype != torch.float32 or logits.device.type != "cpu":
+            return scan_logits(logits)
+        return native.scan_logits(logits)
+
+    return scan
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     output_indices: list[int],
     generator: torch.Generator | None = None,
+    greedy: list[int] | None = None,
 ) -> list[int]:
-    """One token per row of `logits` [B, V]; `output_indices[i]` is how many tokens row i has generated so far."""
-    tokens = logits.argmax(dim=-1)
+    """One token per row of `logits` [B, V]; `output_indices[i]` is how many tokens row i has generated so far;
+    `greedy`: the rows' argmax where the caller has it (a LogitScan's)."""
+    tokens = list(greedy) if greedy is not None else logits.argmax(dim=-1).tolist()
     stochastic = [i for i, p in enumerate(params) if not p.greedy]
     if not stochastic:
-        return tokens.tolist()
+        return tokens
     probs = sampling_probs(logits[stochastic], [params[i] for i in stochastic]).cpu()
     for j, i in enumerate(stochastic):
         tokens[i] = int(
             torch.multinomial(probs[j], 1, generator=token_generator(params[i], output_indices[i], generator))
         )
-    return tokens.tolist()
+    return tokens
 
 
 def token_generator(

@@ -9,6 +9,9 @@
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace disagg_blocks {
 
@@ -61,5 +64,12 @@ inline void fetch_ahead(const void* base, int64_t offset, int64_t bytes) {
     (void)base, (void)offset, (void)bytes;
 #endif
 }
+
+#if defined(__AVX512F__)
+// the first min(left, 16) of 16 lanes: a loop's last, partial vector (left <= 0: none)
+inline __mmask16 lanes16(int64_t left) {
+    return left >= 16 ? __mmask16(0xFFFF) : left <= 0 ? __mmask16(0) : __mmask16((1u << left) - 1);
+}
+#endif
 
 }  // namespace disagg_blocks

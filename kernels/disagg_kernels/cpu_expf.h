@@ -18,6 +18,8 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+
+#include "cpu_blocks.h"
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 
@@ -105,7 +107,7 @@ inline void exp_shifted(float* e, int64_t n, float m) {
     int64_t j = 0;
 #if defined(__AVX512F__)
     for (; j < n; j += 16) {
-        const __mmask16 in = j + 16 <= n ? 0xFFFF : static_cast<__mmask16>((1u << (n - j)) - 1);
+        const __mmask16 in = disagg_blocks::lanes16(n - j);
         _mm512_mask_storeu_ps(e + j, in, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(in, e + j), _mm512_set1_ps(m))));
     }
 #else
@@ -128,7 +130,7 @@ namespace disagg_expf {
 // in vector lanes (the library's bits)
 inline void silu_times(const float* g, const float* up, int64_t m, float* out) {
 #if defined(__AVX512F__)
-    const __mmask16 in = m == 16 ? 0xFFFF : static_cast<__mmask16>((1u << m) - 1);
+    const __mmask16 in = disagg_blocks::lanes16(m);
     const __m512 x = _mm512_maskz_loadu_ps(in, g);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
     const __m512 y = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));

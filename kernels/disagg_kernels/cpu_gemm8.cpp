@@ -198,7 +198,7 @@ void rows_out(const Rounded<A>& x, int64_t r0, int64_t K, const uint32_t* codes,
     for (int n = 0; n < RN; ++n) {
         const int64_t c0 = n0 + n * LANES;
         if (c0 >= N) break;
-        const __mmask16 keep = N - c0 >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << (N - c0)) - 1);
+        const __mmask16 keep = lanes16(N - c0);
         for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + (r0 + r) * N + c0, keep, acc[r][n]);
     }
 }

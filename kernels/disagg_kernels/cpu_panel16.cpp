@@ -195,7 +195,7 @@ void micro(const Rounded& x, int64_t r0, int64_t K, const uint8_t* panels, int64
     }
     for (int n = 0; n < np; ++n) {
         const int64_t c0 = (p0 + n) * LANES;
-        const __mmask16 keep = N - c0 >= LANES ? __mmask16(0xFFFF) : __mmask16((1u << (N - c0)) - 1);
+        const __mmask16 keep = lanes16(N - c0);
         for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(y + (r0 + r) * N + c0, keep, acc[r][n]);
     }
 }

@@ -28,7 +28,14 @@ _ALIGN = 64  # bytes: the panel kernel reads its panels with aligned 512-bit loa
 QK = 32  # weights per block (llama.cpp's QK4_0 = QK4_1 = QK8_0 = 32)
 _SOURCE = Path(__file__).with_name("cpu_quant.cpp")
 # one library: the integer-activation matmuls and the whole-stack step beside the block matmul they call
-_KERNEL_FILES = ("cpu_dot8.cpp", "cpu_gemm8.cpp", "cpu_panel16.cpp", "cpu_step.cpp", "cpu_step_hooks.cpp")
+_KERNEL_FILES = (
+    "cpu_dot8.cpp",
+    "cpu_gemm8.cpp",
+    "cpu_panel16.cpp",
+    "cpu_step.cpp",
+    "cpu_step_hooks.cpp",
+    "cpu_logits.cpp",
+)
 _SOURCES = (_SOURCE, *(Path(__file__).with_name(name) for name in _KERNEL_FILES))
 # what the kernels share and include (part of the build key): the block formats, the int8 KV codec, the attention
 _HEADERS = tuple(
@@ -236,6 +243,22 @@ class NativeKernels:
         lib.disagg_quant_panel_rows.argtypes = [i32, ptr, i64, i64, ptr, i64, ptr]
         lib.disagg_quant_panel_rows.restype = None
         self.panels = bool(lib.disagg_quant_panels_built())  # cpu_panel16.cpp's kernel (AVX-512 VNNI)
+        lib.disagg_logits_scan.argtypes = [ptr, i64, i64, ptr, ptr, i32]
+        lib.disagg_logits_scan.restype = None
+
+    def scan_logits(self, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+        """Per row of float32 CPU logits [B, V], in one pass (cpu_logits.cpp): the index of its first maximum
+        (torch.argmax's; unspecified in a row that is not finite) and whether all its values are finite."""
+        if logits.dim() != 2 or logits.dtype != torch.float32 or logits.device.type != "cpu":
+            raise ValueError(f"logits scan of {tuple(logits.shape)} {logits.dtype} on {logits.device}")
+        x = logits.contiguous()
+        b, v = x.shape
+        argmax = torch.empty(b, dtype=torch.int64)
+        finite = torch.empty(b, dtype=torch.uint8)
+        self.library.disagg_logits_scan(
+            x.data_ptr(), b, v, argmax.data_ptr(), finite.data_ptr(), torch.get_num_threads()
+        )
+        return argmax.tolist(), [bool(f) for f in finite.tolist()]
 
     def pack_panels(self, w: BlockWeight) -> PanelWeight:
         """`w` packed into panels (cpu_panel16.cpp), for `matmul_panels`; ValueError for float32 blocks."""
@@ -321,8 +344,8 @@ class NativeKernels:
 
 def build_native(cache_dir: Path, march: str = "native") -> Path:
     """Compile cpu_quant.cpp and the kernels beside it (cpu_dot8.cpp, cpu_gemm8.cpp, cpu_panel16.cpp, cpu_step.cpp,
-    cpu_step_hooks.cpp) into one library for this CPU (once: cached by the sources, their headers, the compiler and
-    the CPU flags); the library's path.
+    cpu_step_hooks.cpp, cpu_logits.cpp) into one library for this CPU (once: cached by the sources, their headers,
+    the compiler and the CPU flags); the library's path.
     `march` other than "native" builds another path for tests (e.g. "haswell": AVX2, "x86-64": portable).
     Raises RuntimeError with the compiler's message when it cannot be built."""
     flags = ["-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]

@@ -34,6 +34,8 @@ extern "C" void disagg_quant_gemm_int(int bits, int codes, const float* x, int64
                                       const float* d, const float* m, int64_t N, float* y, int threads);
 extern "C" void disagg_quant_panels_int16(int codes, const float* x, int64_t B, int64_t K, const uint8_t* panels,
                                           int64_t N, float* y, int threads);
+extern "C" void disagg_logits_scan(const float* x, int64_t B, int64_t V, int64_t* argmax, uint8_t* finite,
+                                   int threads);
 
 extern "C" {
 
@@ -305,6 +307,23 @@ void disagg_stack_forward(const DisaggStack* stack, float* hidden, int64_t T, co
     }
     rms_norm(hidden, s.final_norm, T, H, s.eps, normed.data());
     for (int64_t i = 0; i < T * H; ++i) hidden[i] = normed[i];
+}
+
+// The step, then its logits: the LM head `head` (packed panels: the int16 product QuantLinear computes) over the
+// final-normed hidden states of the P tokens `pick` into logits [P, head->n], and each row's scan (cpu_logits.cpp:
+// its first maximum, whether it is finite).  One call where the step, the row gather, the head and the scan were
+// four: at batch 1 each torch or ctypes call after a pass over the weights starts from cold caches (~0.1 ms).
+void disagg_stack_logits(const DisaggStack* stack, float* hidden, int64_t T, const int64_t* positions,
+                         const int32_t* tables, int64_t table_width, const int64_t* rows, int threads,
+                         const DisaggMat* head, const int64_t* pick, int64_t P, float* logits, int64_t* argmax,
+                         uint8_t* finite) {
+    disagg_stack_forward(stack, hidden, T, positions, tables, table_width, rows, threads);
+    const int64_t H = stack->hidden;
+    std::vector<float> x(static_cast<size_t>(P * H));
+    for (int64_t p = 0; p < P; ++p)
+        std::memcpy(x.data() + p * H, hidden + pick[p] * H, static_cast<size_t>(H) * sizeof(float));
+    linear(*stack, *head, x.data(), P, logits, threads);
+    disagg_logits_scan(logits, P, head->n, argmax, finite, threads);
 }
 
 }  // extern "C"

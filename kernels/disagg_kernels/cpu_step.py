@@ -158,12 +158,26 @@ class StackKernel:
         fn.argtypes = [ctypes.POINTER(_Stack), _ptr, _i64, _ptr, _ptr, _i64, _ptr, ctypes.c_int]
         fn.restype = None
         self._fn = fn
+        with_logits = native.library.disagg_stack_logits
+        with_logits.argtypes = [*fn.argtypes, ctypes.POINTER(_Mat), _ptr, _i64, _ptr, _ptr, _ptr]
+        with_logits.restype = None
+        self._with_logits = with_logits
+        self._head: _Mat | None = None
 
-    def forward(
+    def set_head(self, head: PanelWeight, bias: torch.Tensor | None = None) -> None:
+        """The LM head `forward_logits` ends with: a matrix packed into panels (int16 activations, the product
+        QuantLinear computes with it) and its optional float32 bias."""
+        if not isinstance(head, PanelWeight) or head.shape[1] != self.shape.hidden:
+            raise ValueError(f"the step's head is a panel matrix [vocab, {self.shape.hidden}]")
+        self._head = _mat(head, bias, self._keep)
+
+    @property
+    def has_head(self) -> bool:
+        return self._head is not None
+
+    def _inputs(
         self, hidden: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """hidden [T, hidden] float32 (the embeddings; overwritten with the final-normed states and returned);
-        positions [T] int64; tables [R, W] int32 block ids; rows [T] int64: each token's row of `tables`."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = hidden.shape[0]
         if hidden.dtype != torch.float32 or not hidden.is_contiguous() or hidden.shape[1] != self.shape.hidden:
             raise ValueError(f"hidden must be contiguous float32 [T, {self.shape.hidden}]")
@@ -172,11 +186,46 @@ class StackKernel:
         rows = rows.to(torch.int64).contiguous()
         if positions.numel() != t or rows.numel() != t:
             raise ValueError("one position and one table row per token")
+        return positions, tables, rows
+
+    def forward(
+        self, hidden: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """hidden [T, hidden] float32 (the embeddings; overwritten with the final-normed states and returned);
+        positions [T] int64; tables [R, W] int32 block ids; rows [T] int64: each token's row of `tables`."""
+        positions, tables, rows = self._inputs(hidden, positions, tables, rows)
         self._fn(
-            ctypes.byref(self._stack), hidden.data_ptr(), t, positions.data_ptr(), tables.data_ptr(),
+            ctypes.byref(self._stack), hidden.data_ptr(), hidden.shape[0], positions.data_ptr(), tables.data_ptr(),
             tables.shape[1], rows.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return hidden
+
+    def forward_logits(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        tables: torch.Tensor,
+        rows: torch.Tensor,
+        pick: list[int],
+    ) -> tuple[torch.Tensor, list[int], list[bool]]:
+        """`forward`, then the head (`set_head`) over the final-normed states of tokens `pick`: their logits
+        [len(pick), vocab] float32, and per row its first maximum and whether it is finite (`scan_logits`'s)."""
+        if self._head is None:
+            raise ValueError("forward_logits needs the LM head (set_head)")
+        positions, tables, rows = self._inputs(hidden, positions, tables, rows)
+        chosen = torch.tensor(pick, dtype=torch.int64)
+        if chosen.numel() and not 0 <= int(chosen.min()) <= int(chosen.max()) < hidden.shape[0]:
+            raise ValueError(f"rows to pick lie in [0, {hidden.shape[0]})")
+        p = chosen.numel()
+        logits = torch.empty(p, self._head.n, dtype=torch.float32)
+        argmax = torch.empty(p, dtype=torch.int64)
+        finite = torch.empty(p, dtype=torch.uint8)
+        self._with_logits(
+            ctypes.byref(self._stack), hidden.data_ptr(), hidden.shape[0], positions.data_ptr(), tables.data_ptr(),
+            tables.shape[1], rows.data_ptr(), torch.get_num_threads(), ctypes.byref(self._head), chosen.data_ptr(),
+            p, logits.data_ptr(), argmax.data_ptr(), finite.data_ptr(),
+        )  # fmt: skip
+        return logits, argmax.tolist(), [bool(f) for f in finite.tolist()]
 
 
 def forward_reference(

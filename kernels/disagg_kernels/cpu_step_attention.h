@@ -106,29 +106,40 @@ inline __m512 sum16(const __m512 v[16]) {
     return _mm512_permutexvar_ps(at, r);
 }
 
-template <int C, typename Row>  // out[16 C] = sum over j < n of (e[j] / sum) v[j], key by key, the sums in registers
-void weighted_rows_c(const float* e, float sum, const Row* v, int64_t n, float* out) {
-    __m512 a[C];
-    for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < n; ++j) {
-        if (j + KEYS_AHEAD < n) disagg_blocks::fetch_ahead(v[j + KEYS_AHEAD].p, 0, Row::bytes(16 * C));
-        const __m512 p = _mm512_set1_ps(e[j] / sum);
-        for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(p, v[j].load16(16 * c), a[c]);
+// out_i += sum over j in [from, to) of p_i[j] v_j for G queries at once, their sums in registers
+template <int C, int G, typename Row>
+void weigh_group(const float* const p[], const Row* v, int64_t from, int64_t to, float* const out[]) {
+    __m512 a[G][C];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) a[g][c] = _mm512_loadu_ps(out[g] + 16 * c);
+    for (int64_t j = from; j < to; ++j) {
+        if (j + KEYS_AHEAD < to) disagg_blocks::fetch_ahead(v[j + KEYS_AHEAD].p, 0, Row::bytes(16 * C));
+        __m512 row[C];
+        for (int c = 0; c < C; ++c) row[c] = v[j].load16(16 * c);
+        for (int g = 0; g < G; ++g) {
+            const __m512 w = _mm512_set1_ps(p[g][j]);
+            for (int c = 0; c < C; ++c) a[g][c] = _mm512_fmadd_ps(w, row[c], a[g][c]);
+        }
     }
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, a[c]);
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[g] + 16 * c, a[g][c]);
 }
 #endif
 
-// out[D] = sum over j < n of (e[j] / sum) v[j], key by key
+// out[D] = sum over j < n of (e[j] / sum) v[j], key by key (e is left divided by the sum)
 template <typename Row>
-void weighted_rows(const float* e, float sum, const Row* v, int64_t n, int64_t D, float* out) {
+void weighted_rows(float* e, float sum, const Row* v, int64_t n, int64_t D, float* out) {
 #if defined(__AVX512F__)
-    switch (D) {
-        case 16: return weighted_rows_c<1, Row>(e, sum, v, n, out);
-        case 32: return weighted_rows_c<2, Row>(e, sum, v, n, out);
-        case 64: return weighted_rows_c<4, Row>(e, sum, v, n, out);
-        case 128: return weighted_rows_c<8, Row>(e, sum, v, n, out);
-        default: break;
+    if (D == 16 || D == 32 || D == 64 || D == 128) {  // one query's group: its sums in registers
+        for (int64_t j = 0; j < n; ++j) e[j] /= sum;
+        std::fill(out, out + D, 0.0f);
+        const float* p[1] = {e};
+        float* const o[1] = {out};
+        if (D == 16) weigh_group<1, 1>(p, v, 0, n, o);
+        else if (D == 32) weigh_group<2, 1>(p, v, 0, n, o);
+        else if (D == 64) weigh_group<4, 1>(p, v, 0, n, o);
+        else weigh_group<8, 1>(p, v, 0, n, o);
+        return;
     }
 #endif
     for (int64_t i = 0; i < D; ++i) out[i] = 0.0f;
@@ -255,29 +266,10 @@ inline void tile_softmax(const Query* qs, int nq, int64_t n, float* scores, cons
         for (int64_t j = common; j < qs[i].seen; ++j) sums[i] += e[j];
         const __m512 s = _mm512_set1_ps(sums[i]);
         for (int64_t j = 0; j < qs[i].seen; j += 16) {
-            const __mmask16 in = j + 16 <= qs[i].seen ? 0xFFFF : (1u << (qs[i].seen - j)) - 1;
+            const __mmask16 in = disagg_blocks::lanes16(qs[i].seen - j);
             _mm512_mask_storeu_ps(e + j, in, _mm512_div_ps(_mm512_maskz_loadu_ps(in, e + j), s));
         }
     }
-}
-
-// out_i += sum over j in [from, to) of p_i[j] v_j for G queries at once, their sums in registers
-template <int C, int G, typename Row>
-void weigh_group(const float* const p[], const Row* v, int64_t from, int64_t to, float* const out[]) {
-    __m512 a[G][C];
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) a[g][c] = _mm512_loadu_ps(out[g] + 16 * c);
-    for (int64_t j = from; j < to; ++j) {
-        if (j + KEYS_AHEAD < to) disagg_blocks::fetch_ahead(v[j + KEYS_AHEAD].p, 0, Row::bytes(16 * C));
-        __m512 row[C];
-        for (int c = 0; c < C; ++c) row[c] = v[j].load16(16 * c);
-        for (int g = 0; g < G; ++g) {
-            const __m512 w = _mm512_set1_ps(p[g][j]);
-            for (int c = 0; c < C; ++c) a[g][c] = _mm512_fmadd_ps(w, row[c], a[g][c]);
-        }
-    }
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[g] + 16 * c, a[g][c]);
 }
 
 template <int C, int G, typename Row>  // weigh_group for g <= G queries, g known at run time
