@@ -48,8 +48,6 @@ def test_the_native_scan_is_torchs_argmax_and_finite_check(march, kernel_builds)
 
 
 def test_the_runners_scan_takes_the_native_pass_for_float32_cpu_logits_only(kernel_builds):
-    from disagg.engine.quant import QuantKernels
-
     native = native_for(kernel_builds, "native")
     calls = []
 
@@ -58,9 +56,21 @@ def test_the_runners_scan_takes_the_native_pass_for_float32_cpu_logits_only(kern
             calls.append(logits.dtype)
             return native.scan_logits(logits)
 
-    scan = logit_scan(QuantKernels(Counting()))  # type: ignore[arg-type]
+    scan = logit_scan(Counting())  # type: ignore[arg-type]
     x = torch.randn(2, 300)
     assert scan(x) == scan_logits(x)
     assert scan(x.bfloat16()) == scan_logits(x.bfloat16())  # torch's: the native pass reads float32
     assert calls == [torch.float32]
-    assert logit_scan(None) is scan_logits and logit_scan(QuantKernels(None)) is scan_logits
+    assert logit_scan(None) is scan_logits
+
+
+def test_which_runners_scan_natively(tiny_llama_dir):
+    """Where the native kernels are loaded anyway (a quantized model's, a CPU native step's) the runner scans
+    with them; a bfloat16 CPU model (no native step) keeps torch's scan and builds nothing for it."""
+    from disagg.config import EngineConfig
+    from disagg.engine.engine import LLMEngine
+
+    quantized = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, quantization="int8")).runner
+    assert quantized.native_step is not None and quantized.scan is not scan_logits
+    bf16 = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, dtype="bfloat16")).runner
+    assert bf16.native_step is None and bf16.scan is scan_logits

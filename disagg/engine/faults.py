@@ -7,7 +7,7 @@ failure).  Like vLLM's fault injection it is a product feature so that drills ru
 nothing turns it on unless a config asks for it.
 
 Detection (`output_fault`): a sampled row whose logits were not all finite comes out of the runner as
-`NONFINITE_TOKEN` (the runner checks `torch.isfinite` on the sampled rows only: one pass over [rows, vocab]), and
+`NONFINITE_TOKEN` (the runner's LogitScan checks the sampled rows only, in the pass that finds their greedy tokens), and
 a token id outside the vocabulary is impossible; either fails the request (the worker raises `OutputCorrupt`, so
 the router retries it elsewhere) and the worker reports itself unhealthy (cluster/worker.py).  A model that is
 wrong but finite is the canary's to catch (router/canary.py).

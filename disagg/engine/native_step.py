@@ -178,14 +178,14 @@ def build(
         activation_bits=config.activation_bits,
         blocked_rows=config.blocked_from,
     )
+    lm_head = model.lm_head
     try:
         kernel = StackKernel(
             native, shape, layers, model.rotary.inv_freq, model.norm.weight.data, cache.tensor, kv_int8=int8_kv
         )
+        if isinstance(lm_head, QuantLinear) and isinstance(lm_head.weight_blocks, PanelWeight):
+            kernel.set_head(lm_head.weight_blocks, lm_head.bias)  # with panels, one product whatever the rows
     except ValueError:  # a layout the kernel does not read (non-contiguous blocks, another dtype): the torch path
         return None
-    lm_head = model.lm_head
-    if isinstance(lm_head, QuantLinear) and isinstance(lm_head.weight_blocks, PanelWeight):
-        kernel.set_head(lm_head.weight_blocks, lm_head.bias)  # with panels, one product whatever the rows
     widest = sys.maxsize if int8_kv else config.float_rows if floats else config.direct_rows  # int8: every width
     return NativeStep(model, kernel, widest)

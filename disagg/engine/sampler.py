@@ -7,12 +7,14 @@ depend on what else is in the batch or on preemption and recompute.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 
-from disagg.engine.quant import BlockKernels, QuantKernels
 from disagg.protocol import SamplingParams
+
+if TYPE_CHECKING:
+    from disagg_kernels.cpu_quant import NativeKernels
 
 # per row of a step's logits [B, V]: the index of its first maximum (its greedy token) and whether all its values
 # are finite
@@ -30,10 +32,9 @@ def scan_logits(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
     return logits.argmax(dim=-1).tolist(), torch.isfinite(logits).all(dim=-1).tolist()
 
 
-def logit_scan(kernels: BlockKernels | None) -> LogitScan:
+def logit_scan(native: NativeKernels | None) -> LogitScan:
     """The runner's LogitScan: with the CPU's compiled kernels, one native pass over float32 CPU logits
     (cpu_logits.cpp: torch's two passes cost ~150 us a row of the default model's 49,152), else `scan_logits`."""
-    native = kernels.native if isinstance(kernels, QuantKernels) else None
     if native is None:
         return scan_logits
 
