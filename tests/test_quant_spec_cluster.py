@@ -47,22 +47,37 @@ def test_disaggregated_q4_int8_kv_speculating_answers_are_plain_local_decoding(s
     assert answer["choices"][0]["message"]["content"] == want.text
     details = answer["usage"]["completion_tokens_details"]
     assert details["accepted_prediction_tokens"] > 0 and details["rejected_prediction_tokens"] >= 0
-    streamed, usage = "", None
-    with httpx.stream("POST", f"{service.url}/v1/chat/completions", timeout=120,
-                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
-        for line in s.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                chunk = json.loads(line[6:])
-                usage = chunk.get("usage") or usage
-                streamed += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
-    assert streamed == want.text
-    assert usage is not None and usage["completion_tokens_details"]["accepted_prediction_tokens"] > 0
+    # streamed, the same answer every time and the counts in the final usage chunk.  How many proposals a step
+    # verifies is planned from the worker's measured step times (spec_budget.py), so under a loaded machine a
+    # noisy measurement can cut one whole 48-token answer's proposals (seen once in the full suite on 2 cores):
+    # the same request is sent again, at most 3 times, until one streamed usage reports accepted proposals
+    accepted = []
+    for _ in range(3):
+        streamed, usage = _stream(service.url, body)
+        assert streamed == want.text
+        assert usage is not None and usage["completion_tokens"] == 48
+        accepted.append(usage["completion_tokens_details"]["accepted_prediction_tokens"])
+        if accepted[-1] > 0:
+            break
+    assert accepted[-1] > 0, accepted
     metrics = httpx.get(f"{service.url}/metrics", timeout=10).text
     assert 'disagg:requests_by_path_total{path="disaggregated"}' in metrics  # the KV moved to the decode worker
     deadline = time.monotonic() + 15  # the workers' figures arrive with their next heartbeat
     while not _accepted_in_metrics(service.url) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _accepted_in_metrics(service.url)
+
+
+def _stream(url: str, body: dict) -> tuple[str, dict | None]:
+    streamed, usage = "", None
+    with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=120,
+                      json={**body, "stream": True, "stream_options": {"include_usage": True}}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                streamed += "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+    return streamed, usage
 
 
 def _accepted_in_metrics(url: str) -> bool:
