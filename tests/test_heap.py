@@ -14,7 +14,9 @@ def test_settling_freezes_what_start_up_built_and_later_garbage_is_still_collect
     built = [Node() for _ in range(10_000)]
     try:
         frozen = settle_heap("test")
-        assert frozen >= 10_000 and gc.get_freeze_count() == frozen
+        # the freeze count, read again: other threads of this process (left by earlier tests in the same run) may
+        # free a few frozen objects in between (2 fewer, once, in the full suite); none are added
+        assert frozen >= 10_000 and frozen - 100 <= gc.get_freeze_count() <= frozen
         walked = {id(o) for o in gc.get_objects()}
         assert not any(id(node) in walked for node in built[:100])  # out of every collection's walk
         later = Node()
