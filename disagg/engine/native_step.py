@@ -69,6 +69,11 @@ class NativeStep:
         hidden, rows = self._inputs(ids, meta, embeds)
         return self.kernel.forward(hidden, positions, meta.block_tables, rows)
 
+    @property
+    def holds_head(self) -> bool:
+        """Whether the kernel holds the LM head (a quantized model's, packed into panels): `logits` runs then."""
+        return self.kernel.has_head
+
     def logits(
         self,
         ids: torch.Tensor,
@@ -76,12 +81,10 @@ class NativeStep:
         meta: AttentionMetadata,
         pick: list[int],
         embeds: InputEmbeds | None = None,
-    ) -> tuple[torch.Tensor, list[int], list[bool]] | None:
+    ) -> tuple[torch.Tensor, list[int], list[bool]]:
         """The logits of tokens `pick` [len(pick), vocab] and their scan (a LogitScan's), the step and the LM head
-        in one call, where the kernel holds the head (a quantized model's, packed into panels); else None.  The
-        same bits as `forward` then the model's `compute_logits`: the head's product is QuantLinear's."""
-        if not self.kernel.has_head:
-            return None
+        in one call; only where `holds_head`.  The same bits as `forward` then the model's `compute_logits`: the
+        head's product is QuantLinear's."""
         hidden, rows = self._inputs(ids, meta, embeds)
         return self.kernel.forward_logits(hidden, positions, meta.block_tables, rows, pick)
 

@@ -328,10 +328,9 @@ class ModelRunner:
             end = meta.query_start_list[r + 1]
             last.extend(range(end - 1 - (len(batch.drafts[r]) if batch.drafts else 0), end))
         native = self.native_step
-        if native is not None and native.takes(len(ids), batch.seqs):  # the step and its head in one call
-            fused = native.logits(ids, pos, meta, last, embeds)
-            if fused is not None:
-                return StepLogits(fused[0], sample_rows, (fused[1], fused[2]))
+        if native is not None and native.holds_head and native.takes(len(ids), batch.seqs):  # step and head at once
+            logits, greedy, finite = native.logits(ids, pos, meta, last, embeds)
+            return StepLogits(logits, sample_rows, (greedy, finite))
         hidden = self.hidden_states(ids, pos, meta, batch.seqs, embeds)
         return StepLogits(self.model.compute_logits(hidden[last]), sample_rows, None)
 
