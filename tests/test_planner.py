@@ -184,6 +184,25 @@ def test_both_short_is_saturation_not_a_move():
     assert Planner(PlannerConfig(**ON)).decide(s) is Hold.SATURATED
 
 
+@pytest.mark.parametrize("step, ttft, tpot, split", [(0.05, 0.8, 0.5, True), (0.05, 0.3, 0.85, False),
+                                                     (0.05, 0.34, 0.28, False), (0.15, 0.8, 0.5, False),
+                                                     (None, 0.8, 0.5, False)])
+def test_both_missed_while_light_decoders_prefill_is_interference_not_saturation(step, ttft, tpot, split):
+    """Aggregated workers prefilling long prompts beside their decodes miss both SLOs, TPOT the worse, while their
+    decode steps alone take a quarter of the TPOT SLO: the TPOT misses are the prompts' (interference), and a split
+    removes them.  Read as saturation, the agent cell at 64 simulated workers (1/4 lengths, 100 ms TPOT, 2x) held
+    for 44 s and split at 62 s of 78 (19.5 req/s; 16 + 48 from the start: 27.3).  TTFT the worse met, or met for
+    under `split_ttft_floor` (prefill throughput short: a split takes more of it; the conversation cell at 16
+    workers split at 34% / 28% and served 0.36x), steps near the SLO (0.75 of it) or unmeasured: saturation."""
+    workers = [replace(w(f"d{i}", Role.BOTH, queued=2500, active=1), decode_step_s=step) for i in range(8)]
+    decision = Planner(PlannerConfig(**ON)).decide(signals(workers, ttft=ttft, tpot=tpot))
+    if split:
+        assert (decision.new, decision.reason, len(decision.workers)) == (Role.PREFILL,
+                                                                          Reason.PREFILL_INTERFERENCE, 2)
+    else:
+        assert decision is Hold.SATURATED
+
+
 def test_idle_prefill_workers_go_to_decode_when_decode_is_busy():
     s = signals([w("p0", Role.PREFILL), w("p1", Role.PREFILL), w("d0", Role.DECODE, active=5),
                  w("d1", Role.DECODE, active=5)])
