@@ -82,6 +82,18 @@ def test_an_interference_split_scales_with_the_decoders_backlog_and_keeps_decode
         assert decision is Hold.DECODE_HEADROOM
 
 
+def test_an_interference_split_is_sized_from_the_confirming_rounds_mean_backlog():
+    """The decoders' prompt backlog swings round to round; sized from the last round alone, the agent cell at 16
+    simulated workers split 1 worker off at a 1.3 s wait (rounds of 0.7 s, 4.7 s, 1.3 s) and 4 more 32 s later
+    (0.96x of aggregated; 1.01x sized from the rounds' mean).  The mean of the 3 confirming rounds, 2.2 s: 2 steps."""
+    planner = Planner(PlannerConfig(**{**ON, "confirm_rounds": 3}))
+    decisions = [planner.decide(signals([w(f"d{i:02d}", Role.BOTH, queued=q, active=1) for i in range(16)],
+                                        ttft=0.99, tpot=0.5, now=100.0 + 2 * k))
+                 for k, q in enumerate((700, 4700, 1300))]
+    assert decisions[:2] == [Hold.CONFIRMING, Hold.CONFIRMING]
+    assert (decisions[2].reason, len(decisions[2].workers)) == (Reason.PREFILL_INTERFERENCE, 2)
+
+
 @pytest.mark.parametrize("step, moved", [(None, 24), (0.040, 12), (0.046, 0)])
 def test_a_backlog_move_leaves_the_decoders_steps_within_the_tpot_slo(step, moved):
     """Slots and KV are not all a decoder has to spare: at a 50 ms TPOT SLO the agent load (64 simulated workers)

@@ -12,8 +12,7 @@ of a queue in front of it.  Rules, in order (each move keeps at least `min_decod
 1. TTFT missed and TPOT missed: capacity, not the split, is short - no move helps (hold, reason "saturated") -
    unless the decoders prefill prompts (the pool full or absent) while their measured steps alone stay under
    `decode_step_high` of the TPOT SLO, TPOT is the worse met and TTFT is met for at least `split_ttft_floor`:
-   those TPOT misses are the prompts' (rule 2), and a split removes them at a price in prefill throughput that
-   the TTFT side can pay.
+   those TPOT misses are the prompts' (rule 2), and the TTFT side can pay a split's price in prefill throughput.
 2. TPOT missed (attainment < target, or decode load > `decode_load_high`) while decode workers are prefilling
    prompts themselves (prompt tokens queued on them: prefill interference) because the prefill pool is full
    (every prefill worker at its queue limit, or none): decode workers become prefill workers - the least loaded
@@ -218,6 +217,9 @@ class Planner:
         self.history: dict[str, _History] = {}
         self.last_hold: Hold | None = None
         self._streak: tuple[Role | None, int] = (None, 0)  # the direction asked for, rounds in a row
+        # the decoders' prompt wait over the last confirm_rounds rounds: an interference split is sized from their
+        # mean, not one round's (a 1.3 s round between 4.7 s and 0.7 s split 1 worker off, and 4 more 32 s later)
+        self._decoder_waits: deque[float] = deque(maxlen=max(1, self.config.confirm_rounds))
 
     # ------------------------------------------------------------------ the decision
     def decide(self, s: Signals) -> Move | Hold:
@@ -228,6 +230,7 @@ class Planner:
         ttft_bad = judged and s.ttft_attainment is not None and s.ttft_attainment < cfg.target_attainment
         tpot_bad = judged and s.tpot_attainment is not None and s.tpot_attainment < cfg.target_attainment
         wait, load = s.prefill_wait_s(), s.decode_load()
+        self._decoder_waits.append(s.decoders_wait_s())
         decode_short = tpot_bad or load > cfg.decode_load_high
         backlog = bool(s.prefill_workers()) and wait > cfg.prefill_wait_high_s
         prefill_short = backlog or (ttft_bad and wait > cfg.prefill_wait_low_s)
@@ -271,7 +274,8 @@ class Planner:
         keep_prefill = cfg.min_prefill if tpot_bad else max(cfg.min_prefill, 1)
         steps, cap = 1, None
         if wanted[1] is Reason.PREFILL_INTERFERENCE:
-            steps = max(1, min(cfg.max_step_multiple, int(s.decoders_wait_s() / cfg.prefill_wait_high_s)))
+            deep = sum(self._decoder_waits) / len(self._decoder_waits)
+            steps = max(1, min(cfg.max_step_multiple, int(deep / cfg.prefill_wait_high_s)))
             cap = self._decode_headroom(s, load, cfg.decode_load_low)
             if cap == 0:
                 return Hold.DECODE_HEADROOM
@@ -292,16 +296,13 @@ class Planner:
         return Move([w.name for w in chosen], chosen[0].role, wanted[0], wanted[1], detail)
 
     def _tpot_binds(self, s: Signals, load: float) -> bool:
-        """Both SLOs missed, yet what a split buys comes first: TPOT is the worse met of the two while the decoders'
-        steps alone (measured) are well within it - the prompts prefilled beside them cost the TPOT misses.  A split
-        trades prefill throughput for that isolation, so it holds with TTFT the worse met, or met for fewer than
-        `split_ttft_floor` of requests (prefill throughput short): on the conversation trace (1/4 lengths, 100 ms
-        TPOT) a split at TTFT 29% / TPOT 88% cost 0.60x of aggregated at 64 simulated workers, and one at 34% / 28%
-        0.36x at 16."""
+        """Both SLOs missed, TPOT the worse, while the decoders' measured steps alone are well within it: the prompts
+        prefilled beside them cost the misses.  A split costs prefill throughput, so not with TTFT met for under
+        `split_ttft_floor` (conversation, 1/4 lengths: splits at TTFT 29% and 34% served 0.60x and 0.36x)."""
         ttft, tpot = s.ttft_attainment, s.tpot_attainment
-        if ttft is None or tpot is None or ttft < self.config.split_ttft_floor:
+        if ttft is None or tpot is None:
             return False
-        return tpot < ttft and not self._decode_full(s, load)
+        return self.config.split_ttft_floor <= ttft and tpot < ttft and not self._decode_full(s, load)
 
     def _decode_full(self, s: Signals, load: float) -> bool:
         """Whether decode itself is short: its load past `decode_load_high`, or its steps alone (measured) near the
