@@ -196,7 +196,7 @@ def test_both_short_is_saturation_not_a_move():
     assert Planner(PlannerConfig(**ON)).decide(s) is Hold.SATURATED
 
 
-@pytest.mark.parametrize("step, ttft, tpot, split", [(0.05, 0.8, 0.5, True), (0.05, 0.3, 0.85, False),
+@pytest.mark.parametrize("step, ttft, tpot, split", [(0.05, 0.8, 0.5, True), (0.05, 0.8, 0.85, False),
                                                      (0.05, 0.34, 0.28, False), (0.15, 0.8, 0.5, False),
                                                      (None, 0.8, 0.5, False)])
 def test_both_missed_while_light_decoders_prefill_is_interference_not_saturation(step, ttft, tpot, split):
@@ -213,6 +213,17 @@ def test_both_missed_while_light_decoders_prefill_is_interference_not_saturation
                                                                           Reason.PREFILL_INTERFERENCE, 2)
     else:
         assert decision is Hold.SATURATED
+
+
+def test_both_missed_is_saturation_while_the_pool_has_room_and_decode_headroom_past_the_low_load():
+    """The rule's other bounds: a prefill pool with room (the decoders' prompts are ones the router keeps local,
+    which a split would not take) is saturation; decoders busier than decode_load_low (0.5) would lose more
+    capacity than isolation gains: hold as decode_headroom."""
+    light = [replace(w(f"d{i}", Role.DECODE, queued=2500, active=1), decode_step_s=0.05) for i in range(8)]
+    room = signals([w("p0", Role.PREFILL, queued=100), *light], ttft=0.8, tpot=0.5)
+    assert Planner(PlannerConfig(**ON)).decide(room) is Hold.SATURATED
+    busy = [replace(w(f"d{i}", Role.BOTH, queued=2500, active=5), decode_step_s=0.05) for i in range(8)]
+    assert Planner(PlannerConfig(**ON)).decide(signals(busy, ttft=0.8, tpot=0.5)) is Hold.DECODE_HEADROOM
 
 
 def test_idle_prefill_workers_go_to_decode_when_decode_is_busy():

@@ -10,9 +10,9 @@ prefill-only worker adds no compute - it isolates prefill from decode steps, whi
 of a queue in front of it.  Rules, in order (each move keeps at least `min_decode` decode-capable workers and
 `min_prefill` prefill ones):
 1. TTFT missed and TPOT missed: capacity, not the split, is short - no move helps (hold, reason "saturated") -
-   unless the decoders prefill prompts (the pool full or absent) while their measured steps alone stay under
-   `decode_step_high` of the TPOT SLO, TPOT is the worse met and TTFT is met for at least `split_ttft_floor`:
-   those TPOT misses are the prompts' (rule 2), and the TTFT side can pay a split's price in prefill throughput.
+   unless the decoders prefill prompts (the pool full or absent) and are not full (see rule 3), TPOT is the
+   worse met and TTFT met for at least `split_ttft_floor`: those TPOT misses are the prompts' (rule 2), and the
+   TTFT side can pay a split's price in prefill throughput (past `decode_load_low`: hold "decode_headroom").
 2. TPOT missed (attainment < target, or decode load > `decode_load_high`) while decode workers are prefilling
    prompts themselves (prompt tokens queued on them: prefill interference) because the prefill pool is full
    (every prefill worker at its queue limit, or none): decode workers become prefill workers - the least loaded
@@ -230,7 +230,6 @@ class Planner:
         ttft_bad = judged and s.ttft_attainment is not None and s.ttft_attainment < cfg.target_attainment
         tpot_bad = judged and s.tpot_attainment is not None and s.tpot_attainment < cfg.target_attainment
         wait, load = s.prefill_wait_s(), s.decode_load()
-        self._decoder_waits.append(s.decoders_wait_s())
         decode_short = tpot_bad or load > cfg.decode_load_high
         backlog = bool(s.prefill_workers()) and wait > cfg.prefill_wait_high_s
         prefill_short = backlog or (ttft_bad and wait > cfg.prefill_wait_low_s)
@@ -264,6 +263,7 @@ class Planner:
         direction = wanted[0] if wanted is not None else None
         streak = self._streak[1] + 1 if direction is not None and direction is self._streak[0] else 1
         self._streak = (direction, streak)
+        self._decoder_waits.append(s.decoders_wait_s())  # a move needs confirm_rounds of these in a row
         if wanted is None:
             return Hold.BALANCED
         if streak < cfg.confirm_rounds:
