@@ -65,12 +65,15 @@ def test_the_runners_scan_takes_the_native_pass_for_float32_cpu_logits_only(kern
 
 
 def test_which_runners_scan_natively(tiny_llama_dir):
-    """Where the native kernels are loaded anyway (a quantized model's, a CPU native step's) the runner scans
-    with them; a bfloat16 CPU model (no native step) keeps torch's scan and builds nothing for it."""
+    """Where the native kernels are loaded anyway (a quantized model's, a CPU native step's: a float32 model's
+    too) the runner scans with them; a bfloat16 CPU model (no native step) keeps torch's scan and builds nothing
+    for it."""
     from disagg.config import EngineConfig
     from disagg.engine.engine import LLMEngine
 
     quantized = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, quantization="int8")).runner
     assert quantized.native_step is not None and quantized.scan is not scan_logits
+    float32 = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64)).runner
+    assert float32.native_step is not None and float32.scan is not scan_logits
     bf16 = LLMEngine(EngineConfig(model=str(tiny_llama_dir), num_blocks=64, dtype="bfloat16")).runner
     assert bf16.native_step is None and bf16.scan is scan_logits

@@ -39,7 +39,7 @@ from disagg.engine.model import CausalLM, DecoderLayer, RMSNorm
 from disagg.engine.quant import BlockKernels, QuantConfig, QuantKernels, QuantLinear, quant_kernels
 from disagg.engine.sequence import Sequence
 from disagg.modes import KVDtype
-from disagg_kernels.cpu_quant import BlockWeight, PanelWeight, float_blocks
+from disagg_kernels.cpu_quant import BlockWeight, NativeKernels, PanelWeight, float_blocks
 from disagg_kernels.cpu_step import StackKernel, StackLayer, StackShape
 
 Matrix: TypeAlias = BlockWeight | PanelWeight  # a matrix as the stack kernel reads it: row layout or packed panels
@@ -68,6 +68,11 @@ class NativeStep:
         """The final-normed hidden states [T, hidden], as `CausalLM.forward` returns them."""
         hidden, rows = self._inputs(ids, meta, embeds)
         return self.kernel.forward(hidden, positions, meta.block_tables, rows)
+
+    @property
+    def native(self) -> NativeKernels:
+        """The native kernels the step calls (the runner scans its logits with them too)."""
+        return self.kernel.native
 
     @property
     def holds_head(self) -> bool:

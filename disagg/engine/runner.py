@@ -226,9 +226,9 @@ class ModelRunner:
         config = factory.config if factory is not None else QuantConfig()
         step_kernels = factory.kernels if factory is not None else None  # None: the CPU's, if the step applies
         self.native_step = build_native_step(self.model, self.kv_cache, config, step_kernels, raw)
-        # the kernels already loaded (a quantized model's, or the native step's): none built for the scan alone
-        scan_kernels = step_kernels or (quant_kernels(device) if self.native_step is not None else None)
-        self.scan = logit_scan(scan_kernels.native if isinstance(scan_kernels, QuantKernels) else None)
+        # the kernels already loaded (the native step's, or a quantized model's): none built for the scan alone
+        loaded = step_kernels.native if isinstance(step_kernels, QuantKernels) else None
+        self.scan = logit_scan(self.native_step.native if self.native_step is not None else loaded)
         self.kernel_path = "float" if factory is None else factory.kernels.name
         if self.native_step is not None:
             self.kernel_path += "+stack"

@@ -130,6 +130,7 @@ class StackKernel:
         mats = [m for x in layers for m in (x.qkv, x.o, x.gate_up, x.down)]
         if shape.activation_bits != 16 and any(isinstance(m, PanelWeight) for m in mats):
             raise ValueError("packed panels are read with int16 activations only (activation_bits=16)")
+        self.native = native  # the kernels it calls (the runner's logit scan calls the same, none loaded for it)
         self._keep: list[torch.Tensor] = [kv]
         keep = self._keep
         self._layers = (_Layer * len(layers))(
