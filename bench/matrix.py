@@ -53,6 +53,13 @@ class MatrixOptions:
     slos: str = field(default=",".join(SLOS), metadata={"help": "comma-separated: " + ", ".join(SLOS)})
     simulate: bool = field(default=False, metadata={"help": "the simulator instead of real clusters"})
     out: str = field(default="bench/results/matrix", metadata={"help": "output directory"})
+    arms: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated arm names to run (e.g. adaptive,adaptive-split: a policy change re-run against "
+            "an earlier matrix's other arms); empty: every arm"
+        },
+    )
     arm_settings: str = field(
         default="",
         metadata={
@@ -65,15 +72,21 @@ class MatrixOptions:
 ADAPTIVE = "kv:adaptive=1:flexible=1:planner=1"  # cost placement, sized chunks, flexible workers, the planner
 
 
-def configs(workers: int, settings: str = "") -> str:
+def configs(workers: int, settings: str = "", only: str = "") -> str:
     """Aggregated (round-robin, KV-aware), static splits at 1/4, 1/2 and 3/4 prefill, and the adaptive runtime
     started aggregated (`adaptive`: the planner splits prefill workers off when it measures prefill interference)
-    and from the 1/4 split (`adaptive-split`)."""
+    and from the 1/4 split (`adaptive-split`); `only`: the comma-separated arm names kept (empty: all)."""
     splits = sorted({max(1, min(workers - 1, round(workers * f))) for f in (0.25, 0.5, 0.75)})
     arms = [f"agg-rr=0x{workers}:round_robin", f"agg-kv=0x{workers}:kv"]
     arms += [f"split-{p}x{workers - p}={p}x{workers - p}:kv" for p in splits]
     p = splits[0]
     arms += [f"adaptive=0x{workers}:{ADAPTIVE}", f"adaptive-split={p}x{workers - p}:{ADAPTIVE}"]
+    if only:
+        kept = set(only.split(","))
+        unknown = kept - {arm.split("=")[0] for arm in arms}
+        if unknown:
+            raise ValueError(f"--arms: no arm named {', '.join(sorted(unknown))}")
+        arms = [arm for arm in arms if arm.split("=")[0] in kept]
     return ",".join(arm + (":" + settings if settings else "") for arm in arms)
 
 
@@ -83,7 +96,7 @@ def cell_args(opts: MatrixOptions, workload: str, length: str, slo: str, out: Pa
     pace = opts.pace * opts.workers * int(LENGTHS["quarter"]) / int(block)
     args = [*WORKLOADS[workload], "--block-tokens", block, "--time-scale", f"{pace:g}"]
     args += ["--slo-ttft-ms", ttft, "--slo-tpot-ms", tpot]
-    args += ["--rates", opts.rates, "--configs", configs(opts.workers, opts.arm_settings), "--out", str(out)]
+    args += ["--rates", opts.rates, "--configs", configs(opts.workers, opts.arm_settings, opts.arms), "--out", str(out)]
     args += ["--sessions", str(opts.sessions)] if workload == "agent" else ["--limit", str(opts.limit)]
     return args + (["--simulate"] if opts.simulate else [])
 

@@ -3,6 +3,8 @@ the summary of the adaptive arm against the best aggregated and static arms (a c
 says so instead of a ratio)."""
 from pathlib import Path
 
+import pytest
+
 from bench.adaptive import summarize
 from bench.matrix import MatrixOptions, cell_args, configs, markdown
 from disagg.sim.spec import parse_configs
@@ -17,6 +19,16 @@ def test_the_arms_cover_aggregated_static_splits_and_the_adaptive_runtime():
         spec = specs[name]
         assert spec.adaptive and spec.planner and (spec.num_prefill, spec.num_decode) == split
     assert len(parse_configs(configs(2))) == 5  # 2 workers: one split (1x1) besides the two aggregated arms
+
+
+def test_arms_picks_the_arms_a_cell_runs_and_refuses_a_name_it_does_not_know():
+    """A policy change re-runs only the arms it can change (`--arms adaptive,adaptive-split`)."""
+    assert [s.name for s in parse_configs(configs(16, only="adaptive,adaptive-split"))] == ["adaptive",
+                                                                                           "adaptive-split"]
+    args = cell_args(MatrixOptions(workers=16, arms="agg-kv"), "agent", "quarter", "loose", Path("/tmp/x"))
+    assert args[args.index("--configs") + 1] == "agg-kv=0x16:kv"
+    with pytest.raises(ValueError, match="no arm named split-9x9"):
+        configs(16, only="adaptive,split-9x9")
 
 
 def test_a_cell_passes_its_workload_lengths_and_slo_on():
