@@ -82,11 +82,12 @@ def configs(workers: int, settings: str = "", only: str = "") -> str:
     p = splits[0]
     arms += [f"adaptive=0x{workers}:{ADAPTIVE}", f"adaptive-split={p}x{workers - p}:{ADAPTIVE}"]
     if only:
+        by_name = {arm.split("=")[0]: arm for arm in arms}
         kept = set(only.split(","))
-        unknown = kept - {arm.split("=")[0] for arm in arms}
+        unknown = kept - by_name.keys()
         if unknown:
             raise ValueError(f"--arms: no arm named {', '.join(sorted(unknown))}")
-        arms = [arm for arm in arms if arm.split("=")[0] in kept]
+        arms = [arm for name, arm in by_name.items() if name in kept]
     return ",".join(arm + (":" + settings if settings else "") for arm in arms)
 
 
