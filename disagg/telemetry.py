@@ -71,11 +71,18 @@ class PlannerView:
 
 
 @dataclass
+class PauseView:  # the router's event loop not running (router/health.py): heartbeats unread, yet no worker silent
+    count: int
+    seconds: float
+
+
+@dataclass
 class ClusterSnapshot:
     counters: RouterCounters
     workers: list[WorkerView]
     queue: QueueView
     planner: PlannerView | None  # None: no planner in this service
+    pauses: PauseView | None = None  # the health supervisor's local pauses (None: no supervisor)
 
 
 class ClusterCollector:
@@ -145,6 +152,11 @@ def _families(snap: ClusterSnapshot) -> Iterator[Metric]:
     yield from planner_metrics(snap.counters, snap.planner)
     yield from worker_metrics(snap.workers)
     yield from queue_metrics(snap.queue)
+    if snap.pauses is not None:
+        yield _counter(
+            "disagg:router_pauses", "Router event-loop pauses that left heartbeats unread", snap.pauses.count
+        )
+        yield _counter("disagg:router_paused_seconds", "Total length of the router's pauses", snap.pauses.seconds)
 
 
 _E = TypeVar("_E", bound=enum.Enum)

@@ -9,7 +9,7 @@ from disagg.protocol import Role, WorkerState
 from disagg.router.admission import AdmissionQueue
 from disagg.router.decision import Decision
 from disagg.stats import RouterCounters
-from disagg.telemetry import ClusterSnapshot, PlannerView, QueueView, RouterMetrics, WorkerView
+from disagg.telemetry import ClusterSnapshot, PauseView, PlannerView, QueueView, RouterMetrics, WorkerView
 
 
 def _samples(metrics: RouterMetrics) -> dict[tuple[str, tuple], float]:
@@ -65,3 +65,12 @@ def test_each_worker_s_ttft_correction_is_a_gauge():
     samples = _samples(RouterMetrics(lambda: snapshot))
     assert samples[("disagg:worker_ttft_correction", (("worker", "d0"),))] == 1.3
     assert samples[("disagg:worker_ttft_correction", (("worker", "p0"),))] == 1.0
+
+
+def test_the_router_s_own_pauses_are_counters_only_where_a_supervisor_watches():
+    queue = QueueView({}, 0, {}, {})
+    samples = _samples(RouterMetrics(lambda: ClusterSnapshot(RouterCounters(), [], queue, None, PauseView(2, 3.5))))
+    assert samples[("disagg:router_pauses_total", ())] == 2
+    assert samples[("disagg:router_paused_seconds_total", ())] == 3.5
+    bare = _samples(RouterMetrics(lambda: ClusterSnapshot(RouterCounters(), [], queue, None)))
+    assert not any(name.startswith("disagg:router_pause") for name, _ in bare)

@@ -16,6 +16,13 @@ one probe loop per worker on the router's event loop, calling the worker's `hear
     STARTING --rewired and snapshot applied-----------------------------> READY
     DEAD     --the same incarnation answers again (it was only slow)----> STARTING (its index was dropped)
 
+The observer can stall too: an overloaded router's event loop (thousands of streamed tokens to forward, on a small
+machine) may not run for seconds, and then every heartbeat of that stretch times out at once and every worker
+would be declared dead together, turning overload into "no decode worker is alive" and migrating streams that
+were fine. So the supervisor also ticks its own clock: a tick that comes late is a local pause (Cassandra's
+failure detector has the same rule), whose length is not counted as any worker's silence, and a heartbeat
+that timed out while the router was paused is not judged at all.
+
 Restarts are Ray's (worker actors have max_restarts): a dead process comes back by itself with a new
 incarnation; the supervisor only kills processes that are alive but useless (hung, stuck, failing) so that Ray
 restarts them.  Entering DEAD takes the worker out of routing and out of the prefix index at once and wakes the
@@ -56,6 +63,9 @@ class HealthConfig:
     restart_after_s: float = 6.0  # unresponsive (not dead) for this long: kill it so Ray restarts it
     stuck_step_s: float = 60.0  # one engine step running this long: stuck
     max_step_failures: int = 3  # consecutive failed engine steps: drain and restart
+    # the supervisor's own tick coming this much later than heartbeat_interval_s: the router was paused, and so
+    # much of the workers' silence is its own
+    local_pause_s: float = 0.2
     rejoin_timeout_s: float = 30.0
     snapshot_timeout_s: float = 10.0
     max_events: int = 1000  # bound of the health event log
@@ -105,6 +115,9 @@ class HealthMonitor:
         self._on_change = on_change
         # parked: alive but out of routing, whatever its state - asleep for the fleet (router/parking.py)
         self.parked: set[str] = set()
+        self._last_tick: float | None = None  # the supervisor's latest tick (None: no ticking, no pause rule)
+        self.pauses = 0  # local pauses seen, and their total length (/metrics)
+        self.paused_s = 0.0
 
     # ------------------------------------------------------------------ inputs
     def on_heartbeat(self, name: str, hb: Heartbeat, now: float | None = None) -> Action:
@@ -138,11 +151,13 @@ class HealthMonitor:
         """A heartbeat failed: `WorkerLost` (the process is gone) or `DeadlineExceeded` (no answer)."""
         now = self.clock() if now is None else now
         w = self.workers[name]
-        silent = now - (w.last_ok if w.last_ok is not None else now)
         if isinstance(error, WorkerLost):
             if w.state is not WorkerState.DEAD:
                 self._set(w, WorkerState.DEAD, f"process died: {error.message[:120]}", now)
             return Action.NONE  # Ray restarts it
+        if self._paused(now):
+            return Action.NONE  # the router was away: no answer is no evidence (the next tick excuses the pause)
+        silent = now - (w.last_ok if w.last_ok is not None else now)
         if w.state is not WorkerState.DEAD and silent >= self.config.liveness_timeout_s:
             self._set(w, WorkerState.DEAD, f"no heartbeat for {silent:.1f}s", now)
         if silent >= self.config.restart_after_s and w.incarnation != w.killed_incarnation:
@@ -150,6 +165,28 @@ class HealthMonitor:
             self._log(w, f"unresponsive for {silent:.1f}s: killing it", now)
             return Action.KILL
         return Action.NONE
+
+    def on_tick(self, now: float | None = None) -> float:
+        """The supervisor's own tick, every heartbeat_interval_s; returns the local pause it excused (0: none).
+        A pause moves every worker's last answer later by its length: the workers were not silent, the router was
+        not listening."""
+        now = self.clock() if now is None else now
+        last, self._last_tick = self._last_tick, now
+        paused = 0.0 if last is None else now - last - self.config.heartbeat_interval_s
+        if paused <= self.config.local_pause_s:
+            return 0.0
+        for w in self.workers.values():
+            if w.last_ok is not None:
+                w.last_ok = min(now, w.last_ok + paused)
+        self.pauses += 1
+        self.paused_s += paused
+        log.warning("router paused for %.1fs: not counted as its workers' silence", paused)
+        return paused
+
+    def _paused(self, now: float) -> bool:
+        """The router is in a pause its next tick has not yet excused."""
+        late = self.config.heartbeat_interval_s + self.config.local_pause_s
+        return self._last_tick is not None and now - self._last_tick > late
 
     def mark_ready(self, name: str, reason: str = "rejoined") -> None:
         w = self.workers[name]
@@ -255,6 +292,7 @@ class Supervisor:
         self._stopping = False
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._probe_loop(name)) for name in self.handles]
+        self._tasks.append(loop.create_task(self._tick_loop()))
 
     async def stop(self) -> None:
         self._stopping = True  # the flag, not only the cancellation, ends the loops (utils.end_loops says why)
@@ -270,6 +308,11 @@ class Supervisor:
             except Exception:  # a bug here must not stop liveness checking of this worker
                 self.failures += 1
                 log.exception("health probe of %s failed unexpectedly", name)
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    async def _tick_loop(self) -> None:
+        while not self._stopping:
+            self.monitor.on_tick()
             await asyncio.sleep(self.config.heartbeat_interval_s)
 
     async def probe(self, name: str) -> Action:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from disagg.telemetry import ClusterSnapshot, PlannerView, QueueView, WorkerView
+from disagg.telemetry import ClusterSnapshot, PauseView, PlannerView, QueueView, WorkerView
 
 if TYPE_CHECKING:
     from disagg.router.router import RouterCore
@@ -25,4 +25,5 @@ def cluster_snapshot(core: RouterCore) -> ClusterSnapshot:
     planner_view = (
         PlannerView(planner.config.enabled, dict(planner.moves), dict(planner.holds)) if planner is not None else None
     )
-    return ClusterSnapshot(core.counters, workers, queue_view, planner_view)
+    pauses = PauseView(core.health.pauses, core.health.paused_s) if core.supervisor is not None else None
+    return ClusterSnapshot(core.counters, workers, queue_view, planner_view, pauses)
