@@ -142,8 +142,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(http: HTTPRequest, exc: RequestValidationError):
         dialect = dialect_of(http.url.path, http.headers)
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        # the error that got furthest into the body: of a union's branches, the one the client meant (an input
+        # item of an unknown type is that, not "input should be a valid string")
+        errors = exc.errors()
+        first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
+        loc = _body_path(first.get("loc", ()), exc.body, missing=first.get("type") == "missing")
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
         invalid = InvalidRequest(message, param=".".join(loc) or None, code=first.get("type"))
         if first.get("type") == "json_invalid":
@@ -163,3 +166,22 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(http: HTTPRequest, exc: Exception):
         return error_response(unexpected(exc), dialect=dialect_of(http.url.path, http.headers))
+
+
+def _body_path(loc: tuple, body: object, missing: bool) -> list[str]:
+    """A validation error's location as a path into the body the client sent: pydantic's loc also names the
+    union branch it tried ("str", "list[tagged-union[...]]", a tag), which are not in the body and are dropped;
+    a missing field's name is kept."""
+    parts = [p for p in loc if p != "body"]
+    if body is None:  # nothing to walk (not JSON): pydantic's loc as it is
+        return [str(p) for p in parts]
+    path, node = [], body
+    for i, part in enumerate(parts):
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (missing and i == len(parts) - 1):
+            continue
+        path.append(str(part))
+    return path
