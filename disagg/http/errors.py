@@ -144,8 +144,7 @@ def install_error_handlers(app: FastAPI) -> None:
         dialect = dialect_of(http.url.path, http.headers)
         # the error that got furthest into the body: of a union's branches, the one the client meant (an input
         # item of an unknown type is that, not "input should be a valid string")
-        errors = exc.errors()
-        first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
+        first: Mapping = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
         loc = _body_path(first.get("loc", ()), exc.body, missing=first.get("type") == "missing")
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
         invalid = InvalidRequest(message, param=".".join(loc) or None, code=first.get("type"))
