@@ -1,8 +1,10 @@
 """E/PD against colocated image encoding on a real cluster at equal workers: TTFT of image-heavy and image-light
 traffic (chat completions with data-URL images, open-loop Poisson arrivals, streamed).
 
-Arms, three single-thread workers each: `epd` = 1 encoder + 1 prefill + 1 decode (`--encode 1`), `colocated` =
-2 prefill + 1 decode (each prefill worker encodes its own requests' images).  The model is a LLaVA of realistic
+Arms, three single-thread workers each: `epd` = 1 encoder + 1 prefill + 1 decode (`--encode 1`), `epd-shared` =
+2 prefill + 1 decode of which the first prefill worker also encodes every request's images on a thread of its own
+(`--encode-on-prefill 1`), `colocated` = 2 prefill + 1 decode (each prefill worker encodes its own requests'
+images, on its engine thread).  The model is a LLaVA of realistic
 size with random weights (no VLM weights are reachable offline): a CLIP ViT-B/16 tower at 224 px (196 image
 positions) and a language model of SmolLM2-135M's shape.  Every image is new (no cache helps either arm); the same
 requests, arrivals and images go to both arms; repeats are interleaved, each arm first in turn.
@@ -40,6 +42,7 @@ class ImageBenchOptions:
     max_tokens: int = field(default=8, metadata={"help": "output tokens per request"})
     repeats: int = field(default=3, metadata={"help": "interleaved runs of each arm"})
     kv_cache_mb: int = field(default=256, metadata={"help": "KV cache per worker (MiB)"})
+    arms: str = field(default="epd,epd-shared,colocated", metadata={"help": "the arms to run (colocated: always)"})
     out: str = field(default="", metadata={"help": "write the results as JSON here"})
 
 
@@ -47,7 +50,8 @@ VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
 TEXT = dict(  # SmolLM2-135M's shape
     hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
 )
-ARMS = {"epd": (1, 1, 1), "colocated": (0, 2, 1)}  # (encoders, prefill, decode)
+# (encoder workers, prefill, decode, prefill workers that encode for the others)
+ARMS = {"epd": (1, 1, 1, 0), "epd-shared": (0, 2, 1, 1), "colocated": (0, 2, 1, 0)}
 
 
 def bench_model() -> Path:
@@ -119,9 +123,11 @@ def run_arm(arm: str, opts: ImageBenchOptions, model_dir: Path, seed: int) -> di
     from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
     from disagg.config import EngineConfig
 
-    encoders, prefill, decode = ARMS[arm]
+    encoders, prefill, decode, shared = ARMS[arm]
     engine = EngineConfig(model=str(model_dir), kv_cache_memory_mb=opts.kv_cache_mb, num_threads=1)
-    cluster = ClusterConfig(num_prefill=prefill, num_decode=decode, num_encode=encoders, engine=engine)
+    cluster = ClusterConfig(
+        num_prefill=prefill, num_decode=decode, num_encode=encoders, encode_on_prefill=shared, engine=engine
+    )
     svc = Service(cluster, RouterConfig())
     try:
         model = model_dir.name
@@ -142,22 +148,23 @@ def main(argv: list[str] | None = None) -> int:
     add_options(parser, ImageBenchOptions)
     opts = from_options(ImageBenchOptions, parser.parse_args(argv))
     model_dir = bench_model()
-    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
+    arms = [a for a in ARMS if a in {*opts.arms.split(","), "colocated"}]
+    if unknown := set(opts.arms.split(",")) - set(ARMS):
+        raise SystemExit(f"--arms: unknown {sorted(unknown)} (known: {list(ARMS)})")
+    runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     for r in range(opts.repeats):
-        for arm in list(ARMS)[:: 1 if r % 2 == 0 else -1]:  # each arm first in turn
+        for arm in arms[:: 1 if r % 2 == 0 else -1]:  # first and last in turn
             runs[arm].append(run_arm(arm, opts, model_dir, seed=r + 1))
             print(arm, r, runs[arm][-1], flush=True)
     rows = []
     for name in ("image_heavy", "image_light"):
-        epd = [run[name]["ttft_p50_s"] for run in runs["epd"]]
         colo = [run[name]["ttft_p50_s"] for run in runs["colocated"]]
-        ratios = [c / e for e, c in zip(epd, colo) if e and c]
-        rows.append({
-            "workload": name,
-            "TTFT p50 epd (s)": median_range(epd),
-            "TTFT p50 colocated (s)": median_range(colo),
-            "colocated / epd": median_range(ratios),
-        })  # fmt: skip
+        row: dict[str, Any] = {"workload": name, "TTFT p50 colocated (s)": median_range(colo)}
+        for arm in (a for a in arms if a != "colocated"):
+            split = [run[name]["ttft_p50_s"] for run in runs[arm]]
+            row[f"TTFT p50 {arm} (s)"] = median_range(split)
+            row[f"colocated / {arm}"] = median_range([c / e for e, c in zip(split, colo) if e and c])
+        rows.append(row)
     print_table(rows, f"E/PD vs colocated encoding, 3 workers each ({cpu_model()})")
     emit({"benchmark": "images", "cpu": cpu_model(), "options": vars(opts), "runs": runs, "summary": rows}, opts.out)
     return 0

@@ -10,12 +10,16 @@ the router on the same port.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
+from disagg.cluster.encoder import encode_batch
 from disagg.cluster.worker import EngineWorker, WorkerConfig
-from disagg.protocol import Role
+from disagg.errors import InvalidRequest
+from disagg.protocol import EncodeBatch, Role
 
 
 class _RoleWorker(EngineWorker):
@@ -26,6 +30,22 @@ class _RoleWorker(EngineWorker):
         the role."""
         super().__init__(dataclasses.replace(WorkerConfig.from_wire(config), role=self.ROLE))
         self.node_id = ray.get_runtime_context().get_node_id()
+        self._encode_exec: ThreadPoolExecutor | None = None
+
+    async def encode(self, batch: bytes) -> bytes:
+        """An encoder worker's `encode`, for the images of requests prefilled elsewhere (`--encode-on-prefill`): on
+        a thread of its own, not the engine's, so this worker's steps go on meanwhile; its own encoder and cache,
+        where a request of its own finds them."""
+        if self.images is None:
+            raise InvalidRequest(f"worker {self.config.name} serves no vision-language model")
+        if self._encode_exec is None:
+            self._encode_exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
+        images = EncodeBatch.from_wire(batch)
+        answer = await asyncio.get_running_loop().run_in_executor(
+            self._encode_exec, encode_batch, self.images.encoder, images
+        )
+        self.images.encoded_for_peers += len(images.images)
+        return answer
 
 
 # num_cpus=0: the engines size their own torch thread pools; Ray's CPU accounting would only serialize them.

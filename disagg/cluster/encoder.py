@@ -13,12 +13,15 @@ import asyncio
 import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
 from disagg.errors import WorkerLost
 from disagg.protocol import EncodeBatch
+
+if TYPE_CHECKING:
+    from disagg.vision.encoder import VisionEncoder
 
 
 @ray.remote(num_cpus=0, max_task_retries=0)
@@ -38,15 +41,19 @@ class EncoderWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def _encode(self, batch: EncodeBatch) -> bytes:
-        from disagg.vision.encoder import rows_to_bytes
-
-        rows = self.encoder.encode([(image.content_hash, image.data) for image in batch.images])
-        out = [dataclasses.replace(image, data=b"", embedding=rows_to_bytes(r)) for image, r in zip(batch.images, rows)]
-        return EncodeBatch(out).to_wire()
-
     async def encode(self, batch: bytes) -> bytes:
-        return await asyncio.get_running_loop().run_in_executor(self._exec, self._encode, EncodeBatch.from_wire(batch))
+        images = EncodeBatch.from_wire(batch)
+        return await asyncio.get_running_loop().run_in_executor(self._exec, encode_batch, self.encoder, images)
+
+
+def encode_batch(encoder: VisionEncoder, batch: EncodeBatch) -> bytes:
+    """The batch's images with their rows (their bytes dropped), on the wire: what an encoder worker answers, and
+    a prefill worker that encodes for the others (`--encode-on-prefill`: cluster/actors.py)."""
+    from disagg.vision.encoder import rows_to_bytes
+
+    rows = encoder.encode([(image.content_hash, image.data) for image in batch.images])
+    out = [dataclasses.replace(image, data=b"", embedding=rows_to_bytes(r)) for image, r in zip(batch.images, rows)]
+    return EncodeBatch(out).to_wire()
 
 
 class RayEncoderPort:

@@ -61,7 +61,7 @@ class Service:
             if deployment is not None
             else [],
             worker_template=cluster.template(),  # models loaded at run time start from the same settings
-            encoders=[n for c in self.clusters.values() for n in c.encode_by_name],
+            encoders=[n for c in self.clusters.values() for n in c.encoders_by_name],
         )
         if router.tracing is None:
             router.tracing = config.tracing

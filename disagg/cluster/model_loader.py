@@ -65,7 +65,7 @@ class RayModelLoader:
             route = route_of(spec, cluster, namespace)
             node = ray.get_runtime_context().get_node_id()
             handles = {n: RayWorkerHandle(n, actor, node) for n, actor in cluster.workers_by_name.items()}
-            served = serve_model(self.config, route, handles, handles, encoder_ports(cluster.encode_by_name))
+            served = serve_model(self.config, route, handles, handles, encoder_ports(cluster.encoders_by_name))
         except BaseException:  # its workers never outlive a load that failed
             cluster.shutdown()
             raise
@@ -79,7 +79,8 @@ class RayModelLoader:
         if cluster is not None:
             cluster.shutdown()
             return
-        for name in [*model.core.handles, *model.encoders()]:  # started with the deployment: ended by name
+        # started with the deployment: ended by name (once: a prefill worker may be an encoder too)
+        for name in dict.fromkeys([*model.core.handles, *model.encoders()]):
             try:
                 ray.kill(ray.get_actor(name), no_restart=True)
             except ValueError:  # already gone
@@ -137,7 +138,7 @@ def route_of(spec: ModelSpec, cluster: LocalCluster, namespace: str) -> ModelRou
         list(cluster.decode_by_name),
         namespace,
         standby=cluster.standby,
-        encoders=list(cluster.encode_by_name),
+        encoders=list(cluster.encoders_by_name),
     )
 
 

@@ -38,6 +38,13 @@ class ClusterConfig:
     num_encode: int = field(
         default=0, metadata={"flag": "--encode", "help": "encoder workers for a VLM's images (E/PD; 0: colocated)"}
     )
+    encode_on_prefill: int = field(
+        default=0,
+        metadata={
+            "help": "prefill workers that also encode the images of requests prefilled elsewhere (E/PD without "
+            "an encoder worker of its own: its core prefills text when images are rare)"
+        },
+    )
     # of which the last ones start asleep and parked (a deployment's `standby`: the fleet planner wakes them)
     num_standby: int = field(default=0, metadata={"cli": False})
     engine: EngineConfig = field(default_factory=EngineConfig)  # every worker's ("" model: the default model)
@@ -71,6 +78,7 @@ class ClusterConfig:
             num_standby=spec.standby,
             engine=spec.engine,
             num_encode=spec.encode,  # encoder workers serve one model's images: its own
+            encode_on_prefill=spec.encode_on_prefill,
         )
 
     def template(self) -> WorkerConfig:
@@ -159,10 +167,11 @@ class LocalCluster:
                 resources=config.decode_resources or None,
                 lifetime="detached" if config.detached else None,
             ).remote(config.worker(name, role, f"{prefix}{kind}-{i}").to_wire())
-        if config.num_encode and VisionSpec.from_dir(config.engine.model) is None:
-            raise ValueError(f"--encode {config.num_encode}: {config.engine.model} is not a vision-language model")
+        self._check_encoders(config)
         names = [f"{actor_prefix}{prefix}encode-{i}-{tag}" for i in range(config.num_encode)]
         self.encode_by_name = {name: self._encoder(name) for name in names}
+        # prefill workers that encode for the others too: encoders to the router, ended as the workers they are
+        self.encode_shared = dict(list(self.prefill_by_name.items())[: config.encode_on_prefill])
         try:
             ray.get([e.ready.remote() for e in self.encode_by_name.values()])
             ray.get([w.ready.remote() for w in self.workers])
@@ -174,6 +183,19 @@ class LocalCluster:
             self.shutdown()
             raise
         self.client = DisaggClient(self.prefill_by_name, self.decode_by_name)
+
+    @staticmethod
+    def _check_encoders(config: ClusterConfig) -> None:
+        for flag, n in (("--encode", config.num_encode), ("--encode-on-prefill", config.encode_on_prefill)):
+            if n and VisionSpec.from_dir(config.engine.model) is None:
+                raise ValueError(f"{flag} {n}: {config.engine.model} is not a vision-language model")
+        if not 0 <= config.encode_on_prefill <= config.num_prefill:
+            raise ValueError(f"--encode-on-prefill {config.encode_on_prefill}: of {config.num_prefill} prefill workers")
+
+    @property
+    def encoders_by_name(self) -> dict[str, Any]:
+        """Whatever encodes images for the router: encoder workers, and prefill workers that encode too."""
+        return {**self.encode_by_name, **self.encode_shared}
 
     def _encoder(self, name: str) -> Any:
         config = self.config
@@ -213,4 +235,4 @@ class LocalCluster:
     def shutdown(self) -> None:
         for worker in self.workers + list(self.encode_by_name.values()):
             ray.kill(worker, no_restart=True)
-        self.prefill_by_name, self.decode_by_name, self.encode_by_name = {}, {}, {}
+        self.prefill_by_name, self.decode_by_name, self.encode_by_name, self.encode_shared = {}, {}, {}, {}

@@ -169,7 +169,7 @@ _KEYS = ("api_keys_file", "tenant_weights", "cache_share_groups")
 _SLO, _SMOKE = ("slo_ttft_ms", "slo_tpot_ms"), ("smoke_test", "question")
 _MODELS = ("lora_modules", "deployment")
 _IDLE = ("sleep_after_idle_s", "wake_on_request")
-_POOLS = ("num_prefill", "num_decode", "num_encode", "address")
+_POOLS = ("num_prefill", "num_decode", "num_encode", "encode_on_prefill", "address")
 _ENCODE = ("remote_min_image_tokens", "max_inflight_per_encoder", "timeout_s")
 
 

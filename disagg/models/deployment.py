@@ -74,6 +74,9 @@ class ModelEntry(BaseModel):
     # (planner/fleet.py) wakes one when this model needs it, and parks another model's worker in its place
     standby: int = Field(default=0, ge=0, le=MAX_WORKERS_PER_ROLE)
     encode: int = Field(default=0, ge=0, le=MAX_WORKERS_PER_ROLE)  # encoder workers (a VLM's images: E/PD)
+    # of its prefill workers, how many also encode the images of requests prefilled elsewhere (E/PD without a
+    # worker of its own: that core prefills text when images are rare)
+    encode_on_prefill: int = Field(default=0, ge=0, le=MAX_WORKERS_PER_ROLE)
     engine: dict[str, Any] = Field(default_factory=dict)
     aliases: list[str] = Field(default_factory=list)  # names that send all their requests here (models/aliases.py)
     adapters: dict[str, str] = Field(default_factory=dict)  # LoRA name -> PEFT directory, served as models
@@ -106,6 +109,7 @@ class ModelSpec:
     adapters: tuple[LoRARef, ...] = ()  # each with its absolute directory and its files' digest
     standby: int = 0  # decode workers started asleep (ModelEntry.standby)
     encode: int = 0  # encoder workers of this model's images (ModelEntry.encode)
+    encode_on_prefill: int = 0  # prefill workers that also encode for the others (ModelEntry.encode_on_prefill)
 
     @property
     def worker_prefix(self) -> str:
@@ -202,8 +206,11 @@ def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str =
         # standby workers sleep (engine/sleep.py: host pages given back, Linux only); a worker on "auto" that
         # lands on a GPU refuses at start, with the same reason
         raise DeploymentError(f"{where}.standby: standby workers sleep, and sleep needs CPU workers on Linux")
-    if entry.encode and VisionSpec.from_dir(entry.path or default_model_dir()) is None:
-        raise DeploymentError(f"{where}.encode: {entry.path or 'the default model'} is not a vision-language model")
+    for kind, n in (("encode", entry.encode), ("encode_on_prefill", entry.encode_on_prefill)):
+        if n and VisionSpec.from_dir(entry.path or default_model_dir()) is None:
+            raise DeploymentError(f"{where}.{kind}: {entry.path or 'the default model'} is not a vision-language model")
+    if entry.encode_on_prefill > entry.prefill:
+        raise DeploymentError(f"{where}.encode_on_prefill: more than its {entry.prefill} prefill workers")
     if entry.adapters and engine.max_loras <= 0:
         raise DeploymentError(f"{where}.adapters: its workers serve no adapters (engine.max_loras is 0)")
     adapters = []
@@ -224,6 +231,7 @@ def model_spec(entry: ModelEntry, base: EngineConfig | None = None, where: str =
         tuple(adapters),
         entry.standby,
         entry.encode,
+        entry.encode_on_prefill,
     )
 
 

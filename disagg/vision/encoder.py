@@ -11,6 +11,7 @@ encoded once per process.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -34,32 +35,36 @@ def _strip(name: str, prefixes: tuple[str, ...]) -> str | None:
 
 
 class EmbeddingCache:
-    """Embedding rows by image content hash, least recently used out first, at most `max_bytes` held."""
+    """Embedding rows by image content hash, least recently used out first, at most `max_bytes` held.  Locked: a
+    prefill worker that encodes for the others (cluster/actors.py) uses it from two threads."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = self.misses = 0
         self._rows: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: str) -> torch.Tensor | None:
-        rows = self._rows.get(key)
-        if rows is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._rows.move_to_end(key)
-        return rows
+        with self._lock:
+            rows = self._rows.get(key)
+            if rows is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self._rows.move_to_end(key)
+            return rows
 
     def put(self, key: str, rows: torch.Tensor) -> None:
         size = rows.numel() * rows.element_size()
-        if size > self.max_bytes or key in self._rows:
-            return
-        self._rows[key] = rows
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._rows.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+        with self._lock:
+            if size > self.max_bytes or key in self._rows:
+                return
+            self._rows[key] = rows
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, old = self._rows.popitem(last=False)
+                self.bytes -= old.numel() * old.element_size()
 
 
 class VisionEncoder:

@@ -1,0 +1,85 @@
+"""E/PD without an encoder worker of its own (`--encode-on-prefill 1`): a real cluster of 2 prefill workers, the
+first of which also encodes the images of requests prefilled on either, and 1 decode worker (Ray, HTTP).  The
+answer is HF's; the images are counted as an encoder's and on the encoding worker's own figures; SIGKILLed, that
+worker's images fall back to colocated encoding and it encodes again once Ray has restarted it.  Bad settings
+(more encoding prefill workers than prefill workers, a text model) are refused before any worker starts."""
+
+import os
+import signal
+import time
+
+import pytest
+import ray
+
+from disagg.models.deployment import DeploymentError, ModelEntry, model_spec
+from tests.imagegen import png
+from tests.test_vision_cluster import _chat, _hf_text, _images_metric, _parts
+
+
+@pytest.fixture(scope="module")
+def shared_service(ray_session, tiny_vlm_dir):
+    from disagg.cluster.launch import ClusterConfig, RouterConfig, Service
+    from disagg.config import EngineConfig
+    from disagg.router.policy import PolicyConfig
+
+    engine = EngineConfig(model=str(tiny_vlm_dir), kv_cache_memory_mb=32, num_threads=1)
+    svc = Service(ClusterConfig(num_prefill=2, num_decode=1, encode_on_prefill=1, engine=engine),
+                  RouterConfig(policy=PolicyConfig(min_remote_prefill_tokens=16)))
+    yield svc
+    svc.shutdown()
+
+
+def _for_peers(svc, name):
+    by_name = dict(zip(svc.cluster.workers_by_name, svc.cluster.stats()))
+    return by_name[name].images_encoded_for_peers
+
+
+def test_a_prefill_worker_encodes_for_the_others_and_the_answer_is_hf_s(shared_service, tiny_vlm_dir):
+    svc, model = shared_service, tiny_vlm_dir.name
+    assert not svc.cluster.encode_by_name  # no encoder worker: the first prefill worker encodes
+    assert list(svc.cluster.encoders_by_name) == list(svc.cluster.prefill_by_name)[:1]
+    encoding = next(iter(svc.cluster.encoders_by_name))
+    before, peers = _images_metric(svc.url, "encoder"), _for_peers(svc, encoding)
+    reply = _chat(svc.url, model, _parts(png(71), png(72)))
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["message"]["content"] == _hf_text(tiny_vlm_dir, [png(71), png(72)])
+    assert _images_metric(svc.url, "encoder") == before + 2
+    assert _for_peers(svc, encoding) == peers + 2
+    # the other prefill worker serves text as any prefill worker does: prompts go to both
+    for i in range(6):
+        text = _chat(svc.url, model, [{"type": "text", "text": f"Count to {i + 3}. " * 6}])
+        assert text.status_code == 200, text.text
+
+
+def test_the_encoding_prefill_worker_killed_falls_back_then_encodes_again(shared_service, tiny_vlm_dir):
+    svc, model = shared_service, tiny_vlm_dir.name
+    expected = _chat(svc.url, model, _parts(png(81))).json()["choices"][0]["message"]["content"]
+    encoding = next(iter(svc.cluster.encoders_by_name.values()))
+    os.kill(ray.get(encoding.pid.remote()), signal.SIGKILL)
+    deadline, fell_back, encoded = time.monotonic() + 90, False, False
+    while time.monotonic() < deadline and not encoded:
+        fallback, encoder = _images_metric(svc.url, "fallback"), _images_metric(svc.url, "encoder")
+        reply = _chat(svc.url, model, _parts(png(81)))
+        assert reply.status_code == 200, reply.text  # never lost: encoded colocated while the worker is away
+        assert reply.json()["choices"][0]["message"]["content"] == expected
+        fell_back |= _images_metric(svc.url, "fallback") > fallback
+        encoded = _images_metric(svc.url, "encoder") > encoder and fell_back
+        time.sleep(0.3)
+    assert fell_back and encoded, "the killed worker's images never fell back, or it never encoded again"
+
+
+def test_bad_settings_are_refused_before_any_worker_starts(tiny_vlm_dir, smollm_dir):
+    from disagg.cluster.launch import ClusterConfig
+    from disagg.cluster.pools import LocalCluster
+    from disagg.config import EngineConfig
+
+    vlm, text = EngineConfig(model=str(tiny_vlm_dir)), EngineConfig(model=str(smollm_dir))
+    with pytest.raises(ValueError, match="of 1 prefill"):
+        LocalCluster._check_encoders(ClusterConfig(num_prefill=1, encode_on_prefill=2, engine=vlm))
+    with pytest.raises(ValueError, match="not a vision-language model"):
+        LocalCluster._check_encoders(ClusterConfig(num_prefill=1, encode_on_prefill=1, engine=text))
+    with pytest.raises(DeploymentError, match="encode_on_prefill"):
+        model_spec(ModelEntry(id="v", path=str(tiny_vlm_dir), prefill=1, encode_on_prefill=2))
+    with pytest.raises(DeploymentError, match="encode_on_prefill"):
+        model_spec(ModelEntry(id="t", path=str(smollm_dir), prefill=1, encode_on_prefill=1))
+    assert model_spec(ModelEntry(id="v", path=str(tiny_vlm_dir), prefill=2, encode_on_prefill=1)).encode_on_prefill == 1
