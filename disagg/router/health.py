@@ -16,8 +16,8 @@ one probe loop per worker on the router's event loop, calling the worker's `hear
     STARTING --rewired and snapshot applied-----------------------------> READY
     DEAD     --the same incarnation answers again (it was only slow)----> STARTING (its index was dropped)
 
-The observer can stall too: an overloaded router's event loop (thousands of streamed tokens to forward, on a small
-machine) may not run for seconds, and then every heartbeat of that stretch times out at once and every worker
+The observer can stall too: a starved router's event loop (a busier process on its cores, a long synchronous call)
+may not run for seconds, and then every heartbeat of that stretch times out at once and every worker
 would be declared dead together, turning overload into "no decode worker is alive" and migrating streams that
 were fine. So the supervisor also ticks its own clock: a tick that comes late is a local pause (Cassandra's
 failure detector has the same rule), whose length is not counted as any worker's silence, and a heartbeat
