@@ -63,7 +63,7 @@ class WorkerStats(WireMessage):
     spec_fallbacks: int = _stat(_C)
     images_received: int = _stat(_C)  # a VLM's request images whose rows came with the request (an encoder's)
     images_encoded: int = _stat(_C)  # ... that this worker encoded itself (colocated, a fallback, a recompute)
-    images_encoded_for_peers: int = _stat(_C)  # other requests' images it encoded (--encode-on-prefill)
+    images_encoded_as_encoder: int = _stat(_C)  # images the router sent it to encode (--encode-on-prefill)
     loaded_blocks: dict[SourceKind, int] = _stat(_C, dict)
     tier_query_blocks: int | None = _stat(_C, None)
     tier_hit_blocks: dict[Tier, int] = _stat(_C, dict)

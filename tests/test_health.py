@@ -161,6 +161,26 @@ def test_a_pause_of_the_router_itself_is_not_its_workers_silence():
     assert m.is_dead("p")
 
 
+def test_a_router_paused_for_good_still_takes_a_hung_worker_out_after_max_excused_s():
+    m, _, _ = _monitor()
+    m.on_tick(now=0.0)
+    m.on_heartbeat("w", _hb(), now=0.0)
+    t = 0.0
+    while m.routable("w") and t < 60:  # every tick 1 s late, the worker silent (SIGSTOP) all along
+        t += 1.2
+        m.on_failure("w", DeadlineExceeded("t"), now=t)  # judged while the router counts as paused
+        m.on_tick(now=t + 0.01)
+    assert not m.routable("w") and CFG.max_excused_s <= t < CFG.max_excused_s + 1.3, t
+    assert "no heartbeat for 3" in m.workers["w"].reason  # the silence by the clock
+
+
+def test_the_time_a_supervisor_was_stopped_is_no_pause():
+    m, _, _ = _monitor()
+    m.on_tick(now=0.0)
+    m.stop_ticking()
+    assert m.on_tick(now=100.0) == 0.0 and m.pauses == 0
+
+
 class _SlowAnswer:
     """A heartbeat whose deadline runs out when the router's loop did not run for longer than it (a Ray call's
     wait_for, timed on the router's clock); `started` is set while a heartbeat is in flight."""

@@ -45,3 +45,16 @@ def test_a_messages_error_is_in_anthropic_s_shape_with_the_same_path(client):
     assert reply.status_code == 400 and reply.json()["type"] == "error", reply.text
     message = reply.json()["error"]["message"]
     assert message.startswith("messages.0.content.0: ") and "'bogus'" in message, message
+
+
+@pytest.mark.parametrize("block, path", [
+    ({"type": "text", "text": "hi", "foo": 1}, "messages.0.content.0.foo"),  # the tag "text" is also a field
+    ({"type": "text", "text": "hi", "cache_control": {"type": "forever"}}, "messages.0.content.0.cache_control"),
+    ({"type": "image", "source": {"type": "url", "url": "https://x/y.png", "extra": 1}},
+     "messages.0.content.0.source.extra"),
+])
+def test_a_tag_named_like_a_field_is_not_taken_for_the_field(client, block, path):
+    body = {"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": [block]}]}
+    reply = client.post("/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["message"].startswith(path), reply.json()

@@ -29,9 +29,9 @@ def shared_service(ray_session, tiny_vlm_dir):
     svc.shutdown()
 
 
-def _for_peers(svc, name):
+def _as_encoder(svc, name):
     by_name = dict(zip(svc.cluster.workers_by_name, svc.cluster.stats()))
-    return by_name[name].images_encoded_for_peers
+    return by_name[name].images_encoded_as_encoder
 
 
 def test_a_prefill_worker_encodes_for_the_others_and_the_answer_is_hf_s(shared_service, tiny_vlm_dir):
@@ -39,12 +39,12 @@ def test_a_prefill_worker_encodes_for_the_others_and_the_answer_is_hf_s(shared_s
     assert not svc.cluster.encode_by_name  # no encoder worker: the first prefill worker encodes
     assert list(svc.cluster.encoders_by_name) == list(svc.cluster.prefill_by_name)[:1]
     encoding = next(iter(svc.cluster.encoders_by_name))
-    before, peers = _images_metric(svc.url, "encoder"), _for_peers(svc, encoding)
+    before, encoded = _images_metric(svc.url, "encoder"), _as_encoder(svc, encoding)
     reply = _chat(svc.url, model, _parts(png(71), png(72)))
     assert reply.status_code == 200, reply.text
     assert reply.json()["choices"][0]["message"]["content"] == _hf_text(tiny_vlm_dir, [png(71), png(72)])
     assert _images_metric(svc.url, "encoder") == before + 2
-    assert _for_peers(svc, encoding) == peers + 2
+    assert _as_encoder(svc, encoding) == encoded + 2
     # the other prefill worker serves text as any prefill worker does: prompts go to both
     for i in range(6):
         text = _chat(svc.url, model, [{"type": "text", "text": f"Count to {i + 3}. " * 6}])
@@ -68,16 +68,28 @@ def test_the_encoding_prefill_worker_killed_falls_back_then_encodes_again(shared
     assert fell_back and encoded, "the killed worker's images never fell back, or it never encoded again"
 
 
-def test_bad_settings_are_refused_before_any_worker_starts(tiny_vlm_dir, smollm_dir):
+class _NoWorker:
+    """An actor class that fails the test if a worker is started."""
+
+    @staticmethod
+    def options(**_):
+        raise AssertionError("a worker was started before its settings were checked")
+
+
+def test_bad_settings_are_refused_before_any_worker_starts(ray_session, tiny_vlm_dir, smollm_dir, monkeypatch):
+    from disagg.cluster import pools
     from disagg.cluster.launch import ClusterConfig
-    from disagg.cluster.pools import LocalCluster
     from disagg.config import EngineConfig
 
+    for cls in ("PrefillWorker", "DecodeWorker", "AggregatedWorker", "EncoderWorker"):
+        monkeypatch.setattr(pools, cls, _NoWorker)
     vlm, text = EngineConfig(model=str(tiny_vlm_dir)), EngineConfig(model=str(smollm_dir))
     with pytest.raises(ValueError, match="of 1 prefill"):
-        LocalCluster._check_encoders(ClusterConfig(num_prefill=1, encode_on_prefill=2, engine=vlm))
+        pools.LocalCluster(ClusterConfig(num_prefill=1, encode_on_prefill=2, engine=vlm))
     with pytest.raises(ValueError, match="not a vision-language model"):
-        LocalCluster._check_encoders(ClusterConfig(num_prefill=1, encode_on_prefill=1, engine=text))
+        pools.LocalCluster(ClusterConfig(num_prefill=1, encode_on_prefill=1, engine=text))
+    with pytest.raises(ValueError, match="not a vision-language model"):
+        pools.LocalCluster(ClusterConfig(num_prefill=1, num_encode=1, engine=text))
     with pytest.raises(DeploymentError, match="encode_on_prefill"):
         model_spec(ModelEntry(id="v", path=str(tiny_vlm_dir), prefill=1, encode_on_prefill=2))
     with pytest.raises(DeploymentError, match="encode_on_prefill"):

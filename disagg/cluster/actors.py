@@ -33,9 +33,9 @@ class _RoleWorker(EngineWorker):
         self._encode_exec: ThreadPoolExecutor | None = None
 
     async def encode(self, batch: bytes) -> bytes:
-        """An encoder worker's `encode`, for the images of requests prefilled elsewhere (`--encode-on-prefill`): on
-        a thread of its own, not the engine's, so this worker's steps go on meanwhile; its own encoder and cache,
-        where a request of its own finds them."""
+        """An encoder worker's `encode`, for a prefill worker that encodes for every prefill worker
+        (`--encode-on-prefill`; the router chooses the encoder before the prefill worker): on a thread of its own,
+        not the engine's, so this worker's steps go on meanwhile; its own encoder and cache."""
         if self.images is None:
             raise InvalidRequest(f"worker {self.config.name} serves no vision-language model")
         if self._encode_exec is None:
@@ -44,7 +44,7 @@ class _RoleWorker(EngineWorker):
         answer = await asyncio.get_running_loop().run_in_executor(
             self._encode_exec, encode_batch, self.images.encoder, images
         )
-        self.images.encoded_for_peers += len(images.images)
+        self.images.encoded_as_encoder += len(images.images)
         return answer
 
 

@@ -20,7 +20,7 @@ class ImageResolver:
         self.encoder, self.spec = encoder, encoder.spec
         self.received = 0  # images whose rows came with the request
         self.encoded = 0  # images this worker encoded (or found in its encoder's cache)
-        self.encoded_for_peers = 0  # images of requests prefilled elsewhere (cluster/actors.py: `encode`)
+        self.encoded_as_encoder = 0  # images the router sent to its `encode` (cluster/actors.py), whoever prefills them
 
     @classmethod
     def for_model(cls, model_dir: str | Path, cache_bytes: int) -> ImageResolver | None:

@@ -145,6 +145,7 @@ class LocalCluster:
             from disagg.model_store import default_model_dir
 
             config.engine = dataclasses.replace(config.engine, model=str(default_model_dir()))
+        self._check_encoders(config)  # before any worker starts
         tag = uuid.uuid4().hex[:6]
         self.prefill_by_name: dict[str, Any] = {}
         self.decode_by_name: dict[str, Any] = {}
@@ -167,7 +168,6 @@ class LocalCluster:
                 resources=config.decode_resources or None,
                 lifetime="detached" if config.detached else None,
             ).remote(config.worker(name, role, f"{prefix}{kind}-{i}").to_wire())
-        self._check_encoders(config)
         names = [f"{actor_prefix}{prefix}encode-{i}-{tag}" for i in range(config.num_encode)]
         self.encode_by_name = {name: self._encoder(name) for name in names}
         # prefill workers that encode for the others too: encoders to the router, ended as the workers they are

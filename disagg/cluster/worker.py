@@ -244,7 +244,7 @@ class EngineWorker(JournaledStreams):
         stats = worker_stats(self.engine, self.transport, self.peer, self.tiers, self.counts, self._steps)
         if self.images is not None:
             stats.images_received, stats.images_encoded = self.images.received, self.images.encoded
-            stats.images_encoded_for_peers = self.images.encoded_for_peers
+            stats.images_encoded_as_encoder = self.images.encoded_as_encoder
         return stats
 
     async def layout(self) -> bytes:

@@ -58,7 +58,7 @@ def _listing(models: ModelTable) -> dict[str, object]:
                 # an adapter's requests and workers are its base's: listed once, there
                 "in_flight": m.in_flight() if m.lora is None else None,
                 "workers": {n: w.role.value for n, w in m.core.health.workers.items()} if m.lora is None else {},
-                "encoders": m.encoders() if m.lora is None else [],  # a VLM's encoder workers (E/PD)
+                "encoders": m.encoders() if m.lora is None else [],  # what encodes a VLM's images (E/PD)
             }
             for m in models
         ],

@@ -144,8 +144,9 @@ def install_error_handlers(app: FastAPI) -> None:
         dialect = dialect_of(http.url.path, http.headers)
         # the error that got furthest into the body: of a union's branches, the one the client meant (an input
         # item of an unknown type is that, not "input should be a valid string")
-        first: Mapping = max(exc.errors(), key=lambda e: len(e.get("loc", ())), default={})
-        loc = _body_path(first.get("loc", ()), exc.body, missing=first.get("type") == "missing")
+        paths = [(_body_path(e.get("loc", ()), exc.body, missing=e.get("type") == "missing"), e) for e in exc.errors()]
+        empty: tuple[list[str], Mapping] = ([], {})
+        loc, first = max(paths, key=lambda pe: len(pe[0]), default=empty)
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
         invalid = InvalidRequest(message, param=".".join(loc) or None, code=first.get("type"))
         if first.get("type") == "json_invalid":
@@ -170,17 +171,22 @@ def install_error_handlers(app: FastAPI) -> None:
 def _body_path(loc: tuple, body: object, missing: bool) -> list[str]:
     """A validation error's location as a path into the body the client sent: pydantic's loc also names the
     union branch it tried ("str", "list[tagged-union[...]]", a tag), which are not in the body and are dropped;
-    a missing field's name is kept."""
-    parts = [p for p in loc if p != "body"]
+    a missing field's name is kept.  A tag that is also a field's name ("text" of a text block) is the tag when
+    the part after it is in the same object."""
+    parts = list(loc[1:] if loc[:1] == ("body",) else loc)
     if body is None:  # nothing to walk (not JSON): pydantic's loc as it is
         return [str(p) for p in parts]
-    path, node = [], body
+    path: list[str] = []
+    node = body
     for i, part in enumerate(parts):
+        last = i == len(parts) - 1
         if isinstance(node, dict) and part in node:
+            if part == node.get("type") and not last and parts[i + 1] in node:
+                continue  # the union's tag, then a field of this same object
             node = node[part]
         elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
-        elif not (missing and i == len(parts) - 1):
+        elif not (missing and last):
             continue
         path.append(str(part))
     return path

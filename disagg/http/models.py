@@ -81,7 +81,8 @@ class ServedModel:
         return dataclasses.replace(self, name=ref.name, lora=ref, parent=self.name)
 
     def encoders(self) -> list[str]:
-        """The names of its encoder workers (E/PD; none: its images are encoded colocated, or it takes none)."""
+        """The names of what encodes its images (E/PD): encoder workers, and prefill workers that encode for the others
+        (--encode-on-prefill); none: its images are encoded colocated, or it takes none."""
         return list(self.encode.ports) if self.encode is not None else []
 
     def in_flight(self) -> int:

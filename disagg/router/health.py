@@ -66,6 +66,9 @@ class HealthConfig:
     # the supervisor's own tick coming this much later than heartbeat_interval_s: the router was paused, and so
     # much of the workers' silence is its own
     local_pause_s: float = 0.2
+    # however paused the router was, a worker this long without an answer by the clock is judged (a router starved
+    # for good must still take a hung worker out)
+    max_excused_s: float = 30.0
     rejoin_timeout_s: float = 30.0
     snapshot_timeout_s: float = 10.0
     max_events: int = 1000  # bound of the health event log
@@ -79,7 +82,8 @@ class WorkerHealth:
     since: float = 0.0
     reason: str = ""
     incarnation: str | None = None
-    last_ok: float | None = None
+    last_ok: float | None = None  # its last answer, moved later by the router's own pauses
+    last_answer: float | None = None  # its last answer by the clock
     killed_incarnation: str | None = None
     restarts: int = 0
     heartbeat: Heartbeat | None = None
@@ -110,7 +114,9 @@ class HealthMonitor:
         self.config = config
         self.clock = clock
         now = clock()
-        self.workers = {name: WorkerHealth(name, role, since=now, last_ok=now) for name, role in roles.items()}
+        self.workers = {
+            name: WorkerHealth(name, role, since=now, last_ok=now, last_answer=now) for name, role in roles.items()
+        }
         self.events: deque[HealthEvent] = deque(maxlen=config.max_events)
         self._on_change = on_change
         # parked: alive but out of routing, whatever its state - asleep for the fleet (router/parking.py)
@@ -125,16 +131,16 @@ class HealthMonitor:
         w = self.workers[name]
         w.heartbeat = hb
         if w.incarnation is None:  # first sighting (the router itself may have restarted)
-            w.incarnation, w.last_ok = hb.incarnation, now
+            w.incarnation, w.last_ok, w.last_answer = hb.incarnation, now, now
             return Action.SNAPSHOT
         if hb.incarnation != w.incarnation:
-            w.incarnation, w.last_ok = hb.incarnation, now
+            w.incarnation, w.last_ok, w.last_answer = hb.incarnation, now, now
             w.restarts += 1
             self._set(w, WorkerState.STARTING, "restarted", now)
             return Action.REJOIN
         if hb.incarnation == w.killed_incarnation:
             return Action.NONE  # answering on its way out; wait for the new incarnation
-        w.last_ok = now
+        w.last_ok = w.last_answer = now
         if not hb.healthy:
             why = hb.fault or f"the worker gave up after {hb.consecutive_step_failures} failed engine steps"
             return self._kill(w, why, now)
@@ -155,9 +161,12 @@ class HealthMonitor:
             if w.state is not WorkerState.DEAD:
                 self._set(w, WorkerState.DEAD, f"process died: {error.message[:120]}", now)
             return Action.NONE  # Ray restarts it
-        if self._paused(now):
+        unanswered = now - (w.last_answer if w.last_answer is not None else now)
+        if self._paused(now) and unanswered < self.config.max_excused_s:
             return Action.NONE  # the router was away: no answer is no evidence (the next tick excuses the pause)
         silent = now - (w.last_ok if w.last_ok is not None else now)
+        if unanswered >= self.config.max_excused_s:
+            silent = unanswered  # excused long enough
         if w.state is not WorkerState.DEAD and silent >= self.config.liveness_timeout_s:
             self._set(w, WorkerState.DEAD, f"no heartbeat for {silent:.1f}s", now)
         if silent >= self.config.restart_after_s and w.incarnation != w.killed_incarnation:
@@ -180,8 +189,13 @@ class HealthMonitor:
                 w.last_ok = min(now, w.last_ok + paused)
         self.pauses += 1
         self.paused_s += paused
-        log.warning("router paused for %.1fs: not counted as its workers' silence", paused)
+        level = logging.WARNING if paused >= self.config.liveness_timeout_s else logging.DEBUG  # no log per hiccup
+        log.log(level, "router paused for %.1fs: not counted as its workers' silence", paused)
         return paused
+
+    def stop_ticking(self) -> None:
+        """The supervisor stopped: the time until it ticks again is no pause."""
+        self._last_tick = None
 
     def _paused(self, now: float) -> bool:
         """The router is in a pause its next tick has not yet excused."""
@@ -298,6 +312,7 @@ class Supervisor:
         self._stopping = True  # the flag, not only the cancellation, ends the loops (utils.end_loops says why)
         await end_loops(self._tasks)
         self._tasks = []
+        self.monitor.stop_ticking()
 
     async def _probe_loop(self, name: str) -> None:
         while not self._stopping:
