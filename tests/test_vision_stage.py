@@ -192,3 +192,16 @@ def test_vision_specs_of_published_configs():
     full = {**siglip, "vision_feature_select_strategy": "full"}
     assert VisionSpec.from_config(full).tokens_per_image == 27 * 27
     assert VisionSpec.from_config({"model_type": "llama"}) is None
+
+
+def test_an_encoder_the_router_has_dead_gets_no_images():
+    """A prefill worker that encodes too (--encode-on-prefill) and that the health monitor has dead: its requests
+    would wait the encoder timeout for nothing, so they go to another encoder, or are encoded colocated."""
+    ports = {"a": FakeEncoder(), "b": FakeEncoder()}
+    dead = {"a"}
+    stage = EncodeStage(ports, HIDDEN, EncodeConfig(), usable=lambda name: name not in dead)
+    assert asyncio.run(stage.attach(_request())) is Encoded.ENCODER and ports["a"].calls == 0 and ports["b"].calls == 1
+    dead.add("b")
+    assert asyncio.run(stage.attach(_request())) is Encoded.COLOCATED and ports["b"].calls == 1
+    dead.clear()
+    assert asyncio.run(stage.attach(_request())) is Encoded.ENCODER

@@ -172,7 +172,12 @@ def serve_model(
     vision = VisionSpec.from_dir(model_dir)
     served = ServedModel(route.name, core, tokenizer, max_len, route.namespace, model_dir=route.model, vision=vision)
     if vision is not None:
-        served.encode = EncodeStage(encoders or {}, vision.hidden_size, config.encode)
+        health = core.health
+
+        def usable(name: str) -> bool:  # an encoder that is a worker too (--encode-on-prefill): not while dead
+            return name not in health.workers or not health.is_dead(name)
+
+        served.encode = EncodeStage(encoders or {}, vision.hidden_size, config.encode, usable)
     return served
 
 

@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -61,8 +61,16 @@ class Encoded(enum.Enum):
 
 
 class EncodeStage:
-    def __init__(self, ports: Mapping[str, EncoderPort], hidden_size: int, config: EncodeConfig) -> None:
-        self.ports, self.hidden_size, self.config = dict(ports), hidden_size, config
+    def __init__(
+        self,
+        ports: Mapping[str, EncoderPort],
+        hidden_size: int,
+        config: EncodeConfig,
+        usable: Callable[[str], bool] = lambda name: True,
+    ) -> None:
+        """`usable`: whether an encoder may be given images now (a prefill worker that encodes too is not while the
+        router's health monitor has it dead: its requests would wait `timeout_s` for nothing)."""
+        self.ports, self.hidden_size, self.config, self.usable = dict(ports), hidden_size, config, usable
         self.inflight = dict.fromkeys(self.ports, 0)
 
     def _release(self, name: str, call: asyncio.Future) -> None:
@@ -75,8 +83,9 @@ class EncodeStage:
         tokens = sum(image.num_tokens for image in request.images)
         if not self.ports or tokens < max(1, self.config.remote_min_image_tokens):
             return None
-        name = min(self.inflight, key=self.inflight.__getitem__)
-        return name if self.inflight[name] < self.config.max_inflight_per_encoder else None
+        open_ = [n for n in self.inflight if self.usable(n)]
+        name = min(open_, key=self.inflight.__getitem__, default=None)
+        return name if name is not None and self.inflight[name] < self.config.max_inflight_per_encoder else None
 
     async def attach(self, request: Request) -> Encoded:
         """Attach the images' rows from an encoder worker when the rule says so; how they will be encoded."""
