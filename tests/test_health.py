@@ -145,7 +145,7 @@ def test_a_pause_of_the_router_itself_is_not_its_workers_silence():
         m.on_heartbeat("w", _hb(), now=t)
     # the router's loop does not run from 1.0 to 6.0; the heartbeat in flight fails when it runs again
     assert m.on_failure("w", DeadlineExceeded("t"), now=6.0) is Action.NONE and m.routable("w")
-    assert m.on_tick(now=6.05) > 4.0 and m.pauses == 1  # the late tick excuses the pause
+    assert m.on_tick(now=6.05) > 4.0 and m.pause.count == 1  # the late tick excuses the pause
     assert m.on_failure("w", DeadlineExceeded("t"), now=6.3) is Action.NONE and m.routable("w")
     assert not changes
     # a worker that stays silent while the router listens is still taken out after the liveness timeout
@@ -174,11 +174,25 @@ def test_a_router_paused_for_good_still_takes_a_hung_worker_out_after_max_excuse
     assert "no heartbeat for 3" in m.workers["w"].reason  # the silence by the clock
 
 
-def test_the_time_a_supervisor_was_stopped_is_no_pause():
-    m, _, _ = _monitor()
+def test_one_long_stall_of_the_router_is_excused_however_long():
+    """No tick in it: the router did not run at all, so even 35 s (past max_excused_s) is not the workers'."""
+    m, _, changes = _monitor()
+    for t in (0.0, 0.2, 0.4):
+        m.on_tick(now=t)
+        m.on_heartbeat("w", _hb(), now=t)
+    assert m.on_failure("w", DeadlineExceeded("t"), now=35.4) is Action.NONE and m.routable("w")
+    m.on_tick(now=35.41)
+    assert m.on_failure("w", DeadlineExceeded("t"), now=35.6) is Action.NONE and m.routable("w") and not changes
+
+
+def test_the_time_a_supervisor_was_stopped_is_no_pause_and_no_silence():
+    m, _, changes = _monitor()
     m.on_tick(now=0.0)
-    m.stop_ticking()
-    assert m.on_tick(now=100.0) == 0.0 and m.pauses == 0
+    m.on_heartbeat("w", _hb(), now=0.0)
+    m.pause.stop()
+    m.start_listening(now=100.0)
+    assert m.on_tick(now=100.0) == 0.0 and m.pause.count == 0
+    assert m.on_failure("w", DeadlineExceeded("t"), now=100.3) is Action.NONE and m.routable("w") and not changes
 
 
 class _SlowAnswer:
@@ -222,4 +236,4 @@ def test_the_supervisor_excuses_a_real_stall_of_its_event_loop():
         await supervisor.stop()
         return changes, monitor
     changes, monitor = asyncio.run(go())
-    assert changes == [] and monitor.routable("w") and monitor.pauses >= 1 and monitor.paused_s > 1.0
+    assert changes == [] and monitor.routable("w") and monitor.pause.count >= 1 and monitor.pause.seconds > 1.0

@@ -8,6 +8,7 @@ from starlette.testclient import TestClient
 from disagg.http.errors import install_error_handlers
 from disagg.http.messages_schema import MessagesRequest
 from disagg.http.responses_schema import ResponsesRequest
+from disagg.http.schemas import ChatCompletionRequest
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,10 @@ def client():
 
     @app.post("/v1/messages")
     async def messages(body: MessagesRequest):
+        return {}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest):
         return {}
     return TestClient(app)
 
@@ -58,3 +63,12 @@ def test_a_tag_named_like_a_field_is_not_taken_for_the_field(client, block, path
     reply = client.post("/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"})
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["message"].startswith(path), reply.json()
+
+
+def test_a_field_named_like_its_object_s_type_is_still_the_field(client):
+    """A tool's `type` is "function" and it has a `function` field: no union tag there, the field is the path."""
+    tool = {"type": "function", "function": {"name": "f", "type": "x"}}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [tool]}
+    reply = client.post("/v1/chat/completions", json=body)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "tools.0.function.type", reply.json()

@@ -2,8 +2,8 @@
 first of which also encodes the images of requests prefilled on either, and 1 decode worker (Ray, HTTP).  The
 answer is HF's; the images are counted as an encoder's and on the encoding worker's own figures; SIGKILLed, that
 worker's images are encoded colocated (its call failed, or the router had it dead and made none) and it encodes
-again once Ray has restarted it.  Bad settings
-(more encoding prefill workers than prefill workers, a text model) are refused before any worker starts."""
+again once Ray has restarted it.  Bad settings (more encoding prefill workers than prefill workers, a text model)
+are refused before any worker starts, and the router gives no images to an encoding worker it has dead."""
 
 import os
 import signal
@@ -97,3 +97,22 @@ def test_bad_settings_are_refused_before_any_worker_starts(ray_session, tiny_vlm
     with pytest.raises(DeploymentError, match="encode_on_prefill"):
         model_spec(ModelEntry(id="t", path=str(smollm_dir), prefill=1, encode_on_prefill=1))
     assert model_spec(ModelEntry(id="v", path=str(tiny_vlm_dir), prefill=2, encode_on_prefill=1)).encode_on_prefill == 1
+
+
+class _Port:
+    async def encode(self, batch: bytes) -> bytes:
+        return batch
+
+
+def test_the_router_gives_no_images_to_an_encoding_worker_its_health_monitor_has_dead(tiny_vlm_dir):
+    """How serve_model wires the encode stage to the model's health monitor: a prefill worker that encodes too is
+    skipped while dead; an encoder worker (not one of the model's workers, not monitored) is always tried."""
+    from disagg.cluster.router_service import ModelRoute, RouterConfig, serve_model
+
+    route = ModelRoute("v", str(tiny_vlm_dir), 16, 2048, ["p0", "p1"], ["d0"], encoders=["p0", "enc"])
+    served = serve_model(RouterConfig(), route, {"p0": None, "p1": None}, {"d0": None},
+                         {"p0": _Port(), "enc": _Port()})
+    stage = served.encode
+    assert stage is not None and stage.usable("p0") and stage.usable("enc")
+    served.core.health.take_out("p0", "a test")
+    assert not stage.usable("p0") and stage.usable("enc")

@@ -19,6 +19,7 @@ import enum
 import json
 import math
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
@@ -172,21 +173,28 @@ def _body_path(loc: tuple, body: object, missing: bool) -> list[str]:
     """A validation error's location as a path into the body the client sent: pydantic's loc also names the
     union branch it tried ("str", "list[tagged-union[...]]", a tag), which are not in the body and are dropped;
     a missing field's name is kept.  A tag that is also a field's name ("text" of a text block) is the tag when
-    the part after it is in the same object."""
+    the part after it is in the same object and not in that field's value (a tool's "function" is a field)."""
     parts = list(loc[1:] if loc[:1] == ("body",) else loc)
     if body is None:  # nothing to walk (not JSON): pydantic's loc as it is
         return [str(p) for p in parts]
     path: list[str] = []
-    node = body
+    node: Any = body  # parsed JSON
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
-        if isinstance(node, dict) and part in node:
-            if part == node.get("type") and not last and parts[i + 1] in node:
+        if _holds(node, part):
+            after = None if last else parts[i + 1]
+            tag = isinstance(node, dict) and part == node.get("type")
+            if tag and not last and _holds(node, after) and not _holds(node[part], after):
                 continue  # the union's tag, then a field of this same object
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
             node = node[part]
         elif not (missing and last):
             continue
         path.append(str(part))
     return path
+
+
+def _holds(node: object, part: object) -> bool:
+    """Whether `part` indexes into `node` (a key of an object, an index of a list)."""
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)

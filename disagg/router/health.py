@@ -16,12 +16,8 @@ one probe loop per worker on the router's event loop, calling the worker's `hear
     STARTING --rewired and snapshot applied-----------------------------> READY
     DEAD     --the same incarnation answers again (it was only slow)----> STARTING (its index was dropped)
 
-The observer can stall too: a starved router's event loop (a busier process on its cores, a long synchronous call)
-may not run for seconds, and then every heartbeat of that stretch times out at once and every worker
-would be declared dead together, turning overload into "no decode worker is alive" and migrating streams that
-were fine. So the supervisor also ticks its own clock: a tick that comes late is a local pause (Cassandra's
-failure detector has the same rule), whose length is not counted as any worker's silence, and a heartbeat
-that timed out while the router was paused is not judged at all.
+The observer can stall too (router/local_pause.py): a heartbeat that timed out while the router itself was paused
+is not judged, and the pause's length is not counted as any worker's silence.
 
 Restarts are Ray's (worker actors have max_restarts): a dead process comes back by itself with a new
 incarnation; the supervisor only kills processes that are alive but useless (hung, stuck, failing) so that Ray
@@ -42,6 +38,7 @@ from dataclasses import dataclass
 from disagg.errors import DeadlineExceeded, DisaggError, WorkerLost
 from disagg.protocol import KVEventBatch, Role, WorkerState
 from disagg.router.handles import WorkerHandle
+from disagg.router.local_pause import PauseClock
 from disagg.stats import Heartbeat, WorkerStats
 from disagg.utils import end_loops
 
@@ -66,9 +63,11 @@ class HealthConfig:
     # the supervisor's own tick coming this much later than heartbeat_interval_s: the router was paused, and so
     # much of the workers' silence is its own
     local_pause_s: float = 0.2
-    # however paused the router was, a worker this long without an answer by the clock is judged (a router starved
-    # for good must still take a hung worker out)
+    # however paused the router was, a worker this long without an answer by the clock, over at least excuse_ticks
+    # of the supervisor's ticks, is judged: a router starved for good (ticking, late) must still take a hung worker
+    # out, while one long stall (no tick in it) stays excused
     max_excused_s: float = 30.0
+    excuse_ticks: int = 3
     rejoin_timeout_s: float = 30.0
     snapshot_timeout_s: float = 10.0
     max_events: int = 1000  # bound of the health event log
@@ -84,6 +83,7 @@ class WorkerHealth:
     incarnation: str | None = None
     last_ok: float | None = None  # its last answer, moved later by the router's own pauses
     last_answer: float | None = None  # its last answer by the clock
+    answered_at_tick: int = 0  # the supervisor's tick count at its last answer
     killed_incarnation: str | None = None
     restarts: int = 0
     heartbeat: Heartbeat | None = None
@@ -121,9 +121,8 @@ class HealthMonitor:
         self._on_change = on_change
         # parked: alive but out of routing, whatever its state - asleep for the fleet (router/parking.py)
         self.parked: set[str] = set()
-        self._last_tick: float | None = None  # the supervisor's latest tick (None: no ticking, no pause rule)
-        self.pauses = 0  # local pauses seen, and their total length (/metrics)
-        self.paused_s = 0.0
+        c = config
+        self.pause = PauseClock(c.heartbeat_interval_s, c.local_pause_s, c.liveness_timeout_s)  # ticked: Supervisor
 
     # ------------------------------------------------------------------ inputs
     def on_heartbeat(self, name: str, hb: Heartbeat, now: float | None = None) -> Action:
@@ -131,16 +130,17 @@ class HealthMonitor:
         w = self.workers[name]
         w.heartbeat = hb
         if w.incarnation is None:  # first sighting (the router itself may have restarted)
-            w.incarnation, w.last_ok, w.last_answer = hb.incarnation, now, now
+            w.incarnation, w.last_ok, w.last_answer, w.answered_at_tick = hb.incarnation, now, now, self.pause.ticks
             return Action.SNAPSHOT
         if hb.incarnation != w.incarnation:
-            w.incarnation, w.last_ok, w.last_answer = hb.incarnation, now, now
+            w.incarnation, w.last_ok, w.last_answer, w.answered_at_tick = hb.incarnation, now, now, self.pause.ticks
             w.restarts += 1
             self._set(w, WorkerState.STARTING, "restarted", now)
             return Action.REJOIN
         if hb.incarnation == w.killed_incarnation:
             return Action.NONE  # answering on its way out; wait for the new incarnation
         w.last_ok = w.last_answer = now
+        w.answered_at_tick = self.pause.ticks
         if not hb.healthy:
             why = hb.fault or f"the worker gave up after {hb.consecutive_step_failures} failed engine steps"
             return self._kill(w, why, now)
@@ -162,11 +162,13 @@ class HealthMonitor:
                 self._set(w, WorkerState.DEAD, f"process died: {error.message[:120]}", now)
             return Action.NONE  # Ray restarts it
         unanswered = now - (w.last_answer if w.last_answer is not None else now)
-        if self._paused(now) and unanswered < self.config.max_excused_s:
+        starved = (
+            unanswered >= self.config.max_excused_s
+            and self.pause.ticks - w.answered_at_tick >= self.config.excuse_ticks
+        )
+        if self.pause.paused(now) and not starved:
             return Action.NONE  # the router was away: no answer is no evidence (the next tick excuses the pause)
-        silent = now - (w.last_ok if w.last_ok is not None else now)
-        if unanswered >= self.config.max_excused_s:
-            silent = unanswered  # excused long enough
+        silent = unanswered if starved else now - (w.last_ok if w.last_ok is not None else now)
         if w.state is not WorkerState.DEAD and silent >= self.config.liveness_timeout_s:
             self._set(w, WorkerState.DEAD, f"no heartbeat for {silent:.1f}s", now)
         if silent >= self.config.restart_after_s and w.incarnation != w.killed_incarnation:
@@ -180,27 +182,19 @@ class HealthMonitor:
         A pause moves every worker's last answer later by its length: the workers were not silent, the router was
         not listening."""
         now = self.clock() if now is None else now
-        last, self._last_tick = self._last_tick, now
-        paused = 0.0 if last is None else now - last - self.config.heartbeat_interval_s
-        if paused <= self.config.local_pause_s:
-            return 0.0
-        for w in self.workers.values():
+        paused = self.pause.tick(now)
+        for w in self.workers.values() if paused else ():
             if w.last_ok is not None:
                 w.last_ok = min(now, w.last_ok + paused)
-        self.pauses += 1
-        self.paused_s += paused
-        level = logging.WARNING if paused >= self.config.liveness_timeout_s else logging.DEBUG  # no log per hiccup
-        log.log(level, "router paused for %.1fs: not counted as its workers' silence", paused)
         return paused
 
-    def stop_ticking(self) -> None:
-        """The supervisor stopped: the time until it ticks again is no pause."""
-        self._last_tick = None
-
-    def _paused(self, now: float) -> bool:
-        """The router is in a pause its next tick has not yet excused."""
-        late = self.config.heartbeat_interval_s + self.config.local_pause_s
-        return self._last_tick is not None and now - self._last_tick > late
+    def start_listening(self, now: float | None = None) -> None:
+        """The supervisor (re)starts: no worker has been silent to it yet (a restart does not hold the time it was
+        stopped against anyone)."""
+        now = self.clock() if now is None else now
+        for w in self.workers.values():
+            w.last_ok = w.last_answer = now
+            w.answered_at_tick = self.pause.ticks
 
     def mark_ready(self, name: str, reason: str = "rejoined") -> None:
         w = self.workers[name]
@@ -304,6 +298,7 @@ class Supervisor:
 
     def start(self) -> None:
         self._stopping = False
+        self.monitor.start_listening()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._probe_loop(name)) for name in self.handles]
         self._tasks.append(loop.create_task(self._tick_loop()))
@@ -312,7 +307,7 @@ class Supervisor:
         self._stopping = True  # the flag, not only the cancellation, ends the loops (utils.end_loops says why)
         await end_loops(self._tasks)
         self._tasks = []
-        self.monitor.stop_ticking()
+        self.monitor.pause.stop()
 
     async def _probe_loop(self, name: str) -> None:
         while not self._stopping:

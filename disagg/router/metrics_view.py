@@ -25,5 +25,5 @@ def cluster_snapshot(core: RouterCore) -> ClusterSnapshot:
     planner_view = (
         PlannerView(planner.config.enabled, dict(planner.moves), dict(planner.holds)) if planner is not None else None
     )
-    pauses = PauseView(core.health.pauses, core.health.paused_s) if core.supervisor is not None else None
+    pauses = PauseView(core.health.pause.count, core.health.pause.seconds) if core.supervisor is not None else None
     return ClusterSnapshot(core.counters, workers, queue_view, planner_view, pauses)
