@@ -147,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.images", description=__doc__.splitlines()[0])
     add_options(parser, ImageBenchOptions)
     opts = from_options(ImageBenchOptions, parser.parse_args(argv))
-    model_dir = bench_model()
-    arms = [a for a in ARMS if a in {*opts.arms.split(","), "colocated"}]
-    if unknown := set(opts.arms.split(",")) - set(ARMS):
+    named = set(opts.arms.split(","))
+    if unknown := named - set(ARMS):  # refused before the model is built
         raise SystemExit(f"--arms: unknown {sorted(unknown)} (known: {list(ARMS)})")
+    arms = [a for a in ARMS if a in named | {"colocated"}]
+    model_dir = bench_model()
     runs: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     for r in range(opts.repeats):
         for arm in arms[:: 1 if r % 2 == 0 else -1]:  # first and last in turn

@@ -130,17 +130,18 @@ class HealthMonitor:
         w = self.workers[name]
         w.heartbeat = hb
         if w.incarnation is None:  # first sighting (the router itself may have restarted)
-            w.incarnation, w.last_ok, w.last_answer, w.answered_at_tick = hb.incarnation, now, now, self.pause.ticks
+            w.incarnation = hb.incarnation
+            self._heard(w, now)
             return Action.SNAPSHOT
         if hb.incarnation != w.incarnation:
-            w.incarnation, w.last_ok, w.last_answer, w.answered_at_tick = hb.incarnation, now, now, self.pause.ticks
+            w.incarnation = hb.incarnation
+            self._heard(w, now)
             w.restarts += 1
             self._set(w, WorkerState.STARTING, "restarted", now)
             return Action.REJOIN
         if hb.incarnation == w.killed_incarnation:
             return Action.NONE  # answering on its way out; wait for the new incarnation
-        w.last_ok = w.last_answer = now
-        w.answered_at_tick = self.pause.ticks
+        self._heard(w, now)
         if not hb.healthy:
             why = hb.fault or f"the worker gave up after {hb.consecutive_step_failures} failed engine steps"
             return self._kill(w, why, now)
@@ -183,9 +184,10 @@ class HealthMonitor:
         not listening."""
         now = self.clock() if now is None else now
         paused = self.pause.tick(now)
-        for w in self.workers.values() if paused else ():
-            if w.last_ok is not None:
-                w.last_ok = min(now, w.last_ok + paused)
+        if paused:
+            for w in self.workers.values():
+                if w.last_ok is not None:
+                    w.last_ok = min(now, w.last_ok + paused)
         return paused
 
     def start_listening(self, now: float | None = None) -> None:
@@ -193,8 +195,12 @@ class HealthMonitor:
         stopped against anyone)."""
         now = self.clock() if now is None else now
         for w in self.workers.values():
-            w.last_ok = w.last_answer = now
-            w.answered_at_tick = self.pause.ticks
+            self._heard(w, now)
+
+    def _heard(self, w: WorkerHealth, now: float) -> None:
+        """`w` answered (or is taken as having answered) at `now`: its silence starts again from here."""
+        w.last_ok = w.last_answer = now
+        w.answered_at_tick = self.pause.ticks
 
     def mark_ready(self, name: str, reason: str = "rejoined") -> None:
         w = self.workers[name]

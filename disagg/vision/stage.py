@@ -83,8 +83,8 @@ class EncodeStage:
         tokens = sum(image.num_tokens for image in request.images)
         if not self.ports or tokens < max(1, self.config.remote_min_image_tokens):
             return None
-        open_ = [n for n in self.inflight if self.usable(n)]
-        name = min(open_, key=self.inflight.__getitem__, default=None)
+        candidates = [n for n in self.inflight if self.usable(n)]
+        name = min(candidates, key=self.inflight.__getitem__, default=None)
         return name if name is not None and self.inflight[name] < self.config.max_inflight_per_encoder else None
 
     async def attach(self, request: Request) -> Encoded:
