@@ -2,7 +2,9 @@
 tokens of T sequences, each at position P, on the default model's own engine (its packed weights, its KV cache).
 
 What the engine benchmarks mix together - a step's weights pass, its attention over P cached slots, Python around
-it, prefill - this separates: a step at P = 100 is mostly the weights, one at P = 2,000 mostly attention.  Each
+it, prefill - this separates: a step at P = 100 is mostly the weights, one at P = 2,000 mostly attention.  The
+timed call is `forward_logits` whole, with its few tensor conversions (~1% of a 5 ms step).  Each sequence's blocks
+are drawn at random from the cache (seeded), as a pool that has served a while hands them out.  Each
 measurement is the median step time of `--iters` steps (the first fifth dropped); (T, P) cells are interleaved
 within each repeat, and each figure is the median (min-max) of `--repeats`.  To compare two commits' kernels, run
 it alternately with each commit's `kernels/` first on the path (the step's C++ is built from that folder):
@@ -17,9 +19,11 @@ import argparse
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+import disagg_kernels
 from bench.common import emit, print_table
 from bench.dynamo_router import cpu_model
 from bench.quantization import parse_mode
@@ -50,7 +54,8 @@ def step_ms(runner: ModelRunner, tokens: int, position: int, iters: int) -> floa
     blocks = -(-(position + 1) // runner.block_size)
     if tokens * blocks > runner.num_blocks:
         raise SystemExit(f"{tokens} x {position} slots need {tokens * blocks} KV blocks; raise --kv-cache-mb")
-    tables = torch.arange(tokens * blocks, dtype=torch.int32).reshape(tokens, blocks)
+    order = torch.randperm(runner.num_blocks, generator=torch.Generator().manual_seed(position))
+    tables = order[: tokens * blocks].to(torch.int32).reshape(tokens, blocks)
     positions = torch.full((tokens,), position, dtype=torch.int64)
     rows = torch.arange(tokens, dtype=torch.int64)
     hidden = torch.randn(tokens, step.kernel.shape.hidden, generator=torch.Generator().manual_seed(0))
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             "cpu": cpu_model(),
             "mode": args.mode,
             "kernel": runner.kernel_path,
+            "kernels_from": str(Path(disagg_kernels.__file__).parent),
             "threads": args.threads,
             "iters": args.iters,
             "rows": rows,

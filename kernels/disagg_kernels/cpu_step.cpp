@@ -140,11 +140,11 @@ inline void store_row(const DisaggStack& s, int64_t l, int which, const Token& t
 // sequence in this step (a prompt chunk, a proposal under verification) - are served by one walk over the keys, so
 // each K and V row comes from memory once per walk instead of once per query (a step's walks are shared out among
 // the threads, a prompt chunk's cut into tiles of its tokens, the last and longest first; a group is cut into
-// parts where there are fewer groups than threads: cut where there were fewer than twice the threads, a decode
-// step's 3 groups walked each KV head's rows twice, and a batch-1 step at 2,000 slots took 3% longer).  A step
-// shares its walks out from ATTENTION_SPLIT_MIN query-key pairs: a fork and join costs about what 256 do, and
-// with 4,096 a batch-1 step's attention ran on one thread, the other waiting, up to 455 slots (a step at 300
-// slots took 11% longer).  On AVX-512 a walk's queries go through the keys together (attend_tile: each key block
+// parts where there are fewer groups than threads: cut where there were fewer than twice the threads, the default
+// model's batch-1 decode step on 2 threads (3 KV heads: 3 groups) walked each KV head's rows twice, and took 3%
+// longer at 2,000 slots).  A step shares its walks out from ATTENTION_SPLIT_MIN query-key pairs: a fork and join
+// costs about what 256 do, and with 4,096 that model's batch-1 step (9 query heads) attended on one thread, the
+// other waiting, up to 455 slots (a step at 300 slots took 11% longer).  On AVX-512 a walk's queries go through the keys together (attend_tile: each key block
 // loaded once for up to TILE queries); elsewhere one by one (attend_keys).
 // Each query's arithmetic is the plain two-pass softmax, in the same order whatever the walk: scores q . k (16
 // keys at a time, each dot summed in `row_dot`'s order), their maximum, exponentials (the C library's bits,
@@ -173,13 +173,13 @@ void walk_rows(const DisaggStack& s, int64_t layer, const std::vector<Token>& to
     const int64_t D = s.head_dim, bs = s.block_size, qs = s.heads * D;
     rows.resize(static_cast<size_t>(2 * n));
     const int32_t* table = toks[order[w.first]].table;
-    const int64_t row_bytes = static_cast<int64_t>(sizeof(Elem)) * (s.kv_int8 ? D + KV8_SCALE_BYTES : D);
+    const int64_t row_bytes = Row::bytes(D);
     for (int64_t j0 = 0; j0 < n; j0 += bs) {  // a block at a time: no division per slot
         const Elem* kp = kv_at<Elem>(s, layer, 0, table, j0) + w.kv_head * s.stride_head;
         const Elem* vp = kv_at<Elem>(s, layer, 1, table, j0) + w.kv_head * s.stride_head;
         for (int64_t j = j0; j < std::min(j0 + bs, n); ++j, kp += s.stride_slot, vp += s.stride_slot) {
             // the first keys' rows requested now: after a layer's weights streamed through, the cache is cold,
-            // and the walk below fetches rows only KEYS_AHEAD keys ahead of the one it reads
+            // and on AVX-512 the walk below fetches rows only KEYS_AHEAD keys ahead of the one it reads
             if (j < KEYS_AHEAD)
                 disagg_blocks::fetch_ahead(kp, 0, row_bytes), disagg_blocks::fetch_ahead(vp, 0, row_bytes);
             rows[j] = take(kp), rows[n + j] = take(vp);

@@ -81,7 +81,8 @@ inline float row_dot(const float* a, const Row& b, int64_t n) {
 // On the AVX-512 paths (D a multiple of 16), K and V rows this many keys ahead are fetched while a key is scored or
 // weighed (cpu_blocks.h's fetch_ahead): a sequence's rows sit a slot apart in its cache blocks and blocks lie where
 // the pool put them, so at long contexts the attention waited on its keys' loads.  Two groups of 16 keys: not
-// tuned; with it a decode step at 1,500 slots took 2-4% less (docs/benchmarks.md, "Weights fetched ahead")
+// tuned; with it a decode step at 1,500 slots took 2-4% less (docs/benchmarks.md, "Weights fetched ahead").  On
+// every path, a walk (cpu_step.cpp) fetches its first KEYS_AHEAD keys' rows before it starts
 constexpr int64_t KEYS_AHEAD = 32;
 
 #if defined(__AVX512F__)
