@@ -49,23 +49,35 @@ class NativeStepOptions:
 def step_ms(runner: ModelRunner, tokens: int, position: int, iters: int) -> float:
     """Median wall time (ms) of `iters` steps of `tokens` sequences at `position`, the first fifth dropped."""
     step = runner.native_step
-    if step is None or not step.holds_head:
-        raise SystemExit("this mode has no native step that holds the LM head (a quantized model with panels)")
-    blocks = -(-(position + 1) // runner.block_size)
-    if tokens * blocks > runner.num_blocks:
-        raise SystemExit(f"{tokens} x {position} slots need {tokens * blocks} KV blocks; raise --kv-cache-mb")
+    assert step is not None  # check_cells
+    blocks = _blocks(runner, position)
     order = torch.randperm(runner.num_blocks, generator=torch.Generator().manual_seed(position))
     tables = order[: tokens * blocks].to(torch.int32).reshape(tokens, blocks)
     positions = torch.full((tokens,), position, dtype=torch.int64)
     rows = torch.arange(tokens, dtype=torch.int64)
     hidden = torch.randn(tokens, step.kernel.shape.hidden, generator=torch.Generator().manual_seed(0))
+    pick = list(range(tokens))
     times = []
     for _ in range(iters):
         x = hidden.clone()
         t0 = time.perf_counter()
-        step.kernel.forward_logits(x, positions, tables, rows, list(range(tokens)))
+        step.kernel.forward_logits(x, positions, tables, rows, pick)
         times.append(time.perf_counter() - t0)
     return statistics.median(times[iters // 5 :]) * 1e3
+
+
+def _blocks(runner: ModelRunner, position: int) -> int:
+    return -(-(position + 1) // runner.block_size)
+
+
+def check_cells(runner: ModelRunner, cells: list[tuple[int, int]]) -> None:
+    """Every (tokens, position) cell runnable on this engine, checked before any is timed."""
+    if runner.native_step is None or not runner.native_step.holds_head:
+        raise SystemExit("this mode has no native step that holds the LM head (a quantized model with panels)")
+    for tokens, position in cells:
+        need = tokens * _blocks(runner, position)
+        if need > runner.num_blocks:
+            raise SystemExit(f"{tokens} x {position} slots need {need} KV blocks; raise --kv-cache-mb")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     runner, _ = load_model(config)
     torch.set_num_threads(args.threads)
     cells = [(t, p) for t in args.tokens for p in args.positions]
+    check_cells(runner, cells)
     runs: dict[tuple[int, int], list[float]] = {cell: [] for cell in cells}
     for _ in range(args.repeats):
         for t, p in cells:

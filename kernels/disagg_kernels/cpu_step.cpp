@@ -144,8 +144,9 @@ inline void store_row(const DisaggStack& s, int64_t l, int which, const Token& t
 // model's batch-1 decode step on 2 threads (3 KV heads: 3 groups) walked each KV head's rows twice, and took 3%
 // longer at 2,000 slots).  A step shares its walks out from ATTENTION_SPLIT_MIN query-key pairs: a fork and join
 // costs about what 256 do, and with 4,096 that model's batch-1 step (9 query heads) attended on one thread, the
-// other waiting, up to 455 slots (a step at 300 slots took 11% longer).  On AVX-512 a walk's queries go through the keys together (attend_tile: each key block
-// loaded once for up to TILE queries); elsewhere one by one (attend_keys).
+// other waiting, up to 455 slots (a step at 300 slots took 11% longer).  On AVX-512 a walk's queries go through
+// the keys together (attend_tile: each key block loaded once for up to TILE queries); elsewhere one by one
+// (attend_keys).
 // Each query's arithmetic is the plain two-pass softmax, in the same order whatever the walk: scores q . k (16
 // keys at a time, each dot summed in `row_dot`'s order), their maximum, exponentials (the C library's bits,
 // cpu_expf.h) summed key by key, then the V rows weighted by e / sum, key by key.  A token's attention is then the
